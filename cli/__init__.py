@@ -1,0 +1,1 @@
+"""nodi.cli: the `nodi` command."""

@@ -1,0 +1,87 @@
+"""Typed errors of the storage layer.
+
+Every operating condition (bad input, corrupt file, full disk, failed fsync) is one of
+these; anything else escaping the storage layer is a bug.
+"""
+
+from __future__ import annotations
+
+
+class NodiError(Exception):
+    """Root of every error nodi raises on purpose."""
+
+
+class InvalidRecordError(NodiError):
+    """Input that can never be valid: a malformed, truncated or over-limit batch or
+    record. Raised by the codec for anything a producer sends or a file holds."""
+
+
+class CorruptBatchError(InvalidRecordError):
+    """A batch whose bytes do not check out (length bounds, magic, CRC)."""
+
+    def __init__(self, message: str, *, position: int | None = None) -> None:
+        super().__init__(message)
+        self.position = position
+
+
+class UnsupportedCompressionError(InvalidRecordError):
+    """A batch compressed with a codec nodi does not decode (snappy, lz4, zstd)."""
+
+
+class LimitExceededError(InvalidRecordError):
+    """Input above a named limit (batch bytes, record bytes, headers per record...)."""
+
+
+class OffsetOutOfRangeError(NodiError):
+    """A read below the log start offset or beyond the log end offset."""
+
+    def __init__(self, offset: int, log_start_offset: int, log_end_offset: int) -> None:
+        super().__init__(
+            f"offset {offset} is outside the log [{log_start_offset}, {log_end_offset})"
+        )
+        self.offset = offset
+        self.log_start_offset = log_start_offset
+        self.log_end_offset = log_end_offset
+
+
+class CorruptSegmentError(NodiError):
+    """A sealed segment holds a batch that fails its checks. Its bytes at and after
+    `position` are never served; an operator has to repair or restore it."""
+
+    def __init__(self, path: str, position: int, offset: int | None, reason: str) -> None:
+        where = f"{path} at byte {position}" + (f" (offset {offset})" if offset is not None else "")
+        super().__init__(f"corrupt segment {where}: {reason}")
+        self.path = path
+        self.position = position
+        self.offset = offset
+        self.reason = reason
+
+
+class LogReadOnlyError(NodiError):
+    """A write or fsync failed earlier: the log refuses further appends (sticky).
+    An fsync is never retried: after a failed fsync the page cache cannot be trusted."""
+
+
+class DiskFullError(NodiError):
+    """ENOSPC on append. The partial write was removed; the log stays valid and
+    writable once space is freed."""
+
+
+class LogClosedError(NodiError):
+    """The log was closed while an operation waited on it."""
+
+
+class MetadataError(NodiError):
+    """The metadata store (LMDB) refused an operation or holds an unreadable entry."""
+
+
+class TopicExistsError(MetadataError):
+    pass
+
+
+class UnknownTopicError(MetadataError):
+    pass
+
+
+class InvalidConfigError(NodiError):
+    """A topic or log setting outside its allowed range."""

@@ -1,0 +1,564 @@
+"""The one codec for Apache Kafka's RecordBatch v2, shared by the log, the broker, the
+client and the admin tools.
+
+Batch layout (big-endian, 61-byte header; see docs/storage-format.md):
+
+    offset  size  field
+         0     8  base_offset            assigned by the log, outside the CRC
+         8     4  batch_length           bytes after this field
+        12     4  partition_leader_epoch outside the CRC
+        16     1  magic                  always 2
+        17     4  crc                    CRC-32C of bytes 21..end
+        21     2  attributes             bits 0-2 codec, 3 timestamp type, 4 transactional,
+                                         5 control, 6 delete horizon
+        23     4  last_offset_delta
+        27     8  base_timestamp         ms
+        35     8  max_timestamp          ms
+        43     8  producer_id            -1 when not idempotent
+        51     2  producer_epoch
+        53     4  base_sequence
+        57     4  records_count
+        61     -  records                the whole section compressed when codec != 0
+
+Record (varints are zig-zag, as protobuf): length, attributes int8, timestamp_delta
+varlong, offset_delta varint, key_length (-1 = null), key, value_length (-1 = null),
+value, header_count, then per header key_length + UTF-8 key, value_length + value.
+
+Every decode error is an InvalidRecordError (or a subclass); nothing else escapes on
+garbage input.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import time
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from typing import NamedTuple
+
+import crc32c as _crc32c
+
+from .errors import (
+    CorruptBatchError,
+    InvalidRecordError,
+    LimitExceededError,
+    UnsupportedCompressionError,
+)
+from .limits import DEFAULT_RECORD_LIMITS, RecordLimits
+
+MAGIC = 2
+BATCH_HEADER_BYTES = 61
+# base_offset + batch_length: the bytes in front of what batch_length counts.
+LOG_OVERHEAD_BYTES = 12
+BATCH_LENGTH_MIN = BATCH_HEADER_BYTES - LOG_OVERHEAD_BYTES
+CRC_START = 21  # attributes onwards is covered by the CRC
+
+_HEADER = struct.Struct(">qiibIhiqqqhii")
+_BASE_OFFSET = struct.Struct(">q")
+_LENGTH_PREFIX = struct.Struct(">qi")
+assert _HEADER.size == BATCH_HEADER_BYTES
+
+ATTRIBUTE_CODEC_MASK = 0x07
+ATTRIBUTE_TIMESTAMP_TYPE = 0x08
+ATTRIBUTE_TRANSACTIONAL = 0x10
+ATTRIBUTE_CONTROL = 0x20
+ATTRIBUTE_DELETE_HORIZON = 0x40
+
+
+class Compression(enum.IntEnum):
+    NONE = 0
+    GZIP = 1
+    SNAPPY = 2
+    LZ4 = 3
+    ZSTD = 4
+
+
+SUPPORTED_COMPRESSION = frozenset({Compression.NONE, Compression.GZIP})
+
+
+class BatchHeader(NamedTuple):
+    base_offset: int
+    batch_length: int
+    partition_leader_epoch: int
+    magic: int
+    crc: int
+    attributes: int
+    last_offset_delta: int
+    base_timestamp: int
+    max_timestamp: int
+    producer_id: int
+    producer_epoch: int
+    base_sequence: int
+    records_count: int
+
+    @property
+    def size(self) -> int:
+        """Bytes of the whole batch, header included."""
+        return LOG_OVERHEAD_BYTES + self.batch_length
+
+    @property
+    def last_offset(self) -> int:
+        return self.base_offset + self.last_offset_delta
+
+    @property
+    def compression(self) -> int:
+        return self.attributes & ATTRIBUTE_CODEC_MASK
+
+    @property
+    def is_control(self) -> bool:
+        return bool(self.attributes & ATTRIBUTE_CONTROL)
+
+    @property
+    def is_transactional(self) -> bool:
+        return bool(self.attributes & ATTRIBUTE_TRANSACTIONAL)
+
+
+class Record(NamedTuple):
+    """A decoded record. headers is a tuple of (str key, bytes-or-None value)."""
+
+    offset: int
+    timestamp_ms: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes | None], ...]
+
+
+class NewRecord(NamedTuple):
+    """A record to encode. timestamp_ms None means "now"."""
+
+    key: bytes | None = None
+    value: bytes | None = None
+    headers: Sequence[tuple[str, bytes | None]] = ()
+    timestamp_ms: int | None = None
+
+
+# ---------------------------------------------------------------------------
+# Header
+
+
+def parse_header(buffer: bytes | bytearray | memoryview, position: int = 0) -> BatchHeader:
+    """Decode the 61-byte header at `position` without touching the records."""
+    if len(buffer) - position < BATCH_HEADER_BYTES:
+        raise CorruptBatchError(
+            f"truncated batch header: {len(buffer) - position} of {BATCH_HEADER_BYTES} bytes",
+            position=position,
+        )
+    return BatchHeader._make(_HEADER.unpack_from(buffer, position))
+
+
+def read_length_prefix(buffer: bytes | bytearray | memoryview, position: int = 0) -> tuple[int, int]:
+    """(base_offset, whole batch size) from the first 12 bytes at `position`."""
+    base_offset, batch_length = _LENGTH_PREFIX.unpack_from(buffer, position)
+    return base_offset, LOG_OVERHEAD_BYTES + batch_length
+
+
+def compute_crc(batch: bytes | bytearray | memoryview) -> int:
+    return _crc32c.crc32c(memoryview(batch)[CRC_START:])
+
+
+def check_header(header: BatchHeader, limits: RecordLimits = DEFAULT_RECORD_LIMITS) -> None:
+    """Length bounds and magic: what can be checked before reading the whole batch."""
+    if header.batch_length < BATCH_LENGTH_MIN:
+        raise CorruptBatchError(f"batch_length {header.batch_length} below {BATCH_LENGTH_MIN}")
+    if header.size > limits.batch_bytes_max:
+        raise LimitExceededError(
+            f"batch of {header.size} bytes exceeds batch_bytes_max {limits.batch_bytes_max}"
+        )
+    if header.magic != MAGIC:
+        raise CorruptBatchError(f"magic {header.magic}, expected {MAGIC}")
+    if header.records_count < 0 or header.last_offset_delta < 0:
+        raise CorruptBatchError(
+            f"negative records_count {header.records_count} or "
+            f"last_offset_delta {header.last_offset_delta}"
+        )
+    if header.records_count > limits.records_per_batch_max:
+        raise LimitExceededError(
+            f"{header.records_count} records exceed records_per_batch_max "
+            f"{limits.records_per_batch_max}"
+        )
+
+
+def check_batch(
+    batch: bytes | bytearray | memoryview,
+    limits: RecordLimits = DEFAULT_RECORD_LIMITS,
+) -> BatchHeader:
+    """Validate one whole batch (exactly `batch`): header bounds, magic, size, CRC."""
+    header = parse_header(batch)
+    check_header(header, limits)
+    if header.size != len(batch):
+        raise CorruptBatchError(f"batch_length says {header.size} bytes, have {len(batch)}")
+    actual = compute_crc(batch)
+    if actual != header.crc:
+        raise CorruptBatchError(f"crc mismatch: stored {header.crc:#010x}, computed {actual:#010x}")
+    return header
+
+
+def split_batches(
+    buffer: bytes | bytearray | memoryview,
+    limits: RecordLimits = DEFAULT_RECORD_LIMITS,
+) -> list[tuple[int, BatchHeader]]:
+    """Validate a buffer that must hold one or more whole batches and nothing else.
+    Returns (position, header) for each; raises on the first bad byte."""
+    view = memoryview(buffer)
+    found: list[tuple[int, BatchHeader]] = []
+    position = 0
+    end = len(view)
+    if end == 0:
+        raise CorruptBatchError("no batch in an empty buffer", position=0)
+    while position < end:
+        try:
+            header = check_batch_at(view, position, limits)
+        except CorruptBatchError as error:
+            error.position = position
+            raise
+        found.append((position, header))
+        position += header.size
+    return found
+
+
+def check_batch_at(
+    view: memoryview, position: int, limits: RecordLimits = DEFAULT_RECORD_LIMITS
+) -> BatchHeader:
+    header = parse_header(view, position)
+    check_header(header, limits)
+    if position + header.size > len(view):
+        raise CorruptBatchError(
+            f"batch of {header.size} bytes runs past the end of the buffer ({len(view) - position} left)"
+        )
+    actual = _crc32c.crc32c(view[position + CRC_START : position + header.size])
+    if actual != header.crc:
+        raise CorruptBatchError(f"crc mismatch: stored {header.crc:#010x}, computed {actual:#010x}")
+    return header
+
+
+def set_base_offset(batch: bytearray | memoryview, base_offset: int, position: int = 0) -> None:
+    """Patch base_offset in place. The CRC does not cover it, so it stays valid."""
+    _BASE_OFFSET.pack_into(batch, position, base_offset)
+
+
+def encode_base_offset(base_offset: int) -> bytes:
+    return _BASE_OFFSET.pack(base_offset)
+
+
+# ---------------------------------------------------------------------------
+# Varints (zig-zag)
+
+_ONE_BYTE = [bytes((value,)) for value in range(128)]
+
+
+def _encode_varint(value: int) -> bytes:
+    zigzag = (value << 1) ^ (value >> 63)
+    if zigzag < 128:
+        return _ONE_BYTE[zigzag]
+    out = bytearray()
+    while zigzag >= 0x80:
+        out.append((zigzag & 0x7F) | 0x80)
+        zigzag >>= 7
+    out.append(zigzag)
+    return bytes(out)
+
+
+def _decode_varint(buffer: bytes, position: int, max_bytes: int = 10) -> tuple[int, int]:
+    result = 0
+    shift = 0
+    end = len(buffer)
+    for _ in range(max_bytes):
+        if position >= end:
+            raise CorruptBatchError("truncated varint")
+        byte = buffer[position]
+        position += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return (result >> 1) ^ -(result & 1), position
+        shift += 7
+    raise CorruptBatchError(f"varint longer than {max_bytes} bytes")
+
+
+_NULL = _encode_varint(-1)
+
+
+# ---------------------------------------------------------------------------
+# Encoding
+
+
+def encode_records(
+    records: Sequence[NewRecord] | Sequence[tuple],
+    base_timestamp: int,
+    now_ms: int,
+    limits: RecordLimits = DEFAULT_RECORD_LIMITS,
+) -> tuple[bytes, int]:
+    """Encode the records section (uncompressed). A record without a timestamp gets
+    `now_ms`. Returns (bytes, max_timestamp).
+    The one per-record loop on the producer's hot path: keep it lean."""
+    varint = _encode_varint
+    one_byte = _ONE_BYTE
+    null = _NULL
+    record_bytes_max = limits.record_bytes_max
+    headers_max = limits.headers_per_record_max
+    parts: list[bytes] = []
+    append = parts.append
+    max_timestamp = base_timestamp
+    for offset_delta, record in enumerate(records):
+        key, value, headers, timestamp_ms = record
+        if timestamp_ms is None:
+            timestamp_ms = now_ms
+        if timestamp_ms > max_timestamp:
+            max_timestamp = timestamp_ms
+        body = [
+            b"\x00",
+            varint(timestamp_ms - base_timestamp),
+            one_byte[offset_delta << 1] if offset_delta < 64 else varint(offset_delta),
+        ]
+        size = 0
+        if key is None:
+            body.append(null)
+        else:
+            body.append(varint(len(key)))
+            body.append(key)
+            size += len(key)
+        if value is None:
+            body.append(null)
+        else:
+            body.append(varint(len(value)))
+            body.append(value)
+            size += len(value)
+        if headers:
+            if len(headers) > headers_max:
+                raise LimitExceededError(
+                    f"{len(headers)} headers exceed headers_per_record_max {headers_max}"
+                )
+            body.append(varint(len(headers)))
+            for header_key, header_value in headers:
+                encoded_key = header_key.encode()
+                body.append(varint(len(encoded_key)))
+                body.append(encoded_key)
+                size += len(encoded_key)
+                if header_value is None:
+                    body.append(null)
+                else:
+                    body.append(varint(len(header_value)))
+                    body.append(header_value)
+                    size += len(header_value)
+        else:
+            body.append(b"\x00")
+        if size > record_bytes_max:
+            raise LimitExceededError(
+                f"record of {size} bytes exceeds record_bytes_max {record_bytes_max}"
+            )
+        encoded = b"".join(body)
+        append(varint(len(encoded)))
+        append(encoded)
+    return b"".join(parts), max_timestamp
+
+
+def build_batch(
+    records: Sequence[NewRecord] | Sequence[tuple],
+    *,
+    base_offset: int = 0,
+    compression: Compression = Compression.NONE,
+    producer_id: int = -1,
+    producer_epoch: int = -1,
+    base_sequence: int = -1,
+    base_timestamp: int | None = None,
+    attributes: int = 0,
+    limits: RecordLimits = DEFAULT_RECORD_LIMITS,
+) -> bytes:
+    """One RecordBatch v2 holding `records` (each a NewRecord or a
+    (key, value, headers, timestamp_ms) tuple) with a valid CRC."""
+    if not records:
+        raise InvalidRecordError("a batch needs at least one record")
+    if len(records) > limits.records_per_batch_max:
+        raise LimitExceededError(
+            f"{len(records)} records exceed records_per_batch_max {limits.records_per_batch_max}"
+        )
+    compression = Compression(compression)
+    if compression not in SUPPORTED_COMPRESSION:
+        raise UnsupportedCompressionError(f"compression {compression.name} is not supported")
+    now_ms = int(time.time() * 1000)
+    if base_timestamp is None:
+        stamps = [record[3] for record in records if record[3] is not None]
+        if len(stamps) < len(records):
+            stamps.append(now_ms)
+        base_timestamp = min(stamps)
+    body, max_timestamp = encode_records(records, base_timestamp, now_ms, limits)
+    if compression == Compression.GZIP:
+        body = gzip_compress(body)
+    attributes = (attributes & ~ATTRIBUTE_CODEC_MASK) | int(compression)
+    header_tail = _HEADER.pack(
+        base_offset,
+        BATCH_HEADER_BYTES - LOG_OVERHEAD_BYTES + len(body),
+        -1,
+        MAGIC,
+        0,
+        attributes,
+        len(records) - 1,
+        base_timestamp,
+        max_timestamp,
+        producer_id,
+        producer_epoch,
+        base_sequence,
+        len(records),
+    )
+    batch = bytearray(header_tail)
+    batch += body
+    if len(batch) > limits.batch_bytes_max:
+        raise LimitExceededError(
+            f"batch of {len(batch)} bytes exceeds batch_bytes_max {limits.batch_bytes_max}"
+        )
+    struct.pack_into(">I", batch, 17, compute_crc(batch))
+    return bytes(batch)
+
+
+def gzip_compress(data: bytes) -> bytes:
+    compressor = zlib.compressobj(6, zlib.DEFLATED, 31)
+    return compressor.compress(data) + compressor.flush()
+
+
+def _gzip_decompress(data: bytes | memoryview, limit: int) -> bytes:
+    decompressor = zlib.decompressobj(31)
+    try:
+        out = decompressor.decompress(data, limit + 1)
+    except zlib.error as error:
+        raise CorruptBatchError(f"gzip: {error}") from None
+    if len(out) > limit:
+        raise LimitExceededError(f"batch inflates past decompressed_batch_bytes_max {limit}")
+    if not decompressor.eof:
+        raise CorruptBatchError("gzip: truncated stream")
+    if decompressor.unused_data:
+        raise CorruptBatchError("gzip: trailing bytes after the stream")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Decoding
+
+
+def records_section(
+    batch: bytes | bytearray | memoryview,
+    header: BatchHeader,
+    limits: RecordLimits = DEFAULT_RECORD_LIMITS,
+) -> bytes:
+    """The uncompressed records section of a batch whose header was checked."""
+    raw = memoryview(batch)[BATCH_HEADER_BYTES : header.size]
+    codec = header.compression
+    if codec == Compression.NONE:
+        return bytes(raw)
+    if codec == Compression.GZIP:
+        return _gzip_decompress(raw, limits.decompressed_batch_bytes_max)
+    name = Compression(codec).name if codec in Compression._value2member_map_ else str(codec)
+    raise UnsupportedCompressionError(f"compression {name} is not supported; refusing to decode")
+
+
+def iter_records(
+    batch: bytes | bytearray | memoryview,
+    limits: RecordLimits = DEFAULT_RECORD_LIMITS,
+    *,
+    verify: bool = True,
+) -> Iterator[Record]:
+    """Decode every record of one batch. With verify (the default) the CRC and bounds are
+    checked first; pass verify=False only for bytes the log already verified."""
+    header = check_batch(batch, limits) if verify else parse_header(batch)
+    return iter(decode_records(batch, header, limits))
+
+
+def decode_records(
+    batch: bytes | bytearray | memoryview,
+    header: BatchHeader,
+    limits: RecordLimits = DEFAULT_RECORD_LIMITS,
+) -> list[Record]:
+    data = records_section(batch, header, limits)
+    read = _decode_varint
+    records: list[Record] = []
+    append = records.append
+    position = 0
+    end = len(data)
+    base_offset = header.base_offset
+    base_timestamp = header.base_timestamp
+    headers_max = limits.headers_per_record_max
+    try:
+        for _ in range(header.records_count):
+            length, position = read(data, position, 5)
+            if length < 6 or position + length > end:
+                raise CorruptBatchError(f"record length {length} out of bounds")
+            record_end = position + length
+            position += 1  # attributes, unused in v2
+            timestamp_delta, position = read(data, position)
+            offset_delta, position = read(data, position, 5)
+            key_length, position = read(data, position, 5)
+            if key_length < 0:
+                key = None
+            else:
+                if position + key_length > record_end:
+                    raise CorruptBatchError("key runs past its record")
+                key = data[position : position + key_length]
+                position += key_length
+            value_length, position = read(data, position, 5)
+            if value_length < 0:
+                value = None
+            else:
+                if position + value_length > record_end:
+                    raise CorruptBatchError("value runs past its record")
+                value = data[position : position + value_length]
+                position += value_length
+            header_count, position = read(data, position, 5)
+            if header_count < 0 or header_count > headers_max:
+                raise CorruptBatchError(f"header count {header_count} out of bounds")
+            headers: list[tuple[str, bytes | None]] = []
+            for _ in range(header_count):
+                name_length, position = read(data, position, 5)
+                if name_length < 0 or position + name_length > record_end:
+                    raise CorruptBatchError("header key out of bounds")
+                name = data[position : position + name_length].decode()
+                position += name_length
+                header_length, position = read(data, position, 5)
+                if header_length < 0:
+                    header_value = None
+                else:
+                    if position + header_length > record_end:
+                        raise CorruptBatchError("header value runs past its record")
+                    header_value = data[position : position + header_length]
+                    position += header_length
+                headers.append((name, header_value))
+            if position != record_end:
+                raise CorruptBatchError("record length disagrees with its fields")
+            append(
+                Record(
+                    base_offset + offset_delta,
+                    base_timestamp + timestamp_delta,
+                    key,
+                    value,
+                    tuple(headers),
+                )
+            )
+    except UnicodeDecodeError:
+        raise CorruptBatchError("header key is not UTF-8") from None
+    if position != end:
+        raise CorruptBatchError(f"{end - position} bytes after the last record")
+    return records
+
+
+def iter_batches(
+    buffer: bytes | bytearray | memoryview,
+    limits: RecordLimits = DEFAULT_RECORD_LIMITS,
+) -> Iterator[tuple[BatchHeader, memoryview]]:
+    """Checked (header, batch bytes) for each whole batch in `buffer`."""
+    view = memoryview(buffer)
+    for position, header in split_batches(view, limits):
+        yield header, view[position : position + header.size]
+
+
+def decode_batches(
+    buffer: bytes | bytearray | memoryview,
+    limits: RecordLimits = DEFAULT_RECORD_LIMITS,
+) -> list[Record]:
+    """Every record of every batch in `buffer` (checked), in order."""
+    out: list[Record] = []
+    for header, batch in iter_batches(buffer, limits):
+        out.extend(decode_records(batch, header, limits))
+    return out
+
+
+def make_records(values: Iterable[bytes]) -> list[NewRecord]:
+    """Convenience for tools and tests: value-only records."""
+    return [NewRecord(None, value) for value in values]
