@@ -85,3 +85,8 @@ class UnknownTopicError(MetadataError):
 
 class InvalidConfigError(NodiError):
     """A topic or log setting outside its allowed range."""
+
+
+class DurableWaitTimeoutError(NodiError):
+    """An append was written but its fsync did not complete within the wait's timeout.
+    The data may or may not become durable; the caller must not report it as durable."""

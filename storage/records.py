@@ -149,6 +149,11 @@ def parse_header(buffer: bytes | bytearray | memoryview, position: int = 0) -> B
 
 def read_length_prefix(buffer: bytes | bytearray | memoryview, position: int = 0) -> tuple[int, int]:
     """(base_offset, whole batch size) from the first 12 bytes at `position`."""
+    if len(buffer) - position < LOG_OVERHEAD_BYTES:
+        raise CorruptBatchError(
+            f"truncated length prefix: {len(buffer) - position} of {LOG_OVERHEAD_BYTES} bytes",
+            position=position,
+        )
     base_offset, batch_length = _LENGTH_PREFIX.unpack_from(buffer, position)
     return base_offset, LOG_OVERHEAD_BYTES + batch_length
 
@@ -245,12 +250,16 @@ def encode_base_offset(base_offset: int) -> bytes:
 # Varints (zig-zag)
 
 _ONE_BYTE = [bytes((value,)) for value in range(128)]
+INT64_MIN = -(1 << 63)
+INT64_MAX = (1 << 63) - 1
 
 
 def _encode_varint(value: int) -> bytes:
     zigzag = (value << 1) ^ (value >> 63)
     if zigzag < 128:
         return _ONE_BYTE[zigzag]
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise InvalidRecordError(f"varint {value} is outside the int64 range")
     out = bytearray()
     while zigzag >= 0x80:
         out.append((zigzag & 0x7F) | 0x80)
@@ -289,7 +298,8 @@ def encode_records(
     limits: RecordLimits = DEFAULT_RECORD_LIMITS,
 ) -> tuple[bytes, int]:
     """Encode the records section (uncompressed). A record without a timestamp gets
-    `now_ms`. Returns (bytes, max_timestamp).
+    `now_ms`. Returns (bytes, max_timestamp): the greatest record timestamp
+    (base_timestamp when there is no record).
     The one per-record loop on the producer's hot path: keep it lean."""
     varint = _encode_varint
     one_byte = _ONE_BYTE
@@ -298,7 +308,7 @@ def encode_records(
     headers_max = limits.headers_per_record_max
     parts: list[bytes] = []
     append = parts.append
-    max_timestamp = base_timestamp
+    max_timestamp = INT64_MIN if records else base_timestamp
     for offset_delta, record in enumerate(records):
         key, value, headers, timestamp_ms = record
         if timestamp_ms is None:
@@ -330,7 +340,10 @@ def encode_records(
                 )
             body.append(varint(len(headers)))
             for header_key, header_value in headers:
-                encoded_key = header_key.encode()
+                try:
+                    encoded_key = header_key.encode()
+                except UnicodeEncodeError:
+                    raise InvalidRecordError("header key is not encodable as UTF-8") from None
                 body.append(varint(len(encoded_key)))
                 body.append(encoded_key)
                 size += len(encoded_key)
@@ -372,9 +385,10 @@ def build_batch(
         raise LimitExceededError(
             f"{len(records)} records exceed records_per_batch_max {limits.records_per_batch_max}"
         )
-    compression = Compression(compression)
     if compression not in SUPPORTED_COMPRESSION:
-        raise UnsupportedCompressionError(f"compression {compression.name} is not supported")
+        known = compression in Compression._value2member_map_
+        name = Compression(compression).name if known else compression
+        raise UnsupportedCompressionError(f"compression {name} is not supported")
     now_ms = int(time.time() * 1000)
     if base_timestamp is None:
         stamps = [record[3] for record in records if record[3] is not None]
@@ -385,21 +399,24 @@ def build_batch(
     if compression == Compression.GZIP:
         body = gzip_compress(body)
     attributes = (attributes & ~ATTRIBUTE_CODEC_MASK) | int(compression)
-    header_tail = _HEADER.pack(
-        base_offset,
-        BATCH_HEADER_BYTES - LOG_OVERHEAD_BYTES + len(body),
-        -1,
-        MAGIC,
-        0,
-        attributes,
-        len(records) - 1,
-        base_timestamp,
-        max_timestamp,
-        producer_id,
-        producer_epoch,
-        base_sequence,
-        len(records),
-    )
+    try:
+        header_tail = _HEADER.pack(
+            base_offset,
+            BATCH_HEADER_BYTES - LOG_OVERHEAD_BYTES + len(body),
+            -1,
+            MAGIC,
+            0,
+            attributes,
+            len(records) - 1,
+            base_timestamp,
+            max_timestamp,
+            producer_id,
+            producer_epoch,
+            base_sequence,
+            len(records),
+        )
+    except struct.error as error:
+        raise InvalidRecordError(f"batch header field out of range: {error}") from None
     batch = bytearray(header_tail)
     batch += body
     if len(batch) > limits.batch_bytes_max:
@@ -475,7 +492,10 @@ def decode_records(
     end = len(data)
     base_offset = header.base_offset
     base_timestamp = header.base_timestamp
+    # With log-append time every record carries the batch's max_timestamp (as in Kafka).
+    log_append_time = bool(header.attributes & ATTRIBUTE_TIMESTAMP_TYPE)
     headers_max = limits.headers_per_record_max
+    record_bytes_max = limits.record_bytes_max
     try:
         for _ in range(header.records_count):
             length, position = read(data, position, 5)
@@ -486,6 +506,7 @@ def decode_records(
             timestamp_delta, position = read(data, position)
             offset_delta, position = read(data, position, 5)
             key_length, position = read(data, position, 5)
+            size = 0
             if key_length < 0:
                 key = None
             else:
@@ -493,6 +514,7 @@ def decode_records(
                     raise CorruptBatchError("key runs past its record")
                 key = data[position : position + key_length]
                 position += key_length
+                size += key_length
             value_length, position = read(data, position, 5)
             if value_length < 0:
                 value = None
@@ -501,9 +523,14 @@ def decode_records(
                     raise CorruptBatchError("value runs past its record")
                 value = data[position : position + value_length]
                 position += value_length
+                size += value_length
             header_count, position = read(data, position, 5)
-            if header_count < 0 or header_count > headers_max:
+            if header_count < 0:
                 raise CorruptBatchError(f"header count {header_count} out of bounds")
+            if header_count > headers_max:
+                raise LimitExceededError(
+                    f"{header_count} headers exceed headers_per_record_max {headers_max}"
+                )
             headers: list[tuple[str, bytes | None]] = []
             for _ in range(header_count):
                 name_length, position = read(data, position, 5)
@@ -511,6 +538,7 @@ def decode_records(
                     raise CorruptBatchError("header key out of bounds")
                 name = data[position : position + name_length].decode()
                 position += name_length
+                size += name_length
                 header_length, position = read(data, position, 5)
                 if header_length < 0:
                     header_value = None
@@ -519,13 +547,18 @@ def decode_records(
                         raise CorruptBatchError("header value runs past its record")
                     header_value = data[position : position + header_length]
                     position += header_length
+                    size += header_length
                 headers.append((name, header_value))
             if position != record_end:
                 raise CorruptBatchError("record length disagrees with its fields")
+            if size > record_bytes_max:
+                raise LimitExceededError(
+                    f"record of {size} bytes exceeds record_bytes_max {record_bytes_max}"
+                )
             append(
                 Record(
                     base_offset + offset_delta,
-                    base_timestamp + timestamp_delta,
+                    header.max_timestamp if log_append_time else base_timestamp + timestamp_delta,
                     key,
                     value,
                     tuple(headers),

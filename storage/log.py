@@ -1,0 +1,604 @@
+"""A partition log: append, read, group-committed fsync, roll, retention, close.
+
+Threading: appends, reads and retention may come from any thread. One lock guards the
+segment list and the write position; reads copy what they need under it and do their
+I/O outside it. With fsync policy `always` or `interval` a flusher thread owned by the
+log runs every fsync: it syncs whatever was written when it woke, then resolves every
+waiter that sync covered (group commit, I8). An fsync is never retried (I9).
+"""
+
+from __future__ import annotations
+
+import bisect
+import concurrent.futures
+import errno
+import heapq
+import itertools
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .checkpoint import Checkpoint, clear_clean_shutdown, mark_clean_shutdown, write_checkpoint
+from .config import FsyncPolicy, LogConfig
+from .errors import (
+    CorruptBatchError,
+    CorruptSegmentError,
+    DiskFullError,
+    DurableWaitTimeoutError,
+    InvalidRecordError,
+    LogClosedError,
+    LogReadOnlyError,
+    OffsetOutOfRangeError,
+    UnsupportedCompressionError,
+)
+from .fileio import OS_FILE_SYSTEM, File, FileSystem
+from .records import (
+    SUPPORTED_COMPRESSION,
+    BatchHeader,
+    check_batch,
+    decode_records,
+    encode_base_offset,
+    split_batches,
+)
+from .recovery import RecoveryReport, _remove_segment_files, recover
+from .segment import BatchScanner, Segment
+
+READ_SCAN_WINDOW_BYTES = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    first_offset: int
+    last_offset: int
+    batch_count: int
+    byte_count: int
+    log_append_time_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class FileSlice:
+    """Whole batches at [position, position + length) of `file`, ready for sendfile."""
+
+    file: File
+    position: int
+    length: int
+    first_offset: int
+    last_offset: int
+
+    def read(self) -> bytes:
+        return self.file.pread(self.length, self.position)
+
+
+@dataclass(frozen=True, slots=True)
+class ReadResult:
+    slices: tuple[FileSlice, ...]
+    log_start_offset: int
+    # The readable end when the read was served (with fsync `always`, the durable end).
+    end_offset: int
+
+    @property
+    def byte_count(self) -> int:
+        return sum(piece.length for piece in self.slices)
+
+    @property
+    def next_offset(self) -> int | None:
+        return self.slices[-1].last_offset + 1 if self.slices else None
+
+    def to_bytes(self) -> bytes:
+        return b"".join(piece.read() for piece in self.slices)
+
+
+@dataclass(frozen=True, slots=True)
+class DeletedSegment:
+    base_offset: int
+    next_offset: int
+    byte_count: int
+    reason: str  # "retention-ms" | "retention-bytes"
+
+
+@dataclass(frozen=True, slots=True)
+class LogStatistics:
+    segment_count: int
+    byte_count: int
+    log_start_offset: int
+    next_offset: int
+    durable_offset: int
+    appends: int
+    appended_bytes: int
+    fsyncs: int
+    fsync_covered_appends: int
+    read_only: bool
+    corrupt_segments: tuple[int, ...]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Log:
+    """One partition's log in `directory`. Use Log.open()."""
+
+    def __init__(
+        self,
+        directory: str,
+        config: LogConfig,
+        fs: FileSystem,
+        segments: list[Segment],
+        report: RecoveryReport,
+        clock_ms: Callable[[], int],
+    ) -> None:
+        self.directory = directory
+        self.config = config
+        self.fs = fs
+        self.recovery_report = report
+        self._clock_ms = clock_ms
+        self._segments = segments
+        self._base_offsets = [segment.base_offset for segment in segments]
+        self._lock = threading.Lock()
+        self._condition = threading.Condition(self._lock)
+        self._next_offset = segments[-1].next_offset
+        self._durable_offset = self._next_offset  # recovery synced everything it kept
+        self._waiters: list[tuple[int, int, concurrent.futures.Future]] = []
+        self._waiter_sequence = itertools.count()
+        self._error: LogReadOnlyError | None = None
+        self._closed = False
+        self._active_since_ms = segments[-1].first_timestamp or clock_ms()
+        self._appends = 0
+        self._appended_bytes = 0
+        self._fsyncs = 0
+        self._fsync_covered_appends = 0
+        self._appends_since_fsync = 0
+        self._flusher: threading.Thread | None = None
+        if config.fsync_policy is not FsyncPolicy.NEVER:
+            self._flusher = threading.Thread(
+                target=self._flush_loop, name=f"nodi-fsync:{os.path.basename(directory)}", daemon=True
+            )
+            self._flusher.start()
+
+    @classmethod
+    def open(
+        cls,
+        directory: str,
+        config: LogConfig | None = None,
+        *,
+        fs: FileSystem = OS_FILE_SYSTEM,
+        clock_ms: Callable[[], int] = _now_ms,
+    ) -> Log:
+        """Open (creating or recovering) the log in `directory`; see recovery_report."""
+        config = config or LogConfig()
+        segments, report = recover(fs, directory, config)
+        # The marker must be gone before the first append can make the files unclean.
+        clear_clean_shutdown(fs, directory)
+        return cls(directory, config, fs, segments, report, clock_ms)
+
+    # -- properties ---------------------------------------------------------------
+
+    @property
+    def log_start_offset(self) -> int:
+        return self._segments[0].base_offset
+
+    @property
+    def next_offset(self) -> int:
+        """One past the last appended offset (the log end offset)."""
+        return self._next_offset
+
+    @property
+    def durable_offset(self) -> int:
+        """Every offset below this is fsynced."""
+        return self._durable_offset
+
+    @property
+    def readable_end_offset(self) -> int:
+        """Readers see offsets below this. Under fsync `always` that is the durable end,
+        so a consumer never sees a message a power loss could take back."""
+        if self.config.fsync_policy is FsyncPolicy.ALWAYS:
+            return self._durable_offset
+        return self._next_offset
+
+    @property
+    def segments(self) -> tuple[Segment, ...]:
+        return tuple(self._segments)
+
+    # -- append -------------------------------------------------------------------
+
+    def append(self, data: bytes | bytearray | memoryview, *, timeout_ms: int | None = None) -> AppendResult:
+        """Append one or more whole batches. Under fsync `always`, return once durable."""
+        result = self.append_nowait(data)
+        if self.config.fsync_policy is FsyncPolicy.ALWAYS:
+            self.wait_durable(result.last_offset, timeout_ms=timeout_ms)
+        return result
+
+    def append_nowait(self, data: bytes | bytearray | memoryview) -> AppendResult:
+        """Validate and write; never waits for an fsync (see durable_future)."""
+        view = memoryview(data)
+        batches = split_batches(view, self.config.limits)  # bounds, magic, CRC: no lock held
+        for position, header in batches:
+            _check_producer_batch(header, position)
+        with self._lock:
+            self._check_writable()
+            now_ms = self._clock_ms()
+            active = self._segments[-1]
+            record_count = sum(header.last_offset_delta + 1 for _, header in batches)
+            if active.size and (
+                active.size + len(view) > self.config.segment_bytes
+                or now_ms - self._active_since_ms >= self.config.segment_ms
+                or self._next_offset + record_count - active.base_offset >= 2**32
+            ):
+                self._roll_locked(now_ms)
+                active = self._segments[-1]
+            first_offset = base_offset = self._next_offset
+            parts = []
+            placed: list[tuple[int, BatchHeader]] = []
+            position = active.size
+            for batch_position, header in batches:
+                parts.append(encode_base_offset(base_offset))
+                parts.append(view[batch_position + 8 : batch_position + header.size])
+                placed.append((position, header._replace(base_offset=base_offset)))
+                position += header.size
+                base_offset += header.last_offset_delta + 1
+            self._write_locked(active, parts, len(view))
+            interval = self.config.index_interval_bytes
+            for batch_position, header in placed:
+                active.note_batch(batch_position, header, interval)
+            active.verified_bytes = active.size
+            self._next_offset = base_offset
+            self._appends += 1
+            self._appends_since_fsync += 1
+            self._appended_bytes += len(view)
+            if self._flusher is not None:
+                self._condition.notify_all()
+        return AppendResult(first_offset, base_offset - 1, len(batches), len(view), now_ms)
+
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise LogClosedError(f"log {self.directory} is closed")
+        if self._error is not None:
+            raise self._error
+
+    def _write_locked(self, segment: Segment, parts: list, length: int) -> None:
+        file = segment.open_file()
+        position = segment.size
+        try:
+            file.pwritev(parts, position)
+        except OSError as error:
+            undone = False
+            try:
+                file.truncate(position)
+                undone = True
+            except OSError:
+                pass
+            if error.errno == errno.ENOSPC and undone:
+                raise DiskFullError(f"disk full appending {length} bytes to {segment.log_path}") from error
+            self._fail_locked(LogReadOnlyError(f"write to {segment.log_path} failed: {error}"))
+            raise self._error from error
+
+    # -- durability (group commit) ----------------------------------------------------
+
+    def durable_future(self, offset: int) -> concurrent.futures.Future:
+        """A future resolved once `offset` is fsynced (or failed with the sticky error)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if offset < self._durable_offset:
+                future.set_result(None)
+            elif self._error is not None:
+                future.set_exception(self._error)
+            elif self._closed:
+                future.set_exception(LogClosedError(f"log {self.directory} is closed"))
+            else:
+                heapq.heappush(self._waiters, (offset, next(self._waiter_sequence), future))
+                self._condition.notify_all()
+        return future
+
+    def wait_durable(self, offset: int, *, timeout_ms: int | None = None) -> None:
+        timeout_ms = self.config.durable_wait_timeout_ms if timeout_ms is None else timeout_ms
+        try:
+            self.durable_future(offset).result(timeout=timeout_ms / 1000)
+        except concurrent.futures.TimeoutError:
+            raise DurableWaitTimeoutError(
+                f"offset {offset} of {self.directory} not durable within {timeout_ms} ms"
+            ) from None
+
+    def flush(self) -> None:
+        """fsync everything written so far, now, in the calling thread."""
+        with self._lock:
+            self._check_writable()
+            target = self._next_offset
+            segment = self._segments[-1]
+        self._sync_and_resolve(segment, target)
+
+    def _flush_loop(self) -> None:
+        always = self.config.fsync_policy is FsyncPolicy.ALWAYS
+        interval_s = self.config.fsync_interval_ms / 1000
+        while True:
+            with self._lock:
+                if always:
+                    while not self._closed and self._error is None and self._next_offset <= self._durable_offset:
+                        self._condition.wait(timeout=1.0)
+                else:
+                    self._condition.wait(timeout=interval_s)
+                    while not self._closed and self._error is None and self._next_offset <= self._durable_offset:
+                        self._condition.wait(timeout=interval_s)
+                if self._closed or self._error is not None:
+                    return
+                target = self._next_offset
+                segment = self._segments[-1]
+            try:
+                self._sync_and_resolve(segment, target)
+            except LogReadOnlyError:
+                return
+
+    def _sync_and_resolve(self, segment: Segment, target: int) -> None:
+        try:
+            segment.sync()
+        except OSError as error:
+            with self._lock:
+                self._fail_locked(LogReadOnlyError(f"fsync of {segment.log_path} failed: {error}"))
+            raise self._error from error
+        self._advance_durable(target)
+
+    def _advance_durable(self, target: int) -> None:
+        ready = []
+        with self._lock:
+            self._fsyncs += 1
+            self._fsync_covered_appends += self._appends_since_fsync
+            self._appends_since_fsync = 0
+            if target > self._durable_offset:
+                self._durable_offset = target
+            while self._waiters and self._waiters[0][0] < self._durable_offset:
+                ready.append(heapq.heappop(self._waiters)[2])
+        for future in ready:
+            if not future.done():
+                future.set_result(None)
+
+    def _fail_locked(self, error: LogReadOnlyError) -> None:
+        """I9: sticky read-only; every waiter fails; the flusher stops."""
+        if self._error is None:
+            self._error = error
+        self._fail_waiters_locked(self._error)
+
+    def _fail_waiters_locked(self, error: Exception) -> None:
+        failed = [entry[2] for entry in self._waiters]
+        self._waiters.clear()
+        self._condition.notify_all()
+        for future in failed:
+            if not future.done():
+                future.set_exception(error)
+
+    # -- roll and retention ---------------------------------------------------------
+
+    def roll(self) -> None:
+        """Seal the active segment now (when it holds anything)."""
+        with self._lock:
+            self._check_writable()
+            if self._segments[-1].size:
+                self._roll_locked(self._clock_ms())
+
+    def _roll_locked(self, now_ms: int) -> None:
+        sealed = self._segments[-1]
+        try:
+            sealed.sync()
+            sealed.write_indexes()
+        except OSError as error:
+            self._fail_locked(LogReadOnlyError(f"sealing {sealed.log_path} failed: {error}"))
+            raise self._error from error
+        sealed.index.release_memory()
+        sealed.time_index.release_memory()
+        fresh = Segment(self.fs, self.directory, sealed.next_offset)
+        fresh.open_file(create=True)
+        fresh.start_in_memory_indexes()
+        self.fs.sync_directory(self.directory)
+        self._segments.append(fresh)
+        self._base_offsets.append(fresh.base_offset)
+        self._active_since_ms = now_ms
+        # Everything up to the new segment is now synced (I5).
+        write_checkpoint(self.fs, self.directory, Checkpoint(fresh.base_offset, self.log_start_offset))
+        if sealed.next_offset > self._durable_offset:
+            self._durable_offset = sealed.next_offset
+            ready = []
+            while self._waiters and self._waiters[0][0] < self._durable_offset:
+                ready.append(heapq.heappop(self._waiters)[2])
+            for future in ready:
+                future.set_result(None)
+
+    def apply_retention(self, now_ms: int | None = None) -> list[DeletedSegment]:
+        """Delete whole sealed segments past retention_ms (by their largest timestamp) or
+        while the log would still hold retention_bytes without them. Never the active."""
+        now_ms = self._clock_ms() if now_ms is None else now_ms
+        retention_ms, retention_bytes = self.config.retention_ms, self.config.retention_bytes
+        deleted: list[DeletedSegment] = []
+        with self._lock:
+            total = sum(segment.size for segment in self._segments)
+            while len(self._segments) > 1:
+                oldest = self._segments[0]
+                if retention_ms is not None and oldest.max_timestamp < now_ms - retention_ms:
+                    reason = "retention-ms"
+                elif retention_bytes is not None and total - oldest.size >= retention_bytes:
+                    reason = "retention-bytes"
+                else:
+                    break
+                _remove_segment_files(self.fs, self.directory, oldest)
+                self._segments.pop(0)
+                self._base_offsets.pop(0)
+                total -= oldest.size
+                deleted.append(DeletedSegment(oldest.base_offset, oldest.next_offset, oldest.size, reason))
+            if deleted:
+                write_checkpoint(
+                    self.fs, self.directory, Checkpoint(self._segments[-1].base_offset, self.log_start_offset)
+                )
+        return deleted
+
+    # -- read -----------------------------------------------------------------------
+
+    def read(self, offset: int, bytes_max: int, *, end_offset: int | None = None) -> ReadResult:
+        """Whole batches from the one holding `offset`: the first always, then more
+        while they fit in `bytes_max`. Returned as file slices (sendfile-ready)."""
+        with self._lock:
+            segments = self._segments[max(0, bisect.bisect_right(self._base_offsets, offset) - 1) :]
+            sizes = [segment.size for segment in segments]
+            log_start = self._segments[0].base_offset
+            log_end = self._next_offset
+            end = self.readable_end_offset
+        if offset < log_start or offset > log_end:
+            raise OffsetOutOfRangeError(offset, log_start, log_end)
+        if end_offset is not None:
+            end = min(end, end_offset)
+        slices: list[FileSlice] = []
+        budget = bytes_max
+        for segment, size in zip(segments, sizes):
+            if segment.base_offset >= end or (slices and budget <= 0):
+                break
+            piece = self._read_segment(segment, size, offset, end, budget, first=not slices)
+            if piece is None:
+                continue
+            slices.append(piece)
+            budget -= piece.length
+            if piece.position + piece.length < size and piece.last_offset + 1 < end:
+                break  # stopped for the budget inside this segment
+        return ReadResult(tuple(slices), log_start, end)
+
+    def _read_segment(
+        self, segment: Segment, size: int, offset: int, end: int, budget: int, *, first: bool
+    ) -> FileSlice | None:
+        start = segment.position_floor(offset) if offset > segment.base_offset else 0
+        scanner = BatchScanner(
+            segment.open_file(), start, size, verify=False, limits=self.config.limits,
+            window_bytes=READ_SCAN_WINDOW_BYTES,
+        )
+        slice_start = length = None
+        first_offset = last_offset = None
+        try:
+            for batch in scanner:
+                header = batch.header
+                if header.base_offset >= end:
+                    break
+                if header.last_offset < offset:
+                    continue
+                if length is not None or not first:
+                    if (length or 0) + header.size > budget:
+                        break
+                self._verify_for_read(segment, batch.position, header)
+                if slice_start is None:
+                    slice_start, length, first_offset = batch.position, 0, max(offset, header.base_offset)
+                length += header.size
+                last_offset = header.last_offset
+        except CorruptBatchError as error:
+            if slice_start is None:
+                raise self._mark_corrupt(segment, error.position, str(error)) from None
+        if slice_start is None:
+            return None
+        return FileSlice(segment.file, slice_start, length, first_offset, last_offset)
+
+    def _verify_for_read(self, segment: Segment, position: int, header: BatchHeader) -> None:
+        """I12: every served batch passed its CRC check in this process."""
+        if segment.corrupt_position is not None and position >= segment.corrupt_position:
+            raise CorruptSegmentError(segment.log_path, position, header.base_offset, segment.corrupt_reason)
+        if position + header.size <= segment.verified_bytes:
+            return
+        try:
+            check_batch(segment.open_file().pread(header.size, position), self.config.limits)
+        except InvalidRecordError as error:
+            raise CorruptBatchError(str(error), position=position) from None
+        if position <= segment.verified_bytes:
+            segment.verified_bytes = max(segment.verified_bytes, position + header.size)
+
+    def _mark_corrupt(self, segment: Segment, position: int | None, reason: str) -> CorruptSegmentError:
+        position = 0 if position is None else position
+        if segment.corrupt_position is None or position < segment.corrupt_position:
+            segment.corrupt_position = position
+            segment.corrupt_reason = reason
+        return CorruptSegmentError(segment.log_path, position, None, reason)
+
+    def read_bytes(self, offset: int, bytes_max: int) -> bytes:
+        return self.read(offset, bytes_max).to_bytes()
+
+    def offset_for_timestamp(self, timestamp_ms: int) -> int | None:
+        """The first offset whose record timestamp is >= timestamp_ms, or None."""
+        with self._lock:
+            segments = list(self._segments)
+            end = self.readable_end_offset
+        for segment in segments:
+            if segment.max_timestamp < timestamp_ms or segment.base_offset >= end:
+                continue
+            entry = segment.time_index.floor(timestamp_ms - 1)
+            start = 0 if entry is None else segment.position_floor(segment.base_offset + entry[1])
+            scanner = BatchScanner(segment.open_file(), start, segment.size, verify=False, limits=self.config.limits)
+            for batch in scanner:
+                header = batch.header
+                if header.base_offset >= end:
+                    return None
+                if header.max_timestamp < timestamp_ms:
+                    continue
+                self._verify_for_read(segment, batch.position, header)
+                data = segment.open_file().pread(header.size, batch.position)
+                for record in decode_records(data, header, self.config.limits):
+                    if record.timestamp_ms >= timestamp_ms and record.offset < end:
+                        return record.offset
+        return None
+
+    # -- life cycle -----------------------------------------------------------------
+
+    def statistics(self) -> LogStatistics:
+        with self._lock:
+            return LogStatistics(
+                segment_count=len(self._segments),
+                byte_count=sum(segment.size for segment in self._segments),
+                log_start_offset=self.log_start_offset,
+                next_offset=self._next_offset,
+                durable_offset=self._durable_offset,
+                appends=self._appends,
+                appended_bytes=self._appended_bytes,
+                fsyncs=self._fsyncs,
+                fsync_covered_appends=self._fsync_covered_appends,
+                read_only=self._error is not None,
+                corrupt_segments=tuple(s.base_offset for s in self._segments if s.corrupt_position is not None),
+            )
+
+    def close(self) -> None:
+        """Clean close: fsync, write indexes and checkpoint, then the clean-shutdown
+        marker, so the next open needs no scan. After a sticky error, close without it."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._condition.notify_all()
+        if self._flusher is not None:
+            self._flusher.join(timeout=self.config.durable_wait_timeout_ms / 1000)
+        active = self._segments[-1]
+        if self._error is None:
+            try:
+                active.sync()
+                self._advance_durable(self._next_offset)
+                active.write_indexes()
+                write_checkpoint(self.fs, self.directory, Checkpoint(self._next_offset, self.log_start_offset))
+                mark_clean_shutdown(self.fs, self.directory)
+            except OSError as error:
+                with self._lock:
+                    self._fail_locked(LogReadOnlyError(f"clean close of {self.directory} failed: {error}"))
+        with self._lock:
+            self._fail_waiters_locked(self._error or LogClosedError(f"log {self.directory} closed"))
+        for segment in self._segments:
+            segment.close()
+
+    def __enter__(self) -> Log:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _check_producer_batch(header: BatchHeader, position: int) -> None:
+    """What a log accepts beyond a well-formed batch: dense offsets, a codec readers can
+    decode, no control batches (transactions are not supported)."""
+    if header.records_count < 1 or header.last_offset_delta != header.records_count - 1:
+        raise InvalidRecordError(
+            f"batch at byte {position}: records_count {header.records_count} and "
+            f"last_offset_delta {header.last_offset_delta} must describe dense offsets"
+        )
+    if header.compression not in SUPPORTED_COMPRESSION:
+        raise UnsupportedCompressionError(
+            f"batch at byte {position}: compression codec {header.compression} is not supported"
+        )
+    if header.is_control or header.is_transactional:
+        raise InvalidRecordError(f"batch at byte {position}: transactional/control batches are not supported")

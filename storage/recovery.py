@@ -1,0 +1,339 @@
+"""Opening a partition log directory: clean-up, the clean-start check, and the
+unclean-start scan (docs/fault-model.md, "Recovery procedure").
+
+Everything here runs once, before the log accepts appends, and returns the segments
+with their in-memory state plus a RecoveryReport that says exactly what was dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from .checkpoint import (
+    CHECKPOINT_FILE,
+    CLEAN_SHUTDOWN_FILE,
+    clean_shutdown_marked,
+    read_checkpoint,
+)
+from .config import LogConfig
+from .errors import CorruptBatchError, InvalidRecordError
+from .records import BATCH_HEADER_BYTES, check_header
+from .fileio import FileSystem
+from .segment import (
+    DELETED_SUFFIX,
+    INDEX_SUFFIX,
+    LOG_SUFFIX,
+    TIME_INDEX_SUFFIX,
+    BatchScanner,
+    Segment,
+    parse_segment_name,
+)
+
+CLEANED_SUFFIX = ".cleaned"
+SWAP_SUFFIX = ".swap"
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryReport:
+    directory: str
+    clean_shutdown: bool
+    # True when the directory held no segment: a new log, nothing to recover.
+    created: bool = False
+    scanned_segments: int = 0
+    scanned_bytes: int = 0
+    # First offset dropped by truncation, and the highest offset known to have existed
+    # after it (None when no later batch header could be read). Both None: nothing lost.
+    first_lost_offset: int | None = None
+    last_lost_offset: int | None = None
+    truncated_bytes: int = 0
+    truncation_reason: str | None = None
+    removed_segments: tuple[int, ...] = ()
+    rebuilt_indexes: tuple[str, ...] = ()
+    removed_files: tuple[str, ...] = ()
+    duration_ms: float = 0.0
+
+    @property
+    def lost_anything(self) -> bool:
+        return self.first_lost_offset is not None
+
+    def describe(self) -> str:
+        state = "new log" if self.created else ("clean" if self.clean_shutdown else "unclean")
+        text = f"{self.directory}: {state} start, scanned {self.scanned_segments} segment(s), {self.scanned_bytes} bytes"
+        if self.lost_anything:
+            last = "?" if self.last_lost_offset is None else str(self.last_lost_offset)
+            text += (
+                f"; truncated {self.truncated_bytes} bytes ({self.truncation_reason}): "
+                f"offsets {self.first_lost_offset}..{last} lost"
+            )
+        if self.removed_segments:
+            text += f"; removed segments {list(self.removed_segments)}"
+        if self.rebuilt_indexes:
+            text += f"; rebuilt {len(self.rebuilt_indexes)} index file(s)"
+        return text
+
+
+@dataclass
+class _Findings:
+    removed_files: list[str] = field(default_factory=list)
+    rebuilt_indexes: list[str] = field(default_factory=list)
+
+
+def clean_directory(fs: FileSystem, directory: str, findings: _Findings) -> list[int]:
+    """Step 1: drop leftovers of interrupted atomic writes, deletions and compaction
+    swaps (I10, I11); return the segment base offsets found (I1)."""
+    names = fs.list_directory(directory)
+    changed = False
+    for name in names:
+        path = os.path.join(directory, name)
+        if name.endswith((".tmp", DELETED_SUFFIX, CLEANED_SUFFIX)):
+            fs.unlink(path)
+            findings.removed_files.append(name)
+            changed = True
+    for name in fs.list_directory(directory):
+        if name.endswith(SWAP_SUFFIX):
+            # A swap file was complete before it was renamed to .swap: finish the swap.
+            fs.rename(os.path.join(directory, name), os.path.join(directory, name[: -len(SWAP_SUFFIX)]))
+            changed = True
+    names = fs.list_directory(directory)
+    bases = sorted(base for base in map(parse_segment_name, names) if base is not None)
+    logs = {f"{base:020d}" for base in bases}
+    for name in names:
+        stem, _, suffix = name.partition(".")
+        if "." + suffix in (INDEX_SUFFIX, TIME_INDEX_SUFFIX) and stem not in logs:
+            fs.unlink(os.path.join(directory, name))
+            findings.removed_files.append(name)
+            changed = True
+    if changed:
+        fs.sync_directory(directory)
+    return bases
+
+
+def load_sealed(segment: Segment, config: LogConfig, next_base_offset: int, findings: _Findings) -> None:
+    """A segment below the scan: trust its size, check its indexes (I7), rebuild them
+    from the `.log` when they fail a check. Its batches are verified on first read."""
+    segment.size = segment.open_file().size()
+    segment.next_offset = next_base_offset
+    problem = segment.index.check_file() or segment.time_index.check_file()
+    if problem is None:
+        last = segment.index.last()
+        if last is not None:
+            if last[1] >= segment.size:
+                problem = "last index entry beyond the log"
+            else:
+                try:
+                    header = segment.read_header(last[1])
+                except CorruptBatchError:
+                    header = None
+                if header is None or header.base_offset != segment.base_offset + last[0]:
+                    problem = "last index entry does not name a batch start"
+    last_time = None if problem else segment.time_index.last()
+    if problem is None and segment.size and last_time is None:
+        problem = "time index empty for a non-empty segment"
+    if problem is None:
+        segment.max_timestamp = last_time[0] if last_time else -1
+        return
+    segment.rebuild_indexes(config.limits, config.index_interval_bytes, verify=True)
+    segment.write_indexes()
+    segment.index.release_memory()
+    segment.time_index.release_memory()
+    segment.next_offset = next_base_offset
+    findings.rebuilt_indexes.extend([segment.index.path, segment.time_index.path])
+
+
+def open_clean_tail(segment: Segment, config: LogConfig) -> bool:
+    """The clean-start check of the active segment: its indexes load and pass their
+    checks, and the batches after the last index entry are whole and valid."""
+    segment.size = segment.open_file().size()
+    if segment.index.check_file() or segment.time_index.check_file():
+        return False
+    segment.index.load_into_memory()
+    segment.time_index.load_into_memory()
+    if segment.index.check_entries(segment.size) is not None:
+        return False
+    last = segment.index.last()
+    start = 0 if last is None else last[1]
+    try:
+        tail = list(BatchScanner(segment.open_file(), start, segment.size, verify=True, limits=config.limits))
+    except CorruptBatchError:
+        return False
+    if last is not None and (not tail or tail[0].header.base_offset != segment.base_offset + last[0]):
+        return False
+    if segment.time_index.check_entries(2**32) is not None:
+        return False
+    last_time = segment.time_index.last()
+    segment.max_timestamp = last_time[0] if last_time else -1
+    if tail:
+        segment.next_offset = tail[-1].header.last_offset + 1
+        segment.max_timestamp = max(segment.max_timestamp, *(batch.header.max_timestamp for batch in tail))
+        segment.first_timestamp = segment.read_header(0).base_timestamp
+        segment.bytes_since_index_entry = segment.size - start
+    segment.verified_bytes = segment.size if start == 0 else 0
+    return True
+
+
+def recover(fs: FileSystem, directory: str, config: LogConfig) -> tuple[list[Segment], RecoveryReport]:
+    """Open `directory` as a log. Returns the segments, the last one active with its
+    indexes in memory, and what recovery did."""
+    started = time.monotonic()
+    fs.make_directory(directory)
+    findings = _Findings()
+    bases = clean_directory(fs, directory, findings)
+    checkpoint = read_checkpoint(fs, directory)
+    clean = clean_shutdown_marked(fs, directory)
+    if not bases:
+        start = 0 if checkpoint is None else max(checkpoint.recovery_offset, checkpoint.log_start_offset)
+        segment = Segment(fs, directory, start)
+        segment.open_file(create=True)
+        segment.start_in_memory_indexes()
+        fs.sync_directory(directory)
+        report = RecoveryReport(
+            directory, clean_shutdown=clean, created=True, removed_files=tuple(findings.removed_files)
+        )
+        return [segment], report
+
+    segments = [Segment(fs, directory, base) for base in bases]
+    if clean and open_clean_tail(segments[-1], config):
+        for segment, following in zip(segments, segments[1:]):
+            load_sealed(segment, config, following.base_offset, findings)
+        report = RecoveryReport(
+            directory,
+            clean_shutdown=True,
+            rebuilt_indexes=tuple(findings.rebuilt_indexes),
+            removed_files=tuple(findings.removed_files),
+            duration_ms=(time.monotonic() - started) * 1000,
+        )
+        return segments, report
+
+    recovery_offset = 0 if checkpoint is None else checkpoint.recovery_offset
+    first_scanned = 0
+    for number, segment in enumerate(segments):
+        if segment.base_offset <= recovery_offset:
+            first_scanned = number
+    for number in range(first_scanned):
+        load_sealed(segments[number], config, segments[number + 1].base_offset, findings)
+    kept, report_fields = _scan_tail(segments, first_scanned, config, directory)
+    report = RecoveryReport(
+        directory,
+        clean_shutdown=False,
+        rebuilt_indexes=tuple(findings.rebuilt_indexes),
+        removed_files=tuple(findings.removed_files),
+        duration_ms=(time.monotonic() - started) * 1000,
+        **report_fields,
+    )
+    return kept, report
+
+
+def _scan_tail(segments: list[Segment], first: int, config: LogConfig, directory: str) -> tuple[list[Segment], dict]:
+    """Unclean start (I2, I3): verify every batch from segment `first` on. At the first
+    bad batch truncate there, remove every later segment, and fsync what remains."""
+    fs = segments[0].fs
+    expected = segments[first].base_offset
+    scanned_bytes = 0
+    bad: tuple[int, int, str] | None = None  # (segment number, position, reason)
+    for number in range(first, len(segments)):
+        segment = segments[number]
+        if config.dense_offsets and segment.base_offset != expected or segment.base_offset < expected:
+            bad = (number, 0, f"segment starts at {segment.base_offset}, expected {expected}")
+            break
+        end = segment.open_file().size()
+        segment.size = end
+        segment.reset_for_scan()
+        scanner = BatchScanner(segment.open_file(), 0, end, verify=True, limits=config.limits)
+        try:
+            for batch in scanner:
+                header = batch.header
+                if (config.dense_offsets and header.base_offset != expected) or header.base_offset < expected:
+                    bad = (number, batch.position, f"batch at offset {header.base_offset}, expected {expected}")
+                    break
+                segment.note_batch(batch.position, header, config.index_interval_bytes)
+                expected = header.last_offset + 1
+        except CorruptBatchError as error:
+            bad = (number, scanner.position, str(error))
+        scanned_bytes += scanner.position
+        segment.verified_bytes = segment.size
+        if bad is not None:
+            break
+
+    fields: dict = {"scanned_segments": (bad[0] if bad else len(segments) - 1) - first + 1, "scanned_bytes": scanned_bytes}
+    kept = segments
+    if bad is not None:
+        number, position, reason = bad
+        segment = segments[number]
+        last_seen = _last_offset_hint(segments, number, position, config)
+        truncated = segment.open_file().size() - position
+        removed = segments[number + 1 :] if position > 0 or number == 0 else segments[number:]
+        kept = segments[: len(segments) - len(removed)]
+        for doomed in removed:
+            truncated += doomed.open_file().size()
+            _remove_segment_files(fs, directory, doomed)
+        if segment in kept:
+            segment.open_file().truncate(position)
+            segment.size = position
+        fields.update(
+            first_lost_offset=expected,
+            last_lost_offset=last_seen if last_seen is not None and last_seen >= expected else None,
+            truncated_bytes=truncated,
+            truncation_reason=reason,
+            removed_segments=tuple(doomed.base_offset for doomed in removed),
+        )
+        if not kept:  # the very first segment was bad from byte 0 and it was the only one
+            fresh = Segment(fs, directory, segments[0].base_offset)
+            fresh.open_file(create=True)
+            kept = [fresh]
+        fs.sync_directory(directory)
+    for segment in kept[first:-1]:
+        segment.sync()
+        segment.write_indexes()
+        segment.index.release_memory()
+        segment.time_index.release_memory()
+    active = kept[-1]
+    if not active.index.in_memory:  # a sealed segment became the active one again
+        active.index.load_into_memory()
+        active.time_index.load_into_memory()
+    active.sync()
+    return kept, fields
+
+
+def _last_offset_hint(segments: list[Segment], number: int, position: int, config: LogConfig) -> int | None:
+    """Best effort: the highest last offset named by a readable batch header at or after
+    the bad point (including later segments), for the loss report."""
+    best = None
+    for later in segments[number:]:
+        start = position if later is segments[number] else 0
+        end = later.open_file().size()
+        scan_at = start
+        for _ in range(100_000):
+            if end - scan_at < BATCH_HEADER_BYTES:
+                break
+            try:
+                header = later.read_header(scan_at)
+                check_header(header, config.limits)
+            except InvalidRecordError:
+                break
+            best = header.last_offset if best is None else max(best, header.last_offset)
+            scan_at += header.size
+    return best
+
+
+def _remove_segment_files(fs: FileSystem, directory: str, segment: Segment) -> None:
+    """I10: rename every file of the segment to .deleted, fsync the directory, unlink."""
+    renamed = []
+    for path in segment.paths:
+        if fs.exists(path):
+            fs.rename(path, path + DELETED_SUFFIX)
+            renamed.append(path + DELETED_SUFFIX)
+    fs.sync_directory(directory)
+    for path in renamed:
+        fs.unlink(path)
+    segment.detach()
+
+
+__all__ = [
+    "CHECKPOINT_FILE",
+    "CLEAN_SHUTDOWN_FILE",
+    "LOG_SUFFIX",
+    "RecoveryReport",
+    "recover",
+]
