@@ -144,7 +144,9 @@ class Log:
         self._waiter_sequence = itertools.count()
         self._error: LogReadOnlyError | None = None
         self._closed = False
-        self._active_since_ms = segments[-1].first_timestamp or clock_ms()
+        # segment_ms counts from the segment's creation or, after a restart, from the
+        # open: producer timestamps may be old and must not force a roll per append.
+        self._active_since_ms = clock_ms()
         self._appends = 0
         self._appended_bytes = 0
         self._fsyncs = 0
@@ -461,11 +463,12 @@ class Log:
     def _read_segment(
         self, segment: Segment, size: int, offset: int, end: int, budget: int, *, first: bool
     ) -> FileSlice | None:
+        file = segment.file
+        if file is None:  # retention removed it after the read took its snapshot
+            raise OffsetOutOfRangeError(offset, self.log_start_offset, self._next_offset)
         start = segment.position_floor(offset) if offset > segment.base_offset else 0
-        scanner = BatchScanner(
-            segment.open_file(), start, size, verify=False, limits=self.config.limits,
-            window_bytes=READ_SCAN_WINDOW_BYTES,
-        )
+        scanner = BatchScanner(file, start, size, verify=False, limits=self.config.limits,
+                               window_bytes=READ_SCAN_WINDOW_BYTES)
         slice_start = length = None
         first_offset = last_offset = None
         try:
@@ -478,7 +481,7 @@ class Log:
                 if length is not None or not first:
                     if (length or 0) + header.size > budget:
                         break
-                self._verify_for_read(segment, batch.position, header)
+                self._verify_for_read(segment, file, batch.position, header)
                 if slice_start is None:
                     slice_start, length, first_offset = batch.position, 0, max(offset, header.base_offset)
                 length += header.size
@@ -488,16 +491,16 @@ class Log:
                 raise self._mark_corrupt(segment, error.position, str(error)) from None
         if slice_start is None:
             return None
-        return FileSlice(segment.file, slice_start, length, first_offset, last_offset)
+        return FileSlice(file, slice_start, length, first_offset, last_offset)
 
-    def _verify_for_read(self, segment: Segment, position: int, header: BatchHeader) -> None:
+    def _verify_for_read(self, segment: Segment, file: File, position: int, header: BatchHeader) -> None:
         """I12: every served batch passed its CRC check in this process."""
         if segment.corrupt_position is not None and position >= segment.corrupt_position:
             raise CorruptSegmentError(segment.log_path, position, header.base_offset, segment.corrupt_reason)
         if position + header.size <= segment.verified_bytes:
             return
         try:
-            check_batch(segment.open_file().pread(header.size, position), self.config.limits)
+            check_batch(file.pread(header.size, position), self.config.limits)
         except InvalidRecordError as error:
             raise CorruptBatchError(str(error), position=position) from None
         if position <= segment.verified_bytes:
@@ -530,8 +533,9 @@ class Log:
                     return None
                 if header.max_timestamp < timestamp_ms:
                     continue
-                self._verify_for_read(segment, batch.position, header)
-                data = segment.open_file().pread(header.size, batch.position)
+                file = segment.open_file()
+                self._verify_for_read(segment, file, batch.position, header)
+                data = file.pread(header.size, batch.position)
                 for record in decode_records(data, header, self.config.limits):
                     if record.timestamp_ms >= timestamp_ms and record.offset < end:
                         return record.offset
