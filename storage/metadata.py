@@ -95,9 +95,10 @@ DEFAULT_METADATA_LIMITS = MetadataLimits()
 
 TOPIC_NAME_CHARACTERS_MAX = 249
 PARTITIONS_MAX = 10_000
-# A segment holds at least one small batch; its positions must fit .index's 32 bits.
-SEGMENT_BYTES_MIN = 1 * KIB
-SEGMENT_BYTES_MAX = 2**31 - 1
+# The same ranges as storage/config.py's LogConfig, so every valid topic makes a valid
+# log: positions are uint32 in .index.
+SEGMENT_BYTES_MIN = 4 * KIB
+SEGMENT_BYTES_MAX = 2 * GIB
 CLEANUP_POLICIES = ("delete", "compact", "compact,delete")
 FSYNC_POLICIES = ("always", "interval", "never")
 
@@ -162,8 +163,8 @@ class TopicConfig:
 
     def validate(self) -> None:
         _check_integer("partitions", self.partitions, 1, PARTITIONS_MAX)
-        _check_integer("retention_ms", self.retention_ms, 1, INT64_MAX, optional=True)
-        _check_integer("retention_bytes", self.retention_bytes, 1, INT64_MAX, optional=True)
+        _check_integer("retention_ms", self.retention_ms, 0, INT64_MAX, optional=True)
+        _check_integer("retention_bytes", self.retention_bytes, 0, INT64_MAX, optional=True)
         if self.cleanup_policy not in CLEANUP_POLICIES:
             raise InvalidConfigError(
                 f"topic config: cleanup_policy must be one of {', '.join(map(repr, CLEANUP_POLICIES))}, "
@@ -389,9 +390,15 @@ def _fsync_directory(path: str) -> None:
         os.close(descriptor)
 
 
-class _ResizeGuard:
-    """Readers share it; a map resize takes it alone, because set_mapsize invalidates
-    every transaction open in the process, other threads' included."""
+class _Gate:
+    """Shared by reads, exclusive for a write transaction, writer first.
+
+    py-lmdb takes one environment-wide mutex in every call and holds it through a
+    commit's fsync, so readers in other threads wait for a commit either way; that mutex
+    is not fair, though, and busy readers can starve a commit for seconds. Here a waiting
+    writer holds back new readers. A map resize needs the gate too: set_mapsize
+    invalidates every transaction open in the process, other threads' included.
+    """
 
     def __init__(self) -> None:
         self._condition = threading.Condition(threading.Lock())
@@ -429,8 +436,12 @@ class _ResizeGuard:
 
 
 class MetadataStore:
-    """The LMDB environment at DATA_DIR/meta/. Thread-safe: staging is guarded by a lock,
-    write transactions are serialised by another (order: write lock, then stage lock)."""
+    """The LMDB environment at DATA_DIR/meta/, opened by the constructor.
+
+    Thread-safe. Three locks, always taken in this order: the write lock serialises write
+    transactions; the gate keeps reads out of a commit or a map resize; the stage lock
+    guards the staged entries (held for dict operations only, never across I/O).
+    """
 
     def __init__(
         self,
@@ -442,7 +453,7 @@ class MetadataStore:
         self.path = os.path.join(os.fspath(data_directory), "meta")
         self._write_lock = threading.RLock()
         self._stage_lock = threading.Lock()
-        self._resize_guard = _ResizeGuard()
+        self._gate = _Gate()
         self._staged: _Staged = {}
         # Taken out of _staged by the write transaction under way; still read from.
         self._flushing: _Staged = {}
@@ -494,7 +505,9 @@ class MetadataStore:
     # -- lifecycle ----------------------------------------------------------
 
     def close(self) -> None:
-        """Flush what is staged, then close. Repeat calls do nothing."""
+        """Flush what is staged, then close. Repeat calls do nothing. If the flush fails
+        the store is closed all the same and the error raised: the staged entries are lost,
+        as they would be in a crash."""
         with self._write_lock:
             if self._closed:
                 return
@@ -503,7 +516,7 @@ class MetadataStore:
                     self.flush()
             finally:
                 self._closed = True
-                with self._resize_guard.exclusive():
+                with self._gate.exclusive():
                     self._env.close()
 
     def __enter__(self) -> MetadataStore:
@@ -611,7 +624,8 @@ class MetadataStore:
         commit_time_ms: int | None = None,
     ) -> None:
         """Record a commit in memory (latest wins); it is durable after the next flush.
-        commit_time_ms defaults to now."""
+        commit_time_ms defaults to now. When this makes `staged_entries_max` entries the
+        caller's thread runs the flush (one commit and its fsync)."""
         key = encode_group_key(group, topic, partition, self._limits.group_name_bytes_max)
         entry = CommittedOffset(offset, metadata, _now_ms() if commit_time_ms is None else commit_time_ms)
         self._stage(_OFFSETS, key, encode_offset_value(entry, self._limits.offset_metadata_bytes_max))
@@ -780,7 +794,7 @@ class MetadataStore:
     @contextmanager
     def _read(self) -> Iterator[lmdb.Transaction]:
         self._check_open()
-        with self._resize_guard.shared():
+        with self._gate.shared():
             self._check_open()
             try:
                 with self._env.begin(write=False) as transaction:
@@ -879,21 +893,24 @@ class MetadataStore:
             return result
 
     def _write(self, batch: _Staged, apply: Callable[[lmdb.Transaction], _Result] | None) -> _Result:
-        while True:
-            try:
-                with self._env.begin(write=True) as transaction:
-                    for (database, key), value in batch.items():
-                        if value is None:
-                            transaction.delete(key, db=self._databases[database])
-                        else:
-                            transaction.put(key, value, db=self._databases[database])
-                    result = apply(transaction) if apply is not None else None
-                return result  # type: ignore[return-value]
-            except lmdb.MapFullError:
-                self._grow_map()
-            except lmdb.Error as error:
-                self._failure = MetadataError(f"commit to the metadata store at {self.path} failed: {error}")
-                raise self._failure from error
+        """Run the transaction, growing the map and retrying while it is full. `apply`
+        must only use the transaction (a read through the store would wait on the gate)."""
+        with self._gate.exclusive():
+            while True:
+                try:
+                    with self._env.begin(write=True) as transaction:
+                        for (database, key), value in batch.items():
+                            if value is None:
+                                transaction.delete(key, db=self._databases[database])
+                            else:
+                                transaction.put(key, value, db=self._databases[database])
+                        result = apply(transaction) if apply is not None else None
+                    return result  # type: ignore[return-value]
+                except lmdb.MapFullError:
+                    self._grow_map()
+                except lmdb.Error as error:
+                    self._failure = MetadataError(f"commit to the metadata store at {self.path} failed: {error}")
+                    raise self._failure from error
 
     def _grow_map(self) -> None:
         current = self._env.info()["map_size"]
@@ -903,10 +920,9 @@ class MetadataStore:
                 f"map_size_bytes_max ({self._limits.map_size_bytes_max} bytes)"
             )
         new_size = min(current * 2, self._limits.map_size_bytes_max)
-        with self._resize_guard.exclusive():
-            try:
-                self._env.set_mapsize(new_size)
-            except lmdb.Error as error:
-                self._failure = MetadataError(f"growing the map of {self.path} to {new_size} bytes failed: {error}")
-                raise self._failure from error
+        try:
+            self._env.set_mapsize(new_size)  # the caller holds the gate exclusively
+        except lmdb.Error as error:
+            self._failure = MetadataError(f"growing the map of {self.path} to {new_size} bytes failed: {error}")
+            raise self._failure from error
         self._map_growths += 1
