@@ -49,6 +49,9 @@ class RecoveryReport:
     last_lost_offset: int | None = None
     truncated_bytes: int = 0
     truncation_reason: str | None = None
+    # The checkpoint vouched that some lost offsets were fsynced: the disk broke a
+    # promise (F6 or a lying disk), not just a torn unsynced tail.
+    lost_durable_data: bool = False
     removed_segments: tuple[int, ...] = ()
     rebuilt_indexes: tuple[str, ...] = ()
     removed_files: tuple[str, ...] = ()
@@ -62,11 +65,15 @@ class RecoveryReport:
         state = "new log" if self.created else ("clean" if self.clean_shutdown else "unclean")
         text = f"{self.directory}: {state} start, scanned {self.scanned_segments} segment(s), {self.scanned_bytes} bytes"
         if self.lost_anything:
-            last = "?" if self.last_lost_offset is None else str(self.last_lost_offset)
-            text += (
-                f"; truncated {self.truncated_bytes} bytes ({self.truncation_reason}): "
-                f"offsets {self.first_lost_offset}..{last} lost"
+            lost = (
+                f"offsets from {self.first_lost_offset} on lost (how many is unknown)"
+                if self.last_lost_offset is None
+                else f"offsets {self.first_lost_offset}..{self.last_lost_offset} lost"
+                + ("" if self.lost_durable_data else " (at least: unsynced batches after a tear leave no trace)")
             )
+            text += f"; truncated {self.truncated_bytes} bytes ({self.truncation_reason}): {lost}"
+            if self.lost_durable_data:
+                text += "; SOME OF THEM WERE BELOW THE RECOVERY POINT (fsynced data damaged)"
         if self.removed_segments:
             text += f"; removed segments {list(self.removed_segments)}"
         if self.rebuilt_indexes:
@@ -214,6 +221,12 @@ def recover(fs: FileSystem, directory: str, config: LogConfig) -> tuple[list[Seg
     for number in range(first_scanned):
         load_sealed(segments[number], config, segments[number + 1].base_offset, findings)
     kept, report_fields = _scan_tail(segments, first_scanned, config, directory)
+    first_lost = report_fields.get("first_lost_offset")
+    if first_lost is not None and recovery_offset > first_lost:
+        # The checkpoint proves offsets up to recovery_offset - 1 existed.
+        last_lost = report_fields.get("last_lost_offset")
+        report_fields["last_lost_offset"] = max(recovery_offset - 1, -1 if last_lost is None else last_lost)
+        report_fields["lost_durable_data"] = True
     report = RecoveryReport(
         directory,
         clean_shutdown=False,
