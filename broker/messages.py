@@ -1,0 +1,615 @@
+"""Every message of the wire protocol, declared once.
+
+Each API has a request and a response dataclass whose `wire` fields, in order, are the
+frame body (broker/schema.py encodes, decodes and documents them; docs/protocol.md shows
+the tables). Messages are immutable and keyword-only; `request_id` is not in the body but
+in the frame header (broker/frames.py). Every response begins with error_code and
+error_message. The protocol checks types; what a value means (a partition that exists,
+an offset in range) is for the server to check and answer with an error code.
+
+Protocol version 1 has every API at version 1. A later version may add APIs or API
+versions; Handshake stays at version 1 for ever, so any client can negotiate.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .errors import ErrorCode
+from .schema import (
+    INT8,
+    INT16,
+    INT32,
+    INT64,
+    NULLABLE_STRING,
+    RECORDS,
+    STRING,
+    UINT16,
+    Array,
+    Enumeration,
+    Magic,
+    Struct,
+    wire,
+)
+
+PROTOCOL_VERSION_MIN = 1
+PROTOCOL_VERSION_MAX = 1
+HANDSHAKE_MAGIC = b"NODI"
+HANDSHAKE_API_VERSION = 1  # frozen: every server reads a version-1 Handshake
+
+# Integer topic settings in a CreateTopic request: -1 takes the server's default.
+CONFIG_DEFAULT = -1
+# retention_ms / retention_bytes: keep for ever (no limit of that kind).
+RETENTION_UNLIMITED = -2
+# Offsets, timestamps and ids that are absent.
+NO_OFFSET = -1
+
+
+class Kind(enum.IntEnum):
+    """What a frame carries (frame header byte 4)."""
+
+    REQUEST = 0
+    RESPONSE = 1
+    EVENT = 2
+
+
+class ApiKey(enum.IntEnum):
+    HANDSHAKE = 0
+    CREATE_TOPIC = 1
+    DELETE_TOPIC = 2
+    LIST_TOPICS = 3
+    DESCRIBE_TOPIC = 4
+    PRODUCE = 5
+    FETCH = 6
+    LIST_OFFSETS = 7
+    JOIN_GROUP = 8
+    LEAVE_GROUP = 9
+    HEARTBEAT = 10
+    COMMIT_OFFSETS = 11
+    FETCH_OFFSETS = 12
+    RESET_GROUP = 13
+    INIT_PRODUCER_ID = 14
+    LIST_GROUPS = 15
+    DESCRIBE_GROUP = 16
+
+
+class EventKey(enum.IntEnum):
+    """Event types: frames a server sends unasked (request id 0)."""
+
+    CLOSING = 0
+
+
+class Acks(enum.IntEnum):
+    NONE = 0  # answered once the request is checked, before the write
+    WRITTEN = 1  # answered once written to the log (page cache)
+    DURABLE = 2  # answered once fsynced (group commit)
+
+
+class OffsetSpec(enum.IntEnum):
+    EARLIEST = 0  # the log start offset
+    LATEST = 1  # the high watermark: the next offset to be read
+    TIMESTAMP = 2  # the first offset whose timestamp is >= timestamp_ms
+
+
+class ResetSpec(enum.IntEnum):
+    EARLIEST = 0
+    LATEST = 1
+    OFFSET = 2
+    TIMESTAMP = 3
+
+
+ERROR_CODE = Enumeration(ErrorCode, UINT16, list_values=False)
+
+
+# ---------------------------------------------------------------------------
+# Bases
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Message:
+    KIND: ClassVar[Kind]
+    API_KEY: ClassVar[int]
+    # In the frame header, not the body. Chosen by the client; a response echoes it.
+    request_id: int = 0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Request(Message):
+    KIND = Kind.REQUEST
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Response(Message):
+    KIND = Kind.RESPONSE
+    error_code: ErrorCode = wire(ERROR_CODE, ErrorCode.NONE, doc="0 (none) on success; see Error codes")
+    error_message: str | None = wire(NULLABLE_STRING, None, doc="detail for people; null on success")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ErrorResponse(Response):
+    """The answer to a request that could not be decoded into its API (unknown API key,
+    unsupported version, invalid fields) or that the server refused before reading it
+    (too many requests). Sent with the ERROR frame flag; its body is only error_code and
+    error_message, whatever the API. `api_key` comes from the frame header."""
+
+    API_KEY = -1  # not one API: the frame header carries `api_key`
+    api_key: int = 0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Event(Message):
+    KIND = Kind.EVENT
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ClosingEvent(Event):
+    """The server is closing the connection and says why: after a protocol error that
+    leaves the stream untrusted, at shutdown, or over a server limit. Nothing follows it."""
+
+    API_KEY = EventKey.CLOSING
+    error_code: ErrorCode = wire(ERROR_CODE, doc="why the connection closes")
+    error_message: str | None = wire(NULLABLE_STRING, None)
+
+
+# ---------------------------------------------------------------------------
+# Nested structs
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Limit:
+    name: str = wire(STRING, doc="a limit's name, as in Limits below")
+    value: int = wire(INT64)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TopicSettings:
+    """A topic's settings. In CreateTopic -1 (CONFIG_DEFAULT) or null takes the server's
+    default; DescribeTopic shows the values in force."""
+
+    partitions: int = wire(INT32, CONFIG_DEFAULT, doc="-1: server default")
+    retention_ms: int = wire(INT64, CONFIG_DEFAULT, doc="-1: server default; -2: unlimited")
+    retention_bytes: int = wire(INT64, CONFIG_DEFAULT, doc="per partition; -1: server default; -2: unlimited")
+    cleanup_policy: str | None = wire(NULLABLE_STRING, None, doc='"delete", "compact" or "compact,delete"; null: server default')
+    fsync_policy: str | None = wire(NULLABLE_STRING, None, doc='"always", "interval" or "never"; null: server default')
+    fsync_interval_ms: int = wire(INT64, CONFIG_DEFAULT, doc='with "interval"; -1: server default')
+    segment_bytes: int = wire(INT64, CONFIG_DEFAULT, doc="-1: server default")
+    segment_ms: int = wire(INT64, CONFIG_DEFAULT, doc="-1: server default")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TopicSummary:
+    name: str = wire(STRING)
+    partitions: int = wire(INT32)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PartitionState:
+    partition: int = wire(INT32)
+    log_start_offset: int = wire(INT64, doc="first offset still stored")
+    log_end_offset: int = wire(INT64, doc="offset the next batch gets")
+    high_watermark: int = wire(INT64, doc="end of the durable prefix: what consumers may read")
+    size_bytes: int = wire(INT64, doc="bytes of segment files")
+    segments: int = wire(INT32)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TopicPartitions:
+    topic: str = wire(STRING)
+    partitions: list[int] = wire(Array(INT32), [])
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OffsetCommit:
+    topic: str = wire(STRING)
+    partition: int = wire(INT32)
+    offset: int = wire(INT64, doc="the next offset the group will read")
+    metadata: str | None = wire(NULLABLE_STRING, None, doc="free text stored with the offset")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PartitionError:
+    topic: str = wire(STRING)
+    partition: int = wire(INT32)
+    error_code: ErrorCode = wire(ERROR_CODE, ErrorCode.NONE)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GroupOffset:
+    topic: str = wire(STRING)
+    partition: int = wire(INT32)
+    offset: int = wire(INT64, doc="committed: the next offset to read")
+    metadata: str | None = wire(NULLABLE_STRING, None)
+    commit_time_ms: int = wire(INT64, NO_OFFSET)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PartitionOffset:
+    partition: int = wire(INT32)
+    offset: int = wire(INT64)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GroupSummary:
+    group: str = wire(STRING)
+    state: str = wire(STRING, doc='"empty", "rebalancing" or "stable"')
+    members: int = wire(INT32)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GroupMember:
+    member_id: str = wire(STRING)
+    client_id: str = wire(STRING, "")
+    session_timeout_ms: int = wire(INT32)
+    assignments: list[TopicPartitions] = wire(Array(Struct(TopicPartitions)), [])
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GroupLag:
+    topic: str = wire(STRING)
+    partition: int = wire(INT32)
+    committed_offset: int = wire(INT64, doc="-1: nothing committed")
+    high_watermark: int = wire(INT64, doc="lag = high_watermark - committed_offset")
+
+
+# ---------------------------------------------------------------------------
+# Handshake
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class HandshakeRequest(Request):
+    API_KEY = ApiKey.HANDSHAKE
+    magic: bytes = wire(Magic(HANDSHAKE_MAGIC), HANDSHAKE_MAGIC, doc='"NODI"')
+    protocol_version_min: int = wire(UINT16, PROTOCOL_VERSION_MIN, doc="lowest protocol version the client speaks")
+    protocol_version_max: int = wire(UINT16, PROTOCOL_VERSION_MAX, doc="highest protocol version the client speaks")
+    client_id: str = wire(STRING, "", doc="free text for logs and metrics")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class HandshakeResponse(Response):
+    API_KEY = ApiKey.HANDSHAKE
+    protocol_version: int = wire(UINT16, 0, doc="the highest version both speak; 0 when refused")
+    server_id: str = wire(STRING, "")
+    limits: list[Limit] = wire(Array(Struct(Limit)), [], doc="the limits the server enforces")
+
+    def limit(self, name: str) -> int | None:
+        for limit in self.limits:
+            if limit.name == name:
+                return limit.value
+        return None
+
+
+# ---------------------------------------------------------------------------
+# Topics
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CreateTopicRequest(Request):
+    API_KEY = ApiKey.CREATE_TOPIC
+    name: str = wire(STRING, doc="1-249 characters of A-Z a-z 0-9 . _ -")
+    settings: TopicSettings = wire(Struct(TopicSettings), TopicSettings())
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CreateTopicResponse(Response):
+    API_KEY = ApiKey.CREATE_TOPIC
+    settings: TopicSettings = wire(Struct(TopicSettings), TopicSettings(), doc="the settings in force")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DeleteTopicRequest(Request):
+    API_KEY = ApiKey.DELETE_TOPIC
+    name: str = wire(STRING)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DeleteTopicResponse(Response):
+    API_KEY = ApiKey.DELETE_TOPIC
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ListTopicsRequest(Request):
+    API_KEY = ApiKey.LIST_TOPICS
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ListTopicsResponse(Response):
+    API_KEY = ApiKey.LIST_TOPICS
+    topics: list[TopicSummary] = wire(Array(Struct(TopicSummary)), [])
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DescribeTopicRequest(Request):
+    API_KEY = ApiKey.DESCRIBE_TOPIC
+    name: str = wire(STRING)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DescribeTopicResponse(Response):
+    API_KEY = ApiKey.DESCRIBE_TOPIC
+    name: str = wire(STRING, "")
+    settings: TopicSettings = wire(Struct(TopicSettings), TopicSettings())
+    partitions: list[PartitionState] = wire(Array(Struct(PartitionState)), [])
+
+
+# ---------------------------------------------------------------------------
+# Produce and consume
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ProduceRequest(Request):
+    API_KEY = ApiKey.PRODUCE
+    topic: str = wire(STRING)
+    partition: int = wire(INT32)
+    acks: Acks = wire(Enumeration(Acks, INT8), Acks.DURABLE)
+    timeout_ms: int = wire(INT32, 30_000, doc="longest wait for the acks")
+    records: bytes | memoryview = wire(RECORDS, doc="one or more whole RecordBatch v2, back to back")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ProduceResponse(Response):
+    API_KEY = ApiKey.PRODUCE
+    base_offset: int = wire(INT64, NO_OFFSET, doc="offset of the first record; -1 with acks none or an error")
+    last_offset: int = wire(INT64, NO_OFFSET, doc="offset of the last record")
+    log_append_time_ms: int = wire(INT64, NO_OFFSET, doc="server clock at the append")
+    log_start_offset: int = wire(INT64, NO_OFFSET)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FetchRequest(Request):
+    API_KEY = ApiKey.FETCH
+    topic: str = wire(STRING)
+    partition: int = wire(INT32)
+    offset: int = wire(INT64, doc="first offset wanted; the first batch may start before it")
+    bytes_max: int = wire(INT32, 1 << 20, doc="budget for the records; at least one whole batch is sent")
+    wait_ms: int = wire(INT32, 0, doc="long poll: wait up to this long for min_bytes")
+    min_bytes: int = wire(INT32, 1, doc="answer as soon as this many bytes are readable")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FetchResponse(Response):
+    API_KEY = ApiKey.FETCH
+    high_watermark: int = wire(INT64, NO_OFFSET)
+    log_start_offset: int = wire(INT64, NO_OFFSET)
+    records: bytes | memoryview = wire(RECORDS, b"", doc="whole batches as stored (sendfile from the segment)")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ListOffsetsRequest(Request):
+    API_KEY = ApiKey.LIST_OFFSETS
+    topic: str = wire(STRING)
+    partition: int = wire(INT32)
+    spec: OffsetSpec = wire(Enumeration(OffsetSpec, INT8), OffsetSpec.LATEST)
+    timestamp_ms: int = wire(INT64, NO_OFFSET, doc="with spec timestamp")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ListOffsetsResponse(Response):
+    API_KEY = ApiKey.LIST_OFFSETS
+    offset: int = wire(INT64, NO_OFFSET, doc="the high watermark when no record is that recent")
+    timestamp_ms: int = wire(INT64, NO_OFFSET, doc="timestamp of the record found; -1 for earliest, latest")
+
+
+# ---------------------------------------------------------------------------
+# Consumer groups (stream mode)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class JoinGroupRequest(Request):
+    API_KEY = ApiKey.JOIN_GROUP
+    group: str = wire(STRING)
+    member_id: str = wire(STRING, "", doc="empty on a first join; the server assigns one")
+    topics: list[str] = wire(Array(STRING), [], doc="topics the member consumes")
+    session_timeout_ms: int = wire(INT32, 10_000, doc="no heartbeat for this long removes the member")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class JoinGroupResponse(Response):
+    API_KEY = ApiKey.JOIN_GROUP
+    generation: int = wire(INT32, -1, doc="bumped by every rebalance")
+    member_id: str = wire(STRING, "")
+    heartbeat_interval_ms: int = wire(INT32, 0)
+    assignments: list[TopicPartitions] = wire(Array(Struct(TopicPartitions)), [], doc="this member's partitions")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LeaveGroupRequest(Request):
+    API_KEY = ApiKey.LEAVE_GROUP
+    group: str = wire(STRING)
+    member_id: str = wire(STRING)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LeaveGroupResponse(Response):
+    API_KEY = ApiKey.LEAVE_GROUP
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class HeartbeatRequest(Request):
+    API_KEY = ApiKey.HEARTBEAT
+    group: str = wire(STRING)
+    member_id: str = wire(STRING)
+    generation: int = wire(INT32)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class HeartbeatResponse(Response):
+    API_KEY = ApiKey.HEARTBEAT
+    generation: int = wire(INT32, -1, doc="REBALANCE_IN_PROGRESS when it moved on: join again")
+    assignments: list[TopicPartitions] = wire(Array(Struct(TopicPartitions)), [])
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CommitOffsetsRequest(Request):
+    API_KEY = ApiKey.COMMIT_OFFSETS
+    group: str = wire(STRING)
+    generation: int = wire(INT32, -1, doc="-1 for a consumer outside group membership")
+    member_id: str = wire(STRING, "")
+    offsets: list[OffsetCommit] = wire(Array(Struct(OffsetCommit)), [])
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CommitOffsetsResponse(Response):
+    API_KEY = ApiKey.COMMIT_OFFSETS
+    results: list[PartitionError] = wire(Array(Struct(PartitionError)), [], doc="one per offset committed")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FetchOffsetsRequest(Request):
+    API_KEY = ApiKey.FETCH_OFFSETS
+    group: str = wire(STRING)
+    topics: list[str] = wire(Array(STRING), [], doc="empty: every topic")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FetchOffsetsResponse(Response):
+    API_KEY = ApiKey.FETCH_OFFSETS
+    offsets: list[GroupOffset] = wire(Array(Struct(GroupOffset)), [])
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ResetGroupRequest(Request):
+    API_KEY = ApiKey.RESET_GROUP
+    group: str = wire(STRING, doc="must have no members (GROUP_NOT_EMPTY)")
+    topic: str = wire(STRING)
+    partitions: list[int] = wire(Array(INT32), [], doc="empty: every partition")
+    spec: ResetSpec = wire(Enumeration(ResetSpec, INT8))
+    offset: int = wire(INT64, NO_OFFSET, doc="with spec offset")
+    timestamp_ms: int = wire(INT64, NO_OFFSET, doc="with spec timestamp")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ResetGroupResponse(Response):
+    API_KEY = ApiKey.RESET_GROUP
+    offsets: list[PartitionOffset] = wire(Array(Struct(PartitionOffset)), [], doc="the offsets now committed")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ListGroupsRequest(Request):
+    API_KEY = ApiKey.LIST_GROUPS
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ListGroupsResponse(Response):
+    API_KEY = ApiKey.LIST_GROUPS
+    groups: list[GroupSummary] = wire(Array(Struct(GroupSummary)), [])
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DescribeGroupRequest(Request):
+    API_KEY = ApiKey.DESCRIBE_GROUP
+    group: str = wire(STRING)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DescribeGroupResponse(Response):
+    API_KEY = ApiKey.DESCRIBE_GROUP
+    group: str = wire(STRING, "")
+    state: str = wire(STRING, "", doc='"empty", "rebalancing" or "stable"')
+    generation: int = wire(INT32, -1)
+    members: list[GroupMember] = wire(Array(Struct(GroupMember)), [])
+    lags: list[GroupLag] = wire(Array(Struct(GroupLag)), [])
+
+
+# ---------------------------------------------------------------------------
+# Idempotent producer
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class InitProducerIdRequest(Request):
+    API_KEY = ApiKey.INIT_PRODUCER_ID
+    producer_id: int = wire(INT64, -1, doc="-1 for a new id; a known id to bump its epoch")
+    producer_epoch: int = wire(INT16, -1)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class InitProducerIdResponse(Response):
+    API_KEY = ApiKey.INIT_PRODUCER_ID
+    producer_id: int = wire(INT64, -1, doc="goes in every batch header, with the epoch and a sequence")
+    producer_epoch: int = wire(INT16, -1)
+
+
+# ---------------------------------------------------------------------------
+# Registry
+
+
+@dataclass(frozen=True, slots=True)
+class Api:
+    key: ApiKey
+    request: type[Request]
+    response: type[Response]
+    version_min: int = 1
+    version_max: int = 1
+    summary: str = ""
+
+
+APIS: tuple[Api, ...] = (
+    Api(ApiKey.HANDSHAKE, HandshakeRequest, HandshakeResponse,
+        summary="First request of every connection: checks the magic, picks the protocol version, states the server's limits."),
+    Api(ApiKey.CREATE_TOPIC, CreateTopicRequest, CreateTopicResponse, summary="Create a topic."),
+    Api(ApiKey.DELETE_TOPIC, DeleteTopicRequest, DeleteTopicResponse, summary="Delete a topic and its data."),
+    Api(ApiKey.LIST_TOPICS, ListTopicsRequest, ListTopicsResponse, summary="Every topic with its partition count."),
+    Api(ApiKey.DESCRIBE_TOPIC, DescribeTopicRequest, DescribeTopicResponse,
+        summary="A topic's settings and each partition's offsets."),
+    Api(ApiKey.PRODUCE, ProduceRequest, ProduceResponse,
+        summary="Append batches to one partition. All are checked before any is written; they get consecutive offsets."),
+    Api(ApiKey.FETCH, FetchRequest, FetchResponse,
+        summary="Whole stored batches from an offset, up to bytes_max, waiting up to wait_ms for min_bytes."),
+    Api(ApiKey.LIST_OFFSETS, ListOffsetsRequest, ListOffsetsResponse,
+        summary="The earliest or latest offset of a partition, or the first at or after a time."),
+    Api(ApiKey.JOIN_GROUP, JoinGroupRequest, JoinGroupResponse,
+        summary="Join a consumer group (a rebalance); get a member id, the generation and this member's partitions."),
+    Api(ApiKey.LEAVE_GROUP, LeaveGroupRequest, LeaveGroupResponse, summary="Leave a group (a rebalance)."),
+    Api(ApiKey.HEARTBEAT, HeartbeatRequest, HeartbeatResponse,
+        summary="Keep a membership alive; learn of a rebalance."),
+    Api(ApiKey.COMMIT_OFFSETS, CommitOffsetsRequest, CommitOffsetsResponse,
+        summary="Store the group's next offset per partition."),
+    Api(ApiKey.FETCH_OFFSETS, FetchOffsetsRequest, FetchOffsetsResponse, summary="The group's committed offsets."),
+    Api(ApiKey.RESET_GROUP, ResetGroupRequest, ResetGroupResponse,
+        summary="Move an empty group's offsets to earliest, latest, an offset or a time (replay)."),
+    Api(ApiKey.INIT_PRODUCER_ID, InitProducerIdRequest, InitProducerIdResponse,
+        summary="A producer id and epoch for the idempotent producer."),
+    Api(ApiKey.LIST_GROUPS, ListGroupsRequest, ListGroupsResponse, summary="Every consumer group."),
+    Api(ApiKey.DESCRIBE_GROUP, DescribeGroupRequest, DescribeGroupResponse,
+        summary="A group's members, their partitions, and its committed offsets against the high watermarks."),
+)
+API_BY_KEY: dict[int, Api] = {api.key: api for api in APIS}
+EVENTS: dict[int, type[Event]] = {EventKey.CLOSING: ClosingEvent}
+EVENT_VERSION = 1
+
+assert set(API_BY_KEY) == set(ApiKey)
+assert all(api.request.API_KEY == api.key == api.response.API_KEY for api in APIS)
+assert API_BY_KEY[ApiKey.HANDSHAKE].version_min == HANDSHAKE_API_VERSION
+
+
+def choose_protocol_version(client_min: int, client_max: int) -> int | None:
+    """The highest protocol version both sides speak, or None."""
+    version = min(client_max, PROTOCOL_VERSION_MAX)
+    return version if version >= max(client_min, PROTOCOL_VERSION_MIN) else None
+
+
+def api_version(api_key: int, protocol_version: int) -> int:
+    """The version of `api_key` a sender uses under `protocol_version`. Every API of
+    protocol version 1 is at version 1."""
+    assert PROTOCOL_VERSION_MIN <= protocol_version <= PROTOCOL_VERSION_MAX
+    return API_BY_KEY[api_key].version_max
+
+
+__all__ = [
+    "PROTOCOL_VERSION_MIN", "PROTOCOL_VERSION_MAX", "HANDSHAKE_MAGIC", "HANDSHAKE_API_VERSION",
+    "CONFIG_DEFAULT", "RETENTION_UNLIMITED", "NO_OFFSET", "Kind", "ApiKey", "EventKey", "Acks",
+    "OffsetSpec", "ResetSpec", "Message", "Request", "Response", "ErrorResponse", "Event",
+    "ClosingEvent", "Limit", "TopicSettings", "TopicSummary", "PartitionState",
+    "TopicPartitions", "OffsetCommit", "PartitionError", "GroupOffset", "PartitionOffset",
+    "GroupSummary", "GroupMember", "GroupLag", "HandshakeRequest", "HandshakeResponse",
+    "CreateTopicRequest", "CreateTopicResponse", "DeleteTopicRequest", "DeleteTopicResponse",
+    "ListTopicsRequest", "ListTopicsResponse", "DescribeTopicRequest", "DescribeTopicResponse",
+    "ProduceRequest", "ProduceResponse", "FetchRequest", "FetchResponse", "ListOffsetsRequest",
+    "ListOffsetsResponse", "JoinGroupRequest", "JoinGroupResponse", "LeaveGroupRequest",
+    "LeaveGroupResponse", "HeartbeatRequest", "HeartbeatResponse", "CommitOffsetsRequest",
+    "CommitOffsetsResponse", "FetchOffsetsRequest", "FetchOffsetsResponse", "ResetGroupRequest",
+    "ResetGroupResponse", "ListGroupsRequest", "ListGroupsResponse", "DescribeGroupRequest",
+    "DescribeGroupResponse", "InitProducerIdRequest", "InitProducerIdResponse", "Api", "APIS",
+    "API_BY_KEY", "EVENTS", "EVENT_VERSION", "choose_protocol_version", "api_version",
+]
