@@ -143,6 +143,9 @@ class Log:
         self._waiters: list[tuple[int, int, concurrent.futures.Future]] = []
         self._waiter_sequence = itertools.count()
         self._error: LogReadOnlyError | None = None
+        # Segment fsyncs run one at a time; after one fails no other starts (I9, F7).
+        self._sync_lock = threading.Lock()
+        self._sync_failure: OSError | None = None
         self._closed = False
         # segment_ms counts from the segment's creation or, after a restart, from the
         # open: producer timestamps may be old and must not force a roll per append.
@@ -331,9 +334,22 @@ class Log:
             except LogReadOnlyError:
                 return
 
+    def _sync_segment(self, segment: Segment) -> None:
+        """The one way the log fsyncs a segment. A caller racing a failing fsync (flush,
+        roll, close) waits for it and then fails too: its fsync would be a retry (F7).
+        Takes no other lock, so it may be called with the log lock held."""
+        with self._sync_lock:
+            if self._sync_failure is not None:
+                raise OSError(errno.EIO, f"an earlier fsync failed: {self._sync_failure}")
+            try:
+                segment.sync()
+            except OSError as error:
+                self._sync_failure = error
+                raise
+
     def _sync_and_resolve(self, segment: Segment, target: int) -> None:
         try:
-            segment.sync()
+            self._sync_segment(segment)
         except OSError as error:
             with self._lock:
                 self._fail_locked(LogReadOnlyError(f"fsync of {segment.log_path} failed: {error}"))
@@ -380,7 +396,7 @@ class Log:
     def _roll_locked(self, now_ms: int) -> None:
         sealed = self._segments[-1]
         try:
-            sealed.sync()
+            self._sync_segment(sealed)
             sealed.write_indexes()
         except OSError as error:
             self._fail_locked(LogReadOnlyError(f"sealing {sealed.log_path} failed: {error}"))
@@ -388,14 +404,18 @@ class Log:
         sealed.index.release_memory()
         sealed.time_index.release_memory()
         fresh = Segment(self.fs, self.directory, sealed.next_offset)
-        fresh.open_file(create=True)
-        fresh.start_in_memory_indexes()
-        self.fs.sync_directory(self.directory)
-        self._segments.append(fresh)
-        self._base_offsets.append(fresh.base_offset)
-        self._active_since_ms = now_ms
-        # Everything up to the new segment is now synced (I5).
-        write_checkpoint(self.fs, self.directory, Checkpoint(fresh.base_offset, self.log_start_offset))
+        try:
+            fresh.open_file(create=True)
+            fresh.start_in_memory_indexes()
+            self.fs.sync_directory(self.directory)
+            self._segments.append(fresh)
+            self._base_offsets.append(fresh.base_offset)
+            self._active_since_ms = now_ms
+            # Everything up to the new segment is now synced (I5).
+            write_checkpoint(self.fs, self.directory, Checkpoint(fresh.base_offset, self.log_start_offset))
+        except OSError as error:  # a failed write or fsync is final (I9)
+            self._fail_locked(LogReadOnlyError(f"rolling to {fresh.log_path} failed: {error}"))
+            raise self._error from error
         if sealed.next_offset > self._durable_offset:
             self._durable_offset = sealed.next_offset
             ready = []
@@ -420,15 +440,23 @@ class Log:
                     reason = "retention-bytes"
                 else:
                     break
-                _remove_segment_files(self.fs, self.directory, oldest)
+                try:
+                    _remove_segment_files(self.fs, self.directory, oldest)
+                except OSError as error:  # a failed rename or directory fsync (I9)
+                    self._fail_locked(LogReadOnlyError(f"deleting {oldest.log_path} failed: {error}"))
+                    raise self._error from error
                 self._segments.pop(0)
                 self._base_offsets.pop(0)
                 total -= oldest.size
                 deleted.append(DeletedSegment(oldest.base_offset, oldest.next_offset, oldest.size, reason))
             if deleted:
-                write_checkpoint(
-                    self.fs, self.directory, Checkpoint(self._segments[-1].base_offset, self.log_start_offset)
-                )
+                try:
+                    write_checkpoint(
+                        self.fs, self.directory, Checkpoint(self._segments[-1].base_offset, self.log_start_offset)
+                    )
+                except OSError as error:  # a failed write or fsync is final (I9)
+                    self._fail_locked(LogReadOnlyError(f"checkpoint of {self.directory} failed: {error}"))
+                    raise self._error from error
         return deleted
 
     # -- read -----------------------------------------------------------------------
@@ -466,7 +494,8 @@ class Log:
         file = segment.file
         if file is None:  # retention removed it after the read took its snapshot
             raise OffsetOutOfRangeError(offset, self.log_start_offset, self._next_offset)
-        start = segment.position_floor(offset) if offset > segment.base_offset else 0
+        entry = segment.index.floor(offset - segment.base_offset) if offset > segment.base_offset else None
+        start, expected = (0, segment.base_offset) if entry is None else (entry[1], segment.base_offset + entry[0])
         scanner = BatchScanner(file, start, size, verify=False, limits=self.config.limits,
                                window_bytes=READ_SCAN_WINDOW_BYTES)
         slice_start = length = None
@@ -474,6 +503,12 @@ class Log:
         try:
             for batch in scanner:
                 header = batch.header
+                # base_offset is outside the CRC: check continuity, as recovery does (I3, G4).
+                if header.base_offset < expected or (self.config.dense_offsets and header.base_offset != expected):
+                    raise CorruptBatchError(
+                        f"batch at offset {header.base_offset}, expected {expected}", position=batch.position
+                    )
+                expected = header.last_offset + 1
                 if header.base_offset >= end:
                     break
                 if header.last_offset < offset:
@@ -486,6 +521,9 @@ class Log:
                     slice_start, length, first_offset = batch.position, 0, max(offset, header.base_offset)
                 length += header.size
                 last_offset = header.last_offset
+        except CorruptSegmentError:
+            if slice_start is None:
+                raise
         except CorruptBatchError as error:
             if slice_start is None:
                 raise self._mark_corrupt(segment, error.position, str(error)) from None
@@ -496,7 +534,7 @@ class Log:
     def _verify_for_read(self, segment: Segment, file: File, position: int, header: BatchHeader) -> None:
         """I12: every served batch passed its CRC check in this process."""
         if segment.corrupt_position is not None and position >= segment.corrupt_position:
-            raise CorruptSegmentError(segment.log_path, position, header.base_offset, segment.corrupt_reason)
+            raise CorruptSegmentError(segment.log_path, segment.corrupt_position, None, segment.corrupt_reason)
         if position + header.size <= segment.verified_bytes:
             return
         try:
@@ -572,7 +610,7 @@ class Log:
         active = self._segments[-1]
         if self._error is None:
             try:
-                active.sync()
+                self._sync_segment(active)
                 self._advance_durable(self._next_offset)
                 active.write_indexes()
                 write_checkpoint(self.fs, self.directory, Checkpoint(self._next_offset, self.log_start_offset))

@@ -122,7 +122,12 @@ def load_sealed(segment: Segment, config: LogConfig, next_base_offset: int, find
     from the `.log` when they fail a check. Its batches are verified on first read."""
     segment.size = segment.open_file().size()
     segment.next_offset = next_base_offset
-    problem = segment.index.check_file() or segment.time_index.check_file()
+    problem = (
+        segment.index.check_file()
+        or segment.time_index.check_file()
+        or segment.index.check_entries(segment.size)
+        or segment.time_index.check_entries(next_base_offset - segment.base_offset)
+    )
     if problem is None:
         last = segment.index.last()
         if last is not None:
