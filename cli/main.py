@@ -6,12 +6,15 @@ from importlib.metadata import version as _package_version
 
 import typer
 
+from nodi.cli.segments import app as segments_app
+
 app = typer.Typer(
     name="nodi",
     help="nodi: a durable, log-structured message broker.",
     no_args_is_help=True,
     add_completion=False,
 )
+app.add_typer(segments_app, name="segments")
 
 
 def _version_callback(value: bool) -> None:

@@ -280,8 +280,9 @@ def _scan_tail(segments: list[Segment], first: int, config: LogConfig, directory
         number, position, reason = bad
         segment = segments[number]
         last_seen = _last_offset_hint(segments, number, position, config)
-        truncated = segment.open_file().size() - position
         removed = segments[number + 1 :] if position > 0 or number == 0 else segments[number:]
+        # A segment removed whole is counted with the removed ones, not twice.
+        truncated = 0 if segment in removed else segment.open_file().size() - position
         kept = segments[: len(segments) - len(removed)]
         for doomed in removed:
             truncated += doomed.open_file().size()
