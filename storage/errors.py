@@ -90,3 +90,18 @@ class InvalidConfigError(NodiError):
 class DurableWaitTimeoutError(NodiError):
     """An append was written but its fsync did not complete within the wait's timeout.
     The data may or may not become durable; the caller must not report it as durable."""
+
+
+class DuplicateSequenceError(NodiError):
+    """An idempotent producer re-sent a batch older than the ones the log remembers: it
+    was written before, but its offsets are no longer known."""
+
+
+class OutOfOrderSequenceError(NodiError):
+    """An idempotent producer's batch does not continue its sequence (a gap): an earlier
+    batch was lost in flight, so this one is refused rather than written out of order."""
+
+
+class InvalidProducerEpochError(NodiError):
+    """A batch from an older epoch of a producer id that has since moved on (a fenced
+    zombie producer)."""

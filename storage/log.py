@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .checkpoint import Checkpoint, clear_clean_shutdown, mark_clean_shutdown, write_checkpoint
+from .fileio import read_whole_file, write_file_atomically
+from .producers import SEQUENCE_MODULUS, SNAPSHOT_FILE, ProducerStateTable
 from .config import FsyncPolicy, LogConfig
 from .errors import (
     CorruptBatchError,
@@ -31,6 +33,7 @@ from .errors import (
     LogClosedError,
     LogReadOnlyError,
     OffsetOutOfRangeError,
+    OutOfOrderSequenceError,
     UnsupportedCompressionError,
 )
 from .fileio import OS_FILE_SYSTEM, File, FileSystem
@@ -55,6 +58,9 @@ class AppendResult:
     batch_count: int
     byte_count: int
     log_append_time_ms: int
+    # An idempotent producer's retry of batches already in the log: nothing was written
+    # and the offsets are the originals.
+    duplicate: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +161,8 @@ class Log:
         self._fsyncs = 0
         self._fsync_covered_appends = 0
         self._appends_since_fsync = 0
+        self._readable_listeners: list[Callable[[], None]] = []
+        self._producers = self._load_producer_state()
         self._flusher: threading.Thread | None = None
         if config.fsync_policy is not FsyncPolicy.NEVER:
             self._flusher = threading.Thread(
@@ -224,6 +232,11 @@ class Log:
         with self._lock:
             self._check_writable()
             now_ms = self._clock_ms()
+            duplicates = self._check_producers_locked(batches)
+            if duplicates is not None:
+                return AppendResult(
+                    duplicates[0].first_offset, duplicates[-1].last_offset, len(batches), 0, now_ms, duplicate=True
+                )
             active = self._segments[-1]
             record_count = sum(header.last_offset_delta + 1 for _, header in batches)
             if active.size and (
@@ -247,6 +260,7 @@ class Log:
             interval = self.config.index_interval_bytes
             for batch_position, header in placed:
                 active.note_batch(batch_position, header, interval)
+                self._producers.record(header, now_ms)
             active.verified_bytes = active.size
             self._next_offset = base_offset
             self._appends += 1
@@ -254,7 +268,75 @@ class Log:
             self._appended_bytes += len(view)
             if self._flusher is not None:
                 self._condition.notify_all()
+        if self.config.fsync_policy is not FsyncPolicy.ALWAYS:
+            self._notify_readable()
         return AppendResult(first_offset, base_offset - 1, len(batches), len(view), now_ms)
+
+    def _check_producers_locked(self, batches: list[tuple[int, BatchHeader]]) -> list | None:
+        """The remembered originals when every batch is an idempotent retry; None when
+        all are new. Raises for fenced epochs, sequence gaps, or a mix of both."""
+        found = []
+        # producer id -> (its previous batch in this append, whether that was a retry)
+        previous: dict[int, tuple[BatchHeader, bool]] = {}
+        for _, header in batches:
+            before, retried = previous.get(header.producer_id, (None, False))
+            if header.producer_id < 0:
+                found.append(None)
+            elif before is None or retried:
+                found.append(self._producers.check(header))
+            else:
+                expected = (before.base_sequence + before.last_offset_delta + 1) % SEQUENCE_MODULUS
+                if header.producer_epoch != before.producer_epoch or header.base_sequence != expected:
+                    raise OutOfOrderSequenceError(
+                        f"producer {header.producer_id}: batches in one append do not continue each other"
+                    )
+                found.append(None)
+            previous[header.producer_id] = (header, found[-1] is not None)
+        if all(entry is None for entry in found):
+            return None
+        if any(entry is None for entry in found):
+            raise OutOfOrderSequenceError("an append mixes already-written and new idempotent batches")
+        return found
+
+    # -- producer state (derived from the log, I6) -----------------------------------
+
+    def _load_producer_state(self) -> ProducerStateTable:
+        """The snapshot, if it describes a prefix of this log, plus the batch headers
+        after it; otherwise every batch header of the log."""
+        data = read_whole_file(self.fs, os.path.join(self.directory, SNAPSHOT_FILE))
+        loaded = None if data is None else ProducerStateTable.decode_snapshot(data)
+        if loaded is not None and self.log_start_offset <= loaded[0] <= self._next_offset:
+            offset, table = loaded
+        else:
+            offset, table = self.log_start_offset, ProducerStateTable()
+        for segment in self._segments:
+            if segment.next_offset <= offset and segment is not self._segments[-1]:
+                continue
+            start = segment.position_floor(offset) if offset > segment.base_offset else 0
+            for batch in BatchScanner(segment.open_file(), start, segment.size, verify=False, limits=self.config.limits):
+                if batch.header.last_offset >= offset and batch.header.producer_id >= 0:
+                    table.record(batch.header, self._clock_ms())
+        return table
+
+    def _write_producer_snapshot_locked(self) -> None:
+        write_file_atomically(
+            self.fs, os.path.join(self.directory, SNAPSHOT_FILE), self._producers.encode_snapshot(self._next_offset)
+        )
+
+    # -- readers waiting for data ---------------------------------------------------
+
+    def add_readable_listener(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` (from any thread) whenever readable_end_offset may have
+        grown: a server wakes its long-polling fetches with it. Keep it cheap."""
+        self._readable_listeners.append(callback)
+
+    def remove_readable_listener(self, callback: Callable[[], None]) -> None:
+        if callback in self._readable_listeners:
+            self._readable_listeners.remove(callback)
+
+    def _notify_readable(self) -> None:
+        for callback in list(self._readable_listeners):
+            callback()
 
     def _check_writable(self) -> None:
         if self._closed:
@@ -369,6 +451,7 @@ class Log:
         for future in ready:
             if not future.done():
                 future.set_result(None)
+        self._notify_readable()
 
     def _fail_locked(self, error: LogReadOnlyError) -> None:
         """I9: sticky read-only; every waiter fails; the flusher stops."""
@@ -413,6 +496,7 @@ class Log:
             self._active_since_ms = now_ms
             # Everything up to the new segment is now synced (I5).
             write_checkpoint(self.fs, self.directory, Checkpoint(fresh.base_offset, self.log_start_offset))
+            self._write_producer_snapshot_locked()
         except OSError as error:  # a failed write or fsync is final (I9)
             self._fail_locked(LogReadOnlyError(f"rolling to {fresh.log_path} failed: {error}"))
             raise self._error from error
@@ -423,6 +507,7 @@ class Log:
                 ready.append(heapq.heappop(self._waiters)[2])
             for future in ready:
                 future.set_result(None)
+            self._notify_readable()
 
     def apply_retention(self, now_ms: int | None = None) -> list[DeletedSegment]:
         """Delete whole sealed segments past retention_ms (by their largest timestamp) or
@@ -450,9 +535,11 @@ class Log:
                 total -= oldest.size
                 deleted.append(DeletedSegment(oldest.base_offset, oldest.next_offset, oldest.size, reason))
             if deleted:
+                # The durable offset, not the active base: a clean close may already have
+                # put the recovery point past the active base, and it never moves back (I5).
                 try:
                     write_checkpoint(
-                        self.fs, self.directory, Checkpoint(self._segments[-1].base_offset, self.log_start_offset)
+                        self.fs, self.directory, Checkpoint(self._durable_offset, self.log_start_offset)
                     )
                 except OSError as error:  # a failed write or fsync is final (I9)
                     self._fail_locked(LogReadOnlyError(f"checkpoint of {self.directory} failed: {error}"))
@@ -481,6 +568,8 @@ class Log:
                 break
             piece = self._read_segment(segment, size, offset, end, budget, first=not slices)
             if piece is None:
+                if slices:
+                    break  # the next batch does not fit: never skip it for a later one
                 continue
             slices.append(piece)
             budget -= piece.length
@@ -613,6 +702,7 @@ class Log:
                 self._sync_segment(active)
                 self._advance_durable(self._next_offset)
                 active.write_indexes()
+                self._write_producer_snapshot_locked()
                 write_checkpoint(self.fs, self.directory, Checkpoint(self._next_offset, self.log_start_offset))
                 mark_clean_shutdown(self.fs, self.directory)
             except OSError as error:
