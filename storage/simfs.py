@@ -32,6 +32,8 @@ sync() (of a path ending in `path_endswith`) raise OSError(EIO). A failed sync f
 the pending writes: they stay readable but will never become durable, and a later sync
 "succeeds" without them, as Linux does after an fsync error. With `quota_bytes` set, a
 write that would take the files past it writes what fits, then raises OSError(ENOSPC).
+For assertions, read_bytes(path) shows a file's content and sync_attempts(path) counts
+the fsyncs of the file now at `path`, failed ones included.
 """
 
 from __future__ import annotations
@@ -162,7 +164,8 @@ class SimulatedFileSystem:
         self._generation = 0
         self._halted = False
         self._halt_at: int | None = None
-        self._faults: dict[str, list] = {}  # "write"/"sync" -> [countdown, path suffix, before_raise]
+        # "write" / "sync" -> [countdown, path suffix, before_raise]
+        self._faults: dict[str, list] = {}
         self.quota_bytes = quota_bytes
         self.mutating_calls = 0
         self.crashes = 0
@@ -299,9 +302,8 @@ class SimulatedFileSystem:
             self._check_power(mutating=False, path=path)
             if path not in self._directories:
                 raise _fault("no such directory", errno.ENOENT, path)
-            names = [os.path.basename(name) for name in self._names if os.path.dirname(name) == path]
-            names += [os.path.basename(name) for name in self._directories if os.path.dirname(name) == path != name]
-            return sorted(names)
+            entries = [*self._names, *(name for name in self._directories if name != path)]
+            return sorted(os.path.basename(name) for name in entries if os.path.dirname(name) == path)
 
     def exists(self, path: str) -> bool:
         path = os.path.normpath(path)

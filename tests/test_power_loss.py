@@ -11,6 +11,7 @@ truncated what it dropped and reported it (first_lost_offset), keep deletions cr
 
 from __future__ import annotations
 
+import errno
 import random
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ import pytest
 from nodi.storage.config import LogConfig
 from nodi.storage.errors import NodiError
 from nodi.storage.log import Log
-from nodi.storage.records import NewRecord, build_batch, decode_batches
+from nodi.storage.records import Compression, NewRecord, build_batch, decode_batches
 from nodi.storage.segment import BatchScanner, parse_segment_name
 from nodi.storage.simfs import CRASH_MODES, SimulatedFileSystem
 
@@ -78,7 +79,7 @@ def check_files(fs: SimulatedFileSystem, log: Log) -> None:
     assert bases == [segment.base_offset for segment in log.segments]
     assert not [name for name in names if name.endswith((".tmp", ".deleted"))]
     for segment in log.segments:
-        assert segment.base_offset == expected, f"segment {segment.base_offset} does not start at {expected} (I1, I3)"
+        assert segment.base_offset == expected, f"segment {segment.base_offset}, expected {expected} (I1, I3)"
         file = fs.open(segment.log_path)
         starts = {}
         max_timestamp = -1
@@ -98,7 +99,7 @@ def check_indexes(segment, starts: dict[int, int], max_timestamp: int, *, sealed
     entries = segment.index.entries()
     assert entries == sorted(set(entries))
     for relative_offset, position in entries:
-        assert starts.get(position) == segment.base_offset + relative_offset, "index entry not a batch start (I7)"
+        assert starts.get(position) == segment.base_offset + relative_offset, "not a batch start (I7)"
     times = segment.time_index.entries()
     assert [timestamp for timestamp, _ in times] == sorted({timestamp for timestamp, _ in times})
     assert [offset for _, offset in times] == sorted(offset for _, offset in times)
@@ -136,7 +137,8 @@ class Round:
         first = self.log.next_offset
         del self.model.records[first:]
         self.model.records.extend(as_expected(first + number, record) for number, record in enumerate(records))
-        result = self.log.append(build_batch(records))
+        compression = Compression.GZIP if self.rng.random() < 0.2 else Compression.NONE
+        result = self.log.append(build_batch(records, compression=compression))
         assert result.first_offset == first
         if self.policy == "always":
             self.model.acknowledge(result.last_offset + 1)  # G1, I8
@@ -274,3 +276,61 @@ def test_unsynced_namespace_changes_are_undone_F4() -> None:
     fs.sync_directory("/d")
     fs.crash(random.Random(0), "drop")
     assert fs.list_directory("/d") == []
+
+
+def test_failed_sync_drops_the_unsynced_writes_for_good_F7() -> None:
+    """The simulated disk after a failed fsync: the bytes stay readable, a later fsync
+    "succeeds", and a power loss still takes them (what a retry would have hidden)."""
+    fs = SimulatedFileSystem()
+    fs.make_directory("/d")
+    file = fs.open("/d/f", create=True)
+    fs.sync_directory("/d")
+    file.pwritev([b"synced"], 0)
+    file.sync()
+    file.pwritev([b"-dropped"], 6)
+    fs.fail_sync(1)
+    with pytest.raises(OSError):
+        file.sync()
+    assert file.pread(100, 0) == b"synced-dropped"
+    file.sync()  # the retry that must never be trusted
+    fs.crash(random.Random(0), "reorder")
+    assert fs.read_bytes("/d/f") == b"synced"
+
+
+def test_quota_writes_what_fits_then_ENOSPC_F8() -> None:
+    fs = SimulatedFileSystem(quota_bytes=10)
+    fs.make_directory("/d")
+    file = fs.open("/d/f", create=True)
+    file.pwritev([b"1234"], 0)
+    with pytest.raises(OSError) as raised:
+        file.pwritev([b"abcdefgh"], 4)
+    assert raised.value.errno == errno.ENOSPC
+    assert fs.read_bytes("/d/f") == b"1234abcdef"
+    file.pwritev([b"XY"], 0)  # overwriting takes no space
+    file.truncate(4)
+    file.pwritev([b"56"], 4)
+    assert fs.read_bytes("/d/f") == b"XY3456"
+
+
+@pytest.mark.parametrize("mode", CRASH_MODES)
+def test_crash_touches_only_unsynced_bytes_F1_F2_F3(mode: str) -> None:
+    """Whatever the mode, synced bytes survive intact; the rest is a torn, reordered or
+    garbled version of the unsynced writes, never longer than what was written."""
+    for seed in range(50):
+        rng = random.Random(seed)
+        fs = SimulatedFileSystem()
+        fs.make_directory("/d")
+        file = fs.open("/d/f", create=True)
+        fs.sync_directory("/d")
+        synced = rng.randbytes(rng.randint(0, 50))
+        file.pwritev([synced], 0)
+        file.sync()
+        unsynced = [rng.randbytes(rng.randint(1, 40)) for _ in range(rng.randint(1, 4))]
+        for chunk in unsynced:
+            file.pwritev([chunk], file.size())
+        fs.crash(rng, mode)
+        after = fs.read_bytes("/d/f")
+        assert after[: len(synced)] == synced
+        assert len(after) <= len(synced) + sum(map(len, unsynced))
+        if mode == "drop":
+            assert after == (synced + b"".join(unsynced))[: len(after)]

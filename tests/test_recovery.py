@@ -17,7 +17,7 @@ import threading
 
 import pytest
 
-from nodi.storage.checkpoint import CHECKPOINT_FILE, CLEAN_SHUTDOWN_FILE, encode_checkpoint, Checkpoint
+from nodi.storage.checkpoint import CHECKPOINT_FILE, CLEAN_SHUTDOWN_FILE, Checkpoint, encode_checkpoint
 from nodi.storage.config import LogConfig
 from nodi.storage.errors import CorruptSegmentError, DiskFullError, LogReadOnlyError, NodiError
 from nodi.storage.fileio import OS_FILE_SYSTEM
@@ -42,8 +42,9 @@ CONFIG = make_config()
 
 def records_for(number: int) -> list[NewRecord]:
     rng = random.Random(number)
+    timestamp_ms = BASE_TIMESTAMP_MS + 10 * number
     return [
-        NewRecord(f"key-{number}-{index}".encode(), rng.randbytes(rng.randint(20, 200)), (), BASE_TIMESTAMP_MS + 10 * number + index)
+        NewRecord(f"key-{number}-{index}".encode(), rng.randbytes(rng.randint(20, 200)), (), timestamp_ms + index)
         for index in range(rng.randint(1, 4))
     ]
 
@@ -61,10 +62,10 @@ def append_batch(log: Log, number: int, compression: Compression = Compression.N
     return expected_of(result.first_offset, records)
 
 
-def write_log(directory, config: LogConfig = CONFIG, compression: Compression = Compression.NONE) -> list[tuple]:
+def write_log(directory, compression: Compression = Compression.NONE) -> list[tuple]:
     """A cleanly closed log of BATCH_COUNT batches over several segments."""
     expected: list[tuple] = []
-    with Log.open(str(directory), config) as log:
+    with Log.open(str(directory), CONFIG) as log:
         for number in range(BATCH_COUNT):
             expected += append_batch(log, number, compression)
         assert len(log.segments) >= 4
@@ -81,6 +82,10 @@ def read_all(log: Log) -> list[tuple]:
                 found.append((record.offset, record.timestamp_ms, record.key, record.value, record.headers))
         offset = result.next_offset
     return found
+
+
+def before(expected: list[tuple], offset: int) -> list[tuple]:
+    return [record for record in expected if record[0] < offset]
 
 
 def log_paths(directory) -> list[str]:
@@ -108,14 +113,14 @@ def flip_bit(path: str, position: int, bit: int) -> None:
         file.write(bytes([byte ^ (1 << bit)]))
 
 
-def check_append_and_reopen(directory, log: Log, expected: list[tuple], config: LogConfig = CONFIG) -> None:
+def check_append_and_reopen(directory, log: Log, expected: list[tuple]) -> None:
     """After recovery: an append lands at the recovered end, and a clean reopen holds
     exactly the recovered prefix plus it."""
     assert read_all(log) == expected
     expected = expected + append_batch(log, 1000)
     assert expected[-1][0] == log.next_offset - 1
     log.close()
-    with Log.open(str(directory), config) as reopened:
+    with Log.open(str(directory), CONFIG) as reopened:
         assert not reopened.recovery_report.lost_anything
         assert read_all(reopened) == expected
 
@@ -125,12 +130,13 @@ def check_append_and_reopen(directory, log: Log, expected: list[tuple], config: 
 
 def torn_cuts(start: int, end: int) -> list[int]:
     """Every byte of the batch header, then a sample of the records."""
-    return sorted(set(range(start, min(end, start + BATCH_HEADER_BYTES + 1))) | set(range(start, end, 23)) | {end - 1})
+    header = range(start, min(end, start + BATCH_HEADER_BYTES + 1))
+    return sorted({*header, *range(start, end, 23), end - 1})
 
 
 @pytest.mark.parametrize("compression", [Compression.NONE, Compression.GZIP])
 @pytest.mark.parametrize("marker", ["clean-shutdown-marker", "no-marker"])
-def test_torn_tail_is_truncated_and_reported_F2_I2_G3(tmp_path, marker: str, compression: Compression) -> None:
+def test_torn_tail_is_truncated_and_reported_F2_I2_G3(tmp_path, marker, compression) -> None:
     """A tail cut inside the last batch, with or without the clean-shutdown marker (the
     marker must not make recovery trust a torn tail): truncated at the batch start,
     reported from its base offset, and the next append takes that offset."""
@@ -139,7 +145,7 @@ def test_torn_tail_is_truncated_and_reported_F2_I2_G3(tmp_path, marker: str, com
     active = log_paths(pristine)[-1]
     last = batches_in(active)[-1]
     lost_from = last.header.base_offset
-    kept = [record for record in expected if record[0] < lost_from]
+    kept = before(expected, lost_from)
     for cut in torn_cuts(last.position, last.position + last.header.size):
         directory = tmp_path / f"cut-{cut}"
         shutil.copytree(pristine, directory)
@@ -198,7 +204,7 @@ def flip_position(batch, first: int, size: int, high: bool) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize(("field", "first", "size", "high"), FLIPS)
-def test_bit_flip_in_active_segment_is_truncated_there_F3_I2_I3_G3(tmp_path, field, first, size, high) -> None:
+def test_bit_flip_in_active_segment_is_truncated_there_F3_I2_I3_G3(tmp_path, field, first, size, high):
     """Unclean start: the active segment is rescanned; a flip in any header field of a
     batch in its middle truncates the log at that batch and reports it."""
     expected = write_log(tmp_path)
@@ -217,11 +223,11 @@ def test_bit_flip_in_active_segment_is_truncated_there_F3_I2_I3_G3(tmp_path, fie
     assert report.last_lost_offset is None or report.last_lost_offset >= lost_from
     if field in CRC_DETECTED:
         assert report.last_lost_offset == expected[-1][0]
-    check_append_and_reopen(tmp_path, log, [record for record in expected if record[0] < lost_from])
+    check_append_and_reopen(tmp_path, log, before(expected, lost_from))
 
 
 @pytest.mark.parametrize(("field", "first", "size", "high"), FLIPS)
-def test_bit_flip_in_last_batch_with_clean_marker_is_truncated_F3_I2_G3(tmp_path, field, first, size, high) -> None:
+def test_bit_flip_in_last_batch_with_clean_marker_is_truncated_F3_I2_G3(tmp_path, field, first, size, high):
     """The clean-shutdown marker does not vouch for a tail that fails its checks."""
     expected = write_log(tmp_path)
     active = log_paths(tmp_path)[-1]
@@ -233,12 +239,12 @@ def test_bit_flip_in_last_batch_with_clean_marker_is_truncated_F3_I2_G3(tmp_path
     assert log.next_offset == lost_from
     assert log.recovery_report.first_lost_offset == lost_from
     assert os.path.getsize(active) == victim.position
-    check_append_and_reopen(tmp_path, log, [record for record in expected if record[0] < lost_from])
+    check_append_and_reopen(tmp_path, log, before(expected, lost_from))
 
 
 @pytest.mark.parametrize("marker", ["clean-shutdown-marker", "no-marker"])
 @pytest.mark.parametrize(("field", "first", "size", "high"), FLIPS)
-def test_bit_flip_in_sealed_segment_is_reported_never_served_G4_I12(tmp_path, field, first, size, high, marker) -> None:
+def test_bit_flip_in_sealed_segment_is_reported_never_served_G4_I12(tmp_path, field, first, size, high, marker):
     """A flip in a sealed segment below the recovery point is not found at open (no
     rescan) and not truncated; a read that reaches it raises CorruptSegmentError naming
     the file and position; the batches before it and every other segment still read."""
@@ -269,8 +275,7 @@ def test_bit_flip_in_sealed_segment_is_reported_never_served_G4_I12(tmp_path, fi
                 assert error.path == sealed and error.position in noticed_at
                 continue
             assert offset not in bad, f"offset {offset} of the damaged batch was served"
-            got = [(r.offset, r.timestamp_ms, r.key, r.value, r.headers) for r in decode_batches(result.to_bytes())]
-            got = [record for record in got if record[0] >= offset]
+            got = [record[:5] for record in decode_batches(result.to_bytes()) if record.offset >= offset]
             want = [record for record in expected if record[0] >= offset]
             assert got and got == want[: len(got)], f"read at {offset} served wrong records"
         assert victim_segment_base(sealed) in log.statistics().corrupt_segments
@@ -349,7 +354,7 @@ def check_indexes_on_disk(directory) -> None:
 @pytest.mark.parametrize("segment", ["sealed", "active"])
 @pytest.mark.parametrize("kind", ["missing", "torn", "empty", "zeroed", "garbage", "last-entry-shifted"])
 @pytest.mark.parametrize("suffix", [".index", ".timeindex"])
-def test_damaged_index_is_rebuilt_and_reads_stay_correct_I6_I7(tmp_path, suffix, kind, segment, marker) -> None:
+def test_damaged_index_is_rebuilt_and_reads_stay_correct_I6_I7(tmp_path, suffix, kind, segment, marker):
     """A missing or damaged .index/.timeindex never makes a read wrong: every offset and
     every timestamp lookup still answers from the .log, and what is on disk after the
     next clean close satisfies I7 again."""
@@ -430,7 +435,7 @@ def test_stale_checkpoint_with_torn_tail_F2_I5_I6(tmp_path) -> None:
     log = Log.open(str(tmp_path), CONFIG)
     assert log.recovery_report.first_lost_offset == last.header.base_offset
     assert log.recovery_report.scanned_segments >= 2
-    check_append_and_reopen(tmp_path, log, [record for record in expected if record[0] < last.header.base_offset])
+    check_append_and_reopen(tmp_path, log, before(expected, last.header.base_offset))
 
 
 @pytest.mark.parametrize(
@@ -460,7 +465,7 @@ def test_checkpoint_beyond_the_log_is_not_believed_I6(tmp_path) -> None:
     os.truncate(active, last.position + 20)
     log = Log.open(str(tmp_path), CONFIG)
     assert log.recovery_report.first_lost_offset == last.header.base_offset
-    check_append_and_reopen(tmp_path, log, [record for record in expected if record[0] < last.header.base_offset])
+    check_append_and_reopen(tmp_path, log, before(expected, last.header.base_offset))
 
 
 # -- leftovers (I10, I11) --------------------------------------------------------------
@@ -480,7 +485,8 @@ def test_leftover_tmp_deleted_cleaned_files_are_removed_I10_I11(tmp_path, marker
     # The oldest segment was being deleted by retention: renamed, not yet unlinked.
     for suffix in (".log", ".index", ".timeindex"):
         os.rename(stem + suffix, stem + suffix + ".deleted")
-    expected = [record for record in expected if record[0] >= batches_in(log_paths(tmp_path)[0])[0].header.base_offset]
+    new_start = batches_in(log_paths(tmp_path)[0])[0].header.base_offset
+    expected = [record for record in expected if record[0] >= new_start]
     leftovers = [
         CHECKPOINT_FILE + ".tmp",
         CLEAN_SHUTDOWN_FILE + ".tmp",
@@ -492,7 +498,8 @@ def test_leftover_tmp_deleted_cleaned_files_are_removed_I10_I11(tmp_path, marker
         (tmp_path / name).write_bytes(os.urandom(40))
     log = Log.open(str(tmp_path), CONFIG)
     removed = set(log.recovery_report.removed_files)
-    assert removed >= set(leftovers) | {os.path.basename(stem) + suffix + ".deleted" for suffix in (".log", ".index", ".timeindex")}
+    retired = {os.path.basename(stem) + suffix + ".deleted" for suffix in (".log", ".index", ".timeindex")}
+    assert removed >= set(leftovers) | retired
     names = os.listdir(tmp_path)
     assert not [name for name in names if name.endswith((".tmp", ".deleted", ".cleaned"))]
     assert not [name for name in names if name.startswith("99999999999999999999")]
@@ -540,6 +547,28 @@ def test_failed_fsync_is_sticky_and_never_retried_I9_F7(policy: str) -> None:
     with Log.open(SIM_DIRECTORY, config, fs=fs) as reopened:
         assert reopened.next_offset >= acknowledged
         assert read_all(reopened) == expected[: reopened.next_offset]
+
+
+def test_failed_write_is_sticky_I9() -> None:
+    """A write that fails with EIO (not a cleanly undone ENOSPC) makes the log read-only;
+    nothing of the failed append is served, before or after a reopen."""
+    fs = SimulatedFileSystem()
+    config = make_config("always")
+    log = Log.open(SIM_DIRECTORY, config, fs=fs)
+    expected: list[tuple] = []
+    for number in range(3):
+        expected += append_batch(log, number)
+    fs.fail_write(1, path_endswith=".log")
+    with pytest.raises(LogReadOnlyError):
+        append_batch(log, 3)
+    with pytest.raises(LogReadOnlyError):
+        append_batch(log, 4)
+    assert read_all(log) == expected
+    log.close()
+    with Log.open(SIM_DIRECTORY, config, fs=fs) as reopened:
+        assert read_all(reopened) == expected
+        expected += append_batch(reopened, 5)
+        assert read_all(reopened) == expected
 
 
 @pytest.mark.parametrize("racer", ["flush", "roll", "close"])
@@ -612,7 +641,8 @@ def test_any_failed_fsync_leaves_the_log_read_only_I9_F7(path_endswith: str, nth
     for name, count in counts.items():
         assert fs.sync_attempts(f"{SIM_DIRECTORY}/{name}") == count, f"{name} synced after a failed fsync"
     with Log.open(SIM_DIRECTORY, config, fs=fs) as reopened:
-        assert [r[0] for r in read_all(reopened)] == list(range(reopened.log_start_offset, reopened.next_offset))
+        offsets = [record[0] for record in read_all(reopened)]
+        assert offsets == list(range(reopened.log_start_offset, reopened.next_offset))
 
 
 @pytest.mark.parametrize("policy", ["always", "never"])
