@@ -33,13 +33,41 @@ def main(
 
 
 @app.command()
-def serve() -> None:
-    """Start the broker (the network server is not built yet)."""
-    typer.echo(
-        "nodi serve: the network broker is not built yet (issue 3).\n"
-        "What exists today: the storage engine (nodi.storage) and `nodi segments "
-        "list|dump|verify|recover` for inspecting and repairing a data directory."
-    )
+def serve(
+    data_dir: str = typer.Option(None, "--data-dir", help="Where logs and metadata live (default: ./nodi-data)."),
+    host: str = typer.Option(None, "--host", help="Address to listen on (default: 127.0.0.1)."),
+    port: int = typer.Option(None, "--port", help="TCP port for clients; 0 picks a free one (default: 6634)."),
+    metrics_port: int = typer.Option(
+        None, "--metrics-port", help="Prometheus endpoint port; 0 picks a free one, -1 disables (default: 6635)."
+    ),
+    config: str = typer.Option(None, "--config", help="A TOML file of settings with server, topic_defaults and protocol tables."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the effective settings as JSON and exit."),
+) -> None:
+    """Run the broker until SIGTERM or SIGINT (a clean shutdown: the next start needs
+    no recovery). Settings: defaults < --config file < NODI_* environment < flags."""
+    import json
+    import logging
+
+    from nodi.broker.config import load_config
+    from nodi.broker.server import run
+    from nodi.storage.errors import NodiError
+
+    try:
+        settings = load_config(
+            config, data_dir=data_dir, host=host, port=port, metrics_port=metrics_port
+        )
+    except NodiError as error:
+        typer.echo(f"nodi serve: {error}", err=True)
+        raise typer.Exit(2) from None
+    if print_config:
+        typer.echo(json.dumps(settings.to_dict(), indent=2, sort_keys=True, default=str))
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        run(settings, announce=lambda line: typer.echo(line))
+    except OSError as error:
+        typer.echo(f"nodi serve: {error}", err=True)
+        raise typer.Exit(1) from None
 
 
 if __name__ == "__main__":

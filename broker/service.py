@@ -1,0 +1,331 @@
+"""What the broker does for each request, apart from connections and bytes.
+
+`Broker.handle(request)` returns a Reply: a response message, plus the file slices to
+send after it for a fetch (sendfile). Storage calls that may block on an fsync or a
+big read run in threads; cheap ones (an append's write to the page cache, header scans)
+run on the event loop. Every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from nodi.storage.config import FsyncPolicy
+from nodi.storage.errors import OffsetOutOfRangeError, UnknownTopicError
+from nodi.storage.log import FileSlice, Log
+from nodi.storage.metadata import TopicConfig
+from nodi.storage.records import parse_header
+from nodi.storage.store import Store
+
+from . import messages as m
+from .config import ServerConfig
+from .errors import ErrorCode, ProtocolError, error_code_for
+
+log = logging.getLogger("nodi.broker")
+
+# The fetch response header and frame overhead, kept out of the records budget so a
+# fetch response always fits in frame_bytes_max.
+FETCH_OVERHEAD_BYTES = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    response: m.Response
+    slices: tuple[FileSlice, ...] = ()
+
+    @property
+    def records_bytes(self) -> int:
+        return sum(piece.length for piece in self.slices)
+
+
+def error_reply(request: m.Request, error: BaseException) -> Reply:
+    """The request's own response type, carrying the error code and message."""
+    code = error_code_for(error)
+    message = error.message if isinstance(error, ProtocolError) else str(error)
+    response_type = m.API_BY_KEY[request.API_KEY].response
+    return Reply(response_type(request_id=request.request_id, error_code=code, error_message=message))
+
+
+class _PartitionWaiters:
+    """Fetches long-polling one partition: woken (on the loop) when its log's readable
+    end may have grown."""
+
+    def __init__(self) -> None:
+        self.futures: set[asyncio.Future] = set()
+
+    def wake(self) -> None:
+        for future in self.futures:
+            if not future.done():
+                future.set_result(None)
+        self.futures.clear()
+
+
+class Broker:
+    def __init__(self, store: Store, config: ServerConfig, coordinator=None) -> None:
+        self.store = store
+        self.config = config
+        self.coordinator = coordinator
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiters: dict[int, _PartitionWaiters] = {}  # id(log) -> waiters
+        self._listeners: dict[int, Callable[[], None]] = {}
+        self._producer_ids = itertools.count()
+        self._producer_id_base = int(time.time() * 1000) << 20
+        self.server_id = f"nodi-{self._producer_id_base:x}"
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        for _, _, partition_log in self.store.logs():
+            self._watch(partition_log)
+
+    def _watch(self, partition_log: Log) -> None:
+        key = id(partition_log)
+        if key in self._listeners:
+            return
+        waiters = self._waiters[key] = _PartitionWaiters()
+        loop = self._loop
+
+        def readable() -> None:  # any thread
+            if waiters.futures:
+                loop.call_soon_threadsafe(waiters.wake)
+
+        self._listeners[key] = readable
+        partition_log.add_readable_listener(readable)
+
+    def _unwatch(self, partition_log: Log) -> None:
+        callback = self._listeners.pop(id(partition_log), None)
+        if callback is not None:
+            partition_log.remove_readable_listener(callback)
+        waiters = self._waiters.pop(id(partition_log), None)
+        if waiters is not None:
+            waiters.wake()
+
+    # -- dispatch ---------------------------------------------------------------------
+
+    async def handle(self, request: m.Request) -> Reply:
+        handler = self._handlers.get(type(request))
+        try:
+            if handler is None:
+                raise ProtocolError(ErrorCode.UNKNOWN_API, f"{type(request).__name__} is not served here")
+            return await handler(self, request)
+        except ProtocolError as error:
+            return error_reply(request, error)
+        except Exception as error:  # every storage error becomes a typed code
+            if error_code_for(error) is ErrorCode.INTERNAL:
+                log.exception("internal error serving %s", type(request).__name__)
+            return error_reply(request, error)
+
+    # -- topics -------------------------------------------------------------------------
+
+    def _topic_config(self, settings: m.TopicSettings) -> TopicConfig:
+        base = self.config.topic_defaults
+
+        def pick(value: int, default):
+            return default if value == m.CONFIG_DEFAULT else value
+
+        def retention(value: int, default):
+            return None if value == m.RETENTION_UNLIMITED else pick(value, default)
+
+        config = TopicConfig(
+            partitions=pick(settings.partitions, base.partitions),
+            retention_ms=retention(settings.retention_ms, base.retention_ms),
+            retention_bytes=retention(settings.retention_bytes, base.retention_bytes),
+            cleanup_policy=settings.cleanup_policy or base.cleanup_policy,
+            fsync_policy=settings.fsync_policy or base.fsync_policy,
+            fsync_interval_ms=pick(settings.fsync_interval_ms, base.fsync_interval_ms),
+            segment_bytes=pick(settings.segment_bytes, base.segment_bytes),
+            segment_ms=pick(settings.segment_ms, base.segment_ms),
+        )
+        config.validate()
+        return config
+
+    @staticmethod
+    def _settings(config: TopicConfig) -> m.TopicSettings:
+        unlimited = m.RETENTION_UNLIMITED
+        return m.TopicSettings(
+            partitions=config.partitions,
+            retention_ms=unlimited if config.retention_ms is None else config.retention_ms,
+            retention_bytes=unlimited if config.retention_bytes is None else config.retention_bytes,
+            cleanup_policy=config.cleanup_policy,
+            fsync_policy=config.fsync_policy,
+            fsync_interval_ms=config.fsync_interval_ms,
+            segment_bytes=config.segment_bytes,
+            segment_ms=config.segment_ms,
+        )
+
+    async def _create_topic(self, request: m.CreateTopicRequest) -> Reply:
+        config = self._topic_config(request.settings)
+        await asyncio.to_thread(self.store.create_topic, request.name, config)
+        for partition in range(config.partitions):
+            self._watch(self.store.log(request.name, partition))
+        if self.coordinator is not None:
+            self.coordinator.on_topic_created(request.name)
+        return Reply(m.CreateTopicResponse(request_id=request.request_id, settings=self._settings(config)))
+
+    async def _delete_topic(self, request: m.DeleteTopicRequest) -> Reply:
+        config = self.store.topics().get(request.name)
+        if config is None:
+            raise UnknownTopicError(f"topic {request.name!r} does not exist")
+        for partition in range(config.partitions):
+            self._unwatch(self.store.log(request.name, partition))
+        await asyncio.to_thread(self.store.delete_topic, request.name)
+        if self.coordinator is not None:
+            self.coordinator.on_topic_deleted(request.name)
+        return Reply(m.DeleteTopicResponse(request_id=request.request_id))
+
+    async def _list_topics(self, request: m.ListTopicsRequest) -> Reply:
+        topics = [m.TopicSummary(name=name, partitions=config.partitions)
+                  for name, config in sorted(self.store.topics().items())]
+        return Reply(m.ListTopicsResponse(request_id=request.request_id, topics=topics))
+
+    async def _describe_topic(self, request: m.DescribeTopicRequest) -> Reply:
+        config = self.store.topics().get(request.name)
+        if config is None:
+            raise UnknownTopicError(f"topic {request.name!r} does not exist")
+        partitions = []
+        for number in range(config.partitions):
+            statistics = self.store.log(request.name, number).statistics()
+            partitions.append(m.PartitionState(
+                partition=number,
+                log_start_offset=statistics.log_start_offset,
+                log_end_offset=statistics.next_offset,
+                high_watermark=self.store.log(request.name, number).readable_end_offset,
+                size_bytes=statistics.byte_count,
+                segments=statistics.segment_count,
+            ))
+        return Reply(m.DescribeTopicResponse(
+            request_id=request.request_id, name=request.name, settings=self._settings(config), partitions=partitions
+        ))
+
+    def _log(self, topic: str, partition: int) -> Log:
+        config = self.store.topics().get(topic)
+        if config is None:
+            raise UnknownTopicError(f"topic {topic!r} does not exist")
+        if not 0 <= partition < config.partitions:
+            raise ProtocolError(ErrorCode.UNKNOWN_PARTITION, f"topic {topic!r} has no partition {partition}")
+        return self.store.log(topic, partition)
+
+    # -- produce and fetch ------------------------------------------------------------------
+
+    async def _produce(self, request: m.ProduceRequest) -> Reply:
+        partition_log = self._log(request.topic, request.partition)
+        result = partition_log.append_nowait(request.records)
+        if request.acks is m.Acks.DURABLE:
+            timeout_s = max(request.timeout_ms, 1) / 1000
+            if partition_log.config.fsync_policy is FsyncPolicy.NEVER:
+                await asyncio.wait_for(asyncio.to_thread(partition_log.flush), timeout_s)
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(partition_log.durable_future(result.last_offset)), timeout_s)
+            except TimeoutError:
+                raise ProtocolError(
+                    ErrorCode.NOT_DURABLE,
+                    f"written at offsets {result.first_offset}..{result.last_offset} but not fsynced within "
+                    f"{request.timeout_ms} ms",
+                ) from None
+        if request.acks is m.Acks.NONE:
+            return Reply(m.ProduceResponse(request_id=request.request_id))
+        return Reply(m.ProduceResponse(
+            request_id=request.request_id,
+            base_offset=result.first_offset,
+            last_offset=result.last_offset,
+            log_append_time_ms=result.log_append_time_ms,
+            log_start_offset=partition_log.log_start_offset,
+        ))
+
+    async def _fetch(self, request: m.FetchRequest) -> Reply:
+        partition_log = self._log(request.topic, request.partition)
+        budget = min(max(request.bytes_max, 1), self.config.protocol.frame_bytes_max - FETCH_OVERHEAD_BYTES)
+        wait_s = min(max(request.wait_ms, 0), self.config.fetch_wait_max_ms) / 1000
+        deadline = asyncio.get_running_loop().time() + wait_s
+        waiters = self._waiters.get(id(partition_log))
+        while True:
+            future = None
+            if waiters is not None and wait_s > 0:
+                future = asyncio.get_running_loop().create_future()
+                waiters.futures.add(future)  # before the read: no wakeup can be missed
+            result = partition_log.read(request.offset, budget)
+            remaining = deadline - asyncio.get_running_loop().time()
+            if result.byte_count >= max(request.min_bytes, 1) or remaining <= 0 or future is None:
+                if future is not None:
+                    waiters.futures.discard(future)
+                    future.cancel()
+                return self._fetch_reply(request, partition_log, result)
+            try:
+                await asyncio.wait_for(future, remaining)
+            except TimeoutError:
+                pass
+            finally:
+                waiters.futures.discard(future)
+            if id(partition_log) not in self._waiters:  # topic deleted while waiting
+                raise UnknownTopicError(f"topic {request.topic!r} was deleted")
+
+    def _fetch_reply(self, request: m.FetchRequest, partition_log: Log, result) -> Reply:
+        response = m.FetchResponse(
+            request_id=request.request_id,
+            high_watermark=result.end_offset,
+            log_start_offset=result.log_start_offset,
+        )
+        return Reply(response, result.slices)
+
+    async def _list_offsets(self, request: m.ListOffsetsRequest) -> Reply:
+        partition_log = self._log(request.topic, request.partition)
+        end = partition_log.readable_end_offset
+        timestamp = m.NO_OFFSET
+        if request.spec is m.OffsetSpec.EARLIEST:
+            offset = partition_log.log_start_offset
+        elif request.spec is m.OffsetSpec.LATEST:
+            offset = end
+        else:
+            found = await asyncio.to_thread(partition_log.offset_for_timestamp, request.timestamp_ms)
+            offset = end if found is None else found
+            timestamp = request.timestamp_ms if found is not None else m.NO_OFFSET
+        return Reply(m.ListOffsetsResponse(request_id=request.request_id, offset=offset, timestamp_ms=timestamp))
+
+    async def _init_producer_id(self, request: m.InitProducerIdRequest) -> Reply:
+        """Ids are unique without persistence: the server's start time in ms, shifted,
+        plus a counter. A known id asks for the next epoch, fencing older ones."""
+        if request.producer_id >= 0:
+            epoch = request.producer_epoch + 1
+            if epoch > 32767:
+                raise ProtocolError(ErrorCode.INVALID_PRODUCER_EPOCH, "epoch exhausted; ask for a new producer id")
+            return Reply(m.InitProducerIdResponse(
+                request_id=request.request_id, producer_id=request.producer_id, producer_epoch=epoch
+            ))
+        counter = next(self._producer_ids)
+        if counter >= 1 << 20:
+            self._producer_id_base = max(self._producer_id_base + (1 << 20), int(time.time() * 1000) << 20)
+            self._producer_ids = itertools.count(1)
+            counter = 0
+        return Reply(m.InitProducerIdResponse(
+            request_id=request.request_id, producer_id=self._producer_id_base + counter, producer_epoch=0
+        ))
+
+    # -- offsets a group has committed or could commit ---------------------------------------
+
+    def resolve_offset(self, topic: str, partition: int, spec: m.ResetSpec, offset: int, timestamp_ms: int) -> int:
+        partition_log = self._log(topic, partition)
+        if spec is m.ResetSpec.EARLIEST:
+            return partition_log.log_start_offset
+        if spec is m.ResetSpec.LATEST:
+            return partition_log.readable_end_offset
+        if spec is m.ResetSpec.OFFSET:
+            if not partition_log.log_start_offset <= offset <= partition_log.next_offset:
+                raise OffsetOutOfRangeError(offset, partition_log.log_start_offset, partition_log.next_offset)
+            return offset
+        found = partition_log.offset_for_timestamp(timestamp_ms)
+        return partition_log.readable_end_offset if found is None else found
+
+    _handlers = {
+        m.CreateTopicRequest: _create_topic,
+        m.DeleteTopicRequest: _delete_topic,
+        m.ListTopicsRequest: _list_topics,
+        m.DescribeTopicRequest: _describe_topic,
+        m.ProduceRequest: _produce,
+        m.FetchRequest: _fetch,
+        m.ListOffsetsRequest: _list_offsets,
+        m.InitProducerIdRequest: _init_producer_id,
+    }

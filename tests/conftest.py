@@ -1,0 +1,101 @@
+"""Shared fixtures: a real `nodi serve` process on 127.0.0.1, an ephemeral port and a
+temporary data directory, stopped by its pid."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+NODI = [sys.executable, "-m", "nodi.cli.main"]
+READY = re.compile(r"nodi listening on ([\d.]+):(\d+)")
+START_TIMEOUT_S = 30
+
+
+@dataclass
+class BrokerProcess:
+    """A `nodi serve` child process. start() waits for its 'listening' line."""
+
+    data_dir: str
+    extra_args: list[str] = field(default_factory=list)
+    process: subprocess.Popen | None = None
+    host: str = "127.0.0.1"
+    port: int = 0
+    output: list[str] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> BrokerProcess:
+        command = NODI + ["serve", "--data-dir", self.data_dir, "--port", str(self.port or 0), "--metrics-port", "-1"]
+        self.process = subprocess.Popen(
+            command + self.extra_args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                break
+            self.output.append(line)
+            found = READY.search(line)
+            if found:
+                self.host, self.port = found.group(1), int(found.group(2))
+                return self
+        self.kill()
+        raise RuntimeError("nodi serve did not start:\n" + "".join(self.output))
+
+    def stop(self, timeout_s: float = 15) -> int:
+        """SIGTERM by pid, then wait: a clean shutdown."""
+        if self.process is None:
+            return 0
+        os.kill(self.process.pid, signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        self.output.extend(self.process.stdout.read().splitlines(keepends=True))
+        self.process = None
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL by pid: a crash."""
+        if self.process is not None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=15)
+            self.process.stdout.close()
+            self.process = None
+
+
+@pytest.fixture
+def broker(tmp_path):
+    process = BrokerProcess(str(tmp_path / "data")).start()
+    yield process
+    if process.process is not None:
+        process.stop()
+
+
+@pytest.fixture
+def broker_factory(tmp_path):
+    started: list[BrokerProcess] = []
+
+    def make(data_dir: str | None = None, extra_args: list[str] | None = None) -> BrokerProcess:
+        process = BrokerProcess(data_dir or str(tmp_path / f"data{len(started)}"), extra_args or [])
+        started.append(process)
+        return process
+
+    yield make
+    for process in started:
+        if process.process is not None:
+            process.kill()

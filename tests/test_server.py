@@ -1,0 +1,139 @@
+"""The server against raw sockets: the protocol end to end, and bad input that never
+takes the server or another client down."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+
+from nodi.broker import messages as m
+from nodi.broker.errors import ErrorCode
+from nodi.broker.protocol import NEED_DATA, Connection, ConnectionClosed, Role
+from nodi.storage import records
+
+TIMEOUT_S = 10
+
+
+class RawClient:
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.socket = socket.create_connection(address, timeout=TIMEOUT_S)
+        self.connection = Connection(Role.CLIENT)
+
+    def call(self, request_type, **fields):
+        request = request_type(request_id=self.connection.next_request_id(), **fields)
+        self.socket.sendall(self.connection.send(request))
+        return self.next_message()
+
+    def next_message(self):
+        while True:
+            event = self.connection.next_event()
+            if event is not NEED_DATA:
+                return event
+            self.connection.receive_data(self.socket.recv(1 << 20))
+
+    def handshake(self) -> RawClient:
+        response = self.call(m.HandshakeRequest, client_id="raw")
+        assert response.error_code == ErrorCode.NONE
+        return self
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+def _address(broker) -> tuple[str, int]:
+    return broker.host, broker.port
+
+
+def _batch(*values: bytes) -> bytes:
+    return records.build_batch([records.NewRecord(None, value) for value in values])
+
+
+def test_produce_fetch_round_trip(broker):
+    client = RawClient(_address(broker)).handshake()
+    created = client.call(m.CreateTopicRequest, name="orders", settings=m.TopicSettings(partitions=2))
+    assert created.error_code == ErrorCode.NONE and created.settings.partitions == 2
+    produced = client.call(m.ProduceRequest, topic="orders", partition=1, records=_batch(b"a", b"b"))
+    assert (produced.base_offset, produced.last_offset) == (0, 1)
+    fetched = client.call(m.FetchRequest, topic="orders", partition=1, offset=0)
+    assert fetched.high_watermark == 2
+    assert [record.value for record in records.decode_batches(fetched.records)] == [b"a", b"b"]
+    described = client.call(m.DescribeTopicRequest, name="orders")
+    assert [p.log_end_offset for p in described.partitions] == [0, 2]
+    assert client.call(m.CreateTopicRequest, name="orders").error_code == ErrorCode.TOPIC_EXISTS
+    assert client.call(m.FetchRequest, topic="orders", partition=5, offset=0).error_code == ErrorCode.UNKNOWN_PARTITION
+    assert client.call(m.FetchRequest, topic="orders", partition=1, offset=99).error_code == ErrorCode.OFFSET_OUT_OF_RANGE
+    client.close()
+
+
+def test_long_poll_fetch_is_woken_by_a_produce(broker):
+    consumer = RawClient(_address(broker)).handshake()
+    producer = RawClient(_address(broker)).handshake()
+    producer.call(m.CreateTopicRequest, name="t")
+    request = m.FetchRequest(request_id=consumer.connection.next_request_id(), topic="t", partition=0, offset=0,
+                             wait_ms=20_000)
+    consumer.socket.sendall(consumer.connection.send(request))
+    producer.call(m.ProduceRequest, topic="t", partition=0, records=_batch(b"wake"))
+    fetched = consumer.next_message()  # returns long before wait_ms: the produce woke it
+    assert [record.value for record in records.decode_batches(fetched.records)] == [b"wake"]
+
+
+def test_bad_records_are_refused_and_nothing_is_written(broker):
+    client = RawClient(_address(broker)).handshake()
+    client.call(m.CreateTopicRequest, name="t")
+    good = _batch(b"x")
+    corrupt = good[:-1] + bytes([good[-1] ^ 0xFF])
+    assert client.call(m.ProduceRequest, topic="t", partition=0, records=corrupt).error_code == ErrorCode.INVALID_RECORDS
+    assert client.call(m.ProduceRequest, topic="t", partition=0, records=good + b"junk").error_code == ErrorCode.INVALID_RECORDS
+    assert client.call(m.ProduceRequest, topic="nope", partition=0, records=good).error_code == ErrorCode.UNKNOWN_TOPIC
+    assert client.call(m.ListOffsetsRequest, topic="t", partition=0).offset == 0
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        struct.pack(">I", 0xFFFFFFF0),  # oversize length prefix
+        struct.pack(">I", 3) + b"abc",  # shorter than a frame header
+        struct.pack(">I", 10) + bytes([9, 0]) + b"\x00" * 8,  # unknown frame kind
+    ],
+)
+def test_garbage_closes_only_that_connection(broker, garbage):
+    bystander = RawClient(_address(broker)).handshake()
+    bystander.call(m.CreateTopicRequest, name="still-here")
+    attacker = RawClient(_address(broker)).handshake()
+    attacker.socket.sendall(garbage)
+    closing = attacker.next_message()
+    assert isinstance(closing, m.ClosingEvent)
+    assert closing.error_code in (ErrorCode.FRAME_TOO_LARGE, ErrorCode.MALFORMED_FRAME)
+    assert attacker.socket.recv(1) == b""  # closed by the server
+    produced = bystander.call(m.ProduceRequest, topic="still-here", partition=0, records=_batch(b"ok"))
+    assert produced.error_code == ErrorCode.NONE
+
+
+def test_request_before_handshake_is_refused(broker):
+    client = RawClient(_address(broker))
+    client.connection = Connection(Role.CLIENT)
+    frame = m.ListTopicsRequest(request_id=1)
+    # Encode as if the handshake had happened, to get a well-formed frame.
+    shadow = Connection(Role.CLIENT)
+    shadow._state = shadow._state.__class__.READY
+    shadow.protocol_version = 1
+    client.socket.sendall(shadow.send(frame))
+    data = client.socket.recv(1 << 16)
+    server_view = Connection(Role.CLIENT)
+    server_view.receive_data(data)
+    event = server_view.next_event()
+    assert isinstance(event, (m.ClosingEvent, ConnectionClosed))
+    if isinstance(event, m.ClosingEvent):
+        assert event.error_code == ErrorCode.HANDSHAKE_REQUIRED
+
+
+def test_unknown_api_is_answered_and_the_connection_carries_on(broker):
+    client = RawClient(_address(broker)).handshake()
+    header = struct.pack(">BBHHI", 0, 0, 999, 1, 77)
+    client.socket.sendall(struct.pack(">I", len(header)) + header)
+    client.connection._in_flight[77] = (999, 1)  # so our decoder accepts the answer
+    answer = client.next_message()
+    assert answer.request_id == 77 and answer.error_code == ErrorCode.UNKNOWN_API
+    assert client.call(m.ListTopicsRequest).error_code == ErrorCode.NONE  # same connection
