@@ -25,6 +25,7 @@ from nodi.storage.store import Store
 
 from . import messages as m
 from .config import ServerConfig
+from .metrics import Metrics
 from .errors import ErrorCode, ProtocolError
 from .protocol import NEED_DATA, Connection, ConnectionClosed, RejectedRequest, Role, State, handshake_response
 from .service import Broker, Reply, error_reply
@@ -294,7 +295,8 @@ def run(config: ServerConfig, *, announce: Callable[[str], None] = print) -> Non
         uvloop = None
 
     async def main() -> None:
-        server = Server(config)
+        metrics = None if config.metrics_port < 0 else Metrics(config.host, config.metrics_port)
+        server = Server(config, metrics=metrics)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, server.stop)
@@ -302,6 +304,8 @@ def run(config: ServerConfig, *, announce: Callable[[str], None] = print) -> Non
         def ready(server: Server) -> None:
             host, port = server.address
             announce(f"nodi listening on {host}:{port} (data dir {os.path.abspath(config.data_dir)}, pid {os.getpid()})")
+            if metrics is not None:
+                announce(f"nodi metrics on http://{host}:{metrics.port}/metrics")
 
         await server.run(on_ready=ready)
 

@@ -15,6 +15,7 @@ import pytest
 
 NODI = [sys.executable, "-m", "nodi.cli.main"]
 READY = re.compile(r"nodi listening on ([\d.]+):(\d+)")
+METRICS = re.compile(r"nodi metrics on http://[\d.]+:(\d+)/metrics")
 START_TIMEOUT_S = 30
 
 
@@ -27,6 +28,8 @@ class BrokerProcess:
     process: subprocess.Popen | None = None
     host: str = "127.0.0.1"
     port: int = 0
+    metrics: bool = False
+    metrics_port: int | None = None
     output: list[str] = field(default_factory=list)
 
     @property
@@ -34,7 +37,8 @@ class BrokerProcess:
         return f"{self.host}:{self.port}"
 
     def start(self) -> BrokerProcess:
-        command = NODI + ["serve", "--data-dir", self.data_dir, "--port", str(self.port or 0), "--metrics-port", "-1"]
+        metrics_port = "0" if self.metrics else "-1"
+        command = NODI + ["serve", "--data-dir", self.data_dir, "--port", str(self.port or 0), "--metrics-port", metrics_port]
         self.process = subprocess.Popen(
             command + self.extra_args,
             stdout=subprocess.PIPE,
@@ -48,10 +52,15 @@ class BrokerProcess:
             if not line:
                 break
             self.output.append(line)
+            metrics = METRICS.search(line)
+            if metrics:
+                self.metrics_port = int(metrics.group(1))
+                return self
             found = READY.search(line)
             if found:
                 self.host, self.port = found.group(1), int(found.group(2))
-                return self
+                if not self.metrics:
+                    return self
         self.kill()
         raise RuntimeError("nodi serve did not start:\n" + "".join(self.output))
 

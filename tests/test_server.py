@@ -137,3 +137,23 @@ def test_unknown_api_is_answered_and_the_connection_carries_on(broker):
     answer = client.next_message()
     assert answer.request_id == 77 and answer.error_code == ErrorCode.UNKNOWN_API
     assert client.call(m.ListTopicsRequest).error_code == ErrorCode.NONE  # same connection
+
+
+def test_metrics_endpoint_reports_the_workload(broker_factory):
+    import urllib.request
+
+    process = broker_factory()
+    process.metrics = True
+    process.start()
+    client = RawClient((process.host, process.port)).handshake()
+    client.call(m.CreateTopicRequest, name="measured")
+    client.call(m.ProduceRequest, topic="measured", partition=0, records=_batch(b"a", b"b", b"c"))
+    client.call(m.ProduceRequest, topic="absent", partition=0, records=_batch(b"a"))
+    with urllib.request.urlopen(f"http://127.0.0.1:{process.metrics_port}/metrics", timeout=TIMEOUT_S) as page:
+        text = page.read().decode()
+    assert 'nodi_messages_in_total{topic="measured"} 3.0' in text
+    assert 'nodi_requests_total{api="produce",error="unknown_topic"} 1.0' in text
+    assert 'nodi_log_end_offset{partition="0",topic="measured"} 3.0' in text
+    assert "nodi_connections 1.0" in text
+    assert "nodi_request_latency_seconds_bucket" in text
+    process.stop()
