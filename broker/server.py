@@ -60,6 +60,7 @@ class ClientSession:
         self.connection = Connection(Role.SERVER, server.config.protocol)
         self._write_lock = asyncio.Lock()
         self.peer = writer.get_extra_info("peername")
+        self.client_id = ""
 
     async def run(self) -> None:
         try:
@@ -108,6 +109,7 @@ class ClientSession:
                 self.server.count_error(event.error_code)
                 await self._write(Reply(event.response()))
             elif isinstance(event, m.HandshakeRequest):
+                self.client_id = event.client_id
                 response = handshake_response(
                     event, server_id=self.server.broker.server_id, limits=self.server.config.announced_limits()
                 )
@@ -121,7 +123,7 @@ class ClientSession:
 
     async def _serve(self, request: m.Request) -> None:
         started = time.perf_counter()
-        reply = await self.server.broker.handle(request)
+        reply = await self.server.broker.handle(request, self.client_id)
         self.server.observe(request, reply, time.perf_counter() - started)
         await self._write(reply)
 
@@ -210,9 +212,9 @@ class Server:
         for line in self.store.open_report.lines():
             log.warning("%s", line)
         self.broker = Broker(self.store, self.config)
-        self.broker.attach(asyncio.get_running_loop())
         try:
             async with asyncio.TaskGroup() as tasks:
+                self.broker.attach(asyncio.get_running_loop(), tasks)
                 self._listener = await asyncio.start_server(
                     lambda reader, writer: self._accept(tasks, reader, writer),
                     self.config.host,

@@ -25,6 +25,7 @@ from nodi.storage.store import Store
 from . import messages as m
 from .config import ServerConfig
 from .errors import ErrorCode, ProtocolError, error_code_for
+from .groups import GroupCoordinator
 
 log = logging.getLogger("nodi.broker")
 
@@ -66,21 +67,72 @@ class _PartitionWaiters:
 
 
 class Broker:
-    def __init__(self, store: Store, config: ServerConfig, coordinator=None) -> None:
+    def __init__(self, store: Store, config: ServerConfig) -> None:
         self.store = store
         self.config = config
-        self.coordinator = coordinator
+        self.coordinator = GroupCoordinator(
+            store.metadata, self._partition_count, lambda: int(time.monotonic() * 1000)
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: asyncio.TaskGroup | None = None
+        # The metadata flush that staged offsets wait for (one per loop tick at most).
+        self._next_flush: asyncio.Future | None = None
+        self._flushing = False
         self._waiters: dict[int, _PartitionWaiters] = {}  # id(log) -> waiters
         self._listeners: dict[int, Callable[[], None]] = {}
         self._producer_ids = itertools.count()
         self._producer_id_base = int(time.time() * 1000) << 20
         self.server_id = f"nodi-{self._producer_id_base:x}"
 
-    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+    def attach(self, loop: asyncio.AbstractEventLoop, tasks: asyncio.TaskGroup) -> None:
+        """Start serving on `loop`; background work goes into `tasks`."""
         self._loop = loop
+        self._tasks = tasks
         for _, _, partition_log in self.store.logs():
             self._watch(partition_log)
+        tasks.create_task(self._expire_members())
+
+    def _partition_count(self, topic: str) -> int | None:
+        config = self.store.topics().get(topic)
+        return None if config is None else config.partitions
+
+    async def _expire_members(self) -> None:
+        """The group coordinator's timer: members whose session timed out leave."""
+        while True:
+            deadline = self.coordinator.next_deadline_ms()
+            now = int(time.monotonic() * 1000)
+            await asyncio.sleep(0.2 if deadline is None else min(max(deadline - now, 0), 200) / 1000)
+            for expired in self.coordinator.expire():
+                log.info("group %s: member %s timed out", expired.group, expired.member_id)
+
+    async def flush_metadata(self) -> None:
+        """Return once everything staged before the call is committed to LMDB. Callers
+        in the same loop tick share one flush (one fsync), run off the loop."""
+        if self._next_flush is None:
+            self._next_flush = self._loop.create_future()
+            if not self._flushing:
+                self._loop.call_soon(self._start_flush)
+        waiter = self._next_flush
+        await asyncio.wait_for(asyncio.shield(waiter), self.config.write_timeout_ms / 1000)
+
+    def _start_flush(self) -> None:
+        if self._next_flush is None:
+            return
+        waiter, self._next_flush = self._next_flush, None
+        self._flushing = True
+        self._tasks.create_task(self._flush(waiter))
+
+    async def _flush(self, waiter: asyncio.Future) -> None:
+        try:
+            await asyncio.to_thread(self.store.metadata.flush)
+            waiter.set_result(None)
+        except Exception as error:  # reported to every commit waiting on it
+            waiter.set_exception(error)
+            waiter.exception()  # retrieved: no "never retrieved" noise if all gave up
+        finally:
+            self._flushing = False
+            if self._next_flush is not None:
+                self._start_flush()
 
     def _watch(self, partition_log: Log) -> None:
         key = id(partition_log)
@@ -106,11 +158,13 @@ class Broker:
 
     # -- dispatch ---------------------------------------------------------------------
 
-    async def handle(self, request: m.Request) -> Reply:
+    async def handle(self, request: m.Request, client_id: str = "") -> Reply:
         handler = self._handlers.get(type(request))
         try:
             if handler is None:
                 raise ProtocolError(ErrorCode.UNKNOWN_API, f"{type(request).__name__} is not served here")
+            if type(request) is m.JoinGroupRequest:
+                return await self._join_group(request, client_id)
             return await handler(self, request)
         except ProtocolError as error:
             return error_reply(request, error)
@@ -162,8 +216,7 @@ class Broker:
         await asyncio.to_thread(self.store.create_topic, request.name, config)
         for partition in range(config.partitions):
             self._watch(self.store.log(request.name, partition))
-        if self.coordinator is not None:
-            self.coordinator.on_topic_created(request.name)
+        self.coordinator.on_topic_created(request.name)
         return Reply(m.CreateTopicResponse(request_id=request.request_id, settings=self._settings(config)))
 
     async def _delete_topic(self, request: m.DeleteTopicRequest) -> Reply:
@@ -173,8 +226,7 @@ class Broker:
         for partition in range(config.partitions):
             self._unwatch(self.store.log(request.name, partition))
         await asyncio.to_thread(self.store.delete_topic, request.name)
-        if self.coordinator is not None:
-            self.coordinator.on_topic_deleted(request.name)
+        self.coordinator.on_topic_deleted(request.name)
         return Reply(m.DeleteTopicResponse(request_id=request.request_id))
 
     async def _list_topics(self, request: m.ListTopicsRequest) -> Reply:
@@ -319,6 +371,105 @@ class Broker:
         found = partition_log.offset_for_timestamp(timestamp_ms)
         return partition_log.readable_end_offset if found is None else found
 
+    # -- stream-mode consumer groups (broker/groups.py) ------------------------------------------
+
+    @staticmethod
+    def _assignments(assignments: dict[str, list[int]]) -> list[m.TopicPartitions]:
+        return [m.TopicPartitions(topic=topic, partitions=list(partitions))
+                for topic, partitions in sorted(assignments.items())]
+
+    async def _join_group(self, request: m.JoinGroupRequest, client_id: str) -> Reply:
+        result = self.coordinator.join(
+            request.group, request.member_id, client_id, request.topics, request.session_timeout_ms
+        )
+        return Reply(m.JoinGroupResponse(
+            request_id=request.request_id,
+            generation=result.generation,
+            member_id=result.member_id,
+            heartbeat_interval_ms=result.heartbeat_interval_ms,
+            assignments=self._assignments(result.assignments),
+        ))
+
+    async def _leave_group(self, request: m.LeaveGroupRequest) -> Reply:
+        self.coordinator.leave(request.group, request.member_id)
+        return Reply(m.LeaveGroupResponse(request_id=request.request_id))
+
+    async def _heartbeat(self, request: m.HeartbeatRequest) -> Reply:
+        result = self.coordinator.heartbeat(request.group, request.member_id, request.generation)
+        return Reply(m.HeartbeatResponse(
+            request_id=request.request_id,
+            error_code=result.error_code,
+            error_message="the group rebalanced: adopt the new assignment" if result.error_code else None,
+            generation=result.generation,
+            assignments=self._assignments(result.assignments),
+        ))
+
+    async def _commit_offsets(self, request: m.CommitOffsetsRequest) -> Reply:
+        result = self.coordinator.commit(
+            request.group, request.generation, request.member_id,
+            [(o.topic, o.partition, o.offset, o.metadata) for o in request.offsets],
+        )
+        if result.staged:
+            await self.flush_metadata()
+        return Reply(m.CommitOffsetsResponse(
+            request_id=request.request_id,
+            results=[m.PartitionError(topic=r.topic, partition=r.partition, error_code=r.error_code)
+                     for r in result.results],
+        ))
+
+    async def _fetch_offsets(self, request: m.FetchOffsetsRequest) -> Reply:
+        offsets = self.coordinator.fetch_offsets(request.group, request.topics or None)
+        return Reply(m.FetchOffsetsResponse(
+            request_id=request.request_id,
+            offsets=[m.GroupOffset(topic=topic, partition=partition, offset=entry.offset,
+                                   metadata=entry.metadata, commit_time_ms=entry.commit_time_ms)
+                     for (topic, partition), entry in offsets.items()],
+        ))
+
+    async def _reset_group(self, request: m.ResetGroupRequest) -> Reply:
+        value = request.timestamp_ms if request.spec is m.ResetSpec.TIMESTAMP else request.offset
+
+        def resolve(topic: str, partition: int, spec: m.ResetSpec, value: int) -> int:
+            return self.resolve_offset(topic, partition, spec, value, value)
+
+        result = self.coordinator.reset(request.group, request.topic, request.spec, request.partitions, resolve, value)
+        if result.staged:
+            await self.flush_metadata()
+        return Reply(m.ResetGroupResponse(
+            request_id=request.request_id,
+            offsets=[m.PartitionOffset(partition=p, offset=o) for p, o in sorted(result.offsets.items())],
+        ))
+
+    async def _list_groups(self, request: m.ListGroupsRequest) -> Reply:
+        return Reply(m.ListGroupsResponse(
+            request_id=request.request_id,
+            groups=[m.GroupSummary(group=g.group, state=g.state, members=g.members)
+                    for g in self.coordinator.list_groups()],
+        ))
+
+    async def _describe_group(self, request: m.DescribeGroupRequest) -> Reply:
+        description = self.coordinator.describe(request.group)
+        lags = []
+        for (topic, partition), committed in description.offsets.items():
+            try:
+                high_watermark = self.store.log(topic, partition).readable_end_offset
+            except UnknownTopicError:
+                continue
+            lags.append(m.GroupLag(topic=topic, partition=partition,
+                                   committed_offset=m.NO_OFFSET if committed is None else committed.offset,
+                                   high_watermark=high_watermark))
+        return Reply(m.DescribeGroupResponse(
+            request_id=request.request_id,
+            group=description.group,
+            state=description.state,
+            generation=description.generation,
+            members=[m.GroupMember(member_id=member.member_id, client_id=member.client_id,
+                                   session_timeout_ms=member.session_timeout_ms,
+                                   assignments=self._assignments(member.assignments))
+                     for member in description.members],
+            lags=lags,
+        ))
+
     _handlers = {
         m.CreateTopicRequest: _create_topic,
         m.DeleteTopicRequest: _delete_topic,
@@ -328,4 +479,12 @@ class Broker:
         m.FetchRequest: _fetch,
         m.ListOffsetsRequest: _list_offsets,
         m.InitProducerIdRequest: _init_producer_id,
+        m.JoinGroupRequest: _join_group,
+        m.LeaveGroupRequest: _leave_group,
+        m.HeartbeatRequest: _heartbeat,
+        m.CommitOffsetsRequest: _commit_offsets,
+        m.FetchOffsetsRequest: _fetch_offsets,
+        m.ResetGroupRequest: _reset_group,
+        m.ListGroupsRequest: _list_groups,
+        m.DescribeGroupRequest: _describe_group,
     }

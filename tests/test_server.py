@@ -157,3 +157,39 @@ def test_metrics_endpoint_reports_the_workload(broker_factory):
     assert "nodi_connections 1.0" in text
     assert "nodi_request_latency_seconds_bucket" in text
     process.stop()
+
+
+def test_stream_groups_over_the_wire(broker):
+    """JoinGroup splits partitions; commits are durable before they are answered and a
+    stale member is fenced; reset needs an empty group."""
+    admin = RawClient(_address(broker)).handshake()
+    admin.call(m.CreateTopicRequest, name="events", settings=m.TopicSettings(partitions=4))
+    first = admin.call(m.JoinGroupRequest, group="g", topics=["events"], session_timeout_ms=10_000)
+    assert first.error_code == ErrorCode.NONE
+    assert sorted(p for a in first.assignments for p in a.partitions) == [0, 1, 2, 3]
+    second = admin.call(m.JoinGroupRequest, group="g", topics=["events"], session_timeout_ms=10_000)
+    beat = admin.call(m.HeartbeatRequest, group="g", member_id=first.member_id, generation=first.generation)
+    assert beat.error_code == ErrorCode.REBALANCE_IN_PROGRESS and beat.generation == second.generation
+    mine = [p for a in beat.assignments for p in a.partitions]
+    theirs = [p for a in second.assignments for p in a.partitions]
+    assert sorted(mine + theirs) == [0, 1, 2, 3] and not set(mine) & set(theirs)
+    commit = admin.call(
+        m.CommitOffsetsRequest, group="g", generation=second.generation, member_id=second.member_id,
+        offsets=[m.OffsetCommit(topic="events", partition=theirs[0], offset=0),
+                 m.OffsetCommit(topic="events", partition=mine[0], offset=0)],
+    )
+    assert [r.error_code for r in commit.results] == [ErrorCode.NONE, ErrorCode.ILLEGAL_GENERATION]
+    offsets = admin.call(m.FetchOffsetsRequest, group="g")
+    assert [(o.partition, o.offset) for o in offsets.offsets] == [(theirs[0], 0)]
+    refused = admin.call(m.ResetGroupRequest, group="g", topic="events", spec=m.ResetSpec.LATEST)
+    assert refused.error_code == ErrorCode.GROUP_NOT_EMPTY
+    admin.call(m.LeaveGroupRequest, group="g", member_id=first.member_id)
+    admin.call(m.LeaveGroupRequest, group="g", member_id=second.member_id)
+    admin.call(m.ProduceRequest, topic="events", partition=1, records=_batch(b"a", b"b"))
+    reset = admin.call(m.ResetGroupRequest, group="g", topic="events", spec=m.ResetSpec.LATEST)
+    assert [(o.partition, o.offset) for o in reset.offsets] == [(0, 0), (1, 2), (2, 0), (3, 0)]
+    described = admin.call(m.DescribeGroupRequest, group="g")
+    assert described.state == "empty"
+    assert {(lag.partition, lag.committed_offset, lag.high_watermark) for lag in described.lags} >= {(1, 2, 2)}
+    listed = admin.call(m.ListGroupsRequest)
+    assert [g.group for g in listed.groups] == ["g"]
