@@ -34,8 +34,9 @@ class SparseIndex:
     def __init__(self, fs: FileSystem, path: str) -> None:
         self.fs = fs
         self.path = path
-        self._keys: array | None = None
-        self._values: array | None = None
+        # (keys, values) while the segment is active, else None. One attribute, so a
+        # reader thread that took it keeps a consistent pair while a roll releases it.
+        self._memory: tuple[array, array] | None = None
         self._file: File | None = None
         self._file_entries = 0
 
@@ -43,36 +44,37 @@ class SparseIndex:
 
     @property
     def in_memory(self) -> bool:
-        return self._keys is not None
+        return self._memory is not None
 
     def reset_in_memory(self) -> None:
-        self._keys = array(self.KEY_TYPECODE)
-        self._values = array(self.VALUE_TYPECODE)
+        self._memory = (array(self.KEY_TYPECODE), array(self.VALUE_TYPECODE))
 
     def load_into_memory(self) -> None:
-        data = self._read_all()
-        self.reset_in_memory()
-        for key, value in self.ENTRY.iter_unpack(data):
-            self._keys.append(key)
-            self._values.append(value)
+        keys, values = array(self.KEY_TYPECODE), array(self.VALUE_TYPECODE)
+        for key, value in self.ENTRY.iter_unpack(self._read_all()):
+            keys.append(key)
+            values.append(value)
+        self._memory = (keys, values)
 
     def append(self, key: int, value: int) -> None:
-        assert self._keys is not None, "append only to an active (in-memory) index"
-        self._keys.append(key)
-        self._values.append(value)
+        assert self._memory is not None, "append only to an active (in-memory) index"
+        keys, values = self._memory
+        keys.append(key)
+        values.append(value)
 
     def __len__(self) -> int:
-        if self._keys is not None:
-            return len(self._keys)
+        memory = self._memory
+        if memory is not None:
+            return len(memory[0])
         return self._entry_count()
 
     # -- files ------------------------------------------------------------------
 
     def write_file(self) -> None:
         """Write the in-memory entries as the whole file and fsync it."""
-        assert self._keys is not None
+        assert self._memory is not None
         pack = self.ENTRY.pack
-        data = b"".join(pack(key, value) for key, value in zip(self._keys, self._values))
+        data = b"".join(pack(key, value) for key, value in zip(*self._memory))
         self.close()
         file = self.fs.open(self.path, create=True)
         try:
@@ -85,8 +87,7 @@ class SparseIndex:
 
     def release_memory(self) -> None:
         """After the file was written: search it in place from now on."""
-        self._keys = None
-        self._values = None
+        self._memory = None
 
     def close(self) -> None:
         if self._file is not None:
@@ -112,34 +113,41 @@ class SparseIndex:
         size = file.size()
         return file.pread(size - size % self.ENTRY.size, 0)
 
-    def _entry_at(self, index: int) -> tuple[int, int]:
-        if self._keys is not None:
-            return self._keys[index], self._values[index]
+    def _file_entry_at(self, index: int) -> tuple[int, int]:
         return self.ENTRY.unpack(self._open().pread(self.ENTRY.size, index * self.ENTRY.size))
 
     # -- lookups ----------------------------------------------------------------
 
     def floor(self, key: int) -> tuple[int, int] | None:
         """The entry with the greatest key <= `key`, or None."""
-        if self._keys is not None:
-            slot = bisect.bisect_right(self._keys, key) - 1
-            return None if slot < 0 else (self._keys[slot], self._values[slot])
+        memory = self._memory
+        if memory is not None:
+            keys, values = memory
+            count = min(len(keys), len(values))  # an append may be half done
+            slot = bisect.bisect_right(keys, key, 0, count) - 1
+            return None if slot < 0 else (keys[slot], values[slot])
         low, high = 0, self._entry_count()  # answer in [low - 1, high)
         while low < high:
             middle = (low + high) // 2
-            if self._entry_at(middle)[0] <= key:
+            if self._file_entry_at(middle)[0] <= key:
                 low = middle + 1
             else:
                 high = middle
-        return None if low == 0 else self._entry_at(low - 1)
+        return None if low == 0 else self._file_entry_at(low - 1)
 
     def last(self) -> tuple[int, int] | None:
-        count = len(self)
-        return None if count == 0 else self._entry_at(count - 1)
+        memory = self._memory
+        if memory is not None:
+            keys, values = memory
+            count = min(len(keys), len(values))  # an append may be half done
+            return (keys[count - 1], values[count - 1]) if count else None
+        count = self._entry_count()
+        return None if count == 0 else self._file_entry_at(count - 1)
 
     def entries(self) -> list[tuple[int, int]]:
-        if self._keys is not None:
-            return list(zip(self._keys, self._values))
+        memory = self._memory
+        if memory is not None:
+            return list(zip(*memory))
         return list(self.ENTRY.iter_unpack(self._read_all()))
 
     def check_file(self) -> str | None:

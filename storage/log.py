@@ -184,6 +184,10 @@ class Log:
         segments, report = recover(fs, directory, config)
         # The marker must be gone before the first append can make the files unclean.
         clear_clean_shutdown(fs, directory)
+        if not report.clean_shutdown and not report.created:
+            # Recovery fsynced what it kept: say so, and never leave a recovery point
+            # beyond a truncated end (I5).
+            write_checkpoint(fs, directory, Checkpoint(segments[-1].next_offset, segments[0].base_offset))
         return cls(directory, config, fs, segments, report, clock_ms)
 
     # -- properties ---------------------------------------------------------------
