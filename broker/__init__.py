@@ -1,1 +1,58 @@
-"""nodi.broker: the server, its wire protocol and the Python client (not yet built)."""
+"""nodi.broker: the server, its wire protocol and the Python client.
+
+    from nodi.broker import Client, AsyncClient
+
+The client's names are loaded on first use (nodi.broker.client), so importing the server
+or the protocol does not import the client, and the other way round.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_CLIENT_NAMES = frozenset(
+    {
+        "AsyncClient",
+        "AsyncConsumer",
+        "AsyncProducer",
+        "Client",
+        "Consumer",
+        "Message",
+        "NodiClientError",
+        "Producer",
+        "TopicDescription",
+        "TopicSettings",
+        "GroupDescription",
+        "UNLIMITED",
+    }
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .client import (  # noqa: F401
+        UNLIMITED,
+        AsyncClient,
+        AsyncConsumer,
+        AsyncProducer,
+        Client,
+        Consumer,
+        GroupDescription,
+        Message,
+        NodiClientError,
+        Producer,
+        TopicDescription,
+        TopicSettings,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CLIENT_NAMES:
+        return getattr(importlib.import_module(".client", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _CLIENT_NAMES)
+
+
+__all__ = sorted(_CLIENT_NAMES)

@@ -1,0 +1,191 @@
+"""The batching producer: `client.producer(...)` on an AsyncClient (AsyncProducer, whose
+send() returns asyncio futures) or a Client (Producer, whose send() returns
+concurrent.futures futures, from any thread).
+
+    producer = client.producer(linger_ms=5)
+    future = producer.send("orders", b"...", key="customer-1")
+    producer.flush()                 # everything sent so far is acknowledged (or failed)
+    partition, offset = future.result()
+
+Options: linger_ms (5), batch_bytes_max (256 KiB), acks ("durable"), idempotent (True),
+compression ("none" or "gzip"), max_in_flight (32 batches), delivery_timeout_ms (120 s),
+timeout_ms (per request; the client's by default). How batching, partitioning, retries
+and idempotence work: producer_core.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from nodi.storage.errors import NodiError
+
+from .client_futures import MessageFuture
+from .client_types import partition_for_key, timestamp_ms_of, to_bytes, to_headers
+from .producer_core import ProducerCore, producer_options
+
+class AsyncProducer:
+    """A batching producer on an AsyncClient; see the module docstring. Options:
+    linger_ms (5), batch_bytes_max (256 KiB), acks ("durable"), idempotent (True),
+    compression ("none" or "gzip"), max_in_flight (32 batches), delivery_timeout_ms
+    (120 s), timeout_ms (per request; the client's by default)."""
+
+    def __init__(self, client, **options) -> None:
+        self._client = client
+        self._core = ProducerCore(client, asyncio.get_running_loop(), threadsafe=False, **producer_options(**options))
+        # Messages for topics whose partition count is being looked up, in send order.
+        self._unrouted: dict[str, list[tuple]] = {}
+        self._lookups: dict[str, asyncio.Task] = {}
+        client._owned.add(self)
+
+    async def __aenter__(self) -> AsyncProducer:
+        self._core.start()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    def send(
+        self,
+        topic: str,
+        value,
+        *,
+        key=None,
+        headers=None,
+        partition: int | None = None,
+        timestamp=None,
+    ) -> asyncio.Future:
+        """Queue one message; the future resolves to (partition, offset) once the batch
+        holding it is acknowledged."""
+        core = self._core
+        future = core.loop.create_future()
+        key = to_bytes(key, "key")
+        value = to_bytes(value)
+        headers = to_headers(headers) if headers else ()
+        timestamp_ms = None if timestamp is None else timestamp_ms_of(timestamp)
+        count = self._client._partition_counts.get(topic)
+        if topic in self._unrouted or (count is None and partition is None):
+            # Behind the messages already waiting for this topic's partition count.
+            self._unrouted.setdefault(topic, []).append((key, value, headers, timestamp_ms, partition, future))
+            if topic not in self._lookups:
+                self._lookups[topic] = core.loop.create_task(self._route_later(topic))
+            return future
+        if count is None:
+            count = 0
+        if partition is None and key is not None:
+            partition = partition_for_key(key, count)
+        core.start()
+        core.append(topic, partition, count, key, value, headers, timestamp_ms, future)
+        return future
+
+    async def _route_later(self, topic: str) -> None:
+        try:
+            count = await self._client.partition_count(topic, timeout_ms=self._core.timeout_ms)
+        except NodiError as error:
+            count, failure = 0, error
+        else:
+            failure = None
+        finally:
+            del self._lookups[topic]
+        waiting = self._unrouted.pop(topic, [])
+        for key, value, headers, timestamp_ms, partition, future in waiting:
+            if failure is not None:
+                if not future.done():
+                    future.set_exception(failure)
+                continue
+            if partition is None and key is not None:
+                partition = partition_for_key(key, count)
+            try:
+                self._core.start()
+                self._core.append(topic, partition, count, key, value, headers, timestamp_ms, future)
+            except NodiError as error:
+                if not future.done():
+                    future.set_exception(error)
+
+    async def send_and_wait(self, topic: str, value, **options) -> tuple[int, int]:
+        """send() and wait for its acknowledgement."""
+        return await self.send(topic, value, **options)
+
+    async def flush(self, timeout_ms: int | None = None) -> None:
+        """Wait until every message sent so far is acknowledged (or failed)."""
+        for task in list(self._lookups.values()):
+            await task
+        await self._core.flush(timeout_ms)
+
+    async def close(self, timeout_ms: int | None = None) -> None:
+        """Flush, then stop."""
+        try:
+            for task in list(self._lookups.values()):
+                await task
+            await self._core.close(timeout_ms)
+        finally:
+            self._client._owned.discard(self)
+
+
+class Producer:
+    """The batching producer of a sync Client; send() may be called from any thread and
+    returns a concurrent.futures.Future. Same options as AsyncProducer."""
+
+    def __init__(self, client, **options) -> None:
+        self._client = client  # the sync Client
+        self._async_client = client._async
+        loop = client._loop
+        self._core = ProducerCore(self._async_client, loop, threadsafe=True, **producer_options(**options))
+        client._run(self._start(), None)
+        client._owned.add(self)
+
+    async def _start(self) -> None:
+        self._core.start()
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def send(
+        self,
+        topic: str,
+        value,
+        *,
+        key=None,
+        headers=None,
+        partition: int | None = None,
+        timestamp=None,
+    ) -> MessageFuture:
+        """Queue one message; the future resolves to (partition, offset) once the batch
+        holding it is acknowledged. The first message for a topic looks up its partition
+        count (a blocking call)."""
+        key = to_bytes(key, "key")
+        value = to_bytes(value)
+        headers = to_headers(headers) if headers else ()
+        count = self._async_client._partition_counts.get(topic)
+        if count is None:
+            if partition is None:
+                count = self._client.partition_count(topic)
+            else:
+                count = 0
+        if partition is None and key is not None:
+            partition = partition_for_key(key, count)
+        future = MessageFuture()
+        self._core.append(
+            topic, partition, count, key, value, headers,
+            None if timestamp is None else timestamp_ms_of(timestamp), future,
+        )
+        return future
+
+    def flush(self, timeout_ms: int | None = None) -> None:
+        """Wait until every message sent so far is acknowledged (or failed)."""
+        self._client._run(self._core.flush(timeout_ms), timeout_ms)
+
+    def close(self, timeout_ms: int | None = None) -> None:
+        """Flush, then stop."""
+        try:
+            self._client._run(self._core.close(timeout_ms), timeout_ms)
+        finally:
+            self._client._owned.discard(self)
+
+    async def _close_async(self) -> None:
+        await self._core.close()
+
+
+__all__ = ["AsyncProducer", "Producer"]
