@@ -657,19 +657,22 @@ class Log:
                 continue
             entry = segment.time_index.floor(timestamp_ms - 1)
             start = 0 if entry is None else segment.position_floor(segment.base_offset + entry[1])
-            scanner = BatchScanner(segment.open_file(), start, segment.size, verify=False, limits=self.config.limits)
-            for batch in scanner:
-                header = batch.header
-                if header.base_offset >= end:
-                    return None
-                if header.max_timestamp < timestamp_ms:
-                    continue
-                file = segment.open_file()
-                self._verify_for_read(segment, file, batch.position, header)
-                data = file.pread(header.size, batch.position)
-                for record in decode_records(data, header, self.config.limits):
-                    if record.timestamp_ms >= timestamp_ms and record.offset < end:
-                        return record.offset
+            file = segment.open_file()
+            scanner = BatchScanner(file, start, segment.size, verify=False, limits=self.config.limits)
+            try:
+                for batch in scanner:
+                    header = batch.header
+                    if header.base_offset >= end:
+                        return None
+                    if header.max_timestamp < timestamp_ms:
+                        continue
+                    self._verify_for_read(segment, file, batch.position, header)
+                    data = file.pread(header.size, batch.position)
+                    for record in decode_records(data, header, self.config.limits):
+                        if record.timestamp_ms >= timestamp_ms and record.offset < end:
+                            return record.offset
+            except CorruptBatchError as error:  # G4: reported like any read of bad bytes
+                raise self._mark_corrupt(segment, error.position, str(error)) from None
         return None
 
     # -- life cycle -----------------------------------------------------------------
