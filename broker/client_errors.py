@@ -48,6 +48,11 @@ class LimitExceeded(NodiClientError):
     default_code = ErrorCode.LIMIT_EXCEEDED
 
 
+class BufferFull(LimitExceeded):
+    """A producer holds buffer_bytes_max of messages not yet acknowledged: wait for
+    space (AsyncProducer.wait_for_space) or flush before sending more."""
+
+
 class TooManyRequests(NodiClientError):
     default_code = ErrorCode.TOO_MANY_REQUESTS
 

@@ -169,6 +169,9 @@ _STORAGE_ERROR_CODES: dict[type[BaseException], ErrorCode] = {
     storage_errors.UnknownTopicError: ErrorCode.UNKNOWN_TOPIC,
     storage_errors.InvalidConfigError: ErrorCode.INVALID_CONFIG,
     storage_errors.DurableWaitTimeoutError: ErrorCode.NOT_DURABLE,
+    storage_errors.OutOfOrderSequenceError: ErrorCode.OUT_OF_ORDER_SEQUENCE,
+    storage_errors.InvalidProducerEpochError: ErrorCode.INVALID_PRODUCER_EPOCH,
+    storage_errors.DuplicateSequenceError: ErrorCode.DUPLICATE_SEQUENCE,
 }
 
 

@@ -9,8 +9,10 @@ concurrent.futures futures, from any thread).
 
 Options: linger_ms (5), batch_bytes_max (256 KiB), acks ("durable"), idempotent (True),
 compression ("none" or "gzip"), max_in_flight (32 batches), delivery_timeout_ms (120 s),
-timeout_ms (per request; the client's by default). How batching, partitioning, retries
-and idempotence work: producer_core.py.
+buffer_bytes_max (32 MiB of messages not yet acknowledged: beyond it the sync send()
+blocks, up to timeout_ms, and the async send() raises BufferFull until
+`await wait_for_space()`), timeout_ms (per request; the client's by default). How
+batching, partitioning, retries and idempotence work: producer_core.py.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import asyncio
 
 from nodi.storage.errors import NodiError
 
+from .client_errors import Timeout
 from .client_futures import MessageFuture
 from .client_types import partition_for_key, timestamp_ms_of, to_bytes, to_headers
 from .producer_core import ProducerCore, producer_options
@@ -55,7 +58,8 @@ class AsyncProducer:
         timestamp=None,
     ) -> asyncio.Future:
         """Queue one message; the future resolves to (partition, offset) once the batch
-        holding it is acknowledged."""
+        holding it is acknowledged. BufferFull when buffer_bytes_max of messages wait
+        for acknowledgement (see wait_for_space)."""
         core = self._core
         future = core.loop.create_future()
         key = to_bytes(key, "key")
@@ -102,8 +106,22 @@ class AsyncProducer:
                     future.set_exception(error)
 
     async def send_and_wait(self, topic: str, value, **options) -> tuple[int, int]:
-        """send() and wait for its acknowledgement."""
+        """Wait for buffer space, send(), and wait for the acknowledgement."""
+        await self.wait_for_space()
         return await self.send(topic, value, **options)
+
+    async def wait_for_space(self, timeout_ms: int | None = None) -> None:
+        """Wait until at most half of buffer_bytes_max is held by messages not yet
+        acknowledged."""
+        core = self._core
+        timeout_ms = self._client.timeout_ms if timeout_ms is None else timeout_ms
+        try:
+            async with asyncio.timeout(timeout_ms / 1000):
+                while not core.has_space():
+                    core._progress.clear()
+                    await core._progress.wait()
+        except TimeoutError:
+            raise Timeout(f"no room in the producer's buffer within {timeout_ms} ms") from None
 
     async def flush(self, timeout_ms: int | None = None) -> None:
         """Wait until every message sent so far is acknowledged (or failed)."""
@@ -130,6 +148,7 @@ class Producer:
         self._async_client = client._async
         loop = client._loop
         self._core = ProducerCore(self._async_client, loop, threadsafe=True, **producer_options(**options))
+        self._block_s = (self._core.timeout_ms or self._async_client.timeout_ms) / 1000
         client._run(self._start(), None)
         client._owned.add(self)
 
@@ -154,7 +173,8 @@ class Producer:
     ) -> MessageFuture:
         """Queue one message; the future resolves to (partition, offset) once the batch
         holding it is acknowledged. The first message for a topic looks up its partition
-        count (a blocking call)."""
+        count (a blocking call); a full buffer blocks until there is room (Timeout after
+        timeout_ms)."""
         key = to_bytes(key, "key")
         value = to_bytes(value)
         headers = to_headers(headers) if headers else ()
@@ -169,7 +189,7 @@ class Producer:
         future = MessageFuture()
         self._core.append(
             topic, partition, count, key, value, headers,
-            None if timestamp is None else timestamp_ms_of(timestamp), future,
+            None if timestamp is None else timestamp_ms_of(timestamp), future, self._block_s,
         )
         return future
 

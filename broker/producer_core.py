@@ -41,10 +41,11 @@ import time
 from collections import deque
 
 from nodi.storage.errors import NodiError
-from nodi.storage.limits import DEFAULT_RECORD_LIMITS, KIB
+from nodi.storage.limits import DEFAULT_RECORD_LIMITS, KIB, MIB
 from nodi.storage.records import Compression, build_batch, compute_crc
 
 from .client_errors import (
+    BufferFull,
     ClientClosed,
     LimitExceeded,
     InvalidRecords,
@@ -105,15 +106,17 @@ class _Buffer:
 class _Batch:
     """A built batch: its bytes, its messages' futures, where it stands."""
 
-    __slots__ = ("data", "futures", "count", "base_sequence", "sealed", "generation", "maybe_written", "attempts")
+    __slots__ = ("data", "futures", "count", "base_sequence", "sealed", "generation", "size", "maybe_written",
+                 "attempts")
 
-    def __init__(self, data: bytes, futures: list, count: int, base_sequence: int, sealed: float, generation: int):
+    def __init__(self, data: bytes, buffer: _Buffer, base_sequence: int, sealed: float) -> None:
         self.data = data
-        self.futures = futures
-        self.count = count
+        self.futures = buffer.futures
+        self.count = len(buffer.futures)
         self.base_sequence = base_sequence
         self.sealed = sealed
-        self.generation = generation
+        self.generation = buffer.generation
+        self.size = buffer.size  # the estimate counted against buffer_bytes_max
         self.maybe_written = False  # a send ended without a known outcome
         self.attempts = 0
 
@@ -154,6 +157,7 @@ class ProducerCore:
         compression: str,
         max_in_flight: int,
         delivery_timeout_ms: int,
+        buffer_bytes_max: int,
         timeout_ms: int | None,
         threadsafe: bool,
     ) -> None:
@@ -181,6 +185,10 @@ class ProducerCore:
         self.timeout_ms = timeout_ms
         self._threadsafe = threadsafe
         self._lock = threading.Lock()
+        self._space = threading.Condition(self._lock)
+        self._space_waiters = 0
+        self._buffered_bytes = 0  # messages appended and not yet resolved (estimated)
+        self.buffer_bytes_max = buffer_bytes_max
         self._open: dict[tuple[str, int], _Buffer] = {}
         self._sealed: list[_Buffer] = []
         self._sticky: dict[str, tuple[int, int]] = {}  # topic -> (partition, count)
@@ -213,9 +221,12 @@ class ProducerCore:
         headers: tuple,
         timestamp_ms: int | None,
         future,
+        block_s: float | None = None,
     ) -> int:
         """Add one message to its partition's buffer; returns the partition. `count` is
-        the topic's partition count (for keyless messages without a partition)."""
+        the topic's partition count (for keyless messages without a partition). When
+        the messages not yet acknowledged hold buffer_bytes_max, wait up to `block_s`
+        for room (then Timeout), or with None raise BufferFull at once."""
         size = RECORD_OVERHEAD_BYTES
         if value is not None:
             size += len(value)
@@ -228,6 +239,8 @@ class ProducerCore:
         with self._lock:
             if self._closed or self._error is not None:
                 raise self._error or ClientClosed("the producer is closed")
+            if self._buffered_bytes + size > self.buffer_bytes_max and self._buffered_bytes:
+                self._wait_for_space_locked(size, block_s)
             sticky = partition is None
             if sticky:
                 current = self._sticky.get(topic)
@@ -255,6 +268,7 @@ class ProducerCore:
             buffer.records.append((key, value, headers, timestamp_ms))
             buffer.futures.append(future)
             buffer.size += size
+            self._buffered_bytes += size
             if buffer.size >= self.batch_bytes_max:
                 self._seal_locked(buffer)
                 wake = True
@@ -269,6 +283,30 @@ class ProducerCore:
             else:
                 self._wake_event.set()
         return partition
+
+    def _wait_for_space_locked(self, size: int, block_s: float | None) -> None:
+        if block_s is None:
+            raise BufferFull(
+                f"{self._buffered_bytes} bytes of messages wait for acknowledgement (buffer_bytes_max "
+                f"{self.buffer_bytes_max}): wait for space or flush"
+            )
+        deadline = time.monotonic() + block_s
+        self._space_waiters += 1
+        try:
+            while self._buffered_bytes + size > self.buffer_bytes_max and self._buffered_bytes:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise Timeout(f"no room in the producer's buffer within {block_s * 1000:.0f} ms")
+                self._space.wait(remaining)
+                if self._closed or self._error is not None:
+                    raise self._error or ClientClosed("the producer is closed")
+        finally:
+            self._space_waiters -= 1
+
+    def has_space(self) -> bool:
+        """At most half of buffer_bytes_max waits for acknowledgement (the low-water
+        mark wait_for_space waits for)."""
+        return self._buffered_bytes <= self.buffer_bytes_max // 2
 
     def _seal_locked(self, buffer: _Buffer) -> None:
         del self._open[buffer.topic, buffer.partition]
@@ -317,7 +355,7 @@ class ProducerCore:
                 await self._ensure_producer_id()
             except NodiError as error:
                 for buffer in buffers:
-                    self._finish(buffer.generation, buffer.futures, error)
+                    self._finish(buffer, error)
                 return
         for buffer in buffers:
             key = (buffer.topic, buffer.partition)
@@ -338,11 +376,11 @@ class ProducerCore:
                 )
             except NodiError as error:
                 code_error = LimitExceeded if "exceed" in str(error) else InvalidRecords
-                self._finish(buffer.generation, buffer.futures, code_error(str(error)))
+                self._finish(buffer, code_error(str(error)))
                 continue
             if self.idempotent:
                 state.next_sequence = (sequence + count) % SEQUENCE_MODULUS
-            state.waiting.append(_Batch(data, buffer.futures, count, sequence, now, buffer.generation))
+            state.waiting.append(_Batch(data, buffer, sequence, now))
 
     def _dispatch(self) -> float:
         """Start every send the limits allow; the earliest time a retry waits for."""
@@ -395,7 +433,7 @@ class ProducerCore:
         kept = deque()
         for batch in state.waiting:
             if now - batch.sealed >= self.delivery_timeout_s:
-                self._finish(batch.generation, batch.futures, Timeout(
+                self._finish(batch, Timeout(
                     f"not acknowledged within delivery_timeout_ms {self.delivery_timeout_s * 1000:.0f} "
                     f"({batch.attempts} attempts); it may or may not have been written"
                 ))
@@ -460,7 +498,7 @@ class ProducerCore:
                 results = [(partition, -1)] * len(futures)
             else:
                 results = [(partition, offset) for offset in range(base, base + len(futures))]
-            self._finish(batch.generation, futures, None, results)
+            self._finish(batch, None, results)
             return
         if isinstance(error, UnknownPartition):
             self.client._partition_counts.pop(state.topic, None)
@@ -476,7 +514,7 @@ class ProducerCore:
             state.retry_at = time.monotonic() + self._backoff_s(state)
             self._requeue(state, batch)
             return
-        self._finish(batch.generation, batch.futures, error)
+        self._finish(batch, error)
         if self.idempotent:
             state.new_id_needed = True
             if isinstance(error, ProducerFenced):
@@ -492,15 +530,19 @@ class ProducerCore:
                 return
         state.waiting.append(batch)
 
-    def _finish(self, generation: int, futures: list, error: BaseException | None, results: list | None = None) -> None:
+    def _finish(self, item: _Buffer | _Batch, error: BaseException | None, results: list | None = None) -> None:
         """Resolve one buffer's or batch's futures and count it done."""
-        resolve(futures, results, error)
+        resolve(item.futures, results, error)
+        generation = item.generation
         with self._lock:
             left = self._outstanding[generation] - 1
             if left:
                 self._outstanding[generation] = left
             else:
                 del self._outstanding[generation]
+            self._buffered_bytes -= item.size
+            if self._space_waiters:
+                self._space.notify_all()
         self._progress.set()
 
     # -- flush and close (on the loop) -----------------------------------------------------
@@ -537,6 +579,7 @@ class ProducerCore:
         finally:
             with self._lock:
                 self._closed = True
+                self._space.notify_all()
             self._closing_now = True
             await self._stop()
 
@@ -556,11 +599,11 @@ class ProducerCore:
             self._open.clear()
             self._sealed = []
         for buffer in leftovers:
-            self._finish(buffer.generation, buffer.futures, closed)
+            self._finish(buffer, closed)
         for state in self._partitions.values():
             while state.waiting:
                 batch = state.waiting.popleft()
-                self._finish(batch.generation, batch.futures, closed)
+                self._finish(batch, closed)
 
 
 def _sequence_before(a: int, b: int) -> bool:
@@ -576,6 +619,7 @@ def producer_options(
     compression: str = "none",
     max_in_flight: int = 32,
     delivery_timeout_ms: int = 120_000,
+    buffer_bytes_max: int = 32 * MIB,
     timeout_ms: int | None = None,
 ) -> dict:
     """The producer options with their defaults (producer.py documents them)."""
@@ -587,6 +631,7 @@ def producer_options(
         compression=compression,
         max_in_flight=max_in_flight,
         delivery_timeout_ms=delivery_timeout_ms,
+        buffer_bytes_max=buffer_bytes_max,
         timeout_ms=timeout_ms,
     )
 
