@@ -6,6 +6,7 @@ from importlib.metadata import version as _package_version
 
 import typer
 
+from nodi.cli.common import state_of
 from nodi.cli.segments import app as segments_app
 
 app = typer.Typer(
@@ -25,11 +26,19 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def main(
+    ctx: typer.Context,
     version: bool = typer.Option(
         False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
     ),
+    server: str = typer.Option(
+        None,
+        "--server",
+        envvar="NODI_SERVER",
+        help="Broker address HOST:PORT for the commands that talk to a running broker (default 127.0.0.1:6634).",
+    ),
 ) -> None:
     """nodi: a durable, log-structured message broker."""
+    state_of(ctx).server = server
 
 
 @app.command()
