@@ -54,6 +54,7 @@ from .client_types import (
     Message,
     PartitionDescription,
     PartitionLag,
+    ServerStatus,
     StartSpec,
     TopicDescription,
     TopicSettings,
@@ -599,6 +600,26 @@ class AsyncClient:
         """The group's committed offsets (the next offset to read), of `topics` or all."""
         response = await self._call(m.FetchOffsetsRequest(group=group, topics=list(topics)), timeout_ms, retry=True)
         return {(entry.topic, entry.partition): entry.offset for entry in response.offsets}
+
+    # -- operations -------------------------------------------------------------------
+
+    async def server_status(self, *, timeout_ms: int | None = None) -> ServerStatus:
+        """Server-level facts: version, uptime, data directory, connections, disk space,
+        read-only partitions."""
+        response = await self._call(m.ServerStatusRequest(), timeout_ms, retry=True)
+        return ServerStatus(
+            server_id=response.server_id,
+            version=response.version,
+            started_time_ms=response.started_time_ms,
+            uptime_ms=response.uptime_ms,
+            data_dir=response.data_dir,
+            connections_open=response.connections_open,
+            connections_accepted=response.connections_accepted,
+            connections_refused=response.connections_refused,
+            disk_free_bytes=None if response.disk_free_bytes < 0 else response.disk_free_bytes,
+            disk_total_bytes=None if response.disk_total_bytes < 0 else response.disk_total_bytes,
+            read_only_partitions={entry.topic: list(entry.partitions) for entry in response.read_only_partitions},
+        )
 
     # -- producers and consumers --------------------------------------------------------
 

@@ -179,6 +179,7 @@ for _name in (
     "reset_group",
     "commit_offsets",
     "fetch_offsets",
+    "server_status",
 ):
     setattr(Client, _name, _blocking(_name))
 del _name

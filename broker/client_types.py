@@ -229,6 +229,23 @@ class GroupDescription:
     lags: tuple[PartitionLag, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class ServerStatus:
+    """What SERVER_STATUS answers (see docs/protocol.md)."""
+
+    server_id: str
+    version: str
+    started_time_ms: int
+    uptime_ms: int
+    data_dir: str
+    connections_open: int
+    connections_accepted: int
+    connections_refused: int
+    disk_free_bytes: int | None  # None: the server could not tell
+    disk_total_bytes: int | None
+    read_only_partitions: dict[str, list[int]] = field(default_factory=dict)
+
+
 def settings_from_wire(settings) -> TopicSettings:
     """TopicSettings from a messages.TopicSettings the server answered with."""
 
@@ -272,6 +289,7 @@ __all__ = [
     "Message",
     "PartitionDescription",
     "PartitionLag",
+    "ServerStatus",
     "TopicDescription",
     "TopicSettings",
     "TopicSummary",

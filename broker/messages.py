@@ -73,6 +73,8 @@ class ApiKey(enum.IntEnum):
     INIT_PRODUCER_ID = 14
     LIST_GROUPS = 15
     DESCRIBE_GROUP = 16
+    # Operations (45-49).
+    SERVER_STATUS = 45
 
 
 class EventKey(enum.IntEnum):
@@ -531,6 +533,33 @@ class InitProducerIdResponse(Response):
 
 
 # ---------------------------------------------------------------------------
+# Operations
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ServerStatusRequest(Request):
+    API_KEY = ApiKey.SERVER_STATUS
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ServerStatusResponse(Response):
+    API_KEY = ApiKey.SERVER_STATUS
+    server_id: str = wire(STRING, "", doc="this server run's id (as in the handshake)")
+    version: str = wire(STRING, "", doc="the nodi package version")
+    started_time_ms: int = wire(INT64, -1, doc="wall clock when the server started serving")
+    uptime_ms: int = wire(INT64, 0)
+    data_dir: str = wire(STRING, "", doc="absolute path of the data directory")
+    connections_open: int = wire(INT32, 0)
+    connections_accepted: int = wire(INT64, 0, doc="since start")
+    connections_refused: int = wire(INT64, 0, doc="since start: over connections_max or during shutdown")
+    disk_free_bytes: int = wire(INT64, -1, doc="free bytes of the data directory's file system")
+    disk_total_bytes: int = wire(INT64, -1)
+    read_only_partitions: list[TopicPartitions] = wire(
+        Array(Struct(TopicPartitions)), [], doc="partitions refusing appends after an I/O error"
+    )
+
+
+# ---------------------------------------------------------------------------
 # Registry
 
 
@@ -573,6 +602,8 @@ APIS: tuple[Api, ...] = (
     Api(ApiKey.LIST_GROUPS, ListGroupsRequest, ListGroupsResponse, summary="Every consumer group."),
     Api(ApiKey.DESCRIBE_GROUP, DescribeGroupRequest, DescribeGroupResponse,
         summary="A group's members, their partitions, and its committed offsets against the high watermarks."),
+    Api(ApiKey.SERVER_STATUS, ServerStatusRequest, ServerStatusResponse,
+        summary="Server-level facts for `nodi status`: version, uptime, data directory, connections, disk space."),
 )
 API_BY_KEY: dict[int, Api] = {api.key: api for api in APIS}
 EVENTS: dict[int, type[Event]] = {EventKey.CLOSING: ClosingEvent}
@@ -610,6 +641,7 @@ __all__ = [
     "LeaveGroupResponse", "HeartbeatRequest", "HeartbeatResponse", "CommitOffsetsRequest",
     "CommitOffsetsResponse", "FetchOffsetsRequest", "FetchOffsetsResponse", "ResetGroupRequest",
     "ResetGroupResponse", "ListGroupsRequest", "ListGroupsResponse", "DescribeGroupRequest",
-    "DescribeGroupResponse", "InitProducerIdRequest", "InitProducerIdResponse", "Api", "APIS",
+    "DescribeGroupResponse", "InitProducerIdRequest", "InitProducerIdResponse",
+    "ServerStatusRequest", "ServerStatusResponse", "Api", "APIS",
     "API_BY_KEY", "EVENTS", "EVENT_VERSION", "choose_protocol_version", "api_version",
 ]

@@ -2,32 +2,82 @@
 are listed in docs/operations.md.
 
 Request-path metrics are counted as replies go out (Server.observe); everything the
-storage layer already counts (segments, bytes, offsets, fsyncs) is read from its
-statistics() at scrape time by a collector, so the hot path pays nothing for it.
+storage layer already counts (segments, bytes, offsets, fsyncs and their latency, group
+commit sizes) is read from its statistics() at scrape time by a collector, so the hot
+path pays nothing for it. Consumer lag and disk space are read at scrape time too
+(broker/status.py). The collector runs on the HTTP server's thread and reads only
+thread-safe state.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from nodi.storage.errors import NodiError
+from nodi.storage.histogram import HistogramSnapshot
+from nodi.storage.records import parse_header
 
 from . import messages as m
 from .errors import ErrorCode
+from .status import consumer_lags, disk_space, nodi_version
 
 log = logging.getLogger("nodi.metrics")
 
 LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_ACKS_NAMES = {acks: acks.name.lower() for acks in m.Acks}
+
+
+def _histogram_family(name: str, documentation: str, labels: list[str]) -> HistogramMetricFamily:
+    return HistogramMetricFamily(name, documentation, labels=labels)
+
+
+def _add_snapshot(family: HistogramMetricFamily, key: list[str], snapshot: HistogramSnapshot | None) -> None:
+    if snapshot is None:
+        return
+    buckets = [("+Inf" if bound == float("inf") else repr(float(bound)), count) for bound, count in snapshot.cumulative()]
+    family.add_metric(key, buckets, snapshot.total)
+
+
+def _offsets_sent(slices) -> int:
+    """Offsets covered by the batches of a fetch reply (records sent, counting each
+    batch whole: a consumer skips those before its offset)."""
+    return sum(piece.last_offset - piece.first_offset + 1 for piece in slices)
+
+
+def _offsets_in(records: bytes | memoryview) -> int:
+    """Offsets the batches of a produce request take, from their headers alone (for
+    acks none, whose response carries no offsets). The server already checked them."""
+    view = memoryview(records)
+    position = count = 0
+    try:
+        while position < len(view):
+            header = parse_header(view, position)
+            count += header.last_offset_delta + 1
+            position += header.size
+    except NodiError:
+        pass
+    return count
 
 
 class _StoreCollector:
-    """Per-partition figures from Log.statistics(), read at scrape time."""
+    """Figures read at scrape time: per-partition log statistics, fsync latency and
+    group commit sizes, consumer lag, disk space, connections, the server itself."""
 
     def __init__(self, server) -> None:
         self.server = server
 
     def collect(self):
+        yield from self._log_families()
+        yield from self._consumer_families()
+        yield from self._server_families()
+        yield from self._queue_families()
+        yield from self._compaction_families()
+
+    def _log_families(self):
         labels = ["topic", "partition"]
         segments = GaugeMetricFamily("nodi_log_segments", "Segment files per partition", labels=labels)
         size = GaugeMetricFamily("nodi_log_bytes", "Bytes of segment files per partition", labels=labels)
@@ -35,8 +85,15 @@ class _StoreCollector:
         end = GaugeMetricFamily("nodi_log_end_offset", "Offset the next record gets", labels=labels)
         durable = GaugeMetricFamily("nodi_log_durable_offset", "Offsets below this are fsynced", labels=labels)
         read_only = GaugeMetricFamily("nodi_log_read_only", "1 when the partition is read-only after an I/O error", labels=labels)
+        corrupt = GaugeMetricFamily("nodi_log_corrupt_segments", "Segments with a batch that failed its checks", labels=labels)
         fsyncs = CounterMetricFamily("nodi_fsyncs", "fsync calls of partition logs", labels=labels)
         covered = CounterMetricFamily("nodi_fsync_covered_appends", "Appends made durable by those fsyncs (group commit)", labels=labels)
+        fsync_latency = _histogram_family(
+            "nodi_fsync_latency_seconds", "Time each segment fsync took (group commit, roll, flush, close)", labels
+        )
+        group_commit = _histogram_family(
+            "nodi_group_commit_appends", "Appends one group-commit fsync made durable", labels
+        )
         store = self.server.store
         if store is not None:
             for topic, partition, partition_log in store.logs():
@@ -48,12 +105,65 @@ class _StoreCollector:
                 end.add_metric(key, statistics.next_offset)
                 durable.add_metric(key, statistics.durable_offset)
                 read_only.add_metric(key, 1 if statistics.read_only else 0)
+                corrupt.add_metric(key, len(statistics.corrupt_segments))
                 fsyncs.add_metric(key, statistics.fsyncs)
                 covered.add_metric(key, statistics.fsync_covered_appends)
-        yield from (segments, size, start, end, durable, read_only, fsyncs, covered)
+                _add_snapshot(fsync_latency, key, statistics.fsync_seconds)
+                _add_snapshot(group_commit, key, statistics.group_commit_appends)
+        yield from (segments, size, start, end, durable, read_only, corrupt, fsyncs, covered, fsync_latency, group_commit)
+
+    def _consumer_families(self):
+        labels = ["group", "topic", "partition"]
+        lag = GaugeMetricFamily("nodi_consumer_lag", "High watermark minus the group's committed offset", labels=labels)
+        committed = GaugeMetricFamily("nodi_consumer_committed_offset", "The group's committed offset", labels=labels)
+        store = self.server.store
+        if store is not None:
+            try:
+                lags = consumer_lags(store)
+            except NodiError as error:  # a closed or failed metadata store: no lag this scrape
+                log.warning("consumer lag not collected: %s", error)
+                lags = []
+            for entry in lags:
+                key = [entry.group, entry.topic, str(entry.partition)]
+                lag.add_metric(key, entry.lag)
+                committed.add_metric(key, entry.committed_offset)
+        yield from (lag, committed)
+
+    def _server_families(self):
+        statistics = self.server.statistics()
         connections = GaugeMetricFamily("nodi_connections", "Open client connections")
-        connections.add_metric([], len(self.server.sessions))
-        yield connections
+        connections.add_metric([], statistics.connections_open)
+        accepted = CounterMetricFamily("nodi_connections_accepted", "Client connections accepted since start")
+        accepted.add_metric([], statistics.connections_accepted)
+        refused = CounterMetricFamily("nodi_connections_refused", "Connections refused (connections_max, shutdown)")
+        refused.add_metric([], statistics.connections_refused)
+        uptime = GaugeMetricFamily("nodi_uptime_seconds", "Seconds since the server started serving")
+        uptime.add_metric([], statistics.uptime_ms / 1000)
+        info = GaugeMetricFamily("nodi_server_info", "Always 1; the labels say which server", labels=["version", "server_id"])
+        broker = self.server.broker
+        info.add_metric([nodi_version(), "" if broker is None else broker.server_id], 1)
+        yield from (connections, accepted, refused, uptime, info)
+        data_dir = os.path.abspath(self.server.config.data_dir)
+        space = disk_space(data_dir)
+        if space is not None:
+            free = GaugeMetricFamily("nodi_disk_free_bytes", "Free bytes of the data directory's file system", labels=["path"])
+            free.add_metric([data_dir], space.free_bytes)
+            total = GaugeMetricFamily("nodi_disk_total_bytes", "Size of the data directory's file system", labels=["path"])
+            total.add_metric([data_dir], space.total_bytes)
+            yield from (free, total)
+
+    def _queue_families(self):
+        """Queue-mode groups: nodi_queue_in_flight, nodi_queue_redelivered_total,
+        nodi_queue_dead_lettered_total, nodi_queue_expired_total (labels group, topic,
+        partition), read from the queue component's statistics(). Filled by the queue
+        groups work; nothing to report until that component exists."""
+        return ()
+
+    def _compaction_families(self):
+        """Compaction: runs, bytes reclaimed, dirty ratio (nodi_compaction_*), read from
+        the compaction job's statistics(). Filled by the compaction work; nothing to
+        report until that job exists."""
+        return ()
 
 
 class Metrics:
@@ -69,8 +179,19 @@ class Metrics:
             "nodi_request_latency_seconds", "Time from request decoded to reply ready", ["api"],
             buckets=LATENCY_BUCKETS_S, registry=self.registry,
         )
+        self.produce_latency = Histogram(
+            "nodi_produce_latency_seconds", "Produce request decoded to reply ready (durable: includes the fsync)",
+            ["topic", "acks"], buckets=LATENCY_BUCKETS_S, registry=self.registry,
+        )
+        self.fetch_latency = Histogram(
+            "nodi_fetch_latency_seconds", "Fetch request decoded to reply ready (includes any long-poll wait)",
+            ["topic"], buckets=LATENCY_BUCKETS_S, registry=self.registry,
+        )
         self.messages_in = Counter("nodi_messages_in", "Records appended", ["topic"], registry=self.registry)
         self.bytes_in = Counter("nodi_bytes_in", "Record batch bytes appended", ["topic"], registry=self.registry)
+        self.messages_out = Counter(
+            "nodi_messages_out", "Records in the batches sent to consumers", ["topic"], registry=self.registry
+        )
         self.bytes_out = Counter("nodi_bytes_out", "Record batch bytes sent to consumers", ["topic"], registry=self.registry)
         self._api_names = {api.request: api.key.name.lower() for api in m.APIS}
 
@@ -95,6 +216,10 @@ class Metrics:
         code = reply.response.error_code
         self.requests.labels(api, ErrorCode(code).name.lower()).inc()
         self.latency.labels(api).observe(seconds)
+        if isinstance(request, m.ProduceRequest):
+            self.produce_latency.labels(request.topic, _ACKS_NAMES.get(request.acks, "unknown")).observe(seconds)
+        elif isinstance(request, m.FetchRequest):
+            self.fetch_latency.labels(request.topic).observe(seconds)
         if code != ErrorCode.NONE:
             self.count_error(ErrorCode(code))
             return
@@ -103,5 +228,9 @@ class Metrics:
             response = reply.response
             if response.last_offset >= 0:
                 self.messages_in.labels(request.topic).inc(response.last_offset - response.base_offset + 1)
+            elif request.acks is m.Acks.NONE:
+                self.messages_in.labels(request.topic).inc(_offsets_in(request.records))
         elif isinstance(request, m.FetchRequest):
             self.bytes_out.labels(request.topic).inc(reply.records_bytes)
+            if reply.slices:
+                self.messages_out.labels(request.topic).inc(_offsets_sent(reply.slices))

@@ -19,6 +19,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from nodi.storage.log import FileSlice
 from nodi.storage.store import Store
@@ -178,6 +179,15 @@ def _request_of(response: m.Response) -> m.Request:
     return api.request(request_id=response.request_id)
 
 
+@dataclass(frozen=True, slots=True)
+class ServerStatistics:
+    started_time_ms: int  # wall clock when the server began serving
+    uptime_ms: int
+    connections_open: int
+    connections_accepted: int
+    connections_refused: int  # over connections_max or during shutdown
+
+
 class Server:
     def __init__(self, config: ServerConfig, *, metrics=None) -> None:
         self.config = config
@@ -190,6 +200,19 @@ class Server:
         self.address: tuple[str, int] | None = None
         self._stop = asyncio.Event()
         self._listener: asyncio.AbstractServer | None = None
+        self._started_time_ms = int(time.time() * 1000)
+        self._started_monotonic = time.monotonic()
+        self._connections_accepted = 0
+        self._connections_refused = 0
+
+    def statistics(self) -> ServerStatistics:
+        return ServerStatistics(
+            started_time_ms=self._started_time_ms,
+            uptime_ms=int((time.monotonic() - self._started_monotonic) * 1000),
+            connections_open=len(self.sessions),
+            connections_accepted=self._connections_accepted,
+            connections_refused=self._connections_refused,
+        )
 
     # -- accounting (metrics hook points) ----------------------------------------------
 
@@ -212,6 +235,7 @@ class Server:
         for line in self.store.open_report.lines():
             log.warning("%s", line)
         self.broker = Broker(self.store, self.config)
+        self.broker.server_statistics = self.statistics
         try:
             async with asyncio.TaskGroup() as tasks:
                 self.broker.attach(asyncio.get_running_loop(), tasks)
@@ -246,9 +270,11 @@ class Server:
         session = ClientSession(self, reader, writer)
         if len(self.sessions) >= self.config.connections_max or self.shutting_down:
             code = ErrorCode.SERVER_SHUTTING_DOWN if self.shutting_down else ErrorCode.LIMIT_EXCEEDED
+            self._connections_refused += 1
             tasks.create_task(session._close_with(code, f"connections_max {self.config.connections_max} reached"))
             tasks.create_task(_close_later(writer))
             return
+        self._connections_accepted += 1
         self.sessions.add(session)
         task = tasks.create_task(session.run())
         task.add_done_callback(lambda _: self.sessions.discard(session))

@@ -26,6 +26,7 @@ from . import messages as m
 from .config import ServerConfig
 from .errors import ErrorCode, ProtocolError, error_code_for
 from .groups import GroupCoordinator
+from .status import serve_server_status
 
 log = logging.getLogger("nodi.broker")
 
@@ -83,6 +84,9 @@ class Broker:
         self._producer_ids = itertools.count()
         self._producer_id_base = int(time.time() * 1000) << 20
         self.server_id = f"nodi-{self._producer_id_base:x}"
+        # The server's statistics() (connections, uptime), set by the Server that runs
+        # this broker; SERVER_STATUS reports them.
+        self.server_statistics: Callable[[], object] | None = None
 
     def attach(self, loop: asyncio.AbstractEventLoop, tasks: asyncio.TaskGroup) -> None:
         """Start serving on `loop`; background work goes into `tasks`."""
@@ -487,4 +491,5 @@ class Broker:
         m.ResetGroupRequest: _reset_group,
         m.ListGroupsRequest: _list_groups,
         m.DescribeGroupRequest: _describe_group,
+        m.ServerStatusRequest: serve_server_status,
     }

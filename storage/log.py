@@ -37,6 +37,7 @@ from .errors import (
     UnsupportedCompressionError,
 )
 from .fileio import OS_FILE_SYSTEM, File, FileSystem
+from .histogram import FSYNC_SECONDS_BUCKETS, GROUP_COMMIT_APPENDS_BUCKETS, Histogram, HistogramSnapshot
 from .records import (
     SUPPORTED_COMPRESSION,
     BatchHeader,
@@ -117,6 +118,10 @@ class LogStatistics:
     fsync_covered_appends: int
     read_only: bool
     corrupt_segments: tuple[int, ...]
+    # Seconds each segment fsync took (every one: group commit, roll, flush, close).
+    fsync_seconds: HistogramSnapshot | None = None
+    # Appends each group-commit fsync made durable (fsyncs that covered any).
+    group_commit_appends: HistogramSnapshot | None = None
 
 
 def _now_ms() -> int:
@@ -161,6 +166,8 @@ class Log:
         self._fsyncs = 0
         self._fsync_covered_appends = 0
         self._appends_since_fsync = 0
+        self._fsync_seconds = Histogram(FSYNC_SECONDS_BUCKETS)
+        self._group_commit_appends = Histogram(GROUP_COMMIT_APPENDS_BUCKETS)
         self._readable_listeners: list[Callable[[], None]] = []
         self._producers = self._load_producer_state()
         self._flusher: threading.Thread | None = None
@@ -427,11 +434,14 @@ class Log:
         with self._sync_lock:
             if self._sync_failure is not None:
                 raise OSError(errno.EIO, f"an earlier fsync failed: {self._sync_failure}")
+            started = time.perf_counter()
             try:
                 segment.sync()
             except OSError as error:
                 self._sync_failure = error
                 raise
+            finally:
+                self._fsync_seconds.observe(time.perf_counter() - started)
 
     def _sync_and_resolve(self, segment: Segment, target: int) -> None:
         try:
@@ -446,6 +456,8 @@ class Log:
         ready = []
         with self._lock:
             self._fsyncs += 1
+            if self._appends_since_fsync:
+                self._group_commit_appends.observe(self._appends_since_fsync)
             self._fsync_covered_appends += self._appends_since_fsync
             self._appends_since_fsync = 0
             if target > self._durable_offset:
@@ -691,6 +703,8 @@ class Log:
                 fsync_covered_appends=self._fsync_covered_appends,
                 read_only=self._error is not None,
                 corrupt_segments=tuple(s.base_offset for s in self._segments if s.corrupt_position is not None),
+                fsync_seconds=self._fsync_seconds.snapshot(),
+                group_commit_appends=self._group_commit_appends.snapshot(),
             )
 
     def close(self) -> None:
