@@ -13,8 +13,11 @@ message on stderr and exit code 1 (a usage error is typer's exit code 2).
 
 from __future__ import annotations
 
+import base64
 import contextlib
-from collections.abc import Iterator
+import datetime
+import inspect
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import typer
@@ -59,3 +62,65 @@ def connect(ctx: typer.Context, *, timeout_ms: int = CLI_TIMEOUT_MS) -> Iterator
         raise fail(f"{command}: {type(error).__name__}: {error}") from None
     except ValueError as error:  # a malformed address
         raise fail(f"{command}: {error}", 2) from None
+
+
+# ---------------------------------------------------------------------------
+# What several commands print or parse
+
+
+def json_bytes(data: bytes | None) -> object:
+    """Bytes in JSON output: text when valid UTF-8, else {"base64": "..."} (the marker:
+    an object with the one key "base64"); None stays null."""
+    if data is None:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return {"base64": base64.b64encode(data).decode("ascii")}
+
+
+def parse_position(text: str, option: str) -> str | int | datetime.datetime:
+    """A position in a partition from the command line: "earliest", "latest", an offset
+    (a non-negative integer) or an ISO-8601 time ("2026-12-01T14:00:00Z"; without a zone
+    it is local time): the first message at or after it. Anything else is a usage error
+    (exit code 2) naming `option`."""
+    text = text.strip()
+    if text in ("earliest", "latest"):
+        return text
+    if text.isdigit():
+        return int(text)
+    try:
+        return datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{text!r} is not earliest, latest, an offset or an ISO-8601 time", param_hint=option
+        ) from None
+
+
+def print_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    """Columns padded to their widest cell; numbers right-aligned."""
+    cells = [[str(cell) for cell in header]]
+    numeric = [True] * len(header)
+    for row in rows:
+        cells.append(["-" if cell is None else str(cell) for cell in row])
+        for column, cell in enumerate(row):
+            if not (isinstance(cell, int) or cell is None):
+                numeric[column] = False
+    widths = [max(len(row[column]) for row in cells) for column in range(len(header))]
+    for row in cells:
+        line = "  ".join(
+            cell.rjust(width) if numeric[column] else cell.ljust(width)
+            for column, (cell, width) in enumerate(zip(row, widths))
+        )
+        typer.echo(line.rstrip())
+
+
+def command(app: typer.Typer, name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """app.command(name), its help the docstring with each paragraph on one line: typer's
+    help renderer keeps the single line breaks of later paragraphs, which wraps badly."""
+
+    def register(function: Callable[..., None]) -> Callable[..., None]:
+        paragraphs = inspect.cleandoc(function.__doc__ or "").split("\n\n")
+        return app.command(name, help="\n\n".join(" ".join(text.split()) for text in paragraphs))(function)
+
+    return register

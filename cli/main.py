@@ -6,8 +6,11 @@ from importlib.metadata import version as _package_version
 
 import typer
 
+from nodi.cli import messaging
 from nodi.cli.common import state_of
+from nodi.cli.groups import app as groups_app
 from nodi.cli.segments import app as segments_app
+from nodi.cli.topics import app as topics_app
 
 app = typer.Typer(
     name="nodi",
@@ -16,6 +19,9 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(segments_app, name="segments")
+app.add_typer(topics_app, name="topic")
+app.add_typer(groups_app, name="group")
+messaging.register(app)
 
 
 def _version_callback(value: bool) -> None:

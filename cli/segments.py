@@ -3,9 +3,7 @@ offline (stop the broker first). A thin printer around nodi.storage.admin."""
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import inspect
 import json
 import os
 import sys
@@ -15,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from nodi.cli.common import command, json_bytes
 from nodi.storage.admin import (
     ERROR,
     DumpedBatch,
@@ -39,14 +38,7 @@ app = typer.Typer(
 
 
 def _command(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    """app.command(name), its help the docstring with each paragraph on one line: typer's
-    help renderer keeps the single line breaks of later paragraphs, which wraps badly."""
-
-    def register(function: Callable[..., None]) -> Callable[..., None]:
-        paragraphs = inspect.cleandoc(function.__doc__ or "").split("\n\n")
-        return app.command(name, help="\n\n".join(" ".join(text.split()) for text in paragraphs))(function)
-
-    return register
+    return command(app, name)
 
 DataDirectory = Annotated[
     Path,
@@ -145,16 +137,6 @@ def _before(offset: int | None) -> str:
 # dump
 
 
-def _bytes_field(data: bytes | None) -> object:
-    """Text when `data` is valid UTF-8, else {"base64": ...}; None stays None."""
-    if data is None:
-        return None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return {"base64": base64.b64encode(data).decode("ascii")}
-
-
 def _codec_name(codec: int) -> str:
     return Compression(codec).name.lower() if codec in Compression._value2member_map_ else f"unknown-{codec}"
 
@@ -186,9 +168,9 @@ def _record_fields(record: Record) -> dict[str, object]:
     return {
         "offset": record.offset,
         "timestamp": record.timestamp_ms,
-        "key": _bytes_field(record.key),
-        "value": _bytes_field(record.value),
-        "headers": [[name, _bytes_field(value)] for name, value in record.headers],
+        "key": json_bytes(record.key),
+        "value": json_bytes(record.value),
+        "headers": [[name, json_bytes(value)] for name, value in record.headers],
     }
 
 
