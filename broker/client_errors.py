@@ -161,6 +161,36 @@ class OutOfOrderSequence(ProducerError):
     default_code = ErrorCode.OUT_OF_ORDER_SEQUENCE
 
 
+# -- queue groups (100-119) -----------------------------------------------------------
+
+
+class QueueError(NodiClientError):
+    """A queue-group request the server refused."""
+
+
+class QueueSettingsMismatch(QueueError):
+    default_code = ErrorCode.QUEUE_SETTINGS_MISMATCH
+
+
+class UnknownDelivery(QueueError):
+    default_code = ErrorCode.UNKNOWN_DELIVERY
+
+
+class StaleDelivery(QueueError):
+    """The message was delivered again (its lease ran out): this delivery cannot be
+    settled any more."""
+
+    default_code = ErrorCode.STALE_DELIVERY
+
+
+class DeliverySettled(QueueError):
+    default_code = ErrorCode.DELIVERY_SETTLED
+
+
+class UnknownQueueGroup(QueueError):
+    default_code = ErrorCode.UNKNOWN_QUEUE_GROUP
+
+
 # -- the server (80-99) and the connection ---------------------------------------------
 
 
@@ -219,6 +249,11 @@ _CLASSES: dict[ErrorCode, type[NodiClientError]] = {
     ErrorCode.OUT_OF_ORDER_SEQUENCE: OutOfOrderSequence,
     ErrorCode.SERVER_SHUTTING_DOWN: ServerShuttingDown,
     ErrorCode.INTERNAL: InternalServerError,
+    ErrorCode.QUEUE_SETTINGS_MISMATCH: QueueSettingsMismatch,
+    ErrorCode.UNKNOWN_DELIVERY: UnknownDelivery,
+    ErrorCode.STALE_DELIVERY: StaleDelivery,
+    ErrorCode.DELIVERY_SETTLED: DeliverySettled,
+    ErrorCode.UNKNOWN_QUEUE_GROUP: UnknownQueueGroup,
 }
 assert set(_CLASSES) == set(ErrorCode) - {ErrorCode.NONE}
 

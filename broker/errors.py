@@ -57,6 +57,12 @@ class ErrorCode(enum.IntEnum):
     # The server (80-99).
     SERVER_SHUTTING_DOWN = 80
     INTERNAL = 81
+    # Queue groups (100-119).
+    QUEUE_SETTINGS_MISMATCH = 100
+    UNKNOWN_DELIVERY = 101
+    STALE_DELIVERY = 102
+    DELIVERY_SETTLED = 103
+    UNKNOWN_QUEUE_GROUP = 104
 
 
 # The codes after which the byte stream can no longer be trusted: the connection closes.
@@ -135,6 +141,17 @@ ERROR_DESCRIPTIONS: dict[ErrorCode, tuple[str, str]] = {
         "the server is stopping; retry on a new connection",
     ),
     ErrorCode.INTERNAL: ("no", "an unexpected failure while handling one request (a server bug)"),
+    ErrorCode.QUEUE_SETTINGS_MISMATCH: (
+        "no",
+        "a queue receive gave settings that differ from the ones the group was created with",
+    ),
+    ErrorCode.UNKNOWN_DELIVERY: ("no", "a settle of an offset never delivered to this queue group"),
+    ErrorCode.STALE_DELIVERY: (
+        "no",
+        "a settle naming an older delivery of a message that was delivered again since",
+    ),
+    ErrorCode.DELIVERY_SETTLED: ("no", "a nack, in-progress or reject of a message already acked or dead-lettered"),
+    ErrorCode.UNKNOWN_QUEUE_GROUP: ("no", "no queue group by that name on that topic (receive creates one)"),
 }
 assert set(ERROR_DESCRIPTIONS) == set(ErrorCode)
 

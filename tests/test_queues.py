@@ -1,0 +1,349 @@
+"""The queue-group state machine (broker/queues.py), its settings and its persisted codec,
+driven with explicit times: no sleeping, no server."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nodi.broker.errors import ErrorCode, ProtocolError
+from nodi.broker.queue_settings import Backoff, QueueLimits, QueueSettings, cut_text
+from nodi.broker.queue_state import QueueStateError, decode_partition, encode_partition
+from nodi.broker.queues import DeadLetterReason, PartitionQueue, QueueGroup, SettleAction
+from nodi.storage.errors import InvalidConfigError
+
+NO_BACKOFF = Backoff.fixed([0])
+
+
+def make_queue(end: int = 100, *, window: int = 10_000, **overrides) -> PartitionQueue:
+    options = {"ack_wait_ms": 1_000, "max_deliveries": 3, "backoff": NO_BACKOFF, **overrides}
+    queue = PartitionQueue(0, QueueSettings(**options), QueueLimits(window_messages_max=window))
+    queue.set_log_bounds(0, end)
+    return queue
+
+
+def offsets(taken) -> list[int]:
+    return [t.offset for t in taken]
+
+
+def test_receive_leases_in_offset_order_and_ack_moves_the_floor() -> None:
+    queue = make_queue(10)
+    taken = queue.take(4, now_ms=0)
+    assert offsets(taken) == [0, 1, 2, 3]
+    assert all(t.delivery_count == 1 and t.lease_deadline_ms == 1_000 for t in taken)
+    queue.ack(1, 1)
+    assert queue.floor == 0  # 0 is still leased
+    queue.ack(0, 1)
+    assert queue.floor == 2
+    assert offsets(queue.take(100, now_ms=1)) == [4, 5, 6, 7, 8, 9]
+    assert queue.take(1, now_ms=2) == []
+
+
+def test_an_expired_lease_makes_the_message_available_again_with_a_higher_count() -> None:
+    queue = make_queue(2)
+    queue.take(2, now_ms=0)
+    queue.ack(1, 1)
+    assert not queue.tick(999)
+    assert queue.take(5, now_ms=999) == []
+    assert queue.tick(1_000)
+    (again,) = queue.take(5, now_ms=1_000)
+    assert (again.offset, again.delivery_count) == (0, 2)
+    assert queue.redelivered == 1 and queue.expired_leases == 1
+
+
+def test_a_stale_delivery_cannot_be_settled_but_an_expired_one_can_be_acked() -> None:
+    queue = make_queue(1)
+    queue.take(1, now_ms=0)
+    queue.tick(1_000)  # expired, not yet delivered again
+    queue.ack(0, 1)  # still the current delivery: accepted
+    assert queue.floor == 1
+    queue.ack(0, 1)  # acked twice: fine
+    with pytest.raises(ProtocolError) as raised:
+        queue.nack(0, 1, now_ms=0)
+    assert raised.value.code is ErrorCode.DELIVERY_SETTLED
+
+    queue = make_queue(1)
+    queue.take(1, now_ms=0)
+    queue.tick(1_000)
+    queue.take(1, now_ms=1_000)  # delivery 2
+    with pytest.raises(ProtocolError) as raised:
+        queue.ack(0, 1)
+    assert raised.value.code is ErrorCode.STALE_DELIVERY
+    with pytest.raises(ProtocolError) as raised:
+        queue.ack(5, 1)
+    assert raised.value.code is ErrorCode.UNKNOWN_DELIVERY
+
+
+def test_in_progress_extends_the_lease() -> None:
+    queue = make_queue(1)
+    queue.take(1, now_ms=0)
+    assert queue.in_progress(0, 1, now_ms=900) == 1_900
+    assert not queue.tick(1_500)
+    assert queue.tick(1_900)
+    assert offsets(queue.take(1, now_ms=1_900)) == [0]
+
+
+def test_nack_with_a_delay_waits_for_it_and_keeps_the_error() -> None:
+    queue = make_queue(2)
+    queue.take(2, now_ms=0)
+    queue.nack(0, 1, now_ms=10, delay_ms=500, error="database down")
+    assert offsets(queue.take(5, now_ms=20)) == []
+    assert not queue.tick(509)
+    assert queue.tick(510)
+    (again,) = queue.take(5, now_ms=510)
+    assert (again.offset, again.delivery_count) == (0, 2)
+    assert queue.pending[0].last_error == "database down"
+
+
+def test_nack_without_a_delay_uses_the_backoff_in_order() -> None:
+    queue = make_queue(1, max_deliveries=10, backoff=Backoff.fixed([100, 300, 700]))
+    now = 0
+    waits = []
+    for _ in range(5):
+        (taken,) = queue.take(1, now_ms=now)
+        queue.nack(0, taken.delivery_count, now_ms=now)
+        due = queue.next_deadline_ms()
+        waits.append(due - now)
+        now = due
+        queue.tick(now)
+    assert waits == [100, 300, 700, 700, 700]
+
+
+def test_exponential_backoff_grows_caps_and_jitter_only_adds() -> None:
+    backoff = Backoff.exponential(base_ms=100, factor=2.0, max_ms=1_000, jitter=0.5)
+    assert [backoff.nominal_delay_ms(n) for n in range(1, 7)] == [100, 200, 400, 800, 1_000, 1_000]
+    for retry in range(1, 7):
+        nominal = backoff.nominal_delay_ms(retry)
+        assert backoff.delay_ms(retry, lambda low, high: high) == nominal + nominal // 2
+        assert backoff.delay_ms(retry, lambda low, high: low) == nominal
+
+
+def test_max_deliveries_dead_letters_and_the_dead_letter_acks() -> None:
+    queue = make_queue(2, max_deliveries=2)
+    queue.take(2, now_ms=0)
+    queue.ack(1, 1)
+    queue.nack(0, 1, now_ms=0, error="first")
+    queue.take(1, now_ms=0)
+    queue.nack(0, 2, now_ms=5, error="second")  # the last delivery: dead
+    assert queue.take(1, now_ms=10) == []
+    (letter,) = queue.take_dead_letters(10)
+    assert letter.reason is DeadLetterReason.MAX_DELIVERIES
+    assert (letter.offset, letter.delivery_count, letter.last_error) == (0, 2, "second")
+    assert letter.first_delivery_ms == 0 and letter.last_delivery_ms == 0
+    assert queue.take_dead_letters(10) == []  # an append is under way
+    queue.dead_letter_failed(0)
+    assert [d.offset for d in queue.take_dead_letters(10)] == [0]
+    queue.dead_lettered(0)
+    assert queue.floor == 2 and not queue.pending
+
+
+def test_an_expired_last_lease_dead_letters() -> None:
+    queue = make_queue(1, max_deliveries=1)
+    queue.take(1, now_ms=0)
+    assert queue.tick(1_000)
+    (letter,) = queue.take_dead_letters(1)
+    assert letter.reason is DeadLetterReason.MAX_DELIVERIES
+
+
+def test_reject_dead_letters_with_the_reason() -> None:
+    queue = make_queue(1)
+    queue.take(1, now_ms=0)
+    queue.reject(0, 1, "malformed order")
+    (letter,) = queue.take_dead_letters(1)
+    assert letter.reason is DeadLetterReason.REJECTED and letter.last_error == "malformed order"
+    queue.ack(0, 1)  # an ack while it is being dead-lettered changes nothing
+    assert queue.pending
+
+
+def test_the_window_limit_holds_until_the_oldest_message_is_done() -> None:
+    queue = make_queue(1_000, window=10)
+    assert offsets(queue.take(100, now_ms=0)) == list(range(10))
+    assert queue.take(100, now_ms=0) == []
+    for offset in range(1, 10):
+        queue.ack(offset, 1)
+    assert queue.take(100, now_ms=0) == []  # offset 0 holds the floor
+    queue.ack(0, 1)
+    assert offsets(queue.take(100, now_ms=0)) == list(range(10, 20))
+
+
+def test_retention_past_the_floor_skips_what_it_removed() -> None:
+    queue = make_queue(10)
+    queue.take(3, now_ms=0)
+    queue.set_log_bounds(5, 10)
+    assert queue.floor == 5 and queue.next_offset == 5 and not queue.pending
+    assert offsets(queue.take(10, now_ms=0)) == [5, 6, 7, 8, 9]
+
+
+def test_skip_marks_a_gap_done() -> None:
+    queue = make_queue(3)
+    queue.take(3, now_ms=0)
+    queue.skip(0)
+    queue.ack(1, 1)
+    assert queue.floor == 2
+
+
+def test_group_receives_from_every_partition() -> None:
+    group = QueueGroup("g", "t", QueueSettings(), QueueLimits(), partitions=3)
+    for queue in group.partitions:
+        queue.set_log_bounds(0, 2)
+    taken = group.receive(100, now_ms=0)
+    assert sorted((t.partition, t.offset) for t in taken) == [(p, o) for p in range(3) for o in range(2)]
+    assert group.dirty == {0, 1, 2}
+    group.settle(SettleAction.ACK, 1, 0, 1, now_ms=0)
+    with pytest.raises(ProtocolError) as raised:
+        group.settle(SettleAction.ACK, 7, 0, 1, now_ms=0)
+    assert raised.value.code is ErrorCode.UNKNOWN_PARTITION
+    statistics = group.statistics()
+    assert statistics.delivered == 6 and statistics.acked == 1
+
+
+def test_settings_are_checked() -> None:
+    with pytest.raises(InvalidConfigError):
+        QueueSettings(ack_wait_ms=0).validate()
+    with pytest.raises(InvalidConfigError):
+        QueueSettings(max_deliveries=0).validate()
+    with pytest.raises(InvalidConfigError):
+        Backoff(multiplier_percent=50).validate()
+    with pytest.raises(InvalidConfigError):
+        Backoff.fixed([-1]).validate()
+    with pytest.raises(InvalidConfigError):
+        Backoff.fixed(range(200)).validate()
+    assert QueueSettings().dead_letter_topic_for("orders") == "orders.dlq"
+    assert QueueSettings(dead_letter_topic="dead").dead_letter_topic_for("orders") == "dead"
+    assert cut_text("é" * 10, 5) == "éé"
+
+
+def test_state_round_trips_and_a_lease_survives_as_a_not_before_time() -> None:
+    queue = make_queue(10, max_deliveries=2)
+    queue.take(6, now_ms=0)
+    queue.ack(0, 1)
+    queue.ack(2, 1)
+    queue.nack(1, 1, now_ms=0, delay_ms=5_000, error="later")
+    queue.reject(3, 1, "bad")
+    decoded = decode_partition(encode_partition(queue))
+    assert (decoded.floor, decoded.next_offset) == (1, 6)
+    assert decoded.settings == queue.settings
+    by_offset = {d.offset: d for d in decoded.deliveries}
+    assert sorted(by_offset) == [1, 3, 4, 5]
+    assert by_offset[1].not_before_ms == 5_000 and by_offset[1].last_error == "later"
+    assert by_offset[3].reason is DeadLetterReason.REJECTED
+    assert by_offset[4].not_before_ms == 1_000  # the lease deadline
+
+    restored = PartitionQueue(0, decoded.settings, QueueLimits(), decoded.floor, decoded.next_offset)
+    restored.set_log_bounds(0, 10)
+    for delivery in decoded.deliveries:
+        restored.restore(delivery, now_ms=100)
+    assert [d.offset for d in restored.take_dead_letters(10)] == [3]
+    assert offsets(restored.take(10, now_ms=100)) == [6, 7, 8, 9]  # 4, 5: their old leases run
+    restored.tick(1_000)
+    again = restored.take(10, now_ms=1_000)
+    assert [(t.offset, t.delivery_count) for t in again] == [(4, 2), (5, 2)]
+
+
+def test_a_restored_message_at_its_last_delivery_is_dead_lettered() -> None:
+    queue = make_queue(1, max_deliveries=1)
+    queue.take(1, now_ms=0)
+    decoded = decode_partition(encode_partition(queue))
+    restored = PartitionQueue(0, decoded.settings, QueueLimits(), decoded.floor, decoded.next_offset)
+    for delivery in decoded.deliveries:
+        restored.restore(delivery, now_ms=5_000)
+    assert [d.reason for d in restored.take_dead_letters(1)] == [DeadLetterReason.MAX_DELIVERIES]
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=80))
+def test_garbage_state_raises_only_queue_state_error(data) -> None:
+    with pytest.raises(QueueStateError):
+        decode_partition(data)
+    encoded = encode_partition(make_queue(3))
+    with pytest.raises(QueueStateError):
+        decode_partition(encoded + b"x")
+
+
+# ---------------------------------------------------------------------------
+# A model: random receives, settles, ticks and restarts never lose or duplicate an ack.
+
+OPERATIONS = st.lists(
+    st.tuples(st.sampled_from(["take", "ack", "nack", "progress", "reject", "tick", "dead", "restart"]),
+              st.integers(0, 20), st.integers(0, 3_000)),
+    max_size=60,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(OPERATIONS)
+def test_model_every_message_ends_acked_or_dead_lettered_exactly_once(operations) -> None:
+    end = 15
+    queue = make_queue(end, window=6, max_deliveries=3, backoff=Backoff.fixed([50, 200]))
+    now = 0
+    acked: set[int] = set()
+    dead: set[int] = set()
+    leased: dict[int, int] = {}  # offset -> delivery count the consumer holds
+    counts: dict[int, int] = {}
+    for name, number, step in operations:
+        now += step // 10
+        if name == "take":
+            for taken in queue.take(number % 4 + 1, now):
+                assert taken.offset not in acked and taken.offset not in dead
+                assert taken.delivery_count == counts.get(taken.offset, 0) + 1
+                assert taken.offset - queue.floor < 6
+                counts[taken.offset] = taken.delivery_count
+                leased[taken.offset] = taken.delivery_count
+        elif name in ("ack", "nack", "progress", "reject") and leased:
+            offset = sorted(leased)[number % len(leased)]
+            count = leased.pop(offset)
+            try:
+                if name == "ack":
+                    queue.ack(offset, count)
+                    if offset not in dead and offset in queue.pending:
+                        pass
+                    elif offset not in dead:
+                        acked.add(offset)
+                elif name == "nack":
+                    queue.nack(offset, count, now)
+                elif name == "progress":
+                    queue.in_progress(offset, count, now)
+                    leased[offset] = count
+                else:
+                    queue.reject(offset, count, "no")
+            except ProtocolError as error:
+                assert error.code in (ErrorCode.STALE_DELIVERY, ErrorCode.DELIVERY_SETTLED)
+        elif name == "tick":
+            queue.tick(now)
+        elif name == "dead":
+            for letter in queue.take_dead_letters(number % 3 + 1):
+                assert letter.offset not in acked and letter.offset not in dead
+                if step % 2:
+                    queue.dead_letter_failed(letter.offset)
+                else:
+                    queue.dead_lettered(letter.offset)
+                    dead.add(letter.offset)
+        else:  # restart: the state goes through its codec, leases are lost
+            decoded = decode_partition(encode_partition(queue))
+            queue = PartitionQueue(0, decoded.settings, queue.limits, decoded.floor, decoded.next_offset)
+            queue.set_log_bounds(0, end)
+            for delivery in decoded.deliveries:
+                queue.restore(delivery, now)
+        for offset in range(queue.floor):
+            assert offset not in queue.pending
+        assert all(queue.floor <= offset < queue.next_offset for offset in queue.pending)
+        done = set(range(queue.next_offset)) - set(queue.pending)
+        assert acked | dead <= done
+        assert not acked & dead
+    # Drain: everything ends done, nothing twice.
+    for _ in range(200):
+        now += 10_000
+        queue.tick(now)
+        for letter in queue.take_dead_letters(100):
+            assert letter.offset not in acked and letter.offset not in dead
+            queue.dead_lettered(letter.offset)
+            dead.add(letter.offset)
+        for taken in queue.take(100, now):
+            assert taken.offset not in acked and taken.offset not in dead
+            queue.ack(taken.offset, taken.delivery_count)
+            acked.add(taken.offset)
+        if queue.floor == end:
+            break
+    assert queue.floor == end and not queue.pending
+    assert acked | dead == set(range(end)) and not acked & dead
