@@ -72,7 +72,7 @@ class Broker:
         self.store = store
         self.config = config
         self.coordinator = GroupCoordinator(
-            store.metadata, self._partition_count, lambda: int(time.monotonic() * 1000)
+            store.metadata, self._partition_count, lambda: int(time.monotonic() * 1000), config.groups
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: asyncio.TaskGroup | None = None

@@ -55,21 +55,28 @@ def serve(
     metrics_port: int = typer.Option(
         None, "--metrics-port", help="Prometheus endpoint port; 0 picks a free one, -1 disables (default: 6635)."
     ),
-    config: str = typer.Option(None, "--config", help="A TOML file of settings with server, topic_defaults and protocol tables."),
+    config: str = typer.Option(
+        None, "--config", help="A TOML file of settings with server, topic_defaults, protocol and groups tables."
+    ),
     print_config: bool = typer.Option(False, "--print-config", help="Print the effective settings as JSON and exit."),
+    log_level: str = typer.Option(None, "--log-level", help="debug, info, warning or error (default: info)."),
+    log_json: bool = typer.Option(
+        None, "--log-json/--log-plain", help="Log one JSON object per line on stderr (default: plain lines)."
+    ),
 ) -> None:
     """Run the broker until SIGTERM or SIGINT (a clean shutdown: the next start needs
     no recovery). Settings: defaults < --config file < NODI_* environment < flags."""
     import json
-    import logging
 
     from nodi.broker.config import load_config
+    from nodi.broker.logs import configure_logging
     from nodi.broker.server import run
     from nodi.storage.errors import NodiError
 
     try:
         settings = load_config(
-            config, data_dir=data_dir, host=host, port=port, metrics_port=metrics_port
+            config, data_dir=data_dir, host=host, port=port, metrics_port=metrics_port,
+            log_level=log_level, log_json=log_json,
         )
     except NodiError as error:
         typer.echo(f"nodi serve: {error}", err=True)
@@ -77,7 +84,7 @@ def serve(
     if print_config:
         typer.echo(json.dumps(settings.to_dict(), indent=2, sort_keys=True, default=str))
         return
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, json_lines=settings.log_json)
     try:
         run(settings, announce=lambda line: typer.echo(line))
     except OSError as error:
