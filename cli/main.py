@@ -10,6 +10,7 @@ from nodi.cli import messaging
 from nodi.cli.common import state_of
 from nodi.cli.groups import app as groups_app
 from nodi.cli.segments import app as segments_app
+from nodi.cli.status import register as register_status
 from nodi.cli.topics import app as topics_app
 
 app = typer.Typer(
@@ -22,6 +23,7 @@ app.add_typer(segments_app, name="segments")
 app.add_typer(topics_app, name="topic")
 app.add_typer(groups_app, name="group")
 messaging.register(app)
+register_status(app)
 
 
 def _version_callback(value: bool) -> None:

@@ -1,0 +1,162 @@
+"""`nodi status`: one look at a running broker - the server (address, version, uptime,
+data directory, disk, connections), its topics (partitions, messages, bytes), its
+consumer groups with their lag, and the dead-letter topics (*.dlq) with what they hold.
+A table for people, --json for scripts."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from nodi.cli.common import command, connect, print_table
+
+DEAD_LETTER_SUFFIX = ".dlq"
+
+
+def register(app: typer.Typer) -> None:
+    """Add `status` to the top-level `nodi` app."""
+    command(app, "status")(status_command)
+
+
+def _snapshot(client) -> dict:
+    """Everything `nodi status` shows, as plain data (the --json document)."""
+    from nodi.broker.client_errors import UnknownGroup, UnknownTopic
+
+    status = client.server_status()
+    topics = []
+    for summary in client.list_topics():
+        try:
+            description = client.describe_topic(summary.name)
+        except UnknownTopic:  # deleted since the listing
+            continue
+        partitions = description.partitions
+        topics.append({
+            "topic": description.name,
+            "partitions": len(partitions),
+            # Offsets still stored: records, less any a compaction removed.
+            "messages": sum(p.log_end_offset - p.log_start_offset for p in partitions),
+            "bytes": sum(p.size for p in partitions),
+            "segments": sum(p.segments for p in partitions),
+            "end_offsets": [p.log_end_offset for p in partitions],
+        })
+    groups = []
+    for summary in client.list_groups():
+        try:
+            description = client.describe_group(summary.group)
+        except UnknownGroup:
+            continue
+        lags = [
+            {"topic": lag.topic, "partition": lag.partition, "committed_offset": lag.committed_offset,
+             "high_watermark": lag.high_watermark, "lag": lag.lag}
+            for lag in sorted(description.lags, key=lambda lag: (lag.topic, lag.partition))
+        ]
+        known = [entry["lag"] for entry in lags if entry["lag"] is not None]
+        groups.append({
+            "group": description.group,
+            "state": description.state,
+            "members": len(description.members),
+            "lag": sum(known) if known else None,
+            "partitions": lags,
+        })
+    return {
+        "server": {
+            "address": client.address,
+            "server_id": status.server_id,
+            "version": status.version,
+            "started_time_ms": status.started_time_ms,
+            "uptime_ms": status.uptime_ms,
+            "data_dir": status.data_dir,
+            "disk_free_bytes": status.disk_free_bytes,
+            "disk_total_bytes": status.disk_total_bytes,
+            "connections_open": status.connections_open,
+            "connections_accepted": status.connections_accepted,
+            "connections_refused": status.connections_refused,
+            "read_only_partitions": status.read_only_partitions,
+        },
+        "topics": topics,
+        "groups": groups,
+        "dead_letter_topics": [
+            {"topic": topic["topic"], "messages": topic["messages"]}
+            for topic in topics if topic["topic"].endswith(DEAD_LETTER_SUFFIX)
+        ],
+    }
+
+
+def _duration(milliseconds: int) -> str:
+    seconds = max(milliseconds, 0) // 1000
+    days, seconds = divmod(seconds, 86_400)
+    hours, seconds = divmod(seconds, 3_600)
+    minutes, seconds = divmod(seconds, 60)
+    parts = [(days, "d"), (hours, "h"), (minutes, "m"), (seconds, "s")]
+    shown = [f"{value}{unit}" for value, unit in parts if value] or ["0s"]
+    return " ".join(shown[:2])
+
+
+def _size(count: int | None) -> str:
+    if count is None:
+        return "-"
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{count} B"  # not reached
+
+
+def _print(snapshot: dict) -> None:
+    server = snapshot["server"]
+    disk = "-"
+    if server["disk_free_bytes"] is not None and server["disk_total_bytes"]:
+        percent = 100 * server["disk_free_bytes"] / server["disk_total_bytes"]
+        disk = f"{_size(server['disk_free_bytes'])} free of {_size(server['disk_total_bytes'])} ({percent:.0f}%)"
+    read_only = ", ".join(
+        f"{topic}-{partition}" for topic, partitions in server["read_only_partitions"].items() for partition in partitions
+    )
+    print_table(("SERVER", ""), [
+        ("address", server["address"]),
+        ("version", f"nodi {server['version']} ({server['server_id']})"),
+        ("uptime", _duration(server["uptime_ms"])),
+        ("data dir", server["data_dir"]),
+        ("disk", disk),
+        ("connections", f"{server['connections_open']} open, {server['connections_accepted']} accepted, "
+                        f"{server['connections_refused']} refused"),
+        ("read-only", read_only or "none"),
+    ])
+    typer.echo("")
+    print_table(("TOPIC", "PARTITIONS", "MESSAGES", "BYTES", "SEGMENTS"), [
+        (topic["topic"], topic["partitions"], topic["messages"], topic["bytes"], topic["segments"])
+        for topic in snapshot["topics"]
+    ])
+    typer.echo("")
+    print_table(("GROUP", "STATE", "MEMBERS", "LAG", "BEHIND"), [
+        (group["group"], group["state"], group["members"], group["lag"],
+         " ".join(f"{entry['topic']}-{entry['partition']}:{entry['lag']}"
+                  for entry in group["partitions"] if entry["lag"]) or "-")
+        for group in snapshot["groups"]
+    ])
+    typer.echo("")
+    print_table(("DEAD-LETTER TOPIC", "MESSAGES"), [
+        (entry["topic"], entry["messages"]) for entry in snapshot["dead_letter_topics"]
+    ])
+
+
+def status_command(
+    ctx: typer.Context,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")] = False,
+) -> None:
+    """Show a running broker at a glance: the server (address, version, uptime, data
+    directory, free disk, connections, read-only partitions), every topic (partitions,
+    messages stored, bytes, segments), every consumer group (state, members, total lag
+    and the partitions behind) and the dead-letter topics (names ending in .dlq) with
+    the messages they hold.
+
+    Exit status 1 when the broker cannot be reached.
+    """
+    with connect(ctx) as client:
+        snapshot = _snapshot(client)
+    if json_output:
+        typer.echo(json.dumps(snapshot, indent=2, sort_keys=True))
+        return
+    _print(snapshot)
