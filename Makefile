@@ -23,8 +23,16 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
+# The bench extra (redis-py) for `nodi bench`'s Redis comparison; redis-server comes from
+# the system (Debian: apt-get install -y redis-server), else nodi is reported alone.
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): pyproject.toml | $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(STAMP) $(BENCH_STAMP)
 	$(BIN)/python tools/storage_bench.py
+	$(BIN)/nodi bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info

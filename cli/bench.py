@@ -1,0 +1,62 @@
+"""`nodi bench`: the broker benchmark, tools/broker_bench.py, run with the same options.
+
+    nodi bench --quick                     # a seconds-long smoke run
+    nodi bench --json-out results.json     # the full run (about a minute)
+    nodi --server HOST:PORT bench          # measure a running broker
+
+The tool lives in the source tree (tools/ is not installed), so this command needs a
+checkout installed in development mode (`pip install -e .`); redis-py for the Redis
+comparison comes with the `bench` extra (`pip install -e '.[bench]'`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import typer
+
+from nodi.cli.common import fail, state_of
+
+TOOL = Path(__file__).resolve().parent.parent / "tools" / "broker_bench.py"
+
+
+def _load_tool():
+    if not TOOL.is_file():
+        raise fail(f"nodi bench: {TOOL} not found: the benchmark runs from a source checkout (pip install -e .)")
+    spec = importlib.util.spec_from_file_location("nodi_broker_bench", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench(ctx: typer.Context) -> None:
+    """Benchmark produce, consume and latency beside the disk's limits and Redis.
+
+    Runs tools/broker_bench.py with the same options; `nodi bench --help` lists them."""
+    arguments = list(ctx.args)
+    root = ctx.find_root()
+    # Only an explicit `nodi --server`: NODI_SERVER alone must not stop the bench from
+    # starting its own server.
+    source = root.get_parameter_source("server")
+    if getattr(source, "name", None) == "COMMANDLINE" and "--server" not in arguments:
+        arguments = ["--server", state_of(ctx).server, *arguments]
+    try:
+        code = _load_tool().main(arguments)
+    except SystemExit as exit_:  # argparse: --help, or a usage error
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
+    raise typer.Exit(code or 0)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `bench` to the nodi command; its options go to the tool's own parser."""
+    app.command(
+        "bench",
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+        add_help_option=False,
+    )(bench)
+
+
+__all__ = ["register", "bench"]
