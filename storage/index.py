@@ -100,14 +100,20 @@ class SparseIndex:
             self._file_entries = self._file.size() // self.ENTRY.size
         return self._file
 
+    def pin(self) -> None:
+        """Open the file now (when there is one): lookups keep reading it after a
+        rename replaces the file at `path` (Segment.pin_files)."""
+        if self._file is None and self.fs.exists(self.path):
+            self._open()
+
     def _entry_count(self) -> int:
-        if not self.fs.exists(self.path):
+        if self._file is None and not self.fs.exists(self.path):
             return 0
         self._open()
         return self._file_entries
 
     def _read_all(self) -> bytes:
-        if not self.fs.exists(self.path):
+        if self._file is None and not self.fs.exists(self.path):
             return b""
         file = self._open()
         size = file.size()

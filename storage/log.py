@@ -562,6 +562,26 @@ class Log:
                     raise self._error from error
         return deleted
 
+    def replace_sealed_segment(self, old: Segment, install: Callable[[], Segment]) -> bool:
+        """Compaction's swap of one sealed segment (storage/compaction.py, I14, I15).
+        Under the lock, so reads and retention see the old segment or the new one:
+        `install()` renames the files and returns the new segment, which takes the old
+        one's place. A reader that took the old one keeps its open files. False, and
+        nothing done, when `old` is no longer a sealed segment of this log."""
+        with self._lock:
+            self._check_writable()
+            number = next((n for n, segment in enumerate(self._segments) if segment is old), None)
+            if number is None or number == len(self._segments) - 1:
+                return False
+            try:
+                fresh = install()
+            except OSError as error:  # a failed rename or directory fsync (I9)
+                self._fail_locked(LogReadOnlyError(f"compaction swap of {old.log_path} failed: {error}"))
+                raise self._error from error
+            assert fresh.base_offset == old.base_offset
+            self._segments[number] = fresh
+        return True
+
     # -- read -----------------------------------------------------------------------
 
     def read(self, offset: int, bytes_max: int, *, end_offset: int | None = None) -> ReadResult:

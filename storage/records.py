@@ -296,10 +296,12 @@ def encode_records(
     base_timestamp: int,
     now_ms: int,
     limits: RecordLimits = DEFAULT_RECORD_LIMITS,
+    offset_deltas: Sequence[int] | None = None,
 ) -> tuple[bytes, int]:
     """Encode the records section (uncompressed). A record without a timestamp gets
-    `now_ms`. Returns (bytes, max_timestamp): the greatest record timestamp
-    (base_timestamp when there is no record).
+    `now_ms`. Record i gets offset delta i, or offset_deltas[i] (compaction keeps the
+    original offsets of the records it retains). Returns (bytes, max_timestamp): the
+    greatest record timestamp (base_timestamp when there is no record).
     The one per-record loop on the producer's hot path: keep it lean."""
     varint = _encode_varint
     one_byte = _ONE_BYTE
@@ -309,7 +311,7 @@ def encode_records(
     parts: list[bytes] = []
     append = parts.append
     max_timestamp = INT64_MIN if records else base_timestamp
-    for offset_delta, record in enumerate(records):
+    for offset_delta, record in enumerate(records) if offset_deltas is None else zip(offset_deltas, records):
         key, value, headers, timestamp_ms = record
         if timestamp_ms is None:
             timestamp_ms = now_ms
@@ -376,9 +378,13 @@ def build_batch(
     base_timestamp: int | None = None,
     attributes: int = 0,
     limits: RecordLimits = DEFAULT_RECORD_LIMITS,
+    offset_deltas: Sequence[int] | None = None,
+    last_offset_delta: int | None = None,
 ) -> bytes:
     """One RecordBatch v2 holding `records` (each a NewRecord or a
-    (key, value, headers, timestamp_ms) tuple) with a valid CRC."""
+    (key, value, headers, timestamp_ms) tuple) with a valid CRC. Offsets are dense
+    unless `offset_deltas` (increasing) and `last_offset_delta` say otherwise: a
+    compacted batch keeps its records' original offsets and its original offset range."""
     if not records:
         raise InvalidRecordError("a batch needs at least one record")
     if len(records) > limits.records_per_batch_max:
@@ -395,7 +401,17 @@ def build_batch(
         if len(stamps) < len(records):
             stamps.append(now_ms)
         base_timestamp = min(stamps)
-    body, max_timestamp = encode_records(records, base_timestamp, now_ms, limits)
+    if offset_deltas is not None and (
+        len(offset_deltas) != len(records)
+        or any(later <= earlier for earlier, later in zip(offset_deltas, offset_deltas[1:]))
+        or offset_deltas[0] < 0
+    ):
+        raise InvalidRecordError("offset_deltas must be one non-negative, increasing delta per record")
+    if last_offset_delta is None:
+        last_offset_delta = len(records) - 1 if offset_deltas is None else offset_deltas[-1]
+    elif last_offset_delta < (len(records) - 1 if offset_deltas is None else offset_deltas[-1]):
+        raise InvalidRecordError(f"last_offset_delta {last_offset_delta} is below the last record's delta")
+    body, max_timestamp = encode_records(records, base_timestamp, now_ms, limits, offset_deltas)
     if compression == Compression.GZIP:
         body = gzip_compress(body)
     attributes = (attributes & ~ATTRIBUTE_CODEC_MASK) | int(compression)
@@ -407,7 +423,7 @@ def build_batch(
             MAGIC,
             0,
             attributes,
-            len(records) - 1,
+            last_offset_delta,
             base_timestamp,
             max_timestamp,
             producer_id,

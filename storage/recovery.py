@@ -98,11 +98,25 @@ def clean_directory(fs: FileSystem, directory: str, findings: _Findings) -> list
             fs.unlink(path)
             findings.removed_files.append(name)
             changed = True
-    for name in fs.list_directory(directory):
-        if name.endswith(SWAP_SUFFIX):
-            # A swap file was complete before it was renamed to .swap: finish the swap.
-            fs.rename(os.path.join(directory, name), os.path.join(directory, name[: -len(SWAP_SUFFIX)]))
+    # Compaction's swap (storage/compaction.py, I14): a `.log.swap` was complete and
+    # fsynced before it got that name, so it commits the swap: finish it. The segment's
+    # indexes are dropped, whichever generation they are, and rebuilt from the new
+    # `.log` by load_sealed (I6). Any other `.swap` belongs to a committed swap (and is
+    # dropped with its indexes) or to one that never committed (the old files stand).
+    names = fs.list_directory(directory)
+    committed = [name for name in names if name.endswith(LOG_SUFFIX + SWAP_SUFFIX)]
+    for name in names:
+        if name.endswith(SWAP_SUFFIX) and name not in committed:
+            fs.unlink(os.path.join(directory, name))
+            findings.removed_files.append(name)
             changed = True
+    for name in committed:
+        stem = name[: -len(LOG_SUFFIX + SWAP_SUFFIX)]
+        for suffix in (INDEX_SUFFIX, TIME_INDEX_SUFFIX):
+            if fs.exists(os.path.join(directory, stem + suffix)):
+                fs.unlink(os.path.join(directory, stem + suffix))
+        fs.rename(os.path.join(directory, name), os.path.join(directory, stem + LOG_SUFFIX))
+        changed = True
     names = fs.list_directory(directory)
     bases = sorted(base for base in map(parse_segment_name, names) if base is not None)
     logs = {f"{base:020d}" for base in bases}

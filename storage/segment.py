@@ -120,14 +120,16 @@ class BatchScanner:
 class Segment:
     """A segment's files and what is known about them. The Log owns all mutation."""
 
-    def __init__(self, fs: FileSystem, directory: str, base_offset: int) -> None:
+    def __init__(self, fs: FileSystem, directory: str, base_offset: int, *, suffix: str = "") -> None:
+        """`suffix` names a segment being built beside the live one (compaction writes
+        `.log.cleaned`, `.index.cleaned`, `.timeindex.cleaned`)."""
         self.fs = fs
         self.directory = directory
         self.base_offset = base_offset
         stem = os.path.join(directory, segment_name(base_offset))
-        self.log_path = stem + LOG_SUFFIX
-        self.index = OffsetIndex(fs, stem + INDEX_SUFFIX)
-        self.time_index = TimeIndex(fs, stem + TIME_INDEX_SUFFIX)
+        self.log_path = stem + LOG_SUFFIX + suffix
+        self.index = OffsetIndex(fs, stem + INDEX_SUFFIX + suffix)
+        self.time_index = TimeIndex(fs, stem + TIME_INDEX_SUFFIX + suffix)
         self.file: File | None = None
         self.size = 0
         # One past the last offset held; base_offset while empty.
@@ -227,6 +229,15 @@ class Segment:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+    def pin_files(self) -> None:
+        """Open every file of this segment now, so this object keeps reading these
+        inodes after a rename puts other files at its paths (compaction's swap): a
+        reader holding it sees the old segment whole, never old bytes with a new index."""
+        if self.file is None:  # detached: retention removed it; nothing to pin
+            return
+        self.index.pin()
+        self.time_index.pin()
 
     def detach(self) -> None:
         """Forget the files without closing the `.log` descriptor: a reader may still be

@@ -1,0 +1,617 @@
+"""Log compaction: a compacted topic keeps the latest record of each key (Kafka's log
+cleaner; docs/storage-format.md "Compaction", invariants I13-I15 in docs/fault-model.md).
+
+One run over one log, pass after pass until the dirty part is covered:
+
+1. The first dirty offset comes from the log's `compaction.checkpoint`: below it (the
+   clean head) each key appears at most once; from it to the active segment's base (or
+   the end a caller asks for) is the dirty part. The active segment is never touched.
+2. Map: every keyed record from the first dirty offset on is put into a key map
+   (xxh3-128 digest of the key -> latest offset), within key_map_bytes_max. When the map
+   is full the pass covers the dirty part only up to `map_end`, the first offset whose
+   key did not fit; the next pass starts there.
+3. Clean: every sealed segment holding offsets below `map_end` is recopied without the
+   records the map supersedes (same key, lower offset) and without tombstones (null
+   value) whose delete horizon has passed. A tombstone that stays marks its batch with
+   Kafka's delete-horizon attribute (bit 6, base_timestamp = now + delete_retention_ms)
+   the first time a pass sees it. Kept records keep their offsets (gaps appear, order is
+   kept); each rewritten batch keeps its base offset and last offset delta, so consumers
+   and producer state see the same offset ranges. A segment with nothing to change is
+   not rewritten.
+4. Swap, one segment at a time (I14): `.cleaned` files written and fsynced, renamed to
+   `.swap` (the `.log.swap` commits), old files renamed to `.deleted`, `.swap` renamed to
+   the final names, directory fsynced, `.deleted` unlinked. Log.open finishes or undoes
+   each step (storage/recovery.py). The log's list of segments changes under its lock
+   and readers keep the old segment's open files (I15).
+5. The checkpoint moves to `map_end`.
+
+    compaction.checkpoint (24 bytes, big-endian; written with write_file_atomically)
+      0  4  magic "NDCO"
+      4  2  version (1)
+      6  2  reserved (0)
+      8  8  first dirty offset: below it each key appears at most once
+     16  4  reserved (0)
+     20  4  CRC-32C of bytes 0..19
+
+A missing or damaged checkpoint reads as "everything is dirty" (I6: a cache, never
+believed over the log), which costs a longer run, never a wrong one.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import crc32c as _crc32c
+import xxhash
+
+from .config import DAY_MS
+from .errors import (
+    CorruptBatchError,
+    CorruptSegmentError,
+    InvalidConfigError,
+    InvalidRecordError,
+    LimitExceededError,
+    NodiError,
+)
+from .fileio import read_whole_file, write_file_atomically
+from .limits import MIB, RecordLimits
+from .log import Log
+from .records import (
+    ATTRIBUTE_DELETE_HORIZON,
+    BatchHeader,
+    build_batch,
+    decode_records,
+    iter_batches,
+    parse_header,
+)
+from .recovery import CLEANED_SUFFIX, SWAP_SUFFIX
+from .segment import DELETED_SUFFIX, BatchScanner, Segment
+
+COMPACTION_CHECKPOINT_FILE = "compaction.checkpoint"
+# What one key map entry costs in this process: a 16-byte digest object, an int and a
+# dict slot, with room for the dict's growth (measured ~133 bytes; docs/benchmarks.md).
+KEY_MAP_ENTRY_BYTES = 160
+# Output of a rewritten segment is written in pieces of about this size.
+WRITE_CHUNK_BYTES = 1 * MIB
+# How often (bytes read) a run reports progress and checks for cancellation.
+PROGRESS_STEP_BYTES = 4 * MIB
+
+_CHECKPOINT = struct.Struct(">4sHHqI")
+_CRC = struct.Struct(">I")
+_MAGIC = b"NDCO"
+_VERSION = 1
+
+ProgressCallback = Callable[[int, int], None]
+
+
+class KeyRequiredError(InvalidRecordError):
+    """A record without a key sent to a compacted topic (compaction keeps one record
+    per key; a keyless record has none)."""
+
+
+class CompactionCancelledError(NodiError):
+    """The run was stopped (server shutdown) before it finished; what it swapped in is
+    complete, the rest is left for the next run."""
+
+
+@dataclass(frozen=True, slots=True)
+class CompactionConfig:
+    # Memory for the key map of one pass; a smaller budget means more passes.
+    key_map_bytes_max: int = 64 * MIB
+    # How long a tombstone stays after the first pass has seen it.
+    delete_retention_ms: int = DAY_MS
+
+    def __post_init__(self) -> None:
+        if self.key_map_bytes_max < KEY_MAP_ENTRY_BYTES:
+            raise InvalidConfigError(
+                f"key_map_bytes_max {self.key_map_bytes_max} holds no entry ({KEY_MAP_ENTRY_BYTES} bytes each)"
+            )
+        if self.delete_retention_ms < 0:
+            raise InvalidConfigError(f"delete_retention_ms {self.delete_retention_ms} must be >= 0")
+
+    @property
+    def key_map_entries_max(self) -> int:
+        return self.key_map_bytes_max // KEY_MAP_ENTRY_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class CompactionResult:
+    """What one run over one log did."""
+
+    directory: str
+    passes: int
+    segments_rewritten: int
+    bytes_read: int
+    bytes_written: int
+    bytes_reclaimed: int
+    records_removed: int
+    tombstones_removed: int
+    duration_ms: float
+    # The first dirty offset before and after the run.
+    first_dirty_offset_before: int
+    first_dirty_offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class CompactionStatistics:
+    runs: int = 0
+    passes: int = 0
+    segments_rewritten: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    bytes_reclaimed: int = 0
+    records_removed: int = 0
+    tombstones_removed: int = 0
+    duration_ms: float = 0.0
+    failures: int = 0
+
+    def plus(self, result: CompactionResult) -> CompactionStatistics:
+        return CompactionStatistics(
+            runs=self.runs + 1,
+            passes=self.passes + result.passes,
+            segments_rewritten=self.segments_rewritten + result.segments_rewritten,
+            bytes_read=self.bytes_read + result.bytes_read,
+            bytes_written=self.bytes_written + result.bytes_written,
+            bytes_reclaimed=self.bytes_reclaimed + result.bytes_reclaimed,
+            records_removed=self.records_removed + result.records_removed,
+            tombstones_removed=self.tombstones_removed + result.tombstones_removed,
+            duration_ms=self.duration_ms + result.duration_ms,
+            failures=self.failures,
+        )
+
+
+# ---------------------------------------------------------------------------
+# The compaction checkpoint (one codec: layout in the module docstring)
+
+
+def encode_compaction_checkpoint(first_dirty_offset: int) -> bytes:
+    body = _CHECKPOINT.pack(_MAGIC, _VERSION, 0, first_dirty_offset, 0)
+    return body + _CRC.pack(_crc32c.crc32c(body))
+
+
+def decode_compaction_checkpoint(data: bytes) -> int | None:
+    """The first dirty offset, or None for anything but a whole version-1 checkpoint."""
+    if len(data) != _CHECKPOINT.size + _CRC.size:
+        return None
+    body = data[: _CHECKPOINT.size]
+    if _crc32c.crc32c(body) != _CRC.unpack_from(data, _CHECKPOINT.size)[0]:
+        return None
+    magic, version, _reserved, offset, _more = _CHECKPOINT.unpack(body)
+    if magic != _MAGIC or version != _VERSION or offset < 0:
+        return None
+    return offset
+
+
+def read_first_dirty_offset(log: Log) -> int:
+    """The checkpoint's first dirty offset, clamped into [log start, active base]."""
+    data = read_whole_file(log.fs, os.path.join(log.directory, COMPACTION_CHECKPOINT_FILE))
+    offset = None if data is None else decode_compaction_checkpoint(data)
+    segments = log.segments
+    if offset is None:
+        return segments[0].base_offset
+    return min(max(offset, segments[0].base_offset), segments[-1].base_offset)
+
+
+def dirty_ratio(log: Log) -> float:
+    """Bytes of sealed segments holding dirty offsets over all sealed bytes (the active
+    segment counts in neither); 0.0 when nothing is sealed."""
+    first_dirty = read_first_dirty_offset(log)
+    sealed = log.segments[:-1]
+    total = sum(segment.size for segment in sealed)
+    if total == 0:
+        return 0.0
+    dirty = sum(segment.size for segment in sealed if segment.next_offset > first_dirty)
+    return dirty / total
+
+
+def require_keys(data: bytes | bytearray | memoryview, limits: RecordLimits) -> None:
+    """Refuse batches for a compacted topic that hold a record without a key."""
+    for header, batch in iter_batches(data, limits):
+        for record in decode_records(batch, header, limits):
+            if record.key is None:
+                raise KeyRequiredError(
+                    f"record at offset delta {record.offset - header.base_offset} has no key; "
+                    "a compacted topic needs a key on every record"
+                )
+
+
+# ---------------------------------------------------------------------------
+# One run
+
+
+@dataclass
+class _Counters:
+    bytes_read: int = 0
+    bytes_written: int = 0
+    bytes_reclaimed: int = 0
+    records_removed: int = 0
+    tombstones_removed: int = 0
+    segments_rewritten: int = 0
+    progress_total: int = 0
+    progress_reported: int = -PROGRESS_STEP_BYTES
+
+
+@dataclass
+class _Pass:
+    """What a clean pass needs to decide each record's fate."""
+
+    offsets: dict[bytes, int]
+    map_end: int
+    now_ms: int
+    horizon_ms: int  # the delete horizon stamped on batches whose tombstones stay
+
+
+class Compactor:
+    """Runs compaction of logs (any thread) and keeps statistics per log directory.
+    One run per log at a time; runs of different logs may overlap."""
+
+    def __init__(self, config: CompactionConfig | None = None, *, clock_ms: Callable[[], int] | None = None) -> None:
+        self.config = config or CompactionConfig()
+        self._clock_ms = clock_ms or (lambda: int(time.time() * 1000))
+        self._lock = threading.Lock()
+        self._log_locks: dict[str, threading.Lock] = {}
+        self._statistics: dict[str, CompactionStatistics] = {}
+        self._cancelled = threading.Event()
+
+    # -- public -----------------------------------------------------------------
+
+    def cancel(self) -> None:
+        """Stop runs in progress at their next batch (CompactionCancelledError) and
+        refuse new ones: for shutdown."""
+        self._cancelled.set()
+
+    def statistics(self, directory: str | None = None) -> CompactionStatistics:
+        """One log's figures, or the sum over every log when `directory` is None."""
+        with self._lock:
+            if directory is not None:
+                return self._statistics.get(directory, CompactionStatistics())
+            total = CompactionStatistics()
+            for entry in self._statistics.values():
+                total = CompactionStatistics(*(a + b for a, b in zip(_fields(total), _fields(entry))))
+            return total
+
+    def compact(
+        self,
+        log: Log,
+        *,
+        roll: bool = False,
+        now_ms: int | None = None,
+        progress: ProgressCallback | None = None,
+        wait_timeout_ms: int = 600_000,
+    ) -> CompactionResult:
+        """Compact `log` up to its active segment (after sealing it first with `roll`,
+        so everything appended before the call is covered). Blocks while another run of
+        the same log is in progress, up to wait_timeout_ms (TimeoutError)."""
+        if log.config.dense_offsets:
+            raise InvalidConfigError(
+                f"log {log.directory} keeps dense offsets (cleanup policy delete): it cannot be compacted"
+            )
+        with self._lock:
+            log_lock = self._log_locks.setdefault(log.directory, threading.Lock())
+        if not log_lock.acquire(timeout=wait_timeout_ms / 1000):
+            raise TimeoutError(f"another compaction of {log.directory} is still running")
+        try:
+            self._check_cancelled()
+            if roll:
+                log.roll()
+            try:
+                result = self._run(log, self._clock_ms() if now_ms is None else now_ms, progress)
+            except BaseException:
+                with self._lock:
+                    entry = self._statistics.get(log.directory, CompactionStatistics())
+                    self._statistics[log.directory] = _with_failure(entry)
+                raise
+            with self._lock:
+                self._statistics[log.directory] = self._statistics.get(log.directory, CompactionStatistics()).plus(result)
+            return result
+        finally:
+            log_lock.release()
+
+    # -- a run ------------------------------------------------------------------
+
+    def _run(self, log: Log, now_ms: int, progress: ProgressCallback | None) -> CompactionResult:
+        started = time.monotonic()
+        counters = _Counters()
+        first_dirty = before = read_first_dirty_offset(log)
+        dirty_end = log.segments[-1].base_offset
+        counters.progress_total = 2 * sum(segment.size for segment in log.segments[:-1])
+        passes = 0
+        while True:
+            passes += 1
+            sealed = [segment for segment in log.segments[:-1] if segment.base_offset < dirty_end]
+            for segment in sealed:
+                segment.pin_files()  # before any swap: readers keep these inodes (I15)
+            offsets, map_end = self._build_map(log, sealed, first_dirty, dirty_end, counters, progress)
+            work = _Pass(offsets, map_end, now_ms, now_ms + self.config.delete_retention_ms)
+            for segment in sealed:
+                if segment.base_offset < map_end:
+                    self._clean_segment(log, segment, work, counters, progress)
+            del offsets, work
+            write_file_atomically(
+                log.fs, os.path.join(log.directory, COMPACTION_CHECKPOINT_FILE), encode_compaction_checkpoint(map_end)
+            )
+            first_dirty = map_end
+            if map_end >= dirty_end:
+                break
+            # A further pass reads the log again: say so in the progress total.
+            counters.progress_total += 2 * sum(segment.size for segment in sealed)
+        if progress is not None:
+            progress(counters.progress_total, counters.progress_total)
+        return CompactionResult(
+            directory=log.directory,
+            passes=passes,
+            segments_rewritten=counters.segments_rewritten,
+            bytes_read=counters.bytes_read,
+            bytes_written=counters.bytes_written,
+            bytes_reclaimed=counters.bytes_reclaimed,
+            records_removed=counters.records_removed,
+            tombstones_removed=counters.tombstones_removed,
+            duration_ms=(time.monotonic() - started) * 1000,
+            first_dirty_offset_before=before,
+            first_dirty_offset=first_dirty,
+        )
+
+    def _build_map(
+        self,
+        log: Log,
+        sealed: list[Segment],
+        first_dirty: int,
+        dirty_end: int,
+        counters: _Counters,
+        progress: ProgressCallback | None,
+    ) -> tuple[dict[bytes, int], int]:
+        """Digest -> latest offset over [first_dirty, map_end); map_end is dirty_end
+        unless the map filled up first."""
+        offsets: dict[bytes, int] = {}
+        capacity = self.config.key_map_entries_max
+        digest = xxhash.xxh3_128_digest
+        limits = log.config.limits
+        for segment in sealed:
+            if segment.next_offset <= first_dirty:
+                continue
+            start = segment.position_floor(first_dirty) if first_dirty > segment.base_offset else 0
+            for header, data in self._batches(log, segment, start, counters, progress):
+                if header.last_offset < first_dirty:
+                    continue
+                for record in decode_records(data, header, limits):
+                    key = record.key
+                    if key is None or record.offset < first_dirty:
+                        continue
+                    hashed = digest(key)
+                    if len(offsets) >= capacity and hashed not in offsets:
+                        return offsets, record.offset
+                    offsets[hashed] = record.offset
+        return offsets, dirty_end
+
+    def _batches(self, log: Log, segment: Segment, start: int, counters: _Counters, progress: ProgressCallback | None):
+        """(header, bytes) of each batch of a sealed segment from `start`, CRC-checked;
+        a bad batch is CorruptSegmentError (compaction never copies damage, G4)."""
+        file = segment.file
+        if file is None:  # retention removed it (and will not swap it back)
+            return
+        scanner = BatchScanner(file, start, segment.size, verify=True, limits=log.config.limits)
+        try:
+            for batch in scanner:
+                self._check_cancelled()
+                header = batch.header
+                counters.bytes_read += header.size
+                if progress is not None and counters.bytes_read - counters.progress_reported >= PROGRESS_STEP_BYTES:
+                    counters.progress_reported = counters.bytes_read
+                    progress(min(counters.bytes_read, counters.progress_total), counters.progress_total)
+                yield header, file.pread(header.size, batch.position)
+        except CorruptBatchError as error:
+            raise CorruptSegmentError(segment.log_path, error.position, None, f"compaction: {error}") from None
+
+    def _clean_segment(
+        self, log: Log, segment: Segment, work: _Pass, counters: _Counters, progress: ProgressCallback | None
+    ) -> None:
+        """Recopy `segment` without what `work` removes, then swap it in; nothing when
+        no batch changes."""
+        cleaned: Segment | None = None
+        pending: list[bytes] = []
+        pending_bytes = 0
+        position = 0  # in the cleaned file
+        interval = log.config.index_interval_bytes
+        removed = tombstones = 0
+        try:
+            file = segment.file
+            if file is None:  # retention removed it meanwhile
+                return
+            for header, data in self._batches(log, segment, 0, counters, progress):
+                replacement, dropped, dropped_tombstones = self._filter_batch(data, header, work, log.config.limits)
+                if replacement is data and cleaned is None:
+                    continue
+                removed += dropped
+                tombstones += dropped_tombstones
+                if cleaned is None:
+                    cleaned = self._start_cleaned(log, segment)
+                    position = self._copy_prefix(log, segment, file, cleaned, header, interval)
+                if replacement is None:
+                    continue
+                new_header = parse_header(replacement)
+                cleaned.note_batch(position, new_header, interval)
+                pending.append(replacement)
+                pending_bytes += len(replacement)
+                position += len(replacement)
+                if pending_bytes >= WRITE_CHUNK_BYTES:
+                    cleaned.file.pwritev(pending, position - pending_bytes)
+                    pending, pending_bytes = [], 0
+            if cleaned is None:
+                return
+            if pending:
+                cleaned.file.pwritev(pending, position - pending_bytes)
+            cleaned.size = position
+            cleaned.file.sync()
+            cleaned.write_indexes()
+            fresh = Segment(log.fs, log.directory, segment.base_offset)
+
+            def install() -> Segment:
+                _swap_files(log, segment, cleaned)
+                fresh.size = position
+                fresh.next_offset = segment.next_offset
+                fresh.max_timestamp = cleaned.max_timestamp
+                fresh.first_timestamp = cleaned.first_timestamp
+                fresh.open_file()
+                return fresh
+
+            installed = log.replace_sealed_segment(segment, install)
+        except BaseException:
+            if cleaned is not None:
+                _remove_cleaned(log, cleaned)
+            raise
+        if not installed:  # retention removed the segment meanwhile
+            _remove_cleaned(log, cleaned)
+            return
+        cleaned.close()
+        counters.segments_rewritten += 1
+        counters.bytes_written += position
+        counters.bytes_reclaimed += segment.size - position
+        counters.records_removed += removed
+        counters.tombstones_removed += tombstones
+
+    def _filter_batch(
+        self, data: bytes, header: BatchHeader, work: _Pass, limits: RecordLimits
+    ) -> tuple[bytes | None, int, int]:
+        """(the batch to keep: `data` itself when unchanged, new bytes, or None when no
+        record stays; records removed; tombstones among them)."""
+        offsets = work.offsets
+        digest = xxhash.xxh3_128_digest
+        has_horizon = bool(header.attributes & ATTRIBUTE_DELETE_HORIZON)
+        horizon_passed = has_horizon and work.now_ms >= header.base_timestamp
+        records = decode_records(data, header, limits)
+        kept = []
+        tombstones = 0
+        tombstone_kept = False
+        for record in records:
+            key = record.key
+            if key is not None:
+                latest = offsets.get(digest(key))
+                if latest is not None and record.offset < latest:
+                    tombstones += record.value is None
+                    continue
+                if record.value is None:
+                    # Below map_end every older record of the key is gone once this pass
+                    # is done (I13); above it the tombstone waits for a later pass.
+                    if horizon_passed and record.offset < work.map_end:
+                        tombstones += 1
+                        continue
+                    tombstone_kept = True
+            kept.append(record)
+        stamp = tombstone_kept and not has_horizon
+        if len(kept) == len(records) and not stamp:
+            return data, 0, 0
+        removed = len(records) - len(kept)
+        if not kept:
+            return None, removed, tombstones
+        try:
+            rebuilt = build_batch(
+                [(record.key, record.value, record.headers, record.timestamp_ms) for record in kept],
+                base_offset=header.base_offset,
+                compression=header.compression,
+                producer_id=header.producer_id,
+                producer_epoch=header.producer_epoch,
+                base_sequence=header.base_sequence,
+                base_timestamp=work.horizon_ms if stamp else header.base_timestamp,
+                attributes=header.attributes | (ATTRIBUTE_DELETE_HORIZON if stamp else 0),
+                limits=limits,
+                offset_deltas=[record.offset - header.base_offset for record in kept],
+                last_offset_delta=header.last_offset_delta,
+            )
+        except LimitExceededError:
+            # Wider timestamp deltas pushed a full batch over batch_bytes_max: keep it
+            # as it is; a later pass tries again.
+            return data, 0, 0
+        return rebuilt, removed, tombstones
+
+    def _start_cleaned(self, log: Log, segment: Segment) -> Segment:
+        cleaned = Segment(log.fs, log.directory, segment.base_offset, suffix=CLEANED_SUFFIX)
+        for path in cleaned.paths:  # leftovers of a cancelled run in this process
+            if log.fs.exists(path):
+                log.fs.unlink(path)
+        file = cleaned.open_file(create=True)
+        file.truncate(0)
+        cleaned.start_in_memory_indexes()
+        return cleaned
+
+    def _copy_prefix(
+        self, log: Log, segment: Segment, file, cleaned: Segment, stop: BatchHeader, interval: int
+    ) -> int:
+        """Copy the unchanged batches before the first changed one (`stop`) as they are."""
+        position = 0
+        for batch in BatchScanner(file, 0, segment.size, verify=False, limits=log.config.limits):
+            if batch.header.base_offset >= stop.base_offset:
+                break
+            cleaned.note_batch(batch.position, batch.header, interval)
+            position = batch.position + batch.header.size
+        copied = 0
+        while copied < position:
+            chunk = file.pread(min(WRITE_CHUNK_BYTES, position - copied), copied)
+            cleaned.file.pwritev([chunk], copied)
+            copied += len(chunk)
+        return position
+
+    def _check_cancelled(self) -> None:
+        if self._cancelled.is_set():
+            raise CompactionCancelledError("compaction cancelled")
+
+
+def _swap_files(log: Log, old: Segment, cleaned: Segment) -> None:
+    """I14, under the log's lock: .cleaned -> .swap (the .log last: it commits), fsync
+    the directory, old files -> .deleted, .swap -> final names (.log last), fsync the
+    directory, unlink the .deleted files. Recovery finishes or undoes any prefix."""
+    fs, directory = log.fs, log.directory
+    old.pin_files()
+    finals = old.paths  # (.log, .index, .timeindex)
+    order = (1, 2, 0)  # indexes first, the .log last
+    for number in order:
+        fs.rename(cleaned.paths[number], finals[number] + SWAP_SUFFIX)
+    fs.sync_directory(directory)
+    for path in finals:
+        if fs.exists(path):
+            fs.rename(path, path + DELETED_SUFFIX)
+    for number in order:
+        fs.rename(finals[number] + SWAP_SUFFIX, finals[number])
+    fs.sync_directory(directory)
+    for path in finals:
+        if fs.exists(path + DELETED_SUFFIX):
+            fs.unlink(path + DELETED_SUFFIX)
+
+
+def _remove_cleaned(log: Log, cleaned: Segment) -> None:
+    cleaned.close()
+    for path in cleaned.paths:
+        try:
+            if log.fs.exists(path):
+                log.fs.unlink(path)
+        except OSError:
+            pass  # Log.open removes any .cleaned file it finds
+
+
+def _fields(statistics: CompactionStatistics) -> tuple:
+    return tuple(getattr(statistics, name) for name in CompactionStatistics.__slots__)
+
+
+def _with_failure(statistics: CompactionStatistics) -> CompactionStatistics:
+    values = dict(zip(CompactionStatistics.__slots__, _fields(statistics)))
+    values["failures"] += 1
+    return CompactionStatistics(**values)
+
+
+__all__ = [
+    "COMPACTION_CHECKPOINT_FILE",
+    "KEY_MAP_ENTRY_BYTES",
+    "CompactionCancelledError",
+    "CompactionConfig",
+    "CompactionResult",
+    "CompactionStatistics",
+    "Compactor",
+    "KeyRequiredError",
+    "dirty_ratio",
+    "read_first_dirty_offset",
+    "require_keys",
+]
