@@ -37,11 +37,15 @@ from .client_types import (
 )
 from .consumer import AsyncConsumer, Consumer
 from .producer import AsyncProducer, Producer
+from .queue_client import AsyncQueue, Queue, QueueMessage
+from .queue_settings import Backoff
 
 __all__ = [
     "AsyncClient",
     "AsyncConsumer",
     "AsyncProducer",
+    "AsyncQueue",
+    "Backoff",
     "Client",
     "Consumer",
     "GroupDescription",
@@ -51,6 +55,8 @@ __all__ = [
     "PartitionDescription",
     "PartitionLag",
     "Producer",
+    "Queue",
+    "QueueMessage",
     "TopicDescription",
     "TopicSettings",
     "TopicSummary",

@@ -636,6 +636,13 @@ class AsyncClient:
 
         return AsyncConsumer(self, topics, group, **options)
 
+    def queue(self, topic: str, group: str, **options):
+        """An AsyncQueue of queue group `group` on `topic` (see queue_client.py for the
+        options: ack_wait_ms, max_deliveries, backoff, dead_letter_topic, batch_max)."""
+        from .queue_client import AsyncQueue
+
+        return AsyncQueue(self, topic, group, **options)
+
 
 def decode_fetched(topic: str, partition: int, offset: int, records: bytes | memoryview) -> tuple[list[Message], int]:
     """Messages at or after `offset` in fetched batches (the one codec:

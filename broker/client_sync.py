@@ -147,6 +147,13 @@ class Client:
 
         return Consumer(self, topics, group, **options)
 
+    def queue(self, topic: str, group: str, **options: Any):
+        """A Queue of queue group `group` on `topic` (see queue_client.py): iterate it,
+        or receive(timeout_ms=...); ack, nack, in_progress or reject each message."""
+        from .queue_client import Queue
+
+        return Queue(self, topic, group, **options)
+
 
 def _blocking(name: str):
     """Client.<name>: AsyncClient.<name> run on the client's loop."""

@@ -17,6 +17,7 @@ from nodi.storage.errors import InvalidConfigError
 from nodi.storage.metadata import TopicConfig
 
 from .groups import DEFAULT_GROUP_LIMITS, GroupLimits
+from .queue_settings import DEFAULT_QUEUE_LIMITS, QueueLimits
 from .limits import DEFAULT_PROTOCOL_LIMITS, ProtocolLimits
 from .logs import check_log_level
 
@@ -53,6 +54,8 @@ class ServerConfig:
     protocol: ProtocolLimits = DEFAULT_PROTOCOL_LIMITS
     # Stream-mode consumer group limits (broker/groups.py).
     groups: GroupLimits = DEFAULT_GROUP_LIMITS
+    # Queue group limits (broker/queue_settings.py): window_messages_max and more.
+    queues: QueueLimits = DEFAULT_QUEUE_LIMITS
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -68,6 +71,7 @@ class ServerConfig:
         except ValueError as error:
             raise InvalidConfigError(str(error)) from None
         self.topic_defaults.validate()
+        self.queues.validate()
 
     def announced_limits(self) -> dict[str, int]:
         limits = self.protocol.announced()
@@ -80,7 +84,8 @@ class ServerConfig:
 
 
 # The tables besides [server]: TOML table name -> the settings class its keys build.
-SECTIONS: dict[str, type] = {"topic_defaults": TopicConfig, "protocol": ProtocolLimits, "groups": GroupLimits}
+SECTIONS: dict[str, type] = {"topic_defaults": TopicConfig, "protocol": ProtocolLimits, "groups": GroupLimits,
+                             "queues": QueueLimits}
 _SIMPLE = {f.name: f for f in fields(ServerConfig) if f.name not in SECTIONS}
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -163,6 +168,7 @@ def load_config(path: str | None = None, *, environment: dict[str, str] | None =
             topic_defaults=TopicConfig.from_dict(tables["topic_defaults"]),
             protocol=ProtocolLimits(**tables["protocol"]),
             groups=GroupLimits(**tables["groups"]),
+            queues=QueueLimits(**tables["queues"]),
         )
     except (TypeError, ValueError) as error:
         raise InvalidConfigError(str(error)) from None

@@ -75,6 +75,10 @@ class ApiKey(enum.IntEnum):
     DESCRIBE_GROUP = 16
     # Operations (45-49).
     SERVER_STATUS = 45
+    # Queue groups (20-39).
+    QUEUE_RECEIVE = 20
+    QUEUE_SETTLE = 21
+    QUEUE_DESCRIBE = 22
 
 
 class EventKey(enum.IntEnum):
@@ -560,6 +564,133 @@ class ServerStatusResponse(Response):
 
 
 # ---------------------------------------------------------------------------
+# Queue groups (broker/queues.py; served by broker/queue_service.py)
+
+
+class BackoffKind(enum.IntEnum):
+    DEFAULT = 0  # as stored for the group, or the server's default for a new group
+    DELAYS = 1  # delays_ms, the last one repeated
+    EXPONENTIAL = 2  # base_ms * (multiplier_percent/100)**(n-1), at most max_ms, + jitter
+
+
+class SettleAction(enum.IntEnum):
+    ACK = 0  # done
+    NACK = 1  # deliver again after delay_ms (-1: the group's backoff); text: the error
+    IN_PROGRESS = 2  # start the lease again
+    REJECT = 3  # dead-letter it now; text: the reason
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class QueueBackoff:
+    kind: BackoffKind = wire(Enumeration(BackoffKind, INT8), BackoffKind.DEFAULT)
+    delays_ms: list[int] = wire(Array(INT64), [], doc="with kind delays")
+    base_ms: int = wire(INT64, 1_000, doc="with kind exponential, as are the next three")
+    multiplier_percent: int = wire(INT32, 200, doc="200: each retry waits twice as long")
+    max_ms: int = wire(INT64, 60_000)
+    jitter_percent: int = wire(INT16, 10, doc="adds up to this share of the delay, at random")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class QueueGroupSettings:
+    """A queue group's settings, taken at its first receive and stored. -1 or null (and
+    backoff kind default) means: as stored, or the default for a new group. A later
+    receive that names another value fails with QUEUE_SETTINGS_MISMATCH."""
+
+    ack_wait_ms: int = wire(INT64, CONFIG_DEFAULT, doc="lease of one delivery; default 30000")
+    max_deliveries: int = wire(INT32, CONFIG_DEFAULT, doc="then dead-lettered; default 5")
+    backoff: QueueBackoff = wire(Struct(QueueBackoff), QueueBackoff(), doc="for a nack without a delay")
+    dead_letter_topic: str | None = wire(NULLABLE_STRING, None, doc='default "<topic>.dlq"')
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class QueueDelivery:
+    partition: int = wire(INT32)
+    offset: int = wire(INT64)
+    delivery_count: int = wire(INT32, doc="1 on the first delivery; name it when settling")
+    lease_deadline_ms: int = wire(INT64, doc="wall clock; unsettled by then, it is delivered again")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Settlement:
+    partition: int = wire(INT32)
+    offset: int = wire(INT64)
+    delivery_count: int = wire(INT32, doc="as received: a later delivery makes this one stale")
+    action: SettleAction = wire(Enumeration(SettleAction, INT8))
+    delay_ms: int = wire(INT64, CONFIG_DEFAULT, doc="nack: -1 uses the group's backoff")
+    text: str | None = wire(NULLABLE_STRING, None, doc="nack: error text; reject: reason")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SettleResult:
+    partition: int = wire(INT32)
+    offset: int = wire(INT64)
+    error_code: ErrorCode = wire(ERROR_CODE, ErrorCode.NONE)
+    lease_deadline_ms: int = wire(INT64, NO_OFFSET, doc="in progress: the new deadline")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class QueuePartitionState:
+    partition: int = wire(INT32)
+    ack_floor: int = wire(INT64, doc="every offset below is done")
+    next_offset: int = wire(INT64, doc="the first offset never delivered")
+    pending: int = wire(INT32, doc="in the window and not done")
+    leased: int = wire(INT32)
+    dead_letters_pending: int = wire(INT32, doc="waiting for their dead-letter append")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class QueueReceiveRequest(Request):
+    API_KEY = ApiKey.QUEUE_RECEIVE
+    group: str = wire(STRING)
+    topic: str = wire(STRING)
+    settings: QueueGroupSettings = wire(Struct(QueueGroupSettings), QueueGroupSettings())
+    messages_max: int = wire(INT32, 1, doc="at most this many messages (queue receive_messages_max)")
+    wait_ms: int = wire(INT32, 0, doc="long poll: wait up to this long for one message")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class QueueReceiveResponse(Response):
+    API_KEY = ApiKey.QUEUE_RECEIVE
+    deliveries: list[QueueDelivery] = wire(Array(Struct(QueueDelivery)), [], doc="one per record, in order")
+    records: bytes | memoryview = wire(RECORDS, b"", doc="one RecordBatch v2: the i-th record is the i-th delivery")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class QueueSettleRequest(Request):
+    API_KEY = ApiKey.QUEUE_SETTLE
+    group: str = wire(STRING)
+    topic: str = wire(STRING)
+    settlements: list[Settlement] = wire(Array(Struct(Settlement)), [])
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class QueueSettleResponse(Response):
+    API_KEY = ApiKey.QUEUE_SETTLE
+    results: list[SettleResult] = wire(Array(Struct(SettleResult)), [], doc="one per settlement, in order")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class QueueDescribeRequest(Request):
+    API_KEY = ApiKey.QUEUE_DESCRIBE
+    group: str = wire(STRING)
+    topic: str = wire(STRING)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class QueueDescribeResponse(Response):
+    API_KEY = ApiKey.QUEUE_DESCRIBE
+    settings: QueueGroupSettings = wire(Struct(QueueGroupSettings), QueueGroupSettings(), doc="in force")
+    dead_letter_topic: str = wire(STRING, "")
+    partitions: list[QueuePartitionState] = wire(Array(Struct(QueuePartitionState)), [])
+    delivered: int = wire(INT64, 0, doc="since the server started, as are the counts below")
+    redelivered: int = wire(INT64, 0)
+    acked: int = wire(INT64, 0)
+    nacked: int = wire(INT64, 0)
+    expired_leases: int = wire(INT64, 0)
+    dead_lettered: int = wire(INT64, 0)
+
+
+# ---------------------------------------------------------------------------
 # Registry
 
 
@@ -602,6 +733,12 @@ APIS: tuple[Api, ...] = (
     Api(ApiKey.LIST_GROUPS, ListGroupsRequest, ListGroupsResponse, summary="Every consumer group."),
     Api(ApiKey.DESCRIBE_GROUP, DescribeGroupRequest, DescribeGroupResponse,
         summary="A group's members, their partitions, and its committed offsets against the high watermarks."),
+    Api(ApiKey.QUEUE_RECEIVE, QueueReceiveRequest, QueueReceiveResponse,
+        summary="Lease up to messages_max messages of a queue group from any partition, waiting up to wait_ms for one."),
+    Api(ApiKey.QUEUE_SETTLE, QueueSettleRequest, QueueSettleResponse,
+        summary="Ack, nack, extend or reject many deliveries of a queue group; answered once recorded durably."),
+    Api(ApiKey.QUEUE_DESCRIBE, QueueDescribeRequest, QueueDescribeResponse,
+        summary="A queue group's settings and each partition's ack floor and window."),
     Api(ApiKey.SERVER_STATUS, ServerStatusRequest, ServerStatusResponse,
         summary="Server-level facts for `nodi status`: version, uptime, data directory, connections, disk space."),
 )
@@ -642,6 +779,9 @@ __all__ = [
     "CommitOffsetsResponse", "FetchOffsetsRequest", "FetchOffsetsResponse", "ResetGroupRequest",
     "ResetGroupResponse", "ListGroupsRequest", "ListGroupsResponse", "DescribeGroupRequest",
     "DescribeGroupResponse", "InitProducerIdRequest", "InitProducerIdResponse",
-    "ServerStatusRequest", "ServerStatusResponse", "Api", "APIS",
+    "ServerStatusRequest", "ServerStatusResponse", "BackoffKind", "SettleAction", "QueueBackoff",
+    "QueueGroupSettings", "QueueDelivery", "Settlement", "SettleResult", "QueuePartitionState",
+    "QueueReceiveRequest", "QueueReceiveResponse", "QueueSettleRequest", "QueueSettleResponse",
+    "QueueDescribeRequest", "QueueDescribeResponse", "Api", "APIS",
     "API_BY_KEY", "EVENTS", "EVENT_VERSION", "choose_protocol_version", "api_version",
 ]

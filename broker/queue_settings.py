@@ -31,10 +31,12 @@ class QueueLimits:
     error_text_bytes_max: int = 1_024
     # Entries in a backoff list.
     backoff_delays_max: int = 100
+    # Queue groups (group, topic) the server keeps state for.
+    queue_groups_max: int = 10_000
 
     def validate(self) -> None:
         for name in ("window_messages_max", "receive_messages_max", "receive_wait_max_ms",
-                     "error_text_bytes_max", "backoff_delays_max"):
+                     "error_text_bytes_max", "backoff_delays_max", "queue_groups_max"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidConfigError(f"queue limit {name} must be a positive integer, got {value!r}")

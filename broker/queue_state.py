@@ -21,10 +21,10 @@ from .queues import DeadLetterReason, Delivery, DeliveryState, PartitionQueue
 #          9     8  next_offset          int64: the first offset never delivered
 #         17     4  settings_length      uint32
 #         21     s  settings             QueueSettings as JSON (UTF-8)
-#          .     4  delivery_count       uint32: entries that follow, by offset
+#          .     4  entry_count          uint32: entries that follow, by offset
 #   then per entry:
 #          0     8  offset               int64, in [floor, next_offset)
-#          8     4  delivery_count       uint32, >= 1
+#          8     4  delivery_count       uint32 (0: handed out, then taken back unsent)
 #         12     8  first_delivery_ms    int64
 #         20     8  last_delivery_ms     int64
 #         28     8  not_before_ms        int64: deliver again no earlier (0: now); a
@@ -85,8 +85,8 @@ def decode_partition(data: bytes) -> DecodedPartition:
         for _ in range(count):
             offset, delivery_count, first, last, not_before, reason, error_length = _ENTRY.unpack_from(data, position)
             position += _ENTRY.size
-            if not previous < offset < next_offset or delivery_count < 1:
-                raise QueueStateError(f"entry at offset {offset} out of order or never delivered")
+            if not previous < offset < next_offset:
+                raise QueueStateError(f"entry at offset {offset} out of order or outside the window")
             previous = offset
             delivery = Delivery(offset)
             delivery.delivery_count = delivery_count

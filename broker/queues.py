@@ -52,6 +52,7 @@ import heapq
 from dataclasses import dataclass
 
 from .errors import ErrorCode, ProtocolError
+from .messages import SettleAction
 from .queue_settings import QueueLimits, QueueSettings, cut_text
 
 # ---------------------------------------------------------------------------
@@ -106,13 +107,6 @@ class Delivery:
     def __repr__(self) -> str:
         return (f"Delivery({self.offset}, count={self.delivery_count}, {self.state.name}, "
                 f"lease={self.lease_deadline_ms}, not_before={self.not_before_ms})")
-
-
-class SettleAction(enum.IntEnum):
-    ACK = 0
-    NACK = 1
-    IN_PROGRESS = 2
-    REJECT = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,6 +326,21 @@ class PartitionQueue:
             delivery.last_error = cut_text(reason, self.limits.error_text_bytes_max)
         self._release(delivery)
         self._kill(delivery, DeadLetterReason.REJECTED)
+
+    def release(self, offset: int, delivery_count: int) -> None:
+        """Undo a delivery just handed out that could not be sent (over the response's
+        budget, a failed read): its count goes back, it is available again."""
+        delivery = self.pending.get(offset)
+        if delivery is None or delivery.state is not DeliveryState.LEASED or delivery.delivery_count != delivery_count:
+            return
+        self._release(delivery)
+        delivery.delivery_count -= 1
+        self.delivered -= 1
+        if delivery.delivery_count == 0 and offset == self.next_offset - 1:
+            del self.pending[offset]
+            self.next_offset -= 1
+        else:
+            self._make_available(delivery, 0, 0)
 
     def skip(self, offset: int) -> None:
         """The server found no record at `offset` (a gap): it is done."""
@@ -559,6 +568,11 @@ class QueueGroup:
     def dead_lettered(self, partition: int, offset: int) -> None:
         self.partitions[partition].dead_lettered(offset)
         self.dirty.add(partition)
+
+    def release(self, taken: list[Taken]) -> None:
+        for item in reversed(taken):
+            self.partitions[item.partition].release(item.offset, item.delivery_count)
+            self.dirty.add(item.partition)
 
     def skip(self, partition: int, offset: int) -> None:
         self.partitions[partition].skip(offset)

@@ -74,6 +74,9 @@ class Broker:
         self.coordinator = GroupCoordinator(
             store.metadata, self._partition_count, lambda: int(time.monotonic() * 1000), config.groups
         )
+        from .queue_service import QueueService  # it imports this module's Reply
+
+        self.queues = QueueService(self, config.queues)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: asyncio.TaskGroup | None = None
         # The metadata flush that staged offsets wait for (one per loop tick at most).
@@ -95,6 +98,7 @@ class Broker:
         for _, _, partition_log in self.store.logs():
             self._watch(partition_log)
         tasks.create_task(self._expire_members())
+        self.queues.attach(loop, tasks)
 
     def _partition_count(self, topic: str) -> int | None:
         config = self.store.topics().get(topic)
@@ -231,6 +235,7 @@ class Broker:
             self._unwatch(self.store.log(request.name, partition))
         await asyncio.to_thread(self.store.delete_topic, request.name)
         self.coordinator.on_topic_deleted(request.name)
+        self.queues.on_topic_deleted(request.name)
         return Reply(m.DeleteTopicResponse(request_id=request.request_id))
 
     async def _list_topics(self, request: m.ListTopicsRequest) -> Reply:
@@ -492,4 +497,7 @@ class Broker:
         m.ListGroupsRequest: _list_groups,
         m.DescribeGroupRequest: _describe_group,
         m.ServerStatusRequest: serve_server_status,
+        m.QueueReceiveRequest: lambda self, request: self.queues.receive(request),
+        m.QueueSettleRequest: lambda self, request: self.queues.settle(request),
+        m.QueueDescribeRequest: lambda self, request: self.queues.describe(request),
     }

@@ -1,0 +1,337 @@
+"""Queue groups in the Python client: `client.queue(topic, group, ...)`.
+
+    with Client() as client:
+        with client.queue("orders", "billing", ack_wait_ms=30_000, max_deliveries=5,
+                          backoff=[1_000, 5_000, 30_000]) as queue:
+            for message in queue:              # or: message = queue.receive(timeout_ms=1_000)
+                try:
+                    handle(message.value)
+                except Exception as error:
+                    message.nack(error=str(error))   # again after the backoff
+                else:
+                    message.ack()
+
+Any number of consumers (threads, processes, machines) may receive from one group; each
+message goes to one of them at a time, leased for ack_wait_ms. Per message: ack() (done),
+nack(delay_ms=None, error=None) (deliver again after delay_ms, or the group's backoff),
+in_progress() (start the lease again; returns the new deadline), reject(reason) (to the
+dead-letter topic now). A message not settled within its lease is delivered again; after
+max_deliveries deliveries it goes to the dead-letter topic (default `<topic>.dlq`).
+
+Settling waits until the broker has recorded it durably (`wait=True`, the default).
+With `wait=False` the call returns at once and settlements go out batched in the
+background; `flush()` waits for them and raises the first that failed. A receive asks for
+up to `batch_max` messages at a time: the ones not yet handed out are leased all the
+same, and close() gives them back (a nack without delay).
+
+The group's settings (ack_wait_ms, max_deliveries, backoff, dead_letter_topic) are fixed
+by its first receive and stored with it; None keeps what is stored (or the default for a
+new group); naming a different value raises QueueSettingsMismatch. Delivery is
+at-least-once: a message can be delivered again (a lease ran out, a consumer or the
+broker crashed), so handlers should tolerate repeats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from nodi.storage.errors import NodiError
+from nodi.storage.records import decode_records, iter_batches
+
+from . import messages as m
+from .client_errors import ClientClosed, InvalidRecords, error_for
+from .client_types import Message
+from .queue_settings import Backoff
+
+DEFAULT_BATCH_MAX = 32
+DEFAULT_RECEIVE_TIMEOUT_MS = 30_000
+# The longest long-poll one request asks for (a server cuts longer waits to its own max).
+RECEIVE_POLL_MS_MAX = 10_000
+# Settlements in one request.
+SETTLEMENTS_PER_REQUEST_MAX = 10_000
+
+BackoffInput = Backoff | Iterable[int] | Mapping[str, Any] | None
+
+
+def backoff_to_wire(backoff: BackoffInput) -> m.QueueBackoff:
+    """None (as stored / default), a list of delays in ms, a Backoff, or a mapping
+    with base_ms, factor, max_ms, jitter (an exponential)."""
+    if backoff is None:
+        return m.QueueBackoff()
+    if isinstance(backoff, Mapping):
+        backoff = Backoff.exponential(**backoff)
+    elif not isinstance(backoff, Backoff):
+        backoff = Backoff.fixed(int(delay) for delay in backoff)
+    backoff.validate()
+    if backoff.delays_ms:
+        return m.QueueBackoff(kind=m.BackoffKind.DELAYS, delays_ms=list(backoff.delays_ms))
+    return m.QueueBackoff(kind=m.BackoffKind.EXPONENTIAL, base_ms=backoff.base_ms,
+                          multiplier_percent=backoff.multiplier_percent, max_ms=backoff.max_ms,
+                          jitter_percent=backoff.jitter_percent)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueMessage(Message):
+    """A message received from a queue group, with its delivery count (1 the first
+    time) and lease deadline (wall clock, ms). Settle it with ack, nack, in_progress or
+    reject: on an AsyncQueue these return awaitables, on a Queue they block."""
+
+    delivery_count: int = 1
+    lease_deadline_ms: int = 0
+    group: str = ""
+    _queue: Any = field(default=None, repr=False, compare=False)
+
+    def ack(self, *, wait: bool = True):
+        return self._queue._settle(self, m.SettleAction.ACK, m.CONFIG_DEFAULT, None, wait)
+
+    def nack(self, delay_ms: int | None = None, error: str | None = None, *, wait: bool = True):
+        delay = m.CONFIG_DEFAULT if delay_ms is None else max(int(delay_ms), 0)
+        return self._queue._settle(self, m.SettleAction.NACK, delay, error, wait)
+
+    def in_progress(self, *, wait: bool = True):
+        return self._queue._settle(self, m.SettleAction.IN_PROGRESS, m.CONFIG_DEFAULT, None, wait)
+
+    def reject(self, reason: str | None = None, *, wait: bool = True):
+        return self._queue._settle(self, m.SettleAction.REJECT, m.CONFIG_DEFAULT, reason, wait)
+
+
+class AsyncQueue:
+    """See the module docstring. Made by AsyncClient.queue; `async with` it or call
+    close()."""
+
+    def __init__(self, client, topic: str, group: str, *, ack_wait_ms: int | None = None,
+                 max_deliveries: int | None = None, backoff: BackoffInput = None,
+                 dead_letter_topic: str | None = None, batch_max: int = DEFAULT_BATCH_MAX,
+                 receive_timeout_ms: int = DEFAULT_RECEIVE_TIMEOUT_MS) -> None:
+        if batch_max < 1:
+            raise ValueError("batch_max must be at least 1")
+        self.client = client
+        self.topic = topic
+        self.group = group
+        self.batch_max = batch_max
+        self.receive_timeout_ms = receive_timeout_ms
+        self.settings = m.QueueGroupSettings(
+            ack_wait_ms=m.CONFIG_DEFAULT if ack_wait_ms is None else ack_wait_ms,
+            max_deliveries=m.CONFIG_DEFAULT if max_deliveries is None else max_deliveries,
+            backoff=backoff_to_wire(backoff),
+            dead_letter_topic=dead_letter_topic,
+        )
+        self._buffer: collections.deque[QueueMessage] = collections.deque()
+        self._outbox: list[tuple[m.Settlement, asyncio.Future]] = []
+        self._sender: asyncio.Task | None = None
+        self._errors: list[BaseException] = []
+        self._closed = False
+        client._owned.add(self)
+
+    def __repr__(self) -> str:
+        return f"<AsyncQueue {self.group!r} on {self.topic!r}{' closed' if self._closed else ''}>"
+
+    async def __aenter__(self) -> AsyncQueue:
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- receiving ---------------------------------------------------------------------
+
+    async def receive(self, timeout_ms: int | None = None) -> QueueMessage | None:
+        """The next message, waiting up to timeout_ms (default receive_timeout_ms) for
+        one; None when none came."""
+        return await self._receive(timeout_ms, self)
+
+    async def _receive(self, timeout_ms: int | None, owner) -> QueueMessage | None:
+        if self._closed:
+            raise ClientClosed("the queue is closed")
+        if self._buffer:
+            return self._buffer.popleft()
+        timeout_ms = self.receive_timeout_ms if timeout_ms is None else max(int(timeout_ms), 0)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_ms / 1000
+        while True:
+            wait_ms = int(max(deadline - loop.time(), 0) * 1000)
+            wait_ms = min(wait_ms, RECEIVE_POLL_MS_MAX)
+            request = m.QueueReceiveRequest(group=self.group, topic=self.topic, settings=self.settings,
+                                            messages_max=self.batch_max, wait_ms=wait_ms)
+            response = await self.client._call(request, None, extra_ms=wait_ms)
+            self._buffer.extend(self._decode(response, owner))
+            if self._buffer:
+                return self._buffer.popleft()
+            if self._closed:
+                raise ClientClosed("the queue is closed")
+            if loop.time() >= deadline:
+                return None
+
+    def _decode(self, response: m.QueueReceiveResponse, owner) -> list[QueueMessage]:
+        if not response.deliveries:
+            return []
+        try:
+            records = [record for header, batch in iter_batches(response.records)
+                       for record in decode_records(batch, header)]
+        except NodiError as error:
+            raise InvalidRecords(f"queue receive from {self.topic}: {error}") from None
+        if len(records) != len(response.deliveries):
+            raise InvalidRecords(f"queue receive: {len(records)} records for {len(response.deliveries)} deliveries")
+        return [
+            QueueMessage(self.topic, delivery.partition, delivery.offset, record.timestamp_ms, record.key,
+                         record.value, record.headers, delivery.delivery_count, delivery.lease_deadline_ms,
+                         self.group, owner)
+            for delivery, record in zip(response.deliveries, records)
+        ]
+
+    def __aiter__(self) -> AsyncIterator[QueueMessage]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[QueueMessage]:
+        while not self._closed:
+            message = await self.receive(RECEIVE_POLL_MS_MAX)
+            if message is not None:
+                yield message
+
+    # -- settling -------------------------------------------------------------------------
+
+    def _settle(self, message: QueueMessage, action: m.SettleAction, delay_ms: int, text: str | None,
+                wait: bool) -> asyncio.Future:
+        future = self._settle_nowait(message, action, delay_ms, text)
+        if wait:
+            return future
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    def _settle_nowait(self, message: QueueMessage, action: m.SettleAction, delay_ms: int,
+                       text: str | None) -> asyncio.Future:
+        """Queue a settlement (on the client's loop); the future holds its result."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        future.add_done_callback(self._record_error)
+        if self._closed and action is not m.SettleAction.NACK:
+            future.set_exception(ClientClosed("the queue is closed"))
+            return future
+        settlement = m.Settlement(partition=message.partition, offset=message.offset,
+                                  delivery_count=message.delivery_count, action=action,
+                                  delay_ms=delay_ms, text=text)
+        self._outbox.append((settlement, future))
+        if self._sender is None or self._sender.done():
+            self._sender = loop.create_task(self._send_settlements())
+        return future
+
+    def _record_error(self, future: asyncio.Future) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            self._errors.append(future.exception())
+
+    async def _send_settlements(self) -> None:
+        """One request at a time; what is queued meanwhile goes out together next."""
+        while self._outbox:
+            batch = self._outbox[:SETTLEMENTS_PER_REQUEST_MAX]
+            del self._outbox[:SETTLEMENTS_PER_REQUEST_MAX]
+            request = m.QueueSettleRequest(group=self.group, topic=self.topic,
+                                           settlements=[settlement for settlement, _ in batch])
+            try:
+                response = await self.client._call(request, None, retry=True)
+            except Exception as error:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            for (settlement, future), result in zip(batch, response.results):
+                if future.done():
+                    continue
+                if result.error_code != 0:
+                    where = f"{self.topic}-{settlement.partition} offset {settlement.offset}"
+                    future.set_exception(error_for(result.error_code, f"{settlement.action.name.lower()} {where}"))
+                else:
+                    future.set_result(result.lease_deadline_ms if result.lease_deadline_ms >= 0 else None)
+
+    async def flush(self) -> None:
+        """Wait until every settlement made so far is answered; raise the first that
+        failed since the last flush."""
+        while self._sender is not None and not self._sender.done():
+            await asyncio.shield(self._sender)
+        if self._errors:
+            error, self._errors = self._errors[0], []
+            raise error
+
+    async def close(self) -> None:
+        """Give back messages received but not handed out, send what is queued, close."""
+        if self._closed:
+            return
+        self._closed = True
+        while self._buffer:
+            message = self._buffer.popleft()
+            self._settle_nowait(message, m.SettleAction.NACK, 0, None)
+        with contextlib.suppress(Exception):
+            await self.flush()
+        self.client._owned.discard(self)
+
+
+class Queue:
+    """The blocking twin of AsyncQueue, made by Client.queue; iterate it or receive()."""
+
+    def __init__(self, client, topic: str, group: str, **options: Any) -> None:
+        self._client = client
+        self._async: AsyncQueue = client._run(self._make(client._async, topic, group, options), None)
+        client._owned.add(self)
+
+    @staticmethod
+    async def _make(client, topic, group, options) -> AsyncQueue:
+        return AsyncQueue(client, topic, group, **options)
+
+    def __enter__(self) -> Queue:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return repr(self._async).replace("AsyncQueue", "Queue")
+
+    @property
+    def topic(self) -> str:
+        return self._async.topic
+
+    @property
+    def group(self) -> str:
+        return self._async.group
+
+    @property
+    def closed(self) -> bool:
+        return self._async.closed
+
+    def receive(self, timeout_ms: int | None = None) -> QueueMessage | None:
+        wait = self._async.receive_timeout_ms if timeout_ms is None else timeout_ms
+        return self._client._run(self._async._receive(timeout_ms, self), None, wait)
+
+    def __iter__(self) -> Iterator[QueueMessage]:
+        while not self.closed:
+            message = self.receive(RECEIVE_POLL_MS_MAX)
+            if message is not None:
+                yield message
+
+    def _settle(self, message: QueueMessage, action: m.SettleAction, delay_ms: int, text: str | None,
+                wait: bool):
+        queue = self._async
+        if wait:
+            async def settle():
+                return await queue._settle_nowait(message, action, delay_ms, text)
+
+            return self._client._run(settle(), None)
+        self._client._loop.call_soon_threadsafe(queue._settle_nowait, message, action, delay_ms, text)
+        return None
+
+    def flush(self) -> None:
+        self._client._run(self._async.flush(), None)
+
+    def close(self) -> None:
+        if self._client.closed:
+            return
+        self._client._run(self._async.close(), None)
+        self._client._owned.discard(self)

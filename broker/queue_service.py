@@ -1,0 +1,476 @@
+"""The server side of queue groups: QueueReceive, QueueSettle and QueueDescribe, the
+lease timer, the dead-letter writer, and persistence (broker/queues.py is the state
+machine; broker/queue_state.py its stored form; broker/dead_letters.py the DLQ copies).
+
+Runs on the broker's event loop; the state machine is not thread-safe and is only
+touched here. Times given to it are wall-clock ms.
+
+Persistence. Every change marks its partition dirty. Once per loop tick the dirty
+partitions are encoded and staged in the metadata store, and the broker's metadata flush
+(one LMDB commit, one fsync, shared with stream-group offset commits) writes them. A
+receive answers after the flush that holds its delivery counts; a settle answers after
+the flush that holds its acks: an answered ack survives a crash, and a crash never
+lowers a delivery count that a consumer saw.
+
+Dead letters. A message marked for dead-lettering (max deliveries reached, rejected) is
+appended to the dead-letter topic by the writer task, which waits until the append is
+fsynced, and only then acks it in the source (the ack is persisted like any other). A
+crash between the two makes the message be dead-lettered again after the restart: it may
+be duplicated in the dead-letter topic, never lost. The dead-letter topic is created on
+first use with the server's topic defaults and the source topic's partition count; a
+source partition p goes to partition p modulo the dead-letter topic's partition count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+
+from nodi.storage.config import FsyncPolicy
+from nodi.storage.errors import NodiError, TopicExistsError, UnknownTopicError
+from nodi.storage.limits import RecordLimits
+from nodi.storage.metadata import validate_group_name, validate_topic_name
+from nodi.storage.records import NewRecord, build_batch, decode_records, iter_batches
+
+from . import messages as m
+from .dead_letters import dead_letter_record
+from .errors import ErrorCode, ProtocolError
+from .queue_settings import DEFAULT_QUEUE_LIMITS, Backoff, QueueLimits, QueueSettings
+from .queue_state import QueueStateError, decode_partition, encode_partition
+from .queues import DeadLetter, PartitionQueue, QueueGroup, Taken
+from .service import Reply
+
+log = logging.getLogger("nodi.queues")
+
+# Bytes of one read from a partition log when collecting the records to deliver.
+READ_BYTES = 256 * 1024
+# Kept out of the response budget for the frame header and the deliveries array.
+RESPONSE_OVERHEAD_BYTES = 64 * 1024
+# Dead letters written per pass, and the pause after a failed pass.
+DEAD_LETTERS_PER_PASS = 500
+DEAD_LETTER_RETRY_S = 1.0
+# The timer's longest sleep (it also wakes when told to).
+TIMER_INTERVAL_MAX_S = 0.5
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def settings_from_wire(wire: m.QueueGroupSettings, base: QueueSettings) -> QueueSettings:
+    """`base` with the values the request names (-1, null and backoff kind default keep
+    base's)."""
+    backoff = base.backoff
+    given = wire.backoff
+    if given.kind is m.BackoffKind.DELAYS:
+        backoff = Backoff(delays_ms=tuple(given.delays_ms))
+    elif given.kind is m.BackoffKind.EXPONENTIAL:
+        backoff = Backoff((), given.base_ms, given.multiplier_percent, given.max_ms, given.jitter_percent)
+    return QueueSettings(
+        ack_wait_ms=base.ack_wait_ms if wire.ack_wait_ms == m.CONFIG_DEFAULT else wire.ack_wait_ms,
+        max_deliveries=base.max_deliveries if wire.max_deliveries == m.CONFIG_DEFAULT else wire.max_deliveries,
+        backoff=backoff,
+        dead_letter_topic=base.dead_letter_topic if wire.dead_letter_topic is None else wire.dead_letter_topic,
+    )
+
+
+def settings_to_wire(settings: QueueSettings) -> m.QueueGroupSettings:
+    backoff = settings.backoff
+    if backoff.delays_ms:
+        wire_backoff = m.QueueBackoff(kind=m.BackoffKind.DELAYS, delays_ms=list(backoff.delays_ms))
+    else:
+        wire_backoff = m.QueueBackoff(kind=m.BackoffKind.EXPONENTIAL, base_ms=backoff.base_ms,
+                                      multiplier_percent=backoff.multiplier_percent, max_ms=backoff.max_ms,
+                                      jitter_percent=backoff.jitter_percent)
+    return m.QueueGroupSettings(ack_wait_ms=settings.ack_wait_ms, max_deliveries=settings.max_deliveries,
+                                backoff=wire_backoff, dead_letter_topic=settings.dead_letter_topic)
+
+
+class QueueService:
+    def __init__(self, broker, limits: QueueLimits = DEFAULT_QUEUE_LIMITS) -> None:
+        limits.validate()
+        self.broker = broker
+        self.store = broker.store
+        self.limits = limits
+        self.groups: dict[tuple[str, str], QueueGroup] = {}
+        self._waiters: dict[tuple[str, str], set[asyncio.Future]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: asyncio.TaskGroup | None = None
+        self._persisted: asyncio.Future | None = None  # the next tick's stage + flush
+        self._wake = asyncio.Event()
+        self.dead_letter_failures = 0
+        self._load()
+
+    def attach(self, loop: asyncio.AbstractEventLoop, tasks: asyncio.TaskGroup) -> None:
+        self._loop = loop
+        self._tasks = tasks
+        tasks.create_task(self._timer())
+
+    # -- start-up ------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        """Groups from the metadata store, held to the logs (the log is the truth)."""
+        topics = self.store.topics()
+        now = now_ms()
+        for entry in self.store.metadata.iter_queue_state():
+            config = topics.get(entry.topic)
+            if config is None or entry.partition >= config.partitions:
+                continue
+            try:
+                decoded = decode_partition(entry.value)
+            except QueueStateError as error:
+                log.error("queue group %s on %s-%d: dropping unreadable state (%s); its messages are delivered again",
+                          entry.group, entry.topic, entry.partition, error)
+                continue
+            key = (entry.group, entry.topic)
+            group = self.groups.get(key)
+            if group is None:
+                group = self.groups[key] = QueueGroup(entry.group, entry.topic, decoded.settings, self.limits)
+            group.ensure_partitions(config.partitions)
+            partition_log = self.store.log(entry.topic, entry.partition)
+            end = partition_log.readable_end_offset
+            next_offset = min(decoded.next_offset, end)
+            floor = min(decoded.floor, next_offset)
+            if next_offset < decoded.next_offset:
+                log.warning("queue group %s on %s-%d: the log ends at %d, before the group's next offset %d",
+                            entry.group, entry.topic, entry.partition, end, decoded.next_offset)
+            queue = PartitionQueue(entry.partition, group.settings, self.limits, floor, next_offset)
+            queue.set_log_bounds(partition_log.log_start_offset, end)
+            for delivery in decoded.deliveries:
+                if queue.floor <= delivery.offset < queue.next_offset:
+                    queue.restore(delivery, now)
+            group.partitions[entry.partition] = queue
+        for group in self.groups.values():
+            group.ensure_partitions(topics[group.topic].partitions)
+
+    # -- requests ------------------------------------------------------------------------
+
+    def _group_for(self, group_name: str, topic: str, wire: m.QueueGroupSettings | None) -> QueueGroup:
+        config = self.store.topics().get(topic)
+        if config is None:
+            raise UnknownTopicError(f"topic {topic!r} does not exist")
+        key = (group_name, topic)
+        group = self.groups.get(key)
+        if group is None:
+            if wire is None:
+                raise ProtocolError(ErrorCode.UNKNOWN_QUEUE_GROUP,
+                                    f"no queue group {group_name!r} on topic {topic!r}", closes_connection=False)
+            validate_group_name(group_name, self.store.metadata.limits.group_name_bytes_max)
+            if len(self.groups) >= self.limits.queue_groups_max:
+                raise ProtocolError(ErrorCode.LIMIT_EXCEEDED,
+                                    f"queue_groups_max {self.limits.queue_groups_max} reached", closes_connection=False)
+            settings = settings_from_wire(wire, QueueSettings())
+            settings.validate(self.limits)
+            validate_topic_name(settings.dead_letter_topic_for(topic))
+            group = self.groups[key] = QueueGroup(group_name, topic, settings, self.limits)
+            group.dirty.update(range(config.partitions))  # the settings are stored now
+        elif wire is not None:
+            wanted = settings_from_wire(wire, group.settings)
+            if wanted != group.settings:
+                raise ProtocolError(
+                    ErrorCode.QUEUE_SETTINGS_MISMATCH,
+                    f"queue group {group_name!r} on {topic!r} has settings {group.settings}; the request asks "
+                    f"for {wanted}", closes_connection=False,
+                )
+        group.ensure_partitions(config.partitions)
+        return group
+
+    def _refresh(self, group: QueueGroup) -> None:
+        for queue in group.partitions:
+            partition_log = self.store.log(group.topic, queue.partition)
+            if queue.set_log_bounds(partition_log.log_start_offset, partition_log.readable_end_offset):
+                group.dirty.add(queue.partition)
+
+    async def receive(self, request: m.QueueReceiveRequest) -> Reply:
+        group = self._group_for(request.group, request.topic, request.settings)
+        count = min(max(request.messages_max, 1), self.limits.receive_messages_max)
+        wait_s = min(max(request.wait_ms, 0), self.limits.receive_wait_max_ms) / 1000
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        budget = self.broker.config.protocol.frame_bytes_max - RESPONSE_OVERHEAD_BYTES
+        while True:
+            self._refresh(group)
+            now = now_ms()
+            if group.tick(now):
+                self._wake.set()  # dead letters may be waiting
+            taken = group.receive(count, now)
+            if taken:
+                deliveries, records = self._collect(group, taken, budget)
+                if deliveries:
+                    await self.persist()
+                    batch = build_batch(records, limits=RecordLimits(batch_bytes_max=budget, record_bytes_max=budget))
+                    return Reply(m.QueueReceiveResponse(
+                        request_id=request.request_id, deliveries=deliveries, records=batch))
+                continue  # every one was a gap: look again
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return Reply(m.QueueReceiveResponse(request_id=request.request_id))
+            await self._wait_for_change(group, remaining, now)
+            if self.groups.get((group.group, group.topic)) is not group:
+                raise UnknownTopicError(f"topic {request.topic!r} was deleted")
+
+    async def _wait_for_change(self, group: QueueGroup, remaining_s: float, now: int) -> None:
+        """Until the group's state changes, one of its partitions grows, a timer of it
+        is due, or `remaining_s` passes."""
+        future = self._loop.create_future()
+        key = (group.group, group.topic)
+        self._waiters.setdefault(key, set()).add(future)
+        partition_waiters = []
+        for queue in group.partitions:
+            waiters = self.broker._waiters.get(id(self.store.log(group.topic, queue.partition)))
+            if waiters is not None:
+                waiters.futures.add(future)
+                partition_waiters.append(waiters)
+        timeout_s = remaining_s
+        next_deadline = group.next_deadline_ms()
+        if next_deadline is not None:
+            timeout_s = min(timeout_s, max(next_deadline - now, 0) / 1000 + 0.001)
+        try:
+            await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            pass
+        finally:
+            self._waiters.get(key, set()).discard(future)
+            for waiters in partition_waiters:
+                waiters.futures.discard(future)
+
+    def _notify(self, group: QueueGroup) -> None:
+        for future in self._waiters.pop((group.group, group.topic), ()):
+            if not future.done():
+                future.set_result(None)
+
+    def _collect(self, group: QueueGroup, taken: list[Taken], budget: int) -> tuple[list[m.QueueDelivery], list[NewRecord]]:
+        """Read the records of `taken`. Offsets with no record are skipped (done); what
+        does not fit in `budget` bytes, or cannot be read, is released."""
+        found = self._read_records(group.topic, [(t.partition, t.offset) for t in taken])
+        deliveries: list[m.QueueDelivery] = []
+        records: list[NewRecord] = []
+        unsent: list[Taken] = []
+        used = 0
+        for item in taken:
+            record = found.get((item.partition, item.offset))
+            if record is None:
+                group.skip(item.partition, item.offset)
+                continue
+            if isinstance(record, Exception):
+                unsent.append(item)
+                continue
+            size = 64 + len(record.key or b"") + len(record.value or b"") + sum(
+                len(k) + len(v or b"") + 8 for k, v in record.headers)
+            if deliveries and used + size > budget:
+                unsent.append(item)
+                continue
+            used += size
+            deliveries.append(m.QueueDelivery(partition=item.partition, offset=item.offset,
+                                              delivery_count=item.delivery_count,
+                                              lease_deadline_ms=item.lease_deadline_ms))
+            records.append(NewRecord(record.key, record.value, record.headers, record.timestamp_ms))
+        group.release(unsent)
+        failures = [r for r in found.values() if isinstance(r, Exception)]
+        if not deliveries and failures:
+            raise failures[0]
+        return deliveries, records
+
+    def _read_records(self, topic: str, wanted: list[tuple[int, int]]) -> dict:
+        """(partition, offset) -> Record for each wanted offset that has one; an
+        exception where the read failed. Reads whole batches from the log (one codec)."""
+        by_partition: dict[int, list[int]] = {}
+        for partition, offset in wanted:
+            by_partition.setdefault(partition, []).append(offset)
+        found: dict = {}
+        for partition, offsets in by_partition.items():
+            partition_log = self.store.log(topic, partition)
+            remaining = sorted(set(offsets))
+            index = 0
+            while index < len(remaining):
+                offset = remaining[index]
+                try:
+                    result = partition_log.read(offset, READ_BYTES)
+                    data = result.to_bytes()
+                    last = offset
+                    wanted_here = set(remaining[index:])
+                    for header, batch in iter_batches(data):
+                        last = max(last, header.last_offset)
+                        if header.is_control:
+                            continue
+                        for record in decode_records(batch, header):
+                            if record.offset in wanted_here:
+                                found[partition, record.offset] = record
+                except (NodiError, OSError) as error:
+                    found[partition, offset] = error
+                    index += 1
+                    continue
+                if not result.slices:
+                    break  # nothing readable from here: the rest are gaps
+                while index < len(remaining) and remaining[index] <= last:
+                    index += 1
+        return found
+
+    async def settle(self, request: m.QueueSettleRequest) -> Reply:
+        group = self._group_for(request.group, request.topic, None)
+        now = now_ms()
+        results = []
+        changed = False
+        for item in request.settlements:
+            code = ErrorCode.NONE
+            deadline = m.NO_OFFSET
+            try:
+                delay = None if item.delay_ms < 0 else item.delay_ms
+                deadline = group.settle(item.action, item.partition, item.offset, item.delivery_count, now,
+                                        delay, item.text) or m.NO_OFFSET
+                changed = True
+            except ProtocolError as error:
+                code = error.code
+            results.append(m.SettleResult(partition=item.partition, offset=item.offset, error_code=code,
+                                          lease_deadline_ms=deadline))
+        if changed:
+            self._notify(group)
+            self._wake.set()
+            await self.persist()
+        return Reply(m.QueueSettleResponse(request_id=request.request_id, results=results))
+
+    async def describe(self, request: m.QueueDescribeRequest) -> Reply:
+        group = self._group_for(request.group, request.topic, None)
+        self._refresh(group)
+        statistics = group.statistics()
+        return Reply(m.QueueDescribeResponse(
+            request_id=request.request_id,
+            settings=settings_to_wire(group.settings),
+            dead_letter_topic=group.settings.dead_letter_topic_for(group.topic),
+            partitions=[m.QueuePartitionState(partition=p.partition, ack_floor=p.floor, next_offset=p.next_offset,
+                                              pending=p.pending, leased=p.leased, dead_letters_pending=p.dead)
+                        for p in statistics.partitions],
+            delivered=statistics.delivered, redelivered=statistics.redelivered, acked=statistics.acked,
+            nacked=statistics.nacked, expired_leases=statistics.expired_leases,
+            dead_lettered=statistics.dead_lettered,
+        ))
+
+    def on_topic_deleted(self, topic: str) -> None:
+        for key in [key for key in self.groups if key[1] == topic]:
+            group = self.groups.pop(key)
+            self._notify(group)
+
+    # -- persistence -----------------------------------------------------------------------
+
+    async def persist(self) -> None:
+        """Return once every change made before the call is committed to LMDB. Callers
+        in one loop tick share one staging pass and one flush."""
+        if self._persisted is None:
+            self._persisted = self._loop.create_future()
+            self._loop.call_soon(self._stage_and_flush)
+        await asyncio.wait_for(asyncio.shield(self._persisted), self.broker.config.write_timeout_ms / 1000)
+
+    def _stage_and_flush(self) -> None:
+        future, self._persisted = self._persisted, None
+        try:
+            self._stage_dirty()
+        except Exception as error:
+            future.set_exception(error)
+            future.exception()
+            return
+        self._tasks.create_task(self._flush_into(future))
+
+    async def _flush_into(self, future: asyncio.Future) -> None:
+        try:
+            await self.broker.flush_metadata()
+            future.set_result(None)
+        except Exception as error:  # reported to every waiter
+            future.set_exception(error)
+            future.exception()
+
+    def _stage_dirty(self) -> None:
+        metadata = self.store.metadata
+        for group in self.groups.values():
+            for partition in sorted(group.dirty):
+                metadata.put_queue_state(group.group, group.topic, partition,
+                                         encode_partition(group.partitions[partition]))
+            group.dirty.clear()
+
+    # -- the timer and the dead-letter writer -------------------------------------------------
+
+    async def _timer(self) -> None:
+        """Runs out leases and not-before times, wakes receivers, writes dead letters,
+        persists what changed."""
+        while True:
+            deadlines = [d for d in (g.next_deadline_ms() for g in self.groups.values()) if d is not None]
+            sleep_s = TIMER_INTERVAL_MAX_S
+            if deadlines:
+                sleep_s = min(sleep_s, max(min(deadlines) - now_ms(), 0) / 1000)
+            try:
+                await asyncio.wait_for(self._wake.wait(), sleep_s)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            now = now_ms()
+            for group in list(self.groups.values()):
+                if group.tick(now):
+                    self._notify(group)
+            try:
+                written = await self._write_dead_letters()
+                if written or any(group.dirty for group in self.groups.values()):
+                    await self.persist()
+            except Exception:
+                self.dead_letter_failures += 1
+                log.exception("queue groups: writing dead letters or persisting failed; retrying")
+                await asyncio.sleep(DEAD_LETTER_RETRY_S)
+
+    async def _write_dead_letters(self) -> int:
+        written = 0
+        for group in list(self.groups.values()):
+            letters = group.take_dead_letters(DEAD_LETTERS_PER_PASS)
+            if not letters:
+                continue
+            try:
+                written += await self._dead_letter(group, letters)
+            except BaseException:
+                for letter in letters:
+                    group.partitions[letter.partition].dead_letter_failed(letter.offset)
+                raise
+        return written
+
+    async def _dead_letter(self, group: QueueGroup, letters: list[DeadLetter]) -> int:
+        """Append the copies, wait until they are durable, then ack them in the source."""
+        topic = group.settings.dead_letter_topic_for(group.topic)
+        partitions = await self._dead_letter_partitions(topic, len(group.partitions))
+        found = self._read_records(group.topic, [(letter.partition, letter.offset) for letter in letters])
+        failures = [r for r in found.values() if isinstance(r, Exception)]
+        if failures:
+            raise failures[0]
+        now = now_ms()
+        by_target: dict[int, list[tuple[DeadLetter, NewRecord]]] = {}
+        for letter in letters:
+            record = found.get((letter.partition, letter.offset))
+            if record is None:  # gone from the source (retention): nothing to copy
+                group.dead_lettered(letter.partition, letter.offset)
+                continue
+            copy = dead_letter_record(record, letter, group.topic, group.group, now)
+            by_target.setdefault(letter.partition % partitions, []).append((letter, copy))
+        for target, items in by_target.items():
+            partition_log = self.store.log(topic, target)
+            batch = build_batch([copy for _, copy in items])
+            result = partition_log.append_nowait(batch)
+            if partition_log.config.fsync_policy is not FsyncPolicy.ALWAYS:
+                await asyncio.to_thread(partition_log.flush)
+            await asyncio.wait_for(asyncio.wrap_future(partition_log.durable_future(result.last_offset)),
+                                   self.broker.config.write_timeout_ms / 1000)
+            for letter, _ in items:
+                group.dead_lettered(letter.partition, letter.offset)
+            self._notify(group)
+        return len(letters)
+
+    async def _dead_letter_partitions(self, topic: str, source_partitions: int) -> int:
+        config = self.store.topics().get(topic)
+        if config is not None:
+            return config.partitions
+        topic_config = dataclasses.replace(self.broker.config.topic_defaults, partitions=source_partitions)
+        try:
+            await asyncio.to_thread(self.store.create_topic, topic, topic_config)
+        except TopicExistsError:
+            return self.store.topics()[topic].partitions
+        for partition in range(topic_config.partitions):
+            self.broker._watch(self.store.log(topic, partition))  # fetches of it long-poll
+        self.broker.coordinator.on_topic_created(topic)
+        log.info("created dead-letter topic %s", topic)
+        return topic_config.partitions

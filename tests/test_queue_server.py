@@ -1,0 +1,265 @@
+"""Queue groups against a real `nodi serve`: competing consumers, nack backoff,
+dead-lettering on max deliveries and on reject, the window limit, settings, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from nodi.broker import AsyncClient, Backoff, Client
+from nodi.broker import messages as m
+from nodi.broker.client_errors import (
+    QueueSettingsMismatch,
+    StaleDelivery,
+    UnknownDelivery,
+    UnknownQueueGroup,
+    UnknownTopic,
+)
+from nodi.broker.dead_letters import DEAD_LETTER_HEADERS
+from nodi.storage.records import NewRecord, build_batch
+
+from conftest import BrokerProcess
+
+WAIT_MS = 20_000  # generous: the machine is shared
+
+
+def produce_values(client: Client, topic: str, partition: int, values: list[bytes], chunk: int = 500) -> None:
+    for start in range(0, len(values), chunk):
+        batch = build_batch([NewRecord(b"k%d" % (start + i), value, [("source", b"test")])
+                             for i, value in enumerate(values[start:start + chunk])])
+        client.produce_batch(topic, partition, batch)
+
+
+def describe(client: Client, group: str, topic: str) -> m.QueueDescribeResponse:
+    return client._run(client._async._call(m.QueueDescribeRequest(group=group, topic=topic), None), None)
+
+
+def test_four_competing_consumers_share_ten_thousand_messages_once_each(broker) -> None:
+    total = 10_000
+    with Client(broker.address) as client:
+        client.create_topic("jobs", partitions=4)
+        for partition in range(4):
+            produce_values(client, "jobs", partition, [b"%d-%d" % (partition, i) for i in range(total // 4)])
+    seen: list[list[tuple[int, int]]] = [[] for _ in range(4)]
+    errors: list[BaseException] = []
+
+    def consume(index: int) -> None:
+        try:
+            with Client(broker.address) as client, client.queue("jobs", "workers", ack_wait_ms=60_000,
+                                                                batch_max=100) as queue:
+                idle = 0
+                while idle < 3:
+                    message = queue.receive(timeout_ms=1_000)
+                    if message is None:
+                        idle += 1
+                        continue
+                    idle = 0
+                    assert message.delivery_count == 1
+                    seen[index].append((message.partition, message.offset))
+                    message.ack(wait=False)
+                queue.flush()
+        except BaseException as error:  # reported by the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=consume, args=(index,)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(180)
+    assert not errors, errors
+    everything = [item for part in seen for item in part]
+    assert len(everything) == total
+    assert len(set(everything)) == total
+    assert sum(1 for part in seen if part) >= 2  # the work was shared
+    with Client(broker.address) as client:
+        state = describe(client, "workers", "jobs")
+        assert [p.ack_floor for p in state.partitions] == [total // 4] * 4
+        assert state.acked == total and state.redelivered == 0
+
+
+def test_nack_backoff_delivers_again_in_order_and_not_before_the_delay(broker) -> None:
+    with Client(broker.address) as client:
+        client.create_topic("retry")
+        client.produce("retry", b"flaky", partition=0)
+        delays = [300, 600, 1_200]
+        with client.queue("retry", "g", max_deliveries=4, backoff=delays, batch_max=1) as queue:
+            deliveries = []
+            for expected_count in range(1, 5):
+                message = queue.receive(timeout_ms=WAIT_MS)
+                assert message is not None and message.value == b"flaky"
+                assert message.delivery_count == expected_count
+                deliveries.append(message)
+                if expected_count < 4:
+                    message.nack(error=f"attempt {expected_count}")
+            deliveries[-1].ack()
+        for earlier, later, delay in zip(deliveries, deliveries[1:], delays):
+            # The lease deadline is the delivery time + ack_wait: their difference is
+            # the gap between deliveries, which the backoff bounds from below.
+            assert later.lease_deadline_ms - earlier.lease_deadline_ms >= delay
+        # An explicit delay wins over the backoff; zero means at once.
+        client.produce("retry", b"second", partition=0)
+        with client.queue("retry", "g") as queue:
+            message = queue.receive(timeout_ms=WAIT_MS)
+            message.nack(delay_ms=0)
+            again = queue.receive(timeout_ms=WAIT_MS)
+            assert (again.offset, again.delivery_count) == (message.offset, 2)
+            with pytest.raises(StaleDelivery):
+                message.ack()
+            again.ack()
+
+
+def dead_letter_headers(message) -> dict[str, str]:
+    return {name: value.decode() for name, value in message.headers if name.startswith("nodi-dlq-")}
+
+
+def test_max_deliveries_dead_letters_with_every_header(broker) -> None:
+    with Client(broker.address) as client:
+        client.create_topic("orders", partitions=2)
+        client.produce("orders", b"poison", key=b"customer-7", partition=1, headers={"trace": b"abc"})
+        with client.queue("orders", "billing", max_deliveries=2, backoff=[0], ack_wait_ms=60_000) as queue:
+            first = queue.receive(timeout_ms=WAIT_MS)
+            first.nack(error="first failure")
+            second = queue.receive(timeout_ms=WAIT_MS)
+            assert second.delivery_count == 2
+            second.nack(error="database down")
+            assert queue.receive(timeout_ms=500) is None  # dead-lettered, not delivered again
+        letters = wait_for_messages(client, "orders.dlq", 1)
+        (letter,) = letters
+        assert letter.partition == 1  # the source partition, as the DLQ has as many
+        assert (letter.key, letter.value) == (b"customer-7", b"poison")
+        assert ("trace", b"abc") in letter.headers
+        headers = dead_letter_headers(letter)
+        assert set(headers) == set(DEAD_LETTER_HEADERS)
+        assert headers["nodi-dlq-topic"] == "orders"
+        assert headers["nodi-dlq-partition"] == "1"
+        assert headers["nodi-dlq-offset"] == str(first.offset)
+        assert headers["nodi-dlq-group"] == "billing"
+        assert headers["nodi-dlq-reason"] == "max-deliveries"
+        assert headers["nodi-dlq-delivery-count"] == "2"
+        assert headers["nodi-dlq-last-error"] == "database down"
+        assert headers["nodi-dlq-first-delivery-ms"] == str(first.lease_deadline_ms - 60_000)
+        assert headers["nodi-dlq-last-delivery-ms"] == str(second.lease_deadline_ms - 60_000)
+        assert int(headers["nodi-dlq-timestamp-ms"]) == first.timestamp
+        state = describe(client, "billing", "orders")
+        assert state.partitions[1].ack_floor == 1 and state.dead_lettered == 1
+
+
+def wait_for_messages(client: Client, topic: str, count: int, partitions: int | None = None) -> list:
+    import time
+
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while True:
+        found = []
+        try:
+            for partition in range(partitions or client.partition_count(topic, refresh=True)):
+                found += client.fetch(topic, partition, 0)
+        except UnknownTopic:
+            pass
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def test_reject_dead_letters_to_a_configured_topic_and_acks_the_source(broker) -> None:
+    with Client(broker.address) as client:
+        client.create_topic("payments")
+        client.produce("payments", b"bad amount", partition=0)
+        client.produce("payments", b"good", partition=0)
+        with client.queue("payments", "ledger", dead_letter_topic="payments-dead") as queue:
+            bad = queue.receive(timeout_ms=WAIT_MS)
+            bad.reject("amount is negative")
+            good = queue.receive(timeout_ms=WAIT_MS)
+            assert good.value == b"good"
+            good.ack()
+            with pytest.raises(Exception):  # settled already
+                bad.nack()
+        (letter,) = wait_for_messages(client, "payments-dead", 1)
+        headers = dead_letter_headers(letter)
+        assert headers["nodi-dlq-reason"] == "rejected"
+        assert headers["nodi-dlq-last-error"] == "amount is negative"
+        assert headers["nodi-dlq-delivery-count"] == "1"
+        import time
+
+        deadline = time.monotonic() + WAIT_MS / 1000
+        while describe(client, "ledger", "payments").partitions[0].ack_floor != 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+def test_the_window_limit_holds(broker_factory, monkeypatch) -> None:
+    monkeypatch.setenv("NODI_QUEUES_WINDOW_MESSAGES_MAX", "50")
+    process: BrokerProcess = broker_factory().start()
+    with Client(process.address) as client:
+        client.create_topic("backlog")
+        produce_values(client, "backlog", 0, [b"x"] * 500)
+        with client.queue("backlog", "slow", batch_max=1_000, ack_wait_ms=60_000) as queue:
+            held = []
+            while (message := queue.receive(timeout_ms=300)) is not None:
+                held.append(message)
+            assert [message.offset for message in held] == list(range(50))
+            state = describe(client, "slow", "backlog")
+            assert state.partitions[0].next_offset - state.partitions[0].ack_floor == 50
+            for message in held[1:]:
+                message.ack(wait=False)
+            queue.flush()
+            assert queue.receive(timeout_ms=300) is None  # offset 0 still holds the floor
+            held[0].ack()
+            assert queue.receive(timeout_ms=WAIT_MS).offset == 50
+    process.stop()
+
+
+def test_settings_are_stored_at_first_use_and_checked(broker) -> None:
+    with Client(broker.address) as client:
+        client.create_topic("s")
+        with client.queue("s", "g", ack_wait_ms=5_000, max_deliveries=3,
+                          backoff=Backoff.exponential(100, 3.0, 2_000, 0.0)) as queue:
+            assert queue.receive(timeout_ms=10) is None
+        state = describe(client, "g", "s")
+        assert (state.settings.ack_wait_ms, state.settings.max_deliveries) == (5_000, 3)
+        assert state.settings.backoff.kind is m.BackoffKind.EXPONENTIAL
+        assert (state.settings.backoff.base_ms, state.settings.backoff.multiplier_percent) == (100, 300)
+        assert state.dead_letter_topic == "s.dlq"
+        with client.queue("s", "g") as queue:  # None keeps what is stored
+            assert queue.receive(timeout_ms=10) is None
+        with client.queue("s", "g", max_deliveries=4) as queue, pytest.raises(QueueSettingsMismatch):
+            queue.receive(timeout_ms=10)
+        with pytest.raises(UnknownTopic), client.queue("missing", "g") as queue:
+            queue.receive(timeout_ms=10)
+        with pytest.raises(UnknownQueueGroup):
+            describe(client, "nobody", "s")
+
+
+def test_async_queue_and_bad_settles(broker) -> None:
+    asyncio.run(asyncio.wait_for(async_queue_and_bad_settles(broker), 60))
+
+
+async def async_queue_and_bad_settles(broker) -> None:
+    async with AsyncClient(broker.address) as client:
+        await client.create_topic("a")
+        await client.produce("a", b"one", partition=0)
+        async with client.queue("a", "g", ack_wait_ms=10_000) as queue:
+            message = await queue.receive(timeout_ms=WAIT_MS)
+            assert message.value == b"one" and message.group == "g"
+            deadline = await message.in_progress()
+            assert deadline >= message.lease_deadline_ms
+            await message.ack()
+            await message.ack()  # twice: still fine
+            bogus = m.QueueSettleRequest(group="g", topic="a", settlements=[
+                m.Settlement(partition=0, offset=99, delivery_count=1, action=m.SettleAction.ACK),
+                m.Settlement(partition=5, offset=0, delivery_count=1, action=m.SettleAction.NACK),
+            ])
+            response = await client._call(bogus, None)
+            assert [r.error_code for r in response.results] == [m.ErrorCode.UNKNOWN_DELIVERY,
+                                                                 m.ErrorCode.UNKNOWN_PARTITION]
+            with pytest.raises(UnknownDelivery):
+                await queue._settle_nowait(message.__class__("a", 0, 50, 0, None, None), m.SettleAction.ACK,
+                                           -1, None)
+            # A receive whose long poll ends empty answers with no messages.
+            assert await queue.receive(timeout_ms=200) is None
+            await client.produce("a", b"two", partition=0)
+            waiting = asyncio.create_task(queue.receive(timeout_ms=WAIT_MS))
+            message = await waiting
+            assert message.value == b"two"
+            await message.ack()
