@@ -200,7 +200,8 @@ class Metrics:
         if self.port >= 0:
             self._http, _thread = start_http_server(self.port, addr=self.host, registry=self.registry)
             self.port = self._http.server_port
-            log.info("metrics on http://%s:%d/metrics", self.host, self.port)
+            log.info("metrics on http://%s:%d/metrics", self.host, self.port,
+                     extra={"host": self.host, "port": self.port})
 
     def stop(self) -> None:
         if self._http is not None:

@@ -303,7 +303,8 @@ class Server:
                 log.exception("retention")
                 continue
             for (topic, partition), segments in deleted.items():
-                log.info("retention deleted %d segment(s) of %s-%d", len(segments), topic, partition)
+                log.info("retention deleted %d segment(s) of %s-%d", len(segments), topic, partition,
+                         extra={"topic": topic, "partition": partition, "segments": len(segments)})
 
 
 class _Stopped(Exception):

@@ -202,3 +202,59 @@ def test_serve_log_json_lines_parse(tmp_path):
     # Everything else on the output is the documented ready lines.
     others = [line for line in broker.output if not line.startswith("{") and line.strip()]
     assert all(line.startswith("nodi ") for line in others), others
+
+
+def _read_terminal(master: int, timeout_s: float = 60) -> bytes:
+    import os
+    import select
+    import time
+
+    output = b""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 1)
+        if not ready:
+            continue
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the child closed its end
+            break
+        if not chunk:
+            break
+        output += chunk
+    return output
+
+
+def test_long_operations_show_progress_on_a_terminal_only(tmp_path):
+    """`nodi segments verify` and `recover` draw a progress bar on stderr when it is a
+    terminal, and print none into a pipe."""
+    import os
+    import pty
+
+    from nodi.storage.metadata import TopicConfig
+    from nodi.storage.records import build_batch, make_records
+    from nodi.storage.store import Store
+
+    data_dir = tmp_path / "data"
+    store = Store.open(str(data_dir))
+    try:
+        store.create_topic("big", TopicConfig(fsync_policy="never"))
+        partition_log = store.log("big", 0)
+        for _ in range(60):  # about 6 MiB: more than one progress step (4 MiB)
+            partition_log.append(build_batch(make_records([os.urandom(1000)] * 100)))
+    finally:
+        store.close()
+    for command in ("verify", "recover"):
+        master, child = pty.openpty()
+        process = subprocess.Popen(NODI + ["segments", command, str(data_dir)], stdout=subprocess.PIPE,
+                                   stderr=child, stdin=subprocess.DEVNULL)
+        os.close(child)
+        try:
+            terminal = _read_terminal(master)
+            assert process.wait(timeout=60) == 0
+        finally:
+            os.close(master)
+        label = "verifying" if command == "verify" else "recovering"
+        assert label.encode() in terminal and b"100%" in terminal, terminal
+        piped = subprocess.run(NODI + ["segments", command, str(data_dir)], capture_output=True, timeout=60)
+        assert piped.returncode == 0 and label.encode() not in piped.stderr

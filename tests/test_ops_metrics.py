@@ -214,3 +214,63 @@ def test_status_table(workload):
     header = lines.index(next(line for line in lines if line.startswith("DEAD-LETTER TOPIC")))
     assert lines[header + 1].split() == [DLQ, str(DEAD_LETTERS)]
 
+
+
+def test_refused_connections_are_counted(tmp_path):
+    """connections_max from a --config file: the connection over it is refused and
+    counted; the open one is in nodi_connections."""
+    import socket
+    import time
+
+    from nodi.broker import Client
+
+    config = tmp_path / "nodi.toml"
+    config.write_text("[server]\nconnections_max = 1\n")
+    broker = BrokerProcess(str(tmp_path / "data"), ["--config", str(config)], metrics=True).start()
+    try:
+        with Client(broker.address, timeout_ms=30_000) as client:
+            client.list_topics()
+            with socket.create_connection((broker.host, broker.port), timeout=30) as extra:
+                extra.settimeout(30)
+                assert extra.recv(65536) is not None  # the Closing event (or EOF): refused
+                deadline = time.monotonic() + 30
+                while True:
+                    samples = scrape(broker.metrics_port)
+                    if value(samples, "nodi_connections_refused_total") >= 1 or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.1)
+            assert value(samples, "nodi_connections_refused_total") == 1
+            assert value(samples, "nodi_connections_accepted_total") == 1
+            assert value(samples, "nodi_connections") == 1
+            status = client.server_status()
+            assert (status.connections_open, status.connections_accepted, status.connections_refused) == (1, 1, 1)
+    finally:
+        broker.stop()
+
+
+def test_storage_histograms_in_log_statistics(tmp_path):
+    """The log times each fsync and counts the appends each group commit covered; its
+    statistics() carries both (what the endpoint's histograms are built from)."""
+    from nodi.storage.config import LogConfig
+    from nodi.storage.histogram import Histogram
+    from nodi.storage.log import Log
+    from nodi.storage.records import build_batch, make_records
+
+    histogram = Histogram((1, 2))
+    for observed in (1, 1.5, 5):
+        histogram.observe(observed)
+    snapshot = histogram.snapshot()
+    assert snapshot.counts == (1, 1, 1) and snapshot.total == 7.5 and snapshot.count == 3
+    assert snapshot.cumulative() == [(1, 1), (2, 2), (float("inf"), 3)]  # upper bounds inclusive, as `le`
+
+    partition_log = Log.open(str(tmp_path / "log"), LogConfig())
+    try:
+        for number in range(20):
+            partition_log.append(build_batch(make_records([f"m{number}".encode()])))
+        statistics = partition_log.statistics()
+    finally:
+        partition_log.close()
+    assert statistics.fsyncs >= 1
+    assert statistics.fsync_seconds.count >= statistics.fsyncs and statistics.fsync_seconds.total > 0
+    assert statistics.group_commit_appends.total == statistics.fsync_covered_appends == 20
+    assert 1 <= statistics.group_commit_appends.count <= statistics.fsyncs
