@@ -24,6 +24,8 @@ def _changed(value):
         return not value
     if isinstance(value, int):
         return value + 1
+    if isinstance(value, float):
+        return value / 2
     if value is None:
         return 12345
     return value
