@@ -115,35 +115,41 @@ class QueueService:
         topics = self.store.topics()
         now = now_ms()
         for entry in self.store.metadata.iter_queue_state():
-            config = topics.get(entry.topic)
-            if config is None or entry.partition >= config.partitions:
-                continue
             try:
-                decoded = decode_partition(entry.value)
-            except QueueStateError as error:
-                log.error("queue group %s on %s-%d: dropping unreadable state (%s); its messages are delivered again",
-                          entry.group, entry.topic, entry.partition, error)
-                continue
-            key = (entry.group, entry.topic)
-            group = self.groups.get(key)
-            if group is None:
-                group = self.groups[key] = QueueGroup(entry.group, entry.topic, decoded.settings, self.limits)
-            group.ensure_partitions(config.partitions)
-            partition_log = self.store.log(entry.topic, entry.partition)
-            end = partition_log.readable_end_offset
-            next_offset = min(decoded.next_offset, end)
-            floor = min(decoded.floor, next_offset)
-            if next_offset < decoded.next_offset:
-                log.warning("queue group %s on %s-%d: the log ends at %d, before the group's next offset %d",
-                            entry.group, entry.topic, entry.partition, end, decoded.next_offset)
-            queue = PartitionQueue(entry.partition, group.settings, self.limits, floor, next_offset)
-            queue.set_log_bounds(partition_log.log_start_offset, end)
-            for delivery in decoded.deliveries:
-                if queue.floor <= delivery.offset < queue.next_offset:
-                    queue.restore(delivery, now)
-            group.partitions[entry.partition] = queue
+                self._load_partition(entry, topics, now)
+            except Exception:  # one bad entry never stops the server; its messages come again
+                log.exception("queue group %s on %s-%d: state not loaded", entry.group, entry.topic, entry.partition)
         for group in self.groups.values():
             group.ensure_partitions(topics[group.topic].partitions)
+
+    def _load_partition(self, entry, topics: dict, now: int) -> None:
+        config = topics.get(entry.topic)
+        if config is None or entry.partition >= config.partitions:
+            return
+        try:
+            decoded = decode_partition(entry.state)
+        except QueueStateError as error:
+            log.error("queue group %s on %s-%d: dropping unreadable state (%s); its messages are delivered again",
+                      entry.group, entry.topic, entry.partition, error)
+            return
+        key = (entry.group, entry.topic)
+        group = self.groups.get(key)
+        if group is None:
+            group = self.groups[key] = QueueGroup(entry.group, entry.topic, decoded.settings, self.limits)
+        group.ensure_partitions(config.partitions)
+        partition_log = self.store.log(entry.topic, entry.partition)
+        end = partition_log.readable_end_offset
+        next_offset = min(decoded.next_offset, end)
+        floor = min(decoded.floor, next_offset)
+        if next_offset < decoded.next_offset:
+            log.warning("queue group %s on %s-%d: the log ends at %d, before the group's next offset %d",
+                        entry.group, entry.topic, entry.partition, end, decoded.next_offset)
+        queue = PartitionQueue(entry.partition, group.settings, self.limits, floor, next_offset)
+        queue.set_log_bounds(partition_log.log_start_offset, end)
+        for delivery in decoded.deliveries:
+            if queue.floor <= delivery.offset < queue.next_offset:
+                queue.restore(delivery, now)
+        group.partitions[entry.partition] = queue
 
     # -- requests ------------------------------------------------------------------------
 
