@@ -55,9 +55,14 @@ BATCH_LENGTH_MIN = BATCH_HEADER_BYTES - LOG_OVERHEAD_BYTES
 CRC_START = 21  # attributes onwards is covered by the CRC
 
 _HEADER = struct.Struct(">qiibIhiqqqhii")
+# The header in two parts: up to the CRC, and the fields the CRC covers (attributes on).
+_HEADER_UNCOVERED = struct.Struct(">qiibI")
+_HEADER_COVERED = struct.Struct(">hiqqqhii")
 _BASE_OFFSET = struct.Struct(">q")
 _LENGTH_PREFIX = struct.Struct(">qi")
 assert _HEADER.size == BATCH_HEADER_BYTES
+assert _HEADER_UNCOVERED.size == CRC_START
+assert _HEADER_UNCOVERED.size + _HEADER_COVERED.size == BATCH_HEADER_BYTES
 
 ATTRIBUTE_CODEC_MASK = 0x07
 ATTRIBUTE_TIMESTAMP_TYPE = 0x08
@@ -285,6 +290,10 @@ def _decode_varint(buffer: bytes, position: int, max_bytes: int = 10) -> tuple[i
 
 
 _NULL = _encode_varint(-1)
+# The varints of 0 .. VARINT_TABLE_SIZE - 1 (record lengths, value sizes and offset
+# deltas of records up to 8 KiB), for the encoder's common case.
+VARINT_TABLE_SIZE = 1 << 13
+_VARINTS = [_encode_varint(value) for value in range(VARINT_TABLE_SIZE)]
 
 
 # ---------------------------------------------------------------------------
@@ -302,21 +311,50 @@ def encode_records(
     `now_ms`. Record i gets offset delta i, or offset_deltas[i] (compaction keeps the
     original offsets of the records it retains). Returns (bytes, max_timestamp): the
     greatest record timestamp (base_timestamp when there is no record).
-    The one per-record loop on the producer's hot path: keep it lean."""
+    The one per-record loop on the producer's hot path: keep it lean. A record without
+    key or headers (the common case) is a few precomputed varints around its value, and
+    consecutive ones with the same value size and timestamp share them."""
     varint = _encode_varint
+    varints = _VARINTS
+    table_size = VARINT_TABLE_SIZE
     one_byte = _ONE_BYTE
     null = _NULL
     record_bytes_max = limits.record_bytes_max
     headers_max = limits.headers_per_record_max
     parts: list[bytes] = []
     append = parts.append
+    extend = parts.extend
     max_timestamp = INT64_MIN if records else base_timestamp
+    shared_size = shared_delta = -1  # what timestamp_part, value_size_part, fixed_bytes were made for
+    timestamp_part = value_size_part = b""
+    fixed_bytes = 0
     for offset_delta, record in enumerate(records) if offset_deltas is None else zip(offset_deltas, records):
         key, value, headers, timestamp_ms = record
         if timestamp_ms is None:
             timestamp_ms = now_ms
         if timestamp_ms > max_timestamp:
             max_timestamp = timestamp_ms
+        if key is None and not headers and value is not None:
+            size = len(value)
+            delta = timestamp_ms - base_timestamp
+            if size != shared_size or delta != shared_delta:
+                if size > record_bytes_max:
+                    raise LimitExceededError(
+                        f"record of {size} bytes exceeds record_bytes_max {record_bytes_max}"
+                    )
+                # attributes + timestamp_delta; null key + value_length; both + the value
+                # + header_count
+                timestamp_part = b"\x00" + (varints[delta] if 0 <= delta < table_size else varint(delta))
+                value_size_part = null + (varints[size] if size < table_size else varint(size))
+                fixed_bytes = len(timestamp_part) + len(value_size_part) + size + 1
+                shared_size, shared_delta = size, delta
+            offset_part = varints[offset_delta] if 0 <= offset_delta < table_size else varint(offset_delta)
+            length = fixed_bytes + len(offset_part)
+            extend((
+                varints[length] if length < table_size else varint(length),
+                timestamp_part, offset_part, value_size_part, value, b"\x00",
+            ))
+            continue
         body = [
             b"\x00",
             varint(timestamp_ms - base_timestamp),
@@ -415,13 +453,11 @@ def build_batch(
     if compression == Compression.GZIP:
         body = gzip_compress(body)
     attributes = (attributes & ~ATTRIBUTE_CODEC_MASK) | int(compression)
+    size = BATCH_HEADER_BYTES + len(body)
+    if size > limits.batch_bytes_max:
+        raise LimitExceededError(f"batch of {size} bytes exceeds batch_bytes_max {limits.batch_bytes_max}")
     try:
-        header_tail = _HEADER.pack(
-            base_offset,
-            BATCH_HEADER_BYTES - LOG_OVERHEAD_BYTES + len(body),
-            -1,
-            MAGIC,
-            0,
+        covered = _HEADER_COVERED.pack(
             attributes,
             last_offset_delta,
             base_timestamp,
@@ -431,16 +467,12 @@ def build_batch(
             base_sequence,
             len(records),
         )
+        # The CRC runs over the covered header fields, then the records: computed in two
+        # steps, so the batch is put together with a single copy of the records.
+        crc = _crc32c.crc32c(body, _crc32c.crc32c(covered))
+        return b"".join((_HEADER_UNCOVERED.pack(base_offset, size - LOG_OVERHEAD_BYTES, -1, MAGIC, crc), covered, body))
     except struct.error as error:
         raise InvalidRecordError(f"batch header field out of range: {error}") from None
-    batch = bytearray(header_tail)
-    batch += body
-    if len(batch) > limits.batch_bytes_max:
-        raise LimitExceededError(
-            f"batch of {len(batch)} bytes exceeds batch_bytes_max {limits.batch_bytes_max}"
-        )
-    struct.pack_into(">I", batch, 17, compute_crc(batch))
-    return bytes(batch)
 
 
 def gzip_compress(data: bytes) -> bytes:
