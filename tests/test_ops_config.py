@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import subprocess
 
 import pytest
@@ -137,7 +138,8 @@ def test_print_config_shows_the_effective_settings(tmp_path):
     result = subprocess.run(
         NODI + ["serve", "--config", str(path), "--metrics-port", "-1", "--print-config"],
         capture_output=True, text=True, timeout=60,
-        env={"PATH": "/usr/bin:/bin", "NODI_LOG_LEVEL": "warning", "NODI_GROUPS_GROUPS_MAX": "9"},
+        env={**{key: value for key, value in os.environ.items() if not key.startswith("NODI_")},
+             "NODI_LOG_LEVEL": "warning", "NODI_GROUPS_GROUPS_MAX": "9"},
     )
     assert result.returncode == 0, result.stderr
     shown = json.loads(result.stdout)
@@ -207,7 +209,6 @@ def test_serve_log_json_lines_parse(tmp_path):
 
 
 def _read_terminal(master: int, timeout_s: float = 60) -> bytes:
-    import os
     import select
     import time
 
@@ -230,7 +231,6 @@ def _read_terminal(master: int, timeout_s: float = 60) -> bytes:
 def test_long_operations_show_progress_on_a_terminal_only(tmp_path):
     """`nodi segments verify` and `recover` draw a progress bar on stderr when it is a
     terminal, and print none into a pipe."""
-    import os
     import pty
 
     from nodi.storage.metadata import TopicConfig
