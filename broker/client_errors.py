@@ -84,6 +84,12 @@ class InvalidRecords(NodiClientError):
     default_code = ErrorCode.INVALID_RECORDS
 
 
+class KeyRequired(InvalidRecords):
+    """A record without a key sent to a compacted topic."""
+
+    default_code = ErrorCode.KEY_REQUIRED
+
+
 class CorruptData(NodiClientError):
     default_code = ErrorCode.CORRUPT_DATA
 
@@ -254,6 +260,7 @@ _CLASSES: dict[ErrorCode, type[NodiClientError]] = {
     ErrorCode.STALE_DELIVERY: StaleDelivery,
     ErrorCode.DELIVERY_SETTLED: DeliverySettled,
     ErrorCode.UNKNOWN_QUEUE_GROUP: UnknownQueueGroup,
+    ErrorCode.KEY_REQUIRED: KeyRequired,
 }
 assert set(_CLASSES) == set(ErrorCode) - {ErrorCode.NONE}
 

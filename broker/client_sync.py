@@ -187,6 +187,7 @@ for _name in (
     "commit_offsets",
     "fetch_offsets",
     "server_status",
+    "compact_topic",
 ):
     setattr(Client, _name, _blocking(_name))
 del _name

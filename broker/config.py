@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from nodi.storage.errors import InvalidConfigError
 from nodi.storage.metadata import TopicConfig
 
+from .compaction_settings import DEFAULT_COMPACTION_SETTINGS, CompactionSettings
 from .groups import DEFAULT_GROUP_LIMITS, GroupLimits
 from .queue_settings import DEFAULT_QUEUE_LIMITS, QueueLimits
 from .limits import DEFAULT_PROTOCOL_LIMITS, ProtocolLimits
@@ -56,6 +57,8 @@ class ServerConfig:
     groups: GroupLimits = DEFAULT_GROUP_LIMITS
     # Queue group limits (broker/queue_settings.py): window_messages_max and more.
     queues: QueueLimits = DEFAULT_QUEUE_LIMITS
+    # Log compaction (broker/compaction_settings.py): dirty_ratio_min and more.
+    compaction: CompactionSettings = DEFAULT_COMPACTION_SETTINGS
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -72,6 +75,7 @@ class ServerConfig:
             raise InvalidConfigError(str(error)) from None
         self.topic_defaults.validate()
         self.queues.validate()
+        self.compaction.validate()
 
     def announced_limits(self) -> dict[str, int]:
         limits = self.protocol.announced()
@@ -85,7 +89,7 @@ class ServerConfig:
 
 # The tables besides [server]: TOML table name -> the settings class its keys build.
 SECTIONS: dict[str, type] = {"topic_defaults": TopicConfig, "protocol": ProtocolLimits, "groups": GroupLimits,
-                             "queues": QueueLimits}
+                             "queues": QueueLimits, "compaction": CompactionSettings}
 _SIMPLE = {f.name: f for f in fields(ServerConfig) if f.name not in SECTIONS}
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -110,6 +114,11 @@ def _coerce(name: str, value, default, optional: bool = False) -> object:
             return int(value)
         except (TypeError, ValueError):
             raise InvalidConfigError(f"setting {name}: {value!r} is not a valid int") from None
+    if isinstance(default, float):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise InvalidConfigError(f"setting {name}: {value!r} is not a number") from None
     return str(value)
 
 
@@ -169,6 +178,7 @@ def load_config(path: str | None = None, *, environment: dict[str, str] | None =
             protocol=ProtocolLimits(**tables["protocol"]),
             groups=GroupLimits(**tables["groups"]),
             queues=QueueLimits(**tables["queues"]),
+            compaction=CompactionSettings(**tables["compaction"]),
         )
     except (TypeError, ValueError) as error:
         raise InvalidConfigError(str(error)) from None

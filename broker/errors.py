@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 
+from nodi.storage import compaction
 from nodi.storage import errors as storage_errors
 from nodi.storage.errors import NodiError
 
@@ -63,6 +64,8 @@ class ErrorCode(enum.IntEnum):
     STALE_DELIVERY = 102
     DELIVERY_SETTLED = 103
     UNKNOWN_QUEUE_GROUP = 104
+    # Compaction (120-129).
+    KEY_REQUIRED = 120
 
 
 # The codes after which the byte stream can no longer be trusted: the connection closes.
@@ -152,6 +155,10 @@ ERROR_DESCRIPTIONS: dict[ErrorCode, tuple[str, str]] = {
     ),
     ErrorCode.DELIVERY_SETTLED: ("no", "a nack, in-progress or reject of a message already acked or dead-lettered"),
     ErrorCode.UNKNOWN_QUEUE_GROUP: ("no", "no queue group by that name on that topic (receive creates one)"),
+    ErrorCode.KEY_REQUIRED: (
+        "no",
+        "a record without a key produced to a compacted topic; nothing of the request was written",
+    ),
 }
 assert set(ERROR_DESCRIPTIONS) == set(ErrorCode)
 
@@ -189,6 +196,8 @@ _STORAGE_ERROR_CODES: dict[type[BaseException], ErrorCode] = {
     storage_errors.OutOfOrderSequenceError: ErrorCode.OUT_OF_ORDER_SEQUENCE,
     storage_errors.InvalidProducerEpochError: ErrorCode.INVALID_PRODUCER_EPOCH,
     storage_errors.DuplicateSequenceError: ErrorCode.DUPLICATE_SEQUENCE,
+    compaction.KeyRequiredError: ErrorCode.KEY_REQUIRED,
+    compaction.CompactionCancelledError: ErrorCode.SERVER_SHUTTING_DOWN,
 }
 
 

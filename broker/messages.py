@@ -75,6 +75,8 @@ class ApiKey(enum.IntEnum):
     DESCRIBE_GROUP = 16
     # Operations (45-49).
     SERVER_STATUS = 45
+    # Compaction (40-44).
+    COMPACT_TOPIC = 40
     # Queue groups (20-39).
     QUEUE_RECEIVE = 20
     QUEUE_SETTLE = 21
@@ -691,6 +693,38 @@ class QueueDescribeResponse(Response):
 
 
 # ---------------------------------------------------------------------------
+# Compaction (storage/compaction.py)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PartitionCompaction:
+    """What one compaction run did to one partition."""
+
+    partition: int = wire(INT32)
+    passes: int = wire(INT32, doc="more than 1 when the key map filled up")
+    segments_rewritten: int = wire(INT32)
+    bytes_read: int = wire(INT64)
+    bytes_written: int = wire(INT64)
+    bytes_reclaimed: int = wire(INT64, doc="segment bytes before minus after")
+    records_removed: int = wire(INT64, doc="superseded records and expired tombstones")
+    tombstones_removed: int = wire(INT64)
+    duration_ms: int = wire(INT64)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CompactTopicRequest(Request):
+    API_KEY = ApiKey.COMPACT_TOPIC
+    name: str = wire(STRING, doc="a topic with cleanup policy compact or compact,delete")
+    timeout_ms: int = wire(INT32, 600_000, doc="longest wait, including for a run already in progress")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CompactTopicResponse(Response):
+    API_KEY = ApiKey.COMPACT_TOPIC
+    partitions: list[PartitionCompaction] = wire(Array(Struct(PartitionCompaction)), [])
+
+
+# ---------------------------------------------------------------------------
 # Registry
 
 
@@ -741,6 +775,8 @@ APIS: tuple[Api, ...] = (
         summary="A queue group's settings and each partition's ack floor and window."),
     Api(ApiKey.SERVER_STATUS, ServerStatusRequest, ServerStatusResponse,
         summary="Server-level facts for `nodi status`: version, uptime, data directory, connections, disk space."),
+    Api(ApiKey.COMPACT_TOPIC, CompactTopicRequest, CompactTopicResponse,
+        summary="Seal each partition's active segment, then compact every partition of a compacted topic now."),
 )
 API_BY_KEY: dict[int, Api] = {api.key: api for api in APIS}
 EVENTS: dict[int, type[Event]] = {EventKey.CLOSING: ClosingEvent}
@@ -783,5 +819,6 @@ __all__ = [
     "QueueGroupSettings", "QueueDelivery", "Settlement", "SettleResult", "QueuePartitionState",
     "QueueReceiveRequest", "QueueReceiveResponse", "QueueSettleRequest", "QueueSettleResponse",
     "QueueDescribeRequest", "QueueDescribeResponse", "Api", "APIS",
+    "PartitionCompaction", "CompactTopicRequest", "CompactTopicResponse",
     "API_BY_KEY", "EVENTS", "EVENT_VERSION", "choose_protocol_version", "api_version",
 ]

@@ -248,6 +248,7 @@ class Server:
                 sock = self._listener.sockets[0]
                 self.address = sock.getsockname()[:2]
                 tasks.create_task(self._retention_job())
+                tasks.create_task(self.broker.compaction.run_job())
                 if self.metrics is not None:
                     self.metrics.start(self)
                 if on_ready is not None:
@@ -260,6 +261,7 @@ class Server:
         finally:
             if self.metrics is not None:
                 self.metrics.stop()
+            await self.broker.compaction.stop()  # a run's thread must end before the logs close
             await asyncio.to_thread(self.store.close)
 
     def _accept(self, tasks: asyncio.TaskGroup, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

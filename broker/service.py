@@ -77,6 +77,9 @@ class Broker:
         from .queue_service import QueueService  # it imports this module's Reply
 
         self.queues = QueueService(self, config.queues)
+        from .compaction_service import CompactionService
+
+        self.compaction = CompactionService(self, config.compaction)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: asyncio.TaskGroup | None = None
         # The metadata flush that staged offsets wait for (one per loop tick at most).
@@ -274,6 +277,7 @@ class Broker:
 
     async def _produce(self, request: m.ProduceRequest) -> Reply:
         partition_log = self._log(request.topic, request.partition)
+        self.compaction.check_produce(request.topic, partition_log, request.records)
         result = partition_log.append_nowait(request.records)
         if request.acks is m.Acks.DURABLE:
             timeout_s = max(request.timeout_ms, 1) / 1000
@@ -500,4 +504,5 @@ class Broker:
         m.QueueReceiveRequest: lambda self, request: self.queues.receive(request),
         m.QueueSettleRequest: lambda self, request: self.queues.settle(request),
         m.QueueDescribeRequest: lambda self, request: self.queues.describe(request),
+        m.CompactTopicRequest: lambda self, request: self.compaction.compact_topic(request),
     }

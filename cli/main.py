@@ -6,7 +6,7 @@ from importlib.metadata import version as _package_version
 
 import typer
 
-from nodi.cli import bench, messaging
+from nodi.cli import bench, compact, messaging
 from nodi.cli.common import state_of
 from nodi.cli.groups import app as groups_app
 from nodi.cli.segments import app as segments_app
@@ -25,6 +25,7 @@ app.add_typer(groups_app, name="group")
 messaging.register(app)
 register_status(app)
 bench.register(app)
+compact.register(app)
 
 
 def _version_callback(value: bool) -> None:
