@@ -42,7 +42,11 @@ from .segment import (
     parse_segment_name,
     segment_name,
 )
+from .producers import SNAPSHOT_FILE
 from .store import DELETING_SUFFIX, log_config_for
+
+# Files of a partition directory that belong to no one segment.
+PARTITION_FILES = (CHECKPOINT_FILE, CLEAN_SHUTDOWN_FILE, SNAPSHOT_FILE)
 
 # progress(bytes_done, bytes_total), called now and then during a long operation.
 ProgressCallback = Callable[[int, int], None]
@@ -393,7 +397,7 @@ def _check_partition_files(directory: str) -> list[Problem]:
             problems.append(_warning(path, reason))
         elif is_index and stem not in logs:
             problems.append(_warning(path, "index without its .log (the next open removes it)"))
-        elif not is_index and parse_segment_name(name) is None and name not in (CHECKPOINT_FILE, CLEAN_SHUTDOWN_FILE):
+        elif not is_index and parse_segment_name(name) is None and name not in PARTITION_FILES:
             problems.append(_warning(path, "unknown file in a partition directory"))
     return problems
 

@@ -414,3 +414,17 @@ def test_offset_gaps_are_warnings_and_recover_follows_the_topic_settings(tmp_pat
         assert expected in recovered.stdout
         assert not os.path.exists(second)
     assert nodi("segments", "verify", data_dir).returncode == 0
+
+
+def test_verify_knows_the_producer_state_snapshot(tmp_path):
+    """An idempotent producer's state is snapshotted beside the segments at roll and
+    close (storage/producers.py): verify treats that file as the partition's own."""
+    directory = partition_directory(str(tmp_path), "idempotent", 0)
+    log = Log.open(directory, LogConfig(segment_bytes=SEGMENT_BYTES, fsync_policy="never"))
+    for sequence in range(0, 30, 5):
+        log.append(build_batch(_records(sequence), producer_id=7, producer_epoch=0, base_sequence=sequence))
+    log.close()
+    assert "producer-state.snapshot" in os.listdir(directory)
+    result = nodi("segments", "verify", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "unknown file" not in result.stdout + result.stderr
