@@ -153,11 +153,34 @@ class _StoreCollector:
             yield from (free, total)
 
     def _queue_families(self):
-        """Queue-mode groups: nodi_queue_in_flight, nodi_queue_redelivered_total,
-        nodi_queue_dead_lettered_total, nodi_queue_expired_total (labels group, topic,
-        partition), read from the queue component's statistics(). Filled by the queue
-        groups work; nothing to report until that component exists."""
-        return ()
+        """Queue groups (nodi_queue_*, labels group, topic, partition), from the queue
+        service's statistics(): counts since the server started, and the window now."""
+        labels = ["group", "topic", "partition"]
+        in_flight = GaugeMetricFamily("nodi_queue_in_flight", "Messages leased to consumers now", labels=labels)
+        pending = GaugeMetricFamily("nodi_queue_pending", "Messages in the window not yet done", labels=labels)
+        floor = GaugeMetricFamily("nodi_queue_ack_floor", "Every offset below this is done", labels=labels)
+        delivered = CounterMetricFamily("nodi_queue_delivered", "Deliveries handed out", labels=labels)
+        redelivered = CounterMetricFamily("nodi_queue_redelivered", "Deliveries after the first", labels=labels)
+        acked = CounterMetricFamily("nodi_queue_acked", "Messages acked", labels=labels)
+        nacked = CounterMetricFamily("nodi_queue_nacked", "Nacks", labels=labels)
+        expired = CounterMetricFamily("nodi_queue_lease_expired", "Leases that ran out unsettled", labels=labels)
+        dead = CounterMetricFamily("nodi_queue_dead_lettered", "Messages moved to the dead-letter topic", labels=labels)
+        families = (in_flight, pending, floor, delivered, redelivered, acked, nacked, expired, dead)
+        broker = self.server.broker
+        if broker is not None:
+            for group in broker.queues.statistics().groups:
+                for partition in group.partitions:
+                    key = [group.group, group.topic, str(partition.partition)]
+                    in_flight.add_metric(key, partition.leased)
+                    pending.add_metric(key, partition.pending)
+                    floor.add_metric(key, partition.floor)
+                    delivered.add_metric(key, partition.delivered)
+                    redelivered.add_metric(key, partition.redelivered)
+                    acked.add_metric(key, partition.acked)
+                    nacked.add_metric(key, partition.nacked)
+                    expired.add_metric(key, partition.expired_leases)
+                    dead.add_metric(key, partition.dead_lettered)
+        yield from families
 
     def _compaction_families(self):
         """Compaction of compacted topics' partitions (nodi_compaction_*), from the

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from dataclasses import dataclass
 import logging
 import time
 
@@ -39,7 +40,7 @@ from .dead_letters import dead_letter_record
 from .errors import ErrorCode, ProtocolError
 from .queue_settings import DEFAULT_QUEUE_LIMITS, Backoff, QueueLimits, QueueSettings
 from .queue_state import QueueStateError, decode_partition, encode_partition
-from .queues import DeadLetter, PartitionQueue, QueueGroup, Taken
+from .queues import DeadLetter, PartitionQueue, QueueGroup, QueueGroupStatistics, Taken
 from .service import Reply
 
 log = logging.getLogger("nodi.queues")
@@ -86,6 +87,12 @@ def settings_to_wire(settings: QueueSettings) -> m.QueueGroupSettings:
                                       jitter_percent=backoff.jitter_percent)
     return m.QueueGroupSettings(ack_wait_ms=settings.ack_wait_ms, max_deliveries=settings.max_deliveries,
                                 backoff=wire_backoff, dead_letter_topic=settings.dead_letter_topic)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueServiceStatistics:
+    groups: tuple[QueueGroupStatistics, ...]
+    dead_letter_failures: int  # passes of the dead-letter writer that failed (and were retried)
 
 
 class QueueService:
@@ -352,6 +359,10 @@ class QueueService:
             nacked=statistics.nacked, expired_leases=statistics.expired_leases,
             dead_lettered=statistics.dead_lettered,
         ))
+
+    def statistics(self) -> QueueServiceStatistics:
+        return QueueServiceStatistics(tuple(group.statistics() for _, group in sorted(self.groups.items())),
+                                      self.dead_letter_failures)
 
     def on_topic_deleted(self, topic: str) -> None:
         for key in [key for key in self.groups if key[1] == topic]:

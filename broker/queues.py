@@ -72,7 +72,7 @@ class DeadLetterReason(enum.IntEnum):
         return _REASON_LABELS[self]
 
 
-_REASON_LABELS = {
+_REASON_LABELS = {  # the values of the nodi-dlq-reason header (headers.DLQ_REASONS)
     DeadLetterReason.NONE: "",
     DeadLetterReason.MAX_DELIVERIES: "max-deliveries",
     DeadLetterReason.REJECTED: "rejected",
@@ -139,7 +139,14 @@ class PartitionQueueStatistics:
     next_offset: int
     pending: int
     leased: int
-    dead: int
+    dead: int  # waiting for their dead-letter append
+    delivered: int
+    redelivered: int
+    acked: int
+    nacked: int
+    expired_leases: int
+    dead_lettered: int
+    skipped: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,8 +267,10 @@ class PartitionQueue:
     # -- settling ------------------------------------------------------------------------
 
     def _current(self, offset: int, delivery_count: int, action: SettleAction) -> Delivery | None:
-        """The delivery a settle names, or None when it is done already (an ack of a
-        done message succeeds; anything else raises)."""
+        """The delivery a settle names, or None for an ack of a message that is done
+        (acked, skipped or dead-lettered: acking it again succeeds). Raises for a stale
+        delivery, a message being dead-lettered, or a nack, extend or reject of one that
+        is done."""
         if offset >= self.next_offset:
             raise settle_error(ErrorCode.UNKNOWN_DELIVERY,
                                f"partition {self.partition} offset {offset} was never delivered to this group")
@@ -278,8 +287,6 @@ class PartitionQueue:
                 f"the message was delivered again (delivery {delivery.delivery_count})",
             )
         if delivery.state is DeliveryState.DEAD:
-            if action is SettleAction.ACK:
-                return None  # being dead-lettered; it will be acked by that
             raise settle_error(ErrorCode.DELIVERY_SETTLED,
                                f"partition {self.partition} offset {offset} is being dead-lettered")
         return delivery
@@ -473,8 +480,11 @@ class PartitionQueue:
             self._make_available(delivery, delivery.not_before_ms, now_ms)
 
     def statistics(self) -> PartitionQueueStatistics:
-        return PartitionQueueStatistics(self.partition, self.floor, self.next_offset, len(self.pending),
-                                        self.leased, len(self._dead))
+        return PartitionQueueStatistics(
+            self.partition, self.floor, self.next_offset, len(self.pending), self.leased, len(self._dead),
+            self.delivered, self.redelivered, self.acked, self.nacked, self.expired_leases,
+            self.dead_letters_written, self.skipped,
+        )
 
 
 # ---------------------------------------------------------------------------

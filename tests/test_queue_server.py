@@ -132,16 +132,17 @@ def test_max_deliveries_dead_letters_with_every_header(broker) -> None:
         assert ("trace", b"abc") in letter.headers
         headers = dead_letter_headers(letter)
         assert set(headers) == set(DEAD_LETTER_HEADERS)
-        assert headers["nodi-dlq-topic"] == "orders"
-        assert headers["nodi-dlq-partition"] == "1"
-        assert headers["nodi-dlq-offset"] == str(first.offset)
+        assert headers["nodi-dlq-source-topic"] == "orders"
+        assert headers["nodi-dlq-source-partition"] == "1"
+        assert headers["nodi-dlq-source-offset"] == str(first.offset)
         assert headers["nodi-dlq-group"] == "billing"
         assert headers["nodi-dlq-reason"] == "max-deliveries"
         assert headers["nodi-dlq-delivery-count"] == "2"
         assert headers["nodi-dlq-last-error"] == "database down"
         assert headers["nodi-dlq-first-delivery-ms"] == str(first.lease_deadline_ms - 60_000)
         assert headers["nodi-dlq-last-delivery-ms"] == str(second.lease_deadline_ms - 60_000)
-        assert int(headers["nodi-dlq-timestamp-ms"]) == first.timestamp
+        assert int(headers["nodi-dlq-source-timestamp-ms"]) == first.timestamp
+        assert int(headers["nodi-dlq-dead-lettered-ms"]) == letter.timestamp >= int(headers["nodi-dlq-last-delivery-ms"])
         state = describe(client, "billing", "orders")
         assert state.partitions[1].ack_floor == 1 and state.dead_lettered == 1
 

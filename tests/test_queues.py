@@ -152,7 +152,9 @@ def test_reject_dead_letters_with_the_reason() -> None:
     queue.reject(0, 1, "malformed order")
     (letter,) = queue.take_dead_letters(1)
     assert letter.reason is DeadLetterReason.REJECTED and letter.last_error == "malformed order"
-    queue.ack(0, 1)  # an ack while it is being dead-lettered changes nothing
+    with pytest.raises(ProtocolError) as raised:  # being dead-lettered: too late to ack
+        queue.ack(0, 1)
+    assert raised.value.code is ErrorCode.DELIVERY_SETTLED
     assert queue.pending
 
 
@@ -347,3 +349,10 @@ def test_model_every_message_ends_acked_or_dead_lettered_exactly_once(operations
             break
     assert queue.floor == end and not queue.pending
     assert acked | dead == set(range(end)) and not acked & dead
+
+
+def test_dead_letter_reasons_are_the_reserved_header_values() -> None:
+    from nodi.broker import headers
+
+    labels = tuple(reason.label for reason in DeadLetterReason if reason is not DeadLetterReason.NONE)
+    assert labels == headers.DLQ_REASONS
