@@ -22,21 +22,15 @@ TopicName = Annotated[str, typer.Argument(help="The topic's name.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
-def _unlimited(value: int) -> object:
-    return "unlimited" if value < 0 else value
-
-
 def _settings_lines(settings) -> list[tuple[str, object]]:
-    return [
-        ("partitions", settings.partitions),
-        ("retention_ms", _unlimited(settings.retention_ms)),
-        ("retention_bytes", _unlimited(settings.retention_bytes)),
-        ("cleanup_policy", settings.cleanup_policy),
-        ("fsync_policy", settings.fsync_policy),
-        ("fsync_interval_ms", settings.fsync_interval_ms),
-        ("segment_bytes", settings.segment_bytes),
-        ("segment_ms", settings.segment_ms),
-    ]
+    """Every setting in force (all the fields the client reports), retention limits of
+    -1 shown as "unlimited"."""
+    lines = []
+    for name, value in dataclasses.asdict(settings).items():
+        if name.startswith("retention_") and isinstance(value, int) and value < 0:
+            value = "unlimited"
+        lines.append((name, value))
+    return lines
 
 
 def _print_settings(settings) -> None:
