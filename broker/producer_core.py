@@ -192,6 +192,9 @@ class ProducerCore:
         self._open: dict[tuple[str, int], _Buffer] = {}
         self._sealed: list[_Buffer] = []
         self._sticky: dict[str, tuple[int, int]] = {}  # topic -> (partition, count)
+        # (topic, partition asked for, count, buffer) of the last append while that buffer
+        # is open: append's hot path.
+        self._hot: tuple[str, int | None, int, _Buffer] | None = None
         self._sender_deadline = _INFINITY  # when the sender wakes by itself
         self._wake_requested = False
         self._flush_all = False
@@ -241,6 +244,21 @@ class ProducerCore:
                 raise self._error or ClientClosed("the producer is closed")
             if self._buffered_bytes + size > self.buffer_bytes_max and self._buffered_bytes:
                 self._wait_for_space_locked(size, block_s)
+            hot = self._hot
+            if (
+                hot is not None and not headers and hot[0] == topic and hot[1] == partition and hot[2] == count
+                and hot[3].size + size < self.batch_bytes_max and len(hot[3].records) < self.records_per_batch_max
+            ):
+                # The hot path: the open buffer the last message with this topic and
+                # partition choice went to has room (and stays below batch_bytes_max): what
+                # the general path below does, without its lookups.
+                buffer = hot[3]
+                buffer.records.append((key, value, headers, timestamp_ms))
+                buffer.futures.append(future)
+                buffer.size += size
+                self._buffered_bytes += size
+                return buffer.partition
+            requested = partition
             sticky = partition is None
             if sticky:
                 current = self._sticky.get(topic)
@@ -269,6 +287,7 @@ class ProducerCore:
             buffer.futures.append(future)
             buffer.size += size
             self._buffered_bytes += size
+            self._hot = (topic, requested, count, buffer)  # until _seal_locked
             if buffer.size >= self.batch_bytes_max:
                 self._seal_locked(buffer)
                 wake = True
@@ -309,6 +328,7 @@ class ProducerCore:
         return self._buffered_bytes <= self.buffer_bytes_max // 2
 
     def _seal_locked(self, buffer: _Buffer) -> None:
+        self._hot = None
         del self._open[buffer.topic, buffer.partition]
         self._sealed.append(buffer)
         current = self._sticky.get(buffer.topic)
@@ -597,6 +617,7 @@ class ProducerCore:
         with self._lock:
             leftovers = list(self._open.values()) + self._sealed
             self._open.clear()
+            self._hot = None
             self._sealed = []
         for buffer in leftovers:
             self._finish(buffer, closed)
