@@ -662,10 +662,9 @@ def decode_fetched(topic: str, partition: int, offset: int, records: bytes | mem
     append = messages.append
     try:
         for header, batch in iter_batches(records):
-            for record in decode_records(batch, header):
-                if record.offset >= offset:
-                    append(Message(topic, partition, record.offset, record.timestamp_ms, record.key, record.value,
-                                   record.headers))
+            for record_offset, timestamp_ms, key, value, headers in decode_records(batch, header):
+                if record_offset >= offset:
+                    append(Message(topic, partition, record_offset, timestamp_ms, key, value, headers))
             position = max(position, header.last_offset + 1)
     except NodiError as error:
         raise InvalidRecords(f"fetched from {topic}-{partition} at {offset}: {error}") from None
