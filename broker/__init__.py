@@ -32,6 +32,9 @@ _CLIENT_NAMES = frozenset(
     }
 )
 
+# The idempotent-consumer helper (nodi.broker.idempotent), also loaded on first use.
+_IDEMPOTENT_NAMES = frozenset({"AsyncIdempotentConsumer", "IdempotentConsumer", "KeyStore", "LmdbKeyStore"})
+
 if TYPE_CHECKING:  # pragma: no cover
     from .client import (  # noqa: F401
         UNLIMITED,
@@ -56,11 +59,13 @@ if TYPE_CHECKING:  # pragma: no cover
 def __getattr__(name: str) -> Any:
     if name in _CLIENT_NAMES:
         return getattr(importlib.import_module(".client", __name__), name)
+    if name in _IDEMPOTENT_NAMES:
+        return getattr(importlib.import_module(".idempotent", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _CLIENT_NAMES)
+    return sorted(set(globals()) | _CLIENT_NAMES | _IDEMPOTENT_NAMES)
 
 
-__all__ = sorted(_CLIENT_NAMES)
+__all__ = sorted(_CLIENT_NAMES | _IDEMPOTENT_NAMES)

@@ -34,6 +34,7 @@ from nodi.storage.records import NewRecord, build_batch, decode_records, iter_ba
 
 from . import messages as m
 from .client_connection import ClientConnection, check_response
+from .client_features import drop_expired, with_features
 from .client_errors import (
     ClientClosed,
     ConnectFailed,
@@ -44,6 +45,7 @@ from .client_errors import (
     UnknownPartition,
     error_for,
 )
+from .errors import ErrorCode
 from .client_types import (
     UNLIMITED,
     Bytesish,
@@ -115,6 +117,8 @@ class AsyncClient:
         self._owned: set = set()  # producers and consumers to close with the client
         # topic -> partition count (describe once; refreshed on UNKNOWN_PARTITION).
         self._partition_counts: dict[str, int] = {}
+        # topic -> its default message TTL (0: none), for skipping expired messages.
+        self._topic_ttls: dict[str, int] = {}
         self._round_robin: dict[str, itertools.count] = {}
 
     @property
@@ -276,10 +280,14 @@ class AsyncClient:
         fsync_interval_ms: int | None = None,
         segment_bytes: int | None = None,
         segment_ms: int | None = None,
+        ttl_ms: int | None = None,
+        dedup_window_ms: int | None = None,
         timeout_ms: int | None = None,
     ) -> TopicSettings:
         """Create a topic; returns the settings in force. None takes the server's default;
-        retention_ms / retention_bytes UNLIMITED (-1) keeps messages for ever.
+        retention_ms / retention_bytes UNLIMITED (-1) keeps messages for ever. ttl_ms:
+        the default message TTL (0: none); dedup_window_ms: how long an idempotency key
+        is remembered for publish dedup (0: off; the server's default is 2 minutes).
         cleanup_policy: "delete", "compact" or "compact,delete"; fsync_policy: "always",
         "interval" or "never". TopicExists when the name is taken."""
 
@@ -301,16 +309,21 @@ class AsyncClient:
             fsync_interval_ms=integer(fsync_interval_ms),
             segment_bytes=integer(segment_bytes),
             segment_ms=integer(segment_ms),
+            ttl_ms=integer(ttl_ms),
+            dedup_window_ms=integer(dedup_window_ms),
         )
         response = await self._call(m.CreateTopicRequest(name=name, settings=settings), timeout_ms)
         self._partition_counts[name] = response.settings.partitions
+        self._topic_ttls[name] = response.settings.ttl_ms
         return settings_from_wire(response.settings)
 
     async def delete_topic(self, name: str, *, timeout_ms: int | None = None) -> None:
         """Delete a topic and its data. UnknownTopic when there is none."""
         self._partition_counts.pop(name, None)
+        self._topic_ttls.pop(name, None)
         await self._call(m.DeleteTopicRequest(name=name), timeout_ms)
         self._partition_counts.pop(name, None)
+        self._topic_ttls.pop(name, None)
 
     async def list_topics(self, *, timeout_ms: int | None = None) -> list[TopicSummary]:
         """Every topic as (name, partitions), sorted by name."""
@@ -321,6 +334,7 @@ class AsyncClient:
         """A topic's settings and each partition's offsets and size."""
         response = await self._call(m.DescribeTopicRequest(name=name), timeout_ms, retry=True)
         self._partition_counts[name] = len(response.partitions)
+        self._topic_ttls[name] = response.settings.ttl_ms
         return TopicDescription(
             name=response.name,
             settings=settings_from_wire(response.settings),
@@ -368,18 +382,29 @@ class AsyncClient:
         partition: int | None = None,
         timestamp: int | _datetime.datetime | None = None,
         acks: str = "durable",
+        ttl_ms: int | None = None,
+        delay_ms: int | None = None,
+        deliver_at: _datetime.datetime | None = None,
+        idempotency_key: Bytesish | None = None,
         timeout_ms: int | None = None,
     ) -> tuple[int, int]:
         """Append one message; (partition, offset) once acknowledged (offset -1 with acks
         "none"). The partition: `partition` when given, else xxh32(key) % partitions,
         else round-robin. acks "none" (answered before the write), "written" (in the
         page cache) or "durable" (fsynced; the default). Not retried: a ConnectionLost
-        means it may or may not have been written. For throughput use producer()."""
+        means it may or may not have been written. For throughput use producer().
+
+        Broker features (reserved headers, docs/guarantees.md): ttl_ms (expires that
+        long after its timestamp), delay_ms or deliver_at (a datetime: queue groups
+        deliver it then), idempotency_key (str or bytes: within the topic's dedup window
+        a second message with the same key is not written, and the call returns the
+        original's (partition, offset)). Headers of your own must not start with "nodi-"."""
         key_bytes = to_bytes(key, "key")
         record = NewRecord(
             key_bytes,
             to_bytes(value),
-            to_headers(headers),
+            with_features(to_headers(headers), ttl_ms=ttl_ms, delay_ms=delay_ms, deliver_at=deliver_at,
+                          idempotency_key=idempotency_key),
             None if timestamp is None else timestamp_ms_of(timestamp),
         )
         batch = build_batch([record])
@@ -397,6 +422,8 @@ class AsyncClient:
                     if partition is not None or refreshed:
                         raise
                     continue  # the topic changed: describe it again
+                if response.duplicates:  # publish dedup: the original
+                    return response.duplicates[0].partition, response.duplicates[0].offset
                 return chosen, response.base_offset
         raise AssertionError("unreachable")
 
@@ -412,12 +439,20 @@ class AsyncClient:
     ) -> m.ProduceResponse:
         """Send whole RecordBatch v2 bytes (storage.records.build_batch) as they are; the
         server's ProduceResponse. `retry` re-sends after a ConnectionLost (only safe for
-        an idempotent producer's batches)."""
+        an idempotent producer's batches). With publish dedup, `duplicates` names the
+        records written before (nothing else was written); PartlyDuplicate, carrying
+        them, when only some were."""
         timeout = self.timeout_ms if timeout_ms is None else timeout_ms
         request = m.ProduceRequest(
             topic=topic, partition=partition, acks=m.Acks(acks_value(acks)), timeout_ms=timeout, records=b""
         )
-        return await self._call(request, timeout, retry=retry, records=batch)
+        async with self._deadline(timeout, "Produce"):
+            response = await self._request(request, records=batch, retry=retry)
+        if response.error_code == ErrorCode.PARTLY_DUPLICATE:
+            error = error_for(response.error_code, response.error_message)
+            error.duplicates = tuple(response.duplicates)
+            raise error
+        return check_response(response)
 
     async def fetch(
         self,
@@ -428,14 +463,17 @@ class AsyncClient:
         bytes_max: int = DEFAULT_FETCH_BYTES_MAX,
         wait_ms: int = 0,
         min_bytes: int = 1,
+        include_expired: bool = False,
         timeout_ms: int | None = None,
     ) -> list[Message]:
         """Messages of one partition from `offset` on: whole batches up to about
         `bytes_max` (at least one batch), waiting up to `wait_ms` for `min_bytes` when
         there is nothing yet. Empty at the end of the log. OffsetOutOfRange below the
-        log start or past its end."""
-        messages, _ = await self.fetch_with_position(
-            topic, partition, offset, bytes_max=bytes_max, wait_ms=wait_ms, min_bytes=min_bytes, timeout_ms=timeout_ms
+        log start or past its end. Expired messages (Message.expires_at passed) are
+        left out unless include_expired."""
+        messages, _, _ = await self.fetch_counted(
+            topic, partition, offset, bytes_max=bytes_max, wait_ms=wait_ms, min_bytes=min_bytes,
+            include_expired=include_expired, timeout_ms=timeout_ms,
         )
         return messages
 
@@ -448,15 +486,42 @@ class AsyncClient:
         bytes_max: int = DEFAULT_FETCH_BYTES_MAX,
         wait_ms: int = 0,
         min_bytes: int = 1,
+        include_expired: bool = False,
         timeout_ms: int | None = None,
     ) -> tuple[list[Message], int]:
         """fetch(), plus the offset to fetch next: past every batch returned (records
         removed by compaction leave gaps), `offset` when nothing came."""
+        messages, position, _ = await self.fetch_counted(
+            topic, partition, offset, bytes_max=bytes_max, wait_ms=wait_ms, min_bytes=min_bytes,
+            include_expired=include_expired, timeout_ms=timeout_ms,
+        )
+        return messages, position
+
+    async def fetch_counted(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        *,
+        bytes_max: int = DEFAULT_FETCH_BYTES_MAX,
+        wait_ms: int = 0,
+        min_bytes: int = 1,
+        include_expired: bool = False,
+        timeout_ms: int | None = None,
+    ) -> tuple[list[Message], int, int]:
+        """fetch_with_position(), plus how many expired messages were left out."""
         request = m.FetchRequest(
             topic=topic, partition=partition, offset=offset, bytes_max=bytes_max, wait_ms=wait_ms, min_bytes=min_bytes
         )
         response = await self._call(request, timeout_ms, retry=True, extra_ms=max(wait_ms, 0))
-        return decode_fetched(topic, partition, offset, response.records)
+        messages, position = decode_fetched(topic, partition, offset, response.records)
+        if not messages:
+            return messages, position, 0
+        ttl_ms = self._topic_ttls.get(topic)
+        if ttl_ms is None:
+            ttl_ms = (await self.describe_topic(topic, timeout_ms=timeout_ms)).settings.ttl_ms
+        messages, expired = drop_expired(messages, response.records, ttl_ms, include_expired)
+        return messages, position, expired
 
     async def list_offsets(
         self,

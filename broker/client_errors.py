@@ -167,6 +167,15 @@ class OutOfOrderSequence(ProducerError):
     default_code = ErrorCode.OUT_OF_ORDER_SEQUENCE
 
 
+class PartlyDuplicate(ProducerError):
+    """Publish dedup: some records of a produce had an idempotency key seen within the
+    topic's window; nothing was written. `duplicates` lists them (messages.DuplicateRecord:
+    index, original partition and offset); the producer sends the others again."""
+
+    default_code = ErrorCode.PARTLY_DUPLICATE
+    duplicates: tuple = ()
+
+
 # -- queue groups (100-119) -----------------------------------------------------------
 
 
@@ -260,6 +269,7 @@ _CLASSES: dict[ErrorCode, type[NodiClientError]] = {
     ErrorCode.STALE_DELIVERY: StaleDelivery,
     ErrorCode.DELIVERY_SETTLED: DeliverySettled,
     ErrorCode.UNKNOWN_QUEUE_GROUP: UnknownQueueGroup,
+    ErrorCode.PARTLY_DUPLICATE: PartlyDuplicate,
     ErrorCode.KEY_REQUIRED: KeyRequired,
 }
 assert set(_CLASSES) == set(ErrorCode) - {ErrorCode.NONE}

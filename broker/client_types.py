@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _datetime
 import os
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple, Union
@@ -18,6 +19,7 @@ from typing import NamedTuple, Union
 import xxhash
 
 from .errors import ErrorCode
+from .headers import expires_at_ms as _expires_at_ms
 
 DEFAULT_ADDRESS = "127.0.0.1:6634"
 ADDRESS_ENVIRONMENT_VARIABLE = "NODI_SERVER"
@@ -135,10 +137,32 @@ class Message:
     key: bytes | None
     value: bytes | None
     headers: Headers = ()
+    # The topic's default TTL (0: none) when the message was read; keyword-only, so
+    # subclasses keep their positional fields.
+    default_ttl_ms: int = field(default=0, kw_only=True, repr=False, compare=False)
 
     @property
     def datetime(self) -> _datetime.datetime:
         return _EPOCH + _datetime.timedelta(milliseconds=self.timestamp)
+
+    @property
+    def expires_at_ms(self) -> int | None:
+        """ms since the epoch when the message expires: its timestamp plus its TTL
+        header, else plus the topic's default TTL; None when it never expires."""
+        return _expires_at_ms(self.timestamp, self.headers, self.default_ttl_ms)
+
+    @property
+    def expires_at(self) -> _datetime.datetime | None:
+        """expires_at_ms as an aware UTC datetime, or None."""
+        expires = self.expires_at_ms
+        return None if expires is None else _EPOCH + _datetime.timedelta(milliseconds=expires)
+
+    def expired(self, now_ms: int | None = None) -> bool:
+        """True once expires_at has passed (by this machine's clock, or `now_ms`)."""
+        expires = self.expires_at_ms
+        if expires is None:
+            return False
+        return (time.time() * 1000 if now_ms is None else now_ms) >= expires
 
     def header(self, name: str) -> bytes | None:
         """The last value of header `name`, or None."""
@@ -167,6 +191,8 @@ class TopicSettings:
     fsync_interval_ms: int
     segment_bytes: int
     segment_ms: int
+    ttl_ms: int = 0  # default message TTL; 0: messages do not expire
+    dedup_window_ms: int = 120_000  # publish dedup window of idempotency keys; 0: off
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +287,8 @@ def settings_from_wire(settings) -> TopicSettings:
         fsync_interval_ms=settings.fsync_interval_ms,
         segment_bytes=settings.segment_bytes,
         segment_ms=settings.segment_ms,
+        ttl_ms=settings.ttl_ms,
+        dedup_window_ms=settings.dedup_window_ms,
     )
 
 

@@ -33,6 +33,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass
 
 from . import messages as m
 from .client_connection import check_response
@@ -58,13 +59,20 @@ DEFAULT_SESSION_TIMEOUT_MS = 10_000
 TopicPartition = tuple[str, int]
 
 
+@dataclass(frozen=True, slots=True)
+class ConsumerStatistics:
+    messages_delivered: int  # returned by poll() (and iteration)
+    expired_skipped: int  # fetched but past their TTL, left out (include_expired=False)
+
+
 class AsyncConsumer:
     """See the module docstring. Options: start ("earliest"), auto_commit (True),
     auto_commit_interval_ms (5000), partitions (None: all, or assigned by the group;
     ints apply to every topic, or (topic, partition) pairs), wait_ms (500: each fetch's
     long poll), bytes_max (1 MiB per fetch), session_timeout_ms (10 s), idle_timeout_ms
-    (None: iteration stops after this long without a message), timeout_ms (per request;
-    the client's by default)."""
+    (None: iteration stops after this long without a message), include_expired (False:
+    messages whose TTL has passed are skipped and counted in statistics()), timeout_ms
+    (per request; the client's by default)."""
 
     def __init__(
         self,
@@ -80,6 +88,7 @@ class AsyncConsumer:
         bytes_max: int = DEFAULT_BYTES_MAX,
         session_timeout_ms: int = DEFAULT_SESSION_TIMEOUT_MS,
         idle_timeout_ms: int | None = None,
+        include_expired: bool = False,
         timeout_ms: int | None = None,
     ) -> None:
         self.topics = [topics] if isinstance(topics, str) else list(dict.fromkeys(topics))
@@ -93,6 +102,9 @@ class AsyncConsumer:
         self.bytes_max = bytes_max
         self.session_timeout_ms = session_timeout_ms
         self.idle_timeout_ms = idle_timeout_ms
+        self.include_expired = include_expired
+        self._delivered = 0
+        self._expired_skipped = 0
         self.timeout_ms = client.timeout_ms if timeout_ms is None else timeout_ms
         self._client = client
         self._manual: list[TopicPartition] | None = None
@@ -188,6 +200,9 @@ class AsyncConsumer:
     def closed(self) -> bool:
         return self._closed
 
+    def statistics(self) -> ConsumerStatistics:
+        return ConsumerStatistics(messages_delivered=self._delivered, expired_skipped=self._expired_skipped)
+
     def assignment(self) -> list[TopicPartition]:
         """The (topic, partition) pairs this consumer reads now."""
         return list(self._assignment)
@@ -249,9 +264,11 @@ class AsyncConsumer:
     async def _fetch(self, key: TopicPartition, offset: int) -> tuple[list[Message], int, int]:
         topic, partition = key
         try:
-            messages, position = await self._client.fetch_with_position(
-                topic, partition, offset, bytes_max=self.bytes_max, wait_ms=self.wait_ms, timeout_ms=self.timeout_ms
+            messages, position, expired = await self._client.fetch_counted(
+                topic, partition, offset, bytes_max=self.bytes_max, wait_ms=self.wait_ms,
+                include_expired=self.include_expired, timeout_ms=self.timeout_ms,
             )
+            self._expired_skipped += expired
         except OffsetOutOfRange:
             earliest = await self._client.list_offsets(topic, partition, "earliest", timeout_ms=self.timeout_ms)
             if offset < earliest:
@@ -283,6 +300,7 @@ class AsyncConsumer:
             if self._positions.get(key) != offset:
                 continue  # seeked or reassigned meanwhile
             self._positions[key] = position
+            self._delivered += len(messages)
             out.extend(messages)
 
     def _cancel_fetches(self, keys: Iterable[TopicPartition]) -> None:
@@ -506,6 +524,9 @@ class Consumer:
     def closed(self) -> bool:
         return self._consumer.closed
 
+    def statistics(self) -> ConsumerStatistics:
+        return self._consumer.statistics()
+
     def start(self) -> None:
         self._client._run(self._consumer.start(), self._consumer.timeout_ms)
 
@@ -554,8 +575,12 @@ class Consumer:
                 if index < len(batch) and not self._client.closed:
                     self._client._run(self._rewind(batch[index + 1 :]), None)
 
+    def rewind(self, undelivered: list[Message]) -> None:
+        """As AsyncConsumer.rewind: poll() returns these again."""
+        self._client._run(self._rewind(undelivered), None)
+
     async def _rewind(self, undelivered: list[Message]) -> None:
         self._consumer.rewind(undelivered)
 
 
-__all__ = ["AsyncConsumer", "Consumer", "error_for"]
+__all__ = ["AsyncConsumer", "Consumer", "ConsumerStatistics", "error_for"]

@@ -64,6 +64,8 @@ class ErrorCode(enum.IntEnum):
     STALE_DELIVERY = 102
     DELIVERY_SETTLED = 103
     UNKNOWN_QUEUE_GROUP = 104
+    # Publish dedup (140-149).
+    PARTLY_DUPLICATE = 140
     # Compaction (120-129).
     KEY_REQUIRED = 120
 
@@ -155,6 +157,11 @@ ERROR_DESCRIPTIONS: dict[ErrorCode, tuple[str, str]] = {
     ),
     ErrorCode.DELIVERY_SETTLED: ("no", "a nack, in-progress or reject of a message already acked or dead-lettered"),
     ErrorCode.UNKNOWN_QUEUE_GROUP: ("no", "no queue group by that name on that topic (receive creates one)"),
+    ErrorCode.PARTLY_DUPLICATE: (
+        "no",
+        "some records of a produce carry an idempotency key seen within the topic's dedup window: nothing was "
+        "written; the response names the duplicates and their originals; send the others again",
+    ),
     ErrorCode.KEY_REQUIRED: (
         "no",
         "a record without a key produced to a compacted topic; nothing of the request was written",

@@ -39,6 +39,12 @@ DLQ_REASONS = ("max-deliveries", "rejected", "expired")
 
 # A header value the broker reads is at most this long (a longer one is ignored as bad).
 RESERVED_VALUE_BYTES_MAX = 1024
+# An idempotency key is 1 to this many bytes (the client refuses others; the broker
+# ignores a key outside the range, as any unreadable reserved header).
+IDEMPOTENCY_KEY_BYTES_MAX = RESERVED_VALUE_BYTES_MAX
+# The bytes the broker looks for in an uncompressed batch before it decodes any record
+# for publish dedup (broker/dedup.py): a batch without them has no idempotency key.
+IDEMPOTENCY_KEY_NEEDLE = IDEMPOTENCY_KEY.encode("ascii")
 
 
 class ReservedHeaderError(NodiError):
@@ -47,6 +53,27 @@ class ReservedHeaderError(NodiError):
 
 def is_reserved(name: str) -> bool:
     return name.startswith(RESERVED_PREFIX)
+
+
+def idempotency_key_of(headers: Iterable[tuple[str, bytes | None]]) -> bytes | None:
+    """A record's idempotency key: the last idempotency-key header when its value has
+    1 to IDEMPOTENCY_KEY_BYTES_MAX bytes, else None."""
+    value = find(headers, IDEMPOTENCY_KEY)
+    if value is None or not 0 < len(value) <= IDEMPOTENCY_KEY_BYTES_MAX:
+        return None
+    return value
+
+
+def expires_at_ms(
+    timestamp_ms: int, headers: Iterable[tuple[str, bytes | None]], default_ttl_ms: int = 0
+) -> int | None:
+    """When a message expires: its timestamp plus its TTL header, else plus the topic's
+    default TTL (0: none); None when it never expires. A TTL header that is not a
+    positive integer is ignored (the default applies)."""
+    ttl_ms = find_integer(headers, TTL_MS)
+    if ttl_ms is None or ttl_ms <= 0:
+        ttl_ms = default_ttl_ms
+    return timestamp_ms + ttl_ms if ttl_ms > 0 else None
 
 
 def encode_integer(value: int) -> bytes:

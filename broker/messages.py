@@ -184,6 +184,8 @@ class TopicSettings:
     fsync_interval_ms: int = wire(INT64, CONFIG_DEFAULT, doc='with "interval"; -1: server default')
     segment_bytes: int = wire(INT64, CONFIG_DEFAULT, doc="-1: server default")
     segment_ms: int = wire(INT64, CONFIG_DEFAULT, doc="-1: server default")
+    ttl_ms: int = wire(INT64, CONFIG_DEFAULT, doc="default message TTL; 0: none; -1: server default")
+    dedup_window_ms: int = wire(INT64, CONFIG_DEFAULT, doc="publish dedup window; 0: off; -1: server default")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -346,6 +348,15 @@ class DescribeTopicResponse(Response):
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class DuplicateRecord:
+    """A produced record whose idempotency key the topic saw within its dedup window."""
+
+    index: int = wire(INT32, doc="the record's place in the request, from 0, across its batches")
+    partition: int = wire(INT32, doc="where the original is")
+    offset: int = wire(INT64, doc="the original's offset")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ProduceRequest(Request):
     API_KEY = ApiKey.PRODUCE
     topic: str = wire(STRING)
@@ -362,6 +373,10 @@ class ProduceResponse(Response):
     last_offset: int = wire(INT64, NO_OFFSET, doc="offset of the last record")
     log_append_time_ms: int = wire(INT64, NO_OFFSET, doc="server clock at the append")
     log_start_offset: int = wire(INT64, NO_OFFSET)
+    duplicates: list[DuplicateRecord] = wire(
+        Array(Struct(DuplicateRecord)), [],
+        doc="publish dedup: records whose idempotency key was seen; when any, nothing was written",
+    )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -815,7 +830,7 @@ __all__ = [
     "CommitOffsetsResponse", "FetchOffsetsRequest", "FetchOffsetsResponse", "ResetGroupRequest",
     "ResetGroupResponse", "ListGroupsRequest", "ListGroupsResponse", "DescribeGroupRequest",
     "DescribeGroupResponse", "InitProducerIdRequest", "InitProducerIdResponse",
-    "ServerStatusRequest", "ServerStatusResponse", "BackoffKind", "SettleAction", "QueueBackoff",
+    "ServerStatusRequest", "ServerStatusResponse", "DuplicateRecord", "BackoffKind", "SettleAction", "QueueBackoff",
     "QueueGroupSettings", "QueueDelivery", "Settlement", "SettleResult", "QueuePartitionState",
     "QueueReceiveRequest", "QueueReceiveResponse", "QueueSettleRequest", "QueueSettleResponse",
     "QueueDescribeRequest", "QueueDescribeResponse", "Api", "APIS",

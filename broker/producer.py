@@ -22,6 +22,7 @@ import asyncio
 from nodi.storage.errors import NodiError
 
 from .client_errors import Timeout
+from .client_features import with_features
 from .client_futures import MessageFuture
 from .client_types import partition_for_key, timestamp_ms_of, to_bytes, to_headers
 from .producer_core import ProducerCore, producer_options
@@ -56,15 +57,24 @@ class AsyncProducer:
         headers=None,
         partition: int | None = None,
         timestamp=None,
+        ttl_ms: int | None = None,
+        delay_ms: int | None = None,
+        deliver_at=None,
+        idempotency_key=None,
     ) -> asyncio.Future:
         """Queue one message; the future resolves to (partition, offset) once the batch
         holding it is acknowledged. BufferFull when buffer_bytes_max of messages wait
-        for acknowledgement (see wait_for_space)."""
+        for acknowledgement (see wait_for_space). ttl_ms, delay_ms / deliver_at and
+        idempotency_key as for client.produce(): a message whose key the topic saw within
+        its dedup window resolves to the original's (partition, offset)."""
         core = self._core
         future = core.loop.create_future()
         key = to_bytes(key, "key")
         value = to_bytes(value)
         headers = to_headers(headers) if headers else ()
+        if headers or ttl_ms is not None or delay_ms is not None or deliver_at is not None or idempotency_key is not None:
+            headers = with_features(headers, ttl_ms=ttl_ms, delay_ms=delay_ms, deliver_at=deliver_at,
+                                    idempotency_key=idempotency_key)
         timestamp_ms = None if timestamp is None else timestamp_ms_of(timestamp)
         count = self._client._partition_counts.get(topic)
         if topic in self._unrouted or (count is None and partition is None):
@@ -170,14 +180,22 @@ class Producer:
         headers=None,
         partition: int | None = None,
         timestamp=None,
+        ttl_ms: int | None = None,
+        delay_ms: int | None = None,
+        deliver_at=None,
+        idempotency_key=None,
     ) -> MessageFuture:
         """Queue one message; the future resolves to (partition, offset) once the batch
         holding it is acknowledged. The first message for a topic looks up its partition
         count (a blocking call); a full buffer blocks until there is room (Timeout after
-        timeout_ms)."""
+        timeout_ms). ttl_ms, delay_ms / deliver_at and idempotency_key as for
+        client.produce()."""
         key = to_bytes(key, "key")
         value = to_bytes(value)
         headers = to_headers(headers) if headers else ()
+        if headers or ttl_ms is not None or delay_ms is not None or deliver_at is not None or idempotency_key is not None:
+            headers = with_features(headers, ttl_ms=ttl_ms, delay_ms=delay_ms, deliver_at=deliver_at,
+                                    idempotency_key=idempotency_key)
         count = self._async_client._partition_counts.get(topic)
         if count is None:
             if partition is None:

@@ -42,7 +42,7 @@ from collections import deque
 
 from nodi.storage.errors import NodiError
 from nodi.storage.limits import DEFAULT_RECORD_LIMITS, KIB, MIB
-from nodi.storage.records import Compression, build_batch, compute_crc
+from nodi.storage.records import Compression, build_batch, compute_crc, decode_records, parse_header
 
 from .client_errors import (
     BufferFull,
@@ -51,6 +51,7 @@ from .client_errors import (
     InvalidRecords,
     NodiClientError,
     OutOfOrderSequence,
+    PartlyDuplicate,
     ProducerFenced,
     Timeout,
     UnknownPartition,
@@ -58,7 +59,9 @@ from .client_errors import (
     is_retriable,
 )
 from .client_futures import resolve
+from .client_features import split_duplicates
 from .client_types import acks_value
+from .headers import IDEMPOTENCY_KEY
 
 log = logging.getLogger("nodi.client")
 
@@ -91,7 +94,7 @@ def restamp(batch: bytes, producer_id: int, producer_epoch: int, base_sequence: 
 class _Buffer:
     """Messages of one partition waiting to become a batch."""
 
-    __slots__ = ("topic", "partition", "records", "futures", "size", "created", "generation")
+    __slots__ = ("topic", "partition", "records", "futures", "size", "created", "generation", "keyed")
 
     def __init__(self, topic: str, partition: int, now: float, generation: int) -> None:
         self.topic = topic
@@ -101,13 +104,14 @@ class _Buffer:
         self.size = 0
         self.created = now
         self.generation = generation
+        self.keyed = False  # holds an idempotency key: sent uncompressed (broker/dedup.py)
 
 
 class _Batch:
     """A built batch: its bytes, its messages' futures, where it stands."""
 
     __slots__ = ("data", "futures", "count", "base_sequence", "sealed", "generation", "size", "maybe_written",
-                 "attempts")
+                 "attempts", "leaders")
 
     def __init__(self, data: bytes, buffer: _Buffer, base_sequence: int, sealed: float) -> None:
         self.data = data
@@ -119,6 +123,9 @@ class _Batch:
         self.size = buffer.size  # the estimate counted against buffer_bytes_max
         self.maybe_written = False  # a send ended without a known outcome
         self.attempts = 0
+        # Publish dedup: futures[count:] are repeats of an idempotency key in this batch;
+        # each takes the result of record leaders[i].
+        self.leaders: list[int] = []
 
 
 class _Partition:
@@ -285,6 +292,8 @@ class ProducerCore:
                     wake = True
             buffer.records.append((key, value, headers, timestamp_ms))
             buffer.futures.append(future)
+            if headers and headers[-1][0] == IDEMPOTENCY_KEY:
+                buffer.keyed = True
             buffer.size += size
             self._buffered_bytes += size
             self._hot = (topic, requested, count, buffer)  # until _seal_locked
@@ -389,7 +398,7 @@ class ProducerCore:
             try:
                 data = build_batch(
                     buffer.records,
-                    compression=self.compression,
+                    compression=Compression.NONE if buffer.keyed else self.compression,
                     producer_id=state.producer_id if self.idempotent else -1,
                     producer_epoch=state.producer_epoch if self.idempotent else -1,
                     base_sequence=sequence,
@@ -513,12 +522,23 @@ class ProducerCore:
                 state.retrying = False
             base = response.base_offset
             partition = state.partition
-            futures = batch.futures
-            if base < 0:
-                results = [(partition, -1)] * len(futures)
+            count = batch.count
+            if response.duplicates:  # publish dedup: nothing written, each an original
+                results = [(partition, -1)] * count
+                for duplicate in response.duplicates:
+                    if 0 <= duplicate.index < count:
+                        results[duplicate.index] = (duplicate.partition, duplicate.offset)
+                if self.idempotent:
+                    state.new_id_needed = True  # the broker did not take these sequences
+            elif base < 0:
+                results = [(partition, -1)] * count
             else:
-                results = [(partition, offset) for offset in range(base, base + len(futures))]
+                results = [(partition, offset) for offset in range(base, base + count)]
+            results.extend(results[leader] for leader in batch.leaders)
             self._finish(batch, None, results)
+            return
+        if isinstance(error, PartlyDuplicate):
+            self._resend_new_records(state, batch, error.duplicates)
             return
         if isinstance(error, UnknownPartition):
             self.client._partition_counts.pop(state.topic, None)
@@ -539,6 +559,32 @@ class ProducerCore:
             state.new_id_needed = True
             if isinstance(error, ProducerFenced):
                 self._error = error
+
+    def _resend_new_records(self, state: _Partition, batch: _Batch, duplicates) -> None:
+        """PARTLY_DUPLICATE: nothing was written. Resolve the duplicates with their
+        originals, and send the other records again as a new batch (its sequences are
+        restamped under a new producer id: the broker did not take the old ones)."""
+        records = decode_records(batch.data, parse_header(batch.data))
+        done_futures, done_results, kept, futures, leaders = split_duplicates(
+            records, batch.futures, batch.count, batch.leaders, duplicates
+        )
+        resolve(done_futures, done_results, None)
+        if not kept:  # every record was a duplicate after all
+            batch.futures = []
+            self._finish(batch, None, [])
+            return
+        batch.data = build_batch(kept, producer_id=state.producer_id if self.idempotent else -1,
+                                 producer_epoch=state.producer_epoch if self.idempotent else -1,
+                                 base_sequence=batch.base_sequence)
+        batch.futures = futures
+        batch.count = len(kept)
+        batch.leaders = leaders
+        batch.maybe_written = False
+        if self.idempotent:
+            state.new_id_needed = True
+            self._requeue(state, batch)
+        else:
+            state.waiting.appendleft(batch)
 
     @staticmethod
     def _requeue(state: _Partition, batch: _Batch) -> None:

@@ -25,6 +25,7 @@ from nodi.storage.store import Store
 from . import messages as m
 from .config import ServerConfig
 from .errors import ErrorCode, ProtocolError, error_code_for
+from .dedup import PublishDedup
 from .groups import GroupCoordinator
 from .status import serve_server_status
 
@@ -80,6 +81,11 @@ class Broker:
         from .compaction_service import CompactionService
 
         self.compaction = CompactionService(self, config.compaction)
+        # Publish dedup of idempotency keys (broker/dedup.py), read back from the logs.
+        self.dedup = PublishDedup()
+        for name, topic_config in store.topics().items():
+            self.dedup.configure(name, topic_config.dedup_window_ms)
+        self.dedup.rebuild_all(store.logs())
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: asyncio.TaskGroup | None = None
         # The metadata flush that staged offsets wait for (one per loop tick at most).
@@ -204,6 +210,8 @@ class Broker:
             fsync_interval_ms=pick(settings.fsync_interval_ms, base.fsync_interval_ms),
             segment_bytes=pick(settings.segment_bytes, base.segment_bytes),
             segment_ms=pick(settings.segment_ms, base.segment_ms),
+            ttl_ms=pick(settings.ttl_ms, base.ttl_ms),
+            dedup_window_ms=pick(settings.dedup_window_ms, base.dedup_window_ms),
         )
         config.validate()
         return config
@@ -220,6 +228,8 @@ class Broker:
             fsync_interval_ms=config.fsync_interval_ms,
             segment_bytes=config.segment_bytes,
             segment_ms=config.segment_ms,
+            ttl_ms=config.ttl_ms,
+            dedup_window_ms=config.dedup_window_ms,
         )
 
     async def _create_topic(self, request: m.CreateTopicRequest) -> Reply:
@@ -228,6 +238,7 @@ class Broker:
         for partition in range(config.partitions):
             self._watch(self.store.log(request.name, partition))
         self.coordinator.on_topic_created(request.name)
+        self.dedup.configure(request.name, config.dedup_window_ms)
         return Reply(m.CreateTopicResponse(request_id=request.request_id, settings=self._settings(config)))
 
     async def _delete_topic(self, request: m.DeleteTopicRequest) -> Reply:
@@ -238,6 +249,7 @@ class Broker:
             self._unwatch(self.store.log(request.name, partition))
         await asyncio.to_thread(self.store.delete_topic, request.name)
         self.coordinator.on_topic_deleted(request.name)
+        self.dedup.drop(request.name)
         self.queues.on_topic_deleted(request.name)
         return Reply(m.DeleteTopicResponse(request_id=request.request_id))
 
@@ -278,7 +290,13 @@ class Broker:
     async def _produce(self, request: m.ProduceRequest) -> Reply:
         partition_log = self._log(request.topic, request.partition)
         self.compaction.check_produce(request.topic, partition_log, request.records)
+        # Publish dedup (broker/dedup.py): check, append and record run without an await.
+        check = self.dedup.check(request.topic, request.records)
+        if check is not None and check.duplicates:
+            return await self._produce_duplicates(request, check)
         result = partition_log.append_nowait(request.records)
+        if check is not None:
+            self.dedup.record(request.topic, request.partition, result.first_offset, check)
         if request.acks is m.Acks.DURABLE:
             timeout_s = max(request.timeout_ms, 1) / 1000
             if partition_log.config.fsync_policy is FsyncPolicy.NEVER:
@@ -300,6 +318,37 @@ class Broker:
             log_append_time_ms=result.log_append_time_ms,
             log_start_offset=partition_log.log_start_offset,
         ))
+
+    async def _produce_duplicates(self, request: m.ProduceRequest, check) -> Reply:
+        """Nothing of the request is written. Every record a duplicate: a success naming
+        the originals (with acks durable, once they are durable). Some new:
+        PARTLY_DUPLICATE naming the duplicates; the sender sends the others again."""
+        self.dedup.note_duplicates(check)
+        duplicates = [m.DuplicateRecord(index=index, partition=original.partition, offset=original.offset)
+                      for index, original in check.duplicates]
+        if len(duplicates) < check.record_count:
+            return Reply(m.ProduceResponse(
+                request_id=request.request_id,
+                error_code=ErrorCode.PARTLY_DUPLICATE,
+                error_message=f"{len(duplicates)} of {check.record_count} records were written before: nothing "
+                              "was written; send the others again",
+                duplicates=duplicates,
+            ))
+        if request.acks is m.Acks.DURABLE:
+            last: dict[int, int] = {}
+            for _, original in check.duplicates:
+                last[original.partition] = max(last.get(original.partition, -1), original.offset)
+            timeout_s = max(request.timeout_ms, 1) / 1000
+            for partition, offset in last.items():
+                original_log = self._log(request.topic, partition)
+                if original_log.config.fsync_policy is FsyncPolicy.NEVER:
+                    await asyncio.wait_for(asyncio.to_thread(original_log.flush), timeout_s)
+                try:
+                    await asyncio.wait_for(asyncio.wrap_future(original_log.durable_future(offset)), timeout_s)
+                except TimeoutError:
+                    raise ProtocolError(ErrorCode.NOT_DURABLE, f"the original at {partition}/{offset} was not "
+                                        f"fsynced within {request.timeout_ms} ms") from None
+        return Reply(m.ProduceResponse(request_id=request.request_id, duplicates=duplicates))
 
     async def _fetch(self, request: m.FetchRequest) -> Reply:
         partition_log = self._log(request.topic, request.partition)

@@ -47,6 +47,8 @@ from .limits import GIB, KIB, MIB
 
 DAY_MS = 24 * 60 * 60 * 1000
 INT64_MAX = 2**63 - 1
+# The longest publish dedup window a topic may have (broker/dedup.py rescans it at start).
+DEDUP_WINDOW_MS_MAX = DAY_MS
 PARTITION_MAX = 2**31 - 1  # partitions are int32 on the wire, as in Kafka
 
 # ---------------------------------------------------------------------------
@@ -160,6 +162,11 @@ class TopicConfig:
     fsync_interval_ms: int = 1000
     segment_bytes: int = 128 * MIB
     segment_ms: int = 7 * DAY_MS
+    # Default message TTL (0: messages do not expire); a message's TTL header wins.
+    ttl_ms: int = 0
+    # Publish dedup window of idempotency keys (0: off; at most DEDUP_WINDOW_MS_MAX,
+    # since a restart rescans that much of the log).
+    dedup_window_ms: int = 2 * 60 * 1000
 
     def validate(self) -> None:
         _check_integer("partitions", self.partitions, 1, PARTITIONS_MAX)
@@ -178,6 +185,8 @@ class TopicConfig:
         _check_integer("fsync_interval_ms", self.fsync_interval_ms, 1, INT64_MAX)
         _check_integer("segment_bytes", self.segment_bytes, SEGMENT_BYTES_MIN, SEGMENT_BYTES_MAX)
         _check_integer("segment_ms", self.segment_ms, 1, INT64_MAX)
+        _check_integer("ttl_ms", self.ttl_ms, 0, INT64_MAX)
+        _check_integer("dedup_window_ms", self.dedup_window_ms, 0, DEDUP_WINDOW_MS_MAX)
 
     def to_dict(self) -> dict[str, object]:
         """Every field by name; JSON-serialisable."""

@@ -1,0 +1,161 @@
+"""Publish dedup against a real server (broker/dedup.py): an idempotency key seen on a
+topic within its window is not written again and the produce is answered with the
+original (partition, offset); across producer retries, mixed batches, acks levels, the
+idempotent producer and a broker restart. Windows are small or large on purpose; no
+timing is asserted."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from nodi.broker import Client
+from nodi.broker.client_errors import PartlyDuplicate
+from nodi.broker.headers import IDEMPOTENCY_KEY
+from nodi.storage.records import Compression, NewRecord, build_batch
+
+WAIT_S = 30
+
+
+def values(client: Client, topic: str, partitions: int = 1) -> list[tuple[int, int, bytes]]:
+    out = []
+    for partition in range(partitions):
+        for message in client.fetch(topic, partition, 0, include_expired=True):
+            out.append((partition, message.offset, message.value))
+    return out
+
+
+def settled(client: Client, topic: str, count: int, partitions: int = 1) -> list[tuple[int, int, bytes]]:
+    """values() once `count` messages are readable (acks written: reads end at the
+    durable offset), or after WAIT_S."""
+    deadline = time.monotonic() + WAIT_S
+    found = values(client, topic, partitions)
+    while len(found) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+        found = values(client, topic, partitions)
+    return found
+
+
+def keyed(value: bytes, key: str | None) -> NewRecord:
+    headers = [] if key is None else [(IDEMPOTENCY_KEY, key.encode())]
+    return NewRecord(None, value, headers)
+
+
+def test_a_retried_produce_gets_the_original_offset(broker):
+    with Client(broker.address) as client:
+        client.create_topic("orders", partitions=3)
+        first = client.produce("orders", b"one", idempotency_key="order-1")
+        # The retry lands on another partition and carries another value: still a duplicate.
+        other = (first[0] + 1) % 3
+        again = client.produce("orders", b"one, again", idempotency_key="order-1", partition=other)
+        assert again == first
+        assert client.produce("orders", b"two", idempotency_key="order-2", acks="written")[1] >= 0
+        assert client.produce("orders", b"one", idempotency_key=b"order-1", acks="written") == first
+        stored = [value for _, _, value in settled(client, "orders", 2, 3)]
+        assert sorted(stored) == [b"one", b"two"]
+
+
+@pytest.mark.parametrize("idempotent", [True, False])
+@pytest.mark.parametrize("acks", ["written", "durable"])
+def test_a_batch_mixing_seen_and_new_keys_writes_each_record_once(broker, idempotent, acks):
+    with Client(broker.address) as client:
+        client.create_topic("mixed")
+        seen = client.produce("mixed", b"a", idempotency_key="a")
+        with client.producer(linger_ms=200, idempotent=idempotent, acks=acks) as producer:
+            futures = [
+                producer.send("mixed", b"a again", idempotency_key="a"),
+                producer.send("mixed", b"c", idempotency_key="c"),
+                producer.send("mixed", b"no key"),
+                producer.send("mixed", b"c repeated", idempotency_key="c"),
+                producer.send("mixed", b"d", idempotency_key="d"),
+            ]
+            producer.flush()
+            results = [future.result(timeout=WAIT_S) for future in futures]
+            # The batch after it on the same partition is restamped and written once.
+            after = producer.send("mixed", b"after", idempotency_key="e").result(timeout=WAIT_S)
+        assert results[0] == seen
+        assert results[1] == results[3]
+        assert len({results[1], results[2], results[4], after}) == 4
+        stored = settled(client, "mixed", 5)
+        assert [value for _, _, value in stored] == [b"a", b"c", b"no key", b"d", b"after"]
+        by_value = {value: (partition, offset) for partition, offset, value in stored}
+        assert by_value[b"c"] == results[1] and by_value[b"d"] == results[4] and by_value[b"no key"] == results[2]
+
+
+def test_acks_none_writes_each_key_once(broker):
+    with Client(broker.address) as client:
+        client.create_topic("fire")
+        client.produce("fire", b"x", idempotency_key="x", acks="none")
+        with client.producer(linger_ms=100, idempotent=False, acks="none") as producer:
+            for value, key in ((b"x again", "x"), (b"y", "y"), (b"y again", "y")):
+                producer.send("fire", value, idempotency_key=key)
+            producer.flush()
+        assert [value for _, _, value in settled(client, "fire", 2)] == [b"x", b"y"]
+
+
+def test_raw_batches_are_answered_per_record(broker):
+    with Client(broker.address) as client:
+        client.create_topic("raw")
+        original = client.produce("raw", b"k1", idempotency_key="k1")
+        all_seen = client.produce_batch("raw", 0, build_batch([keyed(b"dup", "k1")]))
+        assert [(d.index, d.partition, d.offset) for d in all_seen.duplicates] == [(0, *original)]
+        assert all_seen.base_offset == -1
+        with pytest.raises(PartlyDuplicate) as raised:
+            client.produce_batch("raw", 0, build_batch([keyed(b"new", "k2"), keyed(b"dup", "k1")]))
+        assert [(d.index, d.partition, d.offset) for d in raised.value.duplicates] == [(1, *original)]
+        assert [value for _, _, value in values(client, "raw")] == [b"k1"]  # nothing written
+        # A compressed batch is never decoded for dedup: written as sent (documented).
+        gzip = build_batch([keyed(b"gzip dup", "k1")], compression=Compression.GZIP)
+        assert client.produce_batch("raw", 0, gzip).base_offset == 1
+        # nodi's producer sends keyed batches uncompressed, so they are deduplicated.
+        with client.producer(compression="gzip") as producer:
+            assert producer.send("raw", b"dup", idempotency_key="k1").result(timeout=WAIT_S) == original
+
+
+def test_keys_outside_the_window_are_written_again(broker):
+    with Client(broker.address) as client:
+        client.create_topic("short", dedup_window_ms=200)
+        client.create_topic("off", dedup_window_ms=0)
+        assert client.describe_topic("short").settings.dedup_window_ms == 200
+        first = client.produce("short", b"1", idempotency_key="k")
+        assert client.produce("off", b"1", idempotency_key="k") != client.produce("off", b"2", idempotency_key="k")
+        time.sleep(0.6)  # three windows: the key has expired
+        second = client.produce("short", b"2", idempotency_key="k")
+        assert second[1] == first[1] + 1
+        assert [value for _, _, value in values(client, "short")] == [b"1", b"2"]
+
+
+@pytest.mark.parametrize("how", ["stop", "kill"])
+def test_dedup_survives_a_broker_restart_within_the_window(broker_factory, tmp_path, how):
+    data_dir = str(tmp_path / "data")
+    broker = broker_factory(data_dir).start()
+    with Client(broker.address) as client:
+        client.create_topic("durable", partitions=2, dedup_window_ms=600_000)
+        client.create_topic("brief", dedup_window_ms=300)
+        originals = [client.produce("durable", f"v{i}", idempotency_key=f"key-{i}") for i in range(20)]
+        client.produce("brief", b"1", idempotency_key="k")
+    broker.stop() if how == "stop" else broker.kill()
+    time.sleep(0.6)  # the brief topic's window passes while the broker is down
+    broker = broker_factory(data_dir).start()
+    with Client(broker.address) as client:
+        for i, original in enumerate(originals):
+            assert client.produce("durable", b"again", idempotency_key=f"key-{i}") == original
+        assert client.produce("brief", b"2", idempotency_key="k")[1] == 1
+        assert sorted(value for _, _, value in values(client, "durable", 2)) == sorted(
+            f"v{i}".encode() for i in range(20))
+    broker.stop()
+
+
+def test_reserved_headers_are_refused_from_users(broker):
+    with Client(broker.address) as client:
+        client.create_topic("plain")
+        with pytest.raises(ValueError, match="reserved prefix"):
+            client.produce("plain", b"x", headers={IDEMPOTENCY_KEY: b"sneaky"})
+        with client.producer() as producer, pytest.raises(ValueError, match="reserved prefix"):
+            producer.send("plain", b"x", headers=[("nodi-ttl-ms", b"5")])
+        with pytest.raises(ValueError, match="not both"):
+            client.produce("plain", b"x", delay_ms=5, deliver_at=__import__("datetime").datetime.now())
+        with pytest.raises(ValueError):
+            client.produce("plain", b"x", idempotency_key="")
+        assert values(client, "plain") == []
