@@ -26,6 +26,7 @@ from typing import Annotated
 
 import typer
 
+from nodi.broker.headers import is_reserved
 from nodi.cli.common import CLI_TIMEOUT_MS, command, connect, fail, json_bytes, parse_position
 
 # Messages sent from stdin whose ack is not printed yet (the reader waits beyond it).
@@ -53,6 +54,9 @@ def _parse_headers(pairs: list[str]) -> list[tuple[str, str]]:
         name, equals, value = pair.partition("=")
         if not equals or not name:
             raise typer.BadParameter(f"{pair!r} is not NAME=VALUE", param_hint="--header")
+        if is_reserved(name):
+            raise typer.BadParameter(f"{name!r}: the nodi- prefix is reserved for broker features",
+                                     param_hint="--header")
         headers.append((name, value))
     return headers
 

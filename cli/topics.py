@@ -73,6 +73,19 @@ def create_command(
     segment_ms: Annotated[
         int | None, typer.Option("--segment-ms", min=1, help="Roll to a new segment file after this age (ms).")
     ] = None,
+    ttl_ms: Annotated[
+        int | None,
+        typer.Option("--ttl-ms", min=0, help="Default message TTL (ms): readers skip older messages; 0: none."),
+    ] = None,
+    dedup_window_ms: Annotated[
+        int | None,
+        typer.Option(
+            "--dedup-window-ms",
+            min=0,
+            help="Publish dedup: a message whose idempotency key was seen this recently (ms) is not written "
+            "again; 0: off (server default: 2 minutes).",
+        ),
+    ] = None,
     json_output: JsonOption = False,
 ) -> None:
     """Create a topic. Settings left out take the server's defaults (nodi serve
@@ -91,6 +104,8 @@ def create_command(
             fsync_interval_ms=fsync_interval_ms,
             segment_bytes=segment_bytes,
             segment_ms=segment_ms,
+            ttl_ms=ttl_ms,
+            dedup_window_ms=dedup_window_ms,
         )
     if json_output:
         typer.echo(json.dumps({"name": name, **dataclasses.asdict(settings)}))
