@@ -159,3 +159,17 @@ def test_reserved_headers_are_refused_from_users(broker):
         with pytest.raises(ValueError):
             client.produce("plain", b"x", idempotency_key="")
         assert values(client, "plain") == []
+
+
+def test_every_reserved_header_is_documented():
+    from pathlib import Path
+
+    from nodi.broker import headers
+
+    guarantees = (Path(__file__).resolve().parent.parent / "docs" / "guarantees.md").read_text()
+    names = [value for name, value in vars(headers).items()
+             if name.isupper() and isinstance(value, str) and value.startswith(headers.RESERVED_PREFIX)
+             and value != headers.RESERVED_PREFIX]
+    assert len(names) >= 16
+    for name in names:
+        assert f"| `{name}` |" in guarantees, name
