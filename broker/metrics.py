@@ -76,6 +76,7 @@ class _StoreCollector:
         yield from self._server_families()
         yield from self._queue_families()
         yield from self._compaction_families()
+        yield from self._dedup_families()
 
     def _log_families(self):
         labels = ["topic", "partition"]
@@ -217,6 +218,23 @@ class _StoreCollector:
                 except (NodiError, OSError) as error:  # a closing log: no ratio this scrape
                     log.warning("dirty ratio of %s-%d not collected: %s", topic, partition, error)
         yield from (runs, failures, reclaimed, removed, seconds, dirty)
+
+
+    def _dedup_families(self):
+        """Publish dedup (nodi_dedup_*), from the broker's PublishDedup.statistics()."""
+        broker = self.server.broker
+        if broker is None:
+            return
+        statistics = broker.dedup.statistics()
+        yield GaugeMetricFamily("nodi_dedup_keys", "Idempotency keys remembered, over every topic", value=statistics.keys)
+        yield CounterMetricFamily("nodi_dedup_duplicates", "Produced records not written: their key was seen",
+                                  value=statistics.duplicates)
+        yield CounterMetricFamily("nodi_dedup_partly_duplicate_requests", "Produce requests answered PARTLY_DUPLICATE",
+                                  value=statistics.partly_duplicate_requests)
+        yield CounterMetricFamily("nodi_dedup_batches_decoded", "Produced batches decoded because they hold a key",
+                                  value=statistics.batches_decoded)
+        yield CounterMetricFamily("nodi_dedup_evicted_early", "Keys forgotten before their window ended (the limit)",
+                                  value=statistics.evicted_early)
 
 
 class Metrics:
