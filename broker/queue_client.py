@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import threading
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -279,6 +280,9 @@ class Queue:
     def __init__(self, client, topic: str, group: str, **options: Any) -> None:
         self._client = client
         self._async: AsyncQueue = client._run(self._make(client._async, topic, group, options), None)
+        # Settles made with wait=False, handed to the loop thread in runs.
+        self._local: list[tuple] = []
+        self._local_lock = threading.Lock()
         client._owned.add(self)
 
     @staticmethod
@@ -307,6 +311,9 @@ class Queue:
         return self._async.closed
 
     def receive(self, timeout_ms: int | None = None) -> QueueMessage | None:
+        with contextlib.suppress(IndexError):  # received already: no trip to the loop thread
+            if not self._async.closed:
+                return self._async._buffer.popleft()
         wait = self._async.receive_timeout_ms if timeout_ms is None else timeout_ms
         return self._client._run(self._async._receive(timeout_ms, self), None, wait)
 
@@ -324,8 +331,18 @@ class Queue:
                 return await queue._settle_nowait(message, action, delay_ms, text)
 
             return self._client._run(settle(), None)
-        self._client._loop.call_soon_threadsafe(queue._settle_nowait, message, action, delay_ms, text)
+        with self._local_lock:
+            self._local.append((message, action, delay_ms, text))
+            first = len(self._local) == 1
+        if first:  # one wake-up of the loop thread for a run of settles
+            self._client._loop.call_soon_threadsafe(self._drain_local)
         return None
+
+    def _drain_local(self) -> None:
+        with self._local_lock:
+            pending, self._local = self._local, []
+        for item in pending:
+            self._async._settle_nowait(*item)
 
     def flush(self) -> None:
         self._client._run(self._async.flush(), None)

@@ -24,6 +24,7 @@ source partition p goes to partition p modulo the dead-letter topic's partition 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 from dataclasses import dataclass
 import logging
@@ -52,6 +53,8 @@ RESPONSE_OVERHEAD_BYTES = 64 * 1024
 # Dead letters written per pass, and the pause after a failed pass.
 DEAD_LETTERS_PER_PASS = 500
 DEAD_LETTER_RETRY_S = 1.0
+# Decoded batches kept for the next receives (one per partition, the most recent ones).
+DECODED_BATCHES_MAX = 64
 # The timer's longest sleep (it also wakes when told to).
 TIMER_INTERVAL_MAX_S = 0.5
 
@@ -108,6 +111,8 @@ class QueueService:
         self._persisted: asyncio.Future | None = None  # the next tick's stage + flush
         self._wake = asyncio.Event()
         self.dead_letter_failures = 0
+        # (topic, partition) -> (base offset, last offset, records) of its last decoded batch.
+        self._batches: collections.OrderedDict[tuple[str, int], tuple[int, int, list]] = collections.OrderedDict()
         self._load()
 
     def attach(self, loop: asyncio.AbstractEventLoop, tasks: asyncio.TaskGroup) -> None:
@@ -296,30 +301,52 @@ class QueueService:
         for partition, offsets in by_partition.items():
             partition_log = self.store.log(topic, partition)
             remaining = sorted(set(offsets))
+            highest = remaining[-1]
             index = 0
             while index < len(remaining):
                 offset = remaining[index]
-                try:
-                    result = partition_log.read(offset, READ_BYTES)
-                    data = result.to_bytes()
-                    last = offset
-                    wanted_here = set(remaining[index:])
-                    for header, batch in iter_batches(data):
-                        last = max(last, header.last_offset)
-                        if header.is_control:
-                            continue
-                        for record in decode_records(batch, header):
-                            if record.offset in wanted_here:
-                                found[partition, record.offset] = record
-                except (NodiError, OSError) as error:
-                    found[partition, offset] = error
-                    index += 1
-                    continue
-                if not result.slices:
-                    break  # nothing readable from here: the rest are gaps
+                wanted_here = set(remaining[index:])
+                cached = self._batches.get((topic, partition))
+                if cached is not None and cached[0] <= offset <= cached[1]:
+                    self._batches.move_to_end((topic, partition))
+                    last = cached[1]
+                    for record in cached[2]:
+                        if record.offset in wanted_here:
+                            found[partition, record.offset] = record
+                else:
+                    try:
+                        result = partition_log.read(offset, READ_BYTES)
+                        data = result.to_bytes()
+                        last = offset
+                        for header, batch in iter_batches(data):
+                            if header.base_offset > highest:
+                                break  # past every wanted offset: not decoded
+                            last = max(last, header.last_offset)
+                            if header.is_control:
+                                continue
+                            records = decode_records(batch, header)
+                            for record in records:
+                                if record.offset in wanted_here:
+                                    found[partition, record.offset] = record
+                            self._cache_batch(topic, partition, header.base_offset, header.last_offset, records)
+                    except (NodiError, OSError) as error:
+                        found[partition, offset] = error
+                        index += 1
+                        continue
+                    if not result.slices:
+                        break  # nothing readable from here: the rest are gaps
                 while index < len(remaining) and remaining[index] <= last:
                     index += 1
         return found
+
+    def _cache_batch(self, topic: str, partition: int, base_offset: int, last_offset: int, records: list) -> None:
+        """Keep the last decoded batch of a partition: a batch of many records serves
+        several receives, decoded once (at most DECODED_BATCHES_MAX batches kept)."""
+        key = (topic, partition)
+        self._batches[key] = (base_offset, last_offset, records)
+        self._batches.move_to_end(key)
+        while len(self._batches) > DECODED_BATCHES_MAX:
+            self._batches.popitem(last=False)
 
     async def settle(self, request: m.QueueSettleRequest) -> Reply:
         group = self._group_for(request.group, request.topic, None)
@@ -365,6 +392,8 @@ class QueueService:
                                       self.dead_letter_failures)
 
     def on_topic_deleted(self, topic: str) -> None:
+        for key in [key for key in self._batches if key[0] == topic]:
+            del self._batches[key]
         for key in [key for key in self.groups if key[1] == topic]:
             group = self.groups.pop(key)
             self._notify(group)
