@@ -6,9 +6,9 @@ The produce path stays cheap. The broker never decodes records on produce, excep
 and only when needed:
 
 - a topic with dedup_window_ms 0 costs nothing;
-- otherwise each produce's bytes are searched once for the header name (a C-speed
-  substring search over the request, no copy); a request without it - the common case -
-  goes straight to the log;
+- otherwise each produce's bytes are searched once for the header name (bytes.find over
+  the received frame, no copy: about 55 us per 256 KiB here, beside about 130 us for the
+  append itself); a request without it - the common case - goes straight to the log;
 - a request that holds it has its batches checked (bounds, CRC: what the log checks
   anyway) and only the uncompressed batches that contain the name are decoded.
   Compressed batches are never decompressed for dedup: their records are written without
@@ -93,6 +93,16 @@ def digest(key: bytes) -> int:
     return xxhash.xxh3_128_intdigest(key)
 
 
+def _may_hold_a_key(records: bytes | memoryview) -> bool:
+    """False when `records` surely holds no idempotency-key header. A memoryview is a
+    slice of the frame it was decoded from: bytes.find over that whole frame (faster than
+    a regex over the view) can only add false positives, which the decode then rules out."""
+    owner = records.obj if isinstance(records, memoryview) else records
+    if isinstance(owner, (bytes, bytearray)):
+        return owner.find(IDEMPOTENCY_KEY_NEEDLE) >= 0
+    return _NEEDLE.search(records) is not None
+
+
 class _TopicKeys:
     __slots__ = ("window_ms", "entries")
 
@@ -151,7 +161,7 @@ class PublishDedup:
         if keys is None:
             return None
         self._requests_searched += 1
-        if _NEEDLE.search(records) is None:
+        if not _may_hold_a_key(records):
             return None
         now_ms = self._clock_ms()
         self._expire(keys, now_ms)
