@@ -39,6 +39,7 @@ from nodi.storage.records import NewRecord, build_batch, decode_records, iter_ba
 from . import messages as m
 from .dead_letters import dead_letter_record
 from .errors import ErrorCode, ProtocolError
+from .headers import NOT_BEFORE_MS, find_integer
 from .queue_settings import DEFAULT_QUEUE_LIMITS, Backoff, QueueLimits, QueueSettings
 from .queue_state import QueueStateError, decode_partition, encode_partition
 from .queues import DeadLetter, PartitionQueue, QueueGroup, QueueGroupStatistics, Taken
@@ -215,13 +216,13 @@ class QueueService:
                 self._wake.set()  # dead letters may be waiting
             taken = group.receive(count, now)
             if taken:
-                deliveries, records = self._collect(group, taken, budget)
+                deliveries, records = self._collect(group, taken, budget, now)
                 if deliveries:
                     await self.persist()
                     batch = build_batch(records, limits=RecordLimits(batch_bytes_max=budget, record_bytes_max=budget))
                     return Reply(m.QueueReceiveResponse(
                         request_id=request.request_id, deliveries=deliveries, records=batch))
-                continue  # every one was a gap: look again
+                continue  # every one was a gap or not due: look again
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return Reply(m.QueueReceiveResponse(request_id=request.request_id))
@@ -259,9 +260,11 @@ class QueueService:
             if not future.done():
                 future.set_result(None)
 
-    def _collect(self, group: QueueGroup, taken: list[Taken], budget: int) -> tuple[list[m.QueueDelivery], list[NewRecord]]:
-        """Read the records of `taken`. Offsets with no record are skipped (done); what
-        does not fit in `budget` bytes, or cannot be read, is released."""
+    def _collect(self, group: QueueGroup, taken: list[Taken], budget: int,
+                 now: int) -> tuple[list[m.QueueDelivery], list[NewRecord]]:
+        """Read the records of `taken`. Offsets with no record are skipped (done); a
+        message whose not-before header is ahead of `now` is deferred to it; what does
+        not fit in `budget` bytes, or cannot be read, is released."""
         found = self._read_records(group.topic, [(t.partition, t.offset) for t in taken])
         deliveries: list[m.QueueDelivery] = []
         records: list[NewRecord] = []
@@ -274,6 +277,10 @@ class QueueService:
                 continue
             if isinstance(record, Exception):
                 unsent.append(item)
+                continue
+            not_before = find_integer(record.headers, NOT_BEFORE_MS)
+            if not_before is not None and not_before > now:
+                group.defer(item, not_before)  # delayed delivery: not due yet
                 continue
             size = 64 + len(record.key or b"") + len(record.value or b"") + sum(
                 len(k) + len(v or b"") + 8 for k, v in record.headers)

@@ -349,6 +349,20 @@ class PartitionQueue:
         else:
             self._make_available(delivery, 0, 0)
 
+    def defer(self, offset: int, delivery_count: int, not_before_ms: int) -> None:
+        """A delivery just handed out whose message is not due (its not-before time, read
+        from the record at delivery, is ahead): taken back uncounted, and available again
+        from `not_before_ms` (it keeps its place in the window meanwhile)."""
+        delivery = self.pending.get(offset)
+        if delivery is None or delivery.state is not DeliveryState.LEASED or delivery.delivery_count != delivery_count:
+            return
+        self._release(delivery)
+        delivery.delivery_count -= 1
+        self.delivered -= 1
+        if delivery.delivery_count == 0:
+            delivery.first_delivery_ms = 0
+        self._make_available(delivery, not_before_ms, not_before_ms - 1)
+
     def skip(self, offset: int) -> None:
         """The server found no record at `offset` (a gap): it is done."""
         if offset in self.pending:
@@ -578,6 +592,10 @@ class QueueGroup:
     def dead_lettered(self, partition: int, offset: int) -> None:
         self.partitions[partition].dead_lettered(offset)
         self.dirty.add(partition)
+
+    def defer(self, item: Taken, not_before_ms: int) -> None:
+        self.partitions[item.partition].defer(item.offset, item.delivery_count, not_before_ms)
+        self.dirty.add(item.partition)
 
     def release(self, taken: list[Taken]) -> None:
         for item in reversed(taken):

@@ -264,3 +264,26 @@ async def async_queue_and_bad_settles(broker) -> None:
             message = await waiting
             assert message.value == b"two"
             await message.ack()
+
+
+def test_a_message_with_a_not_before_time_is_delivered_only_when_due(broker) -> None:
+    import time
+
+    from nodi.broker.headers import NOT_BEFORE_MS
+
+    with Client(broker.address) as client:
+        client.create_topic("later")
+        due_ms = int(time.time() * 1000) + 1_000
+        client.produce_batch("later", 0, build_batch([
+            NewRecord(None, b"delayed", [(NOT_BEFORE_MS, str(due_ms).encode())]),
+            NewRecord(None, b"now"),
+        ]))
+        with client.queue("later", "g") as queue:
+            first = queue.receive(timeout_ms=WAIT_MS)
+            assert first.value == b"now"
+            first.ack()
+            delayed = queue.receive(timeout_ms=WAIT_MS)
+            assert delayed is not None and delayed.value == b"delayed"
+            assert int(time.time() * 1000) >= due_ms  # never before it is due
+            assert delayed.delivery_count == 1
+            delayed.ack()

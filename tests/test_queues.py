@@ -177,6 +177,25 @@ def test_retention_past_the_floor_skips_what_it_removed() -> None:
     assert offsets(queue.take(10, now_ms=0)) == [5, 6, 7, 8, 9]
 
 
+def test_a_message_not_due_is_deferred_uncounted_and_survives_a_restart() -> None:
+    queue = make_queue(3)
+    first, second, third = queue.take(3, now_ms=0)
+    queue.defer(second.offset, second.delivery_count, not_before_ms=5_000)
+    queue.ack(0, 1)
+    queue.ack(2, 1)
+    assert queue.floor == 1  # a deferred message keeps its place in the window
+    assert queue.take(10, now_ms=4_999) == [] and not queue.tick(4_999)
+    decoded = decode_partition(encode_partition(queue))
+    restored = PartitionQueue(0, decoded.settings, QueueLimits(), decoded.floor, decoded.next_offset)
+    restored.set_log_bounds(0, 3)
+    for delivery in decoded.deliveries:
+        restored.restore(delivery, now_ms=100)
+    assert restored.take(10, now_ms=100) == []
+    assert restored.tick(5_000)
+    (due,) = restored.take(10, now_ms=5_000)
+    assert (due.offset, due.delivery_count) == (1, 1)  # the deferral was not a delivery
+
+
 def test_skip_marks_a_gap_done() -> None:
     queue = make_queue(3)
     queue.take(3, now_ms=0)
