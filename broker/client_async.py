@@ -520,7 +520,7 @@ class AsyncClient:
         ttl_ms = self._topic_ttls.get(topic)
         if ttl_ms is None:
             ttl_ms = (await self.describe_topic(topic, timeout_ms=timeout_ms)).settings.ttl_ms
-        messages, expired = drop_expired(messages, response.records, ttl_ms, include_expired)
+        messages, expired = drop_expired(messages, ttl_ms, include_expired)
         return messages, position, expired
 
     async def list_offsets(

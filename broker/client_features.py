@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _datetime
-import re
 import time
 
 from . import headers as reserved
 from .client_types import Headers, Message, timestamp_ms_of
-
-_TTL_NEEDLE = re.compile(re.escape(reserved.TTL_MS.encode("ascii")))
 
 
 def check_user_headers(headers: Headers) -> None:
@@ -90,15 +87,14 @@ def has_idempotency_key(headers: Headers) -> bool:
 
 def drop_expired(
     messages: list[Message],
-    records: bytes | memoryview,
     default_ttl_ms: int,
     include_expired: bool = False,
     now_ms: int | None = None,
 ) -> tuple[list[Message], int]:
-    """`messages` (decoded from `records`) carrying the topic's default TTL, without the
-    expired ones unless include_expired; and how many were left out. Costs one search
-    of `records` when the topic has no default TTL and no message has a TTL header."""
-    if default_ttl_ms <= 0 and _TTL_NEEDLE.search(records) is None:
+    """`messages` of one fetch, carrying the topic's default TTL, without the
+    expired ones unless include_expired; and how many were left out. Without a default
+    TTL only messages with headers are looked at (the common case costs one pass)."""
+    if default_ttl_ms <= 0 and not any(message.headers for message in messages):
         return messages, 0
     if default_ttl_ms > 0:
         messages = [dataclasses.replace(message, default_ttl_ms=default_ttl_ms) for message in messages]
