@@ -29,6 +29,9 @@ from .limits import ProtocolLimits
 from .protocol import NEED_DATA, Connection, ConnectionClosed, Role
 
 READ_BYTES = 256 * 1024
+# Records up to this size are copied behind the request header and written with it (one
+# send call on the socket instead of two); larger batches are written after it as they are.
+COALESCE_BYTES_MAX = 64 * 1024
 
 
 class ClientConnection:
@@ -152,8 +155,12 @@ class ClientConnection:
         # From here on the slot is the reader's to free, when the response comes (or the
         # connection ends): the server counts the request in flight until it answers.
         writer = self._writer
-        writer.write(frame)
-        if records is not None:
+        if records is None:
+            writer.write(frame)
+        elif len(records) <= COALESCE_BYTES_MAX:
+            writer.write(b"".join((frame, records)))  # one send call, not two
+        else:
+            writer.write(frame)
             writer.write(records)
         if writer.transport.get_write_buffer_size() > 0:
             try:

@@ -34,6 +34,11 @@ from .service import Broker, Reply, error_reply
 log = logging.getLogger("nodi.server")
 
 READ_BYTES = 256 * 1024
+# A file slice shorter than this is read (pread) and written with the response header in
+# one send: loop.sendfile costs a few loop turns (pause reading, wait for the buffer to
+# empty, resume) and a send of its own, more than copying a small slice (a consumer at
+# the tail reads a batch or two).
+SENDFILE_BYTES_MIN = 64 * 1024
 
 
 class _SendfileSource:
@@ -82,7 +87,8 @@ class ClientSession:
             ready = self.connection.state is State.READY
             timeout_ms = config.idle_timeout_ms if ready else config.handshake_timeout_ms
             try:
-                data = await asyncio.wait_for(self.reader.read(READ_BYTES), timeout_ms / 1000)
+                async with asyncio.timeout(timeout_ms / 1000):  # no task per read, unlike wait_for
+                    data = await self.reader.read(READ_BYTES)
             except TimeoutError:
                 reason = "idle" if ready else "no handshake"
                 await self._close_with(ErrorCode.TIMEOUT, f"{reason} for {timeout_ms} ms")
@@ -144,21 +150,30 @@ class ClientSession:
                 # The reply cannot be encoded (over a limit): answer with the error instead.
                 header = self.connection.send(error_reply(_request_of(reply.response), error).response)
                 reply = Reply(reply.response)
-            self.writer.write(header)
+            # Small slices go out copied, with the header, in one write (one send call);
+            # large ones with sendfile.
+            pending = [header]
             for piece in reply.slices:
+                if piece.length < SENDFILE_BYTES_MIN or not self.server.sendfile:
+                    pending.append(piece.read())
+                    continue
+                self.writer.writelines(pending)
+                pending = []
                 await self._send_slice(piece, timeout_s)
-            await asyncio.wait_for(self.writer.drain(), timeout_s)
+            if pending:
+                self.writer.writelines(pending)
+            if self.writer.transport.get_write_buffer_size():  # else drain has nothing to wait for
+                async with asyncio.timeout(timeout_s):
+                    await self.writer.drain()
 
     async def _send_slice(self, piece: FileSlice, timeout_s: float) -> None:
         fd = piece.file.fileno()
         if fd is not None and self.server.sendfile:
             try:
                 loop = asyncio.get_running_loop()
-                await asyncio.wait_for(
-                    loop.sendfile(self.writer.transport, _SendfileSource(fd), piece.position, piece.length,
-                                  fallback=False),
-                    timeout_s,
-                )
+                async with asyncio.timeout(timeout_s):
+                    await loop.sendfile(self.writer.transport, _SendfileSource(fd), piece.position, piece.length,
+                                        fallback=False)
                 return
             except (asyncio.SendfileNotAvailableError, RuntimeError, NotImplementedError):
                 self.server.sendfile = False  # this loop or transport cannot: copy from now on
