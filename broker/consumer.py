@@ -121,6 +121,10 @@ class AsyncConsumer:
         self._heartbeat_interval_s = session_timeout_ms / 3000
         self._assignment: list[TopicPartition] = []
         self._positions: dict[TopicPartition, int] = {}  # next offset to deliver
+        # The positions when poll() was last called: what the application has handled
+        # (every earlier batch). Auto-commits (in poll() and before a rebalance) commit
+        # these, never a batch poll() just returned: at-least-once.
+        self._handled: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}
         self._fetches: dict[TopicPartition, asyncio.Task] = {}
         self._changed: asyncio.Future | None = None  # resolved when the assignment changes
@@ -227,6 +231,7 @@ class AsyncConsumer:
         if self._closed:
             raise ClientClosed("the consumer is closed")
         await self.start()
+        self._handled = dict(self._positions)
         self._raise_background_error()
         timeout_s = (self.wait_ms if timeout_ms is None else timeout_ms) / 1000
         deadline = time.monotonic() + timeout_s
@@ -248,7 +253,7 @@ class AsyncConsumer:
         if self.auto_commit and time.monotonic() >= self._next_commit:
             self._next_commit = time.monotonic() + self.auto_commit_interval_s
             try:
-                await self.commit()
+                await self._commit(self._handled_positions())
             except (ConnectionLost, Timeout, IllegalGeneration, UnknownMember) as error:
                 log.warning("consumer %s: auto-commit failed: %s", self.group, error)
         return messages
@@ -360,7 +365,17 @@ class AsyncConsumer:
         A partition that moved to another member meanwhile is skipped."""
         if self.group is None:
             raise ValueError("commit() needs a consumer group")
-        offsets = {key: offset for key, offset in self._positions.items() if self._committed.get(key) != offset}
+        await self._commit(self._positions)
+
+    def _handled_positions(self) -> dict[TopicPartition, int]:
+        """Per partition still ours, the position before the batch being handled (a
+        seek or rewind below it since wins)."""
+        return {
+            key: min(offset, self._positions[key]) for key, offset in self._handled.items() if key in self._positions
+        }
+
+    async def _commit(self, positions: dict[TopicPartition, int]) -> None:
+        offsets = {key: offset for key, offset in positions.items() if self._committed.get(key) != offset}
         if not offsets:
             return
         generation, member_id = (self.generation, self.member_id) if self._member else (-1, "")
@@ -467,7 +482,9 @@ class AsyncConsumer:
         self._cancel_fetches(gone)  # nothing more is delivered from them
         if self.auto_commit:
             try:
-                await self.commit()
+                # Not the batch the application may be handling now: its partitions
+                # may go to another member, which then reads it again.
+                await self._commit(self._handled_positions())
             except NodiClientError as error:
                 log.warning("consumer %s: commit before a rebalance failed: %s", self.group, error)
         self.generation = generation
