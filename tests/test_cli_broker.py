@@ -63,12 +63,12 @@ def json_lines(result: subprocess.CompletedProcess) -> list[dict]:
 
 
 class Running:
-    """A `nodi` command running in the background; a thread takes its stdout lines (a
-    select() on the pipe would miss lines already in the reader's buffer)."""
+    """A command running in the background; a thread takes its stdout lines (a select()
+    on the pipe would miss lines already in the reader's buffer)."""
 
-    def __init__(self, server, *args: str, stdin=subprocess.DEVNULL) -> None:
+    def __init__(self, command: list[str], stdin=subprocess.DEVNULL) -> None:
         self.process = subprocess.Popen(
-            NODI + ["--server", server.address] + list(args),
+            command,
             stdin=stdin,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -106,6 +106,11 @@ class Running:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+def running(server, *args: str, stdin=subprocess.DEVNULL) -> Running:
+    """`nodi --server ADDRESS ARGS...` in the background."""
+    return Running(NODI + ["--server", server.address] + list(args), stdin)
 
 
 def wait_for(condition, timeout_s: float = TIMEOUT_S) -> None:
@@ -292,15 +297,15 @@ def test_produce_stdin_answers_each_line_once_it_is_durable(server, client):
     """A line written to a running `nodi produce --json` is answered before the next
     one comes, and the message it names is already durable (fetchable) then."""
     client.create_topic("cli-interactive")
-    with Running(server, "produce", "cli-interactive", "--json", stdin=subprocess.PIPE) as running:
+    with running(server, "produce", "cli-interactive", "--json", stdin=subprocess.PIPE) as background:
         for number in range(5):
-            running.write(f"typed-{number}\n".encode())
-            ack = json.loads(running.line())
+            background.write(f"typed-{number}\n".encode())
+            ack = json.loads(background.line())
             assert (ack["partition"], ack["offset"]) == (0, number)
             (message,) = client.fetch("cli-interactive", 0, number)
             assert message.value == f"typed-{number}".encode()
-        running.process.stdin.close()
-        assert running.wait() == 0
+        background.process.stdin.close()
+        assert background.wait() == 0
 
 
 def _read_all(client, topic: str, partition: int) -> list:
@@ -359,7 +364,7 @@ def test_consume_from_offset_time_latest_partition_and_timeout(server, client):
 
 def test_consume_waits_for_new_messages(server, client):
     client.create_topic("cli-follow")
-    with Running(server, "consume", "cli-follow", "--from", "latest", "--count", "2", "--json") as running:
+    with running(server, "consume", "cli-follow", "--from", "latest", "--count", "2", "--json") as background:
         deadline = time.monotonic() + TIMEOUT_S
         lines: list[bytes] = []
         number = 0
@@ -367,8 +372,8 @@ def test_consume_waits_for_new_messages(server, client):
             client.produce("cli-follow", f"new-{number}")  # repeated: the consumer may start after the first
             number += 1
             with contextlib.suppress(queue.Empty):
-                lines.append(running.lines.get(timeout=0.5))
-        assert running.wait() == 0
+                lines.append(background.lines.get(timeout=0.5))
+        assert background.wait() == 0
     numbers = [int(json.loads(line)["value"].removeprefix("new-")) for line in lines]
     assert len(numbers) == 2 and numbers[1] == numbers[0] + 1  # the next ones, in order
 
@@ -385,15 +390,15 @@ def test_consume_in_a_group_commits_and_ctrl_c_exits_cleanly(server, client):
     for (_, partition), offset in committed.items():
         assert all(o < offset for p, o in printed if p == partition)
 
-    with Running(server, "consume", "cli-group", "--group", "cli-g", "--json") as running:
-        rest = [json.loads(running.line()) for _ in range(6)]
+    with running(server, "consume", "cli-group", "--group", "cli-g", "--json") as background:
+        rest = [json.loads(background.line()) for _ in range(6)]
         assert {(row["partition"], row["offset"]) for row in rest} | printed == {
             (n % 2, n // 2) for n in range(10)
         }
         wait_for(lambda: client.describe_group("cli-g").members)
-        running.process.send_signal(signal.SIGINT)
-        assert running.wait() == 0
-        assert b"Traceback" not in running.process.stderr.read()
+        background.process.send_signal(signal.SIGINT)
+        assert background.wait() == 0
+        assert b"Traceback" not in background.process.stderr.read()
     description = client.describe_group("cli-g")
     assert description.members == ()  # it left the group
     assert {lag.partition: lag.committed_offset for lag in description.lags} == {0: 5, 1: 5}
