@@ -24,8 +24,9 @@ auto-commit), after write_batch_max marks, and at close. A crash loses only mark
 yet flushed: those messages are handled again, as with at-least-once. The store keeps at
 most keys_max keys; the oldest are evicted first.
 
-Duplicates from a queue (messages with an ack() method) are acked, since they were
-handled before.
+A queue (an object with receive(timeout_ms) instead of poll()) is read one message at a
+time; a duplicate from it is acked, since it was handled before. Stream and queue:
+idle_timeout_ms (None: for ever) ends the iteration after that long without a message.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ KEYS_MAX = 1_000_000
 # Marks buffered before they are written in one transaction.
 WRITE_BATCH_MAX = 1_000
 MAP_SIZE_BYTES = 256 * 1024 * 1024
+# A queue's receive() waits this long per call (the loop then checks idle_timeout_ms).
+QUEUE_RECEIVE_WAIT_MS = 500
 
 _SEQUENCE = struct.Struct(">Q")
 
@@ -191,6 +194,9 @@ class _Base:
         self._delivered += 1
         return True
 
+    def _idle(self, since: float) -> bool:
+        return self.idle_timeout_ms is not None and (time.monotonic() - since) * 1000 >= self.idle_timeout_ms
+
     def flush(self) -> None:
         flush = getattr(self.store, "flush", None)
         if flush is not None:
@@ -222,22 +228,28 @@ class IdempotentConsumer(_Base):
         self.close()
 
     def __iter__(self) -> Iterator[Any]:
-        if not hasattr(self.consumer, "poll"):  # a queue: its own iteration
-            for message in self.consumer:
+        idle_since = time.monotonic()
+        if not hasattr(self.consumer, "poll"):  # a queue: receive() one at a time
+            while not self.consumer.closed:
                 self._settle_previous()
+                message = self.consumer.receive(QUEUE_RECEIVE_WAIT_MS)
+                if message is None:
+                    if self._idle(idle_since):
+                        return
+                    continue
+                idle_since = time.monotonic()
                 if self._take(message):
                     yield message
-                elif hasattr(message, "ack"):
+                else:
                     message.ack()
             self._settle_previous()
             return
-        idle_since = time.monotonic()
         while not self.consumer.closed:
             self._settle_previous()
             self.flush()  # marks are durable before poll() may auto-commit past them
             batch = self.consumer.poll()
             if not batch:
-                if self.idle_timeout_ms is not None and (time.monotonic() - idle_since) * 1000 >= self.idle_timeout_ms:
+                if self._idle(idle_since):
                     return
                 continue
             idle_since = time.monotonic()
@@ -277,22 +289,28 @@ class AsyncIdempotentConsumer(_Base):
         self.close()
 
     async def __aiter__(self) -> AsyncIterator[Any]:
+        idle_since = time.monotonic()
         if not hasattr(self.consumer, "poll"):
-            async for message in self.consumer:
+            while not self.consumer.closed:
                 self._settle_previous()
+                message = await self.consumer.receive(QUEUE_RECEIVE_WAIT_MS)
+                if message is None:
+                    if self._idle(idle_since):
+                        return
+                    continue
+                idle_since = time.monotonic()
                 if self._take(message):
                     yield message
-                elif hasattr(message, "ack"):
+                else:
                     await message.ack()
             self._settle_previous()
             return
-        idle_since = time.monotonic()
         while not self.consumer.closed:
             self._settle_previous()
             self.flush()
             batch = await self.consumer.poll()
             if not batch:
-                if self.idle_timeout_ms is not None and (time.monotonic() - idle_since) * 1000 >= self.idle_timeout_ms:
+                if self._idle(idle_since):
                     return
                 continue
             idle_since = time.monotonic()

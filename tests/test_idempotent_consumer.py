@@ -104,3 +104,23 @@ def test_message_key_prefers_the_idempotency_key():
 
     assert message_key(Fake(b"order-1")) == b"korder-1"
     assert message_key(Fake(None)) == b"pt/1/9"
+
+
+def test_a_queue_duplicate_is_skipped_and_acked(broker, tmp_path):
+    keys = tmp_path / "queue-keys"
+    with Client(broker.address) as client:
+        client.create_topic("tasks", dedup_window_ms=0)
+        client.produce("tasks", b"t1", idempotency_key="t1")
+        with LmdbKeyStore(keys) as store:
+            store.mark(b"kt1")  # handled earlier, by a consumer that crashed before acking
+        client.produce("tasks", b"t1 copy", idempotency_key="t1")
+        client.produce("tasks", b"t2", idempotency_key="t2")
+        handled = []
+        with client.queue("tasks", "workers", ack_wait_ms=60_000) as queue:
+            with IdempotentConsumer(queue, keys, idle_timeout_ms=1_500) as messages:
+                for message in messages:
+                    handled.append(message.value)
+                    message.ack()
+                assert messages.statistics().duplicates_skipped == 2
+            assert queue.receive(timeout_ms=500) is None  # the duplicates were acked too
+        assert handled == [b"t2"]
