@@ -31,7 +31,7 @@ import logging
 import time
 
 from nodi.storage.config import FsyncPolicy
-from nodi.storage.errors import NodiError, TopicExistsError, UnknownTopicError
+from nodi.storage.errors import InvalidConfigError, NodiError, TopicExistsError, UnknownTopicError
 from nodi.storage.limits import RecordLimits
 from nodi.storage.metadata import validate_group_name, validate_topic_name
 from nodi.storage.records import NewRecord, build_batch, decode_records, iter_batches
@@ -41,7 +41,7 @@ from .dead_letters import dead_letter_record
 from .errors import ErrorCode, ProtocolError
 from .headers import NOT_BEFORE_MS, find_integer
 from .queue_settings import DEFAULT_QUEUE_LIMITS, Backoff, QueueLimits, QueueSettings
-from .queue_state import QueueStateError, decode_partition, encode_partition
+from .queue_state import QueueStateError, decode_partition, encode_partition, state_bytes_max
 from .queues import DeadLetter, PartitionQueue, QueueGroup, QueueGroupStatistics, Taken
 from .service import Reply
 
@@ -104,6 +104,14 @@ class QueueService:
         limits.validate()
         self.broker = broker
         self.store = broker.store
+        worst_state_bytes = state_bytes_max(limits.window_messages_max, limits.error_text_bytes_max,
+                                            limits.backoff_delays_max)
+        if worst_state_bytes > self.store.metadata.limits.queue_state_bytes_max:
+            raise InvalidConfigError(
+                f"queues.window_messages_max {limits.window_messages_max} with error_text_bytes_max "
+                f"{limits.error_text_bytes_max} can make a partition's state {worst_state_bytes} bytes, over the "
+                f"metadata store's queue_state_bytes_max {self.store.metadata.limits.queue_state_bytes_max}"
+            )
         self.limits = limits
         self.groups: dict[tuple[str, str], QueueGroup] = {}
         self._waiters: dict[tuple[str, str], set[asyncio.Future]] = {}

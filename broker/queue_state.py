@@ -38,6 +38,14 @@ QUEUE_STATE_VERSION = 1
 _STATE_HEADER = struct.Struct(">BqqI")
 _COUNT = struct.Struct(">I")
 _ENTRY = struct.Struct(">qIqqqBH")
+ENTRY_BYTES = _ENTRY.size  # per pending message, before its error text
+
+
+def state_bytes_max(window_messages_max: int, error_text_bytes_max: int, backoff_delays_max: int) -> int:
+    """The largest value a partition's state can encode to under these limits (the
+    settings JSON: under 2 KiB plus at most 12 bytes per backoff delay)."""
+    return (_STATE_HEADER.size + _COUNT.size + 2048 + 12 * backoff_delays_max
+            + window_messages_max * (ENTRY_BYTES + error_text_bytes_max))
 
 
 def encode_partition(queue: PartitionQueue) -> bytes:

@@ -271,7 +271,7 @@ class PartitionQueue:
         (acked, skipped or dead-lettered: acking it again succeeds). Raises for a stale
         delivery, a message being dead-lettered, or a nack, extend or reject of one that
         is done."""
-        if offset >= self.next_offset:
+        if not 0 <= offset < self.next_offset:
             raise settle_error(ErrorCode.UNKNOWN_DELIVERY,
                                f"partition {self.partition} offset {offset} was never delivered to this group")
         delivery = self.pending.get(offset) if offset >= self.floor else None

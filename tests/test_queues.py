@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from nodi.broker.errors import ErrorCode, ProtocolError
 from nodi.broker.queue_settings import Backoff, QueueLimits, QueueSettings, cut_text
-from nodi.broker.queue_state import QueueStateError, decode_partition, encode_partition
+from nodi.broker.queue_state import QueueStateError, decode_partition, encode_partition, state_bytes_max
 from nodi.broker.queues import DeadLetterReason, PartitionQueue, QueueGroup, SettleAction
 from nodi.storage.errors import InvalidConfigError
 
@@ -375,3 +375,23 @@ def test_dead_letter_reasons_are_the_reserved_header_values() -> None:
 
     labels = tuple(reason.label for reason in DeadLetterReason if reason is not DeadLetterReason.NONE)
     assert labels == headers.DLQ_REASONS
+
+
+def test_state_bytes_max_bounds_the_largest_state() -> None:
+    limits = QueueLimits(window_messages_max=50, error_text_bytes_max=100, backoff_delays_max=100)
+    settings = QueueSettings(backoff=Backoff.fixed([86_400_000] * 100), dead_letter_topic="d" * 249)
+    queue = PartitionQueue(0, settings, limits)
+    queue.set_log_bounds(0, 1_000)
+    for taken in queue.take(1_000, now_ms=0):
+        queue.nack(taken.offset, 1, now_ms=0, error="é" * 100)
+    assert len(queue.pending) == 50
+    assert len(encode_partition(queue)) <= state_bytes_max(50, 100, 100)
+
+
+def test_settles_of_offsets_never_delivered_are_refused() -> None:
+    queue = make_queue(5)
+    queue.take(1, now_ms=0)
+    for offset in (-1, 1, 10):
+        with pytest.raises(ProtocolError) as raised:
+            queue.ack(offset, 1)
+        assert raised.value.code is ErrorCode.UNKNOWN_DELIVERY
