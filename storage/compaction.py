@@ -439,12 +439,13 @@ class Compactor:
                 pending_bytes += len(replacement)
                 position += len(replacement)
                 if pending_bytes >= WRITE_CHUNK_BYTES:
-                    cleaned.file.pwritev(pending, position - pending_bytes)
+                    # One buffer: many small batches would pass IOV_MAX (1024) buffers.
+                    cleaned.file.pwritev([b"".join(pending)], position - pending_bytes)
                     pending, pending_bytes = [], 0
             if cleaned is None:
                 return
             if pending:
-                cleaned.file.pwritev(pending, position - pending_bytes)
+                cleaned.file.pwritev([b"".join(pending)], position - pending_bytes)
             cleaned.size = position
             cleaned.file.sync()
             cleaned.write_indexes()
