@@ -141,3 +141,38 @@ def test_broker_kill_keeps_acks_redelivers_the_rest_and_keeps_delivery_counts(br
     for key in kept:
         assert after[key] > counts_before[key], (key, counts_before[key], after[key])
     restarted.stop()
+
+
+def test_rejects_answered_before_a_broker_kill_all_reach_the_dead_letter_topic(broker_factory, tmp_path) -> None:
+    count = 200
+    data_dir = str(tmp_path / "dlq-crash")
+    process: BrokerProcess = broker_factory(data_dir).start()
+    with Client(process.address) as client:
+        client.create_topic("work")
+        produce(client, "work", count)
+        with client.queue("work", "g", batch_max=count, ack_wait_ms=60_000) as queue:
+            held = [queue.receive(timeout_ms=WAIT_MS) for _ in range(count)]
+            for message in held:
+                message.reject("bad", wait=False)
+            queue.flush()  # every reject answered: recorded durably
+            process.kill()  # the dead-letter writer may be anywhere in its work
+    restarted = broker_factory(data_dir).start()
+    with Client(restarted.address) as client:
+        deadline = time.monotonic() + WAIT_MS / 1000
+        while True:
+            state = client._run(client._async._call(m.QueueDescribeRequest(group="g", topic="work"), None), None)
+            if state.partitions[0].ack_floor == count or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert state.partitions[0].ack_floor == count
+        letters = []
+        offset = 0
+        while True:
+            batch = client.fetch("work.dlq", 0, offset)
+            if not batch:
+                break
+            letters += batch
+            offset = batch[-1].offset + 1
+        sources = [int(letter.header("nodi-dlq-source-offset")) for letter in letters]
+        assert set(sources) == set(range(count))  # none lost; a repeat is allowed
+    restarted.stop()
