@@ -287,3 +287,42 @@ def test_a_message_with_a_not_before_time_is_delivered_only_when_due(broker) -> 
             assert int(time.time() * 1000) >= due_ms  # never before it is due
             assert delayed.delivery_count == 1
             delayed.ack()
+
+
+def test_bad_queue_requests_get_typed_errors_and_the_server_carries_on(broker) -> None:
+    from nodi.broker.client_errors import InvalidConfig, NodiClientError
+
+    def call(client, request):
+        return client._run(client._async._call(request, None), None)
+
+    with Client(broker.address) as client:
+        client.create_topic("q")
+        bad_settings = [
+            m.QueueGroupSettings(ack_wait_ms=0),
+            m.QueueGroupSettings(max_deliveries=0),
+            m.QueueGroupSettings(backoff=m.QueueBackoff(kind=m.BackoffKind.DELAYS, delays_ms=[-5])),
+            m.QueueGroupSettings(backoff=m.QueueBackoff(kind=m.BackoffKind.DELAYS, delays_ms=[1] * 500)),
+            m.QueueGroupSettings(backoff=m.QueueBackoff(kind=m.BackoffKind.EXPONENTIAL, multiplier_percent=10)),
+            m.QueueGroupSettings(dead_letter_topic="no spaces allowed"),
+        ]
+        for settings in bad_settings:
+            with pytest.raises(InvalidConfig):
+                call(client, m.QueueReceiveRequest(group="g", topic="q", settings=settings))
+        with pytest.raises(InvalidConfig):
+            call(client, m.QueueReceiveRequest(group="", topic="q"))
+        with pytest.raises(InvalidConfig):
+            call(client, m.QueueReceiveRequest(group="é" * 200, topic="q"))
+        # Out-of-range counts and waits are cut to the limits, not refused.
+        response = call(client, m.QueueReceiveRequest(group="g", topic="q", messages_max=-7, wait_ms=-1))
+        assert response.deliveries == []
+        response = call(client, m.QueueSettleRequest(group="g", topic="q", settlements=[
+            m.Settlement(partition=0, offset=2**62, delivery_count=-3, action=m.SettleAction.REJECT, text="x" * 5000),
+        ]))
+        assert response.results[0].error_code is m.ErrorCode.UNKNOWN_DELIVERY
+        with pytest.raises(NodiClientError):
+            call(client, m.QueueSettleRequest(group="g", topic="missing", settlements=[]))
+        client.produce("q", b"still serving", partition=0)
+        with client.queue("q", "g") as queue:
+            message = queue.receive(timeout_ms=WAIT_MS)
+            assert message.value == b"still serving"
+            message.ack()
