@@ -42,7 +42,8 @@ from .errors import ErrorCode, ProtocolError
 from .headers import NOT_BEFORE_MS, find_integer
 from .queue_settings import DEFAULT_QUEUE_LIMITS, Backoff, QueueLimits, QueueSettings
 from .queue_state import QueueStateError, decode_partition, encode_partition, state_bytes_max
-from .queues import DeadLetter, PartitionQueue, QueueGroup, QueueGroupStatistics, Taken
+from .queue_group import QueueGroup
+from .queues import DeadLetter, PartitionQueue, QueueGroupStatistics, Taken
 from .service import Reply
 
 log = logging.getLogger("nodi.queues")

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from nodi.broker.errors import ErrorCode, ProtocolError
 from nodi.broker.queue_settings import Backoff, QueueLimits, QueueSettings, cut_text
 from nodi.broker.queue_state import QueueStateError, decode_partition, encode_partition, state_bytes_max
-from nodi.broker.queues import DeadLetterReason, PartitionQueue, QueueGroup, SettleAction
+from nodi.broker.queue_group import QueueGroup
+from nodi.broker.queues import DeadLetterReason, PartitionQueue, SettleAction
 from nodi.storage.errors import InvalidConfigError
 
 NO_BACKOFF = Backoff.fixed([0])
