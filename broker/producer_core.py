@@ -27,6 +27,16 @@ A batch still unacknowledged delivery_timeout_ms after it was sealed fails with 
 (it may or may not have been written).
 
 Without idempotence nothing is retried: a failure fails the batch's futures.
+
+Publish dedup (broker/dedup.py): a batch holding an idempotency key is built
+uncompressed (the broker reads keys only there). When the broker answers that records
+were written before, their futures get the originals; when only some were
+(PARTLY_DUPLICATE, nothing written), the others are rebuilt into a new batch and sent
+again. Either way the broker did not take the batch's sequences, so the partition moves
+to a new producer id, and the batches behind are restamped. Until the broker has written
+a batch of a producer id on a partition, that partition sends one batch at a time (the
+broker accepts an unknown producer at any sequence, so a batch behind a refused one
+could otherwise be written ahead of it).
 """
 
 from __future__ import annotations
@@ -132,7 +142,7 @@ class _Partition:
     """Sending state of one (topic, partition)."""
 
     __slots__ = ("topic", "partition", "waiting", "in_flight", "producer_id", "producer_epoch", "next_sequence",
-                 "retrying", "new_id_needed", "retry_at", "failures")
+                 "retrying", "new_id_needed", "retry_at", "failures", "known")
 
     def __init__(self, topic: str, partition: int, producer_id: int, producer_epoch: int) -> None:
         self.topic = topic
@@ -144,6 +154,10 @@ class _Partition:
         self.next_sequence = 0
         self.retrying = False  # a batch needs resending: one at a time until done
         self.new_id_needed = False  # the sequence has a gap: restamp under a new id
+        # The broker has written a batch of this producer id here. Until then one batch
+        # at a time: a broker accepts an unknown producer's batch at any sequence, so a
+        # batch behind one that publish dedup refused would be written ahead of it.
+        self.known = False
         self.retry_at = 0.0
         self.failures = 0
 
@@ -434,7 +448,8 @@ class ProducerCore:
                         state.new_id_needed) else state.waiting[0]
                     state.waiting.remove(batch)
                 else:
-                    if state.in_flight >= PARTITION_IN_FLIGHT_MAX:
+                    if state.in_flight >= PARTITION_IN_FLIGHT_MAX or (
+                            self.idempotent and not state.known and state.in_flight):
                         break
                     batch = state.waiting.popleft()
                 self._start(state, self._send(state, batch))
@@ -493,6 +508,7 @@ class ProducerCore:
             sequence = (sequence + batch.count) % SEQUENCE_MODULUS
         state.next_sequence = sequence
         state.new_id_needed = False
+        state.known = False
         state.retrying = False
         state.failures = 0
 
@@ -534,6 +550,7 @@ class ProducerCore:
                 results = [(partition, -1)] * count
             else:
                 results = [(partition, offset) for offset in range(base, base + count)]
+                state.known = True
             results.extend(results[leader] for leader in batch.leaders)
             self._finish(batch, None, results)
             return

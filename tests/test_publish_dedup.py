@@ -173,3 +173,23 @@ def test_every_reserved_header_is_documented():
     assert len(names) >= 16
     for name in names:
         assert f"| `{name}` |" in guarantees, name
+
+
+def test_many_batches_in_flight_with_duplicates_keep_order_and_write_each_key_once(broker):
+    with Client(broker.address) as client:
+        client.create_topic("stream")
+        seen = {f"k{i}": client.produce("stream", f"first {i}", idempotency_key=f"k{i}") for i in range(0, 300, 7)}
+        with client.producer(linger_ms=1, batch_bytes_max=2_048, max_in_flight=16) as producer:
+            futures = {f"k{i}": producer.send("stream", f"v{i}".encode() * 20, idempotency_key=f"k{i}")
+                       for i in range(300)}
+            producer.flush()
+            results = {key: future.result(timeout=WAIT_S) for key, future in futures.items()}
+        for key, original in seen.items():
+            assert results[key] == original
+        stored = settled(client, "stream", 300)
+        offsets = {offset: value for _, offset, value in stored}
+        assert len(stored) == 300  # 43 first copies + 257 new ones, none twice
+        new = [i for i in range(300) if f"k{i}" not in seen]
+        assert [offsets[results[f"k{i}"][1]] for i in new] == [f"v{i}".encode() * 20 for i in new]
+        order = [results[f"k{i}"][1] for i in new]
+        assert order == sorted(order), [(i, results[f"k{i}"][1]) for i in new][:60]  # send order
