@@ -12,6 +12,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -166,13 +167,14 @@ def test_topic_create_list_describe_delete(server, client):
     created = nodi(
         server, "topic", "create", "cli-admin", "--partitions", "3", "--retention-ms", "-1",
         "--retention-bytes", "1000000", "--cleanup-policy", "compact", "--fsync-policy", "interval",
-        "--fsync-interval-ms", "250", "--segment-bytes", "65536", "--segment-ms", "3600000", "--json",
+        "--fsync-interval-ms", "250", "--segment-bytes", "65536", "--segment-ms", "3600000", "--ttl-ms", "60000",
+        "--dedup-window-ms", "5000", "--json",
     )
     settings = json_lines(created)[0]
     assert settings.items() >= {
         "name": "cli-admin", "partitions": 3, "retention_ms": -1, "retention_bytes": 1_000_000,
         "cleanup_policy": "compact", "fsync_policy": "interval", "fsync_interval_ms": 250,
-        "segment_bytes": 65536, "segment_ms": 3_600_000,
+        "segment_bytes": 65536, "segment_ms": 3_600_000, "ttl_ms": 60_000, "dedup_window_ms": 5000,
     }.items()
     described = client.describe_topic("cli-admin")
     assert described.partition_count == 3
@@ -219,6 +221,16 @@ def test_unknown_topic_is_exit_code_1_with_one_line(server):
         assert len(lines) == 1 and "UnknownTopic" in lines[0] and "cli-absent" in lines[0], (args, lines)
     stdin_mode = nodi(server, "produce", "cli-absent", stdin=b"a\nb\n")
     assert stdin_mode.returncode == 1 and "UnknownTopic" in stdin_mode.stderr
+
+
+def test_an_unreachable_broker_is_exit_code_1_with_one_line():
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    result = nodi(None, "--server", address, "topic", "list")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and address in lines[0], lines
 
 
 def test_usage_errors_are_exit_code_2(server, client):
