@@ -153,13 +153,18 @@ class PublishDedup:
 
     # -- produce ------------------------------------------------------------------------
 
-    def check(self, topic: str, records: bytes | memoryview) -> DedupCheck | None:
+    def check(self, topic: str, window_ms: int, records: bytes | memoryview) -> DedupCheck | None:
         """None when `records` carries no idempotency key the topic deduplicates (the
-        fast path); else the keyed records and which of them are duplicates. Raises
-        InvalidRecordError for bad batches (the log would refuse them too)."""
+        fast path); else the keyed records and which of them are duplicates. window_ms
+        is the topic's setting as stored (0: off), so a topic created by any path is
+        covered. Raises InvalidRecordError for bad batches (the log refuses them too)."""
         keys = self._topics.get(topic)
-        if keys is None:
-            return None
+        if keys is None or keys.window_ms != window_ms:
+            if window_ms <= 0:
+                self._topics.pop(topic, None)
+                return None
+            self.configure(topic, window_ms)
+            keys = self._topics[topic]
         self._requests_searched += 1
         if not _may_hold_a_key(records):
             return None

@@ -238,7 +238,6 @@ class Broker:
         for partition in range(config.partitions):
             self._watch(self.store.log(request.name, partition))
         self.coordinator.on_topic_created(request.name)
-        self.dedup.configure(request.name, config.dedup_window_ms)
         return Reply(m.CreateTopicResponse(request_id=request.request_id, settings=self._settings(config)))
 
     async def _delete_topic(self, request: m.DeleteTopicRequest) -> Reply:
@@ -278,20 +277,23 @@ class Broker:
         ))
 
     def _log(self, topic: str, partition: int) -> Log:
+        return self._config_and_log(topic, partition)[1]
+
+    def _config_and_log(self, topic: str, partition: int) -> tuple[TopicConfig, Log]:
         config = self.store.topics().get(topic)
         if config is None:
             raise UnknownTopicError(f"topic {topic!r} does not exist")
         if not 0 <= partition < config.partitions:
             raise ProtocolError(ErrorCode.UNKNOWN_PARTITION, f"topic {topic!r} has no partition {partition}")
-        return self.store.log(topic, partition)
+        return config, self.store.log(topic, partition)
 
     # -- produce and fetch ------------------------------------------------------------------
 
     async def _produce(self, request: m.ProduceRequest) -> Reply:
-        partition_log = self._log(request.topic, request.partition)
+        config, partition_log = self._config_and_log(request.topic, request.partition)
         self.compaction.check_produce(request.topic, partition_log, request.records)
         # Publish dedup (broker/dedup.py): check, append and record run without an await.
-        check = self.dedup.check(request.topic, request.records)
+        check = self.dedup.check(request.topic, config.dedup_window_ms, request.records)
         if check is not None and check.duplicates:
             return await self._produce_duplicates(request, check)
         result = partition_log.append_nowait(request.records)

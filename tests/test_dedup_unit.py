@@ -26,10 +26,19 @@ def record(value: bytes, key: str | None = None, timestamp_ms: int | None = None
     return NewRecord(None, value, headers, timestamp_ms)
 
 
-def make(window_ms: int = 1_000, keys_max: int = 100) -> tuple[PublishDedup, Clock]:
+class Dedup(PublishDedup):
+    """check() with the topic's window as the broker passes it (0 for other topics)."""
+
+    windows: dict[str, int]
+
+    def check(self, topic, records):  # type: ignore[override]
+        return super().check(topic, self.windows.get(topic, 0), records)
+
+
+def make(window_ms: int = 1_000, keys_max: int = 100) -> tuple[Dedup, Clock]:
     clock = Clock()
-    dedup = PublishDedup(keys_max, clock)
-    dedup.configure("t", window_ms)
+    dedup = Dedup(keys_max, clock)
+    dedup.windows = {"t": window_ms}
     return dedup, clock
 
 
@@ -95,9 +104,19 @@ def test_rebuild_reads_back_only_keys_within_the_window(tmp_path):
         partition_log.append(build_batch([record(b"old", "old", old)]))
         partition_log.append(build_batch([record(b"gzip", "gz", clock.now_ms)], compression=Compression.GZIP))
         partition_log.append(build_batch([record(b"n", None, clock.now_ms), record(b"new", "new", clock.now_ms)]))
-        dedup = PublishDedup(100, clock)
+        dedup = Dedup(100, clock)
+        dedup.windows = {"t": 30_000}
         dedup.configure("t", 30_000)
         assert dedup.rebuild_all([("t", 0, partition_log)]) == 1
         found = dedup.check("t", build_batch([record(b"x", "new"), record(b"y", "old"), record(b"z", "gz")]))
         assert [(i, o.partition, o.offset) for i, o in found.duplicates] == [(0, 0, 3)]
         assert dedup.statistics().rebuilt_keys == 1
+
+
+def test_a_window_change_applies_at_once():
+    dedup, _ = make()
+    dedup.record("t", 0, 7, dedup.check("t", build_batch([record(b"v", "k")])))
+    dedup.windows["t"] = 0
+    assert dedup.check("t", build_batch([record(b"v", "k")])) is None and dedup.statistics().topics == 0
+    dedup.windows["t"] = 5_000  # on again: a fresh map
+    assert dedup.check("t", build_batch([record(b"v", "k")])).duplicates == ()
