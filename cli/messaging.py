@@ -261,6 +261,10 @@ def consume_command(
         int | None,
         typer.Option("--timeout-ms", min=1, help="Stop after this long without a message (ms); default: never."),
     ] = None,
+    include_expired: Annotated[
+        bool,
+        typer.Option("--include-expired", help="Also print messages whose TTL has passed (skipped by default)."),
+    ] = False,
     json_output: Annotated[
         bool,
         typer.Option(
@@ -291,6 +295,7 @@ def consume_command(
             start=position,
             partitions=None if partition is None else [partition],
             wait_ms=POLL_WAIT_MS,
+            include_expired=include_expired,
         )
         printed = 0
         last_message = time.monotonic()

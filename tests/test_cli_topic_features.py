@@ -39,3 +39,14 @@ def test_produce_refuses_a_reserved_header(broker):
         refused = nodi(broker, "produce", "guarded", "x", "--header", "nodi-ttl-ms=5")
         assert refused.returncode == 2 and "reserved" in refused.stderr
         assert client.fetch("guarded", 0, 0) == []
+
+
+def test_consume_skips_expired_messages_unless_asked(broker):
+    with Client(broker.address) as client:
+        client.create_topic("fading")
+        client.produce("fading", b"gone", ttl_ms=1, timestamp=1_000)  # expired long ago
+        client.produce("fading", b"here")
+    default = nodi(broker, "consume", "fading", "--timeout-ms", "1000")
+    assert default.returncode == 0 and default.stdout.splitlines() == ["here"]
+    everything = nodi(broker, "consume", "fading", "--timeout-ms", "1000", "--include-expired")
+    assert everything.stdout.splitlines() == ["gone", "here"]
