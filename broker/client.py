@@ -37,7 +37,7 @@ from .client_types import (
 )
 from .consumer import AsyncConsumer, Consumer
 from .producer import AsyncProducer, Producer
-from .queue_client import AsyncQueue, Queue, QueueMessage
+from .queue_client import AsyncQueue, Queue, QueueDescription, QueueMessage, QueueSummary
 from .queue_settings import Backoff
 
 __all__ = [
@@ -56,7 +56,9 @@ __all__ = [
     "PartitionLag",
     "Producer",
     "Queue",
+    "QueueDescription",
     "QueueMessage",
+    "QueueSummary",
     "TopicDescription",
     "TopicSettings",
     "TopicSummary",

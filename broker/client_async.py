@@ -716,6 +716,20 @@ class AsyncClient:
 
         return AsyncQueue(self, topic, group, **options)
 
+    async def describe_queue(self, topic: str, group: str, *, timeout_ms: int | None = None):
+        """A queue group's settings and per partition its ack floor and window
+        (queue_client.QueueDescription). UnknownQueueGroup when it never received."""
+        from .queue_client import describe_queue
+
+        return await describe_queue(self, topic, group, timeout_ms)
+
+    async def list_queues(self, topic: str | None = None, *, timeout_ms: int | None = None):
+        """Every queue group (of `topic`, or of all) with its dead-letter topic and
+        window totals (queue_client.QueueSummary)."""
+        from .queue_client import list_queues
+
+        return await list_queues(self, topic, timeout_ms)
+
 
 def decode_fetched(topic: str, partition: int, offset: int, records: bytes | memoryview) -> tuple[list[Message], int]:
     """Messages at or after `offset` in fetched batches (the one codec:

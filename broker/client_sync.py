@@ -183,6 +183,8 @@ for _name in (
     "init_producer_id",
     "list_groups",
     "describe_group",
+    "describe_queue",
+    "list_queues",
     "reset_group",
     "commit_offsets",
     "fetch_offsets",

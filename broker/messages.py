@@ -81,6 +81,7 @@ class ApiKey(enum.IntEnum):
     QUEUE_RECEIVE = 20
     QUEUE_SETTLE = 21
     QUEUE_DESCRIBE = 22
+    QUEUE_LIST = 23
 
 
 class EventKey(enum.IntEnum):
@@ -739,6 +740,28 @@ class CompactTopicResponse(Response):
     partitions: list[PartitionCompaction] = wire(Array(Struct(PartitionCompaction)), [])
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class QueueGroupSummary:
+    group: str = wire(STRING)
+    topic: str = wire(STRING)
+    dead_letter_topic: str = wire(STRING)
+    pending: int = wire(INT64, 0, doc="messages in the windows not yet done, over every partition")
+    leased: int = wire(INT64, 0)
+    dead_letters_pending: int = wire(INT64, 0)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class QueueListRequest(Request):
+    API_KEY = ApiKey.QUEUE_LIST
+    topic: str | None = wire(NULLABLE_STRING, None, doc="null: every topic")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class QueueListResponse(Response):
+    API_KEY = ApiKey.QUEUE_LIST
+    groups: list[QueueGroupSummary] = wire(Array(Struct(QueueGroupSummary)), [], doc="by group, then topic")
+
+
 # ---------------------------------------------------------------------------
 # Registry
 
@@ -788,6 +811,8 @@ APIS: tuple[Api, ...] = (
         summary="Ack, nack, extend or reject many deliveries of a queue group; answered once recorded durably."),
     Api(ApiKey.QUEUE_DESCRIBE, QueueDescribeRequest, QueueDescribeResponse,
         summary="A queue group's settings and each partition's ack floor and window."),
+    Api(ApiKey.QUEUE_LIST, QueueListRequest, QueueListResponse,
+        summary="Every queue group (of one topic, or of all) with its dead-letter topic and window totals."),
     Api(ApiKey.SERVER_STATUS, ServerStatusRequest, ServerStatusResponse,
         summary="Server-level facts for `nodi status`: version, uptime, data directory, connections, disk space."),
     Api(ApiKey.COMPACT_TOPIC, CompactTopicRequest, CompactTopicResponse,
@@ -833,7 +858,8 @@ __all__ = [
     "ServerStatusRequest", "ServerStatusResponse", "DuplicateRecord", "BackoffKind", "SettleAction", "QueueBackoff",
     "QueueGroupSettings", "QueueDelivery", "Settlement", "SettleResult", "QueuePartitionState",
     "QueueReceiveRequest", "QueueReceiveResponse", "QueueSettleRequest", "QueueSettleResponse",
-    "QueueDescribeRequest", "QueueDescribeResponse", "Api", "APIS",
+    "QueueDescribeRequest", "QueueDescribeResponse", "QueueGroupSummary", "QueueListRequest",
+    "QueueListResponse", "Api", "APIS",
     "PartitionCompaction", "CompactTopicRequest", "CompactTopicResponse",
     "API_BY_KEY", "EVENTS", "EVENT_VERSION", "choose_protocol_version", "api_version",
 ]

@@ -77,6 +77,71 @@ def backoff_to_wire(backoff: BackoffInput) -> m.QueueBackoff:
 
 
 @dataclass(frozen=True, slots=True)
+class QueuePartitionDescription:
+    partition: int
+    ack_floor: int  # every offset below is done
+    next_offset: int  # the first offset never delivered
+    pending: int  # in the window, not done
+    leased: int
+    dead_letters_pending: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueueDescription:
+    """A queue group's settings in force and its window per partition; the counts are
+    since the server started."""
+
+    group: str
+    topic: str
+    ack_wait_ms: int
+    max_deliveries: int
+    backoff: Backoff
+    dead_letter_topic: str
+    partitions: tuple[QueuePartitionDescription, ...]
+    delivered: int
+    redelivered: int
+    acked: int
+    nacked: int
+    expired_leases: int
+    dead_lettered: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSummary:
+    group: str
+    topic: str
+    dead_letter_topic: str
+    pending: int
+    leased: int
+    dead_letters_pending: int
+
+
+def backoff_from_wire(backoff: m.QueueBackoff) -> Backoff:
+    if backoff.kind is m.BackoffKind.DELAYS:
+        return Backoff.fixed(backoff.delays_ms)
+    return Backoff((), backoff.base_ms, backoff.multiplier_percent, backoff.max_ms, backoff.jitter_percent)
+
+
+async def describe_queue(client, topic: str, group: str, timeout_ms: int | None) -> QueueDescription:
+    response = await client._call(m.QueueDescribeRequest(group=group, topic=topic), timeout_ms, retry=True)
+    return QueueDescription(
+        group=group, topic=topic, ack_wait_ms=response.settings.ack_wait_ms,
+        max_deliveries=response.settings.max_deliveries, backoff=backoff_from_wire(response.settings.backoff),
+        dead_letter_topic=response.dead_letter_topic,
+        partitions=tuple(QueuePartitionDescription(p.partition, p.ack_floor, p.next_offset, p.pending, p.leased,
+                                                   p.dead_letters_pending) for p in response.partitions),
+        delivered=response.delivered, redelivered=response.redelivered, acked=response.acked,
+        nacked=response.nacked, expired_leases=response.expired_leases, dead_lettered=response.dead_lettered,
+    )
+
+
+async def list_queues(client, topic: str | None, timeout_ms: int | None) -> list[QueueSummary]:
+    response = await client._call(m.QueueListRequest(topic=topic), timeout_ms, retry=True)
+    return [QueueSummary(g.group, g.topic, g.dead_letter_topic, g.pending, g.leased, g.dead_letters_pending)
+            for g in response.groups]
+
+
+@dataclass(frozen=True, slots=True)
 class QueueMessage(Message):
     """A message received from a queue group, with its delivery count (1 the first
     time) and lease deadline (wall clock, ms). Settle it with ack, nack, in_progress or

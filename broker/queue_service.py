@@ -403,6 +403,19 @@ class QueueService:
             dead_lettered=statistics.dead_lettered,
         ))
 
+    async def list(self, request: m.QueueListRequest) -> Reply:
+        summaries = []
+        for (name, topic), group in sorted(self.groups.items()):
+            if request.topic is not None and topic != request.topic:
+                continue
+            partitions = [queue.statistics() for queue in group.partitions]
+            summaries.append(m.QueueGroupSummary(
+                group=name, topic=topic, dead_letter_topic=group.settings.dead_letter_topic_for(topic),
+                pending=sum(p.pending for p in partitions), leased=sum(p.leased for p in partitions),
+                dead_letters_pending=sum(p.dead for p in partitions),
+            ))
+        return Reply(m.QueueListResponse(request_id=request.request_id, groups=summaries))
+
     def statistics(self) -> QueueServiceStatistics:
         return QueueServiceStatistics(tuple(group.statistics() for _, group in sorted(self.groups.items())),
                                       self.dead_letter_failures)

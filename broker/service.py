@@ -555,5 +555,6 @@ class Broker:
         m.QueueReceiveRequest: lambda self, request: self.queues.receive(request),
         m.QueueSettleRequest: lambda self, request: self.queues.settle(request),
         m.QueueDescribeRequest: lambda self, request: self.queues.describe(request),
+        m.QueueListRequest: lambda self, request: self.queues.list(request),
         m.CompactTopicRequest: lambda self, request: self.compaction.compact_topic(request),
     }

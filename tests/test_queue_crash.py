@@ -13,7 +13,6 @@ import time
 from conftest import BrokerProcess
 
 from nodi.broker import Client
-from nodi.broker import messages as m
 from nodi.broker.client_errors import NodiClientError
 from nodi.storage.records import NewRecord, build_batch
 
@@ -130,7 +129,7 @@ def test_broker_kill_keeps_acks_redelivers_the_rest_and_keeps_delivery_counts(br
             after[key] = message.delivery_count
             message.ack(wait=False)
         queue.flush()
-        state = client._run(client._async._call(m.QueueDescribeRequest(group="g", topic="stream"), None), None)
+        state = client.describe_queue("stream", "g")
     assert [p.ack_floor for p in state.partitions] == [total // 2] * 2  # everything done
     everything = {(p, o) for p in range(2) for o in range(total // 2)}
     # None lost: each was acked before the crash, or delivered after it, or its ack was
@@ -160,7 +159,7 @@ def test_rejects_answered_before_a_broker_kill_all_reach_the_dead_letter_topic(b
     with Client(restarted.address) as client:
         deadline = time.monotonic() + WAIT_MS / 1000
         while True:
-            state = client._run(client._async._call(m.QueueDescribeRequest(group="g", topic="work"), None), None)
+            state = client.describe_queue("work", "g")
             if state.partitions[0].ack_floor == count or time.monotonic() > deadline:
                 break
             time.sleep(0.05)

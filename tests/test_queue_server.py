@@ -32,8 +32,8 @@ def produce_values(client: Client, topic: str, partition: int, values: list[byte
         client.produce_batch(topic, partition, batch)
 
 
-def describe(client: Client, group: str, topic: str) -> m.QueueDescribeResponse:
-    return client._run(client._async._call(m.QueueDescribeRequest(group=group, topic=topic), None), None)
+def describe(client: Client, group: str, topic: str):
+    return client.describe_queue(topic, group)
 
 
 def test_four_competing_consumers_share_ten_thousand_messages_once_each(broker) -> None:
@@ -218,10 +218,16 @@ def test_settings_are_stored_at_first_use_and_checked(broker) -> None:
                           backoff=Backoff.exponential(100, 3.0, 2_000, 0.0)) as queue:
             assert queue.receive(timeout_ms=10) is None
         state = describe(client, "g", "s")
-        assert (state.settings.ack_wait_ms, state.settings.max_deliveries) == (5_000, 3)
-        assert state.settings.backoff.kind is m.BackoffKind.EXPONENTIAL
-        assert (state.settings.backoff.base_ms, state.settings.backoff.multiplier_percent) == (100, 300)
+        assert (state.ack_wait_ms, state.max_deliveries) == (5_000, 3)
+        assert state.backoff == Backoff.exponential(100, 3.0, 2_000, 0.0)
         assert state.dead_letter_topic == "s.dlq"
+        with client.queue("s", "other", backoff=[5, 10], dead_letter_topic="s-dead") as queue:
+            assert queue.receive(timeout_ms=10) is None
+        assert describe(client, "other", "s").backoff == Backoff.fixed([5, 10])
+        summaries = client.list_queues("s")
+        assert [(q.group, q.topic, q.dead_letter_topic) for q in summaries] == [("g", "s", "s.dlq"),
+                                                                               ("other", "s", "s-dead")]
+        assert client.list_queues("nothing-here") == []
         with client.queue("s", "g") as queue:  # None keeps what is stored
             assert queue.receive(timeout_ms=10) is None
         with client.queue("s", "g", max_deliveries=4) as queue, pytest.raises(QueueSettingsMismatch):
