@@ -107,6 +107,17 @@ def produce_command(
             'server\'s page cache) or "durable" (fsynced).',
         ),
     ] = "durable",
+    ttl_ms: Annotated[
+        int | None, typer.Option("--ttl-ms", min=1, help="Each message expires this long after its timestamp (ms).")
+    ] = None,
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option(
+            "--idempotency-key",
+            help="With VALUE: the broker writes it only if no message with this key reached the topic within its "
+            "dedup window, and prints the original's offset otherwise.",
+        ),
+    ] = None,
     json_output: Annotated[
         bool,
         typer.Option(
@@ -129,20 +140,24 @@ def produce_command(
     stderr, after the lines of the messages acknowledged before it.
     """
     headers = _parse_headers(header or [])
+    if idempotency_key is not None and value is None:
+        raise typer.BadParameter("needs a VALUE (one key for every stdin line would keep only the first)",
+                                 param_hint="--idempotency-key")
     with connect(ctx, timeout_ms=timeout_ms) as client:
         if value is not None:
             chosen, offset = client.produce(
-                topic, value, key=key, headers=headers, partition=partition, acks=acks
+                topic, value, key=key, headers=headers, partition=partition, acks=acks, ttl_ms=ttl_ms,
+                idempotency_key=idempotency_key,
             )
             typer.echo(_acked_line(topic, chosen, offset) if json_output else f"partition {chosen} offset {offset}")
             return
         client.describe_topic(topic)  # an unknown topic fails here, before stdin is read
-        count = _produce_lines(client, topic, key, headers, partition, acks, json_output, timeout_ms)
+        count = _produce_lines(client, topic, key, headers, partition, acks, json_output, timeout_ms, ttl_ms)
     if not json_output:
         typer.echo(f"produced {count} message(s) to {topic}", err=True)
 
 
-def _produce_lines(client, topic, key, headers, partition, acks, json_output, timeout_ms) -> int:
+def _produce_lines(client, topic, key, headers, partition, acks, json_output, timeout_ms, ttl_ms=None) -> int:
     """Send every stdin line through one batching producer. A printer thread takes the
     futures in input order and prints each ack as soon as it is in (so a line typed at
     a terminal is answered at once, not when the next one comes). Returns how many were
@@ -173,7 +188,7 @@ def _produce_lines(client, topic, key, headers, partition, acks, json_output, ti
         for line in _input_lines(sys.stdin.buffer):
             if state["failure"] is not None:
                 break
-            pending.put(producer.send(topic, line, key=key, headers=headers, partition=partition))
+            pending.put(producer.send(topic, line, key=key, headers=headers, partition=partition, ttl_ms=ttl_ms))
         producer.flush()
     finally:
         producer.close()

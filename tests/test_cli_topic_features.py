@@ -50,3 +50,16 @@ def test_consume_skips_expired_messages_unless_asked(broker):
     assert default.returncode == 0 and default.stdout.splitlines() == ["here"]
     everything = nodi(broker, "consume", "fading", "--timeout-ms", "1000", "--include-expired")
     assert everything.stdout.splitlines() == ["gone", "here"]
+
+
+def test_produce_with_ttl_and_idempotency_key(broker):
+    with Client(broker.address) as client:
+        client.create_topic("once")
+        first = nodi(broker, "produce", "once", "v", "--idempotency-key", "k-1", "--ttl-ms", "3600000")
+        again = nodi(broker, "produce", "once", "v", "--idempotency-key", "k-1")
+        assert first.returncode == 0 and first.stdout == again.stdout == "partition 0 offset 0\n"
+        [message] = client.fetch("once", 0, 0)
+        assert message.expires_at_ms == message.timestamp + 3_600_000
+        lines = subprocess.run(NODI + ["--server", broker.address, "produce", "once", "--idempotency-key", "k"],
+                               input="a\n", capture_output=True, text=True, timeout=60, env=ENVIRONMENT)
+        assert lines.returncode == 2 and "needs a VALUE" in lines.stderr
