@@ -22,9 +22,9 @@ from nodi.broker import messages as m
 from nodi.broker.errors import ErrorCode
 
 TIMEOUT_S = 60
-# The smallest session timeout the server accepts (groups.GroupLimits): a killed member's
-# partitions move on after about this long.
-SESSION_TIMEOUT_MS = 1_000
+# A killed member's partitions move on after about this long (the server accepts 1 s and
+# more; 2 s leaves room for heartbeats late on a busy machine).
+SESSION_TIMEOUT_MS = 2_000
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +137,7 @@ class Member:
         command = [sys.executable, "-c", MEMBER, server.address, topic, group, str(SESSION_TIMEOUT_MS)]
         self.running = Running(command)
         self.assignment: list[int] = []
+        self.history: list[list[int]] = []  # every assignment it reported, in order
         self.received: list[tuple[int, int, str]] = []
         self._lock = threading.Lock()
         self._gather = threading.Thread(target=self._take, daemon=True)
@@ -149,12 +150,19 @@ class Member:
             with self._lock:
                 if "assignment" in report:
                     self.assignment = report["assignment"]
+                    self.history.append(self.assignment)
                 else:
                     self.received.append(tuple(report["message"]))
 
     def snapshot(self) -> tuple[list[int], list[tuple[int, int, str]]]:
         with self._lock:
             return list(self.assignment), list(self.received)
+
+    def changed_since(self, mark: int) -> set[int]:
+        """Partitions this member gained or lost after its mark-th assignment."""
+        with self._lock:
+            history = self.history[mark:]
+        return {partition for old, new in zip(history, history[1:]) for partition in set(old) ^ set(new)}
 
 
 def test_three_members_split_six_partitions_and_take_over_from_a_killed_one(server, client):
@@ -169,6 +177,7 @@ def test_three_members_split_six_partitions_and_take_over_from_a_killed_one(serv
 
         wait_for(lambda: split_evenly(members, 2), "three members with two partitions each")
         assert len(client.describe_group("workers").members) == 3
+        marks = [len(member.history) - 1 for member in members]  # nothing was produced before
 
         def received() -> list[tuple[int, int, str]]:
             return [message for member in members for message in member.snapshot()[1]]
@@ -177,17 +186,11 @@ def test_three_members_split_six_partitions_and_take_over_from_a_killed_one(serv
         wait_for(lambda: {value for _, _, value in received()} >= set(first), "the first 600 messages")
 
         victim, survivors = members[0], members[1:]
-        owners_before = {partition: index for index, member in enumerate(members) for partition in member.snapshot()[0]}
+        orphaned = set(victim.snapshot()[0])
         victim.running.process.kill()  # SIGKILL: no leave, no last commit
         victim.running.process.wait(TIMEOUT_S)
         second = produce_numbered(client, "scaled", range(600, 1200))
         wait_for(lambda: split_evenly(survivors, 3), "the two survivors with three partitions each")
-        owners_after = {
-            partition: index for index, member in enumerate(members) if member is not victim
-            for partition in member.snapshot()[0]
-        }
-        moved = {partition for partition in range(6) if owners_before[partition] != owners_after[partition]}
-        assert {p for p, owner in owners_before.items() if members[owner] is victim} <= moved
         placed = {**first, **second}
         wait_for(lambda: {value for _, _, value in received()} >= set(placed), "all 1200 messages")
 
@@ -198,6 +201,11 @@ def test_three_members_split_six_partitions_and_take_over_from_a_killed_one(serv
             seen[(partition, offset)] = seen.get((partition, offset), 0) + 1
         assert set(seen) == set(placed.values())  # at least once: nothing lost
         duplicated = {partition for (partition, _), times in seen.items() if times > 1}
+        # Partitions that changed hands after the first even split: the victim's, those
+        # the range assignment moved between the survivors, and any a slow heartbeat
+        # moved on a busy machine.
+        moved = set().union(*(member.changed_since(mark) for member, mark in zip(members, marks)))
+        assert orphaned <= moved
         assert duplicated <= moved  # repeats only where a partition changed hands
         group = client.describe_group("workers")
         assert len(group.members) == 2
