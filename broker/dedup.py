@@ -148,9 +148,6 @@ class PublishDedup:
     def drop(self, topic: str) -> None:
         self._topics.pop(topic, None)
 
-    def enabled(self, topic: str) -> bool:
-        return topic in self._topics
-
     # -- produce ------------------------------------------------------------------------
 
     def check(self, topic: str, window_ms: int, records: bytes | memoryview) -> DedupCheck | None:
@@ -171,7 +168,7 @@ class PublishDedup:
         now_ms = self._clock_ms()
         self._expire(keys, now_ms)
         view = memoryview(records)
-        keyed: list[tuple[int, int, int]] = []
+        keyed: list[tuple[int, int]] = []
         duplicates: list[tuple[int, Original]] = []
         seen_here: dict[int, int] = {}  # digest -> index, for repeats inside the request
         index = 0

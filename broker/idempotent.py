@@ -43,8 +43,8 @@ import xxhash
 
 from .headers import IDEMPOTENCY_KEY
 
-# Keys an LmdbKeyStore keeps; past it the oldest are evicted (about 60 bytes per key on
-# disk: 1,000,000 keys need about 64 MiB of LMDB map).
+# Keys an LmdbKeyStore keeps; past it the oldest are evicted (about 120 bytes per key on
+# disk, measured: 1,000,000 keys take about 120 MB of the MAP_SIZE_BYTES map).
 KEYS_MAX = 1_000_000
 # Marks buffered before they are written in one transaction.
 WRITE_BATCH_MAX = 1_000
@@ -119,27 +119,31 @@ class LmdbKeyStore:
             self.flush()
 
     def flush(self) -> None:
-        """Write the pending marks (and evictions) in one transaction."""
+        """Write the pending marks (and evictions) in one transaction. On a failure
+        (the map is full, a disk error) nothing is written and the marks stay pending."""
         if not self._pending or self._closed:
             return
-        pending, self._pending = self._pending, {}
+        sequence, count, evicted = self._next_sequence, self._count, 0
         with self._env.begin(write=True) as transaction:
-            for digest in pending:
+            for digest in self._pending:
                 if transaction.get(digest, db=self._keys) is not None:
                     continue
-                sequence = _SEQUENCE.pack(self._next_sequence)
-                self._next_sequence += 1
-                transaction.put(digest, sequence, db=self._keys)
-                transaction.put(sequence, digest, db=self._ages)
-                self._count += 1
-            if self._count > self.keys_max:
+                packed = _SEQUENCE.pack(sequence)
+                sequence += 1
+                transaction.put(digest, packed, db=self._keys)
+                transaction.put(packed, digest, db=self._ages)
+                count += 1
+            if count > self.keys_max:
                 cursor = transaction.cursor(db=self._ages)
                 cursor.first()
-                while self._count > self.keys_max:
+                while count > self.keys_max:
                     transaction.delete(cursor.value(), db=self._keys)
                     cursor.delete()
-                    self._count -= 1
-                    self._evicted += 1
+                    count -= 1
+                    evicted += 1
+        self._pending = {}
+        self._next_sequence, self._count = sequence, count
+        self._evicted += evicted
         self._flushes += 1
 
     def statistics(self) -> KeyStoreStatistics:
