@@ -591,6 +591,12 @@ class BackoffKind(enum.IntEnum):
     EXPONENTIAL = 2  # base_ms * (multiplier_percent/100)**(n-1), at most max_ms, + jitter
 
 
+class ExpiredAction(enum.IntEnum):
+    DEFAULT = 0  # as stored for the group, or drop for a new group
+    DROP = 1  # an expired message is done, counted
+    DEAD_LETTER = 2  # it is dead-lettered with reason expired
+
+
 class SettleAction(enum.IntEnum):
     ACK = 0  # done
     NACK = 1  # deliver again after delay_ms (-1: the group's backoff); text: the error
@@ -618,6 +624,8 @@ class QueueGroupSettings:
     max_deliveries: int = wire(INT32, CONFIG_DEFAULT, doc="then dead-lettered; default 5")
     backoff: QueueBackoff = wire(Struct(QueueBackoff), QueueBackoff(), doc="for a nack without a delay")
     dead_letter_topic: str | None = wire(NULLABLE_STRING, None, doc='default "<topic>.dlq"')
+    expired: ExpiredAction = wire(Enumeration(ExpiredAction, INT8), ExpiredAction.DEFAULT,
+                                  doc="a message whose TTL passed before delivery: dropped or dead-lettered")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -706,6 +714,7 @@ class QueueDescribeResponse(Response):
     nacked: int = wire(INT64, 0)
     expired_leases: int = wire(INT64, 0)
     dead_lettered: int = wire(INT64, 0)
+    expired: int = wire(INT64, 0, doc="TTL passed before delivery (dropped or dead-lettered)")
 
 
 # ---------------------------------------------------------------------------
@@ -855,7 +864,8 @@ __all__ = [
     "CommitOffsetsResponse", "FetchOffsetsRequest", "FetchOffsetsResponse", "ResetGroupRequest",
     "ResetGroupResponse", "ListGroupsRequest", "ListGroupsResponse", "DescribeGroupRequest",
     "DescribeGroupResponse", "InitProducerIdRequest", "InitProducerIdResponse",
-    "ServerStatusRequest", "ServerStatusResponse", "DuplicateRecord", "BackoffKind", "SettleAction", "QueueBackoff",
+    "ServerStatusRequest", "ServerStatusResponse", "DuplicateRecord", "BackoffKind", "ExpiredAction",
+    "SettleAction", "QueueBackoff",
     "QueueGroupSettings", "QueueDelivery", "Settlement", "SettleResult", "QueuePartitionState",
     "QueueReceiveRequest", "QueueReceiveResponse", "QueueSettleRequest", "QueueSettleResponse",
     "QueueDescribeRequest", "QueueDescribeResponse", "QueueGroupSummary", "QueueListRequest",

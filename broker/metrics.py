@@ -166,7 +166,8 @@ class _StoreCollector:
         nacked = CounterMetricFamily("nodi_queue_nacked", "Nacks", labels=labels)
         expired = CounterMetricFamily("nodi_queue_lease_expired", "Leases that ran out unsettled", labels=labels)
         dead = CounterMetricFamily("nodi_queue_dead_lettered", "Messages moved to the dead-letter topic", labels=labels)
-        families = (in_flight, pending, floor, delivered, redelivered, acked, nacked, expired, dead)
+        ttl = CounterMetricFamily("nodi_queue_expired", "Messages whose TTL passed before delivery", labels=labels)
+        families = (in_flight, pending, floor, delivered, redelivered, acked, nacked, expired, dead, ttl)
         broker = self.server.broker
         if broker is not None:
             for group in broker.queues.statistics().groups:
@@ -181,6 +182,7 @@ class _StoreCollector:
                     nacked.add_metric(key, partition.nacked)
                     expired.add_metric(key, partition.expired_leases)
                     dead.add_metric(key, partition.dead_lettered)
+                    ttl.add_metric(key, partition.expired)
         yield from families
 
     def _compaction_families(self):

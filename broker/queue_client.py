@@ -24,8 +24,9 @@ background; `flush()` waits for them and raises the first that failed. A receive
 up to `batch_max` messages at a time: the ones not yet handed out are leased all the
 same, and close() gives them back (a nack without delay).
 
-The group's settings (ack_wait_ms, max_deliveries, backoff, dead_letter_topic) are fixed
-by its first receive and stored with it; None keeps what is stored (or the default for a
+The group's settings (ack_wait_ms, max_deliveries, backoff, dead_letter_topic, and
+expired: "drop" or "dead-letter" for a message whose TTL passed) are fixed by its first
+receive and stored with it; None keeps what is stored (or the default for a
 new group); naming a different value raises QueueSettingsMismatch. Delivery is
 at-least-once: a message can be delivered again (a lease ran out, a consumer or the
 broker crashed), so handlers should tolerate repeats.
@@ -55,6 +56,9 @@ DEFAULT_RECEIVE_TIMEOUT_MS = 30_000
 RECEIVE_POLL_MS_MAX = 10_000
 # Settlements in one request.
 SETTLEMENTS_PER_REQUEST_MAX = 10_000
+
+_EXPIRED_ACTIONS = {None: m.ExpiredAction.DEFAULT, "drop": m.ExpiredAction.DROP,
+                    "dead-letter": m.ExpiredAction.DEAD_LETTER}
 
 BackoffInput = Backoff | Iterable[int] | Mapping[str, Any] | None
 
@@ -97,6 +101,7 @@ class QueueDescription:
     max_deliveries: int
     backoff: Backoff
     dead_letter_topic: str
+    expired: str  # "drop" or "dead-letter": what happens to a message whose TTL passed
     partitions: tuple[QueuePartitionDescription, ...]
     delivered: int
     redelivered: int
@@ -104,6 +109,7 @@ class QueueDescription:
     nacked: int
     expired_leases: int
     dead_lettered: int
+    expired_messages: int  # TTL passed before delivery
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,10 +134,12 @@ async def describe_queue(client, topic: str, group: str, timeout_ms: int | None)
         group=group, topic=topic, ack_wait_ms=response.settings.ack_wait_ms,
         max_deliveries=response.settings.max_deliveries, backoff=backoff_from_wire(response.settings.backoff),
         dead_letter_topic=response.dead_letter_topic,
+        expired="dead-letter" if response.settings.expired is m.ExpiredAction.DEAD_LETTER else "drop",
         partitions=tuple(QueuePartitionDescription(p.partition, p.ack_floor, p.next_offset, p.pending, p.leased,
                                                    p.dead_letters_pending) for p in response.partitions),
         delivered=response.delivered, redelivered=response.redelivered, acked=response.acked,
         nacked=response.nacked, expired_leases=response.expired_leases, dead_lettered=response.dead_lettered,
+        expired_messages=response.expired,
     )
 
 
@@ -172,10 +180,13 @@ class AsyncQueue:
 
     def __init__(self, client, topic: str, group: str, *, ack_wait_ms: int | None = None,
                  max_deliveries: int | None = None, backoff: BackoffInput = None,
-                 dead_letter_topic: str | None = None, batch_max: int = DEFAULT_BATCH_MAX,
+                 dead_letter_topic: str | None = None, expired: str | None = None,
+                 batch_max: int = DEFAULT_BATCH_MAX,
                  receive_timeout_ms: int = DEFAULT_RECEIVE_TIMEOUT_MS) -> None:
         if batch_max < 1:
             raise ValueError("batch_max must be at least 1")
+        if expired not in _EXPIRED_ACTIONS:
+            raise ValueError('expired must be None, "drop" or "dead-letter"')
         self.client = client
         self.topic = topic
         self.group = group
@@ -186,6 +197,7 @@ class AsyncQueue:
             max_deliveries=m.CONFIG_DEFAULT if max_deliveries is None else max_deliveries,
             backoff=backoff_to_wire(backoff),
             dead_letter_topic=dead_letter_topic,
+            expired=_EXPIRED_ACTIONS[expired],
         )
         self._buffer: collections.deque[QueueMessage] = collections.deque()
         self._outbox: list[tuple[m.Settlement, asyncio.Future]] = []

@@ -102,6 +102,10 @@ class QueueGroup:
         self.partitions[item.partition].defer(item.offset, item.delivery_count, not_before_ms)
         self.dirty.add(item.partition)
 
+    def expire(self, item: Taken) -> None:
+        self.partitions[item.partition].expire(item.offset, item.delivery_count)
+        self.dirty.add(item.partition)
+
     def release(self, taken: list[Taken]) -> None:
         for item in reversed(taken):
             self.partitions[item.partition].release(item.offset, item.delivery_count)
@@ -122,5 +126,5 @@ class QueueGroup:
             partitions=tuple(queue.statistics() for queue in parts),
             delivered=total("delivered"), redelivered=total("redelivered"), acked=total("acked"),
             nacked=total("nacked"), expired_leases=total("expired_leases"),
-            dead_lettered=total("dead_letters_written"), skipped=total("skipped"),
+            dead_lettered=total("dead_letters_written"), skipped=total("skipped"), expired=total("expired"),
         )

@@ -39,7 +39,7 @@ from nodi.storage.records import NewRecord, build_batch, decode_records, iter_ba
 from . import messages as m
 from .dead_letters import dead_letter_record
 from .errors import ErrorCode, ProtocolError
-from .headers import NOT_BEFORE_MS, find_integer
+from .headers import NOT_BEFORE_MS, expires_at_ms, find_integer
 from .queue_settings import DEFAULT_QUEUE_LIMITS, Backoff, QueueLimits, QueueSettings
 from .queue_state import QueueStateError, decode_partition, encode_partition, state_bytes_max
 from .queue_group import QueueGroup
@@ -74,11 +74,15 @@ def settings_from_wire(wire: m.QueueGroupSettings, base: QueueSettings) -> Queue
         backoff = Backoff(delays_ms=tuple(given.delays_ms))
     elif given.kind is m.BackoffKind.EXPONENTIAL:
         backoff = Backoff((), given.base_ms, given.multiplier_percent, given.max_ms, given.jitter_percent)
+    expired = base.expired
+    if wire.expired is not m.ExpiredAction.DEFAULT:
+        expired = "dead-letter" if wire.expired is m.ExpiredAction.DEAD_LETTER else "drop"
     return QueueSettings(
         ack_wait_ms=base.ack_wait_ms if wire.ack_wait_ms == m.CONFIG_DEFAULT else wire.ack_wait_ms,
         max_deliveries=base.max_deliveries if wire.max_deliveries == m.CONFIG_DEFAULT else wire.max_deliveries,
         backoff=backoff,
         dead_letter_topic=base.dead_letter_topic if wire.dead_letter_topic is None else wire.dead_letter_topic,
+        expired=expired,
     )
 
 
@@ -90,8 +94,10 @@ def settings_to_wire(settings: QueueSettings) -> m.QueueGroupSettings:
         wire_backoff = m.QueueBackoff(kind=m.BackoffKind.EXPONENTIAL, base_ms=backoff.base_ms,
                                       multiplier_percent=backoff.multiplier_percent, max_ms=backoff.max_ms,
                                       jitter_percent=backoff.jitter_percent)
+    expired = m.ExpiredAction.DEAD_LETTER if settings.expired == "dead-letter" else m.ExpiredAction.DROP
     return m.QueueGroupSettings(ack_wait_ms=settings.ack_wait_ms, max_deliveries=settings.max_deliveries,
-                                backoff=wire_backoff, dead_letter_topic=settings.dead_letter_topic)
+                                backoff=wire_backoff, dead_letter_topic=settings.dead_letter_topic,
+                                expired=expired)
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,9 +278,12 @@ class QueueService:
     def _collect(self, group: QueueGroup, taken: list[Taken], budget: int,
                  now: int) -> tuple[list[m.QueueDelivery], list[NewRecord]]:
         """Read the records of `taken`. Offsets with no record are skipped (done); a
-        message whose not-before header is ahead of `now` is deferred to it; what does
-        not fit in `budget` bytes, or cannot be read, is released."""
+        message whose TTL (its header, else the topic's ttl_ms) has passed is expired; one
+        whose not-before header is ahead of `now` is deferred to it; what does not fit
+        in `budget` bytes, or cannot be read, is released."""
         found = self._read_records(group.topic, [(t.partition, t.offset) for t in taken])
+        config = self.store.topics().get(group.topic)
+        topic_ttl_ms = config.ttl_ms if config is not None else 0
         deliveries: list[m.QueueDelivery] = []
         records: list[NewRecord] = []
         unsent: list[Taken] = []
@@ -286,6 +295,10 @@ class QueueService:
                 continue
             if isinstance(record, Exception):
                 unsent.append(item)
+                continue
+            expires_at = expires_at_ms(record.timestamp_ms, record.headers, topic_ttl_ms)
+            if expires_at is not None and expires_at <= now:
+                group.expire(item)  # never handed out: dropped or dead-lettered
                 continue
             not_before = find_integer(record.headers, NOT_BEFORE_MS)
             if not_before is not None and not_before > now:
@@ -400,7 +413,7 @@ class QueueService:
                         for p in statistics.partitions],
             delivered=statistics.delivered, redelivered=statistics.redelivered, acked=statistics.acked,
             nacked=statistics.nacked, expired_leases=statistics.expired_leases,
-            dead_lettered=statistics.dead_lettered,
+            dead_lettered=statistics.dead_lettered, expired=statistics.expired,
         ))
 
     async def list(self, request: m.QueueListRequest) -> Reply:

@@ -109,15 +109,21 @@ class Backoff:
         return nominal + int(uniform(0, nominal * self.jitter_percent / 100))
 
 
+EXPIRED_ACTIONS = ("drop", "dead-letter")
+
+
 @dataclass(frozen=True, slots=True)
 class QueueSettings:
     """A queue group's settings, given at its first use and stored with its state.
-    `dead_letter_topic` "" means `<topic>.dlq`."""
+    `dead_letter_topic` "" means `<topic>.dlq`. `expired`: what happens to a message
+    whose TTL passed before it was delivered: "drop" (done, counted) or "dead-letter"
+    (reason expired)."""
 
     ack_wait_ms: int = ACK_WAIT_MS_DEFAULT
     max_deliveries: int = MAX_DELIVERIES_DEFAULT
     backoff: Backoff = field(default_factory=Backoff)
     dead_letter_topic: str = ""
+    expired: str = "drop"
 
     def validate(self, limits: QueueLimits = DEFAULT_QUEUE_LIMITS) -> None:
         _check_integer("ack_wait_ms", self.ack_wait_ms, 1, DAY_MS)
@@ -125,6 +131,8 @@ class QueueSettings:
         self.backoff.validate(limits)
         if not isinstance(self.dead_letter_topic, str):
             raise InvalidConfigError("dead_letter_topic must be a string")
+        if self.expired not in EXPIRED_ACTIONS:
+            raise InvalidConfigError(f"queue setting expired must be one of {EXPIRED_ACTIONS}, got {self.expired!r}")
 
     def dead_letter_topic_for(self, topic: str) -> str:
         return self.dead_letter_topic or topic + DEAD_LETTER_SUFFIX

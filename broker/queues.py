@@ -147,6 +147,7 @@ class PartitionQueueStatistics:
     expired_leases: int
     dead_lettered: int
     skipped: int
+    expired: int  # TTL passed before delivery: dropped or dead-lettered
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +163,7 @@ class QueueGroupStatistics:
     expired_leases: int
     dead_lettered: int
     skipped: int  # offsets with no record (gaps) or removed by retention before delivery
+    expired: int  # TTL passed before delivery
 
 
 def settle_error(code: ErrorCode, message: str) -> ProtocolError:
@@ -191,7 +193,7 @@ class PartitionQueue:
         self.leased = 0
         # Counters for statistics.
         self.delivered = self.redelivered = self.acked = self.nacked = 0
-        self.expired_leases = self.dead_letters_written = self.skipped = 0
+        self.expired_leases = self.dead_letters_written = self.skipped = self.expired = 0
 
     # -- the log's bounds ------------------------------------------------------------
 
@@ -363,6 +365,23 @@ class PartitionQueue:
             delivery.first_delivery_ms = 0
         self._make_available(delivery, not_before_ms, not_before_ms - 1)
 
+    def expire(self, offset: int, delivery_count: int) -> None:
+        """A delivery just handed out whose message's TTL has passed: taken back
+        uncounted (the consumer never sees it), then dropped (done, counted as expired)
+        or, with the group's expired = "dead-letter", dead-lettered with reason expired."""
+        delivery = self.pending.get(offset)
+        if delivery is None or delivery.state is not DeliveryState.LEASED or delivery.delivery_count != delivery_count:
+            return
+        self._release(delivery)
+        delivery.delivery_count -= 1
+        self.delivered -= 1
+        self.expired += 1
+        if self.settings.expired == "dead-letter":
+            self._kill(delivery, DeadLetterReason.EXPIRED)
+        else:
+            self._remove(offset)
+            self._advance_floor()
+
     def skip(self, offset: int) -> None:
         """The server found no record at `offset` (a gap): it is done."""
         if offset in self.pending:
@@ -497,5 +516,5 @@ class PartitionQueue:
         return PartitionQueueStatistics(
             self.partition, self.floor, self.next_offset, len(self.pending), self.leased, len(self._dead),
             self.delivered, self.redelivered, self.acked, self.nacked, self.expired_leases,
-            self.dead_letters_written, self.skipped,
+            self.dead_letters_written, self.skipped, self.expired,
         )

@@ -332,3 +332,28 @@ def test_bad_queue_requests_get_typed_errors_and_the_server_carries_on(broker) -
             message = queue.receive(timeout_ms=WAIT_MS)
             assert message.value == b"still serving"
             message.ack()
+
+
+def test_expired_messages_are_never_delivered_and_dropped_or_dead_lettered(broker) -> None:
+    import time
+
+    with Client(broker.address) as client:
+        client.create_topic("short", ttl_ms=200)  # the topic's default TTL
+        client.produce("short", b"stale", partition=0)
+        client.produce("short", b"fresh", partition=0, ttl_ms=600_000)  # its own TTL wins
+        time.sleep(0.3)
+        with client.queue("short", "droppers") as queue:
+            message = queue.receive(timeout_ms=WAIT_MS)
+            assert message.value == b"fresh"
+            message.ack()
+            assert queue.receive(timeout_ms=200) is None
+        state = client.describe_queue("short", "droppers")
+        assert state.expired == "drop" and state.expired_messages == 1 and state.partitions[0].ack_floor == 2
+        with client.queue("short", "keepers", expired="dead-letter") as queue:
+            message = queue.receive(timeout_ms=WAIT_MS)
+            assert message.value == b"fresh"
+            message.ack()
+        (letter,) = wait_for_messages(client, "short.dlq", 1)
+        headers = dead_letter_headers(letter)
+        assert (letter.value, headers["nodi-dlq-reason"]) == (b"stale", "expired")
+        assert headers["nodi-dlq-delivery-count"] == "0"

@@ -197,6 +197,20 @@ def test_a_message_not_due_is_deferred_uncounted_and_survives_a_restart() -> Non
     assert (due.offset, due.delivery_count) == (1, 1)  # the deferral was not a delivery
 
 
+def test_an_expired_message_is_dropped_or_dead_lettered_never_delivered() -> None:
+    queue = make_queue(3)
+    first, second, _ = queue.take(3, now_ms=0)
+    queue.expire(first.offset, first.delivery_count)
+    assert queue.floor == 1 and queue.expired == 1 and queue.delivered == 2
+    queue = make_queue(3, expired="dead-letter")
+    first, _, _ = queue.take(3, now_ms=0)
+    queue.expire(first.offset, first.delivery_count)
+    (letter,) = queue.take_dead_letters(5)
+    assert (letter.reason, letter.delivery_count) == (DeadLetterReason.EXPIRED, 0)
+    with pytest.raises(InvalidConfigError):
+        QueueSettings(expired="keep").validate()
+
+
 def test_skip_marks_a_gap_done() -> None:
     queue = make_queue(3)
     queue.take(3, now_ms=0)
