@@ -63,6 +63,7 @@ from .client_types import (
     TopicSummary,
     acks_value,
     check_start,
+    new_message,
     partition_for_key,
     resolve_address,
     settings_from_wire,
@@ -739,11 +740,12 @@ def decode_fetched(topic: str, partition: int, offset: int, records: bytes | mem
     if not records:
         return messages, position
     append = messages.append
+    make = new_message
     try:
         for header, batch in iter_batches(records):
             for record_offset, timestamp_ms, key, value, headers in decode_records(batch, header):
                 if record_offset >= offset:
-                    append(Message(topic, partition, record_offset, timestamp_ms, key, value, headers))
+                    append(make(topic, partition, record_offset, timestamp_ms, key, value, headers))
             position = max(position, header.last_offset + 1)
     except NodiError as error:
         raise InvalidRecords(f"fetched from {topic}-{partition} at {offset}: {error}") from None

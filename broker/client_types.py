@@ -13,7 +13,7 @@ import datetime as _datetime
 import os
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import NamedTuple, Union
 
 import xxhash
@@ -172,6 +172,41 @@ class Message:
                 found = value
         return found
 
+
+
+# The fetch decoder makes one Message per record. The frozen dataclass __init__ sets each
+# field through object.__setattr__; setting the slots through their descriptors does the
+# same in about half the time. Message's fields are checked here so a new one is not
+# left unset by new_message.
+_MESSAGE_FIELDS = ("topic", "partition", "offset", "timestamp", "key", "value", "headers", "default_ttl_ms")
+assert tuple(f.name for f in fields(Message)) == _MESSAGE_FIELDS, "update new_message for Message's fields"
+(_set_topic, _set_partition, _set_offset, _set_timestamp, _set_key, _set_value, _set_headers,
+ _set_default_ttl_ms) = (Message.__dict__[name].__set__ for name in _MESSAGE_FIELDS)
+_new_object = object.__new__
+
+
+def new_message(
+    topic: str,
+    partition: int,
+    offset: int,
+    timestamp: int,
+    key: bytes | None,
+    value: bytes | None,
+    headers: Headers,
+    default_ttl_ms: int = 0,
+) -> Message:
+    """Message(topic, partition, offset, timestamp, key, value, headers,
+    default_ttl_ms=...), for the decoder's per-record loop."""
+    message = _new_object(Message)
+    _set_topic(message, topic)
+    _set_partition(message, partition)
+    _set_offset(message, offset)
+    _set_timestamp(message, timestamp)
+    _set_key(message, key)
+    _set_value(message, value)
+    _set_headers(message, headers)
+    _set_default_ttl_ms(message, default_ttl_ms)
+    return message
 
 class TopicSummary(NamedTuple):
     name: str
