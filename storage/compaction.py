@@ -296,10 +296,10 @@ class Compactor:
         if not log_lock.acquire(timeout=wait_timeout_ms / 1000):
             raise TimeoutError(f"another compaction of {log.directory} is still running")
         try:
-            self._check_cancelled()
-            if roll:
-                log.roll()
             try:
+                self._check_cancelled()
+                if roll:
+                    log.roll()
                 result = self._run(log, self._clock_ms() if now_ms is None else now_ms, progress)
             except BaseException:
                 with self._lock:
