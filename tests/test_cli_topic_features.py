@@ -8,12 +8,22 @@ import json
 import os
 import subprocess
 
-from conftest import NODI
+import pytest
+from conftest import NODI, BrokerProcess
 
 from nodi.broker import Client
 
 ENVIRONMENT = {**os.environ, "COLUMNS": "200"}
 ENVIRONMENT.pop("NODI_SERVER", None)
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    """One server for the module's tests (each uses its own topics), stopped by its pid."""
+    process = BrokerProcess(str(tmp_path_factory.mktemp("cli-features") / "data")).start()
+    yield process
+    if process.process is not None:
+        process.stop()
 
 
 def nodi(broker, *args: str) -> subprocess.CompletedProcess:

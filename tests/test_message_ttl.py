@@ -9,11 +9,23 @@ import asyncio
 import datetime
 import time
 
+import pytest
+from conftest import BrokerProcess
+
 from nodi.broker import AsyncClient, Client
 from nodi.broker.client_types import Message
 from nodi.broker.headers import TTL_MS
 
 HOUR_MS = 3_600_000
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    """One server for the module's tests (each uses its own topics), stopped by its pid."""
+    process = BrokerProcess(str(tmp_path_factory.mktemp("ttl") / "data")).start()
+    yield process
+    if process.process is not None:
+        process.stop()
 
 
 def produce_three(client: Client, topic: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from conftest import BrokerProcess
 
 from nodi.broker import Client
 from nodi.broker.client_errors import PartlyDuplicate
@@ -16,6 +17,15 @@ from nodi.broker.headers import IDEMPOTENCY_KEY
 from nodi.storage.records import Compression, NewRecord, build_batch
 
 WAIT_S = 30
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    """One server for the module's tests (each uses its own topics), stopped by its pid."""
+    process = BrokerProcess(str(tmp_path_factory.mktemp("dedup") / "data")).start()
+    yield process
+    if process.process is not None:
+        process.stop()
 
 
 def values(client: Client, topic: str, partitions: int = 1) -> list[tuple[int, int, bytes]]:
@@ -59,25 +69,26 @@ def test_a_retried_produce_gets_the_original_offset(broker):
 @pytest.mark.parametrize("idempotent", [True, False])
 @pytest.mark.parametrize("acks", ["written", "durable"])
 def test_a_batch_mixing_seen_and_new_keys_writes_each_record_once(broker, idempotent, acks):
+    topic = f"mixed-{acks}-{idempotent}"
     with Client(broker.address) as client:
-        client.create_topic("mixed")
-        seen = client.produce("mixed", b"a", idempotency_key="a")
+        client.create_topic(topic)
+        seen = client.produce(topic, b"a", idempotency_key="a")
         with client.producer(linger_ms=200, idempotent=idempotent, acks=acks) as producer:
             futures = [
-                producer.send("mixed", b"a again", idempotency_key="a"),
-                producer.send("mixed", b"c", idempotency_key="c"),
-                producer.send("mixed", b"no key"),
-                producer.send("mixed", b"c repeated", idempotency_key="c"),
-                producer.send("mixed", b"d", idempotency_key="d"),
+                producer.send(topic, b"a again", idempotency_key="a"),
+                producer.send(topic, b"c", idempotency_key="c"),
+                producer.send(topic, b"no key"),
+                producer.send(topic, b"c repeated", idempotency_key="c"),
+                producer.send(topic, b"d", idempotency_key="d"),
             ]
             producer.flush()
             results = [future.result(timeout=WAIT_S) for future in futures]
             # The batch after it on the same partition is restamped and written once.
-            after = producer.send("mixed", b"after", idempotency_key="e").result(timeout=WAIT_S)
+            after = producer.send(topic, b"after", idempotency_key="e").result(timeout=WAIT_S)
         assert results[0] == seen
         assert results[1] == results[3]
         assert len({results[1], results[2], results[4], after}) == 4
-        stored = settled(client, "mixed", 5)
+        stored = settled(client, topic, 5)
         assert [value for _, _, value in stored] == [b"a", b"c", b"no key", b"d", b"after"]
         by_value = {value: (partition, offset) for partition, offset, value in stored}
         assert by_value[b"c"] == results[1] and by_value[b"d"] == results[4] and by_value[b"no key"] == results[2]
