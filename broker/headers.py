@@ -18,7 +18,7 @@ RESERVED_PREFIX = "nodi-"
 # Set by producers (client keyword arguments), read by the broker at delivery.
 TTL_MS = "nodi-ttl-ms"  # the message expires this long after its timestamp
 NOT_BEFORE_MS = "nodi-not-before-ms"  # queue groups deliver it at or after this time
-IDEMPOTENCY_KEY = "nodi-idempotency-key"  # publish dedup within the topic's window
+IDEMPOTENCY_KEY = "nodi-idempotency-key"  # publish dedup within the topic's window (read on produce)
 REPLY_TO = "nodi-reply-to"  # request-reply: the requester's inbox
 CORRELATION_ID = "nodi-correlation-id"  # request-reply: matches a reply to its request
 
