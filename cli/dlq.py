@@ -1,0 +1,218 @@
+"""`nodi dlq list | show | redrive | purge`: the dead letters of queue groups on a running
+broker (docs/guarantees.md, "Queue groups").
+
+A dead-letter topic is an ordinary topic: every queue group's dead-letter topic (by
+default `<topic>.dlq`) and any topic whose name ends in `.dlq`. What has been handled is
+tracked by a cursor, the committed offsets of the stream group `nodi.dlq` on the
+dead-letter topic: `show` and `redrive` start at it, `redrive` and `purge` move it past
+what they handled, and `list` counts what lies beyond it. Nothing is deleted: the entries
+stay on disk until the topic's retention removes them, and `nodi group reset nodi.dlq
+--topic TOPIC --to earliest` brings them all back.
+
+Redrive republishes each entry's key, value and own headers (its reserved `nodi-`
+headers - dead-letter metadata, TTL, delay, idempotency key - are left behind: it is a
+new message) to the source topic named in its `nodi-dlq-source-topic` header, or to
+--to, then moves the cursor past it. A crash between the two redrives it again: a
+repeat, never a loss.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from nodi.cli.common import command, connect, fail, json_bytes, print_table
+
+app = typer.Typer(
+    name="dlq",
+    help="List, show, redrive and purge the dead letters of queue groups on a running broker.",
+    no_args_is_help=True,
+)
+
+CURSOR_GROUP = "nodi.dlq"
+DEAD_LETTER_SUFFIX = ".dlq"
+RESERVED_PREFIX = "nodi-"
+# Messages republished per producer flush (and cursor commit) during a redrive.
+REDRIVE_CHUNK = 500
+
+TopicArgument = Annotated[str, typer.Argument(help="The dead-letter topic.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object per line instead of a table.")]
+
+
+def _positions(client, topic: str) -> list[tuple[int, int, int]]:
+    """(partition, cursor, high watermark) per partition: the cursor is the first entry
+    not yet handled (never below the log start)."""
+    description = client.describe_topic(topic)
+    committed = client.fetch_offsets(CURSOR_GROUP, [topic])
+    return [
+        (p.partition, max(committed.get((topic, p.partition), 0), p.log_start_offset), p.high_watermark)
+        for p in description.partitions
+    ]
+
+
+def _entries(client, topic: str, count: int | None):
+    """(partition, message) from the cursor on, partition by partition, at most `count`."""
+    produced = 0
+    for partition, offset, end in _positions(client, topic):
+        while offset < end and (count is None or produced < count):
+            messages, offset = client.fetch_with_position(topic, partition, offset, include_expired=True)
+            if not messages:
+                break
+            for message in messages:
+                if count is not None and produced >= count:
+                    return
+                produced += 1
+                yield partition, message
+
+
+def _commit(client, offsets: dict[tuple[str, int], int]) -> None:
+    for (topic, partition), error in client.commit_offsets(CURSOR_GROUP, offsets).items():
+        if error is not None:
+            raise error
+
+
+def _header(message, name: str) -> str | None:
+    value = message.header(name)
+    return None if value is None else value.decode("utf-8", errors="replace")
+
+
+def _dead_letter_topics(client) -> dict[str, list[str]]:
+    """Dead-letter topic -> the queue groups (group@topic) that write to it."""
+    existing = {summary.name for summary in client.list_topics()}
+    found: dict[str, list[str]] = {name: [] for name in existing if name.endswith(DEAD_LETTER_SUFFIX)}
+    for queue in client.list_queues():
+        found.setdefault(queue.dead_letter_topic, []).append(f"{queue.group}@{queue.topic}")
+    return {name: groups for name, groups in sorted(found.items()) if name in existing}
+
+
+@command(app, "list")
+def list_command(ctx: typer.Context, json_output: JsonOption = False) -> None:
+    """List the dead-letter topics (queue groups' dead-letter topics and topics named
+    *.dlq): the entries not yet redriven or purged, all entries stored, and the queue
+    groups that dead-letter into each."""
+    rows = []
+    with connect(ctx) as client:
+        for topic, groups in _dead_letter_topics(client).items():
+            positions = _positions(client, topic)
+            waiting = sum(end - cursor for _, cursor, end in positions)
+            description = client.describe_topic(topic)
+            stored = sum(p.high_watermark - p.log_start_offset for p in description.partitions)
+            rows.append((topic, waiting, stored, groups))
+    if json_output:
+        for topic, waiting, stored, groups in rows:
+            typer.echo(json.dumps({"topic": topic, "waiting": waiting, "stored": stored, "queue_groups": groups}))
+        return
+    print_table(("TOPIC", "WAITING", "STORED", "QUEUE GROUPS"),
+                ((topic, waiting, stored, ",".join(groups) or "-") for topic, waiting, stored, groups in rows))
+
+
+@command(app, "show")
+def show_command(
+    ctx: typer.Context,
+    topic: TopicArgument,
+    count: Annotated[int, typer.Option("--count", "-n", min=1, help="Show at most this many entries.")] = 20,
+    json_output: JsonOption = False,
+) -> None:
+    """Show the entries of a dead-letter topic from the cursor on: where each came from
+    (source topic, partition, offset), the queue group, why (max-deliveries, rejected,
+    expired), its delivery count and the consumer's last error. --json adds key, value
+    and every header (bytes as text, or {"base64": ...})."""
+    with connect(ctx) as client:
+        entries = list(_entries(client, topic, count))
+    if json_output:
+        for partition, message in entries:
+            typer.echo(json.dumps({
+                "partition": partition,
+                "offset": message.offset,
+                "timestamp_ms": message.timestamp,
+                "key": json_bytes(message.key),
+                "value": json_bytes(message.value),
+                "headers": [[name, json_bytes(value)] for name, value in message.headers],
+            }))
+        return
+    print_table(
+        ("PARTITION", "OFFSET", "SOURCE", "GROUP", "REASON", "DELIVERIES", "LAST ERROR"),
+        (
+            (
+                partition,
+                message.offset,
+                f"{_header(message, 'nodi-dlq-source-topic')}-{_header(message, 'nodi-dlq-source-partition')}"
+                f"@{_header(message, 'nodi-dlq-source-offset')}",
+                _header(message, "nodi-dlq-group"),
+                _header(message, "nodi-dlq-reason"),
+                _header(message, "nodi-dlq-delivery-count"),
+                (_header(message, "nodi-dlq-last-error") or "")[:60],
+            )
+            for partition, message in entries
+        ),
+    )
+
+
+@command(app, "redrive")
+def redrive_command(
+    ctx: typer.Context,
+    topic: TopicArgument,
+    to: Annotated[str | None, typer.Option("--to", help="Republish to this topic instead of each entry's source topic.")] = None,
+    count: Annotated[int | None, typer.Option("--count", "-n", min=1, help="Redrive at most this many entries (default: all).")] = None,
+) -> None:
+    """Republish the entries of a dead-letter topic from the cursor on - key, value and
+    their own headers, without the reserved nodi- headers - to their source topic (the
+    same partition when it still has it) or to --to, then move the cursor past them. A
+    repeat is possible after a crash, a loss is not."""
+    redriven = 0
+    with connect(ctx) as client:
+        partitions: dict[str, int] = {}
+        pending: list[tuple[int, object]] = []
+
+        def flush_chunk() -> None:
+            nonlocal redriven
+            if not pending:
+                return
+            with client.producer() as producer:
+                futures = []
+                for _, message in pending:
+                    target = to or _header(message, "nodi-dlq-source-topic")
+                    if target not in partitions:
+                        partitions[target] = client.partition_count(target)
+                    source_partition = _header(message, "nodi-dlq-source-partition")
+                    partition = None
+                    if to is None and source_partition is not None and source_partition.isdigit():
+                        partition = int(source_partition) if int(source_partition) < partitions[target] else None
+                    headers = [(name, value) for name, value in message.headers
+                               if not name.startswith(RESERVED_PREFIX)]
+                    futures.append(producer.send(target, message.value, key=message.key, headers=headers,
+                                                 partition=partition))
+                producer.flush()
+                for future in futures:
+                    future.result()  # raises the first failure: the cursor stays before it
+            after: dict[int, int] = {}
+            for partition, message in pending:
+                after[partition] = max(after.get(partition, 0), message.offset + 1)
+            _commit(client, {(topic, partition): offset for partition, offset in after.items()})
+            redriven += len(pending)
+            pending.clear()
+
+        for partition, message in _entries(client, topic, count):
+            if to is None and _header(message, "nodi-dlq-source-topic") is None:
+                flush_chunk()
+                raise fail(f"nodi dlq redrive: {topic}-{partition} offset {message.offset} names no source topic; "
+                           "give --to")
+            pending.append((partition, message))
+            if len(pending) >= REDRIVE_CHUNK:
+                flush_chunk()
+        flush_chunk()
+    typer.echo(f"redrove {redriven} message(s) from {topic}")
+
+
+@command(app, "purge")
+def purge_command(ctx: typer.Context, topic: TopicArgument) -> None:
+    """Move the cursor of a dead-letter topic to its end: its entries are no longer
+    listed, shown or redriven (they stay on disk until the topic's retention removes
+    them)."""
+    with connect(ctx) as client:
+        positions = _positions(client, topic)
+        purged = sum(end - cursor for _, cursor, end in positions)
+        _commit(client, {(topic, partition): end for partition, _, end in positions})
+    typer.echo(f"purged {purged} message(s) from {topic}")

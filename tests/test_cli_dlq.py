@@ -1,0 +1,110 @@
+"""`nodi dlq list | show | redrive | purge` run as the real command against a real
+`nodi serve`; the Python client makes the dead letters and checks what the CLI did."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+from conftest import NODI
+from typer.testing import CliRunner
+
+from nodi.broker import Client
+from nodi.cli.main import app
+
+TIMEOUT_S = 60
+ENVIRONMENT = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
+ENVIRONMENT.pop("NODI_SERVER", None)
+
+
+def nodi(address: str | None, *args: str) -> subprocess.CompletedProcess:
+    prefix = ["--server", address] if address else []
+    return subprocess.run(NODI + prefix + list(args), capture_output=True, text=True, timeout=TIMEOUT_S,
+                          env=ENVIRONMENT)
+
+
+def json_lines(result: subprocess.CompletedProcess) -> list[dict]:
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+
+
+def listed(address: str, topic: str) -> dict:
+    (entry,) = [entry for entry in json_lines(nodi(address, "dlq", "list", "--json")) if entry["topic"] == topic]
+    return entry
+
+
+def test_every_dlq_command_has_help() -> None:
+    runner = CliRunner()
+    for command in ("list", "show", "redrive", "purge"):
+        result = runner.invoke(app, ["dlq", command, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0 and "Usage:" in result.output, result.output
+    assert "--to" in runner.invoke(app, ["dlq", "redrive", "--help"], env={"COLUMNS": "200"}).output
+    assert "--count" in runner.invoke(app, ["dlq", "show", "--help"], env={"COLUMNS": "200"}).output
+
+
+def test_list_show_redrive_purge(broker) -> None:
+    address = broker.address
+    with Client(address) as client:
+        client.create_topic("orders", partitions=2)
+        for index in range(5):
+            client.produce("orders", b"order-%d" % index, key=b"k%d" % index, partition=index % 2,
+                           headers={"trace": b"t%d" % index})
+        with client.queue("orders", "billing", batch_max=10) as queue:
+            for _ in range(5):
+                message = queue.receive(timeout_ms=20_000)
+                message.reject(f"bad {message.value.decode()}")
+        deadline = time.monotonic() + 20
+        while client.describe_queue("orders", "billing").dead_lettered < 5:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+        entry = listed(address, "orders.dlq")
+        assert (entry["waiting"], entry["stored"], entry["queue_groups"]) == (5, 5, ["billing@orders"])
+        table = nodi(address, "dlq", "list")
+        assert table.returncode == 0 and "orders.dlq" in table.stdout and "billing@orders" in table.stdout
+
+        shown = json_lines(nodi(address, "dlq", "show", "orders.dlq", "--count", "3", "--json"))
+        assert len(shown) == 3
+        headers = dict(shown[0]["headers"])
+        assert headers["nodi-dlq-reason"] == "rejected" and headers["nodi-dlq-group"] == "billing"
+        assert headers["nodi-dlq-last-error"] == f"bad {shown[0]['value']}"
+        table = nodi(address, "dlq", "show", "orders.dlq")
+        assert table.returncode == 0 and "rejected" in table.stdout and "orders-" in table.stdout
+
+        before = {p: client.describe_topic("orders").partitions[p].high_watermark for p in range(2)}
+        result = nodi(address, "dlq", "redrive", "orders.dlq", "--count", "3")
+        assert result.returncode == 0, result.stderr
+        assert "redrove 3" in result.stdout
+        assert listed(address, "orders.dlq")["waiting"] == 2
+        again = []
+        for partition in range(2):
+            again += client.fetch("orders", partition, before[partition])
+        assert len(again) == 3
+        for message in again:
+            assert not any(name.startswith("nodi-") for name, _ in message.headers)
+            index = int(message.value.split(b"-")[1])
+            assert message.key == b"k%d" % index and message.header("trace") == b"t%d" % index
+            assert message.partition == index % 2  # back to its source partition
+
+        result = nodi(address, "dlq", "redrive", "orders.dlq", "--to", "retry")
+        assert result.returncode != 0  # no such topic: nothing moved
+        assert listed(address, "orders.dlq")["waiting"] == 2
+        client.create_topic("retry")
+        result = nodi(address, "dlq", "redrive", "orders.dlq", "--to", "retry")
+        assert result.returncode == 0 and "redrove 2" in result.stdout, result.stderr
+        assert len(client.fetch("retry", 0, 0)) == 2
+
+        with client.queue("orders", "billing") as queue:
+            message = queue.receive(timeout_ms=20_000)  # a redriven one
+            message.reject("still bad")
+        deadline = time.monotonic() + 20
+        while listed(address, "orders.dlq")["waiting"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        result = nodi(address, "dlq", "purge", "orders.dlq")
+        assert result.returncode == 0 and "purged 1" in result.stdout
+        assert listed(address, "orders.dlq")["waiting"] == 0
+        assert nodi(address, "dlq", "show", "orders.dlq", "--json").stdout.strip() == ""
+        assert nodi(address, "dlq", "show", "missing.dlq").returncode == 1
