@@ -54,9 +54,9 @@ class CompactionService:
 
     def check_produce(self, topic: str, partition_log: Log, records: bytes | memoryview) -> None:
         """KeyRequiredError (KEY_REQUIRED) when a compacted topic gets a keyless record.
-        Decodes the records only for compacted topics."""
-        config = self.broker.store.topics().get(topic)
-        if config is not None and is_compacted(config.cleanup_policy):
+        Decodes the records only for compacted topics: their logs, and only theirs,
+        allow offset gaps (storage/store.py log_config_for), an O(1) test per produce."""
+        if not partition_log.config.dense_offsets:
             require_keys(records, partition_log.config.limits)
 
     # -- COMPACT_TOPIC ------------------------------------------------------------

@@ -177,7 +177,7 @@ class CompactionModel(RuleBasedStateMachine):
 
 
 CompactionModel.TestCase.settings = settings(
-    max_examples=75,
+    max_examples=50,
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
