@@ -44,7 +44,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import crc32c as _crc32c
 import xxhash
@@ -150,19 +150,12 @@ class CompactionStatistics:
     duration_ms: float = 0.0
     failures: int = 0
 
-    def plus(self, result: CompactionResult) -> CompactionStatistics:
-        return CompactionStatistics(
-            runs=self.runs + 1,
-            passes=self.passes + result.passes,
-            segments_rewritten=self.segments_rewritten + result.segments_rewritten,
-            bytes_read=self.bytes_read + result.bytes_read,
-            bytes_written=self.bytes_written + result.bytes_written,
-            bytes_reclaimed=self.bytes_reclaimed + result.bytes_reclaimed,
-            records_removed=self.records_removed + result.records_removed,
-            tombstones_removed=self.tombstones_removed + result.tombstones_removed,
-            duration_ms=self.duration_ms + result.duration_ms,
-            failures=self.failures,
-        )
+    def plus(self, other: CompactionResult | CompactionStatistics) -> CompactionStatistics:
+        """These figures with one more run's (a result) or another log's added."""
+        values = {name: getattr(self, name) + getattr(other, name, 0) for name in self.__slots__}
+        if isinstance(other, CompactionResult):  # a result has no runs or failures field
+            values["runs"] += 1
+        return CompactionStatistics(**values)
 
 
 # ---------------------------------------------------------------------------
@@ -272,7 +265,7 @@ class Compactor:
                 return self._statistics.get(directory, CompactionStatistics())
             total = CompactionStatistics()
             for entry in self._statistics.values():
-                total = CompactionStatistics(*(a + b for a, b in zip(_fields(total), _fields(entry))))
+                total = total.plus(entry)
             return total
 
     def compact(
@@ -304,7 +297,7 @@ class Compactor:
             except BaseException:
                 with self._lock:
                     entry = self._statistics.get(log.directory, CompactionStatistics())
-                    self._statistics[log.directory] = _with_failure(entry)
+                    self._statistics[log.directory] = replace(entry, failures=entry.failures + 1)
                 raise
             with self._lock:
                 self._statistics[log.directory] = self._statistics.get(log.directory, CompactionStatistics()).plus(result)
@@ -591,16 +584,6 @@ def _remove_cleaned(log: Log, cleaned: Segment) -> None:
                 log.fs.unlink(path)
         except OSError:
             pass  # Log.open removes any .cleaned file it finds
-
-
-def _fields(statistics: CompactionStatistics) -> tuple:
-    return tuple(getattr(statistics, name) for name in CompactionStatistics.__slots__)
-
-
-def _with_failure(statistics: CompactionStatistics) -> CompactionStatistics:
-    values = dict(zip(CompactionStatistics.__slots__, _fields(statistics)))
-    values["failures"] += 1
-    return CompactionStatistics(**values)
 
 
 __all__ = [
