@@ -18,6 +18,14 @@ in_progress() (start the lease again; returns the new deadline), reject(reason) 
 dead-letter topic now). A message not settled within its lease is delivered again; after
 max_deliveries deliveries it goes to the dead-letter topic (default `<topic>.dlq`).
 
+The delivery guarantee is one argument, `guarantee=`: "at-least-once" (the default)
+acks after the handler - iterating, a message the loop body left unsettled is acked when
+the loop comes back for the next one, and one whose body raised is not (it is delivered
+again once its lease runs out); "at-most-once" acks each message on receipt, before it
+is handed out (a consumer that dies while handling it loses it). For effectively-once,
+wrap the queue in broker/idempotent.py's IdempotentConsumer. receive() never acks by
+itself under at-least-once: settle what it returns.
+
 Settling waits until the broker has recorded it durably (`wait=True`, the default).
 With `wait=False` the call returns at once and settlements go out batched in the
 background; `flush()` waits for them and raises the first that failed. A receive asks for
@@ -56,6 +64,11 @@ DEFAULT_RECEIVE_TIMEOUT_MS = 30_000
 RECEIVE_POLL_MS_MAX = 10_000
 # Settlements in one request.
 SETTLEMENTS_PER_REQUEST_MAX = 10_000
+
+# The delivery guarantee (one argument; docs/guarantees.md, "Delivery guarantees").
+AT_LEAST_ONCE = "at-least-once"  # ack after the handler: iteration acks what the body left unsettled
+AT_MOST_ONCE = "at-most-once"  # ack on receipt: acked before it is handed out
+GUARANTEES = (AT_LEAST_ONCE, AT_MOST_ONCE)
 
 _EXPIRED_ACTIONS = {None: m.ExpiredAction.DEFAULT, "drop": m.ExpiredAction.DROP,
                     "dead-letter": m.ExpiredAction.DEAD_LETTER}
@@ -181,12 +194,15 @@ class AsyncQueue:
     def __init__(self, client, topic: str, group: str, *, ack_wait_ms: int | None = None,
                  max_deliveries: int | None = None, backoff: BackoffInput = None,
                  dead_letter_topic: str | None = None, expired: str | None = None,
-                 batch_max: int = DEFAULT_BATCH_MAX,
+                 guarantee: str = AT_LEAST_ONCE, batch_max: int = DEFAULT_BATCH_MAX,
                  receive_timeout_ms: int = DEFAULT_RECEIVE_TIMEOUT_MS) -> None:
         if batch_max < 1:
             raise ValueError("batch_max must be at least 1")
         if expired not in _EXPIRED_ACTIONS:
             raise ValueError('expired must be None, "drop" or "dead-letter"')
+        if guarantee not in GUARANTEES:
+            raise ValueError(f"guarantee must be one of {GUARANTEES}, got {guarantee!r}")
+        self.guarantee = guarantee
         self.client = client
         self.topic = topic
         self.group = group
@@ -204,6 +220,9 @@ class AsyncQueue:
         self._sender: asyncio.Task | None = None
         self._errors: list[BaseException] = []
         self._closed = False
+        # The message an iteration handed out last, and whether its body settled it.
+        self._current: QueueMessage | None = None
+        self._current_settled = False
         client._owned.add(self)
 
     def __repr__(self) -> str:
@@ -240,7 +259,12 @@ class AsyncQueue:
             request = m.QueueReceiveRequest(group=self.group, topic=self.topic, settings=self.settings,
                                             messages_max=self.batch_max, wait_ms=wait_ms)
             response = await self.client._call(request, None, extra_ms=wait_ms)
-            self._buffer.extend(self._decode(response, owner))
+            received = self._decode(response, owner)
+            if received and self.guarantee == AT_MOST_ONCE:
+                # Acked (durably) before any is handed out: a crash from here loses them.
+                await asyncio.gather(*(self._settle_nowait(message, m.SettleAction.ACK, m.CONFIG_DEFAULT, None)
+                                       for message in received))
+            self._buffer.extend(received)
             if self._buffer:
                 return self._buffer.popleft()
             if self._closed:
@@ -269,15 +293,25 @@ class AsyncQueue:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[QueueMessage]:
+        """At-least-once: a message the loop body left unsettled is acked when the loop
+        comes back for the next one (the body returned); one whose body raised is not
+        (its lease runs out and it is delivered again)."""
         while not self._closed:
             message = await self.receive(RECEIVE_POLL_MS_MAX)
-            if message is not None:
-                yield message
+            if message is None:
+                continue
+            self._current, self._current_settled = message, False
+            yield message
+            if self.guarantee == AT_LEAST_ONCE and not self._current_settled and not self._closed:
+                self._settle_nowait(message, m.SettleAction.ACK, m.CONFIG_DEFAULT, None)
+            self._current = None
 
     # -- settling -------------------------------------------------------------------------
 
     def _settle(self, message: QueueMessage, action: m.SettleAction, delay_ms: int, text: str | None,
                 wait: bool) -> asyncio.Future:
+        if message is self._current:
+            self._current_settled = True
         future = self._settle_nowait(message, action, delay_ms, text)
         if wait:
             return future
@@ -360,6 +394,8 @@ class Queue:
         # Settles made with wait=False, handed to the loop thread in runs.
         self._local: list[tuple] = []
         self._local_lock = threading.Lock()
+        self._current: QueueMessage | None = None
+        self._current_settled = False
         client._owned.add(self)
 
     @staticmethod
@@ -395,13 +431,22 @@ class Queue:
         return self._client._run(self._async._receive(timeout_ms, self), None, wait)
 
     def __iter__(self) -> Iterator[QueueMessage]:
+        """As AsyncQueue's: at-least-once acks what the loop body left unsettled when
+        the loop comes back for the next message."""
         while not self.closed:
             message = self.receive(RECEIVE_POLL_MS_MAX)
-            if message is not None:
-                yield message
+            if message is None:
+                continue
+            self._current, self._current_settled = message, False
+            yield message
+            if self._async.guarantee == AT_LEAST_ONCE and not self._current_settled and not self.closed:
+                self._settle(message, m.SettleAction.ACK, m.CONFIG_DEFAULT, None, False)
+            self._current = None
 
     def _settle(self, message: QueueMessage, action: m.SettleAction, delay_ms: int, text: str | None,
                 wait: bool):
+        if message is self._current:
+            self._current_settled = True
         queue = self._async
         if wait:
             async def settle():

@@ -357,3 +357,34 @@ def test_expired_messages_are_never_delivered_and_dropped_or_dead_lettered(broke
         headers = dead_letter_headers(letter)
         assert (letter.value, headers["nodi-dlq-reason"]) == (b"stale", "expired")
         assert headers["nodi-dlq-delivery-count"] == "0"
+
+
+def test_the_delivery_guarantee_is_one_argument(broker) -> None:
+    from nodi.broker.client_errors import DeliverySettled
+
+    with Client(broker.address) as client:
+        client.create_topic("g1")
+        for value in (b"handled", b"rejected", b"crashes"):
+            client.produce("g1", value, partition=0)
+        # at-least-once (the default): the loop acks what its body left unsettled.
+        with client.queue("g1", "alo", ack_wait_ms=500) as queue:
+            with pytest.raises(RuntimeError):
+                for message in queue:
+                    if message.value == b"rejected":
+                        message.reject("no")
+                    elif message.value == b"crashes":
+                        raise RuntimeError("handler failed")
+            queue.flush()
+            again = queue.receive(timeout_ms=WAIT_MS)  # the one whose body raised
+            assert (again.value, again.delivery_count) == (b"crashes", 2)
+            again.ack()
+        state = client.describe_queue("g1", "alo")
+        assert state.acked == 2 and state.nacked == 0
+        # at-most-once: acked on receipt, before it is handed out.
+        with client.queue("g1", "amo", guarantee="at-most-once", batch_max=10) as queue:
+            message = queue.receive(timeout_ms=WAIT_MS)
+            assert client.describe_queue("g1", "amo").acked == 3  # the whole batch
+            with pytest.raises(DeliverySettled):
+                message.nack()
+        with pytest.raises(ValueError):
+            client.queue("g1", "x", guarantee="exactly-once")
