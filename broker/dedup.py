@@ -55,6 +55,10 @@ log = logging.getLogger("nodi.broker")
 DEDUP_KEYS_PER_TOPIC_MAX = 100_000
 # Bytes read per step while rebuilding a partition's keys at start.
 REBUILD_READ_BYTES = 1 << 20
+# At most the newest segments holding this many bytes of a partition are read back at
+# start, however long the window: a busy topic's window must not make a start read
+# gigabytes. Keys older than that are forgotten (logged).
+REBUILD_BYTES_MAX_PER_PARTITION = 256 << 20
 
 _NEEDLE = re.compile(re.escape(IDEMPOTENCY_KEY_NEEDLE))
 
@@ -121,9 +125,11 @@ class PublishDedup:
         keys_per_topic_max: int = DEDUP_KEYS_PER_TOPIC_MAX,
         clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         limits: RecordLimits = DEFAULT_RECORD_LIMITS,
+        rebuild_bytes_max: int = REBUILD_BYTES_MAX_PER_PARTITION,
     ) -> None:
         assert keys_per_topic_max > 0
         self.keys_per_topic_max = keys_per_topic_max
+        self.rebuild_bytes_max = rebuild_bytes_max
         self._clock_ms = clock_ms
         self._limits = limits
         self._topics: dict[str, _TopicKeys] = {}
@@ -237,8 +243,9 @@ class PublishDedup:
 
     def rebuild(self, topic: str, partition: int, partition_log) -> int:
         """Read back the keys of `partition_log` written within the topic's window
-        (from the first offset at or after now - window, by the time index). Returns
-        the keys added. Runs before the server serves (no produce races it)."""
+        (from the first offset at or after now - window, by the time index; at most
+        the newest segments holding rebuild_bytes_max). Returns the keys added. Runs
+        before the server serves (no produce races it)."""
         keys = self._topics.get(topic)
         if keys is None:
             return 0
@@ -246,6 +253,11 @@ class PublishDedup:
         offset = partition_log.offset_for_timestamp(horizon)
         if offset is None:
             return 0
+        floor = self._newest_segments_start(partition_log)
+        if floor > offset:
+            log.warning("publish dedup: %s-%d: the window holds more than %d bytes; keys below offset %d "
+                        "are not read back", topic, partition, self.rebuild_bytes_max, floor)
+            offset = floor
         found: list[tuple[int, int, int]] = []  # (seen_ms, offset, digest)
         end = partition_log.readable_end_offset
         while offset < end:
@@ -266,6 +278,18 @@ class PublishDedup:
             self._add(keys, value, partition, record_offset, seen_ms)
         self._rebuilt += len(found)
         return len(found)
+
+    def _newest_segments_start(self, partition_log) -> int:
+        """The base offset of the oldest of the newest segments that together hold at
+        most rebuild_bytes_max bytes (the active segment at least)."""
+        segments = partition_log.segments
+        start, total = segments[-1].base_offset, 0
+        for segment in reversed(segments):
+            total += segment.size
+            if total > self.rebuild_bytes_max and segment is not segments[-1]:
+                break
+            start = segment.base_offset
+        return start
 
     def rebuild_all(self, topics: Iterable[tuple[str, int, object]]) -> int:
         """rebuild() every (topic, partition, log); then order each topic's keys by

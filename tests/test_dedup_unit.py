@@ -120,3 +120,20 @@ def test_a_window_change_applies_at_once():
     assert dedup.check("t", build_batch([record(b"v", "k")])) is None and dedup.statistics().topics == 0
     dedup.windows["t"] = 5_000  # on again: a fresh map
     assert dedup.check("t", build_batch([record(b"v", "k")])).duplicates == ()
+
+
+def test_rebuild_reads_at_most_the_newest_segments_within_its_byte_limit(tmp_path):
+    from nodi.storage.config import LogConfig
+
+    clock = Clock(10_000_000)
+    with Log.open(str(tmp_path / "t-0"), LogConfig(segment_bytes=4096), clock_ms=clock) as partition_log:
+        for number in range(40):  # about 1 KiB each: several segments
+            partition_log.append(build_batch([record(b"x" * 1000, f"k{number}", clock.now_ms)]))
+        assert len(partition_log.segments) > 4
+        dedup = Dedup(100, clock, rebuild_bytes_max=5_000)
+        dedup.windows = {"t": 30_000}
+        dedup.configure("t", 30_000)
+        read_back = dedup.rebuild_all([("t", 0, partition_log)])
+        assert 0 < read_back < 40
+        assert dedup.check("t", build_batch([record(b"v", "k39")])).duplicates
+        assert not dedup.check("t", build_batch([record(b"v", "k0")])).duplicates
