@@ -18,6 +18,7 @@ as_completed().
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import threading
 from concurrent.futures._base import FINISHED, PENDING
@@ -55,6 +56,17 @@ def resolve(futures: list, results: list | None, error: BaseException | None) ->
     """Set each future's result (results[i]) or `error`. MessageFutures nobody has looked
     at are set directly; any other future (or one being waited on) through its own
     set_result / set_exception. Futures already done (cancelled) are skipped."""
+    if futures and type(futures[0]) is asyncio.Future:
+        # An AsyncProducer's: the loop's futures (only ever set from the loop), in one pass.
+        if error is None:
+            for future, result in zip(futures, results):
+                if not future.done():
+                    future.set_result(result)
+        else:
+            for future in futures:
+                if not future.done():
+                    future.set_exception(error)
+        return
     slow = []
     with _LOCK:
         for index, future in enumerate(futures):
