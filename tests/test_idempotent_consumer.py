@@ -136,3 +136,24 @@ def test_a_queue_duplicate_is_skipped_and_acked(broker, tmp_path):
                 assert messages.statistics().duplicates_skipped == 2
             assert queue.receive(timeout_ms=500) is None  # the duplicates were acked too
         assert handled == [b"t2"]
+
+
+def test_the_async_wrapper_skips_what_it_handled(broker, tmp_path):
+    import asyncio
+
+    from nodi.broker import AsyncClient, AsyncIdempotentConsumer
+
+    async def scenario() -> list[list[bytes]]:
+        runs = []
+        async with AsyncClient(broker.address) as client:
+            await client.create_topic("async-jobs")
+            for value in (b"x", b"y"):
+                await client.produce("async-jobs", value, idempotency_key=value)
+            for _ in range(2):
+                async with client.consumer("async-jobs") as consumer:
+                    async with AsyncIdempotentConsumer(consumer, tmp_path / "async-keys",
+                                                       idle_timeout_ms=1_000) as messages:
+                        runs.append([message.value async for message in messages])
+        return runs
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 60)) == [[b"x", b"y"], []]
