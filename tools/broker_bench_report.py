@@ -80,6 +80,9 @@ def ratios(rounds: list[dict], latency_rate: int) -> list[dict]:
     add("nodi end-to-end p99 vs Redis p99",
         lambda one: one["nodi"]["latency"]["latency_ms_p99"] / one["redis"]["latency"]["latency_ms_p99"],
         lower_is_better=True)
+    for phase, label in (("produce", "durable produce"), ("consume", "consume")):
+        add(f"nodi {label} vs Redis, messages per CPU second of client + server",
+            lambda one, phase=phase: _cpu_per_message(one["redis"][phase]) / _cpu_per_message(one["nodi"][phase]))
     add("nodi durable produce vs raw sequential write + fdatasync (MB/s)",
         lambda one: one["nodi"]["produce"]["mb_per_s"] / one["limits"]["sequential_write"]["mb_per_s"])
     add("nodi durable produce vs 256 KiB write+fdatasync loop (MB/s)",
@@ -93,6 +96,11 @@ def ratios(rounds: list[dict], latency_rate: int) -> list[dict]:
     add("Redis produce vs raw sequential write + fdatasync (MB/s)",
         lambda one: one["redis"]["produce"]["mb_per_s"] / one["limits"]["sequential_write"]["mb_per_s"])
     return out
+
+
+def _cpu_per_message(figures: dict) -> float:
+    """Client + server CPU us per message: steadier than msg/s on a busy machine."""
+    return figures["client_cpu_us_per_message"] + figures["server_cpu_us_per_message"]
 
 
 def _number(value: float | None, digits: int = 0) -> str:
