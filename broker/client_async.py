@@ -717,6 +717,16 @@ class AsyncClient:
 
         return AsyncQueue(self, topic, group, **options)
 
+    async def request(self, topic: str, value, *, key=None, headers=None, partition: int | None = None,
+                      timeout_ms: int | None = None) -> Message:
+        """Send `value` to `topic` as a request and return the reply (a Message): a
+        responder receives it from a queue group and calls message.reply(...). Raises
+        RequestTimeout when no reply comes within timeout_ms (see request_client.py)."""
+        from .request_client import requester_of
+
+        return await requester_of(self).request(topic, value, key=key, headers=headers, partition=partition,
+                                                timeout_ms=timeout_ms)
+
     async def describe_queue(self, topic: str, group: str, *, timeout_ms: int | None = None):
         """A queue group's settings and per partition its ack floor and window
         (queue_client.QueueDescription). UnknownQueueGroup when it never received."""

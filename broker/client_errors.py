@@ -206,6 +206,16 @@ class UnknownQueueGroup(QueueError):
     default_code = ErrorCode.UNKNOWN_QUEUE_GROUP
 
 
+class UnknownInbox(QueueError):
+    """The requester's inbox is gone (closed, idle too long, or the broker restarted)."""
+
+    default_code = ErrorCode.UNKNOWN_INBOX
+
+
+class RequestTimeout(Timeout):
+    """No reply to a request() within its timeout (client side)."""
+
+
 # -- the server (80-99) and the connection ---------------------------------------------
 
 
@@ -269,6 +279,7 @@ _CLASSES: dict[ErrorCode, type[NodiClientError]] = {
     ErrorCode.STALE_DELIVERY: StaleDelivery,
     ErrorCode.DELIVERY_SETTLED: DeliverySettled,
     ErrorCode.UNKNOWN_QUEUE_GROUP: UnknownQueueGroup,
+    ErrorCode.UNKNOWN_INBOX: UnknownInbox,
     ErrorCode.PARTLY_DUPLICATE: PartlyDuplicate,
     ErrorCode.KEY_REQUIRED: KeyRequired,
 }

@@ -76,7 +76,9 @@ class Client:
             timeout_ms = self._async.timeout_ms if hasattr(self, "_async") else DEFAULT_TIMEOUT_MS
         try:
             return future.result((timeout_ms + extra_ms) / 1000 + RESULT_GRACE_S)
-        except concurrent.futures.TimeoutError:
+        except concurrent.futures.TimeoutError:  # also the builtin TimeoutError, so a Timeout the call raised
+            if future.done() and not future.cancelled():
+                raise  # the call's own error (a Timeout with its message), not this wait running out
             future.cancel()
             raise Timeout(f"no result within {timeout_ms} ms") from None
         except concurrent.futures.CancelledError:
@@ -184,6 +186,7 @@ for _name in (
     "list_groups",
     "describe_group",
     "describe_queue",
+    "request",
     "list_queues",
     "reset_group",
     "commit_offsets",

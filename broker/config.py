@@ -19,6 +19,7 @@ from nodi.storage.metadata import TopicConfig
 from .compaction_settings import DEFAULT_COMPACTION_SETTINGS, CompactionSettings
 from .groups import DEFAULT_GROUP_LIMITS, GroupLimits
 from .queue_settings import DEFAULT_QUEUE_LIMITS, QueueLimits
+from .inbox_limits import DEFAULT_INBOX_LIMITS, InboxLimits
 from .limits import DEFAULT_PROTOCOL_LIMITS, ProtocolLimits
 from .logs import check_log_level
 
@@ -57,6 +58,8 @@ class ServerConfig:
     groups: GroupLimits = DEFAULT_GROUP_LIMITS
     # Queue group limits (broker/queue_settings.py): window_messages_max and more.
     queues: QueueLimits = DEFAULT_QUEUE_LIMITS
+    # Request-reply inbox limits (broker/inbox_limits.py).
+    inboxes: InboxLimits = DEFAULT_INBOX_LIMITS
     # Log compaction (broker/compaction_settings.py): dirty_ratio_min and more.
     compaction: CompactionSettings = DEFAULT_COMPACTION_SETTINGS
 
@@ -75,6 +78,7 @@ class ServerConfig:
             raise InvalidConfigError(str(error)) from None
         self.topic_defaults.validate()
         self.queues.validate()
+        self.inboxes.validate()
         self.compaction.validate()
 
     def announced_limits(self) -> dict[str, int]:
@@ -89,7 +93,7 @@ class ServerConfig:
 
 # The tables besides [server]: TOML table name -> the settings class its keys build.
 SECTIONS: dict[str, type] = {"topic_defaults": TopicConfig, "protocol": ProtocolLimits, "groups": GroupLimits,
-                             "queues": QueueLimits, "compaction": CompactionSettings}
+                             "queues": QueueLimits, "inboxes": InboxLimits, "compaction": CompactionSettings}
 _SIMPLE = {f.name: f for f in fields(ServerConfig) if f.name not in SECTIONS}
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -178,6 +182,7 @@ def load_config(path: str | None = None, *, environment: dict[str, str] | None =
             protocol=ProtocolLimits(**tables["protocol"]),
             groups=GroupLimits(**tables["groups"]),
             queues=QueueLimits(**tables["queues"]),
+            inboxes=InboxLimits(**tables["inboxes"]),
             compaction=CompactionSettings(**tables["compaction"]),
         )
     except (TypeError, ValueError) as error:

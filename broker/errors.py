@@ -64,6 +64,7 @@ class ErrorCode(enum.IntEnum):
     STALE_DELIVERY = 102
     DELIVERY_SETTLED = 103
     UNKNOWN_QUEUE_GROUP = 104
+    UNKNOWN_INBOX = 105
     # Publish dedup (140-149).
     PARTLY_DUPLICATE = 140
     # Compaction (120-129).
@@ -157,6 +158,7 @@ ERROR_DESCRIPTIONS: dict[ErrorCode, tuple[str, str]] = {
     ),
     ErrorCode.DELIVERY_SETTLED: ("no", "a nack, in-progress or reject of a message already acked or dead-lettered"),
     ErrorCode.UNKNOWN_QUEUE_GROUP: ("no", "no queue group by that name on that topic (receive creates one)"),
+    ErrorCode.UNKNOWN_INBOX: ("no", "no inbox by that name: closed, idle past inbox_idle_timeout_ms, or from before a restart"),
     ErrorCode.PARTLY_DUPLICATE: (
         "no",
         "some records of a produce carry an idempotency key seen within the topic's dedup window: nothing was "

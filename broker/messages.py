@@ -19,6 +19,7 @@ from typing import ClassVar
 
 from .errors import ErrorCode
 from .schema import (
+    BOOL,
     INT8,
     INT16,
     INT32,
@@ -82,6 +83,11 @@ class ApiKey(enum.IntEnum):
     QUEUE_SETTLE = 21
     QUEUE_DESCRIBE = 22
     QUEUE_LIST = 23
+    # Request-reply inboxes (broker/inbox_service.py).
+    INBOX_OPEN = 24
+    INBOX_RECEIVE = 25
+    INBOX_CLOSE = 26
+    REPLY = 27
 
 
 class EventKey(enum.IntEnum):
@@ -772,6 +778,60 @@ class QueueListResponse(Response):
 
 
 # ---------------------------------------------------------------------------
+# Request-reply inboxes (broker/inbox_service.py; the client: broker/request_client.py)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class InboxOpenRequest(Request):
+    API_KEY = ApiKey.INBOX_OPEN
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class InboxOpenResponse(Response):
+    API_KEY = ApiKey.INBOX_OPEN
+    inbox: str = wire(STRING, "", doc="the inbox's name: put it in a request's nodi-reply-to header")
+    idle_timeout_ms: int = wire(INT32, 0, doc="an inbox not polled for this long is closed")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class InboxReceiveRequest(Request):
+    API_KEY = ApiKey.INBOX_RECEIVE
+    inbox: str = wire(STRING)
+    wait_ms: int = wire(INT32, 0, doc="long poll: wait up to this long for a reply")
+    bytes_max: int = wire(INT32, 1 << 20, doc="budget for the replies; at least one batch is sent")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class InboxReceiveResponse(Response):
+    API_KEY = ApiKey.INBOX_RECEIVE
+    records: bytes | memoryview = wire(RECORDS, b"", doc="reply batches as the responders sent them")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class InboxCloseRequest(Request):
+    API_KEY = ApiKey.INBOX_CLOSE
+    inbox: str = wire(STRING)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class InboxCloseResponse(Response):
+    API_KEY = ApiKey.INBOX_CLOSE
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ReplyRequest(Request):
+    API_KEY = ApiKey.REPLY
+    inbox: str = wire(STRING, doc="a request's nodi-reply-to header")
+    records: bytes | memoryview = wire(RECORDS, doc="whole RecordBatch v2; each record has a nodi-correlation-id")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ReplyResponse(Response):
+    API_KEY = ApiKey.REPLY
+    delivered: bool = wire(BOOL, False, doc="false: the inbox is gone or full, the reply was dropped (and counted)")
+
+
+# ---------------------------------------------------------------------------
 # Registry
 
 
@@ -822,6 +882,13 @@ APIS: tuple[Api, ...] = (
         summary="A queue group's settings and each partition's ack floor and window."),
     Api(ApiKey.QUEUE_LIST, QueueListRequest, QueueListResponse,
         summary="Every queue group (of one topic, or of all) with its dead-letter topic and window totals."),
+    Api(ApiKey.INBOX_OPEN, InboxOpenRequest, InboxOpenResponse,
+        summary="Open an in-memory inbox for replies (request-reply); the broker names it."),
+    Api(ApiKey.INBOX_RECEIVE, InboxReceiveRequest, InboxReceiveResponse,
+        summary="Take the replies waiting in an inbox, waiting up to wait_ms for one."),
+    Api(ApiKey.INBOX_CLOSE, InboxCloseRequest, InboxCloseResponse, summary="Close an inbox; later replies to it are dropped."),
+    Api(ApiKey.REPLY, ReplyRequest, ReplyResponse,
+        summary="Put reply batches in a requester's inbox (memory only); dropped and counted when it is gone."),
     Api(ApiKey.SERVER_STATUS, ServerStatusRequest, ServerStatusResponse,
         summary="Server-level facts for `nodi status`: version, uptime, data directory, connections, disk space."),
     Api(ApiKey.COMPACT_TOPIC, CompactTopicRequest, CompactTopicResponse,
@@ -869,7 +936,9 @@ __all__ = [
     "QueueGroupSettings", "QueueDelivery", "Settlement", "SettleResult", "QueuePartitionState",
     "QueueReceiveRequest", "QueueReceiveResponse", "QueueSettleRequest", "QueueSettleResponse",
     "QueueDescribeRequest", "QueueDescribeResponse", "QueueGroupSummary", "QueueListRequest",
-    "QueueListResponse", "Api", "APIS",
+    "QueueListResponse", "InboxOpenRequest", "InboxOpenResponse", "InboxReceiveRequest",
+    "InboxReceiveResponse", "InboxCloseRequest", "InboxCloseResponse", "ReplyRequest", "ReplyResponse",
+    "Api", "APIS",
     "PartitionCompaction", "CompactTopicRequest", "CompactTopicResponse",
     "API_BY_KEY", "EVENTS", "EVENT_VERSION", "choose_protocol_version", "api_version",
 ]

@@ -184,6 +184,23 @@ class _StoreCollector:
                     dead.add_metric(key, partition.dead_lettered)
                     ttl.add_metric(key, partition.expired)
         yield from families
+        yield from self._inbox_families()
+
+    def _inbox_families(self):
+        """Request-reply inboxes (nodi_inbox*, nodi_replies_*), from the inbox service's
+        statistics()."""
+        inboxes = GaugeMetricFamily("nodi_inboxes", "Request-reply inboxes open")
+        delivered = CounterMetricFamily("nodi_replies_delivered", "Reply batches put in an inbox")
+        dropped = CounterMetricFamily("nodi_replies_dropped", "Reply batches for an inbox that was gone or full")
+        expired = CounterMetricFamily("nodi_inboxes_expired", "Inboxes closed for going unpolled")
+        broker = self.server.broker
+        if broker is not None:
+            statistics = broker.inboxes.statistics()
+            inboxes.add_metric([], statistics.inboxes)
+            delivered.add_metric([], statistics.replies_delivered)
+            dropped.add_metric([], statistics.replies_dropped)
+            expired.add_metric([], statistics.inboxes_expired)
+        yield from (inboxes, delivered, dropped, expired)
 
     def _compaction_families(self):
         """Compaction of compacted topics' partitions (nodi_compaction_*), from the

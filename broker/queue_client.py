@@ -186,6 +186,12 @@ class QueueMessage(Message):
     def reject(self, reason: str | None = None, *, wait: bool = True):
         return self._queue._settle(self, m.SettleAction.REJECT, m.CONFIG_DEFAULT, reason, wait)
 
+    def reply(self, value, *, key=None, headers=None):
+        """Answer this request (request-reply: broker/request_client.py): True when the
+        reply reached the requester's inbox, False when it is gone (dropped, counted).
+        Settle the message as well (iteration acks it under at-least-once)."""
+        return self._queue._reply(self, value, key, headers)
+
 
 class AsyncQueue:
     """See the module docstring. Made by AsyncClient.queue; `async with` it or call
@@ -318,6 +324,11 @@ class AsyncQueue:
         done = asyncio.get_running_loop().create_future()
         done.set_result(None)
         return done
+
+    def _reply(self, message: QueueMessage, value, key, headers):
+        from .request_client import send_reply
+
+        return send_reply(self.client, message, value, key, headers)
 
     def _settle_nowait(self, message: QueueMessage, action: m.SettleAction, delay_ms: int,
                        text: str | None) -> asyncio.Future:
@@ -465,6 +476,11 @@ class Queue:
             pending, self._local = self._local, []
         for item in pending:
             self._async._settle_nowait(*item)
+
+    def _reply(self, message: QueueMessage, value, key, headers) -> bool:
+        from .request_client import send_reply
+
+        return self._client._run(send_reply(self._client._async, message, value, key, headers), None)
 
     def flush(self) -> None:
         self._client._run(self._async.flush(), None)

@@ -96,6 +96,9 @@ class Broker:
         self._producer_ids = itertools.count()
         self._producer_id_base = int(time.time() * 1000) << 20
         self.server_id = f"nodi-{self._producer_id_base:x}"
+        from .inbox_service import InboxService  # request-reply inboxes, in memory
+
+        self.inboxes = InboxService(self.server_id, config.inboxes)
         # The server's statistics() (connections, uptime), set by the Server that runs
         # this broker; SERVER_STATUS reports them.
         self.server_statistics: Callable[[], object] | None = None
@@ -108,6 +111,7 @@ class Broker:
             self._watch(partition_log)
         tasks.create_task(self._expire_members())
         self.queues.attach(loop, tasks)
+        self.inboxes.attach(tasks)
 
     def _partition_count(self, topic: str) -> int | None:
         config = self.store.topics().get(topic)
@@ -556,5 +560,9 @@ class Broker:
         m.QueueSettleRequest: lambda self, request: self.queues.settle(request),
         m.QueueDescribeRequest: lambda self, request: self.queues.describe(request),
         m.QueueListRequest: lambda self, request: self.queues.list(request),
+        m.InboxOpenRequest: lambda self, request: self.inboxes.open(request),
+        m.InboxReceiveRequest: lambda self, request: self.inboxes.receive(request),
+        m.InboxCloseRequest: lambda self, request: self.inboxes.close(request),
+        m.ReplyRequest: lambda self, request: self.inboxes.reply(request),
         m.CompactTopicRequest: lambda self, request: self.compaction.compact_topic(request),
     }
