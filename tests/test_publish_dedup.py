@@ -6,6 +6,7 @@ timing is asserted."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -204,3 +205,36 @@ def test_many_batches_in_flight_with_duplicates_keep_order_and_write_each_key_on
         assert [offsets[results[f"k{i}"][1]] for i in new] == [f"v{i}".encode() * 20 for i in new]
         order = [results[f"k{i}"][1] for i in new]
         assert order == sorted(order), [(i, results[f"k{i}"][1]) for i in new][:60]  # send order
+
+
+def test_resending_everything_after_a_crash_mid_stream_writes_each_key_once(broker_factory, tmp_path):
+    """The application's retry after kill -9 of the broker: every key sent again, the
+    ones the log kept are deduplicated (read back at start), the others written."""
+    data_dir = str(tmp_path / "crash")
+    broker = broker_factory(data_dir).start()
+    total = 600
+    with Client(broker.address, timeout_ms=5_000) as client:
+        client.create_topic("ledger", partitions=2, dedup_window_ms=600_000)
+        with client.producer(linger_ms=2, acks="written", delivery_timeout_ms=1_000) as producer:
+            first = None
+            for i in range(total):
+                future = producer.send("ledger", f"entry {i}", idempotency_key=f"entry-{i}")
+                first = first or future
+                if i == total // 2:  # batches in flight: some written, some not
+                    first.result(timeout=WAIT_S)
+                    broker.kill()
+            with contextlib.suppress(Exception):
+                producer.flush(timeout_ms=3_000)
+    broker = broker_factory(data_dir).start()
+    with Client(broker.address) as client:
+        kept = sum(p.high_watermark for p in client.describe_topic("ledger").partitions)
+        assert 0 < kept < total  # the crash came mid-stream
+        with client.producer() as producer:
+            futures = [producer.send("ledger", f"entry {i}", idempotency_key=f"entry-{i}") for i in range(total)]
+            producer.flush()
+            results = [future.result(timeout=WAIT_S) for future in futures]
+        stored = settled(client, "ledger", total, 2)
+        assert sorted(value for _, _, value in stored) == sorted(f"entry {i}".encode() for i in range(total))
+        by_value = {value: (partition, offset) for partition, offset, value in stored}
+        assert results == [by_value[f"entry {i}".encode()] for i in range(total)]
+    broker.stop()
