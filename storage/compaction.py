@@ -444,7 +444,11 @@ class Compactor:
             cleaned.write_indexes()
             fresh = Segment(log.fs, log.directory, segment.base_offset)
 
-            def install() -> Segment:
+            def install(first: bool) -> Segment | None:
+                if position == 0 and not first:  # nothing left: the segment goes (I10)
+                    _remove_cleaned(log, cleaned)
+                    _delete_files(log, segment)
+                    return None
                 _swap_files(log, segment, cleaned)
                 fresh.size = position
                 fresh.next_offset = segment.next_offset
@@ -574,6 +578,23 @@ def _swap_files(log: Log, old: Segment, cleaned: Segment) -> None:
     for path in finals:
         if fs.exists(path + DELETED_SUFFIX):
             fs.unlink(path + DELETED_SUFFIX)
+
+
+def _delete_files(log: Log, old: Segment) -> None:
+    """A segment compacted to nothing leaves the log as retention's do (I10: renamed to
+    .deleted, directory fsynced, unlinked), but keeps its open files for readers that
+    took it (I15): a read of its offsets finds no batch there and goes on to the next
+    segment, as for any gap."""
+    fs, directory = log.fs, log.directory
+    old.pin_files()
+    renamed = []
+    for path in old.paths:
+        if fs.exists(path):
+            fs.rename(path, path + DELETED_SUFFIX)
+            renamed.append(path + DELETED_SUFFIX)
+    fs.sync_directory(directory)
+    for path in renamed:
+        fs.unlink(path)
 
 
 def _remove_cleaned(log: Log, cleaned: Segment) -> None:

@@ -562,24 +562,34 @@ class Log:
                     raise self._error from error
         return deleted
 
-    def replace_sealed_segment(self, old: Segment, install: Callable[[], Segment]) -> bool:
+    def replace_sealed_segment(self, old: Segment, install: Callable[[bool], Segment | None]) -> bool:
         """Compaction's swap of one sealed segment (storage/compaction.py, I14, I15).
         Under the lock, so reads and retention see the old segment or the new one:
-        `install()` renames the files and returns the new segment, which takes the old
-        one's place. A reader that took the old one keeps its open files. False, and
-        nothing done, when `old` is no longer a sealed segment of this log."""
+        `install(first)` renames the files and returns the new segment, which takes the
+        old one's place, or None when the segment left the log (compacted to nothing;
+        never when `first`: that would move the log start). A reader that took the old
+        one keeps its open files. False, and nothing done, when `old` is no longer a
+        sealed segment of this log."""
         with self._lock:
             self._check_writable()
             number = next((n for n, segment in enumerate(self._segments) if segment is old), None)
             if number is None or number == len(self._segments) - 1:
                 return False
             try:
-                fresh = install()
+                fresh = install(number == 0)
             except OSError as error:  # a failed rename or directory fsync (I9)
                 self._fail_locked(LogReadOnlyError(f"compaction swap of {old.log_path} failed: {error}"))
                 raise self._error from error
-            assert fresh.base_offset == old.base_offset
-            self._segments[number] = fresh
+            if fresh is None:
+                assert number > 0
+                # Its offsets become part of the gap after the previous segment, as an
+                # open would see them.
+                self._segments[number - 1].next_offset = old.next_offset
+                del self._segments[number]
+                del self._base_offsets[number]
+            else:
+                assert fresh.base_offset == old.base_offset
+                self._segments[number] = fresh
         return True
 
     # -- read -----------------------------------------------------------------------

@@ -217,6 +217,31 @@ def test_a_segment_taken_before_a_swap_keeps_reading_its_own_index(tmp_path):
     log.close()
 
 
+def test_segments_compacted_to_nothing_leave_the_log_but_the_first_stays(tmp_path):
+    directory = str(tmp_path / "log")
+    log = Log.open(directory, CONFIG)
+    appended = fill(log, 60)  # every key is written again below: all of this goes
+    log.roll()
+    overwrite = fill(log, KEYS // 4 + 1, first=60)
+    log.roll()
+    middle = log.read(log.segments[2].base_offset, 1 << 20)  # a reader inside a doomed segment
+    before = len(log.segments)
+    assert before > 4
+    Compactor().compact(log)
+    appended.update(overwrite)
+    sizes = [segment.size for segment in log.segments]
+    assert len(log.segments) < before
+    assert log.log_start_offset == 0 and sizes[0] == 0  # the first stays, empty: the log start holds
+    assert all(size > 0 for size in sizes[1:-1])
+    assert stored(log) == latest_of(appended)
+    assert middle.to_bytes() and decode_batches(middle.to_bytes())  # still the old batches
+    assert not [n for n in os.listdir(directory) if n.endswith((".cleaned", ".swap", ".deleted"))]
+    log.close()
+    with Log.open(directory, CONFIG) as reopened:
+        assert [segment.size for segment in reopened.segments] == sizes
+        assert stored(reopened) == latest_of(appended)
+
+
 def test_retention_removing_segments_during_a_run_is_not_an_error(tmp_path):
     config = LogConfig(segment_bytes=4096, index_interval_bytes=256, fsync_policy=FsyncPolicy.NEVER,
                        retention_ms=None, retention_bytes=8192, dense_offsets=False)
