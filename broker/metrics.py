@@ -315,8 +315,10 @@ class Metrics:
             self.count_error(ErrorCode(code))
             return
         if isinstance(request, m.ProduceRequest):
-            self.bytes_in.labels(request.topic).inc(len(request.records))
             response = reply.response
+            if response.duplicates:  # publish dedup: nothing was written
+                return
+            self.bytes_in.labels(request.topic).inc(len(request.records))
             if response.last_offset >= 0:
                 self.messages_in.labels(request.topic).inc(response.last_offset - response.base_offset + 1)
             elif request.acks is m.Acks.NONE:

@@ -238,3 +238,25 @@ def test_resending_everything_after_a_crash_mid_stream_writes_each_key_once(brok
         by_value = {value: (partition, offset) for partition, offset, value in stored}
         assert results == [by_value[f"entry {i}".encode()] for i in range(total)]
     broker.stop()
+
+
+def test_metrics_count_duplicates_and_not_their_bytes(tmp_path):
+    from test_ops_metrics import scrape, total
+
+    process = BrokerProcess(str(tmp_path / "metrics"), metrics=True).start()
+    try:
+        with Client(process.address) as client:
+            client.create_topic("counted")
+            client.produce("counted", b"v", idempotency_key="k")
+            for _ in range(3):
+                client.produce("counted", b"v", idempotency_key="k")
+            with client.producer(linger_ms=100) as producer:
+                producer.send("counted", b"v", idempotency_key="k")
+                producer.send("counted", b"w", idempotency_key="j")
+        samples = scrape(process.metrics_port)
+        assert total(samples, "nodi_dedup_duplicates_total") == 4
+        assert total(samples, "nodi_dedup_partly_duplicate_requests_total") == 1
+        assert total(samples, "nodi_dedup_keys") == 2
+        assert total(samples, "nodi_messages_in_total", topic="counted") == 2
+    finally:
+        process.stop()
