@@ -268,7 +268,8 @@ class AsyncQueue:
             received = self._decode(response, owner)
             if received and self.guarantee == AT_MOST_ONCE:
                 # Acked (durably) before any is handed out: a crash from here loses them.
-                await asyncio.gather(*(self._settle_nowait(message, m.SettleAction.ACK, m.CONFIG_DEFAULT, None)
+                await asyncio.gather(*(self._settle_nowait(message, m.SettleAction.ACK, m.CONFIG_DEFAULT, None,
+                                                           record_error=False)
                                        for message in received))
             self._buffer.extend(received)
             if self._buffer:
@@ -318,7 +319,7 @@ class AsyncQueue:
                 wait: bool) -> asyncio.Future:
         if message is self._current:
             self._current_settled = True
-        future = self._settle_nowait(message, action, delay_ms, text)
+        future = self._settle_nowait(message, action, delay_ms, text, record_error=not wait)
         if wait:
             return future
         done = asyncio.get_running_loop().create_future()
@@ -331,11 +332,13 @@ class AsyncQueue:
         return send_reply(self.client, message, value, key, headers)
 
     def _settle_nowait(self, message: QueueMessage, action: m.SettleAction, delay_ms: int,
-                       text: str | None) -> asyncio.Future:
-        """Queue a settlement (on the client's loop); the future holds its result."""
+                       text: str | None, *, record_error: bool = True) -> asyncio.Future:
+        """Queue a settlement (on the client's loop); the future holds its result. With
+        record_error (nobody awaits the future) a failure is kept for flush() to raise."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        future.add_done_callback(self._record_error)
+        if record_error:
+            future.add_done_callback(self._record_error)
         if self._closed and action is not m.SettleAction.NACK:
             future.set_exception(ClientClosed("the queue is closed"))
             return future
@@ -461,7 +464,7 @@ class Queue:
         queue = self._async
         if wait:
             async def settle():
-                return await queue._settle_nowait(message, action, delay_ms, text)
+                return await queue._settle_nowait(message, action, delay_ms, text, record_error=False)
 
             return self._client._run(settle(), None)
         with self._local_lock:

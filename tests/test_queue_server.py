@@ -261,8 +261,11 @@ async def async_queue_and_bad_settles(broker) -> None:
             assert [r.error_code for r in response.results] == [m.ErrorCode.UNKNOWN_DELIVERY,
                                                                  m.ErrorCode.UNKNOWN_PARTITION]
             with pytest.raises(UnknownDelivery):
-                await queue._settle_nowait(message.__class__("a", 0, 50, 0, None, None), m.SettleAction.ACK,
-                                           -1, None)
+                await message.__class__("a", 0, 50, 0, None, None, _queue=queue).ack()
+            await queue.flush()  # an error the caller awaited is not raised again
+            message.__class__("a", 0, 51, 0, None, None, _queue=queue).ack(wait=False)
+            with pytest.raises(UnknownDelivery):  # one nobody awaited is raised by flush
+                await queue.flush()
             # A receive whose long poll ends empty answers with no messages.
             assert await queue.receive(timeout_ms=200) is None
             await client.produce("a", b"two", partition=0)
