@@ -38,13 +38,15 @@ def client(server):
         yield client
 
 
-def read_all(client, topic: str, partition: int) -> list:
-    """Every message of a partition, with fetch."""
+def read_all(client, topic: str, partition: int, until: int | None = None) -> list:
+    """Every message of a partition, with fetch. Fetches end at the durable offset, so
+    after acks="written" pass `until` (the end the writes reached): the reads then
+    long-poll until it is durable."""
     out = []
-    end = client.list_offsets(topic, partition, "latest")
+    end = client.list_offsets(topic, partition, "latest") if until is None else until
     offset = 0
     while offset < end:
-        messages, offset = client.fetch_with_position(topic, partition, offset, bytes_max=4 << 20)
+        messages, offset = client.fetch_with_position(topic, partition, offset, bytes_max=4 << 20, wait_ms=10_000)
         out.extend(messages)
     return out
 
@@ -134,7 +136,7 @@ def test_compression_and_acks(client, compression, acks):
     with client.producer(compression=compression, acks=acks, linger_ms=20) as producer:
         futures = [producer.send(topic, f"value-{i}" * 20, headers={"i": str(i)}) for i in range(300)]
     assert [future.result() for future in futures] == [(0, i) for i in range(300)]
-    messages = read_all(client, topic, 0)
+    messages = read_all(client, topic, 0, until=300)
     assert [message.value for message in messages] == [f"value-{i}".encode() * 20 for i in range(300)]
     assert [message.header("i") for message in messages] == [str(i).encode() for i in range(300)]
     codecs = {header.compression for header, _ in iter_batches(client._run(_raw_fetch(client, topic, 0), None))}
