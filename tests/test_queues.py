@@ -308,22 +308,31 @@ OPERATIONS = st.lists(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(OPERATIONS)
-def test_model_every_message_ends_acked_or_dead_lettered_exactly_once(operations) -> None:
+@given(OPERATIONS, st.sampled_from(["drop", "dead-letter"]))
+def test_model_every_message_ends_acked_or_dead_lettered_exactly_once(operations, expired) -> None:
     end = 15
-    queue = make_queue(end, window=6, max_deliveries=3, backoff=Backoff.fixed([50, 200]))
+    queue = make_queue(end, window=6, max_deliveries=3, backoff=Backoff.fixed([50, 200]), expired=expired)
     now = 0
-    acked: set[int] = set()
+    acked: set[int] = set()  # acked, or expired and dropped
     dead: set[int] = set()
     leased: dict[int, int] = {}  # offset -> delivery count the consumer holds
     counts: dict[int, int] = {}
     for name, number, step in operations:
         now += step // 10
         if name == "take":
-            for taken in queue.take(number % 4 + 1, now):
+            for index, taken in enumerate(queue.take(number % 4 + 1, now)):
                 assert taken.offset not in acked and taken.offset not in dead
                 assert taken.delivery_count == counts.get(taken.offset, 0) + 1
                 assert taken.offset - queue.floor < 6
+                # The server's checks at delivery, on what it just took: not due, expired.
+                if index == 0 and number % 7 == 5:
+                    queue.defer(taken.offset, taken.delivery_count, now + step)
+                    continue
+                if index == 0 and number % 7 == 6:
+                    queue.expire(taken.offset, taken.delivery_count)
+                    if expired == "drop":
+                        acked.add(taken.offset)
+                    continue
                 counts[taken.offset] = taken.delivery_count
                 leased[taken.offset] = taken.delivery_count
         elif name in ("ack", "nack", "progress", "reject") and leased:
