@@ -6,7 +6,8 @@ partition, append a (key, value, headers, timestamp) tuple and its future to the
 buffer of that partition, under one lock (the sync Producer is called from any thread;
 the sender runs on the client's event loop). A buffer is sealed when it reaches
 batch_bytes_max or when linger_ms has passed since its first message; the sender task
-then builds it ONCE into a RecordBatch v2 (storage.records.build_batch, optionally gzip)
+then builds it ONCE into a RecordBatch v2 (storage.records.build_batch_buffer: one copy of
+the records, into a bytearray that is only read from then on; optionally gzip)
 and sends it as one Produce request. Several batches are in flight at once: up to
 max_in_flight for the producer and PARTITION_IN_FLIGHT_MAX per partition.
 
@@ -52,7 +53,7 @@ from collections import deque
 
 from nodi.storage.errors import NodiError
 from nodi.storage.limits import DEFAULT_RECORD_LIMITS, KIB, MIB
-from nodi.storage.records import Compression, build_batch, compute_crc, decode_records, parse_header
+from nodi.storage.records import Compression, build_batch, build_batch_buffer, compute_crc, decode_records, parse_header
 
 from .client_errors import (
     BufferFull,
@@ -410,7 +411,7 @@ class ProducerCore:
             count = len(buffer.records)
             sequence = state.next_sequence if self.idempotent else -1
             try:
-                data = build_batch(
+                data = build_batch_buffer(
                     buffer.records,
                     compression=Compression.NONE if buffer.keyed else self.compression,
                     producer_id=state.producer_id if self.idempotent else -1,
