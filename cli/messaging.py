@@ -341,4 +341,8 @@ def consume_command(
                 printed += len(taken)
                 _give_back(consumer, batch[len(taken) :])
         finally:
-            consumer.close()  # commits what was printed (in a group) and leaves it
+            try:
+                if group is not None and not consumer.closed:
+                    consumer.commit()  # what was printed; a failure is exit status 1
+            finally:
+                consumer.close()  # leaves the group
