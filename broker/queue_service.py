@@ -28,6 +28,7 @@ import collections
 import dataclasses
 from dataclasses import dataclass
 import logging
+import threading
 import time
 
 from nodi.storage.config import FsyncPolicy
@@ -128,7 +129,9 @@ class QueueService:
         self._wake = asyncio.Event()
         self.dead_letter_failures = 0
         # (topic, partition) -> (base offset, last offset, records) of its last decoded batch.
+        # Reads run in threads (_read_records), hence the lock.
         self._batches: collections.OrderedDict[tuple[str, int], tuple[int, int, list]] = collections.OrderedDict()
+        self._batches_lock = threading.Lock()
         self._load()
 
     def attach(self, loop: asyncio.AbstractEventLoop, tasks: asyncio.TaskGroup) -> None:
@@ -231,7 +234,7 @@ class QueueService:
                 self._wake.set()  # dead letters may be waiting
             taken = group.receive(count, now)
             if taken:
-                deliveries, records = self._collect(group, taken, budget, now)
+                deliveries, records = await self._collect(group, taken, budget, now)
                 if deliveries:
                     await self.persist()
                     batch = build_batch(records, limits=RecordLimits(batch_bytes_max=budget, record_bytes_max=budget))
@@ -275,13 +278,14 @@ class QueueService:
             if not future.done():
                 future.set_result(None)
 
-    def _collect(self, group: QueueGroup, taken: list[Taken], budget: int,
+    async def _collect(self, group: QueueGroup, taken: list[Taken], budget: int,
                  now: int) -> tuple[list[m.QueueDelivery], list[NewRecord]]:
         """Read the records of `taken`. Offsets with no record are skipped (done); a
         message whose TTL (its header, else the topic's ttl_ms) has passed is expired; one
         whose not-before header is ahead of `now` is deferred to it; what does not fit
         in `budget` bytes, or cannot be read, is released."""
-        found = self._read_records(group.topic, [(t.partition, t.offset) for t in taken])
+        # A read may go to the disk: off the loop (the leases are taken already).
+        found = await asyncio.to_thread(self._read_records, group.topic, [(t.partition, t.offset) for t in taken])
         config = self.store.topics().get(group.topic)
         topic_ttl_ms = config.ttl_ms if config is not None else 0
         deliveries: list[m.QueueDelivery] = []
@@ -335,9 +339,9 @@ class QueueService:
             while index < len(remaining):
                 offset = remaining[index]
                 wanted_here = set(remaining[index:])
-                cached = self._batches.get((topic, partition))
+                with self._batches_lock:
+                    cached = self._batches.get((topic, partition))
                 if cached is not None and cached[0] <= offset <= cached[1]:
-                    self._batches.move_to_end((topic, partition))
                     last = cached[1]
                     for record in cached[2]:
                         if record.offset in wanted_here:
@@ -372,10 +376,11 @@ class QueueService:
         """Keep the last decoded batch of a partition: a batch of many records serves
         several receives, decoded once (at most DECODED_BATCHES_MAX batches kept)."""
         key = (topic, partition)
-        self._batches[key] = (base_offset, last_offset, records)
-        self._batches.move_to_end(key)
-        while len(self._batches) > DECODED_BATCHES_MAX:
-            self._batches.popitem(last=False)
+        with self._batches_lock:
+            self._batches[key] = (base_offset, last_offset, records)
+            self._batches.move_to_end(key)
+            while len(self._batches) > DECODED_BATCHES_MAX:
+                self._batches.popitem(last=False)
 
     async def settle(self, request: m.QueueSettleRequest) -> Reply:
         group = self._group_for(request.group, request.topic, None)
@@ -434,8 +439,9 @@ class QueueService:
                                       self.dead_letter_failures)
 
     def on_topic_deleted(self, topic: str) -> None:
-        for key in [key for key in self._batches if key[0] == topic]:
-            del self._batches[key]
+        with self._batches_lock:
+            for key in [key for key in self._batches if key[0] == topic]:
+                del self._batches[key]
         for key in [key for key in self.groups if key[1] == topic]:
             group = self.groups.pop(key)
             self._notify(group)
@@ -522,7 +528,8 @@ class QueueService:
         """Append the copies, wait until they are durable, then ack them in the source."""
         topic = group.settings.dead_letter_topic_for(group.topic)
         partitions = await self._dead_letter_partitions(topic, len(group.partitions))
-        found = self._read_records(group.topic, [(letter.partition, letter.offset) for letter in letters])
+        found = await asyncio.to_thread(self._read_records, group.topic,
+                                        [(letter.partition, letter.offset) for letter in letters])
         failures = [r for r in found.values() if isinstance(r, Exception)]
         if failures:
             raise failures[0]
