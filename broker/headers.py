@@ -34,6 +34,7 @@ DLQ_LAST_DELIVERY_MS = "nodi-dlq-last-delivery-ms"
 DLQ_LAST_ERROR = "nodi-dlq-last-error"  # the consumer's last nack error text, may be empty
 DLQ_DEAD_LETTERED_MS = "nodi-dlq-dead-lettered-ms"
 DLQ_SOURCE_TIMESTAMP_MS = "nodi-dlq-source-timestamp-ms"  # the copy's own timestamp is the dead-letter time
+DLQ_VALUE_OMITTED = "nodi-dlq-value-omitted"  # "1": the copy was too big with its value; the source has it
 
 DLQ_REASONS = ("max-deliveries", "rejected", "expired")
 

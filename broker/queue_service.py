@@ -40,7 +40,7 @@ from nodi.storage.records import NewRecord, build_batch, decode_records, iter_ba
 from . import messages as m
 from .dead_letters import dead_letter_record
 from .errors import ErrorCode, ProtocolError
-from .headers import NOT_BEFORE_MS, expires_at_ms, find_integer
+from .headers import DLQ_VALUE_OMITTED, NOT_BEFORE_MS, expires_at_ms, find_integer
 from .queue_settings import DEFAULT_QUEUE_LIMITS, Backoff, QueueLimits, QueueSettings
 from .queue_state import QueueStateError, decode_partition, encode_partition, state_bytes_max
 from .queue_group import QueueGroup
@@ -55,11 +55,47 @@ READ_BYTES = 256 * 1024
 RESPONSE_OVERHEAD_BYTES = 64 * 1024
 # Dead letters written per pass, and the pause after a failed pass.
 DEAD_LETTERS_PER_PASS = 500
-DEAD_LETTER_RETRY_S = 1.0
+DEAD_LETTER_RETRY_S = 1.0  # the first retry of a failed pass, doubling up to the max
+DEAD_LETTER_RETRY_MAX_S = 60.0
 # Decoded batches kept for the next receives (one per partition, the most recent ones).
 DECODED_BATCHES_MAX = 64
 # The timer's longest sleep (it also wakes when told to).
 TIMER_INTERVAL_MAX_S = 0.5
+
+
+def _record_bytes(record: NewRecord) -> int:
+    """Key, value and header bytes: what record_bytes_max bounds."""
+    return len(record.key or b"") + len(record.value or b"") + sum(
+        len(name.encode()) + len(value or b"") for name, value in record.headers)
+
+
+# Per-record framing in a batch (length, attributes, deltas, lengths: varints), at most.
+_RECORD_OVERHEAD_BYTES = 64
+_BATCH_OVERHEAD_BYTES = 4 * 1024
+
+
+def _chunks(items: list, limits: RecordLimits) -> list[list]:
+    """`items` ((letter, copy) pairs) cut into runs whose batch fits the log's limits.
+    A copy too big for any batch (a source record near the limits plus the dead-letter
+    headers) goes without its value, marked by the value-omitted header: the source log
+    still holds it, at the offset the headers name."""
+    budget = limits.batch_bytes_max - _BATCH_OVERHEAD_BYTES
+    runs: list[list] = [[]]
+    used = 0
+    for letter, copy in items:
+        size = _record_bytes(copy)
+        if size > limits.record_bytes_max or size + _RECORD_OVERHEAD_BYTES > budget:
+            log.error("dead-letter copy of partition %d offset %d is %d bytes, over the log's limits: "
+                      "written without its value", letter.partition, letter.offset, size)
+            copy = copy._replace(value=None, headers=[*copy.headers, (DLQ_VALUE_OMITTED, b"1")])
+            size = _record_bytes(copy)
+        size += _RECORD_OVERHEAD_BYTES
+        if runs[-1] and used + size > budget:
+            runs.append([])
+            used = 0
+        runs[-1].append((letter, copy))
+        used += size
+    return [run for run in runs if run]
 
 
 def now_ms() -> int:
@@ -128,6 +164,8 @@ class QueueService:
         self._persisted: asyncio.Future | None = None  # the next tick's stage + flush
         self._wake = asyncio.Event()
         self.dead_letter_failures = 0
+        # (group, topic) -> (monotonic time of the next try, the delay that led to it).
+        self._dead_letter_backoff: dict[tuple[str, str], tuple[float, float]] = {}
         # (topic, partition) -> (base offset, last offset, records) of its last decoded batch.
         # Reads run in threads (_read_records), hence the lock.
         self._batches: collections.OrderedDict[tuple[str, int], tuple[int, int, list]] = collections.OrderedDict()
@@ -501,27 +539,40 @@ class QueueService:
             for group in list(self.groups.values()):
                 if group.tick(now):
                     self._notify(group)
+            written = await self._write_dead_letters()
             try:
-                written = await self._write_dead_letters()
                 if written or any(group.dirty for group in self.groups.values()):
                     await self.persist()
-            except Exception:
-                self.dead_letter_failures += 1
-                log.exception("queue groups: writing dead letters or persisting failed; retrying")
+            except Exception:  # the metadata store reports itself; retried next round
+                log.exception("queue groups: persisting their state failed; retrying")
                 await asyncio.sleep(DEAD_LETTER_RETRY_S)
 
     async def _write_dead_letters(self) -> int:
+        """One pass over the groups with dead letters waiting. A group whose pass fails
+        (the dead-letter topic refuses appends, say) is retried after a backoff, without
+        holding up the others."""
         written = 0
-        for group in list(self.groups.values()):
+        now = time.monotonic()
+        for key, group in list(self.groups.items()):
+            retry_at, _ = self._dead_letter_backoff.get(key, (0.0, 0.0))
+            if now < retry_at:
+                continue
             letters = group.take_dead_letters(DEAD_LETTERS_PER_PASS)
             if not letters:
                 continue
             try:
                 written += await self._dead_letter(group, letters)
-            except BaseException:
+            except Exception as error:
                 for letter in letters:
                     group.partitions[letter.partition].dead_letter_failed(letter.offset)
-                raise
+                self.dead_letter_failures += 1
+                _, delay = self._dead_letter_backoff.get(key, (0.0, DEAD_LETTER_RETRY_S / 2))
+                delay = min(delay * 2, DEAD_LETTER_RETRY_MAX_S)
+                self._dead_letter_backoff[key] = (time.monotonic() + delay, delay)
+                log.warning("queue group %s on %s: dead-lettering %d message(s) failed, retrying in %.0f s: %s",
+                            group.group, group.topic, len(letters), delay, error)
+            else:
+                self._dead_letter_backoff.pop(key, None)
         return written
 
     async def _dead_letter(self, group: QueueGroup, letters: list[DeadLetter]) -> int:
@@ -544,15 +595,16 @@ class QueueService:
             by_target.setdefault(letter.partition % partitions, []).append((letter, copy))
         for target, items in by_target.items():
             partition_log = self.store.log(topic, target)
-            batch = build_batch([copy for _, copy in items])
-            result = partition_log.append_nowait(batch)
-            if partition_log.config.fsync_policy is not FsyncPolicy.ALWAYS:
-                await asyncio.to_thread(partition_log.flush)
-            await asyncio.wait_for(asyncio.wrap_future(partition_log.durable_future(result.last_offset)),
-                                   self.broker.config.write_timeout_ms / 1000)
-            for letter, _ in items:
-                group.dead_lettered(letter.partition, letter.offset)
-            self._notify(group)
+            for chunk in _chunks(items, partition_log.config.limits):
+                batch = build_batch([copy for _, copy in chunk], limits=partition_log.config.limits)
+                result = partition_log.append_nowait(batch)
+                if partition_log.config.fsync_policy is not FsyncPolicy.ALWAYS:
+                    await asyncio.to_thread(partition_log.flush)
+                await asyncio.wait_for(asyncio.wrap_future(partition_log.durable_future(result.last_offset)),
+                                       self.broker.config.write_timeout_ms / 1000)
+                for letter, _ in chunk:
+                    group.dead_lettered(letter.partition, letter.offset)
+                self._notify(group)
         return len(letters)
 
     async def _dead_letter_partitions(self, topic: str, source_partitions: int) -> int:

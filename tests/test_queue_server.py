@@ -391,3 +391,19 @@ def test_the_delivery_guarantee_is_one_argument(broker) -> None:
                 message.nack()
         with pytest.raises(ValueError):
             client.queue("g1", "x", guarantee="exactly-once")
+
+
+def test_a_message_too_big_for_a_copy_with_headers_is_dead_lettered_without_its_value(broker) -> None:
+    with Client(broker.address) as client:
+        client.create_topic("big")
+        huge = b"v" * (1024 * 1024 - 300)  # fits a batch alone, not with the dead-letter headers
+        client.produce_batch("big", 0, build_batch([NewRecord(b"key", huge)]))
+        client.produce("big", b"small", partition=0)
+        with client.queue("big", "g", batch_max=2) as queue:
+            for _ in range(2):
+                queue.receive(timeout_ms=WAIT_MS).reject("too big to handle")
+        letters = wait_for_messages(client, "big.dlq", 2)
+        by_offset = {int(letter.header("nodi-dlq-source-offset")): letter for letter in letters}
+        assert by_offset[0].value is None and by_offset[0].header("nodi-dlq-value-omitted") == b"1"
+        assert by_offset[0].key == b"key"
+        assert by_offset[1].value == b"small" and by_offset[1].header("nodi-dlq-value-omitted") is None
