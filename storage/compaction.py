@@ -17,36 +17,27 @@ One run over one log, pass after pass until the dirty part is covered:
    the first time a pass sees it. Kept records keep their offsets (gaps appear, order is
    kept); each rewritten batch keeps its base offset and last offset delta, so consumers
    and producer state see the same offset ranges. A segment with nothing to change is
-   not rewritten.
-4. Swap, one segment at a time (I14): `.cleaned` files written and fsynced, renamed to
-   `.swap` (the `.log.swap` commits), old files renamed to `.deleted`, `.swap` renamed to
-   the final names, directory fsynced, `.deleted` unlinked. Log.open finishes or undoes
-   each step (storage/recovery.py). The log's list of segments changes under its lock
-   and readers keep the old segment's open files (I15).
+   not rewritten; consecutive segments that fit in segment_bytes together are recopied
+   into one; segments left with nothing leave the log (never the first).
+4. Swap, one group at a time (I14): `.cleaned` files written and fsynced, the merge
+   marker for a group of several, renamed to `.swap` (the `.log.swap` commits), old files
+   renamed to `.deleted`, `.swap` renamed to the final names, directory fsynced,
+   `.deleted` unlinked. Log.open finishes or undoes each step (storage/recovery.py). The
+   log's list of segments changes under its lock and readers keep the old segments'
+   open files (I15).
 5. The checkpoint moves to `map_end`.
 
-    compaction.checkpoint (24 bytes, big-endian; written with write_file_atomically)
-      0  4  magic "NDCO"
-      4  2  version (1)
-      6  2  reserved (0)
-      8  8  first dirty offset: below it each key appears at most once
-     16  4  reserved (0)
-     20  4  CRC-32C of bytes 0..19
-
-A missing or damaged checkpoint reads as "everything is dirty" (I6: a cache, never
-believed over the log), which costs a longer run, never a wrong one.
+The checkpoint, the swap and the removal of segments are storage/compaction_files.py.
 """
 
 from __future__ import annotations
 
 import os
-import struct
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-import crc32c as _crc32c
 import xxhash
 
 from .config import DAY_MS
@@ -58,7 +49,17 @@ from .errors import (
     LimitExceededError,
     NodiError,
 )
-from .fileio import read_whole_file, write_file_atomically
+from .compaction_files import (
+    COMPACTION_CHECKPOINT_FILE,
+    decode_compaction_checkpoint,
+    delete_files,
+    dirty_ratio,
+    encode_compaction_checkpoint,
+    read_first_dirty_offset,
+    remove_cleaned,
+    swap_files,
+)
+from .fileio import write_file_atomically
 from .limits import MIB, RecordLimits
 from .log import Log
 from .records import (
@@ -69,10 +70,9 @@ from .records import (
     iter_batches,
     parse_header,
 )
-from .recovery import CLEANED_SUFFIX, SWAP_SUFFIX
-from .segment import DELETED_SUFFIX, BatchScanner, Segment
+from .recovery import CLEANED_SUFFIX
+from .segment import BatchScanner, Segment
 
-COMPACTION_CHECKPOINT_FILE = "compaction.checkpoint"
 # What one key map entry costs in this process: a 16-byte digest object, an int and a
 # dict slot, with room for the dict's growth (measured ~133 bytes; docs/benchmarks.md).
 KEY_MAP_ENTRY_BYTES = 160
@@ -81,10 +81,6 @@ WRITE_CHUNK_BYTES = 1 * MIB
 # How often (bytes read) a run reports progress and checks for cancellation.
 PROGRESS_STEP_BYTES = 4 * MIB
 
-_CHECKPOINT = struct.Struct(">4sHHqI")
-_CRC = struct.Struct(">I")
-_MAGIC = b"NDCO"
-_VERSION = 1
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -156,50 +152,6 @@ class CompactionStatistics:
         if isinstance(other, CompactionResult):  # a result has no runs or failures field
             values["runs"] += 1
         return CompactionStatistics(**values)
-
-
-# ---------------------------------------------------------------------------
-# The compaction checkpoint (one codec: layout in the module docstring)
-
-
-def encode_compaction_checkpoint(first_dirty_offset: int) -> bytes:
-    body = _CHECKPOINT.pack(_MAGIC, _VERSION, 0, first_dirty_offset, 0)
-    return body + _CRC.pack(_crc32c.crc32c(body))
-
-
-def decode_compaction_checkpoint(data: bytes) -> int | None:
-    """The first dirty offset, or None for anything but a whole version-1 checkpoint."""
-    if len(data) != _CHECKPOINT.size + _CRC.size:
-        return None
-    body = data[: _CHECKPOINT.size]
-    if _crc32c.crc32c(body) != _CRC.unpack_from(data, _CHECKPOINT.size)[0]:
-        return None
-    magic, version, _reserved, offset, _more = _CHECKPOINT.unpack(body)
-    if magic != _MAGIC or version != _VERSION or offset < 0:
-        return None
-    return offset
-
-
-def read_first_dirty_offset(log: Log) -> int:
-    """The checkpoint's first dirty offset, clamped into [log start, active base]."""
-    data = read_whole_file(log.fs, os.path.join(log.directory, COMPACTION_CHECKPOINT_FILE))
-    offset = None if data is None else decode_compaction_checkpoint(data)
-    segments = log.segments
-    if offset is None:
-        return segments[0].base_offset
-    return min(max(offset, segments[0].base_offset), segments[-1].base_offset)
-
-
-def dirty_ratio(log: Log) -> float:
-    """Bytes of sealed segments holding dirty offsets over all sealed bytes (the active
-    segment counts in neither); 0.0 when nothing is sealed."""
-    first_dirty = read_first_dirty_offset(log)
-    sealed = log.segments[:-1]
-    total = sum(segment.size for segment in sealed)
-    if total == 0:
-        return 0.0
-    dirty = sum(segment.size for segment in sealed if segment.next_offset > first_dirty)
-    return dirty / total
 
 
 def require_keys(data: bytes | bytearray | memoryview, limits: RecordLimits) -> None:
@@ -321,9 +273,9 @@ class Compactor:
                 segment.pin_files()  # before any swap: readers keep these inodes (I15)
             offsets, map_end = self._build_map(log, sealed, first_dirty, dirty_end, counters, progress)
             work = _Pass(offsets, map_end, now_ms, now_ms + self.config.delete_retention_ms)
-            for segment in sealed:
-                if segment.base_offset < map_end:
-                    self._clean_segment(log, segment, work, counters, progress)
+            for group in _groups([segment for segment in sealed if segment.base_offset < map_end],
+                                 log.config.segment_bytes):
+                self._clean_group(log, group, work, counters, progress)
             del offsets, work
             write_file_atomically(
                 log.fs, os.path.join(log.directory, COMPACTION_CHECKPOINT_FILE), encode_compaction_checkpoint(map_end)
@@ -400,11 +352,13 @@ class Compactor:
         except CorruptBatchError as error:
             raise CorruptSegmentError(segment.log_path, error.position, None, f"compaction: {error}") from None
 
-    def _clean_segment(
-        self, log: Log, segment: Segment, work: _Pass, counters: _Counters, progress: ProgressCallback | None
+    def _clean_group(
+        self, log: Log, group: list[Segment], work: _Pass, counters: _Counters, progress: ProgressCallback | None
     ) -> None:
-        """Recopy `segment` without what `work` removes, then swap it in; nothing when
-        no batch changes."""
+        """Recopy the consecutive sealed segments of `group` into one segment named by
+        the first, without what `work` removes, then swap it in for all of them. A group
+        of one with no batch to change is left alone."""
+        first_segment = group[0]
         cleaned: Segment | None = None
         pending: list[bytes] = []
         pending_bytes = 0
@@ -412,29 +366,31 @@ class Compactor:
         interval = log.config.index_interval_bytes
         removed = tombstones = 0
         try:
-            file = segment.file
-            if file is None:  # retention removed it meanwhile
+            files = [segment.file for segment in group]
+            if any(file is None for file in files):  # retention removed one meanwhile
                 return
-            for header, data in self._batches(log, segment, 0, counters, progress):
-                replacement, dropped, dropped_tombstones = self._filter_batch(data, header, work, log.config.limits)
-                if replacement is data and cleaned is None:
-                    continue
-                removed += dropped
-                tombstones += dropped_tombstones
-                if cleaned is None:
-                    cleaned = self._start_cleaned(log, segment)
-                    position = self._copy_prefix(log, segment, file, cleaned, header, interval)
-                if replacement is None:
-                    continue
-                new_header = parse_header(replacement)
-                cleaned.note_batch(position, new_header, interval)
-                pending.append(replacement)
-                pending_bytes += len(replacement)
-                position += len(replacement)
-                if pending_bytes >= WRITE_CHUNK_BYTES:
-                    # One buffer: many small batches would pass IOV_MAX (1024) buffers.
-                    cleaned.file.pwritev([b"".join(pending)], position - pending_bytes)
-                    pending, pending_bytes = [], 0
+            if len(group) > 1:  # merging changes the files whatever the records
+                cleaned = self._start_cleaned(log, first_segment)
+            for segment, file in zip(group, files):
+                for header, data in self._batches(log, segment, 0, counters, progress):
+                    replacement, dropped, dropped_tombstones = self._filter_batch(data, header, work, log.config.limits)
+                    if replacement is data and cleaned is None:
+                        continue
+                    removed += dropped
+                    tombstones += dropped_tombstones
+                    if cleaned is None:
+                        cleaned = self._start_cleaned(log, segment)
+                        position = self._copy_prefix(log, segment, file, cleaned, header, interval)
+                    if replacement is None:
+                        continue
+                    cleaned.note_batch(position, parse_header(replacement), interval)
+                    pending.append(replacement)
+                    pending_bytes += len(replacement)
+                    position += len(replacement)
+                    if pending_bytes >= WRITE_CHUNK_BYTES:
+                        # One buffer: many small batches would pass IOV_MAX (1024) buffers.
+                        cleaned.file.pwritev([b"".join(pending)], position - pending_bytes)
+                        pending, pending_bytes = [], 0
             if cleaned is None:
                 return
             if pending:
@@ -442,33 +398,35 @@ class Compactor:
             cleaned.size = position
             cleaned.file.sync()
             cleaned.write_indexes()
-            fresh = Segment(log.fs, log.directory, segment.base_offset)
+            fresh = Segment(log.fs, log.directory, first_segment.base_offset)
 
             def install(first: bool) -> Segment | None:
-                if position == 0 and not first:  # nothing left: the segment goes (I10)
-                    _remove_cleaned(log, cleaned)
-                    _delete_files(log, segment)
+                if position == 0 and not first:  # nothing left: the segments go (I10)
+                    remove_cleaned(log, cleaned)
+                    for segment in group:
+                        delete_files(log, segment)
                     return None
-                _swap_files(log, segment, cleaned)
+                swap_files(log, group, cleaned)
                 fresh.size = position
-                fresh.next_offset = segment.next_offset
+                fresh.next_offset = group[-1].next_offset
                 fresh.max_timestamp = cleaned.max_timestamp
                 fresh.first_timestamp = cleaned.first_timestamp
                 fresh.open_file()
                 return fresh
 
-            installed = log.replace_sealed_segment(segment, install)
+            installed = log.replace_sealed_segments(group, install)
         except BaseException:
             if cleaned is not None:
-                _remove_cleaned(log, cleaned)
+                remove_cleaned(log, cleaned)
             raise
-        if not installed:  # retention removed the segment meanwhile
-            _remove_cleaned(log, cleaned)
+        if not installed:  # retention removed a segment of the group meanwhile
+            remove_cleaned(log, cleaned)
             return
         cleaned.close()
-        counters.segments_rewritten += 1
+        before = sum(segment.size for segment in group)
+        counters.segments_rewritten += len(group)
         counters.bytes_written += position
-        counters.bytes_reclaimed += segment.size - position
+        counters.bytes_reclaimed += before - position
         counters.records_removed += removed
         counters.tombstones_removed += tombstones
 
@@ -558,53 +516,23 @@ class Compactor:
             raise CompactionCancelledError("compaction cancelled")
 
 
-def _swap_files(log: Log, old: Segment, cleaned: Segment) -> None:
-    """I14, under the log's lock: .cleaned -> .swap (the .log last: it commits), fsync
-    the directory, old files -> .deleted, .swap -> final names (.log last), fsync the
-    directory, unlink the .deleted files. Recovery finishes or undoes any prefix."""
-    fs, directory = log.fs, log.directory
-    old.pin_files()
-    finals = old.paths  # (.log, .index, .timeindex)
-    order = (1, 2, 0)  # indexes first, the .log last
-    for number in order:
-        fs.rename(cleaned.paths[number], finals[number] + SWAP_SUFFIX)
-    fs.sync_directory(directory)
-    for path in finals:
-        if fs.exists(path):
-            fs.rename(path, path + DELETED_SUFFIX)
-    for number in order:
-        fs.rename(finals[number] + SWAP_SUFFIX, finals[number])
-    fs.sync_directory(directory)
-    for path in finals:
-        if fs.exists(path + DELETED_SUFFIX):
-            fs.unlink(path + DELETED_SUFFIX)
-
-
-def _delete_files(log: Log, old: Segment) -> None:
-    """A segment compacted to nothing leaves the log as retention's do (I10: renamed to
-    .deleted, directory fsynced, unlinked), but keeps its open files for readers that
-    took it (I15): a read of its offsets finds no batch there and goes on to the next
-    segment, as for any gap."""
-    fs, directory = log.fs, log.directory
-    old.pin_files()
-    renamed = []
-    for path in old.paths:
-        if fs.exists(path):
-            fs.rename(path, path + DELETED_SUFFIX)
-            renamed.append(path + DELETED_SUFFIX)
-    fs.sync_directory(directory)
-    for path in renamed:
-        fs.unlink(path)
-
-
-def _remove_cleaned(log: Log, cleaned: Segment) -> None:
-    cleaned.close()
-    for path in cleaned.paths:
-        try:
-            if log.fs.exists(path):
-                log.fs.unlink(path)
-        except OSError:
-            pass  # Log.open removes any .cleaned file it finds
+def _groups(segments: list[Segment], segment_bytes: int) -> list[list[Segment]]:
+    """Consecutive segments whose bytes together fit in one segment (and whose offsets
+    fit the index's 32-bit relative offsets) are recopied into one, as Kafka's cleaner
+    groups them: compacted logs do not keep one small segment per roll for ever."""
+    groups: list[list[Segment]] = []
+    for segment in segments:
+        if groups:
+            group = groups[-1]
+            if (
+                sum(member.size for member in group) + segment.size <= segment_bytes
+                and segment.next_offset - group[0].base_offset < 2**32
+                and group[-1].next_offset == segment.base_offset
+            ):
+                group.append(segment)
+                continue
+        groups.append([segment])
+    return groups
 
 
 __all__ = [
@@ -616,7 +544,9 @@ __all__ = [
     "CompactionStatistics",
     "Compactor",
     "KeyRequiredError",
+    "decode_compaction_checkpoint",
     "dirty_ratio",
+    "encode_compaction_checkpoint",
     "read_first_dirty_offset",
     "require_keys",
 ]

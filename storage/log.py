@@ -562,34 +562,40 @@ class Log:
                     raise self._error from error
         return deleted
 
-    def replace_sealed_segment(self, old: Segment, install: Callable[[bool], Segment | None]) -> bool:
-        """Compaction's swap of one sealed segment (storage/compaction.py, I14, I15).
-        Under the lock, so reads and retention see the old segment or the new one:
-        `install(first)` renames the files and returns the new segment, which takes the
-        old one's place, or None when the segment left the log (compacted to nothing;
-        never when `first`: that would move the log start). A reader that took the old
-        one keeps its open files. False, and nothing done, when `old` is no longer a
-        sealed segment of this log."""
+    def replace_sealed_segments(self, olds: list[Segment], install: Callable[[bool], Segment | None]) -> bool:
+        """Compaction's swap of consecutive sealed segments (storage/compaction.py, I14,
+        I15). Under the lock, so reads and retention see the old segments or the new
+        one: `install(first)` renames the files and returns the new segment, which takes
+        the old ones' place, or None when they left the log (compacted to nothing; never
+        when `first`, the log's first segment is among them: the log start would move).
+        A reader that took an old segment keeps its open files. False, and nothing done,
+        when `olds` are no longer consecutive sealed segments of this log."""
         with self._lock:
             self._check_writable()
-            number = next((n for n, segment in enumerate(self._segments) if segment is old), None)
-            if number is None or number == len(self._segments) - 1:
+            number = next((n for n, segment in enumerate(self._segments) if segment is olds[0]), None)
+            end = None if number is None else number + len(olds)
+            if (
+                number is None
+                or end > len(self._segments) - 1
+                or any(segment is not old for segment, old in zip(self._segments[number:end], olds))
+            ):
                 return False
             try:
                 fresh = install(number == 0)
             except OSError as error:  # a failed rename or directory fsync (I9)
-                self._fail_locked(LogReadOnlyError(f"compaction swap of {old.log_path} failed: {error}"))
+                self._fail_locked(LogReadOnlyError(f"compaction swap of {olds[0].log_path} failed: {error}"))
                 raise self._error from error
             if fresh is None:
                 assert number > 0
-                # Its offsets become part of the gap after the previous segment, as an
+                # Their offsets become part of the gap after the previous segment, as an
                 # open would see them.
-                self._segments[number - 1].next_offset = old.next_offset
-                del self._segments[number]
-                del self._base_offsets[number]
+                self._segments[number - 1].next_offset = olds[-1].next_offset
+                self._segments[number:end] = []
+                self._base_offsets[number:end] = []
             else:
-                assert fresh.base_offset == old.base_offset
-                self._segments[number] = fresh
+                assert fresh.base_offset == olds[0].base_offset
+                self._segments[number:end] = [fresh]
+                self._base_offsets[number:end] = [fresh.base_offset]
         return True
 
     # -- read -----------------------------------------------------------------------

@@ -8,8 +8,11 @@ with their in-memory state plus a RecoveryReport that says exactly what was drop
 from __future__ import annotations
 
 import os
+import struct
 import time
 from dataclasses import dataclass, field
+
+from crc32c import crc32c
 
 from .checkpoint import (
     CHECKPOINT_FILE,
@@ -20,7 +23,7 @@ from .checkpoint import (
 from .config import LogConfig
 from .errors import CorruptBatchError, InvalidRecordError
 from .records import BATCH_HEADER_BYTES, check_header
-from .fileio import FileSystem
+from .fileio import FileSystem, read_whole_file, write_file_atomically
 from .segment import (
     DELETED_SUFFIX,
     INDEX_SUFFIX,
@@ -33,6 +36,42 @@ from .segment import (
 
 CLEANED_SUFFIX = ".cleaned"
 SWAP_SUFFIX = ".swap"
+
+# Compaction merging several segments into one (storage/compaction.py) writes this
+# before the swap commits and removes it after; layout (32 bytes, big-endian):
+#   0 4 magic "NDCM" | 4 2 version (1) | 6 2 reserved | 8 8 base offset of the new
+#   segment | 16 8 end offset: the group's segments have bases in [base, end) | 24 4
+#   reserved | 28 4 CRC-32C of bytes 0..27
+MERGE_MARKER_FILE = "compaction.merging"
+_MERGE_MARKER = struct.Struct(">4sHHqqI")
+_MERGE_MAGIC = b"NDCM"
+
+
+def write_merge_marker(fs: FileSystem, directory: str, base_offset: int, end_offset: int) -> None:
+    body = _MERGE_MARKER.pack(_MERGE_MAGIC, 1, 0, base_offset, end_offset, 0)
+    write_file_atomically(fs, os.path.join(directory, MERGE_MARKER_FILE), body + struct.pack(">I", crc32c(body)))
+
+
+def read_merge_marker(fs: FileSystem, directory: str) -> tuple[int, int] | None:
+    """(base offset, end offset) of the merge in progress, or None."""
+    data = read_whole_file(fs, os.path.join(directory, MERGE_MARKER_FILE))
+    if data is None or len(data) != _MERGE_MARKER.size + 4:
+        return None
+    body = data[: _MERGE_MARKER.size]
+    if crc32c(body) != struct.unpack_from(">I", data, _MERGE_MARKER.size)[0]:
+        return None
+    magic, version, _reserved, base_offset, end_offset, _more = _MERGE_MARKER.unpack(body)
+    if magic != _MERGE_MAGIC or version != 1 or not 0 <= base_offset < end_offset:
+        return None
+    return base_offset, end_offset
+
+
+def remove_merge_marker(fs: FileSystem, directory: str) -> None:
+    """Durably: a stale marker must never meet a later swap of the same base."""
+    path = os.path.join(directory, MERGE_MARKER_FILE)
+    if fs.exists(path):
+        fs.unlink(path)
+        fs.sync_directory(directory)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +144,7 @@ def clean_directory(fs: FileSystem, directory: str, findings: _Findings) -> list
     # dropped with its indexes) or to one that never committed (the old files stand).
     names = fs.list_directory(directory)
     committed = [name for name in names if name.endswith(LOG_SUFFIX + SWAP_SUFFIX)]
+    merge = read_merge_marker(fs, directory)
     for name in names:
         if name.endswith(SWAP_SUFFIX) and name not in committed:
             fs.unlink(os.path.join(directory, name))
@@ -116,6 +156,19 @@ def clean_directory(fs: FileSystem, directory: str, findings: _Findings) -> list
             if fs.exists(os.path.join(directory, stem + suffix)):
                 fs.unlink(os.path.join(directory, stem + suffix))
         fs.rename(os.path.join(directory, name), os.path.join(directory, stem + LOG_SUFFIX))
+        changed = True
+        if merge is not None and int(stem) == merge[0]:
+            # A merge: the new segment holds every offset of the group's later segments.
+            for other in fs.list_directory(directory):
+                base = parse_segment_name(other)
+                if base is not None and merge[0] < base < merge[1]:
+                    for suffix in (LOG_SUFFIX, INDEX_SUFFIX, TIME_INDEX_SUFFIX):
+                        path = os.path.join(directory, f"{base:020d}{suffix}")
+                        if fs.exists(path):
+                            fs.unlink(path)
+                    findings.removed_files.append(other)
+    if fs.exists(os.path.join(directory, MERGE_MARKER_FILE)):
+        fs.unlink(os.path.join(directory, MERGE_MARKER_FILE))
         changed = True
     names = fs.list_directory(directory)
     bases = sorted(base for base in map(parse_segment_name, names) if base is not None)

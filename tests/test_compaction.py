@@ -76,42 +76,68 @@ class CrashingFileSystem(OsFileSystem):
     def __init__(self, crash_at: int) -> None:
         self.crash_at = crash_at
         self.steps = 0
+        self.paths: list[str] = []
 
-    def _step(self) -> None:
+    def _step(self, path: str) -> None:
         self.steps += 1
+        self.paths.append(path)
         if self.steps == self.crash_at:
             raise self.Crash(f"crash at step {self.steps}")
 
     def rename(self, source: str, destination: str) -> None:
-        self._step()
+        self._step(destination)
         super().rename(source, destination)
 
     def unlink(self, path: str) -> None:
-        self._step()
+        self._step(path)
         super().unlink(path)
 
     def sync_directory(self, path: str) -> None:
-        self._step()
+        self._step(path)
         super().sync_directory(path)
 
 
-def test_a_crash_at_every_step_of_a_run_recovers_to_the_old_or_the_new_segment(tmp_path):
+def fill_mixed(log: Log, batches: int, *, first: int = 0) -> dict[int, tuple[bytes, bytes | None]]:
+    """Three overwritten keys and one key written once per batch: every segment keeps
+    records that must stay, so a lost segment shows."""
+    appended = {}
+    for number in range(first, first + batches):
+        records = [(b"hot-%d" % ((number + index) % KEYS), b"value-%d-%d" % (number, index)) for index in range(3)]
+        records.append((b"once-%d" % number, b"cold-%d" % number))
+        result = log.append(build_batch([NewRecord(key, value) for key, value in records]))
+        for index, record in enumerate(records):
+            appended[result.first_offset + index] = record
+    return appended
+
+
+@pytest.mark.parametrize("variant", ["fresh", "merging"])
+def test_a_crash_at_every_step_of_a_run_recovers_to_the_old_or_the_new_segments(tmp_path, variant):
     """I14: for each step k of a whole run (renames, unlinks, directory fsyncs of the
-    swaps and the checkpoint), stop there, reopen: no leftover, valid segments, every
-    key's latest record in place; a second run then gives the fully compacted log."""
-    base = tmp_path / "base"
-    with Log.open(str(base), CONFIG) as log:
-        appended = fill(log, 40)
-        log.roll()
-        end = log.segments[-1].base_offset
-    counting = CrashingFileSystem(crash_at=0)
+    swaps, merges and the checkpoint), stop there, reopen: no leftover, valid segments,
+    every key's latest record in place; a second run then gives the compacted log.
+    "merging": the log was compacted once, so this run merges the shrunken segments."""
     import shutil
 
+    base = tmp_path / "base"
+    with Log.open(str(base), CONFIG) as log:
+        appended = fill_mixed(log, 40)
+        log.roll()
+        if variant == "merging":
+            Compactor().compact(log)
+            appended = {offset: appended[offset] for offset, _, _ in stored(log)}
+            appended.update(fill_mixed(log, 15, first=40))
+            log.roll()
+        end = log.segments[-1].base_offset
+        segments_before = len(log.segments)
+    counting = CrashingFileSystem(crash_at=0)
     shutil.copytree(base, tmp_path / "count")
     log = Log.open(str(tmp_path / "count"), CONFIG, fs=counting)
     steps_before = counting.steps
     Compactor().compact(log)
     total = counting.steps - steps_before
+    if variant == "merging":
+        assert any("compaction.merging" in path for path in counting.paths)
+        assert len(log.segments) < segments_before
     log.close()
     assert total > 10
     for crash_at in range(1, total + 1):
@@ -120,15 +146,18 @@ def test_a_crash_at_every_step_of_a_run_recovers_to_the_old_or_the_new_segment(t
         fs = CrashingFileSystem(crash_at=0)
         log = Log.open(str(directory), CONFIG, fs=fs)
         fs.crash_at = fs.steps + crash_at
-        with pytest.raises((CrashingFileSystem.Crash, Exception)):
+        with pytest.raises(CrashingFileSystem.Crash):
             Compactor().compact(log)
         # Abandoned like a crashed process: its files stay as they are.
         with Log.open(str(directory), CONFIG) as reopened:
             names = os.listdir(directory)
-            assert not [n for n in names if n.endswith((".cleaned", ".swap", ".deleted"))], (crash_at, names)
+            leftovers = [n for n in names if n.endswith((".cleaned", ".swap", ".deleted", ".merging"))]
+            assert not leftovers, (crash_at, names)
             for segment in reopened.segments:
                 scanner = BatchScanner(segment.open_file(), 0, segment.size, verify=True, limits=CONFIG.limits)
                 assert sum(1 for _ in scanner) >= 0 and scanner.position == segment.size
+            bases = [segment.base_offset for segment in reopened.segments]
+            assert bases == sorted(set(bases))
             records = stored(reopened)
             assert [r[0] for r in records] == sorted({r[0] for r in records})
             for offset, key, value in records:
@@ -249,15 +278,15 @@ def test_retention_removing_segments_during_a_run_is_not_an_error(tmp_path):
     fill(log, 80)
     log.roll()
     compactor = Compactor(CompactionConfig(KEY_MAP_ENTRY_BYTES * 2))
-    original = log.replace_sealed_segment
+    original = log.replace_sealed_segments
 
-    def replace_after_retention(old, install):
+    def replace_after_retention(olds, install):
         log.apply_retention()  # every old segment but the last two goes now
-        return original(old, install)
+        return original(olds, install)
 
-    log.replace_sealed_segment = replace_after_retention
+    log.replace_sealed_segments = replace_after_retention
     compactor.compact(log)
-    log.replace_sealed_segment = original
+    log.replace_sealed_segments = original
     assert not [n for n in os.listdir(log.directory) if n.endswith((".cleaned", ".swap", ".deleted"))]
     records = stored(log)
     assert [r[0] for r in records] == sorted({r[0] for r in records})

@@ -95,7 +95,7 @@ class KillingFileSystem(OsFileSystem):
         self.steps = 0
 
     def _step(self, path: str) -> None:
-        if any(suffix in path for suffix in (".cleaned", ".swap", ".deleted")) or path.endswith(".checkpoint"):
+        if any(part in path for part in (".cleaned", ".swap", ".deleted", ".merging")) or path.endswith(".checkpoint"):
             self.steps += 1
             if self.steps == self.kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -158,11 +158,13 @@ def stored(log: Log) -> list[tuple[int, bytes, bytes | None]]:
 
 
 def check_recovered(directory: str) -> tuple[int, list[str]]:
-    leftovers = [name for name in os.listdir(directory) if name.endswith((".cleaned", ".swap", ".deleted"))]
+    leftovers = [name for name in os.listdir(directory) if name.endswith((".cleaned", ".swap", ".deleted", ".merging"))]
     log = Log.open(directory, log_config())
     try:
         names = os.listdir(directory)
-        assert not [name for name in names if name.endswith((".cleaned", ".swap", ".deleted", ".tmp"))], names
+        assert not [name for name in names if name.endswith((".cleaned", ".swap", ".deleted", ".merging", ".tmp"))], names
+        bases = [segment.base_offset for segment in log.segments]
+        assert bases == sorted(set(bases))
         end = log.next_offset
         assert end % RECORDS_PER_BATCH == 0
         appended = model(end)

@@ -169,7 +169,7 @@ class CompactionModel(RuleBasedStateMachine):
                     assert batch.header.base_timestamp > START_MS
             assert scanner.position == end
         for name in os.listdir(self.directory):
-            assert not name.endswith((".cleaned", ".swap", ".deleted")), name
+            assert not name.endswith((".cleaned", ".swap", ".deleted", ".merging")), name
         checkpoint = os.path.join(self.directory, "compaction.checkpoint")
         if os.path.exists(checkpoint):
             with open(checkpoint, "rb") as file:
