@@ -69,8 +69,10 @@ class AsyncProducer:
         its dedup window resolves to the original's (partition, offset)."""
         core = self._core
         future = core.loop.create_future()
-        key = to_bytes(key, "key")
-        value = to_bytes(value)
+        if key is not None:
+            key = to_bytes(key, "key")
+        if type(value) is not bytes:
+            value = to_bytes(value)
         headers = to_headers(headers) if headers else ()
         if headers or ttl_ms is not None or delay_ms is not None or deliver_at is not None or idempotency_key is not None:
             headers = with_features(headers, ttl_ms=ttl_ms, delay_ms=delay_ms, deliver_at=deliver_at,
@@ -87,7 +89,8 @@ class AsyncProducer:
             count = 0
         if partition is None and key is not None:
             partition = partition_for_key(key, count)
-        core.start()
+        if core._sender is None:
+            core.start()
         core.append(topic, partition, count, key, value, headers, timestamp_ms, future)
         return future
 

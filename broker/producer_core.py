@@ -267,19 +267,19 @@ class ProducerCore:
             if self._buffered_bytes + size > self.buffer_bytes_max and self._buffered_bytes:
                 self._wait_for_space_locked(size, block_s)
             hot = self._hot
-            if (
-                hot is not None and not headers and hot[0] == topic and hot[1] == partition and hot[2] == count
-                and hot[3].size + size < self.batch_bytes_max and len(hot[3].records) < self.records_per_batch_max
-            ):
-                # The hot path: the open buffer the last message with this topic and
-                # partition choice went to has room (and stays below batch_bytes_max): what
-                # the general path below does, without its lookups.
+            if hot is not None and not headers and hot[0] == topic and hot[1] == partition and hot[2] == count:
                 buffer = hot[3]
-                buffer.records.append((key, value, headers, timestamp_ms))
-                buffer.futures.append(future)
-                buffer.size += size
-                self._buffered_bytes += size
-                return buffer.partition
+                records = buffer.records
+                buffer_size = buffer.size + size
+                if buffer_size < self.batch_bytes_max and len(records) < self.records_per_batch_max:
+                    # The hot path: the open buffer the last message with this topic and
+                    # partition choice went to has room (and stays below batch_bytes_max):
+                    # what the general path below does, without its lookups.
+                    records.append((key, value, headers, timestamp_ms))
+                    buffer.futures.append(future)
+                    buffer.size = buffer_size
+                    self._buffered_bytes += size
+                    return buffer.partition
             requested = partition
             sticky = partition is None
             if sticky:
