@@ -313,9 +313,9 @@ def consume_command(
             include_expired=include_expired,
         )
         printed = 0
-        last_message = time.monotonic()
         try:
             consumer.start()
+            last_message = time.monotonic()  # --timeout-ms counts from when reading begins
             while not stopping[0] and (count is None or printed < count):
                 wait_ms = POLL_WAIT_MS
                 if timeout_ms is not None:
