@@ -9,6 +9,7 @@ import typer
 from nodi.cli import bench, compact, messaging
 from nodi.cli.common import state_of
 from nodi.cli.dlq import app as dlq_app
+from nodi.cli.queues import app as queues_app
 from nodi.cli.groups import app as groups_app
 from nodi.cli.segments import app as segments_app
 from nodi.cli.status import register as register_status
@@ -24,6 +25,7 @@ app.add_typer(segments_app, name="segments")
 app.add_typer(topics_app, name="topic")
 app.add_typer(groups_app, name="group")
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(queues_app, name="queue")
 messaging.register(app)
 register_status(app)
 bench.register(app)

@@ -1,5 +1,6 @@
-"""`nodi dlq list | show | redrive | purge` run as the real command against a real
-`nodi serve`; the Python client makes the dead letters and checks what the CLI did."""
+"""`nodi dlq list | show | redrive | purge` and `nodi queue list | describe` run as the
+real command against a real `nodi serve`; the Python client makes the dead letters and
+checks what the CLI did."""
 
 from __future__ import annotations
 
@@ -35,10 +36,11 @@ def listed(address: str, topic: str) -> dict:
     return entry
 
 
-def test_every_dlq_command_has_help() -> None:
+def test_every_dlq_and_queue_command_has_help() -> None:
     runner = CliRunner()
-    for command in ("list", "show", "redrive", "purge"):
-        result = runner.invoke(app, ["dlq", command, "--help"], env={"COLUMNS": "200"})
+    for path in (("dlq", "list"), ("dlq", "show"), ("dlq", "redrive"), ("dlq", "purge"), ("queue", "list"),
+                 ("queue", "describe")):
+        result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "200"})
         assert result.exit_code == 0 and "Usage:" in result.output, result.output
     assert "--to" in runner.invoke(app, ["dlq", "redrive", "--help"], env={"COLUMNS": "200"}).output
     assert "--count" in runner.invoke(app, ["dlq", "show", "--help"], env={"COLUMNS": "200"}).output
@@ -59,6 +61,15 @@ def test_list_show_redrive_purge(broker) -> None:
         while client.describe_queue("orders", "billing").dead_lettered < 5:
             assert time.monotonic() < deadline
             time.sleep(0.05)
+
+        (queue_entry,) = json_lines(nodi(address, "queue", "list", "--topic", "orders", "--json"))
+        assert (queue_entry["group"], queue_entry["dead_letter_topic"], queue_entry["pending"]) == (
+            "billing", "orders.dlq", 0)
+        described = json_lines(nodi(address, "queue", "describe", "orders", "billing", "--json"))[0]
+        assert described["dead_lettered"] == 5 and [p["ack_floor"] for p in described["partitions"]] == [3, 2]
+        table = nodi(address, "queue", "describe", "orders", "billing")
+        assert table.returncode == 0 and "max deliveries 5" in table.stdout
+        assert nodi(address, "queue", "describe", "orders", "nobody").returncode == 1
 
         entry = listed(address, "orders.dlq")
         assert (entry["waiting"], entry["stored"], entry["queue_groups"]) == (5, 5, ["billing@orders"])
