@@ -23,7 +23,10 @@ Three ways to read:
 it). Reading: one long-poll fetch (wait_ms, bytes_max) per assigned partition is kept in
 flight; poll() returns what the first of them to answer (and any others done by then)
 brought, and starts the next fetches. commit() stores, per partition, the offset after
-the last message poll() returned: the next to read.
+the last message poll() returned: the next to read. Auto-commit (every
+auto_commit_interval_ms inside poll(), and before adopting a rebalance) stores less:
+what the polls before the current one returned, i.e. what the application has handled,
+so a member that dies while handling a batch leaves it to be read again.
 """
 
 from __future__ import annotations
