@@ -20,9 +20,10 @@ max_deliveries deliveries it goes to the dead-letter topic (default `<topic>.dlq
 
 The delivery guarantee is one argument, `guarantee=`: "at-least-once" (the default)
 acks after the handler - iterating, a message the loop body left unsettled is acked when
-the loop comes back for the next one, and one whose body raised, or left with break,
-is not (it is delivered again once its lease runs out: ack before breaking); "at-most-once" acks each message on receipt, before it
-is handed out (a consumer that dies while handling it loses it). For effectively-once,
+the loop comes back for the next one, and one whose body raised, or left with break, is
+not (it is delivered again once its lease runs out: ack before breaking);
+"at-most-once" acks each message on receipt, before it is handed out (a consumer that
+dies while handling it loses it). For effectively-once,
 wrap the queue in broker/idempotent.py's IdempotentConsumer. receive() never acks by
 itself under at-least-once: settle what it returns.
 
