@@ -44,11 +44,14 @@ def test_four_competing_consumers_share_ten_thousand_messages_once_each(broker) 
             produce_values(client, "jobs", partition, [b"%d-%d" % (partition, i) for i in range(total // 4)])
     seen: list[list[tuple[int, int]]] = [[] for _ in range(4)]
     errors: list[BaseException] = []
+    ready = threading.Barrier(4, timeout=60)  # all connected before any receives
 
     def consume(index: int) -> None:
         try:
             with Client(broker.address) as client, client.queue("jobs", "workers", ack_wait_ms=60_000,
                                                                 batch_max=100) as queue:
+                client.connect()
+                ready.wait()
                 idle = 0
                 while idle < 3:
                     message = queue.receive(timeout_ms=1_000)
