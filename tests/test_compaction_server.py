@@ -91,6 +91,8 @@ def test_keyless_records_refused_and_compact_online_then_offline(tmp_path):
                 client.compact_topic("plain")
             before = client.describe_topic("users").partitions[0].size
 
+        refused = _nodi("--server", broker.address, "compact", "plain")
+        assert refused.returncode == 1 and "InvalidConfig" in refused.stderr, refused.stderr
         done = _nodi("--server", broker.address, "compact", "users", "--json")
         assert done.returncode == 0, done.stderr
         (report,) = [json.loads(line) for line in done.stdout.splitlines()]
@@ -106,6 +108,9 @@ def test_keyless_records_refused_and_compact_online_then_offline(tmp_path):
         offline = _nodi("compact", "users", "--data-dir", str(tmp_path / "data"))
         assert offline.returncode == 0, offline.stderr
         assert "records removed" in offline.stdout
+        for topic, reason in (("nosuch", "no topic"), ("plain", "cleanup policy")):
+            refused = _nodi("compact", topic, "--data-dir", str(tmp_path / "data"))
+            assert refused.returncode == 1 and reason in refused.stderr, refused.stderr
         verify = _nodi("segments", "verify", str(tmp_path / "data"))
         assert verify.returncode == 0, verify.stdout + verify.stderr
 
