@@ -52,6 +52,11 @@ def test_broker_bench_quick_run_writes_its_json(tmp_path: Path) -> None:
     assert nodi["consume"]["messages"] == 2000
     latency = nodi["latency"]
     assert {"latency_ms_p50", "latency_ms_p99", "latency_ms_max", "samples", "missing"} <= latency.keys()
+    # The server's own fsync histogram, scraped around the phases: the fsyncs happened.
+    for phase in ("produce", "latency"):
+        assert {"server_fsyncs", "messages_per_fsync", "server_fsync_ms_p50", "server_fsync_ms_p99"} <= nodi[
+            phase].keys()
+        assert nodi[phase]["server_fsyncs"] > 0
     assert latency["missing"] == 0 and latency["samples"] > 0
 
     assert results["summary"]["redis"] is None

@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import re
 import shutil
@@ -58,6 +59,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import asdict
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -91,6 +93,9 @@ FETCH_BYTES_MAX = 1 * MIB
 PRODUCE_YIELD_EVERY = 100
 BUSY_OTHERS_SHARE = 0.10
 READY = re.compile(r"nodi listening on ([\d.]+):(\d+)")
+METRICS = re.compile(r"nodi metrics on http://[\d.]+:(\d+)/metrics")
+FSYNC_BUCKET = re.compile(r"^nodi_fsync_latency_seconds_bucket\{(.*)\} (\S+)$")
+LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 
 def settings_from_arguments(arguments: argparse.Namespace) -> Settings:
@@ -123,6 +128,7 @@ class NodiServer:
         self.log_path = os.path.join(directory, "nodi-serve.log")
         self.process: subprocess.Popen | None = None
         self.address = ""
+        self.metrics_port: int | None = None
 
     @property
     def pid(self) -> int | None:
@@ -130,16 +136,18 @@ class NodiServer:
 
     def start(self) -> str:
         command = [sys.executable, "-m", "nodi.cli.main", "serve", "--data-dir", os.path.join(self.directory, "data"),
-                   "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1"]
+                   "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
         with open(self.log_path, "w") as output:
             self.process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,
                                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
         while time.monotonic() < deadline and self.process.poll() is None:
             with open(self.log_path) as output:
-                found = READY.search(output.read())
-            if found:
+                text = output.read()
+            found, metrics = READY.search(text), METRICS.search(text)
+            if found and metrics:
                 self.address = f"{found.group(1)}:{found.group(2)}"
+                self.metrics_port = int(metrics.group(1))
                 return self.address
             time.sleep(0.05)
         self.stop()
@@ -150,6 +158,52 @@ class NodiServer:
         if self.process is not None:
             stop_process(self.process)
             self.process = None
+
+
+def fsync_buckets(metrics_port: int | None, topic: str) -> dict[float, float] | None:
+    """The server's fsync latency histogram of `topic` (cumulative count per upper bound
+    in seconds, summed over partitions) from its Prometheus endpoint; None without one."""
+    if metrics_port is None:
+        return None
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    buckets: dict[float, float] = {}
+    for line in text.splitlines():
+        found = FSYNC_BUCKET.match(line)
+        if found is None:
+            continue
+        labels = dict(LABEL.findall(found.group(1)))
+        if labels.get("topic") == topic:
+            bound = float(labels["le"])
+            buckets[bound] = buckets.get(bound, 0.0) + float(found.group(2))
+    return buckets
+
+
+def fsync_figures(before: dict | None, after: dict | None, messages: int) -> dict:
+    """fsyncs the server made for the topic during a phase, messages per fsync (group
+    commit), and the p50 / p99 fsync latency as the upper bound of the histogram bucket
+    holding it."""
+    if before is None or after is None or math.inf not in after:
+        return {"server_fsyncs": None, "messages_per_fsync": None, "server_fsync_ms_p50": None,
+                "server_fsync_ms_p99": None}
+    counts = {bound: after[bound] - before.get(bound, 0.0) for bound in sorted(after)}
+    total = counts[math.inf]
+
+    def quantile(fraction: float) -> float | None:
+        for bound, cumulative in counts.items():
+            if total and cumulative >= fraction * total:
+                return bound * 1000
+        return None
+
+    return {
+        "server_fsyncs": int(total),
+        "messages_per_fsync": messages / total if total else None,
+        "server_fsync_ms_p50": quantile(0.50),
+        "server_fsync_ms_p99": quantile(0.99),
+    }
 
 
 async def nodi_produce(client: AsyncClient, topic: str, settings: Settings, value: bytes) -> dict:
@@ -240,8 +294,8 @@ async def nodi_latency(client: AsyncClient, topic: str, settings: Settings) -> d
     return figures
 
 
-async def nodi_round(address: str, server_pid: int | None, idle_pids: tuple, settings: Settings,
-                     round_number: int) -> dict:
+async def nodi_round(address: str, server_pid: int | None, metrics_port: int | None, idle_pids: tuple,
+                     settings: Settings, round_number: int) -> dict:
     """The three phases on fresh topics (deleted after); `idle_pids` (the Redis server)
     are not counted as other load."""
     value = os.urandom(settings.value_bytes)
@@ -252,9 +306,12 @@ async def nodi_round(address: str, server_pid: int | None, idle_pids: tuple, set
             await client.create_topic(f"{prefix}-{name}", partitions=settings.partitions, fsync_policy="always")
         try:
             progress(f"round {round_number}: nodi produce {settings.messages:,} x {settings.value_bytes} B, acks=durable")
+            fsyncs = fsync_buckets(metrics_port, f"{prefix}-throughput")
             meter = CpuMeter(server_pid, idle_pids)
             produced = await nodi_produce(client, f"{prefix}-throughput", settings, value)
             results["produce"] = {**produced, **meter.figures(produced["messages"])}
+            results["produce"].update(fsync_figures(fsyncs, fsync_buckets(metrics_port, f"{prefix}-throughput"),
+                                                    produced["messages"]))
             progress(f"  {produced['msg_per_s']:,.0f} msg/s, {produced['mb_per_s']:.1f} MB/s")
             progress(f"round {round_number}: nodi consume")
             meter = CpuMeter(server_pid, idle_pids)
@@ -263,9 +320,12 @@ async def nodi_round(address: str, server_pid: int | None, idle_pids: tuple, set
             results["consume"] = {**consumed, **meter.figures(consumed["messages"])}
             progress(f"  {consumed['msg_per_s']:,.0f} msg/s, {consumed['mb_per_s']:.1f} MB/s")
             progress(f"round {round_number}: nodi latency at {settings.latency_rate:,}/s for {settings.latency_seconds} s")
+            fsyncs = fsync_buckets(metrics_port, f"{prefix}-latency")
             meter = CpuMeter(server_pid, idle_pids)
             latency = await nodi_latency(client, f"{prefix}-latency", settings)
             results["latency"] = {**latency, **meter.figures(latency["messages"])}
+            results["latency"].update(fsync_figures(fsyncs, fsync_buckets(metrics_port, f"{prefix}-latency"),
+                                                    latency["messages"]))
             progress(latency_line(latency))
         finally:
             for name in ("throughput", "latency"):
@@ -332,7 +392,7 @@ def run(settings: Settings, arguments: argparse.Namespace, data_directory: str) 
     redis_server = None
     try:
         if arguments.server:
-            address, server_pid = arguments.server, None
+            address, server_pid, metrics_port = arguments.server, None, None
             asyncio.run(check_reachable(address))
             results["nodi_server"] = f"--server {address} (not started here; its CPU is not measured)"
         else:
@@ -340,6 +400,7 @@ def run(settings: Settings, arguments: argparse.Namespace, data_directory: str) 
             os.makedirs(nodi_server.directory)
             address = nodi_server.start()
             server_pid = nodi_server.pid
+            metrics_port = nodi_server.metrics_port
             results["nodi_server"] = f"started here at {address}, pid {server_pid}, data in {nodi_server.directory}"
         progress(f"nodi server: {results['nodi_server']}")
         reason = "skipped (--no-redis)" if arguments.no_redis else redis_bench.redis_unavailable_reason(
@@ -357,7 +418,8 @@ def run(settings: Settings, arguments: argparse.Namespace, data_directory: str) 
             one: dict = {"round": round_number}
             one["limits"] = machine_limits(data_directory, settings, round_number)
             redis_pid = redis_server.pid if redis_server else None
-            one["nodi"] = asyncio.run(nodi_round(address, server_pid, (redis_pid,), settings, round_number))
+            one["nodi"] = asyncio.run(nodi_round(address, server_pid, metrics_port, (redis_pid,), settings,
+                                                 round_number))
             one["redis"] = redis_bench.redis_round(redis_server, settings, round_number, (server_pid,)) \
                 if redis_server else None
             results["rounds"].append(one)

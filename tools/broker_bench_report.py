@@ -12,11 +12,13 @@ TARGET_LATENCY_P99_MS = 1.0
 
 CPU_FIGURES = ("client_cpu_seconds", "server_cpu_seconds", "others_cpu_seconds", "others_cpu_share",
                "client_cpu_us_per_message", "server_cpu_us_per_message")
+# The server's own fsync histogram (nodi only, when the bench started the server).
+FSYNC_FIGURES = ("messages_per_fsync", "server_fsync_ms_p50", "server_fsync_ms_p99")
 SUMMARY_FIGURES = {
-    "produce": ("msg_per_s", "mb_per_s", *CPU_FIGURES),
+    "produce": ("msg_per_s", "mb_per_s", *CPU_FIGURES, *FSYNC_FIGURES),
     "consume": ("msg_per_s", "mb_per_s", *CPU_FIGURES),
     "latency": ("latency_ms_p50", "latency_ms_p90", "latency_ms_p99", "latency_ms_max", "share_over_1_ms",
-                "achieved_rate_per_s", *CPU_FIGURES),
+                "achieved_rate_per_s", *CPU_FIGURES, *FSYNC_FIGURES),
 }
 
 
@@ -157,10 +159,12 @@ def render(results: dict) -> str:
             one = figures[phase]
             rows.append([system, label, _number(one["msg_per_s"]) + _range(one, "msg_per_s", 0),
                          _number(one["mb_per_s"], 1), _number(one["client_cpu_us_per_message"], 2),
-                         _number(one["server_cpu_us_per_message"], 2), _share(one["others_cpu_share"])])
+                         _number(one["server_cpu_us_per_message"], 2), _share(one["others_cpu_share"]),
+                         _number(one.get("messages_per_fsync"), 1)])
     parts.append("\nThroughput (one client process; CPU us per message of the client and the server; the share "
-                 "of the machine's CPU other processes used meanwhile)")
-    parts.append(table(["system", "phase", "msg/s", "MB/s", "client us/msg", "server us/msg", "others"], rows))
+                 "of the machine's CPU other processes used meanwhile; messages per fsync of the server)")
+    parts.append(table(["system", "phase", "msg/s", "MB/s", "client us/msg", "server us/msg", "others", "msg/fsync"],
+                       rows))
     rows = []
     for system in ("nodi", "redis"):
         figures = summary.get(system)
@@ -172,10 +176,12 @@ def render(results: dict) -> str:
                      _number(one["latency_ms_p99"], 3) + _range(one, "latency_ms_p99", 3),
                      _number(one["latency_ms_max"], 3), _share(one["share_over_1_ms"]),
                      _number(one["achieved_rate_per_s"]), _number(one["client_cpu_us_per_message"]),
-                     _number(one["server_cpu_us_per_message"]), _share(one["others_cpu_share"])])
-    parts.append(f"\nEnd-to-end latency, produce -> consumer receives, paced at {settings['latency_rate']:,} msg/s")
+                     _number(one["server_cpu_us_per_message"]), _share(one["others_cpu_share"]),
+                     f"{_number(one.get('server_fsync_ms_p50'), 2)} / {_number(one.get('server_fsync_ms_p99'), 2)}"])
+    parts.append(f"\nEnd-to-end latency, produce -> consumer receives, paced at {settings['latency_rate']:,} msg/s "
+                 "(fsync: the server's own fsync latency meanwhile, as histogram bucket bounds)")
     parts.append(table(["system", "p50 ms", "p90 ms", "p99 ms", "max ms", "> 1 ms", "msg/s", "client us/msg",
-                        "server us/msg", "others"], rows))
+                        "server us/msg", "others", "fsync p50/p99 ms"], rows))
     parts.append("\nRatios (median over rounds; range in brackets)")
     rows = []
     for ratio in results["ratios"]:
