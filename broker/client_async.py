@@ -47,6 +47,7 @@ from .client_errors import (
 )
 from .errors import ErrorCode
 from .client_types import (
+    backoff_s,
     UNLIMITED,
     Bytesish,
     GroupDescription,
@@ -81,11 +82,6 @@ DEFAULT_FETCH_BYTES_MAX = 1 << 20
 RECONNECT_BACKOFF_MS = 50
 RECONNECT_BACKOFF_MAX_MS = 2_000
 RECONNECT_ATTEMPTS_MAX = 30
-
-
-def _backoff_s(attempt: int, base_ms: int, max_ms: int) -> float:
-    delay_ms = min(max_ms, base_ms * (2 ** min(attempt, 30)))
-    return delay_ms * random.uniform(0.5, 1.5) / 1000
 
 
 class AsyncClient:
@@ -200,7 +196,7 @@ class AsyncClient:
         last_error = ConnectFailed(f"cannot connect to {self.address}")
         for attempt in range(self.reconnect_attempts_max):
             if attempt:
-                await asyncio.sleep(_backoff_s(attempt - 1, self.reconnect_backoff_ms, self.reconnect_backoff_max_ms))
+                await asyncio.sleep(backoff_s(attempt - 1, self.reconnect_backoff_ms, self.reconnect_backoff_max_ms))
             try:
                 connection = await asyncio.wait_for(
                     ClientConnection.open(self.host, self.port, client_id=self.client_id, limits=self.limits),
@@ -251,7 +247,7 @@ class AsyncClient:
                 if not retry or self._closed:
                     raise
                 attempt += 1
-                await asyncio.sleep(_backoff_s(attempt, self.reconnect_backoff_ms, self.reconnect_backoff_max_ms))
+                await asyncio.sleep(backoff_s(attempt, self.reconnect_backoff_ms, self.reconnect_backoff_max_ms))
 
     async def _call(
         self,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _datetime
 import os
+import random
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -38,6 +39,13 @@ Headers = tuple[tuple[str, Union[bytes, None]], ...]
 StartSpec = Union[str, int, _datetime.datetime]
 
 _EPOCH = _datetime.datetime(1970, 1, 1, tzinfo=_datetime.timezone.utc)
+
+
+def backoff_s(attempt: int, base_ms: int, max_ms: int) -> float:
+    """Seconds to wait before retry `attempt` (0 first): base doubled per attempt, capped
+    at max, with +-50% jitter."""
+    delay_ms = min(max_ms, base_ms * (2 ** min(attempt, 30)))
+    return delay_ms * random.uniform(0.5, 1.5) / 1000
 
 
 def resolve_address(address: str | None) -> tuple[str, int]:

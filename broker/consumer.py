@@ -50,7 +50,7 @@ from .client_errors import (
     UnknownMember,
     error_for,
 )
-from .client_types import Message, StartSpec, check_start
+from .client_types import Message, StartSpec, backoff_s, check_start
 from .errors import ErrorCode
 
 log = logging.getLogger("nodi.client")
@@ -58,6 +58,10 @@ log = logging.getLogger("nodi.client")
 DEFAULT_WAIT_MS = 500
 DEFAULT_BYTES_MAX = 1 << 20
 DEFAULT_SESSION_TIMEOUT_MS = 10_000
+# A partition's fetch that failed (connection lost, timeout) is retried after a delay
+# that doubles per failure in a row, from this to the max, with jitter.
+FETCH_RETRY_BACKOFF_MS = 100
+FETCH_RETRY_BACKOFF_MAX_MS = 5_000
 
 TopicPartition = tuple[str, int]
 
@@ -130,6 +134,7 @@ class AsyncConsumer:
         self._handled: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}
         self._fetches: dict[TopicPartition, asyncio.Task] = {}
+        self._fetch_failures: dict[TopicPartition, int] = {}  # failed fetches in a row
         self._changed: asyncio.Future | None = None  # resolved when the assignment changes
         self._heartbeat_task: asyncio.Task | None = None
         self._background_error: BaseException | None = None
@@ -268,11 +273,16 @@ class AsyncConsumer:
         loop = asyncio.get_running_loop()
         for key in self._assignment:
             if key not in self._fetches and key in self._positions:
-                self._fetches[key] = loop.create_task(self._fetch(key, self._positions[key]))
+                failures = self._fetch_failures.get(key, 0)
+                delay_s = backoff_s(failures - 1, FETCH_RETRY_BACKOFF_MS, FETCH_RETRY_BACKOFF_MAX_MS) if failures else 0.0
+                self._fetches[key] = loop.create_task(self._fetch(key, self._positions[key], delay_s))
         if self._changed is None or self._changed.done():
             self._changed = loop.create_future()
 
-    async def _fetch(self, key: TopicPartition, offset: int) -> tuple[list[Message], int, int]:
+    async def _fetch(self, key: TopicPartition, offset: int, delay_s: float = 0.0) -> tuple[list[Message], int, int]:
+        """One fetch of a partition, after `delay_s` (the retry backoff)."""
+        if delay_s:
+            await asyncio.sleep(delay_s)
         topic, partition = key
         try:
             messages, position, expired = await self._client.fetch_counted(
@@ -304,9 +314,13 @@ class AsyncConsumer:
             error = task.exception()
             if error is not None:
                 if isinstance(error, (ConnectionLost, Timeout)):
-                    log.warning("consumer: fetching %s-%d failed: %s; retrying", key[0], key[1], error)
+                    failures = self._fetch_failures.get(key, 0) + 1
+                    self._fetch_failures[key] = failures
+                    report = log.warning if failures == 1 else log.debug  # once per outage
+                    report("consumer: fetching %s-%d failed: %s; retrying with backoff", key[0], key[1], error)
                     continue
                 raise error
+            self._fetch_failures.pop(key, None)
             messages, position, offset = task.result()
             if self._positions.get(key) != offset:
                 continue  # seeked or reassigned meanwhile
