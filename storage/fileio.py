@@ -14,6 +14,18 @@ from typing import Protocol
 Buffer = bytes | bytearray | memoryview
 
 
+def _iov_max() -> int:
+    try:
+        value = os.sysconf("SC_IOV_MAX")
+    except (AttributeError, OSError, ValueError):
+        value = -1
+    return value if value > 0 else 1024
+
+
+# Buffers one pwritev call may take (Linux: 1024); more fail with EINVAL.
+IOV_MAX = _iov_max()
+
+
 class File(Protocol):
     path: str
 
@@ -69,6 +81,14 @@ class OsFile:
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def pwritev(self, buffers: Sequence[Buffer], position: int) -> int:
+        """Write every buffer, in order, from `position`: in calls of at most IOV_MAX
+        buffers, each finished after a short write."""
+        written = 0
+        for start in range(0, len(buffers), IOV_MAX):
+            written += self._pwritev_all(buffers[start : start + IOV_MAX], position + written)
+        return written
+
+    def _pwritev_all(self, buffers: Sequence[Buffer], position: int) -> int:
         total = sum(len(buffer) for buffer in buffers)
         written = os.pwritev(self._fd, buffers, position)
         if written == total:
