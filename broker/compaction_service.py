@@ -64,7 +64,7 @@ class CompactionService:
     async def compact_topic(self, request: m.CompactTopicRequest) -> Reply:
         from .service import Reply
 
-        config = self.broker.store.topics().get(request.name)
+        config = self.broker.store.topic_config(request.name)
         if config is None:
             raise UnknownTopicError(f"topic {request.name!r} does not exist")
         if not is_compacted(config.cleanup_policy):

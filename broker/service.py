@@ -114,7 +114,7 @@ class Broker:
         self.inboxes.attach(tasks)
 
     def _partition_count(self, topic: str) -> int | None:
-        config = self.store.topics().get(topic)
+        config = self.store.topic_config(topic)
         return None if config is None else config.partitions
 
     async def _expire_members(self) -> None:
@@ -245,7 +245,7 @@ class Broker:
         return Reply(m.CreateTopicResponse(request_id=request.request_id, settings=self._settings(config)))
 
     async def _delete_topic(self, request: m.DeleteTopicRequest) -> Reply:
-        config = self.store.topics().get(request.name)
+        config = self.store.topic_config(request.name)
         if config is None:
             raise UnknownTopicError(f"topic {request.name!r} does not exist")
         for partition in range(config.partitions):
@@ -262,7 +262,7 @@ class Broker:
         return Reply(m.ListTopicsResponse(request_id=request.request_id, topics=topics))
 
     async def _describe_topic(self, request: m.DescribeTopicRequest) -> Reply:
-        config = self.store.topics().get(request.name)
+        config = self.store.topic_config(request.name)
         if config is None:
             raise UnknownTopicError(f"topic {request.name!r} does not exist")
         partitions = []
@@ -284,7 +284,7 @@ class Broker:
         return self._config_and_log(topic, partition)[1]
 
     def _config_and_log(self, topic: str, partition: int) -> tuple[TopicConfig, Log]:
-        config = self.store.topics().get(topic)
+        config = self.store.topic_config(topic)
         if config is None:
             raise UnknownTopicError(f"topic {topic!r} does not exist")
         if not 0 <= partition < config.partitions:

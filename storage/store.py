@@ -161,6 +161,12 @@ class Store:
         with self._lock:
             return {name: topic.config for name, topic in self._topics.items()}
 
+    def topic_config(self, name: str) -> TopicConfig | None:
+        """One topic's settings, or None (topics() copies the whole table)."""
+        with self._lock:
+            entry = self._topics.get(name)
+            return None if entry is None else entry.config
+
     def log(self, topic: str, partition: int) -> Log:
         entry = self._topics.get(topic)
         if entry is None:
