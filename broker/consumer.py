@@ -260,7 +260,8 @@ class AsyncConsumer:
                 break
         # Prefetch: the next fetch of each partition runs while the caller handles these
         # messages (at most one response of bytes_max per partition waits).
-        self._start_fetches()
+        if not self._closed:
+            self._start_fetches()
         if self.auto_commit and time.monotonic() >= self._next_commit:
             self._next_commit = time.monotonic() + self.auto_commit_interval_s
             try:
