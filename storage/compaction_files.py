@@ -23,7 +23,7 @@ import crc32c as _crc32c
 
 from .fileio import read_whole_file
 from .log import Log
-from .recovery import SWAP_SUFFIX, remove_merge_marker, write_merge_marker
+from .recovery import SWAP_SUFFIX, remove_merge_marker, remove_segment_files, write_merge_marker
 from .segment import DELETED_SUFFIX, Segment
 
 COMPACTION_CHECKPOINT_FILE = "compaction.checkpoint"
@@ -107,20 +107,9 @@ def swap_files(log: Log, group: list[Segment], cleaned: Segment) -> None:
 
 
 def delete_files(log: Log, old: Segment) -> None:
-    """A segment compacted to nothing leaves the log as retention's do (I10: renamed to
-    .deleted, directory fsynced, unlinked), but keeps its open files for readers that
-    took it (I15): a read of its offsets finds no batch there and goes on to the next
-    segment, as for any gap."""
-    fs, directory = log.fs, log.directory
-    old.pin_files()
-    renamed = []
-    for path in old.paths:
-        if fs.exists(path):
-            fs.rename(path, path + DELETED_SUFFIX)
-            renamed.append(path + DELETED_SUFFIX)
-    fs.sync_directory(directory)
-    for path in renamed:
-        fs.unlink(path)
+    """A segment compacted to nothing leaves the log as retention's do (I10), but keeps
+    its open files for readers that took it (I15)."""
+    remove_segment_files(log.fs, log.directory, old, keep_open=True)
 
 
 def remove_cleaned(log: Log, cleaned: Segment) -> None:

@@ -46,7 +46,7 @@ from .records import (
     encode_base_offset,
     split_batches,
 )
-from .recovery import RecoveryReport, _remove_segment_files, recover
+from .recovery import RecoveryReport, recover, remove_segment_files
 from .segment import BatchScanner, Segment
 
 READ_SCAN_WINDOW_BYTES = 16 * 1024
@@ -542,7 +542,7 @@ class Log:
                 else:
                     break
                 try:
-                    _remove_segment_files(self.fs, self.directory, oldest)
+                    remove_segment_files(self.fs, self.directory, oldest)
                 except OSError as error:  # a failed rename or directory fsync (I9)
                     self._fail_locked(LogReadOnlyError(f"deleting {oldest.log_path} failed: {error}"))
                     raise self._error from error

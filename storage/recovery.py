@@ -353,7 +353,7 @@ def _scan_tail(segments: list[Segment], first: int, config: LogConfig, directory
         kept = segments[: len(segments) - len(removed)]
         for doomed in removed:
             truncated += doomed.open_file().size()
-            _remove_segment_files(fs, directory, doomed)
+            remove_segment_files(fs, directory, doomed)
         if segment in kept:
             segment.open_file().truncate(position)
             segment.size = position
@@ -403,8 +403,13 @@ def _last_offset_hint(segments: list[Segment], number: int, position: int, confi
     return best
 
 
-def _remove_segment_files(fs: FileSystem, directory: str, segment: Segment) -> None:
-    """I10: rename every file of the segment to .deleted, fsync the directory, unlink."""
+def remove_segment_files(fs: FileSystem, directory: str, segment: Segment, *, keep_open: bool = False) -> None:
+    """I10: rename every file of the segment to .deleted, fsync the directory, unlink.
+    The segment then forgets its files (a reader's slice of the .log stays valid), or
+    with `keep_open` (compaction, I15) keeps them open for readers that took it: a read
+    of its offsets finds no batch there and goes on to the next segment, as for a gap."""
+    if keep_open:
+        segment.pin_files()
     renamed = []
     for path in segment.paths:
         if fs.exists(path):
@@ -413,7 +418,8 @@ def _remove_segment_files(fs: FileSystem, directory: str, segment: Segment) -> N
     fs.sync_directory(directory)
     for path in renamed:
         fs.unlink(path)
-    segment.detach()
+    if not keep_open:
+        segment.detach()
 
 
 __all__ = [
@@ -422,4 +428,5 @@ __all__ = [
     "LOG_SUFFIX",
     "RecoveryReport",
     "recover",
+    "remove_segment_files",
 ]
