@@ -136,6 +136,8 @@ def render(results: dict) -> str:
         f"nodi server: {results['nodi_server']}",
         f"Redis: {results['redis_status']}",
     ]
+    if machine.get("others_include_the_broker"):
+        parts.append("NOTE: with --server the broker's CPU is counted in \"others\" (its pid is not known here).")
     if machine.get("busy"):
         parts.append(f"NOTE: other processes used {_share(machine['others_cpu_share_max'])} of the machine's CPU "
                      "in the busiest phase: the rates and latencies are lower than on a quiet machine; the CPU "
