@@ -87,6 +87,16 @@ class BrokerProcess:
             self.process = None
 
 
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, request):
+    """One `nodi serve` for a whole test module (its tests use topics of their own)."""
+    name = request.module.__name__.rpartition(".")[2]
+    process = BrokerProcess(str(tmp_path_factory.mktemp(name) / "data")).start()
+    yield process
+    if process.process is not None:
+        process.stop()
+
+
 @pytest.fixture
 def broker(tmp_path):
     process = BrokerProcess(str(tmp_path / "data")).start()

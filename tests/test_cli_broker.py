@@ -20,7 +20,7 @@ import time
 import pytest
 import typer
 from typer.testing import CliRunner
-from conftest import NODI, BrokerProcess
+from conftest import NODI
 
 from nodi.broker import Client
 from nodi.cli.main import app
@@ -29,14 +29,6 @@ TIMEOUT_S = 60
 # Wide enough that help text is never cut (rich wraps to the terminal's width).
 ENVIRONMENT = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
 ENVIRONMENT.pop("NODI_SERVER", None)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    process = BrokerProcess(str(tmp_path_factory.mktemp("cli-broker") / "data")).start()
-    yield process
-    if process.process is not None:
-        process.stop()
 
 
 @pytest.fixture

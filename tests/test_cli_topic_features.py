@@ -9,7 +9,7 @@ import os
 import subprocess
 
 import pytest
-from conftest import NODI, BrokerProcess
+from conftest import NODI
 
 from nodi.broker import Client
 
@@ -18,12 +18,9 @@ ENVIRONMENT.pop("NODI_SERVER", None)
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    """One server for the module's tests (each uses its own topics), stopped by its pid."""
-    process = BrokerProcess(str(tmp_path_factory.mktemp("cli-features") / "data")).start()
-    yield process
-    if process.process is not None:
-        process.stop()
+def broker(server):
+    """The module's one server (conftest.server) for every test here."""
+    return server
 
 
 def nodi(broker, *args: str) -> subprocess.CompletedProcess:

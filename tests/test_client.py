@@ -17,7 +17,6 @@ import threading
 import time
 
 import pytest
-from conftest import BrokerProcess
 
 from nodi.broker import AsyncClient, Client
 from nodi.broker import messages as m
@@ -41,14 +40,6 @@ from nodi.broker.errors import ErrorCode
 from nodi.broker.limits import DEFAULT_PROTOCOL_LIMITS
 from nodi.broker.protocol import Connection, Role
 from nodi.storage.errors import NodiError
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    process = BrokerProcess(str(tmp_path_factory.mktemp("client") / "data")).start()
-    yield process
-    if process.process is not None:
-        process.stop()
 
 
 @pytest.fixture

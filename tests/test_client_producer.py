@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from conftest import BrokerProcess
 
 from nodi.broker import AsyncClient, Client
 from nodi.broker.client import (
@@ -22,14 +21,6 @@ from nodi.storage.records import Compression, iter_batches
 
 MESSAGES = 100_000
 KEYS = 60
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    process = BrokerProcess(str(tmp_path_factory.mktemp("producer") / "data")).start()
-    yield process
-    if process.process is not None:
-        process.stop()
 
 
 @pytest.fixture

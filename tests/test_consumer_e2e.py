@@ -13,7 +13,6 @@ import threading
 import time
 
 import pytest
-from conftest import BrokerProcess
 from test_cli_broker import Running
 from test_server import RawClient
 
@@ -25,14 +24,6 @@ TIMEOUT_S = 60
 # A killed member's partitions move on after about this long (the server accepts 1 s and
 # more; 2 s leaves room for heartbeats late on a busy machine).
 SESSION_TIMEOUT_MS = 2_000
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    process = BrokerProcess(str(tmp_path_factory.mktemp("consumer-e2e") / "data")).start()
-    yield process
-    if process.process is not None:
-        process.stop()
 
 
 @pytest.fixture

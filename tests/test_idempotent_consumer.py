@@ -5,19 +5,15 @@ also after the consumer restarts; the store is bounded and written in batches.""
 from __future__ import annotations
 
 import pytest
-from conftest import BrokerProcess
 
 from nodi.broker import Client, IdempotentConsumer, LmdbKeyStore
 from nodi.broker.idempotent import message_key
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    """One server for the module's tests (each uses its own topics), stopped by its pid."""
-    process = BrokerProcess(str(tmp_path_factory.mktemp("idempotent") / "data")).start()
-    yield process
-    if process.process is not None:
-        process.stop()
+def broker(server):
+    """The module's one server (conftest.server) for every test here."""
+    return server
 
 
 def test_a_redelivered_message_is_skipped_after_a_consumer_restart(broker, tmp_path):

@@ -10,7 +10,6 @@ import datetime
 import time
 
 import pytest
-from conftest import BrokerProcess
 
 from nodi.broker import AsyncClient, Client
 from nodi.broker.client_types import Message
@@ -20,12 +19,9 @@ HOUR_MS = 3_600_000
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    """One server for the module's tests (each uses its own topics), stopped by its pid."""
-    process = BrokerProcess(str(tmp_path_factory.mktemp("ttl") / "data")).start()
-    yield process
-    if process.process is not None:
-        process.stop()
+def broker(server):
+    """The module's one server (conftest.server) for every test here."""
+    return server
 
 
 def produce_three(client: Client, topic: str) -> None:

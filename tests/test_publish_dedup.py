@@ -21,12 +21,9 @@ WAIT_S = 30
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    """One server for the module's tests (each uses its own topics), stopped by its pid."""
-    process = BrokerProcess(str(tmp_path_factory.mktemp("dedup") / "data")).start()
-    yield process
-    if process.process is not None:
-        process.stop()
+def broker(server):
+    """The module's one server (conftest.server) for every test here."""
+    return server
 
 
 def values(client: Client, topic: str, partitions: int = 1) -> list[tuple[int, int, bytes]]:
