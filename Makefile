@@ -33,6 +33,7 @@ $(BENCH_STAMP): pyproject.toml | $(STAMP)
 bench: $(STAMP) $(BENCH_STAMP)
 	$(BIN)/python tools/storage_bench.py
 	$(BIN)/nodi bench
+	$(BIN)/nodi bench --suite queues
 
 clean:
 	rm -rf $(VENV) build *.egg-info

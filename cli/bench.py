@@ -3,6 +3,7 @@
     nodi bench --quick                     # a seconds-long smoke run
     nodi bench --json-out results.json     # the full run (about a minute)
     nodi --server HOST:PORT bench          # measure a running broker
+    nodi bench --suite queues [--quick]    # queue groups and request-reply, tools/queue_bench.py
 
 The tool lives in the source tree (tools/ is not installed), so this command needs a
 checkout installed in development mode (`pip install -e .`); redis-py for the Redis
@@ -19,13 +20,28 @@ import typer
 
 from nodi.cli.common import fail, state_of
 
-TOOL = Path(__file__).resolve().parent.parent / "tools" / "broker_bench.py"
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+TOOL = TOOLS / "broker_bench.py"
+# --suite NAME picks the tool (the option is taken out before the tool parses the rest).
+SUITES = {"broker": TOOL, "queues": TOOLS / "queue_bench.py"}
 
 
-def _load_tool():
-    if not TOOL.is_file():
-        raise fail(f"nodi bench: {TOOL} not found: the benchmark runs from a source checkout (pip install -e .)")
-    spec = importlib.util.spec_from_file_location("nodi_broker_bench", TOOL)
+def _suite(arguments: list[str]) -> tuple[Path, list[str]]:
+    """The tool `--suite NAME` (or `--suite=NAME`) names, and the arguments without it."""
+    for index, argument in enumerate(arguments):
+        if argument == "--suite" or argument.startswith("--suite="):
+            name = argument.partition("=")[2] if "=" in argument else (arguments[index + 1:index + 2] or [""])[0]
+            if name not in SUITES:
+                raise fail(f"nodi bench: --suite must be one of {', '.join(SUITES)}, got {name!r}", code=2)
+            rest = arguments[:index] + arguments[index + (1 if "=" in argument else 2):]
+            return SUITES[name], rest
+    return TOOL, arguments
+
+
+def _load_tool(tool: Path = TOOL):
+    if not tool.is_file():
+        raise fail(f"nodi bench: {tool} not found: the benchmark runs from a source checkout (pip install -e .)")
+    spec = importlib.util.spec_from_file_location(f"nodi_{tool.stem}", tool)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -35,16 +51,17 @@ def _load_tool():
 def bench(ctx: typer.Context) -> None:
     """Benchmark produce, consume and latency beside the disk's limits and Redis.
 
-    Runs tools/broker_bench.py with the same options; `nodi bench --help` lists them."""
-    arguments = list(ctx.args)
+    Runs tools/broker_bench.py with the same options; `nodi bench --help` lists them.
+    `--suite queues` runs tools/queue_bench.py (queue groups, request-reply) instead."""
+    tool, arguments = _suite(list(ctx.args))
     root = ctx.find_root()
     # Only an explicit `nodi --server`: NODI_SERVER alone must not stop the bench from
     # starting its own server.
     source = root.get_parameter_source("server")
-    if getattr(source, "name", None) == "COMMANDLINE" and "--server" not in arguments:
+    if tool == TOOL and getattr(source, "name", None) == "COMMANDLINE" and "--server" not in arguments:
         arguments = ["--server", state_of(ctx).server, *arguments]
     try:
-        code = _load_tool().main(arguments)
+        code = _load_tool(tool).main(arguments)
     except SystemExit as exit_:  # argparse: --help, or a usage error
         code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
     raise typer.Exit(code or 0)
