@@ -328,7 +328,7 @@ def _encode_parts(
     """encode_records' work, unjoined: (the parts that make the records section, their
     total bytes, max_timestamp), so build_batch_buffer can put the batch together with
     one copy. The one per-record loop on the producer's hot path: keep it lean. A record
-    without key or headers (the common case) is a few precomputed varints around its
+    without headers (the common case) is a few precomputed varints around its key and
     value, and consecutive ones with the same value size and timestamp share them."""
     varint = _encode_varint
     varints = _VARINTS
@@ -344,14 +344,14 @@ def _encode_parts(
     total = 0
     shared_size = shared_delta = -1  # what timestamp_part, value_size_part, fixed_bytes were made for
     timestamp_part = value_size_part = b""
-    fixed_bytes = 0
+    fixed_bytes = 0  # a keyless record's bytes but its offset delta and length
     for offset_delta, record in enumerate(records) if offset_deltas is None else zip(offset_deltas, records):
         key, value, headers, timestamp_ms = record
         if timestamp_ms is None:
             timestamp_ms = now_ms
         if timestamp_ms > max_timestamp:
             max_timestamp = timestamp_ms
-        if key is None and not headers and value is not None:
+        if not headers and value is not None:
             size = len(value)
             delta = timestamp_ms - base_timestamp
             if size != shared_size or delta != shared_delta:
@@ -366,9 +366,21 @@ def _encode_parts(
                 fixed_bytes = len(timestamp_part) + len(value_size_part) + size + 1
                 shared_size, shared_delta = size, delta
             offset_part = varints[offset_delta] if 0 <= offset_delta < table_size else varint(offset_delta)
-            length = fixed_bytes + len(offset_part)
-            length_part = varints[length] if length < table_size else varint(length)
-            extend((length_part, timestamp_part, offset_part, value_size_part, value, b"\x00"))
+            if key is None:
+                length = fixed_bytes + len(offset_part)
+                length_part = varints[length] if length < table_size else varint(length)
+                extend((length_part, timestamp_part, offset_part, value_size_part, value, b"\x00"))
+            else:
+                key_size = len(key)
+                if key_size + size > record_bytes_max:
+                    raise LimitExceededError(
+                        f"record of {key_size + size} bytes exceeds record_bytes_max {record_bytes_max}"
+                    )
+                key_part = varints[key_size] if key_size < table_size else varint(key_size)
+                # the key's length and bytes in place of the null key's one byte
+                length = fixed_bytes - 1 + len(key_part) + key_size + len(offset_part)
+                length_part = varints[length] if length < table_size else varint(length)
+                extend((length_part, timestamp_part, offset_part, key_part, key, value_size_part[1:], value, b"\x00"))
             total += len(length_part) + length
             continue
         body = [
