@@ -640,6 +640,8 @@ class QueueDelivery:
     offset: int = wire(INT64)
     delivery_count: int = wire(INT32, doc="1 on the first delivery; name it when settling")
     lease_deadline_ms: int = wire(INT64, doc="wall clock; unsettled by then, it is delivered again")
+    count: int = wire(INT32, 1, doc="a run: offsets offset .. offset + count - 1, each with this delivery "
+                                    "count and deadline")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -650,6 +652,8 @@ class Settlement:
     action: SettleAction = wire(Enumeration(SettleAction, INT8))
     delay_ms: int = wire(INT64, CONFIG_DEFAULT, doc="nack: -1 uses the group's backoff")
     text: str | None = wire(NULLABLE_STRING, None, doc="nack: error text; reject: reason")
+    count: int = wire(INT32, 1, doc="a run: the same settle of offset .. offset + count - 1, each at "
+                                    "delivery_count (at most queue window_messages_max)")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -658,6 +662,7 @@ class SettleResult:
     offset: int = wire(INT64)
     error_code: ErrorCode = wire(ERROR_CODE, ErrorCode.NONE)
     lease_deadline_ms: int = wire(INT64, NO_OFFSET, doc="in progress: the new deadline")
+    count: int = wire(INT32, 1, doc="a run: offset .. offset + count - 1 had this outcome")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -683,8 +688,10 @@ class QueueReceiveRequest(Request):
 @dataclass(frozen=True, kw_only=True, slots=True)
 class QueueReceiveResponse(Response):
     API_KEY = ApiKey.QUEUE_RECEIVE
-    deliveries: list[QueueDelivery] = wire(Array(Struct(QueueDelivery)), [], doc="one per record, in order")
-    records: bytes | memoryview = wire(RECORDS, b"", doc="one RecordBatch v2: the i-th record is the i-th delivery")
+    deliveries: list[QueueDelivery] = wire(Array(Struct(QueueDelivery)), [],
+                                           doc="runs of offsets; their counts add up to the records")
+    records: bytes | memoryview = wire(RECORDS, b"", doc="one RecordBatch v2: the i-th record is the i-th offset "
+                                                         "of the runs, in order")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -698,7 +705,8 @@ class QueueSettleRequest(Request):
 @dataclass(frozen=True, kw_only=True, slots=True)
 class QueueSettleResponse(Response):
     API_KEY = ApiKey.QUEUE_SETTLE
-    results: list[SettleResult] = wire(Array(Struct(SettleResult)), [], doc="one per settlement, in order")
+    results: list[SettleResult] = wire(Array(Struct(SettleResult)), [],
+                                       doc="runs of outcomes covering each settlement's offsets, in order")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

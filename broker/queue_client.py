@@ -31,7 +31,10 @@ Settling waits until the broker has recorded it durably (`wait=True`, the defaul
 With `wait=False` the call returns at once and settlements go out batched in the
 background; `flush()` waits for them and raises the first that failed. A receive asks for
 up to `batch_max` messages at a time: the ones not yet handed out are leased all the
-same, and close() gives them back (a nack without delay).
+same, and close() gives them back (a nack without delay). With `prefetch` (the default)
+the queue asks for the next batch, without waiting on the broker, once half of the
+current one was handed out, so the application rarely waits for a round trip: at most
+batch_max + batch_max // 2 messages are leased to it and not yet handed out.
 
 The group's settings (ack_wait_ms, max_deliveries, backoff, dead_letter_topic, and
 expired: "drop" or "dead-letter" for a message whose TTL passed) are fixed by its first
@@ -46,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import threading
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -59,7 +63,7 @@ from .client_errors import ClientClosed, InvalidRecords, error_for
 from .client_types import Message
 from .queue_settings import Backoff
 
-DEFAULT_BATCH_MAX = 32
+DEFAULT_BATCH_MAX = 256
 DEFAULT_RECEIVE_TIMEOUT_MS = 30_000
 # The longest long-poll one request asks for (a server cuts longer waits to its own max).
 RECEIVE_POLL_MS_MAX = 10_000
@@ -202,7 +206,7 @@ class AsyncQueue:
                  max_deliveries: int | None = None, backoff: BackoffInput = None,
                  dead_letter_topic: str | None = None, expired: str | None = None,
                  guarantee: str = AT_LEAST_ONCE, batch_max: int = DEFAULT_BATCH_MAX,
-                 receive_timeout_ms: int = DEFAULT_RECEIVE_TIMEOUT_MS) -> None:
+                 receive_timeout_ms: int = DEFAULT_RECEIVE_TIMEOUT_MS, prefetch: bool = True) -> None:
         if batch_max < 1:
             raise ValueError("batch_max must be at least 1")
         if expired not in _EXPIRED_ACTIONS:
@@ -215,6 +219,8 @@ class AsyncQueue:
         self.group = group
         self.batch_max = batch_max
         self.receive_timeout_ms = receive_timeout_ms
+        self.prefetch = prefetch
+        self._prefetching: asyncio.Task | None = None  # the one receive asked ahead
         self.settings = m.QueueGroupSettings(
             ack_wait_ms=m.CONFIG_DEFAULT if ack_wait_ms is None else ack_wait_ms,
             max_deliveries=m.CONFIG_DEFAULT if max_deliveries is None else max_deliveries,
@@ -255,8 +261,12 @@ class AsyncQueue:
     async def _receive(self, timeout_ms: int | None, owner) -> QueueMessage | None:
         if self._closed:
             raise ClientClosed("the queue is closed")
+        if not self._buffer and self._prefetching is not None:
+            await asyncio.wait({self._prefetching})  # what it brings lands in the buffer
         if self._buffer:
-            return self._buffer.popleft()
+            message = self._buffer.popleft()
+            self.prefetch_soon(owner)
+            return message
         timeout_ms = self.receive_timeout_ms if timeout_ms is None else max(int(timeout_ms), 0)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_ms / 1000
@@ -274,11 +284,41 @@ class AsyncQueue:
                                        for message in received))
             self._buffer.extend(received)
             if self._buffer:
-                return self._buffer.popleft()
+                message = self._buffer.popleft()
+                self.prefetch_soon(owner)
+                return message
             if self._closed:
                 raise ClientClosed("the queue is closed")
             if loop.time() >= deadline:
                 return None
+
+    def prefetch_soon(self, owner) -> None:
+        """Ask for the next batch (no long poll) when half of this one was handed out
+        and no such request is under way. On the client's loop."""
+        if (self.prefetch and self._prefetching is None and not self._closed
+                and len(self._buffer) <= self.batch_max // 2):
+            self._prefetching = asyncio.get_running_loop().create_task(self._prefetch_once(owner))
+
+    async def _prefetch_once(self, owner) -> None:
+        """One receive that does not wait for messages; a failure is left to the next
+        receive the application makes (which meets it again)."""
+        try:
+            request = m.QueueReceiveRequest(group=self.group, topic=self.topic, settings=self.settings,
+                                            messages_max=self.batch_max, wait_ms=0)
+            received = self._decode(await self.client._call(request, None), owner)
+            if received and self.guarantee == AT_MOST_ONCE:
+                await asyncio.gather(*(self._settle_nowait(message, m.SettleAction.ACK, m.CONFIG_DEFAULT, None,
+                                                           record_error=False)
+                                       for message in received))
+            if self._closed:  # closed meanwhile: given back like the buffer
+                for message in received:
+                    self._settle_nowait(message, m.SettleAction.NACK, 0, None)
+            else:
+                self._buffer.extend(received)
+        except Exception:  # noqa: BLE001 - the next receive reports it
+            pass
+        finally:
+            self._prefetching = None
 
     def _decode(self, response: m.QueueReceiveResponse, owner) -> list[QueueMessage]:
         if not response.deliveries:
@@ -288,14 +328,20 @@ class AsyncQueue:
                        for record in decode_records(batch, header)]
         except NodiError as error:
             raise InvalidRecords(f"queue receive from {self.topic}: {error}") from None
-        if len(records) != len(response.deliveries):
-            raise InvalidRecords(f"queue receive: {len(records)} records for {len(response.deliveries)} deliveries")
-        return [
-            QueueMessage(self.topic, delivery.partition, delivery.offset, record.timestamp_ms, record.key,
-                         record.value, record.headers, delivery.delivery_count, delivery.lease_deadline_ms,
-                         self.group, owner)
-            for delivery, record in zip(response.deliveries, records)
-        ]
+        offsets = sum(run.count for run in response.deliveries)
+        if len(records) != offsets:
+            raise InvalidRecords(f"queue receive: {len(records)} records for {offsets} delivered offsets")
+        topic, group = self.topic, self.group
+        messages = []
+        index = 0
+        for run in response.deliveries:  # runs of consecutive offsets
+            partition, count, deadline = run.partition, run.delivery_count, run.lease_deadline_ms
+            for offset in range(run.offset, run.offset + run.count):
+                record = records[index]
+                index += 1
+                messages.append(QueueMessage(topic, partition, offset, record.timestamp_ms, record.key, record.value,
+                                             record.headers, count, deadline, group, owner))
+        return messages
 
     def __aiter__(self) -> AsyncIterator[QueueMessage]:
         return self._iterate()
@@ -356,12 +402,13 @@ class AsyncQueue:
             self._errors.append(future.exception())
 
     async def _send_settlements(self) -> None:
-        """One request at a time; what is queued meanwhile goes out together next."""
+        """One request at a time; what is queued meanwhile goes out together next, the
+        same settle of consecutive offsets as one run (an ack of a whole batch is one
+        entry on the wire)."""
         while self._outbox:
             batch = self._outbox[:SETTLEMENTS_PER_REQUEST_MAX]
             del self._outbox[:SETTLEMENTS_PER_REQUEST_MAX]
-            request = m.QueueSettleRequest(group=self.group, topic=self.topic,
-                                           settlements=[settlement for settlement, _ in batch])
+            request = m.QueueSettleRequest(group=self.group, topic=self.topic, settlements=_runs(batch))
             try:
                 response = await self.client._call(request, None, retry=True)
             except Exception as error:
@@ -369,14 +416,22 @@ class AsyncQueue:
                     if not future.done():
                         future.set_exception(error)
                 continue
-            for (settlement, future), result in zip(batch, response.results):
+            outcomes = [(result.error_code, result.lease_deadline_ms) for result in response.results
+                        for _ in range(result.count)]
+            if len(outcomes) != len(batch):
+                error = InvalidRecords(f"queue settle: {len(outcomes)} outcomes for {len(batch)} settlements")
+                outcomes = []
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+            for (settlement, future), (code, deadline) in zip(batch, outcomes):
                 if future.done():
                     continue
-                if result.error_code != 0:
+                if code != 0:
                     where = f"{self.topic}-{settlement.partition} offset {settlement.offset}"
-                    future.set_exception(error_for(result.error_code, f"{settlement.action.name.lower()} {where}"))
+                    future.set_exception(error_for(code, f"{settlement.action.name.lower()} {where}"))
                 else:
-                    future.set_result(result.lease_deadline_ms if result.lease_deadline_ms >= 0 else None)
+                    future.set_result(deadline if deadline >= 0 else None)
 
     async def flush(self) -> None:
         """Wait until every settlement made so far is answered; raise the first that
@@ -392,12 +447,31 @@ class AsyncQueue:
         if self._closed:
             return
         self._closed = True
+        if self._prefetching is not None:  # short (no long poll); it gives back what it got
+            await asyncio.wait({self._prefetching})
         while self._buffer:
             message = self._buffer.popleft()
             self._settle_nowait(message, m.SettleAction.NACK, 0, None)
         with contextlib.suppress(Exception):
             await self.flush()
         self.client._owned.discard(self)
+
+
+def _runs(batch: list[tuple[m.Settlement, asyncio.Future]]) -> list[m.Settlement]:
+    """The settlements of `batch` (one offset each, in order) as runs: consecutive
+    offsets of one partition with the same delivery count, action, delay and text."""
+    runs: list[list] = []  # [first settlement, count]
+    last = None
+    for settlement, _ in batch:
+        if (last is not None and last.partition == settlement.partition
+                and last.offset + runs[-1][1] == settlement.offset and last.delivery_count == settlement.delivery_count
+                and last.action is settlement.action and last.delay_ms == settlement.delay_ms
+                and last.text == settlement.text):
+            runs[-1][1] += 1
+        else:
+            runs.append([settlement, 1])
+            last = settlement
+    return [first if count == 1 else dataclasses.replace(first, count=count) for first, count in runs]
 
 
 class Queue:
@@ -439,9 +513,13 @@ class Queue:
         return self._async.closed
 
     def receive(self, timeout_ms: int | None = None) -> QueueMessage | None:
+        queue = self._async
         with contextlib.suppress(IndexError):  # received already: no trip to the loop thread
-            if not self._async.closed:
-                return self._async._buffer.popleft()
+            if not queue.closed:
+                message = queue._buffer.popleft()
+                if queue.prefetch and queue._prefetching is None and len(queue._buffer) <= queue.batch_max // 2:
+                    self._client._loop.call_soon_threadsafe(queue.prefetch_soon, self)
+                return message
         wait = self._async.receive_timeout_ms if timeout_ms is None else timeout_ms
         return self._client._run(self._async._receive(timeout_ms, self), None, wait)
 

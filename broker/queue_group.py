@@ -54,6 +54,17 @@ class QueueGroup:
                 self.dirty.add(queue.partition)
         return taken
 
+    def answerable_uncommitted(self, deliveries) -> bool:
+        """Whether a receive of `deliveries` (runs: partition, offset, count and
+        delivery_count) may be answered before its state is committed: first deliveries
+        within their partition's committed reservation only (broker/queues.py)."""
+        partitions = self.partitions
+        for run in deliveries:
+            last = run.offset + run.count - 1
+            if run.delivery_count != 1 or last >= partitions[run.partition].durable_reserved_offset:
+                return False
+        return True
+
     def has_available(self, now_ms: int) -> bool:
         return any(queue.has_available(now_ms) for queue in self.partitions)
 

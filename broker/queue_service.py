@@ -8,9 +8,13 @@ touched here. Times given to it are wall-clock ms.
 Persistence. Every change marks its partition dirty. Once per loop tick the dirty
 partitions are encoded and staged in the metadata store, and the broker's metadata flush
 (one LMDB commit, one fsync, shared with stream-group offset commits) writes them. A
-receive answers after the flush that holds its delivery counts; a settle answers after
-the flush that holds its acks: an answered ack survives a crash, and a crash never
-lowers a delivery count that a consumer saw.
+settle answers after the flush that holds its acks: an answered ack survives a crash. A
+receive that holds a redelivery, or a first delivery beyond the partition's committed
+reservation, answers after the flush that holds its delivery counts; one made only of
+first deliveries within the committed reservation answers at once and has its state
+flushed soon after (broker/queues.py, "Reservation": after a crash each offset of the
+reservation counts as delivered once). Either way a crash never lowers a delivery count
+that a consumer saw.
 
 Dead letters. A message marked for dead-lettering (max deliveries reached, rejected) is
 appended to the dead-letter topic by the writer task, which waits until the append is
@@ -218,6 +222,11 @@ class QueueService:
         for delivery in decoded.deliveries:
             if queue.floor <= delivery.offset < queue.next_offset:
                 queue.restore(delivery, now)
+        in_doubt = queue.restore_reserved(decoded.reservation_end, now)
+        if in_doubt:
+            log.info("queue group %s on %s-%d: %d offset(s) of the delivery reservation counted as delivered "
+                     "once (an unclean stop)", entry.group, entry.topic, entry.partition, in_doubt)
+            group.dirty.add(entry.partition)
         group.partitions[entry.partition] = queue
 
     # -- requests ------------------------------------------------------------------------
@@ -274,7 +283,10 @@ class QueueService:
             if taken:
                 deliveries, records = await self._collect(group, taken, budget, now)
                 if deliveries:
-                    await self.persist()
+                    if group.answerable_uncommitted(deliveries):
+                        self._persist_soon()
+                    else:
+                        await self.persist()
                     batch = build_batch(records, limits=RecordLimits(batch_bytes_max=budget, record_bytes_max=budget))
                     return Reply(m.QueueReceiveResponse(
                         request_id=request.request_id, deliveries=deliveries, records=batch))
@@ -326,7 +338,7 @@ class QueueService:
         found = await asyncio.to_thread(self._read_records, group.topic, [(t.partition, t.offset) for t in taken])
         config = self.store.topics().get(group.topic)
         topic_ttl_ms = config.ttl_ms if config is not None else 0
-        deliveries: list[m.QueueDelivery] = []
+        runs: list[list[int]] = []  # [partition, offset, delivery count, deadline, length]
         records: list[NewRecord] = []
         unsent: list[Taken] = []
         used = 0
@@ -348,14 +360,20 @@ class QueueService:
                 continue
             size = 64 + len(record.key or b"") + len(record.value or b"") + sum(
                 len(k) + len(v or b"") + 8 for k, v in record.headers)
-            if deliveries and used + size > budget:
+            if records and used + size > budget:
                 unsent.append(item)
                 continue
             used += size
-            deliveries.append(m.QueueDelivery(partition=item.partition, offset=item.offset,
-                                              delivery_count=item.delivery_count,
-                                              lease_deadline_ms=item.lease_deadline_ms))
+            run = runs[-1] if runs else None
+            if (run is not None and run[0] == item.partition and run[1] + run[4] == item.offset
+                    and run[2] == item.delivery_count and run[3] == item.lease_deadline_ms):
+                run[4] += 1  # consecutive: one entry on the wire
+            else:
+                runs.append([item.partition, item.offset, item.delivery_count, item.lease_deadline_ms, 1])
             records.append(NewRecord(record.key, record.value, record.headers, record.timestamp_ms))
+        deliveries = [m.QueueDelivery(partition=partition, offset=offset, delivery_count=count,
+                                      lease_deadline_ms=deadline, count=length)
+                      for partition, offset, count, deadline, length in runs]
         group.release(unsent)
         failures = [r for r in found.values() if isinstance(r, Exception)]
         if not deliveries and failures:
@@ -423,20 +441,31 @@ class QueueService:
     async def settle(self, request: m.QueueSettleRequest) -> Reply:
         group = self._group_for(request.group, request.topic, None)
         now = now_ms()
-        results = []
+        runs: list[list] = []  # [partition, offset, error code, deadline, length]
         changed = False
+        window = self.limits.window_messages_max
         for item in request.settlements:
-            code = ErrorCode.NONE
-            deadline = m.NO_OFFSET
-            try:
-                delay = None if item.delay_ms < 0 else item.delay_ms
-                deadline = group.settle(item.action, item.partition, item.offset, item.delivery_count, now,
-                                        delay, item.text) or m.NO_OFFSET
-                changed = True
-            except ProtocolError as error:
-                code = error.code
-            results.append(m.SettleResult(partition=item.partition, offset=item.offset, error_code=code,
-                                          lease_deadline_ms=deadline))
+            if not 1 <= item.count <= window:
+                runs.append([item.partition, item.offset, ErrorCode.LIMIT_EXCEEDED, m.NO_OFFSET, 1])
+                continue
+            delay = None if item.delay_ms < 0 else item.delay_ms
+            first_run = len(runs)
+            for offset in range(item.offset, item.offset + item.count):
+                code = ErrorCode.NONE
+                deadline = m.NO_OFFSET
+                try:
+                    deadline = group.settle(item.action, item.partition, offset, item.delivery_count, now,
+                                            delay, item.text) or m.NO_OFFSET
+                    changed = True
+                except ProtocolError as error:
+                    code = error.code
+                run = runs[-1] if len(runs) > first_run else None
+                if run is not None and run[2] == code and run[3] == deadline:
+                    run[4] += 1  # the same outcome as the offset before: one result on the wire
+                else:
+                    runs.append([item.partition, offset, code, deadline, 1])
+        results = [m.SettleResult(partition=partition, offset=offset, error_code=code, lease_deadline_ms=deadline,
+                                  count=length) for partition, offset, code, deadline, length in runs]
         if changed:
             self._notify(group)
             self._wake.set()
@@ -489,36 +518,56 @@ class QueueService:
     async def persist(self) -> None:
         """Return once every change made before the call is committed to LMDB. Callers
         in one loop tick share one staging pass and one flush."""
+        self._persist_soon()
+        await asyncio.wait_for(asyncio.shield(self._persisted), self.broker.config.write_timeout_ms / 1000)
+
+    def _persist_soon(self) -> None:
+        """Stage and flush what changed at the end of this loop tick, without waiting."""
         if self._persisted is None:
             self._persisted = self._loop.create_future()
             self._loop.call_soon(self._stage_and_flush)
-        await asyncio.wait_for(asyncio.shield(self._persisted), self.broker.config.write_timeout_ms / 1000)
 
     def _stage_and_flush(self) -> None:
         future, self._persisted = self._persisted, None
         try:
-            self._stage_dirty()
+            staged = self._stage_dirty()
         except Exception as error:
             future.set_exception(error)
             future.exception()
             return
-        self._tasks.create_task(self._flush_into(future))
+        self._tasks.create_task(self._flush_into(future, staged))
 
-    async def _flush_into(self, future: asyncio.Future) -> None:
+    async def _flush_into(self, future: asyncio.Future, staged: list[tuple[PartitionQueue, int]]) -> None:
         try:
             await self.broker.flush_metadata()
-            future.set_result(None)
         except Exception as error:  # reported to every waiter
             future.set_exception(error)
             future.exception()
+            return
+        for queue, reserved in staged:  # committed: first deliveries below it answer at once
+            queue.durable_reserved_offset = max(queue.durable_reserved_offset, reserved)
+        future.set_result(None)
 
-    def _stage_dirty(self) -> None:
+    def _stage_dirty(self) -> list[tuple[PartitionQueue, int]]:
+        """Stage the changed partitions; returns each with the reservation staged."""
         metadata = self.store.metadata
+        staged = []
         for group in self.groups.values():
             for partition in sorted(group.dirty):
-                metadata.put_queue_state(group.group, group.topic, partition,
-                                         encode_partition(group.partitions[partition]))
+                queue = group.partitions[partition]
+                metadata.put_queue_state(group.group, group.topic, partition, encode_partition(queue))
+                staged.append((queue, queue.reserved_offset))
             group.dirty.clear()
+        return staged
+
+    def stage_for_shutdown(self) -> None:
+        """A clean stop: every partition staged with its reservation cut back to its
+        next offset (nothing is in doubt), for the metadata store's closing flush."""
+        for group in self.groups.values():
+            for queue in group.partitions:
+                queue.reserved_offset = queue.next_offset
+            group.dirty.update(range(len(group.partitions)))
+        self._stage_dirty()
 
     # -- the timer and the dead-letter writer -------------------------------------------------
 

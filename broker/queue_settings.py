@@ -33,10 +33,15 @@ class QueueLimits:
     backoff_delays_max: int = 100
     # Queue groups (group, topic) the server keeps state for.
     queue_groups_max: int = 10_000
+    # First deliveries a partition may answer before their state is committed (the
+    # reservation, committed ahead of them; after a crash each offset of it counts as
+    # delivered once, so a smaller one means more receives wait for a commit and fewer
+    # messages counted once too often after a crash).
+    reservation_messages: int = 2_000
 
     def validate(self) -> None:
         for name in ("window_messages_max", "receive_messages_max", "receive_wait_max_ms",
-                     "error_text_bytes_max", "backoff_delays_max", "queue_groups_max"):
+                     "error_text_bytes_max", "backoff_delays_max", "queue_groups_max", "reservation_messages"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidConfigError(f"queue limit {name} must be a positive integer, got {value!r}")

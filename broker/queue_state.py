@@ -16,11 +16,15 @@ from .queues import DeadLetterReason, Delivery, DeliveryState, PartitionQueue
 # Persistence: the queue_state value of one partition (big-endian)
 #
 #     offset  size  field
-#          0     1  format_version       1
+#          0     1  format_version       2 (1: without reserved_offset, read as next_offset)
 #          1     8  floor                int64: every offset below is done
 #          9     8  next_offset          int64: the first offset never delivered
-#         17     4  settings_length      uint32
-#         21     s  settings             QueueSettings as JSON (UTF-8)
+#         17     8  reserved_offset      int64 >= next_offset: first deliveries may have
+#                                        gone out up to here uncommitted (broker/queues.py,
+#                                        "Reservation"); a restart counts each offset in
+#                                        [next_offset, reserved_offset) as delivered once
+#         25     4  settings_length      uint32
+#         29     s  settings             QueueSettings as JSON (UTF-8)
 #          .     4  entry_count          uint32: entries that follow, by offset
 #   then per entry:
 #          0     8  offset               int64, in [floor, next_offset)
@@ -34,8 +38,9 @@ from .queues import DeadLetterReason, Delivery, DeliveryState, PartitionQueue
 #         37     2  error_length         uint16
 #         39     e  last_error           UTF-8
 
-QUEUE_STATE_VERSION = 1
-_STATE_HEADER = struct.Struct(">BqqI")
+QUEUE_STATE_VERSION = 2
+_STATE_HEADER = struct.Struct(">BqqqI")
+_STATE_HEADER_V1 = struct.Struct(">BqqI")
 _COUNT = struct.Struct(">I")
 _ENTRY = struct.Struct(">qIqqqBH")
 ENTRY_BYTES = _ENTRY.size  # per pending message, before its error text
@@ -50,7 +55,8 @@ def state_bytes_max(window_messages_max: int, error_text_bytes_max: int, backoff
 
 def encode_partition(queue: PartitionQueue) -> bytes:
     settings = queue.settings.to_json()
-    parts = [_STATE_HEADER.pack(QUEUE_STATE_VERSION, queue.floor, queue.next_offset, len(settings)),
+    reserved = max(queue.reserved_offset, queue.next_offset)
+    parts = [_STATE_HEADER.pack(QUEUE_STATE_VERSION, queue.floor, queue.next_offset, reserved, len(settings)),
              settings, _COUNT.pack(len(queue.pending))]
     pack = _ENTRY.pack
     for offset in sorted(queue.pending):
@@ -70,6 +76,11 @@ class DecodedPartition:
     next_offset: int
     settings: QueueSettings
     deliveries: tuple[Delivery, ...]
+    reserved_offset: int = -1  # -1: as next_offset (a version 1 value)
+
+    @property
+    def reservation_end(self) -> int:
+        return max(self.reserved_offset, self.next_offset)
 
 
 class QueueStateError(ValueError):
@@ -78,12 +89,19 @@ class QueueStateError(ValueError):
 
 def decode_partition(data: bytes) -> DecodedPartition:
     try:
-        version, floor, next_offset, settings_length = _STATE_HEADER.unpack_from(data)
-        if version != QUEUE_STATE_VERSION:
-            raise QueueStateError(f"format_version {version}, expected {QUEUE_STATE_VERSION}")
-        if not 0 <= floor <= next_offset:
-            raise QueueStateError(f"floor {floor} and next_offset {next_offset} out of order")
-        position = _STATE_HEADER.size
+        version = data[0] if data else None
+        if version == 1:
+            _, floor, next_offset, settings_length = _STATE_HEADER_V1.unpack_from(data)
+            reserved = next_offset
+            position = _STATE_HEADER_V1.size
+        elif version == QUEUE_STATE_VERSION:
+            _, floor, next_offset, reserved, settings_length = _STATE_HEADER.unpack_from(data)
+            position = _STATE_HEADER.size
+        else:
+            raise QueueStateError(f"format_version {version}, expected 1 or {QUEUE_STATE_VERSION}")
+        if not 0 <= floor <= next_offset <= reserved:
+            raise QueueStateError(f"floor {floor}, next_offset {next_offset} and reserved_offset {reserved} "
+                                  "out of order")
         settings = QueueSettings.from_json(data[position : position + settings_length])
         position += settings_length
         (count,) = _COUNT.unpack_from(data, position)
@@ -113,4 +131,4 @@ def decode_partition(data: bytes) -> DecodedPartition:
         if isinstance(error, QueueStateError):
             raise
         raise QueueStateError(f"unreadable queue state: {error}") from None
-    return DecodedPartition(floor, next_offset, settings, tuple(deliveries))
+    return DecodedPartition(floor, next_offset, settings, tuple(deliveries), reserved)

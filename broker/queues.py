@@ -36,6 +36,18 @@ once a message was delivered again, a late settle of the older delivery is refus
 (STALE_DELIVERY), so one consumer cannot settle another's lease. An ack of a delivery
 whose lease ran out but that was not delivered again is still accepted.
 
+Reservation: first deliveries are answered before their state is committed, under a
+reservation that is: `reserved_offset` (persisted) bounds the offsets first deliveries
+may reach, and the server answers a receive without waiting for a commit only when every
+first delivery in it lies below the reservation already committed
+(`durable_reserved_offset`, set by the server after each commit) and it holds no
+redelivery. `take` moves the reservation ahead by `reservation_messages` once half of it
+is used, so it is usually committed before it is needed. After a crash every offset in
+[next_offset, reserved_offset) of the committed state may have been delivered once:
+`restore_reserved` counts each as delivered once (so its next delivery count is above any
+count a consumer saw; a message of the reservation that never went out is counted one
+delivery too many). A clean shutdown stages the reservation cut back to next_offset.
+
 Persistence: `encode_partition` / `decode_partition` (broker/queue_state.py) are the
 one codec of the bytes the server stages in the metadata store (queue_state sub-database) once per loop tick. What
 is kept: floor, next_offset, the group's settings and every pending delivery (count,
@@ -186,6 +198,10 @@ class PartitionQueue:
         self.floor = floor
         self.next_offset = next_offset
         self.log_end = next_offset  # the readable end, set by the server
+        # First deliveries may run up to here with their state not yet committed (see the
+        # module docstring); the server sets durable_reserved_offset after a commit.
+        self.reserved_offset = next_offset
+        self.durable_reserved_offset = next_offset
         self.pending: dict[int, Delivery] = {}
         self._ready: list[int] = []  # heap of offsets that may be available now
         self._timers: list[tuple[int, int]] = []  # heap of (time_ms, offset)
@@ -239,7 +255,27 @@ class PartitionQueue:
             self.pending[self.next_offset] = delivery
             self.next_offset += 1
             taken.append(self._lease(delivery, now_ms))
+        reservation = self.limits.reservation_messages
+        if self.reserved_offset - self.next_offset < reservation // 2:
+            self.reserved_offset = self.next_offset + reservation
         return taken
+
+    def restore_reserved(self, reserved_offset: int, now_ms: int) -> int:
+        """After a restart: each offset in [next_offset, reserved_offset) (below the
+        readable end) may have been delivered once, unanswered by a commit, before the
+        crash: it is counted as delivered once and available now (or dead-lettered, at
+        max_deliveries 1). Returns how many."""
+        end = min(reserved_offset, self.log_end, self.floor + self.limits.window_messages_max)
+        restored = 0
+        while self.next_offset < end:
+            delivery = Delivery(self.next_offset)
+            delivery.delivery_count = 1
+            delivery.first_delivery_ms = delivery.last_delivery_ms = now_ms
+            self.next_offset += 1
+            self.restore(delivery, now_ms)
+            restored += 1
+        self.reserved_offset = self.durable_reserved_offset = self.next_offset
+        return restored
 
     def has_available(self, now_ms: int) -> bool:
         if self.next_offset < self.window_end():

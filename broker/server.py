@@ -277,6 +277,10 @@ class Server:
             if self.metrics is not None:
                 self.metrics.stop()
             await self.broker.compaction.stop()  # a run's thread must end before the logs close
+            try:
+                self.broker.queues.stage_for_shutdown()  # a clean stop leaves no delivery in doubt
+            except Exception:  # a failed metadata store reports itself; the restart counts them once
+                log.exception("queue groups: staging their state at shutdown failed")
             await asyncio.to_thread(self.store.close)
 
     def _accept(self, tasks: asyncio.TaskGroup, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

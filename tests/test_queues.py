@@ -287,6 +287,48 @@ def test_a_restored_message_at_its_last_delivery_is_dead_lettered() -> None:
     assert [d.reason for d in restored.take_dead_letters(1)] == [DeadLetterReason.MAX_DELIVERIES]
 
 
+def test_the_committed_reservation_counts_its_offsets_as_delivered_once_after_a_crash() -> None:
+    queue = PartitionQueue(0, QueueSettings(ack_wait_ms=1_000, max_deliveries=3, backoff=NO_BACKOFF),
+                           QueueLimits(reservation_messages=10))
+    queue.set_log_bounds(0, 100)
+    committed = decode_partition(encode_partition(queue))  # before any delivery
+    assert committed.reservation_end == 0
+    queue.take(3, now_ms=0)
+    assert queue.reserved_offset == 13  # moved ahead once half of it (here all) was used
+    committed = decode_partition(encode_partition(queue))  # the commit of the reservation
+    assert (committed.next_offset, committed.reservation_end) == (3, 13)
+    queue.take(2, now_ms=0)  # 3, 4: first deliveries answered before their commit
+    assert queue.reserved_offset == 13  # half of it is left: not moved
+    queue.take(4, now_ms=0)  # 5..8: fewer than half left now, moved again
+    assert queue.reserved_offset == 19
+
+    # The crash: only `committed` is on disk; 3 and 4 went out with count 1.
+    restored = PartitionQueue(0, committed.settings, QueueLimits(reservation_messages=10), committed.floor,
+                              committed.next_offset)
+    restored.set_log_bounds(0, 100)
+    for delivery in committed.deliveries:
+        restored.restore(delivery, now_ms=5_000)
+    assert restored.restore_reserved(committed.reservation_end, now_ms=5_000) == 10  # offsets 3..12
+    assert restored.next_offset == restored.reserved_offset == restored.durable_reserved_offset == 13
+    again = restored.take(20, now_ms=5_000)
+    by_offset = {t.offset: t.delivery_count for t in again}
+    # 0..2 (committed, their old leases ran out) and 3..12 (in doubt) come again, each
+    # with a count above the one a consumer saw.
+    assert all(by_offset[offset] == 2 for offset in range(13))
+    assert by_offset[13] == 1  # beyond the reservation: never delivered
+
+
+def test_a_version_1_state_reads_with_no_reservation() -> None:
+    queue = make_queue(10)
+    queue.take(2, now_ms=0)
+    encoded = encode_partition(queue)
+    assert encoded[0] == 2
+    version_1 = bytes([1]) + encoded[1:17] + encoded[25:]  # without reserved_offset
+    decoded = decode_partition(version_1)
+    assert (decoded.floor, decoded.next_offset, decoded.reservation_end) == (0, 2, 2)
+    assert [d.offset for d in decoded.deliveries] == [0, 1]
+
+
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=80))
 def test_garbage_state_raises_only_queue_state_error(data) -> None:
