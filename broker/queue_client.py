@@ -33,8 +33,11 @@ background; `flush()` waits for them and raises the first that failed. A receive
 up to `batch_max` messages at a time: the ones not yet handed out are leased all the
 same, and close() gives them back (a nack without delay). With `prefetch` (the default)
 the queue asks for the next batch, without waiting on the broker, once half of the
-current one was handed out, so the application rarely waits for a round trip: at most
-batch_max + batch_max // 2 messages are leased to it and not yet handed out.
+current one was handed out, so the application rarely waits for a round trip; it does so
+only while the application settles what it is handed (every message handed out before
+the current one is settled: a consumer that holds messages leases no more than it asked
+for), so at most batch_max + batch_max // 2 messages are leased to it and not yet handed
+out.
 
 The group's settings (ack_wait_ms, max_deliveries, backoff, dead_letter_topic, and
 expired: "drop" or "dead-letter" for a message whose TTL passed) are fixed by its first
@@ -49,7 +52,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import threading
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -221,6 +223,8 @@ class AsyncQueue:
         self.receive_timeout_ms = receive_timeout_ms
         self.prefetch = prefetch
         self._prefetching: asyncio.Task | None = None  # the one receive asked ahead
+        # Messages handed out (at-least-once) and not settled yet: prefetch only at 0.
+        self._unsettled = 0
         self.settings = m.QueueGroupSettings(
             ack_wait_ms=m.CONFIG_DEFAULT if ack_wait_ms is None else ack_wait_ms,
             max_deliveries=m.CONFIG_DEFAULT if max_deliveries is None else max_deliveries,
@@ -229,7 +233,9 @@ class AsyncQueue:
             expired=_EXPIRED_ACTIONS[expired],
         )
         self._buffer: collections.deque[QueueMessage] = collections.deque()
-        self._outbox: list[tuple[m.Settlement, asyncio.Future]] = []
+        # (partition, offset, delivery count, action, delay, text, future or None), in order.
+        self._outbox: list[tuple] = []
+        self._settled: asyncio.Future | None = None  # returned by every wait=False settle
         self._sender: asyncio.Task | None = None
         self._errors: list[BaseException] = []
         self._closed = False
@@ -266,6 +272,7 @@ class AsyncQueue:
         if self._buffer:
             message = self._buffer.popleft()
             self.prefetch_soon(owner)
+            self._handed_out(owner)
             return message
         timeout_ms = self.receive_timeout_ms if timeout_ms is None else max(int(timeout_ms), 0)
         loop = asyncio.get_running_loop()
@@ -286,16 +293,25 @@ class AsyncQueue:
             if self._buffer:
                 message = self._buffer.popleft()
                 self.prefetch_soon(owner)
+                self._handed_out(owner)
                 return message
             if self._closed:
                 raise ClientClosed("the queue is closed")
             if loop.time() >= deadline:
                 return None
 
-    def prefetch_soon(self, owner) -> None:
-        """Ask for the next batch (no long poll) when half of this one was handed out
-        and no such request is under way. On the client's loop."""
-        if (self.prefetch and self._prefetching is None and not self._closed
+    def _handed_out(self, owner) -> None:
+        if owner is self and self.guarantee == AT_LEAST_ONCE:
+            self._unsettled += 1
+
+    def prefetch_soon(self, owner, settled: bool | None = None) -> None:
+        """Ask for the next batch (no long poll) when half of this one was handed out,
+        the application settled what it was handed before, and no such request is under
+        way. On the client's loop; `owner` (this queue or its blocking twin) counts the
+        unsettled messages, unless `settled` says what its count was when it asked."""
+        if settled is None:
+            settled = owner._unsettled == 0
+        if (self.prefetch and self._prefetching is None and not self._closed and settled
                 and len(self._buffer) <= self.batch_max // 2):
             self._prefetching = asyncio.get_running_loop().create_task(self._prefetch_once(owner))
 
@@ -357,6 +373,7 @@ class AsyncQueue:
             self._current, self._current_settled = message, False
             yield message
             if self.guarantee == AT_LEAST_ONCE and not self._current_settled and not self._closed:
+                self._settled_one()
                 self._settle_nowait(message, m.SettleAction.ACK, m.CONFIG_DEFAULT, None)
             self._current = None
 
@@ -366,40 +383,46 @@ class AsyncQueue:
                 wait: bool) -> asyncio.Future:
         if message is self._current:
             self._current_settled = True
-        future = self._settle_nowait(message, action, delay_ms, text, record_error=not wait)
+        self._settled_one()
         if wait:
-            return future
-        done = asyncio.get_running_loop().create_future()
-        done.set_result(None)
-        return done
+            return self._settle_nowait(message, action, delay_ms, text, record_error=False)
+        self._settle_nowait(message, action, delay_ms, text)
+        if self._settled is None:  # one finished future serves every wait=False call
+            self._settled = asyncio.get_running_loop().create_future()
+            self._settled.set_result(None)
+        return self._settled
 
     def _reply(self, message: QueueMessage, value, key, headers):
         from .request_client import send_reply
 
         return send_reply(self.client, message, value, key, headers)
 
+    def _settled_one(self) -> None:
+        """The application settled a message it was handed (a repeat settle of one is not
+        told apart: the count only gates prefetching)."""
+        if self._unsettled:
+            self._unsettled -= 1
+
     def _settle_nowait(self, message: QueueMessage, action: m.SettleAction, delay_ms: int,
-                       text: str | None, *, record_error: bool = True) -> asyncio.Future:
-        """Queue a settlement (on the client's loop); the future holds its result. With
-        record_error (nobody awaits the future) a failure is kept for flush() to raise."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        if record_error:
-            future.add_done_callback(self._record_error)
+                       text: str | None, *, record_error: bool = True) -> asyncio.Future | None:
+        """Queue a settlement (on the client's loop). Without record_error a future holds
+        its result; with it (nobody awaits) there is none and a failure is kept for
+        flush() to raise."""
+        future = None if record_error else asyncio.get_running_loop().create_future()
         if self._closed and action is not m.SettleAction.NACK:
-            future.set_exception(ClientClosed("the queue is closed"))
+            self._fail(future, ClientClosed("the queue is closed"))
             return future
-        settlement = m.Settlement(partition=message.partition, offset=message.offset,
-                                  delivery_count=message.delivery_count, action=action,
-                                  delay_ms=delay_ms, text=text)
-        self._outbox.append((settlement, future))
+        self._outbox.append((message.partition, message.offset, message.delivery_count, action, delay_ms, text,
+                             future))
         if self._sender is None or self._sender.done():
-            self._sender = loop.create_task(self._send_settlements())
+            self._sender = asyncio.get_running_loop().create_task(self._send_settlements())
         return future
 
-    def _record_error(self, future: asyncio.Future) -> None:
-        if not future.cancelled() and future.exception() is not None:
-            self._errors.append(future.exception())
+    def _fail(self, future: asyncio.Future | None, error: BaseException) -> None:
+        if future is None:
+            self._errors.append(error)
+        elif not future.done():
+            future.set_exception(error)
 
     async def _send_settlements(self) -> None:
         """One request at a time; what is queued meanwhile goes out together next, the
@@ -412,26 +435,25 @@ class AsyncQueue:
             try:
                 response = await self.client._call(request, None, retry=True)
             except Exception as error:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(error)
+                for entry in batch:
+                    self._fail(entry[6], error)
                 continue
-            outcomes = [(result.error_code, result.lease_deadline_ms) for result in response.results
-                        for _ in range(result.count)]
-            if len(outcomes) != len(batch):
-                error = InvalidRecords(f"queue settle: {len(outcomes)} outcomes for {len(batch)} settlements")
-                outcomes = []
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(error)
-            for (settlement, future), (code, deadline) in zip(batch, outcomes):
-                if future.done():
-                    continue
-                if code != 0:
-                    where = f"{self.topic}-{settlement.partition} offset {settlement.offset}"
-                    future.set_exception(error_for(code, f"{settlement.action.name.lower()} {where}"))
-                else:
-                    future.set_result(deadline if deadline >= 0 else None)
+            outcomes = [(result.error_code, result.lease_deadline_ms, result.count) for result in response.results]
+            if sum(count for _, _, count in outcomes) != len(batch):
+                error = InvalidRecords(f"queue settle: outcomes for {sum(c for _, _, c in outcomes)} offsets, "
+                                       f"{len(batch)} settled")
+                for entry in batch:
+                    self._fail(entry[6], error)
+                continue
+            index = 0
+            for code, deadline, count in outcomes:
+                for partition, offset, _, action, _, _, future in batch[index:index + count]:
+                    if code != 0:
+                        where = f"{self.topic}-{partition} offset {offset}"
+                        self._fail(future, error_for(code, f"{action.name.lower()} {where}"))
+                    elif future is not None and not future.done():
+                        future.set_result(deadline if deadline >= 0 else None)
+                index += count
 
     async def flush(self) -> None:
         """Wait until every settlement made so far is answered; raise the first that
@@ -457,21 +479,22 @@ class AsyncQueue:
         self.client._owned.discard(self)
 
 
-def _runs(batch: list[tuple[m.Settlement, asyncio.Future]]) -> list[m.Settlement]:
-    """The settlements of `batch` (one offset each, in order) as runs: consecutive
-    offsets of one partition with the same delivery count, action, delay and text."""
-    runs: list[list] = []  # [first settlement, count]
+def _runs(batch: list[tuple]) -> list[m.Settlement]:
+    """The outbox entries of `batch` (partition, offset, delivery count, action, delay,
+    text, future: one offset each, in order) as settlements in runs: consecutive offsets
+    of one partition with the same delivery count, action, delay and text."""
+    runs: list[list] = []  # [partition, first offset, delivery count, action, delay, text, count]
     last = None
-    for settlement, _ in batch:
-        if (last is not None and last.partition == settlement.partition
-                and last.offset + runs[-1][1] == settlement.offset and last.delivery_count == settlement.delivery_count
-                and last.action is settlement.action and last.delay_ms == settlement.delay_ms
-                and last.text == settlement.text):
-            runs[-1][1] += 1
+    for partition, offset, delivery_count, action, delay_ms, text, _ in batch:
+        if (last is not None and last[0] == partition and last[1] + last[6] == offset and last[2] == delivery_count
+                and last[3] is action and last[4] == delay_ms and last[5] == text):
+            last[6] += 1
         else:
-            runs.append([settlement, 1])
-            last = settlement
-    return [first if count == 1 else dataclasses.replace(first, count=count) for first, count in runs]
+            last = [partition, offset, delivery_count, action, delay_ms, text, 1]
+            runs.append(last)
+    return [m.Settlement(partition=partition, offset=offset, delivery_count=delivery_count, action=action,
+                         delay_ms=delay_ms, text=text, count=count)
+            for partition, offset, delivery_count, action, delay_ms, text, count in runs]
 
 
 class Queue:
@@ -485,6 +508,7 @@ class Queue:
         self._local_lock = threading.Lock()
         self._current: QueueMessage | None = None
         self._current_settled = False
+        self._unsettled = 0  # as AsyncQueue's, counted in the application's thread
         client._owned.add(self)
 
     @staticmethod
@@ -517,11 +541,20 @@ class Queue:
         with contextlib.suppress(IndexError):  # received already: no trip to the loop thread
             if not queue.closed:
                 message = queue._buffer.popleft()
-                if queue.prefetch and queue._prefetching is None and len(queue._buffer) <= queue.batch_max // 2:
-                    self._client._loop.call_soon_threadsafe(queue.prefetch_soon, self)
+                if (queue.prefetch and queue._prefetching is None and self._unsettled == 0
+                        and len(queue._buffer) <= queue.batch_max // 2):
+                    self._client._loop.call_soon_threadsafe(queue.prefetch_soon, self, True)
+                self._handed_out()
                 return message
         wait = self._async.receive_timeout_ms if timeout_ms is None else timeout_ms
-        return self._client._run(self._async._receive(timeout_ms, self), None, wait)
+        message = self._client._run(self._async._receive(timeout_ms, self), None, wait)
+        if message is not None:
+            self._handed_out()
+        return message
+
+    def _handed_out(self) -> None:
+        if self._async.guarantee == AT_LEAST_ONCE:
+            self._unsettled += 1
 
     def __iter__(self) -> Iterator[QueueMessage]:
         """As AsyncQueue's: at-least-once acks what the loop body left unsettled when
@@ -540,6 +573,8 @@ class Queue:
                 wait: bool):
         if message is self._current:
             self._current_settled = True
+        if self._unsettled:
+            self._unsettled -= 1
         queue = self._async
         if wait:
             async def settle():

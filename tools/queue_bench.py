@@ -138,11 +138,16 @@ async def drain(client: AsyncClient, group: str, stop_at: int | None, idle_ms: i
     first = None
     clock = time.perf_counter
     answered = {"last": None, "errors": 0}
+    watcher: asyncio.Task | None = None
 
-    def on_answer(future: asyncio.Future) -> None:
-        answered["last"] = clock()
-        if future.cancelled() or future.exception() is not None:
+    async def stamp_answers() -> None:
+        """Wait for every ack queued so far (and any queued while the sender runs): the
+        time the last one was answered, without holding up the receiving loop."""
+        try:
+            await queue.flush()
+        except NodiError:
             answered["errors"] += 1
+        answered["last"] = clock()
     try:
         while True:
             if stop_at is not None and (shared["received"] if shared is not None else len(offsets)) >= stop_at:
@@ -155,8 +160,11 @@ async def drain(client: AsyncClient, group: str, stop_at: int | None, idle_ms: i
             offsets.append(message.offset)
             if shared is not None:
                 shared["received"] += 1
-            message.ack().add_done_callback(on_answer)  # not awaited: sent in the background, batched
-        await queue.flush()
+            message.ack(wait=False)  # as the at-least-once loop does: sent in the background, batched
+            if watcher is None or watcher.done():
+                watcher = asyncio.get_running_loop().create_task(stamp_answers())
+        if watcher is not None:
+            await watcher  # created or still running when the last ack was queued: covers it
     finally:
         await queue.close()
     return {"offsets": offsets, "first_receive": first, "last_ack_answered": answered["last"],
