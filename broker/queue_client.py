@@ -33,7 +33,8 @@ background; `flush()` waits for them and raises the first that failed. A receive
 up to `batch_max` messages at a time: the ones not yet handed out are leased all the
 same, and close() gives them back (a nack without delay). With `prefetch` (the default)
 the queue asks for the next batch, without waiting on the broker, once half of the
-current one was handed out, so the application rarely waits for a round trip; it does so
+current one was handed out if the last receive came back full (a backlog), so the
+application rarely waits for a round trip; it does so
 only while the application settles what it is handed (every message handed out before
 the current one is settled: a consumer that holds messages leases no more than it asked
 for), so at most batch_max + batch_max // 2 messages are leased to it and not yet handed
@@ -225,6 +226,9 @@ class AsyncQueue:
         self._prefetching: asyncio.Task | None = None  # the one receive asked ahead
         # Messages handed out (at-least-once) and not settled yet: prefetch only at 0.
         self._unsettled = 0
+        # The last receive came back full: the broker likely has more (a backlog). A
+        # trickle (requests, a quiet topic) is not prefetched: it would be a wasted trip.
+        self._backlog = False
         self.settings = m.QueueGroupSettings(
             ack_wait_ms=m.CONFIG_DEFAULT if ack_wait_ms is None else ack_wait_ms,
             max_deliveries=m.CONFIG_DEFAULT if max_deliveries is None else max_deliveries,
@@ -284,6 +288,7 @@ class AsyncQueue:
                                             messages_max=self.batch_max, wait_ms=wait_ms)
             response = await self.client._call(request, None, extra_ms=wait_ms)
             received = self._decode(response, owner)
+            self._backlog = len(received) >= self.batch_max
             if received and self.guarantee == AT_MOST_ONCE:
                 # Acked (durably) before any is handed out: a crash from here loses them.
                 await asyncio.gather(*(self._settle_nowait(message, m.SettleAction.ACK, m.CONFIG_DEFAULT, None,
@@ -311,7 +316,7 @@ class AsyncQueue:
         unsettled messages, unless `settled` says what its count was when it asked."""
         if settled is None:
             settled = owner._unsettled == 0
-        if (self.prefetch and self._prefetching is None and not self._closed and settled
+        if (self.prefetch and self._backlog and self._prefetching is None and not self._closed and settled
                 and len(self._buffer) <= self.batch_max // 2):
             self._prefetching = asyncio.get_running_loop().create_task(self._prefetch_once(owner))
 
@@ -322,6 +327,7 @@ class AsyncQueue:
             request = m.QueueReceiveRequest(group=self.group, topic=self.topic, settings=self.settings,
                                             messages_max=self.batch_max, wait_ms=0)
             received = self._decode(await self.client._call(request, None), owner)
+            self._backlog = len(received) >= self.batch_max
             if received and self.guarantee == AT_MOST_ONCE:
                 await asyncio.gather(*(self._settle_nowait(message, m.SettleAction.ACK, m.CONFIG_DEFAULT, None,
                                                            record_error=False)
@@ -541,7 +547,7 @@ class Queue:
         with contextlib.suppress(IndexError):  # received already: no trip to the loop thread
             if not queue.closed:
                 message = queue._buffer.popleft()
-                if (queue.prefetch and queue._prefetching is None and self._unsettled == 0
+                if (queue.prefetch and queue._backlog and queue._prefetching is None and self._unsettled == 0
                         and len(queue._buffer) <= queue.batch_max // 2):
                     self._client._loop.call_soon_threadsafe(queue.prefetch_soon, self, True)
                 self._handed_out()

@@ -63,6 +63,9 @@ DEAD_LETTER_RETRY_S = 1.0  # the first retry of a failed pass, doubling up to th
 DEAD_LETTER_RETRY_MAX_S = 60.0
 # Decoded batches kept for the next receives (one per partition, the most recent ones).
 DECODED_BATCHES_MAX = 64
+# Receives of at most this many messages, all among the last this many offsets of their
+# log, read on the event loop (just written: in the page cache); others in a thread.
+TAIL_READ_MESSAGES_MAX = 16
 # The timer's longest sleep (it also wakes when told to).
 TIMER_INTERVAL_MAX_S = 0.5
 
@@ -334,8 +337,13 @@ class QueueService:
         message whose TTL (its header, else the topic's ttl_ms) has passed is expired; one
         whose not-before header is ahead of `now` is deferred to it; what does not fit
         in `budget` bytes, or cannot be read, is released."""
-        # A read may go to the disk: off the loop (the leases are taken already).
-        found = await asyncio.to_thread(self._read_records, group.topic, [(t.partition, t.offset) for t in taken])
+        wanted = [(t.partition, t.offset) for t in taken]
+        if len(taken) <= TAIL_READ_MESSAGES_MAX and all(self._at_tail(group.topic, t) for t in taken):
+            # A few messages just appended (a request, a trickle): in the page cache, read
+            # here rather than paying a thread hop on the latency path.
+            found = self._read_records(group.topic, wanted)
+        else:  # a read may go to the disk: off the loop (the leases are taken already)
+            found = await asyncio.to_thread(self._read_records, group.topic, wanted)
         config = self.store.topics().get(group.topic)
         topic_ttl_ms = config.ttl_ms if config is not None else 0
         runs: list[list[int]] = []  # [partition, offset, delivery count, deadline, length]
@@ -379,6 +387,10 @@ class QueueService:
         if not deliveries and failures:
             raise failures[0]
         return deliveries, records
+
+    def _at_tail(self, topic: str, taken: Taken) -> bool:
+        """Whether `taken` is among the last TAIL_READ_MESSAGES_MAX offsets of its log."""
+        return taken.offset >= self.store.log(topic, taken.partition).next_offset - TAIL_READ_MESSAGES_MAX
 
     def _read_records(self, topic: str, wanted: list[tuple[int, int]]) -> dict:
         """(partition, offset) -> Record for each wanted offset that has one; an

@@ -75,7 +75,13 @@ class Requester:
                 if partition is None:
                     partitions = await self.client.partition_count(topic)
                     partition = self.client.choose_partition(topic, key_bytes, partitions)
-                await self.client.produce_batch(topic, partition, build_batch([record]), timeout_ms=timeout_ms)
+                # acks=written: the reply is the acknowledgement that matters. A responder
+                # sees the request only once its topic's fsync policy lets readers see it
+                # (fsync always: after the fsync), so nothing is answered from a request a
+                # crash could take back; a durable ack would only add an fsync per request
+                # under the other policies.
+                await self.client.produce_batch(topic, partition, build_batch([record]), acks="written",
+                                                timeout_ms=timeout_ms)
                 if self._poller is None or self._poller.done():
                     self._poller = asyncio.get_running_loop().create_task(self._poll(inbox))
                 return await future
