@@ -358,16 +358,18 @@ class QueueService:
             if isinstance(record, Exception):
                 unsent.append(item)
                 continue
-            expires_at = expires_at_ms(record.timestamp_ms, record.headers, topic_ttl_ms)
-            if expires_at is not None and expires_at <= now:
-                group.expire(item)  # never handed out: dropped or dead-lettered
-                continue
-            not_before = find_integer(record.headers, NOT_BEFORE_MS)
-            if not_before is not None and not_before > now:
-                group.defer(item, not_before)  # delayed delivery: not due yet
-                continue
-            size = 64 + len(record.key or b"") + len(record.value or b"") + sum(
-                len(k) + len(v or b"") + 8 for k, v in record.headers)
+            headers = record.headers
+            size = 64 + len(record.key or b"") + len(record.value or b"")
+            if headers or topic_ttl_ms:  # without either there is no TTL nor delay to honour
+                expires_at = expires_at_ms(record.timestamp_ms, headers, topic_ttl_ms)
+                if expires_at is not None and expires_at <= now:
+                    group.expire(item)  # never handed out: dropped or dead-lettered
+                    continue
+                not_before = find_integer(headers, NOT_BEFORE_MS)
+                if not_before is not None and not_before > now:
+                    group.defer(item, not_before)  # delayed delivery: not due yet
+                    continue
+                size += sum(len(k) + len(v or b"") + 8 for k, v in headers)
             if records and used + size > budget:
                 unsent.append(item)
                 continue
