@@ -65,6 +65,10 @@ class QueueGroup:
                 return False
         return True
 
+    def reservation_moved(self) -> bool:
+        """Whether a partition's reservation moved ahead since it was last staged."""
+        return any(queue.reserved_offset > queue.staged_reserved_offset for queue in self.partitions)
+
     def has_available(self, now_ms: int) -> bool:
         return any(queue.has_available(now_ms) for queue in self.partitions)
 

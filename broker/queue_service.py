@@ -11,10 +11,11 @@ partitions are encoded and staged in the metadata store, and the broker's metada
 settle answers after the flush that holds its acks: an answered ack survives a crash. A
 receive that holds a redelivery, or a first delivery beyond the partition's committed
 reservation, answers after the flush that holds its delivery counts; one made only of
-first deliveries within the committed reservation answers at once and has its state
-flushed soon after (broker/queues.py, "Reservation": after a crash each offset of the
-reservation counts as delivered once). Either way a crash never lowers a delivery count
-that a consumer saw.
+first deliveries within the committed reservation answers at once, and its state goes
+with the next commit (a settle's, the timer's within TIMER_INTERVAL_MAX_S, or at once
+when the reservation moved ahead; broker/queues.py, "Reservation": after a crash each
+offset of the reservation counts as delivered once). Either way a crash never lowers a
+delivery count that a consumer saw.
 
 Dead letters. A message marked for dead-lettering (max deliveries reached, rejected) is
 appended to the dead-letter topic by the writer task, which waits until the append is
@@ -287,7 +288,10 @@ class QueueService:
                 deliveries, records = await self._collect(group, taken, budget, now)
                 if deliveries:
                     if group.answerable_uncommitted(deliveries):
-                        self._persist_soon()
+                        # Its state goes with the next settle's commit (or the timer's);
+                        # only a reservation moved ahead is committed now, to be ready.
+                        if group.reservation_moved():
+                            self._persist_soon()
                     else:
                         await self.persist()
                     batch = build_batch(records, limits=RecordLimits(batch_bytes_max=budget, record_bytes_max=budget))
@@ -570,6 +574,7 @@ class QueueService:
             for partition in sorted(group.dirty):
                 queue = group.partitions[partition]
                 metadata.put_queue_state(group.group, group.topic, partition, encode_partition(queue))
+                queue.staged_reserved_offset = queue.reserved_offset
                 staged.append((queue, queue.reserved_offset))
             group.dirty.clear()
         return staged

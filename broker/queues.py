@@ -201,6 +201,7 @@ class PartitionQueue:
         # First deliveries may run up to here with their state not yet committed (see the
         # module docstring); the server sets durable_reserved_offset after a commit.
         self.reserved_offset = next_offset
+        self.staged_reserved_offset = next_offset  # the server's: last staged for a commit
         self.durable_reserved_offset = next_offset
         self.pending: dict[int, Delivery] = {}
         self._ready: list[int] = []  # heap of offsets that may be available now
@@ -274,7 +275,7 @@ class PartitionQueue:
             self.next_offset += 1
             self.restore(delivery, now_ms)
             restored += 1
-        self.reserved_offset = self.durable_reserved_offset = self.next_offset
+        self.reserved_offset = self.staged_reserved_offset = self.durable_reserved_offset = self.next_offset
         return restored
 
     def has_available(self, now_ms: int) -> bool:
