@@ -708,7 +708,7 @@ class AsyncClient:
 
     def queue(self, topic: str, group: str, **options):
         """An AsyncQueue of queue group `group` on `topic` (see queue_client.py for the
-        options: ack_wait_ms, max_deliveries, backoff, dead_letter_topic, batch_max)."""
+        options: ack_wait_ms, max_deliveries, backoff, dead_letter_topic, batch_max, prefetch)."""
         from .queue_client import AsyncQueue
 
         return AsyncQueue(self, topic, group, **options)

@@ -32,13 +32,12 @@ With `wait=False` the call returns at once and settlements go out batched in the
 background; `flush()` waits for them and raises the first that failed. A receive asks for
 up to `batch_max` messages at a time: the ones not yet handed out are leased all the
 same, and close() gives them back (a nack without delay). With `prefetch` (the default)
-the queue asks for the next batch, without waiting on the broker, once half of the
-current one was handed out if the last receive came back full (a backlog), so the
-application rarely waits for a round trip; it does so
-only while the application settles what it is handed (every message handed out before
-the current one is settled: a consumer that holds messages leases no more than it asked
-for), so at most batch_max + batch_max // 2 messages are leased to it and not yet handed
-out.
+and at-least-once the queue asks for the next batch, without waiting on the broker, once
+half of the current one was handed out if the last receive came back full (a backlog),
+so the application rarely waits for a round trip. It does so only while the application
+settles what it is handed (every message handed out before the current one is settled:
+a consumer that holds messages leases no more than it asked for), so at most batch_max +
+batch_max // 2 messages are leased to it and not yet handed out.
 
 The group's settings (ack_wait_ms, max_deliveries, backoff, dead_letter_topic, and
 expired: "drop" or "dead-letter" for a message whose TTL passed) are fixed by its first
@@ -317,21 +316,18 @@ class AsyncQueue:
         if settled is None:
             settled = owner._unsettled == 0
         if (self.prefetch and self._backlog and self._prefetching is None and not self._closed and settled
-                and len(self._buffer) <= self.batch_max // 2):
+                and self.guarantee == AT_LEAST_ONCE and len(self._buffer) <= self.batch_max // 2):
             self._prefetching = asyncio.get_running_loop().create_task(self._prefetch_once(owner))
 
     async def _prefetch_once(self, owner) -> None:
-        """One receive that does not wait for messages; a failure is left to the next
-        receive the application makes (which meets it again)."""
+        """One receive that does not wait for messages (at-least-once only: nothing is
+        acked here); a failure is left to the next receive the application makes (which
+        meets it again)."""
         try:
             request = m.QueueReceiveRequest(group=self.group, topic=self.topic, settings=self.settings,
                                             messages_max=self.batch_max, wait_ms=0)
             received = self._decode(await self.client._call(request, None), owner)
             self._backlog = len(received) >= self.batch_max
-            if received and self.guarantee == AT_MOST_ONCE:
-                await asyncio.gather(*(self._settle_nowait(message, m.SettleAction.ACK, m.CONFIG_DEFAULT, None,
-                                                           record_error=False)
-                                       for message in received))
             if self._closed:  # closed meanwhile: given back like the buffer
                 for message in received:
                     self._settle_nowait(message, m.SettleAction.NACK, 0, None)
@@ -548,7 +544,7 @@ class Queue:
             if not queue.closed:
                 message = queue._buffer.popleft()
                 if (queue.prefetch and queue._backlog and queue._prefetching is None and self._unsettled == 0
-                        and len(queue._buffer) <= queue.batch_max // 2):
+                        and queue.guarantee == AT_LEAST_ONCE and len(queue._buffer) <= queue.batch_max // 2):
                     self._client._loop.call_soon_threadsafe(queue.prefetch_soon, self, True)
                 self._handed_out()
                 return message
