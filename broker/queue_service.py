@@ -236,7 +236,7 @@ class QueueService:
     # -- requests ------------------------------------------------------------------------
 
     def _group_for(self, group_name: str, topic: str, wire: m.QueueGroupSettings | None) -> QueueGroup:
-        config = self.store.topics().get(topic)
+        config = self.store.topic_config(topic)
         if config is None:
             raise UnknownTopicError(f"topic {topic!r} does not exist")
         key = (group_name, topic)
@@ -348,7 +348,7 @@ class QueueService:
             found = self._read_records(group.topic, wanted)
         else:  # a read may go to the disk: off the loop (the leases are taken already)
             found = await asyncio.to_thread(self._read_records, group.topic, wanted)
-        config = self.store.topics().get(group.topic)
+        config = self.store.topic_config(group.topic)
         topic_ttl_ms = config.ttl_ms if config is not None else 0
         runs: list[list[int]] = []  # [partition, offset, delivery count, deadline, length]
         records: list[NewRecord] = []
@@ -676,7 +676,7 @@ class QueueService:
         return len(letters)
 
     async def _dead_letter_partitions(self, topic: str, source_partitions: int) -> int:
-        config = self.store.topics().get(topic)
+        config = self.store.topic_config(topic)
         if config is not None:
             return config.partitions
         topic_config = dataclasses.replace(self.broker.config.topic_defaults, partitions=source_partitions)

@@ -19,7 +19,6 @@ from nodi.storage.config import FsyncPolicy
 from nodi.storage.errors import OffsetOutOfRangeError, UnknownTopicError
 from nodi.storage.log import FileSlice, Log
 from nodi.storage.metadata import TopicConfig
-from nodi.storage.records import parse_header
 from nodi.storage.store import Store
 
 from . import messages as m
