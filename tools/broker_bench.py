@@ -50,14 +50,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from dataclasses import asdict
@@ -488,28 +486,10 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(argv)
     settings = settings_from_arguments(arguments)
-    parent = arguments.data_dir or storage_bench.default_data_parent()
-    os.makedirs(parent, exist_ok=True)
-    mount = storage_bench._mount_of(parent)
-    if mount[2] in ("tmpfs", "ramfs"):
-        progress(f"warning: {parent} is on {mount[2]}: the figures will not be the disk's")
-    data_directory = tempfile.mkdtemp(prefix="nodi-broker-bench-", dir=parent)
-    progress(f"data directory {data_directory} ({mount[2]} on {mount[0]})")
-    try:
-        results = run(settings, arguments, data_directory)
-    except (NodiError, RuntimeError) as error:
-        progress(f"failed: {type(error).__name__}: {error}")
-        return 1
-    finally:
-        if not arguments.keep:
-            shutil.rmtree(data_directory, ignore_errors=True)
-    print(render(results))
-    if arguments.json_out:
-        with open(arguments.json_out, "w") as out:
-            json.dump(results, out, indent=2)
-            out.write("\n")
-        progress(f"wrote {arguments.json_out}")
-    return 0
+    return storage_bench.run_in_scratch_directory(
+        "broker", arguments, lambda directory: run(settings, arguments, directory), render, progress,
+        errors=(NodiError, RuntimeError),
+    )
 
 
 if __name__ == "__main__":

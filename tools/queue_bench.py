@@ -49,7 +49,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -514,28 +513,10 @@ def main(argv: list[str] | None = None) -> int:
     if arguments.child_responder:
         asyncio.run(child_responder(*arguments.child_responder))
         return 0
-    parent = arguments.data_dir or storage_bench.default_data_parent()
-    os.makedirs(parent, exist_ok=True)
-    mount = storage_bench._mount_of(parent)
-    if mount[2] in ("tmpfs", "ramfs"):
-        progress(f"warning: {parent} is on {mount[2]}: the figures will not be the disk's")
-    data_directory = tempfile.mkdtemp(prefix="nodi-queue-bench-", dir=parent)
-    progress(f"data directory {data_directory} ({mount[2]} on {mount[0]})")
-    try:
-        results = run(arguments, data_directory)
-    except (NodiError, RuntimeError) as error:
-        progress(f"failed: {type(error).__name__}: {error}")
-        return 1
-    finally:
-        if not arguments.keep:
-            shutil.rmtree(data_directory, ignore_errors=True)
-    print(render(results))
-    if arguments.json_out:
-        with open(arguments.json_out, "w") as out:
-            json.dump(results, out, indent=2)
-            out.write("\n")
-        progress(f"wrote {arguments.json_out}")
-    return 0
+    return storage_bench.run_in_scratch_directory(
+        "queue", arguments, lambda directory: run(arguments, directory), render, progress,
+        errors=(NodiError, RuntimeError),
+    )
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from nodi.storage.config import FsyncPolicy, LogConfig
@@ -975,15 +976,33 @@ def main(argv: list[str] | None = None) -> int:
         child_open(arguments.child_open, arguments.child_segment_bytes, arguments.child_close)
         return 0
     settings = settings_from_arguments(arguments)
+    return run_in_scratch_directory("storage", arguments, lambda directory: run(settings, directory), render, progress)
+
+
+def run_in_scratch_directory(
+    name: str,
+    arguments: argparse.Namespace,
+    measure: Callable[[str], dict],
+    render: Callable[[dict], str],
+    progress: Callable[[str], None],
+    errors: tuple[type[BaseException], ...] = (),
+) -> int:
+    """The frame every benchmark tool shares: a scratch directory under --data-dir (or
+    default_data_parent(); a warning when it is tmpfs), `measure(directory)`, its report
+    printed and written as JSON to --json-out, the directory removed unless --keep. An
+    error of `errors` is reported and gives exit status 1."""
     parent = arguments.data_dir or default_data_parent()
     os.makedirs(parent, exist_ok=True)
     mount = _mount_of(parent)
     if mount[2] in ("tmpfs", "ramfs"):
         progress(f"warning: {parent} is on {mount[2]}: the figures will not be the disk's")
-    data_directory = tempfile.mkdtemp(prefix="nodi-storage-bench-", dir=parent)
+    data_directory = tempfile.mkdtemp(prefix=f"nodi-{name}-bench-", dir=parent)
     progress(f"data directory {data_directory} ({mount[2]} on {mount[0]})")
     try:
-        results = run(settings, data_directory)
+        results = measure(data_directory)
+    except errors as error:
+        progress(f"failed: {type(error).__name__}: {error}")
+        return 1
     finally:
         if not arguments.keep:
             shutil.rmtree(data_directory, ignore_errors=True)
