@@ -373,15 +373,24 @@ class PartitionQueue:
         self._release(delivery)
         self._kill(delivery, DeadLetterReason.REJECTED)
 
-    def release(self, offset: int, delivery_count: int) -> None:
-        """Undo a delivery just handed out that could not be sent (over the response's
-        budget, a failed read): its count goes back, it is available again."""
+    def _take_back(self, offset: int, delivery_count: int) -> Delivery | None:
+        """The delivery of `offset` just handed out as `delivery_count`, its lease
+        released and the delivery uncounted (release, defer, expire); None when that is
+        not the delivery now."""
         delivery = self.pending.get(offset)
         if delivery is None or delivery.state is not DeliveryState.LEASED or delivery.delivery_count != delivery_count:
-            return
+            return None
         self._release(delivery)
         delivery.delivery_count -= 1
         self.delivered -= 1
+        return delivery
+
+    def release(self, offset: int, delivery_count: int) -> None:
+        """Undo a delivery just handed out that could not be sent (over the response's
+        budget, a failed read): its count goes back, it is available again."""
+        delivery = self._take_back(offset, delivery_count)
+        if delivery is None:
+            return
         if delivery.delivery_count == 0 and offset == self.next_offset - 1:
             del self.pending[offset]
             self.next_offset -= 1
@@ -392,12 +401,9 @@ class PartitionQueue:
         """A delivery just handed out whose message is not due (its not-before time, read
         from the record at delivery, is ahead): taken back uncounted, and available again
         from `not_before_ms` (it keeps its place in the window meanwhile)."""
-        delivery = self.pending.get(offset)
-        if delivery is None or delivery.state is not DeliveryState.LEASED or delivery.delivery_count != delivery_count:
+        delivery = self._take_back(offset, delivery_count)
+        if delivery is None:
             return
-        self._release(delivery)
-        delivery.delivery_count -= 1
-        self.delivered -= 1
         if delivery.delivery_count == 0:
             delivery.first_delivery_ms = 0
         self._make_available(delivery, not_before_ms, not_before_ms - 1)
@@ -406,12 +412,9 @@ class PartitionQueue:
         """A delivery just handed out whose message's TTL has passed: taken back
         uncounted (the consumer never sees it), then dropped (done, counted as expired)
         or, with the group's expired = "dead-letter", dead-lettered with reason expired."""
-        delivery = self.pending.get(offset)
-        if delivery is None or delivery.state is not DeliveryState.LEASED or delivery.delivery_count != delivery_count:
+        delivery = self._take_back(offset, delivery_count)
+        if delivery is None:
             return
-        self._release(delivery)
-        delivery.delivery_count -= 1
-        self.delivered -= 1
         self.expired += 1
         if self.settings.expired == "dead-letter":
             self._kill(delivery, DeadLetterReason.EXPIRED)
