@@ -7,7 +7,7 @@ from importlib.metadata import version as _package_version
 import typer
 
 from nodi.cli import bench, compact, messaging
-from nodi.cli.common import state_of
+from nodi.cli.common import command, state_of
 from nodi.cli.dlq import app as dlq_app
 from nodi.cli.queues import app as queues_app
 from nodi.cli.groups import app as groups_app
@@ -55,7 +55,7 @@ def main(
     state_of(ctx).server = server
 
 
-@app.command()
+@command(app, "serve")
 def serve(
     data_dir: str = typer.Option(None, "--data-dir", help="Where logs and metadata live (default: ./nodi-data)."),
     host: str = typer.Option(None, "--host", help="Address to listen on (default: 127.0.0.1)."),
