@@ -167,10 +167,17 @@ class _StoreCollector:
         expired = CounterMetricFamily("nodi_queue_lease_expired", "Leases that ran out unsettled", labels=labels)
         dead = CounterMetricFamily("nodi_queue_dead_lettered", "Messages moved to the dead-letter topic", labels=labels)
         ttl = CounterMetricFamily("nodi_queue_expired", "Messages whose TTL passed before delivery", labels=labels)
-        families = (in_flight, pending, floor, delivered, redelivered, acked, nacked, expired, dead, ttl)
+        rounds = CounterMetricFamily("nodi_queue_timer_rounds", "Rounds of the queue lease timer")
+        visited = CounterMetricFamily("nodi_queue_timer_groups_visited",
+                                      "Queue groups the lease timer's rounds visited (changed or due)")
+        families = (in_flight, pending, floor, delivered, redelivered, acked, nacked, expired, dead, ttl,
+                    rounds, visited)
         broker = self.server.broker
         if broker is not None:
-            for group in broker.queues.statistics().groups:
+            statistics = broker.queues.statistics()
+            rounds.add_metric([], statistics.timer_rounds)
+            visited.add_metric([], statistics.timer_groups_visited)
+            for group in statistics.groups:
                 for partition in group.partitions:
                     key = [group.group, group.topic, str(partition.partition)]
                     in_flight.add_metric(key, partition.leased)

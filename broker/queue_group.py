@@ -4,6 +4,8 @@ last staged for the metadata store."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from .errors import ErrorCode
 from .messages import SettleAction
 from .queue_settings import QueueLimits, QueueSettings
@@ -13,22 +15,29 @@ from .queues import DeadLetter, PartitionQueue, QueueGroupStatistics, Taken, set
 class QueueGroup:
     """One queue group on one topic: a PartitionQueue per partition. Not thread-safe:
     the server calls it from its event loop. `dirty` names the partitions changed since
-    the server last staged them."""
+    the server last staged them; `on_change` (the server's) is called with the group each
+    time a partition is marked, so the server finds the changed groups without a scan."""
 
     def __init__(self, group: str, topic: str, settings: QueueSettings, limits: QueueLimits,
-                 partitions: int = 0) -> None:
+                 partitions: int = 0, on_change: Callable[[QueueGroup], None] = lambda group: None) -> None:
         self.group = group
         self.topic = topic
+        self.key = (group, topic)
         self.settings = settings
         self.limits = limits
         self.partitions: list[PartitionQueue] = []
         self.dirty: set[int] = set()
+        self.on_change = on_change
         self._cursor = 0
         self.ensure_partitions(partitions)
 
     def ensure_partitions(self, count: int) -> None:
         while len(self.partitions) < count:
             self.partitions.append(PartitionQueue(len(self.partitions), self.settings, self.limits))
+
+    def mark_dirty(self, partition: int) -> None:
+        self.dirty.add(partition)
+        self.on_change(self)
 
     def partition(self, number: int) -> PartitionQueue:
         if not 0 <= number < len(self.partitions):
@@ -51,7 +60,7 @@ class QueueGroup:
             got = queue.take(count - len(taken), now_ms)
             if got:
                 taken.extend(got)
-                self.dirty.add(queue.partition)
+                self.mark_dirty(queue.partition)
         return taken
 
     def answerable_uncommitted(self, deliveries) -> bool:
@@ -86,14 +95,14 @@ class QueueGroup:
             deadline = queue.in_progress(offset, delivery_count, now_ms)
         else:
             queue.reject(offset, delivery_count, text)
-        self.dirty.add(partition)
+        self.mark_dirty(partition)
         return deadline
 
     def tick(self, now_ms: int) -> bool:
         changed = False
         for queue in self.partitions:
             if queue.tick(now_ms):
-                self.dirty.add(queue.partition)
+                self.mark_dirty(queue.partition)
                 changed = True
         return changed
 
@@ -111,24 +120,24 @@ class QueueGroup:
 
     def dead_lettered(self, partition: int, offset: int) -> None:
         self.partitions[partition].dead_lettered(offset)
-        self.dirty.add(partition)
+        self.mark_dirty(partition)
 
     def defer(self, item: Taken, not_before_ms: int) -> None:
         self.partitions[item.partition].defer(item.offset, item.delivery_count, not_before_ms)
-        self.dirty.add(item.partition)
+        self.mark_dirty(item.partition)
 
     def expire(self, item: Taken) -> None:
         self.partitions[item.partition].expire(item.offset, item.delivery_count)
-        self.dirty.add(item.partition)
+        self.mark_dirty(item.partition)
 
     def release(self, taken: list[Taken]) -> None:
         for item in reversed(taken):
             self.partitions[item.partition].release(item.offset, item.delivery_count)
-            self.dirty.add(item.partition)
+            self.mark_dirty(item.partition)
 
     def skip(self, partition: int, offset: int) -> None:
         self.partitions[partition].skip(offset)
-        self.dirty.add(partition)
+        self.mark_dirty(partition)
 
     def statistics(self) -> QueueGroupStatistics:
         parts = self.partitions

@@ -17,6 +17,14 @@ when the reservation moved ahead; broker/queues.py, "Reservation": after a crash
 offset of the reservation counts as delivered once). Either way a crash never lowers a
 delivery count that a consumer saw.
 
+The timer. Leases and not-before times run out in the timer's rounds (receives also tick
+their own group). A round visits only the groups that need it: those changed since the
+last round (every change marks a partition dirty, and that names its group) and those
+whose earliest deadline, or dead-letter retry, is due (a heap of visits). Each visit
+ticks the group, writes its dead letters and schedules its next deadline; a visit that
+finds nothing to do is harmless. So a round costs what happened, not the number of
+groups, and the changed groups are staged without a scan either.
+
 Dead letters. A message marked for dead-lettering (max deliveries reached, rejected) is
 appended to the dead-letter topic by the writer task, which waits until the append is
 fsynced, and only then acks it in the source (the ack is persisted like any other). A
@@ -32,7 +40,9 @@ import asyncio
 import collections
 import dataclasses
 from dataclasses import dataclass
+import heapq
 import logging
+import math
 import threading
 import time
 
@@ -149,6 +159,8 @@ def settings_to_wire(settings: QueueSettings) -> m.QueueGroupSettings:
 class QueueServiceStatistics:
     groups: tuple[QueueGroupStatistics, ...]
     dead_letter_failures: int  # passes of the dead-letter writer that failed (and were retried)
+    timer_rounds: int  # rounds of the lease timer
+    timer_groups_visited: int  # groups those rounds ticked (the changed ones and the due ones)
 
 
 class QueueService:
@@ -172,6 +184,15 @@ class QueueService:
         self._persisted: asyncio.Future | None = None  # the next tick's stage + flush
         self._wake = asyncio.Event()
         self.dead_letter_failures = 0
+        self.timer_rounds = self.timer_groups_visited = 0
+        # The timer visits only the groups that need it: those changed since its last round
+        # (_touched) and those with a deadline due (_due, a heap of (wall ms, group key);
+        # _scheduled holds each group's earliest entry, so entries that are no longer
+        # needed are few, and harmless: a visit that finds nothing to do).
+        self._touched: set[tuple[str, str]] = set()
+        self._due: list[tuple[int, tuple[str, str]]] = []
+        self._scheduled: dict[tuple[str, str], int] = {}
+        self._unstaged: set[tuple[str, str]] = set()  # groups with partitions to stage
         # (group, topic) -> (monotonic time of the next try, the delay that led to it).
         self._dead_letter_backoff: dict[tuple[str, str], tuple[float, float]] = {}
         # (topic, partition) -> (base offset, last offset, records) of its last decoded batch.
@@ -198,6 +219,7 @@ class QueueService:
                 log.exception("queue group %s on %s-%d: state not loaded", entry.group, entry.topic, entry.partition)
         for group in self.groups.values():
             group.ensure_partitions(topics[group.topic].partitions)
+        self._touched.update(self.groups)  # the first round schedules their deadlines
 
     def _load_partition(self, entry, topics: dict, now: int) -> None:
         config = topics.get(entry.topic)
@@ -212,7 +234,8 @@ class QueueService:
         key = (entry.group, entry.topic)
         group = self.groups.get(key)
         if group is None:
-            group = self.groups[key] = QueueGroup(entry.group, entry.topic, decoded.settings, self.limits)
+            group = self.groups[key] = QueueGroup(entry.group, entry.topic, decoded.settings, self.limits,
+                                                  on_change=self._changed)
         group.ensure_partitions(config.partitions)
         partition_log = self.store.log(entry.topic, entry.partition)
         end = partition_log.readable_end_offset
@@ -230,8 +253,9 @@ class QueueService:
         if in_doubt:
             log.info("queue group %s on %s-%d: %d offset(s) of the delivery reservation counted as delivered "
                      "once (an unclean stop)", entry.group, entry.topic, entry.partition, in_doubt)
-            group.dirty.add(entry.partition)
         group.partitions[entry.partition] = queue
+        if in_doubt:
+            group.mark_dirty(entry.partition)
 
     # -- requests ------------------------------------------------------------------------
 
@@ -252,8 +276,9 @@ class QueueService:
             settings = settings_from_wire(wire, QueueSettings())
             settings.validate(self.limits)
             validate_topic_name(settings.dead_letter_topic_for(topic))
-            group = self.groups[key] = QueueGroup(group_name, topic, settings, self.limits)
-            group.dirty.update(range(config.partitions))  # the settings are stored now
+            group = self.groups[key] = QueueGroup(group_name, topic, settings, self.limits, on_change=self._changed)
+            for partition in range(config.partitions):
+                group.mark_dirty(partition)  # the settings are stored now
         elif wire is not None:
             wanted = settings_from_wire(wire, group.settings)
             if wanted != group.settings:
@@ -269,7 +294,7 @@ class QueueService:
         for queue in group.partitions:
             partition_log = self.store.log(group.topic, queue.partition)
             if queue.set_log_bounds(partition_log.log_start_offset, partition_log.readable_end_offset):
-                group.dirty.add(queue.partition)
+                group.mark_dirty(queue.partition)
 
     async def receive(self, request: m.QueueReceiveRequest) -> Reply:
         group = self._group_for(request.group, request.topic, request.settings)
@@ -521,7 +546,7 @@ class QueueService:
 
     def statistics(self) -> QueueServiceStatistics:
         return QueueServiceStatistics(tuple(group.statistics() for _, group in sorted(self.groups.items())),
-                                      self.dead_letter_failures)
+                                      self.dead_letter_failures, self.timer_rounds, self.timer_groups_visited)
 
     def on_topic_deleted(self, topic: str) -> None:
         with self._batches_lock:
@@ -529,6 +554,7 @@ class QueueService:
                 del self._batches[key]
         for key in [key for key in self.groups if key[1] == topic]:
             group = self.groups.pop(key)
+            self._unstaged.discard(key)
             self._notify(group)
 
     # -- persistence -----------------------------------------------------------------------
@@ -566,17 +592,26 @@ class QueueService:
             queue.durable_reserved_offset = max(queue.durable_reserved_offset, reserved)
         future.set_result(None)
 
+    def _changed(self, group: QueueGroup) -> None:
+        """A partition of `group` changed: it is staged with the next persist, and the
+        timer's next round ticks it, writes its dead letters and schedules its deadlines."""
+        self._unstaged.add(group.key)
+        self._touched.add(group.key)
+
     def _stage_dirty(self) -> list[tuple[PartitionQueue, int]]:
         """Stage the changed partitions; returns each with the reservation staged."""
         metadata = self.store.metadata
         staged = []
-        for group in self.groups.values():
-            for partition in sorted(group.dirty):
-                queue = group.partitions[partition]
-                metadata.put_queue_state(group.group, group.topic, partition, encode_partition(queue))
-                queue.staged_reserved_offset = queue.reserved_offset
-                staged.append((queue, queue.reserved_offset))
-            group.dirty.clear()
+        for key in list(self._unstaged):
+            group = self.groups.get(key)
+            if group is not None:
+                for partition in sorted(group.dirty):
+                    queue = group.partitions[partition]
+                    metadata.put_queue_state(group.group, group.topic, partition, encode_partition(queue))
+                    queue.staged_reserved_offset = queue.reserved_offset
+                    staged.append((queue, queue.reserved_offset))
+                group.dirty.clear()
+            self._unstaged.discard(key)
         return staged
 
     def stage_for_shutdown(self) -> None:
@@ -585,45 +620,73 @@ class QueueService:
         for group in self.groups.values():
             for queue in group.partitions:
                 queue.reserved_offset = queue.next_offset
-            group.dirty.update(range(len(group.partitions)))
+                group.mark_dirty(queue.partition)
         self._stage_dirty()
 
     # -- the timer and the dead-letter writer -------------------------------------------------
 
     async def _timer(self) -> None:
         """Runs out leases and not-before times, wakes receivers, writes dead letters,
-        persists what changed."""
+        persists what changed. A round visits the groups changed since the last one and
+        those with a deadline due, not every group: its cost follows what happened."""
         while True:
-            deadlines = [d for d in (g.next_deadline_ms() for g in self.groups.values()) if d is not None]
             sleep_s = TIMER_INTERVAL_MAX_S
-            if deadlines:
-                sleep_s = min(sleep_s, max(min(deadlines) - now_ms(), 0) / 1000)
+            if self._due:
+                sleep_s = min(sleep_s, max(self._due[0][0] - now_ms(), 0) / 1000)
             try:
                 await asyncio.wait_for(self._wake.wait(), sleep_s)
             except TimeoutError:
                 pass
             self._wake.clear()
             now = now_ms()
-            for group in list(self.groups.values()):
+            groups = [self.groups[key] for key in self._take_visits(now) if key in self.groups]
+            self.timer_rounds += 1
+            self.timer_groups_visited += len(groups)
+            for group in groups:
                 if group.tick(now):
                     self._notify(group)
-            written = await self._write_dead_letters()
+            written = await self._write_dead_letters(groups)
+            for group in groups:
+                self._schedule(group, group.next_deadline_ms())
             try:
-                if written or any(group.dirty for group in self.groups.values()):
+                if written or self._unstaged:
                     await self.persist()
             except Exception:  # the metadata store reports itself; retried next round
                 log.exception("queue groups: persisting their state failed; retrying")
                 await asyncio.sleep(DEAD_LETTER_RETRY_S)
 
-    async def _write_dead_letters(self) -> int:
-        """One pass over the groups with dead letters waiting. A group whose pass fails
+    def _take_visits(self, now: int) -> set[tuple[str, str]]:
+        """The keys of the groups this round visits: changed since the last round, or due."""
+        keys, self._touched = self._touched, set()
+        due = self._due
+        while due and due[0][0] <= now:
+            when, key = heapq.heappop(due)
+            if self._scheduled.get(key) == when:
+                del self._scheduled[key]
+            keys.add(key)
+        return keys
+
+    def _schedule(self, group: QueueGroup, at_ms: int | None) -> None:
+        """Have the timer visit `group` at `at_ms` (None: nothing to do then)."""
+        if at_ms is not None and at_ms < self._scheduled.get(group.key, math.inf):
+            self._scheduled[group.key] = at_ms
+            heapq.heappush(self._due, (at_ms, group.key))
+
+    def _schedule_retry(self, group: QueueGroup, retry_at: float) -> None:
+        """Visit `group` again when its dead-letter backoff (monotonic `retry_at`) ends."""
+        self._schedule(group, now_ms() + math.ceil(max(retry_at - time.monotonic(), 0) * 1000))
+
+    async def _write_dead_letters(self, groups: list[QueueGroup]) -> int:
+        """One pass over `groups` for the dead letters waiting. A group whose pass fails
         (the dead-letter topic refuses appends, say) is retried after a backoff, without
-        holding up the others."""
+        holding up the others; one that had a full pass is visited again next round."""
         written = 0
         now = time.monotonic()
-        for key, group in list(self.groups.items()):
+        for group in groups:
+            key = group.key
             retry_at, _ = self._dead_letter_backoff.get(key, (0.0, 0.0))
             if now < retry_at:
+                self._schedule_retry(group, retry_at)
                 continue
             letters = group.take_dead_letters(DEAD_LETTERS_PER_PASS)
             if not letters:
@@ -636,11 +699,15 @@ class QueueService:
                 self.dead_letter_failures += 1
                 _, delay = self._dead_letter_backoff.get(key, (0.0, DEAD_LETTER_RETRY_S / 2))
                 delay = min(delay * 2, DEAD_LETTER_RETRY_MAX_S)
-                self._dead_letter_backoff[key] = (time.monotonic() + delay, delay)
+                retry_at = time.monotonic() + delay
+                self._dead_letter_backoff[key] = (retry_at, delay)
+                self._schedule_retry(group, retry_at)
                 log.warning("queue group %s on %s: dead-lettering %d message(s) failed, retrying in %.0f s: %s",
                             group.group, group.topic, len(letters), delay, error)
             else:
                 self._dead_letter_backoff.pop(key, None)
+                if len(letters) == DEAD_LETTERS_PER_PASS:
+                    self._touched.add(key)  # more may be waiting
         return written
 
     async def _dead_letter(self, group: QueueGroup, letters: list[DeadLetter]) -> int:

@@ -1,0 +1,86 @@
+"""The queue lease timer against a real `nodi serve` with many queue groups: a round
+visits only the groups that changed or have a deadline due (counted by the timer's
+statistics, exported as nodi_queue_timer_*), not every group, and a lease running out
+in an idle group among many is still redelivered (its deadline is never missed)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from nodi.broker import Client
+from nodi.storage.records import NewRecord, build_batch
+
+from conftest import BrokerProcess
+from test_ops_metrics import scrape, value
+
+IDLE_GROUPS = 300
+SETTLED = 100  # messages of the busy group, acked one request each
+WAIT_S = 30  # generous: the machine is shared
+
+
+@pytest.fixture(scope="module")
+def idle_broker(tmp_path_factory):
+    """A broker whose topic "jobs" has IDLE_GROUPS queue groups that received nothing."""
+    process = BrokerProcess(str(tmp_path_factory.mktemp("queue_timer") / "data"), metrics=True).start()
+    try:
+        with Client(process.address, timeout_ms=30_000) as client:
+            client.create_topic("jobs")
+            for index in range(IDLE_GROUPS):
+                with client.queue("jobs", f"idle-{index}", prefetch=False) as queue:
+                    assert queue.receive(timeout_ms=0) is None
+        settled_rounds(process)
+        yield process
+    finally:
+        if process.process is not None:
+            process.stop()
+
+
+def timer_counts(process: BrokerProcess) -> tuple[float, float]:
+    samples = scrape(process.metrics_port)
+    return value(samples, "nodi_queue_timer_rounds_total"), value(samples, "nodi_queue_timer_groups_visited_total")
+
+
+def settled_rounds(process: BrokerProcess) -> tuple[float, float]:
+    """The counts once two more rounds ran: every change made before is visited by then."""
+    rounds, _ = timer_counts(process)
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        counts = timer_counts(process)
+        if counts[0] >= rounds + 2:
+            return counts
+        time.sleep(0.2)
+    raise AssertionError("the queue timer ran no rounds")
+
+
+def test_settling_one_group_visits_that_group_only_not_every_group(idle_broker) -> None:
+    with Client(idle_broker.address, timeout_ms=30_000) as client:
+        client.produce_batch("jobs", 0, build_batch([NewRecord(None, b"%d" % i) for i in range(SETTLED)]))
+        rounds_before, visited_before = settled_rounds(idle_broker)
+        with client.queue("jobs", "busy", batch_max=1, prefetch=False) as queue:
+            for _ in range(SETTLED):
+                message = queue.receive(timeout_ms=WAIT_S * 1000)
+                assert message is not None
+                message.ack()  # one settle request, answered after its commit; wakes the timer
+        rounds_after, visited_after = settled_rounds(idle_broker)
+    rounds, visited = rounds_after - rounds_before, visited_after - visited_before
+    print(f"{SETTLED} acks among {IDLE_GROUPS} idle groups: {rounds:.0f} timer rounds visited {visited:.0f} groups")
+    assert rounds >= 2
+    assert 1 <= visited <= rounds  # the busy group at most, once a round (a scan of all: 301 a round)
+
+
+def test_a_lease_running_out_in_an_idle_group_among_many_is_redelivered(idle_broker) -> None:
+    with Client(idle_broker.address, timeout_ms=30_000) as client:
+        client.produce_batch("jobs", 0, build_batch([NewRecord(None, b"held")]))
+        with client.queue("jobs", "sleeper", ack_wait_ms=1_500, batch_max=1, prefetch=False) as queue:
+            held = queue.receive(timeout_ms=WAIT_S * 1000)
+            assert held is not None and held.delivery_count == 1
+            # Nobody receives from the group now: only the timer can run the lease out.
+            deadline = time.monotonic() + WAIT_S
+            while client.describe_queue("jobs", "sleeper").expired_leases == 0:
+                assert time.monotonic() < deadline, "the lease never ran out"
+                time.sleep(0.2)
+            again = queue.receive(timeout_ms=WAIT_S * 1000)
+            assert again is not None and (again.offset, again.delivery_count) == (held.offset, 2)
+            again.ack()
