@@ -1,10 +1,12 @@
 """The queue lease timer against a real `nodi serve` with many queue groups: a round
 visits only the groups that changed or have a deadline due (counted by the timer's
 statistics, exported as nodi_queue_timer_*), not every group, and a lease running out
-in an idle group among many is still redelivered (its deadline is never missed)."""
+in an idle group among many is still redelivered (its deadline is never missed), and a
+group whose dead-letter pass failed is visited again when its backoff ends."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -84,3 +86,51 @@ def test_a_lease_running_out_in_an_idle_group_among_many_is_redelivered(idle_bro
             again = queue.receive(timeout_ms=WAIT_S * 1000)
             assert again is not None and (again.offset, again.delivery_count) == (held.offset, 2)
             again.ack()
+
+
+def test_a_group_whose_dead_letters_failed_is_visited_again_at_its_retry_time(tmp_path) -> None:
+    """At the service level (a failing dead-letter topic is hard to make on a real
+    server): after a failed pass the group is left out of the rounds until its backoff
+    ends, then visited and written."""
+    from nodi.broker import messages as m
+    from nodi.broker.config import ServerConfig
+    from nodi.broker.queue_service import DEAD_LETTER_RETRY_S, now_ms
+    from nodi.broker.service import Broker
+    from nodi.storage.store import Store
+
+    store = Store.open(tmp_path)
+    try:
+        store.create_topic("jobs")
+        store.log("jobs", 0).append(build_batch([NewRecord(None, b"bad")]))
+        service = Broker(store, ServerConfig(data_dir=str(tmp_path))).queues
+        group = service._group_for("g", "jobs", m.QueueGroupSettings())
+        service._refresh(group)
+        [taken] = group.receive(1, now_ms())
+        group.settle(m.SettleAction.REJECT, 0, taken.offset, taken.delivery_count, now_ms(), text="poison")
+        assert group.key in service._take_visits(now_ms())
+        written: list[int] = []
+
+        async def fail(group, letters):
+            raise OSError("the dead-letter topic refuses appends")
+
+        async def write(group, letters):
+            for letter in letters:
+                group.dead_lettered(letter.partition, letter.offset)
+            written.extend(letter.offset for letter in letters)
+            return len(letters)
+
+        service._dead_letter = fail
+        failed_at = now_ms()
+        assert asyncio.run(service._write_dead_letters([group])) == 0
+        retry_ms = service._scheduled[group.key]
+        assert failed_at + DEAD_LETTER_RETRY_S * 1000 <= retry_ms <= now_ms() + DEAD_LETTER_RETRY_S * 1000 + 1
+        assert group.key not in service._take_visits(retry_ms - 1)  # backing off: left alone
+        assert group.key in service._take_visits(retry_ms)
+        assert asyncio.run(service._write_dead_letters([group])) == 0  # visited early: skipped...
+        assert abs(service._scheduled[group.key] - retry_ms) <= 5  # ...and still scheduled
+        time.sleep(max(retry_ms - now_ms(), 0) / 1000 + 0.05)  # the backoff ends
+        service._dead_letter = write
+        assert asyncio.run(service._write_dead_letters([group])) == 1
+        assert written == [taken.offset] and group.statistics().partitions[0].dead == 0
+    finally:
+        store.close()
