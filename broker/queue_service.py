@@ -555,6 +555,7 @@ class QueueService:
         for key in [key for key in self.groups if key[1] == topic]:
             group = self.groups.pop(key)
             self._unstaged.discard(key)
+            self._dead_letter_backoff.pop(key, None)
             self._notify(group)
 
     # -- persistence -----------------------------------------------------------------------

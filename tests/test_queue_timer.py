@@ -88,30 +88,40 @@ def test_a_lease_running_out_in_an_idle_group_among_many_is_redelivered(idle_bro
             again.ack()
 
 
+def _service_with_a_rejected_message(store):
+    """A queue service on `store` whose group g on topic jobs holds one rejected
+    message waiting for its dead-letter append; (service, group, taken)."""
+    from nodi.broker import messages as m
+    from nodi.broker.config import ServerConfig
+    from nodi.broker.queue_service import now_ms
+    from nodi.broker.service import Broker
+
+    store.create_topic("jobs")
+    store.log("jobs", 0).append(build_batch([NewRecord(None, b"bad")]))
+    service = Broker(store, ServerConfig(data_dir=store.data_dir)).queues
+    group = service._group_for("g", "jobs", m.QueueGroupSettings())
+    service._refresh(group)
+    [taken] = group.receive(1, now_ms())
+    group.settle(m.SettleAction.REJECT, 0, taken.offset, taken.delivery_count, now_ms(), text="poison")
+    return service, group, taken
+
+
+async def _refuse(group, letters):
+    raise OSError("the dead-letter topic refuses appends")
+
+
 def test_a_group_whose_dead_letters_failed_is_visited_again_at_its_retry_time(tmp_path) -> None:
     """At the service level (a failing dead-letter topic is hard to make on a real
     server): after a failed pass the group is left out of the rounds until its backoff
     ends, then visited and written."""
-    from nodi.broker import messages as m
-    from nodi.broker.config import ServerConfig
     from nodi.broker.queue_service import DEAD_LETTER_RETRY_S, now_ms
-    from nodi.broker.service import Broker
     from nodi.storage.store import Store
 
     store = Store.open(tmp_path)
     try:
-        store.create_topic("jobs")
-        store.log("jobs", 0).append(build_batch([NewRecord(None, b"bad")]))
-        service = Broker(store, ServerConfig(data_dir=str(tmp_path))).queues
-        group = service._group_for("g", "jobs", m.QueueGroupSettings())
-        service._refresh(group)
-        [taken] = group.receive(1, now_ms())
-        group.settle(m.SettleAction.REJECT, 0, taken.offset, taken.delivery_count, now_ms(), text="poison")
+        service, group, taken = _service_with_a_rejected_message(store)
         assert group.key in service._take_visits(now_ms())
         written: list[int] = []
-
-        async def fail(group, letters):
-            raise OSError("the dead-letter topic refuses appends")
 
         async def write(group, letters):
             for letter in letters:
@@ -119,7 +129,7 @@ def test_a_group_whose_dead_letters_failed_is_visited_again_at_its_retry_time(tm
             written.extend(letter.offset for letter in letters)
             return len(letters)
 
-        service._dead_letter = fail
+        service._dead_letter = _refuse
         failed_at = now_ms()
         assert asyncio.run(service._write_dead_letters([group])) == 0
         retry_ms = service._scheduled[group.key]
@@ -132,5 +142,21 @@ def test_a_group_whose_dead_letters_failed_is_visited_again_at_its_retry_time(tm
         service._dead_letter = write
         assert asyncio.run(service._write_dead_letters([group])) == 1
         assert written == [taken.offset] and group.statistics().partitions[0].dead == 0
+    finally:
+        store.close()
+
+
+def test_deleting_the_topic_forgets_its_groups_dead_letter_backoff(tmp_path) -> None:
+    from nodi.storage.store import Store
+
+    store = Store.open(tmp_path)
+    try:
+        service, group, _ = _service_with_a_rejected_message(store)
+        service._dead_letter = _refuse
+        assert asyncio.run(service._write_dead_letters([group])) == 0
+        assert group.key in service._dead_letter_backoff
+        service.on_topic_deleted("jobs")
+        assert group.key not in service.groups
+        assert group.key not in service._dead_letter_backoff
     finally:
         store.close()
