@@ -279,12 +279,15 @@ class AsyncClient:
         segment_ms: int | None = None,
         ttl_ms: int | None = None,
         dedup_window_ms: int | None = None,
+        delete_retention_ms: int | None = None,
         timeout_ms: int | None = None,
     ) -> TopicSettings:
         """Create a topic; returns the settings in force. None takes the server's default;
         retention_ms / retention_bytes UNLIMITED (-1) keeps messages for ever. ttl_ms:
         the default message TTL (0: none); dedup_window_ms: how long an idempotency key
-        is remembered for publish dedup (0: off; the server's default is 2 minutes).
+        is remembered for publish dedup (0: off; the server's default is 2 minutes);
+        delete_retention_ms: on a compacted topic, how long a tombstone stays after a
+        compaction pass first saw it (the server's default is its [compaction] setting).
         cleanup_policy: "delete", "compact" or "compact,delete"; fsync_policy: "always",
         "interval" or "never". TopicExists when the name is taken."""
 
@@ -308,6 +311,7 @@ class AsyncClient:
             segment_ms=integer(segment_ms),
             ttl_ms=integer(ttl_ms),
             dedup_window_ms=integer(dedup_window_ms),
+            delete_retention_ms=integer(delete_retention_ms),
         )
         response = await self._call(m.CreateTopicRequest(name=name, settings=settings), timeout_ms)
         self._partition_counts[name] = response.settings.partitions

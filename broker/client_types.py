@@ -236,6 +236,7 @@ class TopicSettings:
     segment_ms: int
     ttl_ms: int = 0  # default message TTL; 0: messages do not expire
     dedup_window_ms: int = 120_000  # publish dedup window of idempotency keys; 0: off
+    delete_retention_ms: int = 86_400_000  # compacted topics: how long a tombstone stays
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,6 +333,7 @@ def settings_from_wire(settings) -> TopicSettings:
         segment_ms=settings.segment_ms,
         ttl_ms=settings.ttl_ms,
         dedup_window_ms=settings.dedup_window_ms,
+        delete_retention_ms=settings.delete_retention_ms,
     )
 
 

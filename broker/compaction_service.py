@@ -30,6 +30,8 @@ from . import messages as m
 from .errors import ErrorCode, ProtocolError
 
 if TYPE_CHECKING:
+    from nodi.storage.metadata import TopicConfig
+
     from .compaction_settings import CompactionSettings
     from .service import Broker, Reply
 
@@ -79,7 +81,10 @@ class CompactionService:
             partition_log = self.broker.store.log(request.name, number)
             remaining_ms = max(int((deadline - asyncio.get_running_loop().time()) * 1000), 1)
             try:
-                result = await self._in_thread(partition_log, roll=True, wait_timeout_ms=remaining_ms)
+                result = await self._in_thread(
+                    partition_log, roll=True, wait_timeout_ms=remaining_ms,
+                    delete_retention_ms=self.delete_retention_ms(config),
+                )
             except TimeoutError:
                 raise ProtocolError(
                     ErrorCode.TIMEOUT, f"another compaction of {request.name}-{number} did not finish in time"
@@ -99,8 +104,13 @@ class CompactionService:
             if chosen is None:
                 continue
             topic, partition, partition_log, ratio = chosen
+            config = self.broker.store.topic_config(topic)
+            if config is None:
+                continue  # deleted since the pick
             try:
-                result = await self._in_thread(partition_log, roll=False, wait_timeout_ms=0)
+                result = await self._in_thread(
+                    partition_log, roll=False, wait_timeout_ms=0, delete_retention_ms=self.delete_retention_ms(config)
+                )
             except CompactionCancelledError:
                 return
             except TimeoutError:
@@ -127,9 +137,20 @@ class CompactionService:
                 best = (topic, partition, partition_log, ratio)
         return best
 
-    async def _in_thread(self, partition_log: Log, *, roll: bool, wait_timeout_ms: int) -> CompactionResult:
+    def delete_retention_ms(self, config: TopicConfig) -> int:
+        """The topic's delete_retention_ms, or the server's for a topic stored without one."""
+        if config.delete_retention_ms is None:
+            return self.settings.delete_retention_ms
+        return config.delete_retention_ms
+
+    async def _in_thread(
+        self, partition_log: Log, *, roll: bool, wait_timeout_ms: int, delete_retention_ms: int
+    ) -> CompactionResult:
         future = asyncio.ensure_future(
-            asyncio.to_thread(self.compactor.compact, partition_log, roll=roll, wait_timeout_ms=wait_timeout_ms)
+            asyncio.to_thread(
+                self.compactor.compact, partition_log, roll=roll, wait_timeout_ms=wait_timeout_ms,
+                delete_retention_ms=delete_retention_ms,
+            )
         )
         self._running.add(future)
         future.add_done_callback(self._running.discard)

@@ -20,7 +20,8 @@ class CompactionSettings:
     check_interval_ms: int = 15_000
     # Memory for one pass's key map; a smaller budget means more passes.
     key_map_bytes_max: int = 64 * MIB
-    # How long a tombstone stays after the first pass has seen it.
+    # How long a tombstone stays after the first pass has seen it: the default of the
+    # topic setting (TopicConfig.delete_retention_ms; topics stored without one use it).
     delete_retention_ms: int = DAY_MS
 
     def validate(self) -> None:

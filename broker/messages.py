@@ -193,6 +193,9 @@ class TopicSettings:
     segment_ms: int = wire(INT64, CONFIG_DEFAULT, doc="-1: server default")
     ttl_ms: int = wire(INT64, CONFIG_DEFAULT, doc="default message TTL; 0: none; -1: server default")
     dedup_window_ms: int = wire(INT64, CONFIG_DEFAULT, doc="publish dedup window; 0: off; -1: server default")
+    delete_retention_ms: int = wire(
+        INT64, CONFIG_DEFAULT, doc="compacted topics: how long a tombstone stays after a pass first saw it; -1: server default"
+    )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

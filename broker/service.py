@@ -215,12 +215,12 @@ class Broker:
             segment_ms=pick(settings.segment_ms, base.segment_ms),
             ttl_ms=pick(settings.ttl_ms, base.ttl_ms),
             dedup_window_ms=pick(settings.dedup_window_ms, base.dedup_window_ms),
+            delete_retention_ms=pick(settings.delete_retention_ms, self.compaction.delete_retention_ms(base)),
         )
         config.validate()
         return config
 
-    @staticmethod
-    def _settings(config: TopicConfig) -> m.TopicSettings:
+    def _settings(self, config: TopicConfig) -> m.TopicSettings:
         unlimited = m.RETENTION_UNLIMITED
         return m.TopicSettings(
             partitions=config.partitions,
@@ -233,6 +233,7 @@ class Broker:
             segment_ms=config.segment_ms,
             ttl_ms=config.ttl_ms,
             dedup_window_ms=config.dedup_window_ms,
+            delete_retention_ms=self.compaction.delete_retention_ms(config),
         )
 
     async def _create_topic(self, request: m.CreateTopicRequest) -> Reply:

@@ -6,8 +6,8 @@
 
 Either way each partition's active segment is sealed first, so everything produced
 before the command is compacted; then each partition keeps the latest record per key
-(tombstones until delete_retention_ms after a run first saw them). Prints what each
-partition's run did.
+(tombstones until the topic's delete_retention_ms after a run first saw them). Prints
+what each partition's run did.
 """
 
 from __future__ import annotations
@@ -48,7 +48,12 @@ def compact_command(
     ] = None,
     delete_retention_ms: Annotated[
         int | None,
-        typer.Option("--delete-retention-ms", min=0, help="Offline: how long tombstones stay (default one day)."),
+        typer.Option(
+            "--delete-retention-ms",
+            min=0,
+            help="Offline: how long (ms) tombstones stay after a run first saw them, instead of the topic's "
+            "delete_retention_ms (one day for a topic stored without one).",
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per partition.")] = False,
 ) -> None:
@@ -88,13 +93,13 @@ def _compact_offline(
         settings = {}
         if key_map_bytes_max is not None:
             settings["key_map_bytes_max"] = key_map_bytes_max
-        if delete_retention_ms is not None:
-            settings["delete_retention_ms"] = delete_retention_ms
         compactor = Compactor(CompactionConfig(**settings))
         with MetadataStore(data_dir) as metadata:
             topic_config = metadata.list_topics().get(topic)
         if topic_config is None:
             raise fail(f"{command_path}: no topic {topic!r} in {data_dir}")
+        if delete_retention_ms is None:  # the topic's; None again: the compactor's default
+            delete_retention_ms = topic_config.delete_retention_ms
         if "compact" not in topic_config.cleanup_policy:
             raise fail(f"{command_path}: topic {topic!r} has cleanup policy {topic_config.cleanup_policy!r}, not compact")
         log_config = topic_log_configs(data_dir)[topic]
@@ -109,7 +114,9 @@ def _compact_offline(
 
                 log = Log.open(partition_directory(data_dir, topic, partition), log_config)
                 try:
-                    result = compactor.compact(log, roll=True, progress=report)
+                    result = compactor.compact(
+                        log, roll=True, progress=report, delete_retention_ms=delete_retention_ms
+                    )
                 finally:
                     log.close()
                 results.append(

@@ -86,6 +86,15 @@ def create_command(
             "again; 0: off (server default: 2 minutes).",
         ),
     ] = None,
+    delete_retention_ms: Annotated[
+        int | None,
+        typer.Option(
+            "--delete-retention-ms",
+            min=0,
+            help="Compacted topics: how long (ms) a tombstone stays after a compaction pass first saw it "
+            "(server default: its compaction.delete_retention_ms, one day).",
+        ),
+    ] = None,
     json_output: JsonOption = False,
 ) -> None:
     """Create a topic. Settings left out take the server's defaults (nodi serve
@@ -106,6 +115,7 @@ def create_command(
             segment_ms=segment_ms,
             ttl_ms=ttl_ms,
             dedup_window_ms=dedup_window_ms,
+            delete_retention_ms=delete_retention_ms,
         )
     if json_output:
         typer.echo(json.dumps({"name": name, **dataclasses.asdict(settings)}))

@@ -64,6 +64,7 @@ from .limits import MIB, RecordLimits
 from .log import Log
 from .records import (
     ATTRIBUTE_DELETE_HORIZON,
+    INT64_MAX,
     BatchHeader,
     build_batch,
     decode_records,
@@ -228,10 +229,16 @@ class Compactor:
         now_ms: int | None = None,
         progress: ProgressCallback | None = None,
         wait_timeout_ms: int = 600_000,
+        delete_retention_ms: int | None = None,
     ) -> CompactionResult:
         """Compact `log` up to its active segment (after sealing it first with `roll`,
         so everything appended before the call is covered). Blocks while another run of
-        the same log is in progress, up to wait_timeout_ms (TimeoutError)."""
+        the same log is in progress, up to wait_timeout_ms (TimeoutError).
+        delete_retention_ms: the log's topic setting (None: config.delete_retention_ms)."""
+        if delete_retention_ms is None:
+            delete_retention_ms = self.config.delete_retention_ms
+        elif isinstance(delete_retention_ms, bool) or not isinstance(delete_retention_ms, int) or delete_retention_ms < 0:
+            raise InvalidConfigError(f"delete_retention_ms {delete_retention_ms!r} must be an integer >= 0")
         if log.config.dense_offsets:
             raise InvalidConfigError(
                 f"log {log.directory} keeps dense offsets (cleanup policy delete): it cannot be compacted"
@@ -245,7 +252,7 @@ class Compactor:
                 self._check_cancelled()
                 if roll:
                     log.roll()
-                result = self._run(log, self._clock_ms() if now_ms is None else now_ms, progress)
+                result = self._run(log, self._clock_ms() if now_ms is None else now_ms, delete_retention_ms, progress)
             except BaseException:
                 with self._lock:
                     entry = self._statistics.get(log.directory, CompactionStatistics())
@@ -259,7 +266,7 @@ class Compactor:
 
     # -- a run ------------------------------------------------------------------
 
-    def _run(self, log: Log, now_ms: int, progress: ProgressCallback | None) -> CompactionResult:
+    def _run(self, log: Log, now_ms: int, delete_retention_ms: int, progress: ProgressCallback | None) -> CompactionResult:
         started = time.monotonic()
         counters = _Counters()
         first_dirty = before = read_first_dirty_offset(log)
@@ -272,7 +279,9 @@ class Compactor:
             for segment in sealed:
                 segment.pin_files()  # before any swap: readers keep these inodes (I15)
             offsets, map_end = self._build_map(log, sealed, first_dirty, dirty_end, counters, progress)
-            work = _Pass(offsets, map_end, now_ms, now_ms + self.config.delete_retention_ms)
+            # The horizon is a batch's int64 base_timestamp: a topic may keep tombstones
+            # for ever (INT64_MAX) without overflowing it.
+            work = _Pass(offsets, map_end, now_ms, min(now_ms + delete_retention_ms, INT64_MAX))
             for group in _groups([segment for segment in sealed if segment.base_offset < map_end],
                                  log.config.segment_bytes):
                 self._clean_group(log, group, work, counters, progress)

@@ -167,6 +167,10 @@ class TopicConfig:
     # Publish dedup window of idempotency keys (0: off; at most DEDUP_WINDOW_MS_MAX,
     # since a restart rescans that much of the log).
     dedup_window_ms: int = 2 * 60 * 1000
+    # Compacted topics: how long a tombstone stays after the first compaction pass has
+    # seen it. None: the server's compaction.delete_retention_ms (topics stored before
+    # this setting existed; the server resolves it when a topic is created).
+    delete_retention_ms: int | None = None
 
     def validate(self) -> None:
         _check_integer("partitions", self.partitions, 1, PARTITIONS_MAX)
@@ -187,6 +191,7 @@ class TopicConfig:
         _check_integer("segment_ms", self.segment_ms, 1, INT64_MAX)
         _check_integer("ttl_ms", self.ttl_ms, 0, INT64_MAX)
         _check_integer("dedup_window_ms", self.dedup_window_ms, 0, DEDUP_WINDOW_MS_MAX)
+        _check_integer("delete_retention_ms", self.delete_retention_ms, 0, INT64_MAX, optional=True)
 
     def to_dict(self) -> dict[str, object]:
         """Every field by name; JSON-serialisable."""
