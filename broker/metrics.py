@@ -292,11 +292,19 @@ class Metrics:
         self.bytes_out = Counter("nodi_bytes_out", "Record batch bytes sent to consumers", ["topic"], registry=self.registry)
         self._api_names = {api.request: api.key.name.lower() for api in m.APIS}
 
-    def start(self, server) -> None:
-        self.registry.register(_StoreCollector(server))
-        if self.port >= 0:
+    def listen(self) -> None:
+        """Bind and serve the HTTP endpoint (OSError when the port is taken). The
+        server calls it before it opens the data directory, so a taken port fails a start
+        that has touched nothing."""
+        if self.port >= 0 and self._http is None:
             self._http, _thread = start_http_server(self.port, addr=self.host, registry=self.registry)
             self.port = self._http.server_port
+
+    def start(self, server) -> None:
+        """Export the server's own figures too (its store is open)."""
+        self.listen()
+        self.registry.register(_StoreCollector(server))
+        if self._http is not None:
             log.info("metrics on http://%s:%d/metrics", self.host, self.port,
                      extra={"host": self.host, "port": self.port})
 

@@ -245,8 +245,26 @@ class Server:
         self._stop.set()
 
     async def run(self, on_ready: Callable[[Server], None] | None = None) -> None:
-        """Open the data directory, listen, serve until stop(), then shut down cleanly."""
-        self.store = await asyncio.to_thread(Store.open, self.config.data_dir)
+        """Bind the ports, take and open the data directory, listen, serve until
+        stop(), then shut down cleanly.
+
+        The ports are bound first and the data directory is locked before it is read
+        (Store.open), so a start that fails (a port taken: OSError; another broker or a
+        tool on the directory: DataDirectoryLockedError) has written nothing into it."""
+        sock = _bind(self.config.host, self.config.port)
+        try:
+            if self.metrics is not None:
+                try:
+                    self.metrics.listen()
+                except OSError as error:
+                    raise OSError(error.errno, f"cannot serve metrics on {self.metrics.host}:{self.metrics.port}: "
+                                               f"{error.strerror}") from None
+            self.store = await asyncio.to_thread(Store.open, self.config.data_dir)
+        except BaseException:
+            sock.close()
+            if self.metrics is not None:
+                self.metrics.stop()
+            raise
         for line in self.store.open_report.lines():
             log.warning("%s", line)
         self.broker = Broker(self.store, self.config)
@@ -255,10 +273,7 @@ class Server:
             async with asyncio.TaskGroup() as tasks:
                 self.broker.attach(asyncio.get_running_loop(), tasks)
                 self._listener = await asyncio.start_server(
-                    lambda reader, writer: self._accept(tasks, reader, writer),
-                    self.config.host,
-                    self.config.port,
-                    reuse_address=True,
+                    lambda reader, writer: self._accept(tasks, reader, writer), sock=sock
                 )
                 sock = self._listener.sockets[0]
                 self.address = sock.getsockname()[:2]
@@ -330,6 +345,27 @@ class Server:
 
 class _Stopped(Exception):
     pass
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A bound, not yet listening, TCP socket (OSError when the address is taken):
+    until the server listens on it, a client's connect is refused rather than left
+    waiting in the backlog while the data directory is recovered."""
+    family, kind, proto, _name, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.setblocking(False)
+    except OSError as error:
+        sock.close()
+        raise OSError(error.errno, f"cannot listen on {host}:{port}: {error.strerror}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 async def _close_later(writer: asyncio.StreamWriter) -> None:

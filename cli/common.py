@@ -17,6 +17,7 @@ import base64
 import contextlib
 import datetime
 import inspect
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -127,3 +128,26 @@ def command(app: typer.Typer, name: str) -> Callable[[Callable[..., None]], Call
         return app.command(name, help="\n\n".join(" ".join(text.split()) for text in paragraphs))(function)
 
     return register
+
+
+def check_offline_data_directory(command_path: str, data_dir: str | os.PathLike[str], *, writes: bool) -> None:
+    """What every offline tool does before touching a data directory: refuse (exit 1) a
+    directory that is not nodi's; a reader warns on stderr when a broker or another tool
+    holds it (it is reading a live directory). A writer takes the data directory's lock
+    itself (nodi.storage.lock) and is refused with a DataDirectoryLockedError."""
+    from nodi.storage.layout import is_data_directory
+    from nodi.storage.lock import lock_holder
+
+    if not is_data_directory(data_dir):
+        raise fail(f"{command_path}: {data_dir} is not a nodi data directory (it has no meta/ or logs/)")
+    if writes:
+        return
+    holder = lock_holder(data_dir)
+    if holder is not None:
+        who = f"process {holder}" if holder else "another process"
+        typer.echo(
+            f"{command_path}: note: {data_dir} is in use by {who}: reading a live directory, "
+            "whose active segments may change while they are read",
+            err=True,
+        )
+

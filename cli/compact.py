@@ -19,7 +19,7 @@ from typing import Annotated
 
 import typer
 
-from nodi.cli.common import command, connect, fail, print_table
+from nodi.cli.common import check_offline_data_directory, command, connect, fail, print_table
 from nodi.cli.segments import _progress_bar
 
 # Progress units per partition (the bar spans all partitions).
@@ -37,7 +37,7 @@ def compact_command(
     topic: Annotated[str, typer.Argument(help="A topic with cleanup policy compact or compact,delete.")],
     data_dir: Annotated[
         str | None,
-        typer.Option("--data-dir", help="Compact offline in this data directory (stop the broker first)."),
+        typer.Option("--data-dir", help="Compact offline in this data directory (stop the broker first: a directory in use is refused)."),
     ] = None,
     timeout_ms: Annotated[
         int, typer.Option("--timeout-ms", min=1, help="Online: longest wait for the broker's answer.")
@@ -79,6 +79,23 @@ def _message_dict(entry) -> dict:
 def _compact_offline(
     ctx: typer.Context, data_dir: str, topic: str, key_map_bytes_max: int | None, delete_retention_ms: int | None
 ) -> list[dict]:
+    from nodi.storage.errors import DataDirectoryLockedError
+    from nodi.storage.lock import DataDirectoryLock
+
+    command_path = ctx.command_path
+    if not os.path.isdir(data_dir):
+        raise fail(f"{command_path}: {data_dir} is not a directory", 2)
+    check_offline_data_directory(command_path, data_dir, writes=True)
+    try:
+        with DataDirectoryLock.acquire(data_dir):  # a live broker's directory is refused
+            return _compact_locked(command_path, data_dir, topic, key_map_bytes_max, delete_retention_ms)
+    except DataDirectoryLockedError as error:
+        raise fail(f"{command_path}: {error}") from None
+
+
+def _compact_locked(
+    command_path: str, data_dir: str, topic: str, key_map_bytes_max: int | None, delete_retention_ms: int | None
+) -> list[dict]:
     from nodi.storage.admin import topic_log_configs
     from nodi.storage.compaction import CompactionConfig, Compactor
     from nodi.storage.errors import NodiError
@@ -86,9 +103,6 @@ def _compact_offline(
     from nodi.storage.log import Log
     from nodi.storage.metadata import MetadataStore
 
-    command_path = ctx.command_path
-    if not os.path.isdir(data_dir):
-        raise fail(f"{command_path}: {data_dir} is not a directory", 2)
     try:
         settings = {}
         if key_map_bytes_max is not None:

@@ -95,7 +95,7 @@ def serve(
     configure_logging(settings.log_level, json_lines=settings.log_json)
     try:
         run(settings, announce=lambda line: typer.echo(line))
-    except OSError as error:
+    except (OSError, NodiError) as error:  # a port taken, the data directory in use or unreadable
         typer.echo(f"nodi serve: {error}", err=True)
         raise typer.Exit(1) from None
 

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from nodi.cli.common import command, json_bytes
+from nodi.cli.common import check_offline_data_directory, command, json_bytes
 from nodi.storage.admin import (
     ERROR,
     DumpedBatch,
@@ -24,7 +24,7 @@ from nodi.storage.admin import (
     recover_data_dir,
     verify_data_dir,
 )
-from nodi.storage.errors import MetadataError
+from nodi.storage.errors import DataDirectoryLockedError, MetadataError
 from nodi.storage.records import ATTRIBUTE_TIMESTAMP_TYPE, Compression, Record
 
 app = typer.Typer(
@@ -52,12 +52,25 @@ DataDirectory = Annotated[
 ]
 
 
+def _note_live_segment(path: Path) -> None:
+    """A segment inside a data directory (DATA_DIR/logs/<partition>/<segment>.log)
+    that a broker holds: say so on stderr. A copy elsewhere is dumped without a word."""
+    from nodi.storage.layout import is_data_directory
+    from nodi.storage.lock import lock_holder
+
+    data_dir = path.resolve().parent.parent.parent
+    if is_data_directory(data_dir) and (holder := lock_holder(data_dir)) is not None:
+        who = f"process {holder}" if holder else "another process"
+        typer.echo(f"note: {data_dir} is in use by {who}: {path.name} may change while it is read", err=True)
+
+
 # ---------------------------------------------------------------------------
 # list
 
 
 @_command("list")
 def list_command(
+    ctx: typer.Context,
     data_dir: DataDirectory,
     batches: Annotated[
         bool,
@@ -70,6 +83,7 @@ def list_command(
     Cheap by default: sizes come from the file system and a segment's next offset from
     the next segment's name (the last segment's from its index and a walk of its tail).
     """
+    check_offline_data_directory(ctx.command_path, data_dir, writes=False)
     partitions = list_segments(data_dir, count_batches=batches)
     if json_lines:
         for partition in partitions:
@@ -206,6 +220,7 @@ def dump_command(
 
     Exit status 1 when a batch fails its CRC or the file cannot be walked to its end.
     """
+    _note_live_segment(path)
     bad = False
     for item in dump_segment(path, records=records):
         if isinstance(item, Problem):
@@ -267,7 +282,7 @@ def _progress_bar(label: str) -> Iterator[ProgressCallback | None]:
 
 
 @_command("verify")
-def verify_command(data_dir: DataDirectory) -> None:
+def verify_command(ctx: typer.Context, data_dir: DataDirectory) -> None:
     """Check every batch, offset and index file of a data directory (read-only).
 
     Every batch of every segment: length bounds, magic, CRC; offset continuity within
@@ -277,6 +292,7 @@ def verify_command(data_dir: DataDirectory) -> None:
     the next open rebuilds are printed but allowed); 1 listing each bad file with its
     byte position and offset.
     """
+    check_offline_data_directory(ctx.command_path, data_dir, writes=False)
     with _progress_bar("verifying") as progress:
         problems = verify_data_dir(data_dir, progress=progress)
     for problem in problems:
@@ -290,7 +306,7 @@ def verify_command(data_dir: DataDirectory) -> None:
 
 
 @_command("recover")
-def recover_command(data_dir: DataDirectory) -> None:
+def recover_command(ctx: typer.Context, data_dir: DataDirectory) -> None:
     """Truncate torn tails offline and print the offsets lost per partition.
 
     Runs the log's crash recovery on every partition (truncate at the first bad batch,
@@ -301,11 +317,15 @@ def recover_command(data_dir: DataDirectory) -> None:
     compacted topic's offset gaps are not taken for damage). Sealed segments below the
     recovery point are not rescanned (as at any open): run `nodi segments verify` to
     check them. Exit status 0; 1 when a partition (or the metadata store) could not be
-    opened.
+    opened, or when a broker or another tool holds the data directory (nothing changed).
     """
+    check_offline_data_directory(ctx.command_path, data_dir, writes=True)
     try:
         with _progress_bar("recovering") as progress:
             results = recover_data_dir(data_dir, progress=progress)
+    except DataDirectoryLockedError as error:
+        typer.echo(f"{ctx.command_path}: {error}", err=True)
+        raise typer.Exit(1) from None
     except MetadataError as error:
         typer.echo(f"cannot read the topic settings recovery needs: {error}", err=True)
         raise typer.Exit(1) from None

@@ -7,7 +7,9 @@ Everything here reads batches through the one codec (records.py) and the one wal
 `recover_data_dir` is the only writer, and it writes only by running the log's own
 recovery (Log.open, docs/fault-model.md "Recovery procedure") and a clean close.
 
-Run these with the broker stopped: a partition being appended to changes under them.
+recover_data_dir takes the data directory's lock (storage/lock.py) first and refuses a
+directory in use. The readers take no lock: run them with the broker stopped, or read
+their output knowing a partition being appended to changes under them (the CLI warns).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from .layout import (
     meta_directory,
 )
 from .limits import DEFAULT_RECORD_LIMITS, RecordLimits
+from .lock import DataDirectoryLock
 from .log import Log
 from .metadata import MetadataStore
 from .records import BatchHeader, Record, compute_crc, decode_records
@@ -539,7 +542,19 @@ def recover_data_dir(
     Each log is opened with its topic's settings from DATA_DIR/meta/ (topic_log_configs;
     a compacted topic's offset gaps are not damage), a partition of no known topic with
     the defaults (dense offsets). Sealed segments below the recovery point are not
-    rescanned (as at every open); verify_data_dir checks them."""
+    rescanned (as at every open); verify_data_dir checks them.
+
+    DataDirectoryLockedError, having changed nothing, when a broker or another tool
+    holds the data directory."""
+    with DataDirectoryLock.acquire(data_dir):
+        return _recover_locked(data_dir, progress, config_for)
+
+
+def _recover_locked(
+    data_dir: str | os.PathLike[str],
+    progress: ProgressCallback | None,
+    config_for: Callable[[str, int], LogConfig] | None,
+) -> list[PartitionRecovery]:
     if config_for is None:
         configs = topic_log_configs(data_dir)
         default = LogConfig(fsync_policy=FsyncPolicy.NEVER)

@@ -105,3 +105,17 @@ class OutOfOrderSequenceError(NodiError):
 class InvalidProducerEpochError(NodiError):
     """A batch from an older epoch of a producer id that has since moved on (a fenced
     zombie producer)."""
+
+
+class DataDirectoryLockedError(NodiError):
+    """Another process (a broker or an offline tool) holds the data directory's lock
+    (storage/lock.py). Nothing was read or changed."""
+
+    def __init__(self, data_dir: str, holder_pid: int | None) -> None:
+        holder = f"process {holder_pid}" if holder_pid else "another process"
+        super().__init__(
+            f"data directory {data_dir} is in use by {holder} (a running broker or an offline tool); "
+            "stop it first"
+        )
+        self.data_dir = data_dir
+        self.holder_pid = holder_pid

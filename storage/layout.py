@@ -39,6 +39,13 @@ def logs_directory(data_dir: str | os.PathLike[str]) -> str:
     return os.path.join(os.fspath(data_dir), LOGS_DIRECTORY)
 
 
+def is_data_directory(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` looks like a nodi data directory (holds meta/ or logs/): what the
+    offline tools check before reading or changing anything, so a tool pointed at the
+    wrong directory refuses instead of reporting an empty success."""
+    return os.path.isdir(meta_directory(path)) or os.path.isdir(logs_directory(path))
+
+
 def partition_directory_name(topic: str, partition: int) -> str:
     """`<topic>-<partition>`; InvalidConfigError for a bad topic name or partition."""
     validate_topic_name(topic)

@@ -18,6 +18,7 @@ from .config import FsyncPolicy, LogConfig
 from .errors import TopicExistsError, UnknownTopicError
 from .fileio import OS_FILE_SYSTEM
 from .layout import iter_partition_directories, logs_directory, partition_directory
+from .lock import DataDirectoryLock
 from .log import DeletedSegment, Log
 from .metadata import ClampedOffset, MetadataStore, TopicConfig
 from .recovery import RecoveryReport
@@ -69,9 +70,13 @@ class _Topic:
 class Store:
     """Use Store.open(data_dir). Thread-safe for topic admin; logs are thread-safe."""
 
-    def __init__(self, data_dir: str, metadata: MetadataStore, clock_ms: Callable[[], int]) -> None:
+    def __init__(
+        self, data_dir: str, metadata: MetadataStore, clock_ms: Callable[[], int],
+        lock: DataDirectoryLock | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.metadata = metadata
+        self._directory_lock = lock
         self._clock_ms = clock_ms
         self._topics: dict[str, _Topic] = {}
         self._lock = threading.Lock()
@@ -79,12 +84,19 @@ class Store:
 
     @classmethod
     def open(cls, data_dir: str | os.PathLike[str], *, clock_ms: Callable[[], int] | None = None) -> Store:
+        """Take the data directory's lock (DataDirectoryLockedError, having touched
+        nothing, when another process holds it), then open the metadata and every log."""
         started = time.monotonic()
         data_dir = os.fspath(data_dir)
         clock_ms = clock_ms or (lambda: int(time.time() * 1000))
-        os.makedirs(logs_directory(data_dir), exist_ok=True)
-        removed = _remove_half_deleted(data_dir)
-        store = cls(data_dir, MetadataStore(data_dir), clock_ms)
+        lock = DataDirectoryLock.acquire(data_dir)
+        try:
+            os.makedirs(logs_directory(data_dir), exist_ok=True)
+            removed = _remove_half_deleted(data_dir)
+            store = cls(data_dir, MetadataStore(data_dir), clock_ms, lock)
+        except BaseException:
+            lock.release()
+            raise
         try:
             recoveries = []
             for name, config in sorted(store.metadata.list_topics().items()):
@@ -192,10 +204,14 @@ class Store:
     def close(self) -> None:
         with self._lock:
             topics, self._topics = self._topics, {}
-        for topic in topics.values():
-            for log in topic.logs:
-                log.close()
-        self.metadata.close()
+        try:
+            for topic in topics.values():
+                for log in topic.logs:
+                    log.close()
+            self.metadata.close()
+        finally:
+            if self._directory_lock is not None:
+                self._directory_lock.release()  # last: every file is closed and marked
 
     def __enter__(self) -> Store:
         return self
