@@ -76,9 +76,9 @@ def serve(
     no recovery). Settings: defaults < --config file < NODI_* environment < flags."""
     import json
 
-    from nodi.broker.config import load_config
-    from nodi.broker.logs import configure_logging
-    from nodi.broker.server import run
+    from nodi.broker.server.config import load_config
+    from nodi.broker.server.logs import configure_logging
+    from nodi.broker.server.server import run
     from nodi.storage.errors import NodiError
 
     try:

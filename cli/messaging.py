@@ -26,7 +26,7 @@ from typing import Annotated
 
 import typer
 
-from nodi.broker.headers import is_reserved
+from nodi.broker.protocol.headers import is_reserved
 from nodi.cli.common import CLI_TIMEOUT_MS, command, connect, fail, json_bytes, parse_position
 
 # Messages sent from stdin whose ack is not printed yet (the reader waits beyond it).

@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
 
 def _snapshot(client) -> dict:
     """Everything `nodi status` shows, as plain data (the --json document)."""
-    from nodi.broker.client_errors import UnknownGroup, UnknownTopic
+    from nodi.broker.client.errors import UnknownGroup, UnknownTopic
 
     status = client.server_status()
     topics = []

@@ -47,7 +47,7 @@ from .limits import GIB, KIB, MIB
 
 DAY_MS = 24 * 60 * 60 * 1000
 INT64_MAX = 2**63 - 1
-# The longest publish dedup window a topic may have (broker/dedup.py rescans it at start).
+# The longest publish dedup window a topic may have (broker/server/dedup.py rescans it at start).
 DEDUP_WINDOW_MS_MAX = DAY_MS
 PARTITION_MAX = 2**31 - 1  # partitions are int32 on the wire, as in Kafka
 

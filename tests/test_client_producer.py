@@ -1,4 +1,4 @@
-"""The batching producer (nodi.broker.producer) against a real `nodi serve` process:
+"""The batching producer (nodi.broker.client.producer) against a real `nodi serve` process:
 order per partition over 100k messages, key routing, the async front end, compression
 and acks, idempotent retries answered with the original offsets, a failed batch that
 does not leave a sequence gap, the buffer limit."""
@@ -83,8 +83,7 @@ def test_keyless_messages_fill_batches_round_robin(client):
 
 
 async def _raw_fetch(client, topic, partition):
-    from nodi.broker import messages as m
-
+    from nodi.broker.protocol import messages as m
     response = await client._async._call(m.FetchRequest(topic=topic, partition=partition, offset=0, bytes_max=8 << 20),
                                          None)
     return bytes(response.records)

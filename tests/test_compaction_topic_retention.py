@@ -75,7 +75,7 @@ def test_topic_config_field_validates_and_round_trips():
 def test_the_server_default_from_the_compaction_table_or_topic_defaults(tmp_path):
     """compaction.delete_retention_ms is the server's value; [topic_defaults] may give new
     topics another (None there: the compaction value)."""
-    from nodi.broker.config import load_config
+    from nodi.broker.server.config import load_config
 
     path = tmp_path / "nodi.toml"
     path.write_text("[compaction]\ndelete_retention_ms = 5000\n")
@@ -94,9 +94,9 @@ def test_the_server_default_from_the_compaction_table_or_topic_defaults(tmp_path
 
 def _broker(store, now: list[int], **compaction):
     """A Broker on `store` whose compactor reads its clock from now[0]."""
-    from nodi.broker.compaction_settings import CompactionSettings
-    from nodi.broker.config import ServerConfig
-    from nodi.broker.service import Broker
+    from nodi.broker.server.compaction_settings import CompactionSettings
+    from nodi.broker.server.config import ServerConfig
+    from nodi.broker.server.service import Broker
     from nodi.storage.compaction import Compactor
 
     settings = CompactionSettings(delete_retention_ms=SERVER_DEFAULT_MS, **compaction)
@@ -106,15 +106,14 @@ def _broker(store, now: list[int], **compaction):
 
 
 async def _create(broker, name: str, delete_retention_ms: int):
-    from nodi.broker import messages as m
-
+    from nodi.broker.protocol import messages as m
     request = m.CreateTopicRequest(name=name, settings=m.TopicSettings(
         cleanup_policy="compact", segment_bytes=SEGMENT_BYTES, delete_retention_ms=delete_retention_ms))
     return (await broker._create_topic(request)).response.settings
 
 
 def test_a_short_topic_setting_drops_tombstones_after_it_and_the_default_keeps_them(tmp_path):
-    from nodi.broker import messages as m
+    from nodi.broker.protocol import messages as m
     from nodi.storage.store import Store
 
     store = Store.open(tmp_path)
@@ -156,7 +155,7 @@ def test_a_short_topic_setting_drops_tombstones_after_it_and_the_default_keeps_t
 
 
 def test_the_background_job_uses_each_topics_setting(tmp_path):
-    from nodi.broker import messages as m
+    from nodi.broker.protocol import messages as m
     from nodi.storage.store import Store
 
     store = Store.open(tmp_path)

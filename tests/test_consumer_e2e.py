@@ -17,8 +17,8 @@ from test_cli_broker import Running
 from test_server import RawClient
 
 from nodi.broker import Client
-from nodi.broker import messages as m
-from nodi.broker.errors import ErrorCode
+from nodi.broker.protocol import messages as m
+from nodi.broker.protocol.errors import ErrorCode
 
 TIMEOUT_S = 60
 # A killed member's partitions move on after about this long (the server accepts 1 s and

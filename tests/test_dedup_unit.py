@@ -1,4 +1,4 @@
-"""PublishDedup (broker/dedup.py) without a server: the fast path, per-record answers,
+"""PublishDedup (broker/server/dedup.py) without a server: the fast path, per-record answers,
 repeats inside a request, expiry by the window, the key limit, compressed batches, and
 the rebuild from a real partition log through its time index. Time is driven by hand."""
 
@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from nodi.broker.dedup import PublishDedup
-from nodi.broker.headers import IDEMPOTENCY_KEY, TTL_MS
+from nodi.broker.server.dedup import PublishDedup
+from nodi.broker.protocol.headers import IDEMPOTENCY_KEY, TTL_MS
 from nodi.storage.errors import InvalidRecordError
 from nodi.storage.log import Log
 from nodi.storage.records import Compression, NewRecord, build_batch

@@ -1,4 +1,4 @@
-"""The stream-mode group coordinator (broker/groups.py): membership, assignment,
+"""The stream-mode group coordinator (broker/server/groups.py): membership, assignment,
 rebalances on join, leave and expiry, commit fencing, standalone commits, resets,
 listing, limits; and a hypothesis state machine holding the assignment invariant
 (every partition of every subscribed topic is owned by exactly one live member that
@@ -18,8 +18,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, precondition, rule
 
-from nodi.broker.errors import ErrorCode, error_code_for
-from nodi.broker.groups import (
+from nodi.broker.protocol.errors import ErrorCode
+from nodi.broker.server.reply import error_code_for
+from nodi.broker.server.groups import (
     NO_GENERATION,
     STATE_EMPTY,
     STATE_REBALANCING,
@@ -31,7 +32,7 @@ from nodi.broker.groups import (
     PartitionResult,
     assign_partitions,
 )
-from nodi.broker.messages import ResetSpec
+from nodi.broker.protocol.messages import ResetSpec
 from nodi.storage.metadata import MetadataStore
 
 SESSION_MS = 10_000

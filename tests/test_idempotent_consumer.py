@@ -1,4 +1,4 @@
-"""The idempotent-consumer helper (broker/idempotent.py): processed keys recorded in LMDB
+"""The idempotent-consumer helper (broker/client/idempotent.py): processed keys recorded in LMDB
 beside the consumer (or a store the user passes) make a redelivered message be skipped,
 also after the consumer restarts; the store is bounded and written in batches."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from nodi.broker import Client, IdempotentConsumer, LmdbKeyStore
-from nodi.broker.idempotent import message_key
+from nodi.broker.client.idempotent import message_key
 
 
 @pytest.fixture(scope="module")

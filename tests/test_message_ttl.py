@@ -12,8 +12,8 @@ import time
 import pytest
 
 from nodi.broker import AsyncClient, Client
-from nodi.broker.client_types import Message
-from nodi.broker.headers import TTL_MS
+from nodi.broker.client.types import Message
+from nodi.broker.protocol.headers import TTL_MS
 
 HOUR_MS = 3_600_000
 

@@ -38,7 +38,7 @@ def exported(tmp_path_factory) -> dict[str, set[str]]:
     """sample name -> label names, from a real server after a workload that makes every
     kind of series appear (produce, fetch, a committed group offset, an error)."""
     from nodi.broker import Client
-    from nodi.broker.client_errors import UnknownTopic
+    from nodi.broker.client.errors import UnknownTopic
 
     broker = BrokerProcess(str(tmp_path_factory.mktemp("assets") / "data"), metrics=True).start()
     try:

@@ -1,4 +1,4 @@
-"""Server settings (broker/config.py): every setting from TOML and from a NODI_*
+"""Server settings (broker/server/config.py): every setting from TOML and from a NODI_*
 variable, the precedence defaults < file < environment < flags, `nodi serve
 --print-config`, and the structured logs of `nodi serve --log-json`."""
 
@@ -12,8 +12,8 @@ import subprocess
 
 import pytest
 
-from nodi.broker.config import SECTIONS, ServerConfig, _SIMPLE, environment_variable, load_config
-from nodi.broker.logs import JsonFormatter, configure_logging
+from nodi.broker.server.config import SECTIONS, ServerConfig, _SIMPLE, environment_variable, load_config
+from nodi.broker.server.logs import JsonFormatter, configure_logging
 from nodi.storage.errors import InvalidConfigError
 
 from conftest import NODI, BrokerProcess

@@ -52,7 +52,7 @@ def total(samples, name: str, **labels) -> float:
 def workload(tmp_path_factory):
     """A broker, a workload on it, then one scrape; yields (broker, samples, facts)."""
     from nodi.broker import Client
-    from nodi.broker.client_errors import UnknownTopic
+    from nodi.broker.client.errors import UnknownTopic
 
     broker = BrokerProcess(str(tmp_path_factory.mktemp("ops") / "data"), metrics=True).start()
     try:

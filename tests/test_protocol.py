@@ -1,4 +1,4 @@
-"""The wire protocol (broker/protocol.py, frames.py, messages.py, schema.py): round trips
+"""The wire protocol (broker/protocol/connection.py, frames.py, messages.py, schema.py): round trips
 of every API, decoders fed one byte at a time and with trailing garbage, garbage input,
 the frame limit checked from the length prefix, the connection state table, and
 pipelined requests answered out of order.
@@ -20,10 +20,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nodi.broker import protocol_docs, schema
-from nodi.broker.errors import ERROR_DESCRIPTIONS, error_code_for
-from nodi.broker.frames import decode_message_body, decode_frame_header
-from nodi.broker.protocol import (
+from nodi.broker.protocol import docs, schema
+from nodi.broker.protocol.errors import ERROR_DESCRIPTIONS
+from nodi.broker.server.reply import error_code_for
+from nodi.broker.protocol.frames import decode_message_body, decode_frame_header
+from nodi.broker.protocol.connection import (
     APIS,
     DEFAULT_PROTOCOL_LIMITS,
     NEED_DATA,
@@ -818,7 +819,7 @@ def test_records_must_be_the_last_field() -> None:
 def test_docs_protocol_md_is_up_to_date() -> None:
     text = DOCS.read_text(encoding="utf-8")
     assert protocol_docs.update_document(text) == text, (
-        "docs/protocol.md is stale: run python -m nodi.broker.protocol_docs docs/protocol.md"
+        "docs/protocol.md is stale: run python -m nodi.broker.protocol.docs docs/protocol.md"
     )
 
 

@@ -1,4 +1,4 @@
-"""Publish dedup against a real server (broker/dedup.py): an idempotency key seen on a
+"""Publish dedup against a real server (broker/server/dedup.py): an idempotency key seen on a
 topic within its window is not written again and the produce is answered with the
 original (partition, offset); across producer retries, mixed batches, acks levels, the
 idempotent producer and a broker restart. Windows are small or large on purpose; no
@@ -13,8 +13,8 @@ import pytest
 from conftest import BrokerProcess
 
 from nodi.broker import Client
-from nodi.broker.client_errors import PartlyDuplicate
-from nodi.broker.headers import IDEMPOTENCY_KEY
+from nodi.broker.client.errors import PartlyDuplicate
+from nodi.broker.protocol.headers import IDEMPOTENCY_KEY
 from nodi.storage.records import Compression, NewRecord, build_batch
 
 WAIT_S = 30
@@ -173,8 +173,7 @@ def test_reserved_headers_are_refused_from_users(broker):
 def test_every_reserved_header_is_documented():
     from pathlib import Path
 
-    from nodi.broker import headers
-
+    from nodi.broker.protocol import headers
     guarantees = (Path(__file__).resolve().parent.parent / "docs" / "guarantees.md").read_text()
     names = [value for name, value in vars(headers).items()
              if name.isupper() and isinstance(value, str) and value.startswith(headers.RESERVED_PREFIX)

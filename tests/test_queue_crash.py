@@ -13,7 +13,7 @@ import time
 from conftest import BrokerProcess
 
 from nodi.broker import Client
-from nodi.broker.client_errors import NodiClientError
+from nodi.broker.client.errors import NodiClientError
 from nodi.storage.records import NewRecord, build_batch
 
 WAIT_MS = 20_000

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 
 from nodi.broker import Client
-from nodi.broker import messages as m
+from nodi.broker.protocol import messages as m
 from nodi.storage.records import NewRecord, build_batch
 
 WAIT_MS = 20_000  # generous: the machine is shared

@@ -9,15 +9,15 @@ import threading
 import pytest
 
 from nodi.broker import AsyncClient, Backoff, Client
-from nodi.broker import messages as m
-from nodi.broker.client_errors import (
+from nodi.broker.protocol import messages as m
+from nodi.broker.client.errors import (
     QueueSettingsMismatch,
     StaleDelivery,
     UnknownDelivery,
     UnknownQueueGroup,
     UnknownTopic,
 )
-from nodi.broker.dead_letters import DEAD_LETTER_HEADERS
+from nodi.broker.server.dead_letters import DEAD_LETTER_HEADERS
 from nodi.storage.records import NewRecord, build_batch
 
 from conftest import BrokerProcess
@@ -281,7 +281,7 @@ async def async_queue_and_bad_settles(broker) -> None:
 def test_a_message_with_a_not_before_time_is_delivered_only_when_due(broker) -> None:
     import time
 
-    from nodi.broker.headers import NOT_BEFORE_MS
+    from nodi.broker.protocol.headers import NOT_BEFORE_MS
 
     with Client(broker.address) as client:
         client.create_topic("later")
@@ -302,7 +302,7 @@ def test_a_message_with_a_not_before_time_is_delivered_only_when_due(broker) -> 
 
 
 def test_bad_queue_requests_get_typed_errors_and_the_server_carries_on(broker) -> None:
-    from nodi.broker.client_errors import InvalidConfig, NodiClientError
+    from nodi.broker.client.errors import InvalidConfig, NodiClientError
 
     def call(client, request):
         return client._run(client._async._call(request, None), None)
@@ -366,7 +366,7 @@ def test_expired_messages_are_never_delivered_and_dropped_or_dead_lettered(broke
 
 
 def test_the_delivery_guarantee_is_one_argument(broker) -> None:
-    from nodi.broker.client_errors import DeliverySettled
+    from nodi.broker.client.errors import DeliverySettled
 
     with Client(broker.address) as client:
         client.create_topic("g1")

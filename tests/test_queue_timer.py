@@ -91,10 +91,10 @@ def test_a_lease_running_out_in_an_idle_group_among_many_is_redelivered(idle_bro
 def _service_with_a_rejected_message(store):
     """A queue service on `store` whose group g on topic jobs holds one rejected
     message waiting for its dead-letter append; (service, group, taken)."""
-    from nodi.broker import messages as m
-    from nodi.broker.config import ServerConfig
-    from nodi.broker.queue_service import now_ms
-    from nodi.broker.service import Broker
+    from nodi.broker.protocol import messages as m
+    from nodi.broker.server.config import ServerConfig
+    from nodi.broker.server.queue_service import now_ms
+    from nodi.broker.server.service import Broker
 
     store.create_topic("jobs")
     store.log("jobs", 0).append(build_batch([NewRecord(None, b"bad")]))
@@ -114,7 +114,7 @@ def test_a_group_whose_dead_letters_failed_is_visited_again_at_its_retry_time(tm
     """At the service level (a failing dead-letter topic is hard to make on a real
     server): after a failed pass the group is left out of the rounds until its backoff
     ends, then visited and written."""
-    from nodi.broker.queue_service import DEAD_LETTER_RETRY_S, now_ms
+    from nodi.broker.server.queue_service import DEAD_LETTER_RETRY_S, now_ms
     from nodi.storage.store import Store
 
     store = Store.open(tmp_path)

@@ -1,4 +1,4 @@
-"""The queue-group state machine (broker/queues.py), its settings and its persisted codec,
+"""The queue-group state machine (broker/server/queues.py), its settings and its persisted codec,
 driven with explicit times: no sleeping, no server."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nodi.broker.errors import ErrorCode, ProtocolError
-from nodi.broker.queue_settings import Backoff, QueueLimits, QueueSettings, cut_text
-from nodi.broker.queue_state import QueueStateError, decode_partition, encode_partition, state_bytes_max
-from nodi.broker.queue_group import QueueGroup
-from nodi.broker.queues import DeadLetterReason, PartitionQueue, SettleAction
+from nodi.broker.protocol.errors import ErrorCode, ProtocolError
+from nodi.broker.protocol.queue_settings import Backoff, QueueLimits, QueueSettings, cut_text
+from nodi.broker.server.queue_state import QueueStateError, decode_partition, encode_partition, state_bytes_max
+from nodi.broker.server.queue_group import QueueGroup
+from nodi.broker.server.queues import DeadLetterReason, PartitionQueue, SettleAction
 from nodi.storage.errors import InvalidConfigError
 
 NO_BACKOFF = Backoff.fixed([0])
@@ -437,8 +437,7 @@ def test_model_every_message_ends_acked_or_dead_lettered_exactly_once(operations
 
 
 def test_dead_letter_reasons_are_the_reserved_header_values() -> None:
-    from nodi.broker import headers
-
+    from nodi.broker.protocol import headers
     labels = tuple(reason.label for reason in DeadLetterReason if reason is not DeadLetterReason.NONE)
     assert labels == headers.DLQ_REASONS
 

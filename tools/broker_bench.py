@@ -77,8 +77,8 @@ from broker_bench_common import (  # noqa: E402
 from broker_bench_report import ratios, render, summarise  # noqa: E402
 
 from nodi.broker import AsyncClient  # noqa: E402
-from nodi.broker.client_errors import BufferFull  # noqa: E402
-from nodi.broker.producer_core import producer_options  # noqa: E402
+from nodi.broker.client.errors import BufferFull  # noqa: E402
+from nodi.broker.client.producer_core import producer_options  # noqa: E402
 from nodi.storage.errors import NodiError  # noqa: E402
 from nodi.storage.limits import KIB, MIB  # noqa: E402
 from nodi.storage.records import NewRecord, build_batch  # noqa: E402

@@ -351,7 +351,7 @@ def run(arguments: argparse.Namespace, data_directory: str) -> dict:
                         batch_bytes_max=256 * KIB, phase_seconds_max=arguments.phase_seconds_max,
                         latency_rate=1, latency_seconds=0, latency_warmup=0, latency_linger_ms=0,
                         raw_loop_seconds=arguments.limit_seconds, rounds=1, quick=arguments.quick)
-    from nodi.broker.queue_client import DEFAULT_BATCH_MAX
+    from nodi.broker.client.queue import DEFAULT_BATCH_MAX
 
     results: dict = {"schema": 1, "machine": machine,
                      "settings": {"messages": messages, "value_bytes": arguments.value_bytes,

@@ -1,0 +1,254 @@
+"""One client connection to a nodi server: a thin asyncio loop around the sans-IO
+protocol.Connection (client role).
+
+`ClientConnection.open` connects and handshakes. Then `request` may be called by any
+number of coroutines at once (pipelining): each waits for a slot (at most the
+in_flight_requests_max both ends agree on), gets a request id, writes its frame (one
+write() call per frame, so frames never interleave; a produce writes its header and its
+batch bytes back to back with no await between them), and waits for its response. A
+single reader task feeds every byte read into the protocol connection and resolves the
+waiting future by request id; a response frees its slot.
+
+When the connection ends (the server closed it, a Closing event, a protocol violation,
+close()), every request still in flight fails with ConnectionLost: it may or may not have
+been carried out. Nothing here retries; AsyncClient decides what is safe to send again.
+Time limits are the caller's: wrap calls in asyncio.timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import socket
+
+from ..protocol import messages as m
+from .errors import ConnectFailed, ConnectionLost, NodiClientError, error_for
+from ..protocol.errors import ErrorCode, ProtocolError
+from ..protocol.limits import ProtocolLimits
+from ..protocol.connection import NEED_DATA, Connection, ConnectionClosed, Role
+
+READ_BYTES = 256 * 1024
+# Records up to this size are copied behind the request header and written with it (one
+# send call on the socket instead of two); larger batches are written after it as they are.
+COALESCE_BYTES_MAX = 64 * 1024
+
+
+class ClientConnection:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        protocol: Connection,
+        address: tuple[str, int],
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._protocol = protocol
+        self.address = address
+        self._pending: dict[int, asyncio.Future] = {}
+        self._slots: asyncio.Semaphore | None = None
+        self._error: ConnectionLost | None = None
+        self._reader_task: asyncio.Task | None = None
+        self.in_flight_requests_max = 0
+        self.server_limits: dict[str, int] = {}
+        self.server_id = ""
+
+    # -- opening ------------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls, host: str, port: int, *, client_id: str, limits: ProtocolLimits
+    ) -> ClientConnection:
+        """Connect and handshake (the caller bounds the time). Raises ConnectFailed."""
+        try:
+            reader, writer = await asyncio.open_connection(host, port)
+        except OSError as error:
+            raise ConnectFailed(f"cannot connect to {host}:{port}: {error}") from None
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connection = cls(reader, writer, Connection(Role.CLIENT, limits), (host, port))
+        try:
+            await connection._handshake(client_id)
+        except BaseException:
+            writer.close()
+            raise
+        connection._reader_task = asyncio.get_running_loop().create_task(
+            connection._read_loop(), name=f"nodi-client-reader-{host}:{port}"
+        )
+        return connection
+
+    async def _handshake(self, client_id: str) -> None:
+        protocol = self._protocol
+        request = m.HandshakeRequest(request_id=protocol.next_request_id(), client_id=client_id)
+        self._writer.write(protocol.send(request))
+        try:
+            await self._writer.drain()
+            while True:
+                event = protocol.next_event()
+                if event is NEED_DATA:
+                    protocol.receive_data(await self._reader.read(READ_BYTES))
+                    continue
+                break
+        except (OSError, ProtocolError) as error:
+            raise ConnectFailed(f"handshake with {self._address_text}: {error}") from None
+        if isinstance(event, m.HandshakeResponse) and event.error_code == ErrorCode.NONE:
+            self.server_id = event.server_id
+            self.server_limits = {limit.name: limit.value for limit in event.limits}
+            ours = protocol.limits.in_flight_requests_max
+            theirs = self.server_limits.get("in_flight_requests_max", ours)
+            self.in_flight_requests_max = max(1, min(ours, theirs))
+            self._slots = asyncio.Semaphore(self.in_flight_requests_max)
+            return
+        if isinstance(event, (m.HandshakeResponse, m.ClosingEvent, m.ErrorResponse)):
+            raise ConnectFailed(
+                f"{self._address_text} refused the handshake: {event.error_message}", code=event.error_code
+            )
+        raise ConnectFailed(f"{self._address_text} closed the connection during the handshake")
+
+    @property
+    def _address_text(self) -> str:
+        return f"{self.address[0]}:{self.address[1]}"
+
+    # -- requests -----------------------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return self._error is None
+
+    @property
+    def in_flight_count(self) -> int:
+        return len(self._pending)
+
+    async def request(self, message: m.Request, records: bytes | memoryview | None = None) -> m.Response:
+        """Send `message` (its request id is assigned here) and wait for its response,
+        which is returned whatever its error code. With `records`, they are sent as the
+        message's records field, written after the header without a copy. Raises
+        ConnectionLost when the connection ends first, and the client error for a request
+        the codec refuses (over frame_bytes_max...)."""
+        if self._error is not None:
+            raise self._lost()
+        assert self._slots is not None
+        await self._slots.acquire()
+        try:
+            if self._error is not None:
+                raise self._lost()
+            protocol = self._protocol
+            message = dataclasses.replace(message, request_id=protocol.next_request_id())
+            try:
+                if records is None:
+                    frame = protocol.send(message)
+                else:
+                    frame = protocol.send_header(message, len(records))
+            except ProtocolError as error:
+                if error.closes_connection:
+                    self._fail(ConnectionLost(f"protocol error: {error}"))
+                    raise self._lost() from None
+                raise error_for(error.code, error.message) from None
+            future = asyncio.get_running_loop().create_future()
+            self._pending[message.request_id] = future
+        except BaseException:
+            self._slots.release()
+            raise
+        # From here on the slot is the reader's to free, when the response comes (or the
+        # connection ends): the server counts the request in flight until it answers.
+        writer = self._writer
+        if records is None:
+            writer.write(frame)
+        elif len(records) <= COALESCE_BYTES_MAX:
+            writer.write(b"".join((frame, records)))  # one send call, not two
+        else:
+            writer.write(frame)
+            writer.write(records)
+        if writer.transport.get_write_buffer_size() > 0:
+            try:
+                await writer.drain()
+            except (OSError, RuntimeError) as error:
+                self._fail(ConnectionLost(f"write to {self._address_text} failed: {error}"))
+        return await future
+
+    def _lost(self) -> ConnectionLost:
+        error = self._error
+        assert error is not None
+        return type(error)(error.message, code=error.code)
+
+    # -- reading ------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        protocol = self._protocol
+        pending = self._pending
+        slots = self._slots
+        reason: ConnectionLost | None = None
+        try:
+            while True:
+                data = await self._reader.read(READ_BYTES)
+                protocol.receive_data(data)
+                while True:
+                    event = protocol.next_event()
+                    if event is NEED_DATA:
+                        break
+                    if isinstance(event, ConnectionClosed):
+                        if reason is None:
+                            reason = ConnectionLost(f"{self._address_text} closed the connection")
+                        return
+                    if isinstance(event, m.ClosingEvent):
+                        reason = ConnectionLost(
+                            f"{self._address_text} closed the connection: {event.error_message}",
+                            code=event.error_code,
+                        )
+                        continue
+                    future = pending.pop(event.request_id, None)
+                    slots.release()
+                    if future is not None and not future.done():
+                        future.set_result(event)
+        except ProtocolError as error:
+            reason = ConnectionLost(f"protocol error from {self._address_text}: {error}", code=error.code)
+        except OSError as error:
+            reason = ConnectionLost(f"connection to {self._address_text} broke: {error}")
+        except asyncio.CancelledError:
+            reason = ConnectionLost(f"connection to {self._address_text} closed by the client")
+            raise
+        finally:
+            self._fail(reason or ConnectionLost(f"connection to {self._address_text} ended"))
+
+    def _fail(self, error: ConnectionLost) -> None:
+        """End the connection: every request in flight fails with `error`."""
+        if self._error is None:
+            self._error = error
+        self._protocol.close()
+        self._writer.close()
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(self._lost())
+        if self._slots is not None:
+            # Wake anyone waiting for a slot: they see the error and give up.
+            for _ in range(len(pending) + 1):
+                self._slots.release()
+
+    # -- closing ------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Close the socket and fail the requests in flight; waits for the reader task."""
+        if self._error is None:
+            self._fail(ConnectionLost(f"connection to {self._address_text} closed by the client"))
+        task = self._reader_task
+        if task is not None and not task.done():
+            task.cancel()
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._writer.wait_closed(), 1)
+
+
+def check_response(response: m.Response) -> m.Response:
+    """`response`, or the client error its error code stands for."""
+    if response.error_code != ErrorCode.NONE:
+        raise error_for(response.error_code, response.error_message)
+    return response
+
+
+__all__ = ["ClientConnection", "check_response", "NodiClientError"]

@@ -1,0 +1,624 @@
+"""Consumers: `client.consumer(topics, group=None, ...)` on an AsyncClient (AsyncConsumer,
+async-iterable) or a Client (Consumer, iterable).
+
+    with client.consumer("orders", group="billing") as consumer:
+        for message in consumer:          # or: consumer.poll(timeout_ms)
+            handle(message)               # auto-commit every 5 s and at close
+
+Three ways to read:
+
+- No group: the given partitions (default: all) of the topics, from `start`.
+- A group with `partitions` given: those partitions, no membership; each starts at the
+  group's committed offset, else at `start`; commits go in as a consumer outside group
+  membership (generation -1), which the server accepts while the group has no members.
+- A group without `partitions`: a member of the group. JoinGroup gives a member id, the
+  generation and this member's partitions; a heartbeat every heartbeat_interval_ms keeps
+  the membership (session_timeout_ms without one and the server moves the partitions to
+  the other members). When a heartbeat answers that the generation moved on, the consumer
+  commits what it has delivered (with auto-commit) and adopts the new assignment; each
+  partition it gains starts at the group's committed offset, else at `start`. Delivery is
+  at-least-once: a partition that changes hands may repeat messages, never skip them.
+
+`start`: "earliest", "latest", an offset, or a datetime (the first message at or after
+it). Reading: one long-poll fetch (wait_ms, bytes_max) per assigned partition is kept in
+flight; poll() returns what the first of them to answer (and any others done by then)
+brought, and starts the next fetches. commit() stores, per partition, the offset after
+the last message poll() returned: the next to read. Auto-commit (every
+auto_commit_interval_ms inside poll(), and before adopting a rebalance) stores less:
+what the polls before the current one returned, i.e. what the application has handled,
+so a member that dies while handling a batch leaves it to be read again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass
+
+from ..protocol import messages as m
+from .connection import check_response
+from .errors import (
+    ClientClosed,
+    ConnectionLost,
+    IllegalGeneration,
+    NodiClientError,
+    OffsetOutOfRange,
+    Timeout,
+    UnknownMember,
+    error_for,
+)
+from .types import Message, StartSpec, backoff_s, check_start
+from ..protocol.errors import ErrorCode
+
+log = logging.getLogger("nodi.client")
+
+DEFAULT_WAIT_MS = 500
+DEFAULT_BYTES_MAX = 1 << 20
+DEFAULT_SESSION_TIMEOUT_MS = 10_000
+# A partition's fetch that failed (connection lost, timeout) is retried after a delay
+# that doubles per failure in a row, from this to the max, with jitter.
+FETCH_RETRY_BACKOFF_MS = 100
+FETCH_RETRY_BACKOFF_MAX_MS = 5_000
+
+TopicPartition = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerStatistics:
+    messages_delivered: int  # returned by poll() (and iteration)
+    expired_skipped: int  # fetched but past their TTL, left out (include_expired=False)
+
+
+class AsyncConsumer:
+    """See the module docstring. Options: start ("earliest"), auto_commit (True),
+    auto_commit_interval_ms (5000), partitions (None: all, or assigned by the group;
+    ints apply to every topic, or (topic, partition) pairs), wait_ms (500: each fetch's
+    long poll), bytes_max (1 MiB per fetch), session_timeout_ms (10 s), idle_timeout_ms
+    (None: iteration stops after this long without a message), include_expired (False:
+    messages whose TTL has passed are skipped and counted in statistics()), timeout_ms
+    (per request; the client's by default)."""
+
+    def __init__(
+        self,
+        client,
+        topics: str | Iterable[str],
+        group: str | None = None,
+        *,
+        start: StartSpec = "earliest",
+        auto_commit: bool = True,
+        auto_commit_interval_ms: int = 5_000,
+        partitions: Iterable[int] | Iterable[TopicPartition] | None = None,
+        wait_ms: int = DEFAULT_WAIT_MS,
+        bytes_max: int = DEFAULT_BYTES_MAX,
+        session_timeout_ms: int = DEFAULT_SESSION_TIMEOUT_MS,
+        idle_timeout_ms: int | None = None,
+        include_expired: bool = False,
+        timeout_ms: int | None = None,
+    ) -> None:
+        self.topics = [topics] if isinstance(topics, str) else list(dict.fromkeys(topics))
+        if not self.topics:
+            raise ValueError("a consumer needs at least one topic")
+        self.group = group
+        self.start_spec = check_start(start)
+        self.auto_commit = auto_commit and group is not None
+        self.auto_commit_interval_s = auto_commit_interval_ms / 1000
+        self.wait_ms = wait_ms
+        self.bytes_max = bytes_max
+        self.session_timeout_ms = session_timeout_ms
+        self.idle_timeout_ms = idle_timeout_ms
+        self.include_expired = include_expired
+        self._delivered = 0
+        self._expired_skipped = 0
+        self.timeout_ms = client.timeout_ms if timeout_ms is None else timeout_ms
+        self._client = client
+        self._manual: list[TopicPartition] | None = None
+        if partitions is not None:
+            self._manual = []
+            for entry in partitions:
+                if isinstance(entry, tuple):
+                    self._manual.append((entry[0], int(entry[1])))
+                else:
+                    self._manual.extend((topic, int(entry)) for topic in self.topics)
+        self._member = group is not None and self._manual is None
+        self.member_id = ""
+        self.generation = -1
+        self._heartbeat_interval_s = session_timeout_ms / 3000
+        self._assignment: list[TopicPartition] = []
+        self._positions: dict[TopicPartition, int] = {}  # next offset to deliver
+        # The positions when poll() was last called: what the application has handled
+        # (every earlier batch). Auto-commits (in poll() and before a rebalance) commit
+        # these, never a batch poll() just returned: at-least-once.
+        self._handled: dict[TopicPartition, int] = {}
+        self._committed: dict[TopicPartition, int] = {}
+        self._fetches: dict[TopicPartition, asyncio.Task] = {}
+        self._fetch_failures: dict[TopicPartition, int] = {}  # failed fetches in a row
+        self._changed: asyncio.Future | None = None  # resolved when the assignment changes
+        self._heartbeat_task: asyncio.Task | None = None
+        self._background_error: BaseException | None = None
+        self._next_commit = 0.0
+        self._started = False
+        self._closed = False
+        client._owned.add(self)
+
+    def __repr__(self) -> str:
+        return f"<AsyncConsumer topics={self.topics} group={self.group!r} assignment={self._assignment}>"
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    async def __aenter__(self) -> AsyncConsumer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Join the group or resolve the partitions and their start offsets (poll() does
+        it when not done yet)."""
+        if self._closed:
+            raise ClientClosed("the consumer is closed")
+        if self._started:
+            return
+        self._started = True
+        self._changed = asyncio.get_running_loop().create_future()
+        self._next_commit = time.monotonic() + self.auto_commit_interval_s
+        if self._member:
+            await self._join()
+            self._heartbeat_task = asyncio.get_running_loop().create_task(
+                self._heartbeat_loop(), name=f"nodi-consumer-heartbeat-{self.group}"
+            )
+        else:
+            wanted = self._manual
+            if wanted is None:
+                wanted = []
+                for topic in self.topics:
+                    count = await self._client.partition_count(topic, timeout_ms=self.timeout_ms)
+                    wanted.extend((topic, partition) for partition in range(count))
+            await self._assign(wanted)
+
+    async def close(self) -> None:
+        """Commit (with auto-commit), leave the group, stop fetching."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._cancel_fetches(list(self._fetches))
+            if self._heartbeat_task is not None:
+                self._heartbeat_task.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._heartbeat_task
+            if self._started and self.auto_commit and not self._client.closed:
+                try:
+                    await self.commit()
+                except NodiClientError as error:
+                    log.warning("consumer %s: commit at close failed: %s", self.group, error)
+            if self._member and self.member_id and not self._client.closed:
+                with contextlib.suppress(NodiClientError):
+                    await self._client._call(
+                        m.LeaveGroupRequest(group=self.group, member_id=self.member_id), self.timeout_ms
+                    )
+        finally:
+            tasks = list(self._fetches.values())
+            self._fetches.clear()
+            for task in tasks:
+                with contextlib.suppress(BaseException):
+                    await task
+            self._client._owned.discard(self)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def statistics(self) -> ConsumerStatistics:
+        return ConsumerStatistics(messages_delivered=self._delivered, expired_skipped=self._expired_skipped)
+
+    def assignment(self) -> list[TopicPartition]:
+        """The (topic, partition) pairs this consumer reads now."""
+        return list(self._assignment)
+
+    def position(self, topic: str, partition: int) -> int | None:
+        """The next offset poll() will return from the partition."""
+        return self._positions.get((topic, partition))
+
+    def seek(self, topic: str, partition: int, offset: int) -> None:
+        """Read the partition from `offset` on, starting with the next poll()."""
+        key = (topic, partition)
+        if key not in self._assignment:
+            raise ValueError(f"{topic}-{partition} is not assigned to this consumer")
+        self._cancel_fetches([key])
+        self._positions[key] = offset
+
+    # -- reading ------------------------------------------------------------------------
+
+    async def poll(self, timeout_ms: int | None = None) -> list[Message]:
+        """Messages from the assigned partitions, waiting up to `timeout_ms` (default
+        wait_ms) for some; [] when none came. Auto-commits when it is due."""
+        if self._closed:
+            raise ClientClosed("the consumer is closed")
+        await self.start()
+        self._handled = dict(self._positions)
+        self._raise_background_error()
+        timeout_s = (self.wait_ms if timeout_ms is None else timeout_ms) / 1000
+        deadline = time.monotonic() + timeout_s
+        messages: list[Message] = []
+        while True:
+            self._start_fetches()
+            waiting = list(self._fetches.values())
+            waiting.append(self._changed)
+            remaining = deadline - time.monotonic()
+            done = []
+            if remaining > 0:
+                done, _ = await asyncio.wait(waiting, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            self._collect(messages)
+            self._raise_background_error()
+            if messages or deadline <= time.monotonic():
+                break
+            if not done:
+                break
+        # Prefetch: the next fetch of each partition runs while the caller handles these
+        # messages (at most one response of bytes_max per partition waits).
+        if not self._closed:
+            self._start_fetches()
+        if self.auto_commit and time.monotonic() >= self._next_commit:
+            self._next_commit = time.monotonic() + self.auto_commit_interval_s
+            try:
+                await self._commit(self._handled_positions())
+            except (ConnectionLost, Timeout, IllegalGeneration, UnknownMember) as error:
+                log.warning("consumer %s: auto-commit failed: %s", self.group, error)
+        return messages
+
+    def _start_fetches(self) -> None:
+        loop = asyncio.get_running_loop()
+        for key in self._assignment:
+            if key not in self._fetches and key in self._positions:
+                failures = self._fetch_failures.get(key, 0)
+                delay_s = backoff_s(failures - 1, FETCH_RETRY_BACKOFF_MS, FETCH_RETRY_BACKOFF_MAX_MS) if failures else 0.0
+                self._fetches[key] = loop.create_task(self._fetch(key, self._positions[key], delay_s))
+        if self._changed is None or self._changed.done():
+            self._changed = loop.create_future()
+
+    async def _fetch(self, key: TopicPartition, offset: int, delay_s: float = 0.0) -> tuple[list[Message], int, int]:
+        """One fetch of a partition, after `delay_s` (the retry backoff)."""
+        if delay_s:
+            await asyncio.sleep(delay_s)
+        topic, partition = key
+        try:
+            messages, position, expired = await self._client.fetch_counted(
+                topic, partition, offset, bytes_max=self.bytes_max, wait_ms=self.wait_ms,
+                include_expired=self.include_expired, timeout_ms=self.timeout_ms,
+            )
+            self._expired_skipped += expired
+        except OffsetOutOfRange:
+            earliest = await self._client.list_offsets(topic, partition, "earliest", timeout_ms=self.timeout_ms)
+            if offset < earliest:
+                position = earliest
+            else:
+                position = await self._client.list_offsets(topic, partition, "latest", timeout_ms=self.timeout_ms)
+            log.warning("consumer: offset %d of %s-%d is out of range; reading from %d", offset, topic, partition,
+                        position)
+            return [], position, offset
+        return messages, position, offset
+
+    def _collect(self, out: list[Message]) -> None:
+        """Take every finished fetch: its messages, if the partition is still ours and
+        still at the offset the fetch started from."""
+        for key in list(self._assignment):
+            task = self._fetches.get(key)
+            if task is None or not task.done():
+                continue
+            del self._fetches[key]
+            if task.cancelled():
+                continue
+            error = task.exception()
+            if error is not None:
+                if isinstance(error, (ConnectionLost, Timeout)):
+                    failures = self._fetch_failures.get(key, 0) + 1
+                    self._fetch_failures[key] = failures
+                    report = log.warning if failures == 1 else log.debug  # once per outage
+                    report("consumer: fetching %s-%d failed: %s; retrying with backoff", key[0], key[1], error)
+                    continue
+                raise error
+            self._fetch_failures.pop(key, None)
+            messages, position, offset = task.result()
+            if self._positions.get(key) != offset:
+                continue  # seeked or reassigned meanwhile
+            self._positions[key] = position
+            self._delivered += len(messages)
+            out.extend(messages)
+
+    def _cancel_fetches(self, keys: Iterable[TopicPartition]) -> None:
+        for key in keys:
+            task = self._fetches.pop(key, None)
+            if task is not None:
+                task.cancel()
+
+    def _raise_background_error(self) -> None:
+        error, self._background_error = self._background_error, None
+        if error is not None:
+            raise error
+
+    # -- iteration ----------------------------------------------------------------------
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Message]:
+        idle_since = time.monotonic()
+        while not self._closed:
+            batch = await self.poll()
+            if not batch:
+                if self._idle_for(idle_since):
+                    return
+                continue
+            idle_since = time.monotonic()
+            index = 0
+            try:
+                for index, message in enumerate(batch):  # noqa: B007
+                    yield message
+                index = len(batch)
+            finally:
+                if index < len(batch):
+                    self.rewind(batch[index + 1 :])
+
+    def _idle_for(self, since: float) -> bool:
+        return self.idle_timeout_ms is not None and (time.monotonic() - since) * 1000 >= self.idle_timeout_ms
+
+    def rewind(self, undelivered: list[Message]) -> None:
+        """Messages poll() returned that were not handled after all (an iteration left
+        early): their partitions go back to the first of them, so commit() does not
+        pass them and the next poll() returns them again."""
+        first: dict[TopicPartition, int] = {}
+        for message in undelivered:
+            first.setdefault((message.topic, message.partition), message.offset)
+        for key, offset in first.items():
+            position = self._positions.get(key)
+            if key in self._assignment and position is not None and position > offset:
+                self._cancel_fetches([key])
+                self._positions[key] = offset
+
+    # -- offsets ------------------------------------------------------------------------
+
+    async def commit(self) -> None:
+        """Commit, per partition, the offset after the last message poll() returned.
+        A partition that moved to another member meanwhile is skipped."""
+        if self.group is None:
+            raise ValueError("commit() needs a consumer group")
+        await self._commit(self._positions)
+
+    def _handled_positions(self) -> dict[TopicPartition, int]:
+        """Per partition still ours, the position before the batch being handled (a
+        seek or rewind below it since wins)."""
+        return {
+            key: min(offset, self._positions[key]) for key, offset in self._handled.items() if key in self._positions
+        }
+
+    async def _commit(self, positions: dict[TopicPartition, int]) -> None:
+        offsets = {key: offset for key, offset in positions.items() if self._committed.get(key) != offset}
+        if not offsets:
+            return
+        generation, member_id = (self.generation, self.member_id) if self._member else (-1, "")
+        results = await self._client.commit_offsets(
+            self.group, offsets, generation=generation, member_id=member_id, timeout_ms=self.timeout_ms
+        )
+        failure = None
+        for key, error in results.items():
+            if error is None:
+                self._committed[key] = offsets[key]
+            elif isinstance(error, (IllegalGeneration, UnknownMember)):
+                log.info("consumer %s: commit of %s-%d refused: %s", self.group, key[0], key[1], error)
+            elif failure is None:
+                failure = error
+        if failure is not None:
+            raise failure
+
+    async def _assign(self, assignment: Iterable[TopicPartition]) -> None:
+        """Adopt `assignment`: drop what went, find where each new partition starts."""
+        new = sorted(set(assignment))
+        gone = [key for key in self._assignment if key not in new]
+        self._cancel_fetches(gone)
+        for key in gone:
+            self._positions.pop(key, None)
+            self._committed.pop(key, None)
+        added = [key for key in new if key not in self._positions]
+        self._assignment = new
+        if self._changed is not None and not self._changed.done():
+            self._changed.set_result(None)
+        if not added:
+            return
+        committed: dict[TopicPartition, int] = {}
+        if self.group is not None:
+            committed = await self._client.fetch_offsets(
+                self.group, sorted({topic for topic, _ in added}), timeout_ms=self.timeout_ms
+            )
+        for key in added:
+            if key not in self._assignment:
+                continue  # gone again meanwhile
+            if key in committed:
+                offset = committed[key]
+                self._committed[key] = offset
+            else:
+                offset = await self._client.resolve_start(key[0], key[1], self.start_spec, timeout_ms=self.timeout_ms)
+            if key in self._assignment:
+                self._positions[key] = offset
+
+    # -- group membership ---------------------------------------------------------------
+
+    async def _join(self) -> None:
+        response = await self._client._call(
+            m.JoinGroupRequest(
+                group=self.group,
+                member_id=self.member_id,
+                topics=self.topics,
+                session_timeout_ms=self.session_timeout_ms,
+            ),
+            self.timeout_ms,
+        )
+        self.member_id = response.member_id
+        self.generation = response.generation
+        if response.heartbeat_interval_ms > 0:
+            self._heartbeat_interval_s = response.heartbeat_interval_ms / 1000
+        await self._assign(_pairs(response.assignments))
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._heartbeat_interval_s)
+            try:
+                await self._heartbeat()
+            except (ConnectionLost, Timeout) as error:
+                log.warning("consumer %s: heartbeat failed: %s", self.group, error)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # surfaced by the next poll()
+                self._background_error = error
+                if self._changed is not None and not self._changed.done():
+                    self._changed.set_result(None)
+
+    async def _heartbeat(self) -> None:
+        request = m.HeartbeatRequest(group=self.group, member_id=self.member_id, generation=self.generation)
+        timeout_ms = min(self.timeout_ms, self.session_timeout_ms)
+        async with self._client._deadline(timeout_ms, "Heartbeat"):
+            response = await self._client._request(request)
+        if response.error_code == ErrorCode.NONE:
+            return
+        if response.error_code == ErrorCode.REBALANCE_IN_PROGRESS:
+            await self._adopt(response.generation, _pairs(response.assignments))
+        elif response.error_code in (ErrorCode.UNKNOWN_MEMBER, ErrorCode.ILLEGAL_GENERATION):
+            # Expired (or the server restarted): join again and re-read what is
+            # committed; what this member delivered after its last commit may repeat.
+            log.warning("consumer %s: %s; joining again", self.group, response.error_message)
+            self.member_id = ""
+            await self._assign([])
+            await self._join()
+        else:
+            check_response(response)
+
+    async def _adopt(self, generation: int, assignment: list[TopicPartition]) -> None:
+        """The generation moved on: commit what was delivered, then take the new
+        assignment."""
+        kept = set(assignment)
+        gone = [key for key in self._assignment if key not in kept]
+        self._cancel_fetches(gone)  # nothing more is delivered from them
+        if self.auto_commit:
+            try:
+                # Not the batch the application may be handling now: its partitions
+                # may go to another member, which then reads it again.
+                await self._commit(self._handled_positions())
+            except NodiClientError as error:
+                log.warning("consumer %s: commit before a rebalance failed: %s", self.group, error)
+        self.generation = generation
+        await self._assign(assignment)
+        log.info("consumer %s: generation %d, partitions %s", self.group, generation, self._assignment)
+
+
+def _pairs(assignments: list[m.TopicPartitions]) -> list[TopicPartition]:
+    return [(entry.topic, partition) for entry in assignments for partition in entry.partitions]
+
+
+# ---------------------------------------------------------------------------
+# The blocking consumer
+
+
+class Consumer:
+    """The Consumer of a sync Client: the AsyncConsumer on the client's loop, driven
+    from the calling thread. Same options."""
+
+    def __init__(self, client, topics, group: str | None = None, **options) -> None:
+        self._client = client
+        self._consumer: AsyncConsumer = client._run(self._make(client, topics, group, options), None)
+        client._owned.add(self)
+
+    @staticmethod
+    async def _make(client, topics, group, options) -> AsyncConsumer:
+        consumer = AsyncConsumer(client._async, topics, group, **options)
+        client._async._owned.discard(consumer)  # closed by this wrapper
+        return consumer
+
+    def __enter__(self) -> Consumer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return repr(self._consumer).replace("AsyncConsumer", "Consumer", 1)
+
+    @property
+    def group(self) -> str | None:
+        return self._consumer.group
+
+    @property
+    def member_id(self) -> str:
+        return self._consumer.member_id
+
+    @property
+    def generation(self) -> int:
+        return self._consumer.generation
+
+    @property
+    def closed(self) -> bool:
+        return self._consumer.closed
+
+    def statistics(self) -> ConsumerStatistics:
+        return self._consumer.statistics()
+
+    def start(self) -> None:
+        self._client._run(self._consumer.start(), self._consumer.timeout_ms)
+
+    def poll(self, timeout_ms: int | None = None) -> list[Message]:
+        wait_ms = self._consumer.wait_ms if timeout_ms is None else timeout_ms
+        return self._client._run(self._consumer.poll(timeout_ms), self._consumer.timeout_ms, wait_ms)
+
+    def commit(self) -> None:
+        self._client._run(self._consumer.commit(), self._consumer.timeout_ms)
+
+    def close(self) -> None:
+        try:
+            if not self._client.closed:
+                self._client._run(self._consumer.close(), self._consumer.timeout_ms)
+        finally:
+            self._client._owned.discard(self)
+
+    def assignment(self) -> list[TopicPartition]:
+        return self._consumer.assignment()
+
+    def position(self, topic: str, partition: int) -> int | None:
+        return self._consumer.position(topic, partition)
+
+    def seek(self, topic: str, partition: int, offset: int) -> None:
+        self._client._run(self._seek(topic, partition, offset), None)
+
+    async def _seek(self, topic: str, partition: int, offset: int) -> None:
+        self._consumer.seek(topic, partition, offset)
+
+    def __iter__(self) -> Iterator[Message]:
+        consumer = self._consumer
+        idle_since = time.monotonic()
+        while not consumer.closed:
+            batch = self.poll()
+            if not batch:
+                if consumer._idle_for(idle_since):
+                    return
+                continue
+            idle_since = time.monotonic()
+            index = 0
+            try:
+                for index, message in enumerate(batch):  # noqa: B007
+                    yield message
+                index = len(batch)
+            finally:
+                if index < len(batch) and not self._client.closed:
+                    self._client._run(self._rewind(batch[index + 1 :]), None)
+
+    def rewind(self, undelivered: list[Message]) -> None:
+        """As AsyncConsumer.rewind: poll() returns these again."""
+        self._client._run(self._rewind(undelivered), None)
+
+    async def _rewind(self, undelivered: list[Message]) -> None:
+        self._consumer.rewind(undelivered)
+
+
+__all__ = ["AsyncConsumer", "Consumer", "ConsumerStatistics", "error_for"]

@@ -1,0 +1,325 @@
+"""The exceptions the Python client raises: one class per error code of the wire
+protocol (broker/protocol/errors.py ErrorCode), plus the client's own conditions (a call that ran
+out of time, a connection that broke, a client already closed).
+
+Every class is a NodiClientError, which is a nodi.storage.errors.NodiError; each keeps the
+ErrorCode it stands for in `code` (None for a purely client-side condition). Related codes
+share a base so callers can catch a family (`GroupError`, `ProducerError`,
+`ProtocolViolation`). `Timeout` is also a builtin TimeoutError and `ConnectionLost` a
+builtin ConnectionError.
+
+`error_for(code, message)` is the one mapping from a code to an exception.
+"""
+
+from __future__ import annotations
+
+from nodi.storage.errors import NodiError
+
+from ..protocol.errors import ErrorCode
+
+
+class NodiClientError(NodiError):
+    """Root of every error the client raises. `code` is the server's ErrorCode, or None
+    for a condition the client detected itself."""
+
+    default_code: ErrorCode | None = None
+
+    def __init__(self, message: str = "", *, code: ErrorCode | None = None) -> None:
+        self.code = self.default_code if code is None else code
+        self.message = message
+        prefix = f"{self.code.name}: " if self.code is not None else ""
+        super().__init__(prefix + message if message else prefix.rstrip(": "))
+
+
+# -- the protocol itself (codes 1-19) ------------------------------------------------
+
+
+class ProtocolViolation(NodiClientError):
+    """The client and server disagree about the protocol (a bug on one side, or a server
+    of another version): UNKNOWN_API, UNSUPPORTED_VERSION, MALFORMED_FRAME,
+    FRAME_TOO_LARGE, HANDSHAKE_REQUIRED, UNEXPECTED_MESSAGE."""
+
+
+class InvalidRequest(NodiClientError):
+    default_code = ErrorCode.INVALID_REQUEST
+
+
+class LimitExceeded(NodiClientError):
+    default_code = ErrorCode.LIMIT_EXCEEDED
+
+
+class BufferFull(LimitExceeded):
+    """A producer holds buffer_bytes_max of messages not yet acknowledged: wait for
+    space (AsyncProducer.wait_for_space) or flush before sending more."""
+
+
+class TooManyRequests(NodiClientError):
+    default_code = ErrorCode.TOO_MANY_REQUESTS
+
+
+# -- topics and logs (20-39) ---------------------------------------------------------
+
+
+class UnknownTopic(NodiClientError):
+    default_code = ErrorCode.UNKNOWN_TOPIC
+
+
+class TopicExists(NodiClientError):
+    default_code = ErrorCode.TOPIC_EXISTS
+
+
+class UnknownPartition(NodiClientError):
+    default_code = ErrorCode.UNKNOWN_PARTITION
+
+
+class InvalidConfig(NodiClientError):
+    default_code = ErrorCode.INVALID_CONFIG
+
+
+class OffsetOutOfRange(NodiClientError):
+    default_code = ErrorCode.OFFSET_OUT_OF_RANGE
+
+
+class InvalidRecords(NodiClientError):
+    default_code = ErrorCode.INVALID_RECORDS
+
+
+class KeyRequired(InvalidRecords):
+    """A record without a key sent to a compacted topic."""
+
+    default_code = ErrorCode.KEY_REQUIRED
+
+
+class CorruptData(NodiClientError):
+    default_code = ErrorCode.CORRUPT_DATA
+
+
+class NotDurable(NodiClientError):
+    """Written, but the fsync did not complete in time: the batch may or may not survive
+    a crash. An idempotent producer retries it (a duplicate is answered with the original
+    offsets)."""
+
+    default_code = ErrorCode.NOT_DURABLE
+
+
+class Timeout(NodiClientError, TimeoutError):
+    """A call did not complete within its timeout (client side, code None), or the server
+    answered TIMEOUT."""
+
+
+class ReadOnlyLog(NodiClientError):
+    default_code = ErrorCode.READ_ONLY_LOG
+
+
+class DiskFull(NodiClientError):
+    default_code = ErrorCode.DISK_FULL
+
+
+# -- consumer groups (40-59) ---------------------------------------------------------
+
+
+class GroupError(NodiClientError):
+    """A consumer-group request the server refused."""
+
+
+class UnknownGroup(GroupError):
+    default_code = ErrorCode.UNKNOWN_GROUP
+
+
+class GroupNotEmpty(GroupError):
+    default_code = ErrorCode.GROUP_NOT_EMPTY
+
+
+class RebalanceInProgress(GroupError):
+    default_code = ErrorCode.REBALANCE_IN_PROGRESS
+
+
+class UnknownMember(GroupError):
+    default_code = ErrorCode.UNKNOWN_MEMBER
+
+
+class IllegalGeneration(GroupError):
+    default_code = ErrorCode.ILLEGAL_GENERATION
+
+
+# -- the idempotent producer (60-79) -------------------------------------------------
+
+
+class ProducerError(NodiClientError):
+    """An idempotent-producer request the server refused."""
+
+
+class UnknownProducerId(ProducerError):
+    default_code = ErrorCode.UNKNOWN_PRODUCER_ID
+
+
+class ProducerFenced(ProducerError):
+    """INVALID_PRODUCER_EPOCH: a newer epoch of this producer id exists."""
+
+    default_code = ErrorCode.INVALID_PRODUCER_EPOCH
+
+
+class DuplicateSequence(ProducerError):
+    default_code = ErrorCode.DUPLICATE_SEQUENCE
+
+
+class OutOfOrderSequence(ProducerError):
+    default_code = ErrorCode.OUT_OF_ORDER_SEQUENCE
+
+
+class PartlyDuplicate(ProducerError):
+    """Publish dedup: some records of a produce had an idempotency key seen within the
+    topic's window; nothing was written. `duplicates` lists them (messages.DuplicateRecord:
+    index, original partition and offset); the producer sends the others again."""
+
+    default_code = ErrorCode.PARTLY_DUPLICATE
+    duplicates: tuple = ()
+
+
+# -- queue groups (100-119) -----------------------------------------------------------
+
+
+class QueueError(NodiClientError):
+    """A queue-group request the server refused."""
+
+
+class QueueSettingsMismatch(QueueError):
+    default_code = ErrorCode.QUEUE_SETTINGS_MISMATCH
+
+
+class UnknownDelivery(QueueError):
+    default_code = ErrorCode.UNKNOWN_DELIVERY
+
+
+class StaleDelivery(QueueError):
+    """The message was delivered again (its lease ran out): this delivery cannot be
+    settled any more."""
+
+    default_code = ErrorCode.STALE_DELIVERY
+
+
+class DeliverySettled(QueueError):
+    default_code = ErrorCode.DELIVERY_SETTLED
+
+
+class UnknownQueueGroup(QueueError):
+    default_code = ErrorCode.UNKNOWN_QUEUE_GROUP
+
+
+class UnknownInbox(QueueError):
+    """The requester's inbox is gone (closed, idle too long, or the broker restarted)."""
+
+    default_code = ErrorCode.UNKNOWN_INBOX
+
+
+class RequestTimeout(Timeout):
+    """No reply to a request() within its timeout (client side)."""
+
+
+# -- the server (80-99) and the connection ---------------------------------------------
+
+
+class ServerShuttingDown(NodiClientError):
+    default_code = ErrorCode.SERVER_SHUTTING_DOWN
+
+
+class InternalServerError(NodiClientError):
+    default_code = ErrorCode.INTERNAL
+
+
+class ConnectionLost(NodiClientError, ConnectionError):
+    """The connection closed with the request in flight (or could not be opened): the
+    request may or may not have been carried out. `code` is the reason the server gave in
+    its Closing event, if it sent one."""
+
+
+class ConnectFailed(ConnectionLost):
+    """No connection could be opened (refused, unreachable, handshake refused) within the
+    reconnect attempts and the call's timeout."""
+
+
+class ClientClosed(NodiClientError):
+    """The client (or producer, or consumer) was closed."""
+
+
+_CLASSES: dict[ErrorCode, type[NodiClientError]] = {
+    ErrorCode.UNKNOWN_API: ProtocolViolation,
+    ErrorCode.UNSUPPORTED_VERSION: ProtocolViolation,
+    ErrorCode.MALFORMED_FRAME: ProtocolViolation,
+    ErrorCode.FRAME_TOO_LARGE: ProtocolViolation,
+    ErrorCode.HANDSHAKE_REQUIRED: ProtocolViolation,
+    ErrorCode.UNEXPECTED_MESSAGE: ProtocolViolation,
+    ErrorCode.INVALID_REQUEST: InvalidRequest,
+    ErrorCode.LIMIT_EXCEEDED: LimitExceeded,
+    ErrorCode.TOO_MANY_REQUESTS: TooManyRequests,
+    ErrorCode.UNKNOWN_TOPIC: UnknownTopic,
+    ErrorCode.TOPIC_EXISTS: TopicExists,
+    ErrorCode.UNKNOWN_PARTITION: UnknownPartition,
+    ErrorCode.INVALID_CONFIG: InvalidConfig,
+    ErrorCode.OFFSET_OUT_OF_RANGE: OffsetOutOfRange,
+    ErrorCode.INVALID_RECORDS: InvalidRecords,
+    ErrorCode.CORRUPT_DATA: CorruptData,
+    ErrorCode.NOT_DURABLE: NotDurable,
+    ErrorCode.TIMEOUT: Timeout,
+    ErrorCode.READ_ONLY_LOG: ReadOnlyLog,
+    ErrorCode.DISK_FULL: DiskFull,
+    ErrorCode.UNKNOWN_GROUP: UnknownGroup,
+    ErrorCode.GROUP_NOT_EMPTY: GroupNotEmpty,
+    ErrorCode.REBALANCE_IN_PROGRESS: RebalanceInProgress,
+    ErrorCode.UNKNOWN_MEMBER: UnknownMember,
+    ErrorCode.ILLEGAL_GENERATION: IllegalGeneration,
+    ErrorCode.UNKNOWN_PRODUCER_ID: UnknownProducerId,
+    ErrorCode.INVALID_PRODUCER_EPOCH: ProducerFenced,
+    ErrorCode.DUPLICATE_SEQUENCE: DuplicateSequence,
+    ErrorCode.OUT_OF_ORDER_SEQUENCE: OutOfOrderSequence,
+    ErrorCode.SERVER_SHUTTING_DOWN: ServerShuttingDown,
+    ErrorCode.INTERNAL: InternalServerError,
+    ErrorCode.QUEUE_SETTINGS_MISMATCH: QueueSettingsMismatch,
+    ErrorCode.UNKNOWN_DELIVERY: UnknownDelivery,
+    ErrorCode.STALE_DELIVERY: StaleDelivery,
+    ErrorCode.DELIVERY_SETTLED: DeliverySettled,
+    ErrorCode.UNKNOWN_QUEUE_GROUP: UnknownQueueGroup,
+    ErrorCode.UNKNOWN_INBOX: UnknownInbox,
+    ErrorCode.PARTLY_DUPLICATE: PartlyDuplicate,
+    ErrorCode.KEY_REQUIRED: KeyRequired,
+}
+assert set(_CLASSES) == set(ErrorCode) - {ErrorCode.NONE}
+
+
+def error_class(code: ErrorCode) -> type[NodiClientError]:
+    return _CLASSES.get(code, NodiClientError)
+
+
+def error_for(code: int, message: str | None) -> NodiClientError:
+    """The exception for an error code a server answered with."""
+    try:
+        code = ErrorCode(code)
+    except ValueError:
+        return NodiClientError(f"unknown error code {code}: {message or ''}")
+    return error_class(code)(message or code.name.lower().replace("_", " "), code=code)
+
+
+# Codes after which the same request may be sent again safely by an idempotent sender
+# (an idempotent producer's batch, a read): nothing happened, or a retry is deduplicated.
+RETRIABLE_CODES = frozenset(
+    {
+        ErrorCode.NOT_DURABLE,
+        ErrorCode.TIMEOUT,
+        ErrorCode.TOO_MANY_REQUESTS,
+        ErrorCode.SERVER_SHUTTING_DOWN,
+    }
+)
+
+
+def is_retriable(error: BaseException) -> bool:
+    """True for a failure an idempotent request may be retried after: a broken
+    connection, a client-side timeout, or one of RETRIABLE_CODES."""
+    if isinstance(error, ConnectionLost):
+        return True
+    if isinstance(error, Timeout):
+        return True
+    return isinstance(error, NodiClientError) and error.code in RETRIABLE_CODES
+
+
+__all__ = [name for name, value in list(globals().items()) if isinstance(value, type) and issubclass(value, NodiClientError)]
+__all__ += ["error_for", "error_class", "is_retriable", "RETRIABLE_CODES"]

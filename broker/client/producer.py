@@ -1,0 +1,232 @@
+"""The batching producer: `client.producer(...)` on an AsyncClient (AsyncProducer, whose
+send() returns asyncio futures) or a Client (Producer, whose send() returns
+concurrent.futures futures, from any thread).
+
+    producer = client.producer(linger_ms=5)
+    future = producer.send("orders", b"...", key="customer-1")
+    producer.flush()                 # everything sent so far is acknowledged (or failed)
+    partition, offset = future.result()
+
+Options: linger_ms (5), batch_bytes_max (256 KiB), acks ("durable"), idempotent (True),
+compression ("none" or "gzip"), max_in_flight (32 batches), delivery_timeout_ms (120 s),
+buffer_bytes_max (32 MiB of messages not yet acknowledged: beyond it the sync send()
+blocks, up to timeout_ms, and the async send() raises BufferFull until
+`await wait_for_space()`), timeout_ms (per request; the client's by default). How
+batching, partitioning, retries and idempotence work: producer_core.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from nodi.storage.errors import NodiError
+
+from .errors import Timeout
+from .features import with_features
+from .futures import MessageFuture
+from .types import partition_for_key, timestamp_ms_of, to_bytes, to_headers
+from .producer_core import ProducerCore, producer_options
+
+class AsyncProducer:
+    """A batching producer on an AsyncClient; see the module docstring. Options:
+    linger_ms (5), batch_bytes_max (256 KiB), acks ("durable"), idempotent (True),
+    compression ("none" or "gzip"), max_in_flight (32 batches), delivery_timeout_ms
+    (120 s), timeout_ms (per request; the client's by default)."""
+
+    def __init__(self, client, **options) -> None:
+        self._client = client
+        self._core = ProducerCore(client, asyncio.get_running_loop(), threadsafe=False, **producer_options(**options))
+        # Messages for topics whose partition count is being looked up, in send order.
+        self._unrouted: dict[str, list[tuple]] = {}
+        self._lookups: dict[str, asyncio.Task] = {}
+        client._owned.add(self)
+
+    async def __aenter__(self) -> AsyncProducer:
+        self._core.start()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    def send(
+        self,
+        topic: str,
+        value,
+        *,
+        key=None,
+        headers=None,
+        partition: int | None = None,
+        timestamp=None,
+        ttl_ms: int | None = None,
+        delay_ms: int | None = None,
+        deliver_at=None,
+        idempotency_key=None,
+    ) -> asyncio.Future:
+        """Queue one message; the future resolves to (partition, offset) once the batch
+        holding it is acknowledged. BufferFull when buffer_bytes_max of messages wait
+        for acknowledgement (see wait_for_space). ttl_ms, delay_ms / deliver_at and
+        idempotency_key as for client.produce(): a message whose key the topic saw within
+        its dedup window resolves to the original's (partition, offset)."""
+        core = self._core
+        future = core.loop.create_future()
+        if key is not None:
+            key = to_bytes(key, "key")
+        if type(value) is not bytes:
+            value = to_bytes(value)
+        headers = to_headers(headers) if headers else ()
+        if headers or ttl_ms is not None or delay_ms is not None or deliver_at is not None or idempotency_key is not None:
+            headers = with_features(headers, ttl_ms=ttl_ms, delay_ms=delay_ms, deliver_at=deliver_at,
+                                    idempotency_key=idempotency_key)
+        timestamp_ms = None if timestamp is None else timestamp_ms_of(timestamp)
+        count = self._client._partition_counts.get(topic)
+        if topic in self._unrouted or (count is None and partition is None):
+            # Behind the messages already waiting for this topic's partition count.
+            self._unrouted.setdefault(topic, []).append((key, value, headers, timestamp_ms, partition, future))
+            if topic not in self._lookups:
+                self._lookups[topic] = core.loop.create_task(self._route_later(topic))
+            return future
+        if count is None:
+            count = 0
+        if partition is None and key is not None:
+            partition = partition_for_key(key, count)
+        if core._sender is None:
+            core.start()
+        core.append(topic, partition, count, key, value, headers, timestamp_ms, future)
+        return future
+
+    async def _route_later(self, topic: str) -> None:
+        try:
+            count = await self._client.partition_count(topic, timeout_ms=self._core.timeout_ms)
+        except NodiError as error:
+            count, failure = 0, error
+        else:
+            failure = None
+        finally:
+            del self._lookups[topic]
+        waiting = self._unrouted.pop(topic, [])
+        for key, value, headers, timestamp_ms, partition, future in waiting:
+            if failure is not None:
+                if not future.done():
+                    future.set_exception(failure)
+                continue
+            if partition is None and key is not None:
+                partition = partition_for_key(key, count)
+            try:
+                self._core.start()
+                self._core.append(topic, partition, count, key, value, headers, timestamp_ms, future)
+            except NodiError as error:
+                if not future.done():
+                    future.set_exception(error)
+
+    async def send_and_wait(self, topic: str, value, **options) -> tuple[int, int]:
+        """Wait for buffer space, send(), and wait for the acknowledgement."""
+        await self.wait_for_space()
+        return await self.send(topic, value, **options)
+
+    async def wait_for_space(self, timeout_ms: int | None = None) -> None:
+        """Wait until at most half of buffer_bytes_max is held by messages not yet
+        acknowledged."""
+        core = self._core
+        timeout_ms = self._client.timeout_ms if timeout_ms is None else timeout_ms
+        try:
+            async with asyncio.timeout(timeout_ms / 1000):
+                while not core.has_space():
+                    core._progress.clear()
+                    await core._progress.wait()
+        except TimeoutError:
+            raise Timeout(f"no room in the producer's buffer within {timeout_ms} ms") from None
+
+    async def flush(self, timeout_ms: int | None = None) -> None:
+        """Wait until every message sent so far is acknowledged (or failed)."""
+        for task in list(self._lookups.values()):
+            await task
+        await self._core.flush(timeout_ms)
+
+    async def close(self, timeout_ms: int | None = None) -> None:
+        """Flush, then stop."""
+        try:
+            for task in list(self._lookups.values()):
+                await task
+            await self._core.close(timeout_ms)
+        finally:
+            self._client._owned.discard(self)
+
+
+class Producer:
+    """The batching producer of a sync Client; send() may be called from any thread and
+    returns a concurrent.futures.Future. Same options as AsyncProducer."""
+
+    def __init__(self, client, **options) -> None:
+        self._client = client  # the sync Client
+        self._async_client = client._async
+        loop = client._loop
+        self._core = ProducerCore(self._async_client, loop, threadsafe=True, **producer_options(**options))
+        self._block_s = (self._core.timeout_ms or self._async_client.timeout_ms) / 1000
+        client._run(self._start(), None)
+        client._owned.add(self)
+
+    async def _start(self) -> None:
+        self._core.start()
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def send(
+        self,
+        topic: str,
+        value,
+        *,
+        key=None,
+        headers=None,
+        partition: int | None = None,
+        timestamp=None,
+        ttl_ms: int | None = None,
+        delay_ms: int | None = None,
+        deliver_at=None,
+        idempotency_key=None,
+    ) -> MessageFuture:
+        """Queue one message; the future resolves to (partition, offset) once the batch
+        holding it is acknowledged. The first message for a topic looks up its partition
+        count (a blocking call); a full buffer blocks until there is room (Timeout after
+        timeout_ms). ttl_ms, delay_ms / deliver_at and idempotency_key as for
+        client.produce()."""
+        key = to_bytes(key, "key")
+        value = to_bytes(value)
+        headers = to_headers(headers) if headers else ()
+        if headers or ttl_ms is not None or delay_ms is not None or deliver_at is not None or idempotency_key is not None:
+            headers = with_features(headers, ttl_ms=ttl_ms, delay_ms=delay_ms, deliver_at=deliver_at,
+                                    idempotency_key=idempotency_key)
+        count = self._async_client._partition_counts.get(topic)
+        if count is None:
+            if partition is None:
+                count = self._client.partition_count(topic)
+            else:
+                count = 0
+        if partition is None and key is not None:
+            partition = partition_for_key(key, count)
+        future = MessageFuture()
+        self._core.append(
+            topic, partition, count, key, value, headers,
+            None if timestamp is None else timestamp_ms_of(timestamp), future, self._block_s,
+        )
+        return future
+
+    def flush(self, timeout_ms: int | None = None) -> None:
+        """Wait until every message sent so far is acknowledged (or failed)."""
+        self._client._run(self._core.flush(timeout_ms), timeout_ms)
+
+    def close(self, timeout_ms: int | None = None) -> None:
+        """Flush, then stop."""
+        try:
+            self._client._run(self._core.close(timeout_ms), timeout_ms)
+        finally:
+            self._client._owned.discard(self)
+
+    async def _close_async(self) -> None:
+        await self._core.close()
+
+
+__all__ = ["AsyncProducer", "Producer"]

@@ -1,0 +1,597 @@
+"""nodi's wire protocol, sans-IO: bytes in, events out; messages in, bytes out.
+
+`Connection` is one end of one connection, client or server. It knows nothing of sockets
+or files: the asyncio server and the client are loops around it that feed it what they
+read (`receive_data`, b"" at end of stream), act on what `next_event` returns, and write
+what `send` returns. The frame codec is broker/protocol/frames.py, the messages
+broker/protocol/messages.py, their body codec broker/protocol/schema.py; this module re-exports what a
+server or client needs.
+
+States and their legal transitions are the one table `TRANSITIONS` below. Besides it,
+from any state: `close()` goes to CLOSED, the end of the stream (ConnectionClosed) goes to
+CLOSED, and a protocol violation goes to ERROR. In ERROR the connection only closes: a
+server may still send one ClosingEvent saying why, then closes the socket.
+
+What raises, and what it does to the connection:
+
+- `next_event` raises ProtocolError only when the stream can no longer be trusted (a bad
+  length prefix, an oversize frame, a malformed header, no handshake first, a message the
+  state or the peer's role does not allow, a response the client cannot decode); the
+  connection is then in ERROR and `closes_connection` is True. A well-framed request the
+  server cannot decode (unknown API, unsupported version, invalid fields, too many in
+  flight) comes out as a RejectedRequest event instead: answer it with
+  `send(event.response())` and carry on.
+- `send` raises ProtocolError and puts the connection in ERROR for a message out of
+  sequence (wrong state, wrong role, a response to no request in flight). For a message
+  whose contents are wrong (a value outside its type, a request id in use, a frame over
+  the limit, more requests than in_flight_requests_max) it raises with the connection
+  unchanged: nothing was emitted.
+
+Every request gets exactly one response, matched by request id; responses may come in
+any order (pipelining). The client tracks its requests in flight (at most
+in_flight_requests_max, and at most what the server announced); so does the server, to
+check that it answers each request once.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from .errors import (
+    CONNECTION_CLOSING_CODES,
+    ERROR_DESCRIPTIONS,
+    ErrorCode,
+    ProtocolError,
+)
+from .frames import (
+    FRAME_HEADER_BYTES,
+    FRAME_OVERHEAD_BYTES,
+    FrameHeader,
+    check_frame_length,
+    decode_frame_header,
+    decode_message,
+    decode_message_body,
+    encode_message,
+    frame_api_key,
+    read_frame_length,
+)
+from .limits import (
+    DEFAULT_PROTOCOL_LIMITS,
+    FRAME_LENGTH_PREFIX_BYTES,
+    UINT32_MAX,
+    ProtocolLimits,
+)
+from . import messages as _messages
+from .messages import *  # noqa: F403 - the protocol's public surface includes every message
+from .messages import (
+    EVENT_VERSION,
+    HANDSHAKE_API_VERSION,
+    PROTOCOL_VERSION_MAX,
+    PROTOCOL_VERSION_MIN,
+    ApiKey,
+    ClosingEvent,
+    ErrorResponse,
+    HandshakeRequest,
+    HandshakeResponse,
+    Kind,
+    Limit,
+    Message,
+    Request,
+    Response,
+    api_version,
+    choose_protocol_version,
+)
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class State(enum.Enum):
+    AWAITING_HANDSHAKE = "awaiting_handshake"  # nothing sent or received yet
+    HANDSHAKING = "handshaking"  # the Handshake request is in flight
+    READY = "ready"  # requests and responses flow, pipelined
+    CLOSED = "closed"  # closed cleanly: nothing more is sent or read
+    ERROR = "error"  # the stream cannot be trusted: only close
+
+
+class Direction(enum.Enum):
+    SEND = "send"
+    RECEIVE = "receive"
+
+
+class Trigger(enum.Enum):
+    HANDSHAKE_REQUEST = "Handshake request"
+    HANDSHAKE_ACCEPTED = "Handshake response, error_code 0"
+    HANDSHAKE_REFUSED = "Handshake response with an error"
+    REQUEST = "any other request"
+    RESPONSE = "any other response"
+    CLOSING = "Closing event"
+
+
+_C, _S = Role.CLIENT, Role.SERVER
+_SEND, _RECEIVE = Direction.SEND, Direction.RECEIVE
+
+# (role, state, direction, trigger) -> next state. Anything missing is illegal.
+TRANSITIONS: dict[tuple[Role, State, Direction, Trigger], State] = {
+    (_C, State.AWAITING_HANDSHAKE, _SEND, Trigger.HANDSHAKE_REQUEST): State.HANDSHAKING,
+    (_C, State.AWAITING_HANDSHAKE, _RECEIVE, Trigger.CLOSING): State.CLOSED,
+    (_C, State.HANDSHAKING, _RECEIVE, Trigger.HANDSHAKE_ACCEPTED): State.READY,
+    (_C, State.HANDSHAKING, _RECEIVE, Trigger.HANDSHAKE_REFUSED): State.CLOSED,
+    (_C, State.HANDSHAKING, _RECEIVE, Trigger.CLOSING): State.CLOSED,
+    (_C, State.READY, _SEND, Trigger.REQUEST): State.READY,
+    (_C, State.READY, _RECEIVE, Trigger.RESPONSE): State.READY,
+    (_C, State.READY, _RECEIVE, Trigger.CLOSING): State.CLOSED,
+    (_S, State.AWAITING_HANDSHAKE, _RECEIVE, Trigger.HANDSHAKE_REQUEST): State.HANDSHAKING,
+    (_S, State.AWAITING_HANDSHAKE, _SEND, Trigger.CLOSING): State.CLOSED,
+    (_S, State.HANDSHAKING, _SEND, Trigger.HANDSHAKE_ACCEPTED): State.READY,
+    (_S, State.HANDSHAKING, _SEND, Trigger.HANDSHAKE_REFUSED): State.CLOSED,
+    (_S, State.HANDSHAKING, _SEND, Trigger.CLOSING): State.CLOSED,
+    (_S, State.READY, _RECEIVE, Trigger.REQUEST): State.READY,
+    (_S, State.READY, _SEND, Trigger.RESPONSE): State.READY,
+    (_S, State.READY, _SEND, Trigger.CLOSING): State.CLOSED,
+    (_S, State.ERROR, _SEND, Trigger.CLOSING): State.CLOSED,
+}
+
+
+class _Sentinel(enum.Enum):
+    NEED_DATA = "NEED_DATA"
+
+
+# next_event(): no whole frame is buffered; feed more bytes.
+NEED_DATA = _Sentinel.NEED_DATA
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """The stream ended cleanly (at a frame boundary), or the connection is closed."""
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedRequest:
+    """A server-side event: a well-framed request that cannot be served as sent. It is in
+    flight until answered with `send(rejected.response())`."""
+
+    request_id: int
+    api_key: int
+    api_version: int
+    error_code: ErrorCode
+    error_message: str
+
+    def response(self) -> ErrorResponse:
+        return ErrorResponse(
+            request_id=self.request_id,
+            api_key=self.api_key,
+            error_code=self.error_code,
+            error_message=self.error_message,
+        )
+
+
+ConnectionEvent = Message | RejectedRequest | ConnectionClosed | _Sentinel
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionStatistics:
+    frames_received: int
+    frames_sent: int
+    bytes_received: int
+    bytes_sent: int
+    in_flight_requests: int
+    buffered_bytes: int
+
+
+class Connection:
+    """One end of a nodi connection; see the module docstring."""
+
+    def __init__(self, role: Role, limits: ProtocolLimits = DEFAULT_PROTOCOL_LIMITS) -> None:
+        self.role = role
+        self.limits = limits
+        self._state = State.AWAITING_HANDSHAKE
+        self._error: ProtocolError | None = None
+        self._buffer = bytearray()
+        self._start = 0  # bytes of _buffer already turned into events
+        self._end_of_stream = False
+        # request id -> (api key, api version) of each request sent (client) or received
+        # (server) and not yet answered.
+        self._in_flight: dict[int, tuple[int, int]] = {}
+        self._handshake: HandshakeRequest | None = None
+        self._next_request_id = 1
+        self.protocol_version: int | None = None
+        self.peer_limits: dict[str, int] = {}
+        self._send_frame_bytes_max = limits.frame_bytes_max
+        self._send_in_flight_max = limits.in_flight_requests_max
+        self._frames_received = self._frames_sent = 0
+        self._bytes_received = self._bytes_sent = 0
+
+    # -- inspection ---------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def error(self) -> ProtocolError | None:
+        """The violation that put the connection in ERROR."""
+        return self._error
+
+    @property
+    def in_flight_count(self) -> int:
+        return len(self._in_flight)
+
+    def in_flight_request_ids(self) -> list[int]:
+        """Requests not yet answered, oldest first: a client fails them when it closes."""
+        return list(self._in_flight)
+
+    def statistics(self) -> ConnectionStatistics:
+        return ConnectionStatistics(
+            frames_received=self._frames_received,
+            frames_sent=self._frames_sent,
+            bytes_received=self._bytes_received,
+            bytes_sent=self._bytes_sent,
+            in_flight_requests=len(self._in_flight),
+            buffered_bytes=len(self._buffer) - self._start,
+        )
+
+    def next_request_id(self) -> int:
+        """A request id not in flight (client side): 1, 2, ... wrapping below 2**32."""
+        assert len(self._in_flight) < UINT32_MAX
+        while True:
+            request_id = self._next_request_id
+            self._next_request_id = request_id + 1 if request_id < UINT32_MAX else 1
+            if request_id not in self._in_flight:
+                return request_id
+
+    # -- receiving ------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Buffer bytes read from the peer; b"" means the peer closed its end. Call
+        next_event until NEED_DATA before feeding more: at most receive_buffer_bytes_max
+        bytes may wait (LIMIT_EXCEEDED, closes)."""
+        if self._state in (State.CLOSED, State.ERROR):
+            return
+        if self._end_of_stream:
+            raise self._fail(ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "data after the end of the stream"))
+        if not data:
+            self._end_of_stream = True
+            return
+        buffered = len(self._buffer) - self._start + len(data)
+        if buffered > self.limits.receive_buffer_bytes_max:
+            raise self._fail(
+                ProtocolError(
+                    ErrorCode.LIMIT_EXCEEDED,
+                    f"{buffered} bytes buffered exceed receive_buffer_bytes_max "
+                    f"{self.limits.receive_buffer_bytes_max}",
+                    closes_connection=True,
+                )
+            )
+        self._buffer += data
+        self._bytes_received += len(data)
+
+    def next_event(self) -> ConnectionEvent:
+        """The next request (server), response or event (client), a RejectedRequest
+        (server), ConnectionClosed, or NEED_DATA. Raises ProtocolError, and enters ERROR,
+        when the stream can no longer be trusted; raises it again on every later call."""
+        if self._state is State.ERROR:
+            assert self._error is not None
+            raise self._error
+        if self._state is State.CLOSED:
+            return ConnectionClosed()
+        try:
+            frame = self._next_frame()
+            if frame is None:
+                if not self._end_of_stream:
+                    return NEED_DATA
+                if len(self._buffer) > self._start:
+                    raise ProtocolError(ErrorCode.MALFORMED_FRAME, "the stream ended inside a frame")
+                self._state = State.CLOSED
+                return ConnectionClosed()
+            self._frames_received += 1
+            header = decode_frame_header(frame)
+            if self.role is Role.SERVER:
+                return self._receive_request(header, frame)
+            return self._receive_from_server(header, frame)
+        except ProtocolError as error:
+            assert error.closes_connection, error
+            raise self._fail(error) from None
+
+    def _next_frame(self) -> bytes | None:
+        """One whole frame out of the buffer, or None. The length is checked as soon as
+        its 4 bytes are in, before the body is buffered."""
+        available = len(self._buffer) - self._start
+        if available < FRAME_LENGTH_PREFIX_BYTES:
+            return None
+        size = check_frame_length(read_frame_length(self._buffer, self._start), self.limits)
+        if available < size:
+            return None
+        start = self._start
+        with memoryview(self._buffer) as view, view[start : start + size] as window:
+            frame = bytes(window)  # the one copy: records are handed out as slices of it
+        self._start = start + size
+        if self._start == len(self._buffer):
+            self._buffer.clear()
+            self._start = 0
+        elif self._start >= 65536 and self._start * 2 >= len(self._buffer):
+            del self._buffer[: self._start]
+            self._start = 0
+        return frame
+
+    def _receive_request(self, header: FrameHeader, frame: bytes) -> ConnectionEvent:
+        if header.kind is not Kind.REQUEST:
+            raise self._illegal(f"a client sent a {header.kind.name.lower()} frame", receiving=True)
+        handshake = header.api_key == ApiKey.HANDSHAKE
+        trigger = Trigger.HANDSHAKE_REQUEST if handshake else Trigger.REQUEST
+        next_state = self._next_state(Direction.RECEIVE, trigger)
+        if header.request_id in self._in_flight:
+            raise self._illegal(f"request id {header.request_id} is already in flight", receiving=True)
+        if handshake:
+            try:
+                if header.api_version != HANDSHAKE_API_VERSION:
+                    raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"version {header.api_version}")
+                request = decode_message_body(header, frame, self.limits)
+            except ProtocolError as error:
+                raise ProtocolError(ErrorCode.HANDSHAKE_REQUIRED, f"invalid Handshake: {error.message}") from None
+            assert isinstance(request, HandshakeRequest)
+            self._handshake = request
+        self._in_flight[header.request_id] = (header.api_key, header.api_version)
+        self._state = next_state
+        if handshake:
+            return request
+        if len(self._in_flight) > self.limits.in_flight_requests_max:
+            return self._rejected(
+                header,
+                ProtocolError(
+                    ErrorCode.TOO_MANY_REQUESTS,
+                    f"more than in_flight_requests_max {self.limits.in_flight_requests_max} in flight",
+                ),
+            )
+        try:
+            return decode_message_body(header, frame, self.limits)
+        except ProtocolError as error:
+            return self._rejected(header, error)
+
+    @staticmethod
+    def _rejected(header: FrameHeader, error: ProtocolError) -> RejectedRequest:
+        return RejectedRequest(header.request_id, header.api_key, header.api_version, error.code, error.message)
+
+    def _receive_from_server(self, header: FrameHeader, frame: bytes) -> Message:
+        if header.kind is Kind.REQUEST:
+            raise self._illegal("a server sent a request", receiving=True)
+        if header.kind is Kind.EVENT:
+            next_state = self._next_state(Direction.RECEIVE, Trigger.CLOSING)
+            message = self._decode_from_server(header, frame)
+            self._state = next_state
+            return message
+        expected = self._in_flight.get(header.request_id)
+        if expected is None:
+            raise self._illegal(f"a response to request id {header.request_id}, not in flight", receiving=True)
+        if expected != (header.api_key, header.api_version):
+            raise self._illegal(
+                f"request {header.request_id} was API {expected[0]} version {expected[1]}, "
+                f"the response says API {header.api_key} version {header.api_version}",
+                receiving=True,
+            )
+        response = self._decode_from_server(header, frame)
+        assert isinstance(response, Response)
+        trigger = self._response_trigger(header.api_key, response)
+        next_state = self._next_state(Direction.RECEIVE, trigger)
+        if trigger is Trigger.HANDSHAKE_ACCEPTED:
+            assert isinstance(response, HandshakeResponse)
+            self._check_chosen_version(response.protocol_version)
+            self._adopt_server_limits(response)
+        del self._in_flight[header.request_id]
+        self._state = next_state
+        return response
+
+    def _decode_from_server(self, header: FrameHeader, frame: bytes) -> Message:
+        try:
+            return decode_message_body(header, frame, self.limits)
+        except ProtocolError as error:
+            raise ProtocolError(
+                ErrorCode.MALFORMED_FRAME, f"undecodable {header.kind.name.lower()}: {error.message}"
+            ) from None
+
+    def _check_chosen_version(self, version: int) -> None:
+        assert self._handshake is not None
+        low = max(self._handshake.protocol_version_min, PROTOCOL_VERSION_MIN)
+        high = min(self._handshake.protocol_version_max, PROTOCOL_VERSION_MAX)
+        if not low <= version <= high:
+            raise ProtocolError(
+                ErrorCode.UNSUPPORTED_VERSION,
+                f"protocol version {version} chosen, outside {low}..{high}",
+                closes_connection=True,
+            )
+        self.protocol_version = version
+
+    def _adopt_server_limits(self, response: HandshakeResponse) -> None:
+        self.peer_limits = {limit.name: limit.value for limit in response.limits}
+        frame_bytes_max = self.peer_limits.get("frame_bytes_max")
+        if frame_bytes_max is not None and frame_bytes_max > 0:
+            self._send_frame_bytes_max = min(self._send_frame_bytes_max, frame_bytes_max)
+        in_flight_max = self.peer_limits.get("in_flight_requests_max")
+        if in_flight_max is not None and in_flight_max > 0:
+            self._send_in_flight_max = min(self._send_in_flight_max, in_flight_max)
+
+    # -- sending --------------------------------------------------------------
+
+    def send(self, message: Message) -> bytes:
+        """The frame for `message`, to write as is. See the module docstring for what
+        raises."""
+        return self._send(message, None)
+
+    def send_header(self, message: Message, records_bytes: int) -> bytes:
+        """The frame for `message` up to and including its records length; write it, then
+        exactly `records_bytes` bytes of batches (sendfile from a segment, or a
+        producer's buffers), with nothing in between. The message's own records are
+        ignored."""
+        if not isinstance(records_bytes, int) or not 0 <= records_bytes <= UINT32_MAX:
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, f"records_bytes {records_bytes!r} is not a uint32")
+        return self._send(message, records_bytes)
+
+    def _send(self, message: Message, records_bytes: int | None) -> bytes:
+        if self.role is Role.CLIENT:
+            plan = self._plan_client_send(message)
+        else:
+            plan = self._plan_server_send(message)
+        next_state, version = plan
+        data = encode_message(
+            message, version, records_bytes=records_bytes, frame_bytes_max=self._send_frame_bytes_max
+        )
+        # Nothing can fail from here on: commit the transition.
+        if message.KIND is Kind.REQUEST:
+            self._in_flight[message.request_id] = (frame_api_key(message), version)
+            if isinstance(message, HandshakeRequest):
+                self._handshake = message
+        elif message.KIND is Kind.RESPONSE:
+            del self._in_flight[message.request_id]
+            if next_state is State.READY and isinstance(message, HandshakeResponse):
+                self.protocol_version = message.protocol_version
+        self._state = next_state
+        self._frames_sent += 1
+        self._bytes_sent += len(data) + (records_bytes or 0)
+        return data
+
+    def _plan_client_send(self, message: Message) -> tuple[State, int]:
+        if not isinstance(message, Request):
+            raise self._illegal(f"a client cannot send a {type(message).__name__}", receiving=False)
+        handshake = isinstance(message, HandshakeRequest)
+        trigger = Trigger.HANDSHAKE_REQUEST if handshake else Trigger.REQUEST
+        next_state = self._next_state(Direction.SEND, trigger, receiving=False)
+        if message.request_id in self._in_flight:
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, f"request id {message.request_id} is in flight")
+        if len(self._in_flight) >= self._send_in_flight_max:
+            raise ProtocolError(
+                ErrorCode.TOO_MANY_REQUESTS,
+                f"{len(self._in_flight)} requests in flight, the limit is {self._send_in_flight_max}",
+            )
+        if handshake:
+            return next_state, HANDSHAKE_API_VERSION
+        assert self.protocol_version is not None
+        return next_state, api_version(message.API_KEY, self.protocol_version)
+
+    def _plan_server_send(self, message: Message) -> tuple[State, int]:
+        if isinstance(message, ClosingEvent):
+            return self._next_state(Direction.SEND, Trigger.CLOSING, receiving=False), EVENT_VERSION
+        if not isinstance(message, Response):
+            raise self._illegal(f"a server cannot send a {type(message).__name__}", receiving=False)
+        expected = self._in_flight.get(message.request_id)
+        if expected is None:
+            raise self._illegal(f"a response to request id {message.request_id}, not in flight", receiving=False)
+        api_key, version = expected
+        if frame_api_key(message) != api_key:
+            raise self._illegal(
+                f"a {type(message).__name__} answering request {message.request_id} of API {api_key}",
+                receiving=False,
+            )
+        trigger = self._response_trigger(api_key, message)
+        next_state = self._next_state(Direction.SEND, trigger, receiving=False)
+        if trigger is Trigger.HANDSHAKE_ACCEPTED:
+            assert isinstance(message, HandshakeResponse)
+            assert self._handshake is not None
+            low = max(self._handshake.protocol_version_min, PROTOCOL_VERSION_MIN)
+            high = min(self._handshake.protocol_version_max, PROTOCOL_VERSION_MAX)
+            if not low <= message.protocol_version <= high:
+                raise ProtocolError(
+                    ErrorCode.INVALID_REQUEST,
+                    f"protocol version {message.protocol_version} is outside {low}..{high}",
+                )
+        return next_state, version
+
+    @staticmethod
+    def _response_trigger(api_key: int, response: Response) -> Trigger:
+        if api_key != ApiKey.HANDSHAKE:
+            return Trigger.RESPONSE
+        if isinstance(response, HandshakeResponse) and response.error_code == ErrorCode.NONE:
+            return Trigger.HANDSHAKE_ACCEPTED
+        return Trigger.HANDSHAKE_REFUSED
+
+    # -- state ----------------------------------------------------------------
+
+    def _next_state(self, direction: Direction, trigger: Trigger, *, receiving: bool = True) -> State:
+        next_state = TRANSITIONS.get((self.role, self._state, direction, trigger))
+        if next_state is None:
+            raise self._illegal(
+                f"{self.role.value} cannot {direction.value} a {trigger.value} in state "
+                f"{self._state.name}",
+                receiving=receiving,
+            )
+        return next_state
+
+    def _illegal(self, message: str, *, receiving: bool) -> ProtocolError:
+        """The error for a message out of sequence. Receiving one while awaiting a
+        handshake means the peer never sent one. Sending one puts the connection in
+        ERROR here; receiving one does in next_event."""
+        code = ErrorCode.UNEXPECTED_MESSAGE
+        if receiving and self.role is Role.SERVER and self._state is State.AWAITING_HANDSHAKE:
+            code = ErrorCode.HANDSHAKE_REQUIRED
+        error = ProtocolError(code, message)
+        if not receiving:
+            self._fail(error)
+        return error
+
+    def _fail(self, error: ProtocolError) -> ProtocolError:
+        if self._state is not State.CLOSED:
+            self._state = State.ERROR
+            self._error = error
+        return error
+
+    def close(self) -> None:
+        """Closed from any state; later sends raise, next_event returns ConnectionClosed."""
+        self._state = State.CLOSED
+        self._buffer.clear()
+        self._start = 0
+
+
+def handshake_response(
+    request: HandshakeRequest,
+    *,
+    server_id: str,
+    limits: dict[str, int],
+) -> HandshakeResponse:
+    """A server's answer to `request`: the highest common protocol version and its
+    limits, or UNSUPPORTED_VERSION (which closes the connection) when there is none."""
+    version = choose_protocol_version(request.protocol_version_min, request.protocol_version_max)
+    if version is None:
+        return HandshakeResponse(
+            request_id=request.request_id,
+            error_code=ErrorCode.UNSUPPORTED_VERSION,
+            error_message=(
+                f"server speaks protocol versions {PROTOCOL_VERSION_MIN}..{PROTOCOL_VERSION_MAX}, "
+                f"client {request.protocol_version_min}..{request.protocol_version_max}"
+            ),
+            server_id=server_id,
+        )
+    return HandshakeResponse(
+        request_id=request.request_id,
+        protocol_version=version,
+        server_id=server_id,
+        limits=[Limit(name=name, value=value) for name, value in sorted(limits.items())],
+    )
+
+
+__all__ = _messages.__all__ + [
+    "CONNECTION_CLOSING_CODES",
+    "ERROR_DESCRIPTIONS",
+    "FRAME_HEADER_BYTES",
+    "FRAME_OVERHEAD_BYTES",
+    "NEED_DATA",
+    "TRANSITIONS",
+    "Connection",
+    "ConnectionClosed",
+    "ConnectionEvent",
+    "ConnectionStatistics",
+    "Direction",
+    "ErrorCode",
+    "FrameHeader",
+    "ProtocolError",
+    "ProtocolLimits",
+    "DEFAULT_PROTOCOL_LIMITS",
+    "RejectedRequest",
+    "Role",
+    "State",
+    "Trigger",
+    "decode_message",
+    "encode_message",
+    "handshake_response",
+]

@@ -1,0 +1,344 @@
+"""Prometheus metrics on --metrics-port (prometheus-client). Names start with nodi_ and
+are listed in docs/operations.md.
+
+Request-path metrics are counted as replies go out (Server.observe); everything the
+storage layer already counts (segments, bytes, offsets, fsyncs and their latency, group
+commit sizes) is read from its statistics() at scrape time by a collector, so the hot
+path pays nothing for it. Consumer lag and disk space are read at scrape time too
+(broker/server/status.py). The collector runs on the HTTP server's thread and reads only
+thread-safe state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from nodi.storage.errors import NodiError
+from nodi.storage.histogram import HistogramSnapshot
+from nodi.storage.records import parse_header
+
+from ..protocol import messages as m
+from ..protocol.errors import ErrorCode
+from .status import consumer_lags, disk_space, nodi_version
+
+log = logging.getLogger("nodi.metrics")
+
+LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_ACKS_NAMES = {acks: acks.name.lower() for acks in m.Acks}
+
+
+def _histogram_family(name: str, documentation: str, labels: list[str]) -> HistogramMetricFamily:
+    return HistogramMetricFamily(name, documentation, labels=labels)
+
+
+def _add_snapshot(family: HistogramMetricFamily, key: list[str], snapshot: HistogramSnapshot | None) -> None:
+    if snapshot is None:
+        return
+    buckets = [("+Inf" if bound == float("inf") else repr(float(bound)), count) for bound, count in snapshot.cumulative()]
+    family.add_metric(key, buckets, snapshot.total)
+
+
+def _offsets_sent(slices) -> int:
+    """Offsets covered by the batches of a fetch reply (records sent, counting each
+    batch whole: a consumer skips those before its offset)."""
+    return sum(piece.last_offset - piece.first_offset + 1 for piece in slices)
+
+
+def _offsets_in(records: bytes | memoryview) -> int:
+    """Offsets the batches of a produce request take, from their headers alone (for
+    acks none, whose response carries no offsets). The server already checked them."""
+    view = memoryview(records)
+    position = count = 0
+    try:
+        while position < len(view):
+            header = parse_header(view, position)
+            count += header.last_offset_delta + 1
+            position += header.size
+    except NodiError:
+        pass
+    return count
+
+
+class _StoreCollector:
+    """Figures read at scrape time: per-partition log statistics, fsync latency and
+    group commit sizes, consumer lag, disk space, connections, the server itself."""
+
+    def __init__(self, server) -> None:
+        self.server = server
+
+    def collect(self):
+        yield from self._log_families()
+        yield from self._consumer_families()
+        yield from self._server_families()
+        yield from self._queue_families()
+        yield from self._compaction_families()
+        yield from self._dedup_families()
+
+    def _log_families(self):
+        labels = ["topic", "partition"]
+        segments = GaugeMetricFamily("nodi_log_segments", "Segment files per partition", labels=labels)
+        size = GaugeMetricFamily("nodi_log_bytes", "Bytes of segment files per partition", labels=labels)
+        start = GaugeMetricFamily("nodi_log_start_offset", "First offset still stored", labels=labels)
+        end = GaugeMetricFamily("nodi_log_end_offset", "Offset the next record gets", labels=labels)
+        durable = GaugeMetricFamily("nodi_log_durable_offset", "Offsets below this are fsynced", labels=labels)
+        read_only = GaugeMetricFamily("nodi_log_read_only", "1 when the partition is read-only after an I/O error", labels=labels)
+        corrupt = GaugeMetricFamily("nodi_log_corrupt_segments", "Segments with a batch that failed its checks", labels=labels)
+        fsyncs = CounterMetricFamily("nodi_fsyncs", "fsync calls of partition logs", labels=labels)
+        covered = CounterMetricFamily("nodi_fsync_covered_appends", "Appends made durable by those fsyncs (group commit)", labels=labels)
+        fsync_latency = _histogram_family(
+            "nodi_fsync_latency_seconds", "Time each segment fsync took (group commit, roll, flush, close)", labels
+        )
+        group_commit = _histogram_family(
+            "nodi_group_commit_appends", "Appends one group-commit fsync made durable", labels
+        )
+        store = self.server.store
+        if store is not None:
+            for topic, partition, partition_log in store.logs():
+                key = [topic, str(partition)]
+                statistics = partition_log.statistics()
+                segments.add_metric(key, statistics.segment_count)
+                size.add_metric(key, statistics.byte_count)
+                start.add_metric(key, statistics.log_start_offset)
+                end.add_metric(key, statistics.next_offset)
+                durable.add_metric(key, statistics.durable_offset)
+                read_only.add_metric(key, 1 if statistics.read_only else 0)
+                corrupt.add_metric(key, len(statistics.corrupt_segments))
+                fsyncs.add_metric(key, statistics.fsyncs)
+                covered.add_metric(key, statistics.fsync_covered_appends)
+                _add_snapshot(fsync_latency, key, statistics.fsync_seconds)
+                _add_snapshot(group_commit, key, statistics.group_commit_appends)
+        yield from (segments, size, start, end, durable, read_only, corrupt, fsyncs, covered, fsync_latency, group_commit)
+
+    def _consumer_families(self):
+        labels = ["group", "topic", "partition"]
+        lag = GaugeMetricFamily("nodi_consumer_lag", "High watermark minus the group's committed offset", labels=labels)
+        committed = GaugeMetricFamily("nodi_consumer_committed_offset", "The group's committed offset", labels=labels)
+        store = self.server.store
+        if store is not None:
+            try:
+                lags = consumer_lags(store)
+            except NodiError as error:  # a closed or failed metadata store: no lag this scrape
+                log.warning("consumer lag not collected: %s", error)
+                lags = []
+            for entry in lags:
+                key = [entry.group, entry.topic, str(entry.partition)]
+                lag.add_metric(key, entry.lag)
+                committed.add_metric(key, entry.committed_offset)
+        yield from (lag, committed)
+
+    def _server_families(self):
+        statistics = self.server.statistics()
+        connections = GaugeMetricFamily("nodi_connections", "Open client connections")
+        connections.add_metric([], statistics.connections_open)
+        accepted = CounterMetricFamily("nodi_connections_accepted", "Client connections accepted since start")
+        accepted.add_metric([], statistics.connections_accepted)
+        refused = CounterMetricFamily("nodi_connections_refused", "Connections refused (connections_max, shutdown)")
+        refused.add_metric([], statistics.connections_refused)
+        uptime = GaugeMetricFamily("nodi_uptime_seconds", "Seconds since the server started serving")
+        uptime.add_metric([], statistics.uptime_ms / 1000)
+        info = GaugeMetricFamily("nodi_server_info", "Always 1; the labels say which server", labels=["version", "server_id"])
+        broker = self.server.broker
+        info.add_metric([nodi_version(), "" if broker is None else broker.server_id], 1)
+        yield from (connections, accepted, refused, uptime, info)
+        data_dir = os.path.abspath(self.server.config.data_dir)
+        space = disk_space(data_dir)
+        if space is not None:
+            free = GaugeMetricFamily("nodi_disk_free_bytes", "Free bytes of the data directory's file system", labels=["path"])
+            free.add_metric([data_dir], space.free_bytes)
+            total = GaugeMetricFamily("nodi_disk_total_bytes", "Size of the data directory's file system", labels=["path"])
+            total.add_metric([data_dir], space.total_bytes)
+            yield from (free, total)
+
+    def _queue_families(self):
+        """Queue groups (nodi_queue_*, labels group, topic, partition), from the queue
+        service's statistics(): counts since the server started, and the window now."""
+        labels = ["group", "topic", "partition"]
+        in_flight = GaugeMetricFamily("nodi_queue_in_flight", "Messages leased to consumers now", labels=labels)
+        pending = GaugeMetricFamily("nodi_queue_pending", "Messages in the window not yet done", labels=labels)
+        floor = GaugeMetricFamily("nodi_queue_ack_floor", "Every offset below this is done", labels=labels)
+        delivered = CounterMetricFamily("nodi_queue_delivered", "Deliveries handed out", labels=labels)
+        redelivered = CounterMetricFamily("nodi_queue_redelivered", "Deliveries after the first", labels=labels)
+        acked = CounterMetricFamily("nodi_queue_acked", "Messages acked", labels=labels)
+        nacked = CounterMetricFamily("nodi_queue_nacked", "Nacks", labels=labels)
+        expired = CounterMetricFamily("nodi_queue_lease_expired", "Leases that ran out unsettled", labels=labels)
+        dead = CounterMetricFamily("nodi_queue_dead_lettered", "Messages moved to the dead-letter topic", labels=labels)
+        ttl = CounterMetricFamily("nodi_queue_expired", "Messages whose TTL passed before delivery", labels=labels)
+        rounds = CounterMetricFamily("nodi_queue_timer_rounds", "Rounds of the queue lease timer")
+        visited = CounterMetricFamily("nodi_queue_timer_groups_visited",
+                                      "Queue groups the lease timer's rounds visited (changed or due)")
+        families = (in_flight, pending, floor, delivered, redelivered, acked, nacked, expired, dead, ttl,
+                    rounds, visited)
+        broker = self.server.broker
+        if broker is not None:
+            statistics = broker.queues.statistics()
+            rounds.add_metric([], statistics.timer_rounds)
+            visited.add_metric([], statistics.timer_groups_visited)
+            for group in statistics.groups:
+                for partition in group.partitions:
+                    key = [group.group, group.topic, str(partition.partition)]
+                    in_flight.add_metric(key, partition.leased)
+                    pending.add_metric(key, partition.pending)
+                    floor.add_metric(key, partition.floor)
+                    delivered.add_metric(key, partition.delivered)
+                    redelivered.add_metric(key, partition.redelivered)
+                    acked.add_metric(key, partition.acked)
+                    nacked.add_metric(key, partition.nacked)
+                    expired.add_metric(key, partition.expired_leases)
+                    dead.add_metric(key, partition.dead_lettered)
+                    ttl.add_metric(key, partition.expired)
+        yield from families
+        yield from self._inbox_families()
+
+    def _inbox_families(self):
+        """Request-reply inboxes (nodi_inbox*, nodi_replies_*), from the inbox service's
+        statistics()."""
+        inboxes = GaugeMetricFamily("nodi_inboxes", "Request-reply inboxes open")
+        delivered = CounterMetricFamily("nodi_replies_delivered", "Reply batches put in an inbox")
+        dropped = CounterMetricFamily("nodi_replies_dropped", "Reply batches for an inbox that was gone or full")
+        expired = CounterMetricFamily("nodi_inboxes_expired", "Inboxes closed for going unpolled")
+        broker = self.server.broker
+        if broker is not None:
+            statistics = broker.inboxes.statistics()
+            inboxes.add_metric([], statistics.inboxes)
+            delivered.add_metric([], statistics.replies_delivered)
+            dropped.add_metric([], statistics.replies_dropped)
+            expired.add_metric([], statistics.inboxes_expired)
+        yield from (inboxes, delivered, dropped, expired)
+
+    def _compaction_families(self):
+        """Compaction of compacted topics' partitions (nodi_compaction_*), from the
+        compactor's statistics() and each log's dirty ratio."""
+        labels = ["topic", "partition"]
+        runs = CounterMetricFamily("nodi_compaction_runs", "Compaction runs completed", labels=labels)
+        failures = CounterMetricFamily("nodi_compaction_failures", "Compaction runs that failed or were cancelled", labels=labels)
+        reclaimed = CounterMetricFamily("nodi_compaction_bytes_reclaimed", "Segment bytes compaction removed", labels=labels)
+        removed = CounterMetricFamily(
+            "nodi_compaction_records_removed", "Superseded records and expired tombstones removed", labels=labels
+        )
+        seconds = CounterMetricFamily("nodi_compaction_seconds", "Time spent compacting", labels=labels)
+        dirty = GaugeMetricFamily(
+            "nodi_compaction_dirty_ratio", "Share of sealed bytes written since the last compaction", labels=labels
+        )
+        store, broker = self.server.store, self.server.broker
+        if store is not None and broker is not None:
+            from nodi.storage.compaction import dirty_ratio
+
+            topics = store.topics()
+            for topic, partition, partition_log in store.logs():
+                config = topics.get(topic)
+                if config is None or "compact" not in config.cleanup_policy:
+                    continue
+                key = [topic, str(partition)]
+                statistics = broker.compaction.statistics(partition_log)
+                runs.add_metric(key, statistics.runs)
+                failures.add_metric(key, statistics.failures)
+                reclaimed.add_metric(key, statistics.bytes_reclaimed)
+                removed.add_metric(key, statistics.records_removed)
+                seconds.add_metric(key, statistics.duration_ms / 1000)
+                try:
+                    dirty.add_metric(key, dirty_ratio(partition_log))
+                except (NodiError, OSError) as error:  # a closing log: no ratio this scrape
+                    log.warning("dirty ratio of %s-%d not collected: %s", topic, partition, error)
+        yield from (runs, failures, reclaimed, removed, seconds, dirty)
+
+
+    def _dedup_families(self):
+        """Publish dedup (nodi_dedup_*), from the broker's PublishDedup.statistics()."""
+        broker = self.server.broker
+        if broker is None:
+            return
+        statistics = broker.dedup.statistics()
+        yield GaugeMetricFamily("nodi_dedup_keys", "Idempotency keys remembered, over every topic", value=statistics.keys)
+        yield CounterMetricFamily("nodi_dedup_duplicates", "Produced records not written: their key was seen",
+                                  value=statistics.duplicates)
+        yield CounterMetricFamily("nodi_dedup_partly_duplicate_requests", "Produce requests answered PARTLY_DUPLICATE",
+                                  value=statistics.partly_duplicate_requests)
+        yield CounterMetricFamily("nodi_dedup_batches_decoded", "Produced batches decoded because they hold a key",
+                                  value=statistics.batches_decoded)
+        yield CounterMetricFamily("nodi_dedup_evicted_early", "Keys forgotten before their window ended (the limit)",
+                                  value=statistics.evicted_early)
+
+
+class Metrics:
+    def __init__(self, host: str, port: int) -> None:
+        disable_created_metrics()  # the *_created series only add noise to every counter
+        self.host = host
+        self.port = port
+        self.registry = CollectorRegistry()
+        self._http = None
+        self.requests = Counter("nodi_requests", "Requests answered", ["api", "error"], registry=self.registry)
+        self.errors = Counter("nodi_errors", "Errors answered or closing a connection, by code", ["code"], registry=self.registry)
+        self.latency = Histogram(
+            "nodi_request_latency_seconds", "Time from request decoded to reply ready", ["api"],
+            buckets=LATENCY_BUCKETS_S, registry=self.registry,
+        )
+        self.produce_latency = Histogram(
+            "nodi_produce_latency_seconds", "Produce request decoded to reply ready (durable: includes the fsync)",
+            ["topic", "acks"], buckets=LATENCY_BUCKETS_S, registry=self.registry,
+        )
+        self.fetch_latency = Histogram(
+            "nodi_fetch_latency_seconds", "Fetch request decoded to reply ready (includes any long-poll wait)",
+            ["topic"], buckets=LATENCY_BUCKETS_S, registry=self.registry,
+        )
+        self.messages_in = Counter("nodi_messages_in", "Records appended", ["topic"], registry=self.registry)
+        self.bytes_in = Counter("nodi_bytes_in", "Record batch bytes appended", ["topic"], registry=self.registry)
+        self.messages_out = Counter(
+            "nodi_messages_out", "Records in the batches sent to consumers", ["topic"], registry=self.registry
+        )
+        self.bytes_out = Counter("nodi_bytes_out", "Record batch bytes sent to consumers", ["topic"], registry=self.registry)
+        self._api_names = {api.request: api.key.name.lower() for api in m.APIS}
+
+    def listen(self) -> None:
+        """Bind and serve the HTTP endpoint (OSError when the port is taken). The
+        server calls it before it opens the data directory, so a taken port fails a start
+        that has touched nothing."""
+        if self.port >= 0 and self._http is None:
+            self._http, _thread = start_http_server(self.port, addr=self.host, registry=self.registry)
+            self.port = self._http.server_port
+
+    def start(self, server) -> None:
+        """Export the server's own figures too (its store is open)."""
+        self.listen()
+        self.registry.register(_StoreCollector(server))
+        if self._http is not None:
+            log.info("metrics on http://%s:%d/metrics", self.host, self.port,
+                     extra={"host": self.host, "port": self.port})
+
+    def stop(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+    def count_error(self, code: ErrorCode) -> None:
+        self.errors.labels(code.name.lower()).inc()
+
+    def observe(self, request: m.Request, reply, seconds: float) -> None:
+        api = self._api_names.get(type(request), "unknown")
+        code = reply.response.error_code
+        self.requests.labels(api, ErrorCode(code).name.lower()).inc()
+        self.latency.labels(api).observe(seconds)
+        if isinstance(request, m.ProduceRequest):
+            self.produce_latency.labels(request.topic, _ACKS_NAMES.get(request.acks, "unknown")).observe(seconds)
+        elif isinstance(request, m.FetchRequest):
+            self.fetch_latency.labels(request.topic).observe(seconds)
+        if code != ErrorCode.NONE:
+            self.count_error(ErrorCode(code))
+            return
+        if isinstance(request, m.ProduceRequest):
+            response = reply.response
+            if response.duplicates:  # publish dedup: nothing was written
+                return
+            self.bytes_in.labels(request.topic).inc(len(request.records))
+            if response.last_offset >= 0:
+                self.messages_in.labels(request.topic).inc(response.last_offset - response.base_offset + 1)
+            elif request.acks is m.Acks.NONE:
+                self.messages_in.labels(request.topic).inc(_offsets_in(request.records))
+        elif isinstance(request, m.FetchRequest):
+            self.bytes_out.labels(request.topic).inc(reply.records_bytes)
+            if reply.slices:
+                self.messages_out.labels(request.topic).inc(_offsets_sent(reply.slices))

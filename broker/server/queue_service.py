@@ -1,0 +1,759 @@
+"""The server side of queue groups: QueueReceive, QueueSettle and QueueDescribe, the
+lease timer, the dead-letter writer, and persistence (broker/server/queues.py is the state
+machine; broker/server/queue_state.py its stored form; broker/server/dead_letters.py the DLQ copies).
+
+Runs on the broker's event loop; the state machine is not thread-safe and is only
+touched here. Times given to it are wall-clock ms.
+
+Persistence. Every change marks its partition dirty. Once per loop tick the dirty
+partitions are encoded and staged in the metadata store, and the broker's metadata flush
+(one LMDB commit, one fsync, shared with stream-group offset commits) writes them. A
+settle answers after the flush that holds its acks: an answered ack survives a crash. A
+receive that holds a redelivery, or a first delivery beyond the partition's committed
+reservation, answers after the flush that holds its delivery counts; one made only of
+first deliveries within the committed reservation answers at once, and its state goes
+with the next commit (a settle's, the timer's within TIMER_INTERVAL_MAX_S, or at once
+when the reservation moved ahead; broker/server/queues.py, "Reservation": after a crash each
+offset of the reservation counts as delivered once). Either way a crash never lowers a
+delivery count that a consumer saw.
+
+The timer. Leases and not-before times run out in the timer's rounds (receives also tick
+their own group). A round visits only the groups that need it: those changed since the
+last round (every change marks a partition dirty, and that names its group) and those
+whose earliest deadline, or dead-letter retry, is due (a heap of visits). Each visit
+ticks the group, writes its dead letters and schedules its next deadline; a visit that
+finds nothing to do is harmless. So a round costs what happened, not the number of
+groups, and the changed groups are staged without a scan either.
+
+Dead letters. A message marked for dead-lettering (max deliveries reached, rejected) is
+appended to the dead-letter topic by the writer task, which waits until the append is
+fsynced, and only then acks it in the source (the ack is persisted like any other). A
+crash between the two makes the message be dead-lettered again after the restart: it may
+be duplicated in the dead-letter topic, never lost. The dead-letter topic is created on
+first use with the server's topic defaults and the source topic's partition count; a
+source partition p goes to partition p modulo the dead-letter topic's partition count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+from dataclasses import dataclass
+import heapq
+import logging
+import math
+import threading
+import time
+
+from nodi.storage.config import FsyncPolicy
+from nodi.storage.errors import InvalidConfigError, NodiError, TopicExistsError, UnknownTopicError
+from nodi.storage.limits import RecordLimits
+from nodi.storage.metadata import validate_group_name, validate_topic_name
+from nodi.storage.records import NewRecord, build_batch, decode_records, iter_batches
+
+from ..protocol import messages as m
+from .dead_letters import dead_letter_record
+from ..protocol.errors import ErrorCode, ProtocolError
+from ..protocol.headers import DLQ_VALUE_OMITTED, NOT_BEFORE_MS, expires_at_ms, find_integer
+from ..protocol.queue_settings import DEFAULT_QUEUE_LIMITS, Backoff, QueueLimits, QueueSettings
+from .queue_state import QueueStateError, decode_partition, encode_partition, state_bytes_max
+from .queue_group import QueueGroup
+from .queues import DeadLetter, PartitionQueue, QueueGroupStatistics, Taken
+from .reply import Reply
+
+log = logging.getLogger("nodi.queues")
+
+# Bytes of one read from a partition log when collecting the records to deliver.
+READ_BYTES = 256 * 1024
+# Kept out of the response budget for the frame header and the deliveries array.
+RESPONSE_OVERHEAD_BYTES = 64 * 1024
+# Dead letters written per pass, and the pause after a failed pass.
+DEAD_LETTERS_PER_PASS = 500
+DEAD_LETTER_RETRY_S = 1.0  # the first retry of a failed pass, doubling up to the max
+DEAD_LETTER_RETRY_MAX_S = 60.0
+# Decoded batches kept for the next receives (one per partition, the most recent ones).
+DECODED_BATCHES_MAX = 64
+# Receives of at most this many messages, all among the last this many offsets of their
+# log, read on the event loop (just written: in the page cache); others in a thread.
+TAIL_READ_MESSAGES_MAX = 16
+# The timer's longest sleep (it also wakes when told to).
+TIMER_INTERVAL_MAX_S = 0.5
+
+
+def _record_bytes(record: NewRecord) -> int:
+    """Key, value and header bytes: what record_bytes_max bounds."""
+    return len(record.key or b"") + len(record.value or b"") + sum(
+        len(name.encode()) + len(value or b"") for name, value in record.headers)
+
+
+# Per-record framing in a batch (length, attributes, deltas, lengths: varints), at most.
+_RECORD_OVERHEAD_BYTES = 64
+_BATCH_OVERHEAD_BYTES = 4 * 1024
+
+
+def _chunks(items: list, limits: RecordLimits) -> list[list]:
+    """`items` ((letter, copy) pairs) cut into runs whose batch fits the log's limits.
+    A copy too big for any batch (a source record near the limits plus the dead-letter
+    headers) goes without its value, marked by the value-omitted header: the source log
+    still holds it, at the offset the headers name."""
+    budget = limits.batch_bytes_max - _BATCH_OVERHEAD_BYTES
+    runs: list[list] = [[]]
+    used = 0
+    for letter, copy in items:
+        size = _record_bytes(copy)
+        if size > limits.record_bytes_max or size + _RECORD_OVERHEAD_BYTES > budget:
+            log.error("dead-letter copy of partition %d offset %d is %d bytes, over the log's limits: "
+                      "written without its value", letter.partition, letter.offset, size)
+            copy = copy._replace(value=None, headers=[*copy.headers, (DLQ_VALUE_OMITTED, b"1")])
+            size = _record_bytes(copy)
+        size += _RECORD_OVERHEAD_BYTES
+        if runs[-1] and used + size > budget:
+            runs.append([])
+            used = 0
+        runs[-1].append((letter, copy))
+        used += size
+    return [run for run in runs if run]
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def settings_from_wire(wire: m.QueueGroupSettings, base: QueueSettings) -> QueueSettings:
+    """`base` with the values the request names (-1, null and backoff kind default keep
+    base's)."""
+    backoff = base.backoff
+    given = wire.backoff
+    if given.kind is m.BackoffKind.DELAYS:
+        backoff = Backoff(delays_ms=tuple(given.delays_ms))
+    elif given.kind is m.BackoffKind.EXPONENTIAL:
+        backoff = Backoff((), given.base_ms, given.multiplier_percent, given.max_ms, given.jitter_percent)
+    expired = base.expired
+    if wire.expired is not m.ExpiredAction.DEFAULT:
+        expired = "dead-letter" if wire.expired is m.ExpiredAction.DEAD_LETTER else "drop"
+    return QueueSettings(
+        ack_wait_ms=base.ack_wait_ms if wire.ack_wait_ms == m.CONFIG_DEFAULT else wire.ack_wait_ms,
+        max_deliveries=base.max_deliveries if wire.max_deliveries == m.CONFIG_DEFAULT else wire.max_deliveries,
+        backoff=backoff,
+        dead_letter_topic=base.dead_letter_topic if wire.dead_letter_topic is None else wire.dead_letter_topic,
+        expired=expired,
+    )
+
+
+def settings_to_wire(settings: QueueSettings) -> m.QueueGroupSettings:
+    backoff = settings.backoff
+    if backoff.delays_ms:
+        wire_backoff = m.QueueBackoff(kind=m.BackoffKind.DELAYS, delays_ms=list(backoff.delays_ms))
+    else:
+        wire_backoff = m.QueueBackoff(kind=m.BackoffKind.EXPONENTIAL, base_ms=backoff.base_ms,
+                                      multiplier_percent=backoff.multiplier_percent, max_ms=backoff.max_ms,
+                                      jitter_percent=backoff.jitter_percent)
+    expired = m.ExpiredAction.DEAD_LETTER if settings.expired == "dead-letter" else m.ExpiredAction.DROP
+    return m.QueueGroupSettings(ack_wait_ms=settings.ack_wait_ms, max_deliveries=settings.max_deliveries,
+                                backoff=wire_backoff, dead_letter_topic=settings.dead_letter_topic,
+                                expired=expired)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueServiceStatistics:
+    groups: tuple[QueueGroupStatistics, ...]
+    dead_letter_failures: int  # passes of the dead-letter writer that failed (and were retried)
+    timer_rounds: int  # rounds of the lease timer
+    timer_groups_visited: int  # groups those rounds ticked (the changed ones and the due ones)
+
+
+class QueueService:
+    def __init__(self, broker, limits: QueueLimits = DEFAULT_QUEUE_LIMITS) -> None:
+        limits.validate()
+        self.broker = broker
+        self.store = broker.store
+        worst_state_bytes = state_bytes_max(limits.window_messages_max, limits.error_text_bytes_max,
+                                            limits.backoff_delays_max)
+        if worst_state_bytes > self.store.metadata.limits.queue_state_bytes_max:
+            raise InvalidConfigError(
+                f"queues.window_messages_max {limits.window_messages_max} with error_text_bytes_max "
+                f"{limits.error_text_bytes_max} can make a partition's state {worst_state_bytes} bytes, over the "
+                f"metadata store's queue_state_bytes_max {self.store.metadata.limits.queue_state_bytes_max}"
+            )
+        self.limits = limits
+        self.groups: dict[tuple[str, str], QueueGroup] = {}
+        self._waiters: dict[tuple[str, str], set[asyncio.Future]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: asyncio.TaskGroup | None = None
+        self._persisted: asyncio.Future | None = None  # the next tick's stage + flush
+        self._wake = asyncio.Event()
+        self.dead_letter_failures = 0
+        self.timer_rounds = self.timer_groups_visited = 0
+        # The timer visits only the groups that need it: those changed since its last round
+        # (_touched) and those with a deadline due (_due, a heap of (wall ms, group key);
+        # _scheduled holds each group's earliest entry, so entries that are no longer
+        # needed are few, and harmless: a visit that finds nothing to do).
+        self._touched: set[tuple[str, str]] = set()
+        self._due: list[tuple[int, tuple[str, str]]] = []
+        self._scheduled: dict[tuple[str, str], int] = {}
+        self._unstaged: set[tuple[str, str]] = set()  # groups with partitions to stage
+        # (group, topic) -> (monotonic time of the next try, the delay that led to it).
+        self._dead_letter_backoff: dict[tuple[str, str], tuple[float, float]] = {}
+        # (topic, partition) -> (base offset, last offset, records) of its last decoded batch.
+        # Reads run in threads (_read_records), hence the lock.
+        self._batches: collections.OrderedDict[tuple[str, int], tuple[int, int, list]] = collections.OrderedDict()
+        self._batches_lock = threading.Lock()
+        self._load()
+
+    def attach(self, loop: asyncio.AbstractEventLoop, tasks: asyncio.TaskGroup) -> None:
+        self._loop = loop
+        self._tasks = tasks
+        tasks.create_task(self._timer())
+
+    # -- start-up ------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        """Groups from the metadata store, held to the logs (the log is the truth)."""
+        topics = self.store.topics()
+        now = now_ms()
+        for entry in self.store.metadata.iter_queue_state():
+            try:
+                self._load_partition(entry, topics, now)
+            except Exception:  # one bad entry never stops the server; its messages come again
+                log.exception("queue group %s on %s-%d: state not loaded", entry.group, entry.topic, entry.partition)
+        for group in self.groups.values():
+            group.ensure_partitions(topics[group.topic].partitions)
+        self._touched.update(self.groups)  # the first round schedules their deadlines
+
+    def _load_partition(self, entry, topics: dict, now: int) -> None:
+        config = topics.get(entry.topic)
+        if config is None or entry.partition >= config.partitions:
+            return
+        try:
+            decoded = decode_partition(entry.state)
+        except QueueStateError as error:
+            log.error("queue group %s on %s-%d: dropping unreadable state (%s); its messages are delivered again",
+                      entry.group, entry.topic, entry.partition, error)
+            return
+        key = (entry.group, entry.topic)
+        group = self.groups.get(key)
+        if group is None:
+            group = self.groups[key] = QueueGroup(entry.group, entry.topic, decoded.settings, self.limits,
+                                                  on_change=self._changed)
+        group.ensure_partitions(config.partitions)
+        partition_log = self.store.log(entry.topic, entry.partition)
+        end = partition_log.readable_end_offset
+        next_offset = min(decoded.next_offset, end)
+        floor = min(decoded.floor, next_offset)
+        if next_offset < decoded.next_offset:
+            log.warning("queue group %s on %s-%d: the log ends at %d, before the group's next offset %d",
+                        entry.group, entry.topic, entry.partition, end, decoded.next_offset)
+        queue = PartitionQueue(entry.partition, group.settings, self.limits, floor, next_offset)
+        queue.set_log_bounds(partition_log.log_start_offset, end)
+        for delivery in decoded.deliveries:
+            if queue.floor <= delivery.offset < queue.next_offset:
+                queue.restore(delivery, now)
+        in_doubt = queue.restore_reserved(decoded.reservation_end, now)
+        if in_doubt:
+            log.info("queue group %s on %s-%d: %d offset(s) of the delivery reservation counted as delivered "
+                     "once (an unclean stop)", entry.group, entry.topic, entry.partition, in_doubt)
+        group.partitions[entry.partition] = queue
+        if in_doubt:
+            group.mark_dirty(entry.partition)
+
+    # -- requests ------------------------------------------------------------------------
+
+    def _group_for(self, group_name: str, topic: str, wire: m.QueueGroupSettings | None) -> QueueGroup:
+        config = self.store.topic_config(topic)
+        if config is None:
+            raise UnknownTopicError(f"topic {topic!r} does not exist")
+        key = (group_name, topic)
+        group = self.groups.get(key)
+        if group is None:
+            if wire is None:
+                raise ProtocolError(ErrorCode.UNKNOWN_QUEUE_GROUP,
+                                    f"no queue group {group_name!r} on topic {topic!r}", closes_connection=False)
+            validate_group_name(group_name, self.store.metadata.limits.group_name_bytes_max)
+            if len(self.groups) >= self.limits.queue_groups_max:
+                raise ProtocolError(ErrorCode.LIMIT_EXCEEDED,
+                                    f"queue_groups_max {self.limits.queue_groups_max} reached", closes_connection=False)
+            settings = settings_from_wire(wire, QueueSettings())
+            settings.validate(self.limits)
+            validate_topic_name(settings.dead_letter_topic_for(topic))
+            group = self.groups[key] = QueueGroup(group_name, topic, settings, self.limits, on_change=self._changed)
+            for partition in range(config.partitions):
+                group.mark_dirty(partition)  # the settings are stored now
+        elif wire is not None:
+            wanted = settings_from_wire(wire, group.settings)
+            if wanted != group.settings:
+                raise ProtocolError(
+                    ErrorCode.QUEUE_SETTINGS_MISMATCH,
+                    f"queue group {group_name!r} on {topic!r} has settings {group.settings}; the request asks "
+                    f"for {wanted}", closes_connection=False,
+                )
+        group.ensure_partitions(config.partitions)
+        return group
+
+    def _refresh(self, group: QueueGroup) -> None:
+        for queue in group.partitions:
+            partition_log = self.store.log(group.topic, queue.partition)
+            if queue.set_log_bounds(partition_log.log_start_offset, partition_log.readable_end_offset):
+                group.mark_dirty(queue.partition)
+
+    async def receive(self, request: m.QueueReceiveRequest) -> Reply:
+        group = self._group_for(request.group, request.topic, request.settings)
+        count = min(max(request.messages_max, 1), self.limits.receive_messages_max)
+        wait_s = min(max(request.wait_ms, 0), self.limits.receive_wait_max_ms) / 1000
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        budget = self.broker.config.protocol.frame_bytes_max - RESPONSE_OVERHEAD_BYTES
+        while True:
+            self._refresh(group)
+            now = now_ms()
+            if group.tick(now):
+                self._wake.set()  # dead letters may be waiting
+            taken = group.receive(count, now)
+            if taken:
+                deliveries, records = await self._collect(group, taken, budget, now)
+                if deliveries:
+                    if group.answerable_uncommitted(deliveries):
+                        # Its state goes with the next settle's commit (or the timer's);
+                        # only a reservation moved ahead is committed now, to be ready.
+                        if group.reservation_moved():
+                            self._persist_soon()
+                    else:
+                        await self.persist()
+                    batch = build_batch(records, limits=RecordLimits(batch_bytes_max=budget, record_bytes_max=budget))
+                    return Reply(m.QueueReceiveResponse(
+                        request_id=request.request_id, deliveries=deliveries, records=batch))
+                continue  # every one was a gap or not due: look again
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return Reply(m.QueueReceiveResponse(request_id=request.request_id))
+            await self._wait_for_change(group, remaining, now)
+            if self.groups.get((group.group, group.topic)) is not group:
+                raise UnknownTopicError(f"topic {request.topic!r} was deleted")
+
+    async def _wait_for_change(self, group: QueueGroup, remaining_s: float, now: int) -> None:
+        """Until the group's state changes, one of its partitions grows, a timer of it
+        is due, or `remaining_s` passes."""
+        future = self._loop.create_future()
+        key = (group.group, group.topic)
+        self._waiters.setdefault(key, set()).add(future)
+        partition_waiters = []
+        for queue in group.partitions:
+            waiters = self.broker._waiters.get(id(self.store.log(group.topic, queue.partition)))
+            if waiters is not None:
+                waiters.futures.add(future)
+                partition_waiters.append(waiters)
+        timeout_s = remaining_s
+        next_deadline = group.next_deadline_ms()
+        if next_deadline is not None:
+            timeout_s = min(timeout_s, max(next_deadline - now, 0) / 1000 + 0.001)
+        try:
+            await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            pass
+        finally:
+            self._waiters.get(key, set()).discard(future)
+            for waiters in partition_waiters:
+                waiters.futures.discard(future)
+
+    def _notify(self, group: QueueGroup) -> None:
+        for future in self._waiters.pop((group.group, group.topic), ()):
+            if not future.done():
+                future.set_result(None)
+
+    async def _collect(self, group: QueueGroup, taken: list[Taken], budget: int,
+                 now: int) -> tuple[list[m.QueueDelivery], list[NewRecord]]:
+        """Read the records of `taken`. Offsets with no record are skipped (done); a
+        message whose TTL (its header, else the topic's ttl_ms) has passed is expired; one
+        whose not-before header is ahead of `now` is deferred to it; what does not fit
+        in `budget` bytes, or cannot be read, is released."""
+        wanted = [(t.partition, t.offset) for t in taken]
+        if len(taken) <= TAIL_READ_MESSAGES_MAX and all(self._at_tail(group.topic, t) for t in taken):
+            # A few messages just appended (a request, a trickle): in the page cache, read
+            # here rather than paying a thread hop on the latency path.
+            found = self._read_records(group.topic, wanted)
+        else:  # a read may go to the disk: off the loop (the leases are taken already)
+            found = await asyncio.to_thread(self._read_records, group.topic, wanted)
+        config = self.store.topic_config(group.topic)
+        topic_ttl_ms = config.ttl_ms if config is not None else 0
+        runs: list[list[int]] = []  # [partition, offset, delivery count, deadline, length]
+        records: list[NewRecord] = []
+        unsent: list[Taken] = []
+        used = 0
+        for item in taken:
+            record = found.get((item.partition, item.offset))
+            if record is None:
+                group.skip(item.partition, item.offset)
+                continue
+            if isinstance(record, Exception):
+                unsent.append(item)
+                continue
+            headers = record.headers
+            size = 64 + len(record.key or b"") + len(record.value or b"")
+            if headers or topic_ttl_ms:  # without either there is no TTL nor delay to honour
+                expires_at = expires_at_ms(record.timestamp_ms, headers, topic_ttl_ms)
+                if expires_at is not None and expires_at <= now:
+                    group.expire(item)  # never handed out: dropped or dead-lettered
+                    continue
+                not_before = find_integer(headers, NOT_BEFORE_MS)
+                if not_before is not None and not_before > now:
+                    group.defer(item, not_before)  # delayed delivery: not due yet
+                    continue
+                size += sum(len(k) + len(v or b"") + 8 for k, v in headers)
+            if records and used + size > budget:
+                unsent.append(item)
+                continue
+            used += size
+            run = runs[-1] if runs else None
+            if (run is not None and run[0] == item.partition and run[1] + run[4] == item.offset
+                    and run[2] == item.delivery_count and run[3] == item.lease_deadline_ms):
+                run[4] += 1  # consecutive: one entry on the wire
+            else:
+                runs.append([item.partition, item.offset, item.delivery_count, item.lease_deadline_ms, 1])
+            records.append(NewRecord(record.key, record.value, record.headers, record.timestamp_ms))
+        deliveries = [m.QueueDelivery(partition=partition, offset=offset, delivery_count=count,
+                                      lease_deadline_ms=deadline, count=length)
+                      for partition, offset, count, deadline, length in runs]
+        group.release(unsent)
+        failures = [r for r in found.values() if isinstance(r, Exception)]
+        if not deliveries and failures:
+            raise failures[0]
+        return deliveries, records
+
+    def _at_tail(self, topic: str, taken: Taken) -> bool:
+        """Whether `taken` is among the last TAIL_READ_MESSAGES_MAX offsets of its log."""
+        return taken.offset >= self.store.log(topic, taken.partition).next_offset - TAIL_READ_MESSAGES_MAX
+
+    def _read_records(self, topic: str, wanted: list[tuple[int, int]]) -> dict:
+        """(partition, offset) -> Record for each wanted offset that has one; an
+        exception where the read failed. Reads whole batches from the log (one codec)."""
+        by_partition: dict[int, list[int]] = {}
+        for partition, offset in wanted:
+            by_partition.setdefault(partition, []).append(offset)
+        found: dict = {}
+        for partition, offsets in by_partition.items():
+            partition_log = self.store.log(topic, partition)
+            remaining = sorted(set(offsets))
+            highest = remaining[-1]
+            index = 0
+            while index < len(remaining):
+                offset = remaining[index]
+                wanted_here = set(remaining[index:])
+                with self._batches_lock:
+                    cached = self._batches.get((topic, partition))
+                if cached is not None and cached[0] <= offset <= cached[1]:
+                    last = cached[1]
+                    for record in cached[2]:
+                        if record.offset in wanted_here:
+                            found[partition, record.offset] = record
+                else:
+                    try:
+                        result = partition_log.read(offset, READ_BYTES)
+                        data = result.to_bytes()
+                        last = offset
+                        for header, batch in iter_batches(data):
+                            if header.base_offset > highest:
+                                break  # past every wanted offset: not decoded
+                            last = max(last, header.last_offset)
+                            if header.is_control:
+                                continue
+                            records = decode_records(batch, header)
+                            for record in records:
+                                if record.offset in wanted_here:
+                                    found[partition, record.offset] = record
+                            self._cache_batch(topic, partition, header.base_offset, header.last_offset, records)
+                    except (NodiError, OSError) as error:
+                        found[partition, offset] = error
+                        index += 1
+                        continue
+                    if not result.slices:
+                        break  # nothing readable from here: the rest are gaps
+                while index < len(remaining) and remaining[index] <= last:
+                    index += 1
+        return found
+
+    def _cache_batch(self, topic: str, partition: int, base_offset: int, last_offset: int, records: list) -> None:
+        """Keep the last decoded batch of a partition: a batch of many records serves
+        several receives, decoded once (at most DECODED_BATCHES_MAX batches kept)."""
+        key = (topic, partition)
+        with self._batches_lock:
+            self._batches[key] = (base_offset, last_offset, records)
+            self._batches.move_to_end(key)
+            while len(self._batches) > DECODED_BATCHES_MAX:
+                self._batches.popitem(last=False)
+
+    async def settle(self, request: m.QueueSettleRequest) -> Reply:
+        group = self._group_for(request.group, request.topic, None)
+        now = now_ms()
+        runs: list[list] = []  # [partition, offset, error code, deadline, length]
+        changed = False
+        window = self.limits.window_messages_max
+        for item in request.settlements:
+            if not 1 <= item.count <= window:
+                runs.append([item.partition, item.offset, ErrorCode.LIMIT_EXCEEDED, m.NO_OFFSET, 1])
+                continue
+            delay = None if item.delay_ms < 0 else item.delay_ms
+            first_run = len(runs)
+            for offset in range(item.offset, item.offset + item.count):
+                code = ErrorCode.NONE
+                deadline = m.NO_OFFSET
+                try:
+                    deadline = group.settle(item.action, item.partition, offset, item.delivery_count, now,
+                                            delay, item.text) or m.NO_OFFSET
+                    changed = True
+                except ProtocolError as error:
+                    code = error.code
+                run = runs[-1] if len(runs) > first_run else None
+                if run is not None and run[2] == code and run[3] == deadline:
+                    run[4] += 1  # the same outcome as the offset before: one result on the wire
+                else:
+                    runs.append([item.partition, offset, code, deadline, 1])
+        results = [m.SettleResult(partition=partition, offset=offset, error_code=code, lease_deadline_ms=deadline,
+                                  count=length) for partition, offset, code, deadline, length in runs]
+        if changed:
+            self._notify(group)
+            self._wake.set()
+            await self.persist()
+        return Reply(m.QueueSettleResponse(request_id=request.request_id, results=results))
+
+    async def describe(self, request: m.QueueDescribeRequest) -> Reply:
+        group = self._group_for(request.group, request.topic, None)
+        self._refresh(group)
+        statistics = group.statistics()
+        return Reply(m.QueueDescribeResponse(
+            request_id=request.request_id,
+            settings=settings_to_wire(group.settings),
+            dead_letter_topic=group.settings.dead_letter_topic_for(group.topic),
+            partitions=[m.QueuePartitionState(partition=p.partition, ack_floor=p.floor, next_offset=p.next_offset,
+                                              pending=p.pending, leased=p.leased, dead_letters_pending=p.dead)
+                        for p in statistics.partitions],
+            delivered=statistics.delivered, redelivered=statistics.redelivered, acked=statistics.acked,
+            nacked=statistics.nacked, expired_leases=statistics.expired_leases,
+            dead_lettered=statistics.dead_lettered, expired=statistics.expired,
+        ))
+
+    async def list(self, request: m.QueueListRequest) -> Reply:
+        summaries = []
+        for (name, topic), group in sorted(self.groups.items()):
+            if request.topic is not None and topic != request.topic:
+                continue
+            partitions = [queue.statistics() for queue in group.partitions]
+            summaries.append(m.QueueGroupSummary(
+                group=name, topic=topic, dead_letter_topic=group.settings.dead_letter_topic_for(topic),
+                pending=sum(p.pending for p in partitions), leased=sum(p.leased for p in partitions),
+                dead_letters_pending=sum(p.dead for p in partitions),
+            ))
+        return Reply(m.QueueListResponse(request_id=request.request_id, groups=summaries))
+
+    def statistics(self) -> QueueServiceStatistics:
+        return QueueServiceStatistics(tuple(group.statistics() for _, group in sorted(self.groups.items())),
+                                      self.dead_letter_failures, self.timer_rounds, self.timer_groups_visited)
+
+    def on_topic_deleted(self, topic: str) -> None:
+        with self._batches_lock:
+            for key in [key for key in self._batches if key[0] == topic]:
+                del self._batches[key]
+        for key in [key for key in self.groups if key[1] == topic]:
+            group = self.groups.pop(key)
+            self._unstaged.discard(key)
+            self._dead_letter_backoff.pop(key, None)
+            self._notify(group)
+
+    # -- persistence -----------------------------------------------------------------------
+
+    async def persist(self) -> None:
+        """Return once every change made before the call is committed to LMDB. Callers
+        in one loop tick share one staging pass and one flush."""
+        self._persist_soon()
+        await asyncio.wait_for(asyncio.shield(self._persisted), self.broker.config.write_timeout_ms / 1000)
+
+    def _persist_soon(self) -> None:
+        """Stage and flush what changed at the end of this loop tick, without waiting."""
+        if self._persisted is None:
+            self._persisted = self._loop.create_future()
+            self._loop.call_soon(self._stage_and_flush)
+
+    def _stage_and_flush(self) -> None:
+        future, self._persisted = self._persisted, None
+        try:
+            staged = self._stage_dirty()
+        except Exception as error:
+            future.set_exception(error)
+            future.exception()
+            return
+        self._tasks.create_task(self._flush_into(future, staged))
+
+    async def _flush_into(self, future: asyncio.Future, staged: list[tuple[PartitionQueue, int]]) -> None:
+        try:
+            await self.broker.flush_metadata()
+        except Exception as error:  # reported to every waiter
+            future.set_exception(error)
+            future.exception()
+            return
+        for queue, reserved in staged:  # committed: first deliveries below it answer at once
+            queue.durable_reserved_offset = max(queue.durable_reserved_offset, reserved)
+        future.set_result(None)
+
+    def _changed(self, group: QueueGroup) -> None:
+        """A partition of `group` changed: it is staged with the next persist, and the
+        timer's next round ticks it, writes its dead letters and schedules its deadlines."""
+        self._unstaged.add(group.key)
+        self._touched.add(group.key)
+
+    def _stage_dirty(self) -> list[tuple[PartitionQueue, int]]:
+        """Stage the changed partitions; returns each with the reservation staged."""
+        metadata = self.store.metadata
+        staged = []
+        for key in list(self._unstaged):
+            group = self.groups.get(key)
+            if group is not None:
+                for partition in sorted(group.dirty):
+                    queue = group.partitions[partition]
+                    metadata.put_queue_state(group.group, group.topic, partition, encode_partition(queue))
+                    queue.staged_reserved_offset = queue.reserved_offset
+                    staged.append((queue, queue.reserved_offset))
+                group.dirty.clear()
+            self._unstaged.discard(key)
+        return staged
+
+    def stage_for_shutdown(self) -> None:
+        """A clean stop: every partition staged with its reservation cut back to its
+        next offset (nothing is in doubt), for the metadata store's closing flush."""
+        for group in self.groups.values():
+            for queue in group.partitions:
+                queue.reserved_offset = queue.next_offset
+                group.mark_dirty(queue.partition)
+        self._stage_dirty()
+
+    # -- the timer and the dead-letter writer -------------------------------------------------
+
+    async def _timer(self) -> None:
+        """Runs out leases and not-before times, wakes receivers, writes dead letters,
+        persists what changed. A round visits the groups changed since the last one and
+        those with a deadline due, not every group: its cost follows what happened."""
+        while True:
+            sleep_s = TIMER_INTERVAL_MAX_S
+            if self._due:
+                sleep_s = min(sleep_s, max(self._due[0][0] - now_ms(), 0) / 1000)
+            try:
+                await asyncio.wait_for(self._wake.wait(), sleep_s)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            now = now_ms()
+            groups = [self.groups[key] for key in self._take_visits(now) if key in self.groups]
+            self.timer_rounds += 1
+            self.timer_groups_visited += len(groups)
+            for group in groups:
+                if group.tick(now):
+                    self._notify(group)
+            written = await self._write_dead_letters(groups)
+            for group in groups:
+                self._schedule(group, group.next_deadline_ms())
+            try:
+                if written or self._unstaged:
+                    await self.persist()
+            except Exception:  # the metadata store reports itself; retried next round
+                log.exception("queue groups: persisting their state failed; retrying")
+                await asyncio.sleep(DEAD_LETTER_RETRY_S)
+
+    def _take_visits(self, now: int) -> set[tuple[str, str]]:
+        """The keys of the groups this round visits: changed since the last round, or due."""
+        keys, self._touched = self._touched, set()
+        due = self._due
+        while due and due[0][0] <= now:
+            when, key = heapq.heappop(due)
+            if self._scheduled.get(key) == when:
+                del self._scheduled[key]
+            keys.add(key)
+        return keys
+
+    def _schedule(self, group: QueueGroup, at_ms: int | None) -> None:
+        """Have the timer visit `group` at `at_ms` (None: nothing to do then)."""
+        if at_ms is not None and at_ms < self._scheduled.get(group.key, math.inf):
+            self._scheduled[group.key] = at_ms
+            heapq.heappush(self._due, (at_ms, group.key))
+
+    def _schedule_retry(self, group: QueueGroup, retry_at: float) -> None:
+        """Visit `group` again when its dead-letter backoff (monotonic `retry_at`) ends."""
+        self._schedule(group, now_ms() + math.ceil(max(retry_at - time.monotonic(), 0) * 1000))
+
+    async def _write_dead_letters(self, groups: list[QueueGroup]) -> int:
+        """One pass over `groups` for the dead letters waiting. A group whose pass fails
+        (the dead-letter topic refuses appends, say) is retried after a backoff, without
+        holding up the others; one that had a full pass is visited again next round."""
+        written = 0
+        now = time.monotonic()
+        for group in groups:
+            key = group.key
+            retry_at, _ = self._dead_letter_backoff.get(key, (0.0, 0.0))
+            if now < retry_at:
+                self._schedule_retry(group, retry_at)
+                continue
+            letters = group.take_dead_letters(DEAD_LETTERS_PER_PASS)
+            if not letters:
+                continue
+            try:
+                written += await self._dead_letter(group, letters)
+            except Exception as error:
+                for letter in letters:
+                    group.partitions[letter.partition].dead_letter_failed(letter.offset)
+                self.dead_letter_failures += 1
+                _, delay = self._dead_letter_backoff.get(key, (0.0, DEAD_LETTER_RETRY_S / 2))
+                delay = min(delay * 2, DEAD_LETTER_RETRY_MAX_S)
+                retry_at = time.monotonic() + delay
+                self._dead_letter_backoff[key] = (retry_at, delay)
+                self._schedule_retry(group, retry_at)
+                log.warning("queue group %s on %s: dead-lettering %d message(s) failed, retrying in %.0f s: %s",
+                            group.group, group.topic, len(letters), delay, error)
+            else:
+                self._dead_letter_backoff.pop(key, None)
+                if len(letters) == DEAD_LETTERS_PER_PASS:
+                    self._touched.add(key)  # more may be waiting
+        return written
+
+    async def _dead_letter(self, group: QueueGroup, letters: list[DeadLetter]) -> int:
+        """Append the copies, wait until they are durable, then ack them in the source."""
+        topic = group.settings.dead_letter_topic_for(group.topic)
+        partitions = await self._dead_letter_partitions(topic, len(group.partitions))
+        found = await asyncio.to_thread(self._read_records, group.topic,
+                                        [(letter.partition, letter.offset) for letter in letters])
+        failures = [r for r in found.values() if isinstance(r, Exception)]
+        if failures:
+            raise failures[0]
+        now = now_ms()
+        by_target: dict[int, list[tuple[DeadLetter, NewRecord]]] = {}
+        for letter in letters:
+            record = found.get((letter.partition, letter.offset))
+            if record is None:  # gone from the source (retention): nothing to copy
+                group.dead_lettered(letter.partition, letter.offset)
+                continue
+            copy = dead_letter_record(record, letter, group.topic, group.group, now)
+            by_target.setdefault(letter.partition % partitions, []).append((letter, copy))
+        for target, items in by_target.items():
+            partition_log = self.store.log(topic, target)
+            for chunk in _chunks(items, partition_log.config.limits):
+                batch = build_batch([copy for _, copy in chunk], limits=partition_log.config.limits)
+                result = partition_log.append_nowait(batch)
+                if partition_log.config.fsync_policy is not FsyncPolicy.ALWAYS:
+                    await asyncio.to_thread(partition_log.flush)
+                await asyncio.wait_for(asyncio.wrap_future(partition_log.durable_future(result.last_offset)),
+                                       self.broker.config.write_timeout_ms / 1000)
+                for letter, _ in chunk:
+                    group.dead_lettered(letter.partition, letter.offset)
+                self._notify(group)
+        return len(letters)
+
+    async def _dead_letter_partitions(self, topic: str, source_partitions: int) -> int:
+        config = self.store.topic_config(topic)
+        if config is not None:
+            return config.partitions
+        topic_config = dataclasses.replace(self.broker.config.topic_defaults, partitions=source_partitions)
+        try:
+            await asyncio.to_thread(self.store.create_topic, topic, topic_config)
+        except TopicExistsError:
+            return self.store.topics()[topic].partitions
+        for partition in range(topic_config.partitions):
+            self.broker._watch(self.store.log(topic, partition))  # fetches of it long-poll
+        self.broker.coordinator.on_topic_created(topic)
+        log.info("created dead-letter topic %s", topic)
+        return topic_config.partitions

@@ -1,0 +1,68 @@
+"""What a request handler returns (Reply), and how an exception raised while serving a
+request becomes the error response the client sees (the storage error -> code table).
+
+The services (service.py, queue_service.py, inbox_service.py, compaction_service.py,
+status.py) import this module and nothing imports them back but service.py's dispatch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nodi.storage import compaction
+from nodi.storage import errors as storage_errors
+from nodi.storage.log import FileSlice
+
+from ..protocol import messages as m
+from ..protocol.errors import ErrorCode, ProtocolError
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    response: m.Response
+    slices: tuple[FileSlice, ...] = ()
+
+    @property
+    def records_bytes(self) -> int:
+        return sum(piece.length for piece in self.slices)
+
+
+def error_reply(request: m.Request, error: BaseException) -> Reply:
+    """The request's own response type, carrying the error code and message."""
+    code = error_code_for(error)
+    message = error.message if isinstance(error, ProtocolError) else str(error)
+    response_type = m.API_BY_KEY[request.API_KEY].response
+    return Reply(response_type(request_id=request.request_id, error_code=code, error_message=message))
+
+
+# Storage errors a server turns into response codes; the most specific class wins.
+_STORAGE_ERROR_CODES: dict[type[BaseException], ErrorCode] = {
+    storage_errors.LimitExceededError: ErrorCode.LIMIT_EXCEEDED,
+    storage_errors.InvalidRecordError: ErrorCode.INVALID_RECORDS,
+    storage_errors.OffsetOutOfRangeError: ErrorCode.OFFSET_OUT_OF_RANGE,
+    storage_errors.CorruptSegmentError: ErrorCode.CORRUPT_DATA,
+    storage_errors.LogReadOnlyError: ErrorCode.READ_ONLY_LOG,
+    storage_errors.DiskFullError: ErrorCode.DISK_FULL,
+    storage_errors.LogClosedError: ErrorCode.SERVER_SHUTTING_DOWN,
+    storage_errors.TopicExistsError: ErrorCode.TOPIC_EXISTS,
+    storage_errors.UnknownTopicError: ErrorCode.UNKNOWN_TOPIC,
+    storage_errors.InvalidConfigError: ErrorCode.INVALID_CONFIG,
+    storage_errors.DurableWaitTimeoutError: ErrorCode.NOT_DURABLE,
+    storage_errors.OutOfOrderSequenceError: ErrorCode.OUT_OF_ORDER_SEQUENCE,
+    storage_errors.InvalidProducerEpochError: ErrorCode.INVALID_PRODUCER_EPOCH,
+    storage_errors.DuplicateSequenceError: ErrorCode.DUPLICATE_SEQUENCE,
+    compaction.KeyRequiredError: ErrorCode.KEY_REQUIRED,
+    compaction.CompactionCancelledError: ErrorCode.SERVER_SHUTTING_DOWN,
+}
+
+
+def error_code_for(error: BaseException) -> ErrorCode:
+    """The response code for an exception raised while serving a request: a
+    ProtocolError's own code, the code of a known storage error, INTERNAL otherwise."""
+    if isinstance(error, ProtocolError):
+        return error.code
+    for cls in type(error).__mro__:
+        code = _STORAGE_ERROR_CODES.get(cls)
+        if code is not None:
+            return code
+    return ErrorCode.INTERNAL

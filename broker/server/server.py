@@ -1,0 +1,402 @@
+"""The asyncio server: one process, one event loop, uvloop when installed.
+
+Every task belongs to a TaskGroup: the server's own (connections and background jobs)
+or a connection's (its requests in flight). Each connection is a loop around the sans-IO
+protocol.Connection: read with a timeout, feed it, dispatch each request as a task
+(responses go out in completion order, matched by request id), write replies under one
+lock, sendfile fetched batches straight from their segment files. A connection that
+breaks the protocol gets one Closing event and is closed; the server and every other
+connection carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from nodi.storage.log import FileSlice
+from nodi.storage.store import Store
+
+from ..protocol import messages as m
+from .config import ServerConfig
+from .metrics import Metrics
+from ..protocol.errors import ErrorCode, ProtocolError
+from ..protocol.connection import NEED_DATA, Connection, ConnectionClosed, RejectedRequest, Role, State, handshake_response
+from .reply import Reply, error_reply
+from .service import Broker
+
+log = logging.getLogger("nodi.server")
+
+READ_BYTES = 256 * 1024
+# A file slice shorter than this is read (pread) and written with the response header in
+# one send: loop.sendfile costs a few loop turns (pause reading, wait for the buffer to
+# empty, resume) and a send of its own, more than copying a small slice (a consumer at
+# the tail reads a batch or two).
+SENDFILE_BYTES_MIN = 64 * 1024
+
+
+class _SendfileSource:
+    """What loop.sendfile needs of a file: a descriptor, and a seek it may call."""
+
+    __slots__ = ("_fd",)
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return offset
+
+
+class ClientSession:
+    """One client connection."""
+
+    def __init__(self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.connection = Connection(Role.SERVER, server.config.protocol)
+        self._write_lock = asyncio.Lock()
+        self.peer = writer.get_extra_info("peername")
+        self.client_id = ""
+
+    async def run(self) -> None:
+        try:
+            async with asyncio.TaskGroup() as requests:
+                await self._read_loop(requests)
+        except* (ConnectionError, TimeoutError) as group:
+            log.debug("connection %s ended: %s", self.peer, group.exceptions[0])
+        except* Exception as group:  # a bug: this connection ends, the server carries on
+            log.error("connection %s failed", self.peer, exc_info=group.exceptions[0])
+        finally:
+            self.writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.writer.wait_closed(), 1)
+
+    async def _read_loop(self, requests: asyncio.TaskGroup) -> None:
+        config = self.server.config
+        while True:
+            ready = self.connection.state is State.READY
+            timeout_ms = config.idle_timeout_ms if ready else config.handshake_timeout_ms
+            try:
+                async with asyncio.timeout(timeout_ms / 1000):  # no task per read, unlike wait_for
+                    data = await self.reader.read(READ_BYTES)
+            except TimeoutError:
+                reason = "idle" if ready else "no handshake"
+                await self._close_with(ErrorCode.TIMEOUT, f"{reason} for {timeout_ms} ms")
+                return
+            try:
+                self.connection.receive_data(data)
+                if not await self._dispatch(requests):
+                    return
+            except ProtocolError as error:
+                if not error.closes_connection:
+                    raise
+                self.server.count_error(error.code)
+                await self._close_with(error.code, error.message)
+                return
+
+    async def _dispatch(self, requests: asyncio.TaskGroup) -> bool:
+        """Turn buffered bytes into work; False when the peer closed."""
+        while True:
+            event = self.connection.next_event()
+            if event is NEED_DATA:
+                return True
+            if isinstance(event, ConnectionClosed):
+                return False
+            if isinstance(event, RejectedRequest):
+                self.server.count_error(event.error_code)
+                await self._write(Reply(event.response()))
+            elif isinstance(event, m.HandshakeRequest):
+                self.client_id = event.client_id
+                response = handshake_response(
+                    event, server_id=self.server.broker.server_id, limits=self.server.config.announced_limits()
+                )
+                await self._write(Reply(response))
+                if response.error_code != ErrorCode.NONE:
+                    return False
+            elif self.server.shutting_down:
+                await self._write(error_reply(event, ProtocolError(ErrorCode.SERVER_SHUTTING_DOWN, "shutting down")))
+            else:
+                requests.create_task(self._serve(event))
+
+    async def _serve(self, request: m.Request) -> None:
+        started = time.perf_counter()
+        reply = await self.server.broker.handle(request, self.client_id)
+        self.server.observe(request, reply, time.perf_counter() - started)
+        await self._write(reply)
+
+    async def _write(self, reply: Reply) -> None:
+        timeout_s = self.server.config.write_timeout_ms / 1000
+        async with self._write_lock:
+            if self.connection.state not in (State.READY, State.HANDSHAKING):
+                return  # closed meanwhile: the reply has nowhere to go
+            try:
+                if reply.slices:
+                    header = self.connection.send_header(reply.response, reply.records_bytes)
+                else:
+                    header = self.connection.send(reply.response)
+            except ProtocolError as error:
+                if error.closes_connection:
+                    raise
+                # The reply cannot be encoded (over a limit): answer with the error instead.
+                header = self.connection.send(error_reply(_request_of(reply.response), error).response)
+                reply = Reply(reply.response)
+            # Small slices go out copied, with the header, in one write (one send call);
+            # large ones with sendfile.
+            pending = [header]
+            for piece in reply.slices:
+                if piece.length < SENDFILE_BYTES_MIN or not self.server.sendfile:
+                    pending.append(piece.read())
+                    continue
+                self.writer.writelines(pending)
+                pending = []
+                await self._send_slice(piece, timeout_s)
+            if pending:
+                self.writer.writelines(pending)
+            if self.writer.transport.get_write_buffer_size():  # else drain has nothing to wait for
+                async with asyncio.timeout(timeout_s):
+                    await self.writer.drain()
+
+    async def _send_slice(self, piece: FileSlice, timeout_s: float) -> None:
+        fd = piece.file.fileno()
+        if fd is not None and self.server.sendfile:
+            try:
+                loop = asyncio.get_running_loop()
+                async with asyncio.timeout(timeout_s):
+                    await loop.sendfile(self.writer.transport, _SendfileSource(fd), piece.position, piece.length,
+                                        fallback=False)
+                return
+            except (asyncio.SendfileNotAvailableError, RuntimeError, NotImplementedError):
+                self.server.sendfile = False  # this loop or transport cannot: copy from now on
+        self.writer.write(piece.read())
+
+    async def _close_with(self, code: ErrorCode, message: str) -> None:
+        """One Closing event saying why, when the state allows it, then close."""
+        with contextlib.suppress(Exception):
+            async with self._write_lock:
+                frame = self.connection.send(m.ClosingEvent(error_code=code, error_message=message))
+                self.writer.write(frame)
+                await asyncio.wait_for(self.writer.drain(), 1)
+        self.connection.close()
+
+
+def _request_of(response: m.Response) -> m.Request:
+    api = next(api for api in m.APIS if isinstance(response, api.response))
+    return api.request(request_id=response.request_id)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerStatistics:
+    started_time_ms: int  # wall clock when the server began serving
+    uptime_ms: int
+    connections_open: int
+    connections_accepted: int
+    connections_refused: int  # over connections_max or during shutdown
+
+
+class Server:
+    def __init__(self, config: ServerConfig, *, metrics=None) -> None:
+        self.config = config
+        self.store: Store | None = None
+        self.broker: Broker | None = None
+        self.metrics = metrics
+        self.shutting_down = False
+        self.sendfile = True
+        self.sessions: set[ClientSession] = set()
+        self.address: tuple[str, int] | None = None
+        self._stop = asyncio.Event()
+        self._listener: asyncio.AbstractServer | None = None
+        self._started_time_ms = int(time.time() * 1000)
+        self._started_monotonic = time.monotonic()
+        self._connections_accepted = 0
+        self._connections_refused = 0
+
+    def statistics(self) -> ServerStatistics:
+        return ServerStatistics(
+            started_time_ms=self._started_time_ms,
+            uptime_ms=int((time.monotonic() - self._started_monotonic) * 1000),
+            connections_open=len(self.sessions),
+            connections_accepted=self._connections_accepted,
+            connections_refused=self._connections_refused,
+        )
+
+    # -- accounting (metrics hook points) ----------------------------------------------
+
+    def count_error(self, code: ErrorCode) -> None:
+        if self.metrics is not None:
+            self.metrics.count_error(code)
+
+    def observe(self, request: m.Request, reply: Reply, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.observe(request, reply, seconds)
+
+    # -- life cycle -----------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, on_ready: Callable[[Server], None] | None = None) -> None:
+        """Bind the ports, take and open the data directory, listen, serve until
+        stop(), then shut down cleanly.
+
+        The ports are bound first and the data directory is locked before it is read
+        (Store.open), so a start that fails (a port taken: OSError; another broker or a
+        tool on the directory: DataDirectoryLockedError) has written nothing into it."""
+        sock = _bind(self.config.host, self.config.port)
+        try:
+            if self.metrics is not None:
+                try:
+                    self.metrics.listen()
+                except OSError as error:
+                    raise OSError(error.errno, f"cannot serve metrics on {self.metrics.host}:{self.metrics.port}: "
+                                               f"{error.strerror}") from None
+            self.store = await asyncio.to_thread(Store.open, self.config.data_dir)
+        except BaseException:
+            sock.close()
+            if self.metrics is not None:
+                self.metrics.stop()
+            raise
+        for line in self.store.open_report.lines():
+            log.warning("%s", line)
+        self.broker = Broker(self.store, self.config)
+        self.broker.server_statistics = self.statistics
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                self.broker.attach(asyncio.get_running_loop(), tasks)
+                self._listener = await asyncio.start_server(
+                    lambda reader, writer: self._accept(tasks, reader, writer), sock=sock
+                )
+                sock = self._listener.sockets[0]
+                self.address = sock.getsockname()[:2]
+                tasks.create_task(self._retention_job())
+                tasks.create_task(self.broker.compaction.run_job())
+                if self.metrics is not None:
+                    self.metrics.start(self)
+                if on_ready is not None:
+                    on_ready(self)
+                await self._stop.wait()
+                await self._shutdown()
+                raise _Stopped
+        except* _Stopped:
+            pass
+        finally:
+            if self.metrics is not None:
+                self.metrics.stop()
+            await self.broker.compaction.stop()  # a run's thread must end before the logs close
+            try:
+                self.broker.queues.stage_for_shutdown()  # a clean stop leaves no delivery in doubt
+            except Exception:  # a failed metadata store reports itself; the restart counts them once
+                log.exception("queue groups: staging their state at shutdown failed")
+            await asyncio.to_thread(self.store.close)
+
+    def _accept(self, tasks: asyncio.TaskGroup, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        session = ClientSession(self, reader, writer)
+        if len(self.sessions) >= self.config.connections_max or self.shutting_down:
+            code = ErrorCode.SERVER_SHUTTING_DOWN if self.shutting_down else ErrorCode.LIMIT_EXCEEDED
+            self._connections_refused += 1
+            tasks.create_task(session._close_with(code, f"connections_max {self.config.connections_max} reached"))
+            tasks.create_task(_close_later(writer))
+            return
+        self._connections_accepted += 1
+        self.sessions.add(session)
+        task = tasks.create_task(session.run())
+        task.add_done_callback(lambda _: self.sessions.discard(session))
+
+    async def _shutdown(self) -> None:
+        """Stop accepting, let requests in flight finish (up to the grace), tell every
+        client, close."""
+        self.shutting_down = True
+        self._listener.close()
+        deadline = time.monotonic() + self.config.shutdown_grace_ms / 1000
+        while time.monotonic() < deadline and any(s.connection.in_flight_count for s in self.sessions):
+            await asyncio.sleep(0.01)
+        for session in list(self.sessions):
+            await session._close_with(ErrorCode.SERVER_SHUTTING_DOWN, "the server is shutting down")
+            session.writer.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._listener.wait_closed(), 1)
+
+    async def _retention_job(self) -> None:
+        interval_s = self.config.retention_check_interval_ms / 1000
+        while not self.shutting_down:
+            await asyncio.sleep(interval_s)
+            try:
+                deleted = await asyncio.to_thread(self.store.apply_retention)
+            except Exception:  # a read-only log reports itself; the job carries on
+                log.exception("retention")
+                continue
+            for (topic, partition), segments in deleted.items():
+                log.info("retention deleted %d segment(s) of %s-%d", len(segments), topic, partition,
+                         extra={"topic": topic, "partition": partition, "segments": len(segments)})
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A bound, not yet listening, TCP socket (OSError when the address is taken):
+    until the server listens on it, a client's connect is refused rather than left
+    waiting in the backlog while the data directory is recovered."""
+    family, kind, proto, _name, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.setblocking(False)
+    except OSError as error:
+        sock.close()
+        raise OSError(error.errno, f"cannot listen on {host}:{port}: {error.strerror}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _close_later(writer: asyncio.StreamWriter) -> None:
+    await asyncio.sleep(0.05)
+    writer.close()
+
+
+def run(config: ServerConfig, *, announce: Callable[[str], None] = print) -> None:
+    """Run a server in this process until SIGTERM or SIGINT."""
+    try:
+        import uvloop  # type: ignore[import-not-found]
+    except ImportError:
+        uvloop = None
+
+    async def main() -> None:
+        metrics = None if config.metrics_port < 0 else Metrics(config.host, config.metrics_port)
+        server = Server(config, metrics=metrics)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, server.stop)
+
+        def ready(server: Server) -> None:
+            host, port = server.address
+            announce(f"nodi listening on {host}:{port} (data dir {os.path.abspath(config.data_dir)}, pid {os.getpid()})")
+            if metrics is not None:
+                announce(f"nodi metrics on http://{host}:{metrics.port}/metrics")
+
+        await server.run(on_ready=ready)
+
+    if uvloop is not None:
+        uvloop.run(main())
+    else:
+        asyncio.run(main())

@@ -1,0 +1,550 @@
+"""What the broker does for each request, apart from connections and bytes.
+
+`Broker.handle(request)` returns a Reply: a response message, plus the file slices to
+send after it for a fetch (sendfile). Storage calls that may block on an fsync or a
+big read run in threads; cheap ones (an append's write to the page cache, header scans)
+run on the event loop. Every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from nodi.storage.config import FsyncPolicy
+from nodi.storage.errors import OffsetOutOfRangeError, UnknownTopicError
+from nodi.storage.log import FileSlice, Log
+from nodi.storage.metadata import TopicConfig
+from nodi.storage.store import Store
+
+from ..protocol import messages as m
+from .config import ServerConfig
+from ..protocol.errors import ErrorCode, ProtocolError
+from .dedup import PublishDedup
+from .compaction_service import CompactionService
+from .groups import GroupCoordinator
+from .inbox_service import InboxService
+from .queue_service import QueueService
+from .reply import Reply, error_code_for, error_reply
+from .status import serve_server_status
+
+log = logging.getLogger("nodi.broker")
+
+# The fetch response header and frame overhead, kept out of the records budget so a
+# fetch response always fits in frame_bytes_max.
+FETCH_OVERHEAD_BYTES = 256
+
+
+class _PartitionWaiters:
+    """Fetches long-polling one partition: woken (on the loop) when its log's readable
+    end may have grown."""
+
+    def __init__(self) -> None:
+        self.futures: set[asyncio.Future] = set()
+
+    def wake(self) -> None:
+        for future in self.futures:
+            if not future.done():
+                future.set_result(None)
+        self.futures.clear()
+
+
+class Broker:
+    def __init__(self, store: Store, config: ServerConfig) -> None:
+        self.store = store
+        self.config = config
+        self.coordinator = GroupCoordinator(
+            store.metadata, self._partition_count, lambda: int(time.monotonic() * 1000), config.groups
+        )
+
+        self.queues = QueueService(self, config.queues)
+
+        self.compaction = CompactionService(store, config.compaction)
+        # Publish dedup of idempotency keys (broker/server/dedup.py), read back from the logs.
+        self.dedup = PublishDedup()
+        for name, topic_config in store.topics().items():
+            self.dedup.configure(name, topic_config.dedup_window_ms)
+        self.dedup.rebuild_all(store.logs())
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: asyncio.TaskGroup | None = None
+        # The metadata flush that staged offsets wait for (one per loop tick at most).
+        self._next_flush: asyncio.Future | None = None
+        self._flushing = False
+        self._waiters: dict[int, _PartitionWaiters] = {}  # id(log) -> waiters
+        self._listeners: dict[int, Callable[[], None]] = {}
+        self._producer_ids = itertools.count()
+        self._producer_id_base = int(time.time() * 1000) << 20
+        self.server_id = f"nodi-{self._producer_id_base:x}"
+        self.inboxes = InboxService(self.server_id, config.inboxes)
+        # The server's statistics() (connections, uptime), set by the Server that runs
+        # this broker; SERVER_STATUS reports them.
+        self.server_statistics: Callable[[], object] | None = None
+
+    def attach(self, loop: asyncio.AbstractEventLoop, tasks: asyncio.TaskGroup) -> None:
+        """Start serving on `loop`; background work goes into `tasks`."""
+        self._loop = loop
+        self._tasks = tasks
+        for _, _, partition_log in self.store.logs():
+            self._watch(partition_log)
+        tasks.create_task(self._expire_members())
+        self.queues.attach(loop, tasks)
+        self.inboxes.attach(tasks)
+
+    def _partition_count(self, topic: str) -> int | None:
+        config = self.store.topic_config(topic)
+        return None if config is None else config.partitions
+
+    async def _expire_members(self) -> None:
+        """The group coordinator's timer: members whose session timed out leave."""
+        while True:
+            deadline = self.coordinator.next_deadline_ms()
+            now = int(time.monotonic() * 1000)
+            await asyncio.sleep(0.2 if deadline is None else min(max(deadline - now, 0), 200) / 1000)
+            for expired in self.coordinator.expire():
+                log.info("group %s: member %s timed out", expired.group, expired.member_id)
+
+    async def flush_metadata(self) -> None:
+        """Return once everything staged before the call is committed to LMDB. Callers
+        in the same loop tick share one flush (one fsync), run off the loop."""
+        if self._next_flush is None:
+            self._next_flush = self._loop.create_future()
+            if not self._flushing:
+                self._loop.call_soon(self._start_flush)
+        waiter = self._next_flush
+        await asyncio.wait_for(asyncio.shield(waiter), self.config.write_timeout_ms / 1000)
+
+    def _start_flush(self) -> None:
+        if self._next_flush is None:
+            return
+        waiter, self._next_flush = self._next_flush, None
+        self._flushing = True
+        self._tasks.create_task(self._flush(waiter))
+
+    async def _flush(self, waiter: asyncio.Future) -> None:
+        try:
+            await asyncio.to_thread(self.store.metadata.flush)
+            waiter.set_result(None)
+        except Exception as error:  # reported to every commit waiting on it
+            waiter.set_exception(error)
+            waiter.exception()  # retrieved: no "never retrieved" noise if all gave up
+        finally:
+            self._flushing = False
+            if self._next_flush is not None:
+                self._start_flush()
+
+    def _watch(self, partition_log: Log) -> None:
+        key = id(partition_log)
+        if key in self._listeners:
+            return
+        waiters = self._waiters[key] = _PartitionWaiters()
+        loop = self._loop
+
+        def readable() -> None:  # any thread
+            if waiters.futures:
+                loop.call_soon_threadsafe(waiters.wake)
+
+        self._listeners[key] = readable
+        partition_log.add_readable_listener(readable)
+
+    def _unwatch(self, partition_log: Log) -> None:
+        callback = self._listeners.pop(id(partition_log), None)
+        if callback is not None:
+            partition_log.remove_readable_listener(callback)
+        waiters = self._waiters.pop(id(partition_log), None)
+        if waiters is not None:
+            waiters.wake()
+
+    # -- dispatch ---------------------------------------------------------------------
+
+    async def handle(self, request: m.Request, client_id: str = "") -> Reply:
+        handler = self._handlers.get(type(request))
+        try:
+            if handler is None:
+                raise ProtocolError(ErrorCode.UNKNOWN_API, f"{type(request).__name__} is not served here")
+            if type(request) is m.JoinGroupRequest:
+                return await self._join_group(request, client_id)
+            return await handler(self, request)
+        except ProtocolError as error:
+            return error_reply(request, error)
+        except Exception as error:  # every storage error becomes a typed code
+            if error_code_for(error) is ErrorCode.INTERNAL:
+                log.exception("internal error serving %s", type(request).__name__)
+            return error_reply(request, error)
+
+    # -- topics -------------------------------------------------------------------------
+
+    def _topic_config(self, settings: m.TopicSettings) -> TopicConfig:
+        base = self.config.topic_defaults
+
+        def pick(value: int, default):
+            return default if value == m.CONFIG_DEFAULT else value
+
+        def retention(value: int, default):
+            return None if value == m.RETENTION_UNLIMITED else pick(value, default)
+
+        config = TopicConfig(
+            partitions=pick(settings.partitions, base.partitions),
+            retention_ms=retention(settings.retention_ms, base.retention_ms),
+            retention_bytes=retention(settings.retention_bytes, base.retention_bytes),
+            cleanup_policy=settings.cleanup_policy or base.cleanup_policy,
+            fsync_policy=settings.fsync_policy or base.fsync_policy,
+            fsync_interval_ms=pick(settings.fsync_interval_ms, base.fsync_interval_ms),
+            segment_bytes=pick(settings.segment_bytes, base.segment_bytes),
+            segment_ms=pick(settings.segment_ms, base.segment_ms),
+            ttl_ms=pick(settings.ttl_ms, base.ttl_ms),
+            dedup_window_ms=pick(settings.dedup_window_ms, base.dedup_window_ms),
+            delete_retention_ms=pick(settings.delete_retention_ms, self.compaction.delete_retention_ms(base)),
+        )
+        config.validate()
+        return config
+
+    def _settings(self, config: TopicConfig) -> m.TopicSettings:
+        unlimited = m.RETENTION_UNLIMITED
+        return m.TopicSettings(
+            partitions=config.partitions,
+            retention_ms=unlimited if config.retention_ms is None else config.retention_ms,
+            retention_bytes=unlimited if config.retention_bytes is None else config.retention_bytes,
+            cleanup_policy=config.cleanup_policy,
+            fsync_policy=config.fsync_policy,
+            fsync_interval_ms=config.fsync_interval_ms,
+            segment_bytes=config.segment_bytes,
+            segment_ms=config.segment_ms,
+            ttl_ms=config.ttl_ms,
+            dedup_window_ms=config.dedup_window_ms,
+            delete_retention_ms=self.compaction.delete_retention_ms(config),
+        )
+
+    async def _create_topic(self, request: m.CreateTopicRequest) -> Reply:
+        config = self._topic_config(request.settings)
+        await asyncio.to_thread(self.store.create_topic, request.name, config)
+        for partition in range(config.partitions):
+            self._watch(self.store.log(request.name, partition))
+        self.coordinator.on_topic_created(request.name)
+        return Reply(m.CreateTopicResponse(request_id=request.request_id, settings=self._settings(config)))
+
+    async def _delete_topic(self, request: m.DeleteTopicRequest) -> Reply:
+        config = self.store.topic_config(request.name)
+        if config is None:
+            raise UnknownTopicError(f"topic {request.name!r} does not exist")
+        for partition in range(config.partitions):
+            self._unwatch(self.store.log(request.name, partition))
+        await asyncio.to_thread(self.store.delete_topic, request.name)
+        self.coordinator.on_topic_deleted(request.name)
+        self.dedup.drop(request.name)
+        self.queues.on_topic_deleted(request.name)
+        return Reply(m.DeleteTopicResponse(request_id=request.request_id))
+
+    async def _list_topics(self, request: m.ListTopicsRequest) -> Reply:
+        topics = [m.TopicSummary(name=name, partitions=config.partitions)
+                  for name, config in sorted(self.store.topics().items())]
+        return Reply(m.ListTopicsResponse(request_id=request.request_id, topics=topics))
+
+    async def _describe_topic(self, request: m.DescribeTopicRequest) -> Reply:
+        config = self.store.topic_config(request.name)
+        if config is None:
+            raise UnknownTopicError(f"topic {request.name!r} does not exist")
+        partitions = []
+        for number in range(config.partitions):
+            statistics = self.store.log(request.name, number).statistics()
+            partitions.append(m.PartitionState(
+                partition=number,
+                log_start_offset=statistics.log_start_offset,
+                log_end_offset=statistics.next_offset,
+                high_watermark=self.store.log(request.name, number).readable_end_offset,
+                size_bytes=statistics.byte_count,
+                segments=statistics.segment_count,
+            ))
+        return Reply(m.DescribeTopicResponse(
+            request_id=request.request_id, name=request.name, settings=self._settings(config), partitions=partitions
+        ))
+
+    def _log(self, topic: str, partition: int) -> Log:
+        return self._config_and_log(topic, partition)[1]
+
+    def _config_and_log(self, topic: str, partition: int) -> tuple[TopicConfig, Log]:
+        config = self.store.topic_config(topic)
+        if config is None:
+            raise UnknownTopicError(f"topic {topic!r} does not exist")
+        if not 0 <= partition < config.partitions:
+            raise ProtocolError(ErrorCode.UNKNOWN_PARTITION, f"topic {topic!r} has no partition {partition}")
+        return config, self.store.log(topic, partition)
+
+    # -- produce and fetch ------------------------------------------------------------------
+
+    async def _produce(self, request: m.ProduceRequest) -> Reply:
+        config, partition_log = self._config_and_log(request.topic, request.partition)
+        self.compaction.check_produce(request.topic, partition_log, request.records)
+        # Publish dedup (broker/server/dedup.py): check, append and record run without an await.
+        check = self.dedup.check(request.topic, config.dedup_window_ms, request.records)
+        if check is not None and check.duplicates:
+            return await self._produce_duplicates(request, check)
+        result = partition_log.append_nowait(request.records)
+        if check is not None:
+            self.dedup.record(request.topic, request.partition, result.first_offset, check)
+        if request.acks is m.Acks.DURABLE:
+            timeout_s = max(request.timeout_ms, 1) / 1000
+            if partition_log.config.fsync_policy is FsyncPolicy.NEVER:
+                await asyncio.wait_for(asyncio.to_thread(partition_log.flush), timeout_s)
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(partition_log.durable_future(result.last_offset)), timeout_s)
+            except TimeoutError:
+                raise ProtocolError(
+                    ErrorCode.NOT_DURABLE,
+                    f"written at offsets {result.first_offset}..{result.last_offset} but not fsynced within "
+                    f"{request.timeout_ms} ms",
+                ) from None
+        if request.acks is m.Acks.NONE:
+            return Reply(m.ProduceResponse(request_id=request.request_id))
+        return Reply(m.ProduceResponse(
+            request_id=request.request_id,
+            base_offset=result.first_offset,
+            last_offset=result.last_offset,
+            log_append_time_ms=result.log_append_time_ms,
+            log_start_offset=partition_log.log_start_offset,
+        ))
+
+    async def _produce_duplicates(self, request: m.ProduceRequest, check) -> Reply:
+        """Nothing of the request is written. Every record a duplicate: a success naming
+        the originals (with acks durable, once they are durable). Some new:
+        PARTLY_DUPLICATE naming the duplicates; the sender sends the others again."""
+        self.dedup.note_duplicates(check)
+        duplicates = [m.DuplicateRecord(index=index, partition=original.partition, offset=original.offset)
+                      for index, original in check.duplicates]
+        if len(duplicates) < check.record_count:
+            return Reply(m.ProduceResponse(
+                request_id=request.request_id,
+                error_code=ErrorCode.PARTLY_DUPLICATE,
+                error_message=f"{len(duplicates)} of {check.record_count} records were written before: nothing "
+                              "was written; send the others again",
+                duplicates=duplicates,
+            ))
+        if request.acks is m.Acks.DURABLE:
+            last: dict[int, int] = {}
+            for _, original in check.duplicates:
+                last[original.partition] = max(last.get(original.partition, -1), original.offset)
+            timeout_s = max(request.timeout_ms, 1) / 1000
+            for partition, offset in last.items():
+                original_log = self._log(request.topic, partition)
+                if original_log.config.fsync_policy is FsyncPolicy.NEVER:
+                    await asyncio.wait_for(asyncio.to_thread(original_log.flush), timeout_s)
+                try:
+                    await asyncio.wait_for(asyncio.wrap_future(original_log.durable_future(offset)), timeout_s)
+                except TimeoutError:
+                    raise ProtocolError(ErrorCode.NOT_DURABLE, f"the original at {partition}/{offset} was not "
+                                        f"fsynced within {request.timeout_ms} ms") from None
+        return Reply(m.ProduceResponse(request_id=request.request_id, duplicates=duplicates))
+
+    async def _fetch(self, request: m.FetchRequest) -> Reply:
+        partition_log = self._log(request.topic, request.partition)
+        budget = min(max(request.bytes_max, 1), self.config.protocol.frame_bytes_max - FETCH_OVERHEAD_BYTES)
+        wait_s = min(max(request.wait_ms, 0), self.config.fetch_wait_max_ms) / 1000
+        deadline = asyncio.get_running_loop().time() + wait_s
+        waiters = self._waiters.get(id(partition_log))
+        while True:
+            future = None
+            if waiters is not None and wait_s > 0:
+                future = asyncio.get_running_loop().create_future()
+                waiters.futures.add(future)  # before the read: no wakeup can be missed
+            result = partition_log.read(request.offset, budget)
+            remaining = deadline - asyncio.get_running_loop().time()
+            if result.byte_count >= max(request.min_bytes, 1) or remaining <= 0 or future is None:
+                if future is not None:
+                    waiters.futures.discard(future)
+                    future.cancel()
+                return self._fetch_reply(request, partition_log, result)
+            try:
+                await asyncio.wait_for(future, remaining)
+            except TimeoutError:
+                pass
+            finally:
+                waiters.futures.discard(future)
+            if id(partition_log) not in self._waiters:  # topic deleted while waiting
+                raise UnknownTopicError(f"topic {request.topic!r} was deleted")
+
+    def _fetch_reply(self, request: m.FetchRequest, partition_log: Log, result) -> Reply:
+        response = m.FetchResponse(
+            request_id=request.request_id,
+            high_watermark=result.end_offset,
+            log_start_offset=result.log_start_offset,
+        )
+        return Reply(response, result.slices)
+
+    async def _list_offsets(self, request: m.ListOffsetsRequest) -> Reply:
+        partition_log = self._log(request.topic, request.partition)
+        end = partition_log.readable_end_offset
+        timestamp = m.NO_OFFSET
+        if request.spec is m.OffsetSpec.EARLIEST:
+            offset = partition_log.log_start_offset
+        elif request.spec is m.OffsetSpec.LATEST:
+            offset = end
+        else:
+            found = await asyncio.to_thread(partition_log.offset_for_timestamp, request.timestamp_ms)
+            offset = end if found is None else found
+            timestamp = request.timestamp_ms if found is not None else m.NO_OFFSET
+        return Reply(m.ListOffsetsResponse(request_id=request.request_id, offset=offset, timestamp_ms=timestamp))
+
+    async def _init_producer_id(self, request: m.InitProducerIdRequest) -> Reply:
+        """Ids are unique without persistence: the server's start time in ms, shifted,
+        plus a counter. A known id asks for the next epoch, fencing older ones."""
+        if request.producer_id >= 0:
+            epoch = request.producer_epoch + 1
+            if epoch > 32767:
+                raise ProtocolError(ErrorCode.INVALID_PRODUCER_EPOCH, "epoch exhausted; ask for a new producer id")
+            return Reply(m.InitProducerIdResponse(
+                request_id=request.request_id, producer_id=request.producer_id, producer_epoch=epoch
+            ))
+        counter = next(self._producer_ids)
+        if counter >= 1 << 20:
+            self._producer_id_base = max(self._producer_id_base + (1 << 20), int(time.time() * 1000) << 20)
+            self._producer_ids = itertools.count(1)
+            counter = 0
+        return Reply(m.InitProducerIdResponse(
+            request_id=request.request_id, producer_id=self._producer_id_base + counter, producer_epoch=0
+        ))
+
+    # -- offsets a group has committed or could commit ---------------------------------------
+
+    def resolve_offset(self, topic: str, partition: int, spec: m.ResetSpec, offset: int, timestamp_ms: int) -> int:
+        partition_log = self._log(topic, partition)
+        if spec is m.ResetSpec.EARLIEST:
+            return partition_log.log_start_offset
+        if spec is m.ResetSpec.LATEST:
+            return partition_log.readable_end_offset
+        if spec is m.ResetSpec.OFFSET:
+            if not partition_log.log_start_offset <= offset <= partition_log.next_offset:
+                raise OffsetOutOfRangeError(offset, partition_log.log_start_offset, partition_log.next_offset)
+            return offset
+        found = partition_log.offset_for_timestamp(timestamp_ms)
+        return partition_log.readable_end_offset if found is None else found
+
+    # -- stream-mode consumer groups (broker/server/groups.py) ------------------------------------------
+
+    @staticmethod
+    def _assignments(assignments: dict[str, list[int]]) -> list[m.TopicPartitions]:
+        return [m.TopicPartitions(topic=topic, partitions=list(partitions))
+                for topic, partitions in sorted(assignments.items())]
+
+    async def _join_group(self, request: m.JoinGroupRequest, client_id: str) -> Reply:
+        result = self.coordinator.join(
+            request.group, request.member_id, client_id, request.topics, request.session_timeout_ms
+        )
+        return Reply(m.JoinGroupResponse(
+            request_id=request.request_id,
+            generation=result.generation,
+            member_id=result.member_id,
+            heartbeat_interval_ms=result.heartbeat_interval_ms,
+            assignments=self._assignments(result.assignments),
+        ))
+
+    async def _leave_group(self, request: m.LeaveGroupRequest) -> Reply:
+        self.coordinator.leave(request.group, request.member_id)
+        return Reply(m.LeaveGroupResponse(request_id=request.request_id))
+
+    async def _heartbeat(self, request: m.HeartbeatRequest) -> Reply:
+        result = self.coordinator.heartbeat(request.group, request.member_id, request.generation)
+        return Reply(m.HeartbeatResponse(
+            request_id=request.request_id,
+            error_code=result.error_code,
+            error_message="the group rebalanced: adopt the new assignment" if result.error_code else None,
+            generation=result.generation,
+            assignments=self._assignments(result.assignments),
+        ))
+
+    async def _commit_offsets(self, request: m.CommitOffsetsRequest) -> Reply:
+        result = self.coordinator.commit(
+            request.group, request.generation, request.member_id,
+            [(o.topic, o.partition, o.offset, o.metadata) for o in request.offsets],
+        )
+        if result.staged:
+            await self.flush_metadata()
+        return Reply(m.CommitOffsetsResponse(
+            request_id=request.request_id,
+            results=[m.PartitionError(topic=r.topic, partition=r.partition, error_code=r.error_code)
+                     for r in result.results],
+        ))
+
+    async def _fetch_offsets(self, request: m.FetchOffsetsRequest) -> Reply:
+        offsets = self.coordinator.fetch_offsets(request.group, request.topics or None)
+        return Reply(m.FetchOffsetsResponse(
+            request_id=request.request_id,
+            offsets=[m.GroupOffset(topic=topic, partition=partition, offset=entry.offset,
+                                   metadata=entry.metadata, commit_time_ms=entry.commit_time_ms)
+                     for (topic, partition), entry in offsets.items()],
+        ))
+
+    async def _reset_group(self, request: m.ResetGroupRequest) -> Reply:
+        value = request.timestamp_ms if request.spec is m.ResetSpec.TIMESTAMP else request.offset
+
+        def resolve(topic: str, partition: int, spec: m.ResetSpec, value: int) -> int:
+            return self.resolve_offset(topic, partition, spec, value, value)
+
+        result = self.coordinator.reset(request.group, request.topic, request.spec, request.partitions, resolve, value)
+        if result.staged:
+            await self.flush_metadata()
+        return Reply(m.ResetGroupResponse(
+            request_id=request.request_id,
+            offsets=[m.PartitionOffset(partition=p, offset=o) for p, o in sorted(result.offsets.items())],
+        ))
+
+    async def _list_groups(self, request: m.ListGroupsRequest) -> Reply:
+        return Reply(m.ListGroupsResponse(
+            request_id=request.request_id,
+            groups=[m.GroupSummary(group=g.group, state=g.state, members=g.members)
+                    for g in self.coordinator.list_groups()],
+        ))
+
+    async def _describe_group(self, request: m.DescribeGroupRequest) -> Reply:
+        description = self.coordinator.describe(request.group)
+        lags = []
+        for (topic, partition), committed in description.offsets.items():
+            try:
+                high_watermark = self.store.log(topic, partition).readable_end_offset
+            except UnknownTopicError:
+                continue
+            lags.append(m.GroupLag(topic=topic, partition=partition,
+                                   committed_offset=m.NO_OFFSET if committed is None else committed.offset,
+                                   high_watermark=high_watermark))
+        return Reply(m.DescribeGroupResponse(
+            request_id=request.request_id,
+            group=description.group,
+            state=description.state,
+            generation=description.generation,
+            members=[m.GroupMember(member_id=member.member_id, client_id=member.client_id,
+                                   session_timeout_ms=member.session_timeout_ms,
+                                   assignments=self._assignments(member.assignments))
+                     for member in description.members],
+            lags=lags,
+        ))
+
+    _handlers = {
+        m.CreateTopicRequest: _create_topic,
+        m.DeleteTopicRequest: _delete_topic,
+        m.ListTopicsRequest: _list_topics,
+        m.DescribeTopicRequest: _describe_topic,
+        m.ProduceRequest: _produce,
+        m.FetchRequest: _fetch,
+        m.ListOffsetsRequest: _list_offsets,
+        m.InitProducerIdRequest: _init_producer_id,
+        m.JoinGroupRequest: _join_group,
+        m.LeaveGroupRequest: _leave_group,
+        m.HeartbeatRequest: _heartbeat,
+        m.CommitOffsetsRequest: _commit_offsets,
+        m.FetchOffsetsRequest: _fetch_offsets,
+        m.ResetGroupRequest: _reset_group,
+        m.ListGroupsRequest: _list_groups,
+        m.DescribeGroupRequest: _describe_group,
+        m.ServerStatusRequest: serve_server_status,
+        m.QueueReceiveRequest: lambda self, request: self.queues.receive(request),
+        m.QueueSettleRequest: lambda self, request: self.queues.settle(request),
+        m.QueueDescribeRequest: lambda self, request: self.queues.describe(request),
+        m.QueueListRequest: lambda self, request: self.queues.list(request),
+        m.InboxOpenRequest: lambda self, request: self.inboxes.open(request),
+        m.InboxReceiveRequest: lambda self, request: self.inboxes.receive(request),
+        m.InboxCloseRequest: lambda self, request: self.inboxes.close(request),
+        m.ReplyRequest: lambda self, request: self.inboxes.reply(request),
+        m.CompactTopicRequest: lambda self, request: self.compaction.compact_topic(request),
+    }

@@ -1,0 +1,106 @@
+"""Server-level facts an operator asks for: the SERVER_STATUS request (`nodi status`)
+and the figures the metrics endpoint reads at scrape time that are not one component's
+statistics() (consumer lag, disk space).
+
+Everything here reads thread-safe state only (partition logs' statistics, the metadata
+store, os calls), so the Prometheus thread may call it as well as the event loop.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from functools import cache
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
+
+from nodi.storage.errors import UnknownTopicError
+from nodi.storage.store import Store
+
+from ..protocol import messages as m
+from .reply import Reply
+
+
+@cache
+def nodi_version() -> str:
+    try:
+        return package_version("nodi")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class DiskSpace:
+    free_bytes: int  # available to the server's user (statvfs f_bavail)
+    total_bytes: int
+
+
+def disk_space(path: str) -> DiskSpace | None:
+    """Free and total bytes of the file system holding `path`; None when it cannot be
+    asked (the directory vanished)."""
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError:
+        return None
+    return DiskSpace(usage.free, usage.total)
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerLag:
+    group: str
+    topic: str
+    partition: int
+    committed_offset: int
+    end_offset: int  # the partition's high watermark: what consumers may read
+
+    @property
+    def lag(self) -> int:
+        return max(self.end_offset - self.committed_offset, 0)
+
+
+def consumer_lags(store: Store) -> list[ConsumerLag]:
+    """Every committed group offset against its partition's high watermark, sorted.
+    Partitions of deleted topics are left out; partitions a group has not yet
+    committed have no lag to report."""
+    metadata = store.metadata
+    lags = []
+    for group in metadata.list_groups():
+        for (topic, partition), committed in sorted(metadata.group_offsets(group).items()):
+            try:
+                end = store.log(topic, partition).readable_end_offset
+            except UnknownTopicError:
+                continue
+            lags.append(ConsumerLag(group, topic, partition, committed.offset, end))
+    return lags
+
+
+def read_only_partitions(store: Store) -> dict[str, list[int]]:
+    """topic -> its partitions that refuse appends after a write or fsync error."""
+    found: dict[str, list[int]] = {}
+    for topic, partition, partition_log in store.logs():
+        if partition_log.statistics().read_only:
+            found.setdefault(topic, []).append(partition)
+    return {topic: sorted(partitions) for topic, partitions in sorted(found.items())}
+
+
+async def serve_server_status(broker, request: m.ServerStatusRequest):
+    """The SERVER_STATUS handler (registered in Broker._handlers)."""
+    statistics = broker.server_statistics() if broker.server_statistics is not None else None
+    data_dir = os.path.abspath(broker.config.data_dir)
+    space = disk_space(data_dir)
+    return Reply(m.ServerStatusResponse(
+        request_id=request.request_id,
+        server_id=broker.server_id,
+        version=nodi_version(),
+        started_time_ms=-1 if statistics is None else statistics.started_time_ms,
+        uptime_ms=0 if statistics is None else statistics.uptime_ms,
+        data_dir=data_dir,
+        connections_open=0 if statistics is None else statistics.connections_open,
+        connections_accepted=0 if statistics is None else statistics.connections_accepted,
+        connections_refused=0 if statistics is None else statistics.connections_refused,
+        disk_free_bytes=-1 if space is None else space.free_bytes,
+        disk_total_bytes=-1 if space is None else space.total_bytes,
+        read_only_partitions=[m.TopicPartitions(topic=topic, partitions=partitions)
+                              for topic, partitions in read_only_partitions(broker.store).items()],
+    ))
