@@ -1,9 +1,17 @@
-"""nodi.broker: the server, its wire protocol and the Python client.
+"""nodi.broker: the server, its wire protocol and the Python client, as three packages:
 
-    from nodi.broker import Client, AsyncClient
+    nodi.broker.protocol   the wire protocol both sides share (sans-IO)
+    nodi.broker.server     the asyncio server and its services
+    nodi.broker.client     the Python client
 
-The client's names are loaded on first use (nodi.broker.client), so importing the server
-or the protocol does not import the client, and the other way round.
+Users import from here:
+
+    from nodi.broker import Client, AsyncClient, TopicExists
+
+Every name a client user needs is exported: the clients, producers, consumers, queues,
+message and description types, and every exception the client raises. They are loaded on
+first use (from nodi.broker.client), so importing the server or the protocol does not
+import the client, and the other way round.
 """
 
 from __future__ import annotations
@@ -18,45 +26,147 @@ _CLIENT_NAMES = frozenset(
         "AsyncProducer",
         "AsyncQueue",
         "Backoff",
+        "BufferFull",
         "Client",
+        "ClientClosed",
+        "ConnectFailed",
+        "ConnectionLost",
         "Consumer",
+        "CorruptData",
+        "DeliverySettled",
+        "DiskFull",
+        "DuplicateSequence",
+        "GroupDescription",
+        "GroupError",
+        "GroupMemberDescription",
+        "GroupNotEmpty",
+        "GroupSummary",
+        "IllegalGeneration",
+        "InternalServerError",
+        "InvalidConfig",
+        "InvalidRecords",
+        "InvalidRequest",
+        "KeyRequired",
+        "LimitExceeded",
         "Message",
         "NodiClientError",
+        "NotDurable",
+        "OffsetOutOfRange",
+        "OutOfOrderSequence",
+        "PartitionDescription",
+        "PartitionLag",
+        "PartlyDuplicate",
         "Producer",
+        "ProducerError",
+        "ProducerFenced",
+        "ProtocolViolation",
         "Queue",
         "QueueDescription",
+        "QueueError",
         "QueueMessage",
+        "QueueSettingsMismatch",
         "QueueSummary",
+        "ReadOnlyLog",
+        "RebalanceInProgress",
+        "RequestTimeout",
+        "ServerShuttingDown",
+        "StaleDelivery",
+        "Timeout",
+        "TooManyRequests",
         "TopicDescription",
+        "TopicExists",
         "TopicSettings",
-        "GroupDescription",
+        "TopicSummary",
         "UNLIMITED",
+        "UnknownDelivery",
+        "UnknownGroup",
+        "UnknownInbox",
+        "UnknownMember",
+        "UnknownPartition",
+        "UnknownProducerId",
+        "UnknownQueueGroup",
+        "UnknownTopic",
+        "partition_for_key",
     }
 )
 
-# The idempotent-consumer helper (nodi.broker.idempotent), also loaded on first use.
+# The idempotent-consumer helper (nodi.broker.client.idempotent), also loaded on first use.
 _IDEMPOTENT_NAMES = frozenset({"AsyncIdempotentConsumer", "IdempotentConsumer", "KeyStore", "LmdbKeyStore"})
 
 if TYPE_CHECKING:  # pragma: no cover
     from .client import (  # noqa: F401
-        UNLIMITED,
         AsyncClient,
         AsyncConsumer,
         AsyncProducer,
         AsyncQueue,
         Backoff,
+        BufferFull,
         Client,
+        ClientClosed,
+        ConnectFailed,
+        ConnectionLost,
         Consumer,
+        CorruptData,
+        DeliverySettled,
+        DiskFull,
+        DuplicateSequence,
         GroupDescription,
+        GroupError,
+        GroupMemberDescription,
+        GroupNotEmpty,
+        GroupSummary,
+        IllegalGeneration,
+        InternalServerError,
+        InvalidConfig,
+        InvalidRecords,
+        InvalidRequest,
+        KeyRequired,
+        LimitExceeded,
         Message,
         NodiClientError,
+        NotDurable,
+        OffsetOutOfRange,
+        OutOfOrderSequence,
+        PartitionDescription,
+        PartitionLag,
+        PartlyDuplicate,
         Producer,
+        ProducerError,
+        ProducerFenced,
+        ProtocolViolation,
         Queue,
         QueueDescription,
+        QueueError,
         QueueMessage,
+        QueueSettingsMismatch,
         QueueSummary,
+        ReadOnlyLog,
+        RebalanceInProgress,
+        RequestTimeout,
+        ServerShuttingDown,
+        StaleDelivery,
+        Timeout,
+        TooManyRequests,
         TopicDescription,
+        TopicExists,
         TopicSettings,
+        TopicSummary,
+        UNLIMITED,
+        UnknownDelivery,
+        UnknownGroup,
+        UnknownInbox,
+        UnknownMember,
+        UnknownPartition,
+        UnknownProducerId,
+        UnknownQueueGroup,
+        UnknownTopic,
+        partition_for_key,
+    )
+    from .client.idempotent import (  # noqa: F401
+        AsyncIdempotentConsumer,
+        IdempotentConsumer,
+        KeyStore,
+        LmdbKeyStore,
     )
 
 
@@ -64,7 +174,7 @@ def __getattr__(name: str) -> Any:
     if name in _CLIENT_NAMES:
         return getattr(importlib.import_module(".client", __name__), name)
     if name in _IDEMPOTENT_NAMES:
-        return getattr(importlib.import_module(".idempotent", __name__), name)
+        return getattr(importlib.import_module(".client.idempotent", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

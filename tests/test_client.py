@@ -19,7 +19,7 @@ import time
 import pytest
 
 from nodi.broker import AsyncClient, Client
-from nodi.broker import messages as m
+from nodi.broker.protocol import messages as m
 from nodi.broker.client import (
     UNLIMITED,
     ConnectionLost,
@@ -33,12 +33,12 @@ from nodi.broker.client import (
     UnknownTopic,
     partition_for_key,
 )
-from nodi.broker.client_connection import ClientConnection
-from nodi.broker.client_futures import MessageFuture, resolve
-from nodi.broker.client_types import resolve_address
-from nodi.broker.errors import ErrorCode
-from nodi.broker.limits import DEFAULT_PROTOCOL_LIMITS
-from nodi.broker.protocol import Connection, Role
+from nodi.broker.client.connection import ClientConnection
+from nodi.broker.client.futures import MessageFuture, resolve
+from nodi.broker.client.types import resolve_address
+from nodi.broker.protocol.errors import ErrorCode
+from nodi.broker.protocol.limits import DEFAULT_PROTOCOL_LIMITS
+from nodi.broker.protocol.connection import Connection, Role
 from nodi.storage.errors import NodiError
 
 
@@ -387,3 +387,38 @@ def test_a_slow_consumer_does_not_stall_producers(broker_factory, tmp_path):
         assert futures[-1].result()[1] == 24_999
         assert len(client.fetch("firehose", 0, 24_990)) == 10
         slow.close()
+
+
+def test_the_blocking_client_writes_out_every_async_method_with_the_same_signature():
+    """Client's methods are written in its class (IDEs and type checkers see them), one
+    per public AsyncClient coroutine, with the same parameters, defaults and return."""
+    import inspect
+
+    from nodi.broker import AsyncClient
+
+    life_cycle = {"connect", "close"}
+    coroutines = {
+        name for name, value in vars(AsyncClient).items()
+        if not name.startswith("_") and inspect.iscoroutinefunction(value)
+    }
+    for name in sorted(coroutines):
+        assert name in vars(Client), f"Client has no written-out {name}"
+        method = vars(Client)[name]
+        assert method.__qualname__ == f"Client.{name}", name
+        if name not in life_cycle:
+            assert inspect.signature(method) == inspect.signature(getattr(AsyncClient, name)), name
+
+
+def test_every_client_exception_and_type_is_importable_from_nodi_broker():
+    import nodi.broker
+    import nodi.broker.client
+    from nodi.broker.client import errors
+
+    exceptions = {
+        name for name, value in vars(errors).items()
+        if isinstance(value, type) and issubclass(value, Exception) and value.__module__ == errors.__name__
+    }
+    assert exceptions <= set(nodi.broker.__all__), sorted(exceptions - set(nodi.broker.__all__))
+    for name in nodi.broker.__all__:
+        assert getattr(nodi.broker, name) is not None, name
+    assert {"Client", "AsyncClient", "Message", "TopicSettings", "Queue", "IdempotentConsumer"} <= set(dir(nodi.broker))
