@@ -20,7 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nodi.broker.protocol import docs, schema
+from nodi.broker.protocol import docs as protocol_docs
+from nodi.broker.protocol import schema
 from nodi.broker.protocol.errors import ERROR_DESCRIPTIONS
 from nodi.broker.server.reply import error_code_for
 from nodi.broker.protocol.frames import decode_message_body, decode_frame_header
