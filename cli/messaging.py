@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import queue
+import select
 import signal
 import sys
 import threading
@@ -220,6 +221,38 @@ def _stop_on_signals() -> Iterator[list[bool]]:
             signal.signal(number, handler)
 
 
+def _output_closed(fd: int) -> bool:
+    """Whether the reader of `fd` has gone (a pipe whose reader exited, as `| head`
+    does): poll(2) reports POLLERR on a pipe's write end then, without a write. A
+    terminal or a file never reports it."""
+    poller = select.poll()
+    poller.register(fd, 0)  # POLLERR, POLLHUP and POLLNVAL are always reported
+    return any(events & (select.POLLERR | select.POLLHUP | select.POLLNVAL) for _, events in poller.poll(0))
+
+
+def _ends_at_start(client, consumer, topic: str) -> dict[tuple[str, int], int] | None:
+    """--exit-at-end: the end offset of each partition the consumer reads, as it is now,
+    leaving out the empty ones; None while a group member has no assignment yet."""
+    assignment = consumer.assignment()
+    if not assignment:
+        return None
+    ends = {}
+    for _, partition in assignment:
+        end = client.list_offsets(topic, partition, "latest")
+        if end > client.list_offsets(topic, partition, "earliest"):
+            ends[(topic, partition)] = end
+    return ends
+
+
+def _reached(consumer, ends: dict[tuple[str, int], int]) -> bool:
+    """Every partition read up to its end offset as it was at start."""
+    for (topic, partition), end in ends.items():
+        position = consumer.position(topic, partition)
+        if position is None or position < end:
+            return False
+    return True
+
+
 def _message_line(message) -> bytes:
     return (
         json.dumps(
@@ -288,9 +321,19 @@ def consume_command(
             '(a list of name-value pairs); text when valid UTF-8, else {"base64": "..."}.',
         ),
     ] = False,
+    exit_at_end: Annotated[
+        bool,
+        typer.Option(
+            "--exit-at-end",
+            "-e",
+            help="Stop once every partition read has been printed up to its end as it was when reading "
+            "began (kcat's -e); with --group, the partitions assigned at start.",
+        ),
+    ] = False,
 ) -> None:
-    """Print messages of a topic until Ctrl-C, --count or --timeout-ms: each value as a
-    line (raw bytes), or JSON lines with --json.
+    """Print messages of a topic until Ctrl-C, --count, --timeout-ms or --exit-at-end:
+    each value as a line (raw bytes), or JSON lines with --json. A closed pipe (`| head`)
+    ends it too, within half a second even on a quiet topic.
 
     With --group, what was printed is committed every 5 s and when it stops (Ctrl-C
     included), so the next run of the group goes on after it. Without --group every
@@ -315,8 +358,16 @@ def consume_command(
         printed = 0
         try:
             consumer.start()
+            ends = None  # --exit-at-end: taken once the consumer knows its partitions
             last_message = time.monotonic()  # --timeout-ms counts from when reading begins
             while not stopping[0] and (count is None or printed < count):
+                if exit_at_end and ends is None:
+                    ends = _ends_at_start(client, consumer, topic)
+                if ends is not None and _reached(consumer, ends):
+                    break
+                if _output_closed(output.fileno()):
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+                    break
                 wait_ms = POLL_WAIT_MS
                 if timeout_ms is not None:
                     remaining_ms = timeout_ms - (time.monotonic() - last_message) * 1000

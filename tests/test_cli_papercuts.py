@@ -1,0 +1,76 @@
+"""What a new user trips over on the command line (issue 11), each against a real
+`nodi serve` process: `nodi consume | head` ends on a quiet topic, `--exit-at-end`
+stops at the end the partitions had at start."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from conftest import NODI
+
+from nodi.broker import Client
+
+TIMEOUT_S = 60
+ENVIRONMENT = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
+ENVIRONMENT.pop("NODI_SERVER", None)
+
+
+def _consume(server, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        NODI + ["--server", server.address, "consume", *args],
+        capture_output=True, timeout=TIMEOUT_S, env=ENVIRONMENT, stdin=subprocess.DEVNULL,
+    )
+
+
+def test_consume_ends_when_its_reader_closes_the_pipe_on_a_quiet_topic(server):
+    """`nodi consume quiet | head -2`: after the two lines nothing more is written, so the
+    old loop only noticed the closed pipe at a next write that never came."""
+    with Client(server.address) as client:
+        client.create_topic("papercut-quiet", 1)
+        for number in range(3):
+            client.produce("papercut-quiet", f"line {number}".encode())
+    head = subprocess.Popen(["head", "-2"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    consume = subprocess.Popen(
+        NODI + ["--server", server.address, "consume", "papercut-quiet"],
+        stdout=head.stdin, stderr=subprocess.PIPE, env=ENVIRONMENT, stdin=subprocess.DEVNULL,
+    )
+    head.stdin.close()  # head holds the pipe's read end, consume its write end
+    try:
+        lines = head.stdout.read()
+        assert head.wait(timeout=TIMEOUT_S) == 0
+        assert lines.splitlines() == [b"line 0", b"line 1"]
+        assert consume.wait(timeout=TIMEOUT_S) == 0, consume.stderr.read()
+    finally:
+        for process in (consume, head):
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=15)
+        consume.stderr.close()
+        head.stdout.close()
+
+
+def test_consume_exit_at_end_stops_at_the_end_as_it_was_at_start(server):
+    with Client(server.address) as client:
+        client.create_topic("papercut-end", 3)
+        values = {f"m{number}".encode() for number in range(30)}
+        for number, value in enumerate(sorted(values)):
+            client.produce("papercut-end", value, partition=number % 3)
+        client.create_topic("papercut-empty", 2)
+
+    alone = _consume(server, "papercut-end", "--exit-at-end")
+    assert alone.returncode == 0, alone.stderr
+    assert set(alone.stdout.splitlines()) == values and len(alone.stdout.splitlines()) == 30
+
+    one = _consume(server, "papercut-end", "-e", "--partition", "1")
+    assert one.returncode == 0, one.stderr
+    assert len(one.stdout.splitlines()) == 10
+
+    grouped = _consume(server, "papercut-end", "-e", "--group", "papercut-readers")
+    assert grouped.returncode == 0, grouped.stderr
+    assert set(grouped.stdout.splitlines()) == values
+    again = _consume(server, "papercut-end", "-e", "--group", "papercut-readers")  # committed: nothing left
+    assert again.returncode == 0 and again.stdout == b"", again
+
+    empty = _consume(server, "papercut-empty", "-e")
+    assert empty.returncode == 0 and empty.stdout == b"", empty
