@@ -87,6 +87,25 @@ def _dead_letter_topics(client) -> dict[str, list[str]]:
     return {name: groups for name, groups in sorted(found.items()) if name in existing}
 
 
+def _require_dead_letter_topic(ctx: typer.Context, client, topic: str, *, force: bool = False) -> None:
+    """Refuse (exit 1) a topic that is not a dead-letter topic: show, redrive and purge
+    read an ordinary topic's messages as dead letters ("None-None@None" rows) and purge
+    would move its cursor; --force lets purge do it anyway."""
+    if force:
+        return
+    dead_letter_topics = _dead_letter_topics(client)
+    if topic in dead_letter_topics:
+        return
+    if topic not in {summary.name for summary in client.list_topics()}:
+        raise fail(f"{ctx.command_path}: UnknownTopic: no topic {topic!r}")
+    known = ", ".join(dead_letter_topics) or "none"
+    hint = " (--force purges it anyway)" if ctx.info_name == "purge" else ""
+    raise fail(
+        f"{ctx.command_path}: {topic!r} is not a dead-letter topic: no queue group dead-letters into it and its "
+        f"name does not end in {DEAD_LETTER_SUFFIX!r}{hint}. Dead-letter topics: {known}"
+    )
+
+
 @command(app, "list")
 def list_command(ctx: typer.Context, json_output: JsonOption = False) -> None:
     """List the dead-letter topics (queue groups' dead-letter topics and topics named
@@ -120,6 +139,7 @@ def show_command(
     expired), its delivery count and the consumer's last error. --json adds key, value
     and every header (bytes as text, or {"base64": ...})."""
     with connect(ctx) as client:
+        _require_dead_letter_topic(ctx, client, topic)
         entries = list(_entries(client, topic, count))
     if json_output:
         for partition, message in entries:
@@ -163,6 +183,7 @@ def redrive_command(
     repeat is possible after a crash, a loss is not."""
     redriven = 0
     with connect(ctx) as client:
+        _require_dead_letter_topic(ctx, client, topic)
         partitions: dict[str, int] = {}
         pending: list[tuple[int, object]] = []
 
@@ -207,11 +228,18 @@ def redrive_command(
 
 
 @command(app, "purge")
-def purge_command(ctx: typer.Context, topic: TopicArgument) -> None:
+def purge_command(
+    ctx: typer.Context,
+    topic: TopicArgument,
+    force: Annotated[
+        bool, typer.Option("--force", help="Purge a topic that is not a dead-letter topic (moves its nodi.dlq cursor).")
+    ] = False,
+) -> None:
     """Move the cursor of a dead-letter topic to its end: its entries are no longer
     listed, shown or redriven (they stay on disk until the topic's retention removes
-    them)."""
+    them). A topic that is not a dead-letter topic is refused without --force."""
     with connect(ctx) as client:
+        _require_dead_letter_topic(ctx, client, topic, force=force)
         positions = _positions(client, topic)
         purged = sum(end - cursor for _, cursor, end in positions)
         _commit(client, {(topic, partition): end for partition, _, end in positions})

@@ -119,3 +119,24 @@ def test_list_show_redrive_purge(broker) -> None:
         assert listed(address, "orders.dlq")["waiting"] == 0
         assert nodi(address, "dlq", "show", "orders.dlq", "--json").stdout.strip() == ""
         assert nodi(address, "dlq", "show", "missing.dlq").returncode == 1
+
+
+def test_dlq_commands_refuse_an_ordinary_topic(broker) -> None:
+    """show/redrive/purge on a topic no queue group dead-letters into (and not named
+    *.dlq) printed 'None-None@None' rows or moved its cursor; now exit 1, nothing moved."""
+    address = broker.address
+    with Client(address) as client:
+        client.create_topic("scratch", 2)
+        for number in range(4):
+            client.produce("scratch", f"m{number}".encode(), partition=number % 2)
+        for command in (["show", "scratch"], ["redrive", "scratch", "--to", "elsewhere"], ["purge", "scratch"]):
+            result = nodi(address, "dlq", *command)
+            assert result.returncode == 1, (command, result)
+            assert "'scratch' is not a dead-letter topic" in result.stderr and "None-None" not in result.stdout
+        assert "--force purges it anyway" in nodi(address, "dlq", "purge", "scratch").stderr
+        assert client.fetch_offsets("nodi.dlq", ["scratch"]) == {}
+        assert nodi(address, "dlq", "show", "nothing-here").returncode == 1
+
+        forced = nodi(address, "dlq", "purge", "scratch", "--force")
+        assert forced.returncode == 0 and "purged 4" in forced.stdout, forced
+        assert client.fetch_offsets("nodi.dlq", ["scratch"]) == {("scratch", 0): 2, ("scratch", 1): 2}
