@@ -15,10 +15,12 @@ namespace. Directories themselves are created durable and never removed.
 A power loss takes two calls. `halt()` cuts the power now, `halt_after(n)` just before
 the n-th mutating call from now (write, truncate, sync, create, rename, unlink, directory
 sync): from then on every call raises OSError(EIO) and nothing changes, so the code under
-test can unwind (and be closed) without touching the disk. `crash(rng, mode)` brings the
-power back:
-  - the namespace reverts to the durable one: unsynced creates, renames and unlinks are
-    undone, and inodes no durable entry names are gone;
+test can unwind (and be closed) without touching the disk. `crash(rng, mode, names)`
+brings the power back:
+  - the namespace reverts to the durable one: with names "revert" (the default) every
+    unsynced create, rename and unlink is undone; with "prefix" a random prefix of them
+    survives, in order (a journaling filesystem); with "subset" any of them may survive
+    (F4 promises no more). Inodes no surviving entry names are gone;
   - each surviving file becomes its durable content plus a random prefix of its pending
     operations, the first one not kept possibly torn at a random byte (F1, F2);
   - mode "garble" then overwrites a random stretch of the bytes that replay wrote with
@@ -61,6 +63,10 @@ from dataclasses import dataclass
 from .fileio import Buffer
 
 CRASH_MODES = ("drop", "garble", "reorder")
+# What a crash does to directory entries not yet made durable by sync_directory (F4):
+# all revert; a random prefix of them survives (a journaling filesystem commits its
+# metadata in order); or any subset survives (what F4 allows).
+NAME_MODES = ("revert", "prefix", "subset")
 READ_FAULT_KINDS = ("eio", "short", "garble")
 # The kinds of mutating call a walk counts (`operations` entries).
 OPERATION_KINDS = ("write", "truncate", "sync", "create", "rename", "unlink", "sync_directory")
@@ -199,6 +205,9 @@ class SimulatedFileSystem:
         self._directories: set[str] = {os.sep}
         self._names: dict[str, _Inode] = {}
         self._durable_names: dict[str, _Inode] = {}
+        # Entry changes since their directory's last sync, in order: ("link", path,
+        # inode), ("unlink", path, inode), ("rename", source, destination, inode).
+        self._pending_names: list[tuple] = []
         self._generation = 0
         self._halted = False
         self._halt_at: int | None = None
@@ -230,6 +239,7 @@ class SimulatedFileSystem:
             copy._directories = set(self._directories)
             copy._names = {path: inodes[id(inode)] for path, inode in self._names.items()}
             copy._durable_names = {path: inodes[id(inode)] for path, inode in self._durable_names.items()}
+            copy._pending_names = [(*change[:-1], inodes[id(change[-1])]) for change in self._pending_names]
             return copy
 
     # -- power and faults ---------------------------------------------------------
@@ -314,11 +324,31 @@ class SimulatedFileSystem:
         with self._lock:
             return sum(len(inode.current) for inode in set(self._names.values()))
 
-    def crash(self, rng: random.Random, mode: str = "drop") -> None:
+    def crash(self, rng: random.Random, mode: str = "drop", names: str = "revert") -> None:
         """Power loss and restart: keep what was durable plus a random part of the rest
-        (see the module docstring). Old File objects become invalid."""
+        (see the module docstring; `names` is one of NAME_MODES). Old File objects
+        become invalid."""
         assert mode in CRASH_MODES, mode
+        assert names in NAME_MODES, names
         with self._lock:
+            survived = dict(self._durable_names)
+            changes = self._pending_names
+            if names == "prefix":
+                changes = changes[: rng.randint(0, len(changes))]
+            elif names == "subset":
+                changes = [change for change in changes if rng.random() < 0.5]
+            else:
+                changes = []
+            for change in changes:  # a change whose premise did not survive is void
+                inode = change[-1]
+                if change[0] == "link":
+                    survived[change[1]] = inode
+                elif survived.get(change[1]) is inode:
+                    del survived[change[1]]
+                    if change[0] == "rename":
+                        survived[change[2]] = inode
+            self._durable_names = survived
+            self._pending_names = []
             survivors = {id(inode): inode for inode in self._durable_names.values()}
             for inode in survivors.values():
                 content = bytearray(inode.durable)
@@ -375,6 +405,7 @@ class SimulatedFileSystem:
                 if os.path.dirname(path) not in self._directories:
                     raise _fault("no such directory", errno.ENOENT, path)
                 inode = self._names[path] = _Inode()
+                self._pending_names.append(("link", path, inode))
             return SimulatedFile(self, path, inode, self._generation)
 
     def list_directory(self, path: str) -> list[str]:
@@ -400,7 +431,12 @@ class SimulatedFileSystem:
                 raise _fault("no such file", errno.ENOENT, source)
             if os.path.dirname(destination) not in self._directories:
                 raise _fault("no such directory", errno.ENOENT, destination)
-            self._names[destination] = self._names.pop(source)
+            inode = self._names[destination] = self._names.pop(source)
+            if os.path.dirname(source) == os.path.dirname(destination):
+                self._pending_names.append(("rename", source, destination, inode))
+            else:  # durable in two steps, one per directory
+                self._pending_names.append(("unlink", source, inode))
+                self._pending_names.append(("link", destination, inode))
 
     def unlink(self, path: str) -> None:
         path = os.path.normpath(path)
@@ -408,7 +444,7 @@ class SimulatedFileSystem:
             self._check_power("unlink", path)
             if path not in self._names:
                 raise _fault("no such file", errno.ENOENT, path)
-            del self._names[path]
+            self._pending_names.append(("unlink", path, self._names.pop(path)))
 
     def make_directory(self, path: str) -> None:
         path = os.path.normpath(path)
@@ -427,6 +463,9 @@ class SimulatedFileSystem:
             self._check_power("sync_directory", path)
             if path not in self._directories:
                 raise _fault("no such directory", errno.ENOENT, path)
+            self._pending_names = [
+                change for change in self._pending_names if os.path.dirname(change[1]) != path
+            ]
             for name in [name for name in self._durable_names if os.path.dirname(name) == path]:
                 del self._durable_names[name]
             for name, inode in self._names.items():
@@ -454,17 +493,19 @@ class SimulatedFileSystem:
 class CrashPoint:
     """One trial of a walk: the power went off just before the `number`-th counted call
     (`before`, as (kind, path)), or, when number is total + 1, after the last one; then
-    crash() in `mode` with the rng seeded by `seed`."""
+    crash() in `mode` and `names` with the rng seeded by `seed`."""
 
     number: int
     total: int
     before: tuple[str, str] | None
     mode: str
+    names: str
     seed: str
 
     def describe(self) -> str:
         where = "after the last call" if self.before is None else f"before {self.before[0]} {self.before[1]}"
-        return f"crash point {self.number}/{self.total} ({where}), mode {self.mode}, seed {self.seed!r}"
+        return (f"crash point {self.number}/{self.total} ({where}), mode {self.mode}, "
+                f"names {self.names}, seed {self.seed!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -507,25 +548,28 @@ def walk_crash_points(
     check: WalkCheck,
     *,
     modes: Sequence[str] = CRASH_MODES,
+    names: Sequence[str] = NAME_MODES,
     seed: str = "walk",
     numbers: Sequence[int] | None = None,
     every_mode: bool = True,
 ) -> WalkSummary:
     """Crash `run` at each of its I/O points in turn: count the mutating calls it makes
-    after arm() (N), then for every n in 1..N+1 and every mode, run it again on a fresh
-    copy of `start` with the power cut just before call n (N+1: after the last), crash
-    in that mode (seeded) and call check(). `numbers` limits the walk to those points;
-    without `every_mode` point n is crashed in one mode only, the modes taken in turn.
+    after arm() (N), then for every n in 1..N+1 and every pair of a mode and a names
+    mode, run it again on a fresh copy of `start` with the power cut just before call n
+    (N+1: after the last), crash that way (seeded) and call check(). `numbers` limits
+    the walk to those points; without `every_mode` point n is crashed one way only, the
+    pairs taken in turn.
     Every trial must make the same calls as the count up to its cut (the run must be
     deterministic), and a run may fail only after the cut."""
     operations = count_operations(start, run)
     total = len(operations)
+    ways = [(mode, name) for name in names for mode in modes]
     trials = 0
     for number in range(1, total + 2) if numbers is None else numbers:
         assert 1 <= number <= total + 1, number
         before = operations[number - 1] if number <= total else None
-        for mode in modes if every_mode else [modes[(number - 1) % len(modes)]]:
-            point = CrashPoint(number, total, before, mode, f"{seed}-{number}-{mode}")
+        for mode, name in ways if every_mode else [ways[(number - 1) % len(ways)]]:
+            point = CrashPoint(number, total, before, mode, name, f"{seed}-{number}-{mode}-{name}")
             fs = start.clone()
 
             def arm(fs: SimulatedFileSystem = fs, number: int = number) -> None:
@@ -543,7 +587,7 @@ def walk_crash_points(
                     f"{point.describe()}: the run diverged from the count ({fs.halted_before} instead)"
                 )
             fs.halt()
-            fs.crash(random.Random(point.seed), mode)
+            fs.crash(random.Random(point.seed), mode, name)
             try:
                 check(fs, point)
             except BaseException as error:

@@ -21,9 +21,10 @@ has passed by the walked run) and has had appends since: small segments that mer
 group whose records are all superseded (it leaves the log), full segments rewritten
 alone, a clean head. Two walks: one pass with a key map that holds every key, and
 three passes with a map too small for them (a checkpoint between passes). Here each
-point is crashed in one mode, the modes taken in turn; `make crash-walk` crashes every
-point in every mode, over several seeds, with a second power loss during recovery
-(NODI_CRASH_WALK_SEEDS).
+point is crashed once, the data modes (drop, garble, reorder) taken in turn, unsynced
+directory changes surviving in any combination ("subset"); `make crash-walk` crashes
+every point in every pair of data and names modes, over several seeds, with a second
+power loss during recovery (NODI_CRASH_WALK_SEEDS).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from nodi.storage.config import LogConfig
 from nodi.storage.log import Log
 from nodi.storage.records import NewRecord, build_batch, decode_batches
 from nodi.storage.segment import BatchScanner, parse_segment_name
-from nodi.storage.simfs import CrashPoint, SimulatedFileSystem, walk_crash_points
+from nodi.storage.simfs import NAME_MODES, CrashPoint, SimulatedFileSystem, count_operations, walk_crash_points
 
 DIRECTORY = "/data/compacted-0"
 CONFIG = LogConfig(
@@ -213,7 +214,7 @@ def check_after_crash(start: Start, fs: SimulatedFileSystem, point: CrashPoint, 
         except OSError:
             pass
         fs.halt()
-        fs.crash(rng, point.mode)
+        fs.crash(rng, point.mode, point.names)
     log = Log.open(DIRECTORY, CONFIG, fs=fs)
     try:
         assert log.next_offset == start.end_offset, "the log end moved (G1)"
@@ -290,7 +291,10 @@ def test_compaction_crashed_at_every_io_point_I10_I13_I14_F1_F2_F3_F4(walk: str)
             compaction_run(WALKS[walk]),
             lambda fs, point: check_after_crash(begin, fs, point, recovery_crash=SEEDS > 1),
             seed=f"{walk}-{number}",
+            # Here: unsynced directory changes survive in any combination (the
+            # strongest F4), the data modes in turn; every pair under make crash-walk.
             every_mode=SEEDS > 1,
+            names=NAME_MODES if SEEDS > 1 else ("subset",),
         )
         totals.append(summary.trials)
     counts = summary.counts()
@@ -298,3 +302,47 @@ def test_compaction_crashed_at_every_io_point_I10_I13_I14_F1_F2_F3_F4(walk: str)
     # The walk went through every step of the swap, not just the copying.
     for kind in ("write", "truncate", "sync", "create", "rename", "unlink", "sync_directory"):
         assert counts.get(kind), f"the run made no {kind} call: the walk does not cover it"
+
+
+def test_recovery_of_an_interrupted_swap_crashed_at_every_io_point_I14_F4() -> None:
+    """Recovery finishing a swap is itself cut at each of its I/O points, unsynced
+    directory changes surviving in any combination (F4): Log.open is walked like the
+    run was, from the disks the run's crash points leave with a merge committed (a
+    `.log.swap` beside the merge marker): the first and last such point of each merge
+    here, every crash point that leaves recovery work (a `.swap` or a marker) under
+    `make crash-walk`."""
+    begin = start()
+    run = compaction_run(WALKS["one-pass"])
+    operations = count_operations(begin.fs, run)
+    disks: dict[int, SimulatedFileSystem] = {}
+    merges: list[int] = []
+    for number in range(1, len(operations) + 1):
+        fs = begin.fs.clone()
+        try:
+            run(fs, lambda fs=fs, number=number: fs.halt_after(number))
+        except Exception:
+            assert fs.halted
+        fs.halt()
+        fs.crash(random.Random(number), "drop", "revert")
+        names = fs.list_directory(DIRECTORY)
+        if any(name.endswith((".swap", ".merging")) for name in names):
+            disks[number] = fs
+        if any(name.endswith(".log.swap") for name in names) and any(name.endswith(".merging") for name in names):
+            merges.append(number)
+    assert merges, "no crash point leaves a committed merge"
+    if SEEDS == 1:
+        runs = [number for number in merges if number - 1 not in merges or number + 1 not in merges]
+        disks = {number: disks[number] for number in runs}
+    walked = 0
+    for number, fs in disks.items():
+
+        def reopen(fs: SimulatedFileSystem, arm) -> None:
+            arm()
+            Log.open(DIRECTORY, CONFIG, fs=fs).close()
+
+        summary = walk_crash_points(
+            fs, reopen, lambda fs, point: check_after_crash(begin, fs, point, recovery_crash=False),
+            modes=("drop",), names=("subset",), seed=f"recovery-{number}",
+        )
+        walked += summary.trials
+    assert walked > 4 * 20
