@@ -345,4 +345,34 @@ def test_recovery_of_an_interrupted_swap_crashed_at_every_io_point_I14_F4() -> N
             modes=("drop",), names=("subset",), seed=f"recovery-{number}",
         )
         walked += summary.trials
+    print(f"recovery walked from {len(disks)} disks: {walked} crashes checked")
     assert walked > 4 * 20
+
+
+def test_simulated_disk_clone_and_names_modes_F4() -> None:
+    """The simulated disk itself: a clone is independent of its original; unsynced
+    directory changes all revert, survive as a prefix, or in any combination."""
+    fs = SimulatedFileSystem()
+    fs.make_directory("/d")
+    file = fs.open("/d/a", create=True)
+    file.pwritev([b"synced"], 0)
+    file.sync()
+    fs.sync_directory("/d")
+    file.pwritev([b"+pending"], 6)
+    copy = fs.clone()
+    fs.unlink("/d/a")
+    assert copy.list_directory("/d") == ["a"] and copy.read_bytes("/d/a") == b"synced+pending"
+    copy.crash(random.Random(0), "drop")
+    assert copy.read_bytes("/d/a").startswith(b"synced")
+    seen = {"revert": set(), "prefix": set(), "subset": set()}
+    for seed in range(64):
+        for names in seen:
+            disk = SimulatedFileSystem()
+            disk.make_directory("/d")
+            for name in ("x", "y", "z"):  # three creates, in order, never synced
+                disk.open(f"/d/{name}", create=True)
+            disk.crash(random.Random(seed), "drop", names)
+            seen[names].add(tuple(disk.list_directory("/d")))
+    assert seen["revert"] == {()}
+    assert seen["prefix"] == {(), ("x",), ("x", "y"), ("x", "y", "z")}
+    assert ("z",) in seen["subset"] and ("x", "z") in seen["subset"]
