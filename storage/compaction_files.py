@@ -76,11 +76,14 @@ def dirty_ratio(log: Log) -> float:
 
 def swap_files(log: Log, group: list[Segment], cleaned: Segment) -> None:
     """I14, under the log's lock: .cleaned -> .swap (the .log last: it commits), fsync
-    the directory, old files -> .deleted, .swap -> final names (.log last), fsync the
-    directory, unlink the .deleted files. A group of several segments first writes the
-    merge marker naming the offsets the new segment covers, so that recovery, finishing
-    the swap, also removes the group's later segments. Recovery finishes or undoes any
-    prefix of this."""
+    the directory, old files -> .deleted, fsync the directory, .swap -> final names
+    (.log last), fsync the directory, unlink the .deleted files. A group of several
+    segments first writes the merge marker naming the offsets the new segment covers,
+    so that recovery, finishing the swap, also removes the group's later segments.
+    Recovery finishes or undoes any prefix of this. Each directory fsync is a barrier:
+    renames not yet synced may survive a crash in any combination (F4), so the new
+    `.log` may take its final name only once the old files' renames are durable; else
+    a crash could keep the merged segment beside the later segments it replaced."""
     fs, directory = log.fs, log.directory
     for old in group:
         old.pin_files()
@@ -96,6 +99,7 @@ def swap_files(log: Log, group: list[Segment], cleaned: Segment) -> None:
     for path in doomed:
         if fs.exists(path):
             fs.rename(path, path + DELETED_SUFFIX)
+    fs.sync_directory(directory)
     for number in order:
         fs.rename(finals[number] + SWAP_SUFFIX, finals[number])
     fs.sync_directory(directory)

@@ -57,6 +57,19 @@ class CorruptSegmentError(NodiError):
         self.reason = reason
 
 
+class SegmentReadError(NodiError):
+    """A read of a segment's files failed: the disk reported an error (EIO) or gave
+    fewer bytes than the file holds. Nothing of the read is served. Not sticky: the disk
+    may answer the next read (bytes that do arrive and fail their CRC check are a
+    CorruptSegmentError instead)."""
+
+    def __init__(self, path: str, position: int, reason: str) -> None:
+        super().__init__(f"reading {path} at byte {position} failed: {reason}")
+        self.path = path
+        self.position = position
+        self.reason = reason
+
+
 class LogReadOnlyError(NodiError):
     """A write or fsync failed earlier: the log refuses further appends (sticky).
     An fsync is never retried: after a failed fsync the page cache cannot be trusted."""

@@ -21,6 +21,7 @@ import bisect
 import struct
 from array import array
 
+from .errors import SegmentReadError
 from .fileio import File, FileSystem
 
 
@@ -120,7 +121,10 @@ class SparseIndex:
         return file.pread(size - size % self.ENTRY.size, 0)
 
     def _file_entry_at(self, index: int) -> tuple[int, int]:
-        return self.ENTRY.unpack(self._open().pread(self.ENTRY.size, index * self.ENTRY.size))
+        data = self._open().pread(self.ENTRY.size, index * self.ENTRY.size)
+        if len(data) != self.ENTRY.size:  # the file shrank under us, or a bad read
+            raise SegmentReadError(self.path, index * self.ENTRY.size, f"{len(data)} of {self.ENTRY.size} bytes read")
+        return self.ENTRY.unpack(data)
 
     # -- lookups ----------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import errno
 import heapq
 import itertools
 import os
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -32,13 +33,16 @@ from .errors import (
     InvalidRecordError,
     LogClosedError,
     LogReadOnlyError,
+    NodiError,
     OffsetOutOfRangeError,
     OutOfOrderSequenceError,
+    SegmentReadError,
     UnsupportedCompressionError,
 )
 from .fileio import OS_FILE_SYSTEM, File, FileSystem
 from .histogram import FSYNC_SECONDS_BUCKETS, GROUP_COMMIT_APPENDS_BUCKETS, Histogram, HistogramSnapshot
 from .records import (
+    BATCH_HEADER_BYTES,
     SUPPORTED_COMPRESSION,
     BatchHeader,
     check_batch,
@@ -73,9 +77,55 @@ class FileSlice:
     length: int
     first_offset: int
     last_offset: int
+    # The sum of the base offsets of the slice's batches when the read scanned them
+    # (None: not recorded). Base offsets are outside the batch CRC, so read() checks
+    # them (and the batch lengths) against the scan: a consumer's CRC check cannot.
+    base_offset_sum: int | None = None
 
     def read(self) -> bytes:
-        return self.file.pread(self.length, self.position)
+        """The slice's bytes, exactly the batches the read scanned: a failed read, a
+        short one, or bytes whose batch framing or base offsets differ from the scan's
+        is SegmentReadError (G2)."""
+        try:
+            data = self.file.pread(self.length, self.position)
+        except OSError as error:
+            raise SegmentReadError(self.file.path, self.position, str(error)) from error
+        if len(data) != self.length:
+            raise SegmentReadError(self.file.path, self.position, f"{len(data)} of {self.length} bytes read")
+        if self.base_offset_sum is not None:
+            problem = _framing_problem(data, self.base_offset_sum, self.last_offset)
+            if problem is not None:
+                raise SegmentReadError(self.file.path, self.position, f"the bytes read are not the batches scanned: {problem}")
+        return data
+
+
+_BASE_AND_LENGTH = struct.Struct(">qi")
+_LAST_OFFSET_DELTA = struct.Struct(">i")
+_LAST_OFFSET_DELTA_AT = 23
+
+
+def _framing_problem(data: bytes, base_offset_sum: int, last_offset: int) -> str | None:
+    """Why `data` is not whole batches with these base offsets ending at last_offset
+    (None when it is). Header fields only: the CRC is the reader's to check."""
+    size = len(data)
+    unpack = _BASE_AND_LENGTH.unpack_from
+    position = total = 0
+    last_position = base_offset = -1
+    while position < size:
+        if size - position < 12:
+            return f"{size - position} bytes at {position}, less than a batch header"
+        base_offset, batch_length = unpack(data, position)
+        if batch_length < BATCH_HEADER_BYTES - 12:
+            return f"batch length {batch_length} at {position}"
+        total += base_offset
+        last_position = position
+        position += 12 + batch_length
+    if position != size or size - last_position < BATCH_HEADER_BYTES:
+        return "batch lengths do not add up to the slice"
+    last = base_offset + _LAST_OFFSET_DELTA.unpack_from(data, last_position + _LAST_OFFSET_DELTA_AT)[0]
+    if total != base_offset_sum or last != last_offset:
+        return "base offsets differ"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -635,15 +685,43 @@ class Log:
         file = segment.file
         if file is None:  # retention removed it after the read took its snapshot
             raise OffsetOutOfRangeError(offset, self.log_start_offset, self._next_offset)
-        entry = segment.index.floor(offset - segment.base_offset) if offset > segment.base_offset else None
+        try:
+            entry = None
+            if offset > segment.base_offset:
+                try:
+                    entry = segment.index.floor(offset - segment.base_offset)
+                except (OSError, NodiError):
+                    entry = None  # the index is a cache (I6): read the log from its start
+                if entry is not None and entry[0] > offset - segment.base_offset:
+                    entry = None  # not a floor: a bad read misled the search
+            if entry is not None:
+                try:
+                    return self._scan_for_read(segment, file, size, entry, offset, end, budget, first=first)
+                except _IndexEntryMismatch:
+                    pass  # a damaged entry or a bad read of it (I6, I7): from the start
+            return self._scan_for_read(segment, file, size, None, offset, end, budget, first=first)
+        except OSError as error:
+            raise SegmentReadError(segment.log_path, 0, str(error)) from error
+
+    def _scan_for_read(
+        self, segment: Segment, file: File, size: int, entry: tuple[int, int] | None,
+        offset: int, end: int, budget: int, *, first: bool,
+    ) -> FileSlice | None:
+        """The read's slice of `segment`, scanning from the index entry `entry` (which
+        must name a batch start, I7, else _IndexEntryMismatch) or from the start."""
         start, expected = (0, segment.base_offset) if entry is None else (entry[1], segment.base_offset + entry[0])
+        if entry is not None and start >= size:
+            raise _IndexEntryMismatch()
         scanner = BatchScanner(file, start, size, verify=False, limits=self.config.limits,
                                window_bytes=READ_SCAN_WINDOW_BYTES)
         slice_start = length = None
         first_offset = last_offset = None
+        base_offset_sum = 0
         try:
             for batch in scanner:
                 header = batch.header
+                if entry is not None and batch.position == start and header.base_offset != expected:
+                    raise _IndexEntryMismatch()
                 # base_offset is outside the CRC: check continuity, as recovery does (I3, G4).
                 if header.base_offset < expected or (self.config.dense_offsets and header.base_offset != expected):
                     raise CorruptBatchError(
@@ -662,15 +740,18 @@ class Log:
                     slice_start, length, first_offset = batch.position, 0, max(offset, header.base_offset)
                 length += header.size
                 last_offset = header.last_offset
+                base_offset_sum += header.base_offset
         except CorruptSegmentError:
             if slice_start is None:
                 raise
         except CorruptBatchError as error:
+            if entry is not None and error.position == start:
+                raise _IndexEntryMismatch() from None
             if slice_start is None:
                 raise self._mark_corrupt(segment, error.position, str(error)) from None
         if slice_start is None:
             return None
-        return FileSlice(file, slice_start, length, first_offset, last_offset)
+        return FileSlice(file, slice_start, length, first_offset, last_offset, base_offset_sum)
 
     def _verify_for_read(self, segment: Segment, file: File, position: int, header: BatchHeader) -> None:
         """I12: every served batch passed its CRC check in this process."""
@@ -703,8 +784,13 @@ class Log:
         for segment in segments:
             if segment.max_timestamp < timestamp_ms or segment.base_offset >= end:
                 continue
-            entry = segment.time_index.floor(timestamp_ms - 1)
-            start = 0 if entry is None else segment.position_floor(segment.base_offset + entry[1])
+            try:
+                entry = segment.time_index.floor(timestamp_ms - 1)
+                start = 0 if entry is None else segment.position_floor(segment.base_offset + entry[1])
+            except (OSError, NodiError):
+                start = 0  # the indexes are caches (I6): scan the segment instead
+            if start >= segment.size:
+                start = 0  # an entry beyond the log names no batch (I7)
             file = segment.open_file()
             scanner = BatchScanner(file, start, segment.size, verify=False, limits=self.config.limits)
             try:
@@ -721,6 +807,8 @@ class Log:
                             return record.offset
             except CorruptBatchError as error:  # G4: reported like any read of bad bytes
                 raise self._mark_corrupt(segment, error.position, str(error)) from None
+            except OSError as error:
+                raise SegmentReadError(segment.log_path, start, str(error)) from error
         return None
 
     # -- life cycle -----------------------------------------------------------------
@@ -775,6 +863,10 @@ class Log:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+class _IndexEntryMismatch(Exception):
+    """An index entry that does not name a batch start of its segment (I7)."""
 
 
 def _check_producer_batch(header: BatchHeader, position: int) -> None:

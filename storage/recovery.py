@@ -150,13 +150,16 @@ def clean_directory(fs: FileSystem, directory: str, findings: _Findings) -> list
             fs.unlink(os.path.join(directory, name))
             findings.removed_files.append(name)
             changed = True
+    # Unsynced directory changes may survive a crash in any combination (F4): the old
+    # indexes and a merge's later segments must be gone for good (fsync) before the
+    # `.log.swap` takes its final name, and that name durable before the marker goes;
+    # else a crash in recovery could leave the merged segment beside the segments it
+    # replaced, with nothing left to say so.
     for name in committed:
         stem = name[: -len(LOG_SUFFIX + SWAP_SUFFIX)]
         for suffix in (INDEX_SUFFIX, TIME_INDEX_SUFFIX):
             if fs.exists(os.path.join(directory, stem + suffix)):
                 fs.unlink(os.path.join(directory, stem + suffix))
-        fs.rename(os.path.join(directory, name), os.path.join(directory, stem + LOG_SUFFIX))
-        changed = True
         if merge is not None and int(stem) == merge[0]:
             # A merge: the new segment holds every offset of the group's later segments.
             for other in fs.list_directory(directory):
@@ -167,7 +170,12 @@ def clean_directory(fs: FileSystem, directory: str, findings: _Findings) -> list
                         if fs.exists(path):
                             fs.unlink(path)
                     findings.removed_files.append(other)
+        fs.sync_directory(directory)
+        fs.rename(os.path.join(directory, name), os.path.join(directory, stem + LOG_SUFFIX))
+        changed = True
     if fs.exists(os.path.join(directory, MERGE_MARKER_FILE)):
+        if changed:
+            fs.sync_directory(directory)
         fs.unlink(os.path.join(directory, MERGE_MARKER_FILE))
         changed = True
     names = fs.list_directory(directory)

@@ -210,9 +210,13 @@ class Segment:
     # -- lookups ------------------------------------------------------------------
 
     def position_floor(self, offset: int) -> int:
-        """A batch start at or before the batch holding `offset` (from the index)."""
+        """A batch start at or before the batch holding `offset` (from the index; 0 when
+        the entry found is no floor of `offset` or lies beyond the log: a damaged index
+        or a bad read of it is never believed over the log, I6)."""
         entry = self.index.floor(offset - self.base_offset)
-        return 0 if entry is None else entry[1]
+        if entry is None or entry[0] > offset - self.base_offset or entry[1] >= max(self.size, 1):
+            return 0
+        return entry[1]
 
     def read_header(self, position: int) -> BatchHeader:
         return parse_header(self.open_file().pread(BATCH_HEADER_BYTES, position))
