@@ -41,6 +41,8 @@ _STORAGE_ERROR_CODES: dict[type[BaseException], ErrorCode] = {
     storage_errors.InvalidRecordError: ErrorCode.INVALID_RECORDS,
     storage_errors.OffsetOutOfRangeError: ErrorCode.OFFSET_OUT_OF_RANGE,
     storage_errors.CorruptSegmentError: ErrorCode.CORRUPT_DATA,
+    # An EIO or short read of a segment: nothing of it is served; the message says which.
+    storage_errors.SegmentReadError: ErrorCode.CORRUPT_DATA,
     storage_errors.LogReadOnlyError: ErrorCode.READ_ONLY_LOG,
     storage_errors.DiskFullError: ErrorCode.DISK_FULL,
     storage_errors.LogClosedError: ErrorCode.SERVER_SHUTTING_DOWN,
