@@ -76,7 +76,7 @@ def serve(
     no recovery). Settings: defaults < --config file < NODI_* environment < flags."""
     import json
 
-    from nodi.broker.server.config import load_config
+    from nodi.broker.server.config import load_config, unknown_environment_variables
     from nodi.broker.server.logs import configure_logging
     from nodi.broker.server.server import run
     from nodi.storage.errors import NodiError
@@ -89,6 +89,8 @@ def serve(
     except NodiError as error:
         typer.echo(f"nodi serve: {error}", err=True)
         raise typer.Exit(2) from None
+    for warning in unknown_environment_variables():
+        typer.echo(f"nodi serve: warning: {warning}", err=True)
     if print_config:
         typer.echo(json.dumps(settings.to_dict(), indent=2, sort_keys=True, default=str))
         return

@@ -12,7 +12,14 @@ import subprocess
 
 import pytest
 
-from nodi.broker.server.config import SECTIONS, ServerConfig, _SIMPLE, environment_variable, load_config
+from nodi.broker.server.config import (
+    _SIMPLE,
+    SECTIONS,
+    ServerConfig,
+    environment_variable,
+    load_config,
+    unknown_environment_variables,
+)
 from nodi.broker.server.logs import JsonFormatter, configure_logging
 from nodi.storage.errors import InvalidConfigError
 
@@ -130,6 +137,34 @@ def test_unknown_keys_are_refused(tmp_path):
         path.write_text(text)
         with pytest.raises(InvalidConfigError):
             load_config(str(path), environment={})
+
+
+def test_a_server_setting_outside_its_table_names_the_table(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("port = 7000\n")
+    with pytest.raises(InvalidConfigError, match=r"port is a \[server\] setting: put it under a \[server\] table"):
+        load_config(str(path), environment={})
+    path.write_text("[srever]\nport = 7000\n")
+    with pytest.raises(InvalidConfigError, match=r"unknown sections \['srever'\] \(the tables are \[server\]"):
+        load_config(str(path), environment={})
+
+
+def test_unknown_nodi_variables_are_warned_about_with_the_closest_name():
+    warnings = unknown_environment_variables(
+        {"NODI_PROT": "7000", "NODI_FSYNC_POLICY": "always", "NODI_PORT": "7000", "NODI_SERVER": "x:1", "HOME": "/"}
+    )
+    assert warnings == [
+        "NODI_FSYNC_POLICY is not a nodi setting and is ignored (did you mean NODI_TOPIC_DEFAULTS_FSYNC_POLICY?)",
+        "NODI_PROT is not a nodi setting and is ignored (did you mean NODI_PORT?)",
+    ]
+    for section in SECTIONS:  # every setting's own variable is known
+        assert not unknown_environment_variables({environment_variable(name.name, section): "1"
+                                                  for name in dataclasses.fields(SECTIONS[section])})
+    result = subprocess.run(
+        NODI + ["serve", "--print-config"], capture_output=True, text=True, timeout=60,
+        env={**{key: value for key, value in os.environ.items() if not key.startswith("NODI_")}, "NODI_PROT": "1"},
+    )
+    assert result.returncode == 0 and "warning: NODI_PROT is not a nodi setting" in result.stderr, result.stderr
 
 
 def test_print_config_shows_the_effective_settings(tmp_path):

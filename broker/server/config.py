@@ -9,6 +9,7 @@ NODI_GROUPS_MEMBERS_PER_GROUP_MAX). An optional integer takes "none" for unset
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -137,6 +138,32 @@ def _section_defaults(section: str) -> dict[str, tuple[object, bool]]:
     return {f.name: (getattr(defaults, f.name), "None" in str(f.type)) for f in fields(SECTIONS[section])}
 
 
+# NODI_* variables that are not server settings: the clients' and the tools' own.
+OTHER_ENVIRONMENT_VARIABLES = frozenset({"NODI_SERVER", "NODI_CRASH_WALK_SEEDS"})
+
+
+def known_environment_variables() -> frozenset[str]:
+    """Every NODI_* variable a setting reads, and the other NODI_* variables nodi uses."""
+    names = {environment_variable(name) for name in _SIMPLE}
+    for section in SECTIONS:
+        names.update(environment_variable(name, section) for name in _section_defaults(section))
+    return frozenset(names | OTHER_ENVIRONMENT_VARIABLES)
+
+
+def unknown_environment_variables(environment: dict[str, str] | None = None) -> list[str]:
+    """One warning per NODI_* variable that nothing reads (a typo such as NODI_PROT, or
+    a topic default without its table, NODI_FSYNC_POLICY), with the closest known name."""
+    environment = os.environ if environment is None else environment
+    known = known_environment_variables()
+    warnings = []
+    for variable in sorted(name for name in environment if name.startswith(ENVIRONMENT_PREFIX) and name not in known):
+        guesses = difflib.get_close_matches(variable, known, n=1, cutoff=0.6)
+        guesses += [name for name in sorted(known) if name.endswith("_" + variable.removeprefix(ENVIRONMENT_PREFIX))]
+        hint = f" (did you mean {guesses[0]}?)" if guesses else ""
+        warnings.append(f"{variable} is not a nodi setting and is ignored{hint}")
+    return warnings
+
+
 def load_config(path: str | None = None, *, environment: dict[str, str] | None = None, **overrides) -> ServerConfig:
     """Defaults < TOML file (`[server]` keys, `[topic_defaults]`, `[protocol]`) <
     NODI_<SETTING> environment variables < keyword overrides (command-line flags; None
@@ -151,8 +178,18 @@ def load_config(path: str | None = None, *, environment: dict[str, str] | None =
         except (OSError, tomllib.TOMLDecodeError) as error:
             raise InvalidConfigError(f"config file {path}: {error}") from None
         unknown = set(document) - {"server", *SECTIONS}
+        misplaced = sorted(name for name in unknown if name in _SIMPLE)
+        if misplaced:
+            raise InvalidConfigError(
+                f"config file {path}: {', '.join(misplaced)} {'is a' if len(misplaced) == 1 else 'are'} [server] "
+                f"setting{'' if len(misplaced) == 1 else 's'}: put {'it' if len(misplaced) == 1 else 'them'} "
+                "under a [server] table"
+            )
         if unknown:
-            raise InvalidConfigError(f"config file {path}: unknown sections {sorted(unknown)}")
+            raise InvalidConfigError(
+                f"config file {path}: unknown sections {sorted(unknown)} (the tables are "
+                f"{', '.join(f'[{name}]' for name in ('server', *SECTIONS))})"
+            )
         values.update(document.get("server", {}))
         for section in SECTIONS:
             tables[section].update(document.get(section, {}))
