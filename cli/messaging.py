@@ -34,6 +34,9 @@ from nodi.cli.common import CLI_TIMEOUT_MS, command, connect, fail, json_bytes, 
 PENDING_ACKS_MAX = 100_000
 # How long one consumer poll waits at most: the longest a Ctrl-C waits to be noticed.
 POLL_WAIT_MS = 500
+# nodi produce --whole: the most of stdin taken as one message (the broker's default
+# record_bytes_max; a larger one is refused by the broker anyway).
+WHOLE_INPUT_BYTES_MAX = 1024 * 1024
 
 
 ACKS_CHOICES = ("none", "written", "durable")
@@ -82,6 +85,15 @@ def _input_lines(stream) -> Iterator[bytes]:
         yield line
 
 
+def _read_whole_input(ctx: typer.Context, stream) -> bytes:
+    """All of `stream` as one value, refused (exit 1) past WHOLE_INPUT_BYTES_MAX."""
+    data = stream.read(WHOLE_INPUT_BYTES_MAX + 1)
+    if len(data) > WHOLE_INPUT_BYTES_MAX:
+        raise fail(f"{ctx.command_path}: --whole: stdin holds more than {WHOLE_INPUT_BYTES_MAX} bytes "
+                   "(one message is at most the broker's record limit)")
+    return data
+
+
 def produce_command(
     ctx: typer.Context,
     topic: Annotated[str, typer.Argument(help="The topic to write to.")],
@@ -127,15 +139,24 @@ def produce_command(
             "order, once its ack is in.",
         ),
     ] = False,
+    whole: Annotated[
+        bool,
+        typer.Option(
+            "--whole",
+            help="Send all of stdin, bytes as they are (binary included), as one message (kcat -D, redis-cli -x); "
+            f"at most {WHOLE_INPUT_BYTES_MAX // (1024 * 1024)} MiB.",
+        ),
+    ] = False,
     timeout_ms: Annotated[
         int, typer.Option("--timeout-ms", min=1, help="How long one request may take before it fails (ms).")
     ] = CLI_TIMEOUT_MS,
 ) -> None:
-    """Write messages to a topic: VALUE, or one message per line of stdin.
+    """Write messages to a topic: VALUE, or one message per line of stdin, or all of
+    stdin as one message with --whole.
 
     Stdin lines lose their line ending (\\n or \\r\\n) and are sent as they are (bytes).
-    Without --json a single VALUE prints "partition P offset O"; stdin mode prints a
-    count on stderr.
+    Without --json a single VALUE (or --whole) prints "partition P offset O"; stdin mode
+    prints a count on stderr.
 
     Exit status 1 when a message is refused (an unknown topic, for one): the error on
     stderr, after the lines of the messages acknowledged before it.
@@ -144,6 +165,10 @@ def produce_command(
     if idempotency_key is not None and value is None:
         raise typer.BadParameter("needs a VALUE (one key for every stdin line would keep only the first)",
                                  param_hint="--idempotency-key")
+    if whole:
+        if value is not None:
+            raise typer.BadParameter("takes its value from stdin: give no VALUE", param_hint="--whole")
+        value = _read_whole_input(ctx, sys.stdin.buffer)
     with connect(ctx, timeout_ms=timeout_ms) as client:
         if value is not None:
             chosen, offset = client.produce(

@@ -74,3 +74,29 @@ def test_consume_exit_at_end_stops_at_the_end_as_it_was_at_start(server):
 
     empty = _consume(server, "papercut-empty", "-e")
     assert empty.returncode == 0 and empty.stdout == b"", empty
+
+
+def test_produce_whole_sends_all_of_stdin_as_one_binary_message(server):
+    with Client(server.address) as client:
+        client.create_topic("papercut-whole", 1)
+        data = bytes(range(256)) * 12 + b"\r\n\n\x00tail"
+        result = subprocess.run(
+            NODI + ["--server", server.address, "produce", "papercut-whole", "--whole", "--key", "k"],
+            input=data, capture_output=True, timeout=TIMEOUT_S, env=ENVIRONMENT,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.decode().strip() == "partition 0 offset 0"
+        (message,) = client.fetch("papercut-whole", 0, 0)
+        assert message.value == data and message.key == b"k"
+
+        both = subprocess.run(
+            NODI + ["--server", server.address, "produce", "papercut-whole", "value", "--whole"],
+            input=b"x", capture_output=True, timeout=TIMEOUT_S, env=ENVIRONMENT,
+        )
+        assert both.returncode == 2
+        too_big = subprocess.run(
+            NODI + ["--server", server.address, "produce", "papercut-whole", "--whole"],
+            input=b"x" * (1024 * 1024 + 1), capture_output=True, timeout=TIMEOUT_S, env=ENVIRONMENT,
+        )
+        assert too_big.returncode == 1 and b"more than 1048576 bytes" in too_big.stderr
+        assert client.list_offsets("papercut-whole", 0, "latest") == 1
