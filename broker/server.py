@@ -31,6 +31,7 @@ from .errors import ErrorCode, ProtocolError
 from .memory_budget import FrameBudget, FrameBudgetStatistics, return_large_allocations_to_the_os, trim_freed_memory
 from .protocol import NEED_DATA, Connection, ConnectionClosed, RejectedRequest, Role, State, handshake_response
 from .service import Broker, Reply, error_reply
+from .status import status_for_peer
 
 log = logging.getLogger("nodi.server")
 
@@ -171,6 +172,8 @@ class ClientSession:
     async def _serve(self, request: m.Request) -> None:
         started = time.perf_counter()
         reply = await self.server.broker.handle(request, self.client_id)
+        if isinstance(reply.response, m.ServerStatusResponse):
+            reply = Reply(status_for_peer(reply.response, self.peer))
         self.server.observe(request, reply, time.perf_counter() - started)
         await self._write(reply)
 
