@@ -63,7 +63,8 @@ class FrameBudgetStatistics:
 
 class FrameBudget:
     """Bytes reserved by frames being received, at most `bytes_max` at any time.
-    Event-loop only (no locks). Waiters are served in arrival order, so a large frame is
+    Changed on the event loop only (no locks); statistics() reads plain counters, so the
+    metrics thread may call it. Waiters are served in arrival order, so a large frame is
     not starved by smaller ones arriving after it."""
 
     def __init__(self, bytes_max: int) -> None:
@@ -71,6 +72,7 @@ class FrameBudget:
         self.bytes_max = bytes_max
         self._reserved = 0
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._waiting = 0
         self._waits = 0
         self._wait_timeouts = 0
 
@@ -78,7 +80,7 @@ class FrameBudget:
         return FrameBudgetStatistics(
             bytes_max=self.bytes_max,
             bytes_reserved=self._reserved,
-            waiting=sum(1 for _, future in self._waiters if not future.done()),
+            waiting=self._waiting,
             waits=self._waits,
             wait_timeouts=self._wait_timeouts,
         )
@@ -99,6 +101,7 @@ class FrameBudget:
         self._waits += 1
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((count, future))
+        self._waiting += 1
         try:
             await future
         except BaseException:
@@ -109,6 +112,8 @@ class FrameBudget:
                 future.cancel()
                 self._wake()  # a smaller waiter behind this one may fit now
             raise
+        finally:
+            self._waiting -= 1
 
     def release(self, count: int) -> None:
         assert 0 < count <= self._reserved, (count, self._reserved)
