@@ -10,8 +10,9 @@ the server, until enough is released (first come, first served) or the frame's d
 complete (a request is decoded from it) or the connection ends.
 
 Not counted: what a connection has read and not yet parsed while it waits, at most one
-socket read (256 KiB) plus the stream reader's buffer, bounded per connection and so by
-connections_max.
+socket read (256 KiB) plus the stream reader's buffer (asyncio pauses the transport past
+twice its 64 KiB limit, but one receive may add 256 KiB): about 450 KiB measured per
+waiting connection, bounded per connection and so by connections_max.
 """
 
 from __future__ import annotations
