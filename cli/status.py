@@ -118,7 +118,7 @@ def _print(snapshot: dict) -> None:
         ("address", server["address"]),
         ("version", f"nodi {server['version']} ({server['server_id']})"),
         ("uptime", _duration(server["uptime_ms"])),
-        ("data dir", server["data_dir"]),
+        ("data dir", server["data_dir"] or "(shown to loopback connections only)"),
         ("disk", disk),
         ("connections", f"{server['connections_open']} open, {server['connections_accepted']} accepted, "
                         f"{server['connections_refused']} refused"),

@@ -136,6 +136,15 @@ TRANSITIONS: dict[tuple[Role, State, Direction, Trigger], State] = {
 }
 
 
+# An incomplete frame of at least this many bytes is received into one buffer of its
+# exact size (allocated once, handed out as the frame: no growing, no copy at the end);
+# smaller frames gather in the connection's shared receive buffer.
+FRAME_PREALLOCATE_BYTES_MIN = 64 * 1024
+# The largest frame a server reads before the handshake (a Handshake request is a few
+# dozen bytes): a peer that has not introduced itself cannot make the server buffer more.
+HANDSHAKE_FRAME_BYTES_MAX = 64 * 1024
+
+
 class _Sentinel(enum.Enum):
     NEED_DATA = "NEED_DATA"
 
@@ -192,6 +201,13 @@ class Connection:
         self._error: ProtocolError | None = None
         self._buffer = bytearray()
         self._start = 0  # bytes of _buffer already turned into events
+        # The frame at the head of the stream, once next_event has seen its length
+        # prefix and it is not complete: its whole size (prefix included), else 0.
+        self._incomplete_bytes = 0
+        # A large incomplete frame being received into a buffer of its own size, and
+        # the bytes of it received so far (the bytes after it go to _buffer).
+        self._frame: bytearray | None = None
+        self._frame_filled = 0
         self._end_of_stream = False
         # request id -> (api key, api version) of each request sent (client) or received
         # (server) and not yet answered.
@@ -231,8 +247,25 @@ class Connection:
             bytes_received=self._bytes_received,
             bytes_sent=self._bytes_sent,
             in_flight_requests=len(self._in_flight),
-            buffered_bytes=len(self._buffer) - self._start,
+            buffered_bytes=self.buffered_bytes,
         )
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes received and not yet turned into events: 0 between frames."""
+        return len(self._buffer) - self._start + self._frame_filled
+
+    @property
+    def incomplete_frame_bytes(self) -> int:
+        """The announced size (prefix included) of the frame being received, once
+        next_event has read and checked its length prefix; 0 when no frame is partly
+        received or fewer than 4 of its bytes are in. A server reserves this much before
+        it reads more (broker/memory_budget.py)."""
+        return self._incomplete_bytes
+
+    @property
+    def frames_received(self) -> int:
+        return self._frames_received
 
     def next_request_id(self) -> int:
         """A request id not in flight (client side): 1, 2, ... wrapping below 2**32."""
@@ -256,7 +289,7 @@ class Connection:
         if not data:
             self._end_of_stream = True
             return
-        buffered = len(self._buffer) - self._start + len(data)
+        buffered = self.buffered_bytes + len(data)
         if buffered > self.limits.receive_buffer_bytes_max:
             raise self._fail(
                 ProtocolError(
@@ -266,8 +299,32 @@ class Connection:
                     closes_connection=True,
                 )
             )
-        self._buffer += data
         self._bytes_received += len(data)
+        if self._frame is None and self._incomplete_bytes >= FRAME_PREALLOCATE_BYTES_MIN:
+            self._begin_large_frame()
+        if self._frame is None:
+            self._buffer += data
+            return
+        taken = min(len(self._frame) - self._frame_filled, len(data))
+        with memoryview(data) as view:
+            self._frame[self._frame_filled : self._frame_filled + taken] = view[:taken]
+            if taken < len(view):
+                self._buffer += view[taken:]  # the next frames
+        self._frame_filled += taken
+
+    def _begin_large_frame(self) -> None:
+        """Move the incomplete frame at the head of _buffer (all of _buffer past
+        _start) into a buffer of the frame's own size."""
+        size = self._incomplete_bytes
+        available = len(self._buffer) - self._start
+        assert available < size
+        frame = bytearray(size)
+        with memoryview(self._buffer) as view:
+            frame[:available] = view[self._start :]
+        self._buffer = bytearray()  # lets a large shared buffer go
+        self._start = 0
+        self._frame = frame
+        self._frame_filled = available
 
     def next_event(self) -> ConnectionEvent:
         """The next request (server), response or event (client), a RejectedRequest
@@ -283,7 +340,7 @@ class Connection:
             if frame is None:
                 if not self._end_of_stream:
                     return NEED_DATA
-                if len(self._buffer) > self._start:
+                if self.buffered_bytes:
                     raise ProtocolError(ErrorCode.MALFORMED_FRAME, "the stream ended inside a frame")
                 self._state = State.CLOSED
                 return ConnectionClosed()
@@ -296,15 +353,32 @@ class Connection:
             assert error.closes_connection, error
             raise self._fail(error) from None
 
-    def _next_frame(self) -> bytes | None:
+    def _next_frame(self) -> bytes | memoryview | None:
         """One whole frame out of the buffer, or None. The length is checked as soon as
-        its 4 bytes are in, before the body is buffered."""
+        its 4 bytes are in, before the body is buffered. A large frame comes out as a
+        read-only view of the buffer it was received into."""
+        if self._frame is not None:
+            if self._frame_filled < len(self._frame):
+                return None
+            large = memoryview(self._frame).toreadonly()
+            self._frame = None
+            self._frame_filled = self._incomplete_bytes = 0
+            return large
         available = len(self._buffer) - self._start
         if available < FRAME_LENGTH_PREFIX_BYTES:
+            self._incomplete_bytes = 0
             return None
         size = check_frame_length(read_frame_length(self._buffer, self._start), self.limits)
+        if (self.role is Role.SERVER and self._state is State.AWAITING_HANDSHAKE
+                and size > HANDSHAKE_FRAME_BYTES_MAX):
+            raise ProtocolError(
+                ErrorCode.HANDSHAKE_REQUIRED,
+                f"a first frame of {size} bytes is not a Handshake (at most {HANDSHAKE_FRAME_BYTES_MAX} bytes)",
+            )
         if available < size:
+            self._incomplete_bytes = size
             return None
+        self._incomplete_bytes = 0
         start = self._start
         with memoryview(self._buffer) as view, view[start : start + size] as window:
             frame = bytes(window)  # the one copy: records are handed out as slices of it
@@ -317,7 +391,7 @@ class Connection:
             self._start = 0
         return frame
 
-    def _receive_request(self, header: FrameHeader, frame: bytes) -> ConnectionEvent:
+    def _receive_request(self, header: FrameHeader, frame: bytes | memoryview) -> ConnectionEvent:
         if header.kind is not Kind.REQUEST:
             raise self._illegal(f"a client sent a {header.kind.name.lower()} frame", receiving=True)
         handshake = header.api_key == ApiKey.HANDSHAKE
@@ -355,7 +429,7 @@ class Connection:
     def _rejected(header: FrameHeader, error: ProtocolError) -> RejectedRequest:
         return RejectedRequest(header.request_id, header.api_key, header.api_version, error.code, error.message)
 
-    def _receive_from_server(self, header: FrameHeader, frame: bytes) -> Message:
+    def _receive_from_server(self, header: FrameHeader, frame: bytes | memoryview) -> Message:
         if header.kind is Kind.REQUEST:
             raise self._illegal("a server sent a request", receiving=True)
         if header.kind is Kind.EVENT:
@@ -384,7 +458,7 @@ class Connection:
         self._state = next_state
         return response
 
-    def _decode_from_server(self, header: FrameHeader, frame: bytes) -> Message:
+    def _decode_from_server(self, header: FrameHeader, frame: bytes | memoryview) -> Message:
         try:
             return decode_message_body(header, frame, self.limits)
         except ProtocolError as error:
@@ -539,8 +613,10 @@ class Connection:
     def close(self) -> None:
         """Closed from any state; later sends raise, next_event returns ConnectionClosed."""
         self._state = State.CLOSED
-        self._buffer.clear()
+        self._buffer = bytearray()
         self._start = 0
+        self._frame = None
+        self._frame_filled = self._incomplete_bytes = 0
 
 
 def handshake_response(
@@ -575,6 +651,8 @@ __all__ = _messages.__all__ + [
     "ERROR_DESCRIPTIONS",
     "FRAME_HEADER_BYTES",
     "FRAME_OVERHEAD_BYTES",
+    "FRAME_PREALLOCATE_BYTES_MIN",
+    "HANDSHAKE_FRAME_BYTES_MAX",
     "NEED_DATA",
     "TRANSITIONS",
     "Connection",

@@ -125,7 +125,11 @@ ERROR_DESCRIPTIONS: dict[ErrorCode, tuple[str, str]] = {
         "no",
         "written but the fsync did not complete in time: the batch may or may not survive a crash",
     ),
-    ErrorCode.TIMEOUT: ("no", "the request's timeout passed before it completed"),
+    ErrorCode.TIMEOUT: (
+        "no; yes in a Closing event",
+        "the request's timeout passed before it completed; in a Closing event: the connection's "
+        "handshake, frame or idle deadline passed",
+    ),
     ErrorCode.READ_ONLY_LOG: ("no", "an earlier write or fsync failed; the partition refuses appends"),
     ErrorCode.DISK_FULL: ("no", "no space left; nothing of the request was written"),
     ErrorCode.UNKNOWN_GROUP: ("no", "no consumer group by that name"),

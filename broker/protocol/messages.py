@@ -579,7 +579,8 @@ class ServerStatusResponse(Response):
     version: str = wire(STRING, "", doc="the nodi package version")
     started_time_ms: int = wire(INT64, -1, doc="wall clock when the server started serving")
     uptime_ms: int = wire(INT64, 0)
-    data_dir: str = wire(STRING, "", doc="absolute path of the data directory")
+    data_dir: str = wire(STRING, "", doc="absolute path of the data directory; empty unless the "
+                                         "connection comes from loopback")
     connections_open: int = wire(INT32, 0)
     connections_accepted: int = wire(INT64, 0, doc="since start")
     connections_refused: int = wire(INT64, 0, doc="since start: over connections_max or during shutdown")

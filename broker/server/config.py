@@ -23,6 +23,7 @@ from ..protocol.queue_settings import DEFAULT_QUEUE_LIMITS, QueueLimits
 from .inbox_limits import DEFAULT_INBOX_LIMITS, InboxLimits
 from ..protocol.limits import DEFAULT_PROTOCOL_LIMITS, ProtocolLimits
 from .logs import check_log_level
+from .memory_budget import default_frame_buffer_bytes_max
 
 ENVIRONMENT_PREFIX = "NODI_"
 
@@ -38,11 +39,18 @@ class ServerConfig:
     connections_max: int = 10_000
     # Longest long-poll a fetch may ask for; longer waits are cut to it.
     fetch_wait_max_ms: int = 30_000
-    # A new connection must complete its handshake within this.
+    # A new connection must complete its handshake within this, from its accept.
     handshake_timeout_ms: int = 10_000
-    # A connection that sends nothing for this long is closed (consumers long-poll
-    # well within it).
+    # A frame must arrive whole within this from its first byte (a slow or stalled
+    # sender is closed with TIMEOUT); the wait for frame_buffer_bytes_max counts.
+    frame_timeout_ms: int = 30_000
+    # A connection that sends nothing for this long between frames is closed
+    # (consumers long-poll well within it).
     idle_timeout_ms: int = 600_000
+    # Bytes reserved by frames being received, over all connections (each incomplete
+    # frame reserves its announced size); past it a connection stops reading until
+    # enough is released. Default: a sixteenth of physical memory, 32..256 MiB.
+    frame_buffer_bytes_max: int = default_frame_buffer_bytes_max()
     # A peer that does not read its responses for this long is closed (slow consumer).
     write_timeout_ms: int = 30_000
     # Graceful shutdown: requests in flight get this long to finish.
@@ -69,10 +77,15 @@ class ServerConfig:
             raise InvalidConfigError(f"port {self.port} outside 0..65535")
         if not -1 <= self.metrics_port <= 65535:
             raise InvalidConfigError(f"metrics_port {self.metrics_port} outside -1..65535")
-        for name in ("connections_max", "fetch_wait_max_ms", "handshake_timeout_ms", "idle_timeout_ms",
-                     "write_timeout_ms", "shutdown_grace_ms", "retention_check_interval_ms"):
+        for name in ("connections_max", "fetch_wait_max_ms", "handshake_timeout_ms", "frame_timeout_ms",
+                     "idle_timeout_ms", "write_timeout_ms", "shutdown_grace_ms", "retention_check_interval_ms"):
             if getattr(self, name) < 1:
                 raise InvalidConfigError(f"{name} must be positive")
+        if self.frame_buffer_bytes_max < self.protocol.frame_bytes_max:
+            raise InvalidConfigError(
+                f"frame_buffer_bytes_max {self.frame_buffer_bytes_max} must hold one whole frame "
+                f"(protocol.frame_bytes_max {self.protocol.frame_bytes_max})"
+            )
         try:
             check_log_level(self.log_level)
         except ValueError as error:

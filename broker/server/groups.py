@@ -75,12 +75,12 @@ from nodi.storage.errors import InvalidConfigError
 from nodi.storage.metadata import (
     CommittedOffset,
     MetadataStore,
-    validate_group_name,
     validate_topic_name,
 )
 
 from ..protocol.errors import ErrorCode, ProtocolError
 from ..protocol.messages import NO_OFFSET, ResetSpec
+from .group_names import check_group_name
 
 # The generation a consumer outside group membership commits with.
 NO_GENERATION = -1
@@ -711,7 +711,7 @@ class GroupCoordinator:
 
     def _check_group_name(self, group: str) -> None:
         try:
-            validate_group_name(group, self._metadata.limits.group_name_bytes_max)
+            check_group_name(group, self._metadata.limits.group_name_bytes_max)
         except InvalidConfigError as error:
             raise GroupError(ErrorCode.INVALID_REQUEST, str(error)) from None
 

@@ -144,6 +144,22 @@ class _StoreCollector:
         broker = self.server.broker
         info.add_metric([nodi_version(), "" if broker is None else broker.server_id], 1)
         yield from (connections, accepted, refused, uptime, info)
+        timed_out = CounterMetricFamily(
+            "nodi_connections_timed_out", "Connections closed with TIMEOUT, by deadline (handshake, frame, idle)",
+            labels=["deadline"],
+        )
+        for deadline, count in sorted(statistics.connections_timed_out.items()):
+            timed_out.add_metric([deadline], count)
+        budget = statistics.frame_budget
+        reserved = GaugeMetricFamily("nodi_frame_buffer_bytes", "Bytes reserved by frames being received now")
+        reserved.add_metric([], budget.bytes_reserved)
+        budget_max = GaugeMetricFamily("nodi_frame_buffer_bytes_max", "The frame_buffer_bytes_max budget")
+        budget_max.add_metric([], budget.bytes_max)
+        waiting = GaugeMetricFamily("nodi_frame_buffer_waiting", "Connections waiting for frame budget now")
+        waiting.add_metric([], budget.waiting)
+        waits = CounterMetricFamily("nodi_frame_buffer_waits", "Frames that had to wait for frame budget")
+        waits.add_metric([], budget.waits)
+        yield from (timed_out, reserved, budget_max, waiting, waits)
         data_dir = os.path.abspath(self.server.config.data_dir)
         space = disk_space(data_dir)
         if space is not None:

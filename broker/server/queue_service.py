@@ -49,12 +49,13 @@ import time
 from nodi.storage.config import FsyncPolicy
 from nodi.storage.errors import InvalidConfigError, NodiError, TopicExistsError, UnknownTopicError
 from nodi.storage.limits import RecordLimits
-from nodi.storage.metadata import validate_group_name, validate_topic_name
+from nodi.storage.metadata import validate_topic_name
 from nodi.storage.records import NewRecord, build_batch, decode_records, iter_batches
 
 from ..protocol import messages as m
 from .dead_letters import dead_letter_record
 from ..protocol.errors import ErrorCode, ProtocolError
+from .group_names import check_group_name
 from ..protocol.headers import DLQ_VALUE_OMITTED, NOT_BEFORE_MS, expires_at_ms, find_integer
 from ..protocol.queue_settings import DEFAULT_QUEUE_LIMITS, Backoff, QueueLimits, QueueSettings
 from .queue_state import QueueStateError, decode_partition, encode_partition, state_bytes_max
@@ -269,7 +270,7 @@ class QueueService:
             if wire is None:
                 raise ProtocolError(ErrorCode.UNKNOWN_QUEUE_GROUP,
                                     f"no queue group {group_name!r} on topic {topic!r}", closes_connection=False)
-            validate_group_name(group_name, self.store.metadata.limits.group_name_bytes_max)
+            check_group_name(group_name, self.store.metadata.limits.group_name_bytes_max)
             if len(self.groups) >= self.limits.queue_groups_max:
                 raise ProtocolError(ErrorCode.LIMIT_EXCEEDED,
                                     f"queue_groups_max {self.limits.queue_groups_max} reached", closes_connection=False)

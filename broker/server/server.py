@@ -27,10 +27,12 @@ from nodi.storage.store import Store
 from ..protocol import messages as m
 from .config import ServerConfig
 from .metrics import Metrics
-from ..protocol.errors import ErrorCode, ProtocolError
 from ..protocol.connection import NEED_DATA, Connection, ConnectionClosed, RejectedRequest, Role, State, handshake_response
+from ..protocol.errors import ErrorCode, ProtocolError
+from .memory_budget import FrameBudget, FrameBudgetStatistics, return_large_allocations_to_the_os, trim_freed_memory
 from .reply import Reply, error_reply
 from .service import Broker
+from .status import status_for_peer
 
 log = logging.getLogger("nodi.server")
 
@@ -40,6 +42,9 @@ READ_BYTES = 256 * 1024
 # empty, resume) and a send of its own, more than copying a small slice (a consumer at
 # the tail reads a batch or two).
 SENDFILE_BYTES_MIN = 64 * 1024
+# After a connection ends, the free pages it leaves in the heap are given back to the OS
+# this much later (one malloc_trim for every connection ended meanwhile).
+TRIM_DELAY_S = 1.0
 
 
 class _SendfileSource:
@@ -68,6 +73,7 @@ class ClientSession:
         self._write_lock = asyncio.Lock()
         self.peer = writer.get_extra_info("peername")
         self.client_id = ""
+        self._frame_bytes_reserved = 0  # from server.frame_budget, for the frame being received
 
     async def run(self) -> None:
         try:
@@ -78,21 +84,38 @@ class ClientSession:
         except* Exception as group:  # a bug: this connection ends, the server carries on
             log.error("connection %s failed", self.peer, exc_info=group.exceptions[0])
         finally:
+            self._release_frame_bytes()
+            self.connection.close()  # lets a large frame's buffer go now
             self.writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.writer.wait_closed(), 1)
 
     async def _read_loop(self, requests: asyncio.TaskGroup) -> None:
+        """Read, feed, dispatch, under three deadlines: the handshake must be done
+        handshake_timeout_ms after the accept; a frame must be whole frame_timeout_ms
+        after its first byte arrived (waiting for frame budget included); between
+        frames, a read may wait idle_timeout_ms. Each is a deadline for the whole phase,
+        not per read: a peer sending a byte at a time is closed just the same."""
         config = self.server.config
+        loop = asyncio.get_running_loop()
+        handshake_deadline = loop.time() + config.handshake_timeout_ms / 1000
+        frame_deadline: float | None = None  # of the frame partly received
+        frames_received = 0
         while True:
-            ready = self.connection.state is State.READY
-            timeout_ms = config.idle_timeout_ms if ready else config.handshake_timeout_ms
+            if self.connection.state is not State.READY:
+                deadline, reason = handshake_deadline, "handshake"
+            elif frame_deadline is not None:
+                deadline, reason = frame_deadline, "frame"
+            else:
+                deadline, reason = loop.time() + config.idle_timeout_ms / 1000, "idle"
             try:
-                async with asyncio.timeout(timeout_ms / 1000):  # no task per read, unlike wait_for
+                async with asyncio.timeout_at(deadline):  # no task per read, unlike wait_for
+                    if self.connection.incomplete_frame_bytes != self._frame_bytes_reserved:
+                        await self._reserve_frame_bytes(self.connection.incomplete_frame_bytes)
                     data = await self.reader.read(READ_BYTES)
             except TimeoutError:
-                reason = "idle" if ready else "no handshake"
-                await self._close_with(ErrorCode.TIMEOUT, f"{reason} for {timeout_ms} ms")
+                self.server.count_timeout(reason)
+                await self._close_with(ErrorCode.TIMEOUT, _TIMEOUT_MESSAGES[reason].format(config=config))
                 return
             try:
                 self.connection.receive_data(data)
@@ -104,6 +127,24 @@ class ClientSession:
                 self.server.count_error(error.code)
                 await self._close_with(error.code, error.message)
                 return
+            if not self.connection.buffered_bytes:
+                frame_deadline = None
+            elif frame_deadline is None or self.connection.frames_received != frames_received:
+                frame_deadline = loop.time() + config.frame_timeout_ms / 1000  # a new frame began
+            frames_received = self.connection.frames_received
+
+    async def _reserve_frame_bytes(self, count: int) -> None:
+        """Hold `count` bytes of the server's frame budget for the frame being received
+        (0: none), waiting for them if need be; the caller bounds the wait."""
+        self._release_frame_bytes()
+        if count:
+            await self.server.frame_budget.wait_reserve(count)
+            self._frame_bytes_reserved = count
+
+    def _release_frame_bytes(self) -> None:
+        if self._frame_bytes_reserved:
+            self.server.frame_budget.release(self._frame_bytes_reserved)
+            self._frame_bytes_reserved = 0
 
     async def _dispatch(self, requests: asyncio.TaskGroup) -> bool:
         """Turn buffered bytes into work; False when the peer closed."""
@@ -132,6 +173,8 @@ class ClientSession:
     async def _serve(self, request: m.Request) -> None:
         started = time.perf_counter()
         reply = await self.server.broker.handle(request, self.client_id)
+        if isinstance(reply.response, m.ServerStatusResponse):
+            reply = Reply(status_for_peer(reply.response, self.peer))
         self.server.observe(request, reply, time.perf_counter() - started)
         await self._write(reply)
 
@@ -190,6 +233,13 @@ class ClientSession:
         self.connection.close()
 
 
+_TIMEOUT_MESSAGES = {
+    "handshake": "no handshake within handshake_timeout_ms {config.handshake_timeout_ms}",
+    "frame": "a frame not received whole within frame_timeout_ms {config.frame_timeout_ms} of its first byte",
+    "idle": "idle for idle_timeout_ms {config.idle_timeout_ms}",
+}
+
+
 def _request_of(response: m.Response) -> m.Request:
     api = next(api for api in m.APIS if isinstance(response, api.response))
     return api.request(request_id=response.request_id)
@@ -202,6 +252,9 @@ class ServerStatistics:
     connections_open: int
     connections_accepted: int
     connections_refused: int  # over connections_max or during shutdown
+    # Connections closed with TIMEOUT since start, by deadline: handshake, frame, idle.
+    connections_timed_out: dict[str, int]
+    frame_budget: FrameBudgetStatistics
 
 
 class Server:
@@ -220,6 +273,9 @@ class Server:
         self._started_monotonic = time.monotonic()
         self._connections_accepted = 0
         self._connections_refused = 0
+        self._connections_timed_out = dict.fromkeys(_TIMEOUT_MESSAGES, 0)
+        self.frame_budget = FrameBudget(config.frame_buffer_bytes_max)
+        self._trim: asyncio.TimerHandle | None = None
 
     def statistics(self) -> ServerStatistics:
         return ServerStatistics(
@@ -228,6 +284,8 @@ class Server:
             connections_open=len(self.sessions),
             connections_accepted=self._connections_accepted,
             connections_refused=self._connections_refused,
+            connections_timed_out=dict(self._connections_timed_out),
+            frame_budget=self.frame_budget.statistics(),
         )
 
     # -- accounting (metrics hook points) ----------------------------------------------
@@ -235,6 +293,10 @@ class Server:
     def count_error(self, code: ErrorCode) -> None:
         if self.metrics is not None:
             self.metrics.count_error(code)
+
+    def count_timeout(self, reason: str) -> None:
+        self._connections_timed_out[reason] += 1
+        log.debug("connection closed: %s deadline passed", reason)
 
     def observe(self, request: m.Request, reply: Reply, seconds: float) -> None:
         if self.metrics is not None:
@@ -290,6 +352,8 @@ class Server:
         except* _Stopped:
             pass
         finally:
+            if self._trim is not None:
+                self._trim.cancel()
             if self.metrics is not None:
                 self.metrics.stop()
             await self.broker.compaction.stop()  # a run's thread must end before the logs close
@@ -314,7 +378,16 @@ class Server:
         self._connections_accepted += 1
         self.sessions.add(session)
         task = tasks.create_task(session.run())
-        task.add_done_callback(lambda _: self.sessions.discard(session))
+        task.add_done_callback(lambda _: self._session_ended(session))
+
+    def _session_ended(self, session: ClientSession) -> None:
+        self.sessions.discard(session)
+        if self._trim is None and not self.shutting_down:
+            self._trim = asyncio.get_running_loop().call_later(TRIM_DELAY_S, self._trim_freed_memory)
+
+    def _trim_freed_memory(self) -> None:
+        self._trim = None
+        trim_freed_memory()
 
     async def _shutdown(self) -> None:
         """Stop accepting, let requests in flight finish (up to the grace), tell every
@@ -380,6 +453,8 @@ def run(config: ServerConfig, *, announce: Callable[[str], None] = print) -> Non
         import uvloop  # type: ignore[import-not-found]
     except ImportError:
         uvloop = None
+
+    return_large_allocations_to_the_os()
 
     async def main() -> None:
         metrics = None if config.metrics_port < 0 else Metrics(config.host, config.metrics_port)

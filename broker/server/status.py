@@ -8,6 +8,8 @@ store, os calls), so the Prometheus thread may call it as well as the event loop
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import os
 import shutil
 from dataclasses import dataclass
@@ -82,6 +84,28 @@ def read_only_partitions(store: Store) -> dict[str, list[int]]:
         if partition_log.statistics().read_only:
             found.setdefault(topic, []).append(partition)
     return {topic: sorted(partitions) for topic, partitions in sorted(found.items())}
+
+
+def is_loopback_peer(peer) -> bool:
+    """Whether a connection's peer address (asyncio's peername) is on this machine's
+    loopback interface (127.0.0.0/8, ::1, or IPv4-mapped 127.x)."""
+    if not isinstance(peer, tuple) or not peer or not isinstance(peer[0], str):
+        return False  # not an IP connection we can place
+    try:
+        address = ipaddress.ip_address(peer[0].partition("%")[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+def status_for_peer(response: m.ServerStatusResponse, peer) -> m.ServerStatusResponse:
+    """The status as a connection from `peer` may see it: the absolute data directory
+    only for a loopback peer (an admin on this machine; there is no authentication),
+    "" for any other (docs/protocol.md)."""
+    if is_loopback_peer(peer):
+        return response
+    return dataclasses.replace(response, data_dir="")
 
 
 async def serve_server_status(broker, request: m.ServerStatusRequest):
