@@ -79,7 +79,7 @@ def serve(
     from nodi.broker.config import load_config
     from nodi.broker.logs import configure_logging
     from nodi.broker.server import run
-    from nodi.storage.errors import NodiError
+    from nodi.storage.errors import MetadataError, NodiError
 
     try:
         settings = load_config(
@@ -95,7 +95,7 @@ def serve(
     configure_logging(settings.log_level, json_lines=settings.log_json)
     try:
         run(settings, announce=lambda line: typer.echo(line))
-    except OSError as error:
+    except (OSError, MetadataError) as error:  # a damaged metadata file names itself
         typer.echo(f"nodi serve: {error}", err=True)
         raise typer.Exit(1) from None
 

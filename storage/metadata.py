@@ -43,6 +43,7 @@ from typing import NamedTuple, TypeVar
 import lmdb
 
 from .errors import InvalidConfigError, MetadataError, TopicExistsError, UnknownTopicError
+from .lmdb_file import check_data_file
 from .limits import GIB, KIB, MIB
 
 DAY_MS = 24 * 60 * 60 * 1000
@@ -384,6 +385,8 @@ def decode_topic_value(name: str, value: bytes) -> TopicConfig:
 _TOPICS = b"topics"
 _OFFSETS = b"offsets"
 _QUEUE_STATE = b"queue_state"
+# The sub-databases every store has (`nodi segments verify` reads each).
+TABLES = (_TOPICS, _OFFSETS, _QUEUE_STATE)
 # Room for later kinds (producer state, dedup windows) without reopening differently.
 DATABASES_MAX = 8
 
@@ -479,6 +482,11 @@ class MetadataStore:
         self._map_growths = 0
         try:
             os.makedirs(self.path, exist_ok=True)
+        except OSError as error:
+            raise MetadataError(f"cannot create the metadata store at {self.path}: {error}") from error
+        # LMDB maps the file and trusts it: a truncated file would SIGBUS the process.
+        check_data_file(self.path)
+        try:
             self._env = lmdb.open(
                 self.path,
                 map_size=limits.map_size_bytes,
