@@ -33,6 +33,8 @@ log = logging.getLogger("nodi.broker")
 # The fetch response header and frame overhead, kept out of the records budget so a
 # fetch response always fits in frame_bytes_max.
 FETCH_OVERHEAD_BYTES = 256
+# How often the metadata retry timer looks while the store commits normally.
+METADATA_RETRY_POLL_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +111,7 @@ class Broker:
         for _, _, partition_log in self.store.logs():
             self._watch(partition_log)
         tasks.create_task(self._expire_members())
+        tasks.create_task(self._retry_metadata())
         self.queues.attach(loop, tasks)
         self.inboxes.attach(tasks)
 
@@ -124,6 +127,19 @@ class Broker:
             await asyncio.sleep(0.2 if deadline is None else min(max(deadline - now, 0), 200) / 1000)
             for expired in self.coordinator.expire():
                 log.info("group %s: member %s timed out", expired.group, expired.member_id)
+
+    async def _retry_metadata(self) -> None:
+        """After a failed metadata commit, flush when the store's backoff ends, traffic
+        or not: the store recovers by itself once the disk has room again
+        (storage/metadata.py, "A failed commit"). The store logs both ends of a failure."""
+        while True:
+            retry_in_s = self.store.metadata.retry_in_s()
+            await asyncio.sleep(METADATA_RETRY_POLL_S if retry_in_s is None else max(retry_in_s, 0.01))
+            if self.store.metadata.retry_in_s() == 0:
+                try:
+                    await self.flush_metadata()
+                except Exception as error:  # still failing: the store counts it and backs off
+                    log.debug("metadata retry: %s", error)
 
     async def flush_metadata(self) -> None:
         """Return once everything staged before the call is committed to LMDB. Callers
