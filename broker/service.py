@@ -264,9 +264,11 @@ class Broker:
         config = self.store.topic_config(request.name)
         if config is None:
             raise UnknownTopicError(f"topic {request.name!r} does not exist")
-        for partition in range(config.partitions):
-            self._unwatch(self.store.log(request.name, partition))
+        logs = [self.store.log(request.name, partition) for partition in range(config.partitions)]
+        # All or nothing: a failed deletion (DISK_FULL) leaves the topic serving, watched.
         await asyncio.to_thread(self.store.delete_topic, request.name)
+        for partition_log in logs:
+            self._unwatch(partition_log)
         self.coordinator.on_topic_deleted(request.name)
         self.dedup.drop(request.name)
         self.queues.on_topic_deleted(request.name)

@@ -34,6 +34,7 @@ from .metadata import (
     DATABASES_MAX,
     TABLES,
     MetadataStore,
+    decode_deletion_value,
     decode_group_key,
     decode_offset_value,
     decode_topic_value,
@@ -397,7 +398,8 @@ def _verify_metadata_tables(meta: str, path: str) -> list[Problem]:
             try:
                 tables[name] = env.open_db(name, create=False)
             except lmdb.NotFoundError:
-                problems.append(Problem(path, None, None, f"table {name.decode()!r} is missing"))
+                if name != b"deleted_topics":  # a store from before it: the next open adds it
+                    problems.append(Problem(path, None, None, f"table {name.decode()!r} is missing"))
         with env.begin() as transaction:
             topics: set[str] = set()
             if b"topics" in tables:
@@ -409,6 +411,14 @@ def _verify_metadata_tables(meta: str, path: str) -> list[Problem]:
                         topics.add(name)
                     except NodiError as error:
                         problems.append(Problem(path, None, None, f"table 'topics', key {bytes(key)!r}: {error}"))
+            if b"deleted_topics" in tables:
+                for key, value in transaction.cursor(db=tables[b"deleted_topics"]):
+                    try:
+                        validate_topic_name(bytes(key).decode("ascii", errors="replace"))
+                        decode_deletion_value(value)
+                    except NodiError as error:
+                        problems.append(Problem(path, None, None,
+                                                f"table 'deleted_topics', key {bytes(key)!r}: {error}"))
             for table in (b"offsets", b"queue_state"):
                 if table not in tables:
                     continue

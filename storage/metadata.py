@@ -410,6 +410,34 @@ def decode_offset_value(value: bytes) -> CommittedOffset:
     return CommittedOffset(offset, metadata, commit_time_ms)
 
 
+# Deletion value, the value of `deleted_topics` (key: the topic name, ASCII):
+#
+#     offset  size  field
+#          0     1  format_version     1
+#          1     4  partitions         uint32: the topic's partition count when deleted
+#          5     8  deleted_time_ms    int64, ms since the Unix epoch
+
+DELETION_VALUE_VERSION = 1
+_DELETION_VALUE = struct.Struct(">BIq")
+
+
+def encode_deletion_value(partitions: int, deleted_time_ms: int) -> bytes:
+    return _DELETION_VALUE.pack(DELETION_VALUE_VERSION, partitions, deleted_time_ms)
+
+
+def decode_deletion_value(value: bytes) -> tuple[int, int]:
+    """(partitions, deleted_time_ms); MetadataError when the bytes are not one."""
+    try:
+        version, partitions, deleted_time_ms = _DELETION_VALUE.unpack(value)
+        if version != DELETION_VALUE_VERSION:
+            raise ValueError(f"format_version {version}, expected {DELETION_VALUE_VERSION}")
+        if not 1 <= partitions <= PARTITIONS_MAX:
+            raise ValueError(f"partitions {partitions} outside [1, {PARTITIONS_MAX}]")
+    except (ValueError, struct.error) as error:
+        raise MetadataError(f"unreadable topic-deletion value: {error}") from None
+    return partitions, deleted_time_ms
+
+
 def encode_topic_value(config: TopicConfig) -> bytes:
     return json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":")).encode("utf-8")
 
@@ -427,8 +455,10 @@ def decode_topic_value(name: str, value: bytes) -> TopicConfig:
 _TOPICS = b"topics"
 _OFFSETS = b"offsets"
 _QUEUE_STATE = b"queue_state"
-# The sub-databases every store has (`nodi segments verify` reads each).
-TABLES = (_TOPICS, _OFFSETS, _QUEUE_STATE)
+_DELETED_TOPICS = b"deleted_topics"
+# The sub-databases every store has (`nodi segments verify` reads each; a store made
+# before deleted_topics existed gets it at its next open).
+TABLES = (_TOPICS, _OFFSETS, _QUEUE_STATE, _DELETED_TOPICS)
 # Room for later kinds (producer state, dedup windows) without reopening differently.
 DATABASES_MAX = 8
 _PROBE_KEY = b"\x00probe"
@@ -581,6 +611,7 @@ class MetadataStore:
         self._topics = databases[_TOPICS]
         self._offsets = databases[_OFFSETS]
         self._queue_state = databases[_QUEUE_STATE]
+        self._deleted_topics = databases[_DELETED_TOPICS]
 
     @property
     def limits(self) -> MetadataLimits:
@@ -655,10 +686,15 @@ class MetadataStore:
         value = encode_topic_value(config)
 
         def apply(transaction: lmdb.Transaction) -> None:
+            if transaction.get(key, db=self._deleted_topics) is not None:
+                raise TopicExistsError(f"topic {name!r} is still being deleted (its files are not removed yet)")
             if not transaction.put(key, value, db=self._topics, overwrite=False):
                 raise TopicExistsError(f"topic {name!r} already exists")
+            # Group entries of a topic that does not exist can only be left over from a
+            # deleted one of the same name (staged after its deletion): never inherited.
+            self._delete_group_entries(transaction, name)
 
-        self._commit(apply)
+        self._commit(apply, discard=lambda group_key: decode_group_key(group_key)[1] == name)
 
     def get_topic(self, name: str) -> TopicConfig | None:
         validate_topic_name(name)
@@ -689,23 +725,53 @@ class MetadataStore:
         self._commit(apply)
 
     def delete_topic(self, name: str) -> None:
-        """Remove a topic with every group's committed offsets and queue state in it."""
+        """Remove a topic with every group's committed offsets and queue state in it, and
+        record it in `deleted_topics` (its partition count and the time), all in one
+        transaction: the commit point of a topic deletion (storage/store.py). The entry
+        says which partition directories are to be removed; finish_topic_deletion drops
+        it once they are."""
         validate_topic_name(name)
         key = name.encode("ascii")
 
         def apply(transaction: lmdb.Transaction) -> None:
-            if not transaction.delete(key, db=self._topics):
+            old = transaction.get(key, db=self._topics)
+            if old is None:
                 raise UnknownTopicError(f"unknown topic {name!r}")
-            for database in (self._offsets, self._queue_state):
-                doomed = [
-                    group_key
-                    for group_key in transaction.cursor(db=database).iternext(values=False)
-                    if decode_group_key(group_key)[1] == name
-                ]
-                for group_key in doomed:
-                    transaction.delete(group_key, db=database)
+            partitions = decode_topic_value(name, old).partitions
+            transaction.delete(key, db=self._topics)
+            self._delete_group_entries(transaction, name)
+            transaction.put(key, encode_deletion_value(partitions, _now_ms()), db=self._deleted_topics)
 
         self._commit(apply, discard=lambda group_key: decode_group_key(group_key)[1] == name)
+
+    def _delete_group_entries(self, transaction: lmdb.Transaction, topic: str) -> None:
+        """Every group's committed offsets and queue state in `topic` (a scan: the keys
+        are ordered by group)."""
+        for database in (self._offsets, self._queue_state):
+            doomed = [
+                group_key
+                for group_key in transaction.cursor(db=database).iternext(values=False)
+                if decode_group_key(group_key)[1] == topic
+            ]
+            for group_key in doomed:
+                transaction.delete(group_key, db=database)
+
+    def topic_deletions(self) -> dict[str, int]:
+        """Topics deleted whose partition directories may still be on disk: name ->
+        partition count at the deletion."""
+        with self._read() as transaction:
+            items = list(transaction.cursor(db=self._deleted_topics))
+        return {bytes(key).decode("ascii", errors="replace"): decode_deletion_value(value)[0] for key, value in items}
+
+    def finish_topic_deletion(self, name: str) -> None:
+        """Drop the `deleted_topics` entry of `name` (its directories are gone)."""
+        validate_topic_name(name)
+        key = name.encode("ascii")
+
+        def apply(transaction: lmdb.Transaction) -> None:
+            transaction.delete(key, db=self._deleted_topics)
+
+        self._commit(apply)
 
     def list_topics(self) -> dict[str, TopicConfig]:
         with self._read() as transaction:
