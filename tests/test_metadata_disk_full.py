@@ -338,3 +338,84 @@ def read_all(client: Client, topic: str) -> list[bytes]:
             return values
         values.extend(message.value for message in batch)
         offset = batch[-1].offset + 1
+
+
+class _FailingCommit:
+    """A write transaction whose commit fails with an LMDB error (the transaction is
+    aborted, as LMDB does when mdb_txn_commit fails)."""
+
+    def __init__(self, transaction, error) -> None:
+        self.transaction = transaction
+        self.error = error
+
+    def __enter__(self):
+        return self.transaction.__enter__()
+
+    def __exit__(self, *exc_info):
+        self.transaction.abort()
+        raise self.error
+
+
+class FailingEnvironment:
+    """An LMDB environment whose next `failures` write transactions fail to commit."""
+
+    def __init__(self, env, failures: int, error) -> None:
+        self._env = env
+        self.failures = failures
+        self.error = error
+
+    def __getattr__(self, name):
+        return getattr(self._env, name)
+
+    def begin(self, *args, write: bool = False, **kwargs):
+        transaction = self._env.begin(*args, write=write, **kwargs)
+        if write and self.failures:
+            self.failures -= 1
+            return _FailingCommit(transaction, self.error)
+        return transaction
+
+
+def test_an_io_error_on_commit_is_metadata_unavailable_and_the_reopened_store_recovers(tmp_path):
+    """EIO (or a failed meta page write, after which LMDB refuses every transaction until
+    the environment is reopened): METADATA_UNAVAILABLE, not INTERNAL; the store reopens
+    its environment, serves reads, and the retry after the backoff commits everything."""
+    import lmdb
+
+    from nodi.broker.errors import ErrorCode, error_code_for
+    from nodi.storage.errors import MetadataUnavailableError
+    from nodi.storage.metadata import MetadataLimits, MetadataStore
+
+    limits = MetadataLimits(commit_retry_ms_min=50, commit_retry_ms_max=100)
+    path = str(tmp_path / "data")
+    store = MetadataStore(path, limits)
+    try:
+        store.create_topic(TOPIC)
+        store.stage_offset("group", TOPIC, 0, 5)
+        store._env = FailingEnvironment(store._env, 1, lmdb.Error("mdb_txn_commit: Input/output error"))
+        with pytest.raises(MetadataUnavailableError, match="Input/output error") as refused:
+            store.flush()
+        assert error_code_for(refused.value) is ErrorCode.METADATA_UNAVAILABLE
+        assert not isinstance(store._env, FailingEnvironment)  # reopened
+        statistics = store.statistics()
+        assert statistics.failed and statistics.failed_commits == 1 and statistics.staged_entries == 1
+        assert store.get_topic(TOPIC) is not None  # reads go on
+        assert store.committed_offset("group", TOPIC, 0).offset == 5  # the staged value
+        with pytest.raises(MetadataUnavailableError, match="next try in"):
+            store.create_topic("refused")
+        time.sleep(0.15)
+        store.create_topic("later")  # the retry: carries the staged offset too
+        assert not store.statistics().failed and store.statistics().recoveries == 1
+    finally:
+        store.close()
+    with MetadataStore(path, limits) as reopened:
+        assert sorted(reopened.list_topics()) == ["later", TOPIC]
+        assert reopened.committed_offset("group", TOPIC, 0).offset == 5
+
+
+def test_a_full_disk_on_a_metadata_commit_is_disk_full_on_the_wire():
+    from nodi.broker.errors import ErrorCode, error_code_for
+    from nodi.storage.errors import MetadataDiskFullError, MetadataError, MetadataUnavailableError
+
+    assert error_code_for(MetadataDiskFullError("full")) is ErrorCode.DISK_FULL
+    assert error_code_for(MetadataUnavailableError("eio")) is ErrorCode.METADATA_UNAVAILABLE
+    assert error_code_for(MetadataError("a bug")) is ErrorCode.INTERNAL
