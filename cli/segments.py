@@ -283,10 +283,12 @@ def _progress_bar(label: str) -> Iterator[ProgressCallback | None]:
 
 @_command("verify")
 def verify_command(ctx: typer.Context, data_dir: DataDirectory) -> None:
-    """Check every batch, offset and index file of a data directory (read-only).
+    """Check the metadata store and every batch, offset and index file of a data directory (read-only).
 
-    Every batch of every segment: length bounds, magic, CRC; offset continuity within
-    and across segments; each file ending exactly at its last batch; the index files.
+    The metadata store (meta/data.mdb): its header and size, every LMDB page's structure,
+    every entry of its tables. Every batch of every segment: length bounds, magic, CRC;
+    offset continuity within and across segments; each file ending exactly at its last
+    batch; the index files.
 
     Exit status 0 when every batch checks out (warnings such as offset gaps or indexes
     the next open rebuilds are printed but allowed); 1 listing each bad file with its

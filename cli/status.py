@@ -74,6 +74,8 @@ def _snapshot(client) -> dict:
             "connections_accepted": status.connections_accepted,
             "connections_refused": status.connections_refused,
             "read_only_partitions": status.read_only_partitions,
+            "metadata_store_error": status.metadata_store_error,
+            "metadata_failed_commits": status.metadata_failed_commits,
         },
         "topics": topics,
         "groups": groups,
@@ -105,6 +107,13 @@ def _size(count: int | None) -> str:
     return f"{count} B"  # not reached
 
 
+def _metadata_state(server: dict) -> str:
+    failed = server["metadata_failed_commits"]
+    if server["metadata_store_error"] is None:
+        return "ok" + (f" ({failed} failed commit(s) since start, recovered)" if failed else "")
+    return f"FAILED, retrying ({failed} failed commit(s)): {server['metadata_store_error']}"
+
+
 def _print(snapshot: dict) -> None:
     server = snapshot["server"]
     disk = "-"
@@ -123,6 +132,7 @@ def _print(snapshot: dict) -> None:
         ("connections", f"{server['connections_open']} open, {server['connections_accepted']} accepted, "
                         f"{server['connections_refused']} refused"),
         ("read-only", read_only or "none"),
+        ("metadata", _metadata_state(server)),
     ])
     typer.echo("")
     print_table(("TOPIC", "PARTITIONS", "MESSAGES", "BYTES", "SEGMENTS"), [
@@ -147,7 +157,7 @@ def status_command(
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")] = False,
 ) -> None:
     """Show a running broker at a glance: the server (address, version, uptime, data
-    directory, free disk, connections, read-only partitions), every topic (partitions,
+    directory, free disk, connections, read-only partitions, the metadata store's state), every topic (partitions,
     messages stored, bytes, segments), every consumer group (state, members, total lag
     and the partitions behind) and the dead-letter topics (names ending in .dlq) with
     the messages they hold.

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 from .checkpoint import CHECKPOINT_FILE, CLEAN_SHUTDOWN_FILE, decode_checkpoint
 from .config import FsyncPolicy, LogConfig
-from .errors import CorruptBatchError, InvalidRecordError, NodiError
+from .errors import CorruptBatchError, InvalidRecordError, MetadataError, NodiError
 from .fileio import OsFile, OsFileSystem, read_whole_file
 from .layout import (
     LOGS_DIRECTORY,
@@ -31,8 +31,18 @@ from .layout import (
 )
 from .limits import DEFAULT_RECORD_LIMITS, RecordLimits
 from .lock import DataDirectoryLock
+from .lmdb_file import DATA_FILE_NAME, check_data_file
 from .log import Log
-from .metadata import MetadataStore
+from .metadata import (
+    DATABASES_MAX,
+    TABLES,
+    MetadataStore,
+    decode_deletion_value,
+    decode_group_key,
+    decode_offset_value,
+    decode_topic_value,
+    validate_topic_name,
+)
 from .records import BatchHeader, Record, compute_crc, decode_records
 from .recovery import CLEANED_SUFFIX, SWAP_SUFFIX, RecoveryReport
 from .segment import (
@@ -333,12 +343,105 @@ def verify_data_dir(
 
     Returns the problems found, errors and warnings (Problem.severity), in file order."""
     partitions = list(iter_partition_directories(data_dir))
-    problems = _check_logs_directory(data_dir, partitions)
+    problems = verify_metadata_store(data_dir)
+    problems.extend(_check_logs_directory(data_dir, partitions))
     tracker = _Progress(progress, sum(_log_bytes(partition.path) for partition in partitions))
     tracker.report()
     for partition in partitions:
         problems.extend(_verify_partition(partition.path, limits, tracker))
     tracker.report()
+    return problems
+
+
+def verify_metadata_store(data_dir: str | os.PathLike[str]) -> list[Problem]:
+    """Check the metadata store (DATA_DIR/meta/data.mdb), read-only: its header and size
+    (storage/lmdb_file.py: what the broker checks before mapping it), every page's
+    structure with py-lmdb's offline verifier where the installed py-lmdb has one (it
+    reads the file without LMDB, so a damaged file cannot crash it), then, opened
+    read-only, every entry of every table: topic names and settings, group-partition
+    keys, committed-offset values. Stops at the first layer that fails: LMDB is never
+    given a file that did not pass the layers below."""
+    meta = meta_directory(data_dir)
+    path = os.path.join(meta, DATA_FILE_NAME)
+    if not os.path.exists(path):
+        return [_warning(path, "no metadata store: no topics are defined in this data directory")]
+    try:
+        check_data_file(meta)
+    except MetadataError as error:
+        return [Problem(path, None, None, str(error).removeprefix(path).lstrip(": "))]
+    problems = [Problem(path, None, None, f"LMDB structure: {finding}") for finding in _lmdb_structure(path)]
+    if problems:
+        return problems
+    return _verify_metadata_tables(meta, path)
+
+
+def _lmdb_structure(path: str) -> list[str]:
+    """py-lmdb's offline page walk (lmdb.verify, py-lmdb 2.1 and later); [] without it."""
+    try:
+        from lmdb.verify import VerifyError, verify
+    except ImportError:
+        return []
+    try:
+        return list(verify(path, subdir=False))
+    except (VerifyError, OSError) as error:
+        return [str(error)]
+
+
+def _verify_metadata_tables(meta: str, path: str) -> list[Problem]:
+    import lmdb
+
+    problems: list[Problem] = []
+    try:
+        env = lmdb.open(meta, subdir=True, readonly=True, max_dbs=DATABASES_MAX)
+    except lmdb.Error as error:
+        return [Problem(path, None, None, f"LMDB cannot open it read-only: {error}")]
+    try:
+        tables = {}
+        for name in TABLES:
+            try:
+                tables[name] = env.open_db(name, create=False)
+            except lmdb.NotFoundError:
+                if name != b"deleted_topics":  # a store from before it: the next open adds it
+                    problems.append(Problem(path, None, None, f"table {name.decode()!r} is missing"))
+        with env.begin() as transaction:
+            topics: set[str] = set()
+            if b"topics" in tables:
+                for key, value in transaction.cursor(db=tables[b"topics"]):
+                    name = bytes(key).decode("ascii", errors="replace")
+                    try:
+                        validate_topic_name(name)
+                        decode_topic_value(name, value)
+                        topics.add(name)
+                    except NodiError as error:
+                        problems.append(Problem(path, None, None, f"table 'topics', key {bytes(key)!r}: {error}"))
+            if b"deleted_topics" in tables:
+                for key, value in transaction.cursor(db=tables[b"deleted_topics"]):
+                    try:
+                        validate_topic_name(bytes(key).decode("ascii", errors="replace"))
+                        decode_deletion_value(value)
+                    except NodiError as error:
+                        problems.append(Problem(path, None, None,
+                                                f"table 'deleted_topics', key {bytes(key)!r}: {error}"))
+            for table in (b"offsets", b"queue_state"):
+                if table not in tables:
+                    continue
+                for key, value in transaction.cursor(db=tables[table]):
+                    where = f"table {table.decode()!r}, key {bytes(key)!r}"
+                    try:
+                        group, topic, partition = decode_group_key(key)
+                        if table == b"offsets":
+                            decode_offset_value(value)
+                    except NodiError as error:
+                        problems.append(Problem(path, None, None, f"{where}: {error}"))
+                        continue
+                    if topic not in topics:
+                        problems.append(_warning(path, f"{where}: group {group!r} has state for "
+                                                       f"{topic}-{partition}, a topic that does not exist "
+                                                       "(the broker ignores it)"))
+    except lmdb.Error as error:
+        problems.append(Problem(path, None, None, f"reading it failed: {error}"))
+    finally:
+        env.close()
     return problems
 
 

@@ -132,3 +132,19 @@ class DataDirectoryLockedError(NodiError):
         )
         self.data_dir = data_dir
         self.holder_pid = holder_pid
+
+
+class MetadataCorruptError(MetadataError):
+    """The metadata store's data file is damaged (cut short, not LMDB, another format
+    version): refused before LMDB maps it, since LMDB trusts its file and would crash
+    the process (SIGBUS) or start an empty store."""
+
+
+class MetadataUnavailableError(MetadataError):
+    """A commit to the metadata store failed (an I/O error), or the store is waiting out
+    the backoff after one. The transaction was aborted: nothing of it is on disk, and
+    what was staged stays staged. The store retries by itself; reads go on."""
+
+
+class MetadataDiskFullError(MetadataUnavailableError, DiskFullError):
+    """A metadata commit failed for want of space (ENOSPC): DISK_FULL on the wire."""

@@ -59,6 +59,9 @@ class FileSystem(Protocol):
 
     def make_directory(self, path: str) -> None: ...
 
+    def remove_directory(self, path: str) -> None:
+        """Remove an empty directory (a partition's, once its files are unlinked)."""
+
     def sync_directory(self, path: str) -> None: ...
 
 
@@ -147,6 +150,9 @@ class OsFileSystem:
 
     def make_directory(self, path: str) -> None:
         os.makedirs(path, exist_ok=True)
+
+    def remove_directory(self, path: str) -> None:
+        os.rmdir(path)
 
     def sync_directory(self, path: str) -> None:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -21,15 +21,29 @@ The log is the truth (invariant I6 in docs/fault-model.md): at start-up the brok
 it are lowered (or dropped with their partition).
 
 LMDB's own errors never escape: each becomes a MetadataError naming the store and the
-operation. A failed commit (other than a full map, which grows the map and retries) is
-sticky: the store refuses further writes until reopened, as the log does after a failed
-fsync (F7, I9).
+operation. A full map grows the map and retries at once.
+
+A failed commit (ENOSPC, EIO: F8, F7) is not sticky, unlike a log's failed fsync. LMDB
+aborts the failed transaction and nothing of it becomes current: the data pages it wrote
+went to pages the committed tree does not use, and the meta page that would have made
+them current is written last (a failed meta write leaves the environment unusable until
+it is reopened, so the store reopens it after any failed commit). The entries that
+transaction carried go back to the staged entries (a newer value staged meanwhile wins),
+so nothing is lost and nothing applied twice: staged entries are whole values, latest
+wins. The store then refuses commits (MetadataDiskFullError for ENOSPC, else
+MetadataUnavailableError) until a backoff ends (`commit_retry_ms_min`, doubling up to
+`commit_retry_ms_max`); the next commit after it (a caller's, or the broker's retry
+timer's `flush()`) tries again, and the first that succeeds ends the failure. Staging
+goes on meanwhile, bounded by `staged_entries_max`, and reads are served throughout.
+statistics() reports the state and counts the failed commits.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import logging
 import os
 import re
 import struct
@@ -42,8 +56,18 @@ from typing import NamedTuple, TypeVar
 
 import lmdb
 
-from .errors import InvalidConfigError, MetadataError, TopicExistsError, UnknownTopicError
+from .errors import (
+    InvalidConfigError,
+    MetadataDiskFullError,
+    MetadataError,
+    MetadataUnavailableError,
+    TopicExistsError,
+    UnknownTopicError,
+)
+from .lmdb_file import check_data_file
 from .limits import GIB, KIB, MIB
+
+log = logging.getLogger("nodi.metadata")
 
 DAY_MS = 24 * 60 * 60 * 1000
 INT64_MAX = 2**63 - 1
@@ -70,6 +94,10 @@ class MetadataLimits:
     offset_metadata_bytes_max: int = 4 * KIB
     # One partition's queue-group state blob.
     queue_state_bytes_max: int = 16 * MIB
+    # After a failed commit, commits are refused for this long before the next try;
+    # each failed try doubles it, up to the max.
+    commit_retry_ms_min: int = 100
+    commit_retry_ms_max: int = 5000
 
     def validate(self) -> None:
         if not 0 < self.map_size_bytes <= self.map_size_bytes_max:
@@ -88,6 +116,11 @@ class MetadataLimits:
             )
         if self.offset_metadata_bytes_max < 0 or self.queue_state_bytes_max < 0:
             raise InvalidConfigError("offset_metadata_bytes_max and queue_state_bytes_max must be >= 0")
+        if not 1 <= self.commit_retry_ms_min <= self.commit_retry_ms_max:
+            raise InvalidConfigError(
+                f"commit_retry_ms_min must be in [1, commit_retry_ms_max={self.commit_retry_ms_max}], "
+                f"got {self.commit_retry_ms_min}"
+            )
 
 
 DEFAULT_METADATA_LIMITS = MetadataLimits()
@@ -260,6 +293,16 @@ class MetadataStatistics:
     write_transactions: int
     map_size_bytes: int
     map_growths: int
+    # A commit failed and none has succeeded since: commits are refused until the retry.
+    failed: bool = False
+    # Commits that failed (ENOSPC, EIO, a failed map growth), retries included.
+    failed_commits: int = 0
+    # Failures ended by a commit that succeeded.
+    recoveries: int = 0
+    # While failed: the last failure, since when (wall ms), and ms until the next try.
+    failure: str = ""
+    failed_since_ms: int | None = None
+    retry_in_ms: int | None = None
 
 
 # Group-partition key, the key of `offsets` and `queue_state` (big-endian):
@@ -367,6 +410,34 @@ def decode_offset_value(value: bytes) -> CommittedOffset:
     return CommittedOffset(offset, metadata, commit_time_ms)
 
 
+# Deletion value, the value of `deleted_topics` (key: the topic name, ASCII):
+#
+#     offset  size  field
+#          0     1  format_version     1
+#          1     4  partitions         uint32: the topic's partition count when deleted
+#          5     8  deleted_time_ms    int64, ms since the Unix epoch
+
+DELETION_VALUE_VERSION = 1
+_DELETION_VALUE = struct.Struct(">BIq")
+
+
+def encode_deletion_value(partitions: int, deleted_time_ms: int) -> bytes:
+    return _DELETION_VALUE.pack(DELETION_VALUE_VERSION, partitions, deleted_time_ms)
+
+
+def decode_deletion_value(value: bytes) -> tuple[int, int]:
+    """(partitions, deleted_time_ms); MetadataError when the bytes are not one."""
+    try:
+        version, partitions, deleted_time_ms = _DELETION_VALUE.unpack(value)
+        if version != DELETION_VALUE_VERSION:
+            raise ValueError(f"format_version {version}, expected {DELETION_VALUE_VERSION}")
+        if not 1 <= partitions <= PARTITIONS_MAX:
+            raise ValueError(f"partitions {partitions} outside [1, {PARTITIONS_MAX}]")
+    except (ValueError, struct.error) as error:
+        raise MetadataError(f"unreadable topic-deletion value: {error}") from None
+    return partitions, deleted_time_ms
+
+
 def encode_topic_value(config: TopicConfig) -> bytes:
     return json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":")).encode("utf-8")
 
@@ -384,8 +455,13 @@ def decode_topic_value(name: str, value: bytes) -> TopicConfig:
 _TOPICS = b"topics"
 _OFFSETS = b"offsets"
 _QUEUE_STATE = b"queue_state"
+_DELETED_TOPICS = b"deleted_topics"
+# The sub-databases every store has (`nodi segments verify` reads each; a store made
+# before deleted_topics existed gets it at its next open).
+TABLES = (_TOPICS, _OFFSETS, _QUEUE_STATE, _DELETED_TOPICS)
 # Room for later kinds (producer state, dedup windows) without reopening differently.
 DATABASES_MAX = 8
+_PROBE_KEY = b"\x00probe"
 
 _Staged = dict[tuple[bytes, bytes], "bytes | None"]  # (sub-database, key) -> value; None deletes
 _MISSING = object()
@@ -471,7 +547,16 @@ class MetadataStore:
         self._staged: _Staged = {}
         # Taken out of _staged by the write transaction under way; still read from.
         self._flushing: _Staged = {}
-        self._failure: MetadataError | None = None
+        # Set while commits fail (see the module docstring): the last failure, the
+        # monotonic time of the next try, the backoff that led to it.
+        self._failure: MetadataUnavailableError | None = None
+        self._retry_at = 0.0
+        self._retry_delay_s = 0.0
+        self._failed_since_ms: int | None = None
+        self._failed_commits = 0
+        self._episode_failed_commits = 0
+        self._recoveries = 0
+        self._env_closed = False  # a reopen after a failed commit did not complete
         self._closed = False
         self._flushes = 0
         self._entries_written = 0
@@ -479,9 +564,25 @@ class MetadataStore:
         self._map_growths = 0
         try:
             os.makedirs(self.path, exist_ok=True)
-            self._env = lmdb.open(
+        except OSError as error:
+            raise MetadataError(f"cannot create the metadata store at {self.path}: {error}") from error
+        # LMDB maps the file and trusts it: a truncated file would SIGBUS the process.
+        check_data_file(self.path)
+        self._open_environment(limits.map_size_bytes)
+        try:
+            # The data and lock files' directory entries must survive a power loss (F4).
+            _fsync_directory(self.path)
+            _fsync_directory(os.path.dirname(self.path))
+        except OSError as error:
+            self._env.close()
+            raise MetadataError(f"cannot open the metadata store at {self.path}: {error}") from error
+
+    def _open_environment(self, map_size_bytes: int) -> None:
+        """Open the LMDB environment and its sub-databases (creating them when new)."""
+        try:
+            env = lmdb.open(
                 self.path,
-                map_size=limits.map_size_bytes,
+                map_size=map_size_bytes,
                 subdir=True,
                 sync=True,
                 metasync=True,
@@ -493,24 +594,24 @@ class MetadataStore:
         except OSError as error:
             raise MetadataError(f"cannot create the metadata store at {self.path}: {error}") from error
         try:
-            if self._env.max_key_size() < KEY_BYTES_MAX:
+            if env.max_key_size() < KEY_BYTES_MAX:
                 raise MetadataError(
-                    f"this LMDB build allows {self._env.max_key_size()}-byte keys; "
+                    f"this LMDB build allows {env.max_key_size()}-byte keys; "
                     f"the metadata store needs {KEY_BYTES_MAX}"
                 )
-            self._topics = self._env.open_db(_TOPICS)
-            self._offsets = self._env.open_db(_OFFSETS)
-            self._queue_state = self._env.open_db(_QUEUE_STATE)
-            # The data and lock files' directory entries must survive a power loss (F4).
-            _fsync_directory(self.path)
-            _fsync_directory(os.path.dirname(self.path))
-        except (lmdb.Error, OSError) as error:
-            self._env.close()
+            databases = {name: env.open_db(name) for name in TABLES}
+        except lmdb.Error as error:
+            env.close()
             raise MetadataError(f"cannot open the metadata store at {self.path}: {error}") from error
         except BaseException:
-            self._env.close()
+            env.close()
             raise
-        self._databases = {_TOPICS: self._topics, _OFFSETS: self._offsets, _QUEUE_STATE: self._queue_state}
+        self._env = env
+        self._databases = databases
+        self._topics = databases[_TOPICS]
+        self._offsets = databases[_OFFSETS]
+        self._queue_state = databases[_QUEUE_STATE]
+        self._deleted_topics = databases[_DELETED_TOPICS]
 
     @property
     def limits(self) -> MetadataLimits:
@@ -521,13 +622,14 @@ class MetadataStore:
     def close(self) -> None:
         """Flush what is staged, then close. Repeat calls do nothing. If the flush fails
         the store is closed all the same and the error raised: the staged entries are lost,
-        as they would be in a crash."""
+        as they would be in a crash. A store whose commits are failing tries once more
+        at once (its backoff cut short)."""
         with self._write_lock:
             if self._closed:
                 return
             try:
-                if self._failure is None:
-                    self.flush()
+                self._retry_at = 0.0
+                self.flush()
             finally:
                 self._closed = True
                 with self._gate.exclusive():
@@ -540,11 +642,17 @@ class MetadataStore:
         self.close()
 
     def statistics(self) -> MetadataStatistics:
-        with self._read() as transaction:
-            topics = transaction.stat(self._topics)["entries"]
-            map_size_bytes = self._env.info()["map_size"]
+        """Counts and the failure state. Answers while commits fail (topics and map size
+        -1 when the environment cannot be read at all)."""
+        try:
+            with self._read() as transaction:
+                topics = transaction.stat(self._topics)["entries"]
+                map_size_bytes = self._env.info()["map_size"]
+        except MetadataUnavailableError:
+            topics = map_size_bytes = -1
         with self._stage_lock:
             staged_entries = len(self._staged) + len(self._flushing.keys() - self._staged.keys())
+            failure = self._failure
             return MetadataStatistics(
                 topics=topics,
                 staged_entries=staged_entries,
@@ -553,7 +661,21 @@ class MetadataStore:
                 write_transactions=self._write_transactions,
                 map_size_bytes=map_size_bytes,
                 map_growths=self._map_growths,
+                failed=failure is not None,
+                failed_commits=self._failed_commits,
+                recoveries=self._recoveries,
+                failure="" if failure is None else str(failure),
+                failed_since_ms=self._failed_since_ms if failure is not None else None,
+                retry_in_ms=None if failure is None else max(0, int((self._retry_at - time.monotonic()) * 1000)),
             )
+
+    def retry_in_s(self) -> float | None:
+        """While commits fail: seconds until the next try may run (0: now). None when
+        the store commits normally. The broker's retry timer flushes then."""
+        failure = self._failure
+        if failure is None or self._closed:
+            return None
+        return max(0.0, self._retry_at - time.monotonic())
 
     # -- topics (committed at once) -------------------------------------------
 
@@ -564,10 +686,15 @@ class MetadataStore:
         value = encode_topic_value(config)
 
         def apply(transaction: lmdb.Transaction) -> None:
+            if transaction.get(key, db=self._deleted_topics) is not None:
+                raise TopicExistsError(f"topic {name!r} is still being deleted (its files are not removed yet)")
             if not transaction.put(key, value, db=self._topics, overwrite=False):
                 raise TopicExistsError(f"topic {name!r} already exists")
+            # Group entries of a topic that does not exist can only be left over from a
+            # deleted one of the same name (staged after its deletion): never inherited.
+            self._delete_group_entries(transaction, name)
 
-        self._commit(apply)
+        self._commit(apply, discard=lambda group_key: decode_group_key(group_key)[1] == name)
 
     def get_topic(self, name: str) -> TopicConfig | None:
         validate_topic_name(name)
@@ -598,23 +725,53 @@ class MetadataStore:
         self._commit(apply)
 
     def delete_topic(self, name: str) -> None:
-        """Remove a topic with every group's committed offsets and queue state in it."""
+        """Remove a topic with every group's committed offsets and queue state in it, and
+        record it in `deleted_topics` (its partition count and the time), all in one
+        transaction: the commit point of a topic deletion (storage/store.py). The entry
+        says which partition directories are to be removed; finish_topic_deletion drops
+        it once they are."""
         validate_topic_name(name)
         key = name.encode("ascii")
 
         def apply(transaction: lmdb.Transaction) -> None:
-            if not transaction.delete(key, db=self._topics):
+            old = transaction.get(key, db=self._topics)
+            if old is None:
                 raise UnknownTopicError(f"unknown topic {name!r}")
-            for database in (self._offsets, self._queue_state):
-                doomed = [
-                    group_key
-                    for group_key in transaction.cursor(db=database).iternext(values=False)
-                    if decode_group_key(group_key)[1] == name
-                ]
-                for group_key in doomed:
-                    transaction.delete(group_key, db=database)
+            partitions = decode_topic_value(name, old).partitions
+            transaction.delete(key, db=self._topics)
+            self._delete_group_entries(transaction, name)
+            transaction.put(key, encode_deletion_value(partitions, _now_ms()), db=self._deleted_topics)
 
         self._commit(apply, discard=lambda group_key: decode_group_key(group_key)[1] == name)
+
+    def _delete_group_entries(self, transaction: lmdb.Transaction, topic: str) -> None:
+        """Every group's committed offsets and queue state in `topic` (a scan: the keys
+        are ordered by group)."""
+        for database in (self._offsets, self._queue_state):
+            doomed = [
+                group_key
+                for group_key in transaction.cursor(db=database).iternext(values=False)
+                if decode_group_key(group_key)[1] == topic
+            ]
+            for group_key in doomed:
+                transaction.delete(group_key, db=database)
+
+    def topic_deletions(self) -> dict[str, int]:
+        """Topics deleted whose partition directories may still be on disk: name ->
+        partition count at the deletion."""
+        with self._read() as transaction:
+            items = list(transaction.cursor(db=self._deleted_topics))
+        return {bytes(key).decode("ascii", errors="replace"): decode_deletion_value(value)[0] for key, value in items}
+
+    def finish_topic_deletion(self, name: str) -> None:
+        """Drop the `deleted_topics` entry of `name` (its directories are gone)."""
+        validate_topic_name(name)
+        key = name.encode("ascii")
+
+        def apply(transaction: lmdb.Transaction) -> None:
+            transaction.delete(key, db=self._deleted_topics)
+
+        self._commit(apply)
 
     def list_topics(self) -> dict[str, TopicConfig]:
         with self._read() as transaction:
@@ -748,7 +905,9 @@ class MetadataStore:
             with self._stage_lock:
                 count = len(self._staged)
             if count == 0:
-                self._check_writable()
+                self._check_open()
+                if self._failure is not None:
+                    self._commit(self._probe)  # nothing to write: prove that a commit works again
                 return 0
             self._commit(None)
             return count
@@ -797,19 +956,15 @@ class MetadataStore:
         if self._closed:
             raise MetadataError(f"the metadata store at {self.path} is closed")
 
-    def _check_writable(self) -> None:
-        self._check_open()
-        if self._failure is not None:
-            raise MetadataError(
-                f"the metadata store at {self.path} refuses writes after a failed commit "
-                f"(reopen it): {self._failure}"
-            )
-
     @contextmanager
     def _read(self) -> Iterator[lmdb.Transaction]:
         self._check_open()
         with self._gate.shared():
             self._check_open()
+            if self._env_closed:
+                raise MetadataUnavailableError(
+                    f"the metadata store at {self.path} could not be reopened after a failed commit: {self._failure}"
+                )
             try:
                 with self._env.begin(write=False) as transaction:
                     yield transaction
@@ -817,11 +972,20 @@ class MetadataStore:
                 raise MetadataError(f"reading the metadata store at {self.path} failed: {error}") from error
 
     def _stage(self, database: bytes, key: bytes, value: bytes | None) -> None:
-        self._check_writable()
+        """Staged in memory, latest wins. While commits fail, a key not yet staged is
+        refused once `staged_entries_max` are waiting (the caller's value would be
+        neither kept nor written); otherwise reaching the max flushes."""
+        self._check_open()
         with self._stage_lock:
+            if (
+                self._failure is not None
+                and len(self._staged) >= self._limits.staged_entries_max
+                and (database, key) not in self._staged
+            ):
+                raise self._refusal()
             self._staged[database, key] = value
             full = len(self._staged) >= self._limits.staged_entries_max
-        if full:
+        if full and self._failure is None:
             self.flush()
 
     def _pending(self, database: bytes, key: bytes) -> object:
@@ -878,7 +1042,9 @@ class MetadataStore:
         """One write transaction: everything staged, then `apply`. After it commits,
         staged group-partition keys matching `discard` (staged while it ran) are dropped."""
         with self._write_lock:
-            self._check_writable()
+            self._check_open()
+            if self._failure is not None and time.monotonic() < self._retry_at:
+                raise self._refusal()
             with self._stage_lock:
                 assert not self._flushing
                 batch = self._staged
@@ -892,6 +1058,8 @@ class MetadataStore:
                     self._staged = batch
                     self._flushing = {}
                 raise
+            if self._failure is not None:
+                self._recovered()
             with self._stage_lock:
                 self._flushing = {}
                 if discard is not None:
@@ -908,8 +1076,12 @@ class MetadataStore:
 
     def _write(self, batch: _Staged, apply: Callable[[lmdb.Transaction], _Result] | None) -> _Result:
         """Run the transaction, growing the map and retrying while it is full. `apply`
-        must only use the transaction (a read through the store would wait on the gate)."""
+        must only use the transaction (a read through the store would wait on the gate).
+        A failed commit puts the store in the failed state (raised typed) and reopens
+        the environment."""
         with self._gate.exclusive():
+            if self._env_closed:
+                self._reopen()
             while True:
                 try:
                     with self._env.begin(write=True) as transaction:
@@ -923,8 +1095,9 @@ class MetadataStore:
                 except lmdb.MapFullError:
                     self._grow_map()
                 except lmdb.Error as error:
-                    self._failure = MetadataError(f"commit to the metadata store at {self.path} failed: {error}")
-                    raise self._failure from error
+                    failure = self._fail(f"commit to the metadata store at {self.path} failed: {error}", error)
+                    self._reopen()
+                    raise failure from error
 
     def _grow_map(self) -> None:
         current = self._env.info()["map_size"]
@@ -937,6 +1110,72 @@ class MetadataStore:
         try:
             self._env.set_mapsize(new_size)  # the caller holds the gate exclusively
         except lmdb.Error as error:
-            self._failure = MetadataError(f"growing the map of {self.path} to {new_size} bytes failed: {error}")
-            raise self._failure from error
+            raise self._fail(f"growing the map of {self.path} to {new_size} bytes failed: {error}", error) from error
         self._map_growths += 1
+
+    # -- failed commits -------------------------------------------------------
+
+    def _fail(self, message: str, error: lmdb.Error) -> MetadataUnavailableError:
+        """Enter (or stay in) the failed state after a failed commit; returns the error
+        to raise. The caller holds the write lock."""
+        disk_full = isinstance(error, lmdb.DiskError) or getattr(error, "code", None) == errno.ENOSPC
+        failure = (MetadataDiskFullError if disk_full else MetadataUnavailableError)(message)
+        minimum_s = self._limits.commit_retry_ms_min / 1000
+        maximum_s = self._limits.commit_retry_ms_max / 1000
+        first = self._failure is None
+        self._retry_delay_s = minimum_s if first else min(self._retry_delay_s * 2, maximum_s)
+        self._retry_at = time.monotonic() + self._retry_delay_s
+        self._failed_commits += 1
+        self._episode_failed_commits = 1 if first else self._episode_failed_commits + 1
+        if first:
+            self._failed_since_ms = _now_ms()
+            log.error("%s; refusing commits, retrying from %.1f s on (staged entries are kept)",
+                      message, self._retry_delay_s)
+        else:
+            log.debug("%s (retry %d)", message, self._episode_failed_commits)
+        self._failure = failure
+        return failure
+
+    def _refusal(self) -> MetadataUnavailableError:
+        """The error for a commit refused while the store waits to retry."""
+        failure = self._failure
+        assert failure is not None
+        retry_in_s = max(0.0, self._retry_at - time.monotonic())
+        return type(failure)(
+            f"the metadata store at {self.path} is not committing: {self._episode_failed_commits} commit(s) "
+            f"failed, the last: {failure}; next try in {retry_in_s:.1f} s"
+        )
+
+    def _recovered(self) -> None:
+        seconds = (_now_ms() - (self._failed_since_ms or _now_ms())) / 1000
+        log.warning("the metadata store at %s commits again after %d failed commit(s) over %.1f s",
+                    self.path, self._episode_failed_commits, seconds)
+        self._failure = None
+        self._failed_since_ms = None
+        self._retry_delay_s = 0.0
+        self._recoveries += 1
+
+    def _probe(self, transaction: lmdb.Transaction) -> None:
+        """A write that leaves nothing behind yet writes pages and a meta page: a key no
+        topic name can be (it starts with NUL), put and deleted."""
+        transaction.put(_PROBE_KEY, b"", db=self._topics)
+        transaction.delete(_PROBE_KEY, db=self._topics)
+
+    def _reopen(self) -> None:
+        """Close and reopen the environment (the caller holds the gate exclusively): a
+        failed meta page write leaves LMDB's environment refusing every transaction until
+        it is reopened; reopening reads the last committed meta page. If it cannot be
+        reopened, reads fail and the next commit tries again."""
+        try:
+            map_size_bytes = self._env.info()["map_size"]
+        except lmdb.Error:
+            map_size_bytes = self._limits.map_size_bytes
+        self._env.close()
+        self._env_closed = True
+        try:
+            self._open_environment(map_size_bytes)
+        except MetadataError as error:
+            log.error("the metadata store at %s could not be reopened after a failed commit: %s", self.path, error)
+            return
+        self._env_closed = False
+

@@ -456,6 +456,18 @@ class SimulatedFileSystem:
                 self._directories.add(path)
                 path = os.path.dirname(path)
 
+    def remove_directory(self, path: str) -> None:
+        """Remove an empty directory (at once and for good: directories are not part of
+        the crash model)."""
+        path = os.path.normpath(path)
+        with self._lock:
+            self._check_power(mutating=True, path=path)
+            if path not in self._directories:
+                raise _fault("no such directory", errno.ENOENT, path)
+            if any(os.path.dirname(name) == path for name in [*self._names, *self._directories]):
+                raise _fault("directory not empty", errno.ENOTEMPTY, path)
+            self._directories.discard(path)
+
     def sync_directory(self, path: str) -> None:
         """Make the directory's current entries durable (F4)."""
         path = os.path.normpath(path)

@@ -3,6 +3,19 @@ topic (docs/storage-format.md, "Data directory layout"). What the broker opens a
 
 Opening runs each log's recovery, then clamps committed offsets that point past a
 recovered log end (I6: the log is the truth) and reports both.
+
+Deleting a topic is all or nothing (I16 in docs/fault-model.md). One LMDB transaction
+is the commit point: it removes the topic and its groups' offsets and queue state, and
+records the deletion (`deleted_topics`: the name and partition count). Before it
+commits nothing has changed, on disk or in memory: a failed commit (a full disk) leaves
+the topic whole and serving. After it the topic is gone, and its files go: each
+partition directory is renamed to `*.deleting`, the logs directory fsynced, the
+deletion record dropped, then the renamed directories removed. A crash or an I/O error
+at any of those steps leaves files that the next open removes: the directories a
+deletion record names (the steps are run again), and every `*.deleting` directory
+(renamed only after the commit, so never a live partition). A topic of the same name
+cannot be created before its old directories are gone (create finishes the deletion
+first).
 """
 
 from __future__ import annotations
@@ -15,16 +28,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .config import FsyncPolicy, LogConfig
-from .errors import TopicExistsError, UnknownTopicError
-from .fileio import OS_FILE_SYSTEM
+from .errors import NodiError, TopicExistsError, UnknownTopicError
+from .fileio import OS_FILE_SYSTEM, FileSystem
 from .layout import iter_partition_directories, logs_directory, partition_directory
 from .lock import DataDirectoryLock
 from .log import DeletedSegment, Log
 from .metadata import ClampedOffset, MetadataStore, TopicConfig
 from .recovery import RecoveryReport
 
-# A partition directory being removed: renamed to this suffix first, so a crash in the
-# middle of a topic deletion leaves nothing that looks like a live partition.
+# A partition directory of a deleted topic being removed: renamed to this suffix first
+# (after the deletion committed), so a crash in the middle of its removal leaves nothing
+# that looks like a live partition; every start removes them.
 DELETING_SUFFIX = ".deleting"
 
 
@@ -48,6 +62,10 @@ class StoreOpenReport:
     orphan_directories: tuple[str, ...]
     removed_directories: tuple[str, ...] = ()
     duration_ms: float = 0.0
+    # Deleted topics whose files this open removed (a deletion a crash interrupted).
+    finished_deletions: tuple[str, ...] = ()
+    # Deleted topics whose files could not be removed (retried at the next open).
+    unfinished_deletions: tuple[str, ...] = ()
 
     def lines(self) -> list[str]:
         out = [report.describe() for report in self.recoveries if not report.clean_shutdown or report.lost_anything]
@@ -58,6 +76,9 @@ class StoreOpenReport:
                 f"{clamped.old_offset} beyond the recovered log, {target}"
             )
         out.extend(f"orphan partition directory (no such topic): {path}" for path in self.orphan_directories)
+        out.extend(f"deleted topic {name}: its partition directories removed (the deletion was interrupted)"
+                   for name in self.finished_deletions)
+        out.extend(f"deleted topic {reason}" for reason in self.unfinished_deletions)
         return out
 
 
@@ -71,33 +92,46 @@ class Store:
     """Use Store.open(data_dir). Thread-safe for topic admin; logs are thread-safe."""
 
     def __init__(
-        self, data_dir: str, metadata: MetadataStore, clock_ms: Callable[[], int],
+        self, data_dir: str, metadata: MetadataStore, clock_ms: Callable[[], int], fs: FileSystem = OS_FILE_SYSTEM,
         lock: DataDirectoryLock | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.metadata = metadata
         self._directory_lock = lock
         self._clock_ms = clock_ms
+        # The file operations of a topic deletion (a test injects faults here).
+        self.fs = fs
         self._topics: dict[str, _Topic] = {}
         self._lock = threading.Lock()
+        # Serialises topic creation and deletion (their metadata commit and files).
+        self._admin_lock = threading.Lock()
         self.open_report = StoreOpenReport((), (), ())
 
     @classmethod
-    def open(cls, data_dir: str | os.PathLike[str], *, clock_ms: Callable[[], int] | None = None) -> Store:
+    def open(
+        cls,
+        data_dir: str | os.PathLike[str],
+        *,
+        clock_ms: Callable[[], int] | None = None,
+        fs: FileSystem = OS_FILE_SYSTEM,
+    ) -> Store:
         """Take the data directory's lock (DataDirectoryLockedError, having touched
-        nothing, when another process holds it), then open the metadata and every log."""
+        nothing, when another process holds it), then open the metadata (a damaged
+        metadata file is refused before anything changes) and every log."""
         started = time.monotonic()
         data_dir = os.fspath(data_dir)
         clock_ms = clock_ms or (lambda: int(time.time() * 1000))
         lock = DataDirectoryLock.acquire(data_dir)
         try:
-            os.makedirs(logs_directory(data_dir), exist_ok=True)
-            removed = _remove_half_deleted(data_dir)
-            store = cls(data_dir, MetadataStore(data_dir), clock_ms, lock)
+            metadata = MetadataStore(data_dir)
         except BaseException:
             lock.release()
             raise
+        store = cls(data_dir, metadata, clock_ms, fs, lock)
         try:
+            os.makedirs(logs_directory(data_dir), exist_ok=True)
+            removed = _remove_half_deleted(data_dir)
+            finished, unfinished = store._finish_deletions()
             recoveries = []
             for name, config in sorted(store.metadata.list_topics().items()):
                 topic = _Topic(config)
@@ -116,9 +150,27 @@ class Store:
             store.close()
             raise
         store.open_report = StoreOpenReport(
-            tuple(recoveries), tuple(clamped), orphans, removed, (time.monotonic() - started) * 1000
+            tuple(recoveries), tuple(clamped), orphans, removed, (time.monotonic() - started) * 1000,
+            finished, unfinished,
         )
         return store
+
+    def _finish_deletions(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Remove the directories of every deletion record (deletions a crash or an I/O
+        error interrupted); (finished, unfinished with the reason)."""
+        finished, unfinished = [], []
+        topics = self.metadata.list_topics()
+        for name, partitions in sorted(self.metadata.topic_deletions().items()):
+            if name in topics:  # never made by nodi (create finishes a deletion first)
+                unfinished.append(f"{name}: a deletion record beside a live topic of that name; its files are kept")
+                continue
+            try:
+                self._remove_deleted(name, partitions)
+            except (OSError, NodiError) as error:
+                unfinished.append(f"{name}: removing its files failed, retried at the next start: {error}")
+            else:
+                finished.append(name)
+        return tuple(finished), tuple(unfinished)
 
     def _log_end_offset(self, topic: str, partition: int) -> int | None:
         entry = self._topics.get(topic)
@@ -130,11 +182,16 @@ class Store:
 
     def create_topic(self, name: str, config: TopicConfig = TopicConfig()) -> None:
         """Metadata first, then the partition logs: a crash in between leaves a topic
-        whose logs the next open creates empty."""
+        whose logs the next open creates empty. The files of a deleted topic of the same
+        name that are still there are removed first (never inherited)."""
         config.validate()
-        with self._lock:
-            if name in self._topics:
-                raise TopicExistsError(f"topic {name!r} already exists")
+        with self._admin_lock:
+            with self._lock:
+                if name in self._topics:
+                    raise TopicExistsError(f"topic {name!r} already exists")
+            deleted_partitions = self.metadata.topic_deletions().get(name)
+            if deleted_partitions is not None:
+                self._remove_deleted(name, deleted_partitions)
             self.metadata.create_topic(name, config)
             topic = _Topic(config)
             try:
@@ -147,27 +204,56 @@ class Store:
                 for log in topic.logs:
                     log.close()
                 raise
-            self._topics[name] = topic
+            with self._lock:
+                self._topics[name] = topic
 
     def delete_topic(self, name: str) -> None:
-        """Rename each partition directory aside, drop the metadata (and the topic's
-        committed offsets), then remove the files."""
-        with self._lock:
-            topic = self._topics.pop(name, None)
+        """All or nothing (the module docstring): the metadata commit first, then the
+        files. An error before the commit (a full disk: MetadataDiskFullError) leaves the
+        topic whole and serving; after it the deletion has happened, and files that
+        could not be removed now are removed by the next open."""
+        with self._admin_lock:
+            with self._lock:
+                topic = self._topics.get(name)
             if topic is None:
                 raise UnknownTopicError(f"topic {name!r} does not exist")
+            self.metadata.delete_topic(name)  # the commit point
+            with self._lock:
+                self._topics.pop(name, None)
+            for log in topic.logs:
+                try:
+                    log.close()
+                except (OSError, NodiError):  # its files are removed anyway
+                    pass
+            try:
+                doomed = self._remove_deleted(name, topic.config.partitions, remove_now=False)
+            except (OSError, NodiError):  # the deletion record stays: the next open finishes it
+                return
+        for path in doomed:  # renamed aside and no longer recorded: removed at every start if not now
+            try:
+                _remove_tree(self.fs, path)
+            except OSError:
+                pass
+
+    def _remove_deleted(self, topic: str, partitions: int, *, remove_now: bool = True) -> list[str]:
+        """The steps after a deletion's commit, each safe to run again: rename the
+        partition directories aside, fsync the logs directory, drop the deletion record,
+        then (remove_now) remove the renamed directories. Returns those directories."""
+        logs = logs_directory(self.data_dir)
+        suffix = f".{self._clock_ms()}{DELETING_SUFFIX}"
         doomed = []
-        for partition, log in enumerate(topic.logs):
-            log.close()
-            path = partition_directory(self.data_dir, name, partition)
-            if os.path.isdir(path):
-                aside = f"{path}.{self._clock_ms()}{DELETING_SUFFIX}"
-                os.rename(path, aside)
-                doomed.append(aside)
-        OS_FILE_SYSTEM.sync_directory(logs_directory(self.data_dir))
-        self.metadata.delete_topic(name)
-        for path in doomed:
-            shutil.rmtree(path, ignore_errors=True)
+        for partition in range(partitions):
+            path = partition_directory(self.data_dir, topic, partition)
+            if self.fs.exists(path):
+                self.fs.rename(path, path + suffix)
+                doomed.append(path + suffix)
+        if doomed:
+            self.fs.sync_directory(logs)
+        self.metadata.finish_topic_deletion(topic)
+        if remove_now:
+            for path in doomed:
+                _remove_tree(self.fs, path)
+        return doomed
 
     def topics(self) -> dict[str, TopicConfig]:
         with self._lock:
@@ -218,6 +304,17 @@ class Store:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _remove_tree(fs: FileSystem, path: str) -> None:
+    """Unlink every file under `path`, then the directories, deepest first."""
+    for name in fs.list_directory(path):
+        child = os.path.join(path, name)
+        try:
+            fs.unlink(child)
+        except IsADirectoryError:
+            _remove_tree(fs, child)
+    fs.remove_directory(path)
 
 
 def _remove_half_deleted(data_dir: str) -> tuple[str, ...]:

@@ -700,7 +700,10 @@ def test_flushed_offsets_survive_sigkill(tmp_path: Path) -> None:
                 assert line, f"child died early: {child.stderr.read()}"
                 last_flushed = int(line)
             child.send_signal(signal.SIGKILL)
-            remaining, _ = child.communicate(timeout=10)
+            child.wait(timeout=10)
+            # Through the same text wrapper as readline: lines it buffered already are read
+            # too (communicate() reads the raw pipe and would skip them).
+            remaining = child.stdout.read()
         finally:
             if child.poll() is None:
                 child.kill()

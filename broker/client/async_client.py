@@ -685,6 +685,8 @@ class AsyncClient:
             disk_free_bytes=None if response.disk_free_bytes < 0 else response.disk_free_bytes,
             disk_total_bytes=None if response.disk_total_bytes < 0 else response.disk_total_bytes,
             read_only_partitions={entry.topic: list(entry.partitions) for entry in response.read_only_partitions},
+            metadata_store_error=response.metadata_store_error,
+            metadata_failed_commits=response.metadata_failed_commits,
         )
 
     async def compact_topic(self, name: str, *, timeout_ms: int | None = None) -> list[m.PartitionCompaction]:

@@ -227,6 +227,12 @@ class InternalServerError(NodiClientError):
     default_code = ErrorCode.INTERNAL
 
 
+class MetadataUnavailable(NodiClientError):
+    """A metadata commit failed on the server; it retries by itself: try again later."""
+
+    default_code = ErrorCode.METADATA_UNAVAILABLE
+
+
 class ConnectionLost(NodiClientError, ConnectionError):
     """The connection closed with the request in flight (or could not be opened): the
     request may or may not have been carried out. `code` is the reason the server gave in
@@ -274,6 +280,7 @@ _CLASSES: dict[ErrorCode, type[NodiClientError]] = {
     ErrorCode.OUT_OF_ORDER_SEQUENCE: OutOfOrderSequence,
     ErrorCode.SERVER_SHUTTING_DOWN: ServerShuttingDown,
     ErrorCode.INTERNAL: InternalServerError,
+    ErrorCode.METADATA_UNAVAILABLE: MetadataUnavailable,
     ErrorCode.QUEUE_SETTINGS_MISMATCH: QueueSettingsMismatch,
     ErrorCode.UNKNOWN_DELIVERY: UnknownDelivery,
     ErrorCode.STALE_DELIVERY: StaleDelivery,

@@ -314,6 +314,9 @@ class ServerStatus:
     disk_free_bytes: int | None  # None: the server could not tell
     disk_total_bytes: int | None
     read_only_partitions: dict[str, list[int]] = field(default_factory=dict)
+    # None while the metadata store commits; else its last failed commit (it retries).
+    metadata_store_error: str | None = None
+    metadata_failed_commits: int = 0
 
 
 def settings_from_wire(settings) -> TopicSettings:

@@ -56,6 +56,7 @@ class ErrorCode(enum.IntEnum):
     # The server (80-99).
     SERVER_SHUTTING_DOWN = 80
     INTERNAL = 81
+    METADATA_UNAVAILABLE = 82
     # Queue groups (100-119).
     QUEUE_SETTINGS_MISMATCH = 100
     UNKNOWN_DELIVERY = 101
@@ -131,7 +132,11 @@ ERROR_DESCRIPTIONS: dict[ErrorCode, tuple[str, str]] = {
         "handshake, frame or idle deadline passed",
     ),
     ErrorCode.READ_ONLY_LOG: ("no", "an earlier write or fsync failed; the partition refuses appends"),
-    ErrorCode.DISK_FULL: ("no", "no space left; nothing of the request was written"),
+    ErrorCode.DISK_FULL: (
+        "no",
+        "no space left; nothing of the request was written (from the metadata store: nothing committed yet, "
+        "and the store retries by itself once there is room, as for METADATA_UNAVAILABLE)",
+    ),
     ErrorCode.UNKNOWN_GROUP: ("no", "no consumer group by that name"),
     ErrorCode.GROUP_NOT_EMPTY: ("no", "ResetGroup on a group that has members"),
     ErrorCode.REBALANCE_IN_PROGRESS: ("no", "the group's membership changed: join again"),
@@ -149,6 +154,11 @@ ERROR_DESCRIPTIONS: dict[ErrorCode, tuple[str, str]] = {
         "the server is stopping; retry on a new connection",
     ),
     ErrorCode.INTERNAL: ("no", "an unexpected failure while handling one request (a server bug)"),
+    ErrorCode.METADATA_UNAVAILABLE: (
+        "no",
+        "a metadata commit failed (an I/O error) and the store is retrying by itself: nothing of the request "
+        "is committed yet (a staged offset or queue-group change may be committed by the retry); retry later",
+    ),
     ErrorCode.QUEUE_SETTINGS_MISMATCH: (
         "no",
         "a queue receive gave settings that differ from the ones the group was created with",

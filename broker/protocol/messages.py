@@ -589,6 +589,10 @@ class ServerStatusResponse(Response):
     read_only_partitions: list[TopicPartitions] = wire(
         Array(Struct(TopicPartitions)), [], doc="partitions refusing appends after an I/O error"
     )
+    metadata_store_error: str | None = wire(
+        NULLABLE_STRING, None, doc="null while the metadata store commits; else its last failed commit (it retries)"
+    )
+    metadata_failed_commits: int = wire(INT64, 0, doc="metadata store commits that failed since start")
 
 
 # ---------------------------------------------------------------------------

@@ -72,6 +72,7 @@ class _StoreCollector:
 
     def collect(self):
         yield from self._log_families()
+        yield from self._metadata_families()
         yield from self._consumer_families()
         yield from self._server_families()
         yield from self._queue_families()
@@ -112,6 +113,24 @@ class _StoreCollector:
                 _add_snapshot(fsync_latency, key, statistics.fsync_seconds)
                 _add_snapshot(group_commit, key, statistics.group_commit_appends)
         yield from (segments, size, start, end, durable, read_only, corrupt, fsyncs, covered, fsync_latency, group_commit)
+
+    def _metadata_families(self):
+        """The metadata store (LMDB): whether commits are failing, and how often they did."""
+        store = self.server.store
+        if store is None:
+            return
+        statistics = store.metadata.statistics()
+        failed = GaugeMetricFamily("nodi_metadata_store_failed",
+                                   "1 while metadata commits fail (the store retries by itself), else 0")
+        failed.add_metric([], 1 if statistics.failed else 0)
+        failed_commits = CounterMetricFamily("nodi_metadata_failed_commits", "Metadata commits that failed (ENOSPC, EIO)")
+        failed_commits.add_metric([], statistics.failed_commits)
+        recoveries = CounterMetricFamily("nodi_metadata_recoveries", "Metadata commit failures ended by a commit")
+        recoveries.add_metric([], statistics.recoveries)
+        staged = GaugeMetricFamily("nodi_metadata_staged_entries",
+                                   "Offset and queue-state entries staged, not yet committed")
+        staged.add_metric([], statistics.staged_entries)
+        yield from (failed, failed_commits, recoveries, staged)
 
     def _consumer_families(self):
         labels = ["group", "topic", "partition"]

@@ -47,7 +47,13 @@ import threading
 import time
 
 from nodi.storage.config import FsyncPolicy
-from nodi.storage.errors import InvalidConfigError, NodiError, TopicExistsError, UnknownTopicError
+from nodi.storage.errors import (
+    InvalidConfigError,
+    MetadataUnavailableError,
+    NodiError,
+    TopicExistsError,
+    UnknownTopicError,
+)
 from nodi.storage.limits import RecordLimits
 from nodi.storage.metadata import validate_topic_name
 from nodi.storage.records import NewRecord, build_batch, decode_records, iter_batches
@@ -119,6 +125,12 @@ def _chunks(items: list, limits: RecordLimits) -> list[list]:
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _delivered(taken: list[Taken], deliveries: list[m.QueueDelivery]) -> list[Taken]:
+    """The items of `taken` that `deliveries` (runs) hand out, in `taken`'s order."""
+    sent = {(run.partition, offset) for run in deliveries for offset in range(run.offset, run.offset + run.count)}
+    return [item for item in taken if (item.partition, item.offset) in sent]
 
 
 def settings_from_wire(wire: m.QueueGroupSettings, base: QueueSettings) -> QueueSettings:
@@ -319,7 +331,14 @@ class QueueService:
                         if group.reservation_moved():
                             self._persist_soon()
                     else:
-                        await self.persist()
+                        try:
+                            await self.persist()
+                        except Exception:
+                            # Not answered, so not seen: the deliveries are taken back
+                            # (uncounted, available again), not left leased to no one.
+                            group.release(_delivered(taken, deliveries))
+                            self._notify(group)
+                            raise
                     batch = build_batch(records, limits=RecordLimits(batch_bytes_max=budget, record_bytes_max=budget))
                     return Reply(m.QueueReceiveResponse(
                         request_id=request.request_id, deliveries=deliveries, records=batch))
@@ -653,6 +672,8 @@ class QueueService:
             try:
                 if written or self._unstaged:
                     await self.persist()
+            except MetadataUnavailableError:  # the store logs it and retries by itself
+                await asyncio.sleep(DEAD_LETTER_RETRY_S)
             except Exception:  # the metadata store reports itself; retried next round
                 log.exception("queue groups: persisting their state failed; retrying")
                 await asyncio.sleep(DEAD_LETTER_RETRY_S)

@@ -37,6 +37,8 @@ log = logging.getLogger("nodi.broker")
 # The fetch response header and frame overhead, kept out of the records budget so a
 # fetch response always fits in frame_bytes_max.
 FETCH_OVERHEAD_BYTES = 256
+# How often the metadata retry timer looks while the store commits normally.
+METADATA_RETRY_POLL_S = 1.0
 
 
 class _PartitionWaiters:
@@ -91,6 +93,7 @@ class Broker:
         for _, _, partition_log in self.store.logs():
             self._watch(partition_log)
         tasks.create_task(self._expire_members())
+        tasks.create_task(self._retry_metadata())
         self.queues.attach(loop, tasks)
         self.inboxes.attach(tasks)
 
@@ -106,6 +109,19 @@ class Broker:
             await asyncio.sleep(0.2 if deadline is None else min(max(deadline - now, 0), 200) / 1000)
             for expired in self.coordinator.expire():
                 log.info("group %s: member %s timed out", expired.group, expired.member_id)
+
+    async def _retry_metadata(self) -> None:
+        """After a failed metadata commit, flush when the store's backoff ends, traffic
+        or not: the store recovers by itself once the disk has room again
+        (storage/metadata.py, "A failed commit"). The store logs both ends of a failure."""
+        while True:
+            retry_in_s = self.store.metadata.retry_in_s()
+            await asyncio.sleep(METADATA_RETRY_POLL_S if retry_in_s is None else max(retry_in_s, 0.01))
+            if self.store.metadata.retry_in_s() == 0:
+                try:
+                    await self.flush_metadata()
+                except Exception as error:  # still failing: the store counts it and backs off
+                    log.debug("metadata retry: %s", error)
 
     async def flush_metadata(self) -> None:
         """Return once everything staged before the call is committed to LMDB. Callers
@@ -230,9 +246,11 @@ class Broker:
         config = self.store.topic_config(request.name)
         if config is None:
             raise UnknownTopicError(f"topic {request.name!r} does not exist")
-        for partition in range(config.partitions):
-            self._unwatch(self.store.log(request.name, partition))
+        logs = [self.store.log(request.name, partition) for partition in range(config.partitions)]
+        # All or nothing: a failed deletion (DISK_FULL) leaves the topic serving, watched.
         await asyncio.to_thread(self.store.delete_topic, request.name)
+        for partition_log in logs:
+            self._unwatch(partition_log)
         self.coordinator.on_topic_deleted(request.name)
         self.dedup.drop(request.name)
         self.queues.on_topic_deleted(request.name)

@@ -113,6 +113,7 @@ async def serve_server_status(broker, request: m.ServerStatusRequest):
     statistics = broker.server_statistics() if broker.server_statistics is not None else None
     data_dir = os.path.abspath(broker.config.data_dir)
     space = disk_space(data_dir)
+    metadata = broker.store.metadata.statistics()
     return Reply(m.ServerStatusResponse(
         request_id=request.request_id,
         server_id=broker.server_id,
@@ -127,4 +128,6 @@ async def serve_server_status(broker, request: m.ServerStatusRequest):
         disk_total_bytes=-1 if space is None else space.total_bytes,
         read_only_partitions=[m.TopicPartitions(topic=topic, partitions=partitions)
                               for topic, partitions in read_only_partitions(broker.store).items()],
+        metadata_store_error=metadata.failure or None,
+        metadata_failed_commits=metadata.failed_commits,
     ))
