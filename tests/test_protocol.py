@@ -818,7 +818,7 @@ def test_records_must_be_the_last_field() -> None:
 
 def test_docs_protocol_md_is_up_to_date() -> None:
     text = DOCS.read_text(encoding="utf-8")
-    assert protocol_docs.update_document(text) == text, (
+    assert docs.update_document(text) == text, (
         "docs/protocol.md is stale: run python -m nodi.broker.protocol.docs docs/protocol.md"
     )
 
