@@ -20,7 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nodi.broker.protocol import docs, schema
+from nodi.broker.protocol import docs as protocol_docs
+from nodi.broker.protocol import schema
 from nodi.broker.protocol.errors import ERROR_DESCRIPTIONS
 from nodi.broker.server.reply import error_code_for
 from nodi.broker.protocol.frames import decode_message_body, decode_frame_header
@@ -818,7 +819,7 @@ def test_records_must_be_the_last_field() -> None:
 
 def test_docs_protocol_md_is_up_to_date() -> None:
     text = DOCS.read_text(encoding="utf-8")
-    assert docs.update_document(text) == text, (
+    assert protocol_docs.update_document(text) == text, (
         "docs/protocol.md is stale: run python -m nodi.broker.protocol.docs docs/protocol.md"
     )
 
