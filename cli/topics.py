@@ -5,12 +5,14 @@ global --server option, else NODI_SERVER, else 127.0.0.1:6634). Tables for peopl
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 from typing import Annotated
 
 import typer
 
 from nodi.cli.common import command, connect, print_table
+from nodi.storage.topic_settings import TOPIC_SETTINGS, TOPIC_SETTINGS_BY_NAME, TopicSetting
 
 app = typer.Typer(
     name="topic",
@@ -23,11 +25,14 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of 
 
 
 def _settings_lines(settings) -> list[tuple[str, object]]:
-    """Every setting in force (all the fields the client reports), retention limits of
-    -1 shown as "unlimited"."""
+    """Every setting in force (all the fields the client reports), a setting with no
+    limit (UNLIMITED) shown as "unlimited"."""
+    from nodi.broker import UNLIMITED
+
     lines = []
     for name, value in dataclasses.asdict(settings).items():
-        if name.startswith("retention_") and isinstance(value, int) and value < 0:
+        declared = TOPIC_SETTINGS_BY_NAME.get(name)
+        if declared is not None and declared.unlimited and value == UNLIMITED:
             value = "unlimited"
         lines.append((name, value))
     return lines
@@ -38,90 +43,53 @@ def _print_settings(settings) -> None:
         typer.echo(f"{name:<18} {value}")
 
 
+def _setting_option(setting: TopicSetting, default: object) -> inspect.Parameter:
+    """The `nodi topic create` option of a topic setting: --NAME-WITH-DASHES, its help,
+    and its lower bound (-1, the client's UNLIMITED, for a setting with no limit); a value
+    above the range or a string nodi does not know is the server's to refuse (exit 1)."""
+    flag = "--" + setting.name.replace("_", "-")
+    if setting.type is str:
+        option = typer.Option(flag, help=setting.help)
+    else:
+        option = typer.Option(flag, min=-1 if setting.unlimited else setting.low, help=setting.help)
+    python_type = setting.type if default is not None else setting.type | None
+    return inspect.Parameter(
+        setting.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[python_type, option]
+    )
+
+
+# What Client.create_topic sends for a setting left out, when not the server's default
+# (None); tests/test_topic_settings.py keeps the two equal. Written here so that `nodi`
+# does not import the client to build its options.
+_CLIENT_DEFAULTS = {"partitions": 1}
+
+
+def _with_setting_options(function):
+    """Give `function` (whose **settings takes them) an option per topic setting, in
+    their declared order, before its last parameter; each defaults to what
+    Client.create_topic does when the setting is left out."""
+    parameters = list(inspect.signature(function, eval_str=True).parameters.values())
+    *leading, last, _settings = parameters
+    options = [_setting_option(setting, _CLIENT_DEFAULTS.get(setting.name)) for setting in TOPIC_SETTINGS]
+    function.__signature__ = inspect.Signature([*leading, *options, last.replace(kind=inspect.Parameter.KEYWORD_ONLY)])
+    return function
+
+
 @command(app, "create")
-def create_command(
-    ctx: typer.Context,
-    name: TopicName,
-    partitions: Annotated[int, typer.Option("--partitions", min=1, help="Number of partitions.")] = 1,
-    retention_ms: Annotated[
-        int | None,
-        typer.Option("--retention-ms", min=-1, help="Delete segments older than this (ms); -1 keeps them for ever."),
-    ] = None,
-    retention_bytes: Annotated[
-        int | None,
-        typer.Option(
-            "--retention-bytes", min=-1, help="Delete the oldest segments past this size per partition; -1: no limit."
-        ),
-    ] = None,
-    cleanup_policy: Annotated[
-        str | None,
-        typer.Option("--cleanup-policy", help='"delete", "compact" or "compact,delete".'),
-    ] = None,
-    fsync_policy: Annotated[
-        str | None,
-        typer.Option(
-            "--fsync-policy",
-            help='"always" (acknowledge durable produces after fsync), "interval" or "never".',
-        ),
-    ] = None,
-    fsync_interval_ms: Annotated[
-        int | None, typer.Option("--fsync-interval-ms", min=0, help='The fsync period with --fsync-policy interval (ms).')
-    ] = None,
-    segment_bytes: Annotated[
-        int | None, typer.Option("--segment-bytes", min=1, help="Roll to a new segment file past this size.")
-    ] = None,
-    segment_ms: Annotated[
-        int | None, typer.Option("--segment-ms", min=1, help="Roll to a new segment file after this age (ms).")
-    ] = None,
-    ttl_ms: Annotated[
-        int | None,
-        typer.Option("--ttl-ms", min=0, help="Default message TTL (ms): readers skip older messages; 0: none."),
-    ] = None,
-    dedup_window_ms: Annotated[
-        int | None,
-        typer.Option(
-            "--dedup-window-ms",
-            min=0,
-            help="Publish dedup: a message whose idempotency key was seen this recently (ms) is not written "
-            "again; 0: off (server default: 2 minutes).",
-        ),
-    ] = None,
-    delete_retention_ms: Annotated[
-        int | None,
-        typer.Option(
-            "--delete-retention-ms",
-            min=0,
-            help="Compacted topics: how long (ms) a tombstone stays after a compaction pass first saw it "
-            "(server default: its compaction.delete_retention_ms, one day).",
-        ),
-    ] = None,
-    json_output: JsonOption = False,
-) -> None:
+@_with_setting_options
+def create_command(ctx: typer.Context, name: TopicName, json_output: JsonOption = False, **settings) -> None:
     """Create a topic. Settings left out take the server's defaults (nodi serve
     --print-config shows them); prints the settings in force.
 
     Exit status 1 when the name is taken or the server refuses a setting.
     """
     with connect(ctx) as client:
-        settings = client.create_topic(
-            name,
-            partitions,
-            retention_ms=retention_ms,
-            retention_bytes=retention_bytes,
-            cleanup_policy=cleanup_policy,
-            fsync_policy=fsync_policy,
-            fsync_interval_ms=fsync_interval_ms,
-            segment_bytes=segment_bytes,
-            segment_ms=segment_ms,
-            ttl_ms=ttl_ms,
-            dedup_window_ms=dedup_window_ms,
-            delete_retention_ms=delete_retention_ms,
-        )
+        created = client.create_topic(name, **settings)
     if json_output:
-        typer.echo(json.dumps({"name": name, **dataclasses.asdict(settings)}))
+        typer.echo(json.dumps({"name": name, **dataclasses.asdict(created)}))
         return
     typer.echo(f"created topic {name}")
-    _print_settings(settings)
+    _print_settings(created)
 
 
 @command(app, "list")

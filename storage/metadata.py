@@ -49,9 +49,9 @@ import re
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
 
 import lmdb
@@ -66,13 +66,12 @@ from .errors import (
 )
 from .lmdb_file import check_data_file
 from .limits import GIB, KIB, MIB
+from .topic_settings import TopicConfig  # declared there; imported from here too
 
 log = logging.getLogger("nodi.metadata")
 
 DAY_MS = 24 * 60 * 60 * 1000
 INT64_MAX = 2**63 - 1
-# The longest publish dedup window a topic may have (broker/server/dedup.py rescans it at start).
-DEDUP_WINDOW_MS_MAX = DAY_MS
 PARTITION_MAX = 2**31 - 1  # partitions are int32 on the wire, as in Kafka
 
 # ---------------------------------------------------------------------------
@@ -126,16 +125,9 @@ class MetadataLimits:
 DEFAULT_METADATA_LIMITS = MetadataLimits()
 
 # ---------------------------------------------------------------------------
-# Topic names and settings
+# Topic names (their settings: topic_settings.py)
 
 TOPIC_NAME_CHARACTERS_MAX = 249
-PARTITIONS_MAX = 10_000
-# The same ranges as storage/config.py's LogConfig, so every valid topic makes a valid
-# log: positions are uint32 in .index.
-SEGMENT_BYTES_MIN = 4 * KIB
-SEGMENT_BYTES_MAX = 2 * GIB
-CLEANUP_POLICIES = ("delete", "compact", "compact,delete")
-FSYNC_POLICIES = ("always", "interval", "never")
 
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,%d}" % TOPIC_NAME_CHARACTERS_MAX)
 
@@ -173,81 +165,6 @@ def validate_group_name(group: str, group_name_bytes_max: int = 255) -> bytes:
 def _is_integer(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
-
-def _check_integer(name: str, value: object, low: int, high: int, *, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if not _is_integer(value) or not low <= value <= high:  # type: ignore[operator]
-        allowed = f"an integer in [{low}, {high}]" + (" or None" if optional else "")
-        raise InvalidConfigError(f"topic config: {name} must be {allowed}, got {value!r}")
-
-
-@dataclass(frozen=True, slots=True)
-class TopicConfig:
-    """A topic's settings. None for retention_ms / retention_bytes means unlimited.
-    fsync_interval_ms applies with fsync_policy "interval"."""
-
-    partitions: int = 1
-    retention_ms: int | None = 7 * DAY_MS
-    retention_bytes: int | None = None
-    cleanup_policy: str = "delete"
-    fsync_policy: str = "always"
-    fsync_interval_ms: int = 1000
-    segment_bytes: int = 128 * MIB
-    segment_ms: int = 7 * DAY_MS
-    # Default message TTL (0: messages do not expire); a message's TTL header wins.
-    ttl_ms: int = 0
-    # Publish dedup window of idempotency keys (0: off; at most DEDUP_WINDOW_MS_MAX,
-    # since a restart rescans that much of the log).
-    dedup_window_ms: int = 2 * 60 * 1000
-    # Compacted topics: how long a tombstone stays after the first compaction pass has
-    # seen it. None: the server's compaction.delete_retention_ms (topics stored before
-    # this setting existed; the server resolves it when a topic is created).
-    delete_retention_ms: int | None = None
-
-    def validate(self) -> None:
-        _check_integer("partitions", self.partitions, 1, PARTITIONS_MAX)
-        _check_integer("retention_ms", self.retention_ms, 0, INT64_MAX, optional=True)
-        _check_integer("retention_bytes", self.retention_bytes, 0, INT64_MAX, optional=True)
-        if self.cleanup_policy not in CLEANUP_POLICIES:
-            raise InvalidConfigError(
-                f"topic config: cleanup_policy must be one of {', '.join(map(repr, CLEANUP_POLICIES))}, "
-                f"got {self.cleanup_policy!r}"
-            )
-        if self.fsync_policy not in FSYNC_POLICIES:
-            raise InvalidConfigError(
-                f"topic config: fsync_policy must be one of {', '.join(map(repr, FSYNC_POLICIES))}, "
-                f"got {self.fsync_policy!r}"
-            )
-        _check_integer("fsync_interval_ms", self.fsync_interval_ms, 1, INT64_MAX)
-        _check_integer("segment_bytes", self.segment_bytes, SEGMENT_BYTES_MIN, SEGMENT_BYTES_MAX)
-        _check_integer("segment_ms", self.segment_ms, 1, INT64_MAX)
-        _check_integer("ttl_ms", self.ttl_ms, 0, INT64_MAX)
-        _check_integer("dedup_window_ms", self.dedup_window_ms, 0, DEDUP_WINDOW_MS_MAX)
-        _check_integer("delete_retention_ms", self.delete_retention_ms, 0, INT64_MAX, optional=True)
-
-    def to_dict(self) -> dict[str, object]:
-        """Every field by name; JSON-serialisable."""
-        return {field.name: getattr(self, field.name) for field in fields(self)}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, object]) -> TopicConfig:
-        """The inverse of to_dict. Missing keys take their defaults; unknown keys are
-        rejected (a setting nodi does not know is never silently dropped). Validated."""
-        if not isinstance(data, Mapping):
-            raise InvalidConfigError(f"topic config must be a mapping, got {type(data).__name__}")
-        unknown = sorted(str(key) for key in data if key not in _TOPIC_CONFIG_FIELDS)
-        if unknown:
-            raise InvalidConfigError(
-                f"unknown topic config keys: {', '.join(unknown)} "
-                f"(known: {', '.join(_TOPIC_CONFIG_FIELDS)})"
-            )
-        config = cls(**data)  # type: ignore[arg-type]
-        config.validate()
-        return config
-
-
-_TOPIC_CONFIG_FIELDS = tuple(field.name for field in fields(TopicConfig))
 
 # ---------------------------------------------------------------------------
 # Keys and values

@@ -48,7 +48,6 @@ from .errors import (
 from ..protocol.errors import ErrorCode
 from .types import (
     backoff_s,
-    UNLIMITED,
     Bytesish,
     GroupDescription,
     GroupMemberDescription,
@@ -68,6 +67,7 @@ from .types import (
     partition_for_key,
     resolve_address,
     settings_from_wire,
+    settings_to_wire,
     timestamp_ms_of,
     to_bytes,
     to_headers,
@@ -291,28 +291,7 @@ class AsyncClient:
         cleanup_policy: "delete", "compact" or "compact,delete"; fsync_policy: "always",
         "interval" or "never". TopicExists when the name is taken."""
 
-        def integer(value: int | None, retention: bool = False) -> int:
-            if value is None:
-                return m.CONFIG_DEFAULT
-            if retention and value == UNLIMITED:
-                return m.RETENTION_UNLIMITED
-            if value < 0:
-                raise ValueError(f"a topic setting of {value} is negative")
-            return value
-
-        settings = m.TopicSettings(
-            partitions=integer(partitions),
-            retention_ms=integer(retention_ms, True),
-            retention_bytes=integer(retention_bytes, True),
-            cleanup_policy=cleanup_policy,
-            fsync_policy=fsync_policy,
-            fsync_interval_ms=integer(fsync_interval_ms),
-            segment_bytes=integer(segment_bytes),
-            segment_ms=integer(segment_ms),
-            ttl_ms=integer(ttl_ms),
-            dedup_window_ms=integer(dedup_window_ms),
-            delete_retention_ms=integer(delete_retention_ms),
-        )
+        settings = settings_to_wire(locals())  # its parameters: one per topic setting
         response = await self._call(m.CreateTopicRequest(name=name, settings=settings), timeout_ms)
         self._partition_counts[name] = response.settings.partitions
         self._topic_ttls[name] = response.settings.ttl_ms

@@ -19,6 +19,9 @@ from typing import NamedTuple, Union
 
 import xxhash
 
+from nodi.storage.topic_settings import TOPIC_SETTINGS
+
+from ..protocol import messages as m
 from ..protocol.errors import ErrorCode
 from ..protocol.headers import expires_at_ms as _expires_at_ms
 
@@ -319,25 +322,35 @@ class ServerStatus:
     metadata_failed_commits: int = 0
 
 
-def settings_from_wire(settings) -> TopicSettings:
+def settings_to_wire(arguments: Mapping[str, object]) -> m.TopicSettings:
+    """The wire struct of create_topic's settings (`arguments`: a value per topic setting,
+    by name): None takes the server's default (-1, or null for a string), UNLIMITED is
+    no limit for a setting that has one (-2); another negative is a ValueError."""
+    values: dict[str, object] = {}
+    for setting in TOPIC_SETTINGS:
+        value = arguments[setting.name]
+        if setting.type is int:
+            if value is None:
+                value = m.CONFIG_DEFAULT
+            elif setting.unlimited and value == UNLIMITED:
+                value = m.RETENTION_UNLIMITED
+            elif value < 0:  # type: ignore[operator]
+                raise ValueError(f"a topic setting of {value} is negative")
+        values[setting.name] = value
+    return m.TopicSettings(**values)
+
+
+def settings_from_wire(settings: m.TopicSettings) -> TopicSettings:
     """TopicSettings from a messages.TopicSettings the server answered with."""
-
-    def limit(value: int) -> int:
-        return UNLIMITED if value < 0 else value
-
-    return TopicSettings(
-        partitions=settings.partitions,
-        retention_ms=limit(settings.retention_ms),
-        retention_bytes=limit(settings.retention_bytes),
-        cleanup_policy=settings.cleanup_policy or "",
-        fsync_policy=settings.fsync_policy or "",
-        fsync_interval_ms=settings.fsync_interval_ms,
-        segment_bytes=settings.segment_bytes,
-        segment_ms=settings.segment_ms,
-        ttl_ms=settings.ttl_ms,
-        dedup_window_ms=settings.dedup_window_ms,
-        delete_retention_ms=settings.delete_retention_ms,
-    )
+    values: dict[str, object] = {}
+    for setting in TOPIC_SETTINGS:
+        value = getattr(settings, setting.name)
+        if setting.type is str:
+            value = value or ""
+        elif setting.unlimited and value < 0:
+            value = UNLIMITED
+        values[setting.name] = value
+    return TopicSettings(**values)  # type: ignore[arg-type]
 
 
 _ACKS = {"none": 0, "written": 1, "durable": 2}

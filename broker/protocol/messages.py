@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from nodi.storage.topic_settings import TOPIC_SETTINGS
 
 from .errors import ErrorCode
 from .schema import (
@@ -178,24 +180,37 @@ class Limit:
     value: int = wire(INT64)
 
 
+def _with_topic_settings(cls: type) -> type:
+    """Give `cls` a wire field per topic setting, in the order of their declaration
+    (nodi.storage.topic_settings), before @dataclass reads its fields: an integer (-1:
+    server default; -2: no limit, for a setting that has one) or a nullable string
+    (null: server default)."""
+    annotations = dict(cls.__dict__.get("__annotations__", {}))
+    for setting in TOPIC_SETTINGS:
+        wire_type = {"int32": INT32, "int64": INT64, "string?": NULLABLE_STRING}[setting.wire_type]
+        if setting.type is str:
+            *others, last = (f'"{choice}"' for choice in setting.choices)
+            notes = [setting.wire_note, f"{', '.join(others)} or {last}", "null: server default"]
+            annotations[setting.name] = "str | None"
+            default = None
+        else:
+            notes = [setting.wire_note, "-1: server default", "-2: unlimited" if setting.unlimited else ""]
+            annotations[setting.name] = "int"
+            default = CONFIG_DEFAULT
+        setattr(cls, setting.name, wire(wire_type, default, doc="; ".join(note for note in notes if note)))
+    cls.__annotations__ = annotations
+    return cls
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
+@_with_topic_settings
 class TopicSettings:
     """A topic's settings. In CreateTopic -1 (CONFIG_DEFAULT) or null takes the server's
     default; DescribeTopic shows the values in force."""
 
-    partitions: int = wire(INT32, CONFIG_DEFAULT, doc="-1: server default")
-    retention_ms: int = wire(INT64, CONFIG_DEFAULT, doc="-1: server default; -2: unlimited")
-    retention_bytes: int = wire(INT64, CONFIG_DEFAULT, doc="per partition; -1: server default; -2: unlimited")
-    cleanup_policy: str | None = wire(NULLABLE_STRING, None, doc='"delete", "compact" or "compact,delete"; null: server default')
-    fsync_policy: str | None = wire(NULLABLE_STRING, None, doc='"always", "interval" or "never"; null: server default')
-    fsync_interval_ms: int = wire(INT64, CONFIG_DEFAULT, doc='with "interval"; -1: server default')
-    segment_bytes: int = wire(INT64, CONFIG_DEFAULT, doc="-1: server default")
-    segment_ms: int = wire(INT64, CONFIG_DEFAULT, doc="-1: server default")
-    ttl_ms: int = wire(INT64, CONFIG_DEFAULT, doc="default message TTL; 0: none; -1: server default")
-    dedup_window_ms: int = wire(INT64, CONFIG_DEFAULT, doc="publish dedup window; 0: off; -1: server default")
-    delete_retention_ms: int = wire(
-        INT64, CONFIG_DEFAULT, doc="compacted topics: how long a tombstone stays after a pass first saw it; -1: server default"
-    )
+    if TYPE_CHECKING:  # the fields are the topic settings' (added above), typed loosely here
+        def __init__(self, **settings: int | str | None) -> None: ...
+        def __getattr__(self, name: str) -> Any: ...
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -13,12 +13,12 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from nodi.storage.config import FsyncPolicy
 from nodi.storage.errors import OffsetOutOfRangeError, UnknownTopicError
 from nodi.storage.log import FileSlice, Log
-from nodi.storage.metadata import TopicConfig
+from nodi.storage.topic_settings import TOPIC_SETTINGS, TopicConfig
 from nodi.storage.store import Store
 
 from ..protocol import messages as m
@@ -194,45 +194,34 @@ class Broker:
     # -- topics -------------------------------------------------------------------------
 
     def _topic_config(self, settings: m.TopicSettings) -> TopicConfig:
+        """The config a CreateTopic asks for: each setting left at -1 (null for a
+        string) takes the server's [topic_defaults]; -2 is no limit. Validated."""
         base = self.config.topic_defaults
-
-        def pick(value: int, default):
-            return default if value == m.CONFIG_DEFAULT else value
-
-        def retention(value: int, default):
-            return None if value == m.RETENTION_UNLIMITED else pick(value, default)
-
-        config = TopicConfig(
-            partitions=pick(settings.partitions, base.partitions),
-            retention_ms=retention(settings.retention_ms, base.retention_ms),
-            retention_bytes=retention(settings.retention_bytes, base.retention_bytes),
-            cleanup_policy=settings.cleanup_policy or base.cleanup_policy,
-            fsync_policy=settings.fsync_policy or base.fsync_policy,
-            fsync_interval_ms=pick(settings.fsync_interval_ms, base.fsync_interval_ms),
-            segment_bytes=pick(settings.segment_bytes, base.segment_bytes),
-            segment_ms=pick(settings.segment_ms, base.segment_ms),
-            ttl_ms=pick(settings.ttl_ms, base.ttl_ms),
-            dedup_window_ms=pick(settings.dedup_window_ms, base.dedup_window_ms),
-            delete_retention_ms=pick(settings.delete_retention_ms, self.compaction.delete_retention_ms(base)),
-        )
+        # A default without delete_retention_ms takes the compaction service's.
+        base = replace(base, delete_retention_ms=self.compaction.delete_retention_ms(base))
+        values = {}
+        for setting in TOPIC_SETTINGS:
+            value = getattr(settings, setting.name)
+            server_default = not value if setting.type is str else value == m.CONFIG_DEFAULT  # null or "": str
+            if server_default:
+                value = getattr(base, setting.name)
+            elif setting.unlimited and value == m.RETENTION_UNLIMITED:
+                value = None
+            values[setting.name] = value
+        config = TopicConfig(**values)
         config.validate()
         return config
 
     def _settings(self, config: TopicConfig) -> m.TopicSettings:
-        unlimited = m.RETENTION_UNLIMITED
-        return m.TopicSettings(
-            partitions=config.partitions,
-            retention_ms=unlimited if config.retention_ms is None else config.retention_ms,
-            retention_bytes=unlimited if config.retention_bytes is None else config.retention_bytes,
-            cleanup_policy=config.cleanup_policy,
-            fsync_policy=config.fsync_policy,
-            fsync_interval_ms=config.fsync_interval_ms,
-            segment_bytes=config.segment_bytes,
-            segment_ms=config.segment_ms,
-            ttl_ms=config.ttl_ms,
-            dedup_window_ms=config.dedup_window_ms,
-            delete_retention_ms=self.compaction.delete_retention_ms(config),
-        )
+        """The settings in force, for the wire: no limit as -2."""
+        config = replace(config, delete_retention_ms=self.compaction.delete_retention_ms(config))
+        values = {}
+        for setting in TOPIC_SETTINGS:
+            value = getattr(config, setting.name)
+            if value is None and setting.unlimited:
+                value = m.RETENTION_UNLIMITED
+            values[setting.name] = value
+        return m.TopicSettings(**values)
 
     async def _create_topic(self, request: m.CreateTopicRequest) -> Reply:
         config = self._topic_config(request.settings)
