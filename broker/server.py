@@ -249,6 +249,8 @@ class Server:
         self.store = await asyncio.to_thread(Store.open, self.config.data_dir)
         for line in self.store.open_report.lines():
             log.warning("%s", line)
+        for line in self.store.open_report.error_lines():
+            log.error("%s", line)
         self.broker = Broker(self.store, self.config)
         self.broker.server_statistics = self.statistics
         try:
