@@ -57,6 +57,7 @@ from .client_types import (
     Message,
     PartitionDescription,
     PartitionLag,
+    DamagedPartition,
     ServerStatus,
     StartSpec,
     TopicDescription,
@@ -671,7 +672,7 @@ class AsyncClient:
 
     async def server_status(self, *, timeout_ms: int | None = None) -> ServerStatus:
         """Server-level facts: version, uptime, data directory, connections, disk space,
-        read-only partitions."""
+        read-only and damaged partitions."""
         response = await self._call(m.ServerStatusRequest(), timeout_ms, retry=True)
         return ServerStatus(
             server_id=response.server_id,
@@ -685,6 +686,10 @@ class AsyncClient:
             disk_free_bytes=None if response.disk_free_bytes < 0 else response.disk_free_bytes,
             disk_total_bytes=None if response.disk_total_bytes < 0 else response.disk_total_bytes,
             read_only_partitions={entry.topic: list(entry.partitions) for entry in response.read_only_partitions},
+            damaged_partitions=tuple(
+                DamagedPartition(entry.topic, entry.partition, entry.path, entry.position, entry.offset, entry.reason)
+                for entry in response.damaged_partitions
+            ),
         )
 
     async def compact_topic(self, name: str, *, timeout_ms: int | None = None) -> list[m.PartitionCompaction]:

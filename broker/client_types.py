@@ -300,6 +300,19 @@ class GroupDescription:
 
 
 @dataclass(frozen=True, slots=True)
+class DamagedPartition:
+    """A partition the server found damaged at start (docs/operations.md): read up to
+    `offset`, appends refused until repaired. `path` is relative to the data directory."""
+
+    topic: str
+    partition: int
+    path: str
+    position: int
+    offset: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class ServerStatus:
     """What SERVER_STATUS answers (see docs/protocol.md)."""
 
@@ -314,6 +327,7 @@ class ServerStatus:
     disk_free_bytes: int | None  # None: the server could not tell
     disk_total_bytes: int | None
     read_only_partitions: dict[str, list[int]] = field(default_factory=dict)
+    damaged_partitions: tuple[DamagedPartition, ...] = ()
 
 
 def settings_from_wire(settings) -> TopicSettings:
@@ -363,6 +377,7 @@ __all__ = [
     "PartitionDescription",
     "PartitionLag",
     "ServerStatus",
+    "DamagedPartition",
     "TopicDescription",
     "TopicSettings",
     "TopicSummary",

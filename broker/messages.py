@@ -221,6 +221,16 @@ class TopicPartitions:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class DamagedPartition:
+    topic: str = wire(STRING)
+    partition: int = wire(INT32)
+    path: str = wire(STRING, "", doc="the damaged segment file, relative to the data directory")
+    position: int = wire(INT64, 0, doc="byte position of the first bad batch in it")
+    offset: int = wire(INT64, 0, doc="the first offset not served: the partition is read up to it")
+    reason: str = wire(STRING, "")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class OffsetCommit:
     topic: str = wire(STRING)
     partition: int = wire(INT32)
@@ -587,6 +597,10 @@ class ServerStatusResponse(Response):
     disk_total_bytes: int = wire(INT64, -1)
     read_only_partitions: list[TopicPartitions] = wire(
         Array(Struct(TopicPartitions)), [], doc="partitions refusing appends after an I/O error"
+    )
+    damaged_partitions: list[DamagedPartition] = wire(
+        Array(Struct(DamagedPartition)), [],
+        doc="partitions found damaged at start below the recovery point: read up to the damage, appends refused",
     )
 
 

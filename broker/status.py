@@ -74,6 +74,20 @@ def consumer_lags(store: Store) -> list[ConsumerLag]:
     return lags
 
 
+def damaged_partitions(store: Store) -> list[m.DamagedPartition]:
+    """Partitions opened damaged (G4): read up to the damage, refusing appends until an
+    operator repairs them. Paths relative to the data directory."""
+    found = []
+    for topic, partition, partition_log in store.logs():
+        damage = partition_log.damage
+        if damage is not None:
+            found.append(m.DamagedPartition(
+                topic=topic, partition=partition, path=os.path.relpath(damage.path, store.data_dir),
+                position=damage.position, offset=damage.offset, reason=damage.reason,
+            ))
+    return sorted(found, key=lambda entry: (entry.topic, entry.partition))
+
+
 def read_only_partitions(store: Store) -> dict[str, list[int]]:
     """topic -> its partitions that refuse appends after a write or fsync error."""
     found: dict[str, list[int]] = {}
@@ -104,4 +118,5 @@ async def serve_server_status(broker, request: m.ServerStatusRequest):
         disk_total_bytes=-1 if space is None else space.total_bytes,
         read_only_partitions=[m.TopicPartitions(topic=topic, partitions=partitions)
                               for topic, partitions in read_only_partitions(broker.store).items()],
+        damaged_partitions=damaged_partitions(broker.store),
     ))

@@ -6,6 +6,7 @@ A table for people, --json for scripts."""
 from __future__ import annotations
 
 import json
+import os
 from typing import Annotated
 
 import typer
@@ -74,6 +75,12 @@ def _snapshot(client) -> dict:
             "connections_accepted": status.connections_accepted,
             "connections_refused": status.connections_refused,
             "read_only_partitions": status.read_only_partitions,
+            "damaged_partitions": [
+                {"topic": entry.topic, "partition": entry.partition,
+                 "path": os.path.join(status.data_dir, entry.path) if status.data_dir else entry.path,
+                 "position": entry.position, "offset": entry.offset, "reason": entry.reason}
+                for entry in status.damaged_partitions
+            ],
         },
         "topics": topics,
         "groups": groups,
@@ -123,7 +130,16 @@ def _print(snapshot: dict) -> None:
         ("connections", f"{server['connections_open']} open, {server['connections_accepted']} accepted, "
                         f"{server['connections_refused']} refused"),
         ("read-only", read_only or "none"),
+        ("damaged", "none" if not server["damaged_partitions"] else f"{len(server['damaged_partitions'])} partition(s)"),
     ])
+    if server["damaged_partitions"]:
+        typer.echo("")
+        print_table(("DAMAGED PARTITION", "READ UP TO OFFSET", "FILE", "AT BYTE", "REASON"), [
+            (f"{entry['topic']}-{entry['partition']}", entry["offset"], entry["path"], entry["position"], entry["reason"])
+            for entry in server["damaged_partitions"]
+        ])
+        typer.echo("Damaged below the recovery point: appends refused, nothing served past the offset shown. Stop "
+                   "the broker, then restore the file or run `nodi segments recover --truncate-damaged`.")
     typer.echo("")
     print_table(("TOPIC", "PARTITIONS", "MESSAGES", "BYTES", "SEGMENTS"), [
         (topic["topic"], topic["partitions"], topic["messages"], topic["bytes"], topic["segments"])
@@ -147,7 +163,7 @@ def status_command(
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")] = False,
 ) -> None:
     """Show a running broker at a glance: the server (address, version, uptime, data
-    directory, free disk, connections, read-only partitions), every topic (partitions,
+    directory, free disk, connections, read-only and damaged partitions), every topic (partitions,
     messages stored, bytes, segments), every consumer group (state, members, total lag
     and the partitions behind) and the dead-letter topics (names ending in .dlq) with
     the messages they hold.
