@@ -79,6 +79,13 @@ def check_damaged_broker(broker, data_dir: str, topic: str, path: str, position:
         served = read_everything(client, topic)
         assert [message.value.rstrip(b".") for message in served] == [f"{topic}-{n}".encode() for n in range(offset)]
         assert client.list_offsets(topic, 0, "latest") == offset
+        # A queue group delivers up to the damage, then has nothing more.
+        with client.queue(topic, "workers", ack_wait_ms=60_000) as queue:
+            delivered = []
+            while (message := queue.receive(timeout_ms=500)) is not None:
+                delivered.append(message.offset)
+                message.ack()
+            assert delivered == list(range(offset))
         with pytest.raises(ReadOnlyLog) as refused:
             client.produce(topic, b"refused", partition=0)
         assert "damaged" in str(refused.value) and f"offset {offset}" in str(refused.value)
