@@ -835,3 +835,64 @@ def fill_the_disk(spare_bytes: int) -> str:
         expected += append_batch(reopened, 100)
         assert read_all(reopened) == expected
     return outcome
+
+
+# -- random damage at open (G3, G4, I16) ---------------------------------------------------
+
+RANDOM_DAMAGE_TRIALS = 120
+
+
+def damage_at_random(directory, rng: random.Random) -> None:
+    """One to three of: a flipped bit, a cut, a deleted file, a zeroed range, in any file
+    of the partition (segments, indexes, checkpoint, snapshot, marker)."""
+    for _ in range(rng.randint(1, 3)):
+        path = os.path.join(directory, rng.choice(sorted(os.listdir(directory))))
+        size = os.path.getsize(path)
+        kind = rng.choice(["flip", "cut", "delete", "zero"])
+        if kind == "flip" and size:
+            flip_bit(path, rng.randrange(size), rng.randrange(8))
+        elif kind == "cut":
+            os.truncate(path, rng.randrange(size + 1))
+        elif kind == "delete":
+            os.unlink(path)
+        elif kind == "zero" and size:
+            position = rng.randrange(size)
+            with open(path, "r+b") as file:
+                file.seek(position)
+                file.write(bytes(min(rng.randrange(1, 200), size - position)))
+
+
+def test_random_damage_never_raises_never_cuts_fsynced_data_G3_G4_I16(tmp_path) -> None:
+    """Whatever is damaged, the open returns (no exception), serves a prefix of what
+    was appended (from the first remaining segment), never cuts data the recovery point
+    vouches for without truncate_damaged, and a damaged log changes no `.log` file and
+    reports the same damage at the next open."""
+    pristine = tmp_path / "pristine"
+    expected = write_log(pristine)
+    rng = random.Random(8)
+    outcomes = set()
+    for trial in range(RANDOM_DAMAGE_TRIALS):
+        directory = tmp_path / f"trial-{trial}"
+        shutil.copytree(pristine, directory)
+        damage_at_random(directory, rng)
+        before_open = file_contents(directory)
+        log = Log.open(str(directory), CONFIG)
+        report = log.recovery_report
+        try:
+            served = read_all(log)
+        except CorruptSegmentError:  # a flip inside a sealed segment: found when read (I12)
+            served = None
+        log.close()
+        assert not report.lost_durable_data, (trial, report)
+        if served is not None:
+            assert served == [record for record in before(expected, log.next_offset)
+                              if record[0] >= log.log_start_offset], (trial, report)
+        if report.damage is not None:
+            outcomes.add("damaged")
+            assert file_contents(directory) == before_open, trial
+            with Log.open(str(directory), CONFIG) as again:
+                assert again.recovery_report.damage == report.damage, trial
+        else:
+            outcomes.add("truncated" if report.lost_anything else "intact")
+        shutil.rmtree(directory)
+    assert {"damaged", "intact"} <= outcomes
