@@ -135,6 +135,8 @@ class RecoveryReport:
 
     def describe(self) -> str:
         state = "new log" if self.created else ("clean" if self.clean_shutdown else "unclean")
+        if self.damage is not None:  # the clean-shutdown marker may have been there
+            state = "damaged"
         text = f"{self.directory}: {state} start, scanned {self.scanned_segments} segment(s), {self.scanned_bytes} bytes"
         if self.lost_anything:
             lost = (
