@@ -308,30 +308,51 @@ def verify_command(ctx: typer.Context, data_dir: DataDirectory) -> None:
 
 
 @_command("recover")
-def recover_command(ctx: typer.Context, data_dir: DataDirectory) -> None:
+def recover_command(
+    ctx: typer.Context,
+    data_dir: DataDirectory,
+    truncate_damaged: Annotated[
+        bool,
+        typer.Option(
+            "--truncate-damaged",
+            help=(
+                "Also cut damage below the recovery point (fsynced data that fails its checks: a bit flip, "
+                "a truncated sealed segment): each damaged partition is truncated at its first bad batch and "
+                "its later segments removed. Those offsets are lost; they are printed."
+            ),
+        ),
+    ] = False,
+) -> None:
     """Truncate torn tails offline and print the offsets lost per partition.
 
-    Runs the log's crash recovery on every partition (truncate at the first bad batch,
-    drop the segments after it, rebuild indexes, remove leftovers), then closes it
-    cleanly.
+    Runs the log's crash recovery on every partition (truncate a torn tail above the
+    recovery point at its first bad batch, drop the segments after it, rebuild indexes,
+    remove leftovers), then closes it cleanly.
+
+    Damage below the recovery point (data that was fsynced: before the checkpoint or
+    after a clean shutdown) is never cut without --truncate-damaged: without it the
+    partition is left as it was and printed as DAMAGED with its file, byte position
+    and offset (stop here to restore the file from a backup instead).
 
     Each partition is opened with its topic's settings from DATA_DIR/meta (so a
     compacted topic's offset gaps are not taken for damage). Sealed segments below the
-    recovery point are not rescanned (as at any open): run `nodi segments verify` to
-    check them. Exit status 0; 1 when a partition (or the metadata store) could not be
-    opened, or when a broker or another tool holds the data directory (nothing changed).
+    recovery point are not rescanned (as at any open; their ends are checked): run
+    `nodi segments verify` to check every batch. Exit status 0; 1 when a partition is
+    damaged and --truncate-damaged was not given, a partition (or the metadata store)
+    could not be opened, or a broker or another tool holds the data directory (nothing
+    changed).
     """
     check_offline_data_directory(ctx.command_path, data_dir, writes=True)
     try:
         with _progress_bar("recovering") as progress:
-            results = recover_data_dir(data_dir, progress=progress)
+            results = recover_data_dir(data_dir, progress=progress, truncate_damaged=truncate_damaged)
     except DataDirectoryLockedError as error:
         typer.echo(f"{ctx.command_path}: {error}", err=True)
         raise typer.Exit(1) from None
     except MetadataError as error:
         typer.echo(f"cannot read the topic settings recovery needs: {error}", err=True)
         raise typer.Exit(1) from None
-    failed = 0
+    failed = damaged = 0
     for result in results:
         name = f"{result.topic}-{result.partition}"
         report = result.report
@@ -342,6 +363,16 @@ def recover_command(ctx: typer.Context, data_dir: DataDirectory) -> None:
         if result.error:
             failed += 1
             typer.echo(f"{name}: FAILED: {result.error}")
+        if report.damage is not None:
+            damaged += 1
+            damage = report.damage
+            hidden = "?" if damage.last_offset is None else str(damage.last_offset)
+            typer.echo(
+                f"{name}: DAMAGED below the recovery point {damage.recovery_offset}: {damage.path} at byte "
+                f"{damage.position} (offset {damage.offset}): {damage.reason}; offsets {damage.offset}..{hidden} "
+                "unreadable; nothing cut (--truncate-damaged cuts them, or restore the file)"
+            )
+            continue
         if report.created:
             state = "new log"
         elif report.clean_shutdown:
@@ -354,6 +385,8 @@ def recover_command(ctx: typer.Context, data_dir: DataDirectory) -> None:
                 f"{name}: {state}; lost offsets {report.first_lost_offset}..{last} "
                 f"(truncated {report.truncated_bytes} bytes: {report.truncation_reason})"
             )
+            if report.lost_durable_data:
+                line += "; fsynced data below the recovery point (damage cut by --truncate-damaged)"
         else:
             line = f"{name}: {state}; nothing lost"
         if report.removed_segments:
@@ -365,8 +398,13 @@ def recover_command(ctx: typer.Context, data_dir: DataDirectory) -> None:
         typer.echo(line)
     lost = sum(result.report is not None and result.report.lost_anything for result in results)
     typer.echo(
-        f"recovered {len(results) - failed} partition(s) in {data_dir}; offsets lost in {lost}. "
+        f"recovered {len(results) - failed - damaged} partition(s) in {data_dir}; offsets lost in {lost}. "
         "Sealed segments below each recovery point were not rescanned: `nodi segments verify` checks them."
     )
-    if failed:
+    if damaged:
+        typer.echo(
+            f"{damaged} partition(s) DAMAGED below the recovery point, left as they were: restore the files named "
+            "above from a backup, or run again with --truncate-damaged to cut the damaged offsets."
+        )
+    if failed or damaged:
         raise typer.Exit(1)

@@ -6,6 +6,7 @@ A table for people, --json for scripts."""
 from __future__ import annotations
 
 import json
+import os
 from typing import Annotated
 
 import typer
@@ -76,6 +77,12 @@ def _snapshot(client) -> dict:
             "read_only_partitions": status.read_only_partitions,
             "metadata_store_error": status.metadata_store_error,
             "metadata_failed_commits": status.metadata_failed_commits,
+            "damaged_partitions": [
+                {"topic": entry.topic, "partition": entry.partition,
+                 "path": os.path.join(status.data_dir, entry.path) if status.data_dir else entry.path,
+                 "position": entry.position, "offset": entry.offset, "reason": entry.reason}
+                for entry in status.damaged_partitions
+            ],
         },
         "topics": topics,
         "groups": groups,
@@ -133,7 +140,16 @@ def _print(snapshot: dict) -> None:
                         f"{server['connections_refused']} refused"),
         ("read-only", read_only or "none"),
         ("metadata", _metadata_state(server)),
+        ("damaged", "none" if not server["damaged_partitions"] else f"{len(server['damaged_partitions'])} partition(s)"),
     ])
+    if server["damaged_partitions"]:
+        typer.echo("")
+        print_table(("DAMAGED PARTITION", "READ UP TO OFFSET", "FILE", "AT BYTE", "REASON"), [
+            (f"{entry['topic']}-{entry['partition']}", entry["offset"], entry["path"], entry["position"], entry["reason"])
+            for entry in server["damaged_partitions"]
+        ])
+        typer.echo("Damaged below the recovery point: appends refused, nothing served past the offset shown. Stop "
+                   "the broker, then restore the file or run `nodi segments recover --truncate-damaged`.")
     typer.echo("")
     print_table(("TOPIC", "PARTITIONS", "MESSAGES", "BYTES", "SEGMENTS"), [
         (topic["topic"], topic["partitions"], topic["messages"], topic["bytes"], topic["segments"])
@@ -157,7 +173,7 @@ def status_command(
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")] = False,
 ) -> None:
     """Show a running broker at a glance: the server (address, version, uptime, data
-    directory, free disk, connections, read-only partitions, the metadata store's state), every topic (partitions,
+    directory, free disk, connections, read-only and damaged partitions, the metadata store's state), every topic (partitions,
     messages stored, bytes, segments), every consumer group (state, members, total lag
     and the partitions behind) and the dead-letter topics (names ending in .dlq) with
     the messages they hold.

@@ -636,11 +636,17 @@ def recover_data_dir(
     *,
     progress: ProgressCallback | None = None,
     config_for: Callable[[str, int], LogConfig] | None = None,
+    truncate_damaged: bool = False,
 ) -> list[PartitionRecovery]:
-    """Open every partition with Log.open, which runs recovery (truncates a torn tail,
-    drops later segments, rebuilds indexes, removes leftovers), then close it cleanly.
-    Returns what each recovery did: RecoveryReport.first_lost_offset..last_lost_offset
-    are the offsets it dropped. A partition that fails to open is reported and skipped.
+    """Open every partition with Log.open, which runs recovery (truncates a torn tail
+    above the recovery point, drops later segments, rebuilds indexes, removes
+    leftovers), then close it cleanly. Returns what each recovery did:
+    RecoveryReport.first_lost_offset..last_lost_offset are the offsets it dropped. A
+    partition that fails to open is reported and skipped.
+
+    Damage below the recovery point (fsynced data, G4) is cut the same way only with
+    `truncate_damaged` (lost_durable_data then says so); without it the partition is
+    left as it was and its RecoveryReport.damage says where (file, position, offset).
 
     Each log is opened with its topic's settings from DATA_DIR/meta/ (topic_log_configs;
     a compacted topic's offset gaps are not damage), a partition of no known topic with
@@ -650,13 +656,14 @@ def recover_data_dir(
     DataDirectoryLockedError, having changed nothing, when a broker or another tool
     holds the data directory."""
     with DataDirectoryLock.acquire(data_dir):
-        return _recover_locked(data_dir, progress, config_for)
+        return _recover_locked(data_dir, progress, config_for, truncate_damaged)
 
 
 def _recover_locked(
     data_dir: str | os.PathLike[str],
     progress: ProgressCallback | None,
     config_for: Callable[[str, int], LogConfig] | None,
+    truncate_damaged: bool,
 ) -> list[PartitionRecovery]:
     if config_for is None:
         configs = topic_log_configs(data_dir)
@@ -672,14 +679,19 @@ def _recover_locked(
     results = []
     for partition, size in zip(partitions, sizes):
         try:
-            log = Log.open(partition.path, config_for(partition.topic, partition.partition))
+            log = Log.open(
+                partition.path, config_for(partition.topic, partition.partition), truncate_damaged=truncate_damaged
+            )
         except (NodiError, OSError) as error:
             report, problem = None, str(error)
         else:
             log.close()
             report = log.recovery_report
-            # close() does not raise on a failed fsync; it leaves the log read-only (I9).
-            problem = "the clean close failed (an fsync or write error)" if log.statistics().read_only else None
+            # close() does not raise on a failed fsync; it leaves the log read-only (I9). A
+            # damaged log is read-only from its open and closes without writing.
+            statistics = log.statistics()
+            failed_close = statistics.read_only and statistics.damage is None
+            problem = "the clean close failed (an fsync or write error)" if failed_close else None
         results.append(PartitionRecovery(partition.topic, partition.partition, partition.path, report, problem))
         tracker.done += size
         tracker.report()

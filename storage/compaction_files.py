@@ -64,7 +64,10 @@ def read_first_dirty_offset(log: Log) -> int:
 
 def dirty_ratio(log: Log) -> float:
     """Bytes of sealed segments holding dirty offsets over all sealed bytes (the active
-    segment counts in neither); 0.0 when nothing is sealed."""
+    segment counts in neither); 0.0 when nothing is sealed or the log is damaged (it
+    refuses every change until repaired)."""
+    if log.damage is not None:
+        return 0.0
     first_dirty = read_first_dirty_offset(log)
     sealed = log.segments[:-1]
     total = sum(segment.size for segment in sealed)

@@ -75,6 +75,22 @@ class LogReadOnlyError(NodiError):
     An fsync is never retried: after a failed fsync the page cache cannot be trusted."""
 
 
+class LogDamagedError(LogReadOnlyError):
+    """The partition was found damaged at open below its recovery point (fsynced data
+    that fails its checks, G4): it is served up to `offset` and refuses appends until an
+    operator repairs it (`nodi segments recover --truncate-damaged`) or restores it."""
+
+    def __init__(self, path: str, position: int, offset: int, reason: str) -> None:
+        super().__init__(
+            f"partition damaged: {path} at byte {position} (offset {offset}): {reason}; served up to offset "
+            f"{offset}, appends refused until `nodi segments recover --truncate-damaged` or a restore"
+        )
+        self.path = path
+        self.position = position
+        self.offset = offset
+        self.reason = reason
+
+
 class DiskFullError(NodiError):
     """ENOSPC on append. The partial write was removed; the log stays valid and
     writable once space is freed."""

@@ -32,6 +32,7 @@ from .errors import (
     DurableWaitTimeoutError,
     InvalidRecordError,
     LogClosedError,
+    LogDamagedError,
     LogReadOnlyError,
     NodiError,
     OffsetOutOfRangeError,
@@ -50,7 +51,7 @@ from .records import (
     encode_base_offset,
     split_batches,
 )
-from .recovery import RecoveryReport, recover, remove_segment_files
+from .recovery import LogDamage, RecoveryReport, recover, remove_segment_files
 from .segment import BatchScanner, Segment
 
 READ_SCAN_WINDOW_BYTES = 16 * 1024
@@ -168,6 +169,9 @@ class LogStatistics:
     fsync_covered_appends: int
     read_only: bool
     corrupt_segments: tuple[int, ...]
+    # Damage below the recovery point found at open (G4): the log ends at its offset
+    # and is read-only until repaired. None when undamaged.
+    damage: LogDamage | None = None
     # Seconds each segment fsync took (every one: group commit, roll, flush, close).
     fsync_seconds: HistogramSnapshot | None = None
     # Appends each group-commit fsync made durable (fsyncs that covered any).
@@ -204,6 +208,10 @@ class Log:
         self._waiters: list[tuple[int, int, concurrent.futures.Future]] = []
         self._waiter_sequence = itertools.count()
         self._error: LogReadOnlyError | None = None
+        self.damage = report.damage
+        if report.damage is not None:
+            damage = report.damage
+            self._error = LogDamagedError(damage.path, damage.position, damage.offset, damage.reason)
         # Segment fsyncs run one at a time; after one fails no other starts (I9, F7).
         self._sync_lock = threading.Lock()
         self._sync_failure: OSError | None = None
@@ -221,7 +229,7 @@ class Log:
         self._readable_listeners: list[Callable[[], None]] = []
         self._producers = self._load_producer_state()
         self._flusher: threading.Thread | None = None
-        if config.fsync_policy is not FsyncPolicy.NEVER:
+        if config.fsync_policy is not FsyncPolicy.NEVER and self._error is None:
             self._flusher = threading.Thread(
                 target=self._flush_loop, name=f"nodi-fsync:{os.path.basename(directory)}", daemon=True
             )
@@ -235,10 +243,18 @@ class Log:
         *,
         fs: FileSystem = OS_FILE_SYSTEM,
         clock_ms: Callable[[], int] = _now_ms,
+        truncate_damaged: bool = False,
     ) -> Log:
-        """Open (creating or recovering) the log in `directory`; see recovery_report."""
+        """Open (creating or recovering) the log in `directory`; see recovery_report.
+
+        Damage below the recovery point is cut only with `truncate_damaged` (an
+        operator's repair); otherwise the log opens damaged (`damage`, G4): served up
+        to the damage, read-only, and it writes nothing into its directory (no marker
+        removed, no checkpoint moved back), so the next open finds the same damage."""
         config = config or LogConfig()
-        segments, report = recover(fs, directory, config)
+        segments, report = recover(fs, directory, config, truncate_damaged=truncate_damaged)
+        if report.damage is not None:
+            return cls(directory, config, fs, segments, report, clock_ms)
         # The marker must be gone before the first append can make the files unclean.
         clear_clean_shutdown(fs, directory)
         if not report.clean_shutdown and not report.created:
@@ -374,9 +390,15 @@ class Log:
             if segment.next_offset <= offset and segment is not self._segments[-1]:
                 continue
             start = segment.position_floor(offset) if offset > segment.base_offset else 0
-            for batch in BatchScanner(segment.open_file(), start, segment.size, verify=False, limits=self.config.limits):
-                if batch.header.last_offset >= offset and batch.header.producer_id >= 0:
-                    table.record(batch.header, self._clock_ms())
+            scanner = BatchScanner(segment.open_file(), start, segment.size, verify=False, limits=self.config.limits)
+            try:
+                for batch in scanner:
+                    if batch.header.last_offset >= offset and batch.header.producer_id >= 0:
+                        table.record(batch.header, self._clock_ms())
+            except CorruptBatchError:
+                # A sealed segment not rescanned at open (G4: a read reports it): its
+                # producers' later batches are missed, as if the table had forgotten them.
+                continue
         return table
 
     def _write_producer_snapshot_locked(self) -> None:
@@ -581,6 +603,8 @@ class Log:
         now_ms = self._clock_ms() if now_ms is None else now_ms
         retention_ms, retention_bytes = self.config.retention_ms, self.config.retention_bytes
         deleted: list[DeletedSegment] = []
+        if self.damage is not None:  # nothing leaves a damaged log but by its repair
+            return deleted
         with self._lock:
             total = sum(segment.size for segment in self._segments)
             while len(self._segments) > 1:
@@ -827,6 +851,7 @@ class Log:
                 fsync_covered_appends=self._fsync_covered_appends,
                 read_only=self._error is not None,
                 corrupt_segments=tuple(s.base_offset for s in self._segments if s.corrupt_position is not None),
+                damage=self.damage,
                 fsync_seconds=self._fsync_seconds.snapshot(),
                 group_commit_appends=self._group_commit_appends.snapshot(),
             )

@@ -66,7 +66,7 @@ from .errors import (
 )
 from .lmdb_file import check_data_file
 from .limits import GIB, KIB, MIB
-from .topic_settings import TopicConfig  # declared there; imported from here too
+from .topic_settings import PARTITIONS_MAX, TopicConfig  # declared there; imported from here too
 
 log = logging.getLogger("nodi.metadata")
 

@@ -75,6 +75,36 @@ def remove_merge_marker(fs: FileSystem, directory: str) -> None:
 
 
 @dataclass(frozen=True, slots=True)
+class LogDamage:
+    """Damage found at open below the recovery point (G4): a batch of fsynced data that
+    fails its checks (a bit flip, a truncated or shortened sealed segment, a missing
+    segment). Nothing is cut: the log is served up to `offset` and refuses appends
+    until an operator repairs it (`nodi segments recover --truncate-damaged`) or
+    restores the file."""
+
+    path: str  # the `.log` file holding the first bad batch
+    position: int  # its byte position there
+    offset: int  # the first offset not served: the damaged log ends here
+    reason: str
+    recovery_offset: int  # the point the damage lies below (checkpoint or sealed segments)
+    # The highest offset a readable batch header after the damage names, or the recovery
+    # point's last offset, whichever is higher; None when neither says more than `offset`.
+    last_offset: int | None = None
+
+    def describe(self) -> str:
+        hidden = (
+            f"offsets from {self.offset} on" if self.last_offset is None
+            else f"offsets {self.offset}..{self.last_offset}"
+        )
+        return (
+            f"DAMAGED below the recovery point {self.recovery_offset}: {self.path} at byte {self.position} "
+            f"(offset {self.offset}): {self.reason}; served up to offset {self.offset}, {hidden} not served "
+            "(kept on disk), appends refused; repair with `nodi segments recover --truncate-damaged` "
+            "(cuts them) or restore the file"
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class RecoveryReport:
     directory: str
     clean_shutdown: bool
@@ -95,6 +125,9 @@ class RecoveryReport:
     rebuilt_indexes: tuple[str, ...] = ()
     removed_files: tuple[str, ...] = ()
     duration_ms: float = 0.0
+    # Damage below the recovery point, left in place (G4): the log ends at its offset
+    # and refuses appends. None when nothing is damaged or it was cut (truncate_damaged).
+    damage: LogDamage | None = None
 
     @property
     def lost_anything(self) -> bool:
@@ -102,6 +135,8 @@ class RecoveryReport:
 
     def describe(self) -> str:
         state = "new log" if self.created else ("clean" if self.clean_shutdown else "unclean")
+        if self.damage is not None:  # the clean-shutdown marker may have been there
+            state = "damaged"
         text = f"{self.directory}: {state} start, scanned {self.scanned_segments} segment(s), {self.scanned_bytes} bytes"
         if self.lost_anything:
             lost = (
@@ -117,6 +152,8 @@ class RecoveryReport:
             text += f"; removed segments {list(self.removed_segments)}"
         if self.rebuilt_indexes:
             text += f"; rebuilt {len(self.rebuilt_indexes)} index file(s)"
+        if self.damage is not None:
+            text += f"; {self.damage.describe()}"
         return text
 
 
@@ -192,9 +229,12 @@ def clean_directory(fs: FileSystem, directory: str, findings: _Findings) -> list
     return bases
 
 
-def load_sealed(segment: Segment, config: LogConfig, next_base_offset: int, findings: _Findings) -> None:
+def load_sealed(segment: Segment, config: LogConfig, next_base_offset: int, findings: _Findings) -> bool:
     """A segment below the scan: trust its size, check its indexes (I7), rebuild them
-    from the `.log` when they fail a check. Its batches are verified on first read."""
+    from the `.log` when they fail a check, and walk the batch headers after its last
+    index entry (no CRC: cheap) to see that they end the file. Its batches are verified
+    on first read. False when the segment does not check out (cut short or extended, a
+    rebuild meets a bad batch, offsets beyond the next segment): the caller scans it."""
     segment.size = segment.open_file().size()
     segment.next_offset = next_base_offset
     problem = (
@@ -219,14 +259,49 @@ def load_sealed(segment: Segment, config: LogConfig, next_base_offset: int, find
     if problem is None and segment.size and last_time is None:
         problem = "time index empty for a non-empty segment"
     if problem is None:
+        if not _sealed_tail_checks_out(segment, config, next_base_offset):
+            return False
         segment.max_timestamp = last_time[0] if last_time else -1
-        return
-    segment.rebuild_indexes(config.limits, config.index_interval_bytes, verify=True)
+        return True
+    try:
+        segment.rebuild_indexes(config.limits, config.index_interval_bytes, verify=True)
+    except CorruptBatchError:
+        return False
+    if segment.next_offset > next_base_offset or (config.dense_offsets and segment.next_offset != next_base_offset):
+        return False  # cut short at a batch boundary, or holding offsets of the next segment
     segment.write_indexes()
     segment.index.release_memory()
     segment.time_index.release_memory()
     segment.next_offset = next_base_offset
     findings.rebuilt_indexes.extend([segment.index.path, segment.time_index.path])
+    return True
+
+
+def _sealed_tail_checks_out(segment: Segment, config: LogConfig, next_base_offset: int) -> bool:
+    """The batches after the last index entry are whole, end exactly at the end of the
+    file and hold offsets below the next segment's base, up to the one before it when
+    offsets are dense (F6: a sealed segment cut short, even at a batch boundary, or
+    grown). Headers only: at most an index interval and one batch are read."""
+    last = segment.index.last()
+    start = 0 if last is None else last[1]
+    last_offset = None
+    try:
+        for batch in BatchScanner(segment.open_file(), start, segment.size, verify=False, limits=config.limits):
+            last_offset = batch.header.last_offset
+    except CorruptBatchError:
+        return False
+    if config.dense_offsets:
+        return last_offset == next_base_offset - 1
+    return last_offset is None or last_offset < next_base_offset
+
+
+def _load_sealed_segments(segments: list[Segment], end: int, config: LogConfig, findings: _Findings) -> int | None:
+    """load_sealed on segments[:end]; the number of the first that does not check out,
+    or None."""
+    for number in range(end):
+        if not load_sealed(segments[number], config, segments[number + 1].base_offset, findings):
+            return number
+    return None
 
 
 def open_clean_tail(segment: Segment, config: LogConfig) -> bool:
@@ -260,9 +335,16 @@ def open_clean_tail(segment: Segment, config: LogConfig) -> bool:
     return True
 
 
-def recover(fs: FileSystem, directory: str, config: LogConfig) -> tuple[list[Segment], RecoveryReport]:
+def recover(
+    fs: FileSystem, directory: str, config: LogConfig, *, truncate_damaged: bool = False
+) -> tuple[list[Segment], RecoveryReport]:
     """Open `directory` as a log. Returns the segments, the last one active with its
-    indexes in memory, and what recovery did."""
+    indexes in memory, and what recovery did.
+
+    A bad batch above the recovery point (a torn or garbled unsynced tail, F1-F3) is
+    cut there. One below it (fsynced data, F6) is cut only with `truncate_damaged`;
+    otherwise nothing is cut, the segments end at the damage (the last one keeps only
+    its bytes before it) and the report's `damage` says where (G4)."""
     started = time.monotonic()
     fs.make_directory(directory)
     findings = _Findings()
@@ -281,28 +363,36 @@ def recover(fs: FileSystem, directory: str, config: LogConfig) -> tuple[list[Seg
         return [segment], report
 
     segments = [Segment(fs, directory, base) for base in bases]
-    if clean and open_clean_tail(segments[-1], config):
-        for segment, following in zip(segments, segments[1:]):
-            load_sealed(segment, config, following.base_offset, findings)
-        report = RecoveryReport(
-            directory,
-            clean_shutdown=True,
-            rebuilt_indexes=tuple(findings.rebuilt_indexes),
-            removed_files=tuple(findings.removed_files),
-            duration_ms=(time.monotonic() - started) * 1000,
-        )
-        return segments, report
-
     recovery_offset = 0 if checkpoint is None else checkpoint.recovery_offset
-    first_scanned = 0
-    for number, segment in enumerate(segments):
-        if segment.base_offset <= recovery_offset:
-            first_scanned = number
-    for number in range(first_scanned):
-        load_sealed(segments[number], config, segments[number + 1].base_offset, findings)
-    kept, report_fields = _scan_tail(segments, first_scanned, config, directory)
+    # Below this, damage is never cut without an operator's word (G4): the checkpoint
+    # vouches for it, and so does every sealed segment (a roll fsyncs the segment it
+    # seals before it creates the next one, I5).
+    protected_offset = max(recovery_offset, bases[-1])
+    if clean and open_clean_tail(segments[-1], config):
+        damaged = _load_sealed_segments(segments, len(segments) - 1, config, findings)
+        if damaged is None:
+            report = RecoveryReport(
+                directory,
+                clean_shutdown=True,
+                rebuilt_indexes=tuple(findings.rebuilt_indexes),
+                removed_files=tuple(findings.removed_files),
+                duration_ms=(time.monotonic() - started) * 1000,
+            )
+            return segments, report
+        first_scanned = damaged
+    else:
+        first_scanned = 0
+        for number, segment in enumerate(segments):
+            if segment.base_offset <= recovery_offset:
+                first_scanned = number
+        damaged = _load_sealed_segments(segments, first_scanned, config, findings)
+        if damaged is not None:
+            first_scanned = damaged
+    kept, report_fields = _scan_tail(
+        segments, first_scanned, config, directory, None if truncate_damaged else protected_offset
+    )
     first_lost = report_fields.get("first_lost_offset")
-    if first_lost is not None and recovery_offset > first_lost:
+    if first_lost is not None and protected_offset > first_lost:
         # The checkpoint proves offsets up to recovery_offset - 1 existed.
         last_lost = report_fields.get("last_lost_offset")
         report_fields["last_lost_offset"] = max(recovery_offset - 1, -1 if last_lost is None else last_lost)
@@ -318,9 +408,13 @@ def recover(fs: FileSystem, directory: str, config: LogConfig) -> tuple[list[Seg
     return kept, report
 
 
-def _scan_tail(segments: list[Segment], first: int, config: LogConfig, directory: str) -> tuple[list[Segment], dict]:
+def _scan_tail(
+    segments: list[Segment], first: int, config: LogConfig, directory: str, protected_offset: int | None
+) -> tuple[list[Segment], dict]:
     """Unclean start (I2, I3): verify every batch from segment `first` on. At the first
-    bad batch truncate there, remove every later segment, and fsync what remains."""
+    bad batch truncate there, remove every later segment, and fsync what remains; but
+    when the bad batch lies below `protected_offset` (None: nothing is protected) keep
+    every file as it is and end the log there (LogDamage, G4)."""
     fs = segments[0].fs
     expected = segments[first].base_offset
     scanned_bytes = 0
@@ -351,6 +445,24 @@ def _scan_tail(segments: list[Segment], first: int, config: LogConfig, directory
 
     fields: dict = {"scanned_segments": (bad[0] if bad else len(segments) - 1) - first + 1, "scanned_bytes": scanned_bytes}
     kept = segments
+    if bad is not None and protected_offset is not None and expected < protected_offset:
+        number, position, reason = bad
+        last_seen = _last_offset_hint(segments, number, position, config)
+        known_end = max(protected_offset - 1, -1 if last_seen is None else last_seen)
+        fields["damage"] = LogDamage(
+            segments[number].log_path, position, expected, reason, protected_offset,
+            known_end if known_end >= expected else None,
+        )
+        # A segment bad from its first byte (its name disagrees with the offsets
+        # before it) is left out; otherwise it ends, in memory only, before the damage.
+        last_kept = number - 1 if position == 0 and number > first else number
+        kept = segments[: last_kept + 1]
+        for later in segments[last_kept + 1 :]:
+            later.close()
+        kept[-1].size = position if last_kept == number else kept[-1].size
+        kept[-1].next_offset = expected
+        kept[-1].verified_bytes = kept[-1].size
+        bad = None
     if bad is not None:
         number, position, reason = bad
         segment = segments[number]

@@ -40,6 +40,8 @@ from .recovery import RecoveryReport
 # (after the deletion committed), so a crash in the middle of its removal leaves nothing
 # that looks like a live partition; every start removes them.
 DELETING_SUFFIX = ".deleting"
+# The log end a damaged partition gives the clamp of committed offsets: none is above it.
+NO_CLAMP_OFFSET = 2**63 - 1
 
 
 def log_config_for(topic: TopicConfig) -> LogConfig:
@@ -67,8 +69,21 @@ class StoreOpenReport:
     # Deleted topics whose files could not be removed (retried at the next open).
     unfinished_deletions: tuple[str, ...] = ()
 
+    @property
+    def damaged(self) -> tuple[RecoveryReport, ...]:
+        """The partitions opened damaged (G4): served up to the damage, read-only."""
+        return tuple(report for report in self.recoveries if report.damage is not None)
+
+    def error_lines(self) -> list[str]:
+        """One line per damaged partition (file, byte position, offset, what to do)."""
+        return [report.describe() for report in self.damaged]
+
     def lines(self) -> list[str]:
-        out = [report.describe() for report in self.recoveries if not report.clean_shutdown or report.lost_anything]
+        """What else the open did that an operator should hear of (error_lines aside)."""
+        out = [
+            report.describe() for report in self.recoveries
+            if report.damage is None and (not report.clean_shutdown or report.lost_anything)
+        ]
         for clamped in self.clamped_offsets:
             target = "dropped (partition gone)" if clamped.new_offset is None else f"clamped to {clamped.new_offset}"
             out.append(
@@ -176,7 +191,12 @@ class Store:
         entry = self._topics.get(topic)
         if entry is None or partition >= len(entry.logs):
             return None
-        return entry.logs[partition].next_offset
+        partition_log = entry.logs[partition]
+        if partition_log.damage is not None:
+            # Committed offsets past the damage stay until the repair decides (a restore
+            # brings the offsets back): no committed offset is above this.
+            return NO_CLAMP_OFFSET
+        return partition_log.next_offset
 
     # -- topics ---------------------------------------------------------------------
 

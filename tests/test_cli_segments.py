@@ -16,6 +16,7 @@ import select
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -278,8 +279,10 @@ def test_verify_reports_a_bit_flip_in_a_sealed_segment(data_dir):
 
 
 def test_verify_reports_a_torn_tail_then_recover_truncates_it(data_dir):
-    """I2 and G3: a tail cut mid-batch fails verify by position and offset; recover
-    truncates it, reports exactly the offsets lost, and verify then passes."""
+    """I2 and G3: a tail cut mid-batch fails verify by position and offset; after a
+    clean close that is damage below the recovery point (G4): recover names it and
+    exits 1 changing nothing; recover --truncate-damaged truncates it, reports exactly
+    the offsets lost, and verify then passes."""
     directory = partition_directory(data_dir, "t", 1)
     path = _segment_logs(directory)[-1]
     position, size, base_offset, _ = _batches(path)[-2]
@@ -304,10 +307,21 @@ def test_verify_reports_a_torn_tail_then_recover_truncates_it(data_dir):
         "reason": problem["reason"],
     }
 
-    recovered = nodi("segments", "recover", data_dir)
+    # Cut after a clean close: fsynced data, damage (G4). Named, nothing changed, exit 1.
+    before = {name: Path(directory, name).read_bytes() for name in os.listdir(directory)}
+    refused = nodi("segments", "recover", data_dir)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    lines = {line.split(":", 1)[0]: line for line in refused.stdout.splitlines()}
+    assert f"DAMAGED below the recovery point {OFFSETS}: {path} at byte {position} (offset {base_offset})" in lines["t-1"]
+    assert f"offsets {base_offset}..{OFFSETS - 1} unreadable; nothing cut" in lines["t-1"]
+    assert "--truncate-damaged" in refused.stdout
+    assert {name: Path(directory, name).read_bytes() for name in os.listdir(directory)} == before
+
+    recovered = nodi("segments", "recover", data_dir, "--truncate-damaged")
     assert recovered.returncode == 0, recovered.stdout + recovered.stderr
     lines = {line.split(":", 1)[0]: line for line in recovered.stdout.splitlines()}
     assert f"lost offsets {base_offset}..{OFFSETS - 1}" in lines["t-1"]
+    assert "fsynced data below the recovery point" in lines["t-1"]
     assert "nothing lost" in lines["t-0"] and "nothing lost" in lines["click-stream-12"]
     assert os.path.getsize(path) == position
 
@@ -388,7 +402,9 @@ def _write_segment(directory: str, base_offset: int, first_offsets: list[int]) -
 def test_offset_gaps_are_warnings_and_recover_follows_the_topic_settings(tmp_path, cleanup_policy):
     """I3: a gap (what compaction leaves) is only a warning for verify. recover opens
     each partition with its topic's settings from DATA_DIR/meta: a compacted topic keeps
-    its gap, a dense one is truncated at it and reports the offsets dropped."""
+    its gap; in a dense one the gap is damage below the recovery point (a sealed segment
+    is fsynced before the next one exists, G4): recover names it and exits 1 changing
+    nothing, and with --truncate-damaged truncates at it and reports the offsets dropped."""
     data_dir = str(tmp_path)
     with MetadataStore(data_dir) as metadata:
         metadata.create_topic("gappy", TopicConfig(cleanup_policy=cleanup_policy))
@@ -403,7 +419,12 @@ def test_offset_gaps_are_warnings_and_recover_follows_the_topic_settings(tmp_pat
     assert f"WARNING: {second} at position 0 (offset 10): offsets 10..19 missing" in result.stdout
 
     first_bytes, second_bytes = (os.path.getsize(path) for path in _segment_logs(directory))
-    recovered = nodi("segments", "recover", data_dir)
+    if cleanup_policy == "delete":
+        refused = nodi("segments", "recover", data_dir)
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert f"gappy-0: DAMAGED below the recovery point 20: {second} at byte 0 (offset 10)" in refused.stdout
+        assert [os.path.getsize(path) for path in _segment_logs(directory)] == [first_bytes, second_bytes]
+    recovered = nodi("segments", "recover", data_dir, "--truncate-damaged")
     assert recovered.returncode == 0, recovered.stdout + recovered.stderr
     if cleanup_policy == "compact":
         assert "gappy-0: scanned 2 segment(s)" in recovered.stdout and "nothing lost" in recovered.stdout

@@ -15,11 +15,13 @@ import shutil
 import struct
 import threading
 
+from pathlib import Path
+
 import pytest
 
 from nodi.storage.checkpoint import CHECKPOINT_FILE, CLEAN_SHUTDOWN_FILE, Checkpoint, encode_checkpoint
 from nodi.storage.config import LogConfig
-from nodi.storage.errors import CorruptSegmentError, DiskFullError, LogReadOnlyError, NodiError
+from nodi.storage.errors import CorruptSegmentError, DiskFullError, LogDamagedError, LogReadOnlyError, NodiError
 from nodi.storage.fileio import OS_FILE_SYSTEM
 from nodi.storage.log import Log
 from nodi.storage.records import BATCH_HEADER_BYTES, Compression, NewRecord, build_batch, decode_batches
@@ -105,6 +107,33 @@ def remove_marker(directory) -> None:
     os.unlink(os.path.join(directory, CLEAN_SHUTDOWN_FILE))
 
 
+def unsynced_active_segment(directory) -> None:
+    """The checkpoint a crash leaves: at the active segment's base (its last roll), so
+    the active segment's batches were never vouched for as fsynced (F1-F3 may tear or
+    garble them). A clean close puts it at the log end instead (G4 then protects it)."""
+    base = parse_segment_name(os.path.basename(log_paths(directory)[-1]))
+    (Path(directory) / CHECKPOINT_FILE).write_bytes(encode_checkpoint(Checkpoint(base, 0)))
+
+
+def file_contents(directory) -> dict[str, bytes]:
+    return {os.path.basename(path): Path(path).read_bytes() for path in log_paths(directory)}
+
+
+def check_damaged(log: Log, expected: list[tuple], path: str, position: int, offset: int) -> None:
+    """G4: nothing cut; served up to the damage; appends refused with a typed error."""
+    damage = log.recovery_report.damage
+    assert damage is not None
+    assert (damage.path, damage.position, damage.offset) == (path, position, offset)
+    assert not log.recovery_report.lost_anything
+    assert log.damage == damage and log.statistics().damage == damage and log.statistics().read_only
+    assert log.next_offset == log.readable_end_offset == offset
+    assert read_all(log) == before(expected, offset)
+    with pytest.raises(LogDamagedError) as refused:
+        append_batch(log, 2000)
+    assert path in str(refused.value) and f"offset {offset}" in str(refused.value)
+    assert isinstance(refused.value, LogReadOnlyError)
+
+
 def flip_bit(path: str, position: int, bit: int) -> None:
     with open(path, "r+b") as file:
         file.seek(position)
@@ -137,9 +166,11 @@ def torn_cuts(start: int, end: int) -> list[int]:
 @pytest.mark.parametrize("compression", [Compression.NONE, Compression.GZIP])
 @pytest.mark.parametrize("marker", ["clean-shutdown-marker", "no-marker"])
 def test_torn_tail_is_truncated_and_reported_F2_I2_G3(tmp_path, marker, compression) -> None:
-    """A tail cut inside the last batch, with or without the clean-shutdown marker (the
-    marker must not make recovery trust a torn tail): truncated at the batch start,
-    reported from its base offset, and the next append takes that offset."""
+    """A tail cut inside the last batch, not yet fsynced (the checkpoint at the active
+    segment's base), with or without the clean-shutdown marker (the marker must not make
+    recovery trust a torn tail): truncated at the batch start, reported from its base
+    offset, and the next append takes that offset. (Cut after a clean close, the same
+    tail is damage: test_bit_flip_in_fsynced_active_segment_is_damage_never_cut_G4.)"""
     pristine = tmp_path / "pristine"
     expected = write_log(pristine, compression=compression)
     active = log_paths(pristine)[-1]
@@ -150,6 +181,7 @@ def test_torn_tail_is_truncated_and_reported_F2_I2_G3(tmp_path, marker, compress
         directory = tmp_path / f"cut-{cut}"
         shutil.copytree(pristine, directory)
         os.truncate(os.path.join(directory, os.path.basename(active)), cut)
+        unsynced_active_segment(directory)
         if marker == "no-marker":
             remove_marker(directory)
         log = Log.open(str(directory), CONFIG)
@@ -205,10 +237,12 @@ def flip_position(batch, first: int, size: int, high: bool) -> tuple[int, int]:
 
 @pytest.mark.parametrize(("field", "first", "size", "high"), FLIPS)
 def test_bit_flip_in_active_segment_is_truncated_there_F3_I2_I3_G3(tmp_path, field, first, size, high):
-    """Unclean start: the active segment is rescanned; a flip in any header field of a
-    batch in its middle truncates the log at that batch and reports it."""
+    """Unclean start, the active segment not yet fsynced (F3 garbles unsynced bytes): it
+    is rescanned; a flip in any header field of a batch in its middle truncates the log
+    at that batch and reports it."""
     expected = write_log(tmp_path)
     remove_marker(tmp_path)
+    unsynced_active_segment(tmp_path)
     active = log_paths(tmp_path)[-1]
     batches = batches_in(active)
     assert len(batches) >= 3
@@ -226,20 +260,91 @@ def test_bit_flip_in_active_segment_is_truncated_there_F3_I2_I3_G3(tmp_path, fie
     check_append_and_reopen(tmp_path, log, before(expected, lost_from))
 
 
+@pytest.mark.parametrize("marker", ["clean-shutdown-marker", "no-marker"])
 @pytest.mark.parametrize(("field", "first", "size", "high"), FLIPS)
-def test_bit_flip_in_last_batch_with_clean_marker_is_truncated_F3_I2_G3(tmp_path, field, first, size, high):
-    """The clean-shutdown marker does not vouch for a tail that fails its checks."""
+def test_bit_flip_in_fsynced_active_segment_is_damage_never_cut_G4(tmp_path, field, first, size, high, marker):
+    """After a clean close the checkpoint vouches for the whole active segment: a flip
+    in any header field of its last or middle batch is found (the marker does not vouch
+    for a tail that fails its checks; without the marker the active segment is rescanned)
+    but nothing is cut: the log is served up to the
+    bad batch and refuses appends, writes nothing, and the next open finds the same
+    damage. Only an explicit repair (truncate_damaged) cuts it, reporting the loss as
+    fsynced data (issue 8 item 6)."""
+    # With the marker only the batches after the last index entry are checked at open
+    # (a flip before them is found when first read, I12): the middle is for a rescan.
+    for which in ("last",) if marker == "clean-shutdown-marker" else ("last", "middle"):
+        directory = tmp_path / which
+        expected = write_log(directory)
+        if marker == "no-marker":
+            remove_marker(directory)
+        active = log_paths(directory)[-1]
+        batches = batches_in(active)
+        victim = batches[-1] if which == "last" else batches[len(batches) // 2]
+        flip_bit(active, *flip_position(victim, first, size, high))
+        lost_from = victim.header.base_offset
+        names = sorted(os.listdir(directory))
+        before_open = file_contents(directory)
+        log = Log.open(str(directory), CONFIG)
+        assert not log.recovery_report.clean_shutdown
+        check_damaged(log, expected, active, victim.position, lost_from)
+        assert log.recovery_report.damage.last_offset == expected[-1][0]
+        log.close()
+        assert file_contents(directory) == before_open
+        assert sorted(os.listdir(directory)) == names
+        with Log.open(str(directory), CONFIG) as reopened:
+            check_damaged(reopened, expected, active, victim.position, lost_from)
+        repaired = Log.open(str(directory), CONFIG, truncate_damaged=True)
+        report = repaired.recovery_report
+        assert report.damage is None
+        assert report.first_lost_offset == lost_from
+        assert report.last_lost_offset == expected[-1][0]
+        assert report.lost_durable_data
+        assert os.path.getsize(active) == victim.position
+        check_append_and_reopen(directory, repaired, before(expected, lost_from))
+
+
+@pytest.mark.parametrize("checkpoint", ["vouches-for-all", "none"])
+@pytest.mark.parametrize("marker", ["clean-shutdown-marker", "no-marker"])
+@pytest.mark.parametrize("cut", ["mid-batch", "at-batch-start", "to-zero"])
+def test_truncated_sealed_segment_is_damage_never_cut_G4(tmp_path, cut, marker, checkpoint) -> None:
+    """A sealed segment cut short (F6; issue 8 item 7) is found at open even without a
+    rescan (its last batches no longer end the file) and even when no checkpoint vouches
+    for it (a roll fsyncs a segment before the next one exists): the log ends at the
+    first batch the cut broke, later segments are kept on disk but not served, appends
+    are refused. The repair cuts there and drops the later segments, reporting them."""
     expected = write_log(tmp_path)
-    active = log_paths(tmp_path)[-1]
-    victim = batches_in(active)[-1]
-    flip_bit(active, *flip_position(victim, first, size, high))
+    if marker == "no-marker":
+        remove_marker(tmp_path)
+    if checkpoint == "none":
+        os.unlink(tmp_path / CHECKPOINT_FILE)
+    paths = log_paths(tmp_path)
+    sealed = paths[1]
+    batches = batches_in(sealed)
+    victim = batches[len(batches) // 2]
+    position = {"mid-batch": victim.position + 17, "at-batch-start": victim.position, "to-zero": 0}[cut]
+    os.truncate(sealed, position)
+    if cut == "to-zero":
+        # An empty file named for base B after a segment ending at B - 1: the log ends
+        # with the segment before it.
+        damaged_at, lost_from, damaged_path = 0, batches[0].header.base_offset, paths[2]
+    elif cut == "at-batch-start":
+        # The file now ends at a batch boundary: the next segment's name is the damage.
+        damaged_at, lost_from, damaged_path = 0, victim.header.base_offset, paths[2]
+    else:
+        damaged_at, lost_from, damaged_path = victim.position, victim.header.base_offset, sealed
+    before_open = file_contents(tmp_path)
     log = Log.open(str(tmp_path), CONFIG)
-    lost_from = victim.header.base_offset
-    assert not log.recovery_report.clean_shutdown
-    assert log.next_offset == lost_from
-    assert log.recovery_report.first_lost_offset == lost_from
-    assert os.path.getsize(active) == victim.position
-    check_append_and_reopen(tmp_path, log, before(expected, lost_from))
+    check_damaged(log, expected, damaged_path, damaged_at, lost_from)
+    log.close()
+    assert file_contents(tmp_path) == before_open
+    repaired = Log.open(str(tmp_path), CONFIG, truncate_damaged=True)
+    report = repaired.recovery_report
+    assert report.damage is None and report.lost_durable_data
+    assert report.first_lost_offset == lost_from and report.last_lost_offset == expected[-1][0]
+    # The segment holding the cut stays, shortened (emptied: it still names the log end).
+    kept = [os.path.basename(path) for path in paths if parse_segment_name(os.path.basename(path)) <= lost_from]
+    assert [os.path.basename(path) for path in log_paths(tmp_path)] == kept
+    check_append_and_reopen(tmp_path, repaired, before(expected, lost_from))
 
 
 @pytest.mark.parametrize("marker", ["clean-shutdown-marker", "no-marker"])
@@ -454,16 +559,21 @@ def test_garbage_checkpoint_means_full_scan_I6(tmp_path, content: bytes) -> None
     check_append_and_reopen(tmp_path, log, expected)
 
 
-def test_checkpoint_beyond_the_log_is_not_believed_I6(tmp_path) -> None:
+def test_checkpoint_beyond_the_log_is_not_believed_I6_G4(tmp_path) -> None:
     """A checkpoint claiming more than the log holds (restored from a newer backup) does
-    not stop the active segment's tail from being checked."""
+    not stop the active segment's tail from being checked; since it vouches for the cut
+    batch, the cut is damage (G4): served up to it, nothing cut until the repair."""
     expected = write_log(tmp_path)
     remove_marker(tmp_path)
     (tmp_path / CHECKPOINT_FILE).write_bytes(encode_checkpoint(Checkpoint(10**9, 0)))
     active = log_paths(tmp_path)[-1]
     last = batches_in(active)[-1]
     os.truncate(active, last.position + 20)
-    log = Log.open(str(tmp_path), CONFIG)
+    with Log.open(str(tmp_path), CONFIG) as log:
+        check_damaged(log, expected, active, last.position, last.header.base_offset)
+        assert log.recovery_report.damage.last_offset == 10**9 - 1
+    assert os.path.getsize(active) == last.position + 20
+    log = Log.open(str(tmp_path), CONFIG, truncate_damaged=True)
     assert log.recovery_report.first_lost_offset == last.header.base_offset
     check_append_and_reopen(tmp_path, log, before(expected, last.header.base_offset))
 
@@ -725,3 +835,64 @@ def fill_the_disk(spare_bytes: int) -> str:
         expected += append_batch(reopened, 100)
         assert read_all(reopened) == expected
     return outcome
+
+
+# -- random damage at open (G3, G4, I19) ---------------------------------------------------
+
+RANDOM_DAMAGE_TRIALS = 120
+
+
+def damage_at_random(directory, rng: random.Random) -> None:
+    """One to three of: a flipped bit, a cut, a deleted file, a zeroed range, in any file
+    of the partition (segments, indexes, checkpoint, snapshot, marker)."""
+    for _ in range(rng.randint(1, 3)):
+        path = os.path.join(directory, rng.choice(sorted(os.listdir(directory))))
+        size = os.path.getsize(path)
+        kind = rng.choice(["flip", "cut", "delete", "zero"])
+        if kind == "flip" and size:
+            flip_bit(path, rng.randrange(size), rng.randrange(8))
+        elif kind == "cut":
+            os.truncate(path, rng.randrange(size + 1))
+        elif kind == "delete":
+            os.unlink(path)
+        elif kind == "zero" and size:
+            position = rng.randrange(size)
+            with open(path, "r+b") as file:
+                file.seek(position)
+                file.write(bytes(min(rng.randrange(1, 200), size - position)))
+
+
+def test_random_damage_never_raises_never_cuts_fsynced_data_G3_G4_I19(tmp_path) -> None:
+    """Whatever is damaged, the open returns (no exception), serves a prefix of what
+    was appended (from the first remaining segment), never cuts data the recovery point
+    vouches for without truncate_damaged, and a damaged log changes no `.log` file and
+    reports the same damage at the next open."""
+    pristine = tmp_path / "pristine"
+    expected = write_log(pristine)
+    rng = random.Random(8)
+    outcomes = set()
+    for trial in range(RANDOM_DAMAGE_TRIALS):
+        directory = tmp_path / f"trial-{trial}"
+        shutil.copytree(pristine, directory)
+        damage_at_random(directory, rng)
+        before_open = file_contents(directory)
+        log = Log.open(str(directory), CONFIG)
+        report = log.recovery_report
+        try:
+            served = read_all(log)
+        except CorruptSegmentError:  # a flip inside a sealed segment: found when read (I12)
+            served = None
+        log.close()
+        assert not report.lost_durable_data, (trial, report)
+        if served is not None:
+            assert served == [record for record in before(expected, log.next_offset)
+                              if record[0] >= log.log_start_offset], (trial, report)
+        if report.damage is not None:
+            outcomes.add("damaged")
+            assert file_contents(directory) == before_open, trial
+            with Log.open(str(directory), CONFIG) as again:
+                assert again.recovery_report.damage == report.damage, trial
+        else:
+            outcomes.add("truncated" if report.lost_anything else "intact")
+        shutil.rmtree(directory)
+    assert {"damaged", "intact"} <= outcomes

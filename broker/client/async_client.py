@@ -56,6 +56,7 @@ from .types import (
     Message,
     PartitionDescription,
     PartitionLag,
+    DamagedPartition,
     ServerStatus,
     StartSpec,
     TopicDescription,
@@ -650,7 +651,7 @@ class AsyncClient:
 
     async def server_status(self, *, timeout_ms: int | None = None) -> ServerStatus:
         """Server-level facts: version, uptime, data directory, connections, disk space,
-        read-only partitions."""
+        read-only and damaged partitions."""
         response = await self._call(m.ServerStatusRequest(), timeout_ms, retry=True)
         return ServerStatus(
             server_id=response.server_id,
@@ -666,6 +667,10 @@ class AsyncClient:
             read_only_partitions={entry.topic: list(entry.partitions) for entry in response.read_only_partitions},
             metadata_store_error=response.metadata_store_error,
             metadata_failed_commits=response.metadata_failed_commits,
+            damaged_partitions=tuple(
+                DamagedPartition(entry.topic, entry.partition, entry.path, entry.position, entry.offset, entry.reason)
+                for entry in response.damaged_partitions
+            ),
         )
 
     async def compact_topic(self, name: str, *, timeout_ms: int | None = None) -> list[m.PartitionCompaction]:

@@ -303,6 +303,19 @@ class GroupDescription:
 
 
 @dataclass(frozen=True, slots=True)
+class DamagedPartition:
+    """A partition the server found damaged at start (docs/operations.md): read up to
+    `offset`, appends refused until repaired. `path` is relative to the data directory."""
+
+    topic: str
+    partition: int
+    path: str
+    position: int
+    offset: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class ServerStatus:
     """What SERVER_STATUS answers (see docs/protocol.md)."""
 
@@ -320,6 +333,7 @@ class ServerStatus:
     # None while the metadata store commits; else its last failed commit (it retries).
     metadata_store_error: str | None = None
     metadata_failed_commits: int = 0
+    damaged_partitions: tuple[DamagedPartition, ...] = ()
 
 
 def settings_to_wire(arguments: Mapping[str, object]) -> m.TopicSettings:
@@ -379,6 +393,7 @@ __all__ = [
     "PartitionDescription",
     "PartitionLag",
     "ServerStatus",
+    "DamagedPartition",
     "TopicDescription",
     "TopicSettings",
     "TopicSummary",

@@ -236,6 +236,16 @@ class TopicPartitions:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class DamagedPartition:
+    topic: str = wire(STRING)
+    partition: int = wire(INT32)
+    path: str = wire(STRING, "", doc="the damaged segment file, relative to the data directory")
+    position: int = wire(INT64, 0, doc="byte position of the first bad batch in it")
+    offset: int = wire(INT64, 0, doc="the first offset not served: the partition is read up to it")
+    reason: str = wire(STRING, "")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class OffsetCommit:
     topic: str = wire(STRING)
     partition: int = wire(INT32)
@@ -608,6 +618,10 @@ class ServerStatusResponse(Response):
         NULLABLE_STRING, None, doc="null while the metadata store commits; else its last failed commit (it retries)"
     )
     metadata_failed_commits: int = wire(INT64, 0, doc="metadata store commits that failed since start")
+    damaged_partitions: list[DamagedPartition] = wire(
+        Array(Struct(DamagedPartition)), [],
+        doc="partitions found damaged at start below the recovery point: read up to the damage, appends refused",
+    )
 
 
 # ---------------------------------------------------------------------------

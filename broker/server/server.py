@@ -330,6 +330,8 @@ class Server:
             raise
         for line in self.store.open_report.lines():
             log.warning("%s", line)
+        for line in self.store.open_report.error_lines():
+            log.error("%s", line)
         self.broker = Broker(self.store, self.config)
         self.broker.server_statistics = self.statistics
         try:

@@ -13,11 +13,11 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from nodi.storage.config import FsyncPolicy
 from nodi.storage.errors import OffsetOutOfRangeError, UnknownTopicError
-from nodi.storage.log import FileSlice, Log
+from nodi.storage.log import Log
 from nodi.storage.topic_settings import TOPIC_SETTINGS, TopicConfig
 from nodi.storage.store import Store
 

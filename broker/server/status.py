@@ -77,6 +77,20 @@ def consumer_lags(store: Store) -> list[ConsumerLag]:
     return lags
 
 
+def damaged_partitions(store: Store) -> list[m.DamagedPartition]:
+    """Partitions opened damaged (G4): read up to the damage, refusing appends until an
+    operator repairs them. Paths relative to the data directory."""
+    found = []
+    for topic, partition, partition_log in store.logs():
+        damage = partition_log.damage
+        if damage is not None:
+            found.append(m.DamagedPartition(
+                topic=topic, partition=partition, path=os.path.relpath(damage.path, store.data_dir),
+                position=damage.position, offset=damage.offset, reason=damage.reason,
+            ))
+    return sorted(found, key=lambda entry: (entry.topic, entry.partition))
+
+
 def read_only_partitions(store: Store) -> dict[str, list[int]]:
     """topic -> its partitions that refuse appends after a write or fsync error."""
     found: dict[str, list[int]] = {}
@@ -130,4 +144,5 @@ async def serve_server_status(broker, request: m.ServerStatusRequest):
                               for topic, partitions in read_only_partitions(broker.store).items()],
         metadata_store_error=metadata.failure or None,
         metadata_failed_commits=metadata.failed_commits,
+        damaged_partitions=damaged_partitions(broker.store),
     ))
