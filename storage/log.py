@@ -42,9 +42,9 @@ from .records import (
     SUPPORTED_COMPRESSION,
     BatchHeader,
     check_batch,
+    check_batches,
     decode_records,
     encode_base_offset,
-    split_batches,
 )
 from .recovery import RecoveryReport, recover, remove_segment_files
 from .segment import BatchScanner, Segment
@@ -237,7 +237,9 @@ class Log:
     def append_nowait(self, data: bytes | bytearray | memoryview) -> AppendResult:
         """Validate and write; never waits for an fsync (see durable_future)."""
         view = memoryview(data)
-        batches = split_batches(view, self.config.limits)  # bounds, magic, CRC: no lock held
+        # Bounds, magic, CRC and every record's framing (docs/fault-model.md "Undecodable
+        # batches"), before the lock is taken.
+        batches = check_batches(view, self.config.limits)
         for position, header in batches:
             _check_producer_batch(header, position)
         with self._lock:
@@ -778,8 +780,8 @@ class Log:
 
 
 def _check_producer_batch(header: BatchHeader, position: int) -> None:
-    """What a log accepts beyond a well-formed batch: dense offsets, a codec readers can
-    decode, no control batches (transactions are not supported)."""
+    """What a log accepts beyond a batch whose records decode: dense offsets, a codec
+    readers can decode, no control batches (transactions are not supported)."""
     if header.records_count < 1 or header.last_offset_delta != header.records_count - 1:
         raise InvalidRecordError(
             f"batch at byte {position}: records_count {header.records_count} and "
