@@ -107,6 +107,11 @@ class Client:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def undecodable_batches_skipped(self) -> int:
+        """Fetched batches left out because their records do not decode (each logged)."""
+        return self._async.undecodable_batches_skipped
+
     def connect(self, timeout_ms: int | None = None) -> None:
         """Open the connection now (else the first call does)."""
         self._run(self._async.connect(timeout_ms), timeout_ms)

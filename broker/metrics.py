@@ -87,6 +87,9 @@ class _StoreCollector:
         durable = GaugeMetricFamily("nodi_log_durable_offset", "Offsets below this are fsynced", labels=labels)
         read_only = GaugeMetricFamily("nodi_log_read_only", "1 when the partition is read-only after an I/O error", labels=labels)
         corrupt = GaugeMetricFamily("nodi_log_corrupt_segments", "Segments with a batch that failed its checks", labels=labels)
+        undecodable = CounterMetricFamily("nodi_log_undecodable_batches", "Stored batches readers skipped: CRC "
+                                          "fine, records do not decode (written before produce walked records)",
+                                          labels=labels)
         fsyncs = CounterMetricFamily("nodi_fsyncs", "fsync calls of partition logs", labels=labels)
         covered = CounterMetricFamily("nodi_fsync_covered_appends", "Appends made durable by those fsyncs (group commit)", labels=labels)
         fsync_latency = _histogram_family(
@@ -107,11 +110,13 @@ class _StoreCollector:
                 durable.add_metric(key, statistics.durable_offset)
                 read_only.add_metric(key, 1 if statistics.read_only else 0)
                 corrupt.add_metric(key, len(statistics.corrupt_segments))
+                undecodable.add_metric(key, statistics.undecodable_batches)
                 fsyncs.add_metric(key, statistics.fsyncs)
                 covered.add_metric(key, statistics.fsync_covered_appends)
                 _add_snapshot(fsync_latency, key, statistics.fsync_seconds)
                 _add_snapshot(group_commit, key, statistics.group_commit_appends)
-        yield from (segments, size, start, end, durable, read_only, corrupt, fsyncs, covered, fsync_latency, group_commit)
+        yield from (segments, size, start, end, durable, read_only, corrupt, undecodable, fsyncs, covered,
+                    fsync_latency, group_commit)
 
     def _consumer_families(self):
         labels = ["group", "topic", "partition"]

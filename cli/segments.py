@@ -270,8 +270,10 @@ def _progress_bar(label: str) -> Iterator[ProgressCallback | None]:
 def verify_command(data_dir: DataDirectory) -> None:
     """Check every batch, offset and index file of a data directory (read-only).
 
-    Every batch of every segment: length bounds, magic, CRC; offset continuity within
-    and across segments; each file ending exactly at its last batch; the index files.
+    Every batch of every segment: length bounds, magic, CRC; every record's framing
+    (lengths, varints, counts, offset deltas: what produce checks, so a batch stored
+    before produce checked it is reported); offset continuity within and across
+    segments; each file ending exactly at its last batch; the index files.
 
     Exit status 0 when every batch checks out (warnings such as offset gaps or indexes
     the next open rebuilds are printed but allowed); 1 listing each bad file with its
