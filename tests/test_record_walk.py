@@ -140,9 +140,8 @@ def test_fast_path_never_accepts_what_the_walk_refuses(batch, data):
     section[position] = data.draw(st.integers(0, 255).filter(lambda byte: byte != section[position]))
     changed = seal(bytes(section), header.records_count, attributes=header.attributes & ~records.ATTRIBUTE_CODEC_MASK)
     changed_header = records.check_batch(changed)
-    if records._walk_uniform(memoryview(changed), records.BATCH_HEADER_BYTES, changed_header, DEFAULT_RECORD_LIMITS):
-        records._scan_records(memoryview(changed), records.BATCH_HEADER_BYTES, changed_header,
-                              DEFAULT_RECORD_LIMITS, None)
+    if records._walk_uniform(changed, records.BATCH_HEADER_BYTES, changed_header, DEFAULT_RECORD_LIMITS):
+        records._scan_records(changed, records.BATCH_HEADER_BYTES, changed_header, DEFAULT_RECORD_LIMITS, None)
 
 
 any_records = st.lists(
