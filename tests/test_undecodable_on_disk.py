@@ -112,3 +112,36 @@ def test_readers_skip_it_and_report_it(poisoned, broker_factory, caplog):
     log = "".join(broker.output)
     assert f"readers skip offsets {offset}..{offset + 1}: the stored batch does not decode" in log, log
     assert log.count("the stored batch does not decode") == 1, log  # once per batch, whoever meets it
+
+
+def test_compaction_keeps_it_and_the_log_counts_it(tmp_path, monkeypatch):
+    """A compacted log holding such a batch: the run decodes around it, keeps it byte for
+    byte (there is no key to judge it by), compacts the rest, and counts it once."""
+    from nodi.storage.compaction import Compactor
+    from nodi.storage.config import FsyncPolicy, LogConfig
+    from nodi.storage.log import Log
+
+    config = LogConfig(segment_bytes=4096, fsync_policy=FsyncPolicy.NEVER, retention_ms=None, dense_offsets=False)
+    keyed = [records.NewRecord(b"k%d" % (n % 4), b"old-%d" % n) for n in range(8)]
+    poisoned = records.build_batch([records.NewRecord(b"k9", b"b-poisoned")])
+    at = poisoned.index(varint(len(b"b-poisoned")) + b"b-poisoned")
+    poisoned = bytearray(poisoned)
+    poisoned[at : at + 1] = varint(60)
+    struct.pack_into(">I", poisoned, records.CRC_OFFSET, crc32c.crc32c(bytes(poisoned[records.CRC_START:])))
+    with Log.open(str(tmp_path / "log"), config) as log:
+        log.append(records.build_batch(keyed[:4]))
+        with monkeypatch.context() as before_the_walk:  # how a broker before issue 8 took it
+            before_the_walk.setattr(records, "check_records", lambda batch, header, limits=None: None)
+            bad = log.append(bytes(poisoned))
+        log.append(records.build_batch(keyed[4:]))
+        log.roll()
+        log.append(records.build_batch([records.NewRecord(b"k0", b"new")]))
+        log.roll()
+        Compactor().compact(log)
+        assert log.read(bad.first_offset, 1 << 20).slices[0].read()[8:len(poisoned)] == bytes(poisoned[8:])
+        kept = []
+        for header, batch in records.iter_batches(log.read(0, 1 << 20).to_bytes()):
+            if header.base_offset != bad.first_offset:
+                kept.extend((r.key, r.value) for r in records.decode_records(batch, header))
+        assert kept == [(b"k1", b"old-5"), (b"k2", b"old-6"), (b"k3", b"old-7"), (b"k0", b"new")]
+        assert log.statistics().undecodable_batches == 1
