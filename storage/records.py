@@ -832,6 +832,7 @@ def _scan_records(
 
 # The offset deltas a uniform run may hold, as _walk_uniform compares them a column at
 # a time: the one-byte varints of 0..63, the low and high bytes of those of 64..8191.
+# (A record's length includes its offset delta: 64 on, every record is one byte longer.)
 UNIFORM_RECORDS_MAX = 8192
 _DELTA_ONE_BYTE = bytes(2 * delta for delta in range(64))
 _DELTA_LOW_BYTE = bytes(((2 * delta) & 0x7F) | 0x80 for delta in range(64, UNIFORM_RECORDS_MAX))
@@ -839,47 +840,22 @@ _DELTA_HIGH_BYTE = bytes((2 * delta) >> 7 for delta in range(64, UNIFORM_RECORDS
 
 
 def _walk_uniform(data: bytes, position: int, header: BatchHeader, limits: RecordLimits) -> bool:
-    """check_records' fast path for what producers send most: records with a one-byte
-    timestamp delta, a key of one length (or none), a value of one length and no
-    headers. Then record i is made of the same bytes as record 0 but for its offset
-    delta (i), its timestamp delta, its key and its value, at a fixed stride; each
-    framing byte is checked for all records at once, as a strided slice compared in C.
-    True when the records section is exactly that; False says nothing is known (never
-    an error): _scan_records then walks it record by record and names what is wrong."""
+    """check_records' fast path for what producers send most: records that differ only
+    in their timestamp delta (one byte), offset delta (0, 1, ...) and the bytes of their
+    key, value and header values; every length, the header count and the header keys
+    are the same in all of them. Then the records sit at a fixed stride and each framing
+    byte is checked for all of them at once, as a strided slice compared in C, instead
+    of record by record. True when the records section is exactly that; False says
+    nothing is known (never an error): _scan_records then walks it record by record and
+    names what is wrong."""
     count = header.records_count
     end = len(data)
     if not 0 < count <= UNIFORM_RECORDS_MAX or count - 1 > header.last_offset_delta:
         return False
-    read = _decode_varint
-    # Record 0, through the codec's varint reader: its length, then attributes 0, a
-    # one-byte timestamp delta, offset delta 0, the key's and the value's length.
-    try:
-        length, start = read(data, position, 5)
-        if data[start] or data[start + 1] >= 0x80 or data[start + 2]:
-            return False
-        cursor = start + 3
-        if data[cursor] == 1:  # a null key
-            key_bytes = 0
-            key_end = cursor + 1
-        else:
-            key_bytes, key_end = read(data, cursor, 5)
-            if key_bytes < 0:
-                return False
-        value_bytes, value_end = read(data, key_end + key_bytes, 5)
-        if value_bytes < 0:
-            return False
-    except (IndexError, CorruptBatchError):
+    layout = _uniform_layout(data, position, limits)
+    if layout is None:
         return False
-    if key_bytes + value_bytes > limits.record_bytes_max:
-        return False
-    # Record 0's bytes between its offset delta and its header count, at fixed places.
-    key_length_part = data[cursor:key_end]
-    value_length_part = data[key_end + key_bytes : value_end]
-    # A record with a w-byte offset delta: [length][00][timestamp delta][offset delta: w]
-    # [key length][key][value length][value][00 header count].
-    length_one = 3 + len(key_length_part) + key_bytes + len(value_length_part) + value_bytes + 1
-    if length != length_one:
-        return False
+    length_one, fixed_one = layout
     index = 0
     for width, run_end_index in ((1, 64), (2, UNIFORM_RECORDS_MAX)):
         count_here = min(count, run_end_index) - index
@@ -891,21 +867,16 @@ def _walk_uniform(data: bytes, position: int, header: BatchHeader, limits: Recor
         run_end = position + count_here * stride
         if run_end > end:
             return False
-        # (place in the record, the byte every record has there) for the fixed bytes
-        fixed = [(place, byte) for place, byte in enumerate(length_part)]
-        attributes_place = len(length_part)
-        fixed.append((attributes_place, 0))
-        key_place = attributes_place + 2 + width
-        fixed.extend((key_place + place, byte) for place, byte in enumerate(key_length_part))
-        value_place = key_place + len(key_length_part) + key_bytes
-        fixed.extend((value_place + place, byte) for place, byte in enumerate(value_length_part))
-        fixed.append((stride - 1, 0))
-        for place, byte in fixed:
+        for place, byte in enumerate(length_part):
             if data[position + place : run_end : stride].count(byte) != count_here:
                 return False
-        if not data[position + attributes_place + 1 : run_end : stride].isascii():
+        # attributes 0, then the timestamp delta (any one-byte varint), then the offset delta
+        attributes_place = position + len(length_part)
+        if data[attributes_place:run_end:stride].count(0) != count_here:
             return False
-        delta_place = position + attributes_place + 2
+        if not data[attributes_place + 1 : run_end : stride].isascii():
+            return False
+        delta_place = attributes_place + 2
         if width == 1:
             if data[delta_place:run_end:stride] != _DELTA_ONE_BYTE[index : index + count_here]:
                 return False
@@ -914,9 +885,62 @@ def _walk_uniform(data: bytes, position: int, header: BatchHeader, limits: Recor
             or data[delta_place + 1 : run_end : stride] != _DELTA_HIGH_BYTE[index - 64 : index - 64 + count_here]
         ):
             return False
+        after_delta = delta_place + width
+        for place, byte in fixed_one:
+            if data[after_delta + place : run_end : stride].count(byte) != count_here:
+                return False
         position = run_end
         index += count_here
     return position == end
+
+
+def _uniform_layout(data: bytes, position: int, limits: RecordLimits) -> tuple[int, list[tuple[int, int]]] | None:
+    """For _walk_uniform, from the first record (read with the codec's varint reader):
+    its length as it would be with a one-byte offset delta, and (place, byte) of each
+    byte after the offset delta that every record must share: the key's and the
+    value's length, the header count, each header's key length, key and value length.
+    None when the first record does not have that shape or breaks a limit."""
+    read = _decode_varint
+    try:
+        length, start = read(data, position, 5)
+        # attributes 0, a one-byte timestamp delta, offset delta 0
+        if data[start] or data[start + 1] >= 0x80 or data[start + 2]:
+            return None
+        cursor = first = start + 3
+        fixed: list[tuple[int, int]] = []
+        payload = 0  # key, value and headers, as record_bytes_max counts them
+
+        def fixed_to(stop: int) -> None:
+            fixed.extend((place - first, data[place]) for place in range(cursor, stop))
+
+        for _ in range(2):  # the key, then the value: a length (-1: null) and the bytes
+            size, after = read(data, cursor, 5)
+            if size < -1:
+                return None
+            fixed_to(after)
+            cursor = after + max(size, 0)
+            payload += max(size, 0)
+        header_count, after = read(data, cursor, 5)
+        if not 0 <= header_count <= limits.headers_per_record_max:
+            return None
+        fixed_to(after)
+        cursor = after
+        for _ in range(header_count):
+            key_length, after = read(data, cursor, 5)
+            if key_length < 0:
+                return None
+            str(data[after : after + key_length], "utf-8")  # every record's key is these bytes
+            value_length, value_start = read(data, after + key_length, 5)
+            if value_length < -1:
+                return None
+            fixed_to(value_start)
+            cursor = value_start + max(value_length, 0)
+            payload += key_length + max(value_length, 0)
+    except (IndexError, CorruptBatchError, UnicodeDecodeError):
+        return None
+    if cursor != start + length or cursor > len(data) or payload > limits.record_bytes_max:
+        return None
+    return length, fixed
 
 
 def _scan_headers(

@@ -97,20 +97,23 @@ def test_header_count_is_bounded_before_allocating():
 
 @st.composite
 def produced_batches(draw):
-    """What nodi's producers send: keyless or same-length keys, same-length values, no
-    headers, one-byte timestamp deltas, up to 200 records (past the two-byte offset
-    deltas at 64), plain or gzip."""
+    """What nodi's producers send: keyless or same-length keys, same-length values (or
+    none), the same header keys with same-length values (a TTL, an idempotency key, a
+    correlation id), one-byte timestamp deltas, up to 200 records (past the two-byte
+    offset deltas at 64), plain or gzip."""
     count = draw(st.integers(1, 200))
     key_length = draw(st.none() | st.integers(0, 20))
-    value_length = draw(st.integers(0, 300))
+    value_length = draw(st.none() | st.integers(0, 300))
+    header_shapes = draw(st.lists(st.tuples(st.text(max_size=8), st.none() | st.integers(0, 24)), max_size=3))
     filler = draw(st.binary(min_size=1, max_size=8))
     deltas = draw(st.lists(st.integers(0, 63), min_size=count, max_size=count))
 
-    def make(size: int, index: int) -> bytes:
-        return (filler * (size // len(filler) + 2))[index % len(filler):][:size]
+    def make(size: int | None, index: int) -> bytes | None:
+        return None if size is None else (filler * (size // len(filler) + 2))[index % len(filler):][:size]
 
-    new = [NewRecord(None if key_length is None else make(key_length, index), make(value_length, index), (),
-                     BASE_TIMESTAMP_MS + delta) for index, delta in enumerate(deltas)]
+    new = [NewRecord(make(key_length, index), make(value_length, index),
+                     [(name, make(size, index)) for name, size in header_shapes], BASE_TIMESTAMP_MS + delta)
+           for index, delta in enumerate(deltas)]
     compression = draw(st.sampled_from([Compression.NONE, Compression.GZIP]))
     return records.build_batch(new, base_timestamp=BASE_TIMESTAMP_MS, compression=compression)
 
