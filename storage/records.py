@@ -906,36 +906,43 @@ def _uniform_layout(data: bytes, position: int, limits: RecordLimits) -> tuple[i
         # attributes 0, a one-byte timestamp delta, offset delta 0
         if data[start] or data[start + 1] >= 0x80 or data[start + 2]:
             return None
-        cursor = first = start + 3
-        fixed: list[tuple[int, int]] = []
-        payload = 0  # key, value and headers, as record_bytes_max counts them
-
-        def fixed_to(stop: int) -> None:
-            fixed.extend((place - first, data[place]) for place in range(cursor, stop))
-
-        for _ in range(2):  # the key, then the value: a length (-1: null) and the bytes
-            size, after = read(data, cursor, 5)
-            if size < -1:
-                return None
-            fixed_to(after)
-            cursor = after + max(size, 0)
-            payload += max(size, 0)
-        header_count, after = read(data, cursor, 5)
-        if not 0 <= header_count <= limits.headers_per_record_max:
+        first = start + 3
+        # The key, then the value: a length (-1: null) and that many bytes. Their
+        # lengths are fixed bytes; what they hold is not.
+        size, after = read(data, first, 5)
+        if size < -1:
             return None
-        fixed_to(after)
-        cursor = after
-        for _ in range(header_count):
-            key_length, after = read(data, cursor, 5)
-            if key_length < 0:
+        fixed = [(place - first, data[place]) for place in range(first, after)]
+        cursor = after + max(size, 0)
+        payload = max(size, 0)  # key, value and headers, as record_bytes_max counts them
+        size, after = read(data, cursor, 5)
+        if size < -1:
+            return None
+        fixed += [(place - first, data[place]) for place in range(cursor, after)]
+        cursor = after + max(size, 0)
+        payload += max(size, 0)
+        header_count = data[cursor]
+        if header_count == 0:  # no headers: the common case
+            fixed.append((cursor - first, 0))
+            cursor += 1
+        else:
+            header_count, after = read(data, cursor, 5)
+            if not 0 <= header_count <= limits.headers_per_record_max:
                 return None
-            str(data[after : after + key_length], "utf-8")  # every record's key is these bytes
-            value_length, value_start = read(data, after + key_length, 5)
-            if value_length < -1:
-                return None
-            fixed_to(value_start)
-            cursor = value_start + max(value_length, 0)
-            payload += key_length + max(value_length, 0)
+            fixed += [(place - first, data[place]) for place in range(cursor, after)]
+            for _ in range(header_count):
+                key_length, key_start = read(data, after, 5)
+                if key_length < 0:
+                    return None
+                str(data[key_start : key_start + key_length], "utf-8")  # every record's key is these bytes
+                value_length, value_start = read(data, key_start + key_length, 5)
+                if value_length < -1:
+                    return None
+                # its key length, key and value length are fixed; its value is not
+                fixed += [(place - first, data[place]) for place in range(after, value_start)]
+                payload += key_length + max(value_length, 0)
+                after = value_start + max(value_length, 0)
+            cursor = after
     except (IndexError, CorruptBatchError, UnicodeDecodeError):
         return None
     if cursor != start + length or cursor > len(data) or payload > limits.record_bytes_max:
