@@ -287,8 +287,9 @@ def verify_command(ctx: typer.Context, data_dir: DataDirectory) -> None:
 
     The metadata store (meta/data.mdb): its header and size, every LMDB page's structure,
     every entry of its tables. Every batch of every segment: length bounds, magic, CRC;
-    offset continuity within and across segments; each file ending exactly at its last
-    batch; the index files.
+    every record's framing (lengths, varints, counts, offset deltas: what produce checks,
+    so a batch stored before produce checked it is reported); offset continuity within
+    and across segments; each file ending exactly at its last batch; the index files.
 
     Exit status 0 when every batch checks out (warnings such as offset gaps or indexes
     the next open rebuilds are printed but allowed); 1 listing each bad file with its

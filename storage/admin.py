@@ -43,7 +43,7 @@ from .metadata import (
     decode_topic_value,
     validate_topic_name,
 )
-from .records import BatchHeader, Record, compute_crc, decode_records
+from .records import BatchHeader, Record, check_records, compute_crc, decode_records
 from .recovery import CLEANED_SUFFIX, SWAP_SUFFIX, RecoveryReport
 from .segment import (
     DELETED_SUFFIX,
@@ -336,7 +336,8 @@ def verify_data_dir(
     limits: RecordLimits = DEFAULT_RECORD_LIMITS,
 ) -> list[Problem]:
     """Check every batch of every segment of every partition, read-only: length bounds,
-    magic and CRC (BatchScanner with verify), offset continuity within and across
+    magic and CRC (BatchScanner with verify), every record's framing (check_records, the
+    walk produce runs), offset continuity within and across
     segments (I1, I3; a gap is only a warning, compaction leaves gaps), each file ending
     exactly at its last batch (I2), and each `.index` / `.timeindex` (I7). Also warns
     about leftovers the next open removes, unknown files and the checkpoint.
@@ -533,6 +534,9 @@ def _verify_segment(segment: Segment, limits: RecordLimits, tracker: _Progress) 
             elif header.base_offset > expected:
                 reason = f"offsets {expected}..{header.base_offset - 1} missing (a gap; compaction leaves gaps)"
                 problems.append(_warning(path, reason, position=batch.position, offset=expected))
+            framing = _check_framing(segment, batch.position, header, limits)
+            if framing is not None:
+                problems.append(Problem(path, batch.position, header.base_offset, framing))
             # Follow the file: one bad base_offset yields one problem, not a cascade.
             expected = header.last_offset + 1
             previous = (batch.position, header.last_offset)
@@ -555,6 +559,19 @@ def _verify_segment(segment: Segment, limits: RecordLimits, tracker: _Progress) 
     problems.extend([index_problem] if index_problem else [])
     problems.extend(_check_time_index(segment, expected))
     return problems, expected
+
+
+def _check_framing(segment: Segment, position: int, header: BatchHeader, limits: RecordLimits) -> str | None:
+    """Why the records of the batch at `position` (its CRC checked) do not decode, or
+    None: the walk produce runs (records.check_records). Such a batch was stored before
+    produce walked records; readers skip it (docs/fault-model.md "Undecodable
+    batches")."""
+    try:
+        check_records(segment.open_file().pread(header.size, position), header, limits)
+    except InvalidRecordError as error:
+        return (f"offsets {header.base_offset}..{header.last_offset}: the records do not decode ({error}); "
+                "readers skip this batch")
+    return None
 
 
 REBUILT_AT_OPEN = "the next open rebuilds it"

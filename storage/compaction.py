@@ -332,7 +332,12 @@ class Compactor:
             for header, data in self._batches(log, segment, start, counters, progress):
                 if header.last_offset < first_dirty:
                     continue
-                for record in decode_records(data, header, limits):
+                try:
+                    decoded = decode_records(data, header, limits)
+                except InvalidRecordError as error:  # stored before produce walked records: kept as it is
+                    log.note_undecodable(header, error, "compaction")
+                    continue
+                for record in decoded:
                     key = record.key
                     if key is None or record.offset < first_dirty:
                         continue
@@ -382,7 +387,12 @@ class Compactor:
                 cleaned = self._start_cleaned(log, first_segment)
             for segment, file in zip(group, files):
                 for header, data in self._batches(log, segment, 0, counters, progress):
-                    replacement, dropped, dropped_tombstones = self._filter_batch(data, header, work, log.config.limits)
+                    try:
+                        replacement, dropped, dropped_tombstones = self._filter_batch(
+                            data, header, work, log.config.limits)
+                    except InvalidRecordError as error:  # stored before produce walked records
+                        log.note_undecodable(header, error, "compaction")
+                        replacement, dropped, dropped_tombstones = data, 0, 0  # copied as it is
                     if replacement is data and cleaned is None:
                         continue
                     removed += dropped

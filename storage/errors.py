@@ -24,12 +24,39 @@ class CorruptBatchError(InvalidRecordError):
         self.position = position
 
 
+class RecordFramingError(CorruptBatchError):
+    """A batch whose header and CRC check out but whose records do not: a length,
+    varint, count or offset delta that lies, a compressed section that does not inflate
+    within its limit, unknown attribute bits. The producer's fault, not the disk's: a
+    produce is refused with it; a reader skips such a batch (stored before produce
+    walked records) and reports it. `record_index` and `field` name the first bad part
+    (None for the batch as a whole)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        position: int | None = None,
+        record_index: int | None = None,
+        field: str | None = None,
+    ) -> None:
+        super().__init__(message, position=position)
+        self.record_index = record_index
+        self.field = field
+
+
 class UnsupportedCompressionError(InvalidRecordError):
     """A batch compressed with a codec nodi does not decode (snappy, lz4, zstd)."""
 
 
 class LimitExceededError(InvalidRecordError):
     """Input above a named limit (batch bytes, record bytes, headers per record...)."""
+
+
+class RecordLimitError(RecordFramingError, LimitExceededError):
+    """A batch whose records, once walked or inflated, go over a named limit
+    (record_bytes_max, headers_per_record_max, decompressed_batch_bytes_max): it cannot
+    be decoded within them, so it is refused and skipped like any RecordFramingError."""
 
 
 class OffsetOutOfRangeError(NodiError):

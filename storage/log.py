@@ -14,6 +14,7 @@ import concurrent.futures
 import errno
 import heapq
 import itertools
+import logging
 import os
 import struct
 import threading
@@ -47,14 +48,18 @@ from .records import (
     SUPPORTED_COMPRESSION,
     BatchHeader,
     check_batch,
+    check_batches,
     decode_records,
     encode_base_offset,
-    split_batches,
 )
 from .recovery import LogDamage, RecoveryReport, recover, remove_segment_files
 from .segment import BatchScanner, Segment
 
+logger = logging.getLogger("nodi.storage")
+
 READ_SCAN_WINDOW_BYTES = 16 * 1024
+# Undecodable batches a log remembers having reported (note_undecodable).
+UNDECODABLE_REMEMBERED_MAX = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +181,9 @@ class LogStatistics:
     fsync_seconds: HistogramSnapshot | None = None
     # Appends each group-commit fsync made durable (fsyncs that covered any).
     group_commit_appends: HistogramSnapshot | None = None
+    # Distinct stored batches readers skipped because their records do not decode
+    # (written before produce walked records; docs/fault-model.md "Undecodable batches").
+    undecodable_batches: int = 0
 
 
 def _now_ms() -> int:
@@ -223,6 +231,8 @@ class Log:
         self._appended_bytes = 0
         self._fsyncs = 0
         self._fsync_covered_appends = 0
+        self._undecodable: set[int] = set()  # base offsets of the batches readers skipped
+        self._undecodable_count = 0
         self._appends_since_fsync = 0
         self._fsync_seconds = Histogram(FSYNC_SECONDS_BUCKETS)
         self._group_commit_appends = Histogram(GROUP_COMMIT_APPENDS_BUCKETS)
@@ -303,7 +313,9 @@ class Log:
     def append_nowait(self, data: bytes | bytearray | memoryview) -> AppendResult:
         """Validate and write; never waits for an fsync (see durable_future)."""
         view = memoryview(data)
-        batches = split_batches(view, self.config.limits)  # bounds, magic, CRC: no lock held
+        # Bounds, magic, CRC and every record's framing (docs/fault-model.md "Undecodable
+        # batches"), before the lock is taken.
+        batches = check_batches(view, self.config.limits)
         for position, header in batches:
             _check_producer_batch(header, position)
         with self._lock:
@@ -826,7 +838,15 @@ class Log:
                         continue
                     self._verify_for_read(segment, file, batch.position, header)
                     data = file.pread(header.size, batch.position)
-                    for record in decode_records(data, header, self.config.limits):
+                    try:
+                        decoded = decode_records(data, header, self.config.limits)
+                    except InvalidRecordError as error:  # RecordFramingError, or a codec nodi does not decode
+                        # Stored before produce walked records: its records' times are
+                        # unknown, its max_timestamp is not below the one sought. Start
+                        # there (a consumer skips it and reports it); the segment is fine.
+                        self.note_undecodable(header, error, "a lookup by timestamp")
+                        return header.base_offset
+                    for record in decoded:
                         if record.timestamp_ms >= timestamp_ms and record.offset < end:
                             return record.offset
             except CorruptBatchError as error:  # G4: reported like any read of bad bytes
@@ -854,7 +874,23 @@ class Log:
                 damage=self.damage,
                 fsync_seconds=self._fsync_seconds.snapshot(),
                 group_commit_appends=self._group_commit_appends.snapshot(),
+                undecodable_batches=self._undecodable_count,
             )
+
+    def note_undecodable(self, header: BatchHeader, error: Exception, reader: str) -> None:
+        """A reader (`reader` names it) skips the stored batch of `header`: its CRC
+        holds but its records do not decode (`error`: a RecordFramingError, or a codec
+        nodi does not decode). Counted and logged once per batch (the first
+        UNDECODABLE_REMEMBERED_MAX batches; each meeting after that)."""
+        with self._lock:
+            if header.base_offset in self._undecodable:
+                return
+            if len(self._undecodable) < UNDECODABLE_REMEMBERED_MAX:
+                self._undecodable.add(header.base_offset)
+            self._undecodable_count += 1
+        logger.warning("%s: readers skip offsets %d..%d: the stored batch does not decode (%s); met by %s. It was "
+                       "written before produce checked records; `nodi segments verify` lists such batches",
+                       self.directory, header.base_offset, header.last_offset, error, reader)
 
     def close(self) -> None:
         """Clean close: fsync, write indexes and checkpoint, then the clean-shutdown
@@ -895,8 +931,8 @@ class _IndexEntryMismatch(Exception):
 
 
 def _check_producer_batch(header: BatchHeader, position: int) -> None:
-    """What a log accepts beyond a well-formed batch: dense offsets, a codec readers can
-    decode, no control batches (transactions are not supported)."""
+    """What a log accepts beyond a batch whose records decode: dense offsets, a codec
+    readers can decode, no control batches (transactions are not supported)."""
     if header.records_count < 1 or header.last_offset_delta != header.records_count - 1:
         raise InvalidRecordError(
             f"batch at byte {position}: records_count {header.records_count} and "

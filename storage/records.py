@@ -43,6 +43,8 @@ from .errors import (
     CorruptBatchError,
     InvalidRecordError,
     LimitExceededError,
+    RecordFramingError,
+    RecordLimitError,
     UnsupportedCompressionError,
 )
 from .limits import DEFAULT_RECORD_LIMITS, RecordLimits
@@ -226,6 +228,24 @@ def split_batches(
             raise
         found.append((position, header))
         position += header.size
+    return found
+
+
+def check_batches(
+    buffer: bytes | bytearray | memoryview,
+    limits: RecordLimits = DEFAULT_RECORD_LIMITS,
+) -> list[tuple[int, BatchHeader]]:
+    """split_batches, then check_records on each batch: whole batches whose records a
+    reader can decode. A RecordFramingError names the batch's byte position."""
+    view = memoryview(buffer)
+    found = split_batches(view, limits)
+    for position, header in found:
+        try:
+            check_records(view[position : position + header.size], header, limits)
+        except RecordFramingError as error:
+            error.position = position
+            error.args = (f"batch at byte {position}: {error}",)
+            raise
     return found
 
 
@@ -522,23 +542,46 @@ def gzip_compress(data: bytes) -> bytes:
     return compressor.compress(data) + compressor.flush()
 
 
+# A compressed section is inflated this many bytes at a time, so refusing one that
+# inflates past its limit holds about the limit in memory, not twice it.
+INFLATE_CHUNK_BYTES = 1 << 20
+
+
 def _gzip_decompress(data: bytes | memoryview, limit: int) -> bytes:
     decompressor = zlib.decompressobj(31)
+    chunks: list[bytes] = []
+    inflated = 0
+    pending = data
     try:
-        out = decompressor.decompress(data, limit + 1)
+        while True:
+            chunk = decompressor.decompress(pending, min(INFLATE_CHUNK_BYTES, limit + 1 - inflated))
+            chunks.append(chunk)
+            inflated += len(chunk)
+            if inflated > limit:
+                raise LimitExceededError(f"batch inflates past decompressed_batch_bytes_max {limit}")
+            pending = decompressor.unconsumed_tail
+            if decompressor.eof or not (pending or chunk):
+                break
     except zlib.error as error:
         raise CorruptBatchError(f"gzip: {error}") from None
-    if len(out) > limit:
-        raise LimitExceededError(f"batch inflates past decompressed_batch_bytes_max {limit}")
     if not decompressor.eof:
         raise CorruptBatchError("gzip: truncated stream")
     if decompressor.unused_data:
         raise CorruptBatchError("gzip: trailing bytes after the stream")
-    return out
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 # ---------------------------------------------------------------------------
-# Decoding
+# Decoding, and the walk a produce must pass (Kafka's LogValidator): one parser
+
+# Batch attribute bits with a meaning (codec, timestamp type, transactional, control,
+# delete horizon); a batch setting any other bit is refused on produce.
+ATTRIBUTES_KNOWN_MASK = 0x7F
+# The fewest bytes a record can hold after its length: attributes, timestamp delta,
+# offset delta, key length, value length and header count, one byte each.
+RECORD_BYTES_MIN = 6
+# The fewest bytes of one record header: its key length and value length varints.
+RECORD_HEADER_BYTES_MIN = 2
 
 
 def records_section(
@@ -546,15 +589,52 @@ def records_section(
     header: BatchHeader,
     limits: RecordLimits = DEFAULT_RECORD_LIMITS,
 ) -> bytes:
-    """The uncompressed records section of a batch whose header was checked."""
+    """The uncompressed records section of a batch whose header was checked. A section
+    that does not inflate (garbage, past decompressed_batch_bytes_max) raises
+    RecordFramingError; a codec nodi does not decode, UnsupportedCompressionError."""
     raw = memoryview(batch)[BATCH_HEADER_BYTES : header.size]
     codec = header.compression
     if codec == Compression.NONE:
         return bytes(raw)
-    if codec == Compression.GZIP:
+    if codec != Compression.GZIP:
+        name = Compression(codec).name if codec in Compression._value2member_map_ else str(codec)
+        raise UnsupportedCompressionError(f"compression {name} is not supported; refusing to decode")
+    try:
         return _gzip_decompress(raw, limits.decompressed_batch_bytes_max)
-    name = Compression(codec).name if codec in Compression._value2member_map_ else str(codec)
-    raise UnsupportedCompressionError(f"compression {name} is not supported; refusing to decode")
+    except LimitExceededError as error:
+        raise RecordLimitError(f"records section: {error}", field="records") from None
+    except InvalidRecordError as error:
+        raise RecordFramingError(f"records section: {error}", field="records") from None
+
+
+def check_records(
+    batch: bytes | bytearray | memoryview,
+    header: BatchHeader,
+    limits: RecordLimits = DEFAULT_RECORD_LIMITS,
+) -> None:
+    """Walk the records of one batch whose header and CRC were checked, building
+    nothing: what Kafka's LogValidator checks before a batch is written, and what
+    `segments verify` checks of stored ones. Every record's length, attributes (no bits
+    set), varints, key, value, header count and header lengths in bounds; offset deltas
+    increasing within 0..last_offset_delta; exactly records_count records filling the
+    section; no unknown batch attribute bits. A compressed section is inflated up to
+    decompressed_batch_bytes_max and walked the same way. Raises RecordFramingError
+    naming the record and the field (UnsupportedCompressionError for a codec nodi does
+    not decode), and nothing else."""
+    if header.attributes & ~ATTRIBUTES_KNOWN_MASK:
+        raise RecordFramingError(
+            f"batch attributes {header.attributes & 0xFFFF:#06x} set unknown bits "
+            f"(known: {ATTRIBUTES_KNOWN_MASK:#06x})",
+            field="attributes",
+        )
+    if header.compression == Compression.NONE:
+        # bytes: a strided slice of bytes costs a fifth of one of a memoryview
+        data = batch if type(batch) is bytes and len(batch) == header.size else bytes(memoryview(batch)[: header.size])
+        position = BATCH_HEADER_BYTES
+    else:
+        data, position = records_section(batch, header, limits), 0
+    if not _walk_uniform(data, position, header, limits):
+        _scan_records(data, position, header, limits, None)
 
 
 def iter_records(
@@ -574,17 +654,39 @@ def decode_records(
     header: BatchHeader,
     limits: RecordLimits = DEFAULT_RECORD_LIMITS,
 ) -> list[Record]:
-    """Every record of one batch whose header was checked. The consumer's hot loop: the
-    varints of one and two bytes (every field of a record of up to 8 KiB) are decoded
-    inline, longer ones by _decode_varint; an index past the end is a truncated batch."""
-    data = records_section(batch, header, limits)
+    """Every record of one batch whose header was checked: check_records' walk, keeping
+    what it walks over. A batch that does not decode raises RecordFramingError (its CRC
+    checked out, so it was stored that way: readers skip it and report it)."""
+    records: list[Record] = []
+    _scan_records(records_section(batch, header, limits), 0, header, limits, records)
+    return records
+
+
+def _framing_error(
+    index: int, field: str, message: str, error_type: type[RecordFramingError] = RecordFramingError
+) -> RecordFramingError:
+    return error_type(f"record {index}: {field}: {message}", record_index=index, field=field)
+
+
+def _scan_records(
+    data: bytes | memoryview,
+    position: int,
+    header: BatchHeader,
+    limits: RecordLimits,
+    records: list[Record] | None,
+) -> None:
+    """The one record parser, over data[position:]: with `records` a list, each record
+    is decoded into it (the consumer's hot loop); with None only the framing is walked
+    (the produce path's). The varints of one and two bytes (every field of a record of up
+    to 8 KiB) are decoded inline, longer ones by _decode_varint; an index past the end
+    is a truncated field, named by `field`."""
     read = _decode_varint
     make = tuple.__new__
     record_type = Record
-    records: list[Record] = []
-    append = records.append
-    position = 0
+    append = None if records is None else records.append
     end = len(data)
+    count = header.records_count
+    last_offset_delta = header.last_offset_delta
     base_offset = header.base_offset
     base_timestamp = header.base_timestamp
     # With log-append time every record carries the batch's max_timestamp (as in Kafka).
@@ -592,9 +694,17 @@ def decode_records(
     max_timestamp = header.max_timestamp
     headers_max = limits.headers_per_record_max
     record_bytes_max = limits.record_bytes_max
+    previous_delta = -1
+    index = 0
+    field = "length"
+    headers: tuple = ()
+    key = value = None
     try:
-        for _ in range(header.records_count):
+        for index in range(count):
+            if position >= end:
+                raise _framing_error(index, "records_count", f"records_count says {count}, the batch holds {index}")
             # length (zig-zag varint: 1 byte below 64, 2 bytes below 8192)
+            field = "length"
             byte = data[position]
             if byte < 0x80:
                 length = (byte >> 1) ^ -(byte & 1)
@@ -605,16 +715,23 @@ def decode_records(
                 position += 2
             else:
                 length, position = read(data, position, 5)
-            if length < 6 or position + length > end:
-                raise CorruptBatchError(f"record length {length} out of bounds")
             record_end = position + length
-            # attributes (unused in v2), then timestamp_delta
+            if length < RECORD_BYTES_MIN or record_end > end:
+                raise _framing_error(index, field, f"{length} bytes, outside {RECORD_BYTES_MIN}.."
+                                                   f"{end - position} (what is left of the batch)")
+            field = "attributes"
+            if data[position]:
+                raise _framing_error(index, field, f"{data[position]:#04x} sets unknown bits")
+            field = "timestamp delta"
             byte = data[position + 1]
             if byte < 0x80:
                 timestamp_delta = (byte >> 1) ^ -(byte & 1)
                 position += 2
             else:
                 timestamp_delta, position = read(data, position + 1)
+                if not INT64_MIN <= timestamp_delta <= INT64_MAX:
+                    raise _framing_error(index, field, f"{timestamp_delta} is outside the int64 range")
+            field = "offset delta"
             byte = data[position]
             if byte < 0x80:
                 offset_delta = (byte >> 1) ^ -(byte & 1)
@@ -625,20 +742,35 @@ def decode_records(
                 position += 2
             else:
                 offset_delta, position = read(data, position, 5)
+            if not previous_delta < offset_delta <= last_offset_delta:
+                raise _framing_error(index, field, f"{offset_delta} after {previous_delta}: deltas must increase "
+                                                   f"within 0..{last_offset_delta} (last_offset_delta)")
+            previous_delta = offset_delta
+            field = "key length"
             size = 0
-            if data[position] == 1:  # key length -1: a null key
+            byte = data[position]
+            if byte == 1:  # key length -1: a null key
                 key = None
                 position += 1
             else:
-                key_length, position = read(data, position, 5)
+                if byte < 0x80:
+                    key_length = (byte >> 1) ^ -(byte & 1)
+                    position += 1
+                else:
+                    key_length, position = read(data, position, 5)
+                if key_length < -1:
+                    raise _framing_error(index, field, f"{key_length} is negative")
+                if position + key_length > record_end:
+                    raise _framing_error(index, field, f"{key_length} runs past the record "
+                                                       f"({record_end - position} bytes left)")
                 if key_length < 0:
                     key = None
                 else:
-                    if position + key_length > record_end:
-                        raise CorruptBatchError("key runs past its record")
-                    key = data[position : position + key_length]
+                    if append is not None:
+                        key = data[position : position + key_length]
                     position += key_length
                     size = key_length
+            field = "value length"
             byte = data[position]
             if byte < 0x80:
                 value_length = (byte >> 1) ^ -(byte & 1)
@@ -650,69 +782,243 @@ def decode_records(
             else:
                 value_length, position = read(data, position, 5)
             if value_length < 0:
+                if value_length < -1:
+                    raise _framing_error(index, field, f"{value_length} is negative")
                 value = None
             else:
                 if position + value_length > record_end:
-                    raise CorruptBatchError("value runs past its record")
-                value = data[position : position + value_length]
+                    raise _framing_error(index, field, f"{value_length} runs past the record "
+                                                       f"({record_end - position} bytes left)")
+                if append is not None:
+                    value = data[position : position + value_length]
                 position += value_length
                 size += value_length
+            field = "header count"
             if data[position] == 0:  # no headers
                 headers = ()
                 position += 1
             else:
-                headers, position, size = _decode_headers(data, position, record_end, size, headers_max)
-            if position != record_end:
-                raise CorruptBatchError("record length disagrees with its fields")
-            if size > record_bytes_max:
-                raise LimitExceededError(
-                    f"record of {size} bytes exceeds record_bytes_max {record_bytes_max}"
+                headers, position, size = _scan_headers(
+                    data, position, record_end, size, headers_max, index, append is not None
                 )
-            append(make(record_type, (
-                base_offset + offset_delta,
-                max_timestamp if log_append_time else base_timestamp + timestamp_delta,
-                key,
-                value,
-                headers,
-            )))
+            if position != record_end:
+                field = "length"
+                raise _framing_error(index, field, f"{length} bytes, but its fields take "
+                                                   f"{position - record_end + length}")
+            if size > record_bytes_max:
+                field = "size"
+                raise _framing_error(index, field, f"{size} bytes of key, value and headers exceed "
+                                                   f"record_bytes_max {record_bytes_max}", RecordLimitError)
+            if append is not None:
+                append(make(record_type, (
+                    base_offset + offset_delta,
+                    max_timestamp if log_append_time else base_timestamp + timestamp_delta,
+                    key,
+                    value,
+                    headers,
+                )))
     except IndexError:
-        raise CorruptBatchError("truncated record") from None
+        raise _framing_error(index, field, "truncated: the batch ends inside it") from None
+    except RecordFramingError:
+        raise
+    except CorruptBatchError as error:  # a varint too long or cut short
+        raise _framing_error(index, field, str(error)) from None
     if position != end:
-        raise CorruptBatchError(f"{end - position} bytes after the last record")
-    return records
+        raise RecordFramingError(
+            f"{end - position} bytes after the last of {count} records (records_count says {count})",
+            field="records_count",
+        )
 
 
-def _decode_headers(
-    data: bytes, position: int, record_end: int, size: int, headers_max: int
-) -> tuple[tuple[tuple[str, bytes | None], ...], int, int]:
-    """(headers, position after them, size plus their bytes) of one record."""
+# The offset deltas a uniform run may hold, as _walk_uniform compares them a column at
+# a time: the one-byte varints of 0..63, the low and high bytes of those of 64..8191.
+# (A record's length includes its offset delta: 64 on, every record is one byte longer.)
+UNIFORM_RECORDS_MAX = 8192
+_DELTA_ONE_BYTE = bytes(2 * delta for delta in range(64))
+_DELTA_LOW_BYTE = bytes(((2 * delta) & 0x7F) | 0x80 for delta in range(64, UNIFORM_RECORDS_MAX))
+_DELTA_HIGH_BYTE = bytes((2 * delta) >> 7 for delta in range(64, UNIFORM_RECORDS_MAX))
+
+
+def _walk_uniform(data: bytes, position: int, header: BatchHeader, limits: RecordLimits) -> bool:
+    """check_records' fast path for what producers send most: records that differ only
+    in their timestamp delta (one byte), offset delta (0, 1, ...) and the bytes of their
+    key, value and header values; every length, the header count and the header keys
+    are the same in all of them. Then the records sit at a fixed stride and each framing
+    byte is checked for all of them at once, as a strided slice compared in C, instead
+    of record by record. True when the records section is exactly that; False says
+    nothing is known (never an error): _scan_records then walks it record by record and
+    names what is wrong."""
+    count = header.records_count
+    end = len(data)
+    if not 0 < count <= UNIFORM_RECORDS_MAX or count - 1 > header.last_offset_delta:
+        return False
+    layout = _uniform_layout(data, position, limits)
+    if layout is None:
+        return False
+    length_one, fixed_one = layout
+    index = 0
+    for width, run_end_index in ((1, 64), (2, UNIFORM_RECORDS_MAX)):
+        count_here = min(count, run_end_index) - index
+        if count_here <= 0:
+            break
+        record_length = length_one + width - 1
+        length_part = _VARINTS[record_length] if record_length < VARINT_TABLE_SIZE else _encode_varint(record_length)
+        stride = len(length_part) + record_length
+        run_end = position + count_here * stride
+        if run_end > end:
+            return False
+        for place, byte in enumerate(length_part):
+            if data[position + place : run_end : stride].count(byte) != count_here:
+                return False
+        # attributes 0, then the timestamp delta (any one-byte varint), then the offset delta
+        attributes_place = position + len(length_part)
+        if data[attributes_place:run_end:stride].count(0) != count_here:
+            return False
+        if not data[attributes_place + 1 : run_end : stride].isascii():
+            return False
+        delta_place = attributes_place + 2
+        if width == 1:
+            if data[delta_place:run_end:stride] != _DELTA_ONE_BYTE[index : index + count_here]:
+                return False
+        elif (
+            data[delta_place:run_end:stride] != _DELTA_LOW_BYTE[index - 64 : index - 64 + count_here]
+            or data[delta_place + 1 : run_end : stride] != _DELTA_HIGH_BYTE[index - 64 : index - 64 + count_here]
+        ):
+            return False
+        after_delta = delta_place + width
+        for place, byte in fixed_one:
+            if data[after_delta + place : run_end : stride].count(byte) != count_here:
+                return False
+        position = run_end
+        index += count_here
+    return position == end
+
+
+def _uniform_layout(data: bytes, position: int, limits: RecordLimits) -> tuple[int, list[tuple[int, int]]] | None:
+    """For _walk_uniform, from the first record (read with the codec's varint reader):
+    its length as it would be with a one-byte offset delta, and (place, byte) of each
+    byte after the offset delta that every record must share: the key's and the
+    value's length, the header count, each header's key length, key and value length.
+    None when the first record does not have that shape or breaks a limit."""
     read = _decode_varint
-    header_count, position = read(data, position, 5)
-    if header_count < 0:
-        raise CorruptBatchError(f"header count {header_count} out of bounds")
-    if header_count > headers_max:
-        raise LimitExceededError(f"{header_count} headers exceed headers_per_record_max {headers_max}")
-    headers: list[tuple[str, bytes | None]] = []
     try:
-        for _ in range(header_count):
-            name_length, position = read(data, position, 5)
-            if name_length < 0 or position + name_length > record_end:
-                raise CorruptBatchError("header key out of bounds")
-            name = data[position : position + name_length].decode()
+        length, start = read(data, position, 5)
+        # attributes 0, a one-byte timestamp delta, offset delta 0
+        if data[start] or data[start + 1] >= 0x80 or data[start + 2]:
+            return None
+        first = start + 3
+        # The key, then the value: a length (-1: null) and that many bytes. Their
+        # lengths are fixed bytes; what they hold is not.
+        size, after = read(data, first, 5)
+        if size < -1:
+            return None
+        fixed = [(place - first, data[place]) for place in range(first, after)]
+        cursor = after + max(size, 0)
+        payload = max(size, 0)  # key, value and headers, as record_bytes_max counts them
+        size, after = read(data, cursor, 5)
+        if size < -1:
+            return None
+        fixed += [(place - first, data[place]) for place in range(cursor, after)]
+        cursor = after + max(size, 0)
+        payload += max(size, 0)
+        header_count = data[cursor]
+        if header_count == 0:  # no headers: the common case
+            fixed.append((cursor - first, 0))
+            cursor += 1
+        else:
+            header_count, after = read(data, cursor, 5)
+            if not 0 <= header_count <= limits.headers_per_record_max:
+                return None
+            fixed += [(place - first, data[place]) for place in range(cursor, after)]
+            for _ in range(header_count):
+                key_length, key_start = read(data, after, 5)
+                if key_length < 0:
+                    return None
+                str(data[key_start : key_start + key_length], "utf-8")  # every record's key is these bytes
+                value_length, value_start = read(data, key_start + key_length, 5)
+                if value_length < -1:
+                    return None
+                # its key length, key and value length are fixed; its value is not
+                fixed += [(place - first, data[place]) for place in range(after, value_start)]
+                payload += key_length + max(value_length, 0)
+                after = value_start + max(value_length, 0)
+            cursor = after
+    except (IndexError, CorruptBatchError, UnicodeDecodeError):
+        return None
+    if cursor != start + length or cursor > len(data) or payload > limits.record_bytes_max:
+        return None
+    return length, fixed
+
+
+def _scan_headers(
+    data: bytes | memoryview, position: int, record_end: int, size: int, headers_max: int, index: int, build: bool
+) -> tuple[tuple[tuple[str, bytes | None], ...], int, int]:
+    """(headers, position after them, size plus their bytes) of record `index`; the
+    count is bounded by the bytes left in the record and by headers_max before anything
+    is allocated for it. Without `build` the headers are walked, not kept (a key is
+    still decoded: it must be UTF-8)."""
+    read = _decode_varint
+    byte = data[position]
+    if byte < 0x80:
+        header_count = (byte >> 1) ^ -(byte & 1)
+        position += 1
+    else:
+        header_count, position = read(data, position, 5)
+    left = record_end - position
+    if header_count < 0:
+        raise _framing_error(index, "header count", f"{header_count} is negative")
+    if header_count * RECORD_HEADER_BYTES_MIN > left:
+        raise _framing_error(index, "header count", f"{header_count} headers cannot fit in the "
+                                                    f"{left} bytes left of the record")
+    if header_count > headers_max:
+        raise _framing_error(index, "header count", f"{header_count} headers exceed headers_per_record_max "
+                                                    f"{headers_max}", RecordLimitError)
+    headers: list[tuple[str, bytes | None]] = []
+    append = headers.append
+    number = 0
+    field = "key length"
+    try:
+        for number in range(header_count):
+            field = "key length"
+            byte = data[position]
+            if byte < 0x80:
+                name_length = (byte >> 1) ^ -(byte & 1)
+                position += 1
+            else:
+                name_length, position = read(data, position, 5)
+            if name_length < 0:
+                raise ValueError(f"{name_length} is negative")
+            if position + name_length > record_end:
+                raise ValueError(f"{name_length} runs past the record ({record_end - position} bytes left)")
+            field = "key"
+            name = str(data[position : position + name_length], "utf-8")
             position += name_length
             size += name_length
-            header_length, position = read(data, position, 5)
+            field = "value length"
+            byte = data[position]
+            if byte < 0x80:
+                header_length = (byte >> 1) ^ -(byte & 1)
+                position += 1
+            else:
+                header_length, position = read(data, position, 5)
             if header_length < 0:
+                if header_length < -1:
+                    raise ValueError(f"{header_length} is negative")
                 header_value = None
             else:
                 if position + header_length > record_end:
-                    raise CorruptBatchError("header value runs past its record")
-                header_value = data[position : position + header_length]
+                    raise ValueError(f"{header_length} runs past the record ({record_end - position} bytes left)")
+                header_value = data[position : position + header_length] if build else None
                 position += header_length
                 size += header_length
-            headers.append((name, header_value))
+            if build:
+                append((name, header_value))
+    except IndexError:
+        raise _framing_error(index, f"header {number} {field}", "truncated: the batch ends inside it") from None
     except UnicodeDecodeError:
-        raise CorruptBatchError("header key is not UTF-8") from None
+        raise _framing_error(index, f"header {number} {field}", "not UTF-8") from None
+    except (ValueError, CorruptBatchError) as error:  # a bound, or a varint too long or cut short
+        raise _framing_error(index, f"header {number} {field}", str(error)) from None
     return tuple(headers), position, size
 
 

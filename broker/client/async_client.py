@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import datetime as _datetime
 import itertools
+import logging
 import random
 from collections.abc import Iterable, Sequence
 
@@ -77,6 +78,9 @@ from ..protocol.limits import DEFAULT_PROTOCOL_LIMITS, ProtocolLimits
 
 DEFAULT_TIMEOUT_MS = 30_000
 DEFAULT_FETCH_BYTES_MAX = 1 << 20
+
+log = logging.getLogger("nodi.client")
+
 # Reconnect backoff: the first retry after this, doubling up to the max, each with
 # +-50% jitter; at most reconnect_attempts_max attempts per outage (and never past the
 # call's timeout).
@@ -118,6 +122,9 @@ class AsyncClient:
         # topic -> its default message TTL (0: none), for skipping expired messages.
         self._topic_ttls: dict[str, int] = {}
         self._round_robin: dict[str, itertools.count] = {}
+        # Fetched batches left out because their records do not decode (stored before
+        # the broker walked records on produce): each logged, and counted here.
+        self.undecodable_batches_skipped = 0
 
     @property
     def address(self) -> str:
@@ -452,7 +459,7 @@ class AsyncClient:
         there is nothing yet. Empty at the end of the log. OffsetOutOfRange below the
         log start or past its end. Expired messages (Message.expires_at passed) are
         left out unless include_expired."""
-        messages, _, _ = await self.fetch_counted(
+        messages, _, _, _ = await self.fetch_counted(
             topic, partition, offset, bytes_max=bytes_max, wait_ms=wait_ms, min_bytes=min_bytes,
             include_expired=include_expired, timeout_ms=timeout_ms,
         )
@@ -472,7 +479,7 @@ class AsyncClient:
     ) -> tuple[list[Message], int]:
         """fetch(), plus the offset to fetch next: past every batch returned (records
         removed by compaction leave gaps), `offset` when nothing came."""
-        messages, position, _ = await self.fetch_counted(
+        messages, position, _, _ = await self.fetch_counted(
             topic, partition, offset, bytes_max=bytes_max, wait_ms=wait_ms, min_bytes=min_bytes,
             include_expired=include_expired, timeout_ms=timeout_ms,
         )
@@ -489,20 +496,22 @@ class AsyncClient:
         min_bytes: int = 1,
         include_expired: bool = False,
         timeout_ms: int | None = None,
-    ) -> tuple[list[Message], int, int]:
-        """fetch_with_position(), plus how many expired messages were left out."""
+    ) -> tuple[list[Message], int, int, int]:
+        """fetch_with_position(), plus how many expired messages and how many
+        undecodable batches (logged, see decode_fetched) were left out."""
         request = m.FetchRequest(
             topic=topic, partition=partition, offset=offset, bytes_max=bytes_max, wait_ms=wait_ms, min_bytes=min_bytes
         )
         response = await self._call(request, timeout_ms, retry=True, extra_ms=max(wait_ms, 0))
-        messages, position = decode_fetched(topic, partition, offset, response.records)
+        messages, position, undecodable = decode_fetched(topic, partition, offset, response.records)
+        self.undecodable_batches_skipped += undecodable
         if not messages:
-            return messages, position, 0
+            return messages, position, 0, undecodable
         ttl_ms = self._topic_ttls.get(topic)
         if ttl_ms is None:
             ttl_ms = (await self.describe_topic(topic, timeout_ms=timeout_ms)).settings.ttl_ms
         messages, expired = drop_expired(messages, ttl_ms, include_expired)
-        return messages, position, expired
+        return messages, position, expired, undecodable
 
     async def list_offsets(
         self,
@@ -728,21 +737,34 @@ class AsyncClient:
         return await list_queues(self, topic, timeout_ms)
 
 
-def decode_fetched(topic: str, partition: int, offset: int, records: bytes | memoryview) -> tuple[list[Message], int]:
+def decode_fetched(
+    topic: str, partition: int, offset: int, records: bytes | memoryview
+) -> tuple[list[Message], int, int]:
     """Messages at or after `offset` in fetched batches (the one codec:
-    storage.records), and the offset after the last batch."""
+    storage.records), the offset after the last batch, and how many batches were left
+    out: a batch whose CRC holds but whose records do not decode (stored before the
+    broker walked records on produce) is skipped and logged, and the messages before
+    and after it are still returned (docs/fault-model.md "Undecodable batches")."""
     messages: list[Message] = []
     position = offset
+    undecodable = 0
     if not records:
-        return messages, position
+        return messages, position, undecodable
     append = messages.append
     make = new_message
     try:
         for header, batch in iter_batches(records):
-            for record_offset, timestamp_ms, key, value, headers in decode_records(batch, header):
+            position = max(position, header.last_offset + 1)
+            try:
+                decoded = decode_records(batch, header)
+            except NodiError as error:
+                undecodable += 1
+                log.warning("fetch from %s-%d: skipping offsets %d..%d: the stored batch does not decode (%s)",
+                            topic, partition, header.base_offset, header.last_offset, error)
+                continue
+            for record_offset, timestamp_ms, key, value, headers in decoded:
                 if record_offset >= offset:
                     append(make(topic, partition, record_offset, timestamp_ms, key, value, headers))
-            position = max(position, header.last_offset + 1)
-    except NodiError as error:
+    except NodiError as error:  # a batch that fails its CRC: the response cannot be trusted
         raise InvalidRecords(f"fetched from {topic}-{partition} at {offset}: {error}") from None
-    return messages, position
+    return messages, position, undecodable

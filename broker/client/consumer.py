@@ -70,6 +70,8 @@ TopicPartition = tuple[str, int]
 class ConsumerStatistics:
     messages_delivered: int  # returned by poll() (and iteration)
     expired_skipped: int  # fetched but past their TTL, left out (include_expired=False)
+    # Fetched batches left out because their records do not decode (each logged).
+    undecodable_batches_skipped: int = 0
 
 
 class AsyncConsumer:
@@ -112,6 +114,7 @@ class AsyncConsumer:
         self.include_expired = include_expired
         self._delivered = 0
         self._expired_skipped = 0
+        self._undecodable_skipped = 0
         self.timeout_ms = client.timeout_ms if timeout_ms is None else timeout_ms
         self._client = client
         self._manual: list[TopicPartition] | None = None
@@ -213,7 +216,8 @@ class AsyncConsumer:
         return self._closed
 
     def statistics(self) -> ConsumerStatistics:
-        return ConsumerStatistics(messages_delivered=self._delivered, expired_skipped=self._expired_skipped)
+        return ConsumerStatistics(messages_delivered=self._delivered, expired_skipped=self._expired_skipped,
+                                  undecodable_batches_skipped=self._undecodable_skipped)
 
     def assignment(self) -> list[TopicPartition]:
         """The (topic, partition) pairs this consumer reads now."""
@@ -286,11 +290,12 @@ class AsyncConsumer:
             await asyncio.sleep(delay_s)
         topic, partition = key
         try:
-            messages, position, expired = await self._client.fetch_counted(
+            messages, position, expired, undecodable = await self._client.fetch_counted(
                 topic, partition, offset, bytes_max=self.bytes_max, wait_ms=self.wait_ms,
                 include_expired=self.include_expired, timeout_ms=self.timeout_ms,
             )
             self._expired_skipped += expired
+            self._undecodable_skipped += undecodable
         except OffsetOutOfRange:
             earliest = await self._client.list_offsets(topic, partition, "earliest", timeout_ms=self.timeout_ms)
             if offset < earliest:

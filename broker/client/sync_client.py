@@ -124,6 +124,11 @@ class Client:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def undecodable_batches_skipped(self) -> int:
+        """Fetched batches left out because their records do not decode (each logged)."""
+        return self._async.undecodable_batches_skipped
+
     def connect(self, timeout_ms: int | None = None) -> None:
         """Open the connection now (else the first call does)."""
         self._run(self._async.connect(timeout_ms), timeout_ms)
@@ -217,9 +222,9 @@ class Client:
         `offset` when nothing came."""
         return self._run(self._async.fetch_with_position(topic, partition, offset, bytes_max=bytes_max, wait_ms=wait_ms, min_bytes=min_bytes, include_expired=include_expired, timeout_ms=timeout_ms), timeout_ms, wait_ms or 0)
 
-    def fetch_counted(self, topic: str, partition: int, offset: int, *, bytes_max: int=DEFAULT_FETCH_BYTES_MAX, wait_ms: int=0, min_bytes: int=1, include_expired: bool=False, timeout_ms: int | None=None) -> tuple[list[Message], int, int]:
+    def fetch_counted(self, topic: str, partition: int, offset: int, *, bytes_max: int=DEFAULT_FETCH_BYTES_MAX, wait_ms: int=0, min_bytes: int=1, include_expired: bool=False, timeout_ms: int | None=None) -> tuple[list[Message], int, int, int]:
         """AsyncClient.fetch_counted, blocking: fetch_with_position(), plus how many
-        expired messages were left out."""
+        expired messages and how many undecodable batches were left out."""
         return self._run(self._async.fetch_counted(topic, partition, offset, bytes_max=bytes_max, wait_ms=wait_ms, min_bytes=min_bytes, include_expired=include_expired, timeout_ms=timeout_ms), timeout_ms, wait_ms or 0)
 
     def list_offsets(self, topic: str, partition: int, spec: str | int | _datetime.datetime='latest', *, timeout_ms: int | None=None) -> int:

@@ -118,8 +118,9 @@ ERROR_DESCRIPTIONS: dict[ErrorCode, tuple[str, str]] = {
     ErrorCode.OFFSET_OUT_OF_RANGE: ("no", "an offset below the log start or above the log end"),
     ErrorCode.INVALID_RECORDS: (
         "no",
-        "a batch that fails its checks (length, magic, CRC, codec, count); nothing of the "
-        "request was written",
+        "a batch that fails its checks (length, magic, CRC, codec, count) or whose records do not decode "
+        "(the message names the batch's byte position, the record and the field: see Produce checks); nothing "
+        "of the request was written",
     ),
     ErrorCode.CORRUPT_DATA: ("no", "stored data failed its checks; it is never served"),
     ErrorCode.NOT_DURABLE: (

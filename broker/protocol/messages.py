@@ -899,7 +899,8 @@ APIS: tuple[Api, ...] = (
     Api(ApiKey.DESCRIBE_TOPIC, DescribeTopicRequest, DescribeTopicResponse,
         summary="A topic's settings and each partition's offsets."),
     Api(ApiKey.PRODUCE, ProduceRequest, ProduceResponse,
-        summary="Append batches to one partition. All are checked before any is written; they get consecutive offsets."),
+        summary="Append batches to one partition. All are checked before any is written (header, CRC and every "
+                "record's framing: see Produce checks); they get consecutive offsets."),
     Api(ApiKey.FETCH, FetchRequest, FetchResponse,
         summary="Whole stored batches from an offset, up to bytes_max, waiting up to wait_ms for min_bytes."),
     Api(ApiKey.LIST_OFFSETS, ListOffsetsRequest, ListOffsetsResponse,

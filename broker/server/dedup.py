@@ -269,7 +269,12 @@ class PublishDedup:
                 if (header.max_timestamp < horizon or header.compression != Compression.NONE
                         or _NEEDLE.search(batch) is None):
                     continue
-                for record in decode_records(batch, header, self._limits):
+                try:
+                    decoded = decode_records(batch, header, self._limits)
+                except InvalidRecordError as error:  # stored before produce walked records
+                    partition_log.note_undecodable(header, error, "publish dedup reading keys back")
+                    continue
+                for record in decoded:
                     key = idempotency_key_of(record.headers)
                     if key is not None and record.offset >= offset:
                         found.append((header.max_timestamp, record.offset, digest(key)))

@@ -22,7 +22,7 @@ import itertools
 import time
 from dataclasses import dataclass
 
-from nodi.storage.records import split_batches
+from nodi.storage.records import check_batches
 
 from ..protocol import messages as m
 from ..protocol.errors import ErrorCode, ProtocolError
@@ -119,7 +119,7 @@ class InboxService:
 
     async def reply(self, request: m.ReplyRequest) -> Reply:
         """Keep the batches for the inbox; dropped (and counted) when it is gone or full."""
-        split_batches(request.records)  # whole, valid batches only (InvalidRecords otherwise)
+        check_batches(request.records)  # whole batches that decode (InvalidRecords otherwise)
         data = bytes(request.records)
         inbox = self._inboxes.get(request.inbox)
         delivered = inbox is not None and inbox.bytes + len(data) <= self.limits.inbox_bytes_max

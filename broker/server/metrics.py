@@ -92,6 +92,9 @@ class _StoreCollector:
             "nodi_partition_damaged", "1 when the partition was found damaged at start (read up to the damage, read-only)",
             labels=labels,
         )
+        undecodable = CounterMetricFamily("nodi_log_undecodable_batches", "Stored batches readers skipped: CRC "
+                                          "fine, records do not decode (written before produce walked records)",
+                                          labels=labels)
         fsyncs = CounterMetricFamily("nodi_fsyncs", "fsync calls of partition logs", labels=labels)
         covered = CounterMetricFamily("nodi_fsync_covered_appends", "Appends made durable by those fsyncs (group commit)", labels=labels)
         fsync_latency = _histogram_family(
@@ -113,12 +116,13 @@ class _StoreCollector:
                 read_only.add_metric(key, 1 if statistics.read_only else 0)
                 corrupt.add_metric(key, len(statistics.corrupt_segments))
                 damaged.add_metric(key, 0 if statistics.damage is None else 1)
+                undecodable.add_metric(key, statistics.undecodable_batches)
                 fsyncs.add_metric(key, statistics.fsyncs)
                 covered.add_metric(key, statistics.fsync_covered_appends)
                 _add_snapshot(fsync_latency, key, statistics.fsync_seconds)
                 _add_snapshot(group_commit, key, statistics.group_commit_appends)
-        yield from (segments, size, start, end, durable, read_only, corrupt, damaged, fsyncs, covered, fsync_latency,
-                    group_commit)
+        yield from (segments, size, start, end, durable, read_only, corrupt, damaged, undecodable, fsyncs, covered,
+                    fsync_latency, group_commit)
 
     def _metadata_families(self):
         """The metadata store (LMDB): whether commits are failing, and how often they did."""

@@ -476,7 +476,11 @@ class QueueService:
                             last = max(last, header.last_offset)
                             if header.is_control:
                                 continue
-                            records = decode_records(batch, header)
+                            try:
+                                records = decode_records(batch, header)
+                            except NodiError as error:  # stored before produce walked records
+                                partition_log.note_undecodable(header, error, "queue groups")
+                                continue  # its offsets are left out: skipped, like gaps
                             for record in records:
                                 if record.offset in wanted_here:
                                     found[partition, record.offset] = record

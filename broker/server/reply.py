@@ -38,6 +38,7 @@ def error_reply(request: m.Request, error: BaseException) -> Reply:
 # Storage errors a server turns into response codes; the most specific class wins.
 _STORAGE_ERROR_CODES: dict[type[BaseException], ErrorCode] = {
     storage_errors.LimitExceededError: ErrorCode.LIMIT_EXCEEDED,
+    storage_errors.RecordFramingError: ErrorCode.INVALID_RECORDS,  # also RecordLimitError: undecodable
     storage_errors.InvalidRecordError: ErrorCode.INVALID_RECORDS,
     storage_errors.OffsetOutOfRangeError: ErrorCode.OFFSET_OUT_OF_RANGE,
     storage_errors.CorruptSegmentError: ErrorCode.CORRUPT_DATA,
