@@ -46,7 +46,6 @@ import math
 import threading
 import time
 
-from nodi.storage.config import FsyncPolicy
 from nodi.storage.errors import (
     InvalidConfigError,
     MetadataUnavailableError,
@@ -759,11 +758,9 @@ class QueueService:
             partition_log = self.store.log(topic, target)
             for chunk in _chunks(items, partition_log.config.limits):
                 batch = build_batch([copy for _, copy in chunk], limits=partition_log.config.limits)
-                result = partition_log.append_nowait(batch)
-                if partition_log.config.fsync_policy is not FsyncPolicy.ALWAYS:
-                    await asyncio.to_thread(partition_log.flush)
-                await asyncio.wait_for(asyncio.wrap_future(partition_log.durable_future(result.last_offset)),
-                                       self.broker.config.write_timeout_ms / 1000)
+                await self.broker.append_durable(
+                    partition_log, batch, self.broker.config.write_timeout_ms / 1000, sync_now=True
+                )
                 for letter, _ in chunk:
                     group.dead_lettered(letter.partition, letter.offset)
                 self._notify(group)
@@ -775,11 +772,8 @@ class QueueService:
             return config.partitions
         topic_config = dataclasses.replace(self.broker.config.topic_defaults, partitions=source_partitions)
         try:
-            await asyncio.to_thread(self.store.create_topic, topic, topic_config)
+            await self.broker.create_topic(topic, topic_config)
         except TopicExistsError:
             return self.store.topics()[topic].partitions
-        for partition in range(topic_config.partitions):
-            self.broker._watch(self.store.log(topic, partition))  # fetches of it long-poll
-        self.broker.coordinator.on_topic_created(topic)
         log.info("created dead-letter topic %s", topic)
         return topic_config.partitions

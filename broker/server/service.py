@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from nodi.storage.config import FsyncPolicy
-from nodi.storage.errors import OffsetOutOfRangeError, UnknownTopicError
-from nodi.storage.log import Log
+from nodi.storage.errors import DurableWaitTimeoutError, OffsetOutOfRangeError, UnknownTopicError
+from nodi.storage.log import AppendResult, Log
 from nodi.storage.topic_settings import TOPIC_SETTINGS, TopicConfig
 from nodi.storage.store import Store
 
@@ -223,12 +223,47 @@ class Broker:
             values[setting.name] = value
         return m.TopicSettings(**values)
 
+    async def create_topic(self, name: str, config: TopicConfig) -> None:
+        """The one way a topic comes to be, for CREATE_TOPIC and for a dead-letter topic
+        made on first use: the store's topic and logs, then what the broker keeps beside
+        them (long-poll watchers, the group coordinator). TopicExistsError when taken."""
+        await asyncio.to_thread(self.store.create_topic, name, config)
+        for partition in range(config.partitions):
+            self._watch(self.store.log(name, partition))
+        self.coordinator.on_topic_created(name)
+
+    async def append_durable(
+        self, partition_log: Log, records: bytes | memoryview, timeout_s: float, *, sync_now: bool = False
+    ) -> AppendResult:
+        """The one "append, then wait until durable" path (produce with acks durable,
+        queue dead-lettering): append on the loop, then wait_durable."""
+        result = partition_log.append_nowait(records)
+        await self.wait_durable(partition_log, result, timeout_s, sync_now=sync_now)
+        return result
+
+    async def wait_durable(
+        self, partition_log: Log, result: AppendResult, timeout_s: float, *, sync_now: bool = False
+    ) -> None:
+        """Wait for the fsync that covers `result` (the log's group commit). Under
+        policy never the log is flushed for it; under interval the wait is for the next
+        interval's fsync (docs/guarantees.md), unless `sync_now` (a dead-letter copy,
+        whose source is acked only once it is durable, does not wait out the interval).
+        DurableWaitTimeoutError (NOT_DURABLE) when the fsync does not come within
+        `timeout_s`: written, but the caller must not call it durable."""
+        policy = partition_log.config.fsync_policy
+        try:
+            if policy is FsyncPolicy.NEVER or (sync_now and policy is not FsyncPolicy.ALWAYS):
+                await asyncio.wait_for(asyncio.to_thread(partition_log.flush), timeout_s)
+            await asyncio.wait_for(asyncio.wrap_future(partition_log.durable_future(result.last_offset)), timeout_s)
+        except TimeoutError:
+            raise DurableWaitTimeoutError(
+                f"written at offsets {result.first_offset}..{result.last_offset} but not fsynced within "
+                f"{timeout_s * 1000:.0f} ms"
+            ) from None
+
     async def _create_topic(self, request: m.CreateTopicRequest) -> Reply:
         config = self._topic_config(request.settings)
-        await asyncio.to_thread(self.store.create_topic, request.name, config)
-        for partition in range(config.partitions):
-            self._watch(self.store.log(request.name, partition))
-        self.coordinator.on_topic_created(request.name)
+        await self.create_topic(request.name, config)
         return Reply(m.CreateTopicResponse(request_id=request.request_id, settings=self._settings(config)))
 
     async def _delete_topic(self, request: m.DeleteTopicRequest) -> Reply:
@@ -290,20 +325,10 @@ class Broker:
         if check is not None and check.duplicates:
             return await self._produce_duplicates(request, check)
         result = partition_log.append_nowait(request.records)
-        if check is not None:
+        if check is not None:  # recorded before any await: the next produce sees the keys
             self.dedup.record(request.topic, request.partition, result.first_offset, check)
         if request.acks is m.Acks.DURABLE:
-            timeout_s = max(request.timeout_ms, 1) / 1000
-            if partition_log.config.fsync_policy is FsyncPolicy.NEVER:
-                await asyncio.wait_for(asyncio.to_thread(partition_log.flush), timeout_s)
-            try:
-                await asyncio.wait_for(asyncio.wrap_future(partition_log.durable_future(result.last_offset)), timeout_s)
-            except TimeoutError:
-                raise ProtocolError(
-                    ErrorCode.NOT_DURABLE,
-                    f"written at offsets {result.first_offset}..{result.last_offset} but not fsynced within "
-                    f"{request.timeout_ms} ms",
-                ) from None
+            await self.wait_durable(partition_log, result, max(request.timeout_ms, 1) / 1000)
         if request.acks is m.Acks.NONE:
             return Reply(m.ProduceResponse(request_id=request.request_id))
         return Reply(m.ProduceResponse(
