@@ -41,6 +41,7 @@ from .errors import (
     ConnectFailed,
     InvalidRecords,
     NodiClientError,
+    PartlyDuplicate,
     UnknownPartition,
     error_for,
 )
@@ -400,7 +401,7 @@ class AsyncClient:
         self,
         topic: str,
         partition: int,
-        batch: bytes | memoryview,
+        batch: bytes | bytearray | memoryview,
         *,
         acks: str | int = "durable",
         timeout_ms: int | None = None,
@@ -419,6 +420,7 @@ class AsyncClient:
             response = await self.core.send(request, records=batch, retry=retry, expect=m.ProduceResponse)
         if response.error_code == ErrorCode.PARTLY_DUPLICATE:
             error = error_for(response.error_code, response.error_message)
+            assert isinstance(error, PartlyDuplicate)
             error.duplicates = tuple(response.duplicates)
             raise error
         return check_error_code(response)
@@ -594,6 +596,7 @@ class AsyncClient:
         elif isinstance(to, int):
             spec, offset, timestamp = m.ResetSpec.OFFSET, to, m.NO_OFFSET
         else:
+            assert not isinstance(to, str)  # check_start refused any other string
             spec, offset, timestamp = m.ResetSpec.TIMESTAMP, m.NO_OFFSET, timestamp_ms_of(to)
         request = m.ResetGroupRequest(
             group=group,

@@ -163,12 +163,11 @@ class AsyncProducer:
         return future
 
     async def _route_later(self, topic: str) -> None:
+        failure: NodiError | None = None
         try:
             count = await self._client.partition_count(topic, timeout_ms=self._sender.timeout_ms)
         except NodiError as error:
             count, failure = 0, error
-        else:
-            failure: NodiError | None = None
         finally:
             del self._lookups[topic]
         waiting = self._unrouted.pop(topic, [])

@@ -446,10 +446,10 @@ class AsyncQueue:
                 continue
             outcomes = [(result.error_code, result.lease_deadline_ms, result.count) for result in response.results]
             if sum(count for _, _, count in outcomes) != len(batch):
-                error = InvalidRecords(f"queue settle: outcomes for {sum(c for _, _, c in outcomes)} offsets, "
-                                       f"{len(batch)} settled")
+                mismatch = InvalidRecords(f"queue settle: outcomes for {sum(c for _, _, c in outcomes)} offsets, "
+                                          f"{len(batch)} settled")
                 for entry in batch:
-                    self._fail(entry[6], error)
+                    self._fail(entry[6], mismatch)
                 continue
             index = 0
             for code, deadline, count in outcomes:

@@ -180,7 +180,7 @@ class Client:
         written. For throughput use producer()."""
         return self._run(self._async.produce(topic, value, key=key, headers=headers, partition=partition, timestamp=timestamp, acks=acks, ttl_ms=ttl_ms, delay_ms=delay_ms, deliver_at=deliver_at, idempotency_key=idempotency_key, timeout_ms=timeout_ms), timeout_ms)
 
-    def produce_batch(self, topic: str, partition: int, batch: bytes | memoryview, *, acks: str | int='durable', timeout_ms: int | None=None, retry: bool=False) -> m.ProduceResponse:
+    def produce_batch(self, topic: str, partition: int, batch: bytes | bytearray | memoryview, *, acks: str | int='durable', timeout_ms: int | None=None, retry: bool=False) -> m.ProduceResponse:
         """AsyncClient.produce_batch, blocking: Send whole RecordBatch v2 bytes
         (storage.records.build_batch) as they are; the server's ProduceResponse. `retry`
         re-sends after a ConnectionLost (only safe for an idempotent producer's
