@@ -20,9 +20,10 @@ AsyncClientCore (`async_client.core`), on the client's event loop:
   (naming `what`) when it passes.
 - own(part) / disown(part): a part the client closes (awaiting part.close()) when it
   closes, until the part closed itself.
-- partition_count_cached(topic) / forget_partition_count(topic): the partition counts
-  DescribeTopic and CreateTopic taught the client (None: not known); a part that got
-  UNKNOWN_PARTITION forgets the topic's, so the next lookup describes it again.
+- partition_counts (a read-only mapping, for hot paths), partition_count_cached(topic),
+  forget_partition_count(topic): the partition counts DescribeTopic and CreateTopic
+  taught the client (None: not known); a part that got UNKNOWN_PARTITION forgets the
+  topic's, so the next lookup describes it again.
 - timeout_ms: the client's default call timeout.
 - requester: the client's request-reply part (request.py), None until the first
   request().
@@ -42,7 +43,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..protocol import messages as m
@@ -86,7 +87,11 @@ class AsyncClientCore:
         self._client = client
         self._connect = connect  # the live connection, opened (again) if need be
         self.parts: set = set()  # producers, consumers, queues, requesters to close with the client
-        self._partition_counts: dict[str, int] = {}  # describe once; forgotten on UNKNOWN_PARTITION
+        # topic -> partition count: describe once; forgotten on UNKNOWN_PARTITION. Parts
+        # read it (a producer's send() does, per message); they change it only through
+        # remember_partition_count and forget_partition_count.
+        self._partition_counts: dict[str, int] = {}
+        self.partition_counts: Mapping[str, int] = self._partition_counts
         self.requester: Requester | None = None  # request-reply's part, made by the first request()
 
     @property

@@ -105,6 +105,7 @@ class AsyncProducer:
         self._client = client
         self._loop = asyncio.get_running_loop()
         self._accumulator, self._sender = producer_parts(client, self._loop, threadsafe=False, **options)
+        self._partition_counts = client.core.partition_counts  # read by send(), the hot path
         # Messages for topics whose partition count is being looked up, in send order.
         self._unrouted: dict[str, list[tuple]] = {}
         self._lookups: dict[str, asyncio.Task] = {}
@@ -146,7 +147,7 @@ class AsyncProducer:
             headers = with_features(headers, ttl_ms=ttl_ms, delay_ms=delay_ms, deliver_at=deliver_at,
                                     idempotency_key=idempotency_key)
         timestamp_ms = None if timestamp is None else timestamp_ms_of(timestamp)
-        count = self._client.core.partition_count_cached(topic)
+        count = self._partition_counts.get(topic)
         if topic in self._unrouted or (count is None and partition is None):
             # Behind the messages already waiting for this topic's partition count.
             self._unrouted.setdefault(topic, []).append((key, value, headers, timestamp_ms, partition, future))
@@ -157,7 +158,7 @@ class AsyncProducer:
             count = 0
         if partition is None and key is not None:
             partition = partition_for_key(key, count)
-        if not self._sender.started:
+        if self._sender.task is None:
             self._sender.start()
         self._accumulator.append(topic, partition, count, key, value, headers, timestamp_ms, future)
         return future
@@ -229,6 +230,7 @@ class Producer:
             self._async_client, self._core.loop, threadsafe=True, **options
         )
         self._block_s = (self._sender.timeout_ms or self._async_client.timeout_ms) / 1000
+        self._partition_counts = self._async_client.core.partition_counts  # read by send(), the hot path
         self._core.run(self._start(), None)
         self._core.own(self)
 
@@ -266,7 +268,7 @@ class Producer:
         if headers or ttl_ms is not None or delay_ms is not None or deliver_at is not None or idempotency_key is not None:
             headers = with_features(headers, ttl_ms=ttl_ms, delay_ms=delay_ms, deliver_at=deliver_at,
                                     idempotency_key=idempotency_key)
-        count = self._async_client.core.partition_count_cached(topic)
+        count = self._partition_counts.get(topic)
         if count is None:
             if partition is None:
                 count = self._client.partition_count(topic)

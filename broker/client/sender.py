@@ -183,19 +183,15 @@ class Sender:
         self._producer_epoch = -1
         self._wake_event = wake_event
         self._progress = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self.task: asyncio.Task | None = None  # the sender task, once started (read-only outside)
         self._sends: set[asyncio.Task] = set()
         self._closing_now = False
 
     # -- the task -----------------------------------------------------------------------
 
-    @property
-    def started(self) -> bool:
-        return self._task is not None
-
     def start(self) -> None:
-        if self._task is None:
-            self._task = self.loop.create_task(self._run(), name="nodi-producer-sender")
+        if self.task is None:
+            self.task = self.loop.create_task(self._run(), name="nodi-producer-sender")
 
     async def _run(self) -> None:
         accumulator = self._accumulator
@@ -494,10 +490,10 @@ class Sender:
     async def close(self, timeout_ms: int | None = None) -> None:
         """Flush, then stop the task; whatever is still unsent fails with ClientClosed."""
         accumulator = self._accumulator
-        if accumulator.closed and self._task is None:
+        if accumulator.closed and self.task is None:
             return
         try:
-            if not accumulator.closed and self._task is not None:
+            if not accumulator.closed and self.task is not None:
                 await self.flush(timeout_ms)
         finally:
             accumulator.close()
@@ -506,14 +502,14 @@ class Sender:
 
     async def _stop(self) -> None:
         tasks = list(self._sends)
-        if self._task is not None:
-            tasks.append(self._task)
+        if self.task is not None:
+            tasks.append(self.task)
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(BaseException):
                 await task
-        self._task = None
+        self.task = None
         closed = ClientClosed("the producer was closed before this message was acknowledged")
         for buffer in self._accumulator.take_unsent():
             self._finish(buffer, closed)
