@@ -23,7 +23,6 @@ docstrings say how each works.
 from __future__ import annotations
 
 import asyncio
-
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -94,6 +93,7 @@ def producer_parts(
         timeout_ms=settings["timeout_ms"],
     )
     return accumulator, sender
+
 
 class AsyncProducer:
     """A batching producer on an AsyncClient; see the module docstring. Options:
