@@ -78,7 +78,7 @@ from broker_bench_report import ratios, render, summarise  # noqa: E402
 
 from nodi.broker import AsyncClient  # noqa: E402
 from nodi.broker.client.errors import BufferFull  # noqa: E402
-from nodi.broker.client.producer_core import producer_options  # noqa: E402
+from nodi.broker.client.producer import producer_options  # noqa: E402
 from nodi.storage.errors import NodiError  # noqa: E402
 from nodi.storage.limits import KIB, MIB  # noqa: E402
 from nodi.storage.records import NewRecord, build_batch  # noqa: E402

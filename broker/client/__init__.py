@@ -12,10 +12,11 @@ the exceptions they raise.
                 print(message.partition, message.offset, message.value)
 
 The pieces, in this package: async_client.py (AsyncClient), sync_client.py (Client),
-connection.py (one connection around the sans-IO protocol connection), producer.py and
-producer_core.py, consumer.py, queue.py (queue groups), request.py (request-reply),
-idempotent.py (the idempotent consumer), types.py (Message and descriptions), errors.py
-(exceptions).
+core.py (the internal interface between a client and its parts below), connection.py
+(one connection around the sans-IO protocol connection), producer.py with
+accumulator.py (batching) and sender.py (sending), consumer.py, queue.py (queue groups),
+request.py (request-reply), idempotent.py (the idempotent consumer), types.py (Message
+and descriptions), errors.py (exceptions).
 """
 
 from __future__ import annotations

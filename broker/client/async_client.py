@@ -34,15 +34,15 @@ from nodi.storage.errors import NodiError
 from nodi.storage.records import NewRecord, build_batch, decode_records, iter_batches
 
 from ..protocol import messages as m
-from .connection import ClientConnection, check_response
+from .connection import ClientConnection
+from .core import AsyncClientCore, check_error_code
 from .features import drop_expired, with_features
 from .errors import (
     ClientClosed,
     ConnectFailed,
-    ConnectionLost,
     InvalidRecords,
     NodiClientError,
-    Timeout,
+    PartlyDuplicate,
     UnknownPartition,
     error_for,
 )
@@ -116,9 +116,9 @@ class AsyncClient:
         self._connection: ClientConnection | None = None
         self._connecting: asyncio.Task | None = None
         self._closed = False
-        self._owned: set = set()  # producers and consumers to close with the client
-        # topic -> partition count (describe once; refreshed on UNKNOWN_PARTITION).
-        self._partition_counts: dict[str, int] = {}
+        # The interface of the client's parts (producers, consumers, queues, requests):
+        # calls, the parts to close, the partition counts (client/core.py).
+        self.core = AsyncClientCore(self, self._live_connection)
         # topic -> its default message TTL (0: none), for skipping expired messages.
         self._topic_ttls: dict[str, int] = {}
         self._round_robin: dict[str, itertools.count] = {}
@@ -145,7 +145,7 @@ class AsyncClient:
 
     async def connect(self, timeout_ms: int | None = None) -> None:
         """Open the connection now (else the first call does)."""
-        async with self._deadline(timeout_ms, "connect"):
+        async with self.core.deadline(timeout_ms, "connect"):
             await self._live_connection()
 
     async def close(self) -> None:
@@ -153,7 +153,7 @@ class AsyncClient:
         then the connection; requests still in flight fail with ConnectionLost."""
         if self._closed:
             return
-        for owned in list(self._owned):
+        for owned in list(self.core.parts):
             with contextlib.suppress(Exception):
                 await owned.close()
         self._closed = True
@@ -222,41 +222,6 @@ class AsyncClient:
             f"{last_error.message} (after {self.reconnect_attempts_max} attempts)", code=last_error.code
         )
 
-    @contextlib.asynccontextmanager
-    async def _deadline(self, timeout_ms: int | None, what: str, extra_ms: int = 0):
-        """Bound the block by the call's timeout; raise Timeout when it passes."""
-        timeout_ms = self.timeout_ms if timeout_ms is None else timeout_ms
-        if timeout_ms <= 0:
-            raise ValueError("timeout_ms must be positive")
-        try:
-            async with asyncio.timeout((timeout_ms + extra_ms) / 1000):
-                yield
-        except TimeoutError as error:
-            if isinstance(error, NodiClientError):
-                raise
-            raise Timeout(f"{what} did not complete within {timeout_ms + extra_ms} ms") from None
-
-    async def _request(
-        self,
-        message: m.Request,
-        *,
-        records: bytes | memoryview | None = None,
-        retry: bool = False,
-    ) -> m.Response:
-        """Send on the live connection (opening it if need be); retried on a new
-        connection after a ConnectionLost only when `retry` (idempotent requests). The
-        caller bounds the time. Returns the response whatever its error code."""
-        attempt = 0
-        while True:
-            connection = await self._live_connection()
-            try:
-                return await connection.request(message, records)
-            except ConnectionLost:
-                if not retry or self._closed:
-                    raise
-                attempt += 1
-                await asyncio.sleep(backoff_s(attempt, self.reconnect_backoff_ms, self.reconnect_backoff_max_ms))
-
     async def _call(
         self,
         message: m.Request,
@@ -266,10 +231,10 @@ class AsyncClient:
         records: bytes | memoryview | None = None,
         extra_ms: int = 0,
     ) -> m.Response:
-        """One request with a deadline; the response, or the error its code stands for."""
-        async with self._deadline(timeout_ms, type(message).__name__.removesuffix("Request"), extra_ms):
-            response = await self._request(message, records=records, retry=retry)
-        return check_response(response)
+        """core.call() taking any response type (tests send raw requests with it)."""
+        return await self.core.call(
+            message, timeout_ms, expect=m.Response, retry=retry, records=records, extra_ms=extra_ms
+        )
 
     # -- topics -------------------------------------------------------------------------
 
@@ -300,28 +265,32 @@ class AsyncClient:
         "interval" or "never". TopicExists when the name is taken."""
 
         settings = settings_to_wire(locals())  # its parameters: one per topic setting
-        response = await self._call(m.CreateTopicRequest(name=name, settings=settings), timeout_ms)
-        self._partition_counts[name] = response.settings.partitions
+        response = await self.core.call(
+            m.CreateTopicRequest(name=name, settings=settings), timeout_ms, expect=m.CreateTopicResponse
+        )
+        self.core.remember_partition_count(name, response.settings.partitions)
         self._topic_ttls[name] = response.settings.ttl_ms
         return settings_from_wire(response.settings)
 
     async def delete_topic(self, name: str, *, timeout_ms: int | None = None) -> None:
         """Delete a topic and its data. UnknownTopic when there is none."""
-        self._partition_counts.pop(name, None)
+        self.core.forget_partition_count(name)
         self._topic_ttls.pop(name, None)
-        await self._call(m.DeleteTopicRequest(name=name), timeout_ms)
-        self._partition_counts.pop(name, None)
+        await self.core.call(m.DeleteTopicRequest(name=name), timeout_ms, expect=m.DeleteTopicResponse)
+        self.core.forget_partition_count(name)
         self._topic_ttls.pop(name, None)
 
     async def list_topics(self, *, timeout_ms: int | None = None) -> list[TopicSummary]:
         """Every topic as (name, partitions), sorted by name."""
-        response = await self._call(m.ListTopicsRequest(), timeout_ms, retry=True)
+        response = await self.core.call(m.ListTopicsRequest(), timeout_ms, retry=True, expect=m.ListTopicsResponse)
         return [TopicSummary(topic.name, topic.partitions) for topic in response.topics]
 
     async def describe_topic(self, name: str, *, timeout_ms: int | None = None) -> TopicDescription:
         """A topic's settings and each partition's offsets and size."""
-        response = await self._call(m.DescribeTopicRequest(name=name), timeout_ms, retry=True)
-        self._partition_counts[name] = len(response.partitions)
+        response = await self.core.call(
+            m.DescribeTopicRequest(name=name), timeout_ms, retry=True, expect=m.DescribeTopicResponse
+        )
+        self.core.remember_partition_count(name, len(response.partitions))
         self._topic_ttls[name] = response.settings.ttl_ms
         return TopicDescription(
             name=response.name,
@@ -341,13 +310,13 @@ class AsyncClient:
 
     async def partition_count(self, topic: str, *, refresh: bool = False, timeout_ms: int | None = None) -> int:
         """The topic's partition count, cached after the first DescribeTopic."""
-        count = None if refresh else self._partition_counts.get(topic)
+        count = None if refresh else self.core.partition_count_cached(topic)
         if count is None:
             count = (await self.describe_topic(topic, timeout_ms=timeout_ms)).partition_count
         return count
 
     def cached_partition_count(self, topic: str) -> int | None:
-        return self._partition_counts.get(topic)
+        return self.core.partition_count_cached(topic)
 
     def choose_partition(self, topic: str, key: bytes | None, partitions: int) -> int:
         """xxh32(key) % partitions for a key; round-robin without one."""
@@ -398,7 +367,7 @@ class AsyncClient:
         batch = build_batch([record])
         acks_wire = acks_value(acks)
         timeout = self.timeout_ms if timeout_ms is None else timeout_ms
-        async with self._deadline(timeout, "Produce"):
+        async with self.core.deadline(timeout, "Produce"):
             for refreshed in (False, True):
                 chosen = partition
                 if chosen is None:
@@ -419,7 +388,7 @@ class AsyncClient:
         self,
         topic: str,
         partition: int,
-        batch: bytes | memoryview,
+        batch: bytes | bytearray | memoryview,
         *,
         acks: str | int = "durable",
         timeout_ms: int | None = None,
@@ -434,13 +403,14 @@ class AsyncClient:
         request = m.ProduceRequest(
             topic=topic, partition=partition, acks=m.Acks(acks_value(acks)), timeout_ms=timeout, records=b""
         )
-        async with self._deadline(timeout, "Produce"):
-            response = await self._request(request, records=batch, retry=retry)
+        async with self.core.deadline(timeout, "Produce"):
+            response = await self.core.send(request, records=batch, retry=retry, expect=m.ProduceResponse)
         if response.error_code == ErrorCode.PARTLY_DUPLICATE:
             error = error_for(response.error_code, response.error_message)
+            assert isinstance(error, PartlyDuplicate)
             error.duplicates = tuple(response.duplicates)
             raise error
-        return check_response(response)
+        return check_error_code(response)
 
     async def fetch(
         self,
@@ -502,7 +472,9 @@ class AsyncClient:
         request = m.FetchRequest(
             topic=topic, partition=partition, offset=offset, bytes_max=bytes_max, wait_ms=wait_ms, min_bytes=min_bytes
         )
-        response = await self._call(request, timeout_ms, retry=True, extra_ms=max(wait_ms, 0))
+        response = await self.core.call(
+            request, timeout_ms, retry=True, extra_ms=max(wait_ms, 0), expect=m.FetchResponse
+        )
         messages, position, undecodable = decode_fetched(topic, partition, offset, response.records)
         self.undecodable_batches_skipped += undecodable
         if not messages:
@@ -534,7 +506,7 @@ class AsyncClient:
             request = m.ListOffsetsRequest(
                 topic=topic, partition=partition, spec=m.OffsetSpec.TIMESTAMP, timestamp_ms=timestamp_ms_of(spec)
             )
-        response = await self._call(request, timeout_ms, retry=True)
+        response = await self.core.call(request, timeout_ms, retry=True, expect=m.ListOffsetsResponse)
         return response.offset
 
     async def resolve_start(
@@ -551,21 +523,24 @@ class AsyncClient:
     ) -> tuple[int, int]:
         """A new (producer id, epoch) for an idempotent producer; with a known id, its
         next epoch (fencing older ones)."""
-        response = await self._call(
-            m.InitProducerIdRequest(producer_id=producer_id, producer_epoch=producer_epoch), timeout_ms
+        response = await self.core.call(
+            m.InitProducerIdRequest(producer_id=producer_id, producer_epoch=producer_epoch), timeout_ms,
+            expect=m.InitProducerIdResponse,
         )
         return response.producer_id, response.producer_epoch
 
     # -- consumer groups ----------------------------------------------------------------
 
     async def list_groups(self, *, timeout_ms: int | None = None) -> list[GroupSummary]:
-        response = await self._call(m.ListGroupsRequest(), timeout_ms, retry=True)
+        response = await self.core.call(m.ListGroupsRequest(), timeout_ms, retry=True, expect=m.ListGroupsResponse)
         return [GroupSummary(group.group, group.state, group.members) for group in response.groups]
 
     async def describe_group(self, group: str, *, timeout_ms: int | None = None) -> GroupDescription:
         """Members with their partitions, and per partition the committed offset, the
         high watermark and the lag. UnknownGroup when the group has neither."""
-        response = await self._call(m.DescribeGroupRequest(group=group), timeout_ms, retry=True)
+        response = await self.core.call(
+            m.DescribeGroupRequest(group=group), timeout_ms, retry=True, expect=m.DescribeGroupResponse
+        )
         return GroupDescription(
             group=response.group,
             state=response.state,
@@ -610,6 +585,7 @@ class AsyncClient:
         elif isinstance(to, int):
             spec, offset, timestamp = m.ResetSpec.OFFSET, to, m.NO_OFFSET
         else:
+            assert not isinstance(to, str)  # check_start refused any other string
             spec, offset, timestamp = m.ResetSpec.TIMESTAMP, m.NO_OFFSET, timestamp_ms_of(to)
         request = m.ResetGroupRequest(
             group=group,
@@ -619,7 +595,7 @@ class AsyncClient:
             offset=offset,
             timestamp_ms=timestamp,
         )
-        response = await self._call(request, timeout_ms)
+        response = await self.core.call(request, timeout_ms, expect=m.ResetGroupResponse)
         return {entry.partition: entry.offset for entry in response.offsets}
 
     async def commit_offsets(
@@ -643,7 +619,7 @@ class AsyncClient:
                 for (topic, partition), offset in sorted(offsets.items())
             ],
         )
-        response = await self._call(request, timeout_ms)
+        response = await self.core.call(request, timeout_ms, expect=m.CommitOffsetsResponse)
         return {
             (result.topic, result.partition): None if result.error_code == 0 else error_for(result.error_code, None)
             for result in response.results
@@ -653,7 +629,10 @@ class AsyncClient:
         self, group: str, topics: Sequence[str] = (), *, timeout_ms: int | None = None
     ) -> dict[tuple[str, int], int]:
         """The group's committed offsets (the next offset to read), of `topics` or all."""
-        response = await self._call(m.FetchOffsetsRequest(group=group, topics=list(topics)), timeout_ms, retry=True)
+        response = await self.core.call(
+            m.FetchOffsetsRequest(group=group, topics=list(topics)), timeout_ms, retry=True,
+            expect=m.FetchOffsetsResponse,
+        )
         return {(entry.topic, entry.partition): entry.offset for entry in response.offsets}
 
     # -- operations -------------------------------------------------------------------
@@ -661,7 +640,7 @@ class AsyncClient:
     async def server_status(self, *, timeout_ms: int | None = None) -> ServerStatus:
         """Server-level facts: version, uptime, data directory, connections, disk space,
         read-only and damaged partitions."""
-        response = await self._call(m.ServerStatusRequest(), timeout_ms, retry=True)
+        response = await self.core.call(m.ServerStatusRequest(), timeout_ms, retry=True, expect=m.ServerStatusResponse)
         return ServerStatus(
             server_id=response.server_id,
             version=response.version,
@@ -687,7 +666,9 @@ class AsyncClient:
         compacted topic now; what each run did, by partition. A big topic takes a
         while: pass a timeout_ms to match (the client's default otherwise)."""
         timeout_ms = self.timeout_ms if timeout_ms is None else timeout_ms
-        response = await self._call(m.CompactTopicRequest(name=name, timeout_ms=timeout_ms), timeout_ms)
+        response = await self.core.call(
+            m.CompactTopicRequest(name=name, timeout_ms=timeout_ms), timeout_ms, expect=m.CompactTopicResponse
+        )
         return list(response.partitions)
 
     # -- producers and consumers --------------------------------------------------------

@@ -122,7 +122,7 @@ class ClientConnection:
     def in_flight_count(self) -> int:
         return len(self._pending)
 
-    async def request(self, message: m.Request, records: bytes | memoryview | None = None) -> m.Response:
+    async def request(self, message: m.Request, records: bytes | bytearray | memoryview | None = None) -> m.Response:
         """Send `message` (its request id is assigned here) and wait for its response,
         which is returned whatever its error code. With `records`, they are sent as the
         message's records field, written after the header without a copy. Raises

@@ -144,7 +144,7 @@ class AsyncConsumer:
         self._next_commit = 0.0
         self._started = False
         self._closed = False
-        client._owned.add(self)
+        client.core.own(self)
 
     def __repr__(self) -> str:
         return f"<AsyncConsumer topics={self.topics} group={self.group!r} assignment={self._assignment}>"
@@ -199,9 +199,11 @@ class AsyncConsumer:
                 except NodiClientError as error:
                     log.warning("consumer %s: commit at close failed: %s", self.group, error)
             if self._member and self.member_id and not self._client.closed:
+                assert self.group is not None  # a member is in a group
                 with contextlib.suppress(NodiClientError):
-                    await self._client._call(
-                        m.LeaveGroupRequest(group=self.group, member_id=self.member_id), self.timeout_ms
+                    await self._client.core.call(
+                        m.LeaveGroupRequest(group=self.group, member_id=self.member_id), self.timeout_ms,
+                        expect=m.LeaveGroupResponse,
                     )
         finally:
             tasks = list(self._fetches.values())
@@ -209,7 +211,7 @@ class AsyncConsumer:
             for task in tasks:
                 with contextlib.suppress(BaseException):
                     await task
-            self._client._owned.discard(self)
+            self._client.core.disown(self)
 
     @property
     def closed(self) -> bool:
@@ -452,7 +454,8 @@ class AsyncConsumer:
     # -- group membership ---------------------------------------------------------------
 
     async def _join(self) -> None:
-        response = await self._client._call(
+        assert self.group is not None  # only a group's consumer joins
+        response = await self._client.core.call(
             m.JoinGroupRequest(
                 group=self.group,
                 member_id=self.member_id,
@@ -460,6 +463,7 @@ class AsyncConsumer:
                 session_timeout_ms=self.session_timeout_ms,
             ),
             self.timeout_ms,
+            expect=m.JoinGroupResponse,
         )
         self.member_id = response.member_id
         self.generation = response.generation
@@ -482,10 +486,11 @@ class AsyncConsumer:
                     self._changed.set_result(None)
 
     async def _heartbeat(self) -> None:
+        assert self.group is not None  # only a group's consumer heartbeats
         request = m.HeartbeatRequest(group=self.group, member_id=self.member_id, generation=self.generation)
         timeout_ms = min(self.timeout_ms, self.session_timeout_ms)
-        async with self._client._deadline(timeout_ms, "Heartbeat"):
-            response = await self._client._request(request)
+        async with self._client.core.deadline(timeout_ms, "Heartbeat"):
+            response = await self._client.core.send(request, expect=m.HeartbeatResponse)
         if response.error_code == ErrorCode.NONE:
             return
         if response.error_code == ErrorCode.REBALANCE_IN_PROGRESS:
@@ -532,13 +537,15 @@ class Consumer:
 
     def __init__(self, client, topics, group: str | None = None, **options) -> None:
         self._client = client
-        self._consumer: AsyncConsumer = client._run(self._make(client, topics, group, options), None)
-        client._owned.add(self)
+        self._consumer: AsyncConsumer = client.core.run(
+            self._make(client.core.async_client, topics, group, options), None
+        )
+        client.core.own(self)
 
     @staticmethod
-    async def _make(client, topics, group, options) -> AsyncConsumer:
-        consumer = AsyncConsumer(client._async, topics, group, **options)
-        client._async._owned.discard(consumer)  # closed by this wrapper
+    async def _make(async_client, topics, group, options) -> AsyncConsumer:
+        consumer = AsyncConsumer(async_client, topics, group, **options)
+        async_client.core.disown(consumer)  # closed by this wrapper
         return consumer
 
     def __enter__(self) -> Consumer:
@@ -571,21 +578,21 @@ class Consumer:
         return self._consumer.statistics()
 
     def start(self) -> None:
-        self._client._run(self._consumer.start(), self._consumer.timeout_ms)
+        self._client.core.run(self._consumer.start(), self._consumer.timeout_ms)
 
     def poll(self, timeout_ms: int | None = None) -> list[Message]:
         wait_ms = self._consumer.wait_ms if timeout_ms is None else timeout_ms
-        return self._client._run(self._consumer.poll(timeout_ms), self._consumer.timeout_ms, wait_ms)
+        return self._client.core.run(self._consumer.poll(timeout_ms), self._consumer.timeout_ms, wait_ms)
 
     def commit(self) -> None:
-        self._client._run(self._consumer.commit(), self._consumer.timeout_ms)
+        self._client.core.run(self._consumer.commit(), self._consumer.timeout_ms)
 
     def close(self) -> None:
         try:
             if not self._client.closed:
-                self._client._run(self._consumer.close(), self._consumer.timeout_ms)
+                self._client.core.run(self._consumer.close(), self._consumer.timeout_ms)
         finally:
-            self._client._owned.discard(self)
+            self._client.core.disown(self)
 
     def assignment(self) -> list[TopicPartition]:
         return self._consumer.assignment()
@@ -594,7 +601,7 @@ class Consumer:
         return self._consumer.position(topic, partition)
 
     def seek(self, topic: str, partition: int, offset: int) -> None:
-        self._client._run(self._seek(topic, partition, offset), None)
+        self._client.core.run(self._seek(topic, partition, offset), None)
 
     async def _seek(self, topic: str, partition: int, offset: int) -> None:
         self._consumer.seek(topic, partition, offset)
@@ -616,11 +623,11 @@ class Consumer:
                 index = len(batch)
             finally:
                 if index < len(batch) and not self._client.closed:
-                    self._client._run(self._rewind(batch[index + 1 :]), None)
+                    self._client.core.run(self._rewind(batch[index + 1 :]), None)
 
     def rewind(self, undelivered: list[Message]) -> None:
         """As AsyncConsumer.rewind: poll() returns these again."""
-        self._client._run(self._rewind(undelivered), None)
+        self._client.core.run(self._rewind(undelivered), None)
 
     async def _rewind(self, undelivered: list[Message]) -> None:
         self._consumer.rewind(undelivered)

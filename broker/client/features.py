@@ -50,7 +50,7 @@ def with_features(
     ttl_ms: int | None = None,
     delay_ms: int | None = None,
     deliver_at: _datetime.datetime | None = None,
-    idempotency_key: str | bytes | None = None,
+    idempotency_key: str | bytes | bytearray | memoryview | None = None,
     now_ms: int | None = None,
 ) -> Headers:
     """`headers` (checked: no reserved name) plus the reserved headers the keyword

@@ -11,21 +11,89 @@ Options: linger_ms (5), batch_bytes_max (256 KiB), acks ("durable"), idempotent 
 compression ("none" or "gzip"), max_in_flight (32 batches), delivery_timeout_ms (120 s),
 buffer_bytes_max (32 MiB of messages not yet acknowledged: beyond it the sync send()
 blocks, up to timeout_ms, and the async send() raises BufferFull until
-`await wait_for_space()`), timeout_ms (per request; the client's by default). How
-batching, partitioning, retries and idempotence work: producer_core.py.
+`await wait_for_space()`), timeout_ms (per request; the client's by default).
+
+Each producer is two objects, as aiokafka's is: a RecordAccumulator (accumulator.py:
+buffers per partition, batching by size and linger, partitioning, back-pressure; called
+from any thread) and a Sender (sender.py: the task on the client's loop that builds and
+sends the batches: in-flight limits, idempotence, retries, publish dedup). Their
+docstrings say how each works.
 """
 
 from __future__ import annotations
 
 import asyncio
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from nodi.storage.errors import NodiError
+from nodi.storage.limits import KIB, MIB
 
+from .accumulator import RecordAccumulator
 from .errors import Timeout
 from .features import with_features
 from .futures import MessageFuture
+from .sender import Sender
 from .types import partition_for_key, timestamp_ms_of, to_bytes, to_headers
-from .producer_core import ProducerCore, producer_options
+
+if TYPE_CHECKING:
+    from .async_client import AsyncClient
+    from .sync_client import Client
+
+
+def producer_options(
+    linger_ms: float = 5,
+    batch_bytes_max: int = 256 * KIB,
+    acks: str = "durable",
+    idempotent: bool = True,
+    compression: str = "none",
+    max_in_flight: int = 32,
+    delivery_timeout_ms: int = 120_000,
+    buffer_bytes_max: int = 32 * MIB,
+    timeout_ms: int | None = None,
+) -> dict:
+    """The producer options with their defaults (the module docstring documents them)."""
+    return dict(
+        linger_ms=linger_ms,
+        batch_bytes_max=batch_bytes_max,
+        acks=acks,
+        idempotent=idempotent,
+        compression=compression,
+        max_in_flight=max_in_flight,
+        delivery_timeout_ms=delivery_timeout_ms,
+        buffer_bytes_max=buffer_bytes_max,
+        timeout_ms=timeout_ms,
+    )
+
+
+def producer_parts(
+    client: AsyncClient, loop: asyncio.AbstractEventLoop, *, threadsafe: bool, **options: Any
+) -> tuple[RecordAccumulator, Sender]:
+    """The accumulator and the sender of one producer, the accumulator waking the
+    sender's task on `loop` (from any thread when `threadsafe`)."""
+    settings = producer_options(**options)
+    wake_event = asyncio.Event()
+    wake = partial(loop.call_soon_threadsafe, wake_event.set) if threadsafe else wake_event.set
+    accumulator = RecordAccumulator(
+        linger_ms=settings["linger_ms"],
+        batch_bytes_max=settings["batch_bytes_max"],
+        buffer_bytes_max=settings["buffer_bytes_max"],
+        wake=wake,
+    )
+    sender = Sender(
+        client,
+        loop,
+        accumulator,
+        wake_event,
+        acks=settings["acks"],
+        idempotent=settings["idempotent"],
+        compression=settings["compression"],
+        max_in_flight=settings["max_in_flight"],
+        delivery_timeout_ms=settings["delivery_timeout_ms"],
+        timeout_ms=settings["timeout_ms"],
+    )
+    return accumulator, sender
+
 
 class AsyncProducer:
     """A batching producer on an AsyncClient; see the module docstring. Options:
@@ -33,16 +101,18 @@ class AsyncProducer:
     compression ("none" or "gzip"), max_in_flight (32 batches), delivery_timeout_ms
     (120 s), timeout_ms (per request; the client's by default)."""
 
-    def __init__(self, client, **options) -> None:
+    def __init__(self, client: AsyncClient, **options: Any) -> None:
         self._client = client
-        self._core = ProducerCore(client, asyncio.get_running_loop(), threadsafe=False, **producer_options(**options))
+        self._loop = asyncio.get_running_loop()
+        self._accumulator, self._sender = producer_parts(client, self._loop, threadsafe=False, **options)
+        self._partition_counts = client.core.partition_counts  # read by send(), the hot path
         # Messages for topics whose partition count is being looked up, in send order.
         self._unrouted: dict[str, list[tuple]] = {}
         self._lookups: dict[str, asyncio.Task] = {}
-        client._owned.add(self)
+        client.core.own(self)
 
     async def __aenter__(self) -> AsyncProducer:
-        self._core.start()
+        self._sender.start()
         return self
 
     async def __aexit__(self, *exc_info) -> None:
@@ -67,8 +137,7 @@ class AsyncProducer:
         for acknowledgement (see wait_for_space). ttl_ms, delay_ms / deliver_at and
         idempotency_key as for client.produce(): a message whose key the topic saw within
         its dedup window resolves to the original's (partition, offset)."""
-        core = self._core
-        future = core.loop.create_future()
+        future = self._loop.create_future()
         if key is not None:
             key = to_bytes(key, "key")
         if type(value) is not bytes:
@@ -78,29 +147,28 @@ class AsyncProducer:
             headers = with_features(headers, ttl_ms=ttl_ms, delay_ms=delay_ms, deliver_at=deliver_at,
                                     idempotency_key=idempotency_key)
         timestamp_ms = None if timestamp is None else timestamp_ms_of(timestamp)
-        count = self._client._partition_counts.get(topic)
+        count = self._partition_counts.get(topic)
         if topic in self._unrouted or (count is None and partition is None):
             # Behind the messages already waiting for this topic's partition count.
             self._unrouted.setdefault(topic, []).append((key, value, headers, timestamp_ms, partition, future))
             if topic not in self._lookups:
-                self._lookups[topic] = core.loop.create_task(self._route_later(topic))
+                self._lookups[topic] = self._loop.create_task(self._route_later(topic))
             return future
         if count is None:
             count = 0
         if partition is None and key is not None:
             partition = partition_for_key(key, count)
-        if core._sender is None:
-            core.start()
-        core.append(topic, partition, count, key, value, headers, timestamp_ms, future)
+        if self._sender.task is None:
+            self._sender.start()
+        self._accumulator.append(topic, partition, count, key, value, headers, timestamp_ms, future)
         return future
 
     async def _route_later(self, topic: str) -> None:
+        failure: NodiError | None = None
         try:
-            count = await self._client.partition_count(topic, timeout_ms=self._core.timeout_ms)
+            count = await self._client.partition_count(topic, timeout_ms=self._sender.timeout_ms)
         except NodiError as error:
             count, failure = 0, error
-        else:
-            failure = None
         finally:
             del self._lookups[topic]
         waiting = self._unrouted.pop(topic, [])
@@ -112,8 +180,8 @@ class AsyncProducer:
             if partition is None and key is not None:
                 partition = partition_for_key(key, count)
             try:
-                self._core.start()
-                self._core.append(topic, partition, count, key, value, headers, timestamp_ms, future)
+                self._sender.start()
+                self._accumulator.append(topic, partition, count, key, value, headers, timestamp_ms, future)
             except NodiError as error:
                 if not future.done():
                     future.set_exception(error)
@@ -126,13 +194,11 @@ class AsyncProducer:
     async def wait_for_space(self, timeout_ms: int | None = None) -> None:
         """Wait until at most half of buffer_bytes_max is held by messages not yet
         acknowledged."""
-        core = self._core
         timeout_ms = self._client.timeout_ms if timeout_ms is None else timeout_ms
         try:
             async with asyncio.timeout(timeout_ms / 1000):
-                while not core.has_space():
-                    core._progress.clear()
-                    await core._progress.wait()
+                while not self._accumulator.has_space():
+                    await self._sender.wait_for_progress()
         except TimeoutError:
             raise Timeout(f"no room in the producer's buffer within {timeout_ms} ms") from None
 
@@ -140,33 +206,36 @@ class AsyncProducer:
         """Wait until every message sent so far is acknowledged (or failed)."""
         for task in list(self._lookups.values()):
             await task
-        await self._core.flush(timeout_ms)
+        await self._sender.flush(timeout_ms)
 
     async def close(self, timeout_ms: int | None = None) -> None:
         """Flush, then stop."""
         try:
             for task in list(self._lookups.values()):
                 await task
-            await self._core.close(timeout_ms)
+            await self._sender.close(timeout_ms)
         finally:
-            self._client._owned.discard(self)
+            self._client.core.disown(self)
 
 
 class Producer:
     """The batching producer of a sync Client; send() may be called from any thread and
     returns a concurrent.futures.Future. Same options as AsyncProducer."""
 
-    def __init__(self, client, **options) -> None:
-        self._client = client  # the sync Client
-        self._async_client = client._async
-        loop = client._loop
-        self._core = ProducerCore(self._async_client, loop, threadsafe=True, **producer_options(**options))
-        self._block_s = (self._core.timeout_ms or self._async_client.timeout_ms) / 1000
-        client._run(self._start(), None)
-        client._owned.add(self)
+    def __init__(self, client: Client, **options: Any) -> None:
+        self._core = client.core  # the sync Client's
+        self._async_client = client.core.async_client
+        self._client = client
+        self._accumulator, self._sender = producer_parts(
+            self._async_client, self._core.loop, threadsafe=True, **options
+        )
+        self._block_s = (self._sender.timeout_ms or self._async_client.timeout_ms) / 1000
+        self._partition_counts = self._async_client.core.partition_counts  # read by send(), the hot path
+        self._core.run(self._start(), None)
+        self._core.own(self)
 
     async def _start(self) -> None:
-        self._core.start()
+        self._sender.start()
 
     def __enter__(self) -> Producer:
         return self
@@ -199,7 +268,7 @@ class Producer:
         if headers or ttl_ms is not None or delay_ms is not None or deliver_at is not None or idempotency_key is not None:
             headers = with_features(headers, ttl_ms=ttl_ms, delay_ms=delay_ms, deliver_at=deliver_at,
                                     idempotency_key=idempotency_key)
-        count = self._async_client._partition_counts.get(topic)
+        count = self._partition_counts.get(topic)
         if count is None:
             if partition is None:
                 count = self._client.partition_count(topic)
@@ -208,7 +277,7 @@ class Producer:
         if partition is None and key is not None:
             partition = partition_for_key(key, count)
         future = MessageFuture()
-        self._core.append(
+        self._accumulator.append(
             topic, partition, count, key, value, headers,
             None if timestamp is None else timestamp_ms_of(timestamp), future, self._block_s,
         )
@@ -216,17 +285,17 @@ class Producer:
 
     def flush(self, timeout_ms: int | None = None) -> None:
         """Wait until every message sent so far is acknowledged (or failed)."""
-        self._client._run(self._core.flush(timeout_ms), timeout_ms)
+        self._core.run(self._sender.flush(timeout_ms), timeout_ms)
 
     def close(self, timeout_ms: int | None = None) -> None:
         """Flush, then stop."""
         try:
-            self._client._run(self._core.close(timeout_ms), timeout_ms)
+            self._core.run(self._sender.close(timeout_ms), timeout_ms)
         finally:
-            self._client._owned.discard(self)
+            self._core.disown(self)
 
     async def _close_async(self) -> None:
-        await self._core.close()
+        await self._sender.close()
 
 
-__all__ = ["AsyncProducer", "Producer"]
+__all__ = ["AsyncProducer", "Producer", "producer_options"]

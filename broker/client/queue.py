@@ -149,7 +149,9 @@ def backoff_from_wire(backoff: m.QueueBackoff) -> Backoff:
 
 
 async def describe_queue(client, topic: str, group: str, timeout_ms: int | None) -> QueueDescription:
-    response = await client._call(m.QueueDescribeRequest(group=group, topic=topic), timeout_ms, retry=True)
+    response = await client.core.call(
+        m.QueueDescribeRequest(group=group, topic=topic), timeout_ms, retry=True, expect=m.QueueDescribeResponse
+    )
     return QueueDescription(
         group=group, topic=topic, ack_wait_ms=response.settings.ack_wait_ms,
         max_deliveries=response.settings.max_deliveries, backoff=backoff_from_wire(response.settings.backoff),
@@ -164,7 +166,9 @@ async def describe_queue(client, topic: str, group: str, timeout_ms: int | None)
 
 
 async def list_queues(client, topic: str | None, timeout_ms: int | None) -> list[QueueSummary]:
-    response = await client._call(m.QueueListRequest(topic=topic), timeout_ms, retry=True)
+    response = await client.core.call(
+        m.QueueListRequest(topic=topic), timeout_ms, retry=True, expect=m.QueueListResponse
+    )
     return [QueueSummary(g.group, g.topic, g.dead_letter_topic, g.pending, g.leased, g.dead_letters_pending)
             for g in response.groups]
 
@@ -245,7 +249,7 @@ class AsyncQueue:
         # The message an iteration handed out last, and whether its body settled it.
         self._current: QueueMessage | None = None
         self._current_settled = False
-        client._owned.add(self)
+        client.core.own(self)
 
     def __repr__(self) -> str:
         return f"<AsyncQueue {self.group!r} on {self.topic!r}{' closed' if self._closed else ''}>"
@@ -285,7 +289,7 @@ class AsyncQueue:
             wait_ms = min(wait_ms, RECEIVE_POLL_MS_MAX)
             request = m.QueueReceiveRequest(group=self.group, topic=self.topic, settings=self.settings,
                                             messages_max=self.batch_max, wait_ms=wait_ms)
-            response = await self.client._call(request, None, extra_ms=wait_ms)
+            response = await self.client.core.call(request, None, extra_ms=wait_ms, expect=m.QueueReceiveResponse)
             received = self._decode(response, owner)
             self._backlog = len(received) >= self.batch_max
             if received and self.guarantee == AT_MOST_ONCE:
@@ -326,7 +330,7 @@ class AsyncQueue:
         try:
             request = m.QueueReceiveRequest(group=self.group, topic=self.topic, settings=self.settings,
                                             messages_max=self.batch_max, wait_ms=0)
-            received = self._decode(await self.client._call(request, None), owner)
+            received = self._decode(await self.client.core.call(request, None, expect=m.QueueReceiveResponse), owner)
             self._backlog = len(received) >= self.batch_max
             if self._closed:  # closed meanwhile: given back like the buffer
                 for message in received:
@@ -435,17 +439,17 @@ class AsyncQueue:
             del self._outbox[:SETTLEMENTS_PER_REQUEST_MAX]
             request = m.QueueSettleRequest(group=self.group, topic=self.topic, settlements=_runs(batch))
             try:
-                response = await self.client._call(request, None, retry=True)
+                response = await self.client.core.call(request, None, retry=True, expect=m.QueueSettleResponse)
             except Exception as error:
                 for entry in batch:
                     self._fail(entry[6], error)
                 continue
             outcomes = [(result.error_code, result.lease_deadline_ms, result.count) for result in response.results]
             if sum(count for _, _, count in outcomes) != len(batch):
-                error = InvalidRecords(f"queue settle: outcomes for {sum(c for _, _, c in outcomes)} offsets, "
-                                       f"{len(batch)} settled")
+                mismatch = InvalidRecords(f"queue settle: outcomes for {sum(c for _, _, c in outcomes)} offsets, "
+                                          f"{len(batch)} settled")
                 for entry in batch:
-                    self._fail(entry[6], error)
+                    self._fail(entry[6], mismatch)
                 continue
             index = 0
             for code, deadline, count in outcomes:
@@ -478,7 +482,7 @@ class AsyncQueue:
             self._settle_nowait(message, m.SettleAction.NACK, 0, None)
         with contextlib.suppress(Exception):
             await self.flush()
-        self.client._owned.discard(self)
+        self.client.core.disown(self)
 
 
 def _runs(batch: list[tuple]) -> list[m.Settlement]:
@@ -504,14 +508,14 @@ class Queue:
 
     def __init__(self, client, topic: str, group: str, **options: Any) -> None:
         self._client = client
-        self._async: AsyncQueue = client._run(self._make(client._async, topic, group, options), None)
+        self._async: AsyncQueue = client.core.run(self._make(client.core.async_client, topic, group, options), None)
         # Settles made with wait=False, handed to the loop thread in runs.
         self._local: list[tuple] = []
         self._local_lock = threading.Lock()
         self._current: QueueMessage | None = None
         self._current_settled = False
         self._unsettled = 0  # as AsyncQueue's, counted in the application's thread
-        client._owned.add(self)
+        client.core.own(self)
 
     @staticmethod
     async def _make(client, topic, group, options) -> AsyncQueue:
@@ -545,11 +549,11 @@ class Queue:
                 message = queue._buffer.popleft()
                 if (queue.prefetch and queue._backlog and queue._prefetching is None and self._unsettled == 0
                         and queue.guarantee == AT_LEAST_ONCE and len(queue._buffer) <= queue.batch_max // 2):
-                    self._client._loop.call_soon_threadsafe(queue.prefetch_soon, self, True)
+                    self._client.core.call_soon(queue.prefetch_soon, self, True)
                 self._handed_out()
                 return message
         wait = self._async.receive_timeout_ms if timeout_ms is None else timeout_ms
-        message = self._client._run(self._async._receive(timeout_ms, self), None, wait)
+        message = self._client.core.run(self._async._receive(timeout_ms, self), None, wait)
         if message is not None:
             self._handed_out()
         return message
@@ -582,12 +586,12 @@ class Queue:
             async def settle():
                 return await queue._settle_nowait(message, action, delay_ms, text, record_error=False)
 
-            return self._client._run(settle(), None)
+            return self._client.core.run(settle(), None)
         with self._local_lock:
             self._local.append((message, action, delay_ms, text))
             first = len(self._local) == 1
         if first:  # one wake-up of the loop thread for a run of settles
-            self._client._loop.call_soon_threadsafe(self._drain_local)
+            self._client.core.call_soon(self._drain_local)
         return None
 
     def _drain_local(self) -> None:
@@ -599,13 +603,13 @@ class Queue:
     def _reply(self, message: QueueMessage, value, key, headers) -> bool:
         from .request import send_reply
 
-        return self._client._run(send_reply(self._client._async, message, value, key, headers), None)
+        return self._client.core.run(send_reply(self._client.core.async_client, message, value, key, headers), None)
 
     def flush(self) -> None:
-        self._client._run(self._async.flush(), None)
+        self._client.core.run(self._async.flush(), None)
 
     def close(self) -> None:
         if self._client.closed:
             return
-        self._client._run(self._async.close(), None)
-        self._client._owned.discard(self)
+        self._client.core.run(self._async.close(), None)
+        self._client.core.disown(self)

@@ -54,7 +54,7 @@ class Requester:
         self._prefix = os.urandom(8).hex()
         self._ids = itertools.count(1)
         self.replies_dropped = 0
-        client._owned.add(self)
+        client.core.own(self)
 
     async def request(self, topic: str, value, *, key=None, headers=None, partition: int | None = None,
                       timeout_ms: int | None = None) -> Message:
@@ -93,7 +93,7 @@ class Requester:
     async def _inbox(self) -> str:
         async with self._opening:
             if self.inbox is None:
-                response = await self.client._call(m.InboxOpenRequest(), None)
+                response = await self.client.core.call(m.InboxOpenRequest(), None, expect=m.InboxOpenResponse)
                 self.inbox = response.inbox
             return self.inbox
 
@@ -102,7 +102,9 @@ class Requester:
         while self._pending and self.inbox == inbox:
             request = m.InboxReceiveRequest(inbox=inbox, wait_ms=INBOX_POLL_MS)
             try:
-                response = await self.client._call(request, None, extra_ms=INBOX_POLL_MS)
+                response = await self.client.core.call(
+                    request, None, extra_ms=INBOX_POLL_MS, expect=m.InboxReceiveResponse
+                )
             except UnknownInbox as error:
                 self.inbox = None  # the next request opens another
                 for future in self._pending.values():
@@ -133,7 +135,7 @@ class Requester:
                                       record.headers))
 
     async def close(self) -> None:
-        self.client._owned.discard(self)
+        self.client.core.disown(self)
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(BaseException):
@@ -141,13 +143,14 @@ class Requester:
         inbox, self.inbox = self.inbox, None
         if inbox is not None:
             with contextlib.suppress(Exception):
-                await self.client._call(m.InboxCloseRequest(inbox=inbox), 1_000)
+                await self.client.core.call(m.InboxCloseRequest(inbox=inbox), 1_000, expect=m.InboxCloseResponse)
 
 
 def requester_of(client) -> Requester:
-    requester = getattr(client, "_requester", None)
+    """The client's Requester, made on its first request (kept in client.core)."""
+    requester = client.core.requester
     if requester is None:
-        requester = client._requester = Requester(client)
+        requester = client.core.requester = Requester(client)
     return requester
 
 
@@ -165,5 +168,5 @@ async def send_reply(client, message, value, key=None, headers=None) -> bool:
     record = NewRecord(to_bytes(key, "key"), to_bytes(value), (*user_headers, (reserved.CORRELATION_ID, correlation)),
                        None)
     request = m.ReplyRequest(inbox=reply_to.decode("utf-8", errors="replace"), records=b"")
-    response = await client._call(request, None, records=build_batch([record]))
+    response = await client.core.call(request, None, records=build_batch([record]), expect=m.ReplyResponse)
     return response.delivered

@@ -16,14 +16,13 @@ and raises RuntimeError instead.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import threading
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .async_client import DEFAULT_FETCH_BYTES_MAX, DEFAULT_TIMEOUT_MS, AsyncClient
-from .errors import ClientClosed, Timeout
+from .core import SyncClientCore
 
 if TYPE_CHECKING:
     import datetime as _datetime
@@ -44,8 +43,8 @@ if TYPE_CHECKING:
         TopicSummary,
     )
 
-# How much longer than a call's own timeout the calling thread waits for its result.
-RESULT_GRACE_S = 5.0
+ResultT = TypeVar("ResultT")
+
 # close(): how long to wait for the loop thread to finish.
 CLOSE_JOIN_TIMEOUT_S = 30.0
 
@@ -59,13 +58,16 @@ class Client:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop_main, name="nodi-client-loop", daemon=True)
         self._closed = False
-        self._owned: set = set()
+        # The interface of the client's parts (producers, consumers, queues): run a
+        # coroutine on the loop, the parts to close (client/core.py).
+        self.core = SyncClientCore(self._loop, self._thread, lambda: self._closed, DEFAULT_TIMEOUT_MS)
         self._thread.start()
         try:
             self._async: AsyncClient = self._run(self._make_client(address, options), None)
         except BaseException:
             self._stop_loop()
             raise
+        self.core.async_client = self._async
 
     async def _make_client(self, address: str | None, options: dict) -> AsyncClient:
         return AsyncClient(address, **options)
@@ -79,27 +81,10 @@ class Client:
                 self._loop.run_until_complete(self._loop.shutdown_asyncgens())
             self._loop.close()
 
-    def _run(self, coroutine: Coroutine, timeout_ms: int | None, extra_ms: int = 0) -> Any:
-        """Run `coroutine` on the client's loop and wait for it (its own timeout,
-        `timeout_ms` or the client's, plus `extra_ms` and a grace)."""
-        if threading.current_thread() is self._thread:
-            coroutine.close()
-            raise RuntimeError("a Client method was called from the client's own event loop thread")
-        if self._closed:
-            coroutine.close()
-            raise ClientClosed("the client is closed")
-        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
-        if timeout_ms is None:
-            timeout_ms = self._async.timeout_ms if hasattr(self, "_async") else DEFAULT_TIMEOUT_MS
-        try:
-            return future.result((timeout_ms + extra_ms) / 1000 + RESULT_GRACE_S)
-        except concurrent.futures.TimeoutError:  # also the builtin TimeoutError, so a Timeout the call raised
-            if future.done() and not future.cancelled():
-                raise  # the call's own error (a Timeout with its message), not this wait running out
-            future.cancel()
-            raise Timeout(f"no result within {timeout_ms} ms") from None
-        except concurrent.futures.CancelledError:
-            raise ClientClosed("the call was cancelled: the client is closing") from None
+    def _run(self, coroutine: Coroutine[Any, Any, ResultT], timeout_ms: int | None, extra_ms: int = 0) -> ResultT:
+        """core.run(): run `coroutine` on the client's loop and wait for it (its own
+        timeout, `timeout_ms` or the client's, plus `extra_ms` and a grace)."""
+        return self.core.run(coroutine, timeout_ms, extra_ms)
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -138,7 +123,7 @@ class Client:
         loop and its thread."""
         if self._closed:
             return
-        for owned in list(self._owned):
+        for owned in list(self.core.parts):
             with contextlib.suppress(Exception):
                 owned.close()
         try:
@@ -200,7 +185,7 @@ class Client:
         written. For throughput use producer()."""
         return self._run(self._async.produce(topic, value, key=key, headers=headers, partition=partition, timestamp=timestamp, acks=acks, ttl_ms=ttl_ms, delay_ms=delay_ms, deliver_at=deliver_at, idempotency_key=idempotency_key, timeout_ms=timeout_ms), timeout_ms)
 
-    def produce_batch(self, topic: str, partition: int, batch: bytes | memoryview, *, acks: str | int='durable', timeout_ms: int | None=None, retry: bool=False) -> m.ProduceResponse:
+    def produce_batch(self, topic: str, partition: int, batch: bytes | bytearray | memoryview, *, acks: str | int='durable', timeout_ms: int | None=None, retry: bool=False) -> m.ProduceResponse:
         """AsyncClient.produce_batch, blocking: Send whole RecordBatch v2 bytes
         (storage.records.build_batch) as they are; the server's ProduceResponse. `retry`
         re-sends after a ConnectionLost (only safe for an idempotent producer's
