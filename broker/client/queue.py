@@ -27,17 +27,30 @@ dies while handling it loses it). For effectively-once,
 wrap the queue in broker/client/idempotent.py's IdempotentConsumer. receive() never acks by
 itself under at-least-once: settle what it returns.
 
-Settling waits until the broker has recorded it durably (`wait=True`, the default).
+Settling waits until the broker has recorded it durably (`wait=True`, the default)
+and returns True when it counted, False when this consumer lost the race: its lease ran
+out and the message was delivered again to another (STALE_DELIVERY) or finished there
+(DELIVERY_SETTLED); in_progress() returns the new deadline or None. A lost race is
+counted (statistics().stale_settles) and logged, not raised; `strict=True` raises it.
 With `wait=False` the call returns at once and settlements go out batched in the
-background; `flush()` waits for them and raises the first that failed. A receive asks for
-up to `batch_max` messages at a time: the ones not yet handed out are leased all the
-same, and close() gives them back (a nack without delay). With `prefetch` (the default)
-and at-least-once the queue asks for the next batch, without waiting on the broker, once
-half of the current one was handed out if the last receive came back full (a backlog),
-so the application rarely waits for a round trip. It does so only while the application
-settles what it is handed (every message handed out before the current one is settled:
-a consumer that holds messages leases no more than it asked for), so at most batch_max +
-batch_max // 2 messages are leased to it and not yet handed out.
+background; `flush()` waits for them and raises the first that failed.
+
+Flow control: at most `max_outstanding` messages (default 100), and softly
+`max_outstanding_bytes` of keys and values, are leased to the queue and not settled
+(buffered or handed out); a receive asks for no more than the room left and waits for
+room up to its timeout. A receive asks for up to `batch_max` messages within it; the ones
+not yet handed out are leased all the same, and close() gives them back (a nack without
+delay). With `prefetch` (the default) and at-least-once the queue asks for the next
+batch, without waiting on the broker, once half of the current one was handed out if the
+last receive came back full (a backlog), within the room left and only while the
+application settled every message it was handed before the current one.
+
+Lease management: a task on the client's loop extends the lease of every message the
+queue holds (buffered or in a handler, unsettled) with one batched in-progress settle
+(runs of offsets) once the soonest has half of ack_wait left, until it was held
+`max_lease_ms` (default 1 hour; 0: never extend); then it lets it go. A buffered message
+whose lease ran out is never handed out: it is released instead. A message whose
+iteration body raised or broke out is no longer extended (its lease runs out).
 
 The group's settings (ack_wait_ms, max_deliveries, backoff, dead_letter_topic, and
 expired: "drop" or "dead-letter" for a message whose TTL passed) are fixed by its first
