@@ -479,9 +479,9 @@ class AsyncQueue:
         if not received:
             return received
         self._received += len(received)
-        if self._ack_wait_s is None:
-            await self._learn_ack_wait(received[0])
         if self.guarantee == AT_LEAST_ONCE:
+            if self._ack_wait_s is None:
+                await self._learn_ack_wait(received[0])
             self._hold(received, sent_at)
         return received
 
@@ -501,8 +501,11 @@ class AsyncQueue:
         assert self._ack_wait_s is not None
         received_at = time.monotonic()
         held_until = sent_at + self.max_lease_ms / 1000
+        deadline_ms, deadline = None, 0.0
         for message in messages:
-            deadline = _local_deadline(message.lease_deadline_ms, sent_at, received_at, self._ack_wait_s)
+            if message.lease_deadline_ms != deadline_ms:  # one per run of offsets
+                deadline_ms = message.lease_deadline_ms
+                deadline = _local_deadline(deadline_ms, sent_at, received_at, self._ack_wait_s)
             key = _key(message)
             if key in self._leases:  # delivered to us again after our lease was lost
                 self._drop_lease(key)
