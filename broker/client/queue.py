@@ -568,7 +568,11 @@ class AsyncQueue:
             if due > now:
                 await asyncio.sleep(due - now)
                 continue
-            if not await self._extend_leases(ack_wait_s):
+            try:
+                extended = await self._extend_leases(ack_wait_s)
+            except ClientClosed:
+                return
+            if not extended:
                 await asyncio.sleep(min(LEASE_RETRY_MS_MAX / 1000, ack_wait_s / 4))
 
     async def _extend_leases(self, ack_wait_s: float) -> bool:
@@ -594,6 +598,8 @@ class AsyncQueue:
             sent_at = time.monotonic()
             try:
                 response = await self.client._call(request, None, retry=True)
+            except ClientClosed:
+                raise  # the client closes (and this queue with it): nothing more to extend
             except Exception as error:  # noqa: BLE001 - tried again; a lease lost meanwhile is found then
                 if self._closed:
                     return True
