@@ -149,7 +149,7 @@ def test_rejects_answered_before_a_broker_kill_all_reach_the_dead_letter_topic(b
     with Client(process.address) as client:
         client.create_topic("work")
         produce(client, "work", count)
-        with client.queue("work", "g", batch_max=count, ack_wait_ms=60_000) as queue:
+        with client.queue("work", "g", batch_max=count, ack_wait_ms=60_000, max_outstanding=count) as queue:
             held = [queue.receive(timeout_ms=WAIT_MS) for _ in range(count)]
             for message in held:
                 message.reject("bad", wait=False)

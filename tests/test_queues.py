@@ -71,15 +71,18 @@ def test_a_stale_delivery_cannot_be_settled_but_an_expired_one_can_be_acked() ->
     with pytest.raises(ProtocolError) as raised:
         queue.ack(0, 1)
     assert raised.value.code is ErrorCode.STALE_DELIVERY
+    assert queue.statistics().stale_settles == 1  # nodi_queue_stale_settles
     with pytest.raises(ProtocolError) as raised:
         queue.ack(5, 1)
     assert raised.value.code is ErrorCode.UNKNOWN_DELIVERY
+    assert queue.statistics().stale_settles == 1
 
 
 def test_in_progress_extends_the_lease() -> None:
     queue = make_queue(1)
     queue.take(1, now_ms=0)
     assert queue.in_progress(0, 1, now_ms=900) == 1_900
+    assert queue.statistics().leases_extended == 1  # nodi_queue_leases_extended
     assert not queue.tick(1_500)
     assert queue.tick(1_900)
     assert offsets(queue.take(1, now_ms=1_900)) == [0]

@@ -351,13 +351,14 @@ def run(arguments: argparse.Namespace, data_directory: str) -> dict:
                         batch_bytes_max=256 * KIB, phase_seconds_max=arguments.phase_seconds_max,
                         latency_rate=1, latency_seconds=0, latency_warmup=0, latency_linger_ms=0,
                         raw_loop_seconds=arguments.limit_seconds, rounds=1, quick=arguments.quick)
-    from nodi.broker.client.queue import DEFAULT_BATCH_MAX
+    from nodi.broker.client.queue import DEFAULT_BATCH_MAX, DEFAULT_MAX_LEASE_MS, DEFAULT_MAX_OUTSTANDING
 
     results: dict = {"schema": 1, "machine": machine,
                      "settings": {"messages": messages, "value_bytes": arguments.value_bytes,
                                   "partitions": arguments.partitions, "requests": arguments.requests,
                                   "concurrency": arguments.concurrency, "request_fsync": arguments.request_fsync,
-                                  "queue_batch_max": DEFAULT_BATCH_MAX, "quick": arguments.quick,
+                                  "queue_batch_max": DEFAULT_BATCH_MAX, "queue_max_outstanding": DEFAULT_MAX_OUTSTANDING,
+                                  "queue_max_lease_ms": DEFAULT_MAX_LEASE_MS, "quick": arguments.quick,
                                   "four_consumers": "4 client processes, and 4 AsyncQueues in one asyncio loop"}}
     results["limits"] = machine_limits(data_directory, arguments.limit_seconds, arguments.value_bytes)
     server = broker_bench.NodiServer(os.path.join(data_directory, "nodi"))

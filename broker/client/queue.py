@@ -27,17 +27,30 @@ dies while handling it loses it). For effectively-once,
 wrap the queue in broker/client/idempotent.py's IdempotentConsumer. receive() never acks by
 itself under at-least-once: settle what it returns.
 
-Settling waits until the broker has recorded it durably (`wait=True`, the default).
+Settling waits until the broker has recorded it durably (`wait=True`, the default)
+and returns True when it counted, False when this consumer lost the race: its lease ran
+out and the message was delivered again to another (STALE_DELIVERY) or finished there
+(DELIVERY_SETTLED); in_progress() returns the new deadline or None. A lost race is
+counted (statistics().stale_settles) and logged, not raised; `strict=True` raises it.
 With `wait=False` the call returns at once and settlements go out batched in the
-background; `flush()` waits for them and raises the first that failed. A receive asks for
-up to `batch_max` messages at a time: the ones not yet handed out are leased all the
-same, and close() gives them back (a nack without delay). With `prefetch` (the default)
-and at-least-once the queue asks for the next batch, without waiting on the broker, once
-half of the current one was handed out if the last receive came back full (a backlog),
-so the application rarely waits for a round trip. It does so only while the application
-settles what it is handed (every message handed out before the current one is settled:
-a consumer that holds messages leases no more than it asked for), so at most batch_max +
-batch_max // 2 messages are leased to it and not yet handed out.
+background; `flush()` waits for them and raises the first that failed.
+
+Flow control: at most `max_outstanding` messages (default 100), and softly
+`max_outstanding_bytes` of keys and values, are leased to the queue and not settled
+(buffered or handed out); a receive asks for no more than the room left and waits for
+room up to its timeout. A receive asks for up to `batch_max` messages within it; the ones
+not yet handed out are leased all the same, and close() gives them back (a nack without
+delay). With `prefetch` (the default) and at-least-once the queue asks for the next
+batch, without waiting on the broker, once half of the current one was handed out if the
+last receive came back full (a backlog), within the room left and only while the
+application settled every message it was handed before the current one.
+
+Lease management: a task on the client's loop extends the lease of every message the
+queue holds (buffered or in a handler, unsettled) with one batched in-progress settle
+(runs of offsets) once the soonest has half of ack_wait left, until it was held
+`max_lease_ms` (default 1 hour; 0: never extend); then it lets it go. A buffered message
+whose lease ran out is never handed out: it is released instead. A message whose
+iteration body raised or broke out is no longer extended (its lease runs out).
 
 The group's settings (ack_wait_ms, max_deliveries, backoff, dead_letter_topic, and
 expired: "drop" or "dead-letter" for a message whose TTL passed) are fixed by its first
@@ -52,7 +65,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,7 +80,28 @@ from .errors import ClientClosed, InvalidRecords, error_for
 from .types import Message
 from ..protocol.queue_settings import Backoff
 
+log = logging.getLogger(__name__)
+
 DEFAULT_BATCH_MAX = 256
+# Flow control: messages (and their key + value bytes) leased to one queue and not yet
+# settled, buffered or in a handler. A receive asks for no more than the room left.
+DEFAULT_MAX_OUTSTANDING = 100
+DEFAULT_MAX_OUTSTANDING_BYTES = 64 * 1024 * 1024
+# Lease management: the client extends the lease of each message it holds until it is
+# settled or has been held this long, then lets it go (0: never extend).
+DEFAULT_MAX_LEASE_MS = 3_600_000
+# A held lease is extended once less than this share of ack_wait is left.
+LEASE_EXTEND_AT_FRACTION = 0.5
+# A buffered message whose lease has less than this left is not handed out.
+LEASE_HAND_OUT_MARGIN_MS = 50
+# After a failed extension request, the next try comes this much later (at most).
+LEASE_RETRY_MS_MAX = 1_000
+# Handed-out messages the client stopped extending, kept to tell a lost race from a
+# settle of a message it never held (the oldest are forgotten past this).
+LET_GO_REMEMBERED_MAX = 10_000
+# Outcomes of a settle that lost the race: the message was delivered again or
+# finished elsewhere after this consumer's lease ran out.
+_LOST_RACE = (m.ErrorCode.STALE_DELIVERY, m.ErrorCode.DELIVERY_SETTLED)
 DEFAULT_RECEIVE_TIMEOUT_MS = 30_000
 # The longest long-poll one request asks for (a server cuts longer waits to its own max).
 RECEIVE_POLL_MS_MAX = 10_000
@@ -166,9 +202,7 @@ async def describe_queue(client, topic: str, group: str, timeout_ms: int | None)
 
 
 async def list_queues(client, topic: str | None, timeout_ms: int | None) -> list[QueueSummary]:
-    response = await client.core.call(
-        m.QueueListRequest(topic=topic), timeout_ms, retry=True, expect=m.QueueListResponse
-    )
+    response = await client.core.call(m.QueueListRequest(topic=topic), timeout_ms, retry=True, expect=m.QueueListResponse)
     return [QueueSummary(g.group, g.topic, g.dead_letter_topic, g.pending, g.leased, g.dead_letters_pending)
             for g in response.groups]
 
@@ -204,6 +238,51 @@ class QueueMessage(Message):
         return self._queue._reply(self, value, key, headers)
 
 
+@dataclass(frozen=True, slots=True)
+class QueueStatistics:
+    """One queue consumer's counts since it was made (feed metrics from it)."""
+
+    received: int  # deliveries the broker leased to this consumer
+    handed_out: int  # messages given to the application
+    outstanding: int  # leased and not settled now: buffered or handed out
+    outstanding_bytes: int  # their key + value bytes
+    buffered: int  # received, not handed out yet
+    lease_extension_requests: int  # batched in-progress requests the lease keeper sent
+    leases_extended: int  # offsets those requests extended
+    leases_lost: int  # held leases the broker no longer had for this consumer
+    leases_let_go: int  # held past max_lease_ms: no longer extended
+    expired_not_handed_out: int  # buffered messages whose lease ran out: never handed out
+    stale_settles: int  # settles that lost the race (returned False, or raised with strict)
+
+
+class _Lease:
+    """A message this consumer holds (buffered or handed out, not settled). `deadline`
+    is the local monotonic time by which the broker's lease has run out at the latest:
+    a request's send time plus ack_wait."""
+
+    __slots__ = ("message", "deadline", "held_until", "size", "handed_out")
+
+    def __init__(self, message: QueueMessage, deadline: float, held_until: float, size: int) -> None:
+        self.message = message
+        self.deadline = deadline
+        self.held_until = held_until
+        self.size = size
+        self.handed_out = False
+
+
+def _key(message: QueueMessage) -> tuple[int, int]:
+    return message.partition, message.offset
+
+
+def _local_deadline(deadline_ms: int, sent_at: float, received_at: float, ack_wait_s: float) -> float:
+    """The local monotonic time of a lease deadline the broker gave as wall-clock ms:
+    read through this machine's wall clock, then kept within what the request's send and
+    answer times allow (the lease began between them), so a skewed clock cannot push it
+    later than the answer time + ack_wait nor earlier than the send time + ack_wait."""
+    wall = received_at + (deadline_ms - time.time() * 1000) / 1000
+    return min(max(wall, sent_at + ack_wait_s), received_at + ack_wait_s)
+
+
 class AsyncQueue:
     """See the module docstring. Made by AsyncClient.queue; `async with` it or call
     close()."""
@@ -212,9 +291,18 @@ class AsyncQueue:
                  max_deliveries: int | None = None, backoff: BackoffInput = None,
                  dead_letter_topic: str | None = None, expired: str | None = None,
                  guarantee: str = AT_LEAST_ONCE, batch_max: int = DEFAULT_BATCH_MAX,
-                 receive_timeout_ms: int = DEFAULT_RECEIVE_TIMEOUT_MS, prefetch: bool = True) -> None:
+                 receive_timeout_ms: int = DEFAULT_RECEIVE_TIMEOUT_MS, prefetch: bool = True,
+                 max_outstanding: int = DEFAULT_MAX_OUTSTANDING,
+                 max_outstanding_bytes: int = DEFAULT_MAX_OUTSTANDING_BYTES,
+                 max_lease_ms: int = DEFAULT_MAX_LEASE_MS, strict: bool = False) -> None:
         if batch_max < 1:
             raise ValueError("batch_max must be at least 1")
+        if max_outstanding < 1:
+            raise ValueError("max_outstanding must be at least 1")
+        if max_outstanding_bytes < 1:
+            raise ValueError("max_outstanding_bytes must be at least 1")
+        if max_lease_ms < 0:
+            raise ValueError("max_lease_ms must be 0 (never extend) or more")
         if expired not in _EXPIRED_ACTIONS:
             raise ValueError('expired must be None, "drop" or "dead-letter"')
         if guarantee not in GUARANTEES:
@@ -226,9 +314,12 @@ class AsyncQueue:
         self.batch_max = batch_max
         self.receive_timeout_ms = receive_timeout_ms
         self.prefetch = prefetch
+        self.max_outstanding = max_outstanding
+        self.max_outstanding_bytes = max_outstanding_bytes
+        self.max_lease_ms = max_lease_ms
+        self.strict = strict
+        self._owner: Any = self  # what received messages settle through (this queue or its blocking twin)
         self._prefetching: asyncio.Task | None = None  # the one receive asked ahead
-        # Messages handed out (at-least-once) and not settled yet: prefetch only at 0.
-        self._unsettled = 0
         # The last receive came back full: the broker likely has more (a backlog). A
         # trickle (requests, a quiet topic) is not prefetched: it would be a wasted trip.
         self._backlog = False
@@ -239,8 +330,23 @@ class AsyncQueue:
             dead_letter_topic=dead_letter_topic,
             expired=_EXPIRED_ACTIONS[expired],
         )
+        # The group's ack_wait in seconds, once known (named here, or asked of the broker).
+        self._ack_wait_s: float | None = None if ack_wait_ms is None else ack_wait_ms / 1000
         self._buffer: collections.deque[QueueMessage] = collections.deque()
-        # (partition, offset, delivery count, action, delay, text, future or None), in order.
+        # Flow control and lease management: every message leased to this consumer and
+        # not settled (at-least-once), by (partition, offset). Changed on the loop only.
+        self._leases: dict[tuple[int, int], _Lease] = {}
+        self._leased_bytes = 0
+        self._room = asyncio.Event()  # set when a lease is settled or let go
+        self._keeper: asyncio.Task | None = None  # extends the leases in _leases
+        # Handed-out messages no longer extended (lost, let go, left by an iteration
+        # that raised), by (partition, offset, delivery count): their settle still
+        # counts as this consumer's (a lost race is not an error).
+        self._let_go: collections.OrderedDict[tuple[int, int, int], None] = collections.OrderedDict()
+        # (partition, offset, delivery count, action, delay, text, future or None, ours), in order.
+        # ours: True when the message was this consumer's lease (a lost race returns
+        # False), False when it was not (every error raised), None for the client's own
+        # quiet settles (releases, whose outcome nobody needs).
         self._outbox: list[tuple] = []
         self._settled: asyncio.Future | None = None  # returned by every wait=False settle
         self._sender: asyncio.Task | None = None
@@ -249,6 +355,9 @@ class AsyncQueue:
         # The message an iteration handed out last, and whether its body settled it.
         self._current: QueueMessage | None = None
         self._current_settled = False
+        self._received = self._handed_out_count = 0
+        self._extension_requests = self._extended = self._lost = self._let_go_count = 0
+        self._expired_in_buffer = self._stale_settles = 0
         client.core.own(self)
 
     def __repr__(self) -> str:
@@ -264,77 +373,300 @@ class AsyncQueue:
     def closed(self) -> bool:
         return self._closed
 
+    def statistics(self) -> QueueStatistics:
+        return QueueStatistics(
+            received=self._received, handed_out=self._handed_out_count, outstanding=len(self._leases),
+            outstanding_bytes=self._leased_bytes, buffered=len(self._buffer),
+            lease_extension_requests=self._extension_requests, leases_extended=self._extended,
+            leases_lost=self._lost, leases_let_go=self._let_go_count,
+            expired_not_handed_out=self._expired_in_buffer, stale_settles=self._stale_settles)
+
     # -- receiving ---------------------------------------------------------------------
 
     async def receive(self, timeout_ms: int | None = None) -> QueueMessage | None:
         """The next message, waiting up to timeout_ms (default receive_timeout_ms) for
-        one; None when none came."""
-        return await self._receive(timeout_ms, self)
+        one; None when none came (or when max_outstanding messages are held unsettled
+        all that time)."""
+        return await self._receive(timeout_ms)
 
-    async def _receive(self, timeout_ms: int | None, owner) -> QueueMessage | None:
+    def _room_left(self) -> int:
+        """How many more messages flow control lets this consumer lease now."""
+        if self.guarantee == AT_MOST_ONCE:  # acked on receipt: only the buffer counts
+            return min(self.batch_max, self.max_outstanding - len(self._buffer))
+        if self._leased_bytes >= self.max_outstanding_bytes:
+            return 0
+        return min(self.batch_max, self.max_outstanding - len(self._leases))
+
+    async def _receive(self, timeout_ms: int | None) -> QueueMessage | None:
         if self._closed:
             raise ClientClosed("the queue is closed")
-        if not self._buffer and self._prefetching is not None:
-            await asyncio.wait({self._prefetching})  # what it brings lands in the buffer
-        if self._buffer:
-            message = self._buffer.popleft()
-            self.prefetch_soon(owner)
-            self._handed_out(owner)
-            return message
         timeout_ms = self.receive_timeout_ms if timeout_ms is None else max(int(timeout_ms), 0)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_ms / 1000
+        deadline = time.monotonic() + timeout_ms / 1000
         while True:
-            wait_ms = int(max(deadline - loop.time(), 0) * 1000)
-            wait_ms = min(wait_ms, RECEIVE_POLL_MS_MAX)
-            request = m.QueueReceiveRequest(group=self.group, topic=self.topic, settings=self.settings,
-                                            messages_max=self.batch_max, wait_ms=wait_ms)
-            response = await self.client.core.call(request, None, extra_ms=wait_ms, expect=m.QueueReceiveResponse)
-            received = self._decode(response, owner)
-            self._backlog = len(received) >= self.batch_max
-            if received and self.guarantee == AT_MOST_ONCE:
-                # Acked (durably) before any is handed out: a crash from here loses them.
-                await asyncio.gather(*(self._settle_nowait(message, m.SettleAction.ACK, m.CONFIG_DEFAULT, None,
-                                                           record_error=False)
-                                       for message in received))
-            self._buffer.extend(received)
-            if self._buffer:
-                message = self._buffer.popleft()
-                self.prefetch_soon(owner)
-                self._handed_out(owner)
+            message = self._next_buffered()
+            if message is not None:
                 return message
             if self._closed:
                 raise ClientClosed("the queue is closed")
-            if loop.time() >= deadline:
+            if self._prefetching is not None:
+                await asyncio.wait({self._prefetching})  # what it brings lands in the buffer
+                continue
+            remaining = deadline - time.monotonic()
+            room = self._room_left()
+            if room <= 0:  # flow control: wait for the application to settle one
+                if remaining <= 0:
+                    return None
+                self._room.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._room.wait(), remaining)
+                continue
+            wait_ms = min(int(max(remaining, 0) * 1000), RECEIVE_POLL_MS_MAX)
+            request = m.QueueReceiveRequest(group=self.group, topic=self.topic, settings=self.settings,
+                                            messages_max=room, wait_ms=wait_ms)
+            sent_at = time.monotonic()
+            response = await self.client.core.call(request, None, extra_ms=wait_ms, expect=m.QueueReceiveResponse)
+            received = await self._accept(response, sent_at)
+            self._backlog = len(received) >= room
+            if received and self.guarantee == AT_MOST_ONCE:
+                # Acked (durably) before any is handed out: a crash from here loses them.
+                outcomes = await asyncio.gather(*(self._settle_nowait(message, m.SettleAction.ACK, m.CONFIG_DEFAULT,
+                                                                      None, record_error=False, ours=True)
+                                                  for message in received))
+                received = [message for message, counted in zip(received, outcomes) if counted]
+            self._buffer.extend(received)
+            if not self._buffer and time.monotonic() >= deadline:
                 return None
 
-    def _handed_out(self, owner) -> None:
-        if owner is self and self.guarantee == AT_LEAST_ONCE:
-            self._unsettled += 1
+    def _next_buffered(self) -> QueueMessage | None:
+        """On the loop: the next buffered message whose lease is still good, handed
+        out; the others are released."""
+        while self._buffer:
+            message = self._buffer.popleft()
+            if self._usable(message):
+                self._hand_out(message)
+                self.prefetch_soon(message)
+                return message
+            self._discard(message)
+        return None
 
-    def prefetch_soon(self, owner, settled: bool | None = None) -> None:
-        """Ask for the next batch (no long poll) when half of this one was handed out,
-        the application settled what it was handed before, and no such request is under
-        way. On the client's loop; `owner` (this queue or its blocking twin) counts the
-        unsettled messages, unless `settled` says what its count was when it asked."""
-        if settled is None:
-            settled = owner._unsettled == 0
-        if (self.prefetch and self._backlog and self._prefetching is None and not self._closed and settled
-                and self.guarantee == AT_LEAST_ONCE and len(self._buffer) <= self.batch_max // 2):
-            self._prefetching = asyncio.get_running_loop().create_task(self._prefetch_once(owner))
+    def _usable(self, message: QueueMessage) -> bool:
+        """Whether a buffered message may be handed out: its lease has not run out
+        (read-only: the blocking twin calls it from the application's thread)."""
+        if self.guarantee == AT_MOST_ONCE:
+            return True
+        lease = self._leases.get(_key(message))
+        return (lease is not None and lease.message is message
+                and lease.deadline - LEASE_HAND_OUT_MARGIN_MS / 1000 > time.monotonic())
 
-    async def _prefetch_once(self, owner) -> None:
+    def _hand_out(self, message: QueueMessage) -> None:
+        lease = self._leases.get(_key(message))
+        if lease is not None:
+            lease.handed_out = True
+        self._handed_out_count += 1
+
+    def _discard(self, message: QueueMessage) -> None:
+        """On the loop: a buffered message whose lease ran out (or was lost, or let go)
+        is never handed out; if this consumer still holds it, it is released."""
+        key = _key(message)
+        lease = self._leases.get(key)
+        if lease is None or lease.message is not message:
+            return  # the lease keeper let it go already
+        self._drop_lease(key)
+        self._expired_in_buffer += 1
+        self._settle_nowait(message, m.SettleAction.NACK, 0, None, ours=None)
+
+    async def _accept(self, response: m.QueueReceiveResponse, sent_at: float) -> list[QueueMessage]:
+        """The messages of a receive response, held under lease management (at-least-once)."""
+        received = self._decode(response)
+        if not received:
+            return received
+        self._received += len(received)
+        if self.guarantee == AT_LEAST_ONCE:
+            if self._ack_wait_s is None:
+                await self._learn_ack_wait(received[0])
+            self._hold(received, sent_at)
+        return received
+
+    async def _learn_ack_wait(self, message: QueueMessage) -> None:
+        """The group's ack_wait (the queue named none: it is as stored): asked once of
+        the broker; if that fails, estimated from the lease deadline and this clock."""
+        try:
+            description = await describe_queue(self.client, self.topic, self.group, None)
+            self._ack_wait_s = description.ack_wait_ms / 1000
+        except Exception as error:  # noqa: BLE001 - an estimate serves until the next receive
+            estimate = max((message.lease_deadline_ms - time.time() * 1000) / 1000, 0.1)
+            log.warning("queue %s on %s: could not read ack_wait (%s); estimated %.1f s from the lease deadline",
+                        self.group, self.topic, error, estimate)
+            self._ack_wait_s = estimate
+
+    def _hold(self, messages: list[QueueMessage], sent_at: float) -> None:
+        assert self._ack_wait_s is not None
+        received_at = time.monotonic()
+        held_until = sent_at + self.max_lease_ms / 1000
+        deadline_ms, deadline = None, 0.0
+        for message in messages:
+            if message.lease_deadline_ms != deadline_ms:  # one per run of offsets
+                deadline_ms = message.lease_deadline_ms
+                deadline = _local_deadline(deadline_ms, sent_at, received_at, self._ack_wait_s)
+            key = _key(message)
+            if key in self._leases:  # delivered to us again after our lease was lost
+                self._drop_lease(key)
+            size = len(message.key or b"") + len(message.value or b"")
+            self._leases[key] = _Lease(message, deadline, held_until, size)
+            self._leased_bytes += size
+        if self.max_lease_ms > 0 and (self._keeper is None or self._keeper.done()) and not self._closed:
+            self._keeper = asyncio.get_running_loop().create_task(self._keep_leases())
+
+    def _drop_lease(self, key: tuple[int, int]) -> _Lease | None:
+        lease = self._leases.pop(key, None)
+        if lease is not None:
+            self._leased_bytes -= lease.size
+            self._room.set()
+        return lease
+
+    def _remember_let_go(self, lease: _Lease) -> None:
+        message = lease.message
+        self._let_go[(message.partition, message.offset, message.delivery_count)] = None
+        while len(self._let_go) > LET_GO_REMEMBERED_MAX:
+            self._let_go.popitem(last=False)
+
+    def _forget(self, message: QueueMessage) -> None:
+        """On the loop: stop extending a handed-out message's lease (an iteration body
+        raised or broke out): it runs out and the message is delivered again."""
+        key = _key(message)
+        lease = self._leases.get(key)
+        if lease is not None and lease.message.delivery_count == message.delivery_count:
+            self._drop_lease(key)
+            self._remember_let_go(lease)
+
+    def _ours(self, message: QueueMessage, action: m.SettleAction) -> bool:
+        """On the loop, as the application settles `message`: whether it was this
+        consumer's lease (then a lost race is counted, not raised). Any settle but
+        in-progress ends the hold."""
+        key = _key(message)
+        lease = self._leases.get(key)
+        if lease is not None and lease.message.delivery_count == message.delivery_count:
+            if action is not m.SettleAction.IN_PROGRESS:
+                self._drop_lease(key)
+            return True
+        let_go = (message.partition, message.offset, message.delivery_count)
+        if let_go in self._let_go:
+            if action is not m.SettleAction.IN_PROGRESS:
+                del self._let_go[let_go]
+            return True
+        return False
+
+    # -- lease management ----------------------------------------------------------------
+
+    async def _keep_leases(self) -> None:
+        """Extend every held lease, in one batched request (runs of offsets), once the
+        soonest has less than half of ack_wait left; let go of those held max_lease_ms.
+        Ends when nothing is held (the next receive starts it again) or at close."""
+        while not self._closed and self._leases:
+            ack_wait_s = self._ack_wait_s or 0.1
+            soonest = min(lease.deadline for lease in self._leases.values())
+            due = soonest - ack_wait_s * LEASE_EXTEND_AT_FRACTION
+            now = time.monotonic()
+            if due > now:
+                await asyncio.sleep(due - now)
+                continue
+            try:
+                extended = await self._extend_leases(ack_wait_s)
+            except ClientClosed:
+                return
+            if not extended:
+                await asyncio.sleep(min(LEASE_RETRY_MS_MAX / 1000, ack_wait_s / 4))
+
+    async def _extend_leases(self, ack_wait_s: float) -> bool:
+        """One pass; False when a request failed (tried again shortly)."""
+        now = time.monotonic()
+        extend: list[_Lease] = []
+        for key, lease in list(self._leases.items()):
+            if now < lease.held_until:
+                extend.append(lease)
+                continue
+            self._drop_lease(key)  # held max_lease_ms: let go
+            self._let_go_count += 1
+            if lease.handed_out:
+                self._remember_let_go(lease)  # its lease runs out; its settle may still count
+            else:
+                self._settle_nowait(lease.message, m.SettleAction.NACK, 0, None, ours=None)
+        extend.sort(key=lambda lease: (lease.message.partition, lease.message.offset))
+        for start in range(0, len(extend), SETTLEMENTS_PER_REQUEST_MAX):
+            chunk = [(lease.message.partition, lease.message.offset, lease.message.delivery_count,
+                      m.SettleAction.IN_PROGRESS, m.CONFIG_DEFAULT, None, None, None)
+                     for lease in extend[start:start + SETTLEMENTS_PER_REQUEST_MAX]]
+            request = m.QueueSettleRequest(group=self.group, topic=self.topic, settlements=_runs(chunk))
+            sent_at = time.monotonic()
+            try:
+                response = await self.client.core.call(request, None, retry=True, expect=m.QueueSettleResponse)
+            except ClientClosed:
+                raise  # the client closes (and this queue with it): nothing more to extend
+            except Exception as error:  # noqa: BLE001 - tried again; a lease lost meanwhile is found then
+                if self._closed:
+                    return True
+                log.warning("queue %s on %s: extending %d lease(s) failed: %s", self.group, self.topic,
+                            len(chunk), error)
+                return False
+            self._extension_requests += 1
+            received_at = time.monotonic()
+            outcomes = [(result.error_code, result.lease_deadline_ms, result.count) for result in response.results]
+            if sum(count for _, _, count in outcomes) != len(chunk):
+                log.warning("queue %s on %s: extension answered for the wrong number of offsets",
+                            self.group, self.topic)
+                return False
+            index = 0
+            for code, deadline_ms, count in outcomes:
+                deadline = _local_deadline(deadline_ms, sent_at, received_at, ack_wait_s)
+                for partition, offset, delivery_count, *_ in chunk[index:index + count]:
+                    lease = self._leases.get((partition, offset))
+                    if lease is None or lease.message.delivery_count != delivery_count:
+                        continue  # settled meanwhile
+                    if code == m.ErrorCode.NONE:
+                        lease.deadline = deadline
+                        self._extended += 1
+                    else:  # lost: ran out and went to another consumer, or finished
+                        self._drop_lease((partition, offset))
+                        self._lost += 1
+                        if lease.handed_out:
+                            self._remember_let_go(lease)
+                index += count
+        return True
+
+    # -- prefetch ------------------------------------------------------------------------
+
+    def prefetch_soon(self, current: QueueMessage | None = None) -> None:
+        """Ask for the next batch (no long poll) when at most half a batch is buffered,
+        flow control leaves room for at least half a batch, the application settled
+        every message it was handed before `current` (a consumer that holds messages
+        leases no more than it asked for, so it does not starve the others), and no such
+        request is under way. On the client's loop."""
+        batch = min(self.batch_max, self.max_outstanding)
+        if (self.prefetch and self._backlog and self._prefetching is None and not self._closed
+                and self.guarantee == AT_LEAST_ONCE and len(self._buffer) <= batch // 2
+                and self._room_left() >= max(batch // 2, 1)
+                and not any(lease.handed_out and lease.message is not current for lease in self._leases.values())):
+            self._prefetching = asyncio.get_running_loop().create_task(self._prefetch_once())
+
+    async def _prefetch_once(self) -> None:
         """One receive that does not wait for messages (at-least-once only: nothing is
         acked here); a failure is left to the next receive the application makes (which
         meets it again)."""
         try:
+            room = self._room_left()
+            if room <= 0:
+                return
             request = m.QueueReceiveRequest(group=self.group, topic=self.topic, settings=self.settings,
-                                            messages_max=self.batch_max, wait_ms=0)
-            received = self._decode(await self.client.core.call(request, None, expect=m.QueueReceiveResponse), owner)
-            self._backlog = len(received) >= self.batch_max
+                                            messages_max=room, wait_ms=0)
+            sent_at = time.monotonic()
+            received = await self._accept(
+                await self.client.core.call(request, None, expect=m.QueueReceiveResponse), sent_at
+            )
+            self._backlog = len(received) >= room
             if self._closed:  # closed meanwhile: given back like the buffer
                 for message in received:
-                    self._settle_nowait(message, m.SettleAction.NACK, 0, None)
+                    self._drop_lease(_key(message))
+                    self._settle_nowait(message, m.SettleAction.NACK, 0, None, ours=None)
             else:
                 self._buffer.extend(received)
         except Exception:  # noqa: BLE001 - the next receive reports it
@@ -342,7 +674,7 @@ class AsyncQueue:
         finally:
             self._prefetching = None
 
-    def _decode(self, response: m.QueueReceiveResponse, owner) -> list[QueueMessage]:
+    def _decode(self, response: m.QueueReceiveResponse) -> list[QueueMessage]:
         if not response.deliveries:
             return []
         try:
@@ -353,7 +685,7 @@ class AsyncQueue:
         offsets = sum(run.count for run in response.deliveries)
         if len(records) != offsets:
             raise InvalidRecords(f"queue receive: {len(records)} records for {offsets} delivered offsets")
-        topic, group = self.topic, self.group
+        topic, group, owner = self.topic, self.group, self._owner
         messages = []
         index = 0
         for run in response.deliveries:  # runs of consecutive offsets
@@ -371,16 +703,21 @@ class AsyncQueue:
     async def _iterate(self) -> AsyncIterator[QueueMessage]:
         """At-least-once: a message the loop body left unsettled is acked when the loop
         comes back for the next one (the body returned); one whose body raised is not
-        (its lease runs out and it is delivered again)."""
+        (its lease is no longer extended: it runs out and the message is delivered again)."""
         while not self._closed:
             message = await self.receive(RECEIVE_POLL_MS_MAX)
             if message is None:
                 continue
             self._current, self._current_settled = message, False
-            yield message
+            try:
+                yield message
+            except BaseException:  # the body raised or broke out (the generator is closed)
+                if not self._current_settled:
+                    self._forget(message)
+                self._current = None
+                raise
             if self.guarantee == AT_LEAST_ONCE and not self._current_settled and not self._closed:
-                self._settled_one()
-                self._settle_nowait(message, m.SettleAction.ACK, m.CONFIG_DEFAULT, None)
+                self._settle_application(message, m.SettleAction.ACK, m.CONFIG_DEFAULT, None, record_error=True)
             self._current = None
 
     # -- settling -------------------------------------------------------------------------
@@ -389,37 +726,39 @@ class AsyncQueue:
                 wait: bool) -> asyncio.Future:
         if message is self._current:
             self._current_settled = True
-        self._settled_one()
         if wait:
-            return self._settle_nowait(message, action, delay_ms, text, record_error=False)
-        self._settle_nowait(message, action, delay_ms, text)
+            return self._settle_application(message, action, delay_ms, text, record_error=False)
+        self._settle_application(message, action, delay_ms, text, record_error=True)
         if self._settled is None:  # one finished future serves every wait=False call
             self._settled = asyncio.get_running_loop().create_future()
             self._settled.set_result(None)
         return self._settled
+
+    def _settle_application(self, message: QueueMessage, action: m.SettleAction, delay_ms: int,
+                            text: str | None, *, record_error: bool) -> asyncio.Future | None:
+        """On the loop: a settle the application made (directly or by iterating)."""
+        return self._settle_nowait(message, action, delay_ms, text, record_error=record_error,
+                                   ours=self._ours(message, action))
 
     def _reply(self, message: QueueMessage, value, key, headers):
         from .request import send_reply
 
         return send_reply(self.client, message, value, key, headers)
 
-    def _settled_one(self) -> None:
-        """The application settled a message it was handed (a repeat settle of one is not
-        told apart: the count only gates prefetching)."""
-        if self._unsettled:
-            self._unsettled -= 1
-
     def _settle_nowait(self, message: QueueMessage, action: m.SettleAction, delay_ms: int,
-                       text: str | None, *, record_error: bool = True) -> asyncio.Future | None:
+                       text: str | None, *, record_error: bool = True,
+                       ours: bool | None = False) -> asyncio.Future | None:
         """Queue a settlement (on the client's loop). Without record_error a future holds
-        its result; with it (nobody awaits) there is none and a failure is kept for
-        flush() to raise."""
-        future = None if record_error else asyncio.get_running_loop().create_future()
+        its result (True when it counted, False when it lost the race; in-progress: the
+        new deadline or None); with it (nobody awaits) there is none and a failure is
+        kept for flush() to raise. `ours`: see _outbox."""
+        future = None if record_error or ours is None else asyncio.get_running_loop().create_future()
         if self._closed and action is not m.SettleAction.NACK:
-            self._fail(future, ClientClosed("the queue is closed"))
+            if ours is not None:
+                self._fail(future, ClientClosed("the queue is closed"))
             return future
         self._outbox.append((message.partition, message.offset, message.delivery_count, action, delay_ms, text,
-                             future))
+                             future, ours))
         if self._sender is None or self._sender.done():
             self._sender = asyncio.get_running_loop().create_task(self._send_settlements())
         return future
@@ -442,23 +781,37 @@ class AsyncQueue:
                 response = await self.client.core.call(request, None, retry=True, expect=m.QueueSettleResponse)
             except Exception as error:
                 for entry in batch:
-                    self._fail(entry[6], error)
+                    if entry[7] is not None:
+                        self._fail(entry[6], error)
                 continue
             outcomes = [(result.error_code, result.lease_deadline_ms, result.count) for result in response.results]
             if sum(count for _, _, count in outcomes) != len(batch):
-                mismatch = InvalidRecords(f"queue settle: outcomes for {sum(c for _, _, c in outcomes)} offsets, "
-                                          f"{len(batch)} settled")
+                error = InvalidRecords(f"queue settle: outcomes for {sum(c for _, _, c in outcomes)} offsets, "
+                                       f"{len(batch)} settled")
                 for entry in batch:
-                    self._fail(entry[6], mismatch)
+                    if entry[7] is not None:
+                        self._fail(entry[6], error)
                 continue
             index = 0
             for code, deadline, count in outcomes:
-                for partition, offset, _, action, _, _, future in batch[index:index + count]:
-                    if code != 0:
-                        where = f"{self.topic}-{partition} offset {offset}"
-                        self._fail(future, error_for(code, f"{action.name.lower()} {where}"))
-                    elif future is not None and not future.done():
-                        future.set_result(deadline if deadline >= 0 else None)
+                for partition, offset, _, action, _, _, future, ours in batch[index:index + count]:
+                    if ours is None:
+                        continue  # the client's own release: nobody needs its outcome
+                    if code == m.ErrorCode.NONE:
+                        if future is not None and not future.done():
+                            in_progress = action is m.SettleAction.IN_PROGRESS
+                            future.set_result((deadline if deadline >= 0 else None) if in_progress else True)
+                        continue
+                    where = f"{self.topic}-{partition} offset {offset}"
+                    if ours and code in _LOST_RACE:
+                        self._stale_settles += 1
+                        if not self.strict:
+                            log.info("queue %s: %s of %s lost the race (%s): the message was delivered again "
+                                     "or finished elsewhere", self.group, action.name.lower(), where, code.name)
+                            if future is not None and not future.done():
+                                future.set_result(None if action is m.SettleAction.IN_PROGRESS else False)
+                            continue
+                    self._fail(future, error_for(code, f"{action.name.lower()} {where}"))
                 index += count
 
     async def flush(self) -> None:
@@ -471,15 +824,23 @@ class AsyncQueue:
             raise error
 
     async def close(self) -> None:
-        """Give back messages received but not handed out, send what is queued, close."""
+        """Give back messages received but not handed out, stop extending leases, send
+        what is queued, close."""
         if self._closed:
             return
         self._closed = True
         if self._prefetching is not None:  # short (no long poll); it gives back what it got
             await asyncio.wait({self._prefetching})
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._keeper
         while self._buffer:
             message = self._buffer.popleft()
-            self._settle_nowait(message, m.SettleAction.NACK, 0, None)
+            if self._drop_lease(_key(message)) is not None or self.guarantee == AT_MOST_ONCE:
+                self._settle_nowait(message, m.SettleAction.NACK, 0, None, ours=None)
+        self._leases.clear()
+        self._leased_bytes = 0
         with contextlib.suppress(Exception):
             await self.flush()
         self.client.core.disown(self)
@@ -487,11 +848,11 @@ class AsyncQueue:
 
 def _runs(batch: list[tuple]) -> list[m.Settlement]:
     """The outbox entries of `batch` (partition, offset, delivery count, action, delay,
-    text, future: one offset each, in order) as settlements in runs: consecutive offsets
-    of one partition with the same delivery count, action, delay and text."""
+    text, future, ours: one offset each, in order) as settlements in runs: consecutive
+    offsets of one partition with the same delivery count, action, delay and text."""
     runs: list[list] = []  # [partition, first offset, delivery count, action, delay, text, count]
     last = None
-    for partition, offset, delivery_count, action, delay_ms, text, _ in batch:
+    for partition, offset, delivery_count, action, delay_ms, text, *_ in batch:
         if (last is not None and last[0] == partition and last[1] + last[6] == offset and last[2] == delivery_count
                 and last[3] is action and last[4] == delay_ms and last[5] == text):
             last[6] += 1
@@ -504,17 +865,19 @@ def _runs(batch: list[tuple]) -> list[m.Settlement]:
 
 
 class Queue:
-    """The blocking twin of AsyncQueue, made by Client.queue; iterate it or receive()."""
+    """The blocking twin of AsyncQueue, made by Client.queue; iterate it or receive().
+    Its lease keeper runs on the client's loop thread, so leases are extended while the
+    application's thread is busy in a handler."""
 
     def __init__(self, client, topic: str, group: str, **options: Any) -> None:
         self._client = client
         self._async: AsyncQueue = client.core.run(self._make(client.core.async_client, topic, group, options), None)
+        self._async._owner = self
         # Settles made with wait=False, handed to the loop thread in runs.
         self._local: list[tuple] = []
         self._local_lock = threading.Lock()
         self._current: QueueMessage | None = None
         self._current_settled = False
-        self._unsettled = 0  # as AsyncQueue's, counted in the application's thread
         client.core.own(self)
 
     @staticmethod
@@ -542,25 +905,27 @@ class Queue:
     def closed(self) -> bool:
         return self._async.closed
 
+    def statistics(self) -> QueueStatistics:
+        return self._async.statistics()
+
     def receive(self, timeout_ms: int | None = None) -> QueueMessage | None:
         queue = self._async
-        with contextlib.suppress(IndexError):  # received already: no trip to the loop thread
-            if not queue.closed:
+        loop = self._client.core.loop
+        while not queue.closed:  # received already: no trip to the loop thread
+            try:
                 message = queue._buffer.popleft()
-                if (queue.prefetch and queue._backlog and queue._prefetching is None and self._unsettled == 0
-                        and queue.guarantee == AT_LEAST_ONCE and len(queue._buffer) <= queue.batch_max // 2):
-                    self._client.core.call_soon(queue.prefetch_soon, self, True)
-                self._handed_out()
-                return message
-        wait = self._async.receive_timeout_ms if timeout_ms is None else timeout_ms
-        message = self._client.core.run(self._async._receive(timeout_ms, self), None, wait)
-        if message is not None:
-            self._handed_out()
-        return message
-
-    def _handed_out(self) -> None:
-        if self._async.guarantee == AT_LEAST_ONCE:
-            self._unsettled += 1
+            except IndexError:
+                break
+            if not queue._usable(message):
+                loop.call_soon_threadsafe(queue._discard, message)
+                continue
+            queue._hand_out(message)
+            if (queue.prefetch and queue._backlog and queue._prefetching is None
+                    and len(queue._buffer) <= queue.batch_max // 2):
+                loop.call_soon_threadsafe(queue.prefetch_soon, message)  # after the settles queued before
+            return message
+        wait = queue.receive_timeout_ms if timeout_ms is None else timeout_ms
+        return self._client.core.run(queue._receive(timeout_ms), None, wait)
 
     def __iter__(self) -> Iterator[QueueMessage]:
         """As AsyncQueue's: at-least-once acks what the loop body left unsettled when
@@ -570,7 +935,14 @@ class Queue:
             if message is None:
                 continue
             self._current, self._current_settled = message, False
-            yield message
+            try:
+                yield message
+            except BaseException:  # the body raised or broke out (the generator is closed)
+                if not self._current_settled:
+                    with contextlib.suppress(RuntimeError):  # the loop is gone: nothing to extend
+                        self._client.core.call_soon(self._async._forget, message)
+                self._current = None
+                raise
             if self._async.guarantee == AT_LEAST_ONCE and not self._current_settled and not self.closed:
                 self._settle(message, m.SettleAction.ACK, m.CONFIG_DEFAULT, None, False)
             self._current = None
@@ -579,12 +951,10 @@ class Queue:
                 wait: bool):
         if message is self._current:
             self._current_settled = True
-        if self._unsettled:
-            self._unsettled -= 1
         queue = self._async
         if wait:
             async def settle():
-                return await queue._settle_nowait(message, action, delay_ms, text, record_error=False)
+                return await queue._settle_application(message, action, delay_ms, text, record_error=False)
 
             return self._client.core.run(settle(), None)
         with self._local_lock:
@@ -597,8 +967,8 @@ class Queue:
     def _drain_local(self) -> None:
         with self._local_lock:
             pending, self._local = self._local, []
-        for item in pending:
-            self._async._settle_nowait(*item)
+        for message, action, delay_ms, text in pending:
+            self._async._settle_application(message, action, delay_ms, text, record_error=True)
 
     def _reply(self, message: QueueMessage, value, key, headers) -> bool:
         from .request import send_reply

@@ -212,11 +212,16 @@ class _StoreCollector:
         expired = CounterMetricFamily("nodi_queue_lease_expired", "Leases that ran out unsettled", labels=labels)
         dead = CounterMetricFamily("nodi_queue_dead_lettered", "Messages moved to the dead-letter topic", labels=labels)
         ttl = CounterMetricFamily("nodi_queue_expired", "Messages whose TTL passed before delivery", labels=labels)
+        stale = CounterMetricFamily("nodi_queue_stale_settles",
+                                    "Settles of a delivery that was delivered again (the consumer lost the race)",
+                                    labels=labels)
+        extended = CounterMetricFamily("nodi_queue_leases_extended",
+                                       "In-progress settles: leases a consumer started again", labels=labels)
         rounds = CounterMetricFamily("nodi_queue_timer_rounds", "Rounds of the queue lease timer")
         visited = CounterMetricFamily("nodi_queue_timer_groups_visited",
                                       "Queue groups the lease timer's rounds visited (changed or due)")
         families = (in_flight, pending, floor, delivered, redelivered, acked, nacked, expired, dead, ttl,
-                    rounds, visited)
+                    stale, extended, rounds, visited)
         broker = self.server.broker
         if broker is not None:
             statistics = broker.queues.statistics()
@@ -235,6 +240,8 @@ class _StoreCollector:
                     expired.add_metric(key, partition.expired_leases)
                     dead.add_metric(key, partition.dead_lettered)
                     ttl.add_metric(key, partition.expired)
+                    stale.add_metric(key, partition.stale_settles)
+                    extended.add_metric(key, partition.leases_extended)
         yield from families
         yield from self._inbox_families()
 

@@ -151,4 +151,5 @@ class QueueGroup:
             delivered=total("delivered"), redelivered=total("redelivered"), acked=total("acked"),
             nacked=total("nacked"), expired_leases=total("expired_leases"),
             dead_lettered=total("dead_letters_written"), skipped=total("skipped"), expired=total("expired"),
+            stale_settles=total("stale_settles"), leases_extended=total("leases_extended"),
         )

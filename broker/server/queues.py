@@ -160,6 +160,8 @@ class PartitionQueueStatistics:
     dead_lettered: int
     skipped: int
     expired: int  # TTL passed before delivery: dropped or dead-lettered
+    stale_settles: int = 0  # settles of a delivery that was delivered again (STALE_DELIVERY)
+    leases_extended: int = 0  # in-progress settles that started a lease again
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +178,8 @@ class QueueGroupStatistics:
     dead_lettered: int
     skipped: int  # offsets with no record (gaps) or removed by retention before delivery
     expired: int  # TTL passed before delivery
+    stale_settles: int = 0  # settles that lost the race (STALE_DELIVERY)
+    leases_extended: int = 0  # in-progress settles (a consumer extending a lease)
 
 
 def settle_error(code: ErrorCode, message: str) -> ProtocolError:
@@ -211,6 +215,7 @@ class PartitionQueue:
         # Counters for statistics.
         self.delivered = self.redelivered = self.acked = self.nacked = 0
         self.expired_leases = self.dead_letters_written = self.skipped = self.expired = 0
+        self.stale_settles = self.leases_extended = 0
 
     # -- the log's bounds ------------------------------------------------------------
 
@@ -320,6 +325,7 @@ class PartitionQueue:
             raise settle_error(ErrorCode.DELIVERY_SETTLED,
                                f"partition {self.partition} offset {offset} is settled already (acked or dead-lettered)")
         if delivery.delivery_count != delivery_count:
+            self.stale_settles += 1
             raise settle_error(
                 ErrorCode.STALE_DELIVERY,
                 f"partition {self.partition} offset {offset}: delivery {delivery_count} is stale, "
@@ -363,6 +369,7 @@ class PartitionQueue:
             delivery.not_before_ms = 0
         delivery.lease_deadline_ms = now_ms + self.settings.ack_wait_ms
         heapq.heappush(self._timers, (delivery.lease_deadline_ms, offset))
+        self.leases_extended += 1
         return delivery.lease_deadline_ms
 
     def reject(self, offset: int, delivery_count: int, reason: str | None = None) -> None:
@@ -556,5 +563,5 @@ class PartitionQueue:
         return PartitionQueueStatistics(
             self.partition, self.floor, self.next_offset, len(self.pending), self.leased, len(self._dead),
             self.delivered, self.redelivered, self.acked, self.nacked, self.expired_leases,
-            self.dead_letters_written, self.skipped, self.expired,
+            self.dead_letters_written, self.skipped, self.expired, self.stale_settles, self.leases_extended,
         )
