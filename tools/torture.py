@@ -54,10 +54,13 @@ Power-loss mode (--power-loss) runs at the storage level: storage/simfs.py simul
 disk that drops, tears, reorders or garbles writes not yet fsynced, and it lives inside
 one process, so a `nodi serve` process cannot run on it. Each round opens the partitions'
 Logs (fsync policy always) on the one simulated disk that lives across rounds, appends
-from several threads (an append is acknowledged when it returns: after its fsync), cuts
-the power after a random number of file operations (or at a random time), brings it back
-with a random crash mode, reopens the Logs (recovery) and checks the same things on what
-they hold.
+from three threads (an append is acknowledged when it returns: after its fsync; one
+thread appends plain batches, the other two are idempotent producers that keep their
+producer id across rounds and first send again, with the same sequence, a batch the last
+power loss left in doubt), cuts the power after a random number of file operations (or at
+a random time), brings it back with a random crash mode (and now and then cuts it again
+during the reopen), reopens the Logs (recovery) and checks the same things on what they
+hold; an append that fails while the power is on is a violation too (error).
 
 --json PATH writes the summary: rounds, acknowledged messages checked, each kind of
 violation in all and per round. The exit status is 1 when anything was found, 2 on bad
@@ -95,8 +98,11 @@ ID_HEADER = "torture-id"
 RESERVED_PREFIX = "nodi-"  # broker feature headers (the idempotency key): not compared
 
 # Kinds of producer, and how many copies of one message the guarantees allow.
-SYNC, ASYNC, BATCH, LOG = "sync", "async", "batch", "log"
-ONE_COPY_KINDS = frozenset({ASYNC, BATCH, LOG})  # idempotency key, idempotent producer, storage
+SYNC, ASYNC, BATCH = "sync", "async", "batch"
+LOG, LOG_IDEMPOTENT = "log", "log-idempotent"  # power-loss mode: plain and idempotent appends
+# Idempotency key, idempotent producer; storage-level appends (plain ones are never sent
+# twice, idempotent ones are sent again with the same sequence).
+ONE_COPY_KINDS = frozenset({ASYNC, BATCH, LOG, LOG_IDEMPOTENT})
 
 # Every wait has a bound.
 BROKER_START_TIMEOUT_S = 60
@@ -113,7 +119,7 @@ EXAMPLES_MAX = 20  # violations printed per kind
 OUTPUT_LINES_KEPT = 200  # of the broker's output, for a failed start
 
 VIOLATION_KINDS = ("lost", "changed", "duplicated", "phantom", "gap", "unstable_read", "commit", "queue", "hung",
-                   "shutdown")
+                   "shutdown", "error")
 
 
 # -- messages ---------------------------------------------------------------------------
@@ -1124,6 +1130,7 @@ def run_server(options: Options, work_dir: str, emit: Callable[[str], None]) -> 
 
 SIM_ROOT = "/torture"
 APPEND_THREADS = 3
+PRODUCER_ID_BASE = 1_000
 
 
 def run_power_loss(options: Options, work_dir: str, emit: Callable[[str], None]) -> dict:
@@ -1148,6 +1155,10 @@ def run_power_loss(options: Options, work_dir: str, emit: Callable[[str], None])
 
     ledger = Ledger()
     view = LogView()
+    # (append thread, partition) -> the idempotent producer's next sequence and the batch
+    # (ids) a power loss left in doubt, across rounds.
+    producers: dict[tuple[int, int], dict] = {}
+    retries_found = [0]  # resent batches the log answered with their original offsets
 
     def read_back(logs: list) -> tuple[dict[int, list[Record]], dict[int, int]]:
         """What the logs hold past what `view` read (a log now shorter is cut back)."""
@@ -1209,33 +1220,70 @@ def run_power_loss(options: Options, work_dir: str, emit: Callable[[str], None])
                     log.close()
                 summary["records_checked"] = sum(len(ids) for ids in view.ids.values())
                 summary["workload"] = ledger_statistics(ledger)
+                summary["workload"]["idempotent_resends_found_in_log"] = retries_found[0]
                 break
             result = RoundResult(round_number)
             history.write("round", round=round_number)
             stop = threading.Event()
             acknowledged = collections.Counter()
 
+            unexpected: list[str] = []
+
+            def append(number: int, partition: int, ids: list[str], kind: str, sequence: int | None) -> bool:
+                """One append of `ids` (an idempotent producer's batch at `sequence`,
+                or a plain one); False once the power is off."""
+                records = []
+                for message_id in ids:
+                    key, value, headers = content_of(message_id)
+                    records.append(NewRecord(key, value, list(headers), None))
+                    history.write("send", id=message_id, kind=kind)
+                options_ = {} if sequence is None else {
+                    "producer_id": PRODUCER_ID_BASE + number, "producer_epoch": 0, "base_sequence": sequence}
+                try:
+                    appended = logs[partition].append(build_batch(records, **options_))
+                except (OSError, NodiError) as error:
+                    if not fs.halted:  # with the power on, an append must not fail
+                        unexpected.append(f"round {round_number}: append to partition {partition} failed with "
+                                          f"the power on: {type(error).__name__}: {error}")
+                    return False
+                for index, message_id in enumerate(ids):
+                    history.write("ack", id=message_id, p=partition, o=appended.first_offset + index)
+                acknowledged[number] += len(ids)
+                if appended.duplicate:
+                    retries_found[0] += 1
+                return True
+
             def append_loop(number: int, seed: int) -> None:
+                """Thread 0 appends plain batches; the others are idempotent producers
+                (one producer id each, across rounds) that first send again, with the same
+                sequence, the batch a power loss left in doubt (I6: a batch that survived
+                is answered with its original offsets, one that did not is written)."""
                 local = random.Random(seed)
-                sequence = 0
                 pace = Pace(options.rate / APPEND_THREADS, stop)
+                idempotent = number > 0
+                for partition in range(len(logs)):
+                    state = producers.get((number, partition))
+                    if idempotent and state and state["pending"]:
+                        if not append(number, partition, state["pending"], LOG_IDEMPOTENT, state["sequence"]):
+                            return
+                        state["sequence"] += len(state["pending"])
+                        state["pending"] = None
+                sequence = 0
                 while not stop.is_set():
                     partition = local.randrange(len(logs))
                     ids = [f"r{round_number}.log{number}.{sequence + i}" for i in range(local.randint(1, 8))]
                     sequence += len(ids)
                     pace.wait(len(ids))
-                    records = []
-                    for message_id in ids:
-                        key, value, headers = content_of(message_id)
-                        records.append(NewRecord(key, value, list(headers), None))
-                        history.write("send", id=message_id, kind=LOG)
-                    try:
-                        appended = logs[partition].append(build_batch(records))
-                    except (OSError, NodiError):
-                        return  # the power is off
-                    for index, message_id in enumerate(ids):
-                        history.write("ack", id=message_id, p=partition, o=appended.first_offset + index)
-                    acknowledged[number] += len(ids)
+                    if not idempotent:
+                        if not append(number, partition, ids, LOG, None):
+                            return
+                        continue
+                    state = producers.setdefault((number, partition), {"sequence": 0, "pending": None})
+                    state["pending"] = ids
+                    if not append(number, partition, ids, LOG_IDEMPOTENT, state["sequence"]):
+                        return
+                    state["sequence"] += len(ids)
+                    state["pending"] = None
 
             threads = [threading.Thread(target=append_loop, args=(n, rng.randrange(1 << 30)), daemon=True,
                                         name=f"torture-append{n}") for n in range(APPEND_THREADS)]
@@ -1266,6 +1314,9 @@ def run_power_loss(options: Options, work_dir: str, emit: Callable[[str], None])
             for name in hung:
                 totals.add("hung", f"round {round_number}: {name} did not stop within {WORKER_JOIN_TIMEOUT_S} s")
                 result.violations["hung"] = result.violations.get("hung", 0) + 1
+            for text in unexpected:
+                totals.add("error", text)
+                result.violations["error"] = result.violations.get("error", 0) + 1
             result.acknowledged = sum(acknowledged.values())
             results.append(result)
     finally:
