@@ -13,7 +13,7 @@ Server mode (the default). One data directory lives across every round. Each rou
 1. start a real `nodi serve` on 127.0.0.1 (an ephemeral port) on that directory, and
    check everything the earlier rounds left (below);
 2. run concurrent workloads against it: sync Client producers (Client.produce, acks
-   durable, a failed produce retried once: plain retries), AsyncClient producers (each
+   durable or written, a failed produce retried once: plain retries), AsyncClient producers (each
    message with an idempotency key: publish dedup), the batching Producer (idempotent),
    stream-group consumers (a group with fixed partitions, reading and committing) and
    queue-group consumers (receiving, acking, now and then a nack);
@@ -634,10 +634,13 @@ def _client(workload: Workload):
 
 
 def sync_producer(workload: Workload, number: int) -> None:
-    """Client.produce one message at a time (acks durable); a failed one is tried once
-    more (a plain retry: it may be written twice). Worker 0 first sends again what the
-    last round left in doubt."""
+    """Client.produce one message at a time; a failed one is tried once more (a plain
+    retry: it may be written twice). Even-numbered workers ask for acks "durable", odd
+    ones for "written" (answered before the fsync: kept after kill -9 all the same, since
+    the page cache survives the process). Worker 0 first sends again what the last round
+    left in doubt."""
     name = f"sync{number}"
+    acks = "durable" if number % 2 == 0 else "written"
     history = workload.history
     with _client(workload) as client:
         pending = list(workload.resend_sync) if number == 0 else []
@@ -656,7 +659,7 @@ def sync_producer(workload: Workload, number: int) -> None:
                     break
                 history.write("send", id=message_id, kind=SYNC)
                 try:
-                    partition, offset = client.produce(TOPIC, value, key=key, headers=headers, acks="durable",
+                    partition, offset = client.produce(TOPIC, value, key=key, headers=headers, acks=acks,
                                                        timeout_ms=CLIENT_TIMEOUT_MS)
                 except Exception as error:  # the broker is killed under it
                     workload.failed(name, error)
@@ -832,6 +835,7 @@ class Options:
     round_s: float = 2.0
     partitions: int = 3
     rate: int = 1_500
+    segment_bytes: int = 1 << 20
     full_check_every: int = 10
     recovery_kill_probability: float = 0.2
     sync_producers: int = 2
@@ -1069,7 +1073,8 @@ def run_server(options: Options, work_dir: str, emit: Callable[[str], None]) -> 
             if round_number == 1:
                 with Client(broker.address, timeout_ms=CLIENT_TIMEOUT_MS) as client:
                     client.create_topic(TOPIC, partitions=options.partitions, fsync_policy="always",
-                                        retention_ms=UNLIMITED, retention_bytes=UNLIMITED)
+                                        retention_ms=UNLIMITED, retention_bytes=UNLIMITED,
+                                        segment_bytes=options.segment_bytes)
             else:
                 previous = results[-1]
                 previous.full_check = final or (round_number - 1) % options.full_check_every == 0
@@ -1346,7 +1351,8 @@ def new_summary(options: Options, work_dir: str, mode: str) -> dict:
         "seed": options.seed,
         "settings": {
             "rounds": options.rounds, "duration_s": options.duration_s, "round_s": options.round_s,
-            "partitions": options.partitions, "rate": options.rate, "full_check_every": options.full_check_every,
+            "partitions": options.partitions, "rate": options.rate, "segment_bytes": options.segment_bytes,
+            "full_check_every": options.full_check_every,
             "sync_producers": options.sync_producers,
             "async_tasks": options.async_tasks, "stream_consumers": options.stream_consumers,
             "queue_consumers": options.queue_consumers,
@@ -1415,6 +1421,9 @@ def parse_arguments(argv: list[str] | None) -> Options:
     parser.add_argument("--partitions", type=int, default=3, help="partitions of the topic (default 3)")
     parser.add_argument("--rate", type=int, default=1_500,
                         help="messages per second, all producers together, at most (default 1500)")
+    parser.add_argument("--segment-bytes", type=int, default=1 << 20,
+                        help="the topic's segment size (default 1 MiB: segments roll every few rounds, so kills "
+                             "land in rolls too, and a restart rescans one small active segment)")
     parser.add_argument("--full-check-every", type=int, default=10,
                         help="read every partition from its start after every this many rounds (default 10; the "
                              "others read what is new, and the last check is always full)")
@@ -1446,6 +1455,8 @@ def parse_arguments(argv: list[str] | None) -> Options:
             parser.error(f"--{name.replace('_', '-')} must be between 0 and 32")
     if not 1 <= arguments.rate <= 1_000_000:
         parser.error("--rate must be between 1 and 1000000")
+    if not 4096 <= arguments.segment_bytes <= 1 << 30:
+        parser.error("--segment-bytes must be between 4096 and 1 GiB")
     if arguments.full_check_every < 1:
         parser.error("--full-check-every must be at least 1")
     if arguments.stream_consumers == 0:
@@ -1453,7 +1464,7 @@ def parse_arguments(argv: list[str] | None) -> Options:
     seed = arguments.seed if arguments.seed is not None else random.SystemRandom().randrange(1 << 31)
     return Options(
         rounds=arguments.rounds, seed=seed, duration_s=arguments.duration_s, round_s=arguments.round_s,
-        partitions=arguments.partitions, rate=arguments.rate, full_check_every=arguments.full_check_every,
+        partitions=arguments.partitions, rate=arguments.rate, segment_bytes=arguments.segment_bytes, full_check_every=arguments.full_check_every,
         sync_producers=arguments.sync_producers,
         async_tasks=arguments.async_tasks, stream_consumers=arguments.stream_consumers,
         queue_consumers=arguments.queue_consumers, power_loss=arguments.power_loss, work_dir=arguments.work_dir,
