@@ -590,7 +590,6 @@ class Workload:
     address: str
     round_number: int
     history: History
-    partitions: int
     rate_per_worker: float = 1_000.0  # messages per second, each producer worker
     killed: threading.Event = field(default_factory=threading.Event)  # the broker was killed
     stop: threading.Event = field(default_factory=threading.Event)  # workers should end
@@ -929,7 +928,7 @@ def run_workload(broker: BrokerProcess, history: History, ledger: Ledger, option
     """Start every worker, SIGKILL the broker at a random moment, stop the workers.
     Returns the names of workers that did not stop in time."""
     producers = options.sync_producers + (1 if options.async_tasks else 0) + 1
-    workload = Workload(broker.address, round_number, history, options.partitions,
+    workload = Workload(broker.address, round_number, history,
                         rate_per_worker=options.rate / producers,
                         resend_sync=ledger.in_doubt(SYNC), resend_async=ledger.in_doubt(ASYNC))
     workers: list[tuple[str, Callable, tuple]] = []
@@ -977,7 +976,6 @@ def drain(address: str, history: History, partitions: int) -> None:
     (recorded like any delivery), until the queue's ack floors reach the log ends."""
     from nodi.broker import Client
 
-    workload = Workload(address, 0, history, partitions)
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     with Client(address, timeout_ms=CLIENT_TIMEOUT_MS) as client:
         ends = {p: client.list_offsets(TOPIC, p, "latest") for p in range(partitions)}
@@ -1018,7 +1016,6 @@ def drain(address: str, history: History, partitions: int) -> None:
                     for partition, position in positions.items():
                         history.write("commit", p=partition, o=position)
                     break
-    del workload
     history.sync()
 
 
