@@ -37,7 +37,8 @@ bench: $(STAMP) $(BENCH_STAMP)
 
 # The crash torture (tools/torture.py, docs/operations.md): ROUNDS kill -9 rounds of a real
 # broker under concurrent producers and consumers, every acknowledged message checked;
-# about 13 rounds a minute here. `make torture ROUNDS=100 TORTURE_ARGS="--power-loss"`.
+# 11-17 rounds a minute here (docs/benchmarks.md), so 1,000 rounds take 60-95 minutes.
+# `make torture ROUNDS=100 TORTURE_ARGS="--power-loss"`.
 ROUNDS ?= 1000
 TORTURE_ARGS ?=
 torture: $(STAMP)
