@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: run test install clean bench crash-walk queue-leases
+.PHONY: run test install clean bench crash-walk queue-leases torture
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,15 @@ bench: $(STAMP) $(BENCH_STAMP)
 	$(BIN)/python tools/storage_bench.py
 	$(BIN)/nodi bench
 	$(BIN)/nodi bench --suite queues
+
+# The crash torture (tools/torture.py, docs/operations.md): ROUNDS kill -9 rounds of a real
+# broker under concurrent producers and consumers, every acknowledged message checked;
+# 11-17 rounds a minute here (docs/benchmarks.md), so 1,000 rounds take 60-95 minutes.
+# `make torture ROUNDS=100 TORTURE_ARGS="--power-loss"`.
+ROUNDS ?= 1000
+TORTURE_ARGS ?=
+torture: $(STAMP)
+	$(BIN)/python tools/torture.py --rounds $(ROUNDS) --json torture-summary.json $(TORTURE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -6,7 +6,7 @@ from importlib.metadata import version as _package_version
 
 import typer
 
-from nodi.cli import bench, compact, messaging
+from nodi.cli import bench, compact, messaging, torture
 from nodi.cli.common import command, state_of
 from nodi.cli.dlq import app as dlq_app
 from nodi.cli.queues import app as queues_app
@@ -29,6 +29,7 @@ app.add_typer(queues_app, name="queue")
 messaging.register(app)
 register_status(app)
 bench.register(app)
+torture.register(app)
 compact.register(app)
 
 
