@@ -243,6 +243,11 @@ class Client:
         """AsyncClient.list_groups, blocking:"""
         return self._run(self._async.list_groups(timeout_ms=timeout_ms), timeout_ms)
 
+    def describe_handovers(self, group: str, *, timeout_ms: int | None = None):
+        """AsyncClient.describe_handovers, blocking: the group's rebalances and
+        partition handovers since the broker started (types.GroupHandovers)."""
+        return self._run(self._async.describe_handovers(group, timeout_ms=timeout_ms), timeout_ms)
+
     def describe_group(self, group: str, *, timeout_ms: int | None=None) -> GroupDescription:
         """AsyncClient.describe_group, blocking: Members with their partitions, and per
         partition the committed offset, the high watermark and the lag. UnknownGroup
