@@ -27,6 +27,7 @@ from .sync_client import Client
 from .types import (
     UNLIMITED,
     GroupDescription,
+    GroupHandovers,
     GroupMemberDescription,
     GroupSummary,
     Message,
@@ -51,6 +52,7 @@ __all__ = [
     "Client",
     "Consumer",
     "GroupDescription",
+    "GroupHandovers",
     "GroupMemberDescription",
     "GroupSummary",
     "Message",

@@ -56,12 +56,13 @@ from .errors import (
     IllegalGeneration,
     NodiClientError,
     OffsetOutOfRange,
+    ProtocolViolation,
     Timeout,
     UnknownMember,
     error_for,
 )
 from .types import Message, StartSpec, backoff_s, check_start
-from ..protocol.errors import ErrorCode, ProtocolError
+from ..protocol.errors import ErrorCode
 
 log = logging.getLogger("nodi.client")
 
@@ -137,6 +138,7 @@ class AsyncConsumer:
         self._adopted = asyncio.Event()  # poll() adopted: the heartbeat acknowledges at once
         self._redelivered_unreported = 0
         self._group_wait = True  # False once the server refused GroupWait (protocol 1)
+        self._heartbeat_ok_at = time.monotonic()  # the last answered join or heartbeat
         self.timeout_ms = client.timeout_ms if timeout_ms is None else timeout_ms
         self._client = client
         self._manual: list[TopicPartition] | None = None
@@ -274,6 +276,16 @@ class AsyncConsumer:
         if self._pending is not None:
             await self._adopt_pending()
         timeout_s = (self.wait_ms if timeout_ms is None else timeout_ms) / 1000
+        if self._fenced():
+            # No heartbeat got through for a session timeout: the server may have given
+            # the partitions to others. Deliver nothing until one does.
+            self._cancel_fetches(list(self._fetches))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._changed), timeout_s)
+            self._raise_background_error()
+            return []
+        if self._member and any(key not in self._positions for key in self._assignment):
+            await self._assign(self._assignment)  # re-read partitions whose commit was refused
         deadline = time.monotonic() + timeout_s
         messages: list[Message] = []
         while True:
@@ -444,6 +456,12 @@ class AsyncConsumer:
                 self._committed[key] = offsets[key]
             elif isinstance(error, (IllegalGeneration, UnknownMember)):
                 log.info("consumer %s: commit of %s-%d refused: %s", self.group, key[0], key[1], error)
+                if isinstance(error, IllegalGeneration) and self._member:
+                    # Taken from this member meanwhile (it did not let go in time): stop
+                    # delivering it; if it is ours again, read it from what is committed.
+                    self._cancel_fetches([key])
+                    self._positions.pop(key, None)
+                    self._committed.pop(key, None)
             elif failure is None:
                 failure = error
         if failure is not None:
@@ -493,6 +511,7 @@ class AsyncConsumer:
         )
         self.member_id = response.member_id
         self.generation = response.generation
+        self._heartbeat_ok_at = time.monotonic()
         if response.heartbeat_interval_ms > 0:
             self._heartbeat_interval_s = response.heartbeat_interval_ms / 1000
         await self._assign(_pairs(response.assignments))
@@ -534,7 +553,7 @@ class AsyncConsumer:
             try:
                 async with self._client._deadline(timeout_ms, "GroupWait", extra_ms=wait_ms):
                     response = await self._client._request(request)
-            except ProtocolError as error:
+            except ProtocolViolation as error:  # refused before sending: a protocol-1 server
                 if error.code != ErrorCode.UNSUPPORTED_VERSION:
                     raise
             if response is not None and response.error_code == ErrorCode.UNSUPPORTED_VERSION:
@@ -546,6 +565,11 @@ class AsyncConsumer:
             request = m.HeartbeatRequest(group=self.group, member_id=self.member_id, generation=self.generation)
             async with self._client._deadline(timeout_ms, "Heartbeat"):
                 response = await self._client._request(request)
+        if response.error_code in (ErrorCode.NONE, ErrorCode.REBALANCE_IN_PROGRESS):
+            fenced = self._fenced()
+            self._heartbeat_ok_at = time.monotonic()
+            if fenced and self._changed is not None and not self._changed.done():
+                self._changed.set_result(None)  # a poll() waiting for membership goes on
         if response.error_code == ErrorCode.NONE:
             return
         if response.error_code == ErrorCode.REBALANCE_IN_PROGRESS:
@@ -594,6 +618,10 @@ class AsyncConsumer:
         self._adopted.set()
         log.info("consumer %s: generation %d, partitions %s", self.group, generation, self._assignment)
         await self._notify(self.on_assigned, [key for key in added if key in self._assignment])
+
+    def _fenced(self) -> bool:
+        """A member no heartbeat has confirmed for a session timeout delivers nothing."""
+        return self._member and time.monotonic() - self._heartbeat_ok_at >= self.session_timeout_ms / 1000
 
     async def _notify(self, callback, partitions: list[TopicPartition]) -> None:
         if callback is None or not partitions:

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from .types import (
         Bytesish,
         GroupDescription,
+        GroupHandovers,
         GroupSummary,
         HeadersInput,
         Message,
@@ -243,7 +244,7 @@ class Client:
         """AsyncClient.list_groups, blocking:"""
         return self._run(self._async.list_groups(timeout_ms=timeout_ms), timeout_ms)
 
-    def describe_handovers(self, group: str, *, timeout_ms: int | None = None):
+    def describe_handovers(self, group: str, *, timeout_ms: int | None = None) -> GroupHandovers:
         """AsyncClient.describe_handovers, blocking: the group's rebalances and
         partition handovers since the broker started (types.GroupHandovers)."""
         return self._run(self._async.describe_handovers(group, timeout_ms=timeout_ms), timeout_ms)

@@ -219,7 +219,7 @@ class HandoverStatistics:
     rebalances: int = 0  # generation bumps
     partitions_moved: int = 0  # partitions that went from one member to another
     handovers_forced: int = 0  # of those, taken at the owner's session timeout
-    handover_ms_total: int = 0  # from revocation to release, summed
+    handover_ms_total: int = 0  # from revocation to release, summed over the released and forced
     handover_ms_max: int = 0
     partitions_revoking: int = 0  # now: revoked and not yet released
     messages_redelivered: int = 0  # handled by a member and not committed when it let go
@@ -342,7 +342,7 @@ class _GroupCounters:
     members or committed offsets known to this process)."""
 
     rebalances: int = 0  # generation bumps
-    partitions_moved: int = 0  # handovers completed (released, or taken at the deadline)
+    partitions_moved: int = 0  # released, taken at the deadline, or left by a member that is gone
     handovers_forced: int = 0  # of those, taken because the owner did not release in time
     handover_ms_total: int = 0  # revocation to release, summed over partitions_moved
     handover_ms_max: int = 0
@@ -937,6 +937,8 @@ class GroupCoordinator:
             member = state.members.get(owner)
             if member is None:  # never owned, or its owner left or expired
                 owners[key] = (target, next_generation)
+                if owner:
+                    stats.partitions_moved += 1  # from a member that is gone: no handover to wait for
                 continue
             if owner == target:
                 owners[key] = (owner, since)
