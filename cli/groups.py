@@ -96,8 +96,9 @@ def describe_command(ctx: typer.Context, group: GroupName, json_output: JsonOpti
         mean = "-" if handovers.handover_ms_mean is None else f"{handovers.handover_ms_mean:.0f} ms"
         typer.echo(
             f"handovers since the broker started: {handovers.rebalances} rebalance(s), "
-            f"{handovers.partitions_moved} partition(s) moved ({handovers.handovers_forced} at a session "
-            f"timeout), handover time mean {mean} max {handovers.handover_ms_max} ms, "
+            f"{handovers.partitions_moved} partition(s) moved, {handovers.handovers} by a handover "
+            f"({handovers.handovers_forced} taken at a session timeout), handover time mean {mean} max "
+            f"{handovers.handover_ms_max} ms, "
             f"{handovers.partitions_revoking} revoking now, {handovers.messages_redelivered} message(s) "
             "redelivered"
         )

@@ -582,6 +582,7 @@ class AsyncClient:
         return GroupHandovers(
             rebalances=response.rebalances,
             partitions_moved=response.partitions_moved,
+            handovers=response.handovers,
             handovers_forced=response.handovers_forced,
             handover_ms_total=response.handover_ms_total,
             handover_ms_max=response.handover_ms_max,

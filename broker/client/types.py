@@ -296,8 +296,9 @@ class GroupHandovers:
     (DescribeHandovers; the broker forgets them when the group loses its last member)."""
 
     rebalances: int
-    partitions_moved: int
-    handovers_forced: int  # taken at the owner's session timeout, not released
+    partitions_moved: int  # from one member to another
+    handovers: int  # of those, revoked from a live owner (the others' owner was gone)
+    handovers_forced: int  # of the handovers, taken at the owner's session timeout, not released
     handover_ms_total: int
     handover_ms_max: int
     partitions_revoking: int
@@ -305,7 +306,7 @@ class GroupHandovers:
 
     @property
     def handover_ms_mean(self) -> float | None:
-        return self.handover_ms_total / self.partitions_moved if self.partitions_moved else None
+        return self.handover_ms_total / self.handovers if self.handovers else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -582,8 +582,9 @@ class DescribeHandoversResponse(Response):
     API_KEY = ApiKey.DESCRIBE_HANDOVERS
     rebalances: int = wire(INT64, 0, doc="generation bumps since the broker started")
     partitions_moved: int = wire(INT64, 0, doc="partitions that went from one member to another")
-    handovers_forced: int = wire(INT64, 0, doc="of those, taken at the owner's session timeout")
-    handover_ms_total: int = wire(INT64, 0, doc="revocation to release, summed over partitions_moved")
+    handovers: int = wire(INT64, 0, doc="of those, revoked from a live owner (the others' owner was gone)")
+    handovers_forced: int = wire(INT64, 0, doc="of the handovers, taken at the owner's session timeout")
+    handover_ms_total: int = wire(INT64, 0, doc="revocation to release, summed over the handovers")
     handover_ms_max: int = wire(INT64, 0)
     partitions_revoking: int = wire(INT32, 0, doc="revoked now, not yet released")
     messages_redelivered: int = wire(INT64, 0, doc="as reported by members in GroupWait")

@@ -218,8 +218,9 @@ class HandoverStatistics:
 
     rebalances: int = 0  # generation bumps
     partitions_moved: int = 0  # partitions that went from one member to another
-    handovers_forced: int = 0  # of those, taken at the owner's session timeout
-    handover_ms_total: int = 0  # from revocation to release, summed over the released and forced
+    handovers: int = 0  # of those, revoked from a live owner (the others' owner was gone)
+    handovers_forced: int = 0  # of the handovers, taken at the owner's session timeout
+    handover_ms_total: int = 0  # from revocation to release, summed over the handovers
     handover_ms_max: int = 0
     partitions_revoking: int = 0  # now: revoked and not yet released
     messages_redelivered: int = 0  # handled by a member and not committed when it let go
@@ -343,6 +344,7 @@ class _GroupCounters:
 
     rebalances: int = 0  # generation bumps
     partitions_moved: int = 0  # released, taken at the deadline, or left by a member that is gone
+    handovers: int = 0  # of those, revoked from a live owner (released or taken at the deadline)
     handovers_forced: int = 0  # of those, taken because the owner did not release in time
     handover_ms_total: int = 0  # revocation to release, summed over partitions_moved
     handover_ms_max: int = 0
@@ -350,6 +352,7 @@ class _GroupCounters:
 
     def handed_over(self, duration_ms: int, forced: bool) -> None:
         self.partitions_moved += 1
+        self.handovers += 1
         self.handovers_forced += forced
         self.handover_ms_total += duration_ms
         self.handover_ms_max = max(self.handover_ms_max, duration_ms)
@@ -793,6 +796,7 @@ class GroupCoordinator:
         return HandoverStatistics(
             rebalances=counters.rebalances,
             partitions_moved=counters.partitions_moved,
+            handovers=counters.handovers,
             handovers_forced=counters.handovers_forced,
             handover_ms_total=counters.handover_ms_total,
             handover_ms_max=counters.handover_ms_max,

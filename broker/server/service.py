@@ -519,6 +519,7 @@ class Broker:
             request_id=request.request_id,
             rebalances=handovers.rebalances,
             partitions_moved=handovers.partitions_moved,
+            handovers=handovers.handovers,
             handovers_forced=handovers.handovers_forced,
             handover_ms_total=handovers.handover_ms_total,
             handover_ms_max=handovers.handover_ms_max,
