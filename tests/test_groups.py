@@ -148,6 +148,20 @@ def test_a_partition_moves_only_after_its_owner_releases_it(world: World) -> Non
     assert handovers.partitions_revoking == 0
 
 
+def test_a_topic_deleted_while_its_partitions_are_revoked_leaves_no_revocation(world: World) -> None:
+    world.topics["payments"] = 2
+    a = world.join(topics=("payments",), client_id="a")
+    b = world.join(topics=("payments",), client_id="b")  # payments-1 is revoked from a
+    assert world.groups.describe("g").handovers.partitions_revoking == 1
+    del world.topics["payments"]
+    assert world.groups.on_topic_deleted("payments") == ["g"]
+    described = world.groups.describe("g")
+    assert described.handovers.partitions_revoking == 0
+    assert all(m.assignments == {} and m.revoking == {} for m in described.members)
+    assert world.settle() == described.generation  # both adopt it; nothing left to hand over
+    assert b.member_id in {m.member_id for m in described.members}
+
+
 def test_an_owner_that_does_not_release_loses_the_partitions_at_its_session_timeout(world: World) -> None:
     a = world.join(client_id="a")
     b = world.join(client_id="b")

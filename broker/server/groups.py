@@ -7,33 +7,48 @@ after handling requests it asks `next_deadline_ms()` and, when that time comes, 
 (the server's loop clock in ms); commit times stored with offsets are wall-clock, taken
 by the metadata store.
 
-Kafka's model, simplified
--------------------------
+Kafka's model, with a two-step handover
+---------------------------------------
 The coordinator assigns partitions itself (there is no leader client and no
-SyncGroup), and there is no "rebalance in progress" barrier:
+SyncGroup), and hands them over as Kafka's cooperative rebalancing (KIP-429) does:
 
-- Every join, leave or expiry that changes the membership or a member's topics bumps
-  the group's generation and recomputes the assignment at once (`assign_partitions`:
-  per topic, contiguous ranges over the subscribed members sorted by member id; a
-  pure function of the members and their topics, so the same membership always gives
-  the same assignment). A topic created or grown later rebalances the groups subscribed
-  to it (`on_topic_created`, `on_topic_partitions_changed`); a deleted topic's
-  partitions leave the assignment (`on_topic_deleted`) but the subscriptions stay, so a
-  topic created again under that name is picked up. A member may subscribe to a topic
-  that does not exist yet: it gets no partitions for it until the topic is created.
-- The other members learn of the new generation on their next heartbeat: its result
-  carries the current generation and the member's current assignment with the flag
-  REBALANCE_IN_PROGRESS, meaning "your generation is stale: commit what you have and
-  adopt this assignment" (joining again with the member id does the same and changes
-  nothing). No member waits for the others.
-- So during a handover two members can briefly both read a partition: the new owner
-  from the committed offset, the old one until its next heartbeat. Commits fence the
-  old one: an offset is accepted only from the partition's current owner, with a
-  generation no older than the one in which the partition went to that owner (a member
-  that kept a partition through a rebalance may still commit it with its old
-  generation). A stale commit for a partition that moved is rejected with
-  ILLEGAL_GENERATION; the new owner re-reads from the last accepted offset. Delivery is
-  at-least-once: a handover can repeat messages, never skip them.
+- Every join, leave or expiry that changes the membership or a member's topics
+  recomputes the group's *target* (`assign_partitions`: per topic, shares that differ by
+  at most one, sticky to who holds each partition now, so as few partitions as possible
+  move; totals kept even across topics). A topic created or grown later rebalances the
+  groups subscribed to it (`on_topic_created`, `on_topic_partitions_changed`); a deleted
+  topic's partitions leave the assignment (`on_topic_deleted`) but the subscriptions
+  stay, so a topic created again under that name is picked up. A member may subscribe to
+  a topic that does not exist yet: it gets no partitions for it until the topic is
+  created.
+- Then `_settle` moves ownership one step toward the target. Each partition has at most
+  one owner, the member that may read and commit it. A partition with no live owner
+  goes to its target at once. A partition whose owner is not its target is *revoked*:
+  it leaves the owner's assignment in a new generation but stays its owner's until the
+  owner acknowledges that generation, by a heartbeat (or join) carrying it; it means "I
+  adopted this generation's assignment: I stopped reading the rest and committed it".
+  Only then does the partition go to its target, in another generation. An owner that
+  does not acknowledge within its session timeout of the revocation loses it anyway
+  (`expire`, counted as forced). Partitions that stay are never out of an assignment.
+  Any change to what a member may read, or to the membership, bumps the generation.
+- A member learns of a new generation from its next heartbeat: the result carries the
+  current generation and the member's assignment with REBALANCE_IN_PROGRESS. The server
+  can hold a heartbeat (GroupWait) and answer it as soon as `on_generation` reports the
+  group's generation moved. No member waits for the others: there is no barrier.
+- Commits fence stale members: an offset is accepted only from the partition's current
+  owner (a revoked partition's owner until it releases), with a generation no older
+  than the one in which the partition went to that owner (a member that kept a
+  partition through rebalances may still commit it with an older generation). Others
+  get ILLEGAL_GENERATION. Delivery is at-least-once: a handover the owner releases
+  repeats nothing it committed; one taken at the deadline repeats what the owner
+  handled after its last commit; none skips messages.
+- The state machine knows nothing of nodi's wire messages: joins, heartbeats (the
+  acknowledgements), leaves, commits and the timer drive it, and `on_generation` tells
+  whoever serves the members. Kafka's classic protocol (the Kafka listener's issue) can
+  sit on it: its JoinGroup/SyncGroup barrier waits, outside this class, until every
+  member has joined the new generation, answers SyncGroup with `describe`'s
+  assignments, and counts a SyncGroup or Heartbeat with the generation as the
+  acknowledgement; its cooperative clients (KIP-429) revoke exactly as nodi's do.
 - A consumer outside group membership (Kafka's "simple" consumer) may commit with
   generation -1 while the group has no members. A group with members accepts commits
   from its members only (UNKNOWN_MEMBER otherwise).
@@ -965,8 +980,12 @@ class GroupCoordinator:
         for (topic, partition), (owner, _) in sorted(owners.items()):
             if (topic, partition) not in revoking:
                 assignments[owner].setdefault(topic, []).append(partition)
-        if assignments == state.assignments and not membership_changed:
-            assert owners == state.owners and revoking.keys() == state.revoking.keys()
+        unchanged = (
+            assignments == state.assignments
+            and owners == state.owners
+            and revoking.keys() == state.revoking.keys()  # a deleted topic's revoked partitions
+        )
+        if unchanged and not membership_changed:
             return False
         state.generation = next_generation
         state.assignments = assignments
