@@ -6,11 +6,12 @@
 Produces `--messages` numbered messages on a new topic of `--partitions` partitions,
 then starts one group member per entry of `--starts` (seconds after the first), each a
 sync Client in a thread of this process that handles `--rate` messages a second (a sleep
-per batch). Members named in `--stops` (index:seconds) leave by a clean close then, and
-`--kill-after` is for a member in a child process (see tests). When every message has
-been handled, it waits for the group to settle, closes the members and prints (and with
---json-out writes) what was handled, how often, and the broker's handover figures.
-Bounded: it gives up after `--timeout-s`.
+per batch). Members named in `--stops` (index:seconds) leave by a clean close then (a
+member killed with SIGKILL is in tests/test_group_handover.py). When every message has
+been handled, it waits `--settle-s`, reads the broker's handover figures, closes the
+members and prints (and with --json-out writes) what was handled and how often.
+Bounded: it gives up after `--timeout-s`. Runs with a client from before issue 17 too
+(no callbacks, no broker figures), to measure the old behaviour.
 """
 
 from __future__ import annotations
