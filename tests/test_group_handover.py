@@ -200,3 +200,44 @@ def test_group_wait_is_answered_at_once_when_the_generation_moves(server):
     assert "1 partition(s) moved, 1 by a handover" in text.stdout
     for member in (first, second):
         admin.call(m.LeaveGroupRequest, group="waiting", member_id=member.member_id)
+
+
+def test_on_revoked_may_commit_itself_without_auto_commit(server):
+    """The blocking consumer runs the callbacks off the client's loop, so on_revoked can
+    call the consumer (here: commit, with auto-commit off) before the handover."""
+    topic, group = "manual-commits", "manual-group"
+    with Client(server.address, timeout_ms=10_000) as client:
+        client.create_topic(topic, partitions=2)
+        producer = client.producer(linger_ms=2)
+        for number in range(600):
+            producer.send(topic, str(number).encode(), partition=number % 2)
+        producer.flush()
+        producer.close()
+        calls: list[tuple[str, list]] = []
+        first = None
+
+        def revoked(partitions):
+            calls.append(("revoked", partitions))
+            first.commit()
+
+        first = client.consumer(topic, group=group, auto_commit=False, session_timeout_ms=10_000,
+                                on_revoked=revoked, on_assigned=lambda p: calls.append(("assigned", p)))
+        handled: list[tuple[int, int]] = []
+        deadline = time.monotonic() + TIMEOUT_S
+        while len(handled) < 600:
+            assert time.monotonic() < deadline
+            handled.extend((mm.partition, mm.offset) for mm in first.poll(200))
+        second = client.consumer(topic, group=group, auto_commit=False, session_timeout_ms=10_000)
+        try:
+            again: list = []
+            while len(second.assignment()) != 1:
+                assert time.monotonic() < deadline, "the second member never got a partition"
+                again.extend(second.poll(100))
+                first.poll(100)
+            again.extend(second.poll(300))
+            assert again == []  # what the first handled was committed by its on_revoked
+            assert calls[0] == ("assigned", [(topic, 0), (topic, 1)])
+            assert ("revoked", second.assignment()) in calls
+        finally:
+            second.close()
+            first.close()
