@@ -4,11 +4,13 @@ who is a member, which partitions each reads, how far behind the group is, and r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Annotated
 
 import typer
 
+from nodi.broker.client.errors import ProtocolViolation, UnknownGroup
 from nodi.cli.common import command, connect, parse_position, print_table
 
 app = typer.Typer(
@@ -42,12 +44,20 @@ def _partitions_text(assignments: dict[str, list[int]]) -> str:
 def describe_command(ctx: typer.Context, group: GroupName, json_output: JsonOption = False) -> None:
     """Show a group's state and generation, its members with the partitions each is
     assigned, and per partition the committed offset, the high watermark and the lag
-    (messages not yet committed; "-" when nothing is committed).
+    (messages not yet committed; "-" when nothing is committed). Then what the group's
+    rebalances did since the broker started: rebalances, partitions moved from one member
+    to another (and how many were taken at a session timeout instead of released), the
+    handover time (revocation to release), and the messages redelivered by handovers (as
+    the members report them).
 
     Exit status 1 when the broker knows no such group.
     """
     with connect(ctx) as client:
         description = client.describe_group(group)
+        try:
+            handovers = client.describe_handovers(group)
+        except (ProtocolViolation, UnknownGroup):  # a broker before protocol 2, or gone meanwhile
+            handovers = None
     lags = sorted(description.lags, key=lambda lag: (lag.topic, lag.partition))
     if json_output:
         typer.echo(
@@ -75,12 +85,23 @@ def describe_command(ctx: typer.Context, group: GroupName, json_output: JsonOpti
                         }
                         for lag in lags
                     ],
+                    "handovers": None if handovers is None else dataclasses.asdict(handovers),
                 }
             )
         )
         return
     typer.echo(f"group {description.group}: {description.state}, generation {description.generation}, "
                f"{len(description.members)} member(s)")
+    if handovers is not None:
+        mean = "-" if handovers.handover_ms_mean is None else f"{handovers.handover_ms_mean:.0f} ms"
+        typer.echo(
+            f"handovers since the broker started: {handovers.rebalances} rebalance(s), "
+            f"{handovers.partitions_moved} partition(s) moved, {handovers.handovers} by a handover "
+            f"({handovers.handovers_forced} taken at a session timeout), handover time mean {mean} max "
+            f"{handovers.handover_ms_max} ms, "
+            f"{handovers.partitions_revoking} revoking now, {handovers.messages_redelivered} message(s) "
+            "redelivered"
+        )
     if description.members:
         typer.echo("")
         print_table(

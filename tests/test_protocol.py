@@ -48,6 +48,7 @@ from nodi.broker.protocol.connection import (
     ListTopicsRequest,
     ListTopicsResponse,
     OffsetCommit,
+    PROTOCOL_VERSION_MAX,
     ProduceRequest,
     ProduceResponse,
     ProtocolError,
@@ -128,7 +129,7 @@ def connected_pair(
     client.receive_data(server.send(handshake_response(request, server_id="server-1", limits=limits)))
     assert isinstance(client.next_event(), HandshakeResponse)
     assert client.state is State.READY and server.state is State.READY
-    assert client.protocol_version == server.protocol_version == 1
+    assert client.protocol_version == server.protocol_version == PROTOCOL_VERSION_MAX
     return client, server
 
 
@@ -886,3 +887,53 @@ def test_random_chunking_of_a_long_pipelined_stream() -> None:
         position += step
         events.extend(drain(server))
     assert events == requests
+
+
+# ---------------------------------------------------------------------------
+# Protocol version 2 (issue 17): APIs added later, and clients that speak only 1
+
+
+def test_a_version_1_client_is_served_and_a_version_2_api_is_refused_clearly() -> None:
+    from nodi.broker.protocol.messages import GroupWaitRequest, HeartbeatRequest
+
+    client = Connection(Role.CLIENT)
+    server = Connection(Role.SERVER)
+    hello = HandshakeRequest(request_id=client.next_request_id(), client_id="old",
+                             protocol_version_min=1, protocol_version_max=1)
+    server.receive_data(client.send(hello))
+    request = server.next_event()
+    client.receive_data(server.send(handshake_response(request, server_id="s", limits={})))
+    assert isinstance(client.next_event(), HandshakeResponse)
+    assert client.protocol_version == server.protocol_version == 1
+    # A version-1 API is served as before.
+    beat = HeartbeatRequest(request_id=client.next_request_id(), group="g", member_id="m", generation=1)
+    server.receive_data(client.send(beat))
+    assert server.next_event() == beat
+    # The client itself refuses to send a version-2 API on a version-1 connection...
+    wait = GroupWaitRequest(request_id=client.next_request_id(), group="g", member_id="m", generation=1)
+    with pytest.raises(ProtocolError) as caught:
+        client.send(wait)
+    assert caught.value.code == ErrorCode.UNSUPPORTED_VERSION
+    assert "protocol version 2" in caught.value.message
+    # ...and a server answers one (from a client that sent it anyway) with
+    # UNSUPPORTED_VERSION and carries on.
+    server.receive_data(raw_frame(0, ApiKey.GROUP_WAIT, 4242, b""))
+    rejected = server.next_event()
+    assert isinstance(rejected, RejectedRequest)
+    assert rejected.error_code == ErrorCode.UNSUPPORTED_VERSION
+    assert "protocol version 2" in rejected.error_message
+    assert server.state is State.READY
+
+
+def test_a_version_2_connection_carries_group_wait() -> None:
+    from nodi.broker.protocol.messages import GroupWaitRequest, GroupWaitResponse, TopicPartitions
+
+    client, server = connected_pair()
+    wait = GroupWaitRequest(request_id=client.next_request_id(), group="g", member_id="m",
+                            generation=3, wait_ms=2_000, messages_redelivered=7)
+    server.receive_data(client.send(wait))
+    assert server.next_event() == wait
+    answer = GroupWaitResponse(request_id=wait.request_id, error_code=ErrorCode.REBALANCE_IN_PROGRESS,
+                               generation=4, assignments=[TopicPartitions(topic="t", partitions=[1, 2])])
+    client.receive_data(server.send(answer))
+    assert client.next_event() == answer

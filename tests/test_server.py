@@ -168,13 +168,20 @@ def test_stream_groups_over_the_wire(broker):
     assert first.error_code == ErrorCode.NONE
     assert sorted(p for a in first.assignments for p in a.partitions) == [0, 1, 2, 3]
     second = admin.call(m.JoinGroupRequest, group="g", topics=["events"], session_timeout_ms=10_000)
+    assert second.assignments == []  # the two-step handover: first must let go first
     beat = admin.call(m.HeartbeatRequest, group="g", member_id=first.member_id, generation=first.generation)
     assert beat.error_code == ErrorCode.REBALANCE_IN_PROGRESS and beat.generation == second.generation
     mine = [p for a in beat.assignments for p in a.partitions]
-    theirs = [p for a in second.assignments for p in a.partitions]
+    # first adopts that generation (commits, stops reading the rest) and says so:
+    released = admin.call(m.HeartbeatRequest, group="g", member_id=first.member_id, generation=beat.generation)
+    assert released.error_code == ErrorCode.REBALANCE_IN_PROGRESS
+    assert [p for a in released.assignments for p in a.partitions] == mine
+    gained = admin.call(m.HeartbeatRequest, group="g", member_id=second.member_id, generation=second.generation)
+    assert gained.error_code == ErrorCode.REBALANCE_IN_PROGRESS and gained.generation == released.generation
+    theirs = [p for a in gained.assignments for p in a.partitions]
     assert sorted(mine + theirs) == [0, 1, 2, 3] and not set(mine) & set(theirs)
     commit = admin.call(
-        m.CommitOffsetsRequest, group="g", generation=second.generation, member_id=second.member_id,
+        m.CommitOffsetsRequest, group="g", generation=gained.generation, member_id=second.member_id,
         offsets=[m.OffsetCommit(topic="events", partition=theirs[0], offset=0),
                  m.OffsetCommit(topic="events", partition=mine[0], offset=0)],
     )

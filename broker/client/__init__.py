@@ -28,6 +28,7 @@ from .sync_client import Client
 from .types import (
     UNLIMITED,
     GroupDescription,
+    GroupHandovers,
     GroupMemberDescription,
     GroupSummary,
     Message,
@@ -52,6 +53,7 @@ __all__ = [
     "Client",
     "Consumer",
     "GroupDescription",
+    "GroupHandovers",
     "GroupMemberDescription",
     "GroupSummary",
     "Message",

@@ -51,6 +51,7 @@ from .types import (
     backoff_s,
     Bytesish,
     GroupDescription,
+    GroupHandovers,
     GroupMemberDescription,
     GroupSummary,
     HeadersInput,
@@ -534,6 +535,22 @@ class AsyncClient:
     async def list_groups(self, *, timeout_ms: int | None = None) -> list[GroupSummary]:
         response = await self.core.call(m.ListGroupsRequest(), timeout_ms, retry=True, expect=m.ListGroupsResponse)
         return [GroupSummary(group.group, group.state, group.members) for group in response.groups]
+
+    async def describe_handovers(self, group: str, *, timeout_ms: int | None = None) -> GroupHandovers:
+        """The group's rebalances and partition handovers since the broker started.
+        UnknownGroup when the broker knows no such group; the server must speak
+        protocol version 2."""
+        response = await self._call(m.DescribeHandoversRequest(group=group), timeout_ms, retry=True)
+        return GroupHandovers(
+            rebalances=response.rebalances,
+            partitions_moved=response.partitions_moved,
+            handovers=response.handovers,
+            handovers_forced=response.handovers_forced,
+            handover_ms_total=response.handover_ms_total,
+            handover_ms_max=response.handover_ms_max,
+            partitions_revoking=response.partitions_revoking,
+            messages_redelivered=response.messages_redelivered,
+        )
 
     async def describe_group(self, group: str, *, timeout_ms: int | None = None) -> GroupDescription:
         """Members with their partitions, and per partition the committed offset, the

@@ -14,10 +14,18 @@ Three ways to read:
 - A group without `partitions`: a member of the group. JoinGroup gives a member id, the
   generation and this member's partitions; a heartbeat every heartbeat_interval_ms keeps
   the membership (session_timeout_ms without one and the server moves the partitions to
-  the other members). When a heartbeat answers that the generation moved on, the consumer
-  commits what it has delivered (with auto-commit) and adopts the new assignment; each
-  partition it gains starts at the group's committed offset, else at `start`. Delivery is
-  at-least-once: a partition that changes hands may repeat messages, never skip them.
+  the other members). With a server of protocol version 2 the heartbeat is a GroupWait
+  the server holds and answers at once when the generation moves on.
+
+  A rebalance is a two-step handover (docs/guarantees.md): partitions that move are first
+  revoked from their owner, which, at its next poll() (so the batch the application was
+  handling is done), stops reading them, calls on_revoked(partitions), commits everything
+  the application has handled (with auto-commit) and acknowledges the new generation;
+  only then does the server give them to their new owner, which starts at that commit
+  and calls on_assigned(partitions). Partitions that stay are read on without a pause.
+  An owner that does not let go within its session timeout loses them anyway, and what
+  it handled after its last commit is read again by the new owner. Delivery stays
+  at-least-once: a handover may repeat messages, never skip them.
 
 `start`: "earliest", "latest", an offset, or a datetime (the first message at or after
 it). Reading: one long-poll fetch (wait_ms, bytes_max) per assigned partition is kept in
@@ -33,6 +41,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
@@ -46,6 +56,7 @@ from .errors import (
     IllegalGeneration,
     NodiClientError,
     OffsetOutOfRange,
+    ProtocolViolation,
     Timeout,
     UnknownMember,
     error_for,
@@ -72,6 +83,8 @@ class ConsumerStatistics:
     expired_skipped: int  # fetched but past their TTL, left out (include_expired=False)
     # Fetched batches left out because their records do not decode (each logged).
     undecodable_batches_skipped: int = 0
+    partitions_revoked: int = 0  # let go to other members in handovers
+    messages_redelivered: int = 0  # delivered from those past what was committed for them
 
 
 class AsyncConsumer:
@@ -81,7 +94,9 @@ class AsyncConsumer:
     long poll), bytes_max (1 MiB per fetch), session_timeout_ms (10 s), idle_timeout_ms
     (None: iteration stops after this long without a message), include_expired (False:
     messages whose TTL has passed are skipped and counted in statistics()), timeout_ms
-    (per request; the client's by default)."""
+    (per request; the client's by default), on_revoked / on_assigned (None: a function
+    or coroutine function called with the list of (topic, partition) pairs a handover
+    takes away, before the commit, or gives, once they are read from; errors are logged)."""
 
     def __init__(
         self,
@@ -99,6 +114,8 @@ class AsyncConsumer:
         idle_timeout_ms: int | None = None,
         include_expired: bool = False,
         timeout_ms: int | None = None,
+        on_revoked=None,
+        on_assigned=None,
     ) -> None:
         self.topics = [topics] if isinstance(topics, str) else list(dict.fromkeys(topics))
         if not self.topics:
@@ -115,6 +132,16 @@ class AsyncConsumer:
         self._delivered = 0
         self._expired_skipped = 0
         self._undecodable_skipped = 0
+        self.on_revoked = on_revoked
+        self.on_assigned = on_assigned
+        self._partitions_revoked = 0
+        self._messages_redelivered = 0
+        # A new generation and assignment the heartbeat learned of, adopted by poll().
+        self._pending: tuple[int, list[TopicPartition]] | None = None
+        self._adopted = asyncio.Event()  # poll() adopted: the heartbeat acknowledges at once
+        self._redelivered_unreported = 0
+        self._group_wait = True  # False once the server refused GroupWait (protocol 1)
+        self._heartbeat_ok_at = time.monotonic()  # the last answered join or heartbeat
         self.timeout_ms = client.timeout_ms if timeout_ms is None else timeout_ms
         self._client = client
         self._manual: list[TopicPartition] | None = None
@@ -218,8 +245,13 @@ class AsyncConsumer:
         return self._closed
 
     def statistics(self) -> ConsumerStatistics:
-        return ConsumerStatistics(messages_delivered=self._delivered, expired_skipped=self._expired_skipped,
-                                  undecodable_batches_skipped=self._undecodable_skipped)
+        return ConsumerStatistics(
+            messages_delivered=self._delivered,
+            expired_skipped=self._expired_skipped,
+            undecodable_batches_skipped=self._undecodable_skipped,
+            partitions_revoked=self._partitions_revoked,
+            messages_redelivered=self._messages_redelivered,
+        )
 
     def assignment(self) -> list[TopicPartition]:
         """The (topic, partition) pairs this consumer reads now."""
@@ -247,7 +279,19 @@ class AsyncConsumer:
         await self.start()
         self._handled = dict(self._positions)
         self._raise_background_error()
+        if self._pending is not None:
+            await self._adopt_pending()
         timeout_s = (self.wait_ms if timeout_ms is None else timeout_ms) / 1000
+        if self._fenced():
+            # No heartbeat got through for a session timeout: the server may have given
+            # the partitions to others. Deliver nothing until one does.
+            self._cancel_fetches(list(self._fetches))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._changed), timeout_s)
+            self._raise_background_error()
+            return []
+        if self._member and any(key not in self._positions for key in self._assignment):
+            await self._assign(self._assignment)  # re-read partitions whose commit was refused
         deadline = time.monotonic() + timeout_s
         messages: list[Message] = []
         while True:
@@ -262,6 +306,9 @@ class AsyncConsumer:
             self._raise_background_error()
             if messages or deadline <= time.monotonic():
                 break
+            if self._pending is not None:  # nothing delivered in this poll yet: adopt now
+                await self._adopt_pending()
+                continue
             if not done:
                 break
         # Prefetch: the next fetch of each partition runs while the caller handles these
@@ -416,6 +463,12 @@ class AsyncConsumer:
                 self._committed[key] = offsets[key]
             elif isinstance(error, (IllegalGeneration, UnknownMember)):
                 log.info("consumer %s: commit of %s-%d refused: %s", self.group, key[0], key[1], error)
+                if isinstance(error, IllegalGeneration) and self._member:
+                    # Taken from this member meanwhile (it did not let go in time): stop
+                    # delivering it; if it is ours again, read it from what is committed.
+                    self._cancel_fetches([key])
+                    self._positions.pop(key, None)
+                    self._committed.pop(key, None)
             elif failure is None:
                 failure = error
         if failure is not None:
@@ -467,60 +520,127 @@ class AsyncConsumer:
         )
         self.member_id = response.member_id
         self.generation = response.generation
+        self._heartbeat_ok_at = time.monotonic()
         if response.heartbeat_interval_ms > 0:
             self._heartbeat_interval_s = response.heartbeat_interval_ms / 1000
         await self._assign(_pairs(response.assignments))
+        await self._notify(self.on_assigned, self._assignment)
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            await asyncio.sleep(self._heartbeat_interval_s)
             try:
+                if self._pending is not None or not self._group_wait:
+                    # Waiting for poll() to adopt (or a protocol-1 server): heartbeat
+                    # each interval; an adoption is acknowledged at once.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._adopted.wait(), self._heartbeat_interval_s)
+                self._adopted.clear()
                 await self._heartbeat()
             except (ConnectionLost, Timeout) as error:
                 log.warning("consumer %s: heartbeat failed: %s", self.group, error)
+                await asyncio.sleep(self._heartbeat_interval_s)
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # surfaced by the next poll()
                 self._background_error = error
                 if self._changed is not None and not self._changed.done():
                     self._changed.set_result(None)
+                await asyncio.sleep(self._heartbeat_interval_s)
 
     async def _heartbeat(self) -> None:
-        assert self.group is not None  # only a group's consumer heartbeats
-        request = m.HeartbeatRequest(group=self.group, member_id=self.member_id, generation=self.generation)
+        """One heartbeat with the adopted generation: a GroupWait the server holds up
+        to one heartbeat interval (a plain Heartbeat to a server of protocol 1)."""
         timeout_ms = min(self.timeout_ms, self.session_timeout_ms)
-        async with self._client.core.deadline(timeout_ms, "Heartbeat"):
-            response = await self._client.core.send(request, expect=m.HeartbeatResponse)
+        response = None
+        if self._group_wait:
+            wait_ms = 0 if self._pending is not None else int(self._heartbeat_interval_s * 1000)
+            redelivered, self._redelivered_unreported = self._redelivered_unreported, 0
+            request = m.GroupWaitRequest(
+                group=self.group, member_id=self.member_id, generation=self.generation,
+                wait_ms=wait_ms, messages_redelivered=redelivered,
+            )
+            try:
+                async with self._client.core.deadline(timeout_ms, "GroupWait", extra_ms=wait_ms):
+                    response = await self._client.core.send(request, expect=m.GroupWaitResponse)
+            except ProtocolViolation as error:  # refused before sending: a protocol-1 server
+                if error.code != ErrorCode.UNSUPPORTED_VERSION:
+                    raise
+            if response is not None and response.error_code == ErrorCode.UNSUPPORTED_VERSION:
+                response = None
+            if response is None:
+                log.info("consumer %s: the server has no GroupWait (protocol 1): plain heartbeats", self.group)
+                self._group_wait = False
+        if response is None:
+            request = m.HeartbeatRequest(group=self.group, member_id=self.member_id, generation=self.generation)
+            async with self._client.core.deadline(timeout_ms, "Heartbeat"):
+                response = await self._client.core.send(request, expect=m.HeartbeatResponse)
+        if response.error_code in (ErrorCode.NONE, ErrorCode.REBALANCE_IN_PROGRESS):
+            fenced = self._fenced()
+            self._heartbeat_ok_at = time.monotonic()
+            if fenced and self._changed is not None and not self._changed.done():
+                self._changed.set_result(None)  # a poll() waiting for membership goes on
         if response.error_code == ErrorCode.NONE:
             return
         if response.error_code == ErrorCode.REBALANCE_IN_PROGRESS:
-            await self._adopt(response.generation, _pairs(response.assignments))
+            if response.generation > self.generation:
+                self._pending = (response.generation, _pairs(response.assignments))
+                if self._changed is not None and not self._changed.done():
+                    self._changed.set_result(None)  # wakes a waiting poll()
         elif response.error_code in (ErrorCode.UNKNOWN_MEMBER, ErrorCode.ILLEGAL_GENERATION):
             # Expired (or the server restarted): join again and re-read what is
             # committed; what this member delivered after its last commit may repeat.
             log.warning("consumer %s: %s; joining again", self.group, response.error_message)
             self.member_id = ""
+            self._pending = None
             await self._assign([])
             await self._join()
         else:
             check_response(response)
 
-    async def _adopt(self, generation: int, assignment: list[TopicPartition]) -> None:
-        """The generation moved on: commit what was delivered, then take the new
-        assignment."""
+    async def _adopt_pending(self) -> None:
+        """Adopt the generation the heartbeat learned of, in poll() (every batch poll()
+        returned before is handled): stop reading the revoked partitions, call
+        on_revoked, commit what was handled, take the new assignment, call
+        on_assigned, and have the heartbeat acknowledge the generation at once (which
+        lets the server hand the revoked partitions on)."""
+        assert self._pending is not None
+        generation, assignment = self._pending
+        self._pending = None
         kept = set(assignment)
-        gone = [key for key in self._assignment if key not in kept]
-        self._cancel_fetches(gone)  # nothing more is delivered from them
+        revoked = [key for key in self._assignment if key not in kept]
+        added = [key for key in assignment if key not in set(self._assignment)]
+        self._cancel_fetches(revoked)  # nothing more is delivered from them
+        await self._notify(self.on_revoked, revoked)
         if self.auto_commit:
             try:
-                # Not the batch the application may be handling now: its partitions
-                # may go to another member, which then reads it again.
                 await self._commit(self._handled_positions())
             except NodiClientError as error:
-                log.warning("consumer %s: commit before a rebalance failed: %s", self.group, error)
+                log.warning("consumer %s: commit before a handover failed: %s", self.group, error)
+        for key in revoked:
+            position, committed = self._positions.get(key), self._committed.get(key)
+            if position is not None and committed is not None and position > committed:
+                self._messages_redelivered += position - committed
+                self._redelivered_unreported += position - committed
+        self._partitions_revoked += len(revoked)
         self.generation = generation
         await self._assign(assignment)
+        self._adopted.set()
         log.info("consumer %s: generation %d, partitions %s", self.group, generation, self._assignment)
+        await self._notify(self.on_assigned, [key for key in added if key in self._assignment])
+
+    def _fenced(self) -> bool:
+        """A member no heartbeat has confirmed for a session timeout delivers nothing."""
+        return self._member and time.monotonic() - self._heartbeat_ok_at >= self.session_timeout_ms / 1000
+
+    async def _notify(self, callback, partitions: list[TopicPartition]) -> None:
+        if callback is None or not partitions:
+            return
+        try:
+            result = callback(list(partitions))
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception("consumer %s: callback %r failed", self.group, callback)
 
 
 def _pairs(assignments: list[m.TopicPartitions]) -> list[TopicPartition]:
@@ -537,6 +657,10 @@ class Consumer:
 
     def __init__(self, client, topics, group: str | None = None, **options) -> None:
         self._client = client
+        for name in ("on_revoked", "on_assigned"):
+            callback = options.get(name)
+            if callback is not None:  # run off the loop: it may call this consumer
+                options[name] = functools.partial(asyncio.to_thread, callback)
         self._consumer: AsyncConsumer = client.core.run(
             self._make(client.core.async_client, topics, group, options), None
         )

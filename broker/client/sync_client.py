@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from .types import (
         Bytesish,
         GroupDescription,
+        GroupHandovers,
         GroupSummary,
         HeadersInput,
         Message,
@@ -232,6 +233,11 @@ class Client:
     def list_groups(self, *, timeout_ms: int | None=None) -> list[GroupSummary]:
         """AsyncClient.list_groups, blocking:"""
         return self._run(self._async.list_groups(timeout_ms=timeout_ms), timeout_ms)
+
+    def describe_handovers(self, group: str, *, timeout_ms: int | None = None) -> GroupHandovers:
+        """AsyncClient.describe_handovers, blocking: the group's rebalances and
+        partition handovers since the broker started (types.GroupHandovers)."""
+        return self._run(self._async.describe_handovers(group, timeout_ms=timeout_ms), timeout_ms)
 
     def describe_group(self, group: str, *, timeout_ms: int | None=None) -> GroupDescription:
         """AsyncClient.describe_group, blocking: Members with their partitions, and per

@@ -294,6 +294,25 @@ class PartitionLag:
 
 
 @dataclass(frozen=True, slots=True)
+class GroupHandovers:
+    """A group's rebalances and partition handovers since the broker started
+    (DescribeHandovers; the broker forgets them when the group loses its last member)."""
+
+    rebalances: int
+    partitions_moved: int  # from one member to another
+    handovers: int  # of those, revoked from a live owner (the others' owner was gone)
+    handovers_forced: int  # of the handovers, taken at the owner's session timeout, not released
+    handover_ms_total: int
+    handover_ms_max: int
+    partitions_revoking: int
+    messages_redelivered: int  # handled by a member past its commit when it let go
+
+    @property
+    def handover_ms_mean(self) -> float | None:
+        return self.handover_ms_total / self.handovers if self.handovers else None
+
+
+@dataclass(frozen=True, slots=True)
 class GroupDescription:
     group: str
     state: str
@@ -387,6 +406,7 @@ __all__ = [
     "UNLIMITED",
     "ErrorCode",
     "GroupDescription",
+    "GroupHandovers",
     "GroupMemberDescription",
     "GroupSummary",
     "Message",

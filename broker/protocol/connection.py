@@ -79,6 +79,7 @@ from .messages import (
     Message,
     Request,
     Response,
+    api_served,
     api_version,
     choose_protocol_version,
 )
@@ -420,6 +421,16 @@ class Connection:
                     f"more than in_flight_requests_max {self.limits.in_flight_requests_max} in flight",
                 ),
             )
+        if header.api_key in API_BY_KEY and not api_served(header.api_key, self.protocol_version):
+            return self._rejected(
+                header,
+                ProtocolError(
+                    ErrorCode.UNSUPPORTED_VERSION,
+                    f"{API_BY_KEY[header.api_key].key.name} needs protocol version "
+                    f"{API_BY_KEY[header.api_key].protocol_version_min}; this connection speaks "
+                    f"{self.protocol_version}",
+                ),
+            )
         try:
             return decode_message_body(header, frame, self.limits)
         except ProtocolError as error:
@@ -542,6 +553,12 @@ class Connection:
         if handshake:
             return next_state, HANDSHAKE_API_VERSION
         assert self.protocol_version is not None
+        if not api_served(message.API_KEY, self.protocol_version):
+            raise ProtocolError(
+                ErrorCode.UNSUPPORTED_VERSION,
+                f"{type(message).__name__} needs protocol version "
+                f"{API_BY_KEY[message.API_KEY].protocol_version_min}; the server speaks {self.protocol_version}",
+            )
         return next_state, api_version(message.API_KEY, self.protocol_version)
 
     def _plan_server_send(self, message: Message) -> tuple[State, int]:

@@ -51,7 +51,8 @@ def render_apis() -> str:
     for api in APIS:
         sections.append(
             f"### {api.request.__name__.removesuffix('Request')} "
-            f"(api key {int(api.key)}, version {api.version_min})\n\n"
+            f"(api key {int(api.key)}, version {api.version_min}"
+            f"{f', protocol version {api.protocol_version_min}' if api.protocol_version_min > 1 else ''})\n\n"
             f"{api.summary}\n\n"
             f"Request:\n\n{_body_table(api.request)}\n\n"
             f"Response:\n\n{_body_table(api.response)}"

@@ -8,7 +8,10 @@ error_message. The protocol checks types; what a value means (a partition that e
 an offset in range) is for the server to check and answer with an error code.
 
 Protocol version 1 has every API at version 1. A later version may add APIs or API
-versions; Handshake stays at version 1 for ever, so any client can negotiate.
+versions; Handshake stays at version 1 for ever, so any client can negotiate. Protocol
+version 2 adds GroupWait and DescribeHandovers (each API names the protocol version
+that brought it: `Api.protocol_version_min`); a request of an API newer than the
+connection's protocol version is answered UNSUPPORTED_VERSION.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from .schema import (
 )
 
 PROTOCOL_VERSION_MIN = 1
-PROTOCOL_VERSION_MAX = 1
+PROTOCOL_VERSION_MAX = 2
 HANDSHAKE_MAGIC = b"NODI"
 HANDSHAKE_API_VERSION = 1  # frozen: every server reads a version-1 Handshake
 
@@ -76,6 +79,8 @@ class ApiKey(enum.IntEnum):
     INIT_PRODUCER_ID = 14
     LIST_GROUPS = 15
     DESCRIBE_GROUP = 16
+    GROUP_WAIT = 17  # protocol version 2
+    DESCRIBE_HANDOVERS = 18  # protocol version 2
     # Operations (45-49).
     SERVER_STATUS = 45
     # Compaction (40-44).
@@ -570,6 +575,46 @@ class DescribeGroupResponse(Response):
     lags: list[GroupLag] = wire(Array(Struct(GroupLag)), [])
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GroupWaitRequest(Request):
+    API_KEY = ApiKey.GROUP_WAIT
+    group: str = wire(STRING)
+    member_id: str = wire(STRING)
+    generation: int = wire(INT32, doc="the generation whose assignment the member has adopted")
+    wait_ms: int = wire(INT32, 0, doc="answer at once when the generation moves past it, else after this long")
+    messages_redelivered: int = wire(
+        INT64, 0, doc="handled from partitions the member let go, past what it committed for them"
+    )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GroupWaitResponse(Response):
+    API_KEY = ApiKey.GROUP_WAIT
+    generation: int = wire(INT32, -1, doc="REBALANCE_IN_PROGRESS when it moved on: adopt it")
+    assignments: list[TopicPartitions] = wire(
+        Array(Struct(TopicPartitions)), [], doc="the partitions the member may read in that generation"
+    )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DescribeHandoversRequest(Request):
+    API_KEY = ApiKey.DESCRIBE_HANDOVERS
+    group: str = wire(STRING)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DescribeHandoversResponse(Response):
+    API_KEY = ApiKey.DESCRIBE_HANDOVERS
+    rebalances: int = wire(INT64, 0, doc="generation bumps since the broker started")
+    partitions_moved: int = wire(INT64, 0, doc="partitions that went from one member to another")
+    handovers: int = wire(INT64, 0, doc="of those, revoked from a live owner (the others' owner was gone)")
+    handovers_forced: int = wire(INT64, 0, doc="of the handovers, taken at the owner's session timeout")
+    handover_ms_total: int = wire(INT64, 0, doc="revocation to release, summed over the handovers")
+    handover_ms_max: int = wire(INT64, 0)
+    partitions_revoking: int = wire(INT32, 0, doc="revoked now, not yet released")
+    messages_redelivered: int = wire(INT64, 0, doc="as reported by members in GroupWait")
+
+
 # ---------------------------------------------------------------------------
 # Idempotent producer
 
@@ -888,6 +933,7 @@ class Api:
     version_min: int = 1
     version_max: int = 1
     summary: str = ""
+    protocol_version_min: int = 1  # the protocol version that brought the API
 
 
 APIS: tuple[Api, ...] = (
@@ -920,6 +966,11 @@ APIS: tuple[Api, ...] = (
     Api(ApiKey.LIST_GROUPS, ListGroupsRequest, ListGroupsResponse, summary="Every consumer group."),
     Api(ApiKey.DESCRIBE_GROUP, DescribeGroupRequest, DescribeGroupResponse,
         summary="A group's members, their partitions, and its committed offsets against the high watermarks."),
+    Api(ApiKey.GROUP_WAIT, GroupWaitRequest, GroupWaitResponse, protocol_version_min=2,
+        summary="A Heartbeat the server holds until the member's generation moves on (answered at once then) "
+                "or wait_ms passes: how a member learns promptly that partitions are revoked or assigned."),
+    Api(ApiKey.DESCRIBE_HANDOVERS, DescribeHandoversRequest, DescribeHandoversResponse, protocol_version_min=2,
+        summary="A group's rebalances and partition handovers since the broker started."),
     Api(ApiKey.QUEUE_RECEIVE, QueueReceiveRequest, QueueReceiveResponse,
         summary="Lease up to messages_max messages of a queue group from any partition, waiting up to wait_ms for one."),
     Api(ApiKey.QUEUE_SETTLE, QueueSettleRequest, QueueSettleResponse,
@@ -956,10 +1007,15 @@ def choose_protocol_version(client_min: int, client_max: int) -> int | None:
 
 
 def api_version(api_key: int, protocol_version: int) -> int:
-    """The version of `api_key` a sender uses under `protocol_version`. Every API of
-    protocol version 1 is at version 1."""
+    """The version of `api_key` a sender uses under `protocol_version`. Every API is at
+    version 1 so far."""
     assert PROTOCOL_VERSION_MIN <= protocol_version <= PROTOCOL_VERSION_MAX
     return API_BY_KEY[api_key].version_max
+
+
+def api_served(api_key: int, protocol_version: int) -> bool:
+    """Whether `api_key` exists under `protocol_version` (APIs added later do not)."""
+    return API_BY_KEY[api_key].protocol_version_min <= protocol_version
 
 
 __all__ = [
@@ -976,7 +1032,8 @@ __all__ = [
     "LeaveGroupResponse", "HeartbeatRequest", "HeartbeatResponse", "CommitOffsetsRequest",
     "CommitOffsetsResponse", "FetchOffsetsRequest", "FetchOffsetsResponse", "ResetGroupRequest",
     "ResetGroupResponse", "ListGroupsRequest", "ListGroupsResponse", "DescribeGroupRequest",
-    "DescribeGroupResponse", "InitProducerIdRequest", "InitProducerIdResponse",
+    "DescribeGroupResponse", "GroupWaitRequest", "GroupWaitResponse", "DescribeHandoversRequest",
+    "DescribeHandoversResponse", "api_served", "InitProducerIdRequest", "InitProducerIdResponse",
     "ServerStatusRequest", "ServerStatusResponse", "DuplicateRecord", "BackoffKind", "ExpiredAction",
     "SettleAction", "QueueBackoff",
     "QueueGroupSettings", "QueueDelivery", "Settlement", "SettleResult", "QueuePartitionState",

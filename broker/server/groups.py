@@ -7,33 +7,48 @@ after handling requests it asks `next_deadline_ms()` and, when that time comes, 
 (the server's loop clock in ms); commit times stored with offsets are wall-clock, taken
 by the metadata store.
 
-Kafka's model, simplified
--------------------------
+Kafka's model, with a two-step handover
+---------------------------------------
 The coordinator assigns partitions itself (there is no leader client and no
-SyncGroup), and there is no "rebalance in progress" barrier:
+SyncGroup), and hands them over as Kafka's cooperative rebalancing (KIP-429) does:
 
-- Every join, leave or expiry that changes the membership or a member's topics bumps
-  the group's generation and recomputes the assignment at once (`assign_partitions`:
-  per topic, contiguous ranges over the subscribed members sorted by member id; a
-  pure function of the members and their topics, so the same membership always gives
-  the same assignment). A topic created or grown later rebalances the groups subscribed
-  to it (`on_topic_created`, `on_topic_partitions_changed`); a deleted topic's
-  partitions leave the assignment (`on_topic_deleted`) but the subscriptions stay, so a
-  topic created again under that name is picked up. A member may subscribe to a topic
-  that does not exist yet: it gets no partitions for it until the topic is created.
-- The other members learn of the new generation on their next heartbeat: its result
-  carries the current generation and the member's current assignment with the flag
-  REBALANCE_IN_PROGRESS, meaning "your generation is stale: commit what you have and
-  adopt this assignment" (joining again with the member id does the same and changes
-  nothing). No member waits for the others.
-- So during a handover two members can briefly both read a partition: the new owner
-  from the committed offset, the old one until its next heartbeat. Commits fence the
-  old one: an offset is accepted only from the partition's current owner, with a
-  generation no older than the one in which the partition went to that owner (a member
-  that kept a partition through a rebalance may still commit it with its old
-  generation). A stale commit for a partition that moved is rejected with
-  ILLEGAL_GENERATION; the new owner re-reads from the last accepted offset. Delivery is
-  at-least-once: a handover can repeat messages, never skip them.
+- Every join, leave or expiry that changes the membership or a member's topics
+  recomputes the group's *target* (`assign_partitions`: per topic, shares that differ by
+  at most one, sticky to who holds each partition now, so as few partitions as possible
+  move; totals kept even across topics). A topic created or grown later rebalances the
+  groups subscribed to it (`on_topic_created`, `on_topic_partitions_changed`); a deleted
+  topic's partitions leave the assignment (`on_topic_deleted`) but the subscriptions
+  stay, so a topic created again under that name is picked up. A member may subscribe to
+  a topic that does not exist yet: it gets no partitions for it until the topic is
+  created.
+- Then `_settle` moves ownership one step toward the target. Each partition has at most
+  one owner, the member that may read and commit it. A partition with no live owner
+  goes to its target at once. A partition whose owner is not its target is *revoked*:
+  it leaves the owner's assignment in a new generation but stays its owner's until the
+  owner acknowledges that generation, by a heartbeat (or join) carrying it; it means "I
+  adopted this generation's assignment: I stopped reading the rest and committed it".
+  Only then does the partition go to its target, in another generation. An owner that
+  does not acknowledge within its session timeout of the revocation loses it anyway
+  (`expire`, counted as forced). Partitions that stay are never out of an assignment.
+  Any change to what a member may read, or to the membership, bumps the generation.
+- A member learns of a new generation from its next heartbeat: the result carries the
+  current generation and the member's assignment with REBALANCE_IN_PROGRESS. The server
+  can hold a heartbeat (GroupWait) and answer it as soon as `on_generation` reports the
+  group's generation moved. No member waits for the others: there is no barrier.
+- Commits fence stale members: an offset is accepted only from the partition's current
+  owner (a revoked partition's owner until it releases), with a generation no older
+  than the one in which the partition went to that owner (a member that kept a
+  partition through rebalances may still commit it with an older generation). Others
+  get ILLEGAL_GENERATION. Delivery is at-least-once: a handover the owner releases
+  repeats nothing it committed; one taken at the deadline repeats what the owner
+  handled after its last commit; none skips messages.
+- The state machine knows nothing of nodi's wire messages: joins, heartbeats (the
+  acknowledgements), leaves, commits and the timer drive it, and `on_generation` tells
+  whoever serves the members. Kafka's classic protocol (the Kafka listener's issue) can
+  sit on it: its JoinGroup/SyncGroup barrier waits, outside this class, until every
+  member has joined the new generation, answers SyncGroup with `describe`'s
+  assignments, and counts a SyncGroup or Heartbeat with the generation as the
+  acknowledgement; its cooperative clients (KIP-429) revoke exactly as nodi's do.
 - A consumer outside group membership (Kafka's "simple" consumer) may commit with
   generation -1 while the group has no members. A group with members accepts commits
   from its members only (UNKNOWN_MEMBER otherwise).
@@ -207,7 +222,23 @@ class MemberDescription:
     last_heartbeat_ms: int
     # The newest generation the member has shown it knows (joined at or heartbeated with).
     generation: int
-    assignments: Assignments
+    assignments: Assignments  # what it may read now
+    # What it still owns but must let go (revoked, not yet released): it may commit these.
+    revoking: Assignments = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class HandoverStatistics:
+    """A group's rebalances and handovers since the broker started."""
+
+    rebalances: int = 0  # generation bumps
+    partitions_moved: int = 0  # partitions that went from one member to another
+    handovers: int = 0  # of those, revoked from a live owner (the others' owner was gone)
+    handovers_forced: int = 0  # of the handovers, taken at the owner's session timeout
+    handover_ms_total: int = 0  # from revocation to release, summed over the handovers
+    handover_ms_max: int = 0
+    partitions_revoking: int = 0  # now: revoked and not yet released
+    messages_redelivered: int = 0  # handled by a member and not committed when it let go
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +251,7 @@ class GroupDescription:
     # offset -> that offset (None: nothing committed), sorted. Lag is the server's:
     # its high watermark minus the offset.
     offsets: dict[tuple[str, int], CommittedOffset | None]
+    handovers: HandoverStatistics = HandoverStatistics()
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +268,11 @@ class GroupStatistics:
     offsets_committed: int  # offsets accepted and staged
     offsets_rejected: int
     resets: int
+    partitions_revoking: int = 0  # revoked, waiting for their owner to release them
+    handovers: int = 0  # partitions moved from one member to another
+    handovers_forced: int = 0  # taken at the owner's session timeout instead
+    handover_ms_total: int = 0
+    messages_redelivered: int = 0  # reported by releasing members
 
 
 # ---------------------------------------------------------------------------
@@ -243,16 +280,22 @@ class GroupStatistics:
 
 
 def assign_partitions(
-    subscriptions: Mapping[str, Collection[str]], partition_counts: Mapping[str, int]
+    subscriptions: Mapping[str, Collection[str]],
+    partition_counts: Mapping[str, int],
+    current: Mapping[str, Mapping[str, Collection[int]]] | None = None,
 ) -> dict[str, Assignments]:
     """member id -> its assignments, for every member in `subscriptions` (member id ->
     its topics). `partition_counts` has the topics that exist (topic -> partitions);
-    others get no partitions.
+    others get no partitions. `current` (member id -> what it holds now) makes it sticky.
 
-    Per topic, in name order: the members subscribed to it, sorted by id, get
-    contiguous ranges whose sizes differ by at most one; the larger ranges go to the
-    members holding the fewest partitions so far (ties by id), which keeps totals even
-    across topics. Deterministic: the result depends only on the arguments' contents."""
+    Per topic, in name order, the members subscribed to it get shares whose sizes
+    differ by at most one; the larger shares go to the members holding the fewest
+    partitions so far (which keeps totals even across topics), then to those holding
+    more of this topic now (fewer moves), then by id. Each member keeps what it holds
+    now up to its share; the partitions left over fill the members below their share,
+    in id order, lowest partitions first (with no `current`: contiguous ranges).
+    Deterministic: the result depends only on the arguments' contents."""
+    current = current or {}
     subscribers: dict[str, list[str]] = {}
     for member_id in sorted(subscriptions):
         for topic in subscriptions[member_id]:
@@ -264,16 +307,28 @@ def assign_partitions(
         if count <= 0:
             continue
         members = subscribers[topic]  # sorted, each once (the topics were a set)
+        held = {
+            member_id: sorted({p for p in current.get(member_id, {}).get(topic, ()) if 0 <= p < count})
+            for member_id in members
+        }
         base, extra = divmod(count, len(members))
-        favoured = set(sorted(members, key=lambda member_id: (totals[member_id], member_id))[:extra])
-        start = 0
+        ranked = sorted(members, key=lambda member_id: (totals[member_id], -len(held[member_id]), member_id))
+        favoured = set(ranked[:extra])
+        shares = {member_id: base + (member_id in favoured) for member_id in members}
+        taken: set[int] = set()
+        chosen: dict[str, list[int]] = {}
         for member_id in members:
-            size = base + (member_id in favoured)
-            if size:
-                assignments[member_id][topic] = list(range(start, start + size))
-                totals[member_id] += size
-                start += size
-        assert start == count
+            kept = [p for p in held[member_id] if p not in taken][: shares[member_id]]
+            chosen[member_id] = kept
+            taken.update(kept)
+        free = iter(p for p in range(count) if p not in taken)
+        for member_id in members:
+            while len(chosen[member_id]) < shares[member_id]:
+                chosen[member_id].append(next(free))
+            if chosen[member_id]:
+                assignments[member_id][topic] = sorted(chosen[member_id])
+                totals[member_id] += len(chosen[member_id])
+        assert sum(len(partitions) for partitions in chosen.values()) == count
     return assignments
 
 
@@ -298,19 +353,57 @@ class _Member:
 
 
 @dataclass(slots=True)
+class _GroupCounters:
+    """What a group's handovers did, since the broker started (kept while the group has
+    members or committed offsets known to this process)."""
+
+    rebalances: int = 0  # generation bumps
+    partitions_moved: int = 0  # released, taken at the deadline, or left by a member that is gone
+    handovers: int = 0  # of those, revoked from a live owner (released or taken at the deadline)
+    handovers_forced: int = 0  # of those, taken because the owner did not release in time
+    handover_ms_total: int = 0  # revocation to release, summed over partitions_moved
+    handover_ms_max: int = 0
+    messages_redelivered: int = 0  # reported by releasing members (see heartbeat)
+
+    def handed_over(self, duration_ms: int, forced: bool) -> None:
+        self.partitions_moved += 1
+        self.handovers += 1
+        self.handovers_forced += forced
+        self.handover_ms_total += duration_ms
+        self.handover_ms_max = max(self.handover_ms_max, duration_ms)
+
+
+@dataclass(slots=True)
+class _Revocation:
+    """A partition whose owner must let go: it is out of the owner's assignment from
+    `generation` on, and released once the owner shows it knows that generation (or at
+    `deadline_ms`, its session timeout later)."""
+
+    generation: int
+    started_ms: int
+    deadline_ms: int
+
+
+@dataclass(slots=True)
 class _Group:
     name: str
     generation: int = 0
     members: dict[str, _Member] = field(default_factory=dict)
-    # member id -> its assignments (every member has an entry).
+    # member id -> the partitions it may fetch now (every member has an entry): what it
+    # owns, less what is being revoked from it.
     assignments: dict[str, Assignments] = field(default_factory=dict)
-    # (topic, partition) -> (owner's member id, the generation it became the owner).
+    # (topic, partition) -> (owner's member id, the generation it became the owner). The
+    # owner may fetch and commit it; a partition being revoked keeps its old owner.
     owners: dict[tuple[str, int], tuple[str, int]] = field(default_factory=dict)
+    # (topic, partition) -> the member it should go to (the sticky target assignment).
+    targets: dict[tuple[str, int], str] = field(default_factory=dict)
+    # Partitions whose owner is not their target, until the owner releases them.
+    revoking: dict[tuple[str, int], _Revocation] = field(default_factory=dict)
 
     def state(self) -> str:
         if not self.members:
             return STATE_EMPTY
-        if any(member.generation != self.generation for member in self.members.values()):
+        if self.revoking or any(member.generation != self.generation for member in self.members.values()):
             return STATE_REBALANCING
         return STATE_STABLE
 
@@ -352,6 +445,15 @@ class GroupCoordinator:
         self._offsets_committed = 0
         self._offsets_rejected = 0
         self._resets = 0
+        self._handovers = 0
+        self._handovers_forced = 0
+        self._handover_ms_total = 0
+        self._messages_redelivered = 0
+        self._group_statistics: dict[str, _GroupCounters] = {}
+        self._revoking_groups: set[str] = set()
+        # Called with a group's name when its generation moves or it is forgotten: the
+        # server answers the members' waiting heartbeats then (wire-independent).
+        self.on_generation: Callable[[str], None] | None = None
 
     @property
     def limits(self) -> GroupLimits:
@@ -399,7 +501,8 @@ class GroupCoordinator:
             if member.topics != subscribed:
                 member.topics = subscribed
                 self._rebalance(state, membership_changed=True)
-            member.generation = state.generation
+            member.generation = state.generation  # the answer is that generation's assignment
+            self._release_acknowledged(state, member)
             if member.deadline_ms < member.scheduled_deadline_ms:  # a shorter timeout
                 self._schedule(state.name, member)
         else:
@@ -445,12 +548,19 @@ class GroupCoordinator:
         if state.members:
             self._rebalance(state, membership_changed=True)
         else:
-            del self._groups[group]
+            self._forget(group)
 
-    def heartbeat(self, group: str, member_id: str, generation: int) -> HeartbeatResult:
+    def heartbeat(
+        self, group: str, member_id: str, generation: int, messages_redelivered: int = 0
+    ) -> HeartbeatResult:
         """Keep a member alive and tell it the current generation and its assignment
-        (REBALANCE_IN_PROGRESS when `generation` is older). UNKNOWN_MEMBER when it
-        expired or left; ILLEGAL_GENERATION for a generation the group never had."""
+        (REBALANCE_IN_PROGRESS when `generation` is older). A member that heartbeats
+        with a generation has adopted that generation's assignment: it has stopped
+        reading, and committed, the partitions revoked up to it, which go on to their
+        new owners now. `messages_redelivered`: what the member handled of the
+        partitions it let go past the offsets it committed (counted, reported).
+        UNKNOWN_MEMBER when it expired or left; ILLEGAL_GENERATION for a generation the
+        group never had."""
         state, member = self._member(group, member_id)
         if not 0 < generation <= state.generation:
             raise GroupError(
@@ -459,13 +569,21 @@ class GroupCoordinator:
             )
         self._heartbeats += 1
         member.last_heartbeat_ms = self._clock_ms()
-        member.generation = generation
+        member.generation = max(member.generation, generation)
+        if messages_redelivered > 0:
+            self._messages_redelivered += messages_redelivered
+            self._group_statistics.setdefault(group, _GroupCounters()).messages_redelivered += messages_redelivered
+        self._release_acknowledged(state, member)
         stale = generation != state.generation
         return HeartbeatResult(
             error_code=ErrorCode.REBALANCE_IN_PROGRESS if stale else ErrorCode.NONE,
             generation=state.generation,
             assignments=_copy(state.assignments[member_id]),
         )
+
+    def session_timeout_ms(self, group: str, member_id: str) -> int:
+        """A member's session timeout. UNKNOWN_MEMBER when it is not there."""
+        return self._member(group, member_id)[1].session_timeout_ms
 
     def expire(self, now_ms: int | None = None) -> list[ExpiredMember]:
         """Remove every member whose last heartbeat (or join, or commit) is at least its
@@ -490,13 +608,26 @@ class GroupCoordinator:
             if state.members:
                 self._rebalance(state, membership_changed=True)
             else:
-                del self._groups[group]
+                self._forget(group)
+        for group in list(self._revoking_groups):  # owners that did not release in time
+            state = self._groups[group]
+            if any(revocation.deadline_ms <= now_ms for revocation in state.revoking.values()):
+                self._settle(state, now_ms=now_ms)
         return expired
 
     def next_deadline_ms(self) -> int | None:
-        """When the next member expires unless it heartbeats first (clock_ms time), or
-        None when no group has members: when the server should call expire()."""
-        return self._next_live_deadline_ms()
+        """When the next member expires unless it heartbeats first, or the next
+        revocation is taken from an owner that has not released it (clock_ms time);
+        None when neither is pending: when the server should call expire()."""
+        deadlines = [
+            revocation.deadline_ms
+            for group in self._revoking_groups
+            for revocation in self._groups[group].revoking.values()
+        ]
+        member_deadline_ms = self._next_live_deadline_ms()
+        if member_deadline_ms is not None:
+            deadlines.append(member_deadline_ms)
+        return min(deadlines, default=None)
 
     # -- offsets ------------------------------------------------------------
 
@@ -661,6 +792,7 @@ class GroupCoordinator:
                     last_heartbeat_ms=member.last_heartbeat_ms,
                     generation=member.generation,
                     assignments=_copy(state.assignments[member.member_id]),
+                    revoking=_revoking_of(state, member.member_id),
                 )
                 for member in sorted(state.members.values(), key=lambda member: member.member_id)
             ]
@@ -670,6 +802,21 @@ class GroupCoordinator:
             generation=0 if state is None else state.generation,
             members=members,
             offsets={key: offsets[key] for key in sorted(offsets)},
+            handovers=self._handover_statistics(group),
+        )
+
+    def _handover_statistics(self, group: str) -> HandoverStatistics:
+        counters = self._group_statistics.get(group, _GroupCounters())
+        state = self._groups.get(group)
+        return HandoverStatistics(
+            rebalances=counters.rebalances,
+            partitions_moved=counters.partitions_moved,
+            handovers=counters.handovers,
+            handovers_forced=counters.handovers_forced,
+            handover_ms_total=counters.handover_ms_total,
+            handover_ms_max=counters.handover_ms_max,
+            partitions_revoking=0 if state is None else len(state.revoking),
+            messages_redelivered=counters.messages_redelivered,
         )
 
     def statistics(self) -> GroupStatistics:
@@ -688,6 +835,11 @@ class GroupCoordinator:
             offsets_committed=self._offsets_committed,
             offsets_rejected=self._offsets_rejected,
             resets=self._resets,
+            partitions_revoking=sum(len(self._groups[group].revoking) for group in self._revoking_groups),
+            handovers=self._handovers,
+            handovers_forced=self._handovers_forced,
+            handover_ms_total=self._handover_ms_total,
+            messages_redelivered=self._messages_redelivered,
         )
 
     # -- topic changes (called by the server) -----------------------------------
@@ -765,33 +917,105 @@ class GroupCoordinator:
         self._members -= 1
 
     def _rebalance(self, state: _Group, *, membership_changed: bool, deleted_topic: str | None = None) -> bool:
-        """Recompute the group's assignment; bump the generation when the membership
-        changed or the assignment did. Returns whether it bumped."""
+        """Recompute the group's target assignment (sticky), then settle. Returns
+        whether the generation moved."""
         subscriptions = {member_id: member.topics for member_id, member in state.members.items()}
         partition_counts = {}
         for topic in set().union(*subscriptions.values()):
             count = None if topic == deleted_topic else self._existing_partitions(topic)
             if count is not None:
                 partition_counts[topic] = count
-        assignments = assign_partitions(subscriptions, partition_counts)
-        owners = {
+        # Sticky to who holds each partition now (a target not reached yet costs nothing
+        # to change; moving a held partition costs a handover).
+        current: dict[str, dict[str, list[int]]] = {}
+        for (topic, partition), (member_id, _) in state.owners.items():
+            current.setdefault(member_id, {}).setdefault(topic, []).append(partition)
+        targets = assign_partitions(subscriptions, partition_counts, current)
+        state.targets = {
             (topic, partition): member_id
-            for member_id, member_assignments in assignments.items()
+            for member_id, member_assignments in targets.items()
             for topic, partitions in member_assignments.items()
             for partition in partitions
         }
-        unchanged = owners == {key: owner for key, (owner, _) in state.owners.items()}
+        return self._settle(state, membership_changed=membership_changed)
+
+    def _settle(self, state: _Group, *, membership_changed: bool = False, now_ms: int | None = None) -> bool:
+        """Move ownership one step toward the targets: a partition with no live owner
+        goes to its target at once; one whose owner is not its target is revoked (out
+        of the owner's assignment, still the owner's to commit) until the owner
+        acknowledges the generation that revoked it, or its session timeout passes;
+        then it goes to its target. Bump the generation when a member's assignment or
+        the membership changed. Returns whether it bumped."""
+        now_ms = self._clock_ms() if now_ms is None else now_ms
+        next_generation = state.generation + 1
+        owners: dict[tuple[str, int], tuple[str, int]] = {}
+        revoking: dict[tuple[str, int], _Revocation] = {}
+        stats = self._group_statistics.setdefault(state.name, _GroupCounters())
+        for key, target in state.targets.items():
+            owner, since = state.owners.get(key, ("", 0))
+            member = state.members.get(owner)
+            if member is None:  # never owned, or its owner left or expired
+                owners[key] = (target, next_generation)
+                if owner:
+                    stats.partitions_moved += 1  # from a member that is gone: no handover to wait for
+                continue
+            if owner == target:
+                owners[key] = (owner, since)
+                continue
+            revocation = state.revoking.get(key)
+            if revocation is None:
+                revoking[key] = _Revocation(next_generation, now_ms, now_ms + member.session_timeout_ms)
+                owners[key] = (owner, since)
+            elif member.generation >= revocation.generation or now_ms >= revocation.deadline_ms:
+                forced = member.generation < revocation.generation
+                owners[key] = (target, next_generation)
+                stats.handed_over(now_ms - revocation.started_ms, forced)
+                self._handovers += 1
+                self._handovers_forced += forced
+                self._handover_ms_total += now_ms - revocation.started_ms
+            else:
+                revoking[key] = revocation
+                owners[key] = (owner, since)
+        assignments: dict[str, Assignments] = {member_id: {} for member_id in state.members}
+        for (topic, partition), (owner, _) in sorted(owners.items()):
+            if (topic, partition) not in revoking:
+                assignments[owner].setdefault(topic, []).append(partition)
+        unchanged = (
+            assignments == state.assignments
+            and owners == state.owners
+            and revoking.keys() == state.revoking.keys()  # a deleted topic's revoked partitions
+        )
         if unchanged and not membership_changed:
             return False
-        state.generation += 1
+        state.generation = next_generation
         state.assignments = assignments
-        kept = state.owners
-        state.owners = {}
-        for key, owner in owners.items():
-            previous_owner, since = kept.get(key, ("", 0))
-            state.owners[key] = (owner, since if previous_owner == owner else state.generation)
+        state.owners = owners
+        state.revoking = revoking
+        if revoking:
+            self._revoking_groups.add(state.name)
+        else:
+            self._revoking_groups.discard(state.name)
         self._rebalances += 1
+        stats.rebalances += 1
+        if self.on_generation is not None:
+            self.on_generation(state.name)
         return True
+
+    def _release_acknowledged(self, state: _Group, member: _Member) -> None:
+        """Settle when the member holds revoked partitions it may now have released."""
+        if any(
+            state.owners[key][0] == member.member_id and member.generation >= revocation.generation
+            for key, revocation in state.revoking.items()
+        ):
+            self._settle(state)
+
+    def _forget(self, group: str) -> None:
+        """A group without members: its state goes (its offsets stay)."""
+        del self._groups[group]
+        self._revoking_groups.discard(group)
+        self._group_statistics.pop(group, None)
+        if self.on_generation is not None:
+            self.on_generation(group)
 
     def _rebalance_subscribers(self, topic: str, *, deleted: bool = False) -> list[str]:
         moved = []
@@ -840,6 +1064,14 @@ def _owns(state: _Group, member_id: str, generation: int, topic: str, partition:
     return owner == member_id and since <= generation
 
 
+def _revoking_of(state: _Group, member_id: str) -> Assignments:
+    revoking: Assignments = {}
+    for topic, partition in sorted(state.revoking):
+        if state.owners[topic, partition][0] == member_id:
+            revoking.setdefault(topic, []).append(partition)
+    return revoking
+
+
 def _utf8_bytes(text: str) -> int | None:
     try:
         return len(text.encode("utf-8"))
@@ -851,6 +1083,6 @@ __all__ = [
     "NO_GENERATION", "HEARTBEATS_PER_SESSION", "STATE_EMPTY", "STATE_REBALANCING", "STATE_STABLE",
     "GroupLimits", "DEFAULT_GROUP_LIMITS", "Assignments", "GroupError", "JoinResult",
     "HeartbeatResult", "OffsetToCommit", "PartitionResult", "CommitResult", "ResetResult",
-    "ExpiredMember", "GroupListing", "MemberDescription", "GroupDescription", "GroupStatistics",
+    "ExpiredMember", "GroupListing", "MemberDescription", "HandoverStatistics", "GroupDescription", "GroupStatistics",
     "assign_partitions", "GroupCoordinator",
 ]

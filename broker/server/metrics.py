@@ -74,6 +74,7 @@ class _StoreCollector:
         yield from self._log_families()
         yield from self._metadata_families()
         yield from self._consumer_families()
+        yield from self._group_families()
         yield from self._server_families()
         yield from self._queue_families()
         yield from self._compaction_families()
@@ -158,6 +159,35 @@ class _StoreCollector:
                 lag.add_metric(key, entry.lag)
                 committed.add_metric(key, entry.committed_offset)
         yield from (lag, committed)
+
+    def _group_families(self):
+        """Stream-group membership and handovers (issue 17), from the coordinator's
+        statistics(): counts since the server started, and the state now."""
+        members = GaugeMetricFamily("nodi_group_members", "Members of stream consumer groups now")
+        revoking = GaugeMetricFamily("nodi_group_partitions_revoking",
+                                     "Partitions revoked from a member and not yet released")
+        rebalances = CounterMetricFamily("nodi_group_rebalances", "Generation bumps of stream consumer groups")
+        moved = CounterMetricFamily("nodi_group_partitions_moved", "Partitions handed from one member to another")
+        forced = CounterMetricFamily("nodi_group_handovers_forced",
+                                     "Handovers taken at the owner's session timeout, not released")
+        handover = CounterMetricFamily("nodi_group_handover_seconds",
+                                       "Time from revocation to release, summed over the handovers")
+        redelivered = CounterMetricFamily("nodi_group_messages_redelivered",
+                                          "Messages handled by a member and not committed when it let go (reported)")
+        expired = CounterMetricFamily("nodi_group_members_expired", "Members removed by their session timeout")
+        families = (members, revoking, rebalances, moved, forced, handover, redelivered, expired)
+        broker = self.server.broker
+        if broker is not None:
+            statistics = broker.coordinator.statistics()
+            members.add_metric([], statistics.members)
+            revoking.add_metric([], statistics.partitions_revoking)
+            rebalances.add_metric([], statistics.rebalances)
+            moved.add_metric([], statistics.handovers)
+            forced.add_metric([], statistics.handovers_forced)
+            handover.add_metric([], statistics.handover_ms_total / 1000)
+            redelivered.add_metric([], statistics.messages_redelivered)
+            expired.add_metric([], statistics.members_expired)
+        yield from families
 
     def _server_families(self):
         statistics = self.server.statistics()

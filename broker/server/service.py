@@ -63,6 +63,9 @@ class Broker:
             store.metadata, self._partition_count, lambda: int(time.monotonic() * 1000), config.groups
         )
 
+        # GroupWait requests held per group, answered when its generation moves.
+        self._group_waiters: dict[str, set[asyncio.Future]] = {}
+        self.coordinator.on_generation = self._wake_group_waiters
         self.queues = QueueService(self, config.queues)
 
         self.compaction = CompactionService(store, config.compaction)
@@ -486,6 +489,58 @@ class Broker:
             assignments=self._assignments(result.assignments),
         ))
 
+    def _wake_group_waiters(self, group: str) -> None:
+        for future in self._group_waiters.pop(group, ()):
+            if not future.done():
+                future.set_result(None)
+
+    async def _group_wait(self, request: m.GroupWaitRequest) -> Reply:
+        """A heartbeat held until the member's generation moves on, or wait_ms passes
+        (at most half the member's session timeout, so the hold never expires it); it
+        counts as a heartbeat when it arrives and when it is answered."""
+        loop = asyncio.get_running_loop()
+        result = self.coordinator.heartbeat(
+            request.group, request.member_id, request.generation, max(request.messages_redelivered, 0)
+        )
+        session_timeout_ms = self.coordinator.session_timeout_ms(request.group, request.member_id)
+        wait_s = min(max(request.wait_ms, 0), session_timeout_ms // 2) / 1000
+        deadline = loop.time() + wait_s
+        while result.error_code == ErrorCode.NONE and (remaining := deadline - loop.time()) > 0:
+            future = loop.create_future()
+            self._group_waiters.setdefault(request.group, set()).add(future)
+            try:
+                await asyncio.wait_for(future, remaining)
+            except TimeoutError:
+                pass
+            finally:
+                waiters = self._group_waiters.get(request.group)
+                if waiters is not None:
+                    waiters.discard(future)
+                    if not waiters:
+                        del self._group_waiters[request.group]
+            result = self.coordinator.heartbeat(request.group, request.member_id, request.generation)
+        return Reply(m.GroupWaitResponse(
+            request_id=request.request_id,
+            error_code=result.error_code,
+            error_message="the group rebalanced: adopt the new assignment" if result.error_code else None,
+            generation=result.generation,
+            assignments=self._assignments(result.assignments),
+        ))
+
+    async def _describe_handovers(self, request: m.DescribeHandoversRequest) -> Reply:
+        handovers = self.coordinator.describe(request.group).handovers
+        return Reply(m.DescribeHandoversResponse(
+            request_id=request.request_id,
+            rebalances=handovers.rebalances,
+            partitions_moved=handovers.partitions_moved,
+            handovers=handovers.handovers,
+            handovers_forced=handovers.handovers_forced,
+            handover_ms_total=handovers.handover_ms_total,
+            handover_ms_max=handovers.handover_ms_max,
+            partitions_revoking=handovers.partitions_revoking,
+            messages_redelivered=handovers.messages_redelivered,
+        ))
+
     async def _commit_offsets(self, request: m.CommitOffsetsRequest) -> Reply:
         result = self.coordinator.commit(
             request.group, request.generation, request.member_id,
@@ -564,6 +619,8 @@ class Broker:
         m.JoinGroupRequest: _join_group,
         m.LeaveGroupRequest: _leave_group,
         m.HeartbeatRequest: _heartbeat,
+        m.GroupWaitRequest: _group_wait,
+        m.DescribeHandoversRequest: _describe_handovers,
         m.CommitOffsetsRequest: _commit_offsets,
         m.FetchOffsetsRequest: _fetch_offsets,
         m.ResetGroupRequest: _reset_group,
