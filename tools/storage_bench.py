@@ -2,9 +2,9 @@
 """Storage engine benchmark (issue 2): append, read and restart figures of one
 partition Log, beside this machine's raw disk limits measured in the same run.
 
-    .venv/bin/python tools/storage_bench.py                 # full run, a few minutes
-    .venv/bin/python tools/storage_bench.py --quick         # smoke run, seconds
-    .venv/bin/python tools/storage_bench.py --json-out results.json
+    .venv/bin/python -m tools.storage_bench                 # full run, a few minutes
+    .venv/bin/python -m tools.storage_bench --quick         # smoke run, seconds
+    .venv/bin/python -m tools.storage_bench --json-out results.json
 
 What it measures (docs/benchmarks.md explains how to read the figures):
 - The run is made of rounds (--rounds). In each round every raw limit is measured just
