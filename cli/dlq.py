@@ -68,7 +68,7 @@ def _entries(client, topic: str, count: int | None):
 
 
 def _commit(client, offsets: dict[tuple[str, int], int]) -> None:
-    for (topic, partition), error in client.commit_offsets(CURSOR_GROUP, offsets).items():
+    for (_topic, _partition), error in client.commit_offsets(CURSOR_GROUP, offsets).items():
         if error is not None:
             raise error
 

@@ -129,7 +129,7 @@ DEFAULT_METADATA_LIMITS = MetadataLimits()
 
 TOPIC_NAME_CHARACTERS_MAX = 249
 
-_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,%d}" % TOPIC_NAME_CHARACTERS_MAX)
+_TOPIC_NAME = re.compile(rf"[A-Za-z0-9._-]{{1,{TOPIC_NAME_CHARACTERS_MAX}}}")
 
 
 def validate_topic_name(name: str) -> None:

@@ -978,7 +978,7 @@ def _scan_headers(
     number = 0
     field = "key length"
     try:
-        for number in range(header_count):
+        for _ in range(header_count):
             field = "key length"
             byte = data[position]
             if byte < 0x80:

@@ -7,6 +7,7 @@ stop, pause or reconfigure a server start their own with `broker_factory`."""
 
 from __future__ import annotations
 
+import dataclasses
 import asyncio
 import concurrent.futures
 import datetime
@@ -154,7 +155,7 @@ def test_produce_and_fetch_keys_headers_and_null_values(client):
     assert tombstone.value is None and tombstone.headers == (("a", b"1"), ("a", b"2")) and tombstone.header("a") == b"2"
     assert empty.value == b"" and empty.key is None
     assert empty.timestamp == int(when.timestamp() * 1000) and empty.datetime == when
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         hello.offset = 5  # frozen
     assert client.fetch("messages", partition, second) == [tombstone, empty]
     assert client.fetch("messages", partition, third + 1) == []

@@ -11,6 +11,7 @@ import pytest
 from nodi.broker import AsyncClient, Backoff, Client
 from nodi.broker.protocol import messages as m
 from nodi.broker.client.errors import (
+    DeliverySettled,
     QueueSettingsMismatch,
     StaleDelivery,
     UnknownDelivery,
@@ -177,7 +178,7 @@ def test_reject_dead_letters_to_a_configured_topic_and_acks_the_source(broker) -
             good = queue.receive(timeout_ms=WAIT_MS)
             assert good.value == b"good"
             good.ack()
-            with pytest.raises(Exception):  # settled already
+            with pytest.raises(DeliverySettled):  # settled already
                 bad.nack()
         (letter,) = wait_for_messages(client, "payments-dead", 1)
         headers = dead_letter_headers(letter)
