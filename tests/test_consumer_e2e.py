@@ -213,7 +213,7 @@ def test_three_members_split_six_partitions_and_take_over_from_a_killed_one(serv
 
 def test_replay_by_offset_and_by_time(server, client):
     client.create_topic("history", partitions=2)
-    base = datetime.datetime(2026, 6, 1, 12, 0, tzinfo=datetime.timezone.utc)
+    base = datetime.datetime(2026, 6, 1, 12, 0, tzinfo=datetime.UTC)
     for number in range(20):
         client.produce("history", f"h{number}", partition=number % 2, timestamp=base + datetime.timedelta(seconds=number))
 
