@@ -96,6 +96,7 @@ _IDEMPOTENT_NAMES = frozenset({"AsyncIdempotentConsumer", "IdempotentConsumer", 
 
 if TYPE_CHECKING:  # pragma: no cover
     from .client import (  # noqa: F401
+        UNLIMITED,
         AsyncClient,
         AsyncConsumer,
         AsyncProducer,
@@ -153,7 +154,6 @@ if TYPE_CHECKING:  # pragma: no cover
         TopicExists,
         TopicSettings,
         TopicSummary,
-        UNLIMITED,
         UnknownDelivery,
         UnknownGroup,
         UnknownInbox,

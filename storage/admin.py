@@ -30,8 +30,8 @@ from .layout import (
     meta_directory,
 )
 from .limits import DEFAULT_RECORD_LIMITS, RecordLimits
-from .lock import DataDirectoryLock
 from .lmdb_file import DATA_FILE_NAME, check_data_file
+from .lock import DataDirectoryLock
 from .log import Log
 from .metadata import (
     DATABASES_MAX,
@@ -43,6 +43,7 @@ from .metadata import (
     decode_topic_value,
     validate_topic_name,
 )
+from .producers import SNAPSHOT_FILE
 from .records import BatchHeader, Record, check_records, compute_crc, decode_records
 from .recovery import CLEANED_SUFFIX, SWAP_SUFFIX, RecoveryReport
 from .segment import (
@@ -55,7 +56,6 @@ from .segment import (
     parse_segment_name,
     segment_name,
 )
-from .producers import SNAPSHOT_FILE
 from .store import DELETING_SUFFIX, log_config_for
 
 # Files of a partition directory that belong to no one segment.

@@ -23,8 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .checkpoint import Checkpoint, clear_clean_shutdown, mark_clean_shutdown, write_checkpoint
-from .fileio import read_whole_file, write_file_atomically
-from .producers import SEQUENCE_MODULUS, SNAPSHOT_FILE, ProducerStateTable
 from .config import FsyncPolicy, LogConfig
 from .errors import (
     CorruptBatchError,
@@ -41,8 +39,9 @@ from .errors import (
     SegmentReadError,
     UnsupportedCompressionError,
 )
-from .fileio import OS_FILE_SYSTEM, File, FileSystem
+from .fileio import OS_FILE_SYSTEM, File, FileSystem, read_whole_file, write_file_atomically
 from .histogram import FSYNC_SECONDS_BUCKETS, GROUP_COMMIT_APPENDS_BUCKETS, Histogram, HistogramSnapshot
+from .producers import SEQUENCE_MODULUS, SNAPSHOT_FILE, ProducerStateTable
 from .records import (
     BATCH_HEADER_BYTES,
     SUPPORTED_COMPRESSION,

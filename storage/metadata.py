@@ -64,8 +64,8 @@ from .errors import (
     TopicExistsError,
     UnknownTopicError,
 )
-from .lmdb_file import check_data_file
 from .limits import GIB, KIB, MIB
+from .lmdb_file import check_data_file
 from .topic_settings import PARTITIONS_MAX, TopicConfig  # declared there; imported from here too
 
 log = logging.getLogger("nodi.metadata")

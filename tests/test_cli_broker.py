@@ -20,10 +20,11 @@ import time
 import pytest
 import typer
 from typer.testing import CliRunner
-from conftest import NODI
 
 from nodi.broker import Client
 from nodi.cli.main import app
+
+from conftest import NODI
 
 TIMEOUT_S = 60
 # Wide enough that help text is never cut (rich wraps to the terminal's width).

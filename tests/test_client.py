@@ -7,9 +7,9 @@ stop, pause or reconfigure a server start their own with `broker_factory`."""
 
 from __future__ import annotations
 
-import dataclasses
 import asyncio
 import concurrent.futures
+import dataclasses
 import datetime
 import os
 import signal
@@ -20,7 +20,6 @@ import time
 import pytest
 
 from nodi.broker import AsyncClient, Client
-from nodi.broker.protocol import messages as m
 from nodi.broker.client import (
     UNLIMITED,
     ConnectionLost,
@@ -37,9 +36,10 @@ from nodi.broker.client import (
 from nodi.broker.client.connection import ClientConnection
 from nodi.broker.client.futures import MessageFuture, resolve
 from nodi.broker.client.types import resolve_address
+from nodi.broker.protocol import messages as m
+from nodi.broker.protocol.connection import Connection, Role
 from nodi.broker.protocol.errors import ErrorCode
 from nodi.broker.protocol.limits import DEFAULT_PROTOCOL_LIMITS
-from nodi.broker.protocol.connection import Connection, Role
 from nodi.storage.errors import NodiError
 
 

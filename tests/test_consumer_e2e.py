@@ -13,12 +13,13 @@ import threading
 import time
 
 import pytest
-from test_cli_broker import Running
-from test_server import RawClient
 
 from nodi.broker import Client
 from nodi.broker.protocol import messages as m
 from nodi.broker.protocol.errors import ErrorCode
+
+from test_cli_broker import Running
+from test_server import RawClient
 
 TIMEOUT_S = 60
 # A killed member's partitions move on after about this long (the server accepts 1 s and

@@ -9,7 +9,6 @@ import threading
 import pytest
 
 from nodi.broker import AsyncClient, Backoff, Client
-from nodi.broker.protocol import messages as m
 from nodi.broker.client.errors import (
     DeliverySettled,
     QueueSettingsMismatch,
@@ -18,6 +17,7 @@ from nodi.broker.client.errors import (
     UnknownQueueGroup,
     UnknownTopic,
 )
+from nodi.broker.protocol import messages as m
 from nodi.broker.server.dead_letters import DEAD_LETTER_HEADERS
 from nodi.storage.records import NewRecord, build_batch
 

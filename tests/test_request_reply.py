@@ -9,10 +9,10 @@ import threading
 import pytest
 
 from nodi.broker import AsyncClient, Client
-from nodi.broker.protocol import messages as m
 from nodi.broker.client.errors import InvalidRecords, RequestTimeout, UnknownInbox
-from nodi.broker.protocol.headers import CORRELATION_ID, REPLY_TO
 from nodi.broker.client.request import requester_of
+from nodi.broker.protocol import messages as m
+from nodi.broker.protocol.headers import CORRELATION_ID, REPLY_TO
 
 WAIT_MS = 20_000
 

@@ -62,6 +62,10 @@ from dataclasses import asdict
 
 from nodi.broker import AsyncClient
 from nodi.broker.client.errors import BufferFull
+from nodi.broker.client.producer_core import producer_options  # noqa: E402
+from nodi.storage.errors import NodiError  # noqa: E402
+from nodi.storage.limits import KIB, MIB  # noqa: E402
+from nodi.storage.records import NewRecord, build_batch  # noqa: E402
 from tools import broker_bench_redis as redis_bench
 from tools import storage_bench  # the raw disk limits, machine description
 from tools.broker_bench_common import (
@@ -76,10 +80,6 @@ from tools.broker_bench_common import (
     throughput_figures,
 )
 from tools.broker_bench_report import ratios, render, summarise
-from nodi.broker.client.producer_core import producer_options  # noqa: E402
-from nodi.storage.errors import NodiError  # noqa: E402
-from nodi.storage.limits import KIB, MIB  # noqa: E402
-from nodi.storage.records import NewRecord, build_batch  # noqa: E402
 
 VALUE_BYTES = 1 * KIB
 PRODUCE_LINGER_MS = 5

@@ -55,8 +55,10 @@ from nodi.broker import AsyncClient
 from nodi.storage.errors import NodiError
 from nodi.storage.limits import KIB
 from nodi.storage.metadata import MetadataStore
-from tools import broker_bench  # NodiServer, the produce and stream consume phases
-from tools import storage_bench  # the raw disk limits, machine description, percentile
+from tools import (
+    broker_bench,  # NodiServer, the produce and stream consume phases
+    storage_bench,  # the raw disk limits, machine description, percentile
+)
 from tools.broker_bench_common import CpuMeter, Settings, stop_process
 
 # The child processes run this module as the package's module, from the repository root.

@@ -48,9 +48,9 @@ import math
 import os
 import platform
 import resource
-import statistics as statistics_module
 import shutil
 import signal
+import statistics as statistics_module
 import subprocess
 import sys
 import tempfile

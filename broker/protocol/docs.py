@@ -16,11 +16,11 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from .errors import ERROR_DESCRIPTIONS, ErrorCode
-from .limits import DEFAULT_PROTOCOL_LIMITS, LIMIT_DESCRIPTIONS
-from .frames import encode_message
-from .messages import APIS, EVENT_VERSION, EVENTS, ErrorResponse, EventKey, HandshakeRequest
 from .connection import TRANSITIONS
+from .errors import ERROR_DESCRIPTIONS, ErrorCode
+from .frames import encode_message
+from .limits import DEFAULT_PROTOCOL_LIMITS, LIMIT_DESCRIPTIONS
+from .messages import APIS, EVENT_VERSION, EVENTS, ErrorResponse, EventKey, HandshakeRequest
 from .schema import schema_rows
 
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field, fields
 from nodi.storage.errors import InvalidConfigError
 from nodi.storage.metadata import TopicConfig
 
+from ..protocol.limits import DEFAULT_PROTOCOL_LIMITS, ProtocolLimits
+from ..protocol.queue_settings import DEFAULT_QUEUE_LIMITS, QueueLimits
 from .compaction_settings import DEFAULT_COMPACTION_SETTINGS, CompactionSettings
 from .groups import DEFAULT_GROUP_LIMITS, GroupLimits
-from ..protocol.queue_settings import DEFAULT_QUEUE_LIMITS, QueueLimits
 from .inbox_limits import DEFAULT_INBOX_LIMITS, InboxLimits
-from ..protocol.limits import DEFAULT_PROTOCOL_LIMITS, ProtocolLimits
 from .logs import check_log_level
 from .memory_budget import default_frame_buffer_bytes_max
 

@@ -39,12 +39,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-from dataclasses import dataclass
 import heapq
 import logging
 import math
 import threading
 import time
+from dataclasses import dataclass
 
 from nodi.storage.config import FsyncPolicy
 from nodi.storage.errors import (
@@ -59,13 +59,13 @@ from nodi.storage.metadata import validate_topic_name
 from nodi.storage.records import NewRecord, build_batch, decode_records, iter_batches
 
 from ..protocol import messages as m
-from .dead_letters import dead_letter_record
 from ..protocol.errors import ErrorCode, ProtocolError
-from .group_names import check_group_name
 from ..protocol.headers import DLQ_VALUE_OMITTED, NOT_BEFORE_MS, expires_at_ms, find_integer
 from ..protocol.queue_settings import DEFAULT_QUEUE_LIMITS, Backoff, QueueLimits, QueueSettings
-from .queue_state import QueueStateError, decode_partition, encode_partition, state_bytes_max
+from .dead_letters import dead_letter_record
+from .group_names import check_group_name
 from .queue_group import QueueGroup
+from .queue_state import QueueStateError, decode_partition, encode_partition, state_bytes_max
 from .queues import DeadLetter, PartitionQueue, QueueGroupStatistics, Taken
 from .reply import Reply
 
