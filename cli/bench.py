@@ -70,8 +70,9 @@ def bench(ctx: typer.Context) -> None:
     # Only an explicit `nodi --server`: NODI_SERVER alone must not stop the bench from
     # starting its own server.
     source = root.get_parameter_source("server")
-    if tool == TOOL and getattr(source, "name", None) == "COMMANDLINE" and "--server" not in arguments:
-        arguments = ["--server", state_of(ctx).server, *arguments]
+    server = state_of(ctx).server
+    if tool == TOOL and getattr(source, "name", None) == "COMMANDLINE" and server and "--server" not in arguments:
+        arguments = ["--server", server, *arguments]
     try:
         code = _load_tool(tool).main(arguments)
     except SystemExit as exit_:  # argparse: --help, or a usage error

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
 from nodi.storage.errors import InvalidConfigError
@@ -163,7 +164,7 @@ def known_environment_variables() -> frozenset[str]:
     return frozenset(names | OTHER_ENVIRONMENT_VARIABLES)
 
 
-def unknown_environment_variables(environment: dict[str, str] | None = None) -> list[str]:
+def unknown_environment_variables(environment: Mapping[str, str] | None = None) -> list[str]:
     """One warning per NODI_* variable that nothing reads (a typo such as NODI_PROT, or
     a topic default without its table, NODI_FSYNC_POLICY), with the closest known name."""
     environment = os.environ if environment is None else environment
@@ -177,7 +178,7 @@ def unknown_environment_variables(environment: dict[str, str] | None = None) -> 
     return warnings
 
 
-def load_config(path: str | None = None, *, environment: dict[str, str] | None = None, **overrides) -> ServerConfig:
+def load_config(path: str | None = None, *, environment: Mapping[str, str] | None = None, **overrides) -> ServerConfig:
     """Defaults < TOML file (`[server]` keys, `[topic_defaults]`, `[protocol]`) <
     NODI_<SETTING> environment variables < keyword overrides (command-line flags; None
     means not given)."""

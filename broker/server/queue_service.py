@@ -37,6 +37,7 @@ source partition p goes to partition p modulo the dead-letter topic's partition 
 from __future__ import annotations
 
 import asyncio
+import builtins  # QueueService.list (the queue listing) shadows the builtin in the class body
 import collections
 import dataclasses
 import heapq
@@ -606,7 +607,7 @@ class QueueService:
             return
         self._tasks.create_task(self._flush_into(future, staged))
 
-    async def _flush_into(self, future: asyncio.Future, staged: list[tuple[PartitionQueue, int]]) -> None:
+    async def _flush_into(self, future: asyncio.Future, staged: builtins.list[tuple[PartitionQueue, int]]) -> None:
         try:
             await self.broker.flush_metadata()
         except Exception as error:  # reported to every waiter
@@ -623,7 +624,7 @@ class QueueService:
         self._unstaged.add(group.key)
         self._touched.add(group.key)
 
-    def _stage_dirty(self) -> list[tuple[PartitionQueue, int]]:
+    def _stage_dirty(self) -> builtins.list[tuple[PartitionQueue, int]]:
         """Stage the changed partitions; returns each with the reservation staged."""
         metadata = self.store.metadata
         staged = []
@@ -703,7 +704,7 @@ class QueueService:
         """Visit `group` again when its dead-letter backoff (monotonic `retry_at`) ends."""
         self._schedule(group, now_ms() + math.ceil(max(retry_at - time.monotonic(), 0) * 1000))
 
-    async def _write_dead_letters(self, groups: list[QueueGroup]) -> int:
+    async def _write_dead_letters(self, groups: builtins.list[QueueGroup]) -> int:
         """One pass over `groups` for the dead letters waiting. A group whose pass fails
         (the dead-letter topic refuses appends, say) is retried after a backoff, without
         holding up the others; one that had a full pass is visited again next round."""
@@ -737,7 +738,7 @@ class QueueService:
                     self._touched.add(key)  # more may be waiting
         return written
 
-    async def _dead_letter(self, group: QueueGroup, letters: list[DeadLetter]) -> int:
+    async def _dead_letter(self, group: QueueGroup, letters: builtins.list[DeadLetter]) -> int:
         """Append the copies, wait until they are durable, then ack them in the source."""
         topic = group.settings.dead_letter_topic_for(group.topic)
         partitions = await self._dead_letter_partitions(topic, len(group.partitions))
