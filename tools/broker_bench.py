@@ -399,10 +399,11 @@ def run(settings: Settings, arguments: argparse.Namespace, data_directory: str) 
             metrics_port = nodi_server.metrics_port
             results["nodi_server"] = f"started here at {address}, pid {server_pid}, data in {nodi_server.directory}"
         progress(f"nodi server: {results['nodi_server']}")
+        redis_executable = arguments.redis_server or shutil.which("redis-server")
         reason = "skipped (--no-redis)" if arguments.no_redis else redis_bench.redis_unavailable_reason(
-            arguments.redis_server or shutil.which("redis-server"))
-        if reason is None:
-            redis_server = redis_bench.RedisServer(arguments.redis_server or shutil.which("redis-server"),
+            redis_executable)
+        if reason is None and redis_executable is not None:  # the reason is None only for an executable
+            redis_server = redis_bench.RedisServer(redis_executable,
                                        os.path.join(data_directory, "redis"))
             redis_server.start()
             results["redis_status"] = (f"redis-server {redis_server.version} started here on port {redis_server.port}, "

@@ -37,7 +37,7 @@ def summarise(rounds: list[dict]) -> dict:
             continue
         summary[system] = {}
         for phase, names in SUMMARY_FIGURES.items():
-            figures = {}
+            figures: dict[str, float | list[float] | None] = {}
             for name in names:
                 values = [one[phase].get(name) for one in per_round]
                 figures[name] = _median(values)

@@ -52,6 +52,7 @@ def start_server(data_dir: str, extra_args: list[str]) -> tuple[subprocess.Popen
                "--metrics-port", "-1", *extra_args]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert process.stdout is not None  # stdout=PIPE
     lines = []
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

@@ -180,6 +180,7 @@ class ClientConnection:
         protocol = self._protocol
         pending = self._pending
         slots = self._slots
+        assert slots is not None  # made by the handshake, before this loop starts
         reason: ConnectionLost | None = None
         try:
             while True:
