@@ -351,7 +351,7 @@ def settings_to_wire(arguments: Mapping[str, object]) -> m.TopicSettings:
             elif value < 0:  # type: ignore[operator]
                 raise ValueError(f"a topic setting of {value} is negative")
         values[setting.name] = value
-    return m.TopicSettings(**values)
+    return m.TopicSettings(**values)  # type: ignore[arg-type]  # a value per declared setting, in its wire type
 
 
 def settings_from_wire(settings: m.TopicSettings) -> TopicSettings:
@@ -364,7 +364,7 @@ def settings_from_wire(settings: m.TopicSettings) -> TopicSettings:
         elif setting.unlimited and value < 0:
             value = UNLIMITED
         values[setting.name] = value
-    return TopicSettings(**values)  # type: ignore[arg-type]
+    return TopicSettings(**values)  # type: ignore[arg-type]  # a value per declared setting, of its type
 
 
 _ACKS = {"none": 0, "written": 1, "durable": 2}
