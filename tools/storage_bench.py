@@ -582,6 +582,7 @@ def restart_cell(directory: str, volume_bytes: int, batch_records: int, segment_
         "--child-segment-bytes", str(segment_bytes),
     )
     child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdin is not None and child.stdout is not None  # both PIPE
     try:
         line = child.stdout.readline()
         if not line:
