@@ -408,11 +408,11 @@ def _verify_metadata_tables(meta: str, path: str) -> list[Problem]:
             topics: set[str] = set()
             if b"topics" in tables:
                 for key, value in transaction.cursor(db=tables[b"topics"]):
-                    name = bytes(key).decode("ascii", errors="replace")
+                    topic_name = bytes(key).decode("ascii", errors="replace")
                     try:
-                        validate_topic_name(name)
-                        decode_topic_value(name, value)
-                        topics.add(name)
+                        validate_topic_name(topic_name)
+                        decode_topic_value(topic_name, value)
+                        topics.add(topic_name)
                     except NodiError as error:
                         problems.append(Problem(path, None, None, f"table 'topics', key {bytes(key)!r}: {error}"))
             if b"deleted_topics" in tables:
@@ -695,6 +695,7 @@ def _recover_locked(
     tracker.report()
     results = []
     for partition, size in zip(partitions, sizes):
+        problem: str | None
         try:
             log = Log.open(
                 partition.path, config_for(partition.topic, partition.partition), truncate_damaged=truncate_damaged
