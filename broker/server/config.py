@@ -14,6 +14,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from nodi.storage.errors import InvalidConfigError
 from nodi.storage.metadata import TopicConfig
@@ -114,7 +115,7 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
 
-def _coerce(name: str, value, default, optional: bool = False) -> object:
+def _coerce(name: str, value, default, optional: bool = False) -> Any:
     """`value` (from TOML or an environment variable) as the type of `default`;
     `optional` integers (a None default, or `int | None`) also take "none"."""
     if isinstance(default, bool):
@@ -183,8 +184,10 @@ def load_config(path: str | None = None, *, environment: Mapping[str, str] | Non
     NODI_<SETTING> environment variables < keyword overrides (command-line flags; None
     means not given)."""
     environment = os.environ if environment is None else environment
-    values: dict[str, object] = {}
-    tables: dict[str, dict[str, object]] = {section: {} for section in SECTIONS}
+    # TOML, environment and keyword values, untyped until the dataclasses below check
+    # them (their TypeError or ValueError becomes InvalidConfigError).
+    values: dict[str, Any] = {}
+    tables: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
     if path is not None:
         try:
             with open(path, "rb") as file:
