@@ -97,6 +97,7 @@ _IDEMPOTENT_NAMES = frozenset({"AsyncIdempotentConsumer", "IdempotentConsumer", 
 
 if TYPE_CHECKING:  # pragma: no cover
     from .client import (  # noqa: F401
+        UNLIMITED,
         AsyncClient,
         AsyncConsumer,
         AsyncProducer,
@@ -155,7 +156,6 @@ if TYPE_CHECKING:  # pragma: no cover
         TopicExists,
         TopicSettings,
         TopicSummary,
-        UNLIMITED,
         UnknownDelivery,
         UnknownGroup,
         UnknownInbox,

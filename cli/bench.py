@@ -5,16 +5,19 @@
     nodi --server HOST:PORT bench          # measure a running broker
     nodi bench --suite queues [--quick]    # queue groups and request-reply, tools/queue_bench.py
 
-The tool lives in the source tree (tools/ is not installed), so this command needs a
+The tool lives in the source tree (the tools package is not installed; this command loads
+tools.broker_bench from the checkout it was installed from), so this command needs a
 checkout installed in development mode (`pip install -e .`); redis-py for the Redis
 comparison comes with the `bench` extra (`pip install -e '.[bench]'`).
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import typer
 
@@ -38,14 +41,23 @@ def _suite(arguments: list[str]) -> tuple[Path, list[str]]:
     return TOOL, arguments
 
 
-def _load_tool(tool: Path = TOOL):
+def _load_tool(tool: Path = TOOL) -> ModuleType:
+    """tools.<name> from the checkout this command was installed from. tools/ is a package
+    that is not installed: its spec is made from the folder, so the tool's own
+    `from tools import ...` imports resolve there, wherever nodi is run from."""
     if not tool.is_file():
         raise fail(f"nodi bench: {tool} not found: the benchmark runs from a source checkout (pip install -e .)")
-    spec = importlib.util.spec_from_file_location(f"nodi_{tool.stem}", tool)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    package = sys.modules.get("tools")
+    if package is None or list(getattr(package, "__path__", [])) != [str(TOOLS)]:
+        spec = importlib.util.spec_from_file_location(
+            "tools", TOOLS / "__init__.py", submodule_search_locations=[str(TOOLS)]
+        )
+        if spec is None or spec.loader is None:
+            raise fail(f"nodi bench: {TOOLS} is not a package (no __init__.py)")
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["tools"] = package
+        spec.loader.exec_module(package)
+    return importlib.import_module(f"tools.{tool.stem}")
 
 
 def bench(ctx: typer.Context) -> None:
@@ -58,8 +70,9 @@ def bench(ctx: typer.Context) -> None:
     # Only an explicit `nodi --server`: NODI_SERVER alone must not stop the bench from
     # starting its own server.
     source = root.get_parameter_source("server")
-    if tool == TOOL and getattr(source, "name", None) == "COMMANDLINE" and "--server" not in arguments:
-        arguments = ["--server", state_of(ctx).server, *arguments]
+    server = state_of(ctx).server
+    if tool == TOOL and getattr(source, "name", None) == "COMMANDLINE" and server and "--server" not in arguments:
+        arguments = ["--server", server, *arguments]
     try:
         code = _load_tool(tool).main(arguments)
     except SystemExit as exit_:  # argparse: --help, or a usage error

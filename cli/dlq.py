@@ -19,11 +19,14 @@ repeat, never a loss.
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from nodi.cli.common import command, connect, fail, json_bytes, print_table
+
+if TYPE_CHECKING:
+    from nodi.broker import Message
 
 app = typer.Typer(
     name="dlq",
@@ -68,7 +71,7 @@ def _entries(client, topic: str, count: int | None):
 
 
 def _commit(client, offsets: dict[tuple[str, int], int]) -> None:
-    for (topic, partition), error in client.commit_offsets(CURSOR_GROUP, offsets).items():
+    for (_topic, _partition), error in client.commit_offsets(CURSOR_GROUP, offsets).items():
         if error is not None:
             raise error
 
@@ -185,7 +188,7 @@ def redrive_command(
     with connect(ctx) as client:
         _require_dead_letter_topic(ctx, client, topic)
         partitions: dict[str, int] = {}
-        pending: list[tuple[int, object]] = []
+        pending: list[tuple[int, Message]] = []
 
         def flush_chunk() -> None:
             nonlocal redriven
@@ -195,6 +198,7 @@ def redrive_command(
                 futures = []
                 for _, message in pending:
                     target = to or _header(message, "nodi-dlq-source-topic")
+                    assert target is not None  # a message without it is refused before it is queued
                     if target not in partitions:
                         partitions[target] = client.partition_count(target)
                     source_partition = _header(message, "nodi-dlq-source-partition")

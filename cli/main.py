@@ -9,8 +9,8 @@ import typer
 from nodi.cli import bench, compact, messaging, torture
 from nodi.cli.common import command, state_of
 from nodi.cli.dlq import app as dlq_app
-from nodi.cli.queues import app as queues_app
 from nodi.cli.groups import app as groups_app
+from nodi.cli.queues import app as queues_app
 from nodi.cli.segments import app as segments_app
 from nodi.cli.status import register as register_status
 from nodi.cli.topics import app as topics_app

@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Protocol
 
 import typer
 
@@ -259,26 +259,33 @@ def dump_command(
 # verify and recover
 
 
+class _Bar(Protocol):
+    """What _progress_bar uses of typer's progress bar (its class is typer's private)."""
+
+    def update(self, n_steps: int) -> None: ...
+
+
 @contextlib.contextmanager
 def _progress_bar(label: str) -> Iterator[ProgressCallback | None]:
     """A progress callback drawing a bar on stderr, or None when stderr is not a TTY."""
     if not sys.stderr.isatty():
         yield None
         return
-    state: dict[str, object] = {"bar": None, "shown": 0}
+    bars = contextlib.ExitStack()  # closes the bar once it is drawn
+    bar: _Bar | None = None
+    shown = 0
 
     def update(done: int, total: int) -> None:
-        if state["bar"] is None:
-            bar = typer.progressbar(length=max(total, 1), label=label, file=sys.stderr, show_pos=False)
-            state["bar"] = bar.__enter__()
-        state["bar"].update(done - state["shown"])  # type: ignore[union-attr]
-        state["shown"] = done
+        nonlocal bar, shown
+        if bar is None:
+            bar = bars.enter_context(
+                typer.progressbar(length=max(total, 1), label=label, file=sys.stderr, show_pos=False)
+            )
+        bar.update(done - shown)
+        shown = done
 
-    try:
+    with bars:
         yield update
-    finally:
-        if state["bar"] is not None:
-            state["bar"].__exit__(None, None, None)  # type: ignore[union-attr]
 
 
 @_command("verify")

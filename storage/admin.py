@@ -30,8 +30,8 @@ from .layout import (
     meta_directory,
 )
 from .limits import DEFAULT_RECORD_LIMITS, RecordLimits
-from .lock import DataDirectoryLock
 from .lmdb_file import DATA_FILE_NAME, check_data_file
+from .lock import DataDirectoryLock
 from .log import Log
 from .metadata import (
     DATABASES_MAX,
@@ -43,6 +43,7 @@ from .metadata import (
     decode_topic_value,
     validate_topic_name,
 )
+from .producers import SNAPSHOT_FILE
 from .records import BatchHeader, Record, check_records, compute_crc, decode_records
 from .recovery import CLEANED_SUFFIX, SWAP_SUFFIX, RecoveryReport
 from .segment import (
@@ -55,7 +56,6 @@ from .segment import (
     parse_segment_name,
     segment_name,
 )
-from .producers import SNAPSHOT_FILE
 from .store import DELETING_SUFFIX, log_config_for
 
 # Files of a partition directory that belong to no one segment.
@@ -408,11 +408,11 @@ def _verify_metadata_tables(meta: str, path: str) -> list[Problem]:
             topics: set[str] = set()
             if b"topics" in tables:
                 for key, value in transaction.cursor(db=tables[b"topics"]):
-                    name = bytes(key).decode("ascii", errors="replace")
+                    topic_name = bytes(key).decode("ascii", errors="replace")
                     try:
-                        validate_topic_name(name)
-                        decode_topic_value(name, value)
-                        topics.add(name)
+                        validate_topic_name(topic_name)
+                        decode_topic_value(topic_name, value)
+                        topics.add(topic_name)
                     except NodiError as error:
                         problems.append(Problem(path, None, None, f"table 'topics', key {bytes(key)!r}: {error}"))
             if b"deleted_topics" in tables:
@@ -695,6 +695,7 @@ def _recover_locked(
     tracker.report()
     results = []
     for partition, size in zip(partitions, sizes):
+        problem: str | None
         try:
             log = Log.open(
                 partition.path, config_for(partition.topic, partition.partition), truncate_damaged=truncate_damaged

@@ -40,15 +40,6 @@ from dataclasses import dataclass, replace
 
 import xxhash
 
-from .config import DAY_MS
-from .errors import (
-    CorruptBatchError,
-    CorruptSegmentError,
-    InvalidConfigError,
-    InvalidRecordError,
-    LimitExceededError,
-    NodiError,
-)
 from .compaction_files import (
     COMPACTION_CHECKPOINT_FILE,
     decode_compaction_checkpoint,
@@ -58,6 +49,15 @@ from .compaction_files import (
     read_first_dirty_offset,
     remove_cleaned,
     swap_files,
+)
+from .config import DAY_MS
+from .errors import (
+    CorruptBatchError,
+    CorruptSegmentError,
+    InvalidConfigError,
+    InvalidRecordError,
+    LimitExceededError,
+    NodiError,
 )
 from .fileio import write_file_atomically
 from .limits import MIB, RecordLimits

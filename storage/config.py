@@ -11,7 +11,7 @@ from .limits import DEFAULT_RECORD_LIMITS, GIB, MIB, RecordLimits
 DAY_MS = 24 * 60 * 60 * 1000
 
 
-class FsyncPolicy(str, enum.Enum):
+class FsyncPolicy(enum.StrEnum):
     ALWAYS = "always"  # an append is durable when it returns (group commit)
     INTERVAL = "interval"  # fsync every fsync_interval_ms when there is new data
     NEVER = "never"  # fsync only at segment roll and clean close

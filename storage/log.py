@@ -23,8 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .checkpoint import Checkpoint, clear_clean_shutdown, mark_clean_shutdown, write_checkpoint
-from .fileio import read_whole_file, write_file_atomically
-from .producers import SEQUENCE_MODULUS, SNAPSHOT_FILE, ProducerStateTable
 from .config import FsyncPolicy, LogConfig
 from .errors import (
     CorruptBatchError,
@@ -41,8 +39,9 @@ from .errors import (
     SegmentReadError,
     UnsupportedCompressionError,
 )
-from .fileio import OS_FILE_SYSTEM, File, FileSystem
+from .fileio import OS_FILE_SYSTEM, File, FileSystem, read_whole_file, write_file_atomically
 from .histogram import FSYNC_SECONDS_BUCKETS, GROUP_COMMIT_APPENDS_BUCKETS, Histogram, HistogramSnapshot
+from .producers import SEQUENCE_MODULUS, SNAPSHOT_FILE, ProducerStateTable
 from .records import (
     BATCH_HEADER_BYTES,
     SUPPORTED_COMPRESSION,
@@ -453,8 +452,7 @@ class Log:
                 pass
             if error.errno == errno.ENOSPC and undone:
                 raise DiskFullError(f"disk full appending {length} bytes to {segment.log_path}") from error
-            self._fail_locked(LogReadOnlyError(f"write to {segment.log_path} failed: {error}"))
-            raise self._error from error
+            raise self._fail_locked(LogReadOnlyError(f"write to {segment.log_path} failed: {error}")) from error
 
     # -- durability (group commit) ----------------------------------------------------
 
@@ -532,8 +530,7 @@ class Log:
             self._sync_segment(segment)
         except OSError as error:
             with self._lock:
-                self._fail_locked(LogReadOnlyError(f"fsync of {segment.log_path} failed: {error}"))
-            raise self._error from error
+                raise self._fail_locked(LogReadOnlyError(f"fsync of {segment.log_path} failed: {error}")) from error
         self._advance_durable(target)
 
     def _advance_durable(self, target: int) -> None:
@@ -553,11 +550,13 @@ class Log:
                 future.set_result(None)
         self._notify_readable()
 
-    def _fail_locked(self, error: LogReadOnlyError) -> None:
-        """I9: sticky read-only; every waiter fails; the flusher stops."""
+    def _fail_locked(self, error: LogReadOnlyError) -> LogReadOnlyError:
+        """I9: sticky read-only; every waiter fails; the flusher stops. Returns the
+        sticky error (the first), which the caller raises."""
         if self._error is None:
             self._error = error
         self._fail_waiters_locked(self._error)
+        return self._error
 
     def _fail_waiters_locked(self, error: Exception) -> None:
         failed = [entry[2] for entry in self._waiters]
@@ -582,8 +581,7 @@ class Log:
             self._sync_segment(sealed)
             sealed.write_indexes()
         except OSError as error:
-            self._fail_locked(LogReadOnlyError(f"sealing {sealed.log_path} failed: {error}"))
-            raise self._error from error
+            raise self._fail_locked(LogReadOnlyError(f"sealing {sealed.log_path} failed: {error}")) from error
         sealed.index.release_memory()
         sealed.time_index.release_memory()
         fresh = Segment(self.fs, self.directory, sealed.next_offset)
@@ -598,8 +596,7 @@ class Log:
             write_checkpoint(self.fs, self.directory, Checkpoint(fresh.base_offset, self.log_start_offset))
             self._write_producer_snapshot_locked()
         except OSError as error:  # a failed write or fsync is final (I9)
-            self._fail_locked(LogReadOnlyError(f"rolling to {fresh.log_path} failed: {error}"))
-            raise self._error from error
+            raise self._fail_locked(LogReadOnlyError(f"rolling to {fresh.log_path} failed: {error}")) from error
         if sealed.next_offset > self._durable_offset:
             self._durable_offset = sealed.next_offset
             ready = []
@@ -630,8 +627,7 @@ class Log:
                 try:
                     remove_segment_files(self.fs, self.directory, oldest)
                 except OSError as error:  # a failed rename or directory fsync (I9)
-                    self._fail_locked(LogReadOnlyError(f"deleting {oldest.log_path} failed: {error}"))
-                    raise self._error from error
+                    raise self._fail_locked(LogReadOnlyError(f"deleting {oldest.log_path} failed: {error}")) from error
                 self._segments.pop(0)
                 self._base_offsets.pop(0)
                 total -= oldest.size
@@ -644,8 +640,7 @@ class Log:
                         self.fs, self.directory, Checkpoint(self._durable_offset, self.log_start_offset)
                     )
                 except OSError as error:  # a failed write or fsync is final (I9)
-                    self._fail_locked(LogReadOnlyError(f"checkpoint of {self.directory} failed: {error}"))
-                    raise self._error from error
+                    raise self._fail_locked(LogReadOnlyError(f"checkpoint of {self.directory} failed: {error}")) from error
         return deleted
 
     def replace_sealed_segments(self, olds: list[Segment], install: Callable[[bool], Segment | None]) -> bool:
@@ -669,8 +664,7 @@ class Log:
             try:
                 fresh = install(number == 0)
             except OSError as error:  # a failed rename or directory fsync (I9)
-                self._fail_locked(LogReadOnlyError(f"compaction swap of {olds[0].log_path} failed: {error}"))
-                raise self._error from error
+                raise self._fail_locked(LogReadOnlyError(f"compaction swap of {olds[0].log_path} failed: {error}")) from error
             if fresh is None:
                 assert number > 0
                 # Their offsets become part of the gap after the previous segment, as an

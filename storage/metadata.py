@@ -64,8 +64,8 @@ from .errors import (
     TopicExistsError,
     UnknownTopicError,
 )
-from .lmdb_file import check_data_file
 from .limits import GIB, KIB, MIB
+from .lmdb_file import check_data_file
 from .topic_settings import PARTITIONS_MAX, TopicConfig  # declared there; imported from here too
 
 log = logging.getLogger("nodi.metadata")
@@ -129,7 +129,7 @@ DEFAULT_METADATA_LIMITS = MetadataLimits()
 
 TOPIC_NAME_CHARACTERS_MAX = 249
 
-_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,%d}" % TOPIC_NAME_CHARACTERS_MAX)
+_TOPIC_NAME = re.compile(rf"[A-Za-z0-9._-]{{1,{TOPIC_NAME_CHARACTERS_MAX}}}")
 
 
 def validate_topic_name(name: str) -> None:
@@ -602,7 +602,7 @@ class MetadataStore:
         key = name.encode("ascii")
         value = encode_topic_value(config)
 
-        def apply(transaction: lmdb.Transaction) -> None:
+        def apply(transaction: lmdb.Transaction[bytes]) -> None:
             if transaction.get(key, db=self._deleted_topics) is not None:
                 raise TopicExistsError(f"topic {name!r} is still being deleted (its files are not removed yet)")
             if not transaction.put(key, value, db=self._topics, overwrite=False):
@@ -627,7 +627,7 @@ class MetadataStore:
         key = name.encode("ascii")
         value = encode_topic_value(config)
 
-        def apply(transaction: lmdb.Transaction) -> None:
+        def apply(transaction: lmdb.Transaction[bytes]) -> None:
             old = transaction.get(key, db=self._topics)
             if old is None:
                 raise UnknownTopicError(f"unknown topic {name!r}")
@@ -650,7 +650,7 @@ class MetadataStore:
         validate_topic_name(name)
         key = name.encode("ascii")
 
-        def apply(transaction: lmdb.Transaction) -> None:
+        def apply(transaction: lmdb.Transaction[bytes]) -> None:
             old = transaction.get(key, db=self._topics)
             if old is None:
                 raise UnknownTopicError(f"unknown topic {name!r}")
@@ -661,7 +661,7 @@ class MetadataStore:
 
         self._commit(apply, discard=lambda group_key: decode_group_key(group_key)[1] == name)
 
-    def _delete_group_entries(self, transaction: lmdb.Transaction, topic: str) -> None:
+    def _delete_group_entries(self, transaction: lmdb.Transaction[bytes], topic: str) -> None:
         """Every group's committed offsets and queue state in `topic` (a scan: the keys
         are ordered by group)."""
         for database in (self._offsets, self._queue_state):
@@ -685,7 +685,7 @@ class MetadataStore:
         validate_topic_name(name)
         key = name.encode("ascii")
 
-        def apply(transaction: lmdb.Transaction) -> None:
+        def apply(transaction: lmdb.Transaction[bytes]) -> None:
             transaction.delete(key, db=self._deleted_topics)
 
         self._commit(apply)
@@ -766,7 +766,7 @@ class MetadataStore:
         Committed at once. Returns how many entries were removed (0: no such group)."""
         prefix = encode_group_prefix(group, self._limits.group_name_bytes_max)
 
-        def apply(transaction: lmdb.Transaction) -> int:
+        def apply(transaction: lmdb.Transaction[bytes]) -> int:
             removed = 0
             for database in (self._offsets, self._queue_state):
                 cursor = transaction.cursor(db=database)
@@ -850,7 +850,7 @@ class MetadataStore:
                     clamped = ClampedOffset(group, topic, partition, entry.offset, end)
                     planned.append((key, value, clamped, new_value))
 
-            def apply(transaction: lmdb.Transaction) -> list[ClampedOffset]:
+            def apply(transaction: lmdb.Transaction[bytes]) -> list[ClampedOffset]:
                 changed = []
                 for key, seen, clamped, new_value in planned:
                     # Compare and set: a commit staged meanwhile is newer than the clamp.
@@ -874,7 +874,7 @@ class MetadataStore:
             raise MetadataError(f"the metadata store at {self.path} is closed")
 
     @contextmanager
-    def _read(self) -> Iterator[lmdb.Transaction]:
+    def _read(self) -> Iterator[lmdb.Transaction[bytes]]:
         self._check_open()
         with self._gate.shared():
             self._check_open()
@@ -944,16 +944,16 @@ class MetadataStore:
                     if not key.startswith(prefix):
                         break
                     merged[key] = value
-        for key, value in pending.items():
-            if value is None:
+        for key, staged in pending.items():
+            if staged is None:
                 merged.pop(key, None)
             else:
-                merged[key] = value
+                merged[key] = staged
         return sorted(merged.items())
 
     def _commit(
         self,
-        apply: Callable[[lmdb.Transaction], _Result] | None,
+        apply: Callable[[lmdb.Transaction[bytes]], _Result] | None,
         discard: Callable[[bytes], bool] | None = None,
     ) -> _Result:
         """One write transaction: everything staged, then `apply`. After it commits,
@@ -991,7 +991,7 @@ class MetadataStore:
                     self._entries_written += len(batch)
             return result
 
-    def _write(self, batch: _Staged, apply: Callable[[lmdb.Transaction], _Result] | None) -> _Result:
+    def _write(self, batch: _Staged, apply: Callable[[lmdb.Transaction[bytes]], _Result] | None) -> _Result:
         """Run the transaction, growing the map and retrying while it is full. `apply`
         must only use the transaction (a read through the store would wait on the gate).
         A failed commit puts the store in the failed state (raised typed) and reopens
@@ -1072,7 +1072,7 @@ class MetadataStore:
         self._retry_delay_s = 0.0
         self._recoveries += 1
 
-    def _probe(self, transaction: lmdb.Transaction) -> None:
+    def _probe(self, transaction: lmdb.Transaction[bytes]) -> None:
         """A write that leaves nothing behind yet writes pages and a meta page: a key no
         topic name can be (it starts with NUL), put and deleted."""
         transaction.put(_PROBE_KEY, b"", db=self._topics)

@@ -295,7 +295,7 @@ def _encode_varint(value: int) -> bytes:
     return bytes(out)
 
 
-def _decode_varint(buffer: bytes, position: int, max_bytes: int = 10) -> tuple[int, int]:
+def _decode_varint(buffer: bytes | memoryview, position: int, max_bytes: int = 10) -> tuple[int, int]:
     result = 0
     shift = 0
     end = len(buffer)
@@ -978,7 +978,7 @@ def _scan_headers(
     number = 0
     field = "key length"
     try:
-        for number in range(header_count):
+        for _ in range(header_count):
             field = "key length"
             byte = data[position]
             if byte < 0x80:

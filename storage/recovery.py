@@ -22,8 +22,8 @@ from .checkpoint import (
 )
 from .config import LogConfig
 from .errors import CorruptBatchError, InvalidRecordError
-from .records import BATCH_HEADER_BYTES, check_header
 from .fileio import FileSystem, read_whole_file, write_file_atomically
+from .records import BATCH_HEADER_BYTES, check_header
 from .segment import (
     DELETED_SUFFIX,
     INDEX_SUFFIX,

@@ -461,7 +461,7 @@ class SimulatedFileSystem:
         the crash model)."""
         path = os.path.normpath(path)
         with self._lock:
-            self._check_power(mutating=True, path=path)
+            self._check_power("remove_directory", path)
             if path not in self._directories:
                 raise _fault("no such directory", errno.ENOENT, path)
             if any(os.path.dirname(name) == path for name in [*self._names, *self._directories]):

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 
 from .config import DAY_MS
 from .errors import InvalidConfigError
@@ -188,7 +188,7 @@ class TopicConfig:
                 f"unknown topic config keys: {', '.join(unknown)} "
                 f"(known: {', '.join(TOPIC_SETTING_NAMES)})"
             )
-        config = cls(**data)  # type: ignore[arg-type]
+        config = cls(**data)  # type: ignore[arg-type]  # a value per declared setting; validate() checks them
         config.validate()
         return config
 
@@ -207,6 +207,7 @@ def _declared_settings(config_class: type) -> tuple[TopicSetting, ...]:
         assert python_type in (int, str), config_field.name
         assert not declared["unlimited"] or optional, f"{config_field.name}: None is its no-limit"
         assert (python_type is str) == (declared["wire_type"] == "string?") == bool(declared["choices"])
+        assert config_field.default is not MISSING, f"{config_field.name}: every setting has a default"
         out.append(TopicSetting(name=config_field.name, type=python_type, default=config_field.default,
                                 optional=optional, **declared))
     return tuple(out)
@@ -236,7 +237,7 @@ def render_table() -> str:
         elif declared.type is str:
             default = f"`{declared.default}`"
         else:
-            default = _number(declared.default)  # type: ignore[arg-type]
+            default = _number(declared.default)  # type: ignore[arg-type]  # an int setting: its default is an int
         topics = "all" if declared.cleanup_kinds == CLEANUP_KINDS else " and ".join(declared.cleanup_kinds)
         lines.append(
             f"| `{declared.name}` | {default} | {allowed} | {declared.unit} | {topics} | {declared.help} |"

@@ -10,7 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent.parent / "tools" / "broker_bench.py"
+ROOT = Path(__file__).resolve().parent.parent
+# Run as the repository root runs it: tools is a package (python -m tools.broker_bench).
+BENCH = ["-m", "tools.broker_bench"]
 NODI = [sys.executable, "-m", "nodi.cli.main"]
 
 
@@ -18,10 +20,10 @@ def test_broker_bench_quick_run_writes_its_json(tmp_path: Path) -> None:
     json_path = tmp_path / "bench.json"
     data_parent = tmp_path / "data"
     completed = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--messages", "2000", "--latency-seconds", "0.3",
+        [sys.executable, *BENCH, "--quick", "--messages", "2000", "--latency-seconds", "0.3",
          "--redis-server", str(tmp_path / "no-such-redis-server"),
          "--data-dir", str(data_parent), "--json-out", str(json_path)],
-        capture_output=True,
+        cwd=ROOT, capture_output=True,
         text=True,
         timeout=300,
     )

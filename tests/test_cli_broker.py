@@ -20,10 +20,11 @@ import time
 import pytest
 import typer
 from typer.testing import CliRunner
-from conftest import NODI
 
 from nodi.broker import Client
 from nodi.cli.main import app
+
+from conftest import NODI
 
 TIMEOUT_S = 60
 # Wide enough that help text is never cut (rich wraps to the terminal's width).
@@ -350,7 +351,7 @@ def test_consume_json_text_and_binary(server, client):
 
 def test_consume_from_offset_time_latest_partition_and_timeout(server, client):
     client.create_topic("cli-replay", partitions=2)
-    base = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+    base = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
     for number in range(6):
         client.produce("cli-replay", f"m{number}", partition=0, timestamp=base + datetime.timedelta(minutes=number))
     client.produce("cli-replay", "other", partition=1, timestamp=base)
@@ -457,7 +458,7 @@ def test_group_list_describe_and_reset(server, client):
         ("cli-groups", 0): 2, ("cli-groups", 1): 5, ("cli-groups", 2): 2,
     }
     late = client.fetch("cli-groups", 1, 4)[0]
-    stamp = datetime.datetime.fromtimestamp(late.timestamp / 1000, datetime.timezone.utc).isoformat()
+    stamp = datetime.datetime.fromtimestamp(late.timestamp / 1000, datetime.UTC).isoformat()
     assert reset("--to", stamp, "--partition", "1") == {1: 4}
     human = nodi(server, "group", "reset", "cli-described", "--topic", "cli-groups", "--to", "latest")
     assert human.returncode == 0 and human.stdout.decode().split()[:3] == ["TOPIC", "PARTITION", "OFFSET"]

@@ -9,11 +9,12 @@ import os
 import subprocess
 import time
 
-from conftest import NODI
 from typer.testing import CliRunner
 
 from nodi.broker import Client
 from nodi.cli.main import app
+
+from conftest import NODI
 
 TIMEOUT_S = 60
 ENVIRONMENT = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}

@@ -7,9 +7,9 @@ from __future__ import annotations
 import os
 import subprocess
 
-from conftest import NODI
-
 from nodi.broker import Client
+
+from conftest import NODI
 
 TIMEOUT_S = 60
 ENVIRONMENT = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}

@@ -352,7 +352,7 @@ def test_recover_after_a_crash_without_clean_close(tmp_path):
     assert "WARNING" in result.stdout and ".index: missing" in result.stdout
     recovered = nodi("segments", "recover", data_dir)
     assert recovered.returncode == 0
-    assert f"crashed-0: scanned 1 segment(s)" in recovered.stdout
+    assert "crashed-0: scanned 1 segment(s)" in recovered.stdout
     # No header of the cut batch survives: the end of the loss is unknown, and said so.
     assert f"lost offsets {base_offset}..? (truncated 20 bytes" in recovered.stdout
     assert nodi("segments", "verify", data_dir).returncode == 0

@@ -9,9 +9,10 @@ import os
 import subprocess
 
 import pytest
-from conftest import NODI
 
 from nodi.broker import Client
+
+from conftest import NODI
 
 ENVIRONMENT = {**os.environ, "COLUMNS": "200"}
 ENVIRONMENT.pop("NODI_SERVER", None)

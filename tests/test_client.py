@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import datetime
 import os
 import signal
@@ -19,7 +20,6 @@ import time
 import pytest
 
 from nodi.broker import AsyncClient, Client
-from nodi.broker.protocol import messages as m
 from nodi.broker.client import (
     UNLIMITED,
     ConnectionLost,
@@ -36,9 +36,10 @@ from nodi.broker.client import (
 from nodi.broker.client.connection import ClientConnection
 from nodi.broker.client.futures import MessageFuture, resolve
 from nodi.broker.client.types import resolve_address
+from nodi.broker.protocol import messages as m
+from nodi.broker.protocol.connection import Connection, Role
 from nodi.broker.protocol.errors import ErrorCode
 from nodi.broker.protocol.limits import DEFAULT_PROTOCOL_LIMITS
-from nodi.broker.protocol.connection import Connection, Role
 from nodi.storage.errors import NodiError
 
 
@@ -138,7 +139,7 @@ def test_produce_and_fetch_keys_headers_and_null_values(client):
     assert partition == partition_for_key(b"user-1", 4)
     same_partition, second = client.produce("messages", None, key=b"user-1", headers=[("a", "1"), ("a", "2")])
     assert same_partition == partition and second == first + 1
-    when = datetime.datetime(2024, 5, 1, 12, 0, tzinfo=datetime.timezone.utc)
+    when = datetime.datetime(2024, 5, 1, 12, 0, tzinfo=datetime.UTC)
     _, third = client.produce("messages", b"", partition=partition, timestamp=when, acks="written")
     # acks="written" returns before the fsync, and fetches end at the durable offset
     # (docs/guarantees.md): long-poll until the third message is durable.
@@ -150,11 +151,11 @@ def test_produce_and_fetch_keys_headers_and_null_values(client):
     assert (hello.topic, hello.partition, hello.key, hello.value) == ("messages", partition, b"user-1", "héllo".encode())
     assert hello.headers == (("trace", b"abc"), ("empty", None), ("raw", b"\x00\xff"))
     assert hello.header("empty") is None and hello.header("trace") == b"abc"
-    assert abs(hello.datetime - datetime.datetime.now(datetime.timezone.utc)) < datetime.timedelta(minutes=5)
+    assert abs(hello.datetime - datetime.datetime.now(datetime.UTC)) < datetime.timedelta(minutes=5)
     assert tombstone.value is None and tombstone.headers == (("a", b"1"), ("a", b"2")) and tombstone.header("a") == b"2"
     assert empty.value == b"" and empty.key is None
     assert empty.timestamp == int(when.timestamp() * 1000) and empty.datetime == when
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         hello.offset = 5  # frozen
     assert client.fetch("messages", partition, second) == [tombstone, empty]
     assert client.fetch("messages", partition, third + 1) == []
@@ -220,7 +221,7 @@ def test_list_offsets_earliest_latest_and_time(client):
     assert client.list_offsets("offsets", 0, "earliest") == 0
     assert client.list_offsets("offsets", 0, "latest") == 5
     assert client.list_offsets("offsets", 0, base + 2500) == 3
-    moment = datetime.datetime.fromtimestamp((base + 2000) / 1000, datetime.timezone.utc)
+    moment = datetime.datetime.fromtimestamp((base + 2000) / 1000, datetime.UTC)
     assert client.list_offsets("offsets", 0, moment) == 2
     assert client.list_offsets("offsets", 0, base + 60_000) == 5  # nothing that recent: the end
 
@@ -419,6 +420,8 @@ def test_every_client_exception_and_type_is_importable_from_nodi_broker():
         if isinstance(value, type) and issubclass(value, Exception) and value.__module__ == errors.__name__
     }
     assert exceptions <= set(nodi.broker.__all__), sorted(exceptions - set(nodi.broker.__all__))
+    # errors.__all__ is written out (for type checkers): it names every exception class.
+    assert exceptions <= set(errors.__all__), sorted(exceptions - set(errors.__all__))
     for name in nodi.broker.__all__:
         assert getattr(nodi.broker, name) is not None, name
     assert {"Client", "AsyncClient", "Message", "TopicSettings", "Queue", "IdempotentConsumer"} <= set(dir(nodi.broker))

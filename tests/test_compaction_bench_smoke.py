@@ -8,14 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent.parent / "tools" / "compaction_bench.py"
+ROOT = Path(__file__).resolve().parent.parent
+# Run as the repository root runs it: tools is a package (python -m tools.compaction_bench).
+BENCH = ["-m", "tools.compaction_bench"]
 
 
 def test_compaction_bench_quick_run_writes_its_json(tmp_path: Path) -> None:
     json_path = tmp_path / "bench.json"
     completed = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--data-dir", str(tmp_path), "--json-out", str(json_path)],
-        capture_output=True,
+        [sys.executable, *BENCH, "--quick", "--data-dir", str(tmp_path), "--json-out", str(json_path)],
+        cwd=ROOT, capture_output=True,
         text=True,
         timeout=300,
     )

@@ -217,7 +217,7 @@ def test_sigkill_during_compaction_leaves_a_valid_equivalent_log(tmp_path):
     previous_end = 0
     interrupted = 0
     started = time.monotonic()
-    for round_number in range(ROUNDS):
+    for _ in range(ROUNDS):
         run_child(directory, generator.randrange(1 << 30), generator.uniform(0.05, 0.4))
         end, leftovers = check_recovered(directory)
         interrupted += bool(leftovers)

@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 from nodi.broker import Client
-from nodi.broker.client.errors import KeyRequired, InvalidConfig
+from nodi.broker.client.errors import InvalidConfig, KeyRequired
 from nodi.storage.records import NewRecord, build_batch
 
 from conftest import NODI, BrokerProcess

@@ -325,11 +325,11 @@ def test_the_setting_over_a_real_server_the_cli_and_nodi_compact_online_and_offl
 def test_a_topic_may_keep_tombstones_for_ever_without_overflowing_the_horizon(tmp_path):
     """delete_retention_ms up to INT64_MAX is valid; the horizon (an int64 timestamp)
     is capped, every tombstone stays, and every record keeps its timestamp."""
-    from test_compaction import CONFIG
-
     from nodi.storage.compaction import Compactor
     from nodi.storage.log import Log
     from nodi.storage.metadata import INT64_MAX
+
+    from test_compaction import CONFIG
 
     TopicConfig(cleanup_policy="compact", delete_retention_ms=INT64_MAX).validate()
     log = Log.open(str(tmp_path / "p"), CONFIG)

@@ -13,12 +13,13 @@ import threading
 import time
 
 import pytest
-from test_cli_broker import Running
-from test_server import RawClient
 
 from nodi.broker import Client
 from nodi.broker.protocol import messages as m
 from nodi.broker.protocol.errors import ErrorCode
+
+from test_cli_broker import Running
+from test_server import RawClient
 
 TIMEOUT_S = 60
 # A killed member's partitions move on after about this long (the server accepts 1 s and
@@ -213,7 +214,7 @@ def test_three_members_split_six_partitions_and_take_over_from_a_killed_one(serv
 
 def test_replay_by_offset_and_by_time(server, client):
     client.create_topic("history", partitions=2)
-    base = datetime.datetime(2026, 6, 1, 12, 0, tzinfo=datetime.timezone.utc)
+    base = datetime.datetime(2026, 6, 1, 12, 0, tzinfo=datetime.UTC)
     for number in range(20):
         client.produce("history", f"h{number}", partition=number % 2, timestamp=base + datetime.timedelta(seconds=number))
 

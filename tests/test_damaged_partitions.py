@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NODI, BrokerProcess
-from test_ops_metrics import scrape, value
-
 from nodi.storage.fileio import OS_FILE_SYSTEM
 from nodi.storage.layout import partition_directory
 from nodi.storage.segment import BatchScanner, parse_segment_name
+
+from conftest import NODI, BrokerProcess
+from test_ops_metrics import scrape, value
 
 MESSAGES = 30
 COMMAND_TIMEOUT_S = 120

@@ -14,12 +14,13 @@ import sys
 
 import pytest
 
-from conftest import NODI, BrokerProcess
 from nodi.broker import Client
 from nodi.storage.admin import list_segments, recover_data_dir
 from nodi.storage.errors import DataDirectoryLockedError
 from nodi.storage.lock import LOCK_FILE, DataDirectoryLock, lock_holder
 from nodi.storage.store import Store
+
+from conftest import NODI, BrokerProcess
 
 TOOL_TIMEOUT_S = 60
 

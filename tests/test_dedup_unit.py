@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from nodi.broker.server.dedup import PublishDedup
 from nodi.broker.protocol.headers import IDEMPOTENCY_KEY, TTL_MS
+from nodi.broker.server.dedup import PublishDedup
 from nodi.storage.errors import InvalidRecordError
 from nodi.storage.log import Log
 from nodi.storage.records import Compression, NewRecord, build_batch

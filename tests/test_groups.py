@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, precondition, rule
 
 from nodi.broker.protocol.errors import ErrorCode
-from nodi.broker.server.reply import error_code_for
+from nodi.broker.protocol.messages import ResetSpec
 from nodi.broker.server.groups import (
     NO_GENERATION,
     STATE_EMPTY,
@@ -32,7 +32,7 @@ from nodi.broker.server.groups import (
     PartitionResult,
     assign_partitions,
 )
-from nodi.broker.protocol.messages import ResetSpec
+from nodi.broker.server.reply import error_code_for
 from nodi.storage.metadata import MetadataStore
 
 SESSION_MS = 10_000

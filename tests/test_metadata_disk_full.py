@@ -22,11 +22,12 @@ import urllib.request
 
 import pytest
 
-from conftest import BrokerProcess
 from nodi.broker import Client
-from nodi.broker.protocol import messages as m
 from nodi.broker.client.errors import DiskFull
+from nodi.broker.protocol import messages as m
 from nodi.storage.records import NewRecord, build_batch
+
+from conftest import BrokerProcess
 
 WAIT_S = 60  # the store's retry backoff is at most 5 s; generous for a shared machine
 META_DISK_BYTES = 2 * 1024 * 1024

@@ -11,13 +11,14 @@ import subprocess
 
 import pytest
 
-from conftest import NODI
 from nodi.storage.admin import verify_metadata_store
 from nodi.storage.errors import MetadataCorruptError
 from nodi.storage.lmdb_file import DATA_FILE_NAME, check_data_file, current_meta, read_meta_pages
 from nodi.storage.metadata import MetadataStore, TopicConfig
 from nodi.storage.records import NewRecord, build_batch
 from nodi.storage.store import Store
+
+from conftest import NODI
 
 TOPICS = 40
 

@@ -10,10 +10,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lying_batches import good_batch, lying_batches
 from nodi.broker import Client
 from nodi.broker.client.errors import InvalidRecords
 from nodi.broker.protocol.errors import ErrorCode
+
+from lying_batches import good_batch, lying_batches
 
 LIES = lying_batches()
 _topics = itertools.count()

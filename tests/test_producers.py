@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from nodi.storage import records
+from nodi.storage.config import LogConfig
 from nodi.storage.errors import InvalidProducerEpochError, OutOfOrderSequenceError
 from nodi.storage.log import Log
-from nodi.storage.config import LogConfig
 from nodi.storage.producers import ProducerStateTable
 
 

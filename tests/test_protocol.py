@@ -22,9 +22,6 @@ from hypothesis import strategies as st
 
 from nodi.broker.protocol import docs as protocol_docs
 from nodi.broker.protocol import schema
-from nodi.broker.protocol.errors import ERROR_DESCRIPTIONS
-from nodi.broker.server.reply import error_code_for
-from nodi.broker.protocol.frames import decode_message_body, decode_frame_header
 from nodi.broker.protocol.connection import (
     APIS,
     DEFAULT_PROTOCOL_LIMITS,
@@ -61,6 +58,9 @@ from nodi.broker.protocol.connection import (
     encode_message,
     handshake_response,
 )
+from nodi.broker.protocol.errors import ERROR_DESCRIPTIONS
+from nodi.broker.protocol.frames import decode_frame_header, decode_message_body
+from nodi.broker.server.reply import error_code_for
 from nodi.storage import errors as storage_errors
 from nodi.storage.errors import NodiError
 

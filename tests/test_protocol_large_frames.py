@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 
 from nodi.broker.protocol import messages as m
-from nodi.broker.protocol.errors import ErrorCode, ProtocolError
 from nodi.broker.protocol.connection import (
     FRAME_PREALLOCATE_BYTES_MIN,
     HANDSHAKE_FRAME_BYTES_MAX,
@@ -17,6 +16,7 @@ from nodi.broker.protocol.connection import (
     Connection,
     Role,
 )
+from nodi.broker.protocol.errors import ErrorCode, ProtocolError
 from nodi.storage import records
 
 

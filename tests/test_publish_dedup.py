@@ -10,12 +10,13 @@ import contextlib
 import time
 
 import pytest
-from conftest import BrokerProcess
 
 from nodi.broker import Client
 from nodi.broker.client.errors import PartlyDuplicate
 from nodi.broker.protocol.headers import IDEMPOTENCY_KEY
 from nodi.storage.records import Compression, NewRecord, build_batch
+
+from conftest import BrokerProcess
 
 WAIT_S = 30
 

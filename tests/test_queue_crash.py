@@ -10,11 +10,11 @@ import sys
 import threading
 import time
 
-from conftest import BrokerProcess
-
 from nodi.broker import Client
 from nodi.broker.client.errors import NodiClientError
 from nodi.storage.records import NewRecord, build_batch
+
+from conftest import BrokerProcess
 
 WAIT_MS = 20_000
 

@@ -9,14 +9,15 @@ import threading
 import pytest
 
 from nodi.broker import AsyncClient, Backoff, Client
-from nodi.broker.protocol import messages as m
 from nodi.broker.client.errors import (
+    DeliverySettled,
     QueueSettingsMismatch,
     StaleDelivery,
     UnknownDelivery,
     UnknownQueueGroup,
     UnknownTopic,
 )
+from nodi.broker.protocol import messages as m
 from nodi.broker.server.dead_letters import DEAD_LETTER_HEADERS
 from nodi.storage.records import NewRecord, build_batch
 
@@ -177,7 +178,7 @@ def test_reject_dead_letters_to_a_configured_topic_and_acks_the_source(broker) -
             good = queue.receive(timeout_ms=WAIT_MS)
             assert good.value == b"good"
             good.ack()
-            with pytest.raises(Exception):  # settled already
+            with pytest.raises(DeliverySettled):  # settled already
                 bad.nack()
         (letter,) = wait_for_messages(client, "payments-dead", 1)
         headers = dead_letter_headers(letter)

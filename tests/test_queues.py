@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from nodi.broker.protocol.errors import ErrorCode, ProtocolError
 from nodi.broker.protocol.queue_settings import Backoff, QueueLimits, QueueSettings, cut_text
-from nodi.broker.server.queue_state import QueueStateError, decode_partition, encode_partition, state_bytes_max
 from nodi.broker.server.queue_group import QueueGroup
+from nodi.broker.server.queue_state import QueueStateError, decode_partition, encode_partition, state_bytes_max
 from nodi.broker.server.queues import DeadLetterReason, PartitionQueue, SettleAction
 from nodi.storage.errors import InvalidConfigError
 

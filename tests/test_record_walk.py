@@ -14,7 +14,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lying_batches import BASE_TIMESTAMP_MS, lying_batches, seal
 from nodi.storage import records
 from nodi.storage.errors import (
     InvalidRecordError,
@@ -24,6 +23,8 @@ from nodi.storage.errors import (
 )
 from nodi.storage.limits import DEFAULT_RECORD_LIMITS, MIB, RecordLimits
 from nodi.storage.records import Compression, NewRecord
+
+from lying_batches import BASE_TIMESTAMP_MS, lying_batches, seal
 
 QUICK = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 LIES = lying_batches()

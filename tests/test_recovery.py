@@ -14,7 +14,6 @@ import random
 import shutil
 import struct
 import threading
-
 from pathlib import Path
 
 import pytest

@@ -9,10 +9,10 @@ import threading
 import pytest
 
 from nodi.broker import AsyncClient, Client
-from nodi.broker.protocol import messages as m
-from nodi.broker.client.errors import RequestTimeout, UnknownInbox
-from nodi.broker.protocol.headers import CORRELATION_ID, REPLY_TO
+from nodi.broker.client.errors import InvalidRecords, RequestTimeout, UnknownInbox
 from nodi.broker.client.request import requester_of
+from nodi.broker.protocol import messages as m
+from nodi.broker.protocol.headers import CORRELATION_ID, REPLY_TO
 
 WAIT_MS = 20_000
 
@@ -93,7 +93,7 @@ def test_a_reply_to_a_closed_inbox_is_dropped_and_a_lost_inbox_is_reported(broke
         assert not call(client, m.ReplyRequest(inbox=inbox, records=b""), batch).delivered
         with pytest.raises(UnknownInbox):
             call(client, m.InboxReceiveRequest(inbox=inbox, wait_ms=0))
-        with pytest.raises(Exception):  # not a record batch
+        with pytest.raises(InvalidRecords):  # not a record batch
             call(client, m.ReplyRequest(inbox=inbox, records=b""), b"garbage")
         client.create_topic("plain")
         client.produce("plain", b"not a request", partition=0)

@@ -9,8 +9,8 @@ import struct
 import pytest
 
 from nodi.broker.protocol import messages as m
-from nodi.broker.protocol.errors import ErrorCode
 from nodi.broker.protocol.connection import NEED_DATA, Connection, ConnectionClosed, Role
+from nodi.broker.protocol.errors import ErrorCode
 from nodi.storage import records
 
 TIMEOUT_S = 10

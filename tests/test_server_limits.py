@@ -8,8 +8,8 @@ import socket
 import time
 
 from nodi.broker.protocol import messages as m
+from nodi.broker.protocol.connection import Connection, Role
 from nodi.broker.protocol.errors import ErrorCode
-from nodi.broker.protocol.connection import NEED_DATA, Connection, Role
 from nodi.storage import records
 
 from test_server import RawClient

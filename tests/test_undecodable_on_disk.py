@@ -14,11 +14,12 @@ import time
 import crc32c
 import pytest
 
-from conftest import NODI
-from lying_batches import varint
 from nodi.broker import Client
 from nodi.storage import records
 from nodi.storage.layout import LOGS_DIRECTORY
+
+from conftest import NODI
+from lying_batches import varint
 
 TOPIC = "poisoned"
 BEFORE = [b"a-%d" % n for n in range(3)]

@@ -3,9 +3,9 @@
 `nodi serve` process, beside this machine's raw disk limits and Redis Streams on the same
 workload, all measured in the same run.
 
-    .venv/bin/python tools/broker_bench.py                  # full run, about a minute
-    .venv/bin/python tools/broker_bench.py --quick          # smoke run, seconds
-    .venv/bin/python tools/broker_bench.py --json-out results.json
+    .venv/bin/python -m tools.broker_bench                  # full run, about a minute
+    .venv/bin/python -m tools.broker_bench --quick          # smoke run, seconds
+    .venv/bin/python -m tools.broker_bench --json-out results.json
     nodi bench --quick                                      # the same tool
     nodi --server HOST:PORT bench                           # a running broker instead
 
@@ -60,10 +60,15 @@ import time
 import urllib.request
 from dataclasses import asdict
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import broker_bench_redis as redis_bench  # noqa: E402
-import storage_bench  # noqa: E402 - the raw disk limits, machine description
-from broker_bench_common import (  # noqa: E402
+from nodi.broker import AsyncClient
+from nodi.broker.client.errors import BufferFull
+from nodi.broker.client.producer import producer_options
+from nodi.storage.errors import NodiError
+from nodi.storage.limits import KIB, MIB
+from nodi.storage.records import NewRecord, build_batch
+from tools import broker_bench_redis as redis_bench
+from tools import storage_bench  # the raw disk limits, machine description
+from tools.broker_bench_common import (
     LONG_POLL_MS,
     SERVER_START_TIMEOUT_S,
     CpuMeter,
@@ -74,14 +79,7 @@ from broker_bench_common import (  # noqa: E402
     stop_process,
     throughput_figures,
 )
-from broker_bench_report import ratios, render, summarise  # noqa: E402
-
-from nodi.broker import AsyncClient  # noqa: E402
-from nodi.broker.client.errors import BufferFull  # noqa: E402
-from nodi.broker.client.producer import producer_options  # noqa: E402
-from nodi.storage.errors import NodiError  # noqa: E402
-from nodi.storage.limits import KIB, MIB  # noqa: E402
-from nodi.storage.records import NewRecord, build_batch  # noqa: E402
+from tools.broker_bench_report import ratios, render, summarise
 
 VALUE_BYTES = 1 * KIB
 PRODUCE_LINGER_MS = 5
@@ -401,10 +399,11 @@ def run(settings: Settings, arguments: argparse.Namespace, data_directory: str) 
             metrics_port = nodi_server.metrics_port
             results["nodi_server"] = f"started here at {address}, pid {server_pid}, data in {nodi_server.directory}"
         progress(f"nodi server: {results['nodi_server']}")
+        redis_executable = arguments.redis_server or shutil.which("redis-server")
         reason = "skipped (--no-redis)" if arguments.no_redis else redis_bench.redis_unavailable_reason(
-            arguments.redis_server or shutil.which("redis-server"))
-        if reason is None:
-            redis_server = redis_bench.RedisServer(arguments.redis_server or shutil.which("redis-server"),
+            redis_executable)
+        if reason is None and redis_executable is not None:  # the reason is None only for an executable
+            redis_server = redis_bench.RedisServer(redis_executable,
                                        os.path.join(data_directory, "redis"))
             redis_server.start()
             results["redis_status"] = (f"redis-server {redis_server.version} started here on port {redis_server.port}, "

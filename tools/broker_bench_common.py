@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-import storage_bench  # tools/: the raw disk limits, machine description, tables
+from tools import storage_bench  # the raw disk limits, machine description, tables
 
 MB = storage_bench.MB
 SERVER_START_TIMEOUT_S = 30

@@ -20,7 +20,7 @@ import subprocess
 import threading
 import time
 
-from broker_bench_common import (
+from tools.broker_bench_common import (
     LONG_POLL_MS,
     SERVER_START_TIMEOUT_S,
     CpuMeter,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics as statistics_module
 
-import storage_bench  # tools/: _ratio, _table, _number
+from tools import storage_bench  # _ratio, _table, _number
 
 TARGET_VS_REDIS = 10.0
 TARGET_LATENCY_P99_MS = 1.0
@@ -37,7 +37,7 @@ def summarise(rounds: list[dict]) -> dict:
             continue
         summary[system] = {}
         for phase, names in SUMMARY_FIGURES.items():
-            figures = {}
+            figures: dict[str, float | list[float] | None] = {}
             for name in names:
                 values = [one[phase].get(name) for one in per_round]
                 figures[name] = _median(values)

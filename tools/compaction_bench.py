@@ -3,9 +3,9 @@
 of the records are live (each key written about ten times), and the run's peak RSS
 against its key map budget.
 
-    .venv/bin/python tools/compaction_bench.py                  # 1 GiB log, minutes
-    .venv/bin/python tools/compaction_bench.py --quick          # smoke run, seconds
-    .venv/bin/python tools/compaction_bench.py --volume-mb 256 --key-map-mb 64 16 --json-out r.json
+    .venv/bin/python -m tools.compaction_bench                  # 1 GiB log, minutes
+    .venv/bin/python -m tools.compaction_bench --quick          # smoke run, seconds
+    .venv/bin/python -m tools.compaction_bench --volume-mb 256 --key-map-mb 64 16 --json-out r.json
 
 What it does:
 - fill: one partition log (compacted: dense_offsets off, fsync never, 128 MiB segments)

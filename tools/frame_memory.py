@@ -7,8 +7,8 @@ and send all of it but --withhold-bytes bytes. The server's resident memory (VmR
 progress for --settle-s seconds), and --after-s seconds after the clients closed. Runs
 --rounds rounds against the same server and prints one JSON document.
 
-    .venv/bin/python tools/frame_memory.py --connections 120 --frame-bytes 8388608
-    .venv/bin/python tools/frame_memory.py --config small.toml   # passed to nodi serve
+    .venv/bin/python -m tools.frame_memory --connections 120 --frame-bytes 8388608
+    .venv/bin/python -m tools.frame_memory --config small.toml   # passed to nodi serve
 
 Without a bound the server buffers every byte it is sent; with frame_buffer_bytes_max
 the connections past the budget wait (the server stops reading them) until their
@@ -52,6 +52,7 @@ def start_server(data_dir: str, extra_args: list[str]) -> tuple[subprocess.Popen
                "--metrics-port", "-1", *extra_args]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert process.stdout is not None  # stdout=PIPE
     lines = []
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

@@ -5,9 +5,9 @@ server with storage.records.check_records replaced by a no-op: what produce did 
 header and CRC only), measured pair by pair in the same run, beside the disk's fsync
 latency measured in the same run.
 
-    .venv/bin/python tools/produce_walk_bench.py               # 1 KiB and 100 B records, 5 pairs
-    .venv/bin/python tools/produce_walk_bench.py --quick       # seconds
-    .venv/bin/python tools/produce_walk_bench.py --mode walk --record-bytes 1024
+    .venv/bin/python -m tools.produce_walk_bench               # 1 KiB and 100 B records, 5 pairs
+    .venv/bin/python -m tools.produce_walk_bench --quick       # seconds
+    .venv/bin/python -m tools.produce_walk_bench --mode walk --record-bytes 1024
                                                                # one server, one figure
 
 Workload: batches of --records (100) records of --record-bytes bytes, built once by the
@@ -40,12 +40,10 @@ import tempfile
 import time
 import timeit
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import storage_bench  # noqa: E402 - the fsync loop, the data directory, the machine
-from broker_bench_common import SERVER_START_TIMEOUT_S, cpu_seconds_of, stop_process  # noqa: E402
-
-from nodi.broker import AsyncClient  # noqa: E402
-from nodi.storage import records  # noqa: E402
+from nodi.broker import AsyncClient
+from nodi.storage import records
+from tools import storage_bench  # the fsync loop, the data directory, the machine
+from tools.broker_bench_common import SERVER_START_TIMEOUT_S, cpu_seconds_of, stop_process
 
 READY = re.compile(r"nodi listening on ([\d.]+):(\d+)")
 MODES = ("walk", "off")

@@ -3,9 +3,9 @@
 with 1 and 4 consumers and request-reply round trips, beside stream-mode consumption of
 the same messages and this machine's disk limits, all measured in the same run.
 
-    .venv/bin/python tools/queue_bench.py                  # full run, about a minute
-    .venv/bin/python tools/queue_bench.py --quick          # smoke run, seconds
-    .venv/bin/python tools/queue_bench.py --json-out results.json
+    .venv/bin/python -m tools.queue_bench                  # full run, about a minute
+    .venv/bin/python -m tools.queue_bench --quick          # smoke run, seconds
+    .venv/bin/python -m tools.queue_bench --json-out results.json
     nodi bench --suite queues [--quick] [--json-out FILE]  # the same tool
 
 The workload: --messages values of 1 KiB, produced once (acks=durable, fsync=always, one
@@ -51,15 +51,19 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import broker_bench  # noqa: E402 - NodiServer, the produce and stream consume phases
-import storage_bench  # noqa: E402 - the raw disk limits, machine description, percentile
-from broker_bench_common import CpuMeter, Settings, stop_process  # noqa: E402
+from nodi.broker import AsyncClient
+from nodi.storage.errors import NodiError
+from nodi.storage.limits import KIB
+from nodi.storage.metadata import MetadataStore
+from tools import (
+    broker_bench,  # NodiServer, the produce and stream consume phases
+    storage_bench,  # the raw disk limits, machine description, percentile
+)
+from tools.broker_bench_common import CpuMeter, Settings, stop_process
 
-from nodi.broker import AsyncClient  # noqa: E402
-from nodi.storage.errors import NodiError  # noqa: E402
-from nodi.storage.limits import KIB  # noqa: E402
-from nodi.storage.metadata import MetadataStore  # noqa: E402
+# The child processes run this module as the package's module, from the repository root.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CHILD = [sys.executable, "-m", "tools.queue_bench"]
 
 VALUE_BYTES = 1 * KIB
 TOPIC = "queue-bench"
@@ -202,8 +206,8 @@ async def queue_in_loop(address: str, group: str, consumers: int, expected: int,
 def queue_in_processes(address: str, group: str, consumers: int, expected: int, value_bytes: int) -> dict:
     """`consumers` child processes, each with its own client; they connect and make
     their queue, say ready, and start receiving when told (all at once)."""
-    command = [sys.executable, os.path.abspath(__file__), "--child-consumer", address, group]
-    children = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    command = [*_CHILD, "--child-consumer", address, group]
+    children = [subprocess.Popen(command, cwd=_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                 for _ in range(consumers)]
     try:
         for child in children:
@@ -296,7 +300,7 @@ async def request_reply(address: str, server_pid: int | None, fsync_policy: str,
     topic = f"{TOPIC}-requests-{fsync_policy}"
     async with AsyncClient(address, timeout_ms=60_000) as client:
         await client.create_topic(topic, fsync_policy=fsync_policy)
-        responder = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child-responder", address, topic],
+        responder = subprocess.Popen([*_CHILD, "--child-responder", address, topic], cwd=_ROOT,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             if responder.stdout.readline().strip() != "ready":

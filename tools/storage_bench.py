@@ -2,9 +2,9 @@
 """Storage engine benchmark (issue 2): append, read and restart figures of one
 partition Log, beside this machine's raw disk limits measured in the same run.
 
-    .venv/bin/python tools/storage_bench.py                 # full run, a few minutes
-    .venv/bin/python tools/storage_bench.py --quick         # smoke run, seconds
-    .venv/bin/python tools/storage_bench.py --json-out results.json
+    .venv/bin/python -m tools.storage_bench                 # full run, a few minutes
+    .venv/bin/python -m tools.storage_bench --quick         # smoke run, seconds
+    .venv/bin/python -m tools.storage_bench --json-out results.json
 
 What it measures (docs/benchmarks.md explains how to read the figures):
 - The run is made of rounds (--rounds). In each round every raw limit is measured just
@@ -48,9 +48,9 @@ import math
 import os
 import platform
 import resource
-import statistics as statistics_module
 import shutil
 import signal
+import statistics as statistics_module
 import subprocess
 import sys
 import tempfile
@@ -582,6 +582,7 @@ def restart_cell(directory: str, volume_bytes: int, batch_records: int, segment_
         "--child-segment-bytes", str(segment_bytes),
     )
     child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdin is not None and child.stdout is not None  # both PIPE
     try:
         line = child.stdout.readline()
         if not line:

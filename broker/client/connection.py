@@ -23,10 +23,10 @@ import dataclasses
 import socket
 
 from ..protocol import messages as m
-from .errors import ConnectFailed, ConnectionLost, NodiClientError, error_for
+from ..protocol.connection import NEED_DATA, Connection, ConnectionClosed, Role
 from ..protocol.errors import ErrorCode, ProtocolError
 from ..protocol.limits import ProtocolLimits
-from ..protocol.connection import NEED_DATA, Connection, ConnectionClosed, Role
+from .errors import ConnectFailed, ConnectionLost, NodiClientError, error_for
 
 READ_BYTES = 256 * 1024
 # Records up to this size are copied behind the request header and written with it (one
@@ -180,6 +180,7 @@ class ClientConnection:
         protocol = self._protocol
         pending = self._pending
         slots = self._slots
+        assert slots is not None  # made by the handshake, before this loop starts
         reason: ConnectionLost | None = None
         try:
             while True:

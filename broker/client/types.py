@@ -15,7 +15,7 @@ import random
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 import xxhash
 
@@ -34,14 +34,14 @@ DEFAULT_PORT = 6634
 # spells None).
 UNLIMITED = -1
 
-Bytesish = Union[bytes, bytearray, memoryview, str]
-HeadersInput = Union[Mapping[str, Union[Bytesish, None]], Iterable[tuple[str, Union[Bytesish, None]]], None]
-Headers = tuple[tuple[str, Union[bytes, None]], ...]
+Bytesish = bytes | bytearray | memoryview | str
+HeadersInput = Mapping[str, Bytesish | None] | Iterable[tuple[str, Bytesish | None]] | None
+Headers = tuple[tuple[str, bytes | None], ...]
 # Where a consumer without a committed offset starts: "earliest", "latest", an offset,
 # or a time (the first message at or after it).
-StartSpec = Union[str, int, _datetime.datetime]
+StartSpec = str | int | _datetime.datetime
 
-_EPOCH = _datetime.datetime(1970, 1, 1, tzinfo=_datetime.timezone.utc)
+_EPOCH = _datetime.datetime(1970, 1, 1, tzinfo=_datetime.UTC)
 
 
 def backoff_s(attempt: int, base_ms: int, max_ms: int) -> float:
@@ -370,7 +370,7 @@ def settings_to_wire(arguments: Mapping[str, object]) -> m.TopicSettings:
             elif value < 0:  # type: ignore[operator]
                 raise ValueError(f"a topic setting of {value} is negative")
         values[setting.name] = value
-    return m.TopicSettings(**values)
+    return m.TopicSettings(**values)  # type: ignore[arg-type]  # a value per declared setting, in its wire type
 
 
 def settings_from_wire(settings: m.TopicSettings) -> TopicSettings:
@@ -383,7 +383,7 @@ def settings_from_wire(settings: m.TopicSettings) -> TopicSettings:
         elif setting.unlimited and value < 0:
             value = UNLIMITED
         values[setting.name] = value
-    return TopicSettings(**values)  # type: ignore[arg-type]
+    return TopicSettings(**values)  # type: ignore[arg-type]  # a value per declared setting, of its type
 
 
 _ACKS = {"none": 0, "written": 1, "durable": 2}

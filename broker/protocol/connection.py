@@ -38,6 +38,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from . import messages as _messages
 from .errors import (
     CONNECTION_CLOSING_CODES,
     ERROR_DESCRIPTIONS,
@@ -62,7 +63,6 @@ from .limits import (
     UINT32_MAX,
     ProtocolLimits,
 )
-from . import messages as _messages
 from .messages import *  # noqa: F403 - the protocol's public surface includes every message
 from .messages import (
     EVENT_VERSION,

@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 
-from .errors import ERROR_DESCRIPTIONS, ErrorCode
-from .limits import DEFAULT_PROTOCOL_LIMITS, LIMIT_DESCRIPTIONS
-from .frames import encode_message
-from .messages import APIS, EVENT_VERSION, EVENTS, ErrorResponse, EventKey, HandshakeRequest
 from .connection import TRANSITIONS
+from .errors import ERROR_DESCRIPTIONS, ErrorCode
+from .frames import encode_message
+from .limits import DEFAULT_PROTOCOL_LIMITS, LIMIT_DESCRIPTIONS
+from .messages import APIS, EVENT_VERSION, EVENTS, ErrorResponse, EventKey, HandshakeRequest
 from .schema import schema_rows
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")

@@ -124,7 +124,7 @@ def message_class(header: FrameHeader) -> type[Message]:
 
 
 def decode_message_body(
-    header: FrameHeader, frame: bytes, limits: ProtocolLimits = DEFAULT_PROTOCOL_LIMITS
+    header: FrameHeader, frame: bytes | bytearray | memoryview, limits: ProtocolLimits = DEFAULT_PROTOCOL_LIMITS
 ) -> Message:
     """Decode the body of one whole frame whose header is `header`. Records come out as
     a memoryview of `frame` (no copy)."""

@@ -32,9 +32,9 @@ from .reply import Reply
 
 if TYPE_CHECKING:
     from nodi.storage.metadata import TopicConfig
+    from nodi.storage.store import Store
 
     from .compaction_settings import CompactionSettings
-    from nodi.storage.store import Store
 
 log = logging.getLogger("nodi.compaction")
 

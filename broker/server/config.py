@@ -12,16 +12,18 @@ import dataclasses
 import difflib
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from nodi.storage.errors import InvalidConfigError
 from nodi.storage.metadata import TopicConfig
 
+from ..protocol.limits import DEFAULT_PROTOCOL_LIMITS, ProtocolLimits
+from ..protocol.queue_settings import DEFAULT_QUEUE_LIMITS, QueueLimits
 from .compaction_settings import DEFAULT_COMPACTION_SETTINGS, CompactionSettings
 from .groups import DEFAULT_GROUP_LIMITS, GroupLimits
-from ..protocol.queue_settings import DEFAULT_QUEUE_LIMITS, QueueLimits
 from .inbox_limits import DEFAULT_INBOX_LIMITS, InboxLimits
-from ..protocol.limits import DEFAULT_PROTOCOL_LIMITS, ProtocolLimits
 from .logs import check_log_level
 from .memory_budget import default_frame_buffer_bytes_max
 
@@ -113,7 +115,7 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
 
-def _coerce(name: str, value, default, optional: bool = False) -> object:
+def _coerce(name: str, value, default, optional: bool = False) -> Any:
     """`value` (from TOML or an environment variable) as the type of `default`;
     `optional` integers (a None default, or `int | None`) also take "none"."""
     if isinstance(default, bool):
@@ -163,7 +165,7 @@ def known_environment_variables() -> frozenset[str]:
     return frozenset(names | OTHER_ENVIRONMENT_VARIABLES)
 
 
-def unknown_environment_variables(environment: dict[str, str] | None = None) -> list[str]:
+def unknown_environment_variables(environment: Mapping[str, str] | None = None) -> list[str]:
     """One warning per NODI_* variable that nothing reads (a typo such as NODI_PROT, or
     a topic default without its table, NODI_FSYNC_POLICY), with the closest known name."""
     environment = os.environ if environment is None else environment
@@ -177,13 +179,15 @@ def unknown_environment_variables(environment: dict[str, str] | None = None) -> 
     return warnings
 
 
-def load_config(path: str | None = None, *, environment: dict[str, str] | None = None, **overrides) -> ServerConfig:
+def load_config(path: str | None = None, *, environment: Mapping[str, str] | None = None, **overrides) -> ServerConfig:
     """Defaults < TOML file (`[server]` keys, `[topic_defaults]`, `[protocol]`) <
     NODI_<SETTING> environment variables < keyword overrides (command-line flags; None
     means not given)."""
     environment = os.environ if environment is None else environment
-    values: dict[str, object] = {}
-    tables: dict[str, dict[str, object]] = {section: {} for section in SECTIONS}
+    # TOML, environment and keyword values, untyped until the dataclasses below check
+    # them (their TypeError or ValueError becomes InvalidConfigError).
+    values: dict[str, Any] = {}
+    tables: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
     if path is not None:
         try:
             with open(path, "rb") as file:

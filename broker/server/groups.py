@@ -668,6 +668,7 @@ class GroupCoordinator:
             if topic not in partition_counts:
                 partition_counts[topic] = self._existing_partitions(topic)
             count = partition_counts[topic]
+            code: ErrorCode
             if group_error != ErrorCode.NONE:
                 code = group_error
             elif count is None:

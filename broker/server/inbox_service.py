@@ -107,7 +107,7 @@ class InboxService:
             if self._inboxes.get(request.inbox) is not inbox:
                 break  # closed meanwhile
         inbox.polled = time.monotonic()
-        taken = []
+        taken: list[bytes] = []
         size = 0
         budget = max(request.bytes_max, 1)
         while inbox.batches and (not taken or size + len(inbox.batches[0]) <= budget):
@@ -123,7 +123,7 @@ class InboxService:
         data = bytes(request.records)
         inbox = self._inboxes.get(request.inbox)
         delivered = inbox is not None and inbox.bytes + len(data) <= self.limits.inbox_bytes_max
-        if delivered:
+        if inbox is not None and delivered:
             inbox.batches.append(data)
             inbox.bytes += len(data)
             inbox.wake()

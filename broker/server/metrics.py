@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -351,7 +352,7 @@ class Metrics:
         self.host = host
         self.port = port
         self.registry = CollectorRegistry()
-        self._http = None
+        self._http: WSGIServer | None = None
         self.requests = Counter("nodi_requests", "Requests answered", ["api", "error"], registry=self.registry)
         self.errors = Counter("nodi_errors", "Errors answered or closing a connection, by code", ["code"], registry=self.registry)
         self.latency = Histogram(

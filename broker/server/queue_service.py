@@ -37,14 +37,15 @@ source partition p goes to partition p modulo the dead-letter topic's partition 
 from __future__ import annotations
 
 import asyncio
+import builtins  # QueueService.list (the queue listing) shadows the builtin in the class body
 import collections
 import dataclasses
-from dataclasses import dataclass
 import heapq
 import logging
 import math
 import threading
 import time
+from dataclasses import dataclass
 
 from nodi.storage.errors import (
     InvalidConfigError,
@@ -58,13 +59,13 @@ from nodi.storage.metadata import validate_topic_name
 from nodi.storage.records import NewRecord, build_batch, decode_records, iter_batches
 
 from ..protocol import messages as m
-from .dead_letters import dead_letter_record
 from ..protocol.errors import ErrorCode, ProtocolError
-from .group_names import check_group_name
 from ..protocol.headers import DLQ_VALUE_OMITTED, NOT_BEFORE_MS, expires_at_ms, find_integer
 from ..protocol.queue_settings import DEFAULT_QUEUE_LIMITS, Backoff, QueueLimits, QueueSettings
-from .queue_state import QueueStateError, decode_partition, encode_partition, state_bytes_max
+from .dead_letters import dead_letter_record
+from .group_names import check_group_name
 from .queue_group import QueueGroup
+from .queue_state import QueueStateError, decode_partition, encode_partition, state_bytes_max
 from .queues import DeadLetter, PartitionQueue, QueueGroupStatistics, Taken
 from .reply import Reply
 
@@ -605,7 +606,7 @@ class QueueService:
             return
         self._tasks.create_task(self._flush_into(future, staged))
 
-    async def _flush_into(self, future: asyncio.Future, staged: list[tuple[PartitionQueue, int]]) -> None:
+    async def _flush_into(self, future: asyncio.Future, staged: builtins.list[tuple[PartitionQueue, int]]) -> None:
         try:
             await self.broker.flush_metadata()
         except Exception as error:  # reported to every waiter
@@ -622,7 +623,7 @@ class QueueService:
         self._unstaged.add(group.key)
         self._touched.add(group.key)
 
-    def _stage_dirty(self) -> list[tuple[PartitionQueue, int]]:
+    def _stage_dirty(self) -> builtins.list[tuple[PartitionQueue, int]]:
         """Stage the changed partitions; returns each with the reservation staged."""
         metadata = self.store.metadata
         staged = []
@@ -702,7 +703,7 @@ class QueueService:
         """Visit `group` again when its dead-letter backoff (monotonic `retry_at`) ends."""
         self._schedule(group, now_ms() + math.ceil(max(retry_at - time.monotonic(), 0) * 1000))
 
-    async def _write_dead_letters(self, groups: list[QueueGroup]) -> int:
+    async def _write_dead_letters(self, groups: builtins.list[QueueGroup]) -> int:
         """One pass over `groups` for the dead letters waiting. A group whose pass fails
         (the dead-letter topic refuses appends, say) is retried after a backoff, without
         holding up the others; one that had a full pass is visited again next round."""
@@ -736,7 +737,7 @@ class QueueService:
                     self._touched.add(key)  # more may be waiting
         return written
 
-    async def _dead_letter(self, group: QueueGroup, letters: list[DeadLetter]) -> int:
+    async def _dead_letter(self, group: QueueGroup, letters: builtins.list[DeadLetter]) -> int:
         """Append the copies, wait until they are durable, then ack them in the source."""
         topic = group.settings.dead_letter_topic_for(group.topic)
         partitions = await self._dead_letter_partitions(topic, len(group.partitions))

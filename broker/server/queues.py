@@ -444,7 +444,7 @@ class PartitionQueue:
 
     def take_dead_letters(self, count: int) -> list[DeadLetter]:
         """Up to `count` messages to dead-letter that no append is under way for."""
-        out = []
+        out: list[DeadLetter] = []
         for offset in self._dead:
             if len(out) >= count:
                 break

@@ -25,11 +25,19 @@ from nodi.storage.log import FileSlice
 from nodi.storage.store import Store
 
 from ..protocol import messages as m
-from .config import ServerConfig
-from .metrics import Metrics
-from ..protocol.connection import NEED_DATA, Connection, ConnectionClosed, RejectedRequest, Role, State, handshake_response
+from ..protocol.connection import (
+    NEED_DATA,
+    Connection,
+    ConnectionClosed,
+    RejectedRequest,
+    Role,
+    State,
+    handshake_response,
+)
 from ..protocol.errors import ErrorCode, ProtocolError
+from .config import ServerConfig
 from .memory_budget import FrameBudget, FrameBudgetStatistics, return_large_allocations_to_the_os, trim_freed_memory
+from .metrics import Metrics
 from .reply import Reply, error_reply
 from .service import Broker
 from .status import status_for_peer

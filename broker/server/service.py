@@ -20,12 +20,13 @@ from nodi.storage.errors import DurableWaitTimeoutError, OffsetOutOfRangeError, 
 from nodi.storage.log import AppendResult, Log
 from nodi.storage.topic_settings import TOPIC_SETTINGS, TopicConfig
 from nodi.storage.store import Store
+from nodi.storage.topic_settings import TOPIC_SETTINGS, TopicConfig
 
 from ..protocol import messages as m
-from .config import ServerConfig
 from ..protocol.errors import ErrorCode, ProtocolError
-from .dedup import PublishDedup
 from .compaction_service import CompactionService
+from .config import ServerConfig
+from .dedup import PublishDedup
 from .groups import GroupCoordinator
 from .inbox_service import InboxService
 from .queue_service import QueueService
