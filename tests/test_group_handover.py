@@ -18,12 +18,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from conftest import NODI
-from test_cli_broker import ENVIRONMENT, Running
-
 from nodi.broker import Client
 from nodi.broker.protocol import messages as m
 from nodi.broker.protocol.errors import ErrorCode
+
+from conftest import NODI
+from test_cli_broker import ENVIRONMENT, Running
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import group_scaling  # noqa: E402

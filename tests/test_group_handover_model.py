@@ -20,10 +20,11 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
-from test_groups import World
 
 from nodi.broker.protocol.errors import ErrorCode
 from nodi.broker.server.groups import GroupError
+
+from test_groups import World
 
 GROUP = "g"
 TOPIC = "t"

@@ -150,7 +150,7 @@ def test_a_partition_moves_only_after_its_owner_releases_it(world: World) -> Non
 
 def test_a_topic_deleted_while_its_partitions_are_revoked_leaves_no_revocation(world: World) -> None:
     world.topics["payments"] = 2
-    a = world.join(topics=("payments",), client_id="a")
+    world.join(topics=("payments",), client_id="a")
     b = world.join(topics=("payments",), client_id="b")  # payments-1 is revoked from a
     assert world.groups.describe("g").handovers.partitions_revoking == 1
     del world.topics["payments"]
@@ -182,7 +182,7 @@ def test_an_owner_that_does_not_release_loses_the_partitions_at_its_session_time
 
 def test_joining_again_unchanged_is_not_a_rebalance(world: World) -> None:
     a = world.join()
-    b = world.join()
+    world.join()
     generation = world.settle()
     again = world.join(member_id=a.member_id)
     assert again.member_id == a.member_id

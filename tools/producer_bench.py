@@ -36,6 +36,7 @@ def start_server(data_dir: str) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + START_TIMEOUT_S
+    assert process.stdout is not None  # started with stdout=PIPE
     while time.monotonic() < deadline:
         line = process.stdout.readline()
         if not line:

@@ -384,6 +384,7 @@ def check_log(ledger: Ledger, partitions: dict[int, list[Record]], starts: dict[
         for record in records:
             findings.records += 1
             expected = view.end(partition)
+            assert expected is not None  # the partition's ids were set up above
             if record.offset != expected:
                 report("gap", (partition, record.offset), f"partition {partition}: offset {record.offset} where "
                        f"{expected} was next")
@@ -546,6 +547,7 @@ class BrokerProcess:
 
     def _read(self, process: subprocess.Popen) -> None:
         lines = self._lines
+        assert process.stdout is not None  # started with stdout=PIPE
         for line in process.stdout:
             self.output.append(line)
             lines.put(line)
@@ -887,7 +889,7 @@ def read_partitions(client, topic: str, partitions: int, view: LogView | None = 
         start = client.list_offsets(topic, partition, "earliest", timeout_ms=CLIENT_TIMEOUT_MS)
         end = client.list_offsets(topic, partition, "latest", timeout_ms=CLIENT_TIMEOUT_MS)
         known = None if view is None else view.end(partition)
-        if known is not None and end < known:
+        if view is not None and known is not None and end < known:
             view.truncate(partition, end)
             known = end
         first = start if known is None else max(start, known)
@@ -1137,7 +1139,7 @@ PRODUCER_ID_BASE = 1_000
 
 def run_power_loss(options: Options, work_dir: str, emit: Callable[[str], None]) -> dict:
     """Storage-level rounds on the simulated disk (see the module docstring)."""
-    from nodi.storage.config import LogConfig
+    from nodi.storage.config import FsyncPolicy, LogConfig
     from nodi.storage.errors import NodiError
     from nodi.storage.log import Log
     from nodi.storage.records import NewRecord, build_batch, decode_batches
@@ -1148,7 +1150,7 @@ def run_power_loss(options: Options, work_dir: str, emit: Callable[[str], None])
     fs = SimulatedFileSystem()
     fs.make_directory(SIM_ROOT)
     directories = [f"{SIM_ROOT}/{TOPIC}-{p}" for p in range(options.partitions)]
-    config = LogConfig(segment_bytes=64 * 1024, index_interval_bytes=4096, fsync_policy="always",
+    config = LogConfig(segment_bytes=64 * 1024, index_interval_bytes=4096, fsync_policy=FsyncPolicy.ALWAYS,
                        retention_ms=None, retention_bytes=None)
     summary = new_summary(options, work_dir, "power-loss")
     totals = Findings()
@@ -1227,7 +1229,7 @@ def run_power_loss(options: Options, work_dir: str, emit: Callable[[str], None])
             result = RoundResult(round_number)
             history.write("round", round=round_number)
             stop = threading.Event()
-            acknowledged = collections.Counter()
+            acknowledged: collections.Counter[int] = collections.Counter()
 
             unexpected: list[str] = []
 
@@ -1479,7 +1481,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("nodi").setLevel(logging.CRITICAL)
     emit = (lambda line: None) if options.quiet else (lambda line: print(line, flush=True))
     created = options.work_dir is None
-    work_dir = tempfile.mkdtemp(prefix="nodi-torture-") if created else options.work_dir
+    work_dir: str = tempfile.mkdtemp(prefix="nodi-torture-") if options.work_dir is None else options.work_dir
     os.makedirs(work_dir, exist_ok=True)
     if os.path.exists(os.path.join(work_dir, "history.jsonl")):
         print(f"torture: {work_dir} holds a history from an earlier run; give an empty --work-dir", file=sys.stderr)

@@ -21,9 +21,13 @@ and descriptions), errors.py (exceptions).
 
 from __future__ import annotations
 
+from ..protocol.queue_settings import Backoff
 from .async_client import AsyncClient
+from .consumer import AsyncConsumer, Consumer
 from .errors import *  # noqa: F403 - every exception class is public
 from .errors import __all__ as _error_names
+from .producer import AsyncProducer, Producer
+from .queue import AsyncQueue, Queue, QueueDescription, QueueMessage, QueueSummary
 from .sync_client import Client
 from .types import (
     UNLIMITED,
@@ -39,10 +43,6 @@ from .types import (
     TopicSummary,
     partition_for_key,
 )
-from .consumer import AsyncConsumer, Consumer
-from .producer import AsyncProducer, Producer
-from .queue import AsyncQueue, Queue, QueueDescription, QueueMessage, QueueSummary
-from ..protocol.queue_settings import Backoff
 
 __all__ = [
     "AsyncClient",

@@ -37,8 +37,8 @@ from collections.abc import Callable
 
 from nodi.storage.limits import DEFAULT_RECORD_LIMITS, KIB
 
-from .errors import BufferFull, ClientClosed, Timeout
 from ..protocol.headers import IDEMPOTENCY_KEY
+from .errors import BufferFull, ClientClosed, Timeout
 
 # Bytes a record adds besides its key, value and headers (varints, attributes): an
 # estimate, for sealing buffers near batch_bytes_max.

@@ -34,9 +34,10 @@ from nodi.storage.errors import NodiError
 from nodi.storage.records import NewRecord, build_batch, decode_records, iter_batches
 
 from ..protocol import messages as m
+from ..protocol.errors import ErrorCode
+from ..protocol.limits import DEFAULT_PROTOCOL_LIMITS, ProtocolLimits
 from .connection import ClientConnection
 from .core import AsyncClientCore, check_error_code
-from .features import drop_expired, with_features
 from .errors import (
     ClientClosed,
     ConnectFailed,
@@ -46,10 +47,10 @@ from .errors import (
     UnknownPartition,
     error_for,
 )
-from ..protocol.errors import ErrorCode
+from .features import drop_expired, with_features
 from .types import (
-    backoff_s,
     Bytesish,
+    DamagedPartition,
     GroupDescription,
     GroupHandovers,
     GroupMemberDescription,
@@ -58,13 +59,13 @@ from .types import (
     Message,
     PartitionDescription,
     PartitionLag,
-    DamagedPartition,
     ServerStatus,
     StartSpec,
     TopicDescription,
     TopicSettings,
     TopicSummary,
     acks_value,
+    backoff_s,
     check_start,
     new_message,
     partition_for_key,
@@ -75,7 +76,6 @@ from .types import (
     to_bytes,
     to_headers,
 )
-from ..protocol.limits import DEFAULT_PROTOCOL_LIMITS, ProtocolLimits
 
 DEFAULT_TIMEOUT_MS = 30_000
 DEFAULT_FETCH_BYTES_MAX = 1 << 20
@@ -540,7 +540,9 @@ class AsyncClient:
         """The group's rebalances and partition handovers since the broker started.
         UnknownGroup when the broker knows no such group; the server must speak
         protocol version 2."""
-        response = await self._call(m.DescribeHandoversRequest(group=group), timeout_ms, retry=True)
+        response = await self.core.call(
+            m.DescribeHandoversRequest(group=group), timeout_ms, retry=True, expect=m.DescribeHandoversResponse
+        )
         return GroupHandovers(
             rebalances=response.rebalances,
             partitions_moved=response.partitions_moved,

@@ -49,6 +49,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 
 from ..protocol import messages as m
+from ..protocol.errors import ErrorCode
 from .connection import check_response
 from .errors import (
     ClientClosed,
@@ -62,7 +63,6 @@ from .errors import (
     error_for,
 )
 from .types import Message, StartSpec, backoff_s, check_start
-from ..protocol.errors import ErrorCode
 
 log = logging.getLogger("nodi.client")
 
@@ -286,6 +286,7 @@ class AsyncConsumer:
             # No heartbeat got through for a session timeout: the server may have given
             # the partitions to others. Deliver nothing until one does.
             self._cancel_fetches(list(self._fetches))
+            assert self._changed is not None  # made when the member joined
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._changed), timeout_s)
             self._raise_background_error()
@@ -296,10 +297,11 @@ class AsyncConsumer:
         messages: list[Message] = []
         while True:
             self._start_fetches()
-            waiting = list(self._fetches.values())
-            waiting.append(self._changed)
+            waiting: list[asyncio.Future] = list(self._fetches.values())
+            if self._changed is not None:
+                waiting.append(self._changed)
             remaining = deadline - time.monotonic()
-            done = []
+            done: set[asyncio.Future] = set()
             if remaining > 0:
                 done, _ = await asyncio.wait(waiting, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
             self._collect(messages)
@@ -550,8 +552,9 @@ class AsyncConsumer:
     async def _heartbeat(self) -> None:
         """One heartbeat with the adopted generation: a GroupWait the server holds up
         to one heartbeat interval (a plain Heartbeat to a server of protocol 1)."""
+        assert self.group is not None  # only a group's consumer heartbeats
         timeout_ms = min(self.timeout_ms, self.session_timeout_ms)
-        response = None
+        response: m.GroupWaitResponse | m.HeartbeatResponse | None = None
         if self._group_wait:
             wait_ms = 0 if self._pending is not None else int(self._heartbeat_interval_s * 1000)
             redelivered, self._redelivered_unreported = self._redelivered_unreported, 0
@@ -571,9 +574,9 @@ class AsyncConsumer:
                 log.info("consumer %s: the server has no GroupWait (protocol 1): plain heartbeats", self.group)
                 self._group_wait = False
         if response is None:
-            request = m.HeartbeatRequest(group=self.group, member_id=self.member_id, generation=self.generation)
+            heartbeat = m.HeartbeatRequest(group=self.group, member_id=self.member_id, generation=self.generation)
             async with self._client.core.deadline(timeout_ms, "Heartbeat"):
-                response = await self._client.core.send(request, expect=m.HeartbeatResponse)
+                response = await self._client.core.send(heartbeat, expect=m.HeartbeatResponse)
         if response.error_code in (ErrorCode.NONE, ErrorCode.REBALANCE_IN_PROGRESS):
             fenced = self._fenced()
             self._heartbeat_ok_at = time.monotonic()

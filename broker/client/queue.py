@@ -76,9 +76,9 @@ from nodi.storage.errors import NodiError
 from nodi.storage.records import decode_records, iter_batches
 
 from ..protocol import messages as m
+from ..protocol.queue_settings import Backoff
 from .errors import ClientClosed, InvalidRecords, error_for
 from .types import Message
-from ..protocol.queue_settings import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -429,9 +429,10 @@ class AsyncQueue:
             self._backlog = len(received) >= room
             if received and self.guarantee == AT_MOST_ONCE:
                 # Acked (durably) before any is handed out: a crash from here loses them.
-                outcomes = await asyncio.gather(*(self._settle_nowait(message, m.SettleAction.ACK, m.CONFIG_DEFAULT,
-                                                                      None, record_error=False, ours=True)
-                                                  for message in received))
+                futures = [self._settle_nowait(message, m.SettleAction.ACK, m.CONFIG_DEFAULT, None,
+                                               record_error=False, ours=True)
+                           for message in received]
+                outcomes = await asyncio.gather(*(future for future in futures if future is not None))
                 received = [message for message, counted in zip(received, outcomes) if counted]
             self._buffer.extend(received)
             if not self._buffer and time.monotonic() >= deadline:
@@ -619,17 +620,17 @@ class AsyncQueue:
             for code, deadline_ms, count in outcomes:
                 deadline = _local_deadline(deadline_ms, sent_at, received_at, ack_wait_s)
                 for partition, offset, delivery_count, *_ in chunk[index:index + count]:
-                    lease = self._leases.get((partition, offset))
-                    if lease is None or lease.message.delivery_count != delivery_count:
+                    held = self._leases.get((partition, offset))
+                    if held is None or held.message.delivery_count != delivery_count:
                         continue  # settled meanwhile
                     if code == m.ErrorCode.NONE:
-                        lease.deadline = deadline
+                        held.deadline = deadline
                         self._extended += 1
                     else:  # lost: ran out and went to another consumer, or finished
                         self._drop_lease((partition, offset))
                         self._lost += 1
-                        if lease.handed_out:
-                            self._remember_let_go(lease)
+                        if held.handed_out:
+                            self._remember_let_go(held)
                 index += count
         return True
 
@@ -727,7 +728,9 @@ class AsyncQueue:
         if message is self._current:
             self._current_settled = True
         if wait:
-            return self._settle_application(message, action, delay_ms, text, record_error=False)
+            future = self._settle_application(message, action, delay_ms, text, record_error=False)
+            assert future is not None  # without record_error a future holds the outcome
+            return future
         self._settle_application(message, action, delay_ms, text, record_error=True)
         if self._settled is None:  # one finished future serves every wait=False call
             self._settled = asyncio.get_running_loop().create_future()
@@ -786,11 +789,11 @@ class AsyncQueue:
                 continue
             outcomes = [(result.error_code, result.lease_deadline_ms, result.count) for result in response.results]
             if sum(count for _, _, count in outcomes) != len(batch):
-                error = InvalidRecords(f"queue settle: outcomes for {sum(c for _, _, c in outcomes)} offsets, "
-                                       f"{len(batch)} settled")
+                mismatch = InvalidRecords(f"queue settle: outcomes for {sum(c for _, _, c in outcomes)} offsets, "
+                                          f"{len(batch)} settled")
                 for entry in batch:
                     if entry[7] is not None:
-                        self._fail(entry[6], error)
+                        self._fail(entry[6], mismatch)
                 continue
             index = 0
             for code, deadline, count in outcomes:

@@ -65,6 +65,7 @@ from .limits import (
 )
 from .messages import *  # noqa: F403 - the protocol's public surface includes every message
 from .messages import (
+    API_BY_KEY,
     EVENT_VERSION,
     HANDSHAKE_API_VERSION,
     PROTOCOL_VERSION_MAX,
@@ -421,7 +422,8 @@ class Connection:
                     f"more than in_flight_requests_max {self.limits.in_flight_requests_max} in flight",
                 ),
             )
-        if header.api_key in API_BY_KEY and not api_served(header.api_key, self.protocol_version):
+        if (header.api_key in API_BY_KEY and self.protocol_version is not None
+                and not api_served(header.api_key, self.protocol_version)):
             return self._rejected(
                 header,
                 ProtocolError(

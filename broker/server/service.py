@@ -18,7 +18,6 @@ from dataclasses import replace
 from nodi.storage.config import FsyncPolicy
 from nodi.storage.errors import DurableWaitTimeoutError, OffsetOutOfRangeError, UnknownTopicError
 from nodi.storage.log import AppendResult, Log
-from nodi.storage.topic_settings import TOPIC_SETTINGS, TopicConfig
 from nodi.storage.store import Store
 from nodi.storage.topic_settings import TOPIC_SETTINGS, TopicConfig
 
