@@ -100,3 +100,19 @@ def test_produce_whole_sends_all_of_stdin_as_one_binary_message(server):
         )
         assert too_big.returncode == 1 and b"more than 1048576 bytes" in too_big.stderr
         assert client.list_offsets("papercut-whole", 0, "latest") == 1
+
+
+def test_topic_describe_lines_up_every_setting_value_the_longest_name_included(server):
+    """delete_retention_ms, the longest name, used to push its value one column right."""
+    with Client(server.address) as client:
+        client.create_topic("papercut-describe", 2)
+    described = subprocess.run(
+        NODI + ["--server", server.address, "topic", "describe", "papercut-describe"],
+        capture_output=True, timeout=TIMEOUT_S, env=ENVIRONMENT, stdin=subprocess.DEVNULL, text=True,
+    )
+    assert described.returncode == 0, described.stderr
+    settings = described.stdout.split("\n\n")[0].splitlines()[1:]  # after "topic NAME", before the table
+    names = [line.split()[0] for line in settings]
+    assert "delete_retention_ms" in names and "retention_ms" in names
+    columns = {len(line) - len(line.split(maxsplit=1)[1]) for line in settings}
+    assert len(columns) == 1, settings
