@@ -148,8 +148,6 @@ def test_help_shows_no_typer_type_names_or_braces_in_any_command():
     assert ["topic", "create"] in paths and ["serve"] in paths and len(paths) > 20
     runner = CliRunner()
     for path in paths:
-        if path == ["bench"]:  # its options are the benchmark tool's own (argparse)
-            continue
         shown = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "200"}, terminal_width=200)
         assert shown.exit_code == 0, (path, shown.output)
         assert not TYPER_METAVAR.findall(shown.output), (path, shown.output)
@@ -225,3 +223,43 @@ def test_status_shows_queue_groups_and_hides_internal_groups(server):
     assert any(line.split()[:4] == ["QUEUE", "GROUP", "TOPIC", "PENDING"] for line in lines)
     assert any(line.split()[:3] == ["papercut-workers", "papercut-jobs", "4"] for line in lines)
     assert not any(line.startswith("nodi.dlq") for line in lines)
+
+
+def test_bench_is_a_typer_command_whose_options_are_declared_once():
+    """`nodi bench --help` is nodi's help with --suite; each tool's argparse parser is
+    built from the same declarations (cli/bench.py BENCH_OPTIONS)."""
+    import argparse
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from nodi.cli.bench import BENCH_OPTIONS
+
+    shown = _nodi("bench", "--help")
+    assert shown.returncode == 0, shown.stderr
+    assert "bench [OPTIONS]" in shown.stdout and "--suite" in shown.stdout
+    assert "broker_bench" not in shown.stdout.split("Options")[0] and "issue" not in shown.stdout
+    tools = Path(__file__).resolve().parent.parent / "tools"
+    for suite, file in (("broker", "broker_bench.py"), ("queues", "queue_bench.py")):
+        spec = importlib.util.spec_from_file_location(f"papercut_{file[:-3]}", tools / file)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        captured = {}
+        original = argparse.ArgumentParser.parse_args
+
+        def capture(self, *args, **kwargs):
+            captured["flags"] = {flag for action in self._actions for flag in action.option_strings
+                                 if action.help is not argparse.SUPPRESS}
+            return original(self, *args, **kwargs)
+
+        argparse.ArgumentParser.parse_args = capture
+        try:
+            module.parse_arguments(["--quick"])
+        finally:
+            argparse.ArgumentParser.parse_args = original
+        declared = {option.flag for option in BENCH_OPTIONS if suite in option.suites}
+        assert captured["flags"] - {"-h", "--help"} == declared, suite
+        assert f"--{'rounds' if suite == 'broker' else 'requests'}" in shown.stdout
+    other = _nodi("bench", "--suite", "queues", "--rounds", "2")
+    assert other.returncode == 2 and "--rounds is an option of --suite broker" in other.stderr
