@@ -293,3 +293,18 @@ def test_docs_operations_md_metric_tables_are_up_to_date():
     assert metrics_docs.update_document(text, rows) == text, (
         "docs/operations.md's metric tables are stale: run python -m nodi.broker.server.metrics_docs docs/operations.md"
     )
+
+
+def test_docs_and_alerts_name_counters_with_their_total_suffix():
+    """A counter is exported as NAME_total only: a doc or an alert rule that names it
+    without the suffix points at a series that does not exist."""
+    from nodi.broker.server import metrics_docs
+
+    counters = [row.name.removesuffix("_total") for row in metrics_docs.registry_rows() if row.type == "counter"]
+    root = OPERATIONS_DOC.parent.parent
+    files = [*sorted((root / "docs").glob("*.md")), root / "README.md", *sorted((root / "tools" / "alerts").glob("*")),
+             *sorted((root / "tools" / "grafana").glob("*"))]
+    bare = re.compile(r"\b(" + "|".join(map(re.escape, counters)) + r")(?![a-z0-9_])")
+    found = [f"{path.name}: {match.group(1)}" for path in files if path.is_file()
+             for match in bare.finditer(path.read_text(encoding="utf-8"))]
+    assert found == []
