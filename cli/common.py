@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import datetime
 import inspect
 import os
+import types
+import typing
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup
+from typer.models import ArgumentInfo, ParameterInfo
 
 from nodi.storage.errors import NodiError
 
@@ -121,13 +126,122 @@ def print_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> None
 
 def command(app: typer.Typer, name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """app.command(name), its help the docstring with each paragraph on one line: typer's
-    help renderer keeps the single line breaks of later paragraphs, which wraps badly."""
+    help renderer keeps the single line breaks of later paragraphs, which wraps badly.
+    Its parameters read like the rest of the CLI (readable_parameters)."""
 
     def register(function: Callable[..., None]) -> Callable[..., None]:
         paragraphs = inspect.cleandoc(function.__doc__ or "").split("\n\n")
-        return app.command(name, help="\n\n".join(" ".join(text.split()) for text in paragraphs))(function)
+        readable = readable_parameters(function)
+        help_text = "\n\n".join(" ".join(text.split()) for text in paragraphs)
+        return app.command(name, help=help_text, cls=ReadableCommand)(readable)
 
     return register
+
+
+class _ReadableArgument(TyperArgument):
+    """An argument shown as NAME in the usage line (typer writes "{name}" for a required
+    one) and without typer's "<str>" beside it in the Arguments panel."""
+
+    def _usage_display_name(self) -> str:
+        name = self.display_name_raw if self.required else f"[{self.display_name_raw}]"
+        return name + "..." if self.nargs != 1 else name
+
+    def display_type_rich(self, ctx: typer.Context) -> str | None:
+        return None
+
+
+class ReadableCommand(TyperCommand):
+    """The command class of every `command`: its arguments are _ReadableArguments."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for parameter in self.params:
+            if type(parameter) is TyperArgument:
+                parameter.__class__ = _ReadableArgument
+
+    def get_help_option(self, ctx: typer.Context):
+        """--help, a flag: no "<bool>" beside it."""
+        return _flag_without_metavar(super().get_help_option(ctx))
+
+
+class ReadableGroup(TyperGroup):
+    """The class of `nodi` and its command groups: --help without "<bool>"."""
+
+    def get_help_option(self, ctx: typer.Context):
+        return _flag_without_metavar(super().get_help_option(ctx))
+
+
+def _flag_without_metavar(option):
+    if option is not None and option.metavar is None:
+        option.metavar = ""
+    return option
+
+
+# What help shows for an option's value, by type (typer's own are "<str>", "<int range>").
+_METAVARS = {int: "INTEGER", str: "TEXT", float: "NUMBER"}
+
+
+def readable_parameters(function: Callable[..., None]) -> Callable[..., None]:
+    """Give every typer parameter of `function` the help and errors of the rest of the
+    CLI, in place of typer's: an argument's metavar is its name in capitals (NAME, not
+    "{name}" and "<str>"), an option's is INTEGER, TEXT or NUMBER, a flag has none (not
+    "<bool>"); an integer is parsed here, so that a bad value says "'abc' is not an
+    integer" or "0 is below the minimum 1" rather than pydantic's "Input should be ...".
+    A parameter that sets its own metavar or parser keeps it."""
+    parameters = []
+    for parameter in inspect.signature(function, eval_str=True).parameters.values():
+        annotation, default = parameter.annotation, parameter.default
+        if typing.get_origin(annotation) is typing.Annotated:
+            value_type, *metadata = typing.get_args(annotation)
+            metadata = [_readable_info(info, parameter.name, value_type) for info in metadata]
+            annotation = typing.Annotated[(value_type, *metadata)]
+        elif isinstance(default, ParameterInfo):
+            default = _readable_info(default, parameter.name, annotation)
+        parameters.append(parameter.replace(annotation=annotation, default=default))
+    function.__signature__ = inspect.Signature(parameters)
+    return function
+
+
+def _readable_info(info: object, name: str, value_type: object) -> object:
+    if not isinstance(info, ParameterInfo):
+        return info
+    info = copy.copy(info)
+    base = _base_type(value_type)
+    if info.metavar is None:
+        if isinstance(info, ArgumentInfo):
+            info.metavar = name.upper()
+        elif base is bool:
+            info.metavar = ""
+        else:
+            info.metavar = _METAVARS.get(base, "TEXT")
+    if base is int and info.parser is None:
+        info.parser = _integer_parser(info.min, info.max)  # info.min/max still show the range in help
+    return info
+
+
+def _base_type(value_type: object) -> object:
+    """int for int, int | None and list[int]."""
+    arguments = [argument for argument in typing.get_args(value_type) if argument is not type(None)]
+    if typing.get_origin(value_type) in (list, tuple, typing.Union, types.UnionType) and len(arguments) == 1:
+        return _base_type(arguments[0])
+    return value_type
+
+
+def _integer_parser(low: int | None, high: int | None) -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise typer.BadParameter(f"{value!r} is not an integer")
+        try:
+            number = int(value)
+        except ValueError:
+            raise typer.BadParameter(f"{value!r} is not an integer") from None
+        if low is not None and number < low:
+            raise typer.BadParameter(f"{number} is below the minimum {low}")
+        if high is not None and number > high:
+            raise typer.BadParameter(f"{number} is above the maximum {high}")
+        return number
+
+    return parse
 
 
 def check_offline_data_directory(command_path: str, data_dir: str | os.PathLike[str], *, writes: bool) -> None:

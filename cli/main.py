@@ -7,7 +7,7 @@ from importlib.metadata import version as _package_version
 import typer
 
 from nodi.cli import bench, compact, messaging, torture
-from nodi.cli.common import command, state_of
+from nodi.cli.common import ReadableGroup, command, readable_parameters, state_of
 from nodi.cli.dlq import app as dlq_app
 from nodi.cli.groups import app as groups_app
 from nodi.cli.queues import app as queues_app
@@ -20,12 +20,13 @@ app = typer.Typer(
     help="nodi: a durable, log-structured message broker.",
     no_args_is_help=True,
     add_completion=False,
+    cls=ReadableGroup,
 )
-app.add_typer(segments_app, name="segments")
-app.add_typer(topics_app, name="topic")
-app.add_typer(groups_app, name="group")
-app.add_typer(dlq_app, name="dlq")
-app.add_typer(queues_app, name="queue")
+app.add_typer(segments_app, name="segments", cls=ReadableGroup)
+app.add_typer(topics_app, name="topic", cls=ReadableGroup)
+app.add_typer(groups_app, name="group", cls=ReadableGroup)
+app.add_typer(dlq_app, name="dlq", cls=ReadableGroup)
+app.add_typer(queues_app, name="queue", cls=ReadableGroup)
 messaging.register(app)
 register_status(app)
 bench.register(app)
@@ -40,6 +41,7 @@ def _version_callback(value: bool) -> None:
 
 
 @app.callback()
+@readable_parameters
 def main(
     ctx: typer.Context,
     version: bool = typer.Option(

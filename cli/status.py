@@ -14,6 +14,17 @@ import typer
 from nodi.cli.common import command, connect, print_table
 
 DEAD_LETTER_SUFFIX = ".dlq"
+# Groups whose names start with this are nodi's own (the `nodi.dlq` cursor of `nodi dlq`,
+# and any later): `nodi status` leaves them out unless --internal. Users' groups should
+# not take the prefix.
+INTERNAL_GROUP_PREFIX = "nodi."
+# The oldest unacked message's age is read from at most this many partitions per queue
+# group (one small fetch each): status stays one quick look on a wide topic.
+OLDEST_UNACKED_PARTITIONS_MAX = 64
+
+
+def is_internal_group(name: str) -> bool:
+    return name.startswith(INTERNAL_GROUP_PREFIX)
 
 
 def register(app: typer.Typer) -> None:
@@ -21,8 +32,56 @@ def register(app: typer.Typer) -> None:
     command(app, "status")(status_command)
 
 
-def _snapshot(client) -> dict:
-    """Everything `nodi status` shows, as plain data (the --json document)."""
+def _oldest_unacked_ms(client, description, now_ms: int) -> int | None:
+    """The age (ms) of the oldest message a queue group has not finished: the message at
+    its ack floor in each partition with messages pending (the first read at or after the
+    floor: one small fetch a partition), None when nothing is pending or none is readable
+    (retention removed it)."""
+    from nodi.storage.errors import NodiError
+
+    oldest: int | None = None
+    busy = [p for p in description.partitions if p.pending][:OLDEST_UNACKED_PARTITIONS_MAX]
+    for partition in busy:
+        try:
+            messages = client.fetch(description.topic, partition.partition, partition.ack_floor,
+                                    bytes_max=1, include_expired=True)
+        except NodiError:  # the floor below the log start now, or the topic gone
+            continue
+        if messages:
+            oldest = messages[0].timestamp if oldest is None else min(oldest, messages[0].timestamp)
+    return None if oldest is None else max(now_ms - oldest, 0)
+
+
+def _queue_groups(client, *, internal: bool) -> list[dict]:
+    import time
+
+    from nodi.storage.errors import NodiError
+
+    queues = []
+    now_ms = int(time.time() * 1000)
+    for summary in client.list_queues():
+        if is_internal_group(summary.group) and not internal:
+            continue
+        try:
+            description = client.describe_queue(summary.topic, summary.group)
+        except NodiError:  # deleted since the listing
+            continue
+        queues.append({
+            "group": summary.group,
+            "topic": summary.topic,
+            "pending": summary.pending,
+            "in_flight": summary.leased,
+            "dead_lettered": description.dead_lettered,
+            "dead_letters_pending": summary.dead_letters_pending,
+            "oldest_unacked_age_ms": _oldest_unacked_ms(client, description, now_ms),
+            "dead_letter_topic": summary.dead_letter_topic,
+        })
+    return sorted(queues, key=lambda queue: (queue["topic"], queue["group"]))
+
+
+def _snapshot(client, *, internal: bool = False) -> dict:
+    """Everything `nodi status` shows, as plain data (the --json document); groups named
+    nodi.* only with `internal`."""
     from nodi.broker.client.errors import UnknownGroup, UnknownTopic
 
     status = client.server_status()
@@ -44,6 +103,8 @@ def _snapshot(client) -> dict:
         })
     groups = []
     for summary in client.list_groups():
+        if is_internal_group(summary.group) and not internal:
+            continue
         try:
             description = client.describe_group(summary.group)
         except UnknownGroup:
@@ -86,6 +147,7 @@ def _snapshot(client) -> dict:
         },
         "topics": topics,
         "groups": groups,
+        "queue_groups": _queue_groups(client, internal=internal),
         "dead_letter_topics": [
             {"topic": topic["topic"], "messages": topic["messages"]}
             for topic in topics if topic["topic"].endswith(DEAD_LETTER_SUFFIX)
@@ -163,6 +225,13 @@ def _print(snapshot: dict) -> None:
         for group in snapshot["groups"]
     ])
     typer.echo("")
+    print_table(("QUEUE GROUP", "TOPIC", "PENDING", "IN FLIGHT", "DEAD-LETTERED", "OLDEST UNACKED", "DEAD-LETTER TOPIC"), [
+        (queue["group"], queue["topic"], queue["pending"], queue["in_flight"], queue["dead_lettered"],
+         "-" if queue["oldest_unacked_age_ms"] is None else _duration(queue["oldest_unacked_age_ms"]),
+         queue["dead_letter_topic"])
+        for queue in snapshot["queue_groups"]
+    ])
+    typer.echo("")
     print_table(("DEAD-LETTER TOPIC", "MESSAGES"), [
         (entry["topic"], entry["messages"]) for entry in snapshot["dead_letter_topics"]
     ])
@@ -171,17 +240,22 @@ def _print(snapshot: dict) -> None:
 def status_command(
     ctx: typer.Context,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")] = False,
+    internal: Annotated[
+        bool, typer.Option("--internal", help="Also show nodi's own groups (names starting with nodi., as nodi.dlq).")
+    ] = False,
 ) -> None:
     """Show a running broker at a glance: the server (address, version, uptime, data
     directory, free disk, connections, read-only and damaged partitions, the metadata store's state), every topic (partitions,
     messages stored, bytes, segments), every consumer group (state, members, total lag
-    and the partitions behind) and the dead-letter topics (names ending in .dlq) with
-    the messages they hold.
+    and the partitions behind), every queue group (messages pending, in flight, dead-lettered
+    since the broker started, the age of the oldest unacked message) and the dead-letter
+    topics (names ending in .dlq) with the messages they hold. Groups named nodi.* are
+    nodi's own (the nodi.dlq cursor of nodi dlq) and left out unless --internal.
 
     Exit status 1 when the broker cannot be reached.
     """
     with connect(ctx) as client:
-        snapshot = _snapshot(client)
+        snapshot = _snapshot(client, internal=internal)
     if json_output:
         typer.echo(json.dumps(snapshot, indent=2, sort_keys=True))
         return

@@ -39,8 +39,11 @@ def _settings_lines(settings) -> list[tuple[str, object]]:
 
 
 def _print_settings(settings) -> None:
-    for name, value in _settings_lines(settings):
-        typer.echo(f"{name:<18} {value}")
+    """One setting a line, the values in one column past the longest name."""
+    lines = _settings_lines(settings)
+    width = max((len(name) for name, _value in lines), default=0)
+    for name, value in lines:
+        typer.echo(f"{name:<{width}}  {value}")
 
 
 def _setting_option(setting: TopicSetting, default: object) -> inspect.Parameter:

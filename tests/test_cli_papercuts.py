@@ -5,6 +5,7 @@ stops at the end the partitions had at start."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 
 from nodi.broker import Client
@@ -100,3 +101,158 @@ def test_produce_whole_sends_all_of_stdin_as_one_binary_message(server):
         )
         assert too_big.returncode == 1 and b"more than 1048576 bytes" in too_big.stderr
         assert client.list_offsets("papercut-whole", 0, "latest") == 1
+
+
+def test_topic_describe_lines_up_every_setting_value_the_longest_name_included(server):
+    """delete_retention_ms, the longest name, used to push its value one column right."""
+    with Client(server.address) as client:
+        client.create_topic("papercut-describe", 2)
+    described = subprocess.run(
+        NODI + ["--server", server.address, "topic", "describe", "papercut-describe"],
+        capture_output=True, timeout=TIMEOUT_S, env=ENVIRONMENT, stdin=subprocess.DEVNULL, text=True,
+    )
+    assert described.returncode == 0, described.stderr
+    settings = described.stdout.split("\n\n")[0].splitlines()[1:]  # after "topic NAME", before the table
+    names = [line.split()[0] for line in settings]
+    assert "delete_retention_ms" in names and "retention_ms" in names
+    columns = {len(line) - len(line.split(maxsplit=1)[1]) for line in settings}
+    assert len(columns) == 1, settings
+
+
+# What typer writes for a value's type or a required argument unless told otherwise.
+TYPER_METAVAR = re.compile(r"<(?:str|bool|int|float|list|tuple|path)[^>]*>|\{[a-z_]+\}")
+
+
+def _every_command_path() -> list[list[str]]:
+    import typer.main
+
+    from nodi.cli.main import app
+
+    paths = []
+
+    def walk(group, path: list[str]) -> None:
+        paths.append(path)
+        for name, sub in getattr(group, "commands", {}).items():
+            walk(sub, [*path, name])
+
+    walk(typer.main.get_command(app), [])
+    return paths
+
+
+def test_help_shows_no_typer_type_names_or_braces_in_any_command():
+    from typer.testing import CliRunner
+
+    from nodi.cli.main import app
+
+    paths = _every_command_path()
+    assert ["topic", "create"] in paths and ["serve"] in paths and len(paths) > 20
+    runner = CliRunner()
+    for path in paths:
+        shown = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "200"}, terminal_width=200)
+        assert shown.exit_code == 0, (path, shown.output)
+        assert not TYPER_METAVAR.findall(shown.output), (path, shown.output)
+    create = runner.invoke(app, ["topic", "create", "--help"], env={"COLUMNS": "200"}, terminal_width=200).output
+    assert "Usage: nodi topic create [OPTIONS] NAME" in create
+    assert re.search(r"--partitions\s+INTEGER", create)
+    assert re.search(r"--json\s+Print JSON", create)  # a flag shows no value
+
+
+def _nodi(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        NODI + list(args), capture_output=True, timeout=TIMEOUT_S, env=ENVIRONMENT, stdin=subprocess.DEVNULL, text=True
+    )
+
+
+def test_a_bad_option_value_is_exit_2_in_the_cli_s_own_words():
+    below = _nodi("--server", "127.0.0.1:1", "topic", "create", "t", "--partitions", "0")
+    assert below.returncode == 2 and "0 is below the minimum 1" in below.stderr, below.stderr
+    not_a_number = _nodi("--server", "127.0.0.1:1", "consume", "t", "--count", "many")
+    assert not_a_number.returncode == 2 and "'many' is not an integer" in not_a_number.stderr, not_a_number.stderr
+    repeated = _nodi("--server", "127.0.0.1:1", "group", "reset", "g", "t", "--partition", "-1", "--to", "earliest")
+    assert repeated.returncode == 2 and "-1 is below the minimum 0" in repeated.stderr, repeated.stderr
+    for error in (below, not_a_number, repeated):
+        assert "Input should" not in error.stderr
+
+
+def test_serve_with_a_port_out_of_range_is_a_usage_error(tmp_path):
+    refused = _nodi("serve", "--data-dir", str(tmp_path / "data"), "--port", "70000", "--metrics-port", "-1")
+    assert refused.returncode == 2, refused.stderr
+    assert "port 70000 outside 0..65535" in refused.stderr
+    assert not (tmp_path / "data").exists()  # refused before anything was written
+
+
+def test_status_shows_queue_groups_and_hides_internal_groups(server):
+    """A queue group with leased messages shows pending, in flight and the oldest unacked
+    age; the `nodi.dlq` cursor (a stream group) is hidden unless --internal."""
+    import json
+
+    with Client(server.address) as client:
+        client.create_topic("papercut-jobs", 2)
+        for number in range(4):
+            client.produce("papercut-jobs", f"job {number}".encode(), partition=number % 2)
+        client.create_topic("papercut-jobs.dlq", 1)
+        client.produce("papercut-jobs.dlq", b"dead")
+        client.commit_offsets("nodi.dlq", {("papercut-jobs.dlq", 0): 0})
+        client.commit_offsets("papercut-readers", {("papercut-jobs", 0): 1})
+        with client.queue("papercut-jobs", "papercut-workers", ack_wait_ms=60_000) as queue:
+            received = queue.receive(timeout_ms=10_000)
+            assert received is not None
+            shown = subprocess.run(
+                NODI + ["--server", server.address, "status", "--json"],
+                capture_output=True, timeout=TIMEOUT_S, env=ENVIRONMENT, stdin=subprocess.DEVNULL, text=True,
+            )
+            table = subprocess.run(
+                NODI + ["--server", server.address, "status"],
+                capture_output=True, timeout=TIMEOUT_S, env=ENVIRONMENT, stdin=subprocess.DEVNULL, text=True,
+            )
+            internal = subprocess.run(
+                NODI + ["--server", server.address, "status", "--json", "--internal"],
+                capture_output=True, timeout=TIMEOUT_S, env=ENVIRONMENT, stdin=subprocess.DEVNULL, text=True,
+            )
+    assert shown.returncode == 0 and table.returncode == 0 and internal.returncode == 0, shown.stderr + table.stderr
+    snapshot = json.loads(shown.stdout)
+    groups = {group["group"] for group in snapshot["groups"]}
+    assert "papercut-readers" in groups and "nodi.dlq" not in groups
+    assert "nodi.dlq" in {group["group"] for group in json.loads(internal.stdout)["groups"]}
+    [queue] = [queue for queue in snapshot["queue_groups"] if queue["group"] == "papercut-workers"]
+    assert queue["topic"] == "papercut-jobs" and queue["pending"] == 4
+    assert 1 <= queue["in_flight"] <= 4  # the client may lease ahead of receive
+    assert queue["dead_lettered"] == 0 and queue["dead_letter_topic"] == "papercut-jobs.dlq"
+    assert queue["oldest_unacked_age_ms"] is not None and queue["oldest_unacked_age_ms"] >= 0
+    lines = table.stdout.splitlines()
+    assert any(line.split()[:4] == ["QUEUE", "GROUP", "TOPIC", "PENDING"] for line in lines)
+    assert any(line.split()[:3] == ["papercut-workers", "papercut-jobs", "4"] for line in lines)
+    assert not any(line.startswith("nodi.dlq") for line in lines)
+
+
+def test_bench_is_a_typer_command_whose_options_are_declared_once():
+    """`nodi bench --help` is nodi's help with --suite; each tool's argparse parser is
+    built from the same declarations (cli/bench.py BENCH_OPTIONS)."""
+    import argparse
+
+    from nodi.cli.bench import BENCH_OPTIONS, TOOLS, _load_tool
+
+    shown = _nodi("bench", "--help")
+    assert shown.returncode == 0, shown.stderr
+    assert "bench [OPTIONS]" in shown.stdout and "--suite" in shown.stdout
+    assert "broker_bench" not in shown.stdout.split("Options")[0] and "issue" not in shown.stdout
+    for suite, file in (("broker", "broker_bench.py"), ("queues", "queue_bench.py")):
+        module = _load_tool(TOOLS / file)  # tools.<name>, as nodi bench loads it
+        captured: dict[str, set[str]] = {}
+        original = argparse.ArgumentParser.parse_args
+
+        def capture(self, *args, captured=captured, original=original, **kwargs):
+            captured["flags"] = {flag for action in self._actions for flag in action.option_strings
+                                 if action.help is not argparse.SUPPRESS}
+            return original(self, *args, **kwargs)
+
+        argparse.ArgumentParser.parse_args = capture
+        try:
+            module.parse_arguments(["--quick"])
+        finally:
+            argparse.ArgumentParser.parse_args = original
+        declared = {option.flag for option in BENCH_OPTIONS if suite in option.suites}
+        assert captured["flags"] - {"-h", "--help"} == declared, suite
+        assert f"--{'rounds' if suite == 'broker' else 'requests'}" in shown.stdout
+    other = _nodi("bench", "--suite", "queues", "--rounds", "2")
+    assert other.returncode == 2 and "--rounds is an option of --suite broker" in other.stderr

@@ -274,3 +274,37 @@ def test_storage_histograms_in_log_statistics(tmp_path):
     assert statistics.fsync_seconds.count >= statistics.fsyncs and statistics.fsync_seconds.total > 0
     assert statistics.group_commit_appends.total == statistics.fsync_covered_appends == 20
     assert 1 <= statistics.group_commit_appends.count <= statistics.fsyncs
+
+
+def test_docs_operations_md_metric_tables_are_up_to_date():
+    """The tables are rendered from a real broker's registry (in this process, a
+    temporary data directory): every family, its exported name (`_total` on counters),
+    type, labels and HELP text."""
+    from nodi.broker.server import metrics_docs
+
+    rows = metrics_docs.registry_rows()
+    names = [row.name for row in rows]
+    assert len(names) == len(set(names)) > 60
+    assert all(row.name.endswith("_total") for row in rows if row.type == "counter")
+    assert {"nodi_queue_acked_total", "nodi_replies_dropped_total", "nodi_dedup_duplicates_total",
+            "nodi_metadata_failed_commits_total", "nodi_disk_free_bytes"} <= set(names)
+    assert all(row.help for row in rows)
+    text = OPERATIONS_DOC.read_text(encoding="utf-8")
+    assert metrics_docs.update_document(text, rows) == text, (
+        "docs/operations.md's metric tables are stale: run python -m nodi.broker.server.metrics_docs docs/operations.md"
+    )
+
+
+def test_docs_and_alerts_name_counters_with_their_total_suffix():
+    """A counter is exported as NAME_total only: a doc or an alert rule that names it
+    without the suffix points at a series that does not exist."""
+    from nodi.broker.server import metrics_docs
+
+    counters = [row.name.removesuffix("_total") for row in metrics_docs.registry_rows() if row.type == "counter"]
+    root = OPERATIONS_DOC.parent.parent
+    files = [*sorted((root / "docs").glob("*.md")), root / "README.md", *sorted((root / "tools" / "alerts").glob("*")),
+             *sorted((root / "tools" / "grafana").glob("*"))]
+    bare = re.compile(r"\b(" + "|".join(map(re.escape, counters)) + r")(?![a-z0-9_])")
+    found = [f"{path.name}: {match.group(1)}" for path in files if path.is_file()
+             for match in bare.finditer(path.read_text(encoding="utf-8"))]
+    assert found == []

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Broker benchmark (issue 3): durable produce, consume and end-to-end latency of a real
+"""Broker benchmark: durable produce, consume and end-to-end latency of a real
 `nodi serve` process, beside this machine's raw disk limits and Redis Streams on the same
 workload, all measured in the same run.
 
@@ -441,35 +441,11 @@ def run(settings: Settings, arguments: argparse.Namespace, data_directory: str) 
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    from nodi.cli.bench import add_bench_options
+
     parser = argparse.ArgumentParser(prog="broker_bench", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="seconds-long smoke run (5,000 messages, 1 round)")
-    parser.add_argument("--server", default=None,
-                        help="HOST:PORT of a running broker to measure instead of starting one")
-    parser.add_argument("--messages", type=int, default=None,
-                        help="messages per throughput phase (default 200,000; 5,000 with --quick)")
-    parser.add_argument("--value-bytes", type=int, default=VALUE_BYTES, help="bytes per message value (default 1024)")
-    parser.add_argument("--partitions", type=int, default=1, help="partitions of the bench topics (default 1)")
-    parser.add_argument("--batch-bytes-max", type=int, default=None,
-                        help="the throughput producer's batch_bytes_max (default: the producer's, 256 KiB)")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds of every measurement (default 3; 1 with --quick)")
-    parser.add_argument("--phase-seconds-max", type=float, default=None,
-                        help="time cap of each throughput phase (default 30; 10 with --quick)")
-    parser.add_argument("--latency-rate", type=int, default=1_000,
-                        help="messages per second in the latency phase (default 1,000)")
-    parser.add_argument("--latency-seconds", type=float, default=None,
-                        help="length of the latency phase (default 10; 0.5 with --quick)")
-    parser.add_argument("--latency-warmup", type=int, default=None,
-                        help="first latency messages not counted (default 200; 50 with --quick)")
-    parser.add_argument("--latency-linger-ms", type=float, default=0.0,
-                        help="the latency producer's linger_ms (default 0: a batch per sender pass)")
-    parser.add_argument("--no-redis", action="store_true", help="do not run Redis, report nodi alone")
-    parser.add_argument("--redis-server", default=None, help="path of redis-server (default: found on PATH)")
-    parser.add_argument("--data-dir", default=None,
-                        help="parent of the bench's temporary directory (default: the system temp dir unless "
-                             "it is tmpfs, else .bench-data beside tools/)")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    parser.add_argument("--json-out", default=None, help="write the results as JSON here")
+    add_bench_options(parser, "broker")  # declared once, in nodi/cli/bench.py (BENCH_OPTIONS)
     arguments = parser.parse_args(argv)
     for name in ("messages", "rounds"):
         value = getattr(arguments, name)

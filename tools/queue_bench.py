@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Queue and request-reply benchmark (issue 4): queue-group consumption (receive + ack)
+"""Queue and request-reply benchmark: queue-group consumption (receive + ack)
 with 1 and 4 consumers and request-reply round trips, beside stream-mode consumption of
 the same messages and this machine's disk limits, all measured in the same run.
 
@@ -468,29 +468,11 @@ def render(results: dict) -> str:
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    from nodi.cli.bench import add_bench_options
+
     parser = argparse.ArgumentParser(prog="queue_bench", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="seconds-long smoke run (3,000 messages, 200 requests)")
-    parser.add_argument("--messages", type=int, default=None, help="messages produced and consumed "
-                        "(default 100,000; 3,000 with --quick)")
-    parser.add_argument("--value-bytes", type=int, default=VALUE_BYTES, help="bytes per message value (default 1024)")
-    parser.add_argument("--partitions", type=int, default=1, help="partitions of the bench topic (default 1)")
-    parser.add_argument("--requests", type=int, default=None, help="requests per request-reply phase "
-                        "(default 3,000; 200 with --quick)")
-    parser.add_argument("--warmup", type=int, default=None, help="requests sent before each request-reply phase, "
-                        "not counted (default 200; 20 with --quick)")
-    parser.add_argument("--concurrency", type=int, default=8, help="requesters at once in the concurrent phase "
-                        "(default 8)")
-    parser.add_argument("--request-fsync", default="always,never",
-                        help="fsync policies of the request topic, comma-separated (default always,never)")
-    parser.add_argument("--phase-seconds-max", type=float, default=60.0, help="time cap of the produce and "
-                        "stream phases (default 60)")
-    parser.add_argument("--limit-seconds", type=float, default=None, help="length of each machine-limit loop "
-                        "(default 2; 0.3 with --quick)")
-    parser.add_argument("--data-dir", default=None, help="parent of the bench's temporary directory (default: the "
-                        "system temp dir unless it is tmpfs, else .bench-data beside tools/)")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    parser.add_argument("--json-out", default=None, help="write the results as JSON here")
+    add_bench_options(parser, "queues")  # declared once, in nodi/cli/bench.py (BENCH_OPTIONS)
     parser.add_argument("--child-consumer", nargs=2, metavar=("ADDRESS", "GROUP"), help=argparse.SUPPRESS)
     parser.add_argument("--child-responder", nargs=2, metavar=("ADDRESS", "TOPIC"), help=argparse.SUPPRESS)
     arguments = parser.parse_args(argv)
@@ -499,6 +481,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     arguments.requests = arguments.requests or (200 if quick else 3_000)
     arguments.warmup = arguments.warmup if arguments.warmup is not None else (20 if quick else 200)
     arguments.limit_seconds = arguments.limit_seconds or (0.3 if quick else 2.0)
+    arguments.phase_seconds_max = arguments.phase_seconds_max or 60.0
     if arguments.messages < 1 or arguments.requests < 1 or arguments.concurrency < 1 or arguments.partitions < 1:
         parser.error("--messages, --requests, --concurrency and --partitions must be at least 1")
     if arguments.value_bytes < 1:

@@ -284,6 +284,11 @@ class Server:
         self._connections_timed_out = dict.fromkeys(_TIMEOUT_MESSAGES, 0)
         self.frame_budget = FrameBudget(config.frame_buffer_bytes_max)
         self._trim: asyncio.TimerHandle | None = None
+        # Why and when the server was asked to stop, and what went wrong on the way out:
+        # the one line run() logs at the end.
+        self._stop_reason: str | None = None
+        self._stop_requested_monotonic: float | None = None
+        self._shutdown_problems: list[str] = []
 
     def statistics(self) -> ServerStatistics:
         return ServerStatistics(
@@ -312,7 +317,12 @@ class Server:
 
     # -- life cycle -----------------------------------------------------------------
 
-    def stop(self) -> None:
+    def stop(self, reason: str = "stop requested") -> None:
+        """Begin a clean shutdown; `reason` (a signal's name) goes into the stop line.
+        The first call's reason is kept."""
+        if self._stop_reason is None:
+            self._stop_reason = reason
+            self._stop_requested_monotonic = time.monotonic()
         self._stop.set()
 
     async def run(self, on_ready: Callable[[Server], None] | None = None) -> None:
@@ -342,6 +352,7 @@ class Server:
             log.error("%s", line)
         self.broker = Broker(self.store, self.config)
         self.broker.server_statistics = self.statistics
+        failure: BaseException | None = None
         try:
             async with asyncio.TaskGroup() as tasks:
                 self.broker.attach(asyncio.get_running_loop(), tasks)
@@ -361,7 +372,12 @@ class Server:
                 raise _Stopped
         except* _Stopped:
             pass
+        except* BaseException as group:  # a fatal error (or a cancel): the stop line says which
+            failure = group.exceptions[0]
+            raise
         finally:
+            if self._stop_requested_monotonic is None:
+                self._stop_requested_monotonic = time.monotonic()
             if self._trim is not None:
                 self._trim.cancel()
             if self.metrics is not None:
@@ -371,7 +387,34 @@ class Server:
                 self.broker.queues.stage_for_shutdown()  # a clean stop leaves no delivery in doubt
             except Exception:  # a failed metadata store reports itself; the restart counts them once
                 log.exception("queue groups: staging their state at shutdown failed")
-            await asyncio.to_thread(self.store.close)
+                self._shutdown_problems.append("queue group state not staged")
+            try:
+                await asyncio.to_thread(self.store.close)
+            except BaseException as error:
+                self._shutdown_problems.append(f"closing the data directory failed: {type(error).__name__}: {error}")
+                raise
+            finally:
+                self._log_stopped(failure)
+
+    def _log_stopped(self, failure: BaseException | None) -> None:
+        """The one line a stop logs: why (the signal's name, stop requested, or the fatal
+        error), how long the shutdown took (from the stop request, or from the error, to
+        the data directory closed), and clean or not (with what was not)."""
+        if failure is not None and not isinstance(failure, asyncio.CancelledError):
+            reason = f"fatal error {type(failure).__name__}: {failure}"
+        elif failure is not None:
+            reason = "cancelled"
+        else:
+            reason = self._stop_reason or "stop requested"
+        assert self._stop_requested_monotonic is not None
+        shutdown_ms = int((time.monotonic() - self._stop_requested_monotonic) * 1000)
+        clean = failure is None and not self._shutdown_problems
+        outcome = "clean" if clean else "not clean"
+        if self._shutdown_problems:
+            outcome += " (" + "; ".join(self._shutdown_problems) + ")"
+        level = logging.INFO if clean else logging.ERROR
+        log.log(level, "nodi stopped: %s; shutdown took %d ms; %s", reason, shutdown_ms, outcome,
+                extra={"stop_reason": reason, "shutdown_ms": shutdown_ms, "clean": clean})
 
     def _accept(self, tasks: asyncio.TaskGroup, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
@@ -407,6 +450,11 @@ class Server:
         deadline = time.monotonic() + self.config.shutdown_grace_ms / 1000
         while time.monotonic() < deadline and any(s.connection.in_flight_count for s in self.sessions):
             await asyncio.sleep(0.01)
+        cut = sum(s.connection.in_flight_count for s in self.sessions)
+        if cut:
+            self._shutdown_problems.append(
+                f"{cut} request(s) still in flight after the {self.config.shutdown_grace_ms} ms grace"
+            )
         for session in list(self.sessions):
             await session._close_with(ErrorCode.SERVER_SHUTTING_DOWN, "the server is shutting down")
             session.writer.close()
@@ -471,7 +519,7 @@ def run(config: ServerConfig, *, announce: Callable[[str], None] = print) -> Non
         server = Server(config, metrics=metrics)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, server.stop)
+            loop.add_signal_handler(signum, server.stop, signal.Signals(signum).name)
 
         def ready(server: Server) -> None:
             host, port = server.address
