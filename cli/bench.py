@@ -178,7 +178,10 @@ def _typer_option(option: BenchOption) -> inspect.Parameter:
 def register(app: typer.Typer) -> None:
     """Add `bench` to the nodi command: an option per BenchOption."""
     parameters = list(inspect.signature(bench, eval_str=True).parameters.values())[:-1]
-    bench.__signature__ = inspect.Signature([*parameters, *map(_typer_option, BENCH_OPTIONS)])
+    # typer builds the command from the signature inspect reports, which is __signature__.
+    bench.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [*parameters, *map(_typer_option, BENCH_OPTIONS)]
+    )
     command(app, "bench")(bench)
 
 

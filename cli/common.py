@@ -23,6 +23,7 @@ import types
 import typing
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
@@ -146,7 +147,7 @@ class _ReadableArgument(TyperArgument):
         name = self.display_name_raw if self.required else f"[{self.display_name_raw}]"
         return name + "..." if self.nargs != 1 else name
 
-    def display_type_rich(self, ctx: typer.Context) -> str | None:
+    def display_type_rich(self, ctx: Any) -> str | None:  # click's Context (typer vendors click)
         return None
 
 
@@ -159,7 +160,7 @@ class ReadableCommand(TyperCommand):
             if type(parameter) is TyperArgument:
                 parameter.__class__ = _ReadableArgument
 
-    def get_help_option(self, ctx: typer.Context):
+    def get_help_option(self, ctx: Any):  # click's Context (typer vendors click)
         """--help, a flag: no "<bool>" beside it."""
         return _flag_without_metavar(super().get_help_option(ctx))
 
@@ -167,7 +168,7 @@ class ReadableCommand(TyperCommand):
 class ReadableGroup(TyperGroup):
     """The class of `nodi` and its command groups: --help without "<bool>"."""
 
-    def get_help_option(self, ctx: typer.Context):
+    def get_help_option(self, ctx: Any):  # click's Context (typer vendors click)
         return _flag_without_metavar(super().get_help_option(ctx))
 
 
@@ -178,7 +179,7 @@ def _flag_without_metavar(option):
 
 
 # What help shows for an option's value, by type (typer's own are "<str>", "<int range>").
-_METAVARS = {int: "INTEGER", str: "TEXT", float: "NUMBER"}
+_METAVARS: dict[object, str] = {int: "INTEGER", str: "TEXT", float: "NUMBER"}
 
 
 def readable_parameters(function: Callable[..., None]) -> Callable[..., None]:
@@ -198,7 +199,8 @@ def readable_parameters(function: Callable[..., None]) -> Callable[..., None]:
         elif isinstance(default, ParameterInfo):
             default = _readable_info(default, parameter.name, annotation)
         parameters.append(parameter.replace(annotation=annotation, default=default))
-    function.__signature__ = inspect.Signature(parameters)
+    # typer builds the command from the signature inspect reports, which is __signature__.
+    function.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
     return function
 
 
@@ -227,7 +229,7 @@ def _base_type(value_type: object) -> object:
     return value_type
 
 
-def _integer_parser(low: int | None, high: int | None) -> Callable[[object], int]:
+def _integer_parser(low: float | None, high: float | None) -> Callable[[object], int]:
     def parse(value: object) -> int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise typer.BadParameter(f"{value!r} is not an integer")
