@@ -23,8 +23,9 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# ruff (rules in pyproject.toml, named explicitly so a developer's own ruff config does
-# not change them) and mypy. The formatter's check joins once the tree is formatted.
+# ruff's lint rules and its formatter's check (settings in pyproject.toml, named explicitly
+# so a developer's own ruff config does not change them; `ruff format` fixes the format)
+# and mypy.
 # mypy cannot see the editable install's finder that maps nodi.storage, nodi.broker and
 # nodi.cli onto the top-level folders, so build/typecheck/nodi holds three symlinks to
 # them (the same mapping as pyproject's package-dir) and mypy_path points there: mypy
@@ -32,6 +33,7 @@ test: $(STAMP)
 TYPECHECK := build/typecheck/nodi
 lint: $(STAMP)
 	$(BIN)/ruff check --config pyproject.toml .
+	$(BIN)/ruff format --config pyproject.toml --check .
 	mkdir -p $(TYPECHECK)
 	for p in storage broker cli; do ln -sfn ../../../$$p $(TYPECHECK)/$$p; done
 	$(BIN)/mypy --config-file pyproject.toml

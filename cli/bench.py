@@ -71,40 +71,75 @@ class BenchOption:
 
 
 BENCH_OPTIONS: tuple[BenchOption, ...] = (
-    BenchOption("--quick", bool, "Seconds-long smoke run (broker: 5,000 messages, 1 round; queues: 3,000 messages, "
-                "200 requests).", default=False),
+    BenchOption(
+        "--quick",
+        bool,
+        "Seconds-long smoke run (broker: 5,000 messages, 1 round; queues: 3,000 messages, 200 requests).",
+        default=False,
+    ),
     BenchOption("--server", str, "HOST:PORT of a running broker to measure instead of starting one.", ("broker",)),
-    BenchOption("--messages", int, "Messages per throughput phase (broker: default 200,000, 5,000 with --quick; "
-                "queues: default 100,000, 3,000 with --quick)."),
+    BenchOption(
+        "--messages",
+        int,
+        "Messages per throughput phase (broker: default 200,000, 5,000 with --quick; "
+        "queues: default 100,000, 3,000 with --quick).",
+    ),
     BenchOption("--value-bytes", int, "Bytes per message value (default 1024).", default=1024),
     BenchOption("--partitions", int, "Partitions of the bench topics (default 1).", default=1),
-    BenchOption("--batch-bytes-max", int, "The throughput producer's batch_bytes_max (default: the producer's, "
-                "256 KiB).", ("broker",)),
+    BenchOption(
+        "--batch-bytes-max",
+        int,
+        "The throughput producer's batch_bytes_max (default: the producer's, 256 KiB).",
+        ("broker",),
+    ),
     BenchOption("--rounds", int, "Rounds of every measurement (default 3; 1 with --quick).", ("broker",)),
-    BenchOption("--phase-seconds-max", float, "Time cap of each throughput phase (broker: default 30, 10 with "
-                "--quick; queues: default 60)."),
-    BenchOption("--latency-rate", int, "Messages per second in the latency phase (default 1,000).", ("broker",),
-                default=1_000),
-    BenchOption("--latency-seconds", float, "Length of the latency phase (default 10; 0.5 with --quick).",
-                ("broker",)),
-    BenchOption("--latency-warmup", int, "First latency messages not counted (default 200; 50 with --quick).",
-                ("broker",)),
-    BenchOption("--latency-linger-ms", float, "The latency producer's linger_ms (default 0: a batch per sender "
-                "pass).", ("broker",), default=0.0),
+    BenchOption(
+        "--phase-seconds-max",
+        float,
+        "Time cap of each throughput phase (broker: default 30, 10 with --quick; queues: default 60).",
+    ),
+    BenchOption(
+        "--latency-rate", int, "Messages per second in the latency phase (default 1,000).", ("broker",), default=1_000
+    ),
+    BenchOption("--latency-seconds", float, "Length of the latency phase (default 10; 0.5 with --quick).", ("broker",)),
+    BenchOption(
+        "--latency-warmup", int, "First latency messages not counted (default 200; 50 with --quick).", ("broker",)
+    ),
+    BenchOption(
+        "--latency-linger-ms",
+        float,
+        "The latency producer's linger_ms (default 0: a batch per sender pass).",
+        ("broker",),
+        default=0.0,
+    ),
     BenchOption("--no-redis", bool, "Do not run Redis, report nodi alone.", ("broker",), default=False),
     BenchOption("--redis-server", str, "Path of redis-server (default: found on PATH).", ("broker",)),
-    BenchOption("--requests", int, "Requests per request-reply phase (default 3,000; 200 with --quick).",
-                ("queues",)),
-    BenchOption("--warmup", int, "Requests sent before each request-reply phase, not counted (default 200; 20 "
-                "with --quick).", ("queues",)),
-    BenchOption("--concurrency", int, "Requesters at once in the concurrent phase (default 8).", ("queues",),
-                default=8),
-    BenchOption("--request-fsync", str, "Fsync policies of the request topic, comma-separated (default "
-                "always,never).", ("queues",), default="always,never"),
-    BenchOption("--limit-seconds", float, "Length of each machine-limit loop (default 2; 0.3 with --quick).",
-                ("queues",)),
-    BenchOption("--data-dir", str, "Parent of the bench's temporary directory (default: the system temp dir "
-                "unless it is tmpfs, else .bench-data beside tools/)."),
+    BenchOption("--requests", int, "Requests per request-reply phase (default 3,000; 200 with --quick).", ("queues",)),
+    BenchOption(
+        "--warmup",
+        int,
+        "Requests sent before each request-reply phase, not counted (default 200; 20 with --quick).",
+        ("queues",),
+    ),
+    BenchOption(
+        "--concurrency", int, "Requesters at once in the concurrent phase (default 8).", ("queues",), default=8
+    ),
+    BenchOption(
+        "--request-fsync",
+        str,
+        "Fsync policies of the request topic, comma-separated (default always,never).",
+        ("queues",),
+        default="always,never",
+    ),
+    BenchOption(
+        "--limit-seconds", float, "Length of each machine-limit loop (default 2; 0.3 with --quick).", ("queues",)
+    ),
+    BenchOption(
+        "--data-dir",
+        str,
+        "Parent of the bench's temporary directory (default: the system temp dir "
+        "unless it is tmpfs, else .bench-data beside tools/).",
+    ),
     BenchOption("--keep", bool, "Keep the temporary directory.", default=False),
     BenchOption("--json-out", str, "Write the results as JSON here."),
 )
@@ -130,17 +165,26 @@ def _tool_arguments(suite: str, given: dict[str, object]) -> list[str]:
         if value is None or value is False:
             continue
         if suite not in option.suites:
-            raise fail(f"nodi bench: {option.flag} is an option of --suite {' or '.join(option.suites)}, "
-                       f"not of --suite {suite}", code=2)
+            raise fail(
+                f"nodi bench: {option.flag} is an option of --suite {' or '.join(option.suites)}, "
+                f"not of --suite {suite}",
+                code=2,
+            )
         arguments += [option.flag] if value is True else [option.flag, str(value)]
     return arguments
 
 
 def bench(
     ctx: typer.Context,
-    suite: Annotated[str, typer.Option("--suite", help="broker: produce, consume and latency "
-                                       "(tools/broker_bench.py); queues: queue groups and request-reply "
-                                       "(tools/queue_bench.py).")] = "broker",
+    suite: Annotated[
+        str,
+        typer.Option(
+            "--suite",
+            help="broker: produce, consume and latency "
+            "(tools/broker_bench.py); queues: queue groups and request-reply "
+            "(tools/queue_bench.py).",
+        ),
+    ] = "broker",
     **options,
 ) -> None:
     """Benchmark produce, consume and latency beside the disk's limits and Redis, or with
@@ -170,7 +214,9 @@ def _typer_option(option: BenchOption) -> inspect.Parameter:
     default = False if option.type is bool else None
     annotation = option.type if option.type is bool else option.type | None
     return inspect.Parameter(
-        option.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+        option.name,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=default,
         annotation=Annotated[annotation, typer.Option(option.flag, help=option.help + suites, show_default=False)],
     )
 

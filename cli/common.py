@@ -65,7 +65,9 @@ def connect(ctx: typer.Context, *, timeout_ms: int = CLI_TIMEOUT_MS) -> Iterator
 
     command = ctx.command_path
     try:
-        with Client(state_of(ctx).server, timeout_ms=timeout_ms, reconnect_attempts_max=CLI_CONNECT_ATTEMPTS_MAX) as client:
+        with Client(
+            state_of(ctx).server, timeout_ms=timeout_ms, reconnect_attempts_max=CLI_CONNECT_ATTEMPTS_MAX
+        ) as client:
             client.connect()
             yield client
     except NodiError as error:
@@ -266,4 +268,3 @@ def check_offline_data_directory(command_path: str, data_dir: str | os.PathLike[
             "whose active segments may change while they are read",
             err=True,
         )
-

@@ -37,7 +37,10 @@ def compact_command(
     topic: Annotated[str, typer.Argument(help="A topic with cleanup policy compact or compact,delete.")],
     data_dir: Annotated[
         str | None,
-        typer.Option("--data-dir", help="Compact offline in this data directory (stop the broker first: a directory in use is refused)."),
+        typer.Option(
+            "--data-dir",
+            help="Compact offline in this data directory (stop the broker first: a directory in use is refused).",
+        ),
     ] = None,
     timeout_ms: Annotated[
         int, typer.Option("--timeout-ms", min=1, help="Online: longest wait for the broker's answer.")
@@ -115,12 +118,15 @@ def _compact_locked(
         if delete_retention_ms is None:  # the topic's; None again: the compactor's default
             delete_retention_ms = topic_config.delete_retention_ms
         if "compact" not in topic_config.cleanup_policy:
-            raise fail(f"{command_path}: topic {topic!r} has cleanup policy {topic_config.cleanup_policy!r}, not compact")
+            raise fail(
+                f"{command_path}: topic {topic!r} has cleanup policy {topic_config.cleanup_policy!r}, not compact"
+            )
         log_config = topic_log_configs(data_dir)[topic]
         results = []
         total = topic_config.partitions * _UNITS_PER_PARTITION
         with _progress_bar(f"compacting {topic}") as progress:
             for partition in range(topic_config.partitions):
+
                 def report(done: int, size: int, partition: int = partition) -> None:
                     if progress is not None:
                         share = done * _UNITS_PER_PARTITION // max(size, 1)
@@ -128,9 +134,7 @@ def _compact_locked(
 
                 log = Log.open(partition_directory(data_dir, topic, partition), log_config)
                 try:
-                    result = compactor.compact(
-                        log, roll=True, progress=report, delete_retention_ms=delete_retention_ms
-                    )
+                    result = compactor.compact(log, roll=True, progress=report, delete_retention_ms=delete_retention_ms)
                 finally:
                     log.close()
                 results.append(
@@ -150,12 +154,27 @@ def _print(results: list[dict], as_json: bool) -> None:
             typer.echo(json.dumps(entry, sort_keys=True))
         return
     print_table(
-        ["partition", "passes", "segments rewritten", "bytes read", "bytes reclaimed", "records removed",
-         "tombstones removed", "ms"],
         [
-            [entry["partition"], entry["passes"], entry["segments_rewritten"], entry["bytes_read"],
-             entry["bytes_reclaimed"], entry["records_removed"], entry["tombstones_removed"],
-             int(entry["duration_ms"])]
+            "partition",
+            "passes",
+            "segments rewritten",
+            "bytes read",
+            "bytes reclaimed",
+            "records removed",
+            "tombstones removed",
+            "ms",
+        ],
+        [
+            [
+                entry["partition"],
+                entry["passes"],
+                entry["segments_rewritten"],
+                entry["bytes_read"],
+                entry["bytes_reclaimed"],
+                entry["records_removed"],
+                entry["tombstones_removed"],
+                int(entry["duration_ms"]),
+            ]
             for entry in results
         ],
     )

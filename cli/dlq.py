@@ -126,8 +126,10 @@ def list_command(ctx: typer.Context, json_output: JsonOption = False) -> None:
         for topic, waiting, stored, groups in rows:
             typer.echo(json.dumps({"topic": topic, "waiting": waiting, "stored": stored, "queue_groups": groups}))
         return
-    print_table(("TOPIC", "WAITING", "STORED", "QUEUE GROUPS"),
-                ((topic, waiting, stored, ",".join(groups) or "-") for topic, waiting, stored, groups in rows))
+    print_table(
+        ("TOPIC", "WAITING", "STORED", "QUEUE GROUPS"),
+        ((topic, waiting, stored, ",".join(groups) or "-") for topic, waiting, stored, groups in rows),
+    )
 
 
 @command(app, "show")
@@ -146,14 +148,18 @@ def show_command(
         entries = list(_entries(client, topic, count))
     if json_output:
         for partition, message in entries:
-            typer.echo(json.dumps({
-                "partition": partition,
-                "offset": message.offset,
-                "timestamp_ms": message.timestamp,
-                "key": json_bytes(message.key),
-                "value": json_bytes(message.value),
-                "headers": [[name, json_bytes(value)] for name, value in message.headers],
-            }))
+            typer.echo(
+                json.dumps(
+                    {
+                        "partition": partition,
+                        "offset": message.offset,
+                        "timestamp_ms": message.timestamp,
+                        "key": json_bytes(message.key),
+                        "value": json_bytes(message.value),
+                        "headers": [[name, json_bytes(value)] for name, value in message.headers],
+                    }
+                )
+            )
         return
     print_table(
         ("PARTITION", "OFFSET", "SOURCE", "GROUP", "REASON", "DELIVERIES", "LAST ERROR"),
@@ -177,8 +183,12 @@ def show_command(
 def redrive_command(
     ctx: typer.Context,
     topic: TopicArgument,
-    to: Annotated[str | None, typer.Option("--to", help="Republish to this topic instead of each entry's source topic.")] = None,
-    count: Annotated[int | None, typer.Option("--count", "-n", min=1, help="Redrive at most this many entries (default: all).")] = None,
+    to: Annotated[
+        str | None, typer.Option("--to", help="Republish to this topic instead of each entry's source topic.")
+    ] = None,
+    count: Annotated[
+        int | None, typer.Option("--count", "-n", min=1, help="Redrive at most this many entries (default: all).")
+    ] = None,
 ) -> None:
     """Republish the entries of a dead-letter topic from the cursor on - key, value and
     their own headers, without the reserved nodi- headers - to their source topic (the
@@ -205,10 +215,10 @@ def redrive_command(
                     partition = None
                     if to is None and source_partition is not None and source_partition.isdigit():
                         partition = int(source_partition) if int(source_partition) < partitions[target] else None
-                    headers = [(name, value) for name, value in message.headers
-                               if not name.startswith(RESERVED_PREFIX)]
-                    futures.append(producer.send(target, message.value, key=message.key, headers=headers,
-                                                 partition=partition))
+                    headers = [(name, value) for name, value in message.headers if not name.startswith(RESERVED_PREFIX)]
+                    futures.append(
+                        producer.send(target, message.value, key=message.key, headers=headers, partition=partition)
+                    )
                 producer.flush()
                 for future in futures:
                     future.result()  # raises the first failure: the cursor stays before it
@@ -222,8 +232,9 @@ def redrive_command(
         for partition, message in _entries(client, topic, count):
             if to is None and _header(message, "nodi-dlq-source-topic") is None:
                 flush_chunk()
-                raise fail(f"nodi dlq redrive: {topic}-{partition} offset {message.offset} names no source topic; "
-                           "give --to")
+                raise fail(
+                    f"nodi dlq redrive: {topic}-{partition} offset {message.offset} names no source topic; give --to"
+                )
             pending.append((partition, message))
             if len(pending) >= REDRIVE_CHUNK:
                 flush_chunk()

@@ -37,7 +37,9 @@ def list_command(ctx: typer.Context, json_output: JsonOption = False) -> None:
 
 
 def _partitions_text(assignments: dict[str, list[int]]) -> str:
-    return " ".join(f"{topic}:{','.join(map(str, sorted(partitions)))}" for topic, partitions in sorted(assignments.items()))
+    return " ".join(
+        f"{topic}:{','.join(map(str, sorted(partitions)))}" for topic, partitions in sorted(assignments.items())
+    )
 
 
 @command(app, "describe")
@@ -90,8 +92,10 @@ def describe_command(ctx: typer.Context, group: GroupName, json_output: JsonOpti
             )
         )
         return
-    typer.echo(f"group {description.group}: {description.state}, generation {description.generation}, "
-               f"{len(description.members)} member(s)")
+    typer.echo(
+        f"group {description.group}: {description.state}, generation {description.generation}, "
+        f"{len(description.members)} member(s)"
+    )
     if handovers is not None:
         mean = "-" if handovers.handover_ms_mean is None else f"{handovers.handover_ms_mean:.0f} ms"
         typer.echo(
@@ -122,8 +126,14 @@ def describe_command(ctx: typer.Context, group: GroupName, json_output: JsonOpti
         print_table(
             ("TOPIC", "PARTITION", "COMMITTED", "HIGH-WATERMARK", "LAG", "MEMBER"),
             (
-                (lag.topic, lag.partition, lag.committed_offset, lag.high_watermark, lag.lag,
-                 owners.get((lag.topic, lag.partition), "-"))
+                (
+                    lag.topic,
+                    lag.partition,
+                    lag.committed_offset,
+                    lag.high_watermark,
+                    lag.lag,
+                    owners.get((lag.topic, lag.partition), "-"),
+                )
                 for lag in lags
             ),
         )
@@ -163,4 +173,6 @@ def reset_command(
         for number, offset in sorted(offsets.items()):
             typer.echo(json.dumps({"group": group, "topic": topic, "partition": number, "offset": offset}))
         return
-    print_table(("TOPIC", "PARTITION", "OFFSET"), ((topic, number, offset) for number, offset in sorted(offsets.items())))
+    print_table(
+        ("TOPIC", "PARTITION", "OFFSET"), ((topic, number, offset) for number, offset in sorted(offsets.items()))
+    )

@@ -86,8 +86,13 @@ def serve(
 
     try:
         settings = load_config(
-            config, data_dir=data_dir, host=host, port=port, metrics_port=metrics_port,
-            log_level=log_level, log_json=log_json,
+            config,
+            data_dir=data_dir,
+            host=host,
+            port=port,
+            metrics_port=metrics_port,
+            log_level=log_level,
+            log_json=log_json,
         )
     except NodiError as error:
         typer.echo(f"nodi serve: {error}", err=True)

@@ -59,8 +59,9 @@ def _parse_headers(pairs: list[str]) -> list[tuple[str, str]]:
         if not equals or not name:
             raise typer.BadParameter(f"{pair!r} is not NAME=VALUE", param_hint="--header")
         if is_reserved(name):
-            raise typer.BadParameter(f"{name!r}: the nodi- prefix is reserved for broker features",
-                                     param_hint="--header")
+            raise typer.BadParameter(
+                f"{name!r}: the nodi- prefix is reserved for broker features", param_hint="--header"
+            )
         headers.append((name, value))
     return headers
 
@@ -89,8 +90,10 @@ def _read_whole_input(ctx: typer.Context, stream) -> bytes:
     """All of `stream` as one value, refused (exit 1) past WHOLE_INPUT_BYTES_MAX."""
     data = stream.read(WHOLE_INPUT_BYTES_MAX + 1)
     if len(data) > WHOLE_INPUT_BYTES_MAX:
-        raise fail(f"{ctx.command_path}: --whole: stdin holds more than {WHOLE_INPUT_BYTES_MAX} bytes "
-                   "(one message is at most the broker's record limit)")
+        raise fail(
+            f"{ctx.command_path}: --whole: stdin holds more than {WHOLE_INPUT_BYTES_MAX} bytes "
+            "(one message is at most the broker's record limit)"
+        )
     return data
 
 
@@ -163,8 +166,9 @@ def produce_command(
     """
     headers = _parse_headers(header or [])
     if idempotency_key is not None and value is None:
-        raise typer.BadParameter("needs a VALUE (one key for every stdin line would keep only the first)",
-                                 param_hint="--idempotency-key")
+        raise typer.BadParameter(
+            "needs a VALUE (one key for every stdin line would keep only the first)", param_hint="--idempotency-key"
+        )
     if whole:
         if value is not None:
             raise typer.BadParameter("takes its value from stdin: give no VALUE", param_hint="--whole")
@@ -172,7 +176,13 @@ def produce_command(
     with connect(ctx, timeout_ms=timeout_ms) as client:
         if value is not None:
             chosen, offset = client.produce(
-                topic, value, key=key, headers=headers, partition=partition, acks=acks, ttl_ms=ttl_ms,
+                topic,
+                value,
+                key=key,
+                headers=headers,
+                partition=partition,
+                acks=acks,
+                ttl_ms=ttl_ms,
                 idempotency_key=idempotency_key,
             )
             typer.echo(_acked_line(topic, chosen, offset) if json_output else f"partition {chosen} offset {offset}")
@@ -342,7 +352,7 @@ def consume_command(
         bool,
         typer.Option(
             "--json",
-            help='One JSON object per message: topic, partition, offset, timestamp (ms), key, value, headers '
+            help="One JSON object per message: topic, partition, offset, timestamp (ms), key, value, headers "
             '(a list of name-value pairs); text when valid UTF-8, else {"base64": "..."}.',
         ),
     ] = False,

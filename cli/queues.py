@@ -33,13 +33,23 @@ def list_command(
         queues = client.list_queues(topic)
     if json_output:
         for queue in queues:
-            typer.echo(json.dumps({"group": queue.group, "topic": queue.topic,
-                                   "dead_letter_topic": queue.dead_letter_topic, "pending": queue.pending,
-                                   "leased": queue.leased, "dead_letters_pending": queue.dead_letters_pending}))
+            typer.echo(
+                json.dumps(
+                    {
+                        "group": queue.group,
+                        "topic": queue.topic,
+                        "dead_letter_topic": queue.dead_letter_topic,
+                        "pending": queue.pending,
+                        "leased": queue.leased,
+                        "dead_letters_pending": queue.dead_letters_pending,
+                    }
+                )
+            )
         return
-    print_table(("GROUP", "TOPIC", "DEAD-LETTER TOPIC", "PENDING", "LEASED", "TO DEAD-LETTER"),
-                ((q.group, q.topic, q.dead_letter_topic, q.pending, q.leased, q.dead_letters_pending)
-                 for q in queues))
+    print_table(
+        ("GROUP", "TOPIC", "DEAD-LETTER TOPIC", "PENDING", "LEASED", "TO DEAD-LETTER"),
+        ((q.group, q.topic, q.dead_letter_topic, q.pending, q.leased, q.dead_letters_pending) for q in queues),
+    )
 
 
 @command(app, "describe")
@@ -59,28 +69,59 @@ def describe_command(
     with connect(ctx) as client:
         queue = client.describe_queue(topic, group)
     backoff = queue.backoff
-    backoff_text = (",".join(map(str, backoff.delays_ms)) + " ms" if backoff.delays_ms else
-                    f"{backoff.base_ms} ms x{backoff.multiplier_percent / 100:g} up to {backoff.max_ms} ms "
-                    f"+{backoff.jitter_percent}%")
+    backoff_text = (
+        ",".join(map(str, backoff.delays_ms)) + " ms"
+        if backoff.delays_ms
+        else f"{backoff.base_ms} ms x{backoff.multiplier_percent / 100:g} up to {backoff.max_ms} ms "
+        f"+{backoff.jitter_percent}%"
+    )
     if json_output:
-        typer.echo(json.dumps({
-            "group": queue.group, "topic": queue.topic, "ack_wait_ms": queue.ack_wait_ms,
-            "max_deliveries": queue.max_deliveries, "backoff": backoff_text,
-            "dead_letter_topic": queue.dead_letter_topic, "expired": queue.expired,
-            "delivered": queue.delivered, "redelivered": queue.redelivered, "acked": queue.acked,
-            "nacked": queue.nacked, "expired_leases": queue.expired_leases, "dead_lettered": queue.dead_lettered,
-            "expired_messages": queue.expired_messages,
-            "partitions": [{"partition": p.partition, "ack_floor": p.ack_floor, "next_offset": p.next_offset,
-                            "pending": p.pending, "leased": p.leased, "dead_letters_pending": p.dead_letters_pending}
-                           for p in queue.partitions],
-        }))
+        typer.echo(
+            json.dumps(
+                {
+                    "group": queue.group,
+                    "topic": queue.topic,
+                    "ack_wait_ms": queue.ack_wait_ms,
+                    "max_deliveries": queue.max_deliveries,
+                    "backoff": backoff_text,
+                    "dead_letter_topic": queue.dead_letter_topic,
+                    "expired": queue.expired,
+                    "delivered": queue.delivered,
+                    "redelivered": queue.redelivered,
+                    "acked": queue.acked,
+                    "nacked": queue.nacked,
+                    "expired_leases": queue.expired_leases,
+                    "dead_lettered": queue.dead_lettered,
+                    "expired_messages": queue.expired_messages,
+                    "partitions": [
+                        {
+                            "partition": p.partition,
+                            "ack_floor": p.ack_floor,
+                            "next_offset": p.next_offset,
+                            "pending": p.pending,
+                            "leased": p.leased,
+                            "dead_letters_pending": p.dead_letters_pending,
+                        }
+                        for p in queue.partitions
+                    ],
+                }
+            )
+        )
         return
-    typer.echo(f"group {queue.group} on {queue.topic}: ack wait {queue.ack_wait_ms} ms, max deliveries "
-               f"{queue.max_deliveries}, backoff {backoff_text}, dead letters to {queue.dead_letter_topic}, "
-               f"expired messages: {queue.expired}")
-    typer.echo(f"since start: delivered {queue.delivered} (again {queue.redelivered}), acked {queue.acked}, "
-               f"nacked {queue.nacked}, leases run out {queue.expired_leases}, dead-lettered {queue.dead_lettered}, "
-               f"expired {queue.expired_messages}")
-    print_table(("PARTITION", "ACK FLOOR", "NEXT OFFSET", "PENDING", "LEASED", "TO DEAD-LETTER"),
-                ((p.partition, p.ack_floor, p.next_offset, p.pending, p.leased, p.dead_letters_pending)
-                 for p in queue.partitions))
+    typer.echo(
+        f"group {queue.group} on {queue.topic}: ack wait {queue.ack_wait_ms} ms, max deliveries "
+        f"{queue.max_deliveries}, backoff {backoff_text}, dead letters to {queue.dead_letter_topic}, "
+        f"expired messages: {queue.expired}"
+    )
+    typer.echo(
+        f"since start: delivered {queue.delivered} (again {queue.redelivered}), acked {queue.acked}, "
+        f"nacked {queue.nacked}, leases run out {queue.expired_leases}, dead-lettered {queue.dead_lettered}, "
+        f"expired {queue.expired_messages}"
+    )
+    print_table(
+        ("PARTITION", "ACK FLOOR", "NEXT OFFSET", "PENDING", "LEASED", "TO DEAD-LETTER"),
+        (
+            (p.partition, p.ack_floor, p.next_offset, p.pending, p.leased, p.dead_letters_pending)
+            for p in queue.partitions
+        ),
+    )

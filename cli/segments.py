@@ -40,6 +40,7 @@ app = typer.Typer(
 def _command(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
     return command(app, name)
 
+
 DataDirectory = Annotated[
     Path,
     typer.Argument(
@@ -74,9 +75,13 @@ def list_command(
     data_dir: DataDirectory,
     batches: Annotated[
         bool,
-        typer.Option("--batches", help="Also count each segment's batches (walks every batch header: reads every segment)."),
+        typer.Option(
+            "--batches", help="Also count each segment's batches (walks every batch header: reads every segment)."
+        ),
     ] = False,
-    json_lines: Annotated[bool, typer.Option("--json", help="Print one JSON object per segment instead of a table.")] = False,
+    json_lines: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object per segment instead of a table.")
+    ] = False,
 ) -> None:
     """List every partition's segments: base offset, bytes, index entries, next offset.
 
@@ -129,11 +134,16 @@ def list_command(
                 notes.append(f"{segment.path}: {segment.note}")
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
     for row in rows:
-        cells = [cell.ljust(width) if column < 2 else cell.rjust(width) for column, (cell, width) in enumerate(zip(row, widths))]
+        cells = [
+            cell.ljust(width) if column < 2 else cell.rjust(width)
+            for column, (cell, width) in enumerate(zip(row, widths))
+        ]
         typer.echo("  ".join(cells).rstrip())
     typer.echo("")
     for partition in partitions:
-        recovery = "none (full scan at next open)" if partition.recovery_offset is None else str(partition.recovery_offset)
+        recovery = (
+            "none (full scan at next open)" if partition.recovery_offset is None else str(partition.recovery_offset)
+        )
         typer.echo(
             f"{partition.topic}-{partition.partition}: {len(partition.segments)} segment(s), "
             f"{partition.byte_count} bytes, offsets {partition.log_start_offset}..{_before(partition.next_offset)}, "
@@ -199,7 +209,8 @@ def dump_command(
         typer.Argument(exists=True, file_okay=True, dir_okay=False, readable=True, help="A segment's .log file."),
     ],
     records: Annotated[
-        bool, typer.Option("--records", help="Also decode and print each batch's records (batches whose CRC checks out).")
+        bool,
+        typer.Option("--records", help="Also decode and print each batch's records (batches whose CRC checks out)."),
     ] = False,
     json_lines: Annotated[
         bool,

@@ -43,8 +43,9 @@ def _oldest_unacked_ms(client, description, now_ms: int) -> int | None:
     busy = [p for p in description.partitions if p.pending][:OLDEST_UNACKED_PARTITIONS_MAX]
     for partition in busy:
         try:
-            messages = client.fetch(description.topic, partition.partition, partition.ack_floor,
-                                    bytes_max=1, include_expired=True)
+            messages = client.fetch(
+                description.topic, partition.partition, partition.ack_floor, bytes_max=1, include_expired=True
+            )
         except NodiError:  # the floor below the log start now, or the topic gone
             continue
         if messages:
@@ -66,16 +67,18 @@ def _queue_groups(client, *, internal: bool) -> list[dict]:
             description = client.describe_queue(summary.topic, summary.group)
         except NodiError:  # deleted since the listing
             continue
-        queues.append({
-            "group": summary.group,
-            "topic": summary.topic,
-            "pending": summary.pending,
-            "in_flight": summary.leased,
-            "dead_lettered": description.dead_lettered,
-            "dead_letters_pending": summary.dead_letters_pending,
-            "oldest_unacked_age_ms": _oldest_unacked_ms(client, description, now_ms),
-            "dead_letter_topic": summary.dead_letter_topic,
-        })
+        queues.append(
+            {
+                "group": summary.group,
+                "topic": summary.topic,
+                "pending": summary.pending,
+                "in_flight": summary.leased,
+                "dead_lettered": description.dead_lettered,
+                "dead_letters_pending": summary.dead_letters_pending,
+                "oldest_unacked_age_ms": _oldest_unacked_ms(client, description, now_ms),
+                "dead_letter_topic": summary.dead_letter_topic,
+            }
+        )
     return sorted(queues, key=lambda queue: (queue["topic"], queue["group"]))
 
 
@@ -92,15 +95,17 @@ def _snapshot(client, *, internal: bool = False) -> dict:
         except UnknownTopic:  # deleted since the listing
             continue
         partitions = description.partitions
-        topics.append({
-            "topic": description.name,
-            "partitions": len(partitions),
-            # Offsets still stored: records, less any a compaction removed.
-            "messages": sum(p.log_end_offset - p.log_start_offset for p in partitions),
-            "bytes": sum(p.size for p in partitions),
-            "segments": sum(p.segments for p in partitions),
-            "end_offsets": [p.log_end_offset for p in partitions],
-        })
+        topics.append(
+            {
+                "topic": description.name,
+                "partitions": len(partitions),
+                # Offsets still stored: records, less any a compaction removed.
+                "messages": sum(p.log_end_offset - p.log_start_offset for p in partitions),
+                "bytes": sum(p.size for p in partitions),
+                "segments": sum(p.segments for p in partitions),
+                "end_offsets": [p.log_end_offset for p in partitions],
+            }
+        )
     groups = []
     for summary in client.list_groups():
         if is_internal_group(summary.group) and not internal:
@@ -110,18 +115,25 @@ def _snapshot(client, *, internal: bool = False) -> dict:
         except UnknownGroup:
             continue
         lags = [
-            {"topic": lag.topic, "partition": lag.partition, "committed_offset": lag.committed_offset,
-             "high_watermark": lag.high_watermark, "lag": lag.lag}
+            {
+                "topic": lag.topic,
+                "partition": lag.partition,
+                "committed_offset": lag.committed_offset,
+                "high_watermark": lag.high_watermark,
+                "lag": lag.lag,
+            }
             for lag in sorted(description.lags, key=lambda lag: (lag.topic, lag.partition))
         ]
         known = [entry["lag"] for entry in lags if entry["lag"] is not None]
-        groups.append({
-            "group": description.group,
-            "state": description.state,
-            "members": len(description.members),
-            "lag": sum(known) if known else None,
-            "partitions": lags,
-        })
+        groups.append(
+            {
+                "group": description.group,
+                "state": description.state,
+                "members": len(description.members),
+                "lag": sum(known) if known else None,
+                "partitions": lags,
+            }
+        )
     return {
         "server": {
             "address": client.address,
@@ -139,9 +151,14 @@ def _snapshot(client, *, internal: bool = False) -> dict:
             "metadata_store_error": status.metadata_store_error,
             "metadata_failed_commits": status.metadata_failed_commits,
             "damaged_partitions": [
-                {"topic": entry.topic, "partition": entry.partition,
-                 "path": os.path.join(status.data_dir, entry.path) if status.data_dir else entry.path,
-                 "position": entry.position, "offset": entry.offset, "reason": entry.reason}
+                {
+                    "topic": entry.topic,
+                    "partition": entry.partition,
+                    "path": os.path.join(status.data_dir, entry.path) if status.data_dir else entry.path,
+                    "position": entry.position,
+                    "offset": entry.offset,
+                    "reason": entry.reason,
+                }
                 for entry in status.damaged_partitions
             ],
         },
@@ -150,7 +167,8 @@ def _snapshot(client, *, internal: bool = False) -> dict:
         "queue_groups": _queue_groups(client, internal=internal),
         "dead_letter_topics": [
             {"topic": topic["topic"], "messages": topic["messages"]}
-            for topic in topics if topic["topic"].endswith(DEAD_LETTER_SUFFIX)
+            for topic in topics
+            if topic["topic"].endswith(DEAD_LETTER_SUFFIX)
         ],
     }
 
@@ -190,51 +208,98 @@ def _print(snapshot: dict) -> None:
         percent = 100 * server["disk_free_bytes"] / server["disk_total_bytes"]
         disk = f"{_size(server['disk_free_bytes'])} free of {_size(server['disk_total_bytes'])} ({percent:.0f}%)"
     read_only = ", ".join(
-        f"{topic}-{partition}" for topic, partitions in server["read_only_partitions"].items() for partition in partitions
+        f"{topic}-{partition}"
+        for topic, partitions in server["read_only_partitions"].items()
+        for partition in partitions
     )
-    print_table(("SERVER", ""), [
-        ("address", server["address"]),
-        ("version", f"nodi {server['version']} ({server['server_id']})"),
-        ("uptime", _duration(server["uptime_ms"])),
-        ("data dir", server["data_dir"] or "(shown to loopback connections only)"),
-        ("disk", disk),
-        ("connections", f"{server['connections_open']} open, {server['connections_accepted']} accepted, "
-                        f"{server['connections_refused']} refused"),
-        ("read-only", read_only or "none"),
-        ("metadata", _metadata_state(server)),
-        ("damaged", "none" if not server["damaged_partitions"] else f"{len(server['damaged_partitions'])} partition(s)"),
-    ])
+    print_table(
+        ("SERVER", ""),
+        [
+            ("address", server["address"]),
+            ("version", f"nodi {server['version']} ({server['server_id']})"),
+            ("uptime", _duration(server["uptime_ms"])),
+            ("data dir", server["data_dir"] or "(shown to loopback connections only)"),
+            ("disk", disk),
+            (
+                "connections",
+                f"{server['connections_open']} open, {server['connections_accepted']} accepted, "
+                f"{server['connections_refused']} refused",
+            ),
+            ("read-only", read_only or "none"),
+            ("metadata", _metadata_state(server)),
+            (
+                "damaged",
+                "none" if not server["damaged_partitions"] else f"{len(server['damaged_partitions'])} partition(s)",
+            ),
+        ],
+    )
     if server["damaged_partitions"]:
         typer.echo("")
-        print_table(("DAMAGED PARTITION", "READ UP TO OFFSET", "FILE", "AT BYTE", "REASON"), [
-            (f"{entry['topic']}-{entry['partition']}", entry["offset"], entry["path"], entry["position"], entry["reason"])
-            for entry in server["damaged_partitions"]
-        ])
-        typer.echo("Damaged below the recovery point: appends refused, nothing served past the offset shown. Stop "
-                   "the broker, then restore the file or run `nodi segments recover --truncate-damaged`.")
+        print_table(
+            ("DAMAGED PARTITION", "READ UP TO OFFSET", "FILE", "AT BYTE", "REASON"),
+            [
+                (
+                    f"{entry['topic']}-{entry['partition']}",
+                    entry["offset"],
+                    entry["path"],
+                    entry["position"],
+                    entry["reason"],
+                )
+                for entry in server["damaged_partitions"]
+            ],
+        )
+        typer.echo(
+            "Damaged below the recovery point: appends refused, nothing served past the offset shown. Stop "
+            "the broker, then restore the file or run `nodi segments recover --truncate-damaged`."
+        )
     typer.echo("")
-    print_table(("TOPIC", "PARTITIONS", "MESSAGES", "BYTES", "SEGMENTS"), [
-        (topic["topic"], topic["partitions"], topic["messages"], topic["bytes"], topic["segments"])
-        for topic in snapshot["topics"]
-    ])
+    print_table(
+        ("TOPIC", "PARTITIONS", "MESSAGES", "BYTES", "SEGMENTS"),
+        [
+            (topic["topic"], topic["partitions"], topic["messages"], topic["bytes"], topic["segments"])
+            for topic in snapshot["topics"]
+        ],
+    )
     typer.echo("")
-    print_table(("GROUP", "STATE", "MEMBERS", "LAG", "BEHIND"), [
-        (group["group"], group["state"], group["members"], group["lag"],
-         " ".join(f"{entry['topic']}-{entry['partition']}:{entry['lag']}"
-                  for entry in group["partitions"] if entry["lag"]) or "-")
-        for group in snapshot["groups"]
-    ])
+    print_table(
+        ("GROUP", "STATE", "MEMBERS", "LAG", "BEHIND"),
+        [
+            (
+                group["group"],
+                group["state"],
+                group["members"],
+                group["lag"],
+                " ".join(
+                    f"{entry['topic']}-{entry['partition']}:{entry['lag']}"
+                    for entry in group["partitions"]
+                    if entry["lag"]
+                )
+                or "-",
+            )
+            for group in snapshot["groups"]
+        ],
+    )
     typer.echo("")
-    print_table(("QUEUE GROUP", "TOPIC", "PENDING", "IN FLIGHT", "DEAD-LETTERED", "OLDEST UNACKED", "DEAD-LETTER TOPIC"), [
-        (queue["group"], queue["topic"], queue["pending"], queue["in_flight"], queue["dead_lettered"],
-         "-" if queue["oldest_unacked_age_ms"] is None else _duration(queue["oldest_unacked_age_ms"]),
-         queue["dead_letter_topic"])
-        for queue in snapshot["queue_groups"]
-    ])
+    print_table(
+        ("QUEUE GROUP", "TOPIC", "PENDING", "IN FLIGHT", "DEAD-LETTERED", "OLDEST UNACKED", "DEAD-LETTER TOPIC"),
+        [
+            (
+                queue["group"],
+                queue["topic"],
+                queue["pending"],
+                queue["in_flight"],
+                queue["dead_lettered"],
+                "-" if queue["oldest_unacked_age_ms"] is None else _duration(queue["oldest_unacked_age_ms"]),
+                queue["dead_letter_topic"],
+            )
+            for queue in snapshot["queue_groups"]
+        ],
+    )
     typer.echo("")
-    print_table(("DEAD-LETTER TOPIC", "MESSAGES"), [
-        (entry["topic"], entry["messages"]) for entry in snapshot["dead_letter_topics"]
-    ])
+    print_table(
+        ("DEAD-LETTER TOPIC", "MESSAGES"),
+        [(entry["topic"], entry["messages"]) for entry in snapshot["dead_letter_topics"]],
+    )
 
 
 def status_command(

@@ -165,14 +165,10 @@ def list_segments(
     segment's next offset (only the last segment's tail after its last index entry is
     walked). With `count_batches`, every batch header is walked (no CRC check) to count
     batches; that reads every segment."""
-    return [
-        _list_partition(partition, count_batches, limits) for partition in iter_partition_directories(data_dir)
-    ]
+    return [_list_partition(partition, count_batches, limits) for partition in iter_partition_directories(data_dir)]
 
 
-def _list_partition(
-    partition: PartitionDirectory, count_batches: bool, limits: RecordLimits
-) -> PartitionListing:
+def _list_partition(partition: PartitionDirectory, count_batches: bool, limits: RecordLimits) -> PartitionListing:
     fs = READ_ONLY_FILE_SYSTEM
     bases = _segment_bases(partition.path)
     listings = []
@@ -324,8 +320,7 @@ def _segment_bases(directory: str) -> list[int]:
 
 def _log_bytes(directory: str) -> int:
     return sum(
-        os.path.getsize(os.path.join(directory, segment_name(base) + LOG_SUFFIX))
-        for base in _segment_bases(directory)
+        os.path.getsize(os.path.join(directory, segment_name(base) + LOG_SUFFIX)) for base in _segment_bases(directory)
     )
 
 
@@ -421,8 +416,9 @@ def _verify_metadata_tables(meta: str, path: str) -> list[Problem]:
                         validate_topic_name(bytes(key).decode("ascii", errors="replace"))
                         decode_deletion_value(value)
                     except NodiError as error:
-                        problems.append(Problem(path, None, None,
-                                                f"table 'deleted_topics', key {bytes(key)!r}: {error}"))
+                        problems.append(
+                            Problem(path, None, None, f"table 'deleted_topics', key {bytes(key)!r}: {error}")
+                        )
             for table in (b"offsets", b"queue_state"):
                 if table not in tables:
                     continue
@@ -436,9 +432,14 @@ def _verify_metadata_tables(meta: str, path: str) -> list[Problem]:
                         problems.append(Problem(path, None, None, f"{where}: {error}"))
                         continue
                     if topic not in topics:
-                        problems.append(_warning(path, f"{where}: group {group!r} has state for "
-                                                       f"{topic}-{partition}, a topic that does not exist "
-                                                       "(the broker ignores it)"))
+                        problems.append(
+                            _warning(
+                                path,
+                                f"{where}: group {group!r} has state for "
+                                f"{topic}-{partition}, a topic that does not exist "
+                                "(the broker ignores it)",
+                            )
+                        )
     except lmdb.Error as error:
         problems.append(Problem(path, None, None, f"reading it failed: {error}"))
     finally:
@@ -569,8 +570,10 @@ def _check_framing(segment: Segment, position: int, header: BatchHeader, limits:
     try:
         check_records(segment.open_file().pread(header.size, position), header, limits)
     except InvalidRecordError as error:
-        return (f"offsets {header.base_offset}..{header.last_offset}: the records do not decode ({error}); "
-                "readers skip this batch")
+        return (
+            f"offsets {header.base_offset}..{header.last_offset}: the records do not decode ({error}); "
+            "readers skip this batch"
+        )
     return None
 
 
@@ -642,10 +645,7 @@ def topic_log_configs(data_dir: str | os.PathLike[str]) -> dict[str, LogConfig]:
         return {}
     with MetadataStore(data_dir) as metadata:
         topics = metadata.list_topics()
-    return {
-        name: replace(log_config_for(config), fsync_policy=FsyncPolicy.NEVER)
-        for name, config in topics.items()
-    }
+    return {name: replace(log_config_for(config), fsync_policy=FsyncPolicy.NEVER) for name, config in topics.items()}
 
 
 def recover_data_dir(

@@ -237,7 +237,9 @@ class Compactor:
         delete_retention_ms: the log's topic setting (None: config.delete_retention_ms)."""
         if delete_retention_ms is None:
             delete_retention_ms = self.config.delete_retention_ms
-        elif isinstance(delete_retention_ms, bool) or not isinstance(delete_retention_ms, int) or delete_retention_ms < 0:
+        elif (
+            isinstance(delete_retention_ms, bool) or not isinstance(delete_retention_ms, int) or delete_retention_ms < 0
+        ):
             raise InvalidConfigError(f"delete_retention_ms {delete_retention_ms!r} must be an integer >= 0")
         if log.config.dense_offsets:
             raise InvalidConfigError(
@@ -259,14 +261,18 @@ class Compactor:
                     self._statistics[log.directory] = replace(entry, failures=entry.failures + 1)
                 raise
             with self._lock:
-                self._statistics[log.directory] = self._statistics.get(log.directory, CompactionStatistics()).plus(result)
+                self._statistics[log.directory] = self._statistics.get(log.directory, CompactionStatistics()).plus(
+                    result
+                )
             return result
         finally:
             log_lock.release()
 
     # -- a run ------------------------------------------------------------------
 
-    def _run(self, log: Log, now_ms: int, delete_retention_ms: int, progress: ProgressCallback | None) -> CompactionResult:
+    def _run(
+        self, log: Log, now_ms: int, delete_retention_ms: int, progress: ProgressCallback | None
+    ) -> CompactionResult:
         started = time.monotonic()
         counters = _Counters()
         first_dirty = before = read_first_dirty_offset(log)
@@ -282,8 +288,9 @@ class Compactor:
             # The horizon is a batch's int64 base_timestamp: a topic may keep tombstones
             # for ever (INT64_MAX) without overflowing it.
             work = _Pass(offsets, map_end, now_ms, min(now_ms + delete_retention_ms, INT64_MAX))
-            for group in _groups([segment for segment in sealed if segment.base_offset < map_end],
-                                 log.config.segment_bytes):
+            for group in _groups(
+                [segment for segment in sealed if segment.base_offset < map_end], log.config.segment_bytes
+            ):
                 self._clean_group(log, group, work, counters, progress)
             del offsets, work
             write_file_atomically(
@@ -389,7 +396,8 @@ class Compactor:
                 for header, data in self._batches(log, segment, 0, counters, progress):
                     try:
                         replacement, dropped, dropped_tombstones = self._filter_batch(
-                            data, header, work, log.config.limits)
+                            data, header, work, log.config.limits
+                        )
                     except InvalidRecordError as error:  # stored before produce walked records
                         log.note_undecodable(header, error, "compaction")
                         replacement, dropped, dropped_tombstones = data, 0, 0  # copied as it is
@@ -513,9 +521,7 @@ class Compactor:
         cleaned.start_in_memory_indexes()
         return cleaned
 
-    def _copy_prefix(
-        self, log: Log, segment: Segment, file, cleaned: Segment, stop: BatchHeader, interval: int
-    ) -> int:
+    def _copy_prefix(self, log: Log, segment: Segment, file, cleaned: Segment, stop: BatchHeader, interval: int) -> int:
         """Copy the unchanged batches before the first changed one (`stop`) as they are."""
         position = 0
         for batch in BatchScanner(file, 0, segment.size, verify=False, limits=log.config.limits):

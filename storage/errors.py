@@ -63,9 +63,7 @@ class OffsetOutOfRangeError(NodiError):
     """A read below the log start offset or beyond the log end offset."""
 
     def __init__(self, offset: int, log_start_offset: int, log_end_offset: int) -> None:
-        super().__init__(
-            f"offset {offset} is outside the log [{log_start_offset}, {log_end_offset})"
-        )
+        super().__init__(f"offset {offset} is outside the log [{log_start_offset}, {log_end_offset})")
         self.offset = offset
         self.log_start_offset = log_start_offset
         self.log_end_offset = log_end_offset
@@ -170,8 +168,7 @@ class DataDirectoryLockedError(NodiError):
     def __init__(self, data_dir: str, holder_pid: int | None) -> None:
         holder = f"process {holder_pid}" if holder_pid else "another process"
         super().__init__(
-            f"data directory {data_dir} is in use by {holder} (a running broker or an offline tool); "
-            "stop it first"
+            f"data directory {data_dir} is in use by {holder} (a running broker or an offline tool); stop it first"
         )
         self.data_dir = data_dir
         self.holder_pid = holder_pid

@@ -13,7 +13,22 @@ from dataclasses import dataclass
 # Upper bounds (inclusive) of the fsync latency buckets, in seconds: 50 µs (page cache,
 # battery-backed controllers) to 10 s (a disk in trouble).
 FSYNC_SECONDS_BUCKETS = (
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    10.0,
 )
 # Appends one fsync made durable (group commit size), powers of two.
 GROUP_COMMIT_APPENDS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)

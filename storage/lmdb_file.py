@@ -81,8 +81,7 @@ def _decode_meta(path: str, data: bytes, page_number: int) -> MetaPage:
     magic, version, _, map_size = _META.unpack_from(data, 16)
     if magic != MAGIC:
         raise MetadataCorruptError(
-            f"{path} is not an LMDB data file: meta page {page_number} has magic {magic:#010x}, "
-            f"expected {MAGIC:#010x}"
+            f"{path} is not an LMDB data file: meta page {page_number} has magic {magic:#010x}, expected {MAGIC:#010x}"
         )
     if version != DATA_VERSION:
         raise MetadataCorruptError(
@@ -116,8 +115,7 @@ def read_meta_pages(path: str) -> tuple[MetaPage, MetaPage, int]:
                 raise MetadataCorruptError(f"{path}: meta page 0 gives an impossible page size {first.page_size}")
             if size < 2 * first.page_size:
                 raise MetadataCorruptError(
-                    f"{path} is truncated: {size} bytes, shorter than its two meta pages "
-                    f"({2 * first.page_size} bytes)"
+                    f"{path} is truncated: {size} bytes, shorter than its two meta pages ({2 * first.page_size} bytes)"
                 )
             file.seek(first.page_size)
             second = _decode_meta(path, file.read(META_BYTES), 1)

@@ -100,7 +100,9 @@ class FileSlice:
         if self.base_offset_sum is not None:
             problem = _framing_problem(data, self.base_offset_sum, self.last_offset)
             if problem is not None:
-                raise SegmentReadError(self.file.path, self.position, f"the bytes read are not the batches scanned: {problem}")
+                raise SegmentReadError(
+                    self.file.path, self.position, f"the bytes read are not the batches scanned: {problem}"
+                )
         return data
 
 
@@ -636,11 +638,11 @@ class Log:
                 # The durable offset, not the active base: a clean close may already have
                 # put the recovery point past the active base, and it never moves back (I5).
                 try:
-                    write_checkpoint(
-                        self.fs, self.directory, Checkpoint(self._durable_offset, self.log_start_offset)
-                    )
+                    write_checkpoint(self.fs, self.directory, Checkpoint(self._durable_offset, self.log_start_offset))
                 except OSError as error:  # a failed write or fsync is final (I9)
-                    raise self._fail_locked(LogReadOnlyError(f"checkpoint of {self.directory} failed: {error}")) from error
+                    raise self._fail_locked(
+                        LogReadOnlyError(f"checkpoint of {self.directory} failed: {error}")
+                    ) from error
         return deleted
 
     def replace_sealed_segments(self, olds: list[Segment], install: Callable[[bool], Segment | None]) -> bool:
@@ -664,7 +666,9 @@ class Log:
             try:
                 fresh = install(number == 0)
             except OSError as error:  # a failed rename or directory fsync (I9)
-                raise self._fail_locked(LogReadOnlyError(f"compaction swap of {olds[0].log_path} failed: {error}")) from error
+                raise self._fail_locked(
+                    LogReadOnlyError(f"compaction swap of {olds[0].log_path} failed: {error}")
+                ) from error
             if fresh is None:
                 assert number > 0
                 # Their offsets become part of the gap after the previous segment, as an
@@ -734,16 +738,25 @@ class Log:
             raise SegmentReadError(segment.log_path, 0, str(error)) from error
 
     def _scan_for_read(
-        self, segment: Segment, file: File, size: int, entry: tuple[int, int] | None,
-        offset: int, end: int, budget: int, *, first: bool,
+        self,
+        segment: Segment,
+        file: File,
+        size: int,
+        entry: tuple[int, int] | None,
+        offset: int,
+        end: int,
+        budget: int,
+        *,
+        first: bool,
     ) -> FileSlice | None:
         """The read's slice of `segment`, scanning from the index entry `entry` (which
         must name a batch start, I7, else _IndexEntryMismatch) or from the start."""
         start, expected = (0, segment.base_offset) if entry is None else (entry[1], segment.base_offset + entry[0])
         if entry is not None and start >= size:
             raise _IndexEntryMismatch()
-        scanner = BatchScanner(file, start, size, verify=False, limits=self.config.limits,
-                               window_bytes=READ_SCAN_WINDOW_BYTES)
+        scanner = BatchScanner(
+            file, start, size, verify=False, limits=self.config.limits, window_bytes=READ_SCAN_WINDOW_BYTES
+        )
         slice_start = length = None
         first_offset = last_offset = None
         base_offset_sum = 0
@@ -882,9 +895,15 @@ class Log:
             if len(self._undecodable) < UNDECODABLE_REMEMBERED_MAX:
                 self._undecodable.add(header.base_offset)
             self._undecodable_count += 1
-        logger.warning("%s: readers skip offsets %d..%d: the stored batch does not decode (%s); met by %s. It was "
-                       "written before produce checked records; `nodi segments verify` lists such batches",
-                       self.directory, header.base_offset, header.last_offset, error, reader)
+        logger.warning(
+            "%s: readers skip offsets %d..%d: the stored batch does not decode (%s); met by %s. It was "
+            "written before produce checked records; `nodi segments verify` lists such batches",
+            self.directory,
+            header.base_offset,
+            header.last_offset,
+            error,
+            reader,
+        )
 
     def close(self) -> None:
         """Clean close: fsync, write indexes and checkpoint, then the clean-shutdown

@@ -105,9 +105,7 @@ class MetadataLimits:
                 f"got {self.map_size_bytes}"
             )
         if self.staged_entries_max < 1:
-            raise InvalidConfigError(
-                f"staged_entries_max must be at least 1, got {self.staged_entries_max}"
-            )
+            raise InvalidConfigError(f"staged_entries_max must be at least 1, got {self.staged_entries_max}")
         if not 1 <= self.group_name_bytes_max <= 255:
             raise InvalidConfigError(
                 f"group_name_bytes_max must be in [1, 255] (a one-byte length in the key), "
@@ -138,8 +136,7 @@ def validate_topic_name(name: str) -> None:
         raise InvalidConfigError(f"topic name must be a string, got {type(name).__name__}")
     if _TOPIC_NAME.fullmatch(name) is None:
         raise InvalidConfigError(
-            f"invalid topic name {name!r}: use 1 to {TOPIC_NAME_CHARACTERS_MAX} characters "
-            "from A-Z a-z 0-9 . _ -"
+            f"invalid topic name {name!r}: use 1 to {TOPIC_NAME_CHARACTERS_MAX} characters from A-Z a-z 0-9 . _ -"
         )
     if name in (".", ".."):
         raise InvalidConfigError(f"invalid topic name {name!r}: '.' and '..' are reserved")
@@ -156,8 +153,7 @@ def validate_group_name(group: str, group_name_bytes_max: int = 255) -> bytes:
         raise InvalidConfigError(f"group name {group!r} is not valid UTF-8: {error}") from None
     if not 1 <= len(encoded) <= group_name_bytes_max:
         raise InvalidConfigError(
-            f"group name must be 1 to {group_name_bytes_max} bytes in UTF-8, "
-            f"got {len(encoded)} bytes"
+            f"group name must be 1 to {group_name_bytes_max} bytes in UTF-8, got {len(encoded)} bytes"
         )
     return encoded
 
@@ -305,8 +301,7 @@ def encode_offset_value(entry: CommittedOffset, offset_metadata_bytes_max: int =
         raise InvalidConfigError(f"offset metadata is not valid UTF-8: {error}") from None
     if len(encoded) > offset_metadata_bytes_max:
         raise InvalidConfigError(
-            f"offset metadata of {len(encoded)} bytes exceeds offset_metadata_bytes_max "
-            f"{offset_metadata_bytes_max}"
+            f"offset metadata of {len(encoded)} bytes exceeds offset_metadata_bytes_max {offset_metadata_bytes_max}"
         )
     return _OFFSET_VALUE.pack(OFFSET_VALUE_VERSION, offset, commit_time_ms, len(encoded)) + encoded
 
@@ -513,8 +508,7 @@ class MetadataStore:
         try:
             if env.max_key_size() < KEY_BYTES_MAX:
                 raise MetadataError(
-                    f"this LMDB build allows {env.max_key_size()}-byte keys; "
-                    f"the metadata store needs {KEY_BYTES_MAX}"
+                    f"this LMDB build allows {env.max_key_size()}-byte keys; the metadata store needs {KEY_BYTES_MAX}"
                 )
             databases = {name: env.open_db(name) for name in TABLES}
         except lmdb.Error as error:
@@ -793,8 +787,7 @@ class MetadataStore:
         state = bytes(state)
         if len(state) > self._limits.queue_state_bytes_max:
             raise InvalidConfigError(
-                f"queue state of {len(state)} bytes exceeds queue_state_bytes_max "
-                f"{self._limits.queue_state_bytes_max}"
+                f"queue state of {len(state)} bytes exceeds queue_state_bytes_max {self._limits.queue_state_bytes_max}"
             )
         self._stage(_QUEUE_STATE, key, state)
 
@@ -1046,8 +1039,9 @@ class MetadataStore:
         self._episode_failed_commits = 1 if first else self._episode_failed_commits + 1
         if first:
             self._failed_since_ms = _now_ms()
-            log.error("%s; refusing commits, retrying from %.1f s on (staged entries are kept)",
-                      message, self._retry_delay_s)
+            log.error(
+                "%s; refusing commits, retrying from %.1f s on (staged entries are kept)", message, self._retry_delay_s
+            )
         else:
             log.debug("%s (retry %d)", message, self._episode_failed_commits)
         self._failure = failure
@@ -1065,8 +1059,12 @@ class MetadataStore:
 
     def _recovered(self) -> None:
         seconds = (_now_ms() - (self._failed_since_ms or _now_ms())) / 1000
-        log.warning("the metadata store at %s commits again after %d failed commit(s) over %.1f s",
-                    self.path, self._episode_failed_commits, seconds)
+        log.warning(
+            "the metadata store at %s commits again after %d failed commit(s) over %.1f s",
+            self.path,
+            self._episode_failed_commits,
+            seconds,
+        )
         self._failure = None
         self._failed_since_ms = None
         self._retry_delay_s = 0.0
@@ -1095,4 +1093,3 @@ class MetadataStore:
             log.error("the metadata store at %s could not be reopened after a failed commit: %s", self.path, error)
             return
         self._env_closed = False
-

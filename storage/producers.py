@@ -138,7 +138,9 @@ class ProducerStateTable:
         return body + _CRC.pack(_crc32c.crc32c(body))
 
     @classmethod
-    def decode_snapshot(cls, data: bytes, producers_max: int = PRODUCERS_PER_PARTITION_MAX) -> tuple[int, ProducerStateTable] | None:
+    def decode_snapshot(
+        cls, data: bytes, producers_max: int = PRODUCERS_PER_PARTITION_MAX
+    ) -> tuple[int, ProducerStateTable] | None:
         """(offset, table), or None for anything not a whole, checksummed snapshot."""
         if len(data) < _HEAD.size + _CRC.size:
             return None

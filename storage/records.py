@@ -176,20 +176,16 @@ def check_header(header: BatchHeader, limits: RecordLimits = DEFAULT_RECORD_LIMI
     if header.batch_length < BATCH_LENGTH_MIN:
         raise CorruptBatchError(f"batch_length {header.batch_length} below {BATCH_LENGTH_MIN}")
     if header.size > limits.batch_bytes_max:
-        raise LimitExceededError(
-            f"batch of {header.size} bytes exceeds batch_bytes_max {limits.batch_bytes_max}"
-        )
+        raise LimitExceededError(f"batch of {header.size} bytes exceeds batch_bytes_max {limits.batch_bytes_max}")
     if header.magic != MAGIC:
         raise CorruptBatchError(f"magic {header.magic}, expected {MAGIC}")
     if header.records_count < 0 or header.last_offset_delta < 0:
         raise CorruptBatchError(
-            f"negative records_count {header.records_count} or "
-            f"last_offset_delta {header.last_offset_delta}"
+            f"negative records_count {header.records_count} or last_offset_delta {header.last_offset_delta}"
         )
     if header.records_count > limits.records_per_batch_max:
         raise LimitExceededError(
-            f"{header.records_count} records exceed records_per_batch_max "
-            f"{limits.records_per_batch_max}"
+            f"{header.records_count} records exceed records_per_batch_max {limits.records_per_batch_max}"
         )
 
 
@@ -249,9 +245,7 @@ def check_batches(
     return found
 
 
-def check_batch_at(
-    view: memoryview, position: int, limits: RecordLimits = DEFAULT_RECORD_LIMITS
-) -> BatchHeader:
+def check_batch_at(view: memoryview, position: int, limits: RecordLimits = DEFAULT_RECORD_LIMITS) -> BatchHeader:
     header = parse_header(view, position)
     check_header(header, limits)
     if position + header.size > len(view):
@@ -376,9 +370,7 @@ def _encode_parts(
             delta = timestamp_ms - base_timestamp
             if size != shared_size or delta != shared_delta:
                 if size > record_bytes_max:
-                    raise LimitExceededError(
-                        f"record of {size} bytes exceeds record_bytes_max {record_bytes_max}"
-                    )
+                    raise LimitExceededError(f"record of {size} bytes exceeds record_bytes_max {record_bytes_max}")
                 # attributes + timestamp_delta; null key + value_length; both + the value
                 # + header_count
                 timestamp_part = b"\x00" + (varints[delta] if 0 <= delta < table_size else varint(delta))
@@ -423,9 +415,7 @@ def _encode_parts(
             size += len(value)
         if headers:
             if len(headers) > headers_max:
-                raise LimitExceededError(
-                    f"{len(headers)} headers exceed headers_per_record_max {headers_max}"
-                )
+                raise LimitExceededError(f"{len(headers)} headers exceed headers_per_record_max {headers_max}")
             body.append(varint(len(headers)))
             for header_key, header_value in headers:
                 try:
@@ -444,9 +434,7 @@ def _encode_parts(
         else:
             body.append(b"\x00")
         if size > record_bytes_max:
-            raise LimitExceededError(
-                f"record of {size} bytes exceeds record_bytes_max {record_bytes_max}"
-            )
+            raise LimitExceededError(f"record of {size} bytes exceeds record_bytes_max {record_bytes_max}")
         encoded = b"".join(body)
         length_part = varint(len(encoded))
         append(length_part)
@@ -485,9 +473,7 @@ def build_batch_buffer(
     if not records:
         raise InvalidRecordError("a batch needs at least one record")
     if len(records) > limits.records_per_batch_max:
-        raise LimitExceededError(
-            f"{len(records)} records exceed records_per_batch_max {limits.records_per_batch_max}"
-        )
+        raise LimitExceededError(f"{len(records)} records exceed records_per_batch_max {limits.records_per_batch_max}")
     if compression not in SUPPORTED_COMPRESSION:
         known = compression in Compression._value2member_map_
         name = Compression(compression).name if known else compression
@@ -717,8 +703,11 @@ def _scan_records(
                 length, position = read(data, position, 5)
             record_end = position + length
             if length < RECORD_BYTES_MIN or record_end > end:
-                raise _framing_error(index, field, f"{length} bytes, outside {RECORD_BYTES_MIN}.."
-                                                   f"{end - position} (what is left of the batch)")
+                raise _framing_error(
+                    index,
+                    field,
+                    f"{length} bytes, outside {RECORD_BYTES_MIN}..{end - position} (what is left of the batch)",
+                )
             field = "attributes"
             if data[position]:
                 raise _framing_error(index, field, f"{data[position]:#04x} sets unknown bits")
@@ -743,8 +732,12 @@ def _scan_records(
             else:
                 offset_delta, position = read(data, position, 5)
             if not previous_delta < offset_delta <= last_offset_delta:
-                raise _framing_error(index, field, f"{offset_delta} after {previous_delta}: deltas must increase "
-                                                   f"within 0..{last_offset_delta} (last_offset_delta)")
+                raise _framing_error(
+                    index,
+                    field,
+                    f"{offset_delta} after {previous_delta}: deltas must increase "
+                    f"within 0..{last_offset_delta} (last_offset_delta)",
+                )
             previous_delta = offset_delta
             field = "key length"
             size = 0
@@ -761,8 +754,9 @@ def _scan_records(
                 if key_length < -1:
                     raise _framing_error(index, field, f"{key_length} is negative")
                 if position + key_length > record_end:
-                    raise _framing_error(index, field, f"{key_length} runs past the record "
-                                                       f"({record_end - position} bytes left)")
+                    raise _framing_error(
+                        index, field, f"{key_length} runs past the record ({record_end - position} bytes left)"
+                    )
                 if key_length < 0:
                     key = None
                 else:
@@ -787,8 +781,9 @@ def _scan_records(
                 value = None
             else:
                 if position + value_length > record_end:
-                    raise _framing_error(index, field, f"{value_length} runs past the record "
-                                                       f"({record_end - position} bytes left)")
+                    raise _framing_error(
+                        index, field, f"{value_length} runs past the record ({record_end - position} bytes left)"
+                    )
                 if append is not None:
                     value = data[position : position + value_length]
                 position += value_length
@@ -803,20 +798,30 @@ def _scan_records(
                 )
             if position != record_end:
                 field = "length"
-                raise _framing_error(index, field, f"{length} bytes, but its fields take "
-                                                   f"{position - record_end + length}")
+                raise _framing_error(
+                    index, field, f"{length} bytes, but its fields take {position - record_end + length}"
+                )
             if size > record_bytes_max:
                 field = "size"
-                raise _framing_error(index, field, f"{size} bytes of key, value and headers exceed "
-                                                   f"record_bytes_max {record_bytes_max}", RecordLimitError)
+                raise _framing_error(
+                    index,
+                    field,
+                    f"{size} bytes of key, value and headers exceed record_bytes_max {record_bytes_max}",
+                    RecordLimitError,
+                )
             if append is not None:
-                append(make(record_type, (
-                    base_offset + offset_delta,
-                    max_timestamp if log_append_time else base_timestamp + timestamp_delta,
-                    key,
-                    value,
-                    headers,
-                )))
+                append(
+                    make(
+                        record_type,
+                        (
+                            base_offset + offset_delta,
+                            max_timestamp if log_append_time else base_timestamp + timestamp_delta,
+                            key,
+                            value,
+                            headers,
+                        ),
+                    )
+                )
     except IndexError:
         raise _framing_error(index, field, "truncated: the batch ends inside it") from None
     except RecordFramingError:
@@ -968,11 +973,16 @@ def _scan_headers(
     if header_count < 0:
         raise _framing_error(index, "header count", f"{header_count} is negative")
     if header_count * RECORD_HEADER_BYTES_MIN > left:
-        raise _framing_error(index, "header count", f"{header_count} headers cannot fit in the "
-                                                    f"{left} bytes left of the record")
+        raise _framing_error(
+            index, "header count", f"{header_count} headers cannot fit in the {left} bytes left of the record"
+        )
     if header_count > headers_max:
-        raise _framing_error(index, "header count", f"{header_count} headers exceed headers_per_record_max "
-                                                    f"{headers_max}", RecordLimitError)
+        raise _framing_error(
+            index,
+            "header count",
+            f"{header_count} headers exceed headers_per_record_max {headers_max}",
+            RecordLimitError,
+        )
     headers: list[tuple[str, bytes | None]] = []
     append = headers.append
     number = 0

@@ -93,7 +93,8 @@ class LogDamage:
 
     def describe(self) -> str:
         hidden = (
-            f"offsets from {self.offset} on" if self.last_offset is None
+            f"offsets from {self.offset} on"
+            if self.last_offset is None
             else f"offsets {self.offset}..{self.last_offset}"
         )
         return (
@@ -137,7 +138,9 @@ class RecoveryReport:
         state = "new log" if self.created else ("clean" if self.clean_shutdown else "unclean")
         if self.damage is not None:  # the clean-shutdown marker may have been there
             state = "damaged"
-        text = f"{self.directory}: {state} start, scanned {self.scanned_segments} segment(s), {self.scanned_bytes} bytes"
+        text = (
+            f"{self.directory}: {state} start, scanned {self.scanned_segments} segment(s), {self.scanned_bytes} bytes"
+        )
         if self.lost_anything:
             lost = (
                 f"offsets from {self.first_lost_offset} on lost (how many is unknown)"
@@ -443,14 +446,21 @@ def _scan_tail(
         if bad is not None:
             break
 
-    fields: dict = {"scanned_segments": (bad[0] if bad else len(segments) - 1) - first + 1, "scanned_bytes": scanned_bytes}
+    fields: dict = {
+        "scanned_segments": (bad[0] if bad else len(segments) - 1) - first + 1,
+        "scanned_bytes": scanned_bytes,
+    }
     kept = segments
     if bad is not None and protected_offset is not None and expected < protected_offset:
         number, position, reason = bad
         last_seen = _last_offset_hint(segments, number, position, config)
         known_end = max(protected_offset - 1, -1 if last_seen is None else last_seen)
         fields["damage"] = LogDamage(
-            segments[number].log_path, position, expected, reason, protected_offset,
+            segments[number].log_path,
+            position,
+            expected,
+            reason,
+            protected_offset,
             known_end if known_end >= expected else None,
         )
         # A segment bad from its first byte (its name disagrees with the offsets

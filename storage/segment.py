@@ -95,9 +95,7 @@ class BatchScanner:
             position = self.position
             try:
                 if self.end - position < BATCH_HEADER_BYTES:
-                    raise CorruptBatchError(
-                        f"{self.end - position} trailing bytes, less than a batch header"
-                    )
+                    raise CorruptBatchError(f"{self.end - position} trailing bytes, less than a batch header")
                 header = parse_header(self._bytes(position, BATCH_HEADER_BYTES))
                 check_header(header, self.limits)
                 if position + header.size > self.end:
@@ -108,9 +106,7 @@ class BatchScanner:
                     body = self._bytes(position, header.size)
                     actual = _crc32c.crc32c(body[CRC_START:])
                     if actual != header.crc:
-                        raise CorruptBatchError(
-                            f"crc mismatch: stored {header.crc:#010x}, computed {actual:#010x}"
-                        )
+                        raise CorruptBatchError(f"crc mismatch: stored {header.crc:#010x}, computed {actual:#010x}")
             except InvalidRecordError as error:
                 raise CorruptBatchError(str(error), position=position) from None
             self.position = position + header.size

@@ -373,9 +373,7 @@ class SimulatedFileSystem:
             self.crashes += 1
 
     @staticmethod
-    def _replay(
-        rng: random.Random, mode: str, content: bytearray, pending: list[_Operation]
-    ) -> list[tuple[int, int]]:
+    def _replay(rng: random.Random, mode: str, content: bytearray, pending: list[_Operation]) -> list[tuple[int, int]]:
         touched = []
         if mode == "reorder":
             chosen = [(operation, None) for operation in pending if rng.random() < 0.5]
@@ -475,9 +473,7 @@ class SimulatedFileSystem:
             self._check_power("sync_directory", path)
             if path not in self._directories:
                 raise _fault("no such directory", errno.ENOENT, path)
-            self._pending_names = [
-                change for change in self._pending_names if os.path.dirname(change[1]) != path
-            ]
+            self._pending_names = [change for change in self._pending_names if os.path.dirname(change[1]) != path]
             for name in [name for name in self._durable_names if os.path.dirname(name) == path]:
                 del self._durable_names[name]
             for name, inode in self._names.items():
@@ -516,8 +512,10 @@ class CrashPoint:
 
     def describe(self) -> str:
         where = "after the last call" if self.before is None else f"before {self.before[0]} {self.before[1]}"
-        return (f"crash point {self.number}/{self.total} ({where}), mode {self.mode}, "
-                f"names {self.names}, seed {self.seed!r}")
+        return (
+            f"crash point {self.number}/{self.total} ({where}), mode {self.mode}, "
+            f"names {self.names}, seed {self.seed!r}"
+        )
 
 
 @dataclass(frozen=True, slots=True)

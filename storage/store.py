@@ -81,7 +81,8 @@ class StoreOpenReport:
     def lines(self) -> list[str]:
         """What else the open did that an operator should hear of (error_lines aside)."""
         out = [
-            report.describe() for report in self.recoveries
+            report.describe()
+            for report in self.recoveries
             if report.damage is None and (not report.clean_shutdown or report.lost_anything)
         ]
         for clamped in self.clamped_offsets:
@@ -91,8 +92,10 @@ class StoreOpenReport:
                 f"{clamped.old_offset} beyond the recovered log, {target}"
             )
         out.extend(f"orphan partition directory (no such topic): {path}" for path in self.orphan_directories)
-        out.extend(f"deleted topic {name}: its partition directories removed (the deletion was interrupted)"
-                   for name in self.finished_deletions)
+        out.extend(
+            f"deleted topic {name}: its partition directories removed (the deletion was interrupted)"
+            for name in self.finished_deletions
+        )
         out.extend(f"deleted topic {reason}" for reason in self.unfinished_deletions)
         return out
 
@@ -107,7 +110,11 @@ class Store:
     """Use Store.open(data_dir). Thread-safe for topic admin; logs are thread-safe."""
 
     def __init__(
-        self, data_dir: str, metadata: MetadataStore, clock_ms: Callable[[], int], fs: FileSystem = OS_FILE_SYSTEM,
+        self,
+        data_dir: str,
+        metadata: MetadataStore,
+        clock_ms: Callable[[], int],
+        fs: FileSystem = OS_FILE_SYSTEM,
         lock: DataDirectoryLock | None = None,
     ) -> None:
         self.data_dir = data_dir
@@ -151,22 +158,29 @@ class Store:
             for name, config in sorted(store.metadata.list_topics().items()):
                 topic = _Topic(config)
                 for partition in range(config.partitions):
-                    log = Log.open(partition_directory(data_dir, name, partition), log_config_for(config),
-                                   clock_ms=clock_ms)
+                    log = Log.open(
+                        partition_directory(data_dir, name, partition), log_config_for(config), clock_ms=clock_ms
+                    )
                     topic.logs.append(log)
                     recoveries.append(log.recovery_report)
                 store._topics[name] = topic
             clamped = store.metadata.clamp_offsets(store._log_end_offset)
             orphans = tuple(
-                entry.path for entry in iter_partition_directories(data_dir)
+                entry.path
+                for entry in iter_partition_directories(data_dir)
                 if entry.topic not in store._topics or entry.partition >= store._topics[entry.topic].config.partitions
             )
         except BaseException:
             store.close()
             raise
         store.open_report = StoreOpenReport(
-            tuple(recoveries), tuple(clamped), orphans, removed, (time.monotonic() - started) * 1000,
-            finished, unfinished,
+            tuple(recoveries),
+            tuple(clamped),
+            orphans,
+            removed,
+            (time.monotonic() - started) * 1000,
+            finished,
+            unfinished,
         )
         return store
 
@@ -217,8 +231,11 @@ class Store:
             try:
                 for partition in range(config.partitions):
                     topic.logs.append(
-                        Log.open(partition_directory(self.data_dir, name, partition), log_config_for(config),
-                                 clock_ms=self._clock_ms)
+                        Log.open(
+                            partition_directory(self.data_dir, name, partition),
+                            log_config_for(config),
+                            clock_ms=self._clock_ms,
+                        )
                     )
             except BaseException:
                 for log in topic.logs:
@@ -295,7 +312,9 @@ class Store:
 
     def logs(self) -> list[tuple[str, int, Log]]:
         with self._lock:
-            return [(name, number, log) for name, topic in self._topics.items() for number, log in enumerate(topic.logs)]
+            return [
+                (name, number, log) for name, topic in self._topics.items() for number, log in enumerate(topic.logs)
+            ]
 
     # -- background work ------------------------------------------------------------
 

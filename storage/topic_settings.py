@@ -106,8 +106,17 @@ def setting(
     """Declare a TopicConfig field as a topic setting (see TopicSetting)."""
     assert wire_type in WIRE_TYPES
     assert set(cleanup_kinds) <= set(CLEANUP_KINDS) and cleanup_kinds
-    declared = dict(help=help, wire_note=wire_note, low=low, high=high, choices=choices, unlimited=unlimited,
-                    unit=unit, wire_type=wire_type, cleanup_kinds=cleanup_kinds)
+    declared = dict(
+        help=help,
+        wire_note=wire_note,
+        low=low,
+        high=high,
+        choices=choices,
+        unlimited=unlimited,
+        unit=unit,
+        wire_type=wire_type,
+        cleanup_kinds=cleanup_kinds,
+    )
     return field(default=default, metadata={"setting": declared})
 
 
@@ -122,39 +131,59 @@ class TopicConfig:
 
     partitions: int = setting(1, low=1, high=PARTITIONS_MAX, wire_type="int32", help="Number of partitions.")
     retention_ms: int | None = setting(
-        7 * DAY_MS, unlimited=True, unit="ms", cleanup_kinds=("delete",),
+        7 * DAY_MS,
+        unlimited=True,
+        unit="ms",
+        cleanup_kinds=("delete",),
         help="Delete segments older than this (ms); -1 keeps them for ever.",
     )
     retention_bytes: int | None = setting(
-        None, unlimited=True, unit="bytes", cleanup_kinds=("delete",), wire_note="per partition",
+        None,
+        unlimited=True,
+        unit="bytes",
+        cleanup_kinds=("delete",),
+        wire_note="per partition",
         help="Delete the oldest segments past this size per partition; -1: no limit.",
     )
     cleanup_policy: str = setting(
         "delete", choices=CLEANUP_POLICIES, wire_type="string?", help='"delete", "compact" or "compact,delete".'
     )
     fsync_policy: str = setting(
-        "always", choices=FSYNC_POLICIES, wire_type="string?",
+        "always",
+        choices=FSYNC_POLICIES,
+        wire_type="string?",
         help='"always" (acknowledge durable produces after fsync), "interval" or "never".',
     )
     # Applies with fsync_policy "interval".
     fsync_interval_ms: int = setting(
-        1000, low=1, unit="ms", wire_note='with "interval"',
+        1000,
+        low=1,
+        unit="ms",
+        wire_note='with "interval"',
         help="The fsync period with --fsync-policy interval (ms).",
     )
     segment_bytes: int = setting(
-        128 * MIB, low=SEGMENT_BYTES_MIN, high=SEGMENT_BYTES_MAX, unit="bytes",
+        128 * MIB,
+        low=SEGMENT_BYTES_MIN,
+        high=SEGMENT_BYTES_MAX,
+        unit="bytes",
         help="Roll to a new segment file past this size.",
     )
     segment_ms: int = setting(7 * DAY_MS, low=1, unit="ms", help="Roll to a new segment file after this age (ms).")
     # Default message TTL (0: messages do not expire); a message's TTL header wins.
     ttl_ms: int = setting(
-        0, unit="ms", wire_note="default message TTL; 0: none",
+        0,
+        unit="ms",
+        wire_note="default message TTL; 0: none",
         help="Default message TTL (ms): readers skip older messages; 0: none.",
     )
     # Publish dedup window of idempotency keys (0: off; at most DEDUP_WINDOW_MS_MAX,
     # since a restart rescans that much of the log).
     dedup_window_ms: int = setting(
-        2 * 60 * 1000, high=DEDUP_WINDOW_MS_MAX, unit="ms", wire_note="publish dedup window; 0: off",
+        2 * 60 * 1000,
+        high=DEDUP_WINDOW_MS_MAX,
+        unit="ms",
+        wire_note="publish dedup window; 0: off",
         help="Publish dedup: a message whose idempotency key was seen this recently (ms) is not written "
         "again; 0: off (server default: 2 minutes).",
     )
@@ -162,7 +191,9 @@ class TopicConfig:
     # seen it. None: the server's compaction.delete_retention_ms (topics stored before
     # this setting existed; the server resolves it when a topic is created).
     delete_retention_ms: int | None = setting(
-        None, unit="ms", cleanup_kinds=("compact",),
+        None,
+        unit="ms",
+        cleanup_kinds=("compact",),
         wire_note="compacted topics: how long a tombstone stays after a pass first saw it",
         help="Compacted topics: how long (ms) a tombstone stays after a compaction pass first saw it "
         "(server default: its compaction.delete_retention_ms, one day).",
@@ -185,8 +216,7 @@ class TopicConfig:
         unknown = sorted(str(key) for key in data if key not in TOPIC_SETTING_NAMES)
         if unknown:
             raise InvalidConfigError(
-                f"unknown topic config keys: {', '.join(unknown)} "
-                f"(known: {', '.join(TOPIC_SETTING_NAMES)})"
+                f"unknown topic config keys: {', '.join(unknown)} (known: {', '.join(TOPIC_SETTING_NAMES)})"
             )
         config = cls(**data)  # type: ignore[arg-type]  # a value per declared setting; validate() checks them
         config.validate()
@@ -208,8 +238,11 @@ def _declared_settings(config_class: type) -> tuple[TopicSetting, ...]:
         assert not declared["unlimited"] or optional, f"{config_field.name}: None is its no-limit"
         assert (python_type is str) == (declared["wire_type"] == "string?") == bool(declared["choices"])
         assert config_field.default is not MISSING, f"{config_field.name}: every setting has a default"
-        out.append(TopicSetting(name=config_field.name, type=python_type, default=config_field.default,
-                                optional=optional, **declared))
+        out.append(
+            TopicSetting(
+                name=config_field.name, type=python_type, default=config_field.default, optional=optional, **declared
+            )
+        )
     return tuple(out)
 
 
@@ -239,14 +272,23 @@ def render_table() -> str:
         else:
             default = _number(declared.default)  # type: ignore[arg-type]  # an int setting: its default is an int
         topics = "all" if declared.cleanup_kinds == CLEANUP_KINDS else " and ".join(declared.cleanup_kinds)
-        lines.append(
-            f"| `{declared.name}` | {default} | {allowed} | {declared.unit} | {topics} | {declared.help} |"
-        )
+        lines.append(f"| `{declared.name}` | {default} | {allowed} | {declared.unit} | {topics} | {declared.help} |")
     return "\n".join(lines)
 
 
 __all__ = [
-    "CLEANUP_KINDS", "CLEANUP_POLICIES", "DEDUP_WINDOW_MS_MAX", "FSYNC_POLICIES", "PARTITIONS_MAX",
-    "SEGMENT_BYTES_MAX", "SEGMENT_BYTES_MIN", "TOPIC_SETTINGS", "TOPIC_SETTINGS_BY_NAME", "TOPIC_SETTING_NAMES",
-    "TopicConfig", "TopicSetting", "render_table", "setting",
+    "CLEANUP_KINDS",
+    "CLEANUP_POLICIES",
+    "DEDUP_WINDOW_MS_MAX",
+    "FSYNC_POLICIES",
+    "PARTITIONS_MAX",
+    "SEGMENT_BYTES_MAX",
+    "SEGMENT_BYTES_MIN",
+    "TOPIC_SETTINGS",
+    "TOPIC_SETTINGS_BY_NAME",
+    "TOPIC_SETTING_NAMES",
+    "TopicConfig",
+    "TopicSetting",
+    "render_table",
+    "setting",
 ]

@@ -38,7 +38,15 @@ class BrokerProcess:
 
     def start(self) -> BrokerProcess:
         metrics_port = "0" if self.metrics else "-1"
-        command = NODI + ["serve", "--data-dir", self.data_dir, "--port", str(self.port or 0), "--metrics-port", metrics_port]
+        command = NODI + [
+            "serve",
+            "--data-dir",
+            self.data_dir,
+            "--port",
+            str(self.port or 0),
+            "--metrics-port",
+            metrics_port,
+        ]
         self.process = subprocess.Popen(
             command + self.extra_args,
             stdout=subprocess.PIPE,

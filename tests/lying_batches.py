@@ -63,20 +63,34 @@ def good_section(count: int) -> bytes:
     return b"".join(record(delta, value=b"v%d" % delta) for delta in range(count))
 
 
-def seal(section: bytes, records_count: int, *, gzip: bool = False, attributes: int = 0,
-         last_offset_delta: int | None = None, body: bytes | None = None) -> bytes:
+def seal(
+    section: bytes,
+    records_count: int,
+    *,
+    gzip: bool = False,
+    attributes: int = 0,
+    last_offset_delta: int | None = None,
+    body: bytes | None = None,
+) -> bytes:
     """A v2 batch around `section` (gzipped when asked; `body` replaces the stored
     section outright) with a valid CRC."""
     if body is None:
         body = records.gzip_compress(section) if gzip else section
     attributes |= int(records.Compression.GZIP) if gzip else 0
     covered = struct.pack(
-        ">hiqqqhii", attributes, records_count - 1 if last_offset_delta is None else last_offset_delta,
-        BASE_TIMESTAMP_MS, BASE_TIMESTAMP_MS, -1, -1, -1, records_count,
+        ">hiqqqhii",
+        attributes,
+        records_count - 1 if last_offset_delta is None else last_offset_delta,
+        BASE_TIMESTAMP_MS,
+        BASE_TIMESTAMP_MS,
+        -1,
+        -1,
+        -1,
+        records_count,
     )
     batch = bytearray(struct.pack(">qiibI", 0, records.BATCH_HEADER_BYTES - 12 + len(body), -1, 2, 0))
     batch += covered + body
-    struct.pack_into(">I", batch, records.CRC_OFFSET, crc32c.crc32c(bytes(batch[records.CRC_START:])))
+    struct.pack_into(">I", batch, records.CRC_OFFSET, crc32c.crc32c(bytes(batch[records.CRC_START :])))
     return bytes(batch)
 
 
@@ -100,7 +114,11 @@ def lying_batches() -> dict[str, tuple[bytes, int | None, str]]:
         "count-says-3-holds-1": (seal(one, 3), 1, "records_count"),
         "count-says-1-holds-2": (seal(good_section(2), 1), None, "records_count"),
         "record-length-too-long": (seal(record(0, length=len(record_body(0)) + 4), 1), 0, "length"),
-        "record-length-too-short": (seal(record(0, length=len(record_body(0)) - 2) + b"\x00\x00", 1), 0, "value length"),
+        "record-length-too-short": (
+            seal(record(0, length=len(record_body(0)) - 2) + b"\x00\x00", 1),
+            0,
+            "value length",
+        ),
         "record-length-negative": (seal(record(0, length=-7), 1), 0, "length"),
         "key-length-lies": (seal(record(0, key=b"abc", key_length=900), 1), 0, "key length"),
         "key-length-below-null": (seal(record(0, key=b"abc", key_length=-3), 1), 0, "key length"),
@@ -108,7 +126,10 @@ def lying_batches() -> dict[str, tuple[bytes, int | None, str]]:
         "value-length-short": (seal(record(0, value=b"abcdef", value_length=2), 1), 0, "header count"),
         "header-count-1e9": (seal(record(0, header_count=10**9), 1), 0, "header count"),
         "header-key-length-lies": (
-            seal(record(0, headers=[(b"k", b"v")]).replace(b"\x02k", b"\x7ek"), 1), 0, "header 0 key length"),
+            seal(record(0, headers=[(b"k", b"v")]).replace(b"\x02k", b"\x7ek"), 1),
+            0,
+            "header 0 key length",
+        ),
         "header-key-not-utf8": (seal(record(0, headers=[(b"\xff\xfe", b"v")]), 1), 0, "header 0 key"),
         "offset-delta-repeats": (seal(record(0) + record(0) + record(1), 3), 1, "offset delta"),
         "offset-delta-past-last": (seal(record(0) + record(1) + record(3), 3), 2, "offset delta"),

@@ -18,7 +18,8 @@ def test_storage_bench_quick_run_writes_its_json(tmp_path: Path) -> None:
     data_parent = tmp_path / "data"
     completed = subprocess.run(
         [sys.executable, *BENCH, "--quick", "--data-dir", str(data_parent), "--json-out", str(json_path)],
-        cwd=ROOT, capture_output=True,
+        cwd=ROOT,
+        capture_output=True,
         text=True,
         timeout=300,
     )
@@ -65,7 +66,13 @@ def test_storage_bench_quick_run_writes_its_json(tmp_path: Path) -> None:
     for ratio in results["ratios"]:
         assert {"name", "value", "values", "target", "met"} <= ratio.keys()
     names = " ".join(ratio["name"] for ratio in results["ratios"])
-    for expected in ("vs raw sequential write", "8 appenders vs 1", "vs raw write+fdatasync loop", "Log.open after SIGKILL", "peak RSS"):
+    for expected in (
+        "vs raw sequential write",
+        "8 appenders vs 1",
+        "vs raw write+fdatasync loop",
+        "Log.open after SIGKILL",
+        "peak RSS",
+    ):
         assert expected in names
     # The bench cleaned up after itself: only the parent directory it was given remains.
     assert list(data_parent.iterdir()) == []

@@ -20,10 +20,23 @@ def test_broker_bench_quick_run_writes_its_json(tmp_path: Path) -> None:
     json_path = tmp_path / "bench.json"
     data_parent = tmp_path / "data"
     completed = subprocess.run(
-        [sys.executable, *BENCH, "--quick", "--messages", "2000", "--latency-seconds", "0.3",
-         "--redis-server", str(tmp_path / "no-such-redis-server"),
-         "--data-dir", str(data_parent), "--json-out", str(json_path)],
-        cwd=ROOT, capture_output=True,
+        [
+            sys.executable,
+            *BENCH,
+            "--quick",
+            "--messages",
+            "2000",
+            "--latency-seconds",
+            "0.3",
+            "--redis-server",
+            str(tmp_path / "no-such-redis-server"),
+            "--data-dir",
+            str(data_parent),
+            "--json-out",
+            str(json_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
         text=True,
         timeout=300,
     )
@@ -34,7 +47,8 @@ def test_broker_bench_quick_run_writes_its_json(tmp_path: Path) -> None:
 
     assert {"machine", "settings", "rounds", "summary", "ratios", "nodi_server", "redis_status"} <= results.keys()
     assert {"nproc", "kernel", "python", "disk_fs_type", "load_average_start", "load_average_end"} <= results[
-        "machine"].keys()
+        "machine"
+    ].keys()
     assert results["settings"]["value_bytes"] == 1024
     assert results["settings"]["messages"] == 2000
     assert len(results["rounds"]) == 1
@@ -47,7 +61,8 @@ def test_broker_bench_quick_run_writes_its_json(tmp_path: Path) -> None:
     nodi = one["nodi"]
     for phase in ("produce", "consume"):
         assert {"messages", "msg_per_s", "mb_per_s", "seconds", "client_cpu_seconds", "server_cpu_seconds"} <= nodi[
-            phase].keys()
+            phase
+        ].keys()
     # Everything produced was acknowledged and read back (counts, not speed).
     assert nodi["produce"]["errors"] == 0
     assert nodi["produce"]["messages"] == 2000
@@ -57,7 +72,8 @@ def test_broker_bench_quick_run_writes_its_json(tmp_path: Path) -> None:
     # The server's own fsync histogram, scraped around the phases: the fsyncs happened.
     for phase in ("produce", "latency"):
         assert {"server_fsyncs", "messages_per_fsync", "server_fsync_ms_p50", "server_fsync_ms_p99"} <= nodi[
-            phase].keys()
+            phase
+        ].keys()
         assert nodi[phase]["server_fsyncs"] > 0
     assert latency["missing"] == 0 and latency["samples"] > 0
 

@@ -38,7 +38,9 @@ def client(server):
         yield client
 
 
-def nodi(server, *args: str, stdin: bytes | None = None, environment: dict | None = None) -> subprocess.CompletedProcess:
+def nodi(
+    server, *args: str, stdin: bytes | None = None, environment: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run `nodi --server ADDRESS ARGS...`; stdout as bytes, stderr as text."""
     prefix = ["--server", server.address] if server is not None else []
     result = subprocess.run(
@@ -120,9 +122,15 @@ def wait_for(condition, timeout_s: float = TIMEOUT_S) -> None:
 
 
 BROKER_COMMANDS = [
-    ("topic", "create"), ("topic", "list"), ("topic", "describe"), ("topic", "delete"),
-    ("produce",), ("consume",),
-    ("group", "list"), ("group", "describe"), ("group", "reset"),
+    ("topic", "create"),
+    ("topic", "list"),
+    ("topic", "describe"),
+    ("topic", "delete"),
+    ("produce",),
+    ("consume",),
+    ("group", "list"),
+    ("group", "describe"),
+    ("group", "reset"),
 ]
 
 
@@ -161,17 +169,49 @@ def test_every_command_and_parameter_has_help():
 
 def test_topic_create_list_describe_delete(server, client):
     created = nodi(
-        server, "topic", "create", "cli-admin", "--partitions", "3", "--retention-ms", "-1",
-        "--retention-bytes", "1000000", "--cleanup-policy", "compact", "--fsync-policy", "interval",
-        "--fsync-interval-ms", "250", "--segment-bytes", "65536", "--segment-ms", "3600000", "--ttl-ms", "60000",
-        "--dedup-window-ms", "5000", "--json",
+        server,
+        "topic",
+        "create",
+        "cli-admin",
+        "--partitions",
+        "3",
+        "--retention-ms",
+        "-1",
+        "--retention-bytes",
+        "1000000",
+        "--cleanup-policy",
+        "compact",
+        "--fsync-policy",
+        "interval",
+        "--fsync-interval-ms",
+        "250",
+        "--segment-bytes",
+        "65536",
+        "--segment-ms",
+        "3600000",
+        "--ttl-ms",
+        "60000",
+        "--dedup-window-ms",
+        "5000",
+        "--json",
     )
     settings = json_lines(created)[0]
-    assert settings.items() >= {
-        "name": "cli-admin", "partitions": 3, "retention_ms": -1, "retention_bytes": 1_000_000,
-        "cleanup_policy": "compact", "fsync_policy": "interval", "fsync_interval_ms": 250,
-        "segment_bytes": 65536, "segment_ms": 3_600_000, "ttl_ms": 60_000, "dedup_window_ms": 5000,
-    }.items()
+    assert (
+        settings.items()
+        >= {
+            "name": "cli-admin",
+            "partitions": 3,
+            "retention_ms": -1,
+            "retention_bytes": 1_000_000,
+            "cleanup_policy": "compact",
+            "fsync_policy": "interval",
+            "fsync_interval_ms": 250,
+            "segment_bytes": 65536,
+            "segment_ms": 3_600_000,
+            "ttl_ms": 60_000,
+            "dedup_window_ms": 5000,
+        }.items()
+    )
     described = client.describe_topic("cli-admin")
     assert described.partition_count == 3
     assert (described.settings.cleanup_policy, described.settings.segment_bytes) == ("compact", 65536)
@@ -254,8 +294,17 @@ def test_usage_errors_are_exit_code_2(server, client):
 def test_produce_one_value_with_key_headers_partition_and_acks(server, client):
     client.create_topic("cli-produce", partitions=4)
     result = nodi(
-        server, "produce", "cli-produce", "hello", "--key", "customer-7", "--header", "source=shell",
-        "--header", "trace=a=b", "--json",
+        server,
+        "produce",
+        "cli-produce",
+        "hello",
+        "--key",
+        "customer-7",
+        "--header",
+        "source=shell",
+        "--header",
+        "trace=a=b",
+        "--json",
     )
     (acked,) = json_lines(result)
     assert acked["topic"] == "cli-produce" and acked["offset"] == 0
@@ -267,9 +316,13 @@ def test_produce_one_value_with_key_headers_partition_and_acks(server, client):
 
     before = client.describe_topic("cli-produce").partitions[3].high_watermark  # the key may have picked 3
     for acks in ("durable", "written"):
-        (placed,) = json_lines(nodi(server, "produce", "cli-produce", acks, "--partition", "3", "--acks", acks, "--json"))
+        (placed,) = json_lines(
+            nodi(server, "produce", "cli-produce", acks, "--partition", "3", "--acks", acks, "--json")
+        )
         assert placed["partition"] == 3
-    unacknowledged = json_lines(nodi(server, "produce", "cli-produce", "none", "--partition", "3", "--acks", "none", "--json"))
+    unacknowledged = json_lines(
+        nodi(server, "produce", "cli-produce", "none", "--partition", "3", "--acks", "none", "--json")
+    )
     assert unacknowledged == [{"topic": "cli-produce", "partition": 3, "offset": -1}]
     wait_for(lambda: client.describe_topic("cli-produce").partitions[3].high_watermark == before + 3)
     assert [m.value for m in client.fetch("cli-produce", 3, before)] == [b"durable", b"written", b"none"]
@@ -400,9 +453,7 @@ def test_consume_in_a_group_commits_and_ctrl_c_exits_cleanly(server, client):
 
     with running(server, "consume", "cli-group", "--group", "cli-g", "--json") as background:
         rest = [json.loads(background.line()) for _ in range(6)]
-        assert {(row["partition"], row["offset"]) for row in rest} | printed == {
-            (n % 2, n // 2) for n in range(10)
-        }
+        assert {(row["partition"], row["offset"]) for row in rest} | printed == {(n % 2, n // 2) for n in range(10)}
         wait_for(lambda: client.describe_group("cli-g").members)
         background.process.send_signal(signal.SIGINT)
         assert background.wait() == 0
@@ -439,8 +490,10 @@ def test_group_list_describe_and_reset(server, client):
         assert described["state"] == "stable" and len(described["members"]) == 1
         assert described["members"][0]["member_id"] == member.member_id
         assert described["members"][0]["assignments"] == {"cli-groups": [0, 1, 2]}
-        assert {row["partition"]: (row["committed_offset"], row["high_watermark"], row["lag"])
-                for row in described["partitions"]} == {0: (4, 4, 0), 1: (4, 5, 1), 2: (4, 4, 0)}
+        assert {
+            row["partition"]: (row["committed_offset"], row["high_watermark"], row["lag"])
+            for row in described["partitions"]
+        } == {0: (4, 4, 0), 1: (4, 5, 1), 2: (4, 4, 0)}
         table = nodi(server, "group", "describe", "cli-described").stdout.decode()
         assert member.member_id in table and "cli-groups:0,1,2" in table and "total lag 1" in table
 
@@ -455,15 +508,18 @@ def test_group_list_describe_and_reset(server, client):
     assert reset("--to", "latest", "--partition", "1") == {1: 5}
     assert reset("--to", "2", "--partition", "0", "--partition", "2") == {0: 2, 2: 2}
     assert client.fetch_offsets("cli-described", ["cli-groups"]) == {
-        ("cli-groups", 0): 2, ("cli-groups", 1): 5, ("cli-groups", 2): 2,
+        ("cli-groups", 0): 2,
+        ("cli-groups", 1): 5,
+        ("cli-groups", 2): 2,
     }
     late = client.fetch("cli-groups", 1, 4)[0]
     stamp = datetime.datetime.fromtimestamp(late.timestamp / 1000, datetime.UTC).isoformat()
     assert reset("--to", stamp, "--partition", "1") == {1: 4}
     human = nodi(server, "group", "reset", "cli-described", "--topic", "cli-groups", "--to", "latest")
     assert human.returncode == 0 and human.stdout.decode().split()[:3] == ["TOPIC", "PARTITION", "OFFSET"]
-    replay = json_lines(nodi(server, "consume", "cli-groups", "--group", "cli-described", "--timeout-ms", "1000",
-                             "--json"))
+    replay = json_lines(
+        nodi(server, "consume", "cli-groups", "--group", "cli-described", "--timeout-ms", "1000", "--json")
+    )
     assert replay == []
 
     absent = nodi(server, "group", "describe", "cli-no-such-group")

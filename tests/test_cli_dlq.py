@@ -23,8 +23,9 @@ ENVIRONMENT.pop("NODI_SERVER", None)
 
 def nodi(address: str | None, *args: str) -> subprocess.CompletedProcess:
     prefix = ["--server", address] if address else []
-    return subprocess.run(NODI + prefix + list(args), capture_output=True, text=True, timeout=TIMEOUT_S,
-                          env=ENVIRONMENT)
+    return subprocess.run(
+        NODI + prefix + list(args), capture_output=True, text=True, timeout=TIMEOUT_S, env=ENVIRONMENT
+    )
 
 
 def json_lines(result: subprocess.CompletedProcess) -> list[dict]:
@@ -39,8 +40,14 @@ def listed(address: str, topic: str) -> dict:
 
 def test_every_dlq_and_queue_command_has_help() -> None:
     runner = CliRunner()
-    for path in (("dlq", "list"), ("dlq", "show"), ("dlq", "redrive"), ("dlq", "purge"), ("queue", "list"),
-                 ("queue", "describe")):
+    for path in (
+        ("dlq", "list"),
+        ("dlq", "show"),
+        ("dlq", "redrive"),
+        ("dlq", "purge"),
+        ("queue", "list"),
+        ("queue", "describe"),
+    ):
         result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "200"})
         assert result.exit_code == 0 and "Usage:" in result.output, result.output
     assert "--to" in runner.invoke(app, ["dlq", "redrive", "--help"], env={"COLUMNS": "200"}).output
@@ -52,8 +59,13 @@ def test_list_show_redrive_purge(broker) -> None:
     with Client(address) as client:
         client.create_topic("orders", partitions=2)
         for index in range(5):
-            client.produce("orders", b"order-%d" % index, key=b"k%d" % index, partition=index % 2,
-                           headers={"trace": b"t%d" % index})
+            client.produce(
+                "orders",
+                b"order-%d" % index,
+                key=b"k%d" % index,
+                partition=index % 2,
+                headers={"trace": b"t%d" % index},
+            )
         with client.queue("orders", "billing", batch_max=10) as queue:
             for _ in range(5):
                 message = queue.receive(timeout_ms=20_000)
@@ -65,7 +77,10 @@ def test_list_show_redrive_purge(broker) -> None:
 
         (queue_entry,) = json_lines(nodi(address, "queue", "list", "--topic", "orders", "--json"))
         assert (queue_entry["group"], queue_entry["dead_letter_topic"], queue_entry["pending"]) == (
-            "billing", "orders.dlq", 0)
+            "billing",
+            "orders.dlq",
+            0,
+        )
         described = json_lines(nodi(address, "queue", "describe", "orders", "billing", "--json"))[0]
         assert described["dead_lettered"] == 5 and [p["ack_floor"] for p in described["partitions"]] == [3, 2]
         table = nodi(address, "queue", "describe", "orders", "billing")

@@ -20,7 +20,10 @@ ENVIRONMENT.pop("NODI_SERVER", None)
 def _consume(server, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         NODI + ["--server", server.address, "consume", *args],
-        capture_output=True, timeout=TIMEOUT_S, env=ENVIRONMENT, stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=TIMEOUT_S,
+        env=ENVIRONMENT,
+        stdin=subprocess.DEVNULL,
     )
 
 
@@ -34,7 +37,10 @@ def test_consume_ends_when_its_reader_closes_the_pipe_on_a_quiet_topic(server):
     head = subprocess.Popen(["head", "-2"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     consume = subprocess.Popen(
         NODI + ["--server", server.address, "consume", "papercut-quiet"],
-        stdout=head.stdin, stderr=subprocess.PIPE, env=ENVIRONMENT, stdin=subprocess.DEVNULL,
+        stdout=head.stdin,
+        stderr=subprocess.PIPE,
+        env=ENVIRONMENT,
+        stdin=subprocess.DEVNULL,
     )
     head.stdin.close()  # head holds the pipe's read end, consume its write end
     try:
@@ -83,7 +89,10 @@ def test_produce_whole_sends_all_of_stdin_as_one_binary_message(server):
         data = bytes(range(256)) * 12 + b"\r\n\n\x00tail"
         result = subprocess.run(
             NODI + ["--server", server.address, "produce", "papercut-whole", "--whole", "--key", "k"],
-            input=data, capture_output=True, timeout=TIMEOUT_S, env=ENVIRONMENT,
+            input=data,
+            capture_output=True,
+            timeout=TIMEOUT_S,
+            env=ENVIRONMENT,
         )
         assert result.returncode == 0, result.stderr
         assert result.stdout.decode().strip() == "partition 0 offset 0"
@@ -92,12 +101,18 @@ def test_produce_whole_sends_all_of_stdin_as_one_binary_message(server):
 
         both = subprocess.run(
             NODI + ["--server", server.address, "produce", "papercut-whole", "value", "--whole"],
-            input=b"x", capture_output=True, timeout=TIMEOUT_S, env=ENVIRONMENT,
+            input=b"x",
+            capture_output=True,
+            timeout=TIMEOUT_S,
+            env=ENVIRONMENT,
         )
         assert both.returncode == 2
         too_big = subprocess.run(
             NODI + ["--server", server.address, "produce", "papercut-whole", "--whole"],
-            input=b"x" * (1024 * 1024 + 1), capture_output=True, timeout=TIMEOUT_S, env=ENVIRONMENT,
+            input=b"x" * (1024 * 1024 + 1),
+            capture_output=True,
+            timeout=TIMEOUT_S,
+            env=ENVIRONMENT,
         )
         assert too_big.returncode == 1 and b"more than 1048576 bytes" in too_big.stderr
         assert client.list_offsets("papercut-whole", 0, "latest") == 1
@@ -109,7 +124,11 @@ def test_topic_describe_lines_up_every_setting_value_the_longest_name_included(s
         client.create_topic("papercut-describe", 2)
     described = subprocess.run(
         NODI + ["--server", server.address, "topic", "describe", "papercut-describe"],
-        capture_output=True, timeout=TIMEOUT_S, env=ENVIRONMENT, stdin=subprocess.DEVNULL, text=True,
+        capture_output=True,
+        timeout=TIMEOUT_S,
+        env=ENVIRONMENT,
+        stdin=subprocess.DEVNULL,
+        text=True,
     )
     assert described.returncode == 0, described.stderr
     settings = described.stdout.split("\n\n")[0].splitlines()[1:]  # after "topic NAME", before the table
@@ -199,15 +218,27 @@ def test_status_shows_queue_groups_and_hides_internal_groups(server):
             assert received is not None
             shown = subprocess.run(
                 NODI + ["--server", server.address, "status", "--json"],
-                capture_output=True, timeout=TIMEOUT_S, env=ENVIRONMENT, stdin=subprocess.DEVNULL, text=True,
+                capture_output=True,
+                timeout=TIMEOUT_S,
+                env=ENVIRONMENT,
+                stdin=subprocess.DEVNULL,
+                text=True,
             )
             table = subprocess.run(
                 NODI + ["--server", server.address, "status"],
-                capture_output=True, timeout=TIMEOUT_S, env=ENVIRONMENT, stdin=subprocess.DEVNULL, text=True,
+                capture_output=True,
+                timeout=TIMEOUT_S,
+                env=ENVIRONMENT,
+                stdin=subprocess.DEVNULL,
+                text=True,
             )
             internal = subprocess.run(
                 NODI + ["--server", server.address, "status", "--json", "--internal"],
-                capture_output=True, timeout=TIMEOUT_S, env=ENVIRONMENT, stdin=subprocess.DEVNULL, text=True,
+                capture_output=True,
+                timeout=TIMEOUT_S,
+                env=ENVIRONMENT,
+                stdin=subprocess.DEVNULL,
+                text=True,
             )
     assert shown.returncode == 0 and table.returncode == 0 and internal.returncode == 0, shown.stderr + table.stderr
     snapshot = json.loads(shown.stdout)
@@ -242,8 +273,12 @@ def test_bench_is_a_typer_command_whose_options_are_declared_once():
         original = argparse.ArgumentParser.parse_args
 
         def capture(self, *args, captured=captured, original=original, **kwargs):
-            captured["flags"] = {flag for action in self._actions for flag in action.option_strings
-                                 if action.help is not argparse.SUPPRESS}
+            captured["flags"] = {
+                flag
+                for action in self._actions
+                for flag in action.option_strings
+                if action.help is not argparse.SUPPRESS
+            }
             return original(self, *args, **kwargs)
 
         argparse.ArgumentParser.parse_args = capture

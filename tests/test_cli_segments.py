@@ -163,7 +163,11 @@ def test_list_shows_every_segment_with_sizes_and_next_offsets(pristine_data_dir)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["PARTITION", "SEGMENT", "BYTES", "BATCHES", "INDEX", "TIMEINDEX", "NEXT", "OFFSET"]
-    rows = {(line.split()[0], line.split()[1]): line.split() for line in lines[1:] if line.endswith(tuple("0123456789")) and ".log" in line}
+    rows = {
+        (line.split()[0], line.split()[1]): line.split()
+        for line in lines[1:]
+        if line.endswith(tuple("0123456789")) and ".log" in line
+    }
     for topic, partition in PARTITIONS:
         name = f"{topic}-{partition}"
         logs = _segment_logs(partition_directory(pristine_data_dir, topic, partition))
@@ -171,9 +175,7 @@ def test_list_shows_every_segment_with_sizes_and_next_offsets(pristine_data_dir)
             row = rows[(name, os.path.basename(path))]
             assert int(row[2]) == os.path.getsize(path)
             assert row[3] == "-"  # batches not counted by default
-            expected_next = (
-                OFFSETS if number == len(logs) - 1 else int(os.path.basename(logs[number + 1])[:20])
-            )
+            expected_next = OFFSETS if number == len(logs) - 1 else int(os.path.basename(logs[number + 1])[:20])
             assert int(row[6]) == expected_next
         assert f"{name}: {len(logs)} segment(s)" in result.stdout
         assert f"offsets 0..{OFFSETS - 1}, recovery point {OFFSETS}, clean shutdown yes" in result.stdout
@@ -312,7 +314,9 @@ def test_verify_reports_a_torn_tail_then_recover_truncates_it(data_dir):
     refused = nodi("segments", "recover", data_dir)
     assert refused.returncode == 1, refused.stdout + refused.stderr
     lines = {line.split(":", 1)[0]: line for line in refused.stdout.splitlines()}
-    assert f"DAMAGED below the recovery point {OFFSETS}: {path} at byte {position} (offset {base_offset})" in lines["t-1"]
+    assert (
+        f"DAMAGED below the recovery point {OFFSETS}: {path} at byte {position} (offset {base_offset})" in lines["t-1"]
+    )
     assert f"offsets {base_offset}..{OFFSETS - 1} unreadable; nothing cut" in lines["t-1"]
     assert "--truncate-damaged" in refused.stdout
     assert {name: Path(directory, name).read_bytes() for name in os.listdir(directory)} == before
@@ -431,7 +435,9 @@ def test_offset_gaps_are_warnings_and_recover_follows_the_topic_settings(tmp_pat
         assert os.path.exists(second)
     else:
         # The second segment goes whole, its bytes counted once.
-        expected = f"gappy-0: scanned 2 segment(s), {first_bytes} bytes; lost offsets 10..29 (truncated {second_bytes} bytes"
+        expected = (
+            f"gappy-0: scanned 2 segment(s), {first_bytes} bytes; lost offsets 10..29 (truncated {second_bytes} bytes"
+        )
         assert expected in recovered.stdout
         assert not os.path.exists(second)
     assert nodi("segments", "verify", data_dir).returncode == 0

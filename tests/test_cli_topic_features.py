@@ -25,8 +25,9 @@ def broker(server):
 
 
 def nodi(broker, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(NODI + ["--server", broker.address, *args], capture_output=True, text=True, timeout=60,
-                          env=ENVIRONMENT)
+    return subprocess.run(
+        NODI + ["--server", broker.address, *args], capture_output=True, text=True, timeout=60, env=ENVIRONMENT
+    )
 
 
 def test_topic_settings_for_ttl_and_dedup(broker):
@@ -68,6 +69,12 @@ def test_produce_with_ttl_and_idempotency_key(broker):
         assert first.returncode == 0 and first.stdout == again.stdout == "partition 0 offset 0\n"
         [message] = client.fetch("once", 0, 0)
         assert message.expires_at_ms == message.timestamp + 3_600_000
-        lines = subprocess.run(NODI + ["--server", broker.address, "produce", "once", "--idempotency-key", "k"],
-                               input="a\n", capture_output=True, text=True, timeout=60, env=ENVIRONMENT)
+        lines = subprocess.run(
+            NODI + ["--server", broker.address, "produce", "once", "--idempotency-key", "k"],
+            input="a\n",
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=ENVIRONMENT,
+        )
         assert lines.returncode == 2 and "needs a VALUE" in lines.stderr

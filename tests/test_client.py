@@ -89,8 +89,13 @@ def test_errors_are_typed_and_keep_their_code(client):
 
 def test_sync_topic_admin_round_trip(client):
     settings = client.create_topic(
-        "admin-sync", 3, retention_ms=UNLIMITED, retention_bytes=10 << 20, fsync_policy="interval",
-        fsync_interval_ms=50, segment_bytes=1 << 20,
+        "admin-sync",
+        3,
+        retention_ms=UNLIMITED,
+        retention_bytes=10 << 20,
+        fsync_policy="interval",
+        fsync_interval_ms=50,
+        segment_bytes=1 << 20,
     )
     assert (settings.partitions, settings.retention_ms, settings.retention_bytes) == (3, UNLIMITED, 10 << 20)
     assert (settings.fsync_policy, settings.fsync_interval_ms, settings.segment_bytes) == ("interval", 50, 1 << 20)
@@ -148,7 +153,12 @@ def test_produce_and_fetch_keys_headers_and_null_values(client):
     assert [message.offset for message in messages] == [first, second, third]
     hello, tombstone, empty = messages
     assert isinstance(hello, Message)
-    assert (hello.topic, hello.partition, hello.key, hello.value) == ("messages", partition, b"user-1", "héllo".encode())
+    assert (hello.topic, hello.partition, hello.key, hello.value) == (
+        "messages",
+        partition,
+        b"user-1",
+        "héllo".encode(),
+    )
     assert hello.headers == (("trace", b"abc"), ("empty", None), ("raw", b"\x00\xff"))
     assert hello.header("empty") is None and hello.header("trace") == b"abc"
     assert abs(hello.datetime - datetime.datetime.now(datetime.UTC)) < datetime.timedelta(minutes=5)
@@ -379,9 +389,17 @@ def test_a_slow_consumer_does_not_stall_producers(broker_factory, tmp_path):
         protocol.receive_data(slow.recv(1 << 16))
         assert protocol.next_event().error_code == ErrorCode.NONE
         for _ in range(60):  # ~60 MB asked for, never read
-            slow.sendall(protocol.send(m.FetchRequest(
-                request_id=protocol.next_request_id(), topic="firehose", partition=0, offset=0, bytes_max=1 << 20
-            )))
+            slow.sendall(
+                protocol.send(
+                    m.FetchRequest(
+                        request_id=protocol.next_request_id(),
+                        topic="firehose",
+                        partition=0,
+                        offset=0,
+                        bytes_max=1 << 20,
+                    )
+                )
+            )
         with client.producer(linger_ms=2) as producer:
             futures = [producer.send("firehose", b"y" * 1000) for _ in range(5_000)]
             producer.flush()
@@ -399,7 +417,8 @@ def test_the_blocking_client_writes_out_every_async_method_with_the_same_signatu
 
     life_cycle = {"connect", "close"}
     coroutines = {
-        name for name, value in vars(AsyncClient).items()
+        name
+        for name, value in vars(AsyncClient).items()
         if not name.startswith("_") and inspect.iscoroutinefunction(value)
     }
     for name in sorted(coroutines):
@@ -416,7 +435,8 @@ def test_every_client_exception_and_type_is_importable_from_nodi_broker():
     from nodi.broker.client import errors
 
     exceptions = {
-        name for name, value in vars(errors).items()
+        name
+        for name, value in vars(errors).items()
         if isinstance(value, type) and issubclass(value, Exception) and value.__module__ == errors.__name__
     }
     assert exceptions <= set(nodi.broker.__all__), sorted(exceptions - set(nodi.broker.__all__))

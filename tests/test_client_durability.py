@@ -107,5 +107,11 @@ def test_a_replayed_batch_gets_its_original_offsets_also_after_a_restart(broker_
         client.list_topics()
         assert offsets(second) == (4, 5)
         assert [message.value for message in read_all(client, "replay", 0)] == [
-            b"before", b"a0", b"a1", b"a2", b"b0", b"b1", b"c0"
+            b"before",
+            b"a0",
+            b"a1",
+            b"a2",
+            b"b0",
+            b"b1",
+            b"c0",
         ]

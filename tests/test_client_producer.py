@@ -47,9 +47,7 @@ def test_order_per_partition_over_100k_messages(client):
     padding = b"." * 1000
     sent_keys = [f"k{i % KEYS}" for i in range(MESSAGES)]
     with client.producer(linger_ms=5) as producer:
-        futures = [
-            producer.send("ordered", f"{i}:".encode() + padding, key=key) for i, key in enumerate(sent_keys)
-        ]
+        futures = [producer.send("ordered", f"{i}:".encode() + padding, key=key) for i, key in enumerate(sent_keys)]
         producer.flush(timeout_ms=60_000)
     results = [future.result() for future in futures]
     last: dict[str, tuple[int, int]] = {}
@@ -84,8 +82,10 @@ def test_keyless_messages_fill_batches_round_robin(client):
 
 async def _raw_fetch(client, topic, partition):
     from nodi.broker.protocol import messages as m
-    response = await client._async._call(m.FetchRequest(topic=topic, partition=partition, offset=0, bytes_max=8 << 20),
-                                         None)
+
+    response = await client._async._call(
+        m.FetchRequest(topic=topic, partition=partition, offset=0, bytes_max=8 << 20), None
+    )
     return bytes(response.records)
 
 

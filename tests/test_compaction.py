@@ -29,16 +29,19 @@ from nodi.storage.log import Log
 from nodi.storage.records import BATCH_HEADER_BYTES, NewRecord, build_batch, decode_batches, iter_batches, parse_header
 from nodi.storage.segment import BatchScanner
 
-CONFIG = LogConfig(segment_bytes=4096, index_interval_bytes=256, fsync_policy=FsyncPolicy.NEVER,
-                   retention_ms=None, dense_offsets=False)
+CONFIG = LogConfig(
+    segment_bytes=4096, index_interval_bytes=256, fsync_policy=FsyncPolicy.NEVER, retention_ms=None, dense_offsets=False
+)
 KEYS = 16
 
 
 def fill(log: Log, batches: int, *, first: int = 0, prefix: bytes = b"key") -> dict[int, tuple[bytes, bytes | None]]:
     appended = {}
     for number in range(first, first + batches):
-        records = [(prefix + b"-%d" % ((number * 3 + index) % KEYS), b"value-%d-%d" % (number, index) * 3)
-                   for index in range(4)]
+        records = [
+            (prefix + b"-%d" % ((number * 3 + index) % KEYS), b"value-%d-%d" % (number, index) * 3)
+            for index in range(4)
+        ]
         result = log.append(build_batch([NewRecord(key, value) for key, value in records]))
         for index, record in enumerate(records):
             appended[result.first_offset + index] = record
@@ -62,8 +65,11 @@ def latest_of(appended: dict[int, tuple[bytes, bytes | None]], end: int | None =
         if end is None or offset < end:
             latest[key] = offset
     kept = set(latest.values())
-    return [(offset, *appended[offset]) for offset in sorted(appended)
-            if (end is not None and offset >= end) or offset in kept]
+    return [
+        (offset, *appended[offset])
+        for offset in sorted(appended)
+        if (end is not None and offset >= end) or offset in kept
+    ]
 
 
 class CrashingFileSystem(OsFileSystem):
@@ -272,8 +278,14 @@ def test_segments_compacted_to_nothing_leave_the_log_but_the_first_stays(tmp_pat
 
 
 def test_retention_removing_segments_during_a_run_is_not_an_error(tmp_path):
-    config = LogConfig(segment_bytes=4096, index_interval_bytes=256, fsync_policy=FsyncPolicy.NEVER,
-                       retention_ms=None, retention_bytes=8192, dense_offsets=False)
+    config = LogConfig(
+        segment_bytes=4096,
+        index_interval_bytes=256,
+        fsync_policy=FsyncPolicy.NEVER,
+        retention_ms=None,
+        retention_bytes=8192,
+        dense_offsets=False,
+    )
     log = Log.open(str(tmp_path / "log"), config)
     fill(log, 80)
     log.roll()

@@ -17,7 +17,8 @@ def test_compaction_bench_quick_run_writes_its_json(tmp_path: Path) -> None:
     json_path = tmp_path / "bench.json"
     completed = subprocess.run(
         [sys.executable, *BENCH, "--quick", "--data-dir", str(tmp_path), "--json-out", str(json_path)],
-        cwd=ROOT, capture_output=True,
+        cwd=ROOT,
+        capture_output=True,
         text=True,
         timeout=300,
     )
@@ -29,8 +30,19 @@ def test_compaction_bench_quick_run_writes_its_json(tmp_path: Path) -> None:
     assert [run["key_map_bytes_max"] for run in results["runs"]] == budgets
     for run in results["runs"]:
         assert {
-            "passes", "seconds", "log_bytes_before", "log_bytes_after", "bytes_read", "bytes_written",
-            "bytes_reclaimed", "records_removed", "log_mb_per_s", "read_mb_per_s", "baseline_rss_bytes",
-            "peak_rss_bytes", "rss_growth_bytes", "rss_growth_over_budget",
+            "passes",
+            "seconds",
+            "log_bytes_before",
+            "log_bytes_after",
+            "bytes_read",
+            "bytes_written",
+            "bytes_reclaimed",
+            "records_removed",
+            "log_mb_per_s",
+            "read_mb_per_s",
+            "baseline_rss_bytes",
+            "peak_rss_bytes",
+            "rss_growth_bytes",
+            "rss_growth_over_budget",
         } <= run.keys()
         assert run["log_bytes_after"] < run["log_bytes_before"]  # 10% live: most of it goes

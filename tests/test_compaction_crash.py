@@ -64,14 +64,19 @@ def expected_records(batch_number: int) -> list[tuple[bytes, bytes | None]]:
             key = b"once-%d" % batch_number
         else:
             key = b"key-%02d" % generator.randrange(KEYS)
-        value = None if generator.random() < 0.1 else b"value-%d-%d-" % (batch_number, index) + bytes(generator.randrange(40))
+        value = (
+            None
+            if generator.random() < 0.1
+            else b"value-%d-%d-" % (batch_number, index) + bytes(generator.randrange(40))
+        )
         records.append((key, value))
     return records
 
 
 def encode(batch_number: int) -> bytes:
-    return build_batch([NewRecord(key, value, (), 1_700_000_000_000 + batch_number)
-                        for key, value in expected_records(batch_number)])
+    return build_batch(
+        [NewRecord(key, value, (), 1_700_000_000_000 + batch_number) for key, value in expected_records(batch_number)]
+    )
 
 
 def append_batches(log: Log, count: int) -> None:
@@ -151,8 +156,11 @@ def stored(log: Log) -> list[tuple[int, bytes, bytes | None]]:
         result = log.read(offset, 1 << 20)
         if not result.slices:
             break
-        out.extend((record.offset, record.key, record.value)
-                   for record in decode_batches(result.to_bytes()) if record.offset >= offset)
+        out.extend(
+            (record.offset, record.key, record.value)
+            for record in decode_batches(result.to_bytes())
+            if record.offset >= offset
+        )
         offset = result.next_offset
     return out
 
@@ -162,7 +170,9 @@ def check_recovered(directory: str) -> tuple[int, list[str]]:
     log = Log.open(directory, log_config())
     try:
         names = os.listdir(directory)
-        assert not [name for name in names if name.endswith((".cleaned", ".swap", ".deleted", ".merging", ".tmp"))], names
+        assert not [name for name in names if name.endswith((".cleaned", ".swap", ".deleted", ".merging", ".tmp"))], (
+            names
+        )
         bases = [segment.base_offset for segment in log.segments]
         assert bases == sorted(set(bases))
         end = log.next_offset
@@ -188,7 +198,9 @@ def check_recovered(directory: str) -> tuple[int, list[str]]:
 def run_child(directory: str, seed: int, delay_s: float) -> None:
     process = subprocess.Popen(
         [sys.executable, __file__, "child", directory, str(seed)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + CHILD_START_TIMEOUT_S
@@ -225,11 +237,17 @@ def test_sigkill_during_compaction_leaves_a_valid_equivalent_log(tmp_path):
         previous_end = end
         problems = [problem for problem in verify_data_dir(data_dir) if problem.severity == ERROR]
         assert not problems, [problem.describe() for problem in problems]
-    print(f"{ROUNDS} rounds in {time.monotonic() - started:.1f} s, {interrupted} killed inside a swap, "
-          f"log end {previous_end}")
+    print(
+        f"{ROUNDS} rounds in {time.monotonic() - started:.1f} s, {interrupted} killed inside a swap, "
+        f"log end {previous_end}"
+    )
 
-    verify = subprocess.run([sys.executable, "-m", "nodi.cli.main", "segments", "verify", data_dir],
-                            capture_output=True, text=True, timeout=120)
+    verify = subprocess.run(
+        [sys.executable, "-m", "nodi.cli.main", "segments", "verify", data_dir],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
     # The parent finishes the job: two runs (the second drops the tombstones the first
@@ -242,7 +260,9 @@ def test_sigkill_during_compaction_leaves_a_valid_equivalent_log(tmp_path):
         latest: dict[bytes, int] = {}
         for offset, (key, _) in appended.items():
             latest[key] = offset
-        expected = [(offset, *appended[offset]) for offset in sorted(latest.values()) if appended[offset][1] is not None]
+        expected = [
+            (offset, *appended[offset]) for offset in sorted(latest.values()) if appended[offset][1] is not None
+        ]
         assert stored(log) == expected
 
 

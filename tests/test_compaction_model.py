@@ -108,7 +108,13 @@ class CompactionModel(RuleBasedStateMachine):
         result = compactor.compact(self.log, roll=roll, now_ms=self.now_ms)
         end = self.log.segments[-1].base_offset
         assert result.first_dirty_offset == end
-        distinct = len({key for offset, (key, _) in self.appended.items() if key and result.first_dirty_offset_before <= offset < end})
+        distinct = len(
+            {
+                key
+                for offset, (key, _) in self.appended.items()
+                if key and result.first_dirty_offset_before <= offset < end
+            }
+        )
         if entries < distinct:
             assert result.passes > 1  # the map filled up: several passes
         for offset, (key, value) in self.appended.items():

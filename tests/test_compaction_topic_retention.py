@@ -34,8 +34,10 @@ def _batches(first: int, count: int, prefix: bytes = b"key") -> list[bytes]:
     """Keyed values, every fifth key deleted by a later tombstone in the same range."""
     out = []
     for number in range(first, first + count):
-        records = [NewRecord(prefix + b"-%d" % ((number * 4 + index) % KEYS), b"value-%d-%d" % (number, index) * 8)
-                   for index in range(4)]
+        records = [
+            NewRecord(prefix + b"-%d" % ((number * 4 + index) % KEYS), b"value-%d-%d" % (number, index) * 8)
+            for index in range(4)
+        ]
         if number % 5 == 4:
             records.append(NewRecord(prefix + b"-%d" % (number % KEYS), None))
         out.append(build_batch(records))
@@ -107,8 +109,13 @@ def _broker(store, now: list[int], **compaction):
 
 async def _create(broker, name: str, delete_retention_ms: int):
     from nodi.broker.protocol import messages as m
-    request = m.CreateTopicRequest(name=name, settings=m.TopicSettings(
-        cleanup_policy="compact", segment_bytes=SEGMENT_BYTES, delete_retention_ms=delete_retention_ms))
+
+    request = m.CreateTopicRequest(
+        name=name,
+        settings=m.TopicSettings(
+            cleanup_policy="compact", segment_bytes=SEGMENT_BYTES, delete_retention_ms=delete_retention_ms
+        ),
+    )
     return (await broker._create_topic(request)).response.settings
 
 
@@ -255,23 +262,40 @@ def test_the_setting_over_a_real_server_the_cli_and_nodi_compact_online_and_offl
     broker = BrokerProcess(data_dir, extra_args=["--config", str(config)]).start()
     try:
         server = ["--server", broker.address]
-        created = _nodi(*server, "topic", "create", "short", "--cleanup-policy", "compact",
-                        "--segment-bytes", str(SEGMENT_BYTES), "--delete-retention-ms", "0", "--json")
+        created = _nodi(
+            *server,
+            "topic",
+            "create",
+            "short",
+            "--cleanup-policy",
+            "compact",
+            "--segment-bytes",
+            str(SEGMENT_BYTES),
+            "--delete-retention-ms",
+            "0",
+            "--json",
+        )
         assert created.returncode == 0, created.stderr
         assert json.loads(created.stdout)["delete_retention_ms"] == 0
-        human = _nodi(*server, "topic", "create", "long", "--cleanup-policy", "compact",
-                      "--segment-bytes", str(SEGMENT_BYTES))
+        human = _nodi(
+            *server, "topic", "create", "long", "--cleanup-policy", "compact", "--segment-bytes", str(SEGMENT_BYTES)
+        )
         assert human.returncode == 0, human.stderr
         assert ["delete_retention_ms", str(SERVER_DEFAULT_MS)] in [line.split() for line in human.stdout.splitlines()]
         described = _nodi(*server, "topic", "describe", "short", "--json")
         assert described.returncode == 0 and json.loads(described.stdout)["settings"]["delete_retention_ms"] == 0
         described = _nodi(*server, "topic", "describe", "long")
-        assert ["delete_retention_ms", str(SERVER_DEFAULT_MS)] in [line.split() for line in described.stdout.splitlines()]
+        assert ["delete_retention_ms", str(SERVER_DEFAULT_MS)] in [
+            line.split() for line in described.stdout.splitlines()
+        ]
         refused = _nodi(*server, "topic", "create", "bad", "--delete-retention-ms", "-5")
         assert refused.returncode == 2, refused.stdout + refused.stderr
 
         with Client(broker.address) as client:
-            assert client.create_topic("api", cleanup_policy="compact", delete_retention_ms=1234).delete_retention_ms == 1234
+            assert (
+                client.create_topic("api", cleanup_policy="compact", delete_retention_ms=1234).delete_retention_ms
+                == 1234
+            )
             assert client.describe_topic("api").settings.delete_retention_ms == 1234
             with pytest.raises(ValueError):
                 client.create_topic("negative", delete_retention_ms=-3)
@@ -336,6 +360,7 @@ def test_a_topic_may_keep_tombstones_for_ever_without_overflowing_the_horizon(tm
     try:
         for batch in _batches(0, 30):
             log.append(batch)
+
         def read() -> dict[int, tuple[int, bytes | None]]:
             records = decode_batches(log.read(log.log_start_offset, 1 << 20).to_bytes())
             return {record.offset: (record.timestamp_ms, record.value) for record in records}

@@ -341,8 +341,12 @@ def test_recovery_of_an_interrupted_swap_crashed_at_every_io_point_I14_F4() -> N
             Log.open(DIRECTORY, CONFIG, fs=fs).close()
 
         summary = walk_crash_points(
-            fs, reopen, lambda fs, point: check_after_crash(begin, fs, point, recovery_crash=False),
-            modes=("drop",), names=("subset",), seed=f"recovery-{number}",
+            fs,
+            reopen,
+            lambda fs, point: check_after_crash(begin, fs, point, recovery_crash=False),
+            modes=("drop",),
+            names=("subset",),
+            seed=f"recovery-{number}",
         )
         walked += summary.trials
     print(f"recovery walked from {len(disks)} disks: {walked} crashes checked")

@@ -216,7 +216,9 @@ def test_replay_by_offset_and_by_time(server, client):
     client.create_topic("history", partitions=2)
     base = datetime.datetime(2026, 6, 1, 12, 0, tzinfo=datetime.UTC)
     for number in range(20):
-        client.produce("history", f"h{number}", partition=number % 2, timestamp=base + datetime.timedelta(seconds=number))
+        client.produce(
+            "history", f"h{number}", partition=number % 2, timestamp=base + datetime.timedelta(seconds=number)
+        )
 
     def values(messages) -> list[str]:
         return sorted((message.value.decode() for message in messages), key=lambda value: int(value[1:]))

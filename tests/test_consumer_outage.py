@@ -45,7 +45,9 @@ def test_a_consumer_carries_on_after_the_broker_comes_back(broker_factory, tmp_p
 
     for partition in (0, 1):
         values = [message.value.decode() for message in seen if message.partition == partition]
-        assert values == [f"before-{n}" for n in range(partition, 10, 2)] + [f"after-{n}" for n in range(partition, 10, 2)]
+        assert values == [f"before-{n}" for n in range(partition, 10, 2)] + [
+            f"after-{n}" for n in range(partition, 10, 2)
+        ]
     retries = _retries(caplog)
     warnings = [record for record in retries if record.levelno == logging.WARNING]
     assert len(retries) > len(warnings)  # the later failures of the outage went to debug

@@ -244,7 +244,9 @@ class ChildOutput:
     acknowledged: list[tuple[int, int, str]]
 
 
-def run_child_until_killed(directory: Path, variant: str, round_number: int, threads: int, rng: random.Random) -> ChildOutput:
+def run_child_until_killed(
+    directory: Path, variant: str, round_number: int, threads: int, rng: random.Random
+) -> ChildOutput:
     child = subprocess.Popen(
         [sys.executable, __file__, "child", str(directory), variant, str(round_number), str(threads)],
         stdout=subprocess.PIPE,

@@ -32,7 +32,9 @@ def nodi(*args: str) -> subprocess.CompletedProcess:
 
 
 def segment_logs(directory: str) -> list[str]:
-    return sorted(os.path.join(directory, name) for name in os.listdir(directory) if parse_segment_name(name) is not None)
+    return sorted(
+        os.path.join(directory, name) for name in os.listdir(directory) if parse_segment_name(name) is not None
+    )
 
 
 def batches(path: str) -> list:
@@ -151,7 +153,9 @@ def test_bit_flip_in_last_fsynced_batch_marks_the_partition_damaged_G4(tmp_path)
 
     refused = nodi("segments", "recover", data_dir)
     assert refused.returncode == 1, refused.stdout + refused.stderr
-    assert f"flipped-0: DAMAGED below the recovery point {MESSAGES}: {active} at byte {victim.position}" in refused.stdout
+    assert (
+        f"flipped-0: DAMAGED below the recovery point {MESSAGES}: {active} at byte {victim.position}" in refused.stdout
+    )
     assert contents(data_dir, "flipped") == damaged_bytes
 
     repaired = nodi("segments", "recover", data_dir, "--truncate-damaged")

@@ -88,10 +88,14 @@ def test_a_dead_holder_leaves_no_stale_lock(tmp_path):
     """flock locks die with their process: a kill -9'd owner never blocks a restart."""
     data_dir = str(tmp_path / "data")
     child = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time; from nodi.storage.lock import DataDirectoryLock;"
-         f"lock = DataDirectoryLock.acquire({data_dir!r}); print('held', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from nodi.storage.lock import DataDirectoryLock;"
+            f"lock = DataDirectoryLock.acquire({data_dir!r}); print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert child.stdout.readline().strip() == "held"

@@ -67,8 +67,7 @@ def test_seen_keys_are_duplicates_until_the_window_passes():
 
 def test_repeats_inside_a_request_name_their_first_record():
     dedup, _ = make()
-    check = dedup.check("t", build_batch([record(b"1", "k"), record(b"2", "j")]) +
-                        build_batch([record(b"3", "k")]))
+    check = dedup.check("t", build_batch([record(b"1", "k"), record(b"2", "j")]) + build_batch([record(b"3", "k")]))
     assert [(i, o.partition, o.offset) for i, o in check.duplicates] == [(2, -1, 0)]
     assert check.record_count == 3
 

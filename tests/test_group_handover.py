@@ -34,8 +34,17 @@ SESSION_TIMEOUT_MS = 2_000
 
 def scaling(server, **overrides) -> dict:
     args = argparse.Namespace(
-        address=server.address, topic=None, messages=6_000, partitions=6, rate=3_000.0, starts="0,1,2",
-        stops="", session_timeout_ms=10_000, settle_s=0.5, timeout_s=TIMEOUT_S, json_out=None,
+        address=server.address,
+        topic=None,
+        messages=6_000,
+        partitions=6,
+        rate=3_000.0,
+        starts="0,1,2",
+        stops="",
+        session_timeout_ms=10_000,
+        settle_s=0.5,
+        timeout_s=TIMEOUT_S,
+        json_out=None,
     )
     for name, value in overrides.items():
         setattr(args, name, value)
@@ -110,8 +119,9 @@ def test_a_killed_member_redoes_only_what_it_handled_after_its_last_commit(serve
         gatherer = threading.Thread(target=gather, daemon=True)
         gatherer.start()
         survivor_handled: list[tuple[int, int]] = []
-        survivor = client.consumer(topic, group=group, session_timeout_ms=SESSION_TIMEOUT_MS,
-                                   auto_commit_interval_ms=100, wait_ms=200)
+        survivor = client.consumer(
+            topic, group=group, session_timeout_ms=SESSION_TIMEOUT_MS, auto_commit_interval_ms=100, wait_ms=200
+        )
         try:
             deadline = time.monotonic() + TIMEOUT_S
             while len(victim_assignment) != 2 or len(survivor.assignment()) != 2:
@@ -146,7 +156,8 @@ def test_a_killed_member_redoes_only_what_it_handled_after_its_last_commit(serve
     twice = Counter(survivor_handled + victim_handled)
     duplicates = {key for key, count in twice.items() if count > 1}
     after_last_commit = {
-        (partition, offset) for partition, offset in victim_handled
+        (partition, offset)
+        for partition, offset in victim_handled
         if partition in orphaned and offset >= committed.get((topic, partition), 0)
     }
     assert duplicates == after_last_commit  # that, and nothing else, is handled again
@@ -166,8 +177,15 @@ def test_group_wait_is_answered_at_once_when_the_generation_moves(server):
 
     def hold() -> None:
         waiter = RawClient(address).handshake()
-        answers.append(waiter.call(m.GroupWaitRequest, group="waiting", member_id=first.member_id,
-                                   generation=first.generation, wait_ms=25_000))
+        answers.append(
+            waiter.call(
+                m.GroupWaitRequest,
+                group="waiting",
+                member_id=first.member_id,
+                generation=first.generation,
+                wait_ms=25_000,
+            )
+        )
 
     holder = threading.Thread(target=hold, daemon=True)
     holder.start()
@@ -181,22 +199,34 @@ def test_group_wait_is_answered_at_once_when_the_generation_moves(server):
     assert [p for a in answer.assignments for p in a.partitions] == [0]  # partition 1 revoked
 
     # The release: a GroupWait with the new generation hands partition 1 on at once.
-    released = admin.call(m.GroupWaitRequest, group="waiting", member_id=first.member_id,
-                          generation=answer.generation, wait_ms=0)
+    released = admin.call(
+        m.GroupWaitRequest, group="waiting", member_id=first.member_id, generation=answer.generation, wait_ms=0
+    )
     assert released.error_code == ErrorCode.REBALANCE_IN_PROGRESS
-    gained = admin.call(m.GroupWaitRequest, group="waiting", member_id=second.member_id,
-                        generation=second.generation, wait_ms=0)
+    gained = admin.call(
+        m.GroupWaitRequest, group="waiting", member_id=second.member_id, generation=second.generation, wait_ms=0
+    )
     assert [p for a in gained.assignments for p in a.partitions] == [1]
     handovers = admin.call(m.DescribeHandoversRequest, group="waiting")
     assert (handovers.partitions_moved, handovers.handovers, handovers.partitions_revoking) == (1, 1, 0)
 
-    described = subprocess.run(NODI + ["--server", server.address, "group", "describe", "waiting", "--json"],
-                               capture_output=True, text=True, timeout=TIMEOUT_S, env=ENVIRONMENT)
+    described = subprocess.run(
+        NODI + ["--server", server.address, "group", "describe", "waiting", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        env=ENVIRONMENT,
+    )
     assert described.returncode == 0, described.stderr
     figures = json.loads(described.stdout)["handovers"]
     assert figures["partitions_moved"] == 1 and figures["handovers_forced"] == 0
-    text = subprocess.run(NODI + ["--server", server.address, "group", "describe", "waiting"],
-                          capture_output=True, text=True, timeout=TIMEOUT_S, env=ENVIRONMENT)
+    text = subprocess.run(
+        NODI + ["--server", server.address, "group", "describe", "waiting"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        env=ENVIRONMENT,
+    )
     assert "1 partition(s) moved, 1 by a handover" in text.stdout
     for member in (first, second):
         admin.call(m.LeaveGroupRequest, group="waiting", member_id=member.member_id)
@@ -220,8 +250,14 @@ def test_on_revoked_may_commit_itself_without_auto_commit(server):
             calls.append(("revoked", partitions))
             first.commit()
 
-        first = client.consumer(topic, group=group, auto_commit=False, session_timeout_ms=10_000,
-                                on_revoked=revoked, on_assigned=lambda p: calls.append(("assigned", p)))
+        first = client.consumer(
+            topic,
+            group=group,
+            auto_commit=False,
+            session_timeout_ms=10_000,
+            on_revoked=revoked,
+            on_assigned=lambda p: calls.append(("assigned", p)),
+        )
         handled: list[tuple[int, int]] = []
         deadline = time.monotonic() + TIMEOUT_S
         while len(handled) < 600:

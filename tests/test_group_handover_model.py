@@ -99,7 +99,9 @@ class HandoverModel(RuleBasedStateMachine):
         if not positions:
             return
         result = self.world.groups.commit(
-            GROUP, consumer.generation, consumer.member_id,
+            GROUP,
+            consumer.generation,
+            consumer.member_id,
             [(topic, partition, offset, None) for (topic, partition), offset in sorted(positions.items())],
         )
         for entry in result.results:

@@ -54,8 +54,9 @@ def test_bad_group_names_are_refused(client, name):
 
 @pytest.mark.parametrize("name", GOOD_NAMES)
 def test_valid_group_names_keep_working(client, name):
-    committed = client.call(m.CommitOffsetsRequest, group=name,
-                            offsets=[m.OffsetCommit(topic="names", partition=0, offset=1)])
+    committed = client.call(
+        m.CommitOffsetsRequest, group=name, offsets=[m.OffsetCommit(topic="names", partition=0, offset=1)]
+    )
     assert committed.error_code == ErrorCode.NONE and committed.results[0].error_code == ErrorCode.NONE
     fetched = client.call(m.FetchOffsetsRequest, group=name)
     assert [(o.topic, o.partition, o.offset) for o in fetched.offsets] == [("names", 0, 1)]

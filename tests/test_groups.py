@@ -129,7 +129,9 @@ def test_a_partition_moves_only_after_its_owner_releases_it(world: World) -> Non
     # a learns of it (a GroupWait would be answered at once)...
     beat = world.groups.heartbeat("g", a.member_id, 1)
     assert (beat.error_code, beat.generation, beat.assignments) == (
-        ErrorCode.REBALANCE_IN_PROGRESS, 2, {"orders": [0, 1, 2]}
+        ErrorCode.REBALANCE_IN_PROGRESS,
+        2,
+        {"orders": [0, 1, 2]},
     )
     # ...still owns what it lets go, so its handover commit is accepted...
     assert codes(world.groups.commit("g", 1, a.member_id, [("orders", 4, 40, None)])) == [ErrorCode.NONE]
@@ -139,9 +141,7 @@ def test_a_partition_moves_only_after_its_owner_releases_it(world: World) -> Non
     beat = world.groups.heartbeat("g", a.member_id, 2)  # the release
     assert beat.generation == 3 and beat.assignments == {"orders": [0, 1, 2]}
     assert current(world, "g", b.member_id) == {"orders": [3, 4, 5]}
-    assert codes(world.groups.commit("g", 1, a.member_id, [("orders", 4, 41, None)])) == [
-        ErrorCode.ILLEGAL_GENERATION
-    ]
+    assert codes(world.groups.commit("g", 1, a.member_id, [("orders", 4, 41, None)])) == [ErrorCode.ILLEGAL_GENERATION]
     assert world.groups.fetch_offsets("g")["orders", 4].offset == 40  # where b starts
     handovers = world.groups.describe("g").handovers
     assert (handovers.partitions_moved, handovers.handovers_forced, handovers.handover_ms_max) == (3, 0, 250)
@@ -457,9 +457,7 @@ def test_standalone_commits_are_accepted_while_the_group_has_no_members(world: W
     assert codes(world.groups.commit("tool", 4, "", [("orders", 2, 1, None)])) == [ErrorCode.ILLEGAL_GENERATION]
     # Once the group has members, outsiders cannot commit into it.
     member = world.join(group="tool")
-    assert codes(world.groups.commit("tool", NO_GENERATION, "", [("orders", 2, 1, None)])) == [
-        ErrorCode.UNKNOWN_MEMBER
-    ]
+    assert codes(world.groups.commit("tool", NO_GENERATION, "", [("orders", 2, 1, None)])) == [ErrorCode.UNKNOWN_MEMBER]
     world.groups.leave("tool", member.member_id)
     assert codes(world.groups.commit("tool", NO_GENERATION, "", [("orders", 2, 12, None)])) == [ErrorCode.NONE]
 

@@ -147,8 +147,9 @@ def test_the_async_wrapper_skips_what_it_handled(broker, tmp_path):
                 await client.produce("async-jobs", value, idempotency_key=value)
             for _ in range(2):
                 async with client.consumer("async-jobs") as consumer:
-                    async with AsyncIdempotentConsumer(consumer, tmp_path / "async-keys",
-                                                       idle_timeout_ms=1_000) as messages:
+                    async with AsyncIdempotentConsumer(
+                        consumer, tmp_path / "async-keys", idle_timeout_ms=1_000
+                    ) as messages:
                         runs.append([message.value async for message in messages])
         return runs
 

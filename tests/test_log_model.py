@@ -119,7 +119,9 @@ new_records = st.builds(
     headers=st.sampled_from([(), (("h", None),), (("trace", b"\x01\x02"), ("", b""))]),
     timestamp_ms=timestamps,
 )
-batches = st.tuples(st.lists(new_records, min_size=1, max_size=4), st.sampled_from([Compression.NONE, Compression.GZIP]))
+batches = st.tuples(
+    st.lists(new_records, min_size=1, max_size=4), st.sampled_from([Compression.NONE, Compression.GZIP])
+)
 
 
 class LogModelMachine(RuleBasedStateMachine):
@@ -344,9 +346,7 @@ class LogModelMachine(RuleBasedStateMachine):
         assert self.log.next_offset == self.next_offset
         assert self.log.readable_end_offset == self.next_offset
         # I1: the same segments, in the same places.
-        assert [(s.base_offset, s.size) for s in self.log.segments] == [
-            (s.base_offset, s.size) for s in self.segments
-        ]
+        assert [(s.base_offset, s.size) for s in self.log.segments] == [(s.base_offset, s.size) for s in self.segments]
         assert self.log.statistics().byte_count == sum(segment.size for segment in self.segments)
 
     @invariant()

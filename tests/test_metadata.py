@@ -645,7 +645,10 @@ class MetadataModel(RuleBasedStateMachine):
     @invariant()
     def matches_model(self) -> None:
         for group in ["a", "ab", "b", "é"]:
-            offsets = {(topic, partition): entry.offset for (topic, partition), entry in self.store.group_offsets(group).items()}
+            offsets = {
+                (topic, partition): entry.offset
+                for (topic, partition), entry in self.store.group_offsets(group).items()
+            }
             assert offsets == {(t, p): o for (g, t, p), o in self.offsets.items() if g == group}
         assert {(s.group, s.topic, s.partition): s.state for s in self.store.iter_queue_state()} == self.queue_state
         assert self.store.list_groups() == sorted({key[0] for key in (*self.offsets, *self.queue_state)})

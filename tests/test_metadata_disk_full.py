@@ -40,8 +40,9 @@ def mount_tmpfs(path: str, size_bytes: int) -> None:
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs to fill needs root")
     os.makedirs(path, exist_ok=True)
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", path],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", path], capture_output=True, text=True, timeout=30
+    )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip() or result.returncode}")
 
@@ -76,10 +77,16 @@ def call(client: Client, request: m.Request):
 
 def big_commit(client: Client, group: str) -> None:
     """An offset commit with new keys and big values: it needs new LMDB pages."""
-    call(client, m.CommitOffsetsRequest(group=group, offsets=[
-        m.OffsetCommit(topic=TOPIC, partition=partition, offset=1, metadata=BIG_METADATA)
-        for partition in range(PARTITIONS)
-    ]))
+    call(
+        client,
+        m.CommitOffsetsRequest(
+            group=group,
+            offsets=[
+                m.OffsetCommit(topic=TOPIC, partition=partition, offset=1, metadata=BIG_METADATA)
+                for partition in range(PARTITIONS)
+            ],
+        ),
+    )
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -128,9 +135,17 @@ def test_a_full_disk_fails_metadata_commits_then_the_broker_recovers_by_itself(m
             delivered = [(run.partition, run.offset + i) for run in runs for i in range(run.count)]
 
             def settle(items):
-                return call(client, m.QueueSettleRequest(group="workers", topic=TOPIC, settlements=[
-                    m.Settlement(partition=p, offset=o, delivery_count=1, action=m.SettleAction.ACK)
-                    for p, o in items]))
+                return call(
+                    client,
+                    m.QueueSettleRequest(
+                        group="workers",
+                        topic=TOPIC,
+                        settlements=[
+                            m.Settlement(partition=p, offset=o, delivery_count=1, action=m.SettleAction.ACK)
+                            for p, o in items
+                        ],
+                    ),
+                )
 
             settle(delivered[:5])
             assert client.server_status().metadata_store_error is None
@@ -292,7 +307,9 @@ def test_delete_topic_on_a_full_disk_fails_clearly_and_loses_nothing(tmp_path):
         with Client(broker.address, timeout_ms=30_000) as client:
             client.create_topic("keep")
             for start in range(0, len(messages), 50):
-                client.produce_batch("keep", 0, build_batch([NewRecord(None, value) for value in messages[start:start + 50]]))
+                client.produce_batch(
+                    "keep", 0, build_batch([NewRecord(None, value) for value in messages[start : start + 50]])
+                )
             client.commit_offsets("readers", {("keep", 0): 100})
             filler = fill(mount)
             for number in range(200):  # until a metadata commit needs space it cannot get
@@ -327,8 +344,12 @@ def test_delete_topic_on_a_full_disk_fails_clearly_and_loses_nothing(tmp_path):
 
 
 def big_commit_on(client: Client, topic: str, group: str) -> None:
-    call(client, m.CommitOffsetsRequest(group=group, offsets=[
-        m.OffsetCommit(topic=topic, partition=0, offset=1, metadata=BIG_METADATA)]))
+    call(
+        client,
+        m.CommitOffsetsRequest(
+            group=group, offsets=[m.OffsetCommit(topic=topic, partition=0, offset=1, metadata=BIG_METADATA)]
+        ),
+    )
 
 
 def read_all(client: Client, topic: str) -> list[bytes]:

@@ -75,11 +75,14 @@ def test_a_truncated_file_is_refused_naming_it(data_dir, cut):
     assert os.path.getsize(path) == new_size  # refused before LMDB could touch it
 
 
-@pytest.mark.parametrize("offset, value, reason", [
-    (16, b"\x00\x00\x00\x00", "not an LMDB data file"),  # magic
-    (20, b"\x07\x00\x00\x00", "format version 7"),  # version
-    (10, b"\x00\x00", "not a meta page"),  # page flags
-])
+@pytest.mark.parametrize(
+    "offset, value, reason",
+    [
+        (16, b"\x00\x00\x00\x00", "not an LMDB data file"),  # magic
+        (20, b"\x07\x00\x00\x00", "format version 7"),  # version
+        (10, b"\x00\x00", "not a meta page"),  # page flags
+    ],
+)
 def test_a_damaged_first_meta_page_is_refused(data_dir, offset, value, reason):
     path = data_file(data_dir)
     with open(path, "r+b") as file:
@@ -154,8 +157,10 @@ def pages_in_use(data_dir: str) -> int:
     env = lmdb.open(os.path.join(data_dir, "meta"), readonly=True, max_dbs=8)
     try:
         with env.begin() as transaction:
-            statistics = [env.stat()] + [transaction.stat(env.open_db(name, txn=transaction, create=False))
-                                         for name in (b"topics", b"offsets", b"queue_state")]
+            statistics = [env.stat()] + [
+                transaction.stat(env.open_db(name, txn=transaction, create=False))
+                for name in (b"topics", b"offsets", b"queue_state")
+            ]
     finally:
         env.close()
     return sum(s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"] for s in statistics)

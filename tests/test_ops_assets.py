@@ -93,8 +93,13 @@ def test_alert_rules_structure():
     rules = _rules()
     names = [rule["alert"] for rule in rules]
     assert len(names) == len(set(names))
-    required = {"NodiConsumerLagGrowing", "NodiDeadLetterGrowing", "NodiFsyncLatencyHigh",
-                "NodiDiskNearlyFull", "NodiPartitionReadOnly"}
+    required = {
+        "NodiConsumerLagGrowing",
+        "NodiDeadLetterGrowing",
+        "NodiFsyncLatencyHigh",
+        "NodiDiskNearlyFull",
+        "NodiPartitionReadOnly",
+    }
     assert required <= set(names)
     for rule in rules:
         assert set(rule) <= {"alert", "expr", "for", "labels", "annotations", "keep_firing_for"}, rule
@@ -116,8 +121,9 @@ def test_alert_rules_name_exported_series(exported):
 def test_promtool_checks_and_unit_tests_the_rules():
     checked = subprocess.run([PROMTOOL, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    tested = subprocess.run([PROMTOOL, "test", "rules", RULES_TEST.name], cwd=RULES_TEST.parent,
-                            capture_output=True, text=True, timeout=120)
+    tested = subprocess.run(
+        [PROMTOOL, "test", "rules", RULES_TEST.name], cwd=RULES_TEST.parent, capture_output=True, text=True, timeout=120
+    )
     assert tested.returncode == 0, tested.stdout + tested.stderr
 
 
@@ -126,8 +132,13 @@ def test_rules_unit_tests_cover_every_alert():
     tested = {case["alertname"] for test in document["tests"] for case in test["alert_rule_test"]}
     assert tested == {rule["alert"] for rule in _rules()}
     firing = {case["alertname"] for test in document["tests"] for case in test["alert_rule_test"] if case["exp_alerts"]}
-    assert {"NodiConsumerLagGrowing", "NodiDeadLetterGrowing", "NodiFsyncLatencyHigh", "NodiDiskNearlyFull",
-            "NodiPartitionReadOnly"} <= firing
+    assert {
+        "NodiConsumerLagGrowing",
+        "NodiDeadLetterGrowing",
+        "NodiFsyncLatencyHigh",
+        "NodiDiskNearlyFull",
+        "NodiPartitionReadOnly",
+    } <= firing
 
 
 # ---------------------------------------------------------------------------
@@ -171,10 +182,19 @@ def test_dashboard_structure():
     for name in re.findall(r"\$([a-z_]+)", used):
         assert name == "__rate_interval" or name in variables, f"undefined dashboard variable ${name}"
     series = " ".join(METRIC.sub(r"\1", target["expr"]) for _, target in _targets(dashboard))
-    for needed in ("nodi_messages_in_total", "nodi_bytes_out_total", "nodi_produce_latency_seconds_bucket",
-                   "nodi_fetch_latency_seconds_bucket", "nodi_fsync_latency_seconds_bucket",
-                   "nodi_group_commit_appends", "nodi_consumer_lag", "nodi_log_segments", "nodi_connections",
-                   "nodi_errors_total", "nodi_disk_free_bytes"):
+    for needed in (
+        "nodi_messages_in_total",
+        "nodi_bytes_out_total",
+        "nodi_produce_latency_seconds_bucket",
+        "nodi_fetch_latency_seconds_bucket",
+        "nodi_fsync_latency_seconds_bucket",
+        "nodi_group_commit_appends",
+        "nodi_consumer_lag",
+        "nodi_log_segments",
+        "nodi_connections",
+        "nodi_errors_total",
+        "nodi_disk_free_bytes",
+    ):
         assert needed in series, f"the dashboard shows no {needed}"
 
 
@@ -190,8 +210,10 @@ def test_dashboard_queries_name_exported_series(exported):
 @pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (apt-get install prometheus)")
 def test_promtool_parses_every_dashboard_query(tmp_path):
     """Each query, as a recording rule, through promtool's PromQL parser."""
-    rules = [{"record": f"dashboard:panel_{panel['id']}_{target['refId']}", "expr": _concrete(target["expr"])}
-             for panel, target in _targets(_dashboard())]
+    rules = [
+        {"record": f"dashboard:panel_{panel['id']}_{target['refId']}", "expr": _concrete(target["expr"])}
+        for panel, target in _targets(_dashboard())
+    ]
     path = tmp_path / "dashboard-rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     checked = subprocess.run([PROMTOOL, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)

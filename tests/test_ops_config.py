@@ -105,22 +105,33 @@ def test_every_setting_from_environment():
 
 
 def test_environment_spellings():
-    config = load_config(environment={
-        "NODI_LOG_JSON": "yes", "NODI_TOPIC_DEFAULTS_RETENTION_MS": "none", "NODI_TOPIC_DEFAULTS_RETENTION_BYTES": "1000",
-    })
+    config = load_config(
+        environment={
+            "NODI_LOG_JSON": "yes",
+            "NODI_TOPIC_DEFAULTS_RETENTION_MS": "none",
+            "NODI_TOPIC_DEFAULTS_RETENTION_BYTES": "1000",
+        }
+    )
     assert config.log_json is True
     assert config.topic_defaults.retention_ms is None and config.topic_defaults.retention_bytes == 1000
     assert load_config(environment={"NODI_LOG_JSON": "off"}).log_json is False
-    for bad in ({"NODI_LOG_JSON": "maybe"}, {"NODI_PORT": "many"}, {"NODI_PROTOCOL_FRAME_BYTES_MAX": "none"},
-                {"NODI_LOG_LEVEL": "loud"}, {"NODI_GROUPS_GROUPS_MAX": "0"}):
+    for bad in (
+        {"NODI_LOG_JSON": "maybe"},
+        {"NODI_PORT": "many"},
+        {"NODI_PROTOCOL_FRAME_BYTES_MAX": "none"},
+        {"NODI_LOG_LEVEL": "loud"},
+        {"NODI_GROUPS_GROUPS_MAX": "0"},
+    ):
         with pytest.raises(InvalidConfigError):
             load_config(environment=bad)
 
 
 def test_precedence_defaults_file_environment_flags(tmp_path):
     path = tmp_path / "nodi.toml"
-    path.write_text("[server]\nport = 7001\nconnections_max = 50\nidle_timeout_ms = 9000\n"
-                    "[topic_defaults]\npartitions = 3\nsegment_ms = 1000\n")
+    path.write_text(
+        "[server]\nport = 7001\nconnections_max = 50\nidle_timeout_ms = 9000\n"
+        "[topic_defaults]\npartitions = 3\nsegment_ms = 1000\n"
+    )
     environment = {"NODI_PORT": "7002", "NODI_CONNECTIONS_MAX": "60", "NODI_TOPIC_DEFAULTS_PARTITIONS": "4"}
     config = load_config(str(path), environment=environment, port=7003, host=None)
     assert config.port == 7003  # flag over environment over file
@@ -158,10 +169,14 @@ def test_unknown_nodi_variables_are_warned_about_with_the_closest_name():
         "NODI_PROT is not a nodi setting and is ignored (did you mean NODI_PORT?)",
     ]
     for section in SECTIONS:  # every setting's own variable is known
-        assert not unknown_environment_variables({environment_variable(name.name, section): "1"
-                                                  for name in dataclasses.fields(SECTIONS[section])})
+        assert not unknown_environment_variables(
+            {environment_variable(name.name, section): "1" for name in dataclasses.fields(SECTIONS[section])}
+        )
     result = subprocess.run(
-        NODI + ["serve", "--print-config"], capture_output=True, text=True, timeout=60,
+        NODI + ["serve", "--print-config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={**{key: value for key, value in os.environ.items() if not key.startswith("NODI_")}, "NODI_PROT": "1"},
     )
     assert result.returncode == 0 and "warning: NODI_PROT is not a nodi setting" in result.stderr, result.stderr
@@ -172,17 +187,23 @@ def test_print_config_shows_the_effective_settings(tmp_path):
     path.write_text("[server]\nport = 7100\n[protocol]\narray_items_max = 77\n")
     result = subprocess.run(
         NODI + ["serve", "--config", str(path), "--metrics-port", "-1", "--print-config"],
-        capture_output=True, text=True, timeout=60,
-        env={**{key: value for key, value in os.environ.items() if not key.startswith("NODI_")},
-             "NODI_LOG_LEVEL": "warning", "NODI_GROUPS_GROUPS_MAX": "9"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            **{key: value for key, value in os.environ.items() if not key.startswith("NODI_")},
+            "NODI_LOG_LEVEL": "warning",
+            "NODI_GROUPS_GROUPS_MAX": "9",
+        },
     )
     assert result.returncode == 0, result.stderr
     shown = json.loads(result.stdout)
     assert shown["port"] == 7100 and shown["metrics_port"] == -1 and shown["log_level"] == "warning"
     assert shown["protocol"]["array_items_max"] == 77 and shown["groups"]["groups_max"] == 9
     assert shown["topic_defaults"] == ServerConfig().topic_defaults.to_dict()
-    refused = subprocess.run(NODI + ["serve", "--log-level", "loud", "--print-config"],
-                             capture_output=True, text=True, timeout=60)
+    refused = subprocess.run(
+        NODI + ["serve", "--log-level", "loud", "--print-config"], capture_output=True, text=True, timeout=60
+    )
     assert refused.returncode == 2 and "log level" in refused.stderr
 
 
@@ -283,8 +304,9 @@ def test_long_operations_show_progress_on_a_terminal_only(tmp_path):
         store.close()
     for command in ("verify", "recover"):
         master, child = pty.openpty()
-        process = subprocess.Popen(NODI + ["segments", command, str(data_dir)], stdout=subprocess.PIPE,
-                                   stderr=child, stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            NODI + ["segments", command, str(data_dir)], stdout=subprocess.PIPE, stderr=child, stdin=subprocess.DEVNULL
+        )
         os.close(child)
         try:
             terminal = _read_terminal(master)

@@ -151,7 +151,8 @@ def test_latency_fsync_and_group_commit_histograms_have_observations(workload):
         assert value(samples, "nodi_fsync_covered_appends_total", **labels) == PER_PARTITION
         assert 1 <= value(samples, "nodi_group_commit_appends_count", **labels) <= PER_PARTITION
         cumulative = sorted(
-            (float(bucket["le"]), count) for bucket, count in samples["nodi_fsync_latency_seconds_bucket"]
+            (float(bucket["le"]), count)
+            for bucket, count in samples["nodi_fsync_latency_seconds_bucket"]
             if bucket["topic"] == TOPIC and bucket["partition"] == str(partition)
         )
         counts = [count for _, count in cumulative]
@@ -169,13 +170,14 @@ def test_connections_errors_disk_and_server(workload):
     disk_total = samples["nodi_disk_total_bytes"][0][1]
     assert 0 < free <= disk_total
     assert value(samples, "nodi_uptime_seconds") > 0
-    (labels, one), = samples["nodi_server_info"]
+    ((labels, one),) = samples["nodi_server_info"]
     assert one == 1 and labels["server_id"].startswith("nodi-") and labels["version"]
 
 
 def _status(broker: BrokerProcess, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(NODI + ["--server", broker.address, "status", *extra],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        NODI + ["--server", broker.address, "status", *extra], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_status_json(workload):
@@ -206,14 +208,16 @@ def test_status_table(workload):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert any(line.split()[:2] == ["address", broker.address] for line in lines if line.strip())
-    assert any(line.split() == [TOPIC, str(PARTITIONS), str(PARTITIONS * PER_PARTITION)] + line.split()[3:]
-               for line in lines if line.startswith(TOPIC + " "))
+    assert any(
+        line.split() == [TOPIC, str(PARTITIONS), str(PARTITIONS * PER_PARTITION)] + line.split()[3:]
+        for line in lines
+        if line.startswith(TOPIC + " ")
+    )
     group_line = next(line for line in lines if line.startswith(GROUP + " "))
     assert group_line.split()[1:4] == ["empty", "0", str(PER_PARTITION - CONSUMED[1])]
     assert f"{TOPIC}-1:{PER_PARTITION - CONSUMED[1]}" in group_line
     header = lines.index(next(line for line in lines if line.startswith("DEAD-LETTER TOPIC")))
     assert lines[header + 1].split() == [DLQ, str(DEAD_LETTERS)]
-
 
 
 def test_refused_connections_are_counted(tmp_path):
@@ -286,8 +290,13 @@ def test_docs_operations_md_metric_tables_are_up_to_date():
     names = [row.name for row in rows]
     assert len(names) == len(set(names)) > 60
     assert all(row.name.endswith("_total") for row in rows if row.type == "counter")
-    assert {"nodi_queue_acked_total", "nodi_replies_dropped_total", "nodi_dedup_duplicates_total",
-            "nodi_metadata_failed_commits_total", "nodi_disk_free_bytes"} <= set(names)
+    assert {
+        "nodi_queue_acked_total",
+        "nodi_replies_dropped_total",
+        "nodi_dedup_duplicates_total",
+        "nodi_metadata_failed_commits_total",
+        "nodi_disk_free_bytes",
+    } <= set(names)
     assert all(row.help for row in rows)
     text = OPERATIONS_DOC.read_text(encoding="utf-8")
     assert metrics_docs.update_document(text, rows) == text, (
@@ -302,9 +311,17 @@ def test_docs_and_alerts_name_counters_with_their_total_suffix():
 
     counters = [row.name.removesuffix("_total") for row in metrics_docs.registry_rows() if row.type == "counter"]
     root = OPERATIONS_DOC.parent.parent
-    files = [*sorted((root / "docs").glob("*.md")), root / "README.md", *sorted((root / "tools" / "alerts").glob("*")),
-             *sorted((root / "tools" / "grafana").glob("*"))]
+    files = [
+        *sorted((root / "docs").glob("*.md")),
+        root / "README.md",
+        *sorted((root / "tools" / "alerts").glob("*")),
+        *sorted((root / "tools" / "grafana").glob("*")),
+    ]
     bare = re.compile(r"\b(" + "|".join(map(re.escape, counters)) + r")(?![a-z0-9_])")
-    found = [f"{path.name}: {match.group(1)}" for path in files if path.is_file()
-             for match in bare.finditer(path.read_text(encoding="utf-8"))]
+    found = [
+        f"{path.name}: {match.group(1)}"
+        for path in files
+        if path.is_file()
+        for match in bare.finditer(path.read_text(encoding="utf-8"))
+    ]
     assert found == []

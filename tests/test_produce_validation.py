@@ -24,8 +24,9 @@ _topics = itertools.count()
 steps = st.lists(
     st.one_of(
         st.tuples(st.just("good"), st.lists(st.binary(min_size=1, max_size=30), min_size=1, max_size=5)),
-        st.tuples(st.just("lie"), st.sampled_from(sorted(LIES)),
-                  st.lists(st.binary(min_size=1, max_size=30), max_size=3)),
+        st.tuples(
+            st.just("lie"), st.sampled_from(sorted(LIES)), st.lists(st.binary(min_size=1, max_size=30), max_size=3)
+        ),
     ),
     min_size=1,
     max_size=6,

@@ -17,9 +17,23 @@ BENCH = ["-m", "tools.produce_walk_bench"]
 def test_produce_walk_bench_quick_run_writes_its_json(tmp_path: Path) -> None:
     json_path = tmp_path / "bench.json"
     completed = subprocess.run(
-        [sys.executable, *BENCH, "--quick", "--batches", "400", "--record-bytes", "100",  # enough CPU for 10 ms ticks
-         "--data-dir", str(tmp_path), "--json-out", str(json_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            *BENCH,
+            "--quick",
+            "--batches",
+            "400",
+            "--record-bytes",
+            "100",  # enough CPU for 10 ms ticks
+            "--data-dir",
+            str(tmp_path),
+            "--json-out",
+            str(json_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
     results = json.loads(json_path.read_text())

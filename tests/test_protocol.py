@@ -190,8 +190,9 @@ def test_every_message_round_trips_through_the_frame_codec(cls, data) -> None:
 
 @QUICK
 @given(
-    error=message_strategy(ErrorResponse, api_key=st.integers(0, 0xFFFF),
-                           error_code=st.sampled_from([code for code in ErrorCode if code])),
+    error=message_strategy(
+        ErrorResponse, api_key=st.integers(0, 0xFFFF), error_code=st.sampled_from([code for code in ErrorCode if code])
+    ),
     closing=message_strategy(ClosingEvent),
 )
 def test_error_responses_and_events_round_trip(error, closing) -> None:
@@ -606,16 +607,40 @@ def test_messages_out_of_sequence_put_the_connection_in_error(step) -> None:
     assert server.next_event() == pending
     actions = {
         "client-second-handshake": (client, lambda: client.send(HandshakeRequest(request_id=50))),
-        "server-second-handshake": (server, lambda: (server.receive_data(raw_frame(0, 0, 50, b"NODI\x00\x01\x00\x01\x00\x00")), server.next_event())),
+        "server-second-handshake": (
+            server,
+            lambda: (server.receive_data(raw_frame(0, 0, 50, b"NODI\x00\x01\x00\x01\x00\x00")), server.next_event()),
+        ),
         "client-sends-response": (client, lambda: client.send(ListTopicsResponse(request_id=pending.request_id))),
         "server-sends-request": (server, lambda: server.send(ListTopicsRequest(request_id=50))),
         "server-answers-unknown-id": (server, lambda: server.send(ListTopicsResponse(request_id=50))),
         "server-answers-with-wrong-api": (server, lambda: server.send(ProduceResponse(request_id=pending.request_id))),
-        "client-receives-unknown-id": (client, lambda: (client.receive_data(encode_message(ListTopicsResponse(request_id=50), 1)), client.next_event())),
-        "client-receives-wrong-api": (client, lambda: (client.receive_data(encode_message(ProduceResponse(request_id=pending.request_id), 1)), client.next_event())),
-        "client-receives-request": (client, lambda: (client.receive_data(encode_message(ListTopicsRequest(request_id=50), 1)), client.next_event())),
-        "server-receives-response": (server, lambda: (server.receive_data(encode_message(ListTopicsResponse(request_id=50), 1)), server.next_event())),
-        "server-receives-in-flight-id": (server, lambda: (server.receive_data(encode_message(ListTopicsRequest(request_id=pending.request_id), 1)), server.next_event())),
+        "client-receives-unknown-id": (
+            client,
+            lambda: (client.receive_data(encode_message(ListTopicsResponse(request_id=50), 1)), client.next_event()),
+        ),
+        "client-receives-wrong-api": (
+            client,
+            lambda: (
+                client.receive_data(encode_message(ProduceResponse(request_id=pending.request_id), 1)),
+                client.next_event(),
+            ),
+        ),
+        "client-receives-request": (
+            client,
+            lambda: (client.receive_data(encode_message(ListTopicsRequest(request_id=50), 1)), client.next_event()),
+        ),
+        "server-receives-response": (
+            server,
+            lambda: (server.receive_data(encode_message(ListTopicsResponse(request_id=50), 1)), server.next_event()),
+        ),
+        "server-receives-in-flight-id": (
+            server,
+            lambda: (
+                server.receive_data(encode_message(ListTopicsRequest(request_id=pending.request_id), 1)),
+                server.next_event(),
+            ),
+        ),
     }
     connection, action = actions[step]
     with pytest.raises(ProtocolError) as raised:
@@ -898,8 +923,9 @@ def test_a_version_1_client_is_served_and_a_version_2_api_is_refused_clearly() -
 
     client = Connection(Role.CLIENT)
     server = Connection(Role.SERVER)
-    hello = HandshakeRequest(request_id=client.next_request_id(), client_id="old",
-                             protocol_version_min=1, protocol_version_max=1)
+    hello = HandshakeRequest(
+        request_id=client.next_request_id(), client_id="old", protocol_version_min=1, protocol_version_max=1
+    )
     server.receive_data(client.send(hello))
     request = server.next_event()
     client.receive_data(server.send(handshake_response(request, server_id="s", limits={})))
@@ -929,11 +955,21 @@ def test_a_version_2_connection_carries_group_wait() -> None:
     from nodi.broker.protocol.messages import GroupWaitRequest, GroupWaitResponse, TopicPartitions
 
     client, server = connected_pair()
-    wait = GroupWaitRequest(request_id=client.next_request_id(), group="g", member_id="m",
-                            generation=3, wait_ms=2_000, messages_redelivered=7)
+    wait = GroupWaitRequest(
+        request_id=client.next_request_id(),
+        group="g",
+        member_id="m",
+        generation=3,
+        wait_ms=2_000,
+        messages_redelivered=7,
+    )
     server.receive_data(client.send(wait))
     assert server.next_event() == wait
-    answer = GroupWaitResponse(request_id=wait.request_id, error_code=ErrorCode.REBALANCE_IN_PROGRESS,
-                               generation=4, assignments=[TopicPartitions(topic="t", partitions=[1, 2])])
+    answer = GroupWaitResponse(
+        request_id=wait.request_id,
+        error_code=ErrorCode.REBALANCE_IN_PROGRESS,
+        generation=4,
+        assignments=[TopicPartitions(topic="t", partitions=[1, 2])],
+    )
     client.receive_data(server.send(answer))
     assert client.next_event() == answer

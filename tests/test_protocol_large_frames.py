@@ -45,7 +45,7 @@ def test_a_large_frame_arrives_whole_whatever_the_chunking(chunk_bytes):
     got = []
     sizes_seen = set()
     for start in range(0, len(stream), chunk_bytes):
-        server.receive_data(stream[start:start + chunk_bytes])
+        server.receive_data(stream[start : start + chunk_bytes])
         while (event := server.next_event()) is not NEED_DATA:
             got.append(bytes(event.records))
         sizes_seen.add(server.incomplete_frame_bytes)

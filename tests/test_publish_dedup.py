@@ -153,7 +153,8 @@ def test_dedup_survives_a_broker_restart_within_the_window(broker_factory, tmp_p
             assert client.produce("durable", b"again", idempotency_key=f"key-{i}") == original
         assert client.produce("brief", b"2", idempotency_key="k")[1] == 1
         assert sorted(value for _, _, value in values(client, "durable", 2)) == sorted(
-            f"v{i}".encode() for i in range(20))
+            f"v{i}".encode() for i in range(20)
+        )
     broker.stop()
 
 
@@ -175,10 +176,16 @@ def test_every_reserved_header_is_documented():
     from pathlib import Path
 
     from nodi.broker.protocol import headers
+
     guarantees = (Path(__file__).resolve().parent.parent / "docs" / "guarantees.md").read_text()
-    names = [value for name, value in vars(headers).items()
-             if name.isupper() and isinstance(value, str) and value.startswith(headers.RESERVED_PREFIX)
-             and value != headers.RESERVED_PREFIX]
+    names = [
+        value
+        for name, value in vars(headers).items()
+        if name.isupper()
+        and isinstance(value, str)
+        and value.startswith(headers.RESERVED_PREFIX)
+        and value != headers.RESERVED_PREFIX
+    ]
     assert len(names) >= 16
     for name in names:
         assert f"| `{name}` |" in guarantees, name
@@ -189,8 +196,9 @@ def test_many_batches_in_flight_with_duplicates_keep_order_and_write_each_key_on
         client.create_topic("stream")
         seen = {f"k{i}": client.produce("stream", f"first {i}", idempotency_key=f"k{i}") for i in range(0, 300, 7)}
         with client.producer(linger_ms=1, batch_bytes_max=2_048, max_in_flight=16) as producer:
-            futures = {f"k{i}": producer.send("stream", f"v{i}".encode() * 20, idempotency_key=f"k{i}")
-                       for i in range(300)}
+            futures = {
+                f"k{i}": producer.send("stream", f"v{i}".encode() * 20, idempotency_key=f"k{i}") for i in range(300)
+            }
             producer.flush()
             results = {key: future.result(timeout=WAIT_S) for key, future in futures.items()}
         for key, original in seen.items():

@@ -16,16 +16,44 @@ NODI = [sys.executable, "-m", "nodi.cli.main"]
 def test_queue_bench_quick_run_writes_its_json(tmp_path: Path) -> None:
     json_path = tmp_path / "queue-bench.json"
     completed = subprocess.run(
-        [*NODI, "bench", "--suite", "queues", "--quick", "--messages", "1000", "--requests", "50",
-         "--concurrency", "4", "--data-dir", str(tmp_path / "data"), "--json-out", str(json_path)],
-        capture_output=True, text=True, timeout=300,
+        [
+            *NODI,
+            "bench",
+            "--suite",
+            "queues",
+            "--quick",
+            "--messages",
+            "1000",
+            "--requests",
+            "50",
+            "--concurrency",
+            "4",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--json-out",
+            str(json_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
     assert "Queues and request-reply (issue 4)" in completed.stdout
     results = json.loads(json_path.read_text())
 
-    assert {"machine", "settings", "limits", "produce", "stream", "queue_1", "queue_4_processes",
-            "queue_4_in_loop", "request_reply", "targets", "nodi_server"} <= results.keys()
+    assert {
+        "machine",
+        "settings",
+        "limits",
+        "produce",
+        "stream",
+        "queue_1",
+        "queue_4_processes",
+        "queue_4_in_loop",
+        "request_reply",
+        "targets",
+        "nodi_server",
+    } <= results.keys()
     assert {"load_average_start", "load_average_end", "nproc", "disk_fs_type"} <= results["machine"].keys()
     assert results["settings"]["value_bytes"] == 1024
     for limit in ("fdatasync_small", "lmdb_commit"):
@@ -46,4 +74,5 @@ def test_queue_bench_quick_run_writes_its_json(tmp_path: Path) -> None:
             assert figures["requests"] == 50 // concurrency * concurrency
             assert {"round_trips_per_s", "latency_ms_p50", "latency_ms_p99", "latency_ms_max"} <= figures.keys()
     assert {"queue_1_vs_stream", "queue_target_met", "request_p99_ms", "request_target_met"} <= results[
-        "targets"].keys()
+        "targets"
+    ].keys()

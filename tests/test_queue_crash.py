@@ -40,8 +40,9 @@ def test_a_consumer_killed_mid_lease_has_its_messages_delivered_to_another(broke
     with Client(broker.address) as client:
         client.create_topic("tasks")
         produce(client, "tasks", 8)
-        child = subprocess.Popen([sys.executable, "-c", CHILD_CONSUMER, broker.address], stdout=subprocess.PIPE,
-                                 text=True)
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD_CONSUMER, broker.address], stdout=subprocess.PIPE, text=True
+        )
         try:
             line = child.stdout.readline()
             held = sorted(int(offset) for offset in line.split())

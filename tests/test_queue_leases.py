@@ -63,8 +63,10 @@ def test_two_consumers_alternating_short_receives_handle_each_message_once(serve
         # max_outstanding=10 keeps both busy: with the default of 100 the first holds
         # most of the backlog and the other's empty half-second receives only make the
         # test slow (the lease extension that scenario needs is the slow-handler tests').
-        with client.queue("alternating", "g", ack_wait_ms=2_000, max_outstanding=10) as first, \
-                client.queue("alternating", "g", ack_wait_ms=2_000, max_outstanding=10) as second:
+        with (
+            client.queue("alternating", "g", ack_wait_ms=2_000, max_outstanding=10) as first,
+            client.queue("alternating", "g", ack_wait_ms=2_000, max_outstanding=10) as second,
+        ):
             deadline = time.monotonic() + 60
             while len(handled) < total and time.monotonic() < deadline:
                 for queue in (first, second):
@@ -73,8 +75,11 @@ def test_two_consumers_alternating_short_receives_handle_each_message_once(serve
                         continue
                     handled.append(message.offset)
                     time.sleep(0.02)
-                    outcomes.append(message.nack(delay_ms=0) if message.offset % 10 == 9 and
-                                    message.delivery_count == 1 else message.ack())
+                    outcomes.append(
+                        message.nack(delay_ms=0)
+                        if message.offset % 10 == 9 and message.delivery_count == 1
+                        else message.ack()
+                    )
                     if message.offset % 10 == 9 and message.delivery_count == 1:
                         handled.pop()  # nacked on purpose: handled when it comes again
             stale = first.statistics().stale_settles + second.statistics().stale_settles
@@ -115,8 +120,9 @@ time.sleep(600)  # holds the leases, extended, until killed
 def test_a_killed_consumer_stops_extending_and_its_messages_go_to_another(server) -> None:
     with Client(server.address) as client:
         produce(client, "killed", 3)
-        child = subprocess.Popen([sys.executable, "-c", CHILD_CONSUMER, server.address], stdout=subprocess.PIPE,
-                                 text=True)
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD_CONSUMER, server.address], stdout=subprocess.PIPE, text=True
+        )
         try:
             held = sorted(int(offset) for offset in child.stdout.readline().split())
             assert held == [0, 1, 2]
@@ -143,8 +149,10 @@ def test_a_message_held_past_max_lease_goes_to_another_consumer(server, strict) 
     topic = f"max-lease-{strict}"
     with Client(server.address) as client:
         produce(client, topic, 1)
-        with client.queue(topic, "g", ack_wait_ms=500, max_lease_ms=1_200, strict=strict) as holder, \
-                client.queue(topic, "g") as other:
+        with (
+            client.queue(topic, "g", ack_wait_ms=500, max_lease_ms=1_200, strict=strict) as holder,
+            client.queue(topic, "g") as other,
+        ):
             held = holder.receive(timeout_ms=WAIT_MS)
             assert held.delivery_count == 1
             again = other.receive(timeout_ms=WAIT_MS)  # once the holder let go and the lease ran out
@@ -165,8 +173,7 @@ def test_a_buffered_message_whose_lease_ran_out_is_never_handed_out(server) -> N
         handed: list[tuple[int, int]] = []
         # No extension (max_lease_ms=0): the buffered messages' leases run out while
         # the first handler sleeps.
-        with client.queue("buffered", "g", ack_wait_ms=500, batch_max=4, max_lease_ms=0,
-                          prefetch=False) as queue:
+        with client.queue("buffered", "g", ack_wait_ms=500, batch_max=4, max_lease_ms=0, prefetch=False) as queue:
             first = queue.receive(timeout_ms=WAIT_MS)
             handed.append((first.offset, first.delivery_count))
             time.sleep(0.8)
@@ -253,8 +260,10 @@ async def async_extends_and_counts(server) -> None:
             assert await second.in_progress() is not None
             assert await second.ack() is True
         await client.produce("async-slow", b"three", partition=0)
-        async with client.queue("async-slow", "g", max_lease_ms=1_200) as holder, \
-                client.queue("async-slow", "g") as other:
+        async with (
+            client.queue("async-slow", "g", max_lease_ms=1_200) as holder,
+            client.queue("async-slow", "g") as other,
+        ):
             held = await holder.receive(timeout_ms=WAIT_MS)
             again = await other.receive(timeout_ms=WAIT_MS)
             assert (again.offset, again.delivery_count) == (held.offset, 2)

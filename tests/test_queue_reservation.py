@@ -46,7 +46,8 @@ def hold_five_after_five(address: str, topic: str) -> None:
 
 
 def test_a_kill_counts_reserved_offsets_as_delivered_once_and_a_clean_stop_counts_nothing_twice(
-        broker_factory, tmp_path) -> None:
+    broker_factory, tmp_path
+) -> None:
     data_dir = str(tmp_path / "data")
     process = broker_factory(data_dir).start()
     hold_five_after_five(process.address, "clean")
@@ -79,18 +80,43 @@ def test_settlements_results_and_deliveries_travel_as_runs(broker) -> None:
         response = call(client, m.QueueReceiveRequest(group="g", topic="runs", messages_max=6, wait_ms=WAIT_MS))
         assert [(d.offset, d.count, d.delivery_count) for d in response.deliveries] == [(0, 6, 1)]
         # Offset 2 goes round again: the run's ack of 0..5 at delivery 1 is stale there.
-        nack = call(client, m.QueueSettleRequest(group="g", topic="runs", settlements=[
-            m.Settlement(partition=0, offset=2, delivery_count=1, action=m.SettleAction.NACK, delay_ms=0)]))
+        nack = call(
+            client,
+            m.QueueSettleRequest(
+                group="g",
+                topic="runs",
+                settlements=[
+                    m.Settlement(partition=0, offset=2, delivery_count=1, action=m.SettleAction.NACK, delay_ms=0)
+                ],
+            ),
+        )
         assert nack.results[0].error_code is m.ErrorCode.NONE
         again = call(client, m.QueueReceiveRequest(group="g", topic="runs", messages_max=6, wait_ms=WAIT_MS))
         assert [(d.offset, d.count, d.delivery_count) for d in again.deliveries] == [(2, 1, 2)]
-        acked = call(client, m.QueueSettleRequest(group="g", topic="runs", settlements=[
-            m.Settlement(partition=0, offset=0, delivery_count=1, action=m.SettleAction.ACK, count=6),
-            m.Settlement(partition=0, offset=0, delivery_count=1, action=m.SettleAction.ACK, count=0)]))
+        acked = call(
+            client,
+            m.QueueSettleRequest(
+                group="g",
+                topic="runs",
+                settlements=[
+                    m.Settlement(partition=0, offset=0, delivery_count=1, action=m.SettleAction.ACK, count=6),
+                    m.Settlement(partition=0, offset=0, delivery_count=1, action=m.SettleAction.ACK, count=0),
+                ],
+            ),
+        )
         assert [(r.offset, r.count, r.error_code) for r in acked.results] == [
-            (0, 2, m.ErrorCode.NONE), (2, 1, m.ErrorCode.STALE_DELIVERY), (3, 3, m.ErrorCode.NONE),
-            (0, 1, m.ErrorCode.LIMIT_EXCEEDED)]
-        last = call(client, m.QueueSettleRequest(group="g", topic="runs", settlements=[
-            m.Settlement(partition=0, offset=2, delivery_count=2, action=m.SettleAction.ACK)]))
+            (0, 2, m.ErrorCode.NONE),
+            (2, 1, m.ErrorCode.STALE_DELIVERY),
+            (3, 3, m.ErrorCode.NONE),
+            (0, 1, m.ErrorCode.LIMIT_EXCEEDED),
+        ]
+        last = call(
+            client,
+            m.QueueSettleRequest(
+                group="g",
+                topic="runs",
+                settlements=[m.Settlement(partition=0, offset=2, delivery_count=2, action=m.SettleAction.ACK)],
+            ),
+        )
         assert [(r.offset, r.count, r.error_code) for r in last.results] == [(2, 1, m.ErrorCode.NONE)]
         assert client.describe_queue("runs", "g").partitions[0].ack_floor == 6

@@ -28,8 +28,12 @@ WAIT_MS = 20_000  # generous: the machine is shared
 
 def produce_values(client: Client, topic: str, partition: int, values: list[bytes], chunk: int = 500) -> None:
     for start in range(0, len(values), chunk):
-        batch = build_batch([NewRecord(b"k%d" % (start + i), value, [("source", b"test")])
-                             for i, value in enumerate(values[start:start + chunk])])
+        batch = build_batch(
+            [
+                NewRecord(b"k%d" % (start + i), value, [("source", b"test")])
+                for i, value in enumerate(values[start : start + chunk])
+            ]
+        )
         client.produce_batch(topic, partition, batch)
 
 
@@ -49,8 +53,10 @@ def test_four_competing_consumers_share_ten_thousand_messages_once_each(broker) 
 
     def consume(index: int) -> None:
         try:
-            with Client(broker.address) as client, client.queue("jobs", "workers", ack_wait_ms=60_000,
-                                                                batch_max=100) as queue:
+            with (
+                Client(broker.address) as client,
+                client.queue("jobs", "workers", ack_wait_ms=60_000, batch_max=100) as queue,
+            ):
                 client.connect()
                 ready.wait()
                 idle = 0
@@ -146,7 +152,9 @@ def test_max_deliveries_dead_letters_with_every_header(broker) -> None:
         assert headers["nodi-dlq-first-delivery-ms"] == str(first.lease_deadline_ms - 60_000)
         assert headers["nodi-dlq-last-delivery-ms"] == str(second.lease_deadline_ms - 60_000)
         assert int(headers["nodi-dlq-source-timestamp-ms"]) == first.timestamp
-        assert int(headers["nodi-dlq-dead-lettered-ms"]) == letter.timestamp >= int(headers["nodi-dlq-last-delivery-ms"])
+        assert (
+            int(headers["nodi-dlq-dead-lettered-ms"]) == letter.timestamp >= int(headers["nodi-dlq-last-delivery-ms"])
+        )
         state = describe(client, "billing", "orders")
         assert state.partitions[1].ack_floor == 1 and state.dead_lettered == 1
 
@@ -218,8 +226,9 @@ def test_the_window_limit_holds(broker_factory, monkeypatch) -> None:
 def test_settings_are_stored_at_first_use_and_checked(broker) -> None:
     with Client(broker.address) as client:
         client.create_topic("s")
-        with client.queue("s", "g", ack_wait_ms=5_000, max_deliveries=3,
-                          backoff=Backoff.exponential(100, 3.0, 2_000, 0.0)) as queue:
+        with client.queue(
+            "s", "g", ack_wait_ms=5_000, max_deliveries=3, backoff=Backoff.exponential(100, 3.0, 2_000, 0.0)
+        ) as queue:
             assert queue.receive(timeout_ms=10) is None
         state = describe(client, "g", "s")
         assert (state.ack_wait_ms, state.max_deliveries) == (5_000, 3)
@@ -229,8 +238,10 @@ def test_settings_are_stored_at_first_use_and_checked(broker) -> None:
             assert queue.receive(timeout_ms=10) is None
         assert describe(client, "other", "s").backoff == Backoff.fixed([5, 10])
         summaries = client.list_queues("s")
-        assert [(q.group, q.topic, q.dead_letter_topic) for q in summaries] == [("g", "s", "s.dlq"),
-                                                                               ("other", "s", "s-dead")]
+        assert [(q.group, q.topic, q.dead_letter_topic) for q in summaries] == [
+            ("g", "s", "s.dlq"),
+            ("other", "s", "s-dead"),
+        ]
         assert client.list_queues("nothing-here") == []
         with client.queue("s", "g") as queue:  # None keeps what is stored
             assert queue.receive(timeout_ms=10) is None
@@ -257,13 +268,19 @@ async def async_queue_and_bad_settles(broker) -> None:
             assert deadline >= message.lease_deadline_ms
             await message.ack()
             await message.ack()  # twice: still fine
-            bogus = m.QueueSettleRequest(group="g", topic="a", settlements=[
-                m.Settlement(partition=0, offset=99, delivery_count=1, action=m.SettleAction.ACK),
-                m.Settlement(partition=5, offset=0, delivery_count=1, action=m.SettleAction.NACK),
-            ])
+            bogus = m.QueueSettleRequest(
+                group="g",
+                topic="a",
+                settlements=[
+                    m.Settlement(partition=0, offset=99, delivery_count=1, action=m.SettleAction.ACK),
+                    m.Settlement(partition=5, offset=0, delivery_count=1, action=m.SettleAction.NACK),
+                ],
+            )
             response = await client._call(bogus, None)
-            assert [r.error_code for r in response.results] == [m.ErrorCode.UNKNOWN_DELIVERY,
-                                                                 m.ErrorCode.UNKNOWN_PARTITION]
+            assert [r.error_code for r in response.results] == [
+                m.ErrorCode.UNKNOWN_DELIVERY,
+                m.ErrorCode.UNKNOWN_PARTITION,
+            ]
             with pytest.raises(UnknownDelivery):
                 await message.__class__("a", 0, 50, 0, None, None, _queue=queue).ack()
             await queue.flush()  # an error the caller awaited is not raised again
@@ -287,10 +304,16 @@ def test_a_message_with_a_not_before_time_is_delivered_only_when_due(broker) -> 
     with Client(broker.address) as client:
         client.create_topic("later")
         due_ms = int(time.time() * 1000) + 1_000
-        client.produce_batch("later", 0, build_batch([
-            NewRecord(None, b"delayed", [(NOT_BEFORE_MS, str(due_ms).encode())]),
-            NewRecord(None, b"now"),
-        ]))
+        client.produce_batch(
+            "later",
+            0,
+            build_batch(
+                [
+                    NewRecord(None, b"delayed", [(NOT_BEFORE_MS, str(due_ms).encode())]),
+                    NewRecord(None, b"now"),
+                ]
+            ),
+        )
         with client.queue("later", "g") as queue:
             first = queue.receive(timeout_ms=WAIT_MS)
             assert first.value == b"now"
@@ -328,9 +351,18 @@ def test_bad_queue_requests_get_typed_errors_and_the_server_carries_on(broker) -
         # Out-of-range counts and waits are cut to the limits, not refused.
         response = call(client, m.QueueReceiveRequest(group="g", topic="q", messages_max=-7, wait_ms=-1))
         assert response.deliveries == []
-        response = call(client, m.QueueSettleRequest(group="g", topic="q", settlements=[
-            m.Settlement(partition=0, offset=2**62, delivery_count=-3, action=m.SettleAction.REJECT, text="x" * 5000),
-        ]))
+        response = call(
+            client,
+            m.QueueSettleRequest(
+                group="g",
+                topic="q",
+                settlements=[
+                    m.Settlement(
+                        partition=0, offset=2**62, delivery_count=-3, action=m.SettleAction.REJECT, text="x" * 5000
+                    ),
+                ],
+            ),
+        )
         assert response.results[0].error_code is m.ErrorCode.UNKNOWN_DELIVERY
         with pytest.raises(NodiClientError):
             call(client, m.QueueSettleRequest(group="g", topic="missing", settlements=[]))

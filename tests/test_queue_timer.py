@@ -75,8 +75,9 @@ def test_settling_one_group_visits_that_group_only_not_every_group(idle_broker) 
 def test_a_lease_running_out_in_an_idle_group_among_many_is_redelivered(idle_broker) -> None:
     with Client(idle_broker.address, timeout_ms=30_000) as client:
         client.produce_batch("jobs", 0, build_batch([NewRecord(None, b"held")]))
-        with client.queue("jobs", "sleeper", ack_wait_ms=1_500, batch_max=1, prefetch=False,
-                          max_lease_ms=0) as queue:  # the client does not extend: the server runs it out
+        with client.queue(
+            "jobs", "sleeper", ack_wait_ms=1_500, batch_max=1, prefetch=False, max_lease_ms=0
+        ) as queue:  # the client does not extend: the server runs it out
             held = queue.receive(timeout_ms=WAIT_S * 1000)
             assert held is not None and held.delivery_count == 1
             # Nobody receives from the group now: only the timer can run the lease out.

@@ -291,8 +291,9 @@ def test_a_restored_message_at_its_last_delivery_is_dead_lettered() -> None:
 
 
 def test_the_committed_reservation_counts_its_offsets_as_delivered_once_after_a_crash() -> None:
-    queue = PartitionQueue(0, QueueSettings(ack_wait_ms=1_000, max_deliveries=3, backoff=NO_BACKOFF),
-                           QueueLimits(reservation_messages=10))
+    queue = PartitionQueue(
+        0, QueueSettings(ack_wait_ms=1_000, max_deliveries=3, backoff=NO_BACKOFF), QueueLimits(reservation_messages=10)
+    )
     queue.set_log_bounds(0, 100)
     committed = decode_partition(encode_partition(queue))  # before any delivery
     assert committed.reservation_end == 0
@@ -306,8 +307,9 @@ def test_the_committed_reservation_counts_its_offsets_as_delivered_once_after_a_
     assert queue.reserved_offset == 19
 
     # The crash: only `committed` is on disk; 3 and 4 went out with count 1.
-    restored = PartitionQueue(0, committed.settings, QueueLimits(reservation_messages=10), committed.floor,
-                              committed.next_offset)
+    restored = PartitionQueue(
+        0, committed.settings, QueueLimits(reservation_messages=10), committed.floor, committed.next_offset
+    )
     restored.set_log_bounds(0, 100)
     for delivery in committed.deliveries:
         restored.restore(delivery, now_ms=5_000)
@@ -346,8 +348,11 @@ def test_garbage_state_raises_only_queue_state_error(data) -> None:
 # A model: random receives, settles, ticks and restarts never lose or duplicate an ack.
 
 OPERATIONS = st.lists(
-    st.tuples(st.sampled_from(["take", "ack", "nack", "progress", "reject", "tick", "dead", "restart"]),
-              st.integers(0, 20), st.integers(0, 3_000)),
+    st.tuples(
+        st.sampled_from(["take", "ack", "nack", "progress", "reject", "tick", "dead", "restart"]),
+        st.integers(0, 20),
+        st.integers(0, 3_000),
+    ),
     max_size=60,
 )
 
@@ -441,6 +446,7 @@ def test_model_every_message_ends_acked_or_dead_lettered_exactly_once(operations
 
 def test_dead_letter_reasons_are_the_reserved_header_values() -> None:
     from nodi.broker.protocol import headers
+
     labels = tuple(reason.label for reason in DeadLetterReason if reason is not DeadLetterReason.NONE)
     assert labels == headers.DLQ_REASONS
 

@@ -35,13 +35,19 @@ def build_disk() -> tuple[SimulatedFileSystem, list[tuple]]:
     with Log.open(DIRECTORY, CONFIG, fs=fs) as log:
         for number in range(BATCHES):
             records = [
-                NewRecord(rng.randbytes(4), rng.randbytes(rng.randint(10, 120)),
-                          [("h", rng.randbytes(2))] if rng.random() < 0.3 else [], 1_700_000_000_000 + number)
+                NewRecord(
+                    rng.randbytes(4),
+                    rng.randbytes(rng.randint(10, 120)),
+                    [("h", rng.randbytes(2))] if rng.random() < 0.3 else [],
+                    1_700_000_000_000 + number,
+                )
                 for _ in range(rng.randint(1, 3))
             ]
             first = log.append(build_batch(records)).first_offset
-            expected.extend((first + index, record.timestamp_ms, record.key, record.value, tuple(record.headers))
-                            for index, record in enumerate(records))
+            expected.extend(
+                (first + index, record.timestamp_ms, record.key, record.value, tuple(record.headers))
+                for index, record in enumerate(records)
+            )
         assert len(log.segments) >= 4
     return fs, expected
 

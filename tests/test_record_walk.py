@@ -110,11 +110,17 @@ def produced_batches(draw):
     deltas = draw(st.lists(st.integers(0, 63), min_size=count, max_size=count))
 
     def make(size: int | None, index: int) -> bytes | None:
-        return None if size is None else (filler * (size // len(filler) + 2))[index % len(filler):][:size]
+        return None if size is None else (filler * (size // len(filler) + 2))[index % len(filler) :][:size]
 
-    new = [NewRecord(make(key_length, index), make(value_length, index),
-                     [(name, make(size, index)) for name, size in header_shapes], BASE_TIMESTAMP_MS + delta)
-           for index, delta in enumerate(deltas)]
+    new = [
+        NewRecord(
+            make(key_length, index),
+            make(value_length, index),
+            [(name, make(size, index)) for name, size in header_shapes],
+            BASE_TIMESTAMP_MS + delta,
+        )
+        for index, delta in enumerate(deltas)
+    ]
     compression = draw(st.sampled_from([Compression.NONE, Compression.GZIP]))
     return records.build_batch(new, base_timestamp=BASE_TIMESTAMP_MS, compression=compression)
 

@@ -36,9 +36,7 @@ try:  # an independent implementation of the format (the dev extra installs it)
 except ImportError:  # pragma: no cover - only without the dev extra
     DefaultRecordBatch = DefaultRecordBatchBuilder = None
 
-needs_kafka_python = pytest.mark.skipif(
-    DefaultRecordBatch is None, reason="kafka-python (dev extra) is not installed"
-)
+needs_kafka_python = pytest.mark.skipif(DefaultRecordBatch is None, reason="kafka-python (dev extra) is not installed")
 
 INT16_MAX = (1 << 15) - 1
 INT32_MAX = (1 << 31) - 1
@@ -65,9 +63,7 @@ THOROUGH = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
 optional_bytes = st.none() | st.binary(max_size=48)
 header_keys = st.text(max_size=10)  # any code point but lone surrogates
 header_values = st.none() | st.binary(max_size=16)
-headers_lists = st.lists(
-    st.tuples(header_keys, header_values), max_size=SMALL_LIMITS.headers_per_record_max
-)
+headers_lists = st.lists(st.tuples(header_keys, header_values), max_size=SMALL_LIMITS.headers_per_record_max)
 # Plausible millisecond timestamps, negative ones included.
 timestamps = st.integers(-(1 << 40), 1 << 42)
 optional_timestamps = st.none() | timestamps
@@ -135,9 +131,7 @@ def reseal(batch: bytes | bytearray) -> bytes:
     return bytes(out)
 
 
-def with_section(
-    batch: bytes, section: bytes, codec: int, records_count: int | None = None
-) -> bytes:
+def with_section(batch: bytes, section: bytes, codec: int, records_count: int | None = None) -> bytes:
     """`batch`'s header around a new (plain) records section, compressed with `codec`."""
     header = bytearray(batch[: records.BATCH_HEADER_BYTES])
     attributes = struct.unpack_from(">h", header, 21)[0]
@@ -219,16 +213,10 @@ def decode_every_way(buffer, limits: RecordLimits = SMALL_LIMITS) -> None:
 
 def expected_timestamps(arguments: dict, decoded: list[records.Record]) -> list[int]:
     """Record timestamps as written; records without one all get the same "now"."""
-    defaulted = {
-        record.timestamp_ms
-        for record, new in zip(decoded, arguments["records"])
-        if new.timestamp_ms is None
-    }
+    defaulted = {record.timestamp_ms for record, new in zip(decoded, arguments["records"]) if new.timestamp_ms is None}
     assert len(defaulted) <= 1
     now_ms = defaulted.pop() if defaulted else None
-    return [
-        now_ms if new.timestamp_ms is None else new.timestamp_ms for new in arguments["records"]
-    ]
+    return [now_ms if new.timestamp_ms is None else new.timestamp_ms for new in arguments["records"]]
 
 
 def assert_round_trip(batch: bytes, arguments: dict, buffer_type=bytes):
@@ -288,8 +276,7 @@ def test_round_trip(arguments, buffer_type):
 @given(arguments=batch_arguments())
 def test_tuples_encode_like_new_records(arguments):
     arguments["records"] = [
-        record._replace(timestamp_ms=1_000 + index)
-        for index, record in enumerate(arguments["records"])
+        record._replace(timestamp_ms=1_000 + index) for index, record in enumerate(arguments["records"])
     ]
     as_tuples = dict(arguments, records=[tuple(record) for record in arguments["records"]])
     assert records.build_batch(**as_tuples) == records.build_batch(**arguments)
@@ -306,16 +293,20 @@ def test_tuples_encode_like_new_records(arguments):
         NewRecord(b"k", None),  # a tombstone
         NewRecord(None, b"v", [("", b"")]),
         NewRecord(None, b"v", [("only-null", None)]),
-        NewRecord(
-            b"\x00" * 200, b"\xff" * 300, [("ключ", b"\x80"), ("鍵🔑", None), ("k", b"")]
-        ),
+        NewRecord(b"\x00" * 200, b"\xff" * 300, [("ключ", b"\x80"), ("鍵🔑", None), ("k", b"")]),
     ],
     ids=lambda value: repr(value)[:40],
 )
 def test_edge_records_round_trip(record, codec):
     arguments = {
-        "records": [record], "base_offset": 0, "compression": codec, "producer_id": -1,
-        "producer_epoch": -1, "base_sequence": -1, "base_timestamp": None, "attributes": 0,
+        "records": [record],
+        "base_offset": 0,
+        "compression": codec,
+        "producer_id": -1,
+        "producer_epoch": -1,
+        "base_sequence": -1,
+        "base_timestamp": None,
+        "attributes": 0,
         "limits": DEFAULT_RECORD_LIMITS,
     }
     assert_round_trip(records.build_batch(**arguments), arguments)
@@ -357,9 +348,7 @@ def test_default_and_explicit_timestamps_mix(monkeypatch):
 
 def test_negative_timestamp_deltas():
     stamps = [9_000, 10_000, 12_345, 9_999]
-    batch = records.build_batch(
-        [NewRecord(None, b"v", (), stamp) for stamp in stamps], base_timestamp=10_000
-    )
+    batch = records.build_batch([NewRecord(None, b"v", (), stamp) for stamp in stamps], base_timestamp=10_000)
     header = records.check_batch(batch)
     assert header.base_timestamp == 10_000
     assert header.max_timestamp == 12_345  # the greatest record timestamp, not the base
@@ -479,9 +468,7 @@ def test_set_base_offset_keeps_crc_valid(batch, base_offset, buffer_type):
     assert records.read_length_prefix(patched) == (base_offset, len(batch))
     after = records.decode_batches(patched, SMALL_LIMITS)
     old_base = records.parse_header(batch).base_offset
-    assert [record.offset - base_offset for record in after] == [
-        record.offset - old_base for record in before
-    ]
+    assert [record.offset - base_offset for record in after] == [record.offset - old_base for record in before]
     assert [record[1:] for record in after] == [record[1:] for record in before]
 
 
@@ -543,13 +530,9 @@ def test_record_bytes_max(record, codec):
     assert payload_bytes(record) == 40
     at_limit = limits_with(record_bytes_max=40)
     below = limits_with(record_bytes_max=39)
-    batch = records.build_batch(
-        [NewRecord(None, b"small"), record], compression=codec, limits=at_limit
-    )
+    batch = records.build_batch([NewRecord(None, b"small"), record], compression=codec, limits=at_limit)
     decoded = records.decode_batches(batch, at_limit)[1]
-    assert (decoded.key, decoded.value, decoded.headers) == (
-        record.key, record.value, tuple(record.headers)
-    )
+    assert (decoded.key, decoded.value, decoded.headers) == (record.key, record.value, tuple(record.headers))
     with pytest.raises(LimitExceededError):
         records.build_batch([record], compression=codec, limits=below)
     # A batch from a producer with larger limits is refused where it is parsed.
@@ -577,14 +560,10 @@ def test_record_bytes_max_counts_key_value_and_headers(record):
 def test_headers_per_record_max(codec):
     limit = SMALL_LIMITS.headers_per_record_max
     headers = [(f"h{index}", None if index % 2 else b"x") for index in range(limit)]
-    batch = records.build_batch(
-        [NewRecord(None, b"v", headers)], compression=codec, limits=SMALL_LIMITS
-    )
+    batch = records.build_batch([NewRecord(None, b"v", headers)], compression=codec, limits=SMALL_LIMITS)
     assert records.decode_batches(batch, SMALL_LIMITS)[0].headers == tuple(headers)
     with pytest.raises(LimitExceededError):
-        records.build_batch(
-            [NewRecord(None, b"v", headers + [("one-more", b"")])], limits=SMALL_LIMITS
-        )
+        records.build_batch([NewRecord(None, b"v", headers + [("one-more", b"")])], limits=SMALL_LIMITS)
     fewer = limits_with(headers_per_record_max=limit - 1)
     for decoder in (_decode_batches, _iter_records):
         with pytest.raises(LimitExceededError):
@@ -604,9 +583,7 @@ def test_headers_per_record_max_default_limit():
 def test_records_per_batch_max(codec):
     limit = SMALL_LIMITS.records_per_batch_max
     values = [str(index).encode() for index in range(limit)]
-    batch = records.build_batch(
-        records.make_records(values), compression=codec, limits=SMALL_LIMITS
-    )
+    batch = records.build_batch(records.make_records(values), compression=codec, limits=SMALL_LIMITS)
     assert [record.value for record in records.decode_batches(batch, SMALL_LIMITS)] == values
     with pytest.raises(LimitExceededError):
         records.build_batch(records.make_records(values + [b"x"]), limits=SMALL_LIMITS)
@@ -618,9 +595,7 @@ def test_records_per_batch_max(codec):
 
 def test_decompressed_batch_bytes_max_exact():
     new = [NewRecord(None, b"z" * 3000, (), 0), NewRecord(b"k", b"y" * 1000, (), 7)]
-    batch = records.build_batch(
-        new, compression=Compression.GZIP, base_timestamp=0, limits=SMALL_LIMITS
-    )
+    batch = records.build_batch(new, compression=Compression.GZIP, base_timestamp=0, limits=SMALL_LIMITS)
     section, _ = records.encode_records(new, 0, 0, SMALL_LIMITS)
     at_limit = limits_with(decompressed_batch_bytes_max=len(section))
     decoded = records.decode_batches(batch, at_limit)
@@ -634,9 +609,7 @@ def test_gzip_bomb_is_refused():
     inflating at decompressed_batch_bytes_max instead of allocating it all."""
     inflated_bytes = 32 * MIB
     generous = RecordLimits(record_bytes_max=64 * MIB)
-    bomb = records.build_batch(
-        [NewRecord(None, bytes(inflated_bytes))], compression=Compression.GZIP, limits=generous
-    )
+    bomb = records.build_batch([NewRecord(None, bytes(inflated_bytes))], compression=Compression.GZIP, limits=generous)
     assert len(bomb) < DEFAULT_RECORD_LIMITS.batch_bytes_max
     records.check_batch(bomb)  # a well-formed batch: only its inflated size is wrong
     for decoder in (_decode_batches, _iter_records, _iter_records_unverified):
@@ -706,11 +679,7 @@ def test_batches_fed_one_byte_at_a_time(batches):
             split = records.split_batches(received, SMALL_LIMITS)
             starts = [sum(map(len, batches[:index])) for index in range(count)]
             assert [position for position, _ in split] == starts
-            expected = [
-                record
-                for batch in batches[:count]
-                for record in records.decode_batches(batch, SMALL_LIMITS)
-            ]
+            expected = [record for batch in batches[:count] for record in records.decode_batches(batch, SMALL_LIMITS)]
             assert records.decode_batches(received, SMALL_LIMITS) == expected
         else:
             for decoder in (_split_batches, _decode_batches):
@@ -836,9 +805,7 @@ def record_like_tokens():
     codec=st.sampled_from(SUPPORTED_CODECS),
     log_append_time=st.booleans(),
 )
-def test_random_records_sections_raise_only_nodi_errors(
-    section, records_count, codec, log_append_time
-):
+def test_random_records_sections_raise_only_nodi_errors(section, records_count, codec, log_append_time):
     """A valid header and CRC around random records: the record decoder itself must
     raise only InvalidRecordError."""
     template = records.build_batch(records.make_records([b"v"]))
@@ -915,7 +882,10 @@ def test_every_single_bit_flip_is_detected(codec):
     Only base_offset and the leader epoch lie outside the CRC, by design."""
     batch = records.build_batch(
         [NewRecord(b"key", b"value", [("h", b"v")], 1_000), NewRecord(None, None, (), 1_300)],
-        producer_id=7, producer_epoch=1, base_sequence=3, compression=codec,
+        producer_id=7,
+        producer_epoch=1,
+        base_sequence=3,
+        compression=codec,
     )
     outside_crc = set(range(0, 8)) | set(range(12, 16))
     for position in range(len(batch)):
@@ -976,29 +946,59 @@ KNOWN_SECTION = bytes.fromhex(
     # record 0: length 18 (zig-zag 0x24), attributes 0, timestamp delta 0, offset delta 0,
     # key length 3 (0x06) "key", value length 5 (0x0a) "value", 1 header (0x02),
     # header key length 1 (0x02) "h", header value length 1 (0x02) "v"
-    "24" "00" "00" "00" "06" "6b6579" "0a" "76616c7565" "02" "02" "68" "02" "76"
+    "24"
+    "00"
+    "00"
+    "00"
+    "06"
+    "6b6579"
+    "0a"
+    "76616c7565"
+    "02"
+    "02"
+    "68"
+    "02"
+    "76"
     # record 1: length 7 (0x0e), timestamp delta 300 (zig-zag 600 = 0xd8 0x04),
     # offset delta 1 (0x02), null key (-1 = 0x01), null value, no headers
-    "0e" "00" "d804" "02" "01" "01" "00"
+    "0e"
+    "00"
+    "d804"
+    "02"
+    "01"
+    "01"
+    "00"
     # record 2: length 9 (0x12), timestamp delta -1 (0x01), offset delta 2 (0x04), empty
     # key (0x00), empty value, 1 header: key "k", null value (0x01)
-    "12" "00" "01" "04" "00" "00" "02" "02" "6b" "01"
+    "12"
+    "00"
+    "01"
+    "04"
+    "00"
+    "00"
+    "02"
+    "02"
+    "6b"
+    "01"
 )
-KNOWN_BATCH = bytes.fromhex(
-    "0000000000000005"  # 0  base_offset 5
-    "00000056"  # 8  batch_length 86 = 49 + 37 bytes of records
-    "ffffffff"  # 12 partition_leader_epoch -1
-    "02"  # 16 magic
-    "4da93e75"  # 17 crc: CRC-32C of bytes 21..end
-    "0000"  # 21 attributes
-    "00000002"  # 23 last_offset_delta
-    "00000000000003e8"  # 27 base_timestamp 1000
-    "0000000000000514"  # 35 max_timestamp 1300
-    "0000000000000007"  # 43 producer_id
-    "0001"  # 51 producer_epoch
-    "00000003"  # 53 base_sequence
-    "00000003"  # 57 records_count
-) + KNOWN_SECTION
+KNOWN_BATCH = (
+    bytes.fromhex(
+        "0000000000000005"  # 0  base_offset 5
+        "00000056"  # 8  batch_length 86 = 49 + 37 bytes of records
+        "ffffffff"  # 12 partition_leader_epoch -1
+        "02"  # 16 magic
+        "4da93e75"  # 17 crc: CRC-32C of bytes 21..end
+        "0000"  # 21 attributes
+        "00000002"  # 23 last_offset_delta
+        "00000000000003e8"  # 27 base_timestamp 1000
+        "0000000000000514"  # 35 max_timestamp 1300
+        "0000000000000007"  # 43 producer_id
+        "0001"  # 51 producer_epoch
+        "00000003"  # 53 base_sequence
+        "00000003"  # 57 records_count
+    )
+    + KNOWN_SECTION
+)
 
 
 def test_known_batch_is_byte_exact():
@@ -1018,9 +1018,19 @@ def test_known_batch_is_byte_exact():
 def test_known_batch_decodes():
     header = records.check_batch(KNOWN_BATCH)
     assert header == records.BatchHeader(
-        base_offset=5, batch_length=86, partition_leader_epoch=-1, magic=2, crc=0x4DA93E75,
-        attributes=0, last_offset_delta=2, base_timestamp=1_000, max_timestamp=1_300,
-        producer_id=7, producer_epoch=1, base_sequence=3, records_count=3,
+        base_offset=5,
+        batch_length=86,
+        partition_leader_epoch=-1,
+        magic=2,
+        crc=0x4DA93E75,
+        attributes=0,
+        last_offset_delta=2,
+        base_timestamp=1_000,
+        max_timestamp=1_300,
+        producer_id=7,
+        producer_epoch=1,
+        base_sequence=3,
+        records_count=3,
     )
     assert records.decode_batches(KNOWN_BATCH) == [
         records.Record(5, 1_000, b"key", b"value", (("h", b"v"),)),
@@ -1032,9 +1042,19 @@ def test_known_batch_decodes():
 def test_header_field_offsets():
     """Each field at its documented byte offset (Kafka's DefaultRecordBatch)."""
     fields = {
-        0: (">q", 5), 8: (">i", 86), 12: (">i", -1), 16: (">b", 2), 17: (">I", 0x4DA93E75),
-        21: (">h", 0), 23: (">i", 2), 27: (">q", 1_000), 35: (">q", 1_300), 43: (">q", 7),
-        51: (">h", 1), 53: (">i", 3), 57: (">i", 3),
+        0: (">q", 5),
+        8: (">i", 86),
+        12: (">i", -1),
+        16: (">b", 2),
+        17: (">I", 0x4DA93E75),
+        21: (">h", 0),
+        23: (">i", 2),
+        27: (">q", 1_000),
+        35: (">q", 1_300),
+        43: (">q", 7),
+        51: (">h", 1),
+        53: (">i", 3),
+        57: (">i", 3),
     }
     for offset, (layout, value) in fields.items():
         assert struct.unpack_from(layout, KNOWN_BATCH, offset)[0] == value, offset
@@ -1053,10 +1073,21 @@ def test_crc_is_castagnoli_over_attributes_to_end():
 @pytest.mark.parametrize(
     "value, encoded",
     [
-        (0, "00"), (-1, "01"), (1, "02"), (-2, "03"), (2, "04"), (63, "7e"), (-64, "7f"),
-        (64, "8001"), (-65, "8101"), (300, "d804"), (-1000, "cf0f"),
-        (INT32_MAX, "feffffff0f"), (-(1 << 31), "ffffffff0f"),
-        (INT64_MAX, "feffffffffffffffff01"), (INT64_MIN, "ffffffffffffffffff01"),
+        (0, "00"),
+        (-1, "01"),
+        (1, "02"),
+        (-2, "03"),
+        (2, "04"),
+        (63, "7e"),
+        (-64, "7f"),
+        (64, "8001"),
+        (-65, "8101"),
+        (300, "d804"),
+        (-1000, "cf0f"),
+        (INT32_MAX, "feffffff0f"),
+        (-(1 << 31), "ffffffff0f"),
+        (INT64_MAX, "feffffffffffffffff01"),
+        (INT64_MIN, "ffffffffffffffffff01"),
     ],
 )
 def test_zigzag_varints(value, encoded):
@@ -1106,15 +1137,17 @@ kafka_records = st.lists(
 
 def build_with_kafka_python(new, codec, producer_id=-1, producer_epoch=-1, base_sequence=-1):
     builder = DefaultRecordBatchBuilder(
-        magic=2, compression_type=int(codec), is_transactional=False,
-        producer_id=producer_id, producer_epoch=producer_epoch, base_sequence=base_sequence,
+        magic=2,
+        compression_type=int(codec),
+        is_transactional=False,
+        producer_id=producer_id,
+        producer_epoch=producer_epoch,
+        base_sequence=base_sequence,
         batch_size=1 << 30,
     )
     stamps = []
     for offset, record in enumerate(new):
-        metadata = builder.append(
-            offset, record.timestamp_ms, record.key, record.value, list(record.headers)
-        )
+        metadata = builder.append(offset, record.timestamp_ms, record.key, record.value, list(record.headers))
         stamps.append(metadata.timestamp)
     return bytes(builder.build()), stamps
 
@@ -1123,8 +1156,7 @@ def read_with_kafka_python(batch):
     reader = DefaultRecordBatch(batch)
     assert reader.validate_crc()
     return reader, [
-        (record.offset, record.timestamp, record.key, record.value, tuple(record.headers))
-        for record in reader
+        (record.offset, record.timestamp, record.key, record.value, tuple(record.headers)) for record in reader
     ]
 
 
@@ -1163,7 +1195,9 @@ def test_nodi_batches_decode_with_kafka_python(arguments):
     assert reader.first_timestamp == header.base_timestamp
     assert reader.max_timestamp == header.max_timestamp
     assert (reader.producer_id, reader.producer_epoch, reader.base_sequence) == (
-        arguments["producer_id"], arguments["producer_epoch"], arguments["base_sequence"],
+        arguments["producer_id"],
+        arguments["producer_epoch"],
+        arguments["base_sequence"],
     )
     decoded = records.decode_batches(batch, SMALL_LIMITS)
     assert kafka_decoded == [tuple(record) for record in decoded]
@@ -1191,8 +1225,11 @@ def test_uncompressed_bytes_equal_kafka_python(new, producer):
     theirs, _ = build_with_kafka_python(new, Compression.NONE, *producer)
     producer_id, producer_epoch, base_sequence = producer
     ours = records.build_batch(
-        new, base_timestamp=new[0].timestamp_ms, producer_id=producer_id,
-        producer_epoch=producer_epoch, base_sequence=base_sequence,
+        new,
+        base_timestamp=new[0].timestamp_ms,
+        producer_id=producer_id,
+        producer_epoch=producer_epoch,
+        base_sequence=base_sequence,
     )
     assert theirs[12:16] == b"\x00\x00\x00\x00" and ours[12:16] == b"\xff\xff\xff\xff"
     assert ours[:12] + ours[16:] == theirs[:12] + theirs[16:]
@@ -1222,7 +1259,10 @@ def test_log_append_time_agrees_with_kafka_python():
 def test_control_batch_reads_as_a_kafka_marker():
     commit_marker = NewRecord(struct.pack(">hh", 0, 1), struct.pack(">hi", 0, 0), (), 5)
     batch = records.build_batch(
-        [commit_marker], producer_id=9, producer_epoch=0, base_sequence=-1,
+        [commit_marker],
+        producer_id=9,
+        producer_epoch=0,
+        base_sequence=-1,
         attributes=records.ATTRIBUTE_CONTROL | records.ATTRIBUTE_TRANSACTIONAL,
     )
     reader = DefaultRecordBatch(batch)

@@ -56,8 +56,9 @@ records_strategy = st.lists(
 @settings(max_examples=150, deadline=None)
 @given(records=records_strategy, spread=st.integers(1, 300), data=st.data())
 def test_encoder_matches_the_reference_byte_for_byte(records, spread, data):
-    deltas = sorted(data.draw(st.sets(st.integers(0, len(records) * spread), min_size=len(records),
-                                      max_size=len(records))))
+    deltas = sorted(
+        data.draw(st.sets(st.integers(0, len(records) * spread), min_size=len(records), max_size=len(records)))
+    )
     tuples = [(key, value, (), timestamp) for key, value, timestamp in records]
     dense, _ = encode_records(tuples, BASE_TIMESTAMP, BASE_TIMESTAMP)
     assert dense == reference_records(records, range(len(records)))

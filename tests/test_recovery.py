@@ -218,8 +218,17 @@ HEADER_FIELDS = [
 ]
 # The fields the CRC covers (and the CRC itself): the damage leaves the headers after it
 # readable, so the loss report knows the old end.
-CRC_DETECTED = {"crc", "attributes", "base_timestamp", "max_timestamp", "producer_id", "producer_epoch",
-                "base_sequence", "first_record_byte", "last_record_byte"}
+CRC_DETECTED = {
+    "crc",
+    "attributes",
+    "base_timestamp",
+    "max_timestamp",
+    "producer_id",
+    "producer_epoch",
+    "base_sequence",
+    "first_record_byte",
+    "last_record_byte",
+}
 FLIPS = [
     pytest.param(name, first, size, bit_in_field, id=f"{name}-{'high' if bit_in_field else 'low'}")
     for name, first, size in HEADER_FIELDS
@@ -884,8 +893,9 @@ def test_random_damage_never_raises_never_cuts_fsynced_data_G3_G4_I19(tmp_path) 
         log.close()
         assert not report.lost_durable_data, (trial, report)
         if served is not None:
-            assert served == [record for record in before(expected, log.next_offset)
-                              if record[0] >= log.log_start_offset], (trial, report)
+            assert served == [
+                record for record in before(expected, log.next_offset) if record[0] >= log.log_start_offset
+            ], (trial, report)
         if report.damage is not None:
             outcomes.add("damaged")
             assert file_contents(directory) == before_open, trial

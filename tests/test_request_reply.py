@@ -40,6 +40,7 @@ def test_fifty_concurrent_requests_each_get_their_own_reply(broker) -> None:
     stop = threading.Event()
     threads = start_responders(broker.address, "rpc", 2, stop)
     try:
+
         async def main() -> list:
             async with AsyncClient(broker.address) as client:
                 requests = [client.request("rpc", b"question-%d" % index, timeout_ms=WAIT_MS) for index in range(50)]

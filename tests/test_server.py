@@ -63,7 +63,9 @@ def test_produce_fetch_round_trip(broker):
     assert [p.log_end_offset for p in described.partitions] == [0, 2]
     assert client.call(m.CreateTopicRequest, name="orders").error_code == ErrorCode.TOPIC_EXISTS
     assert client.call(m.FetchRequest, topic="orders", partition=5, offset=0).error_code == ErrorCode.UNKNOWN_PARTITION
-    assert client.call(m.FetchRequest, topic="orders", partition=1, offset=99).error_code == ErrorCode.OFFSET_OUT_OF_RANGE
+    assert (
+        client.call(m.FetchRequest, topic="orders", partition=1, offset=99).error_code == ErrorCode.OFFSET_OUT_OF_RANGE
+    )
     client.close()
 
 
@@ -71,8 +73,9 @@ def test_long_poll_fetch_is_woken_by_a_produce(broker):
     consumer = RawClient(_address(broker)).handshake()
     producer = RawClient(_address(broker)).handshake()
     producer.call(m.CreateTopicRequest, name="t")
-    request = m.FetchRequest(request_id=consumer.connection.next_request_id(), topic="t", partition=0, offset=0,
-                             wait_ms=20_000)
+    request = m.FetchRequest(
+        request_id=consumer.connection.next_request_id(), topic="t", partition=0, offset=0, wait_ms=20_000
+    )
     consumer.socket.sendall(consumer.connection.send(request))
     producer.call(m.ProduceRequest, topic="t", partition=0, records=_batch(b"wake"))
     fetched = consumer.next_message()  # returns long before wait_ms: the produce woke it
@@ -84,8 +87,13 @@ def test_bad_records_are_refused_and_nothing_is_written(broker):
     client.call(m.CreateTopicRequest, name="t")
     good = _batch(b"x")
     corrupt = good[:-1] + bytes([good[-1] ^ 0xFF])
-    assert client.call(m.ProduceRequest, topic="t", partition=0, records=corrupt).error_code == ErrorCode.INVALID_RECORDS
-    assert client.call(m.ProduceRequest, topic="t", partition=0, records=good + b"junk").error_code == ErrorCode.INVALID_RECORDS
+    assert (
+        client.call(m.ProduceRequest, topic="t", partition=0, records=corrupt).error_code == ErrorCode.INVALID_RECORDS
+    )
+    assert (
+        client.call(m.ProduceRequest, topic="t", partition=0, records=good + b"junk").error_code
+        == ErrorCode.INVALID_RECORDS
+    )
     assert client.call(m.ProduceRequest, topic="nope", partition=0, records=good).error_code == ErrorCode.UNKNOWN_TOPIC
     assert client.call(m.ListOffsetsRequest, topic="t", partition=0).offset == 0
 
@@ -181,9 +189,14 @@ def test_stream_groups_over_the_wire(broker):
     theirs = [p for a in gained.assignments for p in a.partitions]
     assert sorted(mine + theirs) == [0, 1, 2, 3] and not set(mine) & set(theirs)
     commit = admin.call(
-        m.CommitOffsetsRequest, group="g", generation=gained.generation, member_id=second.member_id,
-        offsets=[m.OffsetCommit(topic="events", partition=theirs[0], offset=0),
-                 m.OffsetCommit(topic="events", partition=mine[0], offset=0)],
+        m.CommitOffsetsRequest,
+        group="g",
+        generation=gained.generation,
+        member_id=second.member_id,
+        offsets=[
+            m.OffsetCommit(topic="events", partition=theirs[0], offset=0),
+            m.OffsetCommit(topic="events", partition=mine[0], offset=0),
+        ],
     )
     assert [r.error_code for r in commit.results] == [ErrorCode.NONE, ErrorCode.ILLEGAL_GENERATION]
     offsets = admin.call(m.FetchOffsetsRequest, group="g")

@@ -40,7 +40,7 @@ def _trickle(sock: socket.socket, frame: bytes) -> tuple[int, bytes]:
     deadline = time.monotonic() + WAIT_S
     while sent < len(frame) and time.monotonic() < deadline:
         try:
-            sock.send(frame[sent:sent + 1])
+            sock.send(frame[sent : sent + 1])
             sent += 1
         except (BrokenPipeError, ConnectionResetError):
             break
@@ -99,8 +99,9 @@ def test_a_trickled_frame_is_closed_by_its_deadline_while_others_carry_on(broker
     assert normal.call(m.CreateTopicRequest, name="steady").error_code == ErrorCode.NONE
     slow = RawClient(address).handshake()
     batch = records.build_batch([records.NewRecord(None, b"s" * TRICKLE_BYTES_MIN)])
-    frame = slow.connection.send(m.ProduceRequest(request_id=slow.connection.next_request_id(), topic="steady",
-                                                  partition=0, records=batch))
+    frame = slow.connection.send(
+        m.ProduceRequest(request_id=slow.connection.next_request_id(), topic="steady", partition=0, records=batch)
+    )
     sent, received = _trickle(slow.socket, frame)
     slow.close()
     assert sent < len(frame), "the whole frame went through"
@@ -108,8 +109,9 @@ def test_a_trickled_frame_is_closed_by_its_deadline_while_others_carry_on(broker
     assert isinstance(closing, m.ClosingEvent) and closing.error_code == ErrorCode.TIMEOUT
     assert "frame_timeout_ms" in closing.error_message
     # The normal client was served all along and still is; the slow frame wrote nothing.
-    produced = normal.call(m.ProduceRequest, topic="steady", partition=0,
-                           records=records.build_batch([records.NewRecord(None, b"fine")]))
+    produced = normal.call(
+        m.ProduceRequest, topic="steady", partition=0, records=records.build_batch([records.NewRecord(None, b"fine")])
+    )
     assert produced.error_code == ErrorCode.NONE and produced.base_offset == 0
     normal.close()
 
@@ -131,9 +133,17 @@ def test_a_frame_waiting_for_budget_keeps_its_deadline(tmp_path):
     server stops reading that connection) and is closed by its own deadline, not left
     hanging; small requests on other connections are served meanwhile."""
     frame_bytes = 1 << 20
-    process = BrokerProcess(str(tmp_path / "data"), _config(tmp_path, (
-        f"[server]\nframe_timeout_ms = {DEADLINE_MS * 2}\nframe_buffer_bytes_max = {frame_bytes}\n"
-        f"[protocol]\nframe_bytes_max = {frame_bytes}\n")), metrics=True).start()
+    process = BrokerProcess(
+        str(tmp_path / "data"),
+        _config(
+            tmp_path,
+            (
+                f"[server]\nframe_timeout_ms = {DEADLINE_MS * 2}\nframe_buffer_bytes_max = {frame_bytes}\n"
+                f"[protocol]\nframe_bytes_max = {frame_bytes}\n"
+            ),
+        ),
+        metrics=True,
+    ).start()
     try:
         _waiting_frame_times_out(process, frame_bytes)
     finally:

@@ -86,9 +86,13 @@ def test_slow_consumer_does_not_stall_producers(broker_factory, tmp_path):
     protocol.receive_data(slow.recv(1 << 16))
     assert protocol.next_event().error_code == ErrorCode.NONE
     for _ in range(100):  # ~100 MB asked for, never read
-        slow.sendall(protocol.send(m.FetchRequest(
-            request_id=protocol.next_request_id(), topic="firehose", partition=0, offset=0, bytes_max=1 << 20
-        )))
+        slow.sendall(
+            protocol.send(
+                m.FetchRequest(
+                    request_id=protocol.next_request_id(), topic="firehose", partition=0, offset=0, bytes_max=1 << 20
+                )
+            )
+        )
     for _ in range(50):  # producers carry on meanwhile
         response = producer.call(m.ProduceRequest, topic="firehose", partition=0, records=payload)
         assert response.error_code == ErrorCode.NONE

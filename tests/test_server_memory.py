@@ -35,8 +35,13 @@ WAIT_S = 30
 
 def _frame_prefix() -> bytes:
     """A ProduceRequest header announcing FRAME_BYTES; the body never completes."""
-    return ((FRAME_BYTES - 4).to_bytes(4, "big") + bytes([0, 0]) + int(m.ApiKey.PRODUCE).to_bytes(2, "big")
-            + (0).to_bytes(2, "big") + (1).to_bytes(4, "big"))
+    return (
+        (FRAME_BYTES - 4).to_bytes(4, "big")
+        + bytes([0, 0])
+        + int(m.ApiKey.PRODUCE).to_bytes(2, "big")
+        + (0).to_bytes(2, "big")
+        + (1).to_bytes(4, "big")
+    )
 
 
 def _send_without_blocking(sockets: list[socket.socket], payload: memoryview, until) -> None:
@@ -51,7 +56,7 @@ def _send_without_blocking(sockets: list[socket.socket], payload: memoryview, un
         _, writable, _ = select.select([], pending, [], 0.1)
         for sock in writable:
             try:
-                sent[sock] += sock.send(payload[sent[sock]:sent[sock] + MIB])
+                sent[sock] += sock.send(payload[sent[sock] : sent[sock] + MIB])
             except BlockingIOError:
                 pass
 
@@ -71,8 +76,10 @@ def test_incomplete_large_frames_are_bounded_by_the_frame_budget(tmp_path):
 
         def budget_spent() -> bool:
             samples = scrape(process.metrics_port)
-            return (value(samples, "nodi_frame_buffer_bytes") == holders * FRAME_BYTES
-                    and value(samples, "nodi_frame_buffer_waiting") == CONNECTIONS - holders)
+            return (
+                value(samples, "nodi_frame_buffer_bytes") == holders * FRAME_BYTES
+                and value(samples, "nodi_frame_buffer_waiting") == CONNECTIONS - holders
+            )
 
         _send_without_blocking([client.socket for client in attackers], payload, budget_spent)
         assert budget_spent()

@@ -17,19 +17,22 @@ from conftest import BrokerProcess
 from test_server import RawClient
 
 
-@pytest.mark.parametrize("peer, loopback", [
-    (("127.0.0.1", 5000), True),
-    (("127.8.9.10", 5000), True),
-    (("::1", 5000, 0, 0), True),
-    (("::ffff:127.0.0.1", 5000, 0, 0), True),
-    (("192.0.2.2", 5000), False),
-    (("10.0.0.1", 5000), False),
-    (("::ffff:10.0.0.1", 5000, 0, 0), False),
-    (("fe80::1%eth0", 5000, 0, 2), False),
-    (("not an address", 1), False),
-    (None, False),
-    ("/run/nodi.sock", False),
-])
+@pytest.mark.parametrize(
+    "peer, loopback",
+    [
+        (("127.0.0.1", 5000), True),
+        (("127.8.9.10", 5000), True),
+        (("::1", 5000, 0, 0), True),
+        (("::ffff:127.0.0.1", 5000, 0, 0), True),
+        (("192.0.2.2", 5000), False),
+        (("10.0.0.1", 5000), False),
+        (("::ffff:10.0.0.1", 5000, 0, 0), False),
+        (("fe80::1%eth0", 5000, 0, 2), False),
+        (("not an address", 1), False),
+        (None, False),
+        ("/run/nodi.sock", False),
+    ],
+)
 def test_loopback_peers(peer, loopback):
     assert is_loopback_peer(peer) is loopback
 

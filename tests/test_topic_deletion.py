@@ -95,8 +95,11 @@ def populate(data_dir: str) -> None:
         store.create_topic(BYSTANDER, TopicConfig(partitions=1))
         for partition in range(PARTITIONS):
             for start in range(0, MESSAGES, 10):
-                store.log(DOOMED, partition).append(build_batch(
-                    [NewRecord(None, b"%d-%d" % (partition, offset), (), 1) for offset in range(start, start + 10)]))
+                store.log(DOOMED, partition).append(
+                    build_batch(
+                        [NewRecord(None, b"%d-%d" % (partition, offset), (), 1) for offset in range(start, start + 10)]
+                    )
+                )
         store.log(BYSTANDER, 0).append(build_batch([NewRecord(None, b"stays", (), 1)]))
         for topic in (DOOMED, BYSTANDER):
             store.metadata.stage_offset("group", topic, 0, 1)

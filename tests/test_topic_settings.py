@@ -111,8 +111,11 @@ def test_every_setting_is_a_create_topic_keyword_and_a_client_setting(setting):
 
 def test_create_topic_and_the_client_settings_list_exactly_the_declared_settings_in_order():
     """What a developer adds by hand besides the declaration (docs/development.md)."""
-    keywords = [name for name in inspect.signature(AsyncClient.create_topic).parameters
-                if name not in ("self", "name", "timeout_ms")]
+    keywords = [
+        name
+        for name in inspect.signature(AsyncClient.create_topic).parameters
+        if name not in ("self", "name", "timeout_ms")
+    ]
     assert keywords == SETTING_IDS
     assert [field.name for field in dataclasses.fields(ClientTopicSettings)] == SETTING_IDS
 
@@ -196,9 +199,17 @@ def test_the_wire_bytes_are_unchanged():
     samples = {
         "default": m.TopicSettings(),
         "every setting": m.TopicSettings(
-            partitions=3, retention_ms=m.RETENTION_UNLIMITED, retention_bytes=1000, cleanup_policy="compact",
-            fsync_policy="interval", fsync_interval_ms=250, segment_bytes=65536, segment_ms=3_600_000,
-            ttl_ms=60_000, dedup_window_ms=5000, delete_retention_ms=0,
+            partitions=3,
+            retention_ms=m.RETENTION_UNLIMITED,
+            retention_bytes=1000,
+            cleanup_policy="compact",
+            fsync_policy="interval",
+            fsync_interval_ms=250,
+            segment_bytes=65536,
+            segment_ms=3_600_000,
+            ttl_ms=60_000,
+            dedup_window_ms=5000,
+            delete_retention_ms=0,
         ),
     }
     for label, settings in samples.items():
@@ -210,7 +221,7 @@ def test_the_wire_bytes_are_unchanged():
 # ---------------------------------------------------------------------------
 # A test-only extra setting: declared once, it reaches storage, the wire and the server
 
-EXTRA_SETTING = textwrap.dedent('''
+EXTRA_SETTING = textwrap.dedent("""
     import dataclasses, json, sys
     from nodi.storage import topic_settings
 
@@ -260,7 +271,7 @@ EXTRA_SETTING = textwrap.dedent('''
     out["created"] = broker._topic_config(m.TopicSettings(test_window_ms=50)).test_window_ms
     out["described"] = broker._settings(ExtendedTopicConfig(test_window_ms=60)).test_window_ms
     print(json.dumps(out))
-''')
+""")
 
 
 def test_a_test_only_setting_declared_once_reaches_storage_the_wire_and_the_server():

@@ -34,7 +34,9 @@ def run_tool(arguments: list[str], tmp_path: Path, timeout_s: float = 240) -> tu
     json_path = tmp_path / "summary.json"
     completed = subprocess.run(
         [sys.executable, str(TOOL), *arguments, "--work-dir", str(tmp_path / "work"), "--json", str(json_path)],
-        capture_output=True, text=True, timeout=timeout_s,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
     )
     summary = json.loads(json_path.read_text()) if json_path.exists() else {}
     return completed, summary
@@ -73,9 +75,23 @@ def test_a_short_power_loss_run_checks_acknowledged_appends_and_finds_nothing(tm
 def test_nodi_torture_runs_the_tool(tmp_path: Path) -> None:
     json_path = tmp_path / "summary.json"
     completed = subprocess.run(
-        NODI + ["torture", "--power-loss", "--rounds", "1", "--round-s", "0.1", "--work-dir", str(tmp_path / "w"),
-                "--json", str(json_path), "--quiet"],
-        capture_output=True, text=True, timeout=120,
+        NODI
+        + [
+            "torture",
+            "--power-loss",
+            "--rounds",
+            "1",
+            "--round-s",
+            "0.1",
+            "--work-dir",
+            str(tmp_path / "w"),
+            "--json",
+            str(json_path),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
     assert json.loads(json_path.read_text())["rounds"] == 1
@@ -103,8 +119,9 @@ def honest_history() -> tuple[list[dict], dict[int, list]]:
     first answer lost), the others once; and the log that holds them."""
     events = []
     log = {0: [], 1: []}
-    for number, (kind, partition) in enumerate([("sync", 0), ("async", 0), ("batch", 0), ("batch", 1),
-                                                ("async", 1), ("sync", 1)]):
+    for number, (kind, partition) in enumerate(
+        [("sync", 0), ("async", 0), ("batch", 0), ("batch", 1), ("async", 1), ("sync", 1)]
+    ):
         message_id = f"r1.{kind}.{number}"
         events.append({"e": "send", "id": message_id, "kind": kind})
         offset = len(log[partition])

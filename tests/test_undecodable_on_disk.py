@@ -39,8 +39,12 @@ def poison_second_batch(data_dir: str) -> tuple[str, int, int]:
     value = b"b-poisoned"
     at = data.index(varint(len(value)) + value, position)
     data[at : at + 1] = varint(len(value) + 40)  # runs past its record
-    struct.pack_into(">I", data, records.CRC_OFFSET + position,
-                     crc32c.crc32c(bytes(data[position + records.CRC_START : position + header.size])))
+    struct.pack_into(
+        ">I",
+        data,
+        records.CRC_OFFSET + position,
+        crc32c.crc32c(bytes(data[position + records.CRC_START : position + header.size])),
+    )
     with open(path, "r+b") as file:
         file.write(data)
     return path, position, header.base_offset
@@ -62,8 +66,7 @@ def poisoned(broker_factory, tmp_path):
 
 def test_segments_verify_reports_the_batch(poisoned):
     data_dir, (path, position, offset) = poisoned
-    done = subprocess.run(NODI + ["segments", "verify", data_dir],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(NODI + ["segments", "verify", data_dir], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stdout + done.stderr
     line = next(line for line in done.stdout.splitlines() if line.startswith("ERROR"))
     assert f"{path} at position {position} (offset {offset})" in line, line
@@ -128,7 +131,7 @@ def test_compaction_keeps_it_and_the_log_counts_it(tmp_path, monkeypatch):
     at = poisoned.index(varint(len(b"b-poisoned")) + b"b-poisoned")
     poisoned = bytearray(poisoned)
     poisoned[at : at + 1] = varint(60)
-    struct.pack_into(">I", poisoned, records.CRC_OFFSET, crc32c.crc32c(bytes(poisoned[records.CRC_START:])))
+    struct.pack_into(">I", poisoned, records.CRC_OFFSET, crc32c.crc32c(bytes(poisoned[records.CRC_START :])))
     with Log.open(str(tmp_path / "log"), config) as log:
         log.append(records.build_batch(keyed[:4]))
         with monkeypatch.context() as before_the_walk:  # how a broker before issue 8 took it
@@ -139,7 +142,7 @@ def test_compaction_keeps_it_and_the_log_counts_it(tmp_path, monkeypatch):
         log.append(records.build_batch([records.NewRecord(b"k0", b"new")]))
         log.roll()
         Compactor().compact(log)
-        assert log.read(bad.first_offset, 1 << 20).slices[0].read()[8:len(poisoned)] == bytes(poisoned[8:])
+        assert log.read(bad.first_offset, 1 << 20).slices[0].read()[8 : len(poisoned)] == bytes(poisoned[8:])
         kept = []
         for header, batch in records.iter_batches(log.read(0, 1 << 20).to_bytes()):
             if header.base_offset != bad.first_offset:

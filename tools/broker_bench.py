@@ -131,11 +131,24 @@ class NodiServer:
         return self.process.pid if self.process is not None else None
 
     def start(self) -> str:
-        command = [sys.executable, "-m", "nodi.cli.main", "serve", "--data-dir", os.path.join(self.directory, "data"),
-                   "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
+        command = [
+            sys.executable,
+            "-m",
+            "nodi.cli.main",
+            "serve",
+            "--data-dir",
+            os.path.join(self.directory, "data"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+        ]
         with open(self.log_path, "w") as output:
-            self.process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,
-                                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            self.process = subprocess.Popen(
+                command, stdout=output, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            )
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
         while time.monotonic() < deadline and self.process.poll() is None:
             with open(self.log_path) as output:
@@ -183,8 +196,12 @@ def fsync_figures(before: dict | None, after: dict | None, messages: int) -> dic
     commit), and the p50 / p99 fsync latency as the upper bound of the histogram bucket
     holding it."""
     if before is None or after is None or math.inf not in after:
-        return {"server_fsyncs": None, "messages_per_fsync": None, "server_fsync_ms_p50": None,
-                "server_fsync_ms_p99": None}
+        return {
+            "server_fsyncs": None,
+            "messages_per_fsync": None,
+            "server_fsync_ms_p50": None,
+            "server_fsync_ms_p99": None,
+        }
     counts = {bound: after[bound] - before.get(bound, 0.0) for bound in sorted(after)}
     total = counts[math.inf]
 
@@ -290,8 +307,14 @@ async def nodi_latency(client: AsyncClient, topic: str, settings: Settings) -> d
     return figures
 
 
-async def nodi_round(address: str, server_pid: int | None, metrics_port: int | None, idle_pids: tuple,
-                     settings: Settings, round_number: int) -> dict:
+async def nodi_round(
+    address: str,
+    server_pid: int | None,
+    metrics_port: int | None,
+    idle_pids: tuple,
+    settings: Settings,
+    round_number: int,
+) -> dict:
     """The three phases on fresh topics (deleted after); `idle_pids` (the Redis server)
     are not counted as other load."""
     value = os.urandom(settings.value_bytes)
@@ -301,27 +324,34 @@ async def nodi_round(address: str, server_pid: int | None, metrics_port: int | N
         for name in ("throughput", "latency"):
             await client.create_topic(f"{prefix}-{name}", partitions=settings.partitions, fsync_policy="always")
         try:
-            progress(f"round {round_number}: nodi produce {settings.messages:,} x {settings.value_bytes} B, acks=durable")
+            progress(
+                f"round {round_number}: nodi produce {settings.messages:,} x {settings.value_bytes} B, acks=durable"
+            )
             fsyncs = fsync_buckets(metrics_port, f"{prefix}-throughput")
             meter = CpuMeter(server_pid, idle_pids)
             produced = await nodi_produce(client, f"{prefix}-throughput", settings, value)
             results["produce"] = {**produced, **meter.figures(produced["messages"])}
-            results["produce"].update(fsync_figures(fsyncs, fsync_buckets(metrics_port, f"{prefix}-throughput"),
-                                                    produced["messages"]))
+            results["produce"].update(
+                fsync_figures(fsyncs, fsync_buckets(metrics_port, f"{prefix}-throughput"), produced["messages"])
+            )
             progress(f"  {produced['msg_per_s']:,.0f} msg/s, {produced['mb_per_s']:.1f} MB/s")
             progress(f"round {round_number}: nodi consume")
             meter = CpuMeter(server_pid, idle_pids)
-            consumed = await nodi_consume(client, f"{prefix}-throughput", produced["messages"], settings,
-                                          settings.value_bytes)
+            consumed = await nodi_consume(
+                client, f"{prefix}-throughput", produced["messages"], settings, settings.value_bytes
+            )
             results["consume"] = {**consumed, **meter.figures(consumed["messages"])}
             progress(f"  {consumed['msg_per_s']:,.0f} msg/s, {consumed['mb_per_s']:.1f} MB/s")
-            progress(f"round {round_number}: nodi latency at {settings.latency_rate:,}/s for {settings.latency_seconds} s")
+            progress(
+                f"round {round_number}: nodi latency at {settings.latency_rate:,}/s for {settings.latency_seconds} s"
+            )
             fsyncs = fsync_buckets(metrics_port, f"{prefix}-latency")
             meter = CpuMeter(server_pid, idle_pids)
             latency = await nodi_latency(client, f"{prefix}-latency", settings)
             results["latency"] = {**latency, **meter.figures(latency["messages"])}
-            results["latency"].update(fsync_figures(fsyncs, fsync_buckets(metrics_port, f"{prefix}-latency"),
-                                                    latency["messages"]))
+            results["latency"].update(
+                fsync_figures(fsyncs, fsync_buckets(metrics_port, f"{prefix}-latency"), latency["messages"])
+            )
             progress(latency_line(latency))
         finally:
             for name in ("throughput", "latency"):
@@ -353,11 +383,15 @@ def machine_limits(directory: str, settings: Settings, round_number: int) -> dic
     sequential = storage_bench.raw_sequential_write(directory, volume_bytes)
     progress(f"  {sequential['mb_per_s']:,.0f} MB/s")
     loops = []
-    for bytes_per_write, records in ((one_message_batch_bytes(settings.value_bytes), 1),
-                                     (256 * KIB, 256 * KIB // settings.value_bytes)):
+    for bytes_per_write, records in (
+        (one_message_batch_bytes(settings.value_bytes), 1),
+        (256 * KIB, 256 * KIB // settings.value_bytes),
+    ):
         loop = storage_bench.raw_fdatasync_loop(directory, bytes_per_write, records, settings.raw_loop_seconds)
-        progress(f"  write+fdatasync of {bytes_per_write:,} B: {loop['writes_per_s']:,.0f}/s, "
-                 f"p50 {loop['latency_ms_p50']:.3f} ms, p99 {loop['latency_ms_p99']:.3f} ms")
+        progress(
+            f"  write+fdatasync of {bytes_per_write:,} B: {loop['writes_per_s']:,.0f}/s, "
+            f"p50 {loop['latency_ms_p50']:.3f} ms, p99 {loop['latency_ms_p99']:.3f} ms"
+        )
         loops.append(loop)
     return {"sequential_write": sequential, "fdatasync_small": loops[0], "fdatasync_batch": loops[1]}
 
@@ -400,14 +434,16 @@ def run(settings: Settings, arguments: argparse.Namespace, data_directory: str) 
             results["nodi_server"] = f"started here at {address}, pid {server_pid}, data in {nodi_server.directory}"
         progress(f"nodi server: {results['nodi_server']}")
         redis_executable = arguments.redis_server or shutil.which("redis-server")
-        reason = "skipped (--no-redis)" if arguments.no_redis else redis_bench.redis_unavailable_reason(
-            redis_executable)
+        reason = (
+            "skipped (--no-redis)" if arguments.no_redis else redis_bench.redis_unavailable_reason(redis_executable)
+        )
         if reason is None and redis_executable is not None:  # the reason is None only for an executable
-            redis_server = redis_bench.RedisServer(redis_executable,
-                                       os.path.join(data_directory, "redis"))
+            redis_server = redis_bench.RedisServer(redis_executable, os.path.join(data_directory, "redis"))
             redis_server.start()
-            results["redis_status"] = (f"redis-server {redis_server.version} started here on port {redis_server.port}, "
-                                       f"appendonly yes, appendfsync always; {redis_bench.redis_parser()}")
+            results["redis_status"] = (
+                f"redis-server {redis_server.version} started here on port {redis_server.port}, "
+                f"appendonly yes, appendfsync always; {redis_bench.redis_parser()}"
+            )
         else:
             results["redis_status"] = f"not run: {reason}"
         progress(f"Redis: {results['redis_status']}")
@@ -415,10 +451,12 @@ def run(settings: Settings, arguments: argparse.Namespace, data_directory: str) 
             one: dict = {"round": round_number}
             one["limits"] = machine_limits(data_directory, settings, round_number)
             redis_pid = redis_server.pid if redis_server else None
-            one["nodi"] = asyncio.run(nodi_round(address, server_pid, metrics_port, (redis_pid,), settings,
-                                                 round_number))
-            one["redis"] = redis_bench.redis_round(redis_server, settings, round_number, (server_pid,)) \
-                if redis_server else None
+            one["nodi"] = asyncio.run(
+                nodi_round(address, server_pid, metrics_port, (redis_pid,), settings, round_number)
+            )
+            one["redis"] = (
+                redis_bench.redis_round(redis_server, settings, round_number, (server_pid,)) if redis_server else None
+            )
             results["rounds"].append(one)
     finally:
         if nodi_server is not None:
@@ -426,9 +464,14 @@ def run(settings: Settings, arguments: argparse.Namespace, data_directory: str) 
         if redis_server is not None:
             redis_server.stop()
     machine["load_average_end"] = [round(value, 2) for value in os.getloadavg()]
-    shares = [one[system][phase]["others_cpu_share"] for one in results["rounds"] for system in ("nodi", "redis")
-              if one.get(system) for phase in ("produce", "consume", "latency")
-              if one[system][phase]["others_cpu_share"] is not None]
+    shares = [
+        one[system][phase]["others_cpu_share"]
+        for one in results["rounds"]
+        for system in ("nodi", "redis")
+        if one.get(system)
+        for phase in ("produce", "consume", "latency")
+        if one[system][phase]["others_cpu_share"] is not None
+    ]
     machine["others_cpu_share_max"] = max(shares) if shares else None
     # Another process kept a tenth of the machine busy in some phase: say the figures are noisy.
     machine["busy"] = bool(shares) and max(shares) > BUSY_OTHERS_SHARE and not arguments.server
@@ -443,8 +486,9 @@ def run(settings: Settings, arguments: argparse.Namespace, data_directory: str) 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     from nodi.cli.bench import add_bench_options
 
-    parser = argparse.ArgumentParser(prog="broker_bench", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="broker_bench", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_bench_options(parser, "broker")  # declared once, in nodi/cli/bench.py (BENCH_OPTIONS)
     arguments = parser.parse_args(argv)
     for name in ("messages", "rounds"):
@@ -462,7 +506,11 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(argv)
     settings = settings_from_arguments(arguments)
     return storage_bench.run_in_scratch_directory(
-        "broker", arguments, lambda directory: run(settings, arguments, directory), render, progress,
+        "broker",
+        arguments,
+        lambda directory: run(settings, arguments, directory),
+        render,
+        progress,
         errors=(NodiError, RuntimeError),
     )
 

@@ -157,9 +157,11 @@ def latency_line(figures: dict) -> str:
     def ms(value: float | None) -> str:
         return "-" if value is None else f"{value:.3f}"
 
-    return (f"  p50 {ms(figures['latency_ms_p50'])} ms, p99 {ms(figures['latency_ms_p99'])} ms, "
-            f"max {ms(figures['latency_ms_max'])} ms ({figures['samples']} samples, {figures['missing']} missing, "
-            f"{figures['achieved_rate_per_s']:,.0f}/s)")
+    return (
+        f"  p50 {ms(figures['latency_ms_p50'])} ms, p99 {ms(figures['latency_ms_p99'])} ms, "
+        f"max {ms(figures['latency_ms_max'])} ms ({figures['samples']} samples, {figures['missing']} missing, "
+        f"{figures['achieved_rate_per_s']:,.0f}/s)"
+    )
 
 
 def throughput_figures(messages: int, value_bytes: int, seconds: float, requested: int, errors: int) -> dict:

@@ -76,9 +76,25 @@ class RedisServer:
 
         os.makedirs(self.directory, exist_ok=True)
         self.port = free_loopback_port()
-        command = [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.directory,
-                   "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
-                   "--logfile", os.path.join(self.directory, "redis.log")]
+        command = [
+            self.executable,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            self.directory,
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--logfile",
+            os.path.join(self.directory, "redis.log"),
+        ]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
         while time.monotonic() < deadline and self.process.poll() is None:
@@ -191,8 +207,10 @@ def redis_round(server: RedisServer, settings: Settings, round_number: int, idle
     connection = server.client()
     results: dict = {}
     try:
-        progress(f"round {round_number}: Redis XADD {settings.messages:,} x {settings.value_bytes} B, "
-                 f"pipelines of {REDIS_PIPELINE}, appendfsync always")
+        progress(
+            f"round {round_number}: Redis XADD {settings.messages:,} x {settings.value_bytes} B, "
+            f"pipelines of {REDIS_PIPELINE}, appendfsync always"
+        )
         meter = CpuMeter(server.pid, idle_pids)
         produced = redis_produce(connection, stream, settings, value)
         results["produce"] = {**produced, **meter.figures(produced["messages"])}
@@ -211,4 +229,3 @@ def redis_round(server: RedisServer, settings: Settings, round_number: int, idle
         connection.delete(stream, f"{stream}-latency")
         connection.close()
     return results
-

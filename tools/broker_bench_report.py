@@ -10,15 +10,29 @@ from tools import storage_bench  # _ratio, _table, _number
 TARGET_VS_REDIS = 10.0
 TARGET_LATENCY_P99_MS = 1.0
 
-CPU_FIGURES = ("client_cpu_seconds", "server_cpu_seconds", "others_cpu_seconds", "others_cpu_share",
-               "client_cpu_us_per_message", "server_cpu_us_per_message")
+CPU_FIGURES = (
+    "client_cpu_seconds",
+    "server_cpu_seconds",
+    "others_cpu_seconds",
+    "others_cpu_share",
+    "client_cpu_us_per_message",
+    "server_cpu_us_per_message",
+)
 # The server's own fsync histogram (nodi only, when the bench started the server).
 FSYNC_FIGURES = ("messages_per_fsync", "server_fsync_ms_p50", "server_fsync_ms_p99")
 SUMMARY_FIGURES = {
     "produce": ("msg_per_s", "mb_per_s", *CPU_FIGURES, *FSYNC_FIGURES),
     "consume": ("msg_per_s", "mb_per_s", *CPU_FIGURES),
-    "latency": ("latency_ms_p50", "latency_ms_p90", "latency_ms_p99", "latency_ms_max", "share_over_1_ms",
-                "achieved_rate_per_s", *CPU_FIGURES, *FSYNC_FIGURES),
+    "latency": (
+        "latency_ms_p50",
+        "latency_ms_p90",
+        "latency_ms_p99",
+        "latency_ms_max",
+        "share_over_1_ms",
+        "achieved_rate_per_s",
+        *CPU_FIGURES,
+        *FSYNC_FIGURES,
+    ),
 }
 
 
@@ -73,30 +87,54 @@ def ratios(rounds: list[dict], latency_rate: int) -> list[dict]:
         if values:
             out.append(ratio(name, values, target, **options))
 
-    add("nodi durable produce vs Redis (msg/s)",
-        lambda one: one["nodi"]["produce"]["msg_per_s"] / one["redis"]["produce"]["msg_per_s"], TARGET_VS_REDIS)
-    add("nodi consume vs Redis (msg/s)",
-        lambda one: one["nodi"]["consume"]["msg_per_s"] / one["redis"]["consume"]["msg_per_s"], TARGET_VS_REDIS)
-    add(f"nodi end-to-end p99 at {latency_rate:,} msg/s (ms)",
-        lambda one: one["nodi"]["latency"]["latency_ms_p99"], TARGET_LATENCY_P99_MS, lower_is_better=True)
-    add("nodi end-to-end p99 vs Redis p99",
+    add(
+        "nodi durable produce vs Redis (msg/s)",
+        lambda one: one["nodi"]["produce"]["msg_per_s"] / one["redis"]["produce"]["msg_per_s"],
+        TARGET_VS_REDIS,
+    )
+    add(
+        "nodi consume vs Redis (msg/s)",
+        lambda one: one["nodi"]["consume"]["msg_per_s"] / one["redis"]["consume"]["msg_per_s"],
+        TARGET_VS_REDIS,
+    )
+    add(
+        f"nodi end-to-end p99 at {latency_rate:,} msg/s (ms)",
+        lambda one: one["nodi"]["latency"]["latency_ms_p99"],
+        TARGET_LATENCY_P99_MS,
+        lower_is_better=True,
+    )
+    add(
+        "nodi end-to-end p99 vs Redis p99",
         lambda one: one["nodi"]["latency"]["latency_ms_p99"] / one["redis"]["latency"]["latency_ms_p99"],
-        lower_is_better=True)
+        lower_is_better=True,
+    )
     for phase, label in (("produce", "durable produce"), ("consume", "consume")):
-        add(f"nodi {label} vs Redis, messages per CPU second of client + server",
-            lambda one, phase=phase: _cpu_per_message(one["redis"][phase]) / _cpu_per_message(one["nodi"][phase]))
-    add("nodi durable produce vs raw sequential write + fdatasync (MB/s)",
-        lambda one: one["nodi"]["produce"]["mb_per_s"] / one["limits"]["sequential_write"]["mb_per_s"])
-    add("nodi durable produce vs 256 KiB write+fdatasync loop (MB/s)",
-        lambda one: one["nodi"]["produce"]["mb_per_s"] / one["limits"]["fdatasync_batch"]["mb_per_s"])
-    add("nodi end-to-end p50 vs small write+fdatasync p50",
+        add(
+            f"nodi {label} vs Redis, messages per CPU second of client + server",
+            lambda one, phase=phase: _cpu_per_message(one["redis"][phase]) / _cpu_per_message(one["nodi"][phase]),
+        )
+    add(
+        "nodi durable produce vs raw sequential write + fdatasync (MB/s)",
+        lambda one: one["nodi"]["produce"]["mb_per_s"] / one["limits"]["sequential_write"]["mb_per_s"],
+    )
+    add(
+        "nodi durable produce vs 256 KiB write+fdatasync loop (MB/s)",
+        lambda one: one["nodi"]["produce"]["mb_per_s"] / one["limits"]["fdatasync_batch"]["mb_per_s"],
+    )
+    add(
+        "nodi end-to-end p50 vs small write+fdatasync p50",
         lambda one: one["nodi"]["latency"]["latency_ms_p50"] / one["limits"]["fdatasync_small"]["latency_ms_p50"],
-        lower_is_better=True)
-    add("nodi end-to-end p99 vs small write+fdatasync p99",
+        lower_is_better=True,
+    )
+    add(
+        "nodi end-to-end p99 vs small write+fdatasync p99",
         lambda one: one["nodi"]["latency"]["latency_ms_p99"] / one["limits"]["fdatasync_small"]["latency_ms_p99"],
-        lower_is_better=True)
-    add("Redis produce vs raw sequential write + fdatasync (MB/s)",
-        lambda one: one["redis"]["produce"]["mb_per_s"] / one["limits"]["sequential_write"]["mb_per_s"])
+        lower_is_better=True,
+    )
+    add(
+        "Redis produce vs raw sequential write + fdatasync (MB/s)",
+        lambda one: one["redis"]["produce"]["mb_per_s"] / one["limits"]["sequential_write"]["mb_per_s"],
+    )
     return out
 
 
@@ -137,21 +175,32 @@ def render(results: dict) -> str:
         f"Redis: {results['redis_status']}",
     ]
     if machine.get("others_include_the_broker"):
-        parts.append("NOTE: with --server the broker's CPU is counted in \"others\" (its pid is not known here).")
+        parts.append('NOTE: with --server the broker\'s CPU is counted in "others" (its pid is not known here).')
     if machine.get("busy"):
-        parts.append(f"NOTE: other processes used {_share(machine['others_cpu_share_max'])} of the machine's CPU "
-                     "in the busiest phase: the rates and latencies are lower than on a quiet machine; the CPU "
-                     "us per message are the steadier figures.")
+        parts.append(
+            f"NOTE: other processes used {_share(machine['others_cpu_share_max'])} of the machine's CPU "
+            "in the busiest phase: the rates and latencies are lower than on a quiet machine; the CPU "
+            "us per message are the steadier figures."
+        )
     limits = summary["limits"]
     parts.append("\nMachine limits (same file system as the data)")
-    parts.append(table(["what", "figure"], [
-        ["sequential 1 MiB writes + 1 fdatasync", f"{_number(limits['sequential_write_mb_per_s'])} MB/s"],
-        ["write+fdatasync loop, one 1-message batch",
-         f"p50 {_number(limits['fdatasync_small_ms_p50'], 3)} ms, p99 {_number(limits['fdatasync_small_ms_p99'], 3)} ms, "
-         f"{_number(limits['fdatasync_small_writes_per_s'])}/s"],
-        ["write+fdatasync loop, 256 KiB writes",
-         f"{_number(limits['fdatasync_batch_mb_per_s'])} MB/s, p50 {_number(limits['fdatasync_batch_ms_p50'], 3)} ms"],
-    ]))
+    parts.append(
+        table(
+            ["what", "figure"],
+            [
+                ["sequential 1 MiB writes + 1 fdatasync", f"{_number(limits['sequential_write_mb_per_s'])} MB/s"],
+                [
+                    "write+fdatasync loop, one 1-message batch",
+                    f"p50 {_number(limits['fdatasync_small_ms_p50'], 3)} ms, p99 {_number(limits['fdatasync_small_ms_p99'], 3)} ms, "
+                    f"{_number(limits['fdatasync_small_writes_per_s'])}/s",
+                ],
+                [
+                    "write+fdatasync loop, 256 KiB writes",
+                    f"{_number(limits['fdatasync_batch_mb_per_s'])} MB/s, p50 {_number(limits['fdatasync_batch_ms_p50'], 3)} ms",
+                ],
+            ],
+        )
+    )
     rows = []
     for system in ("nodi", "redis"):
         figures = summary.get(system)
@@ -159,31 +208,68 @@ def render(results: dict) -> str:
             continue
         for phase, label in (("produce", "durable produce"), ("consume", "consume")):
             one = figures[phase]
-            rows.append([system, label, _number(one["msg_per_s"]) + _range(one, "msg_per_s", 0),
-                         _number(one["mb_per_s"], 1), _number(one["client_cpu_us_per_message"], 2),
-                         _number(one["server_cpu_us_per_message"], 2), _share(one["others_cpu_share"]),
-                         _number(one.get("messages_per_fsync"), 1)])
-    parts.append("\nThroughput (one client process; CPU us per message of the client and the server; the share "
-                 "of the machine's CPU other processes used meanwhile; messages per fsync of the server)")
-    parts.append(table(["system", "phase", "msg/s", "MB/s", "client us/msg", "server us/msg", "others", "msg/fsync"],
-                       rows))
+            rows.append(
+                [
+                    system,
+                    label,
+                    _number(one["msg_per_s"]) + _range(one, "msg_per_s", 0),
+                    _number(one["mb_per_s"], 1),
+                    _number(one["client_cpu_us_per_message"], 2),
+                    _number(one["server_cpu_us_per_message"], 2),
+                    _share(one["others_cpu_share"]),
+                    _number(one.get("messages_per_fsync"), 1),
+                ]
+            )
+    parts.append(
+        "\nThroughput (one client process; CPU us per message of the client and the server; the share "
+        "of the machine's CPU other processes used meanwhile; messages per fsync of the server)"
+    )
+    parts.append(
+        table(["system", "phase", "msg/s", "MB/s", "client us/msg", "server us/msg", "others", "msg/fsync"], rows)
+    )
     rows = []
     for system in ("nodi", "redis"):
         figures = summary.get(system)
         if not figures:
             continue
         one = figures["latency"]
-        rows.append([system, _number(one["latency_ms_p50"], 3) + _range(one, "latency_ms_p50", 3),
-                     _number(one["latency_ms_p90"], 3),
-                     _number(one["latency_ms_p99"], 3) + _range(one, "latency_ms_p99", 3),
-                     _number(one["latency_ms_max"], 3), _share(one["share_over_1_ms"]),
-                     _number(one["achieved_rate_per_s"]), _number(one["client_cpu_us_per_message"]),
-                     _number(one["server_cpu_us_per_message"]), _share(one["others_cpu_share"]),
-                     f"{_number(one.get('server_fsync_ms_p50'), 2)} / {_number(one.get('server_fsync_ms_p99'), 2)}"])
-    parts.append(f"\nEnd-to-end latency, produce -> consumer receives, paced at {settings['latency_rate']:,} msg/s "
-                 "(fsync: the server's own fsync latency meanwhile, as histogram bucket bounds)")
-    parts.append(table(["system", "p50 ms", "p90 ms", "p99 ms", "max ms", "> 1 ms", "msg/s", "client us/msg",
-                        "server us/msg", "others", "fsync p50/p99 ms"], rows))
+        rows.append(
+            [
+                system,
+                _number(one["latency_ms_p50"], 3) + _range(one, "latency_ms_p50", 3),
+                _number(one["latency_ms_p90"], 3),
+                _number(one["latency_ms_p99"], 3) + _range(one, "latency_ms_p99", 3),
+                _number(one["latency_ms_max"], 3),
+                _share(one["share_over_1_ms"]),
+                _number(one["achieved_rate_per_s"]),
+                _number(one["client_cpu_us_per_message"]),
+                _number(one["server_cpu_us_per_message"]),
+                _share(one["others_cpu_share"]),
+                f"{_number(one.get('server_fsync_ms_p50'), 2)} / {_number(one.get('server_fsync_ms_p99'), 2)}",
+            ]
+        )
+    parts.append(
+        f"\nEnd-to-end latency, produce -> consumer receives, paced at {settings['latency_rate']:,} msg/s "
+        "(fsync: the server's own fsync latency meanwhile, as histogram bucket bounds)"
+    )
+    parts.append(
+        table(
+            [
+                "system",
+                "p50 ms",
+                "p90 ms",
+                "p99 ms",
+                "max ms",
+                "> 1 ms",
+                "msg/s",
+                "client us/msg",
+                "server us/msg",
+                "others",
+                "fsync p50/p99 ms",
+            ],
+            rows,
+        )
+    )
     parts.append("\nRatios (median over rounds; range in brackets)")
     rows = []
     for ratio in results["ratios"]:

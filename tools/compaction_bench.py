@@ -49,8 +49,9 @@ TOMBSTONE_SHARE = 0.01
 def _log_config(segment_bytes: int):
     from nodi.storage.config import FsyncPolicy, LogConfig
 
-    return LogConfig(segment_bytes=segment_bytes, fsync_policy=FsyncPolicy.NEVER, retention_ms=None,
-                     dense_offsets=False)
+    return LogConfig(
+        segment_bytes=segment_bytes, fsync_policy=FsyncPolicy.NEVER, retention_ms=None, dense_offsets=False
+    )
 
 
 def _status_bytes(field: str) -> int | None:
@@ -64,7 +65,9 @@ def _status_bytes(field: str) -> int | None:
     return None
 
 
-def fill(directory: str, volume_bytes: int, value_bytes: int, live_percent: float, segment_bytes: int, seed: int) -> dict:
+def fill(
+    directory: str, volume_bytes: int, value_bytes: int, live_percent: float, segment_bytes: int, seed: int
+) -> dict:
     from nodi.storage.log import Log
     from nodi.storage.records import NewRecord, build_batch
 
@@ -111,25 +114,30 @@ def compact_child(directory: str, key_map_bytes_max: int, segment_bytes: int) ->
     peak = _status_bytes("VmHWM")
     after = log.statistics().byte_count
     log.close()
-    print(json.dumps({
-        "key_map_bytes_max": key_map_bytes_max,
-        "passes": result.passes,
-        "segments_rewritten": result.segments_rewritten,
-        "seconds": round(seconds, 2),
-        "log_bytes_before": sealed_before,
-        "log_bytes_after": after,
-        "bytes_read": result.bytes_read,
-        "bytes_written": result.bytes_written,
-        "bytes_reclaimed": result.bytes_reclaimed,
-        "records_removed": result.records_removed,
-        "log_mb_per_s": round(sealed_before / MIB / seconds, 2) if seconds else None,
-        "read_mb_per_s": round(result.bytes_read / MIB / seconds, 2) if seconds else None,
-        "baseline_rss_bytes": baseline,
-        "peak_rss_bytes": peak,
-        "rss_growth_bytes": None if peak is None or baseline is None else peak - baseline,
-        "rss_growth_over_budget": None if peak is None or baseline is None
-        else round((peak - baseline) / key_map_bytes_max, 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "key_map_bytes_max": key_map_bytes_max,
+                "passes": result.passes,
+                "segments_rewritten": result.segments_rewritten,
+                "seconds": round(seconds, 2),
+                "log_bytes_before": sealed_before,
+                "log_bytes_after": after,
+                "bytes_read": result.bytes_read,
+                "bytes_written": result.bytes_written,
+                "bytes_reclaimed": result.bytes_reclaimed,
+                "records_removed": result.records_removed,
+                "log_mb_per_s": round(sealed_before / MIB / seconds, 2) if seconds else None,
+                "read_mb_per_s": round(result.bytes_read / MIB / seconds, 2) if seconds else None,
+                "baseline_rss_bytes": baseline,
+                "peak_rss_bytes": peak,
+                "rss_growth_bytes": None if peak is None or baseline is None else peak - baseline,
+                "rss_growth_over_budget": None
+                if peak is None or baseline is None
+                else round((peak - baseline) / key_map_bytes_max, 2),
+            }
+        )
+    )
 
 
 def machine() -> dict:
@@ -139,19 +147,33 @@ def machine() -> dict:
             memory = round(int(file.readline().split()[1]) / 1024 / 1024, 1)
     except OSError:
         pass
-    return {"nproc": os.cpu_count(), "memory_gib": memory, "kernel": platform.release(),
-            "python": platform.python_version()}
+    return {
+        "nproc": os.cpu_count(),
+        "memory_gib": memory,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run (8 MiB log, 1 and 0.25 MiB maps)")
-    parser.add_argument("--volume-mb", type=float, default=None, help="MiB of log to fill (default 1024; 8 with --quick)")
+    parser.add_argument(
+        "--volume-mb", type=float, default=None, help="MiB of log to fill (default 1024; 8 with --quick)"
+    )
     parser.add_argument("--value-bytes", type=int, default=200, help="bytes of each record's value (default 200)")
-    parser.add_argument("--live-percent", type=float, default=10.0, help="key space as a share of the records (default 10)")
-    parser.add_argument("--key-map-mb", type=float, nargs="+", default=None,
-                        help="key map budgets to compact with, one run each (default 64 16; 1 0.25 with --quick)")
+    parser.add_argument(
+        "--live-percent", type=float, default=10.0, help="key space as a share of the records (default 10)"
+    )
+    parser.add_argument(
+        "--key-map-mb",
+        type=float,
+        nargs="+",
+        default=None,
+        help="key map budgets to compact with, one run each (default 64 16; 1 0.25 with --quick)",
+    )
     parser.add_argument("--data-dir", default=None, help="parent of the bench's temporary directory")
     parser.add_argument("--keep", action="store_true", help="keep the data directory")
     parser.add_argument("--json-out", default=None, help="write the results as JSON here")
@@ -173,16 +195,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         filled = os.path.join(root, "filled")
         print(f"filling {volume_mb:g} MiB ...", file=sys.stderr, flush=True)
-        filling = fill(filled, int(volume_mb * MIB), arguments.value_bytes, arguments.live_percent, segment_bytes, seed=5)
+        filling = fill(
+            filled, int(volume_mb * MIB), arguments.value_bytes, arguments.live_percent, segment_bytes, seed=5
+        )
         runs = []
         for budget_mb in budgets_mb:
             copy = os.path.join(root, f"run-{budget_mb:g}")
             shutil.copytree(filled, copy)
             print(f"compacting with a {budget_mb:g} MiB key map ...", file=sys.stderr, flush=True)
             completed = subprocess.run(
-                [sys.executable, os.path.abspath(__file__), "--child-compact", copy,
-                 "--child-key-map-bytes", str(int(budget_mb * MIB)), "--child-segment-bytes", str(segment_bytes)],
-                capture_output=True, text=True, timeout=6 * 3600,
+                [
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    "--child-compact",
+                    copy,
+                    "--child-key-map-bytes",
+                    str(int(budget_mb * MIB)),
+                    "--child-segment-bytes",
+                    str(segment_bytes),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=6 * 3600,
             )
             if completed.returncode != 0:
                 print(completed.stderr, file=sys.stderr)

@@ -48,10 +48,26 @@ def rss_bytes(pid: int) -> int:
 
 
 def start_server(data_dir: str, extra_args: list[str]) -> tuple[subprocess.Popen, tuple[str, int]]:
-    command = [sys.executable, "-m", "nodi.cli.main", "serve", "--data-dir", data_dir, "--port", "0",
-               "--metrics-port", "-1", *extra_args]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "nodi.cli.main",
+        "serve",
+        "--data-dir",
+        data_dir,
+        "--port",
+        "0",
+        "--metrics-port",
+        "-1",
+        *extra_args,
+    ]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     assert process.stdout is not None  # stdout=PIPE
     lines = []
     deadline = time.monotonic() + 30
@@ -86,8 +102,9 @@ def frame_prefix(frame_bytes: int) -> bytes:
     return struct.pack(">IBBHHI", frame_bytes - 4, 0, 0, m.ApiKey.PRODUCE, 0, 1)
 
 
-def send_all_but(sockets: list[socket.socket], frame_bytes: int, withhold_bytes: int, settle_s: float,
-                 pid: int) -> tuple[int, int]:
+def send_all_but(
+    sockets: list[socket.socket], frame_bytes: int, withhold_bytes: int, settle_s: float, pid: int
+) -> tuple[int, int]:
     """Send each socket all but `withhold_bytes` of a frame, without blocking on any of
     them; stop when nothing moved for `settle_s` (whether everything was sent or the
     server stopped reading). Returns the bytes sent in all and the server's highest RSS
@@ -107,7 +124,7 @@ def send_all_but(sockets: list[socket.socket], frame_bytes: int, withhold_bytes:
         _, writable, _ = select.select([], pending, [], 0.1)
         for sock in writable:
             try:
-                count = sock.send(payload[sent[sock]:sent[sock] + 1 * MIB])
+                count = sock.send(payload[sent[sock] : sent[sock] + 1 * MIB])
             except (BlockingIOError, InterruptedError):
                 continue
             except OSError:  # closed by the server (a deadline, a refusal)
@@ -128,9 +145,14 @@ def run_round(address, pid: int, args) -> dict:
         sock.close()
     time.sleep(args.after_s)
     after = rss_bytes(pid)
-    return {"rss_before_bytes": before, "rss_handshaken_bytes": handshaken_rss, "rss_during_bytes": during,
-            "rss_peak_bytes": max(peak, during),
-            "rss_after_close_bytes": after, "bytes_sent": sent}
+    return {
+        "rss_before_bytes": before,
+        "rss_handshaken_bytes": handshaken_rss,
+        "rss_during_bytes": during,
+        "rss_peak_bytes": max(peak, during),
+        "rss_after_close_bytes": after,
+        "bytes_sent": sent,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,8 +177,12 @@ def main(argv: list[str] | None = None) -> int:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
-    summary = {"connections": args.connections, "frame_bytes": args.frame_bytes, "serve_args": serve_args,
-               "rounds": rounds}
+    summary = {
+        "connections": args.connections,
+        "frame_bytes": args.frame_bytes,
+        "serve_args": serve_args,
+        "rounds": rounds,
+    }
     print(json.dumps(summary, indent=2))
     return 0
 

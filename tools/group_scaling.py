@@ -148,9 +148,13 @@ def run(args: argparse.Namespace) -> dict:
         "elapsed_s": round(elapsed_s, 2),
         "largest_poll": max(member.report.largest_poll for member in members),
         "members": [
-            {"index": member.report.index, "handled": len(member.report.handled),
-             "revoked": len(member.report.revoked), "assigned": len(member.report.assigned),
-             "statistics": member.report.statistics}
+            {
+                "index": member.report.index,
+                "handled": len(member.report.handled),
+                "revoked": len(member.report.revoked),
+                "assigned": len(member.report.assigned),
+                "statistics": member.report.statistics,
+            }
             for member in members
         ],
         "broker": None if handovers is None else dataclasses.asdict(handovers),

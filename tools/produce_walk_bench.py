@@ -68,11 +68,23 @@ class Server:
 
     def start(self) -> str:
         launcher = ["-m", "nodi.cli.main"] if self.mode == "walk" else ["-c", WITHOUT_WALK]
-        command = [sys.executable, *launcher, "serve", "--data-dir", os.path.join(self.directory, "data"),
-                   "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1"]
+        command = [
+            sys.executable,
+            *launcher,
+            "serve",
+            "--data-dir",
+            os.path.join(self.directory, "data"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "-1",
+        ]
         with open(self.log_path, "w") as output:
-            self.process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,
-                                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            self.process = subprocess.Popen(
+                command, stdout=output, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            )
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
         while time.monotonic() < deadline and self.process.poll() is None:
             with open(self.log_path) as output:
@@ -139,22 +151,41 @@ def walk_alone_us(batch: bytes) -> dict:
     view = memoryview(batch)
     number = 2000
     fast = min(timeit.repeat(lambda: records.check_records(batch, header), number=number, repeat=3)) / number
-    slow = min(timeit.repeat(
-        lambda: records._scan_records(view, records.BATCH_HEADER_BYTES, header, records.DEFAULT_RECORD_LIMITS, None),
-        number=number, repeat=3)) / number
+    slow = (
+        min(
+            timeit.repeat(
+                lambda: records._scan_records(
+                    view, records.BATCH_HEADER_BYTES, header, records.DEFAULT_RECORD_LIMITS, None
+                ),
+                number=number,
+                repeat=3,
+            )
+        )
+        / number
+    )
     crc = min(timeit.repeat(lambda: records.check_batch(batch), number=number, repeat=3)) / number
     return {"walk_us": fast * 1e6, "record_by_record_us": slow * 1e6, "header_and_crc_us": crc * 1e6}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="produce_walk_bench", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--record-bytes", type=int, nargs="+", default=[1024, 100],
-                        help="value bytes per record, one measurement each (default 1024 100)")
+    parser = argparse.ArgumentParser(
+        prog="produce_walk_bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--record-bytes",
+        type=int,
+        nargs="+",
+        default=[1024, 100],
+        help="value bytes per record, one measurement each (default 1024 100)",
+    )
     parser.add_argument("--records", type=int, default=100, help="records per batch (default 100)")
     parser.add_argument("--batches", type=int, default=None, help="batches per run (default 3000; 300 with --quick)")
     parser.add_argument("--in-flight", type=int, default=8, help="produce requests in flight (default 8)")
-    parser.add_argument("--pairs", type=int, default=None, help="walk/off pairs per record size (default 5; 1 with --quick)")
+    parser.add_argument(
+        "--pairs", type=int, default=None, help="walk/off pairs per record size (default 5; 1 with --quick)"
+    )
     parser.add_argument("--mode", choices=MODES, default=None, help="one run of one mode (for an outside timer)")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
     parser.add_argument("--data-dir", default=None, help="parent of the temporary data directories")
@@ -171,8 +202,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     fsync = storage_bench.raw_fdatasync_loop(parent, 1024, 1, 1.0 if arguments.quick else 3.0)
     results = {"machine": storage_bench.machine_description(parent), "fsync": fsync, "sizes": []}
-    print(f"fsync of 1 KiB writes on {parent}: p50 {fsync['latency_ms_p50']:.3f} ms, "
-          f"p99 {fsync['latency_ms_p99']:.3f} ms ({fsync['writes']} writes)", flush=True)
+    print(
+        f"fsync of 1 KiB writes on {parent}: p50 {fsync['latency_ms_p50']:.3f} ms, "
+        f"p99 {fsync['latency_ms_p99']:.3f} ms ({fsync['writes']} writes)",
+        flush=True,
+    )
     for size in arguments.record_bytes:
         batch = make_batch(arguments.records, size)
         runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
@@ -183,8 +217,11 @@ def main(argv: list[str] | None = None) -> int:
             for mode in MODES:
                 runs[mode].append(figures[mode])
             ratios.append(figures["walk"]["records_per_s"] / figures["off"]["records_per_s"])
-            print(f"{arguments.records} x {size} B, pair {pair + 1}: walk {figures['walk']['records_per_s']:,.0f} "
-                  f"rec/s, off {figures['off']['records_per_s']:,.0f} rec/s, ratio {ratios[-1]:.3f}", flush=True)
+            print(
+                f"{arguments.records} x {size} B, pair {pair + 1}: walk {figures['walk']['records_per_s']:,.0f} "
+                f"rec/s, off {figures['off']['records_per_s']:,.0f} rec/s, ratio {ratios[-1]:.3f}",
+                flush=True,
+            )
         alone = walk_alone_us(batch)
         summary = {
             "record_bytes": size,
@@ -192,20 +229,28 @@ def main(argv: list[str] | None = None) -> int:
             "batch_bytes": len(batch),
             "ratio_median": statistics.median(ratios),
             "ratios": ratios,
-            **{f"{mode}_records_per_s_median": statistics.median(r["records_per_s"] for r in runs[mode])
-               for mode in MODES},
-            **{f"{mode}_server_cpu_us_per_batch_median": statistics.median(
-                r["server_cpu_us_per_batch"] for r in runs[mode]) for mode in MODES},
+            **{
+                f"{mode}_records_per_s_median": statistics.median(r["records_per_s"] for r in runs[mode])
+                for mode in MODES
+            },
+            **{
+                f"{mode}_server_cpu_us_per_batch_median": statistics.median(
+                    r["server_cpu_us_per_batch"] for r in runs[mode]
+                )
+                for mode in MODES
+            },
             **alone,
             "runs": runs,
         }
         results["sizes"].append(summary)
-        print(f"{arguments.records} x {size} B: throughput with the walk / without, median of {pairs} pairs: "
-              f"{summary['ratio_median']:.3f} [{min(ratios):.3f}-{max(ratios):.3f}]; server CPU per batch "
-              f"{summary['walk_server_cpu_us_per_batch_median']:.0f} vs "
-              f"{summary['off_server_cpu_us_per_batch_median']:.0f} us; the walk alone {alone['walk_us']:.1f} us "
-              f"(record by record {alone['record_by_record_us']:.1f} us; header + CRC {alone['header_and_crc_us']:.1f} us)",
-              flush=True)
+        print(
+            f"{arguments.records} x {size} B: throughput with the walk / without, median of {pairs} pairs: "
+            f"{summary['ratio_median']:.3f} [{min(ratios):.3f}-{max(ratios):.3f}]; server CPU per batch "
+            f"{summary['walk_server_cpu_us_per_batch_median']:.0f} vs "
+            f"{summary['off_server_cpu_us_per_batch_median']:.0f} us; the walk alone {alone['walk_us']:.1f} us "
+            f"(record by record {alone['record_by_record_us']:.1f} us; header + CRC {alone['header_and_crc_us']:.1f} us)",
+            flush=True,
+        )
     if arguments.json_out:
         with open(arguments.json_out, "w") as output:
             json.dump(results, output, indent=2)

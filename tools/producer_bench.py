@@ -31,10 +31,25 @@ STOP_TIMEOUT_S = 15
 
 
 def start_server(data_dir: str) -> tuple[subprocess.Popen, str]:
-    command = [sys.executable, "-m", "nodi.cli.main", "serve", "--data-dir", data_dir, "--port", "0",
-               "--metrics-port", "-1"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "nodi.cli.main",
+        "serve",
+        "--data-dir",
+        data_dir,
+        "--port",
+        "0",
+        "--metrics-port",
+        "-1",
+    ]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     deadline = time.monotonic() + START_TIMEOUT_S
     assert process.stdout is not None  # started with stdout=PIPE
     while time.monotonic() < deadline:
@@ -73,8 +88,9 @@ async def produce_case(address: str, topic: str, messages: int, value_bytes: int
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=20_000, help="messages per case (default 20,000)")
-    parser.add_argument("--cases", default="1024:durable,100:durable,1024:written,100:written",
-                        help="value_bytes:acks, comma-separated")
+    parser.add_argument(
+        "--cases", default="1024:durable,100:durable,1024:written,100:written", help="value_bytes:acks, comma-separated"
+    )
     arguments = parser.parse_args()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with tempfile.TemporaryDirectory(prefix="producer-bench-", dir=root) as data_dir:
@@ -85,8 +101,11 @@ def main() -> int:
                 rate, cpu_us = asyncio.run(
                     produce_case(address, f"bench-{number}", arguments.messages, int(value_bytes), acks)
                 )
-                print(f"produce {int(value_bytes):>5} B acks={acks:<8} {rate:>10,.0f} msg/s  "
-                      f"{cpu_us:6.2f} client CPU us/msg", flush=True)
+                print(
+                    f"produce {int(value_bytes):>5} B acks={acks:<8} {rate:>10,.0f} msg/s  "
+                    f"{cpu_us:6.2f} client CPU us/msg",
+                    flush=True,
+                )
         finally:
             os.kill(process.pid, signal.SIGTERM)
             try:

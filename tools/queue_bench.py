@@ -118,11 +118,15 @@ def lmdb_commit_loop(directory: str, seconds_max: float) -> dict:
 
 def machine_limits(directory: str, seconds: float, value_bytes: int) -> dict:
     small = storage_bench.raw_fdatasync_loop(directory, broker_bench.one_message_batch_bytes(value_bytes), 1, seconds)
-    progress(f"write+fdatasync of {small['bytes_per_write']:,} B: p50 {small['latency_ms_p50']:.3f} ms, "
-             f"p99 {small['latency_ms_p99']:.3f} ms")
+    progress(
+        f"write+fdatasync of {small['bytes_per_write']:,} B: p50 {small['latency_ms_p50']:.3f} ms, "
+        f"p99 {small['latency_ms_p99']:.3f} ms"
+    )
     lmdb = lmdb_commit_loop(directory, seconds)
-    progress(f"LMDB commit of one queue-state entry: p50 {lmdb['latency_ms_p50']:.3f} ms, "
-             f"p99 {lmdb['latency_ms_p99']:.3f} ms")
+    progress(
+        f"LMDB commit of one queue-state entry: p50 {lmdb['latency_ms_p50']:.3f} ms, "
+        f"p99 {lmdb['latency_ms_p99']:.3f} ms"
+    )
     return {"fdatasync_small": small, "lmdb_commit": lmdb}
 
 
@@ -130,8 +134,7 @@ def machine_limits(directory: str, seconds: float, value_bytes: int) -> dict:
 # Queue consumption
 
 
-async def drain(client: AsyncClient, group: str, stop_at: int | None, idle_ms: int,
-                shared: dict | None = None) -> dict:
+async def drain(client: AsyncClient, group: str, stop_at: int | None, idle_ms: int, shared: dict | None = None) -> dict:
     """Receive and ack (in the background, batched, as the at-least-once loop does)
     until `stop_at` messages were received here (or, with `shared`, by all the consumers
     sharing it), or a receive waited `idle_ms` for nothing. The end time is when the last
@@ -151,6 +154,7 @@ async def drain(client: AsyncClient, group: str, stop_at: int | None, idle_ms: i
         except NodiError:
             answered["errors"] += 1
         answered["last"] = clock()
+
     try:
         while True:
             if stop_at is not None and (shared["received"] if shared is not None else len(offsets)) >= stop_at:
@@ -170,8 +174,12 @@ async def drain(client: AsyncClient, group: str, stop_at: int | None, idle_ms: i
             await watcher  # created or still running when the last ack was queued: covers it
     finally:
         await queue.close()
-    return {"offsets": offsets, "first_receive": first, "last_ack_answered": answered["last"],
-            "errors": answered["errors"]}
+    return {
+        "offsets": offsets,
+        "first_receive": first,
+        "last_ack_answered": answered["last"],
+        "errors": answered["errors"],
+    }
 
 
 def queue_figures(received: list[int], expected: int, seconds: float, value_bytes: int, errors: int) -> dict:
@@ -193,12 +201,18 @@ async def queue_in_loop(address: str, group: str, consumers: int, expected: int,
     async with AsyncClient(address, timeout_ms=60_000) as client:
         shared = {"received": 0}
         started = time.perf_counter()
-        results = await asyncio.gather(*(drain(client, group, expected, CHILD_IDLE_MS, shared)
-                                         for _ in range(consumers)))
+        results = await asyncio.gather(
+            *(drain(client, group, expected, CHILD_IDLE_MS, shared) for _ in range(consumers))
+        )
     received = [offset for one in results for offset in one["offsets"]]
     ends = [one["last_ack_answered"] for one in results if one["last_ack_answered"] is not None]
-    figures = queue_figures(received, expected, (max(ends) if ends else time.perf_counter()) - started,
-                            value_bytes, sum(one["errors"] for one in results))
+    figures = queue_figures(
+        received,
+        expected,
+        (max(ends) if ends else time.perf_counter()) - started,
+        value_bytes,
+        sum(one["errors"] for one in results),
+    )
     figures["per_consumer_messages"] = [len(one["offsets"]) for one in results]
     return figures
 
@@ -207,8 +221,10 @@ def queue_in_processes(address: str, group: str, consumers: int, expected: int, 
     """`consumers` child processes, each with its own client; they connect and make
     their queue, say ready, and start receiving when told (all at once)."""
     command = [*_CHILD, "--child-consumer", address, group]
-    children = [subprocess.Popen(command, cwd=_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-                for _ in range(consumers)]
+    children = [
+        subprocess.Popen(command, cwd=_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for _ in range(consumers)
+    ]
     try:
         for child in children:
             line = child.stdout.readline()
@@ -227,8 +243,13 @@ def queue_in_processes(address: str, group: str, consumers: int, expected: int, 
             stop_process(child)
     received = [offset for one in results for offset in one["offsets"]]
     ends = [one["last_ack_answered"] for one in results if one["last_ack_answered"] is not None]
-    figures = queue_figures(received, expected, (max(ends) if ends else started) - started, value_bytes,
-                            sum(one["errors"] for one in results))
+    figures = queue_figures(
+        received,
+        expected,
+        (max(ends) if ends else started) - started,
+        value_bytes,
+        sum(one["errors"] for one in results),
+    )
     figures["per_consumer_messages"] = [len(one["offsets"]) for one in results]
     return figures
 
@@ -275,8 +296,9 @@ def latency_summary(samples_ms: list[float], seconds: float) -> dict:
     }
 
 
-async def requests_phase(client: AsyncClient, topic: str, value: bytes, count: int, concurrency: int,
-                         warmup: int) -> dict:
+async def requests_phase(
+    client: AsyncClient, topic: str, value: bytes, count: int, concurrency: int, warmup: int
+) -> dict:
     samples: list[float] = []
     clock = time.perf_counter_ns
 
@@ -295,13 +317,19 @@ async def requests_phase(client: AsyncClient, topic: str, value: bytes, count: i
     return figures
 
 
-async def request_reply(address: str, server_pid: int | None, fsync_policy: str, settings: argparse.Namespace,
-                        value_bytes: int) -> dict:
+async def request_reply(
+    address: str, server_pid: int | None, fsync_policy: str, settings: argparse.Namespace, value_bytes: int
+) -> dict:
     topic = f"{TOPIC}-requests-{fsync_policy}"
     async with AsyncClient(address, timeout_ms=60_000) as client:
         await client.create_topic(topic, fsync_policy=fsync_policy)
-        responder = subprocess.Popen([*_CHILD, "--child-responder", address, topic], cwd=_ROOT,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        responder = subprocess.Popen(
+            [*_CHILD, "--child-responder", address, topic],
+            cwd=_ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         try:
             if responder.stdout.readline().strip() != "ready":
                 raise RuntimeError("the responder process did not start")
@@ -312,12 +340,19 @@ async def request_reply(address: str, server_pid: int | None, fsync_policy: str,
                 load = load_average()
                 figures = await requests_phase(client, topic, value, settings.requests, concurrency, settings.warmup)
                 cpu = meter.figures(figures["requests"])
-                figures.update({"load_average": load, "server_cpu_us_per_request": cpu["server_cpu_us_per_message"],
-                                "others_cpu_share": cpu["others_cpu_share"]})
+                figures.update(
+                    {
+                        "load_average": load,
+                        "server_cpu_us_per_request": cpu["server_cpu_us_per_message"],
+                        "others_cpu_share": cpu["others_cpu_share"],
+                    }
+                )
                 results[name] = figures
-                progress(f"  request-reply ({fsync_policy}, {concurrency} at once): "
-                         f"{figures['round_trips_per_s']:,.0f}/s, p50 {figures['latency_ms_p50']:.2f} ms, "
-                         f"p99 {figures['latency_ms_p99']:.2f} ms, max {figures['latency_ms_max']:.2f} ms")
+                progress(
+                    f"  request-reply ({fsync_policy}, {concurrency} at once): "
+                    f"{figures['round_trips_per_s']:,.0f}/s, p50 {figures['latency_ms_p50']:.2f} ms, "
+                    f"p99 {figures['latency_ms_p99']:.2f} ms, max {figures['latency_ms_max']:.2f} ms"
+                )
         finally:
             if responder.poll() is None:
                 responder.stdin.close()
@@ -351,19 +386,39 @@ def run(arguments: argparse.Namespace, data_directory: str) -> dict:
     machine = storage_bench.machine_description(data_directory)
     machine["load_average_start"] = load_average()
     messages = arguments.messages
-    settings = Settings(messages=messages, value_bytes=arguments.value_bytes, partitions=arguments.partitions,
-                        batch_bytes_max=256 * KIB, phase_seconds_max=arguments.phase_seconds_max,
-                        latency_rate=1, latency_seconds=0, latency_warmup=0, latency_linger_ms=0,
-                        raw_loop_seconds=arguments.limit_seconds, rounds=1, quick=arguments.quick)
+    settings = Settings(
+        messages=messages,
+        value_bytes=arguments.value_bytes,
+        partitions=arguments.partitions,
+        batch_bytes_max=256 * KIB,
+        phase_seconds_max=arguments.phase_seconds_max,
+        latency_rate=1,
+        latency_seconds=0,
+        latency_warmup=0,
+        latency_linger_ms=0,
+        raw_loop_seconds=arguments.limit_seconds,
+        rounds=1,
+        quick=arguments.quick,
+    )
     from nodi.broker.client.queue import DEFAULT_BATCH_MAX, DEFAULT_MAX_LEASE_MS, DEFAULT_MAX_OUTSTANDING
 
-    results: dict = {"schema": 1, "machine": machine,
-                     "settings": {"messages": messages, "value_bytes": arguments.value_bytes,
-                                  "partitions": arguments.partitions, "requests": arguments.requests,
-                                  "concurrency": arguments.concurrency, "request_fsync": arguments.request_fsync,
-                                  "queue_batch_max": DEFAULT_BATCH_MAX, "queue_max_outstanding": DEFAULT_MAX_OUTSTANDING,
-                                  "queue_max_lease_ms": DEFAULT_MAX_LEASE_MS, "quick": arguments.quick,
-                                  "four_consumers": "4 client processes, and 4 AsyncQueues in one asyncio loop"}}
+    results: dict = {
+        "schema": 1,
+        "machine": machine,
+        "settings": {
+            "messages": messages,
+            "value_bytes": arguments.value_bytes,
+            "partitions": arguments.partitions,
+            "requests": arguments.requests,
+            "concurrency": arguments.concurrency,
+            "request_fsync": arguments.request_fsync,
+            "queue_batch_max": DEFAULT_BATCH_MAX,
+            "queue_max_outstanding": DEFAULT_MAX_OUTSTANDING,
+            "queue_max_lease_ms": DEFAULT_MAX_LEASE_MS,
+            "quick": arguments.quick,
+            "four_consumers": "4 client processes, and 4 AsyncQueues in one asyncio loop",
+        },
+    }
     results["limits"] = machine_limits(data_directory, arguments.limit_seconds, arguments.value_bytes)
     server = broker_bench.NodiServer(os.path.join(data_directory, "nodi"))
     os.makedirs(server.directory)
@@ -380,8 +435,9 @@ def run(arguments: argparse.Namespace, data_directory: str) -> dict:
                 progress(f"  produced {produced['messages']:,} at {produced['msg_per_s']:,.0f} msg/s")
                 meter = CpuMeter(pid)
                 load = load_average()
-                stream = await broker_bench.nodi_consume(client, TOPIC, produced["messages"], settings,
-                                                         settings.value_bytes)
+                stream = await broker_bench.nodi_consume(
+                    client, TOPIC, produced["messages"], settings, settings.value_bytes
+                )
                 stream.update(meter.figures(stream["messages"]))
                 stream["load_average"] = load
                 return produced, stream
@@ -394,18 +450,33 @@ def run(arguments: argparse.Namespace, data_directory: str) -> dict:
         total = produced["messages"]
         count = lambda figures: figures["messages"]  # noqa: E731
         value_bytes = arguments.value_bytes
-        results["queue_1"] = phase("queue group, 1 consumer (this process)", pid, count,
-                                   lambda: asyncio.run(queue_in_loop(address, "bench-1", 1, total, value_bytes)))
-        results["queue_4_processes"] = phase("queue group, 4 consumer processes", pid, count, queue_in_processes,
-                                             address, "bench-4p", 4, total, value_bytes)
-        results["queue_4_in_loop"] = phase("queue group, 4 AsyncQueues in this loop", pid, count,
-                                           lambda: asyncio.run(queue_in_loop(address, "bench-4l", 4, total,
-                                                                             value_bytes)))
+        results["queue_1"] = phase(
+            "queue group, 1 consumer (this process)",
+            pid,
+            count,
+            lambda: asyncio.run(queue_in_loop(address, "bench-1", 1, total, value_bytes)),
+        )
+        results["queue_4_processes"] = phase(
+            "queue group, 4 consumer processes",
+            pid,
+            count,
+            queue_in_processes,
+            address,
+            "bench-4p",
+            4,
+            total,
+            value_bytes,
+        )
+        results["queue_4_in_loop"] = phase(
+            "queue group, 4 AsyncQueues in this loop",
+            pid,
+            count,
+            lambda: asyncio.run(queue_in_loop(address, "bench-4l", 4, total, value_bytes)),
+        )
         results["request_reply"] = []
         for policy in arguments.request_fsync.split(","):
             progress(f"request-reply, request topic fsync={policy}")
-            results["request_reply"].append(asyncio.run(request_reply(address, pid, policy, arguments,
-                                                                      value_bytes)))
+            results["request_reply"].append(asyncio.run(request_reply(address, pid, policy, arguments, value_bytes)))
     finally:
         server.stop()
     machine["load_average_end"] = load_average()
@@ -422,8 +493,11 @@ def targets(results: dict) -> dict:
         out[f"{name}_vs_stream"] = rate / stream if rate and stream else None
     best = max((out[f"{name}_vs_stream"] or 0) for name in ("queue_1", "queue_4_processes", "queue_4_in_loop"))
     out["queue_target_met"] = best >= TARGET_QUEUE_VS_STREAM
-    p99s = {f"{one['fsync_policy']}_{kind}": one[kind]["latency_ms_p99"] for one in results["request_reply"]
-            for kind in ("sequential", "concurrent")}
+    p99s = {
+        f"{one['fsync_policy']}_{kind}": one[kind]["latency_ms_p99"]
+        for one in results["request_reply"]
+        for kind in ("sequential", "concurrent")
+    }
     out["request_p99_ms"] = p99s
     sequential = [value for key, value in p99s.items() if key.endswith("sequential") and value is not None]
     out["request_target_met"] = bool(sequential) and min(sequential) <= TARGET_REQUEST_P99_MS
@@ -435,43 +509,58 @@ def render(results: dict) -> str:
         return "-" if value is None else f"{value:,.{digits}f}"
 
     limits = results["limits"]
-    lines = ["", "Queues and request-reply (issue 4)",
-             f"load average start {results['machine']['load_average_start']}, "
-             f"end {results['machine']['load_average_end']} on {results['machine']['nproc']} cores",
-             f"machine: write+fdatasync {limits['fdatasync_small']['bytes_per_write']:,} B p50 "
-             f"{number(limits['fdatasync_small']['latency_ms_p50'], 3)} ms p99 "
-             f"{number(limits['fdatasync_small']['latency_ms_p99'], 3)} ms; LMDB commit p50 "
-             f"{number(limits['lmdb_commit']['latency_ms_p50'], 3)} ms p99 "
-             f"{number(limits['lmdb_commit']['latency_ms_p99'], 3)} ms", "",
-             f"{'phase':<40}{'msg/s':>10}{'MB/s':>8}{'vs stream':>11}{'server us/msg':>15}"]
+    lines = [
+        "",
+        "Queues and request-reply (issue 4)",
+        f"load average start {results['machine']['load_average_start']}, "
+        f"end {results['machine']['load_average_end']} on {results['machine']['nproc']} cores",
+        f"machine: write+fdatasync {limits['fdatasync_small']['bytes_per_write']:,} B p50 "
+        f"{number(limits['fdatasync_small']['latency_ms_p50'], 3)} ms p99 "
+        f"{number(limits['fdatasync_small']['latency_ms_p99'], 3)} ms; LMDB commit p50 "
+        f"{number(limits['lmdb_commit']['latency_ms_p50'], 3)} ms p99 "
+        f"{number(limits['lmdb_commit']['latency_ms_p99'], 3)} ms",
+        "",
+        f"{'phase':<40}{'msg/s':>10}{'MB/s':>8}{'vs stream':>11}{'server us/msg':>15}",
+    ]
     stream = results["stream"]["msg_per_s"]
-    for name, label in (("stream", "stream consume"), ("queue_1", "queue, 1 consumer"),
-                        ("queue_4_processes", "queue, 4 consumer processes"),
-                        ("queue_4_in_loop", "queue, 4 AsyncQueues in one loop")):
+    for name, label in (
+        ("stream", "stream consume"),
+        ("queue_1", "queue, 1 consumer"),
+        ("queue_4_processes", "queue, 4 consumer processes"),
+        ("queue_4_in_loop", "queue, 4 AsyncQueues in one loop"),
+    ):
         figures = results[name]
         ratio = figures["msg_per_s"] / stream if figures["msg_per_s"] and stream else None
-        lines.append(f"{label:<40}{number(figures['msg_per_s']):>10}{number(figures['mb_per_s'], 1):>8}"
-                     f"{number(ratio, 2):>11}{number(figures.get('server_cpu_us_per_message'), 1):>15}")
+        lines.append(
+            f"{label:<40}{number(figures['msg_per_s']):>10}{number(figures['mb_per_s'], 1):>8}"
+            f"{number(ratio, 2):>11}{number(figures.get('server_cpu_us_per_message'), 1):>15}"
+        )
     lines += ["", f"{'request-reply':<40}{'rt/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"]
     for one in results["request_reply"]:
         for kind in ("sequential", "concurrent"):
             figures = one[kind]
             label = f"fsync={one['fsync_policy']}, {figures['concurrency']} at once"
-            lines.append(f"{label:<40}{number(figures['round_trips_per_s']):>10}"
-                         f"{number(figures['latency_ms_p50'], 2):>9}{number(figures['latency_ms_p99'], 2):>9}"
-                         f"{number(figures['latency_ms_max'], 2):>9}")
+            lines.append(
+                f"{label:<40}{number(figures['round_trips_per_s']):>10}"
+                f"{number(figures['latency_ms_p50'], 2):>9}{number(figures['latency_ms_p99'], 2):>9}"
+                f"{number(figures['latency_ms_max'], 2):>9}"
+            )
     met = results["targets"]
-    lines += ["", f"target queue >= {TARGET_QUEUE_VS_STREAM} x stream: "
-                  f"{'met' if met['queue_target_met'] else 'missed'}; request-reply p99 <= {TARGET_REQUEST_P99_MS} ms "
-                  f"(sequential): {'met' if met['request_target_met'] else 'missed'}"]
+    lines += [
+        "",
+        f"target queue >= {TARGET_QUEUE_VS_STREAM} x stream: "
+        f"{'met' if met['queue_target_met'] else 'missed'}; request-reply p99 <= {TARGET_REQUEST_P99_MS} ms "
+        f"(sequential): {'met' if met['request_target_met'] else 'missed'}",
+    ]
     return "\n".join(lines)
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     from nodi.cli.bench import add_bench_options
 
-    parser = argparse.ArgumentParser(prog="queue_bench", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="queue_bench", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_bench_options(parser, "queues")  # declared once, in nodi/cli/bench.py (BENCH_OPTIONS)
     parser.add_argument("--child-consumer", nargs=2, metavar=("ADDRESS", "GROUP"), help=argparse.SUPPRESS)
     parser.add_argument("--child-responder", nargs=2, metavar=("ADDRESS", "TOPIC"), help=argparse.SUPPRESS)
@@ -502,7 +591,11 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(child_responder(*arguments.child_responder))
         return 0
     return storage_bench.run_in_scratch_directory(
-        "queue", arguments, lambda directory: run(arguments, directory), render, progress,
+        "queue",
+        arguments,
+        lambda directory: run(arguments, directory),
+        render,
+        progress,
         errors=(NodiError, RuntimeError),
     )
 

@@ -295,7 +295,9 @@ def measure_raw_sequential(directory: str, settings: Settings, round_number: int
     return cold, warm
 
 
-def measure_raw_loop(directory: str, settings: Settings, bytes_per_write: int, records_per_write: int, round_number: int) -> dict:
+def measure_raw_loop(
+    directory: str, settings: Settings, bytes_per_write: int, records_per_write: int, round_number: int
+) -> dict:
     loop = raw_fdatasync_loop(directory, bytes_per_write, records_per_write, settings.raw_loop_seconds)
     progress(
         f"round {round_number}: raw write+fdatasync of {loop['bytes_per_write']} B: "
@@ -334,9 +336,7 @@ def append_cell(directory: str, policy: FsyncPolicy, batch_records: int, appende
     config = LogConfig(fsync_policy=policy)
     batch_bytes = batch_size_of(batch_records)
     per_appender_batches = max(1, math.ceil(settings.volume_bytes / appenders / batch_bytes))
-    pools = [
-        build_pool(batch_records, appender, POOL_BYTES, per_appender_batches) for appender in range(appenders)
-    ]
+    pools = [build_pool(batch_records, appender, POOL_BYTES, per_appender_batches) for appender in range(appenders)]
     warm_page_allocator(os.path.dirname(directory), settings.volume_bytes)
     log = Log.open(directory, config)
     barrier = threading.Barrier(appenders + 1)
@@ -447,16 +447,18 @@ def read_cell(directory: str, batch_records: int) -> list[dict]:
 
     def row(mode: str, pass_name: str, measured: tuple[int, int, float]) -> None:
         records, byte_count, seconds = measured
-        rows.append({
-            "batch_records": batch_records,
-            "mode": mode,
-            "pass": pass_name,
-            "records": records,
-            "bytes": byte_count,
-            "seconds": seconds,
-            "records_per_s": records / seconds,
-            "mb_per_s": byte_count / seconds / MB,
-        })
+        rows.append(
+            {
+                "batch_records": batch_records,
+                "mode": mode,
+                "pass": pass_name,
+                "records": records,
+                "bytes": byte_count,
+                "seconds": seconds,
+                "records_per_s": records / seconds,
+                "mb_per_s": byte_count / seconds / MB,
+            }
+        )
 
     for mode, decode in (("to_bytes", False), ("decode", True)):
         with Log.open(directory, LogConfig(fsync_policy=FsyncPolicy.NEVER)) as log:
@@ -490,13 +492,18 @@ def child_fill(directory: str, volume_bytes: int, batch_records: int, segment_by
         written += log.append(batch).byte_count
         count += 1
     statistics = log.statistics()
-    print(json.dumps({
-        "bytes": statistics.byte_count,
-        "segments": statistics.segment_count,
-        "active_segment_bytes": log.segments[-1].size,
-        "next_offset": statistics.next_offset,
-        "seconds": time.perf_counter() - started,
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "bytes": statistics.byte_count,
+                "segments": statistics.segment_count,
+                "active_segment_bytes": log.segments[-1].size,
+                "next_offset": statistics.next_offset,
+                "seconds": time.perf_counter() - started,
+            }
+        ),
+        flush=True,
+    )
     sys.stdin.read()  # the parent kills us here, log not closed
     os._exit(3)
 
@@ -526,7 +533,9 @@ def child_open(directory: str, segment_bytes: int, close: bool) -> None:
     statistics = log.statistics()
     # Start about TAIL_READ_BYTES before the end, by offset (records are all the same size).
     span = statistics.next_offset - statistics.log_start_offset
-    offset = max(statistics.log_start_offset, statistics.next_offset - span * TAIL_READ_BYTES // max(1, statistics.byte_count))
+    offset = max(
+        statistics.log_start_offset, statistics.next_offset - span * TAIL_READ_BYTES // max(1, statistics.byte_count)
+    )
     tail_bytes = 0
     tail_records = 0
     read_started = time.perf_counter()
@@ -541,23 +550,28 @@ def child_open(directory: str, segment_bytes: int, close: bool) -> None:
     if close:
         log.close()
     peak = _memory_status_kib()
-    print(json.dumps({
-        "open_seconds": open_seconds,
-        "recovery_ms": report.duration_ms,
-        "clean_shutdown": report.clean_shutdown,
-        "scanned_segments": report.scanned_segments,
-        "scanned_bytes": report.scanned_bytes,
-        "lost_anything": report.lost_anything,
-        "retained_bytes": statistics.byte_count,
-        "segments": statistics.segment_count,
-        "tail_bytes": tail_bytes,
-        "tail_records": tail_records,
-        "tail_seconds": tail_seconds,
-        "rss_baseline_kib": baseline.get("VmHWM"),
-        "rss_after_open_kib": opened.get("VmHWM"),
-        "rss_peak_kib": peak.get("VmHWM"),
-        "ru_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "open_seconds": open_seconds,
+                "recovery_ms": report.duration_ms,
+                "clean_shutdown": report.clean_shutdown,
+                "scanned_segments": report.scanned_segments,
+                "scanned_bytes": report.scanned_bytes,
+                "lost_anything": report.lost_anything,
+                "retained_bytes": statistics.byte_count,
+                "segments": statistics.segment_count,
+                "tail_bytes": tail_bytes,
+                "tail_records": tail_records,
+                "tail_seconds": tail_seconds,
+                "rss_baseline_kib": baseline.get("VmHWM"),
+                "rss_after_open_kib": opened.get("VmHWM"),
+                "rss_peak_kib": peak.get("VmHWM"),
+                "ru_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+            }
+        ),
+        flush=True,
+    )
 
 
 def _child_command(*arguments: str) -> list[str]:
@@ -576,10 +590,14 @@ def run_child_open(directory: str, segment_bytes: int, close: bool) -> dict:
 
 def restart_cell(directory: str, volume_bytes: int, batch_records: int, segment_bytes: int) -> dict:
     command = _child_command(
-        "--child-fill", directory,
-        "--child-volume-bytes", str(volume_bytes),
-        "--child-batch-records", str(batch_records),
-        "--child-segment-bytes", str(segment_bytes),
+        "--child-fill",
+        directory,
+        "--child-volume-bytes",
+        str(volume_bytes),
+        "--child-batch-records",
+        str(batch_records),
+        "--child-segment-bytes",
+        str(segment_bytes),
     )
     child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert child.stdin is not None and child.stdout is not None  # both PIPE
@@ -626,24 +644,26 @@ def summarise_cells(rounds: list[dict]) -> list[dict]:
     median = statistics_module.median
     for (policy, batch_records, appenders), cells in grouped.items():
         per_fsync = [cell["appends_per_fsync"] for cell in cells if cell["appends_per_fsync"] is not None]
-        summary.append({
-            "policy": policy,
-            "batch_records": batch_records,
-            "appenders": appenders,
-            "batch_bytes": cells[0]["batch_bytes"],
-            "rounds": len(cells),
-            "records": int(median(cell["records"] for cell in cells)),
-            "bytes": int(median(cell["bytes"] for cell in cells)),
-            "seconds": median(cell["seconds"] for cell in cells),
-            "time_capped": any(cell["time_capped"] for cell in cells),
-            "records_per_s": median(cell["records_per_s"] for cell in cells),
-            "records_per_s_min": min(cell["records_per_s"] for cell in cells),
-            "records_per_s_max": max(cell["records_per_s"] for cell in cells),
-            "mb_per_s": median(cell["mb_per_s"] for cell in cells),
-            "append_latency_ms_p50": median(cell["append_latency_ms_p50"] for cell in cells),
-            "append_latency_ms_p99": median(cell["append_latency_ms_p99"] for cell in cells),
-            "appends_per_fsync": median(per_fsync) if per_fsync else None,
-        })
+        summary.append(
+            {
+                "policy": policy,
+                "batch_records": batch_records,
+                "appenders": appenders,
+                "batch_bytes": cells[0]["batch_bytes"],
+                "rounds": len(cells),
+                "records": int(median(cell["records"] for cell in cells)),
+                "bytes": int(median(cell["bytes"] for cell in cells)),
+                "seconds": median(cell["seconds"] for cell in cells),
+                "time_capped": any(cell["time_capped"] for cell in cells),
+                "records_per_s": median(cell["records_per_s"] for cell in cells),
+                "records_per_s_min": min(cell["records_per_s"] for cell in cells),
+                "records_per_s_max": max(cell["records_per_s"] for cell in cells),
+                "mb_per_s": median(cell["mb_per_s"] for cell in cells),
+                "append_latency_ms_p50": median(cell["append_latency_ms_p50"] for cell in cells),
+                "append_latency_ms_p99": median(cell["append_latency_ms_p99"] for cell in cells),
+                "appends_per_fsync": median(per_fsync) if per_fsync else None,
+            }
+        )
     return summary
 
 
@@ -690,23 +710,33 @@ def ratios(results: dict) -> list[dict]:
             if ("never", 100, appenders) in cells
         ]
         if values:
-            out.append(_ratio(
-                f"fsync=never, 100-record batches, {appenders} appender(s) vs raw sequential write (MB/s)",
-                values, TARGET_NEVER_VS_RAW, judged=appenders == 1,
-            ))
+            out.append(
+                _ratio(
+                    f"fsync=never, 100-record batches, {appenders} appender(s) vs raw sequential write (MB/s)",
+                    values,
+                    TARGET_NEVER_VS_RAW,
+                    judged=appenders == 1,
+                )
+            )
     cold_values = [
         cells[("never", 100, 1)]["mb_per_s"] / cold["mb_per_s"]
         for one in results["rounds"]
-        for cold, cells in [(one["raw"]["sequential_write_cold"], {
-            (cell["policy"], cell["batch_records"], cell["appenders"]): cell for cell in one["append"]
-        })]
+        for cold, cells in [
+            (
+                one["raw"]["sequential_write_cold"],
+                {(cell["policy"], cell["batch_records"], cell["appenders"]): cell for cell in one["append"]},
+            )
+        ]
         if ("never", 100, 1) in cells
     ]
     if cold_values:
-        out.append(_ratio(
-            "fsync=never, 100-record batches, 1 appender vs raw sequential write with cold memory (MB/s)",
-            cold_values, None,
-        ))
+        out.append(
+            _ratio(
+                "fsync=never, 100-record batches, 1 appender vs raw sequential write with cold memory (MB/s)",
+                cold_values,
+                None,
+            )
+        )
     for batch_records in settings["batch_record_counts"]:
         values = [
             cells[("always", batch_records, 8)]["records_per_s"] / cells[("always", batch_records, 1)]["records_per_s"]
@@ -714,10 +744,13 @@ def ratios(results: dict) -> list[dict]:
             if ("always", batch_records, 8) in cells and ("always", batch_records, 1) in cells
         ]
         if values:
-            out.append(_ratio(
-                f"fsync=always, {batch_records}-record batches: 8 appenders vs 1 (records/s)",
-                values, TARGET_ALWAYS_8_VS_1,
-            ))
+            out.append(
+                _ratio(
+                    f"fsync=always, {batch_records}-record batches: 8 appenders vs 1 (records/s)",
+                    values,
+                    TARGET_ALWAYS_8_VS_1,
+                )
+            )
     for batch_records in settings["batch_record_counts"]:
         for appenders in settings["appender_counts"]:
             values = [
@@ -726,20 +759,28 @@ def ratios(results: dict) -> list[dict]:
                 if ("always", batch_records, appenders) in cells and batch_records in loops
             ]
             if values:
-                out.append(_ratio(
-                    f"fsync=always, {batch_records}-record batches, {appenders} appender(s) "
-                    "vs raw write+fdatasync loop (records/s)",
-                    values, None,
-                ))
+                out.append(
+                    _ratio(
+                        f"fsync=always, {batch_records}-record batches, {appenders} appender(s) "
+                        "vs raw write+fdatasync loop (records/s)",
+                        values,
+                        None,
+                    )
+                )
     restarts = results["restart"]
     largest = max((row["volume_bytes"] for row in restarts), default=None)
     for restart in restarts:
         if restart["volume_bytes"] == largest:
-            out.append(_ratio(
-                f"Log.open after SIGKILL, {restart['retained_bytes'] / MIB:.0f} MiB retained, "
-                f"{restart['batch_records']}-record batches (s)",
-                [restart["unclean"]["open_seconds"]], TARGET_RESTART_SECONDS, lower_is_better=True, strict=True,
-            ))
+            out.append(
+                _ratio(
+                    f"Log.open after SIGKILL, {restart['retained_bytes'] / MIB:.0f} MiB retained, "
+                    f"{restart['batch_records']}-record batches (s)",
+                    [restart["unclean"]["open_seconds"]],
+                    TARGET_RESTART_SECONDS,
+                    lower_is_better=True,
+                    strict=True,
+                )
+            )
     by_records: dict[int, list[dict]] = {}
     for restart in restarts:
         by_records.setdefault(restart["batch_records"], []).append(restart)
@@ -751,17 +792,23 @@ def ratios(results: dict) -> list[dict]:
         for kind in ("unclean", "clean"):
             if not small[kind]["rss_peak_kib"] or not large[kind]["rss_peak_kib"]:
                 continue
-            out.append(_ratio(
-                f"peak RSS (VmHWM), {kind} open + tail read: {large['retained_bytes'] / MIB:.0f} MiB vs "
-                f"{small['retained_bytes'] / MIB:.0f} MiB retained, {batch_records}-record batches",
-                [large[kind]["rss_peak_kib"] / small[kind]["rss_peak_kib"]],
-                1 + TARGET_RSS_GROWTH_FRACTION, lower_is_better=True,
-            ))
+            out.append(
+                _ratio(
+                    f"peak RSS (VmHWM), {kind} open + tail read: {large['retained_bytes'] / MIB:.0f} MiB vs "
+                    f"{small['retained_bytes'] / MIB:.0f} MiB retained, {batch_records}-record batches",
+                    [large[kind]["rss_peak_kib"] / small[kind]["rss_peak_kib"]],
+                    1 + TARGET_RSS_GROWTH_FRACTION,
+                    lower_is_better=True,
+                )
+            )
     return out
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(header), *(len(row[column]) for row in rows)) if rows else len(header) for column, header in enumerate(headers)]
+    widths = [
+        max(len(header), *(len(row[column]) for row in rows)) if rows else len(header)
+        for column, header in enumerate(headers)
+    ]
     lines = [
         "| " + " | ".join(header.ljust(width) for header, width in zip(headers, widths)) + " |",
         "|" + "|".join("-" * (width + 2) for width in widths) + "|",
@@ -785,41 +832,91 @@ def render(results: dict) -> str:
         f"Python {machine['python']}, disk {machine['disk_device']} ({machine['disk_fs_type']}) "
         f"at {machine['disk_mount_point']}, data in {machine['data_directory']}"
     )
-    parts.append(f"\nRaw limits, per round (MB = 10^6 bytes; {results['settings']['volume_bytes'] // MIB} MiB sequential)")
+    parts.append(
+        f"\nRaw limits, per round (MB = 10^6 bytes; {results['settings']['volume_bytes'] // MIB} MiB sequential)"
+    )
     rows = []
     for one in results["rounds"]:
         raw = one["raw"]
         for key, label in (("sequential_write_cold", "cold memory"), ("sequential_write", "warm")):
             sequential = raw[key]
-            rows.append([str(raw["round"]), f"sequential 1 MiB writes + 1 fdatasync, {label}", "-", "-",
-                         _number(sequential["mb_per_s"]), "-", "-"])
+            rows.append(
+                [
+                    str(raw["round"]),
+                    f"sequential 1 MiB writes + 1 fdatasync, {label}",
+                    "-",
+                    "-",
+                    _number(sequential["mb_per_s"]),
+                    "-",
+                    "-",
+                ]
+            )
         for loop in raw["fdatasync_loop"]:
-            rows.append([str(raw["round"]), f"write+fdatasync loop, {loop['bytes_per_write']} B/write ({loop['batch_records']} rec)",
-                         _number(loop["writes_per_s"]), _number(loop["records_per_s"]), _number(loop["mb_per_s"], 1),
-                         _number(loop["latency_ms_p50"], 2), _number(loop["latency_ms_p99"], 2)])
+            rows.append(
+                [
+                    str(raw["round"]),
+                    f"write+fdatasync loop, {loop['bytes_per_write']} B/write ({loop['batch_records']} rec)",
+                    _number(loop["writes_per_s"]),
+                    _number(loop["records_per_s"]),
+                    _number(loop["mb_per_s"], 1),
+                    _number(loop["latency_ms_p50"], 2),
+                    _number(loop["latency_ms_p99"], 2),
+                ]
+            )
     parts.append(_table(["round", "what", "writes/s", "records/s", "MB/s", "p50 ms", "p99 ms"], rows))
 
     rounds = len(results["rounds"])
     parts.append(f"\nAppend: 1 KiB records; median of {rounds} round(s); time includes a final flush (fdatasync)")
     rows = []
     for cell in results["append"]:
-        rows.append([
-            cell["policy"], str(cell["batch_records"]), str(cell["appenders"]),
-            _number(cell["bytes"] / MIB) + ("*" if cell["time_capped"] else ""),
-            _number(cell["records_per_s"]),
-            f"{_number(cell['records_per_s_min'])}-{_number(cell['records_per_s_max'])}",
-            _number(cell["mb_per_s"], 1),
-            _number(cell["append_latency_ms_p50"], 3), _number(cell["append_latency_ms_p99"], 3),
-            _number(cell["appends_per_fsync"], 1),
-        ])
-    parts.append(_table(["fsync", "batch", "appenders", "MiB", "records/s", "range", "MB/s", "append p50 ms", "append p99 ms", "appends/fsync"], rows))
+        rows.append(
+            [
+                cell["policy"],
+                str(cell["batch_records"]),
+                str(cell["appenders"]),
+                _number(cell["bytes"] / MIB) + ("*" if cell["time_capped"] else ""),
+                _number(cell["records_per_s"]),
+                f"{_number(cell['records_per_s_min'])}-{_number(cell['records_per_s_max'])}",
+                _number(cell["mb_per_s"], 1),
+                _number(cell["append_latency_ms_p50"], 3),
+                _number(cell["append_latency_ms_p99"], 3),
+                _number(cell["appends_per_fsync"], 1),
+            ]
+        )
+    parts.append(
+        _table(
+            [
+                "fsync",
+                "batch",
+                "appenders",
+                "MiB",
+                "records/s",
+                "range",
+                "MB/s",
+                "append p50 ms",
+                "append p99 ms",
+                "appends/fsync",
+            ],
+            rows,
+        )
+    )
     parts.append("(* = stopped at the per-cell time cap before the volume in at least one round)")
 
-    parts.append(f"\nRead: sequential Log.read, {READ_BYTES_MAX // MIB} MiB budget, whole log (fsync=never, 1 appender)")
+    parts.append(
+        f"\nRead: sequential Log.read, {READ_BYTES_MAX // MIB} MiB budget, whole log (fsync=never, 1 appender)"
+    )
     rows = []
     for row in results["read"]:
-        rows.append([str(row["batch_records"]), row["mode"], row["pass"], _number(row["bytes"] / MIB),
-                     _number(row["records_per_s"]), _number(row["mb_per_s"])])
+        rows.append(
+            [
+                str(row["batch_records"]),
+                row["mode"],
+                row["pass"],
+                _number(row["bytes"] / MIB),
+                _number(row["records_per_s"]),
+                _number(row["mb_per_s"]),
+            ]
+        )
     parts.append(_table(["batch", "mode", "pass", "MiB", "records/s", "MB/s"], rows))
 
     parts.append("\nRestart: fill with fsync=never, SIGKILL, Log.open in a fresh process, then an 8 MiB tail read")
@@ -827,15 +924,37 @@ def render(results: dict) -> str:
     for restart in results["restart"]:
         for kind in ("unclean", "clean"):
             child = restart[kind]
-            rows.append([
-                _number(restart["retained_bytes"] / MIB), str(restart["segments"]), str(restart["batch_records"]),
-                kind, _number(child["open_seconds"], 3), _number(child["scanned_bytes"] / MIB),
-                _number(child["tail_bytes"] / MIB, 1),
-                _number((child["rss_baseline_kib"] or 0) / 1024, 1), _number((child["rss_peak_kib"] or 0) / 1024, 1),
-                _number(child["ru_maxrss_kib"] / 1024, 1),
-            ])
-    parts.append(_table(["retained MiB", "segments", "batch", "open", "Log.open s", "scanned MiB", "tail MiB",
-                         "VmHWM before MiB", "VmHWM peak MiB", "ru_maxrss MiB"], rows))
+            rows.append(
+                [
+                    _number(restart["retained_bytes"] / MIB),
+                    str(restart["segments"]),
+                    str(restart["batch_records"]),
+                    kind,
+                    _number(child["open_seconds"], 3),
+                    _number(child["scanned_bytes"] / MIB),
+                    _number(child["tail_bytes"] / MIB, 1),
+                    _number((child["rss_baseline_kib"] or 0) / 1024, 1),
+                    _number((child["rss_peak_kib"] or 0) / 1024, 1),
+                    _number(child["ru_maxrss_kib"] / 1024, 1),
+                ]
+            )
+    parts.append(
+        _table(
+            [
+                "retained MiB",
+                "segments",
+                "batch",
+                "open",
+                "Log.open s",
+                "scanned MiB",
+                "tail MiB",
+                "VmHWM before MiB",
+                "VmHWM peak MiB",
+                "ru_maxrss MiB",
+            ],
+            rows,
+        )
+    )
 
     parts.append("\nRatios vs targets (median over rounds; range in brackets)")
     rows = []
@@ -895,16 +1014,20 @@ def run(settings: Settings, data_directory: str) -> dict:
         for policy in settings.policies:
             for batch_records in settings.batch_record_counts:
                 if policy is FsyncPolicy.ALWAYS:
-                    raw["fdatasync_loop"].append(measure_raw_loop(
-                        data_directory, settings, batch_bytes[batch_records], batch_records, round_number
-                    ))
+                    raw["fdatasync_loop"].append(
+                        measure_raw_loop(
+                            data_directory, settings, batch_bytes[batch_records], batch_records, round_number
+                        )
+                    )
                 if policy is FsyncPolicy.NEVER and batch_records == max(settings.batch_record_counts):
                     raw["sequential_write_cold"], raw["sequential_write"] = measure_raw_sequential(
                         data_directory, settings, round_number
                     )
                 for appenders in settings.appender_counts:
                     directory = os.path.join(data_directory, f"append-{policy.value}-{batch_records}-{appenders}")
-                    progress(f"round {round_number}: append fsync={policy.value} batch={batch_records} appenders={appenders}")
+                    progress(
+                        f"round {round_number}: append fsync={policy.value} batch={batch_records} appenders={appenders}"
+                    )
                     cell = append_cell(directory, policy, batch_records, appenders, settings)
                     cell["round"] = round_number
                     progress(
@@ -924,7 +1047,9 @@ def run(settings: Settings, data_directory: str) -> dict:
         progress(f"read: batch={batch_records} ({directory})")
         rows = read_cell(directory, batch_records)
         for row in rows:
-            progress(f"  {row['mode']} {row['pass']}: {row['mb_per_s']:.0f} MB/s, {row['records_per_s']:,.0f} records/s")
+            progress(
+                f"  {row['mode']} {row['pass']}: {row['mb_per_s']:.0f} MB/s, {row['records_per_s']:,.0f} records/s"
+            )
         results["read"].extend(rows)
         shutil.rmtree(directory)
 
@@ -948,14 +1073,31 @@ def run(settings: Settings, data_directory: str) -> dict:
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run with tiny volumes")
-    parser.add_argument("--volume-mb", type=float, default=None, help="MiB appended per append cell (default 256; 4 with --quick)")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds of raw limits + append cells (default 3; 1 with --quick)")
-    parser.add_argument("--cell-seconds-max", type=float, default=None, help="time cap of one append cell (default 6; 0.5 with --quick)")
-    parser.add_argument("--restart-batch-records", type=int, nargs="+", default=[100, 1],
-                        help="batch sizes for the restart fill (default 100 1; --quick uses 100)")
-    parser.add_argument("--data-dir", default=None, help="parent of the bench's temporary directory (default: the system temp dir unless it is tmpfs)")
+    parser.add_argument(
+        "--volume-mb", type=float, default=None, help="MiB appended per append cell (default 256; 4 with --quick)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="rounds of raw limits + append cells (default 3; 1 with --quick)"
+    )
+    parser.add_argument(
+        "--cell-seconds-max", type=float, default=None, help="time cap of one append cell (default 6; 0.5 with --quick)"
+    )
+    parser.add_argument(
+        "--restart-batch-records",
+        type=int,
+        nargs="+",
+        default=[100, 1],
+        help="batch sizes for the restart fill (default 100 1; --quick uses 100)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="parent of the bench's temporary directory (default: the system temp dir unless it is tmpfs)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the data directory")
     parser.add_argument("--json-out", default=None, help="write the results as JSON here")
     # Internal: the restart children.
@@ -971,7 +1113,12 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(argv)
     if arguments.child_fill:
-        child_fill(arguments.child_fill, arguments.child_volume_bytes, arguments.child_batch_records, arguments.child_segment_bytes)
+        child_fill(
+            arguments.child_fill,
+            arguments.child_volume_bytes,
+            arguments.child_batch_records,
+            arguments.child_segment_bytes,
+        )
         return 0
     if arguments.child_open:
         child_open(arguments.child_open, arguments.child_segment_bytes, arguments.child_close)

@@ -118,8 +118,19 @@ ROUND_SECONDS_MAX = 60.0
 EXAMPLES_MAX = 20  # violations printed per kind
 OUTPUT_LINES_KEPT = 200  # of the broker's output, for a failed start
 
-VIOLATION_KINDS = ("lost", "changed", "duplicated", "phantom", "gap", "unstable_read", "commit", "queue", "hung",
-                   "shutdown", "error")
+VIOLATION_KINDS = (
+    "lost",
+    "changed",
+    "duplicated",
+    "phantom",
+    "gap",
+    "unstable_read",
+    "commit",
+    "queue",
+    "hung",
+    "shutdown",
+    "error",
+)
 
 
 # -- messages ---------------------------------------------------------------------------
@@ -134,7 +145,7 @@ def content_of(message_id: str) -> tuple[bytes | None, bytes, tuple[tuple[str, b
     value = message_id.encode() + b"|" + filler
     headers = [(ID_HEADER, message_id.encode())]
     if digest[2] % 3 == 0:
-        headers.append(("torture-extra", digest[3:3 + digest[2] % 9]))
+        headers.append(("torture-extra", digest[3 : 3 + digest[2] % 9]))
     return key, value, tuple(headers)
 
 
@@ -276,7 +287,8 @@ class Ledger:
     def in_doubt(self, kind: str) -> list[str]:
         """Messages of `kind` sent and never acknowledged, that may be sent again."""
         return [
-            message_id for message_id, sent_kind in self.kinds.items()
+            message_id
+            for message_id, sent_kind in self.kinds.items()
             if sent_kind == kind and message_id not in self.acked and self.attempts[message_id] < RESEND_ATTEMPTS_MAX
         ]
 
@@ -361,8 +373,12 @@ class LogView:
         return LogView(reported=self.reported)
 
 
-def check_log(ledger: Ledger, partitions: dict[int, list[Record]], starts: dict[int, int] | None = None,
-              view: LogView | None = None) -> Findings:
+def check_log(
+    ledger: Ledger,
+    partitions: dict[int, list[Record]],
+    starts: dict[int, int] | None = None,
+    view: LogView | None = None,
+) -> Findings:
     """Check what the partitions hold against the ledger: lost, changed, duplicated,
     phantom, gap, unstable read. `partitions` holds, per partition, the records past what
     `view` read before (all of them with a new view: from `starts`, default 0), in offset
@@ -386,40 +402,60 @@ def check_log(ledger: Ledger, partitions: dict[int, list[Record]], starts: dict[
             expected = view.end(partition)
             assert expected is not None  # the partition's ids were set up above
             if record.offset != expected:
-                report("gap", (partition, record.offset), f"partition {partition}: offset {record.offset} where "
-                       f"{expected} was next")
+                report(
+                    "gap",
+                    (partition, record.offset),
+                    f"partition {partition}: offset {record.offset} where {expected} was next",
+                )
                 ids.extend([None] * max(0, record.offset - expected))
             message_id = id_of(record.headers, record.value)
             if message_id is None or message_id not in ledger.kinds:
                 ids.append(None)
-                report("phantom", (partition, record.offset), f"{partition}/{record.offset}: id {message_id!r} "
-                       "was never sent")
+                report(
+                    "phantom",
+                    (partition, record.offset),
+                    f"{partition}/{record.offset}: id {message_id!r} was never sent",
+                )
                 continue
             ids.append(message_id)
             view.copies[message_id] += 1
             added.add(message_id)
             if (record.key, record.value, record.headers) != content_of(message_id):
-                report("changed", (partition, record.offset), f"{partition}/{record.offset}: {message_id} differs "
-                       "from what was sent")
+                report(
+                    "changed",
+                    (partition, record.offset),
+                    f"{partition}/{record.offset}: {message_id} differs from what was sent",
+                )
     for message_id in added:  # a count only grows by what was added
         count = view.copies[message_id]
         allowed = 1 if ledger.kinds[message_id] in ONE_COPY_KINDS else ledger.attempts[message_id]
         if count > allowed:
-            report("duplicated", (message_id, count), f"{message_id} ({ledger.kinds[message_id]}): {count} copies, "
-                   f"{allowed} allowed")
-    for message_id, partition, offset in ledger.acks[view.acks_checked:]:
+            report(
+                "duplicated",
+                (message_id, count),
+                f"{message_id} ({ledger.kinds[message_id]}): {count} copies, {allowed} allowed",
+            )
+    for message_id, partition, offset in ledger.acks[view.acks_checked :]:
         held = view.at(partition, offset)
         if held != message_id:
-            report("lost", (message_id, partition, offset), f"{message_id} acknowledged at {partition}/{offset}, "
-                   f"which holds {held!r}")
+            report(
+                "lost",
+                (message_id, partition, offset),
+                f"{message_id} acknowledged at {partition}/{offset}, which holds {held!r}",
+            )
     view.acks_checked = findings.checked = len(ledger.acks)
-    for kind, seen, checked in (("stream", ledger.read_log, view.reads_checked),
-                                ("queue", ledger.delivery_log, view.deliveries_checked)):
+    for kind, seen, checked in (
+        ("stream", ledger.read_log, view.reads_checked),
+        ("queue", ledger.delivery_log, view.deliveries_checked),
+    ):
         for message_id, partition, offset in seen[checked:]:
             held = view.at(partition, offset)
             if held != message_id:
-                report("unstable_read", (kind, message_id, partition, offset), f"the {kind} group was handed "
-                       f"{message_id} at {partition}/{offset}, which now holds {held!r}")
+                report(
+                    "unstable_read",
+                    (kind, message_id, partition, offset),
+                    f"the {kind} group was handed {message_id} at {partition}/{offset}, which now holds {held!r}",
+                )
     view.reads_checked, view.deliveries_checked = len(ledger.read_log), len(ledger.delivery_log)
     return findings
 
@@ -438,8 +474,11 @@ def check_commits(ledger: Ledger, committed: dict[int, int], ends: dict[int, int
         if stored is not None:
             unread = [offset for offset in range(min(stored, end)) if (partition, offset) not in ledger.reads]
             if unread:
-                findings.add("commit", f"partition {partition}: committed {stored} over {len(unread)} offsets "
-                             f"never read (first {unread[0]})")
+                findings.add(
+                    "commit",
+                    f"partition {partition}: committed {stored} over {len(unread)} offsets "
+                    f"never read (first {unread[0]})",
+                )
     return findings
 
 
@@ -459,38 +498,54 @@ def check_queue(ledger: Ledger, windows: Iterable[QueueWindow], ends: dict[int, 
     answered ack in the window."""
     findings = Findings()
     for message_id, partition, offset, count in ledger.redelivered_after_ack:
-        findings.add("queue", f"{message_id} at {partition}/{offset} delivered again (count {count}) "
-                     "after its ack was answered")
+        findings.add(
+            "queue", f"{message_id} at {partition}/{offset} delivered again (count {count}) after its ack was answered"
+        )
     for window in windows:
         end = ends.get(window.partition, 0)
         if not window.ack_floor <= window.next_offset <= end:
-            findings.add("queue", f"partition {window.partition}: ack floor {window.ack_floor}, next offset "
-                         f"{window.next_offset}, log end {end}")
+            findings.add(
+                "queue",
+                f"partition {window.partition}: ack floor {window.ack_floor}, next offset "
+                f"{window.next_offset}, log end {end}",
+            )
             continue
-        acked_in_window = sum(1 for offset in range(window.ack_floor, window.next_offset)
-                              if (window.partition, offset) in ledger.queue_acked)
+        acked_in_window = sum(
+            1
+            for offset in range(window.ack_floor, window.next_offset)
+            if (window.partition, offset) in ledger.queue_acked
+        )
         room = window.next_offset - window.ack_floor - acked_in_window
         if window.pending > room:
-            findings.add("queue", f"partition {window.partition}: {window.pending} pending in a window of "
-                         f"{window.next_offset - window.ack_floor} with {acked_in_window} answered acks")
+            findings.add(
+                "queue",
+                f"partition {window.partition}: {window.pending} pending in a window of "
+                f"{window.next_offset - window.ack_floor} with {acked_in_window} answered acks",
+            )
     return findings
 
 
-def check_drained(ledger: Ledger, windows: Iterable[QueueWindow], ends: dict[int, int],
-                  dead_lettered: set[tuple[int, int]]) -> Findings:
+def check_drained(
+    ledger: Ledger, windows: Iterable[QueueWindow], ends: dict[int, int], dead_lettered: set[tuple[int, int]]
+) -> Findings:
     """After the drain: every message is done for the queue group, and every one was
     delivered to it or dead-lettered (none counted done that nobody handled)."""
     findings = Findings()
     for window in windows:
         end = ends.get(window.partition, 0)
         if window.ack_floor != end:
-            findings.add("queue", f"partition {window.partition}: not drained (ack floor {window.ack_floor}, "
-                         f"log end {end}, {window.pending} pending)")
+            findings.add(
+                "queue",
+                f"partition {window.partition}: not drained (ack floor {window.ack_floor}, "
+                f"log end {end}, {window.pending} pending)",
+            )
         for offset in range(min(window.ack_floor, end)):
             where = (window.partition, offset)
             if where not in ledger.deliveries and where not in dead_lettered:
-                findings.add("queue", f"{window.partition}/{offset} is done for the group but was never "
-                             "delivered nor dead-lettered")
+                findings.add(
+                    "queue",
+                    f"{window.partition}/{offset} is done for the group but was never delivered nor dead-lettered",
+                )
     return findings
 
 
@@ -512,10 +567,26 @@ class BrokerProcess:
 
     def _spawn(self) -> None:
         self._lines = queue_module.Queue()  # this process's lines only
-        command = [sys.executable, "-m", "nodi.cli.main", "serve", "--data-dir", self.data_dir,
-                   "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1"]
+        command = [
+            sys.executable,
+            "-m",
+            "nodi.cli.main",
+            "serve",
+            "--data-dir",
+            self.data_dir,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "-1",
+        ]
         self.process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         threading.Thread(target=self._read, args=(self.process,), daemon=True, name="torture-broker-output").start()
@@ -630,8 +701,7 @@ class Pace:
 def _client(workload: Workload):
     from nodi.broker import Client
 
-    return Client(workload.address, timeout_ms=CLIENT_TIMEOUT_MS, reconnect_attempts_max=2,
-                  client_id="nodi-torture")
+    return Client(workload.address, timeout_ms=CLIENT_TIMEOUT_MS, reconnect_attempts_max=2, client_id="nodi-torture")
 
 
 def sync_producer(workload: Workload, number: int) -> None:
@@ -660,8 +730,9 @@ def sync_producer(workload: Workload, number: int) -> None:
                     break
                 history.write("send", id=message_id, kind=SYNC)
                 try:
-                    partition, offset = client.produce(TOPIC, value, key=key, headers=headers, acks=acks,
-                                                       timeout_ms=CLIENT_TIMEOUT_MS)
+                    partition, offset = client.produce(
+                        TOPIC, value, key=key, headers=headers, acks=acks, timeout_ms=CLIENT_TIMEOUT_MS
+                    )
                 except Exception as error:  # the broker is killed under it
                     workload.failed(name, error)
                     continue
@@ -695,7 +766,12 @@ def async_producers(workload: Workload, tasks: int) -> None:
             history.write("send", id=message_id, kind=ASYNC)
             try:
                 partition, offset = await client.produce(
-                    TOPIC, value, key=key, headers=headers, idempotency_key=message_id, acks="durable",
+                    TOPIC,
+                    value,
+                    key=key,
+                    headers=headers,
+                    idempotency_key=message_id,
+                    acks="durable",
                     timeout_ms=CLIENT_TIMEOUT_MS,
                 )
             except Exception as error:
@@ -705,8 +781,9 @@ def async_producers(workload: Workload, tasks: int) -> None:
             history.write("ack", id=message_id, p=partition, o=offset)
 
     async def main() -> None:
-        client = AsyncClient(workload.address, timeout_ms=CLIENT_TIMEOUT_MS, reconnect_attempts_max=2,
-                             client_id="nodi-torture-async")
+        client = AsyncClient(
+            workload.address, timeout_ms=CLIENT_TIMEOUT_MS, reconnect_attempts_max=2, client_id="nodi-torture-async"
+        )
         try:
             await asyncio.gather(*(produce_loop(client, number) for number in range(tasks)))
         finally:
@@ -721,8 +798,9 @@ def batching_producer(workload: Workload, chunk: int = 50) -> None:
     history = workload.history
     pace = Pace(workload.rate_per_worker, workload.stop)
     with _client(workload) as client:
-        producer = client.producer(idempotent=True, linger_ms=2, delivery_timeout_ms=1_000,
-                                   timeout_ms=CLIENT_TIMEOUT_MS)
+        producer = client.producer(
+            idempotent=True, linger_ms=2, delivery_timeout_ms=1_000, timeout_ms=CLIENT_TIMEOUT_MS
+        )
         sequence = 0
         try:
             while workload.running():
@@ -757,8 +835,14 @@ def stream_consumer(workload: Workload, partitions: list[int]) -> None:
     then commits every few polls and records the answered commit."""
     history = workload.history
     with _client(workload) as client:
-        consumer = client.consumer(TOPIC, group=STREAM_GROUP, partitions=partitions, auto_commit=False,
-                                   wait_ms=200, timeout_ms=CLIENT_TIMEOUT_MS)
+        consumer = client.consumer(
+            TOPIC,
+            group=STREAM_GROUP,
+            partitions=partitions,
+            auto_commit=False,
+            wait_ms=200,
+            timeout_ms=CLIENT_TIMEOUT_MS,
+        )
         polls = 0
         try:
             while workload.running():
@@ -769,8 +853,9 @@ def stream_consumer(workload: Workload, partitions: list[int]) -> None:
                     time.sleep(0.05)
                     continue
                 for message in messages:
-                    history.write("read", id=id_of(message.headers, message.value), p=message.partition,
-                                  o=message.offset)
+                    history.write(
+                        "read", id=id_of(message.headers, message.value), p=message.partition, o=message.offset
+                    )
                 polls += 1
                 if polls % 5 == 0:
                     positions = {p: consumer.position(TOPIC, p) for p in partitions}
@@ -802,8 +887,13 @@ def queue_consumer(workload: Workload, number: int, seed: int) -> None:
                 try:
                     message = queue.receive(timeout_ms=300)
                     if message is not None:
-                        history.write("deliver", id=id_of(message.headers, message.value), p=message.partition,
-                                      o=message.offset, n=message.delivery_count)
+                        history.write(
+                            "deliver",
+                            id=id_of(message.headers, message.value),
+                            p=message.partition,
+                            o=message.offset,
+                            n=message.delivery_count,
+                        )
                         if rng.random() < 0.05:
                             message.nack(delay_ms=0, wait=False)
                         else:
@@ -870,8 +960,9 @@ def fetch_all(client, topic: str, partition: int, start: int, end: int) -> list:
     """Every message of one partition in [start, end), as the client returns them."""
     messages, offset = [], start
     while offset < end:
-        batch, offset_next = client.fetch_with_position(topic, partition, offset, bytes_max=4 << 20,
-                                                        include_expired=True, timeout_ms=CLIENT_TIMEOUT_MS * 5)
+        batch, offset_next = client.fetch_with_position(
+            topic, partition, offset, bytes_max=4 << 20, include_expired=True, timeout_ms=CLIENT_TIMEOUT_MS * 5
+        )
         if offset_next <= offset:
             break
         messages.extend(batch)
@@ -879,8 +970,9 @@ def fetch_all(client, topic: str, partition: int, start: int, end: int) -> list:
     return messages
 
 
-def read_partitions(client, topic: str, partitions: int, view: LogView | None = None
-                    ) -> tuple[dict[int, list[Record]], dict[int, int], dict[int, int]]:
+def read_partitions(
+    client, topic: str, partitions: int, view: LogView | None = None
+) -> tuple[dict[int, list[Record]], dict[int, int], dict[int, int]]:
     """The records of `topic` past what `view` read (all of them without one), each
     partition's start and its end. A partition now shorter than the view is cut back in
     it (the lost check then names what went)."""
@@ -893,8 +985,10 @@ def read_partitions(client, topic: str, partitions: int, view: LogView | None = 
             view.truncate(partition, end)
             known = end
         first = start if known is None else max(start, known)
-        out[partition] = [record_of(partition, m.offset, m.key, m.value, m.headers)
-                          for m in fetch_all(client, topic, partition, first, end)]
+        out[partition] = [
+            record_of(partition, m.offset, m.key, m.value, m.headers)
+            for m in fetch_all(client, topic, partition, first, end)
+        ]
         starts[partition], ends[partition] = start, end
     return out, starts, ends
 
@@ -909,8 +1003,9 @@ def queue_windows(client) -> list[QueueWindow]:
     return [QueueWindow(p.partition, p.ack_floor, p.next_offset, p.pending) for p in description.partitions]
 
 
-def check_server(address: str, ledger: Ledger, history: History, view: LogView, partitions: int
-                 ) -> tuple[Findings, dict[int, int]]:
+def check_server(
+    address: str, ledger: Ledger, history: History, view: LogView, partitions: int
+) -> tuple[Findings, dict[int, int]]:
     """Everything the history says against what the restarted broker holds (the log past
     what `view` holds; all of it with a fresh view)."""
     from nodi.broker import Client
@@ -925,24 +1020,39 @@ def check_server(address: str, ledger: Ledger, history: History, view: LogView, 
     return findings, ends
 
 
-def run_workload(broker: BrokerProcess, history: History, ledger: Ledger, options: Options, round_number: int,
-                 rng: random.Random, result: RoundResult) -> list[str]:
+def run_workload(
+    broker: BrokerProcess,
+    history: History,
+    ledger: Ledger,
+    options: Options,
+    round_number: int,
+    rng: random.Random,
+    result: RoundResult,
+) -> list[str]:
     """Start every worker, SIGKILL the broker at a random moment, stop the workers.
     Returns the names of workers that did not stop in time."""
     producers = options.sync_producers + (1 if options.async_tasks else 0) + 1
-    workload = Workload(broker.address, round_number, history,
-                        rate_per_worker=options.rate / producers,
-                        resend_sync=ledger.in_doubt(SYNC), resend_async=ledger.in_doubt(ASYNC))
+    workload = Workload(
+        broker.address,
+        round_number,
+        history,
+        rate_per_worker=options.rate / producers,
+        resend_sync=ledger.in_doubt(SYNC),
+        resend_async=ledger.in_doubt(ASYNC),
+    )
     workers: list[tuple[str, Callable, tuple]] = []
     workers += [(f"sync{n}", sync_producer, (workload, n)) for n in range(options.sync_producers)]
     if options.async_tasks:
         workers.append(("async", async_producers, (workload, options.async_tasks)))
     workers.append(("batch", batching_producer, (workload,)))
-    groups = [[p for p in range(options.partitions) if p % options.stream_consumers == n]
-              for n in range(options.stream_consumers)]
+    groups = [
+        [p for p in range(options.partitions) if p % options.stream_consumers == n]
+        for n in range(options.stream_consumers)
+    ]
     workers += [(f"stream{n}", stream_consumer, (workload, group)) for n, group in enumerate(groups) if group]
-    workers += [(f"queue{n}", queue_consumer, (workload, n, rng.randrange(1 << 30)))
-                for n in range(options.queue_consumers)]
+    workers += [
+        (f"queue{n}", queue_consumer, (workload, n, rng.randrange(1 << 30))) for n in range(options.queue_consumers)
+    ]
     failures: list[str] = []
 
     def guarded(name: str, target: Callable, arguments: tuple) -> None:
@@ -951,8 +1061,9 @@ def run_workload(broker: BrokerProcess, history: History, ledger: Ledger, option
         except Exception as error:  # a worker's own setup or teardown failed
             workload.failed(name, error)
 
-    threads = [threading.Thread(target=guarded, args=worker, name=f"torture-{worker[0]}", daemon=True)
-               for worker in workers]
+    threads = [
+        threading.Thread(target=guarded, args=worker, name=f"torture-{worker[0]}", daemon=True) for worker in workers
+    ]
     for thread in threads:
         thread.start()
     result.kill_after_s = round(rng.uniform(0.1, options.round_s), 3)
@@ -999,19 +1110,31 @@ def drain(address: str, history: History, partitions: int) -> None:
                     if all(windows.get(p, 0) >= ends[p] for p in range(partitions)):
                         break
                     continue
-                history.write("deliver", id=id_of(message.headers, message.value), p=message.partition,
-                              o=message.offset, n=message.delivery_count)
+                history.write(
+                    "deliver",
+                    id=id_of(message.headers, message.value),
+                    p=message.partition,
+                    o=message.offset,
+                    n=message.delivery_count,
+                )
                 message.ack(wait=False)
                 acked.append((message.partition, message.offset))
                 if len(acked) >= 100:
                     flush()
-        consumer = client.consumer(TOPIC, group=STREAM_GROUP, partitions=list(range(partitions)), auto_commit=False,
-                                   wait_ms=200, timeout_ms=CLIENT_TIMEOUT_MS)
+        consumer = client.consumer(
+            TOPIC,
+            group=STREAM_GROUP,
+            partitions=list(range(partitions)),
+            auto_commit=False,
+            wait_ms=200,
+            timeout_ms=CLIENT_TIMEOUT_MS,
+        )
         with consumer:
             while time.monotonic() < deadline:
                 for message in consumer.poll(timeout_ms=300):
-                    history.write("read", id=id_of(message.headers, message.value), p=message.partition,
-                                  o=message.offset)
+                    history.write(
+                        "read", id=id_of(message.headers, message.value), p=message.partition, o=message.offset
+                    )
                 positions = {p: consumer.position(TOPIC, p) for p in range(partitions)}
                 if all(positions[p] is not None and positions[p] >= ends[p] for p in range(partitions)):
                     consumer.commit()
@@ -1061,7 +1184,8 @@ def run_server(options: Options, work_dir: str, emit: Callable[[str], None]) -> 
     try:
         for round_number in range(1, options.rounds + 2):
             final = round_number == options.rounds + 1 or (
-                options.duration_s is not None and time.monotonic() - started >= options.duration_s)
+                options.duration_s is not None and time.monotonic() - started >= options.duration_s
+            )
             if round_number > 1 and rng.random() < options.recovery_kill_probability:
                 # A crash during recovery: killed at a random moment of its start.
                 summary["recovery_kills"] += 1
@@ -1071,9 +1195,14 @@ def run_server(options: Options, work_dir: str, emit: Callable[[str], None]) -> 
             restart_s = time.monotonic() - begun
             if round_number == 1:
                 with Client(broker.address, timeout_ms=CLIENT_TIMEOUT_MS) as client:
-                    client.create_topic(TOPIC, partitions=options.partitions, fsync_policy="always",
-                                        retention_ms=UNLIMITED, retention_bytes=UNLIMITED,
-                                        segment_bytes=options.segment_bytes)
+                    client.create_topic(
+                        TOPIC,
+                        partitions=options.partitions,
+                        fsync_policy="always",
+                        retention_ms=UNLIMITED,
+                        retention_bytes=UNLIMITED,
+                        segment_bytes=options.segment_bytes,
+                    )
             else:
                 previous = results[-1]
                 previous.full_check = final or (round_number - 1) % options.full_check_every == 0
@@ -1094,8 +1223,10 @@ def run_server(options: Options, work_dir: str, emit: Callable[[str], None]) -> 
             acknowledged_before = len(ledger.acks)
             hung = run_workload(broker, history, ledger, options, round_number, rng, result)
             for name in hung:
-                totals.add("hung", f"round {round_number}: worker {name} did not stop within "
-                           f"{WORKER_JOIN_TIMEOUT_S} s of the kill")
+                totals.add(
+                    "hung",
+                    f"round {round_number}: worker {name} did not stop within {WORKER_JOIN_TIMEOUT_S} s of the kill",
+                )
                 result.violations["hung"] = result.violations.get("hung", 0) + 1
             ledger.catch_up(history.path)
             result.acknowledged = len(ledger.acks) - acknowledged_before
@@ -1118,8 +1249,10 @@ def run_server(options: Options, work_dir: str, emit: Callable[[str], None]) -> 
         summary["dead_lettered"] = len(sources)
         summary["workload"] = ledger_statistics(ledger)
         totals.merge(findings)
-        emit(f"final: drained in {summary['drain_s']} s, {findings.checked:,} acknowledged messages checked, "
-             f"{findings.total} violations")
+        emit(
+            f"final: drained in {summary['drain_s']} s, {findings.checked:,} acknowledged messages checked, "
+            f"{findings.total} violations"
+        )
         code = broker.stop()
         if code != 0:
             totals.add("shutdown", f"nodi serve exited {code} on SIGTERM (a clean stop exits 0)")
@@ -1150,8 +1283,13 @@ def run_power_loss(options: Options, work_dir: str, emit: Callable[[str], None])
     fs = SimulatedFileSystem()
     fs.make_directory(SIM_ROOT)
     directories = [f"{SIM_ROOT}/{TOPIC}-{p}" for p in range(options.partitions)]
-    config = LogConfig(segment_bytes=64 * 1024, index_interval_bytes=4096, fsync_policy=FsyncPolicy.ALWAYS,
-                       retention_ms=None, retention_bytes=None)
+    config = LogConfig(
+        segment_bytes=64 * 1024,
+        index_interval_bytes=4096,
+        fsync_policy=FsyncPolicy.ALWAYS,
+        retention_ms=None,
+        retention_bytes=None,
+    )
     summary = new_summary(options, work_dir, "power-loss")
     totals = Findings()
     results: list[RoundResult] = []
@@ -1188,7 +1326,8 @@ def run_power_loss(options: Options, work_dir: str, emit: Callable[[str], None])
     try:
         for round_number in range(1, options.rounds + 2):
             final = round_number == options.rounds + 1 or (
-                options.duration_s is not None and time.monotonic() - started >= options.duration_s)
+                options.duration_s is not None and time.monotonic() - started >= options.duration_s
+            )
             if round_number > 1 and rng.random() < options.recovery_kill_probability:
                 # A power loss during recovery: a few file operations into the reopen.
                 summary["recovery_kills"] += 1
@@ -1241,14 +1380,19 @@ def run_power_loss(options: Options, work_dir: str, emit: Callable[[str], None])
                     key, value, headers = content_of(message_id)
                     records.append(NewRecord(key, value, list(headers), None))
                     history.write("send", id=message_id, kind=kind)
-                options_ = {} if sequence is None else {
-                    "producer_id": PRODUCER_ID_BASE + number, "producer_epoch": 0, "base_sequence": sequence}
+                options_ = (
+                    {}
+                    if sequence is None
+                    else {"producer_id": PRODUCER_ID_BASE + number, "producer_epoch": 0, "base_sequence": sequence}
+                )
                 try:
                     appended = logs[partition].append(build_batch(records, **options_))
                 except (OSError, NodiError) as error:
                     if not fs.halted:  # with the power on, an append must not fail
-                        unexpected.append(f"round {round_number}: append to partition {partition} failed with "
-                                          f"the power on: {type(error).__name__}: {error}")
+                        unexpected.append(
+                            f"round {round_number}: append to partition {partition} failed with "
+                            f"the power on: {type(error).__name__}: {error}"
+                        )
                     return False
                 for index, message_id in enumerate(ids):
                     history.write("ack", id=message_id, p=partition, o=appended.first_offset + index)
@@ -1289,8 +1433,12 @@ def run_power_loss(options: Options, work_dir: str, emit: Callable[[str], None])
                     state["sequence"] += len(ids)
                     state["pending"] = None
 
-            threads = [threading.Thread(target=append_loop, args=(n, rng.randrange(1 << 30)), daemon=True,
-                                        name=f"torture-append{n}") for n in range(APPEND_THREADS)]
+            threads = [
+                threading.Thread(
+                    target=append_loop, args=(n, rng.randrange(1 << 30)), daemon=True, name=f"torture-append{n}"
+                )
+                for n in range(APPEND_THREADS)
+            ]
             fs.halt_after(rng.randint(1, 400))
             for thread in threads:
                 thread.start()
@@ -1334,11 +1482,13 @@ def run_power_loss(options: Options, work_dir: str, emit: Callable[[str], None])
 
 def round_line(result: RoundResult, findings: Findings) -> str:
     full = " (full)" if result.full_check else ""
-    text = (f"round {result.round}: killed after {result.kill_after_s:.2f} s"
-            f"{f' ({result.crash_mode})' if result.crash_mode else ''}, acknowledged {result.acknowledged:,}, "
-            f"checked {findings.checked:,} acknowledged ({findings.records:,} records), "
-            f"workers stopped in {result.stop_s:.2f} s, restart {result.restart_s:.2f} s, "
-            f"check{full} {result.check_s:.2f} s, violations {findings.total}")
+    text = (
+        f"round {result.round}: killed after {result.kill_after_s:.2f} s"
+        f"{f' ({result.crash_mode})' if result.crash_mode else ''}, acknowledged {result.acknowledged:,}, "
+        f"checked {findings.checked:,} acknowledged ({findings.records:,} records), "
+        f"workers stopped in {result.stop_s:.2f} s, restart {result.restart_s:.2f} s, "
+        f"check{full} {result.check_s:.2f} s, violations {findings.total}"
+    )
     if findings.total:
         text += "\n" + "\n".join(findings.lines())
     return text
@@ -1349,16 +1499,23 @@ def new_summary(options: Options, work_dir: str, mode: str) -> dict:
         "mode": mode,
         "seed": options.seed,
         "settings": {
-            "rounds": options.rounds, "duration_s": options.duration_s, "round_s": options.round_s,
-            "partitions": options.partitions, "rate": options.rate, "segment_bytes": options.segment_bytes,
+            "rounds": options.rounds,
+            "duration_s": options.duration_s,
+            "round_s": options.round_s,
+            "partitions": options.partitions,
+            "rate": options.rate,
+            "segment_bytes": options.segment_bytes,
             "full_check_every": options.full_check_every,
             "sync_producers": options.sync_producers,
-            "async_tasks": options.async_tasks, "stream_consumers": options.stream_consumers,
+            "async_tasks": options.async_tasks,
+            "stream_consumers": options.stream_consumers,
             "queue_consumers": options.queue_consumers,
         },
         "work_dir": work_dir,
         "machine": {
-            "nproc": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release(),
+            "nproc": os.cpu_count(),
+            "python": platform.python_version(),
+            "kernel": platform.release(),
             "load_average_start": list(os.getloadavg()),
         },
         "acknowledged_checked": 0,
@@ -1377,9 +1534,20 @@ def finish_summary(summary: dict, results: list[RoundResult], totals: Findings, 
     summary["examples"] = totals.lines()
     summary["machine"]["load_average_end"] = list(os.getloadavg())
     summary["per_round"] = [
-        {"round": r.round, "kill_after_s": r.kill_after_s, "acknowledged": r.acknowledged, "checked": r.checked,
-         "records": r.records, "stop_s": r.stop_s, "restart_s": r.restart_s, "check_s": r.check_s, "full_check": r.full_check, "violations": r.violations,
-         "errors_before_kill": r.errors_before_kill, **({"crash_mode": r.crash_mode} if r.crash_mode else {})}
+        {
+            "round": r.round,
+            "kill_after_s": r.kill_after_s,
+            "acknowledged": r.acknowledged,
+            "checked": r.checked,
+            "records": r.records,
+            "stop_s": r.stop_s,
+            "restart_s": r.restart_s,
+            "check_s": r.check_s,
+            "full_check": r.full_check,
+            "violations": r.violations,
+            "errors_before_kill": r.errors_before_kill,
+            **({"crash_mode": r.crash_mode} if r.crash_mode else {}),
+        }
         for r in results
     ]
     for kind in ("lost", "changed", "duplicated", "phantom"):
@@ -1406,37 +1574,60 @@ def parse_arguments(argv: list[str] | None) -> Options:
     parser = argparse.ArgumentParser(
         prog="torture",
         description="Crash torture: concurrent producers and consumers, SIGKILL of the broker at random moments, "
-                    "restart, and a check of every acknowledged message (lost, changed, duplicated, phantom) "
-                    "and of the queue counts. --power-loss: storage-level rounds on the simulated disk "
-                    "(storage/simfs.py), which cannot run under a server process.",
+        "restart, and a check of every acknowledged message (lost, changed, duplicated, phantom) "
+        "and of the queue counts. --power-loss: storage-level rounds on the simulated disk "
+        "(storage/simfs.py), which cannot run under a server process.",
     )
     parser.add_argument("--rounds", type=int, default=10, help="kill-and-restart rounds (default 10)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
-    parser.add_argument("--duration-s", type=float, default=None,
-                        help="stop starting rounds after this many seconds (the last one is still checked)")
-    parser.add_argument("--round-s", type=float, default=2.0,
-                        help=f"the kill comes at a random moment up to this long into a round (default 2, "
-                             f"at most {ROUND_SECONDS_MAX:.0f})")
+    parser.add_argument(
+        "--duration-s",
+        type=float,
+        default=None,
+        help="stop starting rounds after this many seconds (the last one is still checked)",
+    )
+    parser.add_argument(
+        "--round-s",
+        type=float,
+        default=2.0,
+        help=f"the kill comes at a random moment up to this long into a round (default 2, "
+        f"at most {ROUND_SECONDS_MAX:.0f})",
+    )
     parser.add_argument("--partitions", type=int, default=3, help="partitions of the topic (default 3)")
-    parser.add_argument("--rate", type=int, default=1_500,
-                        help="messages per second, all producers together, at most (default 1500)")
-    parser.add_argument("--segment-bytes", type=int, default=1 << 20,
-                        help="the topic's segment size (default 1 MiB: segments roll every few rounds, so kills "
-                             "land in rolls too, and a restart rescans one small active segment)")
-    parser.add_argument("--full-check-every", type=int, default=10,
-                        help="read every partition from its start after every this many rounds (default 10; the "
-                             "others read what is new, and the last check is always full)")
+    parser.add_argument(
+        "--rate", type=int, default=1_500, help="messages per second, all producers together, at most (default 1500)"
+    )
+    parser.add_argument(
+        "--segment-bytes",
+        type=int,
+        default=1 << 20,
+        help="the topic's segment size (default 1 MiB: segments roll every few rounds, so kills "
+        "land in rolls too, and a restart rescans one small active segment)",
+    )
+    parser.add_argument(
+        "--full-check-every",
+        type=int,
+        default=10,
+        help="read every partition from its start after every this many rounds (default 10; the "
+        "others read what is new, and the last check is always full)",
+    )
     parser.add_argument("--sync-producers", type=int, default=2, help="Client.produce threads (default 2)")
     parser.add_argument("--async-tasks", type=int, default=4, help="AsyncClient produce tasks (default 4)")
     parser.add_argument("--stream-consumers", type=int, default=2, help="stream-group consumers (default 2)")
     parser.add_argument("--queue-consumers", type=int, default=2, help="queue-group consumers (default 2)")
-    parser.add_argument("--power-loss", action="store_true",
-                        help="storage-level rounds: Logs on the simulated disk, appends acknowledged after their "
-                             "fsync, a power loss (unsynced writes dropped, torn, reordered or garbled), reopen, "
-                             "check; no server process")
-    parser.add_argument("--work-dir", default=None,
-                        help="where the data directory and the history go (default: a new temporary directory, "
-                             "removed after a clean run)")
+    parser.add_argument(
+        "--power-loss",
+        action="store_true",
+        help="storage-level rounds: Logs on the simulated disk, appends acknowledged after their "
+        "fsync, a power loss (unsynced writes dropped, torn, reordered or garbled), reopen, "
+        "check; no server process",
+    )
+    parser.add_argument(
+        "--work-dir",
+        default=None,
+        help="where the data directory and the history go (default: a new temporary directory, "
+        "removed after a clean run)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory after a clean run")
     parser.add_argument("--json", dest="json_path", default=None, help="write the JSON summary here")
     parser.add_argument("--quiet", action="store_true", help="print the summary only")
@@ -1462,12 +1653,23 @@ def parse_arguments(argv: list[str] | None) -> Options:
         parser.error("--stream-consumers must be at least 1")
     seed = arguments.seed if arguments.seed is not None else random.SystemRandom().randrange(1 << 31)
     return Options(
-        rounds=arguments.rounds, seed=seed, duration_s=arguments.duration_s, round_s=arguments.round_s,
-        partitions=arguments.partitions, rate=arguments.rate, segment_bytes=arguments.segment_bytes, full_check_every=arguments.full_check_every,
+        rounds=arguments.rounds,
+        seed=seed,
+        duration_s=arguments.duration_s,
+        round_s=arguments.round_s,
+        partitions=arguments.partitions,
+        rate=arguments.rate,
+        segment_bytes=arguments.segment_bytes,
+        full_check_every=arguments.full_check_every,
         sync_producers=arguments.sync_producers,
-        async_tasks=arguments.async_tasks, stream_consumers=arguments.stream_consumers,
-        queue_consumers=arguments.queue_consumers, power_loss=arguments.power_loss, work_dir=arguments.work_dir,
-        keep=arguments.keep, json_path=arguments.json_path, quiet=arguments.quiet,
+        async_tasks=arguments.async_tasks,
+        stream_consumers=arguments.stream_consumers,
+        queue_consumers=arguments.queue_consumers,
+        power_loss=arguments.power_loss,
+        work_dir=arguments.work_dir,
+        keep=arguments.keep,
+        json_path=arguments.json_path,
+        quiet=arguments.quiet,
     )
 
 
@@ -1490,8 +1692,9 @@ def main(argv: list[str] | None = None) -> int:
     def on_sigterm(signum, frame):
         raise Interrupted()
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if threading.current_thread() is threading.main_thread() \
-        else None
+    previous = (
+        signal.signal(signal.SIGTERM, on_sigterm) if threading.current_thread() is threading.main_thread() else None
+    )
     mode = "power-loss (storage level, simulated disk)" if options.power_loss else "server (nodi serve, SIGKILL)"
     emit(f"torture: {mode}, {options.rounds} rounds, seed {options.seed}, work dir {work_dir}")
     try:
@@ -1510,11 +1713,13 @@ def main(argv: list[str] | None = None) -> int:
         with open(options.json_path, "w", encoding="utf-8") as file:
             json.dump(summary, file, indent=2)
             file.write("\n")
-    print(f"torture: {summary['rounds']} rounds in {summary['duration_s']} s "
-          f"({summary['rounds_per_minute']} rounds/min), {summary['acknowledged']:,} acknowledged, "
-          f"{summary['acknowledged_checked']:,} acknowledged messages checked; lost {summary['lost']}, "
-          f"changed {summary['changed']}, duplicated {summary['duplicated']}, phantom {summary['phantom']}, "
-          f"violations in all {summary['violations_total']}")
+    print(
+        f"torture: {summary['rounds']} rounds in {summary['duration_s']} s "
+        f"({summary['rounds_per_minute']} rounds/min), {summary['acknowledged']:,} acknowledged, "
+        f"{summary['acknowledged_checked']:,} acknowledged messages checked; lost {summary['lost']}, "
+        f"changed {summary['changed']}, duplicated {summary['duplicated']}, phantom {summary['phantom']}, "
+        f"violations in all {summary['violations_total']}"
+    )
     for line in summary["examples"]:
         print(line)
     failed = summary["violations_total"] > 0

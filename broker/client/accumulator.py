@@ -157,8 +157,7 @@ class RecordAccumulator:
                 chosen = partition
             open_buffer = self._open.get((topic, chosen))
             if open_buffer is not None and (
-                open_buffer.size + size > self.batch_bytes_max
-                or len(open_buffer.records) >= self.records_per_batch_max
+                open_buffer.size + size > self.batch_bytes_max or len(open_buffer.records) >= self.records_per_batch_max
             ):
                 self._seal_locked(open_buffer)
                 open_buffer = None

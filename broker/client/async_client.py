@@ -361,8 +361,13 @@ class AsyncClient:
         record = NewRecord(
             key_bytes,
             to_bytes(value),
-            with_features(to_headers(headers), ttl_ms=ttl_ms, delay_ms=delay_ms, deliver_at=deliver_at,
-                          idempotency_key=idempotency_key),
+            with_features(
+                to_headers(headers),
+                ttl_ms=ttl_ms,
+                delay_ms=delay_ms,
+                deliver_at=deliver_at,
+                idempotency_key=idempotency_key,
+            ),
             None if timestamp is None else timestamp_ms_of(timestamp),
         )
         batch = build_batch([record])
@@ -431,8 +436,14 @@ class AsyncClient:
         log start or past its end. Expired messages (Message.expires_at passed) are
         left out unless include_expired."""
         messages, _, _, _ = await self.fetch_counted(
-            topic, partition, offset, bytes_max=bytes_max, wait_ms=wait_ms, min_bytes=min_bytes,
-            include_expired=include_expired, timeout_ms=timeout_ms,
+            topic,
+            partition,
+            offset,
+            bytes_max=bytes_max,
+            wait_ms=wait_ms,
+            min_bytes=min_bytes,
+            include_expired=include_expired,
+            timeout_ms=timeout_ms,
         )
         return messages
 
@@ -451,8 +462,14 @@ class AsyncClient:
         """fetch(), plus the offset to fetch next: past every batch returned (records
         removed by compaction leave gaps), `offset` when nothing came."""
         messages, position, _, _ = await self.fetch_counted(
-            topic, partition, offset, bytes_max=bytes_max, wait_ms=wait_ms, min_bytes=min_bytes,
-            include_expired=include_expired, timeout_ms=timeout_ms,
+            topic,
+            partition,
+            offset,
+            bytes_max=bytes_max,
+            wait_ms=wait_ms,
+            min_bytes=min_bytes,
+            include_expired=include_expired,
+            timeout_ms=timeout_ms,
         )
         return messages, position
 
@@ -494,7 +511,7 @@ class AsyncClient:
         *,
         timeout_ms: int | None = None,
     ) -> int:
-        """"earliest": the first offset still stored; "latest": the high watermark (the
+        """ "earliest": the first offset still stored; "latest": the high watermark (the
         next offset to be read); a time (datetime, or ms since the epoch as an int): the
         first offset whose timestamp is at or after it, or the high watermark."""
         if spec == "earliest":
@@ -525,7 +542,8 @@ class AsyncClient:
         """A new (producer id, epoch) for an idempotent producer; with a known id, its
         next epoch (fencing older ones)."""
         response = await self.core.call(
-            m.InitProducerIdRequest(producer_id=producer_id, producer_epoch=producer_epoch), timeout_ms,
+            m.InitProducerIdRequest(producer_id=producer_id, producer_epoch=producer_epoch),
+            timeout_ms,
             expect=m.InitProducerIdResponse,
         )
         return response.producer_id, response.producer_epoch
@@ -649,7 +667,9 @@ class AsyncClient:
     ) -> dict[tuple[str, int], int]:
         """The group's committed offsets (the next offset to read), of `topics` or all."""
         response = await self.core.call(
-            m.FetchOffsetsRequest(group=group, topics=list(topics)), timeout_ms, retry=True,
+            m.FetchOffsetsRequest(group=group, topics=list(topics)),
+            timeout_ms,
+            retry=True,
             expect=m.FetchOffsetsResponse,
         )
         return {(entry.topic, entry.partition): entry.offset for entry in response.offsets}
@@ -712,15 +732,17 @@ class AsyncClient:
 
         return AsyncQueue(self, topic, group, **options)
 
-    async def request(self, topic: str, value, *, key=None, headers=None, partition: int | None = None,
-                      timeout_ms: int | None = None) -> Message:
+    async def request(
+        self, topic: str, value, *, key=None, headers=None, partition: int | None = None, timeout_ms: int | None = None
+    ) -> Message:
         """Send `value` to `topic` as a request and return the reply (a Message): a
         responder receives it from a queue group and calls message.reply(...). Raises
         RequestTimeout when no reply comes within timeout_ms (see client/request.py)."""
         from .request import requester_of
 
-        return await requester_of(self).request(topic, value, key=key, headers=headers, partition=partition,
-                                                timeout_ms=timeout_ms)
+        return await requester_of(self).request(
+            topic, value, key=key, headers=headers, partition=partition, timeout_ms=timeout_ms
+        )
 
     async def describe_queue(self, topic: str, group: str, *, timeout_ms: int | None = None):
         """A queue group's settings and per partition its ack floor and window
@@ -759,8 +781,14 @@ def decode_fetched(
                 decoded = decode_records(batch, header)
             except NodiError as error:
                 undecodable += 1
-                log.warning("fetch from %s-%d: skipping offsets %d..%d: the stored batch does not decode (%s)",
-                            topic, partition, header.base_offset, header.last_offset, error)
+                log.warning(
+                    "fetch from %s-%d: skipping offsets %d..%d: the stored batch does not decode (%s)",
+                    topic,
+                    partition,
+                    header.base_offset,
+                    header.last_offset,
+                    error,
+                )
                 continue
             for record_offset, timestamp_ms, key, value, headers in decoded:
                 if record_offset >= offset:

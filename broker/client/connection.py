@@ -57,9 +57,7 @@ class ClientConnection:
     # -- opening ------------------------------------------------------------------------
 
     @classmethod
-    async def open(
-        cls, host: str, port: int, *, client_id: str, limits: ProtocolLimits
-    ) -> ClientConnection:
+    async def open(cls, host: str, port: int, *, client_id: str, limits: ProtocolLimits) -> ClientConnection:
         """Connect and handshake (the caller bounds the time). Raises ConnectFailed."""
         try:
             reader, writer = await asyncio.open_connection(host, port)

@@ -229,7 +229,8 @@ class AsyncConsumer:
                 assert self.group is not None  # a member is in a group
                 with contextlib.suppress(NodiClientError):
                     await self._client.core.call(
-                        m.LeaveGroupRequest(group=self.group, member_id=self.member_id), self.timeout_ms,
+                        m.LeaveGroupRequest(group=self.group, member_id=self.member_id),
+                        self.timeout_ms,
                         expect=m.LeaveGroupResponse,
                     )
         finally:
@@ -330,7 +331,9 @@ class AsyncConsumer:
         for key in self._assignment:
             if key not in self._fetches and key in self._positions:
                 failures = self._fetch_failures.get(key, 0)
-                delay_s = backoff_s(failures - 1, FETCH_RETRY_BACKOFF_MS, FETCH_RETRY_BACKOFF_MAX_MS) if failures else 0.0
+                delay_s = (
+                    backoff_s(failures - 1, FETCH_RETRY_BACKOFF_MS, FETCH_RETRY_BACKOFF_MAX_MS) if failures else 0.0
+                )
                 self._fetches[key] = loop.create_task(self._fetch(key, self._positions[key], delay_s))
         if self._changed is None or self._changed.done():
             self._changed = loop.create_future()
@@ -342,8 +345,13 @@ class AsyncConsumer:
         topic, partition = key
         try:
             messages, position, expired, undecodable = await self._client.fetch_counted(
-                topic, partition, offset, bytes_max=self.bytes_max, wait_ms=self.wait_ms,
-                include_expired=self.include_expired, timeout_ms=self.timeout_ms,
+                topic,
+                partition,
+                offset,
+                bytes_max=self.bytes_max,
+                wait_ms=self.wait_ms,
+                include_expired=self.include_expired,
+                timeout_ms=self.timeout_ms,
             )
             self._expired_skipped += expired
             self._undecodable_skipped += undecodable
@@ -353,8 +361,9 @@ class AsyncConsumer:
                 position = earliest
             else:
                 position = await self._client.list_offsets(topic, partition, "latest", timeout_ms=self.timeout_ms)
-            log.warning("consumer: offset %d of %s-%d is out of range; reading from %d", offset, topic, partition,
-                        position)
+            log.warning(
+                "consumer: offset %d of %s-%d is out of range; reading from %d", offset, topic, partition, position
+            )
             return [], position, offset
         return messages, position, offset
 
@@ -559,8 +568,11 @@ class AsyncConsumer:
             wait_ms = 0 if self._pending is not None else int(self._heartbeat_interval_s * 1000)
             redelivered, self._redelivered_unreported = self._redelivered_unreported, 0
             request = m.GroupWaitRequest(
-                group=self.group, member_id=self.member_id, generation=self.generation,
-                wait_ms=wait_ms, messages_redelivered=redelivered,
+                group=self.group,
+                member_id=self.member_id,
+                generation=self.generation,
+                wait_ms=wait_ms,
+                messages_redelivered=redelivered,
             )
             try:
                 async with self._client.core.deadline(timeout_ms, "GroupWait", extra_ms=wait_ms):

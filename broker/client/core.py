@@ -181,8 +181,13 @@ class AsyncClientCore:
 class SyncClientCore:
     """The interface a blocking Client gives its parts; see the module docstring."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, thread: threading.Thread, is_closed: Callable[[], bool],
-                 default_timeout_ms: int) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        thread: threading.Thread,
+        is_closed: Callable[[], bool],
+        default_timeout_ms: int,
+    ) -> None:
         self.loop = loop
         self._thread = thread
         self._is_closed = is_closed

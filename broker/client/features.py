@@ -141,4 +141,11 @@ def split_duplicates(records, futures: list, count: int, leaders: list[int], dup
     return done_futures, done_results, kept, kept_futures, new_leaders
 
 
-__all__ = ["drop_expired", "split_duplicates", "check_user_headers", "has_idempotency_key", "idempotency_key_bytes", "with_features"]
+__all__ = [
+    "drop_expired",
+    "split_duplicates",
+    "check_user_headers",
+    "has_idempotency_key",
+    "idempotency_key_bytes",
+    "with_features",
+]

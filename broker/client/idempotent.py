@@ -82,8 +82,14 @@ class LmdbKeyStore:
     """Processed keys in an LMDB environment at `path` (a directory, created). Keys are
     stored as xxh3-128 digests; a second table orders them by age for eviction."""
 
-    def __init__(self, path: str | os.PathLike, *, keys_max: int = KEYS_MAX,
-                 write_batch_max: int = WRITE_BATCH_MAX, map_size_bytes: int = MAP_SIZE_BYTES) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        keys_max: int = KEYS_MAX,
+        write_batch_max: int = WRITE_BATCH_MAX,
+        map_size_bytes: int = MAP_SIZE_BYTES,
+    ) -> None:
         if keys_max < 1 or write_batch_max < 1:
             raise ValueError("keys_max and write_batch_max must be positive")
         self.path = os.fspath(path)
@@ -147,8 +153,9 @@ class LmdbKeyStore:
         self._flushes += 1
 
     def statistics(self) -> KeyStoreStatistics:
-        return KeyStoreStatistics(keys=self._count, pending=len(self._pending), flushes=self._flushes,
-                                  evicted=self._evicted)
+        return KeyStoreStatistics(
+            keys=self._count, pending=len(self._pending), flushes=self._flushes, evicted=self._evicted
+        )
 
     def close(self) -> None:
         if self._closed:
@@ -171,14 +178,16 @@ class IdempotentConsumerStatistics:
 
 
 class _Base:
-    def __init__(self, consumer: Any, path: str | os.PathLike | None, store: KeyStore | None,
-                 keys_max: int, write_batch_max: int) -> None:
+    def __init__(
+        self, consumer: Any, path: str | os.PathLike | None, store: KeyStore | None, keys_max: int, write_batch_max: int
+    ) -> None:
         if (path is None) == (store is None):
             raise ValueError("give a path for an LMDB key store, or a store, not both")
         self.consumer = consumer
         self._owns_store = store is None
-        self.store: KeyStore = LmdbKeyStore(path, keys_max=keys_max, write_batch_max=write_batch_max) \
-            if store is None else store
+        self.store: KeyStore = (
+            LmdbKeyStore(path, keys_max=keys_max, write_batch_max=write_batch_max) if store is None else store
+        )
         self._delivered = 0
         self._skipped = 0
         self._unmarked: bytes | None = None  # the key of the message handed out last
@@ -219,9 +228,16 @@ class IdempotentConsumer(_Base):
     """Wraps a sync Consumer (poll()) or Queue (iteration); see the module docstring.
     Give `path` (an LMDB directory beside the consumer) or `store` (a KeyStore)."""
 
-    def __init__(self, consumer: Any, path: str | os.PathLike | None = None, *, store: KeyStore | None = None,
-                 keys_max: int = KEYS_MAX, write_batch_max: int = WRITE_BATCH_MAX,
-                 idle_timeout_ms: int | None = None) -> None:
+    def __init__(
+        self,
+        consumer: Any,
+        path: str | os.PathLike | None = None,
+        *,
+        store: KeyStore | None = None,
+        keys_max: int = KEYS_MAX,
+        write_batch_max: int = WRITE_BATCH_MAX,
+        idle_timeout_ms: int | None = None,
+    ) -> None:
         super().__init__(consumer, path, store, keys_max, write_batch_max)
         self.idle_timeout_ms = idle_timeout_ms
 
@@ -280,9 +296,16 @@ class IdempotentConsumer(_Base):
 class AsyncIdempotentConsumer(_Base):
     """IdempotentConsumer for an AsyncConsumer or AsyncQueue: `async for`."""
 
-    def __init__(self, consumer: Any, path: str | os.PathLike | None = None, *, store: KeyStore | None = None,
-                 keys_max: int = KEYS_MAX, write_batch_max: int = WRITE_BATCH_MAX,
-                 idle_timeout_ms: int | None = None) -> None:
+    def __init__(
+        self,
+        consumer: Any,
+        path: str | os.PathLike | None = None,
+        *,
+        store: KeyStore | None = None,
+        keys_max: int = KEYS_MAX,
+        write_batch_max: int = WRITE_BATCH_MAX,
+        idle_timeout_ms: int | None = None,
+    ) -> None:
         super().__init__(consumer, path, store, keys_max, write_batch_max)
         self.idle_timeout_ms = idle_timeout_ms
 

@@ -143,9 +143,16 @@ class AsyncProducer:
         if type(value) is not bytes:
             value = to_bytes(value)
         headers = to_headers(headers) if headers else ()
-        if headers or ttl_ms is not None or delay_ms is not None or deliver_at is not None or idempotency_key is not None:
-            headers = with_features(headers, ttl_ms=ttl_ms, delay_ms=delay_ms, deliver_at=deliver_at,
-                                    idempotency_key=idempotency_key)
+        if (
+            headers
+            or ttl_ms is not None
+            or delay_ms is not None
+            or deliver_at is not None
+            or idempotency_key is not None
+        ):
+            headers = with_features(
+                headers, ttl_ms=ttl_ms, delay_ms=delay_ms, deliver_at=deliver_at, idempotency_key=idempotency_key
+            )
         timestamp_ms = None if timestamp is None else timestamp_ms_of(timestamp)
         count = self._partition_counts.get(topic)
         if topic in self._unrouted or (count is None and partition is None):
@@ -265,9 +272,16 @@ class Producer:
         key = to_bytes(key, "key")
         value = to_bytes(value)
         headers = to_headers(headers) if headers else ()
-        if headers or ttl_ms is not None or delay_ms is not None or deliver_at is not None or idempotency_key is not None:
-            headers = with_features(headers, ttl_ms=ttl_ms, delay_ms=delay_ms, deliver_at=deliver_at,
-                                    idempotency_key=idempotency_key)
+        if (
+            headers
+            or ttl_ms is not None
+            or delay_ms is not None
+            or deliver_at is not None
+            or idempotency_key is not None
+        ):
+            headers = with_features(
+                headers, ttl_ms=ttl_ms, delay_ms=delay_ms, deliver_at=deliver_at, idempotency_key=idempotency_key
+            )
         count = self._partition_counts.get(topic)
         if count is None:
             if partition is None:
@@ -278,8 +292,15 @@ class Producer:
             partition = partition_for_key(key, count)
         future = MessageFuture()
         self._accumulator.append(
-            topic, partition, count, key, value, headers,
-            None if timestamp is None else timestamp_ms_of(timestamp), future, self._block_s,
+            topic,
+            partition,
+            count,
+            key,
+            value,
+            headers,
+            None if timestamp is None else timestamp_ms_of(timestamp),
+            future,
+            self._block_s,
         )
         return future
 

@@ -113,8 +113,11 @@ AT_LEAST_ONCE = "at-least-once"  # ack after the handler: iteration acks what th
 AT_MOST_ONCE = "at-most-once"  # ack on receipt: acked before it is handed out
 GUARANTEES = (AT_LEAST_ONCE, AT_MOST_ONCE)
 
-_EXPIRED_ACTIONS = {None: m.ExpiredAction.DEFAULT, "drop": m.ExpiredAction.DROP,
-                    "dead-letter": m.ExpiredAction.DEAD_LETTER}
+_EXPIRED_ACTIONS = {
+    None: m.ExpiredAction.DEFAULT,
+    "drop": m.ExpiredAction.DROP,
+    "dead-letter": m.ExpiredAction.DEAD_LETTER,
+}
 
 BackoffInput = Backoff | Iterable[int] | Mapping[str, Any] | None
 
@@ -131,9 +134,13 @@ def backoff_to_wire(backoff: BackoffInput) -> m.QueueBackoff:
     backoff.validate()
     if backoff.delays_ms:
         return m.QueueBackoff(kind=m.BackoffKind.DELAYS, delays_ms=list(backoff.delays_ms))
-    return m.QueueBackoff(kind=m.BackoffKind.EXPONENTIAL, base_ms=backoff.base_ms,
-                          multiplier_percent=backoff.multiplier_percent, max_ms=backoff.max_ms,
-                          jitter_percent=backoff.jitter_percent)
+    return m.QueueBackoff(
+        kind=m.BackoffKind.EXPONENTIAL,
+        base_ms=backoff.base_ms,
+        multiplier_percent=backoff.multiplier_percent,
+        max_ms=backoff.max_ms,
+        jitter_percent=backoff.jitter_percent,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,22 +196,37 @@ async def describe_queue(client, topic: str, group: str, timeout_ms: int | None)
         m.QueueDescribeRequest(group=group, topic=topic), timeout_ms, retry=True, expect=m.QueueDescribeResponse
     )
     return QueueDescription(
-        group=group, topic=topic, ack_wait_ms=response.settings.ack_wait_ms,
-        max_deliveries=response.settings.max_deliveries, backoff=backoff_from_wire(response.settings.backoff),
+        group=group,
+        topic=topic,
+        ack_wait_ms=response.settings.ack_wait_ms,
+        max_deliveries=response.settings.max_deliveries,
+        backoff=backoff_from_wire(response.settings.backoff),
         dead_letter_topic=response.dead_letter_topic,
         expired="dead-letter" if response.settings.expired is m.ExpiredAction.DEAD_LETTER else "drop",
-        partitions=tuple(QueuePartitionDescription(p.partition, p.ack_floor, p.next_offset, p.pending, p.leased,
-                                                   p.dead_letters_pending) for p in response.partitions),
-        delivered=response.delivered, redelivered=response.redelivered, acked=response.acked,
-        nacked=response.nacked, expired_leases=response.expired_leases, dead_lettered=response.dead_lettered,
+        partitions=tuple(
+            QueuePartitionDescription(
+                p.partition, p.ack_floor, p.next_offset, p.pending, p.leased, p.dead_letters_pending
+            )
+            for p in response.partitions
+        ),
+        delivered=response.delivered,
+        redelivered=response.redelivered,
+        acked=response.acked,
+        nacked=response.nacked,
+        expired_leases=response.expired_leases,
+        dead_lettered=response.dead_lettered,
         expired_messages=response.expired,
     )
 
 
 async def list_queues(client, topic: str | None, timeout_ms: int | None) -> list[QueueSummary]:
-    response = await client.core.call(m.QueueListRequest(topic=topic), timeout_ms, retry=True, expect=m.QueueListResponse)
-    return [QueueSummary(g.group, g.topic, g.dead_letter_topic, g.pending, g.leased, g.dead_letters_pending)
-            for g in response.groups]
+    response = await client.core.call(
+        m.QueueListRequest(topic=topic), timeout_ms, retry=True, expect=m.QueueListResponse
+    )
+    return [
+        QueueSummary(g.group, g.topic, g.dead_letter_topic, g.pending, g.leased, g.dead_letters_pending)
+        for g in response.groups
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,14 +309,26 @@ class AsyncQueue:
     """See the module docstring. Made by AsyncClient.queue; `async with` it or call
     close()."""
 
-    def __init__(self, client, topic: str, group: str, *, ack_wait_ms: int | None = None,
-                 max_deliveries: int | None = None, backoff: BackoffInput = None,
-                 dead_letter_topic: str | None = None, expired: str | None = None,
-                 guarantee: str = AT_LEAST_ONCE, batch_max: int = DEFAULT_BATCH_MAX,
-                 receive_timeout_ms: int = DEFAULT_RECEIVE_TIMEOUT_MS, prefetch: bool = True,
-                 max_outstanding: int = DEFAULT_MAX_OUTSTANDING,
-                 max_outstanding_bytes: int = DEFAULT_MAX_OUTSTANDING_BYTES,
-                 max_lease_ms: int = DEFAULT_MAX_LEASE_MS, strict: bool = False) -> None:
+    def __init__(
+        self,
+        client,
+        topic: str,
+        group: str,
+        *,
+        ack_wait_ms: int | None = None,
+        max_deliveries: int | None = None,
+        backoff: BackoffInput = None,
+        dead_letter_topic: str | None = None,
+        expired: str | None = None,
+        guarantee: str = AT_LEAST_ONCE,
+        batch_max: int = DEFAULT_BATCH_MAX,
+        receive_timeout_ms: int = DEFAULT_RECEIVE_TIMEOUT_MS,
+        prefetch: bool = True,
+        max_outstanding: int = DEFAULT_MAX_OUTSTANDING,
+        max_outstanding_bytes: int = DEFAULT_MAX_OUTSTANDING_BYTES,
+        max_lease_ms: int = DEFAULT_MAX_LEASE_MS,
+        strict: bool = False,
+    ) -> None:
         if batch_max < 1:
             raise ValueError("batch_max must be at least 1")
         if max_outstanding < 1:
@@ -375,11 +409,18 @@ class AsyncQueue:
 
     def statistics(self) -> QueueStatistics:
         return QueueStatistics(
-            received=self._received, handed_out=self._handed_out_count, outstanding=len(self._leases),
-            outstanding_bytes=self._leased_bytes, buffered=len(self._buffer),
-            lease_extension_requests=self._extension_requests, leases_extended=self._extended,
-            leases_lost=self._lost, leases_let_go=self._let_go_count,
-            expired_not_handed_out=self._expired_in_buffer, stale_settles=self._stale_settles)
+            received=self._received,
+            handed_out=self._handed_out_count,
+            outstanding=len(self._leases),
+            outstanding_bytes=self._leased_bytes,
+            buffered=len(self._buffer),
+            lease_extension_requests=self._extension_requests,
+            leases_extended=self._extended,
+            leases_lost=self._lost,
+            leases_let_go=self._let_go_count,
+            expired_not_handed_out=self._expired_in_buffer,
+            stale_settles=self._stale_settles,
+        )
 
     # -- receiving ---------------------------------------------------------------------
 
@@ -421,17 +462,21 @@ class AsyncQueue:
                     await asyncio.wait_for(self._room.wait(), remaining)
                 continue
             wait_ms = min(int(max(remaining, 0) * 1000), RECEIVE_POLL_MS_MAX)
-            request = m.QueueReceiveRequest(group=self.group, topic=self.topic, settings=self.settings,
-                                            messages_max=room, wait_ms=wait_ms)
+            request = m.QueueReceiveRequest(
+                group=self.group, topic=self.topic, settings=self.settings, messages_max=room, wait_ms=wait_ms
+            )
             sent_at = time.monotonic()
             response = await self.client.core.call(request, None, extra_ms=wait_ms, expect=m.QueueReceiveResponse)
             received = await self._accept(response, sent_at)
             self._backlog = len(received) >= room
             if received and self.guarantee == AT_MOST_ONCE:
                 # Acked (durably) before any is handed out: a crash from here loses them.
-                futures = [self._settle_nowait(message, m.SettleAction.ACK, m.CONFIG_DEFAULT, None,
-                                               record_error=False, ours=True)
-                           for message in received]
+                futures = [
+                    self._settle_nowait(
+                        message, m.SettleAction.ACK, m.CONFIG_DEFAULT, None, record_error=False, ours=True
+                    )
+                    for message in received
+                ]
                 outcomes = await asyncio.gather(*(future for future in futures if future is not None))
                 received = [message for message, counted in zip(received, outcomes) if counted]
             self._buffer.extend(received)
@@ -456,8 +501,11 @@ class AsyncQueue:
         if self.guarantee == AT_MOST_ONCE:
             return True
         lease = self._leases.get(_key(message))
-        return (lease is not None and lease.message is message
-                and lease.deadline - LEASE_HAND_OUT_MARGIN_MS / 1000 > time.monotonic())
+        return (
+            lease is not None
+            and lease.message is message
+            and lease.deadline - LEASE_HAND_OUT_MARGIN_MS / 1000 > time.monotonic()
+        )
 
     def _hand_out(self, message: QueueMessage) -> None:
         lease = self._leases.get(_key(message))
@@ -496,8 +544,13 @@ class AsyncQueue:
             self._ack_wait_s = description.ack_wait_ms / 1000
         except Exception as error:  # noqa: BLE001 - an estimate serves until the next receive
             estimate = max((message.lease_deadline_ms - time.time() * 1000) / 1000, 0.1)
-            log.warning("queue %s on %s: could not read ack_wait (%s); estimated %.1f s from the lease deadline",
-                        self.group, self.topic, error, estimate)
+            log.warning(
+                "queue %s on %s: could not read ack_wait (%s); estimated %.1f s from the lease deadline",
+                self.group,
+                self.topic,
+                error,
+                estimate,
+            )
             self._ack_wait_s = estimate
 
     def _hold(self, messages: list[QueueMessage], sent_at: float) -> None:
@@ -594,9 +647,19 @@ class AsyncQueue:
                 self._settle_nowait(lease.message, m.SettleAction.NACK, 0, None, ours=None)
         extend.sort(key=lambda lease: (lease.message.partition, lease.message.offset))
         for start in range(0, len(extend), SETTLEMENTS_PER_REQUEST_MAX):
-            chunk = [(lease.message.partition, lease.message.offset, lease.message.delivery_count,
-                      m.SettleAction.IN_PROGRESS, m.CONFIG_DEFAULT, None, None, None)
-                     for lease in extend[start:start + SETTLEMENTS_PER_REQUEST_MAX]]
+            chunk = [
+                (
+                    lease.message.partition,
+                    lease.message.offset,
+                    lease.message.delivery_count,
+                    m.SettleAction.IN_PROGRESS,
+                    m.CONFIG_DEFAULT,
+                    None,
+                    None,
+                    None,
+                )
+                for lease in extend[start : start + SETTLEMENTS_PER_REQUEST_MAX]
+            ]
             request = m.QueueSettleRequest(group=self.group, topic=self.topic, settlements=_runs(chunk))
             sent_at = time.monotonic()
             try:
@@ -606,20 +669,22 @@ class AsyncQueue:
             except Exception as error:  # noqa: BLE001 - tried again; a lease lost meanwhile is found then
                 if self._closed:
                     return True
-                log.warning("queue %s on %s: extending %d lease(s) failed: %s", self.group, self.topic,
-                            len(chunk), error)
+                log.warning(
+                    "queue %s on %s: extending %d lease(s) failed: %s", self.group, self.topic, len(chunk), error
+                )
                 return False
             self._extension_requests += 1
             received_at = time.monotonic()
             outcomes = [(result.error_code, result.lease_deadline_ms, result.count) for result in response.results]
             if sum(count for _, _, count in outcomes) != len(chunk):
-                log.warning("queue %s on %s: extension answered for the wrong number of offsets",
-                            self.group, self.topic)
+                log.warning(
+                    "queue %s on %s: extension answered for the wrong number of offsets", self.group, self.topic
+                )
                 return False
             index = 0
             for code, deadline_ms, count in outcomes:
                 deadline = _local_deadline(deadline_ms, sent_at, received_at, ack_wait_s)
-                for partition, offset, delivery_count, *_ in chunk[index:index + count]:
+                for partition, offset, delivery_count, *_ in chunk[index : index + count]:
                     held = self._leases.get((partition, offset))
                     if held is None or held.message.delivery_count != delivery_count:
                         continue  # settled meanwhile
@@ -643,10 +708,16 @@ class AsyncQueue:
         leases no more than it asked for, so it does not starve the others), and no such
         request is under way. On the client's loop."""
         batch = min(self.batch_max, self.max_outstanding)
-        if (self.prefetch and self._backlog and self._prefetching is None and not self._closed
-                and self.guarantee == AT_LEAST_ONCE and len(self._buffer) <= batch // 2
-                and self._room_left() >= max(batch // 2, 1)
-                and not any(lease.handed_out and lease.message is not current for lease in self._leases.values())):
+        if (
+            self.prefetch
+            and self._backlog
+            and self._prefetching is None
+            and not self._closed
+            and self.guarantee == AT_LEAST_ONCE
+            and len(self._buffer) <= batch // 2
+            and self._room_left() >= max(batch // 2, 1)
+            and not any(lease.handed_out and lease.message is not current for lease in self._leases.values())
+        ):
             self._prefetching = asyncio.get_running_loop().create_task(self._prefetch_once())
 
     async def _prefetch_once(self) -> None:
@@ -657,8 +728,9 @@ class AsyncQueue:
             room = self._room_left()
             if room <= 0:
                 return
-            request = m.QueueReceiveRequest(group=self.group, topic=self.topic, settings=self.settings,
-                                            messages_max=room, wait_ms=0)
+            request = m.QueueReceiveRequest(
+                group=self.group, topic=self.topic, settings=self.settings, messages_max=room, wait_ms=0
+            )
             sent_at = time.monotonic()
             received = await self._accept(
                 await self.client.core.call(request, None, expect=m.QueueReceiveResponse), sent_at
@@ -679,8 +751,9 @@ class AsyncQueue:
         if not response.deliveries:
             return []
         try:
-            records = [record for header, batch in iter_batches(response.records)
-                       for record in decode_records(batch, header)]
+            records = [
+                record for header, batch in iter_batches(response.records) for record in decode_records(batch, header)
+            ]
         except NodiError as error:
             raise InvalidRecords(f"queue receive from {self.topic}: {error}") from None
         offsets = sum(run.count for run in response.deliveries)
@@ -694,8 +767,21 @@ class AsyncQueue:
             for offset in range(run.offset, run.offset + run.count):
                 record = records[index]
                 index += 1
-                messages.append(QueueMessage(topic, partition, offset, record.timestamp_ms, record.key, record.value,
-                                             record.headers, count, deadline, group, owner))
+                messages.append(
+                    QueueMessage(
+                        topic,
+                        partition,
+                        offset,
+                        record.timestamp_ms,
+                        record.key,
+                        record.value,
+                        record.headers,
+                        count,
+                        deadline,
+                        group,
+                        owner,
+                    )
+                )
         return messages
 
     def __aiter__(self) -> AsyncIterator[QueueMessage]:
@@ -723,8 +809,9 @@ class AsyncQueue:
 
     # -- settling -------------------------------------------------------------------------
 
-    def _settle(self, message: QueueMessage, action: m.SettleAction, delay_ms: int, text: str | None,
-                wait: bool) -> asyncio.Future:
+    def _settle(
+        self, message: QueueMessage, action: m.SettleAction, delay_ms: int, text: str | None, wait: bool
+    ) -> asyncio.Future:
         if message is self._current:
             self._current_settled = True
         if wait:
@@ -737,20 +824,29 @@ class AsyncQueue:
             self._settled.set_result(None)
         return self._settled
 
-    def _settle_application(self, message: QueueMessage, action: m.SettleAction, delay_ms: int,
-                            text: str | None, *, record_error: bool) -> asyncio.Future | None:
+    def _settle_application(
+        self, message: QueueMessage, action: m.SettleAction, delay_ms: int, text: str | None, *, record_error: bool
+    ) -> asyncio.Future | None:
         """On the loop: a settle the application made (directly or by iterating)."""
-        return self._settle_nowait(message, action, delay_ms, text, record_error=record_error,
-                                   ours=self._ours(message, action))
+        return self._settle_nowait(
+            message, action, delay_ms, text, record_error=record_error, ours=self._ours(message, action)
+        )
 
     def _reply(self, message: QueueMessage, value, key, headers):
         from .request import send_reply
 
         return send_reply(self.client, message, value, key, headers)
 
-    def _settle_nowait(self, message: QueueMessage, action: m.SettleAction, delay_ms: int,
-                       text: str | None, *, record_error: bool = True,
-                       ours: bool | None = False) -> asyncio.Future | None:
+    def _settle_nowait(
+        self,
+        message: QueueMessage,
+        action: m.SettleAction,
+        delay_ms: int,
+        text: str | None,
+        *,
+        record_error: bool = True,
+        ours: bool | None = False,
+    ) -> asyncio.Future | None:
         """Queue a settlement (on the client's loop). Without record_error a future holds
         its result (True when it counted, False when it lost the race; in-progress: the
         new deadline or None); with it (nobody awaits) there is none and a failure is
@@ -760,8 +856,9 @@ class AsyncQueue:
             if ours is not None:
                 self._fail(future, ClientClosed("the queue is closed"))
             return future
-        self._outbox.append((message.partition, message.offset, message.delivery_count, action, delay_ms, text,
-                             future, ours))
+        self._outbox.append(
+            (message.partition, message.offset, message.delivery_count, action, delay_ms, text, future, ours)
+        )
         if self._sender is None or self._sender.done():
             self._sender = asyncio.get_running_loop().create_task(self._send_settlements())
         return future
@@ -789,15 +886,16 @@ class AsyncQueue:
                 continue
             outcomes = [(result.error_code, result.lease_deadline_ms, result.count) for result in response.results]
             if sum(count for _, _, count in outcomes) != len(batch):
-                mismatch = InvalidRecords(f"queue settle: outcomes for {sum(c for _, _, c in outcomes)} offsets, "
-                                          f"{len(batch)} settled")
+                mismatch = InvalidRecords(
+                    f"queue settle: outcomes for {sum(c for _, _, c in outcomes)} offsets, {len(batch)} settled"
+                )
                 for entry in batch:
                     if entry[7] is not None:
                         self._fail(entry[6], mismatch)
                 continue
             index = 0
             for code, deadline, count in outcomes:
-                for partition, offset, _, action, _, _, future, ours in batch[index:index + count]:
+                for partition, offset, _, action, _, _, future, ours in batch[index : index + count]:
                     if ours is None:
                         continue  # the client's own release: nobody needs its outcome
                     if code == m.ErrorCode.NONE:
@@ -809,8 +907,14 @@ class AsyncQueue:
                     if ours and code in _LOST_RACE:
                         self._stale_settles += 1
                         if not self.strict:
-                            log.info("queue %s: %s of %s lost the race (%s): the message was delivered again "
-                                     "or finished elsewhere", self.group, action.name.lower(), where, code.name)
+                            log.info(
+                                "queue %s: %s of %s lost the race (%s): the message was delivered again "
+                                "or finished elsewhere",
+                                self.group,
+                                action.name.lower(),
+                                where,
+                                code.name,
+                            )
                             if future is not None and not future.done():
                                 future.set_result(None if action is m.SettleAction.IN_PROGRESS else False)
                             continue
@@ -856,15 +960,31 @@ def _runs(batch: list[tuple]) -> list[m.Settlement]:
     runs: list[list] = []  # [partition, first offset, delivery count, action, delay, text, count]
     last = None
     for partition, offset, delivery_count, action, delay_ms, text, *_ in batch:
-        if (last is not None and last[0] == partition and last[1] + last[6] == offset and last[2] == delivery_count
-                and last[3] is action and last[4] == delay_ms and last[5] == text):
+        if (
+            last is not None
+            and last[0] == partition
+            and last[1] + last[6] == offset
+            and last[2] == delivery_count
+            and last[3] is action
+            and last[4] == delay_ms
+            and last[5] == text
+        ):
             last[6] += 1
         else:
             last = [partition, offset, delivery_count, action, delay_ms, text, 1]
             runs.append(last)
-    return [m.Settlement(partition=partition, offset=offset, delivery_count=delivery_count, action=action,
-                         delay_ms=delay_ms, text=text, count=count)
-            for partition, offset, delivery_count, action, delay_ms, text, count in runs]
+    return [
+        m.Settlement(
+            partition=partition,
+            offset=offset,
+            delivery_count=delivery_count,
+            action=action,
+            delay_ms=delay_ms,
+            text=text,
+            count=count,
+        )
+        for partition, offset, delivery_count, action, delay_ms, text, count in runs
+    ]
 
 
 class Queue:
@@ -923,8 +1043,12 @@ class Queue:
                 loop.call_soon_threadsafe(queue._discard, message)
                 continue
             queue._hand_out(message)
-            if (queue.prefetch and queue._backlog and queue._prefetching is None
-                    and len(queue._buffer) <= queue.batch_max // 2):
+            if (
+                queue.prefetch
+                and queue._backlog
+                and queue._prefetching is None
+                and len(queue._buffer) <= queue.batch_max // 2
+            ):
                 loop.call_soon_threadsafe(queue.prefetch_soon, message)  # after the settles queued before
             return message
         wait = queue.receive_timeout_ms if timeout_ms is None else timeout_ms
@@ -950,12 +1074,12 @@ class Queue:
                 self._settle(message, m.SettleAction.ACK, m.CONFIG_DEFAULT, None, False)
             self._current = None
 
-    def _settle(self, message: QueueMessage, action: m.SettleAction, delay_ms: int, text: str | None,
-                wait: bool):
+    def _settle(self, message: QueueMessage, action: m.SettleAction, delay_ms: int, text: str | None, wait: bool):
         if message is self._current:
             self._current_settled = True
         queue = self._async
         if wait:
+
             async def settle():
                 return await queue._settle_application(message, action, delay_ms, text, record_error=False)
 

@@ -56,8 +56,9 @@ class Requester:
         self.replies_dropped = 0
         client.core.own(self)
 
-    async def request(self, topic: str, value, *, key=None, headers=None, partition: int | None = None,
-                      timeout_ms: int | None = None) -> Message:
+    async def request(
+        self, topic: str, value, *, key=None, headers=None, partition: int | None = None, timeout_ms: int | None = None
+    ) -> Message:
         timeout_ms = self.client.timeout_ms if timeout_ms is None else timeout_ms
         if timeout_ms <= 0:
             raise ValueError("timeout_ms must be positive")
@@ -70,8 +71,12 @@ class Requester:
         try:
             async with asyncio.timeout(timeout_ms / 1000):
                 inbox = await self._inbox()
-                record = NewRecord(key_bytes, to_bytes(value), (*user_headers, (reserved.REPLY_TO, inbox.encode()),
-                                                                (reserved.CORRELATION_ID, correlation)), None)
+                record = NewRecord(
+                    key_bytes,
+                    to_bytes(value),
+                    (*user_headers, (reserved.REPLY_TO, inbox.encode()), (reserved.CORRELATION_ID, correlation)),
+                    None,
+                )
                 if partition is None:
                     partitions = await self.client.partition_count(topic)
                     partition = self.client.choose_partition(topic, key_bytes, partitions)
@@ -80,8 +85,9 @@ class Requester:
                 # (fsync always: after the fsync), so nothing is answered from a request a
                 # crash could take back; a durable ack would only add an fsync per request
                 # under the other policies.
-                await self.client.produce_batch(topic, partition, build_batch([record]), acks="written",
-                                                timeout_ms=timeout_ms)
+                await self.client.produce_batch(
+                    topic, partition, build_batch([record]), acks="written", timeout_ms=timeout_ms
+                )
                 if self._poller is None or self._poller.done():
                     self._poller = asyncio.get_running_loop().create_task(self._poll(inbox))
                 return await future
@@ -131,8 +137,9 @@ class Requester:
             if future is None or future.done():
                 self.replies_dropped += 1
                 continue
-            future.set_result(Message(inbox, 0, record.offset, record.timestamp_ms, record.key, record.value,
-                                      record.headers))
+            future.set_result(
+                Message(inbox, 0, record.offset, record.timestamp_ms, record.key, record.value, record.headers)
+            )
 
     async def close(self) -> None:
         self.client.core.disown(self)
@@ -161,12 +168,15 @@ async def send_reply(client, message, value, key=None, headers=None) -> bool:
     reply_to = message.header(reserved.REPLY_TO)
     correlation = message.header(reserved.CORRELATION_ID)
     if reply_to is None or correlation is None:
-        raise ValueError(f"message {message.topic}-{message.partition}@{message.offset} is not a request "
-                         "(no nodi-reply-to and nodi-correlation-id headers)")
+        raise ValueError(
+            f"message {message.topic}-{message.partition}@{message.offset} is not a request "
+            "(no nodi-reply-to and nodi-correlation-id headers)"
+        )
     user_headers = to_headers(headers)
     check_user_headers(user_headers)
-    record = NewRecord(to_bytes(key, "key"), to_bytes(value), (*user_headers, (reserved.CORRELATION_ID, correlation)),
-                       None)
+    record = NewRecord(
+        to_bytes(key, "key"), to_bytes(value), (*user_headers, (reserved.CORRELATION_ID, correlation)), None
+    )
     request = m.ReplyRequest(inbox=reply_to.decode("utf-8", errors="replace"), records=b"")
     response = await client.core.call(request, None, records=build_batch([record]), expect=m.ReplyResponse)
     return response.delivered

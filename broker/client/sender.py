@@ -100,8 +100,18 @@ def restamp(batch: bytes | bytearray, producer_id: int, producer_epoch: int, bas
 class Batch:
     """A built batch: its bytes, its messages' futures, where it stands."""
 
-    __slots__ = ("data", "futures", "count", "base_sequence", "sealed", "generation", "size", "maybe_written",
-                 "attempts", "leaders")
+    __slots__ = (
+        "data",
+        "futures",
+        "count",
+        "base_sequence",
+        "sealed",
+        "generation",
+        "size",
+        "maybe_written",
+        "attempts",
+        "leaders",
+    )
 
     def __init__(self, data: bytes | bytearray, buffer: Buffer, base_sequence: int, sealed: float) -> None:
         self.data = data
@@ -121,8 +131,20 @@ class Batch:
 class PartitionState:
     """Sending state of one (topic, partition)."""
 
-    __slots__ = ("topic", "partition", "waiting", "in_flight", "producer_id", "producer_epoch", "next_sequence",
-                 "retrying", "new_id_needed", "retry_at", "failures", "known")
+    __slots__ = (
+        "topic",
+        "partition",
+        "waiting",
+        "in_flight",
+        "producer_id",
+        "producer_epoch",
+        "next_sequence",
+        "retrying",
+        "new_id_needed",
+        "retry_at",
+        "failures",
+        "known",
+    )
 
     def __init__(self, topic: str, partition: int, producer_id: int, producer_epoch: int) -> None:
         self.topic = topic
@@ -270,12 +292,16 @@ class Sender:
                     self._start(state, self._new_producer_id(state))
                     break
                 if careful:
-                    batch = next(batch for batch in state.waiting if batch.maybe_written) if (
-                        state.new_id_needed) else state.waiting[0]
+                    batch = (
+                        next(batch for batch in state.waiting if batch.maybe_written)
+                        if (state.new_id_needed)
+                        else state.waiting[0]
+                    )
                     state.waiting.remove(batch)
                 else:
                     if state.in_flight >= PARTITION_IN_FLIGHT_MAX or (
-                            self.idempotent and not state.known and state.in_flight):
+                        self.idempotent and not state.known and state.in_flight
+                    ):
                         break
                     batch = state.waiting.popleft()
                 self._start(state, self._send(state, batch))
@@ -303,10 +329,13 @@ class Sender:
         kept: deque[Batch] = deque()
         for batch in state.waiting:
             if now - batch.sealed >= self.delivery_timeout_s:
-                self._finish(batch, Timeout(
-                    f"not acknowledged within delivery_timeout_ms {self.delivery_timeout_s * 1000:.0f} "
-                    f"({batch.attempts} attempts); it may or may not have been written"
-                ))
+                self._finish(
+                    batch,
+                    Timeout(
+                        f"not acknowledged within delivery_timeout_ms {self.delivery_timeout_s * 1000:.0f} "
+                        f"({batch.attempts} attempts); it may or may not have been written"
+                    ),
+                )
                 if self.idempotent:
                     state.new_id_needed = True
             else:
@@ -442,9 +471,12 @@ class Sender:
             batch.futures = []
             self._finish(batch, None, [])
             return
-        batch.data = build_batch(kept, producer_id=state.producer_id if self.idempotent else -1,
-                                 producer_epoch=state.producer_epoch if self.idempotent else -1,
-                                 base_sequence=batch.base_sequence)
+        batch.data = build_batch(
+            kept,
+            producer_id=state.producer_id if self.idempotent else -1,
+            producer_epoch=state.producer_epoch if self.idempotent else -1,
+            base_sequence=batch.base_sequence,
+        )
         batch.futures = futures
         batch.count = len(kept)
         batch.leaders = leaders

@@ -145,7 +145,23 @@ class Client:
     # -- requests: AsyncClient's methods, blocking (tests/test_client.py checks that the
     #    signatures stay the same) --------------------------------------------------------
 
-    def create_topic(self, name: str, partitions: int=1, *, retention_ms: int | None=None, retention_bytes: int | None=None, cleanup_policy: str | None=None, fsync_policy: str | None=None, fsync_interval_ms: int | None=None, segment_bytes: int | None=None, segment_ms: int | None=None, ttl_ms: int | None=None, dedup_window_ms: int | None=None, delete_retention_ms: int | None=None, timeout_ms: int | None=None) -> TopicSettings:
+    def create_topic(
+        self,
+        name: str,
+        partitions: int = 1,
+        *,
+        retention_ms: int | None = None,
+        retention_bytes: int | None = None,
+        cleanup_policy: str | None = None,
+        fsync_policy: str | None = None,
+        fsync_interval_ms: int | None = None,
+        segment_bytes: int | None = None,
+        segment_ms: int | None = None,
+        ttl_ms: int | None = None,
+        dedup_window_ms: int | None = None,
+        delete_retention_ms: int | None = None,
+        timeout_ms: int | None = None,
+    ) -> TopicSettings:
         """AsyncClient.create_topic, blocking: Create a topic; returns the settings in
         force. None takes the server's default; retention_ms / retention_bytes UNLIMITED
         (-1) keeps messages for ever. ttl_ms: the default message TTL (0: none);
@@ -155,82 +171,223 @@ class Client:
         server's default is its [compaction] setting). cleanup_policy: "delete",
         "compact" or "compact,delete"; fsync_policy: "always", "interval" or "never".
         TopicExists when the name is taken."""
-        return self._run(self._async.create_topic(name, partitions, retention_ms=retention_ms, retention_bytes=retention_bytes, cleanup_policy=cleanup_policy, fsync_policy=fsync_policy, fsync_interval_ms=fsync_interval_ms, segment_bytes=segment_bytes, segment_ms=segment_ms, ttl_ms=ttl_ms, dedup_window_ms=dedup_window_ms, delete_retention_ms=delete_retention_ms, timeout_ms=timeout_ms), timeout_ms)
+        return self._run(
+            self._async.create_topic(
+                name,
+                partitions,
+                retention_ms=retention_ms,
+                retention_bytes=retention_bytes,
+                cleanup_policy=cleanup_policy,
+                fsync_policy=fsync_policy,
+                fsync_interval_ms=fsync_interval_ms,
+                segment_bytes=segment_bytes,
+                segment_ms=segment_ms,
+                ttl_ms=ttl_ms,
+                dedup_window_ms=dedup_window_ms,
+                delete_retention_ms=delete_retention_ms,
+                timeout_ms=timeout_ms,
+            ),
+            timeout_ms,
+        )
 
-    def delete_topic(self, name: str, *, timeout_ms: int | None=None) -> None:
+    def delete_topic(self, name: str, *, timeout_ms: int | None = None) -> None:
         """AsyncClient.delete_topic, blocking: Delete a topic and its data. UnknownTopic
         when there is none."""
         return self._run(self._async.delete_topic(name, timeout_ms=timeout_ms), timeout_ms)
 
-    def list_topics(self, *, timeout_ms: int | None=None) -> list[TopicSummary]:
+    def list_topics(self, *, timeout_ms: int | None = None) -> list[TopicSummary]:
         """AsyncClient.list_topics, blocking: Every topic as (name, partitions), sorted by
         name."""
         return self._run(self._async.list_topics(timeout_ms=timeout_ms), timeout_ms)
 
-    def describe_topic(self, name: str, *, timeout_ms: int | None=None) -> TopicDescription:
+    def describe_topic(self, name: str, *, timeout_ms: int | None = None) -> TopicDescription:
         """AsyncClient.describe_topic, blocking: A topic's settings and each partition's
         offsets and size."""
         return self._run(self._async.describe_topic(name, timeout_ms=timeout_ms), timeout_ms)
 
-    def partition_count(self, topic: str, *, refresh: bool=False, timeout_ms: int | None=None) -> int:
+    def partition_count(self, topic: str, *, refresh: bool = False, timeout_ms: int | None = None) -> int:
         """AsyncClient.partition_count, blocking: The topic's partition count, cached after
         the first DescribeTopic."""
         return self._run(self._async.partition_count(topic, refresh=refresh, timeout_ms=timeout_ms), timeout_ms)
 
-    def produce(self, topic: str, value: Bytesish | None, *, key: Bytesish | None=None, headers: HeadersInput=None, partition: int | None=None, timestamp: int | _datetime.datetime | None=None, acks: str='durable', ttl_ms: int | None=None, delay_ms: int | None=None, deliver_at: _datetime.datetime | None=None, idempotency_key: Bytesish | None=None, timeout_ms: int | None=None) -> tuple[int, int]:
+    def produce(
+        self,
+        topic: str,
+        value: Bytesish | None,
+        *,
+        key: Bytesish | None = None,
+        headers: HeadersInput = None,
+        partition: int | None = None,
+        timestamp: int | _datetime.datetime | None = None,
+        acks: str = "durable",
+        ttl_ms: int | None = None,
+        delay_ms: int | None = None,
+        deliver_at: _datetime.datetime | None = None,
+        idempotency_key: Bytesish | None = None,
+        timeout_ms: int | None = None,
+    ) -> tuple[int, int]:
         """AsyncClient.produce, blocking: Append one message; (partition, offset) once
         acknowledged (offset -1 with acks "none"). The partition: `partition` when
         given, else xxh32(key) % partitions, else round-robin. acks "none" (answered
         before the write), "written" (in the page cache) or "durable" (fsynced; the
         default). Not retried: a ConnectionLost means it may or may not have been
         written. For throughput use producer()."""
-        return self._run(self._async.produce(topic, value, key=key, headers=headers, partition=partition, timestamp=timestamp, acks=acks, ttl_ms=ttl_ms, delay_ms=delay_ms, deliver_at=deliver_at, idempotency_key=idempotency_key, timeout_ms=timeout_ms), timeout_ms)
+        return self._run(
+            self._async.produce(
+                topic,
+                value,
+                key=key,
+                headers=headers,
+                partition=partition,
+                timestamp=timestamp,
+                acks=acks,
+                ttl_ms=ttl_ms,
+                delay_ms=delay_ms,
+                deliver_at=deliver_at,
+                idempotency_key=idempotency_key,
+                timeout_ms=timeout_ms,
+            ),
+            timeout_ms,
+        )
 
-    def produce_batch(self, topic: str, partition: int, batch: bytes | bytearray | memoryview, *, acks: str | int='durable', timeout_ms: int | None=None, retry: bool=False) -> m.ProduceResponse:
+    def produce_batch(
+        self,
+        topic: str,
+        partition: int,
+        batch: bytes | bytearray | memoryview,
+        *,
+        acks: str | int = "durable",
+        timeout_ms: int | None = None,
+        retry: bool = False,
+    ) -> m.ProduceResponse:
         """AsyncClient.produce_batch, blocking: Send whole RecordBatch v2 bytes
         (storage.records.build_batch) as they are; the server's ProduceResponse. `retry`
         re-sends after a ConnectionLost (only safe for an idempotent producer's
         batches). With publish dedup, `duplicates` names the records written before
         (nothing else was written); PartlyDuplicate, carrying them, when only some were."""
-        return self._run(self._async.produce_batch(topic, partition, batch, acks=acks, timeout_ms=timeout_ms, retry=retry), timeout_ms)
+        return self._run(
+            self._async.produce_batch(topic, partition, batch, acks=acks, timeout_ms=timeout_ms, retry=retry),
+            timeout_ms,
+        )
 
-    def fetch(self, topic: str, partition: int, offset: int, *, bytes_max: int=DEFAULT_FETCH_BYTES_MAX, wait_ms: int=0, min_bytes: int=1, include_expired: bool=False, timeout_ms: int | None=None) -> list[Message]:
+    def fetch(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        *,
+        bytes_max: int = DEFAULT_FETCH_BYTES_MAX,
+        wait_ms: int = 0,
+        min_bytes: int = 1,
+        include_expired: bool = False,
+        timeout_ms: int | None = None,
+    ) -> list[Message]:
         """AsyncClient.fetch, blocking: Messages of one partition from `offset` on: whole
         batches up to about `bytes_max` (at least one batch), waiting up to `wait_ms`
         for `min_bytes` when there is nothing yet. Empty at the end of the log.
         OffsetOutOfRange below the log start or past its end. Expired messages
         (Message.expires_at passed) are left out unless include_expired."""
-        return self._run(self._async.fetch(topic, partition, offset, bytes_max=bytes_max, wait_ms=wait_ms, min_bytes=min_bytes, include_expired=include_expired, timeout_ms=timeout_ms), timeout_ms, wait_ms or 0)
+        return self._run(
+            self._async.fetch(
+                topic,
+                partition,
+                offset,
+                bytes_max=bytes_max,
+                wait_ms=wait_ms,
+                min_bytes=min_bytes,
+                include_expired=include_expired,
+                timeout_ms=timeout_ms,
+            ),
+            timeout_ms,
+            wait_ms or 0,
+        )
 
-    def fetch_with_position(self, topic: str, partition: int, offset: int, *, bytes_max: int=DEFAULT_FETCH_BYTES_MAX, wait_ms: int=0, min_bytes: int=1, include_expired: bool=False, timeout_ms: int | None=None) -> tuple[list[Message], int]:
+    def fetch_with_position(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        *,
+        bytes_max: int = DEFAULT_FETCH_BYTES_MAX,
+        wait_ms: int = 0,
+        min_bytes: int = 1,
+        include_expired: bool = False,
+        timeout_ms: int | None = None,
+    ) -> tuple[list[Message], int]:
         """AsyncClient.fetch_with_position, blocking: fetch(), plus the offset to fetch
         next: past every batch returned (records removed by compaction leave gaps),
         `offset` when nothing came."""
-        return self._run(self._async.fetch_with_position(topic, partition, offset, bytes_max=bytes_max, wait_ms=wait_ms, min_bytes=min_bytes, include_expired=include_expired, timeout_ms=timeout_ms), timeout_ms, wait_ms or 0)
+        return self._run(
+            self._async.fetch_with_position(
+                topic,
+                partition,
+                offset,
+                bytes_max=bytes_max,
+                wait_ms=wait_ms,
+                min_bytes=min_bytes,
+                include_expired=include_expired,
+                timeout_ms=timeout_ms,
+            ),
+            timeout_ms,
+            wait_ms or 0,
+        )
 
-    def fetch_counted(self, topic: str, partition: int, offset: int, *, bytes_max: int=DEFAULT_FETCH_BYTES_MAX, wait_ms: int=0, min_bytes: int=1, include_expired: bool=False, timeout_ms: int | None=None) -> tuple[list[Message], int, int, int]:
+    def fetch_counted(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        *,
+        bytes_max: int = DEFAULT_FETCH_BYTES_MAX,
+        wait_ms: int = 0,
+        min_bytes: int = 1,
+        include_expired: bool = False,
+        timeout_ms: int | None = None,
+    ) -> tuple[list[Message], int, int, int]:
         """AsyncClient.fetch_counted, blocking: fetch_with_position(), plus how many
         expired messages and how many undecodable batches were left out."""
-        return self._run(self._async.fetch_counted(topic, partition, offset, bytes_max=bytes_max, wait_ms=wait_ms, min_bytes=min_bytes, include_expired=include_expired, timeout_ms=timeout_ms), timeout_ms, wait_ms or 0)
+        return self._run(
+            self._async.fetch_counted(
+                topic,
+                partition,
+                offset,
+                bytes_max=bytes_max,
+                wait_ms=wait_ms,
+                min_bytes=min_bytes,
+                include_expired=include_expired,
+                timeout_ms=timeout_ms,
+            ),
+            timeout_ms,
+            wait_ms or 0,
+        )
 
-    def list_offsets(self, topic: str, partition: int, spec: str | int | _datetime.datetime='latest', *, timeout_ms: int | None=None) -> int:
+    def list_offsets(
+        self,
+        topic: str,
+        partition: int,
+        spec: str | int | _datetime.datetime = "latest",
+        *,
+        timeout_ms: int | None = None,
+    ) -> int:
         """AsyncClient.list_offsets, blocking: "earliest": the first offset still stored;
         "latest": the high watermark (the next offset to be read); a time (datetime, or
         ms since the epoch as an int): the first offset whose timestamp is at or after
         it, or the high watermark."""
         return self._run(self._async.list_offsets(topic, partition, spec, timeout_ms=timeout_ms), timeout_ms)
 
-    def resolve_start(self, topic: str, partition: int, start: StartSpec, *, timeout_ms: int | None=None) -> int:
+    def resolve_start(self, topic: str, partition: int, start: StartSpec, *, timeout_ms: int | None = None) -> int:
         """AsyncClient.resolve_start, blocking: The offset a reader starting at `start`
         begins at."""
         return self._run(self._async.resolve_start(topic, partition, start, timeout_ms=timeout_ms), timeout_ms)
 
-    def init_producer_id(self, producer_id: int=-1, producer_epoch: int=-1, *, timeout_ms: int | None=None) -> tuple[int, int]:
+    def init_producer_id(
+        self, producer_id: int = -1, producer_epoch: int = -1, *, timeout_ms: int | None = None
+    ) -> tuple[int, int]:
         """AsyncClient.init_producer_id, blocking: A new (producer id, epoch) for an
         idempotent producer; with a known id, its next epoch (fencing older ones)."""
         return self._run(self._async.init_producer_id(producer_id, producer_epoch, timeout_ms=timeout_ms), timeout_ms)
 
-    def list_groups(self, *, timeout_ms: int | None=None) -> list[GroupSummary]:
+    def list_groups(self, *, timeout_ms: int | None = None) -> list[GroupSummary]:
         """AsyncClient.list_groups, blocking:"""
         return self._run(self._async.list_groups(timeout_ms=timeout_ms), timeout_ms)
 
@@ -239,55 +396,85 @@ class Client:
         partition handovers since the broker started (types.GroupHandovers)."""
         return self._run(self._async.describe_handovers(group, timeout_ms=timeout_ms), timeout_ms)
 
-    def describe_group(self, group: str, *, timeout_ms: int | None=None) -> GroupDescription:
+    def describe_group(self, group: str, *, timeout_ms: int | None = None) -> GroupDescription:
         """AsyncClient.describe_group, blocking: Members with their partitions, and per
         partition the committed offset, the high watermark and the lag. UnknownGroup
         when the group has neither."""
         return self._run(self._async.describe_group(group, timeout_ms=timeout_ms), timeout_ms)
 
-    def describe_queue(self, topic: str, group: str, *, timeout_ms: int | None=None):
+    def describe_queue(self, topic: str, group: str, *, timeout_ms: int | None = None):
         """AsyncClient.describe_queue, blocking: A queue group's settings and per partition
         its ack floor and window (queue_client.QueueDescription). UnknownQueueGroup when
         it never received."""
         return self._run(self._async.describe_queue(topic, group, timeout_ms=timeout_ms), timeout_ms)
 
-    def request(self, topic: str, value, *, key=None, headers=None, partition: int | None=None, timeout_ms: int | None=None) -> Message:
+    def request(
+        self, topic: str, value, *, key=None, headers=None, partition: int | None = None, timeout_ms: int | None = None
+    ) -> Message:
         """AsyncClient.request, blocking: Send `value` to `topic` as a request and return
         the reply (a Message): a responder receives it from a queue group and calls
         message.reply(...). Raises RequestTimeout when no reply comes within timeout_ms
         (see client/request.py)."""
-        return self._run(self._async.request(topic, value, key=key, headers=headers, partition=partition, timeout_ms=timeout_ms), timeout_ms)
+        return self._run(
+            self._async.request(topic, value, key=key, headers=headers, partition=partition, timeout_ms=timeout_ms),
+            timeout_ms,
+        )
 
-    def list_queues(self, topic: str | None=None, *, timeout_ms: int | None=None):
+    def list_queues(self, topic: str | None = None, *, timeout_ms: int | None = None):
         """AsyncClient.list_queues, blocking: Every queue group (of `topic`, or of all)
         with its dead-letter topic and window totals (queue_client.QueueSummary)."""
         return self._run(self._async.list_queues(topic, timeout_ms=timeout_ms), timeout_ms)
 
-    def reset_group(self, group: str, topic: str, to: StartSpec='earliest', *, partitions: Iterable[int] | None=None, timeout_ms: int | None=None) -> dict[int, int]:
+    def reset_group(
+        self,
+        group: str,
+        topic: str,
+        to: StartSpec = "earliest",
+        *,
+        partitions: Iterable[int] | None = None,
+        timeout_ms: int | None = None,
+    ) -> dict[int, int]:
         """AsyncClient.reset_group, blocking: Move an empty group's committed offsets in
         `topic` (every partition, or `partitions`) to "earliest", "latest", an offset or
         a time (replay). Returns partition -> the offset now committed. GroupNotEmpty
         while it has members."""
-        return self._run(self._async.reset_group(group, topic, to, partitions=partitions, timeout_ms=timeout_ms), timeout_ms)
+        return self._run(
+            self._async.reset_group(group, topic, to, partitions=partitions, timeout_ms=timeout_ms), timeout_ms
+        )
 
-    def commit_offsets(self, group: str, offsets: dict[tuple[str, int], int], *, generation: int=-1, member_id: str='', timeout_ms: int | None=None) -> dict[tuple[str, int], NodiClientError | None]:
+    def commit_offsets(
+        self,
+        group: str,
+        offsets: dict[tuple[str, int], int],
+        *,
+        generation: int = -1,
+        member_id: str = "",
+        timeout_ms: int | None = None,
+    ) -> dict[tuple[str, int], NodiClientError | None]:
         """AsyncClient.commit_offsets, blocking: Commit (topic, partition) -> the next
         offset to read. Without a generation and member id (a consumer outside group
         membership) the group must have no members. Returns each partition's error
         (None: committed)."""
-        return self._run(self._async.commit_offsets(group, offsets, generation=generation, member_id=member_id, timeout_ms=timeout_ms), timeout_ms)
+        return self._run(
+            self._async.commit_offsets(
+                group, offsets, generation=generation, member_id=member_id, timeout_ms=timeout_ms
+            ),
+            timeout_ms,
+        )
 
-    def fetch_offsets(self, group: str, topics: Sequence[str]=(), *, timeout_ms: int | None=None) -> dict[tuple[str, int], int]:
+    def fetch_offsets(
+        self, group: str, topics: Sequence[str] = (), *, timeout_ms: int | None = None
+    ) -> dict[tuple[str, int], int]:
         """AsyncClient.fetch_offsets, blocking: The group's committed offsets (the next
         offset to read), of `topics` or all."""
         return self._run(self._async.fetch_offsets(group, topics, timeout_ms=timeout_ms), timeout_ms)
 
-    def server_status(self, *, timeout_ms: int | None=None) -> ServerStatus:
+    def server_status(self, *, timeout_ms: int | None = None) -> ServerStatus:
         """AsyncClient.server_status, blocking: Server-level facts: version, uptime, data
         directory, connections, disk space, read-only partitions."""
         return self._run(self._async.server_status(timeout_ms=timeout_ms), timeout_ms)
 
-    def compact_topic(self, name: str, *, timeout_ms: int | None=None) -> list[m.PartitionCompaction]:
+    def compact_topic(self, name: str, *, timeout_ms: int | None = None) -> list[m.PartitionCompaction]:
         """AsyncClient.compact_topic, blocking: Seal each partition's active segment and
         compact every partition of a compacted topic now; what each run did, by
         partition. A big topic takes a while: pass a timeout_ms to match (the client's
@@ -315,5 +502,6 @@ class Client:
         from .queue import Queue
 
         return Queue(self, topic, group, **options)
+
 
 __all__ = ["Client"]

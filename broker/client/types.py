@@ -184,15 +184,15 @@ class Message:
         return found
 
 
-
 # The fetch decoder makes one Message per record. The frozen dataclass __init__ sets each
 # field through object.__setattr__; setting the slots through their descriptors does the
 # same in about half the time. Message's fields are checked here so a new one is not
 # left unset by new_message.
 _MESSAGE_FIELDS = ("topic", "partition", "offset", "timestamp", "key", "value", "headers", "default_ttl_ms")
 assert tuple(f.name for f in fields(Message)) == _MESSAGE_FIELDS, "update new_message for Message's fields"
-(_set_topic, _set_partition, _set_offset, _set_timestamp, _set_key, _set_value, _set_headers,
- _set_default_ttl_ms) = (Message.__dict__[name].__set__ for name in _MESSAGE_FIELDS)
+(_set_topic, _set_partition, _set_offset, _set_timestamp, _set_key, _set_value, _set_headers, _set_default_ttl_ms) = (
+    Message.__dict__[name].__set__ for name in _MESSAGE_FIELDS
+)
 _new_object = object.__new__
 
 
@@ -218,6 +218,7 @@ def new_message(
     _set_headers(message, headers)
     _set_default_ttl_ms(message, default_ttl_ms)
     return message
+
 
 class TopicSummary(NamedTuple):
     name: str

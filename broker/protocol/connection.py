@@ -296,8 +296,7 @@ class Connection:
             raise self._fail(
                 ProtocolError(
                     ErrorCode.LIMIT_EXCEEDED,
-                    f"{buffered} bytes buffered exceed receive_buffer_bytes_max "
-                    f"{self.limits.receive_buffer_bytes_max}",
+                    f"{buffered} bytes buffered exceed receive_buffer_bytes_max {self.limits.receive_buffer_bytes_max}",
                     closes_connection=True,
                 )
             )
@@ -371,8 +370,7 @@ class Connection:
             self._incomplete_bytes = 0
             return None
         size = check_frame_length(read_frame_length(self._buffer, self._start), self.limits)
-        if (self.role is Role.SERVER and self._state is State.AWAITING_HANDSHAKE
-                and size > HANDSHAKE_FRAME_BYTES_MAX):
+        if self.role is Role.SERVER and self._state is State.AWAITING_HANDSHAKE and size > HANDSHAKE_FRAME_BYTES_MAX:
             raise ProtocolError(
                 ErrorCode.HANDSHAKE_REQUIRED,
                 f"a first frame of {size} bytes is not a Handshake (at most {HANDSHAKE_FRAME_BYTES_MAX} bytes)",
@@ -422,8 +420,11 @@ class Connection:
                     f"more than in_flight_requests_max {self.limits.in_flight_requests_max} in flight",
                 ),
             )
-        if (header.api_key in API_BY_KEY and self.protocol_version is not None
-                and not api_served(header.api_key, self.protocol_version)):
+        if (
+            header.api_key in API_BY_KEY
+            and self.protocol_version is not None
+            and not api_served(header.api_key, self.protocol_version)
+        ):
             return self._rejected(
                 header,
                 ProtocolError(
@@ -522,9 +523,7 @@ class Connection:
         else:
             plan = self._plan_server_send(message)
         next_state, version = plan
-        data = encode_message(
-            message, version, records_bytes=records_bytes, frame_bytes_max=self._send_frame_bytes_max
-        )
+        data = encode_message(message, version, records_bytes=records_bytes, frame_bytes_max=self._send_frame_bytes_max)
         # Nothing can fail from here on: commit the transition.
         if message.KIND is Kind.REQUEST:
             self._in_flight[message.request_id] = (frame_api_key(message), version)
@@ -605,8 +604,7 @@ class Connection:
         next_state = TRANSITIONS.get((self.role, self._state, direction, trigger))
         if next_state is None:
             raise self._illegal(
-                f"{self.role.value} cannot {direction.value} a {trigger.value} in state "
-                f"{self._state.name}",
+                f"{self.role.value} cannot {direction.value} a {trigger.value} in state {self._state.name}",
                 receiving=receiving,
             )
         return next_state

@@ -78,8 +78,7 @@ def render_events() -> str:
 
 def render_errors() -> str:
     rows = [
-        (str(int(code)), code.name, closes, meaning)
-        for code, (closes, meaning) in sorted(ERROR_DESCRIPTIONS.items())
+        (str(int(code)), code.name, closes, meaning) for code, (closes, meaning) in sorted(ERROR_DESCRIPTIONS.items())
     ]
     assert len(rows) == len(ErrorCode)
     return _table(("code", "name", "closes the connection", "meaning"), rows)
@@ -104,10 +103,7 @@ def render_limits() -> str:
 
 def render_example() -> str:
     frame = encode_message(HandshakeRequest(request_id=1, client_id="demo"), 1)
-    lines = [
-        f"{offset:04x}  {frame[offset : offset + 16].hex(' ')}"
-        for offset in range(0, len(frame), 16)
-    ]
+    lines = [f"{offset:04x}  {frame[offset : offset + 16].hex(' ')}" for offset in range(0, len(frame), 16)]
     return "```\n" + "\n".join(lines) + "\n```"
 
 

@@ -107,8 +107,7 @@ ERROR_DESCRIPTIONS: dict[ErrorCode, tuple[str, str]] = {
     ),
     ErrorCode.LIMIT_EXCEEDED: (
         "no; yes in a Closing event",
-        "a field or the connection over a named limit (array_items_max, batch_bytes_max, "
-        "connections_max)",
+        "a field or the connection over a named limit (array_items_max, batch_bytes_max, connections_max)",
     ),
     ErrorCode.TOO_MANY_REQUESTS: ("no", "more than in_flight_requests_max requests in flight"),
     ErrorCode.UNKNOWN_TOPIC: ("no", "no topic by that name"),
@@ -171,7 +170,10 @@ ERROR_DESCRIPTIONS: dict[ErrorCode, tuple[str, str]] = {
     ),
     ErrorCode.DELIVERY_SETTLED: ("no", "a nack, in-progress or reject of a message already acked or dead-lettered"),
     ErrorCode.UNKNOWN_QUEUE_GROUP: ("no", "no queue group by that name on that topic (receive creates one)"),
-    ErrorCode.UNKNOWN_INBOX: ("no", "no inbox by that name: closed, idle past inbox_idle_timeout_ms, or from before a restart"),
+    ErrorCode.UNKNOWN_INBOX: (
+        "no",
+        "no inbox by that name: closed, idle past inbox_idle_timeout_ms, or from before a restart",
+    ),
     ErrorCode.PARTLY_DUPLICATE: (
         "no",
         "some records of a produce carry an idempotency key seen within the topic's dedup window: nothing was "
@@ -197,6 +199,4 @@ class ProtocolError(NodiError):
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
-        self.closes_connection = (
-            code in CONNECTION_CLOSING_CODES if closes_connection is None else closes_connection
-        )
+        self.closes_connection = code in CONNECTION_CLOSING_CODES if closes_connection is None else closes_connection

@@ -117,8 +117,7 @@ def message_class(header: FrameHeader) -> type[Message]:
     if not api.version_min <= header.api_version <= api.version_max:
         raise ProtocolError(
             ErrorCode.UNSUPPORTED_VERSION,
-            f"{api.key.name} version {header.api_version}; supported "
-            f"{api.version_min}..{api.version_max}",
+            f"{api.key.name} version {header.api_version}; supported {api.version_min}..{api.version_max}",
         )
     return api.request if header.kind is Kind.REQUEST else api.response
 

@@ -214,6 +214,7 @@ class TopicSettings:
     default; DescribeTopic shows the values in force."""
 
     if TYPE_CHECKING:  # the fields are the topic settings' (added above), typed loosely here
+
         def __init__(self, **settings: int | str | None) -> None: ...
         def __getattr__(self, name: str) -> Any: ...
 
@@ -414,7 +415,8 @@ class ProduceResponse(Response):
     log_append_time_ms: int = wire(INT64, NO_OFFSET, doc="server clock at the append")
     log_start_offset: int = wire(INT64, NO_OFFSET)
     duplicates: list[DuplicateRecord] = wire(
-        Array(Struct(DuplicateRecord)), [],
+        Array(Struct(DuplicateRecord)),
+        [],
         doc="publish dedup: records whose idempotency key was seen; when any, nothing was written",
     )
 
@@ -649,8 +651,9 @@ class ServerStatusResponse(Response):
     version: str = wire(STRING, "", doc="the nodi package version")
     started_time_ms: int = wire(INT64, -1, doc="wall clock when the server started serving")
     uptime_ms: int = wire(INT64, 0)
-    data_dir: str = wire(STRING, "", doc="absolute path of the data directory; empty unless the "
-                                         "connection comes from loopback")
+    data_dir: str = wire(
+        STRING, "", doc="absolute path of the data directory; empty unless the connection comes from loopback"
+    )
     connections_open: int = wire(INT32, 0)
     connections_accepted: int = wire(INT64, 0, doc="since start")
     connections_refused: int = wire(INT64, 0, doc="since start: over connections_max or during shutdown")
@@ -664,7 +667,8 @@ class ServerStatusResponse(Response):
     )
     metadata_failed_commits: int = wire(INT64, 0, doc="metadata store commits that failed since start")
     damaged_partitions: list[DamagedPartition] = wire(
-        Array(Struct(DamagedPartition)), [],
+        Array(Struct(DamagedPartition)),
+        [],
         doc="partitions found damaged at start below the recovery point: read up to the damage, appends refused",
     )
 
@@ -712,8 +716,11 @@ class QueueGroupSettings:
     max_deliveries: int = wire(INT32, CONFIG_DEFAULT, doc="then dead-lettered; default 5")
     backoff: QueueBackoff = wire(Struct(QueueBackoff), QueueBackoff(), doc="for a nack without a delay")
     dead_letter_topic: str | None = wire(NULLABLE_STRING, None, doc='default "<topic>.dlq"')
-    expired: ExpiredAction = wire(Enumeration(ExpiredAction, INT8), ExpiredAction.DEFAULT,
-                                  doc="a message whose TTL passed before delivery: dropped or dead-lettered")
+    expired: ExpiredAction = wire(
+        Enumeration(ExpiredAction, INT8),
+        ExpiredAction.DEFAULT,
+        doc="a message whose TTL passed before delivery: dropped or dead-lettered",
+    )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -722,8 +729,9 @@ class QueueDelivery:
     offset: int = wire(INT64)
     delivery_count: int = wire(INT32, doc="1 on the first delivery; name it when settling")
     lease_deadline_ms: int = wire(INT64, doc="wall clock; unsettled by then, it is delivered again")
-    count: int = wire(INT32, 1, doc="a run: offsets offset .. offset + count - 1, each with this delivery "
-                                    "count and deadline")
+    count: int = wire(
+        INT32, 1, doc="a run: offsets offset .. offset + count - 1, each with this delivery count and deadline"
+    )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -734,8 +742,12 @@ class Settlement:
     action: SettleAction = wire(Enumeration(SettleAction, INT8))
     delay_ms: int = wire(INT64, CONFIG_DEFAULT, doc="nack: -1 uses the group's backoff")
     text: str | None = wire(NULLABLE_STRING, None, doc="nack: error text; reject: reason")
-    count: int = wire(INT32, 1, doc="a run: the same settle of offset .. offset + count - 1, each at "
-                                    "delivery_count (at most queue window_messages_max)")
+    count: int = wire(
+        INT32,
+        1,
+        doc="a run: the same settle of offset .. offset + count - 1, each at "
+        "delivery_count (at most queue window_messages_max)",
+    )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -770,10 +782,12 @@ class QueueReceiveRequest(Request):
 @dataclass(frozen=True, kw_only=True, slots=True)
 class QueueReceiveResponse(Response):
     API_KEY = ApiKey.QUEUE_RECEIVE
-    deliveries: list[QueueDelivery] = wire(Array(Struct(QueueDelivery)), [],
-                                           doc="runs of offsets; their counts add up to the records")
-    records: bytes | memoryview = wire(RECORDS, b"", doc="one RecordBatch v2: the i-th record is the i-th offset "
-                                                         "of the runs, in order")
+    deliveries: list[QueueDelivery] = wire(
+        Array(Struct(QueueDelivery)), [], doc="runs of offsets; their counts add up to the records"
+    )
+    records: bytes | memoryview = wire(
+        RECORDS, b"", doc="one RecordBatch v2: the i-th record is the i-th offset of the runs, in order"
+    )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -787,8 +801,9 @@ class QueueSettleRequest(Request):
 @dataclass(frozen=True, kw_only=True, slots=True)
 class QueueSettleResponse(Response):
     API_KEY = ApiKey.QUEUE_SETTLE
-    results: list[SettleResult] = wire(Array(Struct(SettleResult)), [],
-                                       doc="runs of outcomes covering each settlement's offsets, in order")
+    results: list[SettleResult] = wire(
+        Array(Struct(SettleResult)), [], doc="runs of outcomes covering each settlement's offsets, in order"
+    )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -937,59 +952,151 @@ class Api:
 
 
 APIS: tuple[Api, ...] = (
-    Api(ApiKey.HANDSHAKE, HandshakeRequest, HandshakeResponse,
-        summary="First request of every connection: checks the magic, picks the protocol version, states the server's limits."),
+    Api(
+        ApiKey.HANDSHAKE,
+        HandshakeRequest,
+        HandshakeResponse,
+        summary="First request of every connection: checks the magic, picks the protocol version, states the server's limits.",
+    ),
     Api(ApiKey.CREATE_TOPIC, CreateTopicRequest, CreateTopicResponse, summary="Create a topic."),
     Api(ApiKey.DELETE_TOPIC, DeleteTopicRequest, DeleteTopicResponse, summary="Delete a topic and its data."),
     Api(ApiKey.LIST_TOPICS, ListTopicsRequest, ListTopicsResponse, summary="Every topic with its partition count."),
-    Api(ApiKey.DESCRIBE_TOPIC, DescribeTopicRequest, DescribeTopicResponse,
-        summary="A topic's settings and each partition's offsets."),
-    Api(ApiKey.PRODUCE, ProduceRequest, ProduceResponse,
+    Api(
+        ApiKey.DESCRIBE_TOPIC,
+        DescribeTopicRequest,
+        DescribeTopicResponse,
+        summary="A topic's settings and each partition's offsets.",
+    ),
+    Api(
+        ApiKey.PRODUCE,
+        ProduceRequest,
+        ProduceResponse,
         summary="Append batches to one partition. All are checked before any is written (header, CRC and every "
-                "record's framing: see Produce checks); they get consecutive offsets."),
-    Api(ApiKey.FETCH, FetchRequest, FetchResponse,
-        summary="Whole stored batches from an offset, up to bytes_max, waiting up to wait_ms for min_bytes."),
-    Api(ApiKey.LIST_OFFSETS, ListOffsetsRequest, ListOffsetsResponse,
-        summary="The earliest or latest offset of a partition, or the first at or after a time."),
-    Api(ApiKey.JOIN_GROUP, JoinGroupRequest, JoinGroupResponse,
-        summary="Join a consumer group (a rebalance); get a member id, the generation and this member's partitions."),
+        "record's framing: see Produce checks); they get consecutive offsets.",
+    ),
+    Api(
+        ApiKey.FETCH,
+        FetchRequest,
+        FetchResponse,
+        summary="Whole stored batches from an offset, up to bytes_max, waiting up to wait_ms for min_bytes.",
+    ),
+    Api(
+        ApiKey.LIST_OFFSETS,
+        ListOffsetsRequest,
+        ListOffsetsResponse,
+        summary="The earliest or latest offset of a partition, or the first at or after a time.",
+    ),
+    Api(
+        ApiKey.JOIN_GROUP,
+        JoinGroupRequest,
+        JoinGroupResponse,
+        summary="Join a consumer group (a rebalance); get a member id, the generation and this member's partitions.",
+    ),
     Api(ApiKey.LEAVE_GROUP, LeaveGroupRequest, LeaveGroupResponse, summary="Leave a group (a rebalance)."),
-    Api(ApiKey.HEARTBEAT, HeartbeatRequest, HeartbeatResponse,
-        summary="Keep a membership alive; learn of a rebalance."),
-    Api(ApiKey.COMMIT_OFFSETS, CommitOffsetsRequest, CommitOffsetsResponse,
-        summary="Store the group's next offset per partition."),
+    Api(
+        ApiKey.HEARTBEAT, HeartbeatRequest, HeartbeatResponse, summary="Keep a membership alive; learn of a rebalance."
+    ),
+    Api(
+        ApiKey.COMMIT_OFFSETS,
+        CommitOffsetsRequest,
+        CommitOffsetsResponse,
+        summary="Store the group's next offset per partition.",
+    ),
     Api(ApiKey.FETCH_OFFSETS, FetchOffsetsRequest, FetchOffsetsResponse, summary="The group's committed offsets."),
-    Api(ApiKey.RESET_GROUP, ResetGroupRequest, ResetGroupResponse,
-        summary="Move an empty group's offsets to earliest, latest, an offset or a time (replay)."),
-    Api(ApiKey.INIT_PRODUCER_ID, InitProducerIdRequest, InitProducerIdResponse,
-        summary="A producer id and epoch for the idempotent producer."),
+    Api(
+        ApiKey.RESET_GROUP,
+        ResetGroupRequest,
+        ResetGroupResponse,
+        summary="Move an empty group's offsets to earliest, latest, an offset or a time (replay).",
+    ),
+    Api(
+        ApiKey.INIT_PRODUCER_ID,
+        InitProducerIdRequest,
+        InitProducerIdResponse,
+        summary="A producer id and epoch for the idempotent producer.",
+    ),
     Api(ApiKey.LIST_GROUPS, ListGroupsRequest, ListGroupsResponse, summary="Every consumer group."),
-    Api(ApiKey.DESCRIBE_GROUP, DescribeGroupRequest, DescribeGroupResponse,
-        summary="A group's members, their partitions, and its committed offsets against the high watermarks."),
-    Api(ApiKey.GROUP_WAIT, GroupWaitRequest, GroupWaitResponse, protocol_version_min=2,
+    Api(
+        ApiKey.DESCRIBE_GROUP,
+        DescribeGroupRequest,
+        DescribeGroupResponse,
+        summary="A group's members, their partitions, and its committed offsets against the high watermarks.",
+    ),
+    Api(
+        ApiKey.GROUP_WAIT,
+        GroupWaitRequest,
+        GroupWaitResponse,
+        protocol_version_min=2,
         summary="A Heartbeat the server holds until the member's generation moves on (answered at once then) "
-                "or wait_ms passes: how a member learns promptly that partitions are revoked or assigned."),
-    Api(ApiKey.DESCRIBE_HANDOVERS, DescribeHandoversRequest, DescribeHandoversResponse, protocol_version_min=2,
-        summary="A group's rebalances and partition handovers since the broker started."),
-    Api(ApiKey.QUEUE_RECEIVE, QueueReceiveRequest, QueueReceiveResponse,
-        summary="Lease up to messages_max messages of a queue group from any partition, waiting up to wait_ms for one."),
-    Api(ApiKey.QUEUE_SETTLE, QueueSettleRequest, QueueSettleResponse,
-        summary="Ack, nack, extend or reject many deliveries of a queue group; answered once recorded durably."),
-    Api(ApiKey.QUEUE_DESCRIBE, QueueDescribeRequest, QueueDescribeResponse,
-        summary="A queue group's settings and each partition's ack floor and window."),
-    Api(ApiKey.QUEUE_LIST, QueueListRequest, QueueListResponse,
-        summary="Every queue group (of one topic, or of all) with its dead-letter topic and window totals."),
-    Api(ApiKey.INBOX_OPEN, InboxOpenRequest, InboxOpenResponse,
-        summary="Open an in-memory inbox for replies (request-reply); the broker names it."),
-    Api(ApiKey.INBOX_RECEIVE, InboxReceiveRequest, InboxReceiveResponse,
-        summary="Take the replies waiting in an inbox, waiting up to wait_ms for one."),
-    Api(ApiKey.INBOX_CLOSE, InboxCloseRequest, InboxCloseResponse, summary="Close an inbox; later replies to it are dropped."),
-    Api(ApiKey.REPLY, ReplyRequest, ReplyResponse,
-        summary="Put reply batches in a requester's inbox (memory only); dropped and counted when it is gone."),
-    Api(ApiKey.SERVER_STATUS, ServerStatusRequest, ServerStatusResponse,
-        summary="Server-level facts for `nodi status`: version, uptime, data directory, connections, disk space."),
-    Api(ApiKey.COMPACT_TOPIC, CompactTopicRequest, CompactTopicResponse,
-        summary="Seal each partition's active segment, then compact every partition of a compacted topic now."),
+        "or wait_ms passes: how a member learns promptly that partitions are revoked or assigned.",
+    ),
+    Api(
+        ApiKey.DESCRIBE_HANDOVERS,
+        DescribeHandoversRequest,
+        DescribeHandoversResponse,
+        protocol_version_min=2,
+        summary="A group's rebalances and partition handovers since the broker started.",
+    ),
+    Api(
+        ApiKey.QUEUE_RECEIVE,
+        QueueReceiveRequest,
+        QueueReceiveResponse,
+        summary="Lease up to messages_max messages of a queue group from any partition, waiting up to wait_ms for one.",
+    ),
+    Api(
+        ApiKey.QUEUE_SETTLE,
+        QueueSettleRequest,
+        QueueSettleResponse,
+        summary="Ack, nack, extend or reject many deliveries of a queue group; answered once recorded durably.",
+    ),
+    Api(
+        ApiKey.QUEUE_DESCRIBE,
+        QueueDescribeRequest,
+        QueueDescribeResponse,
+        summary="A queue group's settings and each partition's ack floor and window.",
+    ),
+    Api(
+        ApiKey.QUEUE_LIST,
+        QueueListRequest,
+        QueueListResponse,
+        summary="Every queue group (of one topic, or of all) with its dead-letter topic and window totals.",
+    ),
+    Api(
+        ApiKey.INBOX_OPEN,
+        InboxOpenRequest,
+        InboxOpenResponse,
+        summary="Open an in-memory inbox for replies (request-reply); the broker names it.",
+    ),
+    Api(
+        ApiKey.INBOX_RECEIVE,
+        InboxReceiveRequest,
+        InboxReceiveResponse,
+        summary="Take the replies waiting in an inbox, waiting up to wait_ms for one.",
+    ),
+    Api(
+        ApiKey.INBOX_CLOSE,
+        InboxCloseRequest,
+        InboxCloseResponse,
+        summary="Close an inbox; later replies to it are dropped.",
+    ),
+    Api(
+        ApiKey.REPLY,
+        ReplyRequest,
+        ReplyResponse,
+        summary="Put reply batches in a requester's inbox (memory only); dropped and counted when it is gone.",
+    ),
+    Api(
+        ApiKey.SERVER_STATUS,
+        ServerStatusRequest,
+        ServerStatusResponse,
+        summary="Server-level facts for `nodi status`: version, uptime, data directory, connections, disk space.",
+    ),
+    Api(
+        ApiKey.COMPACT_TOPIC,
+        CompactTopicRequest,
+        CompactTopicResponse,
+        summary="Seal each partition's active segment, then compact every partition of a compacted topic now.",
+    ),
 )
 API_BY_KEY: dict[int, Api] = {api.key: api for api in APIS}
 EVENTS: dict[int, type[Event]] = {EventKey.CLOSING: ClosingEvent}
@@ -1019,29 +1126,113 @@ def api_served(api_key: int, protocol_version: int) -> bool:
 
 
 __all__ = [
-    "PROTOCOL_VERSION_MIN", "PROTOCOL_VERSION_MAX", "HANDSHAKE_MAGIC", "HANDSHAKE_API_VERSION",
-    "CONFIG_DEFAULT", "RETENTION_UNLIMITED", "NO_OFFSET", "Kind", "ApiKey", "EventKey", "Acks",
-    "OffsetSpec", "ResetSpec", "Message", "Request", "Response", "ErrorResponse", "Event",
-    "ClosingEvent", "Limit", "TopicSettings", "TopicSummary", "PartitionState",
-    "TopicPartitions", "OffsetCommit", "PartitionError", "GroupOffset", "PartitionOffset",
-    "GroupSummary", "GroupMember", "GroupLag", "HandshakeRequest", "HandshakeResponse",
-    "CreateTopicRequest", "CreateTopicResponse", "DeleteTopicRequest", "DeleteTopicResponse",
-    "ListTopicsRequest", "ListTopicsResponse", "DescribeTopicRequest", "DescribeTopicResponse",
-    "ProduceRequest", "ProduceResponse", "FetchRequest", "FetchResponse", "ListOffsetsRequest",
-    "ListOffsetsResponse", "JoinGroupRequest", "JoinGroupResponse", "LeaveGroupRequest",
-    "LeaveGroupResponse", "HeartbeatRequest", "HeartbeatResponse", "CommitOffsetsRequest",
-    "CommitOffsetsResponse", "FetchOffsetsRequest", "FetchOffsetsResponse", "ResetGroupRequest",
-    "ResetGroupResponse", "ListGroupsRequest", "ListGroupsResponse", "DescribeGroupRequest",
-    "DescribeGroupResponse", "GroupWaitRequest", "GroupWaitResponse", "DescribeHandoversRequest",
-    "DescribeHandoversResponse", "api_served", "InitProducerIdRequest", "InitProducerIdResponse",
-    "ServerStatusRequest", "ServerStatusResponse", "DuplicateRecord", "BackoffKind", "ExpiredAction",
-    "SettleAction", "QueueBackoff",
-    "QueueGroupSettings", "QueueDelivery", "Settlement", "SettleResult", "QueuePartitionState",
-    "QueueReceiveRequest", "QueueReceiveResponse", "QueueSettleRequest", "QueueSettleResponse",
-    "QueueDescribeRequest", "QueueDescribeResponse", "QueueGroupSummary", "QueueListRequest",
-    "QueueListResponse", "InboxOpenRequest", "InboxOpenResponse", "InboxReceiveRequest",
-    "InboxReceiveResponse", "InboxCloseRequest", "InboxCloseResponse", "ReplyRequest", "ReplyResponse",
-    "Api", "APIS",
-    "PartitionCompaction", "CompactTopicRequest", "CompactTopicResponse",
-    "API_BY_KEY", "EVENTS", "EVENT_VERSION", "choose_protocol_version", "api_version",
+    "PROTOCOL_VERSION_MIN",
+    "PROTOCOL_VERSION_MAX",
+    "HANDSHAKE_MAGIC",
+    "HANDSHAKE_API_VERSION",
+    "CONFIG_DEFAULT",
+    "RETENTION_UNLIMITED",
+    "NO_OFFSET",
+    "Kind",
+    "ApiKey",
+    "EventKey",
+    "Acks",
+    "OffsetSpec",
+    "ResetSpec",
+    "Message",
+    "Request",
+    "Response",
+    "ErrorResponse",
+    "Event",
+    "ClosingEvent",
+    "Limit",
+    "TopicSettings",
+    "TopicSummary",
+    "PartitionState",
+    "TopicPartitions",
+    "OffsetCommit",
+    "PartitionError",
+    "GroupOffset",
+    "PartitionOffset",
+    "GroupSummary",
+    "GroupMember",
+    "GroupLag",
+    "HandshakeRequest",
+    "HandshakeResponse",
+    "CreateTopicRequest",
+    "CreateTopicResponse",
+    "DeleteTopicRequest",
+    "DeleteTopicResponse",
+    "ListTopicsRequest",
+    "ListTopicsResponse",
+    "DescribeTopicRequest",
+    "DescribeTopicResponse",
+    "ProduceRequest",
+    "ProduceResponse",
+    "FetchRequest",
+    "FetchResponse",
+    "ListOffsetsRequest",
+    "ListOffsetsResponse",
+    "JoinGroupRequest",
+    "JoinGroupResponse",
+    "LeaveGroupRequest",
+    "LeaveGroupResponse",
+    "HeartbeatRequest",
+    "HeartbeatResponse",
+    "CommitOffsetsRequest",
+    "CommitOffsetsResponse",
+    "FetchOffsetsRequest",
+    "FetchOffsetsResponse",
+    "ResetGroupRequest",
+    "ResetGroupResponse",
+    "ListGroupsRequest",
+    "ListGroupsResponse",
+    "DescribeGroupRequest",
+    "DescribeGroupResponse",
+    "GroupWaitRequest",
+    "GroupWaitResponse",
+    "DescribeHandoversRequest",
+    "DescribeHandoversResponse",
+    "api_served",
+    "InitProducerIdRequest",
+    "InitProducerIdResponse",
+    "ServerStatusRequest",
+    "ServerStatusResponse",
+    "DuplicateRecord",
+    "BackoffKind",
+    "ExpiredAction",
+    "SettleAction",
+    "QueueBackoff",
+    "QueueGroupSettings",
+    "QueueDelivery",
+    "Settlement",
+    "SettleResult",
+    "QueuePartitionState",
+    "QueueReceiveRequest",
+    "QueueReceiveResponse",
+    "QueueSettleRequest",
+    "QueueSettleResponse",
+    "QueueDescribeRequest",
+    "QueueDescribeResponse",
+    "QueueGroupSummary",
+    "QueueListRequest",
+    "QueueListResponse",
+    "InboxOpenRequest",
+    "InboxOpenResponse",
+    "InboxReceiveRequest",
+    "InboxReceiveResponse",
+    "InboxCloseRequest",
+    "InboxCloseResponse",
+    "ReplyRequest",
+    "ReplyResponse",
+    "Api",
+    "APIS",
+    "PartitionCompaction",
+    "CompactTopicRequest",
+    "CompactTopicResponse",
+    "API_BY_KEY",
+    "EVENTS",
+    "EVENT_VERSION",
+    "choose_protocol_version",
+    "api_version",
 ]

@@ -40,8 +40,15 @@ class QueueLimits:
     reservation_messages: int = 2_000
 
     def validate(self) -> None:
-        for name in ("window_messages_max", "receive_messages_max", "receive_wait_max_ms",
-                     "error_text_bytes_max", "backoff_delays_max", "queue_groups_max", "reservation_messages"):
+        for name in (
+            "window_messages_max",
+            "receive_messages_max",
+            "receive_wait_max_ms",
+            "error_text_bytes_max",
+            "backoff_delays_max",
+            "queue_groups_max",
+            "reservation_messages",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidConfigError(f"queue limit {name} must be a positive integer, got {value!r}")
@@ -72,8 +79,9 @@ class Backoff:
     jitter_percent: int = 10
 
     @classmethod
-    def exponential(cls, base_ms: int = 1_000, factor: float = 2.0, max_ms: int = 60_000,
-                    jitter: float = 0.1) -> Backoff:
+    def exponential(
+        cls, base_ms: int = 1_000, factor: float = 2.0, max_ms: int = 60_000, jitter: float = 0.1
+    ) -> Backoff:
         """`factor` and `jitter` as numbers (2.0 doubles; 0.1 adds up to 10%)."""
         return cls((), base_ms, round(factor * 100), max_ms, round(jitter * 100))
 
@@ -155,7 +163,6 @@ class QueueSettings:
         settings = cls(backoff=Backoff(**backoff), **value)
         settings.validate()
         return settings
-
 
 
 def cut_text(text: str | None, bytes_max: int) -> str:

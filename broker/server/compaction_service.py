@@ -81,7 +81,9 @@ class CompactionService:
             remaining_ms = max(int((deadline - asyncio.get_running_loop().time()) * 1000), 1)
             try:
                 result = await self._in_thread(
-                    partition_log, roll=True, wait_timeout_ms=remaining_ms,
+                    partition_log,
+                    roll=True,
+                    wait_timeout_ms=remaining_ms,
                     delete_retention_ms=self.delete_retention_ms(config),
                 )
             except TimeoutError:
@@ -120,8 +122,14 @@ class CompactionService:
             log.info(
                 "compacted %s-%d (dirty ratio %.2f): %d pass(es), %d segment(s) rewritten, %d bytes reclaimed, "
                 "%d record(s) removed in %.0f ms",
-                topic, partition, ratio, result.passes, result.segments_rewritten, result.bytes_reclaimed,
-                result.records_removed, result.duration_ms,
+                topic,
+                partition,
+                ratio,
+                result.passes,
+                result.segments_rewritten,
+                result.bytes_reclaimed,
+                result.records_removed,
+                result.duration_ms,
             )
 
     def _pick(self) -> tuple[str, int, Log, float] | None:
@@ -147,7 +155,10 @@ class CompactionService:
     ) -> CompactionResult:
         future = asyncio.ensure_future(
             asyncio.to_thread(
-                self.compactor.compact, partition_log, roll=roll, wait_timeout_ms=wait_timeout_ms,
+                self.compactor.compact,
+                partition_log,
+                roll=roll,
+                wait_timeout_ms=wait_timeout_ms,
                 delete_retention_ms=delete_retention_ms,
             )
         )

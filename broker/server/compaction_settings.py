@@ -25,12 +25,17 @@ class CompactionSettings:
     delete_retention_ms: int = DAY_MS
 
     def validate(self) -> None:
-        if isinstance(self.dirty_ratio_min, bool) or not isinstance(self.dirty_ratio_min, (int, float)) or not (
-            0 < self.dirty_ratio_min <= 1
+        if (
+            isinstance(self.dirty_ratio_min, bool)
+            or not isinstance(self.dirty_ratio_min, (int, float))
+            or not (0 < self.dirty_ratio_min <= 1)
         ):
             raise InvalidConfigError(f"compaction.dirty_ratio_min must be in (0, 1], got {self.dirty_ratio_min!r}")
-        for name, low in (("check_interval_ms", 1), ("key_map_bytes_max", KEY_MAP_ENTRY_BYTES),
-                          ("delete_retention_ms", 0)):
+        for name, low in (
+            ("check_interval_ms", 1),
+            ("key_map_bytes_max", KEY_MAP_ENTRY_BYTES),
+            ("delete_retention_ms", 0),
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise InvalidConfigError(f"compaction.{name} must be an integer >= {low}, got {value!r}")

@@ -79,8 +79,16 @@ class ServerConfig:
             raise InvalidConfigError(f"port {self.port} outside 0..65535")
         if not -1 <= self.metrics_port <= 65535:
             raise InvalidConfigError(f"metrics_port {self.metrics_port} outside -1..65535")
-        for name in ("connections_max", "fetch_wait_max_ms", "handshake_timeout_ms", "frame_timeout_ms",
-                     "idle_timeout_ms", "write_timeout_ms", "shutdown_grace_ms", "retention_check_interval_ms"):
+        for name in (
+            "connections_max",
+            "fetch_wait_max_ms",
+            "handshake_timeout_ms",
+            "frame_timeout_ms",
+            "idle_timeout_ms",
+            "write_timeout_ms",
+            "shutdown_grace_ms",
+            "retention_check_interval_ms",
+        ):
             if getattr(self, name) < 1:
                 raise InvalidConfigError(f"{name} must be positive")
         if self.frame_buffer_bytes_max < self.protocol.frame_bytes_max:
@@ -99,8 +107,9 @@ class ServerConfig:
 
     def announced_limits(self) -> dict[str, int]:
         limits = self.protocol.announced()
-        limits.update(connections_max=self.connections_max, fetch_wait_max_ms=self.fetch_wait_max_ms,
-                      batch_bytes_max=1 << 20)
+        limits.update(
+            connections_max=self.connections_max, fetch_wait_max_ms=self.fetch_wait_max_ms, batch_bytes_max=1 << 20
+        )
         return limits
 
     def to_dict(self) -> dict:
@@ -108,8 +117,14 @@ class ServerConfig:
 
 
 # The tables besides [server]: TOML table name -> the settings class its keys build.
-SECTIONS: dict[str, type] = {"topic_defaults": TopicConfig, "protocol": ProtocolLimits, "groups": GroupLimits,
-                             "queues": QueueLimits, "inboxes": InboxLimits, "compaction": CompactionSettings}
+SECTIONS: dict[str, type] = {
+    "topic_defaults": TopicConfig,
+    "protocol": ProtocolLimits,
+    "groups": GroupLimits,
+    "queues": QueueLimits,
+    "inboxes": InboxLimits,
+    "compaction": CompactionSettings,
+}
 _SIMPLE = {f.name: f for f in fields(ServerConfig) if f.name not in SECTIONS}
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")

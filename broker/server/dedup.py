@@ -255,8 +255,13 @@ class PublishDedup:
             return 0
         floor = self._newest_segments_start(partition_log)
         if floor > offset:
-            log.warning("publish dedup: %s-%d: the window holds more than %d bytes; keys below offset %d "
-                        "are not read back", topic, partition, self.rebuild_bytes_max, floor)
+            log.warning(
+                "publish dedup: %s-%d: the window holds more than %d bytes; keys below offset %d are not read back",
+                topic,
+                partition,
+                self.rebuild_bytes_max,
+                floor,
+            )
             offset = floor
         found: list[tuple[int, int, int]] = []  # (seen_ms, offset, digest)
         end = partition_log.readable_end_offset
@@ -266,8 +271,11 @@ class PublishDedup:
                 break
             data = result.to_bytes()
             for header, batch in iter_batches(data, self._limits):
-                if (header.max_timestamp < horizon or header.compression != Compression.NONE
-                        or _NEEDLE.search(batch) is None):
+                if (
+                    header.max_timestamp < horizon
+                    or header.compression != Compression.NONE
+                    or _NEEDLE.search(batch) is None
+                ):
                     continue
                 try:
                     decoded = decode_records(batch, header, self._limits)
@@ -310,8 +318,11 @@ class PublishDedup:
             if keys.entries:
                 keys.entries = OrderedDict(sorted(keys.entries.items(), key=lambda item: item[1][2]))
         if total:
-            log.info("publish dedup: %d idempotency keys read back from the log in %.0f ms", total,
-                     (time.monotonic() - started) * 1000)
+            log.info(
+                "publish dedup: %d idempotency keys read back from the log in %.0f ms",
+                total,
+                (time.monotonic() - started) * 1000,
+            )
         return total
 
     def statistics(self) -> DedupStatistics:

@@ -480,8 +480,7 @@ class GroupCoordinator:
         if client_id_bytes > self._limits.client_id_bytes_max:
             raise GroupError(
                 ErrorCode.LIMIT_EXCEEDED,
-                f"client id of {client_id_bytes} bytes exceeds client_id_bytes_max "
-                f"{self._limits.client_id_bytes_max}",
+                f"client id of {client_id_bytes} bytes exceeds client_id_bytes_max {self._limits.client_id_bytes_max}",
             )
         if not self._limits.session_timeout_ms_min <= session_timeout_ms <= self._limits.session_timeout_ms_max:
             raise GroupError(
@@ -550,9 +549,7 @@ class GroupCoordinator:
         else:
             self._forget(group)
 
-    def heartbeat(
-        self, group: str, member_id: str, generation: int, messages_redelivered: int = 0
-    ) -> HeartbeatResult:
+    def heartbeat(self, group: str, member_id: str, generation: int, messages_redelivered: int = 0) -> HeartbeatResult:
         """Keep a member alive and tell it the current generation and its assignment
         (REBALANCE_IN_PROGRESS when `generation` is older). A member that heartbeats
         with a generation has adopted that generation's assignment: it has stopped
@@ -710,11 +707,7 @@ class GroupCoordinator:
             return found
         offsets = self._metadata.group_offsets(group)
         wanted = None if topics is None else set(topics)
-        return {
-            key: offsets[key]
-            for key in sorted(offsets)
-            if wanted is None or key[0] in wanted
-        }
+        return {key: offsets[key] for key in sorted(offsets) if wanted is None or key[0] in wanted}
 
     def reset(
         self,
@@ -744,9 +737,7 @@ class GroupCoordinator:
         chosen = sorted(set(partitions)) or list(range(count))
         for partition in chosen:
             if not 0 <= partition < count:
-                raise GroupError(
-                    ErrorCode.UNKNOWN_PARTITION, f"topic {topic!r} has no partition {partition}"
-                )
+                raise GroupError(ErrorCode.UNKNOWN_PARTITION, f"topic {topic!r} has no partition {partition}")
         offsets = {partition: resolve(topic, partition, spec, value) for partition in chosen}
         for partition, offset in offsets.items():
             assert isinstance(offset, int) and offset >= 0, (partition, offset)
@@ -759,10 +750,7 @@ class GroupCoordinator:
     def list_groups(self) -> list[GroupListing]:
         """Groups with members, and groups known only from committed offsets (state
         empty), sorted by name. Queue groups (state but no offsets) are not listed."""
-        listings = {
-            name: GroupListing(name, state.state(), len(state.members))
-            for name, state in self._groups.items()
-        }
+        listings = {name: GroupListing(name, state.state(), len(state.members)) for name, state in self._groups.items()}
         for name in self._metadata.list_groups():
             if name not in listings and self._metadata.group_offsets(name):
                 listings[name] = GroupListing(name, STATE_EMPTY, 0)
@@ -824,9 +812,7 @@ class GroupCoordinator:
         return GroupStatistics(
             groups=len(self._groups),
             members=self._members,
-            groups_rebalancing=sum(
-                1 for state in self._groups.values() if state.state() == STATE_REBALANCING
-            ),
+            groups_rebalancing=sum(1 for state in self._groups.values() if state.state() == STATE_REBALANCING),
             rebalances=self._rebalances,
             joins=self._joins,
             leaves=self._leaves,
@@ -1081,9 +1067,27 @@ def _utf8_bytes(text: str) -> int | None:
 
 
 __all__ = [
-    "NO_GENERATION", "HEARTBEATS_PER_SESSION", "STATE_EMPTY", "STATE_REBALANCING", "STATE_STABLE",
-    "GroupLimits", "DEFAULT_GROUP_LIMITS", "Assignments", "GroupError", "JoinResult",
-    "HeartbeatResult", "OffsetToCommit", "PartitionResult", "CommitResult", "ResetResult",
-    "ExpiredMember", "GroupListing", "MemberDescription", "HandoverStatistics", "GroupDescription", "GroupStatistics",
-    "assign_partitions", "GroupCoordinator",
+    "NO_GENERATION",
+    "HEARTBEATS_PER_SESSION",
+    "STATE_EMPTY",
+    "STATE_REBALANCING",
+    "STATE_STABLE",
+    "GroupLimits",
+    "DEFAULT_GROUP_LIMITS",
+    "Assignments",
+    "GroupError",
+    "JoinResult",
+    "HeartbeatResult",
+    "OffsetToCommit",
+    "PartitionResult",
+    "CommitResult",
+    "ResetResult",
+    "ExpiredMember",
+    "GroupListing",
+    "MemberDescription",
+    "HandoverStatistics",
+    "GroupDescription",
+    "GroupStatistics",
+    "assign_partitions",
+    "GroupCoordinator",
 ]

@@ -32,8 +32,6 @@ from .reply import Reply
 INBOX_PREFIX = "inbox."
 
 
-
-
 @dataclass(frozen=True, slots=True)
 class InboxStatistics:
     inboxes: int  # open now
@@ -74,12 +72,18 @@ class InboxService:
 
     async def open(self, request: m.InboxOpenRequest) -> Reply:
         if len(self._inboxes) >= self.limits.inboxes_max:
-            raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"inboxes_max {self.limits.inboxes_max} inboxes are open",
-                                closes_connection=False)
+            raise ProtocolError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"inboxes_max {self.limits.inboxes_max} inboxes are open",
+                closes_connection=False,
+            )
         name = next(self._names)
         self._inboxes[name] = _Inbox(time.monotonic())
-        return Reply(m.InboxOpenResponse(request_id=request.request_id, inbox=name,
-                                         idle_timeout_ms=self.limits.inbox_idle_timeout_ms))
+        return Reply(
+            m.InboxOpenResponse(
+                request_id=request.request_id, inbox=name, idle_timeout_ms=self.limits.inbox_idle_timeout_ms
+            )
+        )
 
     async def close(self, request: m.InboxCloseRequest) -> Reply:
         inbox = self._inboxes.pop(request.inbox, None)
@@ -135,8 +139,9 @@ class InboxService:
     def _inbox(self, name: str) -> _Inbox:
         inbox = self._inboxes.get(name)
         if inbox is None:
-            raise ProtocolError(ErrorCode.UNKNOWN_INBOX, f"no inbox {name!r} (closed, or idle too long)",
-                                closes_connection=False)
+            raise ProtocolError(
+                ErrorCode.UNKNOWN_INBOX, f"no inbox {name!r} (closed, or idle too long)", closes_connection=False
+            )
         return inbox
 
     async def _expire_idle(self) -> None:

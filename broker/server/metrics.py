@@ -28,7 +28,25 @@ from .status import consumer_lags, disk_space, nodi_version
 
 log = logging.getLogger("nodi.metrics")
 
-LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+LATENCY_BUCKETS_S = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+)
 _ACKS_NAMES = {acks: acks.name.lower() for acks in m.Acks}
 
 
@@ -39,7 +57,9 @@ def _histogram_family(name: str, documentation: str, labels: list[str]) -> Histo
 def _add_snapshot(family: HistogramMetricFamily, key: list[str], snapshot: HistogramSnapshot | None) -> None:
     if snapshot is None:
         return
-    buckets = [("+Inf" if bound == float("inf") else repr(float(bound)), count) for bound, count in snapshot.cumulative()]
+    buckets = [
+        ("+Inf" if bound == float("inf") else repr(float(bound)), count) for bound, count in snapshot.cumulative()
+    ]
     family.add_metric(key, buckets, snapshot.total)
 
 
@@ -86,39 +106,54 @@ class _StoreCollector:
         segments = GaugeMetricFamily("nodi_log_segments", "Segment files", labels=labels)
         size = GaugeMetricFamily("nodi_log_bytes", "Bytes of segment files", labels=labels)
         start = GaugeMetricFamily("nodi_log_start_offset", "First offset still stored", labels=labels)
-        end = GaugeMetricFamily("nodi_log_end_offset", "Offset the next record gets (of a `*.dlq` "
-                                                       "topic: messages ever dead-lettered)", labels=labels)
-        durable = GaugeMetricFamily("nodi_log_durable_offset", "Offsets below it are fsynced", labels=labels)
-        read_only = GaugeMetricFamily("nodi_log_read_only", "1 after a write or fsync error: the "
-                                                            "partition refuses produces", labels=labels)
-        corrupt = GaugeMetricFamily("nodi_log_corrupt_segments", "Segments holding a batch that failed its"
-                                                                 " checks when read", labels=labels)
-        damaged = GaugeMetricFamily(
-            "nodi_partition_damaged", "1 when the partition was found damaged at start: read up to "
-                                      "the damage, produces refused, until repaired "
-                                      "(`nodi_log_read_only` is 1 too)",
+        end = GaugeMetricFamily(
+            "nodi_log_end_offset",
+            "Offset the next record gets (of a `*.dlq` topic: messages ever dead-lettered)",
             labels=labels,
         )
-        undecodable = CounterMetricFamily("nodi_log_undecodable_batches", "Stored batches whose CRC holds but whose"
-                                                                          " records do not decode (written before "
-                                                                          "produce checked records), skipped by a "
-                                                                          "server-side reader (queue groups, "
-                                                                          "timestamp lookups, compaction, dedup "
-                                                                          "read-back) since the start; each is "
-                                                                          "logged once; `nodi segments verify` "
-                                                                          "lists them (docs/fault-model.md "
-                                                                          "\"Undecodable batches\")",
-                                          labels=labels)
+        durable = GaugeMetricFamily("nodi_log_durable_offset", "Offsets below it are fsynced", labels=labels)
+        read_only = GaugeMetricFamily(
+            "nodi_log_read_only", "1 after a write or fsync error: the partition refuses produces", labels=labels
+        )
+        corrupt = GaugeMetricFamily(
+            "nodi_log_corrupt_segments", "Segments holding a batch that failed its checks when read", labels=labels
+        )
+        damaged = GaugeMetricFamily(
+            "nodi_partition_damaged",
+            "1 when the partition was found damaged at start: read up to "
+            "the damage, produces refused, until repaired "
+            "(`nodi_log_read_only` is 1 too)",
+            labels=labels,
+        )
+        undecodable = CounterMetricFamily(
+            "nodi_log_undecodable_batches",
+            "Stored batches whose CRC holds but whose"
+            " records do not decode (written before "
+            "produce checked records), skipped by a "
+            "server-side reader (queue groups, "
+            "timestamp lookups, compaction, dedup "
+            "read-back) since the start; each is "
+            "logged once; `nodi segments verify` "
+            "lists them (docs/fault-model.md "
+            '"Undecodable batches")',
+            labels=labels,
+        )
         fsyncs = CounterMetricFamily("nodi_fsyncs", "Group-commit fsyncs of the partition's log", labels=labels)
-        covered = CounterMetricFamily("nodi_fsync_covered_appends", "Appends those fsyncs made durable (÷ "
-                                                                    "fsyncs = mean group commit size)", labels=labels)
+        covered = CounterMetricFamily(
+            "nodi_fsync_covered_appends",
+            "Appends those fsyncs made durable (÷ fsyncs = mean group commit size)",
+            labels=labels,
+        )
         fsync_latency = _histogram_family(
-            "nodi_fsync_latency_seconds", "Time each segment fsync took: group commit, roll, flush "
-                                          "and close (timed in the log, 50 µs to 10 s buckets)", labels
+            "nodi_fsync_latency_seconds",
+            "Time each segment fsync took: group commit, roll, flush "
+            "and close (timed in the log, 50 µs to 10 s buckets)",
+            labels,
         )
         group_commit = _histogram_family(
-            "nodi_group_commit_appends", "Appends one group-commit fsync made durable (fsyncs that "
-                                         "covered any; buckets 1, 2, 4 ... 4096)", labels
+            "nodi_group_commit_appends",
+            "Appends one group-commit fsync made durable (fsyncs that covered any; buckets 1, 2, 4 ... 4096)",
+            labels,
         )
         store = self.server.store
         if store is not None:
@@ -138,8 +173,21 @@ class _StoreCollector:
                 covered.add_metric(key, statistics.fsync_covered_appends)
                 _add_snapshot(fsync_latency, key, statistics.fsync_seconds)
                 _add_snapshot(group_commit, key, statistics.group_commit_appends)
-        yield from (segments, size, start, end, durable, read_only, corrupt, damaged, undecodable, fsyncs, covered,
-                    fsync_latency, group_commit)
+        yield from (
+            segments,
+            size,
+            start,
+            end,
+            durable,
+            read_only,
+            corrupt,
+            damaged,
+            undecodable,
+            fsyncs,
+            covered,
+            fsync_latency,
+            group_commit,
+        )
 
     def _metadata_families(self):
         """The metadata store (LMDB): whether commits are failing, and how often they did."""
@@ -147,28 +195,34 @@ class _StoreCollector:
         if store is None:
             return
         statistics = store.metadata.statistics()
-        failed = GaugeMetricFamily("nodi_metadata_store_failed",
-                                   "1 while metadata commits fail (no space, an I/O error; the store "
-                                   "retries by itself), else 0")
+        failed = GaugeMetricFamily(
+            "nodi_metadata_store_failed",
+            "1 while metadata commits fail (no space, an I/O error; the store retries by itself), else 0",
+        )
         failed.add_metric([], 1 if statistics.failed else 0)
-        failed_commits = CounterMetricFamily("nodi_metadata_failed_commits", "Metadata commits that failed since "
-                                                                             "start, retries included")
+        failed_commits = CounterMetricFamily(
+            "nodi_metadata_failed_commits", "Metadata commits that failed since start, retries included"
+        )
         failed_commits.add_metric([], statistics.failed_commits)
-        recoveries = CounterMetricFamily("nodi_metadata_recoveries", "Failures ended by a commit that "
-                                                                     "succeeded")
+        recoveries = CounterMetricFamily("nodi_metadata_recoveries", "Failures ended by a commit that succeeded")
         recoveries.add_metric([], statistics.recoveries)
-        staged = GaugeMetricFamily("nodi_metadata_staged_entries",
-                                   "Committed offsets and queue-group states staged, not yet "
-                                   "committed (they wait here while commits fail)")
+        staged = GaugeMetricFamily(
+            "nodi_metadata_staged_entries",
+            "Committed offsets and queue-group states staged, not yet committed (they wait here while commits fail)",
+        )
         staged.add_metric([], statistics.staged_entries)
         yield from (failed, failed_commits, recoveries, staged)
 
     def _consumer_families(self):
         labels = ["group", "topic", "partition"]
-        lag = GaugeMetricFamily("nodi_consumer_lag", "High watermark minus the group's committed "
-                                                     "offset (partitions the group has committed)", labels=labels)
-        committed = GaugeMetricFamily("nodi_consumer_committed_offset", "The group's committed offset (the next "
-                                                                        "offset it reads)", labels=labels)
+        lag = GaugeMetricFamily(
+            "nodi_consumer_lag",
+            "High watermark minus the group's committed offset (partitions the group has committed)",
+            labels=labels,
+        )
+        committed = GaugeMetricFamily(
+            "nodi_consumer_committed_offset", "The group's committed offset (the next offset it reads)", labels=labels
+        )
         store = self.server.store
         if store is not None:
             try:
@@ -186,16 +240,21 @@ class _StoreCollector:
         """Stream-group membership and handovers (issue 17), from the coordinator's
         statistics(): counts since the server started, and the state now."""
         members = GaugeMetricFamily("nodi_group_members", "Members of stream consumer groups now")
-        revoking = GaugeMetricFamily("nodi_group_partitions_revoking",
-                                     "Partitions revoked from a member and not yet released")
+        revoking = GaugeMetricFamily(
+            "nodi_group_partitions_revoking", "Partitions revoked from a member and not yet released"
+        )
         rebalances = CounterMetricFamily("nodi_group_rebalances", "Generation bumps of stream consumer groups")
         moved = CounterMetricFamily("nodi_group_partitions_moved", "Partitions handed from one member to another")
-        forced = CounterMetricFamily("nodi_group_handovers_forced",
-                                     "Handovers taken at the owner's session timeout, not released")
-        handover = CounterMetricFamily("nodi_group_handover_seconds",
-                                       "Time from revocation to release, summed over the handovers")
-        redelivered = CounterMetricFamily("nodi_group_messages_redelivered",
-                                          "Messages handled by a member and not committed when it let go (reported)")
+        forced = CounterMetricFamily(
+            "nodi_group_handovers_forced", "Handovers taken at the owner's session timeout, not released"
+        )
+        handover = CounterMetricFamily(
+            "nodi_group_handover_seconds", "Time from revocation to release, summed over the handovers"
+        )
+        redelivered = CounterMetricFamily(
+            "nodi_group_messages_redelivered",
+            "Messages handled by a member and not committed when it let go (reported)",
+        )
         expired = CounterMetricFamily("nodi_group_members_expired", "Members removed by their session timeout")
         families = (members, revoking, rebalances, moved, forced, handover, redelivered, expired)
         broker = self.server.broker
@@ -217,8 +276,9 @@ class _StoreCollector:
         connections.add_metric([], statistics.connections_open)
         accepted = CounterMetricFamily("nodi_connections_accepted", "Connections accepted since start")
         accepted.add_metric([], statistics.connections_accepted)
-        refused = CounterMetricFamily("nodi_connections_refused", "Connections refused: over "
-                                                                  "`connections_max`, or during shutdown")
+        refused = CounterMetricFamily(
+            "nodi_connections_refused", "Connections refused: over `connections_max`, or during shutdown"
+        )
         refused.add_metric([], statistics.connections_refused)
         uptime = GaugeMetricFamily("nodi_uptime_seconds", "Seconds since the server started serving")
         uptime.add_metric([], statistics.uptime_ms / 1000)
@@ -227,33 +287,37 @@ class _StoreCollector:
         info.add_metric([nodi_version(), "" if broker is None else broker.server_id], 1)
         yield from (connections, accepted, refused, uptime, info)
         timed_out = CounterMetricFamily(
-            "nodi_connections_timed_out", "Connections closed with TIMEOUT: `handshake` "
-                                          "(`handshake_timeout_ms`), `frame` (`frame_timeout_ms`), "
-                                          "`idle` (`idle_timeout_ms`)",
+            "nodi_connections_timed_out",
+            "Connections closed with TIMEOUT: `handshake` "
+            "(`handshake_timeout_ms`), `frame` (`frame_timeout_ms`), "
+            "`idle` (`idle_timeout_ms`)",
             labels=["deadline"],
         )
         for deadline, count in sorted(statistics.connections_timed_out.items()):
             timed_out.add_metric([deadline], count)
         budget = statistics.frame_budget
-        reserved = GaugeMetricFamily("nodi_frame_buffer_bytes", "Bytes reserved now by frames being "
-                                                                "received (at most "
-                                                                "`frame_buffer_bytes_max`)")
+        reserved = GaugeMetricFamily(
+            "nodi_frame_buffer_bytes", "Bytes reserved now by frames being received (at most `frame_buffer_bytes_max`)"
+        )
         reserved.add_metric([], budget.bytes_reserved)
         budget_max = GaugeMetricFamily("nodi_frame_buffer_bytes_max", "The `frame_buffer_bytes_max` budget")
         budget_max.add_metric([], budget.bytes_max)
-        waiting = GaugeMetricFamily("nodi_frame_buffer_waiting", "Connections not reading because the "
-                                                                 "frame budget is spent")
+        waiting = GaugeMetricFamily(
+            "nodi_frame_buffer_waiting", "Connections not reading because the frame budget is spent"
+        )
         waiting.add_metric([], budget.waiting)
-        waits = CounterMetricFamily("nodi_frame_buffer_waits", "Frames that had to wait for budget (a "
-                                                               "sustained rate: raise the budget or find"
-                                                               " the peer)")
+        waits = CounterMetricFamily(
+            "nodi_frame_buffer_waits",
+            "Frames that had to wait for budget (a sustained rate: raise the budget or find the peer)",
+        )
         waits.add_metric([], budget.waits)
         yield from (timed_out, reserved, budget_max, waiting, waits)
         data_dir = os.path.abspath(self.server.config.data_dir)
         space = disk_space(data_dir)
         if space is not None:
-            free = GaugeMetricFamily("nodi_disk_free_bytes", "Bytes available on the data directory's "
-                                                             "file system", labels=["path"])
+            free = GaugeMetricFamily(
+                "nodi_disk_free_bytes", "Bytes available on the data directory's file system", labels=["path"]
+            )
             free.add_metric([data_dir], space.free_bytes)
             total = GaugeMetricFamily("nodi_disk_total_bytes", "Size of that file system", labels=["path"])
             total.add_metric([data_dir], space.total_bytes)
@@ -264,34 +328,59 @@ class _StoreCollector:
         service's statistics(): counts since the server started, and the window now."""
         labels = ["group", "topic", "partition"]
         in_flight = GaugeMetricFamily("nodi_queue_in_flight", "Messages leased to consumers", labels=labels)
-        pending = GaugeMetricFamily("nodi_queue_pending", "Messages in the window not yet done "
-                                                          "(leased, waiting to be delivered again, or"
-                                                          " to be dead-lettered)", labels=labels)
+        pending = GaugeMetricFamily(
+            "nodi_queue_pending",
+            "Messages in the window not yet done (leased, waiting to be delivered again, or to be dead-lettered)",
+            labels=labels,
+        )
         floor = GaugeMetricFamily("nodi_queue_ack_floor", "Every offset below is done", labels=labels)
         delivered = CounterMetricFamily("nodi_queue_delivered", "Deliveries handed out", labels=labels)
         redelivered = CounterMetricFamily("nodi_queue_redelivered", "Deliveries after a message's first", labels=labels)
         acked = CounterMetricFamily("nodi_queue_acked", "Messages acked", labels=labels)
         nacked = CounterMetricFamily("nodi_queue_nacked", "Nacks", labels=labels)
         expired = CounterMetricFamily("nodi_queue_lease_expired", "Leases that ran out unsettled", labels=labels)
-        dead = CounterMetricFamily("nodi_queue_dead_lettered", "Messages copied to the dead-letter topic"
-                                                               " (and acked)", labels=labels)
-        ttl = CounterMetricFamily("nodi_queue_expired", "Messages whose TTL passed before delivery "
-                                                        "(dropped, or dead-lettered with reason "
-                                                        "expired)", labels=labels)
-        stale = CounterMetricFamily("nodi_queue_stale_settles",
-                                    "Settles of a delivery that was delivered again (the consumer lost the race)",
-                                    labels=labels)
-        extended = CounterMetricFamily("nodi_queue_leases_extended",
-                                       "In-progress settles: leases a consumer started again", labels=labels)
-        rounds = CounterMetricFamily("nodi_queue_timer_rounds", "Rounds of the lease timer (it runs out "
-                                                                "leases and not-before times, writes dead"
-                                                                " letters)")
-        visited = CounterMetricFamily("nodi_queue_timer_groups_visited",
-                                      "Queue groups those rounds visited: only the ones changed since"
-                                      " the last round or with a deadline due, so per round it "
-                                      "follows the traffic, not the number of groups")
-        families = (in_flight, pending, floor, delivered, redelivered, acked, nacked, expired, dead, ttl,
-                    stale, extended, rounds, visited)
+        dead = CounterMetricFamily(
+            "nodi_queue_dead_lettered", "Messages copied to the dead-letter topic (and acked)", labels=labels
+        )
+        ttl = CounterMetricFamily(
+            "nodi_queue_expired",
+            "Messages whose TTL passed before delivery (dropped, or dead-lettered with reason expired)",
+            labels=labels,
+        )
+        stale = CounterMetricFamily(
+            "nodi_queue_stale_settles",
+            "Settles of a delivery that was delivered again (the consumer lost the race)",
+            labels=labels,
+        )
+        extended = CounterMetricFamily(
+            "nodi_queue_leases_extended", "In-progress settles: leases a consumer started again", labels=labels
+        )
+        rounds = CounterMetricFamily(
+            "nodi_queue_timer_rounds",
+            "Rounds of the lease timer (it runs out leases and not-before times, writes dead letters)",
+        )
+        visited = CounterMetricFamily(
+            "nodi_queue_timer_groups_visited",
+            "Queue groups those rounds visited: only the ones changed since"
+            " the last round or with a deadline due, so per round it "
+            "follows the traffic, not the number of groups",
+        )
+        families = (
+            in_flight,
+            pending,
+            floor,
+            delivered,
+            redelivered,
+            acked,
+            nacked,
+            expired,
+            dead,
+            ttl,
+            stale,
+            extended,
+            rounds,
+            visited,
+        )
         broker = self.server.broker
         if broker is not None:
             statistics = broker.queues.statistics()
@@ -320,11 +409,13 @@ class _StoreCollector:
         statistics()."""
         inboxes = GaugeMetricFamily("nodi_inboxes", "Inboxes open")
         delivered = CounterMetricFamily("nodi_replies_delivered", "Reply batches put in an inbox")
-        dropped = CounterMetricFamily("nodi_replies_dropped", "Reply batches for an inbox that was gone"
-                                                              " (closed, idle, from before a restart) "
-                                                              "or full")
-        expired = CounterMetricFamily("nodi_inboxes_expired", "Inboxes closed because nobody polled "
-                                                              "them for `inbox_idle_timeout_ms`")
+        dropped = CounterMetricFamily(
+            "nodi_replies_dropped",
+            "Reply batches for an inbox that was gone (closed, idle, from before a restart) or full",
+        )
+        expired = CounterMetricFamily(
+            "nodi_inboxes_expired", "Inboxes closed because nobody polled them for `inbox_idle_timeout_ms`"
+        )
         broker = self.server.broker
         if broker is not None:
             statistics = broker.inboxes.statistics()
@@ -338,18 +429,25 @@ class _StoreCollector:
         """Compaction of compacted topics' partitions (nodi_compaction_*), from the
         compactor's statistics() and each log's dirty ratio."""
         labels = ["topic", "partition"]
-        runs = CounterMetricFamily("nodi_compaction_runs", "Compaction runs completed (background and"
-                                                           " `nodi compact`)", labels=labels)
-        failures = CounterMetricFamily("nodi_compaction_failures", "Runs that failed (a corrupt batch, an "
-                                                                   "I/O error) or were cancelled at shutdown", labels=labels)
-        reclaimed = CounterMetricFamily("nodi_compaction_bytes_reclaimed", "Segment bytes compaction removed", labels=labels)
+        runs = CounterMetricFamily(
+            "nodi_compaction_runs", "Compaction runs completed (background and `nodi compact`)", labels=labels
+        )
+        failures = CounterMetricFamily(
+            "nodi_compaction_failures",
+            "Runs that failed (a corrupt batch, an I/O error) or were cancelled at shutdown",
+            labels=labels,
+        )
+        reclaimed = CounterMetricFamily(
+            "nodi_compaction_bytes_reclaimed", "Segment bytes compaction removed", labels=labels
+        )
         removed = CounterMetricFamily(
             "nodi_compaction_records_removed", "Superseded records and expired tombstones removed", labels=labels
         )
         seconds = CounterMetricFamily("nodi_compaction_seconds", "Time spent compacting", labels=labels)
         dirty = GaugeMetricFamily(
-            "nodi_compaction_dirty_ratio", "Share of sealed bytes written since the last run (the "
-                                           "background job's trigger)", labels=labels
+            "nodi_compaction_dirty_ratio",
+            "Share of sealed bytes written since the last run (the background job's trigger)",
+            labels=labels,
         )
         store, broker = self.server.store, self.server.broker
         if store is not None and broker is not None:
@@ -373,29 +471,37 @@ class _StoreCollector:
                     log.warning("dirty ratio of %s-%d not collected: %s", topic, partition, error)
         yield from (runs, failures, reclaimed, removed, seconds, dirty)
 
-
     def _dedup_families(self):
         """Publish dedup (nodi_dedup_*), from the broker's PublishDedup.statistics()."""
         broker = self.server.broker
         if broker is None:
             return
         statistics = broker.dedup.statistics()
-        yield GaugeMetricFamily("nodi_dedup_keys", "Idempotency keys remembered now, over every topic"
-                                                   " (at most 100,000 per topic)", value=statistics.keys)
-        yield CounterMetricFamily("nodi_dedup_duplicates", "Produced records not written because "
-                                                           "their key was seen within the window",
-                                  value=statistics.duplicates)
-        yield CounterMetricFamily("nodi_dedup_partly_duplicate_requests", "Produce requests answered "
-                                                                          "PARTLY_DUPLICATE (the producer resent "
-                                                                          "the rest)",
-                                  value=statistics.partly_duplicate_requests)
-        yield CounterMetricFamily("nodi_dedup_batches_decoded", "Produced batches decoded because they "
-                                                                "hold an idempotency key",
-                                  value=statistics.batches_decoded)
-        yield CounterMetricFamily("nodi_dedup_evicted_early", "Keys forgotten before their window ended"
-                                                              " (the per-topic limit of 100,000): "
-                                                              "shorten the window",
-                                  value=statistics.evicted_early)
+        yield GaugeMetricFamily(
+            "nodi_dedup_keys",
+            "Idempotency keys remembered now, over every topic (at most 100,000 per topic)",
+            value=statistics.keys,
+        )
+        yield CounterMetricFamily(
+            "nodi_dedup_duplicates",
+            "Produced records not written because their key was seen within the window",
+            value=statistics.duplicates,
+        )
+        yield CounterMetricFamily(
+            "nodi_dedup_partly_duplicate_requests",
+            "Produce requests answered PARTLY_DUPLICATE (the producer resent the rest)",
+            value=statistics.partly_duplicate_requests,
+        )
+        yield CounterMetricFamily(
+            "nodi_dedup_batches_decoded",
+            "Produced batches decoded because they hold an idempotency key",
+            value=statistics.batches_decoded,
+        )
+        yield CounterMetricFamily(
+            "nodi_dedup_evicted_early",
+            "Keys forgotten before their window ended (the per-topic limit of 100,000): shorten the window",
+            value=statistics.evicted_early,
+        )
 
 
 class Metrics:
@@ -405,31 +511,52 @@ class Metrics:
         self.port = port
         self.registry = CollectorRegistry()
         self._http: WSGIServer | None = None
-        self.requests = Counter("nodi_requests", "Requests answered, by API and error code (`none` on"
-                                                 " success)", ["api", "error"], registry=self.registry)
-        self.errors = Counter("nodi_errors", "Errors answered or closing a connection, by error code "
-                                             "(lower-case name)", ["code"], registry=self.registry)
+        self.requests = Counter(
+            "nodi_requests",
+            "Requests answered, by API and error code (`none` on success)",
+            ["api", "error"],
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "nodi_errors",
+            "Errors answered or closing a connection, by error code (lower-case name)",
+            ["code"],
+            registry=self.registry,
+        )
         self.latency = Histogram(
-            "nodi_request_latency_seconds", "Request decoded to reply ready, every API", ["api"],
-            buckets=LATENCY_BUCKETS_S, registry=self.registry,
+            "nodi_request_latency_seconds",
+            "Request decoded to reply ready, every API",
+            ["api"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
         )
         self.produce_latency = Histogram(
-            "nodi_produce_latency_seconds", "Produce decoded to reply ready; `acks=\"durable\"` "
-                                            "includes the fsync (group commit)",
-            ["topic", "acks"], buckets=LATENCY_BUCKETS_S, registry=self.registry,
+            "nodi_produce_latency_seconds",
+            'Produce decoded to reply ready; `acks="durable"` includes the fsync (group commit)',
+            ["topic", "acks"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
         )
         self.fetch_latency = Histogram(
-            "nodi_fetch_latency_seconds", "Fetch decoded to reply ready, long-poll wait included (an "
-                                          "idle consumer's fetches take `wait_ms`)",
-            ["topic"], buckets=LATENCY_BUCKETS_S, registry=self.registry,
+            "nodi_fetch_latency_seconds",
+            "Fetch decoded to reply ready, long-poll wait included (an idle consumer's fetches take `wait_ms`)",
+            ["topic"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
         )
-        self.messages_in = Counter("nodi_messages_in", "Records appended (offsets taken)", ["topic"], registry=self.registry)
+        self.messages_in = Counter(
+            "nodi_messages_in", "Records appended (offsets taken)", ["topic"], registry=self.registry
+        )
         self.bytes_in = Counter("nodi_bytes_in", "Record batch bytes appended", ["topic"], registry=self.registry)
         self.messages_out = Counter(
-            "nodi_messages_out", "Records in the batches sent to consumers (whole batches: a fetch "
-                                 "from inside a batch counts all of it)", ["topic"], registry=self.registry
+            "nodi_messages_out",
+            "Records in the batches sent to consumers (whole batches: a fetch from inside a batch counts all of it)",
+            ["topic"],
+            registry=self.registry,
         )
-        self.bytes_out = Counter("nodi_bytes_out", "Record batch bytes sent to consumers", ["topic"], registry=self.registry)
+        self.bytes_out = Counter(
+            "nodi_bytes_out", "Record batch bytes sent to consumers", ["topic"], registry=self.registry
+        )
         self._api_names = {api.request: api.key.name.lower() for api in m.APIS}
 
     def listen(self) -> None:
@@ -445,8 +572,9 @@ class Metrics:
         self.listen()
         self.registry.register(_StoreCollector(server))
         if self._http is not None:
-            log.info("metrics on http://%s:%d/metrics", self.host, self.port,
-                     extra={"host": self.host, "port": self.port})
+            log.info(
+                "metrics on http://%s:%d/metrics", self.host, self.port, extra={"host": self.host, "port": self.port}
+            )
 
     def stop(self) -> None:
         if self._http is not None:

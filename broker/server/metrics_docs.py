@@ -27,17 +27,34 @@ from pathlib import Path
 # the name prefixes that put a family there). The last section takes every family no
 # other prefix claims.
 SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("Requests, throughput, errors", "", (
-        "nodi_requests", "nodi_errors", "nodi_request_", "nodi_produce_", "nodi_fetch_", "nodi_messages_",
-        "nodi_bytes_",
-    )),
+    (
+        "Requests, throughput, errors",
+        "",
+        (
+            "nodi_requests",
+            "nodi_errors",
+            "nodi_request_",
+            "nodi_produce_",
+            "nodi_fetch_",
+            "nodi_messages_",
+            "nodi_bytes_",
+        ),
+    ),
     ("Partition logs, fsync, group commit", "", ("nodi_log_", "nodi_partition_", "nodi_fsync", "nodi_group_commit")),
     ("Metadata store", "", ("nodi_metadata_",)),
-    ("Consumers and stream groups", "Handover figures are since the server started, per group.", ("nodi_consumer_", "nodi_group_")),
+    (
+        "Consumers and stream groups",
+        "Handover figures are since the server started, per group.",
+        ("nodi_consumer_", "nodi_group_"),
+    ),
     ("Queue groups", "Counts are since the server started; the window figures are now.", ("nodi_queue_",)),
     ("Request-reply inboxes", 'In memory, see docs/guarantees.md "Request-reply".', ("nodi_inboxes", "nodi_replies_")),
-    ("Compaction", "Partitions of topics with cleanup policy `compact` or `compact,delete`; counts are since\n"
-     "the server started (the compactor's statistics()).", ("nodi_compaction_",)),
+    (
+        "Compaction",
+        "Partitions of topics with cleanup policy `compact` or `compact,delete`; counts are since\n"
+        "the server started (the compactor's statistics()).",
+        ("nodi_compaction_",),
+    ),
     ("Publish dedup", 'Counts are since the server started (docs/guarantees.md, "Publish dedup").', ("nodi_dedup_",)),
     ("Server, connections, disk", "", ()),
 )

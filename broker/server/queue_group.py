@@ -18,8 +18,15 @@ class QueueGroup:
     the server last staged them; `on_change` (the server's) is called with the group each
     time a partition is marked, so the server finds the changed groups without a scan."""
 
-    def __init__(self, group: str, topic: str, settings: QueueSettings, limits: QueueLimits,
-                 partitions: int = 0, on_change: Callable[[QueueGroup], None] = lambda group: None) -> None:
+    def __init__(
+        self,
+        group: str,
+        topic: str,
+        settings: QueueSettings,
+        limits: QueueLimits,
+        partitions: int = 0,
+        on_change: Callable[[QueueGroup], None] = lambda group: None,
+    ) -> None:
         self.group = group
         self.topic = topic
         self.key = (group, topic)
@@ -81,8 +88,16 @@ class QueueGroup:
     def has_available(self, now_ms: int) -> bool:
         return any(queue.has_available(now_ms) for queue in self.partitions)
 
-    def settle(self, action: SettleAction, partition: int, offset: int, delivery_count: int, now_ms: int,
-               delay_ms: int | None = None, text: str | None = None) -> int:
+    def settle(
+        self,
+        action: SettleAction,
+        partition: int,
+        offset: int,
+        delivery_count: int,
+        now_ms: int,
+        delay_ms: int | None = None,
+        text: str | None = None,
+    ) -> int:
         """Apply one settle; raises a ProtocolError (never closing) for one that cannot
         be applied. Returns the new lease deadline for IN_PROGRESS, else 0."""
         queue = self.partition(partition)
@@ -146,10 +161,18 @@ class QueueGroup:
             return sum(getattr(queue, name) for queue in parts)
 
         return QueueGroupStatistics(
-            group=self.group, topic=self.topic, settings=self.settings,
+            group=self.group,
+            topic=self.topic,
+            settings=self.settings,
             partitions=tuple(queue.statistics() for queue in parts),
-            delivered=total("delivered"), redelivered=total("redelivered"), acked=total("acked"),
-            nacked=total("nacked"), expired_leases=total("expired_leases"),
-            dead_lettered=total("dead_letters_written"), skipped=total("skipped"), expired=total("expired"),
-            stale_settles=total("stale_settles"), leases_extended=total("leases_extended"),
+            delivered=total("delivered"),
+            redelivered=total("redelivered"),
+            acked=total("acked"),
+            nacked=total("nacked"),
+            expired_leases=total("expired_leases"),
+            dead_lettered=total("dead_letters_written"),
+            skipped=total("skipped"),
+            expired=total("expired"),
+            stale_settles=total("stale_settles"),
+            leases_extended=total("leases_extended"),
         )

@@ -90,8 +90,11 @@ TIMER_INTERVAL_MAX_S = 0.5
 
 def _record_bytes(record: NewRecord) -> int:
     """Key, value and header bytes: what record_bytes_max bounds."""
-    return len(record.key or b"") + len(record.value or b"") + sum(
-        len(name.encode()) + len(value or b"") for name, value in record.headers)
+    return (
+        len(record.key or b"")
+        + len(record.value or b"")
+        + sum(len(name.encode()) + len(value or b"") for name, value in record.headers)
+    )
 
 
 # Per-record framing in a batch (length, attributes, deltas, lengths: varints), at most.
@@ -110,8 +113,13 @@ def _chunks(items: list, limits: RecordLimits) -> list[list]:
     for letter, copy in items:
         size = _record_bytes(copy)
         if size > limits.record_bytes_max or size + _RECORD_OVERHEAD_BYTES > budget:
-            log.error("dead-letter copy of partition %d offset %d is %d bytes, over the log's limits: "
-                      "written without its value", letter.partition, letter.offset, size)
+            log.error(
+                "dead-letter copy of partition %d offset %d is %d bytes, over the log's limits: "
+                "written without its value",
+                letter.partition,
+                letter.offset,
+                size,
+            )
             copy = copy._replace(value=None, headers=[*copy.headers, (DLQ_VALUE_OMITTED, b"1")])
             size = _record_bytes(copy)
         size += _RECORD_OVERHEAD_BYTES
@@ -159,13 +167,21 @@ def settings_to_wire(settings: QueueSettings) -> m.QueueGroupSettings:
     if backoff.delays_ms:
         wire_backoff = m.QueueBackoff(kind=m.BackoffKind.DELAYS, delays_ms=list(backoff.delays_ms))
     else:
-        wire_backoff = m.QueueBackoff(kind=m.BackoffKind.EXPONENTIAL, base_ms=backoff.base_ms,
-                                      multiplier_percent=backoff.multiplier_percent, max_ms=backoff.max_ms,
-                                      jitter_percent=backoff.jitter_percent)
+        wire_backoff = m.QueueBackoff(
+            kind=m.BackoffKind.EXPONENTIAL,
+            base_ms=backoff.base_ms,
+            multiplier_percent=backoff.multiplier_percent,
+            max_ms=backoff.max_ms,
+            jitter_percent=backoff.jitter_percent,
+        )
     expired = m.ExpiredAction.DEAD_LETTER if settings.expired == "dead-letter" else m.ExpiredAction.DROP
-    return m.QueueGroupSettings(ack_wait_ms=settings.ack_wait_ms, max_deliveries=settings.max_deliveries,
-                                backoff=wire_backoff, dead_letter_topic=settings.dead_letter_topic,
-                                expired=expired)
+    return m.QueueGroupSettings(
+        ack_wait_ms=settings.ack_wait_ms,
+        max_deliveries=settings.max_deliveries,
+        backoff=wire_backoff,
+        dead_letter_topic=settings.dead_letter_topic,
+        expired=expired,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,8 +197,9 @@ class QueueService:
         limits.validate()
         self.broker = broker
         self.store = broker.store
-        worst_state_bytes = state_bytes_max(limits.window_messages_max, limits.error_text_bytes_max,
-                                            limits.backoff_delays_max)
+        worst_state_bytes = state_bytes_max(
+            limits.window_messages_max, limits.error_text_bytes_max, limits.backoff_delays_max
+        )
         if worst_state_bytes > self.store.metadata.limits.queue_state_bytes_max:
             raise InvalidConfigError(
                 f"queues.window_messages_max {limits.window_messages_max} with error_text_bytes_max "
@@ -241,22 +258,34 @@ class QueueService:
         try:
             decoded = decode_partition(entry.state)
         except QueueStateError as error:
-            log.error("queue group %s on %s-%d: dropping unreadable state (%s); its messages are delivered again",
-                      entry.group, entry.topic, entry.partition, error)
+            log.error(
+                "queue group %s on %s-%d: dropping unreadable state (%s); its messages are delivered again",
+                entry.group,
+                entry.topic,
+                entry.partition,
+                error,
+            )
             return
         key = (entry.group, entry.topic)
         group = self.groups.get(key)
         if group is None:
-            group = self.groups[key] = QueueGroup(entry.group, entry.topic, decoded.settings, self.limits,
-                                                  on_change=self._changed)
+            group = self.groups[key] = QueueGroup(
+                entry.group, entry.topic, decoded.settings, self.limits, on_change=self._changed
+            )
         group.ensure_partitions(config.partitions)
         partition_log = self.store.log(entry.topic, entry.partition)
         end = partition_log.readable_end_offset
         next_offset = min(decoded.next_offset, end)
         floor = min(decoded.floor, next_offset)
         if next_offset < decoded.next_offset:
-            log.warning("queue group %s on %s-%d: the log ends at %d, before the group's next offset %d",
-                        entry.group, entry.topic, entry.partition, end, decoded.next_offset)
+            log.warning(
+                "queue group %s on %s-%d: the log ends at %d, before the group's next offset %d",
+                entry.group,
+                entry.topic,
+                entry.partition,
+                end,
+                decoded.next_offset,
+            )
         queue = PartitionQueue(entry.partition, group.settings, self.limits, floor, next_offset)
         queue.set_log_bounds(partition_log.log_start_offset, end)
         for delivery in decoded.deliveries:
@@ -264,8 +293,14 @@ class QueueService:
                 queue.restore(delivery, now)
         in_doubt = queue.restore_reserved(decoded.reservation_end, now)
         if in_doubt:
-            log.info("queue group %s on %s-%d: %d offset(s) of the delivery reservation counted as delivered "
-                     "once (an unclean stop)", entry.group, entry.topic, entry.partition, in_doubt)
+            log.info(
+                "queue group %s on %s-%d: %d offset(s) of the delivery reservation counted as delivered "
+                "once (an unclean stop)",
+                entry.group,
+                entry.topic,
+                entry.partition,
+                in_doubt,
+            )
         group.partitions[entry.partition] = queue
         if in_doubt:
             group.mark_dirty(entry.partition)
@@ -280,12 +315,18 @@ class QueueService:
         group = self.groups.get(key)
         if group is None:
             if wire is None:
-                raise ProtocolError(ErrorCode.UNKNOWN_QUEUE_GROUP,
-                                    f"no queue group {group_name!r} on topic {topic!r}", closes_connection=False)
+                raise ProtocolError(
+                    ErrorCode.UNKNOWN_QUEUE_GROUP,
+                    f"no queue group {group_name!r} on topic {topic!r}",
+                    closes_connection=False,
+                )
             check_group_name(group_name, self.store.metadata.limits.group_name_bytes_max)
             if len(self.groups) >= self.limits.queue_groups_max:
-                raise ProtocolError(ErrorCode.LIMIT_EXCEEDED,
-                                    f"queue_groups_max {self.limits.queue_groups_max} reached", closes_connection=False)
+                raise ProtocolError(
+                    ErrorCode.LIMIT_EXCEEDED,
+                    f"queue_groups_max {self.limits.queue_groups_max} reached",
+                    closes_connection=False,
+                )
             settings = settings_from_wire(wire, QueueSettings())
             settings.validate(self.limits)
             validate_topic_name(settings.dead_letter_topic_for(topic))
@@ -298,7 +339,8 @@ class QueueService:
                 raise ProtocolError(
                     ErrorCode.QUEUE_SETTINGS_MISMATCH,
                     f"queue group {group_name!r} on {topic!r} has settings {group.settings}; the request asks "
-                    f"for {wanted}", closes_connection=False,
+                    f"for {wanted}",
+                    closes_connection=False,
                 )
         group.ensure_partitions(config.partitions)
         return group
@@ -340,8 +382,9 @@ class QueueService:
                             self._notify(group)
                             raise
                     batch = build_batch(records, limits=RecordLimits(batch_bytes_max=budget, record_bytes_max=budget))
-                    return Reply(m.QueueReceiveResponse(
-                        request_id=request.request_id, deliveries=deliveries, records=batch))
+                    return Reply(
+                        m.QueueReceiveResponse(request_id=request.request_id, deliveries=deliveries, records=batch)
+                    )
                 continue  # every one was a gap or not due: look again
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -380,8 +423,9 @@ class QueueService:
             if not future.done():
                 future.set_result(None)
 
-    async def _collect(self, group: QueueGroup, taken: list[Taken], budget: int,
-                 now: int) -> tuple[list[m.QueueDelivery], list[NewRecord]]:
+    async def _collect(
+        self, group: QueueGroup, taken: list[Taken], budget: int, now: int
+    ) -> tuple[list[m.QueueDelivery], list[NewRecord]]:
         """Read the records of `taken`. Offsets with no record are skipped (done); a
         message whose TTL (its header, else the topic's ttl_ms) has passed is expired; one
         whose not-before header is ahead of `now` is deferred to it; what does not fit
@@ -424,15 +468,23 @@ class QueueService:
                 continue
             used += size
             run = runs[-1] if runs else None
-            if (run is not None and run[0] == item.partition and run[1] + run[4] == item.offset
-                    and run[2] == item.delivery_count and run[3] == item.lease_deadline_ms):
+            if (
+                run is not None
+                and run[0] == item.partition
+                and run[1] + run[4] == item.offset
+                and run[2] == item.delivery_count
+                and run[3] == item.lease_deadline_ms
+            ):
                 run[4] += 1  # consecutive: one entry on the wire
             else:
                 runs.append([item.partition, item.offset, item.delivery_count, item.lease_deadline_ms, 1])
             records.append(NewRecord(record.key, record.value, record.headers, record.timestamp_ms))
-        deliveries = [m.QueueDelivery(partition=partition, offset=offset, delivery_count=count,
-                                      lease_deadline_ms=deadline, count=length)
-                      for partition, offset, count, deadline, length in runs]
+        deliveries = [
+            m.QueueDelivery(
+                partition=partition, offset=offset, delivery_count=count, lease_deadline_ms=deadline, count=length
+            )
+            for partition, offset, count, deadline, length in runs
+        ]
         group.release(unsent)
         failures = [r for r in found.values() if isinstance(r, Exception)]
         if not deliveries and failures:
@@ -521,8 +573,10 @@ class QueueService:
                 code = ErrorCode.NONE
                 deadline = m.NO_OFFSET
                 try:
-                    deadline = group.settle(item.action, item.partition, offset, item.delivery_count, now,
-                                            delay, item.text) or m.NO_OFFSET
+                    deadline = (
+                        group.settle(item.action, item.partition, offset, item.delivery_count, now, delay, item.text)
+                        or m.NO_OFFSET
+                    )
                     changed = True
                 except ProtocolError as error:
                     code = error.code
@@ -531,8 +585,12 @@ class QueueService:
                     run[4] += 1  # the same outcome as the offset before: one result on the wire
                 else:
                     runs.append([item.partition, offset, code, deadline, 1])
-        results = [m.SettleResult(partition=partition, offset=offset, error_code=code, lease_deadline_ms=deadline,
-                                  count=length) for partition, offset, code, deadline, length in runs]
+        results = [
+            m.SettleResult(
+                partition=partition, offset=offset, error_code=code, lease_deadline_ms=deadline, count=length
+            )
+            for partition, offset, code, deadline, length in runs
+        ]
         if changed:
             self._notify(group)
             self._wake.set()
@@ -543,17 +601,31 @@ class QueueService:
         group = self._group_for(request.group, request.topic, None)
         self._refresh(group)
         statistics = group.statistics()
-        return Reply(m.QueueDescribeResponse(
-            request_id=request.request_id,
-            settings=settings_to_wire(group.settings),
-            dead_letter_topic=group.settings.dead_letter_topic_for(group.topic),
-            partitions=[m.QueuePartitionState(partition=p.partition, ack_floor=p.floor, next_offset=p.next_offset,
-                                              pending=p.pending, leased=p.leased, dead_letters_pending=p.dead)
-                        for p in statistics.partitions],
-            delivered=statistics.delivered, redelivered=statistics.redelivered, acked=statistics.acked,
-            nacked=statistics.nacked, expired_leases=statistics.expired_leases,
-            dead_lettered=statistics.dead_lettered, expired=statistics.expired,
-        ))
+        return Reply(
+            m.QueueDescribeResponse(
+                request_id=request.request_id,
+                settings=settings_to_wire(group.settings),
+                dead_letter_topic=group.settings.dead_letter_topic_for(group.topic),
+                partitions=[
+                    m.QueuePartitionState(
+                        partition=p.partition,
+                        ack_floor=p.floor,
+                        next_offset=p.next_offset,
+                        pending=p.pending,
+                        leased=p.leased,
+                        dead_letters_pending=p.dead,
+                    )
+                    for p in statistics.partitions
+                ],
+                delivered=statistics.delivered,
+                redelivered=statistics.redelivered,
+                acked=statistics.acked,
+                nacked=statistics.nacked,
+                expired_leases=statistics.expired_leases,
+                dead_lettered=statistics.dead_lettered,
+                expired=statistics.expired,
+            )
+        )
 
     async def list(self, request: m.QueueListRequest) -> Reply:
         summaries = []
@@ -561,16 +633,25 @@ class QueueService:
             if request.topic is not None and topic != request.topic:
                 continue
             partitions = [queue.statistics() for queue in group.partitions]
-            summaries.append(m.QueueGroupSummary(
-                group=name, topic=topic, dead_letter_topic=group.settings.dead_letter_topic_for(topic),
-                pending=sum(p.pending for p in partitions), leased=sum(p.leased for p in partitions),
-                dead_letters_pending=sum(p.dead for p in partitions),
-            ))
+            summaries.append(
+                m.QueueGroupSummary(
+                    group=name,
+                    topic=topic,
+                    dead_letter_topic=group.settings.dead_letter_topic_for(topic),
+                    pending=sum(p.pending for p in partitions),
+                    leased=sum(p.leased for p in partitions),
+                    dead_letters_pending=sum(p.dead for p in partitions),
+                )
+            )
         return Reply(m.QueueListResponse(request_id=request.request_id, groups=summaries))
 
     def statistics(self) -> QueueServiceStatistics:
-        return QueueServiceStatistics(tuple(group.statistics() for _, group in sorted(self.groups.items())),
-                                      self.dead_letter_failures, self.timer_rounds, self.timer_groups_visited)
+        return QueueServiceStatistics(
+            tuple(group.statistics() for _, group in sorted(self.groups.items())),
+            self.dead_letter_failures,
+            self.timer_rounds,
+            self.timer_groups_visited,
+        )
 
     def on_topic_deleted(self, topic: str) -> None:
         with self._batches_lock:
@@ -729,8 +810,14 @@ class QueueService:
                 retry_at = time.monotonic() + delay
                 self._dead_letter_backoff[key] = (retry_at, delay)
                 self._schedule_retry(group, retry_at)
-                log.warning("queue group %s on %s: dead-lettering %d message(s) failed, retrying in %.0f s: %s",
-                            group.group, group.topic, len(letters), delay, error)
+                log.warning(
+                    "queue group %s on %s: dead-lettering %d message(s) failed, retrying in %.0f s: %s",
+                    group.group,
+                    group.topic,
+                    len(letters),
+                    delay,
+                    error,
+                )
             else:
                 self._dead_letter_backoff.pop(key, None)
                 if len(letters) == DEAD_LETTERS_PER_PASS:
@@ -741,8 +828,9 @@ class QueueService:
         """Append the copies, wait until they are durable, then ack them in the source."""
         topic = group.settings.dead_letter_topic_for(group.topic)
         partitions = await self._dead_letter_partitions(topic, len(group.partitions))
-        found = await asyncio.to_thread(self._read_records, group.topic,
-                                        [(letter.partition, letter.offset) for letter in letters])
+        found = await asyncio.to_thread(
+            self._read_records, group.topic, [(letter.partition, letter.offset) for letter in letters]
+        )
         failures = [r for r in found.values() if isinstance(r, Exception)]
         if failures:
             raise failures[0]

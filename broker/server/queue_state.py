@@ -49,23 +49,39 @@ ENTRY_BYTES = _ENTRY.size  # per pending message, before its error text
 def state_bytes_max(window_messages_max: int, error_text_bytes_max: int, backoff_delays_max: int) -> int:
     """The largest value a partition's state can encode to under these limits (the
     settings JSON: under 2 KiB plus at most 12 bytes per backoff delay)."""
-    return (_STATE_HEADER.size + _COUNT.size + 2048 + 12 * backoff_delays_max
-            + window_messages_max * (ENTRY_BYTES + error_text_bytes_max))
+    return (
+        _STATE_HEADER.size
+        + _COUNT.size
+        + 2048
+        + 12 * backoff_delays_max
+        + window_messages_max * (ENTRY_BYTES + error_text_bytes_max)
+    )
 
 
 def encode_partition(queue: PartitionQueue) -> bytes:
     settings = queue.settings.to_json()
     reserved = max(queue.reserved_offset, queue.next_offset)
-    parts = [_STATE_HEADER.pack(QUEUE_STATE_VERSION, queue.floor, queue.next_offset, reserved, len(settings)),
-             settings, _COUNT.pack(len(queue.pending))]
+    parts = [
+        _STATE_HEADER.pack(QUEUE_STATE_VERSION, queue.floor, queue.next_offset, reserved, len(settings)),
+        settings,
+        _COUNT.pack(len(queue.pending)),
+    ]
     pack = _ENTRY.pack
     for offset in sorted(queue.pending):
         delivery = queue.pending[offset]
-        not_before = (delivery.lease_deadline_ms if delivery.state is DeliveryState.LEASED
-                      else delivery.not_before_ms)
+        not_before = delivery.lease_deadline_ms if delivery.state is DeliveryState.LEASED else delivery.not_before_ms
         error = delivery.last_error.encode("utf-8")
-        parts.append(pack(offset, delivery.delivery_count, delivery.first_delivery_ms,
-                          delivery.last_delivery_ms, not_before, delivery.reason, len(error)))
+        parts.append(
+            pack(
+                offset,
+                delivery.delivery_count,
+                delivery.first_delivery_ms,
+                delivery.last_delivery_ms,
+                not_before,
+                delivery.reason,
+                len(error),
+            )
+        )
         parts.append(error)
     return b"".join(parts)
 
@@ -100,8 +116,9 @@ def decode_partition(data: bytes) -> DecodedPartition:
         else:
             raise QueueStateError(f"format_version {version}, expected 1 or {QUEUE_STATE_VERSION}")
         if not 0 <= floor <= next_offset <= reserved:
-            raise QueueStateError(f"floor {floor}, next_offset {next_offset} and reserved_offset {reserved} "
-                                  "out of order")
+            raise QueueStateError(
+                f"floor {floor}, next_offset {next_offset} and reserved_offset {reserved} out of order"
+            )
         settings = QueueSettings.from_json(data[position : position + settings_length])
         position += settings_length
         (count,) = _COUNT.unpack_from(data, position)

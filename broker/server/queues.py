@@ -101,8 +101,18 @@ class DeliveryState(enum.IntEnum):
 class Delivery:
     """A message of the window that is not done."""
 
-    __slots__ = ("offset", "delivery_count", "state", "lease_deadline_ms", "not_before_ms",
-                 "first_delivery_ms", "last_delivery_ms", "last_error", "reason", "writing")
+    __slots__ = (
+        "offset",
+        "delivery_count",
+        "state",
+        "lease_deadline_ms",
+        "not_before_ms",
+        "first_delivery_ms",
+        "last_delivery_ms",
+        "last_error",
+        "reason",
+        "writing",
+    )
 
     def __init__(self, offset: int) -> None:
         self.offset = offset
@@ -117,8 +127,10 @@ class Delivery:
         self.writing = False  # a dead-letter append is under way
 
     def __repr__(self) -> str:
-        return (f"Delivery({self.offset}, count={self.delivery_count}, {self.state.name}, "
-                f"lease={self.lease_deadline_ms}, not_before={self.not_before_ms})")
+        return (
+            f"Delivery({self.offset}, count={self.delivery_count}, {self.state.name}, "
+            f"lease={self.lease_deadline_ms}, not_before={self.not_before_ms})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,8 +205,9 @@ def settle_error(code: ErrorCode, message: str) -> ProtocolError:
 class PartitionQueue:
     """The window of one (group, topic, partition). See the module docstring."""
 
-    def __init__(self, partition: int, settings: QueueSettings, limits: QueueLimits,
-                 floor: int = 0, next_offset: int = 0) -> None:
+    def __init__(
+        self, partition: int, settings: QueueSettings, limits: QueueLimits, floor: int = 0, next_offset: int = 0
+    ) -> None:
         assert 0 <= floor <= next_offset
         self.partition = partition
         self.settings = settings
@@ -251,8 +264,7 @@ class PartitionQueue:
         while ready and len(taken) < count:
             offset = heapq.heappop(ready)
             delivery = self.pending.get(offset)
-            if (delivery is None or delivery.state is not DeliveryState.AVAILABLE
-                    or delivery.not_before_ms > now_ms):
+            if delivery is None or delivery.state is not DeliveryState.AVAILABLE or delivery.not_before_ms > now_ms:
                 continue  # stale heap entry; a not-before time has its own timer
             taken.append(self._lease(delivery, now_ms))
         end = self.window_end()
@@ -288,8 +300,7 @@ class PartitionQueue:
             return True
         for offset in self._ready:
             delivery = self.pending.get(offset)
-            if (delivery is not None and delivery.state is DeliveryState.AVAILABLE
-                    and delivery.not_before_ms <= now_ms):
+            if delivery is not None and delivery.state is DeliveryState.AVAILABLE and delivery.not_before_ms <= now_ms:
                 return True
         return False
 
@@ -316,14 +327,18 @@ class PartitionQueue:
         delivery, a message being dead-lettered, or a nack, extend or reject of one that
         is done."""
         if not 0 <= offset < self.next_offset:
-            raise settle_error(ErrorCode.UNKNOWN_DELIVERY,
-                               f"partition {self.partition} offset {offset} was never delivered to this group")
+            raise settle_error(
+                ErrorCode.UNKNOWN_DELIVERY,
+                f"partition {self.partition} offset {offset} was never delivered to this group",
+            )
         delivery = self.pending.get(offset) if offset >= self.floor else None
         if delivery is None:
             if action is SettleAction.ACK:
                 return None
-            raise settle_error(ErrorCode.DELIVERY_SETTLED,
-                               f"partition {self.partition} offset {offset} is settled already (acked or dead-lettered)")
+            raise settle_error(
+                ErrorCode.DELIVERY_SETTLED,
+                f"partition {self.partition} offset {offset} is settled already (acked or dead-lettered)",
+            )
         if delivery.delivery_count != delivery_count:
             self.stale_settles += 1
             raise settle_error(
@@ -332,8 +347,9 @@ class PartitionQueue:
                 f"the message was delivered again (delivery {delivery.delivery_count})",
             )
         if delivery.state is DeliveryState.DEAD:
-            raise settle_error(ErrorCode.DELIVERY_SETTLED,
-                               f"partition {self.partition} offset {offset} is being dead-lettered")
+            raise settle_error(
+                ErrorCode.DELIVERY_SETTLED, f"partition {self.partition} offset {offset} is being dead-lettered"
+            )
         return delivery
 
     def ack(self, offset: int, delivery_count: int) -> None:
@@ -344,8 +360,9 @@ class PartitionQueue:
         self._remove(offset)
         self._advance_floor()
 
-    def nack(self, offset: int, delivery_count: int, now_ms: int, delay_ms: int | None = None,
-             error: str | None = None) -> None:
+    def nack(
+        self, offset: int, delivery_count: int, now_ms: int, delay_ms: int | None = None, error: str | None = None
+    ) -> None:
         delivery = self._current(offset, delivery_count, SettleAction.NACK)
         assert delivery is not None
         self.nacked += 1
@@ -452,8 +469,17 @@ class PartitionQueue:
             if delivery.writing:
                 continue
             delivery.writing = True
-            out.append(DeadLetter(self.partition, offset, delivery.reason, delivery.delivery_count,
-                                  delivery.first_delivery_ms, delivery.last_delivery_ms, delivery.last_error))
+            out.append(
+                DeadLetter(
+                    self.partition,
+                    offset,
+                    delivery.reason,
+                    delivery.delivery_count,
+                    delivery.first_delivery_ms,
+                    delivery.last_delivery_ms,
+                    delivery.last_error,
+                )
+            )
         return out
 
     def dead_lettered(self, offset: int) -> None:
@@ -561,7 +587,20 @@ class PartitionQueue:
 
     def statistics(self) -> PartitionQueueStatistics:
         return PartitionQueueStatistics(
-            self.partition, self.floor, self.next_offset, len(self.pending), self.leased, len(self._dead),
-            self.delivered, self.redelivered, self.acked, self.nacked, self.expired_leases,
-            self.dead_letters_written, self.skipped, self.expired, self.stale_settles, self.leases_extended,
+            self.partition,
+            self.floor,
+            self.next_offset,
+            len(self.pending),
+            self.leased,
+            len(self._dead),
+            self.delivered,
+            self.redelivered,
+            self.acked,
+            self.nacked,
+            self.expired_leases,
+            self.dead_letters_written,
+            self.skipped,
+            self.expired,
+            self.stale_settles,
+            self.leases_extended,
         )

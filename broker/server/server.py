@@ -224,8 +224,9 @@ class ClientSession:
             try:
                 loop = asyncio.get_running_loop()
                 async with asyncio.timeout(timeout_s):
-                    await loop.sendfile(self.writer.transport, _SendfileSource(fd), piece.position, piece.length,
-                                        fallback=False)
+                    await loop.sendfile(
+                        self.writer.transport, _SendfileSource(fd), piece.position, piece.length, fallback=False
+                    )
                 return
             except (asyncio.SendfileNotAvailableError, RuntimeError, NotImplementedError):
                 self.server.sendfile = False  # this loop or transport cannot: copy from now on
@@ -338,8 +339,10 @@ class Server:
                 try:
                     self.metrics.listen()
                 except OSError as error:
-                    raise OSError(error.errno, f"cannot serve metrics on {self.metrics.host}:{self.metrics.port}: "
-                                               f"{error.strerror}") from None
+                    raise OSError(
+                        error.errno,
+                        f"cannot serve metrics on {self.metrics.host}:{self.metrics.port}: {error.strerror}",
+                    ) from None
             self.store = await asyncio.to_thread(Store.open, self.config.data_dir)
         except BaseException:
             sock.close()
@@ -413,8 +416,14 @@ class Server:
         if self._shutdown_problems:
             outcome += " (" + "; ".join(self._shutdown_problems) + ")"
         level = logging.INFO if clean else logging.ERROR
-        log.log(level, "nodi stopped: %s; shutdown took %d ms; %s", reason, shutdown_ms, outcome,
-                extra={"stop_reason": reason, "shutdown_ms": shutdown_ms, "clean": clean})
+        log.log(
+            level,
+            "nodi stopped: %s; shutdown took %d ms; %s",
+            reason,
+            shutdown_ms,
+            outcome,
+            extra={"stop_reason": reason, "shutdown_ms": shutdown_ms, "clean": clean},
+        )
 
     def _accept(self, tasks: asyncio.TaskGroup, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
@@ -471,8 +480,13 @@ class Server:
                 log.exception("retention")
                 continue
             for (topic, partition), segments in deleted.items():
-                log.info("retention deleted %d segment(s) of %s-%d", len(segments), topic, partition,
-                         extra={"topic": topic, "partition": partition, "segments": len(segments)})
+                log.info(
+                    "retention deleted %d segment(s) of %s-%d",
+                    len(segments),
+                    topic,
+                    partition,
+                    extra={"topic": topic, "partition": partition, "segments": len(segments)},
+                )
 
 
 class _Stopped(Exception):
@@ -523,7 +537,9 @@ def run(config: ServerConfig, *, announce: Callable[[str], None] = print) -> Non
 
         def ready(server: Server) -> None:
             host, port = server.address
-            announce(f"nodi listening on {host}:{port} (data dir {os.path.abspath(config.data_dir)}, pid {os.getpid()})")
+            announce(
+                f"nodi listening on {host}:{port} (data dir {os.path.abspath(config.data_dir)}, pid {os.getpid()})"
+            )
             if metrics is not None:
                 announce(f"nodi metrics on http://{host}:{metrics.port}/metrics")
 

@@ -284,8 +284,10 @@ class Broker:
         return Reply(m.DeleteTopicResponse(request_id=request.request_id))
 
     async def _list_topics(self, request: m.ListTopicsRequest) -> Reply:
-        topics = [m.TopicSummary(name=name, partitions=config.partitions)
-                  for name, config in sorted(self.store.topics().items())]
+        topics = [
+            m.TopicSummary(name=name, partitions=config.partitions)
+            for name, config in sorted(self.store.topics().items())
+        ]
         return Reply(m.ListTopicsResponse(request_id=request.request_id, topics=topics))
 
     async def _describe_topic(self, request: m.DescribeTopicRequest) -> Reply:
@@ -295,17 +297,21 @@ class Broker:
         partitions = []
         for number in range(config.partitions):
             statistics = self.store.log(request.name, number).statistics()
-            partitions.append(m.PartitionState(
-                partition=number,
-                log_start_offset=statistics.log_start_offset,
-                log_end_offset=statistics.next_offset,
-                high_watermark=self.store.log(request.name, number).readable_end_offset,
-                size_bytes=statistics.byte_count,
-                segments=statistics.segment_count,
-            ))
-        return Reply(m.DescribeTopicResponse(
-            request_id=request.request_id, name=request.name, settings=self._settings(config), partitions=partitions
-        ))
+            partitions.append(
+                m.PartitionState(
+                    partition=number,
+                    log_start_offset=statistics.log_start_offset,
+                    log_end_offset=statistics.next_offset,
+                    high_watermark=self.store.log(request.name, number).readable_end_offset,
+                    size_bytes=statistics.byte_count,
+                    segments=statistics.segment_count,
+                )
+            )
+        return Reply(
+            m.DescribeTopicResponse(
+                request_id=request.request_id, name=request.name, settings=self._settings(config), partitions=partitions
+            )
+        )
 
     def _log(self, topic: str, partition: int) -> Log:
         return self._config_and_log(topic, partition)[1]
@@ -334,29 +340,35 @@ class Broker:
             await self.wait_durable(partition_log, result, max(request.timeout_ms, 1) / 1000)
         if request.acks is m.Acks.NONE:
             return Reply(m.ProduceResponse(request_id=request.request_id))
-        return Reply(m.ProduceResponse(
-            request_id=request.request_id,
-            base_offset=result.first_offset,
-            last_offset=result.last_offset,
-            log_append_time_ms=result.log_append_time_ms,
-            log_start_offset=partition_log.log_start_offset,
-        ))
+        return Reply(
+            m.ProduceResponse(
+                request_id=request.request_id,
+                base_offset=result.first_offset,
+                last_offset=result.last_offset,
+                log_append_time_ms=result.log_append_time_ms,
+                log_start_offset=partition_log.log_start_offset,
+            )
+        )
 
     async def _produce_duplicates(self, request: m.ProduceRequest, check) -> Reply:
         """Nothing of the request is written. Every record a duplicate: a success naming
         the originals (with acks durable, once they are durable). Some new:
         PARTLY_DUPLICATE naming the duplicates; the sender sends the others again."""
         self.dedup.note_duplicates(check)
-        duplicates = [m.DuplicateRecord(index=index, partition=original.partition, offset=original.offset)
-                      for index, original in check.duplicates]
+        duplicates = [
+            m.DuplicateRecord(index=index, partition=original.partition, offset=original.offset)
+            for index, original in check.duplicates
+        ]
         if len(duplicates) < check.record_count:
-            return Reply(m.ProduceResponse(
-                request_id=request.request_id,
-                error_code=ErrorCode.PARTLY_DUPLICATE,
-                error_message=f"{len(duplicates)} of {check.record_count} records were written before: nothing "
-                              "was written; send the others again",
-                duplicates=duplicates,
-            ))
+            return Reply(
+                m.ProduceResponse(
+                    request_id=request.request_id,
+                    error_code=ErrorCode.PARTLY_DUPLICATE,
+                    error_message=f"{len(duplicates)} of {check.record_count} records were written before: nothing "
+                    "was written; send the others again",
+                    duplicates=duplicates,
+                )
+            )
         if request.acks is m.Acks.DURABLE:
             last: dict[int, int] = {}
             for _, original in check.duplicates:
@@ -369,8 +381,10 @@ class Broker:
                 try:
                     await asyncio.wait_for(asyncio.wrap_future(original_log.durable_future(offset)), timeout_s)
                 except TimeoutError:
-                    raise ProtocolError(ErrorCode.NOT_DURABLE, f"the original at {partition}/{offset} was not "
-                                        f"fsynced within {request.timeout_ms} ms") from None
+                    raise ProtocolError(
+                        ErrorCode.NOT_DURABLE,
+                        f"the original at {partition}/{offset} was not fsynced within {request.timeout_ms} ms",
+                    ) from None
         return Reply(m.ProduceResponse(request_id=request.request_id, duplicates=duplicates))
 
     async def _fetch(self, request: m.FetchRequest) -> Reply:
@@ -429,17 +443,21 @@ class Broker:
             epoch = request.producer_epoch + 1
             if epoch > 32767:
                 raise ProtocolError(ErrorCode.INVALID_PRODUCER_EPOCH, "epoch exhausted; ask for a new producer id")
-            return Reply(m.InitProducerIdResponse(
-                request_id=request.request_id, producer_id=request.producer_id, producer_epoch=epoch
-            ))
+            return Reply(
+                m.InitProducerIdResponse(
+                    request_id=request.request_id, producer_id=request.producer_id, producer_epoch=epoch
+                )
+            )
         counter = next(self._producer_ids)
         if counter >= 1 << 20:
             self._producer_id_base = max(self._producer_id_base + (1 << 20), int(time.time() * 1000) << 20)
             self._producer_ids = itertools.count(1)
             counter = 0
-        return Reply(m.InitProducerIdResponse(
-            request_id=request.request_id, producer_id=self._producer_id_base + counter, producer_epoch=0
-        ))
+        return Reply(
+            m.InitProducerIdResponse(
+                request_id=request.request_id, producer_id=self._producer_id_base + counter, producer_epoch=0
+            )
+        )
 
     # -- offsets a group has committed or could commit ---------------------------------------
 
@@ -460,20 +478,24 @@ class Broker:
 
     @staticmethod
     def _assignments(assignments: dict[str, list[int]]) -> list[m.TopicPartitions]:
-        return [m.TopicPartitions(topic=topic, partitions=list(partitions))
-                for topic, partitions in sorted(assignments.items())]
+        return [
+            m.TopicPartitions(topic=topic, partitions=list(partitions))
+            for topic, partitions in sorted(assignments.items())
+        ]
 
     async def _join_group(self, request: m.JoinGroupRequest, client_id: str) -> Reply:
         result = self.coordinator.join(
             request.group, request.member_id, client_id, request.topics, request.session_timeout_ms
         )
-        return Reply(m.JoinGroupResponse(
-            request_id=request.request_id,
-            generation=result.generation,
-            member_id=result.member_id,
-            heartbeat_interval_ms=result.heartbeat_interval_ms,
-            assignments=self._assignments(result.assignments),
-        ))
+        return Reply(
+            m.JoinGroupResponse(
+                request_id=request.request_id,
+                generation=result.generation,
+                member_id=result.member_id,
+                heartbeat_interval_ms=result.heartbeat_interval_ms,
+                assignments=self._assignments(result.assignments),
+            )
+        )
 
     async def _leave_group(self, request: m.LeaveGroupRequest) -> Reply:
         self.coordinator.leave(request.group, request.member_id)
@@ -481,13 +503,15 @@ class Broker:
 
     async def _heartbeat(self, request: m.HeartbeatRequest) -> Reply:
         result = self.coordinator.heartbeat(request.group, request.member_id, request.generation)
-        return Reply(m.HeartbeatResponse(
-            request_id=request.request_id,
-            error_code=result.error_code,
-            error_message="the group rebalanced: adopt the new assignment" if result.error_code else None,
-            generation=result.generation,
-            assignments=self._assignments(result.assignments),
-        ))
+        return Reply(
+            m.HeartbeatResponse(
+                request_id=request.request_id,
+                error_code=result.error_code,
+                error_message="the group rebalanced: adopt the new assignment" if result.error_code else None,
+                generation=result.generation,
+                assignments=self._assignments(result.assignments),
+            )
+        )
 
     def _wake_group_waiters(self, group: str) -> None:
         for future in self._group_waiters.pop(group, ()):
@@ -519,49 +543,68 @@ class Broker:
                     if not waiters:
                         del self._group_waiters[request.group]
             result = self.coordinator.heartbeat(request.group, request.member_id, request.generation)
-        return Reply(m.GroupWaitResponse(
-            request_id=request.request_id,
-            error_code=result.error_code,
-            error_message="the group rebalanced: adopt the new assignment" if result.error_code else None,
-            generation=result.generation,
-            assignments=self._assignments(result.assignments),
-        ))
+        return Reply(
+            m.GroupWaitResponse(
+                request_id=request.request_id,
+                error_code=result.error_code,
+                error_message="the group rebalanced: adopt the new assignment" if result.error_code else None,
+                generation=result.generation,
+                assignments=self._assignments(result.assignments),
+            )
+        )
 
     async def _describe_handovers(self, request: m.DescribeHandoversRequest) -> Reply:
         handovers = self.coordinator.describe(request.group).handovers
-        return Reply(m.DescribeHandoversResponse(
-            request_id=request.request_id,
-            rebalances=handovers.rebalances,
-            partitions_moved=handovers.partitions_moved,
-            handovers=handovers.handovers,
-            handovers_forced=handovers.handovers_forced,
-            handover_ms_total=handovers.handover_ms_total,
-            handover_ms_max=handovers.handover_ms_max,
-            partitions_revoking=handovers.partitions_revoking,
-            messages_redelivered=handovers.messages_redelivered,
-        ))
+        return Reply(
+            m.DescribeHandoversResponse(
+                request_id=request.request_id,
+                rebalances=handovers.rebalances,
+                partitions_moved=handovers.partitions_moved,
+                handovers=handovers.handovers,
+                handovers_forced=handovers.handovers_forced,
+                handover_ms_total=handovers.handover_ms_total,
+                handover_ms_max=handovers.handover_ms_max,
+                partitions_revoking=handovers.partitions_revoking,
+                messages_redelivered=handovers.messages_redelivered,
+            )
+        )
 
     async def _commit_offsets(self, request: m.CommitOffsetsRequest) -> Reply:
         result = self.coordinator.commit(
-            request.group, request.generation, request.member_id,
+            request.group,
+            request.generation,
+            request.member_id,
             [(o.topic, o.partition, o.offset, o.metadata) for o in request.offsets],
         )
         if result.staged:
             await self.flush_metadata()
-        return Reply(m.CommitOffsetsResponse(
-            request_id=request.request_id,
-            results=[m.PartitionError(topic=r.topic, partition=r.partition, error_code=r.error_code)
-                     for r in result.results],
-        ))
+        return Reply(
+            m.CommitOffsetsResponse(
+                request_id=request.request_id,
+                results=[
+                    m.PartitionError(topic=r.topic, partition=r.partition, error_code=r.error_code)
+                    for r in result.results
+                ],
+            )
+        )
 
     async def _fetch_offsets(self, request: m.FetchOffsetsRequest) -> Reply:
         offsets = self.coordinator.fetch_offsets(request.group, request.topics or None)
-        return Reply(m.FetchOffsetsResponse(
-            request_id=request.request_id,
-            offsets=[m.GroupOffset(topic=topic, partition=partition, offset=entry.offset,
-                                   metadata=entry.metadata, commit_time_ms=entry.commit_time_ms)
-                     for (topic, partition), entry in offsets.items()],
-        ))
+        return Reply(
+            m.FetchOffsetsResponse(
+                request_id=request.request_id,
+                offsets=[
+                    m.GroupOffset(
+                        topic=topic,
+                        partition=partition,
+                        offset=entry.offset,
+                        metadata=entry.metadata,
+                        commit_time_ms=entry.commit_time_ms,
+                    )
+                    for (topic, partition), entry in offsets.items()
+                ],
+            )
+        )
 
     async def _reset_group(self, request: m.ResetGroupRequest) -> Reply:
         value = request.timestamp_ms if request.spec is m.ResetSpec.TIMESTAMP else request.offset
@@ -572,17 +615,23 @@ class Broker:
         result = self.coordinator.reset(request.group, request.topic, request.spec, request.partitions, resolve, value)
         if result.staged:
             await self.flush_metadata()
-        return Reply(m.ResetGroupResponse(
-            request_id=request.request_id,
-            offsets=[m.PartitionOffset(partition=p, offset=o) for p, o in sorted(result.offsets.items())],
-        ))
+        return Reply(
+            m.ResetGroupResponse(
+                request_id=request.request_id,
+                offsets=[m.PartitionOffset(partition=p, offset=o) for p, o in sorted(result.offsets.items())],
+            )
+        )
 
     async def _list_groups(self, request: m.ListGroupsRequest) -> Reply:
-        return Reply(m.ListGroupsResponse(
-            request_id=request.request_id,
-            groups=[m.GroupSummary(group=g.group, state=g.state, members=g.members)
-                    for g in self.coordinator.list_groups()],
-        ))
+        return Reply(
+            m.ListGroupsResponse(
+                request_id=request.request_id,
+                groups=[
+                    m.GroupSummary(group=g.group, state=g.state, members=g.members)
+                    for g in self.coordinator.list_groups()
+                ],
+            )
+        )
 
     async def _describe_group(self, request: m.DescribeGroupRequest) -> Reply:
         description = self.coordinator.describe(request.group)
@@ -592,20 +641,32 @@ class Broker:
                 high_watermark = self.store.log(topic, partition).readable_end_offset
             except UnknownTopicError:
                 continue
-            lags.append(m.GroupLag(topic=topic, partition=partition,
-                                   committed_offset=m.NO_OFFSET if committed is None else committed.offset,
-                                   high_watermark=high_watermark))
-        return Reply(m.DescribeGroupResponse(
-            request_id=request.request_id,
-            group=description.group,
-            state=description.state,
-            generation=description.generation,
-            members=[m.GroupMember(member_id=member.member_id, client_id=member.client_id,
-                                   session_timeout_ms=member.session_timeout_ms,
-                                   assignments=self._assignments(member.assignments))
-                     for member in description.members],
-            lags=lags,
-        ))
+            lags.append(
+                m.GroupLag(
+                    topic=topic,
+                    partition=partition,
+                    committed_offset=m.NO_OFFSET if committed is None else committed.offset,
+                    high_watermark=high_watermark,
+                )
+            )
+        return Reply(
+            m.DescribeGroupResponse(
+                request_id=request.request_id,
+                group=description.group,
+                state=description.state,
+                generation=description.generation,
+                members=[
+                    m.GroupMember(
+                        member_id=member.member_id,
+                        client_id=member.client_id,
+                        session_timeout_ms=member.session_timeout_ms,
+                        assignments=self._assignments(member.assignments),
+                    )
+                    for member in description.members
+                ],
+                lags=lags,
+            )
+        )
 
     _handlers = {
         m.CreateTopicRequest: _create_topic,

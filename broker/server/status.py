@@ -84,10 +84,16 @@ def damaged_partitions(store: Store) -> list[m.DamagedPartition]:
     for topic, partition, partition_log in store.logs():
         damage = partition_log.damage
         if damage is not None:
-            found.append(m.DamagedPartition(
-                topic=topic, partition=partition, path=os.path.relpath(damage.path, store.data_dir),
-                position=damage.position, offset=damage.offset, reason=damage.reason,
-            ))
+            found.append(
+                m.DamagedPartition(
+                    topic=topic,
+                    partition=partition,
+                    path=os.path.relpath(damage.path, store.data_dir),
+                    position=damage.position,
+                    offset=damage.offset,
+                    reason=damage.reason,
+                )
+            )
     return sorted(found, key=lambda entry: (entry.topic, entry.partition))
 
 
@@ -128,21 +134,25 @@ async def serve_server_status(broker, request: m.ServerStatusRequest):
     data_dir = os.path.abspath(broker.config.data_dir)
     space = disk_space(data_dir)
     metadata = broker.store.metadata.statistics()
-    return Reply(m.ServerStatusResponse(
-        request_id=request.request_id,
-        server_id=broker.server_id,
-        version=nodi_version(),
-        started_time_ms=-1 if statistics is None else statistics.started_time_ms,
-        uptime_ms=0 if statistics is None else statistics.uptime_ms,
-        data_dir=data_dir,
-        connections_open=0 if statistics is None else statistics.connections_open,
-        connections_accepted=0 if statistics is None else statistics.connections_accepted,
-        connections_refused=0 if statistics is None else statistics.connections_refused,
-        disk_free_bytes=-1 if space is None else space.free_bytes,
-        disk_total_bytes=-1 if space is None else space.total_bytes,
-        read_only_partitions=[m.TopicPartitions(topic=topic, partitions=partitions)
-                              for topic, partitions in read_only_partitions(broker.store).items()],
-        metadata_store_error=metadata.failure or None,
-        metadata_failed_commits=metadata.failed_commits,
-        damaged_partitions=damaged_partitions(broker.store),
-    ))
+    return Reply(
+        m.ServerStatusResponse(
+            request_id=request.request_id,
+            server_id=broker.server_id,
+            version=nodi_version(),
+            started_time_ms=-1 if statistics is None else statistics.started_time_ms,
+            uptime_ms=0 if statistics is None else statistics.uptime_ms,
+            data_dir=data_dir,
+            connections_open=0 if statistics is None else statistics.connections_open,
+            connections_accepted=0 if statistics is None else statistics.connections_accepted,
+            connections_refused=0 if statistics is None else statistics.connections_refused,
+            disk_free_bytes=-1 if space is None else space.free_bytes,
+            disk_total_bytes=-1 if space is None else space.total_bytes,
+            read_only_partitions=[
+                m.TopicPartitions(topic=topic, partitions=partitions)
+                for topic, partitions in read_only_partitions(broker.store).items()
+            ],
+            metadata_store_error=metadata.failure or None,
+            metadata_failed_commits=metadata.failed_commits,
+            damaged_partitions=damaged_partitions(broker.store),
+        )
+    )
