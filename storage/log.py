@@ -2,9 +2,10 @@
 
 Threading: appends, reads and retention may come from any thread. One lock guards the
 segment list and the write position; reads copy what they need under it and do their
-I/O outside it. With fsync policy `always` or `interval` a flusher thread owned by the
-log runs every fsync: it syncs whatever was written when it woke, then resolves every
-waiter that sync covered (group commit, I8). An fsync is never retried (I9).
+I/O outside it. With fsync policy `always` or `interval` the log's fsyncs run on a
+shared worker pool (storage/fsync_pool.py), one at a time per log: each syncs whatever
+was written when it started, then resolves every waiter that sync covered (group
+commit, I8). An fsync is never retried (I9).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from .errors import (
     UnsupportedCompressionError,
 )
 from .fileio import OS_FILE_SYSTEM, File, FileSystem
+from .fsync_pool import FsyncJob, FsyncPool, default_fsync_pool
 from .histogram import FSYNC_SECONDS_BUCKETS, GROUP_COMMIT_APPENDS_BUCKETS, Histogram, HistogramSnapshot
 from .records import (
     SUPPORTED_COMPRESSION,
@@ -139,6 +141,7 @@ class Log:
         segments: list[Segment],
         report: RecoveryReport,
         clock_ms: Callable[[], int],
+        fsync_pool: FsyncPool | None = None,
     ) -> None:
         self.directory = directory
         self.config = config
@@ -170,12 +173,15 @@ class Log:
         self._group_commit_appends = Histogram(GROUP_COMMIT_APPENDS_BUCKETS)
         self._readable_listeners: list[Callable[[], None]] = []
         self._producers = self._load_producer_state()
-        self._flusher: threading.Thread | None = None
+        # Group commit on the shared pool: at most one fsync job per log, queued or
+        # running (_fsync_job); under `interval` a timer arms it (_fsync_timer).
+        self._fsync_pool: FsyncPool | None = None
+        self._fsync_job: FsyncJob | None = None
+        self._fsync_running = False
+        self._fsync_timer: FsyncJob | None = None
         if config.fsync_policy is not FsyncPolicy.NEVER:
-            self._flusher = threading.Thread(
-                target=self._flush_loop, name=f"nodi-fsync:{os.path.basename(directory)}", daemon=True
-            )
-            self._flusher.start()
+            self._fsync_pool = fsync_pool or default_fsync_pool()
+            self._fsync_pool.acquire()  # released by close()
 
     @classmethod
     def open(
@@ -185,8 +191,10 @@ class Log:
         *,
         fs: FileSystem = OS_FILE_SYSTEM,
         clock_ms: Callable[[], int] = _now_ms,
+        fsync_pool: FsyncPool | None = None,
     ) -> Log:
-        """Open (creating or recovering) the log in `directory`; see recovery_report."""
+        """Open (creating or recovering) the log in `directory`; see recovery_report.
+        Its fsyncs run on `fsync_pool` (a Store's), else on default_fsync_pool()."""
         config = config or LogConfig()
         segments, report = recover(fs, directory, config)
         # The marker must be gone before the first append can make the files unclean.
@@ -195,7 +203,7 @@ class Log:
             # Recovery fsynced what it kept: say so, and never leave a recovery point
             # beyond a truncated end (I5).
             write_checkpoint(fs, directory, Checkpoint(segments[-1].next_offset, segments[0].base_offset))
-        return cls(directory, config, fs, segments, report, clock_ms)
+        return cls(directory, config, fs, segments, report, clock_ms, fsync_pool)
 
     # -- properties ---------------------------------------------------------------
 
@@ -277,8 +285,7 @@ class Log:
             self._appends += 1
             self._appends_since_fsync += 1
             self._appended_bytes += len(view)
-            if self._flusher is not None:
-                self._condition.notify_all()
+            self._want_fsync_locked(waiting=False)
         if self.config.fsync_policy is not FsyncPolicy.ALWAYS:
             self._notify_readable()
         return AppendResult(first_offset, base_offset - 1, len(batches), len(view), now_ms)
@@ -386,7 +393,7 @@ class Log:
                 future.set_exception(LogClosedError(f"log {self.directory} is closed"))
             else:
                 heapq.heappush(self._waiters, (offset, next(self._waiter_sequence), future))
-                self._condition.notify_all()
+                self._want_fsync_locked(waiting=True)
         return future
 
     def wait_durable(self, offset: int, *, timeout_ms: int | None = None) -> None:
@@ -406,26 +413,59 @@ class Log:
             segment = self._segments[-1]
         self._sync_and_resolve(segment, target)
 
-    def _flush_loop(self) -> None:
-        always = self.config.fsync_policy is FsyncPolicy.ALWAYS
-        interval_s = self.config.fsync_interval_ms / 1000
-        while True:
-            with self._lock:
-                if always:
-                    while not self._closed and self._error is None and self._next_offset <= self._durable_offset:
-                        self._condition.wait(timeout=1.0)
-                else:
-                    self._condition.wait(timeout=interval_s)
-                    while not self._closed and self._error is None and self._next_offset <= self._durable_offset:
-                        self._condition.wait(timeout=interval_s)
-                if self._closed or self._error is not None:
-                    return
-                target = self._next_offset
-                segment = self._segments[-1]
-            try:
-                self._sync_and_resolve(segment, target)
-            except LogReadOnlyError:
+    def _want_fsync_locked(self, *, waiting: bool) -> None:
+        """Data was appended (`waiting` False) or a durable waiter arrived (True). Under
+        `always` both start an fsync job unless one is queued or running: that one's
+        successor covers this (group commit). Under `interval` an append arms the
+        timer, and a waiter asks for the fsync now, as a durable produce expects."""
+        policy = self.config.fsync_policy
+        if policy is FsyncPolicy.NEVER or self._closed or self._error is not None:
+            return
+        if policy is FsyncPolicy.ALWAYS or waiting:
+            self._submit_fsync_locked()
+        elif self._fsync_timer is None and self._fsync_job is None:
+            assert self._fsync_pool is not None
+            self._fsync_timer = self._fsync_pool.call_later(
+                self.config.fsync_interval_ms / 1000, self._on_fsync_timer
+            )
+
+    def _submit_fsync_locked(self) -> None:
+        if self._fsync_job is None:
+            assert self._fsync_pool is not None
+            self._fsync_job = self._fsync_pool.submit(self._run_pool_fsync)
+
+    def _on_fsync_timer(self) -> None:
+        """Interval policy: the timer armed by the first append since the last fsync."""
+        with self._lock:
+            self._fsync_timer = None
+            if not self._closed and self._error is None and self._next_offset > self._durable_offset:
+                self._submit_fsync_locked()
+
+    def _run_pool_fsync(self) -> None:
+        """A pool worker's fsync of this log: sync what is written now, resolve the
+        waiters it covers, then queue the next one if more arrived meanwhile."""
+        with self._lock:
+            if self._closed or self._error is not None:  # close() cancelled it first
+                self._fsync_job = None
                 return
+            target = self._next_offset
+            segment = self._segments[-1]
+            if target <= self._durable_offset:  # a roll or flush got there first
+                self._fsync_job = None
+                return
+            self._fsync_running = True
+        try:
+            self._sync_and_resolve(segment, target)
+        except LogReadOnlyError:
+            pass  # sticky: every waiter failed with it (I9)
+        finally:
+            with self._lock:
+                self._fsync_running = False
+                self._fsync_job = None
+                self._condition.notify_all()  # close() may wait for this job
+                if not self._closed and self._error is None and self._next_offset > self._durable_offset:
+                    waiting = bool(self._waiters) and self._waiters[0][0] >= self._durable_offset
+                    self._want_fsync_locked(waiting=waiting)
 
     def _sync_segment(self, segment: Segment) -> None:
         """The one way the log fsyncs a segment. A caller racing a failing fsync (flush,
@@ -470,7 +510,7 @@ class Log:
         self._notify_readable()
 
     def _fail_locked(self, error: LogReadOnlyError) -> None:
-        """I9: sticky read-only; every waiter fails; the flusher stops."""
+        """I9: sticky read-only; every waiter fails; no fsync job starts again."""
         if self._error is None:
             self._error = error
         self._fail_waiters_locked(self._error)
@@ -750,9 +790,24 @@ class Log:
             if self._closed:
                 return
             self._closed = True
-            self._condition.notify_all()
-        if self._flusher is not None:
-            self._flusher.join(timeout=self.config.durable_wait_timeout_ms / 1000)
+            # A queued fsync job or timer is cancelled before it starts; a running one
+            # is waited for, so no pool work is left for a closed file.
+            if self._fsync_timer is not None:
+                self._fsync_timer.cancel()
+                self._fsync_timer = None
+            if self._fsync_job is not None and not self._fsync_running:
+                self._fsync_job.cancel()
+                self._fsync_job = None
+            deadline = time.monotonic() + self.config.durable_wait_timeout_ms / 1000
+            while self._fsync_running and time.monotonic() < deadline:
+                self._condition.wait(timeout=deadline - time.monotonic())
+        try:
+            self._close_files()
+        finally:
+            if self._fsync_pool is not None:
+                self._fsync_pool.release()
+
+    def _close_files(self) -> None:
         active = self._segments[-1]
         if self._error is None:
             try:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from .config import FsyncPolicy, LogConfig
 from .errors import TopicExistsError, UnknownTopicError
 from .fileio import OS_FILE_SYSTEM
+from .fsync_pool import FSYNC_WORKERS_DEFAULT, FsyncPool, check_fsync_workers_max
 from .layout import iter_partition_directories, logs_directory, partition_directory
 from .lock import DataDirectoryLock
 from .log import DeletedSegment, Log
@@ -72,9 +73,13 @@ class Store:
 
     def __init__(
         self, data_dir: str, metadata: MetadataStore, clock_ms: Callable[[], int],
-        lock: DataDirectoryLock | None = None,
+        lock: DataDirectoryLock | None = None, fsync_workers_max: int = FSYNC_WORKERS_DEFAULT,
     ) -> None:
         self.data_dir = data_dir
+        # Every partition log's fsyncs run on these few threads (storage/fsync_pool.py).
+        self.fsync_pool = FsyncPool(fsync_workers_max)
+        self.fsync_pool.acquire()  # released last by close()
+        self._holds_fsync_pool = True
         self.metadata = metadata
         self._directory_lock = lock
         self._clock_ms = clock_ms
@@ -83,9 +88,14 @@ class Store:
         self.open_report = StoreOpenReport((), (), ())
 
     @classmethod
-    def open(cls, data_dir: str | os.PathLike[str], *, clock_ms: Callable[[], int] | None = None) -> Store:
+    def open(
+        cls, data_dir: str | os.PathLike[str], *, clock_ms: Callable[[], int] | None = None,
+        fsync_workers_max: int = FSYNC_WORKERS_DEFAULT,
+    ) -> Store:
         """Take the data directory's lock (DataDirectoryLockedError, having touched
-        nothing, when another process holds it), then open the metadata and every log."""
+        nothing, when another process holds it), then open the metadata and every log.
+        At most `fsync_workers_max` threads run the logs' fsyncs."""
+        check_fsync_workers_max(fsync_workers_max)
         started = time.monotonic()
         data_dir = os.fspath(data_dir)
         clock_ms = clock_ms or (lambda: int(time.time() * 1000))
@@ -93,7 +103,7 @@ class Store:
         try:
             os.makedirs(logs_directory(data_dir), exist_ok=True)
             removed = _remove_half_deleted(data_dir)
-            store = cls(data_dir, MetadataStore(data_dir), clock_ms, lock)
+            store = cls(data_dir, MetadataStore(data_dir), clock_ms, lock, fsync_workers_max)
         except BaseException:
             lock.release()
             raise
@@ -103,7 +113,7 @@ class Store:
                 topic = _Topic(config)
                 for partition in range(config.partitions):
                     log = Log.open(partition_directory(data_dir, name, partition), log_config_for(config),
-                                   clock_ms=clock_ms)
+                                   clock_ms=clock_ms, fsync_pool=store.fsync_pool)
                     topic.logs.append(log)
                     recoveries.append(log.recovery_report)
                 store._topics[name] = topic
@@ -141,7 +151,7 @@ class Store:
                 for partition in range(config.partitions):
                     topic.logs.append(
                         Log.open(partition_directory(self.data_dir, name, partition), log_config_for(config),
-                                 clock_ms=self._clock_ms)
+                                 clock_ms=self._clock_ms, fsync_pool=self.fsync_pool)
                     )
             except BaseException:
                 for log in topic.logs:
@@ -210,6 +220,9 @@ class Store:
                     log.close()
             self.metadata.close()
         finally:
+            if self._holds_fsync_pool:
+                self._holds_fsync_pool = False
+                self.fsync_pool.release()  # the last user: its threads stop
             if self._directory_lock is not None:
                 self._directory_lock.release()  # last: every file is closed and marked
 

@@ -14,6 +14,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 
 from nodi.storage.errors import InvalidConfigError
+from nodi.storage.fsync_pool import FSYNC_WORKERS_DEFAULT, check_fsync_workers_max
 from nodi.storage.metadata import TopicConfig
 
 from .compaction_settings import DEFAULT_COMPACTION_SETTINGS, CompactionSettings
@@ -47,6 +48,9 @@ class ServerConfig:
     # Graceful shutdown: requests in flight get this long to finish.
     shutdown_grace_ms: int = 5_000
     retention_check_interval_ms: int = 60_000
+    # Threads that run the partition logs' fsyncs, shared by every partition (group
+    # commit per log); at most nodi.storage.fsync_pool.FSYNC_WORKERS_MAX.
+    fsync_workers_max: int = FSYNC_WORKERS_DEFAULT
     # Log records at this level and above go to stderr: debug, info, warning, error.
     log_level: str = "info"
     # One JSON object per log line (time, level, logger, message, fields).
@@ -72,6 +76,7 @@ class ServerConfig:
                      "write_timeout_ms", "shutdown_grace_ms", "retention_check_interval_ms"):
             if getattr(self, name) < 1:
                 raise InvalidConfigError(f"{name} must be positive")
+        check_fsync_workers_max(self.fsync_workers_max)
         try:
             check_log_level(self.log_level)
         except ValueError as error:
