@@ -46,14 +46,16 @@ _logger = logging.getLogger("nodi.storage.fsync_pool")
 class FsyncJob:
     """One callable queued on the pool; cancel() before it starts and it never runs."""
 
-    __slots__ = ("function", "cancelled", "__weakref__")
+    __slots__ = ("function", "cancelled", "in_timers", "_pool")
 
-    def __init__(self, function: Callable[[], None]) -> None:
+    def __init__(self, pool: FsyncPool, function: Callable[[], None], *, in_timers: bool = False) -> None:
         self.function = function
         self.cancelled = False
+        self.in_timers = in_timers  # still in the pool's timer heap
+        self._pool = pool
 
     def cancel(self) -> None:
-        self.cancelled = True
+        self._pool._cancel(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +79,7 @@ class FsyncPool:
         # (deadline on time.monotonic(), sequence, job)
         self._timers: list[tuple[float, int, FsyncJob]] = []
         self._sequence = itertools.count()
+        self._cancelled_timers = 0  # cancelled jobs still in _timers
         self._threads: list[threading.Thread] = []
         self._thread_numbers = itertools.count(1)
         self._idle = 0
@@ -103,6 +106,7 @@ class FsyncPool:
             self._generation += 1
             self._ready.clear()
             self._timers.clear()
+            self._cancelled_timers = 0
             self._condition.notify_all()
         current = threading.current_thread()
         for thread in threads:
@@ -113,7 +117,7 @@ class FsyncPool:
 
     def submit(self, function: Callable[[], None]) -> FsyncJob:
         """Run `function()` on a worker as soon as one is free."""
-        job = FsyncJob(function)
+        job = FsyncJob(self, function)
         with self._lock:
             assert self._users > 0, "submit on a pool nobody acquired"
             self._ready.append(job)
@@ -124,7 +128,7 @@ class FsyncPool:
 
     def call_later(self, delay_seconds: float, function: Callable[[], None]) -> FsyncJob:
         """Run `function()` on a worker `delay_seconds` from now (cancel() to drop it)."""
-        job = FsyncJob(function)
+        job = FsyncJob(self, function, in_timers=True)
         with self._lock:
             assert self._users > 0, "call_later on a pool nobody acquired"
             heapq.heappush(self._timers, (time.monotonic() + delay_seconds, next(self._sequence), job))
@@ -134,6 +138,21 @@ class FsyncPool:
             self._condition.notify()
         return job
 
+    def _cancel(self, job: FsyncJob) -> None:
+        """Cancelled jobs leave the ready queue as workers reach them (it drains fast);
+        the timer heap is rebuilt once cancelled timers are most of it, so a closed log
+        is not kept alive by a timer for its whole interval."""
+        with self._lock:
+            if job.cancelled:
+                return
+            job.cancelled = True
+            if job.in_timers:
+                self._cancelled_timers += 1
+                if self._cancelled_timers * 2 > len(self._timers):
+                    self._timers = [entry for entry in self._timers if not entry[2].cancelled]
+                    heapq.heapify(self._timers)
+                    self._cancelled_timers = 0
+
     def statistics(self) -> FsyncPoolStatistics:
         with self._lock:
             return FsyncPoolStatistics(
@@ -141,7 +160,7 @@ class FsyncPool:
                 workers=len(self._threads),
                 users=self._users,
                 queued=len(self._ready),
-                timers=len(self._timers),
+                timers=len(self._timers) - self._cancelled_timers,
                 jobs_run=self._jobs_run,
             )
 
@@ -162,7 +181,12 @@ class FsyncPool:
         while generation == self._generation:
             now = time.monotonic()
             while self._timers and self._timers[0][0] <= now:
-                self._ready.append(heapq.heappop(self._timers)[2])
+                job = heapq.heappop(self._timers)[2]
+                job.in_timers = False
+                if job.cancelled:
+                    self._cancelled_timers -= 1
+                else:
+                    self._ready.append(job)
             while self._ready:
                 job = self._ready.popleft()
                 if not job.cancelled:
