@@ -36,7 +36,7 @@ FSYNC_WORKERS_DEFAULT = 4
 FSYNC_WORKERS_MAX = 64
 # An idle worker wakes at least this often (every wait has a timeout).
 IDLE_WAIT_SECONDS = 1.0
-# Stopping the pool waits this long for each worker to finish the job it is running.
+# Stopping the pool waits at most this long for its workers to finish their jobs.
 STOP_JOIN_SECONDS = 30.0
 THREAD_NAME_PREFIX = "nodi-fsync"
 
@@ -109,9 +109,10 @@ class FsyncPool:
             self._cancelled_timers = 0
             self._condition.notify_all()
         current = threading.current_thread()
+        deadline = time.monotonic() + STOP_JOIN_SECONDS
         for thread in threads:
             if thread is not current:
-                thread.join(timeout=STOP_JOIN_SECONDS)
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     # -- work -----------------------------------------------------------------------
 
@@ -121,6 +122,8 @@ class FsyncPool:
         with self._lock:
             assert self._users > 0, "submit on a pool nobody acquired"
             self._ready.append(job)
+            if len(self._ready) == 1 and getattr(_worker, "pool", None) is self and _worker.generation == self._generation:
+                return job  # a worker queueing its log's next fsync runs it next itself
             if len(self._ready) > self._idle:
                 self._start_worker_locked()
             self._condition.notify()
@@ -202,6 +205,7 @@ class FsyncPool:
         return None
 
     def _work(self, generation: int) -> None:
+        _worker.pool, _worker.generation = self, generation
         while True:
             with self._lock:
                 job = self._next_job_locked(generation)
@@ -220,6 +224,7 @@ def check_fsync_workers_max(workers_max: int) -> None:
 
 
 _POOLS: weakref.WeakSet[FsyncPool] = weakref.WeakSet()
+_worker = threading.local()  # .pool, .generation: whose worker this thread is
 _default_pool: FsyncPool | None = None
 _default_pool_lock = threading.Lock()
 
