@@ -119,15 +119,23 @@ class FsyncPool:
     def submit(self, function: Callable[[], None]) -> FsyncJob:
         """Run `function()` on a worker as soon as one is free."""
         job = FsyncJob(self, function)
+        self.submit_job(job)
+        return job
+
+    def submit_job(self, job: FsyncJob) -> None:
+        """Queue a job made by FsyncJob(pool, function), which its owner may record
+        under its own lock and hand over after releasing it; one cancelled meanwhile
+        is dropped here."""
         with self._lock:
+            if job.cancelled:
+                return
             assert self._users > 0, "submit on a pool nobody acquired"
             self._ready.append(job)
             if len(self._ready) == 1 and getattr(_worker, "pool", None) is self and _worker.generation == self._generation:
-                return job  # a worker queueing its log's next fsync runs it next itself
+                return  # a worker queueing its log's next fsync runs it next itself
             if len(self._ready) > self._idle:
                 self._start_worker_locked()
             self._condition.notify()
-        return job
 
     def call_later(self, delay_seconds: float, function: Callable[[], None]) -> FsyncJob:
         """Run `function()` on a worker `delay_seconds` from now (cancel() to drop it)."""
@@ -155,6 +163,10 @@ class FsyncPool:
                     self._timers = [entry for entry in self._timers if not entry[2].cancelled]
                     heapq.heapify(self._timers)
                     self._cancelled_timers = 0
+
+    def has_queued_nowait(self) -> bool:
+        """Whether jobs wait for a worker now (read without the lock: a hint)."""
+        return bool(self._ready)
 
     def statistics(self) -> FsyncPoolStatistics:
         with self._lock:

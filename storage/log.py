@@ -285,7 +285,9 @@ class Log:
             self._appends += 1
             self._appends_since_fsync += 1
             self._appended_bytes += len(view)
-            self._want_fsync_locked(waiting=False)
+            job = self._want_fsync_locked(waiting=False)
+        if job is not None:  # handed over outside the lock: the worker needs the lock next
+            self._fsync_pool.submit_job(job)
         if self.config.fsync_policy is not FsyncPolicy.ALWAYS:
             self._notify_readable()
         return AppendResult(first_offset, base_offset - 1, len(batches), len(view), now_ms)
@@ -384,6 +386,7 @@ class Log:
     def durable_future(self, offset: int) -> concurrent.futures.Future:
         """A future resolved once `offset` is fsynced (or failed with the sticky error)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
+        job = None
         with self._lock:
             if offset < self._durable_offset:
                 future.set_result(None)
@@ -393,7 +396,9 @@ class Log:
                 future.set_exception(LogClosedError(f"log {self.directory} is closed"))
             else:
                 heapq.heappush(self._waiters, (offset, next(self._waiter_sequence), future))
-                self._want_fsync_locked(waiting=True)
+                job = self._want_fsync_locked(waiting=True)
+        if job is not None:
+            self._fsync_pool.submit_job(job)
         return future
 
     def wait_durable(self, offset: int, *, timeout_ms: int | None = None) -> None:
@@ -413,59 +418,70 @@ class Log:
             segment = self._segments[-1]
         self._sync_and_resolve(segment, target)
 
-    def _want_fsync_locked(self, *, waiting: bool) -> None:
+    def _want_fsync_locked(self, *, waiting: bool) -> FsyncJob | None:
         """Data was appended (`waiting` False) or a durable waiter arrived (True). Under
         `always` both start an fsync job unless one is queued or running: that one's
         successor covers this (group commit). Under `interval` an append arms the
-        timer, and a waiter asks for the fsync now, as a durable produce expects."""
+        timer, and a waiter asks for the fsync now, as a durable produce expects.
+        Returns a new job for the caller to hand to the pool (submit_job) once it has
+        released the log lock; close() may cancel it in between."""
         policy = self.config.fsync_policy
         if policy is FsyncPolicy.NEVER or self._closed or self._error is not None:
-            return
+            return None
+        assert self._fsync_pool is not None
         if policy is FsyncPolicy.ALWAYS or waiting:
-            self._submit_fsync_locked()
-        elif self._fsync_timer is None and self._fsync_job is None:
-            assert self._fsync_pool is not None
-            self._fsync_timer = self._fsync_pool.call_later(
-                self.config.fsync_interval_ms / 1000, self._on_fsync_timer
-            )
-
-    def _submit_fsync_locked(self) -> None:
-        if self._fsync_job is None:
-            assert self._fsync_pool is not None
-            self._fsync_job = self._fsync_pool.submit(self._run_pool_fsync)
+            if self._fsync_job is not None:
+                return None
+            self._fsync_job = FsyncJob(self._fsync_pool, self._run_pool_fsync)
+            return self._fsync_job
+        if self._fsync_timer is None and self._fsync_job is None:
+            self._fsync_timer = self._fsync_pool.call_later(self.config.fsync_interval_ms / 1000, self._on_fsync_timer)
+        return None
 
     def _on_fsync_timer(self) -> None:
         """Interval policy: the timer armed by the first append since the last fsync."""
+        job = None
         with self._lock:
             self._fsync_timer = None
-            if not self._closed and self._error is None and self._next_offset > self._durable_offset:
-                self._submit_fsync_locked()
+            if self._next_offset > self._durable_offset:
+                job = self._want_fsync_locked(waiting=True)
+        if job is not None:
+            self._fsync_pool.submit_job(job)
 
     def _run_pool_fsync(self) -> None:
-        """A pool worker's fsync of this log: sync what is written now, resolve the
-        waiters it covers, then queue the next one if more arrived meanwhile."""
+        """A pool worker's fsyncs of this log: sync what is written now, resolve the
+        waiters it covers; while more was written meanwhile (and asked for), sync again
+        at once, unless other logs' fsyncs wait: then queue behind them (fairness)."""
         with self._lock:
-            if self._closed or self._error is not None:  # close() cancelled it first
-                self._fsync_job = None
+            if self._closed or self._error is not None or self._next_offset <= self._durable_offset:
+                self._fsync_job = None  # cancelled by close(), or a roll or flush got there first
                 return
+            assert self._fsync_pool is not None
+            self._fsync_running = True
             target = self._next_offset
             segment = self._segments[-1]
-            if target <= self._durable_offset:  # a roll or flush got there first
-                self._fsync_job = None
-                return
-            self._fsync_running = True
-        try:
-            self._sync_and_resolve(segment, target)
-        except LogReadOnlyError:
-            pass  # sticky: every waiter failed with it (I9)
-        finally:
+        while True:
+            try:
+                self._sync_and_resolve(segment, target)
+            except LogReadOnlyError:
+                pass  # sticky: every waiter failed with it (I9)
             with self._lock:
+                wanted = not self._closed and self._error is None and self._next_offset > self._durable_offset
+                waiting = wanted and bool(self._waiters) and self._waiters[0][0] >= self._durable_offset
+                if (waiting or (wanted and self.config.fsync_policy is FsyncPolicy.ALWAYS)) and (
+                    not self._fsync_pool.has_queued_nowait()
+                ):
+                    target = self._next_offset  # group commit: the next fsync, right away
+                    segment = self._segments[-1]
+                    continue
                 self._fsync_running = False
                 self._fsync_job = None
-                self._condition.notify_all()  # close() may wait for this job
-                if not self._closed and self._error is None and self._next_offset > self._durable_offset:
-                    waiting = bool(self._waiters) and self._waiters[0][0] >= self._durable_offset
-                    self._want_fsync_locked(waiting=waiting)
+                if self._closed:
+                    self._condition.notify_all()  # close() waits for this job
+                job = self._want_fsync_locked(waiting=waiting) if wanted else None
+            if job is not None:
+                self._fsync_pool.submit_job(job)
+            return
 
     def _sync_segment(self, segment: Segment) -> None:
         """The one way the log fsyncs a segment. A caller racing a failing fsync (flush,
