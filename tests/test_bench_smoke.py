@@ -67,3 +67,29 @@ def test_storage_bench_quick_run_writes_its_json(tmp_path: Path) -> None:
         assert expected in names
     # The bench cleaned up after itself: only the parent directory it was given remains.
     assert list(data_parent.iterdir()) == []
+
+
+PARTITIONS_BENCH = BENCH.parent / "partitions_bench.py"
+
+
+def test_partitions_bench_quick_run_writes_its_json(tmp_path: Path) -> None:
+    """tools/partitions_bench.py --quick: every cell ran, and the Store's fsync threads
+    stayed within the pool (no thread per partition) and were gone after close."""
+    json_path = tmp_path / "partitions.json"
+    completed = subprocess.run(
+        [sys.executable, str(PARTITIONS_BENCH), "--quick", "--data-dir", str(tmp_path), "--json-out", str(json_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    results = json.loads(json_path.read_text())
+    assert results["fdatasync"]["count"] > 0
+    assert [(cell["partitions"], cell["appenders"], cell["order"]) for cell in results["append"]] == [
+        (1, 1, "one"), (1, 8, "one"), (20, 1, "turn"), (20, 8, "random"),
+    ]
+    assert all(cell["appends"] > 0 for cell in results["append"])
+    start = results["start"]
+    assert start["partitions"] == 50
+    assert start["threads_after_appends"] <= 1 + 4  # the main thread and at most the pool's default 4
+    assert start["threads_after_close"] == 1
