@@ -188,8 +188,15 @@ class FsyncPool:
             name=f"{self.name}-{next(self._thread_numbers)}",
             daemon=True,
         )
+        try:
+            thread.start()
+        except RuntimeError as error:  # the process may start no more threads
+            # The job stays queued: a running worker takes it, or the next submit tries
+            # to start one again; its durable waiters time out meanwhile (typed errors).
+            _logger.error("fsync pool: cannot start worker %d (%d running): %s", len(self._threads) + 1,
+                          len(self._threads), error)
+            return
         self._threads.append(thread)
-        thread.start()
 
     def _next_job_locked(self, generation: int) -> FsyncJob | None:
         """The next job to run, waiting for one; None when this worker must exit."""
