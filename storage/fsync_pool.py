@@ -29,9 +29,10 @@ from dataclasses import dataclass
 
 from .errors import InvalidConfigError
 
-# Default worker count: fsync waits on the disk with the GIL released, so a few threads
-# keep a disk's queue busy; more mostly add contention on a small machine.
-FSYNC_WORKERS_DEFAULT = 4
+# Default worker count: fsync waits on the disk with the GIL released, and the file
+# system joins concurrent fsyncs into one journal commit, so a few threads keep a disk
+# busy; they start only as fsyncs wait (one partition under load uses one or two).
+FSYNC_WORKERS_DEFAULT = 8
 # The most workers a pool may be configured with.
 FSYNC_WORKERS_MAX = 64
 # An idle worker wakes at least this often (every wait has a timeout).

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from nodi.storage.fsync_pool import FSYNC_WORKERS_DEFAULT
+
 BENCH = Path(__file__).resolve().parent.parent / "tools" / "storage_bench.py"
 
 
@@ -91,5 +93,5 @@ def test_partitions_bench_quick_run_writes_its_json(tmp_path: Path) -> None:
     assert all(cell["appends"] > 0 for cell in results["append"])
     start = results["start"]
     assert start["partitions"] == 50
-    assert start["threads_after_appends"] <= 1 + 4  # the main thread and at most the pool's default 4
+    assert start["threads_after_appends"] <= 1 + FSYNC_WORKERS_DEFAULT  # the main thread and the pool's
     assert start["threads_after_close"] == 1
