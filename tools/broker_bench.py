@@ -54,7 +54,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 import urllib.request
@@ -70,13 +69,12 @@ from tools import broker_bench_redis as redis_bench
 from tools import storage_bench  # the raw disk limits, machine description
 from tools.broker_bench_common import (
     LONG_POLL_MS,
-    SERVER_START_TIMEOUT_S,
     CpuMeter,
+    NodiServer,
     Settings,
     latency_figures,
     latency_line,
     progress,
-    stop_process,
     throughput_figures,
 )
 from tools.broker_bench_report import ratios, render, summarise
@@ -88,8 +86,6 @@ FETCH_BYTES_MAX = 1 * MIB
 # producing from a coroutine awaits something now and then).
 PRODUCE_YIELD_EVERY = 100
 BUSY_OTHERS_SHARE = 0.10
-READY = re.compile(r"nodi listening on ([\d.]+):(\d+)")
-METRICS = re.compile(r"nodi metrics on http://[\d.]+:(\d+)/metrics")
 FSYNC_BUCKET = re.compile(r"^nodi_fsync_latency_seconds_bucket\{(.*)\} (\S+)$")
 LABEL = re.compile(r'(\w+)="([^"]*)"')
 
@@ -114,59 +110,6 @@ def settings_from_arguments(arguments: argparse.Namespace) -> Settings:
 
 # ---------------------------------------------------------------------------
 # nodi
-
-
-class NodiServer:
-    """A `nodi serve` child on 127.0.0.1 with a free port; its output goes to a file."""
-
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
-        self.log_path = os.path.join(directory, "nodi-serve.log")
-        self.process: subprocess.Popen | None = None
-        self.address = ""
-        self.metrics_port: int | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
-
-    def start(self) -> str:
-        command = [
-            sys.executable,
-            "-m",
-            "nodi.cli.main",
-            "serve",
-            "--data-dir",
-            os.path.join(self.directory, "data"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-        ]
-        with open(self.log_path, "w") as output:
-            self.process = subprocess.Popen(
-                command, stdout=output, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-            )
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while time.monotonic() < deadline and self.process.poll() is None:
-            with open(self.log_path) as output:
-                text = output.read()
-            found, metrics = READY.search(text), METRICS.search(text)
-            if found and metrics:
-                self.address = f"{found.group(1)}:{found.group(2)}"
-                self.metrics_port = int(metrics.group(1))
-                return self.address
-            time.sleep(0.05)
-        self.stop()
-        with open(self.log_path) as output:
-            raise RuntimeError("nodi serve did not start:\n" + output.read()[-4000:])
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop_process(self.process)
-            self.process = None
 
 
 def fsync_buckets(metrics_port: int | None, topic: str) -> dict[float, float] | None:

@@ -11,18 +11,22 @@ do.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import statistics as statistics_module
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tools import storage_bench  # the raw disk limits, machine description, tables
 
 MB = storage_bench.MB
 SERVER_START_TIMEOUT_S = 30
+READY = re.compile(r"nodi listening on ([\d.]+):(\d+)")
+METRICS = re.compile(r"nodi metrics on http://[\d.]+:(\d+)/metrics")
 SERVER_STOP_TIMEOUT_S = 15
 LONG_POLL_MS = 100
 
@@ -196,3 +200,76 @@ def stop_process(process: subprocess.Popen) -> int:
             os.kill(process.pid, signal.SIGKILL)
             return process.wait(timeout=SERVER_STOP_TIMEOUT_S)
     return process.returncode
+
+
+class NodiServer:
+    """A `nodi serve` child on 127.0.0.1 with a free port (and a free metrics port when
+    `metrics`), its data in DIRECTORY/data and its output in DIRECTORY/`log_name` (a file,
+    never a pipe nobody reads, which would stall a server that logs). `launcher` replaces
+    `-m nodi.cli.main` (a benchmark's modified server); `extra_args` go to `nodi serve`."""
+
+    def __init__(
+        self,
+        directory: str,
+        *,
+        extra_args: Sequence[str] = (),
+        launcher: Sequence[str] = ("-m", "nodi.cli.main"),
+        metrics: bool = True,
+        log_name: str = "nodi-serve.log",
+    ) -> None:
+        self.directory = directory
+        self.extra_args = tuple(extra_args)
+        self.launcher = tuple(launcher)
+        self.metrics = metrics
+        self.log_path = os.path.join(directory, log_name)
+        self.process: subprocess.Popen | None = None
+        self.address = ""
+        self.metrics_port: int | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.address.rpartition(":")
+        return host, int(port)
+
+    def start(self) -> str:
+        """Start it and wait for its listening line(s); its HOST:PORT."""
+        command = [
+            sys.executable,
+            *self.launcher,
+            "serve",
+            "--data-dir",
+            os.path.join(self.directory, "data"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0" if self.metrics else "-1",
+            *self.extra_args,
+        ]
+        with open(self.log_path, "w") as output:
+            self.process = subprocess.Popen(
+                command, stdout=output, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            )
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while time.monotonic() < deadline and self.process.poll() is None:
+            with open(self.log_path) as output:
+                text = output.read()
+            found, metrics = READY.search(text), METRICS.search(text)
+            if found and (metrics or not self.metrics):
+                self.address = f"{found.group(1)}:{found.group(2)}"
+                self.metrics_port = int(metrics.group(1)) if metrics else None
+                return self.address
+            time.sleep(0.05)
+        self.stop()
+        with open(self.log_path) as output:
+            raise RuntimeError("nodi serve did not start:\n" + output.read()[-4000:])
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+            self.process = None

@@ -19,20 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import resource
 import select
-import signal
 import socket
 import struct
-import subprocess
-import sys
 import tempfile
 import time
 
 from nodi.broker.protocol import messages as m
 from nodi.broker.protocol.connection import NEED_DATA, Connection, Role
+from tools.broker_bench_common import NodiServer
 
 READY = re.compile(r"nodi listening on ([\d.]+):(\d+).*pid (\d+)")
 MIB = 1 << 20
@@ -45,42 +42,6 @@ def rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-def start_server(data_dir: str, extra_args: list[str]) -> tuple[subprocess.Popen, tuple[str, int]]:
-    command = [
-        sys.executable,
-        "-m",
-        "nodi.cli.main",
-        "serve",
-        "--data-dir",
-        data_dir,
-        "--port",
-        "0",
-        "--metrics-port",
-        "-1",
-        *extra_args,
-    ]
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert process.stdout is not None  # stdout=PIPE
-    lines = []
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        found = READY.search(line)
-        if found:
-            return process, (found.group(1), int(found.group(2)))
-    process.kill()
-    raise RuntimeError("nodi serve did not start:\n" + "".join(lines))
 
 
 def handshaken(address: tuple[str, int]) -> socket.socket:
@@ -167,16 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, args.connections + 100), hard), hard))
     with tempfile.TemporaryDirectory(prefix="nodi-frame-memory-") as directory:
-        process, address = start_server(os.path.join(directory, "data"), serve_args)
+        server = NodiServer(directory, extra_args=serve_args, metrics=False)
+        server.start()
+        pid = server.pid
+        assert pid is not None  # started
         try:
             time.sleep(0.5)
-            rounds = [run_round(address, process.pid, args) for _ in range(args.rounds)]
+            rounds = [run_round(server.host_port, pid, args) for _ in range(args.rounds)]
         finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            server.stop()
     summary = {
         "connections": args.connections,
         "frame_bytes": args.frame_bytes,

@@ -31,10 +31,8 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,9 +41,8 @@ import timeit
 from nodi.broker import AsyncClient
 from nodi.storage import records
 from tools import storage_bench  # the fsync loop, the data directory, the machine
-from tools.broker_bench_common import SERVER_START_TIMEOUT_S, cpu_seconds_of, stop_process
+from tools.broker_bench_common import NodiServer, cpu_seconds_of
 
-READY = re.compile(r"nodi listening on ([\d.]+):(\d+)")
 MODES = ("walk", "off")
 # `nodi serve` with the record walk replaced by a no-op: produce checks header and CRC
 # only, as before issue 8. For this benchmark's baseline, nothing else.
@@ -54,53 +51,6 @@ WITHOUT_WALK = (
     "records.check_records = lambda batch, header, limits=None: None; "
     "from nodi.cli.main import app; sys.argv[0] = 'nodi'; app()"
 )
-
-
-class Server:
-    """A `nodi serve` child on 127.0.0.1 with a free port, with or without the walk."""
-
-    def __init__(self, directory: str, mode: str) -> None:
-        self.directory = directory
-        self.mode = mode
-        self.log_path = os.path.join(directory, "serve.log")
-        self.process: subprocess.Popen | None = None
-        self.address = ""
-
-    def start(self) -> str:
-        launcher = ["-m", "nodi.cli.main"] if self.mode == "walk" else ["-c", WITHOUT_WALK]
-        command = [
-            sys.executable,
-            *launcher,
-            "serve",
-            "--data-dir",
-            os.path.join(self.directory, "data"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--metrics-port",
-            "-1",
-        ]
-        with open(self.log_path, "w") as output:
-            self.process = subprocess.Popen(
-                command, stdout=output, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-            )
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while time.monotonic() < deadline and self.process.poll() is None:
-            with open(self.log_path) as output:
-                found = READY.search(output.read())
-            if found:
-                self.address = f"{found.group(1)}:{found.group(2)}"
-                return self.address
-            time.sleep(0.05)
-        self.stop()
-        with open(self.log_path) as output:
-            raise RuntimeError("nodi serve did not start:\n" + output.read()[-4000:])
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop_process(self.process)
-            self.process = None
 
 
 def make_batch(record_count: int, record_bytes: int) -> bytes:
@@ -135,7 +85,8 @@ async def produce(address: str, batch: bytes, batch_count: int, in_flight: int, 
 
 def one_run(parent: str, mode: str, batch: bytes, arguments: argparse.Namespace) -> dict:
     directory = tempfile.mkdtemp(prefix=f"walk-bench-{mode}-", dir=parent)
-    server = Server(directory, mode)
+    launcher = ("-m", "nodi.cli.main") if mode == "walk" else ("-c", WITHOUT_WALK)
+    server = NodiServer(directory, launcher=launcher, metrics=False, log_name="serve.log")
     try:
         address = server.start()
         return asyncio.run(produce(address, batch, arguments.batches, arguments.in_flight, server.process.pid))

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Focused produce throughput of the batching producer (the client's hot path).
 
-    .venv/bin/python tools/producer_bench.py                 # 1 KiB and 100 B, durable and written
-    .venv/bin/python tools/producer_bench.py --messages 50000 --cases 1024:durable
+    .venv/bin/python -m tools.producer_bench               # 1 KiB and 100 B, durable and written
+    .venv/bin/python -m tools.producer_bench --messages 50000 --cases 1024:durable
 
 Starts its own `nodi serve` (127.0.0.1, a free port, a temporary data directory beside
 the repository, stopped by pid), then for each case creates a topic of one partition
@@ -18,50 +18,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 
-READY = re.compile(r"nodi listening on ([\d.]+):(\d+)")
-START_TIMEOUT_S = 30
-STOP_TIMEOUT_S = 15
-
-
-def start_server(data_dir: str) -> tuple[subprocess.Popen, str]:
-    command = [
-        sys.executable,
-        "-m",
-        "nodi.cli.main",
-        "serve",
-        "--data-dir",
-        data_dir,
-        "--port",
-        "0",
-        "--metrics-port",
-        "-1",
-    ]
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    deadline = time.monotonic() + START_TIMEOUT_S
-    assert process.stdout is not None  # started with stdout=PIPE
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        found = READY.search(line)
-        if found:
-            return process, f"{found.group(1)}:{found.group(2)}"
-    process.kill()
-    process.wait(STOP_TIMEOUT_S)
-    raise RuntimeError("nodi serve did not start")
+from tools.broker_bench_common import NodiServer
 
 
 async def produce_case(address: str, topic: str, messages: int, value_bytes: int, acks: str) -> tuple[float, float]:
@@ -94,7 +55,8 @@ def main() -> int:
     arguments = parser.parse_args()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with tempfile.TemporaryDirectory(prefix="producer-bench-", dir=root) as data_dir:
-        process, address = start_server(data_dir)
+        server = NodiServer(data_dir, metrics=False)
+        address = server.start()
         try:
             for number, case in enumerate(arguments.cases.split(",")):
                 value_bytes, acks = case.split(":")
@@ -107,12 +69,7 @@ def main() -> int:
                     flush=True,
                 )
         finally:
-            os.kill(process.pid, signal.SIGTERM)
-            try:
-                process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                os.kill(process.pid, signal.SIGKILL)
-                process.wait(STOP_TIMEOUT_S)
+            server.stop()
     return 0
 
 
