@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
 
@@ -139,14 +139,20 @@ def update_document(text: str) -> str:
     return updated
 
 
-def main(argv: list[str]) -> int:
-    path = Path(argv[1] if len(argv) > 1 else "docs/protocol.md")
+def rewrite_generated(path: str | Path, update: Callable[[str], str]) -> int:
+    """The command line of a docs generator: rewrite the file at `path` with `update`
+    (its generated blocks re-rendered), saying so when anything changed."""
+    path = Path(path)
     text = path.read_text(encoding="utf-8")
-    updated = update_document(text)
+    updated = update(text)
     if updated != text:
         path.write_text(updated, encoding="utf-8")
         print(f"updated {path}")
     return 0
+
+
+def main(argv: list[str]) -> int:
+    return rewrite_generated(argv[1] if len(argv) > 1 else "docs/protocol.md", update_document)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ import re
 import sys
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+
+from ..protocol.docs import rewrite_generated
 
 # Sections of the generated block, in order: (title, what is written under the title,
 # the name prefixes that put a family there). The last section takes every family no
@@ -137,13 +138,7 @@ def update_document(text: str, rows: list[MetricRow] | None = None) -> str:
 
 
 def main(argv: list[str]) -> int:
-    path = Path(argv[1] if len(argv) > 1 else "docs/operations.md")
-    text = path.read_text(encoding="utf-8")
-    updated = update_document(text)
-    if updated != text:
-        path.write_text(updated, encoding="utf-8")
-        print(f"updated {path}")
-    return 0
+    return rewrite_generated(argv[1] if len(argv) > 1 else "docs/operations.md", update_document)
 
 
 if __name__ == "__main__":
