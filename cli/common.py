@@ -253,6 +253,7 @@ def check_offline_data_directory(command_path: str, data_dir: str | os.PathLike[
     directory that is not nodi's; a reader warns on stderr when a broker or another tool
     holds it (it is reading a live directory). A writer takes the data directory's lock
     itself (nodi.storage.lock) and is refused with a DataDirectoryLockedError."""
+    from nodi.storage.errors import holder_name
     from nodi.storage.layout import is_data_directory
     from nodi.storage.lock import lock_holder
 
@@ -262,9 +263,8 @@ def check_offline_data_directory(command_path: str, data_dir: str | os.PathLike[
         return
     holder = lock_holder(data_dir)
     if holder is not None:
-        who = f"process {holder}" if holder else "another process"
         typer.echo(
-            f"{command_path}: note: {data_dir} is in use by {who}: reading a live directory, "
+            f"{command_path}: note: {data_dir} is in use by {holder_name(holder)}: reading a live directory, "
             "whose active segments may change while they are read",
             err=True,
         )

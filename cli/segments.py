@@ -56,13 +56,15 @@ DataDirectory = Annotated[
 def _note_live_segment(path: Path) -> None:
     """A segment inside a data directory (DATA_DIR/logs/<partition>/<segment>.log)
     that a broker holds: say so on stderr. A copy elsewhere is dumped without a word."""
+    from nodi.storage.errors import holder_name
     from nodi.storage.layout import is_data_directory
     from nodi.storage.lock import lock_holder
 
     data_dir = path.resolve().parent.parent.parent
     if is_data_directory(data_dir) and (holder := lock_holder(data_dir)) is not None:
-        who = f"process {holder}" if holder else "another process"
-        typer.echo(f"note: {data_dir} is in use by {who}: {path.name} may change while it is read", err=True)
+        typer.echo(
+            f"note: {data_dir} is in use by {holder_name(holder)}: {path.name} may change while it is read", err=True
+        )
 
 
 # ---------------------------------------------------------------------------

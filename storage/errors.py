@@ -161,14 +161,19 @@ class InvalidProducerEpochError(NodiError):
     zombie producer)."""
 
 
+def holder_name(pid: int | None) -> str:
+    """Who holds a data directory's lock, for messages: "process 4242", or "another
+    process" when its PID is not known (None, or 0 from storage.lock.lock_holder)."""
+    return f"process {pid}" if pid else "another process"
+
+
 class DataDirectoryLockedError(NodiError):
     """Another process (a broker or an offline tool) holds the data directory's lock
     (storage/lock.py). Nothing was read or changed."""
 
     def __init__(self, data_dir: str, holder_pid: int | None) -> None:
-        holder = f"process {holder_pid}" if holder_pid else "another process"
         super().__init__(
-            f"data directory {data_dir} is in use by {holder} (a running broker or an offline tool); stop it first"
+            f"data directory {data_dir} is in use by {holder_name(holder_pid)} (a running broker or an offline tool); stop it first"
         )
         self.data_dir = data_dir
         self.holder_pid = holder_pid
