@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -172,12 +172,12 @@ def produce_command(
     if whole:
         if value is not None:
             raise typer.BadParameter("takes its value from stdin: give no VALUE", param_hint="--whole")
-        value = _read_whole_input(ctx, sys.stdin.buffer)
+    payload: str | bytes | None = _read_whole_input(ctx, sys.stdin.buffer) if whole else value
     with connect(ctx, timeout_ms=timeout_ms) as client:
-        if value is not None:
+        if payload is not None:
             chosen, offset = client.produce(
                 topic,
-                value,
+                payload,
                 key=key,
                 headers=headers,
                 partition=partition,
@@ -202,7 +202,7 @@ def _produce_lines(client, topic, key, headers, partition, acks, json_output, ti
     producer = client.producer(acks=acks, idempotent=acks != "none", timeout_ms=timeout_ms)
     # Bounded, so a broker slower than stdin holds the reader back, not memory.
     pending: queue.Queue = queue.Queue(PENDING_ACKS_MAX)
-    state = {"acknowledged": 0, "failure": None}
+    state: dict[str, Any] = {"acknowledged": 0, "failure": None}
 
     def print_acks() -> None:
         while (future := pending.get()) is not None:

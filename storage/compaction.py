@@ -59,7 +59,7 @@ from .errors import (
     LimitExceededError,
     NodiError,
 )
-from .fileio import write_file_atomically
+from .fileio import File, write_file_atomically
 from .limits import MIB, RecordLimits
 from .log import Log
 from .records import (
@@ -371,7 +371,10 @@ class Compactor:
                     progress(min(counters.bytes_read, counters.progress_total), counters.progress_total)
                 yield header, file.pread(header.size, batch.position)
         except CorruptBatchError as error:
-            raise CorruptSegmentError(segment.log_path, error.position, None, f"compaction: {error}") from None
+            # The scanner names the position of every batch it refuses; without one the
+            # whole segment is suspect.
+            position = error.position if error.position is not None else 0
+            raise CorruptSegmentError(segment.log_path, position, None, f"compaction: {error}") from None
 
     def _clean_group(
         self, log: Log, group: list[Segment], work: _Pass, counters: _Counters, progress: ProgressCallback | None
@@ -416,14 +419,14 @@ class Compactor:
                     position += len(replacement)
                     if pending_bytes >= WRITE_CHUNK_BYTES:
                         # One buffer: many small batches would pass IOV_MAX (1024) buffers.
-                        cleaned.file.pwritev([b"".join(pending)], position - pending_bytes)
+                        _open_file(cleaned).pwritev([b"".join(pending)], position - pending_bytes)
                         pending, pending_bytes = [], 0
             if cleaned is None:
                 return
             if pending:
-                cleaned.file.pwritev([b"".join(pending)], position - pending_bytes)
+                _open_file(cleaned).pwritev([b"".join(pending)], position - pending_bytes)
             cleaned.size = position
-            cleaned.file.sync()
+            _open_file(cleaned).sync()
             cleaned.write_indexes()
             fresh = Segment(log.fs, log.directory, first_segment.base_offset)
 
@@ -532,7 +535,7 @@ class Compactor:
         copied = 0
         while copied < position:
             chunk = file.pread(min(WRITE_CHUNK_BYTES, position - copied), copied)
-            cleaned.file.pwritev([chunk], copied)
+            _open_file(cleaned).pwritev([chunk], copied)
             copied += len(chunk)
         return position
 
@@ -575,3 +578,11 @@ __all__ = [
     "read_first_dirty_offset",
     "require_keys",
 ]
+
+
+def _open_file(segment: Segment) -> File:
+    """The file of a segment compaction has just created (and so holds open)."""
+    file = segment.file
+    if file is None:
+        raise RuntimeError(f"compaction: the cleaned segment {segment.log_path} is not open")
+    return file

@@ -1022,7 +1022,9 @@ def _scan_headers(
                 position += header_length
                 size += header_length
             if build:
-                append((name, header_value))
+                # build is only set by the consumer's decode, which is given bytes (the
+                # produce path's walk may pass a memoryview, but keeps nothing).
+                append((name, header_value))  # type: ignore[arg-type]
     except IndexError:
         raise _framing_error(index, f"header {number} {field}", "truncated: the batch ends inside it") from None
     except UnicodeDecodeError:

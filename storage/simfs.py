@@ -95,6 +95,7 @@ def _apply(content: bytearray, operation: _Operation, cut: int | None = None) ->
         else:
             content.extend(bytes(position - len(content)))
         return None
+    assert data is not None  # only a truncate carries no data
     data = data if cut is None else data[:cut]
     if position > len(content):
         content.extend(bytes(position - len(content)))
@@ -340,7 +341,7 @@ class SimulatedFileSystem:
             else:
                 changes = []
             for change in changes:  # a change whose premise did not survive is void
-                inode = change[-1]
+                inode: _Inode = change[-1]
                 if change[0] == "link":
                     survived[change[1]] = inode
                 elif survived.get(change[1]) is inode:
@@ -375,13 +376,15 @@ class SimulatedFileSystem:
     @staticmethod
     def _replay(rng: random.Random, mode: str, content: bytearray, pending: list[_Operation]) -> list[tuple[int, int]]:
         touched = []
+        chosen: list[tuple[_Operation, int | None]]
         if mode == "reorder":
             chosen = [(operation, None) for operation in pending if rng.random() < 0.5]
         else:
             kept = rng.randint(0, len(pending))
             chosen = [(operation, None) for operation in pending[:kept]]
-            if kept < len(pending) and pending[kept][0] == "write" and rng.random() < 0.5:
-                chosen.append((pending[kept], rng.randrange(len(pending[kept][2]) + 1)))
+            torn = pending[kept] if kept < len(pending) else None
+            if torn is not None and torn[0] == "write" and torn[2] is not None and rng.random() < 0.5:
+                chosen.append((torn, rng.randrange(len(torn[2]) + 1)))
         for operation, cut in chosen:
             written = _apply(content, operation, cut)
             if written is not None and written[0] < written[1]:

@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 import timeit
+from typing import Any
 
 from nodi.broker import AsyncClient
 from nodi.storage import records
@@ -73,7 +74,10 @@ async def produce(address: str, batch: bytes, batch_count: int, in_flight: int, 
         started = time.perf_counter()
         await asyncio.gather(*(sender() for _ in range(in_flight)))
         seconds = time.perf_counter() - started
-        cpu = cpu_seconds_of(pid) - cpu_start
+        cpu_end = cpu_seconds_of(pid)
+        if cpu_start is None or cpu_end is None:
+            raise RuntimeError(f"cannot read the broker's CPU time (/proc/{pid}/stat): this benchmark needs Linux")
+        cpu = cpu_end - cpu_start
     record_count = batch_count * records.check_batch(batch).records_count
     return {
         "seconds": seconds,
@@ -89,7 +93,9 @@ def one_run(parent: str, mode: str, batch: bytes, arguments: argparse.Namespace)
     server = NodiServer(directory, launcher=launcher, metrics=False, log_name="serve.log")
     try:
         address = server.start()
-        return asyncio.run(produce(address, batch, arguments.batches, arguments.in_flight, server.process.pid))
+        pid = server.pid
+        assert pid is not None  # start() returned, so the process runs
+        return asyncio.run(produce(address, batch, arguments.batches, arguments.in_flight, pid))
     finally:
         server.stop()
         shutil.rmtree(directory, ignore_errors=True)
@@ -152,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"mode": arguments.mode, "record_bytes": size, **run}))
         return 0
     fsync = storage_bench.raw_fdatasync_loop(parent, 1024, 1, 1.0 if arguments.quick else 3.0)
-    results = {"machine": storage_bench.machine_description(parent), "fsync": fsync, "sizes": []}
+    results: dict[str, Any] = {"machine": storage_bench.machine_description(parent), "fsync": fsync, "sizes": []}
     print(
         f"fsync of 1 KiB writes on {parent}: p50 {fsync['latency_ms_p50']:.3f} ms, "
         f"p99 {fsync['latency_ms_p99']:.3f} ms ({fsync['writes']} writes)",

@@ -58,6 +58,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from nodi.storage.config import FsyncPolicy, LogConfig
 from nodi.storage.limits import KIB, MIB
@@ -206,6 +207,12 @@ def percentile(sorted_values: list[float], fraction: float) -> float | None:
     return sorted_values[index]
 
 
+def percentile_ms(sorted_seconds: list[float], fraction: float) -> float | None:
+    """percentile() of samples in seconds, in milliseconds (None for no samples)."""
+    value = percentile(sorted_seconds, fraction)
+    return None if value is None else value * 1000
+
+
 def warm_page_allocator(directory: str, volume_bytes: int) -> float:
     """Write `volume_bytes` to a scratch file and unlink it unsynced: its dirty pages are
     dropped without disk I/O, and the next writer gets them back hot (see the module
@@ -278,8 +285,8 @@ def raw_fdatasync_loop(directory: str, bytes_per_write: int, records_per_write: 
         "writes_per_s": writes / seconds,
         "records_per_s": writes * records_per_write / seconds,
         "mb_per_s": writes * bytes_per_write / seconds / MB,
-        "latency_ms_p50": percentile(latencies, 0.50) * 1000,
-        "latency_ms_p99": percentile(latencies, 0.99) * 1000,
+        "latency_ms_p50": percentile_ms(latencies, 0.50),
+        "latency_ms_p99": percentile_ms(latencies, 0.99),
     }
 
 
@@ -399,8 +406,8 @@ def append_cell(directory: str, policy: FsyncPolicy, batch_records: int, appende
         "time_capped": batches < per_appender_batches * appenders,
         "records_per_s": records / seconds,
         "mb_per_s": batches * batch_bytes / seconds / MB,
-        "append_latency_ms_p50": percentile(all_latencies, 0.50) * 1000,
-        "append_latency_ms_p99": percentile(all_latencies, 0.99) * 1000,
+        "append_latency_ms_p50": percentile_ms(all_latencies, 0.50),
+        "append_latency_ms_p99": percentile_ms(all_latencies, 0.99),
         "fsyncs": statistics.fsyncs,
         "appends_per_fsync": statistics.fsync_covered_appends / statistics.fsyncs if statistics.fsyncs else None,
         "segments": statistics.segment_count,
@@ -420,6 +427,8 @@ def read_pass(log: Log, decode: bool) -> tuple[int, int, float]:
     started = time.perf_counter()
     while offset < end:
         result = log.read(offset, READ_BYTES_MAX)
+        if result.next_offset is None:  # nothing readable below `end`: the pass is over
+            break
         data = result.to_bytes()
         byte_count += len(data)
         if decode:
@@ -541,6 +550,8 @@ def child_open(directory: str, segment_bytes: int, close: bool) -> None:
     read_started = time.perf_counter()
     while offset < log.next_offset:
         result = log.read(offset, READ_BYTES_MAX)
+        if result.next_offset is None:
+            break
         data = result.to_bytes()
         tail_bytes += len(data)
         tail_records += len(decode_batches(data))
@@ -1010,7 +1021,7 @@ def run(settings: Settings, data_directory: str) -> dict:
     for round_number in range(settings.rounds):
         last_round = round_number == settings.rounds - 1
         raw: dict = {"round": round_number, "fdatasync_loop": []}
-        one = {"round": round_number, "raw": raw, "append": []}
+        one: dict[str, Any] = {"round": round_number, "raw": raw, "append": []}
         for policy in settings.policies:
             for batch_records in settings.batch_record_counts:
                 if policy is FsyncPolicy.ALWAYS:

@@ -33,8 +33,11 @@ class MessageFuture(concurrent.futures.Future):
         self._exception = None
         self._lazy_condition: threading.Condition | None = None
 
+    # Future.__init__ sets these three as plain attributes; here they are properties
+    # that build them on first use (the point of this class), which mypy reads as
+    # narrowing a writable attribute.
     @property
-    def _condition(self) -> threading.Condition:
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
         condition = self._lazy_condition
         if condition is None:
             with _LOCK:
@@ -44,7 +47,7 @@ class MessageFuture(concurrent.futures.Future):
         return condition
 
     @property
-    def _waiters(self) -> list:
+    def _waiters(self) -> list:  # type: ignore[override]
         return self.__dict__.setdefault("_lazy_waiters", [])
 
     @property
@@ -56,10 +59,12 @@ def resolve(futures: list, results: list | None, error: BaseException | None) ->
     """Set each future's result (results[i]) or `error`. MessageFutures nobody has looked
     at are set directly; any other future (or one being waited on) through its own
     set_result / set_exception. Futures already done (cancelled) are skipped."""
+    if error is None and results is None:
+        raise ValueError("resolve() needs results when there is no error")
     if futures and type(futures[0]) is asyncio.Future:
         # An AsyncProducer's: the loop's futures (only ever set from the loop), in one pass.
         if error is None:
-            for future, result in zip(futures, results):
+            for future, result in zip(futures, results or ()):
                 if not future.done():
                     future.set_result(result)
         else:
@@ -72,7 +77,7 @@ def resolve(futures: list, results: list | None, error: BaseException | None) ->
         for index, future in enumerate(futures):
             if type(future) is MessageFuture and future._lazy_condition is None:
                 # Nothing looked at it, so nothing cancelled it: it is PENDING.
-                if error is None:
+                if results is not None:
                     future._result = results[index]
                 else:
                     future._exception = error
@@ -83,7 +88,7 @@ def resolve(futures: list, results: list | None, error: BaseException | None) ->
         future = futures[index]
         if future.done():
             continue
-        if error is None:
+        if results is not None and error is None:
             future.set_result(results[index])
         else:
             future.set_exception(error)

@@ -184,10 +184,12 @@ class _Base:
         if (path is None) == (store is None):
             raise ValueError("give a path for an LMDB key store, or a store, not both")
         self.consumer = consumer
-        self._owns_store = store is None
-        self.store: KeyStore = (
-            LmdbKeyStore(path, keys_max=keys_max, write_batch_max=write_batch_max) if store is None else store
-        )
+        self.idle_timeout_ms: int | None = None  # set by the subclass from its argument
+        self._owned: LmdbKeyStore | None = None
+        if store is None:
+            assert path is not None  # checked above
+            store = self._owned = LmdbKeyStore(path, keys_max=keys_max, write_batch_max=write_batch_max)
+        self.store: KeyStore = store
         self._delivered = 0
         self._skipped = 0
         self._unmarked: bytes | None = None  # the key of the message handed out last
@@ -220,8 +222,8 @@ class _Base:
 
     def _close_store(self) -> None:
         self.flush()
-        if self._owns_store:
-            self.store.close()
+        if self._owned is not None:
+            self._owned.close()
 
 
 class IdempotentConsumer(_Base):
