@@ -3,8 +3,12 @@ read, and the reverse; every codec's inflation bounded; damaged sections refused
 
 from __future__ import annotations
 
+import json
 import os
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import cramjam
 import crc32c
@@ -113,3 +117,20 @@ def test_a_section_that_does_not_inflate_is_a_framing_error(codec):
     struct.pack_into(">I", body, 17, crc32c.crc32c(bytes(body[records.CRC_START :])))
     with pytest.raises(RecordFramingError):
         records.check_records(bytes(body), header)
+
+
+def test_codec_bench_quick_run_writes_its_json(tmp_path):
+    out = tmp_path / "codecs.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "tools.codec_bench", "--records", "20", "--rounds", "1", "--round-seconds", "0.01"]
+        + ["--json", str(out)],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    figures = json.loads(out.read_text())
+    assert [one["codec"] for one in figures["codecs"]] == ["none", "gzip", "snappy", "lz4", "zstd"]
+    for one in figures["codecs"]:
+        assert one["build_mb_per_s"] > 0 and one["decode_mb_per_s"] > 0 and one["batch_share_of_values"] > 0
