@@ -33,12 +33,12 @@ from __future__ import annotations
 import enum
 import struct
 import time
-import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
 import crc32c as _crc32c
 
+from . import codecs
 from .errors import (
     CorruptBatchError,
     InvalidRecordError,
@@ -83,7 +83,8 @@ class Compression(enum.IntEnum):
     ZSTD = 4
 
 
-SUPPORTED_COMPRESSION = frozenset({Compression.NONE, Compression.GZIP})
+# Every codec of Kafka's: storage/codecs.py. Bits 5-7 name none and are refused.
+SUPPORTED_COMPRESSION = frozenset(Compression)
 
 
 class BatchHeader(NamedTuple):
@@ -495,8 +496,8 @@ def build_batch_buffer(
     elif last_offset_delta < (len(records) - 1 if offset_deltas is None else offset_deltas[-1]):
         raise InvalidRecordError(f"last_offset_delta {last_offset_delta} is below the last record's delta")
     parts, body_bytes, max_timestamp = _encode_parts(records, base_timestamp, now_ms, limits, offset_deltas)
-    if compression == Compression.GZIP:
-        parts = [gzip_compress(b"".join(parts))]
+    if compression != Compression.NONE:
+        parts = [codecs.compress(compression, b"".join(parts))]
         body_bytes = len(parts[0])
     attributes = (attributes & ~ATTRIBUTE_CODEC_MASK) | int(compression)
     size = BATCH_HEADER_BYTES + body_bytes
@@ -524,37 +525,7 @@ def build_batch_buffer(
 
 
 def gzip_compress(data: bytes) -> bytes:
-    compressor = zlib.compressobj(6, zlib.DEFLATED, 31)
-    return compressor.compress(data) + compressor.flush()
-
-
-# A compressed section is inflated this many bytes at a time, so refusing one that
-# inflates past its limit holds about the limit in memory, not twice it.
-INFLATE_CHUNK_BYTES = 1 << 20
-
-
-def _gzip_decompress(data: bytes | memoryview, limit: int) -> bytes:
-    decompressor = zlib.decompressobj(31)
-    chunks: list[bytes] = []
-    inflated = 0
-    pending = data
-    try:
-        while True:
-            chunk = decompressor.decompress(pending, min(INFLATE_CHUNK_BYTES, limit + 1 - inflated))
-            chunks.append(chunk)
-            inflated += len(chunk)
-            if inflated > limit:
-                raise LimitExceededError(f"batch inflates past decompressed_batch_bytes_max {limit}")
-            pending = decompressor.unconsumed_tail
-            if decompressor.eof or not (pending or chunk):
-                break
-    except zlib.error as error:
-        raise CorruptBatchError(f"gzip: {error}") from None
-    if not decompressor.eof:
-        raise CorruptBatchError("gzip: truncated stream")
-    if decompressor.unused_data:
-        raise CorruptBatchError("gzip: trailing bytes after the stream")
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return codecs.compress(Compression.GZIP, data)
 
 
 # ---------------------------------------------------------------------------
@@ -582,11 +553,10 @@ def records_section(
     codec = header.compression
     if codec == Compression.NONE:
         return bytes(raw)
-    if codec != Compression.GZIP:
-        name = Compression(codec).name if codec in Compression._value2member_map_ else str(codec)
-        raise UnsupportedCompressionError(f"compression {name} is not supported; refusing to decode")
+    if codec not in SUPPORTED_COMPRESSION:
+        raise UnsupportedCompressionError(f"compression {codec} is not supported; refusing to decode")
     try:
-        return _gzip_decompress(raw, limits.decompressed_batch_bytes_max)
+        return codecs.decompress(codec, raw, limits.decompressed_batch_bytes_max)
     except LimitExceededError as error:
         raise RecordLimitError(f"records section: {error}", field="records") from None
     except InvalidRecordError as error:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import struct
+import zlib
 
 import crc32c
 
@@ -98,7 +99,7 @@ def _gzip_bomb() -> bytes:
     """40 MiB of zeros, gzipped to about 40 KiB: one record claiming all of it."""
     inflated = 40 * MIB
     prefix = varint(inflated) + b"\x00" + varint(0) + varint(0) + varint(-1) + varint(inflated - 16)
-    compressor = records.zlib.compressobj(9, records.zlib.DEFLATED, 31)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
     chunk = bytes(MIB)
     parts = [compressor.compress(prefix)]
     parts.extend(compressor.compress(chunk) for _ in range(40))

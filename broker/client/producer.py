@@ -8,7 +8,7 @@ concurrent.futures futures, from any thread).
     partition, offset = future.result()
 
 Options: linger_ms (5), batch_bytes_max (256 KiB), acks ("durable"), idempotent (True),
-compression ("none" or "gzip"), max_in_flight (32 batches), delivery_timeout_ms (120 s),
+compression ("none", "gzip", "snappy", "lz4" or "zstd"), max_in_flight (32 batches), delivery_timeout_ms (120 s),
 buffer_bytes_max (32 MiB of messages not yet acknowledged: beyond it the sync send()
 blocks, up to timeout_ms, and the async send() raises BufferFull until
 `await wait_for_space()`), timeout_ms (per request; the client's by default).
@@ -98,7 +98,7 @@ def producer_parts(
 class AsyncProducer:
     """A batching producer on an AsyncClient; see the module docstring. Options:
     linger_ms (5), batch_bytes_max (256 KiB), acks ("durable"), idempotent (True),
-    compression ("none" or "gzip"), max_in_flight (32 batches), delivery_timeout_ms
+    compression ("none", "gzip", "snappy", "lz4" or "zstd"), max_in_flight (32 batches), delivery_timeout_ms
     (120 s), timeout_ms (per request; the client's by default)."""
 
     def __init__(self, client: AsyncClient, **options: Any) -> None:

@@ -86,6 +86,8 @@ RETRY_BACKOFF_MAX_MS = 1_000
 _PRODUCER_FIELDS = struct.Struct(">qhi")  # producer_id, producer_epoch, base_sequence
 _PRODUCER_FIELDS_AT = 43
 _CRC = struct.Struct(">I")
+# The producer's compression= names: Kafka's codecs (storage/codecs.py).
+COMPRESSION_NAMES = {codec.name.lower(): codec for codec in Compression}
 _CRC_AT = 17
 
 
@@ -189,9 +191,10 @@ class Sender:
         if idempotent and self.acks == 0:
             raise ValueError('an idempotent producer needs acks "written" or "durable"')
         try:
-            self.compression = {"none": Compression.NONE, "gzip": Compression.GZIP}[compression]
+            self.compression = COMPRESSION_NAMES[compression]
         except KeyError:
-            raise ValueError(f'compression must be "none" or "gzip", not {compression!r}') from None
+            names = ", ".join(f'"{name}"' for name in COMPRESSION_NAMES)
+            raise ValueError(f"compression must be one of {names}, not {compression!r}") from None
         self.client = client
         self.loop = loop
         self.idempotent = idempotent
