@@ -6,7 +6,7 @@ from importlib.metadata import version as _package_version
 
 import typer
 
-from nodi.cli import bench, compact, messaging, torture
+from nodi.cli import bench, compact, messaging, mirror, torture
 from nodi.cli.common import ReadableGroup, command, readable_parameters, state_of
 from nodi.cli.dlq import app as dlq_app
 from nodi.cli.groups import app as groups_app
@@ -32,6 +32,7 @@ register_status(app)
 bench.register(app)
 torture.register(app)
 compact.register(app)
+mirror.register(app)
 
 
 def _version_callback(value: bool) -> None:
