@@ -44,7 +44,9 @@ from .errors import (
     InvalidRecords,
     NodiClientError,
     PartlyDuplicate,
+    TopicExists,
     UnknownPartition,
+    UnknownTopic,
     error_for,
 )
 from .features import drop_expired, with_features
@@ -254,6 +256,7 @@ class AsyncClient:
         ttl_ms: int | None = None,
         dedup_window_ms: int | None = None,
         delete_retention_ms: int | None = None,
+        exist_ok: bool = False,
         timeout_ms: int | None = None,
     ) -> TopicSettings:
         """Create a topic; returns the settings in force. None takes the server's default;
@@ -263,21 +266,33 @@ class AsyncClient:
         delete_retention_ms: on a compacted topic, how long a tombstone stays after a
         compaction pass first saw it (the server's default is its [compaction] setting).
         cleanup_policy: "delete", "compact" or "compact,delete"; fsync_policy: "always",
-        "interval" or "never". TopicExists when the name is taken."""
+        "interval" or "never". TopicExists when the name is taken, unless exist_ok: then
+        it returns the existing topic's settings, which may differ from those asked for
+        (compare them if that matters; nothing is changed)."""
 
         settings = settings_to_wire(locals())  # its parameters: one per topic setting
-        response = await self.core.call(
-            m.CreateTopicRequest(name=name, settings=settings), timeout_ms, expect=m.CreateTopicResponse
-        )
+        try:
+            response = await self.core.call(
+                m.CreateTopicRequest(name=name, settings=settings), timeout_ms, expect=m.CreateTopicResponse
+            )
+        except TopicExists:
+            if not exist_ok:
+                raise
+            return (await self.describe_topic(name, timeout_ms=timeout_ms)).settings
         self.core.remember_partition_count(name, response.settings.partitions)
         self._topic_ttls[name] = response.settings.ttl_ms
         return settings_from_wire(response.settings)
 
-    async def delete_topic(self, name: str, *, timeout_ms: int | None = None) -> None:
-        """Delete a topic and its data. UnknownTopic when there is none."""
+    async def delete_topic(self, name: str, *, missing_ok: bool = False, timeout_ms: int | None = None) -> None:
+        """Delete a topic and its data. UnknownTopic when there is none, unless
+        missing_ok."""
         self.core.forget_partition_count(name)
         self._topic_ttls.pop(name, None)
-        await self.core.call(m.DeleteTopicRequest(name=name), timeout_ms, expect=m.DeleteTopicResponse)
+        try:
+            await self.core.call(m.DeleteTopicRequest(name=name), timeout_ms, expect=m.DeleteTopicResponse)
+        except UnknownTopic:
+            if not missing_ok:
+                raise
         self.core.forget_partition_count(name)
         self._topic_ttls.pop(name, None)
 
