@@ -10,13 +10,16 @@ The tests share one server (module scope), each with topics of its own."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
 from nodi.broker import (
     AsyncClient,
     Client,
+    SendFailed,
     TopicExists,
+    UnknownPartition,
     UnknownTopic,
 )
 
@@ -67,5 +70,81 @@ def test_async_create_topic_exist_ok_and_delete_topic_missing_ok(server):
             await client.delete_topic("api-rerun-async", missing_ok=True)
             with pytest.raises(UnknownTopic):
                 await client.delete_topic("api-rerun-async")
+
+    run(main())
+
+
+# -- the producer: flush() raises what failed; send_and_wait() does not linger --------------
+
+
+def test_flush_raises_send_failed_naming_how_many_failed_once(client, caplog):
+    client.create_topic("api-flush", partitions=1)
+    with client.producer(linger_ms=1) as producer:
+        good = [producer.send("api-flush", b"ok", partition=0) for _ in range(2)]
+        bad = [producer.send("api-flush", b"lost", partition=7) for _ in range(3)]  # no partition 7
+        with pytest.raises(SendFailed) as raised:
+            producer.flush()
+        assert raised.value.failed == 3
+        assert isinstance(raised.value.first, UnknownPartition)
+        assert raised.value.__cause__ is raised.value.first
+        assert "3 messages" in str(raised.value)
+        assert [future.result()[0] for future in good] == [0, 0]
+        assert all(isinstance(future.exception(), UnknownPartition) for future in bad)
+        producer.flush()  # reported once: nothing new failed
+        producer.send("api-flush", b"ok", partition=0).result()
+        producer.flush()
+        # A failure no flush reports is logged by close(), not raised.
+        lost = producer.send("api-flush", b"lost", partition=9)
+        with caplog.at_level(logging.WARNING, logger="nodi.client"):
+            producer.close()
+    assert isinstance(lost.exception(), UnknownPartition)
+    assert any("1 message sent before flush() failed" in record.getMessage() for record in caplog.records)
+
+
+def test_async_flush_raises_send_failed_for_an_unknown_topic_and_a_bad_partition(server):
+    async def main():
+        async with AsyncClient(server.address, timeout_ms=10_000) as client:
+            await client.create_topic("api-flush-async", partitions=1)
+            async with client.producer(linger_ms=1) as producer:
+                unknown = producer.send("api-no-such-topic", b"x")  # fails at its partition lookup
+                bad = producer.send("api-flush-async", b"x", partition=4)
+                good = producer.send("api-flush-async", b"x")
+                with pytest.raises(SendFailed) as raised:
+                    await producer.flush()
+                assert raised.value.failed == 2
+                assert isinstance(raised.value.first, (UnknownTopic, UnknownPartition))
+                assert isinstance(unknown.exception(), UnknownTopic)
+                assert isinstance(bad.exception(), UnknownPartition)
+                assert (await good)[0] == 0
+                await producer.flush()
+
+    run(main())
+
+
+def test_send_and_wait_sends_its_batch_without_the_linger(client):
+    client.create_topic("api-urgent", partitions=2)
+    with client.producer(linger_ms=LONG_LINGER_MS) as producer:
+        before = producer.send("api-urgent", b"buffered", partition=0)
+        elsewhere = producer.send("api-urgent", b"other partition", partition=1)
+        partition, offset = producer.send_and_wait("api-urgent", b"now", partition=0)
+        assert (partition, offset) == (0, 1)
+        assert before.result(0) == (0, 0)  # went out in the same batch
+        assert not elsewhere.done()  # partition 1's buffer still lingers
+        producer.flush()
+        assert elsewhere.result(0) == (1, 0)
+        with pytest.raises(UnknownPartition):
+            producer.send_and_wait("api-urgent", b"x", partition=5)
+
+
+def test_async_send_and_wait_sends_at_once_also_for_a_topic_it_has_not_looked_up(server):
+    async def main():
+        async with AsyncClient(server.address, timeout_ms=10_000) as setup:
+            await setup.create_topic("api-urgent-async", partitions=1)
+        async with AsyncClient(server.address, timeout_ms=10_000) as client:  # knows no partition count
+            async with client.producer(linger_ms=LONG_LINGER_MS) as producer:
+                assert await producer.send_and_wait("api-urgent-async", b"first") == (0, 0)
+                assert await producer.send_and_wait("api-urgent-async", b"second", key="k") == (0, 1)
+                with pytest.raises(UnknownTopic):
+                    await producer.send_and_wait("api-no-such-topic", b"x")
 
     run(main())
