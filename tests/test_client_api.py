@@ -148,3 +148,70 @@ def test_async_send_and_wait_sends_at_once_also_for_a_topic_it_has_not_looked_up
                     await producer.send_and_wait("api-no-such-topic", b"x")
 
     run(main())
+
+
+# -- poll(max_records=) ----------------------------------------------------------------------
+
+
+def test_poll_max_records_returns_each_message_once_and_commits_only_what_it_returned(client):
+    client.create_topic("api-poll", partitions=2)
+    with client.producer() as producer:
+        for n in range(60):
+            producer.send("api-poll", f"{n}", partition=n % 2)
+    batches = []
+    with client.consumer("api-poll", group="api-poll-group", auto_commit=False) as consumer:
+        while sum(len(batch) for batch in batches) < 40:
+            batch = consumer.poll(timeout_ms=5_000, max_records=7)
+            assert 0 < len(batch) <= 7
+            batches.append(batch)
+        consumer.commit()
+        positions = {partition: consumer.position("api-poll", partition) for partition in (0, 1)}
+        assert consumer.statistics().messages_delivered == sum(len(batch) for batch in batches)
+    returned = [message for batch in batches for message in batch]
+    # commit() stored the offset after the last message returned, per partition: the
+    # messages fetched and not returned are read again by the group.
+    for partition in (0, 1):
+        offsets = [message.offset for message in returned if message.partition == partition]
+        assert offsets == list(range(len(offsets)))
+        assert positions[partition] == len(offsets)
+    with client.consumer("api-poll", group="api-poll-group", auto_commit=False) as consumer:
+        rest = []
+        while len(returned) + len(rest) < 60:
+            rest.extend(consumer.poll(timeout_ms=5_000, max_records=1_000))
+    everything = sorted((message.partition, message.offset) for message in returned + rest)
+    assert everything == sorted((n % 2, n // 2) for n in range(60))
+    with client.consumer("api-poll") as consumer, pytest.raises(ValueError):
+        consumer.poll(max_records=0)
+
+
+def test_poll_max_records_after_a_seek_reads_from_the_new_position(client):
+    client.create_topic("api-poll-seek")
+    with client.producer() as producer:
+        for n in range(30):
+            producer.send("api-poll-seek", f"{n}")
+    with client.consumer("api-poll-seek") as consumer:
+        first = consumer.poll(timeout_ms=5_000, max_records=10)
+        assert [message.offset for message in first] == list(range(10))
+        assert consumer.position("api-poll-seek", 0) == 10
+        consumer.seek("api-poll-seek", 0, 3)  # what was fetched and not returned is dropped
+        again = consumer.poll(timeout_ms=5_000, max_records=4)
+        assert [message.offset for message in again] == [3, 4, 5, 6]
+
+
+def test_async_poll_max_records_one_at_a_time(server):
+    async def main():
+        async with AsyncClient(server.address, timeout_ms=10_000) as client:
+            await client.create_topic("api-poll-async")
+            for n in range(5):
+                await client.produce("api-poll-async", f"{n}")
+            async with client.consumer("api-poll-async") as consumer:
+                values = []
+                for _ in range(5):
+                    batch = await consumer.poll(timeout_ms=5_000, max_records=1)
+                    assert len(batch) == 1
+                    values.append(batch[0].value)
+                assert values == [f"{n}".encode() for n in range(5)]
+                assert consumer.position("api-poll-async", 0) == 5
+                assert await consumer.poll(timeout_ms=100, max_records=1) == []
+
+    run(main())
