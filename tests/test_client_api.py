@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import pytest
 
@@ -213,5 +214,78 @@ def test_async_poll_max_records_one_at_a_time(server):
                 assert values == [f"{n}".encode() for n in range(5)]
                 assert consumer.position("api-poll-async", 0) == 5
                 assert await consumer.poll(timeout_ms=100, max_records=1) == []
+
+    run(main())
+
+
+# -- receive_batch() on queues ---------------------------------------------------------------
+
+
+def produce_values(client, topic: str, count: int) -> None:
+    client.create_topic(topic)
+    with client.producer() as producer:
+        for n in range(count):
+            producer.send(topic, b"%d" % n)
+
+
+def test_receive_batch_leases_only_what_it_returns_within_flow_control(client):
+    produce_values(client, "api-batch", 250)
+    handled: list[int] = []
+    with client.queue("api-batch", "workers", max_outstanding=100) as queue:
+        with pytest.raises(ValueError):
+            queue.receive_batch(0)
+        batch = queue.receive_batch(40, timeout_ms=10_000)
+        assert len(batch) == 40
+        statistics = queue.statistics()
+        assert statistics.outstanding == 40 and statistics.buffered == 0  # nothing hidden
+        handled += [message.offset for message in batch]
+        # Flow control: 60 more fit under max_outstanding while these 40 are unsettled.
+        more = queue.receive_batch(500, timeout_ms=10_000)
+        assert len(more) == 60
+        handled += [message.offset for message in more]
+        assert queue.receive_batch(10, timeout_ms=200) == []  # 100 held, unsettled: no room
+        for message in batch + more:
+            assert message.ack(wait=False) is None
+        queue.flush()
+        while len(handled) < 250:
+            batch = queue.receive_batch(64, timeout_ms=10_000)
+            assert 0 < len(batch) <= 64
+            handled += [message.offset for message in batch]
+            assert all(message.ack() for message in batch)
+        assert queue.receive_batch(10, timeout_ms=200) == []
+    assert sorted(handled) == list(range(250))  # each once
+    state = client.describe_queue("api-batch", "workers")
+    assert state.acked == 250 and state.redelivered == 0
+
+
+def test_receive_batch_held_longer_than_ack_wait_keeps_its_leases(client):
+    produce_values(client, "api-batch-slow", 20)
+    with client.queue("api-batch-slow", "workers", ack_wait_ms=1_000) as queue:
+        batch = queue.receive_batch(20, timeout_ms=10_000)
+        assert len(batch) == 20
+        time.sleep(1.5)  # a handler slower than ack_wait: the lease keeper extends them
+        assert all(message.ack() for message in batch)
+        statistics = queue.statistics()
+    assert statistics.stale_settles == 0 and statistics.leases_extended >= 20
+    state = client.describe_queue("api-batch-slow", "workers")
+    assert state.redelivered == 0 and state.acked == 20
+
+
+def test_async_receive_batch_and_at_most_once(server):
+    async def main():
+        async with AsyncClient(server.address, timeout_ms=10_000) as client:
+            await client.create_topic("api-batch-async")
+            async with client.queue("api-batch-async", "workers") as queue:
+                assert await queue.receive_batch(5, timeout_ms=100) == []
+                for n in range(12):
+                    await client.produce("api-batch-async", b"%d" % n)
+                first = await queue.receive_batch(5, timeout_ms=10_000)
+                assert [message.offset for message in first] == [0, 1, 2, 3, 4]
+                assert await asyncio.gather(*(message.ack() for message in first)) == [True] * 5
+            async with client.queue("api-batch-async", "workers", guarantee="at-most-once") as queue:
+                rest = await queue.receive_batch(100, timeout_ms=10_000)
+                assert [message.offset for message in rest] == list(range(5, 12))  # acked on receipt
+            state = await client.describe_queue("api-batch-async", "workers")
+            assert state.acked == 12
 
     run(main())
