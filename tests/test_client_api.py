@@ -289,3 +289,61 @@ def test_async_receive_batch_and_at_most_once(server):
             assert state.acked == 12
 
     run(main())
+
+
+# -- every exception the client raises is importable from nodi.broker -----------------------
+
+
+def test_every_exception_class_the_client_raises_by_name_is_builtin_or_exported():
+    """A static check over broker/client: `raise Name(...)` / `raise Name` of a class is
+    a builtin exception or a name nodi.broker exports (so `from nodi.broker import X`
+    can catch it). Errors re-raised from a variable are the client's own (error_for,
+    records_error) or come back as those; the real-server test below checks the
+    record limits, the one place storage's own errors used to leak through."""
+    import ast
+    import builtins
+    from pathlib import Path
+
+    import nodi.broker
+    import nodi.broker.client
+
+    exported = set(nodi.broker.__all__)
+    raised: dict[str, list[str]] = {}
+    for path in sorted(Path(nodi.broker.client.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Raise) or node.exc is None:
+                continue
+            target = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+            if isinstance(target, ast.Name) and target.id[:1].isupper():
+                raised.setdefault(target.id, []).append(f"{path.name}:{node.lineno}")
+    assert {"BufferFull", "ClientClosed", "InvalidRecords", "Timeout", "ValueError"} <= set(
+        raised
+    )  # the scan sees them
+    for name, places in raised.items():
+        builtin = getattr(builtins, name, None)
+        if isinstance(builtin, type) and issubclass(builtin, BaseException):
+            continue
+        assert name in exported, f"{name} (raised at {places}) is not importable from nodi.broker"
+    assert issubclass(nodi.broker.SendFailed, nodi.broker.NodiClientError)
+
+
+def test_a_record_above_a_limit_is_a_limit_exceeded_from_every_path(client):
+    """produce(), the producer, request() and reply() build their records in the client:
+    a record above record_bytes_max is the client's LimitExceeded, not storage's own
+    error, before anything is sent."""
+    from nodi.broker import LimitExceeded
+
+    client.create_topic("api-limits")
+    huge = b"x" * (2 << 20)
+    with pytest.raises(LimitExceeded, match="record_bytes_max"):
+        client.produce("api-limits", huge)
+    with pytest.raises(LimitExceeded, match="headers_per_record_max"):
+        client.produce("api-limits", b"x", headers=[(f"h{n}", b"") for n in range(5_000)])
+    with client.producer() as producer:
+        future = producer.send("api-limits", huge)
+        with pytest.raises(SendFailed) as raised:
+            producer.flush()
+    assert isinstance(raised.value.first, LimitExceeded) and isinstance(future.exception(), LimitExceeded)
+    with pytest.raises(LimitExceeded):
+        client.request("api-limits", huge, timeout_ms=5_000)
+    assert client.describe_topic("api-limits").partitions[0].log_end_offset == 0  # nothing was sent

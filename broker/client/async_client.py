@@ -29,9 +29,10 @@ import itertools
 import logging
 import random
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from nodi.storage.errors import NodiError
-from nodi.storage.records import NewRecord, build_batch, decode_records, iter_batches
+from nodi.storage.records import NewRecord, decode_records, iter_batches
 
 from ..protocol import messages as m
 from ..protocol.errors import ErrorCode
@@ -68,6 +69,7 @@ from .types import (
     TopicSummary,
     acks_value,
     backoff_s,
+    build_one,
     check_start,
     new_message,
     partition_for_key,
@@ -385,7 +387,7 @@ class AsyncClient:
             ),
             None if timestamp is None else timestamp_ms_of(timestamp),
         )
-        batch = build_batch([record])
+        batch = build_one(record, f"produce to {topic}")
         acks_wire = acks_value(acks)
         timeout = self.timeout_ms if timeout_ms is None else timeout_ms
         async with self.core.deadline(timeout, "Produce"):
@@ -727,20 +729,20 @@ class AsyncClient:
 
     # -- producers and consumers --------------------------------------------------------
 
-    def producer(self, **options):
+    def producer(self, **options: Any):
         """An AsyncProducer that batches (see producer.py for the options)."""
         from .producer import AsyncProducer
 
         return AsyncProducer(self, **options)
 
-    def consumer(self, topics, group: str | None = None, **options):
+    def consumer(self, topics, group: str | None = None, **options: Any):
         """An AsyncConsumer (see consumer.py for the options); `async with` it or call
         `start()` before `poll()`."""
         from .consumer import AsyncConsumer
 
         return AsyncConsumer(self, topics, group, **options)
 
-    def queue(self, topic: str, group: str, **options):
+    def queue(self, topic: str, group: str, **options: Any):
         """An AsyncQueue of queue group `group` on `topic` (see client/queue.py for the
         options: ack_wait_ms, max_deliveries, backoff, dead_letter_topic, batch_max, prefetch)."""
         from .queue import AsyncQueue

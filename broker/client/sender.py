@@ -54,8 +54,6 @@ from nodi.storage.records import Compression, build_batch, build_batch_buffer, c
 from .accumulator import INFINITY, Buffer, RecordAccumulator
 from .errors import (
     ClientClosed,
-    InvalidRecords,
-    LimitExceeded,
     NodiClientError,
     OutOfOrderSequence,
     PartlyDuplicate,
@@ -65,6 +63,7 @@ from .errors import (
     UnknownPartition,
     UnknownProducerId,
     is_retriable,
+    records_error,
 )
 from .features import split_duplicates
 from .futures import resolve
@@ -269,8 +268,7 @@ class Sender:
                     base_sequence=sequence,
                 )
             except NodiError as error:
-                code_error = LimitExceeded if "exceed" in str(error) else InvalidRecords
-                self._finish(buffer, code_error(str(error)))
+                self._finish(buffer, records_error(error, f"batch for {buffer.topic}-{buffer.partition}"))
                 continue
             if self.idempotent:
                 state.next_sequence = (sequence + count) % SEQUENCE_MODULUS
