@@ -347,3 +347,64 @@ def test_a_record_above_a_limit_is_a_limit_exceeded_from_every_path(client):
     with pytest.raises(LimitExceeded):
         client.request("api-limits", huge, timeout_ms=5_000)
     assert client.describe_topic("api-limits").partitions[0].log_end_offset == 0  # nothing was sent
+
+
+# -- the blocking parts are written out with their async twins' signatures -----------------
+
+# Return annotations that differ by design: what each side hands back.
+SYNC_RETURN_OF = {
+    "asyncio.Future": "MessageFuture",  # the sync Producer's futures are concurrent.futures ones
+}
+# Public names only the blocking twin has: read-only views of plain attributes of the
+# async twin (which tools see on its instances, not its class).
+SYNC_ONLY = {
+    "Producer": set(),
+    "Consumer": {"group", "member_id", "generation"},
+    "Queue": {"topic", "group"},
+}
+
+
+def _public_members(cls) -> dict[str, object]:
+    return {name: value for name, value in vars(cls).items() if not name.startswith("_")}
+
+
+@pytest.mark.parametrize(
+    "names", [("AsyncProducer", "Producer"), ("AsyncConsumer", "Consumer"), ("AsyncQueue", "Queue")]
+)
+def test_the_blocking_producer_consumer_and_queue_write_out_every_async_method_with_its_signature(names):
+    """Producer, Consumer and Queue have each public method and property of their async
+    twin written in their own class (IDEs and type checkers see them), with the same
+    parameters, defaults and return (the future type aside), and nothing else but
+    SYNC_ONLY; a twin that can be iterated or used in `with` can be on both sides."""
+    import inspect
+
+    import nodi.broker
+
+    async_class, sync_class = (getattr(nodi.broker, name) for name in names)
+    async_members, sync_members = _public_members(async_class), _public_members(sync_class)
+    assert set(sync_members) - set(async_members) == SYNC_ONLY[sync_class.__name__]
+    for name, value in async_members.items():
+        assert name in sync_members, f"{sync_class.__name__} has no written-out {name}"
+        twin = sync_members[name]
+        if isinstance(value, property):
+            assert isinstance(twin, property), name
+            continue
+        assert inspect.isfunction(value) and inspect.isfunction(twin), name
+        assert not inspect.iscoroutinefunction(twin), name
+        assert twin.__qualname__ == f"{sync_class.__name__}.{name}", name
+        expected, written = inspect.signature(value), inspect.signature(twin)
+        assert list(written.parameters.values()) == list(expected.parameters.values()), name
+        returned = expected.return_annotation
+        assert written.return_annotation == SYNC_RETURN_OF.get(returned, returned), name
+    for async_name, sync_name in (("__aenter__", "__enter__"), ("__aexit__", "__exit__"), ("__aiter__", "__iter__")):
+        assert (async_name in vars(async_class)) == (sync_name in vars(sync_class)), (async_name, sync_name)
+
+
+def test_the_clients_make_their_parts_with_the_same_parameters():
+    import inspect
+
+    for name in ("producer", "consumer", "queue"):
+        assert (
+            inspect.signature(getattr(Client, name)).parameters
+            == inspect.signature(getattr(AsyncClient, name)).parameters
+        ), name

@@ -483,7 +483,7 @@ class AsyncQueue:
     ) -> QueueMessage | None:
         """The next message (see receive); a trip to the broker asks for at most
         `wanted` messages (None: as many as flow control and batch_max allow);
-        `prefetch`: whether handing it out may ask ahead (prefetch_soon)."""
+        `prefetch`: whether handing it out may ask ahead (_prefetch_soon)."""
         if self._closed:
             raise ClientClosed("the queue is closed")
         timeout_ms = self.receive_timeout_ms if timeout_ms is None else max(int(timeout_ms), 0)
@@ -537,7 +537,7 @@ class AsyncQueue:
             if self._usable(message):
                 self._hand_out(message)
                 if prefetch:
-                    self.prefetch_soon(message)
+                    self._prefetch_soon(message)
                 return message
             self._discard(message)
         return None
@@ -748,7 +748,7 @@ class AsyncQueue:
 
     # -- prefetch ------------------------------------------------------------------------
 
-    def prefetch_soon(self, current: QueueMessage | None = None) -> None:
+    def _prefetch_soon(self, current: QueueMessage | None = None) -> None:
         """Ask for the next batch (no long poll) when at most half a batch is buffered,
         flow control leaves room for at least half a batch, the application settled
         every message it was handed before `current` (a consumer that holds messages
@@ -1105,7 +1105,7 @@ class Queue:
                 and queue._prefetching is None
                 and len(queue._buffer) <= queue.batch_max // 2
             ):
-                loop.call_soon_threadsafe(queue.prefetch_soon, message)  # after the settles queued before
+                loop.call_soon_threadsafe(queue._prefetch_soon, message)  # after the settles queued before
             return message
         wait = queue.receive_timeout_ms if timeout_ms is None else timeout_ms
         return self._client.core.run(queue._receive(timeout_ms), None, wait)
