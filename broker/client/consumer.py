@@ -294,7 +294,7 @@ class AsyncConsumer:
         if self._fenced():
             # No heartbeat got through for a session timeout: the server may have given
             # the partitions to others. Deliver nothing until one does.
-            self._cancel_fetches(list(self._fetches))
+            self._cancel_fetches([*self._fetches, *self._ready])  # and what was fetched
             assert self._changed is not None  # made when the member joined
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._changed), timeout_s)
