@@ -408,3 +408,48 @@ def test_the_clients_make_their_parts_with_the_same_parameters():
             inspect.signature(getattr(Client, name)).parameters
             == inspect.signature(getattr(AsyncClient, name)).parameters
         ), name
+
+
+def test_a_receive_batch_cancelled_midway_gives_back_what_it_had_taken(server):
+    """The messages a cancelled receive_batch had taken never reach the application:
+    they are released at once (not held, and extended, until max_lease_ms)."""
+    from nodi.broker.protocol import messages as m
+
+    async def main():
+        async with AsyncClient(server.address, timeout_ms=10_000) as client:
+            await client.create_topic("api-batch-cancel")
+            for n in range(10):
+                await client.produce("api-batch-cancel", b"%d" % n)
+            async with client.queue("api-batch-cancel", "workers", batch_max=5) as queue:
+                real_call = client.core.call
+                second_trip = asyncio.Event()
+                trips = []
+
+                async def call(request, *args, **kwargs):
+                    if isinstance(request, m.QueueReceiveRequest):
+                        trips.append(request.messages_max)
+                        if len(trips) == 2:
+                            second_trip.set()
+                            await asyncio.Event().wait()  # hangs until cancelled
+                    return await real_call(request, *args, **kwargs)
+
+                client.core.call = call
+                task = asyncio.create_task(queue.receive_batch(10, timeout_ms=10_000))
+                await asyncio.wait_for(second_trip.wait(), 10)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                client.core.call = real_call
+                assert trips == [5, 5]  # 5 per trip (batch_max), the second for the 5 still wanted
+                assert queue.statistics().outstanding == 0
+                await queue.flush()
+                again = await queue.receive_batch(10, timeout_ms=10_000)
+                while len(again) < 10:
+                    more = await queue.receive_batch(10 - len(again), timeout_ms=10_000)
+                    assert more
+                    again += more
+                assert sorted(message.offset for message in again) == list(range(10))
+                assert {message.offset for message in again if message.delivery_count == 2} == {0, 1, 2, 3, 4}
+                await asyncio.gather(*(message.ack() for message in again))
+
+    run(main())
