@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pickle
 import time
 
 import pytest
@@ -89,6 +90,8 @@ def test_flush_raises_send_failed_naming_how_many_failed_once(client, caplog):
         assert isinstance(raised.value.first, UnknownPartition)
         assert raised.value.__cause__ is raised.value.first
         assert "3 messages" in str(raised.value)
+        copied = pickle.loads(pickle.dumps(raised.value))  # e.g. from a multiprocessing worker
+        assert copied.failed == 3 and isinstance(copied.first, UnknownPartition)
         assert [future.result()[0] for future in good] == [0, 0]
         assert all(isinstance(future.exception(), UnknownPartition) for future in bad)
         producer.flush()  # reported once: nothing new failed

@@ -259,6 +259,9 @@ class SendFailed(NodiClientError):
         noun = "message" if failed == 1 else "messages"
         super().__init__(f"{failed} {noun} sent before flush() failed; the first: {first}")
 
+    def __reduce__(self):  # pickled (multiprocessing) with its own arguments, not the text
+        return type(self), (self.failed, self.first)
+
 
 _CLASSES: dict[ErrorCode, type[NodiClientError]] = {
     ErrorCode.UNKNOWN_API: ProtocolViolation,
