@@ -199,6 +199,8 @@ def _produce_lines(client, topic, key, headers, partition, acks, json_output, ti
     a terminal is answered at once, not when the next one comes). Returns how many were
     acknowledged; a refusal stops the reading and raises its error once the acks
     before it were printed."""
+    from nodi.broker.client.errors import SendFailed
+
     producer = client.producer(acks=acks, idempotent=acks != "none", timeout_ms=timeout_ms)
     # Bounded, so a broker slower than stdin holds the reader back, not memory.
     pending: queue.Queue = queue.Queue(PENDING_ACKS_MAX)
@@ -225,7 +227,10 @@ def _produce_lines(client, topic, key, headers, partition, acks, json_output, ti
             if state["failure"] is not None:
                 break
             pending.put(producer.send(topic, line, key=key, headers=headers, partition=partition, ttl_ms=ttl_ms))
-        producer.flush()
+        try:
+            producer.flush()
+        except SendFailed:
+            pass  # the printer meets each failed future: the first of them is raised below
     finally:
         producer.close()
         pending.put(None)

@@ -14,6 +14,7 @@ from nodi.broker.client import (
     BufferFull,
     ConnectionLost,
     DiskFull,
+    SendFailed,
     UnknownTopic,
     partition_for_key,
 )
@@ -99,7 +100,9 @@ def test_async_producer_routes_batches_and_reports_errors(server):
             pinned = producer.send("async-producer", b"pinned", partition=3)
             keyless = [producer.send("async-producer", b"free") for _ in range(50)]
             missing = producer.send("no-such-topic", b"lost")
-            await producer.flush()
+            with pytest.raises(SendFailed) as raised:  # flush() reports what failed
+                await producer.flush()
+            assert raised.value.failed == 1 and isinstance(raised.value.first, UnknownTopic)
             for i, future in enumerate(keyed):
                 partition, offset = future.result()
                 assert partition == partition_for_key(f"key-{i % 7}".encode(), 4) and offset >= 0
@@ -186,7 +189,9 @@ def test_a_failed_batch_leaves_no_sequence_gap(client, monkeypatch):
         first = producer.send("gap", b"first")
         producer.flush()
         second = producer.send("gap", b"second")
-        producer.flush()
+        with pytest.raises(SendFailed) as raised:  # flush() reports the refused batch
+            producer.flush()
+        assert raised.value.failed == 1 and isinstance(raised.value.first, DiskFull)
         third = [producer.send("gap", f"third-{i}") for i in range(3)]
         producer.flush()
     assert first.result() == (0, 0)

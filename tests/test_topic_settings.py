@@ -114,9 +114,18 @@ def test_create_topic_and_the_client_settings_list_exactly_the_declared_settings
     keywords = [
         name
         for name in inspect.signature(AsyncClient.create_topic).parameters
-        if name not in ("self", "name", "timeout_ms")
+        if name not in ("self", "name", "exist_ok", "timeout_ms")
     ]
     assert keywords == SETTING_IDS
+    # The two keywords that are not settings come after them: every parameter, in order.
+    assert list(inspect.signature(AsyncClient.create_topic).parameters) == [
+        "self",
+        "name",
+        *SETTING_IDS,
+        "exist_ok",
+        "timeout_ms",
+    ]
+    assert inspect.signature(AsyncClient.create_topic).parameters["exist_ok"].default is False
     assert [field.name for field in dataclasses.fields(ClientTopicSettings)] == SETTING_IDS
 
 

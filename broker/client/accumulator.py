@@ -193,6 +193,23 @@ class RecordAccumulator:
             self._wake()
         return chosen
 
+    def seal_holding(self, future) -> None:
+        """Seal the open buffer holding `future`'s message, if it is still open, and wake
+        the sender: that batch goes out without waiting for linger_ms (send_and_wait).
+        The message is usually its buffer's last (one look per open buffer); a scan of
+        the buffers finds it otherwise (another thread appended behind it)."""
+        with self._lock:
+            holding = next((b for b in self._open.values() if b.futures and b.futures[-1] is future), None)
+            if holding is None:
+                holding = next((b for b in self._open.values() if any(f is future for f in b.futures)), None)
+            if holding is None:
+                return  # sealed already (full, or its linger passed)
+            self._seal_locked(holding)
+            if self._wake_requested:
+                return
+            self._wake_requested = True
+        self._wake()
+
     def _wait_for_space_locked(self, size: int, block_s: float | None) -> None:
         if block_s is None:
             raise BufferFull(
@@ -266,6 +283,12 @@ class RecordAccumulator:
             self._generation += 1
             self._flush_all = True
         return generation
+
+    @property
+    def generation(self) -> int:
+        """The generation new buffers belong to (the next flush waits for it)."""
+        with self._lock:
+            return self._generation
 
     def pending_at(self, generation: int) -> bool:
         """Buffers or batches of `generation` or older are not resolved yet."""

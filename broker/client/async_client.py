@@ -29,9 +29,10 @@ import itertools
 import logging
 import random
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from nodi.storage.errors import NodiError
-from nodi.storage.records import NewRecord, build_batch, decode_records, iter_batches
+from nodi.storage.records import NewRecord, decode_records, iter_batches
 
 from ..protocol import messages as m
 from ..protocol.errors import ErrorCode
@@ -44,7 +45,9 @@ from .errors import (
     InvalidRecords,
     NodiClientError,
     PartlyDuplicate,
+    TopicExists,
     UnknownPartition,
+    UnknownTopic,
     error_for,
 )
 from .features import drop_expired, with_features
@@ -66,6 +69,7 @@ from .types import (
     TopicSummary,
     acks_value,
     backoff_s,
+    build_one,
     check_start,
     new_message,
     partition_for_key,
@@ -254,6 +258,7 @@ class AsyncClient:
         ttl_ms: int | None = None,
         dedup_window_ms: int | None = None,
         delete_retention_ms: int | None = None,
+        exist_ok: bool = False,
         timeout_ms: int | None = None,
     ) -> TopicSettings:
         """Create a topic; returns the settings in force. None takes the server's default;
@@ -263,21 +268,33 @@ class AsyncClient:
         delete_retention_ms: on a compacted topic, how long a tombstone stays after a
         compaction pass first saw it (the server's default is its [compaction] setting).
         cleanup_policy: "delete", "compact" or "compact,delete"; fsync_policy: "always",
-        "interval" or "never". TopicExists when the name is taken."""
+        "interval" or "never". TopicExists when the name is taken, unless exist_ok: then
+        it returns the existing topic's settings, which may differ from those asked for
+        (compare them if that matters; nothing is changed)."""
 
         settings = settings_to_wire(locals())  # its parameters: one per topic setting
-        response = await self.core.call(
-            m.CreateTopicRequest(name=name, settings=settings), timeout_ms, expect=m.CreateTopicResponse
-        )
+        try:
+            response = await self.core.call(
+                m.CreateTopicRequest(name=name, settings=settings), timeout_ms, expect=m.CreateTopicResponse
+            )
+        except TopicExists:
+            if not exist_ok:
+                raise
+            return (await self.describe_topic(name, timeout_ms=timeout_ms)).settings
         self.core.remember_partition_count(name, response.settings.partitions)
         self._topic_ttls[name] = response.settings.ttl_ms
         return settings_from_wire(response.settings)
 
-    async def delete_topic(self, name: str, *, timeout_ms: int | None = None) -> None:
-        """Delete a topic and its data. UnknownTopic when there is none."""
+    async def delete_topic(self, name: str, *, missing_ok: bool = False, timeout_ms: int | None = None) -> None:
+        """Delete a topic and its data. UnknownTopic when there is none, unless
+        missing_ok."""
         self.core.forget_partition_count(name)
         self._topic_ttls.pop(name, None)
-        await self.core.call(m.DeleteTopicRequest(name=name), timeout_ms, expect=m.DeleteTopicResponse)
+        try:
+            await self.core.call(m.DeleteTopicRequest(name=name), timeout_ms, expect=m.DeleteTopicResponse)
+        except UnknownTopic:
+            if not missing_ok:
+                raise
         self.core.forget_partition_count(name)
         self._topic_ttls.pop(name, None)
 
@@ -370,7 +387,7 @@ class AsyncClient:
             ),
             None if timestamp is None else timestamp_ms_of(timestamp),
         )
-        batch = build_batch([record])
+        batch = build_one(record, f"produce to {topic}")
         acks_wire = acks_value(acks)
         timeout = self.timeout_ms if timeout_ms is None else timeout_ms
         async with self.core.deadline(timeout, "Produce"):
@@ -712,20 +729,20 @@ class AsyncClient:
 
     # -- producers and consumers --------------------------------------------------------
 
-    def producer(self, **options):
+    def producer(self, **options: Any):
         """An AsyncProducer that batches (see producer.py for the options)."""
         from .producer import AsyncProducer
 
         return AsyncProducer(self, **options)
 
-    def consumer(self, topics, group: str | None = None, **options):
+    def consumer(self, topics, group: str | None = None, **options: Any):
         """An AsyncConsumer (see consumer.py for the options); `async with` it or call
         `start()` before `poll()`."""
         from .consumer import AsyncConsumer
 
         return AsyncConsumer(self, topics, group, **options)
 
-    def queue(self, topic: str, group: str, **options):
+    def queue(self, topic: str, group: str, **options: Any):
         """An AsyncQueue of queue group `group` on `topic` (see client/queue.py for the
         options: ack_wait_ms, max_deliveries, backoff, dead_letter_topic, batch_max, prefetch)."""
         from .queue import AsyncQueue

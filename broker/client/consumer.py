@@ -164,6 +164,10 @@ class AsyncConsumer:
         self._handled: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}
         self._fetches: dict[TopicPartition, asyncio.Task] = {}
+        # Fetched messages poll() has not returned yet (a max_records limit left them),
+        # per partition, with the position after the fetch that brought them. At most one
+        # fetch response per partition: a partition with some is not fetched again.
+        self._ready: dict[TopicPartition, tuple[list[Message], int]] = {}
         self._fetch_failures: dict[TopicPartition, int] = {}  # failed fetches in a row
         self._changed: asyncio.Future | None = None  # resolved when the assignment changes
         self._heartbeat_task: asyncio.Task | None = None
@@ -272,11 +276,15 @@ class AsyncConsumer:
 
     # -- reading ------------------------------------------------------------------------
 
-    async def poll(self, timeout_ms: int | None = None) -> list[Message]:
+    async def poll(self, timeout_ms: int | None = None, max_records: int | None = None) -> list[Message]:
         """Messages from the assigned partitions, waiting up to `timeout_ms` (default
-        wait_ms) for some; [] when none came. Auto-commits when it is due."""
+        wait_ms) for some; [] when none came. At most `max_records` (None: what the
+        fetches brought); the rest are returned by the next polls, partitions taking
+        turns, and commit() covers only what was returned. Auto-commits when it is due."""
         if self._closed:
             raise ClientClosed("the consumer is closed")
+        if max_records is not None and (isinstance(max_records, bool) or max_records < 1):
+            raise ValueError(f"max_records must be a positive int or None, not {max_records!r}")
         await self.start()
         self._handled = dict(self._positions)
         self._raise_background_error()
@@ -286,7 +294,7 @@ class AsyncConsumer:
         if self._fenced():
             # No heartbeat got through for a session timeout: the server may have given
             # the partitions to others. Deliver nothing until one does.
-            self._cancel_fetches(list(self._fetches))
+            self._cancel_fetches([*self._fetches, *self._ready])  # and what was fetched
             assert self._changed is not None  # made when the member joined
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._changed), timeout_s)
@@ -303,9 +311,10 @@ class AsyncConsumer:
                 waiting.append(self._changed)
             remaining = deadline - time.monotonic()
             done: set[asyncio.Future] = set()
-            if remaining > 0:
+            if remaining > 0 and not self._ready:
                 done, _ = await asyncio.wait(waiting, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-            self._collect(messages)
+            self._collect()
+            self._take(messages, max_records)
             self._raise_background_error()
             if messages or deadline <= time.monotonic():
                 break
@@ -329,7 +338,7 @@ class AsyncConsumer:
     def _start_fetches(self) -> None:
         loop = asyncio.get_running_loop()
         for key in self._assignment:
-            if key not in self._fetches and key in self._positions:
+            if key not in self._fetches and key in self._positions and key not in self._ready:
                 failures = self._fetch_failures.get(key, 0)
                 delay_s = (
                     backoff_s(failures - 1, FETCH_RETRY_BACKOFF_MS, FETCH_RETRY_BACKOFF_MAX_MS) if failures else 0.0
@@ -367,9 +376,9 @@ class AsyncConsumer:
             return [], position, offset
         return messages, position, offset
 
-    def _collect(self, out: list[Message]) -> None:
-        """Take every finished fetch: its messages, if the partition is still ours and
-        still at the offset the fetch started from."""
+    def _collect(self) -> None:
+        """Take every finished fetch into _ready: its messages, if the partition is still
+        ours and still at the offset the fetch started from."""
         for key in list(self._assignment):
             task = self._fetches.get(key)
             if task is None or not task.done():
@@ -390,15 +399,39 @@ class AsyncConsumer:
             messages, position, offset = task.result()
             if self._positions.get(key) != offset:
                 continue  # seeked or reassigned meanwhile
-            self._positions[key] = position
-            self._delivered += len(messages)
-            out.extend(messages)
+            if messages:
+                self._ready[key] = (messages, position)
+            else:
+                self._positions[key] = position
+
+    def _take(self, out: list[Message], limit: int | None) -> None:
+        """Move up to `limit` (None: all) ready messages to `out`, partition by
+        partition; a partition left with some goes to the back of the line. Its position
+        becomes the offset of the first message not returned (after the fetch's, when
+        all were)."""
+        for key in list(self._ready):
+            if limit is not None and len(out) >= limit:
+                break
+            messages, position = self._ready.pop(key)
+            room = len(messages) if limit is None else limit - len(out)
+            if len(messages) <= room:
+                out.extend(messages)
+                self._positions[key] = position
+                self._delivered += len(messages)
+            else:
+                out.extend(messages[:room])
+                self._delivered += room
+                self._ready[key] = (messages[room:], position)  # to the back of the line
+                self._positions[key] = messages[room].offset
 
     def _cancel_fetches(self, keys: Iterable[TopicPartition]) -> None:
+        """Stop fetching these partitions and drop what was fetched for them and not
+        returned: their positions are where the next fetch starts."""
         for key in keys:
             task = self._fetches.pop(key, None)
             if task is not None:
                 task.cancel()
+            self._ready.pop(key, None)
 
     def _raise_background_error(self) -> None:
         error, self._background_error = self._background_error, None
@@ -719,9 +752,11 @@ class Consumer:
     def start(self) -> None:
         self._client.core.run(self._consumer.start(), self._consumer.timeout_ms)
 
-    def poll(self, timeout_ms: int | None = None) -> list[Message]:
+    def poll(self, timeout_ms: int | None = None, max_records: int | None = None) -> list[Message]:
+        """As AsyncConsumer.poll: up to `max_records` messages, waiting up to
+        `timeout_ms` (default wait_ms) for some."""
         wait_ms = self._consumer.wait_ms if timeout_ms is None else timeout_ms
-        return self._client.core.run(self._consumer.poll(timeout_ms), self._consumer.timeout_ms, wait_ms)
+        return self._client.core.run(self._consumer.poll(timeout_ms, max_records), self._consumer.timeout_ms, wait_ms)
 
     def commit(self) -> None:
         self._client.core.run(self._consumer.commit(), self._consumer.timeout_ms)

@@ -13,7 +13,7 @@ builtin ConnectionError.
 
 from __future__ import annotations
 
-from nodi.storage.errors import NodiError
+from nodi.storage.errors import LimitExceededError, NodiError
 
 from ..protocol.errors import ErrorCode
 
@@ -248,6 +248,21 @@ class ClientClosed(NodiClientError):
     """The client (or producer, or consumer) was closed."""
 
 
+class SendFailed(NodiClientError):
+    """A producer's flush(): `failed` of the messages sent before it failed (their
+    futures hold each one's error); `first` is the first of those errors (also the
+    exception's __cause__). Each failure is reported by one flush only."""
+
+    def __init__(self, failed: int, first: BaseException) -> None:
+        self.failed = failed
+        self.first = first
+        noun = "message" if failed == 1 else "messages"
+        super().__init__(f"{failed} {noun} sent before flush() failed; the first: {first}")
+
+    def __reduce__(self):  # pickled (multiprocessing) with its own arguments, not the text
+        return type(self), (self.failed, self.first)
+
+
 _CLASSES: dict[ErrorCode, type[NodiClientError]] = {
     ErrorCode.UNKNOWN_API: ProtocolViolation,
     ErrorCode.UNSUPPORTED_VERSION: ProtocolViolation,
@@ -291,6 +306,14 @@ _CLASSES: dict[ErrorCode, type[NodiClientError]] = {
     ErrorCode.KEY_REQUIRED: KeyRequired,
 }
 assert set(_CLASSES) == set(ErrorCode) - {ErrorCode.NONE}
+
+
+def records_error(error: NodiError, what: str) -> NodiClientError:
+    """The client error for records the client itself could not build into a batch
+    (storage's record checks, before anything is sent): LimitExceeded for one above a
+    named limit (record bytes, headers per record...), else InvalidRecords."""
+    kind = LimitExceeded if isinstance(error, LimitExceededError) else InvalidRecords
+    return kind(f"{what}: {error}")
 
 
 def error_class(code: ErrorCode) -> type[NodiClientError]:
@@ -375,6 +398,8 @@ __all__ = [
     "ConnectionLost",
     "ConnectFailed",
     "ClientClosed",
+    "SendFailed",
+    "records_error",
     "error_for",
     "error_class",
     "is_retriable",

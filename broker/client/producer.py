@@ -4,8 +4,14 @@ concurrent.futures futures, from any thread).
 
     producer = client.producer(linger_ms=5)
     future = producer.send("orders", b"...", key="customer-1")
-    producer.flush()                 # everything sent so far is acknowledged (or failed)
+    producer.flush()                 # everything sent so far is acknowledged, or SendFailed
     partition, offset = future.result()
+    partition, offset = producer.send_and_wait("orders", b"...")   # one message, no linger
+
+flush() raises SendFailed when messages sent before it failed (how many, and the first
+error; each future holds its own), so a loop of send() and one flush() need not check
+every future. Each failure is reported by one flush; close() logs those no flush
+reported, it does not raise them.
 
 Options: linger_ms (5), batch_bytes_max (256 KiB), acks ("durable"), idempotent (True),
 compression ("none", "gzip", "snappy", "lz4" or "zstd"), max_in_flight (32 batches), delivery_timeout_ms (120 s),
@@ -23,6 +29,7 @@ docstrings say how each works.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +37,7 @@ from nodi.storage.errors import NodiError
 from nodi.storage.limits import KIB, MIB
 
 from .accumulator import RecordAccumulator
+from .core import RESULT_GRACE_S
 from .errors import Timeout
 from .features import with_features
 from .futures import MessageFuture
@@ -95,6 +103,17 @@ def producer_parts(
     return accumulator, sender
 
 
+async def wait_for_space(accumulator: RecordAccumulator, sender: Sender, timeout_ms: int) -> None:
+    """Wait (on the client's loop) until at most half of buffer_bytes_max is held by
+    messages not yet acknowledged; Timeout after timeout_ms."""
+    try:
+        async with asyncio.timeout(timeout_ms / 1000):
+            while not accumulator.has_space():
+                await sender.wait_for_progress()
+    except TimeoutError:
+        raise Timeout(f"no room in the producer's buffer within {timeout_ms} ms") from None
+
+
 class AsyncProducer:
     """A batching producer on an AsyncClient; see the module docstring. Options:
     linger_ms (5), batch_bytes_max (256 KiB), acks ("durable"), idempotent (True),
@@ -109,6 +128,9 @@ class AsyncProducer:
         # Messages for topics whose partition count is being looked up, in send order.
         self._unrouted: dict[str, list[tuple]] = {}
         self._lookups: dict[str, asyncio.Task] = {}
+        # Futures of send_and_wait() messages among those waiting for a lookup: their
+        # batch is sealed as soon as they are appended (at most one per waiting call).
+        self._urgent: set[asyncio.Future] = set()
         client.core.own(self)
 
     async def __aenter__(self) -> AsyncProducer:
@@ -181,8 +203,7 @@ class AsyncProducer:
         waiting = self._unrouted.pop(topic, [])
         for key, value, headers, timestamp_ms, partition, future in waiting:
             if failure is not None:
-                if not future.done():
-                    future.set_exception(failure)
+                self._fail_unrouted(future, failure)
                 continue
             if partition is None and key is not None:
                 partition = partition_for_key(key, count)
@@ -190,33 +211,73 @@ class AsyncProducer:
                 self._sender.start()
                 self._accumulator.append(topic, partition, count, key, value, headers, timestamp_ms, future)
             except NodiError as error:
-                if not future.done():
-                    future.set_exception(error)
+                self._fail_unrouted(future, error)
+                continue
+            if future in self._urgent:
+                self._urgent.discard(future)
+                self._accumulator.seal_holding(future)
 
-    async def send_and_wait(self, topic: str, value, **options) -> tuple[int, int]:
-        """Wait for buffer space, send(), and wait for the acknowledgement."""
+    def _fail_unrouted(self, future: asyncio.Future, error: BaseException) -> None:
+        """A message that never reached the accumulator failed: its future, and the
+        next flush, report it."""
+        self._urgent.discard(future)
+        if not future.done():
+            future.set_exception(error)
+        self._sender.record_failure(1, error)
+
+    async def send_and_wait(
+        self,
+        topic: str,
+        value,
+        *,
+        key=None,
+        headers=None,
+        partition: int | None = None,
+        timestamp=None,
+        ttl_ms: int | None = None,
+        delay_ms: int | None = None,
+        deliver_at=None,
+        idempotency_key=None,
+    ) -> tuple[int, int]:
+        """Wait for buffer space, send() one message and wait for its (partition,
+        offset). Its batch goes out at once, without waiting for linger_ms (with the
+        messages already buffered for that partition); its failure is raised here."""
         await self.wait_for_space()
-        return await self.send(topic, value, **options)
+        future = self.send(
+            topic,
+            value,
+            key=key,
+            headers=headers,
+            partition=partition,
+            timestamp=timestamp,
+            ttl_ms=ttl_ms,
+            delay_ms=delay_ms,
+            deliver_at=deliver_at,
+            idempotency_key=idempotency_key,
+        )
+        if topic in self._unrouted and not future.done():
+            self._urgent.add(future)  # sealed once its topic's partition count is known
+        else:
+            self._accumulator.seal_holding(future)
+        return await future
 
     async def wait_for_space(self, timeout_ms: int | None = None) -> None:
         """Wait until at most half of buffer_bytes_max is held by messages not yet
         acknowledged."""
-        timeout_ms = self._client.timeout_ms if timeout_ms is None else timeout_ms
-        try:
-            async with asyncio.timeout(timeout_ms / 1000):
-                while not self._accumulator.has_space():
-                    await self._sender.wait_for_progress()
-        except TimeoutError:
-            raise Timeout(f"no room in the producer's buffer within {timeout_ms} ms") from None
+        await wait_for_space(
+            self._accumulator, self._sender, self._client.timeout_ms if timeout_ms is None else timeout_ms
+        )
 
     async def flush(self, timeout_ms: int | None = None) -> None:
-        """Wait until every message sent so far is acknowledged (or failed)."""
+        """Wait until every message sent so far is acknowledged or failed. SendFailed
+        when some failed that no flush reported yet: how many (`failed`) and the first
+        error (`first`); each message's future holds its own."""
         for task in list(self._lookups.values()):
             await task
         await self._sender.flush(timeout_ms)
 
     async def close(self, timeout_ms: int | None = None) -> None:
-        """Flush, then stop."""
+        """Flush, then stop. Failures no flush reported are logged, not raised."""
         try:
             for task in list(self._lookups.values()):
                 await task
@@ -304,12 +365,59 @@ class Producer:
         )
         return future
 
+    def send_and_wait(
+        self,
+        topic: str,
+        value,
+        *,
+        key=None,
+        headers=None,
+        partition: int | None = None,
+        timestamp=None,
+        ttl_ms: int | None = None,
+        delay_ms: int | None = None,
+        deliver_at=None,
+        idempotency_key=None,
+    ) -> tuple[int, int]:
+        """send() one message and wait for its (partition, offset). Its batch goes out
+        at once, without waiting for linger_ms (with the messages already buffered for
+        that partition); its failure is raised here. Timeout past delivery_timeout_ms
+        plus the request timeout."""
+        future = self.send(
+            topic,
+            value,
+            key=key,
+            headers=headers,
+            partition=partition,
+            timestamp=timestamp,
+            ttl_ms=ttl_ms,
+            delay_ms=delay_ms,
+            deliver_at=deliver_at,
+            idempotency_key=idempotency_key,
+        )
+        self._accumulator.seal_holding(future)
+        wait_s = self._sender.delivery_timeout_s + self._block_s + RESULT_GRACE_S
+        try:
+            return future.result(wait_s)
+        except concurrent.futures.TimeoutError:
+            if future.done() and not future.cancelled():
+                raise  # the message's own Timeout
+            raise Timeout(f"no acknowledgement within {wait_s * 1000:.0f} ms") from None
+
+    def wait_for_space(self, timeout_ms: int | None = None) -> None:
+        """Wait until at most half of buffer_bytes_max is held by messages not yet
+        acknowledged (send() itself blocks only while the buffer is full)."""
+        timeout_ms = self._async_client.timeout_ms if timeout_ms is None else timeout_ms
+        self._core.run(wait_for_space(self._accumulator, self._sender, timeout_ms), timeout_ms)
+
     def flush(self, timeout_ms: int | None = None) -> None:
-        """Wait until every message sent so far is acknowledged (or failed)."""
+        """Wait until every message sent so far is acknowledged or failed. SendFailed
+        when some failed that no flush reported yet: how many (`failed`) and the first
+        error (`first`); each message's future holds its own."""
         self._core.run(self._sender.flush(timeout_ms), timeout_ms)
 
     def close(self, timeout_ms: int | None = None) -> None:
-        """Flush, then stop."""
+        """Flush, then stop. Failures no flush reported are logged, not raised."""
         try:
             self._core.run(self._sender.close(timeout_ms), timeout_ms)
         finally:

@@ -430,6 +430,46 @@ class AsyncQueue:
         all that time)."""
         return await self._receive(timeout_ms)
 
+    async def receive_batch(self, max_messages: int, timeout_ms: int | None = None) -> list[QueueMessage]:
+        """Up to `max_messages` messages, waiting up to timeout_ms (default
+        receive_timeout_ms) for the first; [] when none came. It takes what is buffered,
+        then asks the broker for no more than are still wanted, within flow control
+        (max_outstanding: it returns fewer when the consumer holds that many unsettled)
+        and batch_max per trip; it waits only for the first message. Each message is
+        leased and its lease extended until it is settled, as receive()'s are: settle
+        every one (under at-most-once they were acked on receipt)."""
+        if isinstance(max_messages, bool) or not isinstance(max_messages, int) or max_messages < 1:
+            raise ValueError(f"max_messages must be a positive int, not {max_messages!r}")
+        # No prefetch while the batch is handed out: the application holds all of it
+        # (prefetch asks ahead only for a consumer that settled what it was handed).
+        first = await self._receive(timeout_ms, max_messages, prefetch=False)
+        if first is None:
+            return []
+        batch = [first]
+        try:
+            while len(batch) < max_messages:
+                message = self._next_buffered(prefetch=False)
+                if message is None:
+                    if not self._backlog or self._room_left() <= 0:
+                        break  # the last trip came back short, or flow control is full
+                    message = await self._receive(0, max_messages - len(batch), prefetch=False)  # no long poll
+                    if message is None:
+                        break
+                batch.append(message)
+        except Exception as error:  # noqa: BLE001 - the next receive meets it again
+            log.info("queue %s on %s: receive_batch stopped at %d: %s", self.group, self.topic, len(batch), error)
+        except BaseException:  # cancelled: the application never saw these
+            for message in batch:
+                self._give_back(message)
+            raise
+        return batch
+
+    def _give_back(self, message: QueueMessage) -> None:
+        """On the loop: a message handed out that never reached the application is
+        released at once (a nack without delay), if this consumer still holds it."""
+        if self._drop_lease(_key(message)) is not None:
+            self._settle_nowait(message, m.SettleAction.NACK, 0, None, ours=None)
+
     def _room_left(self) -> int:
         """How many more messages flow control lets this consumer lease now."""
         if self.guarantee == AT_MOST_ONCE:  # acked on receipt: only the buffer counts
@@ -438,13 +478,18 @@ class AsyncQueue:
             return 0
         return min(self.batch_max, self.max_outstanding - len(self._leases))
 
-    async def _receive(self, timeout_ms: int | None) -> QueueMessage | None:
+    async def _receive(
+        self, timeout_ms: int | None, wanted: int | None = None, *, prefetch: bool = True
+    ) -> QueueMessage | None:
+        """The next message (see receive); a trip to the broker asks for at most
+        `wanted` messages (None: as many as flow control and batch_max allow);
+        `prefetch`: whether handing it out may ask ahead (_prefetch_soon)."""
         if self._closed:
             raise ClientClosed("the queue is closed")
         timeout_ms = self.receive_timeout_ms if timeout_ms is None else max(int(timeout_ms), 0)
         deadline = time.monotonic() + timeout_ms / 1000
         while True:
-            message = self._next_buffered()
+            message = self._next_buffered(prefetch)
             if message is not None:
                 return message
             if self._closed:
@@ -453,7 +498,7 @@ class AsyncQueue:
                 await asyncio.wait({self._prefetching})  # what it brings lands in the buffer
                 continue
             remaining = deadline - time.monotonic()
-            room = self._room_left()
+            room = self._room_left() if wanted is None else min(self._room_left(), wanted)
             if room <= 0:  # flow control: wait for the application to settle one
                 if remaining <= 0:
                     return None
@@ -483,14 +528,16 @@ class AsyncQueue:
             if not self._buffer and time.monotonic() >= deadline:
                 return None
 
-    def _next_buffered(self) -> QueueMessage | None:
+    def _next_buffered(self, prefetch: bool = True) -> QueueMessage | None:
         """On the loop: the next buffered message whose lease is still good, handed
-        out; the others are released."""
+        out (and, with `prefetch`, the next batch asked for when due); the others are
+        released."""
         while self._buffer:
             message = self._buffer.popleft()
             if self._usable(message):
                 self._hand_out(message)
-                self.prefetch_soon(message)
+                if prefetch:
+                    self._prefetch_soon(message)
                 return message
             self._discard(message)
         return None
@@ -701,7 +748,7 @@ class AsyncQueue:
 
     # -- prefetch ------------------------------------------------------------------------
 
-    def prefetch_soon(self, current: QueueMessage | None = None) -> None:
+    def _prefetch_soon(self, current: QueueMessage | None = None) -> None:
         """Ask for the next batch (no long poll) when at most half a batch is buffered,
         flow control leaves room for at least half a batch, the application settled
         every message it was handed before `current` (a consumer that holds messages
@@ -1031,7 +1078,16 @@ class Queue:
     def statistics(self) -> QueueStatistics:
         return self._async.statistics()
 
+    def receive_batch(self, max_messages: int, timeout_ms: int | None = None) -> list[QueueMessage]:
+        """As AsyncQueue.receive_batch: up to `max_messages` messages, waiting up to
+        timeout_ms (default receive_timeout_ms) for the first; [] when none came."""
+        queue = self._async
+        wait = queue.receive_timeout_ms if timeout_ms is None else timeout_ms
+        return self._client.core.run(queue.receive_batch(max_messages, timeout_ms), None, wait)
+
     def receive(self, timeout_ms: int | None = None) -> QueueMessage | None:
+        """As AsyncQueue.receive: the next message, waiting up to timeout_ms (default
+        receive_timeout_ms) for one; None when none came."""
         queue = self._async
         loop = self._client.core.loop
         while not queue.closed:  # received already: no trip to the loop thread
@@ -1049,7 +1105,7 @@ class Queue:
                 and queue._prefetching is None
                 and len(queue._buffer) <= queue.batch_max // 2
             ):
-                loop.call_soon_threadsafe(queue.prefetch_soon, message)  # after the settles queued before
+                loop.call_soon_threadsafe(queue._prefetch_soon, message)  # after the settles queued before
             return message
         wait = queue.receive_timeout_ms if timeout_ms is None else timeout_ms
         return self._client.core.run(queue._receive(timeout_ms), None, wait)

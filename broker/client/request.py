@@ -28,13 +28,13 @@ import itertools
 import os
 
 from nodi.storage.errors import NodiError
-from nodi.storage.records import NewRecord, build_batch, decode_records, iter_batches
+from nodi.storage.records import NewRecord, decode_records, iter_batches
 
 from ..protocol import headers as reserved
 from ..protocol import messages as m
 from .errors import ConnectionLost, InvalidRecords, RequestTimeout, UnknownInbox
 from .features import check_user_headers
-from .types import Message, to_bytes, to_headers
+from .types import Message, build_one, to_bytes, to_headers
 
 # The longest long-poll of the inbox per request (the poller asks again while needed).
 INBOX_POLL_MS = 10_000
@@ -86,7 +86,7 @@ class Requester:
                 # crash could take back; a durable ack would only add an fsync per request
                 # under the other policies.
                 await self.client.produce_batch(
-                    topic, partition, build_batch([record]), acks="written", timeout_ms=timeout_ms
+                    topic, partition, build_one(record, f"request to {topic}"), acks="written", timeout_ms=timeout_ms
                 )
                 if self._poller is None or self._poller.done():
                     self._poller = asyncio.get_running_loop().create_task(self._poll(inbox))
@@ -178,5 +178,5 @@ async def send_reply(client, message, value, key=None, headers=None) -> bool:
         to_bytes(key, "key"), to_bytes(value), (*user_headers, (reserved.CORRELATION_ID, correlation)), None
     )
     request = m.ReplyRequest(inbox=reply_to.decode("utf-8", errors="replace"), records=b"")
-    response = await client.core.call(request, None, records=build_batch([record]), expect=m.ReplyResponse)
+    response = await client.core.call(request, None, records=build_one(record, "reply"), expect=m.ReplyResponse)
     return response.delivered

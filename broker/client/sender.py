@@ -54,16 +54,16 @@ from nodi.storage.records import Compression, build_batch, build_batch_buffer, c
 from .accumulator import INFINITY, Buffer, RecordAccumulator
 from .errors import (
     ClientClosed,
-    InvalidRecords,
-    LimitExceeded,
     NodiClientError,
     OutOfOrderSequence,
     PartlyDuplicate,
     ProducerFenced,
+    SendFailed,
     Timeout,
     UnknownPartition,
     UnknownProducerId,
     is_retriable,
+    records_error,
 )
 from .features import split_duplicates
 from .futures import resolve
@@ -211,6 +211,10 @@ class Sender:
         self.task: asyncio.Task | None = None  # the sender task, once started (read-only outside)
         self._sends: set[asyncio.Task] = set()
         self._closing_now = False
+        # Messages that failed, by the accumulator generation they were sent in: [count,
+        # first error], until a flush of that generation reports them. A generation moves
+        # on only with a flush, so this holds at most one entry per flush under way + 1.
+        self._failures: dict[int, list] = {}
 
     # -- the task -----------------------------------------------------------------------
 
@@ -267,8 +271,7 @@ class Sender:
                     base_sequence=sequence,
                 )
             except NodiError as error:
-                code_error = LimitExceeded if "exceed" in str(error) else InvalidRecords
-                self._finish(buffer, code_error(str(error)))
+                self._finish(buffer, records_error(error, f"batch for {buffer.topic}-{buffer.partition}"))
                 continue
             if self.idempotent:
                 state.next_sequence = (sequence + count) % SEQUENCE_MODULUS
@@ -501,15 +504,48 @@ class Sender:
         state.waiting.append(batch)
 
     def _finish(self, item: Buffer | Batch, error: BaseException | None, results: list | None = None) -> None:
-        """Resolve one buffer's or batch's futures and count it done."""
+        """Resolve one buffer's or batch's futures and count it done (a failure also for
+        the flush that covers it)."""
         resolve(item.futures, results, error)
+        if error is not None and item.futures:
+            self._record_failure(item.generation, len(item.futures), error)
         self._accumulator.release(item.generation, item.size)
         self._progress.set()
+
+    def _record_failure(self, generation: int, count: int, error: BaseException) -> None:
+        entry = self._failures.get(generation)
+        if entry is None:
+            self._failures[generation] = [count, error]
+        else:
+            entry[0] += count
+
+    def record_failure(self, count: int, error: BaseException) -> None:
+        """`count` messages failed before they reached the accumulator (the producer
+        could not route them): the next flush reports them."""
+        self._record_failure(self._accumulator.generation, count, error)
+
+    def take_failures(self, generation: int) -> SendFailed | None:
+        """The failures of `generation` and older not reported yet, as one SendFailed
+        (None when there are none); they are reported once."""
+        failed = 0
+        first: BaseException | None = None
+        for older in sorted(g for g in self._failures if g <= generation):
+            count, error = self._failures.pop(older)
+            failed += count
+            if first is None:
+                first = error
+        if first is None:
+            return None
+        failure = SendFailed(failed, first)
+        failure.__cause__ = first
+        return failure
 
     # -- flush and close ----------------------------------------------------------------
 
     async def flush(self, timeout_ms: int | None = None) -> None:
-        """Wait until every message appended before this call is acknowledged or failed."""
+        """Wait until every message appended before this call is acknowledged or failed;
+        SendFailed (how many, and the first error) when some failed that no flush
+        reported yet."""
         self.start()
         generation = self._accumulator.begin_flush()
         self._wake_event.set()
@@ -521,6 +557,9 @@ class Sender:
                     await self._progress.wait()
         except TimeoutError:
             raise Timeout(f"flush did not complete within {timeout_ms} ms") from None
+        failure = self.take_failures(generation)
+        if failure is not None:
+            raise failure
 
     async def close(self, timeout_ms: int | None = None) -> None:
         """Flush, then stop the task; whatever is still unsent fails with ClientClosed."""
@@ -530,10 +569,17 @@ class Sender:
         try:
             if not accumulator.closed and self.task is not None:
                 await self.flush(timeout_ms)
+        except SendFailed as failed:
+            # close() does not raise what failed (it may run while another error unwinds,
+            # or when the client closes): flush() before it to learn of failures.
+            log.warning("producer closed: %s", failed)
         finally:
             accumulator.close()
             self._closing_now = True
             await self._stop()
+            unreported = self.take_failures(accumulator.generation)
+            if unreported is not None:
+                log.warning("producer closed: %s", unreported)
 
     async def _stop(self) -> None:
         tasks = list(self._sends)

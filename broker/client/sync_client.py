@@ -160,6 +160,7 @@ class Client:
         ttl_ms: int | None = None,
         dedup_window_ms: int | None = None,
         delete_retention_ms: int | None = None,
+        exist_ok: bool = False,
         timeout_ms: int | None = None,
     ) -> TopicSettings:
         """AsyncClient.create_topic, blocking: Create a topic; returns the settings in
@@ -170,7 +171,9 @@ class Client:
         topic, how long a tombstone stays after a compaction pass first saw it (the
         server's default is its [compaction] setting). cleanup_policy: "delete",
         "compact" or "compact,delete"; fsync_policy: "always", "interval" or "never".
-        TopicExists when the name is taken."""
+        TopicExists when the name is taken, unless exist_ok: then it returns the existing
+        topic's settings, which may differ from those asked for (compare them if that
+        matters; nothing is changed)."""
         return self._run(
             self._async.create_topic(
                 name,
@@ -185,15 +188,16 @@ class Client:
                 ttl_ms=ttl_ms,
                 dedup_window_ms=dedup_window_ms,
                 delete_retention_ms=delete_retention_ms,
+                exist_ok=exist_ok,
                 timeout_ms=timeout_ms,
             ),
             timeout_ms,
         )
 
-    def delete_topic(self, name: str, *, timeout_ms: int | None = None) -> None:
+    def delete_topic(self, name: str, *, missing_ok: bool = False, timeout_ms: int | None = None) -> None:
         """AsyncClient.delete_topic, blocking: Delete a topic and its data. UnknownTopic
-        when there is none."""
-        return self._run(self._async.delete_topic(name, timeout_ms=timeout_ms), timeout_ms)
+        when there is none, unless missing_ok."""
+        return self._run(self._async.delete_topic(name, missing_ok=missing_ok, timeout_ms=timeout_ms), timeout_ms)
 
     def list_topics(self, *, timeout_ms: int | None = None) -> list[TopicSummary]:
         """AsyncClient.list_topics, blocking: Every topic as (name, partitions), sorted by

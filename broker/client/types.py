@@ -19,11 +19,14 @@ from typing import NamedTuple
 
 import xxhash
 
+from nodi.storage.errors import NodiError
+from nodi.storage.records import NewRecord, build_batch
 from nodi.storage.topic_settings import TOPIC_SETTINGS
 
 from ..protocol import messages as m
 from ..protocol.errors import ErrorCode
 from ..protocol.headers import expires_at_ms as _expires_at_ms
+from .errors import records_error
 
 DEFAULT_ADDRESS = "127.0.0.1:6634"
 ADDRESS_ENVIRONMENT_VARIABLE = "NODI_SERVER"
@@ -400,6 +403,16 @@ def acks_value(acks: str | int) -> int:
     if acks in (0, 1, 2) and not isinstance(acks, bool):
         return int(acks)
     raise ValueError(f'acks must be "none", "written" or "durable", not {acks!r}')
+
+
+def build_one(record: NewRecord, what: str) -> bytes:
+    """One record as RecordBatch v2 bytes, or the client error saying why it cannot be
+    sent (LimitExceeded: above a named limit such as record_bytes_max), before anything
+    goes on the wire."""
+    try:
+        return build_batch([record])
+    except NodiError as error:
+        raise records_error(error, what) from None
 
 
 __all__ = [
