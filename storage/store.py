@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from .config import FsyncPolicy, LogConfig
 from .errors import NodiError, TopicExistsError, UnknownTopicError
 from .fileio import OS_FILE_SYSTEM, FileSystem
+from .fsync_pool import FSYNC_WORKERS_DEFAULT, FsyncPool, check_fsync_workers_max
 from .layout import iter_partition_directories, logs_directory, partition_directory
 from .lock import DataDirectoryLock
 from .log import DeletedSegment, Log
@@ -116,8 +117,12 @@ class Store:
         clock_ms: Callable[[], int],
         fs: FileSystem = OS_FILE_SYSTEM,
         lock: DataDirectoryLock | None = None,
+        fsync_workers_max: int = FSYNC_WORKERS_DEFAULT,
     ) -> None:
         self.data_dir = data_dir
+        # Every partition log's fsyncs, and the logs' clean closes, run on these few
+        # threads (storage/fsync_pool.py); close() stops them.
+        self.fsync_pool = FsyncPool(fsync_workers_max)
         self.metadata = metadata
         self._directory_lock = lock
         self._clock_ms = clock_ms
@@ -136,10 +141,13 @@ class Store:
         *,
         clock_ms: Callable[[], int] | None = None,
         fs: FileSystem = OS_FILE_SYSTEM,
+        fsync_workers_max: int = FSYNC_WORKERS_DEFAULT,
     ) -> Store:
         """Take the data directory's lock (DataDirectoryLockedError, having touched
         nothing, when another process holds it), then open the metadata (a damaged
-        metadata file is refused before anything changes) and every log."""
+        metadata file is refused before anything changes) and every log. At most
+        `fsync_workers_max` threads run the logs' fsyncs."""
+        check_fsync_workers_max(fsync_workers_max)
         started = time.monotonic()
         data_dir = os.fspath(data_dir)
         clock_ms = clock_ms or (lambda: int(time.time() * 1000))
@@ -149,7 +157,7 @@ class Store:
         except BaseException:
             lock.release()
             raise
-        store = cls(data_dir, metadata, clock_ms, fs, lock)
+        store = cls(data_dir, metadata, clock_ms, fs, lock, fsync_workers_max)
         try:
             os.makedirs(logs_directory(data_dir), exist_ok=True)
             removed = _remove_half_deleted(data_dir)
@@ -159,7 +167,10 @@ class Store:
                 topic = _Topic(config)
                 for partition in range(config.partitions):
                     log = Log.open(
-                        partition_directory(data_dir, name, partition), log_config_for(config), clock_ms=clock_ms
+                        partition_directory(data_dir, name, partition),
+                        log_config_for(config),
+                        clock_ms=clock_ms,
+                        fsync_pool=store.fsync_pool,
                     )
                     topic.logs.append(log)
                     recoveries.append(log.recovery_report)
@@ -235,6 +246,7 @@ class Store:
                             partition_directory(self.data_dir, name, partition),
                             log_config_for(config),
                             clock_ms=self._clock_ms,
+                            fsync_pool=self.fsync_pool,
                         )
                     )
             except BaseException:
@@ -330,11 +342,15 @@ class Store:
         with self._lock:
             topics, self._topics = self._topics, {}
         try:
-            for topic in topics.values():
-                for log in topic.logs:
-                    log.close()
+            # In parallel on the pool: each clean close makes several fsyncs (segment,
+            # indexes, snapshot, checkpoint, marker), and the file system joins
+            # concurrent ones into one journal commit.
+            errors = self.fsync_pool.run_all([log.close for topic in topics.values() for log in topic.logs])
+            if errors:
+                raise errors[0]
             self.metadata.close()
         finally:
+            self.fsync_pool.stop()
             if self._directory_lock is not None:
                 self._directory_lock.release()  # last: every file is closed and marked
 

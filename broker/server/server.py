@@ -343,7 +343,9 @@ class Server:
                         error.errno,
                         f"cannot serve metrics on {self.metrics.host}:{self.metrics.port}: {error.strerror}",
                     ) from None
-            self.store = await asyncio.to_thread(Store.open, self.config.data_dir)
+            self.store = await asyncio.to_thread(
+                Store.open, self.config.data_dir, fsync_workers_max=self.config.fsync_workers_max
+            )
         except BaseException:
             sock.close()
             if self.metrics is not None:
