@@ -10,8 +10,8 @@ The pool only runs callables; the log decides what each one does, so the failure
 Threads start lazily, one more each time a job waits and no started thread is idle,
 up to `workers_max` (FSYNC_WORKERS_MAX bounds the setting). A Store owns its pool and
 stops it (joining the threads) when it closes; logs opened without one (Log.open in
-tests and tools) share default_fsync_pool(), whose workers exit after
-IDLE_EXIT_SECONDS without work.
+tests and tools) share default_fsync_pool(). A worker exits after IDLE_EXIT_SECONDS
+without work.
 
 run_all() runs a list of callables on the workers and waits for all of them: a Store's
 close runs its logs' clean closes (several fsyncs each) in parallel with it.
@@ -30,17 +30,19 @@ from dataclasses import dataclass
 
 from .errors import InvalidConfigError
 
-# Default worker count. Through the broker, durable produce to many partitions wants as
-# many fsyncs in flight as the clients have produce requests in flight (the file system
-# joins concurrent fsyncs into one journal commit, docs/benchmarks.md); a producer keeps
-# up to 32 in flight. Threads start only as fsyncs wait.
-FSYNC_WORKERS_DEFAULT = 32
+# Default worker count. Durable produce to many partitions wants as many fsyncs in
+# flight as the clients have produce requests waiting on different partitions: ext4
+# joins concurrent fsyncs into one journal commit, so fsyncs of 1,000 files from 32
+# threads run 6-10x as many per second as from one, and a pool of 4 or 8 made the
+# broker slower than a thread per log (docs/benchmarks.md). One producer keeps up to 32
+# requests in flight. Threads start only as fsyncs wait, and exit when idle.
+FSYNC_WORKERS_DEFAULT = 64
 # The most workers a pool may be configured with.
-FSYNC_WORKERS_MAX = 256
+FSYNC_WORKERS_MAX = 1024
 # An idle worker wakes at least this often (every wait has a timeout).
 IDLE_WAIT_SECONDS = 1.0
-# A worker of the shared default pool exits after this long without a job.
-IDLE_EXIT_SECONDS = 10.0
+# A worker exits after this long without a job (the pool starts one again as needed).
+IDLE_EXIT_SECONDS = 30.0
 # Stopping the pool, or run_all(), waits at most this long for the workers.
 STOP_JOIN_SECONDS = 60.0
 THREAD_NAME_PREFIX = "nodi-fsync"
@@ -63,7 +65,7 @@ class FsyncPool:
         workers_max: int = FSYNC_WORKERS_DEFAULT,
         *,
         name: str = THREAD_NAME_PREFIX,
-        idle_exit_seconds: float | None = None,
+        idle_exit_seconds: float | None = IDLE_EXIT_SECONDS,
     ) -> None:
         """`idle_exit_seconds`: an idle worker exits after that long (None: it stays
         until stop())."""
@@ -228,7 +230,7 @@ def default_fsync_pool() -> FsyncPool:
     global _default_pool
     with _default_pool_lock:
         if _default_pool is None:
-            _default_pool = FsyncPool(FSYNC_WORKERS_DEFAULT, idle_exit_seconds=IDLE_EXIT_SECONDS)
+            _default_pool = FsyncPool(FSYNC_WORKERS_DEFAULT)
         return _default_pool
 
 

@@ -44,6 +44,7 @@ from .errors import (
     SegmentReadError,
     UnsupportedCompressionError,
 )
+from .file_budget import BudgetedFile
 from .fileio import OS_FILE_SYSTEM, File, FileSystem, read_whole_file, write_file_atomically
 from .fsync_pool import FsyncPool, default_fsync_pool
 from .histogram import FSYNC_SECONDS_BUCKETS, GROUP_COMMIT_APPENDS_BUCKETS, Histogram, HistogramSnapshot
@@ -826,6 +827,10 @@ class Log:
                 raise self._mark_corrupt(segment, error.position, str(error)) from None
         if slice_start is None:
             return None
+        if isinstance(file, BudgetedFile):
+            # The real file, held by the slice: a send keeps its descriptor even if the
+            # descriptor budget closes the segment's file meanwhile.
+            file = file.handle()
         return FileSlice(file, slice_start, length, first_offset, last_offset, base_offset_sum)
 
     def _verify_for_read(self, segment: Segment, file: File, position: int, header: BatchHeader) -> None:

@@ -28,8 +28,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .config import FsyncPolicy, LogConfig
-from .errors import NodiError, TopicExistsError, UnknownTopicError
+from .errors import FileLimitTooLowError, NodiError, TopicExistsError, UnknownTopicError
 from .fileio import OS_FILE_SYSTEM, FileSystem
+from .file_budget import (
+    FILES_LIMIT_MIN,
+    OPEN_FILES_MIN,
+    BudgetedFileSystem,
+    FileBudget,
+    files_soft_limit,
+    open_files_max_for,
+)
 from .fsync_pool import FSYNC_WORKERS_DEFAULT, FsyncPool, check_fsync_workers_max
 from .layout import iter_partition_directories, logs_directory, partition_directory
 from .lock import DataDirectoryLock
@@ -118,8 +126,13 @@ class Store:
         fs: FileSystem = OS_FILE_SYSTEM,
         lock: DataDirectoryLock | None = None,
         fsync_workers_max: int = FSYNC_WORKERS_DEFAULT,
+        open_files_max: int = OPEN_FILES_MIN,
     ) -> None:
         self.data_dir = data_dir
+        # Every partition's files, under one limit of open descriptors
+        # (storage/file_budget.py): the least recently used are closed.
+        self.file_budget = FileBudget(open_files_max)
+        self._log_fs = BudgetedFileSystem(OS_FILE_SYSTEM, self.file_budget)
         # Every partition log's fsyncs, and the logs' clean closes, run on these few
         # threads (storage/fsync_pool.py); close() stops them.
         self.fsync_pool = FsyncPool(fsync_workers_max)
@@ -142,12 +155,20 @@ class Store:
         clock_ms: Callable[[], int] | None = None,
         fs: FileSystem = OS_FILE_SYSTEM,
         fsync_workers_max: int = FSYNC_WORKERS_DEFAULT,
+        open_files_max: int | None = None,
     ) -> Store:
         """Take the data directory's lock (DataDirectoryLockedError, having touched
         nothing, when another process holds it), then open the metadata (a damaged
         metadata file is refused before anything changes) and every log. At most
-        `fsync_workers_max` threads run the logs' fsyncs."""
+        `fsync_workers_max` threads run the logs' fsyncs, and the partitions keep at
+        most `open_files_max` files open (None: sized from RLIMIT_NOFILE;
+        FileLimitTooLowError when that is below FILES_LIMIT_MIN)."""
         check_fsync_workers_max(fsync_workers_max)
+        if open_files_max is None:
+            soft_limit = files_soft_limit()
+            open_files_max = open_files_max_for(soft_limit)
+            if open_files_max < OPEN_FILES_MIN:
+                raise FileLimitTooLowError(soft_limit, FILES_LIMIT_MIN)
         started = time.monotonic()
         data_dir = os.fspath(data_dir)
         clock_ms = clock_ms or (lambda: int(time.time() * 1000))
@@ -157,7 +178,7 @@ class Store:
         except BaseException:
             lock.release()
             raise
-        store = cls(data_dir, metadata, clock_ms, fs, lock, fsync_workers_max)
+        store = cls(data_dir, metadata, clock_ms, fs, lock, fsync_workers_max, open_files_max)
         try:
             os.makedirs(logs_directory(data_dir), exist_ok=True)
             removed = _remove_half_deleted(data_dir)
@@ -169,6 +190,7 @@ class Store:
                     log = Log.open(
                         partition_directory(data_dir, name, partition),
                         log_config_for(config),
+                        fs=store._log_fs,
                         clock_ms=clock_ms,
                         fsync_pool=store.fsync_pool,
                     )
@@ -245,6 +267,7 @@ class Store:
                         Log.open(
                             partition_directory(self.data_dir, name, partition),
                             log_config_for(config),
+                            fs=self._log_fs,
                             clock_ms=self._clock_ms,
                             fsync_pool=self.fsync_pool,
                         )

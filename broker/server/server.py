@@ -15,12 +15,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from nodi.storage.file_budget import open_files_max_for, raise_files_limit
 from nodi.storage.log import FileSlice
 from nodi.storage.store import Store
 
@@ -68,6 +70,22 @@ class _SendfileSource:
 
     def seek(self, offset: int, whence: int = 0) -> int:
         return offset
+
+
+def _raise_files_limit() -> None:
+    """At start: the soft RLIMIT_NOFILE up to the hard limit where allowed, both logged,
+    with the partition files that leaves (storage/file_budget.py). A limit too low is
+    refused by Store.open (FileLimitTooLowError, with the number needed)."""
+    before, soft, hard = raise_files_limit()
+    hard_text = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+    raised = f" (raised from {before})" if soft != before else ""
+    log.info(
+        "open file limit: soft %d%s, hard %s; partition files kept open at most %d",
+        soft,
+        raised,
+        hard_text,
+        open_files_max_for(soft),
+    )
 
 
 class ClientSession:
@@ -343,6 +361,7 @@ class Server:
                         error.errno,
                         f"cannot serve metrics on {self.metrics.host}:{self.metrics.port}: {error.strerror}",
                     ) from None
+            _raise_files_limit()
             self.store = await asyncio.to_thread(
                 Store.open, self.config.data_dir, fsync_workers_max=self.config.fsync_workers_max
             )
