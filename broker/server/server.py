@@ -72,11 +72,10 @@ class _SendfileSource:
         return offset
 
 
-def _raise_files_limit() -> None:
-    """At start: the soft RLIMIT_NOFILE up to the hard limit where allowed, both logged,
-    with the partition files that leaves (storage/file_budget.py). A limit too low is
-    refused by Store.open (FileLimitTooLowError, with the number needed)."""
-    before, soft, hard = raise_files_limit()
+def _log_files_limit(before: int, soft: int, hard: int) -> None:
+    """At start the soft RLIMIT_NOFILE is raised to the hard limit where allowed: both
+    logged, with the partition files that leaves (storage/file_budget.py). A limit too
+    low is refused by Store.open (FileLimitTooLowError, with the number needed)."""
     hard_text = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
     raised = f" (raised from {before})" if soft != before else ""
     log.info(
@@ -361,7 +360,7 @@ class Server:
                         error.errno,
                         f"cannot serve metrics on {self.metrics.host}:{self.metrics.port}: {error.strerror}",
                     ) from None
-            _raise_files_limit()
+            files_limit = raise_files_limit()
             self.store = await asyncio.to_thread(
                 Store.open, self.config.data_dir, fsync_workers_max=self.config.fsync_workers_max
             )
@@ -370,6 +369,7 @@ class Server:
             if self.metrics is not None:
                 self.metrics.stop()
             raise
+        _log_files_limit(*files_limit)
         for line in self.store.open_report.lines():
             log.warning("%s", line)
         for line in self.store.open_report.error_lines():
