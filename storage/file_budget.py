@@ -117,6 +117,10 @@ class FileBudget:
                 self._reopens += 1
                 self._open[file] = None
                 victims = self._choose_victims_locked(file)
+            elif file._closing:  # chosen to be closed, not yet closed: keep it after all
+                file._closing = False
+                self._open[file] = None
+                victims = self._choose_victims_locked(file)
             else:
                 self._open.move_to_end(file)
             if write:

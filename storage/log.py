@@ -530,6 +530,10 @@ class Log:
                 self._sync_and_resolve(segment, target)
             except LogReadOnlyError:
                 pass  # sticky: every waiter failed with it (I9)
+            except Exception as error:  # a bug below: fail the log rather than leave its waiters hanging
+                logger.exception("fsync of %s failed", segment.log_path)
+                with self._lock:
+                    self._fail_locked(LogReadOnlyError(f"fsync of {segment.log_path} failed: {error!r}"))
             with self._lock:
                 wanted = not self._closed and self._error is None and self._next_offset > self._durable_offset
                 if wanted and not pool.has_queued_nowait():
