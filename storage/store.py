@@ -20,6 +20,7 @@ first).
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import threading
@@ -49,6 +50,10 @@ from .recovery import RecoveryReport
 # (after the deletion committed), so a crash in the middle of its removal leaves nothing
 # that looks like a live partition; every start removes them.
 DELETING_SUFFIX = ".deleting"
+# Opening the data directory's logs (recovery included), and closing them, waits at most
+# this long.
+STORE_OPEN_TIMEOUT_S = 3600.0
+STORE_CLOSE_TIMEOUT_S = 3600.0
 # The log end a damaged partition gives the clamp of committed offsets: none is above it.
 NO_CLAMP_OFFSET = 2**63 - 1
 
@@ -183,20 +188,7 @@ class Store:
             os.makedirs(logs_directory(data_dir), exist_ok=True)
             removed = _remove_half_deleted(data_dir)
             finished, unfinished = store._finish_deletions()
-            recoveries = []
-            for name, config in sorted(store.metadata.list_topics().items()):
-                topic = _Topic(config)
-                for partition in range(config.partitions):
-                    log = Log.open(
-                        partition_directory(data_dir, name, partition),
-                        log_config_for(config),
-                        fs=store._log_fs,
-                        clock_ms=clock_ms,
-                        fsync_pool=store.fsync_pool,
-                    )
-                    topic.logs.append(log)
-                    recoveries.append(log.recovery_report)
-                store._topics[name] = topic
+            recoveries = store._open_logs(sorted(store.metadata.list_topics().items()))
             clamped = store.metadata.clamp_offsets(store._log_end_offset)
             orphans = tuple(
                 entry.path
@@ -216,6 +208,41 @@ class Store:
             unfinished,
         )
         return store
+
+    def _open_logs(self, topics: list[tuple[str, TopicConfig]]) -> list[RecoveryReport]:
+        """Open (recover) every partition log of `topics`, in parallel on the fsync pool
+        (recovery waits on reads and directory fsyncs), into self._topics; their
+        recovery reports in topic and partition order. The first error is raised after
+        every open has ended, the logs that did open closed."""
+        specs = [(name, config, partition) for name, config in topics for partition in range(config.partitions)]
+        opened: list[Log | None] = [None] * len(specs)
+
+        def opener(number: int, name: str, config: TopicConfig, partition: int) -> Callable[[], None]:
+            def run() -> None:
+                opened[number] = Log.open(
+                    partition_directory(self.data_dir, name, partition),
+                    log_config_for(config),
+                    fs=self._log_fs,
+                    clock_ms=self._clock_ms,
+                    fsync_pool=self.fsync_pool,
+                )
+
+            return run
+
+        errors = self.fsync_pool.run_all(
+            [opener(number, *spec) for number, spec in enumerate(specs)], timeout_s=STORE_OPEN_TIMEOUT_S
+        )
+        if errors:
+            for log in opened:
+                if log is not None:
+                    log.close()
+            raise errors[0]
+        logs = iter(opened)
+        for name, config in topics:
+            topic = _Topic(config)
+            topic.logs.extend(log for log in itertools.islice(logs, config.partitions) if log is not None)
+            self._topics[name] = topic
+        return [log.recovery_report for log in opened if log is not None]
 
     def _finish_deletions(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """Remove the directories of every deletion record (deletions a crash or an I/O
@@ -368,7 +395,9 @@ class Store:
             # In parallel on the pool: each clean close makes several fsyncs (segment,
             # indexes, snapshot, checkpoint, marker), and the file system joins
             # concurrent ones into one journal commit.
-            errors = self.fsync_pool.run_all([log.close for topic in topics.values() for log in topic.logs])
+            errors = self.fsync_pool.run_all(
+                [log.close for topic in topics.values() for log in topic.logs], timeout_s=STORE_CLOSE_TIMEOUT_S
+            )
             if errors:
                 raise errors[0]
             self.metadata.close()
