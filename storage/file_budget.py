@@ -146,7 +146,7 @@ class FileBudget:
         excess = len(self._open) - self.open_files_max
         if excess <= 0:
             return []
-        victims = []
+        victims: list[BudgetedFile] = []
         for dirty_allowed in (False, True):
             for candidate in self._open:
                 if len(victims) == excess:

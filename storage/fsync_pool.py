@@ -102,7 +102,9 @@ class FsyncPool:
         """Whether jobs wait for a worker now (read without the lock: a hint)."""
         return bool(self._ready)
 
-    def run_all(self, jobs: Sequence[Callable[[], None]], *, timeout_s: float = STOP_JOIN_SECONDS) -> list[BaseException]:
+    def run_all(
+        self, jobs: Sequence[Callable[[], None]], *, timeout_s: float = STOP_JOIN_SECONDS
+    ) -> list[BaseException]:
         """Run every job on the workers (at most workers_max at once) and wait for them
         all, at most `timeout_s`; return what they raised. On a stopped pool, or when
         called from one of its own workers, they run here one after another."""

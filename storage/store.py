@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 
 from .config import FsyncPolicy, LogConfig
 from .errors import FileLimitTooLowError, NodiError, TopicExistsError, UnknownTopicError
-from .fileio import OS_FILE_SYSTEM, FileSystem
 from .file_budget import (
     FILES_LIMIT_MIN,
     OPEN_FILES_MIN,
@@ -39,6 +38,7 @@ from .file_budget import (
     files_soft_limit,
     open_files_max_for,
 )
+from .fileio import OS_FILE_SYSTEM, FileSystem
 from .fsync_pool import FSYNC_WORKERS_DEFAULT, FsyncPool, check_fsync_workers_max
 from .layout import iter_partition_directories, logs_directory, partition_directory
 from .lock import DataDirectoryLock

@@ -8,7 +8,6 @@ for the test), so what overlaps what is decided by the test, never by timing."""
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
 
 import pytest

@@ -17,10 +17,10 @@ import os
 import subprocess
 import threading
 
-from conftest import NODI, BrokerProcess
-
 from nodi.broker.client.async_client import AsyncClient
 from nodi.storage.file_budget import FILES_LIMIT_MIN
+
+from conftest import NODI, BrokerProcess
 
 PARTITIONS = int(os.environ.get("NODI_TEST_PARTITIONS", "400"))
 FILES_LIMIT = 256
@@ -86,9 +86,7 @@ async def _read_back(address: str) -> list[bytes | None]:
 
 
 def _broker(data_dir: str) -> BrokerProcess:
-    return BrokerProcess(
-        data_dir, files_limit=FILES_LIMIT, environment={"NODI_FSYNC_WORKERS_MAX": str(FSYNC_WORKERS)}
-    )
+    return BrokerProcess(data_dir, files_limit=FILES_LIMIT, environment={"NODI_FSYNC_WORKERS_MAX": str(FSYNC_WORKERS)})
 
 
 def test_thousands_of_partitions_under_ulimit_256_are_written_restarted_and_read_back(tmp_path) -> None:
