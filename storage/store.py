@@ -210,11 +210,25 @@ class Store:
         return store
 
     def _open_logs(self, topics: list[tuple[str, TopicConfig]]) -> list[RecoveryReport]:
-        """Open (recover) every partition log of `topics`, in parallel on the fsync pool
-        (recovery waits on reads and directory fsyncs), into self._topics; their
-        recovery reports in topic and partition order. The first error is raised after
-        every open has ended, the logs that did open closed."""
-        specs = [(name, config, partition) for name, config in topics for partition in range(config.partitions)]
+        """Open (recover) every partition log of `topics` into self._topics; their
+        recovery reports in topic and partition order."""
+        opened = iter(
+            self._open_partition_logs(
+                [(name, config, partition) for name, config in topics for partition in range(config.partitions)]
+            )
+        )
+        reports = []
+        for name, config in topics:
+            topic = _Topic(config)
+            topic.logs.extend(itertools.islice(opened, config.partitions))
+            reports.extend(log.recovery_report for log in topic.logs)
+            self._topics[name] = topic
+        return reports
+
+    def _open_partition_logs(self, specs: list[tuple[str, TopicConfig, int]]) -> list[Log]:
+        """Log.open of every (topic, config, partition), in parallel on the fsync pool
+        (recovery and creation wait on reads and directory fsyncs), in order. The first
+        error is raised after every open has ended, the logs that did open closed."""
         opened: list[Log | None] = [None] * len(specs)
 
         def opener(number: int, name: str, config: TopicConfig, partition: int) -> Callable[[], None]:
@@ -232,17 +246,12 @@ class Store:
         errors = self.fsync_pool.run_all(
             [opener(number, *spec) for number, spec in enumerate(specs)], timeout_s=STORE_OPEN_TIMEOUT_S
         )
+        logs = [log for log in opened if log is not None]
         if errors:
-            for log in opened:
-                if log is not None:
-                    log.close()
+            for log in logs:
+                log.close()
             raise errors[0]
-        logs = iter(opened)
-        for name, config in topics:
-            topic = _Topic(config)
-            topic.logs.extend(log for log in itertools.islice(logs, config.partitions) if log is not None)
-            self._topics[name] = topic
-        return [log.recovery_report for log in opened if log is not None]
+        return logs
 
     def _finish_deletions(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """Remove the directories of every deletion record (deletions a crash or an I/O
@@ -288,21 +297,9 @@ class Store:
                 self._remove_deleted(name, deleted_partitions)
             self.metadata.create_topic(name, config)
             topic = _Topic(config)
-            try:
-                for partition in range(config.partitions):
-                    topic.logs.append(
-                        Log.open(
-                            partition_directory(self.data_dir, name, partition),
-                            log_config_for(config),
-                            fs=self._log_fs,
-                            clock_ms=self._clock_ms,
-                            fsync_pool=self.fsync_pool,
-                        )
-                    )
-            except BaseException:
-                for log in topic.logs:
-                    log.close()
-                raise
+            topic.logs.extend(
+                self._open_partition_logs([(name, config, partition) for partition in range(config.partitions)])
+            )
             with self._lock:
                 self._topics[name] = topic
 
