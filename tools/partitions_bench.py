@@ -9,7 +9,11 @@ For each partition count N, in one run, with a fresh broker (127.0.0.1, a free p
 temporary data directory on a disk file system, never tmpfs):
 - the empty broker's RSS and threads;
 - create: one topic of N partitions (fsync `always`), timed by the client;
-- idle: RSS and threads with N idle partitions; RSS per partition beyond the empty broker;
+- fill: one durable produce to each partition (100 in flight), timed: a partition's
+  first fsync also makes its new file's metadata durable, which costs several times a
+  later one, so the latency phase that follows measures partitions that hold data;
+- idle: RSS and threads with N idle partitions that hold a message each; RSS per
+  partition beyond the empty broker;
 - produce: --requests durable produces of one 1 KiB message, each to a random partition,
   one at a time (latency p50/p99, the broker's threads sampled throughout);
 - clean restart: SIGTERM, then `nodi serve` again, timed from its start to its
@@ -66,6 +70,19 @@ async def _create(address: str, partitions: int) -> float:
         return time.perf_counter() - started
 
 
+async def _fill(address: str, partitions: int) -> float:
+    async with AsyncClient(address, timeout_ms=600_000) as client:
+        started = time.perf_counter()
+        for first in range(0, partitions, 100):
+            await asyncio.gather(
+                *(
+                    client.produce(TOPIC, VALUE, partition=partition, acks="durable")
+                    for partition in range(first, min(partitions, first + 100))
+                )
+            )
+        return time.perf_counter() - started
+
+
 async def _produce(address: str, partitions: int, requests: int, pid: int) -> dict:
     """Durable produces of one message to random partitions, one at a time."""
     chooser = random.Random(partitions)
@@ -101,9 +118,13 @@ def measure(partitions: int, requests: int, parent: str) -> dict:
         time.sleep(0.5)
         empty = _status(server.pid)
         create_s = asyncio.run(_create(server.address, partitions))
+        fill_s = asyncio.run(_fill(server.address, partitions))
         time.sleep(0.5)
         idle = _status(server.pid)
-        progress(f"{partitions:,} partitions: created in {create_s:.2f} s, {idle['Threads']} threads")
+        progress(
+            f"{partitions:,} partitions: created in {create_s:.2f} s, one message each in {fill_s:.2f} s, "
+            f"{idle['Threads']} threads"
+        )
         produce = asyncio.run(_produce(server.address, partitions, requests, server.pid))
         progress(f"  produce p50 {produce['p50_ms']:.3f} ms, p99 {produce['p99_ms']:.3f} ms")
         server.stop()  # SIGTERM: a clean stop
@@ -121,6 +142,7 @@ def measure(partitions: int, requests: int, parent: str) -> dict:
         return {
             "partitions": partitions,
             "create_s": create_s,
+            "fill_s": fill_s,
             "restart_clean_s": clean_s,
             "restart_after_kill_s": unclean_s,
             "empty_rss_kib": empty["VmRSS"],
@@ -141,28 +163,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="partitions_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--partitions", type=int, nargs="+", default=[1, 1000, 10000], help="Partition counts.")
     parser.add_argument("--requests", type=int, default=1000, help="Durable produces timed per count.")
-    parser.add_argument("--quick", action="store_true", help="Seconds-long smoke run (1 and 50 partitions).")
+    parser.add_argument("--quick", action="store_true", help="Seconds-long smoke run (20 partitions).")
     parser.add_argument("--json-out", help="Write the figures here as JSON.")
     arguments = parser.parse_args(argv)
     if arguments.quick:
-        arguments.partitions, arguments.requests = [1, 50], 40
+        arguments.partitions, arguments.requests = [20], 20
     if arguments.requests < 10 or min(arguments.partitions) < 1:
         parser.error("--requests must be at least 10 and every partition count at least 1")
     parent = storage_bench.default_data_parent()
-    disk = storage_bench.raw_fdatasync_loop(parent, 1024, 1, 2.0)
+    disk = storage_bench.raw_fdatasync_loop(parent, 1024, 1, 0.5 if arguments.quick else 2.0)
     progress(f"disk: 1 KiB write+fdatasync p50 {disk['latency_ms_p50']:.3f} ms, p99 {disk['latency_ms_p99']:.3f} ms")
     cells = [measure(count, arguments.requests, parent) for count in arguments.partitions]
     base = cells[0]["produce"]["p50_ms"]
     print(f"disk 1 KiB write+fdatasync: p50 {disk['latency_ms_p50']:.3f} ms, p99 {disk['latency_ms_p99']:.3f} ms")
     print(
-        "| partitions | create s | restart clean s | restart after kill -9 s | idle RSS MiB | RSS per partition KiB "
+        "| partitions | create s | one message each s | restart clean s | restart after kill -9 s | idle RSS MiB | RSS per partition KiB "
         "| threads idle / produce / after restart | produce p50 ms | p99 ms | p50 vs first |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for cell in cells:
         produce = cell["produce"]
         print(
-            f"| {cell['partitions']:,} | {cell['create_s']:.2f} | {cell['restart_clean_s']:.2f} "
+            f"| {cell['partitions']:,} | {cell['create_s']:.2f} | {cell['fill_s']:.2f} | {cell['restart_clean_s']:.2f} "
             f"| {cell['restart_after_kill_s']:.2f} | {cell['idle_rss_kib'] / 1024:.1f} "
             f"| {cell['rss_per_partition_kib']:.1f} "
             f"| {cell['idle_threads']} / {produce['threads_max']} / {cell['threads_after_clean_restart']} "
