@@ -217,7 +217,7 @@ class Store:
                 [(name, config, partition) for name, config in topics for partition in range(config.partitions)]
             )
         )
-        reports = []
+        reports: list[RecoveryReport] = []
         for name, config in topics:
             topic = _Topic(config)
             topic.logs.extend(itertools.islice(opened, config.partitions))
