@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: run test install clean bench crash-walk queue-leases torture lint
+.PHONY: run test install clean bench crash-walk queue-leases torture lint many-partitions
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ crash-walk: $(STAMP)
 # runs 1,000): none lost, none handled twice, the work spread. About a minute and a half.
 queue-leases: $(STAMP)
 	NODI_QUEUE_LEASES_MESSAGES=$${NODI_QUEUE_LEASES_MESSAGES:-5000} $(BIN)/python -m pytest -q -p no:randomly tests/test_queue_leases.py -k four_consumers
+
+# Issue 18's test at its full size: 3,000 partitions on a broker under `ulimit -n 256`
+# (`make test` runs 400). About a minute here.
+many-partitions: $(STAMP)
+	NODI_TEST_PARTITIONS=$${NODI_TEST_PARTITIONS:-3000} $(BIN)/python -m pytest -q -p no:randomly tests/test_many_partitions.py
 
 # The bench extra (redis-py) for `nodi bench`'s Redis comparison; redis-server comes from
 # the system (Debian: apt-get install -y redis-server), else nodi is reported alone.

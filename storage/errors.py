@@ -193,3 +193,16 @@ class MetadataUnavailableError(MetadataError):
 
 class MetadataDiskFullError(MetadataUnavailableError, DiskFullError):
     """A metadata commit failed for want of space (ENOSPC): DISK_FULL on the wire."""
+
+
+class FileLimitTooLowError(NodiError):
+    """The process may open too few files for a data directory (RLIMIT_NOFILE, `ulimit
+    -n`): said at start, with the limit needed, instead of EMFILE later."""
+
+    def __init__(self, soft_limit: int, needed: int) -> None:
+        super().__init__(
+            f"the open file limit (ulimit -n) is {soft_limit}, and the hard limit allows no more; "
+            f"nodi needs at least {needed}: raise it (ulimit -n {needed}, or LimitNOFILE= in a systemd unit)"
+        )
+        self.soft_limit = soft_limit
+        self.needed = needed

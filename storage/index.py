@@ -22,6 +22,7 @@ import struct
 from array import array
 
 from .errors import SegmentReadError
+from .file_budget import BudgetedFile
 from .fileio import File, FileSystem
 
 
@@ -106,6 +107,8 @@ class SparseIndex:
         rename replaces the file at `path` (Segment.pin_files)."""
         if self._file is None and self.fs.exists(self.path):
             self._open()
+        if isinstance(self._file, BudgetedFile):  # never closed and opened again by path
+            self._file.keep_open()
 
     def _entry_count(self) -> int:
         if self._file is None and not self.fs.exists(self.path):

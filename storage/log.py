@@ -2,9 +2,14 @@
 
 Threading: appends, reads and retention may come from any thread. One lock guards the
 segment list and the write position; reads copy what they need under it and do their
-I/O outside it. With fsync policy `always` or `interval` a flusher thread owned by the
-log runs every fsync: it syncs whatever was written when it woke, then resolves every
-waiter that sync covered (group commit, I8). An fsync is never retried (I9).
+I/O outside it. With fsync policy `always` or `interval` the log's fsyncs run on a
+shared worker pool (storage/fsync_pool.py), one at a time per log: an append hands the
+log to the pool when no fsync of it is queued or running; that job syncs whatever was
+written when it started, resolves every waiter the sync covered (group commit, I8), and
+syncs again at once while more was written meanwhile (queueing behind other logs' jobs
+when some wait). Hand-offs per group commit: one, appender -> worker (none while the
+log's job is running: it sees the new data itself), then the waiters' futures resolve
+on the worker. An fsync is never retried (I9).
 """
 
 from __future__ import annotations
@@ -39,7 +44,9 @@ from .errors import (
     SegmentReadError,
     UnsupportedCompressionError,
 )
+from .file_budget import BudgetedFile
 from .fileio import OS_FILE_SYSTEM, File, FileSystem, read_whole_file, write_file_atomically
+from .fsync_pool import FsyncPool, default_fsync_pool
 from .histogram import FSYNC_SECONDS_BUCKETS, GROUP_COMMIT_APPENDS_BUCKETS, Histogram, HistogramSnapshot
 from .producers import SEQUENCE_MODULUS, SNAPSHOT_FILE, ProducerStateTable
 from .records import (
@@ -202,6 +209,7 @@ class Log:
         segments: list[Segment],
         report: RecoveryReport,
         clock_ms: Callable[[], int],
+        fsync_pool: FsyncPool | None = None,
     ) -> None:
         self.directory = directory
         self.config = config
@@ -239,12 +247,13 @@ class Log:
         self._group_commit_appends = Histogram(GROUP_COMMIT_APPENDS_BUCKETS)
         self._readable_listeners: list[Callable[[], None]] = []
         self._producers = self._load_producer_state()
-        self._flusher: threading.Thread | None = None
+        # Group commit on the shared pool: at most one fsync job of this log queued or
+        # running (_fsync_job_pending), and close() waits for a running one.
+        self._fsync_pool: FsyncPool | None = None
+        self._fsync_job_pending = False
+        self._fsync_running = False
         if config.fsync_policy is not FsyncPolicy.NEVER and self._error is None:
-            self._flusher = threading.Thread(
-                target=self._flush_loop, name=f"nodi-fsync:{os.path.basename(directory)}", daemon=True
-            )
-            self._flusher.start()
+            self._fsync_pool = fsync_pool or default_fsync_pool()
 
     @classmethod
     def open(
@@ -255,24 +264,26 @@ class Log:
         fs: FileSystem = OS_FILE_SYSTEM,
         clock_ms: Callable[[], int] = _now_ms,
         truncate_damaged: bool = False,
+        fsync_pool: FsyncPool | None = None,
     ) -> Log:
         """Open (creating or recovering) the log in `directory`; see recovery_report.
 
         Damage below the recovery point is cut only with `truncate_damaged` (an
         operator's repair); otherwise the log opens damaged (`damage`, G4): served up
         to the damage, read-only, and it writes nothing into its directory (no marker
-        removed, no checkpoint moved back), so the next open finds the same damage."""
+        removed, no checkpoint moved back), so the next open finds the same damage.
+        Its fsyncs run on `fsync_pool` (a Store's), else on default_fsync_pool()."""
         config = config or LogConfig()
         segments, report = recover(fs, directory, config, truncate_damaged=truncate_damaged)
         if report.damage is not None:
-            return cls(directory, config, fs, segments, report, clock_ms)
+            return cls(directory, config, fs, segments, report, clock_ms, fsync_pool)
         # The marker must be gone before the first append can make the files unclean.
         clear_clean_shutdown(fs, directory)
         if not report.clean_shutdown and not report.created:
             # Recovery fsynced what it kept: say so, and never leave a recovery point
             # beyond a truncated end (I5).
             write_checkpoint(fs, directory, Checkpoint(segments[-1].next_offset, segments[0].base_offset))
-        return cls(directory, config, fs, segments, report, clock_ms)
+        return cls(directory, config, fs, segments, report, clock_ms, fsync_pool)
 
     # -- properties ---------------------------------------------------------------
 
@@ -356,8 +367,10 @@ class Log:
             self._appends += 1
             self._appends_since_fsync += 1
             self._appended_bytes += len(view)
-            if self._flusher is not None:
-                self._condition.notify_all()
+            hand_over = self._claim_fsync_job_locked()
+        if hand_over:  # outside the lock: the woken worker takes it first
+            assert self._fsync_pool is not None
+            self._fsync_pool.submit(self._run_fsync_job)
         if self.config.fsync_policy is not FsyncPolicy.ALWAYS:
             self._notify_readable()
         return AppendResult(first_offset, base_offset - 1, len(batches), len(view), now_ms)
@@ -470,7 +483,6 @@ class Log:
                 future.set_exception(LogClosedError(f"log {self.directory} is closed"))
             else:
                 heapq.heappush(self._waiters, (offset, next(self._waiter_sequence), future))
-                self._condition.notify_all()
         return future
 
     def wait_durable(self, offset: int, *, timeout_ms: int | None = None) -> None:
@@ -490,26 +502,51 @@ class Log:
             segment = self._segments[-1]
         self._sync_and_resolve(segment, target)
 
-    def _flush_loop(self) -> None:
-        always = self.config.fsync_policy is FsyncPolicy.ALWAYS
-        interval_s = self.config.fsync_interval_ms / 1000
+    def _claim_fsync_job_locked(self) -> bool:
+        """True when the caller must hand _run_fsync_job to the pool (after releasing
+        the lock): data is waiting and no job of this log is queued or running (that
+        one's next fsync covers it: group commit). Under `interval` too: an append is
+        synced as soon as the pool gets to it, as the thread per log did."""
+        if self._fsync_pool is None or self._fsync_job_pending or self._closed or self._error is not None:
+            return False
+        self._fsync_job_pending = True
+        return True
+
+    def _run_fsync_job(self) -> None:
+        """A pool worker's fsyncs of this log: sync what is written now, resolve the
+        waiters it covers; while more was written meanwhile, sync again at once, unless
+        other logs' jobs wait: then queue behind them (fairness)."""
+        pool = self._fsync_pool
+        assert pool is not None
+        with self._lock:
+            if self._closed or self._error is not None or self._next_offset <= self._durable_offset:
+                self._fsync_job_pending = False  # closed, or a roll or flush got there first
+                return
+            self._fsync_running = True
+            target = self._next_offset
+            segment = self._segments[-1]
         while True:
-            with self._lock:
-                if always:
-                    while not self._closed and self._error is None and self._next_offset <= self._durable_offset:
-                        self._condition.wait(timeout=1.0)
-                else:
-                    self._condition.wait(timeout=interval_s)
-                    while not self._closed and self._error is None and self._next_offset <= self._durable_offset:
-                        self._condition.wait(timeout=interval_s)
-                if self._closed or self._error is not None:
-                    return
-                target = self._next_offset
-                segment = self._segments[-1]
             try:
                 self._sync_and_resolve(segment, target)
             except LogReadOnlyError:
-                return
+                pass  # sticky: every waiter failed with it (I9)
+            except Exception as error:  # a bug below: fail the log rather than leave its waiters hanging
+                logger.exception("fsync of %s failed", segment.log_path)
+                with self._lock:
+                    self._fail_locked(LogReadOnlyError(f"fsync of {segment.log_path} failed: {error!r}"))
+            with self._lock:
+                wanted = not self._closed and self._error is None and self._next_offset > self._durable_offset
+                if wanted and not pool.has_queued_nowait():
+                    target = self._next_offset  # group commit: the next fsync, right away
+                    segment = self._segments[-1]
+                    continue
+                self._fsync_running = False
+                self._fsync_job_pending = wanted
+                if self._closed:
+                    self._condition.notify_all()  # close() waits for a running job
+            if wanted:
+                pool.submit(self._run_fsync_job)
+            return
 
     def _sync_segment(self, segment: Segment) -> None:
         """The one way the log fsyncs a segment. A caller racing a failing fsync (flush,
@@ -794,6 +831,10 @@ class Log:
                 raise self._mark_corrupt(segment, error.position, str(error)) from None
         if slice_start is None:
             return None
+        if isinstance(file, BudgetedFile):
+            # The real file, held by the slice: a send keeps its descriptor even if the
+            # descriptor budget closes the segment's file meanwhile.
+            file = file.handle()
         return FileSlice(file, slice_start, length, first_offset, last_offset, base_offset_sum)
 
     def _verify_for_read(self, segment: Segment, file: File, position: int, header: BatchHeader) -> None:
@@ -912,9 +953,11 @@ class Log:
             if self._closed:
                 return
             self._closed = True
-            self._condition.notify_all()
-        if self._flusher is not None:
-            self._flusher.join(timeout=self.config.durable_wait_timeout_ms / 1000)
+            # A queued fsync job finds the log closed and does nothing; a running one
+            # is waited for, so no pool work is left on a closed file.
+            deadline = time.monotonic() + self.config.durable_wait_timeout_ms / 1000
+            while self._fsync_running and time.monotonic() < deadline:
+                self._condition.wait(timeout=deadline - time.monotonic())
         active = self._segments[-1]
         if self._error is None:
             try:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import crc32c as _crc32c
 
 from .errors import CorruptBatchError, InvalidRecordError
+from .file_budget import BudgetedFile
 from .fileio import File, FileSystem
 from .index import OffsetIndex, TimeIndex
 from .limits import DEFAULT_RECORD_LIMITS, RecordLimits
@@ -236,6 +237,8 @@ class Segment:
         reader holding it sees the old segment whole, never old bytes with a new index."""
         if self.file is None:  # detached: retention removed it; nothing to pin
             return
+        if isinstance(self.file, BudgetedFile):  # never closed and opened again by path
+            self.file.keep_open()
         self.index.pin()
         self.time_index.pin()
 

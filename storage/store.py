@@ -20,6 +20,7 @@ first).
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import threading
@@ -28,8 +29,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .config import FsyncPolicy, LogConfig
-from .errors import NodiError, TopicExistsError, UnknownTopicError
+from .errors import FileLimitTooLowError, NodiError, TopicExistsError, UnknownTopicError
+from .file_budget import (
+    FILES_LIMIT_MIN,
+    OPEN_FILES_MIN,
+    BudgetedFileSystem,
+    FileBudget,
+    files_soft_limit,
+    open_files_max_for,
+)
 from .fileio import OS_FILE_SYSTEM, FileSystem
+from .fsync_pool import FSYNC_WORKERS_DEFAULT, FsyncPool, check_fsync_workers_max
 from .layout import iter_partition_directories, logs_directory, partition_directory
 from .lock import DataDirectoryLock
 from .log import DeletedSegment, Log
@@ -40,6 +50,10 @@ from .recovery import RecoveryReport
 # (after the deletion committed), so a crash in the middle of its removal leaves nothing
 # that looks like a live partition; every start removes them.
 DELETING_SUFFIX = ".deleting"
+# Opening the data directory's logs (recovery included), and closing them, waits at most
+# this long.
+STORE_OPEN_TIMEOUT_S = 3600.0
+STORE_CLOSE_TIMEOUT_S = 3600.0
 # The log end a damaged partition gives the clamp of committed offsets: none is above it.
 NO_CLAMP_OFFSET = 2**63 - 1
 
@@ -116,8 +130,17 @@ class Store:
         clock_ms: Callable[[], int],
         fs: FileSystem = OS_FILE_SYSTEM,
         lock: DataDirectoryLock | None = None,
+        fsync_workers_max: int = FSYNC_WORKERS_DEFAULT,
+        open_files_max: int = OPEN_FILES_MIN,
     ) -> None:
         self.data_dir = data_dir
+        # Every partition's files, under one limit of open descriptors
+        # (storage/file_budget.py): the least recently used are closed.
+        self.file_budget = FileBudget(open_files_max)
+        self._log_fs = BudgetedFileSystem(OS_FILE_SYSTEM, self.file_budget)
+        # Every partition log's fsyncs, and the logs' clean closes, run on these few
+        # threads (storage/fsync_pool.py); close() stops them.
+        self.fsync_pool = FsyncPool(fsync_workers_max)
         self.metadata = metadata
         self._directory_lock = lock
         self._clock_ms = clock_ms
@@ -136,10 +159,21 @@ class Store:
         *,
         clock_ms: Callable[[], int] | None = None,
         fs: FileSystem = OS_FILE_SYSTEM,
+        fsync_workers_max: int = FSYNC_WORKERS_DEFAULT,
+        open_files_max: int | None = None,
     ) -> Store:
         """Take the data directory's lock (DataDirectoryLockedError, having touched
         nothing, when another process holds it), then open the metadata (a damaged
-        metadata file is refused before anything changes) and every log."""
+        metadata file is refused before anything changes) and every log. At most
+        `fsync_workers_max` threads run the logs' fsyncs, and the partitions keep at
+        most `open_files_max` files open (None: sized from RLIMIT_NOFILE;
+        FileLimitTooLowError when that is below FILES_LIMIT_MIN)."""
+        check_fsync_workers_max(fsync_workers_max)
+        if open_files_max is None:
+            soft_limit = files_soft_limit()
+            open_files_max = open_files_max_for(soft_limit)
+            if open_files_max < OPEN_FILES_MIN:
+                raise FileLimitTooLowError(soft_limit, FILES_LIMIT_MIN)
         started = time.monotonic()
         data_dir = os.fspath(data_dir)
         clock_ms = clock_ms or (lambda: int(time.time() * 1000))
@@ -149,21 +183,12 @@ class Store:
         except BaseException:
             lock.release()
             raise
-        store = cls(data_dir, metadata, clock_ms, fs, lock)
+        store = cls(data_dir, metadata, clock_ms, fs, lock, fsync_workers_max, open_files_max)
         try:
             os.makedirs(logs_directory(data_dir), exist_ok=True)
             removed = _remove_half_deleted(data_dir)
             finished, unfinished = store._finish_deletions()
-            recoveries = []
-            for name, config in sorted(store.metadata.list_topics().items()):
-                topic = _Topic(config)
-                for partition in range(config.partitions):
-                    log = Log.open(
-                        partition_directory(data_dir, name, partition), log_config_for(config), clock_ms=clock_ms
-                    )
-                    topic.logs.append(log)
-                    recoveries.append(log.recovery_report)
-                store._topics[name] = topic
+            recoveries = store._open_logs(sorted(store.metadata.list_topics().items()))
             clamped = store.metadata.clamp_offsets(store._log_end_offset)
             orphans = tuple(
                 entry.path
@@ -183,6 +208,50 @@ class Store:
             unfinished,
         )
         return store
+
+    def _open_logs(self, topics: list[tuple[str, TopicConfig]]) -> list[RecoveryReport]:
+        """Open (recover) every partition log of `topics` into self._topics; their
+        recovery reports in topic and partition order."""
+        opened = iter(
+            self._open_partition_logs(
+                [(name, config, partition) for name, config in topics for partition in range(config.partitions)]
+            )
+        )
+        reports: list[RecoveryReport] = []
+        for name, config in topics:
+            topic = _Topic(config)
+            topic.logs.extend(itertools.islice(opened, config.partitions))
+            reports.extend(log.recovery_report for log in topic.logs)
+            self._topics[name] = topic
+        return reports
+
+    def _open_partition_logs(self, specs: list[tuple[str, TopicConfig, int]]) -> list[Log]:
+        """Log.open of every (topic, config, partition), in parallel on the fsync pool
+        (recovery and creation wait on reads and directory fsyncs), in order. The first
+        error is raised after every open has ended, the logs that did open closed."""
+        opened: list[Log | None] = [None] * len(specs)
+
+        def opener(number: int, name: str, config: TopicConfig, partition: int) -> Callable[[], None]:
+            def run() -> None:
+                opened[number] = Log.open(
+                    partition_directory(self.data_dir, name, partition),
+                    log_config_for(config),
+                    fs=self._log_fs,
+                    clock_ms=self._clock_ms,
+                    fsync_pool=self.fsync_pool,
+                )
+
+            return run
+
+        errors = self.fsync_pool.run_all(
+            [opener(number, *spec) for number, spec in enumerate(specs)], timeout_s=STORE_OPEN_TIMEOUT_S
+        )
+        logs = [log for log in opened if log is not None]
+        if errors:
+            for log in logs:
+                log.close()
+            raise errors[0]
+        return logs
 
     def _finish_deletions(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """Remove the directories of every deletion record (deletions a crash or an I/O
@@ -228,19 +297,9 @@ class Store:
                 self._remove_deleted(name, deleted_partitions)
             self.metadata.create_topic(name, config)
             topic = _Topic(config)
-            try:
-                for partition in range(config.partitions):
-                    topic.logs.append(
-                        Log.open(
-                            partition_directory(self.data_dir, name, partition),
-                            log_config_for(config),
-                            clock_ms=self._clock_ms,
-                        )
-                    )
-            except BaseException:
-                for log in topic.logs:
-                    log.close()
-                raise
+            topic.logs.extend(
+                self._open_partition_logs([(name, config, partition) for partition in range(config.partitions)])
+            )
             with self._lock:
                 self._topics[name] = topic
 
@@ -330,11 +389,17 @@ class Store:
         with self._lock:
             topics, self._topics = self._topics, {}
         try:
-            for topic in topics.values():
-                for log in topic.logs:
-                    log.close()
+            # In parallel on the pool: each clean close makes several fsyncs (segment,
+            # indexes, snapshot, checkpoint, marker), and the file system joins
+            # concurrent ones into one journal commit.
+            errors = self.fsync_pool.run_all(
+                [log.close for topic in topics.values() for log in topic.logs], timeout_s=STORE_CLOSE_TIMEOUT_S
+            )
+            if errors:
+                raise errors[0]
             self.metadata.close()
         finally:
+            self.fsync_pool.stop()
             if self._directory_lock is not None:
                 self._directory_lock.release()  # last: every file is closed and marked
 

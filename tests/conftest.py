@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -31,6 +32,9 @@ class BrokerProcess:
     metrics: bool = False
     metrics_port: int | None = None
     output: list[str] = field(default_factory=list)
+    # RLIMIT_NOFILE (soft and hard) of the child, when set: `ulimit -n` in its process.
+    files_limit: int | None = None
+    environment: dict[str, str] = field(default_factory=dict)
 
     @property
     def address(self) -> str:
@@ -52,7 +56,8 @@ class BrokerProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.environment},
+            preexec_fn=None if self.files_limit is None else self._limit_files,
         )
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -71,6 +76,10 @@ class BrokerProcess:
                     return self
         self.kill()
         raise RuntimeError("nodi serve did not start:\n" + "".join(self.output))
+
+    def _limit_files(self) -> None:  # in the child, before exec
+        assert self.files_limit is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.files_limit, self.files_limit))
 
     def stop(self, timeout_s: float = 15) -> int:
         """SIGTERM by pid, then wait: a clean shutdown."""

@@ -76,3 +76,22 @@ def test_storage_bench_quick_run_writes_its_json(tmp_path: Path) -> None:
         assert expected in names
     # The bench cleaned up after itself: only the parent directory it was given remains.
     assert list(data_parent.iterdir()) == []
+
+
+def test_partitions_bench_quick_run_measures_every_phase(tmp_path: Path) -> None:
+    """tools/partitions_bench.py --quick: a broker of 20 partitions created, filled,
+    produced to, restarted cleanly and after kill -9; each figure in its JSON."""
+    json_path = tmp_path / "partitions.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "tools.partitions_bench", "--quick", "--json-out", str(json_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    (cell,) = json.loads(json_path.read_text())["cells"]
+    assert cell["partitions"] == 20
+    for figure in ("create_s", "fill_s", "restart_clean_s", "restart_after_kill_s", "idle_rss_kib"):
+        assert cell[figure] > 0, figure
+    assert cell["produce"]["p50_ms"] > 0 and cell["produce"]["threads_max"] > 0

@@ -225,6 +225,7 @@ class NodiServer:
         self.process: subprocess.Popen | None = None
         self.address = ""
         self.metrics_port: int | None = None
+        self.start_timeout_s: float = SERVER_START_TIMEOUT_S
 
     @property
     def pid(self) -> int | None:
@@ -255,7 +256,7 @@ class NodiServer:
             self.process = subprocess.Popen(
                 command, stdout=output, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
             )
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline and self.process.poll() is None:
             with open(self.log_path) as output:
                 text = output.read()

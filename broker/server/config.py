@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from nodi.storage.errors import InvalidConfigError
+from nodi.storage.fsync_pool import FSYNC_WORKERS_DEFAULT, check_fsync_workers_max
 from nodi.storage.metadata import TopicConfig
 
 from ..protocol.limits import DEFAULT_PROTOCOL_LIMITS, ProtocolLimits
@@ -58,6 +59,9 @@ class ServerConfig:
     # Graceful shutdown: requests in flight get this long to finish.
     shutdown_grace_ms: int = 5_000
     retention_check_interval_ms: int = 60_000
+    # Threads that run every partition log's fsyncs (group commit per log kept);
+    # 1..nodi.storage.fsync_pool.FSYNC_WORKERS_MAX.
+    fsync_workers_max: int = FSYNC_WORKERS_DEFAULT
     # Log records at this level and above go to stderr: debug, info, warning, error.
     log_level: str = "info"
     # One JSON object per log line (time, level, logger, message, fields).
@@ -91,6 +95,7 @@ class ServerConfig:
         ):
             if getattr(self, name) < 1:
                 raise InvalidConfigError(f"{name} must be positive")
+        check_fsync_workers_max(self.fsync_workers_max)
         if self.frame_buffer_bytes_max < self.protocol.frame_bytes_max:
             raise InvalidConfigError(
                 f"frame_buffer_bytes_max {self.frame_buffer_bytes_max} must hold one whole frame "

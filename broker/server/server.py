@@ -15,12 +15,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from nodi.storage.file_budget import open_files_max_for, raise_files_limit
 from nodi.storage.log import FileSlice
 from nodi.storage.store import Store
 
@@ -68,6 +70,21 @@ class _SendfileSource:
 
     def seek(self, offset: int, whence: int = 0) -> int:
         return offset
+
+
+def _log_files_limit(before: int, soft: int, hard: int) -> None:
+    """At start the soft RLIMIT_NOFILE is raised to the hard limit where allowed: both
+    logged, with the partition files that leaves (storage/file_budget.py). A limit too
+    low is refused by Store.open (FileLimitTooLowError, with the number needed)."""
+    hard_text = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+    raised = f" (raised from {before})" if soft != before else ""
+    log.info(
+        "open file limit: soft %d%s, hard %s; partition files kept open at most %d",
+        soft,
+        raised,
+        hard_text,
+        open_files_max_for(soft),
+    )
 
 
 class ClientSession:
@@ -343,12 +360,16 @@ class Server:
                         error.errno,
                         f"cannot serve metrics on {self.metrics.host}:{self.metrics.port}: {error.strerror}",
                     ) from None
-            self.store = await asyncio.to_thread(Store.open, self.config.data_dir)
+            files_limit = raise_files_limit()
+            self.store = await asyncio.to_thread(
+                Store.open, self.config.data_dir, fsync_workers_max=self.config.fsync_workers_max
+            )
         except BaseException:
             sock.close()
             if self.metrics is not None:
                 self.metrics.stop()
             raise
+        _log_files_limit(*files_limit)
         for line in self.store.open_report.lines():
             log.warning("%s", line)
         for line in self.store.open_report.error_lines():

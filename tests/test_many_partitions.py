@@ -1,0 +1,149 @@
+"""Many partitions on one broker under a small open-file limit (issue 18): a real
+`nodi serve` whose process may open 256 files (`ulimit -n 256`, soft and hard, set in
+the child: 96 partition files open at most) holds thousands of partitions: each
+written, the broker stopped and started again, each read back; its thread count stays within the fsync pool's limit plus the few
+threads every broker has, throughout. A limit too low is refused at start with the
+number needed, never EMFILE later.
+
+`make test` runs it with 400 partitions (10-15 s); `make many-partitions` with the
+issue's 3,000 (NODI_TEST_PARTITIONS, about a minute on a busy 2-core machine). The big
+figures (10,000 partitions, restart times, RSS) are tools/partitions_bench.py's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import threading
+
+from nodi.broker.client.async_client import AsyncClient
+from nodi.storage.file_budget import FILES_LIMIT_MIN
+
+from conftest import NODI, BrokerProcess
+
+PARTITIONS = int(os.environ.get("NODI_TEST_PARTITIONS", "400"))
+FILES_LIMIT = 256
+FSYNC_WORKERS = 4
+# Threads a broker has beside its fsync workers: the main thread and asyncio's
+# to_thread executor (min(32, cores + 4) threads), with room for the metrics server.
+THREADS_BESIDE_THE_POOL = 40
+# Produces (and fetches) in flight at once from the test's client.
+CONCURRENCY = 100
+
+
+class _ThreadWatch:
+    """The most threads /proc says the process had, sampled every 20 ms."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.most = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            try:
+                with open(f"/proc/{self.pid}/status") as status:
+                    for line in status:
+                        if line.startswith("Threads:"):
+                            self.most = max(self.most, int(line.split()[1]))
+                            self.samples += 1
+            except OSError:
+                return  # the process ended
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        return self.most
+
+
+async def _in_chunks(calls) -> list:
+    results = []
+    for start in range(0, len(calls), CONCURRENCY):
+        results.extend(await asyncio.gather(*(call() for call in calls[start : start + CONCURRENCY])))
+    return results
+
+
+async def _create_and_write(address: str) -> None:
+    async with AsyncClient(address, timeout_ms=120_000) as client:
+        await client.create_topic("many", partitions=PARTITIONS, fsync_policy="always")
+        calls = [
+            (lambda number=number: client.produce("many", b"value %d" % number, partition=number, acks="durable"))
+            for number in range(PARTITIONS)
+        ]
+        placed = await _in_chunks(calls)
+    assert placed == [(number, 0) for number in range(PARTITIONS)]
+
+
+async def _read_back(address: str) -> list[bytes | None]:
+    async with AsyncClient(address, timeout_ms=120_000) as client:
+        calls = [(lambda number=number: client.fetch("many", number, 0)) for number in range(PARTITIONS)]
+        fetched = await _in_chunks(calls)
+    return [messages[0].value if len(messages) == 1 else None for messages in fetched]
+
+
+def _broker(data_dir: str) -> BrokerProcess:
+    return BrokerProcess(data_dir, files_limit=FILES_LIMIT, environment={"NODI_FSYNC_WORKERS_MAX": str(FSYNC_WORKERS)})
+
+
+def test_thousands_of_partitions_under_ulimit_256_are_written_restarted_and_read_back(tmp_path) -> None:
+    data_dir = str(tmp_path / "data")
+    broker = _broker(data_dir).start()
+    assert broker.process is not None
+    watch = _ThreadWatch(broker.process.pid)
+    try:
+        asyncio.run(_create_and_write(broker.address))
+        threads_first = watch.stop()
+        assert broker.stop() == 0
+    finally:
+        watch.stop()
+        broker.kill()
+    assert any(f"open file limit: soft {FILES_LIMIT}" in line for line in broker.output), broker.output[-5:]
+    assert not any("Too many open files" in line for line in broker.output), broker.output[-20:]
+
+    again = _broker(data_dir).start()
+    assert again.process is not None
+    watch = _ThreadWatch(again.process.pid)
+    try:
+        values = asyncio.run(_read_back(again.address))
+        threads_second = watch.stop()
+        assert again.stop() == 0
+    finally:
+        watch.stop()
+        again.kill()
+    assert values == [b"value %d" % number for number in range(PARTITIONS)]
+    assert not any("Too many open files" in line for line in again.output), again.output[-20:]
+    assert watch.samples > 0
+    bound = FSYNC_WORKERS + THREADS_BESIDE_THE_POOL
+    assert 0 < threads_first <= bound, f"{threads_first} threads with {PARTITIONS} partitions"
+    assert 0 < threads_second <= bound, f"{threads_second} threads after the restart"
+
+
+def test_a_file_limit_too_low_is_refused_at_start_with_the_number_needed(tmp_path) -> None:
+    limit = FILES_LIMIT_MIN - 1
+    result = subprocess.run(
+        [
+            "sh",
+            "-c",
+            f'ulimit -n {limit} && exec "$@"',
+            "sh",
+            *NODI,
+            "serve",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--port",
+            "0",
+            "--metrics-port",
+            "-1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert f"the open file limit (ulimit -n) is {limit}" in result.stderr
+    assert f"nodi needs at least {FILES_LIMIT_MIN}" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,200 @@
+#!/usr/bin/env python3
+"""Many partitions on one broker: what idle partitions cost a real `nodi serve`.
+
+    .venv/bin/python -m tools.partitions_bench                      # 1, 1,000, 10,000
+    .venv/bin/python -m tools.partitions_bench --partitions 1 1000  # a shorter run
+    .venv/bin/python -m tools.partitions_bench --quick              # seconds: smoke run
+
+For each partition count N, in one run, with a fresh broker (127.0.0.1, a free port, a
+temporary data directory on a disk file system, never tmpfs):
+- the empty broker's RSS and threads;
+- create: one topic of N partitions (fsync `always`), timed by the client;
+- fill: one durable produce to each partition (100 in flight), timed: a partition's
+  first fsync also makes its new file's metadata durable, which costs several times a
+  later one, so the latency phase that follows measures partitions that hold data;
+- idle: RSS and threads with N idle partitions that hold a message each; RSS per
+  partition beyond the empty broker;
+- produce: --requests durable produces of one 1 KiB message, each to a random partition,
+  one at a time (latency p50/p99, the broker's threads sampled throughout);
+- clean restart: SIGTERM, then `nodi serve` again, timed from its start to its
+  listening line;
+- restart after kill -9: the produce phase again (partitions written and not closed
+  cleanly), SIGKILL, then the same timed start.
+Beside them, the disk's own write+fdatasync latency (1 KiB, one file), measured in the
+same run. Nothing here asserts a timing; tests/test_bench_smoke.py runs --quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+
+from nodi.broker.client.async_client import AsyncClient
+from tools import storage_bench
+from tools.broker_bench_common import NodiServer, progress
+
+TOPIC = "many"
+VALUE = b"v" * 1024
+RESTART_TIMEOUT_S = 120
+
+
+def _status(pid: int) -> dict[str, int]:
+    """VmRSS (KiB) and Threads of a process, from /proc."""
+    out = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "Threads"):
+                out[name] = int(value.split()[0])
+    return out
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+async def _create(address: str, partitions: int) -> float:
+    async with AsyncClient(address, timeout_ms=600_000) as client:
+        started = time.perf_counter()
+        await client.create_topic(TOPIC, partitions=partitions, fsync_policy="always")
+        return time.perf_counter() - started
+
+
+async def _fill(address: str, partitions: int) -> float:
+    async with AsyncClient(address, timeout_ms=600_000) as client:
+        started = time.perf_counter()
+        for first in range(0, partitions, 100):
+            await asyncio.gather(
+                *(
+                    client.produce(TOPIC, VALUE, partition=partition, acks="durable")
+                    for partition in range(first, min(partitions, first + 100))
+                )
+            )
+        return time.perf_counter() - started
+
+
+async def _produce(address: str, partitions: int, requests: int, pid: int) -> dict:
+    """Durable produces of one message to random partitions, one at a time."""
+    chooser = random.Random(partitions)
+    latencies_ms: list[float] = []
+    threads_max = 0
+    async with AsyncClient(address, timeout_ms=60_000) as client:
+        for number in range(requests + requests // 10):
+            started = time.perf_counter()
+            await client.produce(TOPIC, VALUE, partition=chooser.randrange(partitions), acks="durable")
+            if number >= requests // 10:  # the first tenth warms up
+                latencies_ms.append((time.perf_counter() - started) * 1000)
+            if number % 20 == 0:
+                threads_max = max(threads_max, _status(pid)["Threads"])
+    return {
+        "p50_ms": statistics.median(latencies_ms),
+        "p99_ms": _percentile(latencies_ms, 0.99),
+        "threads_max": threads_max,
+    }
+
+
+def _timed_start(server: NodiServer) -> float:
+    started = time.perf_counter()
+    server.start()
+    return time.perf_counter() - started
+
+
+def measure(partitions: int, requests: int, parent: str) -> dict:
+    directory = tempfile.mkdtemp(prefix="nodi-partitions-bench-", dir=parent)
+    server = NodiServer(directory, metrics=False)
+    try:
+        server.start()
+        assert server.pid is not None
+        time.sleep(0.5)
+        empty = _status(server.pid)
+        create_s = asyncio.run(_create(server.address, partitions))
+        fill_s = asyncio.run(_fill(server.address, partitions))
+        time.sleep(0.5)
+        idle = _status(server.pid)
+        progress(
+            f"{partitions:,} partitions: created in {create_s:.2f} s, one message each in {fill_s:.2f} s, "
+            f"{idle['Threads']} threads"
+        )
+        produce = asyncio.run(_produce(server.address, partitions, requests, server.pid))
+        progress(f"  produce p50 {produce['p50_ms']:.3f} ms, p99 {produce['p99_ms']:.3f} ms")
+        server.stop()  # SIGTERM: a clean stop
+        server.start_timeout_s = RESTART_TIMEOUT_S
+        clean_s = _timed_start(server)
+        assert server.pid is not None
+        after_clean = _status(server.pid)
+        asyncio.run(_produce(server.address, partitions, max(requests // 4, 10), server.pid))
+        assert server.process is not None
+        os.kill(server.pid, signal.SIGKILL)
+        server.process.wait(timeout=30)
+        server.process = None
+        unclean_s = _timed_start(server)
+        progress(f"  restart clean {clean_s:.2f} s, after kill -9 {unclean_s:.2f} s")
+        return {
+            "partitions": partitions,
+            "create_s": create_s,
+            "fill_s": fill_s,
+            "restart_clean_s": clean_s,
+            "restart_after_kill_s": unclean_s,
+            "empty_rss_kib": empty["VmRSS"],
+            "empty_threads": empty["Threads"],
+            "idle_rss_kib": idle["VmRSS"],
+            "idle_threads": idle["Threads"],
+            "rss_per_partition_kib": (idle["VmRSS"] - empty["VmRSS"]) / partitions,
+            "rss_after_clean_restart_kib": after_clean["VmRSS"],
+            "threads_after_clean_restart": after_clean["Threads"],
+            "produce": produce,
+        }
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="partitions_bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--partitions", type=int, nargs="+", default=[1, 1000, 10000], help="Partition counts.")
+    parser.add_argument("--requests", type=int, default=1000, help="Durable produces timed per count.")
+    parser.add_argument("--quick", action="store_true", help="Seconds-long smoke run (20 partitions).")
+    parser.add_argument("--json-out", help="Write the figures here as JSON.")
+    arguments = parser.parse_args(argv)
+    if arguments.quick:
+        arguments.partitions, arguments.requests = [20], 20
+    if arguments.requests < 10 or min(arguments.partitions) < 1:
+        parser.error("--requests must be at least 10 and every partition count at least 1")
+    parent = storage_bench.default_data_parent()
+    disk = storage_bench.raw_fdatasync_loop(parent, 1024, 1, 0.5 if arguments.quick else 2.0)
+    progress(f"disk: 1 KiB write+fdatasync p50 {disk['latency_ms_p50']:.3f} ms, p99 {disk['latency_ms_p99']:.3f} ms")
+    cells = [measure(count, arguments.requests, parent) for count in arguments.partitions]
+    base = cells[0]["produce"]["p50_ms"]
+    print(f"disk 1 KiB write+fdatasync: p50 {disk['latency_ms_p50']:.3f} ms, p99 {disk['latency_ms_p99']:.3f} ms")
+    print(
+        "| partitions | create s | one message each s | restart clean s | restart after kill -9 s | idle RSS MiB | RSS per partition KiB "
+        "| threads idle / produce / after restart | produce p50 ms | p99 ms | p50 vs first |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for cell in cells:
+        produce = cell["produce"]
+        print(
+            f"| {cell['partitions']:,} | {cell['create_s']:.2f} | {cell['fill_s']:.2f} | {cell['restart_clean_s']:.2f} "
+            f"| {cell['restart_after_kill_s']:.2f} | {cell['idle_rss_kib'] / 1024:.1f} "
+            f"| {cell['rss_per_partition_kib']:.1f} "
+            f"| {cell['idle_threads']} / {produce['threads_max']} / {cell['threads_after_clean_restart']} "
+            f"| {produce['p50_ms']:.3f} | {produce['p99_ms']:.3f} | {produce['p50_ms'] / base:.2f} |"
+        )
+    if arguments.json_out:
+        with open(arguments.json_out, "w") as output:
+            json.dump({"disk": disk, "cells": cells}, output, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
