@@ -291,6 +291,17 @@ class Log:
         return self._durable_offset
 
     @property
+    def durable_failure(self) -> Exception | None:
+        """Why no further offset will become durable (the sticky error, or the log is
+        closed); None while fsyncs go on. Readable listeners are called when it is set,
+        so a waiter kept outside the log (the server's, on its loop) learns of it."""
+        if self._error is not None:
+            return self._error
+        if self._closed:
+            return LogClosedError(f"log {self.directory} is closed")
+        return None
+
+    @property
     def readable_end_offset(self) -> int:
         """Readers see offsets below this. Under fsync `always` that is the durable end,
         so a consumer never sees a message a power loss could take back."""
@@ -567,6 +578,7 @@ class Log:
         for future in failed:
             if not future.done():
                 future.set_exception(error)
+        self._notify_readable()  # listeners' own durable waiters read durable_failure
 
     # -- roll and retention ---------------------------------------------------------
 
