@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         results: dict = {"loop": settings.loop, "machine": storage_bench.machine_description(directory)}
         progress("limits: fdatasync loops and loopback round trips")
         results["limits_before"] = measure_limits(directory, settings.loop, settings, run)
-        server = NodiServer(directory, launcher=launcher, metrics=False)
+        server = NodiServer(directory, launcher=launcher)  # metrics on, as `nodi serve` runs by default
         address = server.start()
         try:
             results.update(run(workloads(address, server.pid, settings, directory)))

@@ -1,4 +1,4 @@
-"""The asyncio server: one process, one event loop, uvloop when installed.
+"""The asyncio server: one process, one event loop, uvloop when installed (a dependency on Linux).
 
 Every task belongs to a TaskGroup: the server's own (connections and background jobs)
 or a connection's (its requests in flight). Each connection is a loop around the sans-IO
