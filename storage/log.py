@@ -709,6 +709,10 @@ class Log:
             raise OffsetOutOfRangeError(offset, log_start, log_end)
         if end_offset is not None:
             end = min(end, end_offset)
+        elif offset == end:
+            # A consumer waiting at the tail: nothing to scan (the readable end is a
+            # batch boundary; a caller's end_offset may not be, so that one scans).
+            return ReadResult((), log_start, end)
         slices: list[FileSlice] = []
         budget = bytes_max
         for segment, size in zip(segments, sizes):
