@@ -522,9 +522,9 @@ async def _close_later(writer: asyncio.StreamWriter) -> None:
 def run(config: ServerConfig, *, announce: Callable[[str], None] = print) -> None:
     """Run a server in this process until SIGTERM or SIGINT."""
     try:
-        import uvloop  # type: ignore[import-not-found]
+        import uvloop  # a dependency on Linux; elsewhere asyncio's own loop
     except ImportError:
-        uvloop = None
+        uvloop = None  # type: ignore[assignment]
 
     return_large_allocations_to_the_os()
 

@@ -303,13 +303,15 @@ class Broker:
         try:
             if policy is FsyncPolicy.NEVER or (sync_now and policy is not FsyncPolicy.ALWAYS):
                 await asyncio.wait_for(asyncio.to_thread(partition_log.flush), timeout_s)
+            loop = self._loop
+            assert loop is not None  # attached before serving
             waiters = self._waiters.get(id(partition_log))
             if waiters is None:  # not watched (its topic is being deleted): the log's own future
                 future = asyncio.wrap_future(partition_log.durable_future(result.last_offset))
             else:
-                future = waiters.add_durable(self._loop, result.last_offset)
+                future = waiters.add_durable(loop, result.last_offset)
             if not future.done():
-                expiry = self._loop.call_later(timeout_s, _expire_durable_wait, future)
+                expiry = loop.call_later(timeout_s, _expire_durable_wait, future)
                 try:
                     await future
                 finally:
