@@ -94,3 +94,23 @@ def test_no_fsync_in_time_is_a_durable_wait_timeout(tmp_path) -> None:
         await broker.wait_durable(log, log.append_nowait(BATCH), WAIT_S)  # and once it answers
 
     _run(tmp_path, "always", body)
+
+
+def test_timed_out_waits_are_swept_and_live_ones_kept(tmp_path) -> None:
+    """More waits than DURABLE_WAITERS_PRUNE_AT: the ones that timed out are dropped, the
+    live ones all end with their fsync."""
+    from nodi.broker.server.service import DURABLE_WAITERS_PRUNE_AT
+
+    async def body(broker, log, fs) -> None:
+        waiters = broker._waiters[id(log)]
+        loop = asyncio.get_running_loop()
+        with log._sync_lock:  # no fsync meanwhile
+            result = log.append_nowait(BATCH)
+            for _ in range(DURABLE_WAITERS_PRUNE_AT):
+                waiters.add_durable(loop, result.last_offset).cancel()  # as a timed-out wait leaves it
+            live = [waiters.add_durable(loop, result.last_offset) for _ in range(2 * DURABLE_WAITERS_PRUNE_AT)]
+            assert len(waiters.durable) <= 2 * DURABLE_WAITERS_PRUNE_AT + 1
+        await asyncio.wait_for(asyncio.gather(*live), WAIT_S)
+        assert not waiters.durable
+
+    _run(tmp_path, "always", body)

@@ -41,7 +41,9 @@ FETCH_OVERHEAD_BYTES = 256
 # How often the metadata retry timer looks while the store commits normally.
 METADATA_RETRY_POLL_S = 1.0
 # A partition's durable waiters are swept of finished (timed-out) ones when this many
-# are kept: a disk that stops answering cannot grow the list past it per sweep.
+# are kept (or twice the live ones after the last sweep, whichever is more): waits that
+# timed out on a disk that stopped answering do not pile up, and a sweep costs O(1) per
+# wait however many producers wait at once.
 DURABLE_WAITERS_PRUNE_AT = 1024
 
 
@@ -57,6 +59,7 @@ class _PartitionWaiters:
         # (offset, sequence, future), smallest offset first.
         self.durable: list[tuple[int, int, asyncio.Future]] = []
         self._sequence = itertools.count()
+        self._prune_at = DURABLE_WAITERS_PRUNE_AT
 
     def waiting(self) -> bool:
         return bool(self.futures or self.durable)
@@ -72,9 +75,11 @@ class _PartitionWaiters:
         """A future resolved once `offset` is fsynced, or failed with the log's
         durable_failure. Checked after it is added: an fsync that ended meanwhile has
         either been seen here or will call wake()."""
-        if len(self.durable) >= DURABLE_WAITERS_PRUNE_AT:  # waits that timed out, left behind
+        if len(self.durable) >= self._prune_at:  # waits that timed out, left behind
             self.durable = [entry for entry in self.durable if not entry[2].done()]
             heapq.heapify(self.durable)
+            # Many live waits (many producers): sweep again only once they double.
+            self._prune_at = max(DURABLE_WAITERS_PRUNE_AT, 2 * len(self.durable))
         future = loop.create_future()
         heapq.heappush(self.durable, (offset, next(self._sequence), future))
         self.settle_durable()
