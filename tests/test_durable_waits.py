@@ -7,7 +7,6 @@ time (DurableWaitTimeoutError). The log sits on the simulated disk to fail its f
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
@@ -60,10 +59,9 @@ def test_a_failed_fsync_fails_the_wait_at_once_with_the_sticky_error_I9(tmp_path
     async def body(broker, log, fs) -> None:
         fs.fail_sync(1, path_endswith=".log")
         result = log.append_nowait(BATCH)
-        started = time.monotonic()
+        # LogReadOnlyError, not DurableWaitTimeoutError: the failure ended the wait.
         with pytest.raises(LogReadOnlyError):
             await broker.wait_durable(log, result, WAIT_S)
-        assert time.monotonic() - started < WAIT_S / 2, "it waited for the timeout instead"
         with pytest.raises(LogReadOnlyError):  # a later wait is refused the same way
             await broker.wait_durable(log, result, WAIT_S)
 
