@@ -302,6 +302,17 @@ class Log:
         return self._durable_offset
 
     @property
+    def durable_failure(self) -> Exception | None:
+        """Why no further offset will become durable (the sticky error, or the log is
+        closed); None while fsyncs go on. Readable listeners are called when it is set,
+        so a waiter kept outside the log (the server's, on its loop) learns of it."""
+        if self._error is not None:
+            return self._error
+        if self._closed:
+            return LogClosedError(f"log {self.directory} is closed")
+        return None
+
+    @property
     def readable_end_offset(self) -> int:
         """Readers see offsets below this. Under fsync `always` that is the durable end,
         so a consumer never sees a message a power loss could take back."""
@@ -604,6 +615,7 @@ class Log:
         for future in failed:
             if not future.done():
                 future.set_exception(error)
+        self._notify_readable()  # listeners' own durable waiters read durable_failure
 
     # -- roll and retention ---------------------------------------------------------
 
@@ -734,6 +746,10 @@ class Log:
             raise OffsetOutOfRangeError(offset, log_start, log_end)
         if end_offset is not None:
             end = min(end, end_offset)
+        elif offset == end:
+            # A consumer waiting at the tail: nothing to scan (the readable end is a
+            # batch boundary; a caller's end_offset may not be, so that one scans).
+            return ReadResult((), log_start, end)
         slices: list[FileSlice] = []
         budget = bytes_max
         for segment, size in zip(segments, sizes):

@@ -1,4 +1,4 @@
-"""The asyncio server: one process, one event loop, uvloop when installed.
+"""The asyncio server: one process, one event loop, uvloop when installed (a dependency on Linux).
 
 Every task belongs to a TaskGroup: the server's own (connections and background jobs)
 or a connection's (its requests in flight). Each connection is a loop around the sans-IO
@@ -543,9 +543,9 @@ async def _close_later(writer: asyncio.StreamWriter) -> None:
 def run(config: ServerConfig, *, announce: Callable[[str], None] = print) -> None:
     """Run a server in this process until SIGTERM or SIGINT."""
     try:
-        import uvloop  # type: ignore[import-not-found]
+        import uvloop  # a dependency on Linux; elsewhere asyncio's own loop
     except ImportError:
-        uvloop = None
+        uvloop = None  # type: ignore[assignment]
 
     return_large_allocations_to_the_os()
 

@@ -9,6 +9,7 @@ run on the event loop. Every wait has a timeout.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import logging
 import time
@@ -39,20 +40,70 @@ log = logging.getLogger("nodi.broker")
 FETCH_OVERHEAD_BYTES = 256
 # How often the metadata retry timer looks while the store commits normally.
 METADATA_RETRY_POLL_S = 1.0
+# A partition's durable waiters are swept of finished (timed-out) ones when this many
+# are kept (or twice the live ones after the last sweep, whichever is more): waits that
+# timed out on a disk that stopped answering do not pile up, and a sweep costs O(1) per
+# wait however many producers wait at once.
+DURABLE_WAITERS_PRUNE_AT = 1024
 
 
 class _PartitionWaiters:
-    """Fetches long-polling one partition: woken (on the loop) when its log's readable
-    end may have grown."""
+    """What waits on one partition's log, on the loop: fetches long-polling for data,
+    and durable acknowledgements waiting for the fsync that covers their offset. The
+    log's one readable notification after each fsync wakes both (one
+    call_soon_threadsafe per fsync, however many produce requests and fetches it ends)."""
 
-    def __init__(self) -> None:
+    def __init__(self, partition_log: Log) -> None:
+        self.log = partition_log
         self.futures: set[asyncio.Future] = set()
+        # (offset, sequence, future), smallest offset first.
+        self.durable: list[tuple[int, int, asyncio.Future]] = []
+        self._sequence = itertools.count()
+        self._prune_at = DURABLE_WAITERS_PRUNE_AT
+
+    def waiting(self) -> bool:
+        return bool(self.futures or self.durable)
 
     def wake(self) -> None:
         for future in self.futures:
             if not future.done():
                 future.set_result(None)
         self.futures.clear()
+        self.settle_durable()
+
+    def add_durable(self, loop: asyncio.AbstractEventLoop, offset: int) -> asyncio.Future:
+        """A future resolved once `offset` is fsynced, or failed with the log's
+        durable_failure. Checked after it is added: an fsync that ended meanwhile has
+        either been seen here or will call wake()."""
+        if len(self.durable) >= self._prune_at:  # waits that timed out, left behind
+            self.durable = [entry for entry in self.durable if not entry[2].done()]
+            heapq.heapify(self.durable)
+            # Many live waits (many producers): sweep again only once they double.
+            self._prune_at = max(DURABLE_WAITERS_PRUNE_AT, 2 * len(self.durable))
+        future = loop.create_future()
+        heapq.heappush(self.durable, (offset, next(self._sequence), future))
+        self.settle_durable()
+        return future
+
+    def settle_durable(self) -> None:
+        durable = self.durable
+        durable_offset = self.log.durable_offset
+        while durable and durable[0][0] < durable_offset:
+            future = heapq.heappop(durable)[2]
+            if not future.done():
+                future.set_result(None)
+        if durable:
+            failure = self.log.durable_failure
+            if failure is not None:
+                for _, _, future in durable:
+                    if not future.done():
+                        future.set_exception(failure)
+                durable.clear()
+
+
+def _expire_durable_wait(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
 
 
 class Broker:
@@ -159,11 +210,11 @@ class Broker:
         key = id(partition_log)
         if key in self._listeners:
             return
-        waiters = self._waiters[key] = _PartitionWaiters()
+        waiters = self._waiters[key] = _PartitionWaiters(partition_log)
         loop = self._loop
 
         def readable() -> None:  # any thread
-            if waiters.futures:
+            if waiters.waiting() and not loop.is_closed():
                 loop.call_soon_threadsafe(waiters.wake)
 
         self._listeners[key] = readable
@@ -257,7 +308,20 @@ class Broker:
         try:
             if policy is FsyncPolicy.NEVER or (sync_now and policy is not FsyncPolicy.ALWAYS):
                 await asyncio.wait_for(asyncio.to_thread(partition_log.flush), timeout_s)
-            await asyncio.wait_for(asyncio.wrap_future(partition_log.durable_future(result.last_offset)), timeout_s)
+            loop = self._loop
+            assert loop is not None  # attached before serving
+            waiters = self._waiters.get(id(partition_log))
+            if waiters is None:  # not watched (its topic is being deleted): the log's own future
+                future = asyncio.wrap_future(partition_log.durable_future(result.last_offset))
+            else:
+                future = waiters.add_durable(loop, result.last_offset)
+            if not future.done():
+                expiry = loop.call_later(timeout_s, _expire_durable_wait, future)
+                try:
+                    await future
+                finally:
+                    expiry.cancel()
+            future.result()
         except TimeoutError:
             raise DurableWaitTimeoutError(
                 f"written at offsets {result.first_offset}..{result.last_offset} but not fsynced within "

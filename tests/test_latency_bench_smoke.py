@@ -1,0 +1,54 @@
+"""tools/latency_bench.py --quick runs its three workloads against its own `nodi serve`,
+with the machine's limits measured beside them, and writes the JSON it promises; its
+strace summary parser reads strace's table. No timing is asserted here: speed is
+measured by the benchmark itself."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tools.latency_bench import parse_strace_summary
+
+ROOT = Path(__file__).resolve().parent.parent
+
+STRACE_SUMMARY = """\
+% time     seconds  usecs/call     calls    errors syscall
+------ ----------- ----------- --------- --------- ----------------
+ 41.20    0.012000          40       300           fdatasync
+ 20.00    0.006000           5      1200        12 epoll_pwait
+  3.00    0.000900           1       900           getpid
+------ ----------- ----------- --------- --------- ----------------
+100.00    0.018900           7      2400        12 total
+"""
+
+
+def test_strace_summary_is_read_by_name_without_the_total() -> None:
+    assert parse_strace_summary(STRACE_SUMMARY) == {"fdatasync": 300, "epoll_pwait": 1200, "getpid": 900}
+
+
+def test_latency_bench_quick_run_writes_its_json(tmp_path: Path) -> None:
+    json_path = tmp_path / "latency.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "tools.latency_bench", "--quick", "--messages", "30", "--json-out", str(json_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert "one at a time, end to end" in completed.stdout
+    results = json.loads(json_path.read_text())
+    for name in ("limits_before", "limits_after"):
+        assert {"fdatasync_1kib_ms_p50", "fdatasync_100kib_ms_p50", "loopback_rtt_ms_p50"} <= results[name].keys()
+        assert all(value > 0 for value in results[name].values())
+    assert results["window"]["count"] == 10
+    assert results["window"]["messages"] == 1000
+    assert results["consume"]["messages"] == 1000  # every windowed message read back
+    end_to_end = results["end_to_end"]
+    assert end_to_end["messages"] == 30
+    for stage in ("end_to_end", "produce_ack", "commit", "cycle"):
+        assert end_to_end[stage]["count"] == 30
+    assert end_to_end["server_cpu_us_per_message"] > 0

@@ -1,0 +1,458 @@
+"""Latency benchmark (issue 12): the peers' workloads on a real `nodi serve`, each beside
+the machine's limits measured in the same run.
+
+Workloads (1 KiB values, one partition, topic fsync_policy "always", acks "durable"):
+- window: 100 messages sent through the batching producer, then `flush()` awaited (the
+  window acknowledged) before the next window; the time of each window.
+- consume: the windows' messages read back by a stream group member in polls of up to
+  100 (`bytes_max` sized for 100), each poll's `commit()` awaited before the next poll.
+- end to end, one message at a time: a stream group member waits at the tail (its fetch
+  long-polls); the producer client sends one message with `produce()` (acks durable);
+  the consumer receives it and awaits `commit()`; then the next message. Per message:
+  received - sent (end to end), the produce acknowledgement, the commit, the whole cycle.
+
+Limits measured in the same run, before and after the workloads (both are printed): a
+1 KiB write+fdatasync loop and a 100 KiB one (tools/storage_bench.raw_fdatasync_loop, on
+the data directory's file system), and the loopback round trip of 64 bytes between this
+process and an echo server in a child process, on the same kind of event loop.
+
+Server CPU per message is the broker process's utime+stime during the phase divided by
+its messages. `--strace` attaches `strace -c -f` to the broker for an extra, shorter end
+to end phase (strace slows every system call, so that phase's times are not reported)
+and gives the system calls per message by name.
+
+    python -m tools.latency_bench                 # about a minute
+    python -m tools.latency_bench --quick         # seconds (tests/test_latency_bench_smoke.py)
+    python -m tools.latency_bench --strace --json-out latency.json
+    python -m tools.latency_bench --loop asyncio  # server and client without uvloop
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+from nodi.broker.client import AsyncClient
+from tools import storage_bench
+from tools.broker_bench_common import NodiServer, cpu_seconds_of, machine_cpu_seconds
+
+VALUE_BYTES = 1024
+WINDOW_MESSAGES = 100
+RTT_PAYLOAD = b"x" * 64
+# The fetch budget of a consume poll: 100 records of 1 KiB and their framing.
+CONSUME_BYTES_MAX = WINDOW_MESSAGES * (VALUE_BYTES + 16)
+STRACE_MESSAGES = 300
+STRACE_ATTACH_S = 1.0
+PHASE_TIMEOUT_S = 120.0
+
+# The loop the server uses is chosen by its launcher: "asyncio" hides uvloop from it.
+NO_UVLOOP = "import sys; sys.modules['uvloop'] = None; from nodi.cli.main import app; app(prog_name='nodi')"
+ECHO_SERVER = """
+import asyncio, sys
+LOOP = sys.argv[1]
+async def handle(reader, writer):
+    while data := await reader.read(65536):
+        writer.write(data)
+async def main():
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await asyncio.sleep(3600)
+if LOOP == "uvloop":
+    import uvloop
+    uvloop.run(main())
+else:
+    asyncio.run(main())
+"""
+
+
+def progress(message: str) -> None:
+    print(f"[latency_bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def percentiles(samples_s: list[float]) -> dict:
+    ordered = sorted(samples_s)
+    percentile = storage_bench.percentile
+
+    def ms(fraction: float) -> float | None:
+        value = percentile(ordered, fraction)
+        return None if value is None else value * 1000
+
+    return {
+        "count": len(ordered),
+        "ms_p50": ms(0.50),
+        "ms_p90": ms(0.90),
+        "ms_p99": ms(0.99),
+        "ms_max": ordered[-1] * 1000 if ordered else None,
+    }
+
+
+def uvloop_available() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------
+# Limits
+
+
+async def loopback_round_trips(port: int, count: int) -> list[float]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    clock = time.perf_counter
+    samples = []
+    try:
+        for _ in range(count):
+            started = clock()
+            writer.write(RTT_PAYLOAD)
+            received = 0
+            while received < len(RTT_PAYLOAD):
+                received += len(await asyncio.wait_for(reader.read(65536), 5))
+            samples.append(clock() - started)
+    finally:
+        writer.close()
+    return samples
+
+
+def start_echo_server(loop_name: str) -> tuple[subprocess.Popen, int]:
+    process = subprocess.Popen(
+        [sys.executable, "-c", ECHO_SERVER, loop_name], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if not line.strip().isdigit():
+        process.kill()
+        process.wait(timeout=10)
+        raise RuntimeError("the loopback echo server did not start")
+    return process, int(line)
+
+
+def measure_limits(directory: str, loop_name: str, settings: argparse.Namespace, run: Callable) -> dict:
+    small = storage_bench.raw_fdatasync_loop(directory, VALUE_BYTES, 1, settings.limit_seconds)
+    window = storage_bench.raw_fdatasync_loop(directory, VALUE_BYTES * WINDOW_MESSAGES, 1, settings.limit_seconds)
+    process, port = start_echo_server(loop_name)
+    try:
+        trips = run(loopback_round_trips(port, settings.rtt_count))
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+    rtt = percentiles(trips[len(trips) // 10 :])
+    return {
+        "fdatasync_1kib_ms_p50": small["latency_ms_p50"],
+        "fdatasync_1kib_ms_p99": small["latency_ms_p99"],
+        "fdatasync_100kib_ms_p50": window["latency_ms_p50"],
+        "fdatasync_100kib_ms_p99": window["latency_ms_p99"],
+        "loopback_rtt_ms_p50": rtt["ms_p50"],
+        "loopback_rtt_ms_p99": rtt["ms_p99"],
+    }
+
+
+# ---------------------------------------------------------------------------
+# Workloads
+
+
+class PhaseMeter:
+    """The broker's CPU seconds (utime+stime) and the rest of the machine's during a phase."""
+
+    def __init__(self, server_pid: int | None) -> None:
+        self.server_pid = server_pid
+        self.server_start = cpu_seconds_of(server_pid)
+        self.client_start = time.process_time()
+        self.machine_start = machine_cpu_seconds()
+        self.wall_start = time.perf_counter()
+
+    def figures(self, messages: int) -> dict:
+        server_now = cpu_seconds_of(self.server_pid)
+        server = None if server_now is None or self.server_start is None else server_now - self.server_start
+        client = time.process_time() - self.client_start
+        wall = time.perf_counter() - self.wall_start
+        machine_now = machine_cpu_seconds()
+        others_share = None
+        if machine_now is not None and self.machine_start is not None and wall > 0:
+            others = max(0.0, machine_now[0] - self.machine_start[0] - client - (server or 0.0))
+            others_share = others / (wall * (os.cpu_count() or 1))
+        return {
+            "messages": messages,
+            "wall_seconds": wall,
+            "server_cpu_us_per_message": None if server is None or not messages else server * 1e6 / messages,
+            "client_cpu_us_per_message": client * 1e6 / messages if messages else None,
+            "others_cpu_share": others_share,
+        }
+
+
+async def window_phase(client: AsyncClient, topic: str, windows: int, server_pid: int | None) -> dict:
+    value = bytes(VALUE_BYTES)
+    producer = client.producer(linger_ms=0, acks="durable")
+    samples = []
+    meter = PhaseMeter(server_pid)
+    clock = time.perf_counter
+    try:
+        for _ in range(windows):
+            started = clock()
+            for _ in range(WINDOW_MESSAGES):
+                producer.send(topic, value)
+            await producer.flush()
+            samples.append(clock() - started)
+    finally:
+        await producer.close()
+    figures = meter.figures(windows * WINDOW_MESSAGES)
+    figures["msg_per_s"] = windows * WINDOW_MESSAGES / figures["wall_seconds"]
+    return {**percentiles(samples), **figures}
+
+
+async def consume_phase(client: AsyncClient, topic: str, expected: int, server_pid: int | None) -> dict:
+    consumer = client.consumer(topic, "bench-consume", auto_commit=False, bytes_max=CONSUME_BYTES_MAX, wait_ms=100)
+    await consumer.start()
+    received = 0
+    polls = []
+    commits = []
+    clock = time.perf_counter
+    deadline = clock() + PHASE_TIMEOUT_S
+    meter = PhaseMeter(server_pid)
+    try:
+        while received < expected and clock() < deadline:
+            started = clock()
+            batch = await consumer.poll()
+            polled = clock()
+            if not batch:
+                continue
+            received += len(batch)
+            await consumer.commit()
+            polls.append(polled - started)
+            commits.append(clock() - polled)
+    finally:
+        await consumer.close()
+    figures = meter.figures(received)
+    figures["msg_per_s"] = received / figures["wall_seconds"]
+    figures["messages_per_poll"] = received / len(polls) if polls else None
+    figures["poll"] = percentiles(polls)
+    figures["commit"] = percentiles(commits)
+    return figures
+
+
+def _stamp_into(stamps: list[float]) -> Callable[[asyncio.Task], None]:
+    """A done callback that notes the time it ran (the produce acknowledgement)."""
+
+    def stamp(_task: asyncio.Task) -> None:
+        stamps.append(time.perf_counter())
+
+    return stamp
+
+
+async def end_to_end_phase(
+    producer_client: AsyncClient, consumer_client: AsyncClient, topic: str, count: int, server_pid: int | None
+) -> dict:
+    consumer = consumer_client.consumer(topic, "bench-e2e", start="latest", auto_commit=False, wait_ms=1000)
+    await consumer.start()
+    await consumer.poll(timeout_ms=0)  # joined and assigned; its fetch now waits at the tail
+    value = bytes(VALUE_BYTES)
+    clock = time.perf_counter
+    end_to_end, acknowledged, committed, cycles = [], [], [], []
+    meter = PhaseMeter(server_pid)
+    loop = asyncio.get_running_loop()
+    try:
+        for _ in range(count):
+            started = clock()
+            acked_at: list[float] = []
+            produce = loop.create_task(producer_client.produce(topic, value, partition=0))
+            produce.add_done_callback(_stamp_into(acked_at))
+            received = 0
+            while not received:
+                received = len(await consumer.poll(timeout_ms=5000))
+            received_at = clock()
+            await produce
+            before_commit = clock()
+            await consumer.commit()
+            done = clock()
+            end_to_end.append(received_at - started)
+            acknowledged.append(acked_at[0] - started)
+            committed.append(done - before_commit)
+            cycles.append(done - started)
+    finally:
+        await consumer.close()
+    return {
+        **meter.figures(count),
+        "end_to_end": percentiles(end_to_end),
+        "produce_ack": percentiles(acknowledged),
+        "commit": percentiles(committed),
+        "cycle": percentiles(cycles),
+    }
+
+
+STRACE_LINE = re.compile(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)\s*$")
+
+
+def parse_strace_summary(text: str) -> dict[str, int]:
+    calls: dict[str, int] = {}
+    for line in text.splitlines():
+        found = STRACE_LINE.match(line)
+        if found and found.group(2) != "total":
+            calls[found.group(2)] = int(found.group(1))
+    return calls
+
+
+async def strace_phase(
+    producer_client: AsyncClient, consumer_client: AsyncClient, topic: str, server_pid: int, directory: str
+) -> dict:
+    output = os.path.join(directory, "strace.txt")
+    tracer = subprocess.Popen(
+        ["strace", "-c", "-f", "-o", output, "-p", str(server_pid)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        await asyncio.sleep(STRACE_ATTACH_S)
+        await end_to_end_phase(producer_client, consumer_client, topic, STRACE_MESSAGES, None)
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(timeout=30)
+    with open(output) as summary:
+        calls = parse_strace_summary(summary.read())
+    per_message = {name: count / STRACE_MESSAGES for name, count in sorted(calls.items(), key=lambda item: -item[1])}
+    return {"messages": STRACE_MESSAGES, "calls_per_message": sum(per_message.values()), "by_name": per_message}
+
+
+async def workloads(address: str, server_pid: int | None, settings: argparse.Namespace, directory: str) -> dict:
+    results: dict = {}
+    async with AsyncClient(address) as producer_client, AsyncClient(address) as consumer_client:
+        await producer_client.create_topic("windows", partitions=1, fsync_policy="always")
+        await producer_client.create_topic("e2e", partitions=1, fsync_policy="always")
+        progress(f"windows of {WINDOW_MESSAGES}: {settings.windows}")
+        results["window"] = await window_phase(producer_client, "windows", settings.windows, server_pid)
+        progress(f"consume in polls of up to {WINDOW_MESSAGES}, commits awaited")
+        results["consume"] = await consume_phase(
+            consumer_client, "windows", settings.windows * WINDOW_MESSAGES, server_pid
+        )
+        progress(f"end to end, one at a time: {settings.messages}")
+        results["end_to_end"] = await end_to_end_phase(
+            producer_client, consumer_client, "e2e", settings.messages, server_pid
+        )
+        if settings.strace and server_pid is not None:
+            progress(f"end to end under strace -c -f: {STRACE_MESSAGES}")
+            results["strace"] = await strace_phase(producer_client, consumer_client, "e2e", server_pid, directory)
+    return results
+
+
+# ---------------------------------------------------------------------------
+# Report
+
+
+def render(results: dict) -> str:
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    def us(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0f}"
+
+    lines = [f"loop: {results['loop']}; {results['machine']}"]
+    for name in ("limits_before", "limits_after"):
+        limits = results[name]
+        lines.append(
+            f"{name.replace('_', ' ')}: 1 KiB write+fdatasync p50 {ms(limits['fdatasync_1kib_ms_p50'])} "
+            f"p99 {ms(limits['fdatasync_1kib_ms_p99'])} ms; 100 KiB p50 {ms(limits['fdatasync_100kib_ms_p50'])} "
+            f"p99 {ms(limits['fdatasync_100kib_ms_p99'])} ms; loopback RTT p50 {ms(limits['loopback_rtt_ms_p50'])} "
+            f"p99 {ms(limits['loopback_rtt_ms_p99'])} ms"
+        )
+    window, consume, e2e = results["window"], results["consume"], results["end_to_end"]
+    lines.append(
+        f"window of {WINDOW_MESSAGES} x 1 KiB, acked: p50 {ms(window['ms_p50'])} p99 {ms(window['ms_p99'])} "
+        f"max {ms(window['ms_max'])} ms; {window['msg_per_s']:,.0f} msg/s; server {us(window['server_cpu_us_per_message'])} "
+        f"us/msg; others {window['others_cpu_share'] or 0:.0%}"
+    )
+    lines.append(
+        f"consume, polls of {consume['messages_per_poll'] or 0:.0f}, commits awaited: {consume['msg_per_s']:,.0f} msg/s; "
+        f"commit p50 {ms(consume['commit']['ms_p50'])} p99 {ms(consume['commit']['ms_p99'])} ms; "
+        f"server {us(consume['server_cpu_us_per_message'])} us/msg; others {consume['others_cpu_share'] or 0:.0%}"
+    )
+    for name in ("end_to_end", "produce_ack", "commit", "cycle"):
+        figures = e2e[name]
+        lines.append(
+            f"one at a time, {name.replace('_', ' ')}: p50 {ms(figures['ms_p50'])} p90 {ms(figures['ms_p90'])} "
+            f"p99 {ms(figures['ms_p99'])} max {ms(figures['ms_max'])} ms"
+        )
+    lines.append(
+        f"one at a time: server {us(e2e['server_cpu_us_per_message'])} us/msg, client "
+        f"{us(e2e['client_cpu_us_per_message'])} us/msg (both clients), others {e2e['others_cpu_share'] or 0:.0%}"
+    )
+    if "strace" in results:
+        trace = results["strace"]
+        top = ", ".join(f"{name} {count:.1f}" for name, count in list(trace["by_name"].items())[:12])
+        lines.append(f"system calls per end-to-end message (strace -c -f): {trace['calls_per_message']:.1f}: {top}")
+    return "\n".join(lines)
+
+
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tools.latency_bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=None, help="end-to-end messages (default 3,000; quick 100)")
+    parser.add_argument("--windows", type=int, default=None, help="windows of 100 (default 300; quick 10)")
+    parser.add_argument("--limit-seconds", type=float, default=None, help="each fdatasync loop (default 2; quick 0.2)")
+    parser.add_argument("--rtt-count", type=int, default=None, help="loopback round trips (default 3,000; quick 200)")
+    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default=None, help="default: uvloop when installed")
+    parser.add_argument("--strace", action="store_true", help="count the broker's system calls (strace -c -f)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run of seconds")
+    parser.add_argument("--json-out", default=None, help="write the figures as JSON here")
+    arguments = parser.parse_args(argv)
+    quick = arguments.quick
+    for name, full, small in (
+        ("messages", 3000, 100),
+        ("windows", 300, 10),
+        ("limit_seconds", 2.0, 0.2),
+        ("rtt_count", 3000, 200),
+    ):
+        if getattr(arguments, name) is None:
+            setattr(arguments, name, small if quick else full)
+    if arguments.messages < 1 or arguments.windows < 1 or arguments.rtt_count < 10:
+        parser.error("--messages and --windows must be at least 1, --rtt-count at least 10")
+    if arguments.loop is None:
+        arguments.loop = "uvloop" if uvloop_available() else "asyncio"
+    if arguments.loop == "uvloop" and not uvloop_available():
+        parser.error("--loop uvloop: uvloop is not installed")
+    if arguments.strace and shutil.which("strace") is None:
+        parser.error("--strace: strace is not installed (Debian: apt-get install -y strace)")
+    return arguments
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_arguments(argv)
+    if settings.loop == "uvloop":
+        import uvloop
+
+        def run(coroutine):
+            return uvloop.run(coroutine)
+
+        launcher: tuple[str, ...] = ("-m", "nodi.cli.main")
+    else:
+        run = asyncio.run
+        launcher = ("-c", NO_UVLOOP)
+    parent = storage_bench.default_data_parent()
+    with tempfile.TemporaryDirectory(prefix="nodi-latency-bench-", dir=parent) as directory:
+        results: dict = {"loop": settings.loop, "machine": storage_bench.machine_description(directory)}
+        progress("limits: fdatasync loops and loopback round trips")
+        results["limits_before"] = measure_limits(directory, settings.loop, settings, run)
+        server = NodiServer(directory, launcher=launcher)  # metrics on, as `nodi serve` runs by default
+        address = server.start()
+        try:
+            results.update(run(workloads(address, server.pid, settings, directory)))
+        finally:
+            server.stop()
+        results["limits_after"] = measure_limits(directory, settings.loop, settings, run)
+    print(render(results))
+    if settings.json_out:
+        with open(settings.json_out, "w") as output:
+            json.dump(results, output, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
