@@ -449,15 +449,8 @@ class AsyncQueue:
         timeout_ms = self.receive_timeout_ms if timeout_ms is None else max(int(timeout_ms), 0)
         deadline = time.monotonic() + timeout_ms / 1000
         while True:
-            prefetching = self._prefetching
             message = self._next_buffered()
             if message is not None:
-                if self._prefetching is not prefetching:
-                    # A prefetch just started: let it (and the settles queued so far) go
-                    # out now, so the broker works on the next batch while the application
-                    # works through the buffer; a loop that never waits would hold it
-                    # back until the buffer is empty.
-                    await asyncio.sleep(0)
                 return message
             if self._closed:
                 raise ClientClosed("the queue is closed")
@@ -840,6 +833,36 @@ class AsyncQueue:
                     else:
                         records = decode_records(batch, header)
                         self._decoded[partition] = (header.base_offset, header.crc, records)
+                    if not records:
+                        continue
+                    first, last = records[0].offset, records[-1].offset
+                    while index < len(runs) and runs[index].offset + runs[index].count <= first:
+                        index += 1
+                    if index == len(runs):
+                        break
+                    run = runs[index]
+                    if run.offset <= first and last < run.offset + run.count and last - first + 1 == len(records):
+                        # The common case: the batch (a slice) is one run's records, all delivered.
+                        count, deadline = run.delivery_count, run.lease_deadline_ms
+                        messages.extend(
+                            [
+                                QueueMessage(
+                                    topic,
+                                    partition,
+                                    record.offset,
+                                    record.timestamp_ms,
+                                    record.key,
+                                    record.value,
+                                    record.headers,
+                                    count,
+                                    deadline,
+                                    group,
+                                    owner,
+                                )
+                                for record in records
+                            ]
+                        )
+                        continue
                     for record in records:
                         offset = record.offset
                         while index < len(runs) and runs[index].offset + runs[index].count <= offset:
