@@ -892,7 +892,10 @@ class QueueService:
         ]
         if changed:
             self._notify(group)
-            self._wake.set()
+            if any(item.action is not m.SettleAction.ACK for item in request.settlements):
+                # A nack, extend or reject sets a deadline or marks a dead letter: the
+                # timer's next round schedules it. Acks only remove (their commit is below).
+                self._wake.set()
             await self.persist()
         return Reply(m.QueueSettleResponse(request_id=request.request_id, results=results))
 
