@@ -301,7 +301,7 @@ async def peers_queue_group(address: str, group: str, expected: int, value_bytes
         started = time.perf_counter()
         try:
             while len(offsets) < expected:
-                batch = []
+                batch: list = []
                 while len(batch) < PEER_BATCH:
                     message = await queue.receive(timeout_ms=CHILD_IDLE_MS if not batch else 0)
                     if message is None:

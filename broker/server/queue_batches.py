@@ -28,7 +28,8 @@ import struct
 
 import crc32c
 
-from nodi.storage.records import BATCH_HEADER_BYTES, CRC_START, LOG_OVERHEAD_BYTES, BatchHeader
+from nodi.storage.errors import NodiError
+from nodi.storage.records import BATCH_HEADER_BYTES, CRC_START, LOG_OVERHEAD_BYTES, BatchHeader, check_records
 
 _INT32 = struct.Struct(">i")
 _UINT32 = struct.Struct(">I")
@@ -41,13 +42,27 @@ _RECORDS_COUNT_AT = 57
 class StoredBatch:
     """One batch as read from a partition's log, with what receives learn about it once."""
 
-    __slots__ = ("header", "data", "names_delivery_header", "positions")
+    __slots__ = ("header", "data", "names_delivery_header", "positions", "walked", "framing_error")
 
     def __init__(self, header: BatchHeader, data: bytes) -> None:
         self.header = header
         self.data = data
         self.names_delivery_header: bool | None = None  # its bytes hold a TTL or not-before name
         self.positions: list[int] | None = None  # where each record begins, then the end
+        self.walked = False  # its records' framing was checked
+        self.framing_error: NodiError | None = None  # what that check found
+
+    def walk(self) -> NodiError | None:
+        """The records' framing checked once (storage's check_records, what produce
+        checks): None when every record decodes, else the error. A batch stored before
+        produce walked records may not decode; it is never sent to a consumer."""
+        if not self.walked:
+            try:
+                check_records(self.data, self.header)
+            except NodiError as error:
+                self.framing_error = error
+            self.walked = True
+        return self.framing_error
 
     @property
     def sliceable(self) -> bool:

@@ -609,6 +609,13 @@ class QueueService:
                     )
                     if not inside:
                         continue
+                else:
+                    error = batch_read.walk()  # never send a batch the consumer cannot decode
+                    if error is not None:
+                        self.store.log(topic, partition).note_undecodable(header, error, "queue groups")
+                        for item in inside:  # its offsets are left out: skipped, like gaps
+                            group.skip(partition, item.offset)
+                        continue
                 batch = _cut(batch_read, inside)
                 if used + len(batch) > budget:
                     if batches or runs:
