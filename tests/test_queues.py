@@ -469,3 +469,35 @@ def test_settles_of_offsets_never_delivered_are_refused() -> None:
         with pytest.raises(ProtocolError) as raised:
             queue.ack(offset, 1)
         assert raised.value.code is ErrorCode.UNKNOWN_DELIVERY
+
+
+def test_ack_run_gives_the_outcomes_and_state_acks_one_by_one_give() -> None:
+    """A run acked in one call (the server's common settle) ends in the same state, with
+    the same outcome per offset, as the same acks made one at a time: pending, stale,
+    already acked, being dead-lettered, never delivered."""
+
+    def scene() -> PartitionQueue:
+        queue = make_queue(40, max_deliveries=2)
+        queue.take(30, 0)
+        queue.ack(5, 1)  # done already: acking it again succeeds
+        queue.nack(6, 1, 0, delay_ms=0)
+        queue.take(1, 0)  # 6 is delivery 2 now: the run's delivery 1 of it is stale
+        queue.reject(7, 1)  # being dead-lettered
+        return queue
+
+    one_by_one = scene()
+    codes = []
+    for offset in range(0, 35):
+        try:
+            one_by_one.ack(offset, 1)
+            codes.append(ErrorCode.NONE)
+        except ProtocolError as error:
+            codes.append(error.code)
+    in_runs = scene()
+    outcomes = in_runs.ack_run(0, 35, 1)
+    assert [code for _, code, length in outcomes for _ in range(length)] == codes
+    assert [offset for offset, _, _ in outcomes] == sorted(offset for offset, _, _ in outcomes)
+    assert codes[6] == ErrorCode.STALE_DELIVERY and codes[7] == ErrorCode.DELIVERY_SETTLED
+    assert codes[30] == ErrorCode.UNKNOWN_DELIVERY
+    assert in_runs.statistics() == one_by_one.statistics()
+    assert in_runs.floor == one_by_one.floor == 6

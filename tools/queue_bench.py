@@ -69,6 +69,8 @@ VALUE_BYTES = 1 * KIB
 TOPIC = "queue-bench"
 ACK_WAIT_MS = 120_000  # longer than any phase: no lease runs out and redelivers
 CHILD_IDLE_MS = 500  # a consumer process stops after a receive this long came back empty
+PEER_BATCH = 100  # the peers' consumers' batch (issue 12): received, then its settles awaited
+E2E_WARMUP = 20  # end-to-end round trips not counted
 CHILD_START_TIMEOUT_S = 60
 TARGET_QUEUE_VS_STREAM = 0.5
 TARGET_REQUEST_P99_MS = 2.0
@@ -260,6 +262,121 @@ async def child_consumer(address: str, group: str) -> dict:
         print("ready", flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
         return await drain(client, group, None, CHILD_IDLE_MS)
+
+
+# ---------------------------------------------------------------------------
+# As the peers' consumers are driven (issue 12): batches of PEER_BATCH, settles awaited
+
+
+async def peers_stream_group(address: str, group: str, expected: int, value_bytes: int) -> dict:
+    """A stream group's consumer: poll a batch (fetches of about PEER_BATCH records),
+    then commit and await the commit, as a Redis XREADGROUP + XACK or a JetStream
+    fetch + acks loop is driven."""
+    received = 0
+    async with AsyncClient(address, timeout_ms=60_000) as client:
+        consumer = client.consumer(
+            TOPIC, group=group, start="earliest", auto_commit=False, bytes_max=PEER_BATCH * (value_bytes + 80)
+        )
+        started = time.perf_counter()
+        try:
+            await consumer.start()
+            while received < expected:
+                batch = await consumer.poll(timeout_ms=CHILD_IDLE_MS)
+                if not batch:
+                    break
+                received += len(batch)
+                await consumer.commit()
+            seconds = time.perf_counter() - started
+        finally:
+            await consumer.close()
+    return queue_figures(list(range(received)), expected, seconds, value_bytes, 0)
+
+
+async def peers_queue_group(address: str, group: str, expected: int, value_bytes: int) -> dict:
+    """A queue group's consumer the same way: receive a batch of PEER_BATCH, ack each,
+    and await the acks (flush) before the next batch."""
+    offsets: list[int] = []
+    async with AsyncClient(address, timeout_ms=60_000) as client:
+        queue = client.queue(TOPIC, group, ack_wait_ms=ACK_WAIT_MS, max_outstanding=PEER_BATCH)
+        started = time.perf_counter()
+        try:
+            while len(offsets) < expected:
+                batch: list = []
+                while len(batch) < PEER_BATCH:
+                    message = await queue.receive(timeout_ms=CHILD_IDLE_MS if not batch else 0)
+                    if message is None:
+                        break
+                    batch.append(message)
+                if not batch:
+                    break
+                for message in batch:
+                    message.ack(wait=False)
+                    offsets.append(message.offset)
+                await queue.flush()  # the batch's acks answered (durable)
+            seconds = time.perf_counter() - started
+        finally:
+            await queue.close()
+    return queue_figures(offsets, expected, seconds, value_bytes, 0)
+
+
+# An echo server for loopback_round_trips, in its own process (as the broker is).
+_ECHO_SERVER = """
+import socket, sys
+listener = socket.create_server(("127.0.0.1", 0))
+print(listener.getsockname()[1], flush=True)
+connection, _ = listener.accept()
+connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+while data := connection.recv(1):
+    connection.sendall(data)
+"""
+
+
+async def loopback_round_trips(seconds: float) -> dict:
+    """The machine's own limit for a request-response: one byte each way over loopback
+    TCP between this process's asyncio streams and an echo process."""
+    echo = subprocess.Popen([sys.executable, "-c", _ECHO_SERVER], stdout=subprocess.PIPE, text=True)
+    samples: list[float] = []
+    clock = time.perf_counter_ns
+    try:
+        port = int(echo.stdout.readline())
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 10)
+        end = time.perf_counter() + seconds
+        try:
+            while time.perf_counter() < end:
+                sent = clock()
+                writer.write(b"x")
+                await asyncio.wait_for(reader.readexactly(1), 10)
+                samples.append((clock() - sent) / 1e6)
+        finally:
+            writer.close()
+    finally:
+        stop_process(echo)
+    return latency_summary(samples, seconds)
+
+
+async def queue_end_to_end(address: str, count: int, value_bytes: int) -> dict:
+    """One message at a time: produce it (acks=durable on an fsync=always topic), a
+    queue consumer receives it and acks it (the ack awaited); the time of the whole."""
+    topic = f"{TOPIC}-e2e"
+    samples: list[float] = []
+    value = os.urandom(value_bytes)
+    clock = time.perf_counter_ns
+    async with AsyncClient(address, timeout_ms=60_000) as client:
+        await client.create_topic(topic, fsync_policy="always")
+        async with client.queue(topic, "e2e", ack_wait_ms=ACK_WAIT_MS) as queue:
+            started = time.perf_counter()
+            for index in range(count + E2E_WARMUP):
+                sent = clock()
+                await client.produce(topic, value)
+                message = await queue.receive(timeout_ms=10_000)
+                if message is None:
+                    raise RuntimeError("end to end: a produced message was not received within 10 s")
+                await message.ack()
+                if index >= E2E_WARMUP:
+                    samples.append((clock() - sent) / 1e6)
+            seconds = time.perf_counter() - started
+        await client.delete_topic(topic)
+    return latency_summary(samples, seconds)
 
 
 # ---------------------------------------------------------------------------
@@ -473,6 +590,26 @@ def run(arguments: argparse.Namespace, data_directory: str) -> dict:
             count,
             lambda: asyncio.run(queue_in_loop(address, "bench-4l", 4, total, value_bytes)),
         )
+        results["stream_group_peers"] = phase(
+            "stream group, peers' style (poll a batch of about 100, commit awaited)",
+            pid,
+            count,
+            lambda: asyncio.run(peers_stream_group(address, "bench-peers-stream", total, value_bytes)),
+        )
+        results["queue_group_peers"] = phase(
+            "queue group, peers' style (receive 100, their acks awaited)",
+            pid,
+            count,
+            lambda: asyncio.run(peers_queue_group(address, "bench-peers-queue", total, value_bytes)),
+        )
+        progress("queue end to end, one message at a time")
+        results["loopback_rtt"] = asyncio.run(loopback_round_trips(arguments.limit_seconds))
+        results["queue_end_to_end"] = asyncio.run(queue_end_to_end(address, arguments.requests, value_bytes))
+        progress(
+            f"  p50 {results['queue_end_to_end']['latency_ms_p50']:.2f} ms, "
+            f"p99 {results['queue_end_to_end']['latency_ms_p99']:.2f} ms "
+            f"(loopback RTT p50 {results['loopback_rtt']['latency_ms_p50']:.3f} ms)"
+        )
         results["request_reply"] = []
         for policy in arguments.request_fsync.split(","):
             progress(f"request-reply, request topic fsync={policy}")
@@ -493,6 +630,10 @@ def targets(results: dict) -> dict:
         out[f"{name}_vs_stream"] = rate / stream if rate and stream else None
     best = max((out[f"{name}_vs_stream"] or 0) for name in ("queue_1", "queue_4_processes", "queue_4_in_loop"))
     out["queue_target_met"] = best >= TARGET_QUEUE_VS_STREAM
+    peers_stream = results["stream_group_peers"]["msg_per_s"] or 0
+    peers_queue = results["queue_group_peers"]["msg_per_s"] or 0
+    out["queue_group_peers_vs_stream_group"] = peers_queue / peers_stream if peers_stream else None
+    out["queue_group_peers_target_met"] = bool(peers_stream) and peers_queue / peers_stream >= TARGET_QUEUE_VS_STREAM
     p99s = {
         f"{one['fsync_policy']}_{kind}": one[kind]["latency_ms_p99"]
         for one in results["request_reply"]
@@ -535,6 +676,25 @@ def render(results: dict) -> str:
             f"{label:<40}{number(figures['msg_per_s']):>10}{number(figures['mb_per_s'], 1):>8}"
             f"{number(ratio, 2):>11}{number(figures.get('server_cpu_us_per_message'), 1):>15}"
         )
+    peers = results["stream_group_peers"]["msg_per_s"]
+    for name, label in (
+        ("stream_group_peers", "stream group, batch of 100, commit awaited"),
+        ("queue_group_peers", "queue group, batch of 100, acks awaited"),
+    ):
+        figures = results[name]
+        ratio = figures["msg_per_s"] / peers if figures["msg_per_s"] and peers else None
+        lines.append(
+            f"{label:<40}{number(figures['msg_per_s']):>10}{number(figures['mb_per_s'], 1):>8}"
+            f"{number(ratio, 2):>11}{number(figures.get('server_cpu_us_per_message'), 1):>15}"
+        )
+    end_to_end, rtt = results["queue_end_to_end"], results["loopback_rtt"]
+    lines += [
+        "(the last two: vs the stream group of the line above)",
+        "",
+        f"queue end to end, one at a time: p50 {number(end_to_end['latency_ms_p50'], 2)} ms, "
+        f"p99 {number(end_to_end['latency_ms_p99'], 2)} ms, max {number(end_to_end['latency_ms_max'], 2)} ms; "
+        f"loopback RTT p50 {number(rtt['latency_ms_p50'], 3)} ms, p99 {number(rtt['latency_ms_p99'], 3)} ms",
+    ]
     lines += ["", f"{'request-reply':<40}{'rt/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"]
     for one in results["request_reply"]:
         for kind in ("sequential", "concurrent"):
@@ -550,7 +710,9 @@ def render(results: dict) -> str:
         "",
         f"target queue >= {TARGET_QUEUE_VS_STREAM} x stream: "
         f"{'met' if met['queue_target_met'] else 'missed'}; request-reply p99 <= {TARGET_REQUEST_P99_MS} ms "
-        f"(sequential): {'met' if met['request_target_met'] else 'missed'}",
+        f"(sequential): {'met' if met['request_target_met'] else 'missed'}; queue group >= "
+        f"{TARGET_QUEUE_VS_STREAM} x stream group, peers' style: "
+        f"{'met' if met['queue_group_peers_target_met'] else 'missed'}",
     ]
     return "\n".join(lines)
 

@@ -76,8 +76,9 @@ from nodi.storage.errors import NodiError
 from nodi.storage.records import decode_records, iter_batches
 
 from ..protocol import messages as m
+from ..protocol.errors import ErrorCode
 from ..protocol.queue_settings import Backoff
-from .errors import ClientClosed, InvalidRecords, error_for
+from .errors import ClientClosed, InvalidRecords, ProtocolViolation, error_for
 from .types import Message
 
 log = logging.getLogger(__name__)
@@ -357,6 +358,10 @@ class AsyncQueue:
         # The last receive came back full: the broker likely has more (a backlog). A
         # trickle (requests, a quiet topic) is not prefetched: it would be a wasted trip.
         self._backlog = False
+        self._stored_batches = True  # False once the server refused QueueReceiveBatches (protocol 1, 2)
+        # partition -> (base offset, CRC, records) of the batch decoded last: the next
+        # receive often gets the same stored batch again (it held more than one receive).
+        self._decoded: dict[int, tuple[int, int, list]] = {}
         self.settings = m.QueueGroupSettings(
             ack_wait_ms=m.CONFIG_DEFAULT if ack_wait_ms is None else ack_wait_ms,
             max_deliveries=m.CONFIG_DEFAULT if max_deliveries is None else max_deliveries,
@@ -370,7 +375,7 @@ class AsyncQueue:
         # Flow control and lease management: every message leased to this consumer and
         # not settled (at-least-once), by (partition, offset). Changed on the loop only.
         self._leases: dict[tuple[int, int], _Lease] = {}
-        self._leased_bytes = 0
+        self._leased_bytes = 0  # leases in _leases whose message the application was handed
         self._room = asyncio.Event()  # set when a lease is settled or let go
         self._keeper: asyncio.Task | None = None  # extends the leases in _leases
         # Handed-out messages no longer extended (lost, let go, left by an iteration
@@ -507,12 +512,7 @@ class AsyncQueue:
                     await asyncio.wait_for(self._room.wait(), remaining)
                 continue
             wait_ms = min(int(max(remaining, 0) * 1000), RECEIVE_POLL_MS_MAX)
-            request = m.QueueReceiveRequest(
-                group=self.group, topic=self.topic, settings=self.settings, messages_max=room, wait_ms=wait_ms
-            )
-            sent_at = time.monotonic()
-            response = await self.client.core.call(request, None, extra_ms=wait_ms, expect=m.QueueReceiveResponse)
-            received = await self._accept(response, sent_at)
+            received = await self._accept(*await self._call_receive(room, wait_ms))
             self._backlog = len(received) >= room
             if received and self.guarantee == AT_MOST_ONCE:
                 # Acked (durably) before any is handed out: a crash from here loses them.
@@ -571,9 +571,33 @@ class AsyncQueue:
         self._expired_in_buffer += 1
         self._settle_nowait(message, m.SettleAction.NACK, 0, None, ours=None)
 
-    async def _accept(self, response: m.QueueReceiveResponse, sent_at: float) -> list[QueueMessage]:
-        """The messages of a receive response, held under lease management (at-least-once)."""
-        received = self._decode(response)
+    async def _call_receive(self, room: int, wait_ms: int) -> tuple[list[QueueMessage], float]:
+        """One receive of up to `room` messages, waiting up to `wait_ms`: the messages
+        and when it was sent. A server of protocol 3 sends stored batches as they are
+        (QueueReceiveBatches); an older one re-encodes them (QueueReceive)."""
+        sent_at = time.monotonic()
+        if self._stored_batches:
+            request = m.QueueReceiveBatchesRequest(
+                group=self.group, topic=self.topic, settings=self.settings, messages_max=room, wait_ms=wait_ms
+            )
+            try:
+                response = await self.client.core.call(
+                    request, None, extra_ms=wait_ms, expect=m.QueueReceiveBatchesResponse
+                )
+            except ProtocolViolation as error:  # refused before sending: a server of protocol 1 or 2
+                if error.code != ErrorCode.UNSUPPORTED_VERSION:
+                    raise
+                self._stored_batches = False
+            else:
+                return self._decode_batches(response), sent_at
+        old_request = m.QueueReceiveRequest(
+            group=self.group, topic=self.topic, settings=self.settings, messages_max=room, wait_ms=wait_ms
+        )
+        old_response = await self.client.core.call(old_request, None, extra_ms=wait_ms, expect=m.QueueReceiveResponse)
+        return self._decode(old_response), sent_at
+
+    async def _accept(self, received: list[QueueMessage], sent_at: float) -> list[QueueMessage]:
+        """The messages of a receive, held under lease management (at-least-once)."""
         if not received:
             return received
         self._received += len(received)
@@ -775,13 +799,7 @@ class AsyncQueue:
             room = self._room_left()
             if room <= 0:
                 return
-            request = m.QueueReceiveRequest(
-                group=self.group, topic=self.topic, settings=self.settings, messages_max=room, wait_ms=0
-            )
-            sent_at = time.monotonic()
-            received = await self._accept(
-                await self.client.core.call(request, None, expect=m.QueueReceiveResponse), sent_at
-            )
+            received = await self._accept(*await self._call_receive(room, 0))
             self._backlog = len(received) >= room
             if self._closed:  # closed meanwhile: given back like the buffer
                 for message in received:
@@ -829,6 +847,98 @@ class AsyncQueue:
                         owner,
                     )
                 )
+        return messages
+
+    def _decode_batches(self, response: m.QueueReceiveBatchesResponse) -> list[QueueMessage]:
+        """The delivered messages of a QueueReceiveBatches response: each span's batches
+        decoded (a batch decoded for the last receive is not decoded again), keeping the
+        records whose offsets the runs name, in the batches' order."""
+        if not response.deliveries:
+            return []
+        runs_of: dict[int, list[m.QueueDelivery]] = {}
+        for run in response.deliveries:
+            runs_of.setdefault(run.partition, []).append(run)
+        for runs in runs_of.values():
+            runs.sort(key=_run_offset)
+        view = memoryview(response.records)
+        if sum(span.records_bytes for span in response.spans) != len(view):
+            raise InvalidRecords(f"queue receive from {self.topic}: spans do not cover the records")
+        topic, group, owner = self.topic, self.group, self._owner
+        messages: list[QueueMessage] = []
+        position = 0
+        try:
+            for span in response.spans:
+                chunk = view[position : position + span.records_bytes]
+                position += span.records_bytes
+                partition = span.partition
+                runs = runs_of.get(partition, [])
+                index = 0
+                for header, batch in iter_batches(chunk):
+                    cached = self._decoded.get(partition)
+                    if cached is not None and cached[0] == header.base_offset and cached[1] == header.crc:
+                        records = cached[2]
+                    else:
+                        records = decode_records(batch, header)
+                        self._decoded[partition] = (header.base_offset, header.crc, records)
+                    if not records:
+                        continue
+                    first, last = records[0].offset, records[-1].offset
+                    while index < len(runs) and runs[index].offset + runs[index].count <= first:
+                        index += 1
+                    if index == len(runs):
+                        break
+                    run = runs[index]
+                    if run.offset <= first and last < run.offset + run.count and last - first + 1 == len(records):
+                        # The common case: the batch (a slice) is one run's records, all delivered.
+                        count, deadline = run.delivery_count, run.lease_deadline_ms
+                        messages.extend(
+                            [
+                                QueueMessage(
+                                    topic,
+                                    partition,
+                                    record.offset,
+                                    record.timestamp_ms,
+                                    record.key,
+                                    record.value,
+                                    record.headers,
+                                    count,
+                                    deadline,
+                                    group,
+                                    owner,
+                                )
+                                for record in records
+                            ]
+                        )
+                        continue
+                    for record in records:
+                        offset = record.offset
+                        while index < len(runs) and runs[index].offset + runs[index].count <= offset:
+                            index += 1
+                        if index == len(runs):
+                            break
+                        run = runs[index]
+                        if offset < run.offset:
+                            continue  # in the batch, not delivered to this receive
+                        messages.append(
+                            QueueMessage(
+                                topic,
+                                partition,
+                                offset,
+                                record.timestamp_ms,
+                                record.key,
+                                record.value,
+                                record.headers,
+                                run.delivery_count,
+                                run.lease_deadline_ms,
+                                group,
+                                owner,
+                            )
+                        )
+        except NodiError as error:
+            raise InvalidRecords(f"queue receive from {self.topic}: {error}") from None
+        offsets = sum(run.count for run in response.deliveries)
+        if len(messages) != offsets:
+            raise InvalidRecords(f"queue receive: {len(messages)} records for {offsets} delivered offsets")
         return messages
 
     def __aiter__(self) -> AsyncIterator[QueueMessage]:
@@ -998,6 +1108,10 @@ class AsyncQueue:
         with contextlib.suppress(Exception):
             await self.flush()
         self.client.core.disown(self)
+
+
+def _run_offset(run: m.QueueDelivery) -> int:
+    return run.offset
 
 
 def _runs(batch: list[tuple]) -> list[m.Settlement]:

@@ -11,7 +11,10 @@ Protocol version 1 has every API at version 1. A later version may add APIs or A
 versions; Handshake stays at version 1 for ever, so any client can negotiate. Protocol
 version 2 adds GroupWait and DescribeHandovers (each API names the protocol version
 that brought it: `Api.protocol_version_min`); a request of an API newer than the
-connection's protocol version is answered UNSUPPORTED_VERSION.
+connection's protocol version is answered UNSUPPORTED_VERSION. Protocol version 3 adds
+QueueReceiveBatches: the queue receive whose response carries the stored batches as they
+are on disk plus the delivered offsets (QueueReceive, which re-encodes each delivered
+record, is still answered for clients of versions 1 and 2).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from .schema import (
 )
 
 PROTOCOL_VERSION_MIN = 1
-PROTOCOL_VERSION_MAX = 2
+PROTOCOL_VERSION_MAX = 3
 HANDSHAKE_MAGIC = b"NODI"
 HANDSHAKE_API_VERSION = 1  # frozen: every server reads a version-1 Handshake
 
@@ -95,6 +98,7 @@ class ApiKey(enum.IntEnum):
     INBOX_RECEIVE = 25
     INBOX_CLOSE = 26
     REPLY = 27
+    QUEUE_RECEIVE_BATCHES = 28  # protocol version 3
 
 
 class EventKey(enum.IntEnum):
@@ -791,6 +795,39 @@ class QueueReceiveResponse(Response):
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class QueueReceiveBatchesRequest(Request):
+    API_KEY = ApiKey.QUEUE_RECEIVE_BATCHES
+    group: str = wire(STRING)
+    topic: str = wire(STRING)
+    settings: QueueGroupSettings = wire(Struct(QueueGroupSettings), QueueGroupSettings())
+    messages_max: int = wire(INT32, 1, doc="at most this many messages (queue receive_messages_max)")
+    wait_ms: int = wire(INT32, 0, doc="long poll: wait up to this long for one message")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class QueueBatchSpan:
+    partition: int = wire(INT32)
+    records_bytes: int = wire(INT32, doc="the next this many bytes of records are whole batches of this partition")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class QueueReceiveBatchesResponse(Response):
+    API_KEY = ApiKey.QUEUE_RECEIVE_BATCHES
+    deliveries: list[QueueDelivery] = wire(
+        Array(Struct(QueueDelivery)), [], doc="runs of offsets: the messages delivered, and only these"
+    )
+    spans: list[QueueBatchSpan] = wire(
+        Array(Struct(QueueBatchSpan)), [], doc="cut records into each partition's batches, in order"
+    )
+    records: bytes | memoryview = wire(
+        RECORDS,
+        b"",
+        doc="RecordBatch v2 batches holding every delivered offset, most as stored (they may hold "
+        "records not delivered: the receiver keeps the records whose partition and offset a run names)",
+    )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class QueueSettleRequest(Request):
     API_KEY = ApiKey.QUEUE_SETTLE
     group: str = wire(STRING)
@@ -1044,6 +1081,14 @@ APIS: tuple[Api, ...] = (
         summary="Lease up to messages_max messages of a queue group from any partition, waiting up to wait_ms for one.",
     ),
     Api(
+        ApiKey.QUEUE_RECEIVE_BATCHES,
+        QueueReceiveBatchesRequest,
+        QueueReceiveBatchesResponse,
+        protocol_version_min=3,
+        summary="QueueReceive answered with the stored batches that hold the delivered offsets, sent as they "
+        "are on disk (not decoded and encoded again), and the runs of delivered offsets.",
+    ),
+    Api(
         ApiKey.QUEUE_SETTLE,
         QueueSettleRequest,
         QueueSettleResponse,
@@ -1210,6 +1255,9 @@ __all__ = [
     "QueuePartitionState",
     "QueueReceiveRequest",
     "QueueReceiveResponse",
+    "QueueReceiveBatchesRequest",
+    "QueueReceiveBatchesResponse",
+    "QueueBatchSpan",
     "QueueSettleRequest",
     "QueueSettleResponse",
     "QueueDescribeRequest",

@@ -37,6 +37,7 @@ source partition p goes to partition p modulo the dead-letter topic's partition 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import builtins  # QueueService.list (the queue listing) shadows the builtin in the class body
 import collections
 import dataclasses
@@ -60,10 +61,11 @@ from nodi.storage.records import NewRecord, build_batch, decode_records, iter_ba
 
 from ..protocol import messages as m
 from ..protocol.errors import ErrorCode, ProtocolError
-from ..protocol.headers import DLQ_VALUE_OMITTED, NOT_BEFORE_MS, expires_at_ms, find_integer
+from ..protocol.headers import DLQ_VALUE_OMITTED, NOT_BEFORE_MS, TTL_MS, expires_at_ms, find_integer
 from ..protocol.queue_settings import DEFAULT_QUEUE_LIMITS, Backoff, QueueLimits, QueueSettings
 from .dead_letters import dead_letter_record
 from .group_names import check_group_name
+from .queue_batches import StoredBatch
 from .queue_group import QueueGroup
 from .queue_state import QueueStateError, decode_partition, encode_partition, state_bytes_max
 from .queues import DeadLetter, PartitionQueue, QueueGroupStatistics, Taken
@@ -81,6 +83,8 @@ DEAD_LETTER_RETRY_S = 1.0  # the first retry of a failed pass, doubling up to th
 DEAD_LETTER_RETRY_MAX_S = 60.0
 # Decoded batches kept for the next receives (one per partition, the most recent ones).
 DECODED_BATCHES_MAX = 64
+# Reads of stored batches kept for the next receives (one per partition, the most recent).
+STORED_READS_MAX = 64
 # Receives of at most this many messages, all among the last this many offsets of their
 # log, read on the event loop (just written: in the page cache); others in a thread.
 TAIL_READ_MESSAGES_MAX = 16
@@ -129,6 +133,37 @@ def _chunks(items: list, limits: RecordLimits) -> list[list]:
         runs[-1].append((letter, copy))
         used += size
     return [run for run in runs if run]
+
+
+def _by_offset(item: Taken) -> int:
+    return item.offset
+
+
+def _last_offset(stored: StoredBatch) -> int:
+    return stored.header.last_offset
+
+
+# Header names whose presence in a stored batch's bytes makes a receive decode it.
+_DELIVERY_HEADERS = (TTL_MS.encode(), NOT_BEFORE_MS.encode())
+
+
+def _must_decode(stored: StoredBatch, topic_ttl_ms: int) -> bool:
+    """Whether a receive must look into a stored batch's records (see _collect_batches);
+    a value that happens to contain a header's name only costs a decode."""
+    if topic_ttl_ms > 0 or not stored.sliceable:
+        return True
+    if stored.names_delivery_header is None:  # searched once per batch read
+        stored.names_delivery_header = any(name in stored.data for name in _DELIVERY_HEADERS)
+    return stored.names_delivery_header
+
+
+def _cut(stored: StoredBatch, items: list[Taken]) -> bytes:
+    """What of `stored` a receive sends for `items` (its delivered offsets, in order):
+    a sliceable batch cut to the records from the first to the last of them (the ones
+    between, if any, are not delivered and the receiver skips them), else all of it."""
+    if not stored.sliceable:
+        return stored.data
+    return stored.slice(items[0].offset, items[-1].offset)
 
 
 def now_ms() -> int:
@@ -229,6 +264,9 @@ class QueueService:
         # Reads run in threads (_read_records), hence the lock.
         self._batches: collections.OrderedDict[tuple[str, int], tuple[int, int, list]] = collections.OrderedDict()
         self._batches_lock = threading.Lock()
+        # (topic, partition) -> (first base offset, last offset, [(header, batch bytes)]) of
+        # its last read of stored batches (QueueReceiveBatches), under the same lock.
+        self._stored: collections.OrderedDict[tuple[str, int], tuple[int, int, list]] = collections.OrderedDict()
         self._load()
 
     def attach(self, loop: asyncio.AbstractEventLoop, tasks: asyncio.TaskGroup) -> None:
@@ -352,6 +390,37 @@ class QueueService:
                 group.mark_dirty(queue.partition)
 
     async def receive(self, request: m.QueueReceiveRequest) -> Reply:
+        """QueueReceive (protocol versions 1 and 2): each delivered record decoded and
+        encoded again into one response batch."""
+
+        async def respond(group: QueueGroup, taken: list[Taken], budget: int, now: int):
+            deliveries, records = await self._collect(group, taken, budget, now)
+            if not deliveries:
+                return deliveries, None
+            batch = build_batch(records, limits=RecordLimits(batch_bytes_max=budget, record_bytes_max=budget))
+            return deliveries, m.QueueReceiveResponse(
+                request_id=request.request_id, deliveries=deliveries, records=batch
+            )
+
+        return await self._receive(request, respond, m.QueueReceiveResponse(request_id=request.request_id))
+
+    async def receive_batches(self, request: m.QueueReceiveBatchesRequest) -> Reply:
+        """QueueReceiveBatches (protocol version 3): the stored batches holding the
+        delivered offsets, sent as they are, with the runs of delivered offsets."""
+
+        async def respond(group: QueueGroup, taken: list[Taken], budget: int, now: int):
+            deliveries, spans, batches = await self._collect_batches(group, taken, budget, now)
+            if not deliveries:
+                return deliveries, None
+            return deliveries, m.QueueReceiveBatchesResponse(
+                request_id=request.request_id, deliveries=deliveries, spans=spans, records=b"".join(batches)
+            )
+
+        return await self._receive(request, respond, m.QueueReceiveBatchesResponse(request_id=request.request_id))
+
+    async def _receive(self, request, respond, empty: m.Response) -> Reply:
+        """A receive of either version: lease, collect (`respond` returns the runs
+        delivered and the response), persist when the answer needs it, or wait."""
         group = self._group_for(request.group, request.topic, request.settings)
         count = min(max(request.messages_max, 1), self.limits.receive_messages_max)
         wait_s = min(max(request.wait_ms, 0), self.limits.receive_wait_max_ms) / 1000
@@ -365,7 +434,7 @@ class QueueService:
                 self._wake.set()  # dead letters may be waiting
             taken = group.receive(count, now)
             if taken:
-                deliveries, records = await self._collect(group, taken, budget, now)
+                deliveries, response = await respond(group, taken, budget, now)
                 if deliveries:
                     if group.answerable_uncommitted(deliveries):
                         # Its state goes with the next settle's commit (or the timer's);
@@ -381,14 +450,11 @@ class QueueService:
                             group.release(_delivered(taken, deliveries))
                             self._notify(group)
                             raise
-                    batch = build_batch(records, limits=RecordLimits(batch_bytes_max=budget, record_bytes_max=budget))
-                    return Reply(
-                        m.QueueReceiveResponse(request_id=request.request_id, deliveries=deliveries, records=batch)
-                    )
+                    return Reply(response)
                 continue  # every one was a gap or not due: look again
             remaining = deadline - loop.time()
             if remaining <= 0:
-                return Reply(m.QueueReceiveResponse(request_id=request.request_id))
+                return Reply(empty)
             await self._wait_for_change(group, remaining, now)
             if self.groups.get((group.group, group.topic)) is not group:
                 raise UnknownTopicError(f"topic {request.topic!r} was deleted")
@@ -491,6 +557,238 @@ class QueueService:
             raise failures[0]
         return deliveries, records
 
+    async def _collect_batches(
+        self, group: QueueGroup, taken: list[Taken], budget: int, now: int
+    ) -> tuple[list[m.QueueDelivery], list[m.QueueBatchSpan], list]:
+        """The stored batches holding `taken`, as they are on disk, with the runs of
+        offsets delivered. A batch is decoded only when it must be looked into: its topic
+        has a TTL, its bytes name the TTL or not-before header, it is compressed, or its
+        offsets are not dense (a compacted batch: which offsets it holds). Offsets with no
+        record are skipped (done), expired and deferred ones as in `_collect`; what does
+        not fit in `budget` bytes, or cannot be read, is released."""
+        topic = group.topic
+        config = self.store.topic_config(topic)
+        topic_ttl_ms = config.ttl_ms if config is not None else 0
+        by_partition: dict[int, list[Taken]] = {}
+        for item in taken:
+            by_partition.setdefault(item.partition, []).append(item)
+        at_tail = len(taken) <= TAIL_READ_MESSAGES_MAX and all(self._at_tail(topic, t) for t in taken)
+        runs: list[list[int]] = []  # [partition, offset, delivery count, deadline, length]
+        spans: list[m.QueueBatchSpan] = []
+        batches: list = []
+        unsent: list[Taken] = []
+        failure: Exception | None = None
+        used = 0
+        for partition, items in by_partition.items():
+            items.sort(key=_by_offset)
+            offsets = [item.offset for item in items]
+            if at_tail:  # in the page cache: read here rather than pay a thread hop
+                stored, failed = self._read_stored(topic, partition, offsets)
+            else:
+                stored, failed = await asyncio.to_thread(self._read_stored, topic, partition, offsets)
+            span_bytes = 0
+            index = 0
+            for batch_read in stored:
+                header = batch_read.header
+                first = index
+                while index < len(items) and items[index].offset <= header.last_offset:
+                    index += 1
+                inside = [item for item in items[first:index] if item.offset >= header.base_offset]
+                for item in items[first:index]:
+                    if item.offset < header.base_offset:
+                        group.skip(partition, item.offset)  # between batches: a gap
+                if not inside:
+                    continue
+                if header.is_control:
+                    for item in inside:
+                        group.skip(partition, item.offset)
+                    continue
+                if _must_decode(batch_read, topic_ttl_ms):
+                    inside = self._due_in_batch(
+                        group, topic, partition, header, batch_read.data, inside, topic_ttl_ms, now
+                    )
+                    if not inside:
+                        continue
+                else:
+                    error = batch_read.walk()  # never send a batch the consumer cannot decode
+                    if error is not None:
+                        self.store.log(topic, partition).note_undecodable(header, error, "queue groups")
+                        for item in inside:  # its offsets are left out: skipped, like gaps
+                            group.skip(partition, item.offset)
+                        continue
+                batch = _cut(batch_read, inside)
+                if used + len(batch) > budget:
+                    if batches or runs:
+                        unsent.extend(inside)  # the next receive has room for it
+                        continue
+                    # One stored batch over the whole budget (a log whose batch_bytes_max
+                    # is near the frame limit): its delivered records, encoded again.
+                    encoded = await self._encode_again(group, inside, budget, now)
+                    if encoded is None:
+                        continue
+                    batch, sent = encoded
+                    inside = [item for item in inside if (item.partition, item.offset) in sent]
+                used += len(batch)
+                span_bytes += len(batch)
+                batches.append(batch)
+                for item in inside:
+                    run = runs[-1] if runs else None
+                    if (
+                        run is not None
+                        and run[0] == partition
+                        and run[1] + run[4] == item.offset
+                        and run[2] == item.delivery_count
+                        and run[3] == item.lease_deadline_ms
+                    ):
+                        run[4] += 1
+                    else:
+                        runs.append([partition, item.offset, item.delivery_count, item.lease_deadline_ms, 1])
+            for item in items[index:]:
+                if item.offset in failed:
+                    unsent.append(item)
+                else:
+                    group.skip(partition, item.offset)  # past every stored batch: a gap
+            if failed and failure is None:
+                failure = next(iter(failed.values()))
+            if span_bytes:
+                spans.append(m.QueueBatchSpan(partition=partition, records_bytes=span_bytes))
+        deliveries = [
+            m.QueueDelivery(
+                partition=partition, offset=offset, delivery_count=count, lease_deadline_ms=deadline, count=length
+            )
+            for partition, offset, count, deadline, length in runs
+        ]
+        group.release(unsent)
+        if not deliveries and failure is not None:
+            raise failure
+        if not deliveries and unsent and not batches:
+            raise ProtocolError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"a stored batch of {topic!r} is larger than the receive's budget of {budget} bytes",
+                closes_connection=False,
+            )
+        return deliveries, spans, batches
+
+    async def _encode_again(
+        self, group: QueueGroup, items: list[Taken], budget: int, now: int
+    ) -> tuple[bytes, set[tuple[int, int]]] | None:
+        """One batch of the records of `items` (one partition) that fit in `budget`,
+        keeping their offsets, and which (partition, offset) it delivers; the others are
+        released, skipped, expired or deferred by `_collect`. None when none is left."""
+        deliveries, records = await self._collect(group, items, budget, now)
+        offsets = [offset for run in deliveries for offset in range(run.offset, run.offset + run.count)]
+        if not offsets:
+            return None
+        first = offsets[0]
+        batch = build_batch(
+            records,
+            base_offset=first,
+            offset_deltas=[offset - first for offset in offsets],
+            last_offset_delta=offsets[-1] - first,
+            limits=RecordLimits(batch_bytes_max=budget, record_bytes_max=budget),
+        )
+        return batch, {
+            (run.partition, offset) for run in deliveries for offset in range(run.offset, run.offset + run.count)
+        }
+
+    def _due_in_batch(
+        self,
+        group: QueueGroup,
+        topic: str,
+        partition: int,
+        header,
+        batch,
+        inside: list[Taken],
+        topic_ttl_ms: int,
+        now: int,
+    ) -> list[Taken]:
+        """The items of `inside` (offsets of one stored batch) that are delivered now,
+        the batch decoded (once, kept for the next receives): the others are skipped (no
+        record), expired (TTL passed) or deferred (not-before ahead)."""
+        with self._batches_lock:
+            cached = self._batches.get((topic, partition))
+        if cached is not None and cached[0] == header.base_offset and cached[1] == header.last_offset:
+            records = cached[2]
+        else:
+            try:
+                records = decode_records(batch, header)
+            except NodiError as error:  # stored before produce walked records
+                self.store.log(topic, partition).note_undecodable(header, error, "queue groups")
+                records = []  # its offsets are left out: skipped, like gaps
+            self._cache_batch(topic, partition, header.base_offset, header.last_offset, records)
+        by_offset = {record.offset: record for record in records}
+        due: list[Taken] = []
+        for item in inside:
+            record = by_offset.get(item.offset)
+            if record is None:
+                group.skip(partition, item.offset)
+                continue
+            headers = record.headers
+            if headers or topic_ttl_ms:
+                expires_at = expires_at_ms(record.timestamp_ms, headers, topic_ttl_ms)
+                if expires_at is not None and expires_at <= now:
+                    group.expire(item)
+                    continue
+                not_before = find_integer(headers, NOT_BEFORE_MS)
+                if not_before is not None and not_before > now:
+                    group.defer(item, not_before)
+                    continue
+            due.append(item)
+        return due
+
+    def _read_stored(self, topic: str, partition: int, offsets: list[int]) -> tuple[list[StoredBatch], dict]:
+        """The stored batches holding the sorted `offsets` of one
+        partition, in order, each once, and {offset: error} for reads that failed. The
+        batches of the last read are kept (a read of READ_BYTES serves several receives)."""
+        key = (topic, partition)
+        with self._batches_lock:
+            cached = self._stored.get(key)
+        partition_log = self.store.log(topic, partition)
+        out: list = []
+        failed: dict[int, Exception] = {}
+        highest = offsets[-1]
+        index = 0
+        while index < len(offsets):
+            offset = offsets[index]
+            if cached is not None and cached[0] <= offset <= cached[1]:
+                found = cached[2]
+            else:
+                try:
+                    result = partition_log.read(offset, READ_BYTES)
+                    data = result.to_bytes()
+                    found = [StoredBatch(header, bytes(batch)) for header, batch in iter_batches(data)]
+                except (NodiError, OSError) as error:
+                    failed[offset] = error
+                    index += 1
+                    continue
+                if not found:
+                    break  # nothing readable from here: the rest are gaps
+                cached = (found[0].header.base_offset, found[-1].header.last_offset, found)
+                with self._batches_lock:
+                    self._stored[key] = cached
+                    self._stored.move_to_end(key)
+                    while len(self._stored) > STORED_READS_MAX:
+                        self._stored.popitem(last=False)
+            position = bisect.bisect_left(found, offset, key=_last_offset)
+            progressed = False
+            while position < len(found) and index < len(offsets):
+                stored = found[position]
+                header = stored.header
+                if header.base_offset > highest:
+                    break
+                if offsets[index] <= header.last_offset:
+                    if not out or out[-1].header.base_offset != header.base_offset:
+                        out.append(stored)
+                    while index < len(offsets) and offsets[index] <= header.last_offset:
+                        index += 1
+                    progressed = True
+                position += 1
+            if not progressed:  # offset lies past the batches found: a gap up to the next read
+                if cached[1] < offset:
+                    break
+                index += 1
+        return out, failed
+
     def _at_tail(self, topic: str, taken: Taken) -> bool:
         """Whether `taken` is among the last TAIL_READ_MESSAGES_MAX offsets of its log."""
         return taken.offset >= self.store.log(topic, taken.partition).next_offset - TAIL_READ_MESSAGES_MAX
@@ -567,6 +865,14 @@ class QueueService:
             if not 1 <= item.count <= window:
                 runs.append([item.partition, item.offset, ErrorCode.LIMIT_EXCEEDED, m.NO_OFFSET, 1])
                 continue
+            if item.action is m.SettleAction.ACK and 0 <= item.partition < len(group.partitions):
+                # Acks of a run in one call (the common settle): no per-offset dispatch.
+                outcomes = group.partitions[item.partition].ack_run(item.offset, item.count, item.delivery_count)
+                group.mark_dirty(item.partition)
+                changed = True
+                for offset, code, length in outcomes:
+                    runs.append([item.partition, offset, code, m.NO_OFFSET, length])
+                continue
             delay = None if item.delay_ms < 0 else item.delay_ms
             first_run = len(runs)
             for offset in range(item.offset, item.offset + item.count):
@@ -593,7 +899,10 @@ class QueueService:
         ]
         if changed:
             self._notify(group)
-            self._wake.set()
+            if any(item.action is not m.SettleAction.ACK for item in request.settlements):
+                # A nack, extend or reject sets a deadline or marks a dead letter: the
+                # timer's next round schedules it. Acks only remove (their commit is below).
+                self._wake.set()
             await self.persist()
         return Reply(m.QueueSettleResponse(request_id=request.request_id, results=results))
 
@@ -657,6 +966,8 @@ class QueueService:
         with self._batches_lock:
             for key in [key for key in self._batches if key[0] == topic]:
                 del self._batches[key]
+            for key in [key for key in self._stored if key[0] == topic]:
+                del self._stored[key]
         for key in [key for key in self.groups if key[1] == topic]:
             group = self.groups.pop(key)
             self._unstaged.discard(key)

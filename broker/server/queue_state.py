@@ -4,6 +4,7 @@ loop tick. See broker/server/queues.py for what the state means."""
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 
@@ -44,6 +45,8 @@ _STATE_HEADER_V1 = struct.Struct(">BqqI")
 _COUNT = struct.Struct(">I")
 _ENTRY = struct.Struct(">qIqqqBH")
 ENTRY_BYTES = _ENTRY.size  # per pending message, before its error text
+# Distinct group settings whose stored JSON is kept (encode_partition runs at each commit).
+SETTINGS_JSON_CACHED_MAX = 256
 
 
 def state_bytes_max(window_messages_max: int, error_text_bytes_max: int, backoff_delays_max: int) -> int:
@@ -58,8 +61,14 @@ def state_bytes_max(window_messages_max: int, error_text_bytes_max: int, backoff
     )
 
 
+@functools.lru_cache(maxsize=SETTINGS_JSON_CACHED_MAX)
+def _settings_json(settings: QueueSettings) -> bytes:
+    """A group's settings as stored (encoded once, not at each commit of its state)."""
+    return settings.to_json()
+
+
 def encode_partition(queue: PartitionQueue) -> bytes:
-    settings = queue.settings.to_json()
+    settings = _settings_json(queue.settings)
     reserved = max(queue.reserved_offset, queue.next_offset)
     parts = [
         _STATE_HEADER.pack(QUEUE_STATE_VERSION, queue.floor, queue.next_offset, reserved, len(settings)),

@@ -360,6 +360,39 @@ class PartitionQueue:
         self._remove(offset)
         self._advance_floor()
 
+    def ack_run(self, offset: int, count: int, delivery_count: int) -> list[list]:
+        """Ack offsets offset .. offset + count - 1, each at `delivery_count` (a consumer
+        acking what one receive delivered): the outcomes as runs [first offset, error
+        code, length]. The common case (the delivery named is the one pending) is done
+        here without a call per offset; any other goes through `ack` (and its checks)."""
+        outcomes: list[list] = []
+        pending = self.pending
+        floor = self.floor
+        leased = DeliveryState.LEASED
+        dead = DeliveryState.DEAD
+        for current in range(offset, offset + count):
+            delivery = pending.get(current) if current >= floor else None
+            if delivery is not None and delivery.delivery_count == delivery_count and delivery.state is not dead:
+                if delivery.state is leased:
+                    self.leased -= 1
+                del pending[current]
+                self.acked += 1
+                code = ErrorCode.NONE
+            else:
+                try:
+                    self.ack(current, delivery_count)
+                    code = ErrorCode.NONE
+                except ProtocolError as error:
+                    code = error.code
+                floor = self.floor
+            last = outcomes[-1] if outcomes else None
+            if last is not None and last[1] == code:
+                last[2] += 1
+            else:
+                outcomes.append([current, code, 1])
+        self._advance_floor()
+        return outcomes
+
     def nack(
         self, offset: int, delivery_count: int, now_ms: int, delay_ms: int | None = None, error: str | None = None
     ) -> None:

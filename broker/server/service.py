@@ -753,6 +753,7 @@ class Broker:
         m.DescribeGroupRequest: _describe_group,
         m.ServerStatusRequest: serve_server_status,
         m.QueueReceiveRequest: lambda self, request: self.queues.receive(request),
+        m.QueueReceiveBatchesRequest: lambda self, request: self.queues.receive_batches(request),
         m.QueueSettleRequest: lambda self, request: self.queues.settle(request),
         m.QueueDescribeRequest: lambda self, request: self.queues.describe(request),
         m.QueueListRequest: lambda self, request: self.queues.list(request),
