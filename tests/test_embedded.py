@@ -361,3 +361,36 @@ def test_close_leaves_no_thread_socket_or_lock(tmp_path) -> None:
     assert open_sockets() == sockets_before
     with nodi.broker.open(data_dir) as client:  # the lock went with the close
         assert client.describe_topic("jobs").partitions
+
+
+def test_a_refused_open_and_calls_after_close_are_clear_errors_and_leave_nothing(tmp_path) -> None:
+    from nodi.broker import ClientClosed
+
+    threads_before = set(threading.enumerate())
+    data_dir = tmp_path / "data"
+    client = nodi.broker.open(data_dir)
+    with pytest.raises(DataDirectoryLockedError, match=f"in use by process {os.getpid()}"):
+        nodi.broker.open(data_dir)
+    client.close()
+    client.close()  # idempotent
+    with pytest.raises(ClientClosed):
+        client.list_topics()
+    assert set(threading.enumerate()) == threads_before
+    with pytest.raises(NotADirectoryError):  # not a directory: refused, nothing written
+        nodi.broker.open(tmp_path / "data" / "nodi.lock")
+    assert set(threading.enumerate()) == threads_before
+
+
+def test_request_limits_hold_in_process_and_the_broker_carries_on(tmp_path) -> None:
+    from nodi.broker import LimitExceeded
+    from nodi.broker.protocol.limits import ProtocolLimits
+    from nodi.broker.server.config import ServerConfig
+    from nodi.storage.records import NewRecord, build_batch
+
+    limits = ProtocolLimits(frame_bytes_max=64 * 1024, receive_buffer_bytes_max=128 * 1024)
+    with nodi.broker.open(tmp_path / "data", config=ServerConfig(protocol=limits)) as client:
+        client.create_topic("jobs")
+        with pytest.raises(LimitExceeded, match="frame_bytes_max"):
+            client.produce_batch("jobs", 0, build_batch([NewRecord(None, bytes(100 * 1024))]))
+        assert client.produce("jobs", b"small", partition=0) == (0, 0)
+        assert [message.value for message in client.fetch("jobs", 0, 0)] == [b"small"]
