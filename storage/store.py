@@ -136,14 +136,21 @@ class Store:
         *,
         clock_ms: Callable[[], int] | None = None,
         fs: FileSystem = OS_FILE_SYSTEM,
+        lock: DataDirectoryLock | None = None,
     ) -> Store:
         """Take the data directory's lock (DataDirectoryLockedError, having touched
         nothing, when another process holds it), then open the metadata (a damaged
-        metadata file is refused before anything changes) and every log."""
+        metadata file is refused before anything changes) and every log. `lock`: the
+        directory's lock, taken by the caller beforehand (the embedded mode binds its
+        attach socket in between); the store owns it from here on, and releases it when
+        the open fails."""
         started = time.monotonic()
         data_dir = os.fspath(data_dir)
         clock_ms = clock_ms or (lambda: int(time.time() * 1000))
-        lock = DataDirectoryLock.acquire(data_dir)
+        if lock is None:
+            lock = DataDirectoryLock.acquire(data_dir)
+        assert lock.held, "a released lock"
+        assert os.path.samefile(lock.data_dir, data_dir), "the lock of another directory"
         try:
             metadata = MetadataStore(data_dir)
         except BaseException:

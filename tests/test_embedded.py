@@ -89,6 +89,14 @@ def test_producer_and_two_groups_each_read_every_message(client) -> None:
         assert sum(lag.committed_offset for lag in client.describe_group(group).lags) == 300
 
 
+def test_publish_dedup_answers_a_retry_with_the_original(client) -> None:
+    topic = topic_name("payments")
+    client.create_topic(topic, dedup_window_ms=60_000)
+    first = client.produce(topic, b"pay 7", idempotency_key="payment-7")
+    assert client.produce(topic, b"pay 7", idempotency_key="payment-7") == first
+    assert [message.value for message in client.fetch(topic, first[0], 0)] == [b"pay 7"]
+
+
 def test_queue_retries_then_dead_letters(client) -> None:
     topic = topic_name("orders")
     client.create_topic(topic, partitions=2)
@@ -199,44 +207,121 @@ OPEN_IN_CHILD = """
 import sys
 import nodi.broker
 try:
-    nodi.broker.open(sys.argv[1]).close()
+    client = nodi.broker.open(sys.argv[1], attach=sys.argv[2] == "attach")
 except nodi.broker.DataDirectoryLockedError as error:
     print("refused:", error.holder_pid, error)
     sys.exit(3)
-print("opened")
+with client:
+    values = [message.value.decode() for message in client.fetch("jobs", 0, 0)]
+    client.produce("jobs", b"from-child", partition=0)
+    print("opened", "owner" if client.owner else "attached", *values)
 """
 
 
-def test_a_second_process_is_refused_naming_the_owner_and_nothing_changes(tmp_path) -> None:
+def open_in_child(data_dir: str, mode: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", OPEN_IN_CHILD, data_dir, mode], capture_output=True, text=True, timeout=CHILD_TIMEOUT_S
+    )
+
+
+def test_a_second_process_attaches_and_a_holder_without_a_socket_is_named(tmp_path) -> None:
     data_dir = str(tmp_path / "data")
     with nodi.broker.open(data_dir) as client:
+        assert client.owner
         client.create_topic("jobs")
         client.produce("jobs", b"kept", partition=0)
-        child = subprocess.run(
-            [sys.executable, "-c", OPEN_IN_CHILD, data_dir], capture_output=True, text=True, timeout=CHILD_TIMEOUT_S
-        )
-        assert child.returncode == 3, child.stdout + child.stderr
-        assert child.stdout.startswith(f"refused: {os.getpid()} ")
-        served = BrokerProcess(data_dir)
+        child = open_in_child(data_dir, "attach")
+        assert child.stdout.split() == ["opened", "attached", "kept"], child.stdout + child.stderr
+        refused = open_in_child(data_dir, "no-attach")
+        assert refused.returncode == 3, refused.stdout + refused.stderr
+        assert refused.stdout.startswith(f"refused: {os.getpid()} ")
         with pytest.raises(RuntimeError, match=f"in use by process {os.getpid()}"):
-            served.start()
-        with pytest.raises(DataDirectoryLockedError):  # a second open in this process too
-            nodi.broker.open(data_dir)
-        assert [message.value for message in client.fetch("jobs", 0, 0)] == [b"kept"]
-        client.produce("jobs", b"after", partition=0)
-    served = BrokerProcess(data_dir).start()  # and while `nodi serve` owns it, the reverse
+            BrokerProcess(data_dir).start()
+        with nodi.broker.open(data_dir) as second:  # a second open here attaches too
+            assert not second.owner
+            assert [message.value for message in second.fetch("jobs", 0, 0)] == [b"kept", b"from-child"]
+        assert [message.value for message in client.fetch("jobs", 0, 0)] == [b"kept", b"from-child"]
+    assert not os.path.exists(os.path.join(data_dir, "nodi.sock"))  # removed by close()
+    served = BrokerProcess(data_dir).start()  # a holder with no attach socket: refused, named
     try:
         with pytest.raises(DataDirectoryLockedError) as raised:
             nodi.broker.open(data_dir)
         assert raised.value.holder_pid == served.process.pid
         with Client(served.address) as client:
-            assert [message.value for message in client.fetch("jobs", 0, 0)] == [b"kept", b"after"]
+            assert [message.value for message in client.fetch("jobs", 0, 0)] == [b"kept", b"from-child"]
     finally:
         served.stop()
-    child = subprocess.run(
-        [sys.executable, "-c", OPEN_IN_CHILD, data_dir], capture_output=True, text=True, timeout=CHILD_TIMEOUT_S
+
+
+WORKER = """
+import sys
+import nodi.broker
+
+client = nodi.broker.open(sys.argv[1])
+print("opened", client.owner, flush=True)
+for line in sys.stdin:
+    command = line.split()
+    if command[0] == "consume":
+        values = []
+        with client.queue("jobs", "workers", ack_wait_ms=60_000) as queue:
+            while (message := queue.receive(timeout_ms=1_500)) is not None:
+                values.append(message.value.decode())
+                message.ack()
+        print("consumed", *values, flush=True)
+    elif command[0] == "produce":
+        partition, offset = client.produce("jobs", command[1].encode(), partition=0)
+        print("produced", offset, client.owner, flush=True)
+"""
+
+
+def test_two_processes_share_a_queue_and_the_survivor_takes_over(tmp_path) -> None:
+    data_dir = str(tmp_path / "data")
+    owner = nodi.broker.open(data_dir)
+    worker = subprocess.Popen(
+        [sys.executable, "-c", WORKER, data_dir], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
     )
-    assert child.returncode == 0 and child.stdout.strip() == "opened", child.stdout + child.stderr
+    again = None
+    try:
+        owner.create_topic("jobs")
+        with owner.producer() as producer:
+            for index in range(300):
+                producer.send("jobs", b"v%d" % index, partition=0)
+        assert worker.stdout.readline().split() == ["opened", "False"]  # attached
+        worker.stdin.write("consume\n")
+        mine = []
+        with owner.queue("jobs", "workers", ack_wait_ms=60_000) as queue:
+            while (message := queue.receive(timeout_ms=1_500)) is not None:
+                mine.append(message.value.decode())
+                message.ack()
+        theirs = worker.stdout.readline().split()
+        assert theirs[0] == "consumed"
+        assert sorted(mine + theirs[1:]) == sorted(f"v{index}" for index in range(300))  # each once
+        owner.close()  # the worker's next call takes the directory over
+        worker.stdin.write("produce after-takeover\n")
+        assert worker.stdout.readline().split() == ["produced", "300", "True"]
+        again = nodi.broker.open(data_dir)  # attaches to the worker, the owner now
+        assert not again.owner
+        assert again.fetch("jobs", 0, 300)[0].value == b"after-takeover"
+        os.kill(worker.pid, 9)  # the owner dies: the attached one takes over
+        worker.wait(30)
+        assert again.list_topics()  # a read, retried on a new connection: this one owns it now
+        assert again.owner
+        assert again.produce("jobs", b"survivor", partition=0) == (0, 301)
+        values = []
+        while len(values) < 302:
+            batch = again.fetch("jobs", 0, len(values))
+            assert batch
+            values += [message.value for message in batch]
+        assert values[300:] == [b"after-takeover", b"survivor"]
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(30)
+        worker.stdin.close()
+        worker.stdout.close()
+        owner.close()
+        if again is not None:
+            again.close()
 
 
 # -- crashes and the same files both ways --------------------------------------------------
@@ -370,7 +455,7 @@ def test_a_refused_open_and_calls_after_close_are_clear_errors_and_leave_nothing
     data_dir = tmp_path / "data"
     client = nodi.broker.open(data_dir)
     with pytest.raises(DataDirectoryLockedError, match=f"in use by process {os.getpid()}"):
-        nodi.broker.open(data_dir)
+        nodi.broker.open(data_dir, attach=False)
     client.close()
     client.close()  # idempotent
     with pytest.raises(ClientClosed):

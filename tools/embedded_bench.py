@@ -72,7 +72,7 @@ class Settings:
 
 
 FULL = Settings(messages=50_000, seconds=10.0, batch=500, raw_seconds=2.0, raw_bytes=64 * MIB)
-QUICK = Settings(messages=300, seconds=1.0, batch=50, raw_seconds=0.2, raw_bytes=4 * MIB)
+QUICK = Settings(messages=100, seconds=0.5, batch=50, raw_seconds=0.2, raw_bytes=4 * MIB)
 
 
 def progress(message: str) -> None:

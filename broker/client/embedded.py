@@ -20,10 +20,19 @@ dispatch on the client's event loop. Nothing is framed, encoded or decoded; the 
 are the server's, so `nodi serve --data-dir` opens a directory written here, and the
 reverse.
 
-One process owns a directory at a time (storage/lock.py): another open, in this process
-or another, while it is open raises DataDirectoryLockedError naming the owner's PID, and
-touches nothing. `nodi serve` on the directory is refused the same way, and the other
-way round. To share a directory between processes, run `nodi serve` on it and use Client.
+Several processes on one directory: the first to open it owns it (its lock,
+storage/lock.py) and serves the other processes that open it over a Unix socket in the
+directory (DATA_DIR/nodi.sock, broker/server/local.py). A later open() finds the lock
+taken and the socket there, and attaches: its client talks the wire protocol to the
+owner, exactly as a Client talks to `nodi serve`. When the owner closes (or dies), an
+attached client's next call opens the directory again: it becomes the owner if the lock
+is free, else it attaches to whoever took it (requests in flight at that moment fail
+with ConnectionLost, as when a server restarts). A holder that offers no socket (`nodi
+serve`, an offline tool, an owner opened with attach=False, a path too long for a
+socket) makes open() raise DataDirectoryLockedError naming its PID, having touched
+nothing; so does open(attach=False) whenever another process holds the directory, and a
+second open() in the same process (one process opens a directory once: share the
+client between threads).
 
 Threads: `open()` runs the broker on the Client's own loop thread (one thread, plus
 the fsync flusher of each partition and short-lived threads for blocking storage calls);
@@ -33,6 +42,7 @@ blocking storage calls use that loop's default executor (asyncio.run shuts it do
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 from typing import Any
@@ -41,14 +51,20 @@ from nodi.storage.errors import DataDirectoryLockedError
 
 from ..protocol import messages as m
 from ..server.config import ServerConfig
-from ..server.local import LocalBroker
+from ..server.local import LocalBroker, attach_socket_path
 from .async_client import DEFAULT_TIMEOUT_MS, AsyncClient
+from .connection import ClientConnection
 from .errors import ClientClosed, ConnectFailed, ConnectionLost
 from .sync_client import Client
+from .types import backoff_s
 
 # Opening recovers the directory (a rescan after a crash), which may take longer than a
 # call: open()'s own bound.
 OPEN_TIMEOUT_MS = 300_000
+# Between attempts to own or attach (the owner is closing, or its socket is stale):
+# backoff from this, doubling up to the max, with jitter.
+ATTACH_BACKOFF_MS = 20
+ATTACH_BACKOFF_MAX_MS = 500
 
 
 class LocalConnection:
@@ -91,15 +107,17 @@ class EmbeddedAsyncClient(AsyncClient):
         config: ServerConfig | None = None,
         timeout_ms: int = DEFAULT_TIMEOUT_MS,
         open_timeout_ms: int = OPEN_TIMEOUT_MS,
+        attach: bool = True,
         client_id: str = "nodi-embedded",
     ) -> None:
-        super().__init__("localhost", timeout_ms=timeout_ms, client_id=client_id)
+        base = config or ServerConfig()
+        super().__init__("localhost", timeout_ms=timeout_ms, client_id=client_id, limits=base.protocol)
         if open_timeout_ms <= 0:
             raise ValueError("open_timeout_ms must be positive")
         self.data_dir = os.path.abspath(os.fspath(data_dir))
-        base = config or ServerConfig()
         self.config = dataclasses.replace(base, data_dir=self.data_dir)
         self.open_timeout_ms = open_timeout_ms
+        self.attach = attach
         self._local: LocalBroker | None = None
 
     @property
@@ -113,14 +131,43 @@ class EmbeddedAsyncClient(AsyncClient):
         async with self.core.deadline(timeout_ms or self.open_timeout_ms, "open"):
             await self._live_connection()
 
-    async def _connect_loop(self) -> LocalConnection:  # type: ignore[override]
-        """Open the directory the first time; after that the broker is either open or
-        closed for good (nothing to reconnect to)."""
-        if self._local is None:
-            self._local = await LocalBroker.open(self.config)
-        elif self._local.closed:
-            raise ConnectFailed(f"the embedded broker on {self.data_dir} is closed")
-        connection = LocalConnection(self._local, self.client_id)
+    @property
+    def owner(self) -> bool:
+        """True while this client owns the directory (runs the broker), False while it
+        is attached to another process that does."""
+        return self._local is not None and not self._local.closed
+
+    async def _connect_loop(self) -> LocalConnection | ClientConnection:  # type: ignore[override]
+        """Own the directory, or attach to the process that owns it (see the module
+        docstring); again after the owner went away. Callers bound the time."""
+        local = self._local
+        if local is not None:
+            if local.closed:  # failed (a bug in a job, logged): nothing to reconnect to
+                raise ConnectFailed(f"the embedded broker on {self.data_dir} is closed")
+            return self._adopt(LocalConnection(local, self.client_id))
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+        attempt = 0
+        while True:
+            try:
+                self._local = await LocalBroker.open(self.config, attach=self.attach)
+                return self._adopt(LocalConnection(self._local, self.client_id))
+            except DataDirectoryLockedError as refused:
+                if not self.attach:
+                    raise
+                path = attach_socket_path(self.data_dir)
+                if not os.path.exists(path):
+                    raise DataDirectoryLockedError(refused.data_dir, refused.holder_pid) from None
+            try:
+                connection = await ClientConnection.open_unix(path, client_id=self.client_id, limits=self.limits)
+                return self._adopt(connection)
+            except ConnectFailed:
+                pass  # a stale socket (its owner died) or an owner closing: try again
+            attempt += 1
+            await asyncio.sleep(backoff_s(attempt - 1, ATTACH_BACKOFF_MS, ATTACH_BACKOFF_MAX_MS))
+
+    def _adopt(self, connection: LocalConnection | ClientConnection) -> LocalConnection | ClientConnection:
         self._connection = connection  # type: ignore[assignment]
         return connection
 
@@ -138,7 +185,7 @@ class EmbeddedAsyncClient(AsyncClient):
 class EmbeddedClient(Client):
     """A Client over a data directory in this process (see the module docstring); opens
     it in the constructor. Keyword options: config (a ServerConfig: limits, topic
-    defaults, queue settings), timeout_ms, open_timeout_ms, client_id."""
+    defaults, queue settings), timeout_ms, open_timeout_ms, attach, client_id."""
 
     def __init__(self, data_dir: str | os.PathLike[str], **options: Any) -> None:
         self._data_dir = data_dir
@@ -156,12 +203,19 @@ class EmbeddedClient(Client):
     def __enter__(self) -> EmbeddedClient:
         return self
 
+    @property
+    def owner(self) -> bool:
+        """True while this process owns the directory, False while attached to the owner."""
+        return self._async.owner  # type: ignore[attr-defined]
+
 
 def open(data_dir: str | os.PathLike[str], **options: Any) -> EmbeddedClient:  # noqa: A001 - nodi.broker.open
-    """A blocking Client over `data_dir` in this process, opened (created when missing,
-    recovered after a crash). Use as a context manager, or call close(). Options:
-    config (ServerConfig), timeout_ms, open_timeout_ms, client_id.
-    DataDirectoryLockedError when another process (or another open here) holds it."""
+    """A blocking Client over `data_dir`, opened: owned by this process (created when
+    missing, recovered after a crash), or attached to the process that owns it. Use as
+    a context manager, or call close(). Options: config (ServerConfig), timeout_ms,
+    open_timeout_ms, attach (False: refuse rather than attach), client_id.
+    DataDirectoryLockedError, naming the holder's PID, when the holder offers no attach
+    socket (`nodi serve`, a tool), with attach=False, or on a second open here."""
     return EmbeddedClient(data_dir, **options)
 
 
