@@ -1,7 +1,8 @@
 """Embedded nodi (nodi.broker.open / open_async, issue 15): the client suite's main
 scenarios run against a `nodi serve` process and an embedded data directory from one
 parametrised fixture; then what only the embedded mode has: one owner per directory
-(a second process, embedded or `nodi serve`, refused naming the owner's PID, nothing
+(a second process attaches over the owner's socket and takes over when the owner closes
+or is killed; a holder without a socket, `nodi serve`, is named by PID, nothing
 changed), kill -9 of an embedded producer with every acknowledged message found after
 reopen, the same directory served by `nodi serve` and opened embedded in turn, and no
 thread or socket left after close(). Waits are generous; no timing is asserted."""

@@ -30,9 +30,9 @@ is free, else it attaches to whoever took it (requests in flight at that moment 
 with ConnectionLost, as when a server restarts). A holder that offers no socket (`nodi
 serve`, an offline tool, an owner opened with attach=False, a path too long for a
 socket) makes open() raise DataDirectoryLockedError naming its PID, having touched
-nothing; so does open(attach=False) whenever another process holds the directory, and a
-second open() in the same process (one process opens a directory once: share the
-client between threads).
+nothing; so does open(attach=False) whenever another process holds the directory. A
+second open() in the same process attaches like another process's (sharing the one
+client between threads is cheaper).
 
 Threads: `open()` runs the broker on the Client's own loop thread (one thread, plus
 the fsync flusher of each partition and short-lived threads for blocking storage calls);
