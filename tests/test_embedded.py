@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -225,7 +226,9 @@ def open_in_child(data_dir: str, mode: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_a_second_process_attaches_and_a_holder_without_a_socket_is_named(tmp_path) -> None:
+def test_a_second_process_attaches_and_a_holder_without_a_socket_is_named(tmp_path, monkeypatch) -> None:
+    from nodi.broker.client import embedded
+
     data_dir = str(tmp_path / "data")
     with nodi.broker.open(data_dir) as client:
         assert client.owner
@@ -242,9 +245,19 @@ def test_a_second_process_attaches_and_a_holder_without_a_socket_is_named(tmp_pa
             assert not second.owner
             assert [message.value for message in second.fetch("jobs", 0, 0)] == [b"kept", b"from-child"]
         assert [message.value for message in client.fetch("jobs", 0, 0)] == [b"kept", b"from-child"]
-    assert not os.path.exists(os.path.join(data_dir, "nodi.sock"))  # removed by close()
+    socket_path = os.path.join(data_dir, "nodi.sock")
+    assert not os.path.exists(socket_path)  # removed by close()
     served = BrokerProcess(data_dir).start()  # a holder with no attach socket: refused, named
     try:
+        with pytest.raises(DataDirectoryLockedError) as raised:
+            nodi.broker.open(data_dir)
+        assert raised.value.holder_pid == served.process.pid
+        # A stale socket file (as an owner killed with kill -9 leaves it) under that holder:
+        # nobody answers on it, and after STALE_SOCKET_WAIT_MS the holder is named too.
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stale.bind(socket_path)
+        stale.close()
+        monkeypatch.setattr(embedded, "STALE_SOCKET_WAIT_MS", 300)
         with pytest.raises(DataDirectoryLockedError) as raised:
             nodi.broker.open(data_dir)
         assert raised.value.holder_pid == served.process.pid
@@ -252,6 +265,8 @@ def test_a_second_process_attaches_and_a_holder_without_a_socket_is_named(tmp_pa
             assert [message.value for message in client.fetch("jobs", 0, 0)] == [b"kept", b"from-child"]
     finally:
         served.stop()
+    with nodi.broker.open(data_dir) as client:  # the next owner replaces the stale file
+        assert client.owner and os.path.exists(socket_path)
 
 
 WORKER = """

@@ -65,6 +65,11 @@ OPEN_TIMEOUT_MS = 300_000
 # backoff from this, doubling up to the max, with jitter.
 ATTACH_BACKOFF_MS = 20
 ATTACH_BACKOFF_MAX_MS = 500
+# A socket file nobody answers on while the lock stays taken: an owner closing (it stops
+# listening, then removes the file, then lets the lock go), or a stale file a killed
+# owner left under a holder that offers no socket (`nodi serve` took the directory
+# over). After this long it is taken for the latter, and open() is refused.
+STALE_SOCKET_WAIT_MS = 15_000
 
 
 class LocalConnection:
@@ -149,21 +154,28 @@ class EmbeddedAsyncClient(AsyncClient):
             await self._connection.close()
             self._connection = None
         attempt = 0
+        unanswered_since: float | None = None
+        loop = asyncio.get_running_loop()
         while True:
             try:
                 self._local = await LocalBroker.open(self.config, attach=self.attach)
                 return self._adopt(LocalConnection(self._local, self.client_id))
             except DataDirectoryLockedError as refused:
+                holder = refused
                 if not self.attach:
                     raise
-                path = attach_socket_path(self.data_dir)
-                if not os.path.exists(path):
-                    raise DataDirectoryLockedError(refused.data_dir, refused.holder_pid) from None
+            path = attach_socket_path(self.data_dir)
+            if not os.path.exists(path) or not os.access(path, os.R_OK | os.W_OK):
+                # No embedded owner (or another user's, mode 0600): name the holder.
+                raise DataDirectoryLockedError(holder.data_dir, holder.holder_pid) from None
             try:
                 connection = await ClientConnection.open_unix(path, client_id=self.client_id, limits=self.limits)
                 return self._adopt(connection)
-            except ConnectFailed:
-                pass  # a stale socket (its owner died) or an owner closing: try again
+            except ConnectFailed:  # an owner closing, or a stale file: see STALE_SOCKET_WAIT_MS
+                if unanswered_since is None:
+                    unanswered_since = loop.time()
+                elif loop.time() - unanswered_since > STALE_SOCKET_WAIT_MS / 1000:
+                    raise DataDirectoryLockedError(holder.data_dir, holder.holder_pid) from None
             attempt += 1
             await asyncio.sleep(backoff_s(attempt - 1, ATTACH_BACKOFF_MS, ATTACH_BACKOFF_MAX_MS))
 
