@@ -154,7 +154,11 @@ class LocalBroker:
             raise
         started = loop.create_future()
         local._runner = loop.create_task(local._run(started), name="nodi-embedded-broker")
-        await started
+        try:
+            await started
+        except BaseException:  # the jobs did not start: close what is open, lock last
+            await local.close()
+            raise
         return local
 
     @property
