@@ -131,8 +131,9 @@ class EmbeddedAsyncClient(AsyncClient):
 
     async def connect(self, timeout_ms: int | None = None) -> None:
         """Open the data directory now (else the first call does), within
-        open_timeout_ms (recovery may rescan). DataDirectoryLockedError when another
-        process, or another open in this one, holds it."""
+        open_timeout_ms (recovery may rescan): own it, or attach to its owner.
+        DataDirectoryLockedError when its holder offers no attach socket, or with
+        attach=False when anyone holds it."""
         async with self.core.deadline(timeout_ms or self.open_timeout_ms, "open"):
             await self._live_connection()
 
