@@ -193,4 +193,5 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | _CLIENT_NAMES | _IDEMPOTENT_NAMES | _EMBEDDED_NAMES)
 
 
-__all__ = sorted(_CLIENT_NAMES | _IDEMPOTENT_NAMES | _EMBEDDED_NAMES)
+# `open` stays out of `from nodi.broker import *`: it would hide the builtin open.
+__all__ = sorted(_CLIENT_NAMES | _IDEMPOTENT_NAMES | (_EMBEDDED_NAMES - {"open"}))
