@@ -66,6 +66,7 @@ bench: $(STAMP) $(BENCH_STAMP)
 	$(BIN)/nodi bench
 	$(BIN)/nodi bench --suite queues
 	$(BIN)/python -m tools.latency_bench
+	$(BIN)/python -m tools.embedded_bench
 
 # The crash torture (tools/torture.py, docs/operations.md): ROUNDS kill -9 rounds of a real
 # broker under concurrent producers and consumers, every acknowledged message checked;

@@ -93,6 +93,10 @@ _CLIENT_NAMES = frozenset(
     }
 )
 
+# Embedded mode (nodi.broker.client.embedded): open(data_dir) / open_async(data_dir), and
+# the error a directory another process holds raises; also loaded on first use.
+_EMBEDDED_NAMES = frozenset({"open", "open_async", "DataDirectoryLockedError"})
+
 # The idempotent-consumer helper (nodi.broker.client.idempotent), also loaded on first use.
 _IDEMPOTENT_NAMES = frozenset({"AsyncIdempotentConsumer", "IdempotentConsumer", "KeyStore", "LmdbKeyStore"})
 
@@ -168,6 +172,7 @@ if TYPE_CHECKING:  # pragma: no cover
         UnknownTopic,
         partition_for_key,
     )
+    from .client.embedded import DataDirectoryLockedError, open, open_async  # noqa: F401, A004
     from .client.idempotent import (  # noqa: F401
         AsyncIdempotentConsumer,
         IdempotentConsumer,
@@ -181,11 +186,14 @@ def __getattr__(name: str) -> Any:
         return getattr(importlib.import_module(".client", __name__), name)
     if name in _IDEMPOTENT_NAMES:
         return getattr(importlib.import_module(".client.idempotent", __name__), name)
+    if name in _EMBEDDED_NAMES:
+        return getattr(importlib.import_module(".client.embedded", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _CLIENT_NAMES | _IDEMPOTENT_NAMES)
+    return sorted(set(globals()) | _CLIENT_NAMES | _IDEMPOTENT_NAMES | _EMBEDDED_NAMES)
 
 
-__all__ = sorted(_CLIENT_NAMES | _IDEMPOTENT_NAMES)
+# `open` stays out of `from nodi.broker import *`: it would hide the builtin open.
+__all__ = sorted(_CLIENT_NAMES | _IDEMPOTENT_NAMES | (_EMBEDDED_NAMES - {"open"}))

@@ -50,6 +50,8 @@ class DataDirectoryLock:
         lock file. DataDirectoryLockedError when another process (or another open in
         this one) holds it."""
         data_dir = os.fspath(data_dir)
+        if os.path.lexists(data_dir) and not os.path.isdir(data_dir):
+            raise NotADirectoryError(errno.ENOTDIR, "the data directory is not a directory", data_dir)
         os.makedirs(data_dir, exist_ok=True)
         fd = os.open(lock_path(data_dir), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:

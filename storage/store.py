@@ -161,13 +161,16 @@ class Store:
         fs: FileSystem = OS_FILE_SYSTEM,
         fsync_workers_max: int = FSYNC_WORKERS_DEFAULT,
         open_files_max: int | None = None,
+        lock: DataDirectoryLock | None = None,
     ) -> Store:
         """Take the data directory's lock (DataDirectoryLockedError, having touched
         nothing, when another process holds it), then open the metadata (a damaged
         metadata file is refused before anything changes) and every log. At most
         `fsync_workers_max` threads run the logs' fsyncs, and the partitions keep at
         most `open_files_max` files open (None: sized from RLIMIT_NOFILE;
-        FileLimitTooLowError when that is below FILES_LIMIT_MIN)."""
+        FileLimitTooLowError when that is below FILES_LIMIT_MIN). `lock`: the directory's
+        lock, taken by the caller beforehand (the embedded mode binds its attach socket in
+        between); the store owns it from here on, and releases it when the open fails."""
         check_fsync_workers_max(fsync_workers_max)
         if open_files_max is None:
             soft_limit = files_soft_limit()
@@ -177,7 +180,10 @@ class Store:
         started = time.monotonic()
         data_dir = os.fspath(data_dir)
         clock_ms = clock_ms or (lambda: int(time.time() * 1000))
-        lock = DataDirectoryLock.acquire(data_dir)
+        if lock is None:
+            lock = DataDirectoryLock.acquire(data_dir)
+        assert lock.held, "a released lock"
+        assert os.path.samefile(lock.data_dir, data_dir), "the lock of another directory"
         try:
             metadata = MetadataStore(data_dir)
         except BaseException:

@@ -40,7 +40,7 @@ class ClientConnection:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         protocol: Connection,
-        address: tuple[str, int],
+        address: tuple[str, int | str],  # (host, port), or ("unix", path)
     ) -> None:
         self._reader = reader
         self._writer = writer
@@ -67,7 +67,29 @@ class ClientConnection:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        connection = cls(reader, writer, Connection(Role.CLIENT, limits), (host, port))
+        return await cls._start(reader, writer, (host, port), client_id, limits)
+
+    @classmethod
+    async def open_unix(cls, path: str, *, client_id: str, limits: ProtocolLimits) -> ClientConnection:
+        """Connect to a Unix socket (an embedded owner's attach socket) and handshake
+        (the caller bounds the time). Raises ConnectFailed."""
+        try:
+            reader, writer = await asyncio.open_unix_connection(path)
+        except OSError as error:
+            raise ConnectFailed(f"cannot connect to unix:{path}: {error}") from None
+        return await cls._start(reader, writer, ("unix", path), client_id, limits)
+
+    @classmethod
+    async def _start(
+        cls,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        address: tuple[str, int | str],
+        client_id: str,
+        limits: ProtocolLimits,
+    ) -> ClientConnection:
+        host, port = address
+        connection = cls(reader, writer, Connection(Role.CLIENT, limits), address)
         try:
             await connection._handshake(client_id)
         except BaseException:

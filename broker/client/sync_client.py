@@ -80,6 +80,8 @@ class Client:
         finally:
             with contextlib.suppress(Exception):
                 self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            with contextlib.suppress(Exception):  # asyncio.to_thread's threads (an embedded broker's storage calls)
+                self._loop.run_until_complete(self._loop.shutdown_default_executor())
             self._loop.close()
 
     def _run(self, coroutine: Coroutine[Any, Any, ResultT], timeout_ms: int | None, extra_ms: int = 0) -> ResultT:

@@ -41,6 +41,7 @@ from .config import ServerConfig
 from .memory_budget import FrameBudget, FrameBudgetStatistics, return_large_allocations_to_the_os, trim_freed_memory
 from .metrics import Metrics
 from .reply import Reply, error_reply
+from .retention_job import run_retention_job
 from .service import Broker
 from .status import status_for_peer
 
@@ -492,22 +493,7 @@ class Server:
             await asyncio.wait_for(self._listener.wait_closed(), 1)
 
     async def _retention_job(self) -> None:
-        interval_s = self.config.retention_check_interval_ms / 1000
-        while not self.shutting_down:
-            await asyncio.sleep(interval_s)
-            try:
-                deleted = await asyncio.to_thread(self.store.apply_retention)
-            except Exception:  # a read-only log reports itself; the job carries on
-                log.exception("retention")
-                continue
-            for (topic, partition), segments in deleted.items():
-                log.info(
-                    "retention deleted %d segment(s) of %s-%d",
-                    len(segments),
-                    topic,
-                    partition,
-                    extra={"topic": topic, "partition": partition, "segments": len(segments)},
-                )
+        await run_retention_job(self.store, self.config.retention_check_interval_ms, lambda: self.shutting_down)
 
 
 class _Stopped(Exception):
