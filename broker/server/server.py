@@ -272,6 +272,12 @@ class Server:
         self.store: Store | None = None
         self.broker: Broker | None = None
         self.metrics = metrics
+        # The web console (nodi.broker.console), on its own port unless console_port is 0.
+        self.console = None
+        if config.console_port:
+            from ..console.app import Console
+
+            self.console = Console(config.console_host, config.console_port)
         self.shutting_down = False
         self.sendfile = True
         self.sessions: set[ClientSession] = set()
@@ -343,11 +349,15 @@ class Server:
                         error.errno,
                         f"cannot serve metrics on {self.metrics.host}:{self.metrics.port}: {error.strerror}",
                     ) from None
+            if self.console is not None:
+                self.console.bind()
             self.store = await asyncio.to_thread(Store.open, self.config.data_dir)
         except BaseException:
             sock.close()
             if self.metrics is not None:
                 self.metrics.stop()
+            if self.console is not None:
+                await self.console.stop()
             raise
         for line in self.store.open_report.lines():
             log.warning("%s", line)
@@ -368,9 +378,13 @@ class Server:
                 tasks.create_task(self.broker.compaction.run_job())
                 if self.metrics is not None:
                     self.metrics.start(self)
+                if self.console is not None:
+                    await self.console.start(tasks, self.address)
                 if on_ready is not None:
                     on_ready(self)
                 await self._stop.wait()
+                if self.console is not None:
+                    await self.console.stop()
                 await self._shutdown()
                 raise _Stopped
         except* _Stopped:
@@ -542,6 +556,8 @@ def run(config: ServerConfig, *, announce: Callable[[str], None] = print) -> Non
             )
             if metrics is not None:
                 announce(f"nodi metrics on http://{host}:{metrics.port}/metrics")
+            if server.console is not None:
+                announce(f"nodi console on http://{config.console_host}:{server.console.port}/")
 
         await server.run(on_ready=ready)
 
