@@ -32,12 +32,13 @@ from ..client.errors import (
     Timeout,
     UnknownGroup,
     UnknownPartition,
+    UnknownQueueGroup,
     UnknownTopic,
 )
 from ..client.sync_client import Client
 from . import pages
 from .http import DEFAULT_CONSOLE_LIMITS, ConsoleLimits, HttpServer, Request, Response, plain_response
-from .render import escape, layout
+from .render import Markup, escape, layout
 
 log = logging.getLogger("nodi.console")
 
@@ -68,6 +69,7 @@ _ERROR_STATUS: tuple[tuple[type[NodiClientError], int], ...] = (
     (UnknownTopic, 404),
     (UnknownPartition, 404),
     (UnknownGroup, 404),
+    (UnknownQueueGroup, 404),
     (GroupNotEmpty, 409),
     (OffsetOutOfRange, 400),
     (InvalidRequest, 400),
@@ -237,9 +239,7 @@ class Console:
         return pages.done(line, back)
 
     def _error_page(self, status: int, message: str) -> Response:
-        body = layout(f"Error {status}", escape(message))
-        body = body.replace(b"<main>", b'<main><p class="error" id="error">' + escape(message).encode() + b"</p>", 1)
-        return Response(status, body)
+        return Response(status, layout(f"Error {status}", Markup(f'<p class="error" id="error">{escape(message)}</p>')))
 
     # -- the overview's rates ----------------------------------------------------------------------
 

@@ -201,6 +201,10 @@ class HttpServer:
                     return None
                 if isinstance(event, h11.Request):
                     head = event
+                    # h11 bounds a head that arrives in pieces; one that arrives whole is measured here.
+                    head_bytes = len(event.target) + sum(len(name) + len(value) + 4 for name, value in event.headers)
+                    if head_bytes > limits.request_head_bytes_max:
+                        raise _Refused(plain_response(431, f"request head over {limits.request_head_bytes_max} bytes"))
                     length = dict(event.headers).get(b"content-length")
                     if length is not None and length.isdigit() and int(length) > limits.request_body_bytes_max:
                         raise _Refused(plain_response(413, f"request body over {limits.request_body_bytes_max} bytes"))

@@ -476,7 +476,7 @@ def group_reset(client: Client, request: Request) -> tuple[str, Markup, WriteAct
     to = request.param("to", "earliest")
     value = request.param("value")
     partition = _integer(request, "partition")
-    target: str | int
+    target: str | int | datetime.datetime
     if to in ("earliest", "latest"):
         target = to
         where = to
@@ -485,8 +485,9 @@ def group_reset(client: Client, request: Request) -> tuple[str, Markup, WriteAct
             raise PageError(400, f"offset {value!r} is not a non-negative integer")
         target, where = int(value), f"offset {value}"
     elif to == "time":
-        target = parse_time_ms(value)
-        where = f"the first message at or after {time_ms(target)}"
+        moment_ms = parse_time_ms(value)
+        target = datetime.datetime.fromtimestamp(moment_ms / 1000, tz=datetime.UTC)
+        where = f"the first message at or after {time_ms(moment_ms)}"
     else:
         raise PageError(400, f"to must be earliest, latest, offset or time, not {to!r}")
     partitions = None if partition is None else [partition]
