@@ -338,3 +338,20 @@ def test_a_page_of_a_1_gib_partition_reads_a_few_megabytes_of_it(tmp_path) -> No
         assert read < 3 * 16 * 1024 * 1024, read  # SEARCH_BYTES_MAX: sent once, read once, and slack
     finally:
         process.stop()
+
+
+def test_the_overview_charts_rates_between_samples() -> None:
+    from nodi.broker.console.app import Console
+    from nodi.broker.console.render import sparkline
+
+    console = Console("127.0.0.1", 0)
+    try:
+        assert console.rates() == {}
+        for at_s, produced in ((0.0, 100), (5.0, 150), (10.0, 150), (15.0, 400)):
+            console._samples.append((at_s, {"messages_in": produced}))
+        assert console.rates() == {"messages_in": [10.0, 0.0, 50.0]}
+        chart = sparkline(console.rates()["messages_in"], label="messages in")
+        assert "<polyline" in chart and "now 50.0/s, max 50.0/s" in chart
+        assert "gathering samples" in sparkline([1.0], label="messages in")
+    finally:
+        console._workers.shutdown()
