@@ -174,7 +174,7 @@ def _section_defaults(section: str) -> dict[str, tuple[object, bool]]:
 
 
 # NODI_* variables that are not server settings: the clients' and the tools' own.
-OTHER_ENVIRONMENT_VARIABLES = frozenset({"NODI_SERVER", "NODI_CRASH_WALK_SEEDS"})
+OTHER_ENVIRONMENT_VARIABLES = frozenset({"NODI_SERVER", "NODI_CRASH_WALK_SEEDS", "NODI_CONSOLE_SCREENSHOTS"})
 
 
 def known_environment_variables() -> frozenset[str]:
