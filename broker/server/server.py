@@ -399,6 +399,8 @@ class Server:
                 self._trim.cancel()
             if self.metrics is not None:
                 self.metrics.stop()
+            if self.console is not None:
+                await self.console.stop()  # again after a fatal error: stop() is idempotent
             await self.broker.compaction.stop()  # a run's thread must end before the logs close
             try:
                 self.broker.queues.stage_for_shutdown()  # a clean stop leaves no delivery in doubt
