@@ -364,3 +364,29 @@ def test_the_overview_charts_rates_between_samples() -> None:
         assert "gathering samples" in sparkline([1.0], label="messages in")
     finally:
         console._workers.shutdown()
+
+
+def test_a_write_the_permission_hook_refuses_does_not_run_and_is_logged(caplog) -> None:
+    from nodi.broker.console.app import Console
+    from nodi.broker.console.http import Request
+    from nodi.broker.console.pages import PageError, WriteAction
+    from nodi.broker.console.render import Markup
+
+    class ReadOnly:
+        def refusal(self, action: str, target: str, peer: str) -> str | None:
+            return f"{peer} may not {action} {target}"
+
+    ran = []
+    action = WriteAction("group.reset", "billing@orders", lambda: ran.append(1) or "done")
+    console = Console("127.0.0.1", 0, permissions=ReadOnly())
+    try:
+        form = {"name": "billing", "confirm": "yes"}
+        request = Request("POST", "/group/reset", {}, form, {}, "127.0.0.1:5000")
+        with pytest.raises(PageError) as refused, caplog.at_level("WARNING", logger="nodi.console"):
+            console._write(None, request, lambda client, request: ("reset?", Markup(""), action))  # type: ignore[arg-type]
+        assert (
+            refused.value.status == 403 and refused.value.message == "127.0.0.1:5000 may not group.reset billing@orders"
+        )
+        assert ran == [] and "group.reset on billing@orders by 127.0.0.1:5000 refused" in caplog.text
+    finally:
+        console._workers.shutdown()
