@@ -67,6 +67,8 @@ def test_every_page_in_a_browser_with_a_reset_and_a_redrive(tmp_path, browser) -
         page = browser.find_element(By.TAG_NAME, "html")
         element.click()
         WebDriverWait(browser, 30).until(expected_conditions.staleness_of(page))
+        # The next page whole (the driver's scripts run though the pages' would not).
+        WebDriverWait(browser, 30).until(lambda _: browser.execute_script("return document.readyState") == "complete")
 
     def cells(table_id: str) -> list[list[str]]:
         rows = browser.find_elements(By.CSS_SELECTOR, f"#{table_id} tbody tr")
