@@ -19,14 +19,13 @@ repeat, never a loss.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
+from nodi.broker.client import dead_letters
+from nodi.broker.client.dead_letters import DEAD_LETTER_SUFFIX, header_text
 from nodi.cli.common import command, connect, fail, json_bytes, print_table
-
-if TYPE_CHECKING:
-    from nodi.broker import Message
 
 app = typer.Typer(
     name="dlq",
@@ -34,60 +33,8 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
-CURSOR_GROUP = "nodi.dlq"
-DEAD_LETTER_SUFFIX = ".dlq"
-RESERVED_PREFIX = "nodi-"
-# Messages republished per producer flush (and cursor commit) during a redrive.
-REDRIVE_CHUNK = 500
-
 TopicArgument = Annotated[str, typer.Argument(help="The dead-letter topic.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object per line instead of a table.")]
-
-
-def _positions(client, topic: str) -> list[tuple[int, int, int]]:
-    """(partition, cursor, high watermark) per partition: the cursor is the first entry
-    not yet handled (never below the log start)."""
-    description = client.describe_topic(topic)
-    committed = client.fetch_offsets(CURSOR_GROUP, [topic])
-    return [
-        (p.partition, max(committed.get((topic, p.partition), 0), p.log_start_offset), p.high_watermark)
-        for p in description.partitions
-    ]
-
-
-def _entries(client, topic: str, count: int | None):
-    """(partition, message) from the cursor on, partition by partition, at most `count`."""
-    produced = 0
-    for partition, offset, end in _positions(client, topic):
-        while offset < end and (count is None or produced < count):
-            messages, offset = client.fetch_with_position(topic, partition, offset, include_expired=True)
-            if not messages:
-                break
-            for message in messages:
-                if count is not None and produced >= count:
-                    return
-                produced += 1
-                yield partition, message
-
-
-def _commit(client, offsets: dict[tuple[str, int], int]) -> None:
-    for (_topic, _partition), error in client.commit_offsets(CURSOR_GROUP, offsets).items():
-        if error is not None:
-            raise error
-
-
-def _header(message, name: str) -> str | None:
-    value = message.header(name)
-    return None if value is None else value.decode("utf-8", errors="replace")
-
-
-def _dead_letter_topics(client) -> dict[str, list[str]]:
-    """Dead-letter topic -> the queue groups (group@topic) that write to it."""
-    existing = {summary.name for summary in client.list_topics()}
-    found: dict[str, list[str]] = {name: [] for name in existing if name.endswith(DEAD_LETTER_SUFFIX)}
-    for queue in client.list_queues():
-        found.setdefault(queue.dead_letter_topic, []).append(f"{queue.group}@{queue.topic}")
-    return {name: groups for name, groups in sorted(found.items()) if name in existing}
 
 
 def _require_dead_letter_topic(ctx: typer.Context, client, topic: str, *, force: bool = False) -> None:
@@ -96,7 +43,7 @@ def _require_dead_letter_topic(ctx: typer.Context, client, topic: str, *, force:
     would move its cursor; --force lets purge do it anyway."""
     if force:
         return
-    dead_letter_topics = _dead_letter_topics(client)
+    dead_letter_topics = dead_letters.dead_letter_topics(client)
     if topic in dead_letter_topics:
         return
     if topic not in {summary.name for summary in client.list_topics()}:
@@ -116,8 +63,8 @@ def list_command(ctx: typer.Context, json_output: JsonOption = False) -> None:
     groups that dead-letter into each."""
     rows = []
     with connect(ctx) as client:
-        for topic, groups in _dead_letter_topics(client).items():
-            positions = _positions(client, topic)
+        for topic, groups in dead_letters.dead_letter_topics(client).items():
+            positions = dead_letters.positions(client, topic)
             waiting = sum(end - cursor for _, cursor, end in positions)
             description = client.describe_topic(topic)
             stored = sum(p.high_watermark - p.log_start_offset for p in description.partitions)
@@ -145,7 +92,7 @@ def show_command(
     and every header (bytes as text, or {"base64": ...})."""
     with connect(ctx) as client:
         _require_dead_letter_topic(ctx, client, topic)
-        entries = list(_entries(client, topic, count))
+        entries = list(dead_letters.entries(client, topic, count))
     if json_output:
         for partition, message in entries:
             typer.echo(
@@ -167,12 +114,12 @@ def show_command(
             (
                 partition,
                 message.offset,
-                f"{_header(message, 'nodi-dlq-source-topic')}-{_header(message, 'nodi-dlq-source-partition')}"
-                f"@{_header(message, 'nodi-dlq-source-offset')}",
-                _header(message, "nodi-dlq-group"),
-                _header(message, "nodi-dlq-reason"),
-                _header(message, "nodi-dlq-delivery-count"),
-                (_header(message, "nodi-dlq-last-error") or "")[:60],
+                f"{header_text(message, 'nodi-dlq-source-topic')}-{header_text(message, 'nodi-dlq-source-partition')}"
+                f"@{header_text(message, 'nodi-dlq-source-offset')}",
+                header_text(message, "nodi-dlq-group"),
+                header_text(message, "nodi-dlq-reason"),
+                header_text(message, "nodi-dlq-delivery-count"),
+                (header_text(message, "nodi-dlq-last-error") or "")[:60],
             )
             for partition, message in entries
         ),
@@ -194,51 +141,12 @@ def redrive_command(
     their own headers, without the reserved nodi- headers - to their source topic (the
     same partition when it still has it) or to --to, then move the cursor past them. A
     repeat is possible after a crash, a loss is not."""
-    redriven = 0
     with connect(ctx) as client:
         _require_dead_letter_topic(ctx, client, topic)
-        partitions: dict[str, int] = {}
-        pending: list[tuple[int, Message]] = []
-
-        def flush_chunk() -> None:
-            nonlocal redriven
-            if not pending:
-                return
-            with client.producer() as producer:
-                futures = []
-                for _, message in pending:
-                    target = to or _header(message, "nodi-dlq-source-topic")
-                    assert target is not None  # a message without it is refused before it is queued
-                    if target not in partitions:
-                        partitions[target] = client.partition_count(target)
-                    source_partition = _header(message, "nodi-dlq-source-partition")
-                    partition = None
-                    if to is None and source_partition is not None and source_partition.isdigit():
-                        partition = int(source_partition) if int(source_partition) < partitions[target] else None
-                    headers = [(name, value) for name, value in message.headers if not name.startswith(RESERVED_PREFIX)]
-                    futures.append(
-                        producer.send(target, message.value, key=message.key, headers=headers, partition=partition)
-                    )
-                producer.flush()
-                for future in futures:
-                    future.result()  # raises the first failure: the cursor stays before it
-            after: dict[int, int] = {}
-            for partition, message in pending:
-                after[partition] = max(after.get(partition, 0), message.offset + 1)
-            _commit(client, {(topic, partition): offset for partition, offset in after.items()})
-            redriven += len(pending)
-            pending.clear()
-
-        for partition, message in _entries(client, topic, count):
-            if to is None and _header(message, "nodi-dlq-source-topic") is None:
-                flush_chunk()
-                raise fail(
-                    f"nodi dlq redrive: {topic}-{partition} offset {message.offset} names no source topic; give --to"
-                )
-            pending.append((partition, message))
-            if len(pending) >= REDRIVE_CHUNK:
-                flush_chunk()
-        flush_chunk()
+        try:
+            redriven = dead_letters.redrive(client, topic, to=to, count=count)
+        except dead_letters.DeadLetterWithoutSource as error:
+            raise fail(f"nodi dlq redrive: {error}; give --to") from None
     typer.echo(f"redrove {redriven} message(s) from {topic}")
 
 
@@ -255,7 +163,5 @@ def purge_command(
     them). A topic that is not a dead-letter topic is refused without --force."""
     with connect(ctx) as client:
         _require_dead_letter_topic(ctx, client, topic, force=force)
-        positions = _positions(client, topic)
-        purged = sum(end - cursor for _, cursor, end in positions)
-        _commit(client, {(topic, partition): end for partition, _, end in positions})
+        purged = dead_letters.purge(client, topic)
     typer.echo(f"purged {purged} message(s) from {topic}")

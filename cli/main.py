@@ -67,6 +67,9 @@ def serve(
     metrics_port: int = typer.Option(
         None, "--metrics-port", help="Prometheus endpoint port; 0 picks a free one, -1 disables (default: 6635)."
     ),
+    console_port: int = typer.Option(
+        None, "--console-port", help="Web console port (docs/console.md); 0 turns it off (default: 6636)."
+    ),
     config: str = typer.Option(
         None, "--config", help="A TOML file of settings with server, topic_defaults, protocol and groups tables."
     ),
@@ -92,6 +95,7 @@ def serve(
             host=host,
             port=port,
             metrics_port=metrics_port,
+            console_port=console_port,
             log_level=log_level,
             log_json=log_json,
         )

@@ -250,6 +250,8 @@ class NodiServer:
             "0",
             "--metrics-port",
             "0" if self.metrics else "-1",
+            "--console-port",
+            "0",
             *self.extra_args,
         ]
         with open(self.log_path, "w") as output:

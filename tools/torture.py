@@ -580,6 +580,8 @@ class BrokerProcess:
             "0",
             "--metrics-port",
             "-1",
+            "--console-port",
+            "0",
         ]
         self.process = subprocess.Popen(
             command,

@@ -38,6 +38,9 @@ class ServerConfig:
     port: int = 6634
     # Prometheus endpoint; 0 picks a free port, -1 disables it.
     metrics_port: int = 6635
+    # The web console (docs/console.md): its address, and its port; 0 turns it off.
+    console_host: str = "127.0.0.1"
+    console_port: int = 6636
     # Open client connections; one more is told LIMIT_EXCEEDED and closed.
     connections_max: int = 10_000
     # Longest long-poll a fetch may ask for; longer waits are cut to it.
@@ -83,6 +86,8 @@ class ServerConfig:
             raise InvalidConfigError(f"port {self.port} outside 0..65535")
         if not -1 <= self.metrics_port <= 65535:
             raise InvalidConfigError(f"metrics_port {self.metrics_port} outside -1..65535")
+        if not 0 <= self.console_port <= 65535:
+            raise InvalidConfigError(f"console_port {self.console_port} outside 0..65535 (0 turns the console off)")
         for name in (
             "connections_max",
             "fetch_wait_max_ms",
@@ -174,7 +179,7 @@ def _section_defaults(section: str) -> dict[str, tuple[object, bool]]:
 
 
 # NODI_* variables that are not server settings: the clients' and the tools' own.
-OTHER_ENVIRONMENT_VARIABLES = frozenset({"NODI_SERVER", "NODI_CRASH_WALK_SEEDS"})
+OTHER_ENVIRONMENT_VARIABLES = frozenset({"NODI_SERVER", "NODI_CRASH_WALK_SEEDS", "NODI_CONSOLE_SCREENSHOTS"})
 
 
 def known_environment_variables() -> frozenset[str]:

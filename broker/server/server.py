@@ -290,6 +290,12 @@ class Server:
         self.store: Store | None = None
         self.broker: Broker | None = None
         self.metrics = metrics
+        # The web console (nodi.broker.console), on its own port unless console_port is 0.
+        self.console = None
+        if config.console_port:
+            from ..console.app import Console
+
+            self.console = Console(config.console_host, config.console_port)
         self.shutting_down = False
         self.sendfile = True
         self.sessions: set[ClientSession] = set()
@@ -361,6 +367,8 @@ class Server:
                         error.errno,
                         f"cannot serve metrics on {self.metrics.host}:{self.metrics.port}: {error.strerror}",
                     ) from None
+            if self.console is not None:
+                self.console.bind()
             files_limit = raise_files_limit()
             self.store = await asyncio.to_thread(
                 Store.open, self.config.data_dir, fsync_workers_max=self.config.fsync_workers_max
@@ -369,6 +377,8 @@ class Server:
             sock.close()
             if self.metrics is not None:
                 self.metrics.stop()
+            if self.console is not None:
+                await self.console.stop()
             raise
         _log_files_limit(*files_limit)
         for line in self.store.open_report.lines():
@@ -390,9 +400,13 @@ class Server:
                 tasks.create_task(self.broker.compaction.run_job())
                 if self.metrics is not None:
                     self.metrics.start(self)
+                if self.console is not None:
+                    await self.console.start(tasks, self.address)
                 if on_ready is not None:
                     on_ready(self)
                 await self._stop.wait()
+                if self.console is not None:
+                    await self.console.stop()
                 await self._shutdown()
                 raise _Stopped
         except* _Stopped:
@@ -407,6 +421,8 @@ class Server:
                 self._trim.cancel()
             if self.metrics is not None:
                 self.metrics.stop()
+            if self.console is not None:
+                await self.console.stop()  # again after a fatal error: stop() is idempotent
             await self.broker.compaction.stop()  # a run's thread must end before the logs close
             try:
                 self.broker.queues.stage_for_shutdown()  # a clean stop leaves no delivery in doubt
@@ -549,6 +565,8 @@ def run(config: ServerConfig, *, announce: Callable[[str], None] = print) -> Non
             )
             if metrics is not None:
                 announce(f"nodi metrics on http://{host}:{metrics.port}/metrics")
+            if server.console is not None:
+                announce(f"nodi console on http://{config.console_host}:{server.console.port}/")
 
         await server.run(on_ready=ready)
 
