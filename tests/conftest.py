@@ -15,7 +15,7 @@ import pytest
 
 NODI = [sys.executable, "-m", "nodi.cli.main"]
 READY = re.compile(r"nodi listening on ([\d.]+):(\d+)")
-METRICS = re.compile(r"nodi metrics on http://[\d.]+:(\d+)/metrics")
+METRICS = re.compile(r"nodi metrics on https?://[\d.]+:(\d+)/metrics")
 START_TIMEOUT_S = 30
 
 
