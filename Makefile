@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: run test install clean bench crash-walk queue-leases torture lint
+.PHONY: run test install clean bench bench-tls crash-walk queue-leases torture lint
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,10 @@ bench: $(STAMP) $(BENCH_STAMP)
 	$(BIN)/python -m tools.storage_bench
 	$(BIN)/nodi bench
 	$(BIN)/nodi bench --suite queues
+
+# TLS against plaintext, durable produce and consume (docs/benchmarks.md; needs openssl).
+bench-tls: $(STAMP)
+	$(BIN)/python -m tools.tls_bench
 
 # The crash torture (tools/torture.py, docs/operations.md): ROUNDS kill -9 rounds of a real
 # broker under concurrent producers and consumers, every acknowledged message checked;

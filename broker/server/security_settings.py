@@ -84,3 +84,13 @@ def check_exposure(host: str, security: SecuritySettings) -> None:
         "delete every topic. Give a users file (security.users_file, NODI_SECURITY_USERS_FILE; `nodi user add` "
         "makes one) and TLS certificates, or listen on 127.0.0.1, or, on a network you trust, --insecure-no-auth"
     )
+
+
+def exposure_warnings(host: str, security: SecuritySettings) -> list[str]:
+    """What a start should warn about: passwords in clear beyond loopback."""
+    if security.users_file and not security.tls and not is_loopback(host):
+        return [
+            f"listening on {host} with a users file but without TLS: passwords and messages cross the network "
+            "in clear (set security.tls_cert_file and tls_key_file)"
+        ]
+    return []

@@ -40,7 +40,7 @@ from .memory_budget import FrameBudget, FrameBudgetStatistics, return_large_allo
 from .metrics import Metrics
 from .reply import Reply, error_reply
 from .security import Security
-from .security_settings import check_exposure
+from .security_settings import check_exposure, exposure_warnings
 from .service import Broker
 from .status import status_for_peer
 from .users import ANONYMOUS, Principal
@@ -418,6 +418,8 @@ class Server:
         (Store.open), so a start that fails (a port taken: OSError; another broker or a
         tool on the directory: DataDirectoryLockedError) has written nothing into it."""
         check_exposure(self.config.host, self.config.security)
+        for warning in exposure_warnings(self.config.host, self.config.security):
+            log.warning("%s", warning)
         sock = _bind(self.config.host, self.config.port)
         try:
             if self.metrics is not None:
