@@ -55,8 +55,8 @@ def make_certificate(directory: str) -> tuple[str, str]:
 
 async def one_side(address: str, tls, settings: Settings, topic: str) -> dict:
     value = os.urandom(settings.value_bytes)
-    credentials = {"user": "bench", "password": PASSWORD} if tls is not None else {}
-    async with AsyncClient(address, timeout_ms=60_000, tls=tls or False, **credentials) as client:
+    user, password = ("bench", PASSWORD) if tls is not None else (None, None)
+    async with AsyncClient(address, timeout_ms=60_000, tls=tls or False, user=user, password=password) as client:
         await client.create_topic(topic, partitions=settings.partitions, fsync_policy="always")
         produced = await nodi_produce(client, topic, settings, value)
         consumed = await nodi_consume(client, topic, produced["messages"], settings, settings.value_bytes)
@@ -76,12 +76,12 @@ def run(settings: Settings, directory: str) -> dict:
     )
     for server in (plain, secure):
         os.makedirs(server.directory, exist_ok=True)
-    rounds = []
+    rounds: list[dict] = []
     try:
         plain_address, secure_address = plain.start(), secure.start()
         tls = client_tls_context(cert)
         for number in range(settings.rounds):
-            one = {}
+            one: dict = {}
             order = [("plaintext", plain_address, None), ("tls", secure_address, tls)]
             if number % 2:
                 order.reverse()  # neither side always runs first
@@ -97,7 +97,7 @@ def run(settings: Settings, directory: str) -> dict:
     finally:
         plain.stop()
         secure.stop()
-    summary = {}
+    summary: dict[str, object] = {}
     for phase in ("produce", "consume"):
         summary[phase] = {
             "plaintext_msg_per_s": statistics.median(r["plaintext"][phase] for r in rounds),
