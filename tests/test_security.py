@@ -81,6 +81,7 @@ def pki(tmp_path_factory):
         "expired": ca.issue("expired", "nodi expired server", server=True, expired=True),
         "carol": ca.issue("carol", "carol", server=False),
         "mallory": other.issue("mallory", "carol", server=False),
+        "stranger": ca.issue("stranger", "stranger", server=False),
     }
 
 
@@ -401,6 +402,10 @@ def test_client_certificates_and_a_certificate_reload_on_sighup(pki, tmp_path):
                 password="Guessed-Pw-9",
                 timeout_ms=5_000,
             ).connect()
+        stranger = client_tls_context(new_ca.file, pki["stranger"].cert, pki["stranger"].key)
+        with pytest.raises(ConnectFailed, match="client certificate was refused"):  # a trusted CA, no such user
+            with Client(process.address, tls=stranger, timeout_ms=3_000, reconnect_attempts_max=1) as client:
+                client.list_topics()
         mallory = client_tls_context(new_ca.file, pki["mallory"].cert, pki["mallory"].key)
         with pytest.raises((TlsFailed, ConnectFailed)):  # a certificate from a CA the server does not trust
             with Client(process.address, tls=mallory, timeout_ms=3_000, reconnect_attempts_max=1) as client:
@@ -412,6 +417,7 @@ def test_client_certificates_and_a_certificate_reload_on_sighup(pki, tmp_path):
     assert "not authorized: carol may not admin topic orders.x" in output  # the log line names the principal
     assert "authentication refused (bad_credentials) for alice" in output
     assert "Guessed-Pw-9" not in output  # a password never reaches the log
+    assert "authentication refused (certificate) for stranger" in output
 
 
 def test_listening_beyond_loopback_needs_users_or_insecure_no_auth(tmp_path):

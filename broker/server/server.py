@@ -39,7 +39,7 @@ from .config import ServerConfig
 from .memory_budget import FrameBudget, FrameBudgetStatistics, return_large_allocations_to_the_os, trim_freed_memory
 from .metrics import Metrics
 from .reply import Reply, error_reply
-from .security import Security
+from .security import Security, certificate_common_name
 from .security_settings import check_exposure, exposure_warnings
 from .service import Broker
 from .status import status_for_peer
@@ -206,11 +206,13 @@ class ClientSession:
         security = self.server.security
         if not security.required:
             self.principal = ANONYMOUS
-        principal = security.principal_of_certificate(self.writer.get_extra_info("peercert"))
-        if principal is not None:
-            if not security.open_connection(principal):
-                return False
-            self.principal, self._principal_counted = principal, True
+        certificate = self.writer.get_extra_info("peercert")
+        if certificate_common_name(certificate) is None:
+            return True  # no client certificate: Authenticate decides
+        principal = security.principal_of_certificate(certificate)
+        if principal is None or not security.open_connection(principal):
+            return False  # a certificate naming no user (or over its limit): refused, counted
+        self.principal, self._principal_counted = principal, True
         return True
 
     async def _authenticate(self, request: m.AuthenticateRequest) -> bool:
