@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: run test install clean bench crash-walk queue-leases torture lint many-partitions
+.PHONY: run test install clean bench bench-tls crash-walk queue-leases torture lint many-partitions
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,10 @@ bench: $(STAMP) $(BENCH_STAMP)
 	$(BIN)/nodi bench --suite queues
 	$(BIN)/python -m tools.latency_bench
 	$(BIN)/python -m tools.embedded_bench
+
+# TLS against plaintext, durable produce and consume (docs/benchmarks.md; needs openssl).
+bench-tls: $(STAMP)
+	$(BIN)/python -m tools.tls_bench
 
 # The crash torture (tools/torture.py, docs/operations.md): ROUNDS kill -9 rounds of a real
 # broker under concurrent producers and consumers, every acknowledged message checked;

@@ -43,6 +43,12 @@ class CliState:
     """Global options, set by the `nodi` callback and read by every command."""
 
     server: str | None = None
+    # TLS and credentials (--tls, --tls-ca, --tls-cert, --tls-key, --user; NODI_* variables).
+    tls: bool = False
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    user: str | None = None
 
 
 def state_of(ctx: typer.Context) -> CliState:
@@ -64,9 +70,11 @@ def connect(ctx: typer.Context, *, timeout_ms: int = CLI_TIMEOUT_MS) -> Iterator
     from nodi.broker import Client
 
     command = ctx.command_path
+    state = state_of(ctx)
     try:
+        security = _security_options(state)
         with Client(
-            state_of(ctx).server, timeout_ms=timeout_ms, reconnect_attempts_max=CLI_CONNECT_ATTEMPTS_MAX
+            state.server, timeout_ms=timeout_ms, reconnect_attempts_max=CLI_CONNECT_ATTEMPTS_MAX, **security
         ) as client:
             client.connect()
             yield client
@@ -74,6 +82,27 @@ def connect(ctx: typer.Context, *, timeout_ms: int = CLI_TIMEOUT_MS) -> Iterator
         raise fail(f"{command}: {type(error).__name__}: {error}") from None
     except ValueError as error:  # a malformed address
         raise fail(f"{command}: {error}", 2) from None
+
+
+def _security_options(state: CliState) -> dict[str, Any]:
+    """The client's tls=, user= and password= from the global options (which typer
+    fills from the NODI_* variables too); the password from NODI_PASSWORD, else asked
+    for on the terminal."""
+    from nodi.broker.client.tls import PASSWORD_VARIABLE, client_tls_context
+
+    options: dict[str, Any] = {}
+    if state.tls or state.tls_ca or state.tls_cert:
+        options["tls"] = client_tls_context(state.tls_ca, state.tls_cert, state.tls_key)
+    else:
+        options["tls"] = False
+    if state.user:
+        password = os.environ.get(PASSWORD_VARIABLE)
+        if password is None:
+            password = typer.prompt(f"Password for {state.user}", hide_input=True, err=True)
+        options["user"], options["password"] = state.user, password
+    else:
+        options["user"], options["password"] = None, None
+    return options
 
 
 # ---------------------------------------------------------------------------

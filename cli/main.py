@@ -14,6 +14,7 @@ from nodi.cli.queues import app as queues_app
 from nodi.cli.segments import app as segments_app
 from nodi.cli.status import register as register_status
 from nodi.cli.topics import app as topics_app
+from nodi.cli.users import app as users_app
 
 app = typer.Typer(
     name="nodi",
@@ -27,6 +28,7 @@ app.add_typer(topics_app, name="topic", cls=ReadableGroup)
 app.add_typer(groups_app, name="group", cls=ReadableGroup)
 app.add_typer(dlq_app, name="dlq", cls=ReadableGroup)
 app.add_typer(queues_app, name="queue", cls=ReadableGroup)
+app.add_typer(users_app, name="user", cls=ReadableGroup)
 messaging.register(app)
 register_status(app)
 bench.register(app)
@@ -54,9 +56,27 @@ def main(
         envvar="NODI_SERVER",
         help="Broker address HOST:PORT for the commands that talk to a running broker (default 127.0.0.1:6634).",
     ),
+    tls: bool = typer.Option(False, "--tls", envvar="NODI_TLS", help="Connect with TLS, trusting the system's CAs."),
+    tls_ca: str = typer.Option(
+        None, "--tls-ca", envvar="NODI_TLS_CA", help="Connect with TLS, trusting this CA file (PEM)."
+    ),
+    tls_cert: str = typer.Option(
+        None, "--tls-cert", envvar="NODI_TLS_CERT", help="A client certificate (PEM) for mutual TLS."
+    ),
+    tls_key: str = typer.Option(
+        None, "--tls-key", envvar="NODI_TLS_KEY", help="The client certificate's key (else it is in --tls-cert)."
+    ),
+    user: str = typer.Option(
+        None,
+        "--user",
+        envvar="NODI_USER",
+        help="Authenticate as this user; the password comes from NODI_PASSWORD, else it is asked for.",
+    ),
 ) -> None:
     """nodi: a durable, log-structured message broker."""
-    state_of(ctx).server = server
+    state = state_of(ctx)
+    state.server = server
+    state.tls, state.tls_ca, state.tls_cert, state.tls_key, state.user = tls, tls_ca, tls_cert, tls_key, user
 
 
 @command(app, "serve")
@@ -78,6 +98,11 @@ def serve(
     log_json: bool = typer.Option(
         None, "--log-json/--log-plain", help="Log one JSON object per line on stderr (default: plain lines)."
     ),
+    insecure_no_auth: bool = typer.Option(
+        False,
+        "--insecure-no-auth",
+        help="Listen beyond loopback without a users file: anyone who reaches the port may do anything.",
+    ),
 ) -> None:
     """Run the broker until SIGTERM or SIGINT (a clean shutdown: the next start needs
     no recovery). Settings: defaults < --config file < NODI_* environment < flags."""
@@ -85,6 +110,7 @@ def serve(
 
     from nodi.broker.server.config import load_config, unknown_environment_variables
     from nodi.broker.server.logs import configure_logging
+    from nodi.broker.server.security_settings import check_exposure
     from nodi.broker.server.server import run
     from nodi.storage.errors import NodiError
 
@@ -102,11 +128,20 @@ def serve(
     except NodiError as error:
         typer.echo(f"nodi serve: {error}", err=True)
         raise typer.Exit(2) from None
+    if insecure_no_auth:
+        import dataclasses
+
+        settings = dataclasses.replace(settings, security=dataclasses.replace(settings.security, insecure_no_auth=True))
     for warning in unknown_environment_variables():
         typer.echo(f"nodi serve: warning: {warning}", err=True)
     if print_config:
         typer.echo(json.dumps(settings.to_dict(), indent=2, sort_keys=True, default=str))
         return
+    try:  # the safe default: no users file, no address beyond loopback (server.run checks again)
+        check_exposure(settings.host, settings.security)
+    except NodiError as error:
+        typer.echo(f"nodi serve: {error}", err=True)
+        raise typer.Exit(2) from None
     configure_logging(settings.log_level, json_lines=settings.log_json)
     try:
         run(settings, announce=lambda line: typer.echo(line))

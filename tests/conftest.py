@@ -16,7 +16,7 @@ import pytest
 
 NODI = [sys.executable, "-m", "nodi.cli.main"]
 READY = re.compile(r"nodi listening on ([\d.]+):(\d+)")
-METRICS = re.compile(r"nodi metrics on http://[\d.]+:(\d+)/metrics")
+METRICS = re.compile(r"nodi metrics on https?://[\d.]+:(\d+)/metrics")
 START_TIMEOUT_S = 30
 # Every `nodi serve` a test starts leaves the web console off (its default port, 6636,
 # is one per machine); the console's tests turn it on with --console-port.

@@ -53,7 +53,7 @@ def test_the_data_dir_is_shown_to_loopback_connections_only(tmp_path):
     if other is None:
         pytest.skip("this machine has no non-loopback IPv4 address to connect from")
     data_dir = str(tmp_path / "data")
-    process = BrokerProcess(data_dir, ["--host", "0.0.0.0"]).start()
+    process = BrokerProcess(data_dir, ["--host", "0.0.0.0", "--insecure-no-auth"]).start()
     try:
         local = RawClient(("127.0.0.1", process.port)).handshake().call(m.ServerStatusRequest)
         assert local.error_code == ErrorCode.NONE and local.data_dir == os.path.abspath(data_dir)

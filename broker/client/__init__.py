@@ -29,6 +29,7 @@ from .errors import __all__ as _error_names
 from .producer import AsyncProducer, Producer
 from .queue import AsyncQueue, Queue, QueueDescription, QueueMessage, QueueSummary
 from .sync_client import Client
+from .tls import client_tls_context
 from .types import (
     UNLIMITED,
     GroupDescription,
@@ -68,6 +69,7 @@ __all__ = [
     "TopicSettings",
     "TopicSummary",
     "UNLIMITED",
+    "client_tls_context",
     "partition_for_key",
     *_error_names,
 ]

@@ -18,6 +18,12 @@ fetch, offsets), which are retried on a new connection within the call's timeout
 idempotent producer's batches (see producer.py), which the server deduplicates.
 
 Failures the server reports raise the client error of their code (client/errors.py).
+
+Security (docs/security.md): `tls=` an ssl.SSLContext (client_tls_context(ca_file=...)),
+True (the system's CAs) or False (plaintext); `user=` and `password=` authenticate each
+connection. Left out (None), they come from NODI_TLS, NODI_TLS_CA, NODI_TLS_CERT,
+NODI_TLS_KEY, NODI_USER and NODI_PASSWORD (client/tls.py). A refused password
+(AuthenticationFailed) or TLS handshake (TlsFailed) is not retried.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import datetime as _datetime
 import itertools
 import logging
 import random
+import ssl
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -40,17 +47,20 @@ from ..protocol.limits import DEFAULT_PROTOCOL_LIMITS, ProtocolLimits
 from .connection import ClientConnection
 from .core import AsyncClientCore, check_error_code
 from .errors import (
+    AuthenticationFailed,
     ClientClosed,
     ConnectFailed,
     InvalidRecords,
     NodiClientError,
     PartlyDuplicate,
     TopicExists,
+    TlsFailed,
     UnknownPartition,
     UnknownTopic,
     error_for,
 )
 from .features import drop_expired, with_features
+from .tls import client_tls_context, credentials_from, tls_from_environment
 from .types import (
     Bytesish,
     DamagedPartition,
@@ -108,10 +118,20 @@ class AsyncClient:
         reconnect_backoff_max_ms: int = RECONNECT_BACKOFF_MAX_MS,
         reconnect_attempts_max: int = RECONNECT_ATTEMPTS_MAX,
         limits: ProtocolLimits = DEFAULT_PROTOCOL_LIMITS,
+        tls: ssl.SSLContext | bool | None = None,
+        user: str | None = None,
+        password: str | None = None,
     ) -> None:
         if timeout_ms <= 0:
             raise ValueError("timeout_ms must be positive")
         self.host, self.port = resolve_address(address)
+        if tls is None:
+            self.tls = tls_from_environment()
+        elif tls is True:
+            self.tls = client_tls_context()
+        else:
+            self.tls = tls or None
+        self._credentials = credentials_from(user, password)
         self.timeout_ms = timeout_ms
         self.client_id = client_id
         self.reconnect_backoff_ms = reconnect_backoff_ms
@@ -212,9 +232,18 @@ class AsyncClient:
                 await asyncio.sleep(backoff_s(attempt - 1, self.reconnect_backoff_ms, self.reconnect_backoff_max_ms))
             try:
                 connection = await asyncio.wait_for(
-                    ClientConnection.open(self.host, self.port, client_id=self.client_id, limits=self.limits),
+                    ClientConnection.open(
+                        self.host,
+                        self.port,
+                        client_id=self.client_id,
+                        limits=self.limits,
+                        tls=self.tls,
+                        credentials=self._credentials,
+                    ),
                     self.timeout_ms / 1000,
                 )
+            except (AuthenticationFailed, TlsFailed):
+                raise  # the same credentials or certificates would be refused again
             except ConnectFailed as error:
                 last_error = error
                 continue

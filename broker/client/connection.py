@@ -21,12 +21,14 @@ import asyncio
 import contextlib
 import dataclasses
 import socket
+import ssl
 
 from ..protocol import messages as m
 from ..protocol.connection import NEED_DATA, Connection, ConnectionClosed, Role
 from ..protocol.errors import ErrorCode, ProtocolError
 from ..protocol.limits import ProtocolLimits
-from .errors import ConnectFailed, ConnectionLost, NodiClientError, error_for
+from .errors import AuthenticationRequired, ConnectFailed, ConnectionLost, NodiClientError, TlsFailed, error_for
+from .tls import Credentials
 
 READ_BYTES = 256 * 1024
 # Records up to this size are copied behind the request header and written with it (one
@@ -53,14 +55,29 @@ class ClientConnection:
         self.in_flight_requests_max = 0
         self.server_limits: dict[str, int] = {}
         self.server_id = ""
+        self.principal = ""  # who the server says this connection acts as (after authenticating)
 
     # -- opening ------------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, host: str, port: int, *, client_id: str, limits: ProtocolLimits) -> ClientConnection:
-        """Connect and handshake (the caller bounds the time). Raises ConnectFailed."""
+    async def open(
+        cls,
+        host: str,
+        port: int,
+        *,
+        client_id: str,
+        limits: ProtocolLimits,
+        tls: ssl.SSLContext | None = None,
+        credentials: Credentials | None = None,
+    ) -> ClientConnection:
+        """Connect (over TLS with `tls`), handshake, and authenticate with `credentials`
+        (the caller bounds the time). Raises ConnectFailed; TlsFailed when the TLS
+        handshake fails (an unknown CA, an expired certificate, another host's name);
+        AuthenticationFailed when the server refuses the credentials."""
         try:
-            reader, writer = await asyncio.open_connection(host, port)
+            reader, writer = await asyncio.open_connection(host, port, ssl=tls)
+        except ssl.SSLError as error:
+            raise TlsFailed(f"TLS handshake with {host}:{port} failed: {_tls_reason(error)}") from None
         except OSError as error:
             raise ConnectFailed(f"cannot connect to {host}:{port}: {error}") from None
         sock = writer.get_extra_info("socket")
@@ -92,6 +109,8 @@ class ClientConnection:
         connection = cls(reader, writer, Connection(Role.CLIENT, limits), address)
         try:
             await connection._handshake(client_id)
+            if credentials is not None:
+                await connection._authenticate(credentials)
         except BaseException:
             writer.close()
             raise
@@ -100,20 +119,29 @@ class ClientConnection:
         )
         return connection
 
-    async def _handshake(self, client_id: str) -> None:
+    async def _exchange(self, request: m.Request, what: str) -> m.Message | None:
+        """Send one request before the reader task runs and return the first event that
+        comes back (None: the server closed the connection)."""
         protocol = self._protocol
-        request = m.HandshakeRequest(request_id=protocol.next_request_id(), client_id=client_id)
-        self._writer.write(protocol.send(request))
         try:
+            self._writer.write(protocol.send(request))
             await self._writer.drain()
             while True:
                 event = protocol.next_event()
                 if event is NEED_DATA:
                     protocol.receive_data(await self._reader.read(READ_BYTES))
                     continue
-                break
+                # A client connection never yields RejectedRequest (the server's event).
+                return event if isinstance(event, m.Message) else None
+        except ssl.SSLError as error:
+            raise TlsFailed(f"TLS with {self._address_text} failed during the {what}: {_tls_reason(error)}") from None
         except (OSError, ProtocolError) as error:
-            raise ConnectFailed(f"handshake with {self._address_text}: {error}") from None
+            raise ConnectFailed(f"{what} with {self._address_text}: {error}") from None
+
+    async def _handshake(self, client_id: str) -> None:
+        protocol = self._protocol
+        request = m.HandshakeRequest(request_id=protocol.next_request_id(), client_id=client_id)
+        event = await self._exchange(request, "handshake")
         if isinstance(event, m.HandshakeResponse) and event.error_code == ErrorCode.NONE:
             self.server_id = event.server_id
             self.server_limits = {limit.name: limit.value for limit in event.limits}
@@ -126,7 +154,28 @@ class ClientConnection:
             raise ConnectFailed(
                 f"{self._address_text} refused the handshake: {event.error_message}", code=event.error_code
             )
-        raise ConnectFailed(f"{self._address_text} closed the connection during the handshake")
+        hint = (
+            "" if self._writer.get_extra_info("sslcontext") else " (a TLS server closes a plaintext client: give tls=)"
+        )
+        raise ConnectFailed(f"{self._address_text} closed the connection during the handshake{hint}")
+
+    async def _authenticate(self, credentials: Credentials) -> None:
+        """The Authenticate exchange: the principal, or AuthenticationFailed (the server
+        closes the connection after a refusal)."""
+        protocol = self._protocol
+        request = m.AuthenticateRequest(
+            request_id=protocol.next_request_id(), user=credentials.user, password=credentials.password
+        )
+        event = await self._exchange(request, "authentication")
+        if isinstance(event, m.AuthenticateResponse) and event.error_code == ErrorCode.NONE:
+            self.principal = event.principal
+            return
+        if isinstance(event, (m.Response, m.ClosingEvent)):
+            error = error_for(event.error_code, event.error_message)
+            if isinstance(error, ConnectFailed):
+                raise error
+            raise ConnectFailed(f"{self._address_text} refused authentication: {error}", code=event.error_code)
+        raise ConnectFailed(f"{self._address_text} closed the connection during authentication")
 
     @property
     def _address_text(self) -> str:
@@ -215,7 +264,8 @@ class ClientConnection:
                             reason = ConnectionLost(f"{self._address_text} closed the connection")
                         return
                     if isinstance(event, m.ClosingEvent):
-                        reason = ConnectionLost(
+                        refused = event.error_code == ErrorCode.AUTHENTICATION_REQUIRED
+                        reason = (AuthenticationRequired if refused else ConnectionLost)(
                             f"{self._address_text} closed the connection: {event.error_message}",
                             code=event.error_code,
                         )
@@ -263,6 +313,12 @@ class ClientConnection:
                 await task
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._writer.wait_closed(), 1)
+
+
+def _tls_reason(error: ssl.SSLError) -> str:
+    """What an SSLError means, in one line: the verification message when there is one
+    (certificate has expired, unable to get local issuer certificate, ...)."""
+    return getattr(error, "verify_message", None) or error.reason or str(error)
 
 
 def check_response(response: m.Response) -> m.Response:

@@ -48,7 +48,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..protocol import messages as m
 from ..protocol.errors import ErrorCode
-from .errors import ClientClosed, ConnectionLost, NodiClientError, ProtocolViolation, Timeout, error_for
+from .errors import (
+    ClientClosed,
+    ConnectionLost,
+    NodiClientError,
+    ProtocolViolation,
+    Timeout,
+    error_for,
+    is_retriable,
+)
 from .types import backoff_s
 
 if TYPE_CHECKING:
@@ -133,8 +141,8 @@ class AsyncClientCore:
             try:
                 response = await connection.request(message, records)
                 break
-            except ConnectionLost:
-                if not retry or client.closed:
+            except ConnectionLost as error:
+                if not retry or client.closed or not is_retriable(error):  # a refused authentication
                     raise
                 attempt += 1
                 await asyncio.sleep(backoff_s(attempt, client.reconnect_backoff_ms, client.reconnect_backoff_max_ms))

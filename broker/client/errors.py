@@ -244,6 +244,33 @@ class ConnectFailed(ConnectionLost):
     reconnect attempts and the call's timeout."""
 
 
+class AuthenticationFailed(ConnectFailed):
+    """The server refused the user and password (or the connection's principal is over
+    its connection limit). Not retried: the same credentials would be refused again."""
+
+    default_code = ErrorCode.AUTHENTICATION_FAILED
+
+
+class AuthenticationRequired(ConnectionLost):
+    """The server has a users file and the client sent a request before authenticating
+    (give the client user= and password=)."""
+
+    default_code = ErrorCode.AUTHENTICATION_REQUIRED
+
+
+class TlsFailed(ConnectFailed):
+    """The TLS handshake failed: the server's certificate is not signed by the CA the
+    client trusts, has expired, or names another host; or the server wants TLS (or
+    plaintext) and the client spoke the other. Not retried."""
+
+
+class NotAuthorized(NodiClientError):
+    """The connection's principal may not do this (produce, consume or admin) on this
+    topic or group."""
+
+    default_code = ErrorCode.NOT_AUTHORIZED
+
+
 class ClientClosed(NodiClientError):
     """The client (or producer, or consumer) was closed."""
 
@@ -304,6 +331,9 @@ _CLASSES: dict[ErrorCode, type[NodiClientError]] = {
     ErrorCode.UNKNOWN_INBOX: UnknownInbox,
     ErrorCode.PARTLY_DUPLICATE: PartlyDuplicate,
     ErrorCode.KEY_REQUIRED: KeyRequired,
+    ErrorCode.AUTHENTICATION_REQUIRED: AuthenticationRequired,
+    ErrorCode.AUTHENTICATION_FAILED: AuthenticationFailed,
+    ErrorCode.NOT_AUTHORIZED: NotAuthorized,
 }
 assert set(_CLASSES) == set(ErrorCode) - {ErrorCode.NONE}
 
@@ -343,7 +373,10 @@ RETRIABLE_CODES = frozenset(
 
 def is_retriable(error: BaseException) -> bool:
     """True for a failure an idempotent request may be retried after: a broken
-    connection, a client-side timeout, or one of RETRIABLE_CODES."""
+    connection, a client-side timeout, or one of RETRIABLE_CODES. Never a refusal of
+    the client's credentials or of the TLS handshake: those would be refused again."""
+    if isinstance(error, (AuthenticationFailed, AuthenticationRequired, TlsFailed)):
+        return False
     if isinstance(error, ConnectionLost):
         return True
     if isinstance(error, Timeout):
@@ -397,6 +430,10 @@ __all__ = [
     "MetadataUnavailable",
     "ConnectionLost",
     "ConnectFailed",
+    "AuthenticationFailed",
+    "AuthenticationRequired",
+    "TlsFailed",
+    "NotAuthorized",
     "ClientClosed",
     "SendFailed",
     "records_error",

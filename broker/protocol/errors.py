@@ -68,6 +68,10 @@ class ErrorCode(enum.IntEnum):
     PARTLY_DUPLICATE = 140
     # Compaction (120-129).
     KEY_REQUIRED = 120
+    # Security (150-159).
+    AUTHENTICATION_REQUIRED = 150
+    AUTHENTICATION_FAILED = 151
+    NOT_AUTHORIZED = 152
 
 
 # The codes after which the byte stream can no longer be trusted: the connection closes.
@@ -77,6 +81,8 @@ CONNECTION_CLOSING_CODES = frozenset(
         ErrorCode.FRAME_TOO_LARGE,
         ErrorCode.HANDSHAKE_REQUIRED,
         ErrorCode.UNEXPECTED_MESSAGE,
+        ErrorCode.AUTHENTICATION_REQUIRED,
+        ErrorCode.AUTHENTICATION_FAILED,
     }
 )
 
@@ -182,6 +188,19 @@ ERROR_DESCRIPTIONS: dict[ErrorCode, tuple[str, str]] = {
     ErrorCode.KEY_REQUIRED: (
         "no",
         "a record without a key produced to a compacted topic; nothing of the request was written",
+    ),
+    ErrorCode.AUTHENTICATION_REQUIRED: (
+        "yes",
+        "a request other than Authenticate before the connection authenticated, on a server with a users file",
+    ),
+    ErrorCode.AUTHENTICATION_FAILED: (
+        "yes",
+        "an unknown user or a wrong password (the message does not say which), a second Authenticate, or "
+        "connections_per_principal_max reached",
+    ),
+    ErrorCode.NOT_AUTHORIZED: (
+        "no",
+        "the connection's principal may not do this (produce, consume or admin) on this topic or group",
     ),
 }
 assert set(ERROR_DESCRIPTIONS) == set(ErrorCode)

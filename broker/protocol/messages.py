@@ -19,6 +19,7 @@ record, is still answered for clients of versions 1 and 2).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -86,6 +87,8 @@ class ApiKey(enum.IntEnum):
     DESCRIBE_HANDOVERS = 18  # protocol version 2
     # Operations (45-49).
     SERVER_STATUS = 45
+    # Security (50-54).
+    AUTHENTICATE = 50
     # Compaction (40-44).
     COMPACT_TOPIC = 40
     # Queue groups (20-39).
@@ -333,6 +336,24 @@ class HandshakeResponse(Response):
             if limit.name == name:
                 return limit.value
         return None
+
+
+# ---------------------------------------------------------------------------
+# Security
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AuthenticateRequest(Request):
+    API_KEY = ApiKey.AUTHENTICATE
+    user: str = wire(STRING, doc="the user name of the server's users file")
+    # repr=False: a password never appears in a log line or an error message.
+    password: str = dataclasses.field(default="", repr=False, metadata={"wire": STRING, "doc": "sent over TLS"})
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AuthenticateResponse(Response):
+    API_KEY = ApiKey.AUTHENTICATE
+    principal: str = wire(STRING, "", doc="who the connection acts as; empty when refused")
 
 
 # ---------------------------------------------------------------------------
@@ -1135,6 +1156,14 @@ APIS: tuple[Api, ...] = (
         ServerStatusRequest,
         ServerStatusResponse,
         summary="Server-level facts for `nodi status`: version, uptime, data directory, connections, disk space.",
+    ),
+    Api(
+        ApiKey.AUTHENTICATE,
+        AuthenticateRequest,
+        AuthenticateResponse,
+        summary="Second request of a connection to a server with a users file: user and password (over TLS). "
+        "Refused: AUTHENTICATION_FAILED and the connection closes. Until it succeeds every other request "
+        "closes the connection with AUTHENTICATION_REQUIRED.",
     ),
     Api(
         ApiKey.COMPACT_TOPIC,

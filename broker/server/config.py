@@ -27,6 +27,7 @@ from .groups import DEFAULT_GROUP_LIMITS, GroupLimits
 from .inbox_limits import DEFAULT_INBOX_LIMITS, InboxLimits
 from .logs import check_log_level
 from .memory_budget import default_frame_buffer_bytes_max
+from .security_settings import DEFAULT_SECURITY_SETTINGS, SecuritySettings
 
 ENVIRONMENT_PREFIX = "NODI_"
 
@@ -80,6 +81,8 @@ class ServerConfig:
     inboxes: InboxLimits = DEFAULT_INBOX_LIMITS
     # Log compaction (broker/server/compaction_settings.py): dirty_ratio_min and more.
     compaction: CompactionSettings = DEFAULT_COMPACTION_SETTINGS
+    # TLS, the users file and the per-principal limits (broker/server/security_settings.py).
+    security: SecuritySettings = DEFAULT_SECURITY_SETTINGS
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -114,6 +117,7 @@ class ServerConfig:
         self.queues.validate()
         self.inboxes.validate()
         self.compaction.validate()
+        self.security.validate()
 
     def announced_limits(self) -> dict[str, int]:
         limits = self.protocol.announced()
@@ -134,6 +138,7 @@ SECTIONS: dict[str, type] = {
     "queues": QueueLimits,
     "inboxes": InboxLimits,
     "compaction": CompactionSettings,
+    "security": SecuritySettings,
 }
 _SIMPLE = {f.name: f for f in fields(ServerConfig) if f.name not in SECTIONS}
 _TRUE = ("1", "true", "yes", "on")
@@ -179,7 +184,21 @@ def _section_defaults(section: str) -> dict[str, tuple[object, bool]]:
 
 
 # NODI_* variables that are not server settings: the clients' and the tools' own.
-OTHER_ENVIRONMENT_VARIABLES = frozenset({"NODI_SERVER", "NODI_CRASH_WALK_SEEDS", "NODI_CONSOLE_SCREENSHOTS"})
+# The clients' TLS and credential variables are client/tls.py's CLIENT_ENVIRONMENT_VARIABLES
+# (tests/test_security.py checks that both lists agree).
+OTHER_ENVIRONMENT_VARIABLES = frozenset(
+    {
+        "NODI_SERVER",
+        "NODI_CRASH_WALK_SEEDS",
+        "NODI_CONSOLE_SCREENSHOTS",
+        "NODI_TLS",
+        "NODI_TLS_CA",
+        "NODI_TLS_CERT",
+        "NODI_TLS_KEY",
+        "NODI_USER",
+        "NODI_PASSWORD",
+    }
+)
 
 
 def known_environment_variables() -> frozenset[str]:
@@ -263,6 +282,7 @@ def load_config(path: str | None = None, *, environment: Mapping[str, str] | Non
             queues=QueueLimits(**tables["queues"]),
             inboxes=InboxLimits(**tables["inboxes"]),
             compaction=CompactionSettings(**tables["compaction"]),
+            security=SecuritySettings(**tables["security"]),
         )
     except (TypeError, ValueError) as error:
         raise InvalidConfigError(str(error)) from None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -61,7 +62,9 @@ class InboxService:
         limits.validate()
         self.limits = limits
         self._inboxes: dict[str, _Inbox] = {}
-        self._names = (f"{INBOX_PREFIX}{server_id}.{n}" for n in itertools.count(1))
+        # The random part makes a name a capability: another principal cannot guess an
+        # inbox's name to read its replies (docs/security.md).
+        self._names = (f"{INBOX_PREFIX}{server_id}.{n}.{secrets.token_hex(8)}" for n in itertools.count(1))
         self._delivered = self._dropped = self._expired = 0
 
     def attach(self, tasks: asyncio.TaskGroup) -> None:

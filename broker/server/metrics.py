@@ -24,6 +24,7 @@ from nodi.storage.records import parse_header
 
 from ..protocol import messages as m
 from ..protocol.errors import ErrorCode
+from .security_settings import DEFAULT_SECURITY_SETTINGS, SecuritySettings
 from .status import consumer_lags, disk_space, nodi_version
 
 log = logging.getLogger("nodi.metrics")
@@ -107,6 +108,38 @@ class _StoreCollector:
         yield from self._queue_families()
         yield from self._compaction_families()
         yield from self._dedup_families()
+        yield from self._security_families()
+
+    def _security_families(self):
+        statistics = self.server.security.statistics()
+        authenticated = CounterMetricFamily(
+            "nodi_authentications", "Connections that authenticated (password or client certificate)"
+        )
+        authenticated.add_metric([], statistics.authentications)
+        refused = CounterMetricFamily(
+            "nodi_authentication_refusals",
+            "Connections refused authentication, by reason: `bad_credentials` (unknown user or wrong password), "
+            "`certificate`, `not_authenticated` (a request first), `replayed` (a second Authenticate), "
+            "`principal_connections` (`connections_per_principal_max`), `no_users_file`",
+            labels=["reason"],
+        )
+        for reason, count in sorted(statistics.refusals.items()):
+            refused.add_metric([reason], count)
+        not_authorized = CounterMetricFamily(
+            "nodi_not_authorized",
+            "Requests refused NOT_AUTHORIZED, by action (each logged with the principal)",
+            labels=["action"],
+        )
+        for action, count in sorted(statistics.not_authorized.items()):
+            not_authorized.add_metric([action], count)
+        principals = GaugeMetricFamily("nodi_principals_connected", "Distinct principals with a connection open")
+        principals.add_metric([], statistics.principals_connected)
+        reloads = CounterMetricFamily(
+            "nodi_tls_reloads", "TLS certificate reloads on SIGHUP, by outcome", labels=["outcome"]
+        )
+        reloads.add_metric(["ok"], statistics.tls_reloads)
+        reloads.add_metric(["failed"], statistics.tls_reload_failures)
+        yield from (authenticated, refused, not_authorized, principals, reloads)
 
     def _log_families(self):
         labels = ["topic", "partition"]
@@ -512,10 +545,13 @@ class _StoreCollector:
 
 
 class Metrics:
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, security: SecuritySettings = DEFAULT_SECURITY_SETTINGS) -> None:
         disable_created_metrics()  # the *_created series only add noise to every counter
         self.host = host
         self.port = port
+        # With a server certificate the endpoint is HTTPS (the same certificate; client
+        # certificates as security.tls_client_auth says). Not reloaded on SIGHUP.
+        self.security = security
         self.registry = CollectorRegistry()
         self._http: WSGIServer | None = None
         self._children: dict[tuple[int, tuple[str, ...]], object] = {}  # see _child
@@ -572,7 +608,16 @@ class Metrics:
         server calls it before it opens the data directory, so a taken port fails a start
         that has touched nothing."""
         if self.port >= 0 and self._http is None:
-            self._http, _thread = start_http_server(self.port, addr=self.host, registry=self.registry)
+            tls = self.security
+            self._http, _thread = start_http_server(
+                self.port,
+                addr=self.host,
+                registry=self.registry,
+                certfile=tls.tls_cert_file or None,
+                keyfile=(tls.tls_key_file or tls.tls_cert_file) if tls.tls else None,
+                client_cafile=tls.tls_client_ca_file or None,
+                client_auth_required=tls.tls_client_auth == "required",
+            )
             self.port = self._http.server_port
 
     def start(self, server) -> None:
@@ -580,8 +625,13 @@ class Metrics:
         self.listen()
         self.registry.register(_StoreCollector(server))
         if self._http is not None:
+            scheme = "https" if self.security.tls else "http"
             log.info(
-                "metrics on http://%s:%d/metrics", self.host, self.port, extra={"host": self.host, "port": self.port}
+                "metrics on %s://%s:%d/metrics",
+                scheme,
+                self.host,
+                self.port,
+                extra={"host": self.host, "port": self.port},
             )
 
     def stop(self) -> None:

@@ -42,8 +42,11 @@ from .memory_budget import FrameBudget, FrameBudgetStatistics, return_large_allo
 from .metrics import Metrics
 from .reply import Reply, error_reply
 from .retention_job import run_retention_job
+from .security import Security, certificate_common_name
+from .security_settings import check_exposure, exposure_warnings
 from .service import Broker
 from .status import status_for_peer
+from .users import ANONYMOUS, Principal
 
 log = logging.getLogger("nodi.server")
 
@@ -100,6 +103,12 @@ class ClientSession:
         self.peer = writer.get_extra_info("peername")
         self.client_id = ""
         self._frame_bytes_reserved = 0  # from server.frame_budget, for the frame being received
+        # Who the connection acts as: anonymous on a server without authentication, else
+        # None until Authenticate (or a client certificate) says (broker/server/security.py).
+        self.principal: Principal | None = None
+        self._principal_counted = False
+        # sendfile writes file bytes to the socket under TLS, unencrypted: copy instead.
+        self.sendfile = writer.get_extra_info("sslcontext") is None
 
     async def run(self) -> None:
         try:
@@ -110,6 +119,8 @@ class ClientSession:
         except* Exception as group:  # a bug: this connection ends, the server carries on
             log.error("connection %s failed", self.peer, exc_info=group.exceptions[0])
         finally:
+            if self._principal_counted:
+                self.server.security.close_connection(self.principal)
             self._release_frame_bytes()
             self.connection.close()  # lets a large frame's buffer go now
             self.writer.close()
@@ -128,7 +139,7 @@ class ClientSession:
         frame_deadline: float | None = None  # of the frame partly received
         frames_received = 0
         while True:
-            if self.connection.state is not State.READY:
+            if self.connection.state is not State.READY or self.principal is None:
                 deadline, reason = handshake_deadline, "handshake"
             elif frame_deadline is not None:
                 deadline, reason = frame_deadline, "frame"
@@ -191,13 +202,84 @@ class ClientSession:
                 await self._write(Reply(response))
                 if response.error_code != ErrorCode.NONE:
                     return False
+            elif isinstance(event, m.AuthenticateRequest):
+                if not await self._authenticate(event):
+                    return False
+            elif self.principal is None:
+                self.server.security.refuse("not_authenticated", None, self.peer)
+                await self._close_with(
+                    ErrorCode.AUTHENTICATION_REQUIRED,
+                    f"{type(event).__name__.removesuffix('Request')} before Authenticate: this server has a users "
+                    "file (or wants a client certificate); authenticate first",
+                )
+                return False
             elif self.server.shutting_down:
                 await self._write(error_reply(event, ProtocolError(ErrorCode.SERVER_SHUTTING_DOWN, "shutting down")))
             else:
                 requests.create_task(self._serve(event))
 
+    def start_session(self) -> bool:
+        """Before the first read: the principal of a server without authentication, or
+        of a verified client certificate. False: refused (counted), close at once."""
+        security = self.server.security
+        if not security.required:
+            self.principal = ANONYMOUS
+        certificate = self.writer.get_extra_info("peercert")
+        if certificate_common_name(certificate) is None:
+            return True  # no client certificate: Authenticate decides
+        principal = security.principal_of_certificate(certificate)
+        if principal is None or not security.open_connection(principal):
+            return False  # a certificate naming no user (or over its limit): refused, counted
+        self.principal, self._principal_counted = principal, True
+        return True
+
+    async def _authenticate(self, request: m.AuthenticateRequest) -> bool:
+        """Answer an Authenticate; False when refused (the connection then closes)."""
+        security = self.server.security
+        principal = None
+        if self._principal_counted or (self.principal is not None and security.required):
+            security.refuse("replayed", request.user, self.peer)
+            message = "this connection has authenticated already"
+        elif not security.required:
+            security.refuse("no_users_file", request.user, self.peer)
+            message = "this server has no users file: connect without a user and password"
+        else:
+            principal = await security.authenticate(request.user, request.password)
+            message = "unknown user or wrong password"
+            if principal is not None and not security.open_connection(principal):
+                message = f"{principal.name} has connections_per_principal_max connections open"
+                principal = None
+        if principal is None:
+            self.server.count_error(ErrorCode.AUTHENTICATION_FAILED)
+            await self._write(
+                Reply(
+                    m.AuthenticateResponse(
+                        request_id=request.request_id,
+                        error_code=ErrorCode.AUTHENTICATION_FAILED,
+                        error_message=message,
+                    )
+                )
+            )
+            return False
+        self.principal, self._principal_counted = principal, True
+        await self._write(Reply(m.AuthenticateResponse(request_id=request.request_id, principal=principal.name)))
+        return True
+
     async def _serve(self, request: m.Request) -> None:
         started = time.perf_counter()
+        assert self.principal is not None  # _dispatch serves nothing before authentication
+        refused = self.server.security.check(self.principal, request)
+        if refused is not None:
+            action, resource, name = refused
+            error = ProtocolError(
+                ErrorCode.NOT_AUTHORIZED,
+                f"{self.principal.name} may not {action.value} {resource.value} {name}",
+                closes_connection=False,
+            )
+            reply = error_reply(request, error)
+            self.server.observe(request, reply, time.perf_counter() - started)
+            await self._write(reply)
+            return
         reply = await self.server.broker.handle(request, self.client_id)
         if isinstance(reply.response, m.ServerStatusResponse):
             reply = Reply(status_for_peer(reply.response, self.peer))
@@ -224,7 +306,7 @@ class ClientSession:
             # large ones with sendfile.
             pending = [header]
             for piece in reply.slices:
-                if piece.length < SENDFILE_BYTES_MIN or not self.server.sendfile:
+                if piece.length < SENDFILE_BYTES_MIN or not (self.server.sendfile and self.sendfile):
                     pending.append(piece.read())
                     continue
                 self.writer.writelines(pending)
@@ -308,6 +390,9 @@ class Server:
         self._connections_refused = 0
         self._connections_timed_out = dict.fromkeys(_TIMEOUT_MESSAGES, 0)
         self.frame_budget = FrameBudget(config.frame_buffer_bytes_max)
+        # TLS context, users, per-principal counts; reads the certificate and the users
+        # file now, so a bad one stops the start before anything is bound.
+        self.security = Security(config.security)
         self._trim: asyncio.TimerHandle | None = None
         # Why and when the server was asked to stop, and what went wrong on the way out:
         # the one line run() logs at the end.
@@ -352,11 +437,15 @@ class Server:
 
     async def run(self, on_ready: Callable[[Server], None] | None = None) -> None:
         """Bind the ports, take and open the data directory, listen, serve until
-        stop(), then shut down cleanly.
+        stop(), then shut down cleanly. An address beyond loopback without
+        authentication is refused first (InvalidConfigError), unless insecure_no_auth.
 
         The ports are bound first and the data directory is locked before it is read
         (Store.open), so a start that fails (a port taken: OSError; another broker or a
         tool on the directory: DataDirectoryLockedError) has written nothing into it."""
+        check_exposure(self.config.host, self.config.security)
+        for warning in exposure_warnings(self.config.host, self.config.security):
+            log.warning("%s", warning)
         sock = _bind(self.config.host, self.config.port)
         try:
             if self.metrics is not None:
@@ -392,7 +481,12 @@ class Server:
             async with asyncio.TaskGroup() as tasks:
                 self.broker.attach(asyncio.get_running_loop(), tasks)
                 self._listener = await asyncio.start_server(
-                    lambda reader, writer: self._accept(tasks, reader, writer), sock=sock
+                    lambda reader, writer: self._accept(tasks, reader, writer),
+                    sock=sock,
+                    ssl=self.security.tls_context,
+                    ssl_handshake_timeout=self.config.handshake_timeout_ms / 1000
+                    if self.security.tls_context
+                    else None,
                 )
                 sock = self._listener.sockets[0]
                 self.address = sock.getsockname()[:2]
@@ -475,6 +569,13 @@ class Server:
             tasks.create_task(session._close_with(code, f"connections_max {self.config.connections_max} reached"))
             tasks.create_task(_close_later(writer))
             return
+        if not session.start_session():
+            self._connections_refused += 1
+            tasks.create_task(
+                session._close_with(ErrorCode.AUTHENTICATION_FAILED, "the client certificate was refused")
+            )
+            tasks.create_task(_close_later(writer))
+            return
         self._connections_accepted += 1
         self.sessions.add(session)
         task = tasks.create_task(session.run())
@@ -552,11 +653,13 @@ def run(config: ServerConfig, *, announce: Callable[[str], None] = print) -> Non
     return_large_allocations_to_the_os()
 
     async def main() -> None:
-        metrics = None if config.metrics_port < 0 else Metrics(config.host, config.metrics_port)
+        metrics = None if config.metrics_port < 0 else Metrics(config.host, config.metrics_port, config.security)
         server = Server(config, metrics=metrics)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, server.stop, signal.Signals(signum).name)
+        # SIGHUP: the TLS certificate and the users file are read again; no connection drops.
+        loop.add_signal_handler(signal.SIGHUP, server.security.reload)
 
         def ready(server: Server) -> None:
             host, port = server.address
@@ -564,7 +667,8 @@ def run(config: ServerConfig, *, announce: Callable[[str], None] = print) -> Non
                 f"nodi listening on {host}:{port} (data dir {os.path.abspath(config.data_dir)}, pid {os.getpid()})"
             )
             if metrics is not None:
-                announce(f"nodi metrics on http://{host}:{metrics.port}/metrics")
+                scheme = "https" if config.security.tls else "http"
+                announce(f"nodi metrics on {scheme}://{host}:{metrics.port}/metrics")
             if server.console is not None:
                 announce(f"nodi console on http://{config.console_host}:{server.console.port}/")
 
