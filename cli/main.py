@@ -74,9 +74,16 @@ def serve(
     log_json: bool = typer.Option(
         None, "--log-json/--log-plain", help="Log one JSON object per line on stderr (default: plain lines)."
     ),
+    kafka_port: int = typer.Option(
+        None,
+        "--kafka-port",
+        help="Also serve Kafka clients (confluent-kafka, kafka-python, aiokafka, kcat) on this port; "
+        "0 picks a free one (default: off; [kafka] in the config file).",
+    ),
 ) -> None:
     """Run the broker until SIGTERM or SIGINT (a clean shutdown: the next start needs
     no recovery). Settings: defaults < --config file < NODI_* environment < flags."""
+    import dataclasses
     import json
 
     from nodi.broker.server.config import load_config, unknown_environment_variables
@@ -94,6 +101,9 @@ def serve(
             log_level=log_level,
             log_json=log_json,
         )
+        if kafka_port is not None:  # the [kafka] table's port, from the flag
+            settings = dataclasses.replace(settings, kafka=dataclasses.replace(settings.kafka, port=kafka_port))
+            settings.validate()
     except NodiError as error:
         typer.echo(f"nodi serve: {error}", err=True)
         raise typer.Exit(2) from None

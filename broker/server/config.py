@@ -19,6 +19,7 @@ from typing import Any
 from nodi.storage.errors import InvalidConfigError
 from nodi.storage.metadata import TopicConfig
 
+from ..kafka.settings import DEFAULT_KAFKA_SETTINGS, KafkaSettings
 from ..protocol.limits import DEFAULT_PROTOCOL_LIMITS, ProtocolLimits
 from ..protocol.queue_settings import DEFAULT_QUEUE_LIMITS, QueueLimits
 from .compaction_settings import DEFAULT_COMPACTION_SETTINGS, CompactionSettings
@@ -73,6 +74,8 @@ class ServerConfig:
     inboxes: InboxLimits = DEFAULT_INBOX_LIMITS
     # Log compaction (broker/server/compaction_settings.py): dirty_ratio_min and more.
     compaction: CompactionSettings = DEFAULT_COMPACTION_SETTINGS
+    # The Kafka-protocol listener (broker/kafka/settings.py): off unless a port is set.
+    kafka: KafkaSettings = DEFAULT_KAFKA_SETTINGS
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -104,6 +107,7 @@ class ServerConfig:
         self.queues.validate()
         self.inboxes.validate()
         self.compaction.validate()
+        self.kafka.validate()
 
     def announced_limits(self) -> dict[str, int]:
         limits = self.protocol.announced()
@@ -124,6 +128,7 @@ SECTIONS: dict[str, type] = {
     "queues": QueueLimits,
     "inboxes": InboxLimits,
     "compaction": CompactionSettings,
+    "kafka": KafkaSettings,
 }
 _SIMPLE = {f.name: f for f in fields(ServerConfig) if f.name not in SECTIONS}
 _TRUE = ("1", "true", "yes", "on")
@@ -253,6 +258,7 @@ def load_config(path: str | None = None, *, environment: Mapping[str, str] | Non
             queues=QueueLimits(**tables["queues"]),
             inboxes=InboxLimits(**tables["inboxes"]),
             compaction=CompactionSettings(**tables["compaction"]),
+            kafka=KafkaSettings(**tables["kafka"]),
         )
     except (TypeError, ValueError) as error:
         raise InvalidConfigError(str(error)) from None
