@@ -16,6 +16,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from nodi.storage.errors import NodiError
+from nodi.storage.records import decode_batches
 from nodi.storage.topic_settings import TOPIC_SETTINGS_BY_NAME
 
 from ..protocol import messages as m
@@ -342,14 +344,26 @@ class KafkaHandlers:
                     "leader_epoch": 0,
                 }
                 if response.error_code == ErrorCode.NONE:
-                    if spec is m.OffsetSpec.TIMESTAMP and response.timestamp_ms == m.NO_OFFSET:
-                        pass  # no record that recent: Kafka answers offset -1
-                    else:
+                    if spec is not m.OffsetSpec.TIMESTAMP:
                         entry["offset"] = response.offset
-                        entry["timestamp"] = response.timestamp_ms
+                    elif response.timestamp_ms != m.NO_OFFSET:  # else none that recent: Kafka's -1
+                        entry["offset"] = response.offset
+                        entry["timestamp"] = await self._timestamp_at(
+                            topic["name"], partition["partition_index"], response.offset
+                        )
                 entries.append(entry)
             topics.append({"name": topic["name"], "partitions": entries})
         return {"throttle_time_ms": 0, "topics": topics}
+
+    async def _timestamp_at(self, topic: str, partition: int, offset: int) -> int:
+        """The timestamp of the record at `offset` (Kafka answers a ListOffsets by time
+        with the found record's own timestamp); -1 when it cannot be read."""
+        reply = await self._call(m.FetchRequest(topic=topic, partition=partition, offset=offset, bytes_max=1))
+        try:
+            records = decode_batches(await _read_slices(reply))
+        except NodiError:
+            return UNKNOWN
+        return next((record.timestamp_ms for record in records if record.offset == offset), UNKNOWN)
 
     async def _init_producer_id(self, request: KafkaRequest) -> dict[str, Any]:
         body = request.body
