@@ -560,3 +560,55 @@ def test_every_request_the_clients_sent_was_advertised_and_answered(kafka_server
         assert place in answered or place in cut, (api.name, version)
     for name in ("ApiVersions", "Metadata", "Produce", "Fetch", "InitProducerId", "CreateTopics"):
         assert name in seen, sorted(seen)
+
+
+def test_every_record_confluent_kafka_saw_acknowledged_with_acks_all_survives_kill_9(tmp_path) -> None:
+    """A broker of its own, killed with SIGKILL while librdkafka produces with acks=all:
+    after a restart every acknowledged record is there (fsync policy always: acks=-1
+    is answered after the fsync)."""
+    process = BrokerProcess(str(tmp_path / "data"), ["--kafka-port", "0"]).start()
+    found = next(KAFKA_LINE.search(line) for line in process.output if KAFKA_LINE.search(line))
+    bootstrap = f"{found.group(1)}:{found.group(2)}"
+    try:
+        _create_topic(bootstrap, "kill", 2)
+        producer = confluent_kafka.Producer(
+            {
+                "bootstrap.servers": bootstrap,
+                "acks": "all",
+                "enable.idempotence": True,
+                "linger.ms": 2,
+                "message.timeout.ms": 1000,
+                "reconnect.backoff.max.ms": 100,
+            }
+        )
+        acknowledged: list[tuple[int, int, bytes]] = []
+
+        def delivered(error, message) -> None:
+            if error is None:
+                acknowledged.append((message.partition(), message.offset(), message.value()))
+
+        index = 0
+        deadline = time.monotonic() + TIMEOUT_S
+        while len(acknowledged) < 500 and time.monotonic() < deadline:
+            producer.produce("kill", f"record-{index}".encode(), key=str(index).encode(), on_delivery=delivered)
+            index += 1
+            producer.poll(0)
+            if index % 200 == 0:
+                producer.poll(0.01)
+        process.kill()  # SIGKILL while more is in flight
+        producer.flush(3)  # the rest fail (message timeout): not acknowledged
+        assert len(acknowledged) >= 500
+        process.start()
+        with Client(process.address, timeout_ms=10_000) as client:
+            stored = {}
+            for partition in range(2):
+                offset = 0
+                while batch := client.fetch("kill", partition, offset, bytes_max=1 << 20):
+                    for message in batch:
+                        stored[message.partition, message.offset] = message.value
+                    offset = batch[-1].offset + 1
+        for partition, offset, value in acknowledged:
+            assert stored.get((partition, offset)) == value
+    finally:
+        if process.process is not None:
+            process.stop()
