@@ -24,11 +24,14 @@ import struct
 import subprocess
 import threading
 import time
+import urllib.request
 
 import pytest
 
 from nodi.broker.client import Client
 from nodi.broker.kafka.apis import APIS
+from nodi.broker.kafka.schema import Reader, decode, encode
+from nodi.storage.records import NewRecord, build_batch_buffer, decode_batches
 
 from conftest import BrokerProcess
 
@@ -122,7 +125,9 @@ def kafka_server(tmp_path_factory):
     proxy = RecordingProxy()
     config = directory / "nodi.toml"
     config.write_text(f"[kafka]\nadvertised_port = {proxy.port}\n")
-    process = BrokerProcess(str(directory / "data"), ["--kafka-port", "0", "--config", str(config)]).start()
+    process = BrokerProcess(
+        str(directory / "data"), ["--kafka-port", "0", "--config", str(config)], metrics=True
+    ).start()
     found = next(KAFKA_LINE.search(line) for line in process.output if KAFKA_LINE.search(line))
     proxy.start((found.group(1), int(found.group(2))))
     drain = threading.Thread(target=_drain, args=(process,), daemon=True)
@@ -636,3 +641,96 @@ def test_a_compressed_batch_is_stored_and_read_back_or_refused_with_kafkas_error
     else:
         with Client(kafka_server.address, timeout_ms=10_000) as client:
             assert [message.value for message in client.fetch(topic, 0, 0)] == values
+
+
+def _call(sock: socket.socket, key: int, version: int, body: dict, correlation: int) -> dict:
+    """One request of the listener's own schemas on a raw socket; the decoded response."""
+    api = APIS[key]
+    parts: list[bytes] = [struct.pack(">hhih", key, version, correlation, 4), b"test"]
+    encode(api.request, version, body, parts)
+    payload = b"".join(parts)
+    sock.sendall(struct.pack(">i", len(payload)) + payload)
+    answer = _read_response(sock)
+    reader = Reader(memoryview(answer), 1000)
+    assert reader.int32() == correlation
+    decoded = decode(api.response, version, reader)
+    assert reader.position == len(answer)
+    return decoded
+
+
+def _produce_body(topic: str, batch: bytes) -> dict:
+    return {
+        "transactional_id": None,
+        "acks": -1,
+        "timeout_ms": 10_000,
+        "topic_data": [{"name": topic, "partition_data": [{"index": 0, "records": batch}]}],
+    }
+
+
+def test_idempotent_sequences_follow_kafkas_rules_and_fetch_out_of_range_is_answered(kafka_server) -> None:
+    topic = "sequences"
+    _create_topic(kafka_server.bootstrap, topic, 1)
+    with _raw(kafka_server.kafka_address) as sock:
+        producer = _call(sock, 22, 1, {"transactional_id": None, "transaction_timeout_ms": 60_000}, 1)
+        assert producer["error_code"] == 0
+        identity = {"producer_id": producer["producer_id"], "producer_epoch": producer["producer_epoch"]}
+
+        def batch(sequence: int, count: int) -> bytes:
+            records = [NewRecord(f"k{sequence + i}".encode(), f"v{sequence + i}".encode()) for i in range(count)]
+            return bytes(build_batch_buffer(records, base_sequence=sequence, **identity))
+
+        def produce(sequence: int, count: int, correlation: int) -> dict:
+            answer = _call(sock, 0, 8, _produce_body(topic, batch(sequence, count)), correlation)
+            return answer["responses"][0]["partition_responses"][0]
+
+        first = produce(0, 3, 2)
+        assert (first["error_code"], first["base_offset"]) == (0, 0)
+        assert produce(3, 2, 3)["base_offset"] == 3
+        retried = produce(0, 3, 4)  # a retry of a batch already written: its original offset
+        assert (retried["error_code"], retried["base_offset"]) == (0, 0)
+        gap = produce(7, 1, 5)  # 5 and 6 never came
+        assert gap["error_code"] == 45  # OUT_OF_ORDER_SEQUENCE_NUMBER
+        assert produce(5, 1, 6)["base_offset"] == 5
+
+        fetch = _call(
+            sock,
+            1,
+            11,
+            {
+                "replica_id": -1,
+                "max_wait_ms": 100,
+                "min_bytes": 1,
+                "max_bytes": 1 << 20,
+                "isolation_level": 0,
+                "session_id": 0,
+                "session_epoch": -1,
+                "topics": [
+                    {
+                        "topic": topic,
+                        "partitions": [
+                            {
+                                "partition": 0,
+                                "current_leader_epoch": -1,
+                                "fetch_offset": offset,
+                                "log_start_offset": -1,
+                                "partition_max_bytes": 1 << 20,
+                            }
+                        ],
+                    }
+                    for offset in (0, 6, 1000)
+                ],
+                "forgotten_topics_data": [],
+                "rack_id": "",
+            },
+            7,
+        )
+    results = [entry for topic_entry in fetch["responses"] for entry in topic_entry["partitions"]]
+    assert [r["error_code"] for r in results] == [0, 0, 1]  # 1: OFFSET_OUT_OF_RANGE
+    assert results[0]["high_watermark"] == 6 and results[1]["records"] == b""
+    stored = decode_batches(results[0]["records"])
+    assert [(record.offset, record.value) for record in stored] == [(i, f"v{i}".encode()) for i in range(6)]
+    # The same request and byte counters as nodi's own protocol.
+    with urllib.request.urlopen(f"http://127.0.0.1:{kafka_server.metrics_port}/metrics", timeout=10) as page:
+        text = page.read().decode()
+    assert 'nodi_requests_total{api="produce",error="out_of_order_sequence"} 1.0' in text
+    assert 'nodi_bytes_in_total{topic="sequences"}' in text

@@ -223,10 +223,10 @@ def main() -> int:
         print(
             f"| {name} | {messages / seconds:,.0f} | {megabytes / seconds:,.1f} | {client_cpu:.2f} | {server_cpu:.2f} |"
         )
-    seconds = {name: figures[0] for name, figures in rows.items()}
+    duration = {name: figures[0] for name, figures in rows.items()}
     print()
-    print(f"produce ratio (Kafka listener / nodi client): {seconds[names[1]] / seconds[names[0]]:.2f}x")
-    print(f"consume ratio (Kafka listener / nodi client): {seconds[names[3]] / seconds[names[2]]:.2f}x")
+    print(f"produce ratio (Kafka listener / nodi client): {duration[names[1]] / duration[names[0]]:.2f}x")
+    print(f"consume ratio (Kafka listener / nodi client): {duration[names[3]] / duration[names[2]]:.2f}x")
     print()
     print("The machine's limits, same run:")
     print(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -45,8 +46,17 @@ class KafkaHandlers:
     """Serves decoded Kafka requests against one Broker; `handle` returns the response
     body (None for a produce with acks=0, which Kafka answers with nothing)."""
 
-    def __init__(self, broker: Broker, settings: KafkaSettings, advertised: tuple[str, int]) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        settings: KafkaSettings,
+        advertised: tuple[str, int],
+        observe: Callable[[m.Request, Reply, float], None] | None = None,
+    ) -> None:
         self.broker = broker
+        # The server's metrics hook (Server.observe): Kafka produces and fetches count in
+        # the same request, byte and latency metrics as nodi's own.
+        self._observe = observe
         self.settings = settings
         self.advertised_host, self.advertised_port = advertised
         self.groups = KafkaGroups(broker, settings)
@@ -77,6 +87,13 @@ class KafkaHandlers:
 
     async def _call(self, request: m.Request) -> Reply:
         return await self.broker.handle(request, "kafka")
+
+    async def _observed_call(self, request: m.Request) -> Reply:
+        started = time.perf_counter()
+        reply = await self.broker.handle(request, "kafka")
+        if self._observe is not None:
+            self._observe(request, reply, time.perf_counter() - started)
+        return reply
 
     # -- ApiVersions, Metadata, FindCoordinator --------------------------------------------
 
@@ -177,7 +194,7 @@ class KafkaHandlers:
                     timeout_ms=timeout_ms,
                     records=records,
                 )
-                tasks.append((topic["name"], partition["index"], asyncio.ensure_future(self._call(produce))))
+                tasks.append((topic["name"], partition["index"], asyncio.ensure_future(self._observed_call(produce))))
         responses: dict[str, list[dict[str, Any]]] = {}
         for name, index, task in tasks:
             entry: dict[str, Any] = {
@@ -267,7 +284,7 @@ class KafkaHandlers:
             part_budget = min(max(partition["partition_max_bytes"], 1), budget)
             if budget <= 0:
                 part_budget = 0
-            reply = await self._call(
+            reply = await self._observed_call(
                 m.FetchRequest(
                     topic=topic,
                     partition=partition["partition"],

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .connection import KafkaConnection, KafkaRequest, encode_response, encode_unsupported
@@ -23,6 +24,8 @@ from .errors import KafkaDecodeError
 from .handlers import KafkaHandlers
 
 if TYPE_CHECKING:
+    from ..protocol import messages as m
+    from ..server.reply import Reply
     from ..server.service import Broker
     from .settings import KafkaSettings
 
@@ -32,9 +35,15 @@ READ_BYTES = 256 * 1024
 
 
 class KafkaListener:
-    def __init__(self, broker: Broker, settings: KafkaSettings) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        settings: KafkaSettings,
+        observe: Callable[[m.Request, Reply, float], None] | None = None,
+    ) -> None:
         self.broker = broker
         self.settings = settings
+        self._observe = observe
         self.limits = settings.limits(broker.config.protocol.array_items_max)
         self.address: tuple[str, int] | None = None
         self.handlers: KafkaHandlers | None = None
@@ -52,7 +61,7 @@ class KafkaListener:
             self.settings.advertised_host or self.address[0],
             self.settings.advertised_port if self.settings.advertised_port >= 0 else self.address[1],
         )
-        self.handlers = KafkaHandlers(self.broker, self.settings, advertised)
+        self.handlers = KafkaHandlers(self.broker, self.settings, advertised, self._observe)
         tasks.create_task(self.handlers.groups.run_timer())
 
     async def stop(self) -> None:

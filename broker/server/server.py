@@ -373,7 +373,7 @@ class Server:
                 self.address = sock.getsockname()[:2]
                 tasks.create_task(self._retention_job())
                 if kafka_sock is not None:
-                    self.kafka = KafkaListener(self.broker, self.config.kafka)
+                    self.kafka = KafkaListener(self.broker, self.config.kafka, observe=self.observe)
                     await self.kafka.start(tasks, kafka_sock)
                 tasks.create_task(self.broker.compaction.run_job())
                 if self.metrics is not None:
