@@ -431,6 +431,8 @@ def test_committed_offsets_resume_a_group_and_nodi_sees_them(kafka_server) -> No
 
     with Client(kafka_server.address, timeout_ms=10_000) as client:
         assert client.fetch_offsets("resume", [topic]) == {(topic, 0): 10}
+        lags = client.describe_group("resume").lags  # `nodi group describe`: the Kafka group's lag
+        assert [(lag.topic, lag.partition, lag.lag) for lag in lags] == [(topic, 0, 10)]
 
     second = consumer()
     resumed: list[int] = []
