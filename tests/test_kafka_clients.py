@@ -694,14 +694,11 @@ def test_idempotent_sequences_follow_kafkas_rules_and_fetch_out_of_range_is_answ
         assert gap["error_code"] == 45  # OUT_OF_ORDER_SEQUENCE_NUMBER
         assert produce(5, 1, 6)["base_offset"] == 5
 
-        fetch = _call(
-            sock,
-            1,
-            11,
-            {
+        def fetch_body(offsets, min_bytes: int) -> dict:
+            return {
                 "replica_id": -1,
-                "max_wait_ms": 100,
-                "min_bytes": 1,
+                "max_wait_ms": 200,
+                "min_bytes": min_bytes,
                 "max_bytes": 1 << 20,
                 "isolation_level": 0,
                 "session_id": 0,
@@ -719,13 +716,17 @@ def test_idempotent_sequences_follow_kafkas_rules_and_fetch_out_of_range_is_answ
                             }
                         ],
                     }
-                    for offset in (0, 6, 1000)
+                    for offset in offsets
                 ],
                 "forgotten_topics_data": [],
                 "rack_id": "",
-            },
-            7,
-        )
+            }
+
+        fetch = _call(sock, 1, 11, fetch_body((0, 6, 1000), 1), 7)
+        # min_bytes more than there is: after max_wait_ms, what there is.
+        waited = _call(sock, 1, 11, fetch_body((0,), 1 << 20), 8)
+    assert waited["responses"][0]["partitions"][0]["error_code"] == 0
+    assert len(decode_batches(waited["responses"][0]["partitions"][0]["records"])) == 6
     results = [entry for topic_entry in fetch["responses"] for entry in topic_entry["partitions"]]
     assert [r["error_code"] for r in results] == [0, 0, 1]  # 1: OFFSET_OUT_OF_RANGE
     assert results[0]["high_watermark"] == 6 and results[1]["records"] == b""

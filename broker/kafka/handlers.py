@@ -252,7 +252,14 @@ class KafkaHandlers:
                 break
             if any(result["error_code"] for result in results):
                 break
-            await self._wait_any(partitions, remaining)
+            # Wait for growth past what was just read (its end), not for what is there.
+            await self._wait_any(
+                [
+                    (topic, {**partition, "fetch_offset": max(result["high_watermark"], partition["fetch_offset"])})
+                    for (topic, partition), result in zip(partitions, results)
+                ],
+                remaining,
+            )
             if loop.time() >= deadline:
                 results = await self._read_partitions(partitions, max(body["max_bytes"], 1))
                 break
@@ -301,7 +308,12 @@ class KafkaHandlers:
             result["log_start_offset"] = response.log_start_offset
             if part_budget <= 0 and budget != bytes_max:
                 continue  # the response is full; this partition's batches next time
-            data = await _read_slices(reply)
+            try:
+                data = await _read_slices(reply)
+            except NodiError as error:  # a damaged segment (G2): that partition's error, not the connection's
+                log.warning("kafka fetch of %s-%d: %s", topic, partition["partition"], error)
+                result["error_code"] = KafkaError.KAFKA_STORAGE_ERROR
+                continue
             budget -= len(data)
             result["records"] = data
         return results
