@@ -108,15 +108,16 @@ class KafkaGroups:
                     log.info("kafka group %s: member %s timed out", group.name, member.member_id)
                     self._remove(group, member)
             if group.state == PREPARING and now_ms >= group.rebalance_deadline_ms:
-                for member in list(group.members.values()):
-                    if member.join is None or member.join.done():
-                        log.info("kafka group %s: member %s did not rejoin in time", group.name, member.member_id)
-                        self._remove(group, member)
-                self._maybe_complete_join(group)
+                stragglers = [m for m in group.members.values() if m.join is None or m.join.done()]
+                for member in stragglers:  # all of them first: the barrier then completes once
+                    log.info("kafka group %s: member %s did not rejoin in time", group.name, member.member_id)
+                    self._remove(group, member, complete=False)
+                if group.members:
+                    self._maybe_complete_join(group)
 
     # -- membership -------------------------------------------------------------------
 
-    def _remove(self, group: _Group, member: _Member) -> None:
+    def _remove(self, group: _Group, member: _Member, *, complete: bool = True) -> None:
         del group.members[member.member_id]
         for future in (member.join, member.sync):
             if future is not None and not future.done():
@@ -129,7 +130,8 @@ class KafkaGroups:
         if group.leader == member.member_id:
             group.leader = next(iter(group.members))
         self._prepare_rebalance(group)
-        self._maybe_complete_join(group)
+        if complete:
+            self._maybe_complete_join(group)
 
     def _prepare_rebalance(self, group: _Group) -> None:
         if group.state == PREPARING:
