@@ -737,3 +737,21 @@ def test_idempotent_sequences_follow_kafkas_rules_and_fetch_out_of_range_is_answ
         text = page.read().decode()
     assert 'nodi_requests_total{api="produce",error="out_of_order_sequence"} 1.0' in text
     assert 'nodi_bytes_in_total{topic="sequences"}' in text
+
+
+def test_large_fetches_sent_from_the_segment_files_arrive_byte_for_byte(kafka_server) -> None:
+    """Fetched batches of 64 KiB or more go out with sendfile after the response's bytes:
+    several partitions in one fetch response, each with its records field in place."""
+    topic = "large-fetches"
+    _create_topic(kafka_server.bootstrap, topic, 2)
+    values = [bytes([index % 251]) * 1000 + index.to_bytes(4, "big") for index in range(600)]
+    with Client(kafka_server.address, timeout_ms=10_000) as client:
+        producer = client.producer(linger_ms=50)
+        futures = [producer.send(topic, value, partition=index % 2) for index, value in enumerate(values)]
+        producer.flush(10_000)
+        placed = [future.result(10) for future in futures]
+        producer.close()
+    for consume in (_confluent_consume, _kafka_python_consume):
+        got = consume(kafka_server.bootstrap, topic, {0: 0, 1: 0}, len(values))
+        by_place = {(partition, offset): value for partition, offset, _, value, _, _ in got}
+        assert [by_place[where] for where in placed] == values

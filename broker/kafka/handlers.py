@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from nodi.storage.errors import NodiError
+from nodi.storage.log import FileSlice
 from nodi.storage.records import decode_batches
 from nodi.storage.topic_settings import TOPIC_SETTINGS_BY_NAME
 
@@ -308,14 +309,18 @@ class KafkaHandlers:
             result["log_start_offset"] = response.log_start_offset
             if part_budget <= 0 and budget != bytes_max:
                 continue  # the response is full; this partition's batches next time
-            try:
-                data = await _read_slices(reply)
-            except NodiError as error:  # a damaged segment (G2): that partition's error, not the connection's
-                log.warning("kafka fetch of %s-%d: %s", topic, partition["partition"], error)
-                result["error_code"] = KafkaError.KAFKA_STORAGE_ERROR
-                continue
-            budget -= len(data)
-            result["records"] = data
+            records: bytes | RecordSlices
+            if reply.records_bytes >= SENDFILE_BYTES_MIN:
+                records = RecordSlices(reply.slices)  # sent from the segment files by the writer
+            else:
+                try:
+                    records = await _read_slices(reply)
+                except NodiError as error:  # a damaged segment (G2): that partition's error, not the connection's
+                    log.warning("kafka fetch of %s-%d: %s", topic, partition["partition"], error)
+                    result["error_code"] = KafkaError.KAFKA_STORAGE_ERROR
+                    continue
+            budget -= len(records)
+            result["records"] = records
         return results
 
     async def _wait_any(self, partitions: list[tuple[str, dict[str, Any]]], timeout_s: float) -> None:
@@ -558,6 +563,25 @@ def _produce_errors(body: dict[str, Any], error: KafkaError, message: str) -> di
 
 # Slices at least this long are read off the event loop.
 _READ_IN_THREAD_BYTES = 256 * 1024
+# A fetch's records of at least this many bytes go out with sendfile (listener.py), as
+# nodi's own protocol sends them (broker/server/server.py): reading them into the
+# response would cost a copy on the event loop for each.
+SENDFILE_BYTES_MIN = 64 * 1024
+
+
+class RecordSlices:
+    """A fetch response's records field left as file slices: len() is its byte count
+    (the field's length prefix); the listener's writer sends the slices after the bytes
+    before them, with sendfile for the large ones."""
+
+    __slots__ = ("slices", "length")
+
+    def __init__(self, slices: tuple[FileSlice, ...]) -> None:
+        self.slices = slices
+        self.length = sum(piece.length for piece in slices)
+
+    def __len__(self) -> int:
+        return self.length
 
 
 async def _read_slices(reply: Reply) -> bytes:

@@ -21,9 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 from .connection import KafkaConnection, KafkaRequest, encode_response, encode_unsupported
 from .errors import KafkaDecodeError
-from .handlers import KafkaHandlers
+from .handlers import SENDFILE_BYTES_MIN, KafkaHandlers, RecordSlices
 
 if TYPE_CHECKING:
+    from nodi.storage.log import FileSlice
+
     from ..protocol import messages as m
     from ..server.reply import Reply
     from ..server.service import Broker
@@ -51,6 +53,7 @@ class KafkaListener:
         self._connections: set[asyncio.Task] = set()
         self.connections_accepted = 0
         self.connections_closed_for_bad_input = 0
+        self._sendfile = True
 
     async def start(self, tasks: asyncio.TaskGroup, sock: socket.socket) -> None:
         """Listen on `sock` (bound by the server before it opened the data directory);
@@ -167,5 +170,56 @@ class KafkaListener:
             parts = await future
             if parts is None:
                 continue  # a produce with acks=0: Kafka sends no response
-            writer.writelines(parts)
+            await self._write_parts(writer, parts, timeout_s)
+
+    async def _write_parts(self, writer: asyncio.StreamWriter, parts: list, timeout_s: float) -> None:
+        """One response: its bytes, and a fetch's stored batches after the bytes before
+        them, small slices copied into the same write, large ones with sendfile."""
+        pending: list[bytes] = []
+        for part in parts:
+            if not isinstance(part, RecordSlices):
+                pending.append(part)
+                continue
+            for piece in part.slices:
+                if piece.length < SENDFILE_BYTES_MIN or not self._sendfile:
+                    pending.append(piece.read())
+                    continue
+                writer.writelines(pending)
+                pending = []
+                await self._send_slice(writer, piece, timeout_s)
+        writer.writelines(pending)
+        if writer.transport.get_write_buffer_size():
             await asyncio.wait_for(writer.drain(), timeout_s)
+
+    async def _send_slice(self, writer: asyncio.StreamWriter, piece: FileSlice, timeout_s: float) -> None:
+        fd = piece.file.fileno()
+        if fd is not None and self._sendfile:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await asyncio.get_running_loop().sendfile(
+                        writer.transport,
+                        _SendfileSource(fd),  # type: ignore[arg-type]  # a descriptor is all sendfile uses
+                        piece.position,
+                        piece.length,
+                        fallback=False,
+                    )
+                return
+            except (asyncio.SendfileNotAvailableError, RuntimeError, NotImplementedError):
+                self._sendfile = False  # this loop or transport cannot: copy from now on
+        writer.write(piece.read())
+
+
+class _SendfileSource:
+    """What loop.sendfile needs of a segment file: a descriptor, and a seek it may call
+    (the position is given to sendfile itself)."""
+
+    __slots__ = ("_fd",)
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return offset
