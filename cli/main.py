@@ -78,7 +78,7 @@ def serve(
         None,
         "--kafka-port",
         help="Also serve Kafka clients (confluent-kafka, kafka-python, aiokafka, kcat) on this port; "
-        "0 picks a free one (default: off; [kafka] in the config file).",
+        "0 picks a free one (default: off; also `port` in the config file's kafka table).",
     ),
 ) -> None:
     """Run the broker until SIGTERM or SIGINT (a clean shutdown: the next start needs
