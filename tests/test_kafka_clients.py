@@ -755,3 +755,23 @@ def test_large_fetches_sent_from_the_segment_files_arrive_byte_for_byte(kafka_se
         got = consume(kafka_server.bootstrap, topic, {0: 0, 1: 0}, len(values))
         by_place = {(partition, offset): value for partition, offset, _, value, _, _ in got}
         assert [by_place[where] for where in placed] == values
+
+
+def test_kafka_connections_over_connections_max_are_closed_and_the_others_served(tmp_path) -> None:
+    config = tmp_path / "nodi.toml"
+    config.write_text("[server]\nconnections_max = 2\n")
+    process = BrokerProcess(str(tmp_path / "data"), ["--kafka-port", "0", "--config", str(config)]).start()
+    found = next(KAFKA_LINE.search(line) for line in process.output if KAFKA_LINE.search(line))
+    address = f"{found.group(1)}:{found.group(2)}"
+    try:
+        with _raw(address) as first, _raw(address) as second:
+            for sock, correlation in ((first, 1), (second, 2)):
+                sock.sendall(_api_versions_request(correlation))
+                assert struct.unpack_from(">ih", _read_response(sock)) == (correlation, 0)
+            with _raw(address) as third:
+                assert third.recv(10) == b""
+            first.sendall(_api_versions_request(3))
+            assert struct.unpack_from(">ih", _read_response(first)) == (3, 0)
+    finally:
+        process.stop()
+    assert any("kafka connection refused: connections_max 2" in line for line in process.output)

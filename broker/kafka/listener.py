@@ -52,6 +52,7 @@ class KafkaListener:
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.Task] = set()
         self.connections_accepted = 0
+        self.connections_refused = 0
         self.connections_closed_for_bad_input = 0
         self._sendfile = True
 
@@ -82,6 +83,12 @@ class KafkaListener:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if len(self._connections) >= self.broker.config.connections_max:
+            # The server's connections_max bounds Kafka connections too (counted apart).
+            self.connections_refused += 1
+            log.warning("kafka connection refused: connections_max %d reached", self.broker.config.connections_max)
+            writer.close()
+            return
         self.connections_accepted += 1
         task = tasks.create_task(self._serve(reader, writer))
         self._connections.add(task)
