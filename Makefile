@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: run test install clean bench bench-tls crash-walk queue-leases torture lint many-partitions
+.PHONY: run test install clean bench bench-tls crash-walk queue-leases torture lint many-partitions kafka-bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -83,3 +83,8 @@ torture: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# The Kafka listener beside nodi's own client on one broker, with the disk's limits
+# (tools/kafka_bench.py; docs/benchmarks.md, "Kafka clients").
+kafka-bench: $(STAMP)
+	$(BIN)/python -m tools.kafka_bench

@@ -103,9 +103,16 @@ def serve(
         "--insecure-no-auth",
         help="Listen beyond loopback without a users file: anyone who reaches the port may do anything.",
     ),
+    kafka_port: int = typer.Option(
+        None,
+        "--kafka-port",
+        help="Also serve Kafka clients (confluent-kafka, kafka-python, aiokafka, kcat) on this port; "
+        "0 picks a free one (default: off; also `port` in the config file's kafka table).",
+    ),
 ) -> None:
     """Run the broker until SIGTERM or SIGINT (a clean shutdown: the next start needs
     no recovery). Settings: defaults < --config file < NODI_* environment < flags."""
+    import dataclasses
     import json
 
     from nodi.broker.server.config import load_config, unknown_environment_variables
@@ -125,12 +132,13 @@ def serve(
             log_level=log_level,
             log_json=log_json,
         )
+        if kafka_port is not None:  # the [kafka] table's port, from the flag
+            settings = dataclasses.replace(settings, kafka=dataclasses.replace(settings.kafka, port=kafka_port))
+            settings.validate()
     except NodiError as error:
         typer.echo(f"nodi serve: {error}", err=True)
         raise typer.Exit(2) from None
     if insecure_no_auth:
-        import dataclasses
-
         settings = dataclasses.replace(settings, security=dataclasses.replace(settings.security, insecure_no_auth=True))
     for warning in unknown_environment_variables():
         typer.echo(f"nodi serve: warning: {warning}", err=True)

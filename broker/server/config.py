@@ -20,6 +20,7 @@ from nodi.storage.errors import InvalidConfigError
 from nodi.storage.fsync_pool import FSYNC_WORKERS_DEFAULT, check_fsync_workers_max
 from nodi.storage.metadata import TopicConfig
 
+from ..kafka.settings import DEFAULT_KAFKA_SETTINGS, KafkaSettings
 from ..protocol.limits import DEFAULT_PROTOCOL_LIMITS, ProtocolLimits
 from ..protocol.queue_settings import DEFAULT_QUEUE_LIMITS, QueueLimits
 from .compaction_settings import DEFAULT_COMPACTION_SETTINGS, CompactionSettings
@@ -83,6 +84,8 @@ class ServerConfig:
     compaction: CompactionSettings = DEFAULT_COMPACTION_SETTINGS
     # TLS, the users file and the per-principal limits (broker/server/security_settings.py).
     security: SecuritySettings = DEFAULT_SECURITY_SETTINGS
+    # The Kafka-protocol listener (broker/kafka/settings.py): off unless a port is set.
+    kafka: KafkaSettings = DEFAULT_KAFKA_SETTINGS
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -118,6 +121,7 @@ class ServerConfig:
         self.inboxes.validate()
         self.compaction.validate()
         self.security.validate()
+        self.kafka.validate()
 
     def announced_limits(self) -> dict[str, int]:
         limits = self.protocol.announced()
@@ -139,6 +143,7 @@ SECTIONS: dict[str, type] = {
     "inboxes": InboxLimits,
     "compaction": CompactionSettings,
     "security": SecuritySettings,
+    "kafka": KafkaSettings,
 }
 _SIMPLE = {f.name: f for f in fields(ServerConfig) if f.name not in SECTIONS}
 _TRUE = ("1", "true", "yes", "on")
@@ -283,6 +288,7 @@ def load_config(path: str | None = None, *, environment: Mapping[str, str] | Non
             inboxes=InboxLimits(**tables["inboxes"]),
             compaction=CompactionSettings(**tables["compaction"]),
             security=SecuritySettings(**tables["security"]),
+            kafka=KafkaSettings(**tables["kafka"]),
         )
     except (TypeError, ValueError) as error:
         raise InvalidConfigError(str(error)) from None

@@ -8,6 +8,7 @@ status.py) import this module and nothing imports them back but service.py's dis
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 from nodi.storage import compaction
 from nodi.storage import errors as storage_errors
@@ -25,6 +26,17 @@ class Reply:
     @property
     def records_bytes(self) -> int:
         return sum(piece.length for piece in self.slices)
+
+
+ResponseType = TypeVar("ResponseType", bound=m.Response)
+
+
+def response_of(reply: Reply, kind: type[ResponseType]) -> ResponseType:
+    """The reply's response as the type its request is answered with (an error reply
+    is that type too), for callers of Broker.handle such as the Kafka listener."""
+    response = reply.response
+    assert isinstance(response, kind), type(response)
+    return response
 
 
 def error_reply(request: m.Request, error: BaseException) -> Reply:

@@ -26,6 +26,7 @@ from nodi.storage.file_budget import open_files_max_for, raise_files_limit
 from nodi.storage.log import FileSlice
 from nodi.storage.store import Store
 
+from ..kafka.listener import KafkaListener
 from ..protocol import messages as m
 from ..protocol.connection import (
     NEED_DATA,
@@ -381,6 +382,7 @@ class Server:
         self.shutting_down = False
         self.sendfile = True
         self.sessions: set[ClientSession] = set()
+        self.kafka: KafkaListener | None = None
         self.address: tuple[str, int] | None = None
         self._stop = asyncio.Event()
         self._listener: asyncio.AbstractServer | None = None
@@ -447,7 +449,10 @@ class Server:
         for warning in exposure_warnings(self.config.host, self.config.security):
             log.warning("%s", warning)
         sock = _bind(self.config.host, self.config.port)
+        kafka_sock = None
         try:
+            if self.config.kafka.enabled:  # the Kafka listener's port, bound as early (broker/kafka/)
+                kafka_sock = _bind(self.config.kafka.host or self.config.host, self.config.kafka.port)
             if self.metrics is not None:
                 try:
                     self.metrics.listen()
@@ -464,6 +469,8 @@ class Server:
             )
         except BaseException:
             sock.close()
+            if kafka_sock is not None:
+                kafka_sock.close()
             if self.metrics is not None:
                 self.metrics.stop()
             if self.console is not None:
@@ -491,6 +498,9 @@ class Server:
                 sock = self._listener.sockets[0]
                 self.address = sock.getsockname()[:2]
                 tasks.create_task(self._retention_job())
+                if kafka_sock is not None:
+                    self.kafka = KafkaListener(self.broker, self.config.kafka, observe=self.observe)
+                    await self.kafka.start(tasks, kafka_sock)
                 tasks.create_task(self.broker.compaction.run_job())
                 if self.metrics is not None:
                     self.metrics.start(self)
@@ -595,6 +605,8 @@ class Server:
         client, close."""
         self.shutting_down = True
         self._listener.close()
+        if self.kafka is not None:
+            await self.kafka.stop()
         deadline = time.monotonic() + self.config.shutdown_grace_ms / 1000
         while time.monotonic() < deadline and any(s.connection.in_flight_count for s in self.sessions):
             await asyncio.sleep(0.01)
@@ -663,6 +675,9 @@ def run(config: ServerConfig, *, announce: Callable[[str], None] = print) -> Non
 
         def ready(server: Server) -> None:
             host, port = server.address
+            if server.kafka is not None and server.kafka.address is not None:  # before the ready line
+                kafka_host, kafka_port = server.kafka.address
+                announce(f"nodi kafka listener on {kafka_host}:{kafka_port}")
             announce(
                 f"nodi listening on {host}:{port} (data dir {os.path.abspath(config.data_dir)}, pid {os.getpid()})"
             )
