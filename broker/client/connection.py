@@ -84,7 +84,7 @@ class ClientConnection:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return await cls._start(reader, writer, (host, port), client_id, limits)
+        return await cls._start(reader, writer, (host, port), client_id, limits, credentials)
 
     @classmethod
     async def open_unix(cls, path: str, *, client_id: str, limits: ProtocolLimits) -> ClientConnection:
@@ -104,6 +104,7 @@ class ClientConnection:
         address: tuple[str, int | str],
         client_id: str,
         limits: ProtocolLimits,
+        credentials: Credentials | None = None,
     ) -> ClientConnection:
         host, port = address
         connection = cls(reader, writer, Connection(Role.CLIENT, limits), address)
