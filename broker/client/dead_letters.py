@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from ..protocol import headers as h
-from .errors import NodiClientError
+from .errors import DeadLetterWithoutSource
 
 if TYPE_CHECKING:
     from .sync_client import Client
@@ -31,18 +31,6 @@ CURSOR_GROUP = "nodi.dlq"
 DEAD_LETTER_SUFFIX = ".dlq"
 # Messages republished per producer flush (and cursor commit) during a redrive.
 REDRIVE_CHUNK = 500
-
-
-class DeadLetterWithoutSource(NodiClientError):
-    """A dead letter names no source topic (no nodi-dlq-source-topic header), and no
-    target was given: it cannot be redriven. Everything before it was."""
-
-    def __init__(self, topic: str, partition: int, offset: int, redriven: int) -> None:
-        super().__init__(f"{topic}-{partition} offset {offset} names no source topic")
-        self.topic = topic
-        self.partition = partition
-        self.offset = offset
-        self.redriven = redriven
 
 
 def header_text(message: Message, name: str) -> str | None:

@@ -384,10 +384,23 @@ def is_retriable(error: BaseException) -> bool:
     return isinstance(error, NodiClientError) and error.code in RETRIABLE_CODES
 
 
+class DeadLetterWithoutSource(NodiClientError):
+    """A dead letter names no source topic (no nodi-dlq-source-topic header), and no
+    target was given: it cannot be redriven. Everything before it was."""
+
+    def __init__(self, topic: str, partition: int, offset: int, redriven: int) -> None:
+        super().__init__(f"{topic}-{partition} offset {offset} names no source topic")
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+        self.redriven = redriven
+
+
 # Written out so type checkers and IDEs see what `from .errors import *` brings;
 # tests/test_client.py checks it names every exception class of this module.
 __all__ = [
     "NodiClientError",
+    "DeadLetterWithoutSource",
     "ProtocolViolation",
     "InvalidRequest",
     "LimitExceeded",
