@@ -429,7 +429,8 @@ def test_a_receive_batch_cancelled_midway_gives_back_what_it_had_taken(server):
                 trips = []
 
                 async def call(request, *args, **kwargs):
-                    if isinstance(request, m.QueueReceiveRequest):
+                    # QueueReceiveBatches from protocol 3 on, QueueReceive before it
+                    if isinstance(request, (m.QueueReceiveRequest, m.QueueReceiveBatchesRequest)):
                         trips.append(request.messages_max)
                         if len(trips) == 2:
                             second_trip.set()
