@@ -131,8 +131,18 @@ def _raw_snappy_length(block: bytes | memoryview) -> int:
     raise CorruptBatchError("snappy: the block's length is cut short or too long")
 
 
+# The most a raw snappy block can inflate by: its densest element is a 3-byte copy of 64
+# bytes. A block declaring more than this many bytes per byte it holds is not snappy.
+_SNAPPY_EXPANSION_MAX = 22
+
+
 def _raw_snappy(block: bytes | memoryview, room: int, limit: int) -> bytes:
-    if _raw_snappy_length(block) > room:
+    declared = _raw_snappy_length(block)
+    if declared > len(block) * _SNAPPY_EXPANSION_MAX:
+        raise CorruptBatchError(
+            f"snappy: a block of {len(block)} bytes declares {declared} bytes, more than it can hold"
+        )
+    if declared > room:
         raise _too_big(limit)
     try:
         return bytes(cramjam.snappy.decompress_raw(bytes(block)))

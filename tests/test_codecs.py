@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import struct
 import subprocess
 import sys
@@ -86,6 +87,23 @@ def test_damaged_sections_are_corrupt(codec, damage):
     }[damage]
     with pytest.raises(CorruptBatchError):
         codecs.decompress(codec, section, LIMIT)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_garbage_is_corrupt_whatever_length_it_seems_to_declare(codec):
+    # Random bytes read as a raw snappy block declare a length from their leading varint,
+    # often far past the limit: that is damage, not a batch too big to inflate.
+    for _ in range(200):
+        with pytest.raises(CorruptBatchError):
+            codecs.decompress(codec, os.urandom(random.randint(1, 2_000)), LIMIT)
+
+
+def test_a_snappy_block_declaring_more_than_it_can_hold_is_corrupt():
+    block = bytes(cramjam.snappy.compress_raw(bytes(1_000_000)))  # raw, as librdkafka writes
+    assert len(codecs.decompress(Compression.SNAPPY, block, LIMIT)) == 1_000_000
+    lying = b"\xff\xff\xff\xff\x0f" + block[3:]  # 4 GiB declared in about 47 KB (1e6 took 3 bytes)
+    with pytest.raises(CorruptBatchError, match="more than it can hold"):
+        codecs.decompress(Compression.SNAPPY, lying, LIMIT)
 
 
 @pytest.mark.parametrize("codec", CODECS)
