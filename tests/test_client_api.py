@@ -330,6 +330,33 @@ def test_every_exception_class_the_client_raises_by_name_is_builtin_or_exported(
     assert issubclass(nodi.broker.SendFailed, nodi.broker.NodiClientError)
 
 
+def test_every_client_error_pickles_to_the_same_text_class_code_and_fields():
+    """Errors cross process boundaries (multiprocessing workers, Celery results): a copy
+    keeps its text (the code prefixed once), class, code and own fields."""
+    import nodi.broker
+    from nodi.broker.protocol.errors import ErrorCode
+
+    samples = []
+    for name in nodi.broker.__all__:
+        cls = getattr(nodi.broker, name)
+        if not (isinstance(cls, type) and issubclass(cls, nodi.broker.NodiClientError)):
+            continue
+        if cls is nodi.broker.SendFailed:
+            samples.append(cls(2, nodi.broker.UnknownTopic("gone")))
+        elif cls is nodi.broker.DeadLetterWithoutSource:
+            samples.append(cls("orders.dlq", 1, 42, 7))
+        else:
+            samples.append(cls("something went wrong"))
+    samples.append(nodi.broker.NodiClientError("coded", code=ErrorCode.UNKNOWN_TOPIC))
+    assert len(samples) > 30
+    for error in samples:
+        copied = pickle.loads(pickle.dumps(error))
+        assert type(copied) is type(error)
+        assert str(copied) == str(error) and copied.args == error.args
+        assert copied.code == error.code
+        assert {k: str(v) for k, v in vars(copied).items()} == {k: str(v) for k, v in vars(error).items()}
+
+
 def test_a_record_above_a_limit_is_a_limit_exceeded_from_every_path(client):
     """produce(), the producer, request() and reply() build their records in the client:
     a record above record_bytes_max is the client's LimitExceeded, not storage's own

@@ -30,6 +30,18 @@ class NodiClientError(NodiError):
         prefix = f"{self.code.name}: " if self.code is not None else ""
         super().__init__(prefix + message if message else prefix.rstrip(": "))
 
+    def __reduce__(self):  # pickled (multiprocessing) as it is: its text, code and fields
+        return _rebuild, (type(self), self.args, self.__dict__)
+
+
+def _rebuild(cls: type[NodiClientError], args: tuple, fields: dict) -> NodiClientError:
+    """Unpickle without calling __init__ again (which would prefix the code a second time,
+    and which some subclasses define with arguments of their own)."""
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(fields)
+    return error
+
 
 # -- the protocol itself (codes 1-19) ------------------------------------------------
 
