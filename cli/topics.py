@@ -80,18 +80,40 @@ def _with_setting_options(function):
 
 @command(app, "create")
 @_with_setting_options
-def create_command(ctx: typer.Context, name: TopicName, json_output: JsonOption = False, **settings) -> None:
+def create_command(
+    ctx: typer.Context,
+    name: TopicName,
+    exist_ok: Annotated[
+        bool,
+        typer.Option(
+            "--exist-ok",
+            help="A topic of that name already there is not an error: print its settings"
+            " (the options given are not compared with them).",
+        ),
+    ] = False,
+    json_output: JsonOption = False,
+    **settings,
+) -> None:
     """Create a topic. Settings left out take the server's defaults (nodi serve
     --print-config shows them); prints the settings in force.
 
-    Exit status 1 when the name is taken or the server refuses a setting.
+    Exit status 1 when the name is taken (unless --exist-ok) or the server refuses a setting.
     """
+    from nodi.broker import TopicExists
+
+    existed = False
     with connect(ctx) as client:
-        created = client.create_topic(name, **settings)
+        try:
+            created = client.create_topic(name, **settings)
+        except TopicExists:
+            if not exist_ok:
+                raise
+            existed = True
+            created = client.create_topic(name, exist_ok=True, **settings)
     if json_output:
-        typer.echo(json.dumps({"name": name, **dataclasses.asdict(created)}))
+        typer.echo(json.dumps({"name": name, "existed": existed, **dataclasses.asdict(created)}))
         return
-    typer.echo(f"created topic {name}")
+    typer.echo(f"topic {name} exists" if existed else f"created topic {name}")
     _print_settings(created)
 
 
@@ -140,11 +162,23 @@ def describe_command(ctx: typer.Context, name: TopicName, json_output: JsonOptio
 
 
 @command(app, "delete")
-def delete_command(ctx: typer.Context, name: TopicName) -> None:
+def delete_command(
+    ctx: typer.Context,
+    name: TopicName,
+    missing_ok: Annotated[bool, typer.Option("--missing-ok", help="No topic of that name is not an error.")] = False,
+) -> None:
     """Delete a topic and all its messages (no confirmation; it cannot be undone).
 
-    Exit status 1 when there is no such topic.
+    Exit status 1 when there is no such topic (unless --missing-ok).
     """
+    from nodi.broker import UnknownTopic
+
     with connect(ctx) as client:
-        client.delete_topic(name)
+        try:
+            client.delete_topic(name)
+        except UnknownTopic:
+            if not missing_ok:
+                raise
+            typer.echo(f"no topic {name}")
+            return
     typer.echo(f"deleted topic {name}")

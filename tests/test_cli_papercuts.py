@@ -4,6 +4,7 @@ stops at the end the partitions had at start."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -136,6 +137,22 @@ def test_topic_describe_lines_up_every_setting_value_the_longest_name_included(s
     assert "delete_retention_ms" in names and "retention_ms" in names
     columns = {len(line) - len(line.split(maxsplit=1)[1]) for line in settings}
     assert len(columns) == 1, settings
+
+
+def test_topic_create_exist_ok_and_delete_missing_ok_make_scripts_rerunnable(server):
+    first = _nodi("--server", server.address, "topic", "create", "papercut-rerun", "--partitions", "3")
+    assert first.returncode == 0 and "created topic papercut-rerun" in first.stdout, first.stderr
+    again = _nodi("--server", server.address, "topic", "create", "papercut-rerun")
+    assert again.returncode == 1 and "TopicExists" in again.stderr, (again.stdout, again.stderr)
+    tolerated = _nodi("--server", server.address, "topic", "create", "papercut-rerun", "--exist-ok", "--json")
+    assert tolerated.returncode == 0, tolerated.stderr
+    shown = json.loads(tolerated.stdout)
+    assert shown["existed"] is True and shown["partitions"] == 3  # the topic's own, not the default 1
+    assert _nodi("--server", server.address, "topic", "delete", "papercut-rerun").returncode == 0
+    missing = _nodi("--server", server.address, "topic", "delete", "papercut-rerun")
+    assert missing.returncode == 1 and "UnknownTopic" in missing.stderr, (missing.stdout, missing.stderr)
+    ignored = _nodi("--server", server.address, "topic", "delete", "papercut-rerun", "--missing-ok")
+    assert ignored.returncode == 0 and "no topic papercut-rerun" in ignored.stdout, ignored.stderr
 
 
 # What typer writes for a value's type or a required argument unless told otherwise.
