@@ -69,12 +69,13 @@ _CLIENT_DEFAULTS = {"partitions": 1}
 
 def _with_setting_options(function):
     """Give `function` (whose **settings takes them) an option per topic setting, in
-    their declared order, before its last parameter; each defaults to what
-    Client.create_topic does when the setting is left out."""
-    parameters = list(inspect.signature(function, eval_str=True).parameters.values())
-    *leading, last, _settings = parameters
-    options = [_setting_option(setting, _CLIENT_DEFAULTS.get(setting.name)) for setting in TOPIC_SETTINGS]
-    function.__signature__ = inspect.Signature([*leading, *options, last.replace(kind=inspect.Parameter.KEYWORD_ONLY)])
+    their declared order, after its arguments and before its own options; each defaults
+    to what Client.create_topic does when the setting is left out."""
+    *parameters, _settings = inspect.signature(function, eval_str=True).parameters.values()
+    arguments = [parameter for parameter in parameters if parameter.default is inspect.Parameter.empty]
+    own_options = [parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY) for parameter in parameters[len(arguments) :]]
+    settings = [_setting_option(setting, _CLIENT_DEFAULTS.get(setting.name)) for setting in TOPIC_SETTINGS]
+    function.__signature__ = inspect.Signature([*arguments, *settings, *own_options])
     return function
 
 

@@ -139,7 +139,7 @@ def test_every_setting_is_a_topic_create_option(setting):
     if setting.type is int:
         assert option.min == (UNLIMITED if setting.unlimited else setting.low)
     names = [parameter.name for parameter in _create_command().params]
-    assert names == ["name", *SETTING_IDS, "json_output"]
+    assert names == ["name", *SETTING_IDS, "exist_ok", "json_output"]
 
 
 def test_the_docs_table_is_rendered_from_the_declaration():
