@@ -4,7 +4,9 @@ A log never owns a thread. An append hands its log to the pool when the log has 
 fsync queued or running (one job per log at a time); the job syncs whatever the log
 holds when it starts, and the appends that arrive while it runs share the next one
 (group commit, I8), which the same worker runs at once unless other logs' jobs wait.
-The pool only runs callables; the log decides what each one does, so the failure rules
+An `interval` log hands its job over with submit_at(), due one interval after its last
+fsync: workers wait for the earliest such time, so an interval log is synced at most once
+per interval however often it is written. The pool only runs callables; the log decides what each one does, so the failure rules
 (I9, F7) stay in storage/log.py.
 
 Threads start lazily, one more each time a job waits and no started thread is idle,
@@ -20,6 +22,8 @@ close runs its logs' clean closes (several fsyncs each) in parallel with it.
 from __future__ import annotations
 
 import collections
+import heapq
+import itertools
 import logging
 import os
 import threading
@@ -56,6 +60,7 @@ class FsyncPoolStatistics:
     workers: int  # threads running now
     idle: int  # of which waiting for a job
     queued: int  # jobs waiting for a worker
+    timed: int  # jobs waiting for their due time (submit_at)
     jobs_run: int
 
 
@@ -76,6 +81,9 @@ class FsyncPool:
         self._lock = threading.Lock()
         self._condition = threading.Condition(self._lock)
         self._ready: collections.deque[Callable[[], None]] = collections.deque()
+        # submit_at()'s jobs: (due, monotonic seconds; tie-break; job), earliest first.
+        self._timed: list[tuple[float, int, Callable[[], None]]] = []
+        self._timed_numbers = itertools.count()
         self._threads: set[threading.Thread] = set()
         self._thread_numbers = iter(range(1, 2**62))
         self._idle = 0
@@ -97,6 +105,26 @@ class FsyncPool:
             if len(self._ready) > self._idle:
                 self._start_worker_locked()
             self._condition.notify()
+
+    def submit_at(self, due: float, job: Callable[[], None]) -> None:
+        """Run `job()` on a worker once time.monotonic() reaches `due` (at once when it
+        has): an `interval` log's next fsync. Dropped after stop(), as submit()'s are."""
+        with self._lock:
+            if self._stopped:
+                return
+            heapq.heappush(self._timed, (due, next(self._timed_numbers), job))
+            if not self._idle:
+                self._start_worker_locked()
+            self._condition.notify()  # a waiting worker shortens its wait to the new due time
+
+    def cancel_timed(self, job: Callable[[], None]) -> None:
+        """Forget submit_at()'s jobs equal to `job` that are not yet due (a closing log's
+        next fsync, which would find nothing to do)."""
+        with self._lock:
+            kept = [entry for entry in self._timed if entry[2] != job]
+            if len(kept) != len(self._timed):
+                heapq.heapify(kept)
+                self._timed = kept
 
     def has_queued_nowait(self) -> bool:
         """Whether jobs wait for a worker now (read without the lock: a hint)."""
@@ -150,6 +178,7 @@ class FsyncPool:
         with self._lock:
             self._stopped = True
             self._ready.clear()
+            self._timed.clear()
             threads = list(self._threads)
             self._condition.notify_all()
         current = threading.current_thread()
@@ -165,6 +194,7 @@ class FsyncPool:
                 workers=len(self._threads),
                 idle=self._idle,
                 queued=len(self._ready),
+                timed=len(self._timed),
                 jobs_run=self._jobs_run,
             )
 
@@ -184,16 +214,26 @@ class FsyncPool:
         self._threads.add(thread)
 
     def _next_job_locked(self) -> Callable[[], None] | None:
-        """The next job, waiting for one; None when this worker must exit."""
+        """The next job, waiting for one; None when this worker must exit. A timed job
+        that has come due is moved to the ready ones; a worker waits no longer than the
+        earliest due time, and does not exit while timed jobs wait."""
         idle_since = time.monotonic()
-        while not self._ready:
+        while True:
+            now = time.monotonic()
+            while self._timed and self._timed[0][0] <= now:
+                self._ready.append(heapq.heappop(self._timed)[2])
+            if self._ready:
+                break
             if self._stopped:
                 return None
-            if self._idle_exit_seconds is not None and time.monotonic() - idle_since >= self._idle_exit_seconds:
+            wait = IDLE_WAIT_SECONDS
+            if self._timed:
+                wait = min(wait, self._timed[0][0] - now)
+            elif self._idle_exit_seconds is not None and now - idle_since >= self._idle_exit_seconds:
                 return None
             self._idle += 1
             try:
-                self._condition.wait(timeout=IDLE_WAIT_SECONDS)
+                self._condition.wait(timeout=wait)
             finally:
                 self._idle -= 1
         self._jobs_run += 1

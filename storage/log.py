@@ -7,7 +7,8 @@ shared worker pool (storage/fsync_pool.py), one at a time per log: an append han
 log to the pool when no fsync of it is queued or running; that job syncs whatever was
 written when it started, resolves every waiter the sync covered (group commit, I8), and
 syncs again at once while more was written meanwhile (queueing behind other logs' jobs
-when some wait). Hand-offs per group commit: one, appender -> worker (none while the
+when some wait). Under `interval` the job is due fsync_interval_ms after the log's last
+fsync, and the next one again an interval later: at most one fsync per interval. Hand-offs per group commit: one, appender -> worker (none while the
 log's job is running: it sees the new data itself), then the waiters' futures resolve
 on the worker. An fsync is never retried (I9).
 """
@@ -252,6 +253,11 @@ class Log:
         self._fsync_pool: FsyncPool | None = None
         self._fsync_job_pending = False
         self._fsync_running = False
+        # Under `interval`: seconds between fsyncs, counted from the last one (monotonic).
+        self._fsync_interval_s: float | None = None
+        if config.fsync_policy is FsyncPolicy.INTERVAL:
+            self._fsync_interval_s = config.fsync_interval_ms / 1000
+        self._last_sync_monotonic = time.monotonic()
         if config.fsync_policy is not FsyncPolicy.NEVER and self._error is None:
             self._fsync_pool = fsync_pool or default_fsync_pool()
 
@@ -380,8 +386,7 @@ class Log:
             self._appended_bytes += len(view)
             hand_over = self._claim_fsync_job_locked()
         if hand_over:  # outside the lock: the woken worker takes it first
-            assert self._fsync_pool is not None
-            self._fsync_pool.submit(self._run_fsync_job)
+            self._hand_to_pool()
         if self.config.fsync_policy is not FsyncPolicy.ALWAYS:
             self._notify_readable()
         return AppendResult(first_offset, base_offset - 1, len(batches), len(view), now_ms)
@@ -516,12 +521,21 @@ class Log:
     def _claim_fsync_job_locked(self) -> bool:
         """True when the caller must hand _run_fsync_job to the pool (after releasing
         the lock): data is waiting and no job of this log is queued or running (that
-        one's next fsync covers it: group commit). Under `interval` too: an append is
-        synced as soon as the pool gets to it, as the thread per log did."""
+        one's next fsync covers it: group commit)."""
         if self._fsync_pool is None or self._fsync_job_pending or self._closed or self._error is not None:
             return False
         self._fsync_job_pending = True
         return True
+
+    def _hand_to_pool(self) -> None:
+        """Queue this log's fsync job (claimed): at once, or under `interval` for one
+        interval after the last fsync (a roll's or flush()'s counts)."""
+        pool = self._fsync_pool
+        assert pool is not None
+        if self._fsync_interval_s is None:
+            pool.submit(self._run_fsync_job)
+        else:
+            pool.submit_at(self._last_sync_monotonic + self._fsync_interval_s, self._run_fsync_job)
 
     def _run_fsync_job(self) -> None:
         """A pool worker's fsyncs of this log: sync what is written now, resolve the
@@ -547,7 +561,7 @@ class Log:
                     self._fail_locked(LogReadOnlyError(f"fsync of {segment.log_path} failed: {error!r}"))
             with self._lock:
                 wanted = not self._closed and self._error is None and self._next_offset > self._durable_offset
-                if wanted and not pool.has_queued_nowait():
+                if wanted and self._fsync_interval_s is None and not pool.has_queued_nowait():
                     target = self._next_offset  # group commit: the next fsync, right away
                     segment = self._segments[-1]
                     continue
@@ -556,7 +570,7 @@ class Log:
                 if self._closed:
                     self._condition.notify_all()  # close() waits for a running job
             if wanted:
-                pool.submit(self._run_fsync_job)
+                self._hand_to_pool()
             return
 
     def _sync_segment(self, segment: Segment) -> None:
@@ -569,6 +583,7 @@ class Log:
             started = time.perf_counter()
             try:
                 segment.sync()
+                self._last_sync_monotonic = time.monotonic()
             except OSError as error:
                 self._sync_failure = error
                 raise
@@ -974,6 +989,8 @@ class Log:
             deadline = time.monotonic() + self.config.durable_wait_timeout_ms / 1000
             while self._fsync_running and time.monotonic() < deadline:
                 self._condition.wait(timeout=deadline - time.monotonic())
+        if self._fsync_interval_s is not None and self._fsync_pool is not None:
+            self._fsync_pool.cancel_timed(self._run_fsync_job)  # not held for up to an interval
         active = self._segments[-1]
         if self._error is None:
             try:

@@ -230,22 +230,54 @@ def test_close_cancels_a_queued_fsync_and_waits_for_a_running_one() -> None:
     assert pool.statistics().workers == 0
 
 
-def test_interval_policy_is_synced_by_the_pool_without_a_waiter() -> None:
-    """Under `interval` an append is synced as soon as the pool gets to it, with no
-    durable waiter, as the thread per log did; the interval does not hold it back."""
+def test_interval_policy_syncs_at_most_once_per_interval() -> None:
+    """Under `interval` the appends of one interval share one fsync, due an interval
+    after the last one; nothing is synced before (docs/guarantees.md). A clean close
+    syncs what is written and drops the waiting job rather than hold the log for it."""
     fs = GatedFileSystem()
     pool = FsyncPool(2)
     slow = Log.open("/data/slow", _config("interval", fsync_interval_ms=600_000), fs=fs, fsync_pool=pool)
-    fs.gate.clear()
-    slow.append_nowait(_batch(0))
-    fs.wait_started(_segment_path(slow), 1)
-    assert slow.durable_offset == 0
-    fs.gate.set()
-    slow.durable_future(0).result(timeout=WAIT_SECONDS)
-    assert slow.statistics().fsyncs == 1 and slow.durable_offset == 1
+    for number in range(20):
+        slow.append_nowait(_batch(number))
+    assert pool.statistics().timed == 1  # one job for the 20 appends, waiting for its time
+    assert slow.statistics().fsyncs == 0 and slow.durable_offset == 0
     slow.close()
+    assert slow.durable_offset == 20 and pool.statistics().timed == 0
     pool.stop()
     assert pool.statistics().workers == 0
+
+
+def test_interval_policy_is_synced_by_the_pool_without_a_waiter() -> None:
+    """No flush and no durable waiter: the pool's timed job syncs the appends once their
+    interval is up, and the log's later appends get a job of their own again."""
+    fs = GatedFileSystem()
+    pool = FsyncPool(2)
+    log = Log.open("/data/quick", _config("interval", fsync_interval_ms=20), fs=fs, fsync_pool=pool)
+    log.append_nowait(_batch(0))
+    log.durable_future(0).result(timeout=WAIT_SECONDS)
+    assert log.statistics().fsyncs == 1
+    log.append_nowait(_batch(1))
+    log.durable_future(1).result(timeout=WAIT_SECONDS)
+    assert log.statistics().fsyncs == 2 and log.durable_offset == 2
+    log.close()
+    pool.stop()
+    assert pool.statistics().workers == 0
+
+
+def test_timed_jobs_run_in_due_order_and_stop_drops_those_not_due() -> None:
+    import time
+
+    pool = FsyncPool(1)
+    ran: list[str] = []
+    done = threading.Event()
+    now = time.monotonic()
+    pool.submit_at(now + 3600, lambda: ran.append("an hour"))
+    pool.submit_at(now + 0.02, lambda: (ran.append("later"), done.set()))
+    pool.submit_at(now, lambda: ran.append("now"))
+    assert done.wait(WAIT_SECONDS)
+    assert ran == ["now", "later"] and pool.statistics().timed == 1
+    pool.stop()
+    assert pool.statistics().timed == 0 and pool.statistics().workers == 0 and ran == ["now", "later"]
 
 
 def test_store_runs_every_partition_on_the_bounded_pool(tmp_path) -> None:
