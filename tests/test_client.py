@@ -22,6 +22,7 @@ import pytest
 from nodi.broker import AsyncClient, Client
 from nodi.broker.client import (
     UNLIMITED,
+    ConnectFailed,
     ConnectionLost,
     InvalidConfig,
     Message,
@@ -445,3 +446,28 @@ def test_every_client_exception_and_type_is_importable_from_nodi_broker():
     for name in nodi.broker.__all__:
         assert getattr(nodi.broker, name) is not None, name
     assert {"Client", "AsyncClient", "Message", "TopicSettings", "Queue", "IdempotentConsumer"} <= set(dir(nodi.broker))
+
+
+def test_a_reconnect_that_gave_up_unwatched_does_not_fail_the_next_call(broker_factory, tmp_path):
+    """The call that started a reconnect timed out; the attempts went on without it and
+    gave up while the server was down. The next call, made once the server is back,
+    connects: it does not get the old attempt's failure."""
+    process = broker_factory(str(tmp_path / "gave-up")).start()
+    port = process.port
+
+    async def scenario():
+        async with AsyncClient(process.address, reconnect_attempts_max=3, reconnect_backoff_max_ms=20) as client:
+            await client.create_topic("gave-up")
+            await asyncio.to_thread(process.stop)
+            with pytest.raises((ConnectionLost, Timeout, ConnectFailed)):
+                await client.list_topics(timeout_ms=10)
+            attempt = client._connecting
+            assert attempt is not None
+            with pytest.raises(ConnectFailed):  # every attempt refused: nobody listens
+                await asyncio.wait_for(asyncio.shield(attempt), 30)
+            again = broker_factory(str(tmp_path / "gave-up"))
+            again.port = port
+            await asyncio.to_thread(again.start)
+            assert ("gave-up", 1) in await client.list_topics()
+
+    run(scenario())

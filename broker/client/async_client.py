@@ -207,7 +207,9 @@ class AsyncClient:
         connection = self._connection
         if connection is not None and connection.is_open:
             return connection
-        if self._connecting is None:
+        if self._connecting is None or self._connecting.done():
+            # A finished attempt nobody was left waiting on (its callers timed out) is
+            # not this call's answer: its failure may predate the server's return.
             self._connecting = asyncio.get_running_loop().create_task(self._connect_loop())
             # Retrieved here so an attempt every waiter gave up on logs no warning.
             self._connecting.add_done_callback(lambda task: task.cancelled() or task.exception())
