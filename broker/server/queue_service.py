@@ -462,6 +462,7 @@ class QueueService:
     async def _wait_for_change(self, group: QueueGroup, remaining_s: float, now: int) -> None:
         """Until the group's state changes, one of its partitions grows, a timer of it
         is due, or `remaining_s` passes."""
+        assert self._loop is not None  # attach() ran: receives are served on the loop
         future = self._loop.create_future()
         key = (group.group, group.topic)
         self._waiters.setdefault(key, set()).add(future)
@@ -968,10 +969,10 @@ class QueueService:
                 del self._batches[key]
             for key in [key for key in self._stored if key[0] == topic]:
                 del self._stored[key]
-        for key in [key for key in self.groups if key[1] == topic]:
-            group = self.groups.pop(key)
-            self._unstaged.discard(key)
-            self._dead_letter_backoff.pop(key, None)
+        for group_key in [group_key for group_key in self.groups if group_key[1] == topic]:
+            group = self.groups.pop(group_key)
+            self._unstaged.discard(group_key)
+            self._dead_letter_backoff.pop(group_key, None)
             self._notify(group)
 
     # -- persistence -----------------------------------------------------------------------
@@ -979,17 +980,22 @@ class QueueService:
     async def persist(self) -> None:
         """Return once every change made before the call is committed to LMDB. Callers
         in one loop tick share one staging pass and one flush."""
-        self._persist_soon()
-        await asyncio.wait_for(asyncio.shield(self._persisted), self.broker.config.write_timeout_ms / 1000)
+        persisted = self._persist_soon()
+        await asyncio.wait_for(asyncio.shield(persisted), self.broker.config.write_timeout_ms / 1000)
 
-    def _persist_soon(self) -> None:
-        """Stage and flush what changed at the end of this loop tick, without waiting."""
+    def _persist_soon(self) -> asyncio.Future:
+        """Stage and flush what changed at the end of this loop tick, without waiting;
+        the future that pass settles."""
         if self._persisted is None:
+            assert self._loop is not None  # attach() ran: changes are made on the loop
             self._persisted = self._loop.create_future()
             self._loop.call_soon(self._stage_and_flush)
+        return self._persisted
 
     def _stage_and_flush(self) -> None:
         future, self._persisted = self._persisted, None
+        assert future is not None  # only _persist_soon schedules this pass, once per future
+        assert self._tasks is not None  # set with the loop by attach()
         try:
             staged = self._stage_dirty()
         except Exception as error:

@@ -13,8 +13,9 @@ import heapq
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from typing import ClassVar
 
 from nodi.storage.config import FsyncPolicy
 from nodi.storage.errors import DurableWaitTimeoutError, OffsetOutOfRangeError, UnknownTopicError
@@ -181,6 +182,7 @@ class Broker:
         """Return once everything staged before the call is committed to LMDB. Callers
         in the same loop tick share one flush (one fsync), run off the loop."""
         if self._next_flush is None:
+            assert self._loop is not None  # attach() ran: commits are made on the loop
             self._next_flush = self._loop.create_future()
             if not self._flushing:
                 self._loop.call_soon(self._start_flush)
@@ -192,6 +194,7 @@ class Broker:
             return
         waiter, self._next_flush = self._next_flush, None
         self._flushing = True
+        assert self._tasks is not None  # set with the loop by attach()
         self._tasks.create_task(self._flush(waiter))
 
     async def _flush(self, waiter: asyncio.Future) -> None:
@@ -212,6 +215,7 @@ class Broker:
             return
         waiters = self._waiters[key] = _PartitionWaiters(partition_log)
         loop = self._loop
+        assert loop is not None  # attach() ran: logs are watched from the loop
 
         def readable() -> None:  # any thread
             if waiters.waiting() and not loop.is_closed():
@@ -457,16 +461,17 @@ class Broker:
         wait_s = min(max(request.wait_ms, 0), self.config.fetch_wait_max_ms) / 1000
         deadline = asyncio.get_running_loop().time() + wait_s
         waiters = self._waiters.get(id(partition_log))
+        futures = set() if waiters is None else waiters.futures  # an unwatched log never wakes one
         while True:
             future = None
             if waiters is not None and wait_s > 0:
                 future = asyncio.get_running_loop().create_future()
-                waiters.futures.add(future)  # before the read: no wakeup can be missed
+                futures.add(future)  # before the read: no wakeup can be missed
             result = partition_log.read(request.offset, budget)
             remaining = deadline - asyncio.get_running_loop().time()
             if result.byte_count >= max(request.min_bytes, 1) or remaining <= 0 or future is None:
                 if future is not None:
-                    waiters.futures.discard(future)
+                    futures.discard(future)
                     future.cancel()
                 return self._fetch_reply(request, partition_log, result)
             try:
@@ -474,7 +479,7 @@ class Broker:
             except TimeoutError:
                 pass
             finally:
-                waiters.futures.discard(future)
+                futures.discard(future)
             if id(partition_log) not in self._waiters:  # topic deleted while waiting
                 raise UnknownTopicError(f"topic {request.topic!r} was deleted")
 
@@ -732,7 +737,9 @@ class Broker:
             )
         )
 
-    _handlers = {
+    # request type -> its handler, called with the Broker and a request of that type (and
+    # the client id, for JoinGroup only: handle() calls that one itself)
+    _handlers: ClassVar[dict[type, Callable[..., Awaitable[Reply]]]] = {
         m.CreateTopicRequest: _create_topic,
         m.DeleteTopicRequest: _delete_topic,
         m.ListTopicsRequest: _list_topics,
