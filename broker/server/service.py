@@ -214,11 +214,10 @@ class Broker:
         if key in self._listeners:
             return
         waiters = self._waiters[key] = _PartitionWaiters(partition_log)
-        loop = self._loop
-        assert loop is not None  # attach() ran: logs are watched from the loop
+        loop = self._loop  # None before attach() (a test driving handlers directly): no reader waits then
 
         def readable() -> None:  # any thread
-            if waiters.waiting() and not loop.is_closed():
+            if loop is not None and waiters.waiting() and not loop.is_closed():
                 loop.call_soon_threadsafe(waiters.wake)
 
         self._listeners[key] = readable
