@@ -38,6 +38,7 @@ from ..protocol.connection import (
     handshake_response,
 )
 from ..protocol.errors import ErrorCode, ProtocolError
+from .clock import SYSTEM_CLOCK, TEST_CLOCK_FILE_ENV, Clock, clock_from_environment
 from .config import ServerConfig
 from .memory_budget import FrameBudget, FrameBudgetStatistics, return_large_allocations_to_the_os, trim_freed_memory
 from .metrics import Metrics
@@ -379,8 +380,10 @@ class ServerStatistics:
 
 
 class Server:
-    def __init__(self, config: ServerConfig, *, metrics=None) -> None:
+    def __init__(self, config: ServerConfig, *, metrics=None, clock: Clock = SYSTEM_CLOCK) -> None:
         self.config = config
+        # The time the broker's deadlines are read from (broker/server/clock.py).
+        self.clock = clock
         self.store: Store | None = None
         self.broker: Broker | None = None
         self.metrics = metrics
@@ -476,7 +479,10 @@ class Server:
                 self.console.bind()
             files_limit = raise_files_limit()
             self.store = await asyncio.to_thread(
-                Store.open, self.config.data_dir, fsync_workers_max=self.config.fsync_workers_max
+                Store.open,
+                self.config.data_dir,
+                fsync_workers_max=self.config.fsync_workers_max,
+                clock_ms=self.clock.time_ms,
             )
         except BaseException:
             sock.close()
@@ -492,7 +498,7 @@ class Server:
             log.warning("%s", line)
         for line in self.store.open_report.error_lines():
             log.error("%s", line)
-        self.broker = Broker(self.store, self.config)
+        self.broker = Broker(self.store, self.config, self.clock)
         self.broker.server_statistics = self.statistics
         failure: BaseException | None = None
         try:
@@ -676,10 +682,14 @@ def run(config: ServerConfig, *, announce: Callable[[str], None] = print) -> Non
         uvloop = None  # type: ignore[assignment]
 
     return_large_allocations_to_the_os()
+    # SYSTEM_CLOCK, unless a test set NODI_TEST_CLOCK_FILE and NODI_TEST_CLOCK_ALLOWED=1.
+    clock = clock_from_environment()
+    if clock is not SYSTEM_CLOCK:
+        log.warning("running on the test-only clock of %s=%s: not for production", TEST_CLOCK_FILE_ENV, clock)
 
     async def main() -> None:
         metrics = None if config.metrics_port < 0 else Metrics(config.host, config.metrics_port, config.security)
-        server = Server(config, metrics=metrics)
+        server = Server(config, metrics=metrics, clock=clock)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, server.stop, signal.Signals(signum).name)

@@ -25,6 +25,7 @@ from nodi.storage.topic_settings import TOPIC_SETTINGS, TopicConfig
 
 from ..protocol import messages as m
 from ..protocol.errors import ErrorCode, ProtocolError
+from .clock import SYSTEM_CLOCK, Clock
 from .compaction_service import CompactionService
 from .config import ServerConfig
 from .dedup import PublishDedup
@@ -108,11 +109,14 @@ def _expire_durable_wait(future: asyncio.Future) -> None:
 
 
 class Broker:
-    def __init__(self, store: Store, config: ServerConfig) -> None:
+    def __init__(self, store: Store, config: ServerConfig, clock: Clock = SYSTEM_CLOCK) -> None:
         self.store = store
         self.config = config
+        # Every time that decides behaviour below comes from here (broker/server/clock.py);
+        # the store was opened with its time_ms too.
+        self.clock = clock
         self.coordinator = GroupCoordinator(
-            store.metadata, self._partition_count, lambda: int(time.monotonic() * 1000), config.groups
+            store.metadata, self._partition_count, lambda: int(clock.monotonic() * 1000), config.groups
         )
 
         # GroupWait requests held per group, answered when its generation moves.
@@ -120,9 +124,9 @@ class Broker:
         self.coordinator.on_generation = self._wake_group_waiters
         self.queues = QueueService(self, config.queues)
 
-        self.compaction = CompactionService(store, config.compaction)
+        self.compaction = CompactionService(store, config.compaction, clock.time_ms)
         # Publish dedup of idempotency keys (broker/server/dedup.py), read back from the logs.
-        self.dedup = PublishDedup()
+        self.dedup = PublishDedup(clock_ms=clock.time_ms)
         for name, topic_config in store.topics().items():
             self.dedup.configure(name, topic_config.dedup_window_ms)
         self.dedup.rebuild_all(store.logs())
@@ -136,7 +140,7 @@ class Broker:
         self._producer_ids = itertools.count()
         self._producer_id_base = int(time.time() * 1000) << 20
         self.server_id = f"nodi-{self._producer_id_base:x}"
-        self.inboxes = InboxService(self.server_id, config.inboxes)
+        self.inboxes = InboxService(self.server_id, config.inboxes, clock)
         # The server's statistics() (connections, uptime), set by the Server that runs
         # this broker; SERVER_STATUS reports them.
         self.server_statistics: Callable[[], object] | None = None
@@ -160,7 +164,7 @@ class Broker:
         """The group coordinator's timer: members whose session timed out leave."""
         while True:
             deadline = self.coordinator.next_deadline_ms()
-            now = int(time.monotonic() * 1000)
+            now = int(self.clock.monotonic() * 1000)
             await asyncio.sleep(0.2 if deadline is None else min(max(deadline - now, 0), 200) / 1000)
             for expired in self.coordinator.expire():
                 log.info("group %s: member %s timed out", expired.group, expired.member_id)
