@@ -49,7 +49,7 @@ from .file_budget import BudgetedFile
 from .fileio import OS_FILE_SYSTEM, File, FileSystem, read_whole_file, write_file_atomically
 from .fsync_pool import FsyncPool, default_fsync_pool
 from .histogram import FSYNC_SECONDS_BUCKETS, GROUP_COMMIT_APPENDS_BUCKETS, Histogram, HistogramSnapshot
-from .producers import SEQUENCE_MODULUS, SNAPSHOT_FILE, ProducerStateTable
+from .producers import SEQUENCE_MODULUS, SNAPSHOT_FILE, ProducerStateTable, RememberedBatch
 from .records import (
     BATCH_HEADER_BYTES,
     SUPPORTED_COMPRESSION,
@@ -365,7 +365,7 @@ class Log:
                 self._roll_locked(now_ms)
                 active = self._segments[-1]
             first_offset = base_offset = self._next_offset
-            parts = []
+            parts: list[bytes | memoryview] = []
             placed: list[tuple[int, BatchHeader]] = []
             position = active.size
             for batch_position, header in batches:
@@ -391,10 +391,10 @@ class Log:
             self._notify_readable()
         return AppendResult(first_offset, base_offset - 1, len(batches), len(view), now_ms)
 
-    def _check_producers_locked(self, batches: list[tuple[int, BatchHeader]]) -> list | None:
+    def _check_producers_locked(self, batches: list[tuple[int, BatchHeader]]) -> list[RememberedBatch] | None:
         """The remembered originals when every batch is an idempotent retry; None when
         all are new. Raises for fenced epochs, sequence gaps, or a mix of both."""
-        found = []
+        found: list[RememberedBatch | None] = []
         # producer id -> (its previous batch in this append, whether that was a retry)
         previous: dict[int, tuple[BatchHeader, bool]] = {}
         for _, header in batches:
@@ -415,7 +415,7 @@ class Log:
             return None
         if any(entry is None for entry in found):
             raise OutOfOrderSequenceError("an append mixes already-written and new idempotent batches")
-        return found
+        return [entry for entry in found if entry is not None]  # all of them, checked above
 
     # -- producer state (derived from the log, I6) -----------------------------------
 
@@ -720,10 +720,9 @@ class Log:
         with self._lock:
             self._check_writable()
             number = next((n for n, segment in enumerate(self._segments) if segment is olds[0]), None)
-            end = None if number is None else number + len(olds)
             if (
                 number is None
-                or end > len(self._segments) - 1
+                or (end := number + len(olds)) > len(self._segments) - 1
                 or any(segment is not old for segment, old in zip(self._segments[number:end], olds))
             ):
                 return False
@@ -825,8 +824,8 @@ class Log:
         scanner = BatchScanner(
             file, start, size, verify=False, limits=self.config.limits, window_bytes=READ_SCAN_WINDOW_BYTES
         )
-        slice_start = length = None
-        first_offset = last_offset = None
+        slice_start: int | None = None  # None until the first batch is taken
+        length = first_offset = last_offset = 0
         base_offset_sum = 0
         try:
             for batch in scanner:
@@ -843,8 +842,8 @@ class Log:
                     break
                 if header.last_offset < offset:
                     continue
-                if length is not None or not first:
-                    if (length or 0) + header.size > budget:
+                if slice_start is not None or not first:
+                    if length + header.size > budget:
                         break
                 self._verify_for_read(segment, file, batch.position, header)
                 if slice_start is None:
@@ -871,7 +870,8 @@ class Log:
     def _verify_for_read(self, segment: Segment, file: File, position: int, header: BatchHeader) -> None:
         """I12: every served batch passed its CRC check in this process."""
         if segment.corrupt_position is not None and position >= segment.corrupt_position:
-            raise CorruptSegmentError(segment.log_path, segment.corrupt_position, None, segment.corrupt_reason)
+            reason = segment.corrupt_reason or "marked corrupt"  # set together with corrupt_position
+            raise CorruptSegmentError(segment.log_path, segment.corrupt_position, None, reason)
         if position + header.size <= segment.verified_bytes:
             return
         try:

@@ -449,9 +449,13 @@ class MetadataStore:
         self,
         data_directory: str | os.PathLike[str],
         limits: MetadataLimits = DEFAULT_METADATA_LIMITS,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         limits.validate()
         self._limits = limits
+        # The clock of the commit-retry backoff (tests pass a manual one).
+        self._monotonic = monotonic
         self.path = os.path.join(os.fspath(data_directory), "meta")
         self._write_lock = threading.RLock()
         self._stage_lock = threading.Lock()
@@ -577,7 +581,7 @@ class MetadataStore:
                 recoveries=self._recoveries,
                 failure="" if failure is None else str(failure),
                 failed_since_ms=self._failed_since_ms if failure is not None else None,
-                retry_in_ms=None if failure is None else max(0, int((self._retry_at - time.monotonic()) * 1000)),
+                retry_in_ms=None if failure is None else max(0, int((self._retry_at - self._monotonic()) * 1000)),
             )
 
     def retry_in_s(self) -> float | None:
@@ -586,7 +590,7 @@ class MetadataStore:
         failure = self._failure
         if failure is None or self._closed:
             return None
-        return max(0.0, self._retry_at - time.monotonic())
+        return max(0.0, self._retry_at - self._monotonic())
 
     # -- topics (committed at once) -------------------------------------------
 
@@ -953,7 +957,7 @@ class MetadataStore:
         staged group-partition keys matching `discard` (staged while it ran) are dropped."""
         with self._write_lock:
             self._check_open()
-            if self._failure is not None and time.monotonic() < self._retry_at:
+            if self._failure is not None and self._monotonic() < self._retry_at:
                 raise self._refusal()
             with self._stage_lock:
                 assert not self._flushing
@@ -1034,7 +1038,7 @@ class MetadataStore:
         maximum_s = self._limits.commit_retry_ms_max / 1000
         first = self._failure is None
         self._retry_delay_s = minimum_s if first else min(self._retry_delay_s * 2, maximum_s)
-        self._retry_at = time.monotonic() + self._retry_delay_s
+        self._retry_at = self._monotonic() + self._retry_delay_s
         self._failed_commits += 1
         self._episode_failed_commits = 1 if first else self._episode_failed_commits + 1
         if first:
@@ -1051,7 +1055,7 @@ class MetadataStore:
         """The error for a commit refused while the store waits to retry."""
         failure = self._failure
         assert failure is not None
-        retry_in_s = max(0.0, self._retry_at - time.monotonic())
+        retry_in_s = max(0.0, self._retry_at - self._monotonic())
         return type(failure)(
             f"the metadata store at {self.path} is not committing: {self._episode_failed_commits} commit(s) "
             f"failed, the last: {failure}; next try in {retry_in_s:.1f} s"

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from nodi.broker.server.clock import TEST_CLOCK_ALLOWED_ENV, TEST_CLOCK_FILE_ENV
+
 NODI = [sys.executable, "-m", "nodi.cli.main"]
 READY = re.compile(r"nodi listening on ([\d.]+):(\d+)")
 METRICS = re.compile(r"nodi metrics on https?://[\d.]+:(\d+)/metrics")
@@ -21,6 +23,19 @@ START_TIMEOUT_S = 30
 # Every `nodi serve` a test starts leaves the web console off (its default port, 6636,
 # is one per machine); the console's tests turn it on with --console-port.
 os.environ.setdefault("NODI_CONSOLE_PORT", "0")
+
+
+def advance_clock_file(path: str, ms: int) -> None:
+    """Add `ms` to the offset in the test clock file `path` (written whole, then renamed)."""
+    assert ms >= 0
+    try:
+        with open(path) as file:
+            offset = int(file.read().strip() or 0)
+    except FileNotFoundError:
+        offset = 0
+    with open(path + ".new", "w") as file:
+        file.write(str(offset + ms))
+    os.replace(path + ".new", path)
 
 
 @dataclass
@@ -38,10 +53,20 @@ class BrokerProcess:
     # RLIMIT_NOFILE (soft and hard) of the child, when set: `ulimit -n` in its process.
     files_limit: int | None = None
     environment: dict[str, str] = field(default_factory=dict)
+    # The test-only clock (broker/server/clock.py, FileClock): when set, the server reads
+    # its time as the real clock plus the offset in this file, moved by advance_clock().
+    clock_file: str | None = None
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    def advance_clock(self, ms: int) -> None:
+        """Move the server's clock forward by `ms` (instead of sleeping for a TTL, a
+        dedup window or a lease); the file is replaced whole, so no read sees half of it.
+        Timers that compare deadlines notice within their round (at most 0.5 s)."""
+        assert self.clock_file is not None, "start the server with clock_file set"
+        advance_clock_file(self.clock_file, ms)
 
     def start(self) -> BrokerProcess:
         metrics_port = "0" if self.metrics else "-1"
@@ -59,7 +84,7 @@ class BrokerProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.environment},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self._clock_environment(), **self.environment},
             preexec_fn=None if self.files_limit is None else self._limit_files,
         )
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -79,6 +104,11 @@ class BrokerProcess:
                     return self
         self.kill()
         raise RuntimeError("nodi serve did not start:\n" + "".join(self.output))
+
+    def _clock_environment(self) -> dict[str, str]:
+        if self.clock_file is None:
+            return {}
+        return {TEST_CLOCK_FILE_ENV: self.clock_file, TEST_CLOCK_ALLOWED_ENV: "1"}
 
     def _limit_files(self) -> None:  # in the child, before exec
         assert self.files_limit is not None
@@ -120,6 +150,15 @@ def server(tmp_path_factory, request):
 @pytest.fixture
 def broker(tmp_path):
     process = BrokerProcess(str(tmp_path / "data")).start()
+    yield process
+    if process.process is not None:
+        process.stop()
+
+
+@pytest.fixture
+def clocked_broker(tmp_path):
+    """A `nodi serve` on the test-only clock: advance_clock(ms) instead of sleeping."""
+    process = BrokerProcess(str(tmp_path / "data"), clock_file=str(tmp_path / "clock")).start()
     yield process
     if process.process is not None:
         process.stop()

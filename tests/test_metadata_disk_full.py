@@ -247,11 +247,13 @@ def test_the_store_refuses_during_its_backoff_keeps_what_is_staged_and_recovers(
     the backoff ends, staging goes on up to staged_entries_max (then new keys are
     refused, updates of staged ones still taken), and a flush after space is back writes
     everything, once."""
+    from nodi.broker.server.clock import ManualClock
     from nodi.storage.errors import MetadataDiskFullError
     from nodi.storage.metadata import MetadataLimits, MetadataStore
 
     limits = MetadataLimits(staged_entries_max=500, commit_retry_ms_min=200, commit_retry_ms_max=400)
-    store = MetadataStore(os.path.join(small_disk, "data"), limits)
+    clock = ManualClock()  # the backoff runs out by advancing it, not by sleeping
+    store = MetadataStore(os.path.join(small_disk, "data"), limits, monotonic=clock.monotonic)
     try:
         store.create_topic(TOPIC)
         filler = fill(small_disk)
@@ -274,12 +276,12 @@ def test_the_store_refuses_during_its_backoff_keeps_what_is_staged_and_recovers(
         with pytest.raises(MetadataDiskFullError):
             store.stage_offset("one-too-many", TOPIC, 0, 1)
         store.stage_offset("group-1", TOPIC, 0, 1000)  # a staged key: its newer value is taken
-        time.sleep(0.5)
+        clock.advance(500)  # past the backoff
         with pytest.raises(MetadataDiskFullError):
             store.flush()  # the retry fails again: still full
         assert store.statistics().failed_commits == 2
         os.unlink(filler)
-        time.sleep(0.5)
+        clock.advance(500)  # past the doubled backoff
         assert store.flush() == limits.staged_entries_max
         statistics = store.statistics()
         assert not statistics.failed and statistics.recoveries == 1 and statistics.staged_entries == 0

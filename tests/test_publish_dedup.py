@@ -16,15 +16,20 @@ from nodi.broker.client.errors import PartlyDuplicate
 from nodi.broker.protocol.headers import IDEMPOTENCY_KEY
 from nodi.storage.records import Compression, NewRecord, build_batch
 
-from conftest import BrokerProcess
+from conftest import BrokerProcess, advance_clock_file
 
 WAIT_S = 30
 
 
 @pytest.fixture(scope="module")
-def broker(server):
-    """The module's one server (conftest.server) for every test here."""
-    return server
+def broker(tmp_path_factory):
+    """The module's one server for every test here, on the test-only clock: a window
+    runs out by advance_clock(), not by sleeping."""
+    directory = tmp_path_factory.mktemp("publish_dedup")
+    process = BrokerProcess(str(directory / "data"), clock_file=str(directory / "clock")).start()
+    yield process
+    if process.process is not None:
+        process.stop()
 
 
 def values(client: Client, topic: str, partitions: int = 1) -> list[tuple[int, int, bytes]]:
@@ -130,7 +135,7 @@ def test_keys_outside_the_window_are_written_again(broker):
         assert client.describe_topic("short").settings.dedup_window_ms == 200
         first = client.produce("short", b"1", idempotency_key="k")
         assert client.produce("off", b"1", idempotency_key="k") != client.produce("off", b"2", idempotency_key="k")
-        time.sleep(0.6)  # three windows: the key has expired
+        broker.advance_clock(600)  # three windows: the key has expired
         second = client.produce("short", b"2", idempotency_key="k")
         assert second[1] == first[1] + 1
         assert [value for _, _, value in values(client, "short")] == [b"1", b"2"]
@@ -139,15 +144,20 @@ def test_keys_outside_the_window_are_written_again(broker):
 @pytest.mark.parametrize("how", ["stop", "kill"])
 def test_dedup_survives_a_broker_restart_within_the_window(broker_factory, tmp_path, how):
     data_dir = str(tmp_path / "data")
-    broker = broker_factory(data_dir).start()
+    clock_file = str(tmp_path / "clock")
+    broker = broker_factory(data_dir)
+    broker.clock_file = clock_file
+    broker.start()
     with Client(broker.address) as client:
         client.create_topic("durable", partitions=2, dedup_window_ms=600_000)
         client.create_topic("brief", dedup_window_ms=300)
         originals = [client.produce("durable", f"v{i}", idempotency_key=f"key-{i}") for i in range(20)]
         client.produce("brief", b"1", idempotency_key="k")
     broker.stop() if how == "stop" else broker.kill()
-    time.sleep(0.6)  # the brief topic's window passes while the broker is down
-    broker = broker_factory(data_dir).start()
+    advance_clock_file(clock_file, 600)  # the brief topic's window passes while the broker is down
+    broker = broker_factory(data_dir)
+    broker.clock_file = clock_file
+    broker.start()
     with Client(broker.address) as client:
         for i, original in enumerate(originals):
             assert client.produce("durable", b"again", idempotency_key=f"key-{i}") == original

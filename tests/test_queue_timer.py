@@ -25,7 +25,8 @@ WAIT_S = 30  # generous: the machine is shared
 @pytest.fixture(scope="module")
 def idle_broker(tmp_path_factory):
     """A broker whose topic "jobs" has IDLE_GROUPS queue groups that received nothing."""
-    process = BrokerProcess(str(tmp_path_factory.mktemp("queue_timer") / "data"), metrics=True).start()
+    directory = tmp_path_factory.mktemp("queue_timer")
+    process = BrokerProcess(str(directory / "data"), metrics=True, clock_file=str(directory / "clock")).start()
     try:
         with Client(process.address, timeout_ms=30_000) as client:
             client.create_topic("jobs")
@@ -80,7 +81,9 @@ def test_a_lease_running_out_in_an_idle_group_among_many_is_redelivered(idle_bro
         ) as queue:  # the client does not extend: the server runs it out
             held = queue.receive(timeout_ms=WAIT_S * 1000)
             assert held is not None and held.delivery_count == 1
-            # Nobody receives from the group now: only the timer can run the lease out.
+            # Nobody receives from the group now: only the timer can run the lease out,
+            # once the server's clock has passed the lease's end.
+            idle_broker.advance_clock(1_500)
             deadline = time.monotonic() + WAIT_S
             while client.describe_queue("jobs", "sleeper").expired_leases == 0:
                 assert time.monotonic() < deadline, "the lease never ran out"

@@ -50,6 +50,7 @@ import shutil
 import subprocess
 import sys
 import time
+from typing import Any
 
 from nodi.broker import AsyncClient
 from nodi.storage.errors import NodiError
@@ -113,8 +114,8 @@ def lmdb_commit_loop(directory: str, seconds_max: float) -> dict:
     return {
         "commits": len(latencies),
         "commits_per_s": len(latencies) / (now - started),
-        "latency_ms_p50": storage_bench.percentile(latencies, 0.50) * 1000,
-        "latency_ms_p99": storage_bench.percentile(latencies, 0.99) * 1000,
+        "latency_ms_p50": storage_bench.percentile_ms(latencies, 0.50),
+        "latency_ms_p99": storage_bench.percentile_ms(latencies, 0.99),
     }
 
 
@@ -145,17 +146,19 @@ async def drain(client: AsyncClient, group: str, stop_at: int | None, idle_ms: i
     offsets: list[int] = []
     first = None
     clock = time.perf_counter
-    answered = {"last": None, "errors": 0}
+    last_answered: float | None = None
+    ack_errors = 0
     watcher: asyncio.Task | None = None
 
     async def stamp_answers() -> None:
         """Wait for every ack queued so far (and any queued while the sender runs): the
         time the last one was answered, without holding up the receiving loop."""
+        nonlocal last_answered, ack_errors
         try:
             await queue.flush()
         except NodiError:
-            answered["errors"] += 1
-        answered["last"] = clock()
+            ack_errors += 1
+        last_answered = clock()
 
     try:
         while True:
@@ -179,8 +182,8 @@ async def drain(client: AsyncClient, group: str, stop_at: int | None, idle_ms: i
     return {
         "offsets": offsets,
         "first_receive": first,
-        "last_ack_answered": answered["last"],
-        "errors": answered["errors"],
+        "last_ack_answered": last_answered,
+        "errors": ack_errors,
     }
 
 
@@ -229,11 +232,13 @@ def queue_in_processes(address: str, group: str, consumers: int, expected: int, 
     ]
     try:
         for child in children:
+            assert child.stdout is not None  # stdout=PIPE
             line = child.stdout.readline()
             if line.strip() != "ready":
                 raise RuntimeError(f"queue consumer process {child.pid} did not start: {line!r}")
         started = time.perf_counter()  # CLOCK_MONOTONIC: the same clock in every process
         for child in children:
+            assert child.stdin is not None  # stdin=PIPE
             child.stdin.write("go\n")
             child.stdin.flush()
         results = []
@@ -337,6 +342,7 @@ async def loopback_round_trips(seconds: float) -> dict:
     echo = subprocess.Popen([sys.executable, "-c", _ECHO_SERVER], stdout=subprocess.PIPE, text=True)
     samples: list[float] = []
     clock = time.perf_counter_ns
+    assert echo.stdout is not None  # stdout=PIPE
     try:
         port = int(echo.stdout.readline())
         reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 10)
@@ -447,11 +453,13 @@ async def request_reply(
             stdout=subprocess.PIPE,
             text=True,
         )
+        assert responder.stdout is not None  # stdout=PIPE
+        assert responder.stdin is not None  # stdin=PIPE
         try:
             if responder.stdout.readline().strip() != "ready":
                 raise RuntimeError("the responder process did not start")
             value = os.urandom(value_bytes)
-            results = {"fsync_policy": fsync_policy}
+            results: dict[str, Any] = {"fsync_policy": fsync_policy}
             for name, concurrency in (("sequential", 1), ("concurrent", settings.concurrency)):
                 meter = CpuMeter(server_pid)
                 load = load_average()
@@ -624,7 +632,10 @@ def run(arguments: argparse.Namespace, data_directory: str) -> dict:
 
 def targets(results: dict) -> dict:
     stream = results["stream"]["msg_per_s"] or 0
-    out = {"queue_vs_stream_target": TARGET_QUEUE_VS_STREAM, "request_p99_ms_target": TARGET_REQUEST_P99_MS}
+    out: dict[str, Any] = {
+        "queue_vs_stream_target": TARGET_QUEUE_VS_STREAM,
+        "request_p99_ms_target": TARGET_REQUEST_P99_MS,
+    }
     for name in ("queue_1", "queue_4_processes", "queue_4_in_loop"):
         rate = results[name]["msg_per_s"]
         out[f"{name}_vs_stream"] = rate / stream if rate and stream else None

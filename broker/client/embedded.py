@@ -50,6 +50,7 @@ from typing import Any
 from nodi.storage.errors import DataDirectoryLockedError
 
 from ..protocol import messages as m
+from ..server.clock import SYSTEM_CLOCK, Clock
 from ..server.config import ServerConfig
 from ..server.local import LocalBroker, attach_socket_path
 from .async_client import DEFAULT_TIMEOUT_MS, AsyncClient
@@ -114,6 +115,7 @@ class EmbeddedAsyncClient(AsyncClient):
         open_timeout_ms: int = OPEN_TIMEOUT_MS,
         attach: bool = True,
         client_id: str = "nodi-embedded",
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         base = config or ServerConfig()
         super().__init__("localhost", timeout_ms=timeout_ms, client_id=client_id, limits=base.protocol)
@@ -123,6 +125,9 @@ class EmbeddedAsyncClient(AsyncClient):
         self.config = dataclasses.replace(base, data_dir=self.data_dir)
         self.open_timeout_ms = open_timeout_ms
         self.attach = attach
+        # The owned broker's deadlines read this clock (broker/server/clock.py); a client
+        # that attaches to another owner uses that owner's.
+        self.clock = clock
         self._local: LocalBroker | None = None
 
     @property
@@ -159,7 +164,7 @@ class EmbeddedAsyncClient(AsyncClient):
         loop = asyncio.get_running_loop()
         while True:
             try:
-                self._local = await LocalBroker.open(self.config, attach=self.attach)
+                self._local = await LocalBroker.open(self.config, attach=self.attach, clock=self.clock)
                 return self._adopt(LocalConnection(self._local, self.client_id))
             except DataDirectoryLockedError as refused:
                 holder = refused
@@ -226,7 +231,8 @@ def open(data_dir: str | os.PathLike[str], **options: Any) -> EmbeddedClient:  #
     """A blocking Client over `data_dir`, opened: owned by this process (created when
     missing, recovered after a crash), or attached to the process that owns it. Use as
     a context manager, or call close(). Options: config (ServerConfig), timeout_ms,
-    open_timeout_ms, attach (False: refuse rather than attach), client_id.
+    open_timeout_ms, attach (False: refuse rather than attach), client_id, clock (the
+    owned broker's time, broker/server/clock.py: tests pass a ManualClock).
     DataDirectoryLockedError, naming the holder's PID, when the holder offers no attach
     socket (`nodi serve`, a tool), with attach=False, or on a second open here."""
     return EmbeddedClient(data_dir, **options)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from nodi.storage.compaction import (
@@ -47,10 +48,10 @@ def is_compacted(cleanup_policy: str) -> bool:
 
 
 class CompactionService:
-    def __init__(self, store: Store, settings: CompactionSettings) -> None:
+    def __init__(self, store: Store, settings: CompactionSettings, clock_ms: Callable[[], int] | None = None) -> None:
         self.store = store
         self.settings = settings
-        self.compactor = Compactor(settings.storage_config())
+        self.compactor = Compactor(settings.storage_config(), clock_ms=clock_ms)
         self._running: set[asyncio.Future] = set()
 
     # -- produce ------------------------------------------------------------------

@@ -195,6 +195,8 @@ OTHER_ENVIRONMENT_VARIABLES = frozenset(
     {
         "NODI_SERVER",
         "NODI_CRASH_WALK_SEEDS",
+        "NODI_TEST_CLOCK_FILE",  # test-only (broker/server/clock.py)
+        "NODI_TEST_CLOCK_ALLOWED",
         "NODI_CONSOLE_SCREENSHOTS",
         "NODI_TLS",
         "NODI_TLS_CA",

@@ -20,13 +20,13 @@ import asyncio
 import collections
 import itertools
 import secrets
-import time
 from dataclasses import dataclass
 
 from nodi.storage.records import check_batches
 
 from ..protocol import messages as m
 from ..protocol.errors import ErrorCode, ProtocolError
+from .clock import SYSTEM_CLOCK, Clock
 from .inbox_limits import DEFAULT_INBOX_LIMITS, InboxLimits
 from .reply import Reply
 
@@ -58,9 +58,10 @@ class _Inbox:
 
 
 class InboxService:
-    def __init__(self, server_id: str, limits: InboxLimits = DEFAULT_INBOX_LIMITS) -> None:
+    def __init__(self, server_id: str, limits: InboxLimits = DEFAULT_INBOX_LIMITS, clock: Clock = SYSTEM_CLOCK) -> None:
         limits.validate()
         self.limits = limits
+        self._clock = clock
         self._inboxes: dict[str, _Inbox] = {}
         # The random part makes a name a capability: another principal cannot guess an
         # inbox's name to read its replies (docs/security.md).
@@ -81,7 +82,7 @@ class InboxService:
                 closes_connection=False,
             )
         name = next(self._names)
-        self._inboxes[name] = _Inbox(time.monotonic())
+        self._inboxes[name] = _Inbox(self._clock.monotonic())
         return Reply(
             m.InboxOpenResponse(
                 request_id=request.request_id, inbox=name, idle_timeout_ms=self.limits.inbox_idle_timeout_ms
@@ -97,9 +98,9 @@ class InboxService:
     async def receive(self, request: m.InboxReceiveRequest) -> Reply:
         inbox = self._inbox(request.inbox)
         wait_s = min(max(request.wait_ms, 0), self.limits.receive_wait_max_ms) / 1000
-        deadline = time.monotonic() + wait_s
+        deadline = self._clock.monotonic() + wait_s
         while not inbox.batches:
-            inbox.polled = time.monotonic()
+            inbox.polled = self._clock.monotonic()
             remaining = deadline - inbox.polled
             if remaining <= 0:
                 break
@@ -113,7 +114,7 @@ class InboxService:
                 inbox.waiters.discard(future)
             if self._inboxes.get(request.inbox) is not inbox:
                 break  # closed meanwhile
-        inbox.polled = time.monotonic()
+        inbox.polled = self._clock.monotonic()
         taken: list[bytes] = []
         size = 0
         budget = max(request.bytes_max, 1)
@@ -151,7 +152,7 @@ class InboxService:
         idle_s = self.limits.inbox_idle_timeout_ms / 1000
         while True:
             await asyncio.sleep(min(idle_s / 4, 5.0))
-            now = time.monotonic()
+            now = self._clock.monotonic()
             for name, inbox in list(self._inboxes.items()):
                 if not inbox.waiters and now - inbox.polled > idle_s:
                     del self._inboxes[name]

@@ -55,6 +55,7 @@ from nodi.storage.store import Store
 from ..protocol import messages as m
 from ..protocol.errors import ErrorCode, ProtocolError
 from ..protocol.schema import schema_of
+from .clock import SYSTEM_CLOCK, Clock
 from .config import ServerConfig
 from .reply import Reply, error_reply
 from .retention_job import run_retention_job
@@ -104,7 +105,7 @@ class LocalBroker:
         # Attached processes: served by a Server's sessions (server.py) that never listens
         # on TCP; its accept and shutdown steps are the server's own.
         self._attach_socket = attach_socket
-        self._attach = Server(config)
+        self._attach = Server(config, clock=broker.clock)
         self._attach.store = store
         self._attach.broker = broker
         self._slots = asyncio.Semaphore(config.protocol.in_flight_requests_max)
@@ -119,9 +120,10 @@ class LocalBroker:
         broker.server_statistics = self.statistics
 
     @classmethod
-    async def open(cls, config: ServerConfig, *, attach: bool = False) -> LocalBroker:
+    async def open(cls, config: ServerConfig, *, attach: bool = False, clock: Clock = SYSTEM_CLOCK) -> LocalBroker:
         """Lock, recover and open config.data_dir, and start the background jobs (and,
-        with `attach`, the attach socket). DataDirectoryLockedError when another process
+        with `attach`, the attach socket); the broker reads its deadlines from `clock`
+        (broker/server/clock.py: tests give a ManualClock). DataDirectoryLockedError when another process
         (or another open in this one) holds the directory. A cancel while the lock is
         taken or the store opens (in a thread) lets go of what the thread took once it
         is done, so the lock is never left held."""
@@ -132,7 +134,7 @@ class LocalBroker:
         except asyncio.CancelledError:
             taking.add_done_callback(_release_taken)
             raise
-        opening = loop.run_in_executor(None, lambda: Store.open(config.data_dir, lock=lock))
+        opening = loop.run_in_executor(None, lambda: Store.open(config.data_dir, lock=lock, clock_ms=clock.time_ms))
         try:
             store = await asyncio.shield(opening)
         except BaseException as error:
@@ -146,7 +148,7 @@ class LocalBroker:
                 log.warning("%s", line)
             for line in store.open_report.error_lines():
                 log.error("%s", line)
-            local = cls(config, store, Broker(store, config), attach_socket)
+            local = cls(config, store, Broker(store, config, clock), attach_socket)
         except BaseException:
             if attach_socket is not None:
                 attach_socket.close()

@@ -45,7 +45,6 @@ import heapq
 import logging
 import math
 import threading
-import time
 from dataclasses import dataclass
 
 from nodi.storage.errors import (
@@ -63,6 +62,7 @@ from ..protocol import messages as m
 from ..protocol.errors import ErrorCode, ProtocolError
 from ..protocol.headers import DLQ_VALUE_OMITTED, NOT_BEFORE_MS, TTL_MS, expires_at_ms, find_integer
 from ..protocol.queue_settings import DEFAULT_QUEUE_LIMITS, Backoff, QueueLimits, QueueSettings
+from .clock import SYSTEM_CLOCK, Clock
 from .dead_letters import dead_letter_record
 from .group_names import check_group_name
 from .queue_batches import StoredBatch
@@ -167,7 +167,8 @@ def _cut(stored: StoredBatch, items: list[Taken]) -> bytes:
 
 
 def now_ms() -> int:
-    return time.time_ns() // 1_000_000
+    """The real wall clock in ms (QueueService reads its broker's clock instead)."""
+    return SYSTEM_CLOCK.time_ms()
 
 
 def _delivered(taken: list[Taken], deliveries: list[m.QueueDelivery]) -> list[Taken]:
@@ -232,6 +233,7 @@ class QueueService:
         limits.validate()
         self.broker = broker
         self.store = broker.store
+        self._clock: Clock = broker.clock
         worst_state_bytes = state_bytes_max(
             limits.window_messages_max, limits.error_text_bytes_max, limits.backoff_delays_max
         )
@@ -279,7 +281,7 @@ class QueueService:
     def _load(self) -> None:
         """Groups from the metadata store, held to the logs (the log is the truth)."""
         topics = self.store.topics()
-        now = now_ms()
+        now = self._clock.time_ms()
         for entry in self.store.metadata.iter_queue_state():
             try:
                 self._load_partition(entry, topics, now)
@@ -429,7 +431,7 @@ class QueueService:
         budget = self.broker.config.protocol.frame_bytes_max - RESPONSE_OVERHEAD_BYTES
         while True:
             self._refresh(group)
-            now = now_ms()
+            now = self._clock.time_ms()
             if group.tick(now):
                 self._wake.set()  # dead letters may be waiting
             taken = group.receive(count, now)
@@ -462,6 +464,7 @@ class QueueService:
     async def _wait_for_change(self, group: QueueGroup, remaining_s: float, now: int) -> None:
         """Until the group's state changes, one of its partitions grows, a timer of it
         is due, or `remaining_s` passes."""
+        assert self._loop is not None  # attach() ran: receives are served on the loop
         future = self._loop.create_future()
         key = (group.group, group.topic)
         self._waiters.setdefault(key, set()).add(future)
@@ -857,7 +860,7 @@ class QueueService:
 
     async def settle(self, request: m.QueueSettleRequest) -> Reply:
         group = self._group_for(request.group, request.topic, None)
-        now = now_ms()
+        now = self._clock.time_ms()
         runs: list[list] = []  # [partition, offset, error code, deadline, length]
         changed = False
         window = self.limits.window_messages_max
@@ -968,10 +971,10 @@ class QueueService:
                 del self._batches[key]
             for key in [key for key in self._stored if key[0] == topic]:
                 del self._stored[key]
-        for key in [key for key in self.groups if key[1] == topic]:
-            group = self.groups.pop(key)
-            self._unstaged.discard(key)
-            self._dead_letter_backoff.pop(key, None)
+        for group_key in [group_key for group_key in self.groups if group_key[1] == topic]:
+            group = self.groups.pop(group_key)
+            self._unstaged.discard(group_key)
+            self._dead_letter_backoff.pop(group_key, None)
             self._notify(group)
 
     # -- persistence -----------------------------------------------------------------------
@@ -979,17 +982,22 @@ class QueueService:
     async def persist(self) -> None:
         """Return once every change made before the call is committed to LMDB. Callers
         in one loop tick share one staging pass and one flush."""
-        self._persist_soon()
-        await asyncio.wait_for(asyncio.shield(self._persisted), self.broker.config.write_timeout_ms / 1000)
+        persisted = self._persist_soon()
+        await asyncio.wait_for(asyncio.shield(persisted), self.broker.config.write_timeout_ms / 1000)
 
-    def _persist_soon(self) -> None:
-        """Stage and flush what changed at the end of this loop tick, without waiting."""
+    def _persist_soon(self) -> asyncio.Future:
+        """Stage and flush what changed at the end of this loop tick, without waiting;
+        the future that pass settles."""
         if self._persisted is None:
+            assert self._loop is not None  # attach() ran: changes are made on the loop
             self._persisted = self._loop.create_future()
             self._loop.call_soon(self._stage_and_flush)
+        return self._persisted
 
     def _stage_and_flush(self) -> None:
         future, self._persisted = self._persisted, None
+        assert future is not None  # only _persist_soon schedules this pass, once per future
+        assert self._tasks is not None  # set with the loop by attach()
         try:
             staged = self._stage_dirty()
         except Exception as error:
@@ -1049,13 +1057,13 @@ class QueueService:
         while True:
             sleep_s = TIMER_INTERVAL_MAX_S
             if self._due:
-                sleep_s = min(sleep_s, max(self._due[0][0] - now_ms(), 0) / 1000)
+                sleep_s = min(sleep_s, max(self._due[0][0] - self._clock.time_ms(), 0) / 1000)
             try:
                 await asyncio.wait_for(self._wake.wait(), sleep_s)
             except TimeoutError:
                 pass
             self._wake.clear()
-            now = now_ms()
+            now = self._clock.time_ms()
             groups = [self.groups[key] for key in self._take_visits(now) if key in self.groups]
             self.timer_rounds += 1
             self.timer_groups_visited += len(groups)
@@ -1093,14 +1101,14 @@ class QueueService:
 
     def _schedule_retry(self, group: QueueGroup, retry_at: float) -> None:
         """Visit `group` again when its dead-letter backoff (monotonic `retry_at`) ends."""
-        self._schedule(group, now_ms() + math.ceil(max(retry_at - time.monotonic(), 0) * 1000))
+        self._schedule(group, self._clock.time_ms() + math.ceil(max(retry_at - self._clock.monotonic(), 0) * 1000))
 
     async def _write_dead_letters(self, groups: builtins.list[QueueGroup]) -> int:
         """One pass over `groups` for the dead letters waiting. A group whose pass fails
         (the dead-letter topic refuses appends, say) is retried after a backoff, without
         holding up the others; one that had a full pass is visited again next round."""
         written = 0
-        now = time.monotonic()
+        now = self._clock.monotonic()
         for group in groups:
             key = group.key
             retry_at, _ = self._dead_letter_backoff.get(key, (0.0, 0.0))
@@ -1118,7 +1126,7 @@ class QueueService:
                 self.dead_letter_failures += 1
                 _, delay = self._dead_letter_backoff.get(key, (0.0, DEAD_LETTER_RETRY_S / 2))
                 delay = min(delay * 2, DEAD_LETTER_RETRY_MAX_S)
-                retry_at = time.monotonic() + delay
+                retry_at = self._clock.monotonic() + delay
                 self._dead_letter_backoff[key] = (retry_at, delay)
                 self._schedule_retry(group, retry_at)
                 log.warning(
@@ -1145,7 +1153,7 @@ class QueueService:
         failures = [r for r in found.values() if isinstance(r, Exception)]
         if failures:
             raise failures[0]
-        now = now_ms()
+        now = self._clock.time_ms()
         by_target: dict[int, list[tuple[DeadLetter, NewRecord]]] = {}
         for letter in letters:
             record = found.get((letter.partition, letter.offset))

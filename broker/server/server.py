@@ -38,6 +38,7 @@ from ..protocol.connection import (
     handshake_response,
 )
 from ..protocol.errors import ErrorCode, ProtocolError
+from .clock import SYSTEM_CLOCK, TEST_CLOCK_FILE_ENV, Clock, clock_from_environment
 from .config import ServerConfig
 from .memory_budget import FrameBudget, FrameBudgetStatistics, return_large_allocations_to_the_os, trim_freed_memory
 from .metrics import Metrics
@@ -120,7 +121,7 @@ class ClientSession:
         except* Exception as group:  # a bug: this connection ends, the server carries on
             log.error("connection %s failed", self.peer, exc_info=group.exceptions[0])
         finally:
-            if self._principal_counted:
+            if self.principal is not None and self._principal_counted:
                 self.server.security.close_connection(self.principal)
             self._release_frame_bytes()
             self.connection.close()  # lets a large frame's buffer go now
@@ -197,6 +198,7 @@ class ClientSession:
                 await self._write(Reply(event.response()))
             elif isinstance(event, m.HandshakeRequest):
                 self.client_id = event.client_id
+                assert self.server.broker is not None  # sessions start once the broker runs
                 response = handshake_response(
                     event, server_id=self.server.broker.server_id, limits=self.server.config.announced_limits()
                 )
@@ -214,10 +216,13 @@ class ClientSession:
                     "file (or wants a client certificate); authenticate first",
                 )
                 return False
-            elif self.server.shutting_down:
-                await self._write(error_reply(event, ProtocolError(ErrorCode.SERVER_SHUTTING_DOWN, "shutting down")))
             else:
-                requests.create_task(self._serve(event))
+                assert isinstance(event, m.Request)  # the server's side of a connection yields requests
+                if self.server.shutting_down:
+                    error = ProtocolError(ErrorCode.SERVER_SHUTTING_DOWN, "shutting down")
+                    await self._write(error_reply(event, error))
+                else:
+                    requests.create_task(self._serve(event))
 
     def start_session(self) -> bool:
         """Before the first read: the principal of a server without authentication, or
@@ -281,6 +286,7 @@ class ClientSession:
             self.server.observe(request, reply, time.perf_counter() - started)
             await self._write(reply)
             return
+        assert self.server.broker is not None  # sessions start once the broker runs
         reply = await self.server.broker.handle(request, self.client_id)
         if isinstance(reply.response, m.ServerStatusResponse):
             reply = Reply(status_for_peer(reply.response, self.peer))
@@ -326,7 +332,13 @@ class ClientSession:
                 loop = asyncio.get_running_loop()
                 async with asyncio.timeout(timeout_s):
                     await loop.sendfile(
-                        self.writer.transport, _SendfileSource(fd), piece.position, piece.length, fallback=False
+                        self.writer.transport,
+                        # sendfile calls only fileno() and seek(), all _SendfileSource has;
+                        # typeshed asks for a whole IO[bytes]
+                        _SendfileSource(fd),  # type: ignore[arg-type]
+                        piece.position,
+                        piece.length,
+                        fallback=False,
                     )
                 return
             except (asyncio.SendfileNotAvailableError, RuntimeError, NotImplementedError):
@@ -368,8 +380,10 @@ class ServerStatistics:
 
 
 class Server:
-    def __init__(self, config: ServerConfig, *, metrics=None) -> None:
+    def __init__(self, config: ServerConfig, *, metrics=None, clock: Clock = SYSTEM_CLOCK) -> None:
         self.config = config
+        # The time the broker's deadlines are read from (broker/server/clock.py).
+        self.clock = clock
         self.store: Store | None = None
         self.broker: Broker | None = None
         self.metrics = metrics
@@ -465,7 +479,10 @@ class Server:
                 self.console.bind()
             files_limit = raise_files_limit()
             self.store = await asyncio.to_thread(
-                Store.open, self.config.data_dir, fsync_workers_max=self.config.fsync_workers_max
+                Store.open,
+                self.config.data_dir,
+                fsync_workers_max=self.config.fsync_workers_max,
+                clock_ms=self.clock.time_ms,
             )
         except BaseException:
             sock.close()
@@ -481,7 +498,7 @@ class Server:
             log.warning("%s", line)
         for line in self.store.open_report.error_lines():
             log.error("%s", line)
-        self.broker = Broker(self.store, self.config)
+        self.broker = Broker(self.store, self.config, self.clock)
         self.broker.server_statistics = self.statistics
         failure: BaseException | None = None
         try:
@@ -604,6 +621,7 @@ class Server:
         """Stop accepting, let requests in flight finish (up to the grace), tell every
         client, close."""
         self.shutting_down = True
+        assert self._listener is not None  # run() shuts down only what it started
         self._listener.close()
         if self.kafka is not None:
             await self.kafka.stop()
@@ -622,6 +640,7 @@ class Server:
             await asyncio.wait_for(self._listener.wait_closed(), 1)
 
     async def _retention_job(self) -> None:
+        assert self.store is not None  # run() opened it before starting this job
         await run_retention_job(self.store, self.config.retention_check_interval_ms, lambda: self.shutting_down)
 
 
@@ -663,10 +682,14 @@ def run(config: ServerConfig, *, announce: Callable[[str], None] = print) -> Non
         uvloop = None  # type: ignore[assignment]
 
     return_large_allocations_to_the_os()
+    # SYSTEM_CLOCK, unless a test set NODI_TEST_CLOCK_FILE and NODI_TEST_CLOCK_ALLOWED=1.
+    clock = clock_from_environment()
+    if clock is not SYSTEM_CLOCK:
+        log.warning("running on the test-only clock of %s=%s: not for production", TEST_CLOCK_FILE_ENV, clock)
 
     async def main() -> None:
         metrics = None if config.metrics_port < 0 else Metrics(config.host, config.metrics_port, config.security)
-        server = Server(config, metrics=metrics)
+        server = Server(config, metrics=metrics, clock=clock)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, server.stop, signal.Signals(signum).name)
@@ -674,6 +697,7 @@ def run(config: ServerConfig, *, announce: Callable[[str], None] = print) -> Non
         loop.add_signal_handler(signal.SIGHUP, server.security.reload)
 
         def ready(server: Server) -> None:
+            assert server.address is not None  # on_ready is called once the listener is bound
             host, port = server.address
             if server.kafka is not None and server.kafka.address is not None:  # before the ready line
                 kafka_host, kafka_port = server.kafka.address

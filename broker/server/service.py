@@ -13,8 +13,9 @@ import heapq
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from typing import ClassVar
 
 from nodi.storage.config import FsyncPolicy
 from nodi.storage.errors import DurableWaitTimeoutError, OffsetOutOfRangeError, UnknownTopicError
@@ -24,6 +25,7 @@ from nodi.storage.topic_settings import TOPIC_SETTINGS, TopicConfig
 
 from ..protocol import messages as m
 from ..protocol.errors import ErrorCode, ProtocolError
+from .clock import SYSTEM_CLOCK, Clock
 from .compaction_service import CompactionService
 from .config import ServerConfig
 from .dedup import PublishDedup
@@ -107,11 +109,14 @@ def _expire_durable_wait(future: asyncio.Future) -> None:
 
 
 class Broker:
-    def __init__(self, store: Store, config: ServerConfig) -> None:
+    def __init__(self, store: Store, config: ServerConfig, clock: Clock = SYSTEM_CLOCK) -> None:
         self.store = store
         self.config = config
+        # Every time that decides behaviour below comes from here (broker/server/clock.py);
+        # the store was opened with its time_ms too.
+        self.clock = clock
         self.coordinator = GroupCoordinator(
-            store.metadata, self._partition_count, lambda: int(time.monotonic() * 1000), config.groups
+            store.metadata, self._partition_count, lambda: int(clock.monotonic() * 1000), config.groups
         )
 
         # GroupWait requests held per group, answered when its generation moves.
@@ -119,9 +124,9 @@ class Broker:
         self.coordinator.on_generation = self._wake_group_waiters
         self.queues = QueueService(self, config.queues)
 
-        self.compaction = CompactionService(store, config.compaction)
+        self.compaction = CompactionService(store, config.compaction, clock.time_ms)
         # Publish dedup of idempotency keys (broker/server/dedup.py), read back from the logs.
-        self.dedup = PublishDedup()
+        self.dedup = PublishDedup(clock_ms=clock.time_ms)
         for name, topic_config in store.topics().items():
             self.dedup.configure(name, topic_config.dedup_window_ms)
         self.dedup.rebuild_all(store.logs())
@@ -135,7 +140,7 @@ class Broker:
         self._producer_ids = itertools.count()
         self._producer_id_base = int(time.time() * 1000) << 20
         self.server_id = f"nodi-{self._producer_id_base:x}"
-        self.inboxes = InboxService(self.server_id, config.inboxes)
+        self.inboxes = InboxService(self.server_id, config.inboxes, clock)
         # The server's statistics() (connections, uptime), set by the Server that runs
         # this broker; SERVER_STATUS reports them.
         self.server_statistics: Callable[[], object] | None = None
@@ -159,7 +164,7 @@ class Broker:
         """The group coordinator's timer: members whose session timed out leave."""
         while True:
             deadline = self.coordinator.next_deadline_ms()
-            now = int(time.monotonic() * 1000)
+            now = int(self.clock.monotonic() * 1000)
             await asyncio.sleep(0.2 if deadline is None else min(max(deadline - now, 0), 200) / 1000)
             for expired in self.coordinator.expire():
                 log.info("group %s: member %s timed out", expired.group, expired.member_id)
@@ -181,6 +186,7 @@ class Broker:
         """Return once everything staged before the call is committed to LMDB. Callers
         in the same loop tick share one flush (one fsync), run off the loop."""
         if self._next_flush is None:
+            assert self._loop is not None  # attach() ran: commits are made on the loop
             self._next_flush = self._loop.create_future()
             if not self._flushing:
                 self._loop.call_soon(self._start_flush)
@@ -192,6 +198,7 @@ class Broker:
             return
         waiter, self._next_flush = self._next_flush, None
         self._flushing = True
+        assert self._tasks is not None  # set with the loop by attach()
         self._tasks.create_task(self._flush(waiter))
 
     async def _flush(self, waiter: asyncio.Future) -> None:
@@ -211,10 +218,10 @@ class Broker:
         if key in self._listeners:
             return
         waiters = self._waiters[key] = _PartitionWaiters(partition_log)
-        loop = self._loop
+        loop = self._loop  # None before attach() (a test driving handlers directly): no reader waits then
 
         def readable() -> None:  # any thread
-            if waiters.waiting() and not loop.is_closed():
+            if loop is not None and waiters.waiting() and not loop.is_closed():
                 loop.call_soon_threadsafe(waiters.wake)
 
         self._listeners[key] = readable
@@ -457,16 +464,17 @@ class Broker:
         wait_s = min(max(request.wait_ms, 0), self.config.fetch_wait_max_ms) / 1000
         deadline = asyncio.get_running_loop().time() + wait_s
         waiters = self._waiters.get(id(partition_log))
+        futures = set() if waiters is None else waiters.futures  # an unwatched log never wakes one
         while True:
             future = None
             if waiters is not None and wait_s > 0:
                 future = asyncio.get_running_loop().create_future()
-                waiters.futures.add(future)  # before the read: no wakeup can be missed
+                futures.add(future)  # before the read: no wakeup can be missed
             result = partition_log.read(request.offset, budget)
             remaining = deadline - asyncio.get_running_loop().time()
             if result.byte_count >= max(request.min_bytes, 1) or remaining <= 0 or future is None:
                 if future is not None:
-                    waiters.futures.discard(future)
+                    futures.discard(future)
                     future.cancel()
                 return self._fetch_reply(request, partition_log, result)
             try:
@@ -474,7 +482,7 @@ class Broker:
             except TimeoutError:
                 pass
             finally:
-                waiters.futures.discard(future)
+                futures.discard(future)
             if id(partition_log) not in self._waiters:  # topic deleted while waiting
                 raise UnknownTopicError(f"topic {request.topic!r} was deleted")
 
@@ -732,7 +740,9 @@ class Broker:
             )
         )
 
-    _handlers = {
+    # request type -> its handler, called with the Broker and a request of that type (and
+    # the client id, for JoinGroup only: handle() calls that one itself)
+    _handlers: ClassVar[dict[type, Callable[..., Awaitable[Reply]]]] = {
         m.CreateTopicRequest: _create_topic,
         m.DeleteTopicRequest: _delete_topic,
         m.ListTopicsRequest: _list_topics,
