@@ -1,4 +1,4 @@
-"""`nodi topic create | list | describe | delete`: topic admin on a running broker (the
+"""`nodi topic create | list | describe | delete | truncate`: topic admin on a running broker (the
 global --server option, else NODI_SERVER, else 127.0.0.1:6634). Tables for people,
 --json for scripts."""
 
@@ -16,7 +16,7 @@ from nodi.storage.topic_settings import TOPIC_SETTINGS, TOPIC_SETTINGS_BY_NAME, 
 
 app = typer.Typer(
     name="topic",
-    help="Create, list, describe and delete topics on a running broker.",
+    help="Create, list, describe, delete and truncate topics on a running broker.",
     no_args_is_help=True,
 )
 
@@ -183,3 +183,51 @@ def delete_command(
             typer.echo(f"no topic {name}")
             return
     typer.echo(f"deleted topic {name}")
+
+
+@command(app, "truncate")
+def truncate_command(
+    ctx: typer.Context,
+    name: TopicName,
+    before: Annotated[
+        int,
+        typer.Option(
+            "--before",
+            min=-1,
+            help="Delete every message below this offset (at most the high watermark); -1: the high watermark, "
+            "every message now readable.",
+        ),
+    ],
+    partitions: Annotated[
+        list[int] | None,
+        typer.Option("--partition", "-p", min=0, help="A partition to truncate (repeat it); default: every one."),
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Delete a topic's oldest messages for good: each partition's log start offset
+    moves forward to --before (Kafka's DeleteRecords). Readers below it get
+    OffsetOutOfRange, as after retention; whole segments below it are removed. Asks
+    first unless --yes; it cannot be undone.
+
+    Exit status 1 when a partition fails (an offset above its high watermark, no such
+    partition or topic); the others are truncated all the same.
+    """
+    with connect(ctx) as client:
+        if partitions:
+            chosen = sorted(set(partitions))
+        else:
+            chosen = [partition.partition for partition in client.describe_topic(name).partitions]
+        target = "the high watermark" if before == -1 else f"offset {before}"
+        if not yes:
+            listed = ", ".join(str(partition) for partition in chosen)
+            typer.confirm(
+                f"Delete every message of {name} below {target} in partition(s) {listed}? This cannot be undone",
+                abort=True,
+            )
+        starts = client.delete_records({(name, partition): before for partition in chosen})
+    if json_output:
+        typer.echo(json.dumps([{"partition": p, "log_start_offset": starts[(name, p)]} for p in chosen]))
+        return
+    for partition in chosen:
+        typer.echo(f"{name}-{partition}: log start offset now {starts[(name, partition)]}")

@@ -33,6 +33,7 @@ from .limits import DEFAULT_RECORD_LIMITS, RecordLimits
 from .lmdb_file import DATA_FILE_NAME, check_data_file
 from .lock import DataDirectoryLock
 from .log import Log
+from .log_start import LOG_START_FILE, read_log_start
 from .metadata import (
     DATABASES_MAX,
     TABLES,
@@ -59,7 +60,7 @@ from .segment import (
 from .store import DELETING_SUFFIX, log_config_for
 
 # Files of a partition directory that belong to no one segment.
-PARTITION_FILES = (CHECKPOINT_FILE, CLEAN_SHUTDOWN_FILE, SNAPSHOT_FILE)
+PARTITION_FILES = (CHECKPOINT_FILE, CLEAN_SHUTDOWN_FILE, SNAPSHOT_FILE, LOG_START_FILE)
 
 # progress(bytes_done, bytes_total), called now and then during a long operation.
 ProgressCallback = Callable[[int, int], None]
@@ -141,6 +142,9 @@ class PartitionListing:
     # None when the checkpoint is missing or unreadable (the next open scans everything).
     recovery_offset: int | None
     clean_shutdown: bool
+    # Where delete_records moved the log start (the `log-start-offset` file, I21); None
+    # without one (or an unreadable one).
+    stored_log_start_offset: int | None = None
 
     @property
     def byte_count(self) -> int:
@@ -148,7 +152,15 @@ class PartitionListing:
 
     @property
     def log_start_offset(self) -> int | None:
-        return self.segments[0].base_offset if self.segments else None
+        """The first offset the log serves: the first segment's base offset, or the
+        stored start above it (clamped to the log end, as Log.open does)."""
+        if not self.segments:
+            return None
+        start = self.segments[0].base_offset
+        if self.stored_log_start_offset is None or self.stored_log_start_offset <= start:
+            return start
+        end = self.next_offset
+        return self.stored_log_start_offset if end is None else min(self.stored_log_start_offset, end)
 
     @property
     def next_offset(self) -> int | None:
@@ -207,6 +219,7 @@ def _list_partition(partition: PartitionDirectory, count_batches: bool, limits: 
         tuple(listings),
         None if checkpoint is None else checkpoint.recovery_offset,
         fs.exists(os.path.join(partition.path, CLEAN_SHUTDOWN_FILE)),
+        read_log_start(fs, partition.path)[0],
     )
 
 
@@ -488,6 +501,7 @@ def _verify_partition(directory: str, limits: RecordLimits, tracker: _Progress) 
         finally:
             segment.close()
     problems.extend(_check_checkpoint(directory, expected))
+    problems.extend(_check_log_start(directory, expected))
     return problems
 
 
@@ -603,6 +617,20 @@ def _check_time_index(segment: Segment, next_offset: int) -> list[Problem]:
     problem = index.check_entries(next_offset - segment.base_offset)
     if problem is not None:
         return [Problem(index.path, None, None, f"{problem} ({DELETE_TO_REBUILD})")]
+    return []
+
+
+def _check_log_start(directory: str, log_end_offset: int | None) -> list[Problem]:
+    """The `log-start-offset` file (I21): records below it were deleted on purpose, so
+    the segment bytes still holding some are no damage; an unreadable file or one past
+    the log end is a warning (the next open ignores or clamps it)."""
+    offset, problem = read_log_start(READ_ONLY_FILE_SYSTEM, directory)
+    path = os.path.join(directory, LOG_START_FILE)
+    if problem is not None:
+        return [_warning(path, "unreadable log start offset file (the next open ignores it: deleted records reappear)")]
+    if offset is not None and log_end_offset is not None and offset > log_end_offset:
+        reason = f"log start offset {offset} is beyond the log end {log_end_offset} (the next open starts at the end)"
+        return [_warning(path, reason, offset=log_end_offset)]
     return []
 
 

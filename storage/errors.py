@@ -60,10 +60,11 @@ class RecordLimitError(RecordFramingError, LimitExceededError):
 
 
 class OffsetOutOfRangeError(NodiError):
-    """A read below the log start offset or beyond the log end offset."""
+    """A read below the log start offset or beyond the log end offset (or a
+    delete_records beyond the high watermark: `message` says so)."""
 
-    def __init__(self, offset: int, log_start_offset: int, log_end_offset: int) -> None:
-        super().__init__(f"offset {offset} is outside the log [{log_start_offset}, {log_end_offset})")
+    def __init__(self, offset: int, log_start_offset: int, log_end_offset: int, message: str | None = None) -> None:
+        super().__init__(message or f"offset {offset} is outside the log [{log_start_offset}, {log_end_offset})")
         self.offset = offset
         self.log_start_offset = log_start_offset
         self.log_end_offset = log_end_offset

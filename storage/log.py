@@ -49,6 +49,7 @@ from .file_budget import BudgetedFile
 from .fileio import OS_FILE_SYSTEM, File, FileSystem, read_whole_file, write_file_atomically
 from .fsync_pool import FsyncPool, default_fsync_pool
 from .histogram import FSYNC_SECONDS_BUCKETS, GROUP_COMMIT_APPENDS_BUCKETS, Histogram, HistogramSnapshot
+from .log_start import read_log_start, write_log_start
 from .producers import SEQUENCE_MODULUS, SNAPSHOT_FILE, ProducerStateTable, RememberedBatch
 from .records import (
     BATCH_HEADER_BYTES,
@@ -167,7 +168,19 @@ class DeletedSegment:
     base_offset: int
     next_offset: int
     byte_count: int
-    reason: str  # "retention-ms" | "retention-bytes"
+    reason: str  # "retention-ms" | "retention-bytes" | "delete-records"
+
+
+# Log.delete_records(DELETE_TO_END): move the log start to the readable end (Kafka's
+# high watermark), deleting every record served so far.
+DELETE_TO_END = -1
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteRecordsResult:
+    # The log start offset afterwards (Kafka's low watermark).
+    log_start_offset: int
+    deleted_segments: tuple[DeletedSegment, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +232,11 @@ class Log:
         self._clock_ms = clock_ms
         self._segments = segments
         self._base_offsets = [segment.base_offset for segment in segments]
+        # No offset below it is served (I21): the first segment's base offset, or above
+        # it where delete_records moved it (Log.open reads its file).
+        self._start_offset = segments[0].base_offset
+        # Why a log start offset file was ignored at open, or None.
+        self.log_start_problem: str | None = None
         self._lock = threading.Lock()
         self._condition = threading.Condition(self._lock)
         self._next_offset = segments[-1].next_offset
@@ -281,21 +299,48 @@ class Log:
         Its fsyncs run on `fsync_pool` (a Store's), else on default_fsync_pool()."""
         config = config or LogConfig()
         segments, report = recover(fs, directory, config, truncate_damaged=truncate_damaged)
+        stored_start, problem = read_log_start(fs, directory)
+        if problem is not None:
+            logger.warning("%s: records deleted before its offset are served again", problem)
         if report.damage is not None:
-            return cls(directory, config, fs, segments, report, clock_ms, fsync_pool)
+            log = cls(directory, config, fs, segments, report, clock_ms, fsync_pool)
+            log._load_start_offset(stored_start, problem)
+            return log
         # The marker must be gone before the first append can make the files unclean.
         clear_clean_shutdown(fs, directory)
+        log = cls(directory, config, fs, segments, report, clock_ms, fsync_pool)
+        log._load_start_offset(stored_start, problem)
         if not report.clean_shutdown and not report.created:
             # Recovery fsynced what it kept: say so, and never leave a recovery point
             # beyond a truncated end (I5).
-            write_checkpoint(fs, directory, Checkpoint(segments[-1].next_offset, segments[0].base_offset))
-        return cls(directory, config, fs, segments, report, clock_ms, fsync_pool)
+            write_checkpoint(fs, directory, Checkpoint(segments[-1].next_offset, log.log_start_offset))
+        with log._lock:
+            # A delete_records that stopped after its file was written (I21).
+            log._remove_segments_below_start_locked()
+        return log
+
+    def _load_start_offset(self, stored: int | None, problem: str | None) -> None:
+        """At open: the stored start (I21), never below the first segment's base nor
+        above the log end (a start above it names offsets the log no longer has)."""
+        self.log_start_problem = problem
+        if stored is None or stored <= self._start_offset:
+            return
+        if stored > self._next_offset:
+            logger.warning(
+                "%s: the log start offset %d is beyond the recovered log end %d; starting at the end",
+                self.directory,
+                stored,
+                self._next_offset,
+            )
+            stored = self._next_offset
+        self._start_offset = stored
 
     # -- properties ---------------------------------------------------------------
 
     @property
     def log_start_offset(self) -> int:
-        return self._segments[0].base_offset
+        """The first offset served (I21; Kafka's low watermark)."""
+        return self._start_offset
 
     @property
     def next_offset(self) -> int:
@@ -681,6 +726,7 @@ class Log:
         if self.damage is not None:  # nothing leaves a damaged log but by its repair
             return deleted
         with self._lock:
+            deleted.extend(self._remove_segments_below_start_locked(write=False))
             total = sum(segment.size for segment in self._segments)
             while len(self._segments) > 1:
                 oldest = self._segments[0]
@@ -690,24 +736,94 @@ class Log:
                     reason = "retention-bytes"
                 else:
                     break
-                try:
-                    remove_segment_files(self.fs, self.directory, oldest)
-                except OSError as error:  # a failed rename or directory fsync (I9)
-                    raise self._fail_locked(LogReadOnlyError(f"deleting {oldest.log_path} failed: {error}")) from error
-                self._segments.pop(0)
-                self._base_offsets.pop(0)
                 total -= oldest.size
-                deleted.append(DeletedSegment(oldest.base_offset, oldest.next_offset, oldest.size, reason))
+                deleted.append(self._remove_oldest_locked(reason))
             if deleted:
-                # The durable offset, not the active base: a clean close may already have
-                # put the recovery point past the active base, and it never moves back (I5).
-                try:
-                    write_checkpoint(self.fs, self.directory, Checkpoint(self._durable_offset, self.log_start_offset))
-                except OSError as error:  # a failed write or fsync is final (I9)
-                    raise self._fail_locked(
-                        LogReadOnlyError(f"checkpoint of {self.directory} failed: {error}")
-                    ) from error
+                self._write_checkpoint_after_removal_locked()
         return deleted
+
+    def _remove_oldest_locked(self, reason: str) -> DeletedSegment:
+        """Remove the first segment (never the active one; I10), the log start moving to
+        the next segment's base offset unless it already lies beyond it (I21)."""
+        assert len(self._segments) > 1, "the active segment is never removed"
+        oldest = self._segments[0]
+        try:
+            remove_segment_files(self.fs, self.directory, oldest)
+        except OSError as error:  # a failed rename or directory fsync (I9)
+            raise self._fail_locked(LogReadOnlyError(f"deleting {oldest.log_path} failed: {error}")) from error
+        self._segments.pop(0)
+        self._base_offsets.pop(0)
+        self._start_offset = max(self._start_offset, self._segments[0].base_offset)
+        return DeletedSegment(oldest.base_offset, oldest.next_offset, oldest.size, reason)
+
+    def _write_checkpoint_after_removal_locked(self) -> None:
+        # The durable offset, not the active base: a clean close may already have put
+        # the recovery point past the active base, and it never moves back (I5).
+        try:
+            write_checkpoint(self.fs, self.directory, Checkpoint(self._durable_offset, self._start_offset))
+        except OSError as error:  # a failed write or fsync is final (I9)
+            raise self._fail_locked(LogReadOnlyError(f"checkpoint of {self.directory} failed: {error}")) from error
+
+    def _remove_segments_below_start_locked(self, *, write: bool = True) -> list[DeletedSegment]:
+        """Remove the sealed segments whose every offset lies below the log start (the
+        next segment begins at or below it), oldest first. A damaged log keeps them."""
+        deleted: list[DeletedSegment] = []
+        if self.damage is not None:
+            return deleted
+        while len(self._segments) > 1 and self._segments[1].base_offset <= self._start_offset:
+            deleted.append(self._remove_oldest_locked("delete-records"))
+        if deleted and write:
+            self._write_checkpoint_after_removal_locked()
+        return deleted
+
+    def delete_records(self, offset: int) -> DeleteRecordsResult:
+        """Move the log start offset forward to `offset` (Kafka's DeleteRecords; I21):
+        no offset below it is served again, and the segments wholly below it are removed
+        now. DELETE_TO_END means the readable end. An offset at or below the current
+        start changes nothing; one above the readable end is OffsetOutOfRangeError.
+
+        Every offset below the new start is made durable first (a flush, under fsync
+        policies other than `always`), so no crash can leave a log that ends below its
+        start. The new start is written to its file (atomically, I11) before anything is
+        removed: a crash after the write finishes the removal at the next open. A full
+        disk while writing it is DiskFullError with nothing changed; any other failed
+        write or fsync makes the log read-only (I9)."""
+        with self._lock:
+            self._check_writable()
+            end = self.readable_end_offset
+            target = end if offset == DELETE_TO_END else offset
+            if target < 0 or target > end:
+                raise OffsetOutOfRangeError(
+                    offset,
+                    self._start_offset,
+                    end,
+                    f"cannot delete records below offset {offset}: it is out of range, beyond the high watermark {end}",
+                )
+            if target <= self._start_offset:
+                return DeleteRecordsResult(self._start_offset, ())
+            durable = target <= self._durable_offset
+        if not durable:
+            self.flush()
+        with self._lock:
+            self._check_writable()
+            if target <= self._start_offset:  # a concurrent call got there first
+                return DeleteRecordsResult(self._start_offset, ())
+            try:
+                write_log_start(self.fs, self.directory, target)
+            except OSError as error:
+                if error.errno == errno.ENOSPC:
+                    raise DiskFullError(f"disk full writing the log start offset of {self.directory}") from error
+                raise self._fail_locked(
+                    LogReadOnlyError(f"writing the log start offset of {self.directory} failed: {error}")
+                ) from error
+            self._start_offset = target
+            active = self._segments[-1]
+            if target >= active.next_offset and active.size:
+                # Every record of the active segment is deleted too: seal it, so its
+                # file can go now rather than at the next roll.
+                self._roll_locked(self._clock_ms())
+            deleted = self._remove_segments_below_start_locked()
+            return DeleteRecordsResult(self._start_offset, tuple(deleted))
 
     def replace_sealed_segments(self, olds: list[Segment], install: Callable[[bool], Segment | None]) -> bool:
         """Compaction's swap of consecutive sealed segments (storage/compaction.py, I14,
@@ -753,7 +869,7 @@ class Log:
         with self._lock:
             segments = self._segments[max(0, bisect.bisect_right(self._base_offsets, offset) - 1) :]
             sizes = [segment.size for segment in segments]
-            log_start = self._segments[0].base_offset
+            log_start = self._start_offset
             log_end = self._next_offset
             end = self.readable_end_offset
         if offset < log_start or offset > log_end:
@@ -892,10 +1008,12 @@ class Log:
         return self.read(offset, bytes_max).to_bytes()
 
     def offset_for_timestamp(self, timestamp_ms: int) -> int | None:
-        """The first offset whose record timestamp is >= timestamp_ms, or None."""
+        """The first offset at or above the log start whose record timestamp is >=
+        timestamp_ms, or None."""
         with self._lock:
             segments = list(self._segments)
             end = self.readable_end_offset
+            log_start = self._start_offset
         for segment in segments:
             if segment.max_timestamp < timestamp_ms or segment.base_offset >= end:
                 continue
@@ -913,7 +1031,7 @@ class Log:
                     header = batch.header
                     if header.base_offset >= end:
                         return None
-                    if header.max_timestamp < timestamp_ms:
+                    if header.max_timestamp < timestamp_ms or header.last_offset < log_start:
                         continue
                     self._verify_for_read(segment, file, batch.position, header)
                     data = file.pread(header.size, batch.position)
@@ -924,9 +1042,9 @@ class Log:
                         # unknown, its max_timestamp is not below the one sought. Start
                         # there (a consumer skips it and reports it); the segment is fine.
                         self.note_undecodable(header, error, "a lookup by timestamp")
-                        return header.base_offset
+                        return max(header.base_offset, log_start)
                     for record in decoded:
-                        if record.timestamp_ms >= timestamp_ms and record.offset < end:
+                        if record.timestamp_ms >= timestamp_ms and log_start <= record.offset < end:
                             return record.offset
             except CorruptBatchError as error:  # G4: reported like any read of bad bytes
                 raise self._mark_corrupt(segment, error.position, str(error)) from None

@@ -23,6 +23,7 @@ from .checkpoint import (
 from .config import LogConfig
 from .errors import CorruptBatchError, InvalidRecordError
 from .fileio import FileSystem, read_whole_file, write_file_atomically
+from .log_start import read_log_start
 from .records import BATCH_HEADER_BYTES, check_header
 from .segment import (
     DELETED_SUFFIX,
@@ -356,6 +357,8 @@ def recover(
     clean = clean_shutdown_marked(fs, directory)
     if not bases:
         start = 0 if checkpoint is None else max(checkpoint.recovery_offset, checkpoint.log_start_offset)
+        # Offsets below a stored log start were handed out once: never again (I21).
+        start = max(start, read_log_start(fs, directory)[0] or 0)
         segment = Segment(fs, directory, start)
         segment.open_file(create=True)
         segment.start_in_memory_indexes()

@@ -775,3 +775,76 @@ def test_kafka_connections_over_connections_max_are_closed_and_the_others_served
     finally:
         process.stop()
     assert any("kafka connection refused: connections_max 2" in line for line in process.output)
+
+
+def test_delete_records_moves_the_low_watermark_and_consumers_from_earliest_start_there(kafka_server) -> None:
+    """confluent-kafka's and kafka-python's AdminClient.delete_records (DeleteRecords v0-1):
+    the answer's low watermark is the new start, -1 means the high watermark, an offset
+    above it is OFFSET_OUT_OF_RANGE, an unknown partition UNKNOWN_TOPIC_OR_PARTITION; a
+    consumer from earliest then starts at the new start, and ListOffsets agrees."""
+    topic = "delete-records"
+    bootstrap = kafka_server.bootstrap
+    _create_topic(bootstrap, topic, 2)
+    records = _records(10, "dr")
+    producer = confluent_kafka.Producer({"bootstrap.servers": bootstrap, "acks": "all"})
+    for partition in (0, 1):
+        for key, value, _, timestamp in records:
+            producer.produce(topic, value, key, partition=partition, timestamp=timestamp)
+    assert producer.flush(TIMEOUT_S) == 0
+
+    admin = confluent_admin.AdminClient({"bootstrap.servers": bootstrap})
+    TopicPartition = confluent_kafka.TopicPartition
+    futures = admin.delete_records([TopicPartition(topic, 0, 4)], request_timeout=TIMEOUT_S)
+    assert [future.result(TIMEOUT_S).low_watermark for future in futures.values()] == [4]
+    (future,) = admin.delete_records([TopicPartition(topic, 1, 11)], request_timeout=TIMEOUT_S).values()
+    with pytest.raises(confluent_kafka.KafkaException) as raised:
+        future.result(TIMEOUT_S)
+    assert raised.value.args[0].code() == confluent_kafka.KafkaError.OFFSET_OUT_OF_RANGE
+    # An unknown partition or topic (librdkafka refuses those before sending): raw v0 and v1.
+    with _raw(kafka_server.kafka_address) as sock:
+        for version in (0, 1):
+            body = {
+                "topics": [
+                    {"name": topic, "partitions": [{"partition_index": 7, "offset": 1}]},
+                    {"name": "no-such-topic", "partitions": [{"partition_index": 0, "offset": 1}]},
+                ],
+                "timeout_ms": 5000,
+            }
+            answer = _call(sock, 21, version, body, 40 + version)
+            assert [
+                (entry["name"], partition["partition_index"], partition["low_watermark"], partition["error_code"])
+                for entry in answer["topics"]
+                for partition in entry["partitions"]
+            ] == [(topic, 7, -1, 3), ("no-such-topic", 0, -1, 3)]  # UNKNOWN_TOPIC_OR_PARTITION
+    # Backwards changes nothing: the low watermark stays where it is.
+    (future,) = admin.delete_records([TopicPartition(topic, 0, 2)], request_timeout=TIMEOUT_S).values()
+    assert future.result(TIMEOUT_S).low_watermark == 4
+
+    # kafka-python: -1 is the high watermark (everything in partition 1 goes).
+    kp_admin = kafka_admin.KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=TIMEOUT_S * 1000)
+    try:
+        answer = kp_admin.delete_records({kafka.TopicPartition(topic, 1): -1})
+    finally:
+        kp_admin.close()
+    ((_, deleted),) = answer.items()
+    assert deleted["low_watermark"] == 10
+
+    consumer = confluent_kafka.Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": "dr-earliest", "auto.offset.reset": "earliest"}
+    )
+    try:
+        low, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), TIMEOUT_S)
+        assert (low, high) == (4, 10)
+        assert consumer.get_watermark_offsets(TopicPartition(topic, 1), TIMEOUT_S) == (10, 10)
+        consumer.subscribe([topic])
+        found = []
+        deadline = time.monotonic() + TIMEOUT_S
+        while len(found) < 6 and time.monotonic() < deadline:
+            message = consumer.poll(0.5)
+            if message is None:
+                continue
+            assert message.error() is None, message.error()
+            found.append((message.partition(), message.offset(), message.value()))
+    finally:
+        consumer.close()
+    assert found == [(0, offset, records[offset][1]) for offset in range(4, 10)]

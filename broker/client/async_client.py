@@ -35,7 +35,7 @@ import itertools
 import logging
 import random
 import ssl
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from nodi.storage.errors import NodiError
@@ -757,6 +757,40 @@ class AsyncClient:
             m.CompactTopicRequest(name=name, timeout_ms=timeout_ms), timeout_ms, expect=m.CompactTopicResponse
         )
         return list(response.partitions)
+
+    async def delete_records(
+        self, offsets: Mapping[tuple[str, int], int], *, timeout_ms: int | None = None
+    ) -> dict[tuple[str, int], int]:
+        """Delete every record below `offsets[(topic, partition)]` for good (Kafka's
+        DeleteRecords): the partition's log start offset moves forward to it, reads
+        below it answer OffsetOutOfRange, whole segments below it are removed. The
+        offset may be at most the high watermark; -1 means the high watermark (every
+        record now readable). An offset at or below the log
+        start changes nothing. Needs admin permission on each topic.
+
+        Returns each partition's log start offset afterwards. When a partition fails
+        (OffsetOutOfRange above the high watermark, UnknownPartition, ...) the others
+        are still done, and the first failure is raised once all are."""
+        timeout_ms = self.timeout_ms if timeout_ms is None else timeout_ms
+        by_topic: dict[str, list[m.RecordDeletion]] = {}
+        for (topic, partition), offset in offsets.items():
+            by_topic.setdefault(topic, []).append(m.RecordDeletion(partition=partition, offset=offset))
+        starts: dict[tuple[str, int], int] = {}
+        failure: NodiClientError | None = None
+        for topic, deletions in by_topic.items():
+            response = await self.core.call(
+                m.DeleteRecordsRequest(topic=topic, partitions=deletions, timeout_ms=timeout_ms),
+                timeout_ms,
+                expect=m.DeleteRecordsResponse,
+            )
+            for result in response.partitions:
+                if result.error_code == ErrorCode.NONE:
+                    starts[(topic, result.partition)] = result.log_start_offset
+                elif failure is None:
+                    failure = error_for(result.error_code, f"{topic}-{result.partition}: {result.error_message}")
+        if failure is not None:
+            raise failure
+        return starts
 
     # -- producers and consumers --------------------------------------------------------
 

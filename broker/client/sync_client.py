@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .async_client import DEFAULT_FETCH_BYTES_MAX, DEFAULT_TIMEOUT_MS, AsyncClient
@@ -486,6 +486,14 @@ class Client:
         partition. A big topic takes a while: pass a timeout_ms to match (the client's
         default otherwise)."""
         return self._run(self._async.compact_topic(name, timeout_ms=timeout_ms), timeout_ms)
+
+    def delete_records(
+        self, offsets: Mapping[tuple[str, int], int], *, timeout_ms: int | None = None
+    ) -> dict[tuple[str, int], int]:
+        """AsyncClient.delete_records, blocking: delete every record below each
+        partition's offset for good (-1: the high watermark); each partition's log start
+        offset afterwards. The first partition's failure is raised once all are done."""
+        return self._run(self._async.delete_records(offsets, timeout_ms=timeout_ms), timeout_ms)
 
     # -- producers and consumers --------------------------------------------------------
 

@@ -643,6 +643,52 @@ DELETE_TOPICS = Api(
     ),
 )
 
+DELETE_RECORDS = Api(
+    21,
+    "DeleteRecords",
+    0,
+    1,
+    request=(
+        (
+            "topics",
+            array(
+                (
+                    ("name", "string", 0, ALL),
+                    ("partitions", array((("partition_index", "int32", 0, ALL), ("offset", "int64", 0, ALL))), 0, ALL),
+                )
+            ),
+            0,
+            ALL,
+        ),
+        ("timeout_ms", "int32", 0, ALL),
+    ),
+    response=(
+        ("throttle_time_ms", "int32", 0, ALL),
+        (
+            "topics",
+            array(
+                (
+                    ("name", "string", 0, ALL),
+                    (
+                        "partitions",
+                        array(
+                            (
+                                ("partition_index", "int32", 0, ALL),
+                                ("low_watermark", "int64", 0, ALL),
+                                ("error_code", "int16", 0, ALL),
+                            )
+                        ),
+                        0,
+                        ALL,
+                    ),
+                )
+            ),
+            0,
+            ALL,
+        ),
+    ),
+)
+
 INIT_PRODUCER_ID = Api(
     22,
     "InitProducerId",
@@ -743,6 +789,7 @@ APIS: dict[int, Api] = {
         API_VERSIONS,
         CREATE_TOPICS,
         DELETE_TOPICS,
+        DELETE_RECORDS,
         INIT_PRODUCER_ID,
         DESCRIBE_CONFIGS,
     )

@@ -78,6 +78,7 @@ class KafkaHandlers:
             18: self._api_versions,
             19: self._create_topics,
             20: self._delete_topics,
+            21: self._delete_records,
             22: self._init_producer_id,
             32: self._describe_configs,
         }
@@ -417,7 +418,7 @@ class KafkaHandlers:
             "producer_epoch": response.producer_epoch,
         }
 
-    # -- CreateTopics, DeleteTopics, DescribeConfigs -----------------------------------------
+    # -- CreateTopics, DeleteTopics, DeleteRecords, DescribeConfigs --------------------------
 
     async def _create_topics(self, request: KafkaRequest) -> dict[str, Any]:
         body = request.body
@@ -474,6 +475,40 @@ class KafkaHandlers:
             reply = await self._call(m.DeleteTopicRequest(name=name))
             results.append({"name": name, "error_code": kafka_error(reply.response.error_code)})
         return {"throttle_time_ms": 0, "responses": results}
+
+    async def _delete_records(self, request: KafkaRequest) -> dict[str, Any]:
+        """Kafka's DeleteRecords on nodi's DELETE_RECORDS (admin on the topic): each
+        partition's low watermark is the log start offset afterwards. A partition named
+        twice counts once, its last offset (Kafka keeps a map too)."""
+        body = request.body
+        assert body is not None
+        topics = []
+        for topic in body["topics"]:
+            wanted = {entry["partition_index"]: entry["offset"] for entry in topic["partitions"]}
+            reply = await self._call(
+                m.DeleteRecordsRequest(
+                    topic=topic["name"],
+                    partitions=[m.RecordDeletion(partition=index, offset=offset) for index, offset in wanted.items()],
+                    timeout_ms=body["timeout_ms"],
+                )
+            )
+            response = reply.response
+            if response.error_code != ErrorCode.NONE or not isinstance(response, m.DeleteRecordsResponse):
+                error = kafka_error(response.error_code)
+                partitions = [
+                    {"partition_index": index, "low_watermark": UNKNOWN, "error_code": error} for index in wanted
+                ]
+            else:
+                partitions = [
+                    {
+                        "partition_index": result.partition,
+                        "low_watermark": result.log_start_offset if result.error_code == ErrorCode.NONE else UNKNOWN,
+                        "error_code": kafka_error(result.error_code, result.error_message),
+                    }
+                    for result in response.partitions
+                ]
+            topics.append({"name": topic["name"], "partitions": partitions})
+        return {"throttle_time_ms": 0, "topics": topics}
 
     async def _describe_configs(self, request: KafkaRequest) -> dict[str, Any]:
         """Topic resources (type 2): nodi's settings in force under Kafka's dotted names

@@ -85,6 +85,7 @@ class ApiKey(enum.IntEnum):
     DESCRIBE_GROUP = 16
     GROUP_WAIT = 17  # protocol version 2
     DESCRIBE_HANDOVERS = 18  # protocol version 2
+    DELETE_RECORDS = 19
     # Operations (45-49).
     SERVER_STATUS = 45
     # Security (50-54).
@@ -407,6 +408,34 @@ class DescribeTopicResponse(Response):
     name: str = wire(STRING, "")
     settings: TopicSettings = wire(Struct(TopicSettings), TopicSettings())
     partitions: list[PartitionState] = wire(Array(Struct(PartitionState)), [])
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RecordDeletion:
+    partition: int = wire(INT32)
+    offset: int = wire(INT64, doc="delete every record below it: at most the high watermark; -1: the high watermark")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PartitionRecordDeletion:
+    partition: int = wire(INT32)
+    error_code: ErrorCode = wire(ERROR_CODE, ErrorCode.NONE, doc="this partition's outcome")
+    error_message: str | None = wire(NULLABLE_STRING, None)
+    log_start_offset: int = wire(INT64, NO_OFFSET, doc="the log start offset now (the low watermark)")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DeleteRecordsRequest(Request):
+    API_KEY = ApiKey.DELETE_RECORDS
+    topic: str = wire(STRING)
+    partitions: list[RecordDeletion] = wire(Array(Struct(RecordDeletion)), [], doc="each partition at most once")
+    timeout_ms: int = wire(INT32, 30_000, doc="longest wait for the fsyncs and file removals")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DeleteRecordsResponse(Response):
+    API_KEY = ApiKey.DELETE_RECORDS
+    partitions: list[PartitionRecordDeletion] = wire(Array(Struct(PartitionRecordDeletion)), [])
 
 
 # ---------------------------------------------------------------------------
@@ -1081,6 +1110,14 @@ APIS: tuple[Api, ...] = (
         summary="A group's members, their partitions, and its committed offsets against the high watermarks.",
     ),
     Api(
+        ApiKey.DELETE_RECORDS,
+        DeleteRecordsRequest,
+        DeleteRecordsResponse,
+        summary="Move partitions' log start offsets forward: records below are deleted for good (never served "
+        "again; whole segments below are removed). Per partition: OFFSET_OUT_OF_RANGE above the high watermark, "
+        "UNKNOWN_PARTITION; an offset at or below the start changes nothing. Needs admin on the topic.",
+    ),
+    Api(
         ApiKey.GROUP_WAIT,
         GroupWaitRequest,
         GroupWaitResponse,
@@ -1306,6 +1343,10 @@ __all__ = [
     "APIS",
     "PartitionCompaction",
     "CompactTopicRequest",
+    "RecordDeletion",
+    "PartitionRecordDeletion",
+    "DeleteRecordsRequest",
+    "DeleteRecordsResponse",
     "CompactTopicResponse",
     "API_BY_KEY",
     "EVENTS",

@@ -233,6 +233,8 @@ def required_permissions(request: m.Request) -> list[tuple[Action, Resource, str
             return [(consume, topic, request.topic)]
         case m.CreateTopicRequest() | m.DeleteTopicRequest() | m.CompactTopicRequest():
             return [(admin, topic, request.name)]
+        case m.DeleteRecordsRequest():
+            return [(admin, topic, request.topic)]
         case m.ResetGroupRequest():
             return [(admin, group, request.group)]
         case m.JoinGroupRequest():

@@ -395,6 +395,72 @@ class Broker:
             raise ProtocolError(ErrorCode.UNKNOWN_PARTITION, f"topic {topic!r} has no partition {partition}")
         return config, self.store.log(topic, partition)
 
+    # -- delete records ----------------------------------------------------------------------
+
+    async def delete_records(
+        self, topic: str, offsets: list[tuple[int, int]], timeout_s: float
+    ) -> list[m.PartitionRecordDeletion]:
+        """Move each (partition, offset)'s log start forward (Log.delete_records, I21),
+        in a thread (it may fsync and remove files), all within `timeout_s`. Errors are
+        per partition, in request order; an unknown topic raises. Shared by nodi's
+        DELETE_RECORDS and the Kafka listener's DeleteRecords."""
+        config = self.store.topic_config(topic)
+        if config is None:
+            raise UnknownTopicError(f"topic {topic!r} does not exist")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        results = []
+        for partition, offset in offsets:
+            try:
+                partition_log = self._log(topic, partition)
+                if offset < m.NO_OFFSET:
+                    raise OffsetOutOfRangeError(
+                        offset,
+                        partition_log.log_start_offset,
+                        partition_log.next_offset,
+                        f"cannot delete records below offset {offset}: it is out of range (-1: the high watermark)",
+                    )
+                remaining_s = deadline - loop.time()
+                if remaining_s <= 0:
+                    raise ProtocolError(ErrorCode.TIMEOUT, "the request's timeout passed before this partition")
+                try:
+                    result = await asyncio.wait_for(
+                        asyncio.to_thread(partition_log.delete_records, offset), remaining_s
+                    )
+                except TimeoutError:
+                    raise ProtocolError(
+                        ErrorCode.TIMEOUT, f"{topic}-{partition}: not done in time (it may still finish)"
+                    ) from None
+            except Exception as error:  # each partition answers for itself
+                message = error.message if isinstance(error, ProtocolError) else str(error)
+                results.append(
+                    m.PartitionRecordDeletion(
+                        partition=partition, error_code=error_code_for(error), error_message=message
+                    )
+                )
+                continue
+            if result.deleted_segments:
+                log.info(
+                    "%s-%d: records below %d deleted (%d segments removed)",
+                    topic,
+                    partition,
+                    result.log_start_offset,
+                    len(result.deleted_segments),
+                )
+            results.append(m.PartitionRecordDeletion(partition=partition, log_start_offset=result.log_start_offset))
+        return results
+
+    async def _delete_records(self, request: m.DeleteRecordsRequest) -> Reply:
+        partitions = [deletion.partition for deletion in request.partitions]
+        if len(set(partitions)) != len(partitions):
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, "a partition appears more than once")
+        results = await self.delete_records(
+            request.topic,
+            [(deletion.partition, deletion.offset) for deletion in request.partitions],
+            max(request.timeout_ms, 1) / 1000,
+        )
+        return Reply(m.DeleteRecordsResponse(request_id=request.request_id, partitions=results))
+
     # -- produce and fetch ------------------------------------------------------------------
 
     async def _produce(self, request: m.ProduceRequest) -> Reply:
@@ -745,6 +811,7 @@ class Broker:
     _handlers: ClassVar[dict[type, Callable[..., Awaitable[Reply]]]] = {
         m.CreateTopicRequest: _create_topic,
         m.DeleteTopicRequest: _delete_topic,
+        m.DeleteRecordsRequest: _delete_records,
         m.ListTopicsRequest: _list_topics,
         m.DescribeTopicRequest: _describe_topic,
         m.ProduceRequest: _produce,
