@@ -35,6 +35,10 @@ AUTHENTICATION_REFUSALS = (
     "replayed",  # a second Authenticate on one connection
     "principal_connections",  # connections_per_principal_max reached
     "no_users_file",  # an Authenticate to a server without a users file
+    # The Kafka listener's SASL (broker/kafka/sasl.py):
+    "mechanism",  # a SASL mechanism not offered on that connection (PLAIN without TLS)
+    "no_scram_credentials",  # a user whose entry has no SCRAM keys yet (`nodi user passwd`)
+    "sasl_protocol",  # a SASL exchange out of order or malformed
 )
 
 
@@ -204,20 +208,30 @@ class Security:
         logged with the principal), or None when every one is granted."""
         if principal.superuser:
             return None
+        what = type(request).__name__.removesuffix("Request")
         for action, resource, name in required_permissions(request):
-            if not principal.may(action, resource, name):
-                self._not_authorized[action.value] += 1
-                log.warning(
-                    "not authorized: %s may not %s %s %s (%s)",
-                    principal.name,
-                    action.value,
-                    resource.value,
-                    name,
-                    type(request).__name__.removesuffix("Request"),
-                    extra={"principal": principal.name, "action": action.value, resource.value: name},
-                )
+            if not self.allowed(principal, action, resource, name, what):
                 return action, resource, name
         return None
+
+    def allowed(self, principal: Principal, action: Action, resource: Resource, name: str, what: str) -> bool:
+        """Whether `principal` may; a refusal is counted and logged with the principal
+        and `what` was asked (the request's name). The one check every listener makes."""
+        if principal.may(action, resource, name):
+            return True
+        self.count_not_authorized(principal, action, f"{resource.value} {name}", what)
+        return False
+
+    def count_not_authorized(self, principal: Principal, action: Action, target: str, what: str) -> None:
+        self._not_authorized[action.value] += 1
+        log.warning(
+            "not authorized: %s may not %s %s (%s)",
+            principal.name,
+            action.value,
+            target,
+            what,
+            extra={"principal": principal.name, "action": action.value, "target": target},
+        )
 
 
 def required_permissions(request: m.Request) -> list[tuple[Action, Resource, str]]:

@@ -448,6 +448,11 @@ class Server:
         check_exposure(self.config.host, self.config.security)
         for warning in exposure_warnings(self.config.host, self.config.security):
             log.warning("%s", warning)
+        if self.config.kafka.enabled:  # the same rule for the Kafka listener's own host
+            check_exposure(self.config.kafka.host or self.config.host, self.config.security)
+            if self.config.kafka.host:
+                for warning in exposure_warnings(self.config.kafka.host, self.config.security):
+                    log.warning("kafka listener: %s", warning)
         sock = _bind(self.config.host, self.config.port)
         kafka_sock = None
         try:
@@ -499,7 +504,9 @@ class Server:
                 self.address = sock.getsockname()[:2]
                 tasks.create_task(self._retention_job())
                 if kafka_sock is not None:
-                    self.kafka = KafkaListener(self.broker, self.config.kafka, observe=self.observe)
+                    self.kafka = KafkaListener(
+                        self.broker, self.config.kafka, observe=self.observe, security=self.security
+                    )
                     await self.kafka.start(tasks, kafka_sock)
                 tasks.create_task(self.broker.compaction.run_job())
                 if self.metrics is not None:
