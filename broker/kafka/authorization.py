@@ -100,8 +100,9 @@ def authorize(security: Security, principal: Principal, request: KafkaRequest) -
 # -- topics -----------------------------------------------------------------------------
 
 
-def _split(items: list, name_of: Callable[[Any], str], permitted: Callable[[str], bool]) -> tuple[list, list]:
-    kept, refused = [], []
+def _split(items: list, name_of: Callable[[Any], Any], permitted: Callable[[Any], bool]) -> tuple[list, list]:
+    kept: list = []
+    refused: list = []
     for item in items:
         (kept if permitted(name_of(item)) else refused).append(item)
     return kept, refused
