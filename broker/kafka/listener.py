@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..server.read_throttle import ReadThrottle
 from ..server.security import certificate_common_name
 from ..server.security_settings import is_loopback
 from ..server.users import ANONYMOUS, Principal
@@ -143,10 +145,18 @@ class KafkaListener:
             log.warning("kafka connection refused: connections_max %d reached", self.broker.config.connections_max)
             writer.close()
             return
+        if not self.security.accept_connection("kafka", writer.get_extra_info("peername")):
+            self.connections_refused += 1  # connections_total_max, over both listeners
+            writer.close()
+            return
         self.connections_accepted += 1
         task = tasks.create_task(self._serve(reader, writer))
         self._connections.add(task)
-        task.add_done_callback(self._connections.discard)
+        task.add_done_callback(self._connection_ended)
+
+    def _connection_ended(self, task: asyncio.Task) -> None:
+        self._connections.discard(task)
+        self.security.release_connection()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
@@ -193,8 +203,11 @@ class KafkaListener:
         config = self.broker.config
         loop = asyncio.get_running_loop()
         frame_deadline: float | None = None
+        throttle = self.security.read_throttle("kafka")  # bytes in flight, request rate
         while True:
             deadline = frame_deadline or loop.time() + config.idle_timeout_ms / 1000
+            async with asyncio.timeout_at(deadline):  # answers drain as handlers finish
+                await throttle.wait()
             read = asyncio.ensure_future(reader.read(READ_BYTES))
             done, _ = await asyncio.wait(
                 {read, writer_task}, timeout=max(deadline - loop.time(), 0), return_when=asyncio.FIRST_COMPLETED
@@ -223,7 +236,10 @@ class KafkaListener:
                         return
                     await pending.put(_done(parts))
                     continue
-                await pending.put(self._start(request, session.principal))
+                throttle.started(request.size)
+                future = self._start(request, session.principal)
+                future.add_done_callback(functools.partial(_answered, throttle, request.size))
+                await pending.put(future)
             frame_deadline = (
                 (frame_deadline or loop.time() + config.frame_timeout_ms / 1000) if connection.buffered_bytes else None
             )
@@ -452,3 +468,7 @@ class _SendfileSource:
 
     def seek(self, offset: int, whence: int = 0) -> int:
         return offset
+
+
+def _answered(throttle: ReadThrottle, size: int, _: asyncio.Future) -> None:
+    throttle.answered(size)

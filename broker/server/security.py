@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from nodi.storage.errors import InvalidConfigError
 
 from ..protocol import messages as m
+from .read_throttle import ReadThrottle, ThrottleCounts
 from .security_settings import SecuritySettings
 from .users import Action, Principal, Resource, load_users
 
@@ -90,6 +91,10 @@ class SecurityStatistics:
     principals_connected: int  # distinct principals with a connection open
     tls_reloads: int  # certificate reloads (SIGHUP) that succeeded
     tls_reload_failures: int
+    # Reads delayed by the per-connection limits, by (listener, reason) (read_throttle.py).
+    reads_throttled: dict[tuple[str, str], int]
+    connections_total: int  # open over both listeners
+    connections_total_refused: int  # refused over connections_total_max
 
 
 class Security:
@@ -106,6 +111,9 @@ class Security:
         self._not_authorized = {action.value: 0 for action in Action}
         self._reloads = 0
         self._reload_failures = 0
+        self.throttle_counts = ThrottleCounts()
+        self._connections_total = 0
+        self._connections_total_refused = 0
 
     @property
     def required(self) -> bool:
@@ -120,6 +128,39 @@ class Security:
             principals_connected=len(self._connections),
             tls_reloads=self._reloads,
             tls_reload_failures=self._reload_failures,
+            reads_throttled=dict(self.throttle_counts.counts),
+            connections_total=self._connections_total,
+            connections_total_refused=self._connections_total_refused,
+        )
+
+    # -- limits over both listeners -------------------------------------------------------
+
+    def accept_connection(self, listener: str, peer: object = None) -> bool:
+        """Count an accepted connection of either listener; False (refused, counted,
+        logged) at connections_total_max. A True is paired with release_connection."""
+        if self._connections_total >= self.settings.connections_total_max:
+            self._connections_total_refused += 1
+            log.warning(
+                "%s connection from %s refused: connections_total_max %d reached",
+                listener,
+                peer,
+                self.settings.connections_total_max,
+            )
+            return False
+        self._connections_total += 1
+        return True
+
+    def release_connection(self) -> None:
+        self._connections_total -= 1
+
+    def read_throttle(self, listener: str) -> ReadThrottle:
+        """A new connection's bytes-in-flight and request-rate limits."""
+        settings = self.settings
+        return ReadThrottle(
+            listener,
+            settings.connection_in_flight_bytes_max,
+            settings.connection_requests_per_second_max,
+            self.throttle_counts,
         )
 
     # -- reload -------------------------------------------------------------------------
