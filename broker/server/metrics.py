@@ -120,7 +120,8 @@ class _StoreCollector:
             "nodi_authentication_refusals",
             "Connections refused authentication, by reason: `bad_credentials` (unknown user or wrong password), "
             "`certificate`, `not_authenticated` (a request first), `replayed` (a second Authenticate), "
-            "`principal_connections` (`connections_per_principal_max`), `no_users_file`",
+            "`principal_connections` (`connections_per_principal_max`), `no_users_file`; the Kafka listener's SASL: "
+            "`mechanism` (PLAIN without TLS), `no_scram_credentials` (run `nodi user passwd`), `sasl_protocol`",
             labels=["reason"],
         )
         for reason, count in sorted(statistics.refusals.items()):
