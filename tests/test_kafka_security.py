@@ -472,3 +472,46 @@ def _produce_a():
     from nodi.broker.server.users import Action, Resource
 
     return Action.PRODUCE, Resource.TOPIC, "a.b"
+
+
+# -- the certificate reload ---------------------------------------------------------------
+
+
+def test_the_kafka_listener_takes_a_new_certificate_on_sighup_and_open_connections_carry_on(pki, tmp_path):
+    import os
+    import signal
+    import ssl
+
+    server_cert, server_key = tmp_path / "server.pem", tmp_path / "server.key"
+    server_cert.write_bytes(Path(pki["server"].cert).read_bytes())
+    server_key.write_bytes(Path(pki["server"].key).read_bytes())
+    process = _start(tmp_path, f'tls_cert_file = "{server_cert}"\ntls_key_file = "{server_key}"\n')
+    process.ca = pki["ca"].file  # type: ignore[attr-defined]
+    try:
+        before = confluent_kafka.Producer({**_conf(process, "root"), "acks": "all"})
+        before.produce("reload.a", b"before")
+        assert before.flush(TIMEOUT_S) == 0
+        new_ca = CertificateAuthority(tmp_path, "renewed CA")
+        renewed = new_ca.issue("renewed", "renewed server", server=True)
+        server_cert.write_bytes(Path(renewed.cert).read_bytes())
+        server_key.write_bytes(Path(renewed.key).read_bytes())
+        os.kill(process.process.pid, signal.SIGHUP)
+        deadline = time.monotonic() + TIMEOUT_S
+        while True:  # a new connection is handed the renewed certificate once the reload ran
+            try:
+                with socket.create_connection(process.kafka, timeout=5) as plain:
+                    with client_tls_context(new_ca.file).wrap_socket(plain, server_hostname="127.0.0.1"):
+                        break
+            except ssl.SSLError:
+                assert time.monotonic() < deadline, "the Kafka listener kept the old certificate"
+                time.sleep(0.1)
+        with pytest.raises(ssl.SSLError):  # and the old CA no longer verifies it
+            with socket.create_connection(process.kafka, timeout=5) as plain:
+                client_tls_context(pki["ca"].file).wrap_socket(plain, server_hostname="127.0.0.1")
+        before.produce("reload.a", b"after")  # the connection opened before the reload carries on
+        assert before.flush(TIMEOUT_S) == 0
+        renewed_conf = {**_conf(process, "root", "SCRAM-SHA-512"), "ssl.ca.location": new_ca.file}
+        listed = confluent_admin.AdminClient(renewed_conf).list_topics(timeout=TIMEOUT_S).topics
+        assert "reload.a" in listed
+    finally:
+        _stop(process)
