@@ -147,6 +147,8 @@ def serve(
         return
     try:  # the safe default: no users file, no address beyond loopback (server.run checks again)
         check_exposure(settings.host, settings.security)
+        if settings.kafka.enabled:  # the Kafka listener's host, by the same rule
+            check_exposure(settings.kafka.host or settings.host, settings.security)
     except NodiError as error:
         typer.echo(f"nodi serve: {error}", err=True)
         raise typer.Exit(2) from None

@@ -1,6 +1,7 @@
 """`nodi user add | list | remove | passwd`: the users file a broker authenticates
 against (docs/security.md). Passwords are stored as salted scrypt hashes, never as
-text; they are read from the terminal (asked twice) or, with --password-stdin, from
+text, beside the SCRAM-SHA-256/512 keys the Kafka listener's SASL checks (derived keys,
+not the password); they are read from the terminal (asked twice) or, with --password-stdin, from
 the first line of standard input. Permissions are edited in the file by hand and kept
 by these commands; `kill -HUP <broker pid>` makes a running broker read the file again."""
 
@@ -73,7 +74,7 @@ def add_command(
     password_stdin: PasswordStdin = False,
     superuser: Annotated[bool, typer.Option("--superuser", help="The user may do everything.")] = False,
 ) -> None:
-    """Add a user with a password (the file is made if it is not there, readable by its owner only). The new user may do nothing until you give it permissions in the file (or --superuser)."""
+    """Add a user with a password, stored as a scrypt hash and SCRAM-SHA-256/512 keys (the file is made if it is not there, readable by its owner only). The new user may do nothing until you give it permissions in the file (or --superuser)."""
     users = _load(users_file, missing_ok=True)
     if users.get(name) is not None:
         raise fail(f"nodi user add: {name} exists (use `nodi user passwd`)")
@@ -91,7 +92,7 @@ def passwd_command(
     users_file: UsersFile = DEFAULT_USERS_FILE,
     password_stdin: PasswordStdin = False,
 ) -> None:
-    """Change a user's password (its permissions stay)."""
+    """Change a user's password (its permissions stay); also stores the user's SCRAM-SHA-256/512 keys, which Kafka clients' SASL SCRAM needs (users added before nodi stored them: run this once)."""
     users = _load(users_file, missing_ok=False)
     if users.get(name) is None:
         raise fail(f"nodi user passwd: no user {name} in {users_file}")

@@ -74,11 +74,13 @@ def create_topic(address: str, topic: str, partitions: int) -> None:
         client.create_topic(topic, partitions)
 
 
-def confluent_produce(bootstrap: str, topic: str, messages: int, value: bytes) -> float:
+def confluent_produce(bootstrap: str, topic: str, messages: int, value: bytes, extra: dict | None = None) -> float:
+    """`extra`: more librdkafka settings (security, for tools/tls_bench.py)."""
     from confluent_kafka import Producer
 
     producer = Producer(
         {
+            **(extra or {}),
             "bootstrap.servers": bootstrap,
             "acks": "all",
             "enable.idempotence": True,
@@ -126,10 +128,17 @@ def nodi_produce(address: str, topic: str, messages: int, value: bytes) -> float
     return seconds
 
 
-def confluent_consume(bootstrap: str, topic: str, partitions: int, messages: int) -> float:
+def confluent_consume(bootstrap: str, topic: str, partitions: int, messages: int, extra: dict | None = None) -> float:
     from confluent_kafka import Consumer, TopicPartition
 
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "kafka-bench-unused", "enable.auto.commit": False})
+    consumer = Consumer(
+        {
+            **(extra or {}),
+            "bootstrap.servers": bootstrap,
+            "group.id": "kafka-bench-unused",
+            "enable.auto.commit": False,
+        }
+    )
     consumer.assign([TopicPartition(topic, partition, 0) for partition in range(partitions)])
     count = 0
     started = None  # timed from the first message: librdkafka's start-up is not the listener's

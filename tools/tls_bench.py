@@ -6,10 +6,13 @@ authenticates), in alternating rounds, beside this machine's raw write+fdatasync
 
     .venv/bin/python -m tools.tls_bench             # 3 rounds of 100,000 x 1 KiB
     .venv/bin/python -m tools.tls_bench --quick     # smoke run, seconds
+    .venv/bin/python -m tools.tls_bench --no-kafka  # nodi's protocol only
 
 The workload is broker_bench's (tools/broker_bench.py: one AsyncClient, the batching
 producer, acks=durable, fsync=always, linger 5 ms; a consumer from earliest with 1 MiB
-fetches). Figures are medians over the rounds; the ratio TLS / plaintext is taken per
+fetches). With confluent-kafka installed, each round also runs kafka_bench's confluent-kafka
+produce (acks=all, idempotent, linger 5 ms) and consume (assigned, from offset 0) against
+each broker's Kafka listener: PLAINTEXT beside SASL_SSL with SCRAM-SHA-256. Figures are medians over the rounds; the ratio TLS / plaintext is taken per
 round (both servers measured within seconds of each other) and its median reported.
 docs/benchmarks.md keeps the figures. Nothing here asserts a timing.
 """
@@ -32,7 +35,7 @@ from nodi.broker.server.users import Users, save_users
 from nodi.storage.limits import KIB
 from tools import storage_bench
 from tools.broker_bench import nodi_consume, nodi_produce, one_message_batch_bytes
-from tools.broker_bench_common import NodiServer, Settings, progress
+from tools.broker_bench_common import NodiServer, Settings, free_loopback_port, progress
 
 PASSWORD = "tls-bench-password"
 
@@ -64,16 +67,48 @@ async def one_side(address: str, tls, settings: Settings, topic: str) -> dict:
     return {"produce": produced["msg_per_s"], "consume": consumed["msg_per_s"]}
 
 
-def run(settings: Settings, directory: str) -> dict:
+def kafka_side(address: str, bootstrap: str, tls, ca: str, settings: Settings, topic: str) -> dict:
+    """confluent-kafka through the Kafka listener: SASL_SSL (SCRAM-SHA-256) when `tls`."""
+    from nodi.broker import Client
+    from tools.kafka_bench import confluent_consume, confluent_produce
+
+    value = os.urandom(settings.value_bytes)
+    user, password = ("bench", PASSWORD) if tls is not None else (None, None)
+    extra = {}
+    if tls is not None:
+        extra = {
+            "security.protocol": "SASL_SSL",
+            "ssl.ca.location": ca,
+            "sasl.mechanism": "SCRAM-SHA-256",
+            "sasl.username": "bench",
+            "sasl.password": PASSWORD,
+        }
+    with Client(address, timeout_ms=60_000, tls=tls or False, user=user, password=password) as client:
+        client.create_topic(topic, partitions=settings.partitions, fsync_policy="always")
+    produce_s = confluent_produce(bootstrap, topic, settings.messages, value, extra)
+    consume_s = confluent_consume(bootstrap, topic, settings.partitions, settings.messages + 1, extra)  # + warm-up
+    with Client(address, timeout_ms=60_000, tls=tls or False, user=user, password=password) as client:
+        client.delete_topic(topic)
+    return {"kafka_produce": settings.messages / produce_s, "kafka_consume": settings.messages / consume_s}
+
+
+def run(settings: Settings, directory: str, kafka: bool = False) -> dict:
     cert, key = make_certificate(directory)
     users_file = os.path.join(directory, "users.toml")
     save_users(users_file, Users().with_password("bench", PASSWORD, superuser=True))
-    plain = NodiServer(os.path.join(directory, "plain"), metrics=False)
+    kafka_ports = (free_loopback_port(), free_loopback_port()) if kafka else None
+    plain = NodiServer(
+        os.path.join(directory, "plain"),
+        metrics=False,
+        extra_args=["--kafka-port", str(kafka_ports[0])] if kafka_ports else [],
+    )
     secure = NodiServer(
         os.path.join(directory, "tls"),
         metrics=False,
-        extra_args=["--config", _config(directory, cert, key, users_file)],
+        extra_args=["--config", _config(directory, cert, key, users_file)]
+        + (["--kafka-port", str(kafka_ports[1])] if kafka_ports else []),
     )
+    phases = ("produce", "consume") + (("kafka_produce", "kafka_consume") if kafka else ())
     for server in (plain, secure):
         os.makedirs(server.directory, exist_ok=True)
     rounds: list[dict] = []
@@ -89,6 +124,20 @@ def run(settings: Settings, directory: str) -> dict:
                 progress(f"round {number}: {name} produce + consume {settings.messages:,} x {settings.value_bytes} B")
                 one[name] = asyncio.run(one_side(address, context, settings, f"tls-bench-{number}"))
                 progress(f"  produce {one[name]['produce']:,.0f} msg/s, consume {one[name]['consume']:,.0f} msg/s")
+            if kafka_ports is not None:
+                sides = [
+                    ("plaintext", plain_address, kafka_ports[0], None),
+                    ("tls", secure_address, kafka_ports[1], tls),
+                ]
+                if number % 2:
+                    sides.reverse()
+                for name, address, port, context in sides:
+                    progress(f"round {number}: {name} confluent-kafka produce + consume through the Kafka listener")
+                    figures = kafka_side(address, f"127.0.0.1:{port}", context, cert, settings, f"tls-kafka-{number}")
+                    one[name].update(figures)
+                    progress(
+                        f"  produce {figures['kafka_produce']:,.0f} msg/s, consume {figures['kafka_consume']:,.0f} msg/s"
+                    )
             loop = storage_bench.raw_fdatasync_loop(
                 directory, one_message_batch_bytes(settings.value_bytes) * 64, 64, settings.raw_loop_seconds
             )
@@ -98,14 +147,26 @@ def run(settings: Settings, directory: str) -> dict:
         plain.stop()
         secure.stop()
     summary: dict[str, object] = {}
-    for phase in ("produce", "consume"):
+    for phase in phases:
         summary[phase] = {
             "plaintext_msg_per_s": statistics.median(r["plaintext"][phase] for r in rounds),
             "tls_msg_per_s": statistics.median(r["tls"][phase] for r in rounds),
             "tls_over_plaintext": statistics.median(r["tls"][phase] / r["plaintext"][phase] for r in rounds),
         }
     summary["raw_fdatasync_64_messages_per_s"] = statistics.median(r["raw_fdatasync_per_s"] for r in rounds)
+    from tools.kafka_bench import loopback_round_trip_us
+
+    summary["loopback_round_trip_us"] = loopback_round_trip_us()
     return {"rounds": rounds, "summary": summary, "cpus": os.cpu_count()}
+
+
+def _have_confluent_kafka() -> bool:
+    try:
+        import confluent_kafka  # noqa: F401
+    except ImportError:
+        print("tls_bench: confluent-kafka is not installed: the Kafka listener phases are skipped", file=sys.stderr)
+        return False
+    return True
 
 
 def _config(directory: str, cert: str, key: str, users_file: str) -> str:
@@ -121,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--json-out", default=None)
+    parser.add_argument("--no-kafka", action="store_true", help="skip the Kafka listener (confluent-kafka) phases")
     arguments = parser.parse_args(argv)
     if shutil.which("openssl") is None:
         print("tls_bench: the openssl binary is needed to make the certificate", file=sys.stderr)
@@ -142,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     directory = tempfile.mkdtemp(prefix="nodi-tls-bench-", dir=os.getcwd())  # a real disk, not tmpfs
     try:
-        results = run(settings, directory)
+        results = run(settings, directory, kafka=not arguments.no_kafka and _have_confluent_kafka())
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     print(json.dumps(results["summary"], indent=2))

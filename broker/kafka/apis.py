@@ -586,6 +586,32 @@ API_VERSIONS = Api(
     ),
 )
 
+# SASL (broker/kafka/sasl.py): served by the listener itself, before any other request
+# when the broker has users. After a v0 handshake the tokens come as raw size-prefixed
+# frames (no Kafka header); after v1, inside SaslAuthenticate requests (KIP-152).
+SASL_HANDSHAKE = Api(
+    17,
+    "SaslHandshake",
+    0,
+    1,
+    request=(("mechanism", "string", 0, ALL),),
+    response=(("error_code", "int16", 0, ALL), ("mechanisms", array("string"), 0, ALL)),
+)
+
+SASL_AUTHENTICATE = Api(
+    36,
+    "SaslAuthenticate",
+    0,
+    1,
+    request=(("auth_bytes", "bytes", 0, ALL),),
+    response=(
+        ("error_code", "int16", 0, ALL),
+        ("error_message", "nullable_string", 0, ALL),
+        ("auth_bytes", "bytes", 0, ALL),
+        ("session_lifetime_ms", "int64", 1, ALL),
+    ),
+)
+
 CREATE_TOPICS = Api(
     19,
     "CreateTopics",
@@ -786,11 +812,13 @@ APIS: dict[int, Api] = {
         SYNC_GROUP,
         DESCRIBE_GROUPS,
         LIST_GROUPS,
+        SASL_HANDSHAKE,
         API_VERSIONS,
         CREATE_TOPICS,
         DELETE_TOPICS,
         DELETE_RECORDS,
         INIT_PRODUCER_ID,
         DESCRIBE_CONFIGS,
+        SASL_AUTHENTICATE,
     )
 }

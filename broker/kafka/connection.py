@@ -33,6 +33,12 @@ _SIZE = struct.Struct(">i")
 _HEADER = struct.Struct(">hhi")
 
 
+# A SASL token sent raw after a v0 SaslHandshake (KIP-152's old framing: int32 size and
+# the token, no header) comes out of next_request with this key and body
+# {"auth_bytes": token}; its answer is the server's token, size-prefixed, no header.
+RAW_SASL_TOKEN = -1
+RAW_SASL_TOKEN_BYTES_MAX = 8192
+
 REQUEST_BYTES_MAX = 16 * 1024 * 1024
 IN_FLIGHT_REQUESTS_MAX = 16
 
@@ -72,6 +78,8 @@ class KafkaConnection:
         self.limits = limits or KafkaLimits()
         self._buffer = bytearray()
         self._start = 0
+        # The next frame is a raw SASL token (the listener sets it after a v0 handshake).
+        self.expect_raw_token = False
 
     def receive_data(self, data: bytes) -> None:
         if self._start and self._start == len(self._buffer):
@@ -90,6 +98,8 @@ class KafkaConnection:
         if available < SIZE_PREFIX_BYTES:
             return None
         (size,) = _SIZE.unpack_from(self._buffer, self._start)
+        if self.expect_raw_token:
+            return self._raw_token(size, available)
         if size < REQUEST_HEADER_BYTES_MIN:
             raise KafkaDecodeError(f"request size {size} is below the {REQUEST_HEADER_BYTES_MIN}-byte header")
         if size > self.limits.request_bytes_max:
@@ -104,6 +114,17 @@ class KafkaConnection:
             del self._buffer[: self._start]
             self._start = 0
         return decode_request(frame, self.limits.array_items_max)
+
+    def _raw_token(self, size: int, available: int) -> KafkaRequest | None:
+        if not 0 <= size <= RAW_SASL_TOKEN_BYTES_MAX:
+            raise KafkaDecodeError(f"a raw SASL token of {size} bytes (0..{RAW_SASL_TOKEN_BYTES_MAX})")
+        if available < SIZE_PREFIX_BYTES + size:
+            return None
+        start = self._start + SIZE_PREFIX_BYTES
+        token = bytes(self._buffer[start : start + size])
+        self._start = start + size
+        self.expect_raw_token = False  # the listener sets it again when the exchange goes on
+        return KafkaRequest(RAW_SASL_TOKEN, 0, 0, None, {"auth_bytes": token}, SIZE_PREFIX_BYTES + size)
 
 
 def decode_request(frame: memoryview, array_items_max: int) -> KafkaRequest:
@@ -143,6 +164,13 @@ def encode_unsupported(request: KafkaRequest) -> list[bytes]:
         version0 = KafkaRequest(request.api_key, 0, request.correlation_id, request.client_id)
         return encode_response(version0, api_versions_body(KafkaError.UNSUPPORTED_VERSION))
     body = _SIZE.pack(request.correlation_id) + struct.pack(">h", KafkaError.UNSUPPORTED_VERSION)
+    return [_SIZE.pack(len(body)), body]
+
+
+def encode_error_only(request: KafkaRequest, error: KafkaError) -> list[bytes]:
+    """A response of just the header and `error` (as encode_unsupported's): for a key
+    with no permission rule (authorization.py)."""
+    body = _SIZE.pack(request.correlation_id) + struct.pack(">h", error)
     return [_SIZE.pack(len(body)), body]
 
 

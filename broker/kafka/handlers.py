@@ -25,7 +25,7 @@ from nodi.storage.topic_settings import TOPIC_SETTINGS_BY_NAME
 from ..protocol import messages as m
 from ..protocol.errors import ErrorCode
 from ..server.reply import Reply, response_of
-from .apis import APIS
+from .apis import APIS, SASL_AUTHENTICATE, SASL_HANDSHAKE
 from .connection import KafkaRequest, api_versions_body
 from .errors import KafkaError, kafka_error
 from .groups import KafkaGroups
@@ -82,7 +82,8 @@ class KafkaHandlers:
             22: self._init_producer_id,
             32: self._describe_configs,
         }
-        assert set(self._handlers) == set(APIS), "every advertised API has a handler"
+        # SaslHandshake and SaslAuthenticate belong to the connection (listener.py, sasl.py).
+        assert set(self._handlers) | {SASL_HANDSHAKE.key, SASL_AUTHENTICATE.key} == set(APIS), "every API has a handler"
 
     async def handle(self, request: KafkaRequest) -> dict[str, Any] | None:
         return await self._handlers[request.api_key](request)

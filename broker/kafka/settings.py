@@ -29,6 +29,9 @@ class KafkaSettings:
     # Requests read and not yet answered per connection; the connection stops reading
     # until one is answered.
     in_flight_requests_max: int = IN_FLIGHT_REQUESTS_MAX
+    # SASL PLAIN sends the password as it is: it is offered only on TLS connections,
+    # and, when this is true, on plaintext connections from a loopback address too.
+    sasl_plain_on_loopback: bool = False
 
     @property
     def enabled(self) -> bool:

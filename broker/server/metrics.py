@@ -120,7 +120,8 @@ class _StoreCollector:
             "nodi_authentication_refusals",
             "Connections refused authentication, by reason: `bad_credentials` (unknown user or wrong password), "
             "`certificate`, `not_authenticated` (a request first), `replayed` (a second Authenticate), "
-            "`principal_connections` (`connections_per_principal_max`), `no_users_file`",
+            "`principal_connections` (`connections_per_principal_max`), `no_users_file`; the Kafka listener's SASL: "
+            "`mechanism` (PLAIN without TLS), `no_scram_credentials` (run `nodi user passwd`), `sasl_protocol`",
             labels=["reason"],
         )
         for reason, count in sorted(statistics.refusals.items()):
@@ -139,7 +140,22 @@ class _StoreCollector:
         )
         reloads.add_metric(["ok"], statistics.tls_reloads)
         reloads.add_metric(["failed"], statistics.tls_reload_failures)
-        yield from (authenticated, refused, not_authorized, principals, reloads)
+        throttled = CounterMetricFamily(
+            "nodi_reads_throttled",
+            "Reads of a connection delayed by a per-connection limit, by listener (`nodi`, `kafka`) and reason: "
+            "`bytes_in_flight` (`connection_in_flight_bytes_max`), `request_rate` "
+            "(`connection_requests_per_second_max`)",
+            labels=["listener", "reason"],
+        )
+        for (listener, reason), count in sorted(statistics.reads_throttled.items()):
+            throttled.add_metric([listener, reason], count)
+        total = GaugeMetricFamily("nodi_connections_total", "Open connections over both listeners (nodi and Kafka)")
+        total.add_metric([], statistics.connections_total)
+        total_refused = CounterMetricFamily(
+            "nodi_connections_total_refused", "Connections of either listener refused over `connections_total_max`"
+        )
+        total_refused.add_metric([], statistics.connections_total_refused)
+        yield from (authenticated, refused, not_authorized, principals, reloads, throttled, total, total_refused)
 
     def _log_families(self):
         labels = ["topic", "partition"]

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from nodi.storage.errors import InvalidConfigError
 
 from ..protocol import messages as m
+from .read_throttle import ReadThrottle, ThrottleCounts
 from .security_settings import SecuritySettings
 from .users import Action, Principal, Resource, load_users
 
@@ -35,6 +36,10 @@ AUTHENTICATION_REFUSALS = (
     "replayed",  # a second Authenticate on one connection
     "principal_connections",  # connections_per_principal_max reached
     "no_users_file",  # an Authenticate to a server without a users file
+    # The Kafka listener's SASL (broker/kafka/sasl.py):
+    "mechanism",  # a SASL mechanism not offered on that connection (PLAIN without TLS)
+    "no_scram_credentials",  # a user whose entry has no SCRAM keys yet (`nodi user passwd`)
+    "sasl_protocol",  # a SASL exchange out of order or malformed
 )
 
 
@@ -86,6 +91,10 @@ class SecurityStatistics:
     principals_connected: int  # distinct principals with a connection open
     tls_reloads: int  # certificate reloads (SIGHUP) that succeeded
     tls_reload_failures: int
+    # Reads delayed by the per-connection limits, by (listener, reason) (read_throttle.py).
+    reads_throttled: dict[tuple[str, str], int]
+    connections_total: int  # open over both listeners
+    connections_total_refused: int  # refused over connections_total_max
 
 
 class Security:
@@ -102,6 +111,9 @@ class Security:
         self._not_authorized = {action.value: 0 for action in Action}
         self._reloads = 0
         self._reload_failures = 0
+        self.throttle_counts = ThrottleCounts()
+        self._connections_total = 0
+        self._connections_total_refused = 0
 
     @property
     def required(self) -> bool:
@@ -116,6 +128,39 @@ class Security:
             principals_connected=len(self._connections),
             tls_reloads=self._reloads,
             tls_reload_failures=self._reload_failures,
+            reads_throttled=dict(self.throttle_counts.counts),
+            connections_total=self._connections_total,
+            connections_total_refused=self._connections_total_refused,
+        )
+
+    # -- limits over both listeners -------------------------------------------------------
+
+    def accept_connection(self, listener: str, peer: object = None) -> bool:
+        """Count an accepted connection of either listener; False (refused, counted,
+        logged) at connections_total_max. A True is paired with release_connection."""
+        if self._connections_total >= self.settings.connections_total_max:
+            self._connections_total_refused += 1
+            log.warning(
+                "%s connection from %s refused: connections_total_max %d reached",
+                listener,
+                peer,
+                self.settings.connections_total_max,
+            )
+            return False
+        self._connections_total += 1
+        return True
+
+    def release_connection(self) -> None:
+        self._connections_total -= 1
+
+    def read_throttle(self, listener: str) -> ReadThrottle:
+        """A new connection's bytes-in-flight and request-rate limits."""
+        settings = self.settings
+        return ReadThrottle(
+            listener,
+            settings.connection_in_flight_bytes_max,
+            settings.connection_requests_per_second_max,
+            self.throttle_counts,
         )
 
     # -- reload -------------------------------------------------------------------------
@@ -204,20 +249,30 @@ class Security:
         logged with the principal), or None when every one is granted."""
         if principal.superuser:
             return None
+        what = type(request).__name__.removesuffix("Request")
         for action, resource, name in required_permissions(request):
-            if not principal.may(action, resource, name):
-                self._not_authorized[action.value] += 1
-                log.warning(
-                    "not authorized: %s may not %s %s %s (%s)",
-                    principal.name,
-                    action.value,
-                    resource.value,
-                    name,
-                    type(request).__name__.removesuffix("Request"),
-                    extra={"principal": principal.name, "action": action.value, resource.value: name},
-                )
+            if not self.allowed(principal, action, resource, name, what):
                 return action, resource, name
         return None
+
+    def allowed(self, principal: Principal, action: Action, resource: Resource, name: str, what: str) -> bool:
+        """Whether `principal` may; a refusal is counted and logged with the principal
+        and `what` was asked (the request's name). The one check every listener makes."""
+        if principal.may(action, resource, name):
+            return True
+        self.count_not_authorized(principal, action, f"{resource.value} {name}", what)
+        return False
+
+    def count_not_authorized(self, principal: Principal, action: Action, target: str, what: str) -> None:
+        self._not_authorized[action.value] += 1
+        log.warning(
+            "not authorized: %s may not %s %s (%s)",
+            principal.name,
+            action.value,
+            target,
+            what,
+            extra={"principal": principal.name, "action": action.value, "target": target},
+        )
 
 
 def required_permissions(request: m.Request) -> list[tuple[Action, Resource, str]]:

@@ -34,6 +34,15 @@ class SecuritySettings:
     # Password checks (scrypt: about 16 MiB and tens of ms each) running at once; more
     # wait, within the handshake deadline.
     password_checks_max: int = 4
+    # Open connections over both listeners together (nodi's protocol and Kafka's; each
+    # listener is also held to server.connections_max); one more is refused at once.
+    connections_total_max: int = 20_000
+    # Frame bytes of requests one connection has sent and not yet had answered; past it
+    # the connection stops reading until answers drain (a wait, not an error).
+    connection_in_flight_bytes_max: int = 64 * 1024 * 1024
+    # Requests a second one connection may send (token bucket, one second of burst);
+    # past it reading that connection is delayed (not an error, nothing dropped).
+    connection_requests_per_second_max: int = 100_000
 
     def validate(self) -> None:
         if self.tls_client_auth not in TLS_CLIENT_AUTH_MODES:
@@ -46,7 +55,13 @@ class SecuritySettings:
             raise InvalidConfigError(
                 f"security.tls_client_auth {self.tls_client_auth} needs tls_cert_file and tls_client_ca_file"
             )
-        for name in ("connections_per_principal_max", "password_checks_max"):
+        for name in (
+            "connections_per_principal_max",
+            "password_checks_max",
+            "connections_total_max",
+            "connection_in_flight_bytes_max",
+            "connection_requests_per_second_max",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidConfigError(f"security.{name} must be a positive integer, got {value!r}")

@@ -111,6 +111,10 @@ class ClientSession:
         self._principal_counted = False
         # sendfile writes file bytes to the socket under TLS, unencrypted: copy instead.
         self.sendfile = writer.get_extra_info("sslcontext") is None
+        # Bytes in flight and request rate of this connection (read_throttle.py), and the
+        # stream bytes turned into events so far (a request's size is the difference).
+        self.throttle = server.security.read_throttle("nodi")
+        self._consumed_bytes = 0
 
     async def run(self) -> None:
         try:
@@ -151,6 +155,7 @@ class ClientSession:
                 async with asyncio.timeout_at(deadline):  # no task per read, unlike wait_for
                     if self.connection.incomplete_frame_bytes != self._frame_bytes_reserved:
                         await self._reserve_frame_bytes(self.connection.incomplete_frame_bytes)
+                    await self.throttle.wait()
                     data = await self.reader.read(READ_BYTES)
             except TimeoutError:
                 self.server.count_timeout(reason)
@@ -191,6 +196,9 @@ class ClientSession:
             event = self.connection.next_event()
             if event is NEED_DATA:
                 return True
+            statistics = self.connection.statistics()
+            consumed = statistics.bytes_received - statistics.buffered_bytes
+            size, self._consumed_bytes = consumed - self._consumed_bytes, consumed
             if isinstance(event, ConnectionClosed):
                 return False
             if isinstance(event, RejectedRequest):
@@ -222,7 +230,9 @@ class ClientSession:
                     error = ProtocolError(ErrorCode.SERVER_SHUTTING_DOWN, "shutting down")
                     await self._write(error_reply(event, error))
                 else:
-                    requests.create_task(self._serve(event))
+                    self.throttle.started(size)
+                    task = requests.create_task(self._serve(event))
+                    task.add_done_callback(lambda _, size=size: self.throttle.answered(size))
 
     def start_session(self) -> bool:
         """Before the first read: the principal of a server without authentication, or
@@ -462,6 +472,11 @@ class Server:
         check_exposure(self.config.host, self.config.security)
         for warning in exposure_warnings(self.config.host, self.config.security):
             log.warning("%s", warning)
+        if self.config.kafka.enabled:  # the same rule for the Kafka listener's own host
+            check_exposure(self.config.kafka.host or self.config.host, self.config.security)
+            if self.config.kafka.host:
+                for warning in exposure_warnings(self.config.kafka.host, self.config.security):
+                    log.warning("kafka listener: %s", warning)
         sock = _bind(self.config.host, self.config.port)
         kafka_sock = None
         try:
@@ -516,7 +531,9 @@ class Server:
                 self.address = sock.getsockname()[:2]
                 tasks.create_task(self._retention_job())
                 if kafka_sock is not None:
-                    self.kafka = KafkaListener(self.broker, self.config.kafka, observe=self.observe)
+                    self.kafka = KafkaListener(
+                        self.broker, self.config.kafka, observe=self.observe, security=self.security
+                    )
                     await self.kafka.start(tasks, kafka_sock)
                 tasks.create_task(self.broker.compaction.run_job())
                 if self.metrics is not None:
@@ -596,7 +613,13 @@ class Server:
             tasks.create_task(session._close_with(code, f"connections_max {self.config.connections_max} reached"))
             tasks.create_task(_close_later(writer))
             return
+        if not self.security.accept_connection("nodi", session.peer):  # connections_total_max, both listeners
+            self._connections_refused += 1
+            tasks.create_task(session._close_with(ErrorCode.LIMIT_EXCEEDED, "connections_total_max reached"))
+            tasks.create_task(_close_later(writer))
+            return
         if not session.start_session():
+            self.security.release_connection()
             self._connections_refused += 1
             tasks.create_task(
                 session._close_with(ErrorCode.AUTHENTICATION_FAILED, "the client certificate was refused")
@@ -610,6 +633,7 @@ class Server:
 
     def _session_ended(self, session: ClientSession) -> None:
         self.sessions.discard(session)
+        self.security.release_connection()
         if self._trim is None and not self.shutting_down:
             self._trim = asyncio.get_running_loop().call_later(TRIM_DELAY_S, self._trim_freed_memory)
 

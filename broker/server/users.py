@@ -5,6 +5,8 @@ The users file is TOML, one table per user:
 
     [users.alice]
     password = "scrypt$16384$8$1$<salt, base64>$<hash, base64>"   # `nodi user add alice`
+    scram_sha_256 = "4096$<salt>$<stored key>$<server key>"       # the same command (base64)
+    scram_sha_512 = "4096$<salt>$<stored key>$<server key>"
     superuser = false
     [users.alice.produce]
     allow = ["orders.>"]                 # topic name patterns
@@ -22,6 +24,12 @@ pattern allows is refused. A topic's dead-letter topic `<topic>.dlq` is granted 
 the topic (a pattern naming the dead-letter topic itself decides first). A superuser
 may do everything. A user with no password authenticates only by a client
 certificate whose common name is the user name.
+
+The SCRAM keys are what the Kafka listener's SASL SCRAM-SHA-256/512 checks (RFC 5802:
+a salt, the iteration count, StoredKey and ServerKey; never the password itself). A
+file written before they existed is read as it is; its users authenticate by password
+on nodi's protocol and with SASL PLAIN, and get SCRAM keys at their next `nodi user
+passwd`.
 
 `nodi user add|passwd|remove` rewrite the file (comments are not kept; permissions
 are) and the server reads it at start and on SIGHUP."""
@@ -41,6 +49,8 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
+import scramp
+
 from nodi.storage.errors import InvalidConfigError
 
 # scrypt cost: 2**14 x 8 x 1 is about 16 MiB of memory and tens of ms per check.
@@ -53,6 +63,11 @@ HASH_BYTES = 32
 USER_NAME = re.compile(r"[A-Za-z0-9._@-]{1,128}")
 PASSWORD_BYTES_MAX = 1024
 DEAD_LETTER_SUFFIX = ".dlq"
+# SCRAM mechanisms and their key in a user's table. 4096 iterations is Kafka's minimum
+# and the count its own tools use; the client does the iterations, the server only HMACs.
+SCRAM_MECHANISMS = {"SCRAM-SHA-256": "scram_sha_256", "SCRAM-SHA-512": "scram_sha_512"}
+SCRAM_ITERATIONS = 4096
+SCRAM_ITERATIONS_MAX = 1 << 20  # a stored count above this is refused (work a client is asked to do)
 
 
 class Action(enum.Enum):
@@ -139,6 +154,41 @@ def _check_password(password: str) -> None:
         raise ValueError(f"the password is over {PASSWORD_BYTES_MAX} bytes")
 
 
+# -- SCRAM keys -------------------------------------------------------------------------
+
+
+def scram_credentials(password: str) -> dict[str, str]:
+    """The SCRAM keys of `password` for every mechanism, as the users file stores them:
+    `iterations$salt$stored key$server key` (base64)."""
+    _check_password(password)
+    credentials = {}
+    for mechanism in SCRAM_MECHANISMS:
+        salt, stored_key, server_key, iterations = scramp.ScramMechanism(mechanism).make_auth_info(
+            password, iteration_count=SCRAM_ITERATIONS
+        )
+        credentials[mechanism] = "$".join((str(iterations), _b64(salt), _b64(stored_key), _b64(server_key)))
+    return credentials
+
+
+def parse_scram(stored: str) -> tuple[bytes, bytes, bytes, int]:
+    """(salt, stored key, server key, iterations): what a SCRAM server checks against."""
+    parts = stored.split("$")
+    try:
+        if len(parts) != 4:
+            raise ValueError
+        iterations = int(parts[0])
+        salt, stored_key, server_key = (base64.b64decode(part, validate=True) for part in parts[1:])
+    except ValueError:
+        raise InvalidConfigError(
+            "SCRAM keys are not `iterations$salt$stored key$server key` from `nodi user`"
+        ) from None
+    if not (SCRAM_ITERATIONS <= iterations <= SCRAM_ITERATIONS_MAX and salt and stored_key and server_key):
+        raise InvalidConfigError(
+            f"SCRAM keys with {iterations} iterations (allowed {SCRAM_ITERATIONS}..{SCRAM_ITERATIONS_MAX}) or empty parts"
+        )
+    return salt, stored_key, server_key, iterations
+
+
 # -- patterns ---------------------------------------------------------------------------
 
 
@@ -218,6 +268,9 @@ class User:
     principal: Principal
     # The permission tables as the file has them, written back unchanged by `nodi user`.
     tables: Mapping[str, Mapping[str, tuple[str, ...]]] = field(default_factory=dict)
+    # SCRAM keys by mechanism (SCRAM_MECHANISMS), as the file stores them; empty in a
+    # file written before they existed (until `nodi user passwd`).
+    scram: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,10 +296,11 @@ class Users:
         if not USER_NAME.fullmatch(name):
             raise ValueError(f"user name {name!r}: 1-128 characters of A-Z a-z 0-9 . _ @ -")
         old = self.users.get(name)
+        password_hash, scram = hash_password(password), scram_credentials(password)
         user = (
-            User(name, hash_password(password), Principal(name, superuser))
+            User(name, password_hash, Principal(name, superuser), scram=scram)
             if old is None
-            else replace(old, password_hash=hash_password(password))
+            else replace(old, password_hash=password_hash, scram=scram)
         )
         return Users({**self.users, name: user})
 
@@ -278,7 +332,7 @@ def _user_from(name: str, table: object) -> User:
         raise InvalidConfigError("a user name is 1-128 characters of A-Z a-z 0-9 . _ @ -")
     if not isinstance(table, dict):
         raise InvalidConfigError("not a table")
-    unknown = set(table) - {"password", "superuser", *(action.value for action in Action)}
+    unknown = set(table) - {"password", "superuser", *SCRAM_MECHANISMS.values(), *(action.value for action in Action)}
     if unknown:
         raise InvalidConfigError(f"unknown keys {sorted(unknown)}")
     password_hash = table.get("password")
@@ -286,6 +340,13 @@ def _user_from(name: str, table: object) -> User:
         if not isinstance(password_hash, str):
             raise InvalidConfigError("password is not a string")
         _parse_hash(password_hash)
+    scram = {}
+    for mechanism, key in SCRAM_MECHANISMS.items():
+        if key in table:
+            if not isinstance(table[key], str):
+                raise InvalidConfigError(f"{key} is not a string")
+            parse_scram(table[key])
+            scram[mechanism] = table[key]
     superuser = table.get("superuser", False)
     if not isinstance(superuser, bool):
         raise InvalidConfigError("superuser is not true or false")
@@ -312,7 +373,7 @@ def _user_from(name: str, table: object) -> User:
     for (action, resource), (allow_key, deny_key) in _KEYS.items():
         lists = tables.get(action.value, {})
         rules[(action, resource)] = Rule(lists.get(allow_key, ()), lists.get(deny_key, ()))
-    return User(name, password_hash, Principal(name, superuser, rules), tables)
+    return User(name, password_hash, Principal(name, superuser, rules), tables, scram)
 
 
 def users_file_text(users: Iterable[User]) -> str:
@@ -325,6 +386,9 @@ def users_file_text(users: Iterable[User]) -> str:
         lines += ["", f"[users.{json.dumps(user.name)}]"]
         if user.password_hash is not None:
             lines.append(f"password = {json.dumps(user.password_hash)}")
+        for mechanism, key in SCRAM_MECHANISMS.items():
+            if mechanism in user.scram:
+                lines.append(f"{key} = {json.dumps(user.scram[mechanism])}")
         lines.append(f"superuser = {'true' if user.principal.superuser else 'false'}")
         for action, lists in user.tables.items():
             lines.append(f"[users.{json.dumps(user.name)}.{action}]")
