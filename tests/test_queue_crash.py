@@ -176,3 +176,56 @@ def test_rejects_answered_before_a_broker_kill_all_reach_the_dead_letter_topic(b
         sources = [int(letter.header("nodi-dlq-source-offset")) for letter in letters]
         assert set(sources) == set(range(count))  # none lost; a repeat is allowed
     restarted.stop()
+
+
+def test_a_broker_kill_with_split_lease_runs_in_flight_loses_nothing_and_acks_nothing_twice(
+    broker_factory, tmp_path
+) -> None:
+    """Leases are kept as runs: one receive's run is split by acks of part of it, a nack
+    in its middle and an extension of a part, then the broker is killed with the rest
+    still leased. After the restart every message not acked comes again, none acked
+    comes again, and each comes with a delivery count above the one seen before."""
+    total = 400
+    data_dir = str(tmp_path / "runs-crash")
+    process: BrokerProcess = broker_factory(data_dir).start()
+    acked: set[int] = set()
+    seen: dict[int, int] = {}
+    with Client(process.address) as client:
+        client.create_topic("runs")
+        produce(client, "runs", total)
+        with client.queue("runs", "g", batch_max=100, max_outstanding=total, ack_wait_ms=2_000) as queue:
+            for _ in range(total // 100):
+                batch = queue.receive_batch(100, timeout_ms=WAIT_MS)
+                assert len(batch) == 100
+                for message in batch:
+                    seen[message.offset] = message.delivery_count
+                for index, message in enumerate(batch):
+                    if index < 30 or 60 <= index < 70:  # acks of two parts of the run
+                        assert message.ack() is True
+                        acked.add(message.offset)
+                    elif index == 45:  # a nack in the middle, after a long delay
+                        assert message.nack(delay_ms=600_000) is True
+                    elif 50 <= index < 60:  # a part extended: a run of its own
+                        assert message.in_progress() is not None
+                # the rest stay leased (in the receive's run, or extended by the lease
+                # keeper) and unsettled at the kill: after the restart they come again once
+                # their lease (2 s) would have run out
+            process.kill()
+    restarted = broker_factory(data_dir).start()
+    after: dict[int, int] = {}
+    with Client(restarted.address) as client:
+        with client.queue("runs", "g", batch_max=100, max_outstanding=400) as queue:
+            deadline = time.monotonic() + 60
+            while len(after) < total - len(acked) - total // 100 and time.monotonic() < deadline:
+                for message in queue.receive_batch(100, timeout_ms=1_000):
+                    assert message.offset not in acked, f"offset {message.offset} acked, then delivered again"
+                    assert message.offset not in after, f"offset {message.offset} delivered twice after the restart"
+                    after[message.offset] = message.delivery_count
+                    message.ack(wait=False)
+            queue.flush()
+        state = client.describe_queue("runs", "g")
+    nacked = {start + 45 for start in range(0, total, 100)}  # not due for ten minutes
+    assert set(after) == set(range(total)) - acked - nacked
+    assert all(after[offset] > seen[offset] for offset in after)
+    assert state.partitions[0].pending == len(nacked)
+    restarted.stop()

@@ -501,3 +501,141 @@ def test_ack_run_gives_the_outcomes_and_state_acks_one_by_one_give() -> None:
     assert codes[30] == ErrorCode.UNKNOWN_DELIVERY
     assert in_runs.statistics() == one_by_one.statistics()
     assert in_runs.floor == one_by_one.floor == 6
+
+
+# ---------------------------------------------------------------------------
+# Leases kept as runs: one timer entry per run, split by settles of part of it
+
+
+def expired_by(queue: PartitionQueue, now_ms: int) -> list[int]:
+    """Tick to `now_ms`, then take what became available: the offsets whose lease (or
+    not-before time) ran out, each leased again."""
+    queue.tick(now_ms)
+    return offsets(queue.take(1_000, now_ms))
+
+
+def test_one_receive_is_one_lease_run_and_a_partial_ack_leaves_the_rest_in_it() -> None:
+    queue = make_queue(10)
+    queue.take(10, now_ms=0)
+    assert queue.statistics().lease_runs == 1
+    assert queue.ack_run(0, 5, 1) == [[0, ErrorCode.NONE, 5]]
+    assert queue.statistics().lease_runs == 1 and queue.leased == 5
+    assert expired_by(queue, 999) == []
+    again = queue.take(10, now_ms=999)
+    assert again == []
+    queue.tick(1_000)
+    redelivered = queue.take(10, now_ms=1_000)
+    assert [(t.offset, t.delivery_count) for t in redelivered] == [(offset, 2) for offset in range(5, 10)]
+    queue.ack_run(5, 5, 2)
+    assert queue.statistics().lease_runs == 0 and queue.leased == 0 and queue.floor == 10
+
+
+def test_a_nack_in_the_middle_of_a_run_leaves_the_others_to_their_deadline() -> None:
+    queue = make_queue(10)
+    queue.take(10, now_ms=0)
+    queue.nack(5, 1, now_ms=10, delay_ms=0)
+    (again,) = queue.take(10, now_ms=10)
+    assert (again.offset, again.delivery_count, again.lease_deadline_ms) == (5, 2, 1_010)
+    assert expired_by(queue, 1_000) == [0, 1, 2, 3, 4, 6, 7, 8, 9]
+    assert queue.expired_leases == 9
+    assert expired_by(queue, 1_010) == [5]  # its own run, leased again at 10
+    assert queue.statistics().stale_settles == 0
+
+
+def test_extending_part_of_a_run_moves_that_part_to_a_run_of_its_own() -> None:
+    queue = make_queue(10)
+    queue.take(10, now_ms=0)
+    deadlines = [queue.in_progress(offset, 1, now_ms=500) for offset in range(3, 7)]
+    assert deadlines == [1_500] * 4
+    assert queue.statistics().lease_runs == 2  # the four extended share one run
+    assert expired_by(queue, 1_000) == [0, 1, 2, 7, 8, 9]
+    assert queue.leased == 4 + 6  # the extended ones, and the six just leased again
+    queue.ack_run(0, 3, 2)
+    queue.ack_run(7, 3, 2)
+    assert expired_by(queue, 1_499) == []
+    assert expired_by(queue, 1_500) == [3, 4, 5, 6]
+    assert queue.take(1, now_ms=1_500) == []
+
+
+def test_a_split_run_redelivers_only_what_is_left_in_it_after_its_deadline() -> None:
+    queue = make_queue(10)
+    queue.take(10, now_ms=0)
+    queue.ack(2, 1)
+    queue.in_progress(4, 1, now_ms=100)
+    queue.in_progress(5, 1, now_ms=100)
+    queue.nack(7, 1, now_ms=100, delay_ms=5_000)
+    queue.reject(9, 1, "bad")
+    assert expired_by(queue, 1_000) == [0, 1, 3, 6, 8]
+    for offset in [0, 1, 3, 6, 8]:
+        queue.ack(offset, 2)
+    assert expired_by(queue, 1_100) == [4, 5]
+    queue.ack_run(4, 2, 2)
+    assert [d.offset for d in queue.take_dead_letters(10)] == [9]
+    assert expired_by(queue, 5_099) == [] and expired_by(queue, 5_100) == [7]
+    queue.ack(7, 2)
+    queue.dead_lettered(9)
+    assert queue.floor == 10 and queue.leased == 0 and queue.statistics().lease_runs == 0
+
+
+def test_a_run_emptied_by_settles_leaves_no_timer_behind() -> None:
+    queue = make_queue(300)
+    for start in range(0, 300, 100):
+        queue.take(100, now_ms=start)  # three runs: three deadlines
+    assert queue.statistics().lease_runs == 3
+    assert queue.next_deadline_ms() == 1_000
+    queue.ack_run(0, 100, 1)
+    assert queue.next_deadline_ms() == 1_100  # the acked run is gone, unwalked
+    queue.ack_run(100, 100, 1)
+    queue.ack_run(200, 100, 1)
+    assert queue.next_deadline_ms() is None
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["take", "ack", "ack_run", "nack", "extend", "release", "tick"]),
+            st.integers(0, 39),
+            st.integers(1, 12),
+        ),
+        max_size=60,
+    )
+)
+def test_lease_runs_run_out_exactly_the_leases_whose_deadline_passed(operations) -> None:
+    """Against a model that keeps one deadline per message: after each tick, no lease
+    whose deadline passed is left, none whose deadline is ahead was run out, and the
+    leased count is what the model holds."""
+    queue = make_queue(40, ack_wait_ms=100, max_deliveries=1_000)
+    now = 0
+    model: dict[int, tuple[int, int]] = {}  # offset -> (delivery count, deadline) while leased
+    for action, offset, amount in operations:
+        if action == "take":
+            for taken in queue.take(amount, now):
+                model[taken.offset] = (taken.delivery_count, taken.lease_deadline_ms)
+        elif action == "tick":
+            now += amount * 20
+            queue.tick(now)
+            model = {o: (c, d) for o, (c, d) in model.items() if d > now}
+        elif offset in model:
+            count, _ = model[offset]
+            if action == "ack":
+                queue.ack(offset, count)
+                del model[offset]
+            elif action == "ack_run":
+                run = [o for o in range(offset, offset + amount) if model.get(o, (0,))[0] == count]
+                stop = next((o for o in range(offset, offset + amount) if o not in run), offset + amount)
+                queue.ack_run(offset, stop - offset, count)
+                for o in range(offset, stop):
+                    del model[o]
+            elif action == "nack":
+                queue.nack(offset, count, now, delay_ms=10_000)
+                del model[offset]
+            elif action == "extend":
+                model[offset] = (count, queue.in_progress(offset, count, now))
+            elif action == "release":
+                queue.release(offset, count)
+                del model[offset]
+        leased = {o: (d.delivery_count, d.lease_deadline_ms) for o, d in queue.pending.items() if d.state == 1}
+        assert leased == model
+        assert queue.leased == len(model)
+        assert queue.statistics().lease_runs <= len(model)

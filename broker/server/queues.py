@@ -24,6 +24,13 @@ floor + window_messages_max, so memory is bounded whatever the backlog. Offsets 
 the partition's readable end, which the server sets (`set_log_bounds`); an offset the
 server finds no record for (a compaction gap, a control batch) is `skip`ped: done.
 
+Leases are kept as runs (`LeaseRun`): the deliveries leased together at one deadline
+(one receive's consecutive offsets, one extension's) share a run, and the run, not each
+message, has an entry in the timer heap. Settling, extending or releasing part of a run
+takes those deliveries out of it (the run counts the ones still in it); the rest keep
+its deadline, and when it comes the timer walks the run's offsets and runs out the
+leases still in it. A run nobody is left in is dropped from the heap unwalked.
+
 Each `Delivery` carries its delivery count, first and last delivery times, a lease
 deadline while leased, a not-before time while it waits to be delivered again (nack
 delay or backoff; the same check at delivery is where TTL and delayed delivery plug in),
@@ -62,6 +69,7 @@ from __future__ import annotations
 import enum
 import heapq
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..protocol.errors import ErrorCode, ProtocolError
 from ..protocol.messages import SettleAction
@@ -112,6 +120,7 @@ class Delivery:
         "last_error",
         "reason",
         "writing",
+        "run",
     )
 
     def __init__(self, offset: int) -> None:
@@ -125,6 +134,7 @@ class Delivery:
         self.last_error = ""
         self.reason = DeadLetterReason.NONE
         self.writing = False  # a dead-letter append is under way
+        self.run: LeaseRun | None = None  # while leased: the run whose deadline it shares
 
     def __repr__(self) -> str:
         return (
@@ -133,8 +143,25 @@ class Delivery:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Taken:
+class LeaseRun:
+    """Leased deliveries of offsets in [first, end) that share one deadline: one entry in
+    the timer heap for all of them. `live` counts the deliveries still in the run (an
+    offset in the range whose delivery's `run` is another, or None, left it)."""
+
+    __slots__ = ("deadline_ms", "first", "end", "live", "closed")
+
+    def __init__(self, deadline_ms: int, first: int) -> None:
+        self.deadline_ms = deadline_ms
+        self.first = first
+        self.end = first
+        self.live = 0
+        self.closed = False  # its deadline came (or the window went): nothing joins it
+
+    def __repr__(self) -> str:
+        return f"LeaseRun([{self.first}, {self.end}), deadline={self.deadline_ms}, live={self.live})"
+
+
+class Taken(NamedTuple):
     """A message handed out by `receive`: the server reads its record."""
 
     partition: int
@@ -174,6 +201,7 @@ class PartitionQueueStatistics:
     expired: int  # TTL passed before delivery: dropped or dead-lettered
     stale_settles: int = 0  # settles of a delivery that was delivered again (STALE_DELIVERY)
     leases_extended: int = 0  # in-progress settles that started a lease again
+    lease_runs: int = 0  # lease runs with a delivery in them (each one timer entry)
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +250,11 @@ class PartitionQueue:
         self.durable_reserved_offset = next_offset
         self.pending: dict[int, Delivery] = {}
         self._ready: list[int] = []  # heap of offsets that may be available now
-        self._timers: list[tuple[int, int]] = []  # heap of (time_ms, offset)
+        self._timers: list[tuple[int, int]] = []  # heap of (not-before time_ms, offset)
+        # Heap of (deadline_ms, sequence, run): one entry per lease run, not per message.
+        self._lease_timers: list[tuple[int, int, LeaseRun]] = []
+        self._run_sequence = 0
+        self._last_run: LeaseRun | None = None  # the run a lease at its end may join
         self._dead: dict[int, None] = {}  # offsets in state DEAD, in order of arrival
         self.leased = 0
         # Counters for statistics.
@@ -267,12 +299,28 @@ class PartitionQueue:
             if delivery is None or delivery.state is not DeliveryState.AVAILABLE or delivery.not_before_ms > now_ms:
                 continue  # stale heap entry; a not-before time has its own timer
             taken.append(self._lease(delivery, now_ms))
-        end = self.window_end()
-        while self.next_offset < end and len(taken) < count:
-            delivery = Delivery(self.next_offset)
-            self.pending[self.next_offset] = delivery
-            self.next_offset += 1
-            taken.append(self._lease(delivery, now_ms))
+        first = self.next_offset
+        last = min(self.window_end(), first + count - len(taken))
+        if first < last:  # first deliveries: one lease run, no call per offset
+            deadline = now_ms + self.settings.ack_wait_ms
+            run = self._run_at(deadline, first)
+            pending = self.pending
+            partition = self.partition
+            leased = DeliveryState.LEASED
+            for offset in range(first, last):
+                delivery = Delivery(offset)
+                delivery.delivery_count = 1
+                delivery.state = leased
+                delivery.lease_deadline_ms = deadline
+                delivery.first_delivery_ms = delivery.last_delivery_ms = now_ms
+                delivery.run = run
+                pending[offset] = delivery
+                taken.append(Taken(partition, offset, 1, deadline))
+            run.end = last
+            run.live += last - first
+            self.next_offset = last
+            self.leased += last - first
+            self.delivered += last - first
         reservation = self.limits.reservation_messages
         if self.reserved_offset - self.next_offset < reservation // 2:
             self.reserved_offset = self.next_offset + reservation
@@ -316,8 +364,36 @@ class PartitionQueue:
         delivery.last_delivery_ms = now_ms
         self.leased += 1
         self.delivered += 1
-        heapq.heappush(self._timers, (delivery.lease_deadline_ms, delivery.offset))
+        self._join_run(delivery)
         return Taken(self.partition, delivery.offset, delivery.delivery_count, delivery.lease_deadline_ms)
+
+    def _join_run(self, delivery: Delivery) -> None:
+        """Put a delivery just leased (or extended) to `lease_deadline_ms` in a lease run:
+        the last one made when it has that deadline and ends at this offset, else a new
+        one with its own timer entry."""
+        run = self._run_at(delivery.lease_deadline_ms, delivery.offset)
+        run.end = delivery.offset + 1
+        run.live += 1
+        delivery.run = run
+
+    def _run_at(self, deadline_ms: int, offset: int) -> LeaseRun:
+        """The lease run that a lease of `offset` to `deadline_ms` joins: the last one
+        made, if it has that deadline and ends at `offset`, else a new one (with its
+        timer entry). The caller moves its end and counts the deliveries it adds."""
+        run = self._last_run
+        if run is None or run.closed or run.deadline_ms != deadline_ms or run.end != offset:
+            run = LeaseRun(deadline_ms, offset)
+            self._run_sequence += 1
+            heapq.heappush(self._lease_timers, (deadline_ms, self._run_sequence, run))
+            self._last_run = run
+        return run
+
+    @staticmethod
+    def _leave_run(delivery: Delivery) -> None:
+        run = delivery.run
+        if run is not None:
+            run.live -= 1
+            delivery.run = None
 
     # -- settling ------------------------------------------------------------------------
 
@@ -375,6 +451,9 @@ class PartitionQueue:
             if delivery is not None and delivery.delivery_count == delivery_count and delivery.state is not dead:
                 if delivery.state is leased:
                     self.leased -= 1
+                    run = delivery.run
+                    if run is not None:
+                        run.live -= 1
                 del pending[current]
                 self.acked += 1
                 code = ErrorCode.NONE
@@ -417,8 +496,10 @@ class PartitionQueue:
             self.leased += 1
             delivery.state = DeliveryState.LEASED
             delivery.not_before_ms = 0
+        else:
+            self._leave_run(delivery)  # the rest of its run keeps the old deadline
         delivery.lease_deadline_ms = now_ms + self.settings.ack_wait_ms
-        heapq.heappush(self._timers, (delivery.lease_deadline_ms, offset))
+        self._join_run(delivery)
         self.leases_extended += 1
         return delivery.lease_deadline_ms
 
@@ -481,10 +562,7 @@ class PartitionQueue:
 
     def skip(self, offset: int) -> None:
         """The server found no record at `offset` (a gap): it is done."""
-        if offset in self.pending:
-            delivery = self.pending[offset]
-            if delivery.state is DeliveryState.LEASED:
-                self.leased -= 1
+        if offset in self.pending:  # (_remove uncounts a lease it held)
             self.delivered -= 1
             self.skipped += 1
             self._remove(offset)
@@ -536,21 +614,30 @@ class PartitionQueue:
         """Run out leases and not-before times up to `now_ms`. True when a message became
         available or was marked for dead-lettering."""
         changed = False
+        lease_timers = self._lease_timers
+        pending = self.pending
+        while lease_timers and lease_timers[0][0] <= now_ms:
+            run = heapq.heappop(lease_timers)[2]
+            run.closed = True
+            offset = run.first
+            while run.live > 0 and offset < run.end:  # the deliveries still in the run
+                delivery = pending.get(offset)
+                if delivery is not None and delivery.run is run:
+                    self.expired_leases += 1
+                    self._release(delivery)
+                    if delivery.delivery_count >= self.settings.max_deliveries:
+                        self._kill(delivery, DeadLetterReason.MAX_DELIVERIES)
+                    else:
+                        heapq.heappush(self._ready, offset)
+                    changed = True
+                offset += 1
         timers = self._timers
         while timers and timers[0][0] <= now_ms:
             when, offset = heapq.heappop(timers)
-            delivery = self.pending.get(offset)
+            delivery = pending.get(offset)
             if delivery is None:
                 continue
-            if delivery.state is DeliveryState.LEASED and delivery.lease_deadline_ms == when:
-                self.expired_leases += 1
-                self._release(delivery)
-                if delivery.delivery_count >= self.settings.max_deliveries:
-                    self._kill(delivery, DeadLetterReason.MAX_DELIVERIES)
-                else:
-                    heapq.heappush(self._ready, offset)
-                changed = True
-            elif delivery.state is DeliveryState.AVAILABLE and delivery.not_before_ms == when:
+            if delivery.state is DeliveryState.AVAILABLE and delivery.not_before_ms == when:
                 if delivery.delivery_count >= self.settings.max_deliveries:
                     self._kill(delivery, DeadLetterReason.MAX_DELIVERIES)  # a lease kept over a restart
                 else:
@@ -560,24 +647,26 @@ class PartitionQueue:
 
     def next_deadline_ms(self) -> int | None:
         """When `tick` next has something to do (stale timers are dropped here)."""
+        lease_timers = self._lease_timers
+        while lease_timers and lease_timers[0][2].live == 0:  # every delivery left the run
+            heapq.heappop(lease_timers)[2].closed = True
         timers = self._timers
         while timers and not self._timer_is_live(*timers[0]):
             heapq.heappop(timers)
+        if lease_timers and (not timers or lease_timers[0][0] < timers[0][0]):
+            return lease_timers[0][0]
         return timers[0][0] if timers else None
 
     def _timer_is_live(self, when: int, offset: int) -> bool:
         delivery = self.pending.get(offset)
-        if delivery is None:
-            return False
-        if delivery.state is DeliveryState.LEASED:
-            return delivery.lease_deadline_ms == when
-        return delivery.state is DeliveryState.AVAILABLE and delivery.not_before_ms == when
+        return delivery is not None and delivery.state is DeliveryState.AVAILABLE and delivery.not_before_ms == when
 
     # -- internals ---------------------------------------------------------------------------
 
     def _release(self, delivery: Delivery) -> None:
         if delivery.state is DeliveryState.LEASED:
             self.leased -= 1
+            self._leave_run(delivery)
         delivery.state = DeliveryState.AVAILABLE
         delivery.lease_deadline_ms = 0
 
@@ -599,6 +688,7 @@ class PartitionQueue:
         delivery = self.pending.pop(offset)
         if delivery.state is DeliveryState.LEASED:
             self.leased -= 1
+            self._leave_run(delivery)
         self._dead.pop(offset, None)
 
     def _advance_floor(self) -> None:
@@ -636,4 +726,5 @@ class PartitionQueue:
             self.expired,
             self.stale_settles,
             self.leases_extended,
+            sum(1 for _, _, run in self._lease_timers if run.live > 0),
         )
