@@ -8,7 +8,7 @@
      16  8  log_start_offset  informational; the first segment's name is the truth (I10)
      24  4  CRC-32C of bytes 0..23
 
-    clean-shutdown  (empty file) present only between a clean close and the next open
+    clean-shutdown  (empty file) present from a clean close until the next change to the log
 
 Both are written with write_file_atomically (I11). A checkpoint that fails its CRC or is
 missing reads as recovery_offset 0: a full scan, never a trusted lie (I6).

@@ -269,6 +269,9 @@ class Log:
         # Group commit on the shared pool: at most one fsync job of this log queued or
         # running (_fsync_job_pending), and close() waits for a running one.
         self._fsync_pool: FsyncPool | None = None
+        # The clean-shutdown marker is still on disk: nothing was changed since the
+        # clean close the open found (cleared before the first change).
+        self._clean_shutdown_marked = report.clean_shutdown and report.damage is None
         self._fsync_job_pending = False
         self._fsync_running = False
         # Under `interval`: seconds between fsyncs, counted from the last one (monotonic).
@@ -306,8 +309,10 @@ class Log:
             log = cls(directory, config, fs, segments, report, clock_ms, fsync_pool)
             log._load_start_offset(stored_start, problem)
             return log
-        # The marker must be gone before the first append can make the files unclean.
-        clear_clean_shutdown(fs, directory)
+        # A clean start leaves the clean-shutdown marker in place until the first change
+        # to the directory (_forget_clean_shutdown_locked): the files stay exactly as
+        # the clean close left them until then, and an idle partition's open costs no
+        # directory fsync (nor its close any write).
         log = cls(directory, config, fs, segments, report, clock_ms, fsync_pool)
         log._load_start_offset(stored_start, problem)
         if not report.clean_shutdown and not report.created:
@@ -400,6 +405,7 @@ class Log:
                 return AppendResult(
                     duplicates[0].first_offset, duplicates[-1].last_offset, len(batches), 0, now_ms, duplicate=True
                 )
+            self._forget_clean_shutdown_locked()
             active = self._segments[-1]
             record_count = sum(header.last_offset_delta + 1 for _, header in batches)
             if active.size and (
@@ -513,6 +519,19 @@ class Log:
             raise LogClosedError(f"log {self.directory} is closed")
         if self._error is not None:
             raise self._error
+
+    def _forget_clean_shutdown_locked(self) -> None:
+        """Remove the clean-shutdown marker (durably) before the first change to the
+        log's files after a clean start: a crash after the change must not find it."""
+        if not self._clean_shutdown_marked:
+            return
+        try:
+            clear_clean_shutdown(self.fs, self.directory)
+        except OSError as error:  # a failed unlink or directory fsync is final (I9)
+            raise self._fail_locked(
+                LogReadOnlyError(f"removing the clean-shutdown marker of {self.directory} failed: {error}")
+            ) from error
+        self._clean_shutdown_marked = False
 
     def _write_locked(self, segment: Segment, parts: list, length: int) -> None:
         file = segment.open_file()
@@ -684,6 +703,7 @@ class Log:
         with self._lock:
             self._check_writable()
             if self._segments[-1].size:
+                self._forget_clean_shutdown_locked()
                 self._roll_locked(self._clock_ms())
 
     def _roll_locked(self, now_ms: int) -> None:
@@ -746,6 +766,7 @@ class Log:
         """Remove the first segment (never the active one; I10), the log start moving to
         the next segment's base offset unless it already lies beyond it (I21)."""
         assert len(self._segments) > 1, "the active segment is never removed"
+        self._forget_clean_shutdown_locked()
         oldest = self._segments[0]
         try:
             remove_segment_files(self.fs, self.directory, oldest)
@@ -808,6 +829,7 @@ class Log:
             self._check_writable()
             if target <= self._start_offset:  # a concurrent call got there first
                 return DeleteRecordsResult(self._start_offset, ())
+            self._forget_clean_shutdown_locked()
             try:
                 write_log_start(self.fs, self.directory, target)
             except OSError as error:
@@ -842,6 +864,7 @@ class Log:
                 or any(segment is not old for segment, old in zip(self._segments[number:end], olds))
             ):
                 return False
+            self._forget_clean_shutdown_locked()
             try:
                 fresh = install(number == 0)
             except OSError as error:  # a failed rename or directory fsync (I9)
@@ -1097,7 +1120,8 @@ class Log:
 
     def close(self) -> None:
         """Clean close: fsync, write indexes and checkpoint, then the clean-shutdown
-        marker, so the next open needs no scan. After a sticky error, close without it."""
+        marker, so the next open needs no scan. After a sticky error, close without it.
+        A log unchanged since a clean start still has its marker and writes nothing."""
         with self._lock:
             if self._closed:
                 return
@@ -1110,7 +1134,7 @@ class Log:
         if self._fsync_interval_s is not None and self._fsync_pool is not None:
             self._fsync_pool.cancel_timed(self._run_fsync_job)  # not held for up to an interval
         active = self._segments[-1]
-        if self._error is None:
+        if self._error is None and not self._clean_shutdown_marked:
             try:
                 self._sync_segment(active)
                 self._advance_durable(self._next_offset)

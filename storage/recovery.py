@@ -178,14 +178,19 @@ def clean_directory(fs: FileSystem, directory: str, findings: _Findings) -> list
             fs.unlink(path)
             findings.removed_files.append(name)
             changed = True
+    # Listed again only after a change: a clean directory is listed once (a start of
+    # many partitions pays for each listing).
+    if changed:
+        names = fs.list_directory(directory)
     # Compaction's swap (storage/compaction.py, I14): a `.log.swap` was complete and
     # fsynced before it got that name, so it commits the swap: finish it. The segment's
     # indexes are dropped, whichever generation they are, and rebuilt from the new
     # `.log` by load_sealed (I6). Any other `.swap` belongs to a committed swap (and is
     # dropped with its indexes) or to one that never committed (the old files stand).
-    names = fs.list_directory(directory)
     committed = [name for name in names if name.endswith(LOG_SUFFIX + SWAP_SUFFIX)]
-    merge = read_merge_marker(fs, directory)
+    # Nothing above removes or creates the merge marker: `names` says whether it is there.
+    marker_present = MERGE_MARKER_FILE in names
+    merge = read_merge_marker(fs, directory) if marker_present else None
     for name in names:
         if name.endswith(SWAP_SUFFIX) and name not in committed:
             fs.unlink(os.path.join(directory, name))
@@ -214,12 +219,13 @@ def clean_directory(fs: FileSystem, directory: str, findings: _Findings) -> list
         fs.sync_directory(directory)
         fs.rename(os.path.join(directory, name), os.path.join(directory, stem + LOG_SUFFIX))
         changed = True
-    if fs.exists(os.path.join(directory, MERGE_MARKER_FILE)):
+    if marker_present:
         if changed:
             fs.sync_directory(directory)
         fs.unlink(os.path.join(directory, MERGE_MARKER_FILE))
         changed = True
-    names = fs.list_directory(directory)
+    if changed:
+        names = fs.list_directory(directory)
     bases = sorted(base for base in map(parse_segment_name, names) if base is not None)
     logs = {f"{base:020d}" for base in bases}
     for name in names:

@@ -231,3 +231,29 @@ def test_delete_records_crashed_at_every_io_point_I10_I11_I21(where: str) -> Non
     rng_seed = random.Random(where).randint(0, 10**6)
     summary = walk_crash_points(start, run, check, seed=f"delete-records-{where}-{rng_seed}", every_mode=False)
     assert summary.trials > 5
+
+
+def test_delete_records_after_a_clean_start_takes_the_clean_shutdown_marker_away_first(tmp_path) -> None:
+    """A clean start keeps the marker until the first change (fast start); moving the log
+    start and removing segments is a change, so a crash after it must not find the marker
+    and trust the files unscanned."""
+    directory = str(tmp_path / "t-0")
+    log = Log.open(directory, _config())
+    _fill(log, 40)
+    end = log.next_offset
+    log.close()
+    log = Log.open(directory, _config())
+    assert log.recovery_report.clean_shutdown
+    target = log.segments[2].base_offset + 2
+    result = log.delete_records(target)
+    assert result.deleted_segments
+    assert not os.path.exists(os.path.join(directory, "clean-shutdown"))
+    # A crash here: the log is never closed.
+    reopened = Log.open(directory, _config())
+    try:
+        assert not reopened.recovery_report.clean_shutdown
+        assert reopened.log_start_offset == target
+        assert _read_all(reopened, target) == list(range(target, end))
+    finally:
+        reopened.close()
+        log.close()

@@ -138,6 +138,9 @@ class LogModelMachine(RuleBasedStateMachine):
         self.recovery_offset = 0
         self.log: Log | None = None
         self.abandoned: list[Log] = []
+        # The log was opened clean and nothing changed its files since: it keeps its
+        # clean-shutdown marker, so even a crash now leaves a clean log.
+        self.unchanged_since_clean_open = False
 
     # -- helpers ------------------------------------------------------------------
 
@@ -161,6 +164,7 @@ class LogModelMachine(RuleBasedStateMachine):
     def model_roll(self) -> None:
         if self.segments[-1].batches:
             self.segments.append(ModelSegment(self.next_offset))
+            self.unchanged_since_clean_open = False
 
     # -- rules --------------------------------------------------------------------
 
@@ -205,6 +209,7 @@ class LogModelMachine(RuleBasedStateMachine):
             records = decode_records(view, header)
             self.segments[-1].batches.append(ModelBatch(offset, bytes(stored), records))
             offset += len(records)
+        self.unchanged_since_clean_open = False
         result = self.log.append(data)
         assert (result.first_offset, result.last_offset) == (first_offset, offset - 1)
         assert (result.batch_count, result.byte_count) == (len(built), len(data))
@@ -295,6 +300,7 @@ class LogModelMachine(RuleBasedStateMachine):
             else:
                 break
             self.segments.pop(0)
+            self.unchanged_since_clean_open = False
             total -= oldest.size
             expected.append((oldest.base_offset, oldest.next_offset, oldest.size, reason))
         deleted = self.log.apply_retention()  # now from the fake clock
@@ -333,7 +339,8 @@ class LogModelMachine(RuleBasedStateMachine):
             self.log.close()
         self.log = self.open_log()
         report = self.log.recovery_report
-        assert report.clean_shutdown == (not crash), report.describe()
+        assert report.clean_shutdown == (not crash or self.unchanged_since_clean_open), report.describe()
+        self.unchanged_since_clean_open = report.clean_shutdown
         assert not report.lost_anything and not report.removed_segments, report.describe()
 
     # -- invariants ---------------------------------------------------------------

@@ -174,6 +174,28 @@ def test_connections_errors_disk_and_server(workload):
     assert one == 1 and labels["server_id"].startswith("nodi-") and labels["version"]
 
 
+def test_fsync_pool_and_open_file_budget(workload):
+    _, samples, facts = workload
+    # One unlabelled series each, whatever the number of partitions.
+    for name in ("nodi_fsync_pool_workers", "nodi_partition_files_open", "nodi_partition_file_evictions_total"):
+        assert [labels for labels, _ in samples[name]] == [{}], name
+    workers_max = value(samples, "nodi_fsync_pool_workers_max")
+    workers = value(samples, "nodi_fsync_pool_workers")
+    assert workers_max >= 1 and 0 <= value(samples, "nodi_fsync_pool_workers_busy") <= workers <= workers_max
+    assert value(samples, "nodi_fsync_pool_queued_jobs") >= 0
+    # Every durable produce waited for a group-commit fsync run on the pool.
+    assert value(samples, "nodi_fsync_pool_jobs_total") >= PARTITIONS * PER_PARTITION
+    assert 0 < value(samples, "nodi_partition_files_open") <= value(samples, "nodi_partition_files_open_max")
+    # A handful of partitions under the default limit: nothing evicted or reopened.
+    for name in (
+        "nodi_partition_file_evictions_total",
+        "nodi_partition_file_dirty_evictions_total",
+        "nodi_partition_file_reopens_total",
+        "nodi_partition_files_over_limit_total",
+    ):
+        assert value(samples, name) == 0, name
+
+
 def _status(broker: BrokerProcess, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         NODI + ["--server", broker.address, "status", *extra], capture_output=True, text=True, timeout=60

@@ -102,6 +102,7 @@ class _StoreCollector:
     def collect(self):
         yield from self._log_families()
         yield from self._metadata_families()
+        yield from self._storage_pool_families()
         yield from self._consumer_families()
         yield from self._group_families()
         yield from self._server_families()
@@ -244,6 +245,61 @@ class _StoreCollector:
             fsync_latency,
             group_commit,
         )
+
+    def _storage_pool_families(self):
+        """The store's shared fsync pool and open-file budget (issue 18): one unlabelled
+        series each, whatever the number of partitions."""
+        store = self.server.store
+        if store is None:
+            return
+        pool = store.fsync_pool.statistics()
+        workers_max = GaugeMetricFamily(
+            "nodi_fsync_pool_workers_max", "Threads the fsync pool may run (`fsync_workers_max`)"
+        )
+        workers_max.add_metric([], pool.workers_max)
+        workers = GaugeMetricFamily(
+            "nodi_fsync_pool_workers", "Fsync pool threads running now (idle ones exit after a while)"
+        )
+        workers.add_metric([], pool.workers)
+        busy = GaugeMetricFamily(
+            "nodi_fsync_pool_workers_busy", "Fsync pool threads running a job now (an fsync, a log open or close)"
+        )
+        busy.add_metric([], pool.workers - pool.idle)
+        queued = GaugeMetricFamily(
+            "nodi_fsync_pool_queued_jobs",
+            "Jobs waiting for a free fsync pool thread (at most one fsync per partition)",
+        )
+        queued.add_metric([], pool.queued)
+        jobs = CounterMetricFamily("nodi_fsync_pool_jobs", "Jobs the fsync pool ran since the server started")
+        jobs.add_metric([], pool.jobs_run)
+        budget = store.file_budget.statistics()
+        open_max = GaugeMetricFamily(
+            "nodi_partition_files_open_max",
+            "Partition files (segments, indexes) kept open at most, sized from RLIMIT_NOFILE at start",
+        )
+        open_max.add_metric([], budget.open_files_max)
+        open_now = GaugeMetricFamily("nodi_partition_files_open", "Partition files open now")
+        open_now.add_metric([], budget.open_files)
+        evictions = CounterMetricFamily(
+            "nodi_partition_file_evictions",
+            "Partition files closed to stay under the limit (least recently used first) since start",
+        )
+        evictions.add_metric([], budget.closes)
+        dirty = CounterMetricFamily(
+            "nodi_partition_file_dirty_evictions",
+            "Of those evictions, files fsynced first (written since their last sync)",
+        )
+        dirty.add_metric([], budget.dirty_closes)
+        reopens = CounterMetricFamily(
+            "nodi_partition_file_reopens", "Partition files opened again after an eviction since start"
+        )
+        reopens.add_metric([], budget.reopens)
+        over = CounterMetricFamily(
+            "nodi_partition_files_over_limit",
+            "Times every open partition file was in use, so the limit was passed for a moment",
+        )
+        over.add_metric([], budget.over_limit)
+        yield from (workers_max, workers, busy, queued, jobs, open_max, open_now, evictions, dirty, reopens, over)
 
     def _metadata_families(self):
         """The metadata store (LMDB): whether commits are failing, and how often they did."""
