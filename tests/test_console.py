@@ -366,27 +366,29 @@ def test_the_overview_charts_rates_between_samples() -> None:
         console._workers.shutdown()
 
 
-def test_a_write_the_permission_hook_refuses_does_not_run_and_is_logged(caplog) -> None:
+def test_a_write_the_principal_may_not_do_is_refused_before_its_confirmation_and_does_not_run() -> None:
+    """The permission check of a write (the one nodi's protocol makes: ResetGroup needs
+    admin on the group) comes before the confirmation page and the action; the real
+    server's 403 page, log line and metric are in tests/test_console_security.py."""
     from nodi.broker.console.app import Console
     from nodi.broker.console.http import Request
-    from nodi.broker.console.pages import PageError, WriteAction
+    from nodi.broker.console.pages import Refused, WriteAction
     from nodi.broker.console.render import Markup
-
-    class ReadOnly:
-        def refusal(self, action: str, target: str, peer: str) -> str | None:
-            return f"{peer} may not {action} {target}"
+    from nodi.broker.server.users import Action, Principal, Resource, Rule
 
     ran = []
-    action = WriteAction("group.reset", "billing@orders", lambda: ran.append(1) or "done")
-    console = Console("127.0.0.1", 0, permissions=ReadOnly())
+    needs = ((Action.ADMIN, Resource.GROUP, "billing"),)
+    action = WriteAction("group.reset", "billing@orders", lambda: ran.append(1) or "done", needs)
+    consumer = Principal("bob", rules={(Action.CONSUME, Resource.GROUP): Rule(allow=("billing",))})
+    console = Console("127.0.0.1", 0)
     try:
-        form = {"name": "billing", "confirm": "yes"}
-        request = Request("POST", "/group/reset", {}, form, {}, "127.0.0.1:5000")
-        with pytest.raises(PageError) as refused, caplog.at_level("WARNING", logger="nodi.console"):
-            console._write(None, request, lambda client, request: ("reset?", Markup(""), action))  # type: ignore[arg-type]
-        assert (
-            refused.value.status == 403 and refused.value.message == "127.0.0.1:5000 may not group.reset billing@orders"
-        )
-        assert ran == [] and "group.reset on billing@orders by 127.0.0.1:5000 refused" in caplog.text
+        for confirm in ("", "yes"):
+            form = {"name": "billing", "confirm": confirm}
+            request = Request("POST", "/group/reset", {}, form, {}, "127.0.0.1:5000", principal=consumer)
+            with pytest.raises(Refused) as refused:
+                console._write(None, request, "token", lambda client, request: ("reset?", Markup(""), action))  # type: ignore[arg-type]
+            assert str(refused.value) == "bob may not admin group billing"
+            assert (refused.value.action, refused.value.resource, refused.value.name) == needs[0]
+        assert ran == []
     finally:
         console._workers.shutdown()

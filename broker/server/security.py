@@ -206,18 +206,23 @@ class Security:
             return None
         for action, resource, name in required_permissions(request):
             if not principal.may(action, resource, name):
-                self._not_authorized[action.value] += 1
-                log.warning(
-                    "not authorized: %s may not %s %s %s (%s)",
-                    principal.name,
-                    action.value,
-                    resource.value,
-                    name,
-                    type(request).__name__.removesuffix("Request"),
-                    extra={"principal": principal.name, "action": action.value, resource.value: name},
-                )
+                self.not_authorized(principal, action, resource, name, type(request).__name__.removesuffix("Request"))
                 return action, resource, name
         return None
+
+    def not_authorized(self, principal: Principal, action: Action, resource: Resource, name: str, what: str) -> None:
+        """Count and log one refused request of `principal` (`what`: the request, or the
+        console's page or action): nodi's protocol and the web console alike."""
+        self._not_authorized[action.value] += 1
+        log.warning(
+            "not authorized: %s may not %s %s %s (%s)",
+            principal.name,
+            action.value,
+            resource.value,
+            name,
+            what,
+            extra={"principal": principal.name, "action": action.value, resource.value: name},
+        )
 
 
 def required_permissions(request: m.Request) -> list[tuple[Action, Resource, str]]:
