@@ -286,12 +286,12 @@ class Console:
         address = request.peer.rsplit(":", 1)[0]
         if not self.sessions.login_allowed(address):
             log.warning(
-                "console: login attempts from %s over the limit", address, extra={"peer": address, "reason": "rate"}
+                "console: sign-in refused: %s failed too often", address, extra={"peer": address, "reason": "rate"}
             )
             limits = self.sessions.limits
             return self._login_page(
                 429,
-                f"too many sign-in attempts from your address: at most {limits.login_attempts_max} "
+                f"too many failed sign-ins from your address: at most {limits.login_attempts_max} "
                 f"per {limits.login_window_ms // 1000} s; wait and try again",
                 target,
             )
@@ -303,6 +303,7 @@ class Console:
         else:
             self.security.refuse("bad_credentials", user[:128] or None, request.peer)
         if principal is None:
+            self.sessions.login_failed(address)
             return self._login_page(401, "unknown user or wrong password", target)
         session_id, _session = self.sessions.create(principal.name)
         log.info("console: %s signed in from %s", principal.name, request.peer, extra={"principal": principal.name})

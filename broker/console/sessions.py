@@ -9,8 +9,9 @@ them or removes the user applies at once) and a random form token (CSRF: every P
 form carries it). A session idle for `session_idle_ms` is gone; the table holds at most
 `sessions_max`, and a login beyond that ends the least recently used session.
 
-Login attempts are limited per source address: at most `login_attempts_max` within
-`login_window_ms`; the limiter remembers at most `login_sources_max` addresses (the
+Failed sign-ins are limited per source address: after `login_attempts_max` within
+`login_window_ms`, the address is answered 429 (before any password check) until the
+window has passed; the limiter remembers at most `login_sources_max` addresses (the
 oldest forgotten first).
 """
 
@@ -33,7 +34,7 @@ class SessionLimits:
     session_idle_ms: int = 30 * 60 * 1000
     # A session ends this long after its login, used or not.
     session_lifetime_ms: int = 12 * 60 * 60 * 1000
-    # Login attempts from one address within login_window_ms; more are answered 429.
+    # Failed sign-ins from one address within login_window_ms; then 429 until it passes.
     login_attempts_max: int = 10
     login_window_ms: int = 60_000
     # Addresses the login limiter remembers.
@@ -116,22 +117,31 @@ class Sessions:
         )
 
     def login_allowed(self, address: str) -> bool:
-        """Count one login attempt from `address`; False (counted) over the limit."""
-        now = self._clock()
+        """Whether `address` may try to sign in now: False (counted) when it failed
+        login_attempts_max times within login_window_ms."""
+        attempts = self._attempts.get(address)
+        if attempts is None:
+            return True
         window_s = self.limits.login_window_ms / 1000
+        now = self._clock()
+        while attempts and now - attempts[0] > window_s:
+            attempts.popleft()
+        if len(attempts) >= self.limits.login_attempts_max:
+            self.logins_limited += 1
+            return False
+        return True
+
+    def login_failed(self, address: str) -> None:
+        """Count one failed sign-in from `address`."""
         attempts = self._attempts.get(address)
         if attempts is None:
             attempts = self._attempts[address] = deque()
             while len(self._attempts) > self.limits.login_sources_max:
                 self._attempts.popitem(last=False)
         self._attempts.move_to_end(address)
-        while attempts and now - attempts[0] > window_s:
+        attempts.append(self._clock())
+        while len(attempts) > self.limits.login_attempts_max:
             attempts.popleft()
-        if len(attempts) >= self.limits.login_attempts_max:
-            self.logins_limited += 1
-            return False
-        attempts.append(now)
-        return True
 
 
 def cookie_value(header: str, name: str = SESSION_COOKIE) -> str | None:

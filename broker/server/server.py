@@ -377,8 +377,13 @@ class Server:
         self.console = None
         if config.console_port:
             from ..console.app import Console
+            from ..console.sessions import SessionLimits
 
-            self.console = Console(config.console_host, config.console_port)
+            self.console = Console(
+                config.console_host,
+                config.console_port,
+                session_limits=SessionLimits(session_idle_ms=config.console_session_idle_ms),
+            )
         self.shutting_down = False
         self.sendfile = True
         self.sessions: set[ClientSession] = set()
