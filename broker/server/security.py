@@ -249,6 +249,8 @@ def required_permissions(request: m.Request) -> list[tuple[Action, Resource, str
             return [(consume, group, request.group)] + [(consume, topic, name) for name in request.topics]
         case m.LeaveGroupRequest() | m.HeartbeatRequest() | m.GroupWaitRequest():
             return [(consume, group, request.group)]
+        case m.QueueLeasesRequest():  # lists offsets with the consumers' error texts: a consumer's view
+            return [(consume, group, request.group), (consume, topic, request.topic)]
         case m.QueueReceiveRequest() | m.QueueSettleRequest():
             return [(consume, group, request.group), (consume, topic, request.topic)]
     return []
