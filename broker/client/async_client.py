@@ -797,6 +797,26 @@ class AsyncClient:
 
         return await describe_queue(self, topic, group, timeout_ms)
 
+    async def queue_leases(
+        self,
+        topic: str,
+        group: str,
+        *,
+        partition: int | None = None,
+        after: tuple[int, int] | None = None,
+        limit: int = 100,
+        timeout_ms: int | None = None,
+    ):
+        """A page of a queue group's in-flight messages by partition and offset
+        (queue.QueueLeasePage): leases with their deadlines, retries with their due time,
+        dead letters being written. Page on with after=page.next_after. Needs a server of
+        protocol version 4."""
+        from .queue import queue_leases
+
+        return await queue_leases(
+            self, topic, group, partition=partition, after=after, limit=limit, timeout_ms=timeout_ms
+        )
+
     async def list_queues(self, topic: str | None = None, *, timeout_ms: int | None = None):
         """Every queue group (of `topic`, or of all) with its dead-letter topic and
         window totals (queue_client.QueueSummary)."""

@@ -414,6 +414,24 @@ class Client:
         it never received."""
         return self._run(self._async.describe_queue(topic, group, timeout_ms=timeout_ms), timeout_ms)
 
+    def queue_leases(
+        self,
+        topic: str,
+        group: str,
+        *,
+        partition: int | None = None,
+        after: tuple[int, int] | None = None,
+        limit: int = 100,
+        timeout_ms: int | None = None,
+    ):
+        """AsyncClient.queue_leases, blocking: a page of a queue group's in-flight messages."""
+        return self._run(
+            self._async.queue_leases(
+                topic, group, partition=partition, after=after, limit=limit, timeout_ms=timeout_ms
+            ),
+            timeout_ms,
+        )
+
     def request(
         self, topic: str, value, *, key=None, headers=None, partition: int | None = None, timeout_ms: int | None = None
     ) -> Message:
