@@ -7,8 +7,10 @@ megabytes of it (the server process's read bytes, from /proc)."""
 from __future__ import annotations
 
 import html
+import json
 import re
 import socket
+import subprocess
 import time
 import urllib.error
 import urllib.parse
@@ -18,8 +20,9 @@ from dataclasses import dataclass
 import pytest
 
 from nodi.broker import Client
+from nodi.broker.client.errors import UnknownQueueGroup
 
-from conftest import BrokerProcess
+from conftest import NODI, BrokerProcess
 
 TIMEOUT_S = 30
 # Base time of the browsed messages: 2026-01-01T00:00:00Z, one second apart.
@@ -173,6 +176,69 @@ def test_each_page_shows_the_brokers_data(console) -> None:
     entries = request(port, "/dead-letter?topic=jobs.dlq").table("dead-letters")
     assert [row[2:6] for row in entries] == [[f"jobs-0@{index}", "workers", "rejected", "1"] for index in range(3)]
     assert entries[0][6] == "cannot do job 0"
+
+
+def test_a_queue_groups_leases_and_retries_are_listed_paged_in_the_client_cli_and_console(console) -> None:
+    process, port = console
+    with Client(process.address) as client:
+        client.create_topic("chores", partitions=2)
+        for index in range(5):
+            client.produce("chores", b"chore %d" % index, partition=0 if index < 3 else 1)
+        with client.queue("chores", "crew", ack_wait_ms=600_000, backoff=[600_000], batch_max=5) as queue:
+            received = []
+            while len(received) < 5:
+                message = queue.receive(timeout_ms=20_000)
+                assert message is not None
+                received.append(message)
+            failed = next(message for message in received if (message.partition, message.offset) == (0, 1))
+            failed.nack(error="db <down>")
+            now_ms = time.time() * 1000
+
+            first = client.queue_leases("chores", "crew", limit=3)
+            assert first.more and first.next_after == (0, 2)
+            second = client.queue_leases("chores", "crew", limit=3, after=first.next_after)
+            assert not second.more and second.next_after is None
+            leases = first.leases + second.leases
+            assert [(lease.partition, lease.offset) for lease in leases] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
+            waiting = leases[1]
+            assert (waiting.state, waiting.delivery_count, waiting.last_error) == ("waiting", 1, "db <down>")
+            assert waiting.not_before_ms > now_ms and waiting.lease_deadline_ms is None
+            for lease in leases[:1] + leases[2:]:
+                assert (lease.state, lease.delivery_count, lease.not_before_ms) == ("leased", 1, None)
+                assert lease.lease_deadline_ms > now_ms and lease.last_delivery_ms <= now_ms
+            only = client.queue_leases("chores", "crew", partition=1)
+            assert [(lease.partition, lease.offset) for lease in only.leases] == [(1, 0), (1, 1)]
+            with pytest.raises(UnknownQueueGroup):
+                client.queue_leases("chores", "nobody")
+
+            page = request(port, "/queue?topic=chores&group=crew")
+            rows = page.table("queue-leases")
+            assert [row[:4] for row in rows] == [
+                ["0", "0", "leased", "1"],
+                ["0", "1", "waiting", "1"],
+                ["0", "2", "leased", "1"],
+                ["1", "0", "leased", "1"],
+                ["1", "1", "leased", "1"],
+            ]
+            assert rows[1][4] == "-" and rows[1][5].endswith("Z") and rows[1][7] == "db <down>"
+            assert "db &lt;down&gt;" in page.text  # escaped
+            later = request(port, "/queue?topic=chores&group=crew&after_partition=0&after_offset=2")
+            assert [row[:2] for row in later.table("queue-leases")] == [["1", "0"], ["1", "1"]]
+            assert request(port, "/queue?topic=chores&group=crew&after_partition=x").status == 400
+
+            shown = subprocess.run(
+                NODI + ["--server", process.address, "queue", "describe", "chores", "crew", "--leases", "2", "--json"],
+                capture_output=True,
+                timeout=TIMEOUT_S * 2,
+                stdin=subprocess.DEVNULL,
+            )
+            assert shown.returncode == 0, shown.stderr
+            described = json.loads(shown.stdout)
+            assert [(lease["partition"], lease["offset"], lease["state"]) for lease in described["leases"]] == [
+                (0, 0, "leased"),
+                (0, 1, "waiting"),
+            ]
+            assert described["more_leases"] is True
 
 
 def test_the_browser_pages_by_offset_time_and_key(console) -> None:

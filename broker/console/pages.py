@@ -51,6 +51,8 @@ SEARCH_BYTES_MAX = 16 * 1024 * 1024
 # Groups, topics and dead letters listed on one page at most.
 LISTED_MAX = 500
 DEAD_LETTERS_SHOWN_MAX = 100
+# In-flight messages (leases, retries) on one queue group page.
+LEASES_SHOWN_MAX = 50
 
 RESERVED_HEADERS = {
     h.TTL_MS: "time to live: the message expires this long after its timestamp",
@@ -616,9 +618,69 @@ def queue(client: Client, request: Request) -> Page:
                 ),
                 table_id="queue-partitions",
             ),
+            Markup("<h2>In flight</h2>"),
+            _in_flight(client, request, topic_name, name),
         ]
     )
     return Page(f"Queue group {name} on {topic_name}", body)
+
+
+def _in_flight(client: Client, request: Request, topic_name: str, name: str) -> Markup:
+    """One page of the group's in-flight messages (QueueLeases), by partition and offset:
+    shown to whoever may consume in the group and the topic, as QueueLeases asks."""
+    principal: Principal = request.principal
+    if not (
+        principal.may(Action.CONSUME, Resource.GROUP, name)
+        and principal.may(Action.CONSUME, Resource.TOPIC, topic_name)
+    ):
+        return Markup("<p>Listing the messages in flight needs consume on the group and on the topic.</p>")
+    after_partition = _integer(request, "after_partition", -1, minimum=-1)
+    after_offset = _integer(request, "after_offset", -1, minimum=-1)
+    assert after_partition is not None and after_offset is not None  # they have defaults
+    after = None if after_partition == -1 else (after_partition, after_offset)
+    page = client.queue_leases(topic_name, name, after=after, limit=LEASES_SHOWN_MAX)
+    rows = [
+        (
+            lease.partition,
+            link(lease.offset, "/messages", topic=topic_name, partition=lease.partition, offset=lease.offset),
+            lease.state,
+            lease.delivery_count,
+            time_ms(lease.lease_deadline_ms),
+            "now" if lease.not_before_ms == 0 else time_ms(lease.not_before_ms),
+            time_ms(lease.last_delivery_ms),
+            lease.last_error or "-",
+        )
+        for lease in page.leases
+    ]
+    parts: list[object] = [
+        table(
+            (
+                "PARTITION",
+                "OFFSET",
+                "STATE",
+                "DELIVERIES",
+                "LEASE DEADLINE",
+                "NEXT RETRY DUE",
+                "LAST DELIVERY",
+                "LAST ERROR",
+            ),
+            rows,
+            table_id="queue-leases",
+        )
+    ]
+    if page.next_after is not None:
+        next_partition, next_offset = page.next_after
+        parts.append(
+            link(
+                "next page",
+                "/queue",
+                topic=topic_name,
+                group=name,
+                after_partition=next_partition,
+                after_offset=next_offset,
+            )
+        )
+    return join(parts)
 
 
 # -- dead letters ---------------------------------------------------------------------------
