@@ -338,6 +338,47 @@ def test_a_dead_letter_is_redriven_and_the_rest_purged(console) -> None:
     assert request(port, "/dead-letter/purge", {"topic": "orders", "token": token, "confirm": "yes"}).status == 400
 
 
+def test_ticked_dead_letters_are_redriven_and_purged_after_confirmation(console) -> None:
+    process, port = console
+    with Client(process.address) as client:
+        dead_letters(client, "ticks", "tickers", 4)
+        page = request(port, "/dead-letter?topic=ticks.dlq")
+        token = page.token()
+        assert 'name="pick-0-2"' in page.text and 'id="picked"' in page.text
+        review = request(
+            port, "/dead-letter/redrive", {"topic": "ticks.dlq", "pick-0-1": "yes", "pick-0-3": "yes", "token": token}
+        )
+        assert review.status == 200 and "Redrive the 2 ticked entries (partition:offset 0:1, 0:3)" in html.unescape(
+            review.text
+        )
+        assert client.fetch("ticks", 0, 4) == []  # nothing before the confirmation
+        done = request(
+            port, "/dead-letter/redrive", {"topic": "ticks.dlq", "picked": "0:1,0:3", "token": token, "confirm": "yes"}
+        )
+        assert done.status == 200 and "redrove 2 message(s)" in done.text, done.text
+        assert [m.value for m in client.fetch("ticks", 0, 4)] == [b"job 1", b"job 3"]
+        page = request(port, "/dead-letter?topic=ticks.dlq")
+        assert [row[:2] for row in page.table("dead-letters")] == [["0", "0"], ["0", "2"]]
+        assert "2 entries waiting" in page.text
+        again = request(
+            port, "/dead-letter/redrive", {"topic": "ticks.dlq", "picked": "0:3", "token": token, "confirm": "yes"}
+        )
+        assert again.status == 409 and "not waiting" in again.text
+        assert (
+            request(port, "/dead-letter/purge", {"topic": "ticks.dlq", "picked": "0:x", "token": token}).status == 400
+        )
+        assert request(port, "/dead-letter/purge", {"topic": "ticks.dlq", "pick-0-2": "yes"}).status == 403  # no token
+        purged = request(
+            port, "/dead-letter/purge", {"topic": "ticks.dlq", "picked": "0:2", "token": token, "confirm": "yes"}
+        )
+        assert purged.status == 200 and "purged 1 message(s)" in purged.text
+        rows = request(port, "/dead-letter?topic=ticks.dlq").table("dead-letters")
+        assert [row[:2] for row in rows] == [["0", "0"]]
+        assert client.fetch_offsets("nodi.dlq", ["ticks.dlq"]) == {("ticks.dlq", 0): 0}
+        request(port, "/dead-letter/purge", {"topic": "ticks.dlq", "token": token, "confirm": "yes"})
+        assert client.fetch_offsets("nodi.dlq", ["ticks.dlq"]) == {("ticks.dlq", 0): 4}
+
+
 def test_bad_input_gets_a_clear_status_and_the_console_carries_on(console) -> None:
     _, port = console
     assert request(port, "/topic?name=nothing").status == 404

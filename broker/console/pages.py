@@ -695,8 +695,7 @@ def dead_letter_list(client: Client, request: Request) -> Page:
         if request.principal.may(Action.CONSUME, Resource.TOPIC, name)
     ]
     for name, writers in visible[:LISTED_MAX]:
-        where = dead_letters.positions(client, name)
-        waiting = sum(end - cursor for _, cursor, end in where)
+        waiting = dead_letters.waiting(client, name)
         description = client.describe_topic(name)
         stored = sum(p.high_watermark - p.log_start_offset for p in description.partitions)
         rows.append((link(name, "/dead-letter", topic=name), waiting, stored, ", ".join(writers) or "-"))
@@ -719,7 +718,7 @@ def dead_letter(client: Client, request: Request, token: str) -> Page:
         require(request, action, resource, needed, "console dead letters")
     _require_dead_letter_topic(client, name)
     count = min(_integer(request, "count", 20, minimum=1) or 1, DEAD_LETTERS_SHOWN_MAX)
-    waiting = sum(end - cursor for _, cursor, end in dead_letters.positions(client, name))
+    waiting = dead_letters.waiting(client, name)
     rows = []
     for partition, message in dead_letters.entries(client, name, count):
 
@@ -729,7 +728,10 @@ def dead_letter(client: Client, request: Request, token: str) -> Page:
         value_kind, value_text = show_bytes(message.value)
         rows.append(
             (
-                partition,
+                Markup(
+                    f'<label><input type="checkbox" name="pick-{partition}-{message.offset}" value="yes"> '
+                    f"{partition}</label>"
+                ),
                 message.offset,
                 f"{text(h.DLQ_SOURCE_TOPIC)}-{text(h.DLQ_SOURCE_PARTITION)}@{text(h.DLQ_SOURCE_OFFSET)}",
                 text(h.DLQ_GROUP),
@@ -759,6 +761,7 @@ def dead_letter(client: Client, request: Request, token: str) -> Page:
             Markup(
                 f'<p id="waiting">{waiting} entr{"y" if waiting == 1 else "ies"} waiting; the first {len(rows)} shown</p>'
             ),
+            Markup(f'<form method="post" action="/dead-letter/redrive" id="picked">{hidden(topic=name, token=token)}'),
             table(
                 (
                     "PARTITION",
@@ -774,6 +777,12 @@ def dead_letter(client: Client, request: Request, token: str) -> Page:
                 rows,
                 table_id="dead-letters",
             ),
+            Markup(
+                '<fieldset><label>to topic <input name="to" size="20" placeholder="each one\'s source"></label> '
+                '<button type="submit" id="redrive-picked">Review the redrive of the ticked entries</button> '
+                '<button type="submit" id="purge-picked" formaction="/dead-letter/purge">'
+                "Review the purge of the ticked entries</button></fieldset></form>"
+            ),
             Markup(f"<p>{link('browse every entry with its headers', '/messages', topic=name)}</p>"),
             actions,
         ]
@@ -787,15 +796,24 @@ def dead_letter_write(client: Client, request: Request, kind: str) -> tuple[str,
     _require_dead_letter_topic(client, name)
     count = _integer(request, "count", minimum=1)
     to = request.param("to") or None
+    picked = _picked(request)
     how_many = "every waiting entry" if count is None else f"the next {count} entr{'y' if count == 1 else 'ies'}"
     fields = hidden(topic=name, count=count, to=to)
+    if picked is not None:
+        if count is not None:
+            raise PageError(400, "give ticked entries or a count, not both")
+        listed = ", ".join(f"{partition}:{offset}" for partition, offset in picked)
+        how_many = f"the {len(picked)} ticked entr{'y' if len(picked) == 1 else 'ies'} (partition:offset {listed})"
+        fields = hidden(topic=name, picked=listed, to=to)
     if kind == "redrive":
         where = f"topic {to!r}" if to else "each entry's source topic"
         text = f"Redrive {how_many} of {name!r} to {where}."
 
         def run() -> str:
             try:
-                done = dead_letters.redrive(client, name, to=to, count=count)
+                done = dead_letters.redrive(client, name, to=to, count=count, picked=picked)
+            except dead_letters.DeadLetterNotWaiting as error:
+                raise PageError(409, f"{error}: nothing was redriven") from None
             except dead_letters.DeadLetterWithoutSource as error:
                 raise PageError(
                     409, f"{error}: give a topic to redrive to ({error.redriven} redriven before it)"
@@ -807,9 +825,33 @@ def dead_letter_write(client: Client, request: Request, kind: str) -> tuple[str,
     text = f"Purge {how_many} of {name!r}: move the cursor past them (they stay on disk until retention)."
 
     def purge() -> str:
-        return f"purged {dead_letters.purge(client, name, count=count)} message(s) from {name}"
+        try:
+            done = dead_letters.purge(client, name, count=count, picked=picked)
+        except dead_letters.DeadLetterNotWaiting as error:
+            raise PageError(409, f"{error}: nothing was purged") from None
+        return f"purged {done} message(s) from {name}"
 
     return text, fields, WriteAction("dead-letters.purge", name, purge, _cursor_needs(name))
+
+
+def _picked(request: Request) -> list[tuple[int, int]] | None:
+    """The entries ticked on a dead-letter page (pick-P-O fields), or carried on from its
+    confirmation (picked=P:O,P:O); None when none is."""
+    texts = [key.removeprefix("pick-").replace("-", ":", 1) for key in request.form if key.startswith("pick-")]
+    carried = request.param("picked")
+    if carried:
+        texts += carried.split(",")
+    if not texts:
+        return None
+    if len(texts) > dead_letters.PICKED_MAX:
+        raise PageError(400, f"at most {dead_letters.PICKED_MAX} entries may be ticked at once")
+    pairs = set()
+    for text in texts:
+        partition, _, offset = text.strip().partition(":")
+        if not (partition.isdigit() and offset.isdigit() and len(text) <= 40):
+            raise PageError(400, f"a ticked entry is PARTITION:OFFSET, not {text[:40]!r}")
+        pairs.add((int(partition), int(offset)))
+    return sorted(pairs)
 
 
 def _cursor_needs(name: str) -> tuple[tuple[Action, Resource, str], ...]:
