@@ -121,9 +121,21 @@ def test_every_page_in_a_browser_with_a_reset_and_a_redrive(tmp_path, browser) -
             click(browser.find_element(By.LINK_TEXT, "Queue groups"))
             assert cells("queues")[0][:2] == ["workers", "jobs"]
             shot("queues")
-            click(browser.find_element(By.LINK_TEXT, "workers"))
-            assert cells("queue-partitions")[0][:2] == ["0", "3"]
-            shot("queue")
+            # Two messages in flight: one leased, one nacked and waiting for its retry.
+            client.produce("jobs", b"job 3", partition=0)
+            client.produce("jobs", b"job 4", partition=0)
+            with client.queue("jobs", "workers", batch_max=2) as queue:
+                leased = queue.receive(timeout_ms=20_000)
+                failing = queue.receive(timeout_ms=20_000)
+                failing.nack(delay_ms=600_000, error="printer on fire")
+                click(browser.find_element(By.LINK_TEXT, "workers"))
+                assert cells("queue-partitions")[0][:2] == ["0", "3"]
+                assert [row[:4] for row in cells("queue-leases")] == [
+                    ["0", "3", "leased", "1"],
+                    ["0", "4", "waiting", "1"],
+                ]
+                shot("queue")
+                leased.ack()
 
             click(browser.find_element(By.LINK_TEXT, "Dead letters"))
             assert cells("dead-letter-topics")[0][:2] == ["jobs.dlq", "3"]
@@ -142,6 +154,16 @@ def test_every_page_in_a_browser_with_a_reset_and_a_redrive(tmp_path, browser) -
                 delivered.ack()
             click(browser.find_element(By.LINK_TEXT, "Back"))
             assert "2 entries waiting" in browser.find_element(By.ID, "waiting").text
+            # Tick one entry and redrive just it.
+            browser.find_element(By.NAME, "pick-0-2").click()
+            click(browser.find_element(By.ID, "redrive-picked"))
+            assert "ticked entry (partition:offset 0:2)" in browser.find_element(By.ID, "confirm-text").text
+            shot("dead-letter-picked-confirm")
+            click(browser.find_element(By.ID, "confirm").find_element(By.TAG_NAME, "button"))
+            assert browser.find_element(By.ID, "done").text == "redrove 1 message(s) from jobs.dlq"
+            click(browser.find_element(By.LINK_TEXT, "Back"))
+            assert "1 entry waiting" in browser.find_element(By.ID, "waiting").text
+            assert [row[1] for row in cells("dead-letters")] == ["1"]
     finally:
         process.stop()
 
