@@ -32,10 +32,11 @@ from conftest import NODI, BrokerProcess  # noqa: E402
 from test_console import free_port, wait_until  # noqa: E402
 
 TIMEOUT_S = 30
-PASSWORDS = {"root": "root-Secret-1", "alice": "alice-Secret-2", "bob": "bob-Secret-3"}
+PASSWORDS = {"root": "root-Secret-1", "alice": "alice-Secret-2", "bob": "bob-Secret-3", "carol": "carol-Secret-4"}
 # alice: reads orders.*, runs and resets the billing group, works the queue group
 # workers, redrives dead letters (the nodi.dlq cursor group) back to orders.*.
 # bob: reads orders.eu only, in the group audit, may reset nothing.
+# carol: writes orders.eu and administers the queue group workers, consumes nothing.
 USERS_TOML = """
 [users.root]
 password = "{root}"
@@ -56,6 +57,13 @@ password = "{bob}"
 [users.bob.consume]
 allow = ["orders.eu"]
 groups_allow = ["audit"]
+
+[users.carol]
+password = "{carol}"
+[users.carol.produce]
+allow = ["orders.eu"]
+[users.carol.admin]
+groups_allow = ["workers"]
 """
 
 
@@ -343,6 +351,19 @@ def test_lists_show_only_what_the_principal_may_see(console) -> None:
     assert seen["root"][1] >= {"billing", "audit", "hr"}
     assert seen["alice"][1] == {"billing"} and seen["bob"][1] == {"audit"}
     assert seen["alice"][2] == {"workers"} and seen["bob"][2] == set()
+
+
+def test_a_queue_groups_in_flight_list_needs_consume_on_the_group_and_topic(console) -> None:
+    process, port, ca = console
+    alice = Browser(port, ca)
+    alice.login("alice")
+    page = alice.request("/queue?topic=orders.eu&group=workers")
+    assert page.status == 200 and 'id="queue-leases"' in page.text
+    carol = Browser(port, ca)
+    carol.login("carol")  # may see the page (produce on the topic, admin on the group), not consume
+    page = carol.request("/queue?topic=orders.eu&group=workers")
+    assert page.status == 200 and 'id="queue-partitions"' in page.text
+    assert 'id="queue-leases"' not in page.text and "needs consume on the group and on the topic" in page.text
 
 
 def test_a_group_reset_needs_admin_on_the_group(console) -> None:
