@@ -624,12 +624,15 @@ class PartitionQueue:
         """Up to `limit` messages of the window past `after_offset`, by offset, that were
         delivered at least once or are to be dead-lettered (leased, waiting for a retry,
         dead). Read only: the caller must not change what it gets."""
-        offsets = sorted(
-            offset
-            for offset, delivery in self.pending.items()
-            if offset > after_offset and (delivery.delivery_count > 0 or delivery.state is DeliveryState.DEAD)
+        offsets = heapq.nsmallest(
+            limit,
+            (
+                offset
+                for offset, delivery in self.pending.items()
+                if offset > after_offset and (delivery.delivery_count > 0 or delivery.state is DeliveryState.DEAD)
+            ),
         )
-        return [self.pending[offset] for offset in offsets[:limit]]
+        return [self.pending[offset] for offset in offsets]
 
     def statistics(self) -> PartitionQueueStatistics:
         return PartitionQueueStatistics(
