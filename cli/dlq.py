@@ -64,8 +64,7 @@ def list_command(ctx: typer.Context, json_output: JsonOption = False) -> None:
     rows = []
     with connect(ctx) as client:
         for topic, groups in dead_letters.dead_letter_topics(client).items():
-            positions = dead_letters.positions(client, topic)
-            waiting = sum(end - cursor for _, cursor, end in positions)
+            waiting = dead_letters.waiting(client, topic)
             description = client.describe_topic(topic)
             stored = sum(p.high_watermark - p.log_start_offset for p in description.partitions)
             rows.append((topic, waiting, stored, groups))
@@ -126,6 +125,28 @@ def show_command(
     )
 
 
+PickOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--pick",
+        help="Only the entry at PARTITION:OFFSET (repeat for more; see `nodi dlq show`). Each must be waiting.",
+    ),
+]
+
+
+def _picked(ctx: typer.Context, picks: list[str] | None) -> list[tuple[int, int]] | None:
+    """--pick PARTITION:OFFSET values as pairs (exit 1 for a malformed one)."""
+    if not picks:
+        return None
+    pairs = []
+    for pick in picks:
+        partition, _, offset = pick.partition(":")
+        if not (partition.isdigit() and offset.isdigit()):
+            raise fail(f"{ctx.command_path}: --pick takes PARTITION:OFFSET, not {pick!r}")
+        pairs.append((int(partition), int(offset)))
+    return pairs
+
+
 @command(app, "redrive")
 def redrive_command(
     ctx: typer.Context,
@@ -136,17 +157,25 @@ def redrive_command(
     count: Annotated[
         int | None, typer.Option("--count", "-n", min=1, help="Redrive at most this many entries (default: all).")
     ] = None,
+    pick: PickOption = None,
 ) -> None:
     """Republish the entries of a dead-letter topic from the cursor on - key, value and
     their own headers, without the reserved nodi- headers - to their source topic (the
     same partition when it still has it) or to --to, then move the cursor past them. A
-    repeat is possible after a crash, a loss is not."""
+    repeat is possible after a crash, a loss is not. With --pick only the entries named
+    (each must be waiting); they are marked handled and the cursor stays before any
+    entry left waiting."""
+    picked = _picked(ctx, pick)
+    if picked is not None and count is not None:
+        raise fail("nodi dlq redrive: give --pick or --count, not both")
     with connect(ctx) as client:
         _require_dead_letter_topic(ctx, client, topic)
         try:
-            redriven = dead_letters.redrive(client, topic, to=to, count=count)
+            redriven = dead_letters.redrive(client, topic, to=to, count=count, picked=picked)
         except dead_letters.DeadLetterWithoutSource as error:
             raise fail(f"nodi dlq redrive: {error}; give --to") from None
+        except dead_letters.DeadLetterNotWaiting as error:
+            raise fail(f"nodi dlq redrive: {error}; nothing was redriven") from None
     typer.echo(f"redrove {redriven} message(s) from {topic}")
 
 
@@ -157,11 +186,17 @@ def purge_command(
     force: Annotated[
         bool, typer.Option("--force", help="Purge a topic that is not a dead-letter topic (moves its nodi.dlq cursor).")
     ] = False,
+    pick: PickOption = None,
 ) -> None:
     """Move the cursor of a dead-letter topic to its end: its entries are no longer
     listed, shown or redriven (they stay on disk until the topic's retention removes
-    them). A topic that is not a dead-letter topic is refused without --force."""
+    them). A topic that is not a dead-letter topic is refused without --force. With
+    --pick only the entries named (each must be waiting) are marked handled."""
+    picked = _picked(ctx, pick)
     with connect(ctx) as client:
         _require_dead_letter_topic(ctx, client, topic, force=force)
-        purged = dead_letters.purge(client, topic)
+        try:
+            purged = dead_letters.purge(client, topic, picked=picked)
+        except dead_letters.DeadLetterNotWaiting as error:
+            raise fail(f"nodi dlq purge: {error}; nothing was purged") from None
     typer.echo(f"purged {purged} message(s) from {topic}")

@@ -90,6 +90,11 @@ def serve(
     console_port: int = typer.Option(
         None, "--console-port", help="Web console port (docs/console.md); 0 turns it off (default: 6636)."
     ),
+    console_host: str = typer.Option(
+        None,
+        "--console-host",
+        help="Web console address (default: 127.0.0.1); beyond loopback it needs a users file, as --host does.",
+    ),
     config: str = typer.Option(
         None, "--config", help="A TOML file of settings with server, topic_defaults, protocol and groups tables."
     ),
@@ -129,6 +134,7 @@ def serve(
             port=port,
             metrics_port=metrics_port,
             console_port=console_port,
+            console_host=console_host,
             log_level=log_level,
             log_json=log_json,
         )
@@ -149,6 +155,8 @@ def serve(
         check_exposure(settings.host, settings.security)
         if settings.kafka.enabled:  # the Kafka listener's host, by the same rule
             check_exposure(settings.kafka.host or settings.host, settings.security)
+        if settings.console_port:
+            check_exposure(settings.console_host, settings.security)
     except NodiError as error:
         typer.echo(f"nodi serve: {error}", err=True)
         raise typer.Exit(2) from None

@@ -4,6 +4,8 @@ groups")."""
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import json
 from typing import Annotated
 
@@ -16,6 +18,8 @@ app = typer.Typer(
     help="List and describe queue groups (competing consumers with leases) on a running broker.",
     no_args_is_help=True,
 )
+
+LEASES_SHOWN_MAX = 1000  # --leases: the server lists at most this many per request too
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
@@ -58,6 +62,17 @@ def describe_command(
     topic: Annotated[str, typer.Argument(help="The topic the queue group consumes.")],
     group: Annotated[str, typer.Argument(help="The queue group's name.")],
     json_output: JsonOption = False,
+    leases: Annotated[
+        int,
+        typer.Option(
+            "--leases",
+            min=0,
+            max=LEASES_SHOWN_MAX,
+            help="Also list up to this many in-flight messages (needs consume on the group and topic): each "
+            "lease with its delivery count and deadline, each retry with its due time, each dead letter being "
+            "written.",
+        ),
+    ] = 0,
 ) -> None:
     """Show a queue group's settings (ack wait, max deliveries, backoff, dead-letter
     topic, what happens to expired messages), its counts since the broker started, and
@@ -68,6 +83,7 @@ def describe_command(
     """
     with connect(ctx) as client:
         queue = client.describe_queue(topic, group)
+        in_flight = client.queue_leases(topic, group, limit=leases) if leases else None
     backoff = queue.backoff
     backoff_text = (
         ",".join(map(str, backoff.delays_ms)) + " ms"
@@ -104,6 +120,14 @@ def describe_command(
                         }
                         for p in queue.partitions
                     ],
+                    **(
+                        {}
+                        if in_flight is None
+                        else {
+                            "leases": [dataclasses.asdict(lease) for lease in in_flight.leases],
+                            "more_leases": in_flight.more,
+                        }
+                    ),
                 }
             )
         )
@@ -125,3 +149,29 @@ def describe_command(
             for p in queue.partitions
         ),
     )
+    if in_flight is not None:
+        typer.echo("in flight:")
+        print_table(
+            ("PARTITION", "OFFSET", "STATE", "DELIVERIES", "DUE (UTC)", "LAST ERROR"),
+            (
+                (
+                    lease.partition,
+                    lease.offset,
+                    lease.state,
+                    lease.delivery_count,
+                    _utc(lease.lease_deadline_ms if lease.state == "leased" else lease.not_before_ms),
+                    lease.last_error or "-",
+                )
+                for lease in in_flight.leases
+            ),
+        )
+        if in_flight.more:
+            typer.echo(f"(more in flight than the {leases} listed)")
+
+
+def _utc(moment_ms: int | None) -> str:
+    if moment_ms is None:
+        return "-"
+    if moment_ms == 0:
+        return "now"
+    return datetime.datetime.fromtimestamp(moment_ms / 1000, tz=datetime.UTC).isoformat(timespec="milliseconds")

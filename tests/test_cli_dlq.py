@@ -52,6 +52,7 @@ def test_every_dlq_and_queue_command_has_help() -> None:
         assert result.exit_code == 0 and "Usage:" in result.output, result.output
     assert "--to" in runner.invoke(app, ["dlq", "redrive", "--help"], env={"COLUMNS": "200"}).output
     assert "--count" in runner.invoke(app, ["dlq", "show", "--help"], env={"COLUMNS": "200"}).output
+    assert "--pick" in runner.invoke(app, ["dlq", "purge", "--help"], env={"COLUMNS": "200"}).output
 
 
 def test_list_show_redrive_purge(broker) -> None:
@@ -135,6 +136,50 @@ def test_list_show_redrive_purge(broker) -> None:
         assert listed(address, "orders.dlq")["waiting"] == 0
         assert nodi(address, "dlq", "show", "orders.dlq", "--json").stdout.strip() == ""
         assert nodi(address, "dlq", "show", "missing.dlq").returncode == 1
+
+
+def test_picked_entries_are_redriven_and_purged_and_the_cursor_skips_them(broker) -> None:
+    address = broker.address
+    with Client(address) as client:
+        client.create_topic("picks")
+        for index in range(5):
+            client.produce("picks", b"pick-%d" % index, partition=0)
+        with client.queue("picks", "g", batch_max=10) as queue:
+            for _ in range(5):
+                queue.receive(timeout_ms=20_000).reject("no")
+        deadline = time.monotonic() + 20
+        while client.describe_queue("picks", "g").dead_lettered < 5:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+        def shown() -> list[int]:
+            return [entry["offset"] for entry in json_lines(nodi(address, "dlq", "show", "picks.dlq", "--json"))]
+
+        result = nodi(address, "dlq", "redrive", "picks.dlq", "--pick", "0:3", "--pick", "0:1")
+        assert result.returncode == 0 and "redrove 2" in result.stdout, result.stderr
+        assert [m.value for m in client.fetch("picks", 0, 5)] == [b"pick-1", b"pick-3"]
+        assert shown() == [0, 2, 4] and listed(address, "picks.dlq")["waiting"] == 3
+        # A handled one, one past the end or a malformed pick: refused, nothing done.
+        for pick, message in (
+            ("0:1", "not waiting"),
+            ("0:9", "not waiting"),
+            ("1:0", "not waiting"),
+            ("x", "PARTITION"),
+        ):
+            refused = nodi(address, "dlq", "redrive", "picks.dlq", "--pick", "0:2", "--pick", pick)
+            assert refused.returncode == 1 and message in refused.stderr, refused.stderr
+        assert nodi(address, "dlq", "redrive", "picks.dlq", "--pick", "0:2", "--count", "1").returncode == 1
+        assert len(client.fetch("picks", 0, 5)) == 2 and shown() == [0, 2, 4]
+        # Purging the entry at the cursor moves it past the redriven 1 as well.
+        result = nodi(address, "dlq", "purge", "picks.dlq", "--pick", "0:0")
+        assert result.returncode == 0 and "purged 1" in result.stdout, result.stderr
+        assert client.fetch_offsets("nodi.dlq", ["picks.dlq"]) == {("picks.dlq", 0): 2}
+        # The next plain redrive takes 2 and 4, skipping the redriven 3.
+        result = nodi(address, "dlq", "redrive", "picks.dlq")
+        assert result.returncode == 0 and "redrove 2" in result.stdout, result.stderr
+        assert [m.value for m in client.fetch("picks", 0, 7)] == [b"pick-2", b"pick-4"]
+        assert listed(address, "picks.dlq")["waiting"] == 0 and shown() == []
+        assert client.fetch_offsets("nodi.dlq", ["picks.dlq"]) == {("picks.dlq", 0): 5}
 
 
 def test_dlq_commands_refuse_an_ordinary_topic(broker) -> None:

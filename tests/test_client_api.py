@@ -345,6 +345,8 @@ def test_every_client_error_pickles_to_the_same_text_class_code_and_fields():
             samples.append(cls(2, nodi.broker.UnknownTopic("gone")))
         elif cls is nodi.broker.DeadLetterWithoutSource:
             samples.append(cls("orders.dlq", 1, 42, 7))
+        elif cls is nodi.broker.DeadLetterNotWaiting:
+            samples.append(cls("orders.dlq", 1, 42, "it is not waiting"))
         else:
             samples.append(cls("something went wrong"))
     samples.append(nodi.broker.NodiClientError("coded", code=ErrorCode.UNKNOWN_TOPIC))

@@ -16,6 +16,7 @@ import pytest
 
 from nodi.broker import Client
 
+from conftest import BrokerProcess
 from test_console import fill, start_with_console
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -120,9 +121,21 @@ def test_every_page_in_a_browser_with_a_reset_and_a_redrive(tmp_path, browser) -
             click(browser.find_element(By.LINK_TEXT, "Queue groups"))
             assert cells("queues")[0][:2] == ["workers", "jobs"]
             shot("queues")
-            click(browser.find_element(By.LINK_TEXT, "workers"))
-            assert cells("queue-partitions")[0][:2] == ["0", "3"]
-            shot("queue")
+            # Two messages in flight: one leased, one nacked and waiting for its retry.
+            client.produce("jobs", b"job 3", partition=0)
+            client.produce("jobs", b"job 4", partition=0)
+            with client.queue("jobs", "workers", batch_max=2) as queue:
+                leased = queue.receive(timeout_ms=20_000)
+                failing = queue.receive(timeout_ms=20_000)
+                failing.nack(delay_ms=600_000, error="printer on fire")
+                click(browser.find_element(By.LINK_TEXT, "workers"))
+                assert cells("queue-partitions")[0][:2] == ["0", "3"]
+                assert [row[:4] for row in cells("queue-leases")] == [
+                    ["0", "3", "leased", "1"],
+                    ["0", "4", "waiting", "1"],
+                ]
+                shot("queue")
+                leased.ack()
 
             click(browser.find_element(By.LINK_TEXT, "Dead letters"))
             assert cells("dead-letter-topics")[0][:2] == ["jobs.dlq", "3"]
@@ -141,5 +154,87 @@ def test_every_page_in_a_browser_with_a_reset_and_a_redrive(tmp_path, browser) -
                 delivered.ack()
             click(browser.find_element(By.LINK_TEXT, "Back"))
             assert "2 entries waiting" in browser.find_element(By.ID, "waiting").text
+            # Tick one entry and redrive just it.
+            browser.find_element(By.NAME, "pick-0-2").click()
+            click(browser.find_element(By.ID, "redrive-picked"))
+            assert "ticked entry (partition:offset 0:2)" in browser.find_element(By.ID, "confirm-text").text
+            shot("dead-letter-picked-confirm")
+            click(browser.find_element(By.ID, "confirm").find_element(By.TAG_NAME, "button"))
+            assert browser.find_element(By.ID, "done").text == "redrove 1 message(s) from jobs.dlq"
+            click(browser.find_element(By.LINK_TEXT, "Back"))
+            assert "1 entry waiting" in browser.find_element(By.ID, "waiting").text
+            assert [row[1] for row in cells("dead-letters")] == ["1"]
+    finally:
+        process.stop()
+
+
+def test_signing_in_and_out_in_a_browser(tmp_path, browser) -> None:
+    """With a users file: a page asks for the sign-in form, a wrong password is told so, the
+    right one lands on the page first asked for with the user shown, a page the user may not
+    see is refused, and signing out asks for the form again."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    from nodi.broker.server.users import hash_password
+
+    from test_console import free_port
+
+    users = tmp_path / "users.toml"
+    users.write_text(
+        f'[users.alice]\npassword = "{hash_password("alice-Secret-2")}"\n'
+        '[users.alice.consume]\nallow = ["orders"]\n'
+        f'[users.root]\npassword = "{hash_password("root-Secret-1")}"\nsuperuser = true\n'
+    )
+    port = free_port()
+    process = BrokerProcess(
+        str(tmp_path / "data"), ["--console-port", str(port)], environment={"NODI_SECURITY_USERS_FILE": str(users)}
+    ).start()
+    base = f"http://127.0.0.1:{port}"
+    copies = os.environ.get("NODI_CONSOLE_SCREENSHOTS")
+
+    def shot(name: str) -> None:
+        path = tmp_path / f"{name}.png"
+        assert browser.save_screenshot(str(path))
+        if copies:
+            shutil.copy(path, os.path.join(copies, f"{name}.png"))
+
+    def click(element) -> None:
+        page = browser.find_element(By.TAG_NAME, "html")
+        element.click()
+        WebDriverWait(browser, 30).until(expected_conditions.staleness_of(page))
+        WebDriverWait(browser, 30).until(lambda _: browser.execute_script("return document.readyState") == "complete")
+
+    def sign_in(password: str) -> None:
+        browser.find_element(By.ID, "login-user").clear()
+        browser.find_element(By.ID, "login-user").send_keys("alice")
+        browser.find_element(By.ID, "login-password").send_keys(password)
+        click(browser.find_element(By.ID, "login-submit"))
+
+    try:
+        with Client(process.address, user="root", password="root-Secret-1") as client:
+            client.create_topic("orders")
+            client.create_topic("payroll")
+            client.produce("orders", b'{"order": 1}')
+        browser.get(base + "/messages?topic=orders&partition=0&offset=0")
+        assert browser.title == "Sign in - nodi console"
+        shot("login")
+        sign_in("not-her-password")
+        assert browser.find_element(By.ID, "error").text == "unknown user or wrong password"
+        sign_in("alice-Secret-2")
+        assert browser.title == "Messages of orders-0 - nodi console"
+        assert browser.find_element(By.ID, "user").text == "alice"
+        browser.get(base + "/")
+        assert [
+            row.find_element(By.TAG_NAME, "td").text
+            for row in browser.find_elements(By.CSS_SELECTOR, "#topics tbody tr")
+        ] == ["orders"]
+        browser.get(base + "/topic?name=payroll")
+        assert browser.find_element(By.ID, "error").text == "alice may not consume topic payroll"
+        shot("refused")
+        click(browser.find_element(By.ID, "logout").find_element(By.TAG_NAME, "button"))
+        assert browser.title == "Sign in - nodi console"
+        browser.get(base + "/")
+        assert browser.title == "Sign in - nodi console"
     finally:
         process.stop()

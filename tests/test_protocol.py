@@ -951,6 +951,32 @@ def test_a_version_1_client_is_served_and_a_version_2_api_is_refused_clearly() -
     assert server.state is State.READY
 
 
+def test_queue_leases_needs_protocol_version_4_and_a_version_3_connection_still_works() -> None:
+    from nodi.broker.protocol.messages import QueueDescribeRequest, QueueLeasesRequest
+
+    client = Connection(Role.CLIENT)
+    server = Connection(Role.SERVER)
+    hello = HandshakeRequest(
+        request_id=client.next_request_id(), client_id="v3", protocol_version_min=1, protocol_version_max=3
+    )
+    server.receive_data(client.send(hello))
+    request = server.next_event()
+    client.receive_data(server.send(handshake_response(request, server_id="s", limits={})))
+    assert isinstance(client.next_event(), HandshakeResponse)
+    assert client.protocol_version == server.protocol_version == 3
+    describe = QueueDescribeRequest(request_id=client.next_request_id(), group="g", topic="t")
+    server.receive_data(client.send(describe))
+    assert server.next_event() == describe
+    leases = QueueLeasesRequest(request_id=client.next_request_id(), group="g", topic="t")
+    with pytest.raises(ProtocolError) as caught:
+        client.send(leases)
+    assert caught.value.code == ErrorCode.UNSUPPORTED_VERSION and "protocol version 4" in caught.value.message
+    server.receive_data(raw_frame(0, ApiKey.QUEUE_LEASES, 4343, b""))
+    rejected = server.next_event()
+    assert isinstance(rejected, RejectedRequest) and rejected.error_code == ErrorCode.UNSUPPORTED_VERSION
+    assert server.state is State.READY
+
+
 def test_a_version_2_connection_carries_group_wait() -> None:
     from nodi.broker.protocol.messages import GroupWaitRequest, GroupWaitResponse, TopicPartitions
 

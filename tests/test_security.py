@@ -283,6 +283,8 @@ PERMISSION_TABLE = [
     ("create", "scratch.a", True),
     ("create", "orders.new", False),
     ("delete", "payments", False),
+    ("leases", "orders.eu", True),  # QueueLeases: consume on the topic and on the group (billing)
+    ("leases", "payments", False),
 ]
 
 
@@ -315,6 +317,14 @@ def _attempt(client: Client, operation: str, target: str) -> None:
         client.create_topic(target, partitions=1)
     elif operation == "delete":
         client.delete_topic(target)
+    elif operation == "leases":
+        if target == "orders.eu":  # allowed: the group exists once alice received in it
+            with client.queue(target, "billing", ack_wait_ms=60_000) as queue:
+                assert queue.receive(timeout_ms=10_000) is not None
+                leases = client.queue_leases(target, "billing").leases
+                assert (leases[0].offset, leases[0].state) == (0, "leased")  # with what the batch prefetched
+        else:
+            client.queue_leases(target, "billing")
 
 
 @pytest.mark.parametrize(("operation", "target", "allowed"), PERMISSION_TABLE)

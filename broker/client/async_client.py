@@ -690,17 +690,20 @@ class AsyncClient:
         *,
         generation: int = -1,
         member_id: str = "",
+        metadata: dict[tuple[str, int], str | None] | None = None,
         timeout_ms: int | None = None,
     ) -> dict[tuple[str, int], NodiClientError | None]:
-        """Commit (topic, partition) -> the next offset to read. Without a generation and
-        member id (a consumer outside group membership) the group must have no members.
-        Returns each partition's error (None: committed)."""
+        """Commit (topic, partition) -> the next offset to read, with (topic, partition) ->
+        `metadata` text stored beside it (at most the broker's offset_metadata_bytes_max).
+        Without a generation and member id (a consumer outside group membership) the
+        group must have no members. Returns each partition's error (None: committed)."""
+        texts = metadata or {}
         request = m.CommitOffsetsRequest(
             group=group,
             generation=generation,
             member_id=member_id,
             offsets=[
-                m.OffsetCommit(topic=topic, partition=partition, offset=offset)
+                m.OffsetCommit(topic=topic, partition=partition, offset=offset, metadata=texts.get((topic, partition)))
                 for (topic, partition), offset in sorted(offsets.items())
             ],
         )
@@ -721,6 +724,18 @@ class AsyncClient:
             expect=m.FetchOffsetsResponse,
         )
         return {(entry.topic, entry.partition): entry.offset for entry in response.offsets}
+
+    async def fetch_committed(
+        self, group: str, topics: Sequence[str] = (), *, timeout_ms: int | None = None
+    ) -> dict[tuple[str, int], tuple[int, str | None]]:
+        """As fetch_offsets, with the metadata text committed beside each offset."""
+        response = await self.core.call(
+            m.FetchOffsetsRequest(group=group, topics=list(topics)),
+            timeout_ms,
+            retry=True,
+            expect=m.FetchOffsetsResponse,
+        )
+        return {(entry.topic, entry.partition): (entry.offset, entry.metadata) for entry in response.offsets}
 
     # -- operations -------------------------------------------------------------------
 
@@ -832,6 +847,26 @@ class AsyncClient:
         from .queue import describe_queue
 
         return await describe_queue(self, topic, group, timeout_ms)
+
+    async def queue_leases(
+        self,
+        topic: str,
+        group: str,
+        *,
+        partition: int | None = None,
+        after: tuple[int, int] | None = None,
+        limit: int = 100,
+        timeout_ms: int | None = None,
+    ):
+        """A page of a queue group's in-flight messages by partition and offset
+        (queue.QueueLeasePage): leases with their deadlines, retries with their due time,
+        dead letters being written. Page on with after=page.next_after. Needs a server of
+        protocol version 4."""
+        from .queue import queue_leases
+
+        return await queue_leases(
+            self, topic, group, partition=partition, after=after, limit=limit, timeout_ms=timeout_ms
+        )
 
     async def list_queues(self, topic: str | None = None, *, timeout_ms: int | None = None):
         """Every queue group (of `topic`, or of all) with its dead-letter topic and

@@ -408,11 +408,25 @@ class DeadLetterWithoutSource(NodiClientError):
         self.redriven = redriven
 
 
+class DeadLetterNotWaiting(NodiClientError):
+    """A dead letter picked for a redrive or purge is not waiting (handled already, before
+    the cursor, or no such entry), or too many would be handled past the cursor. Nothing
+    was done."""
+
+    def __init__(self, topic: str, partition: int, offset: int, why: str) -> None:
+        where = f"{topic}-{partition} offset {offset}" if partition >= 0 else topic
+        super().__init__(f"{where}: {why}")
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+
+
 # Written out so type checkers and IDEs see what `from .errors import *` brings;
 # tests/test_client.py checks it names every exception class of this module.
 __all__ = [
     "NodiClientError",
     "DeadLetterWithoutSource",
+    "DeadLetterNotWaiting",
     "ProtocolViolation",
     "InvalidRequest",
     "LimitExceeded",

@@ -231,6 +231,76 @@ async def list_queues(client, topic: str | None, timeout_ms: int | None) -> list
 
 
 @dataclass(frozen=True, slots=True)
+class QueueLeaseView:
+    """One in-flight message of a queue group (QueueLeases, protocol version 4)."""
+
+    partition: int
+    offset: int
+    state: str  # "leased", "waiting" (a retry, due at not_before_ms) or "dead" (being dead-lettered)
+    delivery_count: int
+    lease_deadline_ms: int | None  # leased: when the lease runs out (wall clock, ms)
+    not_before_ms: int | None  # waiting: when it may be delivered again (0: now)
+    last_delivery_ms: int | None
+    last_error: str  # the last nack's error text, or the dead-letter reason
+
+
+@dataclass(frozen=True, slots=True)
+class QueueLeasePage:
+    leases: tuple[QueueLeaseView, ...]
+    more: bool  # more follow: ask again with after=(partition, offset) of the last one
+
+    @property
+    def next_after(self) -> tuple[int, int] | None:
+        return (self.leases[-1].partition, self.leases[-1].offset) if self.more and self.leases else None
+
+
+def _optional(value: int) -> int | None:
+    return None if value < 0 else value
+
+
+async def queue_leases(
+    client,
+    topic: str,
+    group: str,
+    *,
+    partition: int | None,
+    after: tuple[int, int] | None,
+    limit: int,
+    timeout_ms: int | None,
+) -> QueueLeasePage:
+    after_partition, after_offset = after if after is not None else (-1, -1)
+    response = await client.core.call(
+        m.QueueLeasesRequest(
+            group=group,
+            topic=topic,
+            partition=-1 if partition is None else partition,
+            after_partition=after_partition,
+            after_offset=after_offset,
+            leases_max=limit,
+        ),
+        timeout_ms,
+        retry=True,
+        expect=m.QueueLeasesResponse,
+    )
+    return QueueLeasePage(
+        tuple(
+            QueueLeaseView(
+                partition=lease.partition,
+                offset=lease.offset,
+                state=lease.state.name.lower(),
+                delivery_count=lease.delivery_count,
+                lease_deadline_ms=_optional(lease.lease_deadline_ms),
+                not_before_ms=_optional(lease.not_before_ms),
+                last_delivery_ms=_optional(lease.last_delivery_ms),
+                last_error=lease.last_error,
+            )
+            for lease in response.leases
+        ),
+        response.more,
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class QueueMessage(Message):
     """A message received from a queue group, with its delivery count (1 the first
     time) and lease deadline (wall clock, ms). Settle it with ack, nack, in_progress or

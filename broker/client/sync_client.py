@@ -414,6 +414,24 @@ class Client:
         it never received."""
         return self._run(self._async.describe_queue(topic, group, timeout_ms=timeout_ms), timeout_ms)
 
+    def queue_leases(
+        self,
+        topic: str,
+        group: str,
+        *,
+        partition: int | None = None,
+        after: tuple[int, int] | None = None,
+        limit: int = 100,
+        timeout_ms: int | None = None,
+    ):
+        """AsyncClient.queue_leases, blocking: a page of a queue group's in-flight messages."""
+        return self._run(
+            self._async.queue_leases(
+                topic, group, partition=partition, after=after, limit=limit, timeout_ms=timeout_ms
+            ),
+            timeout_ms,
+        )
+
     def request(
         self, topic: str, value, *, key=None, headers=None, partition: int | None = None, timeout_ms: int | None = None
     ) -> Message:
@@ -455,15 +473,16 @@ class Client:
         *,
         generation: int = -1,
         member_id: str = "",
+        metadata: dict[tuple[str, int], str | None] | None = None,
         timeout_ms: int | None = None,
     ) -> dict[tuple[str, int], NodiClientError | None]:
         """AsyncClient.commit_offsets, blocking: Commit (topic, partition) -> the next
-        offset to read. Without a generation and member id (a consumer outside group
-        membership) the group must have no members. Returns each partition's error
-        (None: committed)."""
+        offset to read (and `metadata` text beside it). Without a generation and member
+        id (a consumer outside group membership) the group must have no members. Returns
+        each partition's error (None: committed)."""
         return self._run(
             self._async.commit_offsets(
-                group, offsets, generation=generation, member_id=member_id, timeout_ms=timeout_ms
+                group, offsets, generation=generation, member_id=member_id, metadata=metadata, timeout_ms=timeout_ms
             ),
             timeout_ms,
         )
@@ -474,6 +493,13 @@ class Client:
         """AsyncClient.fetch_offsets, blocking: The group's committed offsets (the next
         offset to read), of `topics` or all."""
         return self._run(self._async.fetch_offsets(group, topics, timeout_ms=timeout_ms), timeout_ms)
+
+    def fetch_committed(
+        self, group: str, topics: Sequence[str] = (), *, timeout_ms: int | None = None
+    ) -> dict[tuple[str, int], tuple[int, str | None]]:
+        """AsyncClient.fetch_committed, blocking: as fetch_offsets, with each offset's
+        committed metadata text."""
+        return self._run(self._async.fetch_committed(group, topics, timeout_ms=timeout_ms), timeout_ms)
 
     def server_status(self, *, timeout_ms: int | None = None) -> ServerStatus:
         """AsyncClient.server_status, blocking: Server-level facts: version, uptime, data

@@ -15,8 +15,10 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import h11
@@ -56,6 +58,10 @@ class Request:
     form: dict[str, str]
     headers: dict[str, str]
     peer: str
+    # A verified client certificate (TLS with client certificates), as getpeercert() gives it.
+    peer_certificate: dict | None = None
+    # Who asks (nodi.broker.server.users.Principal), set by the console once it knows.
+    principal: Any = None
 
     def param(self, name: str, default: str = "") -> str:
         """A form field (POST) or query parameter, stripped; `default` when absent or empty."""
@@ -95,6 +101,7 @@ class HttpServer:
         self._listener: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.StreamWriter] = set()
         self.connections_refused = 0
+        self.tls = False
 
     def bind(self) -> None:
         family, kind, proto, _name, address = socket.getaddrinfo(
@@ -113,10 +120,18 @@ class HttpServer:
         self._socket = sock
         self.port = sock.getsockname()[1]
 
-    async def start(self, tasks: asyncio.TaskGroup) -> None:
+    async def start(
+        self, tasks: asyncio.TaskGroup, tls: ssl.SSLContext | None = None, handshake_timeout_ms: int = 10_000
+    ) -> None:
+        """Listen; with `tls`, HTTPS only (the broker's context: a SIGHUP's certificate
+        reload applies to the connections accepted after it)."""
         assert self._socket is not None
+        self.tls = tls is not None
         self._listener = await asyncio.start_server(
-            lambda reader, writer: self._accept(tasks, reader, writer), sock=self._socket
+            lambda reader, writer: self._accept(tasks, reader, writer),
+            sock=self._socket,
+            ssl=tls,
+            ssl_handshake_timeout=handshake_timeout_ms / 1000 if tls is not None else None,
         )
 
     def close(self) -> None:
@@ -150,11 +165,12 @@ class HttpServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peername = writer.get_extra_info("peername")
         peer = f"{peername[0]}:{peername[1]}" if peername else "?"
+        certificate = writer.get_extra_info("peercert") or None
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.request_head_bytes_max)
         try:
             while True:
                 try:
-                    request = await self._read_request(connection, reader, peer)
+                    request = await self._read_request(connection, reader, peer, certificate)
                 except h11.RemoteProtocolError as error:
                     if connection.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                         status = error.error_status_hint
@@ -184,7 +200,9 @@ class HttpServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 1)
 
-    async def _read_request(self, connection: h11.Connection, reader: asyncio.StreamReader, peer: str):
+    async def _read_request(
+        self, connection: h11.Connection, reader: asyncio.StreamReader, peer: str, certificate: dict | None
+    ):
         """The next whole request (None: the peer closed between requests), within
         request_timeout_ms."""
         limits = self.limits
@@ -214,7 +232,7 @@ class HttpServer:
                         raise _Refused(plain_response(413, f"request body over {limits.request_body_bytes_max} bytes"))
                 elif isinstance(event, h11.EndOfMessage):
                     assert head is not None
-                    return _parse(head, bytes(body), peer)
+                    return _parse(head, bytes(body), peer, certificate)
 
     async def _send(self, connection: h11.Connection, writer: asyncio.StreamWriter, response: Response) -> None:
         headers = [
@@ -241,7 +259,7 @@ class _Refused(Exception):
         self.response = response
 
 
-def _parse(head: h11.Request, body: bytes, peer: str) -> Request:
+def _parse(head: h11.Request, body: bytes, peer: str, certificate: dict | None = None) -> Request:
     target = head.target.decode("ascii", errors="replace")
     parts = urlsplit(target)
     headers = {name.decode("ascii", "replace").lower(): value.decode("latin-1") for name, value in head.headers}
@@ -255,4 +273,5 @@ def _parse(head: h11.Request, body: bytes, peer: str) -> Request:
         form=form,
         headers=headers,
         peer=peer,
+        peer_certificate=certificate,
     )

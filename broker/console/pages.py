@@ -20,6 +20,7 @@ from ..client.sync_client import Client
 from ..client.types import Message
 from ..protocol import headers as h
 from ..server.dead_letters import DEAD_LETTER_HEADERS
+from ..server.users import Action, Principal, Resource
 from .http import Request
 from .render import (
     Markup,
@@ -50,6 +51,8 @@ SEARCH_BYTES_MAX = 16 * 1024 * 1024
 # Groups, topics and dead letters listed on one page at most.
 LISTED_MAX = 500
 DEAD_LETTERS_SHOWN_MAX = 100
+# In-flight messages (leases, retries) on one queue group page.
+LEASES_SHOWN_MAX = 50
 
 RESERVED_HEADERS = {
     h.TTL_MS: "time to live: the message expires this long after its timestamp",
@@ -73,6 +76,50 @@ class PageError(Exception):
         self.message = message
 
 
+class Refused(Exception):
+    """The principal may not do `action` on `resource` `name`: a 403 page, a log line
+    with the principal, and the refusal metric (the console counts it)."""
+
+    def __init__(self, action: Action, resource: Resource, name: str, what: str, principal: str) -> None:
+        super().__init__(f"{principal} may not {action.value} {resource.value} {name}")
+        self.action = action
+        self.resource = resource
+        self.name = name
+        self.what = what
+
+
+def require(request: Request, action: Action, resource: Resource, name: str, what: str) -> None:
+    """Refused unless the request's principal may do `action` on `name` (Principal.may:
+    the check of nodi's protocol)."""
+    principal: Principal = request.principal
+    if not principal.may(action, resource, name):
+        raise Refused(action, resource, name, what, principal.name)
+
+
+def may_see_topic(request: Request, name: str) -> bool:
+    """A topic is listed to whoever may produce, consume or administer it."""
+    principal: Principal = request.principal
+    return any(principal.may(action, Resource.TOPIC, name) for action in Action)
+
+
+def may_see_group(request: Request, name: str) -> bool:
+    """A group is listed to whoever may consume in it or administer it."""
+    principal: Principal = request.principal
+    return principal.may(Action.CONSUME, Resource.GROUP, name) or principal.may(Action.ADMIN, Resource.GROUP, name)
+
+
+def require_topic_visible(request: Request, name: str, what: str) -> None:
+    if not may_see_topic(request, name):
+        principal: Principal = request.principal
+        raise Refused(Action.CONSUME, Resource.TOPIC, name, what, principal.name)
+
+
+def require_group_visible(request: Request, name: str, what: str) -> None:
+    if not may_see_group(request, name):
+        principal: Principal = request.principal
+        raise Refused(Action.CONSUME, Resource.GROUP, name, what, principal.name)
+
+
 @dataclass(frozen=True, slots=True)
 class Page:
     title: str
@@ -87,6 +134,8 @@ class WriteAction:
     action: str
     target: str
     run: Callable[[], str]
+    # What the principal must be allowed (the requests the action makes need these).
+    needs: tuple[tuple[Action, Resource, str], ...] = ()
 
 
 def _integer(request: Request, name: str, default: int | None = None, minimum: int = 0) -> int | None:
@@ -126,7 +175,7 @@ def parse_time_ms(text: str) -> int:
 
 def overview(client: Client, request: Request, rates: dict[str, list[float]]) -> Page:
     status = client.server_status()
-    topics = client.list_topics()[:LISTED_MAX]
+    topics = [summary for summary in client.list_topics() if may_see_topic(request, summary.name)][:LISTED_MAX]
     rows = []
     total_bytes = 0
     for summary in topics:
@@ -167,7 +216,7 @@ def overview(client: Client, request: Request, rates: dict[str, list[float]]) ->
                 [
                     ("version", status.version),
                     ("uptime", duration_ms(status.uptime_ms)),
-                    ("data directory", status.data_dir),
+                    ("data directory", status.data_dir or "(shown to superusers)"),
                     ("connections open", status.connections_open),
                     ("connections accepted", status.connections_accepted),
                     ("disk", disk),
@@ -200,6 +249,7 @@ def rate_sample(client: Client) -> dict[str, int]:
 
 def topic(client: Client, request: Request) -> Page:
     name = _required(request, "name")
+    require_topic_visible(request, name, "console topic page")
     description = client.describe_topic(name)
     settings = description.settings
     partitions = table(
@@ -219,7 +269,7 @@ def topic(client: Client, request: Request) -> Page:
         table_id="partitions",
     )
     stream_rows = []
-    for group in client.list_groups()[:LISTED_MAX]:
+    for group in [g for g in client.list_groups() if may_see_group(request, g.group)][:LISTED_MAX]:
         lags = [lag for lag in client.describe_group(group.group).lags if lag.topic == name]
         if lags:
             total = sum(lag.lag for lag in lags if lag.lag is not None)
@@ -232,6 +282,7 @@ def topic(client: Client, request: Request) -> Page:
             link(queue.dead_letter_topic, "/dead-letter", topic=queue.dead_letter_topic),
         )
         for queue in client.list_queues(name)
+        if may_see_group(request, queue.group)
     ]
     body = join(
         [
@@ -320,6 +371,7 @@ def read_page(
 
 def messages(client: Client, request: Request) -> Page:
     name = _required(request, "topic")
+    require(request, Action.CONSUME, Resource.TOPIC, name, "console message browser")
     partition = _integer(request, "partition", 0)
     count = min(_integer(request, "count", PAGE_MESSAGES_DEFAULT, minimum=1) or 1, PAGE_MESSAGES_MAX)
     description = client.describe_topic(name)
@@ -383,7 +435,7 @@ def messages(client: Client, request: Request) -> Page:
 
 def groups(client: Client, request: Request) -> Page:
     rows = []
-    for summary in client.list_groups()[:LISTED_MAX]:
+    for summary in [g for g in client.list_groups() if may_see_group(request, g.group)][:LISTED_MAX]:
         lags = client.describe_group(summary.group).lags
         total = sum(lag.lag for lag in lags if lag.lag is not None)
         topics = sorted({lag.topic for lag in lags})
@@ -401,6 +453,7 @@ def groups(client: Client, request: Request) -> Page:
 
 def group(client: Client, request: Request, token: str) -> Page:
     name = _required(request, "name")
+    require_group_visible(request, name, "console group page")
     description = client.describe_group(name)
     owners = {
         (topic_name, number): member.member_id
@@ -500,7 +553,8 @@ def group_reset(client: Client, request: Request) -> tuple[str, Markup, WriteAct
         done = ", ".join(f"{number}: {offset}" for number, offset in sorted(offsets.items()))
         return f"group {name} on {topic_name} reset to {where}: partition -> offset {done}"
 
-    return text, fields, WriteAction("group.reset", f"{name}@{topic_name}", run)
+    needs = ((Action.ADMIN, Resource.GROUP, name),)  # what ResetGroup needs
+    return text, fields, WriteAction("group.reset", f"{name}@{topic_name}", run, needs)
 
 
 # -- queue groups ---------------------------------------------------------------------------
@@ -516,7 +570,9 @@ def queues(client: Client, request: Request) -> Page:
             queue.dead_letters_pending,
             link(queue.dead_letter_topic, "/dead-letter", topic=queue.dead_letter_topic),
         )
-        for queue in client.list_queues()[:LISTED_MAX]
+        for queue in [
+            q for q in client.list_queues() if may_see_group(request, q.group) and may_see_topic(request, q.topic)
+        ][:LISTED_MAX]
     ]
     return Page(
         "Queue groups",
@@ -527,6 +583,8 @@ def queues(client: Client, request: Request) -> Page:
 def queue(client: Client, request: Request) -> Page:
     topic_name = _required(request, "topic")
     name = _required(request, "group")
+    require_topic_visible(request, topic_name, "console queue group page")
+    require_group_visible(request, name, "console queue group page")
     description = client.describe_queue(topic_name, name)
     backoff = description.backoff
     retries = (
@@ -560,9 +618,69 @@ def queue(client: Client, request: Request) -> Page:
                 ),
                 table_id="queue-partitions",
             ),
+            Markup("<h2>In flight</h2>"),
+            _in_flight(client, request, topic_name, name),
         ]
     )
     return Page(f"Queue group {name} on {topic_name}", body)
+
+
+def _in_flight(client: Client, request: Request, topic_name: str, name: str) -> Markup:
+    """One page of the group's in-flight messages (QueueLeases), by partition and offset:
+    shown to whoever may consume in the group and the topic, as QueueLeases asks."""
+    principal: Principal = request.principal
+    if not (
+        principal.may(Action.CONSUME, Resource.GROUP, name)
+        and principal.may(Action.CONSUME, Resource.TOPIC, topic_name)
+    ):
+        return Markup("<p>Listing the messages in flight needs consume on the group and on the topic.</p>")
+    after_partition = _integer(request, "after_partition", -1, minimum=-1)
+    after_offset = _integer(request, "after_offset", -1, minimum=-1)
+    assert after_partition is not None and after_offset is not None  # they have defaults
+    after = None if after_partition == -1 else (after_partition, after_offset)
+    page = client.queue_leases(topic_name, name, after=after, limit=LEASES_SHOWN_MAX)
+    rows = [
+        (
+            lease.partition,
+            link(lease.offset, "/messages", topic=topic_name, partition=lease.partition, offset=lease.offset),
+            lease.state,
+            lease.delivery_count,
+            time_ms(lease.lease_deadline_ms),
+            "now" if lease.not_before_ms == 0 else time_ms(lease.not_before_ms),
+            time_ms(lease.last_delivery_ms),
+            lease.last_error or "-",
+        )
+        for lease in page.leases
+    ]
+    parts: list[object] = [
+        table(
+            (
+                "PARTITION",
+                "OFFSET",
+                "STATE",
+                "DELIVERIES",
+                "LEASE DEADLINE",
+                "NEXT RETRY DUE",
+                "LAST DELIVERY",
+                "LAST ERROR",
+            ),
+            rows,
+            table_id="queue-leases",
+        )
+    ]
+    if page.next_after is not None:
+        next_partition, next_offset = page.next_after
+        parts.append(
+            link(
+                "next page",
+                "/queue",
+                topic=topic_name,
+                group=name,
+                after_partition=next_partition,
+                after_offset=next_offset,
+            )
+        )
+    return join(parts)
 
 
 # -- dead letters ---------------------------------------------------------------------------
@@ -570,9 +688,14 @@ def queue(client: Client, request: Request) -> Page:
 
 def dead_letter_list(client: Client, request: Request) -> Page:
     rows = []
-    for name, writers in list(dead_letters.dead_letter_topics(client).items())[:LISTED_MAX]:
-        where = dead_letters.positions(client, name)
-        waiting = sum(end - cursor for _, cursor, end in where)
+    require(request, Action.CONSUME, Resource.GROUP, dead_letters.CURSOR_GROUP, "console dead letters")
+    visible = [
+        (name, writers)
+        for name, writers in dead_letters.dead_letter_topics(client).items()
+        if request.principal.may(Action.CONSUME, Resource.TOPIC, name)
+    ]
+    for name, writers in visible[:LISTED_MAX]:
+        waiting = dead_letters.waiting(client, name)
         description = client.describe_topic(name)
         stored = sum(p.high_watermark - p.log_start_offset for p in description.partitions)
         rows.append((link(name, "/dead-letter", topic=name), waiting, stored, ", ".join(writers) or "-"))
@@ -591,9 +714,11 @@ def _require_dead_letter_topic(client: Client, name: str) -> None:
 
 def dead_letter(client: Client, request: Request, token: str) -> Page:
     name = _required(request, "topic")
+    for action, resource, needed in _cursor_needs(name):
+        require(request, action, resource, needed, "console dead letters")
     _require_dead_letter_topic(client, name)
     count = min(_integer(request, "count", 20, minimum=1) or 1, DEAD_LETTERS_SHOWN_MAX)
-    waiting = sum(end - cursor for _, cursor, end in dead_letters.positions(client, name))
+    waiting = dead_letters.waiting(client, name)
     rows = []
     for partition, message in dead_letters.entries(client, name, count):
 
@@ -603,7 +728,10 @@ def dead_letter(client: Client, request: Request, token: str) -> Page:
         value_kind, value_text = show_bytes(message.value)
         rows.append(
             (
-                partition,
+                Markup(
+                    f'<label><input type="checkbox" name="pick-{partition}-{message.offset}" value="yes"> '
+                    f"{partition}</label>"
+                ),
                 message.offset,
                 f"{text(h.DLQ_SOURCE_TOPIC)}-{text(h.DLQ_SOURCE_PARTITION)}@{text(h.DLQ_SOURCE_OFFSET)}",
                 text(h.DLQ_GROUP),
@@ -633,6 +761,7 @@ def dead_letter(client: Client, request: Request, token: str) -> Page:
             Markup(
                 f'<p id="waiting">{waiting} entr{"y" if waiting == 1 else "ies"} waiting; the first {len(rows)} shown</p>'
             ),
+            Markup(f'<form method="post" action="/dead-letter/redrive" id="picked">{hidden(topic=name, token=token)}'),
             table(
                 (
                     "PARTITION",
@@ -648,6 +777,12 @@ def dead_letter(client: Client, request: Request, token: str) -> Page:
                 rows,
                 table_id="dead-letters",
             ),
+            Markup(
+                '<fieldset><label>to topic <input name="to" size="20" placeholder="each one\'s source"></label> '
+                '<button type="submit" id="redrive-picked">Review the redrive of the ticked entries</button> '
+                '<button type="submit" id="purge-picked" formaction="/dead-letter/purge">'
+                "Review the purge of the ticked entries</button></fieldset></form>"
+            ),
             Markup(f"<p>{link('browse every entry with its headers', '/messages', topic=name)}</p>"),
             actions,
         ]
@@ -657,31 +792,76 @@ def dead_letter(client: Client, request: Request, token: str) -> Page:
 
 def dead_letter_write(client: Client, request: Request, kind: str) -> tuple[str, Markup, WriteAction]:
     name = _required(request, "topic")
+    require(request, Action.CONSUME, Resource.TOPIC, name, f"console dead letters {kind}")
     _require_dead_letter_topic(client, name)
     count = _integer(request, "count", minimum=1)
     to = request.param("to") or None
+    picked = _picked(request)
     how_many = "every waiting entry" if count is None else f"the next {count} entr{'y' if count == 1 else 'ies'}"
     fields = hidden(topic=name, count=count, to=to)
+    if picked is not None:
+        if count is not None:
+            raise PageError(400, "give ticked entries or a count, not both")
+        listed = ", ".join(f"{partition}:{offset}" for partition, offset in picked)
+        how_many = f"the {len(picked)} ticked entr{'y' if len(picked) == 1 else 'ies'} (partition:offset {listed})"
+        fields = hidden(topic=name, picked=listed, to=to)
     if kind == "redrive":
         where = f"topic {to!r}" if to else "each entry's source topic"
         text = f"Redrive {how_many} of {name!r} to {where}."
 
         def run() -> str:
             try:
-                done = dead_letters.redrive(client, name, to=to, count=count)
+                done = dead_letters.redrive(client, name, to=to, count=count, picked=picked)
+            except dead_letters.DeadLetterNotWaiting as error:
+                raise PageError(409, f"{error}: nothing was redriven") from None
             except dead_letters.DeadLetterWithoutSource as error:
                 raise PageError(
                     409, f"{error}: give a topic to redrive to ({error.redriven} redriven before it)"
                 ) from None
             return f"redrove {done} message(s) from {name}"
 
-        return text, fields, WriteAction("dead-letters.redrive", name, run)
+        needs = _cursor_needs(name) + (((Action.PRODUCE, Resource.TOPIC, to),) if to else ())
+        return text, fields, WriteAction("dead-letters.redrive", name, run, needs)
     text = f"Purge {how_many} of {name!r}: move the cursor past them (they stay on disk until retention)."
 
     def purge() -> str:
-        return f"purged {dead_letters.purge(client, name, count=count)} message(s) from {name}"
+        try:
+            done = dead_letters.purge(client, name, count=count, picked=picked)
+        except dead_letters.DeadLetterNotWaiting as error:
+            raise PageError(409, f"{error}: nothing was purged") from None
+        return f"purged {done} message(s) from {name}"
 
-    return text, fields, WriteAction("dead-letters.purge", name, purge)
+    return text, fields, WriteAction("dead-letters.purge", name, purge, _cursor_needs(name))
+
+
+def _picked(request: Request) -> list[tuple[int, int]] | None:
+    """The entries ticked on a dead-letter page (pick-P-O fields), or carried on from its
+    confirmation (picked=P:O,P:O); None when none is."""
+    texts = [key.removeprefix("pick-").replace("-", ":", 1) for key in request.form if key.startswith("pick-")]
+    carried = request.param("picked")
+    if carried:
+        texts += carried.split(",")
+    if not texts:
+        return None
+    if len(texts) > dead_letters.PICKED_MAX:
+        raise PageError(400, f"at most {dead_letters.PICKED_MAX} entries may be ticked at once")
+    pairs = set()
+    for text in texts:
+        partition, _, offset = text.strip().partition(":")
+        if not (partition.isdigit() and offset.isdigit() and len(text) <= 40):
+            raise PageError(400, f"a ticked entry is PARTITION:OFFSET, not {text[:40]!r}")
+        pairs.add((int(partition), int(offset)))
+    return sorted(pairs)
+
+
+def _cursor_needs(name: str) -> tuple[tuple[Action, Resource, str], ...]:
+    """What reading dead letters and moving their cursor need (Fetch, FetchOffsets,
+    CommitOffsets of the group nodi.dlq); a redrive's produce to each entry's source
+    topic is checked as it is sent, and refused before the cursor moves past it."""
+    return (
+        (Action.CONSUME, Resource.TOPIC, name),
+        (Action.CONSUME, Resource.GROUP, dead_letters.CURSOR_GROUP),
+    )
 
 
 def confirmation(text: str, fields: Markup, action: str, token: str, back: str) -> Page:

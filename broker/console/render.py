@@ -141,12 +141,20 @@ vertical-align:top}th{background:#eee}td.empty{color:#888}pre{margin:0;white-spa
 max-width:60em}.kind{color:#777;font-size:.8em}.error{background:#fdd;border:1px solid #c66;padding:.6em}
 .notice{background:#dfd;border:1px solid #6a6;padding:.6em}form{margin:.5em 0}fieldset{margin:.6em 0;max-width:50em}
 .chart{display:inline-block;margin:0 1.5em 0 0}.chart svg{background:#fff;border:1px solid #ccc}
-.paging a{margin-right:1em}dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1em}dd{margin:0}
+.paging a{margin-right:1em}form.inline{display:inline;margin-left:1em}.user{margin-left:2em;color:#ddd}dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1em}dd{margin:0}
 """
 
 
-def layout(title: str, body: Markup) -> bytes:
+def layout(title: str, body: Markup, *, user: str | None = None, form_token: str | None = None) -> bytes:
+    """A whole page; with `user`, who is signed in, and with `form_token` a sign-out button."""
     navigation = "".join(f'<a href="{escape(path)}">{escape(name)}</a>' for name, path in NAVIGATION)
+    if user is not None:
+        navigation += f'<span class="user" id="user">{escape(user)}</span>'
+        if form_token is not None:
+            navigation += (
+                f'<form method="post" action="/logout" id="logout" class="inline">{hidden(token=form_token)}'
+                '<button type="submit">Sign out</button></form>'
+            )
     return (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
         f"<title>{escape(title)} - nodi console</title><style>{STYLE}</style></head>"

@@ -14,7 +14,10 @@ that brought it: `Api.protocol_version_min`); a request of an API newer than the
 connection's protocol version is answered UNSUPPORTED_VERSION. Protocol version 3 adds
 QueueReceiveBatches: the queue receive whose response carries the stored batches as they
 are on disk plus the delivered offsets (QueueReceive, which re-encodes each delivered
-record, is still answered for clients of versions 1 and 2).
+record, is still answered for clients of versions 1 and 2). Protocol version 4 adds
+QueueLeases: a page of a queue group's in-flight messages (the leases, the retries
+waiting for their time, the dead letters being written), for the web console and
+`nodi queue describe --leases`.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from .schema import (
 )
 
 PROTOCOL_VERSION_MIN = 1
-PROTOCOL_VERSION_MAX = 3
+PROTOCOL_VERSION_MAX = 4
 HANDSHAKE_MAGIC = b"NODI"
 HANDSHAKE_API_VERSION = 1  # frozen: every server reads a version-1 Handshake
 
@@ -103,6 +106,7 @@ class ApiKey(enum.IntEnum):
     INBOX_CLOSE = 26
     REPLY = 27
     QUEUE_RECEIVE_BATCHES = 28  # protocol version 3
+    QUEUE_LEASES = 29  # protocol version 4
 
 
 class EventKey(enum.IntEnum):
@@ -915,6 +919,46 @@ class QueueDescribeResponse(Response):
     expired: int = wire(INT64, 0, doc="TTL passed before delivery (dropped or dead-lettered)")
 
 
+class LeaseState(enum.IntEnum):
+    """Where an in-flight message of a queue group is (broker/server/queues.py)."""
+
+    LEASED = 0  # delivered; its lease runs until lease_deadline_ms
+    WAITING = 1  # to be delivered again at not_before_ms (a nack's or an expired lease's retry)
+    DEAD = 2  # to be dead-lettered: the broker appends it to the dead-letter topic
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class QueueLease:
+    partition: int = wire(INT32)
+    offset: int = wire(INT64)
+    state: LeaseState = wire(Enumeration(LeaseState, INT8))
+    delivery_count: int = wire(INT32, doc="deliveries so far")
+    lease_deadline_ms: int = wire(INT64, NO_OFFSET, doc="LEASED: when the lease runs out; else -1")
+    not_before_ms: int = wire(INT64, NO_OFFSET, doc="WAITING: when it may be delivered again (0: now); else -1")
+    last_delivery_ms: int = wire(INT64, NO_OFFSET, doc="-1: never delivered")
+    last_error: str = wire(STRING, "", doc="the last nack's error text, or the dead-letter reason")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class QueueLeasesRequest(Request):
+    API_KEY = ApiKey.QUEUE_LEASES
+    group: str = wire(STRING)
+    topic: str = wire(STRING)
+    partition: int = wire(INT32, -1, doc="-1: every partition")
+    after_partition: int = wire(INT32, -1, doc="paging: list what comes after (after_partition, after_offset)")
+    after_offset: int = wire(INT64, NO_OFFSET)
+    leases_max: int = wire(INT32, 100, doc="at most this many (the server caps it at queue_leases_listed_max)")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class QueueLeasesResponse(Response):
+    API_KEY = ApiKey.QUEUE_LEASES
+    leases: list[QueueLease] = wire(
+        Array(Struct(QueueLease)), [], doc="by partition, then offset: in-flight messages (not done, delivered once)"
+    )
+    more: bool = wire(BOOL, False, doc="more follow the last one listed")
+
+
 # ---------------------------------------------------------------------------
 # Compaction (storage/compaction.py)
 
@@ -1159,6 +1203,14 @@ APIS: tuple[Api, ...] = (
         summary="A queue group's settings and each partition's ack floor and window.",
     ),
     Api(
+        ApiKey.QUEUE_LEASES,
+        QueueLeasesRequest,
+        QueueLeasesResponse,
+        protocol_version_min=4,
+        summary="A page of a queue group's in-flight messages: each lease with its delivery count and deadline, "
+        "each retry waiting for its time, each dead letter being written; by partition and offset.",
+    ),
+    Api(
         ApiKey.QUEUE_LIST,
         QueueListRequest,
         QueueListResponse,
@@ -1328,6 +1380,10 @@ __all__ = [
     "QueueSettleResponse",
     "QueueDescribeRequest",
     "QueueDescribeResponse",
+    "LeaseState",
+    "QueueLease",
+    "QueueLeasesRequest",
+    "QueueLeasesResponse",
     "QueueGroupSummary",
     "QueueListRequest",
     "QueueListResponse",

@@ -43,6 +43,8 @@ class ServerConfig:
     # The web console (docs/console.md): its address, and its port; 0 turns it off.
     console_host: str = "127.0.0.1"
     console_port: int = 6636
+    # A console session (with a users file: sign-in) unused this long is ended.
+    console_session_idle_ms: int = 1_800_000
     # Open client connections; one more is told LIMIT_EXCEEDED and closed.
     connections_max: int = 10_000
     # Longest long-poll a fetch may ask for; longer waits are cut to it.
@@ -94,6 +96,8 @@ class ServerConfig:
             raise InvalidConfigError(f"metrics_port {self.metrics_port} outside -1..65535")
         if not 0 <= self.console_port <= 65535:
             raise InvalidConfigError(f"console_port {self.console_port} outside 0..65535 (0 turns the console off)")
+        if self.console_session_idle_ms < 1:
+            raise InvalidConfigError("console_session_idle_ms must be positive")
         for name in (
             "connections_max",
             "fetch_wait_max_ms",

@@ -68,7 +68,15 @@ from .group_names import check_group_name
 from .queue_batches import StoredBatch
 from .queue_group import QueueGroup
 from .queue_state import QueueStateError, decode_partition, encode_partition, state_bytes_max
-from .queues import DeadLetter, PartitionQueue, QueueGroupStatistics, Taken
+from .queues import (
+    DeadLetter,
+    DeadLetterReason,
+    Delivery,
+    DeliveryState,
+    PartitionQueue,
+    QueueGroupStatistics,
+    Taken,
+)
 from .reply import Reply
 
 log = logging.getLogger("nodi.queues")
@@ -88,6 +96,8 @@ STORED_READS_MAX = 64
 # Receives of at most this many messages, all among the last this many offsets of their
 # log, read on the event loop (just written: in the page cache); others in a thread.
 TAIL_READ_MESSAGES_MAX = 16
+# QueueLeases: at most this many in-flight messages listed per request.
+QUEUE_LEASES_LISTED_MAX = 1000
 # The timer's longest sleep (it also wakes when told to).
 TIMER_INTERVAL_MAX_S = 0.5
 
@@ -947,6 +957,30 @@ class QueueService:
             )
         )
 
+    # -- QueueLeases: a read-only page of in-flight messages (the console's lease view) ----
+
+    async def leases(self, request: m.QueueLeasesRequest) -> Reply:
+        group = self._group_for(request.group, request.topic, None)
+        if request.partition != -1:
+            group.partition(request.partition)  # UNKNOWN_PARTITION when out of range
+        limit = max(1, min(request.leases_max, QUEUE_LEASES_LISTED_MAX))
+        listed: list[m.QueueLease] = []
+        more = False
+        for queue in group.partitions:
+            if (request.partition != -1 and queue.partition != request.partition) or (
+                queue.partition < request.after_partition
+            ):
+                continue
+            after = request.after_offset if queue.partition == request.after_partition else -1
+            for delivery in queue.in_flight(after, limit + 1 - len(listed)):
+                if len(listed) == limit:
+                    more = True
+                    break
+                listed.append(lease_to_wire(queue.partition, delivery))
+            if more:
+                break
+        return Reply(m.QueueLeasesResponse(request_id=request.request_id, leases=listed, more=more))
+
     async def list(self, request: m.QueueListRequest) -> Reply:
         summaries = []
         for (name, topic), group in sorted(self.groups.items()):
@@ -1193,3 +1227,25 @@ class QueueService:
             return self.store.topics()[topic].partitions
         log.info("created dead-letter topic %s", topic)
         return topic_config.partitions
+
+
+def lease_to_wire(partition: int, delivery: Delivery) -> m.QueueLease:
+    if delivery.state is DeliveryState.LEASED:
+        state, deadline, not_before = m.LeaseState.LEASED, delivery.lease_deadline_ms, -1
+    elif delivery.state is DeliveryState.DEAD:
+        state, deadline, not_before = m.LeaseState.DEAD, -1, -1
+    else:
+        state, deadline, not_before = m.LeaseState.WAITING, -1, delivery.not_before_ms
+    error = delivery.last_error
+    if delivery.state is DeliveryState.DEAD and delivery.reason is not DeadLetterReason.NONE:
+        error = delivery.reason.label + (f": {error}" if error else "")
+    return m.QueueLease(
+        partition=partition,
+        offset=delivery.offset,
+        state=state,
+        delivery_count=delivery.delivery_count,
+        lease_deadline_ms=deadline,
+        not_before_ms=not_before,
+        last_delivery_ms=delivery.last_delivery_ms if delivery.delivery_count else -1,
+        last_error=error,
+    )

@@ -708,6 +708,22 @@ class PartitionQueue:
         else:
             self._make_available(delivery, delivery.not_before_ms, now_ms)
 
+    # -- read-only view for QueueLeases (the console, `nodi queue describe --leases`) -----------
+
+    def in_flight(self, after_offset: int, limit: int) -> list[Delivery]:
+        """Up to `limit` messages of the window past `after_offset`, by offset, that were
+        delivered at least once or are to be dead-lettered (leased, waiting for a retry,
+        dead). Read only: the caller must not change what it gets."""
+        offsets = heapq.nsmallest(
+            limit,
+            (
+                offset
+                for offset, delivery in self.pending.items()
+                if offset > after_offset and (delivery.delivery_count > 0 or delivery.state is DeliveryState.DEAD)
+            ),
+        )
+        return [self.pending[offset] for offset in offsets]
+
     def statistics(self) -> PartitionQueueStatistics:
         return PartitionQueueStatistics(
             self.partition,

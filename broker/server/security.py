@@ -264,6 +264,8 @@ class Security:
         return False
 
     def count_not_authorized(self, principal: Principal, action: Action, target: str, what: str) -> None:
+        """Count and log one refusal of `principal` (`what`: the request, or the
+        console's page or action): nodi's protocol, the Kafka listener and the console."""
         self._not_authorized[action.value] += 1
         log.warning(
             "not authorized: %s may not %s %s (%s)",
@@ -301,6 +303,8 @@ def required_permissions(request: m.Request) -> list[tuple[Action, Resource, str
             return [(consume, group, request.group)] + [(consume, topic, name) for name in request.topics]
         case m.LeaveGroupRequest() | m.HeartbeatRequest() | m.GroupWaitRequest():
             return [(consume, group, request.group)]
+        case m.QueueLeasesRequest():  # lists offsets with the consumers' error texts: a consumer's view
+            return [(consume, group, request.group), (consume, topic, request.topic)]
         case m.QueueReceiveRequest() | m.QueueSettleRequest():
             return [(consume, group, request.group), (consume, topic, request.topic)]
     return []

@@ -401,8 +401,13 @@ class Server:
         self.console = None
         if config.console_port:
             from ..console.app import Console
+            from ..console.sessions import SessionLimits
 
-            self.console = Console(config.console_host, config.console_port)
+            self.console = Console(
+                config.console_host,
+                config.console_port,
+                session_limits=SessionLimits(session_idle_ms=config.console_session_idle_ms),
+            )
         self.shutting_down = False
         self.sendfile = True
         self.sessions: set[ClientSession] = set()
@@ -470,6 +475,10 @@ class Server:
         (Store.open), so a start that fails (a port taken: OSError; another broker or a
         tool on the directory: DataDirectoryLockedError) has written nothing into it."""
         check_exposure(self.config.host, self.config.security)
+        if self.console is not None:  # the web console's address follows the same rule (docs/security.md)
+            check_exposure(self.config.console_host, self.config.security)
+            for warning in exposure_warnings(self.config.console_host, self.config.security):
+                log.warning("web console: %s", warning)
         for warning in exposure_warnings(self.config.host, self.config.security):
             log.warning("%s", warning)
         if self.config.kafka.enabled:  # the same rule for the Kafka listener's own host
@@ -539,7 +548,7 @@ class Server:
                 if self.metrics is not None:
                     self.metrics.start(self)
                 if self.console is not None:
-                    await self.console.start(tasks, self.address)
+                    await self.console.start(tasks, self)
                 if on_ready is not None:
                     on_ready(self)
                 await self._stop.wait()
@@ -733,7 +742,8 @@ def run(config: ServerConfig, *, announce: Callable[[str], None] = print) -> Non
                 scheme = "https" if config.security.tls else "http"
                 announce(f"nodi metrics on {scheme}://{host}:{metrics.port}/metrics")
             if server.console is not None:
-                announce(f"nodi console on http://{config.console_host}:{server.console.port}/")
+                scheme = "https" if server.console.tls else "http"
+                announce(f"nodi console on {scheme}://{config.console_host}:{server.console.port}/")
 
         await server.run(on_ready=ready)
 

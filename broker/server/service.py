@@ -834,6 +834,7 @@ class Broker:
         m.QueueSettleRequest: lambda self, request: self.queues.settle(request),
         m.QueueDescribeRequest: lambda self, request: self.queues.describe(request),
         m.QueueListRequest: lambda self, request: self.queues.list(request),
+        m.QueueLeasesRequest: lambda self, request: self.queues.leases(request),
         m.InboxOpenRequest: lambda self, request: self.inboxes.open(request),
         m.InboxReceiveRequest: lambda self, request: self.inboxes.receive(request),
         m.InboxCloseRequest: lambda self, request: self.inboxes.close(request),
