@@ -342,14 +342,11 @@ def test_a_ridden_commit_answered_survives_kill_9(broker_factory, tmp_path) -> N
         for number in range(10):
             client.produce("ride-crash", f"m{number}".encode(), partition=0)
 
-    async def ride() -> dict:
-        async with AsyncClient(process.address, timeout_ms=10_000) as client:
-            _, commits = await client.fetch_committing(
-                "ride-crash", 0, 10, group="g-crash", offsets={("ride-crash", 0): 7}, commit_wait=True, wait_ms=30_000
-            )
-            return commits
-
-    assert _run(ride()) == {("ride-crash", 0): None}  # answered: durable
+    with Client(process.address, timeout_ms=10_000) as client:  # the blocking client's written-out method
+        _, commits = client.fetch_committing(
+            "ride-crash", 0, 10, group="g-crash", offsets={("ride-crash", 0): 7}, commit_wait=True, wait_ms=30_000
+        )
+    assert commits == {("ride-crash", 0): None}  # answered: durable
     process.kill()  # SIGKILL right after the answer
     restarted = broker_factory(data_dir).start()
     with Client(restarted.address, timeout_ms=10_000) as client:
