@@ -52,3 +52,7 @@ def test_latency_bench_quick_run_writes_its_json(tmp_path: Path) -> None:
     for stage in ("end_to_end", "produce_ack", "commit", "cycle"):
         assert end_to_end[stage]["count"] == 30
     assert end_to_end["server_cpu_us_per_message"] > 0
+    for phase in ("end_to_end_own", "end_to_end_nowait"):  # the same run with the other commit modes
+        assert results[phase]["messages"] == 30
+        assert results[phase]["end_to_end"]["count"] == 30
+        assert results[phase]["server_cpu_us_per_message"] > 0

@@ -10,6 +10,10 @@ Workloads (1 KiB values, one partition, topic fsync_policy "always", acks "durab
   long-polls); the producer client sends one message with `produce()` (acks durable);
   the consumer receives it and awaits `commit()`; then the next message. Per message:
   received - sent (end to end), the produce acknowledgement, the commit, the whole cycle.
+  Run three ways in the same run: `commit()` riding on the consumer's next fetch (Fetch
+  version 2, answered once the commit is durable; the default), `commit()` as a
+  CommitOffsets of its own (what protocol 3 and older did), and `commit_nowait()` (the
+  offsets ride on the long-polling fetch, not awaited).
 
 Limits measured in the same run, before and after the workloads (both are printed): a
 1 KiB write+fdatasync loop and a 100 KiB one (tools/storage_bench.raw_fdatasync_loop, on
@@ -250,10 +254,23 @@ def _stamp_into(stamps: list[float]) -> Callable[[asyncio.Task], None]:
     return stamp
 
 
+COMMIT_MODES = ("ride", "own", "nowait")  # see the module's docstring
+
+
 async def end_to_end_phase(
-    producer_client: AsyncClient, consumer_client: AsyncClient, topic: str, count: int, server_pid: int | None
+    producer_client: AsyncClient,
+    consumer_client: AsyncClient,
+    topic: str,
+    count: int,
+    server_pid: int | None,
+    commit_mode: str = "ride",
 ) -> dict:
-    consumer = consumer_client.consumer(topic, "bench-e2e", start="latest", auto_commit=False, wait_ms=1000)
+    assert commit_mode in COMMIT_MODES
+    consumer = consumer_client.consumer(
+        topic, f"bench-e2e-{commit_mode}", start="latest", auto_commit=False, wait_ms=1000
+    )
+    if commit_mode == "own":
+        consumer._ride_commits = False  # as against a server of protocol 3: CommitOffsets
     await consumer.start()
     await consumer.poll(timeout_ms=0)  # joined and assigned; its fetch now waits at the tail
     value = bytes(VALUE_BYTES)
@@ -273,7 +290,10 @@ async def end_to_end_phase(
             received_at = clock()
             await produce
             before_commit = clock()
-            await consumer.commit()
+            if commit_mode == "nowait":
+                consumer.commit_nowait()
+            else:
+                await consumer.commit()
             done = clock()
             end_to_end.append(received_at - started)
             acknowledged.append(acked_at[0] - started)
@@ -338,6 +358,14 @@ async def workloads(address: str, server_pid: int | None, settings: argparse.Nam
         results["end_to_end"] = await end_to_end_phase(
             producer_client, consumer_client, "e2e", settings.messages, server_pid
         )
+        progress(f"end to end, commits as CommitOffsets of their own: {settings.messages}")
+        results["end_to_end_own"] = await end_to_end_phase(
+            producer_client, consumer_client, "e2e", settings.messages, server_pid, "own"
+        )
+        progress(f"end to end, commit_nowait(): {settings.messages}")
+        results["end_to_end_nowait"] = await end_to_end_phase(
+            producer_client, consumer_client, "e2e", settings.messages, server_pid, "nowait"
+        )
         if settings.strace and server_pid is not None:
             progress(f"end to end under strace -c -f: {STRACE_MESSAGES}")
             results["strace"] = await strace_phase(producer_client, consumer_client, "e2e", server_pid, directory)
@@ -375,16 +403,22 @@ def render(results: dict) -> str:
         f"commit p50 {ms(consume['commit']['ms_p50'])} p99 {ms(consume['commit']['ms_p99'])} ms; "
         f"server {us(consume['server_cpu_us_per_message'])} us/msg; others {consume['others_cpu_share'] or 0:.0%}"
     )
-    for name in ("end_to_end", "produce_ack", "commit", "cycle"):
-        figures = e2e[name]
+    for phase, label in (
+        ("end_to_end", "one at a time"),  # commit() riding on the next fetch
+        ("end_to_end_own", "one at a time (commit() as CommitOffsets)"),
+        ("end_to_end_nowait", "one at a time (commit_nowait())"),
+    ):
+        e2e = results[phase]
+        for name in ("end_to_end", "produce_ack", "commit", "cycle"):
+            figures = e2e[name]
+            lines.append(
+                f"{label}, {name.replace('_', ' ')}: p50 {ms(figures['ms_p50'])} "
+                f"p90 {ms(figures['ms_p90'])} p99 {ms(figures['ms_p99'])} max {ms(figures['ms_max'])} ms"
+            )
         lines.append(
-            f"one at a time, {name.replace('_', ' ')}: p50 {ms(figures['ms_p50'])} p90 {ms(figures['ms_p90'])} "
-            f"p99 {ms(figures['ms_p99'])} max {ms(figures['ms_max'])} ms"
+            f"{label}: server {us(e2e['server_cpu_us_per_message'])} us/msg, client "
+            f"{us(e2e['client_cpu_us_per_message'])} us/msg (both clients), others {e2e['others_cpu_share'] or 0:.0%}"
         )
-    lines.append(
-        f"one at a time: server {us(e2e['server_cpu_us_per_message'])} us/msg, client "
-        f"{us(e2e['client_cpu_us_per_message'])} us/msg (both clients), others {e2e['others_cpu_share'] or 0:.0%}"
-    )
     if "strace" in results:
         trace = results["strace"]
         top = ", ".join(f"{name} {count:.1f}" for name, count in list(trace["by_name"].items())[:12])

@@ -541,7 +541,80 @@ class AsyncClient:
         response = await self.core.call(
             request, timeout_ms, retry=True, extra_ms=max(wait_ms, 0), expect=m.FetchResponse
         )
-        messages, position, undecodable = decode_fetched(topic, partition, offset, response.records)
+        return await self._fetched(topic, partition, offset, response.records, include_expired, timeout_ms)
+
+    async def fetch_committing(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        *,
+        group: str,
+        offsets: dict[tuple[str, int], int],
+        generation: int = -1,
+        member_id: str = "",
+        commit_wait: bool = False,
+        bytes_max: int = DEFAULT_FETCH_BYTES_MAX,
+        wait_ms: int = 0,
+        include_expired: bool = False,
+        timeout_ms: int | None = None,
+    ) -> tuple[
+        tuple[list[Message], int, int, int] | NodiClientError,
+        dict[tuple[str, int], NodiClientError | None] | NodiClientError,
+    ]:
+        """fetch_counted() with the group's `offsets` committed by the same request
+        (Fetch version 2, protocol version 4): the commits ride on the fetch. With
+        `commit_wait` the server answers as soon as the commits are durable (no long
+        poll). Returns the fetch's outcome and the commits' (per partition: None when
+        committed, else its error), each an error of its own when it failed as a whole.
+        Raises ProtocolViolation (UNSUPPORTED_VERSION), before sending anything, to a
+        server of protocol version 3 or older; ConnectionLost and Timeout when no answer came (the commits
+        may or may not have been made)."""
+        request = m.FetchCommitRequest(
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            bytes_max=bytes_max,
+            wait_ms=wait_ms,
+            group=group,
+            generation=generation,
+            member_id=member_id,
+            commits=[
+                m.OffsetCommit(topic=key[0], partition=key[1], offset=value) for key, value in sorted(offsets.items())
+            ],
+            commit_wait=commit_wait,
+        )
+        async with self.core.deadline(timeout_ms, "Fetch", extra_ms=0 if commit_wait else max(wait_ms, 0)):
+            response = await self.core.send(request, expect=m.FetchCommitResponse)
+        commits: dict[tuple[str, int], NodiClientError | None] | NodiClientError
+        if response.commit_error_code != ErrorCode.NONE:
+            commits = error_for(response.commit_error_code, response.commit_error_message)
+        else:
+            commits = {
+                (result.topic, result.partition): None if result.error_code == 0 else error_for(result.error_code, None)
+                for result in response.commit_results
+            }
+        fetched: tuple[list[Message], int, int, int] | NodiClientError
+        if response.error_code != ErrorCode.NONE:
+            fetched = error_for(response.error_code, response.error_message)
+        else:
+            try:
+                fetched = await self._fetched(topic, partition, offset, response.records, include_expired, timeout_ms)
+            except NodiClientError as error:  # the topic's TTL could not be read
+                fetched = error
+        return fetched, commits
+
+    async def _fetched(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        records: bytes | memoryview,
+        include_expired: bool,
+        timeout_ms: int | None,
+    ) -> tuple[list[Message], int, int, int]:
+        """A fetch response's records decoded, expired messages left out."""
+        messages, position, undecodable = decode_fetched(topic, partition, offset, records)
         self.undecodable_batches_skipped += undecodable
         if not messages:
             return messages, position, 0, undecodable

@@ -169,6 +169,14 @@ class AsyncConsumer:
         # fetch response per partition: a partition with some is not fetched again.
         self._ready: dict[TopicPartition, tuple[list[Message], int]] = {}
         self._fetch_failures: dict[TopicPartition, int] = {}  # failed fetches in a row
+        # Commits riding on fetches (Fetch version 2, protocol version 4): partitions
+        # whose fetch task is made but has not sent yet (a commit can still ride on it);
+        # a waiting commit()'s ride, per partition whose next fetch carries it; and the
+        # offsets of commit_nowait() and auto-commit for whichever fetch goes out next.
+        self._ride_commits = True  # False once the server refused Fetch version 2
+        self._unsent: set[TopicPartition] = set()
+        self._ride_for: dict[TopicPartition, _Ride] = {}
+        self._ride_next: dict[TopicPartition, int] = {}
         self._changed: asyncio.Future | None = None  # resolved when the assignment changes
         self._heartbeat_task: asyncio.Task | None = None
         self._background_error: BaseException | None = None
@@ -229,6 +237,12 @@ class AsyncConsumer:
                     await self.commit()
                 except NodiClientError as error:
                     log.warning("consumer %s: commit at close failed: %s", self.group, error)
+            elif self._ride_next and not self._client.closed:  # commit_nowait() offsets no fetch took
+                try:
+                    await self._commit(self._ride_next)
+                except NodiClientError as error:
+                    log.warning("consumer %s: commit at close failed: %s", self.group, error)
+            self._ride_next.clear()
             if self._member and self.member_id and not self._client.closed:
                 assert self.group is not None  # a member is in a group
                 with contextlib.suppress(NodiClientError):
@@ -329,10 +343,13 @@ class AsyncConsumer:
             self._start_fetches()
         if self.auto_commit and time.monotonic() >= self._next_commit:
             self._next_commit = time.monotonic() + self.auto_commit_interval_s
-            try:
-                await self._commit(self._handled_positions())
-            except (ConnectionLost, Timeout, IllegalGeneration, UnknownMember) as error:
-                log.warning("consumer %s: auto-commit failed: %s", self.group, error)
+            if self._ride_commits and self._unsent:  # rides on the fetch just started
+                self._ride_next.update(self._uncommitted(self._handled_positions()))
+            else:
+                try:
+                    await self._commit(self._handled_positions())
+                except (ConnectionLost, Timeout, IllegalGeneration, UnknownMember) as error:
+                    log.warning("consumer %s: auto-commit failed: %s", self.group, error)
         return messages
 
     def _start_fetches(self) -> None:
@@ -344,24 +361,39 @@ class AsyncConsumer:
                     backoff_s(failures - 1, FETCH_RETRY_BACKOFF_MS, FETCH_RETRY_BACKOFF_MAX_MS) if failures else 0.0
                 )
                 self._fetches[key] = loop.create_task(self._fetch(key, self._positions[key], delay_s))
+                if not delay_s:
+                    self._unsent.add(key)
         if self._changed is None or self._changed.done():
             self._changed = loop.create_future()
 
     async def _fetch(self, key: TopicPartition, offset: int, delay_s: float = 0.0) -> tuple[list[Message], int, int]:
-        """One fetch of a partition, after `delay_s` (the retry backoff)."""
+        """One fetch of a partition, after `delay_s` (the retry backoff), carrying the
+        commits waiting to ride (a waiting commit()'s for this partition, and those of
+        commit_nowait() and auto-commit)."""
         if delay_s:
             await asyncio.sleep(delay_s)
+        self._unsent.discard(key)
+        ride = self._ride_for.pop(key, None)
+        fetched = None
+        if self._ride_commits and (ride is not None or self._ride_next):
+            fetched = await self._fetch_riding(key, offset, ride)
+        elif ride is not None:
+            ride.settle(None)  # the server cannot take it: commit() sends its own
         topic, partition = key
         try:
-            messages, position, expired, undecodable = await self._client.fetch_counted(
-                topic,
-                partition,
-                offset,
-                bytes_max=self.bytes_max,
-                wait_ms=self.wait_ms,
-                include_expired=self.include_expired,
-                timeout_ms=self.timeout_ms,
-            )
+            if isinstance(fetched, BaseException):
+                raise fetched
+            if fetched is None:
+                fetched = await self._client.fetch_counted(
+                    topic,
+                    partition,
+                    offset,
+                    bytes_max=self.bytes_max,
+                    wait_ms=self.wait_ms,
+                    include_expired=self.include_expired,
+                    timeout_ms=self.timeout_ms,
+                )
+            messages, position, expired, undecodable = fetched
             self._expired_skipped += expired
             self._undecodable_skipped += undecodable
         except OffsetOutOfRange:
@@ -375,6 +407,62 @@ class AsyncConsumer:
             )
             return [], position, offset
         return messages, position, offset
+
+    async def _fetch_riding(self, key: TopicPartition, offset: int, ride: _Ride | None):
+        """The fetch of `key` as Fetch version 2 with the commits waiting to ride. Returns
+        the fetch's outcome (an error included), or None when the server speaks no
+        Fetch version 2 (the fetch goes out as version 1; the commits as CommitOffsets)."""
+        assert self.group is not None  # only a group's consumer commits
+        offsets = dict(self._ride_next)
+        self._ride_next.clear()
+        if ride is not None:
+            offsets.update(ride.offsets)
+        generation, member_id = (self.generation, self.member_id) if self._member else (-1, "")
+        try:
+            fetched, commits = await self._client.fetch_committing(
+                key[0],
+                key[1],
+                offset,
+                group=self.group,
+                offsets=offsets,
+                generation=generation,
+                member_id=member_id,
+                commit_wait=ride is not None,
+                bytes_max=self.bytes_max,
+                wait_ms=self.wait_ms,
+                include_expired=self.include_expired,
+                timeout_ms=self.timeout_ms,
+            )
+        except ProtocolViolation as error:
+            if error.code != ErrorCode.UNSUPPORTED_VERSION:
+                raise
+            log.info(
+                "consumer %s: the server has no Fetch version 2 (protocol 3 or older): commits of their own", self.group
+            )
+            self._ride_commits = False
+            for offset_key, value in offsets.items():  # for the next commit or auto-commit
+                self._ride_next.setdefault(offset_key, value)
+            if ride is not None:
+                ride.settle(None)
+            return None
+        except asyncio.CancelledError:
+            if ride is not None:
+                ride.settle(None)  # sent or not, no answer: commit() sends its own
+            raise
+        except BaseException as error:
+            if ride is not None:
+                ride.settle(error)
+            elif isinstance(error, NodiClientError):
+                log.warning("consumer %s: a commit riding on a fetch failed: %s", self.group, error)
+            raise
+        if ride is not None:
+            ride.settle(commits)
+        else:
+            try:
+                self._apply_commits(offsets, commits)
+            except NodiClientError as error:
+                log.warning("consumer %s: a commit riding on a fetch failed: %s", self.group, error)
+        return fetched
 
     def _collect(self) -> None:
         """Take every finished fetch into _ready: its messages, if the partition is still
@@ -432,6 +520,10 @@ class AsyncConsumer:
             if task is not None:
                 task.cancel()
             self._ready.pop(key, None)
+            self._unsent.discard(key)
+            ride = self._ride_for.pop(key, None)
+            if ride is not None:  # its fetch never went out: commit() sends its own
+                ride.settle(None)
 
     def _raise_background_error(self) -> None:
         error, self._background_error = self._background_error, None
@@ -480,11 +572,40 @@ class AsyncConsumer:
     # -- offsets ------------------------------------------------------------------------
 
     async def commit(self) -> None:
-        """Commit, per partition, the offset after the last message poll() returned.
-        A partition that moved to another member meanwhile is skipped."""
+        """Commit, per partition, the offset after the last message poll() returned, and
+        return once the commit is durable. A partition that moved to another member
+        meanwhile is skipped. When a fetch is about to go out (poll() has just started
+        the next ones) the commit rides on it (a server of protocol version 4), which
+        then answers as soon as the commit is durable; else a CommitOffsets of its own."""
         if self.group is None:
             raise ValueError("commit() needs a consumer group")
-        await self._commit(self._positions)
+        offsets = self._uncommitted(self._positions)
+        if not offsets:
+            return
+        key = next(iter(self._unsent), None) if self._ride_commits else None
+        if key is None or key in self._ride_for:
+            await self._commit(offsets)
+            return
+        ride = self._ride_for[key] = _Ride(offsets, asyncio.get_running_loop().create_future())
+        async with self._client.core.deadline(self.timeout_ms, "Commit"):
+            outcome = await ride.future
+        if outcome is None:  # not carried after all (its fetch was cancelled first)
+            await self._commit(offsets)
+        elif isinstance(outcome, BaseException):
+            raise outcome
+        else:
+            self._apply_commits(offsets, outcome)
+
+    def commit_nowait(self) -> None:
+        """commit() without waiting: the offsets after the last message poll() returned
+        ride on the next fetch that goes out (the one poll() has just started, if any),
+        so they cost no request of their own; failures are logged, not raised, and a
+        later commit() or auto-commit covers the partitions again. What no fetch took
+        is committed by close(). To a server of protocol 3 or older: the next commit()
+        or close() commits them."""
+        if self.group is None:
+            raise ValueError("commit_nowait() needs a consumer group")
+        self._ride_next.update(self._uncommitted(self._positions))
 
     def _handled_positions(self) -> dict[TopicPartition, int]:
         """Per partition still ours, the position before the batch being handled (a
@@ -493,14 +614,30 @@ class AsyncConsumer:
             key: min(offset, self._positions[key]) for key, offset in self._handled.items() if key in self._positions
         }
 
+    def _uncommitted(self, positions: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
+        return {key: offset for key, offset in positions.items() if self._committed.get(key) != offset}
+
     async def _commit(self, positions: dict[TopicPartition, int]) -> None:
-        offsets = {key: offset for key, offset in positions.items() if self._committed.get(key) != offset}
+        """A CommitOffsets of the positions not committed yet."""
+        offsets = self._uncommitted(positions)
         if not offsets:
             return
+        assert self.group is not None  # only a group's consumer commits
         generation, member_id = (self.generation, self.member_id) if self._member else (-1, "")
         results = await self._client.commit_offsets(
             self.group, offsets, generation=generation, member_id=member_id, timeout_ms=self.timeout_ms
         )
+        self._apply_commits(offsets, results)
+
+    def _apply_commits(
+        self,
+        offsets: dict[TopicPartition, int],
+        results: dict[TopicPartition, NodiClientError | None] | NodiClientError,
+    ) -> None:
+        """Note what a commit stored; stop reading partitions it was fenced from; raise
+        the first other error."""
+        if isinstance(results, NodiClientError):
+            raise results
         failure = None
         for key, error in results.items():
             if error is None:
@@ -691,6 +828,23 @@ class AsyncConsumer:
             log.exception("consumer %s: callback %r failed", self.group, callback)
 
 
+class _Ride:
+    """A waiting commit()'s offsets riding on one partition's next fetch. `future` gets
+    the commits' outcome: the per-partition results, an error, or None when they were
+    not carried (the fetch was cancelled first, the server is too old): then commit()
+    sends a CommitOffsets of its own (a second commit of the same offsets is harmless)."""
+
+    __slots__ = ("offsets", "future")
+
+    def __init__(self, offsets: dict[TopicPartition, int], future: asyncio.Future) -> None:
+        self.offsets = offsets
+        self.future = future
+
+    def settle(self, outcome) -> None:
+        if not self.future.done():
+            self.future.set_result(outcome)
+
+
 def _pairs(assignments: list[m.TopicPartitions]) -> list[TopicPartition]:
     return [(entry.topic, partition) for entry in assignments for partition in entry.partitions]
 
@@ -760,6 +914,13 @@ class Consumer:
 
     def commit(self) -> None:
         self._client.core.run(self._consumer.commit(), self._consumer.timeout_ms)
+
+    def commit_nowait(self) -> None:
+        """As AsyncConsumer.commit_nowait: the offsets ride on the next fetch."""
+        self._client.core.run(self._commit_nowait(), None)
+
+    async def _commit_nowait(self) -> None:
+        self._consumer.commit_nowait()
 
     def close(self) -> None:
         try:

@@ -367,6 +367,46 @@ class Client:
             wait_ms or 0,
         )
 
+    def fetch_committing(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        *,
+        group: str,
+        offsets: dict[tuple[str, int], int],
+        generation: int = -1,
+        member_id: str = "",
+        commit_wait: bool = False,
+        bytes_max: int = DEFAULT_FETCH_BYTES_MAX,
+        wait_ms: int = 0,
+        include_expired: bool = False,
+        timeout_ms: int | None = None,
+    ) -> tuple[
+        tuple[list[Message], int, int, int] | NodiClientError,
+        dict[tuple[str, int], NodiClientError | None] | NodiClientError,
+    ]:
+        """AsyncClient.fetch_committing, blocking: fetch_counted() with the group's
+        `offsets` committed by the same request (Fetch version 2, protocol version 4)."""
+        return self._run(
+            self._async.fetch_committing(
+                topic,
+                partition,
+                offset,
+                group=group,
+                offsets=offsets,
+                generation=generation,
+                member_id=member_id,
+                commit_wait=commit_wait,
+                bytes_max=bytes_max,
+                wait_ms=wait_ms,
+                include_expired=include_expired,
+                timeout_ms=timeout_ms,
+            ),
+            timeout_ms,
+            0 if commit_wait else wait_ms or 0,
+        )
+
     def list_offsets(
         self,
         topic: str,

@@ -68,6 +68,7 @@ from .messages import (
     API_BY_KEY,
     EVENT_VERSION,
     HANDSHAKE_API_VERSION,
+    MESSAGES_BY_VERSION,
     PROTOCOL_VERSION_MAX,
     PROTOCOL_VERSION_MIN,
     ApiKey,
@@ -81,7 +82,7 @@ from .messages import (
     Request,
     Response,
     api_served,
-    api_version,
+    api_version_served,
     choose_protocol_version,
 )
 
@@ -434,6 +435,19 @@ class Connection:
                     f"{self.protocol_version}",
                 ),
             )
+        if (
+            self.protocol_version is not None
+            and (header.api_key, header.api_version) in MESSAGES_BY_VERSION
+            and not api_version_served(header.api_key, header.api_version, self.protocol_version)
+        ):
+            return self._rejected(
+                header,
+                ProtocolError(
+                    ErrorCode.UNSUPPORTED_VERSION,
+                    f"{API_BY_KEY[header.api_key].key.name} version {header.api_version} needs a later protocol "
+                    f"version; this connection speaks {self.protocol_version}",
+                ),
+            )
         try:
             return decode_message_body(header, frame, self.limits)
         except ProtocolError as error:
@@ -560,7 +574,13 @@ class Connection:
                 f"{type(message).__name__} needs protocol version "
                 f"{API_BY_KEY[message.API_KEY].protocol_version_min}; the server speaks {self.protocol_version}",
             )
-        return next_state, api_version(message.API_KEY, self.protocol_version)
+        if not api_version_served(message.API_KEY, message.API_VERSION, self.protocol_version):
+            raise ProtocolError(
+                ErrorCode.UNSUPPORTED_VERSION,
+                f"{type(message).__name__} (version {message.API_VERSION}) needs a later protocol version; "
+                f"the server speaks {self.protocol_version}",
+            )
+        return next_state, message.API_VERSION
 
     def _plan_server_send(self, message: Message) -> tuple[State, int]:
         if isinstance(message, ClosingEvent):
@@ -574,6 +594,12 @@ class Connection:
         if frame_api_key(message) != api_key:
             raise self._illegal(
                 f"a {type(message).__name__} answering request {message.request_id} of API {api_key}",
+                receiving=False,
+            )
+        if not isinstance(message, ErrorResponse) and message.API_VERSION != version:
+            raise self._illegal(
+                f"a {type(message).__name__} (version {message.API_VERSION}) answering request "
+                f"{message.request_id} of version {version}",
                 receiving=False,
             )
         trigger = self._response_trigger(api_key, message)

@@ -58,6 +58,15 @@ def render_apis() -> str:
             f"Request:\n\n{_body_table(api.request)}\n\n"
             f"Response:\n\n{_body_table(api.response)}"
         )
+        for later in api.later_versions:
+            sections.append(
+                f"### {api.request.__name__.removesuffix('Request')} version {later.version} "
+                f"(api key {int(api.key)}, version {later.version}, protocol version {later.protocol_version_min}: "
+                f"{later.request.__name__})\n\n"
+                f"{later.summary}\n\n"
+                f"Request:\n\n{_body_table(later.request)}\n\n"
+                f"Response:\n\n{_body_table(later.response)}"
+            )
     return "\n\n".join(sections)
 
 

@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 
 from .errors import ErrorCode, ProtocolError
 from .limits import DEFAULT_PROTOCOL_LIMITS, FRAME_LENGTH_PREFIX_BYTES, UINT32_MAX, ProtocolLimits
-from .messages import API_BY_KEY, EVENT_VERSION, EVENTS, ErrorResponse, Kind, Message
+from .messages import API_BY_KEY, EVENT_VERSION, EVENTS, MESSAGES_BY_VERSION, ErrorResponse, Kind, Message
 from .schema import decode_body, encode_body, schema_of
 
 # kind, flags, api_key, api_version, request_id: the bytes frame_length counts first.
@@ -114,12 +114,13 @@ def message_class(header: FrameHeader) -> type[Message]:
     api = API_BY_KEY.get(header.api_key)
     if api is None:
         raise ProtocolError(ErrorCode.UNKNOWN_API, f"unknown API key {header.api_key}")
-    if not api.version_min <= header.api_version <= api.version_max:
+    found = MESSAGES_BY_VERSION.get((header.api_key, header.api_version))
+    if found is None:
         raise ProtocolError(
             ErrorCode.UNSUPPORTED_VERSION,
             f"{api.key.name} version {header.api_version}; supported {api.version_min}..{api.version_max}",
         )
-    return api.request if header.kind is Kind.REQUEST else api.response
+    return found[0] if header.kind is Kind.REQUEST else found[1]
 
 
 def decode_message_body(

@@ -15,9 +15,12 @@ connection's protocol version is answered UNSUPPORTED_VERSION. Protocol version 
 QueueReceiveBatches: the queue receive whose response carries the stored batches as they
 are on disk plus the delivered offsets (QueueReceive, which re-encodes each delivered
 record, is still answered for clients of versions 1 and 2). Protocol version 4 adds
-QueueLeases: a page of a queue group's in-flight messages (the leases, the retries
-waiting for their time, the dead letters being written), for the web console and
-`nodi queue describe --leases`.
+QueueLeases, a page of a queue group's in-flight messages (the leases, the retries
+waiting for their time, the dead letters being written) for the web console and
+`nodi queue describe --leases`, and Fetch version 2 (FetchCommitRequest), a fetch that
+carries a consumer group's offset commits, answered with their results (a later API
+version is declared by an ApiVersion; a message class names its version in
+API_VERSION, 1 unless said).
 """
 
 from __future__ import annotations
@@ -145,6 +148,7 @@ ERROR_CODE = Enumeration(ErrorCode, UINT16, list_values=False)
 class Message:
     KIND: ClassVar[Kind]
     API_KEY: ClassVar[int]
+    API_VERSION: ClassVar[int] = 1  # the frame header's api_version of this layout
     # In the frame header, not the body. Chosen by the client; a response echoes it.
     request_id: int = 0
 
@@ -495,6 +499,52 @@ class FetchResponse(Response):
     API_KEY = ApiKey.FETCH
     high_watermark: int = wire(INT64, NO_OFFSET)
     log_start_offset: int = wire(INT64, NO_OFFSET)
+    records: bytes | memoryview = wire(RECORDS, b"", doc="whole batches as stored (sendfile from the segment)")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FetchCommitRequest(FetchRequest):
+    """Fetch version 2 (protocol version 4): a fetch carrying the group's offset commits,
+    so a consumer's commit rides on its next fetch instead of a CommitOffsets of its own.
+    The commits are applied first, as CommitOffsets applies them (same fencing, same
+    LMDB transaction per loop tick), then the fetch is served; the answer goes out only
+    once the commits are durable."""
+
+    API_VERSION = 2
+    group: str = wire(STRING, doc="the group whose offsets are committed")
+    generation: int = wire(INT32, -1, doc="-1 for a consumer outside group membership")
+    member_id: str = wire(STRING, "")
+    commits: list[OffsetCommit] = wire(
+        Array(Struct(OffsetCommit)),
+        [],
+        doc="any partitions of the group, not only the one fetched; at least one (else the commits are answered INVALID_REQUEST)",
+    )
+    commit_wait: bool = wire(
+        BOOL,
+        False,
+        doc="true: answer as soon as the commits are durable, with what is readable then (the fetch does not "
+        "long-poll); false: the fetch waits as wait_ms says and its answer carries the commits' results",
+    )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FetchCommitResponse(Response):
+    """error_code and error_message are the fetch's; the commits have their own."""
+
+    API_KEY = ApiKey.FETCH
+    API_VERSION = 2
+    high_watermark: int = wire(INT64, NO_OFFSET)
+    log_start_offset: int = wire(INT64, NO_OFFSET)
+    commit_error_code: ErrorCode = wire(
+        ERROR_CODE,
+        ErrorCode.NONE,
+        doc="the commits as a whole: not none when they were not made durable (disk full, metadata "
+        "unavailable, an invalid group); they may still be written later, as a CommitOffsets answered so",
+    )
+    commit_error_message: str | None = wire(NULLABLE_STRING, None)
+    commit_results: list[PartitionError] = wire(
+        Array(Struct(PartitionError)), [], doc="one per commit, in the request's order"
+    )
     records: bytes | memoryview = wire(RECORDS, b"", doc="whole batches as stored (sendfile from the segment)")
 
 
@@ -1072,6 +1122,19 @@ class ReplyResponse(Response):
 
 
 @dataclass(frozen=True, slots=True)
+class ApiVersion:
+    """A later version of an API: its request and response layouts and the protocol
+    version that brought it. A connection of an older protocol version neither sends
+    nor accepts it; the API's earlier versions stay served."""
+
+    version: int
+    request: type[Request]
+    response: type[Response]
+    protocol_version_min: int
+    summary: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Api:
     key: ApiKey
     request: type[Request]
@@ -1080,6 +1143,7 @@ class Api:
     version_max: int = 1
     summary: str = ""
     protocol_version_min: int = 1  # the protocol version that brought the API
+    later_versions: tuple[ApiVersion, ...] = ()  # version_max is the last of them
 
 
 APIS: tuple[Api, ...] = (
@@ -1109,7 +1173,19 @@ APIS: tuple[Api, ...] = (
         ApiKey.FETCH,
         FetchRequest,
         FetchResponse,
+        version_max=2,
         summary="Whole stored batches from an offset, up to bytes_max, waiting up to wait_ms for min_bytes.",
+        later_versions=(
+            ApiVersion(
+                2,
+                FetchCommitRequest,
+                FetchCommitResponse,
+                protocol_version_min=4,
+                summary="Version 1 plus a consumer group's offset commits riding on the fetch (CommitOffsets' "
+                "rules: fencing by generation, one LMDB transaction per loop tick). Answered once the commits "
+                "are durable; with commit_wait at once then, else when the fetch would answer.",
+            ),
+        ),
     ),
     Api(
         ApiKey.LIST_OFFSETS,
@@ -1262,12 +1338,31 @@ APIS: tuple[Api, ...] = (
     ),
 )
 API_BY_KEY: dict[int, Api] = {api.key: api for api in APIS}
+# (api key, version) -> its request and response layouts, and the protocol version that
+# brought that version.
+MESSAGES_BY_VERSION: dict[tuple[int, int], tuple[type[Request], type[Response], int]] = {
+    **{(api.key, 1): (api.request, api.response, api.protocol_version_min) for api in APIS},
+    **{
+        (api.key, later.version): (later.request, later.response, later.protocol_version_min)
+        for api in APIS
+        for later in api.later_versions
+    },
+}
+# A request class -> the response class that answers it (an error too).
+RESPONSE_OF: dict[type[Request], type[Response]] = {
+    request: response for request, response, _ in MESSAGES_BY_VERSION.values()
+}
 EVENTS: dict[int, type[Event]] = {EventKey.CLOSING: ClosingEvent}
 EVENT_VERSION = 1
 
 assert set(API_BY_KEY) == set(ApiKey)
 assert all(api.request.API_KEY == api.key == api.response.API_KEY for api in APIS)
 assert API_BY_KEY[ApiKey.HANDSHAKE].version_min == HANDSHAKE_API_VERSION
+assert all(
+    request.API_VERSION == response.API_VERSION == version and request.API_KEY == key
+    for (key, version), (request, response, _) in MESSAGES_BY_VERSION.items()
+)
+assert all(api.version_max == max([1, *(later.version for later in api.later_versions)]) for api in APIS)
 
 
 def choose_protocol_version(client_min: int, client_max: int) -> int | None:
@@ -1276,11 +1371,11 @@ def choose_protocol_version(client_min: int, client_max: int) -> int | None:
     return version if version >= max(client_min, PROTOCOL_VERSION_MIN) else None
 
 
-def api_version(api_key: int, protocol_version: int) -> int:
-    """The version of `api_key` a sender uses under `protocol_version`. Every API is at
-    version 1 so far."""
-    assert PROTOCOL_VERSION_MIN <= protocol_version <= PROTOCOL_VERSION_MAX
-    return API_BY_KEY[api_key].version_max
+def api_version_served(api_key: int, version: int, protocol_version: int) -> bool:
+    """Whether version `version` of `api_key` exists under `protocol_version` (APIs and
+    API versions added later do not)."""
+    found = MESSAGES_BY_VERSION.get((api_key, version))
+    return found is not None and found[2] <= protocol_version
 
 
 def api_served(api_key: int, protocol_version: int) -> bool:
@@ -1334,6 +1429,8 @@ __all__ = [
     "ProduceResponse",
     "FetchRequest",
     "FetchResponse",
+    "FetchCommitRequest",
+    "FetchCommitResponse",
     "ListOffsetsRequest",
     "ListOffsetsResponse",
     "JoinGroupRequest",
@@ -1405,8 +1502,11 @@ __all__ = [
     "DeleteRecordsResponse",
     "CompactTopicResponse",
     "API_BY_KEY",
+    "ApiVersion",
+    "MESSAGES_BY_VERSION",
+    "RESPONSE_OF",
     "EVENTS",
     "EVENT_VERSION",
     "choose_protocol_version",
-    "api_version",
+    "api_version_served",
 ]

@@ -673,7 +673,9 @@ class Metrics:
         self.bytes_out = Counter(
             "nodi_bytes_out", "Record batch bytes sent to consumers", ["topic"], registry=self.registry
         )
-        self._api_names = {api.request: api.key.name.lower() for api in m.APIS}
+        self._api_names = {
+            request: m.API_BY_KEY[key].key.name.lower() for (key, _), (request, _, _) in m.MESSAGES_BY_VERSION.items()
+        }
 
     def listen(self) -> None:
         """Bind and serve the HTTP endpoint (OSError when the port is taken). The

@@ -43,7 +43,7 @@ def error_reply(request: m.Request, error: BaseException) -> Reply:
     """The request's own response type, carrying the error code and message."""
     code = error_code_for(error)
     message = error.message if isinstance(error, ProtocolError) else str(error)
-    response_type = m.API_BY_KEY[request.API_KEY].response
+    response_type = m.RESPONSE_OF[type(request)]
     return Reply(response_type(request_id=request.request_id, error_code=code, error_message=message))
 
 

@@ -286,6 +286,9 @@ def required_permissions(request: m.Request) -> list[tuple[Action, Resource, str
     match request:
         case m.ProduceRequest():
             return [(produce, topic, request.topic)]
+        case m.FetchCommitRequest():  # a fetch and a CommitOffsets in one
+            topics = sorted({request.topic, *(commit.topic for commit in request.commits)})
+            return [(consume, group, request.group)] + [(consume, topic, name) for name in topics]
         case m.FetchRequest() | m.ListOffsetsRequest():
             return [(consume, topic, request.topic)]
         case m.CreateTopicRequest() | m.DeleteTopicRequest() | m.CompactTopicRequest():

@@ -185,12 +185,19 @@ class Broker:
     async def flush_metadata(self) -> None:
         """Return once everything staged before the call is committed to LMDB. Callers
         in the same loop tick share one flush (one fsync), run off the loop."""
+        await self._wait_flushed(self._flush_waiter())
+
+    def _flush_waiter(self) -> asyncio.Future:
+        """The future of the metadata flush that will carry everything staged so far
+        (started at the end of this loop tick, or after the flush running now)."""
         if self._next_flush is None:
             assert self._loop is not None  # attach() ran: commits are made on the loop
             self._next_flush = self._loop.create_future()
             if not self._flushing:
                 self._loop.call_soon(self._start_flush)
-        waiter = self._next_flush
+        return self._next_flush
+
+    async def _wait_flushed(self, waiter: asyncio.Future) -> None:
         await asyncio.wait_for(asyncio.shield(waiter), self.config.write_timeout_ms / 1000)
 
     def _start_flush(self) -> None:
@@ -525,9 +532,74 @@ class Broker:
         return Reply(m.ProduceResponse(request_id=request.request_id, duplicates=duplicates))
 
     async def _fetch(self, request: m.FetchRequest) -> Reply:
+        partition_log, result = await self._fetch_read(request, request.wait_ms)
+        return self._fetch_reply(request, partition_log, result)
+
+    async def _fetch_commit(self, request: m.FetchCommitRequest) -> Reply:
+        """Fetch version 2: the commits first (CommitOffsets' rules), then the fetch;
+        answered once the commits are durable. With commit_wait the fetch does not wait
+        for records: the commits' durability is what the caller waits for."""
+        commit_error: BaseException | None = None
+        commit_results: list[m.PartitionError] = []
+        flushed: asyncio.Future | None = None
+        try:
+            if not request.commits:
+                raise ProtocolError(ErrorCode.INVALID_REQUEST, "a fetch with commits needs at least one")
+            committed = self.coordinator.commit(
+                request.group,
+                request.generation,
+                request.member_id,
+                [(o.topic, o.partition, o.offset, o.metadata) for o in request.commits],
+            )
+            commit_results = [
+                m.PartitionError(topic=r.topic, partition=r.partition, error_code=r.error_code)
+                for r in committed.results
+            ]
+            if committed.staged:
+                flushed = self._flush_waiter()
+                if request.commit_wait:
+                    waiter, flushed = flushed, None
+                    await self._wait_flushed(waiter)
+        except Exception as error:  # the commits' own error; the fetch is still served
+            commit_error = error
+        fetch_error: BaseException | None = None
+        partition_log = result = None
+        try:
+            partition_log, result = await self._fetch_read(request, 0 if request.commit_wait else request.wait_ms)
+        except Exception as error:
+            fetch_error = error
+        if flushed is not None:
+            try:
+                await self._wait_flushed(flushed)
+            except Exception as error:
+                commit_error = error
+        response = m.FetchCommitResponse(
+            request_id=request.request_id,
+            commit_results=commit_results,
+            **self._error_fields(commit_error, "commit_"),
+            **self._error_fields(fetch_error, ""),
+        )
+        if fetch_error is not None or result is None:
+            return Reply(response)
+        return Reply(
+            replace(response, high_watermark=result.end_offset, log_start_offset=result.log_start_offset),
+            result.slices,
+        )
+
+    @staticmethod
+    def _error_fields(error: BaseException | None, prefix: str) -> dict:
+        if error is None:
+            return {}
+        if error_code_for(error) is ErrorCode.INTERNAL:
+            log.error("internal error serving a fetch with commits", exc_info=error)
+        message = error.message if isinstance(error, ProtocolError) else str(error)
+        return {f"{prefix}error_code": error_code_for(error), f"{prefix}error_message": message}
+
+    async def _fetch_read(self, request: m.FetchRequest, wait_ms: int):
+        """The log and what a fetch reads, waiting up to `wait_ms` for min_bytes."""
         partition_log = self._log(request.topic, request.partition)
         budget = min(max(request.bytes_max, 1), self.config.protocol.frame_bytes_max - FETCH_OVERHEAD_BYTES)
-        wait_s = min(max(request.wait_ms, 0), self.config.fetch_wait_max_ms) / 1000
+        wait_s = min(max(wait_ms, 0), self.config.fetch_wait_max_ms) / 1000
         deadline = asyncio.get_running_loop().time() + wait_s
         waiters = self._waiters.get(id(partition_log))
         futures = set() if waiters is None else waiters.futures  # an unwatched log never wakes one
@@ -542,7 +614,7 @@ class Broker:
                 if future is not None:
                     futures.discard(future)
                     future.cancel()
-                return self._fetch_reply(request, partition_log, result)
+                return partition_log, result
             try:
                 await asyncio.wait_for(future, remaining)
             except TimeoutError:
@@ -816,6 +888,7 @@ class Broker:
         m.DescribeTopicRequest: _describe_topic,
         m.ProduceRequest: _produce,
         m.FetchRequest: _fetch,
+        m.FetchCommitRequest: _fetch_commit,
         m.ListOffsetsRequest: _list_offsets,
         m.InitProducerIdRequest: _init_producer_id,
         m.JoinGroupRequest: _join_group,
