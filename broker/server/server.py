@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import resource
@@ -232,7 +233,10 @@ class ClientSession:
                 else:
                     self.throttle.started(size)
                     task = requests.create_task(self._serve(event))
-                    task.add_done_callback(lambda _, size=size: self.throttle.answered(size))
+                    task.add_done_callback(functools.partial(self._answered, size))
+
+    def _answered(self, size: int, _task: asyncio.Task[None]) -> None:
+        self.throttle.answered(size)
 
     def start_session(self) -> bool:
         """Before the first read: the principal of a server without authentication, or
