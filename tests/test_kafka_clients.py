@@ -570,6 +570,14 @@ def test_every_request_the_clients_sent_was_advertised_and_answered(kafka_server
         placed = produce(kafka_server.bootstrap, topic, _records(3, "proxy"))
         assert len(consume(kafka_server.bootstrap, topic, {0: placed[0][1]}, 3)) == 3
     proxy = kafka_server.proxy
+    # A client's last long-poll Fetch may still be in flight, or its close not yet seen by
+    # the proxy's threads, when consume() returns: give them a bounded moment to settle.
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        with proxy.lock:
+            if all(place in proxy.answered or place in proxy.cut for place in proxy.sent):
+                break
+        time.sleep(0.05)
     with proxy.lock:
         sent = dict(proxy.sent)
         answered = set(proxy.answered)
