@@ -951,8 +951,8 @@ def test_a_version_1_client_is_served_and_a_version_2_api_is_refused_clearly() -
     assert server.state is State.READY
 
 
-def test_queue_leases_needs_protocol_version_4_and_a_version_3_connection_still_works() -> None:
-    from nodi.broker.protocol.messages import QueueDescribeRequest, QueueLeasesRequest
+def test_queue_leases_and_delete_records_need_protocol_version_4_and_a_version_3_connection_still_works() -> None:
+    from nodi.broker.protocol.messages import DeleteRecordsRequest, QueueDescribeRequest, QueueLeasesRequest
 
     client = Connection(Role.CLIENT)
     server = Connection(Role.SERVER)
@@ -968,9 +968,11 @@ def test_queue_leases_needs_protocol_version_4_and_a_version_3_connection_still_
     server.receive_data(client.send(describe))
     assert server.next_event() == describe
     leases = QueueLeasesRequest(request_id=client.next_request_id(), group="g", topic="t")
-    with pytest.raises(ProtocolError) as caught:
-        client.send(leases)
-    assert caught.value.code == ErrorCode.UNSUPPORTED_VERSION and "protocol version 4" in caught.value.message
+    deletion = DeleteRecordsRequest(request_id=client.next_request_id(), topic="t")
+    for newer in (leases, deletion):  # refused before anything is sent to an older server
+        with pytest.raises(ProtocolError) as caught:
+            client.send(newer)
+        assert caught.value.code == ErrorCode.UNSUPPORTED_VERSION and "protocol version 4" in caught.value.message
     server.receive_data(raw_frame(0, ApiKey.QUEUE_LEASES, 4343, b""))
     rejected = server.next_event()
     assert isinstance(rejected, RejectedRequest) and rejected.error_code == ErrorCode.UNSUPPORTED_VERSION

@@ -17,7 +17,8 @@ are on disk plus the delivered offsets (QueueReceive, which re-encodes each deli
 record, is still answered for clients of versions 1 and 2). Protocol version 4 adds
 QueueLeases, a page of a queue group's in-flight messages (the leases, the retries
 waiting for their time, the dead letters being written) for the web console and
-`nodi queue describe --leases`, and Fetch version 2 (FetchCommitRequest), a fetch that
+`nodi queue describe --leases`, DeleteRecords (a partition's log start offset moved
+forward), and Fetch version 2 (FetchCommitRequest), a fetch that
 carries a consumer group's offset commits, answered with their results (a later API
 version is declared by an ApiVersion; a message class names its version in
 API_VERSION, 1 unless said).
@@ -91,7 +92,7 @@ class ApiKey(enum.IntEnum):
     DESCRIBE_GROUP = 16
     GROUP_WAIT = 17  # protocol version 2
     DESCRIBE_HANDOVERS = 18  # protocol version 2
-    DELETE_RECORDS = 19
+    DELETE_RECORDS = 19  # protocol version 4
     # Operations (45-49).
     SERVER_STATUS = 45
     # Security (50-54).
@@ -1233,6 +1234,7 @@ APIS: tuple[Api, ...] = (
         ApiKey.DELETE_RECORDS,
         DeleteRecordsRequest,
         DeleteRecordsResponse,
+        protocol_version_min=4,
         summary="Move partitions' log start offsets forward: records below are deleted for good (never served "
         "again; whole segments below are removed). Per partition: OFFSET_OUT_OF_RANGE above the high watermark, "
         "UNKNOWN_PARTITION; an offset at or below the start changes nothing. Needs admin on the topic.",
