@@ -28,6 +28,33 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def click_and_wait(browser, element) -> None:
+    """Click a link or a form's button and wait for the next page to replace this one."""
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    page = browser.find_element(By.TAG_NAME, "html")
+    element.click()
+
+    def replaced(_) -> bool:
+        try:
+            page.is_enabled()
+        except StaleElementReferenceException:
+            return True
+        except WebDriverException as error:
+            # chromedriver, asked about a node while the next document replaces it, may
+            # answer with the inspector's error rather than a stale reference.
+            if "does not belong to the document" in (error.msg or ""):
+                return True
+            raise
+        return False
+
+    WebDriverWait(browser, 30).until(replaced)
+    # The next page whole (the driver's scripts run though the pages' would not).
+    WebDriverWait(browser, 30).until(lambda _: browser.execute_script("return document.readyState") == "complete")
+
+
 @pytest.fixture
 def browser():
     webdriver = pytest.importorskip("selenium.webdriver")
@@ -50,8 +77,6 @@ def browser():
 
 def test_every_page_in_a_browser_with_a_reset_and_a_redrive(tmp_path, browser) -> None:
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
-    from selenium.webdriver.support.wait import WebDriverWait
 
     process, port = start_with_console(str(tmp_path / "data"))
     base = f"http://127.0.0.1:{port}"
@@ -64,12 +89,7 @@ def test_every_page_in_a_browser_with_a_reset_and_a_redrive(tmp_path, browser) -
             shutil.copy(path, os.path.join(copies, f"{name}.png"))
 
     def click(element) -> None:
-        """Click a link or a form's button and wait for the next page to replace this one."""
-        page = browser.find_element(By.TAG_NAME, "html")
-        element.click()
-        WebDriverWait(browser, 30).until(expected_conditions.staleness_of(page))
-        # The next page whole (the driver's scripts run though the pages' would not).
-        WebDriverWait(browser, 30).until(lambda _: browser.execute_script("return document.readyState") == "complete")
+        click_and_wait(browser, element)
 
     def cells(table_id: str) -> list[list[str]]:
         rows = browser.find_elements(By.CSS_SELECTOR, f"#{table_id} tbody tr")
@@ -173,8 +193,6 @@ def test_signing_in_and_out_in_a_browser(tmp_path, browser) -> None:
     right one lands on the page first asked for with the user shown, a page the user may not
     see is refused, and signing out asks for the form again."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
-    from selenium.webdriver.support.wait import WebDriverWait
 
     from nodi.broker.server.users import hash_password
 
@@ -200,10 +218,7 @@ def test_signing_in_and_out_in_a_browser(tmp_path, browser) -> None:
             shutil.copy(path, os.path.join(copies, f"{name}.png"))
 
     def click(element) -> None:
-        page = browser.find_element(By.TAG_NAME, "html")
-        element.click()
-        WebDriverWait(browser, 30).until(expected_conditions.staleness_of(page))
-        WebDriverWait(browser, 30).until(lambda _: browser.execute_script("return document.readyState") == "complete")
+        click_and_wait(browser, element)
 
     def sign_in(password: str) -> None:
         browser.find_element(By.ID, "login-user").clear()
