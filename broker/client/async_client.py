@@ -289,6 +289,7 @@ class AsyncClient:
         ttl_ms: int | None = None,
         dedup_window_ms: int | None = None,
         delete_retention_ms: int | None = None,
+        timestamp_type: str | None = None,
         exist_ok: bool = False,
         timeout_ms: int | None = None,
     ) -> TopicSettings:
@@ -299,7 +300,9 @@ class AsyncClient:
         delete_retention_ms: on a compacted topic, how long a tombstone stays after a
         compaction pass first saw it (the server's default is its [compaction] setting).
         cleanup_policy: "delete", "compact" or "compact,delete"; fsync_policy: "always",
-        "interval" or "never". TopicExists when the name is taken, unless exist_ok: then
+        "interval" or "never"; timestamp_type: "create" (the producer's timestamps
+        stand) or "log-append" (every record gets the broker's time of the append).
+        TopicExists when the name is taken, unless exist_ok: then
         it returns the existing topic's settings, which may differ from those asked for
         (compare them if that matters; nothing is changed)."""
 
