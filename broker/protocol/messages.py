@@ -474,7 +474,12 @@ class ProduceResponse(Response):
     API_KEY = ApiKey.PRODUCE
     base_offset: int = wire(INT64, NO_OFFSET, doc="offset of the first record; -1 with acks none or an error")
     last_offset: int = wire(INT64, NO_OFFSET, doc="offset of the last record")
-    log_append_time_ms: int = wire(INT64, NO_OFFSET, doc="server clock at the append")
+    log_append_time_ms: int = wire(
+        INT64,
+        NO_OFFSET,
+        doc="server clock at the append; on a log-append-time topic the timestamp every record got "
+        "(an idempotent retry: the original's)",
+    )
     log_start_offset: int = wire(INT64, NO_OFFSET)
     duplicates: list[DuplicateRecord] = wire(
         Array(Struct(DuplicateRecord)),
