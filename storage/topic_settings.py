@@ -84,6 +84,10 @@ class TopicSetting:
     # A string setting whose Kafka values are spelled otherwise: (nodi's, Kafka's) per
     # choice, in the order of `choices`.
     kafka_values: tuple[tuple[str, str], ...] = ()
+    # The version of nodi's CreateTopic and DescribeTopic whose settings first carry it
+    # (version 2, protocol version 5: timestamp_type); older versions leave it out, so
+    # their bytes never change (broker/protocol/messages.py).
+    wire_version: int = 1
 
     @property
     def kafka_config_name(self) -> str:
@@ -126,6 +130,7 @@ def setting(
     cleanup_kinds: tuple[str, ...] = CLEANUP_KINDS,
     kafka_name: str = "",
     kafka_values: tuple[tuple[str, str], ...] = (),
+    wire_version: int = 1,
 ) -> typing.Any:
     """Declare a TopicConfig field as a topic setting (see TopicSetting)."""
     assert wire_type in WIRE_TYPES
@@ -143,6 +148,7 @@ def setting(
         cleanup_kinds=cleanup_kinds,
         kafka_name=kafka_name,
         kafka_values=kafka_values,
+        wire_version=wire_version,
     )
     return field(default=default, metadata={"setting": declared})
 
@@ -233,6 +239,7 @@ class TopicConfig:
         wire_type="string?",
         kafka_name="message.timestamp.type",
         kafka_values=((TIMESTAMP_TYPE_CREATE, "CreateTime"), (TIMESTAMP_TYPE_LOG_APPEND, "LogAppendTime")),
+        wire_version=2,
         wire_note="whose time a record's timestamp is",
         help='"create": the producer\'s timestamps stand; "log-append": every record gets the broker\'s '
         "time of the append.",
@@ -286,6 +293,9 @@ def _declared_settings(config_class: type) -> tuple[TopicSetting, ...]:
 
 
 TOPIC_SETTINGS: tuple[TopicSetting, ...] = _declared_settings(TopicConfig)
+# A wire layout only grows at its end: a setting of a later CreateTopic version comes after
+# every setting of the earlier ones.
+assert all(a.wire_version <= b.wire_version for a, b in zip(TOPIC_SETTINGS, TOPIC_SETTINGS[1:]))
 TOPIC_SETTING_NAMES = tuple(declared.name for declared in TOPIC_SETTINGS)
 TOPIC_SETTINGS_BY_NAME: dict[str, TopicSetting] = {declared.name: declared for declared in TOPIC_SETTINGS}
 

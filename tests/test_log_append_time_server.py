@@ -12,6 +12,7 @@ window of the call that made it."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -22,6 +23,9 @@ import time
 import pytest
 
 from nodi.broker import Client
+from nodi.broker.client import connection as client_connection
+from nodi.broker.client.errors import InvalidConfig
+from nodi.broker.protocol import messages as m
 from nodi.storage.layout import partition_directory
 from nodi.storage.records import ATTRIBUTE_TIMESTAMP_TYPE, NewRecord, build_batch, iter_batches
 
@@ -138,6 +142,29 @@ def test_an_idempotent_retry_gets_the_original_offsets_and_time(ahead):
         assert (again.base_offset, again.last_offset) == (first.base_offset, first.last_offset) == (0, 1)
         assert again.log_append_time_ms == first.log_append_time_ms
         assert [message.timestamp for message in client.fetch("retried", 0, 0)] == [first.log_append_time_ms] * 2
+
+
+def test_a_client_of_protocol_4_uses_version_1_of_create_and_describe(ahead, monkeypatch):
+    """An older client's CreateTopic and DescribeTopic keep working (version 1, the
+    bytes they always had); asking such a server for timestamp_type is refused before
+    anything is sent."""
+    monkeypatch.setattr(
+        client_connection.m, "HandshakeRequest", functools.partial(m.HandshakeRequest, protocol_version_max=4)
+    )
+    with Client(ahead.address) as client:
+        assert client.create_topic("old-client", partitions=2, ttl_ms=5000).ttl_ms == 5000
+        assert client.describe_topic("old-client").settings.partitions == 2
+        with pytest.raises(InvalidConfig, match="timestamp_type"):
+            client.create_topic("old-client-stamped", timestamp_type="log-append")
+        assert "old-client-stamped" not in [topic.name for topic in client.list_topics()]
+        # a log-append-time topic made by a newer client: still stamped, described
+        # without the setting version 1 has no field for
+        monkeypatch.undo()
+        with Client(ahead.address) as newer:
+            newer.create_topic("made-newer", timestamp_type="log-append")
+        assert client.describe_topic("made-newer").settings.partitions == 1
+        client.produce("made-newer", b"x", timestamp=OLD_MS)
+        assert client.fetch("made-newer", 0, 0)[0].timestamp > OLD_MS + AHEAD_MS
 
 
 def _confluent_produce(bootstrap: str, topic: str, records: list[NewRecord]) -> list[tuple[int, int, int]]:

@@ -203,14 +203,12 @@ PINNED = {
     ),
 }
 
-# The fields declared since, appended to the pinned bytes: timestamp_type (null; "log-append").
-ADDED_AFTER_PINNED = {"default": "ffff", "every setting": "000a" + b"log-append".hex()}
-
 
 def test_the_wire_bytes_are_unchanged():
+    """CreateTopic version 1 (protocol versions 1-4) keeps its bytes: TopicSettingsV1."""
     samples = {
-        "default": m.TopicSettings(),
-        "every setting": m.TopicSettings(
+        "default": m.TopicSettingsV1(),
+        "every setting": m.TopicSettingsV1(
             partitions=3,
             retention_ms=m.RETENTION_UNLIMITED,
             retention_bytes=1000,
@@ -222,15 +220,21 @@ def test_the_wire_bytes_are_unchanged():
             ttl_ms=60_000,
             dedup_window_ms=5000,
             delete_retention_ms=0,
-            timestamp_type="log-append",
         ),
     }
     for label, settings in samples.items():
         request, response = PINNED[label]
-        # timestamp_type (issue 13) is one more field after them: a nullable string
-        added = ADDED_AFTER_PINNED[label]
-        assert bytes(encode_body(m.CreateTopicRequest(name="t", settings=settings))).hex() == request + added, label
-        assert bytes(encode_body(m.CreateTopicResponse(settings=settings))).hex() == response + added, label
+        assert bytes(encode_body(m.CreateTopicRequestV1(name="t", settings=settings))).hex() == request, label
+        assert bytes(encode_body(m.CreateTopicResponseV1(settings=settings))).hex() == response, label
+        # version 2 (protocol version 5) is version 1 with the later settings after them:
+        # timestamp_type, a nullable string (null; "log-append")
+        full = m.topic_settings_from_v1(settings)
+        if label == "every setting":
+            full = dataclasses.replace(full, timestamp_type="log-append")
+        added = {"default": "ffff", "every setting": "000a" + b"log-append".hex()}[label]
+        assert bytes(encode_body(m.CreateTopicRequest(name="t", settings=full))).hex() == request + added, label
+        assert bytes(encode_body(m.CreateTopicResponse(settings=full))).hex() == response + added, label
+        assert m.topic_settings_to_v1(full) == settings
 
 
 # ---------------------------------------------------------------------------
