@@ -29,6 +29,9 @@ class LogConfig:
     retention_bytes: int | None = None
     # False for compacted logs, whose offsets may have gaps (never reorder).
     dense_offsets: bool = True
+    # A log-append-time topic's log: each appended batch is stamped with the log's
+    # clock (records.stamp_log_append_time), the producer's timestamps do not stand.
+    log_append_time: bool = False
     # Longest an append waits for its fsync before DurableWaitTimeoutError.
     durable_wait_timeout_ms: int = 30_000
     limits: RecordLimits = field(default=DEFAULT_RECORD_LIMITS)

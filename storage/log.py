@@ -59,6 +59,7 @@ from .records import (
     check_batches,
     decode_records,
     encode_base_offset,
+    stamp_log_append_time,
 )
 from .recovery import LogDamage, RecoveryReport, recover, remove_segment_files
 from .segment import BatchScanner, Segment
@@ -402,8 +403,16 @@ class Log:
             now_ms = self._clock_ms()
             duplicates = self._check_producers_locked(batches)
             if duplicates is not None:
+                # Not stamped again: on a log-append-time topic the answer carries the
+                # time the original got (as Kafka's does).
+                append_time_ms = duplicates[-1].max_timestamp if self.config.log_append_time else now_ms
                 return AppendResult(
-                    duplicates[0].first_offset, duplicates[-1].last_offset, len(batches), 0, now_ms, duplicate=True
+                    duplicates[0].first_offset,
+                    duplicates[-1].last_offset,
+                    len(batches),
+                    0,
+                    append_time_ms,
+                    duplicate=True,
                 )
             self._forget_clean_shutdown_locked()
             active = self._segments[-1]
@@ -419,9 +428,15 @@ class Log:
             parts: list[bytes | memoryview] = []
             placed: list[tuple[int, BatchHeader]] = []
             position = active.size
+            log_append_time = self.config.log_append_time
             for batch_position, header in batches:
                 parts.append(encode_base_offset(base_offset))
-                parts.append(view[batch_position + 8 : batch_position + header.size])
+                if log_append_time:  # under the lock: the time index stays in append order
+                    stamped, header = stamp_log_append_time(view, header, now_ms, batch_position)
+                    parts.append(stamped)
+                    parts.append(view[batch_position + BATCH_HEADER_BYTES : batch_position + header.size])
+                else:
+                    parts.append(view[batch_position + 8 : batch_position + header.size])
                 placed.append((position, header._replace(base_offset=base_offset)))
                 position += header.size
                 base_offset += header.last_offset_delta + 1

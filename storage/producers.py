@@ -20,8 +20,13 @@ open by reading the batch headers after the snapshot's offset.
      14  4  entry count
      18     per entry: producer_id int64, epoch int16, last_append_ms int64,
                        batch count uint8, per batch: first_sequence int32,
-                       last_sequence int32, first_offset int64, last_offset int64
+                       last_sequence int32, first_offset int64, last_offset int64,
+                       max_timestamp int64 (version 2 on)
       -  4  CRC-32C of everything before it
+
+Version 2 adds each batch's max_timestamp, so a duplicate on a log-append-time topic is
+answered with the original append time; a version-1 snapshot is still read (the times
+unknown: -1).
 """
 
 from __future__ import annotations
@@ -45,7 +50,9 @@ SEQUENCE_MODULUS = 1 << 31
 _MAGIC = b"NDPS"
 _HEAD = struct.Struct(">4sHqI")
 _ENTRY = struct.Struct(">qhqB")
-_BATCH = struct.Struct(">iiqq")
+_BATCH_V1 = struct.Struct(">iiqq")
+_BATCH = struct.Struct(">iiqqq")
+SNAPSHOT_VERSION = 2
 _CRC = struct.Struct(">I")
 
 
@@ -55,6 +62,9 @@ class RememberedBatch:
     last_sequence: int
     first_offset: int
     last_offset: int
+    # The stored batch's max_timestamp: on a log-append-time topic, its append time
+    # (-1: unknown, read from a version-1 snapshot).
+    max_timestamp: int = -1
 
 
 @dataclass(slots=True)
@@ -121,18 +131,25 @@ class ProducerStateTable:
             self._entries[header.producer_id] = entry
         entry.last_append_ms = now_ms
         entry.batches.append(
-            RememberedBatch(header.base_sequence, _last_sequence(header), header.base_offset, header.last_offset)
+            RememberedBatch(
+                header.base_sequence,
+                _last_sequence(header),
+                header.base_offset,
+                header.last_offset,
+                header.max_timestamp,
+            )
         )
         self._entries.move_to_end(header.producer_id)
         while len(self._entries) > self.producers_max:
             self._entries.popitem(last=False)
 
     def encode_snapshot(self, offset: int) -> bytes:
-        parts = [_HEAD.pack(_MAGIC, 1, offset, len(self._entries))]
+        parts = [_HEAD.pack(_MAGIC, SNAPSHOT_VERSION, offset, len(self._entries))]
         for producer_id, entry in self._entries.items():
             parts.append(_ENTRY.pack(producer_id, entry.epoch, entry.last_append_ms, len(entry.batches)))
             parts.extend(
-                _BATCH.pack(b.first_sequence, b.last_sequence, b.first_offset, b.last_offset) for b in entry.batches
+                _BATCH.pack(b.first_sequence, b.last_sequence, b.first_offset, b.last_offset, b.max_timestamp)
+                for b in entry.batches
             )
         body = b"".join(parts)
         return body + _CRC.pack(_crc32c.crc32c(body))
@@ -148,8 +165,9 @@ class ProducerStateTable:
         if _crc32c.crc32c(body) != crc:
             return None
         magic, version, offset, count = _HEAD.unpack_from(body, 0)
-        if magic != _MAGIC or version != 1:
+        if magic != _MAGIC or version not in (1, SNAPSHOT_VERSION):
             return None
+        batch_struct = _BATCH_V1 if version == 1 else _BATCH
         table = cls(producers_max)
         position = _HEAD.size
         try:
@@ -160,8 +178,8 @@ class ProducerStateTable:
                     return None
                 entry = ProducerEntry(epoch, last_append_ms)
                 for _ in range(batch_count):
-                    entry.batches.append(RememberedBatch(*_BATCH.unpack_from(body, position)))
-                    position += _BATCH.size
+                    entry.batches.append(RememberedBatch(*batch_struct.unpack_from(body, position)))
+                    position += batch_struct.size
                 table._entries[producer_id] = entry
         except struct.error:
             return None

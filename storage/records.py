@@ -268,6 +268,28 @@ def encode_base_offset(base_offset: int) -> bytes:
     return _BASE_OFFSET.pack(base_offset)
 
 
+def stamp_log_append_time(
+    batch: bytes | bytearray | memoryview, header: BatchHeader, append_time_ms: int, position: int = 0
+) -> tuple[bytes, BatchHeader]:
+    """A log-append-time topic's patch of one checked batch at `position` (Kafka's
+    setMaxTimestamp with LOG_APPEND_TIME): the timestamp-type bit set in attributes,
+    max_timestamp = append_time_ms, the CRC-32C computed again over the patched bytes.
+    Everything else stays as the producer wrote it: base_timestamp, the records and
+    their timestamp deltas (every reader takes max_timestamp as each record's time when
+    the bit is set). Returns the new bytes 8..61 of the batch (batch_length through
+    records_count; base_offset is the log's) and the header they describe. The records
+    section is read in place, never copied."""
+    patched = header._replace(
+        attributes=header.attributes | ATTRIBUTE_TIMESTAMP_TYPE, max_timestamp=append_time_ms, crc=0
+    )
+    covered = _HEADER_COVERED.pack(*patched[5:])
+    records = memoryview(batch)[position + BATCH_HEADER_BYTES : position + header.size]
+    crc = _crc32c.crc32c(records, _crc32c.crc32c(covered))
+    patched = patched._replace(crc=crc)
+    uncovered = _HEADER_UNCOVERED.pack(*patched[:5])
+    return uncovered[8:] + covered, patched
+
+
 # ---------------------------------------------------------------------------
 # Varints (zig-zag)
 

@@ -45,6 +45,7 @@ from .lock import DataDirectoryLock
 from .log import DeletedSegment, Log
 from .metadata import ClampedOffset, MetadataStore, TopicConfig
 from .recovery import RecoveryReport
+from .topic_settings import TIMESTAMP_TYPE_LOG_APPEND
 
 # A partition directory of a deleted topic being removed: renamed to this suffix first
 # (after the deletion committed), so a crash in the middle of its removal leaves nothing
@@ -67,6 +68,7 @@ def log_config_for(topic: TopicConfig) -> LogConfig:
         retention_ms=topic.retention_ms if "delete" in topic.cleanup_policy else None,
         retention_bytes=topic.retention_bytes if "delete" in topic.cleanup_policy else None,
         dense_offsets="compact" not in topic.cleanup_policy,
+        log_append_time=topic.timestamp_type == TIMESTAMP_TYPE_LOG_APPEND,
     )
 
 

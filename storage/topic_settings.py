@@ -45,6 +45,10 @@ SEGMENT_BYTES_MIN = 4 * KIB
 SEGMENT_BYTES_MAX = 2 * GIB
 CLEANUP_POLICIES = ("delete", "compact", "compact,delete")
 FSYNC_POLICIES = ("always", "interval", "never")
+# Whose time a record's timestamp is: the producer's ("create", Kafka's CreateTime) or the
+# broker's at the append ("log-append", LogAppendTime: docs/storage-format.md).
+TIMESTAMP_TYPES = ("create", "log-append")
+TIMESTAMP_TYPE_CREATE, TIMESTAMP_TYPE_LOG_APPEND = TIMESTAMP_TYPES
 # The kinds of cleanup a cleanup policy combines; a setting names the ones that use it.
 CLEANUP_KINDS = ("delete", "compact")
 # Wire types a setting may have (names as in broker/protocol/schema.py).
@@ -74,6 +78,28 @@ class TopicSetting:
     wire_type: str = "int64"
     # The cleanup kinds ("delete", "compact") whose topics use it.
     cleanup_kinds: tuple[str, ...] = CLEANUP_KINDS
+    # Its name in Kafka's topic configs (CreateTopics, DescribeConfigs); "": the name
+    # with dots for underscores (retention_ms is retention.ms).
+    kafka_name: str = ""
+    # A string setting whose Kafka values are spelled otherwise: (nodi's, Kafka's) per
+    # choice, in the order of `choices`.
+    kafka_values: tuple[tuple[str, str], ...] = ()
+    # The version of nodi's CreateTopic and DescribeTopic whose settings first carry it
+    # (version 2, protocol version 5: timestamp_type); older versions leave it out, so
+    # their bytes never change (broker/protocol/messages.py).
+    wire_version: int = 1
+
+    @property
+    def kafka_config_name(self) -> str:
+        return self.kafka_name or self.name.replace("_", ".")
+
+    def to_kafka_value(self, value: str) -> str:
+        """A string value as Kafka spells it."""
+        return dict(self.kafka_values).get(value, value)
+
+    def from_kafka_value(self, value: str) -> str:
+        """A Kafka config value as nodi spells it (unknown values unchanged: check() names them)."""
+        return {kafka: nodi for nodi, kafka in self.kafka_values}.get(value, value)
 
     def check(self, value: object) -> None:
         """InvalidConfigError unless `value` is allowed."""
@@ -102,10 +128,14 @@ def setting(
     unit: str = "",
     wire_type: str = "int64",
     cleanup_kinds: tuple[str, ...] = CLEANUP_KINDS,
+    kafka_name: str = "",
+    kafka_values: tuple[tuple[str, str], ...] = (),
+    wire_version: int = 1,
 ) -> typing.Any:
     """Declare a TopicConfig field as a topic setting (see TopicSetting)."""
     assert wire_type in WIRE_TYPES
     assert set(cleanup_kinds) <= set(CLEANUP_KINDS) and cleanup_kinds
+    assert not kafka_values or tuple(nodi for nodi, _ in kafka_values) == choices
     declared = dict(
         help=help,
         wire_note=wire_note,
@@ -116,6 +146,9 @@ def setting(
         unit=unit,
         wire_type=wire_type,
         cleanup_kinds=cleanup_kinds,
+        kafka_name=kafka_name,
+        kafka_values=kafka_values,
+        wire_version=wire_version,
     )
     return field(default=default, metadata={"setting": declared})
 
@@ -198,6 +231,19 @@ class TopicConfig:
         help="Compacted topics: how long (ms) a tombstone stays after a compaction pass first saw it "
         "(server default: its compaction.delete_retention_ms, one day).",
     )
+    # "log-append": the broker stamps each batch it appends with its clock, and every
+    # record reads as that time (Kafka's message.timestamp.type=LogAppendTime).
+    timestamp_type: str = setting(
+        TIMESTAMP_TYPE_CREATE,
+        choices=TIMESTAMP_TYPES,
+        wire_type="string?",
+        kafka_name="message.timestamp.type",
+        kafka_values=((TIMESTAMP_TYPE_CREATE, "CreateTime"), (TIMESTAMP_TYPE_LOG_APPEND, "LogAppendTime")),
+        wire_version=2,
+        wire_note="whose time a record's timestamp is",
+        help='"create": the producer\'s timestamps stand; "log-append": every record gets the broker\'s '
+        "time of the append.",
+    )
 
     def validate(self) -> None:
         for declared in TOPIC_SETTINGS:
@@ -247,6 +293,9 @@ def _declared_settings(config_class: type) -> tuple[TopicSetting, ...]:
 
 
 TOPIC_SETTINGS: tuple[TopicSetting, ...] = _declared_settings(TopicConfig)
+# A wire layout only grows at its end: a setting of a later CreateTopic version comes after
+# every setting of the earlier ones.
+assert all(a.wire_version <= b.wire_version for a, b in zip(TOPIC_SETTINGS, TOPIC_SETTINGS[1:]))
 TOPIC_SETTING_NAMES = tuple(declared.name for declared in TOPIC_SETTINGS)
 TOPIC_SETTINGS_BY_NAME: dict[str, TopicSetting] = {declared.name: declared for declared in TOPIC_SETTINGS}
 
@@ -284,6 +333,9 @@ __all__ = [
     "PARTITIONS_MAX",
     "SEGMENT_BYTES_MAX",
     "SEGMENT_BYTES_MIN",
+    "TIMESTAMP_TYPES",
+    "TIMESTAMP_TYPE_CREATE",
+    "TIMESTAMP_TYPE_LOG_APPEND",
     "TOPIC_SETTINGS",
     "TOPIC_SETTINGS_BY_NAME",
     "TOPIC_SETTING_NAMES",

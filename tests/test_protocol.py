@@ -550,7 +550,7 @@ def test_an_invalid_handshake_closes_the_connection(body) -> None:
 def test_a_refused_handshake_closes_both_ends() -> None:
     client = Connection(Role.CLIENT)
     server = Connection(Role.SERVER)
-    hello = HandshakeRequest(request_id=1, protocol_version_min=5, protocol_version_max=9)
+    hello = HandshakeRequest(request_id=1, protocol_version_min=PROTOCOL_VERSION_MAX + 1, protocol_version_max=9)
     server.receive_data(client.send(hello))
     request = server.next_event()
     refusal = handshake_response(request, server_id="s", limits={})

@@ -205,9 +205,10 @@ PINNED = {
 
 
 def test_the_wire_bytes_are_unchanged():
+    """CreateTopic version 1 (protocol versions 1-4) keeps its bytes: TopicSettingsV1."""
     samples = {
-        "default": m.TopicSettings(),
-        "every setting": m.TopicSettings(
+        "default": m.TopicSettingsV1(),
+        "every setting": m.TopicSettingsV1(
             partitions=3,
             retention_ms=m.RETENTION_UNLIMITED,
             retention_bytes=1000,
@@ -223,8 +224,17 @@ def test_the_wire_bytes_are_unchanged():
     }
     for label, settings in samples.items():
         request, response = PINNED[label]
-        assert bytes(encode_body(m.CreateTopicRequest(name="t", settings=settings))).hex() == request, label
-        assert bytes(encode_body(m.CreateTopicResponse(settings=settings))).hex() == response, label
+        assert bytes(encode_body(m.CreateTopicRequestV1(name="t", settings=settings))).hex() == request, label
+        assert bytes(encode_body(m.CreateTopicResponseV1(settings=settings))).hex() == response, label
+        # version 2 (protocol version 5) is version 1 with the later settings after them:
+        # timestamp_type, a nullable string (null; "log-append")
+        full = m.topic_settings_from_v1(settings)
+        if label == "every setting":
+            full = dataclasses.replace(full, timestamp_type="log-append")
+        added = {"default": "ffff", "every setting": "000a" + b"log-append".hex()}[label]
+        assert bytes(encode_body(m.CreateTopicRequest(name="t", settings=full))).hex() == request + added, label
+        assert bytes(encode_body(m.CreateTopicResponse(settings=full))).hex() == response + added, label
+        assert m.topic_settings_to_v1(full) == settings
 
 
 # ---------------------------------------------------------------------------

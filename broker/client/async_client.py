@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as _datetime
 import itertools
 import logging
@@ -40,6 +41,7 @@ from typing import Any
 
 from nodi.storage.errors import NodiError
 from nodi.storage.records import NewRecord, decode_records, iter_batches
+from nodi.storage.topic_settings import TOPIC_SETTINGS
 
 from ..protocol import messages as m
 from ..protocol.errors import ErrorCode
@@ -50,9 +52,11 @@ from .errors import (
     AuthenticationFailed,
     ClientClosed,
     ConnectFailed,
+    InvalidConfig,
     InvalidRecords,
     NodiClientError,
     PartlyDuplicate,
+    ProtocolViolation,
     TlsFailed,
     TopicExists,
     UnknownPartition,
@@ -289,6 +293,7 @@ class AsyncClient:
         ttl_ms: int | None = None,
         dedup_window_ms: int | None = None,
         delete_retention_ms: int | None = None,
+        timestamp_type: str | None = None,
         exist_ok: bool = False,
         timeout_ms: int | None = None,
     ) -> TopicSettings:
@@ -299,22 +304,49 @@ class AsyncClient:
         delete_retention_ms: on a compacted topic, how long a tombstone stays after a
         compaction pass first saw it (the server's default is its [compaction] setting).
         cleanup_policy: "delete", "compact" or "compact,delete"; fsync_policy: "always",
-        "interval" or "never". TopicExists when the name is taken, unless exist_ok: then
+        "interval" or "never"; timestamp_type: "create" (the producer's timestamps
+        stand) or "log-append" (every record gets the broker's time of the append).
+        TopicExists when the name is taken, unless exist_ok: then
         it returns the existing topic's settings, which may differ from those asked for
         (compare them if that matters; nothing is changed)."""
 
         settings = settings_to_wire(locals())  # its parameters: one per topic setting
         try:
-            response = await self.core.call(
-                m.CreateTopicRequest(name=name, settings=settings), timeout_ms, expect=m.CreateTopicResponse
-            )
+            created = await self._create_topic_call(name, settings, timeout_ms)
         except TopicExists:
             if not exist_ok:
                 raise
             return (await self.describe_topic(name, timeout_ms=timeout_ms)).settings
-        self.core.remember_partition_count(name, response.settings.partitions)
-        self._topic_ttls[name] = response.settings.ttl_ms
-        return settings_from_wire(response.settings)
+        self.core.remember_partition_count(name, created.partitions)
+        self._topic_ttls[name] = created.ttl_ms
+        return settings_from_wire(created)
+
+    async def _create_topic_call(self, name: str, settings: m.TopicSettings, timeout_ms: int | None) -> m.TopicSettings:
+        """CreateTopic version 2; to a server of protocol version 4 or older, version 1,
+        refusing (InvalidConfig, nothing sent) a setting that version cannot carry."""
+        try:
+            response = await self.core.call(
+                m.CreateTopicRequest(name=name, settings=settings), timeout_ms, expect=m.CreateTopicResponse
+            )
+            return response.settings
+        except ProtocolViolation as error:  # refused before sending: an older server
+            if error.code != ErrorCode.UNSUPPORTED_VERSION:
+                raise
+        asked = [
+            setting.name
+            for setting in TOPIC_SETTINGS
+            if setting.wire_version > 1 and getattr(settings, setting.name) not in (None, m.CONFIG_DEFAULT)
+        ]
+        if asked:
+            raise InvalidConfig(
+                f"the server speaks protocol version 4 or older: it has no topic setting {', '.join(asked)}"
+            )
+        old = await self.core.call(
+            m.CreateTopicRequestV1(name=name, settings=m.topic_settings_to_v1(settings)),
+            timeout_ms,
+            expect=m.CreateTopicResponseV1,
+        )
+        return _settings_of_an_older_server(old.settings)
 
     async def delete_topic(self, name: str, *, missing_ok: bool = False, timeout_ms: int | None = None) -> None:
         """Delete a topic and its data. UnknownTopic when there is none, unless
@@ -336,14 +368,24 @@ class AsyncClient:
 
     async def describe_topic(self, name: str, *, timeout_ms: int | None = None) -> TopicDescription:
         """A topic's settings and each partition's offsets and size."""
-        response = await self.core.call(
-            m.DescribeTopicRequest(name=name), timeout_ms, retry=True, expect=m.DescribeTopicResponse
-        )
+        response: m.DescribeTopicResponse | m.DescribeTopicResponseV1
+        try:
+            response = await self.core.call(
+                m.DescribeTopicRequest(name=name), timeout_ms, retry=True, expect=m.DescribeTopicResponse
+            )
+            settings = response.settings
+        except ProtocolViolation as error:  # refused before sending: a server of protocol 4 or older
+            if error.code != ErrorCode.UNSUPPORTED_VERSION:
+                raise
+            response = await self.core.call(
+                m.DescribeTopicRequestV1(name=name), timeout_ms, retry=True, expect=m.DescribeTopicResponseV1
+            )
+            settings = _settings_of_an_older_server(response.settings)
         self.core.remember_partition_count(name, len(response.partitions))
-        self._topic_ttls[name] = response.settings.ttl_ms
+        self._topic_ttls[name] = settings.ttl_ms
         return TopicDescription(
             name=response.name,
-            settings=settings_from_wire(response.settings),
+            settings=settings_from_wire(settings),
             partitions=tuple(
                 PartitionDescription(
                     partition=state.partition,
@@ -947,6 +989,14 @@ class AsyncClient:
         from .queue import list_queues
 
         return await list_queues(self, topic, timeout_ms)
+
+
+def _settings_of_an_older_server(settings: m.TopicSettingsV1) -> m.TopicSettings:
+    """A version-1 answer as TopicSettings: a setting it has no field for is one that
+    server does not have, so its topics behave as the setting's default says
+    (timestamp_type "create": the producer's timestamps stand)."""
+    newer = {setting.name: setting.default for setting in TOPIC_SETTINGS if setting.wire_version > 1}
+    return dataclasses.replace(m.topic_settings_from_v1(settings), **newer)
 
 
 def decode_fetched(

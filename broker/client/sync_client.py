@@ -162,6 +162,7 @@ class Client:
         ttl_ms: int | None = None,
         dedup_window_ms: int | None = None,
         delete_retention_ms: int | None = None,
+        timestamp_type: str | None = None,
         exist_ok: bool = False,
         timeout_ms: int | None = None,
     ) -> TopicSettings:
@@ -172,10 +173,12 @@ class Client:
         off; the server's default is 2 minutes); delete_retention_ms: on a compacted
         topic, how long a tombstone stays after a compaction pass first saw it (the
         server's default is its [compaction] setting). cleanup_policy: "delete",
-        "compact" or "compact,delete"; fsync_policy: "always", "interval" or "never".
-        TopicExists when the name is taken, unless exist_ok: then it returns the existing
-        topic's settings, which may differ from those asked for (compare them if that
-        matters; nothing is changed)."""
+        "compact" or "compact,delete"; fsync_policy: "always", "interval" or "never";
+        timestamp_type: "create" (the producer's timestamps stand) or "log-append"
+        (every record gets the broker's time of the append). TopicExists when the name
+        is taken, unless exist_ok: then it returns the existing topic's settings, which
+        may differ from those asked for (compare them if that matters; nothing is
+        changed)."""
         return self._run(
             self._async.create_topic(
                 name,
@@ -190,6 +193,7 @@ class Client:
                 ttl_ms=ttl_ms,
                 dedup_window_ms=dedup_window_ms,
                 delete_retention_ms=delete_retention_ms,
+                timestamp_type=timestamp_type,
                 exist_ok=exist_ok,
                 timeout_ms=timeout_ms,
             ),

@@ -244,6 +244,9 @@ class TopicSettings:
     ttl_ms: int = 0  # default message TTL; 0: messages do not expire
     dedup_window_ms: int = 120_000  # publish dedup window of idempotency keys; 0: off
     delete_retention_ms: int = 86_400_000  # compacted topics: how long a tombstone stays
+    # "create": the producer's timestamps stand; "log-append": each record's timestamp is
+    # the broker's time of the append
+    timestamp_type: str = "create"
 
 
 @dataclass(frozen=True, slots=True)

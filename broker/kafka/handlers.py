@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from nodi.storage.errors import NodiError
 from nodi.storage.log import FileSlice
 from nodi.storage.records import decode_batches
-from nodi.storage.topic_settings import TOPIC_SETTINGS_BY_NAME
+from nodi.storage.topic_settings import TIMESTAMP_TYPE_LOG_APPEND, TOPIC_SETTINGS, TOPIC_SETTINGS_BY_NAME
 
 from ..protocol import messages as m
 from ..protocol.errors import ErrorCode
@@ -214,11 +214,14 @@ class KafkaHandlers:
             else:
                 response = response_of(await task, m.ProduceResponse)
                 if response.error_code == ErrorCode.NONE:
+                    config = self.broker.store.topic_config(name)
+                    log_append_time = config is not None and config.timestamp_type == TIMESTAMP_TYPE_LOG_APPEND
                     entry.update(
                         error_code=0,
                         base_offset=response.base_offset,
-                        # CreateTime topics: -1 (Kafka's "the producer's timestamps stand").
-                        log_append_time_ms=-1,
+                        # The time every record of the batch got on a log-append-time
+                        # topic; -1 on a CreateTime topic ("the producer's timestamps stand").
+                        log_append_time_ms=response.log_append_time_ms if log_append_time else -1,
                         log_start_offset=response.log_start_offset,
                     )
                 else:
@@ -439,10 +442,10 @@ class KafkaHandlers:
         partitions = topic["num_partitions"]
         values["partitions"] = self.settings.auto_create_partitions if partitions == -1 else partitions
         for config in topic["configs"]:
-            name = config["name"].replace(".", "_")
-            setting = TOPIC_SETTINGS_BY_NAME.get(name)
-            if setting is None or name == "partitions":
+            setting = _SETTINGS_BY_KAFKA_NAME.get(config["name"])
+            if setting is None or setting.name == "partitions":
                 return KafkaError.INVALID_CONFIG, f"{config['name']} is not a nodi topic setting"
+            name = setting.name
             value = config["value"]
             if value is None:
                 continue
@@ -452,6 +455,12 @@ class KafkaHandlers:
                 except ValueError:
                     return KafkaError.INVALID_CONFIG, f"{config['name']}={value!r} is not an integer"
                 values[name] = m.RETENTION_UNLIMITED if number == -1 and setting.unlimited else number
+            elif setting.kafka_values:
+                nodi_value = setting.from_kafka_value(value)
+                if nodi_value not in setting.choices:
+                    allowed = ", ".join(kafka for _, kafka in setting.kafka_values)
+                    return KafkaError.INVALID_CONFIG, f"{config['name']}={value!r}: one of {allowed}"
+                values[name] = nodi_value
             else:
                 values[name] = value
         if validate_only:
@@ -540,12 +549,14 @@ class KafkaHandlers:
                 continue
             keys = resource["configuration_keys"]
             for name, setting in TOPIC_SETTINGS_BY_NAME.items():
-                kafka_name = name.replace("_", ".")
+                kafka_name = setting.kafka_config_name
                 if keys is not None and kafka_name not in keys:
                     continue
                 value = getattr(described.settings, name)
                 if setting.unlimited and value == m.RETENTION_UNLIMITED:
                     value = -1
+                elif setting.kafka_values and value is not None:
+                    value = setting.to_kafka_value(value)
                 result["configs"].append(
                     {
                         "name": kafka_name,
@@ -559,6 +570,10 @@ class KafkaHandlers:
                     }
                 )
         return {"throttle_time_ms": 0, "results": results}
+
+
+# Kafka's config names of nodi's topic settings (retention.ms, message.timestamp.type).
+_SETTINGS_BY_KAFKA_NAME = {setting.kafka_config_name: setting for setting in TOPIC_SETTINGS}
 
 
 def _topic_error(name: str, error: KafkaError) -> dict[str, Any]:

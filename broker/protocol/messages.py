@@ -21,13 +21,17 @@ waiting for their time, the dead letters being written) for the web console and
 forward), and Fetch version 2 (FetchCommitRequest), a fetch that
 carries a consumer group's offset commits, answered with their results (a later API
 version is declared by an ApiVersion; a message class names its version in
-API_VERSION, 1 unless said).
+API_VERSION, 1 unless said). Protocol version 5 adds CreateTopic and DescribeTopic
+version 2, whose topic settings carry every setting (timestamp_type, for
+log-append-time topics, came with it); version 1 keeps the settings it always had
+(TopicSettingsV1), byte for byte.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -52,7 +56,7 @@ from .schema import (
 )
 
 PROTOCOL_VERSION_MIN = 1
-PROTOCOL_VERSION_MAX = 4
+PROTOCOL_VERSION_MAX = 5
 HANDSHAKE_MAGIC = b"NODI"
 HANDSHAKE_API_VERSION = 1  # frozen: every server reads a version-1 Handshake
 
@@ -202,13 +206,16 @@ class Limit:
     value: int = wire(INT64)
 
 
-def _with_topic_settings(cls: type) -> type:
-    """Give `cls` a wire field per topic setting, in the order of their declaration
+def _with_topic_settings(cls: type, wire_version_max: int | None = None) -> type:
+    """Give `cls` a wire field per topic setting (those of CreateTopic version
+    `wire_version_max` and older; None: every one), in the order of their declaration
     (nodi.storage.topic_settings), before @dataclass reads its fields: an integer (-1:
     server default; -2: no limit, for a setting that has one) or a nullable string
     (null: server default)."""
     annotations = dict(cls.__dict__.get("__annotations__", {}))
     for setting in TOPIC_SETTINGS:
+        if wire_version_max is not None and setting.wire_version > wire_version_max:
+            continue
         wire_type = {"int32": INT32, "int64": INT64, "string?": NULLABLE_STRING}[setting.wire_type]
         if setting.type is str:
             *others, last = (f'"{choice}"' for choice in setting.choices)
@@ -234,6 +241,32 @@ class TopicSettings:
 
         def __init__(self, **settings: int | str | None) -> None: ...
         def __getattr__(self, name: str) -> Any: ...
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+@functools.partial(_with_topic_settings, wire_version_max=1)
+class TopicSettingsV1:
+    """TopicSettings as CreateTopic and DescribeTopic version 1 carry them (protocol
+    versions 1-4): the settings declared before version 2, in the same layout as
+    ever. A setting added since takes the server's default in a version-1 CreateTopic
+    and is left out of a version-1 answer."""
+
+    if TYPE_CHECKING:
+
+        def __init__(self, **settings: int | str | None) -> None: ...
+        def __getattr__(self, name: str) -> Any: ...
+
+
+def topic_settings_from_v1(settings: TopicSettingsV1) -> TopicSettings:
+    """A version-1 struct as TopicSettings: the later settings at the server's default."""
+    return TopicSettings(**{field.name: getattr(settings, field.name) for field in dataclasses.fields(settings)})
+
+
+def topic_settings_to_v1(settings: TopicSettings) -> TopicSettingsV1:
+    """TopicSettings without the settings version 1 does not carry."""
+    return TopicSettingsV1(
+        **{field.name: getattr(settings, field.name) for field in dataclasses.fields(TopicSettingsV1)}
+    )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -371,8 +404,25 @@ class AuthenticateResponse(Response):
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class CreateTopicRequest(Request):
+class CreateTopicRequestV1(Request):
     API_KEY = ApiKey.CREATE_TOPIC
+    name: str = wire(STRING, doc="1-249 characters of A-Z a-z 0-9 . _ -")
+    settings: TopicSettingsV1 = wire(Struct(TopicSettingsV1), TopicSettingsV1())
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CreateTopicResponseV1(Response):
+    API_KEY = ApiKey.CREATE_TOPIC
+    settings: TopicSettingsV1 = wire(Struct(TopicSettingsV1), TopicSettingsV1(), doc="the settings in force")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CreateTopicRequest(Request):
+    """CreateTopic version 2 (protocol version 5): version 1 with every topic setting,
+    timestamp_type too."""
+
+    API_KEY = ApiKey.CREATE_TOPIC
+    API_VERSION = 2
     name: str = wire(STRING, doc="1-249 characters of A-Z a-z 0-9 . _ -")
     settings: TopicSettings = wire(Struct(TopicSettings), TopicSettings())
 
@@ -380,6 +430,7 @@ class CreateTopicRequest(Request):
 @dataclass(frozen=True, kw_only=True, slots=True)
 class CreateTopicResponse(Response):
     API_KEY = ApiKey.CREATE_TOPIC
+    API_VERSION = 2
     settings: TopicSettings = wire(Struct(TopicSettings), TopicSettings(), doc="the settings in force")
 
 
@@ -406,14 +457,33 @@ class ListTopicsResponse(Response):
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class DescribeTopicRequest(Request):
+class DescribeTopicRequestV1(Request):
     API_KEY = ApiKey.DESCRIBE_TOPIC
+    name: str = wire(STRING)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DescribeTopicResponseV1(Response):
+    API_KEY = ApiKey.DESCRIBE_TOPIC
+    name: str = wire(STRING, "")
+    settings: TopicSettingsV1 = wire(Struct(TopicSettingsV1), TopicSettingsV1())
+    partitions: list[PartitionState] = wire(Array(Struct(PartitionState)), [])
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DescribeTopicRequest(Request):
+    """DescribeTopic version 2 (protocol version 5): the same request, answered with
+    every topic setting."""
+
+    API_KEY = ApiKey.DESCRIBE_TOPIC
+    API_VERSION = 2
     name: str = wire(STRING)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class DescribeTopicResponse(Response):
     API_KEY = ApiKey.DESCRIBE_TOPIC
+    API_VERSION = 2
     name: str = wire(STRING, "")
     settings: TopicSettings = wire(Struct(TopicSettings), TopicSettings())
     partitions: list[PartitionState] = wire(Array(Struct(PartitionState)), [])
@@ -475,7 +545,12 @@ class ProduceResponse(Response):
     API_KEY = ApiKey.PRODUCE
     base_offset: int = wire(INT64, NO_OFFSET, doc="offset of the first record; -1 with acks none or an error")
     last_offset: int = wire(INT64, NO_OFFSET, doc="offset of the last record")
-    log_append_time_ms: int = wire(INT64, NO_OFFSET, doc="server clock at the append")
+    log_append_time_ms: int = wire(
+        INT64,
+        NO_OFFSET,
+        doc="server clock at the append; on a log-append-time topic the timestamp every record got "
+        "(an idempotent retry: the original's)",
+    )
     log_start_offset: int = wire(INT64, NO_OFFSET)
     duplicates: list[DuplicateRecord] = wire(
         Array(Struct(DuplicateRecord)),
@@ -1154,14 +1229,39 @@ APIS: tuple[Api, ...] = (
         HandshakeResponse,
         summary="First request of every connection: checks the magic, picks the protocol version, states the server's limits.",
     ),
-    Api(ApiKey.CREATE_TOPIC, CreateTopicRequest, CreateTopicResponse, summary="Create a topic."),
+    Api(
+        ApiKey.CREATE_TOPIC,
+        CreateTopicRequestV1,
+        CreateTopicResponseV1,
+        version_max=2,
+        summary="Create a topic.",
+        later_versions=(
+            ApiVersion(
+                2,
+                CreateTopicRequest,
+                CreateTopicResponse,
+                protocol_version_min=5,
+                summary="Version 1 with every topic setting (timestamp_type too) in the request and the answer.",
+            ),
+        ),
+    ),
     Api(ApiKey.DELETE_TOPIC, DeleteTopicRequest, DeleteTopicResponse, summary="Delete a topic and its data."),
     Api(ApiKey.LIST_TOPICS, ListTopicsRequest, ListTopicsResponse, summary="Every topic with its partition count."),
     Api(
         ApiKey.DESCRIBE_TOPIC,
-        DescribeTopicRequest,
-        DescribeTopicResponse,
+        DescribeTopicRequestV1,
+        DescribeTopicResponseV1,
+        version_max=2,
         summary="A topic's settings and each partition's offsets.",
+        later_versions=(
+            ApiVersion(
+                2,
+                DescribeTopicRequest,
+                DescribeTopicResponse,
+                protocol_version_min=5,
+                summary="Version 1 answered with every topic setting (timestamp_type too).",
+            ),
+        ),
     ),
     Api(
         ApiKey.PRODUCE,
@@ -1407,6 +1507,9 @@ __all__ = [
     "ClosingEvent",
     "Limit",
     "TopicSettings",
+    "TopicSettingsV1",
+    "topic_settings_from_v1",
+    "topic_settings_to_v1",
     "TopicSummary",
     "PartitionState",
     "TopicPartitions",
@@ -1420,6 +1523,8 @@ __all__ = [
     "HandshakeRequest",
     "HandshakeResponse",
     "CreateTopicRequest",
+    "CreateTopicRequestV1",
+    "CreateTopicResponseV1",
     "CreateTopicResponse",
     "DeleteTopicRequest",
     "DeleteTopicResponse",
@@ -1427,6 +1532,8 @@ __all__ = [
     "ListTopicsResponse",
     "DescribeTopicRequest",
     "DescribeTopicResponse",
+    "DescribeTopicRequestV1",
+    "DescribeTopicResponseV1",
     "ProduceRequest",
     "ProduceResponse",
     "FetchRequest",

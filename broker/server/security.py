@@ -291,7 +291,7 @@ def required_permissions(request: m.Request) -> list[tuple[Action, Resource, str
             return [(consume, group, request.group)] + [(consume, topic, name) for name in topics]
         case m.FetchRequest() | m.ListOffsetsRequest():
             return [(consume, topic, request.topic)]
-        case m.CreateTopicRequest() | m.DeleteTopicRequest() | m.CompactTopicRequest():
+        case m.CreateTopicRequest() | m.CreateTopicRequestV1() | m.DeleteTopicRequest() | m.CompactTopicRequest():
             return [(admin, topic, request.name)]
         case m.DeleteRecordsRequest():
             return [(admin, topic, request.topic)]

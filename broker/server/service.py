@@ -32,7 +32,7 @@ from .dedup import PublishDedup
 from .groups import GroupCoordinator
 from .inbox_service import InboxService
 from .queue_service import QueueService
-from .reply import Reply, error_code_for, error_reply
+from .reply import Reply, error_code_for, error_reply, response_of
 from .status import serve_server_status
 
 log = logging.getLogger("nodi.broker")
@@ -347,6 +347,18 @@ class Broker:
         await self.create_topic(request.name, config)
         return Reply(m.CreateTopicResponse(request_id=request.request_id, settings=self._settings(config)))
 
+    async def _create_topic_v1(self, request: m.CreateTopicRequestV1) -> Reply:
+        """CreateTopic version 1 (protocol versions 1-4): the settings it has no field
+        for take the server's defaults, and the answer leaves them out."""
+        settings = m.topic_settings_from_v1(request.settings)
+        reply = await self._create_topic(
+            m.CreateTopicRequest(request_id=request.request_id, name=request.name, settings=settings)
+        )
+        created = response_of(reply, m.CreateTopicResponse)
+        return Reply(
+            m.CreateTopicResponseV1(request_id=request.request_id, settings=m.topic_settings_to_v1(created.settings))
+        )
+
     async def _delete_topic(self, request: m.DeleteTopicRequest) -> Reply:
         config = self.store.topic_config(request.name)
         if config is None:
@@ -388,6 +400,19 @@ class Broker:
         return Reply(
             m.DescribeTopicResponse(
                 request_id=request.request_id, name=request.name, settings=self._settings(config), partitions=partitions
+            )
+        )
+
+    async def _describe_topic_v1(self, request: m.DescribeTopicRequestV1) -> Reply:
+        """DescribeTopic version 1: without the settings version 1 has no field for."""
+        reply = await self._describe_topic(m.DescribeTopicRequest(request_id=request.request_id, name=request.name))
+        described = response_of(reply, m.DescribeTopicResponse)
+        return Reply(
+            m.DescribeTopicResponseV1(
+                request_id=request.request_id,
+                name=described.name,
+                settings=m.topic_settings_to_v1(described.settings),
+                partitions=described.partitions,
             )
         )
 
@@ -882,10 +907,12 @@ class Broker:
     # the client id, for JoinGroup only: handle() calls that one itself)
     _handlers: ClassVar[dict[type, Callable[..., Awaitable[Reply]]]] = {
         m.CreateTopicRequest: _create_topic,
+        m.CreateTopicRequestV1: _create_topic_v1,
         m.DeleteTopicRequest: _delete_topic,
         m.DeleteRecordsRequest: _delete_records,
         m.ListTopicsRequest: _list_topics,
         m.DescribeTopicRequest: _describe_topic,
+        m.DescribeTopicRequestV1: _describe_topic_v1,
         m.ProduceRequest: _produce,
         m.FetchRequest: _fetch,
         m.FetchCommitRequest: _fetch_commit,
