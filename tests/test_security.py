@@ -350,7 +350,7 @@ def test_a_superuser_may_do_everything_and_refusals_are_counted(secure, pki, top
             alice.reset_group("fraud", "orders.eu", "earliest")
     after = _metrics(secure, pki)
     for action in ("produce", "admin"):
-        series = 'nodi_not_authorized_total{action="%s"}' % action
+        series = f'nodi_not_authorized_total{{action="{action}"}}'
         assert _metric(after, series) - _metric(before, series) == 1, action
 
 
