@@ -74,8 +74,12 @@ def create_topic(address: str, topic: str, partitions: int) -> None:
         client.create_topic(topic, partitions)
 
 
-def confluent_produce(bootstrap: str, topic: str, messages: int, value: bytes, extra: dict | None = None) -> float:
-    """`extra`: more librdkafka settings (security, for tools/tls_bench.py)."""
+def confluent_produce(
+    bootstrap: str, topic: str, messages: int, value: bytes, extra: dict | None = None, *, errors_only: bool = False
+) -> float:
+    """`extra`: more librdkafka settings (security, for tools/tls_bench.py). `errors_only`:
+    librdkafka's `delivery.report.only.error`, so the Python callback runs for failed
+    messages only (every message is still acknowledged at acks=all before flush returns)."""
     from confluent_kafka import Producer
 
     producer = Producer(
@@ -86,6 +90,7 @@ def confluent_produce(bootstrap: str, topic: str, messages: int, value: bytes, e
             "enable.idempotence": True,
             "linger.ms": 5,
             "queue.buffering.max.messages": 1_000_000,
+            "delivery.report.only.error": errors_only,
         }
     )
     producer.produce(topic, b"warm-up")
@@ -208,21 +213,26 @@ def main() -> int:
             "produce, nodi client (acks durable)",
             "consume, Kafka listener (confluent-kafka)",
             "consume, nodi client",
+            "produce, Kafka listener (confluent-kafka acks=all, delivery reports of errors only)",
         )
         samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in names}
         try:
             for round_number in range(arguments.rounds):
                 kafka_topic, nodi_topic = f"bench-kafka-{round_number}", f"bench-nodi-{round_number}"
-                create_topic(address, kafka_topic, partitions)
-                create_topic(address, nodi_topic, partitions)
+                quiet_topic = f"bench-kafka-errors-only-{round_number}"
+                for topic in (kafka_topic, nodi_topic, quiet_topic):
+                    create_topic(address, topic, partitions)
                 runs = {
                     names[0]: functools.partial(confluent_produce, bootstrap, kafka_topic, messages, value),
                     names[1]: functools.partial(nodi_produce, address, nodi_topic, messages, value),
                     names[2]: functools.partial(confluent_consume, bootstrap, kafka_topic, partitions, messages + 1),
                     names[3]: functools.partial(nodi_consume, address, nodi_topic, messages + 1),
+                    names[4]: functools.partial(
+                        confluent_produce, bootstrap, quiet_topic, messages, value, errors_only=True
+                    ),
                 }
                 # Alternate which client goes first: a busy neighbour then hurts both alike.
-                order = names if round_number % 2 == 0 else (names[1], names[0], names[3], names[2])
+                order = names if round_number % 2 == 0 else (names[4], names[1], names[0], names[3], names[2])
                 for name in order:
                     samples[name].append(phase(server, runs[name]))
                     print(f"round {round_number}: {name}: {samples[name][-1][0]:.2f} s", file=sys.stderr)
@@ -242,8 +252,25 @@ def main() -> int:
         )
     duration = {name: figures[0] for name, figures in rows.items()}
     print()
-    print(f"produce ratio (Kafka listener / nodi client): {duration[names[1]] / duration[names[0]]:.2f}x")
-    print(f"consume ratio (Kafka listener / nodi client): {duration[names[3]] / duration[names[2]]:.2f}x")
+
+    def pairs(kafka: str, nodi: str) -> str:
+        """The ratio of each round's pair (run minutes apart at most), their median and range:
+        steadier on a shared machine than the ratio of the two medians."""
+        ratios = sorted(nodi_run[0] / kafka_run[0] for kafka_run, nodi_run in zip(samples[kafka], samples[nodi]))
+        return f"pairs: median {ratios[len(ratios) // 2]:.2f}x, {ratios[0]:.2f}-{ratios[-1]:.2f}x"
+
+    print(
+        f"produce ratio (Kafka listener / nodi client): {duration[names[1]] / duration[names[0]]:.2f}x"
+        f" ({pairs(names[0], names[1])})"
+    )
+    print(
+        "produce ratio, delivery reports of errors only (Kafka listener / nodi client):"
+        f" {duration[names[1]] / duration[names[4]]:.2f}x ({pairs(names[4], names[1])})"
+    )
+    print(
+        f"consume ratio (Kafka listener / nodi client): {duration[names[3]] / duration[names[2]]:.2f}x"
+        f" ({pairs(names[2], names[3])})"
+    )
     print()
     print("The machine's limits, same run:")
     print(
