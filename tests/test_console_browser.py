@@ -9,6 +9,7 @@ forms."""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 
@@ -26,6 +27,16 @@ pytestmark = pytest.mark.skipif(
     CHROMIUM is None or CHROMEDRIVER is None,
     reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)",
 )
+
+
+def save_screenshot(browser, directory, name: str) -> None:
+    """Keep a screenshot of the page under the test's directory, and a copy in
+    $NODI_CONSOLE_SCREENSHOTS when set (how docs/console.md's images are made)."""
+    path = directory / f"{name}.png"
+    assert browser.save_screenshot(str(path))
+    copies = os.environ.get("NODI_CONSOLE_SCREENSHOTS")
+    if copies:
+        shutil.copy(path, os.path.join(copies, f"{name}.png"))
 
 
 def click_and_wait(browser, element) -> None:
@@ -80,16 +91,8 @@ def test_every_page_in_a_browser_with_a_reset_and_a_redrive(tmp_path, browser) -
 
     process, port = start_with_console(str(tmp_path / "data"))
     base = f"http://127.0.0.1:{port}"
-    copies = os.environ.get("NODI_CONSOLE_SCREENSHOTS")
-
-    def shot(name: str) -> None:
-        path = tmp_path / f"{name}.png"
-        assert browser.save_screenshot(str(path))
-        if copies:
-            shutil.copy(path, os.path.join(copies, f"{name}.png"))
-
-    def click(element) -> None:
-        click_and_wait(browser, element)
+    shot = functools.partial(save_screenshot, browser, tmp_path)
+    click = functools.partial(click_and_wait, browser)
 
     def cells(table_id: str) -> list[list[str]]:
         rows = browser.find_elements(By.CSS_SELECTOR, f"#{table_id} tbody tr")
@@ -209,16 +212,8 @@ def test_signing_in_and_out_in_a_browser(tmp_path, browser) -> None:
         str(tmp_path / "data"), ["--console-port", str(port)], environment={"NODI_SECURITY_USERS_FILE": str(users)}
     ).start()
     base = f"http://127.0.0.1:{port}"
-    copies = os.environ.get("NODI_CONSOLE_SCREENSHOTS")
-
-    def shot(name: str) -> None:
-        path = tmp_path / f"{name}.png"
-        assert browser.save_screenshot(str(path))
-        if copies:
-            shutil.copy(path, os.path.join(copies, f"{name}.png"))
-
-    def click(element) -> None:
-        click_and_wait(browser, element)
+    shot = functools.partial(save_screenshot, browser, tmp_path)
+    click = functools.partial(click_and_wait, browser)
 
     def sign_in(password: str) -> None:
         browser.find_element(By.ID, "login-user").clear()
