@@ -18,6 +18,7 @@ class KafkaError(IntEnum):
     OFFSET_OUT_OF_RANGE = 1
     CORRUPT_MESSAGE = 2
     UNKNOWN_TOPIC_OR_PARTITION = 3
+    LEADER_NOT_AVAILABLE = 5
     MESSAGE_TOO_LARGE = 10
     REQUEST_TIMED_OUT = 7
     COORDINATOR_NOT_AVAILABLE = 15
@@ -77,6 +78,8 @@ _ERRORS: dict[ErrorCode, KafkaError] = {
     ErrorCode.TIMEOUT: KafkaError.REQUEST_TIMED_OUT,
     ErrorCode.READ_ONLY_LOG: KafkaError.KAFKA_STORAGE_ERROR,
     ErrorCode.DISK_FULL: KafkaError.KAFKA_STORAGE_ERROR,
+    # Retriable in Kafka's clients: they wait and send again.
+    ErrorCode.PARTITION_NOT_READY: KafkaError.LEADER_NOT_AVAILABLE,
     ErrorCode.LIMIT_EXCEEDED: KafkaError.RECORD_LIST_TOO_LARGE,
     ErrorCode.INVALID_PRODUCER_EPOCH: KafkaError.INVALID_PRODUCER_EPOCH,
     ErrorCode.OUT_OF_ORDER_SEQUENCE: KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,

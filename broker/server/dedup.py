@@ -304,7 +304,16 @@ class PublishDedup:
             start = segment.base_offset
         return start
 
-    def rebuild_all(self, topics: Iterable[tuple[str, int, object]]) -> int:
+    def deduplicates(self, topic: str) -> bool:
+        return topic in self._topics
+
+    def rebuild_partition(self, topic: str, partition: int, partition_log) -> int:
+        """rebuild() one partition opened after the server started serving (a
+        background open; before any request reaches it), its keys put in seen order
+        among the topic's live ones."""
+        return self.rebuild_all([(topic, partition, partition_log)], only=topic)
+
+    def rebuild_all(self, topics: Iterable[tuple[str, int, object]], *, only: str | None = None) -> int:
         """rebuild() every (topic, partition, log); then order each topic's keys by
         seen time so expiry can stop at the first live one."""
         started = time.monotonic()
@@ -314,8 +323,8 @@ class PublishDedup:
                 total += self.rebuild(topic, partition, partition_log)
             except NodiError as error:  # a corrupt segment is reported by reads; carry on
                 log.warning("publish dedup: keys of %s-%d not read back: %s", topic, partition, error)
-        for keys in self._topics.values():
-            if keys.entries:
+        for name, keys in self._topics.items():
+            if keys.entries and (only is None or name == only):
                 keys.entries = OrderedDict(sorted(keys.entries.items(), key=lambda item: item[1][2]))
         if total:
             log.info(

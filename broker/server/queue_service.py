@@ -51,6 +51,7 @@ from nodi.storage.errors import (
     InvalidConfigError,
     MetadataUnavailableError,
     NodiError,
+    PartitionNotReadyError,
     TopicExistsError,
     UnknownTopicError,
 )
@@ -323,7 +324,9 @@ class QueueService:
                 entry.group, entry.topic, decoded.settings, self.limits, on_change=self._changed
             )
         group.ensure_partitions(config.partitions)
-        partition_log = self.store.log(entry.topic, entry.partition)
+        # Held to the log's real end (I6): a partition not closed cleanly is recovered
+        # now, before the broker listens (the background open has not started yet).
+        partition_log = self.store.log(entry.topic, entry.partition, recover_now=True)
         end = partition_log.readable_end_offset
         next_offset = min(decoded.next_offset, end)
         floor = min(decoded.floor, next_offset)
@@ -397,7 +400,10 @@ class QueueService:
 
     def _refresh(self, group: QueueGroup) -> None:
         for queue in group.partitions:
-            partition_log = self.store.log(group.topic, queue.partition)
+            try:
+                partition_log = self.store.log(group.topic, queue.partition)
+            except PartitionNotReadyError:  # still opening: nothing of it is delivered yet
+                continue
             if queue.set_log_bounds(partition_log.log_start_offset, partition_log.readable_end_offset):
                 group.mark_dirty(queue.partition)
 
@@ -480,7 +486,10 @@ class QueueService:
         self._waiters.setdefault(key, set()).add(future)
         partition_waiters = []
         for queue in group.partitions:
-            waiters = self.broker._waiters.get(id(self.store.log(group.topic, queue.partition)))
+            try:
+                waiters = self.broker._waiters.get(id(self.store.log(group.topic, queue.partition)))
+            except PartitionNotReadyError:  # the wait's timeout looks again
+                continue
             if waiters is not None:
                 waiters.futures.add(future)
                 partition_waiters.append(waiters)

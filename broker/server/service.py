@@ -9,9 +9,11 @@ run on the event loop. Every wait has a timeout.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import heapq
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -40,6 +42,9 @@ log = logging.getLogger("nodi.broker")
 # The fetch response header and frame overhead, kept out of the records budget so a
 # fetch response always fits in frame_bytes_max.
 FETCH_OVERHEAD_BYTES = 256
+# A partition opened in the background by another thread waits at most this long for
+# the loop to read its publish-dedup keys back (Broker._partition_opened).
+PARTITION_PREPARE_TIMEOUT_S = 30.0
 # How often the metadata retry timer looks while the store commits normally.
 METADATA_RETRY_POLL_S = 1.0
 # A partition's durable waiters are swept of finished (timed-out) ones when this many
@@ -131,12 +136,16 @@ class Broker:
             self.dedup.configure(name, topic_config.dedup_window_ms)
         self.dedup.rebuild_all(store.logs())
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
         self._tasks: asyncio.TaskGroup | None = None
         # The metadata flush that staged offsets wait for (one per loop tick at most).
         self._next_flush: asyncio.Future | None = None
         self._flushing = False
         self._waiters: dict[int, _PartitionWaiters] = {}  # id(log) -> waiters
         self._listeners: dict[int, Callable[[], None]] = {}
+        # A partition the store opens after the start (Store.open(open_in_background=True))
+        # is prepared here before it is served.
+        store.on_partition_opened = self._partition_opened
         self._producer_ids = itertools.count()
         self._producer_id_base = int(time.time() * 1000) << 20
         self.server_id = f"nodi-{self._producer_id_base:x}"
@@ -148,6 +157,7 @@ class Broker:
     def attach(self, loop: asyncio.AbstractEventLoop, tasks: asyncio.TaskGroup) -> None:
         """Start serving on `loop`; background work goes into `tasks`."""
         self._loop = loop
+        self._loop_thread = threading.get_ident()
         self._tasks = tasks
         for _, _, partition_log in self.store.logs():
             self._watch(partition_log)
@@ -219,6 +229,28 @@ class Broker:
             self._flushing = False
             if self._next_flush is not None:
                 self._start_flush()
+
+    def _partition_opened(self, topic: str, partition: int, partition_log: Log) -> None:
+        """The store's hook for a partition opened after the start, in the thread that
+        opened it and before anyone is handed its log: long-poll watchers, and its
+        publish-dedup keys read back (on the loop, which owns the dedup state)."""
+        self._watch(partition_log)
+        if not self.dedup.deduplicates(topic):
+            return
+        loop = self._loop
+        if loop is None or threading.get_ident() == self._loop_thread:
+            self.dedup.rebuild_partition(topic, partition, partition_log)
+            return
+        done: concurrent.futures.Future[int] = concurrent.futures.Future()
+
+        def rebuild() -> None:
+            try:
+                done.set_result(self.dedup.rebuild_partition(topic, partition, partition_log))
+            except BaseException as error:  # handed to the opener, which fails the partition's open
+                done.set_exception(error)
+
+        loop.call_soon_threadsafe(rebuild)
+        done.result(timeout=PARTITION_PREPARE_TIMEOUT_S)
 
     def _watch(self, partition_log: Log) -> None:
         key = id(partition_log)

@@ -17,7 +17,7 @@ from functools import cache
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 
-from nodi.storage.errors import UnknownTopicError
+from nodi.storage.errors import PartitionNotReadyError, UnknownTopicError
 from nodi.storage.store import Store
 
 from ..protocol import messages as m
@@ -71,7 +71,7 @@ def consumer_lags(store: Store) -> list[ConsumerLag]:
         for (topic, partition), committed in sorted(metadata.group_offsets(group).items()):
             try:
                 end = store.log(topic, partition).readable_end_offset
-            except UnknownTopicError:
+            except (UnknownTopicError, PartitionNotReadyError):  # deleted, or still opening
                 continue
             lags.append(ConsumerLag(group, topic, partition, committed.offset, end))
     return lags
