@@ -524,6 +524,29 @@ class Store:
             return log
         return self._open_on_demand(slot, recover_now)
 
+    def opened_log(self, topic: str, partition: int) -> Log | None:
+        """The partition's log if it is open, else None (never opens it here: a
+        pending one moves to the front of the background open). For callers that visit
+        many partitions and may skip one for now (a queue group's partitions)."""
+        entry = self._topics.get(topic)
+        if entry is None or not 0 <= partition < len(entry.slots):
+            return None
+        slot = entry.slots[partition]
+        if slot.log is None:
+            with self._lock:
+                if slot.state is _SlotState.PENDING:
+                    self._pending.appendleft(slot)
+        return slot.log
+
+    def recovering(self, topic: str, partition: int) -> bool:
+        """Whether the partition was not closed cleanly and is not open yet: what it
+        holds, and so the committed offsets held to it (I6), is known only once it is."""
+        entry = self._topics.get(topic)
+        if entry is None or not 0 <= partition < len(entry.slots):
+            return False
+        slot = entry.slots[partition]
+        return slot.log is None and not slot.clean and slot.state in (_SlotState.PENDING, _SlotState.OPENING)
+
     def logs(self) -> list[tuple[str, int, Log]]:
         """Every opened partition log (after a background open, the partitions not yet
         opened are left out: open_statistics() counts them)."""

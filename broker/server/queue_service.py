@@ -51,7 +51,6 @@ from nodi.storage.errors import (
     InvalidConfigError,
     MetadataUnavailableError,
     NodiError,
-    PartitionNotReadyError,
     TopicExistsError,
     UnknownTopicError,
 )
@@ -400,9 +399,10 @@ class QueueService:
 
     def _refresh(self, group: QueueGroup) -> None:
         for queue in group.partitions:
-            try:
-                partition_log = self.store.log(group.topic, queue.partition)
-            except PartitionNotReadyError:  # still opening: nothing of it is delivered yet
+            # One not open yet (after a start) is skipped: nothing of it is delivered until
+            # the background open gets to it (moved to the front now).
+            partition_log = self.store.opened_log(group.topic, queue.partition)
+            if partition_log is None:
                 continue
             if queue.set_log_bounds(partition_log.log_start_offset, partition_log.readable_end_offset):
                 group.mark_dirty(queue.partition)
@@ -486,10 +486,10 @@ class QueueService:
         self._waiters.setdefault(key, set()).add(future)
         partition_waiters = []
         for queue in group.partitions:
-            try:
-                waiters = self.broker._waiters.get(id(self.store.log(group.topic, queue.partition)))
-            except PartitionNotReadyError:  # the wait's timeout looks again
+            partition_log = self.store.opened_log(group.topic, queue.partition)
+            if partition_log is None:  # not open yet: the wait's timeout looks again
                 continue
+            waiters = self.broker._waiters.get(id(partition_log))
             if waiters is not None:
                 waiters.futures.add(future)
                 partition_waiters.append(waiters)

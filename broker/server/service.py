@@ -20,7 +20,12 @@ from dataclasses import replace
 from typing import ClassVar
 
 from nodi.storage.config import FsyncPolicy
-from nodi.storage.errors import DurableWaitTimeoutError, OffsetOutOfRangeError, UnknownTopicError
+from nodi.storage.errors import (
+    DurableWaitTimeoutError,
+    OffsetOutOfRangeError,
+    PartitionNotReadyError,
+    UnknownTopicError,
+)
 from nodi.storage.log import AppendResult, Log
 from nodi.storage.store import Store
 from nodi.storage.topic_settings import TOPIC_SETTINGS, TopicConfig
@@ -143,9 +148,6 @@ class Broker:
         self._flushing = False
         self._waiters: dict[int, _PartitionWaiters] = {}  # id(log) -> waiters
         self._listeners: dict[int, Callable[[], None]] = {}
-        # A partition the store opens after the start (Store.open(open_in_background=True))
-        # is prepared here before it is served.
-        store.on_partition_opened = self._partition_opened
         self._producer_ids = itertools.count()
         self._producer_id_base = int(time.time() * 1000) << 20
         self.server_id = f"nodi-{self._producer_id_base:x}"
@@ -159,6 +161,10 @@ class Broker:
         self._loop = loop
         self._loop_thread = threading.get_ident()
         self._tasks = tasks
+        # A partition the store opens from now on (after a start that opens them in the
+        # background) is prepared by the hook before it is served; those open already
+        # were read back by the publish dedup above and are watched here.
+        self.store.on_partition_opened = self._partition_opened
         for _, _, partition_log in self.store.logs():
             self._watch(partition_log)
         tasks.create_task(self._expire_members())
@@ -383,7 +389,7 @@ class Broker:
         config = self.store.topic_config(request.name)
         if config is None:
             raise UnknownTopicError(f"topic {request.name!r} does not exist")
-        logs = [self.store.log(request.name, partition) for partition in range(config.partitions)]
+        logs = [partition_log for name, _, partition_log in self.store.logs() if name == request.name]
         # All or nothing: a failed deletion (DISK_FULL) leaves the topic serving, watched.
         await asyncio.to_thread(self.store.delete_topic, request.name)
         for partition_log in logs:
@@ -832,6 +838,9 @@ class Broker:
 
     async def _fetch_offsets(self, request: m.FetchOffsetsRequest) -> Reply:
         offsets = self.coordinator.fetch_offsets(request.group, request.topics or None)
+        for topic, partition in offsets:
+            if self.store.recovering(topic, partition):  # its offset may yet be clamped to the log (I6)
+                raise PartitionNotReadyError(f"partition {topic}-{partition} is being recovered: retry in a moment")
         return Reply(
             m.FetchOffsetsResponse(
                 request_id=request.request_id,
