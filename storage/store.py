@@ -547,6 +547,13 @@ class Store:
         slot = entry.slots[partition]
         return slot.log is None and not slot.clean and slot.state in (_SlotState.PENDING, _SlotState.OPENING)
 
+    def open_failed(self, topic: str, partition: int) -> bool:
+        """Whether the partition's open after a start failed (PartitionOpenError)."""
+        entry = self._topics.get(topic)
+        if entry is None or not 0 <= partition < len(entry.slots):
+            return False
+        return entry.slots[partition].state is _SlotState.FAILED
+
     def logs(self) -> list[tuple[str, int, Log]]:
         """Every opened partition log (after a background open, the partitions not yet
         opened are left out: open_statistics() counts them)."""

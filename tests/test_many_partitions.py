@@ -154,6 +154,7 @@ def test_a_file_limit_too_low_is_refused_at_start_with_the_number_needed(tmp_pat
 LAZY_PARTITIONS = 300
 UNCLEAN = 137  # written when the broker is killed; every other partition closed cleanly
 PRODUCERS = 8
+KEYED = 211  # holds a message with an idempotency key (the topic's dedup window is on)
 
 
 async def _write_until_killed(broker: BrokerProcess, acknowledged: dict[int, bytes]) -> None:
@@ -191,15 +192,23 @@ async def _read_all(client: AsyncClient, partition: int) -> dict[int, bytes | No
         offset = messages[-1].offset + 1
 
 
-async def _read_after_restart(address: str) -> tuple[bytes | None, dict[int, bytes | None], list[bytes | None]]:
+async def _read_after_restart(
+    address: str,
+) -> tuple[bytes | None, dict[int, bytes | None], list[bytes | None], tuple[int, int]]:
     async with AsyncClient(address, timeout_ms=60_000) as client:
-        # First of all: the last partition, which the background open reaches last, and
-        # the unclean one, which it recovers first (answered PARTITION_NOT_READY, and
-        # retried by the client, until then).
-        last, unclean = await asyncio.gather(client.fetch("lazy", LAZY_PARTITIONS - 1, 0), _read_all(client, UNCLEAN))
+        # First of all: the last partition, which the background open reaches last; the
+        # unclean one, which it recovers first (answered PARTITION_NOT_READY, and retried
+        # by the client, until then); and a produce repeating an idempotency key whose
+        # original is in a partition that may not be open yet (publish dedup spans the
+        # topic: keyed produces wait until every partition's keys are read back).
+        last, unclean, repeated = await asyncio.gather(
+            client.fetch("lazy", LAZY_PARTITIONS - 1, 0),
+            _read_all(client, UNCLEAN),
+            client.produce("lazy", b"again", idempotency_key="key-1", partition=LAZY_PARTITIONS - 2),
+        )
         calls = [(lambda number=number: client.fetch("lazy", number, 0)) for number in range(LAZY_PARTITIONS)]
         others = [messages[0].value if messages else None for messages in await _in_chunks(calls)]
-    return (last[0].value if last else None), unclean, others
+    return (last[0].value if last else None), unclean, others, repeated
 
 
 def test_a_restart_serves_at_once_and_recovers_an_unclean_partition_before_serving_it(tmp_path) -> None:
@@ -215,15 +224,16 @@ def test_a_restart_serves_at_once_and_recovers_an_unclean_partition_before_servi
                     for number in range(LAZY_PARTITIONS)
                 ]
                 await _in_chunks(calls)
+                return await client.produce("lazy", b"keyed", idempotency_key="key-1", partition=KEYED)
 
-        asyncio.run(create())
+        original = asyncio.run(create())
         assert broker.stop() == 0
         broker = BrokerProcess(data_dir).start()  # clean: every partition keeps its marker
         acknowledged: dict[int, bytes] = {}
         asyncio.run(_write_until_killed(broker, acknowledged))
         assert broker.process is None  # killed mid-produce
         broker = BrokerProcess(data_dir).start()
-        last, unclean, others = asyncio.run(_read_after_restart(broker.address))
+        last, unclean, others, repeated = asyncio.run(_read_after_restart(broker.address))
         assert broker.stop() == 0
     finally:
         broker.kill()
@@ -231,6 +241,8 @@ def test_a_restart_serves_at_once_and_recovers_an_unclean_partition_before_servi
     assert f"partitions: {LAZY_PARTITIONS} to open in the background (1 not closed cleanly" in output, output[-3000:]
     assert f"lazy-{UNCLEAN}: unclean start" in output, output[-3000:]
     assert last == b"lazy %d" % (LAZY_PARTITIONS - 1)
+    assert original == (KEYED, 1)
+    assert repeated == original  # deduplicated: the original's partition and offset
     assert others == [b"lazy %d" % number for number in range(LAZY_PARTITIONS)]
     # Nothing acknowledged lost; the recovered log is dense from 0 (what was written and
     # not acknowledged may be there too, after every acknowledged offset before it).

@@ -1,18 +1,26 @@
 """A start that opens the partitions in the background (issue 18, "Start"): the store
 registers every partition without opening it; a clean one opens on first use, one not
 closed cleanly is recovered (by the background open, first) before anything of it is
-served, and committed offsets are held to each log as it opens (I6). Store-level and
-deterministic (the background open starts when the test says); the real-server tests
-are in tests/test_many_partitions.py.
+served, committed offsets are held to each log as it opens (I6), and publish dedup
+waits for every partition of a topic to be read back. Store- and broker-level, no
+server, deterministic (the background open starts when the test says); the
+real-server test is in tests/test_many_partitions.py.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 
 import pytest
 
+from nodi.broker.protocol import messages as m
+from nodi.broker.protocol.errors import ErrorCode
+from nodi.broker.protocol.headers import IDEMPOTENCY_KEY
+from nodi.broker.server.config import ServerConfig
+from nodi.broker.server.reply import response_of
+from nodi.broker.server.service import Broker
 from nodi.storage import records
 from nodi.storage.checkpoint import CLEAN_SHUTDOWN_FILE
 from nodi.storage.errors import PartitionNotReadyError, UnknownTopicError
@@ -140,3 +148,39 @@ def test_a_topic_deleted_before_its_partitions_opened_leaves_nothing(data_dir):
             assert not os.path.exists(partition_directory(data_dir, "t", partition))
             with pytest.raises(UnknownTopicError):
                 store.log("t", partition)
+
+
+def _keyed(value: bytes, key: bytes) -> bytes:
+    return records.build_batch([records.NewRecord(None, value, [(IDEMPOTENCY_KEY, key)])])
+
+
+def test_keyed_produces_wait_until_every_partition_of_the_topic_was_read_back(tmp_path):
+    """Publish dedup spans a topic's partitions: a key whose original sits in a
+    partition not yet open is only known once that partition was read back, so keyed
+    produces to the topic answer PARTITION_NOT_READY until then; unkeyed ones do not."""
+    with Store.open(tmp_path) as store:
+        store.create_topic("d", TopicConfig(partitions=3, dedup_window_ms=60_000))
+        original = store.log("d", 0).append(_keyed(b"first", b"order-1"))
+    with Store.open(tmp_path, open_in_background=True) as store:
+
+        async def main() -> tuple[m.ProduceResponse, m.ProduceResponse, m.ProduceResponse]:
+            broker = Broker(store, ServerConfig(data_dir=store.data_dir))
+            broker._loop = asyncio.get_running_loop()  # as attach() sets it, without its tasks
+            store.on_partition_opened = broker._partition_opened
+
+            async def produce(records: bytes) -> m.ProduceResponse:
+                request = m.ProduceRequest(topic="d", partition=2, acks=m.Acks.WRITTEN, records=records)
+                return response_of(await broker.handle(request), m.ProduceResponse)
+
+            refused = await produce(_keyed(b"again", b"order-1"))
+            unkeyed = await produce(_batch(b"no key"))
+            store.start_background_open()
+            await asyncio.to_thread(_wait_all_open, store)
+            await asyncio.sleep(0.05)  # the read-back keys reach the loop
+            return refused, unkeyed, await produce(_keyed(b"again", b"order-1"))
+
+        refused, unkeyed, deduplicated = asyncio.run(main())
+    assert refused.error_code is ErrorCode.PARTITION_NOT_READY
+    assert unkeyed.error_code is ErrorCode.NONE and unkeyed.base_offset == 0
+    assert deduplicated.error_code is ErrorCode.NONE
+    assert [(d.partition, d.offset) for d in deduplicated.duplicates] == [(0, original.first_offset)]

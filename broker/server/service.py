@@ -9,11 +9,9 @@ run on the event loop. Every wait has a timeout.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import heapq
 import itertools
 import logging
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -22,6 +20,7 @@ from typing import ClassVar
 from nodi.storage.config import FsyncPolicy
 from nodi.storage.errors import (
     DurableWaitTimeoutError,
+    NodiError,
     OffsetOutOfRangeError,
     PartitionNotReadyError,
     UnknownTopicError,
@@ -47,9 +46,6 @@ log = logging.getLogger("nodi.broker")
 # The fetch response header and frame overhead, kept out of the records budget so a
 # fetch response always fits in frame_bytes_max.
 FETCH_OVERHEAD_BYTES = 256
-# A partition opened in the background by another thread waits at most this long for
-# the loop to read its publish-dedup keys back (Broker._partition_opened).
-PARTITION_PREPARE_TIMEOUT_S = 30.0
 # How often the metadata retry timer looks while the store commits normally.
 METADATA_RETRY_POLL_S = 1.0
 # A partition's durable waiters are swept of finished (timed-out) ones when this many
@@ -139,9 +135,18 @@ class Broker:
         self.dedup = PublishDedup(clock_ms=clock.time_ms)
         for name, topic_config in store.topics().items():
             self.dedup.configure(name, topic_config.dedup_window_ms)
+        # Publish dedup spans a topic's partitions: until every partition of a topic has
+        # been read back, a produce carrying idempotency keys to it is answered
+        # PARTITION_NOT_READY (a start that opens partitions in the background).
+        opened = {(name, partition) for name, partition, _ in store.logs()}
+        self._dedup_unread: dict[str, set[int]] = {}
+        for name, topic_config in store.topics().items():
+            if topic_config.dedup_window_ms > 0:
+                unread = {p for p in range(topic_config.partitions) if (name, p) not in opened}
+                if unread:
+                    self._dedup_unread[name] = unread
         self.dedup.rebuild_all(store.logs())
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread: int | None = None
         self._tasks: asyncio.TaskGroup | None = None
         # The metadata flush that staged offsets wait for (one per loop tick at most).
         self._next_flush: asyncio.Future | None = None
@@ -159,7 +164,6 @@ class Broker:
     def attach(self, loop: asyncio.AbstractEventLoop, tasks: asyncio.TaskGroup) -> None:
         """Start serving on `loop`; background work goes into `tasks`."""
         self._loop = loop
-        self._loop_thread = threading.get_ident()
         self._tasks = tasks
         # A partition the store opens from now on (after a start that opens them in the
         # background) is prepared by the hook before it is served; those open already
@@ -238,25 +242,55 @@ class Broker:
 
     def _partition_opened(self, topic: str, partition: int, partition_log: Log) -> None:
         """The store's hook for a partition opened after the start, in the thread that
-        opened it and before anyone is handed its log: long-poll watchers, and its
-        publish-dedup keys read back (on the loop, which owns the dedup state)."""
+        opened it and before anyone is handed its log: its long-poll watchers, and its
+        publish-dedup keys read back here and handed to the loop (which owns the dedup
+        state; the topic's keyed produces wait for every partition's)."""
         self._watch(partition_log)
-        if not self.dedup.deduplicates(topic):
+        unread = self._dedup_unread.get(topic)
+        if unread is None or partition not in unread:
             return
+        try:
+            found = self.dedup.read_back(topic, partition, partition_log)
+        except NodiError as error:  # a corrupt segment is reported by reads; carry on
+            log.warning("publish dedup: keys of %s-%d not read back: %s", topic, partition, error)
+            found = []
+
+        def add() -> None:
+            self.dedup.add_read_back(topic, partition, found, in_order=True)
+            left = self._dedup_unread.get(topic)
+            if left is not None:
+                left.discard(partition)
+                if not left:
+                    del self._dedup_unread[topic]
+
         loop = self._loop
-        if loop is None or threading.get_ident() == self._loop_thread:
-            self.dedup.rebuild_partition(topic, partition, partition_log)
-            return
-        done: concurrent.futures.Future[int] = concurrent.futures.Future()
+        if loop is None or loop.is_closed():
+            return  # stopping: nothing is served any more
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            add()
+        else:
+            loop.call_soon_threadsafe(add)
 
-        def rebuild() -> None:
-            try:
-                done.set_result(self.dedup.rebuild_partition(topic, partition, partition_log))
-            except BaseException as error:  # handed to the opener, which fails the partition's open
-                done.set_exception(error)
-
-        loop.call_soon_threadsafe(rebuild)
-        done.result(timeout=PARTITION_PREPARE_TIMEOUT_S)
+    def _check_dedup_read_back(self, topic: str) -> None:
+        """PartitionNotReadyError while some partition of `topic` has not had its
+        publish-dedup keys read back (after a start); those move to the front of the
+        background open."""
+        unread = self._dedup_unread.get(topic)
+        if unread:
+            for partition in sorted(unread):
+                if self.store.open_failed(topic, partition):  # logged; it serves nothing, keys unknown
+                    unread.discard(partition)
+                else:
+                    self.store.opened_log(topic, partition)
+        if unread:
+            raise PartitionNotReadyError(
+                f"topic {topic!r}: publish dedup is reading keys back from {len(unread)} partition(s) still "
+                "opening after the start: retry in a moment"
+            )
 
     def _watch(self, partition_log: Log) -> None:
         key = id(partition_log)
@@ -396,6 +430,7 @@ class Broker:
             self._unwatch(partition_log)
         self.coordinator.on_topic_deleted(request.name)
         self.dedup.drop(request.name)
+        self._dedup_unread.pop(request.name, None)
         self.queues.on_topic_deleted(request.name)
         return Reply(m.DeleteTopicResponse(request_id=request.request_id))
 
@@ -513,6 +548,8 @@ class Broker:
         self.compaction.check_produce(request.topic, partition_log, request.records)
         # Publish dedup (broker/server/dedup.py): check, append and record run without an await.
         check = self.dedup.check(request.topic, config.dedup_window_ms, request.records)
+        if check is not None:
+            self._check_dedup_read_back(request.topic)
         if check is not None and check.duplicates:
             return await self._produce_duplicates(request, check)
         result = partition_log.append_nowait(request.records)
