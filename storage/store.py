@@ -70,7 +70,8 @@ STORE_CLOSE_TIMEOUT_S = 3600.0
 NO_CLAMP_OFFSET = 2**63 - 1
 # Threads of a background open (Store.open(open_in_background=True)): the partitions are
 # opened by these, not by the fsync pool, whose workers serve the produces meanwhile.
-PARTITION_OPENERS_MAX = 4
+# An open is mostly Python (held by the GIL): more threads take the loop's share of it.
+PARTITION_OPENERS_MAX = 2
 # A caller that needs a partition another thread is opening (Store.log with
 # recover_now, a topic deletion, close) waits at most this long for it.
 PARTITION_OPEN_WAIT_S = 600.0
@@ -174,6 +175,19 @@ class _Topic:
 
 
 @dataclass(frozen=True, slots=True)
+class PartitionSummary:
+    """A partition's offsets (Store.partition_summary), read without opening it."""
+
+    log_start_offset: int
+    log_end_offset: int
+    # What consumers may read: the durable end under fsync `always`.
+    high_watermark: int
+    # None while the partition is not open (its files are not looked at).
+    byte_count: int | None
+    segment_count: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class PartitionOpenStatistics:
     """How far a background open of the partitions has come (Store.open_statistics)."""
 
@@ -233,6 +247,7 @@ class Store:
         self._background_ended: float | None = None
         self._opened_on_demand = 0
         self._not_ready_refusals = 0
+        self._registered = False  # the partitions were registered, not opened (a background open)
         # Called with (topic, partition, log) in the thread that opened the log, before
         # the log is handed to anyone (a background open only): the broker's per-partition
         # preparation (watchers, publish dedup). An exception fails the partition's open.
@@ -348,6 +363,7 @@ class Store:
             self._topics[name] = topic
         self._pending.extend(unclean)
         self._pending.extend(clean)
+        self._registered = True
 
     def _registered_end_offset(self, topic: str, partition: int) -> int | None:
         """clamp_offsets at a background open: a clean partition ends where its
@@ -547,6 +563,34 @@ class Store:
         slot = entry.slots[partition]
         return slot.log is None and not slot.clean and slot.state in (_SlotState.PENDING, _SlotState.OPENING)
 
+    def partition_summary(self, topic: str, partition: int) -> PartitionSummary:
+        """The partition's offsets without opening it: an open log's own; one not open
+        yet, its checkpoint's (a clean close wrote the log end and start there; for one
+        being recovered, the recovery point: the durable prefix the scan starts from, a
+        lower bound of its end). Sizes are None until it is open. A partition with no
+        readable checkpoint is opened (log()) to say."""
+        entry = self._topics.get(topic)
+        if entry is None:
+            raise UnknownTopicError(f"topic {topic!r} does not exist")
+        if not 0 <= partition < len(entry.slots):
+            raise UnknownTopicError(f"topic {topic!r} has no partition {partition}")
+        slot = entry.slots[partition]
+        log = slot.log
+        if log is None:
+            checkpoint = read_checkpoint(self._log_fs, partition_directory(self.data_dir, topic, partition))
+            if checkpoint is not None and slot.log is None:
+                end = checkpoint.recovery_offset
+                return PartitionSummary(min(checkpoint.log_start_offset, end), end, end, None, None)
+            log = self.log(topic, partition)
+        statistics = log.statistics()
+        return PartitionSummary(
+            statistics.log_start_offset,
+            statistics.next_offset,
+            log.readable_end_offset,
+            statistics.byte_count,
+            statistics.segment_count,
+        )
+
     def open_failed(self, topic: str, partition: int) -> bool:
         """Whether the partition's open after a start failed (PartitionOpenError)."""
         entry = self._topics.get(topic)
@@ -559,6 +603,12 @@ class Store:
         opened are left out: open_statistics() counts them)."""
         with self._lock:
             return [(name, number, log) for name, topic in self._topics.items() for number, log in topic.opened()]
+
+    @property
+    def opening(self) -> bool:
+        """True from a start that registered the partitions until the background open
+        ended: some partitions may not be open."""
+        return self._registered and self._background_ended is None
 
     def open_statistics(self) -> PartitionOpenStatistics:
         with self._lock:
@@ -621,7 +671,9 @@ class Store:
                 last = self._openers_running == 0
                 if last:
                     self._background_ended = time.monotonic()
-            if last:
+            if last and self._closing:
+                logger.info("partitions: the background open stopped for the close")
+            elif last:
                 statistics = self.open_statistics()
                 logger.info(
                     "partitions: %d open after %.2f s in the background (%d opened first by a request, %d failed)",

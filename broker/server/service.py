@@ -445,24 +445,33 @@ class Broker:
         config = self.store.topic_config(request.name)
         if config is None:
             raise UnknownTopicError(f"topic {request.name!r} does not exist")
-        partitions = []
-        for number in range(config.partitions):
-            statistics = self.store.log(request.name, number).statistics()
-            partitions.append(
-                m.PartitionState(
-                    partition=number,
-                    log_start_offset=statistics.log_start_offset,
-                    log_end_offset=statistics.next_offset,
-                    high_watermark=self.store.log(request.name, number).readable_end_offset,
-                    size_bytes=statistics.byte_count,
-                    segments=statistics.segment_count,
-                )
-            )
+        # While partitions open after a start, those not open yet report their checkpoints
+        # (sizes -1), read in a thread: a topic of thousands of partitions reads as many files.
+        if self.store.opening:
+            partitions = await asyncio.to_thread(self._partition_states, request.name, config.partitions)
+        else:
+            partitions = self._partition_states(request.name, config.partitions)
         return Reply(
             m.DescribeTopicResponse(
                 request_id=request.request_id, name=request.name, settings=self._settings(config), partitions=partitions
             )
         )
+
+    def _partition_states(self, topic: str, count: int) -> list[m.PartitionState]:
+        states = []
+        for number in range(count):
+            summary = self.store.partition_summary(topic, number)
+            states.append(
+                m.PartitionState(
+                    partition=number,
+                    log_start_offset=summary.log_start_offset,
+                    log_end_offset=summary.log_end_offset,
+                    high_watermark=summary.high_watermark,
+                    size_bytes=-1 if summary.byte_count is None else summary.byte_count,
+                    segments=-1 if summary.segment_count is None else summary.segment_count,
+                )
+            )
+        return states
 
     def _log(self, topic: str, partition: int) -> Log:
         return self._config_and_log(topic, partition)[1]
@@ -926,7 +935,7 @@ class Broker:
         lags = []
         for (topic, partition), committed in description.offsets.items():
             try:
-                high_watermark = self.store.log(topic, partition).readable_end_offset
+                high_watermark = self.store.partition_summary(topic, partition).high_watermark
             except UnknownTopicError:
                 continue
             lags.append(
