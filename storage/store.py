@@ -147,7 +147,7 @@ class _Slot:
     """One partition of a topic: its log once opened. State changes under Store._lock;
     `log` is set once, with the state OPEN, after the on_partition_opened hook ran."""
 
-    __slots__ = ("topic", "partition", "config", "state", "log", "clean", "error", "done")
+    __slots__ = ("topic", "partition", "config", "state", "log", "clean", "error")
 
     def __init__(self, topic: str, partition: int, config: TopicConfig, log: Log | None = None) -> None:
         self.topic = topic
@@ -159,10 +159,6 @@ class _Slot:
         # more than its checkpoint covers (cheap, done on first use by the caller).
         self.clean = False
         self.error: PartitionOpenError | None = None
-        # Set when an opening ends (OPEN, FAILED or GONE).
-        self.done = threading.Event()
-        if log is not None:
-            self.done.set()
 
 
 @dataclass
@@ -234,6 +230,8 @@ class Store:
         self.fs = fs
         self._topics: dict[str, _Topic] = {}
         self._lock = threading.Lock()
+        # Notified (under _lock) whenever a partition's opening ends: OPEN, FAILED or GONE.
+        self._opening_ended = threading.Condition(self._lock)
         # Serialises topic creation and deletion (their metadata commit and files).
         self._admin_lock = threading.Lock()
         self.open_report = StoreOpenReport((), (), ())
@@ -472,11 +470,10 @@ class Store:
                 for slot in topic.slots:
                     if slot.state is _SlotState.PENDING:
                         slot.state = _SlotState.GONE
-                        slot.done.set()
-            # A partition being opened now is closed by its opener (it finds it GONE);
-            # its files are renamed only after that.
+            # A partition being opened now is left to its opener; its log is closed below
+            # and its files renamed only after that.
             for slot in topic.slots:
-                if not slot.done.wait(PARTITION_OPEN_WAIT_S):
+                if not self._wait_opening_ended(slot):
                     raise PartitionNotReadyError(f"topic {name!r}: partition {slot.partition} still opening")
             for _, log in topic.opened():
                 try:
@@ -709,14 +706,26 @@ class Store:
                 )
         if claimed:
             return self._open_slot(slot)
-        if not slot.done.wait(PARTITION_OPEN_WAIT_S):
+        if not self._wait_opening_ended(slot):
             raise PartitionNotReadyError(f"partition {slot.topic}-{slot.partition} still opening")
         return self._open_on_demand(slot, recover_now=False)
 
+    def _wait_opening_ended(self, slot: _Slot) -> bool:
+        """Wait up to PARTITION_OPEN_WAIT_S while another thread opens `slot`; False
+        when it still does."""
+        deadline = time.monotonic() + PARTITION_OPEN_WAIT_S
+        with self._lock:
+            while slot.state is _SlotState.OPENING:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._opening_ended.wait(remaining)
+        return True
+
     def _open_slot(self, slot: _Slot) -> Log:
-        """Open the log of a slot this thread claimed (OPENING), prepare it, then hand
-        it out: OPEN, or FAILED (PartitionOpenError, raised), or closed again when its
-        topic went meanwhile (UnknownTopicError)."""
+        """Open the log of a slot this thread claimed (OPENING; nobody else changes
+        its state meanwhile), prepare it, then hand it out: OPEN, or FAILED
+        (PartitionOpenError, raised)."""
         assert slot.state is _SlotState.OPENING
         directory = partition_directory(self.data_dir, slot.topic, slot.partition)
         log: Log | None = None
@@ -740,21 +749,12 @@ class Store:
                 except (OSError, NodiError):
                     pass
             with self._lock:
-                if slot.state is _SlotState.OPENING:
-                    slot.state, slot.error = _SlotState.FAILED, failure
-            slot.done.set()
+                slot.state, slot.error = _SlotState.FAILED, failure
+                self._opening_ended.notify_all()
             raise failure from error
         with self._lock:
-            gone = slot.state is not _SlotState.OPENING
-            if not gone:
-                slot.log, slot.state = log, _SlotState.OPEN
-        if gone:  # the topic was deleted while it opened: its deletion waits for this
-            try:
-                log.close()
-            finally:
-                slot.done.set()
-            raise UnknownTopicError(f"topic {slot.topic!r} was deleted")
-        slot.done.set()
+            slot.log, slot.state = log, _SlotState.OPEN
+            self._opening_ended.notify_all()
         return log
 
     def _prepare_opened(self, slot: _Slot, log: Log) -> None:
@@ -807,10 +807,9 @@ class Store:
                 for slot in topic.slots:
                     if slot.state is _SlotState.PENDING:
                         slot.state = _SlotState.GONE
-                        slot.done.set()
         for topic in topics.values():
             for slot in topic.slots:
-                slot.done.wait(PARTITION_OPEN_WAIT_S)  # an open on demand in another thread
+                self._wait_opening_ended(slot)  # an open on demand in another thread
         try:
             # In parallel on the pool: each clean close makes several fsyncs (segment,
             # indexes, snapshot, checkpoint, marker), and the file system joins
