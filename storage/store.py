@@ -147,7 +147,7 @@ class _Slot:
     """One partition of a topic: its log once opened. State changes under Store._lock;
     `log` is set once, with the state OPEN, after the on_partition_opened hook ran."""
 
-    __slots__ = ("topic", "partition", "config", "state", "log", "clean", "error")
+    __slots__ = ("topic", "partition", "config", "state", "log", "clean", "error", "hurried")
 
     def __init__(self, topic: str, partition: int, config: TopicConfig, log: Log | None = None) -> None:
         self.topic = topic
@@ -159,6 +159,8 @@ class _Slot:
         # more than its checkpoint covers (cheap, done on first use by the caller).
         self.clean = False
         self.error: PartitionOpenError | None = None
+        # Moved to the front of the background open by a request (_hurry_locked).
+        self.hurried = False
 
 
 @dataclass
@@ -547,8 +549,7 @@ class Store:
         slot = entry.slots[partition]
         if slot.log is None:
             with self._lock:
-                if slot.state is _SlotState.PENDING:
-                    self._pending.appendleft(slot)
+                self._hurry_locked(slot)
         return slot.log
 
     def recovering(self, topic: str, partition: int) -> bool:
@@ -697,8 +698,7 @@ class Store:
                 slot.state = _SlotState.OPENING
                 self._opened_on_demand += 1
             elif not recover_now:
-                if state is _SlotState.PENDING:
-                    self._pending.appendleft(slot)  # the next one a background opener takes
+                self._hurry_locked(slot)
                 self._not_ready_refusals += 1
                 raise PartitionNotReadyError(
                     f"partition {slot.topic}-{slot.partition} is not open yet (recovering after an unclean stop, "
@@ -709,6 +709,13 @@ class Store:
         if not self._wait_opening_ended(slot):
             raise PartitionNotReadyError(f"partition {slot.topic}-{slot.partition} still opening")
         return self._open_on_demand(slot, recover_now=False)
+
+    def _hurry_locked(self, slot: _Slot) -> None:
+        """Put a pending slot at the front of the background open, once: the queue
+        holds each slot at most twice however often it is asked for."""
+        if slot.state is _SlotState.PENDING and not slot.hurried:
+            slot.hurried = True
+            self._pending.appendleft(slot)
 
     def _wait_opening_ended(self, slot: _Slot) -> bool:
         """Wait up to PARTITION_OPEN_WAIT_S while another thread opens `slot`; False
