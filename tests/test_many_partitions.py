@@ -16,11 +16,13 @@ import asyncio
 import os
 import subprocess
 import threading
+import time
 
 from nodi.broker.client.async_client import AsyncClient
 from nodi.storage.file_budget import FILES_LIMIT_MIN
 
 from conftest import NODI, BrokerProcess
+from test_ops_metrics import scrape, value
 
 PARTITIONS = int(os.environ.get("NODI_TEST_PARTITIONS", "400"))
 FILES_LIMIT = 256
@@ -211,6 +213,18 @@ async def _read_after_restart(
     return (last[0].value if last else None), unclean, others, repeated
 
 
+def _metrics_once_all_open(port: int) -> dict[str, float]:
+    """The background open's gauges once nodi_partitions_not_open reads 0 (at most 60 s)."""
+    names = ("nodi_partitions_not_open", "nodi_partitions_not_open_unclean", "nodi_partitions_open_failed")
+    deadline = time.monotonic() + 60
+    while True:
+        samples = scrape(port)
+        gauges = {name: value(samples, name) for name in names}
+        if gauges["nodi_partitions_not_open"] == 0 or time.monotonic() > deadline:
+            return gauges
+        time.sleep(0.05)
+
+
 def test_a_restart_serves_at_once_and_recovers_an_unclean_partition_before_serving_it(tmp_path) -> None:
     data_dir = str(tmp_path / "data")
     broker = BrokerProcess(data_dir).start()
@@ -232,14 +246,23 @@ def test_a_restart_serves_at_once_and_recovers_an_unclean_partition_before_servi
         acknowledged: dict[int, bytes] = {}
         asyncio.run(_write_until_killed(broker, acknowledged))
         assert broker.process is None  # killed mid-produce
-        broker = BrokerProcess(data_dir).start()
+        broker = BrokerProcess(data_dir, metrics=True).start()
         last, unclean, others, repeated = asyncio.run(_read_after_restart(broker.address))
+        assert broker.metrics_port is not None
+        opened = _metrics_once_all_open(broker.metrics_port)
         assert broker.stop() == 0
     finally:
         broker.kill()
     output = "".join(broker.output)
     assert f"partitions: {LAZY_PARTITIONS} to open in the background (1 not closed cleanly" in output, output[-3000:]
     assert f"lazy-{UNCLEAN}: unclean start" in output, output[-3000:]
+    assert f"partitions: {LAZY_PARTITIONS} open after" in output, output[-3000:]
+    # What an operator watches: every partition open, none failed.
+    assert opened == {
+        "nodi_partitions_not_open": 0,
+        "nodi_partitions_not_open_unclean": 0,
+        "nodi_partitions_open_failed": 0,
+    }
     assert last == b"lazy %d" % (LAZY_PARTITIONS - 1)
     assert original == (KEYED, 1)
     assert repeated == original  # deduplicated: the original's partition and offset
