@@ -23,7 +23,7 @@ from nodi.broker.server.reply import response_of
 from nodi.broker.server.service import Broker
 from nodi.storage import records
 from nodi.storage.checkpoint import CLEAN_SHUTDOWN_FILE
-from nodi.storage.errors import PartitionNotReadyError, UnknownTopicError
+from nodi.storage.errors import PartitionNotReadyError, PartitionOpenError, UnknownTopicError
 from nodi.storage.layout import partition_directory
 from nodi.storage.metadata import TopicConfig
 from nodi.storage.store import Store
@@ -184,3 +184,26 @@ def test_keyed_produces_wait_until_every_partition_of_the_topic_was_read_back(tm
     assert unkeyed.error_code is ErrorCode.NONE and unkeyed.base_offset == 0
     assert deduplicated.error_code is ErrorCode.NONE
     assert [(d.partition, d.offset) for d in deduplicated.duplicates] == [(0, original.first_offset)]
+
+
+def test_a_partition_that_cannot_be_opened_fails_alone_and_is_reported(data_dir):
+    """An operator mistake (a file where partition 5's directory belongs): that
+    partition answers PartitionOpenError (READ_ONLY_LOG on the wire), counted as
+    failed; the others open and serve; nothing of the file is touched."""
+    directory = partition_directory(data_dir, "t", 5)
+    os.rename(directory, directory + ".moved-aside")
+    with open(directory, "wb") as stray:
+        stray.write(b"not a partition")
+    with Store.open(data_dir, open_in_background=True) as store:
+        store.start_background_open()
+        _wait_all_open(store)
+        with pytest.raises(PartitionOpenError) as failed:
+            store.log("t", 5)
+        assert directory in str(failed.value)
+        statistics = store.open_statistics()
+        assert (statistics.failed, statistics.not_open) == (1, 0)
+        assert store.open_failed("t", 5) and not store.open_failed("t", 4)
+        assert sorted(partition for _, partition, _ in store.logs()) == [0, 1, 2, 3, 4]
+        assert _values(store, 3) == [b"p3-a", b"p3-b"]
+    with open(directory, "rb") as stray:
+        assert stray.read() == b"not a partition"
