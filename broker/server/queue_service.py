@@ -324,9 +324,12 @@ class QueueService:
             )
         group.ensure_partitions(config.partitions)
         # Held to the log's real end (I6): a partition not closed cleanly is recovered
-        # now, before the broker listens (the background open has not started yet).
-        partition_log = self.store.log(entry.topic, entry.partition, recover_now=True)
-        end = partition_log.readable_end_offset
+        # now, before the broker listens (the background open has not started yet); a
+        # clean one not open yet ends where its checkpoint says (its clean close wrote it).
+        if self.store.recovering(entry.topic, entry.partition):
+            self.store.log(entry.topic, entry.partition, recover_now=True)
+        summary = self.store.partition_summary(entry.topic, entry.partition)
+        end = summary.high_watermark
         next_offset = min(decoded.next_offset, end)
         floor = min(decoded.floor, next_offset)
         if next_offset < decoded.next_offset:
@@ -339,7 +342,7 @@ class QueueService:
                 decoded.next_offset,
             )
         queue = PartitionQueue(entry.partition, group.settings, self.limits, floor, next_offset)
-        queue.set_log_bounds(partition_log.log_start_offset, end)
+        queue.set_log_bounds(summary.log_start_offset, end)
         for delivery in decoded.deliveries:
             if queue.floor <= delivery.offset < queue.next_offset:
                 queue.restore(delivery, now)
