@@ -101,8 +101,10 @@ def _snapshot(client, *, internal: bool = False) -> dict:
                 "partitions": len(partitions),
                 # Offsets still stored: records, less any a compaction removed.
                 "messages": sum(p.log_end_offset - p.log_start_offset for p in partitions),
-                "bytes": sum(p.size for p in partitions),
-                "segments": sum(p.segments for p in partitions),
+                # A partition not open yet after a start reports size and segments -1.
+                "bytes": sum(p.size for p in partitions if p.size >= 0),
+                "segments": sum(p.segments for p in partitions if p.segments >= 0),
+                "partitions_not_open": sum(1 for p in partitions if p.size < 0),
                 "end_offsets": [p.log_end_offset for p in partitions],
             }
         )

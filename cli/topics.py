@@ -156,7 +156,16 @@ def describe_command(ctx: typer.Context, name: TopicName, json_output: JsonOptio
     print_table(
         ("PARTITION", "START", "END", "HIGH-WATERMARK", "BYTES", "SEGMENTS"),
         (
-            (p.partition, p.log_start_offset, p.log_end_offset, p.high_watermark, p.size, p.segments)
+            # Size and segments -1: the partition is not open yet after a start (its
+            # offsets are its checkpoint's).
+            (
+                p.partition,
+                p.log_start_offset,
+                p.log_end_offset,
+                p.high_watermark,
+                p.size if p.size >= 0 else "not open yet",
+                p.segments if p.segments >= 0 else "-",
+            )
             for p in description.partitions
         ),
     )

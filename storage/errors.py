@@ -117,6 +117,16 @@ class LogDamagedError(LogReadOnlyError):
         self.reason = reason
 
 
+class PartitionNotReadyError(NodiError):
+    """The partition is still being opened after a start (an unclean one is scanned
+    past its checkpoint first): nothing of the request was done; retry in a moment."""
+
+
+class PartitionOpenError(LogReadOnlyError):
+    """Opening the partition's log at start failed (an I/O error, a permission): it
+    serves nothing until the broker is restarted with the cause removed."""
+
+
 class DiskFullError(NodiError):
     """ENOSPC on append. The partial write was removed; the log stays valid and
     writable once space is freed."""

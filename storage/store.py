@@ -20,7 +20,10 @@ first).
 
 from __future__ import annotations
 
+import collections
+import enum
 import itertools
+import logging
 import os
 import shutil
 import threading
@@ -28,8 +31,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .checkpoint import CLEAN_SHUTDOWN_FILE, read_checkpoint
 from .config import FsyncPolicy, LogConfig
-from .errors import FileLimitTooLowError, NodiError, TopicExistsError, UnknownTopicError
+from .errors import (
+    FileLimitTooLowError,
+    LogClosedError,
+    NodiError,
+    PartitionNotReadyError,
+    PartitionOpenError,
+    TopicExistsError,
+    UnknownTopicError,
+)
 from .file_budget import (
     FILES_LIMIT_MIN,
     OPEN_FILES_MIN,
@@ -57,6 +69,15 @@ STORE_OPEN_TIMEOUT_S = 3600.0
 STORE_CLOSE_TIMEOUT_S = 3600.0
 # The log end a damaged partition gives the clamp of committed offsets: none is above it.
 NO_CLAMP_OFFSET = 2**63 - 1
+# Threads of a background open (Store.open(open_in_background=True)): the partitions are
+# opened by these, not by the fsync pool, whose workers serve the produces meanwhile.
+# An open is mostly Python (held by the GIL): more threads take the loop's share of it.
+PARTITION_OPENERS_MAX = 2
+# A caller that needs a partition another thread is opening (Store.log with
+# recover_now, a topic deletion, close) waits at most this long for it.
+PARTITION_OPEN_WAIT_S = 600.0
+
+logger = logging.getLogger("nodi.storage")
 
 
 def log_config_for(topic: TopicConfig) -> LogConfig:
@@ -116,10 +137,73 @@ class StoreOpenReport:
         return out
 
 
+class _SlotState(enum.Enum):
+    PENDING = "pending"  # registered, not opened (a background open)
+    OPENING = "opening"  # one thread is opening it
+    OPEN = "open"
+    FAILED = "failed"  # Log.open raised: the partition serves nothing (PartitionOpenError)
+    GONE = "gone"  # its topic was deleted, or the store closed before it opened
+
+
+class _Slot:
+    """One partition of a topic: its log once opened. State changes under Store._lock;
+    `log` is set once, with the state OPEN, after the on_partition_opened hook ran."""
+
+    __slots__ = ("topic", "partition", "config", "state", "log", "clean", "error", "hurried")
+
+    def __init__(self, topic: str, partition: int, config: TopicConfig, log: Log | None = None) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.config = config
+        self.state = _SlotState.PENDING if log is None else _SlotState.OPEN
+        self.log = log
+        # The clean-shutdown marker was there at the store's open: opening it reads no
+        # more than its checkpoint covers (cheap, done on first use by the caller).
+        self.clean = False
+        self.error: PartitionOpenError | None = None
+        # Moved to the front of the background open by a request (_hurry_locked).
+        self.hurried = False
+
+
 @dataclass
 class _Topic:
     config: TopicConfig
-    logs: list[Log] = field(default_factory=list)
+    slots: list[_Slot] = field(default_factory=list)
+
+    def opened(self) -> list[tuple[int, Log]]:
+        return [(slot.partition, slot.log) for slot in self.slots if slot.log is not None]
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionSummary:
+    """A partition's offsets (Store.partition_summary), read without opening it."""
+
+    log_start_offset: int
+    log_end_offset: int
+    # What consumers may read: the durable end under fsync `always`.
+    high_watermark: int
+    # None while the partition is not open (its files are not looked at).
+    byte_count: int | None
+    segment_count: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionOpenStatistics:
+    """How far a background open of the partitions has come (Store.open_statistics)."""
+
+    partitions: int
+    # Registered and not yet open (pending or being opened), and of those the ones
+    # whose clean-shutdown marker was missing (scanned past their checkpoint first).
+    not_open: int
+    not_open_unclean: int
+    failed: int
+    # Opened by a request before the background opener got to them.
+    opened_on_demand: int
+    # Requests answered "not ready, retry" (PartitionNotReadyError).
+    not_ready_refusals: int
+    # Seconds the background open has taken (so far, or in all when done; 0 before it starts).
+    background_seconds: float
+    background_done: bool
 
 
 class Store:
@@ -150,9 +234,26 @@ class Store:
         self.fs = fs
         self._topics: dict[str, _Topic] = {}
         self._lock = threading.Lock()
+        # Notified (under _lock) whenever a partition's opening ends: OPEN, FAILED or GONE.
+        self._opening_ended = threading.Condition(self._lock)
         # Serialises topic creation and deletion (their metadata commit and files).
         self._admin_lock = threading.Lock()
         self.open_report = StoreOpenReport((), (), ())
+        # A background open (open_in_background): the slots still to open, the ones
+        # found unclean first; the threads opening them.
+        self._pending: collections.deque[_Slot] = collections.deque()
+        self._openers: list[threading.Thread] = []
+        self._openers_running = 0
+        self._closing = False
+        self._background_started: float | None = None
+        self._background_ended: float | None = None
+        self._opened_on_demand = 0
+        self._not_ready_refusals = 0
+        self._registered = False  # the partitions were registered, not opened (a background open)
+        # Called with (topic, partition, log) in the thread that opened the log, before
+        # the log is handed to anyone (a background open only): the broker's per-partition
+        # preparation (watchers, publish dedup). An exception fails the partition's open.
+        self.on_partition_opened: Callable[[str, int, Log], None] | None = None
 
     @classmethod
     def open(
@@ -164,6 +265,7 @@ class Store:
         fsync_workers_max: int = FSYNC_WORKERS_DEFAULT,
         open_files_max: int | None = None,
         lock: DataDirectoryLock | None = None,
+        open_in_background: bool = False,
     ) -> Store:
         """Take the data directory's lock (DataDirectoryLockedError, having touched
         nothing, when another process holds it), then open the metadata (a damaged
@@ -172,7 +274,14 @@ class Store:
         most `open_files_max` files open (None: sized from RLIMIT_NOFILE;
         FileLimitTooLowError when that is below FILES_LIMIT_MIN). `lock`: the directory's
         lock, taken by the caller beforehand (the embedded mode binds its attach socket in
-        between); the store owns it from here on, and releases it when the open fails."""
+        between); the store owns it from here on, and releases it when the open fails.
+
+        `open_in_background`: register the partitions without opening them (a look for
+        each one's clean-shutdown marker; committed offsets are held to the checkpoints
+        of clean ones, I6); start_background_open() then opens them on
+        PARTITION_OPENERS_MAX threads, the unclean ones first, and log() opens a clean
+        one at once on first use (PartitionNotReadyError for one still being recovered).
+        The open report then holds no recoveries: each is logged as its partition opens."""
         check_fsync_workers_max(fsync_workers_max)
         if open_files_max is None:
             soft_limit = files_soft_limit()
@@ -196,8 +305,14 @@ class Store:
             os.makedirs(logs_directory(data_dir), exist_ok=True)
             removed = _remove_half_deleted(data_dir)
             finished, unfinished = store._finish_deletions()
-            recoveries = store._open_logs(sorted(store.metadata.list_topics().items()))
-            clamped = store.metadata.clamp_offsets(store._log_end_offset)
+            topics = sorted(store.metadata.list_topics().items())
+            if open_in_background:
+                recoveries = []
+                store._register_logs(topics)
+                clamped = store.metadata.clamp_offsets(store._registered_end_offset)
+            else:
+                recoveries = store._open_logs(topics)
+                clamped = store.metadata.clamp_offsets(store._log_end_offset)
             orphans = tuple(
                 entry.path
                 for entry in iter_partition_directories(data_dir)
@@ -228,10 +343,42 @@ class Store:
         reports: list[RecoveryReport] = []
         for name, config in topics:
             topic = _Topic(config)
-            topic.logs.extend(itertools.islice(opened, config.partitions))
-            reports.extend(log.recovery_report for log in topic.logs)
+            for partition, log in enumerate(itertools.islice(opened, config.partitions)):
+                topic.slots.append(_Slot(name, partition, config, log))
+                reports.append(log.recovery_report)
             self._topics[name] = topic
         return reports
+
+    def _register_logs(self, topics: list[tuple[str, TopicConfig]]) -> None:
+        """A slot per partition of `topics`, none opened: the ones without a
+        clean-shutdown marker queued first for the background open."""
+        unclean: list[_Slot] = []
+        clean: list[_Slot] = []
+        for name, config in topics:
+            topic = _Topic(config)
+            for partition in range(config.partitions):
+                slot = _Slot(name, partition, config)
+                directory = partition_directory(self.data_dir, name, partition)
+                slot.clean = os.path.exists(os.path.join(directory, CLEAN_SHUTDOWN_FILE))
+                (clean if slot.clean else unclean).append(slot)
+                topic.slots.append(slot)
+            self._topics[name] = topic
+        self._pending.extend(unclean)
+        self._pending.extend(clean)
+        self._registered = True
+
+    def _registered_end_offset(self, topic: str, partition: int) -> int | None:
+        """clamp_offsets at a background open: a clean partition ends where its
+        checkpoint says (a clean close wrote it with the log end, and nothing changed
+        since); an unclean one is held to its log when it opens (_prepare_opened)."""
+        entry = self._topics.get(topic)
+        if entry is None or partition >= len(entry.slots):
+            return None
+        slot = entry.slots[partition]
+        if not slot.clean:
+            return NO_CLAMP_OFFSET
+        checkpoint = read_checkpoint(self._log_fs, partition_directory(self.data_dir, topic, partition))
+        return NO_CLAMP_OFFSET if checkpoint is None else checkpoint.recovery_offset
 
     def _open_partition_logs(self, specs: list[tuple[str, TopicConfig, int]]) -> list[Log]:
         """Log.open of every (topic, config, partition), in parallel on the fsync pool
@@ -280,9 +427,10 @@ class Store:
 
     def _log_end_offset(self, topic: str, partition: int) -> int | None:
         entry = self._topics.get(topic)
-        if entry is None or partition >= len(entry.logs):
+        if entry is None or partition >= len(entry.slots):
             return None
-        partition_log = entry.logs[partition]
+        partition_log = entry.slots[partition].log
+        assert partition_log is not None, "an eager open opened every log"
         if partition_log.damage is not None:
             # Committed offsets past the damage stay until the repair decides (a restore
             # brings the offsets back): no committed offset is above this.
@@ -305,9 +453,8 @@ class Store:
                 self._remove_deleted(name, deleted_partitions)
             self.metadata.create_topic(name, config)
             topic = _Topic(config)
-            topic.logs.extend(
-                self._open_partition_logs([(name, config, partition) for partition in range(config.partitions)])
-            )
+            logs = self._open_partition_logs([(name, config, partition) for partition in range(config.partitions)])
+            topic.slots.extend(_Slot(name, partition, config, log) for partition, log in enumerate(logs))
             with self._lock:
                 self._topics[name] = topic
 
@@ -324,7 +471,15 @@ class Store:
             self.metadata.delete_topic(name)  # the commit point
             with self._lock:
                 self._topics.pop(name, None)
-            for log in topic.logs:
+                for slot in topic.slots:
+                    if slot.state is _SlotState.PENDING:
+                        slot.state = _SlotState.GONE
+            # A partition being opened now is left to its opener; its log is closed below
+            # and its files renamed only after that.
+            for slot in topic.slots:
+                if not self._wait_opening_ended(slot):
+                    raise PartitionNotReadyError(f"topic {name!r}: partition {slot.partition} still opening")
+            for _, log in topic.opened():
                 try:
                     log.close()
                 except (OSError, NodiError):  # its files are removed anyway
@@ -369,19 +524,273 @@ class Store:
             entry = self._topics.get(name)
             return None if entry is None else entry.config
 
-    def log(self, topic: str, partition: int) -> Log:
+    def log(self, topic: str, partition: int, *, recover_now: bool = False) -> Log:
+        """The partition's log. After a background open, one not yet opened is opened
+        now in the calling thread when it was closed cleanly (its open reads only what
+        its checkpoint and indexes name); one being recovered (or opened by another
+        thread) is PartitionNotReadyError, and moves to the front of the background
+        open, unless `recover_now`: then it is opened (scanned) here, or waited for."""
         entry = self._topics.get(topic)
         if entry is None:
             raise UnknownTopicError(f"topic {topic!r} does not exist")
-        if not 0 <= partition < len(entry.logs):
+        if not 0 <= partition < len(entry.slots):
             raise UnknownTopicError(f"topic {topic!r} has no partition {partition}")
-        return entry.logs[partition]
+        slot = entry.slots[partition]
+        log = slot.log
+        if log is not None:
+            return log
+        return self._open_on_demand(slot, recover_now)
+
+    def opened_log(self, topic: str, partition: int) -> Log | None:
+        """The partition's log if it is open, else None (never opens it here: a
+        pending one moves to the front of the background open). For callers that visit
+        many partitions and may skip one for now (a queue group's partitions)."""
+        entry = self._topics.get(topic)
+        if entry is None or not 0 <= partition < len(entry.slots):
+            return None
+        slot = entry.slots[partition]
+        if slot.log is None:
+            with self._lock:
+                self._hurry_locked(slot)
+        return slot.log
+
+    def recovering(self, topic: str, partition: int) -> bool:
+        """Whether the partition was not closed cleanly and is not open yet: what it
+        holds, and so the committed offsets held to it (I6), is known only once it is."""
+        entry = self._topics.get(topic)
+        if entry is None or not 0 <= partition < len(entry.slots):
+            return False
+        slot = entry.slots[partition]
+        return slot.log is None and not slot.clean and slot.state in (_SlotState.PENDING, _SlotState.OPENING)
+
+    def partition_summary(self, topic: str, partition: int) -> PartitionSummary:
+        """The partition's offsets without opening it: an open log's own; one not open
+        yet, its checkpoint's (a clean close wrote the log end and start there; for one
+        being recovered, the recovery point: the durable prefix the scan starts from, a
+        lower bound of its end). Sizes are None until it is open. A partition with no
+        readable checkpoint is opened (log()) to say."""
+        entry = self._topics.get(topic)
+        if entry is None:
+            raise UnknownTopicError(f"topic {topic!r} does not exist")
+        if not 0 <= partition < len(entry.slots):
+            raise UnknownTopicError(f"topic {topic!r} has no partition {partition}")
+        slot = entry.slots[partition]
+        log = slot.log
+        if log is None:
+            checkpoint = read_checkpoint(self._log_fs, partition_directory(self.data_dir, topic, partition))
+            if checkpoint is not None and slot.log is None:
+                end = checkpoint.recovery_offset
+                return PartitionSummary(min(checkpoint.log_start_offset, end), end, end, None, None)
+            log = self.log(topic, partition)
+        statistics = log.statistics()
+        return PartitionSummary(
+            statistics.log_start_offset,
+            statistics.next_offset,
+            log.readable_end_offset,
+            statistics.byte_count,
+            statistics.segment_count,
+        )
+
+    def open_failed(self, topic: str, partition: int) -> bool:
+        """Whether the partition's open after a start failed (PartitionOpenError)."""
+        entry = self._topics.get(topic)
+        if entry is None or not 0 <= partition < len(entry.slots):
+            return False
+        return entry.slots[partition].state is _SlotState.FAILED
 
     def logs(self) -> list[tuple[str, int, Log]]:
+        """Every opened partition log (after a background open, the partitions not yet
+        opened are left out: open_statistics() counts them)."""
         with self._lock:
-            return [
-                (name, number, log) for name, topic in self._topics.items() for number, log in enumerate(topic.logs)
-            ]
+            return [(name, number, log) for name, topic in self._topics.items() for number, log in topic.opened()]
+
+    @property
+    def opening(self) -> bool:
+        """True from a start that registered the partitions until the background open
+        ended: some partitions may not be open."""
+        return self._registered and self._background_ended is None
+
+    def open_statistics(self) -> PartitionOpenStatistics:
+        with self._lock:
+            slots = [slot for topic in self._topics.values() for slot in topic.slots]
+            not_open = [slot for slot in slots if slot.state in (_SlotState.PENDING, _SlotState.OPENING)]
+            started, ended = self._background_started, self._background_ended
+            return PartitionOpenStatistics(
+                partitions=len(slots),
+                not_open=len(not_open),
+                not_open_unclean=sum(1 for slot in not_open if not slot.clean),
+                failed=sum(1 for slot in slots if slot.state is _SlotState.FAILED),
+                opened_on_demand=self._opened_on_demand,
+                not_ready_refusals=self._not_ready_refusals,
+                background_seconds=0.0 if started is None else (ended or time.monotonic()) - started,
+                background_done=ended is not None,
+            )
+
+    # -- opening partitions after a background open ------------------------------------
+
+    def start_background_open(self) -> None:
+        """Open every registered partition on PARTITION_OPENERS_MAX threads, unclean
+        ones first; close() stops them. Logs one line when all are open."""
+        with self._lock:
+            if self._background_started is not None or self._closing:
+                return
+            self._background_started = time.monotonic()
+            count = min(PARTITION_OPENERS_MAX, len(self._pending))
+            self._openers_running = count
+            if count == 0:
+                self._background_ended = self._background_started
+            for number in range(count):
+                thread = threading.Thread(
+                    target=self._open_pending, name=f"nodi-partition-opener-{number}", daemon=True
+                )
+                self._openers.append(thread)
+        for thread in self._openers:
+            thread.start()
+
+    def _open_pending(self) -> None:
+        """One opener thread: take the next pending slot and open it, until none is left."""
+        try:
+            while True:
+                with self._lock:
+                    slot = None
+                    while self._pending and not self._closing:
+                        candidate = self._pending.popleft()
+                        if candidate.state is _SlotState.PENDING:
+                            slot = candidate
+                            slot.state = _SlotState.OPENING
+                            break
+                    if slot is None:
+                        return
+                try:
+                    self._open_slot(slot)
+                except PartitionOpenError:
+                    pass  # logged, and answered to every request for the partition
+        finally:
+            with self._lock:
+                self._openers_running -= 1
+                last = self._openers_running == 0
+                if last:
+                    self._background_ended = time.monotonic()
+            if last and self._closing:
+                logger.info("partitions: the background open stopped for the close")
+            elif last:
+                statistics = self.open_statistics()
+                logger.info(
+                    "partitions: %d open after %.2f s in the background (%d opened first by a request, %d failed)",
+                    statistics.partitions - statistics.not_open - statistics.failed,
+                    statistics.background_seconds,
+                    statistics.opened_on_demand,
+                    statistics.failed,
+                )
+
+    def _open_on_demand(self, slot: _Slot, recover_now: bool) -> Log:
+        with self._lock:
+            state = slot.state
+            if slot.log is not None:
+                return slot.log
+            if state is _SlotState.FAILED:
+                assert slot.error is not None
+                raise slot.error
+            if self._closing:
+                raise LogClosedError(f"partition {slot.topic}-{slot.partition}: the data directory is closing")
+            if state is _SlotState.GONE:
+                raise UnknownTopicError(f"topic {slot.topic!r} was deleted")
+            claimed = state is _SlotState.PENDING and (slot.clean or recover_now)
+            if claimed:
+                slot.state = _SlotState.OPENING
+                self._opened_on_demand += 1
+            elif not recover_now:
+                self._hurry_locked(slot)
+                self._not_ready_refusals += 1
+                raise PartitionNotReadyError(
+                    f"partition {slot.topic}-{slot.partition} is not open yet (recovering after an unclean stop, "
+                    "or being opened): retry in a moment"
+                )
+        if claimed:
+            return self._open_slot(slot)
+        if not self._wait_opening_ended(slot):
+            raise PartitionNotReadyError(f"partition {slot.topic}-{slot.partition} still opening")
+        return self._open_on_demand(slot, recover_now=False)
+
+    def _hurry_locked(self, slot: _Slot) -> None:
+        """Put a pending slot at the front of the background open, once: the queue
+        holds each slot at most twice however often it is asked for."""
+        if slot.state is _SlotState.PENDING and not slot.hurried:
+            slot.hurried = True
+            self._pending.appendleft(slot)
+
+    def _wait_opening_ended(self, slot: _Slot) -> bool:
+        """Wait up to PARTITION_OPEN_WAIT_S while another thread opens `slot`; False
+        when it still does."""
+        deadline = time.monotonic() + PARTITION_OPEN_WAIT_S
+        with self._lock:
+            while slot.state is _SlotState.OPENING:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._opening_ended.wait(remaining)
+        return True
+
+    def _open_slot(self, slot: _Slot) -> Log:
+        """Open the log of a slot this thread claimed (OPENING; nobody else changes
+        its state meanwhile), prepare it, then hand it out: OPEN, or FAILED
+        (PartitionOpenError, raised)."""
+        assert slot.state is _SlotState.OPENING
+        directory = partition_directory(self.data_dir, slot.topic, slot.partition)
+        log: Log | None = None
+        try:
+            log = Log.open(
+                directory,
+                log_config_for(slot.config),
+                fs=self._log_fs,
+                clock_ms=self._clock_ms,
+                fsync_pool=self.fsync_pool,
+            )
+            self._prepare_opened(slot, log)
+        except Exception as error:
+            failure = PartitionOpenError(
+                f"opening partition {slot.topic}-{slot.partition} ({directory}) failed: {error}"
+            )
+            logger.error("%s; it serves nothing until a restart", failure)
+            if log is not None:
+                try:
+                    log.close()
+                except (OSError, NodiError):
+                    pass
+            with self._lock:
+                slot.state, slot.error = _SlotState.FAILED, failure
+                self._opening_ended.notify_all()
+            raise failure from error
+        with self._lock:
+            slot.log, slot.state = log, _SlotState.OPEN
+            self._opening_ended.notify_all()
+        return log
+
+    def _prepare_opened(self, slot: _Slot, log: Log) -> None:
+        """What a start did for each partition, done as it opens: report a recovery
+        that was not clean, hold committed offsets to a log that was recovered (I6),
+        then the caller's hook."""
+        report = log.recovery_report
+        if report.damage is not None:
+            logger.error("%s", report.describe())
+        elif not report.clean_shutdown or report.lost_anything:
+            logger.warning("%s", report.describe())
+        if not report.clean_shutdown or report.damage is not None:
+            end = NO_CLAMP_OFFSET if log.damage is not None else log.next_offset
+            target = (slot.topic, slot.partition)
+            for clamped in self.metadata.clamp_offsets(
+                lambda topic, partition: end if (topic, partition) == target else NO_CLAMP_OFFSET
+            ):
+                logger.warning(
+                    "group %r %s-%d: committed offset %d beyond the recovered log, clamped to %s",
+                    clamped.group,
+                    clamped.topic,
+                    clamped.partition,
+                    clamped.old_offset,
+                    clamped.new_offset,
+                )
+        if self.on_partition_opened is not None:
+            self.on_partition_opened(slot.topic, slot.partition, log)
 
     # -- background work ------------------------------------------------------------
 
@@ -394,14 +803,28 @@ class Store:
         return deleted
 
     def close(self) -> None:
+        """Stop a background open (a partition being opened is finished), then close
+        every opened log; a partition never opened is never written to."""
+        with self._lock:
+            self._closing = True
+            openers, self._openers = self._openers, []
+        for thread in openers:
+            thread.join(PARTITION_OPEN_WAIT_S)
         with self._lock:
             topics, self._topics = self._topics, {}
+            for topic in topics.values():
+                for slot in topic.slots:
+                    if slot.state is _SlotState.PENDING:
+                        slot.state = _SlotState.GONE
+        for topic in topics.values():
+            for slot in topic.slots:
+                self._wait_opening_ended(slot)  # an open on demand in another thread
         try:
             # In parallel on the pool: each clean close makes several fsyncs (segment,
             # indexes, snapshot, checkpoint, marker), and the file system joins
             # concurrent ones into one journal commit.
             errors = self.fsync_pool.run_all(
-                [log.close for topic in topics.values() for log in topic.logs], timeout_s=STORE_CLOSE_TIMEOUT_S
+                [log.close for topic in topics.values() for _, log in topic.opened()], timeout_s=STORE_CLOSE_TIMEOUT_S
             )
             if errors:
                 raise errors[0]

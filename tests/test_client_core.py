@@ -8,7 +8,7 @@ import pytest
 
 from nodi.broker import AsyncClient
 from nodi.broker.client.core import AsyncClientCore
-from nodi.broker.client.errors import ProtocolViolation, UnknownTopic
+from nodi.broker.client.errors import ProtocolViolation, Timeout, UnknownTopic
 from nodi.broker.protocol import messages as m
 from nodi.broker.protocol.errors import ErrorCode
 
@@ -55,3 +55,43 @@ def test_an_error_code_raises_its_error_before_the_type_is_looked_at():
         _call(m.ErrorResponse(error_code=ErrorCode.UNKNOWN_TOPIC, error_message="no such topic"), m.ListTopicsResponse)
     with pytest.raises(UnknownTopic):
         _call(m.ListTopicsResponse(error_code=ErrorCode.UNKNOWN_TOPIC, topics=[]), m.ListTopicsResponse)
+
+
+class _NotReadyFirst:
+    """A connection that answers PARTITION_NOT_READY `times` times, then `response`."""
+
+    def __init__(self, times: int, response: m.Response) -> None:
+        self.times = times
+        self.response = response
+        self.requests: list[m.Request] = []
+
+    async def request(self, message: m.Request, records=None) -> m.Response:
+        self.requests.append(message)
+        if len(self.requests) <= self.times:
+            return m.ErrorResponse(error_code=ErrorCode.PARTITION_NOT_READY, error_message="still opening")
+        return self.response
+
+
+def _call_not_ready_first(times: int, timeout_ms: int) -> tuple[m.Response, int]:
+    async def run():
+        connection = _NotReadyFirst(times, m.ListTopicsResponse(topics=[]))
+
+        async def connect():
+            return connection
+
+        core = AsyncClientCore(AsyncClient("127.0.0.1:1"), connect)
+        response = await core.call(m.ListTopicsRequest(), timeout_ms, expect=m.ListTopicsResponse)
+        return response, len(connection.requests)
+
+    return asyncio.run(run())
+
+
+def test_a_partition_not_ready_answer_is_sent_again_until_the_partition_answers():
+    response, sent = _call_not_ready_first(3, 10_000)
+    assert response == m.ListTopicsResponse(topics=[])
+    assert sent == 4
+
+
+def test_a_partition_that_stays_not_ready_ends_in_the_calls_timeout():
+    with pytest.raises(Timeout):
+        _call_not_ready_first(10**9, 200)

@@ -70,13 +70,19 @@ def error_lines(broker: BrokerProcess) -> list[str]:
     return [line for line in broker.output if " ERROR " in line or line.startswith("ERROR")]
 
 
+def check_damage_line(broker, path: str, position: int, offset: int) -> None:
+    """The one ERROR line naming the damage. Read once the broker stopped: the
+    partitions open after the listening line (in the background, or on first use), and
+    so does the line."""
+    [line] = [line for line in error_lines(broker) if path in line]
+    assert f"at byte {position} (offset {offset})" in line and "DAMAGED" in line
+
+
 def check_damaged_broker(broker, data_dir: str, topic: str, path: str, position: int, offset: int) -> None:
     """The damaged partition as a client, `nodi status` and the metrics see it."""
     from nodi.broker import Client
     from nodi.broker.client.errors import ReadOnlyLog
 
-    [line] = [line for line in error_lines(broker) if path in line]
-    assert f"at byte {position} (offset {offset})" in line and "DAMAGED" in line
     with Client(broker.address, timeout_ms=30_000) as client:
         served = read_everything(client, topic)
         assert [message.value.rstrip(b".") for message in served] == [f"{topic}-{n}".encode() for n in range(offset)]
@@ -149,6 +155,7 @@ def test_bit_flip_in_last_fsynced_batch_marks_the_partition_damaged_G4(tmp_path)
             assert [(lag.topic, lag.committed_offset) for lag in lags] == [("flipped", MESSAGES)]
     finally:
         assert broker.stop() == 0
+    check_damage_line(broker, active, victim.position, offset)
     assert contents(data_dir, "flipped") == damaged_bytes, "a damaged partition was written to"
 
     refused = nodi("segments", "recover", data_dir)
@@ -202,6 +209,7 @@ def test_truncated_sealed_segment_keeps_the_broker_up_G4(tmp_path) -> None:
         check_damaged_broker(broker, data_dir, "cut", sealed, victim.position, victim.header.base_offset)
     finally:
         assert broker.stop() == 0
+    check_damage_line(broker, sealed, victim.position, victim.header.base_offset)
     assert contents(data_dir, "cut") == damaged_bytes
 
     refused = nodi("segments", "recover", data_dir)

@@ -16,11 +16,13 @@ import asyncio
 import os
 import subprocess
 import threading
+import time
 
 from nodi.broker.client.async_client import AsyncClient
 from nodi.storage.file_budget import FILES_LIMIT_MIN
 
 from conftest import NODI, BrokerProcess
+from test_ops_metrics import scrape, value
 
 PARTITIONS = int(os.environ.get("NODI_TEST_PARTITIONS", "400"))
 FILES_LIMIT = 256
@@ -147,3 +149,127 @@ def test_a_file_limit_too_low_is_refused_at_start_with_the_number_needed(tmp_pat
     assert f"the open file limit (ulimit -n) is {limit}" in result.stderr
     assert f"nodi needs at least {FILES_LIMIT_MIN}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# -- a start that opens the partitions in the background (issue 18, "Start") ----------
+
+LAZY_PARTITIONS = 300
+UNCLEAN = 137  # written when the broker is killed; every other partition closed cleanly
+PRODUCERS = 8
+KEYED = 211  # holds a message with an idempotency key (the topic's dedup window is on)
+
+
+async def _write_until_killed(broker: BrokerProcess, acknowledged: dict[int, bytes]) -> None:
+    """PRODUCERS durable producers on partition UNCLEAN; SIGKILL once 100 were
+    acknowledged, with the others in flight. `acknowledged`: offset -> value."""
+    killed = asyncio.Event()
+
+    async def producer(client: AsyncClient, number: int) -> None:
+        sequence = 0
+        while not killed.is_set():
+            value = b"unclean %d-%d" % (number, sequence)
+            sequence += 1
+            try:
+                offset = await client.produce("lazy", value, partition=UNCLEAN, acks="durable")
+            except Exception:  # the broker is gone: this one may or may not be written
+                return
+            acknowledged[offset[1]] = value
+            if len(acknowledged) >= 100 and not killed.is_set():
+                killed.set()
+                broker.kill()
+
+    async with AsyncClient(broker.address, timeout_ms=10_000, reconnect_attempts_max=1) as client:
+        await asyncio.gather(*(producer(client, number) for number in range(PRODUCERS)))
+
+
+async def _read_all(client: AsyncClient, partition: int) -> dict[int, bytes | None]:
+    found: dict[int, bytes | None] = {}
+    offset = 0
+    while True:
+        messages = await client.fetch("lazy", partition, offset)
+        if not messages:
+            return found
+        for message in messages:
+            found[message.offset] = message.value
+        offset = messages[-1].offset + 1
+
+
+async def _read_after_restart(
+    address: str,
+) -> tuple[bytes | None, dict[int, bytes | None], list[bytes | None], tuple[int, int]]:
+    async with AsyncClient(address, timeout_ms=60_000) as client:
+        # First of all: the last partition, which the background open reaches last; the
+        # unclean one, which it recovers first (answered PARTITION_NOT_READY, and retried
+        # by the client, until then); and a produce repeating an idempotency key whose
+        # original is in a partition that may not be open yet (publish dedup spans the
+        # topic: keyed produces wait until every partition's keys are read back).
+        last, unclean, repeated = await asyncio.gather(
+            client.fetch("lazy", LAZY_PARTITIONS - 1, 0),
+            _read_all(client, UNCLEAN),
+            client.produce("lazy", b"again", idempotency_key="key-1", partition=LAZY_PARTITIONS - 2),
+        )
+        calls = [(lambda number=number: client.fetch("lazy", number, 0)) for number in range(LAZY_PARTITIONS)]
+        others = [messages[0].value if messages else None for messages in await _in_chunks(calls)]
+    return (last[0].value if last else None), unclean, others, repeated
+
+
+def _metrics_once_all_open(port: int) -> dict[str, float]:
+    """The background open's gauges once nodi_partitions_not_open reads 0 (at most 60 s)."""
+    names = ("nodi_partitions_not_open", "nodi_partitions_not_open_unclean", "nodi_partitions_open_failed")
+    deadline = time.monotonic() + 60
+    while True:
+        samples = scrape(port)
+        gauges = {name: value(samples, name) for name in names}
+        if gauges["nodi_partitions_not_open"] == 0 or time.monotonic() > deadline:
+            return gauges
+        time.sleep(0.05)
+
+
+def test_a_restart_serves_at_once_and_recovers_an_unclean_partition_before_serving_it(tmp_path) -> None:
+    data_dir = str(tmp_path / "data")
+    broker = BrokerProcess(data_dir).start()
+    try:
+
+        async def create() -> None:
+            async with AsyncClient(broker.address, timeout_ms=120_000) as client:
+                await client.create_topic("lazy", partitions=LAZY_PARTITIONS, fsync_policy="always")
+                calls = [
+                    (lambda number=number: client.produce("lazy", b"lazy %d" % number, partition=number))
+                    for number in range(LAZY_PARTITIONS)
+                ]
+                await _in_chunks(calls)
+                return await client.produce("lazy", b"keyed", idempotency_key="key-1", partition=KEYED)
+
+        original = asyncio.run(create())
+        assert broker.stop() == 0
+        broker = BrokerProcess(data_dir).start()  # clean: every partition keeps its marker
+        acknowledged: dict[int, bytes] = {}
+        asyncio.run(_write_until_killed(broker, acknowledged))
+        assert broker.process is None  # killed mid-produce
+        broker = BrokerProcess(data_dir, metrics=True).start()
+        last, unclean, others, repeated = asyncio.run(_read_after_restart(broker.address))
+        assert broker.metrics_port is not None
+        opened = _metrics_once_all_open(broker.metrics_port)
+        assert broker.stop() == 0
+    finally:
+        broker.kill()
+    output = "".join(broker.output)
+    assert f"partitions: {LAZY_PARTITIONS} to open in the background (1 not closed cleanly" in output, output[-3000:]
+    assert f"lazy-{UNCLEAN}: unclean start" in output, output[-3000:]
+    assert f"partitions: {LAZY_PARTITIONS} open after" in output, output[-3000:]
+    # What an operator watches: every partition open, none failed.
+    assert opened == {
+        "nodi_partitions_not_open": 0,
+        "nodi_partitions_not_open_unclean": 0,
+        "nodi_partitions_open_failed": 0,
+    }
+    assert last == b"lazy %d" % (LAZY_PARTITIONS - 1)
+    assert original == (KEYED, 1)
+    assert repeated == original  # deduplicated: the original's partition and offset
+    assert others == [b"lazy %d" % number for number in range(LAZY_PARTITIONS)]
+    # Nothing acknowledged lost; the recovered log is dense from 0 (what was written and
+    # not acknowledged may be there too, after every acknowledged offset before it).
+    assert len(acknowledged) >= 100
+    assert sorted(unclean) == list(range(len(unclean)))
+    assert unclean[0] == b"lazy %d" % UNCLEAN
+    assert all(unclean.get(offset) == value for offset, value in acknowledged.items())

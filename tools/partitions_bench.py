@@ -17,7 +17,9 @@ temporary data directory on a disk file system, never tmpfs):
 - produce: --requests durable produces of one 1 KiB message, each to a random partition,
   one at a time (latency p50/p99, the broker's threads sampled throughout);
 - clean restart: SIGTERM, then `nodi serve` again, timed from its start to its
-  listening line;
+  listening line, to the first read of the last partition (which the background open
+  reaches last: opened on demand), and to its "partitions: ... open" line (every
+  partition open; docs/operations.md, "Start");
 - restart after kill -9: the produce phase again (partitions written and not closed
   cleanly), SIGKILL, then the same timed start.
 Beside them, the disk's own write+fdatasync latency (1 KiB, one file), measured in the
@@ -31,6 +33,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import statistics
@@ -103,10 +106,30 @@ async def _produce(address: str, partitions: int, requests: int, pid: int) -> di
     }
 
 
-def _timed_start(server: NodiServer) -> float:
+ALL_OPEN = re.compile(r"partitions: \d+ open after")
+
+
+async def _first_read(address: str, partition: int) -> None:
+    async with AsyncClient(address, timeout_ms=60_000) as client:
+        messages = await client.fetch(TOPIC, partition, 0)
+        assert messages, f"partition {partition} read back empty"
+
+
+def _timed_start(server: NodiServer, partitions: int) -> tuple[float, float, float]:
+    """Seconds from the start of `nodi serve` to its listening line, to the first read
+    of the last partition served, and to its line saying every partition is open."""
     started = time.perf_counter()
     server.start()
-    return time.perf_counter() - started
+    listening = time.perf_counter() - started
+    asyncio.run(_first_read(server.address, partitions - 1))
+    first_read = time.perf_counter() - started
+    deadline = time.monotonic() + RESTART_TIMEOUT_S
+    while time.monotonic() < deadline:
+        with open(server.log_path) as output:
+            if ALL_OPEN.search(output.read()):
+                break
+        time.sleep(0.02)
+    return listening, first_read, time.perf_counter() - started
 
 
 def measure(partitions: int, requests: int, parent: str) -> dict:
@@ -129,7 +152,7 @@ def measure(partitions: int, requests: int, parent: str) -> dict:
         progress(f"  produce p50 {produce['p50_ms']:.3f} ms, p99 {produce['p99_ms']:.3f} ms")
         server.stop()  # SIGTERM: a clean stop
         server.start_timeout_s = RESTART_TIMEOUT_S
-        clean_s = _timed_start(server)
+        clean_s, clean_read_s, clean_open_s = _timed_start(server, partitions)
         assert server.pid is not None
         after_clean = _status(server.pid)
         asyncio.run(_produce(server.address, partitions, max(requests // 4, 10), server.pid))
@@ -137,14 +160,22 @@ def measure(partitions: int, requests: int, parent: str) -> dict:
         os.kill(server.pid, signal.SIGKILL)
         server.process.wait(timeout=30)
         server.process = None
-        unclean_s = _timed_start(server)
-        progress(f"  restart clean {clean_s:.2f} s, after kill -9 {unclean_s:.2f} s")
+        unclean_s, unclean_read_s, unclean_open_s = _timed_start(server, partitions)
+        progress(
+            f"  restart clean: listening {clean_s:.2f} s, last partition read {clean_read_s:.2f} s, "
+            f"all open {clean_open_s:.2f} s; after kill -9: {unclean_s:.2f} s, {unclean_read_s:.2f} s, "
+            f"{unclean_open_s:.2f} s"
+        )
         return {
             "partitions": partitions,
             "create_s": create_s,
             "fill_s": fill_s,
             "restart_clean_s": clean_s,
             "restart_after_kill_s": unclean_s,
+            "restart_clean_first_read_s": clean_read_s,
+            "restart_clean_all_open_s": clean_open_s,
+            "restart_after_kill_first_read_s": unclean_read_s,
+            "restart_after_kill_all_open_s": unclean_open_s,
             "empty_rss_kib": empty["VmRSS"],
             "empty_threads": empty["Threads"],
             "idle_rss_kib": idle["VmRSS"],
@@ -190,6 +221,15 @@ def main(argv: list[str] | None = None) -> int:
             f"| {cell['idle_threads']} / {produce['threads_max']} / {cell['threads_after_clean_restart']} "
             f"| {produce['p50_ms']:.3f} | {produce['p99_ms']:.3f} | {produce['p50_ms'] / base:.2f} |"
         )
+    print()
+    print("| partitions | restart | listening s | last partition read s | every partition open s |")
+    print("|---|---|---|---|---|")
+    for cell in cells:
+        for name, key in (("clean", "restart_clean"), ("after kill -9", "restart_after_kill")):
+            print(
+                f"| {cell['partitions']:,} | {name} | {cell[key + '_s']:.2f} | {cell[key + '_first_read_s']:.2f} "
+                f"| {cell[key + '_all_open_s']:.2f} |"
+            )
     if arguments.json_out:
         with open(arguments.json_out, "w") as output:
             json.dump({"disk": disk, "cells": cells}, output, indent=2)

@@ -15,7 +15,9 @@ AsyncClientCore (`async_client.core`), on the client's event loop:
   only). `records`: the RecordBatch bytes the request carries.
 - send(request, expect=, records=, retry=): the same without a deadline and without
   checking the error code; the caller bounds the time with deadline() and reads
-  `error_code` itself.
+  `error_code` itself. Both send a request again, backing off, while the server
+  answers PARTITION_NOT_READY (nothing was done: the partition is still opening after
+  a start), until the caller's deadline.
 - deadline(timeout_ms, what, extra_ms=0): a block bounded by a call's timeout; Timeout
   (naming `what`) when it passes.
 - own(part) / disown(part): a part the client closes (awaiting part.close()) when it
@@ -69,6 +71,10 @@ ResultT = TypeVar("ResultT")
 
 # How much longer than a call's own timeout the calling thread waits for its result.
 RESULT_GRACE_S = 5.0
+# A request answered PARTITION_NOT_READY is sent again after this backoff (doubled per
+# attempt up to the max, with jitter), until the caller's deadline.
+NOT_READY_BACKOFF_MS = 10
+NOT_READY_BACKOFF_MAX_MS = 500
 
 
 def expect_response(response: m.Response, expect: type[ResponseT]) -> ResponseT:
@@ -135,17 +141,22 @@ class AsyncClientCore:
         caller bounds the time. Returns the response whatever its error code (an error
         the server answered instead of the API's response is raised)."""
         client = self._client
-        attempt = 0
+        attempt = not_ready = 0
         while True:
             connection = await self._connect()
             try:
                 response = await connection.request(message, records)
-                break
             except ConnectionLost as error:
                 if not retry or client.closed or not is_retriable(error):  # a refused authentication
                     raise
                 attempt += 1
                 await asyncio.sleep(backoff_s(attempt, client.reconnect_backoff_ms, client.reconnect_backoff_max_ms))
+                continue
+            if response.error_code != ErrorCode.PARTITION_NOT_READY or client.closed:
+                break
+            # Nothing was done: the partition opens in a moment (the caller's deadline bounds this).
+            await asyncio.sleep(backoff_s(not_ready, NOT_READY_BACKOFF_MS, NOT_READY_BACKOFF_MAX_MS))
+            not_ready += 1
         if isinstance(response, m.ErrorResponse):  # the server could not take the request
             check_error_code(response)
         return expect_response(response, expect)

@@ -127,6 +127,13 @@ class DiskFull(NodiClientError):
     default_code = ErrorCode.DISK_FULL
 
 
+class PartitionNotReady(NodiClientError):
+    """The partition is still being opened after the broker started: nothing was done.
+    The clients send the request again (backing off) until the call's timeout."""
+
+    default_code = ErrorCode.PARTITION_NOT_READY
+
+
 # -- consumer groups (40-59) ---------------------------------------------------------
 
 
@@ -323,6 +330,7 @@ _CLASSES: dict[ErrorCode, type[NodiClientError]] = {
     ErrorCode.TIMEOUT: Timeout,
     ErrorCode.READ_ONLY_LOG: ReadOnlyLog,
     ErrorCode.DISK_FULL: DiskFull,
+    ErrorCode.PARTITION_NOT_READY: PartitionNotReady,
     ErrorCode.UNKNOWN_GROUP: UnknownGroup,
     ErrorCode.GROUP_NOT_EMPTY: GroupNotEmpty,
     ErrorCode.REBALANCE_IN_PROGRESS: RebalanceInProgress,
@@ -379,6 +387,7 @@ RETRIABLE_CODES = frozenset(
         ErrorCode.TIMEOUT,
         ErrorCode.TOO_MANY_REQUESTS,
         ErrorCode.SERVER_SHUTTING_DOWN,
+        ErrorCode.PARTITION_NOT_READY,
     }
 )
 
@@ -444,6 +453,7 @@ __all__ = [
     "Timeout",
     "ReadOnlyLog",
     "DiskFull",
+    "PartitionNotReady",
     "GroupError",
     "UnknownGroup",
     "GroupNotEmpty",

@@ -384,6 +384,8 @@ class KafkaGroups:
             m.FetchOffsetsRequest(group=body["group_id"], topics=[] if wanted is None else [t["name"] for t in wanted])
         )
         response = response_of(reply, m.FetchOffsetsResponse)
+        if response.error_code == ErrorCode.PARTITION_NOT_READY:  # a client retries this one
+            return {"throttle_time_ms": 0, "topics": [], "error_code": KafkaError.COORDINATOR_LOAD_IN_PROGRESS}
         if response.error_code != ErrorCode.NONE:
             return {"throttle_time_ms": 0, "topics": [], "error_code": kafka_error(response.error_code)}
         committed = {(entry.topic, entry.partition): entry for entry in response.offsets}

@@ -21,7 +21,7 @@ from .connection import TRANSITIONS
 from .errors import ERROR_DESCRIPTIONS, ErrorCode
 from .frames import encode_message
 from .limits import DEFAULT_PROTOCOL_LIMITS, LIMIT_DESCRIPTIONS
-from .messages import APIS, EVENT_VERSION, EVENTS, ErrorResponse, EventKey, HandshakeRequest
+from .messages import APIS, EVENT_VERSION, EVENTS, ApiKey, ErrorResponse, EventKey, HandshakeRequest
 from .schema import schema_rows
 
 
@@ -47,11 +47,17 @@ def render_states() -> str:
     return _table(("role", "state", "direction", "message", "next state"), rows)
 
 
+def _api_name(key: ApiKey) -> str:
+    """The API's name from its key (CREATE_TOPIC: CreateTopic), not from a message class,
+    whose name may carry a version (CreateTopicRequestV1)."""
+    return "".join(word.title() for word in key.name.split("_"))
+
+
 def render_apis() -> str:
     sections = []
     for api in APIS:
         sections.append(
-            f"### {api.request.__name__.removesuffix('Request')} "
+            f"### {_api_name(api.key)} "
             f"(api key {int(api.key)}, version {api.version_min}"
             f"{f', protocol version {api.protocol_version_min}' if api.protocol_version_min > 1 else ''})\n\n"
             f"{api.summary}\n\n"
@@ -60,7 +66,7 @@ def render_apis() -> str:
         )
         for later in api.later_versions:
             sections.append(
-                f"### {api.request.__name__.removesuffix('Request')} version {later.version} "
+                f"### {_api_name(api.key)} version {later.version} "
                 f"(api key {int(api.key)}, version {later.version}, protocol version {later.protocol_version_min}: "
                 f"{later.request.__name__})\n\n"
                 f"{later.summary}\n\n"

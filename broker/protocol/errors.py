@@ -42,6 +42,7 @@ class ErrorCode(enum.IntEnum):
     TIMEOUT = 28
     READ_ONLY_LOG = 29
     DISK_FULL = 30
+    PARTITION_NOT_READY = 31
     # Consumer groups (40-59).
     UNKNOWN_GROUP = 40
     GROUP_NOT_EMPTY = 41
@@ -142,6 +143,11 @@ ERROR_DESCRIPTIONS: dict[ErrorCode, tuple[str, str]] = {
         "no",
         "no space left; nothing of the request was written (from the metadata store: nothing committed yet, "
         "and the store retries by itself once there is room, as for METADATA_UNAVAILABLE)",
+    ),
+    ErrorCode.PARTITION_NOT_READY: (
+        "no",
+        "the partition is still being opened after a start (one not closed cleanly is recovered first): "
+        "nothing of the request was done; retry in a moment (the clients do, within the call's timeout)",
     ),
     ErrorCode.UNKNOWN_GROUP: ("no", "no consumer group by that name"),
     ErrorCode.GROUP_NOT_EMPTY: ("no", "ResetGroup on a group that has members"),

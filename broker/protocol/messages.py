@@ -281,8 +281,8 @@ class PartitionState:
     log_start_offset: int = wire(INT64, doc="first offset still stored")
     log_end_offset: int = wire(INT64, doc="offset the next batch gets")
     high_watermark: int = wire(INT64, doc="end of the durable prefix: what consumers may read")
-    size_bytes: int = wire(INT64, doc="bytes of segment files")
-    segments: int = wire(INT32)
+    size_bytes: int = wire(INT64, doc="bytes of segment files; -1 while the partition is not open yet after a start")
+    segments: int = wire(INT32, doc="-1 while the partition is not open yet after a start")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -243,16 +243,40 @@ class PublishDedup:
 
     def rebuild(self, topic: str, partition: int, partition_log) -> int:
         """Read back the keys of `partition_log` written within the topic's window
-        (from the first offset at or after now - window, by the time index; at most
-        the newest segments holding rebuild_bytes_max). Returns the keys added. Runs
-        before the server serves (no produce races it)."""
+        (read_back) and add them. Returns the keys added. Runs before the server
+        serves (no produce races it)."""
+        found = self.read_back(topic, partition, partition_log)
+        self.add_read_back(topic, partition, found, in_order=False)
+        return len(found)
+
+    def add_read_back(self, topic: str, partition: int, found: list[tuple[int, int, int]], *, in_order: bool) -> None:
+        """Remember keys read_back() found; `in_order`: put the topic's keys in seen
+        order again now (a partition read back after the start; rebuild_all orders
+        them once at the end)."""
+        keys = self._topics.get(topic)
+        if keys is None or not found:
+            return
+        entries = keys.entries
+        for seen_ms, record_offset, value in found:
+            if in_order and value in entries and entries[value][2] >= seen_ms:
+                continue  # recorded since the start (or read back from another partition): newer
+            self._add(keys, value, partition, record_offset, seen_ms)
+        self._rebuilt += len(found)
+        if in_order:
+            keys.entries = OrderedDict(sorted(keys.entries.items(), key=lambda item: item[1][2]))
+
+    def read_back(self, topic: str, partition: int, partition_log) -> list[tuple[int, int, int]]:
+        """(seen ms, offset, digest) of the keys of `partition_log` written within
+        the topic's window (from the first offset at or after now - window, by the time
+        index; at most the newest segments holding rebuild_bytes_max). Reads the log
+        and changes nothing here: any thread may call it."""
         keys = self._topics.get(topic)
         if keys is None:
-            return 0
+            return []
         horizon = self._clock_ms() - keys.window_ms
         offset = partition_log.offset_for_timestamp(horizon)
         if offset is None:
-            return 0
+            return []
         floor = self._newest_segments_start(partition_log)
         if floor > offset:
             log.warning(
@@ -287,10 +311,7 @@ class PublishDedup:
                     if key is not None and record.offset >= offset:
                         found.append((header.max_timestamp, record.offset, digest(key)))
             offset = result.next_offset
-        for seen_ms, record_offset, value in found:
-            self._add(keys, value, partition, record_offset, seen_ms)
-        self._rebuilt += len(found)
-        return len(found)
+        return found
 
     def _newest_segments_start(self, partition_log) -> int:
         """The base offset of the oldest of the newest segments that together hold at

@@ -300,6 +300,42 @@ class _StoreCollector:
         )
         over.add_metric([], budget.over_limit)
         yield from (workers_max, workers, busy, queued, jobs, open_max, open_now, evictions, dirty, reopens, over)
+        yield from self._partition_open_families(store)
+
+    def _partition_open_families(self, store):
+        """How far the start's background open of the partitions has come (issue 18).
+        Per-partition series (nodi_log_*) appear for a partition once it is open."""
+        opens = store.open_statistics()
+        not_open = GaugeMetricFamily(
+            "nodi_partitions_not_open",
+            "Partitions registered at start and not yet open (opened in the background; a request opens a "
+            "clean one at once and is answered PARTITION_NOT_READY for one being recovered)",
+        )
+        not_open.add_metric([], opens.not_open)
+        unclean = GaugeMetricFamily(
+            "nodi_partitions_not_open_unclean",
+            "Of those, partitions not closed cleanly: scanned past their checkpoint before anything of them is served",
+        )
+        unclean.add_metric([], opens.not_open_unclean)
+        failed = GaugeMetricFamily(
+            "nodi_partitions_open_failed",
+            "Partitions whose open failed at start (an I/O error; the log says which): they serve nothing",
+        )
+        failed.add_metric([], opens.failed)
+        on_demand = CounterMetricFamily(
+            "nodi_partitions_opened_on_demand", "Partitions opened by a request before the background open got to them"
+        )
+        on_demand.add_metric([], opens.opened_on_demand)
+        refusals = CounterMetricFamily(
+            "nodi_partition_not_ready_refusals", "Requests answered PARTITION_NOT_READY (a partition still opening)"
+        )
+        refusals.add_metric([], opens.not_ready_refusals)
+        seconds = GaugeMetricFamily(
+            "nodi_partitions_open_seconds",
+            "Seconds the background open of the partitions took (so far, while nodi_partitions_not_open is above 0)",
+        )
+        seconds.add_metric([], opens.background_seconds)
+        yield from (not_open, unclean, failed, on_demand, refusals, seconds)
 
     def _metadata_families(self):
         """The metadata store (LMDB): whether commits are failing, and how often they did."""

@@ -323,8 +323,13 @@ class QueueService:
                 entry.group, entry.topic, decoded.settings, self.limits, on_change=self._changed
             )
         group.ensure_partitions(config.partitions)
-        partition_log = self.store.log(entry.topic, entry.partition)
-        end = partition_log.readable_end_offset
+        # Held to the log's real end (I6): a partition not closed cleanly is recovered
+        # now, before the broker listens (the background open has not started yet); a
+        # clean one not open yet ends where its checkpoint says (its clean close wrote it).
+        if self.store.recovering(entry.topic, entry.partition):
+            self.store.log(entry.topic, entry.partition, recover_now=True)
+        summary = self.store.partition_summary(entry.topic, entry.partition)
+        end = summary.high_watermark
         next_offset = min(decoded.next_offset, end)
         floor = min(decoded.floor, next_offset)
         if next_offset < decoded.next_offset:
@@ -337,7 +342,7 @@ class QueueService:
                 decoded.next_offset,
             )
         queue = PartitionQueue(entry.partition, group.settings, self.limits, floor, next_offset)
-        queue.set_log_bounds(partition_log.log_start_offset, end)
+        queue.set_log_bounds(summary.log_start_offset, end)
         for delivery in decoded.deliveries:
             if queue.floor <= delivery.offset < queue.next_offset:
                 queue.restore(delivery, now)
@@ -397,7 +402,11 @@ class QueueService:
 
     def _refresh(self, group: QueueGroup) -> None:
         for queue in group.partitions:
-            partition_log = self.store.log(group.topic, queue.partition)
+            # One not open yet (after a start) is skipped: nothing of it is delivered until
+            # the background open gets to it (moved to the front now).
+            partition_log = self.store.opened_log(group.topic, queue.partition)
+            if partition_log is None:
+                continue
             if queue.set_log_bounds(partition_log.log_start_offset, partition_log.readable_end_offset):
                 group.mark_dirty(queue.partition)
 
@@ -480,7 +489,10 @@ class QueueService:
         self._waiters.setdefault(key, set()).add(future)
         partition_waiters = []
         for queue in group.partitions:
-            waiters = self.broker._waiters.get(id(self.store.log(group.topic, queue.partition)))
+            partition_log = self.store.opened_log(group.topic, queue.partition)
+            if partition_log is None:  # not open yet: the wait's timeout looks again
+                continue
+            waiters = self.broker._waiters.get(id(partition_log))
             if waiters is not None:
                 waiters.futures.add(future)
                 partition_waiters.append(waiters)

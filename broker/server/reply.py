@@ -58,6 +58,7 @@ _STORAGE_ERROR_CODES: dict[type[BaseException], ErrorCode] = {
     storage_errors.SegmentReadError: ErrorCode.CORRUPT_DATA,
     storage_errors.LogReadOnlyError: ErrorCode.READ_ONLY_LOG,
     storage_errors.DiskFullError: ErrorCode.DISK_FULL,
+    storage_errors.PartitionNotReadyError: ErrorCode.PARTITION_NOT_READY,
     storage_errors.MetadataDiskFullError: ErrorCode.DISK_FULL,
     storage_errors.MetadataUnavailableError: ErrorCode.METADATA_UNAVAILABLE,
     storage_errors.LogClosedError: ErrorCode.SERVER_SHUTTING_DOWN,

@@ -511,6 +511,7 @@ class Server:
                 self.config.data_dir,
                 fsync_workers_max=self.config.fsync_workers_max,
                 clock_ms=self.clock.time_ms,
+                open_in_background=True,  # partitions open after the listener starts (issue 18)
             )
         except BaseException:
             sock.close()
@@ -542,6 +543,7 @@ class Server:
                 )
                 sock = self._listener.sockets[0]
                 self.address = sock.getsockname()[:2]
+                _start_partition_opens(self.store)
                 tasks.create_task(self._retention_job())
                 if kafka_sock is not None:
                     self.kafka = KafkaListener(
@@ -755,3 +757,18 @@ def run(config: ServerConfig, *, announce: Callable[[str], None] = print) -> Non
         uvloop.run(main())
     else:
         asyncio.run(main())
+
+
+def _start_partition_opens(store: Store) -> None:
+    """Open the partitions registered at start in the background, saying so: a request
+    for one not yet open opens it (a clean one) or is answered PARTITION_NOT_READY (one
+    being recovered) until then (docs/operations.md, "Start")."""
+    statistics = store.open_statistics()
+    if statistics.not_open:
+        log.info(
+            "partitions: %d to open in the background (%d not closed cleanly: recovered first; "
+            "requests for them are answered PARTITION_NOT_READY until then)",
+            statistics.not_open,
+            statistics.not_open_unclean,
+        )
+    store.start_background_open()

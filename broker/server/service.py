@@ -18,7 +18,13 @@ from dataclasses import replace
 from typing import ClassVar
 
 from nodi.storage.config import FsyncPolicy
-from nodi.storage.errors import DurableWaitTimeoutError, OffsetOutOfRangeError, UnknownTopicError
+from nodi.storage.errors import (
+    DurableWaitTimeoutError,
+    NodiError,
+    OffsetOutOfRangeError,
+    PartitionNotReadyError,
+    UnknownTopicError,
+)
 from nodi.storage.log import AppendResult, Log
 from nodi.storage.store import Store
 from nodi.storage.topic_settings import TOPIC_SETTINGS, TopicConfig
@@ -129,6 +135,16 @@ class Broker:
         self.dedup = PublishDedup(clock_ms=clock.time_ms)
         for name, topic_config in store.topics().items():
             self.dedup.configure(name, topic_config.dedup_window_ms)
+        # Publish dedup spans a topic's partitions: until every partition of a topic has
+        # been read back, a produce carrying idempotency keys to it is answered
+        # PARTITION_NOT_READY (a start that opens partitions in the background).
+        opened = {(name, partition) for name, partition, _ in store.logs()}
+        self._dedup_unread: dict[str, set[int]] = {}
+        for name, topic_config in store.topics().items():
+            if topic_config.dedup_window_ms > 0:
+                unread = {p for p in range(topic_config.partitions) if (name, p) not in opened}
+                if unread:
+                    self._dedup_unread[name] = unread
         self.dedup.rebuild_all(store.logs())
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: asyncio.TaskGroup | None = None
@@ -149,6 +165,10 @@ class Broker:
         """Start serving on `loop`; background work goes into `tasks`."""
         self._loop = loop
         self._tasks = tasks
+        # A partition the store opens from now on (after a start that opens them in the
+        # background) is prepared by the hook before it is served; those open already
+        # were read back by the publish dedup above and are watched here.
+        self.store.on_partition_opened = self._partition_opened
         for _, _, partition_log in self.store.logs():
             self._watch(partition_log)
         tasks.create_task(self._expire_members())
@@ -219,6 +239,58 @@ class Broker:
             self._flushing = False
             if self._next_flush is not None:
                 self._start_flush()
+
+    def _partition_opened(self, topic: str, partition: int, partition_log: Log) -> None:
+        """The store's hook for a partition opened after the start, in the thread that
+        opened it and before anyone is handed its log: its long-poll watchers, and its
+        publish-dedup keys read back here and handed to the loop (which owns the dedup
+        state; the topic's keyed produces wait for every partition's)."""
+        self._watch(partition_log)
+        unread = self._dedup_unread.get(topic)
+        if unread is None or partition not in unread:
+            return
+        try:
+            found = self.dedup.read_back(topic, partition, partition_log)
+        except NodiError as error:  # a corrupt segment is reported by reads; carry on
+            log.warning("publish dedup: keys of %s-%d not read back: %s", topic, partition, error)
+            found = []
+
+        def add() -> None:
+            self.dedup.add_read_back(topic, partition, found, in_order=True)
+            left = self._dedup_unread.get(topic)
+            if left is not None:
+                left.discard(partition)
+                if not left:
+                    del self._dedup_unread[topic]
+
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return  # stopping: nothing is served any more
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            add()
+        else:
+            loop.call_soon_threadsafe(add)
+
+    def _check_dedup_read_back(self, topic: str) -> None:
+        """PartitionNotReadyError while some partition of `topic` has not had its
+        publish-dedup keys read back (after a start); those move to the front of the
+        background open."""
+        unread = self._dedup_unread.get(topic)
+        if unread:
+            for partition in sorted(unread):
+                if self.store.open_failed(topic, partition):  # logged; it serves nothing, keys unknown
+                    unread.discard(partition)
+                else:
+                    self.store.opened_log(topic, partition)
+        if unread:
+            raise PartitionNotReadyError(
+                f"topic {topic!r}: publish dedup is reading keys back from {len(unread)} partition(s) still "
+                "opening after the start: retry in a moment"
+            )
 
     def _watch(self, partition_log: Log) -> None:
         key = id(partition_log)
@@ -363,13 +435,14 @@ class Broker:
         config = self.store.topic_config(request.name)
         if config is None:
             raise UnknownTopicError(f"topic {request.name!r} does not exist")
-        logs = [self.store.log(request.name, partition) for partition in range(config.partitions)]
+        logs = [partition_log for name, _, partition_log in self.store.logs() if name == request.name]
         # All or nothing: a failed deletion (DISK_FULL) leaves the topic serving, watched.
         await asyncio.to_thread(self.store.delete_topic, request.name)
         for partition_log in logs:
             self._unwatch(partition_log)
         self.coordinator.on_topic_deleted(request.name)
         self.dedup.drop(request.name)
+        self._dedup_unread.pop(request.name, None)
         self.queues.on_topic_deleted(request.name)
         return Reply(m.DeleteTopicResponse(request_id=request.request_id))
 
@@ -384,19 +457,12 @@ class Broker:
         config = self.store.topic_config(request.name)
         if config is None:
             raise UnknownTopicError(f"topic {request.name!r} does not exist")
-        partitions = []
-        for number in range(config.partitions):
-            statistics = self.store.log(request.name, number).statistics()
-            partitions.append(
-                m.PartitionState(
-                    partition=number,
-                    log_start_offset=statistics.log_start_offset,
-                    log_end_offset=statistics.next_offset,
-                    high_watermark=self.store.log(request.name, number).readable_end_offset,
-                    size_bytes=statistics.byte_count,
-                    segments=statistics.segment_count,
-                )
-            )
+        # While partitions open after a start, those not open yet report their checkpoints
+        # (sizes -1), read in a thread: a topic of thousands of partitions reads as many files.
+        if self.store.opening:
+            partitions = await asyncio.to_thread(self._partition_states, request.name, config.partitions)
+        else:
+            partitions = self._partition_states(request.name, config.partitions)
         return Reply(
             m.DescribeTopicResponse(
                 request_id=request.request_id, name=request.name, settings=self._settings(config), partitions=partitions
@@ -415,6 +481,22 @@ class Broker:
                 partitions=described.partitions,
             )
         )
+
+    def _partition_states(self, topic: str, count: int) -> list[m.PartitionState]:
+        states = []
+        for number in range(count):
+            summary = self.store.partition_summary(topic, number)
+            states.append(
+                m.PartitionState(
+                    partition=number,
+                    log_start_offset=summary.log_start_offset,
+                    log_end_offset=summary.log_end_offset,
+                    high_watermark=summary.high_watermark,
+                    size_bytes=-1 if summary.byte_count is None else summary.byte_count,
+                    segments=-1 if summary.segment_count is None else summary.segment_count,
+                )
+            )
+        return states
 
     def _log(self, topic: str, partition: int) -> Log:
         return self._config_and_log(topic, partition)[1]
@@ -500,6 +582,8 @@ class Broker:
         self.compaction.check_produce(request.topic, partition_log, request.records)
         # Publish dedup (broker/server/dedup.py): check, append and record run without an await.
         check = self.dedup.check(request.topic, config.dedup_window_ms, request.records)
+        if check is not None:
+            self._check_dedup_read_back(request.topic)
         if check is not None and check.duplicates:
             return await self._produce_duplicates(request, check)
         result = partition_log.append_nowait(request.records)
@@ -825,6 +909,9 @@ class Broker:
 
     async def _fetch_offsets(self, request: m.FetchOffsetsRequest) -> Reply:
         offsets = self.coordinator.fetch_offsets(request.group, request.topics or None)
+        for topic, partition in offsets:
+            if self.store.recovering(topic, partition):  # its offset may yet be clamped to the log (I6)
+                raise PartitionNotReadyError(f"partition {topic}-{partition} is being recovered: retry in a moment")
         return Reply(
             m.FetchOffsetsResponse(
                 request_id=request.request_id,
@@ -873,7 +960,7 @@ class Broker:
         lags = []
         for (topic, partition), committed in description.offsets.items():
             try:
-                high_watermark = self.store.log(topic, partition).readable_end_offset
+                high_watermark = self.store.partition_summary(topic, partition).high_watermark
             except UnknownTopicError:
                 continue
             lags.append(

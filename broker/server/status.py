@@ -17,7 +17,6 @@ from functools import cache
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 
-from nodi.storage.errors import UnknownTopicError
 from nodi.storage.store import Store
 
 from ..protocol import messages as m
@@ -69,10 +68,12 @@ def consumer_lags(store: Store) -> list[ConsumerLag]:
     lags = []
     for group in metadata.list_groups():
         for (topic, partition), committed in sorted(metadata.group_offsets(group).items()):
-            try:
-                end = store.log(topic, partition).readable_end_offset
-            except UnknownTopicError:
+            if store.topic_config(topic) is None:  # deleted
                 continue
+            partition_log = store.opened_log(topic, partition)
+            if partition_log is None:  # not open yet after a start: no lag reported for now
+                continue
+            end = partition_log.readable_end_offset
             lags.append(ConsumerLag(group, topic, partition, committed.offset, end))
     return lags
 

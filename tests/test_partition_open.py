@@ -1,0 +1,209 @@
+"""A start that opens the partitions in the background (issue 18, "Start"): the store
+registers every partition without opening it; a clean one opens on first use, one not
+closed cleanly is recovered (by the background open, first) before anything of it is
+served, committed offsets are held to each log as it opens (I6), and publish dedup
+waits for every partition of a topic to be read back. Store- and broker-level, no
+server, deterministic (the background open starts when the test says); the
+real-server test is in tests/test_many_partitions.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+
+from nodi.broker.protocol import messages as m
+from nodi.broker.protocol.errors import ErrorCode
+from nodi.broker.protocol.headers import IDEMPOTENCY_KEY
+from nodi.broker.server.config import ServerConfig
+from nodi.broker.server.reply import response_of
+from nodi.broker.server.service import Broker
+from nodi.storage import records
+from nodi.storage.checkpoint import CLEAN_SHUTDOWN_FILE
+from nodi.storage.errors import PartitionNotReadyError, PartitionOpenError, UnknownTopicError
+from nodi.storage.layout import partition_directory
+from nodi.storage.metadata import TopicConfig
+from nodi.storage.store import Store
+
+PARTITIONS = 6
+TORN = 4  # the partition "crashed" with a torn tail
+
+
+def _batch(*values: bytes) -> bytes:
+    return records.build_batch([records.NewRecord(None, value) for value in values])
+
+
+def _values(store: Store, partition: int) -> list[bytes | None]:
+    data = store.log("t", partition).read_bytes(0, 1 << 20)
+    return [record.value for record in records.decode_batches(data)]
+
+
+def _snapshot(directory: str) -> dict[str, tuple[int, int]]:
+    return {
+        name: (os.stat(os.path.join(directory, name)).st_size, os.stat(os.path.join(directory, name)).st_mtime_ns)
+        for name in sorted(os.listdir(directory))
+    }
+
+
+def _wait_all_open(store: Store) -> None:
+    deadline = time.monotonic() + 60
+    while store.open_statistics().not_open and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store.open_statistics().not_open == 0
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    """Six partitions of two messages each, closed cleanly; then partition TORN loses
+    its clean-shutdown marker and gets half a batch after its last one (a crash in the
+    middle of a write), and a group's committed offset points past its end."""
+    with Store.open(tmp_path) as store:
+        store.create_topic("t", TopicConfig(partitions=PARTITIONS))
+        for partition in range(PARTITIONS):
+            store.log("t", partition).append(_batch(b"p%d-a" % partition))
+            store.log("t", partition).append(_batch(b"p%d-b" % partition))
+        store.metadata.stage_offset("readers", "t", TORN, 3)
+        store.metadata.stage_offset("readers", "t", 1, 2)
+        store.metadata.flush()
+        torn_segment = store.log("t", TORN).segments[-1].log_path
+    directory = partition_directory(tmp_path, "t", TORN)
+    os.remove(os.path.join(directory, CLEAN_SHUTDOWN_FILE))
+    with open(torn_segment, "ab") as segment:
+        segment.write(_batch(b"never acknowledged")[:40])
+    return tmp_path
+
+
+def test_nothing_is_opened_at_start_and_a_clean_partition_opens_on_first_use(data_dir):
+    directories = [partition_directory(data_dir, "t", partition) for partition in range(PARTITIONS)]
+    before = [_snapshot(directory) for directory in directories]
+    with Store.open(data_dir, open_in_background=True) as store:
+        statistics = store.open_statistics()
+        assert (statistics.partitions, statistics.not_open, statistics.not_open_unclean) == (PARTITIONS, PARTITIONS, 1)
+        assert store.logs() == []
+        assert store.open_report.recoveries == ()
+        # Read before any background open: opened now, in this thread.
+        assert _values(store, 2) == [b"p2-a", b"p2-b"]
+        assert [partition for _, partition, _ in store.logs()] == [2]
+        assert store.open_statistics().opened_on_demand == 1
+        with pytest.raises(UnknownTopicError):
+            store.log("t", PARTITIONS)
+    # close() wrote into no log it never opened, nor into the one it opened clean and idle.
+    after = [_snapshot(directory) for directory in directories]
+    assert after == before
+
+
+def test_an_unclean_partition_is_refused_until_recovered_and_then_served_whole(data_dir):
+    with Store.open(data_dir, open_in_background=True) as store:
+        # Nothing of it is served before its recovery: a typed, retriable refusal.
+        with pytest.raises(PartitionNotReadyError):
+            store.log("t", TORN)
+        assert store.open_statistics().not_ready_refusals == 1
+        store.start_background_open()
+        _wait_all_open(store)
+        torn = store.log("t", TORN)
+        assert not torn.recovery_report.clean_shutdown
+        assert torn.recovery_report.truncated_bytes == 40
+        assert _values(store, TORN) == [b"p4-a", b"p4-b"]
+        # I6: the committed offset past the recovered end was clamped as it opened; the
+        # clean partition's offset (within its end) is left alone.
+        assert store.metadata.committed_offset("readers", "t", TORN).offset == 2
+        assert store.metadata.committed_offset("readers", "t", 1).offset == 2
+        # The recovered log takes appends after its recovered end.
+        assert torn.append(_batch(b"p4-c")).first_offset == 2
+        assert len(store.logs()) == PARTITIONS
+        assert store.open_statistics().background_done
+    with Store.open(data_dir) as store:
+        assert all(report.clean_shutdown for report in store.open_report.recoveries)
+        assert _values(store, TORN) == [b"p4-a", b"p4-b", b"p4-c"]
+
+
+def test_recover_now_opens_an_unclean_partition_in_the_calling_thread(data_dir):
+    with Store.open(data_dir, open_in_background=True) as store:
+        torn = store.log("t", TORN, recover_now=True)
+        assert torn.next_offset == 2
+        assert store.log("t", TORN) is torn
+
+
+def test_a_committed_offset_past_a_clean_checkpoint_is_clamped_at_start(data_dir):
+    with Store.open(data_dir) as store:  # every partition opened, closed cleanly again
+        store.metadata.stage_offset("readers", "t", 3, 99)
+        store.metadata.flush()
+    with Store.open(data_dir, open_in_background=True) as store:
+        assert store.open_statistics().not_open == PARTITIONS
+        assert store.metadata.committed_offset("readers", "t", 3).offset == 2
+        assert [(clamped.partition, clamped.new_offset) for clamped in store.open_report.clamped_offsets] == [(3, 2)]
+
+
+def test_a_topic_deleted_before_its_partitions_opened_leaves_nothing(data_dir):
+    with Store.open(data_dir, open_in_background=True) as store:
+        _values(store, 0)
+        store.delete_topic("t")
+        store.start_background_open()
+        _wait_all_open(store)
+        assert store.logs() == []
+        for partition in range(PARTITIONS):
+            assert not os.path.exists(partition_directory(data_dir, "t", partition))
+            with pytest.raises(UnknownTopicError):
+                store.log("t", partition)
+
+
+def _keyed(value: bytes, key: bytes) -> bytes:
+    return records.build_batch([records.NewRecord(None, value, [(IDEMPOTENCY_KEY, key)])])
+
+
+def test_keyed_produces_wait_until_every_partition_of_the_topic_was_read_back(tmp_path):
+    """Publish dedup spans a topic's partitions: a key whose original sits in a
+    partition not yet open is only known once that partition was read back, so keyed
+    produces to the topic answer PARTITION_NOT_READY until then; unkeyed ones do not."""
+    with Store.open(tmp_path) as store:
+        store.create_topic("d", TopicConfig(partitions=3, dedup_window_ms=60_000))
+        original = store.log("d", 0).append(_keyed(b"first", b"order-1"))
+    with Store.open(tmp_path, open_in_background=True) as store:
+
+        async def main() -> tuple[m.ProduceResponse, m.ProduceResponse, m.ProduceResponse]:
+            broker = Broker(store, ServerConfig(data_dir=store.data_dir))
+            broker._loop = asyncio.get_running_loop()  # as attach() sets it, without its tasks
+            store.on_partition_opened = broker._partition_opened
+
+            async def produce(records: bytes) -> m.ProduceResponse:
+                request = m.ProduceRequest(topic="d", partition=2, acks=m.Acks.WRITTEN, records=records)
+                return response_of(await broker.handle(request), m.ProduceResponse)
+
+            refused = await produce(_keyed(b"again", b"order-1"))
+            unkeyed = await produce(_batch(b"no key"))
+            store.start_background_open()
+            await asyncio.to_thread(_wait_all_open, store)
+            await asyncio.sleep(0.05)  # the read-back keys reach the loop
+            return refused, unkeyed, await produce(_keyed(b"again", b"order-1"))
+
+        refused, unkeyed, deduplicated = asyncio.run(main())
+    assert refused.error_code is ErrorCode.PARTITION_NOT_READY
+    assert unkeyed.error_code is ErrorCode.NONE and unkeyed.base_offset == 0
+    assert deduplicated.error_code is ErrorCode.NONE
+    assert [(d.partition, d.offset) for d in deduplicated.duplicates] == [(0, original.first_offset)]
+
+
+def test_a_partition_that_cannot_be_opened_fails_alone_and_is_reported(data_dir):
+    """An operator mistake (a file where partition 5's directory belongs): that
+    partition answers PartitionOpenError (READ_ONLY_LOG on the wire), counted as
+    failed; the others open and serve; nothing of the file is touched."""
+    directory = partition_directory(data_dir, "t", 5)
+    os.rename(directory, directory + ".moved-aside")
+    with open(directory, "wb") as stray:
+        stray.write(b"not a partition")
+    with Store.open(data_dir, open_in_background=True) as store:
+        store.start_background_open()
+        _wait_all_open(store)
+        with pytest.raises(PartitionOpenError) as failed:
+            store.log("t", 5)
+        assert directory in str(failed.value)
+        statistics = store.open_statistics()
+        assert (statistics.failed, statistics.not_open) == (1, 0)
+        assert store.open_failed("t", 5) and not store.open_failed("t", 4)
+        assert sorted(partition for _, partition, _ in store.logs()) == [0, 1, 2, 3, 4]
+        assert _values(store, 3) == [b"p3-a", b"p3-b"]
+    with open(directory, "rb") as stray:
+        assert stray.read() == b"not a partition"
