@@ -122,8 +122,18 @@ class BrokerProcess:
         try:
             code = self.process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            self.kill()
-            raise
+            # Ask for every thread's stack (SIGUSR1, faulthandler) before the kill, and
+            # show it with the broker's last output: a stop that hangs should say where.
+            os.kill(self.process.pid, signal.SIGUSR1)
+            time.sleep(1)
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=15)
+            tail = self.process.stdout.read()[-20_000:]
+            self.process.stdout.close()
+            self.process = None
+            raise AssertionError(
+                f"nodi serve did not stop within {timeout_s} s of SIGTERM; its last output and stacks:\n{tail}"
+            ) from None
         self.output.extend(self.process.stdout.read().splitlines(keepends=True))
         self.process = None
         return code

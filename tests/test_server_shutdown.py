@@ -40,3 +40,18 @@ def test_a_signal_stops_the_server_cleanly(broker_factory, tmp_path, signal_numb
         for partition in range(3):
             end = client.list_offsets("orders", partition, "latest")
             assert {(partition, offset) for offset in range(end)} == {o for o in offsets if o[0] == partition}
+
+
+def test_sigusr1_writes_every_threads_stack_and_the_broker_carries_on(broker_factory, tmp_path):
+    """An operator's `kill -USR1 PID` on a broker that seems stuck: each thread's stack on
+    stderr (faulthandler), and the broker goes on serving and stops cleanly after."""
+    server = broker_factory(str(tmp_path / "data")).start()
+    os.kill(server.process.pid, signal.SIGUSR1)
+    with Client(server.address) as client:
+        client.create_topic("after-the-dump")
+        assert "after-the-dump" in [topic.name for topic in client.list_topics()]
+    assert server.stop() == 0
+    output = "".join(server.output)
+    assert "Current thread" in output or "Thread 0x" in output, output[-2000:]
+    assert "most recent call first" in output
+    assert "nodi stopped: SIGTERM" in output

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import functools
 import logging
 import os
@@ -160,6 +161,8 @@ class ClientSession:
                     data = await self.reader.read(READ_BYTES)
             except TimeoutError:
                 self.server.count_timeout(reason)
+                # Nothing more is read: the frame budget is free before the peer hears why.
+                self._release_frame_bytes()
                 await self._close_with(ErrorCode.TIMEOUT, _TIMEOUT_MESSAGES[reason].format(config=config))
                 return
             try:
@@ -721,6 +724,9 @@ def run(config: ServerConfig, *, announce: Callable[[str], None] = print) -> Non
         uvloop = None  # type: ignore[assignment]
 
     return_large_allocations_to_the_os()
+    # `kill -USR1 PID`: every thread's stack to stderr, for a broker that seems stuck
+    # (written by the interpreter itself, even while the event loop is blocked).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     # SYSTEM_CLOCK, unless a test set NODI_TEST_CLOCK_FILE and NODI_TEST_CLOCK_ALLOWED=1.
     clock = clock_from_environment()
     if clock is not SYSTEM_CLOCK:
