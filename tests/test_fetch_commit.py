@@ -32,7 +32,8 @@ from nodi.broker.protocol.connection import (
     handshake_response,
 )
 from nodi.broker.protocol.frames import decode_frame_header, decode_message_body
-from tests.test_protocol import connected_pair, feed_one_byte_at_a_time, message_strategy
+
+from test_protocol import connected_pair, feed_one_byte_at_a_time, message_strategy
 
 QUICK = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -16,17 +16,14 @@ import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 from nodi.broker import Client
 from nodi.broker.protocol import messages as m
 from nodi.broker.protocol.errors import ErrorCode
+from tools import group_scaling
 
 from conftest import NODI
 from test_cli_broker import ENVIRONMENT, Running
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-import group_scaling  # noqa: E402
 
 TIMEOUT_S = 60
 SESSION_TIMEOUT_MS = 2_000
