@@ -87,6 +87,7 @@ class BrokerProcess:
             env={**os.environ, "PYTHONUNBUFFERED": "1", **self._clock_environment(), **self.environment},
             preexec_fn=None if self.files_limit is None else self._limit_files,
         )
+        assert self.process.stdout is not None  # stdout=PIPE
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             line = self.process.stdout.readline()
@@ -124,6 +125,7 @@ class BrokerProcess:
         except subprocess.TimeoutExpired:
             self.kill()
             raise
+        assert self.process.stdout is not None  # stdout=PIPE
         self.output.extend(self.process.stdout.read().splitlines(keepends=True))
         self.process = None
         return code
@@ -133,6 +135,7 @@ class BrokerProcess:
         if self.process is not None:
             os.kill(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=15)
+            assert self.process.stdout is not None  # stdout=PIPE
             self.process.stdout.close()
             self.process = None
 
