@@ -10,7 +10,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -168,7 +170,7 @@ def clocked_broker(tmp_path):
 
 
 @pytest.fixture
-def broker_factory(tmp_path):
+def broker_factory(tmp_path: Path) -> Iterator[Callable[..., BrokerProcess]]:
     started: list[BrokerProcess] = []
 
     def make(data_dir: str | None = None, extra_args: list[str] | None = None) -> BrokerProcess:

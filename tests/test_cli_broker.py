@@ -426,7 +426,7 @@ def test_consume_from_offset_time_latest_partition_and_timeout(server, client):
     assert beyond.returncode == 1 and "UnknownPartition" in beyond.stderr
 
 
-def test_consume_waits_for_new_messages(server, client):
+def test_consume_waits_for_new_messages(server, client) -> None:
     client.create_topic("cli-follow")
     with running(server, "consume", "cli-follow", "--from", "latest", "--count", "2", "--json") as background:
         deadline = time.monotonic() + TIMEOUT_S

@@ -176,7 +176,7 @@ def test_a_crash_at_every_step_of_a_run_recovers_to_the_old_or_the_new_segments(
             assert stored(reopened) == latest_of(appended, end)
 
 
-def test_readers_racing_compaction_see_whole_segments_and_every_latest_value(tmp_path):
+def test_readers_racing_compaction_see_whole_segments_and_every_latest_value(tmp_path) -> None:
     """I15: readers reading the whole log again and again (small budgets: many segment
     lookups through the indexes) while runs swap segments under them."""
     log = Log.open(str(tmp_path / "log"), CONFIG)

@@ -222,7 +222,7 @@ def run_child(directory: str, seed: int, delay_s: float) -> None:
         process.stderr.close()
 
 
-def test_sigkill_during_compaction_leaves_a_valid_equivalent_log(tmp_path):
+def test_sigkill_during_compaction_leaves_a_valid_equivalent_log(tmp_path) -> None:
     data_dir = str(tmp_path / "data")
     with Store.open(data_dir) as store:
         store.create_topic(TOPIC, TOPIC_CONFIG)

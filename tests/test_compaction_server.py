@@ -123,7 +123,7 @@ def test_keyless_records_refused_and_compact_online_then_offline(tmp_path):
             broker.stop()
 
 
-def test_consumer_reading_through_a_compaction_sees_latest_values(tmp_path):
+def test_consumer_reading_through_a_compaction_sees_latest_values(tmp_path) -> None:
     broker = BrokerProcess(str(tmp_path / "data")).start()
     try:
         with Client(broker.address) as client:

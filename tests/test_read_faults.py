@@ -78,7 +78,7 @@ def consume(log: Log, delivered: list[tuple]) -> None:
         position = moved
 
 
-def test_reads_without_a_fault_return_everything():
+def test_reads_without_a_fault_return_everything() -> None:
     fs, expected = disk()
     delivered: list[tuple] = []
     with Log.open(DIRECTORY, CONFIG, fs=fs.clone()) as log:
