@@ -30,6 +30,10 @@ test: $(STAMP)
 # nodi.cli onto the top-level folders, so build/typecheck/nodi holds three symlinks to
 # them (the same mapping as pyproject's package-dir) and mypy_path points there: mypy
 # checks the modules under their real names, and nothing is copied or generated.
+# tests/ is a second run: it has no __init__.py and its files import each other as
+# top-level modules (`from conftest import BrokerProcess`), as pytest's rootdir insertion
+# lets them; given the folder, mypy names each file by its basename and puts tests/ on its
+# search path, so every file is seen once, under the name the tests import it by.
 TYPECHECK := build/typecheck/nodi
 lint: $(STAMP)
 	$(BIN)/ruff check --config pyproject.toml .
@@ -37,6 +41,7 @@ lint: $(STAMP)
 	mkdir -p $(TYPECHECK)
 	for p in storage broker cli; do ln -sfn ../../../$$p $(TYPECHECK)/$$p; done
 	$(BIN)/mypy --config-file pyproject.toml
+	$(BIN)/mypy --config-file pyproject.toml tests
 
 # Compaction's swap and its recovery crashed at every I/O point in every crash mode,
 # over NODI_CRASH_WALK_SEEDS seeds, each with a second power loss during recovery

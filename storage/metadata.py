@@ -783,7 +783,7 @@ class MetadataStore:
 
     # -- queue-group state (staged) -------------------------------------------
 
-    def put_queue_state(self, group: str, topic: str, partition: int, state: bytes) -> None:
+    def put_queue_state(self, group: str, topic: str, partition: int, state: bytes | bytearray | memoryview) -> None:
         """Stage a partition's queue-group state (opaque bytes; latest wins)."""
         key = encode_group_key(group, topic, partition, self._limits.group_name_bytes_max)
         if not isinstance(state, (bytes, bytearray, memoryview)):

@@ -10,7 +10,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -87,6 +89,7 @@ class BrokerProcess:
             env={**os.environ, "PYTHONUNBUFFERED": "1", **self._clock_environment(), **self.environment},
             preexec_fn=None if self.files_limit is None else self._limit_files,
         )
+        assert self.process.stdout is not None  # stdout=PIPE
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             line = self.process.stdout.readline()
@@ -128,12 +131,14 @@ class BrokerProcess:
             time.sleep(1)
             os.kill(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=15)
+            assert self.process.stdout is not None  # stdout=PIPE
             tail = self.process.stdout.read()[-20_000:]
             self.process.stdout.close()
             self.process = None
             raise AssertionError(
                 f"nodi serve did not stop within {timeout_s} s of SIGTERM; its last output and stacks:\n{tail}"
             ) from None
+        assert self.process.stdout is not None  # stdout=PIPE
         self.output.extend(self.process.stdout.read().splitlines(keepends=True))
         self.process = None
         return code
@@ -143,6 +148,7 @@ class BrokerProcess:
         if self.process is not None:
             os.kill(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=15)
+            assert self.process.stdout is not None  # stdout=PIPE
             self.process.stdout.close()
             self.process = None
 
@@ -175,7 +181,7 @@ def clocked_broker(tmp_path):
 
 
 @pytest.fixture
-def broker_factory(tmp_path):
+def broker_factory(tmp_path: Path) -> Iterator[Callable[..., BrokerProcess]]:
     started: list[BrokerProcess] = []
 
     def make(data_dir: str | None = None, extra_args: list[str] | None = None) -> BrokerProcess:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import struct
 import zlib
+from collections.abc import Sequence
 
 import crc32c
 
@@ -37,7 +38,7 @@ def record_body(
     *,
     key: bytes | None = None,
     value: bytes | None = b"value",
-    headers: list[tuple[bytes, bytes | None]] = (),
+    headers: Sequence[tuple[bytes, bytes | None]] = (),
     attributes: int = 0,
     key_length: int | None = None,
     value_length: int | None = None,

@@ -43,7 +43,7 @@ def nodi(
 ) -> subprocess.CompletedProcess:
     """Run `nodi --server ADDRESS ARGS...`; stdout as bytes, stderr as text."""
     prefix = ["--server", server.address] if server is not None else []
-    result = subprocess.run(
+    result: subprocess.CompletedProcess = subprocess.run(  # stderr becomes text below
         NODI + prefix + list(args),
         input=stdin if stdin is not None else b"",
         capture_output=True,
@@ -76,6 +76,7 @@ class Running:
         self._reader.start()
 
     def _read(self) -> None:
+        assert self.process.stdout is not None  # PIPE
         for line in self.process.stdout:
             self.lines.put(line)
 
@@ -85,9 +86,11 @@ class Running:
             return self.lines.get(timeout=timeout_s)
         except queue.Empty:
             self.process.kill()
+            assert self.process.stderr is not None  # PIPE
             raise AssertionError(f"no output in time; stderr: {self.process.stderr.read().decode()}") from None
 
     def write(self, data: bytes) -> None:
+        assert self.process.stdin is not None, "started with stdin=subprocess.PIPE"
         self.process.stdin.write(data)
         self.process.stdin.flush()
 
@@ -423,7 +426,7 @@ def test_consume_from_offset_time_latest_partition_and_timeout(server, client):
     assert beyond.returncode == 1 and "UnknownPartition" in beyond.stderr
 
 
-def test_consume_waits_for_new_messages(server, client):
+def test_consume_waits_for_new_messages(server, client) -> None:
     client.create_topic("cli-follow")
     with running(server, "consume", "cli-follow", "--from", "latest", "--count", "2", "--json") as background:
         deadline = time.monotonic() + TIMEOUT_S

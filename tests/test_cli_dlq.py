@@ -112,6 +112,7 @@ def test_list_show_redrive_purge(broker) -> None:
         assert len(again) == 3
         for message in again:
             assert not any(name.startswith("nodi-") for name, _ in message.headers)
+            assert message.value is not None  # the rejected messages had values
             index = int(message.value.split(b"-")[1])
             assert message.key == b"k%d" % index and message.header("trace") == b"t%d" % index
             assert message.partition == index % 2  # back to its source partition

@@ -273,7 +273,7 @@ def test_status_shows_queue_groups_and_hides_internal_groups(server):
     assert not any(line.startswith("nodi.dlq") for line in lines)
 
 
-def test_bench_is_a_typer_command_whose_options_are_declared_once():
+def test_bench_is_a_typer_command_whose_options_are_declared_once() -> None:
     """`nodi bench --help` is nodi's help with --suite; each tool's argparse parser is
     built from the same declarations (cli/bench.py BENCH_OPTIONS)."""
     import argparse
@@ -298,11 +298,12 @@ def test_bench_is_a_typer_command_whose_options_are_declared_once():
             }
             return original(self, *args, **kwargs)
 
-        argparse.ArgumentParser.parse_args = capture
+        # A spy on every parser the module builds (the ignores: assigning to a method).
+        argparse.ArgumentParser.parse_args = capture  # type: ignore[method-assign]
         try:
             module.parse_arguments(["--quick"])
         finally:
-            argparse.ArgumentParser.parse_args = original
+            argparse.ArgumentParser.parse_args = original  # type: ignore[method-assign]
         declared = {option.flag for option in BENCH_OPTIONS if suite in option.suites}
         assert captured["flags"] - {"-h", "--help"} == declared, suite
         assert f"--{'rounds' if suite == 'broker' else 'requests'}" in shown.stdout

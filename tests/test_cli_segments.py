@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from nodi.storage.config import LogConfig
+from nodi.storage.config import FsyncPolicy, LogConfig
 from nodi.storage.errors import InvalidConfigError
 from nodi.storage.layout import (
     iter_partition_directories,
@@ -70,7 +70,7 @@ def _records(batch_number: int) -> list[NewRecord]:
 
 
 def _fill(directory: str, *, close: bool = True) -> None:
-    config = LogConfig(segment_bytes=SEGMENT_BYTES, fsync_policy="never", index_interval_bytes=512)
+    config = LogConfig(segment_bytes=SEGMENT_BYTES, fsync_policy=FsyncPolicy.NEVER, index_interval_bytes=512)
     log = Log.open(directory, config)
     for batch_number in range(BATCHES):
         log.append(build_batch(_records(batch_number)))
@@ -331,7 +331,7 @@ def test_verify_reports_a_torn_tail_then_recover_truncates_it(data_dir):
 
     after = nodi("segments", "verify", data_dir)
     assert after.returncode == 0, after.stdout
-    log = Log.open(directory, LogConfig(fsync_policy="never"))
+    log = Log.open(directory, LogConfig(fsync_policy=FsyncPolicy.NEVER))
     try:
         assert log.next_offset == base_offset
         assert not log.recovery_report.lost_anything
@@ -447,7 +447,7 @@ def test_verify_knows_the_producer_state_snapshot(tmp_path):
     """An idempotent producer's state is snapshotted beside the segments at roll and
     close (storage/producers.py): verify treats that file as the partition's own."""
     directory = partition_directory(str(tmp_path), "idempotent", 0)
-    log = Log.open(directory, LogConfig(segment_bytes=SEGMENT_BYTES, fsync_policy="never"))
+    log = Log.open(directory, LogConfig(segment_bytes=SEGMENT_BYTES, fsync_policy=FsyncPolicy.NEVER))
     for sequence in range(0, 30, 5):
         log.append(build_batch(_records(sequence), producer_id=7, producer_epoch=0, base_sequence=sequence))
     log.close()

@@ -231,7 +231,7 @@ def produce_values(client, topic: str, count: int) -> None:
             producer.send(topic, b"%d" % n)
 
 
-def test_receive_batch_leases_only_what_it_returns_within_flow_control(client):
+def test_receive_batch_leases_only_what_it_returns_within_flow_control(client) -> None:
     produce_values(client, "api-batch", 250)
     handled: list[int] = []
     with client.queue("api-batch", "workers", max_outstanding=100) as queue:
@@ -297,7 +297,7 @@ def test_async_receive_batch_and_at_most_once(server):
 # -- every exception the client raises is importable from nodi.broker -----------------------
 
 
-def test_every_exception_class_the_client_raises_by_name_is_builtin_or_exported():
+def test_every_exception_class_the_client_raises_by_name_is_builtin_or_exported() -> None:
     """A static check over broker/client: `raise Name(...)` / `raise Name` of a class is
     a builtin exception or a name nodi.broker exports (so `from nodi.broker import X`
     can catch it). Errors re-raised from a variable are the client's own (error_for,

@@ -29,7 +29,7 @@ def read_all(client, topic: str, partition: int) -> list:
     return out
 
 
-def test_kill_9_during_durable_produce_loses_no_acknowledged_message(broker_factory, tmp_path):
+def test_kill_9_during_durable_produce_loses_no_acknowledged_message(broker_factory, tmp_path) -> None:
     data_dir = str(tmp_path / "crash")
     process = broker_factory(data_dir).start()
     with Client(process.address, timeout_ms=5_000, reconnect_backoff_max_ms=200) as client:

@@ -43,7 +43,7 @@ def read_all(client, topic: str, partition: int, until: int | None = None) -> li
     return out
 
 
-def test_order_per_partition_over_100k_messages(client):
+def test_order_per_partition_over_100k_messages(client) -> None:
     client.create_topic("ordered", 6)
     padding = b"." * 1000
     sent_keys = [f"k{i % KEYS}" for i in range(MESSAGES)]

@@ -36,7 +36,7 @@ KEYS = 16
 
 
 def fill(log: Log, batches: int, *, first: int = 0, prefix: bytes = b"key") -> dict[int, tuple[bytes, bytes | None]]:
-    appended = {}
+    appended: dict[int, tuple[bytes, bytes | None]] = {}
     for number in range(first, first + batches):
         records = [
             (prefix + b"-%d" % ((number * 3 + index) % KEYS), b"value-%d-%d" % (number, index) * 3)
@@ -48,12 +48,14 @@ def fill(log: Log, batches: int, *, first: int = 0, prefix: bytes = b"key") -> d
     return appended
 
 
-def stored(log: Log, bytes_max: int = 1 << 20) -> list[tuple[int, bytes, bytes | None]]:
-    out, offset = [], log.log_start_offset
+def stored(log: Log, bytes_max: int = 1 << 20) -> list[tuple[int, bytes | None, bytes | None]]:
+    out: list[tuple[int, bytes | None, bytes | None]] = []
+    offset = log.log_start_offset
     while offset < log.next_offset:
         result = log.read(offset, bytes_max)
         if not result.slices:
             break
+        assert result.next_offset is not None  # the read returned slices
         out.extend((r.offset, r.key, r.value) for r in decode_batches(result.to_bytes()) if r.offset >= offset)
         offset = result.next_offset
     return out
@@ -106,7 +108,7 @@ class CrashingFileSystem(OsFileSystem):
 def fill_mixed(log: Log, batches: int, *, first: int = 0) -> dict[int, tuple[bytes, bytes | None]]:
     """Three overwritten keys and one key written once per batch: every segment keeps
     records that must stay, so a lost segment shows."""
-    appended = {}
+    appended: dict[int, tuple[bytes, bytes | None]] = {}
     for number in range(first, first + batches):
         records = [(b"hot-%d" % ((number + index) % KEYS), b"value-%d-%d" % (number, index)) for index in range(3)]
         records.append((b"once-%d" % number, b"cold-%d" % number))
@@ -174,7 +176,7 @@ def test_a_crash_at_every_step_of_a_run_recovers_to_the_old_or_the_new_segments(
             assert stored(reopened) == latest_of(appended, end)
 
 
-def test_readers_racing_compaction_see_whole_segments_and_every_latest_value(tmp_path):
+def test_readers_racing_compaction_see_whole_segments_and_every_latest_value(tmp_path) -> None:
     """I15: readers reading the whole log again and again (small budgets: many segment
     lookups through the indexes) while runs swap segments under them."""
     log = Log.open(str(tmp_path / "log"), CONFIG)

@@ -150,12 +150,14 @@ def model(end_offset: int) -> dict[int, tuple[bytes, bytes | None]]:
     return appended
 
 
-def stored(log: Log) -> list[tuple[int, bytes, bytes | None]]:
-    out, offset = [], log.log_start_offset
+def stored(log: Log) -> list[tuple[int, bytes | None, bytes | None]]:
+    out: list[tuple[int, bytes | None, bytes | None]] = []
+    offset = log.log_start_offset
     while offset < log.next_offset:
         result = log.read(offset, 1 << 20)
         if not result.slices:
             break
+        assert result.next_offset is not None  # the read returned slices
         out.extend(
             (record.offset, record.key, record.value)
             for record in decode_batches(result.to_bytes())
@@ -202,6 +204,8 @@ def run_child(directory: str, seed: int, delay_s: float) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
+    assert process.stdout is not None  # PIPE
+    assert process.stderr is not None  # PIPE
     try:
         deadline = time.monotonic() + CHILD_START_TIMEOUT_S
         line = process.stdout.readline()
@@ -218,7 +222,7 @@ def run_child(directory: str, seed: int, delay_s: float) -> None:
         process.stderr.close()
 
 
-def test_sigkill_during_compaction_leaves_a_valid_equivalent_log(tmp_path):
+def test_sigkill_during_compaction_leaves_a_valid_equivalent_log(tmp_path) -> None:
     data_dir = str(tmp_path / "data")
     with Store.open(data_dir) as store:
         store.create_topic(TOPIC, TOPIC_CONFIG)

@@ -137,6 +137,7 @@ class CompactionModel(RuleBasedStateMachine):
         for offset in sorted(self.appended):
             key, value = self.appended[offset]
             if offset < end and key is not None:
+                assert self.last_run_ms is not None  # offset < compacted_end: a run covered it
                 if latest[key] != offset:
                     continue
                 if value is None and self.first_seen_ms[offset] + DELETE_RETENTION_MS <= self.last_run_ms:
@@ -154,6 +155,7 @@ class CompactionModel(RuleBasedStateMachine):
             for record in decode_batches(result.to_bytes()):
                 if record.offset >= offset:
                     out.append((record.offset, record.key, record.value))
+            assert result.next_offset is not None  # the read returned slices
             offset = result.next_offset
         return out
 

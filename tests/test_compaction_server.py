@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from nodi.broker import Client
+from nodi.broker import Client, Message
 from nodi.broker.client.errors import InvalidConfig, KeyRequired
 from nodi.storage.records import NewRecord, build_batch
 
@@ -38,7 +38,7 @@ def _batch(number: int) -> tuple[bytes, list[tuple[bytes, bytes | None]]]:
 
 
 def _produce_all(client: Client, topic: str, first: int = 0, count: int = BATCHES) -> dict[bytes, bytes | None]:
-    latest = {}
+    latest: dict[bytes, bytes | None] = {}
     for number in range(first, first + count):
         batch, records = _batch(number)
         client.produce_batch(topic, 0, batch)
@@ -46,8 +46,9 @@ def _produce_all(client: Client, topic: str, first: int = 0, count: int = BATCHE
     return latest
 
 
-def _read_all(client: Client, topic: str, bytes_max: int = 1 << 20) -> list:
-    messages, offset = [], 0
+def _read_all(client: Client, topic: str, bytes_max: int = 1 << 20) -> list[Message]:
+    messages: list[Message] = []
+    offset = 0
     while True:
         batch, offset_after = client.fetch_with_position(topic, 0, offset, bytes_max=bytes_max)
         if not batch and offset_after == offset:
@@ -122,13 +123,13 @@ def test_keyless_records_refused_and_compact_online_then_offline(tmp_path):
             broker.stop()
 
 
-def test_consumer_reading_through_a_compaction_sees_latest_values(tmp_path):
+def test_consumer_reading_through_a_compaction_sees_latest_values(tmp_path) -> None:
     broker = BrokerProcess(str(tmp_path / "data")).start()
     try:
         with Client(broker.address) as client:
             _create(client, "accounts")
             latest = _produce_all(client, "accounts", 0, BATCHES * 2)
-        seen: dict[bytes, bytes | None] = {}
+        seen: dict[bytes | None, bytes | None] = {}  # keys are never None here: KeyRequired
         offsets: list[int] = []
         errors: list[BaseException] = []
         compacted = threading.Event()

@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from nodi.broker import Client
+from nodi.broker import Client, Message
 from nodi.storage.config import DAY_MS
 from nodi.storage.errors import InvalidConfigError
 from nodi.storage.metadata import TopicConfig
@@ -44,8 +44,9 @@ def _batches(first: int, count: int, prefix: bytes = b"key") -> list[bytes]:
     return out
 
 
-def _records(log) -> list[tuple[int, bytes, bytes | None]]:
-    out, offset = [], log.log_start_offset
+def _records(log) -> list[tuple[int, bytes | None, bytes | None]]:
+    out: list[tuple[int, bytes | None, bytes | None]] = []
+    offset = log.log_start_offset
     while offset < log.next_offset:
         result = log.read(offset, 1 << 20)
         if not result.slices:
@@ -134,7 +135,7 @@ def test_a_short_topic_setting_drops_tombstones_after_it_and_the_default_keeps_t
             for name in ("short", "long"):
                 for batch in _batches(0, 30):
                     store.log(name, 0).append(batch)
-            seen = {"short": [], "long": []}
+            seen: dict[str, list[int]] = {"short": [], "long": []}  # tombstones after each run
             # The first run at START_MS stamps the horizon; then just before and at
             # START_MS + SHORT_MS; then past the server default.
             for step_ms in (0, SHORT_MS - 1, 1, SERVER_DEFAULT_MS):
@@ -232,8 +233,9 @@ def _produce(client: Client, topic: str, first: int, count: int) -> None:
         client.produce_batch(topic, 0, batch)
 
 
-def _read(client: Client, topic: str) -> list:
-    messages, offset = [], 0
+def _read(client: Client, topic: str) -> list[Message]:
+    messages: list[Message] = []
+    offset = 0
     while True:
         batch, offset_after = client.fetch_with_position(topic, 0, offset, bytes_max=1 << 20)
         if not batch and offset_after == offset:

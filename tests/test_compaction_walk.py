@@ -37,7 +37,7 @@ import pytest
 
 from nodi.storage.compaction import KEY_MAP_ENTRY_BYTES, CompactionConfig, Compactor, _groups
 from nodi.storage.compaction_files import read_first_dirty_offset
-from nodi.storage.config import LogConfig
+from nodi.storage.config import FsyncPolicy, LogConfig
 from nodi.storage.log import Log
 from nodi.storage.records import NewRecord, build_batch, decode_batches
 from nodi.storage.segment import BatchScanner, parse_segment_name
@@ -47,7 +47,7 @@ DIRECTORY = "/data/compacted-0"
 CONFIG = LogConfig(
     segment_bytes=4096,
     index_interval_bytes=300,
-    fsync_policy="never",  # no flusher thread: every run makes the same calls
+    fsync_policy=FsyncPolicy.NEVER,  # no flusher thread: every run makes the same calls
     retention_ms=None,
     dense_offsets=False,
 )
@@ -155,6 +155,7 @@ def read_records(log: Log) -> list[tuple]:
         for record in decode_batches(result.to_bytes()):
             if record.offset >= offset:
                 found.append((record.offset, record.timestamp_ms, record.key, record.value, record.headers))
+        assert result.next_offset is not None  # the read returned slices
         offset = result.next_offset
     return found
 
@@ -368,7 +369,7 @@ def test_simulated_disk_clone_and_names_modes_F4() -> None:
     assert copy.list_directory("/d") == ["a"] and copy.read_bytes("/d/a") == b"synced+pending"
     copy.crash(random.Random(0), "drop")
     assert copy.read_bytes("/d/a").startswith(b"synced")
-    seen = {"revert": set(), "prefix": set(), "subset": set()}
+    seen: dict[str, set[tuple[str, ...]]] = {"revert": set(), "prefix": set(), "subset": set()}
     for seed in range(64):
         for names in seen:
             disk = SimulatedFileSystem()

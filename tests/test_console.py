@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from nodi.broker import Client
+from nodi.broker import Client, QueueMessage
 from nodi.broker.client.errors import UnknownQueueGroup
 
 from conftest import NODI, BrokerProcess
@@ -185,7 +185,7 @@ def test_a_queue_groups_leases_and_retries_are_listed_paged_in_the_client_cli_an
         for index in range(5):
             client.produce("chores", b"chore %d" % index, partition=0 if index < 3 else 1)
         with client.queue("chores", "crew", ack_wait_ms=600_000, backoff=[600_000], batch_max=5) as queue:
-            received = []
+            received: list[QueueMessage] = []
             while len(received) < 5:
                 message = queue.receive(timeout_ms=20_000)
                 assert message is not None
@@ -422,6 +422,7 @@ def test_a_page_of_a_1_gib_partition_reads_a_few_megabytes_of_it(tmp_path) -> No
     """The partition is 1 GiB of 1,100 messages of 960 KiB each (one batch each); a page
     by offset, by time and a key search each read a bounded number of bytes."""
     process, port = start_with_console(str(tmp_path / "data"))
+    assert process.process is not None  # started
     value_bytes = 960 * 1024
     count = 1100
     # Recent timestamps: retention (by age) must not take the old segments while the test runs.
@@ -483,9 +484,14 @@ def test_a_write_the_principal_may_not_do_is_refused_before_its_confirmation_and
     from nodi.broker.console.render import Markup
     from nodi.broker.server.users import Action, Principal, Resource, Rule
 
-    ran = []
+    ran: list[int] = []
     needs = ((Action.ADMIN, Resource.GROUP, "billing"),)
-    action = WriteAction("group.reset", "billing@orders", lambda: ran.append(1) or "done", needs)
+
+    def reset() -> str:
+        ran.append(1)
+        return "done"
+
+    action = WriteAction("group.reset", "billing@orders", reset, needs)
     consumer = Principal("bob", rules={(Action.CONSUME, Resource.GROUP): Rule(allow=("billing",))})
     console = Console("127.0.0.1", 0)
     try:

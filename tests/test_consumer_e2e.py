@@ -157,7 +157,7 @@ class Member:
         return {partition for old, new in zip(history, history[1:]) for partition in set(old) ^ set(new)}
 
 
-def test_three_members_split_six_partitions_and_take_over_from_a_killed_one(server, client):
+def test_three_members_split_six_partitions_and_take_over_from_a_killed_one(server, client) -> None:
     client.create_topic("scaled", partitions=6)
     members = [Member(server, "scaled", "workers") for _ in range(3)]
     try:
@@ -257,7 +257,7 @@ def test_replay_by_offset_and_by_time(server, client):
 # (d) bad frames from a raw socket while another client works
 
 
-def test_bad_frames_get_typed_errors_while_another_client_keeps_working(server, client):
+def test_bad_frames_get_typed_errors_while_another_client_keeps_working(server, client) -> None:
     client.create_topic("steady")
     stop = threading.Event()
     acknowledged: list[tuple[int, str]] = []

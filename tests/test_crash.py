@@ -80,6 +80,7 @@ def expected_batch(batch_id: str) -> tuple[list[NewRecord], Compression]:
     """The records (and codec) of batch `batch_id`: varied counts, sizes, headers."""
     generator = random.Random(batch_id)
     shape = generator.random()
+    sizes: tuple[int, ...]
     if shape < 0.02:
         count, sizes = 60, (1200,)  # larger than a segment on its own
     elif shape < 0.15:
@@ -149,7 +150,8 @@ class SyncRecordingFileSystem(OsFileSystem):
         self._synced_bytes: dict[str, int] = {}
         self.pause_s = pause_s
 
-    def open(self, path: str, *, create: bool = False) -> SyncRecordingFile:
+    # The log sees only the FileSystem protocol; OsFileSystem.open promises an OsFile.
+    def open(self, path: str, *, create: bool = False) -> SyncRecordingFile:  # type: ignore[override]
         return SyncRecordingFile(super().open(path, create=create), self)
 
     def rename(self, source: str, destination: str) -> None:
@@ -257,6 +259,7 @@ def run_child_until_killed(
     opened = threading.Event()
 
     def collect() -> None:
+        assert child.stdout is not None  # PIPE
         for line in child.stdout:
             lines.append(line)
             if line.startswith("open "):
@@ -278,6 +281,8 @@ def run_child_until_killed(
             child.kill()
             child.wait()
     reader.join(timeout=30)
+    assert child.stdout is not None  # PIPE
+    assert child.stderr is not None  # PIPE
     stderr = child.stderr.read()
     child.stdout.close()
     child.stderr.close()
@@ -331,6 +336,7 @@ def read_whole_log(log: Log) -> dict[int, tuple[str, int]]:
         for header, batch in iter_batches(result.to_bytes()):
             assert header.base_offset == offset, f"I3: batch at {header.base_offset}, expected {offset}"
             records = decode_records(batch, header)
+            assert records[0].key is not None, "the child keys every record with its batch id"
             batch_id = batch_id_of(records[0].key)
             assert batch_id not in seen_ids, f"G3: batch {batch_id} appears twice"
             seen_ids.add(batch_id)
@@ -362,6 +368,7 @@ def check_recovery(directory: Path, variant: str, output: ChildOutput, history: 
         elif not report.created:
             assert report.scanned_segments >= 1, "an unclean start scans at least the active segment"
         if report.lost_anything:
+            assert report.first_lost_offset is not None  # lost_anything says so
             assert report.first_lost_offset >= history.acknowledged_end, f"G1: {report.describe()}"
             assert report.truncation_reason
         assert all(base >= history.acknowledged_end for base in report.removed_segments), report.describe()
@@ -408,7 +415,9 @@ def run_crash_rounds(tmp_path: Path, variant: str, rounds: int, threads: int, se
         else:
             # Recover in place and close cleanly: the next child takes the clean path.
             check_recovery(directory, variant, output, history)
-            history.recovery_offset = read_checkpoint(OS_FILE_SYSTEM, str(directory)).recovery_offset
+            checkpoint = read_checkpoint(OS_FILE_SYSTEM, str(directory))
+            assert checkpoint is not None, "the clean close in check_recovery writes one"
+            history.recovery_offset = checkpoint.recovery_offset
     assert history.rounds_with_acks > 0
     return history
 

@@ -51,7 +51,8 @@ def contents(data_dir: str, topic: str) -> dict[str, bytes]:
 
 
 def read_everything(client, topic: str) -> list:
-    messages, offset = [], 0
+    messages: list = []
+    offset = 0
     while True:
         batch = client.fetch(topic, 0, offset)
         if not batch:

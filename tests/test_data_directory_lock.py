@@ -41,7 +41,7 @@ def _snapshot(data_dir: str) -> dict[str, tuple[int, int]]:
     return found
 
 
-def _values(client: Client, topic: str) -> list[bytes]:
+def _values(client: Client, topic: str) -> list[bytes | None]:
     return [message.value for message in client.fetch(topic, 0, 0)]
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from nodi.broker.protocol.headers import IDEMPOTENCY_KEY, TTL_MS
-from nodi.broker.server.dedup import PublishDedup
+from nodi.broker.server.dedup import DedupCheck, PublishDedup
 from nodi.storage.errors import InvalidRecordError
 from nodi.storage.log import Log
 from nodi.storage.records import Compression, NewRecord, build_batch
@@ -31,7 +31,8 @@ class Dedup(PublishDedup):
 
     windows: dict[str, int]
 
-    def check(self, topic, records):  # type: ignore[override]
+    # Not a substitute for PublishDedup (no window argument): the tests call it directly.
+    def check(self, topic: str, records: bytes | memoryview) -> DedupCheck | None:  # type: ignore[override]
         return super().check(topic, self.windows.get(topic, 0), records)
 
 

@@ -12,7 +12,7 @@ import random
 import pytest
 
 from nodi.storage.admin import list_segments, verify_data_dir
-from nodi.storage.config import LogConfig
+from nodi.storage.config import FsyncPolicy, LogConfig
 from nodi.storage.errors import LogClosedError, OffsetOutOfRangeError
 from nodi.storage.log import DELETE_TO_END, Log
 from nodi.storage.log_start import LOG_START_FILE, decode_log_start, encode_log_start
@@ -24,7 +24,7 @@ READ_BYTES_MAX = 64 * 1024
 
 
 def _config(policy: str = "always") -> LogConfig:
-    return LogConfig(segment_bytes=4096, index_interval_bytes=256, fsync_policy=policy, retention_ms=None)
+    return LogConfig(segment_bytes=4096, index_interval_bytes=256, fsync_policy=FsyncPolicy(policy), retention_ms=None)
 
 
 def _fill(log: Log, batches: int, *, first_timestamp_ms: int = 1_000) -> None:
@@ -183,7 +183,7 @@ def test_segment_tools_know_the_start_file(tmp_path) -> None:
 # A crash at every I/O point of delete_records (the simulated disk's walk)
 
 WALK_DIRECTORY = "/data/walk-0"
-WALK_CONFIG = LogConfig(segment_bytes=4096, index_interval_bytes=256, fsync_policy="never", retention_ms=None)
+WALK_CONFIG = LogConfig(segment_bytes=4096, index_interval_bytes=256, fsync_policy=FsyncPolicy.NEVER, retention_ms=None)
 
 
 def _walk_start() -> tuple[SimulatedFileSystem, int, int]:

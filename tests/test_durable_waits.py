@@ -12,7 +12,7 @@ import pytest
 
 from nodi.broker.server.config import ServerConfig
 from nodi.broker.server.service import Broker
-from nodi.storage.config import LogConfig
+from nodi.storage.config import FsyncPolicy, LogConfig
 from nodi.storage.errors import DurableWaitTimeoutError, LogClosedError, LogReadOnlyError
 from nodi.storage.log import Log
 from nodi.storage.records import NewRecord, build_batch
@@ -28,7 +28,7 @@ def _run(tmp_path, policy: str, body, **overrides) -> None:
     partition is (its waiters on that loop)."""
     store = Store.open(str(tmp_path / "store"))
     fs = SimulatedFileSystem()
-    log = Log.open("/data/partition-0", LogConfig(fsync_policy=policy, **overrides), fs=fs)
+    log = Log.open("/data/partition-0", LogConfig(fsync_policy=FsyncPolicy(policy), **overrides), fs=fs)
 
     async def main() -> None:
         broker = Broker(store, ServerConfig(data_dir=store.data_dir))

@@ -248,6 +248,7 @@ def test_a_second_process_attaches_and_a_holder_without_a_socket_is_named(tmp_pa
     socket_path = os.path.join(data_dir, "nodi.sock")
     assert not os.path.exists(socket_path)  # removed by close()
     served = BrokerProcess(data_dir).start()  # a holder with no attach socket: refused, named
+    assert served.process is not None  # started
     try:
         with pytest.raises(DataDirectoryLockedError) as raised:
             nodi.broker.open(data_dir)
@@ -296,6 +297,8 @@ def test_two_processes_share_a_queue_and_the_survivor_takes_over(tmp_path) -> No
     worker = subprocess.Popen(
         [sys.executable, "-c", WORKER, data_dir], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
     )
+    assert worker.stdin is not None  # PIPE
+    assert worker.stdout is not None  # PIPE
     again = None
     try:
         owner.create_topic("jobs")
@@ -367,6 +370,7 @@ def test_kill_9_of_an_embedded_producer_loses_no_acknowledged_message_and_serve_
         [sys.executable, "-c", EMBEDDED_PRODUCER, data_dir], stdout=subprocess.PIPE, text=True, bufsize=1
     )
     acknowledged: dict[tuple[int, int], bytes] = {}
+    assert child.stdout is not None  # PIPE
     try:
         assert child.stdout.readline().strip() == "ready"
         deadline = time.monotonic() + CHILD_TIMEOUT_S
@@ -382,7 +386,7 @@ def test_kill_9_of_an_embedded_producer_loses_no_acknowledged_message_and_serve_
         child.stdout.close()
     assert len(acknowledged) >= 500
 
-    def stored(client: Client) -> dict[tuple[int, int], bytes]:
+    def stored(client: Client) -> dict[tuple[int, int], bytes | None]:
         found = {}
         for partition in range(2):
             offset = 0
@@ -395,6 +399,7 @@ def test_kill_9_of_an_embedded_producer_loses_no_acknowledged_message_and_serve_
         return found
 
     # Reopened embedded (recovery after the kill): every acknowledged message is there.
+    client: Client  # the embedded client, then the server's
     with nodi.broker.open(data_dir) as client:
         after_crash = stored(client)
         assert all(after_crash.get(place) == value for place, value in acknowledged.items())

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import struct
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nodi.broker import Message
 from nodi.broker.client import AsyncClient, Client
 from nodi.broker.client.errors import OffsetOutOfRange, UnknownTopic
 from nodi.broker.protocol import messages as m
@@ -32,13 +34,14 @@ from nodi.broker.protocol.connection import (
     handshake_response,
 )
 from nodi.broker.protocol.frames import decode_frame_header, decode_message_body
-from tests.test_protocol import connected_pair, feed_one_byte_at_a_time, message_strategy
+
+from test_protocol import connected_pair, feed_one_byte_at_a_time, message_strategy
 
 QUICK = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _fetch_commit(request_id: int, **fields) -> m.FetchCommitRequest:
-    values = {
+    values: dict[str, Any] = {
         "topic": "orders",
         "partition": 0,
         "offset": 5,
@@ -62,6 +65,7 @@ def _connected(protocol_version_max: int) -> tuple[Connection, Connection]:
     )
     server.receive_data(client.send(hello))
     request = server.next_event()
+    assert isinstance(request, HandshakeRequest)
     client.receive_data(server.send(handshake_response(request, server_id="s", limits={})))
     assert isinstance(client.next_event(), HandshakeResponse)
     assert client.protocol_version == server.protocol_version == protocol_version_max
@@ -193,12 +197,14 @@ def test_the_server_commits_what_rides_and_answers_at_once_with_commit_wait(serv
                 timeout_ms=10_000,
             )
             assert commits == {("ride-wait", 0): None, ("ride-wait", 1): None}
+            assert not isinstance(fetched, Exception)
             assert fetched[0] == [] and fetched[1] == 3
             assert await client.fetch_offsets("g-wait", ["ride-wait"]) == {("ride-wait", 0): 3, ("ride-wait", 1): 0}
             # Without commit_wait the fetch serves records as version 1 does, with the result.
             fetched, commits = await client.fetch_committing(
                 "ride-wait", 0, 0, group="g-wait", offsets={("ride-wait", 0): 1}, wait_ms=1_000
             )
+            assert not isinstance(fetched, Exception)
             assert [message.value for message in fetched[0]] == [b"m0", b"m1", b"m2"]
             assert commits == {("ride-wait", 0): None}
             assert (await client.fetch_offsets("g-wait", ["ride-wait"]))[("ride-wait", 0)] == 1
@@ -219,23 +225,27 @@ def test_commit_errors_come_apart_from_the_fetch(server) -> None:
                 group="g-errors",
                 offsets={("ride-errors", 0): 2, ("ride-errors", 7): 1, ("no-such-topic", 0): 1},
             )
+            assert not isinstance(fetched, Exception)
+            assert not isinstance(commits, Exception)
             assert len(fetched[0]) == 2
             assert commits[("ride-errors", 0)] is None
-            assert commits[("ride-errors", 7)] is not None and commits[("ride-errors", 7)].code in (
-                ErrorCode.UNKNOWN_PARTITION,
-                ErrorCode.UNKNOWN_TOPIC,
-            )
+            missing = commits[("ride-errors", 7)]
+            assert missing is not None and missing.code in (ErrorCode.UNKNOWN_PARTITION, ErrorCode.UNKNOWN_TOPIC)
             assert isinstance(commits[("no-such-topic", 0)], UnknownTopic)
             # Fenced: a generation of a member that does not exist.
             _, commits = await client.fetch_committing(
                 "ride-errors", 0, 0, group="g-errors", offsets={("ride-errors", 0): 1}, generation=5, member_id="ghost"
             )
-            assert commits[("ride-errors", 0)].code == ErrorCode.UNKNOWN_MEMBER
+            assert not isinstance(commits, Exception)
+            fenced = commits[("ride-errors", 0)]
+            assert fenced is not None
+            assert fenced.code == ErrorCode.UNKNOWN_MEMBER
             # The commits as a whole: an invalid group name.
             fetched, commits = await client.fetch_committing(
                 "ride-errors", 0, 0, group="", offsets={("ride-errors", 0): 1}
             )
             assert isinstance(commits, Exception) and commits.code == ErrorCode.INVALID_REQUEST
+            assert not isinstance(fetched, Exception)
             assert len(fetched[0]) == 2  # the fetch is served all the same
             # The fetch fails (past the log's end); the commit is made and reported.
             fetched, commits = await client.fetch_committing(
@@ -270,7 +280,7 @@ def test_the_consumer_commits_ride_on_its_fetches(server) -> None:
             counting = _CountingCommits(client)
             consumer = client.consumer("ride-consumer", "g-consumer", auto_commit=False, wait_ms=200)
             await consumer.start()
-            seen = []
+            seen: list[Message] = []
             while len(seen) < 3:
                 seen += await consumer.poll()
             await consumer.commit()  # poll() has just started the next fetch: it rides on it
@@ -320,7 +330,7 @@ def test_a_consumer_commits_on_its_own_to_a_server_without_fetch_version_2(serve
             connection._protocol.protocol_version = 3  # as if the server spoke protocol 3
             counting = _CountingCommits(client)
             consumer = client.consumer("ride-old", "g-old", auto_commit=False, wait_ms=200)
-            seen = []
+            seen: list[Message] = []
             while len(seen) < 2:
                 seen += await consumer.poll(max_records=2 - len(seen))
             consumer.commit_nowait()  # the fetch refused locally: kept for the next commit

@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from nodi.storage.config import LogConfig
+from nodi.storage.config import FsyncPolicy, LogConfig
 from nodi.storage.file_budget import OPEN_FILES_MIN, BudgetedFileSystem, FileBudget
 from nodi.storage.log import Log
 from nodi.storage.records import NewRecord, build_batch
@@ -87,7 +87,7 @@ def test_a_file_renamed_over_is_never_read_through_a_reopen_I15(tmp_path) -> Non
 
 def test_logs_on_a_small_budget_keep_every_durable_append_across_a_power_loss() -> None:
     inner, fs = _budgeted()
-    config = LogConfig(segment_bytes=4096, fsync_policy="always", retention_ms=None)
+    config = LogConfig(segment_bytes=4096, fsync_policy=FsyncPolicy.ALWAYS, retention_ms=None)
     logs = [Log.open(f"/d/p{number}", config, fs=fs) for number in range(OPEN_FILES_MIN * 2)]
     for round_number in range(30):
         for number, log in enumerate(logs):

@@ -272,7 +272,12 @@ def test_timed_jobs_run_in_due_order_and_stop_drops_those_not_due() -> None:
     done = threading.Event()
     now = time.monotonic()
     pool.submit_at(now + 3600, lambda: ran.append("an hour"))
-    pool.submit_at(now + 0.02, lambda: (ran.append("later"), done.set()))
+
+    def later() -> None:
+        ran.append("later")
+        done.set()
+
+    pool.submit_at(now + 0.02, later)
     pool.submit_at(now, lambda: ran.append("now"))
     assert done.wait(WAIT_SECONDS)
     assert ran == ["now", "later"] and pool.statistics().timed == 1

@@ -16,17 +16,14 @@ import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
-from nodi.broker import Client
+from nodi.broker import Client, Consumer
 from nodi.broker.protocol import messages as m
 from nodi.broker.protocol.errors import ErrorCode
+from tools import group_scaling
 
 from conftest import NODI
 from test_cli_broker import ENVIRONMENT, Running
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-import group_scaling  # noqa: E402
 
 TIMEOUT_S = 60
 SESSION_TIMEOUT_MS = 2_000
@@ -95,7 +92,7 @@ with Client(address, timeout_ms=10_000) as client:
 """
 
 
-def test_a_killed_member_redoes_only_what_it_handled_after_its_last_commit(server):
+def test_a_killed_member_redoes_only_what_it_handled_after_its_last_commit(server) -> None:
     topic, group = "killed-member", "killed-group"
     with Client(server.address, timeout_ms=10_000) as client:
         client.create_topic(topic, partitions=4)
@@ -164,7 +161,7 @@ def test_a_killed_member_redoes_only_what_it_handled_after_its_last_commit(serve
     assert all(count <= 2 for count in twice.values())
 
 
-def test_group_wait_is_answered_at_once_when_the_generation_moves(server):
+def test_group_wait_is_answered_at_once_when_the_generation_moves(server) -> None:
     """A member's held GroupWait returns when another member joins, well before its
     wait_ms (the test only checks that it returned with the news)."""
     from test_server import RawClient
@@ -232,7 +229,7 @@ def test_group_wait_is_answered_at_once_when_the_generation_moves(server):
         admin.call(m.LeaveGroupRequest, group="waiting", member_id=member.member_id)
 
 
-def test_on_revoked_may_commit_itself_without_auto_commit(server):
+def test_on_revoked_may_commit_itself_without_auto_commit(server) -> None:
     """The blocking consumer runs the callbacks off the client's loop, so on_revoked can
     call the consumer (here: commit, with auto-commit off) before the handover."""
     topic, group = "manual-commits", "manual-group"
@@ -244,10 +241,11 @@ def test_on_revoked_may_commit_itself_without_auto_commit(server):
         producer.flush()
         producer.close()
         calls: list[tuple[str, list]] = []
-        first = None
+        first: Consumer | None = None
 
-        def revoked(partitions):
+        def revoked(partitions) -> None:
             calls.append(("revoked", partitions))
+            assert first is not None  # assigned before the consumer joins and calls back
             first.commit()
 
         first = client.consumer(

@@ -236,6 +236,8 @@ def test_the_model_finds_a_member_that_reads_without_letting_go() -> None:
     try:
         a = machine.join(3_000)
         b = machine.join(3_000)
+        assert isinstance(a, SimulatedConsumer)  # a rule's result, typed as a Bundle's
+        assert isinstance(b, SimulatedConsumer)
         machine.heartbeat(a)  # a learns its partitions are revoked...
         a.pending = None  # ...and ignores it
         machine.world.groups.heartbeat(GROUP, a.member_id, machine.world.groups.describe(GROUP).generation)

@@ -375,7 +375,9 @@ def test_commits_are_staged_not_flushed_and_fetched_back(world: World, tmp_path:
     assert world.metadata.flush() == 2
     world.metadata.close()
     with MetadataStore(tmp_path) as reopened:
-        assert reopened.committed_offset("g", "orders", 0).offset == 42
+        committed = reopened.committed_offset("g", "orders", 0)
+        assert committed is not None, "the flushed offset is durable"
+        assert committed.offset == 42
 
 
 def test_stale_generation_commits_are_rejected_for_partitions_that_moved(world: World) -> None:
@@ -555,7 +557,9 @@ def test_list_and_describe(world: World) -> None:
 
     offline = world.groups.describe("offline")
     assert (offline.state, offline.generation, offline.members) == (STATE_EMPTY, 0, [])
-    assert {key: entry.offset for key, entry in offline.offsets.items()} == {("orders", 0): 3}
+    assert {key: None if entry is None else entry.offset for key, entry in offline.offsets.items()} == {
+        ("orders", 0): 3
+    }
     with pytest.raises(GroupError) as caught:
         world.groups.describe("never")
     assert caught.value.code == ErrorCode.UNKNOWN_GROUP

@@ -16,7 +16,7 @@ def broker(server):
     return server
 
 
-def test_a_redelivered_message_is_skipped_after_a_consumer_restart(broker, tmp_path):
+def test_a_redelivered_message_is_skipped_after_a_consumer_restart(broker, tmp_path) -> None:
     keys = tmp_path / "processed"
     handled: list[bytes] = []
     with Client(broker.address) as client:

@@ -21,9 +21,11 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Iterator
 
 import pytest
 
+from nodi.broker import Message
 from nodi.broker.client import Client
 
 from conftest import BrokerProcess
@@ -37,10 +39,11 @@ TIMEOUT_S = 30
 
 
 @pytest.fixture(scope="module")
-def kafka_server(tmp_path_factory):
+def kafka_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
     directory = tmp_path_factory.mktemp("kafka-celery")
     process = BrokerProcess(str(directory / "data"), ["--kafka-port", "0"]).start()
     found = next(KAFKA_LINE.search(line) for line in process.output if KAFKA_LINE.search(line))
+    assert found is not None  # next() yields only matches
     drain = threading.Thread(target=_drain, args=(process,), daemon=True)
     drain.start()
     process.bootstrap = f"{found.group(1)}:{found.group(2)}"  # type: ignore[attr-defined]
@@ -65,6 +68,11 @@ def _get(queue, timeout_s: float = TIMEOUT_S):
     return queue.get(block=True, timeout=timeout_s)
 
 
+def _value(message: Message) -> bytes:
+    assert message.value is not None, f"no value at offset {message.offset}: kombu writes none"
+    return message.value
+
+
 def test_kombu_puts_gets_acks_and_a_new_connection_resumes_after_the_acked(kafka_server) -> None:
     name = "kombu-round-trip"
     payloads = [{"n": index, "text": f"message {index}", "bytes": "é\u2603"} for index in range(5)]
@@ -84,7 +92,7 @@ def test_kombu_puts_gets_acks_and_a_new_connection_resumes_after_the_acked(kafka
         # The acks committed the group's position after the third message.
         assert client.fetch_offsets(f"{name}-consumer-group", [name]) == {(name, 0): 3}
         # What kombu wrote is an ordinary nodi topic: its JSON envelopes, in order.
-        stored = [json.loads(message.value) for message in client.fetch(name, 0, 0, bytes_max=1 << 20)]
+        stored = [json.loads(_value(message)) for message in client.fetch(name, 0, 0, bytes_max=1 << 20)]
     assert {envelope["properties"]["body_encoding"] for envelope in stored} == {"base64"}
     assert [json.loads(base64.b64decode(envelope["body"])) for envelope in stored] == payloads[:3]
 
@@ -152,7 +160,7 @@ def test_a_celery_worker_runs_tasks_sent_through_the_kafka_listener(kafka_server
     saved = {key: os.environ.get(key) for key in ("NODI_TEST_BROKER_URL", "NODI_TEST_RESULT_URL")}
     os.environ.update({key: environment[key] for key in saved})
     try:
-        import nodi_celery_tasks
+        import nodi_celery_tasks  # type: ignore[import-not-found]  # written into tmp_path above
 
         sent = [nodi_celery_tasks.add.delay(index, index * 10) for index in range(6)]
         sent.append(nodi_celery_tasks.shout.delay("nodi", suffix="?"))

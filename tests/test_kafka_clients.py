@@ -25,6 +25,7 @@ import subprocess
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 
 import pytest
 
@@ -73,6 +74,7 @@ class RecordingProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
+            assert self.target is not None  # start() sets it before this thread starts
             upstream = socket.create_connection(self.target, timeout=TIMEOUT_S)
             upstream.settimeout(None)
             with self.lock:
@@ -120,7 +122,7 @@ class RecordingProxy:
 
 
 @pytest.fixture(scope="module")
-def kafka_server(tmp_path_factory):
+def kafka_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
     directory = tmp_path_factory.mktemp("kafka")
     proxy = RecordingProxy()
     config = directory / "nodi.toml"
@@ -129,6 +131,7 @@ def kafka_server(tmp_path_factory):
         str(directory / "data"), ["--kafka-port", "0", "--config", str(config)], metrics=True
     ).start()
     found = next(KAFKA_LINE.search(line) for line in process.output if KAFKA_LINE.search(line))
+    assert found is not None  # next() yields only matches
     proxy.start((found.group(1), int(found.group(2))))
     drain = threading.Thread(target=_drain, args=(process,), daemon=True)
     drain.start()
@@ -205,7 +208,7 @@ def _confluent_consume(bootstrap: str, topic: str, start: dict[int, int], count:
         {"bootstrap.servers": bootstrap, "group.id": "unused-assign-only", "enable.auto.commit": False}
     )
     consumer.assign([confluent_kafka.TopicPartition(topic, p, o) for p, o in start.items()])
-    found = []
+    found: list[tuple] = []
     deadline = time.monotonic() + TIMEOUT_S
     while len(found) < count and time.monotonic() < deadline:
         message = consumer.poll(0.5)
@@ -247,7 +250,7 @@ def _kafka_python_consume(bootstrap: str, topic: str, start: dict[int, int], cou
     consumer.assign(partitions)
     for partition in partitions:
         consumer.seek(partition, start[partition.partition])
-    found = []
+    found: list[tuple] = []
     deadline = time.monotonic() + TIMEOUT_S
     while len(found) < count and time.monotonic() < deadline:
         for batch in consumer.poll(timeout_ms=500).values():
@@ -603,6 +606,7 @@ def test_every_record_confluent_kafka_saw_acknowledged_with_acks_all_survives_ki
     is answered after the fsync)."""
     process = BrokerProcess(str(tmp_path / "data"), ["--kafka-port", "0"]).start()
     found = next(KAFKA_LINE.search(line) for line in process.output if KAFKA_LINE.search(line))
+    assert found is not None  # next() yields only matches
     bootstrap = f"{found.group(1)}:{found.group(2)}"
     try:
         _create_topic(bootstrap, "kill", 2)
@@ -663,7 +667,7 @@ def test_every_clients_compressed_batches_are_stored_as_sent_and_read_back_byte_
     topic = f"codec-{codec}-{client_name}"
     _create_topic(kafka_server.bootstrap, topic, 1)
     # Values that compress, with keys, null keys, headers and binary bytes among them.
-    written = [
+    written: list[Record] = [
         (key, (value or b"") * 8, headers, timestamp)
         for key, value, headers, timestamp in _records(60, f"{client_name}-{codec}")
     ]
@@ -837,6 +841,7 @@ def test_kafka_connections_over_connections_max_are_closed_and_the_others_served
     config.write_text("[server]\nconnections_max = 2\n")
     process = BrokerProcess(str(tmp_path / "data"), ["--kafka-port", "0", "--config", str(config)]).start()
     found = next(KAFKA_LINE.search(line) for line in process.output if KAFKA_LINE.search(line))
+    assert found is not None  # next() yields only matches
     address = f"{found.group(1)}:{found.group(2)}"
     try:
         with _raw(address) as first, _raw(address) as second:
@@ -912,7 +917,7 @@ def test_delete_records_moves_the_low_watermark_and_consumers_from_earliest_star
         assert (low, high) == (4, 10)
         assert consumer.get_watermark_offsets(TopicPartition(topic, 1), TIMEOUT_S) == (10, 10)
         consumer.subscribe([topic])
-        found = []
+        found: list[tuple[int, int, bytes | None]] = []
         deadline = time.monotonic() + TIMEOUT_S
         while len(found) < 6 and time.monotonic() < deadline:
             message = consumer.poll(0.5)

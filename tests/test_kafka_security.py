@@ -21,6 +21,7 @@ import struct
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,7 @@ def _start(directory: Path, security: str) -> BrokerProcess:
         str(directory / "data"), ["--kafka-port", "0", "--config", str(config)], metrics=True
     ).start()
     found = next(KAFKA_LINE.search(line) for line in process.output if KAFKA_LINE.search(line))
+    assert found is not None  # next() yields only matches
     process.kafka = (found.group(1), int(found.group(2)))  # type: ignore[attr-defined]
     process.bootstrap = f"{found.group(1)}:{found.group(2)}"  # type: ignore[attr-defined]
     threading.Thread(target=_drain, args=(process,), daemon=True).start()
@@ -104,7 +106,7 @@ def pki(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tls_broker(pki, tmp_path_factory):
+def tls_broker(pki: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
     server = pki["server"]
     process = _start(
         tmp_path_factory.mktemp("kafka-tls"), f'tls_cert_file = "{server.cert}"\ntls_key_file = "{server.key}"\n'
@@ -486,7 +488,7 @@ def test_the_kafka_listener_takes_a_new_certificate_on_sighup_and_open_connectio
     server_cert.write_bytes(Path(pki["server"].cert).read_bytes())
     server_key.write_bytes(Path(pki["server"].key).read_bytes())
     process = _start(tmp_path, f'tls_cert_file = "{server_cert}"\ntls_key_file = "{server_key}"\n')
-    process.ca = pki["ca"].file  # type: ignore[attr-defined]
+    process.ca = pki["ca"].file
     try:
         before = confluent_kafka.Producer({**_conf(process, "root"), "acks": "all"})
         before.produce("reload.a", b"before")

@@ -54,9 +54,13 @@ def nodi(*args: str) -> subprocess.CompletedProcess:
 def start(data_dir: str, clock_file: str) -> BrokerProcess:
     process = BrokerProcess(data_dir, ["--kafka-port", "0"], clock_file=clock_file).start()
     found = next(KAFKA_LINE.search(line) for line in process.output if KAFKA_LINE.search(line))
+    assert found is not None  # next() yields only matches
     process.bootstrap = f"{found.group(1)}:{found.group(2)}"  # type: ignore[attr-defined]
     # The server's output is read so that it never blocks on a full pipe.
-    threading.Thread(target=lambda: [None for _ in process.process.stdout], daemon=True).start()
+    assert process.process is not None  # started
+    output = process.process.stdout
+    assert output is not None  # PIPE
+    threading.Thread(target=lambda: [None for _ in output], daemon=True).start()
     return process
 
 
@@ -193,7 +197,7 @@ def _confluent_consume(bootstrap: str, topic: str, count: int) -> list[tuple[int
         {"bootstrap.servers": bootstrap, "group.id": "assign-only", "enable.auto.commit": False}
     )
     consumer.assign([confluent_kafka.TopicPartition(topic, 0, 0)])
-    found = []
+    found: list[tuple[int, int, int]] = []
     deadline = time.monotonic() + TIMEOUT_S
     while len(found) < count and time.monotonic() < deadline:
         message = consumer.poll(0.5)

@@ -196,6 +196,7 @@ class LogModelMachine(RuleBasedStateMachine):
         self.append_to_both(appended)
 
     def append_to_both(self, appended) -> None:
+        assert self.log is not None  # opened by open_first, the initialize rule
         built = [build_batch(records, compression=compression) for records, compression in appended]
         data = b"".join(built)
         active = self.segments[-1]
@@ -222,6 +223,7 @@ class LogModelMachine(RuleBasedStateMachine):
         raw_budget=st.none() | st.integers(0, 20_000),
     )
     def read(self, position, budget_batches, percent_of_next, raw_budget) -> None:
+        assert self.log is not None  # opened by open_first, the initialize rule
         start, end = self.log_start_offset, self.next_offset
         offset = start - 2 + position % (end - start + 5)  # two either side of the log
         following = [batch for batch in self.all_batches() if batch.last_offset >= offset]
@@ -271,6 +273,7 @@ class LogModelMachine(RuleBasedStateMachine):
 
     @rule()
     def roll(self) -> None:
+        assert self.log is not None  # opened by open_first, the initialize rule
         self.model_roll()
         self.log.roll()
 
@@ -288,6 +291,7 @@ class LogModelMachine(RuleBasedStateMachine):
 
     @rule()
     def apply_retention(self) -> None:
+        assert self.log is not None  # opened by open_first, the initialize rule
         expected = []
         retention_ms, retention_bytes = self.config.retention_ms, self.config.retention_bytes
         total = sum(segment.size for segment in self.segments)
@@ -313,6 +317,7 @@ class LogModelMachine(RuleBasedStateMachine):
         raw_timestamp_ms=st.none() | st.integers(-5, TIMESTAMP_MAX_MS + 5),
     )
     def offset_for_timestamp(self, pick, delta_ms, raw_timestamp_ms) -> None:
+        assert self.log is not None  # opened by open_first, the initialize rule
         # Mostly a timestamp next to one a record carries.
         stamps = [record.timestamp_ms for batch in self.all_batches() for record in batch.records]
         timestamp_ms = raw_timestamp_ms
@@ -333,6 +338,7 @@ class LogModelMachine(RuleBasedStateMachine):
     def reopen(self, crash) -> None:
         """A clean close and open, or process death (F5): the old Log is never touched
         again, not even closed, and a fresh one opens the same directory."""
+        assert self.log is not None  # opened by open_first, the initialize rule
         if crash:
             self.abandoned.append(self.log)
         else:
@@ -412,8 +418,11 @@ def test_retention_never_moves_the_recovery_point_back(tmp_path: Path) -> None:
         log.roll()
         log.append(batch)
         log.append(batch)
-    assert read_checkpoint(OS_FILE_SYSTEM, str(tmp_path)).recovery_offset == 3
+    checkpoint = read_checkpoint(OS_FILE_SYSTEM, str(tmp_path))
+    assert checkpoint is not None, "a clean close writes the checkpoint"
+    assert checkpoint.recovery_offset == 3
     with Log.open(str(tmp_path), config) as log:
         assert [deleted.base_offset for deleted in log.apply_retention()] == [0]
         checkpoint = read_checkpoint(OS_FILE_SYSTEM, str(tmp_path))
+        assert checkpoint is not None  # the clean close above wrote one
         assert checkpoint.recovery_offset == 3 and checkpoint.log_start_offset == 1

@@ -230,7 +230,7 @@ def test_a_restart_serves_at_once_and_recovers_an_unclean_partition_before_servi
     broker = BrokerProcess(data_dir).start()
     try:
 
-        async def create() -> None:
+        async def create() -> tuple[int, int]:
             async with AsyncClient(broker.address, timeout_ms=120_000) as client:
                 await client.create_topic("lazy", partitions=LAZY_PARTITIONS, fsync_policy="always")
                 calls = [

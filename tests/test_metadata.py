@@ -46,6 +46,12 @@ def store(tmp_path: Path):
         yield opened
 
 
+def committed(store: MetadataStore, group: str, topic: str, partition: int) -> CommittedOffset:
+    found = store.committed_offset(group, topic, partition)
+    assert found is not None, f"{group} has no offset committed for {topic}[{partition}]"
+    return found
+
+
 # ---------------------------------------------------------------------------
 # TopicConfig and names
 
@@ -226,7 +232,7 @@ def test_delete_topic_removes_its_offsets_and_queue_state(store: MetadataStore) 
     assert store.committed_offset("g2", "orders", 1) is None
     assert store.committed_offset("g3", "orders", 0) is None
     assert store.get_queue_state("q", "orders", 0) is None
-    assert store.committed_offset("g1", "events", 0).offset == 30
+    assert committed(store, "g1", "events", 0).offset == 30
     assert store.get_queue_state("q", "events", 0) == b"other"
     assert store.list_groups() == ["g1", "q"]
 
@@ -255,7 +261,7 @@ def test_staged_offsets_are_visible_before_flush(store: MetadataStore) -> None:
 
 def test_commit_time_defaults_to_now(store: MetadataStore) -> None:
     store.stage_offset("g", "orders", 0, 5)
-    assert store.committed_offset("g", "orders", 0).commit_time_ms > 1_600_000_000_000
+    assert committed(store, "g", "orders", 0).commit_time_ms > 1_600_000_000_000
 
 
 def test_group_prefixes_do_not_overlap(store: MetadataStore) -> None:
@@ -264,7 +270,7 @@ def test_group_prefixes_do_not_overlap(store: MetadataStore) -> None:
     store.stage_offset("a", "t", 0, 3)
     store.flush()
     assert store.group_offsets("ab") == {("t", 0): store.committed_offset("ab", "t", 0)}
-    assert store.committed_offset("ab", "t", 0).offset == 1
+    assert committed(store, "ab", "t", 0).offset == 1
     assert store.list_groups() == ["a", "ab", "abc"]
 
 
@@ -283,7 +289,7 @@ def test_many_stages_are_one_write_transaction(store: MetadataStore) -> None:
     assert after.staged_entries == 0
     assert store.flush() == 0  # nothing staged: no transaction
     assert store.statistics().write_transactions == after.write_transactions
-    assert store.committed_offset(f"group-{1999 % 7}", "orders", 1999 % 50).offset == 1999
+    assert committed(store, f"group-{1999 % 7}", "orders", 1999 % 50).offset == 1999
 
 
 def test_auto_flush_at_staged_entries_max(tmp_path: Path) -> None:
@@ -327,7 +333,7 @@ def test_delete_group(store: MetadataStore) -> None:
     assert list(store.iter_queue_state("g")) == []
     assert store.list_groups() == ["keep"]
     assert store.delete_group("g") == 0
-    assert store.committed_offset("keep", "orders", 0).offset == 5
+    assert committed(store, "keep", "orders", 0).offset == 5
 
 
 # ---------------------------------------------------------------------------
@@ -506,7 +512,7 @@ def test_full_map_grows_instead_of_failing(tmp_path: Path) -> None:
         assert statistics.map_size_bytes > 64 * KIB
     with MetadataStore(tmp_path, limits) as store:
         assert len(store.group_offsets("g" * 200)) == 2000
-        assert store.committed_offset("g" * 200, "t", 1999).offset == 1999
+        assert committed(store, "g" * 200, "t", 1999).offset == 1999
         assert store.get_queue_state("q", "t", 0) == b"\xab" * (3 * 1024 * 1024)
         assert len(store.list_topics()) == 20
 
@@ -539,7 +545,7 @@ def test_readers_in_other_threads_survive_map_growth(tmp_path: Path) -> None:
         def read() -> None:
             try:
                 while not done.is_set():
-                    assert store.committed_offset("reader", "t", 0).offset == 1
+                    assert committed(store, "reader", "t", 0).offset == 1
                     assert len(store.list_groups()) >= 1
             except BaseException as error:  # noqa: BLE001 - reported below
                 errors.append(error)
@@ -566,7 +572,7 @@ def test_concurrent_staging_and_flushing(tmp_path: Path) -> None:
             try:
                 for offset in range(1, 1001):
                     store.stage_offset(group, "t", offset % 10, offset)
-                    assert store.committed_offset(group, "t", offset % 10).offset == offset
+                    assert committed(store, group, "t", offset % 10).offset == offset
             except BaseException as error:  # noqa: BLE001 - reported below
                 errors.append(error)
 
@@ -696,6 +702,8 @@ def test_flushed_offsets_survive_sigkill(tmp_path: Path) -> None:
             stderr=subprocess.PIPE,
             text=True,
         )
+        assert child.stdout is not None  # PIPE
+        assert child.stderr is not None  # PIPE
         try:
             assert child.stdout.readline() == "ready\n", child.stderr.read()
             for _ in range(random_generator.randint(1, 300)):

@@ -354,8 +354,9 @@ def big_commit_on(client: Client, topic: str, group: str) -> None:
     )
 
 
-def read_all(client: Client, topic: str) -> list[bytes]:
-    values, offset = [], 0
+def read_all(client: Client, topic: str) -> list[bytes | None]:
+    values: list[bytes | None] = []
+    offset = 0
     while True:
         batch = client.fetch(topic, 0, offset)
         if not batch:

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -231,11 +232,12 @@ KAFKA_LINE = re.compile(r"nodi kafka listener on ([\d.]+):(\d+)")
 
 
 @pytest.fixture
-def nodi_target(tmp_path):
+def nodi_target(tmp_path: pathlib.Path) -> Iterator[BrokerProcess]:
     """A second, independent nodi broker with its Kafka listener on: the mirror's target.
     Its own client address is `.address`, its Kafka bootstrap `.bootstrap`."""
     process = BrokerProcess(str(tmp_path / "target-data"), ["--kafka-port", "0"]).start()
     found = next(KAFKA_LINE.search(line) for line in process.output if KAFKA_LINE.search(line))
+    assert found is not None  # next() yields only matches
     drain = threading.Thread(target=_drain, args=(process,), daemon=True)
     drain.start()
     process.bootstrap = f"{found.group(1)}:{found.group(2)}"  # type: ignore[attr-defined]

@@ -83,7 +83,7 @@ def _toml_literal(value) -> str:
     return json.dumps(value)
 
 
-def test_every_setting_from_toml(tmp_path):
+def test_every_setting_from_toml(tmp_path) -> None:
     settings = list(_every_setting())
     lines: dict[str, list[str]] = {}
     for section, name, value in settings:

@@ -26,8 +26,9 @@ VALUE = b"v" * 100
 OPERATIONS_DOC = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
 
 
-def scrape(port: int) -> dict[str, list]:
+def scrape(port: int | None) -> dict[str, list]:
     """sample name -> [(labels, value)], from GET /metrics (no proxy: loopback)."""
+    assert port is not None, "start the server with metrics=True"  # BrokerProcess.metrics_port
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     text = opener.open(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
     samples: dict[str, list] = {}

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from nodi.storage.config import LogConfig
+from nodi.storage.config import FsyncPolicy, LogConfig
 from nodi.storage.errors import NodiError
 from nodi.storage.log import Log
 from nodi.storage.records import Compression, NewRecord, build_batch, decode_batches
@@ -35,7 +35,7 @@ def make_config(policy: str) -> LogConfig:
     return LogConfig(
         segment_bytes=4096,
         index_interval_bytes=512,
-        fsync_policy=policy,
+        fsync_policy=FsyncPolicy(policy),
         fsync_interval_ms=1,
         retention_ms=None,
         retention_bytes=6_000,
@@ -66,6 +66,7 @@ def read_everything(log: Log, start: int, end: int) -> list[tuple]:
         for record in decode_batches(result.to_bytes()):
             if record.offset >= offset:
                 found.append((record.offset, record.timestamp_ms, record.key, record.value, record.headers))
+        assert result.next_offset is not None  # the read returned slices
         offset = result.next_offset
     return found
 
@@ -132,6 +133,7 @@ class Round:
         self.log: Log | None = None
 
     def append(self) -> None:
+        assert self.log is not None  # open between steps: a failed reopen ends the round
         records = random_records(self.rng, self.clock_ms)
         self.clock_ms += 10
         first = self.log.next_offset
@@ -145,6 +147,7 @@ class Round:
 
     def step(self) -> None:
         log, model, choice = self.log, self.model, self.rng.random()
+        assert log is not None  # open between steps: a failed reopen ends the round
         if choice < 0.7:
             self.append()
         elif choice < 0.8:

@@ -41,7 +41,7 @@ def client(server):
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(plan=steps)
-def test_lying_batches_are_refused_and_good_ones_served(client, plan):
+def test_lying_batches_are_refused_and_good_ones_served(client, plan) -> None:
     topic = f"walk-{next(_topics)}"
     client.create_topic(topic, partitions=1)
     accepted: list[bytes] = []

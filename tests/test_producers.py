@@ -21,7 +21,7 @@ def _batch(sequence: int, *, count: int = 2, epoch: int = 0, producer_id: int = 
     )
 
 
-def _values(log: Log) -> list[bytes]:
+def _values(log: Log) -> list[bytes | None]:
     return [record.value for record in records.decode_batches(log.read_bytes(log.log_start_offset, 1 << 24))]
 
 

@@ -51,6 +51,7 @@ from nodi.broker.protocol.connection import (
     ProtocolError,
     ProtocolLimits,
     RejectedRequest,
+    Response,
     Role,
     State,
     Trigger,
@@ -134,7 +135,7 @@ def connected_pair(
 
 
 def drain(connection: Connection) -> list:
-    events = []
+    events: list = []
     while True:
         event = connection.next_event()
         if event is NEED_DATA:
@@ -222,6 +223,7 @@ def test_records_come_out_as_a_slice_of_the_frame_without_a_copy() -> None:
     batches = bytes(range(256)) * 3
     frame = encode_message(ProduceRequest(request_id=7, topic="t", partition=1, records=batches), 1)
     _, decoded = decode_message(frame)
+    assert isinstance(decoded, ProduceRequest)
     assert isinstance(decoded.records, memoryview)
     assert decoded.records.obj is frame
     assert decoded.records == batches
@@ -553,6 +555,7 @@ def test_a_refused_handshake_closes_both_ends() -> None:
     hello = HandshakeRequest(request_id=1, protocol_version_min=PROTOCOL_VERSION_MAX + 1, protocol_version_max=9)
     server.receive_data(client.send(hello))
     request = server.next_event()
+    assert isinstance(request, HandshakeRequest)
     refusal = handshake_response(request, server_id="s", limits={})
     assert refusal.error_code is ErrorCode.UNSUPPORTED_VERSION
     client.receive_data(server.send(refusal))
@@ -584,6 +587,11 @@ def test_a_client_sends_nothing_but_a_handshake_until_ready() -> None:
     assert client.state is State.ERROR
 
 
+def receive_and_read(connection: Connection, data: bytes) -> object:
+    connection.receive_data(data)
+    return connection.next_event()
+
+
 @pytest.mark.parametrize(
     "step",
     [
@@ -609,7 +617,7 @@ def test_messages_out_of_sequence_put_the_connection_in_error(step) -> None:
         "client-second-handshake": (client, lambda: client.send(HandshakeRequest(request_id=50))),
         "server-second-handshake": (
             server,
-            lambda: (server.receive_data(raw_frame(0, 0, 50, b"NODI\x00\x01\x00\x01\x00\x00")), server.next_event()),
+            lambda: receive_and_read(server, raw_frame(0, 0, 50, b"NODI\x00\x01\x00\x01\x00\x00")),
         ),
         "client-sends-response": (client, lambda: client.send(ListTopicsResponse(request_id=pending.request_id))),
         "server-sends-request": (server, lambda: server.send(ListTopicsRequest(request_id=50))),
@@ -617,29 +625,23 @@ def test_messages_out_of_sequence_put_the_connection_in_error(step) -> None:
         "server-answers-with-wrong-api": (server, lambda: server.send(ProduceResponse(request_id=pending.request_id))),
         "client-receives-unknown-id": (
             client,
-            lambda: (client.receive_data(encode_message(ListTopicsResponse(request_id=50), 1)), client.next_event()),
+            lambda: receive_and_read(client, encode_message(ListTopicsResponse(request_id=50), 1)),
         ),
         "client-receives-wrong-api": (
             client,
-            lambda: (
-                client.receive_data(encode_message(ProduceResponse(request_id=pending.request_id), 1)),
-                client.next_event(),
-            ),
+            lambda: receive_and_read(client, encode_message(ProduceResponse(request_id=pending.request_id), 1)),
         ),
         "client-receives-request": (
             client,
-            lambda: (client.receive_data(encode_message(ListTopicsRequest(request_id=50), 1)), client.next_event()),
+            lambda: receive_and_read(client, encode_message(ListTopicsRequest(request_id=50), 1)),
         ),
         "server-receives-response": (
             server,
-            lambda: (server.receive_data(encode_message(ListTopicsResponse(request_id=50), 1)), server.next_event()),
+            lambda: receive_and_read(server, encode_message(ListTopicsResponse(request_id=50), 1)),
         ),
         "server-receives-in-flight-id": (
             server,
-            lambda: (
-                server.receive_data(encode_message(ListTopicsRequest(request_id=pending.request_id), 1)),
-                server.next_event(),
-            ),
+            lambda: receive_and_read(server, encode_message(ListTopicsRequest(request_id=pending.request_id), 1)),
         ),
     }
     connection, action = actions[step]
@@ -660,12 +662,13 @@ def test_bad_contents_raise_on_send_and_leave_the_connection_as_it_was() -> None
         ListTopicsRequest(request_id=UINT32_MAX + 1),
         ProduceRequest(request_id=90, topic="t", partition=1 << 31, records=b""),
         ProduceRequest(request_id=90, topic="t", partition=True, records=b""),
-        ProduceRequest(request_id=90, topic="t", partition=0, acks=9, records=b""),
+        # Wrong types on purpose (send() validates what it encodes): hence the ignores.
+        ProduceRequest(request_id=90, topic="t", partition=0, acks=9, records=b""),  # type: ignore[arg-type]
         ProduceRequest(request_id=90, topic="\ud800", partition=0, records=b""),
         ProduceRequest(request_id=90, topic="t" * 70_000, partition=0, records=b""),
-        ProduceRequest(request_id=90, topic=None, partition=0, records=b""),
-        CommitOffsetsRequest(request_id=90, group="g", offsets=[OffsetCommit(topic="t", partition=0, offset="1")]),
-        CommitOffsetsRequest(request_id=90, group="g", offsets="not a list"),
+        ProduceRequest(request_id=90, topic=None, partition=0, records=b""),  # type: ignore[arg-type]
+        CommitOffsetsRequest(request_id=90, group="g", offsets=[OffsetCommit(topic="t", partition=0, offset="1")]),  # type: ignore[arg-type]
+        CommitOffsetsRequest(request_id=90, group="g", offsets="not a list"),  # type: ignore[arg-type]
     ]
     for message in bad:
         with pytest.raises(ProtocolError) as raised:
@@ -813,6 +816,7 @@ def test_an_unknown_api_or_version_is_answered_and_the_connection_carries_on(api
     frame = server.send(event.response())
     header, answer = decode_message(frame)
     assert header.flags == 1 and (header.api_key, header.api_version, header.request_id) == (api_key, version, 77)
+    assert isinstance(answer, Response)
     assert answer.error_code is code
     server.receive_data(raw_frame(0, ApiKey.LIST_TOPICS, 78, b""))
     assert isinstance(server.next_event(), ListTopicsRequest)
@@ -928,6 +932,7 @@ def test_a_version_1_client_is_served_and_a_version_2_api_is_refused_clearly() -
     )
     server.receive_data(client.send(hello))
     request = server.next_event()
+    assert isinstance(request, HandshakeRequest)
     client.receive_data(server.send(handshake_response(request, server_id="s", limits={})))
     assert isinstance(client.next_event(), HandshakeResponse)
     assert client.protocol_version == server.protocol_version == 1
@@ -961,6 +966,7 @@ def test_queue_leases_and_delete_records_need_protocol_version_4_and_a_version_3
     )
     server.receive_data(client.send(hello))
     request = server.next_event()
+    assert isinstance(request, HandshakeRequest)
     client.receive_data(server.send(handshake_response(request, server_id="s", limits={})))
     assert isinstance(client.next_event(), HandshakeResponse)
     assert client.protocol_version == server.protocol_version == 3

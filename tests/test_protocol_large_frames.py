@@ -24,6 +24,7 @@ def _pair() -> tuple[Connection, Connection]:
     client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
     server.receive_data(client.send(m.HandshakeRequest(request_id=client.next_request_id(), client_id="t")))
     handshake = server.next_event()
+    assert isinstance(handshake, m.HandshakeRequest)
     client.receive_data(server.send(m.HandshakeResponse(request_id=handshake.request_id, protocol_version=1)))
     assert isinstance(client.next_event(), m.HandshakeResponse)
     return client, server

@@ -32,7 +32,7 @@ def broker(tmp_path_factory):
         process.stop()
 
 
-def values(client: Client, topic: str, partitions: int = 1) -> list[tuple[int, int, bytes]]:
+def values(client: Client, topic: str, partitions: int = 1) -> list[tuple[int, int, bytes | None]]:
     out = []
     for partition in range(partitions):
         for message in client.fetch(topic, partition, 0, include_expired=True):
@@ -40,7 +40,7 @@ def values(client: Client, topic: str, partitions: int = 1) -> list[tuple[int, i
     return out
 
 
-def settled(client: Client, topic: str, count: int, partitions: int = 1) -> list[tuple[int, int, bytes]]:
+def settled(client: Client, topic: str, count: int, partitions: int = 1) -> list[tuple[int, int, bytes | None]]:
     """values() once `count` messages are readable (acks written: reads end at the
     durable offset), or after WAIT_S."""
     deadline = time.monotonic() + WAIT_S

@@ -14,7 +14,7 @@ from nodi.broker.client import connection as client_connection
 from nodi.broker.protocol import messages as m
 from nodi.broker.protocol.headers import NOT_BEFORE_MS, TTL_MS
 from nodi.broker.server.queue_batches import StoredBatch
-from nodi.storage.records import Compression, NewRecord, build_batch, decode_records, iter_batches
+from nodi.storage.records import Compression, NewRecord, Record, build_batch, decode_records, iter_batches
 
 WAIT_MS = 20_000  # generous: the machine is shared
 
@@ -24,9 +24,14 @@ def stored(batch: bytes) -> StoredBatch:
     return StoredBatch(header, bytes(data))
 
 
+def value_of(record: Record) -> bytes:
+    assert record.value is not None, f"no value at offset {record.offset}"
+    return record.value
+
+
 def values_and_offsets(batch: bytes) -> list[tuple[int, bytes]]:
     return [
-        (record.offset, bytes(record.value))
+        (record.offset, bytes(value_of(record)))
         for header, data in iter_batches(batch)
         for record in decode_records(data, header)
     ]
@@ -153,7 +158,7 @@ def test_a_client_of_protocol_2_still_gets_queue_receive(broker, monkeypatch) ->
             call(client, m.QueueReceiveBatchesRequest(group="g", topic="old", messages_max=5))
         assert "protocol version 3" in str(refused.value)
         with client.queue("old", "g", ack_wait_ms=5_000) as queue:
-            got = []
+            got: list[tuple[int, bytes | None]] = []
             deadline = time.monotonic() + WAIT_MS / 1000
             while len(got) < 50 and time.monotonic() < deadline:
                 message = queue.receive(timeout_ms=500)

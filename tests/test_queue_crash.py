@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 
-from nodi.broker import Client
+from nodi.broker import Client, Message
 from nodi.broker.client.errors import NodiClientError
 from nodi.storage.records import NewRecord, build_batch
 
@@ -36,6 +36,12 @@ def produce(client: Client, topic: str, count: int, partitions: int = 1) -> None
             client.produce_batch(topic, partition, build_batch(records))
 
 
+def source_offset(letter: Message) -> bytes:
+    value = letter.header("nodi-dlq-source-offset")
+    assert value is not None, "a dead letter names its source offset"
+    return value
+
+
 def test_a_consumer_killed_mid_lease_has_its_messages_delivered_to_another(broker) -> None:
     with Client(broker.address) as client:
         client.create_topic("tasks")
@@ -43,6 +49,7 @@ def test_a_consumer_killed_mid_lease_has_its_messages_delivered_to_another(broke
         child = subprocess.Popen(
             [sys.executable, "-c", CHILD_CONSUMER, broker.address], stdout=subprocess.PIPE, text=True
         )
+        assert child.stdout is not None  # PIPE
         try:
             line = child.stdout.readline()
             held = sorted(int(offset) for offset in line.split())
@@ -52,7 +59,7 @@ def test_a_consumer_killed_mid_lease_has_its_messages_delivered_to_another(broke
             child.wait(15)
             child.stdout.close()
         with client.queue("tasks", "workers") as queue:
-            got = {}
+            got: dict[int, int] = {}  # offset: delivery count
             deadline = time.monotonic() + WAIT_MS / 1000
             while len(got) < 8 and time.monotonic() < deadline:
                 message = queue.receive(timeout_ms=1_000)
@@ -173,7 +180,7 @@ def test_rejects_answered_before_a_broker_kill_all_reach_the_dead_letter_topic(b
                 break
             letters += batch
             offset = batch[-1].offset + 1
-        sources = [int(letter.header("nodi-dlq-source-offset")) for letter in letters]
+        sources = [int(source_offset(letter)) for letter in letters]
         assert set(sources) == set(range(count))  # none lost; a repeat is allowed
     restarted.stop()
 

@@ -123,6 +123,7 @@ def test_a_killed_consumer_stops_extending_and_its_messages_go_to_another(server
         child = subprocess.Popen(
             [sys.executable, "-c", CHILD_CONSUMER, server.address], stdout=subprocess.PIPE, text=True
         )
+        assert child.stdout is not None  # PIPE
         try:
             held = sorted(int(offset) for offset in child.stdout.readline().split())
             assert held == [0, 1, 2]
@@ -133,7 +134,7 @@ def test_a_killed_consumer_stops_extending_and_its_messages_go_to_another(server
             os.kill(child.pid, signal.SIGKILL)
             child.wait(15)
             child.stdout.close()
-        got = {}
+        got: dict[int, int] = {}  # offset: delivery count
         with client.queue("killed", "workers") as queue:
             deadline = time.monotonic() + WAIT_MS / 1000
             while len(got) < 3 and time.monotonic() < deadline:

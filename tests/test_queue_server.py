@@ -277,6 +277,7 @@ async def async_queue_and_bad_settles(broker) -> None:
                 ],
             )
             response = await client._call(bogus, None)
+            assert isinstance(response, m.QueueSettleResponse)
             assert [r.error_code for r in response.results] == [
                 m.ErrorCode.UNKNOWN_DELIVERY,
                 m.ErrorCode.UNKNOWN_PARTITION,

@@ -108,6 +108,7 @@ def test_nack_without_a_delay_uses_the_backoff_in_order() -> None:
         (taken,) = queue.take(1, now_ms=now)
         queue.nack(0, taken.delivery_count, now_ms=now)
         due = queue.next_deadline_ms()
+        assert due is not None, "the nacked message waits for its backoff"
         waits.append(due - now)
         now = due
         queue.tick(now)

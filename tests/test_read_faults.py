@@ -15,14 +15,14 @@ import random
 
 import pytest
 
-from nodi.storage.config import LogConfig
+from nodi.storage.config import FsyncPolicy, LogConfig
 from nodi.storage.errors import NodiError
 from nodi.storage.log import Log
 from nodi.storage.records import NewRecord, build_batch, decode_records, iter_batches
 from nodi.storage.simfs import READ_FAULT_KINDS, SimulatedFileSystem
 
 DIRECTORY = "/data/topic-0"
-CONFIG = LogConfig(segment_bytes=4096, index_interval_bytes=400, fsync_policy="never", retention_ms=None)
+CONFIG = LogConfig(segment_bytes=4096, index_interval_bytes=400, fsync_policy=FsyncPolicy.NEVER, retention_ms=None)
 FETCH_BYTES_MAX = 1500  # several fetches per segment, as a consumer's
 BATCHES = 60
 
@@ -78,7 +78,7 @@ def consume(log: Log, delivered: list[tuple]) -> None:
         position = moved
 
 
-def test_reads_without_a_fault_return_everything():
+def test_reads_without_a_fault_return_everything() -> None:
     fs, expected = disk()
     delivered: list[tuple] = []
     with Log.open(DIRECTORY, CONFIG, fs=fs.clone()) as log:

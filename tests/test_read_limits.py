@@ -10,6 +10,7 @@ import re
 import struct
 import time
 import urllib.request
+from collections.abc import Iterator
 
 import pytest
 
@@ -30,7 +31,7 @@ PIPELINED = 150  # requests sent at once: past the burst, under nodi's in_flight
 
 
 @pytest.fixture(scope="module")
-def limited(tmp_path_factory):
+def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
     directory = tmp_path_factory.mktemp("limits")
     config = directory / "nodi.toml"
     config.write_text(
@@ -43,6 +44,7 @@ def limited(tmp_path_factory):
         str(directory / "data"), ["--kafka-port", "0", "--config", str(config)], metrics=True
     ).start()
     found = next(KAFKA_LINE.search(line) for line in process.output if KAFKA_LINE.search(line))
+    assert found is not None  # next() yields only matches
     process.kafka = (found.group(1), int(found.group(2)))  # type: ignore[attr-defined]
     yield process
     process.stop()
@@ -78,7 +80,7 @@ class RawKafka:
 
     def answers(self, count: int) -> list[int]:
         """The correlation ids of the next `count` responses."""
-        ids = []
+        ids: list[int] = []
         while len(ids) < count:
             while len(self.buffer) < 4 or len(self.buffer) < 4 + struct.unpack_from(">i", self.buffer)[0]:
                 chunk = self.socket.recv(1 << 20)

@@ -215,7 +215,9 @@ def expected_timestamps(arguments: dict, decoded: list[records.Record]) -> list[
     """Record timestamps as written; records without one all get the same "now"."""
     defaulted = {record.timestamp_ms for record, new in zip(decoded, arguments["records"]) if new.timestamp_ms is None}
     assert len(defaulted) <= 1
-    now_ms = defaulted.pop() if defaulted else None
+    if not defaulted:  # every record carries its own timestamp
+        return [new.timestamp_ms for new in arguments["records"]]
+    now_ms = defaulted.pop()
     return [now_ms if new.timestamp_ms is None else new.timestamp_ms for new in arguments["records"]]
 
 

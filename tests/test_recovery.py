@@ -15,6 +15,7 @@ import shutil
 import struct
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,7 +34,9 @@ READ_BYTES_MAX = 64 * 1024
 
 
 def make_config(policy: str = "never", **overrides) -> LogConfig:
-    settings = dict(segment_bytes=4096, index_interval_bytes=256, fsync_policy=policy, retention_ms=None)
+    settings: dict[str, Any] = dict(
+        segment_bytes=4096, index_interval_bytes=256, fsync_policy=policy, retention_ms=None
+    )
     settings.update(overrides)
     return LogConfig(**settings)
 
@@ -81,6 +84,7 @@ def read_all(log: Log) -> list[tuple]:
         for record in decode_batches(result.to_bytes()):
             if record.offset >= offset:
                 found.append((record.offset, record.timestamp_ms, record.key, record.value, record.headers))
+        assert result.next_offset is not None, f"nothing readable at {offset} below {log.readable_end_offset}"
         offset = result.next_offset
     return found
 
@@ -111,6 +115,7 @@ def unsynced_active_segment(directory) -> None:
     the active segment's batches were never vouched for as fsynced (F1-F3 may tear or
     garble them). A clean close puts it at the log end instead (G4 then protects it)."""
     base = parse_segment_name(os.path.basename(log_paths(directory)[-1]))
+    assert base is not None  # log_paths lists .log files
     (Path(directory) / CHECKPOINT_FILE).write_bytes(encode_checkpoint(Checkpoint(base, 0)))
 
 
@@ -400,7 +405,9 @@ def test_bit_flip_in_sealed_segment_is_reported_never_served_G4_I12(tmp_path, fi
 
 
 def victim_segment_base(path: str) -> int:
-    return parse_segment_name(os.path.basename(path))
+    base = parse_segment_name(os.path.basename(path))
+    assert base is not None, f"{path} is not a segment's .log file"
+    return base
 
 
 def test_flip_in_leader_epoch_is_harmless_F6(tmp_path) -> None:
@@ -579,6 +586,7 @@ def test_checkpoint_beyond_the_log_is_not_believed_I6_G4(tmp_path) -> None:
     os.truncate(active, last.position + 20)
     with Log.open(str(tmp_path), CONFIG) as log:
         check_damaged(log, expected, active, last.position, last.header.base_offset)
+        assert log.recovery_report.damage is not None, "the truncated tail is damage"
         assert log.recovery_report.damage.last_offset == 10**9 - 1
     assert os.path.getsize(active) == last.position + 20
     log = Log.open(str(tmp_path), CONFIG, truncate_damaged=True)
@@ -600,6 +608,7 @@ def test_leftover_tmp_deleted_cleaned_files_are_removed_I10_I11(tmp_path, marker
     first = log_paths(tmp_path)[0]
     stem = first[: -len(".log")]
     retired_base = parse_segment_name(os.path.basename(first))
+    assert retired_base is not None  # log_paths lists .log files
     # The oldest segment was being deleted by retention: renamed, not yet unlinked.
     for suffix in (".log", ".index", ".timeindex"):
         os.rename(stem + suffix, stem + suffix + ".deleted")

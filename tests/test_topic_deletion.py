@@ -107,9 +107,9 @@ def populate(data_dir: str) -> None:
         store.metadata.flush()
 
 
-def values(store: Store, topic: str, partition: int) -> list[bytes]:
+def values(store: Store, topic: str, partition: int) -> list[bytes | None]:
     partition_log = store.log(topic, partition)
-    found = []
+    found: list[bytes | None] = []
     offset = partition_log.log_start_offset
     while offset < partition_log.next_offset:
         data = partition_log.read(offset, 1 << 20).to_bytes()
@@ -124,7 +124,9 @@ def check_whole(store: Store) -> None:
     assert DOOMED in store.topics()
     for partition in range(PARTITIONS):
         assert values(store, DOOMED, partition) == [b"%d-%d" % (partition, offset) for offset in range(MESSAGES)]
-    assert store.metadata.committed_offset("group", DOOMED, 0).offset == 1
+    committed = store.metadata.committed_offset("group", DOOMED, 0)
+    assert committed is not None, "the doomed topic's offset is still there"
+    assert committed.offset == 1
     assert store.metadata.get_queue_state("queue", DOOMED, 0) == b"state of doomed"
     assert DOOMED not in store.metadata.topic_deletions()
 
@@ -142,7 +144,9 @@ def check_no_leftovers(data_dir: str) -> None:
 
 def check_bystander(store: Store) -> None:
     assert values(store, BYSTANDER, 0) == [b"stays"]
-    assert store.metadata.committed_offset("group", BYSTANDER, 0).offset == 1
+    committed = store.metadata.committed_offset("group", BYSTANDER, 0)
+    assert committed is not None, "the bystander's offset stays"
+    assert committed.offset == 1
     assert store.metadata.get_queue_state("queue", BYSTANDER, 0) == b"state of bystander"
 
 
@@ -214,7 +218,9 @@ def check_whole_after_reopen(store: Store) -> None:
         expected = [b"%d-%d" % (partition, offset) for offset in range(MESSAGES)]
         assert found[:MESSAGES] == expected
         assert found[MESSAGES:] in ([], [b"after a failed delete"])
-    assert store.metadata.committed_offset("group", DOOMED, 0).offset == 1
+    committed = store.metadata.committed_offset("group", DOOMED, 0)
+    assert committed is not None, "the doomed topic's offset is still there"
+    assert committed.offset == 1
     assert store.metadata.get_queue_state("queue", DOOMED, 0) == b"state of doomed"
 
 

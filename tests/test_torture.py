@@ -117,8 +117,8 @@ def stored(partition: int, offset: int, message_id: str):
 def honest_history() -> tuple[list[dict], dict[int, list]]:
     """Six messages on two partitions, all acknowledged: a sync one sent twice (its
     first answer lost), the others once; and the log that holds them."""
-    events = []
-    log = {0: [], 1: []}
+    events: list[dict] = []
+    log: dict[int, list] = {0: [], 1: []}
     for number, (kind, partition) in enumerate(
         [("sync", 0), ("async", 0), ("batch", 0), ("batch", 1), ("async", 1), ("sync", 1)]
     ):
