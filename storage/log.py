@@ -427,7 +427,7 @@ class Log:
             first_offset = base_offset = self._next_offset
             parts: list[bytes | memoryview] = []
             placed: list[tuple[int, BatchHeader]] = []
-            position = active.size
+            position = appended_from = active.size
             log_append_time = self.config.log_append_time
             for batch_position, header in batches:
                 parts.append(encode_base_offset(base_offset))
@@ -445,7 +445,8 @@ class Log:
             for batch_position, header in placed:
                 active.note_batch(batch_position, header, interval)
                 self._producers.record(header, now_ms)
-            active.verified_bytes = active.size
+            # Checked above; the bytes before them only if they were (I12).
+            active.note_appended(appended_from)
             self._next_offset = base_offset
             self._appends += 1
             self._appends_since_fsync += 1
@@ -1026,14 +1027,13 @@ class Log:
         if segment.corrupt_position is not None and position >= segment.corrupt_position:
             reason = segment.corrupt_reason or "marked corrupt"  # set together with corrupt_position
             raise CorruptSegmentError(segment.log_path, segment.corrupt_position, None, reason)
-        if position + header.size <= segment.verified_bytes:
+        if segment.is_verified(position, header.size):
             return
         try:
             check_batch(file.pread(header.size, position), self.config.limits)
         except InvalidRecordError as error:
             raise CorruptBatchError(str(error), position=position) from None
-        if position <= segment.verified_bytes:
-            segment.verified_bytes = max(segment.verified_bytes, position + header.size)
+        segment.note_verified(position, header.size)
 
     def _mark_corrupt(self, segment: Segment, position: int | None, reason: str) -> CorruptSegmentError:
         position = 0 if position is None else position

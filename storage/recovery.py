@@ -342,6 +342,7 @@ def open_clean_tail(segment: Segment, config: LogConfig) -> bool:
         segment.first_timestamp = segment.read_header(0).base_timestamp
         segment.bytes_since_index_entry = segment.size - start
     segment.verified_bytes = segment.size if start == 0 else 0
+    segment.verified_from = start if start else None
     return True
 
 

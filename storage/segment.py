@@ -133,8 +133,12 @@ class Segment:
         self.next_offset = base_offset
         self.max_timestamp = -1
         self.first_timestamp: int | None = None
-        # Bytes [0, verified_bytes) passed the CRC check in this process (I12).
+        # Bytes [0, verified_bytes) passed the CRC check in this process (I12), and so
+        # did [verified_from, size) when it is not None: the batches appended, or checked
+        # at open, after bytes that were not (a clean start's tail after the last index
+        # entry, an unclean start's batches above the recovery point).
         self.verified_bytes = 0
+        self.verified_from: int | None = None
         # Position of the first batch that failed its check in a sealed segment (G4).
         self.corrupt_position: int | None = None
         self.corrupt_reason: str | None = None
@@ -194,6 +198,7 @@ class Segment:
         self.first_timestamp = None
         self.size = 0
         self.next_offset = self.base_offset
+        self.verified_from = None
 
     def rebuild_indexes(self, limits: RecordLimits, index_interval_bytes: int, *, verify: bool) -> None:
         """Rescan the whole `.log` and rebuild both indexes in memory (I6)."""
@@ -203,6 +208,27 @@ class Segment:
             self.note_batch(batch.position, batch.header, index_interval_bytes)
         if verify:
             self.verified_bytes = self.size
+
+    # -- CRC checks done (I12) -----------------------------------------------------
+
+    def is_verified(self, position: int, size: int) -> bool:
+        """The batch of `size` bytes at `position` passed its CRC check in this process."""
+        if position + size <= self.verified_bytes:
+            return True
+        return self.verified_from is not None and position >= self.verified_from
+
+    def note_verified(self, position: int, size: int) -> None:
+        """The batch of `size` bytes at `position` passed its CRC check: grow the
+        verified prefix when it touches it."""
+        if position <= self.verified_bytes:
+            self.verified_bytes = max(self.verified_bytes, position + size)
+
+    def note_appended(self, position: int) -> None:
+        """Batches from `position` to the end were checked before they were written."""
+        if self.verified_bytes >= position:
+            self.verified_bytes = self.size
+        elif self.verified_from is None or self.verified_from > position:
+            self.verified_from = position
 
     # -- lookups ------------------------------------------------------------------
 
