@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -25,6 +26,15 @@ START_TIMEOUT_S = 30
 # Every `nodi serve` a test starts leaves the web console off (its default port, 6636,
 # is one per machine); the console's tests turn it on with --console-port.
 os.environ.setdefault("NODI_CONSOLE_PORT", "0")
+
+
+_T = TypeVar("_T")
+
+
+def received(message: _T | None) -> _T:
+    """What a receive the test expects to deliver gave: fails plainly when it timed out."""
+    assert message is not None, "the receive timed out"
+    return message
 
 
 def advance_clock_file(path: str, ms: int) -> None:

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from nodi.broker import Client
 from nodi.cli.main import app
 
-from conftest import NODI
+from conftest import NODI, received
 
 TIMEOUT_S = 60
 ENVIRONMENT = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
@@ -70,6 +70,7 @@ def test_list_show_redrive_purge(broker) -> None:
         with client.queue("orders", "billing", batch_max=10) as queue:
             for _ in range(5):
                 message = queue.receive(timeout_ms=20_000)
+                assert message is not None and message.value is not None
                 message.reject(f"bad {message.value.decode()}")
         deadline = time.monotonic() + 20
         while client.describe_queue("orders", "billing").dead_lettered < 5:
@@ -110,12 +111,12 @@ def test_list_show_redrive_purge(broker) -> None:
         for partition in range(2):
             again += client.fetch("orders", partition, before[partition])
         assert len(again) == 3
-        for message in again:
-            assert not any(name.startswith("nodi-") for name, _ in message.headers)
-            assert message.value is not None  # the rejected messages had values
-            index = int(message.value.split(b"-")[1])
-            assert message.key == b"k%d" % index and message.header("trace") == b"t%d" % index
-            assert message.partition == index % 2  # back to its source partition
+        for record in again:
+            assert not any(name.startswith("nodi-") for name, _ in record.headers)
+            assert record.value is not None  # the rejected messages had values
+            index = int(record.value.split(b"-")[1])
+            assert record.key == b"k%d" % index and record.header("trace") == b"t%d" % index
+            assert record.partition == index % 2  # back to its source partition
 
         result = nodi(address, "dlq", "redrive", "orders.dlq", "--to", "retry")
         assert result.returncode != 0  # no such topic: nothing moved
@@ -127,6 +128,7 @@ def test_list_show_redrive_purge(broker) -> None:
 
         with client.queue("orders", "billing") as queue:
             message = queue.receive(timeout_ms=20_000)  # a redriven one
+            assert message is not None
             message.reject("still bad")
         deadline = time.monotonic() + 20
         while listed(address, "orders.dlq")["waiting"] < 1:
@@ -147,7 +149,7 @@ def test_picked_entries_are_redriven_and_purged_and_the_cursor_skips_them(broker
             client.produce("picks", b"pick-%d" % index, partition=0)
         with client.queue("picks", "g", batch_max=10) as queue:
             for _ in range(5):
-                queue.receive(timeout_ms=20_000).reject("no")
+                received(queue.receive(timeout_ms=20_000)).reject("no")
         deadline = time.monotonic() + 20
         while client.describe_queue("picks", "g").dead_lettered < 5:
             assert time.monotonic() < deadline

@@ -131,6 +131,7 @@ def dead_letters(client: Client, topic: str, group: str, count: int) -> None:
     with client.queue(topic, group, batch_max=10) as queue:
         for _ in range(count):
             message = queue.receive(timeout_ms=20_000)
+            assert message is not None and message.value is not None
             message.reject(f"cannot do {message.value.decode()}")
     wait_until(lambda: client.describe_queue(topic, group).dead_lettered == count, f"{count} dead letters")
 
@@ -329,6 +330,7 @@ def test_a_dead_letter_is_redriven_and_the_rest_purged(console) -> None:
         assert again.value == b"job 0" and not any(name.startswith("nodi-") for name, _ in again.headers)
         with client.queue("tasks", "handlers") as queue:
             delivered = queue.receive(timeout_ms=20_000)
+            assert delivered is not None
             assert delivered.value == b"job 0"
             delivered.ack()
     assert waiting() == "2"

@@ -149,7 +149,9 @@ def test_every_page_in_a_browser_with_a_reset_and_a_redrive(tmp_path, browser) -
             client.produce("jobs", b"job 4", partition=0)
             with client.queue("jobs", "workers", batch_max=2) as queue:
                 leased = queue.receive(timeout_ms=20_000)
+                assert leased is not None
                 failing = queue.receive(timeout_ms=20_000)
+                assert failing is not None
                 failing.nack(delay_ms=600_000, error="printer on fire")
                 click(browser.find_element(By.LINK_TEXT, "workers"))
                 assert cells("queue-partitions")[0][:2] == ["0", "3"]
@@ -173,6 +175,7 @@ def test_every_page_in_a_browser_with_a_reset_and_a_redrive(tmp_path, browser) -
             assert browser.find_element(By.ID, "done").text == "redrove 1 message(s) from jobs.dlq"
             with client.queue("jobs", "workers") as queue:
                 delivered = queue.receive(timeout_ms=20_000)
+                assert delivered is not None
                 assert delivered.value == b"job 0"
                 delivered.ack()
             click(browser.find_element(By.LINK_TEXT, "Back"))

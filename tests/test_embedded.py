@@ -24,7 +24,7 @@ from nodi.broker import AsyncClient, Client, DataDirectoryLockedError
 from nodi.broker.client.errors import UnknownTopic
 from nodi.broker.protocol.headers import CORRELATION_ID
 
-from conftest import BrokerProcess
+from conftest import BrokerProcess, received
 
 WAIT_MS = 20_000
 CHILD_TIMEOUT_S = 60
@@ -310,6 +310,7 @@ def test_two_processes_share_a_queue_and_the_survivor_takes_over(tmp_path) -> No
         mine = []
         with owner.queue("jobs", "workers", ack_wait_ms=60_000) as queue:
             while (message := queue.receive(timeout_ms=1_500)) is not None:
+                assert message.value is not None  # the jobs have values
                 mine.append(message.value.decode())
                 message.ack()
         theirs = worker.stdout.readline().split()
@@ -414,6 +415,7 @@ def test_kill_9_of_an_embedded_producer_loses_no_acknowledged_message_and_serve_
             client.produce("events", b"served-last", partition=1)
             with client.queue("events", "workers") as queue:
                 message = queue.receive(timeout_ms=WAIT_MS)
+                assert message is not None
                 message.ack()
                 delivered_by_server = (message.partition, message.offset)
     finally:
@@ -424,6 +426,7 @@ def test_kill_9_of_an_embedded_producer_loses_no_acknowledged_message_and_serve_
         assert final == {**by_server, max(place for place in final if place[0] == 1): b"served-last"}
         with client.queue("events", "workers") as queue:
             message = queue.receive(timeout_ms=WAIT_MS)
+            assert message is not None
             assert (message.partition, message.offset) != delivered_by_server
             message.ack()
 
@@ -452,7 +455,7 @@ def test_close_leaves_no_thread_socket_or_lock(tmp_path) -> None:
             for index in range(100):
                 producer.send("jobs", b"%d" % index)
         with client.queue("jobs", "g") as queue:
-            queue.receive(timeout_ms=WAIT_MS).ack()
+            received(queue.receive(timeout_ms=WAIT_MS)).ack()
         assert len(threading.enumerate()) > len(threads_before)  # the loop and the fsync flushers
     assert set(threading.enumerate()) == threads_before
     assert open_sockets() == sockets_before

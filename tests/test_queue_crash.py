@@ -14,7 +14,7 @@ from nodi.broker import Client, Message
 from nodi.broker.client.errors import NodiClientError
 from nodi.storage.records import NewRecord, build_batch
 
-from conftest import BrokerProcess
+from conftest import BrokerProcess, received
 
 WAIT_MS = 20_000
 
@@ -158,7 +158,7 @@ def test_rejects_answered_before_a_broker_kill_all_reach_the_dead_letter_topic(b
         client.create_topic("work")
         produce(client, "work", count)
         with client.queue("work", "g", batch_max=count, ack_wait_ms=60_000, max_outstanding=count) as queue:
-            held = [queue.receive(timeout_ms=WAIT_MS) for _ in range(count)]
+            held = [received(queue.receive(timeout_ms=WAIT_MS)) for _ in range(count)]
             for message in held:
                 message.reject("bad", wait=False)
             queue.flush()  # every reject answered: recorded durably

@@ -20,6 +20,8 @@ from nodi.broker import AsyncClient, Client
 from nodi.broker.client.errors import StaleDelivery
 from nodi.storage.records import NewRecord, build_batch
 
+from conftest import received
+
 WAIT_MS = 20_000  # generous: the machine is shared
 
 
@@ -96,6 +98,7 @@ def test_a_handler_slower_than_ack_wait_gets_each_message_once(server) -> None:
         with client.queue("slower", "g", ack_wait_ms=1_000) as queue:
             for _ in range(3):
                 message = queue.receive(timeout_ms=WAIT_MS)
+                assert message is not None
                 seen.append((message.offset, message.delivery_count))
                 time.sleep(1.5)  # longer than the lease: the client extends it meanwhile
                 assert message.ack() is True
@@ -155,6 +158,7 @@ def test_a_message_held_past_max_lease_goes_to_another_consumer(server, strict) 
             client.queue(topic, "g") as other,
         ):
             held = holder.receive(timeout_ms=WAIT_MS)
+            assert held is not None
             assert held.delivery_count == 1
             again = other.receive(timeout_ms=WAIT_MS)  # once the holder let go and the lease ran out
             assert again is not None and (again.offset, again.delivery_count) == (0, 2)
@@ -176,12 +180,14 @@ def test_a_buffered_message_whose_lease_ran_out_is_never_handed_out(server) -> N
         # the first handler sleeps.
         with client.queue("buffered", "g", ack_wait_ms=500, batch_max=4, max_lease_ms=0, prefetch=False) as queue:
             first = queue.receive(timeout_ms=WAIT_MS)
+            assert first is not None
             handed.append((first.offset, first.delivery_count))
             time.sleep(0.8)
             first.ack()
             deadline = time.monotonic() + WAIT_MS / 1000
             while len(handed) < 4 and time.monotonic() < deadline:
                 message = queue.receive(timeout_ms=1_000)
+                assert message is not None
                 if message is not None:
                     handed.append((message.offset, message.delivery_count))
                     assert message.ack() is True
@@ -195,13 +201,13 @@ def test_max_outstanding_bounds_what_one_consumer_holds(server) -> None:
     with Client(server.address) as client:
         produce(client, "bounded", 10)
         with client.queue("bounded", "g", max_outstanding=3) as queue:
-            held = [queue.receive(timeout_ms=WAIT_MS) for _ in range(3)]
+            held = [received(queue.receive(timeout_ms=WAIT_MS)) for _ in range(3)]
             assert [message.offset for message in held] == [0, 1, 2]
             assert queue.receive(timeout_ms=300) is None  # three unsettled: no more leased
             state = client.describe_queue("bounded", "g")
             assert state.partitions[0].leased == 3 and queue.statistics().outstanding == 3
             held[0].ack()
-            assert queue.receive(timeout_ms=WAIT_MS).offset == 3
+            assert received(queue.receive(timeout_ms=WAIT_MS)).offset == 3
             for message in held[1:]:
                 message.ack()
         with pytest.raises(ValueError):
@@ -254,9 +260,11 @@ async def async_extends_and_counts(server) -> None:
         await client.produce("async-slow", b"two", partition=0)
         async with client.queue("async-slow", "g", ack_wait_ms=1_000) as queue:
             first = await queue.receive(timeout_ms=WAIT_MS)
+            assert first is not None
             await asyncio.sleep(1.5)
             assert await first.ack() is True
             second = await queue.receive(timeout_ms=WAIT_MS)
+            assert second is not None
             assert (second.offset, second.delivery_count) == (1, 1)  # extended while buffered
             assert await second.in_progress() is not None
             assert await second.ack() is True
@@ -266,7 +274,9 @@ async def async_extends_and_counts(server) -> None:
             client.queue("async-slow", "g") as other,
         ):
             held = await holder.receive(timeout_ms=WAIT_MS)
+            assert held is not None
             again = await other.receive(timeout_ms=WAIT_MS)
+            assert again is not None
             assert (again.offset, again.delivery_count) == (held.offset, 2)
             await held.ack(wait=False)  # lost the race: counted, so flush raises nothing
             await holder.flush()

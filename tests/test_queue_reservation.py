@@ -11,6 +11,8 @@ from nodi.broker import Client
 from nodi.broker.protocol import messages as m
 from nodi.storage.records import NewRecord, build_batch
 
+from conftest import received
+
 WAIT_MS = 20_000  # generous: the machine is shared
 ACK_WAIT_MS = 1_500  # leases held at a stop run out soon after the restart
 
@@ -26,6 +28,7 @@ def receive_all(client: Client, topic: str, group: str, count: int) -> dict[int,
         deadline = time.monotonic() + WAIT_MS / 1000
         while len(got) < count and time.monotonic() < deadline:
             message = queue.receive(timeout_ms=1_000)
+            assert message is not None
             if message is not None:
                 got[message.offset] = message.delivery_count
                 message.ack()
@@ -39,9 +42,9 @@ def hold_five_after_five(address: str, topic: str) -> None:
         client.create_topic(topic)
         produce(client, topic, 20)
         with client.queue(topic, "g", ack_wait_ms=ACK_WAIT_MS, batch_max=5, prefetch=False) as queue:
-            for message in [queue.receive(timeout_ms=WAIT_MS) for _ in range(5)]:
+            for message in [received(queue.receive(timeout_ms=WAIT_MS)) for _ in range(5)]:
                 message.ack()
-            held = [queue.receive(timeout_ms=WAIT_MS) for _ in range(5)]
+            held = [received(queue.receive(timeout_ms=WAIT_MS)) for _ in range(5)]
             assert [(message.offset, message.delivery_count) for message in held] == [(o, 1) for o in range(5, 10)]
 
 

@@ -21,7 +21,7 @@ from nodi.broker.protocol import messages as m
 from nodi.broker.server.dead_letters import DEAD_LETTER_HEADERS
 from nodi.storage.records import NewRecord, build_batch
 
-from conftest import BrokerProcess
+from conftest import BrokerProcess, received
 
 WAIT_MS = 20_000  # generous: the machine is shared
 
@@ -112,8 +112,10 @@ def test_nack_backoff_delivers_again_in_order_and_not_before_the_delay(broker) -
         client.produce("retry", b"second", partition=0)
         with client.queue("retry", "g") as queue:
             message = queue.receive(timeout_ms=WAIT_MS)
+            assert message is not None
             message.nack(delay_ms=0)
             again = queue.receive(timeout_ms=WAIT_MS)
+            assert again is not None
             assert (again.offset, again.delivery_count) == (message.offset, 2)
             with pytest.raises(StaleDelivery):
                 message.ack()
@@ -130,8 +132,10 @@ def test_max_deliveries_dead_letters_with_every_header(broker) -> None:
         client.produce("orders", b"poison", key=b"customer-7", partition=1, headers={"trace": b"abc"})
         with client.queue("orders", "billing", max_deliveries=2, backoff=[0], ack_wait_ms=60_000) as queue:
             first = queue.receive(timeout_ms=WAIT_MS)
+            assert first is not None
             first.nack(error="first failure")
             second = queue.receive(timeout_ms=WAIT_MS)
+            assert second is not None
             assert second.delivery_count == 2
             second.nack(error="database down")
             assert queue.receive(timeout_ms=500) is None  # dead-lettered, not delivered again
@@ -182,8 +186,10 @@ def test_reject_dead_letters_to_a_configured_topic_and_acks_the_source(broker) -
         client.produce("payments", b"good", partition=0)
         with client.queue("payments", "ledger", dead_letter_topic="payments-dead") as queue:
             bad = queue.receive(timeout_ms=WAIT_MS)
+            assert bad is not None
             bad.reject("amount is negative")
             good = queue.receive(timeout_ms=WAIT_MS)
+            assert good is not None
             assert good.value == b"good"
             good.ack()
             with pytest.raises(DeliverySettled):  # settled already
@@ -219,7 +225,7 @@ def test_the_window_limit_holds(broker_factory, monkeypatch) -> None:
             queue.flush()
             assert queue.receive(timeout_ms=300) is None  # offset 0 still holds the floor
             held[0].ack()
-            assert queue.receive(timeout_ms=WAIT_MS).offset == 50
+            assert received(queue.receive(timeout_ms=WAIT_MS)).offset == 50
     process.stop()
 
 
@@ -263,6 +269,7 @@ async def async_queue_and_bad_settles(broker) -> None:
         await client.produce("a", b"one", partition=0)
         async with client.queue("a", "g", ack_wait_ms=10_000) as queue:
             message = await queue.receive(timeout_ms=WAIT_MS)
+            assert message is not None
             assert message.value == b"one" and message.group == "g"
             deadline = await message.in_progress()
             assert deadline >= message.lease_deadline_ms
@@ -292,7 +299,7 @@ async def async_queue_and_bad_settles(broker) -> None:
             assert await queue.receive(timeout_ms=200) is None
             await client.produce("a", b"two", partition=0)
             waiting = asyncio.create_task(queue.receive(timeout_ms=WAIT_MS))
-            message = await waiting
+            message = received(await waiting)
             assert message.value == b"two"
             await message.ack()
 
@@ -317,6 +324,7 @@ def test_a_message_with_a_not_before_time_is_delivered_only_when_due(broker) -> 
         )
         with client.queue("later", "g") as queue:
             first = queue.receive(timeout_ms=WAIT_MS)
+            assert first is not None
             assert first.value == b"now"
             first.ack()
             delayed = queue.receive(timeout_ms=WAIT_MS)
@@ -370,6 +378,7 @@ def test_bad_queue_requests_get_typed_errors_and_the_server_carries_on(broker) -
         client.produce("q", b"still serving", partition=0)
         with client.queue("q", "g") as queue:
             message = queue.receive(timeout_ms=WAIT_MS)
+            assert message is not None
             assert message.value == b"still serving"
             message.ack()
 
@@ -383,6 +392,7 @@ def test_expired_messages_are_never_delivered_and_dropped_or_dead_lettered(clock
         broker.advance_clock(300)  # past the short TTL, well within the long one
         with client.queue("short", "droppers") as queue:
             message = queue.receive(timeout_ms=WAIT_MS)
+            assert message is not None
             assert message.value == b"fresh"
             message.ack()
             assert queue.receive(timeout_ms=200) is None
@@ -390,6 +400,7 @@ def test_expired_messages_are_never_delivered_and_dropped_or_dead_lettered(clock
         assert state.expired == "drop" and state.expired_messages == 1 and state.partitions[0].ack_floor == 2
         with client.queue("short", "keepers", expired="dead-letter") as queue:
             message = queue.receive(timeout_ms=WAIT_MS)
+            assert message is not None
             assert message.value == b"fresh"
             message.ack()
         (letter,) = wait_for_messages(client, "short.dlq", 1)
@@ -415,13 +426,14 @@ def test_the_delivery_guarantee_is_one_argument(broker) -> None:
                         raise RuntimeError("handler failed")
             queue.flush()
             again = queue.receive(timeout_ms=WAIT_MS)  # the one whose body raised
+            assert again is not None
             assert (again.value, again.delivery_count) == (b"crashes", 2)
             again.ack()
         state = client.describe_queue("g1", "alo")
         assert state.acked == 2 and state.nacked == 0
         # at-most-once: acked on receipt, before it is handed out.
         with client.queue("g1", "amo", guarantee="at-most-once", batch_max=10) as queue:
-            message = queue.receive(timeout_ms=WAIT_MS)
+            message = received(queue.receive(timeout_ms=WAIT_MS))
             assert client.describe_queue("g1", "amo").acked == 3  # the whole batch
             with pytest.raises(DeliverySettled):
                 message.nack()
@@ -437,7 +449,7 @@ def test_a_message_too_big_for_a_copy_with_headers_is_dead_lettered_without_its_
         client.produce("big", b"small", partition=0)
         with client.queue("big", "g", batch_max=2) as queue:
             for _ in range(2):
-                queue.receive(timeout_ms=WAIT_MS).reject("too big to handle")
+                received(queue.receive(timeout_ms=WAIT_MS)).reject("too big to handle")
         letters = wait_for_messages(client, "big.dlq", 2)
         by_offset = {int(letter.header("nodi-dlq-source-offset")): letter for letter in letters}
         assert by_offset[0].value is None and by_offset[0].header("nodi-dlq-value-omitted") == b"1"

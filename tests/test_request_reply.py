@@ -24,6 +24,7 @@ def start_responders(address: str, topic: str, count: int, stop: threading.Event
                 message = queue.receive(timeout_ms=200)
                 if message is None:
                     continue
+                assert message.value is not None  # every request of these tests has a value
                 assert message.reply(b"re:" + message.value, headers={"served-by": b"responder"})
                 message.ack(wait=False)
             queue.flush()
@@ -100,6 +101,7 @@ def test_a_reply_to_a_closed_inbox_is_dropped_and_a_lost_inbox_is_reported(broke
         client.produce("plain", b"not a request", partition=0)
         with client.queue("plain", "g") as queue:
             message = queue.receive(timeout_ms=WAIT_MS)
+            assert message is not None
             with pytest.raises(ValueError):
                 message.reply(b"to whom?")
             message.ack()

@@ -226,6 +226,7 @@ async def nodi_latency(client: AsyncClient, topic: str, settings: Settings) -> d
             batch = await consumer.poll(timeout_ms=LONG_POLL_MS)
             now = clock()
             for message in batch:
+                assert message.value is not None  # the bench's values begin with their number
                 received_ns[int.from_bytes(message.value[:8], "big")] = now
             got += len(batch)
 

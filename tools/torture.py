@@ -1133,12 +1133,10 @@ def drain(address: str, history: History, partitions: int) -> None:
         )
         with consumer:
             while time.monotonic() < deadline:
-                for message in consumer.poll(timeout_ms=300):
-                    history.write(
-                        "read", id=id_of(message.headers, message.value), p=message.partition, o=message.offset
-                    )
+                for record in consumer.poll(timeout_ms=300):
+                    history.write("read", id=id_of(record.headers, record.value), p=record.partition, o=record.offset)
                 positions = {p: consumer.position(TOPIC, p) for p in range(partitions)}
-                if all(positions[p] is not None and positions[p] >= ends[p] for p in range(partitions)):
+                if all((position := positions[p]) is not None and position >= ends[p] for p in range(partitions)):
                     consumer.commit()
                     for partition, position in positions.items():
                         history.write("commit", p=partition, o=position)

@@ -37,7 +37,7 @@ import logging
 import random
 import ssl
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nodi.storage.errors import NodiError
 from nodi.storage.records import NewRecord, decode_records, iter_batches
@@ -65,6 +65,11 @@ from .errors import (
 )
 from .features import drop_expired, with_features
 from .tls import client_tls_context, credentials_from, tls_from_environment
+
+if TYPE_CHECKING:  # imported where used: they import this module
+    from .consumer import AsyncConsumer
+    from .producer import AsyncProducer
+    from .queue import AsyncQueue
 from .types import (
     Bytesish,
     DamagedPartition,
@@ -924,20 +929,20 @@ class AsyncClient:
 
     # -- producers and consumers --------------------------------------------------------
 
-    def producer(self, **options: Any):
+    def producer(self, **options: Any) -> AsyncProducer:
         """An AsyncProducer that batches (see producer.py for the options)."""
         from .producer import AsyncProducer
 
         return AsyncProducer(self, **options)
 
-    def consumer(self, topics, group: str | None = None, **options: Any):
+    def consumer(self, topics, group: str | None = None, **options: Any) -> AsyncConsumer:
         """An AsyncConsumer (see consumer.py for the options); `async with` it or call
         `start()` before `poll()`."""
         from .consumer import AsyncConsumer
 
         return AsyncConsumer(self, topics, group, **options)
 
-    def queue(self, topic: str, group: str, **options: Any):
+    def queue(self, topic: str, group: str, **options: Any) -> AsyncQueue:
         """An AsyncQueue of queue group `group` on `topic` (see client/queue.py for the
         options: ack_wait_ms, max_deliveries, backoff, dead_letter_topic, batch_max, prefetch)."""
         from .queue import AsyncQueue

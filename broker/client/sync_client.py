@@ -29,7 +29,10 @@ if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
 
     from ..protocol import messages as m
+    from .consumer import Consumer
     from .errors import NodiClientError
+    from .producer import Producer
+    from .queue import Queue
     from .types import (
         Bytesish,
         GroupDescription,
@@ -567,20 +570,20 @@ class Client:
 
     # -- producers and consumers --------------------------------------------------------
 
-    def producer(self, **options: Any):
+    def producer(self, **options: Any) -> Producer:
         """A batching Producer (see producer.py): send() returns a
         concurrent.futures.Future of (partition, offset)."""
         from .producer import Producer
 
         return Producer(self, **options)
 
-    def consumer(self, topics, group: str | None = None, **options: Any):
+    def consumer(self, topics, group: str | None = None, **options: Any) -> Consumer:
         """A Consumer (see consumer.py): iterate it, or poll()."""
         from .consumer import Consumer
 
         return Consumer(self, topics, group, **options)
 
-    def queue(self, topic: str, group: str, **options: Any):
+    def queue(self, topic: str, group: str, **options: Any) -> Queue:
         """A Queue of queue group `group` on `topic` (see client/queue.py): iterate it,
         or receive(timeout_ms=...); ack, nack, in_progress or reject each message."""
         from .queue import Queue
