@@ -71,6 +71,7 @@ bench: $(STAMP) $(BENCH_STAMP)
 	$(BIN)/nodi bench
 	$(BIN)/nodi bench --suite queues
 	$(BIN)/python -m tools.latency_bench
+	$(BIN)/python -m tools.request_path_bench
 	$(BIN)/python -m tools.embedded_bench
 
 # TLS against plaintext, durable produce and consume (docs/benchmarks.md; needs openssl).

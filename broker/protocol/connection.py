@@ -88,11 +88,15 @@ from .messages import (
 
 
 class Role(enum.Enum):
+    # Members are singletons: hashed in C by identity, not by Enum's Python __hash__
+    # (TRANSITIONS is looked up with four of them per frame).
+    __hash__ = object.__hash__
     CLIENT = "client"
     SERVER = "server"
 
 
 class State(enum.Enum):
+    __hash__ = object.__hash__
     AWAITING_HANDSHAKE = "awaiting_handshake"  # nothing sent or received yet
     HANDSHAKING = "handshaking"  # the Handshake request is in flight
     READY = "ready"  # requests and responses flow, pipelined
@@ -101,11 +105,13 @@ class State(enum.Enum):
 
 
 class Direction(enum.Enum):
+    __hash__ = object.__hash__
     SEND = "send"
     RECEIVE = "receive"
 
 
 class Trigger(enum.Enum):
+    __hash__ = object.__hash__
     HANDSHAKE_REQUEST = "Handshake request"
     HANDSHAKE_ACCEPTED = "Handshake response, error_code 0"
     HANDSHAKE_REFUSED = "Handshake response with an error"
@@ -257,6 +263,12 @@ class Connection:
     def buffered_bytes(self) -> int:
         """Bytes received and not yet turned into events: 0 between frames."""
         return len(self._buffer) - self._start + self._frame_filled
+
+    @property
+    def consumed_bytes(self) -> int:
+        """Bytes received and turned into events so far (a frame's size is the
+        difference between two readings)."""
+        return self._bytes_received - self.buffered_bytes
 
     @property
     def incomplete_frame_bytes(self) -> int:

@@ -47,6 +47,7 @@ KNOWN_FLAGS = FLAG_ERROR
 _PREFIX = struct.Struct(">I")
 _PREFIX_AND_HEADER = struct.Struct(">IBBHHI")
 assert _PREFIX_AND_HEADER.size == FRAME_OVERHEAD_BYTES
+_KINDS = {kind.value: kind for kind in Kind}
 
 
 class FrameHeader(NamedTuple):
@@ -87,10 +88,10 @@ def decode_frame_header(frame: bytes | memoryview) -> FrameHeader:
     length, kind, flags, api_key, api_version, request_id = _PREFIX_AND_HEADER.unpack_from(frame)
     if FRAME_LENGTH_PREFIX_BYTES + length != len(frame):
         raise _malformed(f"length prefix says {length} bytes, frame has {len(frame) - 4}")
-    try:
-        kind = Kind(kind)
-    except ValueError:
-        raise _malformed(f"unknown frame kind {kind}") from None
+    kind_member = _KINDS.get(kind)
+    if kind_member is None:
+        raise _malformed(f"unknown frame kind {kind}")
+    kind = kind_member
     if flags & ~KNOWN_FLAGS:
         raise _malformed(f"unknown frame flags {flags:#04x}")
     if flags & FLAG_ERROR and kind is not Kind.RESPONSE:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import operator
 import struct
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -138,16 +139,23 @@ class Enumeration(WireType):
         self.min_bytes = integer.min_bytes
         self.list_values = list_values
         assert all(integer.low <= member <= integer.high for member in enum_class)
+        self._members = {member.value: member for member in enum_class}
 
     def values_doc(self) -> str:
         return ", ".join(f"{member.value} = {member.name.lower()}" for member in self.enum_class)
 
     def encode(self, value: Any, out: bytearray) -> None:
+        if type(value) is self.enum_class:  # a member: in range by the assert above
+            out += self.integer._struct.pack(value)
+            return
         self.integer.encode(self._member(value), out)
 
     def decode(self, buffer: memoryview, position: int, end: int, limits: ProtocolLimits) -> tuple[Any, int]:
         value, position = self.integer.decode(buffer, position, end, limits)
-        return self._member(value), position
+        member = self._members.get(value)
+        if member is None:
+            raise _invalid(f"{value!r} is not a {self.enum_class.__name__}")
+        return member, position
 
     def _member(self, value: Any) -> enum.IntEnum:
         if isinstance(value, bool):
@@ -352,8 +360,41 @@ class WireField(NamedTuple):
     doc: str
 
 
+class _Run(NamedTuple):
+    """Consecutive fields of a schema encoded as one step. `packed` is the one
+    struct.Struct of a run of two or more Integer fields (decoded and encoded with one
+    call, and checked field by field only when that fails); None for a single field."""
+
+    fields: tuple[WireField, ...]
+    names: tuple[str, ...]
+    packed: struct.Struct | None
+    get_values: Any  # operator.attrgetter of the names (packed runs)
+
+
+def _runs(fields: tuple[WireField, ...]) -> tuple[_Run, ...]:
+    groups: list[list[WireField]] = []
+    for field in fields:
+        integer = type(field.type) is Integer
+        if integer and groups and len(groups[-1]) and type(groups[-1][-1].type) is Integer:
+            groups[-1].append(field)
+        else:
+            groups.append([field])
+    runs = []
+    for group in groups:
+        names = tuple(field.name for field in group)
+        if len(group) >= 2:
+            codes = "".join(field.type._struct.format[1:] for field in group)  # type: ignore[attr-defined]
+            runs.append(_Run(tuple(group), names, struct.Struct(">" + codes), operator.attrgetter(*names)))
+        else:
+            runs.append(_Run(tuple(group), names, None, None))
+    return tuple(runs)
+
+
 class Schema:
-    """The wire fields of one dataclass, in declaration order."""
+    """The wire fields of one dataclass, in declaration order. Runs of integer fields
+    are packed and unpacked with one precompiled struct each (the hot messages are
+    mostly integers and strings); a value a run cannot pack as is goes through the
+    fields one by one, which say exactly what is wrong."""
 
     def __init__(self, cls: type) -> None:
         assert dataclasses.is_dataclass(cls)
@@ -368,29 +409,45 @@ class Schema:
         assert not records_at or records_at[0] == len(self.fields) - 1, f"{cls.__name__}: records must be last"
         self.has_records = bool(records_at)
         self.min_bytes = sum(field.type.min_bytes for field in self.fields)
+        self._runs = _runs(self.fields)
 
     def encode(self, value: Any, out: bytearray, *, records_bytes: int | None = None) -> None:
         """Append the body of `value` to `out`. With `records_bytes`, the records field is
         written as that length alone (the caller sends the batches after it)."""
         assert records_bytes is None or self.has_records
-        for field in self.fields:
-            try:
-                if records_bytes is not None and field.type is RECORDS:
-                    RECORDS.encode_length(records_bytes, out)
-                else:
-                    field.type.encode(getattr(value, field.name), out)
-            except ProtocolError as error:
-                raise ProtocolError(error.code, f"{field.name}: {error.message}") from None
+        for run in self._runs:
+            if run.packed is not None:
+                values = run.get_values(value)
+                if all(type(item) is int for item in values):
+                    try:
+                        out += run.packed.pack(*values)
+                        continue
+                    except struct.error:
+                        pass  # out of range: the fields below say which
+            for field in run.fields:
+                try:
+                    if records_bytes is not None and field.type is RECORDS:
+                        RECORDS.encode_length(records_bytes, out)
+                    else:
+                        field.type.encode(getattr(value, field.name), out)
+                except ProtocolError as error:
+                    raise ProtocolError(error.code, f"{field.name}: {error.message}") from None
 
     def decode(
         self, buffer: memoryview, position: int, end: int, limits: ProtocolLimits, **extra: Any
     ) -> tuple[Any, int]:
-        values = dict(extra)
-        for field in self.fields:
-            try:
-                values[field.name], position = field.type.decode(buffer, position, end, limits)
-            except ProtocolError as error:
-                raise ProtocolError(error.code, f"{field.name}: {error.message}") from None
+        values = extra
+        for run in self._runs:
+            packed = run.packed
+            if packed is not None and end - position >= packed.size:
+                values.update(zip(run.names, packed.unpack_from(buffer, position)))
+                position += packed.size
+                continue
+            for field in run.fields:  # one field, or a truncated run: the field that is short says so
+                try:
+                    values[field.name], position = field.type.decode(buffer, position, end, limits)
+                except ProtocolError as error:
+                    raise ProtocolError(error.code, f"{field.name}: {error.message}") from None
         return self.cls(**values), position
 
 

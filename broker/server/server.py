@@ -42,8 +42,10 @@ from ..protocol.connection import (
 from ..protocol.errors import ErrorCode, ProtocolError
 from .clock import SYSTEM_CLOCK, TEST_CLOCK_FILE_ENV, Clock, clock_from_environment
 from .config import ServerConfig
+from .eager import resume, start_eagerly
 from .memory_budget import FrameBudget, FrameBudgetStatistics, return_large_allocations_to_the_os, trim_freed_memory
 from .metrics import Metrics
+from .read_deadline import ReadDeadline
 from .reply import Reply, error_reply
 from .retention_job import run_retention_job
 from .security import Security, certificate_common_name
@@ -63,6 +65,20 @@ SENDFILE_BYTES_MIN = 64 * 1024
 # After a connection ends, the free pages it leaves in the heap are given back to the OS
 # this much later (one malloc_trim for every connection ended meanwhile).
 TRIM_DELAY_S = 1.0
+# Requests served in the reader's task up to their first wait, a task made only if they
+# wait (eager.py): those that mostly answer without waiting (a fetch that finds records,
+# a produce not acked durable, ListOffsets, Heartbeat), whose handlers (and _serve,
+# _write) neither ask for the current task nor set a contextvar before their first wait.
+# Requests that always wait (a durable produce, a commit) gain nothing: resuming them
+# through eager.resume costs a little more than a task of their own from the start.
+EAGER_REQUESTS = frozenset({m.FetchRequest, m.ListOffsetsRequest, m.HeartbeatRequest})
+
+
+def _start_eagerly(request: m.Request) -> bool:
+    if type(request) is m.ProduceRequest:
+        assert isinstance(request, m.ProduceRequest)  # for the type checker
+        return request.acks is not m.Acks.DURABLE
+    return type(request) in EAGER_REQUESTS
 
 
 class _SendfileSource:
@@ -141,8 +157,19 @@ class ClientSession:
         after its first byte arrived (waiting for frame budget included); between
         frames, a read may wait idle_timeout_ms. Each is a deadline for the whole phase,
         not per read: a peer sending a byte at a time is closed just the same."""
-        config = self.server.config
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None  # run() reads in its own task
+        read_deadline = ReadDeadline(loop, task)  # one timer for every read (read_deadline.py)
+        try:
+            await self._read_frames(requests, loop, read_deadline)
+        finally:
+            read_deadline.close()
+
+    async def _read_frames(
+        self, requests: asyncio.TaskGroup, loop: asyncio.AbstractEventLoop, read_deadline: ReadDeadline
+    ) -> None:
+        config = self.server.config
         handshake_deadline = loop.time() + config.handshake_timeout_ms / 1000
         frame_deadline: float | None = None  # of the frame partly received
         frames_received = 0
@@ -154,7 +181,7 @@ class ClientSession:
             else:
                 deadline, reason = loop.time() + config.idle_timeout_ms / 1000, "idle"
             try:
-                async with asyncio.timeout_at(deadline):  # no task per read, unlike wait_for
+                with read_deadline.at(deadline):
                     if self.connection.incomplete_frame_bytes != self._frame_bytes_reserved:
                         await self._reserve_frame_bytes(self.connection.incomplete_frame_bytes)
                     await self.throttle.wait()
@@ -200,8 +227,7 @@ class ClientSession:
             event = self.connection.next_event()
             if event is NEED_DATA:
                 return True
-            statistics = self.connection.statistics()
-            consumed = statistics.bytes_received - statistics.buffered_bytes
+            consumed = self.connection.consumed_bytes
             size, self._consumed_bytes = consumed - self._consumed_bytes, consumed
             if isinstance(event, ConnectionClosed):
                 return False
@@ -235,8 +261,18 @@ class ClientSession:
                     await self._write(error_reply(event, error))
                 else:
                     self.throttle.started(size)
-                    task = requests.create_task(self._serve(event))
-                    task.add_done_callback(functools.partial(self._answered, size))
+                    if not _start_eagerly(event):
+                        task = requests.create_task(self._serve(event))
+                        task.add_done_callback(functools.partial(self._answered, size))
+                        continue
+                    # Served here up to its first wait; a task only if it waits (eager.py).
+                    coroutine = self._serve(event)
+                    waiting_on = start_eagerly(coroutine)
+                    if waiting_on is None:
+                        self.throttle.answered(size)
+                    else:
+                        task = requests.create_task(resume(coroutine, waiting_on))
+                        task.add_done_callback(functools.partial(self._answered, size))
 
     def _answered(self, size: int, _task: asyncio.Task[None]) -> None:
         self.throttle.answered(size)
@@ -339,16 +375,16 @@ class ClientSession:
             if pending:
                 self.writer.writelines(pending)
             if self.writer.transport.get_write_buffer_size():  # else drain has nothing to wait for
-                async with asyncio.timeout(timeout_s):
-                    await self.writer.drain()
+                # wait_for, not asyncio.timeout: this may run in the reader's task (eager.py)
+                await asyncio.wait_for(self.writer.drain(), timeout_s)
 
     async def _send_slice(self, piece: FileSlice, timeout_s: float) -> None:
         fd = piece.file.fileno()
         if fd is not None and self.server.sendfile:
             try:
                 loop = asyncio.get_running_loop()
-                async with asyncio.timeout(timeout_s):
-                    await loop.sendfile(
+                await asyncio.wait_for(  # not asyncio.timeout: see _write
+                    loop.sendfile(
                         self.writer.transport,
                         # sendfile calls only fileno() and seek(), all _SendfileSource has;
                         # typeshed asks for a whole IO[bytes]
@@ -356,7 +392,9 @@ class ClientSession:
                         piece.position,
                         piece.length,
                         fallback=False,
-                    )
+                    ),
+                    timeout_s,
+                )
                 return
             except (asyncio.SendfileNotAvailableError, RuntimeError, NotImplementedError):
                 self.server.sendfile = False  # this loop or transport cannot: copy from now on
