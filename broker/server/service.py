@@ -457,9 +457,10 @@ class Broker:
         config = self.store.topic_config(request.name)
         if config is None:
             raise UnknownTopicError(f"topic {request.name!r} does not exist")
-        # While partitions open after a start, those not open yet report their checkpoints
-        # (sizes -1), read in a thread: a topic of thousands of partitions reads as many files.
-        if self.store.opening:
+        # Partitions not open (after a start, until first used) report their checkpoints
+        # (sizes -1): read once each, in a thread (a topic of thousands of partitions
+        # reads as many files), then kept by the store.
+        if not self.store.summaries_read(request.name):
             partitions = await asyncio.to_thread(self._partition_states, request.name, config.partitions)
         else:
             partitions = self._partition_states(request.name, config.partitions)
