@@ -24,6 +24,7 @@ import collections
 import enum
 import itertools
 import logging
+import math
 import os
 import shutil
 import threading
@@ -82,6 +83,9 @@ PARTITION_OPEN_WAIT_S = 600.0
 # single, active segment is never deleted by retention nor compacted), so a sweep
 # costs at most about this many clean opens (each well under a millisecond).
 DORMANT_OPENS_PER_SWEEP_MAX = 200
+# close_idle(): at most this many logs closed per call (their clean closes run in
+# parallel on the fsync pool; one unchanged since it opened writes nothing).
+IDLE_CLOSES_PER_SWEEP_MAX = 500
 
 logger = logging.getLogger("nodi.storage")
 
@@ -147,6 +151,7 @@ class _SlotState(enum.Enum):
     PENDING = "pending"  # registered, not opened (a background open)
     OPENING = "opening"  # one thread is opening it
     OPEN = "open"
+    CLOSING = "closing"  # idle: its log is being closed, then PENDING (clean) again
     FAILED = "failed"  # Log.open raised: the partition serves nothing (PartitionOpenError)
     GONE = "gone"  # its topic was deleted, or the store closed before it opened
 
@@ -170,6 +175,8 @@ class _Slot:
         "hurried",
         "summary",
         "segment_files",
+        "last_used",
+        "cleanup_after_ms",
     )
 
     def __init__(self, topic: str, partition: int, config: TopicConfig, log: Log | None = None) -> None:
@@ -188,6 +195,11 @@ class _Slot:
         self.summary: PartitionSummary | None = None
         # While not open: how many segment files its directory holds (read once).
         self.segment_files: int | None = None
+        # time.monotonic() of the last log()/opened_log() that asked for it.
+        self.last_used = time.monotonic()
+        # After an idle close: retention need not look at it before this time (ms of
+        # the store's clock; inf: not while it stays closed). None: unknown.
+        self.cleanup_after_ms: float | None = None
 
 
 @dataclass
@@ -236,6 +248,8 @@ class PartitionOpenStatistics:
     open: int = 0
     # Of opened_on_demand, those the retention sweep opened (never used since the start).
     opened_for_cleanup: int = 0
+    # Logs closed for being idle (close_idle), since the store opened.
+    idle_closed: int = 0
 
 
 class Store:
@@ -281,6 +295,9 @@ class Store:
         self._background_ended: float | None = None
         self._opened_on_demand = 0
         self._opened_for_cleanup = 0
+        self._idle_closed = 0
+        # id(log) -> holders (pin()): such a log is not closed for being idle.
+        self._pinned: dict[int, int] = {}
         self._not_ready_refusals = 0
         self._registered = False  # the partitions were registered, not opened (a background open)
         self._registered_unclean = 0
@@ -288,6 +305,10 @@ class Store:
         # the log is handed to anyone (a background open only): the broker's per-partition
         # preparation (watchers, publish dedup). An exception fails the partition's open.
         self.on_partition_opened: Callable[[str, int, Log], None] | None = None
+        # Called by close_idle() with (topic, partition, log) once nobody can get the
+        # log from the store any more: False keeps it open (the broker has a reader
+        # waiting on it); True, and the caller has let go of it (no listener left).
+        self.on_partition_closing: Callable[[str, int, Log], bool] | None = None
 
     @classmethod
     def open(
@@ -572,6 +593,7 @@ class Store:
         if not 0 <= partition < len(entry.slots):
             raise UnknownTopicError(f"topic {topic!r} has no partition {partition}")
         slot = entry.slots[partition]
+        slot.last_used = time.monotonic()  # before reading slot.log: close_idle checks it after clearing it
         log = slot.log
         if log is not None:
             return log
@@ -585,10 +607,12 @@ class Store:
         if entry is None or not 0 <= partition < len(entry.slots):
             return None
         slot = entry.slots[partition]
-        if slot.log is None:
+        slot.last_used = time.monotonic()
+        log = slot.log
+        if log is None:
             with self._lock:
                 self._hurry_locked(slot)
-        return slot.log
+        return log
 
     def recovering(self, topic: str, partition: int) -> bool:
         """Whether the partition was not closed cleanly and is not open yet: what it
@@ -628,7 +652,8 @@ class Store:
 
     def _dormant_summary(self, slot: _Slot) -> PartitionSummary | None:
         """A partition not open: its checkpoint's offsets (None without a readable
-        one), read once and kept while it stays not open (its files do not change)."""
+        one), read once and kept while it stays not open (its files do not change);
+        one closed for being idle: its log's last figures, sizes included."""
         summary = slot.summary
         if summary is None:
             checkpoint = read_checkpoint(self._log_fs, partition_directory(self.data_dir, slot.topic, slot.partition))
@@ -636,9 +661,91 @@ class Store:
                 return None
             end = checkpoint.recovery_offset
             summary = PartitionSummary(min(checkpoint.log_start_offset, end), end, end, None, None)
-            if slot.clean:  # an unclean one's recovery point is a lower bound until it is recovered
-                slot.summary = summary
+            with self._lock:
+                # An unclean one's recovery point is a lower bound until it is recovered.
+                if slot.clean and slot.state is _SlotState.PENDING and slot.summary is None:
+                    slot.summary = summary
         return summary
+
+    # -- closing idle partitions ------------------------------------------------------
+
+    def pin(self, log: Log) -> bool:
+        """Hold `log` open (close_idle leaves it) until unpin(); False, and nothing
+        held, when it was closed already (the caller gets it again from log())."""
+        with self._lock:
+            if log.closed:
+                return False
+            self._pinned[id(log)] = self._pinned.get(id(log), 0) + 1
+            return True
+
+    def unpin(self, log: Log) -> None:
+        with self._lock:
+            left = self._pinned.get(id(log), 0) - 1
+            if left > 0:
+                self._pinned[id(log)] = left
+            else:
+                self._pinned.pop(id(log), None)
+
+    def close_idle(self, idle_s: float, closes_max: int = IDLE_CLOSES_PER_SWEEP_MAX) -> int:
+        """Close cleanly up to `closes_max` partition logs nothing asked for (log(),
+        opened_log()) in `idle_s` seconds, and none that is pinned, damaged or
+        read-only, has an fsync queued, running or waited for, or that the
+        on_partition_closing hook keeps (a reader waiting). Each goes back to
+        registered, as a clean partition after a start: its marker written, its files
+        and buffers released, opened again on next use. Returns how many closed."""
+        cutoff = time.monotonic() - idle_s
+        claimed: list[tuple[_Slot, Log]] = []
+        with self._lock:
+            if self._closing:
+                return 0
+            for topic in self._topics.values():
+                for slot in topic.slots:
+                    log = slot.log
+                    if len(claimed) >= closes_max:
+                        break
+                    if log is None or slot.state is not _SlotState.OPEN or slot.last_used > cutoff:
+                        continue
+                    if id(log) in self._pinned or log.failed or log.closed or log.busy:
+                        continue
+                    slot.summary = _summary_of(log)  # what describe says while it closes
+                    slot.log, slot.state = None, _SlotState.CLOSING
+                    claimed.append((slot, log))
+        closing: list[tuple[_Slot, Log]] = []
+        for slot, log in claimed:
+            # log() sets last_used before it reads slot.log: one that got this log
+            # before it was taken away above shows here.
+            keep = slot.last_used > cutoff or (
+                self.on_partition_closing is not None and not self.on_partition_closing(slot.topic, slot.partition, log)
+            )
+            if keep:
+                with self._lock:
+                    slot.summary = None
+                    slot.log, slot.state = log, _SlotState.OPEN
+                    self._opening_ended.notify_all()
+            else:
+                closing.append((slot, log))
+        if not closing:
+            return 0
+        cleanup_after = [_cleanup_after_ms(log) for _, log in closing]
+        self.fsync_pool.run_all([log.close for _, log in closing], timeout_s=STORE_CLOSE_TIMEOUT_S)
+        for (slot, log), after_ms in zip(closing, cleanup_after, strict=True):
+            with self._lock:
+                if log.failed:  # the clean close failed: read-only until a restart recovers it (I9)
+                    slot.state = _SlotState.FAILED
+                    slot.error = PartitionOpenError(
+                        f"partition {slot.topic}-{slot.partition}: its clean close failed; it serves nothing "
+                        "until a restart"
+                    )
+                    logger.error("%s", slot.error)
+                else:
+                    slot.summary = _summary_of(log)
+                    slot.segment_files = len(log.segments)
+                    slot.cleanup_after_ms = after_ms
+                    slot.clean, slot.hurried = True, False
+                    slot.state = _SlotState.PENDING
+                    self._idle_closed += 1
+                self._opening_ended.notify_all()
+        return len(closing)
 
     def high_watermark_nowait(self, topic: str, partition: int) -> int | None:
         """What consumers may read up to, without opening the partition nor moving it
@@ -687,6 +794,7 @@ class Store:
             return PartitionOpenStatistics(
                 open=sum(1 for slot in slots if slot.log is not None),
                 opened_for_cleanup=self._opened_for_cleanup,
+                idle_closed=self._idle_closed,
                 partitions=len(slots),
                 not_open=len(not_open),
                 not_open_unclean=sum(1 for slot in not_open if not slot.clean),
@@ -712,6 +820,8 @@ class Store:
                 self._background_ended = self._background_started
             for _ in range(count):
                 self._start_opener_locked()
+        if count == 0:
+            self._log_background_done()
 
     def _start_opener_locked(self) -> None:
         """One more opener thread (the finished ones are forgotten here)."""
@@ -752,16 +862,19 @@ class Store:
             if first_end and self._closing:
                 logger.info("partitions: the background open stopped for the close")
             elif first_end:
-                statistics = self.open_statistics()
-                logger.info(
-                    "partitions: %d not closed cleanly recovered after %.2f s in the background (%d failed); "
-                    "%d open, %d registered until first use",
-                    self._registered_unclean,
-                    statistics.background_seconds,
-                    statistics.failed,
-                    statistics.open,
-                    statistics.not_open,
-                )
+                self._log_background_done()
+
+    def _log_background_done(self) -> None:
+        statistics = self.open_statistics()
+        logger.info(
+            "partitions: %d not closed cleanly recovered after %.2f s in the background (%d failed); "
+            "%d open, %d registered until first use",
+            self._registered_unclean,
+            statistics.background_seconds,
+            statistics.failed,
+            statistics.open,
+            statistics.not_open,
+        )
 
     def _open_on_demand(self, slot: _Slot, recover_now: bool) -> Log:
         with self._lock:
@@ -775,6 +888,11 @@ class Store:
                 raise LogClosedError(f"partition {slot.topic}-{slot.partition}: the data directory is closing")
             if state is _SlotState.GONE:
                 raise UnknownTopicError(f"topic {slot.topic!r} was deleted")
+            if state is _SlotState.CLOSING and not recover_now:
+                self._not_ready_refusals += 1
+                raise PartitionNotReadyError(
+                    f"partition {slot.topic}-{slot.partition} is being closed for being idle: retry in a moment"
+                )
             claimed = state is _SlotState.PENDING and (slot.clean or recover_now)
             if claimed:
                 slot.state = _SlotState.OPENING
@@ -808,7 +926,7 @@ class Store:
         when it still does."""
         deadline = time.monotonic() + PARTITION_OPEN_WAIT_S
         with self._lock:
-            while slot.state is _SlotState.OPENING:
+            while slot.state in (_SlotState.OPENING, _SlotState.CLOSING):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -847,6 +965,8 @@ class Store:
             raise failure from error
         with self._lock:
             slot.log, slot.state = log, _SlotState.OPEN
+            slot.summary = slot.segment_files = slot.cleanup_after_ms = None  # its log says from now on
+            slot.last_used = time.monotonic()
             self._opening_ended.notify_all()
         return log
 
@@ -916,6 +1036,8 @@ class Store:
                 slot.segment_files = sum(1 for name in names if name.endswith(".log"))
             if slot.segment_files <= 1 or slot.log is not None:
                 continue
+            if slot.cleanup_after_ms is not None and self._clock_ms() < slot.cleanup_after_ms:
+                continue  # closed for being idle with nothing for retention to do before then
             try:
                 log = self.log(slot.topic, slot.partition)
             except NodiError:  # failed (logged), deleted, or another thread opens it now
@@ -962,6 +1084,36 @@ class Store:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _summary_of(log: Log) -> PartitionSummary:
+    segments = log.segments
+    return PartitionSummary(
+        log.log_start_offset,
+        log.next_offset,
+        log.readable_end_offset,
+        sum(segment.size for segment in segments),
+        len(segments),
+    )
+
+
+def _cleanup_after_ms(log: Log) -> float:
+    """When retention may next act on `log` if nothing changes it (its files stay as
+    they are while it is closed): now for a log over retention_bytes, the oldest sealed
+    segment's expiry under retention_ms, never for a single segment or a compacted log
+    (compaction had its runs while it was open)."""
+    segments = log.segments
+    config = log.config
+    if len(segments) <= 1 or not config.dense_offsets:
+        return math.inf
+    due = math.inf
+    if config.retention_bytes is not None:
+        total = sum(segment.size for segment in segments)
+        if total - segments[0].size >= config.retention_bytes:
+            due = 0.0
+    if config.retention_ms is not None:
+        due = min(due, segments[0].max_timestamp + config.retention_ms)
+    return due
 
 
 def _cleanup_applies(config: TopicConfig) -> bool:

@@ -18,10 +18,11 @@ import subprocess
 import threading
 import time
 
+from nodi.broker import Client
 from nodi.broker.client.async_client import AsyncClient
 from nodi.storage.file_budget import FILES_LIMIT_MIN
 
-from conftest import NODI, BrokerProcess
+from conftest import NODI, BrokerProcess, received
 from test_ops_metrics import scrape, value
 
 PARTITIONS = int(os.environ.get("NODI_TEST_PARTITIONS", "400"))
@@ -346,3 +347,78 @@ def test_a_clean_restart_opens_no_partition_until_used_and_retention_still_reach
     assert (kept[1].log_start_offset, kept[1].log_end_offset, kept[1].size) == (0, 1, -1)
     assert values == [b"idle %d" % number for number in range(IDLE_PARTITIONS)]
     assert open_after_reads == IDLE_PARTITIONS + 1
+
+
+# -- partitions in use only: an idle log is closed and reopens on next use (issue 18) --
+
+IDLE_TOPIC_PARTITIONS = 4
+
+
+def _wait_gauge(port: int | None, name: str, wanted: float) -> float:
+    deadline = time.monotonic() + 60
+    found = _gauge(port, name)
+    while found != wanted and time.monotonic() < deadline:
+        time.sleep(0.1)
+        found = _gauge(port, name)
+    return found
+
+
+def _queue_state(client: Client) -> list[tuple[int, int, int, int]]:
+    described = client.describe_queue("q", "workers")
+    return [(p.partition, p.ack_floor, p.next_offset, p.leased) for p in described.partitions]
+
+
+def test_an_idle_partition_closes_reopens_with_its_state_and_survives_kill_9(tmp_path) -> None:
+    data_dir = str(tmp_path / "data")
+    environment = {"NODI_PARTITION_IDLE_CLOSE_MS": "1000"}
+    broker = BrokerProcess(data_dir, metrics=True, environment=environment).start()
+    try:
+        with Client(broker.address, timeout_ms=60_000) as client:
+            client.create_topic("q", partitions=IDLE_TOPIC_PARTITIONS)
+            for number in range(3):
+                for partition in range(IDLE_TOPIC_PARTITIONS):
+                    client.produce("q", b"q%d-%d" % (partition, number), partition=partition, acks="durable")
+            original = client.produce("q", b"keyed", idempotency_key="order-7", partition=1, acks="durable")
+            with client.queue("q", "workers", ack_wait_ms=600_000, batch_max=1) as queue:
+                first = received(queue.receive(timeout_ms=10_000))
+                first.ack()
+                received(queue.receive(timeout_ms=10_000))  # leased, not settled
+                queue.flush()
+            before = _queue_state(client)
+        # Nothing uses them now: every log closes (clean marker written, files released).
+        assert _wait_gauge(broker.metrics_port, "nodi_partitions_open", 0) == 0
+        assert _gauge(broker.metrics_port, "nodi_partitions_idle_closed_total") >= IDLE_TOPIC_PARTITIONS
+        with Client(broker.address, timeout_ms=60_000) as client:
+            described = client.describe_topic("q").partitions  # from the closed logs' figures
+            after_close = _queue_state(client)
+            repeated = client.produce("q", b"keyed again", idempotency_key="order-7", partition=2)
+            reopened = [[m.value for m in client.fetch("q", p, 0)] for p in range(IDLE_TOPIC_PARTITIONS)]
+            appended = client.produce("q", b"after", partition=0, acks="durable")
+        # Closed again, then killed: the close left each partition whole and marked clean.
+        assert _wait_gauge(broker.metrics_port, "nodi_partitions_open", 0) == 0
+        broker.kill()
+        broker = BrokerProcess(data_dir, environment=environment).start()
+        with Client(broker.address, timeout_ms=60_000) as client:
+            after_kill = [[m.value for m in client.fetch("q", p, 0)] for p in range(IDLE_TOPIC_PARTITIONS)]
+            after_kill_state = _queue_state(client)
+            repeated_after_kill = client.produce("q", b"keyed again", idempotency_key="order-7", partition=3)
+        assert broker.stop() == 0
+    finally:
+        broker.kill()
+    output = "".join(broker.output)
+    assert "unclean start" not in output, output[-3000:]
+    assert "partitions: 0 not closed cleanly recovered" in output, output[-3000:]
+    expected = [[b"q%d-%d" % (p, n) for n in range(3)] + ([b"keyed"] if p == 1 else []) for p in range(4)]
+    assert [(p.log_start_offset, p.log_end_offset, p.segments) for p in described] == [
+        (0, len(values), 1) for values in expected
+    ]
+    assert all(p.size > 0 for p in described)
+    assert after_close == before
+    assert repeated == original  # publish dedup: the original's partition and offset
+    assert reopened == expected
+    assert appended == (0, 3)
+    expected[0].append(b"after")
+    assert after_kill == expected
+    # What a restart keeps of a queue group (its ack floors; the window is read again).
+    assert [state[:2] for state in after_kill_state] == [state[:2] for state in before]
+    assert repeated_after_kill == original

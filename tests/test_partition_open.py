@@ -280,3 +280,77 @@ def test_retention_reaches_partitions_not_used_since_the_start_and_opens_only_th
         assert store.logs()[0][2].log_start_offset == 2
     with Store.open(tmp_path) as store:
         assert [store.log("r", partition).log_start_offset for partition in range(3)] == [2, 0, 2]
+
+
+# -- partitions in use only: idle logs are closed and reopen on next use (issue 18) ----
+
+
+def _idempotent(value: bytes, sequence: int) -> bytes:
+    return records.build_batch(
+        [records.NewRecord(None, value)], producer_id=77, producer_epoch=0, base_sequence=sequence
+    )
+
+
+def test_an_idle_log_is_closed_cleanly_and_reopens_with_its_offsets_and_producer_state(tmp_path):
+    with Store.open(tmp_path, open_in_background=True) as store:
+        store.start_background_open()
+        store.create_topic("i", TopicConfig(partitions=2))
+        first = store.log("i", 0).append(_idempotent(b"one", 0))
+        store.log("i", 0).append(_idempotent(b"two", 1))
+        store.log("i", 1).append(_batch(b"other"))
+        time.sleep(0.05)
+        store.log("i", 1)  # used just now: stays open
+        assert store.close_idle(0.04) == 1
+        directory = partition_directory(tmp_path, "i", 0)
+        assert os.path.exists(os.path.join(directory, CLEAN_SHUTDOWN_FILE))
+        statistics = store.open_statistics()
+        assert (statistics.open, statistics.not_open, statistics.idle_closed) == (1, 1, 1)
+        assert [partition for _, partition, _ in store.logs()] == [1]
+        # Described from the closed log's last figures, sizes included; nothing opened.
+        summary = store.partition_summary("i", 0)
+        assert (summary.log_start_offset, summary.log_end_offset, summary.segment_count) == (0, 2, 1)
+        assert summary.byte_count is not None and summary.byte_count > 0
+        assert store.open_statistics().open == 1
+        # The producer's retry after the reopen is still known: nothing written again.
+        retried = store.log("i", 0).append(_idempotent(b"one", 0))
+        assert retried.duplicate and retried.first_offset == first.first_offset
+        assert store.log("i", 0).append(_idempotent(b"three", 2)).first_offset == 2
+        assert _values_of(store, "i", 0) == [b"one", b"two", b"three"]
+        assert not os.path.exists(os.path.join(directory, CLEAN_SHUTDOWN_FILE))  # changed since
+    with Store.open(tmp_path) as store:
+        assert all(report.clean_shutdown for report in store.open_report.recoveries)
+        assert _values_of(store, "i", 0) == [b"one", b"two", b"three"]
+
+
+def _values_of(store: Store, topic: str, partition: int) -> list[bytes | None]:
+    data = store.log(topic, partition).read_bytes(0, 1 << 20)
+    return [record.value for record in records.decode_batches(data)]
+
+
+def test_a_pinned_or_waited_on_log_is_not_closed_and_a_closed_one_refuses_changes(tmp_path):
+    with Store.open(tmp_path, open_in_background=True) as store:
+        store.start_background_open()
+        store.create_topic("p", TopicConfig(partitions=2, retention_bytes=1))
+        pinned = store.log("p", 0)
+        assert store.pin(pinned)
+        kept = store.log("p", 1)
+        kept.append(_batch(b"a"))
+        kept.roll()
+        kept.append(_batch(b"b"))
+        store.on_partition_closing = lambda topic, partition, log: False  # a reader waits on it
+        time.sleep(0.02)
+        assert store.close_idle(0.01) == 0
+        assert store.logs()[0][2] is pinned and store.log("p", 1) is kept
+        store.on_partition_closing = None
+        store.unpin(pinned)
+        time.sleep(0.02)
+        assert store.close_idle(0.01) == 2
+        assert not store.pin(pinned)  # closed: a caller must ask log() again
+        # Retention that took the log before it closed leaves it alone (its files stay
+        # as the clean close wrote them).
+        assert kept.apply_retention() == []
+        assert os.path.exists(os.path.join(partition_directory(tmp_path, "p", 1), CLEAN_SHUTDOWN_FILE))
+        # The retention sweep reopens it (two segments, over retention_bytes) and applies it.
+        deleted = store.apply_retention()
+        assert {key: len(segments) for key, segments in deleted.items()} == {("p", 1): 1}
+        assert store.log("p", 1).log_start_offset == 1

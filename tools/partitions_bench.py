@@ -17,9 +17,12 @@ temporary data directory on a disk file system, never tmpfs):
 - produce: --requests durable produces of one 1 KiB message, each to a random partition,
   one at a time (latency p50/p99, the broker's threads sampled throughout);
 - clean restart: SIGTERM, then `nodi serve` again, timed from its start to its
-  listening line, to the first read of the last partition (which the background open
-  reaches last: opened on demand), and to its "partitions: ... open" line (every
-  partition open; docs/operations.md, "Start");
+  listening line, to the answer of a new client's first DescribeTopic (and how long
+  that request took), to the first read of the last partition (opened on demand), and
+  to the line saying the background open is done (every partition open, on a broker
+  that opens them all; the unclean ones recovered, on one that opens the clean ones
+  on first use; docs/operations.md, "Start"); then the RSS per partition beyond the
+  empty broker's;
 - restart after kill -9: the produce phase again (partitions written and not closed
   cleanly), SIGKILL, then the same timed start.
 Beside them, the disk's own write+fdatasync latency (1 KiB, one file), measured in the
@@ -106,7 +109,18 @@ async def _produce(address: str, partitions: int, requests: int, pid: int) -> di
     }
 
 
-ALL_OPEN = re.compile(r"partitions: \d+ open after")
+# The background open's last line: "N open after" (every partition opened), or "N not
+# closed cleanly recovered after" (a broker that opens clean ones on first use).
+BACKGROUND_DONE = re.compile(r"partitions: (\d+ open after|\d+ not closed cleanly recovered after)")
+
+
+async def _describe(address: str) -> float:
+    """Seconds a new client's DescribeTopic of the topic took."""
+    async with AsyncClient(address, timeout_ms=60_000) as client:
+        started = time.perf_counter()
+        description = await client.describe_topic(TOPIC)
+        assert description.partition_count >= 1
+        return time.perf_counter() - started
 
 
 async def _first_read(address: str, partition: int) -> None:
@@ -115,21 +129,30 @@ async def _first_read(address: str, partition: int) -> None:
         assert messages, f"partition {partition} read back empty"
 
 
-def _timed_start(server: NodiServer, partitions: int) -> tuple[float, float, float]:
-    """Seconds from the start of `nodi serve` to its listening line, to the first read
-    of the last partition served, and to its line saying every partition is open."""
+def _timed_start(server: NodiServer, partitions: int) -> dict[str, float]:
+    """Seconds from the start of `nodi serve` to its listening line, to a DescribeTopic
+    answered (and the request's own time), to the first read of the last partition
+    served, and to its line saying the background open is done."""
     started = time.perf_counter()
     server.start()
     listening = time.perf_counter() - started
+    describe_request = asyncio.run(_describe(server.address))
+    described = time.perf_counter() - started
     asyncio.run(_first_read(server.address, partitions - 1))
     first_read = time.perf_counter() - started
     deadline = time.monotonic() + RESTART_TIMEOUT_S
     while time.monotonic() < deadline:
         with open(server.log_path) as output:
-            if ALL_OPEN.search(output.read()):
+            if BACKGROUND_DONE.search(output.read()):
                 break
         time.sleep(0.02)
-    return listening, first_read, time.perf_counter() - started
+    return {
+        "listening_s": listening,
+        "described_s": described,
+        "describe_request_s": describe_request,
+        "first_read_s": first_read,
+        "background_done_s": time.perf_counter() - started,
+    }
 
 
 def measure(partitions: int, requests: int, parent: str) -> dict:
@@ -152,36 +175,35 @@ def measure(partitions: int, requests: int, parent: str) -> dict:
         progress(f"  produce p50 {produce['p50_ms']:.3f} ms, p99 {produce['p99_ms']:.3f} ms")
         server.stop()  # SIGTERM: a clean stop
         server.start_timeout_s = RESTART_TIMEOUT_S
-        clean_s, clean_read_s, clean_open_s = _timed_start(server, partitions)
+        clean = _timed_start(server, partitions)
         assert server.pid is not None
+        time.sleep(0.5)
         after_clean = _status(server.pid)
         asyncio.run(_produce(server.address, partitions, max(requests // 4, 10), server.pid))
         assert server.process is not None
         os.kill(server.pid, signal.SIGKILL)
         server.process.wait(timeout=30)
         server.process = None
-        unclean_s, unclean_read_s, unclean_open_s = _timed_start(server, partitions)
+        unclean = _timed_start(server, partitions)
         progress(
-            f"  restart clean: listening {clean_s:.2f} s, last partition read {clean_read_s:.2f} s, "
-            f"all open {clean_open_s:.2f} s; after kill -9: {unclean_s:.2f} s, {unclean_read_s:.2f} s, "
-            f"{unclean_open_s:.2f} s"
+            f"  restart clean: listening {clean['listening_s']:.2f} s, described {clean['described_s']:.2f} s "
+            f"(request {clean['describe_request_s']:.3f} s), last partition read {clean['first_read_s']:.2f} s, "
+            f"background done {clean['background_done_s']:.2f} s; after kill -9: {unclean['listening_s']:.2f} s, "
+            f"{unclean['described_s']:.2f} s, {unclean['first_read_s']:.2f} s, {unclean['background_done_s']:.2f} s"
         )
         return {
             "partitions": partitions,
             "create_s": create_s,
             "fill_s": fill_s,
-            "restart_clean_s": clean_s,
-            "restart_after_kill_s": unclean_s,
-            "restart_clean_first_read_s": clean_read_s,
-            "restart_clean_all_open_s": clean_open_s,
-            "restart_after_kill_first_read_s": unclean_read_s,
-            "restart_after_kill_all_open_s": unclean_open_s,
+            "restart_clean": clean,
+            "restart_after_kill": unclean,
             "empty_rss_kib": empty["VmRSS"],
             "empty_threads": empty["Threads"],
             "idle_rss_kib": idle["VmRSS"],
             "idle_threads": idle["Threads"],
             "rss_per_partition_kib": (idle["VmRSS"] - empty["VmRSS"]) / partitions,
             "rss_after_clean_restart_kib": after_clean["VmRSS"],
+            "rss_per_partition_after_clean_restart_kib": (after_clean["VmRSS"] - empty["VmRSS"]) / partitions,
             "threads_after_clean_restart": after_clean["Threads"],
             "produce": produce,
         }
@@ -208,27 +230,34 @@ def main(argv: list[str] | None = None) -> int:
     base = cells[0]["produce"]["p50_ms"]
     print(f"disk 1 KiB write+fdatasync: p50 {disk['latency_ms_p50']:.3f} ms, p99 {disk['latency_ms_p99']:.3f} ms")
     print(
-        "| partitions | create s | one message each s | restart clean s | restart after kill -9 s | idle RSS MiB | RSS per partition KiB "
+        "| partitions | create s | one message each s | restart clean s | restart after kill -9 s | idle RSS MiB "
+        "| RSS per partition KiB (written / after a clean restart) "
         "| threads idle / produce / after restart | produce p50 ms | p99 ms | p50 vs first |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for cell in cells:
         produce = cell["produce"]
         print(
-            f"| {cell['partitions']:,} | {cell['create_s']:.2f} | {cell['fill_s']:.2f} | {cell['restart_clean_s']:.2f} "
-            f"| {cell['restart_after_kill_s']:.2f} | {cell['idle_rss_kib'] / 1024:.1f} "
-            f"| {cell['rss_per_partition_kib']:.1f} "
+            f"| {cell['partitions']:,} | {cell['create_s']:.2f} | {cell['fill_s']:.2f} "
+            f"| {cell['restart_clean']['listening_s']:.2f} | {cell['restart_after_kill']['listening_s']:.2f} "
+            f"| {cell['idle_rss_kib'] / 1024:.1f} "
+            f"| {cell['rss_per_partition_kib']:.1f} / {cell['rss_per_partition_after_clean_restart_kib']:.1f} "
             f"| {cell['idle_threads']} / {produce['threads_max']} / {cell['threads_after_clean_restart']} "
             f"| {produce['p50_ms']:.3f} | {produce['p99_ms']:.3f} | {produce['p50_ms'] / base:.2f} |"
         )
     print()
-    print("| partitions | restart | listening s | last partition read s | every partition open s |")
-    print("|---|---|---|---|---|")
+    print(
+        "| partitions | restart | listening s | first DescribeTopic answered s (request s) | last partition read s "
+        "| background open done s |"
+    )
+    print("|---|---|---|---|---|---|")
     for cell in cells:
         for name, key in (("clean", "restart_clean"), ("after kill -9", "restart_after_kill")):
+            times = cell[key]
             print(
-                f"| {cell['partitions']:,} | {name} | {cell[key + '_s']:.2f} | {cell[key + '_first_read_s']:.2f} "
-                f"| {cell[key + '_all_open_s']:.2f} |"
+                f"| {cell['partitions']:,} | {name} | {times['listening_s']:.2f} "
+                f"| {times['described_s']:.2f} ({times['describe_request_s']:.3f}) | {times['first_read_s']:.2f} "
+                f"| {times['background_done_s']:.2f} |"
             )
     if arguments.json_out:
         with open(arguments.json_out, "w") as output:

@@ -338,6 +338,11 @@ class _StoreCollector:
             "Of those, partitions the retention sweep opened (unused since the start, more than one segment)",
         )
         for_cleanup.add_metric([], opens.opened_for_cleanup)
+        idle_closed = CounterMetricFamily(
+            "nodi_partitions_idle_closed",
+            "Partition logs closed after partition_idle_close_ms unused (reopened on next use)",
+        )
+        idle_closed.add_metric([], opens.idle_closed)
         refusals = CounterMetricFamily(
             "nodi_partition_not_ready_refusals", "Requests answered PARTITION_NOT_READY (a partition still opening)"
         )
@@ -348,7 +353,7 @@ class _StoreCollector:
             "nodi_partitions_not_open_unclean is above 0)",
         )
         seconds.add_metric([], opens.background_seconds)
-        yield from (open_now, not_open, unclean, failed, on_demand, for_cleanup, refusals, seconds)
+        yield from (open_now, not_open, unclean, failed, on_demand, for_cleanup, idle_closed, refusals, seconds)
 
     def _metadata_families(self):
         """The metadata store (LMDB): whether commits are failing, and how often they did."""

@@ -72,6 +72,10 @@ class _PartitionWaiters:
     def waiting(self) -> bool:
         return bool(self.futures or self.durable)
 
+    def waiting_now(self) -> bool:
+        """Whether a fetch or an acknowledgement still waits (not one that timed out)."""
+        return any(not future.done() for future in self.futures) or any(not entry[2].done() for entry in self.durable)
+
     def wake(self) -> None:
         for future in self.futures:
             if not future.done():
@@ -169,6 +173,7 @@ class Broker:
         # background) is prepared by the hook before it is served; those open already
         # were read back by the publish dedup above and are watched here.
         self.store.on_partition_opened = self._partition_opened
+        self.store.on_partition_closing = self._partition_closing
         for _, _, partition_log in self.store.logs():
             self._watch(partition_log)
         tasks.create_task(self._expire_members())
@@ -274,6 +279,19 @@ class Broker:
             add()
         else:
             loop.call_soon_threadsafe(add)
+
+    def _partition_closing(self, topic: str, partition: int, partition_log: Log) -> bool:
+        """The store's hook before it closes an idle log (any thread; nobody can get
+        the log from the store any more): keep it while a fetch or an acknowledgement
+        waits on it, else stop watching it (no wake: nothing waits)."""
+        waiters = self._waiters.get(id(partition_log))
+        if waiters is not None and waiters.waiting_now():
+            return False
+        callback = self._listeners.pop(id(partition_log), None)
+        if callback is not None:
+            partition_log.remove_readable_listener(callback)
+        self._waiters.pop(id(partition_log), None)
+        return True
 
     def _check_dedup_read_back(self, topic: str) -> None:
         """PartitionNotReadyError while some partition of `topic` has not had its
