@@ -83,8 +83,8 @@ PARTITION_OPEN_WAIT_S = 600.0
 # single, active segment is never deleted by retention nor compacted), so a sweep
 # costs at most about this many clean opens (each well under a millisecond).
 DORMANT_OPENS_PER_SWEEP_MAX = 200
-# close_idle(): at most this many logs closed per call (their clean closes run in
-# parallel on the fsync pool; one unchanged since it opened writes nothing).
+# close_idle(): at most this many logs closed per call, one after the other (one
+# unchanged since it opened writes nothing; a changed one makes a few fsyncs).
 IDLE_CLOSES_PER_SWEEP_MAX = 500
 
 logger = logging.getLogger("nodi.storage")
@@ -726,9 +726,15 @@ class Store:
                 closing.append((slot, log))
         if not closing:
             return 0
-        cleanup_after = [_cleanup_after_ms(log) for _, log in closing]
-        self.fsync_pool.run_all([log.close for _, log in closing], timeout_s=STORE_CLOSE_TIMEOUT_S)
-        for (slot, log), after_ms in zip(closing, cleanup_after, strict=True):
+        for slot, log in closing:
+            # One after the other in this thread: most idle logs are unchanged since
+            # they opened and write nothing; the pool's threads (and the memory each
+            # new thread's allocator arena holds) are left to the produces.
+            after_ms = _cleanup_after_ms(log)
+            try:
+                log.close()
+            except (OSError, NodiError) as error:  # the log is read-only now (I9)
+                logger.error("closing idle partition %s-%d failed: %s", slot.topic, slot.partition, error)
             with self._lock:
                 if log.failed:  # the clean close failed: read-only until a restart recovers it (I9)
                     slot.state = _SlotState.FAILED

@@ -24,7 +24,10 @@ temporary data directory on a disk file system, never tmpfs):
   on first use; docs/operations.md, "Start"); then the RSS per partition beyond the
   empty broker's;
 - restart after kill -9: the produce phase again (partitions written and not closed
-  cleanly), SIGKILL, then the same timed start.
+  cleanly), SIGKILL, then the same timed start;
+- with --idle-close-ms MS (a broker that closes idle partitions): a restart with
+  partition_idle_close_ms MS, every partition read (all open: RSS), then the time
+  until the broker reports none open (nodi_partitions_open) and the RSS after.
 Beside them, the disk's own write+fdatasync latency (1 KiB, one file), measured in the
 same run. Nothing here asserts a timing; tests/test_bench_smoke.py runs --quick.
 """
@@ -43,6 +46,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 
 from nodi.broker.client.async_client import AsyncClient
 from tools import storage_bench
@@ -114,6 +118,49 @@ async def _produce(address: str, partitions: int, requests: int, pid: int) -> di
 BACKGROUND_DONE = re.compile(r"partitions: (\d+ open after|\d+ not closed cleanly recovered after)")
 
 
+async def _read_every(address: str, partitions: int) -> None:
+    async with AsyncClient(address, timeout_ms=600_000) as client:
+        for first in range(0, partitions, 100):
+            await asyncio.gather(
+                *(client.fetch(TOPIC, partition, 0) for partition in range(first, min(partitions, first + 100)))
+            )
+
+
+OPEN_GAUGE = re.compile(r"^nodi_partitions_open (\S+)$", re.MULTILINE)
+
+
+def _partitions_open(metrics_port: int) -> float:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    text = opener.open(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).read().decode()
+    found = OPEN_GAUGE.search(text)
+    assert found, "no nodi_partitions_open gauge: a broker that does not close idle partitions"
+    return float(found.group(1))
+
+
+def _idle_close(server: NodiServer, partitions: int, idle_close_ms: int) -> dict[str, float]:
+    """Restart with partition_idle_close_ms, open every partition by reading it, then
+    wait until none is open: RSS at both ends, seconds until all were closed."""
+    server.stop()
+    server.metrics = True
+    os.environ["NODI_PARTITION_IDLE_CLOSE_MS"] = str(idle_close_ms)
+    try:
+        server.start()
+    finally:
+        del os.environ["NODI_PARTITION_IDLE_CLOSE_MS"]
+    assert server.pid is not None and server.metrics_port is not None
+    asyncio.run(_read_every(server.address, partitions))
+    read = time.perf_counter()
+    _partitions_open(server.metrics_port)  # a scrape's own allocations (every open log's series) counted here too
+    all_open = _status(server.pid)
+    deadline = time.monotonic() + RESTART_TIMEOUT_S + idle_close_ms / 1000
+    while _partitions_open(server.metrics_port) > 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    closed_s = time.perf_counter() - read
+    time.sleep(1.0)
+    after = _status(server.pid)
+    return {"all_open_rss_kib": all_open["VmRSS"], "closed_s": closed_s, "after_close_rss_kib": after["VmRSS"]}
+
+
 async def _describe(address: str) -> float:
     """Seconds a new client's DescribeTopic of the topic took."""
     async with AsyncClient(address, timeout_ms=60_000) as client:
@@ -155,7 +202,7 @@ def _timed_start(server: NodiServer, partitions: int) -> dict[str, float]:
     }
 
 
-def measure(partitions: int, requests: int, parent: str) -> dict:
+def measure(partitions: int, requests: int, parent: str, idle_close_ms: int = 0) -> dict:
     directory = tempfile.mkdtemp(prefix="nodi-partitions-bench-", dir=parent)
     server = NodiServer(directory, metrics=False)
     try:
@@ -191,8 +238,17 @@ def measure(partitions: int, requests: int, parent: str) -> dict:
             f"background done {clean['background_done_s']:.2f} s; after kill -9: {unclean['listening_s']:.2f} s, "
             f"{unclean['described_s']:.2f} s, {unclean['first_read_s']:.2f} s, {unclean['background_done_s']:.2f} s"
         )
+        idle_close: dict[str, float] = {}
+        if idle_close_ms:
+            idle_close = _idle_close(server, partitions, idle_close_ms)
+            progress(
+                f"  idle close: RSS {idle_close['all_open_rss_kib'] / 1024:.1f} MiB with all open, every one closed "
+                f"{idle_close['closed_s']:.2f} s after the reads, RSS then "
+                f"{idle_close['after_close_rss_kib'] / 1024:.1f} MiB"
+            )
         return {
             "partitions": partitions,
+            "idle_close": idle_close,
             "create_s": create_s,
             "fill_s": fill_s,
             "restart_clean": clean,
@@ -218,6 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=1000, help="Durable produces timed per count.")
     parser.add_argument("--quick", action="store_true", help="Seconds-long smoke run (20 partitions).")
     parser.add_argument("--json-out", help="Write the figures here as JSON.")
+    parser.add_argument(
+        "--idle-close-ms",
+        type=int,
+        default=0,
+        help="Also restart with partition_idle_close_ms this, open every partition and time their idle close.",
+    )
     arguments = parser.parse_args(argv)
     if arguments.quick:
         arguments.partitions, arguments.requests = [20], 20
@@ -226,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parent = storage_bench.default_data_parent()
     disk = storage_bench.raw_fdatasync_loop(parent, 1024, 1, 0.5 if arguments.quick else 2.0)
     progress(f"disk: 1 KiB write+fdatasync p50 {disk['latency_ms_p50']:.3f} ms, p99 {disk['latency_ms_p99']:.3f} ms")
-    cells = [measure(count, arguments.requests, parent) for count in arguments.partitions]
+    cells = [measure(count, arguments.requests, parent, arguments.idle_close_ms) for count in arguments.partitions]
     base = cells[0]["produce"]["p50_ms"]
     print(f"disk 1 KiB write+fdatasync: p50 {disk['latency_ms_p50']:.3f} ms, p99 {disk['latency_ms_p99']:.3f} ms")
     print(
@@ -258,6 +320,20 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {cell['partitions']:,} | {name} | {times['listening_s']:.2f} "
                 f"| {times['described_s']:.2f} ({times['describe_request_s']:.3f}) | {times['first_read_s']:.2f} "
                 f"| {times['background_done_s']:.2f} |"
+            )
+    if arguments.idle_close_ms:
+        print()
+        print(
+            f"| partitions | RSS MiB, every partition open | every one closed after (idle {arguments.idle_close_ms} ms) s "
+            "| RSS MiB after | RSS per partition freed KiB |"
+        )
+        print("|---|---|---|---|---|")
+        for cell in cells:
+            idle = cell["idle_close"]
+            freed = (idle["all_open_rss_kib"] - idle["after_close_rss_kib"]) / cell["partitions"]
+            print(
+                f"| {cell['partitions']:,} | {idle['all_open_rss_kib'] / 1024:.1f} | {idle['closed_s']:.2f} "
+                f"| {idle['after_close_rss_kib'] / 1024:.1f} | {freed:.1f} |"
             )
     if arguments.json_out:
         with open(arguments.json_out, "w") as output:

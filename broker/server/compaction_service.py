@@ -117,6 +117,8 @@ class CompactionService:
                 return
             except TimeoutError:
                 continue  # an on-demand run holds it; it will be clean after that
+            except LogClosedError:
+                continue  # closed for being idle since the pick: compacted when next open
             except (NodiError, OSError) as error:
                 log.error("compaction of %s-%d failed: %s", topic, partition, error)
                 continue
