@@ -292,6 +292,8 @@ def _idempotent(value: bytes, sequence: int) -> bytes:
 
 
 def test_an_idle_log_is_closed_cleanly_and_reopens_with_its_offsets_and_producer_state(tmp_path):
+    """I23: an idle close is a clean close (marker written), and the reopened log is the
+    same log: offsets, and an idempotent producer's retry still deduplicated."""
     with Store.open(tmp_path, open_in_background=True) as store:
         store.start_background_open()
         store.create_topic("i", TopicConfig(partitions=2))
@@ -328,6 +330,8 @@ def _values_of(store: Store, topic: str, partition: int) -> list[bytes | None]:
 
 
 def test_a_pinned_or_waited_on_log_is_not_closed_and_a_closed_one_refuses_changes(tmp_path):
+    """I23: what holds a log keeps it open; a retention pass that took a log before
+    its idle close changes nothing; the retention job reopens it when it is due."""
     with Store.open(tmp_path, open_in_background=True) as store:
         store.start_background_open()
         store.create_topic("p", TopicConfig(partitions=2, retention_bytes=1))
