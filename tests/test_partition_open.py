@@ -358,3 +358,24 @@ def test_a_pinned_or_waited_on_log_is_not_closed_and_a_closed_one_refuses_change
         deleted = store.apply_retention()
         assert {key: len(segments) for key, segments in deleted.items()} == {("p", 1): 1}
         assert store.log("p", 1).log_start_offset == 1
+
+
+def test_a_partition_opened_on_first_use_wakes_the_queue_receives_waiting_on_its_topic(data_dir):
+    """A queue group's receive skips the partitions not open and waits; the open of one
+    (hurried to an opener thread by that receive) wakes it to look again, rather than
+    leaving it to its timeout."""
+    with Store.open(data_dir, open_in_background=True) as store:
+
+        async def main() -> tuple[bool, bool]:
+            broker = Broker(store, ServerConfig(data_dir=store.data_dir))
+            broker._loop = asyncio.get_running_loop()  # as attach() sets it, without its tasks
+            store.on_partition_opened = broker._partition_opened
+            waiting = broker._loop.create_future()
+            other_topic = broker._loop.create_future()
+            broker.queues._waiters[("workers", "t")] = {waiting}
+            broker.queues._waiters[("workers", "elsewhere")] = {other_topic}
+            store.log("t", 2)  # opened here, on the loop's thread: the hook runs at once
+            await asyncio.sleep(0)
+            return waiting.done(), other_topic.done()
+
+        assert asyncio.run(main()) == (True, False)

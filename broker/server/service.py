@@ -251,6 +251,7 @@ class Broker:
         publish-dedup keys read back here and handed to the loop (which owns the dedup
         state; the topic's keyed produces wait for every partition's)."""
         self._watch(partition_log)
+        self._on_loop(lambda: self.queues.on_partition_opened(topic))
         unread = self._dedup_unread.get(topic)
         if unread is None or partition not in unread:
             return
@@ -268,6 +269,11 @@ class Broker:
                 if not left:
                     del self._dedup_unread[topic]
 
+        self._on_loop(add)
+
+    def _on_loop(self, call: Callable[[], None]) -> None:
+        """Run `call` on the broker's loop: now when this is the loop's thread, else
+        soon (from a store thread); not at all once the loop is gone (stopping)."""
         loop = self._loop
         if loop is None or loop.is_closed():
             return  # stopping: nothing is served any more
@@ -276,9 +282,9 @@ class Broker:
         except RuntimeError:
             running = None
         if running is loop:
-            add()
+            call()
         else:
-            loop.call_soon_threadsafe(add)
+            loop.call_soon_threadsafe(call)
 
     def _partition_closing(self, topic: str, partition: int, partition_log: Log) -> bool:
         """The store's hook before it closes an idle log (any thread; nobody can get
