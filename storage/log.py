@@ -762,6 +762,8 @@ class Log:
         if self.damage is not None:  # nothing leaves a damaged log but by its repair
             return deleted
         with self._lock:
+            if self._closed:  # closed (idle, or the store's close) after the caller took it
+                return deleted
             deleted.extend(self._remove_segments_below_start_locked(write=False))
             total = sum(segment.size for segment in self._segments)
             while len(self._segments) > 1:
@@ -1132,6 +1134,22 @@ class Log:
             error,
             reader,
         )
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def failed(self) -> bool:
+        """Whether the log refuses writes (a sticky error, or damage found at open)."""
+        return self._error is not None
+
+    @property
+    def busy(self) -> bool:
+        """Whether an fsync is queued or running, or a caller waits for one: a log the
+        store must not close for being idle."""
+        with self._lock:
+            return self._fsync_job_pending or self._fsync_running or bool(self._waiters)
 
     def close(self) -> None:
         """Clean close: fsync, write indexes and checkpoint, then the clean-shutdown

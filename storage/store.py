@@ -24,6 +24,7 @@ import collections
 import enum
 import itertools
 import logging
+import math
 import os
 import shutil
 import threading
@@ -76,6 +77,15 @@ PARTITION_OPENERS_MAX = 2
 # A caller that needs a partition another thread is opening (Store.log with
 # recover_now, a topic deletion, close) waits at most this long for it.
 PARTITION_OPEN_WAIT_S = 600.0
+# Clean partitions stay registered, not open, until something uses them (issue 18).
+# Retention and compaction still reach the ones never used: each apply_retention()
+# opens at most this many of them whose directory holds more than one segment (a
+# single, active segment is never deleted by retention nor compacted), so a sweep
+# costs at most about this many clean opens (each well under a millisecond).
+DORMANT_OPENS_PER_SWEEP_MAX = 200
+# close_idle(): at most this many logs closed per call, one after the other (one
+# unchanged since it opened writes nothing; a changed one makes a few fsyncs).
+IDLE_CLOSES_PER_SWEEP_MAX = 500
 
 logger = logging.getLogger("nodi.storage")
 
@@ -141,15 +151,33 @@ class _SlotState(enum.Enum):
     PENDING = "pending"  # registered, not opened (a background open)
     OPENING = "opening"  # one thread is opening it
     OPEN = "open"
+    CLOSING = "closing"  # idle: its log is being closed, then PENDING (clean) again
     FAILED = "failed"  # Log.open raised: the partition serves nothing (PartitionOpenError)
     GONE = "gone"  # its topic was deleted, or the store closed before it opened
 
 
 class _Slot:
     """One partition of a topic: its log once opened. State changes under Store._lock;
-    `log` is set once, with the state OPEN, after the on_partition_opened hook ran."""
+    `log` is set once, with the state OPEN, after the on_partition_opened hook ran.
 
-    __slots__ = ("topic", "partition", "config", "state", "log", "clean", "error", "hurried")
+    A clean slot PENDING and not hurried is dormant: registered, its files untouched
+    since their clean close, opened on first use; `summary` and `segment_files` cache
+    what is read of it meanwhile (its directory does not change while it is dormant)."""
+
+    __slots__ = (
+        "topic",
+        "partition",
+        "config",
+        "state",
+        "log",
+        "clean",
+        "error",
+        "hurried",
+        "summary",
+        "segment_files",
+        "last_used",
+        "cleanup_after_ms",
+    )
 
     def __init__(self, topic: str, partition: int, config: TopicConfig, log: Log | None = None) -> None:
         self.topic = topic
@@ -163,6 +191,15 @@ class _Slot:
         self.error: PartitionOpenError | None = None
         # Moved to the front of the background open by a request (_hurry_locked).
         self.hurried = False
+        # While not open: its offsets from the checkpoint, read once (partition_summary).
+        self.summary: PartitionSummary | None = None
+        # While not open: how many segment files its directory holds (read once).
+        self.segment_files: int | None = None
+        # time.monotonic() of the last log()/opened_log() that asked for it.
+        self.last_used = time.monotonic()
+        # After an idle close: retention need not look at it before this time (ms of
+        # the store's clock; inf: not while it stays closed). None: unknown.
+        self.cleanup_after_ms: float | None = None
 
 
 @dataclass
@@ -192,18 +229,27 @@ class PartitionOpenStatistics:
     """How far a background open of the partitions has come (Store.open_statistics)."""
 
     partitions: int
-    # Registered and not yet open (pending or being opened), and of those the ones
-    # whose clean-shutdown marker was missing (scanned past their checkpoint first).
+    # Registered and not open (a clean one stays so until first used; pending or
+    # being opened), and of those the ones whose clean-shutdown marker was missing
+    # (recovered by the background open: scanned past their checkpoint).
     not_open: int
     not_open_unclean: int
     failed: int
-    # Opened by a request before the background opener got to them.
+    # Opened on first use: by a request (in its thread, or hurried to an opener
+    # thread) or by the retention sweep (DORMANT_OPENS_PER_SWEEP_MAX).
     opened_on_demand: int
     # Requests answered "not ready, retry" (PartitionNotReadyError).
     not_ready_refusals: int
-    # Seconds the background open has taken (so far, or in all when done; 0 before it starts).
+    # Seconds the background recovery of the unclean partitions has taken (so far,
+    # or in all when done; 0 before it starts).
     background_seconds: float
     background_done: bool
+    # Partitions open now.
+    open: int = 0
+    # Of opened_on_demand, those the retention sweep opened (never used since the start).
+    opened_for_cleanup: int = 0
+    # Logs closed for being idle (close_idle), since the store opened.
+    idle_closed: int = 0
 
 
 class Store:
@@ -248,12 +294,21 @@ class Store:
         self._background_started: float | None = None
         self._background_ended: float | None = None
         self._opened_on_demand = 0
+        self._opened_for_cleanup = 0
+        self._idle_closed = 0
+        # id(log) -> holders (pin()): such a log is not closed for being idle.
+        self._pinned: dict[int, int] = {}
         self._not_ready_refusals = 0
         self._registered = False  # the partitions were registered, not opened (a background open)
+        self._registered_unclean = 0
         # Called with (topic, partition, log) in the thread that opened the log, before
         # the log is handed to anyone (a background open only): the broker's per-partition
         # preparation (watchers, publish dedup). An exception fails the partition's open.
         self.on_partition_opened: Callable[[str, int, Log], None] | None = None
+        # Called by close_idle() with (topic, partition, log) once nobody can get the
+        # log from the store any more: False keeps it open (the broker has a reader
+        # waiting on it); True, and the caller has let go of it (no listener left).
+        self.on_partition_closing: Callable[[str, int, Log], bool] | None = None
 
     @classmethod
     def open(
@@ -278,10 +333,11 @@ class Store:
 
         `open_in_background`: register the partitions without opening them (a look for
         each one's clean-shutdown marker; committed offsets are held to the checkpoints
-        of clean ones, I6); start_background_open() then opens them on
-        PARTITION_OPENERS_MAX threads, the unclean ones first, and log() opens a clean
-        one at once on first use (PartitionNotReadyError for one still being recovered).
-        The open report then holds no recoveries: each is logged as its partition opens."""
+        of clean ones, I6); start_background_open() then recovers the unclean ones on
+        PARTITION_OPENERS_MAX threads, and log() opens a clean one at once on first use
+        (PartitionNotReadyError for one still being recovered). A clean partition
+        nothing uses stays registered: its files are not opened (issue 18). The open
+        report then holds no recoveries: each is logged as its partition opens."""
         check_fsync_workers_max(fsync_workers_max)
         if open_files_max is None:
             soft_limit = files_soft_limit()
@@ -351,20 +407,21 @@ class Store:
 
     def _register_logs(self, topics: list[tuple[str, TopicConfig]]) -> None:
         """A slot per partition of `topics`, none opened: the ones without a
-        clean-shutdown marker queued first for the background open."""
+        clean-shutdown marker queued for the background open (recovery); the clean
+        ones stay registered until first use."""
         unclean: list[_Slot] = []
-        clean: list[_Slot] = []
         for name, config in topics:
             topic = _Topic(config)
             for partition in range(config.partitions):
                 slot = _Slot(name, partition, config)
                 directory = partition_directory(self.data_dir, name, partition)
                 slot.clean = os.path.exists(os.path.join(directory, CLEAN_SHUTDOWN_FILE))
-                (clean if slot.clean else unclean).append(slot)
+                if not slot.clean:
+                    unclean.append(slot)
                 topic.slots.append(slot)
             self._topics[name] = topic
         self._pending.extend(unclean)
-        self._pending.extend(clean)
+        self._registered_unclean = len(unclean)
         self._registered = True
 
     def _registered_end_offset(self, topic: str, partition: int) -> int | None:
@@ -377,8 +434,8 @@ class Store:
         slot = entry.slots[partition]
         if not slot.clean:
             return NO_CLAMP_OFFSET
-        checkpoint = read_checkpoint(self._log_fs, partition_directory(self.data_dir, topic, partition))
-        return NO_CLAMP_OFFSET if checkpoint is None else checkpoint.recovery_offset
+        summary = self._dormant_summary(slot)
+        return NO_CLAMP_OFFSET if summary is None else summary.log_end_offset
 
     def _open_partition_logs(self, specs: list[tuple[str, TopicConfig, int]]) -> list[Log]:
         """Log.open of every (topic, config, partition), in parallel on the fsync pool
@@ -536,6 +593,7 @@ class Store:
         if not 0 <= partition < len(entry.slots):
             raise UnknownTopicError(f"topic {topic!r} has no partition {partition}")
         slot = entry.slots[partition]
+        slot.last_used = time.monotonic()  # before reading slot.log: close_idle checks it after clearing it
         log = slot.log
         if log is not None:
             return log
@@ -549,10 +607,12 @@ class Store:
         if entry is None or not 0 <= partition < len(entry.slots):
             return None
         slot = entry.slots[partition]
-        if slot.log is None:
+        slot.last_used = time.monotonic()
+        log = slot.log
+        if log is None:
             with self._lock:
                 self._hurry_locked(slot)
-        return slot.log
+        return log
 
     def recovering(self, topic: str, partition: int) -> bool:
         """Whether the partition was not closed cleanly and is not open yet: what it
@@ -577,10 +637,9 @@ class Store:
         slot = entry.slots[partition]
         log = slot.log
         if log is None:
-            checkpoint = read_checkpoint(self._log_fs, partition_directory(self.data_dir, topic, partition))
-            if checkpoint is not None and slot.log is None:
-                end = checkpoint.recovery_offset
-                return PartitionSummary(min(checkpoint.log_start_offset, end), end, end, None, None)
+            summary = self._dormant_summary(slot)
+            if summary is not None and slot.log is None:
+                return summary
             log = self.log(topic, partition)
         statistics = log.statistics()
         return PartitionSummary(
@@ -590,6 +649,135 @@ class Store:
             statistics.byte_count,
             statistics.segment_count,
         )
+
+    def _dormant_summary(self, slot: _Slot) -> PartitionSummary | None:
+        """A partition not open: its checkpoint's offsets (None without a readable
+        one), read once and kept while it stays not open (its files do not change);
+        one closed for being idle: its log's last figures, sizes included."""
+        summary = slot.summary
+        if summary is None:
+            checkpoint = read_checkpoint(self._log_fs, partition_directory(self.data_dir, slot.topic, slot.partition))
+            if checkpoint is None:
+                return None
+            end = checkpoint.recovery_offset
+            summary = PartitionSummary(min(checkpoint.log_start_offset, end), end, end, None, None)
+            with self._lock:
+                # An unclean one's recovery point is a lower bound until it is recovered.
+                if slot.clean and slot.state is _SlotState.PENDING and slot.summary is None:
+                    slot.summary = summary
+        return summary
+
+    # -- closing idle partitions ------------------------------------------------------
+
+    def pin(self, log: Log) -> bool:
+        """Hold `log` open (close_idle leaves it) until unpin(); False, and nothing
+        held, when it was closed already (the caller gets it again from log())."""
+        with self._lock:
+            if log.closed:
+                return False
+            self._pinned[id(log)] = self._pinned.get(id(log), 0) + 1
+            return True
+
+    def unpin(self, log: Log) -> None:
+        with self._lock:
+            left = self._pinned.get(id(log), 0) - 1
+            if left > 0:
+                self._pinned[id(log)] = left
+            else:
+                self._pinned.pop(id(log), None)
+
+    def close_idle(self, idle_s: float, closes_max: int = IDLE_CLOSES_PER_SWEEP_MAX) -> int:
+        """Close cleanly up to `closes_max` partition logs nothing asked for (log(),
+        opened_log()) in `idle_s` seconds, and none that is pinned, damaged or
+        read-only, has an fsync queued, running or waited for, or that the
+        on_partition_closing hook keeps (a reader waiting). Each goes back to
+        registered, as a clean partition after a start: its marker written, its files
+        and buffers released, opened again on next use. Returns how many closed."""
+        cutoff = time.monotonic() - idle_s
+        claimed: list[tuple[_Slot, Log]] = []
+        with self._lock:
+            if self._closing:
+                return 0
+            for topic in self._topics.values():
+                for slot in topic.slots:
+                    log = slot.log
+                    if len(claimed) >= closes_max:
+                        break
+                    if log is None or slot.state is not _SlotState.OPEN or slot.last_used > cutoff:
+                        continue
+                    if id(log) in self._pinned or log.failed or log.closed or log.busy:
+                        continue
+                    slot.summary = _summary_of(log)  # what describe says while it closes
+                    slot.log, slot.state = None, _SlotState.CLOSING
+                    claimed.append((slot, log))
+        closing: list[tuple[_Slot, Log]] = []
+        for slot, log in claimed:
+            # log() sets last_used before it reads slot.log: one that got this log
+            # before it was taken away above shows here.
+            keep = slot.last_used > cutoff or (
+                self.on_partition_closing is not None and not self.on_partition_closing(slot.topic, slot.partition, log)
+            )
+            if keep:
+                with self._lock:
+                    slot.summary = None
+                    slot.log, slot.state = log, _SlotState.OPEN
+                    self._opening_ended.notify_all()
+            else:
+                closing.append((slot, log))
+        if not closing:
+            return 0
+        for slot, log in closing:
+            # One after the other in this thread: most idle logs are unchanged since
+            # they opened and write nothing; the pool's threads (and the memory each
+            # new thread's allocator arena holds) are left to the produces.
+            after_ms = _cleanup_after_ms(log)
+            try:
+                log.close()
+            except (OSError, NodiError) as error:  # the log is read-only now (I9)
+                logger.error("closing idle partition %s-%d failed: %s", slot.topic, slot.partition, error)
+            with self._lock:
+                if log.failed:  # the clean close failed: read-only until a restart recovers it (I9)
+                    slot.state = _SlotState.FAILED
+                    slot.error = PartitionOpenError(
+                        f"partition {slot.topic}-{slot.partition}: its clean close failed; it serves nothing "
+                        "until a restart"
+                    )
+                    logger.error("%s", slot.error)
+                else:
+                    slot.summary = _summary_of(log)
+                    slot.segment_files = len(log.segments)
+                    slot.cleanup_after_ms = after_ms
+                    slot.clean, slot.hurried = True, False
+                    slot.state = _SlotState.PENDING
+                    self._idle_closed += 1
+                self._opening_ended.notify_all()
+        return len(closing)
+
+    def high_watermark_nowait(self, topic: str, partition: int) -> int | None:
+        """What consumers may read up to, without opening the partition nor moving it
+        forward in the background open: an open log's readable end; one closed
+        cleanly and not open, its checkpoint's end (read once, kept); None for one
+        being recovered, failed, or unknown."""
+        entry = self._topics.get(topic)
+        if entry is None or not 0 <= partition < len(entry.slots):
+            return None
+        slot = entry.slots[partition]
+        log = slot.log
+        if log is not None:
+            return log.readable_end_offset
+        if not slot.clean or slot.state is not _SlotState.PENDING:
+            return None
+        summary = self._dormant_summary(slot)
+        return None if summary is None else summary.high_watermark
+
+    def summaries_read(self, topic: str) -> bool:
+        """Whether partition_summary() of every partition of `topic` reads no file
+        now (each is open or its summary is kept): a caller on an event loop may then
+        call it there, else in a thread."""
+        entry = self._topics.get(topic)
+        if entry is None:
+            return True
+        return all(slot.log is not None or slot.summary is not None for slot in entry.slots)
 
     def open_failed(self, topic: str, partition: int) -> bool:
         """Whether the partition's open after a start failed (PartitionOpenError)."""
@@ -604,18 +792,15 @@ class Store:
         with self._lock:
             return [(name, number, log) for name, topic in self._topics.items() for number, log in topic.opened()]
 
-    @property
-    def opening(self) -> bool:
-        """True from a start that registered the partitions until the background open
-        ended: some partitions may not be open."""
-        return self._registered and self._background_ended is None
-
     def open_statistics(self) -> PartitionOpenStatistics:
         with self._lock:
             slots = [slot for topic in self._topics.values() for slot in topic.slots]
             not_open = [slot for slot in slots if slot.state in (_SlotState.PENDING, _SlotState.OPENING)]
             started, ended = self._background_started, self._background_ended
             return PartitionOpenStatistics(
+                open=sum(1 for slot in slots if slot.log is not None),
+                opened_for_cleanup=self._opened_for_cleanup,
+                idle_closed=self._idle_closed,
                 partitions=len(slots),
                 not_open=len(not_open),
                 not_open_unclean=sum(1 for slot in not_open if not slot.clean),
@@ -629,23 +814,30 @@ class Store:
     # -- opening partitions after a background open ------------------------------------
 
     def start_background_open(self) -> None:
-        """Open every registered partition on PARTITION_OPENERS_MAX threads, unclean
-        ones first; close() stops them. Logs one line when all are open."""
+        """Recover every registered partition not closed cleanly on
+        PARTITION_OPENERS_MAX threads (and open those a caller hurried); close() stops
+        them. Logs one line when they are done. Clean partitions stay registered."""
         with self._lock:
             if self._background_started is not None or self._closing:
                 return
             self._background_started = time.monotonic()
             count = min(PARTITION_OPENERS_MAX, len(self._pending))
-            self._openers_running = count
             if count == 0:
                 self._background_ended = self._background_started
-            for number in range(count):
-                thread = threading.Thread(
-                    target=self._open_pending, name=f"nodi-partition-opener-{number}", daemon=True
-                )
-                self._openers.append(thread)
-        for thread in self._openers:
-            thread.start()
+            for _ in range(count):
+                self._start_opener_locked()
+        if count == 0:
+            self._log_background_done()
+
+    def _start_opener_locked(self) -> None:
+        """One more opener thread (the finished ones are forgotten here)."""
+        self._openers = [thread for thread in self._openers if thread.is_alive()]
+        thread = threading.Thread(
+            target=self._open_pending, name=f"nodi-partition-opener-{len(self._openers)}", daemon=True
+        )
+        self._openers.append(thread)
+        self._openers_running += 1
+        thread.start()  # it waits for the lock the caller holds
 
     def _open_pending(self) -> None:
         """One opener thread: take the next pending slot and open it, until none is left."""
@@ -658,6 +850,8 @@ class Store:
                         if candidate.state is _SlotState.PENDING:
                             slot = candidate
                             slot.state = _SlotState.OPENING
+                            if slot.clean:  # hurried by a caller (opened_log)
+                                self._opened_on_demand += 1
                             break
                     if slot is None:
                         return
@@ -668,20 +862,25 @@ class Store:
         finally:
             with self._lock:
                 self._openers_running -= 1
-                last = self._openers_running == 0
-                if last:
+                first_end = self._openers_running == 0 and self._background_ended is None
+                if first_end:
                     self._background_ended = time.monotonic()
-            if last and self._closing:
+            if first_end and self._closing:
                 logger.info("partitions: the background open stopped for the close")
-            elif last:
-                statistics = self.open_statistics()
-                logger.info(
-                    "partitions: %d open after %.2f s in the background (%d opened first by a request, %d failed)",
-                    statistics.partitions - statistics.not_open - statistics.failed,
-                    statistics.background_seconds,
-                    statistics.opened_on_demand,
-                    statistics.failed,
-                )
+            elif first_end:
+                self._log_background_done()
+
+    def _log_background_done(self) -> None:
+        statistics = self.open_statistics()
+        logger.info(
+            "partitions: %d not closed cleanly recovered after %.2f s in the background (%d failed); "
+            "%d open, %d registered until first use",
+            self._registered_unclean,
+            statistics.background_seconds,
+            statistics.failed,
+            statistics.open,
+            statistics.not_open,
+        )
 
     def _open_on_demand(self, slot: _Slot, recover_now: bool) -> Log:
         with self._lock:
@@ -695,6 +894,11 @@ class Store:
                 raise LogClosedError(f"partition {slot.topic}-{slot.partition}: the data directory is closing")
             if state is _SlotState.GONE:
                 raise UnknownTopicError(f"topic {slot.topic!r} was deleted")
+            if state is _SlotState.CLOSING and not recover_now:
+                self._not_ready_refusals += 1
+                raise PartitionNotReadyError(
+                    f"partition {slot.topic}-{slot.partition} is being closed for being idle: retry in a moment"
+                )
             claimed = state is _SlotState.PENDING and (slot.clean or recover_now)
             if claimed:
                 slot.state = _SlotState.OPENING
@@ -714,17 +918,21 @@ class Store:
 
     def _hurry_locked(self, slot: _Slot) -> None:
         """Put a pending slot at the front of the background open, once: the queue
-        holds each slot at most twice however often it is asked for."""
+        holds each slot at most twice however often it is asked for. Once the start's
+        background open has begun, an opener thread is started for it if none runs
+        (a clean partition a queue group or publish dedup asks for)."""
         if slot.state is _SlotState.PENDING and not slot.hurried:
             slot.hurried = True
             self._pending.appendleft(slot)
+            if self._background_started is not None and not self._closing and self._openers_running == 0:
+                self._start_opener_locked()
 
     def _wait_opening_ended(self, slot: _Slot) -> bool:
         """Wait up to PARTITION_OPEN_WAIT_S while another thread opens `slot`; False
         when it still does."""
         deadline = time.monotonic() + PARTITION_OPEN_WAIT_S
         with self._lock:
-            while slot.state is _SlotState.OPENING:
+            while slot.state in (_SlotState.OPENING, _SlotState.CLOSING):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -763,6 +971,8 @@ class Store:
             raise failure from error
         with self._lock:
             slot.log, slot.state = log, _SlotState.OPEN
+            slot.summary = slot.segment_files = slot.cleanup_after_ms = None  # its log says from now on
+            slot.last_used = time.monotonic()
             self._opening_ended.notify_all()
         return log
 
@@ -795,12 +1005,53 @@ class Store:
     # -- background work ------------------------------------------------------------
 
     def apply_retention(self, now_ms: int | None = None) -> dict[tuple[str, int], list[DeletedSegment]]:
+        """Retention on every open log, then on up to DORMANT_OPENS_PER_SWEEP_MAX
+        partitions never used since the start that it may concern (open_for_cleanup);
+        those stay open, so the compaction job sees them too."""
         deleted = {}
-        for name, partition, log in self.logs():
+        for name, partition, log in self.logs() + self.open_for_cleanup():
             removed = log.apply_retention(now_ms)
             if removed:
                 deleted[(name, partition)] = removed
         return deleted
+
+    def open_for_cleanup(self, opens_max: int = DORMANT_OPENS_PER_SWEEP_MAX) -> list[tuple[str, int, Log]]:
+        """Open up to `opens_max` partitions not open since the start (registered,
+        closed cleanly) that retention or compaction may act on: of a topic with a
+        retention limit or compaction, whose directory holds more than one segment
+        (the active segment is neither deleted nor compacted). Each directory is
+        listed once while it stays not open (nothing changes it meanwhile)."""
+        with self._lock:
+            candidates = [
+                slot
+                for topic in self._topics.values()
+                if _cleanup_applies(topic.config)
+                for slot in topic.slots
+                if slot.state is _SlotState.PENDING and slot.clean and not slot.hurried
+            ]
+        opened: list[tuple[str, int, Log]] = []
+        for slot in candidates:
+            if len(opened) >= opens_max:
+                break
+            if slot.segment_files is None:
+                directory = partition_directory(self.data_dir, slot.topic, slot.partition)
+                try:
+                    names = self._log_fs.list_directory(directory)
+                except OSError:
+                    names = []  # opened (and its error reported) when first used
+                slot.segment_files = sum(1 for name in names if name.endswith(".log"))
+            if slot.segment_files <= 1 or slot.log is not None:
+                continue
+            if slot.cleanup_after_ms is not None and self._clock_ms() < slot.cleanup_after_ms:
+                continue  # closed for being idle with nothing for retention to do before then
+            try:
+                log = self.log(slot.topic, slot.partition)
+            except NodiError:  # failed (logged), deleted, or another thread opens it now
+                continue
+            with self._lock:
+                self._opened_for_cleanup += 1
+            opened.append((slot.topic, slot.partition, log))
+        return opened
 
     def close(self) -> None:
         """Stop a background open (a partition being opened is finished), then close
@@ -839,6 +1090,42 @@ class Store:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _summary_of(log: Log) -> PartitionSummary:
+    segments = log.segments
+    return PartitionSummary(
+        log.log_start_offset,
+        log.next_offset,
+        log.readable_end_offset,
+        sum(segment.size for segment in segments),
+        len(segments),
+    )
+
+
+def _cleanup_after_ms(log: Log) -> float:
+    """When retention may next act on `log` if nothing changes it (its files stay as
+    they are while it is closed): now for a log over retention_bytes, the oldest sealed
+    segment's expiry under retention_ms, never for a single segment or a compacted log
+    (compaction had its runs while it was open)."""
+    segments = log.segments
+    config = log.config
+    if len(segments) <= 1 or not config.dense_offsets:
+        return math.inf
+    due = math.inf
+    if config.retention_bytes is not None:
+        total = sum(segment.size for segment in segments)
+        if total - segments[0].size >= config.retention_bytes:
+            due = 0.0
+    if config.retention_ms is not None:
+        due = min(due, segments[0].max_timestamp + config.retention_ms)
+    return due
+
+
+def _cleanup_applies(config: TopicConfig) -> bool:
+    """Whether retention or compaction may remove anything of the topic's logs."""
+    log_config = log_config_for(config)
+    return log_config.retention_ms is not None or log_config.retention_bytes is not None or not log_config.dense_offsets
 
 
 def _remove_tree(fs: FileSystem, path: str) -> None:

@@ -18,10 +18,11 @@ import subprocess
 import threading
 import time
 
+from nodi.broker import Client
 from nodi.broker.client.async_client import AsyncClient
 from nodi.storage.file_budget import FILES_LIMIT_MIN
 
-from conftest import NODI, BrokerProcess
+from conftest import NODI, BrokerProcess, received
 from test_ops_metrics import scrape, value
 
 PARTITIONS = int(os.environ.get("NODI_TEST_PARTITIONS", "400"))
@@ -256,7 +257,7 @@ def test_a_restart_serves_at_once_and_recovers_an_unclean_partition_before_servi
     output = "".join(broker.output)
     assert f"partitions: {LAZY_PARTITIONS} to open in the background (1 not closed cleanly" in output, output[-3000:]
     assert f"lazy-{UNCLEAN}: unclean start" in output, output[-3000:]
-    assert f"partitions: {LAZY_PARTITIONS} open after" in output, output[-3000:]
+    assert "partitions: 1 not closed cleanly recovered after" in output, output[-3000:]
     # What an operator watches: every partition open, none failed.
     assert opened == {
         "nodi_partitions_not_open": 0,
@@ -273,3 +274,155 @@ def test_a_restart_serves_at_once_and_recovers_an_unclean_partition_before_servi
     assert sorted(unclean) == list(range(len(unclean)))
     assert unclean[0] == b"lazy %d" % UNCLEAN
     assert all(unclean.get(offset) == value for offset, value in acknowledged.items())
+
+
+# -- a clean restart opens no partition until something uses it (issue 18) ------------
+
+IDLE_PARTITIONS = 200
+RETAINED_VALUE = b"r" * 5000  # above segment_bytes 4096: each message its own segment
+
+
+def _gauge(port: int | None, name: str) -> float:
+    return value(scrape(port), name)
+
+
+def test_a_clean_restart_opens_no_partition_until_used_and_retention_still_reaches_untouched_ones(tmp_path) -> None:
+    data_dir = str(tmp_path / "data")
+    broker = BrokerProcess(data_dir, environment={"NODI_RETENTION_CHECK_INTERVAL_MS": "3600000"}).start()
+    try:
+
+        async def create() -> None:
+            async with AsyncClient(broker.address, timeout_ms=120_000) as client:
+                await client.create_topic("idle", partitions=IDLE_PARTITIONS)
+                await client.create_topic("kept", partitions=2, segment_bytes=4096, retention_bytes=1)
+                calls = [
+                    (lambda number=number: client.produce("idle", b"idle %d" % number, partition=number))
+                    for number in range(IDLE_PARTITIONS)
+                ]
+                await _in_chunks(calls)
+                for _ in range(3):  # partition 0: three segments; partition 1: one
+                    await client.produce("kept", RETAINED_VALUE, partition=0, acks="durable")
+                await client.produce("kept", b"alone", partition=1, acks="durable")
+
+        asyncio.run(create())
+        assert broker.stop() == 0
+        broker = BrokerProcess(data_dir, metrics=True, environment={"NODI_RETENTION_CHECK_INTERVAL_MS": "200"}).start()
+        port = broker.metrics_port
+        # The retention sweep opens the one partition it may act on (kept-0), and no other.
+        deadline = time.monotonic() + 60
+        while _gauge(port, "nodi_partitions_opened_for_cleanup_total") < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        samples = scrape(port)
+        opened_at_start = {
+            name: value(samples, name)
+            for name in ("nodi_partitions_open", "nodi_partitions_not_open", "nodi_partitions_opened_for_cleanup_total")
+        }
+
+        async def use() -> tuple[list, list, float, list[bytes | None]]:
+            async with AsyncClient(broker.address, timeout_ms=60_000) as client:
+                idle = (await client.describe_topic("idle")).partitions
+                kept = (await client.describe_topic("kept")).partitions
+                open_after_describe = _gauge(port, "nodi_partitions_open")
+                calls = [(lambda number=number: client.fetch("idle", number, 0)) for number in range(IDLE_PARTITIONS)]
+                values = [messages[0].value if messages else None for messages in await _in_chunks(calls)]
+            return list(idle), list(kept), open_after_describe, values
+
+        idle, kept, open_after_describe, values = asyncio.run(use())
+        open_after_reads = _gauge(port, "nodi_partitions_open")
+        assert broker.stop() == 0
+    finally:
+        broker.kill()
+    assert opened_at_start == {
+        "nodi_partitions_open": 1,
+        "nodi_partitions_not_open": IDLE_PARTITIONS + 1,
+        "nodi_partitions_opened_for_cleanup_total": 1,
+    }
+    # Described without opening: offsets from each checkpoint, sizes unknown (-1).
+    assert [(p.log_start_offset, p.log_end_offset, p.high_watermark, p.size) for p in idle] == [
+        (0, 1, 1, -1)
+    ] * IDLE_PARTITIONS
+    assert open_after_describe == 1
+    # Retention kept the newest segment of the partition nothing used since the start.
+    assert (kept[0].log_start_offset, kept[0].log_end_offset, kept[0].segments) == (2, 3, 1)
+    assert (kept[1].log_start_offset, kept[1].log_end_offset, kept[1].size) == (0, 1, -1)
+    assert values == [b"idle %d" % number for number in range(IDLE_PARTITIONS)]
+    assert open_after_reads == IDLE_PARTITIONS + 1
+
+
+# -- partitions in use only: an idle log is closed and reopens on next use (issue 18) --
+
+IDLE_TOPIC_PARTITIONS = 4
+
+
+def _wait_gauge(port: int | None, name: str, wanted: float) -> float:
+    deadline = time.monotonic() + 60
+    found = _gauge(port, name)
+    while found != wanted and time.monotonic() < deadline:
+        time.sleep(0.1)
+        found = _gauge(port, name)
+    return found
+
+
+def _queue_state(client: Client) -> list[tuple[int, int, int, int]]:
+    described = client.describe_queue("q", "workers")
+    return [(p.partition, p.ack_floor, p.next_offset, p.leased) for p in described.partitions]
+
+
+def test_an_idle_partition_closes_reopens_with_its_state_and_survives_kill_9(tmp_path) -> None:
+    """I23 through a real broker (partition_idle_close_ms 1 s): every log closes once
+    nothing uses it; described from its last figures; reopened on use with its data,
+    its queue group's state and publish dedup's keys; a kill -9 after the close finds
+    every partition closed cleanly (no scan) and loses nothing."""
+    data_dir = str(tmp_path / "data")
+    environment = {"NODI_PARTITION_IDLE_CLOSE_MS": "1000"}
+    broker = BrokerProcess(data_dir, metrics=True, environment=environment).start()
+    try:
+        with Client(broker.address, timeout_ms=60_000) as client:
+            client.create_topic("q", partitions=IDLE_TOPIC_PARTITIONS)
+            for number in range(3):
+                for partition in range(IDLE_TOPIC_PARTITIONS):
+                    client.produce("q", b"q%d-%d" % (partition, number), partition=partition, acks="durable")
+            original = client.produce("q", b"keyed", idempotency_key="order-7", partition=1, acks="durable")
+            with client.queue("q", "workers", ack_wait_ms=600_000, batch_max=1) as queue:
+                first = received(queue.receive(timeout_ms=10_000))
+                first.ack()
+                received(queue.receive(timeout_ms=10_000))  # leased, not settled
+                queue.flush()
+            before = _queue_state(client)
+        # Nothing uses them now: every log closes (clean marker written, files released).
+        assert _wait_gauge(broker.metrics_port, "nodi_partitions_open", 0) == 0
+        assert _gauge(broker.metrics_port, "nodi_partitions_idle_closed_total") >= IDLE_TOPIC_PARTITIONS
+        with Client(broker.address, timeout_ms=60_000) as client:
+            described = client.describe_topic("q").partitions  # from the closed logs' figures
+            after_close = _queue_state(client)
+            repeated = client.produce("q", b"keyed again", idempotency_key="order-7", partition=2)
+            reopened = [[m.value for m in client.fetch("q", p, 0)] for p in range(IDLE_TOPIC_PARTITIONS)]
+            appended = client.produce("q", b"after", partition=0, acks="durable")
+        # Closed again, then killed: the close left each partition whole and marked clean.
+        assert _wait_gauge(broker.metrics_port, "nodi_partitions_open", 0) == 0
+        broker.kill()
+        broker = BrokerProcess(data_dir, environment=environment).start()
+        with Client(broker.address, timeout_ms=60_000) as client:
+            after_kill = [[m.value for m in client.fetch("q", p, 0)] for p in range(IDLE_TOPIC_PARTITIONS)]
+            after_kill_state = _queue_state(client)
+            repeated_after_kill = client.produce("q", b"keyed again", idempotency_key="order-7", partition=3)
+        assert broker.stop() == 0
+    finally:
+        broker.kill()
+    output = "".join(broker.output)
+    assert "unclean start" not in output, output[-3000:]
+    assert "partitions: 0 not closed cleanly recovered" in output, output[-3000:]
+    expected = [[b"q%d-%d" % (p, n) for n in range(3)] + ([b"keyed"] if p == 1 else []) for p in range(4)]
+    assert [(p.log_start_offset, p.log_end_offset, p.segments) for p in described] == [
+        (0, len(values), 1) for values in expected
+    ]
+    assert all(p.size > 0 for p in described)
+    assert after_close == before
+    assert repeated == original  # publish dedup: the original's partition and offset
+    assert reopened == expected
+    assert appended == (0, 3)
+    expected[0].append(b"after")
+    assert after_kill == expected
+    # What a restart keeps of a queue group (its ack floors; the window is read again).
+    assert [state[:2] for state in after_kill_state] == [state[:2] for state in before]
+    assert repeated_after_kill == original

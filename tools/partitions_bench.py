@@ -17,11 +17,17 @@ temporary data directory on a disk file system, never tmpfs):
 - produce: --requests durable produces of one 1 KiB message, each to a random partition,
   one at a time (latency p50/p99, the broker's threads sampled throughout);
 - clean restart: SIGTERM, then `nodi serve` again, timed from its start to its
-  listening line, to the first read of the last partition (which the background open
-  reaches last: opened on demand), and to its "partitions: ... open" line (every
-  partition open; docs/operations.md, "Start");
+  listening line, to the answer of a new client's first DescribeTopic (and how long
+  that request took), to the first read of the last partition (opened on demand), and
+  to the line saying the background open is done (every partition open, on a broker
+  that opens them all; the unclean ones recovered, on one that opens the clean ones
+  on first use; docs/operations.md, "Start"); then the RSS per partition beyond the
+  empty broker's;
 - restart after kill -9: the produce phase again (partitions written and not closed
-  cleanly), SIGKILL, then the same timed start.
+  cleanly), SIGKILL, then the same timed start;
+- with --idle-close-ms MS (a broker that closes idle partitions): a restart with
+  partition_idle_close_ms MS, every partition read (all open: RSS), then the time
+  until the broker reports none open (nodi_partitions_open) and the RSS after.
 Beside them, the disk's own write+fdatasync latency (1 KiB, one file), measured in the
 same run. Nothing here asserts a timing; tests/test_bench_smoke.py runs --quick.
 """
@@ -40,6 +46,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 
 from nodi.broker.client.async_client import AsyncClient
 from tools import storage_bench
@@ -106,7 +113,61 @@ async def _produce(address: str, partitions: int, requests: int, pid: int) -> di
     }
 
 
-ALL_OPEN = re.compile(r"partitions: \d+ open after")
+# The background open's last line: "N open after" (every partition opened), or "N not
+# closed cleanly recovered after" (a broker that opens clean ones on first use).
+BACKGROUND_DONE = re.compile(r"partitions: (\d+ open after|\d+ not closed cleanly recovered after)")
+
+
+async def _read_every(address: str, partitions: int) -> None:
+    async with AsyncClient(address, timeout_ms=600_000) as client:
+        for first in range(0, partitions, 100):
+            await asyncio.gather(
+                *(client.fetch(TOPIC, partition, 0) for partition in range(first, min(partitions, first + 100)))
+            )
+
+
+OPEN_GAUGE = re.compile(r"^nodi_partitions_open (\S+)$", re.MULTILINE)
+
+
+def _partitions_open(metrics_port: int) -> float:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    text = opener.open(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).read().decode()
+    found = OPEN_GAUGE.search(text)
+    assert found, "no nodi_partitions_open gauge: a broker that does not close idle partitions"
+    return float(found.group(1))
+
+
+def _idle_close(server: NodiServer, partitions: int, idle_close_ms: int) -> dict[str, float]:
+    """Restart with partition_idle_close_ms, open every partition by reading it, then
+    wait until none is open: RSS at both ends, seconds until all were closed."""
+    server.stop()
+    server.metrics = True
+    os.environ["NODI_PARTITION_IDLE_CLOSE_MS"] = str(idle_close_ms)
+    try:
+        server.start()
+    finally:
+        del os.environ["NODI_PARTITION_IDLE_CLOSE_MS"]
+    assert server.pid is not None and server.metrics_port is not None
+    asyncio.run(_read_every(server.address, partitions))
+    read = time.perf_counter()
+    _partitions_open(server.metrics_port)  # a scrape's own allocations (every open log's series) counted here too
+    all_open = _status(server.pid)
+    deadline = time.monotonic() + RESTART_TIMEOUT_S + idle_close_ms / 1000
+    while _partitions_open(server.metrics_port) > 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    closed_s = time.perf_counter() - read
+    time.sleep(1.0)
+    after = _status(server.pid)
+    return {"all_open_rss_kib": all_open["VmRSS"], "closed_s": closed_s, "after_close_rss_kib": after["VmRSS"]}
+
+
+async def _describe(address: str) -> float:
+    """Seconds a new client's DescribeTopic of the topic took."""
+    async with AsyncClient(address, timeout_ms=60_000) as client:
+        started = time.perf_counter()
+        description = await client.describe_topic(TOPIC)
+        assert description.partition_count >= 1
+        return time.perf_counter() - started
 
 
 async def _first_read(address: str, partition: int) -> None:
@@ -115,24 +176,33 @@ async def _first_read(address: str, partition: int) -> None:
         assert messages, f"partition {partition} read back empty"
 
 
-def _timed_start(server: NodiServer, partitions: int) -> tuple[float, float, float]:
-    """Seconds from the start of `nodi serve` to its listening line, to the first read
-    of the last partition served, and to its line saying every partition is open."""
+def _timed_start(server: NodiServer, partitions: int) -> dict[str, float]:
+    """Seconds from the start of `nodi serve` to its listening line, to a DescribeTopic
+    answered (and the request's own time), to the first read of the last partition
+    served, and to its line saying the background open is done."""
     started = time.perf_counter()
     server.start()
     listening = time.perf_counter() - started
+    describe_request = asyncio.run(_describe(server.address))
+    described = time.perf_counter() - started
     asyncio.run(_first_read(server.address, partitions - 1))
     first_read = time.perf_counter() - started
     deadline = time.monotonic() + RESTART_TIMEOUT_S
     while time.monotonic() < deadline:
         with open(server.log_path) as output:
-            if ALL_OPEN.search(output.read()):
+            if BACKGROUND_DONE.search(output.read()):
                 break
         time.sleep(0.02)
-    return listening, first_read, time.perf_counter() - started
+    return {
+        "listening_s": listening,
+        "described_s": described,
+        "describe_request_s": describe_request,
+        "first_read_s": first_read,
+        "background_done_s": time.perf_counter() - started,
+    }
 
 
-def measure(partitions: int, requests: int, parent: str) -> dict:
+def measure(partitions: int, requests: int, parent: str, idle_close_ms: int = 0) -> dict:
     directory = tempfile.mkdtemp(prefix="nodi-partitions-bench-", dir=parent)
     server = NodiServer(directory, metrics=False)
     try:
@@ -152,36 +222,44 @@ def measure(partitions: int, requests: int, parent: str) -> dict:
         progress(f"  produce p50 {produce['p50_ms']:.3f} ms, p99 {produce['p99_ms']:.3f} ms")
         server.stop()  # SIGTERM: a clean stop
         server.start_timeout_s = RESTART_TIMEOUT_S
-        clean_s, clean_read_s, clean_open_s = _timed_start(server, partitions)
+        clean = _timed_start(server, partitions)
         assert server.pid is not None
+        time.sleep(0.5)
         after_clean = _status(server.pid)
         asyncio.run(_produce(server.address, partitions, max(requests // 4, 10), server.pid))
         assert server.process is not None
         os.kill(server.pid, signal.SIGKILL)
         server.process.wait(timeout=30)
         server.process = None
-        unclean_s, unclean_read_s, unclean_open_s = _timed_start(server, partitions)
+        unclean = _timed_start(server, partitions)
         progress(
-            f"  restart clean: listening {clean_s:.2f} s, last partition read {clean_read_s:.2f} s, "
-            f"all open {clean_open_s:.2f} s; after kill -9: {unclean_s:.2f} s, {unclean_read_s:.2f} s, "
-            f"{unclean_open_s:.2f} s"
+            f"  restart clean: listening {clean['listening_s']:.2f} s, described {clean['described_s']:.2f} s "
+            f"(request {clean['describe_request_s']:.3f} s), last partition read {clean['first_read_s']:.2f} s, "
+            f"background done {clean['background_done_s']:.2f} s; after kill -9: {unclean['listening_s']:.2f} s, "
+            f"{unclean['described_s']:.2f} s, {unclean['first_read_s']:.2f} s, {unclean['background_done_s']:.2f} s"
         )
+        idle_close: dict[str, float] = {}
+        if idle_close_ms:
+            idle_close = _idle_close(server, partitions, idle_close_ms)
+            progress(
+                f"  idle close: RSS {idle_close['all_open_rss_kib'] / 1024:.1f} MiB with all open, every one closed "
+                f"{idle_close['closed_s']:.2f} s after the reads, RSS then "
+                f"{idle_close['after_close_rss_kib'] / 1024:.1f} MiB"
+            )
         return {
             "partitions": partitions,
+            "idle_close": idle_close,
             "create_s": create_s,
             "fill_s": fill_s,
-            "restart_clean_s": clean_s,
-            "restart_after_kill_s": unclean_s,
-            "restart_clean_first_read_s": clean_read_s,
-            "restart_clean_all_open_s": clean_open_s,
-            "restart_after_kill_first_read_s": unclean_read_s,
-            "restart_after_kill_all_open_s": unclean_open_s,
+            "restart_clean": clean,
+            "restart_after_kill": unclean,
             "empty_rss_kib": empty["VmRSS"],
             "empty_threads": empty["Threads"],
             "idle_rss_kib": idle["VmRSS"],
             "idle_threads": idle["Threads"],
             "rss_per_partition_kib": (idle["VmRSS"] - empty["VmRSS"]) / partitions,
             "rss_after_clean_restart_kib": after_clean["VmRSS"],
+            "rss_per_partition_after_clean_restart_kib": (after_clean["VmRSS"] - empty["VmRSS"]) / partitions,
             "threads_after_clean_restart": after_clean["Threads"],
             "produce": produce,
         }
@@ -196,6 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=1000, help="Durable produces timed per count.")
     parser.add_argument("--quick", action="store_true", help="Seconds-long smoke run (20 partitions).")
     parser.add_argument("--json-out", help="Write the figures here as JSON.")
+    parser.add_argument(
+        "--idle-close-ms",
+        type=int,
+        default=0,
+        help="Also restart with partition_idle_close_ms this, open every partition and time their idle close.",
+    )
     arguments = parser.parse_args(argv)
     if arguments.quick:
         arguments.partitions, arguments.requests = [20], 20
@@ -204,31 +288,52 @@ def main(argv: list[str] | None = None) -> int:
     parent = storage_bench.default_data_parent()
     disk = storage_bench.raw_fdatasync_loop(parent, 1024, 1, 0.5 if arguments.quick else 2.0)
     progress(f"disk: 1 KiB write+fdatasync p50 {disk['latency_ms_p50']:.3f} ms, p99 {disk['latency_ms_p99']:.3f} ms")
-    cells = [measure(count, arguments.requests, parent) for count in arguments.partitions]
+    cells = [measure(count, arguments.requests, parent, arguments.idle_close_ms) for count in arguments.partitions]
     base = cells[0]["produce"]["p50_ms"]
     print(f"disk 1 KiB write+fdatasync: p50 {disk['latency_ms_p50']:.3f} ms, p99 {disk['latency_ms_p99']:.3f} ms")
     print(
-        "| partitions | create s | one message each s | restart clean s | restart after kill -9 s | idle RSS MiB | RSS per partition KiB "
+        "| partitions | create s | one message each s | restart clean s | restart after kill -9 s | idle RSS MiB "
+        "| RSS per partition KiB (written / after a clean restart) "
         "| threads idle / produce / after restart | produce p50 ms | p99 ms | p50 vs first |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for cell in cells:
         produce = cell["produce"]
         print(
-            f"| {cell['partitions']:,} | {cell['create_s']:.2f} | {cell['fill_s']:.2f} | {cell['restart_clean_s']:.2f} "
-            f"| {cell['restart_after_kill_s']:.2f} | {cell['idle_rss_kib'] / 1024:.1f} "
-            f"| {cell['rss_per_partition_kib']:.1f} "
+            f"| {cell['partitions']:,} | {cell['create_s']:.2f} | {cell['fill_s']:.2f} "
+            f"| {cell['restart_clean']['listening_s']:.2f} | {cell['restart_after_kill']['listening_s']:.2f} "
+            f"| {cell['idle_rss_kib'] / 1024:.1f} "
+            f"| {cell['rss_per_partition_kib']:.1f} / {cell['rss_per_partition_after_clean_restart_kib']:.1f} "
             f"| {cell['idle_threads']} / {produce['threads_max']} / {cell['threads_after_clean_restart']} "
             f"| {produce['p50_ms']:.3f} | {produce['p99_ms']:.3f} | {produce['p50_ms'] / base:.2f} |"
         )
     print()
-    print("| partitions | restart | listening s | last partition read s | every partition open s |")
-    print("|---|---|---|---|---|")
+    print(
+        "| partitions | restart | listening s | first DescribeTopic answered s (request s) | last partition read s "
+        "| background open done s |"
+    )
+    print("|---|---|---|---|---|---|")
     for cell in cells:
         for name, key in (("clean", "restart_clean"), ("after kill -9", "restart_after_kill")):
+            times = cell[key]
             print(
-                f"| {cell['partitions']:,} | {name} | {cell[key + '_s']:.2f} | {cell[key + '_first_read_s']:.2f} "
-                f"| {cell[key + '_all_open_s']:.2f} |"
+                f"| {cell['partitions']:,} | {name} | {times['listening_s']:.2f} "
+                f"| {times['described_s']:.2f} ({times['describe_request_s']:.3f}) | {times['first_read_s']:.2f} "
+                f"| {times['background_done_s']:.2f} |"
+            )
+    if arguments.idle_close_ms:
+        print()
+        print(
+            f"| partitions | RSS MiB, every partition open | every one closed after (idle {arguments.idle_close_ms} ms) s "
+            "| RSS MiB after | RSS per partition freed KiB |"
+        )
+        print("|---|---|---|---|---|")
+        for cell in cells:
+            idle = cell["idle_close"]
+            freed = (idle["all_open_rss_kib"] - idle["after_close_rss_kib"]) / cell["partitions"]
+            print(
+                f"| {cell['partitions']:,} | {idle['all_open_rss_kib'] / 1024:.1f} | {idle['closed_s']:.2f} "
+                f"| {idle['after_close_rss_kib'] / 1024:.1f} | {freed:.1f} |"
             )
     if arguments.json_out:
         with open(arguments.json_out, "w") as output:

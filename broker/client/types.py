@@ -255,7 +255,7 @@ class PartitionDescription:
     log_start_offset: int  # the first offset still stored
     log_end_offset: int  # the offset the next message gets
     high_watermark: int  # end of the durable prefix: what consumers may read
-    size: int  # bytes of segment files; -1 while the partition is not open yet after a start
+    size: int  # bytes of segment files; -1 while the partition is not open (after a start, until used)
     segments: int  # -1 likewise
 
 

@@ -24,7 +24,7 @@ from nodi.storage.compaction import (
     dirty_ratio,
     require_keys,
 )
-from nodi.storage.errors import InvalidConfigError, NodiError, UnknownTopicError
+from nodi.storage.errors import InvalidConfigError, LogClosedError, NodiError, UnknownTopicError
 from nodi.storage.log import Log
 
 from ..protocol import messages as m
@@ -117,6 +117,8 @@ class CompactionService:
                 return
             except TimeoutError:
                 continue  # an on-demand run holds it; it will be clean after that
+            except LogClosedError:
+                continue  # closed for being idle since the pick: compacted when next open
             except (NodiError, OSError) as error:
                 log.error("compaction of %s-%d failed: %s", topic, partition, error)
                 continue
@@ -152,6 +154,20 @@ class CompactionService:
         return config.delete_retention_ms
 
     async def _in_thread(
+        self, partition_log: Log, *, roll: bool, wait_timeout_ms: int, delete_retention_ms: int
+    ) -> CompactionResult:
+        # Held open for the run (the store closes idle logs); one closed meanwhile is
+        # left for the next pick.
+        if not self.store.pin(partition_log):
+            raise LogClosedError(f"{partition_log.directory} was closed for being idle; compacted when next open")
+        try:
+            return await self._run_in_thread(
+                partition_log, roll=roll, wait_timeout_ms=wait_timeout_ms, delete_retention_ms=delete_retention_ms
+            )
+        finally:
+            self.store.unpin(partition_log)
+
+    async def _run_in_thread(
         self, partition_log: Log, *, roll: bool, wait_timeout_ms: int, delete_retention_ms: int
     ) -> CompactionResult:
         future = asyncio.ensure_future(

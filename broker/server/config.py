@@ -66,6 +66,9 @@ class ServerConfig:
     # Graceful shutdown: requests in flight get this long to finish.
     shutdown_grace_ms: int = 5_000
     retention_check_interval_ms: int = 60_000
+    # A partition log nothing used for this long is closed (its files and index buffers
+    # released) and opens again on next use (issue 18); 0: never.
+    partition_idle_close_ms: int = 600_000
     # Threads that run every partition log's fsyncs (group commit per log kept);
     # 1..nodi.storage.fsync_pool.FSYNC_WORKERS_MAX.
     fsync_workers_max: int = FSYNC_WORKERS_DEFAULT
@@ -110,6 +113,8 @@ class ServerConfig:
         ):
             if getattr(self, name) < 1:
                 raise InvalidConfigError(f"{name} must be positive")
+        if self.partition_idle_close_ms < 0:
+            raise InvalidConfigError("partition_idle_close_ms must be 0 (never) or positive")
         check_fsync_workers_max(self.fsync_workers_max)
         if self.frame_buffer_bytes_max < self.protocol.frame_bytes_max:
             raise InvalidConfigError(

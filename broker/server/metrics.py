@@ -303,13 +303,19 @@ class _StoreCollector:
         yield from self._partition_open_families(store)
 
     def _partition_open_families(self, store):
-        """How far the start's background open of the partitions has come (issue 18).
-        Per-partition series (nodi_log_*) appear for a partition once it is open."""
+        """Which partitions are open (issue 18): after a start only the ones not
+        closed cleanly are opened (recovered in the background), a clean one on first
+        use. Per-partition series (nodi_log_*) appear for a partition once it is open."""
         opens = store.open_statistics()
+        open_now = GaugeMetricFamily(
+            "nodi_partitions_open",
+            "Partitions whose log is open now (files, index buffers): the ones used since the start",
+        )
+        open_now.add_metric([], opens.open)
         not_open = GaugeMetricFamily(
             "nodi_partitions_not_open",
-            "Partitions registered at start and not yet open (opened in the background; a request opens a "
-            "clean one at once and is answered PARTITION_NOT_READY for one being recovered)",
+            "Partitions registered and not open: closed cleanly and not used since the start (a request opens "
+            "one at once), or being recovered (answered PARTITION_NOT_READY until then)",
         )
         not_open.add_metric([], opens.not_open)
         unclean = GaugeMetricFamily(
@@ -323,19 +329,31 @@ class _StoreCollector:
         )
         failed.add_metric([], opens.failed)
         on_demand = CounterMetricFamily(
-            "nodi_partitions_opened_on_demand", "Partitions opened by a request before the background open got to them"
+            "nodi_partitions_opened_on_demand",
+            "Partitions opened on first use after the start: by a request, or by the retention sweep",
         )
         on_demand.add_metric([], opens.opened_on_demand)
+        for_cleanup = CounterMetricFamily(
+            "nodi_partitions_opened_for_cleanup",
+            "Of those, partitions the retention sweep opened (unused since the start, more than one segment)",
+        )
+        for_cleanup.add_metric([], opens.opened_for_cleanup)
+        idle_closed = CounterMetricFamily(
+            "nodi_partitions_idle_closed",
+            "Partition logs closed after partition_idle_close_ms unused (reopened on next use)",
+        )
+        idle_closed.add_metric([], opens.idle_closed)
         refusals = CounterMetricFamily(
             "nodi_partition_not_ready_refusals", "Requests answered PARTITION_NOT_READY (a partition still opening)"
         )
         refusals.add_metric([], opens.not_ready_refusals)
         seconds = GaugeMetricFamily(
             "nodi_partitions_open_seconds",
-            "Seconds the background open of the partitions took (so far, while nodi_partitions_not_open is above 0)",
+            "Seconds the background recovery of the partitions not closed cleanly took (so far, while "
+            "nodi_partitions_not_open_unclean is above 0)",
         )
         seconds.add_metric([], opens.background_seconds)
-        yield from (not_open, unclean, failed, on_demand, refusals, seconds)
+        yield from (open_now, not_open, unclean, failed, on_demand, for_cleanup, idle_closed, refusals, seconds)
 
     def _metadata_families(self):
         """The metadata store (LMDB): whether commits are failing, and how often they did."""

@@ -509,6 +509,15 @@ class QueueService:
             for waiters in partition_waiters:
                 waiters.futures.discard(future)
 
+    def on_partition_opened(self, topic: str) -> None:
+        """A partition of `topic` was opened after the start (on first use, or again
+        after an idle close): receives waiting on the topic's groups look again, since
+        they skipped it while it was not open. On the loop."""
+        for key in [key for key in self._waiters if key[1] == topic]:
+            for future in self._waiters.pop(key, ()):
+                if not future.done():
+                    future.set_result(None)
+
     def _notify(self, group: QueueGroup) -> None:
         for future in self._waiters.pop((group.group, group.topic), ()):
             if not future.done():

@@ -43,6 +43,7 @@ from ..protocol.errors import ErrorCode, ProtocolError
 from .clock import SYSTEM_CLOCK, TEST_CLOCK_FILE_ENV, Clock, clock_from_environment
 from .config import ServerConfig
 from .eager import resume, start_eagerly
+from .idle_close_job import run_idle_close_job
 from .memory_budget import FrameBudget, FrameBudgetStatistics, return_large_allocations_to_the_os, trim_freed_memory
 from .metrics import Metrics
 from .read_deadline import ReadDeadline
@@ -586,6 +587,7 @@ class Server:
                 self.address = sock.getsockname()[:2]
                 _start_partition_opens(self.store)
                 tasks.create_task(self._retention_job())
+                tasks.create_task(self._idle_close_job())
                 if kafka_sock is not None:
                     self.kafka = KafkaListener(
                         self.broker, self.config.kafka, observe=self.observe, security=self.security
@@ -722,6 +724,10 @@ class Server:
     async def _retention_job(self) -> None:
         assert self.store is not None  # run() opened it before starting this job
         await run_retention_job(self.store, self.config.retention_check_interval_ms, lambda: self.shutting_down)
+
+    async def _idle_close_job(self) -> None:
+        assert self.store is not None  # run() opened it before starting this job
+        await run_idle_close_job(self.store, self.config.partition_idle_close_ms, lambda: self.shutting_down)
 
 
 class _Stopped(Exception):

@@ -73,6 +73,10 @@ class _PartitionWaiters:
     def waiting(self) -> bool:
         return bool(self.futures or self.durable)
 
+    def waiting_now(self) -> bool:
+        """Whether a fetch or an acknowledgement still waits (not one that timed out)."""
+        return any(not future.done() for future in self.futures) or any(not entry[2].done() for entry in self.durable)
+
     def wake(self) -> None:
         for future in self.futures:
             if not future.done():
@@ -170,6 +174,7 @@ class Broker:
         # background) is prepared by the hook before it is served; those open already
         # were read back by the publish dedup above and are watched here.
         self.store.on_partition_opened = self._partition_opened
+        self.store.on_partition_closing = self._partition_closing
         for _, _, partition_log in self.store.logs():
             self._watch(partition_log)
         tasks.create_task(self._expire_members())
@@ -270,6 +275,7 @@ class Broker:
         publish-dedup keys read back here and handed to the loop (which owns the dedup
         state; the topic's keyed produces wait for every partition's)."""
         self._watch(partition_log)
+        self._on_loop(lambda: self.queues.on_partition_opened(topic))
         unread = self._dedup_unread.get(topic)
         if unread is None or partition not in unread:
             return
@@ -287,6 +293,11 @@ class Broker:
                 if not left:
                     del self._dedup_unread[topic]
 
+        self._on_loop(add)
+
+    def _on_loop(self, call: Callable[[], None]) -> None:
+        """Run `call` on the broker's loop: now when this is the loop's thread, else
+        soon (from a store thread); not at all once the loop is gone (stopping)."""
         loop = self._loop
         if loop is None or loop.is_closed():
             return  # stopping: nothing is served any more
@@ -295,9 +306,22 @@ class Broker:
         except RuntimeError:
             running = None
         if running is loop:
-            add()
+            call()
         else:
-            loop.call_soon_threadsafe(add)
+            loop.call_soon_threadsafe(call)
+
+    def _partition_closing(self, topic: str, partition: int, partition_log: Log) -> bool:
+        """The store's hook before it closes an idle log (any thread; nobody can get
+        the log from the store any more): keep it while a fetch or an acknowledgement
+        waits on it, else stop watching it (no wake: nothing waits)."""
+        waiters = self._waiters.get(id(partition_log))
+        if waiters is not None and waiters.waiting_now():
+            return False
+        callback = self._listeners.pop(id(partition_log), None)
+        if callback is not None:
+            partition_log.remove_readable_listener(callback)
+        self._waiters.pop(id(partition_log), None)
+        return True
 
     def _check_dedup_read_back(self, topic: str) -> None:
         """PartitionNotReadyError while some partition of `topic` has not had its
@@ -481,9 +505,10 @@ class Broker:
         config = self.store.topic_config(request.name)
         if config is None:
             raise UnknownTopicError(f"topic {request.name!r} does not exist")
-        # While partitions open after a start, those not open yet report their checkpoints
-        # (sizes -1), read in a thread: a topic of thousands of partitions reads as many files.
-        if self.store.opening:
+        # Partitions not open (after a start, until first used) report their checkpoints
+        # (sizes -1): read once each, in a thread (a topic of thousands of partitions
+        # reads as many files), then kept by the store.
+        if not self.store.summaries_read(request.name):
             partitions = await asyncio.to_thread(self._partition_states, request.name, config.partitions)
         else:
             partitions = self._partition_states(request.name, config.partitions)

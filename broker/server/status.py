@@ -70,10 +70,11 @@ def consumer_lags(store: Store) -> list[ConsumerLag]:
         for (topic, partition), committed in sorted(metadata.group_offsets(group).items()):
             if store.topic_config(topic) is None:  # deleted
                 continue
-            partition_log = store.opened_log(topic, partition)
-            if partition_log is None:  # not open yet after a start: no lag reported for now
+            # A partition not open since the start: its checkpoint's end (read once), never
+            # opened for a scrape; one being recovered reports no lag until it is.
+            end = store.high_watermark_nowait(topic, partition)
+            if end is None:
                 continue
-            end = partition_log.readable_end_offset
             lags.append(ConsumerLag(group, topic, partition, committed.offset, end))
     return lags
 
