@@ -615,6 +615,33 @@ def check_records(
         _scan_records(data, position, header, limits, None)
 
 
+def records_without_headers(
+    batch: bytes | bytearray | memoryview,
+    header: BatchHeader,
+    limits: RecordLimits = DEFAULT_RECORD_LIMITS,
+) -> bool:
+    """Whether no record of an uncompressed batch (header and CRC checked) has a header,
+    known without a walk record by record: its records are uniform (check_records' fast
+    path: the header count is one of the bytes every record shares) and the first has
+    none. False says nothing is known. What a queue receive asks before it searches a
+    batch's bytes for the names of the headers it must honour."""
+    if header.compression != Compression.NONE:
+        return False
+    data = batch if type(batch) is bytes and len(batch) == header.size else bytes(memoryview(batch)[: header.size])
+    read = _decode_varint
+    try:
+        _, position = read(data, BATCH_HEADER_BYTES, 5)
+        position += 3  # attributes, a one-byte timestamp delta, offset delta 0 (as _uniform_layout reads)
+        for _ in range(2):  # the key, then the value: a length (-1: null) and that many bytes
+            size, position = read(data, position, 5)
+            position += max(size, 0)
+        if data[position] != 0:  # the first record's header count
+            return False
+    except (IndexError, CorruptBatchError):
+        return False
+    return _walk_uniform(data, BATCH_HEADER_BYTES, header, limits)
+
+
 def iter_records(
     batch: bytes | bytearray | memoryview,
     limits: RecordLimits = DEFAULT_RECORD_LIMITS,

@@ -33,25 +33,38 @@ def produce(client: Client, topic: str, count: int, partitions: int = 1) -> None
             client.produce_batch(topic, partition, build_batch(records))
 
 
-def test_one_consumer_with_a_20_ms_handler_handles_each_of_300_messages_once(server) -> None:
-    """Issue 10's first scenario: ack_wait 1 s, 300 messages, a 20 ms handler."""
+@pytest.mark.parametrize(
+    ("total", "options"),
+    [
+        (300, {}),  # receives sized from the handler's pace: it holds about 100 ms of work
+        (100, {"batch_max": 100}),  # one receive holds 2 s of work: leases must be extended
+    ],
+    ids=["paced", "batch_max-100"],
+)
+def test_one_consumer_with_a_20_ms_handler_handles_each_of_300_messages_once(server, total, options) -> None:
+    """Issue 10's first scenario: ack_wait 1 s, 300 messages, a 20 ms handler; and the
+    same with receives of 100 (what the handler holds outlives ack_wait: extended)."""
+    topic = f"slow-one-{total}"
     with Client(server.address) as client:
-        produce(client, "slow-one", 300)
+        produce(client, topic, total)
         handled: list[int] = []
         counted: list[bool] = []
-        with client.queue("slow-one", "workers", ack_wait_ms=1_000) as queue:
+        with client.queue(topic, "workers", ack_wait_ms=1_000, **options) as queue:
             for message in queue:
                 handled.append(message.offset)
                 time.sleep(0.02)
                 counted.append(message.ack())
-                if len(handled) == 300:
+                if len(handled) == total:
                     break
             statistics = queue.statistics()
-        state = client.describe_queue("slow-one", "workers")
-    assert sorted(handled) == list(range(300))  # each once
+        state = client.describe_queue(topic, "workers")
+    assert sorted(handled) == list(range(total))  # each once
     assert all(counted)
-    assert statistics.stale_settles == 0 and statistics.leases_extended > 0
-    assert state.redelivered == 0 and state.expired_leases == 0 and state.acked == 300
+    assert statistics.stale_settles == 0
+    if options:
+        assert statistics.leases_extended > 0
+    assert statistics.received == total  # nothing came back to this consumer a second time
+    assert state.redelivered == 0 and state.expired_leases == 0 and state.acked == total
 
 
 def test_two_consumers_alternating_short_receives_handle_each_message_once(server) -> None:
@@ -282,3 +295,86 @@ async def async_extends_and_counts(server) -> None:
             await holder.flush()
             assert await again.ack() is True
             assert holder.statistics().stale_settles == 1
+
+
+class _NoCore:
+    def own(self, part) -> None:
+        pass
+
+
+class _NoClient:
+    core = _NoCore()
+
+
+def test_receives_are_sized_from_the_handlers_pace() -> None:
+    """Without batch_max a trip asks for about PREFETCH_HORIZON_MS of the handler's
+    work (10 until the pace is known, at most batch_max, never more than half of
+    ack_wait's worth); a named batch_max is the size of every trip."""
+    from nodi.broker.client import queue as queue_module
+
+    paced = queue_module.AsyncQueue(_NoClient(), "t", "g", ack_wait_ms=60_000)
+    assert paced._trip_max() == queue_module.PREFETCH_INITIAL  # pace not known yet
+    paced._handler_s = 0.02  # a 20 ms handler: 100 ms of work is 5 messages
+    assert paced._trip_max() == 5
+    paced._handler_s = 2.0  # slower than the horizon: one at a time
+    assert paced._trip_max() == 1
+    paced._handler_s = 0.000_001  # a fast loop: as many as a receive may ask for
+    assert paced._trip_max() == queue_module.DEFAULT_BATCH_MAX
+    short = queue_module.AsyncQueue(_NoClient(), "t", "g", ack_wait_ms=40)
+    short._handler_s = 0.002  # the horizon is cut to half of ack_wait: 20 ms, 10 messages
+    assert short._trip_max() == 10
+    fixed = queue_module.AsyncQueue(_NoClient(), "t", "g", batch_max=7)
+    fixed._handler_s = 0.02
+    assert fixed._trip_max() == 7
+    assert fixed._room_left() == 7  # nothing held: the whole trip fits under max_outstanding
+    paced._handler_s = 0.02
+    assert paced._room_left() == 5 and paced._room_left(paced.batch_max) == queue_module.DEFAULT_BATCH_MAX
+
+
+def test_the_pace_is_timed_only_between_hand_outs_that_did_not_wait() -> None:
+    from nodi.broker.client import queue as queue_module
+
+    queue = queue_module.AsyncQueue(_NoClient(), "t", "g", ack_wait_ms=60_000)
+    queue._time_handler(10.0)
+    assert queue._handler_s is None  # the first hand-out only starts the clock
+    queue._time_handler(10.02)
+    assert queue._handler_s == pytest.approx(0.02)
+    queue._handed_at = None  # a receive waited for the broker: that gap is not the handler's
+    queue._time_handler(50.0)
+    assert queue._handler_s == pytest.approx(0.02)
+    queue._time_handler(50.12)  # one slow message moves the average a tenth of the way
+    assert queue._handler_s == pytest.approx(0.02 + (0.12 - 0.02) * queue_module.HANDLER_PACE_WEIGHT)
+
+
+def test_a_receive_cancelled_while_its_prefetch_leaves_gives_the_message_back(server) -> None:
+    asyncio.run(asyncio.wait_for(cancelled_at_prefetch(server), 60))
+
+
+async def cancelled_at_prefetch(server) -> None:
+    async with AsyncClient(server.address) as client:
+        await client.create_topic("cancel-at-prefetch")
+        await client.produce_batch(
+            "cancel-at-prefetch", 0, build_batch([NewRecord(None, b"%d" % i) for i in range(40)])
+        )
+        async with client.queue("cancel-at-prefetch", "g", batch_max=20, ack_wait_ms=60_000) as queue:
+            seen: list[tuple[int, int]] = []
+            for _ in range(9):  # a full trip of 20 is buffered; these are handled and acked
+                message = await queue.receive(timeout_ms=WAIT_MS)
+                assert message is not None
+                seen.append((message.offset, message.delivery_count))
+                message.ack(wait=False)
+            # The 10th hand-out leaves 10 buffered: it starts the prefetch and receive()
+            # lets the loop run once; cancelled there, the application never got it.
+            receiving = asyncio.ensure_future(queue.receive(timeout_ms=WAIT_MS))
+            await asyncio.sleep(0)
+            assert not receiving.done()
+            receiving.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await receiving
+            while len({offset for offset, _ in seen}) < 40:
+                message = await queue.receive(timeout_ms=WAIT_MS)
+                assert message is not None
+                seen.append((message.offset, message.delivery_count))
+                message.ack(wait=False)
+            await queue.flush()
+    assert sorted(seen) == sorted({*[(offset, 1) for offset in range(40) if offset != 9], (9, 2)})

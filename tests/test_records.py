@@ -1277,3 +1277,21 @@ def test_nodi_error_is_the_root():
     assert issubclass(InvalidRecordError, NodiError)
     for error in (CorruptBatchError, LimitExceededError, UnsupportedCompressionError):
         assert issubclass(error, InvalidRecordError)
+
+
+def test_records_without_headers_knows_only_uniform_headerless_batches():
+    """A queue receive searches a batch's bytes for header names unless this says no
+    record has a header: true only when every record is uniform and the first has none."""
+    plain = records.build_batch([records.NewRecord(None, b"v%03d" % i) for i in range(100)])
+    header = records.parse_header(plain)
+    assert records.records_without_headers(plain, header)
+    with_headers = records.build_batch([records.NewRecord(None, b"v", [("nodi.ttl-ms", b"1")]) for _ in range(5)])
+    assert not records.records_without_headers(with_headers, records.parse_header(with_headers))
+    # The first record has none, a later one has: not uniform, so nothing is known.
+    mixed = records.build_batch([records.NewRecord(None, b"v"), records.NewRecord(None, b"v", [("nodi.ttl-ms", b"1")])])
+    assert not records.records_without_headers(mixed, records.parse_header(mixed))
+    compressed = records.build_batch(
+        [records.NewRecord(None, b"v%03d" % i) for i in range(100)], compression=records.Compression.GZIP
+    )
+    assert not records.records_without_headers(compressed, records.parse_header(compressed))
+    assert not records.records_without_headers(plain[:-3], header)  # cut short: never an error

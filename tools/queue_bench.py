@@ -538,6 +538,7 @@ def run(arguments: argparse.Namespace, data_directory: str) -> dict:
             "concurrency": arguments.concurrency,
             "request_fsync": arguments.request_fsync,
             "queue_batch_max": DEFAULT_BATCH_MAX,
+            "queue_receive_sizing": "paced: about 100 ms of the handler's work, up to queue_batch_max",
             "queue_max_outstanding": DEFAULT_MAX_OUTSTANDING,
             "queue_max_lease_ms": DEFAULT_MAX_LEASE_MS,
             "quick": arguments.quick,

@@ -944,7 +944,8 @@ class AsyncClient:
 
     def queue(self, topic: str, group: str, **options: Any) -> AsyncQueue:
         """An AsyncQueue of queue group `group` on `topic` (see client/queue.py for the
-        options: ack_wait_ms, max_deliveries, backoff, dead_letter_topic, batch_max, prefetch)."""
+        options: ack_wait_ms, max_deliveries, backoff, dead_letter_topic, batch_max (None:
+        sized from the handler's pace), prefetch, max_outstanding, max_lease_ms)."""
         from .queue import AsyncQueue
 
         return AsyncQueue(self, topic, group, **options)

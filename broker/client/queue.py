@@ -35,15 +35,22 @@ counted (statistics().stale_settles) and logged, not raised; `strict=True` raise
 With `wait=False` the call returns at once and settlements go out batched in the
 background; `flush()` waits for them and raises the first that failed.
 
-Flow control: at most `max_outstanding` messages (default 100), and softly
+Flow control: at most `max_outstanding` messages (default 1,000), and softly
 `max_outstanding_bytes` of keys and values, are leased to the queue and not settled
 (buffered or handed out); a receive asks for no more than the room left and waits for
-room up to its timeout. A receive asks for up to `batch_max` messages within it; the ones
-not yet handed out are leased all the same, and close() gives them back (a nack without
+room up to its timeout. A trip to the broker asks for up to `batch_max` messages within
+it. Without `batch_max` the size follows the handler's pace: about PREFETCH_HORIZON_MS
+(100 ms, at most half of ack_wait) of its work, measured as the time between hand-outs
+that did not wait for the broker (a moving average), from PREFETCH_INITIAL (10) until
+the pace is known, up to 1,000: a fast handler gets large receives, a slow one a few
+messages at a time, so it never holds what others could handle meanwhile. The ones not
+yet handed out are leased all the same, and close() gives them back (a nack without
 delay). With `prefetch` (the default) and at-least-once the queue asks for the next
 batch, without waiting on the broker, once half of the current one was handed out if the
 last receive came back full (a backlog), within the room left and only while the
-application settled every message it was handed before the current one.
+application settled every message it was handed before the current one; receive() then
+lets the loop run once, so the request leaves while the application works through the
+buffer.
 
 Lease management: a task on the client's loop extends the lease of every message the
 queue holds (buffered or in a handler, unsettled) with one batched in-progress settle
@@ -69,7 +76,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from nodi.storage.errors import NodiError
@@ -83,10 +90,20 @@ from .types import Message
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH_MAX = 256
+# The most messages one receive asks for (the broker's queues.receive_messages_max default).
+DEFAULT_BATCH_MAX = 1_000
 # Flow control: messages (and their key + value bytes) leased to one queue and not yet
 # settled, buffered or in a handler. A receive asks for no more than the room left.
-DEFAULT_MAX_OUTSTANDING = 100
+DEFAULT_MAX_OUTSTANDING = 1_000
+# Receives sized from the handler's pace (batch_max not named): a receive asks for about
+# this much of the handler's work (never more than half of ack_wait's worth), so a fast
+# handler gets large receives and a slow one a few messages at a time (the others'
+# consumers get the rest). Until the pace is known a receive asks for PREFETCH_INITIAL.
+PREFETCH_HORIZON_MS = 100
+PREFETCH_INITIAL = 10
+# The weight of the newest interval between two hand-outs in the handler's pace (a
+# moving average: one slow message moves it a little).
+HANDLER_PACE_WEIGHT = 0.1
 DEFAULT_MAX_OUTSTANDING_BYTES = 64 * 1024 * 1024
 # Lease management: the client extends the lease of each message it holds until it is
 # settled or has been held this long, then lets it go (0: never extend).
@@ -95,6 +112,7 @@ DEFAULT_MAX_LEASE_MS = 3_600_000
 LEASE_EXTEND_AT_FRACTION = 0.5
 # A buffered message whose lease has less than this left is not handed out.
 LEASE_HAND_OUT_MARGIN_MS = 50
+LEASE_HAND_OUT_MARGIN_S = LEASE_HAND_OUT_MARGIN_MS / 1000
 # After a failed extension request, the next try comes this much later (at most).
 LEASE_RETRY_MS_MAX = 1_000
 # Handed-out messages the client stopped extending, kept to tell a lost race from a
@@ -310,6 +328,8 @@ class QueueMessage(Message):
     lease_deadline_ms: int = 0
     group: str = ""
     _queue: Any = field(default=None, repr=False, compare=False)
+    # The consumer's _Lease of this delivery while it holds it (set once, by the queue).
+    _lease: Any = field(default=None, repr=False, compare=False)
 
     def ack(self, *, wait: bool = True):
         return self._queue._settle(self, m.SettleAction.ACK, m.CONFIG_DEFAULT, None, wait)
@@ -329,6 +349,75 @@ class QueueMessage(Message):
         reply reached the requester's inbox, False when it is gone (dropped, counted).
         Settle the message as well (iteration acks it under at-least-once)."""
         return self._queue._reply(self, value, key, headers)
+
+
+# A receive makes one QueueMessage per record: set through the slots' descriptors, as
+# types.new_message makes a Message (the frozen __init__ sets each field through
+# object.__setattr__, about twice the time). Checked here, so a new field is not left unset.
+_QUEUE_MESSAGE_FIELDS = (
+    "topic",
+    "partition",
+    "offset",
+    "timestamp",
+    "key",
+    "value",
+    "headers",
+    "default_ttl_ms",
+    "delivery_count",
+    "lease_deadline_ms",
+    "group",
+    "_queue",
+    "_lease",
+)
+assert tuple(f.name for f in fields(QueueMessage)) == _QUEUE_MESSAGE_FIELDS, "update new_queue_message"
+(
+    _set_topic,
+    _set_partition,
+    _set_offset,
+    _set_timestamp,
+    _set_key,
+    _set_value,
+    _set_headers,
+    _set_default_ttl_ms,
+    _set_delivery_count,
+    _set_lease_deadline_ms,
+    _set_group,
+    _set_queue,
+    _set_lease,
+) = ((Message if name in Message.__dict__ else QueueMessage).__dict__[name].__set__ for name in _QUEUE_MESSAGE_FIELDS)
+_new_object = object.__new__
+
+
+def new_queue_message(
+    topic: str,
+    partition: int,
+    offset: int,
+    timestamp: int,
+    key: bytes | None,
+    value: bytes | None,
+    headers: Any,
+    delivery_count: int,
+    lease_deadline_ms: int,
+    group: str,
+    queue: Any,
+) -> QueueMessage:
+    """QueueMessage(topic, partition, offset, timestamp, key, value, headers,
+    delivery_count, lease_deadline_ms, group, queue), for a receive's per-record loop."""
+    message = _new_object(QueueMessage)
+    _set_topic(message, topic)
+    _set_partition(message, partition)
+    _set_offset(message, offset)
+    _set_timestamp(message, timestamp)
+    _set_key(message, key)
+    _set_value(message, value)
+    _set_headers(message, headers)
+    _set_default_ttl_ms(message, 0)
+    _set_delivery_count(message, delivery_count)
+    _set_lease_deadline_ms(message, lease_deadline_ms)
+    _set_group(message, group)
+    _set_queue(message, queue)
+    _set_lease(message, None)
+    return message
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,7 +442,7 @@ class _Lease:
     is the local monotonic time by which the broker's lease has run out at the latest:
     a request's send time plus ack_wait."""
 
-    __slots__ = ("message", "deadline", "held_until", "size", "handed_out")
+    __slots__ = ("message", "deadline", "held_until", "size", "handed_out", "held")
 
     def __init__(self, message: QueueMessage, deadline: float, held_until: float, size: int) -> None:
         self.message = message
@@ -361,6 +450,7 @@ class _Lease:
         self.held_until = held_until
         self.size = size
         self.handed_out = False
+        self.held = True  # in the queue's _leases (False once dropped: settled, let go, lost)
 
 
 def _key(message: QueueMessage) -> tuple[int, int]:
@@ -392,7 +482,7 @@ class AsyncQueue:
         dead_letter_topic: str | None = None,
         expired: str | None = None,
         guarantee: str = AT_LEAST_ONCE,
-        batch_max: int = DEFAULT_BATCH_MAX,
+        batch_max: int | None = None,
         receive_timeout_ms: int = DEFAULT_RECEIVE_TIMEOUT_MS,
         prefetch: bool = True,
         max_outstanding: int = DEFAULT_MAX_OUTSTANDING,
@@ -400,8 +490,8 @@ class AsyncQueue:
         max_lease_ms: int = DEFAULT_MAX_LEASE_MS,
         strict: bool = False,
     ) -> None:
-        if batch_max < 1:
-            raise ValueError("batch_max must be at least 1")
+        if batch_max is not None and batch_max < 1:
+            raise ValueError("batch_max must be at least 1 (or None: sized from the handler's pace)")
         if max_outstanding < 1:
             raise ValueError("max_outstanding must be at least 1")
         if max_outstanding_bytes < 1:
@@ -416,7 +506,13 @@ class AsyncQueue:
         self.client = client
         self.topic = topic
         self.group = group
-        self.batch_max = batch_max
+        # Named: every trip asks for up to batch_max; None: sized from the handler's pace.
+        self._paced = batch_max is None
+        self.batch_max = DEFAULT_BATCH_MAX if batch_max is None else batch_max
+        # Seconds the application takes per message (between two hand-outs that did not
+        # wait for the broker), a moving average; None until measured.
+        self._handler_s: float | None = None
+        self._handed_at: float | None = None  # the last hand-out that timed the handler
         self.receive_timeout_ms = receive_timeout_ms
         self.prefetch = prefetch
         self.max_outstanding = max_outstanding
@@ -425,6 +521,7 @@ class AsyncQueue:
         self.strict = strict
         self._owner: Any = self  # what received messages settle through (this queue or its blocking twin)
         self._prefetching: asyncio.Task | None = None  # the one receive asked ahead
+        self._prefetch_started = False  # by the hand-out just made: receive() lets it leave
         # The last receive came back full: the broker likely has more (a backlog). A
         # trickle (requests, a quiet topic) is not prefetched: it would be a wasted trip.
         self._backlog = False
@@ -445,7 +542,11 @@ class AsyncQueue:
         # Flow control and lease management: every message leased to this consumer and
         # not settled (at-least-once), by (partition, offset). Changed on the loop only.
         self._leases: dict[tuple[int, int], _Lease] = {}
-        self._leased_bytes = 0  # leases in _leases whose message the application was handed
+        self._leased_bytes = 0  # key + value bytes of the leases in _leases
+        # Leases in _leases whose message the application was handed: _given - _dropped.
+        # Two counts, each written by one thread: _given where messages are handed out
+        # (the blocking Queue's application thread too), _dropped on the loop.
+        self._given = self._dropped = 0
         self._room = asyncio.Event()  # set when a lease is settled or let go
         self._keeper: asyncio.Task | None = None  # extends the leases in _leases
         # Handed-out messages no longer extended (lost, let go, left by an iteration
@@ -525,7 +626,7 @@ class AsyncQueue:
             while len(batch) < max_messages:
                 message = self._next_buffered(prefetch=False)
                 if message is None:
-                    if not self._backlog or self._room_left() <= 0:
+                    if not self._backlog or self._room_left(self.batch_max) <= 0:
                         break  # the last trip came back short, or flow control is full
                     message = await self._receive(0, max_messages - len(batch), prefetch=False)  # no long poll
                     if message is None:
@@ -545,13 +646,30 @@ class AsyncQueue:
         if self._drop_lease(_key(message)) is not None:
             self._settle_nowait(message, m.SettleAction.NACK, 0, None, ours=None)
 
-    def _room_left(self) -> int:
-        """How many more messages flow control lets this consumer lease now."""
+    def _trip_max(self) -> int:
+        """The most messages one trip to the broker asks for: batch_max when named,
+        else about PREFETCH_HORIZON_MS of the handler's work (see the module docstring)."""
+        if not self._paced:
+            return self.batch_max
+        handler_s = self._handler_s
+        if handler_s is None:
+            return min(PREFETCH_INITIAL, self.batch_max)
+        horizon_s = PREFETCH_HORIZON_MS / 1000
+        if self._ack_wait_s is not None:
+            horizon_s = min(horizon_s, self._ack_wait_s * LEASE_EXTEND_AT_FRACTION)
+        if handler_s * self.batch_max <= horizon_s:
+            return self.batch_max
+        return max(int(horizon_s / handler_s), 1)
+
+    def _room_left(self, trip_max: int | None = None) -> int:
+        """How many more messages flow control lets this consumer lease now, in one trip
+        of at most `trip_max` (default: _trip_max())."""
+        trip = self._trip_max() if trip_max is None else trip_max
         if self.guarantee == AT_MOST_ONCE:  # acked on receipt: only the buffer counts
-            return min(self.batch_max, self.max_outstanding - len(self._buffer))
+            return min(trip, self.max_outstanding - len(self._buffer))
         if self._leased_bytes >= self.max_outstanding_bytes:
             return 0
-        return min(self.batch_max, self.max_outstanding - len(self._leases))
+        return min(trip, self.max_outstanding - len(self._leases))
 
     async def _receive(
         self, timeout_ms: int | None, wanted: int | None = None, *, prefetch: bool = True
@@ -566,14 +684,22 @@ class AsyncQueue:
         while True:
             message = self._next_buffered(prefetch)
             if message is not None:
+                if self._prefetch_started:  # let its request leave now, not after the buffer
+                    self._prefetch_started = False
+                    try:
+                        await asyncio.sleep(0)
+                    except BaseException:  # cancelled: the application never saw it
+                        self._give_back(message)
+                        raise
                 return message
+            self._handed_at = None  # what follows waits: not the handler's time
             if self._closed:
                 raise ClientClosed("the queue is closed")
             if self._prefetching is not None:
                 await asyncio.wait({self._prefetching})  # what it brings lands in the buffer
                 continue
             remaining = deadline - time.monotonic()
-            room = self._room_left() if wanted is None else min(self._room_left(), wanted)
+            room = self._room_left() if wanted is None else min(self._room_left(self.batch_max), wanted)
             if room <= 0:  # flow control: wait for the application to settle one
                 if remaining <= 0:
                     return None
@@ -602,14 +728,27 @@ class AsyncQueue:
         """On the loop: the next buffered message whose lease is still good, handed
         out (and, with `prefetch`, the next batch asked for when due); the others are
         released."""
-        while self._buffer:
-            message = self._buffer.popleft()
-            if self._usable(message):
-                self._hand_out(message)
-                if prefetch:
+        buffer = self._buffer
+        while buffer:
+            message = buffer.popleft()
+            now = time.monotonic()
+            lease = message._lease
+            if lease is None:
+                if self.guarantee != AT_MOST_ONCE:
+                    self._discard(message)
+                    continue
+            elif not lease.held or lease.deadline - LEASE_HAND_OUT_MARGIN_S <= now:
+                self._discard(message)
+                continue
+            elif not lease.handed_out:
+                self._given += 1
+                lease.handed_out = True
+            self._handed_out_count += 1
+            if prefetch:
+                self._time_handler(now)
+                if self._prefetching is None and self._backlog:
                     self._prefetch_soon(message)
-                return message
-            self._discard(message)
+            return message
         return None
 
     def _usable(self, message: QueueMessage) -> bool:
@@ -617,18 +756,28 @@ class AsyncQueue:
         (read-only: the blocking twin calls it from the application's thread)."""
         if self.guarantee == AT_MOST_ONCE:
             return True
-        lease = self._leases.get(_key(message))
-        return (
-            lease is not None
-            and lease.message is message
-            and lease.deadline - LEASE_HAND_OUT_MARGIN_MS / 1000 > time.monotonic()
-        )
+        lease = message._lease
+        return lease is not None and lease.held and lease.deadline - LEASE_HAND_OUT_MARGIN_S > time.monotonic()
 
     def _hand_out(self, message: QueueMessage) -> None:
-        lease = self._leases.get(_key(message))
-        if lease is not None:
+        lease = message._lease
+        if lease is not None and lease.held and not lease.handed_out:
+            self._given += 1
             lease.handed_out = True
         self._handed_out_count += 1
+
+    def _time_handler(self, now: float | None = None) -> None:
+        """At a hand-out from the buffer: the time since the one before, when no wait
+        for the broker came between, is the application's time for a message."""
+        if now is None:
+            now = time.monotonic()
+        if self._handed_at is not None:
+            interval = now - self._handed_at
+            handler_s = self._handler_s
+            self._handler_s = (
+                interval if handler_s is None else handler_s + (interval - handler_s) * HANDLER_PACE_WEIGHT
+            )
+        self._handed_at = now
 
     def _discard(self, message: QueueMessage) -> None:
         """On the loop: a buffered message whose lease ran out (or was lost, or let go)
@@ -707,7 +856,8 @@ class AsyncQueue:
             if key in self._leases:  # delivered to us again after our lease was lost
                 self._drop_lease(key)
             size = len(message.key or b"") + len(message.value or b"")
-            self._leases[key] = _Lease(message, deadline, held_until, size)
+            lease = self._leases[key] = _Lease(message, deadline, held_until, size)
+            _set_lease(message, lease)  # a frozen dataclass: set once, here
             self._leased_bytes += size
         if self.max_lease_ms > 0 and (self._keeper is None or self._keeper.done()) and not self._closed:
             self._keeper = asyncio.get_running_loop().create_task(self._keep_leases())
@@ -715,7 +865,12 @@ class AsyncQueue:
     def _drop_lease(self, key: tuple[int, int]) -> _Lease | None:
         lease = self._leases.pop(key, None)
         if lease is not None:
+            lease.held = False
             self._leased_bytes -= lease.size
+            if lease.handed_out:
+                self._dropped += 1
+            if not self._leases:  # none held: none in hand (mends a count a thread race left off)
+                self._dropped = self._given
             self._room.set()
         return lease
 
@@ -848,7 +1003,7 @@ class AsyncQueue:
         every message it was handed before `current` (a consumer that holds messages
         leases no more than it asked for, so it does not starve the others), and no such
         request is under way. On the client's loop."""
-        batch = min(self.batch_max, self.max_outstanding)
+        batch = min(self._trip_max(), self.max_outstanding)
         if (
             self.prefetch
             and self._backlog
@@ -857,9 +1012,17 @@ class AsyncQueue:
             and self.guarantee == AT_LEAST_ONCE
             and len(self._buffer) <= batch // 2
             and self._room_left() >= max(batch // 2, 1)
-            and not any(lease.handed_out and lease.message is not current for lease in self._leases.values())
+            and self._given - self._dropped <= self._held_in_hand(current)
         ):
             self._prefetching = asyncio.get_running_loop().create_task(self._prefetch_once())
+            self._prefetch_started = True
+
+    def _held_in_hand(self, current: QueueMessage | None) -> int:
+        """1 when `current` is a handed-out message this consumer holds, else 0."""
+        if current is None:
+            return 0
+        lease = self._leases.get(_key(current))
+        return 1 if lease is not None and lease.message is current and lease.handed_out else 0
 
     async def _prefetch_once(self) -> None:
         """One receive that does not wait for messages (at-least-once only: nothing is
@@ -934,6 +1097,7 @@ class AsyncQueue:
         if sum(span.records_bytes for span in response.spans) != len(view):
             raise InvalidRecords(f"queue receive from {self.topic}: spans do not cover the records")
         topic, group, owner = self.topic, self.group, self._owner
+        make = new_queue_message
         messages: list[QueueMessage] = []
         position = 0
         try:
@@ -963,20 +1127,20 @@ class AsyncQueue:
                         count, deadline = run.delivery_count, run.lease_deadline_ms
                         messages.extend(
                             [
-                                QueueMessage(
+                                make(
                                     topic,
                                     partition,
-                                    record.offset,
-                                    record.timestamp_ms,
-                                    record.key,
-                                    record.value,
-                                    record.headers,
+                                    offset,
+                                    timestamp,
+                                    key,
+                                    value,
+                                    headers,
                                     count,
                                     deadline,
                                     group,
                                     owner,
                                 )
-                                for record in records
+                                for offset, timestamp, key, value, headers in records
                             ]
                         )
                         continue
@@ -1041,6 +1205,19 @@ class AsyncQueue:
     ) -> asyncio.Future:
         if message is self._current:
             self._current_settled = True
+        lease = message._lease
+        if not wait and action is m.SettleAction.ACK and lease is not None and lease.held and not self._closed:
+            # The common settle, made short: an ack of a message this consumer holds.
+            self._drop_lease((message.partition, message.offset))
+            self._outbox.append(
+                (message.partition, message.offset, message.delivery_count, action, delay_ms, None, None, True)
+            )
+            if self._sender is None or self._sender.done():
+                self._sender = asyncio.get_running_loop().create_task(self._send_settlements())
+            if self._settled is None:
+                self._settled = asyncio.get_running_loop().create_future()
+                self._settled.set_result(None)
+            return self._settled
         if wait:
             future = self._settle_application(message, action, delay_ms, text, record_error=False)
             assert future is not None  # without record_error a future holds the outcome
@@ -1173,8 +1350,11 @@ class AsyncQueue:
             message = self._buffer.popleft()
             if self._drop_lease(_key(message)) is not None or self.guarantee == AT_MOST_ONCE:
                 self._settle_nowait(message, m.SettleAction.NACK, 0, None, ours=None)
+        for lease in self._leases.values():
+            lease.held = False
         self._leases.clear()
         self._leased_bytes = 0
+        self._dropped = self._given
         with contextlib.suppress(Exception):
             await self.flush()
         self.client.core.disown(self)
@@ -1283,11 +1463,12 @@ class Queue:
                 loop.call_soon_threadsafe(queue._discard, message)
                 continue
             queue._hand_out(message)
+            queue._time_handler()
             if (
                 queue.prefetch
                 and queue._backlog
                 and queue._prefetching is None
-                and len(queue._buffer) <= queue.batch_max // 2
+                and len(queue._buffer) <= queue._trip_max() // 2
             ):
                 loop.call_soon_threadsafe(queue._prefetch_soon, message)  # after the settles queued before
             return message

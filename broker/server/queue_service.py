@@ -56,7 +56,7 @@ from nodi.storage.errors import (
 )
 from nodi.storage.limits import RecordLimits
 from nodi.storage.metadata import validate_topic_name
-from nodi.storage.records import NewRecord, build_batch, decode_records, iter_batches
+from nodi.storage.records import NewRecord, build_batch, decode_records, iter_batches, records_without_headers
 
 from ..protocol import messages as m
 from ..protocol.errors import ErrorCode, ProtocolError
@@ -163,7 +163,11 @@ def _must_decode(stored: StoredBatch, topic_ttl_ms: int) -> bool:
     if topic_ttl_ms > 0 or not stored.sliceable:
         return True
     if stored.names_delivery_header is None:  # searched once per batch read
-        stored.names_delivery_header = any(name in stored.data for name in _DELIVERY_HEADERS)
+        # A producer's batch is uniform: when its first record has no header, none has,
+        # and its bytes need no search (a search of 256 KiB costs about 2 us a message).
+        stored.names_delivery_header = not records_without_headers(stored.data, stored.header) and any(
+            name in stored.data for name in _DELIVERY_HEADERS
+        )
     return stored.names_delivery_header
 
 

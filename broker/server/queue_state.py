@@ -70,17 +70,24 @@ def _settings_json(settings: QueueSettings) -> bytes:
 def encode_partition(queue: PartitionQueue) -> bytes:
     settings = _settings_json(queue.settings)
     reserved = max(queue.reserved_offset, queue.next_offset)
+    pending = queue.pending
     parts = [
         _STATE_HEADER.pack(QUEUE_STATE_VERSION, queue.floor, queue.next_offset, reserved, len(settings)),
         settings,
-        _COUNT.pack(len(queue.pending)),
+        _COUNT.pack(len(pending)),
     ]
+    # Every commit of the partition's state encodes its whole window (a thousand entries
+    # and more with consumers of max_outstanding 1,000): the loop is kept lean, and an
+    # entry without an error text (most) is one pack.
+    append = parts.append
     pack = _ENTRY.pack
-    for offset in sorted(queue.pending):
-        delivery = queue.pending[offset]
-        not_before = delivery.lease_deadline_ms if delivery.state is DeliveryState.LEASED else delivery.not_before_ms
-        error = delivery.last_error.encode("utf-8")
-        parts.append(
+    leased = DeliveryState.LEASED
+    for offset in sorted(pending):
+        delivery = pending[offset]
+        not_before = delivery.lease_deadline_ms if delivery.state is leased else delivery.not_before_ms
+        text = delivery.last_error
+        error = text.encode("utf-8") if text else b""
+        append(
             pack(
                 offset,
                 delivery.delivery_count,
@@ -91,7 +98,8 @@ def encode_partition(queue: PartitionQueue) -> bytes:
                 len(error),
             )
         )
-        parts.append(error)
+        if error:
+            append(error)
     return b"".join(parts)
 
 
