@@ -856,9 +856,6 @@ class Metrics:
         # The request path's series, registered first so they export first, as before.
         self.request_metrics = RequestMetrics()
         self.registry.register(self.request_metrics)
-        # Bound once: Server.observe calls it for every request.
-        self.observe = self.request_metrics.observe
-        self.count_error = self.request_metrics.count_error
 
     def listen(self) -> None:
         """Bind and serve the HTTP endpoint (OSError when the port is taken). The
@@ -896,3 +893,10 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+    def count_error(self, code: ErrorCode) -> None:
+        self.request_metrics.count_error(code)
+
+    def observe(self, request: m.Request, reply, seconds: float) -> None:
+        """Count an answered request (Server.observe, on the event loop, every request)."""
+        self.request_metrics.observe(request, reply, seconds)
