@@ -459,7 +459,15 @@ class QueueService:
                 self._wake.set()  # dead letters may be waiting
             taken = group.receive(count, now)
             if taken:
-                deliveries, response = await respond(group, taken, budget, now)
+                try:
+                    deliveries, response = await respond(group, taken, budget, now)
+                except BaseException:
+                    # Nothing was answered, so nothing was seen: the deliveries are taken
+                    # back (uncounted, available again), not left leased to no one until
+                    # their ack_wait runs out (a partition not open yet, a failed read).
+                    group.release(taken)
+                    self._notify(group)
+                    raise
                 if deliveries:
                     if group.answerable_uncommitted(deliveries):
                         # Its state goes with the next settle's commit (or the timer's);
@@ -782,7 +790,10 @@ class QueueService:
         key = (topic, partition)
         with self._batches_lock:
             cached = self._stored.get(key)
-        partition_log = self.store.log(topic, partition)
+        try:
+            partition_log = self.store.log(topic, partition)
+        except (NodiError, OSError) as error:  # not open yet (PartitionNotReadyError), or failed
+            return [], dict.fromkeys(offsets, error)
         out: list = []
         failed: dict[int, Exception] = {}
         highest = offsets[-1]
@@ -837,7 +848,8 @@ class QueueService:
 
     def _at_tail(self, topic: str, taken: Taken) -> bool:
         """Whether `taken` is among the last TAIL_READ_MESSAGES_MAX offsets of its log."""
-        return taken.offset >= self.store.log(topic, taken.partition).next_offset - TAIL_READ_MESSAGES_MAX
+        partition_log = self.store.opened_log(topic, taken.partition)
+        return partition_log is not None and taken.offset >= partition_log.next_offset - TAIL_READ_MESSAGES_MAX
 
     def _read_records(self, topic: str, wanted: list[tuple[int, int]]) -> dict:
         """(partition, offset) -> Record for each wanted offset that has one; an
