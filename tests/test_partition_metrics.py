@@ -12,6 +12,7 @@ TOPIC = "tenants"
 SMALL = "small"
 PARTITIONS = 8
 GROUP = "billing"
+QUEUE_GROUP = "workers"
 VALUE = b"v" * 50
 # The families labelled by partition that this workload exports (no compaction, no queue group).
 PARTITION_FAMILIES = (
@@ -75,10 +76,18 @@ def test_past_the_limit_the_families_are_per_topic_with_the_partitions_sums(tmp_
         assert value(below, "nodi_log_end_offset", topic=SMALL, partition="1") == 1
 
         write_workload(broker.address)  # 10 partitions now, over the limit of 5
+        messages = sum(produced(partition) for partition in range(PARTITIONS))
+        with Client(broker.address, timeout_ms=30_000) as client:
+            with client.queue(TOPIC, QUEUE_GROUP, prefetch=False) as queue:
+                acked = 0
+                while acked < messages:
+                    message = queue.receive(timeout_ms=30_000)
+                    assert message is not None, f"{acked} of {messages} received"
+                    message.ack()
+                    acked += 1
         samples = scrape(broker.metrics_port)
         assert partition_labels(samples, TOPIC) == {"all"}
         assert partition_labels(samples, SMALL) == {"all"}
-        messages = sum(produced(partition) for partition in range(PARTITIONS))
         per_topic = {"topic": TOPIC, "partition": "all"}
         assert value(samples, "nodi_log_end_offset", **per_topic) == messages
         assert value(samples, "nodi_log_durable_offset", **per_topic) == messages
@@ -108,6 +117,11 @@ def test_past_the_limit_the_families_are_per_topic_with_the_partitions_sums(tmp_
         )
         assert value(samples, "nodi_consumer_committed_offset", **group) == sum(map(committed, range(PARTITIONS)))
         assert value(samples, "nodi_log_end_offset", topic=SMALL, partition="all") == 1
+        queue_labels = {"group": QUEUE_GROUP, **per_topic}
+        assert value(samples, "nodi_queue_acked_total", **queue_labels) == messages
+        assert value(samples, "nodi_queue_delivered_total", **queue_labels) == messages
+        assert value(samples, "nodi_queue_in_flight", **queue_labels) == 0
+        assert {labels["partition"] for labels, _ in samples["nodi_queue_acked_total"]} == {"all"}
         broker.stop()
 
         # After a clean restart no partition is open; a scrape opens none, and the lag

@@ -651,8 +651,8 @@ class _StoreCollector:
             statistics = broker.queues.statistics()
             rounds.add_metric([], statistics.timer_rounds)
             visited.add_metric([], statistics.timer_groups_visited)
-            partition_families = (in_flight, pending, floor, delivered, redelivered, acked, nacked)
-            partition_families += (expired, dead, ttl, stale, extended)
+            partition_families = [in_flight, pending, floor, delivered, redelivered, acked, nacked]
+            partition_families += [expired, dead, ttl, stale, extended]
             samples = [_PartitionSamples(family, per_topic) for family in partition_families]
             for group in statistics.groups:
                 for partition in group.partitions:
