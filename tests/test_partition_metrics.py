@@ -5,6 +5,8 @@ they stay per partition. Real `nodi serve` processes, scraped over HTTP."""
 
 from __future__ import annotations
 
+import time
+
 from conftest import BrokerProcess
 from test_ops_metrics import scrape, total, value
 
@@ -161,3 +163,41 @@ def test_at_or_under_the_limit_the_families_stay_per_partition(tmp_path):
     messages = sum(produced(partition) for partition in range(PARTITIONS))
     assert total(samples, "nodi_log_end_offset", topic=TOPIC) == messages
     assert any("per partition" in line and "metrics_partition_series_max 8" in line for line in broker.output)
+
+
+def test_per_topic_counters_keep_what_partitions_closed_for_being_idle_counted(tmp_path):
+    """A partition closed for being idle takes its log's counters with it (they start
+    at 0 when it reopens): per topic, the sums keep what it counted, so they never fall."""
+    environment = {"NODI_PARTITION_IDLE_CLOSE_MS": "3000"}
+    broker = BrokerProcess(
+        str(tmp_path / "data"), ["--metrics-partition-series-max", "0"], metrics=True, environment=environment
+    ).start()
+    per_topic = {"topic": TOPIC, "partition": "all"}
+    messages = sum(produced(partition) for partition in range(PARTITIONS))
+    try:
+        write_workload(broker.address)
+        before = scrape(broker.metrics_port)  # every partition open, just written
+        assert value(before, "nodi_partitions_open") == PARTITIONS
+        assert value(before, "nodi_fsync_covered_appends_total", **per_topic) == messages
+        deadline = time.monotonic() + 60
+        closed = before
+        while value(closed, "nodi_partitions_open") > 0:
+            assert time.monotonic() < deadline, "the idle partitions were not closed"
+            time.sleep(0.5)
+            closed = scrape(broker.metrics_port)
+        assert value(closed, "nodi_fsync_covered_appends_total", **per_topic) == messages
+        assert value(closed, "nodi_group_commit_appends_sum", **per_topic) == messages
+        assert value(closed, "nodi_fsyncs_total", **per_topic) >= value(before, "nodi_fsyncs_total", **per_topic)
+        from nodi.broker import Client
+
+        with Client(broker.address, timeout_ms=30_000) as client:
+            client.produce(TOPIC, VALUE, partition=0, acks="durable")  # reopens partition 0
+        reopened = scrape(broker.metrics_port)
+        assert value(reopened, "nodi_partitions_open") >= 1
+        assert value(reopened, "nodi_fsync_covered_appends_total", **per_topic) == messages + 1
+        assert value(reopened, "nodi_group_commit_appends_count", **per_topic) >= value(
+            closed, "nodi_group_commit_appends_count", **per_topic
+        )
+    finally:
+        if broker.process is not None:
+            broker.stop()

@@ -147,6 +147,63 @@ def _histogram_samples(family: HistogramMetricFamily, per_topic: bool) -> _Parti
     )
 
 
+def _merge_figures(first: tuple, second: tuple) -> tuple:
+    """Counters added, histogram snapshots merged, element by element (None: none yet)."""
+    merged = []
+    for a, b in zip(first, second, strict=True):
+        if a is None or b is None:
+            merged.append(b if a is None else a)
+        elif isinstance(a, HistogramSnapshot):
+            merged.append(_merge_snapshots(a, b))
+        else:
+            merged.append(a + b)
+    return tuple(merged)
+
+
+def _counts(figures: tuple) -> tuple[float, ...]:
+    """The figures as numbers that only grow while their log stays open."""
+    return tuple(figure.count if isinstance(figure, HistogramSnapshot) else figure or 0 for figure in figures)
+
+
+class _RetiredCounters:
+    """Per topic, the last counters (and histograms) scraped of its partition logs that
+    are no longer open, so a topic's summed counters do not fall when one of its
+    partitions is closed for being idle (a reopened log counts from 0 again). Only per
+    topic: per partition a reopened log's series restart, as Prometheus expects of a
+    counter reset. Counts a log made between its last scrape and its close are lost.
+
+    A log is told from the one before it of its partition by its id and, should a new
+    log get the id of a collected one, by a count that went down."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: dict[tuple[str, int], tuple[int, tuple]] = {}
+        self._retired: dict[str, tuple] = {}
+
+    def carried(self, seen: dict[tuple[str, int], tuple[int, tuple]], topics: set[str]) -> dict[str, tuple]:
+        """Record this scrape's open logs (`seen`: (topic, partition) -> (id of the
+        log, figures)) and return, per topic of `topics`, what its closed logs counted."""
+        with self._lock:
+            for key, (log_id, figures) in self._last.items():
+                now = seen.get(key)
+                replaced = now is None or now[0] != log_id
+                if not replaced:
+                    assert now is not None
+                    replaced = any(new < old for new, old in zip(_counts(now[1]), _counts(figures), strict=True))
+                if replaced:
+                    old = self._retired.get(key[0])
+                    self._retired[key[0]] = figures if old is None else _merge_figures(old, figures)
+            self._last = dict(seen)
+            for topic in [topic for topic in self._retired if topic not in topics]:  # deleted
+                del self._retired[topic]
+            return dict(self._retired)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._last.clear()
+            self._retired.clear()
+
+
 class _PartitionSeriesMode:
     """Whether the per-partition families go per topic now: the broker holds more
     partitions than `partitions_max` (0: always). Logs the mode the first time it is
@@ -183,6 +240,7 @@ class _StoreCollector:
         self.server = server
         self.partition_series = _PartitionSeriesMode(server.config.metrics_partition_series_max)
         self.partition_series.per_topic(server.store)  # logs the mode at start
+        self.retired_counters = _RetiredCounters()
 
     def collect(self):
         per_topic = self.partition_series.per_topic(self.server.store)
@@ -316,11 +374,23 @@ class _StoreCollector:
         ]
         latency_samples = _histogram_samples(fsync_latency, per_topic)
         group_commit_samples = _histogram_samples(group_commit, per_topic)
+        seen: dict[tuple[str, int], tuple[int, tuple]] = {}
         store = self.server.store
         if store is not None:
             for topic, partition, partition_log in store.logs():
                 key = [topic, str(partition)]
                 statistics = partition_log.statistics()
+                if per_topic:
+                    seen[(topic, partition)] = (
+                        id(partition_log),
+                        (
+                            statistics.undecodable_batches,
+                            statistics.fsyncs,
+                            statistics.fsync_covered_appends,
+                            statistics.fsync_seconds,
+                            statistics.group_commit_appends,
+                        ),
+                    )
                 values = (
                     statistics.segment_count,
                     statistics.byte_count,
@@ -338,6 +408,14 @@ class _StoreCollector:
                     sample.add(key, figure)
                 latency_samples.add(key, statistics.fsync_seconds)
                 group_commit_samples.add(key, statistics.group_commit_appends)
+        if per_topic and store is not None:
+            counter_samples = (undecodable, fsyncs, covered, fsync_latency, group_commit)
+            by_family = {id(sample.family): sample for sample in (*samples, latency_samples, group_commit_samples)}
+            for topic, figures in self.retired_counters.carried(seen, set(store.topics())).items():
+                for family, figure in zip(counter_samples, figures, strict=True):
+                    by_family[id(family)].add([topic, ALL_PARTITIONS], figure)
+        elif not per_topic:
+            self.retired_counters.clear()
         for sample in (*samples, latency_samples, group_commit_samples):
             yield sample.finish()
 
