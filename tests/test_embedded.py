@@ -515,7 +515,8 @@ def test_the_embedded_broker_closes_idle_partitions_and_reopens_them_on_use(tmp_
 
     async def main() -> None:
         config = ServerConfig(partition_idle_close_ms=1000)
-        async with EmbeddedAsyncClient(tmp_path / "data", config=config, attach=False) as client:
+        client = EmbeddedAsyncClient(tmp_path / "data", config=config, attach=False)
+        async with client:
             await client.create_topic("idle", partitions=partitions)
             for partition in range(partitions):
                 await client.produce("idle", b"m%d" % partition, partition=partition, acks="durable")
