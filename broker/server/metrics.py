@@ -1,7 +1,8 @@
 """Prometheus metrics on --metrics-port (prometheus-client). Names start with nodi_ and
 are listed in docs/operations.md.
 
-Request-path metrics are counted as replies go out (Server.observe); everything the
+Request-path metrics are counted as replies go out (Server.observe), in plain counters
+that RequestMetrics turns into prometheus families at scrape time; everything the
 storage layer already counts (segments, bytes, offsets, fsyncs and their latency, group
 commit sizes) is read from its statistics() at scrape time by a collector, so the hot
 path pays nothing for it. Consumer lag and disk space are read at scrape time too
@@ -15,10 +16,13 @@ import logging
 import operator
 import os
 import threading
+from bisect import bisect_left
+from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, start_http_server
+from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from nodi.storage.errors import NodiError
 from nodi.storage.histogram import HistogramSnapshot
@@ -864,6 +868,192 @@ class _StoreCollector:
         )
 
 
+# -- the request path's series (Server.observe) ------------------------------------------
+#
+# Every request adds to these on the event loop, so they are plain dicts of numbers, not
+# prometheus-client objects (a lock per counter, label validation, a Python loop over the
+# buckets: about a seventh of a ListOffsets' loop CPU). The scrape thread copies them
+# under one lock and turns them into the same families, names, labels, buckets and
+# values prometheus-client's Counter and Histogram exported.
+
+# The histograms' upper bounds, +Inf last (a value falls in the first bound >= it, as `le`).
+_LATENCY_BOUNDS_S = (*map(float, LATENCY_BUCKETS_S), float("inf"))
+_LATENCY_LE = tuple(floatToGoString(bound) for bound in _LATENCY_BOUNDS_S)
+
+
+def _observe_latency(series: dict[tuple[str, ...], list], key: tuple[str, ...], bucket: int, seconds: float) -> None:
+    """Count `seconds` in `bucket` of the series `key`: a list of per-bucket counts (not
+    cumulative), the sum of the observations last."""
+    counts = series.get(key)
+    if counts is None:
+        counts = series[key] = [0] * len(_LATENCY_BOUNDS_S) + [0.0]
+    counts[bucket] += 1
+    counts[-1] += seconds
+
+
+def _add(counter: dict[tuple[str, ...], int], key: tuple[str, ...], amount: int) -> None:
+    counter[key] = counter.get(key, 0) + amount
+
+
+@dataclass(frozen=True)
+class RequestStatistics:
+    """The request path's counts at one moment, each keyed by its label values in the
+    order the series first appeared. A latency series is its per-bucket counts (bounds
+    LATENCY_BUCKETS_S, then +Inf) followed by the sum of the seconds observed."""
+
+    requests: dict[tuple[str, ...], int]  # (api, error)
+    errors: dict[tuple[str, ...], int]  # (code,)
+    latency: dict[tuple[str, ...], tuple[float, ...]]  # (api,)
+    produce_latency: dict[tuple[str, ...], tuple[float, ...]]  # (topic, acks)
+    fetch_latency: dict[tuple[str, ...], tuple[float, ...]]  # (topic,)
+    messages_in: dict[tuple[str, ...], int]  # (topic,), and the rest likewise
+    bytes_in: dict[tuple[str, ...], int]
+    messages_out: dict[tuple[str, ...], int]
+    bytes_out: dict[tuple[str, ...], int]
+
+
+class RequestMetrics:
+    """Counts of the requests answered, fed by Metrics.observe and count_error on the
+    event loop, exported at scrape time (collect(), on the HTTP server's thread).
+
+    One lock guards them: a writer takes it once per request (uncontended, a fraction of
+    a microsecond), and statistics() takes it to copy, so a scrape sees every series at
+    the same moment (a histogram's count is its +Inf bucket, nodi_requests_total adds up
+    to nodi_request_latency_seconds_count) whichever thread observes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._requests: dict[tuple[str, ...], int] = {}
+        self._errors: dict[tuple[str, ...], int] = {}
+        self._latency: dict[tuple[str, ...], list] = {}
+        self._produce_latency: dict[tuple[str, ...], list] = {}
+        self._fetch_latency: dict[tuple[str, ...], list] = {}
+        self._messages_in: dict[tuple[str, ...], int] = {}
+        self._bytes_in: dict[tuple[str, ...], int] = {}
+        self._messages_out: dict[tuple[str, ...], int] = {}
+        self._bytes_out: dict[tuple[str, ...], int] = {}
+        self._api_names = {
+            request: m.API_BY_KEY[key].key.name.lower() for (key, _), (request, _, _) in m.MESSAGES_BY_VERSION.items()
+        }
+
+    def count_error(self, code: ErrorCode) -> None:
+        key = (code.name.lower(),)
+        with self._lock:
+            _add(self._errors, key, 1)
+
+    def observe(self, request: m.Request, reply, seconds: float) -> None:
+        """Count one answered request: its API and error code, its latency, and for a
+        produce or a fetch what it moved. Everything but the additions is worked out
+        before the lock."""
+        api = self._api_names.get(type(request), "unknown")
+        response = reply.response
+        code = response.error_code
+        error = _error_label(code)
+        bucket = bisect_left(_LATENCY_BOUNDS_S, seconds)
+        with self._lock:
+            _add(self._requests, (api, error), 1)
+            _observe_latency(self._latency, (api,), bucket, seconds)
+            if isinstance(request, m.ProduceRequest):
+                topic = (request.topic,)
+                _observe_latency(
+                    self._produce_latency, (request.topic, _ACKS_NAMES.get(request.acks, "unknown")), bucket, seconds
+                )
+                if code != ErrorCode.NONE:
+                    _add(self._errors, (error,), 1)
+                elif not response.duplicates:  # publish dedup: nothing was written
+                    _add(self._bytes_in, topic, len(request.records))
+                    if response.last_offset >= 0:
+                        _add(self._messages_in, topic, response.last_offset - response.base_offset + 1)
+                    elif request.acks is m.Acks.NONE:
+                        _add(self._messages_in, topic, _offsets_in(request.records))
+            elif isinstance(request, m.FetchRequest):
+                topic = (request.topic,)
+                _observe_latency(self._fetch_latency, topic, bucket, seconds)
+                if code != ErrorCode.NONE:
+                    _add(self._errors, (error,), 1)
+                else:
+                    _add(self._bytes_out, topic, reply.records_bytes)
+                    if reply.slices:
+                        _add(self._messages_out, topic, _offsets_sent(reply.slices))
+            elif code != ErrorCode.NONE:
+                _add(self._errors, (error,), 1)
+
+    def statistics(self) -> RequestStatistics:
+        with self._lock:
+            return RequestStatistics(
+                requests=self._requests.copy(),
+                errors=self._errors.copy(),
+                latency={key: tuple(counts) for key, counts in self._latency.items()},
+                produce_latency={key: tuple(counts) for key, counts in self._produce_latency.items()},
+                fetch_latency={key: tuple(counts) for key, counts in self._fetch_latency.items()},
+                messages_in=self._messages_in.copy(),
+                bytes_in=self._bytes_in.copy(),
+                messages_out=self._messages_out.copy(),
+                bytes_out=self._bytes_out.copy(),
+            )
+
+    def collect(self):
+        statistics = self.statistics()
+        yield _counter_family(
+            "nodi_requests",
+            "Requests answered, by API and error code (`none` on success)",
+            ["api", "error"],
+            statistics.requests,
+        )
+        yield _counter_family(
+            "nodi_errors",
+            "Errors answered or closing a connection, by error code (lower-case name)",
+            ["code"],
+            statistics.errors,
+        )
+        yield _latency_family(
+            "nodi_request_latency_seconds", "Request decoded to reply ready, every API", ["api"], statistics.latency
+        )
+        yield _latency_family(
+            "nodi_produce_latency_seconds",
+            'Produce decoded to reply ready; `acks="durable"` includes the fsync (group commit)',
+            ["topic", "acks"],
+            statistics.produce_latency,
+        )
+        yield _latency_family(
+            "nodi_fetch_latency_seconds",
+            "Fetch decoded to reply ready, long-poll wait included (an idle consumer's fetches take `wait_ms`)",
+            ["topic"],
+            statistics.fetch_latency,
+        )
+        yield _counter_family("nodi_messages_in", "Records appended (offsets taken)", ["topic"], statistics.messages_in)
+        yield _counter_family("nodi_bytes_in", "Record batch bytes appended", ["topic"], statistics.bytes_in)
+        yield _counter_family(
+            "nodi_messages_out",
+            "Records in the batches sent to consumers (whole batches: a fetch from inside a batch counts all of it)",
+            ["topic"],
+            statistics.messages_out,
+        )
+        yield _counter_family("nodi_bytes_out", "Record batch bytes sent to consumers", ["topic"], statistics.bytes_out)
+
+
+def _counter_family(
+    name: str, documentation: str, labels: list[str], counts: dict[tuple[str, ...], int]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for key, count in counts.items():
+        family.add_metric(key, float(count))
+    return family
+
+
+def _latency_family(
+    name: str, documentation: str, labels: list[str], series: dict[tuple[str, ...], tuple[float, ...]]
+) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, documentation, labels=labels)
+    for key, counts in series.items():
+        cumulative, buckets = 0.0, []
+        for le, count in zip(_LATENCY_LE, counts):  # the sum, last, is left out
+            cumulative += count
+            buckets.append((le, cumulative))
+        family.add_metric(key, buckets, counts[-1])
+    return family
+
+
 class Metrics:
     def __init__(self, host: str, port: int, security: SecuritySettings = DEFAULT_SECURITY_SETTINGS) -> None:
         disable_created_metrics()  # the *_created series only add noise to every counter
@@ -874,56 +1064,9 @@ class Metrics:
         self.security = security
         self.registry = CollectorRegistry()
         self._http: WSGIServer | None = None
-        self._children: dict[tuple[int, tuple[str, ...]], object] = {}  # see _child
-        self.requests = Counter(
-            "nodi_requests",
-            "Requests answered, by API and error code (`none` on success)",
-            ["api", "error"],
-            registry=self.registry,
-        )
-        self.errors = Counter(
-            "nodi_errors",
-            "Errors answered or closing a connection, by error code (lower-case name)",
-            ["code"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "nodi_request_latency_seconds",
-            "Request decoded to reply ready, every API",
-            ["api"],
-            buckets=LATENCY_BUCKETS_S,
-            registry=self.registry,
-        )
-        self.produce_latency = Histogram(
-            "nodi_produce_latency_seconds",
-            'Produce decoded to reply ready; `acks="durable"` includes the fsync (group commit)',
-            ["topic", "acks"],
-            buckets=LATENCY_BUCKETS_S,
-            registry=self.registry,
-        )
-        self.fetch_latency = Histogram(
-            "nodi_fetch_latency_seconds",
-            "Fetch decoded to reply ready, long-poll wait included (an idle consumer's fetches take `wait_ms`)",
-            ["topic"],
-            buckets=LATENCY_BUCKETS_S,
-            registry=self.registry,
-        )
-        self.messages_in = Counter(
-            "nodi_messages_in", "Records appended (offsets taken)", ["topic"], registry=self.registry
-        )
-        self.bytes_in = Counter("nodi_bytes_in", "Record batch bytes appended", ["topic"], registry=self.registry)
-        self.messages_out = Counter(
-            "nodi_messages_out",
-            "Records in the batches sent to consumers (whole batches: a fetch from inside a batch counts all of it)",
-            ["topic"],
-            registry=self.registry,
-        )
-        self.bytes_out = Counter(
-            "nodi_bytes_out", "Record batch bytes sent to consumers", ["topic"], registry=self.registry
-        )
-        self._api_names = {
-            request: m.API_BY_KEY[key].key.name.lower() for (key, _), (request, _, _) in m.MESSAGES_BY_VERSION.items()
-        }
+        # The request path's series, registered first so they export first, as before.
+        self.request_metrics = RequestMetrics()
+        self.registry.register(self.request_metrics)
 
     def listen(self) -> None:
         """Bind and serve the HTTP endpoint (OSError when the port is taken). The
@@ -963,42 +1106,8 @@ class Metrics:
             self._http = None
 
     def count_error(self, code: ErrorCode) -> None:
-        self._child(self.errors, code.name.lower()).inc()
-
-    def _child(self, metric, *values: str):
-        """`metric.labels(*values)`, kept: prometheus-client's labels() costs several
-        microseconds a call (validation, a lock), the lookup here a fraction of one, and
-        observe() needs five or six per request. The registry keeps every label set it
-        was given anyway (none is ever removed), so this grows no further than it does."""
-        key = (id(metric), values)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*values)
-        return child
+        self.request_metrics.count_error(code)
 
     def observe(self, request: m.Request, reply, seconds: float) -> None:
-        api = self._api_names.get(type(request), "unknown")
-        code = reply.response.error_code
-        child = self._child
-        child(self.requests, api, _error_label(code)).inc()
-        child(self.latency, api).observe(seconds)
-        if isinstance(request, m.ProduceRequest):
-            child(self.produce_latency, request.topic, _ACKS_NAMES.get(request.acks, "unknown")).observe(seconds)
-        elif isinstance(request, m.FetchRequest):
-            child(self.fetch_latency, request.topic).observe(seconds)
-        if code != ErrorCode.NONE:
-            self.count_error(ErrorCode(code))
-            return
-        if isinstance(request, m.ProduceRequest):
-            response = reply.response
-            if response.duplicates:  # publish dedup: nothing was written
-                return
-            child(self.bytes_in, request.topic).inc(len(request.records))
-            if response.last_offset >= 0:
-                child(self.messages_in, request.topic).inc(response.last_offset - response.base_offset + 1)
-            elif request.acks is m.Acks.NONE:
-                child(self.messages_in, request.topic).inc(_offsets_in(request.records))
-        elif isinstance(request, m.FetchRequest):
-            child(self.bytes_out, request.topic).inc(reply.records_bytes)
-            if reply.slices:
-                child(self.messages_out, request.topic).inc(_offsets_sent(reply.slices))
+        """Count an answered request (Server.observe, on the event loop, every request)."""
+        self.request_metrics.observe(request, reply, seconds)

@@ -114,6 +114,27 @@ class _PartitionWaiters:
                 durable.clear()
 
 
+class _MetadataFlush:
+    """One LMDB commit of what was staged before it started, and the commits waiting on
+    it: each waiter's own future, settled directly when the commit's thread reports
+    back (one call_soon_threadsafe per flush), so a waiter that gives up (timeout,
+    cancel) leaves the flush to the others."""
+
+    __slots__ = ("futures", "done", "error")
+
+    def __init__(self) -> None:
+        self.futures: list[asyncio.Future] = []
+        self.done = False
+        self.error: BaseException | None = None
+
+    def settle(self, error: BaseException | None) -> None:
+        self.done, self.error = True, error
+        for future in self.futures:
+            if not future.done():
+                future.set_result(None)
+        self.futures.clear()
+
+
 def _expire_durable_wait(future: asyncio.Future) -> None:
     if not future.done():
         future.set_exception(TimeoutError())
@@ -154,7 +175,7 @@ class Broker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: asyncio.TaskGroup | None = None
         # The metadata flush that staged offsets wait for (one per loop tick at most).
-        self._next_flush: asyncio.Future | None = None
+        self._next_flush: _MetadataFlush | None = None
         self._flushing = False
         self._waiters: dict[int, _PartitionWaiters] = {}  # id(log) -> waiters
         self._listeners: dict[int, Callable[[], None]] = {}
@@ -213,59 +234,62 @@ class Broker:
         in the same loop tick share one flush (one fsync), run off the loop."""
         await self._wait_flushed(self._flush_waiter())
 
-    def _flush_waiter(self) -> asyncio.Future:
-        """The future of the metadata flush that will carry everything staged so far
-        (started at the end of this loop tick, or after the flush running now)."""
+    def _flush_waiter(self) -> _MetadataFlush:
+        """The metadata flush that will carry everything staged so far (started at the
+        end of this loop tick, or after the flush running now)."""
         if self._next_flush is None:
             assert self._loop is not None  # attach() ran: commits are made on the loop
-            self._next_flush = self._loop.create_future()
+            self._next_flush = _MetadataFlush()
             if not self._flushing:
                 self._loop.call_soon(self._start_flush)
         return self._next_flush
 
-    async def _wait_flushed(self, waiter: asyncio.Future) -> None:
-        """Wait for the shared flush `waiter`, at most write_timeout_ms (TimeoutError),
-        without cancelling it for the others when this caller gives up or is cancelled.
-        (As wait_for(shield(waiter)) did, with one future and one timer instead of
-        three futures, a timer and their callbacks: a commit's hot path.)"""
-        if not waiter.done():
+    async def _wait_flushed(self, flush: _MetadataFlush) -> None:
+        """Wait for the shared `flush`, at most write_timeout_ms (TimeoutError), without
+        cancelling it for the others when this caller gives up or is cancelled; raise
+        its failure, if it failed. One future and one timer per waiter, settled by the
+        flush itself (a commit's hot path: no relay callback, no loop turn of its own)."""
+        if not flush.done:
             assert self._loop is not None  # attached: flushes are made on the loop
             own = self._loop.create_future()
-
-            def relay(_: asyncio.Future) -> None:
-                if not own.done():
-                    own.set_result(None)
-
-            waiter.add_done_callback(relay)
+            flush.futures.append(own)
             expiry = self._loop.call_later(self.config.write_timeout_ms / 1000, _expire_durable_wait, own)
             try:
                 await own
             finally:
                 expiry.cancel()
-                waiter.remove_done_callback(relay)
-        waiter.result()  # the flush's failure, if it failed
+        if flush.error is not None:
+            raise flush.error
 
     def _start_flush(self) -> None:
-        """Hand what is staged to the executor's thread for one LMDB commit; `_flushed`
-        answers its waiters on the loop (a callback: no task, no context copy)."""
+        """Hand what is staged to a thread for one LMDB commit; the thread reports back
+        with one call_soon_threadsafe to `_flushed`, which answers the waiters. (A
+        stopped pool drops the job: only after the store closed, when nobody is served;
+        a waiter would time out.)"""
         if self._next_flush is None:
             return
-        waiter, self._next_flush = self._next_flush, None
+        flush, self._next_flush = self._next_flush, None
         self._flushing = True
-        assert self._loop is not None  # set by attach()
-        flushing = self._loop.run_in_executor(None, self.store.metadata.flush)
-        flushing.add_done_callback(functools.partial(self._flushed, waiter))
+        loop = self._loop
+        assert loop is not None  # set by attach()
+        # On the store's fsync pool (storage/fsync_pool.py): a worker that has just synced
+        # a log takes it, and no executor future is chained back to the loop.
+        self.store.fsync_pool.submit(functools.partial(self._flush_in_thread, loop, flush))
 
-    def _flushed(self, waiter: asyncio.Future, flushing: asyncio.Future) -> None:
+    def _flush_in_thread(self, loop: asyncio.AbstractEventLoop, flush: _MetadataFlush) -> None:
+        error: BaseException | None = None
+        try:
+            self.store.metadata.flush()
+        except BaseException as raised:  # noqa: BLE001 - reported to every commit waiting on it
+            error = raised
+        try:
+            loop.call_soon_threadsafe(self._flushed, flush, error)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    def _flushed(self, flush: _MetadataFlush, error: BaseException | None) -> None:
         self._flushing = False
-        error = None if flushing.cancelled() else flushing.exception()
-        if flushing.cancelled():
-            waiter.cancel()
-        elif error is not None:  # reported to every commit waiting on it
-            waiter.set_exception(error)
-            waiter.exception()  # retrieved: no "never retrieved" noise if all gave up
-        else:
-            waiter.set_result(None)
+        flush.settle(error)
         if self._next_flush is not None:
             self._start_flush()
 
@@ -699,7 +723,7 @@ class Broker:
         for records: the commits' durability is what the caller waits for."""
         commit_error: BaseException | None = None
         commit_results: list[m.PartitionError] = []
-        flushed: asyncio.Future | None = None
+        flushed: _MetadataFlush | None = None
         try:
             if not request.commits:
                 raise ProtocolError(ErrorCode.INVALID_REQUEST, "a fetch with commits needs at least one")

@@ -1,0 +1,102 @@
+"""Offset commits wait on the broker's shared metadata flush (broker/server/service.py,
+_MetadataFlush): the commits staged in one loop tick share one LMDB commit, run on the
+store's fsync pool, whose one report back answers every waiter. These check that
+sharing, a failed commit reported to each of its waiters (and the next one working),
+and a waiter that gives up leaving the commit to the others."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from nodi.broker.server.config import ServerConfig
+from nodi.broker.server.service import Broker
+from nodi.storage.store import Store
+
+WAIT_S = 10.0
+
+
+def _run(tmp_path, body) -> list[int]:
+    """Run `body(broker, release)` on a loop with the store's metadata flush counted
+    (returned: the entries each flush made while `body` ran wrote; the store's close
+    flushes too); each flush waits for `release`."""
+    store = Store.open(str(tmp_path / "store"))
+    flushes: list[int] = []
+    during_body: list[int] = []
+    release = threading.Event()
+    real_flush = store.metadata.flush
+
+    def flush() -> int:
+        assert release.wait(WAIT_S)
+        count = real_flush()
+        flushes.append(count)
+        return count
+
+    store.metadata.flush = flush  # type: ignore[method-assign]
+
+    async def main() -> None:
+        broker = Broker(store, ServerConfig(data_dir=store.data_dir))
+        broker._loop = asyncio.get_running_loop()
+        await body(broker, release)
+        during_body.extend(flushes)
+
+    try:
+        asyncio.run(main())
+    finally:
+        store.close()
+    return during_body
+
+
+def test_waiters_of_one_loop_tick_share_one_commit(tmp_path) -> None:
+    async def body(broker, release) -> None:
+        release.set()
+        waits = [asyncio.ensure_future(broker.flush_metadata()) for _ in range(5)]
+        await asyncio.wait_for(asyncio.gather(*waits), WAIT_S)
+        assert broker._next_flush is None
+        assert not broker._flushing
+
+    flushes = _run(tmp_path, body)
+    assert len(flushes) == 1
+
+
+def test_a_failed_commit_fails_each_of_its_waiters_and_the_next_one_works(tmp_path, monkeypatch) -> None:
+    async def body(broker, release) -> None:
+        release.set()
+        real_flush = broker.store.metadata.flush
+        failures = iter([OSError("the disk said no")])
+
+        def failing_flush() -> int:
+            failure = next(failures, None)
+            if failure is not None:
+                raise failure
+            return real_flush()
+
+        monkeypatch.setattr(broker.store.metadata, "flush", failing_flush)
+        waits = [asyncio.ensure_future(broker.flush_metadata()) for _ in range(3)]
+        results = await asyncio.wait_for(asyncio.gather(*waits, return_exceptions=True), WAIT_S)
+        assert len(results) == 3
+        for result in results:
+            assert isinstance(result, OSError)
+        await asyncio.wait_for(broker.flush_metadata(), WAIT_S)  # the next commit is answered
+
+    _run(tmp_path, body)
+
+
+def test_a_waiter_that_gives_up_leaves_the_commit_to_the_others(tmp_path) -> None:
+    async def body(broker, release) -> None:
+        leaving = asyncio.ensure_future(broker.flush_metadata())
+        staying = asyncio.ensure_future(broker.flush_metadata())
+        for _ in range(3):  # the flush starts and its thread waits for `release`
+            await asyncio.sleep(0)
+        assert broker._flushing
+        leaving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        release.set()
+        await asyncio.wait_for(staying, WAIT_S)
+        assert not broker._flushing
+
+    flushes = _run(tmp_path, body)
+    assert len(flushes) == 1
