@@ -87,6 +87,11 @@ def serve(
     metrics_port: int = typer.Option(
         None, "--metrics-port", help="Prometheus endpoint port; 0 picks a free one, -1 disables (default: 6635)."
     ),
+    metrics_partition_series_max: int = typer.Option(
+        None,
+        "--metrics-partition-series-max",
+        help="Metrics per partition up to this many partitions, per topic beyond; 0: always per topic (default: 1000).",
+    ),
     console_port: int = typer.Option(
         None, "--console-port", help="Web console port (docs/console.md); 0 turns it off (default: 6636)."
     ),
@@ -133,6 +138,7 @@ def serve(
             host=host,
             port=port,
             metrics_port=metrics_port,
+            metrics_partition_series_max=metrics_partition_series_max,
             console_port=console_port,
             console_host=console_host,
             log_level=log_level,

@@ -98,3 +98,22 @@ def test_partitions_bench_quick_run_measures_every_phase(tmp_path: Path) -> None
         for moment in ("listening_s", "described_s", "describe_request_s", "first_read_s", "background_done_s"):
             assert cell[restart][moment] > 0, (restart, moment)
     assert cell["produce"]["p50_ms"] > 0 and cell["produce"]["threads_max"] > 0
+
+
+def test_metrics_scrape_bench_quick_run_scrapes_both_modes(tmp_path: Path) -> None:
+    """tools/metrics_scrape_bench.py --quick: 4 topics of 5 partitions scraped per
+    partition and per topic, with none and every partition open; per topic is smaller."""
+    json_path = tmp_path / "scrape.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "tools.metrics_scrape_bench", "--quick", "--json-out", str(json_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    per_partition, per_topic = json.loads(json_path.read_text())["cells"]
+    assert (per_partition["limit"], per_topic["limit"]) == (20, 10)
+    for state in ("none_open", "all_open"):
+        assert per_partition[state]["median_s"] > 0 and per_topic[state]["median_s"] > 0
+        assert 0 < per_topic[state]["samples"] < per_partition[state]["samples"], state

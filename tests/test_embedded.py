@@ -503,3 +503,33 @@ def test_request_limits_hold_in_process_and_the_broker_carries_on(tmp_path) -> N
             client.produce_batch("jobs", 0, build_batch([NewRecord(None, bytes(100 * 1024))]))
         assert client.produce("jobs", b"small", partition=0) == (0, 0)
         assert [message.value for message in client.fetch("jobs", 0, 0)] == [b"small"]
+
+
+def test_the_embedded_broker_closes_idle_partitions_and_reopens_them_on_use(tmp_path) -> None:
+    """partition_idle_close_ms holds in process as under `nodi serve`: a partition
+    nothing used for that long is closed cleanly, and reads back its data when next used."""
+    from nodi.broker.client.embedded import EmbeddedAsyncClient
+    from nodi.broker.server.config import ServerConfig
+
+    partitions = 3
+
+    async def main() -> None:
+        config = ServerConfig(partition_idle_close_ms=1000)
+        client = EmbeddedAsyncClient(tmp_path / "data", config=config, attach=False)
+        async with client:
+            await client.create_topic("idle", partitions=partitions)
+            for partition in range(partitions):
+                await client.produce("idle", b"m%d" % partition, partition=partition, acks="durable")
+            local = client._local
+            assert local is not None
+            deadline = time.monotonic() + 60
+            while local.store.open_statistics().open > 0:
+                assert time.monotonic() < deadline, "the idle partitions were not closed"
+                await asyncio.sleep(0.2)
+            assert local.store.open_statistics().idle_closed >= partitions
+            for partition in range(partitions):
+                (message,) = await client.fetch("idle", partition, 0)
+                assert message.value == b"m%d" % partition
+            assert local.store.open_statistics().open == partitions
+
+    asyncio.run(main())

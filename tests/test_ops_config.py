@@ -121,6 +121,7 @@ def test_environment_spellings():
         {"NODI_PROTOCOL_FRAME_BYTES_MAX": "none"},
         {"NODI_LOG_LEVEL": "loud"},
         {"NODI_GROUPS_GROUPS_MAX": "0"},
+        {"NODI_METRICS_PARTITION_SERIES_MAX": "-1"},
     ):
         with pytest.raises(InvalidConfigError):
             load_config(environment=bad)
@@ -186,7 +187,9 @@ def test_print_config_shows_the_effective_settings(tmp_path):
     path = tmp_path / "nodi.toml"
     path.write_text("[server]\nport = 7100\n[protocol]\narray_items_max = 77\n")
     result = subprocess.run(
-        NODI + ["serve", "--config", str(path), "--metrics-port", "-1", "--print-config"],
+        NODI
+        + ["serve", "--config", str(path), "--metrics-port", "-1", "--metrics-partition-series-max", "0"]
+        + ["--print-config"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -199,6 +202,7 @@ def test_print_config_shows_the_effective_settings(tmp_path):
     assert result.returncode == 0, result.stderr
     shown = json.loads(result.stdout)
     assert shown["port"] == 7100 and shown["metrics_port"] == -1 and shown["log_level"] == "warning"
+    assert shown["metrics_partition_series_max"] == 0
     assert shown["protocol"]["array_items_max"] == 77 and shown["groups"]["groups_max"] == 9
     assert shown["topic_defaults"] == ServerConfig().topic_defaults.to_dict()
     refused = subprocess.run(

@@ -40,6 +40,10 @@ class ServerConfig:
     port: int = 6634
     # Prometheus endpoint; 0 picks a free port, -1 disables it.
     metrics_port: int = 6635
+    # Metrics per partition (nodi_log_*, fsyncs, consumer lag, compaction, queue
+    # groups) while the broker holds at most this many partitions; past it, per topic
+    # (partition="all"), so a scrape grows with topics. 0: always per topic.
+    metrics_partition_series_max: int = 1_000
     # The web console (docs/console.md): its address, and its port; 0 turns it off.
     console_host: str = "127.0.0.1"
     console_port: int = 6636
@@ -113,6 +117,8 @@ class ServerConfig:
         ):
             if getattr(self, name) < 1:
                 raise InvalidConfigError(f"{name} must be positive")
+        if self.metrics_partition_series_max < 0:
+            raise InvalidConfigError("metrics_partition_series_max must be 0 (always per topic) or positive")
         if self.partition_idle_close_ms < 0:
             raise InvalidConfigError("partition_idle_close_ms must be 0 (never) or positive")
         check_fsync_workers_max(self.fsync_workers_max)

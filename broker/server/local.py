@@ -5,7 +5,8 @@ LocalBroker.open(config) takes the data directory the way `nodi serve` does (its
 first, so a second opener, in this process or another, is refused with
 DataDirectoryLockedError naming the holder's PID, having touched nothing), then starts
 the broker's background jobs on the running loop, in one TaskGroup: lease expiry and the
-queue timer, group sessions, the metadata retry, idle inboxes, retention, compaction.
+queue timer, group sessions, the metadata retry, idle inboxes, retention, compaction,
+closing idle partitions.
 
 With `attach=True` the owner also serves the wire protocol on a Unix socket,
 DATA_DIR/nodi.sock (mode 0600: this user's processes only), for other processes that
@@ -57,6 +58,7 @@ from ..protocol.errors import ErrorCode, ProtocolError
 from ..protocol.schema import schema_of
 from .clock import SYSTEM_CLOCK, Clock
 from .config import ServerConfig
+from .idle_close_job import run_idle_close_job
 from .reply import Reply, error_reply
 from .retention_job import run_retention_job
 from .server import Server
@@ -195,6 +197,10 @@ class LocalBroker:
                     run_retention_job(self.store, self.config.retention_check_interval_ms, lambda: self._closing)
                 )
                 tasks.create_task(self.broker.compaction.run_job())
+                # As `nodi serve`: a partition unused for partition_idle_close_ms is closed.
+                tasks.create_task(
+                    run_idle_close_job(self.store, self.config.partition_idle_close_ms, lambda: self._closing)
+                )
                 if self._attach_socket is not None:
                     attach = self._attach
                     attach._listener = await asyncio.start_unix_server(

@@ -13,6 +13,7 @@ thread-safe state.
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import threading
 from bisect import bisect_left
@@ -97,22 +98,164 @@ def _offsets_in(records: bytes | memoryview) -> int:
     return count
 
 
+# -- per-partition families: per partition, or per topic past the limit -------------
+# Past `metrics_partition_series_max` partitions the families labelled by partition
+# (nodi_log_*, nodi_partition_damaged, fsyncs, consumer lag, compaction, queue groups)
+# give one series per topic (and group) instead, labelled `partition="all"` (issue 18):
+# docs/operations.md "Metrics with many partitions" says how each is merged.
+ALL_PARTITIONS = "all"
+
+
+def _merge_snapshots(first: HistogramSnapshot, second: HistogramSnapshot) -> HistogramSnapshot:
+    """Two histograms of the same buckets as one, bucket by bucket."""
+    assert first.bounds == second.bounds, (first.bounds, second.bounds)
+    counts = tuple(a + b for a, b in zip(first.counts, second.counts, strict=True))
+    return HistogramSnapshot(first.bounds, counts, first.total + second.total)
+
+
+class _PartitionSamples:
+    """One family's samples keyed by labels whose last is the partition: added as
+    given per partition, or merged with `merge` into one sample per key with
+    `partition="all"` (per topic). `emit` adds a sample to the family."""
+
+    __slots__ = ("family", "per_topic", "merge", "emit", "merged")
+
+    def __init__(self, family, per_topic: bool, merge=operator.add, emit=None) -> None:
+        self.family = family
+        self.per_topic = per_topic
+        self.merge = merge
+        self.emit = family.add_metric if emit is None else emit
+        self.merged: dict[tuple[str, ...], object] = {}
+
+    def add(self, key: list[str], value) -> None:
+        if value is None:
+            return
+        if not self.per_topic:
+            self.emit(key, value)
+            return
+        merged_key = (*key[:-1], ALL_PARTITIONS)
+        old = self.merged.get(merged_key)
+        self.merged[merged_key] = value if old is None else self.merge(old, value)
+
+    def finish(self):
+        """The family, its merged samples added (per topic)."""
+        for key, value in self.merged.items():
+            self.emit(list(key), value)
+        self.merged.clear()
+        return self.family
+
+
+def _histogram_samples(family: HistogramMetricFamily, per_topic: bool) -> _PartitionSamples:
+    return _PartitionSamples(
+        family, per_topic, merge=_merge_snapshots, emit=lambda key, snapshot: _add_snapshot(family, key, snapshot)
+    )
+
+
+def _merge_figures(first: tuple, second: tuple) -> tuple:
+    """Counters added, histogram snapshots merged, element by element (None: none yet)."""
+    merged = []
+    for a, b in zip(first, second, strict=True):
+        if a is None or b is None:
+            merged.append(b if a is None else a)
+        elif isinstance(a, HistogramSnapshot):
+            merged.append(_merge_snapshots(a, b))
+        else:
+            merged.append(a + b)
+    return tuple(merged)
+
+
+def _counts(figures: tuple) -> tuple[float, ...]:
+    """The figures as numbers that only grow while their log stays open."""
+    return tuple(figure.count if isinstance(figure, HistogramSnapshot) else figure or 0 for figure in figures)
+
+
+class _RetiredCounters:
+    """Per topic, the last counters (and histograms) scraped of its partition logs that
+    are no longer open, so a topic's summed counters do not fall when one of its
+    partitions is closed for being idle (a reopened log counts from 0 again). Only per
+    topic: per partition a reopened log's series restart, as Prometheus expects of a
+    counter reset. Counts a log made between its last scrape and its close are lost.
+
+    A log is told from the one before it of its partition by its id and, should a new
+    log get the id of a collected one, by a count that went down."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: dict[tuple[str, int], tuple[int, tuple]] = {}
+        self._retired: dict[str, tuple] = {}
+
+    def carried(self, seen: dict[tuple[str, int], tuple[int, tuple]], topics: set[str]) -> dict[str, tuple]:
+        """Record this scrape's open logs (`seen`: (topic, partition) -> (id of the
+        log, figures)) and return, per topic of `topics`, what its closed logs counted."""
+        with self._lock:
+            for key, (log_id, figures) in self._last.items():
+                now = seen.get(key)
+                replaced = now is None or now[0] != log_id
+                if not replaced:
+                    assert now is not None
+                    replaced = any(new < old for new, old in zip(_counts(now[1]), _counts(figures), strict=True))
+                if replaced:
+                    old = self._retired.get(key[0])
+                    self._retired[key[0]] = figures if old is None else _merge_figures(old, figures)
+            self._last = dict(seen)
+            for topic in [topic for topic in self._retired if topic not in topics]:  # deleted
+                del self._retired[topic]
+            return dict(self._retired)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._last.clear()
+            self._retired.clear()
+
+
+class _PartitionSeriesMode:
+    """Whether the per-partition families go per topic now: the broker holds more
+    partitions than `partitions_max` (0: always). Logs the mode the first time it is
+    asked (the server's start) and whenever the count crosses the limit (seen at a
+    scrape); thread-safe (scrapes may run at once)."""
+
+    def __init__(self, partitions_max: int) -> None:
+        assert partitions_max >= 0, partitions_max
+        self.partitions_max = partitions_max
+        self._per_topic: bool | None = None
+        self._lock = threading.Lock()
+
+    def per_topic(self, store) -> bool:
+        partitions = 0 if store is None else sum(config.partitions for config in store.topics().values())
+        per_topic = self.partitions_max == 0 or partitions > self.partitions_max
+        with self._lock:
+            changed, self._per_topic = self._per_topic != per_topic, per_topic
+        if changed:
+            log.info(
+                "metrics: %d partitions, metrics_partition_series_max %d: per-partition families %s",
+                partitions,
+                self.partitions_max,
+                'per topic (partition="all")' if per_topic else "per partition",
+                extra={"partitions": partitions, "per_topic": per_topic},
+            )
+        return per_topic
+
+
 class _StoreCollector:
     """Figures read at scrape time: per-partition log statistics, fsync latency and
     group commit sizes, consumer lag, disk space, connections, the server itself."""
 
     def __init__(self, server) -> None:
         self.server = server
+        self.partition_series = _PartitionSeriesMode(server.config.metrics_partition_series_max)
+        self.partition_series.per_topic(server.store)  # logs the mode at start
+        self.retired_counters = _RetiredCounters()
 
     def collect(self):
-        yield from self._log_families()
+        per_topic = self.partition_series.per_topic(self.server.store)
+        yield from self._log_families(per_topic)
         yield from self._metadata_families()
         yield from self._storage_pool_families()
-        yield from self._consumer_families()
+        yield from self._consumer_families(per_topic)
         yield from self._group_families()
         yield from self._server_families()
-        yield from self._queue_families()
-        yield from self._compaction_families()
+        yield from self._queue_families(per_topic)
+        yield from self._compaction_families(per_topic)
         yield from self._dedup_families()
         yield from self._security_families()
 
@@ -163,7 +306,7 @@ class _StoreCollector:
         total_refused.add_metric([], statistics.connections_total_refused)
         yield from (authenticated, refused, not_authorized, principals, reloads, throttled, total, total_refused)
 
-    def _log_families(self):
+    def _log_families(self, per_topic: bool):
         labels = ["topic", "partition"]
         segments = GaugeMetricFamily("nodi_log_segments", "Segment files", labels=labels)
         size = GaugeMetricFamily("nodi_log_bytes", "Bytes of segment files", labels=labels)
@@ -217,39 +360,68 @@ class _StoreCollector:
             "Appends one group-commit fsync made durable (fsyncs that covered any; buckets 1, 2, 4 ... 4096)",
             labels,
         )
+        samples = [
+            _PartitionSamples(family, per_topic)
+            for family in (
+                segments,
+                size,
+                start,
+                end,
+                durable,
+                read_only,
+                corrupt,
+                damaged,
+                undecodable,
+                fsyncs,
+                covered,
+            )
+        ]
+        latency_samples = _histogram_samples(fsync_latency, per_topic)
+        group_commit_samples = _histogram_samples(group_commit, per_topic)
+        seen: dict[tuple[str, int], tuple[int, tuple]] = {}
         store = self.server.store
         if store is not None:
             for topic, partition, partition_log in store.logs():
                 key = [topic, str(partition)]
                 statistics = partition_log.statistics()
-                segments.add_metric(key, statistics.segment_count)
-                size.add_metric(key, statistics.byte_count)
-                start.add_metric(key, statistics.log_start_offset)
-                end.add_metric(key, statistics.next_offset)
-                durable.add_metric(key, statistics.durable_offset)
-                read_only.add_metric(key, 1 if statistics.read_only else 0)
-                corrupt.add_metric(key, len(statistics.corrupt_segments))
-                damaged.add_metric(key, 0 if statistics.damage is None else 1)
-                undecodable.add_metric(key, statistics.undecodable_batches)
-                fsyncs.add_metric(key, statistics.fsyncs)
-                covered.add_metric(key, statistics.fsync_covered_appends)
-                _add_snapshot(fsync_latency, key, statistics.fsync_seconds)
-                _add_snapshot(group_commit, key, statistics.group_commit_appends)
-        yield from (
-            segments,
-            size,
-            start,
-            end,
-            durable,
-            read_only,
-            corrupt,
-            damaged,
-            undecodable,
-            fsyncs,
-            covered,
-            fsync_latency,
-            group_commit,
-        )
+                if per_topic:
+                    seen[(topic, partition)] = (
+                        id(partition_log),
+                        (
+                            statistics.undecodable_batches,
+                            statistics.fsyncs,
+                            statistics.fsync_covered_appends,
+                            statistics.fsync_seconds,
+                            statistics.group_commit_appends,
+                        ),
+                    )
+                values = (
+                    statistics.segment_count,
+                    statistics.byte_count,
+                    statistics.log_start_offset,
+                    statistics.next_offset,
+                    statistics.durable_offset,
+                    1 if statistics.read_only else 0,
+                    len(statistics.corrupt_segments),
+                    0 if statistics.damage is None else 1,
+                    statistics.undecodable_batches,
+                    statistics.fsyncs,
+                    statistics.fsync_covered_appends,
+                )
+                for sample, figure in zip(samples, values, strict=True):
+                    sample.add(key, figure)
+                latency_samples.add(key, statistics.fsync_seconds)
+                group_commit_samples.add(key, statistics.group_commit_appends)
+        if per_topic and store is not None:
+            counter_samples = (undecodable, fsyncs, covered, fsync_latency, group_commit)
+            by_family = {id(sample.family): sample for sample in (*samples, latency_samples, group_commit_samples)}
+            for topic, figures in self.retired_counters.carried(seen, set(store.topics())).items():
+                for family, figure in zip(counter_samples, figures, strict=True):
+                    by_family[id(family)].add([topic, ALL_PARTITIONS], figure)
+        elif not per_topic:
+            self.retired_counters.clear()
+        for sample in (*samples, latency_samples, group_commit_samples):
+            yield sample.finish()
 
     def _storage_pool_families(self):
         """The store's shared fsync pool and open-file budget (issue 18): one unlabelled
@@ -384,7 +556,7 @@ class _StoreCollector:
         staged.add_metric([], statistics.staged_entries)
         yield from (failed, failed_commits, recoveries, staged)
 
-    def _consumer_families(self):
+    def _consumer_families(self, per_topic: bool):
         labels = ["group", "topic", "partition"]
         lag = GaugeMetricFamily(
             "nodi_consumer_lag",
@@ -401,10 +573,14 @@ class _StoreCollector:
             except NodiError as error:  # a closed or failed metadata store: no lag this scrape
                 log.warning("consumer lag not collected: %s", error)
                 lags = []
+            lag_samples = _PartitionSamples(lag, per_topic)
+            committed_samples = _PartitionSamples(committed, per_topic)
             for entry in lags:
                 key = [entry.group, entry.topic, str(entry.partition)]
-                lag.add_metric(key, entry.lag)
-                committed.add_metric(key, entry.committed_offset)
+                lag_samples.add(key, entry.lag)
+                committed_samples.add(key, entry.committed_offset)
+            lag_samples.finish()
+            committed_samples.finish()
         yield from (lag, committed)
 
     def _group_families(self):
@@ -494,7 +670,7 @@ class _StoreCollector:
             total.add_metric([data_dir], space.total_bytes)
             yield from (free, total)
 
-    def _queue_families(self):
+    def _queue_families(self, per_topic: bool):
         """Queue groups (nodi_queue_*, labels group, topic, partition), from the queue
         service's statistics(): counts since the server started, and the window now."""
         labels = ["group", "topic", "partition"]
@@ -557,21 +733,30 @@ class _StoreCollector:
             statistics = broker.queues.statistics()
             rounds.add_metric([], statistics.timer_rounds)
             visited.add_metric([], statistics.timer_groups_visited)
+            partition_families = [in_flight, pending, floor, delivered, redelivered, acked, nacked]
+            partition_families += [expired, dead, ttl, stale, extended]
+            samples = [_PartitionSamples(family, per_topic) for family in partition_families]
             for group in statistics.groups:
                 for partition in group.partitions:
                     key = [group.group, group.topic, str(partition.partition)]
-                    in_flight.add_metric(key, partition.leased)
-                    pending.add_metric(key, partition.pending)
-                    floor.add_metric(key, partition.floor)
-                    delivered.add_metric(key, partition.delivered)
-                    redelivered.add_metric(key, partition.redelivered)
-                    acked.add_metric(key, partition.acked)
-                    nacked.add_metric(key, partition.nacked)
-                    expired.add_metric(key, partition.expired_leases)
-                    dead.add_metric(key, partition.dead_lettered)
-                    ttl.add_metric(key, partition.expired)
-                    stale.add_metric(key, partition.stale_settles)
-                    extended.add_metric(key, partition.leases_extended)
+                    values = (
+                        partition.leased,
+                        partition.pending,
+                        partition.floor,
+                        partition.delivered,
+                        partition.redelivered,
+                        partition.acked,
+                        partition.nacked,
+                        partition.expired_leases,
+                        partition.dead_lettered,
+                        partition.expired,
+                        partition.stale_settles,
+                        partition.leases_extended,
+                    )
+                    for sample, figure in zip(samples, values, strict=True):
+                        sample.add(key, figure)
+            for sample in samples:
+                sample.finish()
         yield from families
         yield from self._inbox_families()
 
@@ -596,7 +781,7 @@ class _StoreCollector:
             expired.add_metric([], statistics.inboxes_expired)
         yield from (inboxes, delivered, dropped, expired)
 
-    def _compaction_families(self):
+    def _compaction_families(self, per_topic: bool):
         """Compaction of compacted topics' partitions (nodi_compaction_*), from the
         compactor's statistics() and each log's dirty ratio."""
         labels = ["topic", "partition"]
@@ -624,6 +809,8 @@ class _StoreCollector:
         if store is not None and broker is not None:
             from nodi.storage.compaction import dirty_ratio
 
+            samples = [_PartitionSamples(family, per_topic) for family in (runs, failures, reclaimed, removed, seconds)]
+            dirty_samples = _PartitionSamples(dirty, per_topic, merge=max)  # the topic's dirtiest partition
             topics = store.topics()
             for topic, partition, partition_log in store.logs():
                 config = topics.get(topic)
@@ -631,15 +818,21 @@ class _StoreCollector:
                     continue
                 key = [topic, str(partition)]
                 statistics = broker.compaction.statistics(partition_log)
-                runs.add_metric(key, statistics.runs)
-                failures.add_metric(key, statistics.failures)
-                reclaimed.add_metric(key, statistics.bytes_reclaimed)
-                removed.add_metric(key, statistics.records_removed)
-                seconds.add_metric(key, statistics.duration_ms / 1000)
+                values = (
+                    statistics.runs,
+                    statistics.failures,
+                    statistics.bytes_reclaimed,
+                    statistics.records_removed,
+                    statistics.duration_ms / 1000,
+                )
+                for sample, figure in zip(samples, values, strict=True):
+                    sample.add(key, figure)
                 try:
-                    dirty.add_metric(key, dirty_ratio(partition_log))
+                    dirty_samples.add(key, dirty_ratio(partition_log))
                 except (NodiError, OSError) as error:  # a closing log: no ratio this scrape
                     log.warning("dirty ratio of %s-%d not collected: %s", topic, partition, error)
+            for sample in (*samples, dirty_samples):
+                sample.finish()
         yield from (runs, failures, reclaimed, removed, seconds, dirty)
 
     def _dedup_families(self):
