@@ -244,7 +244,7 @@ class PartitionOpenStatistics:
     # or in all when done; 0 before it starts).
     background_seconds: float
     background_done: bool
-    # Partitions open now.
+    # Partitions open now (a log being closed as idle counts until its close is done).
     open: int = 0
     # Of opened_on_demand, those the retention sweep opened (never used since the start).
     opened_for_cleanup: int = 0
@@ -798,7 +798,9 @@ class Store:
             not_open = [slot for slot in slots if slot.state in (_SlotState.PENDING, _SlotState.OPENING)]
             started, ended = self._background_started, self._background_ended
             return PartitionOpenStatistics(
-                open=sum(1 for slot in slots if slot.log is not None),
+                # A log being closed (idle) still holds its files and buffers: open until
+                # its close is done, when idle_closed counts it (both under this lock).
+                open=sum(1 for slot in slots if slot.log is not None or slot.state is _SlotState.CLOSING),
                 opened_for_cleanup=self._opened_for_cleanup,
                 idle_closed=self._idle_closed,
                 partitions=len(slots),
