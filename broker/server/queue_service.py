@@ -526,12 +526,14 @@ class QueueService:
         after an idle close): receives waiting on the topic's groups look again, since
         they skipped it while it was not open. On the loop."""
         for key in [key for key in self._waiters if key[1] == topic]:
-            for future in self._waiters.pop(key, ()):
-                if not future.done():
-                    future.set_result(None)
+            self._wake_waiters(key)
 
     def _notify(self, group: QueueGroup) -> None:
-        for future in self._waiters.pop((group.group, group.topic), ()):
+        self._wake_waiters((group.group, group.topic))
+
+    def _wake_waiters(self, key: tuple[str, str]) -> None:
+        """Wake the receives waiting on the (group, topic) `key`: they look again."""
+        for future in self._waiters.pop(key, ()):
             if not future.done():
                 future.set_result(None)
 
