@@ -4,7 +4,8 @@ Every task belongs to a TaskGroup: the server's own (connections and background 
 or a connection's (its requests in flight). Each connection is a loop around the sans-IO
 protocol.Connection: read with a timeout, feed it, dispatch each request as a task
 (responses go out in completion order, matched by request id), write replies under one
-lock, sendfile fetched batches straight from their segment files. A connection that
+lock, sendfile fetched batches straight from their segment files. A durable produce is
+no task: its DurableAnswer (durable_answer.py) is written from the fsync's callback. A connection that
 breaks the protocol gets one Closing event and is closed; the server and every other
 connection carry on.
 """
