@@ -191,6 +191,12 @@ def _delivered(taken: list[Taken], deliveries: list[m.QueueDelivery]) -> list[Ta
     return [item for item in taken if (item.partition, item.offset) in sent]
 
 
+def _wake_once(future: asyncio.Future) -> None:
+    """A waiting receive's timer: it looks again (as when woken)."""
+    if not future.done():
+        future.set_result(None)
+
+
 def settings_from_wire(wire: m.QueueGroupSettings, base: QueueSettings) -> QueueSettings:
     """`base` with the values the request names (-1, null and backoff kind default keep
     base's)."""
@@ -512,11 +518,13 @@ class QueueService:
         next_deadline = group.next_deadline_ms()
         if next_deadline is not None:
             timeout_s = min(timeout_s, max(next_deadline - now, 0) / 1000 + 0.001)
+        # Its own future and a timer that settles it, cancelled when woken first: no task
+        # per wait (asyncio.wait_for would make one), one loop turn to resume.
+        expiry = self._loop.call_later(timeout_s, _wake_once, future)
         try:
-            await asyncio.wait_for(future, timeout_s)
-        except TimeoutError:
-            pass
+            await future
         finally:
+            expiry.cancel()
             self._waiters.get(key, set()).discard(future)
             for waiters in partition_waiters:
                 waiters.futures.discard(future)
