@@ -536,8 +536,9 @@ class QueueService:
         next_deadline = group.next_deadline_ms()
         if next_deadline is not None:
             timeout_s = min(timeout_s, max(next_deadline - now, 0) / 1000 + 0.001)
-        # Its own future and a timer that settles it, cancelled when woken first: no task
-        # per wait (asyncio.wait_for would make one), one loop turn to resume.
+        # Its own future and a timer that settles it, cancelled when woken first: one loop
+        # turn to resume (asyncio.wait_for adds a second future and a done callback that
+        # passes the result on, a turn of its own, and a cancel of the future on timeout).
         expiry = self._loop.call_later(timeout_s, _wake_once, future)
         try:
             await future
