@@ -41,6 +41,7 @@ import bisect
 import builtins  # QueueService.list (the queue listing) shadows the builtin in the class body
 import collections
 import dataclasses
+import functools
 import heapq
 import logging
 import math
@@ -191,6 +192,28 @@ def _delivered(taken: list[Taken], deliveries: list[m.QueueDelivery]) -> list[Ta
     return [item for item in taken if (item.partition, item.offset) in sent]
 
 
+def _wake_once(future: asyncio.Future) -> None:
+    """A waiting receive's timer: it looks again (as when woken)."""
+    if not future.done():
+        future.set_result(None)
+
+
+def _expire_wait(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
+
+
+def _settle_waiters(waiters: list[asyncio.Future], error: BaseException | None) -> None:
+    """A persist pass ended: each waiter still waiting gets its outcome."""
+    for future in waiters:
+        if future.done():  # gave up (timed out, cancelled)
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+
+
 def settings_from_wire(wire: m.QueueGroupSettings, base: QueueSettings) -> QueueSettings:
     """`base` with the values the request names (-1, null and backoff kind default keep
     base's)."""
@@ -262,7 +285,8 @@ class QueueService:
         self._waiters: dict[tuple[str, str], set[asyncio.Future]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: asyncio.TaskGroup | None = None
-        self._persisted: asyncio.Future | None = None  # the next tick's stage + flush
+        # The waiters of the next tick's stage + flush (None: no pass scheduled).
+        self._persist_waiters: list[asyncio.Future] | None = None
         self._wake = asyncio.Event()
         self.dead_letter_failures = 0
         self.timer_rounds = self.timer_groups_visited = 0
@@ -512,11 +536,14 @@ class QueueService:
         next_deadline = group.next_deadline_ms()
         if next_deadline is not None:
             timeout_s = min(timeout_s, max(next_deadline - now, 0) / 1000 + 0.001)
+        # Its own future and a timer that settles it, cancelled when woken first: one loop
+        # turn to resume (asyncio.wait_for adds a second future and a done callback that
+        # passes the result on, a turn of its own, and a cancel of the future on timeout).
+        expiry = self._loop.call_later(timeout_s, _wake_once, future)
         try:
-            await asyncio.wait_for(future, timeout_s)
-        except TimeoutError:
-            pass
+            await future
         finally:
+            expiry.cancel()
             self._waiters.get(key, set()).discard(future)
             for waiters in partition_waiters:
                 waiters.futures.discard(future)
@@ -1061,42 +1088,50 @@ class QueueService:
     # -- persistence -----------------------------------------------------------------------
 
     async def persist(self) -> None:
-        """Return once every change made before the call is committed to LMDB. Callers
-        in one loop tick share one staging pass and one flush."""
-        persisted = self._persist_soon()
-        await asyncio.wait_for(asyncio.shield(persisted), self.broker.config.write_timeout_ms / 1000)
+        """Return once every change made before the call is committed to LMDB, at most
+        write_timeout_ms (TimeoutError). Callers in one loop tick share one staging pass
+        and one flush; each awaits its own future, settled by the flush's callback (no
+        task, no shield), so a caller that gives up leaves the pass to the others."""
+        waiters = self._persist_soon()
+        assert self._loop is not None  # _persist_soon checked it
+        own = self._loop.create_future()
+        waiters.append(own)
+        expiry = self._loop.call_later(self.broker.config.write_timeout_ms / 1000, _expire_wait, own)
+        try:
+            await own
+        finally:
+            expiry.cancel()
 
-    def _persist_soon(self) -> asyncio.Future:
+    def _persist_soon(self) -> builtins.list[asyncio.Future]:
         """Stage and flush what changed at the end of this loop tick, without waiting;
-        the future that pass settles."""
-        if self._persisted is None:
+        the list of that pass's waiters (persist adds its own)."""
+        if self._persist_waiters is None:
             assert self._loop is not None  # attach() ran: changes are made on the loop
-            self._persisted = self._loop.create_future()
+            self._persist_waiters = []
             self._loop.call_soon(self._stage_and_flush)
-        return self._persisted
+        return self._persist_waiters
 
     def _stage_and_flush(self) -> None:
-        future, self._persisted = self._persisted, None
-        assert future is not None  # only _persist_soon schedules this pass, once per future
-        assert self._tasks is not None  # set with the loop by attach()
+        waiters, self._persist_waiters = self._persist_waiters, None
+        assert waiters is not None  # only _persist_soon schedules this pass, once per list
         try:
             staged = self._stage_dirty()
         except Exception as error:
-            future.set_exception(error)
-            future.exception()
+            _settle_waiters(waiters, error)
             return
-        self._tasks.create_task(self._flush_into(future, staged))
+        self.broker.when_metadata_flushed(functools.partial(self._flushed, waiters, staged))
 
-    async def _flush_into(self, future: asyncio.Future, staged: builtins.list[tuple[PartitionQueue, int]]) -> None:
-        try:
-            await self.broker.flush_metadata()
-        except Exception as error:  # reported to every waiter
-            future.set_exception(error)
-            future.exception()
-            return
-        for queue, reserved in staged:  # committed: first deliveries below it answer at once
-            queue.durable_reserved_offset = max(queue.durable_reserved_offset, reserved)
-        future.set_result(None)
+    def _flushed(
+        self,
+        waiters: builtins.list[asyncio.Future],
+        staged: builtins.list[tuple[PartitionQueue, int]],
+        error: BaseException | None,
+    ) -> None:
+        """The metadata flush carrying a pass ended (on the loop): its waiters answered."""
+        if error is None:
+            for queue, reserved in staged:  # committed: first deliveries below it answer at once
+                queue.durable_reserved_offset = max(queue.durable_reserved_offset, reserved)
+        _settle_waiters(waiters, error)
 
     def _changed(self, group: QueueGroup) -> None:
         """A partition of `group` changed: it is staged with the next persist, and the
