@@ -421,10 +421,12 @@ class QueueService:
         async def respond(group: QueueGroup, taken: list[Taken], budget: int, now: int):
             deliveries, records = await self._collect(group, taken, budget, now)
             if not deliveries:
-                return deliveries, None
+                return deliveries, None, ()
             batch = build_batch(records, limits=RecordLimits(batch_bytes_max=budget, record_bytes_max=budget))
-            return deliveries, m.QueueReceiveResponse(
-                request_id=request.request_id, deliveries=deliveries, records=batch
+            return (
+                deliveries,
+                m.QueueReceiveResponse(request_id=request.request_id, deliveries=deliveries, records=batch),
+                (),
             )
 
         return await self._receive(request, respond, m.QueueReceiveResponse(request_id=request.request_id))
@@ -436,16 +438,18 @@ class QueueService:
         async def respond(group: QueueGroup, taken: list[Taken], budget: int, now: int):
             deliveries, spans, batches = await self._collect_batches(group, taken, budget, now)
             if not deliveries:
-                return deliveries, None
-            return deliveries, m.QueueReceiveBatchesResponse(
-                request_id=request.request_id, deliveries=deliveries, spans=spans, records=b"".join(batches)
-            )
+                return deliveries, None, ()
+            # The batches go out after the frame's header as they are (Reply.buffers):
+            # not joined into one copy, nor copied again into the frame.
+            response = m.QueueReceiveBatchesResponse(request_id=request.request_id, deliveries=deliveries, spans=spans)
+            return deliveries, response, tuple(batches)
 
         return await self._receive(request, respond, m.QueueReceiveBatchesResponse(request_id=request.request_id))
 
     async def _receive(self, request, respond, empty: m.Response) -> Reply:
         """A receive of either version: lease, collect (`respond` returns the runs
-        delivered and the response), persist when the answer needs it, or wait."""
+        delivered, the response and the buffers of its records), persist when the answer
+        needs it, or wait."""
         group = self._group_for(request.group, request.topic, request.settings)
         count = min(max(request.messages_max, 1), self.limits.receive_messages_max)
         wait_s = min(max(request.wait_ms, 0), self.limits.receive_wait_max_ms) / 1000
@@ -460,7 +464,7 @@ class QueueService:
             taken = group.receive(count, now)
             if taken:
                 try:
-                    deliveries, response = await respond(group, taken, budget, now)
+                    deliveries, response, buffers = await respond(group, taken, budget, now)
                 except BaseException:
                     # Nothing was answered, so nothing was seen: the deliveries are taken
                     # back (uncounted, available again), not left leased to no one until
@@ -483,7 +487,7 @@ class QueueService:
                             group.release(_delivered(taken, deliveries))
                             self._notify(group)
                             raise
-                    return Reply(response)
+                    return Reply(response, buffers=buffers)
                 continue  # every one was a gap or not due: look again
             remaining = deadline - loop.time()
             if remaining <= 0:
