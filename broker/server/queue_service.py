@@ -149,6 +149,13 @@ def _by_offset(item: Taken) -> int:
     return item.offset
 
 
+def _one_lease(items: list[Taken]) -> bool:
+    """Whether every item of `items` has the first one's delivery count and deadline."""
+    counts = {item.delivery_count for item in items}
+    deadlines = {item.lease_deadline_ms for item in items}
+    return len(counts) == 1 and len(deadlines) == 1
+
+
 def _last_offset(stored: StoredBatch) -> int:
     return stored.header.last_offset
 
@@ -632,8 +639,10 @@ class QueueService:
         failure: Exception | None = None
         used = 0
         for partition, items in by_partition.items():
-            items.sort(key=_by_offset)
             offsets = [item.offset for item in items]
+            if offsets != sorted(offsets):  # take hands a partition's offsets out in order
+                items.sort(key=_by_offset)
+                offsets = [item.offset for item in items]
             if at_tail or self._read_covers(topic, partition, offsets):
                 # In the page cache, or in the last read kept: read here, no thread hop.
                 stored, failed = self._read_stored(topic, partition, offsets)
@@ -643,13 +652,13 @@ class QueueService:
             index = 0
             for batch_read in stored:
                 header = batch_read.header
-                first = index
-                while index < len(items) and items[index].offset <= header.last_offset:
-                    index += 1
-                inside = [item for item in items[first:index] if item.offset >= header.base_offset]
-                for item in items[first:index]:
-                    if item.offset < header.base_offset:
-                        group.skip(partition, item.offset)  # between batches: a gap
+                # The sorted offsets found by bisection: those below the batch lie between
+                # batches (gaps), those up to its last offset are in it.
+                first = bisect.bisect_left(offsets, header.base_offset, index)
+                for item in items[index:first]:
+                    group.skip(partition, item.offset)  # between batches: a gap
+                index = bisect.bisect_right(offsets, header.last_offset, first)
+                inside = items[first:index]
                 if not inside:
                     continue
                 if header.is_control:
@@ -684,6 +693,28 @@ class QueueService:
                 used += len(batch)
                 span_bytes += len(batch)
                 batches.append(batch)
+                head = inside[0]
+                tail = inside[-1]
+                if (
+                    tail.offset - head.offset == len(inside) - 1
+                    and tail.lease_deadline_ms == head.lease_deadline_ms
+                    and tail.delivery_count == head.delivery_count
+                    and _one_lease(inside)
+                ):
+                    # One take's consecutive offsets (the common case): one run, joined to
+                    # the last when it goes on from it.
+                    run = runs[-1] if runs else None
+                    if (
+                        run is not None
+                        and run[0] == partition
+                        and run[1] + run[4] == head.offset
+                        and run[2] == head.delivery_count
+                        and run[3] == head.lease_deadline_ms
+                    ):
+                        run[4] += len(inside)
+                    else:
+                        runs.append([partition, head.offset, head.delivery_count, head.lease_deadline_ms, len(inside)])
+                    continue
                 for item in inside:
                     run = runs[-1] if runs else None
                     if (
