@@ -42,8 +42,10 @@ import builtins  # QueueService.list (the queue listing) shadows the builtin in 
 import collections
 import dataclasses
 import heapq
+import itertools
 import logging
 import math
+import operator
 import threading
 from dataclasses import dataclass
 
@@ -143,6 +145,9 @@ def _chunks(items: list, limits: RecordLimits) -> list[list]:
         runs[-1].append((letter, copy))
         used += size
     return [run for run in runs if run]
+
+
+_partition_of = operator.attrgetter("partition")
 
 
 def _by_offset(item: Taken) -> int:
@@ -629,8 +634,8 @@ class QueueService:
         config = self.store.topic_config(topic)
         topic_ttl_ms = config.ttl_ms if config is not None else 0
         by_partition: dict[int, list[Taken]] = {}
-        for item in taken:
-            by_partition.setdefault(item.partition, []).append(item)
+        for partition, items in itertools.groupby(taken, _partition_of):  # a take's items are together
+            by_partition.setdefault(partition, []).extend(items)
         at_tail = len(taken) <= TAIL_READ_MESSAGES_MAX and all(self._at_tail(topic, t) for t in taken)
         runs: list[list[int]] = []  # [partition, offset, delivery count, deadline, length]
         spans: list[m.QueueBatchSpan] = []
