@@ -634,8 +634,8 @@ class QueueService:
         config = self.store.topic_config(topic)
         topic_ttl_ms = config.ttl_ms if config is not None else 0
         by_partition: dict[int, list[Taken]] = {}
-        for partition, items in itertools.groupby(taken, _partition_of):  # a take's items are together
-            by_partition.setdefault(partition, []).extend(items)
+        for partition, group_items in itertools.groupby(taken, _partition_of):  # a take's items are together
+            by_partition.setdefault(partition, []).extend(group_items)
         at_tail = len(taken) <= TAIL_READ_MESSAGES_MAX and all(self._at_tail(topic, t) for t in taken)
         runs: list[list[int]] = []  # [partition, offset, delivery count, deadline, length]
         spans: list[m.QueueBatchSpan] = []
