@@ -162,7 +162,9 @@ class LeaseRun:
     `fresh` counts the offsets still mapped to it, all at or above `fresh_low`: while
     they are all of [fresh_low, fresh_end) (`intact`, the common case: acked from the
     front), acks take them in one step and the persisted entries are a slice of
-    `stretch`, encoded once for the run (queue_state.py)."""
+    `stretch`, encoded once for the run (queue_state.py). Runs hold disjoint offsets of
+    the window, so their stretches together stay under ENTRY_BYTES a window offset (the
+    size of the encoded state itself); a run's is dropped when its last offset leaves."""
 
     __slots__ = (
         "deadline_ms",
