@@ -43,8 +43,10 @@ import collections
 import dataclasses
 import functools
 import heapq
+import itertools
 import logging
 import math
+import operator
 import threading
 from dataclasses import dataclass
 
@@ -146,8 +148,18 @@ def _chunks(items: list, limits: RecordLimits) -> list[list]:
     return [run for run in runs if run]
 
 
+_partition_of = operator.attrgetter("partition")
+
+
 def _by_offset(item: Taken) -> int:
     return item.offset
+
+
+def _one_lease(items: list[Taken]) -> bool:
+    """Whether every item of `items` has the first one's delivery count and deadline."""
+    counts = {item.delivery_count for item in items}
+    deadlines = {item.lease_deadline_ms for item in items}
+    return len(counts) == 1 and len(deadlines) == 1
 
 
 def _last_offset(stored: StoredBatch) -> int:
@@ -445,10 +457,12 @@ class QueueService:
         async def respond(group: QueueGroup, taken: list[Taken], budget: int, now: int):
             deliveries, records = await self._collect(group, taken, budget, now)
             if not deliveries:
-                return deliveries, None
+                return deliveries, None, ()
             batch = build_batch(records, limits=RecordLimits(batch_bytes_max=budget, record_bytes_max=budget))
-            return deliveries, m.QueueReceiveResponse(
-                request_id=request.request_id, deliveries=deliveries, records=batch
+            return (
+                deliveries,
+                m.QueueReceiveResponse(request_id=request.request_id, deliveries=deliveries, records=batch),
+                (),
             )
 
         return await self._receive(request, respond, m.QueueReceiveResponse(request_id=request.request_id))
@@ -460,16 +474,18 @@ class QueueService:
         async def respond(group: QueueGroup, taken: list[Taken], budget: int, now: int):
             deliveries, spans, batches = await self._collect_batches(group, taken, budget, now)
             if not deliveries:
-                return deliveries, None
-            return deliveries, m.QueueReceiveBatchesResponse(
-                request_id=request.request_id, deliveries=deliveries, spans=spans, records=b"".join(batches)
-            )
+                return deliveries, None, ()
+            # The batches go out after the frame's header as they are (Reply.buffers):
+            # not joined into one copy, nor copied again into the frame.
+            response = m.QueueReceiveBatchesResponse(request_id=request.request_id, deliveries=deliveries, spans=spans)
+            return deliveries, response, tuple(batches)
 
         return await self._receive(request, respond, m.QueueReceiveBatchesResponse(request_id=request.request_id))
 
     async def _receive(self, request, respond, empty: m.Response) -> Reply:
         """A receive of either version: lease, collect (`respond` returns the runs
-        delivered and the response), persist when the answer needs it, or wait."""
+        delivered, the response and the buffers of its records), persist when the answer
+        needs it, or wait."""
         group = self._group_for(request.group, request.topic, request.settings)
         count = min(max(request.messages_max, 1), self.limits.receive_messages_max)
         wait_s = min(max(request.wait_ms, 0), self.limits.receive_wait_max_ms) / 1000
@@ -484,7 +500,7 @@ class QueueService:
             taken = group.receive(count, now)
             if taken:
                 try:
-                    deliveries, response = await respond(group, taken, budget, now)
+                    deliveries, response, buffers = await respond(group, taken, budget, now)
                 except BaseException:
                     # Nothing was answered, so nothing was seen: the deliveries are taken
                     # back (uncounted, available again), not left leased to no one until
@@ -507,7 +523,7 @@ class QueueService:
                             group.release(_delivered(taken, deliveries))
                             self._notify(group)
                             raise
-                    return Reply(response)
+                    return Reply(response, buffers=buffers)
                 continue  # every one was a gap or not due: look again
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -645,8 +661,8 @@ class QueueService:
         config = self.store.topic_config(topic)
         topic_ttl_ms = config.ttl_ms if config is not None else 0
         by_partition: dict[int, list[Taken]] = {}
-        for item in taken:
-            by_partition.setdefault(item.partition, []).append(item)
+        for partition, group_items in itertools.groupby(taken, _partition_of):  # a take's items are together
+            by_partition.setdefault(partition, []).extend(group_items)
         at_tail = len(taken) <= TAIL_READ_MESSAGES_MAX and all(self._at_tail(topic, t) for t in taken)
         runs: list[list[int]] = []  # [partition, offset, delivery count, deadline, length]
         spans: list[m.QueueBatchSpan] = []
@@ -655,8 +671,10 @@ class QueueService:
         failure: Exception | None = None
         used = 0
         for partition, items in by_partition.items():
-            items.sort(key=_by_offset)
             offsets = [item.offset for item in items]
+            if offsets != sorted(offsets):  # take hands a partition's offsets out in order
+                items.sort(key=_by_offset)
+                offsets = [item.offset for item in items]
             if at_tail or self._read_covers(topic, partition, offsets):
                 # In the page cache, or in the last read kept: read here, no thread hop.
                 stored, failed = self._read_stored(topic, partition, offsets)
@@ -666,13 +684,13 @@ class QueueService:
             index = 0
             for batch_read in stored:
                 header = batch_read.header
-                first = index
-                while index < len(items) and items[index].offset <= header.last_offset:
-                    index += 1
-                inside = [item for item in items[first:index] if item.offset >= header.base_offset]
-                for item in items[first:index]:
-                    if item.offset < header.base_offset:
-                        group.skip(partition, item.offset)  # between batches: a gap
+                # The sorted offsets found by bisection: those below the batch lie between
+                # batches (gaps), those up to its last offset are in it.
+                first = bisect.bisect_left(offsets, header.base_offset, index)
+                for item in items[index:first]:
+                    group.skip(partition, item.offset)  # between batches: a gap
+                index = bisect.bisect_right(offsets, header.last_offset, first)
+                inside = items[first:index]
                 if not inside:
                     continue
                 if header.is_control:
@@ -707,6 +725,28 @@ class QueueService:
                 used += len(batch)
                 span_bytes += len(batch)
                 batches.append(batch)
+                head = inside[0]
+                tail = inside[-1]
+                if (
+                    tail.offset - head.offset == len(inside) - 1
+                    and tail.lease_deadline_ms == head.lease_deadline_ms
+                    and tail.delivery_count == head.delivery_count
+                    and _one_lease(inside)
+                ):
+                    # One take's consecutive offsets (the common case): one run, joined to
+                    # the last when it goes on from it.
+                    run = runs[-1] if runs else None
+                    if (
+                        run is not None
+                        and run[0] == partition
+                        and run[1] + run[4] == head.offset
+                        and run[2] == head.delivery_count
+                        and run[3] == head.lease_deadline_ms
+                    ):
+                        run[4] += len(inside)
+                    else:
+                        runs.append([partition, head.offset, head.delivery_count, head.lease_deadline_ms, len(inside)])
+                    continue
                 for item in inside:
                     run = runs[-1] if runs else None
                     if (

@@ -353,7 +353,7 @@ class ClientSession:
             if self.connection.state not in (State.READY, State.HANDSHAKING):
                 return  # closed meanwhile: the reply has nowhere to go
             try:
-                if reply.slices:
+                if reply.slices or reply.buffers:
                     header = self.connection.send_header(reply.response, reply.records_bytes)
                 else:
                     header = self.connection.send(reply.response)
@@ -363,9 +363,10 @@ class ClientSession:
                 # The reply cannot be encoded (over a limit): answer with the error instead.
                 header = self.connection.send(error_reply(_request_of(reply.response), error).response)
                 reply = Reply(reply.response)
-            # Small slices go out copied, with the header, in one write (one send call);
-            # large ones with sendfile.
-            pending = [header]
+            # In-memory buffers and small slices go out with the header in one write (one
+            # send call), the buffers as they are; large slices with sendfile.
+            assert not (reply.buffers and reply.slices)  # one kind of records a reply
+            pending = [header, *reply.buffers]
             for piece in reply.slices:
                 if piece.length < SENDFILE_BYTES_MIN or not (self.server.sendfile and self.sendfile):
                     pending.append(piece.read())
