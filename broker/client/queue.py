@@ -36,7 +36,9 @@ With `wait=False` the call returns at once and settlements go out batched in the
 background; `flush()` waits for them and raises the first that failed.
 
 Flow control: at most `max_outstanding` messages (default 1,000), and softly
-`max_outstanding_bytes` of keys and values, are leased to the queue and not settled
+`max_outstanding_bytes` of received records (each receive's record bytes, shared over its
+runs of offsets and freed as a run's last message is settled), are leased to the queue
+and not settled
 (buffered or handed out); a receive asks for no more than the room left and waits for
 room up to its timeout. A trip to the broker asks for up to `batch_max` messages within
 it. Without `batch_max` the size follows the handler's pace: about PREFETCH_HORIZON_MS
@@ -429,7 +431,7 @@ class QueueStatistics:
     received: int  # deliveries the broker leased to this consumer
     handed_out: int  # messages given to the application
     outstanding: int  # leased and not settled now: buffered or handed out
-    outstanding_bytes: int  # their key + value bytes
+    outstanding_bytes: int  # their record bytes as received (counted per run: see max_outstanding_bytes)
     buffered: int  # received, not handed out yet
     lease_extension_requests: int  # batched in-progress requests the lease keeper sent
     leases_extended: int  # offsets those requests extended
@@ -585,7 +587,8 @@ class AsyncQueue:
         # Two counts, each written by one thread: _given where messages are handed out
         # (the blocking Queue's application thread too), _dropped on the loop.
         self._given = self._dropped = 0
-        self._room = asyncio.Event()  # set when a lease is settled or let go
+        self._room = asyncio.Event()  # set when a lease is settled or let go, if _room_wanted
+        self._room_wanted = False  # a receive waits on _room
         self._keeper: asyncio.Task | None = None  # extends the leases in _lease_runs
         # Handed-out messages no longer extended (lost, let go, left by an iteration
         # that raised), by (partition, offset, delivery count): their settle still
@@ -759,6 +762,7 @@ class AsyncQueue:
                 if remaining <= 0:
                     return None
                 self._room.clear()
+                self._room_wanted = True
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._room.wait(), remaining)
                 continue
@@ -957,7 +961,9 @@ class AsyncQueue:
             self._leased_bytes -= run.size
             if not self._outstanding:  # none held: none in hand (mends a count a thread race left off)
                 self._dropped = self._given
-        self._room.set()
+        if self._room_wanted:
+            self._room_wanted = False
+            self._room.set()
 
     def _remember_let_go(self, partition: int, offset: int, delivery_count: int) -> None:
         self._let_go[(partition, offset, delivery_count)] = None
@@ -1117,7 +1123,9 @@ class AsyncQueue:
 
     def _held_in_hand(self, current: QueueMessage | None) -> int:
         """1 when `current` is a handed-out message this consumer holds, else 0."""
-        run = None if current is None else _held_run(current)
+        if current is None:
+            return 0
+        run = _held_run(current)
         return 1 if run is not None and run.handed[current.offset - run.first] else 0
 
     async def _prefetch_once(self) -> None:
@@ -1140,175 +1148,11 @@ class AsyncQueue:
         finally:
             self._prefetching = None
 
-    def _lease_runs_of(self, deliveries: list[m.QueueDelivery], records_bytes: int) -> dict[int, list[_LeaseRun]]:
-        """A receive's delivered runs as _LeaseRuns, by partition in offset order; two
-        runs naming one offset are a broken answer. Each run's size is its share of the
-        received record bytes."""
-        offsets = sum(delivery.count for delivery in deliveries)
-        runs_of: dict[int, list[_LeaseRun]] = {}
-        for delivery in deliveries:
-            if delivery.count < 1:
-                raise InvalidRecords(f"queue receive from {self.topic}: a delivered run of {delivery.count} offsets")
-            run = _LeaseRun(
-                delivery.partition, delivery.offset, delivery.count, delivery.delivery_count, delivery.lease_deadline_ms
-            )
-            run.size = records_bytes * delivery.count // offsets
-            runs_of.setdefault(delivery.partition, []).append(run)
-        for runs in runs_of.values():
-            runs.sort(key=_run_first)
-            for before, after in zip(runs, runs[1:]):
-                if before.first + before.count > after.first:
-                    raise InvalidRecords(f"queue receive from {self.topic}: offset {after.first} delivered twice")
-        return runs_of
-
     def _decode(self, response: m.QueueReceiveResponse) -> tuple[list[QueueMessage], list[_LeaseRun]]:
-        """The delivered messages of a QueueReceive response (protocol 1 and 2): one
-        record per delivered offset, in the runs' order."""
-        if not response.deliveries:
-            return [], []
-        try:
-            records = [
-                record for header, batch in iter_batches(response.records) for record in decode_records(batch, header)
-            ]
-        except NodiError as error:
-            raise InvalidRecords(f"queue receive from {self.topic}: {error}") from None
-        offsets = sum(run.count for run in response.deliveries)
-        if len(records) != offsets:
-            raise InvalidRecords(f"queue receive: {len(records)} records for {offsets} delivered offsets")
-        runs_of = self._lease_runs_of(response.deliveries, len(response.records))
-        runs_in_order = {(run.partition, run.first): run for runs in runs_of.values() for run in runs}
-        topic, group, owner = self.topic, self.group, self._owner
-        messages = []
-        runs = []
-        index = 0
-        for delivery in response.deliveries:  # runs of consecutive offsets
-            run = runs_in_order[delivery.partition, delivery.offset]
-            runs.append(run)
-            partition, count, deadline = run.partition, run.delivery_count, run.deadline_ms
-            for offset in range(run.first, run.first + run.count):
-                record = records[index]
-                index += 1
-                messages.append(
-                    new_queue_message(
-                        topic,
-                        partition,
-                        offset,
-                        record.timestamp_ms,
-                        record.key,
-                        record.value,
-                        record.headers,
-                        count,
-                        deadline,
-                        group,
-                        owner,
-                        run,
-                    )
-                )
-        return messages, runs
+        return decode_receive(response, self.topic, self.group, self._owner)
 
     def _decode_batches(self, response: m.QueueReceiveBatchesResponse) -> tuple[list[QueueMessage], list[_LeaseRun]]:
-        """The delivered messages of a QueueReceiveBatches response and their runs: each
-        span's batches decoded (a batch decoded for the last receive is not decoded
-        again), keeping the records whose offsets the runs name, in the batches' order.
-        Every delivered offset must come exactly once (InvalidRecords otherwise): the
-        runs do not overlap, a partition's records come in increasing offset order, and
-        as many as the runs name."""
-        if not response.deliveries:
-            return [], []
-        view = memoryview(response.records)
-        if sum(span.records_bytes for span in response.spans) != len(view):
-            raise InvalidRecords(f"queue receive from {self.topic}: spans do not cover the records")
-        runs_of = self._lease_runs_of(response.deliveries, len(view))
-        topic, group, owner = self.topic, self.group, self._owner
-        make = new_queue_message
-        messages: list[QueueMessage] = []
-        after: dict[int, int] = {}  # partition -> the last offset taken: the next must be above
-        position = 0
-        try:
-            for span in response.spans:
-                chunk = view[position : position + span.records_bytes]
-                position += span.records_bytes
-                partition = span.partition
-                runs = runs_of.get(partition, [])
-                last_taken = after.get(partition, -1)
-                index = 0
-                for header, batch in iter_batches(chunk):
-                    cached = self._decoded.get(partition)
-                    if cached is not None and cached[0] == header.base_offset and cached[1] == header.crc:
-                        records = cached[2]
-                    else:
-                        records = decode_records(batch, header)
-                        self._decoded[partition] = (header.base_offset, header.crc, records)
-                    if not records:
-                        continue
-                    first, last = records[0].offset, records[-1].offset
-                    while index < len(runs) and runs[index].first + runs[index].count <= first:
-                        index += 1
-                    if index == len(runs):
-                        break
-                    run = runs[index]
-                    if run.first <= first and last < run.first + run.count and last - first + 1 == len(records):
-                        # The common case: the batch (a slice) is one run's records, all delivered.
-                        if first <= last_taken:
-                            raise InvalidRecords(f"queue receive from {self.topic}: offset {first} came twice")
-                        last_taken = last
-                        count, deadline = run.delivery_count, run.deadline_ms
-                        messages.extend(
-                            [
-                                make(
-                                    topic,
-                                    partition,
-                                    offset,
-                                    timestamp,
-                                    key,
-                                    value,
-                                    headers,
-                                    count,
-                                    deadline,
-                                    group,
-                                    owner,
-                                    run,
-                                )
-                                for offset, timestamp, key, value, headers in records
-                            ]
-                        )
-                        continue
-                    for offset, timestamp, key, value, headers in records:
-                        while index < len(runs) and runs[index].first + runs[index].count <= offset:
-                            index += 1
-                        if index == len(runs):
-                            break
-                        run = runs[index]
-                        if offset < run.first:
-                            continue  # in the batch, not delivered to this receive
-                        if offset <= last_taken:
-                            raise InvalidRecords(f"queue receive from {self.topic}: offset {offset} came twice")
-                        last_taken = offset
-                        messages.append(
-                            make(
-                                topic,
-                                partition,
-                                offset,
-                                timestamp,
-                                key,
-                                value,
-                                headers,
-                                run.delivery_count,
-                                run.deadline_ms,
-                                group,
-                                owner,
-                                run,
-                            )
-                        )
-                after[partition] = last_taken
-        except InvalidRecords:
-            raise
-        except NodiError as error:
-            raise InvalidRecords(f"queue receive from {self.topic}: {error}") from None
-        offsets = sum(run.count for run in response.deliveries)
-        if len(messages) != offsets:
-            raise InvalidRecords(f"queue receive: {len(messages)} records for {offsets} delivered offsets")
-        return messages, [run for runs in runs_of.values() for run in runs]
+        return decode_receive_batches(response, self.topic, self.group, self._owner, self._decoded)
 
     def __aiter__(self) -> AsyncIterator[QueueMessage]:
         return self._iterate()
@@ -1347,7 +1191,20 @@ class AsyncQueue:
             return self._settle(message, m.SettleAction.ACK, m.CONFIG_DEFAULT, None, wait)
         if message is self._current:
             self._current_settled = True
-        self._drop(run, index)
+        # _drop(run, index), inline:
+        run.held[index] = 0
+        run.remaining -= 1
+        self._outstanding -= 1
+        if run.handed[index]:
+            self._dropped += 1
+        if not run.remaining:
+            del self._lease_runs[run]
+            self._leased_bytes -= run.size
+            if not self._outstanding:
+                self._dropped = self._given
+        if self._room_wanted:
+            self._room_wanted = False
+            self._room.set()
         offset = message.offset
         tail = self._ack_tail
         if (
@@ -1428,12 +1285,12 @@ class AsyncQueue:
         self._outbox_append(
             [message.partition, message.offset, message.delivery_count, action, delay_ms, text, future, ours, 1]
         )
-        self._ack_tail = None
         return future
 
     def _outbox_append(self, entry: list) -> None:
         """Queue one outbox entry (see _outbox) and start the sender if it is idle."""
         self._outbox.append(entry)
+        self._ack_tail = None  # the caller names a new tail
         if self._sender is None or self._sender.done():
             self._sender = asyncio.get_running_loop().create_task(self._send_settlements())
 
@@ -1539,6 +1396,186 @@ class AsyncQueue:
         self.client.core.disown(self)
 
 
+def _lease_runs_of(deliveries: list[m.QueueDelivery], records_bytes: int, topic: str) -> dict[int, list[_LeaseRun]]:
+    """A receive's delivered runs as _LeaseRuns, by partition in offset order; two
+    runs naming one offset are a broken answer. Each run's size is its share of the
+    received record bytes."""
+    offsets = sum(delivery.count for delivery in deliveries)
+    runs_of: dict[int, list[_LeaseRun]] = {}
+    for delivery in deliveries:
+        if delivery.count < 1:
+            raise InvalidRecords(f"queue receive from {topic}: a delivered run of {delivery.count} offsets")
+        run = _LeaseRun(
+            delivery.partition, delivery.offset, delivery.count, delivery.delivery_count, delivery.lease_deadline_ms
+        )
+        run.size = records_bytes * delivery.count // offsets
+        runs_of.setdefault(delivery.partition, []).append(run)
+    for runs in runs_of.values():
+        runs.sort(key=_run_first)
+        for before, after in zip(runs, runs[1:]):
+            if before.first + before.count > after.first:
+                raise InvalidRecords(f"queue receive from {topic}: offset {after.first} delivered twice")
+    return runs_of
+
+
+def decode_receive(
+    response: m.QueueReceiveResponse, topic: str, group: str, owner: Any
+) -> tuple[list[QueueMessage], list[_LeaseRun]]:
+    """The delivered messages of a QueueReceive response (protocol 1 and 2): one
+    record per delivered offset, in the runs' order."""
+    if not response.deliveries:
+        return [], []
+    try:
+        records = [
+            record for header, batch in iter_batches(response.records) for record in decode_records(batch, header)
+        ]
+    except NodiError as error:
+        raise InvalidRecords(f"queue receive from {topic}: {error}") from None
+    offsets = sum(run.count for run in response.deliveries)
+    if len(records) != offsets:
+        raise InvalidRecords(f"queue receive: {len(records)} records for {offsets} delivered offsets")
+    runs_of = _lease_runs_of(response.deliveries, len(response.records), topic)
+    runs_in_order = {(run.partition, run.first): run for runs in runs_of.values() for run in runs}
+    messages = []
+    runs = []
+    index = 0
+    for delivery in response.deliveries:  # runs of consecutive offsets
+        run = runs_in_order[delivery.partition, delivery.offset]
+        runs.append(run)
+        partition, count, deadline = run.partition, run.delivery_count, run.deadline_ms
+        for offset in range(run.first, run.first + run.count):
+            record = records[index]
+            index += 1
+            messages.append(
+                new_queue_message(
+                    topic,
+                    partition,
+                    offset,
+                    record.timestamp_ms,
+                    record.key,
+                    record.value,
+                    record.headers,
+                    count,
+                    deadline,
+                    group,
+                    owner,
+                    run,
+                )
+            )
+    return messages, runs
+
+
+def decode_receive_batches(
+    response: m.QueueReceiveBatchesResponse,
+    topic: str,
+    group: str,
+    owner: Any,
+    decoded: dict[int, tuple[int, int, list]],
+) -> tuple[list[QueueMessage], list[_LeaseRun]]:
+    """The delivered messages of a QueueReceiveBatches response and their runs (owner:
+    what they settle through; decoded: partition -> the batch decoded last): each
+    span's batches decoded (a batch decoded for the last receive is not decoded
+    again), keeping the records whose offsets the runs name, in the batches' order.
+    Every delivered offset must come exactly once (InvalidRecords otherwise): the
+    runs do not overlap, a partition's records come in increasing offset order, and
+    as many as the runs name."""
+    if not response.deliveries:
+        return [], []
+    view = memoryview(response.records)
+    if sum(span.records_bytes for span in response.spans) != len(view):
+        raise InvalidRecords(f"queue receive from {topic}: spans do not cover the records")
+    runs_of = _lease_runs_of(response.deliveries, len(view), topic)
+    make = new_queue_message
+    messages: list[QueueMessage] = []
+    after: dict[int, int] = {}  # partition -> the last offset taken: the next must be above
+    position = 0
+    try:
+        for span in response.spans:
+            chunk = view[position : position + span.records_bytes]
+            position += span.records_bytes
+            partition = span.partition
+            runs = runs_of.get(partition, [])
+            last_taken = after.get(partition, -1)
+            index = 0
+            for header, batch in iter_batches(chunk):
+                cached = decoded.get(partition)
+                if cached is not None and cached[0] == header.base_offset and cached[1] == header.crc:
+                    records = cached[2]
+                else:
+                    records = decode_records(batch, header)
+                    decoded[partition] = (header.base_offset, header.crc, records)
+                if not records:
+                    continue
+                first, last = records[0].offset, records[-1].offset
+                while index < len(runs) and runs[index].first + runs[index].count <= first:
+                    index += 1
+                if index == len(runs):
+                    break
+                run = runs[index]
+                if run.first <= first and last < run.first + run.count and last - first + 1 == len(records):
+                    # The common case: the batch (a slice) is one run's records, all delivered.
+                    if first <= last_taken:
+                        raise InvalidRecords(f"queue receive from {topic}: offset {first} came twice")
+                    last_taken = last
+                    count, deadline = run.delivery_count, run.deadline_ms
+                    messages.extend(
+                        [
+                            make(
+                                topic,
+                                partition,
+                                offset,
+                                timestamp,
+                                key,
+                                value,
+                                headers,
+                                count,
+                                deadline,
+                                group,
+                                owner,
+                                run,
+                            )
+                            for offset, timestamp, key, value, headers in records
+                        ]
+                    )
+                    continue
+                for offset, timestamp, key, value, headers in records:
+                    while index < len(runs) and runs[index].first + runs[index].count <= offset:
+                        index += 1
+                    if index == len(runs):
+                        break
+                    run = runs[index]
+                    if offset < run.first:
+                        continue  # in the batch, not delivered to this receive
+                    if offset <= last_taken:
+                        raise InvalidRecords(f"queue receive from {topic}: offset {offset} came twice")
+                    last_taken = offset
+                    messages.append(
+                        make(
+                            topic,
+                            partition,
+                            offset,
+                            timestamp,
+                            key,
+                            value,
+                            headers,
+                            run.delivery_count,
+                            run.deadline_ms,
+                            group,
+                            owner,
+                            run,
+                        )
+                    )
+            after[partition] = last_taken
+    except InvalidRecords:
+        raise
+    except NodiError as error:
+        raise InvalidRecords(f"queue receive from {topic}: {error}") from None
+    offsets = sum(run.count for run in response.deliveries)
+    if len(messages) != offsets:
+        raise InvalidRecords(f"queue receive: {len(messages)} records for {offsets} delivered offsets")
+    return messages, [run for runs in runs_of.values() for run in runs]
+
+
 def _run_first(run: _LeaseRun) -> int:
     return run.first
 
@@ -1563,7 +1600,7 @@ def _held_indexes(run: _LeaseRun) -> list[int]:
     return [index for start, count in _held_pieces(run) for index in range(start, start + count)]
 
 
-def _spread(entries: list, results: list[m.SettleResult]) -> Iterator[tuple[Any, int, int, int]]:
+def _spread(entries: list, results: list[m.SettleResult]) -> Iterator[tuple[Any, ErrorCode, int, int]]:
     """The outcomes of a settle request over what it settled: `entries` are sequences
     whose [1] is their first offset (or index) and whose [-1] is their count, in the
     request's order, and the results cover the same offsets in order (the caller
