@@ -1,13 +1,24 @@
 """The queue client's decode of a receive (no server): every delivered offset comes
 exactly once as a message, held by the run it was delivered in, or the answer is refused
-with InvalidRecords (broker/client/queue.py decode_receive_batches)."""
+with InvalidRecords (broker/client/queue.py decode_receive_batches); and the client's
+lease runs and ack runs, against a fake core that answers settles."""
 
 from __future__ import annotations
+
+import asyncio
+import time
 
 import pytest
 
 from nodi.broker.client.errors import InvalidRecords
-from nodi.broker.client.queue import decode_receive_batches
+from nodi.broker.client.queue import (
+    SETTLEMENTS_PER_REQUEST_MAX,
+    AsyncQueue,
+    _held_pieces,
+    _LeaseRun,
+    _spread,
+    decode_receive_batches,
+)
 from nodi.broker.protocol import messages as m
 from nodi.storage.records import NewRecord, build_batch
 
@@ -92,3 +103,95 @@ def test_records_of_another_partition_are_not_taken_for_this_one() -> None:
     # Partition 1's runs name 0..1; its records are in a span of partition 0.
     with pytest.raises(InvalidRecords):
         decode(response([delivery(0, 2, partition=1)], [(0, batch_of(0, 2))]))
+
+
+# ---------------------------------------------------------------------------
+# Acks without waiting go out as runs (a fake broker core: the bound on a run is more
+# than a real broker's window lets one consumer hold)
+
+
+class FakeCore:
+    """Answers every QueueSettleRequest with one NONE result per settlement, keeping
+    the requests."""
+
+    def __init__(self) -> None:
+        self.settles: list[m.QueueSettleRequest] = []
+
+    def own(self, part) -> None:
+        pass
+
+    def disown(self, part) -> None:
+        pass
+
+    async def call(self, request, timeout_ms, **options):
+        assert isinstance(request, m.QueueSettleRequest), request
+        self.settles.append(request)
+        return m.QueueSettleResponse(
+            results=[
+                m.SettleResult(
+                    partition=one.partition,
+                    offset=one.offset,
+                    error_code=m.ErrorCode.NONE,
+                    lease_deadline_ms=m.NO_OFFSET,
+                    count=one.count,
+                )
+                for one in request.settlements
+            ]
+        )
+
+
+class FakeClient:
+    def __init__(self) -> None:
+        self.core = FakeCore()
+
+
+def test_acks_without_waiting_go_as_runs_of_at_most_the_request_bound() -> None:
+    total = 2 * SETTLEMENTS_PER_REQUEST_MAX + 500
+
+    async def scenario() -> FakeCore:
+        client = FakeClient()
+        queue = AsyncQueue(client, TOPIC, GROUP, ack_wait_ms=60_000, max_lease_ms=0)
+        messages, runs = decode_receive_batches(
+            response([delivery(0, total)], [(0, batch_of(0, total))]), TOPIC, GROUP, queue, {}
+        )
+        await queue._accept(messages, runs, time.monotonic())
+        assert queue.statistics().outstanding == total
+        for message in messages:
+            message.ack(wait=False)
+        await queue.flush()
+        assert queue.statistics().outstanding == 0 and queue.statistics().stale_settles == 0
+        await queue.close()
+        return client.core
+
+    core = asyncio.run(scenario())
+    settlements = [one for request in core.settles for one in request.settlements]
+    assert all(one.action is m.SettleAction.ACK and one.delivery_count == 1 for one in settlements)
+    assert all(sum(one.count for one in request.settlements) <= SETTLEMENTS_PER_REQUEST_MAX for request in core.settles)
+    assert all(one.count <= SETTLEMENTS_PER_REQUEST_MAX for one in settlements)
+    # Every offset acked once, in order, in a few runs (not one entry per message).
+    covered = [offset for one in settlements for offset in range(one.offset, one.offset + one.count)]
+    assert covered == list(range(total))
+    assert len(settlements) <= 2 * len(core.settles) + 3
+
+
+def test_held_pieces_are_the_stretches_a_run_still_holds() -> None:
+    run = _LeaseRun(0, 100, 8, 1, DEADLINE_MS)
+    run.held = bytearray([1, 1, 0, 1, 0, 0, 1, 1])
+    assert list(_held_pieces(run)) == [(0, 2), (3, 1), (6, 2)]
+    run.held = bytearray(8)
+    assert list(_held_pieces(run)) == []
+
+
+def test_outcomes_spread_over_entries_split_where_either_side_changes() -> None:
+    entries = [("a", 10, 3), ("b", 20, 2)]  # (what, first, count)
+    results = [
+        m.SettleResult(partition=0, offset=10, error_code=m.ErrorCode.NONE, lease_deadline_ms=5, count=2),
+        m.SettleResult(partition=0, offset=12, error_code=m.ErrorCode.STALE_DELIVERY, lease_deadline_ms=-1, count=2),
+        m.SettleResult(partition=0, offset=21, error_code=m.ErrorCode.NONE, lease_deadline_ms=6, count=1),
+    ]
+    assert list(_spread(entries, results)) == [
+        (("a", 10, 2), m.ErrorCode.NONE, 5, 2),
+        (("a", 12, 1), m.ErrorCode.STALE_DELIVERY, -1, 1),
+        (("b", 20, 1), m.ErrorCode.STALE_DELIVERY, -1, 1),
+        (("b", 21, 1), m.ErrorCode.NONE, 6, 1),
+    ]
