@@ -1779,8 +1779,12 @@ class Queue:
     def _drain_local(self) -> None:
         with self._local_lock:
             pending, self._local = self._local, []
+        queue = self._async
         for message, action, delay_ms, text in pending:
-            self._async._settle_application(message, action, delay_ms, text, record_error=True)
+            if action is m.SettleAction.ACK:  # extends the outbox's run of acks, as AsyncQueue's
+                queue._ack(message, False)
+            else:
+                queue._settle_application(message, action, delay_ms, text, record_error=True)
 
     def _reply(self, message: QueueMessage, value, key, headers) -> bool:
         from .request import send_reply
