@@ -151,13 +151,19 @@ def test_acks_without_waiting_go_as_runs_of_at_most_the_request_bound() -> None:
     async def scenario() -> FakeCore:
         client = FakeClient()
         queue = AsyncQueue(client, TOPIC, GROUP, ack_wait_ms=60_000, max_lease_ms=0)
-        messages, runs = decode_receive_batches(
-            response([delivery(0, total)], [(0, batch_of(0, total))]), TOPIC, GROUP, queue, {}
-        )
+        records = batch_of(0, total)
+        messages, runs = decode_receive_batches(response([delivery(0, total)], [(0, records)]), TOPIC, GROUP, queue, {})
         await queue._accept(messages, runs, time.monotonic())
         assert queue.statistics().outstanding == total
-        for message in messages:
+        # Flow control's bytes: the receive's record bytes, freed an even share per ack.
+        assert queue.statistics().outstanding_bytes == len(records)
+        half = total // 2
+        for message in messages[:half]:
             message.ack(wait=False)
+        assert queue.statistics().outstanding_bytes == len(records) - half * (len(records) // total)
+        for message in messages[half:]:
+            message.ack(wait=False)
+        assert queue.statistics().outstanding_bytes == 0
         await queue.flush()
         assert queue.statistics().outstanding == 0 and queue.statistics().stale_settles == 0
         await queue.close()

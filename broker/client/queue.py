@@ -36,8 +36,8 @@ With `wait=False` the call returns at once and settlements go out batched in the
 background; `flush()` waits for them and raises the first that failed.
 
 Flow control: at most `max_outstanding` messages (default 1,000), and softly
-`max_outstanding_bytes` of received records (each receive's record bytes, shared over its
-runs of offsets and freed as a run's last message is settled), are leased to the queue
+`max_outstanding_bytes` of received records (each receive's record bytes, shared evenly
+over the offsets it delivered and freed as each is settled), are leased to the queue
 and not settled
 (buffered or handed out); a receive asks for no more than the room left and waits for
 room up to its timeout. A trip to the broker asks for up to `batch_max` messages within
@@ -431,7 +431,7 @@ class QueueStatistics:
     received: int  # deliveries the broker leased to this consumer
     handed_out: int  # messages given to the application
     outstanding: int  # leased and not settled now: buffered or handed out
-    outstanding_bytes: int  # their record bytes as received (counted per run: see max_outstanding_bytes)
+    outstanding_bytes: int  # their record bytes as received (an even share of a receive's: see max_outstanding_bytes)
     buffered: int  # received, not handed out yet
     lease_extension_requests: int  # batched in-progress requests the lease keeper sent
     leases_extended: int  # offsets those requests extended
@@ -450,8 +450,8 @@ class _LeaseRun:
     application's thread: two arrays, so a hand-out never revives a dropped lease).
     `deadline` is the local monotonic time by which the broker's lease of every held
     offset has run out at the latest (a request's send time plus ack_wait), `size` the
-    run's share of the received record bytes (flow control's byte count, freed when the
-    run's last offset is dropped)."""
+    run's share of the received record bytes (flow control's byte count: an even share
+    freed as each offset is dropped)."""
 
     __slots__ = (
         "partition",
@@ -462,6 +462,7 @@ class _LeaseRun:
         "deadline",
         "held_until",
         "size",
+        "size_each",
         "held",
         "handed",
         "remaining",
@@ -476,6 +477,7 @@ class _LeaseRun:
         self.deadline = 0.0
         self.held_until = 0.0
         self.size = 0
+        self.size_each = 0  # size // count: freed as each offset is dropped, the rest with the last
         self.held = bytearray(count)  # all 0 until the queue holds the run (at-least-once)
         self.handed = bytearray(count)
         self.remaining = 0  # offsets held
@@ -956,9 +958,10 @@ class AsyncQueue:
         self._outstanding -= 1
         if run.handed[index]:
             self._dropped += 1
+        self._leased_bytes -= run.size_each
         if not run.remaining:
             del self._lease_runs[run]
-            self._leased_bytes -= run.size
+            self._leased_bytes -= run.size - run.size_each * run.count
             if not self._outstanding:  # none held: none in hand (mends a count a thread race left off)
                 self._dropped = self._given
         if self._room_wanted:
@@ -1197,9 +1200,10 @@ class AsyncQueue:
         self._outstanding -= 1
         if run.handed[index]:
             self._dropped += 1
+        self._leased_bytes -= run.size_each
         if not run.remaining:
             del self._lease_runs[run]
-            self._leased_bytes -= run.size
+            self._leased_bytes -= run.size - run.size_each * run.count
             if not self._outstanding:
                 self._dropped = self._given
         if self._room_wanted:
@@ -1409,6 +1413,7 @@ def _lease_runs_of(deliveries: list[m.QueueDelivery], records_bytes: int, topic:
             delivery.partition, delivery.offset, delivery.count, delivery.delivery_count, delivery.lease_deadline_ms
         )
         run.size = records_bytes * delivery.count // offsets
+        run.size_each = run.size // delivery.count
         runs_of.setdefault(delivery.partition, []).append(run)
     for runs in runs_of.values():
         runs.sort(key=_run_first)
