@@ -2,7 +2,9 @@
 _MetadataFlush): the commits staged in one loop tick share one LMDB commit, run on the
 store's fsync pool, whose one report back answers every waiter. These check that
 sharing, a failed commit reported to each of its waiters (and the next one working),
-and a waiter that gives up leaving the commit to the others."""
+and a waiter that gives up leaving the commit to the others; the callbacks of
+Broker.when_metadata_flushed riding the same commit, and the queue service's persists
+settled by one."""
 
 from __future__ import annotations
 
@@ -100,3 +102,91 @@ def test_a_waiter_that_gives_up_leaves_the_commit_to_the_others(tmp_path) -> Non
 
     flushes = _run(tmp_path, body)
     assert len(flushes) == 1
+
+
+def test_flush_callbacks_are_called_once_committed_with_the_waiters(tmp_path) -> None:
+    """Broker.when_metadata_flushed: callbacks of one loop tick ride the same commit as
+    the futures waiting on it, and each is called after it, with no error, by the time
+    the waiters are answered."""
+    seen: list[tuple[str, BaseException | None, int]] = []
+    flushes_seen: list[int] = []
+
+    async def body(broker, release) -> None:
+        release.set()
+        broker.when_metadata_flushed(lambda error: seen.append(("first", error, broker._flushing)))
+        broker.when_metadata_flushed(lambda error: seen.append(("second", error, broker._flushing)))
+        await broker.flush_metadata()  # the same tick: the same flush (bounded by write_timeout_ms)
+        flushes_seen.append(len(seen))
+
+    flushes = _run(tmp_path, body)
+    assert len(flushes) == 1  # the callbacks and the waiters shared one commit
+    assert flushes_seen == [2]  # both called by the time the waiters were answered
+    assert seen == [("first", None, False), ("second", None, False)]
+
+
+def test_a_failed_commit_reaches_each_callback_even_after_one_raises(tmp_path, monkeypatch) -> None:
+    errors: list[BaseException | None] = []
+
+    async def body(broker, release) -> None:
+        release.set()
+        real_flush = broker.store.metadata.flush
+        failures = iter([OSError("the disk said no")])
+
+        def failing_flush() -> int:
+            failure = next(failures, None)
+            if failure is not None:
+                raise failure
+            return real_flush()
+
+        def faulty(error: BaseException | None) -> None:
+            raise RuntimeError("a faulty hook")
+
+        monkeypatch.setattr(broker.store.metadata, "flush", failing_flush)
+        broker.when_metadata_flushed(faulty)
+        broker.when_metadata_flushed(errors.append)
+        with pytest.raises(OSError):
+            await broker.flush_metadata()  # the same tick: the same flush
+        broker.when_metadata_flushed(errors.append)  # the next commit works
+        await broker.flush_metadata()
+
+    _run(tmp_path, body)
+    assert len(errors) == 2
+    assert isinstance(errors[0], OSError)
+    assert errors[1] is None
+
+
+def test_queue_persists_wait_on_the_flush_hook_and_share_its_failure(tmp_path, monkeypatch) -> None:
+    """QueueService.persist: the persists of one tick share one staging pass settled by
+    the flush's callback; a failed commit fails each, a persist that gives up leaves the
+    pass to the others, and the next persist is committed."""
+
+    async def body(broker, release) -> None:
+        broker.queues._loop = asyncio.get_running_loop()  # attach() without its timer task
+        real_flush = broker.store.metadata.flush
+        failures = iter([OSError("the disk said no")])
+
+        def failing_flush() -> int:
+            assert release.wait(WAIT_S)
+            failure = next(failures, None)
+            if failure is not None:
+                raise failure
+            return real_flush()
+
+        monkeypatch.setattr(broker.store.metadata, "flush", failing_flush)
+        failing = [asyncio.ensure_future(broker.queues.persist()) for _ in range(2)]
+        leaving = asyncio.ensure_future(broker.queues.persist())
+        for _ in range(3):  # the pass is staged and its flush waits for `release`
+            await asyncio.sleep(0)
+        assert broker._flushing
+        assert broker.queues._persist_waiters is None  # the pass left with its waiters
+        leaving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        release.set()
+        results = await asyncio.wait_for(asyncio.gather(*failing, return_exceptions=True), WAIT_S)
+        assert len(results) == 2
+        for result in results:
+            assert isinstance(result, OSError)
+        await asyncio.wait_for(broker.queues.persist(), WAIT_S)
+
+    _run(tmp_path, body)

@@ -14,6 +14,17 @@ Workloads (1 KiB values, one partition, topic fsync_policy "always", acks "durab
   version 2, answered once the commit is durable; the default), `commit()` as a
   CommitOffsets of its own (what protocol 3 and older did), and `commit_nowait()` (the
   offsets ride on the long-polling fetch, not awaited).
+- queue group, peers' style: the windows' messages read back by a queue group consumer
+  in batches of 100 (`receive_batch(100)`), each message acked and the batch's acks
+  awaited (`flush()`) before the next batch; reported beside the stream group's consume
+  of the same messages, with the ratio queue group / stream group (msg/s).
+- queue end to end, one message at a time: a queue consumer waits at the tail (its
+  receive long-polls); the producer client sends one message with `produce()`; the
+  consumer receives it and awaits its `ack()`; then the next message. Per message: end
+  to end, the produce acknowledgement, the ack, the whole cycle.
+
+`--only stream` runs the window and the stream workloads; `--only queue` runs the window,
+the stream group's consume (the ratio's base) and the queue workloads.
 
 Limits measured in the same run, before and after the workloads (both are printed): a
 1 KiB write+fdatasync loop and a 100 KiB one (tools/storage_bench.raw_fdatasync_loop, on
@@ -23,12 +34,14 @@ process and an echo server in a child process, on the same kind of event loop.
 Server CPU per message is the broker process's utime+stime during the phase divided by
 its messages. `--strace` attaches `strace -c -f` to the broker for an extra, shorter end
 to end phase (strace slows every system call, so that phase's times are not reported)
-and gives the system calls per message by name.
+and gives the system calls per message by name (a stream end to end phase and a queue
+one, as `--only` selects).
 
     python -m tools.latency_bench                 # about a minute
     python -m tools.latency_bench --quick         # seconds (tests/test_latency_bench_smoke.py)
     python -m tools.latency_bench --strace --json-out latency.json
     python -m tools.latency_bench --loop asyncio  # server and client without uvloop
+    python -m tools.latency_bench --only queue    # the queue workloads (and the stream group's consume)
 """
 
 from __future__ import annotations
@@ -58,6 +71,11 @@ CONSUME_BYTES_MAX = WINDOW_MESSAGES * (VALUE_BYTES + 16)
 STRACE_MESSAGES = 300
 STRACE_ATTACH_S = 1.0
 PHASE_TIMEOUT_S = 120.0
+# A queue consumer's lease: long enough that no lease runs out during a phase (none is
+# extended or redelivered), named so the consumer need not ask the broker for it.
+QUEUE_ACK_WAIT_MS = 60_000
+QUEUE_RECEIVE_TIMEOUT_MS = 5000
+WORKLOAD_SETS = ("all", "stream", "queue")
 
 # The loop the server uses is chosen by its launcher: "asyncio" hides uvloop from it.
 NO_UVLOOP = "import sys; sys.modules['uvloop'] = None; from nodi.cli.main import app; app(prog_name='nodi')"
@@ -310,6 +328,90 @@ async def end_to_end_phase(
     }
 
 
+async def queue_group_phase(client: AsyncClient, topic: str, expected: int, server_pid: int | None) -> dict:
+    """The peers' queue group: receive a batch of up to 100, ack each, await the acks
+    (flush) before the next batch."""
+    queue = client.queue(
+        topic,
+        "bench-queue-group",
+        ack_wait_ms=QUEUE_ACK_WAIT_MS,
+        batch_max=WINDOW_MESSAGES,
+        max_outstanding=WINDOW_MESSAGES,
+    )
+    received = 0
+    receives = []
+    acks = []
+    batches = 0
+    clock = time.perf_counter
+    deadline = clock() + PHASE_TIMEOUT_S
+    meter = PhaseMeter(server_pid)
+    try:
+        while received < expected and clock() < deadline:
+            started = clock()
+            batch = await queue.receive_batch(WINDOW_MESSAGES, timeout_ms=QUEUE_RECEIVE_TIMEOUT_MS)
+            got = clock()
+            if not batch:
+                continue
+            for message in batch:
+                message.ack(wait=False)
+            await queue.flush()  # the batch's acks answered: durable
+            received += len(batch)
+            batches += 1
+            receives.append(got - started)
+            acks.append(clock() - got)
+    finally:
+        await queue.close()
+    figures = meter.figures(received)
+    figures["msg_per_s"] = received / figures["wall_seconds"]
+    figures["messages_per_batch"] = received / batches if batches else None
+    figures["receive"] = percentiles(receives)
+    figures["ack"] = percentiles(acks)
+    return figures
+
+
+async def queue_end_to_end_phase(
+    producer_client: AsyncClient, consumer_client: AsyncClient, topic: str, count: int, server_pid: int | None
+) -> dict:
+    """One message at a time through a queue group: produce (durable), the waiting
+    receive gets it, its ack awaited."""
+    queue = consumer_client.queue(topic, "bench-queue-e2e", ack_wait_ms=QUEUE_ACK_WAIT_MS)
+    value = bytes(VALUE_BYTES)
+    clock = time.perf_counter
+    end_to_end, acknowledged, acked, cycles = [], [], [], []
+    meter = PhaseMeter(server_pid)
+    loop = asyncio.get_running_loop()
+    try:
+        await queue.receive(timeout_ms=0)  # the group exists; nothing is waiting in it
+        for _ in range(count):
+            started = clock()
+            acked_at: list[float] = []
+            produce = loop.create_task(producer_client.produce(topic, value, partition=0))
+            produce.add_done_callback(_stamp_into(acked_at))
+            message = await queue.receive(timeout_ms=QUEUE_RECEIVE_TIMEOUT_MS)
+            if message is None:
+                raise RuntimeError(
+                    f"queue end to end: a produced message was not received in {QUEUE_RECEIVE_TIMEOUT_MS} ms"
+                )
+            received_at = clock()
+            await produce
+            before_ack = clock()
+            await message.ack()
+            done = clock()
+            end_to_end.append(received_at - started)
+            acknowledged.append(acked_at[0] - started)
+            acked.append(done - before_ack)
+            cycles.append(done - started)
+    finally:
+        await queue.close()
+    return {
+        **meter.figures(count),
+        "end_to_end": percentiles(end_to_end),
+        "produce_ack": percentiles(acknowledged),
+        "ack": percentiles(acked),
+        "cycle": percentiles(cycles),
+    }
+
+
 STRACE_LINE = re.compile(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)\s*$")
 
 
@@ -323,9 +425,15 @@ def parse_strace_summary(text: str) -> dict[str, int]:
 
 
 async def strace_phase(
-    producer_client: AsyncClient, consumer_client: AsyncClient, topic: str, server_pid: int, directory: str
+    producer_client: AsyncClient,
+    consumer_client: AsyncClient,
+    topic: str,
+    server_pid: int,
+    directory: str,
+    queue: bool = False,
 ) -> dict:
-    output = os.path.join(directory, "strace.txt")
+    """An end to end phase (the stream's, or the queue's) under `strace -c -f`."""
+    output = os.path.join(directory, "strace-queue.txt" if queue else "strace.txt")
     tracer = subprocess.Popen(
         ["strace", "-c", "-f", "-o", output, "-p", str(server_pid)],
         stdout=subprocess.DEVNULL,
@@ -333,7 +441,10 @@ async def strace_phase(
     )
     try:
         await asyncio.sleep(STRACE_ATTACH_S)
-        await end_to_end_phase(producer_client, consumer_client, topic, STRACE_MESSAGES, None)
+        if queue:
+            await queue_end_to_end_phase(producer_client, consumer_client, topic, STRACE_MESSAGES, None)
+        else:
+            await end_to_end_phase(producer_client, consumer_client, topic, STRACE_MESSAGES, None)
     finally:
         tracer.send_signal(signal.SIGINT)
         tracer.wait(timeout=30)
@@ -345,30 +456,50 @@ async def strace_phase(
 
 async def workloads(address: str, server_pid: int | None, settings: argparse.Namespace, directory: str) -> dict:
     results: dict = {}
+    stream = settings.only in ("all", "stream")
+    queue = settings.only in ("all", "queue")
+    consumed = settings.windows * WINDOW_MESSAGES
     async with AsyncClient(address) as producer_client, AsyncClient(address) as consumer_client:
         await producer_client.create_topic("windows", partitions=1, fsync_policy="always")
         await producer_client.create_topic("e2e", partitions=1, fsync_policy="always")
+        if queue:
+            await producer_client.create_topic("queue-e2e", partitions=1, fsync_policy="always")
         progress(f"windows of {WINDOW_MESSAGES}: {settings.windows}")
         results["window"] = await window_phase(producer_client, "windows", settings.windows, server_pid)
         progress(f"consume in polls of up to {WINDOW_MESSAGES}, commits awaited")
-        results["consume"] = await consume_phase(
-            consumer_client, "windows", settings.windows * WINDOW_MESSAGES, server_pid
-        )
-        progress(f"end to end, one at a time: {settings.messages}")
-        results["end_to_end"] = await end_to_end_phase(
-            producer_client, consumer_client, "e2e", settings.messages, server_pid
-        )
-        progress(f"end to end, commits as CommitOffsets of their own: {settings.messages}")
-        results["end_to_end_own"] = await end_to_end_phase(
-            producer_client, consumer_client, "e2e", settings.messages, server_pid, "own"
-        )
-        progress(f"end to end, commit_nowait(): {settings.messages}")
-        results["end_to_end_nowait"] = await end_to_end_phase(
-            producer_client, consumer_client, "e2e", settings.messages, server_pid, "nowait"
-        )
+        results["consume"] = await consume_phase(consumer_client, "windows", consumed, server_pid)
+        if queue:
+            progress(f"queue group in batches of up to {WINDOW_MESSAGES}, acks awaited")
+            results["queue_group"] = await queue_group_phase(consumer_client, "windows", consumed, server_pid)
+            progress(f"queue end to end, one at a time: {settings.messages}")
+            results["queue_end_to_end"] = await queue_end_to_end_phase(
+                producer_client, consumer_client, "queue-e2e", settings.messages, server_pid
+            )
+        if stream:
+            progress(f"end to end, one at a time: {settings.messages}")
+            results["end_to_end"] = await end_to_end_phase(
+                producer_client, consumer_client, "e2e", settings.messages, server_pid
+            )
+            progress(f"end to end, commits as CommitOffsets of their own: {settings.messages}")
+            results["end_to_end_own"] = await end_to_end_phase(
+                producer_client, consumer_client, "e2e", settings.messages, server_pid, "own"
+            )
+            progress(f"end to end, commit_nowait(): {settings.messages}")
+            results["end_to_end_nowait"] = await end_to_end_phase(
+                producer_client, consumer_client, "e2e", settings.messages, server_pid, "nowait"
+            )
         if settings.strace and server_pid is not None:
-            progress(f"end to end under strace -c -f: {STRACE_MESSAGES}")
-            results["strace"] = await strace_phase(producer_client, consumer_client, "e2e", server_pid, directory)
+            if stream:
+                progress(f"end to end under strace -c -f: {STRACE_MESSAGES}")
+                results["strace"] = await strace_phase(producer_client, consumer_client, "e2e", server_pid, directory)
+            if queue:
+                progress(f"queue end to end under strace -c -f: {STRACE_MESSAGES}")
+                results["strace_queue"] = await strace_phase(
+                    producer_client, consumer_client, "queue-e2e", server_pid, directory, queue=True
+                )
+    if queue:
+        stream_rate, queue_rate = results["consume"]["msg_per_s"], results["queue_group"]["msg_per_s"]
+        results["queue_group_over_stream_group"] = queue_rate / stream_rate if stream_rate else None
     return results
 
 
@@ -392,7 +523,7 @@ def render(results: dict) -> str:
             f"p99 {ms(limits['fdatasync_100kib_ms_p99'])} ms; loopback RTT p50 {ms(limits['loopback_rtt_ms_p50'])} "
             f"p99 {ms(limits['loopback_rtt_ms_p99'])} ms"
         )
-    window, consume, e2e = results["window"], results["consume"], results["end_to_end"]
+    window, consume = results["window"], results["consume"]
     lines.append(
         f"window of {WINDOW_MESSAGES} x 1 KiB, acked: p50 {ms(window['ms_p50'])} p99 {ms(window['ms_p99'])} "
         f"max {ms(window['ms_max'])} ms; {window['msg_per_s']:,.0f} msg/s; server {us(window['server_cpu_us_per_message'])} "
@@ -403,13 +534,30 @@ def render(results: dict) -> str:
         f"commit p50 {ms(consume['commit']['ms_p50'])} p99 {ms(consume['commit']['ms_p99'])} ms; "
         f"server {us(consume['server_cpu_us_per_message'])} us/msg; others {consume['others_cpu_share'] or 0:.0%}"
     )
-    for phase, label in (
-        ("end_to_end", "one at a time"),  # commit() riding on the next fetch
-        ("end_to_end_own", "one at a time (commit() as CommitOffsets)"),
-        ("end_to_end_nowait", "one at a time (commit_nowait())"),
-    ):
+    if "queue_group" in results:
+        group, ratio = results["queue_group"], results["queue_group_over_stream_group"]
+        lines.append(
+            f"queue group, batches of {group['messages_per_batch'] or 0:.0f}, acks awaited: {group['msg_per_s']:,.0f} "
+            f"msg/s ({'-' if ratio is None else f'{ratio:.2f}'} x the stream group); receive p50 "
+            f"{ms(group['receive']['ms_p50'])} ms; acks p50 {ms(group['ack']['ms_p50'])} p99 "
+            f"{ms(group['ack']['ms_p99'])} ms; server {us(group['server_cpu_us_per_message'])} us/msg; "
+            f"others {group['others_cpu_share'] or 0:.0%}"
+        )
+    phases = (
+        ("queue_end_to_end", "queue one at a time", ("end_to_end", "produce_ack", "ack", "cycle")),
+        ("end_to_end", "one at a time", ("end_to_end", "produce_ack", "commit", "cycle")),  # commit() riding
+        (
+            "end_to_end_own",
+            "one at a time (commit() as CommitOffsets)",
+            ("end_to_end", "produce_ack", "commit", "cycle"),
+        ),
+        ("end_to_end_nowait", "one at a time (commit_nowait())", ("end_to_end", "produce_ack", "commit", "cycle")),
+    )
+    for phase, label, stages in phases:
+        if phase not in results:
+            continue
         e2e = results[phase]
-        for name in ("end_to_end", "produce_ack", "commit", "cycle"):
+        for name in stages:
             figures = e2e[name]
             lines.append(
                 f"{label}, {name.replace('_', ' ')}: p50 {ms(figures['ms_p50'])} "
@@ -419,10 +567,11 @@ def render(results: dict) -> str:
             f"{label}: server {us(e2e['server_cpu_us_per_message'])} us/msg, client "
             f"{us(e2e['client_cpu_us_per_message'])} us/msg (both clients), others {e2e['others_cpu_share'] or 0:.0%}"
         )
-    if "strace" in results:
-        trace = results["strace"]
-        top = ", ".join(f"{name} {count:.1f}" for name, count in list(trace["by_name"].items())[:12])
-        lines.append(f"system calls per end-to-end message (strace -c -f): {trace['calls_per_message']:.1f}: {top}")
+    for name, label in (("strace", "end-to-end message"), ("strace_queue", "queue end-to-end message")):
+        if name in results:
+            trace = results[name]
+            top = ", ".join(f"{call} {count:.1f}" for call, count in list(trace["by_name"].items())[:12])
+            lines.append(f"system calls per {label} (strace -c -f): {trace['calls_per_message']:.1f}: {top}")
     return "\n".join(lines)
 
 
@@ -434,6 +583,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rtt-count", type=int, default=None, help="loopback round trips (default 3,000; quick 200)")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default=None, help="default: uvloop when installed")
     parser.add_argument("--strace", action="store_true", help="count the broker's system calls (strace -c -f)")
+    parser.add_argument(
+        "--only", choices=WORKLOAD_SETS[1:], default="all", help="stream or queue workloads (default: both)"
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run of seconds")
     parser.add_argument("--json-out", default=None, help="write the figures as JSON here")
     arguments = parser.parse_args(argv)

@@ -36,7 +36,9 @@ With `wait=False` the call returns at once and settlements go out batched in the
 background; `flush()` waits for them and raises the first that failed.
 
 Flow control: at most `max_outstanding` messages (default 1,000), and softly
-`max_outstanding_bytes` of keys and values, are leased to the queue and not settled
+`max_outstanding_bytes` of received records (each receive's record bytes, shared evenly
+over the offsets it delivered and freed as each is settled), are leased to the queue
+and not settled
 (buffered or handed out); a receive asks for no more than the room left and waits for
 room up to its timeout. A trip to the broker asks for up to `batch_max` messages within
 it. Without `batch_max` the size follows the handler's pace: about PREFETCH_HORIZON_MS
@@ -89,6 +91,7 @@ from .errors import ClientClosed, InvalidRecords, ProtocolViolation, error_for
 from .types import Message
 
 log = logging.getLogger(__name__)
+_monotonic = time.monotonic
 
 # The most messages one receive asks for (the broker's queues.receive_messages_max default).
 DEFAULT_BATCH_MAX = 1_000
@@ -328,11 +331,11 @@ class QueueMessage(Message):
     lease_deadline_ms: int = 0
     group: str = ""
     _queue: Any = field(default=None, repr=False, compare=False)
-    # The consumer's _Lease of this delivery while it holds it (set once, by the queue).
+    # The _LeaseRun of the receive run this delivery came in (set once, at decode).
     _lease: Any = field(default=None, repr=False, compare=False)
 
     def ack(self, *, wait: bool = True):
-        return self._queue._settle(self, m.SettleAction.ACK, m.CONFIG_DEFAULT, None, wait)
+        return self._queue._ack(self, wait)
 
     def nack(self, delay_ms: int | None = None, error: str | None = None, *, wait: bool = True):
         delay = m.CONFIG_DEFAULT if delay_ms is None else max(int(delay_ms), 0)
@@ -400,9 +403,10 @@ def new_queue_message(
     lease_deadline_ms: int,
     group: str,
     queue: Any,
+    lease: Any = None,
 ) -> QueueMessage:
     """QueueMessage(topic, partition, offset, timestamp, key, value, headers,
-    delivery_count, lease_deadline_ms, group, queue), for a receive's per-record loop."""
+    delivery_count, lease_deadline_ms, group, queue, lease), for a receive's per-record loop."""
     message = _new_object(QueueMessage)
     _set_topic(message, topic)
     _set_partition(message, partition)
@@ -416,7 +420,7 @@ def new_queue_message(
     _set_lease_deadline_ms(message, lease_deadline_ms)
     _set_group(message, group)
     _set_queue(message, queue)
-    _set_lease(message, None)
+    _set_lease(message, lease)
     return message
 
 
@@ -427,7 +431,7 @@ class QueueStatistics:
     received: int  # deliveries the broker leased to this consumer
     handed_out: int  # messages given to the application
     outstanding: int  # leased and not settled now: buffered or handed out
-    outstanding_bytes: int  # their key + value bytes
+    outstanding_bytes: int  # their record bytes as received (an even share of a receive's: see max_outstanding_bytes)
     buffered: int  # received, not handed out yet
     lease_extension_requests: int  # batched in-progress requests the lease keeper sent
     leases_extended: int  # offsets those requests extended
@@ -437,24 +441,54 @@ class QueueStatistics:
     stale_settles: int  # settles that lost the race (returned False, or raised with strict)
 
 
-class _Lease:
-    """A message this consumer holds (buffered or handed out, not settled). `deadline`
-    is the local monotonic time by which the broker's lease has run out at the latest:
-    a request's send time plus ack_wait."""
+class _LeaseRun:
+    """One run of a receive: consecutive offsets of one partition delivered together,
+    with one delivery count and one lease deadline. The leases of a consumer are kept
+    as these runs, not one object per message: `held[i]` is 1 while this consumer holds
+    offset first + i (leased, not settled, not let go), `handed[i]` once it was handed
+    to the application (written by the hand-out, which the blocking Queue makes on the
+    application's thread: two arrays, so a hand-out never revives a dropped lease).
+    `deadline` is the local monotonic time by which the broker's lease of every held
+    offset has run out at the latest (a request's send time plus ack_wait), `size` the
+    run's share of the received record bytes (flow control's byte count: an even share
+    freed as each offset is dropped)."""
 
-    __slots__ = ("message", "deadline", "held_until", "size", "handed_out", "held")
+    __slots__ = (
+        "partition",
+        "first",
+        "count",
+        "delivery_count",
+        "deadline_ms",
+        "deadline",
+        "held_until",
+        "size",
+        "size_each",
+        "held",
+        "handed",
+        "remaining",
+    )
 
-    def __init__(self, message: QueueMessage, deadline: float, held_until: float, size: int) -> None:
-        self.message = message
-        self.deadline = deadline
-        self.held_until = held_until
-        self.size = size
-        self.handed_out = False
-        self.held = True  # in the queue's _leases (False once dropped: settled, let go, lost)
+    def __init__(self, partition: int, first: int, count: int, delivery_count: int, deadline_ms: int) -> None:
+        self.partition = partition
+        self.first = first
+        self.count = count
+        self.delivery_count = delivery_count
+        self.deadline_ms = deadline_ms  # the broker's, wall clock
+        self.deadline = 0.0
+        self.held_until = 0.0
+        self.size = 0
+        self.size_each = 0  # size // count: freed as each offset is dropped, the rest with the last
+        self.held = bytearray(count)  # all 0 until the queue holds the run (at-least-once)
+        self.handed = bytearray(count)
+        self.remaining = 0  # offsets held
 
 
-def _key(message: QueueMessage) -> tuple[int, int]:
-    return message.partition, message.offset
+def _held_run(message: QueueMessage) -> _LeaseRun | None:
+    """The run of `message` if this consumer still holds its lease."""
+    run = message._lease
+    if run is not None and run.held[message.offset - run.first]:
+        return run
+    return None
 
 
 def _local_deadline(deadline_ms: int, sent_at: float, received_at: float, ack_wait_s: float) -> float:
@@ -521,6 +555,8 @@ class AsyncQueue:
         self.strict = strict
         self._owner: Any = self  # what received messages settle through (this queue or its blocking twin)
         self._prefetching: asyncio.Task | None = None  # the one receive asked ahead
+        # _prefetch_soon asks only when at most this many are buffered (half a batch at most).
+        self._prefetch_buffered_max = min(self.batch_max, max_outstanding) // 2
         self._prefetch_started = False  # by the hand-out just made: receive() lets it leave
         # The last receive came back full: the broker likely has more (a backlog). A
         # trickle (requests, a quiet topic) is not prefetched: it would be a wasted trip.
@@ -539,25 +575,36 @@ class AsyncQueue:
         # The group's ack_wait in seconds, once known (named here, or asked of the broker).
         self._ack_wait_s: float | None = None if ack_wait_ms is None else ack_wait_ms / 1000
         self._buffer: collections.deque[QueueMessage] = collections.deque()
-        # Flow control and lease management: every message leased to this consumer and
-        # not settled (at-least-once), by (partition, offset). Changed on the loop only.
-        self._leases: dict[tuple[int, int], _Lease] = {}
-        self._leased_bytes = 0  # key + value bytes of the leases in _leases
-        # Leases in _leases whose message the application was handed: _given - _dropped.
+        self._at_least_once = guarantee == AT_LEAST_ONCE
+        # Flow control and lease management: the runs holding a message leased to this
+        # consumer and not settled (at-least-once), in the order received (a dict as an
+        # ordered set). Changed on the loop only (but for _LeaseRun.handed).
+        self._lease_runs: dict[_LeaseRun, None] = {}
+        self._outstanding = 0  # offsets held in _lease_runs
+        self._leased_bytes = 0  # the sizes of the runs in _lease_runs
+        # partition -> the end of the highest run held there since: a run received below
+        # it may hold an offset an older run still holds (delivered again to us).
+        self._held_end: dict[int, int] = {}
+        # Held offsets whose message the application was handed: _given - _dropped.
         # Two counts, each written by one thread: _given where messages are handed out
         # (the blocking Queue's application thread too), _dropped on the loop.
         self._given = self._dropped = 0
-        self._room = asyncio.Event()  # set when a lease is settled or let go
-        self._keeper: asyncio.Task | None = None  # extends the leases in _leases
+        self._room = asyncio.Event()  # set when a lease is settled or let go, if _room_wanted
+        self._room_wanted = False  # a receive waits on _room
+        self._keeper: asyncio.Task | None = None  # extends the leases in _lease_runs
         # Handed-out messages no longer extended (lost, let go, left by an iteration
         # that raised), by (partition, offset, delivery count): their settle still
         # counts as this consumer's (a lost race is not an error).
         self._let_go: collections.OrderedDict[tuple[int, int, int], None] = collections.OrderedDict()
-        # (partition, offset, delivery count, action, delay, text, future or None, ours), in order.
+        # [partition, offset, delivery count, action, delay, text, future or None, ours,
+        # count], in order: `count` consecutive offsets from `offset`.
         # ours: True when the message was this consumer's lease (a lost race returns
         # False), False when it was not (every error raised), None for the client's own
         # quiet settles (releases, whose outcome nobody needs).
-        self._outbox: list[tuple] = []
+        self._outbox: list[list] = []
+        # The outbox's last entry while it is a run of background acks (no future) that
+        # the next ack may extend: an ack of a batch is one entry, one settlement.
+        self._ack_tail: list | None = None
         self._settled: asyncio.Future | None = None  # returned by every wait=False settle
         self._sender: asyncio.Task | None = None
         self._errors: list[BaseException] = []
@@ -587,7 +634,7 @@ class AsyncQueue:
         return QueueStatistics(
             received=self._received,
             handed_out=self._handed_out_count,
-            outstanding=len(self._leases),
+            outstanding=self._outstanding,
             outstanding_bytes=self._leased_bytes,
             buffered=len(self._buffer),
             lease_extension_requests=self._extension_requests,
@@ -604,7 +651,18 @@ class AsyncQueue:
         """The next message, waiting up to timeout_ms (default receive_timeout_ms) for
         one; None when none came (or when max_outstanding messages are held unsettled
         all that time)."""
-        return await self._receive(timeout_ms)
+        # The common case first: a message from the buffer, no clock read but the hand-out's.
+        message = self._next_buffered() if self._buffer and not self._closed else None
+        if message is None:
+            return await self._receive(timeout_ms)
+        if self._prefetch_started:  # let its request leave now, not after the buffer
+            self._prefetch_started = False
+            try:
+                await asyncio.sleep(0)
+            except BaseException:  # cancelled: the application never saw it
+                self._give_back(message)
+                raise
+        return message
 
     async def receive_batch(self, max_messages: int, timeout_ms: int | None = None) -> list[QueueMessage]:
         """Up to `max_messages` messages, waiting up to timeout_ms (default
@@ -643,7 +701,9 @@ class AsyncQueue:
     def _give_back(self, message: QueueMessage) -> None:
         """On the loop: a message handed out that never reached the application is
         released at once (a nack without delay), if this consumer still holds it."""
-        if self._drop_lease(_key(message)) is not None:
+        run = _held_run(message)
+        if run is not None:
+            self._drop(run, message.offset - run.first)
             self._settle_nowait(message, m.SettleAction.NACK, 0, None, ours=None)
 
     def _trip_max(self) -> int:
@@ -669,7 +729,7 @@ class AsyncQueue:
             return min(trip, self.max_outstanding - len(self._buffer))
         if self._leased_bytes >= self.max_outstanding_bytes:
             return 0
-        return min(trip, self.max_outstanding - len(self._leases))
+        return min(trip, self.max_outstanding - self._outstanding)
 
     async def _receive(
         self, timeout_ms: int | None, wanted: int | None = None, *, prefetch: bool = True
@@ -704,6 +764,7 @@ class AsyncQueue:
                 if remaining <= 0:
                     return None
                 self._room.clear()
+                self._room_wanted = True
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._room.wait(), remaining)
                 continue
@@ -727,26 +788,33 @@ class AsyncQueue:
     def _next_buffered(self, prefetch: bool = True) -> QueueMessage | None:
         """On the loop: the next buffered message whose lease is still good, handed
         out (and, with `prefetch`, the next batch asked for when due); the others are
-        released."""
+        released. One clock read per hand-out serves the lease check and the pace."""
         buffer = self._buffer
         while buffer:
             message = buffer.popleft()
-            now = time.monotonic()
-            lease = message._lease
-            if lease is None:
-                if self.guarantee != AT_MOST_ONCE:
+            now = _monotonic()
+            if self._at_least_once:
+                run = message._lease
+                index = message.offset - run.first
+                if not run.held[index] or run.deadline - LEASE_HAND_OUT_MARGIN_S <= now:
                     self._discard(message)
                     continue
-            elif not lease.held or lease.deadline - LEASE_HAND_OUT_MARGIN_S <= now:
-                self._discard(message)
-                continue
-            elif not lease.handed_out:
-                self._given += 1
-                lease.handed_out = True
+                if not run.handed[index]:
+                    run.handed[index] = 1
+                    self._given += 1
             self._handed_out_count += 1
             if prefetch:
-                self._time_handler(now)
-                if self._prefetching is None and self._backlog:
+                handed_at = self._handed_at  # the handler's pace (_time_handler, inline)
+                if handed_at is not None:
+                    handler_s = self._handler_s
+                    interval = now - handed_at
+                    self._handler_s = (
+                        interval if handler_s is None else handler_s + (interval - handler_s) * HANDLER_PACE_WEIGHT
+                    )
+                self._handed_at = now
+                # _prefetch_soon's cheapest conditions first: it asks only once at most
+                # half a batch is buffered.
+                if self._prefetching is None and self._backlog and len(buffer) <= self._prefetch_buffered_max:
                     self._prefetch_soon(message)
             return message
         return None
@@ -754,16 +822,22 @@ class AsyncQueue:
     def _usable(self, message: QueueMessage) -> bool:
         """Whether a buffered message may be handed out: its lease has not run out
         (read-only: the blocking twin calls it from the application's thread)."""
-        if self.guarantee == AT_MOST_ONCE:
+        if not self._at_least_once:
             return True
-        lease = message._lease
-        return lease is not None and lease.held and lease.deadline - LEASE_HAND_OUT_MARGIN_S > time.monotonic()
+        run = message._lease
+        return (
+            run is not None
+            and bool(run.held[message.offset - run.first])
+            and run.deadline - LEASE_HAND_OUT_MARGIN_S > _monotonic()
+        )
 
     def _hand_out(self, message: QueueMessage) -> None:
-        lease = message._lease
-        if lease is not None and lease.held and not lease.handed_out:
-            self._given += 1
-            lease.handed_out = True
+        run = message._lease
+        if self._at_least_once and run is not None:
+            index = message.offset - run.first
+            if run.held[index] and not run.handed[index]:
+                run.handed[index] = 1
+                self._given += 1
         self._handed_out_count += 1
 
     def _time_handler(self, now: float | None = None) -> None:
@@ -782,17 +856,16 @@ class AsyncQueue:
     def _discard(self, message: QueueMessage) -> None:
         """On the loop: a buffered message whose lease ran out (or was lost, or let go)
         is never handed out; if this consumer still holds it, it is released."""
-        key = _key(message)
-        lease = self._leases.get(key)
-        if lease is None or lease.message is not message:
+        run = _held_run(message)
+        if run is None:
             return  # the lease keeper let it go already
-        self._drop_lease(key)
+        self._drop(run, message.offset - run.first)
         self._expired_in_buffer += 1
         self._settle_nowait(message, m.SettleAction.NACK, 0, None, ours=None)
 
-    async def _call_receive(self, room: int, wait_ms: int) -> tuple[list[QueueMessage], float]:
-        """One receive of up to `room` messages, waiting up to `wait_ms`: the messages
-        and when it was sent. A server of protocol 3 sends stored batches as they are
+    async def _call_receive(self, room: int, wait_ms: int) -> tuple[list[QueueMessage], list[_LeaseRun], float]:
+        """One receive of up to `room` messages, waiting up to `wait_ms`: the messages,
+        their runs and when it was sent. A server of protocol 3 sends stored batches as they are
         (QueueReceiveBatches); an older one re-encodes them (QueueReceive)."""
         sent_at = time.monotonic()
         if self._stored_batches:
@@ -808,22 +881,22 @@ class AsyncQueue:
                     raise
                 self._stored_batches = False
             else:
-                return self._decode_batches(response), sent_at
+                return (*self._decode_batches(response), sent_at)
         old_request = m.QueueReceiveRequest(
             group=self.group, topic=self.topic, settings=self.settings, messages_max=room, wait_ms=wait_ms
         )
         old_response = await self.client.core.call(old_request, None, extra_ms=wait_ms, expect=m.QueueReceiveResponse)
-        return self._decode(old_response), sent_at
+        return (*self._decode(old_response), sent_at)
 
-    async def _accept(self, received: list[QueueMessage], sent_at: float) -> list[QueueMessage]:
+    async def _accept(self, received: list[QueueMessage], runs: list[_LeaseRun], sent_at: float) -> list[QueueMessage]:
         """The messages of a receive, held under lease management (at-least-once)."""
         if not received:
             return received
         self._received += len(received)
-        if self.guarantee == AT_LEAST_ONCE:
+        if self._at_least_once:
             if self._ack_wait_s is None:
                 await self._learn_ack_wait(received[0])
-            self._hold(received, sent_at)
+            self._hold(runs, sent_at)
         return received
 
     async def _learn_ack_wait(self, message: QueueMessage) -> None:
@@ -843,61 +916,79 @@ class AsyncQueue:
             )
             self._ack_wait_s = estimate
 
-    def _hold(self, messages: list[QueueMessage], sent_at: float) -> None:
+    def _hold(self, runs: list[_LeaseRun], sent_at: float) -> None:
+        """Hold every offset of `runs` (just received): leased until the run's local
+        deadline, extended by the keeper until `max_lease_ms` from `sent_at`."""
         assert self._ack_wait_s is not None
-        received_at = time.monotonic()
+        received_at = _monotonic()
         held_until = sent_at + self.max_lease_ms / 1000
-        deadline_ms, deadline = None, 0.0
-        for message in messages:
-            if message.lease_deadline_ms != deadline_ms:  # one per run of offsets
-                deadline_ms = message.lease_deadline_ms
-                deadline = _local_deadline(deadline_ms, sent_at, received_at, self._ack_wait_s)
-            key = _key(message)
-            if key in self._leases:  # delivered to us again after our lease was lost
-                self._drop_lease(key)
-            size = len(message.key or b"") + len(message.value or b"")
-            lease = self._leases[key] = _Lease(message, deadline, held_until, size)
-            _set_lease(message, lease)  # a frozen dataclass: set once, here
-            self._leased_bytes += size
+        held_end = self._held_end
+        lease_runs = self._lease_runs
+        for run in runs:
+            run.deadline = _local_deadline(run.deadline_ms, sent_at, received_at, self._ack_wait_s)
+            run.held_until = held_until
+            end = run.first + run.count
+            if run.first < held_end.get(run.partition, -1):  # may be delivered to us again
+                self._drop_overlap(run)
+            if end > held_end.get(run.partition, -1):
+                held_end[run.partition] = end
+            run.held = bytearray(b"\x01") * run.count
+            run.remaining = run.count
+            lease_runs[run] = None
+            self._outstanding += run.count
+            self._leased_bytes += run.size
         if self.max_lease_ms > 0 and (self._keeper is None or self._keeper.done()) and not self._closed:
             self._keeper = asyncio.get_running_loop().create_task(self._keep_leases())
 
-    def _drop_lease(self, key: tuple[int, int]) -> _Lease | None:
-        lease = self._leases.pop(key, None)
-        if lease is not None:
-            lease.held = False
-            self._leased_bytes -= lease.size
-            if lease.handed_out:
-                self._dropped += 1
-            if not self._leases:  # none held: none in hand (mends a count a thread race left off)
-                self._dropped = self._given
-            self._room.set()
-        return lease
+    def _drop_overlap(self, new: _LeaseRun) -> None:
+        """Offsets of `new` that an older run still holds were delivered to us again
+        after our lease of them was lost: the older hold is dropped."""
+        end = new.first + new.count
+        for run in list(self._lease_runs):
+            if run.partition != new.partition or run.first >= end or run.first + run.count <= new.first:
+                continue
+            for offset in range(max(run.first, new.first), min(run.first + run.count, end)):
+                if run.held[offset - run.first]:
+                    self._drop(run, offset - run.first)
 
-    def _remember_let_go(self, lease: _Lease) -> None:
-        message = lease.message
-        self._let_go[(message.partition, message.offset, message.delivery_count)] = None
+    def _drop(self, run: _LeaseRun, index: int) -> None:
+        """Stop holding offset run.first + index (held: the caller checked)."""
+        run.held[index] = 0
+        run.remaining -= 1
+        self._outstanding -= 1
+        if run.handed[index]:
+            self._dropped += 1
+        self._leased_bytes -= run.size_each
+        if not run.remaining:
+            del self._lease_runs[run]
+            self._leased_bytes -= run.size - run.size_each * run.count
+            if not self._outstanding:  # none held: none in hand (mends a count a thread race left off)
+                self._dropped = self._given
+        if self._room_wanted:
+            self._room_wanted = False
+            self._room.set()
+
+    def _remember_let_go(self, partition: int, offset: int, delivery_count: int) -> None:
+        self._let_go[(partition, offset, delivery_count)] = None
         while len(self._let_go) > LET_GO_REMEMBERED_MAX:
             self._let_go.popitem(last=False)
 
     def _forget(self, message: QueueMessage) -> None:
         """On the loop: stop extending a handed-out message's lease (an iteration body
         raised or broke out): it runs out and the message is delivered again."""
-        key = _key(message)
-        lease = self._leases.get(key)
-        if lease is not None and lease.message.delivery_count == message.delivery_count:
-            self._drop_lease(key)
-            self._remember_let_go(lease)
+        run = _held_run(message)
+        if run is not None:
+            self._drop(run, message.offset - run.first)
+            self._remember_let_go(message.partition, message.offset, message.delivery_count)
 
     def _ours(self, message: QueueMessage, action: m.SettleAction) -> bool:
         """On the loop, as the application settles `message`: whether it was this
         consumer's lease (then a lost race is counted, not raised). Any settle but
         in-progress ends the hold."""
-        key = _key(message)
-        lease = self._leases.get(key)
-        if lease is not None and lease.message.delivery_count == message.delivery_count:
+        run = _held_run(message)
+        if run is not None:
             if action is not m.SettleAction.IN_PROGRESS:
-                self._drop_lease(key)
+                self._drop(run, message.offset - run.first)
             return True
         let_go = (message.partition, message.offset, message.delivery_count)
         if let_go in self._let_go:
@@ -912,11 +1003,11 @@ class AsyncQueue:
         """Extend every held lease, in one batched request (runs of offsets), once the
         soonest has less than half of ack_wait left; let go of those held max_lease_ms.
         Ends when nothing is held (the next receive starts it again) or at close."""
-        while not self._closed and self._leases:
+        while not self._closed and self._lease_runs:
             ack_wait_s = self._ack_wait_s or 0.1
-            soonest = min(lease.deadline for lease in self._leases.values())
+            soonest = min(run.deadline for run in self._lease_runs)
             due = soonest - ack_wait_s * LEASE_EXTEND_AT_FRACTION
-            now = time.monotonic()
+            now = _monotonic()
             if due > now:
                 await asyncio.sleep(due - now)
                 continue
@@ -927,37 +1018,58 @@ class AsyncQueue:
             if not extended:
                 await asyncio.sleep(min(LEASE_RETRY_MS_MAX / 1000, ack_wait_s / 4))
 
+    def _let_go_of(self, run: _LeaseRun) -> None:
+        """Held max_lease_ms: stop holding every offset of `run`. A handed-out one's lease
+        runs out (its settle may still count); a buffered one is released."""
+        for index in _held_indexes(run):
+            self._drop(run, index)
+            self._let_go_count += 1
+            offset = run.first + index
+            if run.handed[index]:
+                self._remember_let_go(run.partition, offset, run.delivery_count)
+            else:
+                self._outbox_append(
+                    [run.partition, offset, run.delivery_count, m.SettleAction.NACK, 0, None, None, None, 1]
+                )
+
     async def _extend_leases(self, ack_wait_s: float) -> bool:
         """One pass; False when a request failed (tried again shortly)."""
-        now = time.monotonic()
-        extend: list[_Lease] = []
-        for key, lease in list(self._leases.items()):
-            if now < lease.held_until:
-                extend.append(lease)
+        now = _monotonic()
+        pieces: list[tuple[_LeaseRun, int, int]] = []  # (run, first index, count): held offsets
+        for run in sorted(self._lease_runs, key=_run_position):
+            if now >= run.held_until:
+                self._let_go_of(run)
                 continue
-            self._drop_lease(key)  # held max_lease_ms: let go
-            self._let_go_count += 1
-            if lease.handed_out:
-                self._remember_let_go(lease)  # its lease runs out; its settle may still count
-            else:
-                self._settle_nowait(lease.message, m.SettleAction.NACK, 0, None, ours=None)
-        extend.sort(key=lambda lease: (lease.message.partition, lease.message.offset))
-        for start in range(0, len(extend), SETTLEMENTS_PER_REQUEST_MAX):
-            chunk = [
-                (
-                    lease.message.partition,
-                    lease.message.offset,
-                    lease.message.delivery_count,
-                    m.SettleAction.IN_PROGRESS,
-                    m.CONFIG_DEFAULT,
-                    None,
-                    None,
-                    None,
+            for index, count in _held_pieces(run):
+                pieces.append((run, index, count))
+        deadlines: dict[_LeaseRun, float] = {}  # run -> the soonest new deadline of its pieces
+        start = 0
+        while start < len(pieces):  # at most SETTLEMENTS_PER_REQUEST_MAX offsets a request
+            chunk: list[tuple[_LeaseRun, int, int]] = []
+            offsets = 0
+            while start < len(pieces) and offsets < SETTLEMENTS_PER_REQUEST_MAX:
+                run, index, count = pieces[start]
+                take = min(count, SETTLEMENTS_PER_REQUEST_MAX - offsets)
+                chunk.append((run, index, take))
+                offsets += take
+                if take < count:
+                    pieces[start] = (run, index + take, count - take)
+                else:
+                    start += 1
+            settlements = [
+                m.Settlement(
+                    partition=run.partition,
+                    offset=run.first + index,
+                    delivery_count=run.delivery_count,
+                    action=m.SettleAction.IN_PROGRESS,
+                    delay_ms=m.CONFIG_DEFAULT,
+                    text=None,
+                    count=count,
                 )
-                for lease in extend[start : start + SETTLEMENTS_PER_REQUEST_MAX]
+                for run, index, count in chunk
             ]
-            request = m.QueueSettleRequest(group=self.group, topic=self.topic, settlements=_runs(chunk))
-            sent_at = time.monotonic()
+            request = m.QueueSettleRequest(group=self.group, topic=self.topic, settlements=settlements)
+            sent_at = _monotonic()
             try:
                 response = await self.client.core.call(request, None, retry=True, expect=m.QueueSettleResponse)
             except ClientClosed:
@@ -965,34 +1077,29 @@ class AsyncQueue:
             except Exception as error:  # noqa: BLE001 - tried again; a lease lost meanwhile is found then
                 if self._closed:
                     return True
-                log.warning(
-                    "queue %s on %s: extending %d lease(s) failed: %s", self.group, self.topic, len(chunk), error
-                )
+                log.warning("queue %s on %s: extending %d lease(s) failed: %s", self.group, self.topic, offsets, error)
                 return False
             self._extension_requests += 1
-            received_at = time.monotonic()
-            outcomes = [(result.error_code, result.lease_deadline_ms, result.count) for result in response.results]
-            if sum(count for _, _, count in outcomes) != len(chunk):
+            received_at = _monotonic()
+            if sum(result.count for result in response.results) != offsets:
                 log.warning(
                     "queue %s on %s: extension answered for the wrong number of offsets", self.group, self.topic
                 )
                 return False
-            index = 0
-            for code, deadline_ms, count in outcomes:
-                deadline = _local_deadline(deadline_ms, sent_at, received_at, ack_wait_s)
-                for partition, offset, delivery_count, *_ in chunk[index : index + count]:
-                    held = self._leases.get((partition, offset))
-                    if held is None or held.message.delivery_count != delivery_count:
-                        continue  # settled meanwhile
-                    if code == m.ErrorCode.NONE:
-                        held.deadline = deadline
-                        self._extended += 1
-                    else:  # lost: ran out and went to another consumer, or finished
-                        self._drop_lease((partition, offset))
+            for (run, index, _), code, deadline_ms, length in _spread(chunk, response.results):
+                if code == m.ErrorCode.NONE:
+                    deadline = _local_deadline(deadline_ms, sent_at, received_at, ack_wait_s)
+                    deadlines[run] = min(deadlines.get(run, deadline), deadline)
+                    self._extended += run.held.count(1, index, index + length)
+                    continue
+                for at in range(index, index + length):  # lost: ran out and went to another consumer, or finished
+                    if run.held[at]:
+                        self._drop(run, at)
                         self._lost += 1
-                        if held.handed_out:
-                            self._remember_let_go(held)
-                index += count
+                        if run.handed[at]:
+                            self._remember_let_go(run.partition, run.first + at, run.delivery_count)
+            for run, deadline in deadlines.items():
+                run.deadline = deadline
         return True
 
     # -- prefetch ------------------------------------------------------------------------
@@ -1021,8 +1128,8 @@ class AsyncQueue:
         """1 when `current` is a handed-out message this consumer holds, else 0."""
         if current is None:
             return 0
-        lease = self._leases.get(_key(current))
-        return 1 if lease is not None and lease.message is current and lease.handed_out else 0
+        run = _held_run(current)
+        return 1 if run is not None and run.handed[current.offset - run.first] else 0
 
     async def _prefetch_once(self) -> None:
         """One receive that does not wait for messages (at-least-once only: nothing is
@@ -1036,8 +1143,7 @@ class AsyncQueue:
             self._backlog = len(received) >= room
             if self._closed:  # closed meanwhile: given back like the buffer
                 for message in received:
-                    self._drop_lease(_key(message))
-                    self._settle_nowait(message, m.SettleAction.NACK, 0, None, ours=None)
+                    self._give_back(message)
             else:
                 self._buffer.extend(received)
         except Exception:  # noqa: BLE001 - the next receive reports it
@@ -1045,135 +1151,11 @@ class AsyncQueue:
         finally:
             self._prefetching = None
 
-    def _decode(self, response: m.QueueReceiveResponse) -> list[QueueMessage]:
-        if not response.deliveries:
-            return []
-        try:
-            records = [
-                record for header, batch in iter_batches(response.records) for record in decode_records(batch, header)
-            ]
-        except NodiError as error:
-            raise InvalidRecords(f"queue receive from {self.topic}: {error}") from None
-        offsets = sum(run.count for run in response.deliveries)
-        if len(records) != offsets:
-            raise InvalidRecords(f"queue receive: {len(records)} records for {offsets} delivered offsets")
-        topic, group, owner = self.topic, self.group, self._owner
-        messages = []
-        index = 0
-        for run in response.deliveries:  # runs of consecutive offsets
-            partition, count, deadline = run.partition, run.delivery_count, run.lease_deadline_ms
-            for offset in range(run.offset, run.offset + run.count):
-                record = records[index]
-                index += 1
-                messages.append(
-                    QueueMessage(
-                        topic,
-                        partition,
-                        offset,
-                        record.timestamp_ms,
-                        record.key,
-                        record.value,
-                        record.headers,
-                        count,
-                        deadline,
-                        group,
-                        owner,
-                    )
-                )
-        return messages
+    def _decode(self, response: m.QueueReceiveResponse) -> tuple[list[QueueMessage], list[_LeaseRun]]:
+        return decode_receive(response, self.topic, self.group, self._owner)
 
-    def _decode_batches(self, response: m.QueueReceiveBatchesResponse) -> list[QueueMessage]:
-        """The delivered messages of a QueueReceiveBatches response: each span's batches
-        decoded (a batch decoded for the last receive is not decoded again), keeping the
-        records whose offsets the runs name, in the batches' order."""
-        if not response.deliveries:
-            return []
-        runs_of: dict[int, list[m.QueueDelivery]] = {}
-        for run in response.deliveries:
-            runs_of.setdefault(run.partition, []).append(run)
-        for runs in runs_of.values():
-            runs.sort(key=_run_offset)
-        view = memoryview(response.records)
-        if sum(span.records_bytes for span in response.spans) != len(view):
-            raise InvalidRecords(f"queue receive from {self.topic}: spans do not cover the records")
-        topic, group, owner = self.topic, self.group, self._owner
-        make = new_queue_message
-        messages: list[QueueMessage] = []
-        position = 0
-        try:
-            for span in response.spans:
-                chunk = view[position : position + span.records_bytes]
-                position += span.records_bytes
-                partition = span.partition
-                runs = runs_of.get(partition, [])
-                index = 0
-                for header, batch in iter_batches(chunk):
-                    cached = self._decoded.get(partition)
-                    if cached is not None and cached[0] == header.base_offset and cached[1] == header.crc:
-                        records = cached[2]
-                    else:
-                        records = decode_records(batch, header)
-                        self._decoded[partition] = (header.base_offset, header.crc, records)
-                    if not records:
-                        continue
-                    first, last = records[0].offset, records[-1].offset
-                    while index < len(runs) and runs[index].offset + runs[index].count <= first:
-                        index += 1
-                    if index == len(runs):
-                        break
-                    run = runs[index]
-                    if run.offset <= first and last < run.offset + run.count and last - first + 1 == len(records):
-                        # The common case: the batch (a slice) is one run's records, all delivered.
-                        count, deadline = run.delivery_count, run.lease_deadline_ms
-                        messages.extend(
-                            [
-                                make(
-                                    topic,
-                                    partition,
-                                    offset,
-                                    timestamp,
-                                    key,
-                                    value,
-                                    headers,
-                                    count,
-                                    deadline,
-                                    group,
-                                    owner,
-                                )
-                                for offset, timestamp, key, value, headers in records
-                            ]
-                        )
-                        continue
-                    for record in records:
-                        offset = record.offset
-                        while index < len(runs) and runs[index].offset + runs[index].count <= offset:
-                            index += 1
-                        if index == len(runs):
-                            break
-                        run = runs[index]
-                        if offset < run.offset:
-                            continue  # in the batch, not delivered to this receive
-                        messages.append(
-                            QueueMessage(
-                                topic,
-                                partition,
-                                offset,
-                                record.timestamp_ms,
-                                record.key,
-                                record.value,
-                                record.headers,
-                                run.delivery_count,
-                                run.lease_deadline_ms,
-                                group,
-                                owner,
-                            )
-                        )
-        except NodiError as error:
-            raise InvalidRecords(f"queue receive from {self.topic}: {error}") from None
-        offsets = sum(run.count for run in response.deliveries)
-        if len(messages) != offsets:
-            raise InvalidRecords(f"queue receive: {len(messages)} records for {offsets} delivered offsets")
-        return messages
+    def _decode_batches(self, response: m.QueueReceiveBatchesResponse) -> tuple[list[QueueMessage], list[_LeaseRun]]:
+        return decode_receive_batches(response, self.topic, self.group, self._owner, self._decoded)
 
     def __aiter__(self) -> AsyncIterator[QueueMessage]:
         return self._iterate()
@@ -1200,24 +1182,68 @@ class AsyncQueue:
 
     # -- settling -------------------------------------------------------------------------
 
+    def _ack(self, message: QueueMessage, wait: bool):
+        """message.ack(): the common settle, an ack of a held message without waiting,
+        made short (no per-message future or task): its offset extends the outbox's
+        last run of acks when it continues it."""
+        run = message._lease
+        if wait or run is None or self._closed:
+            return self._settle(message, m.SettleAction.ACK, m.CONFIG_DEFAULT, None, wait)
+        index = message.offset - run.first
+        if not run.held[index]:
+            return self._settle(message, m.SettleAction.ACK, m.CONFIG_DEFAULT, None, wait)
+        if message is self._current:
+            self._current_settled = True
+        # _drop(run, index), inline:
+        run.held[index] = 0
+        run.remaining -= 1
+        self._outstanding -= 1
+        if run.handed[index]:
+            self._dropped += 1
+        self._leased_bytes -= run.size_each
+        if not run.remaining:
+            del self._lease_runs[run]
+            self._leased_bytes -= run.size - run.size_each * run.count
+            if not self._outstanding:
+                self._dropped = self._given
+        if self._room_wanted:
+            self._room_wanted = False
+            self._room.set()
+        offset = message.offset
+        tail = self._ack_tail
+        if (
+            tail is not None
+            and tail[1] + tail[8] == offset
+            and tail[0] == run.partition
+            and tail[2] == run.delivery_count
+            and tail[8] < SETTLEMENTS_PER_REQUEST_MAX
+        ):
+            tail[8] += 1
+        else:
+            tail = [
+                run.partition,
+                offset,
+                run.delivery_count,
+                m.SettleAction.ACK,
+                m.CONFIG_DEFAULT,
+                None,
+                None,
+                True,
+                1,
+            ]
+            self._outbox_append(tail)
+            self._ack_tail = tail
+        settled = self._settled
+        if settled is None:  # one finished future serves every wait=False call
+            settled = self._settled = asyncio.get_running_loop().create_future()
+            settled.set_result(None)
+        return settled
+
     def _settle(
         self, message: QueueMessage, action: m.SettleAction, delay_ms: int, text: str | None, wait: bool
     ) -> asyncio.Future:
         if message is self._current:
             self._current_settled = True
-        lease = message._lease
-        if not wait and action is m.SettleAction.ACK and lease is not None and lease.held and not self._closed:
-            # The common settle, made short: an ack of a message this consumer holds.
-            self._drop_lease((message.partition, message.offset))
-            self._outbox.append(
-                (message.partition, message.offset, message.delivery_count, action, delay_ms, None, None, True)
-            )
-            if self._sender is None or self._sender.done():
-                self._sender = asyncio.get_running_loop().create_task(self._send_settlements())
-            if self._settled is None:
-                self._settled = asyncio.get_running_loop().create_future()
-                self._settled.set_result(None)
-            return self._settled
         if wait:
             future = self._settle_application(message, action, delay_ms, text, record_error=False)
             assert future is not None  # without record_error a future holds the outcome
@@ -1260,12 +1286,17 @@ class AsyncQueue:
             if ours is not None:
                 self._fail(future, ClientClosed("the queue is closed"))
             return future
-        self._outbox.append(
-            (message.partition, message.offset, message.delivery_count, action, delay_ms, text, future, ours)
+        self._outbox_append(
+            [message.partition, message.offset, message.delivery_count, action, delay_ms, text, future, ours, 1]
         )
+        return future
+
+    def _outbox_append(self, entry: list) -> None:
+        """Queue one outbox entry (see _outbox) and start the sender if it is idle."""
+        self._outbox.append(entry)
+        self._ack_tail = None  # the caller names a new tail
         if self._sender is None or self._sender.done():
             self._sender = asyncio.get_running_loop().create_task(self._send_settlements())
-        return future
 
     def _fail(self, future: asyncio.Future | None, error: BaseException) -> None:
         if future is None:
@@ -1274,56 +1305,60 @@ class AsyncQueue:
             future.set_exception(error)
 
     async def _send_settlements(self) -> None:
-        """One request at a time; what is queued meanwhile goes out together next, the
-        same settle of consecutive offsets as one run (an ack of a whole batch is one
-        entry on the wire)."""
+        """One request at a time; what is queued meanwhile goes out together next (at
+        most SETTLEMENTS_PER_REQUEST_MAX offsets), the same settle of consecutive
+        offsets as one run (an ack of a whole batch is one entry on the wire)."""
         while self._outbox:
-            batch = self._outbox[:SETTLEMENTS_PER_REQUEST_MAX]
-            del self._outbox[:SETTLEMENTS_PER_REQUEST_MAX]
-            request = m.QueueSettleRequest(group=self.group, topic=self.topic, settlements=_runs(batch))
-            try:
-                response = await self.client.core.call(request, None, retry=True, expect=m.QueueSettleResponse)
-            except Exception as error:
-                for entry in batch:
-                    if entry[7] is not None:
-                        self._fail(entry[6], error)
+            await self._send_settlements_once()
+
+    async def _send_settlements_once(self) -> None:
+        outbox = self._outbox
+        taken = offsets = 0
+        while taken < len(outbox) and offsets + outbox[taken][8] <= SETTLEMENTS_PER_REQUEST_MAX:
+            offsets += outbox[taken][8]
+            taken += 1
+        batch = outbox[:taken]
+        del outbox[:taken]
+        self._ack_tail = None  # the entries taken are not extended any more
+        request = m.QueueSettleRequest(group=self.group, topic=self.topic, settlements=_runs(batch))
+        try:
+            response = await self.client.core.call(request, None, retry=True, expect=m.QueueSettleResponse)
+        except Exception as error:
+            for entry in batch:
+                if entry[7] is not None:
+                    self._fail(entry[6], error)
+            return
+        answered = sum(result.count for result in response.results)
+        if answered != offsets:
+            mismatch = InvalidRecords(f"queue settle: outcomes for {answered} offsets, {offsets} settled")
+            for entry in batch:
+                if entry[7] is not None:
+                    self._fail(entry[6], mismatch)
+            return
+        for stretch, code, deadline, count in _spread(batch, response.results):
+            partition, offset, _, action, _, _, future, ours, _ = stretch
+            if ours is None:
+                continue  # the client's own release: nobody needs its outcome
+            if code == m.ErrorCode.NONE:
+                if future is not None and not future.done():
+                    in_progress = action is m.SettleAction.IN_PROGRESS
+                    future.set_result((deadline if deadline >= 0 else None) if in_progress else True)
                 continue
-            outcomes = [(result.error_code, result.lease_deadline_ms, result.count) for result in response.results]
-            if sum(count for _, _, count in outcomes) != len(batch):
-                mismatch = InvalidRecords(
-                    f"queue settle: outcomes for {sum(c for _, _, c in outcomes)} offsets, {len(batch)} settled"
-                )
-                for entry in batch:
-                    if entry[7] is not None:
-                        self._fail(entry[6], mismatch)
-                continue
-            index = 0
-            for code, deadline, count in outcomes:
-                for partition, offset, _, action, _, _, future, ours in batch[index : index + count]:
-                    if ours is None:
-                        continue  # the client's own release: nobody needs its outcome
-                    if code == m.ErrorCode.NONE:
-                        if future is not None and not future.done():
-                            in_progress = action is m.SettleAction.IN_PROGRESS
-                            future.set_result((deadline if deadline >= 0 else None) if in_progress else True)
-                        continue
-                    where = f"{self.topic}-{partition} offset {offset}"
-                    if ours and code in _LOST_RACE:
-                        self._stale_settles += 1
-                        if not self.strict:
-                            log.info(
-                                "queue %s: %s of %s lost the race (%s): the message was delivered again "
-                                "or finished elsewhere",
-                                self.group,
-                                action.name.lower(),
-                                where,
-                                code.name,
-                            )
-                            if future is not None and not future.done():
-                                future.set_result(None if action is m.SettleAction.IN_PROGRESS else False)
-                            continue
-                    self._fail(future, error_for(code, f"{action.name.lower()} {where}"))
-                index += count
+            where = f"{self.topic}-{partition} offset {offset}" + (f" (and {count - 1} after)" if count > 1 else "")
+            if ours and code in _LOST_RACE:
+                self._stale_settles += count
+                if not self.strict:
+                    log.info(
+                        "queue %s: %s of %s lost the race (%s): the message was delivered again or finished elsewhere",
+                        self.group,
+                        action.name.lower(),
+                        where,
+                        code.name,
+                    )
+                    if future is not None and not future.done():
+                        future.set_result(None if action is m.SettleAction.IN_PROGRESS else False)
+                    continue
+            self._fail(future, error_for(code, f"{action.name.lower()} {where}"))
 
     async def flush(self) -> None:
         """Wait until every settlement made so far is answered; raise the first that
@@ -1348,11 +1383,16 @@ class AsyncQueue:
                 await self._keeper
         while self._buffer:
             message = self._buffer.popleft()
-            if self._drop_lease(_key(message)) is not None or self.guarantee == AT_MOST_ONCE:
+            run = _held_run(message)
+            if run is not None:
+                self._drop(run, message.offset - run.first)
+            if run is not None or not self._at_least_once:
                 self._settle_nowait(message, m.SettleAction.NACK, 0, None, ours=None)
-        for lease in self._leases.values():
-            lease.held = False
-        self._leases.clear()
+        for run in self._lease_runs:
+            run.held[:] = bytes(run.count)
+            run.remaining = 0
+        self._lease_runs.clear()
+        self._outstanding = 0
         self._leased_bytes = 0
         self._dropped = self._given
         with contextlib.suppress(Exception):
@@ -1360,17 +1400,242 @@ class AsyncQueue:
         self.client.core.disown(self)
 
 
-def _run_offset(run: m.QueueDelivery) -> int:
-    return run.offset
+def _lease_runs_of(deliveries: list[m.QueueDelivery], records_bytes: int, topic: str) -> dict[int, list[_LeaseRun]]:
+    """A receive's delivered runs as _LeaseRuns, by partition in offset order; two
+    runs naming one offset are a broken answer. Each run's size is its share of the
+    received record bytes."""
+    offsets = sum(delivery.count for delivery in deliveries)
+    runs_of: dict[int, list[_LeaseRun]] = {}
+    for delivery in deliveries:
+        if delivery.count < 1:
+            raise InvalidRecords(f"queue receive from {topic}: a delivered run of {delivery.count} offsets")
+        run = _LeaseRun(
+            delivery.partition, delivery.offset, delivery.count, delivery.delivery_count, delivery.lease_deadline_ms
+        )
+        run.size = records_bytes * delivery.count // offsets
+        run.size_each = run.size // delivery.count
+        runs_of.setdefault(delivery.partition, []).append(run)
+    for runs in runs_of.values():
+        runs.sort(key=_run_first)
+        for before, after in zip(runs, runs[1:]):
+            if before.first + before.count > after.first:
+                raise InvalidRecords(f"queue receive from {topic}: offset {after.first} delivered twice")
+    return runs_of
 
 
-def _runs(batch: list[tuple]) -> list[m.Settlement]:
-    """The outbox entries of `batch` (partition, offset, delivery count, action, delay,
-    text, future, ours: one offset each, in order) as settlements in runs: consecutive
+def decode_receive(
+    response: m.QueueReceiveResponse, topic: str, group: str, owner: Any
+) -> tuple[list[QueueMessage], list[_LeaseRun]]:
+    """The delivered messages of a QueueReceive response (protocol 1 and 2): one
+    record per delivered offset, in the runs' order."""
+    if not response.deliveries:
+        return [], []
+    try:
+        records = [
+            record for header, batch in iter_batches(response.records) for record in decode_records(batch, header)
+        ]
+    except NodiError as error:
+        raise InvalidRecords(f"queue receive from {topic}: {error}") from None
+    offsets = sum(run.count for run in response.deliveries)
+    if len(records) != offsets:
+        raise InvalidRecords(f"queue receive: {len(records)} records for {offsets} delivered offsets")
+    runs_of = _lease_runs_of(response.deliveries, len(response.records), topic)
+    runs_in_order = {(run.partition, run.first): run for runs in runs_of.values() for run in runs}
+    messages = []
+    runs = []
+    index = 0
+    for delivery in response.deliveries:  # runs of consecutive offsets
+        run = runs_in_order[delivery.partition, delivery.offset]
+        runs.append(run)
+        partition, count, deadline = run.partition, run.delivery_count, run.deadline_ms
+        for offset in range(run.first, run.first + run.count):
+            record = records[index]
+            index += 1
+            messages.append(
+                new_queue_message(
+                    topic,
+                    partition,
+                    offset,
+                    record.timestamp_ms,
+                    record.key,
+                    record.value,
+                    record.headers,
+                    count,
+                    deadline,
+                    group,
+                    owner,
+                    run,
+                )
+            )
+    return messages, runs
+
+
+def decode_receive_batches(
+    response: m.QueueReceiveBatchesResponse,
+    topic: str,
+    group: str,
+    owner: Any,
+    decoded: dict[int, tuple[int, int, list]],
+) -> tuple[list[QueueMessage], list[_LeaseRun]]:
+    """The delivered messages of a QueueReceiveBatches response and their runs (owner:
+    what they settle through; decoded: partition -> the batch decoded last): each
+    span's batches decoded (a batch decoded for the last receive is not decoded
+    again), keeping the records whose offsets the runs name, in the batches' order.
+    Every delivered offset must come exactly once (InvalidRecords otherwise): the
+    runs do not overlap, a partition's records come in increasing offset order, and
+    as many as the runs name."""
+    if not response.deliveries:
+        return [], []
+    view = memoryview(response.records)
+    if sum(span.records_bytes for span in response.spans) != len(view):
+        raise InvalidRecords(f"queue receive from {topic}: spans do not cover the records")
+    runs_of = _lease_runs_of(response.deliveries, len(view), topic)
+    make = new_queue_message
+    messages: list[QueueMessage] = []
+    after: dict[int, int] = {}  # partition -> the last offset taken: the next must be above
+    position = 0
+    try:
+        for span in response.spans:
+            chunk = view[position : position + span.records_bytes]
+            position += span.records_bytes
+            partition = span.partition
+            runs = runs_of.get(partition, [])
+            last_taken = after.get(partition, -1)
+            index = 0
+            for header, batch in iter_batches(chunk):
+                cached = decoded.get(partition)
+                if cached is not None and cached[0] == header.base_offset and cached[1] == header.crc:
+                    records = cached[2]
+                else:
+                    records = decode_records(batch, header)
+                    decoded[partition] = (header.base_offset, header.crc, records)
+                if not records:
+                    continue
+                first, last = records[0].offset, records[-1].offset
+                while index < len(runs) and runs[index].first + runs[index].count <= first:
+                    index += 1
+                if index == len(runs):
+                    break
+                run = runs[index]
+                if run.first <= first and last < run.first + run.count and last - first + 1 == len(records):
+                    # The common case: the batch (a slice) is one run's records, all delivered.
+                    if first <= last_taken:
+                        raise InvalidRecords(f"queue receive from {topic}: offset {first} came twice")
+                    last_taken = last
+                    count, deadline = run.delivery_count, run.deadline_ms
+                    messages.extend(
+                        [
+                            make(
+                                topic,
+                                partition,
+                                offset,
+                                timestamp,
+                                key,
+                                value,
+                                headers,
+                                count,
+                                deadline,
+                                group,
+                                owner,
+                                run,
+                            )
+                            for offset, timestamp, key, value, headers in records
+                        ]
+                    )
+                    continue
+                for offset, timestamp, key, value, headers in records:
+                    while index < len(runs) and runs[index].first + runs[index].count <= offset:
+                        index += 1
+                    if index == len(runs):
+                        break
+                    run = runs[index]
+                    if offset < run.first:
+                        continue  # in the batch, not delivered to this receive
+                    if offset <= last_taken:
+                        raise InvalidRecords(f"queue receive from {topic}: offset {offset} came twice")
+                    last_taken = offset
+                    messages.append(
+                        make(
+                            topic,
+                            partition,
+                            offset,
+                            timestamp,
+                            key,
+                            value,
+                            headers,
+                            run.delivery_count,
+                            run.deadline_ms,
+                            group,
+                            owner,
+                            run,
+                        )
+                    )
+            after[partition] = last_taken
+    except InvalidRecords:
+        raise
+    except NodiError as error:
+        raise InvalidRecords(f"queue receive from {topic}: {error}") from None
+    offsets = sum(run.count for run in response.deliveries)
+    if len(messages) != offsets:
+        raise InvalidRecords(f"queue receive: {len(messages)} records for {offsets} delivered offsets")
+    return messages, [run for runs in runs_of.values() for run in runs]
+
+
+def _run_first(run: _LeaseRun) -> int:
+    return run.first
+
+
+def _run_position(run: _LeaseRun) -> tuple[int, int]:
+    return run.partition, run.first
+
+
+def _held_pieces(run: _LeaseRun) -> Iterator[tuple[int, int]]:
+    """(first index, count) of each stretch of consecutive offsets `run` holds."""
+    held = run.held
+    index = held.find(1)
+    while index >= 0:
+        end = held.find(0, index)
+        if end < 0:
+            end = len(held)
+        yield index, end - index
+        index = held.find(1, end)
+
+
+def _held_indexes(run: _LeaseRun) -> list[int]:
+    return [index for start, count in _held_pieces(run) for index in range(start, start + count)]
+
+
+def _spread(entries: list, results: list[m.SettleResult]) -> Iterator[tuple[Any, ErrorCode, int, int]]:
+    """The outcomes of a settle request over what it settled: `entries` are sequences
+    whose [1] is their first offset (or index) and whose [-1] is their count, in the
+    request's order, and the results cover the same offsets in order (the caller
+    checked the totals). Yields (entry, error code, lease deadline ms, count) for each
+    stretch of an entry with one outcome; entry[1] is not moved on: the yielded entry
+    is a copy with its first offset (or index) and count for the stretch."""
+    position = 0  # within results[result_index]
+    result_index = 0
+    for entry in entries:
+        first, left = entry[1], entry[-1]
+        while left:
+            result = results[result_index]
+            length = min(left, result.count - position)
+            stretch = (entry[0], first, *entry[2:-1], length)
+            yield stretch, result.error_code, result.lease_deadline_ms, length
+            first += length
+            left -= length
+            position += length
+            if position == result.count:
+                result_index += 1
+                position = 0
+
+
+def _runs(batch: list[list]) -> list[m.Settlement]:
+    """The outbox entries of `batch` ([partition, offset, delivery count, action,
+    delay, text, future, ours, count], in order) as settlements in runs: consecutive
     offsets of one partition with the same delivery count, action, delay and text."""
     runs: list[list] = []  # [partition, first offset, delivery count, action, delay, text, count]
     last = None
-    for partition, offset, delivery_count, action, delay_ms, text, *_ in batch:
+    for partition, offset, delivery_count, action, delay_ms, text, _, _, count in batch:
         if (
             last is not None
             and last[0] == partition
@@ -1380,9 +1645,9 @@ def _runs(batch: list[tuple]) -> list[m.Settlement]:
             and last[4] == delay_ms
             and last[5] == text
         ):
-            last[6] += 1
+            last[6] += count
         else:
-            last = [partition, offset, delivery_count, action, delay_ms, text, 1]
+            last = [partition, offset, delivery_count, action, delay_ms, text, count]
             runs.append(last)
     return [
         m.Settlement(
@@ -1465,9 +1730,10 @@ class Queue:
             queue._hand_out(message)
             queue._time_handler()
             if (
-                queue.prefetch
-                and queue._backlog
+                queue._backlog
                 and queue._prefetching is None
+                and len(queue._buffer) <= queue._prefetch_buffered_max
+                and queue.prefetch
                 and len(queue._buffer) <= queue._trip_max() // 2
             ):
                 loop.call_soon_threadsafe(queue._prefetch_soon, message)  # after the settles queued before
@@ -1495,6 +1761,9 @@ class Queue:
                 self._settle(message, m.SettleAction.ACK, m.CONFIG_DEFAULT, None, False)
             self._current = None
 
+    def _ack(self, message: QueueMessage, wait: bool):
+        return self._settle(message, m.SettleAction.ACK, m.CONFIG_DEFAULT, None, wait)
+
     def _settle(self, message: QueueMessage, action: m.SettleAction, delay_ms: int, text: str | None, wait: bool):
         if message is self._current:
             self._current_settled = True
@@ -1515,8 +1784,12 @@ class Queue:
     def _drain_local(self) -> None:
         with self._local_lock:
             pending, self._local = self._local, []
+        queue = self._async
         for message, action, delay_ms, text in pending:
-            self._async._settle_application(message, action, delay_ms, text, record_error=True)
+            if action is m.SettleAction.ACK:  # extends the outbox's run of acks, as AsyncQueue's
+                queue._ack(message, False)
+            else:
+                queue._settle_application(message, action, delay_ms, text, record_error=True)
 
     def _reply(self, message: QueueMessage, value, key, headers) -> bool:
         from .request import send_reply

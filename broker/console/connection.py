@@ -31,7 +31,7 @@ from ..client.sync_client import Client
 from ..protocol import messages as m
 from ..protocol.errors import ErrorCode, ProtocolError
 from ..protocol.schema import schema_of
-from ..server.reply import error_reply
+from ..server.reply import RECORDS_FIELD, error_reply, response_with_buffers
 from ..server.users import Principal
 
 if TYPE_CHECKING:
@@ -41,8 +41,6 @@ log = logging.getLogger("nodi.console")
 
 # A console client's timeout for each call.
 CLIENT_TIMEOUT_MS = 30_000
-# The field of a request or response that carries record batches (protocol/schema.py).
-RECORDS_FIELD = "records"
 
 
 class ConsoleGateway:
@@ -75,7 +73,7 @@ class ConsoleGateway:
         assert server.broker is not None  # the console starts after the broker
         reply = await server.broker.handle(request, "nodi-console")
         server.observe(request, reply, time.perf_counter() - started)
-        response = reply.response
+        response = response_with_buffers(reply)
         if reply.slices:
             try:
                 data = await asyncio.to_thread(lambda: b"".join(piece.read() for piece in reply.slices))

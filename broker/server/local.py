@@ -59,7 +59,7 @@ from ..protocol.schema import schema_of
 from .clock import SYSTEM_CLOCK, Clock
 from .config import ServerConfig
 from .idle_close_job import run_idle_close_job
-from .reply import Reply, error_reply
+from .reply import RECORDS_FIELD, Reply, error_reply, response_with_buffers
 from .retention_job import run_retention_job
 from .server import Server
 from .service import Broker
@@ -67,9 +67,6 @@ from .service import Broker
 log = logging.getLogger("nodi.embedded")
 
 MessageT = TypeVar("MessageT", m.Request, m.Response)
-# The field of a request or response that holds its record batches (schema.RECORDS).
-RECORDS_FIELD = "records"
-
 # The attach socket, in the data directory (docs/storage-format.md lists the files).
 ATTACH_SOCKET = "nodi.sock"
 ATTACH_SOCKET_MODE = 0o600
@@ -244,7 +241,7 @@ class LocalBroker:
     async def _serve(self, request: m.Request, client_id: str) -> m.Response:
         reply = await self.broker.handle(request, client_id)
         if not reply.slices:
-            return reply.response
+            return response_with_buffers(reply)
         try:
             if reply.records_bytes <= READ_ON_LOOP_BYTES_MAX:
                 data = _read_slices(reply)

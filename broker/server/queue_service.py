@@ -41,9 +41,12 @@ import bisect
 import builtins  # QueueService.list (the queue listing) shadows the builtin in the class body
 import collections
 import dataclasses
+import functools
 import heapq
+import itertools
 import logging
 import math
+import operator
 import threading
 from dataclasses import dataclass
 
@@ -145,8 +148,18 @@ def _chunks(items: list, limits: RecordLimits) -> list[list]:
     return [run for run in runs if run]
 
 
+_partition_of = operator.attrgetter("partition")
+
+
 def _by_offset(item: Taken) -> int:
     return item.offset
+
+
+def _one_lease(items: list[Taken]) -> bool:
+    """Whether every item of `items` has the first one's delivery count and deadline."""
+    counts = {item.delivery_count for item in items}
+    deadlines = {item.lease_deadline_ms for item in items}
+    return len(counts) == 1 and len(deadlines) == 1
 
 
 def _last_offset(stored: StoredBatch) -> int:
@@ -189,6 +202,28 @@ def _delivered(taken: list[Taken], deliveries: list[m.QueueDelivery]) -> list[Ta
     """The items of `taken` that `deliveries` (runs) hand out, in `taken`'s order."""
     sent = {(run.partition, offset) for run in deliveries for offset in range(run.offset, run.offset + run.count)}
     return [item for item in taken if (item.partition, item.offset) in sent]
+
+
+def _wake_once(future: asyncio.Future) -> None:
+    """A waiting receive's timer: it looks again (as when woken)."""
+    if not future.done():
+        future.set_result(None)
+
+
+def _expire_wait(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
+
+
+def _settle_waiters(waiters: list[asyncio.Future], error: BaseException | None) -> None:
+    """A persist pass ended: each waiter still waiting gets its outcome."""
+    for future in waiters:
+        if future.done():  # gave up (timed out, cancelled)
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
 
 
 def settings_from_wire(wire: m.QueueGroupSettings, base: QueueSettings) -> QueueSettings:
@@ -262,7 +297,8 @@ class QueueService:
         self._waiters: dict[tuple[str, str], set[asyncio.Future]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: asyncio.TaskGroup | None = None
-        self._persisted: asyncio.Future | None = None  # the next tick's stage + flush
+        # The waiters of the next tick's stage + flush (None: no pass scheduled).
+        self._persist_waiters: list[asyncio.Future] | None = None
         self._wake = asyncio.Event()
         self.dead_letter_failures = 0
         self.timer_rounds = self.timer_groups_visited = 0
@@ -421,10 +457,12 @@ class QueueService:
         async def respond(group: QueueGroup, taken: list[Taken], budget: int, now: int):
             deliveries, records = await self._collect(group, taken, budget, now)
             if not deliveries:
-                return deliveries, None
+                return deliveries, None, ()
             batch = build_batch(records, limits=RecordLimits(batch_bytes_max=budget, record_bytes_max=budget))
-            return deliveries, m.QueueReceiveResponse(
-                request_id=request.request_id, deliveries=deliveries, records=batch
+            return (
+                deliveries,
+                m.QueueReceiveResponse(request_id=request.request_id, deliveries=deliveries, records=batch),
+                (),
             )
 
         return await self._receive(request, respond, m.QueueReceiveResponse(request_id=request.request_id))
@@ -436,16 +474,18 @@ class QueueService:
         async def respond(group: QueueGroup, taken: list[Taken], budget: int, now: int):
             deliveries, spans, batches = await self._collect_batches(group, taken, budget, now)
             if not deliveries:
-                return deliveries, None
-            return deliveries, m.QueueReceiveBatchesResponse(
-                request_id=request.request_id, deliveries=deliveries, spans=spans, records=b"".join(batches)
-            )
+                return deliveries, None, ()
+            # The batches go out after the frame's header as they are (Reply.buffers):
+            # not joined into one copy, nor copied again into the frame.
+            response = m.QueueReceiveBatchesResponse(request_id=request.request_id, deliveries=deliveries, spans=spans)
+            return deliveries, response, tuple(batches)
 
         return await self._receive(request, respond, m.QueueReceiveBatchesResponse(request_id=request.request_id))
 
     async def _receive(self, request, respond, empty: m.Response) -> Reply:
         """A receive of either version: lease, collect (`respond` returns the runs
-        delivered and the response), persist when the answer needs it, or wait."""
+        delivered, the response and the buffers of its records), persist when the answer
+        needs it, or wait."""
         group = self._group_for(request.group, request.topic, request.settings)
         count = min(max(request.messages_max, 1), self.limits.receive_messages_max)
         wait_s = min(max(request.wait_ms, 0), self.limits.receive_wait_max_ms) / 1000
@@ -460,7 +500,7 @@ class QueueService:
             taken = group.receive(count, now)
             if taken:
                 try:
-                    deliveries, response = await respond(group, taken, budget, now)
+                    deliveries, response, buffers = await respond(group, taken, budget, now)
                 except BaseException:
                     # Nothing was answered, so nothing was seen: the deliveries are taken
                     # back (uncounted, available again), not left leased to no one until
@@ -483,7 +523,7 @@ class QueueService:
                             group.release(_delivered(taken, deliveries))
                             self._notify(group)
                             raise
-                    return Reply(response)
+                    return Reply(response, buffers=buffers)
                 continue  # every one was a gap or not due: look again
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -512,11 +552,14 @@ class QueueService:
         next_deadline = group.next_deadline_ms()
         if next_deadline is not None:
             timeout_s = min(timeout_s, max(next_deadline - now, 0) / 1000 + 0.001)
+        # Its own future and a timer that settles it, cancelled when woken first: one loop
+        # turn to resume (asyncio.wait_for adds a second future and a done callback that
+        # passes the result on, a turn of its own, and a cancel of the future on timeout).
+        expiry = self._loop.call_later(timeout_s, _wake_once, future)
         try:
-            await asyncio.wait_for(future, timeout_s)
-        except TimeoutError:
-            pass
+            await future
         finally:
+            expiry.cancel()
             self._waiters.get(key, set()).discard(future)
             for waiters in partition_waiters:
                 waiters.futures.discard(future)
@@ -618,8 +661,8 @@ class QueueService:
         config = self.store.topic_config(topic)
         topic_ttl_ms = config.ttl_ms if config is not None else 0
         by_partition: dict[int, list[Taken]] = {}
-        for item in taken:
-            by_partition.setdefault(item.partition, []).append(item)
+        for partition, group_items in itertools.groupby(taken, _partition_of):  # a take's items are together
+            by_partition.setdefault(partition, []).extend(group_items)
         at_tail = len(taken) <= TAIL_READ_MESSAGES_MAX and all(self._at_tail(topic, t) for t in taken)
         runs: list[list[int]] = []  # [partition, offset, delivery count, deadline, length]
         spans: list[m.QueueBatchSpan] = []
@@ -628,8 +671,10 @@ class QueueService:
         failure: Exception | None = None
         used = 0
         for partition, items in by_partition.items():
-            items.sort(key=_by_offset)
             offsets = [item.offset for item in items]
+            if offsets != sorted(offsets):  # take hands a partition's offsets out in order
+                items.sort(key=_by_offset)
+                offsets = [item.offset for item in items]
             if at_tail or self._read_covers(topic, partition, offsets):
                 # In the page cache, or in the last read kept: read here, no thread hop.
                 stored, failed = self._read_stored(topic, partition, offsets)
@@ -639,13 +684,13 @@ class QueueService:
             index = 0
             for batch_read in stored:
                 header = batch_read.header
-                first = index
-                while index < len(items) and items[index].offset <= header.last_offset:
-                    index += 1
-                inside = [item for item in items[first:index] if item.offset >= header.base_offset]
-                for item in items[first:index]:
-                    if item.offset < header.base_offset:
-                        group.skip(partition, item.offset)  # between batches: a gap
+                # The sorted offsets found by bisection: those below the batch lie between
+                # batches (gaps), those up to its last offset are in it.
+                first = bisect.bisect_left(offsets, header.base_offset, index)
+                for item in items[index:first]:
+                    group.skip(partition, item.offset)  # between batches: a gap
+                index = bisect.bisect_right(offsets, header.last_offset, first)
+                inside = items[first:index]
                 if not inside:
                     continue
                 if header.is_control:
@@ -680,6 +725,28 @@ class QueueService:
                 used += len(batch)
                 span_bytes += len(batch)
                 batches.append(batch)
+                head = inside[0]
+                tail = inside[-1]
+                if (
+                    tail.offset - head.offset == len(inside) - 1
+                    and tail.lease_deadline_ms == head.lease_deadline_ms
+                    and tail.delivery_count == head.delivery_count
+                    and _one_lease(inside)
+                ):
+                    # One take's consecutive offsets (the common case): one run, joined to
+                    # the last when it goes on from it.
+                    run = runs[-1] if runs else None
+                    if (
+                        run is not None
+                        and run[0] == partition
+                        and run[1] + run[4] == head.offset
+                        and run[2] == head.delivery_count
+                        and run[3] == head.lease_deadline_ms
+                    ):
+                        run[4] += len(inside)
+                    else:
+                        runs.append([partition, head.offset, head.delivery_count, head.lease_deadline_ms, len(inside)])
+                    continue
                 for item in inside:
                     run = runs[-1] if runs else None
                     if (
@@ -1061,42 +1128,50 @@ class QueueService:
     # -- persistence -----------------------------------------------------------------------
 
     async def persist(self) -> None:
-        """Return once every change made before the call is committed to LMDB. Callers
-        in one loop tick share one staging pass and one flush."""
-        persisted = self._persist_soon()
-        await asyncio.wait_for(asyncio.shield(persisted), self.broker.config.write_timeout_ms / 1000)
+        """Return once every change made before the call is committed to LMDB, at most
+        write_timeout_ms (TimeoutError). Callers in one loop tick share one staging pass
+        and one flush; each awaits its own future, settled by the flush's callback (no
+        task, no shield), so a caller that gives up leaves the pass to the others."""
+        waiters = self._persist_soon()
+        assert self._loop is not None  # _persist_soon checked it
+        own = self._loop.create_future()
+        waiters.append(own)
+        expiry = self._loop.call_later(self.broker.config.write_timeout_ms / 1000, _expire_wait, own)
+        try:
+            await own
+        finally:
+            expiry.cancel()
 
-    def _persist_soon(self) -> asyncio.Future:
+    def _persist_soon(self) -> builtins.list[asyncio.Future]:
         """Stage and flush what changed at the end of this loop tick, without waiting;
-        the future that pass settles."""
-        if self._persisted is None:
+        the list of that pass's waiters (persist adds its own)."""
+        if self._persist_waiters is None:
             assert self._loop is not None  # attach() ran: changes are made on the loop
-            self._persisted = self._loop.create_future()
+            self._persist_waiters = []
             self._loop.call_soon(self._stage_and_flush)
-        return self._persisted
+        return self._persist_waiters
 
     def _stage_and_flush(self) -> None:
-        future, self._persisted = self._persisted, None
-        assert future is not None  # only _persist_soon schedules this pass, once per future
-        assert self._tasks is not None  # set with the loop by attach()
+        waiters, self._persist_waiters = self._persist_waiters, None
+        assert waiters is not None  # only _persist_soon schedules this pass, once per list
         try:
             staged = self._stage_dirty()
         except Exception as error:
-            future.set_exception(error)
-            future.exception()
+            _settle_waiters(waiters, error)
             return
-        self._tasks.create_task(self._flush_into(future, staged))
+        self.broker.when_metadata_flushed(functools.partial(self._flushed, waiters, staged))
 
-    async def _flush_into(self, future: asyncio.Future, staged: builtins.list[tuple[PartitionQueue, int]]) -> None:
-        try:
-            await self.broker.flush_metadata()
-        except Exception as error:  # reported to every waiter
-            future.set_exception(error)
-            future.exception()
-            return
-        for queue, reserved in staged:  # committed: first deliveries below it answer at once
-            queue.durable_reserved_offset = max(queue.durable_reserved_offset, reserved)
-        future.set_result(None)
+    def _flushed(
+        self,
+        waiters: builtins.list[asyncio.Future],
+        staged: builtins.list[tuple[PartitionQueue, int]],
+        error: BaseException | None,
+    ) -> None:
+        """The metadata flush carrying a pass ended (on the loop): its waiters answered."""
+        if error is None:
+            for queue, reserved in staged:  # committed: first deliveries below it answer at once
+                queue.durable_reserved_offset = max(queue.durable_reserved_offset, reserved)
+        _settle_waiters(waiters, error)
 
     def _changed(self, group: QueueGroup) -> None:
         """A partition of `group` changed: it is staged with the next persist, and the

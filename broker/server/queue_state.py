@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from nodi.storage.errors import InvalidConfigError
 
 from ..protocol.queue_settings import QueueSettings
-from .queues import DeadLetterReason, Delivery, DeliveryState, PartitionQueue
+from .queues import DeadLetterReason, Delivery, DeliveryState, LeaseRun, PartitionQueue
 
 # ---------------------------------------------------------------------------
 # Persistence: the queue_state value of one partition (big-endian)
@@ -44,6 +44,7 @@ _STATE_HEADER = struct.Struct(">BqqqI")
 _STATE_HEADER_V1 = struct.Struct(">BqqI")
 _COUNT = struct.Struct(">I")
 _ENTRY = struct.Struct(">qIqqqBH")
+_OFFSET = struct.Struct(">q")  # an entry's first field
 ENTRY_BYTES = _ENTRY.size  # per pending message, before its error text
 # Distinct group settings whose stored JSON is kept (encode_partition runs at each commit).
 SETTINGS_JSON_CACHED_MAX = 256
@@ -77,13 +78,26 @@ def encode_partition(queue: PartitionQueue) -> bytes:
         _COUNT.pack(len(pending)),
     ]
     # Every commit of the partition's state encodes its whole window (a thousand entries
-    # and more with consumers of max_outstanding 1,000): the loop is kept lean, and an
-    # entry without an error text (most) is one pack.
+    # and more with consumers of max_outstanding 1,000): the first deliveries of a take,
+    # as taken, are their run's stretch of entries (encoded once, sliced); the loop over
+    # the others is kept lean, and an entry without an error text (most) is one pack.
     append = parts.append
     pack = _ENTRY.pack
     leased = DeliveryState.LEASED
-    for offset in sorted(pending):
+    offsets = sorted(pending)
+    index = 0
+    count = len(offsets)
+    while index < count:
+        offset = offsets[index]
         delivery = pending[offset]
+        index += 1
+        if type(delivery) is LeaseRun and delivery.intact:
+            # offset is fresh_low, and every offset up to fresh_end is the run's too:
+            # the rest of its stretch.
+            assert offset == delivery.fresh_low
+            append(_fresh_entries(delivery)[(offset - delivery.first) * ENTRY_BYTES :])
+            index += delivery.fresh - 1
+            continue
         not_before = delivery.lease_deadline_ms if delivery.state is leased else delivery.not_before_ms
         text = delivery.last_error
         error = text.encode("utf-8") if text else b""
@@ -101,6 +115,19 @@ def encode_partition(queue: PartitionQueue) -> bytes:
         if error:
             append(error)
     return b"".join(parts)
+
+
+def _fresh_entries(run: LeaseRun) -> bytes:
+    """The entries of the run's offsets [first, fresh_end) as first deliveries taken
+    at run.taken_ms and leased until its deadline, as encode_partition writes each one:
+    entries that differ only in their offset, encoded once (kept on the run)."""
+    stretch = run.stretch
+    if stretch is None:
+        suffix = _ENTRY.pack(0, 1, run.taken_ms, run.taken_ms, run.deadline_ms, DeadLetterReason.NONE, 0)
+        suffix = suffix[_OFFSET.size :]
+        stretch = suffix.join(map(_OFFSET.pack, range(run.first, run.fresh_end))) + suffix
+        run.stretch = stretch
+    return stretch
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,8 +15,9 @@ State per (group, topic, partition), `PartitionQueue`:
 
     ... done ... | floor | in-flight window ...            | next_offset | never delivered ...
                     every offset below `floor` is done (acked, skipped or dead-lettered);
-                    in [floor, next_offset) an offset is done unless it has a `Delivery`
-                    in `pending`; at or after next_offset nothing was delivered yet.
+                    in [floor, next_offset) an offset is done unless it has an entry
+                    in `pending` (a `Delivery`, or for a first delivery as taken its
+                    take's `LeaseRun`); at or after next_offset nothing was delivered yet.
 
 The window [floor, next_offset) never grows past `window_messages_max` offsets: a
 partition whose oldest message is not done delivers nothing new beyond
@@ -29,7 +30,9 @@ Leases are kept as runs (`LeaseRun`): the deliveries leased together at one dead
 message, has an entry in the timer heap. Settling, extending or releasing part of a run
 takes those deliveries out of it (the run counts the ones still in it); the rest keep
 its deadline, and when it comes the timer walks the run's offsets and runs out the
-leases still in it. A run nobody is left in is dropped from the heap unwalked.
+leases still in it. A run nobody is left in is dropped from the heap unwalked. A take's
+first deliveries have no Delivery each: their `pending` entry is the take's run until
+one of them changes (see LeaseRun), so a receive and its ack cost no object a message.
 
 Each `Delivery` carries its delivery count, first and last delivery times, a lease
 deadline while leased, a not-before time while it waits to be delivered again (nack
@@ -66,9 +69,12 @@ offset in the window without a stored delivery was acked.
 
 from __future__ import annotations
 
+import collections
 import enum
+import functools
 import heapq
 from dataclasses import dataclass
+from itertools import repeat
 from typing import NamedTuple
 
 from ..protocol.errors import ErrorCode, ProtocolError
@@ -146,19 +152,87 @@ class Delivery:
 class LeaseRun:
     """Leased deliveries of offsets in [first, end) that share one deadline: one entry in
     the timer heap for all of them. `live` counts the deliveries still in the run (an
-    offset in the range whose delivery's `run` is another, or None, left it)."""
+    offset in the range whose delivery's `run` is another, or None, left it).
 
-    __slots__ = ("deadline_ms", "first", "end", "live", "closed")
+    A run made by `take` for first deliveries is also their entry in `pending`: the
+    offsets [first, fresh_end) map to the run itself, not to a Delivery each, until one
+    of them changes (a nack, an extension, a lease that runs out...), when `_delivery`
+    makes its Delivery. Read as a Delivery, the run is what each of those would be: a
+    first delivery, leased at `taken_ms` until the run's deadline (the properties below).
+    `fresh` counts the offsets still mapped to it, all at or above `fresh_low`: while
+    they are all of [fresh_low, fresh_end) (`intact`, the common case: acked from the
+    front), acks take them in one step and the persisted entries are a slice of
+    `stretch`, encoded once for the run (queue_state.py). Runs hold disjoint offsets of
+    the window, so their stretches together stay under ENTRY_BYTES a window offset (the
+    size of the encoded state itself); a run's is dropped when its last offset leaves."""
 
-    def __init__(self, deadline_ms: int, first: int) -> None:
+    __slots__ = (
+        "deadline_ms",
+        "first",
+        "end",
+        "live",
+        "closed",
+        "taken_ms",
+        "fresh",
+        "fresh_low",
+        "fresh_end",
+        "stretch",
+    )
+
+    def __init__(self, deadline_ms: int, first: int, taken_ms: int = 0) -> None:
         self.deadline_ms = deadline_ms
         self.first = first
         self.end = first
         self.live = 0
         self.closed = False  # its deadline came (or the window went): nothing joins it
+        self.taken_ms = taken_ms
+        self.fresh = 0  # offsets of [fresh_low, fresh_end) whose pending entry is this run
+        self.fresh_low = first
+        self.fresh_end = first
+        self.stretch: bytes | None = None
+
+    @property
+    def intact(self) -> bool:
+        """Whether every offset of [fresh_low, fresh_end) still maps to the run."""
+        return self.fresh == self.fresh_end - self.fresh_low
+
+    def leave_fresh(self, offset: int, length: int) -> None:
+        """Offsets [offset, offset + length), mapped to the run, no longer are."""
+        self.fresh -= length
+        if offset == self.fresh_low:
+            self.fresh_low = offset + length
+        if not self.fresh:
+            self.stretch = None
+
+    # Read as the Delivery of each offset it stands for in `pending` (never written).
+    offset = -1  # not one offset: code that needs one makes the Delivery (_delivery)
+    delivery_count = 1
+    state = DeliveryState.LEASED
+    reason = DeadLetterReason.NONE
+    not_before_ms = 0
+    last_error = ""
+    writing = False
+
+    @property
+    def lease_deadline_ms(self) -> int:
+        return self.deadline_ms
+
+    @property
+    def first_delivery_ms(self) -> int:
+        return self.taken_ms
+
+    @property
+    def last_delivery_ms(self) -> int:
+        return self.taken_ms
+
+    @property
+    def run(self) -> LeaseRun:
+        return self
 
     def __repr__(self) -> str:
-        return f"LeaseRun([{self.first}, {self.end}), deadline={self.deadline_ms}, live={self.live})"
+        return (
+            f"LeaseRun([{self.first}, {self.end}), deadline={self.deadline_ms}, live={self.live}, fresh={self.fresh})"
+        )
 
 
 class Taken(NamedTuple):
@@ -168,6 +242,26 @@ class Taken(NamedTuple):
     offset: int
     delivery_count: int
     lease_deadline_ms: int
+
+
+# _advance_floor steps the floor this far one offset at a time, then looks for the lowest
+# pending offset (the floor moves past a receive's worth of acks at once).
+FLOOR_STEPS_MAX = 16
+
+# Taken from a tuple of its four fields, in C (take makes one per first delivery).
+_make_taken = functools.partial(tuple.__new__, Taken)
+
+
+def _detached(offset: int, entry: Delivery | LeaseRun) -> Delivery:
+    """`entry` as a Delivery of `offset` for reading (a new one when it is a run)."""
+    if isinstance(entry, Delivery):
+        return entry
+    delivery = Delivery(offset)
+    delivery.delivery_count = 1
+    delivery.state = DeliveryState.LEASED
+    delivery.lease_deadline_ms = entry.deadline_ms
+    delivery.first_delivery_ms = delivery.last_delivery_ms = entry.taken_ms
+    return delivery
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,7 +342,9 @@ class PartitionQueue:
         self.reserved_offset = next_offset
         self.staged_reserved_offset = next_offset  # the server's: last staged for a commit
         self.durable_reserved_offset = next_offset
-        self.pending: dict[int, Delivery] = {}
+        # A Delivery per message of the window that is not done; first deliveries as
+        # taken map to their LeaseRun instead (see LeaseRun).
+        self.pending: dict[int, Delivery | LeaseRun] = {}
         self._ready: list[int] = []  # heap of offsets that may be available now
         self._timers: list[tuple[int, int]] = []  # heap of (not-before time_ms, offset)
         # Heap of (deadline_ms, sequence, run): one entry per lease run, not per message.
@@ -296,28 +392,26 @@ class PartitionQueue:
         while ready and len(taken) < count:
             offset = heapq.heappop(ready)
             delivery = self.pending.get(offset)
-            if delivery is None or delivery.state is not DeliveryState.AVAILABLE or delivery.not_before_ms > now_ms:
+            if (
+                not isinstance(delivery, Delivery)  # none, or a first delivery as taken: leased
+                or delivery.state is not DeliveryState.AVAILABLE
+                or delivery.not_before_ms > now_ms
+            ):
                 continue  # stale heap entry; a not-before time has its own timer
             taken.append(self._lease(delivery, now_ms))
         first = self.next_offset
         last = min(self.window_end(), first + count - len(taken))
-        if first < last:  # first deliveries: one lease run, no call per offset
+        if first < last:  # first deliveries: one lease run that stands for each of them
             deadline = now_ms + self.settings.ack_wait_ms
-            run = self._run_at(deadline, first)
-            pending = self.pending
-            partition = self.partition
-            leased = DeliveryState.LEASED
-            for offset in range(first, last):
-                delivery = Delivery(offset)
-                delivery.delivery_count = 1
-                delivery.state = leased
-                delivery.lease_deadline_ms = deadline
-                delivery.first_delivery_ms = delivery.last_delivery_ms = now_ms
-                delivery.run = run
-                pending[offset] = delivery
-                taken.append(Taken(partition, offset, 1, deadline))
-            run.end = last
-            run.live += last - first
+            run = self._new_run(deadline, first, now_ms)
+            run.fresh_low = first
+            offsets = range(first, last)
+            self.pending.update(dict.fromkeys(offsets, run))
+            length = last - first
+            taken.extend(map(_make_taken, zip(repeat(self.partition, length), offsets, repeat(1), repeat(deadline))))
+            run.end = run.fresh_end = last
+            run.live += length
+            run.fresh += length
             self.next_offset = last
             self.leased += last - first
             self.delivered += last - first
@@ -382,11 +476,31 @@ class PartitionQueue:
         timer entry). The caller moves its end and counts the deliveries it adds."""
         run = self._last_run
         if run is None or run.closed or run.deadline_ms != deadline_ms or run.end != offset:
-            run = LeaseRun(deadline_ms, offset)
-            self._run_sequence += 1
-            heapq.heappush(self._lease_timers, (deadline_ms, self._run_sequence, run))
-            self._last_run = run
+            run = self._new_run(deadline_ms, offset, 0)
         return run
+
+    def _new_run(self, deadline_ms: int, offset: int, taken_ms: int) -> LeaseRun:
+        """A new lease run from `offset` (its timer entry pushed), the last one made."""
+        run = LeaseRun(deadline_ms, offset, taken_ms)
+        self._run_sequence += 1
+        heapq.heappush(self._lease_timers, (deadline_ms, self._run_sequence, run))
+        self._last_run = run
+        return run
+
+    def _delivery(self, offset: int, entry: Delivery | LeaseRun) -> Delivery:
+        """The Delivery of `offset`, whose pending entry is `entry`: made from its run
+        when the entry is the run (a first delivery as taken), to be changed."""
+        if isinstance(entry, Delivery):
+            return entry
+        delivery = Delivery(offset)
+        delivery.delivery_count = 1
+        delivery.state = DeliveryState.LEASED
+        delivery.lease_deadline_ms = entry.deadline_ms
+        delivery.first_delivery_ms = delivery.last_delivery_ms = entry.taken_ms
+        delivery.run = entry  # still in the run: its count of live deliveries is unchanged
+        entry.leave_fresh(offset, 1)
+        self.pending[offset] = delivery
+        return delivery
 
     @staticmethod
     def _leave_run(delivery: Delivery) -> None:
@@ -407,14 +521,15 @@ class PartitionQueue:
                 ErrorCode.UNKNOWN_DELIVERY,
                 f"partition {self.partition} offset {offset} was never delivered to this group",
             )
-        delivery = self.pending.get(offset) if offset >= self.floor else None
-        if delivery is None:
+        entry = self.pending.get(offset) if offset >= self.floor else None
+        if entry is None:
             if action is SettleAction.ACK:
                 return None
             raise settle_error(
                 ErrorCode.DELIVERY_SETTLED,
                 f"partition {self.partition} offset {offset} is settled already (acked or dead-lettered)",
             )
+        delivery = self._delivery(offset, entry)
         if delivery.delivery_count != delivery_count:
             self.stale_settles += 1
             raise settle_error(
@@ -446,9 +561,23 @@ class PartitionQueue:
         floor = self.floor
         leased = DeliveryState.LEASED
         dead = DeliveryState.DEAD
-        for current in range(offset, offset + count):
+        end = offset + count
+        current = offset
+        while current < end:
             delivery = pending.get(current) if current >= floor else None
-            if delivery is not None and delivery.delivery_count == delivery_count and delivery.state is not dead:
+            length = 1
+            if type(delivery) is LeaseRun and delivery_count == 1:  # first deliveries as taken
+                if delivery.intact:  # every offset from here up to fresh_end is the run's
+                    length = min(end, delivery.fresh_end) - current
+                    collections.deque(map(pending.__delitem__, range(current, current + length)), maxlen=0)
+                else:
+                    del pending[current]
+                self.leased -= length
+                delivery.live -= length
+                delivery.leave_fresh(current, length)
+                self.acked += length
+                code = ErrorCode.NONE
+            elif delivery is not None and delivery.delivery_count == delivery_count and delivery.state is not dead:
                 if delivery.state is leased:
                     self.leased -= 1
                     run = delivery.run
@@ -466,9 +595,10 @@ class PartitionQueue:
                 floor = self.floor
             last = outcomes[-1] if outcomes else None
             if last is not None and last[1] == code:
-                last[2] += 1
+                last[2] += length
             else:
-                outcomes.append([current, code, 1])
+                outcomes.append([current, code, length])
+            current += length
         self._advance_floor()
         return outcomes
 
@@ -515,9 +645,10 @@ class PartitionQueue:
         """The delivery of `offset` just handed out as `delivery_count`, its lease
         released and the delivery uncounted (release, defer, expire); None when that is
         not the delivery now."""
-        delivery = self.pending.get(offset)
-        if delivery is None or delivery.state is not DeliveryState.LEASED or delivery.delivery_count != delivery_count:
+        entry = self.pending.get(offset)
+        if entry is None or entry.state is not DeliveryState.LEASED or entry.delivery_count != delivery_count:
             return None
+        delivery = self._delivery(offset, entry)
         self._release(delivery)
         delivery.delivery_count -= 1
         self.delivered -= 1
@@ -605,7 +736,7 @@ class PartitionQueue:
     def dead_letter_failed(self, offset: int) -> None:
         """The append failed: the message is dead-lettered again later."""
         delivery = self.pending.get(offset)
-        if delivery is not None:
+        if delivery is not None and delivery.state is DeliveryState.DEAD:
             delivery.writing = False
 
     # -- time --------------------------------------------------------------------------------
@@ -623,6 +754,7 @@ class PartitionQueue:
             while run.live > 0 and offset < run.end:  # the deliveries still in the run
                 delivery = pending.get(offset)
                 if delivery is not None and delivery.run is run:
+                    delivery = self._delivery(offset, delivery)
                     self.expired_leases += 1
                     self._release(delivery)
                     if delivery.delivery_count >= self.settings.max_deliveries:
@@ -635,7 +767,7 @@ class PartitionQueue:
         while timers and timers[0][0] <= now_ms:
             when, offset = heapq.heappop(timers)
             delivery = pending.get(offset)
-            if delivery is None:
+            if not isinstance(delivery, Delivery):  # none, or a first delivery as taken: leased
                 continue
             if delivery.state is DeliveryState.AVAILABLE and delivery.not_before_ms == when:
                 if delivery.delivery_count >= self.settings.max_deliveries:
@@ -685,7 +817,8 @@ class PartitionQueue:
         self._dead[delivery.offset] = None
 
     def _remove(self, offset: int) -> None:
-        delivery = self.pending.pop(offset)
+        delivery = self._delivery(offset, self.pending[offset])
+        del self.pending[offset]
         if delivery.state is DeliveryState.LEASED:
             self.leased -= 1
             self._leave_run(delivery)
@@ -693,10 +826,17 @@ class PartitionQueue:
 
     def _advance_floor(self) -> None:
         pending = self.pending
-        while self.floor < self.next_offset and self.floor not in pending:
-            self.floor += 1
         if not pending:
+            self.floor = self.next_offset
             self._ready.clear()
+            return
+        floor = self.floor
+        for _ in range(FLOOR_STEPS_MAX):
+            if floor in pending:
+                self.floor = floor
+                return
+            floor += 1
+        self.floor = min(pending)  # far ahead (an ack of a whole receive): found at once
 
     def restore(self, delivery: Delivery, now_ms: int) -> None:
         """Put back a delivery decoded from the store (the caller checked its offset)."""
@@ -722,7 +862,7 @@ class PartitionQueue:
                 if offset > after_offset and (delivery.delivery_count > 0 or delivery.state is DeliveryState.DEAD)
             ),
         )
-        return [self.pending[offset] for offset in offsets]
+        return [_detached(offset, self.pending[offset]) for offset in offsets]
 
     def statistics(self) -> PartitionQueueStatistics:
         return PartitionQueueStatistics(

@@ -7,8 +7,9 @@ status.py) import this module and nothing imports them back but service.py's dis
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from nodi.storage import compaction
 from nodi.storage import errors as storage_errors
@@ -17,15 +18,36 @@ from nodi.storage.log import FileSlice
 from ..protocol import messages as m
 from ..protocol.errors import ErrorCode, ProtocolError
 
+# The field of a response that holds its record batches (the frame's last field).
+RECORDS_FIELD = "records"
+
 
 @dataclass(frozen=True, slots=True)
 class Reply:
+    """A response, and the records it carries when they are not in its `records` field:
+    `slices` of segment files (a fetch) or in-memory `buffers` (a queue receive's stored
+    batches), sent after the frame's header as they are, never joined into one copy. A
+    reply has one kind or neither."""
+
     response: m.Response
     slices: tuple[FileSlice, ...] = ()
+    buffers: tuple[bytes, ...] = ()
 
     @property
     def records_bytes(self) -> int:
+        if self.buffers:
+            return sum(len(buffer) for buffer in self.buffers)
         return sum(piece.length for piece in self.slices)
+
+
+def response_with_buffers(reply: Reply) -> m.Response:
+    """The reply's response with its `buffers` joined into its records field, for the
+    callers that hand a response object over rather than a frame (embedded mode, the
+    console)."""
+    if not reply.buffers:
+        return reply.response
+    fields: dict[str, Any] = {RECORDS_FIELD: b"".join(reply.buffers)}
+    return dataclasses.replace(reply.response, **fields)
 
 
 ResponseType = TypeVar("ResponseType", bound=m.Response)

@@ -344,7 +344,7 @@ class ClientSession:
     def _write_nowait(self, reply: Reply) -> None:
         """Write a small reply now if the writer is free (no write in progress, nothing
         left in the transport's buffer to drain); else after those, in order, in a task."""
-        assert not reply.slices  # a produce's reply
+        assert not (reply.slices or reply.buffers)  # a produce's reply
         if self._durable_backlog or self._write_lock.locked() or self.writer.transport.get_write_buffer_size():
             self._durable_backlog.append(reply)
             if len(self._durable_backlog) == 1 and self._requests is not None:
@@ -437,9 +437,10 @@ class ClientSession:
             if self.connection.state not in (State.READY, State.HANDSHAKING):
                 return  # closed meanwhile: the reply has nowhere to go
             header, reply = self._encode(reply)
-            # Small slices go out copied, with the header, in one write (one send call);
-            # large ones with sendfile.
-            pending = [header]
+            # In-memory buffers and small slices go out with the header in one write (one
+            # send call), the buffers as they are; large slices with sendfile.
+            assert not (reply.buffers and reply.slices)  # one kind of records a reply
+            pending = [header, *reply.buffers]
             for piece in reply.slices:
                 if piece.length < SENDFILE_BYTES_MIN or not (self.server.sendfile and self.sendfile):
                     pending.append(piece.read())
@@ -454,9 +455,10 @@ class ClientSession:
                 await asyncio.wait_for(self.writer.drain(), timeout_s)
 
     def _encode(self, reply: Reply) -> tuple[bytes, Reply]:
-        """The reply's frame (its header only, with slices), and the reply to send."""
+        """The reply's frame (its header only, with slices or buffers), and the reply to
+        send."""
         try:
-            if reply.slices:
+            if reply.slices or reply.buffers:
                 return self.connection.send_header(reply.response, reply.records_bytes), reply
             return self.connection.send(reply.response), reply
         except ProtocolError as error:

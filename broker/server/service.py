@@ -124,12 +124,14 @@ class _MetadataFlush:
     """One LMDB commit of what was staged before it started, and the commits waiting on
     it: each waiter's own future, settled directly when the commit's thread reports
     back (one call_soon_threadsafe per flush), so a waiter that gives up (timeout,
-    cancel) leaves the flush to the others."""
+    cancel) leaves the flush to the others; and the callbacks of
+    Broker.when_metadata_flushed, called with the commit's error (None: committed)."""
 
-    __slots__ = ("futures", "done", "error")
+    __slots__ = ("futures", "callbacks", "done", "error")
 
     def __init__(self) -> None:
         self.futures: list[asyncio.Future] = []
+        self.callbacks: list[Callable[[BaseException | None], None]] = []
         self.done = False
         self.error: BaseException | None = None
 
@@ -139,6 +141,12 @@ class _MetadataFlush:
             if not future.done():
                 future.set_result(None)
         self.futures.clear()
+        callbacks, self.callbacks = self.callbacks, []
+        for callback in callbacks:
+            try:
+                callback(error)
+            except Exception:  # one hook's fault must not keep the others waiting
+                log.exception("metadata flush: a callback failed")
 
 
 def _expire_durable_wait(future: asyncio.Future) -> None:
@@ -239,6 +247,13 @@ class Broker:
         """Return once everything staged before the call is committed to LMDB. Callers
         in the same loop tick share one flush (one fsync), run off the loop."""
         await self._wait_flushed(self._flush_waiter())
+
+    def when_metadata_flushed(self, callback: Callable[[BaseException | None], None]) -> None:
+        """Call `callback(error)` on the loop once everything staged before this call is
+        committed to LMDB (error None) or its commit failed (the error). The hook of a
+        caller that settles its own waiters (the queue service's persist): no task, no
+        future of the broker's; it keeps its own timeout."""
+        self._flush_waiter().callbacks.append(callback)
 
     def _flush_waiter(self) -> _MetadataFlush:
         """The metadata flush that will carry everything staged so far (started at the
