@@ -53,6 +53,7 @@ from .log_start import read_log_start, write_log_start
 from .producers import SEQUENCE_MODULUS, SNAPSHOT_FILE, ProducerStateTable, RememberedBatch
 from .records import (
     BATCH_HEADER_BYTES,
+    HEADER_WALK_BYTES,
     SUPPORTED_COMPRESSION,
     BatchHeader,
     check_batch,
@@ -60,6 +61,7 @@ from .records import (
     decode_records,
     encode_base_offset,
     stamp_log_append_time,
+    walk_header,
 )
 from .recovery import LogDamage, RecoveryReport, recover, remove_segment_files
 from .segment import BatchScanner, Segment
@@ -978,36 +980,66 @@ class Log:
         start, expected = (0, segment.base_offset) if entry is None else (entry[1], segment.base_offset + entry[0])
         if entry is not None and start >= size:
             raise _IndexEntryMismatch()
-        scanner = BatchScanner(
-            file, start, size, verify=False, limits=self.config.limits, window_bytes=READ_SCAN_WINDOW_BYTES
-        )
+        # The header walk (records.walk_header): each batch's first bytes read through a
+        # window, not its records; served bytes are CRC-checked once (I12), here only
+        # when the segment does not say so already.
+        limits = self.config.limits
+        dense = self.config.dense_offsets
+        window = b""
+        window_start = 0
+        verified_bytes = segment.verified_bytes
+        verified_from = segment.verified_from
         slice_start: int | None = None  # None until the first batch is taken
         length = first_offset = last_offset = 0
         base_offset_sum = 0
+        position = start
         try:
-            for batch in scanner:
-                header = batch.header
-                if entry is not None and batch.position == start and header.base_offset != expected:
+            while position < size:
+                try:
+                    if size - position < BATCH_HEADER_BYTES:
+                        raise CorruptBatchError(f"{size - position} trailing bytes, less than a batch header")
+                    at = position - window_start
+                    if at < 0 or at + HEADER_WALK_BYTES > len(window):
+                        window = file.pread(min(READ_SCAN_WINDOW_BYTES, size - position), position)
+                        window_start, at = position, 0
+                        if len(window) < HEADER_WALK_BYTES:
+                            raise CorruptBatchError(f"file ends {len(window)} bytes into a batch header")
+                    base_offset, batch_size, batch_last_offset = walk_header(window, at, limits)
+                    if position + batch_size > size:
+                        raise CorruptBatchError(
+                            f"batch of {batch_size} bytes runs past the end ({size - position} left)"
+                        )
+                except CorruptBatchError as error:
+                    error.position = position
+                    raise
+                if entry is not None and position == start and base_offset != expected:
                     raise _IndexEntryMismatch()
                 # base_offset is outside the CRC: check continuity, as recovery does (I3, G4).
-                if header.base_offset < expected or (self.config.dense_offsets and header.base_offset != expected):
-                    raise CorruptBatchError(
-                        f"batch at offset {header.base_offset}, expected {expected}", position=batch.position
-                    )
-                expected = header.last_offset + 1
-                if header.base_offset >= end:
+                if base_offset < expected or (dense and base_offset != expected):
+                    raise CorruptBatchError(f"batch at offset {base_offset}, expected {expected}", position=position)
+                expected = batch_last_offset + 1
+                if base_offset >= end:
                     break
-                if header.last_offset < offset:
+                if batch_last_offset < offset:
+                    position += batch_size
                     continue
                 if slice_start is not None or not first:
-                    if length + header.size > budget:
+                    if length + batch_size > budget:
                         break
-                self._verify_for_read(segment, file, batch.position, header)
+                if not (
+                    (
+                        position + batch_size <= verified_bytes
+                        or (verified_from is not None and position >= verified_from)
+                    )
+                    and segment.corrupt_position is None
+                ):
+                    self._verify_for_read(segment, file, position, batch_size)
                 if slice_start is None:
-                    slice_start, length, first_offset = batch.position, 0, max(offset, header.base_offset)
-                length += header.size
-                last_offset = header.last_offset
-                base_offset_sum += header.base_offset
+                    slice_start, length, first_offset = position, 0, max(offset, base_offset)
+                length += batch_size
+                last_offset = batch_last_offset
+                base_offset_sum += base_offset
+                position += batch_size
         except CorruptSegmentError:
             if slice_start is None:
                 raise
@@ -1024,18 +1056,18 @@ class Log:
             file = file.handle()
         return FileSlice(file, slice_start, length, first_offset, last_offset, base_offset_sum)
 
-    def _verify_for_read(self, segment: Segment, file: File, position: int, header: BatchHeader) -> None:
+    def _verify_for_read(self, segment: Segment, file: File, position: int, size: int) -> None:
         """I12: every served batch passed its CRC check in this process."""
         if segment.corrupt_position is not None and position >= segment.corrupt_position:
             reason = segment.corrupt_reason or "marked corrupt"  # set together with corrupt_position
             raise CorruptSegmentError(segment.log_path, segment.corrupt_position, None, reason)
-        if segment.is_verified(position, header.size):
+        if segment.is_verified(position, size):
             return
         try:
-            check_batch(file.pread(header.size, position), self.config.limits)
+            check_batch(file.pread(size, position), self.config.limits)
         except InvalidRecordError as error:
             raise CorruptBatchError(str(error), position=position) from None
-        segment.note_verified(position, header.size)
+        segment.note_verified(position, size)
 
     def _mark_corrupt(self, segment: Segment, position: int | None, reason: str) -> CorruptSegmentError:
         position = 0 if position is None else position
@@ -1073,7 +1105,7 @@ class Log:
                         return None
                     if header.max_timestamp < timestamp_ms or header.last_offset < log_start:
                         continue
-                    self._verify_for_read(segment, file, batch.position, header)
+                    self._verify_for_read(segment, file, batch.position, header.size)
                     data = file.pread(header.size, batch.position)
                     try:
                         decoded = decode_records(data, header, self.config.limits)

@@ -168,6 +168,31 @@ def read_length_prefix(buffer: bytes | bytearray | memoryview, position: int = 0
     return base_offset, LOG_OVERHEAD_BYTES + batch_length
 
 
+# What a walk over stored batches reads of each header: base_offset, batch_length,
+# partition_leader_epoch, magic, crc, attributes, last_offset_delta (its first 27 bytes).
+_HEADER_WALK = struct.Struct(">qiibIhi")
+HEADER_WALK_BYTES = _HEADER_WALK.size
+
+
+def walk_header(buffer: bytes | bytearray | memoryview, position: int, limits: RecordLimits) -> tuple[int, int, int]:
+    """(base_offset, whole batch size, last_offset) of the batch whose header starts at
+    `position` in `buffer` (HEADER_WALK_BYTES of it there at least), checked as
+    check_header checks a header except for records_count, which lies past these bytes:
+    for walks over batches that passed check_batch when written or first read (a read
+    of the log), not for bytes never checked. CorruptBatchError when a check fails."""
+    base_offset, batch_length, _, magic, _, _, last_offset_delta = _HEADER_WALK.unpack_from(buffer, position)
+    size = LOG_OVERHEAD_BYTES + batch_length
+    if batch_length < BATCH_LENGTH_MIN:
+        raise CorruptBatchError(f"batch_length {batch_length} below {BATCH_LENGTH_MIN}")
+    if size > limits.batch_bytes_max:
+        raise CorruptBatchError(f"batch of {size} bytes exceeds batch_bytes_max {limits.batch_bytes_max}")
+    if magic != MAGIC:
+        raise CorruptBatchError(f"magic {magic}, expected {MAGIC}")
+    if last_offset_delta < 0:
+        raise CorruptBatchError(f"negative last_offset_delta {last_offset_delta}")
+    return base_offset, size, base_offset + last_offset_delta
+
+
 def compute_crc(batch: bytes | bytearray | memoryview) -> int:
     return _crc32c.crc32c(memoryview(batch)[CRC_START:])
 

@@ -1,8 +1,10 @@
 """One segment of a partition log: a `.log` file of RecordBatch v2 batches named by its
 base offset (20 digits), plus its `.index` and `.timeindex`.
 
-The scanner here is the one walker over a segment's batches; recovery, index rebuilds,
-reads, `nodi segments verify` and `dump` all use it.
+The scanner here is the one walker over a segment's batches that checks every header
+whole; recovery, index rebuilds, `nodi segments verify` and `dump` use it. A read of the
+log (Log.read) walks with records.walk_header instead: the few header fields it needs,
+over batches whose CRC check it makes or finds made (I12).
 """
 
 from __future__ import annotations

@@ -7,10 +7,16 @@ time (DurableWaitTimeoutError). The log sits on the simulated disk to fail its f
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 
+from nodi.broker.protocol import messages as m
+from nodi.broker.protocol.errors import ErrorCode
+from nodi.broker.protocol.headers import IDEMPOTENCY_KEY
 from nodi.broker.server.config import ServerConfig
+from nodi.broker.server.durable_answer import DurableAnswer
+from nodi.broker.server.reply import Reply
 from nodi.broker.server.service import Broker
 from nodi.storage.config import FsyncPolicy, LogConfig
 from nodi.storage.errors import DurableWaitTimeoutError, LogClosedError, LogReadOnlyError
@@ -18,6 +24,7 @@ from nodi.storage.log import Log
 from nodi.storage.records import NewRecord, build_batch
 from nodi.storage.simfs import SimulatedFileSystem
 from nodi.storage.store import Store
+from nodi.storage.topic_settings import TopicConfig
 
 WAIT_S = 10.0
 BATCH = build_batch([NewRecord(None, b"durable", (), None)])
@@ -112,3 +119,154 @@ def test_timed_out_waits_are_swept_and_live_ones_kept(tmp_path) -> None:
         assert not waiters.durable
 
     _run(tmp_path, "always", body)
+
+
+# -- DurableAnswer: a durable produce answered by its fsync, without a task ---------------
+
+
+def _answer(request: m.ProduceRequest, delivered: list) -> DurableAnswer:
+    return DurableAnswer(
+        request,
+        lambda: Reply(m.ProduceResponse(request_id=request.request_id, base_offset=7)),
+        lambda answer, reply: delivered.append((answer, reply)),
+        7,
+        7,
+    )
+
+
+def _produce(request_id: int = 1, topic: str = "t", timeout_ms: int = 10_000) -> m.ProduceRequest:
+    return m.ProduceRequest(
+        request_id=request_id, topic=topic, partition=0, records=BATCH, acks=m.Acks.DURABLE, timeout_ms=timeout_ms
+    )
+
+
+async def _until(condition) -> None:
+    async with asyncio.timeout(WAIT_S):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+def test_an_answer_is_delivered_once_by_the_fsync_that_covers_it(tmp_path) -> None:
+    async def body(broker, log, fs) -> None:
+        delivered: list = []
+        result = log.append_nowait(BATCH)
+        answer = _answer(_produce(), delivered)
+        broker._waiters[id(log)].add_durable_waiter(answer, result.last_offset)
+        answer.expire_after(asyncio.get_running_loop(), WAIT_S)
+        await _until(lambda: delivered)
+        assert delivered == [(answer, delivered[0][1])] and delivered[0][1].response.base_offset == 7
+        assert log.durable_offset > result.last_offset
+        assert answer.done() and not broker._waiters[id(log)].durable
+        broker._waiters[id(log)].wake()  # a later wake delivers nothing more
+        await asyncio.sleep(0)
+        assert len(delivered) == 1
+
+    _run(tmp_path, "always", body)
+
+
+def test_a_failed_fsync_answers_with_the_sticky_error_I9(tmp_path) -> None:
+    async def body(broker, log, fs) -> None:
+        fs.fail_sync(1, path_endswith=".log")
+        delivered: list = []
+        answer = _answer(_produce(), delivered)
+        broker._waiters[id(log)].add_durable_waiter(answer, log.append_nowait(BATCH).last_offset)
+        answer.expire_after(asyncio.get_running_loop(), WAIT_S)
+        await _until(lambda: delivered)
+        assert [reply.response.error_code for _, reply in delivered] == [ErrorCode.READ_ONLY_LOG]
+
+    _run(tmp_path, "always", body)
+
+
+def test_an_answer_not_fsynced_in_time_is_not_durable_and_a_cancelled_one_is_silent(tmp_path) -> None:
+    async def body(broker, log, fs) -> None:
+        waiters = broker._waiters[id(log)]
+        loop = asyncio.get_running_loop()
+        delivered: list = []
+        with log._sync_lock:  # the flush thread's fsync cannot start: a disk that hangs
+            result = log.append_nowait(BATCH)
+            late = _answer(_produce(1), delivered)
+            waiters.add_durable_waiter(late, result.last_offset)
+            late.expire_after(loop, 0.05)
+            closed = _answer(_produce(2), delivered)  # its connection closes while it waits
+            waiters.add_durable_waiter(closed, result.last_offset)
+            closed.expire_after(loop, 0.05)
+            closed.cancel()
+            await _until(lambda: delivered)
+            assert not waiters.waiting_now()  # nothing live: the log may be closed as idle
+        assert [(answer, reply.response.error_code) for answer, reply in delivered] == [(late, ErrorCode.NOT_DURABLE)]
+        await broker.wait_durable(log, log.append_nowait(BATCH), WAIT_S)
+        await asyncio.sleep(0.1)  # past the cancelled one's timeout: still silent
+        assert len(delivered) == 1 and not waiters.durable
+
+    _run(tmp_path, "always", body)
+
+
+def _run_served(tmp_path, body, **settings) -> None:
+    """Run `body(broker, store)` with a topic "t" served as the server serves it."""
+    store = Store.open(str(tmp_path / "store"))
+    store.create_topic("t", TopicConfig(**settings))
+
+    async def main() -> None:
+        broker = Broker(store, ServerConfig(data_dir=store.data_dir))
+        broker._loop = asyncio.get_running_loop()
+        broker._watch(store.log("t", 0))
+        await body(broker, store)
+
+    try:
+        asyncio.run(main())
+    finally:
+        store.close()
+
+
+def test_produce_durable_nowait_appends_and_answers_when_durable(tmp_path) -> None:
+    async def body(broker, store) -> None:
+        delivered: list = []
+        answers = [
+            broker.produce_durable_nowait(_produce(i), lambda answer, reply: delivered.append(reply.response))
+            for i in (1, 2, 3)
+        ]
+        assert all(isinstance(answer, DurableAnswer) for answer in answers)
+        await _until(lambda: len(delivered) == 3)
+        # One reply each, in offset order (the waiters settle smallest offset first).
+        assert [(r.request_id, r.error_code, r.base_offset, r.last_offset) for r in delivered] == [
+            (1, ErrorCode.NONE, 0, 0),
+            (2, ErrorCode.NONE, 1, 1),
+            (3, ErrorCode.NONE, 2, 2),
+        ]
+        assert store.log("t", 0).durable_offset == 3
+        refused = broker.produce_durable_nowait(_produce(4, topic="nope"), lambda answer, reply: None)
+        assert isinstance(refused, Reply) and refused.response.error_code == ErrorCode.UNKNOWN_TOPIC
+
+    _run_served(tmp_path, body)
+
+
+def test_produce_durable_nowait_leaves_fsync_never_to_the_task_path(tmp_path) -> None:
+    """fsync never flushes in a thread for each durable produce: _produce's path (None),
+    and nothing appended."""
+
+    async def body(broker, store) -> None:
+        assert broker.produce_durable_nowait(_produce(), lambda answer, reply: None) is None
+        assert store.log("t", 0).next_offset == 0
+
+    _run_served(tmp_path, body, fsync_policy="never")
+
+
+def test_produce_durable_nowait_keeps_publish_dedup(tmp_path) -> None:
+    """A keyed record is recorded; sent again, nothing is written and the answer (which
+    waits for the original's fsync) names the original."""
+    keyed = build_batch([NewRecord(None, b"once", ((IDEMPOTENCY_KEY, b"k-1"),), None)])
+
+    async def body(broker, store) -> None:
+        delivered: list = []
+        request = replace(_produce(1), records=keyed)
+        first = broker.produce_durable_nowait(request, lambda answer, reply: delivered.append(reply.response))
+        assert isinstance(first, DurableAnswer)
+        again = broker.produce_durable_nowait(replace(request, request_id=2), lambda answer, reply: None)
+        assert not isinstance(again, (DurableAnswer, Reply)) and again is not None
+        reply = await asyncio.wait_for(again, WAIT_S)
+        assert reply.response.error_code == ErrorCode.NONE
+        assert [(d.partition, d.offset) for d in reply.response.duplicates] == [(0, 0)]
+        await _until(lambda: delivered)
+        assert delivered[0].base_offset == 0 and store.log("t", 0).next_offset == 1
+
+    _run_served(tmp_path, body, dedup_window_ms=60_000)

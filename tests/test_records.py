@@ -1295,3 +1295,43 @@ def test_records_without_headers_knows_only_uniform_headerless_batches():
     )
     assert not records.records_without_headers(compressed, records.parse_header(compressed))
     assert not records.records_without_headers(plain[:-3], header)  # cut short: never an error
+
+
+# -- the header walk (records.walk_header: a read's walk over stored batches) ------------
+
+
+@given(
+    base_offset=st.integers(0, 2**40),
+    count=st.integers(1, 20),
+    value_bytes=st.integers(0, 300),
+    codec=st.sampled_from([Compression.NONE, Compression.GZIP]),
+)
+@settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow])
+def test_walk_header_agrees_with_parse_header(base_offset, count, value_bytes, codec) -> None:
+    batch = bytearray(records.build_batch([NewRecord(None, b"v" * value_bytes)] * count, compression=codec))
+    records.set_base_offset(batch, base_offset)
+    framed = b"\x00" * 5 + bytes(batch) + b"trailing"
+    header = records.parse_header(framed, 5)
+    walked = records.walk_header(framed, 5, DEFAULT_RECORD_LIMITS)
+    assert walked == (header.base_offset, header.size, header.last_offset)
+    # Only its first HEADER_WALK_BYTES are read.
+    assert records.walk_header(bytes(batch[: records.HEADER_WALK_BYTES]), 0, DEFAULT_RECORD_LIMITS) == walked
+
+
+@pytest.mark.parametrize(
+    ("field_format", "field_offset", "value", "words"),
+    [
+        (">i", 8, records.BATCH_LENGTH_MIN - 1, "batch_length"),
+        (">i", 8, 2 * MIB, "batch_bytes_max"),
+        (">b", 16, 1, "magic"),
+        (">i", 23, -1, "last_offset_delta"),
+    ],
+)
+def test_walk_header_refuses_what_check_header_refuses(field_format, field_offset, value, words) -> None:
+    batch = bytearray(records.build_batch([NewRecord(None, b"x")]))
+    struct.pack_into(field_format, batch, field_offset, value)
+    limits = RecordLimits(batch_bytes_max=MIB)
+    with pytest.raises(CorruptBatchError, match=words):
+        records.walk_header(batch, 0, limits)
+    with pytest.raises((CorruptBatchError, LimitExceededError)):  # the same header, checked whole
+        records.check_header(records.parse_header(batch), limits)

@@ -213,3 +213,81 @@ def test_stream_groups_over_the_wire(broker):
     assert {(lag.partition, lag.committed_offset, lag.high_watermark) for lag in described.lags} >= {(1, 2, 2)}
     listed = admin.call(m.ListGroupsRequest)
     assert [g.group for g in listed.groups] == ["g"]
+
+
+def _send(client: RawClient, request_type, **fields) -> int:
+    request = request_type(request_id=client.connection.next_request_id(), **fields)
+    client.socket.sendall(client.connection.send(request))
+    return request.request_id
+
+
+def test_durable_and_other_replies_on_one_connection_each_come_once_in_order(broker):
+    """Pipelined on one connection: durable produces waiting for an interval fsync,
+    produces acked written, ListOffsets and fetches. Each request is answered exactly
+    once, matched by id; the durable replies of one partition come in offset order."""
+    client = RawClient(_address(broker)).handshake()
+    for name, policy in (("slow", "interval"), ("fast", "always")):
+        settings = m.TopicSettings(fsync_policy=policy, fsync_interval_ms=300)
+        assert client.call(m.CreateTopicRequest, name=name, settings=settings).error_code == ErrorCode.NONE
+    sent: dict[int, tuple[str, str]] = {}
+    for round_number in range(5):
+        value = b"r%d" % round_number
+        sent[_send(client, m.ProduceRequest, topic="slow", partition=0, records=_batch(value))] = ("durable", "slow")
+        sent[_send(client, m.ProduceRequest, topic="slow", partition=0, records=_batch(value), acks=m.Acks.WRITTEN)] = (
+            "written",
+            "slow",
+        )
+        sent[_send(client, m.ProduceRequest, topic="fast", partition=0, records=_batch(value))] = ("durable", "fast")
+        sent[_send(client, m.ListOffsetsRequest, topic="slow", partition=0)] = ("list", "slow")
+        sent[_send(client, m.FetchRequest, topic="fast", partition=0, offset=0)] = ("fetch", "fast")
+    replies = {}
+    durable_offsets: dict[str, list[int]] = {"slow": [], "fast": []}
+    while len(replies) < len(sent):
+        reply = client.next_message()
+        assert reply.request_id in sent and reply.request_id not in replies  # one reply each
+        replies[reply.request_id] = reply
+        assert reply.error_code == ErrorCode.NONE
+        kind, topic = sent[reply.request_id]
+        if kind == "durable":
+            durable_offsets[topic].append(reply.base_offset)
+    assert durable_offsets["slow"] == sorted(durable_offsets["slow"]) and len(durable_offsets["slow"]) == 5
+    assert durable_offsets["fast"] == [0, 1, 2, 3, 4]
+    written = sorted(replies[i].base_offset for i, (kind, topic) in sent.items() if kind == "written")
+    assert sorted(durable_offsets["slow"] + written) == list(range(10))
+    # The connection carries on after them.
+    assert client.call(m.ListOffsetsRequest, topic="slow", partition=0).offset == 10
+    client.close()
+
+
+def test_a_connection_closed_while_durable_produces_wait_leaves_the_server_serving(broker):
+    """A client's durable produces wait for an fsync that does not come in time (an
+    hour's interval) and it closes before their replies: they are dropped with the
+    connection, their timers too; the server, its other connections and the partition
+    carry on."""
+    client = RawClient(_address(broker)).handshake()
+    settings = m.TopicSettings(fsync_policy="interval", fsync_interval_ms=3_600_000)
+    assert client.call(m.CreateTopicRequest, name="t", settings=settings).error_code == ErrorCode.NONE
+    leaving = RawClient(_address(broker)).handshake()
+    for value in (b"a", b"b", b"c"):
+        _send(leaving, m.ProduceRequest, topic="t", partition=0, records=_batch(value), timeout_ms=300)
+    # Served in order on its connection: this reply says the three were appended.
+    written = leaving.call(m.ProduceRequest, topic="t", partition=0, records=_batch(b"w"), acks=m.Acks.WRITTEN)
+    assert (written.error_code, written.base_offset) == (ErrorCode.NONE, 3)
+    leaving.close()
+    late = client.call(m.ProduceRequest, topic="t", partition=0, records=_batch(b"d"), timeout_ms=600)
+    assert late.error_code == ErrorCode.NOT_DURABLE  # theirs expired before it, unanswered
+    produced = client.call(m.ProduceRequest, topic="t", partition=0, records=_batch(b"e"), acks=m.Acks.WRITTEN)
+    assert (produced.error_code, produced.base_offset) == (ErrorCode.NONE, 5)
+    fetched = client.call(m.FetchRequest, topic="t", partition=0, offset=0)
+    assert [record.value for record in records.decode_batches(fetched.records)] == [b"a", b"b", b"c", b"w", b"d", b"e"]
+    client.close()
+
+
+def test_a_durable_produce_not_fsynced_in_time_is_answered_not_durable(broker):
+    client = RawClient(_address(broker)).handshake()
+    settings = m.TopicSettings(fsync_policy="interval", fsync_interval_ms=3_600_000)
+    assert client.call(m.CreateTopicRequest, name="t", settings=settings).error_code == ErrorCode.NONE
+    produced = client.call(m.ProduceRequest, topic="t", partition=0, records=_batch(b"late"), timeout_ms=50)
+    assert produced.error_code == ErrorCode.NOT_DURABLE
+    assert client.call(m.ListOffsetsRequest, topic="t", partition=0).offset == 1  # written all the same
+    client.close()

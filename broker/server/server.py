@@ -4,7 +4,8 @@ Every task belongs to a TaskGroup: the server's own (connections and background 
 or a connection's (its requests in flight). Each connection is a loop around the sans-IO
 protocol.Connection: read with a timeout, feed it, dispatch each request as a task
 (responses go out in completion order, matched by request id), write replies under one
-lock, sendfile fetched batches straight from their segment files. A connection that
+lock, sendfile fetched batches straight from their segment files. A durable produce is
+no task: its DurableAnswer (durable_answer.py) is written from the fsync's callback. A connection that
 breaks the protocol gets one Closing event and is closed; the server and every other
 connection carry on.
 """
@@ -21,7 +22,7 @@ import resource
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from nodi.storage.file_budget import open_files_max_for, raise_files_limit
@@ -42,6 +43,7 @@ from ..protocol.connection import (
 from ..protocol.errors import ErrorCode, ProtocolError
 from .clock import SYSTEM_CLOCK, TEST_CLOCK_FILE_ENV, Clock, clock_from_environment
 from .config import ServerConfig
+from .durable_answer import DurableAnswer
 from .eager import resume, start_eagerly
 from .idle_close_job import run_idle_close_job
 from .memory_budget import FrameBudget, FrameBudgetStatistics, return_large_allocations_to_the_os, trim_freed_memory
@@ -134,16 +136,27 @@ class ClientSession:
         # stream bytes turned into events so far (a request's size is the difference).
         self.throttle = server.security.read_throttle("nodi")
         self._consumed_bytes = 0
+        # Durable produces waiting for their fsync without a task (durable_answer.py), at
+        # most in_flight_requests_max (each is a request in flight); cancelled at close.
+        self._durable_answers: set[DurableAnswer] = set()
+        # Their replies that found the writer busy, written in order by one task.
+        self._durable_backlog: list[Reply] = []
+        self._requests: asyncio.TaskGroup | None = None
 
     async def run(self) -> None:
         try:
             async with asyncio.TaskGroup() as requests:
+                self._requests = requests
                 await self._read_loop(requests)
         except* (ConnectionError, TimeoutError) as group:
             log.debug("connection %s ended: %s", self.peer, group.exceptions[0])
         except* Exception as group:  # a bug: this connection ends, the server carries on
             log.error("connection %s failed", self.peer, exc_info=group.exceptions[0])
         finally:
+            for answer in self._durable_answers:
+                answer.cancel()
+            self._durable_answers.clear()
+            self._durable_backlog.clear()
             if self.principal is not None and self._principal_counted:
                 self.server.security.close_connection(self.principal)
             self._release_frame_bytes()
@@ -262,6 +275,10 @@ class ClientSession:
                     await self._write(error_reply(event, error))
                 else:
                     self.throttle.started(size)
+                    if type(event) is m.ProduceRequest and event.acks is m.Acks.DURABLE:
+                        assert isinstance(event, m.ProduceRequest)  # for the type checker
+                        if self._produce_durable_nowait(event, size):
+                            continue
                     if not _start_eagerly(event):
                         task = requests.create_task(self._serve(event))
                         task.add_done_callback(functools.partial(self._answered, size))
@@ -277,6 +294,73 @@ class ClientSession:
 
     def _answered(self, size: int, _task: asyncio.Task[None]) -> None:
         self.throttle.answered(size)
+
+    def _produce_durable_nowait(self, request: m.ProduceRequest, size: int) -> bool:
+        """Serve a durable produce without a task (durable_answer.py); False when it
+        takes the general path instead (refused by security, or a produce the broker
+        cannot answer this way), nothing done yet."""
+        assert self.principal is not None  # _dispatch serves nothing before authentication
+        if self.server.security.check(self.principal, request) is not None:
+            return False  # _serve refuses it, counted and answered as every refusal
+        assert self.server.broker is not None  # sessions start once the broker runs
+        started = time.perf_counter()
+        deliver = functools.partial(self._durable_answered, request, size, started)
+        outcome = self.server.broker.produce_durable_nowait(request, deliver)
+        if outcome is None:
+            return False
+        if isinstance(outcome, Reply):
+            deliver(None, outcome)
+        elif isinstance(outcome, DurableAnswer):
+            if not outcome.done():
+                assert len(self._durable_answers) < self.server.config.protocol.in_flight_requests_max
+                self._durable_answers.add(outcome)
+        else:  # duplicates, answered once their originals are durable: a task
+            assert self._requests is not None  # set before the first read
+            task = self._requests.create_task(self._serve_answer(request, outcome, started))
+            task.add_done_callback(functools.partial(self._answered, size))
+        return True
+
+    async def _serve_answer(self, request: m.Request, answering: Awaitable[Reply], started: float) -> None:
+        assert self.server.broker is not None  # sessions start once the broker runs
+        reply = await self.server.broker.answer(request, answering)
+        self.server.observe(request, reply, time.perf_counter() - started)
+        await self._write(reply)
+
+    def _durable_answered(
+        self, request: m.ProduceRequest, size: int, started: float, answer: DurableAnswer | None, reply: Reply
+    ) -> None:
+        """A durable produce's reply, from the callback that settled it (the fsync's
+        wake of the partition's waiters, or its timer): never raises into it."""
+        if answer is not None:  # None: refused at once, never kept
+            self._durable_answers.discard(answer)
+        self.throttle.answered(size)
+        try:
+            self.server.observe(request, reply, time.perf_counter() - started)
+            self._write_nowait(reply)
+        except Exception:  # a bug: this connection ends, the server and the other waiters carry on
+            log.error("connection %s failed answering a durable produce", self.peer, exc_info=True)
+            self.writer.transport.abort()
+
+    def _write_nowait(self, reply: Reply) -> None:
+        """Write a small reply now if the writer is free (no write in progress, nothing
+        left in the transport's buffer to drain); else after those, in order, in a task."""
+        assert not (reply.slices or reply.buffers)  # a produce's reply
+        if self._durable_backlog or self._write_lock.locked() or self.writer.transport.get_write_buffer_size():
+            self._durable_backlog.append(reply)
+            if len(self._durable_backlog) == 1 and self._requests is not None:
+                with contextlib.suppress(RuntimeError):  # the connection's TaskGroup has ended: closing
+                    self._requests.create_task(self._write_backlog())
+            return
+        if self.connection.state not in (State.READY, State.HANDSHAKING):
+            return  # closed meanwhile: the reply has nowhere to go
+        self.writer.write(self._encode(reply)[0])
+
+    async def _write_backlog(self) -> None:
+        backlog = self._durable_backlog
+        while backlog:
+            await self._write(backlog[0])
+            if backlog:  # emptied if the connection closed meanwhile
+                del backlog[0]
 
     def start_session(self) -> bool:
         """Before the first read: the principal of a server without authentication, or
@@ -352,17 +436,7 @@ class ClientSession:
         async with self._write_lock:
             if self.connection.state not in (State.READY, State.HANDSHAKING):
                 return  # closed meanwhile: the reply has nowhere to go
-            try:
-                if reply.slices or reply.buffers:
-                    header = self.connection.send_header(reply.response, reply.records_bytes)
-                else:
-                    header = self.connection.send(reply.response)
-            except ProtocolError as error:
-                if error.closes_connection:
-                    raise
-                # The reply cannot be encoded (over a limit): answer with the error instead.
-                header = self.connection.send(error_reply(_request_of(reply.response), error).response)
-                reply = Reply(reply.response)
+            header, reply = self._encode(reply)
             # In-memory buffers and small slices go out with the header in one write (one
             # send call), the buffers as they are; large slices with sendfile.
             assert not (reply.buffers and reply.slices)  # one kind of records a reply
@@ -379,6 +453,19 @@ class ClientSession:
             if self.writer.transport.get_write_buffer_size():  # else drain has nothing to wait for
                 # wait_for, not asyncio.timeout: this may run in the reader's task (eager.py)
                 await asyncio.wait_for(self.writer.drain(), timeout_s)
+
+    def _encode(self, reply: Reply) -> tuple[bytes, Reply]:
+        """The reply's frame (its header only, with slices or buffers), and the reply to
+        send."""
+        try:
+            if reply.slices or reply.buffers:
+                return self.connection.send_header(reply.response, reply.records_bytes), reply
+            return self.connection.send(reply.response), reply
+        except ProtocolError as error:
+            if error.closes_connection:
+                raise
+            # The reply cannot be encoded (over a limit): answer with the error instead.
+            return self.connection.send(error_reply(_request_of(reply.response), error).response), Reply(reply.response)
 
     async def _send_slice(self, piece: FileSlice, timeout_s: float) -> None:
         fd = piece.file.fileno()

@@ -36,6 +36,7 @@ from .clock import SYSTEM_CLOCK, Clock
 from .compaction_service import CompactionService
 from .config import ServerConfig
 from .dedup import PublishDedup
+from .durable_answer import DurableAnswer
 from .groups import GroupCoordinator
 from .inbox_service import InboxService
 from .queue_service import QueueService
@@ -65,8 +66,8 @@ class _PartitionWaiters:
     def __init__(self, partition_log: Log) -> None:
         self.log = partition_log
         self.futures: set[asyncio.Future] = set()
-        # (offset, sequence, future), smallest offset first.
-        self.durable: list[tuple[int, int, asyncio.Future]] = []
+        # (offset, sequence, future or DurableAnswer), smallest offset first.
+        self.durable: list[tuple[int, int, asyncio.Future | DurableAnswer]] = []
         self._sequence = itertools.count()
         self._prune_at = DURABLE_WAITERS_PRUNE_AT
 
@@ -88,15 +89,20 @@ class _PartitionWaiters:
         """A future resolved once `offset` is fsynced, or failed with the log's
         durable_failure. Checked after it is added: an fsync that ended meanwhile has
         either been seen here or will call wake()."""
+        future = loop.create_future()
+        self.add_durable_waiter(future, offset)
+        return future
+
+    def add_durable_waiter(self, waiter: asyncio.Future | DurableAnswer, offset: int) -> None:
+        """add_durable for a waiter made by the caller (a future, or a DurableAnswer:
+        anything with done, set_result and set_exception)."""
         if len(self.durable) >= self._prune_at:  # waits that timed out, left behind
             self.durable = [entry for entry in self.durable if not entry[2].done()]
             heapq.heapify(self.durable)
             # Many live waits (many producers): sweep again only once they double.
             self._prune_at = max(DURABLE_WAITERS_PRUNE_AT, 2 * len(self.durable))
-        future = loop.create_future()
-        heapq.heappush(self.durable, (offset, next(self._sequence), future))
+        heapq.heappush(self.durable, (offset, next(self._sequence), waiter))
         self.settle_durable()
-        return future
 
     def settle_durable(self) -> None:
         durable = self.durable
@@ -418,6 +424,15 @@ class Broker:
                 log.exception("internal error serving %s", type(request).__name__)
             return error_reply(request, error)
 
+    async def answer(self, request: m.Request, answering: Awaitable[Reply]) -> Reply:
+        """`answering`'s reply, its errors turned into replies as handle() turns them."""
+        try:
+            return await answering
+        except Exception as error:
+            if error_code_for(error) is ErrorCode.INTERNAL:
+                log.exception("internal error serving %s", type(request).__name__)
+            return error_reply(request, error)
+
     # -- topics -------------------------------------------------------------------------
 
     def _topic_config(self, settings: m.TopicSettings) -> TopicConfig:
@@ -681,6 +696,51 @@ class Broker:
             await self.wait_durable(partition_log, result, max(request.timeout_ms, 1) / 1000)
         if request.acks is m.Acks.NONE:
             return Reply(m.ProduceResponse(request_id=request.request_id))
+        return self._produce_reply(request, partition_log, result)
+
+    def produce_durable_nowait(
+        self, request: m.ProduceRequest, deliver: Callable[[DurableAnswer, Reply], None]
+    ) -> Reply | DurableAnswer | Awaitable[Reply] | None:
+        """A produce with acks durable served without a task (server.py): _produce up
+        to its wait, then answered by the fsync that covers it (durable_answer.py),
+        which calls `deliver` with the reply. Returns the DurableAnswer (done already if
+        that fsync had ended); a Reply when answered at once (an error, some records
+        duplicates); the answer to await when every record is a duplicate (it waits for
+        the originals' fsyncs); or None, nothing done, when the produce needs _produce
+        itself: fsync never (its flush runs in a thread), a partition not watched."""
+        assert request.acks is m.Acks.DURABLE
+        try:
+            config, partition_log = self._config_and_log(request.topic, request.partition)
+            waiters = self._waiters.get(id(partition_log))
+            if waiters is None or partition_log.config.fsync_policy is FsyncPolicy.NEVER:
+                return None
+            self.compaction.check_produce(request.topic, partition_log, request.records)
+            # Publish dedup as in _produce: check, append and record without an await.
+            check = self.dedup.check(request.topic, config.dedup_window_ms, request.records)
+            if check is not None:
+                self._check_dedup_read_back(request.topic)
+                if check.duplicates:
+                    return self.answer(request, self._produce_duplicates(request, check))
+            result = partition_log.append_nowait(request.records)
+            if check is not None:
+                self.dedup.record(request.topic, request.partition, result.first_offset, check)
+        except Exception as error:  # as handle() answers them
+            if error_code_for(error) is ErrorCode.INTERNAL:
+                log.exception("internal error serving %s", type(request).__name__)
+            return error_reply(request, error)
+        answer = DurableAnswer(
+            request,
+            functools.partial(self._produce_reply, request, partition_log, result),
+            deliver,
+            result.first_offset,
+            result.last_offset,
+        )
+        waiters.add_durable_waiter(answer, result.last_offset)
+        assert self._loop is not None  # attached before serving
+        answer.expire_after(self._loop, max(request.timeout_ms, 1) / 1000)
+        return answer
+
+    def _produce_reply(self, request: m.ProduceRequest, partition_log: Log, result: AppendResult) -> Reply:
         return Reply(
             m.ProduceResponse(
                 request_id=request.request_id,
