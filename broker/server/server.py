@@ -296,14 +296,16 @@ class ClientSession:
         self.throttle.answered(size)
 
     def _produce_durable_nowait(self, request: m.ProduceRequest, size: int) -> bool:
-        """Serve a durable produce without a task (durable_answer.py); False when it
-        takes the general path instead (refused by security, or a produce the broker
+        """Serve a durable produce without a task (durable_answer.py), a refusal
+        included; False when it takes the general path instead (a produce the broker
         cannot answer this way), nothing done yet."""
-        assert self.principal is not None  # _dispatch serves nothing before authentication
-        if self.server.security.check(self.principal, request) is not None:
-            return False  # _serve refuses it, counted and answered as every refusal
-        assert self.server.broker is not None  # sessions start once the broker runs
         started = time.perf_counter()
+        refusal = self._refusal(request, started)  # counted once, here
+        if refusal is not None:
+            self.throttle.answered(size)
+            self._write_nowait(refusal)
+            return True
+        assert self.server.broker is not None  # sessions start once the broker runs
         deliver = functools.partial(self._durable_answered, request, size, started)
         outcome = self.server.broker.produce_durable_nowait(request, deliver)
         if outcome is None:
@@ -409,20 +411,28 @@ class ClientSession:
         await self._write(Reply(m.AuthenticateResponse(request_id=request.request_id, principal=principal.name)))
         return True
 
-    async def _serve(self, request: m.Request) -> None:
-        started = time.perf_counter()
+    def _refusal(self, request: m.Request, started: float) -> Reply | None:
+        """The NOT_AUTHORIZED reply (counted, logged and observed) when the session's
+        principal lacks a permission `request` needs; None when it may."""
         assert self.principal is not None  # _dispatch serves nothing before authentication
         refused = self.server.security.check(self.principal, request)
-        if refused is not None:
-            action, resource, name = refused
-            error = ProtocolError(
-                ErrorCode.NOT_AUTHORIZED,
-                f"{self.principal.name} may not {action.value} {resource.value} {name}",
-                closes_connection=False,
-            )
-            reply = error_reply(request, error)
-            self.server.observe(request, reply, time.perf_counter() - started)
-            await self._write(reply)
+        if refused is None:
+            return None
+        action, resource, name = refused
+        error = ProtocolError(
+            ErrorCode.NOT_AUTHORIZED,
+            f"{self.principal.name} may not {action.value} {resource.value} {name}",
+            closes_connection=False,
+        )
+        reply = error_reply(request, error)
+        self.server.observe(request, reply, time.perf_counter() - started)
+        return reply
+
+    async def _serve(self, request: m.Request) -> None:
+        started = time.perf_counter()
+        refusal = self._refusal(request, started)
+        if refusal is not None:
+            await self._write(refusal)
             return
         assert self.server.broker is not None  # sessions start once the broker runs
         reply = await self.server.broker.handle(request, self.client_id)
