@@ -280,7 +280,7 @@ def target_batches(data_dir: str, topic: str, partition: int) -> list[BatchHeade
 
 def test_mirror_to_a_second_nodi_killed_twice_copies_every_record_once_byte_for_byte(server, nodi_target):
     """The mirror's target is another nodi, reached through its Kafka listener, with the
-    mirror's normal batching (many records per batch, lz4): nodi answers a partition's
+    mirror's batching (many records per batch, lz4; at most 100 while it is killed): nodi answers a partition's
     end as the offset after its last record, which the mirror's resume relies on. The
     mirror is killed with SIGKILL twice (once as soon as the target holds anything, so
     inside its first round; once half way), then run until caught up: the target holds
@@ -296,6 +296,11 @@ def test_mirror_to_a_second_nodi_killed_twice_copies_every_record_once_byte_for_
         total += 2
         command = [*NODI, "--server", server.address, "mirror", "--to", nodi_target.bootstrap]
         command += ["--topic", topic, "--name", "to-nodi"]
+        # Batches of at most 100 records while it is killed: still many records a batch,
+        # but the half it copies after the test sees total // 2 takes tens of durable
+        # produces, not a few, so the kill lands before the end on a loaded machine too
+        # (with the default batch size one 16 MiB round could finish between a look and the kill).
+        command += ["--producer-config", "batch.num.messages=100"]
 
         def held() -> int:
             try:
