@@ -439,6 +439,7 @@ class QueueStatistics:
     leases_let_go: int  # held past max_lease_ms: no longer extended
     expired_not_handed_out: int  # buffered messages whose lease ran out: never handed out
     stale_settles: int  # settles that lost the race (returned False, or raised with strict)
+    receive_requests: int  # receives sent to the broker (prefetches included)
 
 
 class _LeaseRun:
@@ -558,6 +559,10 @@ class AsyncQueue:
         # _prefetch_soon asks only when at most this many are buffered (half a batch at most).
         self._prefetch_buffered_max = min(self.batch_max, max_outstanding) // 2
         self._prefetch_started = False  # by the hand-out just made: receive() lets it leave
+        # The application's last hand-out was receive()'s (which prefetches), not
+        # receive_batch()'s (which asks for no more than it wants): a settle that leaves
+        # the application holding nothing asks ahead (_prefetch_after_settle).
+        self._prefetch_at_settle = False
         # The last receive came back full: the broker likely has more (a backlog). A
         # trickle (requests, a quiet topic) is not prefetched: it would be a wasted trip.
         self._backlog = False
@@ -614,7 +619,7 @@ class AsyncQueue:
         self._current_settled = False
         self._received = self._handed_out_count = 0
         self._extension_requests = self._extended = self._lost = self._let_go_count = 0
-        self._expired_in_buffer = self._stale_settles = 0
+        self._expired_in_buffer = self._stale_settles = self._receive_requests = 0
         client.core.own(self)
 
     def __repr__(self) -> str:
@@ -643,6 +648,7 @@ class AsyncQueue:
             leases_let_go=self._let_go_count,
             expired_not_handed_out=self._expired_in_buffer,
             stale_settles=self._stale_settles,
+            receive_requests=self._receive_requests,
         )
 
     # -- receiving ---------------------------------------------------------------------
@@ -803,6 +809,7 @@ class AsyncQueue:
                     run.handed[index] = 1
                     self._given += 1
             self._handed_out_count += 1
+            self._prefetch_at_settle = prefetch
             if prefetch:
                 handed_at = self._handed_at  # the handler's pace (_time_handler, inline)
                 if handed_at is not None:
@@ -868,6 +875,7 @@ class AsyncQueue:
         their runs and when it was sent. A server of protocol 3 sends stored batches as they are
         (QueueReceiveBatches); an older one re-encodes them (QueueReceive)."""
         sent_at = time.monotonic()
+        self._receive_requests += 1
         if self._stored_batches:
             request = m.QueueReceiveBatchesRequest(
                 group=self.group, topic=self.topic, settings=self.settings, messages_max=room, wait_ms=wait_ms
@@ -1131,10 +1139,21 @@ class AsyncQueue:
         run = _held_run(current)
         return 1 if run is not None and run.handed[current.offset - run.first] else 0
 
+    def _prefetch_after_settle(self) -> None:
+        """The application settled the last message it held (the settle's answer may
+        not have come yet: a settled message no longer counts against max_outstanding):
+        the next batch is asked for now, within the same conditions as at a hand-out, so
+        its receive goes out while the settles' answer is awaited (a consumer that acks
+        a batch without waiting, then flushes, gets its next batch meanwhile). Only after
+        receive()'s hand-outs: receive_batch() asks for no more than it wants."""
+        if self._prefetching is None and self._backlog and self._prefetch_at_settle:
+            self._prefetch_soon()
+
     async def _prefetch_once(self) -> None:
         """One receive that does not wait for messages (at-least-once only: nothing is
         acked here); a failure is left to the next receive the application makes (which
         meets it again)."""
+        self._prefetch_started = False  # its request leaves now: receive() need not yield for it
         try:
             room = self._room_left()
             if room <= 0:
@@ -1209,6 +1228,8 @@ class AsyncQueue:
         if self._room_wanted:
             self._room_wanted = False
             self._room.set()
+        if self._given == self._dropped:  # the application holds none it was handed
+            self._prefetch_after_settle()
         offset = message.offset
         tail = self._ack_tail
         if (
@@ -1258,9 +1279,12 @@ class AsyncQueue:
         self, message: QueueMessage, action: m.SettleAction, delay_ms: int, text: str | None, *, record_error: bool
     ) -> asyncio.Future | None:
         """On the loop: a settle the application made (directly or by iterating)."""
-        return self._settle_nowait(
+        future = self._settle_nowait(
             message, action, delay_ms, text, record_error=record_error, ours=self._ours(message, action)
         )
+        if action is not m.SettleAction.IN_PROGRESS and self._given == self._dropped:
+            self._prefetch_after_settle()
+        return future
 
     def _reply(self, message: QueueMessage, value, key, headers):
         from .request import send_reply
@@ -1728,6 +1752,7 @@ class Queue:
                 loop.call_soon_threadsafe(queue._discard, message)
                 continue
             queue._hand_out(message)
+            queue._prefetch_at_settle = True
             queue._time_handler()
             if (
                 queue._backlog
