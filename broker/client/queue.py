@@ -38,9 +38,9 @@ background; `flush()` waits for them and raises the first that failed.
 Flow control: at most `max_outstanding` messages (default 1,000), and softly
 `max_outstanding_bytes` of received records (each receive's record bytes, shared evenly
 over the offsets it delivered and freed as each is settled), are leased to the queue
-and not settled
-(buffered or handed out); a receive asks for no more than the room left and waits for
-room up to its timeout. A trip to the broker asks for up to `batch_max` messages within
+and not settled by the application (buffered or handed out; a message counts no more
+once the application acked, nacked or rejected it, before the broker's answer); a
+receive asks for no more than the room left and waits for room up to its timeout. A trip to the broker asks for up to `batch_max` messages within
 it. Without `batch_max` the size follows the handler's pace: about PREFETCH_HORIZON_MS
 (100 ms, at most half of ack_wait) of its work, measured as the time between hand-outs
 that did not wait for the broker (a moving average), from PREFETCH_INITIAL (10) until
@@ -52,7 +52,9 @@ batch, without waiting on the broker, once half of the current one was handed ou
 last receive came back full (a backlog), within the room left and only while the
 application settled every message it was handed before the current one; receive() then
 lets the loop run once, so the request leaves while the application works through the
-buffer.
+buffer. A settle that leaves the application holding none of what receive() handed it
+asks the same way (a batch acked without waiting, then flushed: the next receive goes
+out while the acks' answer is awaited).
 
 Lease management: a task on the client's loop extends the lease of every message the
 queue holds (buffered or in a handler, unsettled) with one batched in-progress settle
