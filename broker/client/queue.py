@@ -1148,7 +1148,14 @@ class AsyncQueue:
         its receive goes out while the settles' answer is awaited (a consumer that acks
         a batch without waiting, then flushes, gets its next batch meanwhile). Only after
         receive()'s hand-outs: receive_batch() asks for no more than it wants."""
-        if self._prefetching is None and self._backlog and self._prefetch_at_settle:
+        # _prefetch_soon's cheapest conditions first (as at a hand-out): most settles of
+        # a consumer that acks as it goes find more than half a batch buffered.
+        if (
+            self._prefetching is None
+            and self._backlog
+            and len(self._buffer) <= self._prefetch_buffered_max
+            and self._prefetch_at_settle
+        ):
             self._prefetch_soon()
 
     async def _prefetch_once(self) -> None:
