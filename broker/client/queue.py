@@ -1237,8 +1237,8 @@ class AsyncQueue:
         if self._room_wanted:
             self._room_wanted = False
             self._room.set()
-        if self._given == self._dropped:  # the application holds none it was handed
-            self._prefetch_after_settle()
+        if self._given == self._dropped and len(self._buffer) <= self._prefetch_buffered_max:
+            self._prefetch_after_settle()  # the application holds none it was handed
         offset = message.offset
         tail = self._ack_tail
         if (
