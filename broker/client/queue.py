@@ -561,10 +561,9 @@ class AsyncQueue:
         # _prefetch_soon asks only when at most this many are buffered (half a batch at most).
         self._prefetch_buffered_max = min(self.batch_max, max_outstanding) // 2
         self._prefetch_started = False  # by the hand-out just made: receive() lets it leave
-        # The application's last hand-out was receive()'s (which prefetches), not
-        # receive_batch()'s (which asks for no more than it wants): a settle that leaves
-        # the application holding nothing asks ahead (_prefetch_after_settle).
-        self._prefetch_at_settle = False
+        # A hand-out's prefetch was held back because the application held messages it
+        # was handed: its settle of the last of them asks instead (_prefetch_after_settle).
+        self._prefetch_held_back = False
         # The last receive came back full: the broker likely has more (a backlog). A
         # trickle (requests, a quiet topic) is not prefetched: it would be a wasted trip.
         self._backlog = False
@@ -683,7 +682,9 @@ class AsyncQueue:
         if isinstance(max_messages, bool) or not isinstance(max_messages, int) or max_messages < 1:
             raise ValueError(f"max_messages must be a positive int, not {max_messages!r}")
         # No prefetch while the batch is handed out: the application holds all of it
-        # (prefetch asks ahead only for a consumer that settled what it was handed).
+        # (prefetch asks ahead only for a consumer that settled what it was handed), nor
+        # when it is settled (it asks for no more than it wants).
+        self._prefetch_held_back = False
         first = await self._receive(timeout_ms, max_messages, prefetch=False)
         if first is None:
             return []
@@ -811,7 +812,6 @@ class AsyncQueue:
                     run.handed[index] = 1
                     self._given += 1
             self._handed_out_count += 1
-            self._prefetch_at_settle = prefetch
             if prefetch:
                 handed_at = self._handed_at  # the handler's pace (_time_handler, inline)
                 if handed_at is not None:
@@ -1121,16 +1121,19 @@ class AsyncQueue:
         leases no more than it asked for, so it does not starve the others), and no such
         request is under way. On the client's loop."""
         batch = min(self._trip_max(), self.max_outstanding)
-        if (
+        if not (
             self.prefetch
             and self._backlog
             and self._prefetching is None
             and not self._closed
             and self.guarantee == AT_LEAST_ONCE
             and len(self._buffer) <= batch // 2
-            and self._room_left() >= max(batch // 2, 1)
-            and self._given - self._dropped <= self._held_in_hand(current)
         ):
+            return
+        if self._given - self._dropped > self._held_in_hand(current):
+            self._prefetch_held_back = True  # the settle of the last one held asks again
+            return
+        if self._room_left() >= max(batch // 2, 1):
             self._prefetching = asyncio.get_running_loop().create_task(self._prefetch_once())
             self._prefetch_started = True
 
@@ -1142,21 +1145,16 @@ class AsyncQueue:
         return 1 if run is not None and run.handed[current.offset - run.first] else 0
 
     def _prefetch_after_settle(self) -> None:
-        """The application settled the last message it held (the settle's answer may
-        not have come yet: a settled message no longer counts against max_outstanding):
-        the next batch is asked for now, within the same conditions as at a hand-out, so
-        its receive goes out while the settles' answer is awaited (a consumer that acks
-        a batch without waiting, then flushes, gets its next batch meanwhile). Only after
-        receive()'s hand-outs: receive_batch() asks for no more than it wants."""
-        # _prefetch_soon's cheapest conditions first (as at a hand-out): most settles of
-        # a consumer that acks as it goes find more than half a batch buffered.
-        if (
-            self._prefetching is None
-            and self._backlog
-            and len(self._buffer) <= self._prefetch_buffered_max
-            and self._prefetch_at_settle
-        ):
-            self._prefetch_soon()
+        """The application settled the last message it held, and a hand-out's prefetch
+        was held back while it held them (the settle's answer may not have come yet: a
+        settled message no longer counts against max_outstanding): the next batch is
+        asked for now, within the same conditions as at a hand-out, so its receive goes
+        out while the settles' answer is awaited (a consumer that receives a batch, acks
+        it without waiting, then flushes, gets its next batch meanwhile). A consumer that
+        settles each message before the next hand-out never holds one back: the
+        hand-out asks, and its settles check one flag only."""
+        self._prefetch_held_back = False
+        self._prefetch_soon()
 
     async def _prefetch_once(self) -> None:
         """One receive that does not wait for messages (at-least-once only: nothing is
@@ -1237,7 +1235,7 @@ class AsyncQueue:
         if self._room_wanted:
             self._room_wanted = False
             self._room.set()
-        if self._given == self._dropped and len(self._buffer) <= self._prefetch_buffered_max:
+        if self._prefetch_held_back and self._given == self._dropped:
             self._prefetch_after_settle()  # the application holds none it was handed
         offset = message.offset
         tail = self._ack_tail
@@ -1291,7 +1289,7 @@ class AsyncQueue:
         future = self._settle_nowait(
             message, action, delay_ms, text, record_error=record_error, ours=self._ours(message, action)
         )
-        if action is not m.SettleAction.IN_PROGRESS and self._given == self._dropped:
+        if self._prefetch_held_back and action is not m.SettleAction.IN_PROGRESS and self._given == self._dropped:
             self._prefetch_after_settle()
         return future
 
@@ -1761,7 +1759,6 @@ class Queue:
                 loop.call_soon_threadsafe(queue._discard, message)
                 continue
             queue._hand_out(message)
-            queue._prefetch_at_settle = True
             queue._time_handler()
             if (
                 queue._backlog
