@@ -405,7 +405,7 @@ async def next_batch_while_acks_unanswered(server) -> None:
             finally:
                 events.append(("answered", kind))
 
-        client.core.call = recorded_call  # type: ignore[method-assign]
+        client.core.call = recorded_call  # type: ignore[method-assign, assignment]
         async with client.queue("overlap", "g", ack_wait_ms=60_000, max_outstanding=size) as queue:
             first = [await queue.receive(timeout_ms=WAIT_MS) for _ in range(size)]
             assert [message.offset for message in first if message is not None] == list(range(size))
