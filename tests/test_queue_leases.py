@@ -378,3 +378,86 @@ async def cancelled_at_prefetch(server) -> None:
                 message.ack(wait=False)
             await queue.flush()
     assert sorted(seen) == sorted({*[(offset, 1) for offset in range(40) if offset != 9], (9, 2)})
+
+
+def test_acks_without_waiting_free_flow_control_and_the_next_receive_leaves_before_their_answer(server) -> None:
+    asyncio.run(asyncio.wait_for(next_batch_while_acks_unanswered(server), 60))
+
+
+async def next_batch_while_acks_unanswered(server) -> None:
+    """max_outstanding bounds the messages leased and not settled by the application: a
+    message whose ack was made (wait=False, answer not come yet) no longer counts, so
+    the receive of the next batch goes out while the acks' answer is awaited (the
+    peers' style: a batch received, acked, flushed); messages held unsettled still
+    stop every receive, and a partly settled batch asks only for the room left."""
+    size = 10  # PREFETCH_INITIAL: the first trip asks for the whole room
+    async with AsyncClient(server.address) as client:
+        await client.create_topic("overlap")
+        await client.produce_batch("overlap", 0, build_batch([NewRecord(None, b"%d" % i) for i in range(6 * size)]))
+        events: list[tuple[str, str]] = []
+        call = client.core.call
+
+        async def recorded_call(request, *arguments, **options):
+            kind = type(request).__name__.removesuffix("Request")
+            events.append(("sent", kind))
+            try:
+                return await call(request, *arguments, **options)
+            finally:
+                events.append(("answered", kind))
+
+        client.core.call = recorded_call  # type: ignore[method-assign, assignment]
+        async with client.queue("overlap", "g", ack_wait_ms=60_000, max_outstanding=size) as queue:
+            first = [await queue.receive(timeout_ms=WAIT_MS) for _ in range(size)]
+            assert [message.offset for message in first if message is not None] == list(range(size))
+            requests = queue.statistics().receive_requests
+            assert await queue.receive(timeout_ms=200) is None  # size unsettled: nothing asked for
+            assert queue.statistics().receive_requests == requests
+            assert queue.statistics().outstanding == size
+
+            events.clear()
+            for message in first:
+                assert message is not None
+                message.ack(wait=False)
+            assert queue.statistics().outstanding == 0  # settled by the application: not counted
+            await queue.flush()
+            assert ("sent", "QueueReceiveBatches") in events
+            sent = events.index(("sent", "QueueReceiveBatches"))
+            answered = events.index(("answered", "QueueSettle"))
+            assert sent < answered  # the next batch was asked for while the acks were unanswered
+            assert queue.statistics().receive_requests == requests + 1
+
+            second = [await queue.receive(timeout_ms=WAIT_MS) for _ in range(size)]
+            assert [message.offset for message in second if message is not None] == list(range(size, 2 * size))
+            assert queue.statistics().receive_requests == requests + 1  # the one sent during the flush
+            assert queue.statistics().outstanding == size
+            assert await queue.receive(timeout_ms=200) is None  # the bound holds for the held batch
+
+            # Half acked, half held: no receive ahead (the application holds messages);
+            # the next receive asks only for the room the acks left.
+            for message in second[: size // 2]:
+                assert message is not None
+                message.ack(wait=False)
+            await queue.flush()
+            assert queue.statistics().receive_requests == requests + 1
+            third = [await queue.receive(timeout_ms=WAIT_MS) for _ in range(size // 2)]
+            assert all(message is not None for message in third)
+            assert queue.statistics().receive_requests == requests + 2
+            assert queue.statistics().outstanding == size
+            assert await queue.receive(timeout_ms=200) is None
+            state = await client.describe_queue("overlap", "g")
+            assert state.partitions[0].leased == size
+            for message in [*second[size // 2 :], *third]:
+                assert message is not None
+                message.ack(wait=False)
+            await queue.flush()
+
+            # receive_batch asks for no more than it wants: settling its batch asks for
+            # nothing ahead.
+            batch = await queue.receive_batch(size, timeout_ms=WAIT_MS)
+            assert len(batch) == size
+            requests = queue.statistics().receive_requests
+            for message in batch:
+                message.ack(wait=False)
+            await queue.flush()
+            assert queue.statistics().receive_requests == requests
+            assert queue.statistics().outstanding == 0

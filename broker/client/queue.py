@@ -38,9 +38,9 @@ background; `flush()` waits for them and raises the first that failed.
 Flow control: at most `max_outstanding` messages (default 1,000), and softly
 `max_outstanding_bytes` of received records (each receive's record bytes, shared evenly
 over the offsets it delivered and freed as each is settled), are leased to the queue
-and not settled
-(buffered or handed out); a receive asks for no more than the room left and waits for
-room up to its timeout. A trip to the broker asks for up to `batch_max` messages within
+and not settled by the application (buffered or handed out; a message counts no more
+once the application acked, nacked or rejected it, before the broker's answer); a
+receive asks for no more than the room left and waits for room up to its timeout. A trip to the broker asks for up to `batch_max` messages within
 it. Without `batch_max` the size follows the handler's pace: about PREFETCH_HORIZON_MS
 (100 ms, at most half of ack_wait) of its work, measured as the time between hand-outs
 that did not wait for the broker (a moving average), from PREFETCH_INITIAL (10) until
@@ -52,7 +52,9 @@ batch, without waiting on the broker, once half of the current one was handed ou
 last receive came back full (a backlog), within the room left and only while the
 application settled every message it was handed before the current one; receive() then
 lets the loop run once, so the request leaves while the application works through the
-buffer.
+buffer. A settle that leaves the application holding none of what receive() handed it
+asks the same way (a batch acked without waiting, then flushed: the next receive goes
+out while the acks' answer is awaited).
 
 Lease management: a task on the client's loop extends the lease of every message the
 queue holds (buffered or in a handler, unsettled) with one batched in-progress settle
@@ -439,6 +441,7 @@ class QueueStatistics:
     leases_let_go: int  # held past max_lease_ms: no longer extended
     expired_not_handed_out: int  # buffered messages whose lease ran out: never handed out
     stale_settles: int  # settles that lost the race (returned False, or raised with strict)
+    receive_requests: int  # receives sent to the broker (prefetches included)
 
 
 class _LeaseRun:
@@ -558,6 +561,9 @@ class AsyncQueue:
         # _prefetch_soon asks only when at most this many are buffered (half a batch at most).
         self._prefetch_buffered_max = min(self.batch_max, max_outstanding) // 2
         self._prefetch_started = False  # by the hand-out just made: receive() lets it leave
+        # A hand-out's prefetch was held back because the application held messages it
+        # was handed: its settle of the last of them asks instead (_prefetch_after_settle).
+        self._prefetch_held_back = False
         # The last receive came back full: the broker likely has more (a backlog). A
         # trickle (requests, a quiet topic) is not prefetched: it would be a wasted trip.
         self._backlog = False
@@ -614,7 +620,7 @@ class AsyncQueue:
         self._current_settled = False
         self._received = self._handed_out_count = 0
         self._extension_requests = self._extended = self._lost = self._let_go_count = 0
-        self._expired_in_buffer = self._stale_settles = 0
+        self._expired_in_buffer = self._stale_settles = self._receive_requests = 0
         client.core.own(self)
 
     def __repr__(self) -> str:
@@ -643,6 +649,7 @@ class AsyncQueue:
             leases_let_go=self._let_go_count,
             expired_not_handed_out=self._expired_in_buffer,
             stale_settles=self._stale_settles,
+            receive_requests=self._receive_requests,
         )
 
     # -- receiving ---------------------------------------------------------------------
@@ -675,7 +682,9 @@ class AsyncQueue:
         if isinstance(max_messages, bool) or not isinstance(max_messages, int) or max_messages < 1:
             raise ValueError(f"max_messages must be a positive int, not {max_messages!r}")
         # No prefetch while the batch is handed out: the application holds all of it
-        # (prefetch asks ahead only for a consumer that settled what it was handed).
+        # (prefetch asks ahead only for a consumer that settled what it was handed), nor
+        # when it is settled (it asks for no more than it wants).
+        self._prefetch_held_back = False
         first = await self._receive(timeout_ms, max_messages, prefetch=False)
         if first is None:
             return []
@@ -868,6 +877,7 @@ class AsyncQueue:
         their runs and when it was sent. A server of protocol 3 sends stored batches as they are
         (QueueReceiveBatches); an older one re-encodes them (QueueReceive)."""
         sent_at = time.monotonic()
+        self._receive_requests += 1
         if self._stored_batches:
             request = m.QueueReceiveBatchesRequest(
                 group=self.group, topic=self.topic, settings=self.settings, messages_max=room, wait_ms=wait_ms
@@ -1111,16 +1121,19 @@ class AsyncQueue:
         leases no more than it asked for, so it does not starve the others), and no such
         request is under way. On the client's loop."""
         batch = min(self._trip_max(), self.max_outstanding)
-        if (
+        if not (
             self.prefetch
             and self._backlog
             and self._prefetching is None
             and not self._closed
             and self.guarantee == AT_LEAST_ONCE
             and len(self._buffer) <= batch // 2
-            and self._room_left() >= max(batch // 2, 1)
-            and self._given - self._dropped <= self._held_in_hand(current)
         ):
+            return
+        if self._given - self._dropped > self._held_in_hand(current):
+            self._prefetch_held_back = True  # the settle of the last one held asks again
+            return
+        if self._room_left() >= max(batch // 2, 1):
             self._prefetching = asyncio.get_running_loop().create_task(self._prefetch_once())
             self._prefetch_started = True
 
@@ -1131,10 +1144,23 @@ class AsyncQueue:
         run = _held_run(current)
         return 1 if run is not None and run.handed[current.offset - run.first] else 0
 
+    def _prefetch_after_settle(self) -> None:
+        """The application settled the last message it held, and a hand-out's prefetch
+        was held back while it held them (the settle's answer may not have come yet: a
+        settled message no longer counts against max_outstanding): the next batch is
+        asked for now, within the same conditions as at a hand-out, so its receive goes
+        out while the settles' answer is awaited (a consumer that receives a batch, acks
+        it without waiting, then flushes, gets its next batch meanwhile). A consumer that
+        settles each message before the next hand-out never holds one back: the
+        hand-out asks, and its settles check one flag only."""
+        self._prefetch_held_back = False
+        self._prefetch_soon()
+
     async def _prefetch_once(self) -> None:
         """One receive that does not wait for messages (at-least-once only: nothing is
         acked here); a failure is left to the next receive the application makes (which
         meets it again)."""
+        self._prefetch_started = False  # its request leaves now: receive() need not yield for it
         try:
             room = self._room_left()
             if room <= 0:
@@ -1209,6 +1235,8 @@ class AsyncQueue:
         if self._room_wanted:
             self._room_wanted = False
             self._room.set()
+        if self._prefetch_held_back and self._given == self._dropped:
+            self._prefetch_after_settle()  # the application holds none it was handed
         offset = message.offset
         tail = self._ack_tail
         if (
@@ -1258,9 +1286,12 @@ class AsyncQueue:
         self, message: QueueMessage, action: m.SettleAction, delay_ms: int, text: str | None, *, record_error: bool
     ) -> asyncio.Future | None:
         """On the loop: a settle the application made (directly or by iterating)."""
-        return self._settle_nowait(
+        future = self._settle_nowait(
             message, action, delay_ms, text, record_error=record_error, ours=self._ours(message, action)
         )
+        if self._prefetch_held_back and action is not m.SettleAction.IN_PROGRESS and self._given == self._dropped:
+            self._prefetch_after_settle()
+        return future
 
     def _reply(self, message: QueueMessage, value, key, headers):
         from .request import send_reply
