@@ -492,11 +492,7 @@ class PartitionQueue:
         when the entry is the run (a first delivery as taken), to be changed."""
         if isinstance(entry, Delivery):
             return entry
-        delivery = Delivery(offset)
-        delivery.delivery_count = 1
-        delivery.state = DeliveryState.LEASED
-        delivery.lease_deadline_ms = entry.deadline_ms
-        delivery.first_delivery_ms = delivery.last_delivery_ms = entry.taken_ms
+        delivery = _detached(offset, entry)
         delivery.run = entry  # still in the run: its count of live deliveries is unchanged
         entry.leave_fresh(offset, 1)
         self.pending[offset] = delivery
