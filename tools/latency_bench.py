@@ -57,7 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from nodi.broker.client import AsyncClient
 from tools import storage_bench
@@ -275,6 +275,48 @@ def _stamp_into(stamps: list[float]) -> Callable[[asyncio.Task], None]:
 COMMIT_MODES = ("ride", "own", "nowait")  # see the module's docstring
 
 
+async def one_at_a_time(
+    producer_client: AsyncClient,
+    topic: str,
+    count: int,
+    meter: PhaseMeter,
+    receive: Callable[[], Awaitable[object]],
+    settle: Callable[[], Awaitable[object] | None],
+    settle_name: str,
+) -> dict:
+    """One message at a time: produce it (durable), `receive()` until it is in hand,
+    await the produce, then `settle()` (awaited when it returns an awaitable); the
+    percentiles of each stage under its name."""
+    value = bytes(VALUE_BYTES)
+    clock = time.perf_counter
+    end_to_end, acknowledged, settled, cycles = [], [], [], []
+    loop = asyncio.get_running_loop()
+    for _ in range(count):
+        started = clock()
+        acked_at: list[float] = []
+        produce = loop.create_task(producer_client.produce(topic, value, partition=0))
+        produce.add_done_callback(_stamp_into(acked_at))
+        await receive()
+        received_at = clock()
+        await produce
+        before_settle = clock()
+        settling = settle()
+        if settling is not None:
+            await settling
+        done = clock()
+        end_to_end.append(received_at - started)
+        acknowledged.append(acked_at[0] - started)
+        settled.append(done - before_settle)
+        cycles.append(done - started)
+    return {
+        **meter.figures(count),
+        "end_to_end": percentiles(end_to_end),
+        "produce_ack": percentiles(acknowledged),
+        settle_name: percentiles(settled),
+        "cycle": percentiles(cycles),
+    }
+
+
 async def end_to_end_phase(
     producer_client: AsyncClient,
     consumer_client: AsyncClient,
@@ -291,41 +333,17 @@ async def end_to_end_phase(
         consumer._ride_commits = False  # as against a server of protocol 3: CommitOffsets
     await consumer.start()
     await consumer.poll(timeout_ms=0)  # joined and assigned; its fetch now waits at the tail
-    value = bytes(VALUE_BYTES)
-    clock = time.perf_counter
-    end_to_end, acknowledged, committed, cycles = [], [], [], []
+
+    async def receive() -> None:
+        while not await consumer.poll(timeout_ms=5000):
+            pass
+
+    settle = consumer.commit_nowait if commit_mode == "nowait" else consumer.commit
     meter = PhaseMeter(server_pid)
-    loop = asyncio.get_running_loop()
     try:
-        for _ in range(count):
-            started = clock()
-            acked_at: list[float] = []
-            produce = loop.create_task(producer_client.produce(topic, value, partition=0))
-            produce.add_done_callback(_stamp_into(acked_at))
-            received = 0
-            while not received:
-                received = len(await consumer.poll(timeout_ms=5000))
-            received_at = clock()
-            await produce
-            before_commit = clock()
-            if commit_mode == "nowait":
-                consumer.commit_nowait()
-            else:
-                await consumer.commit()
-            done = clock()
-            end_to_end.append(received_at - started)
-            acknowledged.append(acked_at[0] - started)
-            committed.append(done - before_commit)
-            cycles.append(done - started)
+        return await one_at_a_time(producer_client, topic, count, meter, receive, settle, "commit")
     finally:
         await consumer.close()
-    return {
-        **meter.figures(count),
-        "end_to_end": percentiles(end_to_end),
-        "produce_ack": percentiles(acknowledged),
-        "commit": percentiles(committed),
-        "cycle": percentiles(cycles),
-    }
 
 
 async def queue_group_phase(client: AsyncClient, topic: str, expected: int, server_pid: int | None) -> dict:
@@ -375,41 +393,25 @@ async def queue_end_to_end_phase(
     """One message at a time through a queue group: produce (durable), the waiting
     receive gets it, its ack awaited."""
     queue = consumer_client.queue(topic, "bench-queue-e2e", ack_wait_ms=QUEUE_ACK_WAIT_MS)
-    value = bytes(VALUE_BYTES)
-    clock = time.perf_counter
-    end_to_end, acknowledged, acked, cycles = [], [], [], []
+    in_hand: list = []
+
+    async def receive() -> None:
+        message = await queue.receive(timeout_ms=QUEUE_RECEIVE_TIMEOUT_MS)
+        if message is None:
+            raise RuntimeError(
+                f"queue end to end: a produced message was not received in {QUEUE_RECEIVE_TIMEOUT_MS} ms"
+            )
+        in_hand.append(message)
+
+    def settle() -> Awaitable[object]:
+        return in_hand.pop().ack()
+
     meter = PhaseMeter(server_pid)
-    loop = asyncio.get_running_loop()
     try:
         await queue.receive(timeout_ms=0)  # the group exists; nothing is waiting in it
-        for _ in range(count):
-            started = clock()
-            acked_at: list[float] = []
-            produce = loop.create_task(producer_client.produce(topic, value, partition=0))
-            produce.add_done_callback(_stamp_into(acked_at))
-            message = await queue.receive(timeout_ms=QUEUE_RECEIVE_TIMEOUT_MS)
-            if message is None:
-                raise RuntimeError(
-                    f"queue end to end: a produced message was not received in {QUEUE_RECEIVE_TIMEOUT_MS} ms"
-                )
-            received_at = clock()
-            await produce
-            before_ack = clock()
-            await message.ack()
-            done = clock()
-            end_to_end.append(received_at - started)
-            acknowledged.append(acked_at[0] - started)
-            acked.append(done - before_ack)
-            cycles.append(done - started)
+        return await one_at_a_time(producer_client, topic, count, meter, receive, settle, "ack")
     finally:
         await queue.close()
-    return {
-        **meter.figures(count),
-        "end_to_end": percentiles(end_to_end),
-        "produce_ack": percentiles(acknowledged),
-        "ack": percentiles(acked),
-        "cycle": percentiles(cycles),
-    }
 
 
 STRACE_LINE = re.compile(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)\s*$")
