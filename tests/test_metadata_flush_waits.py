@@ -63,19 +63,27 @@ def test_waiters_of_one_loop_tick_share_one_commit(tmp_path) -> None:
     assert len(flushes) == 1
 
 
+def _fail_the_next_flush(broker, monkeypatch, release: threading.Event | None = None) -> None:
+    """The broker's next metadata flush raises OSError, the ones after it flush; each
+    first waits for `release` when one is given."""
+    real_flush = broker.store.metadata.flush
+    failures = iter([OSError("the disk said no")])
+
+    def failing_flush() -> int:
+        if release is not None:
+            assert release.wait(WAIT_S)
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return real_flush()
+
+    monkeypatch.setattr(broker.store.metadata, "flush", failing_flush)
+
+
 def test_a_failed_commit_fails_each_of_its_waiters_and_the_next_one_works(tmp_path, monkeypatch) -> None:
     async def body(broker, release) -> None:
         release.set()
-        real_flush = broker.store.metadata.flush
-        failures = iter([OSError("the disk said no")])
-
-        def failing_flush() -> int:
-            failure = next(failures, None)
-            if failure is not None:
-                raise failure
-            return real_flush()
-
-        monkeypatch.setattr(broker.store.metadata, "flush", failing_flush)
+        _fail_the_next_flush(broker, monkeypatch)
         waits = [asyncio.ensure_future(broker.flush_metadata()) for _ in range(3)]
         results = await asyncio.wait_for(asyncio.gather(*waits, return_exceptions=True), WAIT_S)
         assert len(results) == 3
@@ -129,19 +137,11 @@ def test_a_failed_commit_reaches_each_callback_even_after_one_raises(tmp_path, m
 
     async def body(broker, release) -> None:
         release.set()
-        real_flush = broker.store.metadata.flush
-        failures = iter([OSError("the disk said no")])
-
-        def failing_flush() -> int:
-            failure = next(failures, None)
-            if failure is not None:
-                raise failure
-            return real_flush()
+        _fail_the_next_flush(broker, monkeypatch)
 
         def faulty(error: BaseException | None) -> None:
             raise RuntimeError("a faulty hook")
 
-        monkeypatch.setattr(broker.store.metadata, "flush", failing_flush)
         broker.when_metadata_flushed(faulty)
         broker.when_metadata_flushed(errors.append)
         with pytest.raises(OSError):
@@ -162,17 +162,7 @@ def test_queue_persists_wait_on_the_flush_hook_and_share_its_failure(tmp_path, m
 
     async def body(broker, release) -> None:
         broker.queues._loop = asyncio.get_running_loop()  # attach() without its timer task
-        real_flush = broker.store.metadata.flush
-        failures = iter([OSError("the disk said no")])
-
-        def failing_flush() -> int:
-            assert release.wait(WAIT_S)
-            failure = next(failures, None)
-            if failure is not None:
-                raise failure
-            return real_flush()
-
-        monkeypatch.setattr(broker.store.metadata, "flush", failing_flush)
+        _fail_the_next_flush(broker, monkeypatch, release)
         failing = [asyncio.ensure_future(broker.queues.persist()) for _ in range(2)]
         leaving = asyncio.ensure_future(broker.queues.persist())
         for _ in range(3):  # the pass is staged and its flush waits for `release`
