@@ -210,6 +210,22 @@ def test_async_produce_fetch_and_long_poll(server):
     run(main())
 
 
+def test_a_long_poll_that_finds_nothing_ends_empty_and_the_next_one_is_woken(server):
+    # The wait's end (its timer) and a produce's wake-up answer the same waiting fetch.
+    async def main():
+        async with AsyncClient(server.address) as client:
+            await client.create_topic("quiet-fetch", 1)
+            assert await client.fetch("quiet-fetch", 0, 0, wait_ms=50) == []
+            assert await client.fetch("quiet-fetch", 0, 0, wait_ms=50) == []
+            waiting = asyncio.ensure_future(client.fetch("quiet-fetch", 0, 0, wait_ms=20_000))
+            await asyncio.sleep(0.05)
+            assert await client.produce("quiet-fetch", b"late", partition=0) == (0, 0)
+            messages = await waiting
+            assert [(message.offset, message.value) for message in messages] == [(0, b"late")]
+
+    run(main())
+
+
 def test_key_to_partition_is_stable(client):
     # xxh32 with seed 0, modulo the partition count: documented, so pinned here.
     pinned = {b"": 0x02CC5D05, b"a": 0x550D7456, b"user-1": 0xA43FB6AD, b"\xff" * 20: 0x9FC23806}

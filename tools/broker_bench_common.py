@@ -71,6 +71,30 @@ def cpu_seconds_of(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu_ticks_of(pid: int | None) -> dict[str, tuple[int, int]]:
+    """User and system clock ticks of each thread of a process, summed by thread name
+    (/proc/PID/task/TID: its comm without trailing digits, "loop" for the main thread);
+    empty when unknown. Threads that ended are missing (their time is in the process's)."""
+    if pid is None:
+        return {}
+    ticks: dict[str, tuple[int, int]] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return {}
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as stat:
+                text = stat.read()
+        except OSError:
+            continue
+        name = "loop" if tid == str(pid) else text[text.index("(") + 1 : text.rindex(")")].rstrip("0123456789-_")
+        fields = text.rpartition(")")[2].split()
+        user, system = ticks.get(name, (0, 0))
+        ticks[name] = (user + int(fields[11]), system + int(fields[12]))
+    return ticks
+
+
 def machine_cpu_seconds() -> tuple[float, float] | None:
     """(busy, steal) CPU seconds of all cores since boot (/proc/stat), None when unknown.
     Busy is everything but idle and iowait; steal is time the hypervisor gave away."""
@@ -206,7 +230,8 @@ class NodiServer:
     """A `nodi serve` child on 127.0.0.1 with a free port (and a free metrics port when
     `metrics`), its data in DIRECTORY/data and its output in DIRECTORY/`log_name` (a file,
     never a pipe nobody reads, which would stall a server that logs). `launcher` replaces
-    `-m nodi.cli.main` (a benchmark's modified server); `extra_args` go to `nodi serve`."""
+    `-m nodi.cli.main` (a benchmark's modified server); `extra_args` go to `nodi serve`;
+    `cpu_list` runs it under `taskset -c` (all its threads on those CPUs)."""
 
     def __init__(
         self,
@@ -216,12 +241,14 @@ class NodiServer:
         launcher: Sequence[str] = ("-m", "nodi.cli.main"),
         metrics: bool = True,
         log_name: str = "nodi-serve.log",
+        cpu_list: str | None = None,
     ) -> None:
         self.directory = directory
         self.extra_args = tuple(extra_args)
         self.launcher = tuple(launcher)
         self.metrics = metrics
         self.log_path = os.path.join(directory, log_name)
+        self.cpu_list = cpu_list  # `taskset -c` list the server runs on; None: anywhere
         self.process: subprocess.Popen | None = None
         self.address = ""
         self.metrics_port: int | None = None
@@ -239,6 +266,7 @@ class NodiServer:
     def start(self) -> str:
         """Start it and wait for its listening line(s); its HOST:PORT."""
         command = [
+            *(("taskset", "-c", self.cpu_list) if self.cpu_list else ()),
             sys.executable,
             *self.launcher,
             "serve",

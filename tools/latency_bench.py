@@ -32,7 +32,8 @@ the data directory's file system), and the loopback round trip of 64 bytes betwe
 process and an echo server in a child process, on the same kind of event loop.
 
 Server CPU per message is the broker process's utime+stime during the phase divided by
-its messages. `--strace` attaches `strace -c -f` to the broker for an extra, shorter end
+its messages, and split by thread (user and system: /proc/PID/task; the launcher gives
+each thread its Python name, "loop" is the event loop's). `--strace` attaches `strace -c -f` to the broker for an extra, shorter end
 to end phase (strace slows every system call, so that phase's times are not reported)
 and gives the system calls per message by name (a stream end to end phase and a queue
 one, as `--only` selects).
@@ -41,6 +42,7 @@ one, as `--only` selects).
     python -m tools.latency_bench --quick         # seconds (tests/test_latency_bench_smoke.py)
     python -m tools.latency_bench --strace --json-out latency.json
     python -m tools.latency_bench --loop asyncio  # server and client without uvloop
+    python -m tools.latency_bench --server-cpus 1 # the server pinned (taskset -c 1)
     python -m tools.latency_bench --only queue    # the queue workloads (and the stream group's consume)
 """
 
@@ -61,7 +63,7 @@ from collections.abc import Awaitable, Callable
 
 from nodi.broker.client import AsyncClient
 from tools import storage_bench
-from tools.broker_bench_common import NodiServer, cpu_seconds_of, machine_cpu_seconds
+from tools.broker_bench_common import NodiServer, cpu_seconds_of, machine_cpu_seconds, thread_cpu_ticks_of
 
 VALUE_BYTES = 1024
 WINDOW_MESSAGES = 100
@@ -78,7 +80,17 @@ QUEUE_RECEIVE_TIMEOUT_MS = 5000
 WORKLOAD_SETS = ("all", "stream", "queue")
 
 # The loop the server uses is chosen by its launcher: "asyncio" hides uvloop from it.
-NO_UVLOOP = "import sys; sys.modules['uvloop'] = None; from nodi.cli.main import app; app(prog_name='nodi')"
+# Both give each thread the kernel name of its Python name (Python 3.11 leaves every
+# thread "python"), so the server's CPU splits by thread (fsync pool, executor, metrics).
+NAME_THREADS = (
+    "import ctypes, threading; _libc = ctypes.CDLL(None); _inner = threading.Thread._bootstrap_inner\n"
+    "def _named(self):\n"
+    "    _libc.prctl(15, self.name.encode()[:15], 0, 0, 0)\n"
+    "    _inner(self)\n"
+    "threading.Thread._bootstrap_inner = _named\n"
+)
+WITH_UVLOOP = NAME_THREADS + "from nodi.cli.main import app; app(prog_name='nodi')"
+NO_UVLOOP = NAME_THREADS + "import sys; sys.modules['uvloop'] = None; from nodi.cli.main import app; app(prog_name='nodi')"
 ECHO_SERVER = """
 import asyncio, sys
 LOOP = sys.argv[1]
@@ -190,6 +202,7 @@ class PhaseMeter:
     def __init__(self, server_pid: int | None) -> None:
         self.server_pid = server_pid
         self.server_start = cpu_seconds_of(server_pid)
+        self.threads_start = thread_cpu_ticks_of(server_pid)
         self.client_start = time.process_time()
         self.machine_start = machine_cpu_seconds()
         self.wall_start = time.perf_counter()
@@ -197,6 +210,7 @@ class PhaseMeter:
     def figures(self, messages: int) -> dict:
         server_now = cpu_seconds_of(self.server_pid)
         server = None if server_now is None or self.server_start is None else server_now - self.server_start
+        threads_now = thread_cpu_ticks_of(self.server_pid)
         client = time.process_time() - self.client_start
         wall = time.perf_counter() - self.wall_start
         machine_now = machine_cpu_seconds()
@@ -210,7 +224,22 @@ class PhaseMeter:
             "server_cpu_us_per_message": None if server is None or not messages else server * 1e6 / messages,
             "client_cpu_us_per_message": client * 1e6 / messages if messages else None,
             "others_cpu_share": others_share,
+            "server_threads_us_per_message": self.thread_figures(threads_now, messages),
         }
+
+    def thread_figures(self, threads_now: dict[str, tuple[int, int]], messages: int) -> dict:
+        """The server's CPU per message by thread name, user and system (us)."""
+        if not messages:
+            return {}
+        tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
+        figures = {}
+        for name, (user, system) in sorted(threads_now.items()):
+            user_start, system_start = self.threads_start.get(name, (0, 0))
+            user_us = (user - user_start) * tick_us / messages
+            system_us = (system - system_start) * tick_us / messages
+            if user_us or system_us:
+                figures[name] = {"user": user_us, "system": system_us}
+        return figures
 
 
 async def window_phase(client: AsyncClient, topic: str, windows: int, server_pid: int | None) -> dict:
@@ -516,7 +545,7 @@ def render(results: dict) -> str:
     def us(value: float | None) -> str:
         return "-" if value is None else f"{value:.0f}"
 
-    lines = [f"loop: {results['loop']}; {results['machine']}"]
+    lines = [f"loop: {results['loop']}; server CPUs: {results.get('server_cpus') or 'any'}; {results['machine']}"]
     for name in ("limits_before", "limits_after"):
         limits = results[name]
         lines.append(
@@ -569,6 +598,12 @@ def render(results: dict) -> str:
             f"{label}: server {us(e2e['server_cpu_us_per_message'])} us/msg, client "
             f"{us(e2e['client_cpu_us_per_message'])} us/msg (both clients), others {e2e['others_cpu_share'] or 0:.0%}"
         )
+        threads = e2e.get("server_threads_us_per_message") or {}
+        if threads:
+            lines.append(
+                f"{label}: server by thread (user + system us/msg): "
+                + ", ".join(f"{name} {cpu['user']:.0f} + {cpu['system']:.0f}" for name, cpu in threads.items())
+            )
     for name, label in (("strace", "end-to-end message"), ("strace_queue", "queue end-to-end message")):
         if name in results:
             trace = results[name]
@@ -584,6 +619,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--limit-seconds", type=float, default=None, help="each fdatasync loop (default 2; quick 0.2)")
     parser.add_argument("--rtt-count", type=int, default=None, help="loopback round trips (default 3,000; quick 200)")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default=None, help="default: uvloop when installed")
+    parser.add_argument(
+        "--server-cpus", default=None, help="run the server under `taskset -c SERVER_CPUS` (e.g. 1); default: unpinned"
+    )
     parser.add_argument("--strace", action="store_true", help="count the broker's system calls (strace -c -f)")
     parser.add_argument(
         "--only", choices=WORKLOAD_SETS[1:], default="all", help="stream or queue workloads (default: both)"
@@ -606,6 +644,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         arguments.loop = "uvloop" if uvloop_available() else "asyncio"
     if arguments.loop == "uvloop" and not uvloop_available():
         parser.error("--loop uvloop: uvloop is not installed")
+    if arguments.server_cpus is not None and shutil.which("taskset") is None:
+        parser.error("--server-cpus: taskset is not installed (Debian: util-linux)")
     if arguments.strace and shutil.which("strace") is None:
         parser.error("--strace: strace is not installed (Debian: apt-get install -y strace)")
     return arguments
@@ -619,16 +659,16 @@ def main(argv: list[str] | None = None) -> int:
         def run(coroutine):
             return uvloop.run(coroutine)
 
-        launcher: tuple[str, ...] = ("-m", "nodi.cli.main")
+        launcher: tuple[str, ...] = ("-c", WITH_UVLOOP)
     else:
         run = asyncio.run
         launcher = ("-c", NO_UVLOOP)
     parent = storage_bench.default_data_parent()
     with tempfile.TemporaryDirectory(prefix="nodi-latency-bench-", dir=parent) as directory:
-        results: dict = {"loop": settings.loop, "machine": storage_bench.machine_description(directory)}
+        results: dict = {"loop": settings.loop, "server_cpus": settings.server_cpus, "machine": storage_bench.machine_description(directory)}
         progress("limits: fdatasync loops and loopback round trips")
         results["limits_before"] = measure_limits(directory, settings.loop, settings, run)
-        server = NodiServer(directory, launcher=launcher)  # metrics on, as `nodi serve` runs by default
+        server = NodiServer(directory, launcher=launcher, cpu_list=settings.server_cpus)  # metrics on, as `nodi serve` runs by default
         address = server.start()
         try:
             results.update(run(workloads(address, server.pid, settings, directory)))

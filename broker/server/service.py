@@ -57,6 +57,12 @@ METADATA_RETRY_POLL_S = 1.0
 DURABLE_WAITERS_PRUNE_AT = 1024
 
 
+def _answer_unless_done(future: asyncio.Future) -> None:
+    """A waiting fetch's timer: end its wait as a wake-up would."""
+    if not future.done():
+        future.set_result(None)
+
+
 class _PartitionWaiters:
     """What waits on one partition's log, on the loop: fetches long-polling for data,
     and durable acknowledgements waiting for the fsync that covers their offset. The
@@ -854,29 +860,35 @@ class Broker:
 
     async def _fetch_read(self, request: m.FetchRequest, wait_ms: int):
         """The log and what a fetch reads, waiting up to `wait_ms` for min_bytes."""
+        # The loop asked for once: in Python 3.11 each asyncio.get_running_loop() is a
+        # getpid system call, and a fetch waiting at the tail asked five or six times.
+        loop = asyncio.get_running_loop()
         partition_log = self._log(request.topic, request.partition)
         budget = min(max(request.bytes_max, 1), self.config.protocol.frame_bytes_max - FETCH_OVERHEAD_BYTES)
         wait_s = min(max(wait_ms, 0), self.config.fetch_wait_max_ms) / 1000
-        deadline = asyncio.get_running_loop().time() + wait_s
+        deadline = loop.time() + wait_s
         waiters = self._waiters.get(id(partition_log))
         futures = set() if waiters is None else waiters.futures  # an unwatched log never wakes one
         while True:
             future = None
             if waiters is not None and wait_s > 0:
-                future = asyncio.get_running_loop().create_future()
+                future = loop.create_future()
                 futures.add(future)  # before the read: no wakeup can be missed
             result = partition_log.read(request.offset, budget)
-            remaining = deadline - asyncio.get_running_loop().time()
+            remaining = deadline - loop.time()
             if result.byte_count >= max(request.min_bytes, 1) or remaining <= 0 or future is None:
                 if future is not None:
                     futures.discard(future)
                     future.cancel()
                 return partition_log, result
+            # The wait's end is a timer that answers the future as a wake-up would (not
+            # asyncio.wait_for, which asks for the loop again and wraps the future in a
+            # second one with its own callbacks); the read that follows tells them apart.
+            timer = loop.call_later(remaining, _answer_unless_done, future)
             try:
-                await asyncio.wait_for(future, remaining)
-            except TimeoutError:
-                pass
+                await future
             finally:
+                timer.cancel()
                 futures.discard(future)
             if id(partition_log) not in self._waiters:  # topic deleted while waiting
                 raise UnknownTopicError(f"topic {request.topic!r} was deleted")
