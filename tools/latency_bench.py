@@ -90,7 +90,9 @@ NAME_THREADS = (
     "threading.Thread._bootstrap_inner = _named\n"
 )
 WITH_UVLOOP = NAME_THREADS + "from nodi.cli.main import app; app(prog_name='nodi')"
-NO_UVLOOP = NAME_THREADS + "import sys; sys.modules['uvloop'] = None; from nodi.cli.main import app; app(prog_name='nodi')"
+NO_UVLOOP = (
+    NAME_THREADS + "import sys; sys.modules['uvloop'] = None; from nodi.cli.main import app; app(prog_name='nodi')"
+)
 ECHO_SERVER = """
 import asyncio, sys
 LOOP = sys.argv[1]
@@ -665,10 +667,16 @@ def main(argv: list[str] | None = None) -> int:
         launcher = ("-c", NO_UVLOOP)
     parent = storage_bench.default_data_parent()
     with tempfile.TemporaryDirectory(prefix="nodi-latency-bench-", dir=parent) as directory:
-        results: dict = {"loop": settings.loop, "server_cpus": settings.server_cpus, "machine": storage_bench.machine_description(directory)}
+        results: dict = {
+            "loop": settings.loop,
+            "server_cpus": settings.server_cpus,
+            "machine": storage_bench.machine_description(directory),
+        }
         progress("limits: fdatasync loops and loopback round trips")
         results["limits_before"] = measure_limits(directory, settings.loop, settings, run)
-        server = NodiServer(directory, launcher=launcher, cpu_list=settings.server_cpus)  # metrics on, as `nodi serve` runs by default
+        server = NodiServer(
+            directory, launcher=launcher, cpu_list=settings.server_cpus
+        )  # metrics on, as `nodi serve` runs by default
         address = server.start()
         try:
             results.update(run(workloads(address, server.pid, settings, directory)))
