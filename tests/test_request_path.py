@@ -229,8 +229,9 @@ def test_request_path_bench_quick_run_writes_its_json(tmp_path: Path) -> None:
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
     results = json.loads(json_path.read_text())
-    for name in ("floor", "list_offsets", "produce_never", "produce_always", "fetch", "commit", "end_to_end"):
+    for name in ("floor", "list_offsets", "produce_never", "produce_always", "window", "fetch", "commit", "end_to_end"):
         assert results[name]["messages"] == 20  # 120 less the 100 of warm-up
         assert results[name]["server_cpu_us_per_message"] > 0
     assert results["end_to_end"]["requests_per_message"] == 3
     assert results["produce_always"]["threads_cpu_us_per_message"] > 0  # the fsync ran in its thread
+    assert results["window"]["threads_cpu_us_per_message"] > 0  # its 100 KiB were synced there too

@@ -19,6 +19,9 @@ Workloads, 1 KiB values, one partition per topic:
 - list_offsets: the cheapest nodi request (answered from memory);
 - produce_never: a produce of one record, acks written, topic fsync "never";
 - produce_always: the same with acks durable, topic fsync "always" (waits for the fsync);
+- window: issue 12's durable window, one produce of a batch of 100 records of 1 KiB
+  (acks durable, fsync "always"), as the batching producer sends a flushed window; per
+  window;
 - fetch: a fetch that finds one 1 KiB batch at once (the read copied into the reply);
 - commit: a CommitOffsets of one partition for a group member (one LMDB commit each);
 - end_to_end: issue 12's one-at-a-time message as three requests: a fetch waiting at
@@ -63,7 +66,9 @@ from tools import storage_bench
 
 VALUE_BYTES = 1024
 ECHO_BYTES = 64
-WORKLOADS = ("floor", "list_offsets", "produce_never", "produce_always", "fetch", "commit", "end_to_end")
+WORKLOADS = ("floor", "list_offsets", "produce_never", "produce_always", "window", "fetch", "commit", "end_to_end")
+# The window workload's batch: issue 12's durable window of 100 x 1 KiB, one produce.
+WINDOW_MESSAGES = 100
 # Requests each workload's one message makes of the broker (end_to_end: fetch, produce, commit).
 REQUESTS_PER_MESSAGE = {"end_to_end": 3}
 SOCKET_TIMEOUT_S = 30.0
@@ -179,6 +184,7 @@ class Bench:
     address: tuple[str, int]
     echo_address: tuple[str, int]
     batch: bytes
+    window_batch: bytes
     fetch_topic_messages: int = 0
 
 
@@ -212,15 +218,18 @@ def list_offsets_steps(bench: Bench, count: int) -> Generator[None, None, None]:
         client.close()
 
 
-def produce_steps(topic: str, acks: m.Acks) -> Callable[[Bench, int], Generator[None, None, None]]:
+def produce_steps(
+    topic: str, acks: m.Acks, *, window: bool = False
+) -> Callable[[Bench, int], Generator[None, None, None]]:
     def steps(bench: Bench, count: int) -> Generator[None, None, None]:
         client = WireClient(bench.address)
+        records = bench.window_batch if window else bench.batch
         try:
             yield
             for _ in range(count):
                 client.call(
                     m.ProduceRequest(
-                        request_id=client.request_id(), topic=topic, partition=0, acks=acks, records=bench.batch
+                        request_id=client.request_id(), topic=topic, partition=0, acks=acks, records=records
                     )
                 )
                 yield
@@ -322,6 +331,7 @@ STEPS: dict[str, Callable[[Bench, int], Generator[None, None, None]]] = {
     "list_offsets": list_offsets_steps,
     "produce_never": produce_steps("never", m.Acks.WRITTEN),
     "produce_always": produce_steps("always", m.Acks.DURABLE),
+    "window": produce_steps("window", m.Acks.DURABLE, window=True),
     "fetch": fetch_steps,
     "commit": commit_steps,
     "end_to_end": end_to_end_steps,
@@ -419,11 +429,13 @@ async def serve_and_drive(directory: str, settings: argparse.Namespace) -> dict:
         assert server.broker is not None and server.address is not None
         await server.broker.create_topic("never", TopicConfig(partitions=1, fsync_policy="never"))
         await server.broker.create_topic("always", TopicConfig(partitions=1, fsync_policy="always"))
+        await server.broker.create_topic("window", TopicConfig(partitions=1, fsync_policy="always"))
         await server.broker.create_topic("e2e", TopicConfig(partitions=1, fsync_policy="always"))
         bench = Bench(
             address=(server.address[0], server.address[1]),
             echo_address=echo.sockets[0].getsockname()[:2],
             batch=build_batch(make_records([bytes(VALUE_BYTES)])),
+            window_batch=build_batch(make_records([bytes(VALUE_BYTES)] * WINDOW_MESSAGES)),
         )
         loop_tid = threading.get_native_id()
         profiler = ProfileSwitch(loop) if settings.profile else None
