@@ -406,35 +406,52 @@ class _Gate:
         self._condition = threading.Condition(threading.Lock())
         self._readers = 0
         self._exclusive = False
+        # Threads in a wait() on the condition: a release with none skips notify_all
+        # (a commit's path: Condition.notify_all is Python, not free).
+        self._waiting = 0
+
+    def _wait(self) -> None:
+        self._waiting += 1
+        try:
+            self._condition.wait()
+        finally:
+            self._waiting -= 1
 
     @contextmanager
     def shared(self) -> Iterator[None]:
         with self._condition:
             while self._exclusive:
-                self._condition.wait()
+                self._wait()
             self._readers += 1
         try:
             yield
         finally:
             with self._condition:
                 self._readers -= 1
-                if self._readers == 0:
+                if self._readers == 0 and self._waiting:
                     self._condition.notify_all()
+
+    def acquire_exclusive(self) -> None:
+        with self._condition:
+            while self._exclusive:
+                self._wait()
+            self._exclusive = True
+            while self._readers:
+                self._wait()
+
+    def release_exclusive(self) -> None:
+        with self._condition:
+            self._exclusive = False
+            if self._waiting:
+                self._condition.notify_all()
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
-        with self._condition:
-            while self._exclusive:
-                self._condition.wait()
-            self._exclusive = True
-            while self._readers:
-                self._condition.wait()
+        self.acquire_exclusive()
         try:
             yield
         finally:
-            with self._condition:
-                self._exclusive = False
-                self._condition.notify_all()
+            self.release_exclusive()
 
 
 class MetadataStore:
@@ -993,25 +1010,30 @@ class MetadataStore:
         must only use the transaction (a read through the store would wait on the gate).
         A failed commit puts the store in the failed state (raised typed) and reopens
         the environment."""
-        with self._gate.exclusive():
+        self._gate.acquire_exclusive()  # not `with gate.exclusive()`: a commit's path, each call counts
+        try:
             if self._env_closed:
                 self._reopen()
+            databases = self._databases
             while True:
                 try:
                     with self._env.begin(write=True) as transaction:
                         for (database, key), value in batch.items():
                             if value is None:
-                                transaction.delete(key, db=self._databases[database])
+                                transaction.delete(key, db=databases[database])
                             else:
-                                transaction.put(key, value, db=self._databases[database])
+                                transaction.put(key, value, db=databases[database])
                         result = apply(transaction) if apply is not None else None
                     return result  # type: ignore[return-value]
                 except lmdb.MapFullError:
                     self._grow_map()
+                    databases = self._databases
                 except lmdb.Error as error:
                     failure = self._fail(f"commit to the metadata store at {self.path} failed: {error}", error)
                     self._reopen()
                     raise failure from error
+        finally:
+            self._gate.release_exclusive()
 
     def _grow_map(self) -> None:
         current = self._env.info()["map_size"]

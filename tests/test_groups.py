@@ -450,6 +450,19 @@ def test_commit_errors_per_partition(world: World) -> None:
     assert caught.value.code == ErrorCode.INVALID_REQUEST
 
 
+def test_a_commit_checks_the_group_name_unless_the_group_is_held(world: World) -> None:
+    """A group held in memory had its name checked by its join, so its commits skip the
+    check; a name no group holds is still checked, whatever the member fields say."""
+    a = world.join()
+    held = world.groups.commit("g", 1, a.member_id, [("orders", a.assignments["orders"][0], 3, None)])
+    assert codes(held) == [ErrorCode.NONE] and held.staged == 1
+    for name in ("bad name", "", "x" * 256, ".."):
+        with pytest.raises(GroupError) as caught:
+            world.groups.commit(name, 1, a.member_id, [("orders", 0, 1, None)])
+        assert caught.value.code == ErrorCode.INVALID_REQUEST, name
+    assert world.groups.statistics().commits == 1  # a refused name is no commit
+
+
 def test_standalone_commits_are_accepted_while_the_group_has_no_members(world: World) -> None:
     result = world.groups.commit("tool", NO_GENERATION, "", [("orders", 2, 11, "by hand")])
     assert codes(result) == [ErrorCode.NONE] and result.staged == 1

@@ -32,6 +32,7 @@ from nodi.storage.metadata import (
     MetadataStore,
     QueueState,
     TopicConfig,
+    _Gate,
     decode_group_key,
     decode_offset_value,
     encode_group_key,
@@ -733,3 +734,67 @@ def test_flushed_offsets_survive_sigkill(tmp_path: Path) -> None:
             assert offsets["crash-topic", 0].metadata == f"m{offset}"
             assert store.get_queue_state("crash-group", "crash-topic", 0) == str(offset).encode()
             last_flushed = offset
+
+
+def test_the_gate_holds_readers_behind_a_commit_and_the_commit_behind_readers() -> None:
+    """The store's gate (storage/metadata.py _Gate): a reader waits while a commit holds
+    it and goes on when it is released; a commit waits for the readers inside and holds
+    back new ones meanwhile (writer first). A release wakes only when someone waits."""
+    gate = _Gate()
+    events: list[str] = []
+
+    def read(name: str) -> None:
+        with gate.shared():
+            events.append(name)
+
+    def wait_for_waiters(count: int) -> None:
+        for _ in range(1000):
+            with gate._condition:
+                if gate._waiting == count:
+                    return
+            threading.Event().wait(0.005)
+        raise AssertionError(f"{count} waiters expected, {gate._waiting} found")
+
+    gate.acquire_exclusive()
+    reader = threading.Thread(target=read, args=("after commit",))
+    reader.start()
+    wait_for_waiters(1)
+    events.append("commit")
+    gate.release_exclusive()
+    reader.join(10)
+    assert not reader.is_alive()
+    assert events == ["commit", "after commit"]
+
+    inside = threading.Event()
+    leave = threading.Event()
+
+    def hold_shared() -> None:
+        with gate.shared():
+            inside.set()
+            assert leave.wait(10)
+            events.append("reader left")
+
+    holder = threading.Thread(target=hold_shared)
+    holder.start()
+    assert inside.wait(10)
+
+    def write() -> None:
+        gate.acquire_exclusive()
+        events.append("writer in")
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    wait_for_waiters(1)  # the writer, waiting for the reader inside
+    late = threading.Thread(target=read, args=("late reader",))
+    late.start()
+    wait_for_waiters(2)  # a new reader waits behind the writer
+    leave.set()
+    holder.join(10)
+    writer.join(10)
+    assert not writer.is_alive()
+    assert events[-2:] == ["reader left", "writer in"]
+    assert late.is_alive()  # held back until the commit releases
+    gate.release_exclusive()
+    late.join(10)
+    assert events[-1] == "late reader"
+    assert gate._waiting == 0 and gate._readers == 0 and not gate._exclusive

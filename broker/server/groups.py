@@ -641,9 +641,10 @@ class GroupCoordinator:
         UNKNOWN_PARTITION, INVALID_REQUEST (a negative offset, metadata that is not
         UTF-8), LIMIT_EXCEEDED
         (metadata over offset_metadata_bytes_max). Never flushes."""
-        self._check_group_name(group)
-        self._commits += 1
         state = self._groups.get(group)
+        if state is None:  # a group held here had its name checked when it was made (join)
+            self._check_group_name(group)
+        self._commits += 1
         member = None if state is None else state.members.get(member_id)
         if state is None:
             if generation == NO_GENERATION:
@@ -672,7 +673,7 @@ class GroupCoordinator:
                 code = ErrorCode.UNKNOWN_TOPIC
             elif not 0 <= partition < count:
                 code = ErrorCode.UNKNOWN_PARTITION
-            elif offset < 0 or (metadata_bytes := _utf8_bytes(metadata)) is None:
+            elif offset < 0 or (metadata_bytes := _utf8_bytes(metadata) if metadata else 0) is None:
                 code = ErrorCode.INVALID_REQUEST
             elif metadata_bytes > metadata_bytes_max:
                 code = ErrorCode.LIMIT_EXCEEDED
