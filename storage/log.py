@@ -57,10 +57,10 @@ from .records import (
     SUPPORTED_COMPRESSION,
     BatchHeader,
     check_batch,
-    check_batches,
     decode_records,
     encode_base_offset,
     stamp_log_append_time,
+    walk_batches,
     walk_header,
 )
 from .recovery import LogDamage, RecoveryReport, recover, remove_segment_files
@@ -83,6 +83,17 @@ class AppendResult:
     # An idempotent producer's retry of batches already in the log: nothing was written
     # and the offsets are the originals.
     duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedAppend:
+    """Batches a log accepts (check_append): the buffer, each batch's (position,
+    header), and whether some record carries a header (False: none does, as the walk
+    found). What a produce path may ask of them between the check and the write."""
+
+    view: memoryview
+    batches: list[tuple[int, BatchHeader]]
+    headers: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,12 +405,22 @@ class Log:
 
     def append_nowait(self, data: bytes | bytearray | memoryview) -> AppendResult:
         """Validate and write; never waits for an fsync (see durable_future)."""
+        return self.append_checked_nowait(self.check_append(data))
+
+    def check_append(self, data: bytes | bytearray | memoryview) -> CheckedAppend:
+        """What append_nowait checks before it writes: bounds, magic, CRC and every
+        record's framing (docs/fault-model.md "Undecodable batches"), then what a log
+        accepts of a producer's batch. Raises as append_nowait does; takes no lock and
+        changes nothing."""
         view = memoryview(data)
-        # Bounds, magic, CRC and every record's framing (docs/fault-model.md "Undecodable
-        # batches"), before the lock is taken.
-        batches = check_batches(view, self.config.limits)
+        batches, headers = walk_batches(view, self.config.limits)
         for position, header in batches:
             _check_producer_batch(header, position)
+        return CheckedAppend(view, batches, headers)
+
+    def append_checked_nowait(self, checked: CheckedAppend) -> AppendResult:
+        """append_nowait of batches check_append of this log accepted."""
+        view, batches = checked.view, checked.batches
         with self._lock:
             self._check_writable()
             now_ms = self._clock_ms()

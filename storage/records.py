@@ -253,22 +253,43 @@ def split_batches(
     return found
 
 
+class CheckedBatches(NamedTuple):
+    """walk_batches' answer: check_batches' (position, header) of each batch, and
+    whether some record of some batch carries a header (False: no record has one, known
+    from the walk; compressed batches' records included)."""
+
+    batches: list[tuple[int, BatchHeader]]
+    headers: bool
+
+
 def check_batches(
     buffer: bytes | bytearray | memoryview,
     limits: RecordLimits = DEFAULT_RECORD_LIMITS,
 ) -> list[tuple[int, BatchHeader]]:
     """split_batches, then check_records on each batch: whole batches whose records a
     reader can decode. A RecordFramingError names the batch's byte position."""
+    return walk_batches(buffer, limits).batches
+
+
+def walk_batches(
+    buffer: bytes | bytearray | memoryview,
+    limits: RecordLimits = DEFAULT_RECORD_LIMITS,
+) -> CheckedBatches:
+    """check_batches, keeping what its walk learns of the records' header counts: a
+    produce path asks whether any record carries a header before it searches the bytes
+    for one (broker/server/dedup.py)."""
     view = memoryview(buffer)
     found = split_batches(view, limits)
+    headers = False
     for position, header in found:
         try:
-            check_records(view[position : position + header.size], header, limits)
+            if check_records(view[position : position + header.size], header, limits):
+                headers = True
         except RecordFramingError as error:
             error.position = position
             error.args = (f"batch at byte {position}: {error}",)
             raise
-    return found
+    return CheckedBatches(found, headers)
 
 
 def check_batch_at(view: memoryview, position: int, limits: RecordLimits = DEFAULT_RECORD_LIMITS) -> BatchHeader:
@@ -614,7 +635,7 @@ def check_records(
     batch: bytes | bytearray | memoryview,
     header: BatchHeader,
     limits: RecordLimits = DEFAULT_RECORD_LIMITS,
-) -> None:
+) -> bool:
     """Walk the records of one batch whose header and CRC were checked, building
     nothing: what Kafka's LogValidator checks before a batch is written, and what
     `segments verify` checks of stored ones. Every record's length, attributes (no bits
@@ -623,7 +644,8 @@ def check_records(
     section; no unknown batch attribute bits. A compressed section is inflated up to
     decompressed_batch_bytes_max and walked the same way. Raises RecordFramingError
     naming the record and the field (UnsupportedCompressionError for a codec nodi does
-    not decode), and nothing else."""
+    not decode), and nothing else. Returns whether some record carries a header (False:
+    none does; True may also be a header count of 0 written in more than one byte)."""
     if header.attributes & ~ATTRIBUTES_KNOWN_MASK:
         raise RecordFramingError(
             f"batch attributes {header.attributes & 0xFFFF:#06x} set unknown bits "
@@ -636,8 +658,10 @@ def check_records(
         position = BATCH_HEADER_BYTES
     else:
         data, position = records_section(batch, header, limits), 0
-    if not _walk_uniform(data, position, header, limits):
-        _scan_records(data, position, header, limits, None)
+    header_count = _walk_uniform(data, position, header, limits)
+    if header_count is None:
+        return _scan_records(data, position, header, limits, None)
+    return header_count > 0
 
 
 def records_without_headers(
@@ -664,7 +688,7 @@ def records_without_headers(
             return False
     except (IndexError, CorruptBatchError):
         return False
-    return _walk_uniform(data, BATCH_HEADER_BYTES, header, limits)
+    return _walk_uniform(data, BATCH_HEADER_BYTES, header, limits) == 0
 
 
 def iter_records(
@@ -704,10 +728,11 @@ def _scan_records(
     header: BatchHeader,
     limits: RecordLimits,
     records: list[Record] | None,
-) -> None:
+) -> bool:
     """The one record parser, over data[position:]: with `records` a list, each record
     is decoded into it (the consumer's hot loop); with None only the framing is walked
-    (the produce path's). The varints of one and two bytes (every field of a record of up
+    (the produce path's). Returns whether some record's header count was not the
+    one-byte 0 (check_records' answer). The varints of one and two bytes (every field of a record of up
     to 8 KiB) are decoded inline, longer ones by _decode_varint; an index past the end
     is a truncated field, named by `field`."""
     read = _decode_varint
@@ -727,6 +752,7 @@ def _scan_records(
     previous_delta = -1
     index = 0
     field = "length"
+    headers_seen = False
     headers: tuple = ()
     key = value = None
     try:
@@ -837,6 +863,7 @@ def _scan_records(
                 headers = ()
                 position += 1
             else:
+                headers_seen = True
                 headers, position, size = _scan_headers(
                     data, position, record_end, size, headers_max, index, append is not None
                 )
@@ -877,6 +904,7 @@ def _scan_records(
             f"{end - position} bytes after the last of {count} records (records_count says {count})",
             field="records_count",
         )
+    return headers_seen
 
 
 # The offset deltas a uniform run may hold, as _walk_uniform compares them a column at
@@ -888,23 +916,23 @@ _DELTA_LOW_BYTE = bytes(((2 * delta) & 0x7F) | 0x80 for delta in range(64, UNIFO
 _DELTA_HIGH_BYTE = bytes((2 * delta) >> 7 for delta in range(64, UNIFORM_RECORDS_MAX))
 
 
-def _walk_uniform(data: bytes, position: int, header: BatchHeader, limits: RecordLimits) -> bool:
+def _walk_uniform(data: bytes, position: int, header: BatchHeader, limits: RecordLimits) -> int | None:
     """check_records' fast path for what producers send most: records that differ only
     in their timestamp delta (one byte), offset delta (0, 1, ...) and the bytes of their
     key, value and header values; every length, the header count and the header keys
     are the same in all of them. Then the records sit at a fixed stride and each framing
     byte is checked for all of them at once, as a strided slice compared in C, instead
-    of record by record. True when the records section is exactly that; False says
-    nothing is known (never an error): _scan_records then walks it record by record and
-    names what is wrong."""
+    of record by record. When the records section is exactly that, the header count
+    every record has; None says nothing is known (never an error): _scan_records then
+    walks it record by record and names what is wrong."""
     count = header.records_count
     end = len(data)
     if not 0 < count <= UNIFORM_RECORDS_MAX or count - 1 > header.last_offset_delta:
-        return False
+        return None
     layout = _uniform_layout(data, position, limits)
     if layout is None:
-        return False
-    length_one, fixed_one = layout
+        return None
+    length_one, fixed_one, header_count = layout
     index = 0
     for width, run_end_index in ((1, 64), (2, UNIFORM_RECORDS_MAX)):
         count_here = min(count, run_end_index) - index
@@ -915,40 +943,40 @@ def _walk_uniform(data: bytes, position: int, header: BatchHeader, limits: Recor
         stride = len(length_part) + record_length
         run_end = position + count_here * stride
         if run_end > end:
-            return False
+            return None
         for place, byte in enumerate(length_part):
             if data[position + place : run_end : stride].count(byte) != count_here:
-                return False
+                return None
         # attributes 0, then the timestamp delta (any one-byte varint), then the offset delta
         attributes_place = position + len(length_part)
         if data[attributes_place:run_end:stride].count(0) != count_here:
-            return False
+            return None
         if not data[attributes_place + 1 : run_end : stride].isascii():
-            return False
+            return None
         delta_place = attributes_place + 2
         if width == 1:
             if data[delta_place:run_end:stride] != _DELTA_ONE_BYTE[index : index + count_here]:
-                return False
+                return None
         elif (
             data[delta_place:run_end:stride] != _DELTA_LOW_BYTE[index - 64 : index - 64 + count_here]
             or data[delta_place + 1 : run_end : stride] != _DELTA_HIGH_BYTE[index - 64 : index - 64 + count_here]
         ):
-            return False
+            return None
         after_delta = delta_place + width
         for place, byte in fixed_one:
             if data[after_delta + place : run_end : stride].count(byte) != count_here:
-                return False
+                return None
         position = run_end
         index += count_here
-    return position == end
+    return header_count if position == end else None
 
 
-def _uniform_layout(data: bytes, position: int, limits: RecordLimits) -> tuple[int, list[tuple[int, int]]] | None:
+def _uniform_layout(data: bytes, position: int, limits: RecordLimits) -> tuple[int, list[tuple[int, int]], int] | None:
     """For _walk_uniform, from the first record (read with the codec's varint reader):
-    its length as it would be with a one-byte offset delta, and (place, byte) of each
+    its length as it would be with a one-byte offset delta, (place, byte) of each
     byte after the offset delta that every record must share: the key's and the
-    value's length, the header count, each header's key length, key and value length.
-    None when the first record does not have that shape or breaks a limit."""
+    value's length, the header count, each header's key length, key and value length;
+    and its header count (every record's, since its bytes are shared). None when the first record does not have that shape or breaks a limit."""
     read = _decode_varint
     try:
         length, start = read(data, position, 5)
@@ -996,7 +1024,7 @@ def _uniform_layout(data: bytes, position: int, limits: RecordLimits) -> tuple[i
         return None
     if cursor != start + length or cursor > len(data) or payload > limits.record_bytes_max:
         return None
-    return length, fixed
+    return length, fixed, header_count
 
 
 def _scan_headers(

@@ -50,6 +50,7 @@ def test_requests_without_the_header_take_the_fast_path():
     assert dedup.check("other", build_batch([record(b"x", "k")])) is None  # no window
     statistics = dedup.statistics()
     assert statistics.requests_searched == 1 and statistics.batches_decoded == 0
+    assert statistics.requests_skipped == 0  # no check_append handed over: searched as before
 
 
 def test_seen_keys_are_duplicates_until_the_window_passes():

@@ -128,6 +128,24 @@ def test_raw_batches_are_answered_per_record(broker):
             assert producer.send("raw", b"dup", idempotency_key="k1").result(timeout=WAIT_S) == original
 
 
+def test_a_key_behind_header_free_batches_is_still_found(broker):
+    """The broker skips its search only when no record carries a header: header-free
+    batches, then a batch whose last record alone holds the key, are deduplicated as one
+    request; header-free requests are written every time."""
+    plain = build_batch([NewRecord(None, b"p" * 1024) for _ in range(20)])
+    late = build_batch([keyed(b"a", None), keyed(b"bb", None), keyed(b"late", "late-key")])
+    with Client(broker.address) as client:
+        client.create_topic("behind")
+        first = client.produce_batch("behind", 0, plain + plain + late)
+        assert (first.base_offset, first.last_offset) == (0, 42)
+        with pytest.raises(PartlyDuplicate) as raised:
+            client.produce_batch("behind", 0, plain + late)
+        assert [(d.index, d.partition, d.offset) for d in raised.value.duplicates] == [(22, 0, 42)]
+        assert client.produce_batch("behind", 0, plain).base_offset == 43
+        assert client.produce_batch("behind", 0, plain, acks="written").base_offset == 63
+        assert len(settled(client, "behind", 83)) == 83
+
+
 def test_keys_outside_the_window_are_written_again(broker):
     with Client(broker.address) as client:
         client.create_topic("short", dedup_window_ms=200)

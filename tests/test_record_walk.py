@@ -128,7 +128,7 @@ def produced_batches(draw):
 def uniform_fast_path(batch: bytes) -> bool:
     header = records.check_batch(batch)
     data = records.records_section(batch, header)
-    return records._walk_uniform(data, 0, header, DEFAULT_RECORD_LIMITS)
+    return records._walk_uniform(data, 0, header, DEFAULT_RECORD_LIMITS) is not None
 
 
 @QUICK
@@ -150,7 +150,7 @@ def test_fast_path_never_accepts_what_the_walk_refuses(batch, data):
     section[position] = data.draw(st.integers(0, 255).filter(lambda byte: byte != section[position]))
     changed = seal(bytes(section), header.records_count, attributes=header.attributes & ~records.ATTRIBUTE_CODEC_MASK)
     changed_header = records.check_batch(changed)
-    if records._walk_uniform(changed, records.BATCH_HEADER_BYTES, changed_header, DEFAULT_RECORD_LIMITS):
+    if records._walk_uniform(changed, records.BATCH_HEADER_BYTES, changed_header, DEFAULT_RECORD_LIMITS) is not None:
         records._scan_records(changed, records.BATCH_HEADER_BYTES, changed_header, DEFAULT_RECORD_LIMITS, None)
 
 
@@ -174,6 +174,46 @@ def test_every_encoded_batch_passes_the_walk(new, compression):
     walk(batch)
     decoded = records.decode_batches(batch)
     assert [(r.key, r.value, r.headers) for r in decoded] == [(n.key, n.value, tuple(n.headers)) for n in new]
+
+
+@QUICK
+@given(new=any_records, compression=st.sampled_from(list(Compression)))
+def test_the_walk_says_whether_any_record_carries_a_header(new, compression):
+    """check_records' answer, record by record (any_records is rarely uniform) and
+    column-wise, is exactly whether a decoded record has a header: a produce path skips
+    its search for a header only on False, so False must never hide one."""
+    batch = records.build_batch(new, compression=compression)
+    header = records.check_batch(batch)
+    assert records.check_records(batch, header) == any(
+        record.headers for record in records.decode_records(batch, header)
+    )
+
+
+@QUICK
+@given(batch=produced_batches())
+def test_the_fast_path_says_whether_its_records_carry_headers(batch):
+    header = records.check_batch(batch)
+    decoded = records.decode_records(batch, header)
+    assert records.check_records(batch, header) == bool(decoded[0].headers)
+    assert records._walk_uniform(records.records_section(batch, header), 0, header, DEFAULT_RECORD_LIMITS) == len(
+        decoded[0].headers
+    )
+
+
+def test_walk_batches_says_whether_any_batch_carries_a_header():
+    """Several batches, one of them compressed: False only when no record of any batch
+    has a header; a header in a later record of a later batch, or inside a compressed
+    batch, makes it True; the batches are check_batches' own."""
+    plain = records.build_batch([NewRecord(None, b"v" * 100) for _ in range(10)])
+    late = records.build_batch([NewRecord(None, b"a"), NewRecord(None, b"b"), NewRecord(None, b"c", [("k", b"x")])])
+    packed = records.build_batch([NewRecord(None, b"z", [("k", b"x")])], compression=Compression.GZIP)
+    packed_plain = records.build_batch([NewRecord(None, b"z")] * 3, compression=Compression.GZIP)
+    assert records.walk_batches(plain + packed_plain + plain) == (
+        records.check_batches(plain + packed_plain + plain),
+        False,
+    )
+    assert records.walk_batches(plain + late).headers
+    assert records.walk_batches(plain + packed).headers
 
 
 @QUICK

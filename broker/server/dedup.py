@@ -6,11 +6,15 @@ The produce path stays cheap. The broker never decodes records on produce, excep
 and only when needed:
 
 - a topic with dedup_window_ms 0 costs nothing;
+- a request whose records carry no header at all, as the log's walk of them found
+  (Log.check_append, run before this check), is not searched: the common case, a
+  producer's uniform batches of header-free records, costs nothing more;
 - otherwise each produce's bytes are searched once for the header name (bytes.find over
   the received frame, no copy: about 55 us per 256 KiB here, beside about 130 us for the
-  append itself); a request without it - the common case - goes straight to the log;
+  append itself); a request without it goes straight to the log;
 - a request that holds it has its batches checked (bounds, CRC: what the log checks
-  anyway) and only the uncompressed batches that contain the name are decoded.
+  anyway; the produce path hands over the log's check instead) and only the
+  uncompressed batches that contain the name are decoded.
   Compressed batches are never decompressed for dedup: their records are written without
   a check and their keys are not remembered. nodi's own producer therefore sends every
   batch that holds an idempotency key uncompressed (docs/guarantees.md).
@@ -43,6 +47,7 @@ import xxhash
 
 from nodi.storage.errors import InvalidRecordError, NodiError
 from nodi.storage.limits import DEFAULT_RECORD_LIMITS, RecordLimits
+from nodi.storage.log import CheckedAppend
 from nodi.storage.records import Compression, decode_records, iter_batches, split_batches
 
 from ..protocol.headers import IDEMPOTENCY_KEY_NEEDLE, idempotency_key_of
@@ -86,6 +91,7 @@ class DedupStatistics:
     topics: int  # topics with a window
     keys: int  # remembered now, over every topic
     requests_searched: int  # produce requests searched for the header name
+    requests_skipped: int  # produce requests not searched: no record carries a header
     batches_decoded: int  # batches that held it and were decoded
     duplicates: int  # records not written because their key was seen
     partly_duplicate_requests: int  # requests answered PARTLY_DUPLICATE
@@ -134,6 +140,7 @@ class PublishDedup:
         self._limits = limits
         self._topics: dict[str, _TopicKeys] = {}
         self._requests_searched = 0
+        self._requests_skipped = 0
         self._batches_decoded = 0
         self._duplicates = 0
         self._partly = 0
@@ -156,11 +163,16 @@ class PublishDedup:
 
     # -- produce ------------------------------------------------------------------------
 
-    def check(self, topic: str, window_ms: int, records: bytes | memoryview) -> DedupCheck | None:
+    def check(
+        self, topic: str, window_ms: int, records: bytes | memoryview, checked: CheckedAppend | None = None
+    ) -> DedupCheck | None:
         """None when `records` carries no idempotency key the topic deduplicates (the
         fast path); else the keyed records and which of them are duplicates. window_ms
         is the topic's setting as stored (0: off), so a topic created by any path is
-        covered. Raises InvalidRecordError for bad batches (the log refuses them too)."""
+        covered. `checked`: the log's check_append of `records`, when it ran first: its
+        batches are not checked again, and a request none of whose records carries a
+        header is not searched. Raises InvalidRecordError for bad batches (the log
+        refuses them too)."""
         keys = self._topics.get(topic)
         if keys is None or keys.window_ms != window_ms:
             if window_ms <= 0:
@@ -168,6 +180,9 @@ class PublishDedup:
                 return None
             self.configure(topic, window_ms)
             keys = self._topics[topic]
+        if checked is not None and not checked.headers:
+            self._requests_skipped += 1
+            return None
         self._requests_searched += 1
         if not _may_hold_a_key(records):
             return None
@@ -178,7 +193,8 @@ class PublishDedup:
         duplicates: list[tuple[int, Original]] = []
         seen_here: dict[int, int] = {}  # digest -> index, for repeats inside the request
         index = 0
-        for position, header in split_batches(view, self._limits):
+        batches = split_batches(view, self._limits) if checked is None else checked.batches
+        for position, header in batches:
             batch = view[position : position + header.size]
             if header.records_count != header.last_offset_delta + 1:
                 raise InvalidRecordError(f"batch at byte {position}: offsets are not dense")
@@ -351,6 +367,7 @@ class PublishDedup:
             topics=len(self._topics),
             keys=sum(len(keys.entries) for keys in self._topics.values()),
             requests_searched=self._requests_searched,
+            requests_skipped=self._requests_skipped,
             batches_decoded=self._batches_decoded,
             duplicates=self._duplicates,
             partly_duplicate_requests=self._partly,

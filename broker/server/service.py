@@ -689,13 +689,15 @@ class Broker:
     async def _produce(self, request: m.ProduceRequest) -> Reply:
         config, partition_log = self._config_and_log(request.topic, request.partition)
         self.compaction.check_produce(request.topic, partition_log, request.records)
-        # Publish dedup (broker/server/dedup.py): check, append and record run without an await.
-        check = self.dedup.check(request.topic, config.dedup_window_ms, request.records)
+        # The log's check first: publish dedup (broker/server/dedup.py) does not search a
+        # request whose records carry no header. Check, append and record run without an await.
+        checked = partition_log.check_append(request.records)
+        check = self.dedup.check(request.topic, config.dedup_window_ms, request.records, checked)
         if check is not None:
             self._check_dedup_read_back(request.topic)
         if check is not None and check.duplicates:
             return await self._produce_duplicates(request, check)
-        result = partition_log.append_nowait(request.records)
+        result = partition_log.append_checked_nowait(checked)
         if check is not None:  # recorded before any await: the next produce sees the keys
             self.dedup.record(request.topic, request.partition, result.first_offset, check)
         if request.acks is m.Acks.DURABLE:
@@ -721,13 +723,15 @@ class Broker:
             if waiters is None or partition_log.config.fsync_policy is FsyncPolicy.NEVER:
                 return None
             self.compaction.check_produce(request.topic, partition_log, request.records)
-            # Publish dedup as in _produce: check, append and record without an await.
-            check = self.dedup.check(request.topic, config.dedup_window_ms, request.records)
+            # The log's check, then publish dedup, as in _produce: check, append and record
+            # without an await.
+            checked = partition_log.check_append(request.records)
+            check = self.dedup.check(request.topic, config.dedup_window_ms, request.records, checked)
             if check is not None:
                 self._check_dedup_read_back(request.topic)
                 if check.duplicates:
                     return self.answer(request, self._produce_duplicates(request, check))
-            result = partition_log.append_nowait(request.records)
+            result = partition_log.append_checked_nowait(checked)
             if check is not None:
                 self.dedup.record(request.topic, request.partition, result.first_offset, check)
         except Exception as error:  # as handle() answers them
