@@ -448,16 +448,17 @@ class ClientSession:
         await self._write(reply)
 
     async def _write(self, reply: Reply) -> None:
-        if not self._writers and not reply.slices:
+        if not self._writers and not (reply.slices and self._sendfile_needed(reply.slices)):
             # Nobody holds or waits for the writer, and nothing here awaits before the
-            # bytes are handed to the transport: the lock would be taken and given back
-            # with nothing able to come in between. Only a drain, if any, is waited for
-            # under it, as below.
+            # bytes are handed to the transport (no sendfile): the lock would be taken and
+            # given back with nothing able to come in between. Only a drain, if any, is
+            # waited for under it, as below.
             if self.connection.state not in (State.READY, State.HANDSHAKING):
                 return  # closed meanwhile: the reply has nowhere to go
             header, reply = self._encode(reply)
-            if reply.buffers:
-                self.writer.writelines([header, *reply.buffers])
+            if reply.buffers or reply.slices:
+                assert not (reply.buffers and reply.slices)  # one kind of records a reply
+                self.writer.writelines([header, *reply.buffers, *(piece.read() for piece in reply.slices)])
             else:
                 self.writer.write(header)
             if self.writer.transport.get_write_buffer_size():
@@ -474,6 +475,13 @@ class ClientSession:
                 await self._write_locked(reply)
         finally:
             self._writers -= 1
+
+    def _sendfile_needed(self, slices: tuple[FileSlice, ...]) -> bool:
+        """Whether _write_locked would sendfile one of these slices (else it reads them
+        all and writes them with the header)."""
+        if not (self.server.sendfile and self.sendfile):
+            return False
+        return any(piece.length >= SENDFILE_BYTES_MIN for piece in slices)
 
     async def _write_locked(self, reply: Reply) -> None:
         timeout_s = self.server.config.write_timeout_ms / 1000
