@@ -291,7 +291,9 @@ class Array(WireType):
         self.min_bytes = 4
 
     def encode(self, value: Any, out: bytearray) -> None:
-        if isinstance(value, (str, bytes, bytearray, memoryview)) or not isinstance(value, Sequence):
+        if type(value) is not list and (  # a list is a Sequence: no ABC check for the usual case
+            isinstance(value, (str, bytes, bytearray, memoryview)) or not isinstance(value, Sequence)
+        ):
             raise _invalid(f"expected a sequence for {self.name}, got {type(value).__name__}")
         if len(value) > UINT32.high:
             raise _invalid(f"{len(value)} items do not fit a uint32 count")
