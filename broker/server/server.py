@@ -3,8 +3,9 @@
 Every task belongs to a TaskGroup: the server's own (connections and background jobs)
 or a connection's (its requests in flight). Each connection is a loop around the sans-IO
 protocol.Connection: read with a timeout, feed it, dispatch each request as a task
-(responses go out in completion order, matched by request id), write replies under one
-lock, sendfile fetched batches straight from their segment files. A durable produce is
+(responses go out in completion order, matched by request id), write replies one at a
+time (a lock is taken only when a reply must wait: a writer busy, a drain, a sendfile),
+sendfile fetched batches straight from their segment files. A durable produce is
 no task: its DurableAnswer (durable_answer.py) is written from the fsync's callback. A connection that
 breaks the protocol gets one Closing event and is closed; the server and every other
 connection carry on.
