@@ -36,6 +36,7 @@ check that it answers each request once.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 
 from . import messages as _messages
@@ -50,11 +51,13 @@ from .frames import (
     FRAME_OVERHEAD_BYTES,
     FrameHeader,
     check_frame_length,
+    decode_body_as,
     decode_frame_header,
     decode_message,
     decode_message_body,
     encode_message,
     frame_api_key,
+    read_frame_header,
     read_frame_length,
 )
 from .limits import (
@@ -154,6 +157,27 @@ FRAME_PREALLOCATE_BYTES_MIN = 64 * 1024
 HANDSHAKE_FRAME_BYTES_MAX = 64 * 1024
 
 
+@functools.cache
+def _served_at(protocol_version: int) -> tuple[dict[tuple[int, int], type[Request]], dict[type, tuple[int, int]]]:
+    """What a server's READY connection speaking `protocol_version` serves, worked out
+    once per version from the same facts `_receive_request` and `_plan_server_send`
+    check one by one: (api key, api version) -> the request class, for every API and
+    version that exists under that protocol version, and each one's response class ->
+    (api key, api version). The Handshake is left out (its exchange changes the state),
+    and so is ErrorResponse (it answers any API and version): both take the general path."""
+    requests: dict[tuple[int, int], type[Request]] = {}
+    responses: dict[type, tuple[int, int]] = {}
+    for (api_key, api_version), (request, response, _) in MESSAGES_BY_VERSION.items():
+        if api_key == ApiKey.HANDSHAKE:
+            continue
+        if not (api_served(api_key, protocol_version) and api_version_served(api_key, api_version, protocol_version)):
+            continue
+        assert response.API_KEY == api_key and response.API_VERSION == api_version
+        requests[(api_key, api_version)] = request
+        responses[response] = (api_key, api_version)
+    return requests, responses
+
+
 class _Sentinel(enum.Enum):
     NEED_DATA = "NEED_DATA"
 
@@ -229,6 +253,11 @@ class Connection:
         self._send_in_flight_max = limits.in_flight_requests_max
         self._frames_received = self._frames_sent = 0
         self._bytes_received = self._bytes_sent = 0
+        # A server once READY: what it serves at the agreed protocol version (_served_at),
+        # so that a request it serves, well framed and in sequence, and the response to
+        # it take one table look-up instead of the checks one by one; None before.
+        self._requests_served: dict[tuple[int, int], type[Request]] | None = None
+        self._responses_served: dict[type, tuple[int, int]] | None = None
 
     # -- inspection ---------------------------------------------------------
 
@@ -359,6 +388,29 @@ class Connection:
                 self._state = State.CLOSED
                 return ConnectionClosed()
             self._frames_received += 1
+            served = self._requests_served
+            if served is not None and self._state is State.READY:
+                # A server's common case: a request frame for an API and version this
+                # connection serves, its id free, room in flight. Exactly what the checks
+                # of decode_frame_header and _receive_request would let through, and the
+                # same event (the same RejectedRequest for a body that does not decode);
+                # anything else takes the general path below, which says what is wrong.
+                kind, flags, api_key, api_version, request_id = read_frame_header(frame)
+                cls = served.get((api_key, api_version))
+                in_flight = self._in_flight
+                if (
+                    cls is not None
+                    and kind == Kind.REQUEST
+                    and not flags
+                    and request_id
+                    and request_id not in in_flight
+                    and len(in_flight) < self.limits.in_flight_requests_max
+                ):
+                    in_flight[request_id] = (api_key, api_version)
+                    try:
+                        return decode_body_as(cls, frame, request_id, self.limits)
+                    except ProtocolError as error:
+                        return RejectedRequest(request_id, api_key, api_version, error.code, error.message)
             header = decode_frame_header(frame)
             if self.role is Role.SERVER:
                 return self._receive_request(header, frame)
@@ -393,6 +445,10 @@ class Connection:
             return None
         self._incomplete_bytes = 0
         start = self._start
+        if size == available and not start:  # the buffer is this one frame: the common case
+            frame = bytes(self._buffer)  # the one copy
+            self._buffer.clear()
+            return frame
         with memoryview(self._buffer) as view, view[start : start + size] as window:
             frame = bytes(window)  # the one copy: records are handed out as slices of it
         self._start = start + size
@@ -544,6 +600,20 @@ class Connection:
         return self._send(message, records_bytes)
 
     def _send(self, message: Message, records_bytes: int | None) -> bytes:
+        responses = self._responses_served
+        if responses is not None and self._state is State.READY:
+            # A server's common case: the response class of a request in flight, of its
+            # API and version (what _plan_server_send checks one by one; anything else
+            # takes the general path below, which says what is wrong).
+            answers = responses.get(type(message))
+            if answers is not None and self._in_flight.get(message.request_id) == answers:
+                data = encode_message(
+                    message, answers[1], records_bytes=records_bytes, frame_bytes_max=self._send_frame_bytes_max
+                )
+                del self._in_flight[message.request_id]
+                self._frames_sent += 1
+                self._bytes_sent += len(data) + (records_bytes or 0)
+                return data
         if self.role is Role.CLIENT:
             plan = self._plan_client_send(message)
         else:
@@ -559,6 +629,7 @@ class Connection:
             del self._in_flight[message.request_id]
             if next_state is State.READY and isinstance(message, HandshakeResponse):
                 self.protocol_version = message.protocol_version
+                self._requests_served, self._responses_served = _served_at(message.protocol_version)
         self._state = next_state
         self._frames_sent += 1
         self._bytes_sent += len(data) + (records_bytes or 0)

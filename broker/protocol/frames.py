@@ -31,12 +31,12 @@ connection decides what they mean for a response.
 from __future__ import annotations
 
 import struct
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from .errors import ErrorCode, ProtocolError
 from .limits import DEFAULT_PROTOCOL_LIMITS, FRAME_LENGTH_PREFIX_BYTES, UINT32_MAX, ProtocolLimits
 from .messages import API_BY_KEY, EVENT_VERSION, EVENTS, MESSAGES_BY_VERSION, ErrorResponse, Kind, Message
-from .schema import decode_body, encode_body, schema_of
+from .schema import decode_body, schema_of
 
 # kind, flags, api_key, api_version, request_id: the bytes frame_length counts first.
 FRAME_HEADER_BYTES = 10
@@ -79,6 +79,16 @@ def check_frame_length(frame_length: int, limits: ProtocolLimits = DEFAULT_PROTO
 def read_frame_length(buffer: bytes | bytearray | memoryview, position: int = 0) -> int:
     """The length prefix at `position` (the caller has checked that 4 bytes are there)."""
     return _PREFIX.unpack_from(buffer, position)[0]
+
+
+_HEADER = struct.Struct(">BBHHI")
+
+
+def read_frame_header(frame: bytes | memoryview) -> tuple[int, int, int, int, int]:
+    """kind, flags, api_key, api_version, request_id of a whole frame, unchecked: for a
+    caller that checks them itself (the connection's fast path for the requests it
+    serves) and gives anything else to decode_frame_header."""
+    return _HEADER.unpack_from(frame, FRAME_LENGTH_PREFIX_BYTES)
 
 
 def decode_frame_header(frame: bytes | memoryview) -> FrameHeader:
@@ -130,14 +140,21 @@ def decode_message_body(
     """Decode the body of one whole frame whose header is `header`. Records come out as
     a memoryview of `frame` (no copy)."""
     cls = message_class(header)
+    if cls is not ErrorResponse:
+        return decode_body_as(cls, frame, header.request_id, limits)
     body = memoryview(frame)[FRAME_OVERHEAD_BYTES:]
-    extra: dict[str, Any] = {"request_id": header.request_id}
-    if cls is ErrorResponse:
-        extra["api_key"] = header.api_key
-    message = decode_body(cls, body, limits, **extra)
-    if cls is ErrorResponse and message.error_code == ErrorCode.NONE:
+    message = decode_body(cls, body, limits, request_id=header.request_id, api_key=header.api_key)
+    if message.error_code == ErrorCode.NONE:
         raise ProtocolError(ErrorCode.INVALID_REQUEST, "an error response with error code none")
     return message
+
+
+def decode_body_as(
+    cls: type[Message], frame: bytes | bytearray | memoryview, request_id: int, limits: ProtocolLimits
+) -> Message:
+    """The body of one whole frame as `cls` (any message class but ErrorResponse, whose
+    api_key comes from the header), the frame's request id given."""
+    return decode_body(cls, memoryview(frame)[FRAME_OVERHEAD_BYTES:], limits, request_id=request_id)
 
 
 def decode_message(frame: bytes, limits: ProtocolLimits = DEFAULT_PROTOCOL_LIMITS) -> tuple[FrameHeader, Message]:
@@ -153,7 +170,7 @@ def frame_api_key(message: Message) -> int:
     return message.api_key if isinstance(message, ErrorResponse) else message.API_KEY
 
 
-def _check_header_values(message: Message, api_version: int) -> None:
+def _check_header_values(message: Message, api_key: int, api_version: int) -> None:
     request_id = message.request_id
     if not isinstance(request_id, int) or isinstance(request_id, bool):
         raise ProtocolError(ErrorCode.INVALID_REQUEST, f"request id {request_id!r} is not an integer")
@@ -162,7 +179,7 @@ def _check_header_values(message: Message, api_version: int) -> None:
             raise ProtocolError(ErrorCode.INVALID_REQUEST, f"an event with request id {request_id}")
     elif not 1 <= request_id <= UINT32_MAX:
         raise ProtocolError(ErrorCode.INVALID_REQUEST, f"request id {request_id} is outside 1..{UINT32_MAX}")
-    if not 0 <= frame_api_key(message) <= 0xFFFF or not 0 <= api_version <= 0xFFFF:
+    if not 0 <= api_key <= 0xFFFF or not 0 <= api_version <= 0xFFFF:
         raise ProtocolError(ErrorCode.INVALID_REQUEST, "api key and version are uint16")
 
 
@@ -177,12 +194,18 @@ def encode_message(
     including the records length: the caller sends exactly `records_bytes` bytes of
     batches right after it. Raises ProtocolError (INVALID_REQUEST for a value outside its
     type, FRAME_TOO_LARGE over `frame_bytes_max`) before anything is returned."""
-    if records_bytes is not None and not schema_of(type(message)).has_records:
+    schema = schema_of(type(message))
+    if records_bytes is not None and not schema.has_records:
         raise ProtocolError(ErrorCode.INVALID_REQUEST, f"a {type(message).__name__} has no records field")
-    if isinstance(message, ErrorResponse) and message.error_code == ErrorCode.NONE:
-        raise ProtocolError(ErrorCode.INVALID_REQUEST, "an error response needs an error code")
-    _check_header_values(message, api_version)
-    body = encode_body(message, records_bytes=records_bytes)
+    if isinstance(message, ErrorResponse):
+        if message.error_code == ErrorCode.NONE:
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, "an error response needs an error code")
+        api_key, flags = message.api_key, FLAG_ERROR
+    else:
+        api_key, flags = message.API_KEY, 0
+    _check_header_values(message, api_key, api_version)
+    body = bytearray()
+    schema.encode(message, body, records_bytes=records_bytes)  # all of it, or nothing: it raises
     frame_length = FRAME_HEADER_BYTES + len(body) + (records_bytes or 0)
     size = FRAME_LENGTH_PREFIX_BYTES + frame_length
     if frame_length > UINT32_MAX or (frame_bytes_max is not None and size > frame_bytes_max):
@@ -191,12 +214,5 @@ def encode_message(
             f"a {type(message).__name__} frame of {size} bytes exceeds frame_bytes_max {frame_bytes_max}",
             closes_connection=False,
         )
-    header = _PREFIX_AND_HEADER.pack(
-        frame_length,
-        message.KIND,
-        FLAG_ERROR if isinstance(message, ErrorResponse) else 0,
-        frame_api_key(message),
-        api_version,
-        message.request_id,
-    )
+    header = _PREFIX_AND_HEADER.pack(frame_length, message.KIND, flags, api_key, api_version, message.request_id)
     return header + body

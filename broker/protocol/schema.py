@@ -291,7 +291,9 @@ class Array(WireType):
         self.min_bytes = 4
 
     def encode(self, value: Any, out: bytearray) -> None:
-        if isinstance(value, (str, bytes, bytearray, memoryview)) or not isinstance(value, Sequence):
+        if type(value) is not list and (  # a list is a Sequence: no ABC check for the usual case
+            isinstance(value, (str, bytes, bytearray, memoryview)) or not isinstance(value, Sequence)
+        ):
             raise _invalid(f"expected a sequence for {self.name}, got {type(value).__name__}")
         if len(value) > UINT32.high:
             raise _invalid(f"{len(value)} items do not fit a uint32 count")
@@ -362,20 +364,36 @@ class WireField(NamedTuple):
 
 class _Run(NamedTuple):
     """Consecutive fields of a schema encoded as one step. `packed` is the one
-    struct.Struct of a run of two or more Integer fields (decoded and encoded with one
-    call, and checked field by field only when that fails); None for a single field."""
+    struct.Struct of a run of two or more fixed-size integer fields, enumerations
+    included (decoded and encoded with one call, and checked field by field only when
+    that fails); None for a single field."""
 
     fields: tuple[WireField, ...]
     names: tuple[str, ...]
     packed: struct.Struct | None
     get_values: Any  # operator.attrgetter of the names (packed runs)
+    # The type each value of a packed run has when it packs as is: int for an integer
+    # field (not a bool, not an IntEnum), the enum class for an enumeration (a member,
+    # in range by Enumeration's assert); any other value is encoded field by field.
+    value_types: tuple[type, ...]
+    # (name, members by value, field) of the run's enumerations, checked after unpacking.
+    enumerations: tuple[tuple[str, dict[int, enum.IntEnum], WireField], ...]
+
+
+def _integer_of(type_: WireType) -> Integer | None:
+    """The fixed-size integer a field is on the wire, when it can join a packed run."""
+    if type(type_) is Integer:
+        return type_
+    if type(type_) is Enumeration:
+        return type_.integer
+    return None
 
 
 def _runs(fields: tuple[WireField, ...]) -> tuple[_Run, ...]:
     groups: list[list[WireField]] = []
     for field in fields:
-        integer = type(field.type) is Integer
-        if integer and groups and len(groups[-1]) and type(groups[-1][-1].type) is Integer:
+        integer = _integer_of(field.type) is not None
+        if integer and groups and len(groups[-1]) and _integer_of(groups[-1][-1].type) is not None:
             groups[-1].append(field)
         else:
             groups.append([field])
@@ -383,10 +401,26 @@ def _runs(fields: tuple[WireField, ...]) -> tuple[_Run, ...]:
     for group in groups:
         names = tuple(field.name for field in group)
         if len(group) >= 2:
-            codes = "".join(field.type._struct.format[1:] for field in group)  # type: ignore[attr-defined]
-            runs.append(_Run(tuple(group), names, struct.Struct(">" + codes), operator.attrgetter(*names)))
+            integers = [_integer_of(field.type) for field in group]
+            codes = "".join(integer._struct.format[1:] for integer in integers if integer is not None)
+            value_types = tuple(
+                field.type.enum_class if isinstance(field.type, Enumeration) else int for field in group
+            )
+            enumerations = tuple(
+                (field.name, field.type._members, field) for field in group if isinstance(field.type, Enumeration)
+            )
+            runs.append(
+                _Run(
+                    tuple(group),
+                    names,
+                    struct.Struct(">" + codes),
+                    operator.attrgetter(*names),
+                    value_types,
+                    enumerations,
+                )
+            )
         else:
-            runs.append(_Run(tuple(group), names, None, None))
+            runs.append(_Run(tuple(group), names, None, None, (), ()))
     return tuple(runs)
 
 
@@ -418,7 +452,7 @@ class Schema:
         for run in self._runs:
             if run.packed is not None:
                 values = run.get_values(value)
-                if all(type(item) is int for item in values):
+                if tuple(map(type, values)) == run.value_types:
                     try:
                         out += run.packed.pack(*values)
                         continue
@@ -442,6 +476,12 @@ class Schema:
             if packed is not None and end - position >= packed.size:
                 values.update(zip(run.names, packed.unpack_from(buffer, position)))
                 position += packed.size
+                for name, members, field in run.enumerations:
+                    member = members.get(values[name])
+                    if member is None:
+                        assert isinstance(field.type, Enumeration)
+                        raise _invalid(f"{name}: {values[name]!r} is not a {field.type.enum_class.__name__}")
+                    values[name] = member
                 continue
             for field in run.fields:  # one field, or a truncated run: the field that is short says so
                 try:

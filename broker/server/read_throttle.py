@@ -62,6 +62,16 @@ class ReadThrottle:
         if self.in_flight_bytes <= self.in_flight_bytes_max:
             self._drained.set()
 
+    def ready(self) -> bool:
+        """Before a read: True when neither limit holds it back (the bucket refilled), so
+        the caller need not await wait(), which would find the same."""
+        if self.in_flight_bytes > self.in_flight_bytes_max:
+            return False
+        now = time.monotonic()
+        self._tokens = min(self.rate, self._tokens + (now - self._refilled) * self.rate)
+        self._refilled = now
+        return self._tokens >= 0
+
     async def wait(self) -> None:
         """Before a read: wait while over either limit."""
         if self.in_flight_bytes > self.in_flight_bytes_max:

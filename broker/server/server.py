@@ -3,8 +3,9 @@
 Every task belongs to a TaskGroup: the server's own (connections and background jobs)
 or a connection's (its requests in flight). Each connection is a loop around the sans-IO
 protocol.Connection: read with a timeout, feed it, dispatch each request as a task
-(responses go out in completion order, matched by request id), write replies under one
-lock, sendfile fetched batches straight from their segment files. A durable produce is
+(responses go out in completion order, matched by request id), write replies one at a
+time (a lock is taken only when a reply must wait: a writer busy, a drain, a sendfile),
+sendfile fetched batches straight from their segment files. A durable produce is
 no task: its DurableAnswer (durable_answer.py) is written from the fsync's callback. A connection that
 breaks the protocol gets one Closing event and is closed; the server and every other
 connection carry on.
@@ -123,6 +124,9 @@ class ClientSession:
         self.writer = writer
         self.connection = Connection(Role.SERVER, server.config.protocol)
         self._write_lock = asyncio.Lock()
+        # Writers holding or waiting for _write_lock: none, and a reply is written at once
+        # without taking it (_write).
+        self._writers = 0
         self.peer = writer.get_extra_info("peername")
         self.client_id = ""
         self._frame_bytes_reserved = 0  # from server.frame_budget, for the frame being received
@@ -184,22 +188,25 @@ class ClientSession:
         self, requests: asyncio.TaskGroup, loop: asyncio.AbstractEventLoop, read_deadline: ReadDeadline
     ) -> None:
         config = self.server.config
+        connection, throttle, reader = self.connection, self.throttle, self.reader
         handshake_deadline = loop.time() + config.handshake_timeout_ms / 1000
+        idle_timeout_s = config.idle_timeout_ms / 1000
         frame_deadline: float | None = None  # of the frame partly received
         frames_received = 0
         while True:
-            if self.connection.state is not State.READY or self.principal is None:
+            if connection.state is not State.READY or self.principal is None:
                 deadline, reason = handshake_deadline, "handshake"
             elif frame_deadline is not None:
                 deadline, reason = frame_deadline, "frame"
             else:
-                deadline, reason = loop.time() + config.idle_timeout_ms / 1000, "idle"
+                deadline, reason = loop.time() + idle_timeout_s, "idle"
             try:
                 with read_deadline.at(deadline):
-                    if self.connection.incomplete_frame_bytes != self._frame_bytes_reserved:
-                        await self._reserve_frame_bytes(self.connection.incomplete_frame_bytes)
-                    await self.throttle.wait()
-                    data = await self.reader.read(READ_BYTES)
+                    if connection.incomplete_frame_bytes != self._frame_bytes_reserved:
+                        await self._reserve_frame_bytes(connection.incomplete_frame_bytes)
+                    if not throttle.ready():
+                        await throttle.wait()
+                    data = await reader.read(READ_BYTES)
             except TimeoutError:
                 self.server.count_timeout(reason)
                 # Nothing more is read: the frame budget is free before the peer hears why.
@@ -207,7 +214,7 @@ class ClientSession:
                 await self._close_with(ErrorCode.TIMEOUT, _TIMEOUT_MESSAGES[reason].format(config=config))
                 return
             try:
-                self.connection.receive_data(data)
+                connection.receive_data(data)
                 if not await self._dispatch(requests):
                     return
             except ProtocolError as error:
@@ -216,11 +223,11 @@ class ClientSession:
                 self.server.count_error(error.code)
                 await self._close_with(error.code, error.message)
                 return
-            if not self.connection.buffered_bytes:
+            if not connection.buffered_bytes:
                 frame_deadline = None
-            elif frame_deadline is None or self.connection.frames_received != frames_received:
+            elif frame_deadline is None or connection.frames_received != frames_received:
                 frame_deadline = loop.time() + config.frame_timeout_ms / 1000  # a new frame began
-            frames_received = self.connection.frames_received
+            frames_received = connection.frames_received
 
     async def _reserve_frame_bytes(self, count: int) -> None:
         """Hold `count` bytes of the server's frame budget for the frame being received
@@ -347,7 +354,7 @@ class ClientSession:
         """Write a small reply now if the writer is free (no write in progress, nothing
         left in the transport's buffer to drain); else after those, in order, in a task."""
         assert not (reply.slices or reply.buffers)  # a produce's reply
-        if self._durable_backlog or self._write_lock.locked() or self.writer.transport.get_write_buffer_size():
+        if self._durable_backlog or self._writers or self.writer.transport.get_write_buffer_size():
             self._durable_backlog.append(reply)
             if len(self._durable_backlog) == 1 and self._requests is not None:
                 with contextlib.suppress(RuntimeError):  # the connection's TaskGroup has ended: closing
@@ -442,27 +449,62 @@ class ClientSession:
         await self._write(reply)
 
     async def _write(self, reply: Reply) -> None:
-        timeout_s = self.server.config.write_timeout_ms / 1000
-        async with self._write_lock:
+        if not self._writers and not (reply.slices and self._sendfile_needed(reply.slices)):
+            # Nobody holds or waits for the writer, and nothing here awaits before the
+            # bytes are handed to the transport (no sendfile): the lock would be taken and
+            # given back with nothing able to come in between. Only a drain, if any, is
+            # waited for under it, as below.
             if self.connection.state not in (State.READY, State.HANDSHAKING):
                 return  # closed meanwhile: the reply has nowhere to go
             header, reply = self._encode(reply)
-            # In-memory buffers and small slices go out with the header in one write (one
-            # send call), the buffers as they are; large slices with sendfile.
-            assert not (reply.buffers and reply.slices)  # one kind of records a reply
-            pending = [header, *reply.buffers]
-            for piece in reply.slices:
-                if piece.length < SENDFILE_BYTES_MIN or not (self.server.sendfile and self.sendfile):
-                    pending.append(piece.read())
-                    continue
-                self.writer.writelines(pending)
-                pending = []
-                await self._send_slice(piece, timeout_s)
-            if pending:
-                self.writer.writelines(pending)
-            if self.writer.transport.get_write_buffer_size():  # else drain has nothing to wait for
-                # wait_for, not asyncio.timeout: this may run in the reader's task (eager.py)
-                await asyncio.wait_for(self.writer.drain(), timeout_s)
+            if reply.buffers or reply.slices:
+                assert not (reply.buffers and reply.slices)  # one kind of records a reply
+                self.writer.writelines([header, *reply.buffers, *(piece.read() for piece in reply.slices)])
+            else:
+                self.writer.write(header)
+            if self.writer.transport.get_write_buffer_size():
+                self._writers += 1
+                try:
+                    async with self._write_lock:
+                        await asyncio.wait_for(self.writer.drain(), self.server.config.write_timeout_ms / 1000)
+                finally:
+                    self._writers -= 1
+            return
+        self._writers += 1
+        try:
+            async with self._write_lock:
+                await self._write_locked(reply)
+        finally:
+            self._writers -= 1
+
+    def _sendfile_needed(self, slices: tuple[FileSlice, ...]) -> bool:
+        """Whether _write_locked would sendfile one of these slices (else it reads them
+        all and writes them with the header)."""
+        if not (self.server.sendfile and self.sendfile):
+            return False
+        return any(piece.length >= SENDFILE_BYTES_MIN for piece in slices)
+
+    async def _write_locked(self, reply: Reply) -> None:
+        timeout_s = self.server.config.write_timeout_ms / 1000
+        if self.connection.state not in (State.READY, State.HANDSHAKING):
+            return  # closed meanwhile: the reply has nowhere to go
+        header, reply = self._encode(reply)
+        # In-memory buffers and small slices go out with the header in one write (one
+        # send call), the buffers as they are; large slices with sendfile.
+        assert not (reply.buffers and reply.slices)  # one kind of records a reply
+        pending = [header, *reply.buffers]
+        for piece in reply.slices:
+            if piece.length < SENDFILE_BYTES_MIN or not (self.server.sendfile and self.sendfile):
+                pending.append(piece.read())
+                continue
+            self.writer.writelines(pending)
+            pending = []
+            await self._send_slice(piece, timeout_s)
+        if pending:
+            self.writer.writelines(pending)
+        if self.writer.transport.get_write_buffer_size():  # else drain has nothing to wait for
+            # wait_for, not asyncio.timeout: this may run in the reader's task (eager.py)
+            await asyncio.wait_for(self.writer.drain(), timeout_s)
 
     def _encode(self, reply: Reply) -> tuple[bytes, Reply]:
         """The reply's frame (its header only, with slices or buffers), and the reply to
@@ -501,11 +543,15 @@ class ClientSession:
 
     async def _close_with(self, code: ErrorCode, message: str) -> None:
         """One Closing event saying why, when the state allows it, then close."""
-        with contextlib.suppress(Exception):
-            async with self._write_lock:
-                frame = self.connection.send(m.ClosingEvent(error_code=code, error_message=message))
-                self.writer.write(frame)
-                await asyncio.wait_for(self.writer.drain(), 1)
+        self._writers += 1
+        try:
+            with contextlib.suppress(Exception):
+                async with self._write_lock:
+                    frame = self.connection.send(m.ClosingEvent(error_code=code, error_message=message))
+                    self.writer.write(frame)
+                    await asyncio.wait_for(self.writer.drain(), 1)
+        finally:
+            self._writers -= 1
         self.connection.close()
 
 

@@ -1,0 +1,233 @@
+"""The protocol's precomputed paths give what the general ones give (issue 12).
+
+- A schema's packed runs (integers and enumerations encoded and decoded with one
+  struct call) against the same fields encoded and decoded one by one, for every
+  message class and nested struct.
+- A READY server connection's table of what it serves (connection._served_at: a request
+  it serves is decoded, and its response encoded, after one look-up) against the same
+  connection with the table off, which checks everything one by one: the same events,
+  the same RejectedRequests, the same bytes and the same errors, at every protocol
+  version, for every API and version.
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nodi.broker.protocol import schema
+from nodi.broker.protocol.connection import (
+    NEED_DATA,
+    PROTOCOL_VERSION_MAX,
+    PROTOCOL_VERSION_MIN,
+    ApiKey,
+    ClosingEvent,
+    Connection,
+    ErrorCode,
+    ErrorResponse,
+    HandshakeRequest,
+    ListOffsetsRequest,
+    ProtocolError,
+    RejectedRequest,
+    Role,
+    State,
+    encode_message,
+    handshake_response,
+)
+from nodi.broker.protocol.limits import DEFAULT_PROTOCOL_LIMITS
+from nodi.broker.protocol.messages import MESSAGES_BY_VERSION, api_served, api_version_served
+
+from test_protocol import message_strategy, raw_frame
+
+QUICK = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+LAYOUTS = sorted({(api_key, version) for api_key, version in MESSAGES_BY_VERSION if api_key != ApiKey.HANDSHAKE})
+MESSAGE_CLASSES = sorted(
+    {cls for request, response, _ in MESSAGES_BY_VERSION.values() for cls in (request, response)}
+    | {ErrorResponse, ClosingEvent},
+    key=lambda cls: cls.__name__,
+)
+
+
+def _structs_of(cls: type, found: set[type]) -> set[type]:
+    for field in schema.schema_of(cls).fields:
+        item = field.type.item if isinstance(field.type, schema.Array) else field.type
+        if isinstance(item, schema.Struct) and item.cls not in found:
+            found.add(item.cls)
+            _structs_of(item.cls, found)
+    return found
+
+
+STRUCT_CLASSES = sorted(
+    set().union(*(_structs_of(cls, set()) for cls in MESSAGE_CLASSES)), key=lambda cls: cls.__name__
+)
+
+
+def encode_field_by_field(value: object) -> bytearray:
+    out = bytearray()
+    for field in schema.schema_of(type(value)).fields:
+        field.type.encode(getattr(value, field.name), out)
+    return out
+
+
+def decode_field_by_field(cls: type, body: bytes, **extra: object) -> object:
+    view = memoryview(body)
+    position = 0
+    for field in schema.schema_of(cls).fields:
+        extra[field.name], position = field.type.decode(view, position, len(body), DEFAULT_PROTOCOL_LIMITS)
+    assert position == len(body)
+    return cls(**extra)
+
+
+def test_the_hot_messages_have_packed_runs_with_enumerations() -> None:
+    runs = schema.schema_of(ListOffsetsRequest)._runs
+    assert [run.names for run in runs] == [("topic",), ("partition", "spec", "timestamp_ms")]
+    assert runs[1].packed is not None
+
+
+@pytest.mark.parametrize("cls", MESSAGE_CLASSES + STRUCT_CLASSES, ids=lambda cls: cls.__name__)
+@QUICK
+@given(data=st.data())
+def test_packed_runs_encode_and_decode_as_the_fields_one_by_one(cls, data) -> None:
+    value = data.draw(message_strategy(cls))
+    body = schema.encode_body(value)
+    assert body == encode_field_by_field(value)
+    extra = {name: getattr(value, name) for name in ("request_id", "api_key") if hasattr(value, name)}
+    assert schema.decode_body(cls, memoryview(bytes(body)), DEFAULT_PROTOCOL_LIMITS, **extra) == value
+    assert decode_field_by_field(cls, bytes(body), **extra) == value
+
+
+def test_a_value_a_packed_run_cannot_take_as_is_is_checked_field_by_field() -> None:
+    good = ListOffsetsRequest(request_id=1, topic="t", partition=3, spec=1, timestamp_ms=5)  # type: ignore[arg-type]  # an int for the enum
+    assert schema.encode_body(good) == encode_field_by_field(good)
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"partition": True}, "partition: expected an integer for int32, got bool"),
+        ({"partition": 1 << 40}, "partition: 1099511627776 is outside int32"),
+        ({"spec": 99}, "spec: 99 is not a OffsetSpec"),
+        ({"timestamp_ms": 1.5}, "timestamp_ms: expected an integer for int64, got float"),
+    ]
+    for fields, message in cases:
+        bad = ListOffsetsRequest(**{"request_id": 1, "topic": "t", "partition": 3, **fields})
+        with pytest.raises(ProtocolError) as raised:
+            schema.encode_body(bad)
+        assert raised.value.code is ErrorCode.INVALID_REQUEST
+        assert raised.value.message.startswith(message)
+
+
+def test_an_unknown_enumeration_value_in_a_packed_run_is_the_same_invalid_request() -> None:
+    body = struct.pack(">H1sibq", 1, b"t", 0, 99, -1)
+    with pytest.raises(ProtocolError) as packed:
+        schema.decode_body(ListOffsetsRequest, memoryview(body), DEFAULT_PROTOCOL_LIMITS, request_id=1)
+    with pytest.raises(ProtocolError) as one_by_one:
+        decode_field_by_field(ListOffsetsRequest, body, request_id=1)
+    assert packed.value.code is ErrorCode.INVALID_REQUEST
+    assert packed.value.message == f"spec: {one_by_one.value.message}" == "spec: 99 is not a OffsetSpec"
+
+
+def ready_server(protocol_version: int, *, fast: bool) -> Connection:
+    server = Connection(Role.SERVER)
+    server.receive_data(
+        encode_message(
+            HandshakeRequest(
+                request_id=1, protocol_version_min=protocol_version, protocol_version_max=protocol_version
+            ),
+            1,
+        )
+    )
+    request = server.next_event()
+    assert isinstance(request, HandshakeRequest)
+    server.send(handshake_response(request, server_id="s", limits={}))
+    assert server.state is State.READY and server.protocol_version == protocol_version
+    if not fast:
+        server._requests_served = server._responses_served = None  # the checks one by one
+    else:
+        assert server._requests_served is not None
+    return server
+
+
+def outcome(call):
+    try:
+        return call()
+    except ProtocolError as error:
+        return ("raised", error.code, error.message, error.closes_connection)
+
+
+def both_ways(protocol_version: int, frames: list[bytes], answer) -> None:
+    """Feed the same frames to a server with its table and one without; answer each
+    request with answer(request); everything must come out the same."""
+    results = []
+    for fast in (True, False):
+        server = ready_server(protocol_version, fast=fast)
+        seen = []
+        for frame in frames:
+            server.receive_data(frame)
+            while True:
+                event = outcome(server.next_event)
+                seen.append(event)
+                if event is NEED_DATA or isinstance(event, tuple):
+                    break
+                response = event.response() if isinstance(event, RejectedRequest) else answer(event)
+                if response is not None:
+                    seen.append(outcome(functools.partial(server.send, response)))
+                seen.append(server.state)
+            if server.state is not State.READY:
+                break
+        seen.append(server.statistics())
+        results.append(seen)
+    assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("protocol_version", range(PROTOCOL_VERSION_MIN, PROTOCOL_VERSION_MAX + 1))
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: f"{ApiKey(layout[0]).name}-v{layout[1]}")
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_a_ready_server_serves_every_api_the_same_by_its_table_as_by_the_checks(layout, protocol_version, data):
+    api_key, version = layout
+    request_class, response_class, _ = MESSAGES_BY_VERSION[layout]
+    served = api_served(api_key, protocol_version) and api_version_served(api_key, version, protocol_version)
+    request = data.draw(message_strategy(request_class, request_id=st.integers(1, 1000)))
+    frame = encode_message(request, version)
+    body = frame[14:]
+    frames = [
+        frame,  # the request, well formed
+        raw_frame(0, api_key, 2000, body + b"\x00", version=version),  # trailing garbage: rejected
+        raw_frame(0, api_key, 2001, body[:-1], version=version) if body else frame,  # truncated
+        raw_frame(0, api_key, 2002, body, version=version + 50),  # no such version
+        raw_frame(0, api_key, 2003, body, version=version, flags=1),  # the ERROR flag on a request
+    ]
+
+    response = data.draw(message_strategy(response_class, request_id=st.just(request.request_id)))
+    both_ways(protocol_version, frames, lambda event: response if type(event) is request_class else None)
+    both_ways(protocol_version, [frame, frame], lambda event: None)  # the same id twice: closes
+    if served:
+        # A response of another API, of another version, to no request, and a good one twice.
+        wrong = ErrorResponse(request_id=request.request_id, api_key=api_key, error_code=ErrorCode.INVALID_REQUEST)
+        both_ways(protocol_version, [frame], lambda event: wrong)
+        other_id = data.draw(message_strategy(response_class, request_id=st.just(request.request_id + 1)))
+        both_ways(protocol_version, [frame], lambda event: other_id)
+        for other_layout in (layout for layout in LAYOUTS if layout != (api_key, version)):
+            other = MESSAGES_BY_VERSION[other_layout][1]
+            if other is response_class:
+                continue
+            stray = data.draw(message_strategy(other, request_id=st.just(request.request_id)))
+            both_ways(protocol_version, [frame], lambda event, stray=stray: stray)
+            break
+
+
+def test_too_many_requests_in_flight_take_the_general_path() -> None:
+    frames = [
+        encode_message(ListOffsetsRequest(request_id=index, topic="t", partition=0), 1)
+        for index in range(1, DEFAULT_PROTOCOL_LIMITS.in_flight_requests_max + 3)
+    ]
+    both_ways(PROTOCOL_VERSION_MAX, [b"".join(frames)], lambda event: None)
+    server = ready_server(PROTOCOL_VERSION_MAX, fast=True)
+    server.receive_data(b"".join(frames))
+    events = [server.next_event() for _ in frames]
+    assert all(isinstance(event, ListOffsetsRequest) for event in events[:-2])
+    assert [getattr(event, "error_code", None) for event in events[-2:]] == [ErrorCode.TOO_MANY_REQUESTS] * 2
+    assert all(isinstance(event, RejectedRequest) for event in events[-2:])
