@@ -558,8 +558,13 @@ def test_bad_input_closes_only_that_connection_with_a_log_line(kafka_server) -> 
             assert short.recv(10) == b""
         good.sendall(_api_versions_request(11))
         assert struct.unpack_from(">ih", _read_response(good)) == (11, 0)
+    # Both connections' log lines, which the server may write after the good connection's
+    # answer: wait for the two, not only the first.
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not any("request_bytes_max" in line for line in kafka_server.output):
+    while time.monotonic() < deadline and not (
+        any("request_bytes_max" in line for line in kafka_server.output)
+        and any("early" in line for line in kafka_server.output)
+    ):
         time.sleep(0.05)
     assert any("kafka connection" in line and "request_bytes_max" in line for line in kafka_server.output)
     assert any("kafka connection" in line and "early" in line for line in kafka_server.output)
