@@ -55,6 +55,7 @@ from .retention_job import run_retention_job
 from .security import Security, certificate_common_name
 from .security_settings import check_exposure, exposure_warnings
 from .service import Broker
+from .session_reader import SessionReader, session_protocol_factory
 from .status import status_for_peer
 from .users import ANONYMOUS, Principal
 
@@ -118,7 +119,7 @@ def _log_files_limit(before: int, soft: int, hard: int) -> None:
 class ClientSession:
     """One client connection."""
 
-    def __init__(self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, server: Server, reader: SessionReader, writer: asyncio.StreamWriter) -> None:
         self.server = server
         self.reader = reader
         self.writer = writer
@@ -206,7 +207,7 @@ class ClientSession:
                         await self._reserve_frame_bytes(connection.incomplete_frame_bytes)
                     if not throttle.ready():
                         await throttle.wait()
-                    data = await reader.read(READ_BYTES)
+                    data = await reader.read_available(READ_BYTES)
             except TimeoutError:
                 self.server.count_timeout(reason)
                 # Nothing more is read: the frame budget is free before the peer hears why.
@@ -718,9 +719,10 @@ class Server:
         failure: BaseException | None = None
         try:
             async with asyncio.TaskGroup() as tasks:
-                self.broker.attach(asyncio.get_running_loop(), tasks)
-                self._listener = await asyncio.start_server(
-                    lambda reader, writer: self._accept(tasks, reader, writer),
+                loop = asyncio.get_running_loop()
+                self.broker.attach(loop, tasks)
+                self._listener = await loop.create_server(
+                    session_protocol_factory(lambda reader, writer: self._accept(tasks, reader, writer), loop),
                     sock=sock,
                     ssl=self.security.tls_context,
                     ssl_handshake_timeout=self.config.handshake_timeout_ms / 1000
@@ -804,6 +806,7 @@ class Server:
         )
 
     def _accept(self, tasks: asyncio.TaskGroup, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert isinstance(reader, SessionReader)  # session_protocol_factory's
         sock = writer.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
