@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 
 import pytest
 
@@ -56,7 +57,9 @@ def test_read_available_gives_what_read_gives_with_the_same_pauses(steps):
                 reader.feed_eof()
             elif isinstance(step, tuple):
                 if isinstance(reader, SessionReader):
-                    reads.append(bytes(await reader.read_available(step[1])))
+                    data = await reader.read_available(step[1])
+                    assert data is not None  # not interrupted
+                    reads.append(bytes(data))
                 else:
                     reads.append(await reader.read(step[1]))
                 reads.append(b"paused" if transport.paused else b"reading")
@@ -81,7 +84,7 @@ def test_read_available_waits_for_data_and_hands_over_the_buffer():
         for _ in range(3):
             reader.feed_data(b"w" * 20)  # past 2 x limit: paused
         assert transport.paused
-        assert len(await reader.read_available(1000)) == 60
+        assert await reader.read_available(1000) == b"w" * 60
         assert not transport.paused  # the read took it all: resumed
         reader.feed_data(b"more")
         assert await reader.read_available(1000) == b"more"  # a new buffer, not the one handed over
@@ -99,6 +102,39 @@ def test_read_available_raises_the_connection_error():
             await waiting
         with pytest.raises(ConnectionResetError):
             await reader.read_available(10)
+
+    asyncio.run(run())
+
+
+def test_take_nowait_is_offered_a_chunk_only_while_a_read_waits_on_an_empty_buffer():
+    async def run() -> None:
+        reader = SessionReader(limit=LIMIT_BYTES)
+        taken: list[bytes] = []
+        keep = True
+
+        def take(data: bytes | bytearray | memoryview) -> bool:
+            taken.append(bytes(data))
+            return keep
+
+        reader.take_nowait = take
+        reader.feed_data(b"early")  # no read waits: buffered
+        assert await reader.read_available(100) == b"early" and taken == []
+        waiting = asyncio.create_task(reader.read_available(100))
+        await asyncio.sleep(0)
+        reader.feed_data(b"one")  # taken: the read still waits
+        assert taken == [b"one"] and not waiting.done()
+        keep = False
+        reader.feed_data(b"two")  # declined: buffered and read
+        assert await waiting == b"two" and taken == [b"one", b"two"]
+        waiting = asyncio.create_task(reader.read_available(100))
+        await asyncio.sleep(0)
+        reader.interrupt()
+        assert await waiting is None
+        reader.feed_data(b"three")  # no read waits: buffered, not offered
+        assert taken == [b"one", b"two"]
+        reader.feed_eof()
+        assert await reader.read_available(100) == b"three"
+        assert await reader.read_available(100) == b""
 
     asyncio.run(run())
 
@@ -168,3 +204,24 @@ def test_the_stream_ending_inside_a_frame_is_a_malformed_frame(broker):
     assert isinstance(closing, m.ClosingEvent)
     assert closing.error_code == ErrorCode.MALFORMED_FRAME
     assert isinstance(reader.next_event(), ConnectionClosed)  # nothing after it: the server closed
+
+
+IDLE_TIMEOUT_MS = 1000
+
+
+def test_requests_keep_a_connection_from_its_idle_timeout_and_silence_does_not(broker_factory, tmp_path):
+    """Requests served straight from the reader (session_reader.py, take_nowait) move the
+    idle deadline on as the read loop's own reads do: a connection asking every fifth of
+    the idle timeout for three times it stays open, then silent it is closed, TIMEOUT."""
+    path = tmp_path / "idle.toml"
+    path.write_text(f"[server]\nidle_timeout_ms = {IDLE_TIMEOUT_MS}\n")
+    process = broker_factory(extra_args=["--config", str(path)]).start()
+    client = RawClient((process.host, process.port)).handshake()
+    client.call(m.CreateTopicRequest, name="busy")
+    for _ in range(15):
+        time.sleep(IDLE_TIMEOUT_MS / 5000)
+        answer = client.call(m.ListOffsetsRequest, topic="busy", partition=0)
+        assert isinstance(answer, m.ListOffsetsResponse) and answer.error_code == ErrorCode.NONE
+    closing = client.next_message()  # waits past the idle timeout
+    assert isinstance(closing, m.ClosingEvent) and closing.error_code == ErrorCode.TIMEOUT
+    assert "idle_timeout_ms" in closing.error_message

@@ -36,6 +36,7 @@ from ..protocol.connection import (
     NEED_DATA,
     Connection,
     ConnectionClosed,
+    ConnectionEvent,
     RejectedRequest,
     Role,
     State,
@@ -147,6 +148,13 @@ class ClientSession:
         # Their replies that found the writer busy, written in order by one task.
         self._durable_backlog: list[Reply] = []
         self._requests: asyncio.TaskGroup | None = None
+        # What the reader's hook (_take_nowait) leaves the read loop: an event it does not
+        # serve itself, with its size, or the error that feeding or dispatching raised.
+        self._pending_event: ConnectionEvent | None = None
+        self._pending_size = 0
+        self._pending_failure: BaseException | None = None
+        self._read_deadline: ReadDeadline | None = None  # the read loop's, for _take_nowait
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def run(self) -> None:
         try:
@@ -180,9 +188,12 @@ class ClientSession:
         task = asyncio.current_task()
         assert task is not None  # run() reads in its own task
         read_deadline = ReadDeadline(loop, task)  # one timer for every read (read_deadline.py)
+        self._read_deadline, self._loop = read_deadline, loop
+        self.reader.take_nowait = self._take_nowait
         try:
             await self._read_frames(requests, loop, read_deadline)
         finally:
+            self.reader.take_nowait = None
             read_deadline.close()
 
     async def _read_frames(
@@ -215,9 +226,17 @@ class ClientSession:
                 await self._close_with(ErrorCode.TIMEOUT, _TIMEOUT_MESSAGES[reason].format(config=config))
                 return
             try:
-                connection.receive_data(data)
-                if not await self._dispatch(requests):
-                    return
+                if data is not None:
+                    connection.receive_data(data)
+                    if not await self._dispatch(requests):
+                        return
+                else:  # _take_nowait fed the connection and left this loop the rest
+                    failure, self._pending_failure = self._pending_failure, None
+                    if failure is not None:
+                        raise failure
+                    event, self._pending_event = self._pending_event, None
+                    if event is not None and not await self._dispatch(requests, event, self._pending_size):
+                        return
             except ProtocolError as error:
                 if not error.closes_connection:
                     raise
@@ -243,14 +262,74 @@ class ClientSession:
             self.server.frame_budget.release(self._frame_bytes_reserved)
             self._frame_bytes_reserved = 0
 
-    async def _dispatch(self, requests: asyncio.TaskGroup) -> bool:
-        """Turn buffered bytes into work; False when the peer closed."""
+    def _take_nowait(self, data: bytes | bytearray | memoryview) -> bool:
+        """The reader's hook (session_reader.py), called with a chunk that arrives while
+        the read loop waits to read and nothing is buffered: when the connection is
+        between frames and ready for requests, feed it and start its requests here, as
+        the read loop would, without waking the loop's task (a future, a loop turn and
+        the resumption of its coroutines, a request). Whatever the read loop does
+        besides is left to it, woken by reader.interrupt(): an event other than a
+        request (_dispatch serves it, and the events after it), an error, a frame left
+        incomplete (its deadline and frame budget), the read throttle holding the next
+        read. Else the idle deadline moves on, as the loop's next read would set it."""
+        connection = self.connection
+        if (
+            connection.state is not State.READY
+            or self.principal is None
+            or connection.buffered_bytes
+            or self.server.shutting_down
+        ):
+            return False
+        try:
+            connection.receive_data(data)
+            self._dispatch_nowait()
+        except Exception as error:  # the read loop raises it, as if it had fed the data itself
+            self._pending_failure = error
+            self.reader.interrupt()
+            return True
+        if self._pending_event is not None or connection.buffered_bytes or not self.throttle.ready():
+            self.reader.interrupt()
+        else:
+            assert self._read_deadline is not None and self._loop is not None  # set before the hook
+            self._read_deadline.at(self._loop.time() + self.server.config.idle_timeout_ms / 1000)
+        return True
+
+    def _dispatch_nowait(self) -> None:
+        """_dispatch's requests, from _take_nowait: up to the first event that is not
+        one, left in _pending_event for the read loop."""
+        assert self._requests is not None  # set before the first read
         while True:
             event = self.connection.next_event()
             if event is NEED_DATA:
-                return True
+                return
             consumed = self.connection.consumed_bytes
             size, self._consumed_bytes = consumed - self._consumed_bytes, consumed
+            if (
+                not isinstance(event, m.Request)
+                or isinstance(event, (m.HandshakeRequest, m.AuthenticateRequest))
+                or self.server.shutting_down
+            ):
+                self._pending_event, self._pending_size = event, size
+                return
+            self._start(self._requests, event, size)
+
+    async def _dispatch(
+        self,
+        requests: asyncio.TaskGroup,
+        pending: ConnectionEvent | None = None,
+        pending_size: int = 0,
+    ) -> bool:
+        """Turn buffered bytes into work, `pending` (an event already taken from the
+        connection) first; False when the peer closed."""
+        while True:
+            if pending is not None:
+                event, size, pending = pending, pending_size, None
+            else:
+                event = self.connection.next_event()
+                if event is NEED_DATA:
+                    return True
+                consumed = self.connection.consumed_bytes
+                size, self._consumed_bytes = consumed - self._consumed_bytes, consumed
             if isinstance(event, ConnectionClosed):
                 return False
             if isinstance(event, RejectedRequest):
@@ -282,23 +361,27 @@ class ClientSession:
                     error = ProtocolError(ErrorCode.SERVER_SHUTTING_DOWN, "shutting down")
                     await self._write(error_reply(event, error))
                 else:
-                    self.throttle.started(size)
-                    if type(event) is m.ProduceRequest and event.acks is m.Acks.DURABLE:
-                        assert isinstance(event, m.ProduceRequest)  # for the type checker
-                        if self._produce_durable_nowait(event, size):
-                            continue
-                    if not _start_eagerly(event):
-                        task = requests.create_task(self._serve(event))
-                        task.add_done_callback(functools.partial(self._answered, size))
-                        continue
-                    # Served here up to its first wait; a task only if it waits (eager.py).
-                    coroutine = self._serve(event)
-                    waiting_on = start_eagerly(coroutine)
-                    if waiting_on is None:
-                        self.throttle.answered(size)
-                    else:
-                        task = requests.create_task(resume(coroutine, waiting_on))
-                        task.add_done_callback(functools.partial(self._answered, size))
+                    self._start(requests, event, size)
+
+    def _start(self, requests: asyncio.TaskGroup, event: m.Request, size: int) -> None:
+        """Serve a request of `size` frame bytes, counted in flight until answered."""
+        self.throttle.started(size)
+        if type(event) is m.ProduceRequest and event.acks is m.Acks.DURABLE:
+            assert isinstance(event, m.ProduceRequest)  # for the type checker
+            if self._produce_durable_nowait(event, size):
+                return
+        if not _start_eagerly(event):
+            task = requests.create_task(self._serve(event))
+            task.add_done_callback(functools.partial(self._answered, size))
+            return
+        # Served here up to its first wait; a task only if it waits (eager.py).
+        coroutine = self._serve(event)
+        waiting_on = start_eagerly(coroutine)
+        if waiting_on is None:
+            self.throttle.answered(size)
+        else:
+            task = requests.create_task(resume(coroutine, waiting_on))
+            task.add_done_callback(functools.partial(self._answered, size))
 
     def _answered(self, size: int, _task: asyncio.Task[None]) -> None:
         self.throttle.answered(size)

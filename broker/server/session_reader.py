@@ -11,8 +11,15 @@ and resumes once a read takes the buffer down to the limit).
 
 Per chunk the transport delivers, its feed_data is StreamReader's with the waiter woken
 inline, and SessionProtocol hands the chunk to it directly; per read that waits,
-read_available waits as _wait_for_data does, in its own frame. A few Python calls fewer
-a request, the loop's turn and the task's wake-up unchanged.
+read_available waits as _wait_for_data does, in its own frame.
+
+A chunk that arrives while read_available waits and nothing is buffered is first
+offered to the session's take_nowait hook (ClientSession._take_nowait): a connection
+between frames feeds its protocol Connection and starts the chunk's requests right
+there, and the reading task is not woken at all (no future resolved, no loop turn for
+the task, no resumption of its coroutines). What the hook leaves to the task (an event
+that is not a request, an error, a frame left incomplete, the read throttle) it hands
+over with interrupt(): the waiting read_available returns None.
 
 It leans on StreamReader's private fields (_buffer, _eof, _exception, _waiter, _paused,
 _transport, _limit, _loop) and _maybe_resume_transport, as in CPython 3.11 (the
@@ -26,6 +33,8 @@ import asyncio
 from collections.abc import Callable, Iterable
 from typing import Any, SupportsIndex
 
+_INTERRUPTED = object()  # the result of a waiter woken by interrupt()
+
 
 class SessionReader(asyncio.StreamReader):
     """A StreamReader whose read_available does not copy; see the module docstring."""
@@ -33,7 +42,7 @@ class SessionReader(asyncio.StreamReader):
     # StreamReader's private fields, set by its __init__ (typeshed leaves them out).
     _buffer: bytearray
     _eof: bool
-    _waiter: asyncio.Future[None] | None
+    _waiter: asyncio.Future[object] | None
     _exception: BaseException | None
     _transport: asyncio.ReadTransport | None
     _paused: bool
@@ -41,12 +50,25 @@ class SessionReader(asyncio.StreamReader):
     _loop: asyncio.AbstractEventLoop
     _maybe_resume_transport: Callable[[], None]
 
+    # The session's hook (ClientSession._take_nowait): offered a chunk that arrives while
+    # read_available waits and nothing is buffered, it takes it (True) or leaves it to
+    # be buffered and read (False).
+    take_nowait: Callable[[bytes | bytearray | memoryview], bool] | None = None
+
     def feed_data(self, data: Iterable[SupportsIndex]) -> None:
         """StreamReader.feed_data, its waiter woken here rather than in a call of its own."""
         assert not self._eof, "feed_data after feed_eof"
         if not data:
             return
         buffer = self._buffer
+        if (
+            self._waiter is not None
+            and self.take_nowait is not None
+            and not buffer
+            and isinstance(data, (bytes, bytearray, memoryview))  # what transports deliver
+            and self.take_nowait(data)
+        ):
+            return
         buffer.extend(data)
         waiter = self._waiter
         if waiter is not None:
@@ -61,9 +83,19 @@ class SessionReader(asyncio.StreamReader):
             else:
                 self._paused = True
 
-    async def read_available(self, bytes_max: int) -> bytes | bytearray:
+    def interrupt(self) -> None:
+        """Wake a waiting read_available, which returns None (take_nowait left work
+        for the reading task)."""
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.cancelled():
+                waiter.set_result(_INTERRUPTED)
+
+    async def read_available(self, bytes_max: int) -> bytes | bytearray | None:
         """What read(bytes_max) returns: at most bytes_max bytes once any are buffered,
-        b"" at EOF, the connection's error raised; the buffer itself when it fits."""
+        b"" at EOF, the connection's error raised; the buffer itself when it fits. None
+        when interrupt() woke it (what is buffered stays for the next read)."""
         if self._exception is not None:
             raise self._exception
         if not self._buffer and not self._eof:
@@ -76,7 +108,8 @@ class SessionReader(asyncio.StreamReader):
                 self._transport.resume_reading()
             waiter = self._waiter = self._loop.create_future()
             try:
-                await waiter
+                if await waiter is _INTERRUPTED:
+                    return None
             finally:
                 self._waiter = None
         buffer = self._buffer
