@@ -5,8 +5,11 @@ or a connection's (its requests in flight). Each connection is a loop around the
 protocol.Connection: read with a timeout, feed it, dispatch each request as a task
 (responses go out in completion order, matched by request id), write replies one at a
 time (a lock is taken only when a reply must wait: a writer busy, a drain, a sendfile),
-sendfile fetched batches straight from their segment files. A durable produce is
-no task: its DurableAnswer (durable_answer.py) is written from the fsync's callback. A connection that
+sendfile fetched batches straight from their segment files. Requests that arrive while
+the loop waits to read, the connection between frames, are started from the transport's
+callback without waking the loop (session_reader.py, ClientSession._take_nowait). A
+durable produce is no task: its DurableAnswer (durable_answer.py) is written from the
+fsync's callback. A connection that
 breaks the protocol gets one Closing event and is closed; the server and every other
 connection carry on.
 """
@@ -71,8 +74,9 @@ SENDFILE_BYTES_MIN = 64 * 1024
 # After a connection ends, the free pages it leaves in the heap are given back to the OS
 # this much later (one malloc_trim for every connection ended meanwhile).
 TRIM_DELAY_S = 1.0
-# Requests served in the reader's task up to their first wait, a task made only if they
-# wait (eager.py): those that mostly answer without waiting (a fetch that finds records,
+# Requests served up to their first wait in the reader's task (or in the transport's
+# callback, started by _take_nowait: no task at all), a task made only if they wait
+# (eager.py): those that mostly answer without waiting (a fetch that finds records,
 # a produce not acked durable, ListOffsets, Heartbeat), whose handlers (and _serve,
 # _write) neither ask for the current task nor set a contextvar before their first wait.
 # Requests that always wait (a durable produce, a commit) gain nothing: resuming them
