@@ -132,8 +132,17 @@ def test_take_nowait_is_offered_a_chunk_only_while_a_read_waits_on_an_empty_buff
         assert await waiting is None
         reader.feed_data(b"three")  # no read waits: buffered, not offered
         assert taken == [b"one", b"two"]
-        reader.feed_eof()
         assert await reader.read_available(100) == b"three"
+        keep = True
+        waiting = asyncio.create_task(reader.read_available(100))
+        await asyncio.sleep(0)
+        waiting.cancel()  # as a read deadline does: its waiter is cancelled at once
+        reader.feed_data(b"late")  # not offered: the read is ending, nothing more is served
+        assert taken == [b"one", b"two"]
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        reader.feed_eof()
+        assert await reader.read_available(100) == b"late"
         assert await reader.read_available(100) == b""
 
     asyncio.run(run())

@@ -61,8 +61,10 @@ class SessionReader(asyncio.StreamReader):
         if not data:
             return
         buffer = self._buffer
+        waiter = self._waiter
         if (
-            self._waiter is not None
+            waiter is not None
+            and not waiter.cancelled()  # a deadline fired: the read ends, nothing more is served
             and self.take_nowait is not None
             and not buffer
             and isinstance(data, (bytes, bytearray, memoryview))  # what transports deliver
@@ -70,7 +72,7 @@ class SessionReader(asyncio.StreamReader):
         ):
             return
         buffer.extend(data)
-        waiter = self._waiter
+        waiter = self._waiter  # as it is after a hook that declined
         if waiter is not None:
             self._waiter = None
             if not waiter.cancelled():
