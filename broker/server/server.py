@@ -5,8 +5,11 @@ or a connection's (its requests in flight). Each connection is a loop around the
 protocol.Connection: read with a timeout, feed it, dispatch each request as a task
 (responses go out in completion order, matched by request id), write replies one at a
 time (a lock is taken only when a reply must wait: a writer busy, a drain, a sendfile),
-sendfile fetched batches straight from their segment files. A durable produce is
-no task: its DurableAnswer (durable_answer.py) is written from the fsync's callback. A connection that
+sendfile fetched batches straight from their segment files. Requests that arrive while
+the loop waits to read, the connection between frames, are started from the transport's
+callback without waking the loop (session_reader.py, ClientSession._take_nowait). A
+durable produce is no task: its DurableAnswer (durable_answer.py) is written from the
+fsync's callback. A connection that
 breaks the protocol gets one Closing event and is closed; the server and every other
 connection carry on.
 """
@@ -36,6 +39,7 @@ from ..protocol.connection import (
     NEED_DATA,
     Connection,
     ConnectionClosed,
+    ConnectionEvent,
     RejectedRequest,
     Role,
     State,
@@ -55,6 +59,7 @@ from .retention_job import run_retention_job
 from .security import Security, certificate_common_name
 from .security_settings import check_exposure, exposure_warnings
 from .service import Broker
+from .session_reader import SessionReader, session_protocol_factory
 from .status import status_for_peer
 from .users import ANONYMOUS, Principal
 
@@ -69,8 +74,9 @@ SENDFILE_BYTES_MIN = 64 * 1024
 # After a connection ends, the free pages it leaves in the heap are given back to the OS
 # this much later (one malloc_trim for every connection ended meanwhile).
 TRIM_DELAY_S = 1.0
-# Requests served in the reader's task up to their first wait, a task made only if they
-# wait (eager.py): those that mostly answer without waiting (a fetch that finds records,
+# Requests served up to their first wait in the reader's task (or in the transport's
+# callback, started by _take_nowait: no task at all), a task made only if they wait
+# (eager.py): those that mostly answer without waiting (a fetch that finds records,
 # a produce not acked durable, ListOffsets, Heartbeat), whose handlers (and _serve,
 # _write) neither ask for the current task nor set a contextvar before their first wait.
 # Requests that always wait (a durable produce, a commit) gain nothing: resuming them
@@ -118,7 +124,7 @@ def _log_files_limit(before: int, soft: int, hard: int) -> None:
 class ClientSession:
     """One client connection."""
 
-    def __init__(self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, server: Server, reader: SessionReader, writer: asyncio.StreamWriter) -> None:
         self.server = server
         self.reader = reader
         self.writer = writer
@@ -146,6 +152,13 @@ class ClientSession:
         # Their replies that found the writer busy, written in order by one task.
         self._durable_backlog: list[Reply] = []
         self._requests: asyncio.TaskGroup | None = None
+        # What the reader's hook (_take_nowait) leaves the read loop: an event it does not
+        # serve itself, with its size, or the error that feeding or dispatching raised.
+        self._pending_event: ConnectionEvent | None = None
+        self._pending_size = 0
+        self._pending_failure: BaseException | None = None
+        self._read_deadline: ReadDeadline | None = None  # the read loop's, for _take_nowait
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def run(self) -> None:
         try:
@@ -179,9 +192,12 @@ class ClientSession:
         task = asyncio.current_task()
         assert task is not None  # run() reads in its own task
         read_deadline = ReadDeadline(loop, task)  # one timer for every read (read_deadline.py)
+        self._read_deadline, self._loop = read_deadline, loop
+        self.reader.take_nowait = self._take_nowait
         try:
             await self._read_frames(requests, loop, read_deadline)
         finally:
+            self.reader.take_nowait = None
             read_deadline.close()
 
     async def _read_frames(
@@ -206,7 +222,7 @@ class ClientSession:
                         await self._reserve_frame_bytes(connection.incomplete_frame_bytes)
                     if not throttle.ready():
                         await throttle.wait()
-                    data = await reader.read(READ_BYTES)
+                    data = await reader.read_available(READ_BYTES)
             except TimeoutError:
                 self.server.count_timeout(reason)
                 # Nothing more is read: the frame budget is free before the peer hears why.
@@ -214,9 +230,17 @@ class ClientSession:
                 await self._close_with(ErrorCode.TIMEOUT, _TIMEOUT_MESSAGES[reason].format(config=config))
                 return
             try:
-                connection.receive_data(data)
-                if not await self._dispatch(requests):
-                    return
+                if data is not None:
+                    connection.receive_data(data)
+                    if not await self._dispatch(requests):
+                        return
+                else:  # _take_nowait fed the connection and left this loop the rest
+                    failure, self._pending_failure = self._pending_failure, None
+                    if failure is not None:
+                        raise failure
+                    event, self._pending_event = self._pending_event, None
+                    if event is not None and not await self._dispatch(requests, event, self._pending_size):
+                        return
             except ProtocolError as error:
                 if not error.closes_connection:
                     raise
@@ -242,14 +266,74 @@ class ClientSession:
             self.server.frame_budget.release(self._frame_bytes_reserved)
             self._frame_bytes_reserved = 0
 
-    async def _dispatch(self, requests: asyncio.TaskGroup) -> bool:
-        """Turn buffered bytes into work; False when the peer closed."""
+    def _take_nowait(self, data: bytes | bytearray | memoryview) -> bool:
+        """The reader's hook (session_reader.py), called with a chunk that arrives while
+        the read loop waits to read and nothing is buffered: when the connection is
+        between frames and ready for requests, feed it and start its requests here, as
+        the read loop would, without waking the loop's task (a future, a loop turn and
+        the resumption of its coroutines, a request). Whatever the read loop does
+        besides is left to it, woken by reader.interrupt(): an event other than a
+        request (_dispatch serves it, and the events after it), an error, a frame left
+        incomplete (its deadline and frame budget), the read throttle holding the next
+        read. Else the idle deadline moves on, as the loop's next read would set it."""
+        connection = self.connection
+        if (
+            connection.state is not State.READY
+            or self.principal is None
+            or connection.buffered_bytes
+            or self.server.shutting_down
+        ):
+            return False
+        try:
+            connection.receive_data(data)
+            self._dispatch_nowait()
+        except Exception as error:  # the read loop raises it, as if it had fed the data itself
+            self._pending_failure = error
+            self.reader.interrupt()
+            return True
+        if self._pending_event is not None or connection.buffered_bytes or not self.throttle.ready():
+            self.reader.interrupt()
+        else:
+            assert self._read_deadline is not None and self._loop is not None  # set before the hook
+            self._read_deadline.at(self._loop.time() + self.server.config.idle_timeout_ms / 1000)
+        return True
+
+    def _dispatch_nowait(self) -> None:
+        """_dispatch's requests, from _take_nowait: up to the first event that is not
+        one, left in _pending_event for the read loop."""
+        assert self._requests is not None  # set before the first read
         while True:
             event = self.connection.next_event()
             if event is NEED_DATA:
-                return True
+                return
             consumed = self.connection.consumed_bytes
             size, self._consumed_bytes = consumed - self._consumed_bytes, consumed
+            if (
+                not isinstance(event, m.Request)
+                or isinstance(event, (m.HandshakeRequest, m.AuthenticateRequest))
+                or self.server.shutting_down
+            ):
+                self._pending_event, self._pending_size = event, size
+                return
+            self._start(self._requests, event, size)
+
+    async def _dispatch(
+        self,
+        requests: asyncio.TaskGroup,
+        pending: ConnectionEvent | None = None,
+        pending_size: int = 0,
+    ) -> bool:
+        """Turn buffered bytes into work, `pending` (an event already taken from the
+        connection) first; False when the peer closed."""
+        while True:
+            if pending is not None:
+                event, size, pending = pending, pending_size, None
+            else:
+                event = self.connection.next_event()
+                if event is NEED_DATA:
+                    return True
+                consumed = self.connection.consumed_bytes
+                size, self._consumed_bytes = consumed - self._consumed_bytes, consumed
             if isinstance(event, ConnectionClosed):
                 return False
             if isinstance(event, RejectedRequest):
@@ -281,23 +365,27 @@ class ClientSession:
                     error = ProtocolError(ErrorCode.SERVER_SHUTTING_DOWN, "shutting down")
                     await self._write(error_reply(event, error))
                 else:
-                    self.throttle.started(size)
-                    if type(event) is m.ProduceRequest and event.acks is m.Acks.DURABLE:
-                        assert isinstance(event, m.ProduceRequest)  # for the type checker
-                        if self._produce_durable_nowait(event, size):
-                            continue
-                    if not _start_eagerly(event):
-                        task = requests.create_task(self._serve(event))
-                        task.add_done_callback(functools.partial(self._answered, size))
-                        continue
-                    # Served here up to its first wait; a task only if it waits (eager.py).
-                    coroutine = self._serve(event)
-                    waiting_on = start_eagerly(coroutine)
-                    if waiting_on is None:
-                        self.throttle.answered(size)
-                    else:
-                        task = requests.create_task(resume(coroutine, waiting_on))
-                        task.add_done_callback(functools.partial(self._answered, size))
+                    self._start(requests, event, size)
+
+    def _start(self, requests: asyncio.TaskGroup, event: m.Request, size: int) -> None:
+        """Serve a request of `size` frame bytes, counted in flight until answered."""
+        self.throttle.started(size)
+        if type(event) is m.ProduceRequest and event.acks is m.Acks.DURABLE:
+            assert isinstance(event, m.ProduceRequest)  # for the type checker
+            if self._produce_durable_nowait(event, size):
+                return
+        if not _start_eagerly(event):
+            task = requests.create_task(self._serve(event))
+            task.add_done_callback(functools.partial(self._answered, size))
+            return
+        # Served here up to its first wait; a task only if it waits (eager.py).
+        coroutine = self._serve(event)
+        waiting_on = start_eagerly(coroutine)
+        if waiting_on is None:
+            self.throttle.answered(size)
+        else:
+            task = requests.create_task(resume(coroutine, waiting_on))
+            task.add_done_callback(functools.partial(self._answered, size))
 
     def _answered(self, size: int, _task: asyncio.Task[None]) -> None:
         self.throttle.answered(size)
@@ -718,9 +806,10 @@ class Server:
         failure: BaseException | None = None
         try:
             async with asyncio.TaskGroup() as tasks:
-                self.broker.attach(asyncio.get_running_loop(), tasks)
-                self._listener = await asyncio.start_server(
-                    lambda reader, writer: self._accept(tasks, reader, writer),
+                loop = asyncio.get_running_loop()
+                self.broker.attach(loop, tasks)
+                self._listener = await loop.create_server(
+                    session_protocol_factory(lambda reader, writer: self._accept(tasks, reader, writer), loop),
                     sock=sock,
                     ssl=self.security.tls_context,
                     ssl_handshake_timeout=self.config.handshake_timeout_ms / 1000
@@ -804,6 +893,7 @@ class Server:
         )
 
     def _accept(self, tasks: asyncio.TaskGroup, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert isinstance(reader, SessionReader)  # session_protocol_factory's
         sock = writer.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
