@@ -63,6 +63,7 @@ from .reply import RECORDS_FIELD, Reply, error_reply, response_with_buffers
 from .retention_job import run_retention_job
 from .server import Server
 from .service import Broker
+from .session_reader import session_protocol_factory
 
 log = logging.getLogger("nodi.embedded")
 
@@ -200,8 +201,10 @@ class LocalBroker:
                 )
                 if self._attach_socket is not None:
                     attach = self._attach
-                    attach._listener = await asyncio.start_unix_server(
-                        lambda reader, writer: attach._accept(tasks, reader, writer), sock=self._attach_socket
+                    # As the server's TCP listener: sessions read through SessionReader.
+                    attach._listener = await loop.create_unix_server(
+                        session_protocol_factory(lambda reader, writer: attach._accept(tasks, reader, writer), loop),
+                        sock=self._attach_socket,
                     )
                 started.set_result(None)
                 await self._stop.wait()
