@@ -12,17 +12,15 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from served_broker import run_served
 
 from nodi.broker.protocol import messages as m
 from nodi.broker.protocol.errors import ErrorCode
 from nodi.broker.protocol.headers import IDEMPOTENCY_KEY, TTL_MS
-from nodi.broker.server.config import ServerConfig
 from nodi.broker.server.durable_answer import DurableAnswer
 from nodi.broker.server.reply import Reply
 from nodi.broker.server.service import Broker
 from nodi.storage.records import Compression, NewRecord, build_batch
-from nodi.storage.store import Store
-from nodi.storage.topic_settings import TopicConfig
 
 WAIT_S = 30
 
@@ -37,24 +35,6 @@ def keyed(value: bytes, key: str) -> NewRecord:
 def late_key(key: str) -> bytes:
     """Headers-free records, then one carrying `key`: not uniform, walked record by record."""
     return build_batch([NewRecord(None, b"a"), NewRecord(None, b"bb"), NewRecord(None, b"ccc"), keyed(b"d", key)])
-
-
-def _run(tmp_path, body, **settings) -> None:
-    """Run `body(broker, store)` with a topic "t" served as the server serves it (the
-    default dedup window unless `settings` say otherwise)."""
-    store = Store.open(str(tmp_path / "store"))
-    store.create_topic("t", TopicConfig(**settings))
-
-    async def main() -> None:
-        broker = Broker(store, ServerConfig(data_dir=store.data_dir))
-        broker._loop = asyncio.get_running_loop()
-        broker._watch(store.log("t", 0))
-        await body(broker, store)
-
-    try:
-        asyncio.run(main())
-    finally:
-        store.close()
 
 
 async def produce(broker: Broker, records: bytes, acks: m.Acks, request_id: int = 1) -> m.ProduceResponse:
@@ -100,7 +80,7 @@ def test_requests_whose_records_carry_no_header_are_not_searched(tmp_path, acks)
         assert (statistics.requests_skipped, statistics.requests_searched, statistics.batches_decoded) == (1, 1, 0)
         assert store.log("t", 0).next_offset == 10 + 5 + 10 + 10 + 1
 
-    _run(tmp_path, body)
+    run_served(tmp_path, body)
 
 
 @ACKS
@@ -117,7 +97,7 @@ def test_a_key_in_a_later_record_of_a_later_batch_is_deduplicated(tmp_path, acks
         assert store.log("t", 0).next_offset == 14  # nothing of the resend written
         assert broker.dedup.statistics().requests_skipped == 0
 
-    _run(tmp_path, body)
+    run_served(tmp_path, body)
 
 
 @ACKS
@@ -138,7 +118,7 @@ def test_a_compressed_keyed_batch_is_written_as_sent_and_not_remembered(tmp_path
             assert [(d.partition, d.offset) for d in again.duplicates] == [(0, 2)]
         assert store.log("t", 0).next_offset == 3
 
-    _run(tmp_path, body)
+    run_served(tmp_path, body)
 
 
 @pytest.mark.parametrize("acks", [m.Acks.WRITTEN, m.Acks.DURABLE])
@@ -164,7 +144,7 @@ def test_bad_batches_get_the_logs_error_and_nothing_is_remembered(tmp_path, acks
         assert store.log("t", 0).next_offset == 0 and broker.dedup.statistics().keys == 0
         assert (await produce(broker, good, acks, request_id=2)).error_code == ErrorCode.NONE
 
-    _run(tmp_path, body)
+    run_served(tmp_path, body)
 
 
 def test_a_topic_without_a_window_is_neither_searched_nor_skipped(tmp_path) -> None:
@@ -175,4 +155,4 @@ def test_a_topic_without_a_window_is_neither_searched_nor_skipped(tmp_path) -> N
         assert (statistics.requests_skipped, statistics.requests_searched, statistics.topics) == (0, 0, 0)
         assert store.log("t", 0).next_offset == 18
 
-    _run(tmp_path, body, dedup_window_ms=0)
+    run_served(tmp_path, body, dedup_window_ms=0)

@@ -10,6 +10,7 @@ import asyncio
 from dataclasses import replace
 
 import pytest
+from served_broker import run_served
 
 from nodi.broker.protocol import messages as m
 from nodi.broker.protocol.errors import ErrorCode
@@ -24,7 +25,6 @@ from nodi.storage.log import Log
 from nodi.storage.records import NewRecord, build_batch
 from nodi.storage.simfs import SimulatedFileSystem
 from nodi.storage.store import Store
-from nodi.storage.topic_settings import TopicConfig
 
 WAIT_S = 10.0
 BATCH = build_batch([NewRecord(None, b"durable", (), None)])
@@ -201,23 +201,6 @@ def test_an_answer_not_fsynced_in_time_is_not_durable_and_a_cancelled_one_is_sil
     _run(tmp_path, "always", body)
 
 
-def _run_served(tmp_path, body, **settings) -> None:
-    """Run `body(broker, store)` with a topic "t" served as the server serves it."""
-    store = Store.open(str(tmp_path / "store"))
-    store.create_topic("t", TopicConfig(**settings))
-
-    async def main() -> None:
-        broker = Broker(store, ServerConfig(data_dir=store.data_dir))
-        broker._loop = asyncio.get_running_loop()
-        broker._watch(store.log("t", 0))
-        await body(broker, store)
-
-    try:
-        asyncio.run(main())
-    finally:
-        store.close()
-
-
 def test_produce_durable_nowait_appends_and_answers_when_durable(tmp_path) -> None:
     async def body(broker, store) -> None:
         delivered: list = []
@@ -237,7 +220,7 @@ def test_produce_durable_nowait_appends_and_answers_when_durable(tmp_path) -> No
         refused = broker.produce_durable_nowait(_produce(4, topic="nope"), lambda answer, reply: None)
         assert isinstance(refused, Reply) and refused.response.error_code == ErrorCode.UNKNOWN_TOPIC
 
-    _run_served(tmp_path, body)
+    run_served(tmp_path, body)
 
 
 def test_produce_durable_nowait_leaves_fsync_never_to_the_task_path(tmp_path) -> None:
@@ -248,7 +231,7 @@ def test_produce_durable_nowait_leaves_fsync_never_to_the_task_path(tmp_path) ->
         assert broker.produce_durable_nowait(_produce(), lambda answer, reply: None) is None
         assert store.log("t", 0).next_offset == 0
 
-    _run_served(tmp_path, body, fsync_policy="never")
+    run_served(tmp_path, body, fsync_policy="never")
 
 
 def test_produce_durable_nowait_keeps_publish_dedup(tmp_path) -> None:
@@ -269,4 +252,4 @@ def test_produce_durable_nowait_keeps_publish_dedup(tmp_path) -> None:
         await _until(lambda: delivered)
         assert delivered[0].base_offset == 0 and store.log("t", 0).next_offset == 1
 
-    _run_served(tmp_path, body, dedup_window_ms=60_000)
+    run_served(tmp_path, body, dedup_window_ms=60_000)
