@@ -59,17 +59,9 @@ class ConsoleGateway:
         if self.closed or server.shutting_down:
             error = ProtocolError(ErrorCode.SERVER_SHUTTING_DOWN, "the broker is stopping", closes_connection=False)
             return error_reply(request, error).response
-        refused = server.security.check(principal, request)
-        if refused is not None:
-            action, resource, name = refused
-            error = ProtocolError(
-                ErrorCode.NOT_AUTHORIZED,
-                f"{principal.name} may not {action.value} {resource.value} {name}",
-                closes_connection=False,
-            )
-            reply = error_reply(request, error)
-            server.observe(request, reply, time.perf_counter() - started)
-            return reply.response
+        refusal = server.refusal(principal, request, started)
+        if refusal is not None:
+            return refusal.response
         assert server.broker is not None  # the console starts after the broker
         reply = await server.broker.handle(request, "nodi-console")
         server.observe(request, reply, time.perf_counter() - started)

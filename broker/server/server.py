@@ -507,21 +507,10 @@ class ClientSession:
         return True
 
     def _refusal(self, request: m.Request, started: float) -> Reply | None:
-        """The NOT_AUTHORIZED reply (counted, logged and observed) when the session's
-        principal lacks a permission `request` needs; None when it may."""
+        """The NOT_AUTHORIZED reply when the session's principal lacks a permission
+        `request` needs (Server.refusal); None when it may."""
         assert self.principal is not None  # _dispatch serves nothing before authentication
-        refused = self.server.security.check(self.principal, request)
-        if refused is None:
-            return None
-        action, resource, name = refused
-        error = ProtocolError(
-            ErrorCode.NOT_AUTHORIZED,
-            f"{self.principal.name} may not {action.value} {resource.value} {name}",
-            closes_connection=False,
-        )
-        reply = error_reply(request, error)
-        self.server.observe(request, reply, time.perf_counter() - started)
-        return reply
+        return self.server.refusal(self.principal, request, started)
 
     async def _serve(self, request: m.Request) -> None:
         started = time.perf_counter()
@@ -729,6 +718,23 @@ class Server:
     def count_timeout(self, reason: str) -> None:
         self._connections_timed_out[reason] += 1
         log.debug("connection closed: %s deadline passed", reason)
+
+    def refusal(self, principal: Principal, request: m.Request, started: float) -> Reply | None:
+        """The NOT_AUTHORIZED reply (counted, logged and observed) when `principal`
+        lacks a permission `request` needs; None when it may. A session's and the
+        console's requests are refused alike."""
+        refused = self.security.check(principal, request)
+        if refused is None:
+            return None
+        action, resource, name = refused
+        error = ProtocolError(
+            ErrorCode.NOT_AUTHORIZED,
+            f"{principal.name} may not {action.value} {resource.value} {name}",
+            closes_connection=False,
+        )
+        reply = error_reply(request, error)
+        self.observe(request, reply, time.perf_counter() - started)
+        return reply
 
     def observe(self, request: m.Request, reply: Reply, seconds: float) -> None:
         if self.metrics is not None:
