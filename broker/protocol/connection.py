@@ -270,7 +270,7 @@ class Connection:
         self._in_flight: dict[int, tuple[int, int]] = {}
         self._handshake: HandshakeRequest | None = None
         self._next_request_id = 1
-        self.protocol_version: int | None = None
+        self._protocol_version: int | None = None
         self.peer_limits: dict[str, int] = {}
         self._send_frame_bytes_max = limits.frame_bytes_max
         self._send_in_flight_max = limits.in_flight_requests_max
@@ -283,7 +283,9 @@ class Connection:
         self._responses_served: dict[type, tuple[int, int]] | None = None
         # A client once READY: the same facts seen from its side (_sent_at), so that a
         # request the server serves, and a well-framed response to one in flight, take
-        # one look-up; None before.
+        # one look-up; None before. Both pairs are derived from protocol_version, and
+        # follow it when it changes (its setter): a table of an older version would send
+        # what the checks refuse.
         self._requests_sent: dict[type, tuple[int, int]] | None = None
         self._responses_received: dict[tuple[int, int], type[Response]] | None = None
 
@@ -292,6 +294,22 @@ class Connection:
     @property
     def state(self) -> State:
         return self._state
+
+    @property
+    def protocol_version(self) -> int | None:
+        """The protocol version agreed in the handshake; None before."""
+        return self._protocol_version
+
+    @protocol_version.setter
+    def protocol_version(self, version: int | None) -> None:
+        # The fast paths' tables hold what the checks allow at one protocol version: a
+        # connection READY with them keeps them for the version it speaks now, or (no
+        # version) drops them and takes the checks one by one.
+        self._protocol_version = version
+        if self._requests_served is not None:
+            self._requests_served, self._responses_served = (None, None) if version is None else _served_at(version)
+        if self._requests_sent is not None:
+            self._requests_sent, self._responses_received = (None, None) if version is None else _sent_at(version)
 
     @property
     def error(self) -> ProtocolError | None:
