@@ -95,3 +95,54 @@ def test_a_partition_not_ready_answer_is_sent_again_until_the_partition_answers(
 def test_a_partition_that_stays_not_ready_ends_in_the_calls_timeout():
     with pytest.raises(Timeout):
         _call_not_ready_first(10**9, 200)
+
+
+def _core() -> AsyncClientCore:
+    async def connect():
+        raise AssertionError("no connection in these tests")
+
+    return AsyncClientCore(AsyncClient("127.0.0.1:1", timeout_ms=50), connect)
+
+
+def test_a_deadline_raises_the_clients_timeout_naming_the_call_and_its_time() -> None:
+    async def run():
+        core = _core()
+        with pytest.raises(Timeout) as raised:
+            async with core.deadline(None, "Fetch", extra_ms=20):
+                await asyncio.sleep(10)
+        assert str(raised.value) == "Fetch did not complete within 70 ms"
+        assert raised.value.__suppress_context__
+        # The task is not left cancelled: it goes on awaiting.
+        assert asyncio.current_task().cancelling() == 0
+        await asyncio.sleep(0)
+
+    asyncio.run(run())
+
+
+def test_a_deadline_turns_a_plain_timeout_error_of_its_block_into_the_clients_and_lets_others_through() -> None:
+    async def run():
+        core = _core()
+        with pytest.raises(Timeout) as raised:
+            async with core.deadline(1_000, "Commit"):
+                raise TimeoutError("inner")
+        assert str(raised.value) == "Commit did not complete within 1000 ms"
+        with pytest.raises(Timeout, match="the server's own"):
+            async with core.deadline(1_000, "Commit"):
+                raise Timeout("the server's own")
+        with pytest.raises(UnknownTopic):
+            async with core.deadline(1_000, "Commit"):
+                raise UnknownTopic("gone")
+        async with core.deadline(1_000, "Commit"):
+            await asyncio.sleep(0)
+        with pytest.raises(ValueError):
+            async with core.deadline(0, "Commit"):
+                raise AssertionError("not reached")
+        # A cancellation from outside is a cancellation, not a Timeout.
+        task = asyncio.current_task()
+        asyncio.get_running_loop().call_later(0.01, task.cancel)
+        with pytest.raises(asyncio.CancelledError):
+            async with core.deadline(1_000, "Commit"):
+                await asyncio.sleep(10)
+        task.uncancel()
+
+    asyncio.run(run())

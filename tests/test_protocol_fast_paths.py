@@ -8,6 +8,11 @@
   connection with the table off, which checks everything one by one: the same events,
   the same RejectedRequests, the same bytes and the same errors, at every protocol
   version, for every API and version.
+- A READY client connection's tables (connection._sent_at: a request the server serves
+  is encoded, and a response to one in flight decoded, after one look-up) against the
+  same client with the tables off: the same frames, request ids, events and errors,
+  for good responses and bad ones (trailing garbage, truncated, another version, the
+  ERROR flag, no such request in flight, another API).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nodi.broker.protocol import connection as connection_module
 from nodi.broker.protocol import schema
 from nodi.broker.protocol.connection import (
     NEED_DATA,
@@ -31,6 +37,7 @@ from nodi.broker.protocol.connection import (
     ErrorCode,
     ErrorResponse,
     HandshakeRequest,
+    HandshakeResponse,
     ListOffsetsRequest,
     ProtocolError,
     RejectedRequest,
@@ -231,3 +238,163 @@ def test_too_many_requests_in_flight_take_the_general_path() -> None:
     assert all(isinstance(event, ListOffsetsRequest) for event in events[:-2])
     assert [getattr(event, "error_code", None) for event in events[-2:]] == [ErrorCode.TOO_MANY_REQUESTS] * 2
     assert all(isinstance(event, RejectedRequest) for event in events[-2:])
+
+
+def ready_client(protocol_version: int, *, fast: bool, in_flight_requests_max: int = 0) -> Connection:
+    client = Connection(Role.CLIENT)
+    handshake = HandshakeRequest(
+        request_id=client.next_request_id(),
+        protocol_version_min=protocol_version,
+        protocol_version_max=protocol_version,
+    )
+    client.send(handshake)
+    limits = {"in_flight_requests_max": in_flight_requests_max} if in_flight_requests_max else {}
+    client.receive_data(encode_message(handshake_response(handshake, server_id="s", limits=limits), 1))
+    assert isinstance(client.next_event(), HandshakeResponse)
+    assert client.state is State.READY
+    if not fast:
+        client._requests_sent = client._responses_received = None  # the checks one by one
+    else:
+        assert client._requests_sent is not None
+    return client
+
+
+def client_both_ways(protocol_version: int, requests: list, frames: list[bytes], **kwargs: Any) -> None:
+    """Send the same requests from a client with its tables and one without, then feed
+    both the same frames; everything must come out the same."""
+    results = []
+    for fast in (True, False):
+        client = ready_client(protocol_version, fast=fast, **kwargs)
+        seen: list[Any] = []
+        for request, records_bytes in requests:
+            seen.append(outcome(functools.partial(client.send_request, request, records_bytes)))
+        seen.append(client.in_flight_request_ids())
+        for frame in frames:
+            client.receive_data(frame)
+            while True:
+                event = outcome(client.next_event)
+                seen.append(event)
+                if event is NEED_DATA or isinstance(event, tuple):
+                    break
+            seen.append(client.state)
+            if client.state is not State.READY:
+                break
+        seen.append((client.in_flight_request_ids(), client.statistics()))
+        results.append(seen)
+    assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("protocol_version", range(PROTOCOL_VERSION_MIN, PROTOCOL_VERSION_MAX + 1))
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: f"{ApiKey(layout[0]).name}-v{layout[1]}")
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_a_ready_client_sends_and_receives_the_same_by_its_tables_as_by_the_checks(layout, protocol_version, data):
+    api_key, version = layout
+    request_class, response_class, _ = MESSAGES_BY_VERSION[layout]
+    request = data.draw(message_strategy(request_class))  # its request id is the connection's to pick
+    records_bytes = data.draw(st.sampled_from([None, 0, 100])) if schema.schema_of(request_class).has_records else None
+    sent = [(request, records_bytes)]
+    client_both_ways(protocol_version, sent, [])
+    request_id = 2  # the Handshake was 1
+    response = data.draw(message_strategy(response_class, request_id=st.just(request_id)))
+    frame = encode_message(response, version)
+    body = frame[14:]
+    error = ErrorResponse(request_id=request_id, api_key=api_key, error_code=ErrorCode.INVALID_REQUEST)
+    other_layout = next(other for other in LAYOUTS if MESSAGES_BY_VERSION[other][1] is not response_class)
+    other = data.draw(message_strategy(MESSAGES_BY_VERSION[other_layout][1], request_id=st.just(request_id)))
+    cases = [
+        [frame],  # the response, well formed
+        [frame, frame],  # twice: the second answers nothing in flight
+        [frame[:7], frame[7:]],  # in two pieces
+        [raw_frame(1, api_key, request_id, body + b"\x00", version=version)],  # trailing garbage
+        [raw_frame(1, api_key, request_id, body + b"\x00\x00\x00", version=version)],
+        [raw_frame(1, api_key, request_id, body[:-1], version=version) if body else frame],  # truncated
+        [raw_frame(1, api_key, request_id, body, version=version + 50)],  # another version
+        [raw_frame(1, api_key, request_id, body, version=version, flags=1)],  # the ERROR flag on its body
+        [raw_frame(1, api_key, request_id, body, version=version, flags=2)],  # an unknown flag
+        [raw_frame(0, api_key, request_id, body, version=version)],  # a request
+        [raw_frame(1, api_key, request_id + 1, body, version=version)],  # no such request in flight
+        [raw_frame(1, api_key, 0, body, version=version)],  # request id 0
+        [encode_message(error, version)],  # an error response
+        [encode_message(other, other_layout[1])],  # another API's response
+    ]
+    for frames in cases:
+        client_both_ways(protocol_version, sent, frames)
+
+
+def test_a_client_request_over_the_limits_takes_the_general_path() -> None:
+    request = ListOffsetsRequest(topic="t", partition=0)
+    # More in flight than the server allows: TOO_MANY_REQUESTS, nothing emitted.
+    client_both_ways(PROTOCOL_VERSION_MAX, [(request, None)] * 4, [], in_flight_requests_max=2)
+    client = ready_client(PROTOCOL_VERSION_MAX, fast=True, in_flight_requests_max=2)
+    assert [client.send_request(request)[0] for _ in range(2)] == [2, 3]
+    with pytest.raises(ProtocolError) as raised:
+        client.send_request(request)
+    assert raised.value.code is ErrorCode.TOO_MANY_REQUESTS
+    # A value outside its type and a bad records length raise with the connection unchanged.
+    bad = ListOffsetsRequest(topic="t", partition=1 << 40)
+    client_both_ways(PROTOCOL_VERSION_MAX, [(bad, None), (request, -1), (request, None)], [])
+
+
+@pytest.mark.parametrize("protocol_version", range(PROTOCOL_VERSION_MIN, PROTOCOL_VERSION_MAX + 1))
+def test_a_ready_client_has_a_table_entry_for_every_api_its_server_serves(protocol_version) -> None:
+    client = ready_client(protocol_version, fast=True)
+    assert client._requests_sent is not None and client._responses_received is not None
+    for layout in LAYOUTS:
+        request_class, response_class, _ = MESSAGES_BY_VERSION[layout]
+        served = api_served(layout[0], protocol_version) and api_version_served(*layout, protocol_version)
+        assert (client._requests_sent.get(request_class) == layout) is served
+        assert (client._responses_received.get(layout) is response_class) is served
+
+
+@pytest.mark.parametrize("protocol_version", range(PROTOCOL_VERSION_MIN, PROTOCOL_VERSION_MAX + 1))
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_a_ready_connection_whose_protocol_version_changes_takes_its_tables_to_the_new_one(protocol_version, data):
+    """Why client-path was first reverted: the tables were built at the handshake's
+    protocol version and kept when protocol_version was lowered afterwards (as
+    test_fetch_commit's consumer "against a server without Fetch version 2" does), so a
+    client sent a Fetch version 2 the checks refuse, and its commit rode a fetch the
+    server it speaks to would not serve. Client and server, lowered or raised to every
+    version, must send and serve exactly what the checks one by one allow there."""
+    requests = [data.draw(message_strategy(MESSAGES_BY_VERSION[layout][0])) for layout in LAYOUTS]
+    for handshake_version in (PROTOCOL_VERSION_MIN, PROTOCOL_VERSION_MAX):
+        clients = []
+        for fast in (True, False):
+            client = ready_client(handshake_version, fast=fast)
+            client.protocol_version = protocol_version
+            sent = [outcome(functools.partial(client.send_request, request)) for request in requests]
+            clients.append((sent, client.in_flight_request_ids(), client.statistics()))
+        assert clients[0] == clients[1]
+        refused = [
+            layout
+            for layout, result in zip(LAYOUTS, clients[0][0], strict=True)
+            if isinstance(result, tuple) and result[0] == "raised"
+        ]
+        assert refused == [
+            layout
+            for layout in LAYOUTS
+            if not (api_served(layout[0], protocol_version) and api_version_served(*layout, protocol_version))
+        ]
+        servers = []
+        for fast in (True, False):
+            server = ready_server(handshake_version, fast=fast)
+            server.protocol_version = protocol_version
+            seen = []
+            for request_id, (layout, request) in enumerate(zip(LAYOUTS, requests, strict=True), start=2):
+                server.receive_data(
+                    raw_frame(0, layout[0], request_id, encode_message(request, layout[1])[14:], version=layout[1])
+                )
+                seen.append(outcome(server.next_event))
+            servers.append((seen, server.statistics()))
+        assert servers[0] == servers[1]
+
+
+def test_a_connection_without_its_tables_keeps_taking_the_checks_when_its_version_changes() -> None:
+    client = ready_client(PROTOCOL_VERSION_MAX, fast=False)
+    client.protocol_version = PROTOCOL_VERSION_MIN
+    assert client._requests_sent is None and client._responses_received is None
+    client = ready_client(PROTOCOL_VERSION_MAX, fast=True)
+    client.protocol_version = PROTOCOL_VERSION_MIN
+    assert client._requests_sent is not None
+    assert client._requests_sent == connection_module._sent_at(PROTOCOL_VERSION_MIN)[0]

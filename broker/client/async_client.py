@@ -475,7 +475,8 @@ class AsyncClient:
                     count = await self.partition_count(topic, refresh=refreshed)
                     chosen = self.choose_partition(topic, key_bytes, count)
                 try:
-                    response = await self.produce_batch(topic, chosen, batch, acks=acks_wire, timeout_ms=timeout)
+                    # Inside this call's deadline: produce_batch's own would end at the same time.
+                    response = await self._produce_batch(topic, chosen, batch, acks_wire, timeout, False)
                 except UnknownPartition:
                     if partition is not None or refreshed:
                         raise
@@ -501,11 +502,24 @@ class AsyncClient:
         records written before (nothing else was written); PartlyDuplicate, carrying
         them, when only some were."""
         timeout = self.timeout_ms if timeout_ms is None else timeout_ms
-        request = m.ProduceRequest(
-            topic=topic, partition=partition, acks=m.Acks(acks_value(acks)), timeout_ms=timeout, records=b""
-        )
+        acks_wire = acks_value(acks)
         async with self.core.deadline(timeout, "Produce"):
-            response = await self.core.send(request, records=batch, retry=retry, expect=m.ProduceResponse)
+            return await self._produce_batch(topic, partition, batch, acks_wire, timeout, retry)
+
+    async def _produce_batch(
+        self,
+        topic: str,
+        partition: int,
+        batch: bytes | bytearray | memoryview,
+        acks: int,
+        timeout_ms: int,
+        retry: bool,
+    ) -> m.ProduceResponse:
+        """produce_batch() inside the caller's deadline (of `timeout_ms`)."""
+        request = m.ProduceRequest(
+            topic=topic, partition=partition, acks=m.Acks(acks), timeout_ms=timeout_ms, records=b""
+        )
+        response = await self.core.send(request, records=batch, retry=retry, expect=m.ProduceResponse)
         if response.error_code == ErrorCode.PARTLY_DUPLICATE:
             error = error_for(response.error_code, response.error_message)
             assert isinstance(error, PartlyDuplicate)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import socket
 import ssl
 
@@ -205,20 +204,15 @@ class ClientConnection:
         try:
             if self._error is not None:
                 raise self._lost()
-            protocol = self._protocol
-            message = dataclasses.replace(message, request_id=protocol.next_request_id())
             try:
-                if records is None:
-                    frame = protocol.send(message)
-                else:
-                    frame = protocol.send_header(message, len(records))
+                request_id, frame = self._protocol.send_request(message, None if records is None else len(records))
             except ProtocolError as error:
                 if error.closes_connection:
                     self._fail(ConnectionLost(f"protocol error: {error}"))
                     raise self._lost() from None
                 raise error_for(error.code, error.message) from None
             future = asyncio.get_running_loop().create_future()
-            self._pending[message.request_id] = future
+            self._pending[request_id] = future
         except BaseException:
             self._slots.release()
             raise

@@ -43,9 +43,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..protocol import messages as m
@@ -94,6 +94,35 @@ def check_error_code(response: ResponseT) -> ResponseT:
     return response
 
 
+# typeshed marks asyncio.Timeout final (make it with timeout()); at run time it is a plain
+# class, and one subclass saves a context manager per call.
+class Deadline(asyncio.Timeout):  # type: ignore[misc]
+    """asyncio.timeout's context manager that raises nodi's Timeout, naming `what`, when
+    the time passes (and for a TimeoutError the block raised that is not a NodiClientError):
+    one context manager per call, not a generator-based one around asyncio.timeout."""
+
+    def __init__(self, when: float, what: str, total_ms: int) -> None:
+        super().__init__(when)
+        self._what = what
+        self._total_ms = total_ms
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        try:
+            await super().__aexit__(exc_type, exc_value, traceback)
+        except TimeoutError:  # the time passed
+            raise self._timeout() from None
+        if exc_type is not None and issubclass(exc_type, TimeoutError) and not issubclass(exc_type, NodiClientError):
+            raise self._timeout() from None
+
+    def _timeout(self) -> Timeout:
+        return Timeout(f"{self._what} did not complete within {self._total_ms} ms")
+
+
 class AsyncClientCore:
     """The interface an AsyncClient gives its parts; see the module docstring."""
 
@@ -114,19 +143,13 @@ class AsyncClientCore:
 
     # -- calls --------------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def deadline(self, timeout_ms: int | None, what: str, extra_ms: int = 0) -> AsyncIterator[None]:
+    def deadline(self, timeout_ms: int | None, what: str, extra_ms: int = 0) -> Deadline:
         """Bound the block by the call's timeout; raise Timeout when it passes."""
         timeout_ms = self._client.timeout_ms if timeout_ms is None else timeout_ms
         if timeout_ms <= 0:
             raise ValueError("timeout_ms must be positive")
-        try:
-            async with asyncio.timeout((timeout_ms + extra_ms) / 1000):
-                yield
-        except TimeoutError as error:
-            if isinstance(error, NodiClientError):
-                raise
-            raise Timeout(f"{what} did not complete within {timeout_ms + extra_ms} ms") from None
+        total_ms = timeout_ms + extra_ms
+        return Deadline(asyncio.get_running_loop().time() + total_ms / 1000, what, total_ms)
 
     async def send(
         self,
@@ -256,4 +279,4 @@ class SyncClientCore:
         self.parts.discard(part)
 
 
-__all__ = ["AsyncClientCore", "SyncClientCore", "ResponseT", "expect_response", "check_error_code"]
+__all__ = ["AsyncClientCore", "Deadline", "SyncClientCore", "ResponseT", "expect_response", "check_error_code"]

@@ -35,6 +35,7 @@ check that it answers each request once.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 from dataclasses import dataclass
@@ -178,6 +179,28 @@ def _served_at(protocol_version: int) -> tuple[dict[tuple[int, int], type[Reques
     return requests, responses
 
 
+@functools.cache
+def _sent_at(protocol_version: int) -> tuple[dict[type, tuple[int, int]], dict[tuple[int, int], type[Response]]]:
+    """What a client's READY connection speaking `protocol_version` sends and receives,
+    from the same table as _served_at: each request class it may send -> (api key, api
+    version), and (api key, api version) -> the class its response decodes as. The
+    Handshake and ErrorResponse take the general path, as on the server."""
+    requests, responses = _served_at(protocol_version)
+    sends: dict[type, tuple[int, int]] = {}
+    for layout, request in requests.items():
+        assert layout == (request.API_KEY, request.API_VERSION) and request not in sends
+        sends[request] = layout
+    receives = {layout: response for response, layout in responses.items()}
+    assert len(receives) == len(responses)
+    return sends, receives
+
+
+def _undecodable(kind: Kind, error: ProtocolError) -> ProtocolError:
+    """A response or event from the server whose body does not decode: the stream is
+    not to be trusted."""
+    return ProtocolError(ErrorCode.MALFORMED_FRAME, f"undecodable {kind.name.lower()}: {error.message}")
+
+
 class _Sentinel(enum.Enum):
     NEED_DATA = "NEED_DATA"
 
@@ -247,7 +270,7 @@ class Connection:
         self._in_flight: dict[int, tuple[int, int]] = {}
         self._handshake: HandshakeRequest | None = None
         self._next_request_id = 1
-        self.protocol_version: int | None = None
+        self._protocol_version: int | None = None
         self.peer_limits: dict[str, int] = {}
         self._send_frame_bytes_max = limits.frame_bytes_max
         self._send_in_flight_max = limits.in_flight_requests_max
@@ -258,12 +281,35 @@ class Connection:
         # it take one table look-up instead of the checks one by one; None before.
         self._requests_served: dict[tuple[int, int], type[Request]] | None = None
         self._responses_served: dict[type, tuple[int, int]] | None = None
+        # A client once READY: the same facts seen from its side (_sent_at), so that a
+        # request the server serves, and a well-framed response to one in flight, take
+        # one look-up; None before. Both pairs are derived from protocol_version, and
+        # follow it when it changes (its setter): a table of an older version would send
+        # what the checks refuse.
+        self._requests_sent: dict[type, tuple[int, int]] | None = None
+        self._responses_received: dict[tuple[int, int], type[Response]] | None = None
 
     # -- inspection ---------------------------------------------------------
 
     @property
     def state(self) -> State:
         return self._state
+
+    @property
+    def protocol_version(self) -> int | None:
+        """The protocol version agreed in the handshake; None before."""
+        return self._protocol_version
+
+    @protocol_version.setter
+    def protocol_version(self, version: int | None) -> None:
+        # The fast paths' tables hold what the checks allow at one protocol version: a
+        # connection READY with them keeps them for the version it speaks now, or (no
+        # version) drops them and takes the checks one by one.
+        self._protocol_version = version
+        if self._requests_served is not None:
+            self._requests_served, self._responses_served = (None, None) if version is None else _served_at(version)
+        if self._requests_sent is not None:
+            self._requests_sent, self._responses_received = (None, None) if version is None else _sent_at(version)
 
     @property
     def error(self) -> ProtocolError | None:
@@ -411,6 +457,28 @@ class Connection:
                         return decode_body_as(cls, frame, request_id, self.limits)
                     except ProtocolError as error:
                         return RejectedRequest(request_id, api_key, api_version, error.code, error.message)
+            received = self._responses_received
+            if received is not None and self._state is State.READY:
+                # A client's common case: a response frame, no flags, answering a request
+                # in flight with its API and version. Exactly what the checks of
+                # decode_frame_header and _receive_from_server would let through, with
+                # the same error for a body that does not decode; anything else takes
+                # the general path below.
+                kind, flags, api_key, api_version, request_id = read_frame_header(frame)
+                layout = (api_key, api_version)
+                response_class = received.get(layout)
+                if (
+                    response_class is not None
+                    and kind == Kind.RESPONSE
+                    and not flags
+                    and self._in_flight.get(request_id) == layout
+                ):
+                    try:
+                        response = decode_body_as(response_class, frame, request_id, self.limits)
+                    except ProtocolError as error:
+                        raise _undecodable(Kind.RESPONSE, error) from None
+                    del self._in_flight[request_id]
+                    return response
             header = decode_frame_header(frame)
             if self.role is Role.SERVER:
                 return self._receive_request(header, frame)
@@ -550,6 +618,7 @@ class Connection:
             assert isinstance(response, HandshakeResponse)
             self._check_chosen_version(response.protocol_version)
             self._adopt_server_limits(response)
+            self._requests_sent, self._responses_received = _sent_at(response.protocol_version)
         del self._in_flight[header.request_id]
         self._state = next_state
         return response
@@ -558,9 +627,7 @@ class Connection:
         try:
             return decode_message_body(header, frame, self.limits)
         except ProtocolError as error:
-            raise ProtocolError(
-                ErrorCode.MALFORMED_FRAME, f"undecodable {header.kind.name.lower()}: {error.message}"
-            ) from None
+            raise _undecodable(header.kind, error) from None
 
     def _check_chosen_version(self, version: int) -> None:
         assert self._handshake is not None
@@ -598,6 +665,32 @@ class Connection:
         if not isinstance(records_bytes, int) or not 0 <= records_bytes <= UINT32_MAX:
             raise ProtocolError(ErrorCode.INVALID_REQUEST, f"records_bytes {records_bytes!r} is not a uint32")
         return self._send(message, records_bytes)
+
+    def send_request(self, message: Request, records_bytes: int | None = None) -> tuple[int, bytes]:
+        """A client's request under the next free request id (next_request_id; the
+        message's own request_id is ignored): (that id, the frame). With `records_bytes`,
+        the frame up to its records length, as send_header. Raises as send does."""
+        if records_bytes is not None and (not isinstance(records_bytes, int) or not 0 <= records_bytes <= UINT32_MAX):
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, f"records_bytes {records_bytes!r} is not a uint32")
+        request_id = self.next_request_id()
+        sends = self._requests_sent
+        if sends is not None and self._state is State.READY:
+            # The common case: a request the server serves, with room in flight (what
+            # _plan_client_send checks one by one; its id is free by construction).
+            layout = sends.get(type(message))
+            if layout is not None and len(self._in_flight) < self._send_in_flight_max:
+                data = encode_message(
+                    message,
+                    layout[1],
+                    records_bytes=records_bytes,
+                    frame_bytes_max=self._send_frame_bytes_max,
+                    request_id=request_id,
+                )
+                self._in_flight[request_id] = layout
+                self._frames_sent += 1
+                self._bytes_sent += len(data) + (records_bytes or 0)
+                return request_id, data
+        return request_id, self._send(dataclasses.replace(message, request_id=request_id), records_bytes)
 
     def _send(self, message: Message, records_bytes: int | None) -> bytes:
         responses = self._responses_served

@@ -170,8 +170,7 @@ def frame_api_key(message: Message) -> int:
     return message.api_key if isinstance(message, ErrorResponse) else message.API_KEY
 
 
-def _check_header_values(message: Message, api_key: int, api_version: int) -> None:
-    request_id = message.request_id
+def _check_header_values(message: Message, request_id: int, api_key: int, api_version: int) -> None:
     if not isinstance(request_id, int) or isinstance(request_id, bool):
         raise ProtocolError(ErrorCode.INVALID_REQUEST, f"request id {request_id!r} is not an integer")
     if message.KIND is Kind.EVENT:
@@ -189,8 +188,10 @@ def encode_message(
     *,
     records_bytes: int | None = None,
     frame_bytes_max: int | None = None,
+    request_id: int | None = None,
 ) -> bytes:
-    """One whole frame for `message`. With `records_bytes`, only the frame up to and
+    """One whole frame for `message`, under `request_id` when given (else the
+    message's own). With `records_bytes`, only the frame up to and
     including the records length: the caller sends exactly `records_bytes` bytes of
     batches right after it. Raises ProtocolError (INVALID_REQUEST for a value outside its
     type, FRAME_TOO_LARGE over `frame_bytes_max`) before anything is returned."""
@@ -203,7 +204,9 @@ def encode_message(
         api_key, flags = message.api_key, FLAG_ERROR
     else:
         api_key, flags = message.API_KEY, 0
-    _check_header_values(message, api_key, api_version)
+    if request_id is None:
+        request_id = message.request_id
+    _check_header_values(message, request_id, api_key, api_version)
     body = bytearray()
     schema.encode(message, body, records_bytes=records_bytes)  # all of it, or nothing: it raises
     frame_length = FRAME_HEADER_BYTES + len(body) + (records_bytes or 0)
@@ -214,5 +217,5 @@ def encode_message(
             f"a {type(message).__name__} frame of {size} bytes exceeds frame_bytes_max {frame_bytes_max}",
             closes_connection=False,
         )
-    header = _PREFIX_AND_HEADER.pack(frame_length, message.KIND, flags, api_key, api_version, message.request_id)
+    header = _PREFIX_AND_HEADER.pack(frame_length, message.KIND, flags, api_key, api_version, request_id)
     return header + body
