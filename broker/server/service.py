@@ -13,6 +13,7 @@ import functools
 import heapq
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -199,6 +200,12 @@ class Broker:
         self._flushing = False
         self._waiters: dict[int, _PartitionWaiters] = {}  # id(log) -> waiters
         self._listeners: dict[int, Callable[[], None]] = {}
+        self._loop_thread: int | None = None  # the loop's thread (threading.get_ident)
+        # A lone durable produce's fsync, run on the loop at the end of the turn
+        # (produce_durable_nowait): the log whose job waits for it, or None.
+        self._fsync_on_loop: Log | None = None
+        # None: never on the loop (fsync_on_loop_max_ms 0).
+        self._fsync_on_loop_max_s = config.fsync_on_loop_max_ms / 1000 if config.fsync_on_loop_max_ms else None
         self._producer_ids = itertools.count()
         self._producer_id_base = int(time.time() * 1000) << 20
         self.server_id = f"nodi-{self._producer_id_base:x}"
@@ -210,6 +217,7 @@ class Broker:
     def attach(self, loop: asyncio.AbstractEventLoop, tasks: asyncio.TaskGroup) -> None:
         """Start serving on `loop`; background work goes into `tasks`."""
         self._loop = loop
+        self._loop_thread = threading.get_ident()
         self._tasks = tasks
         # A partition the store opens from now on (after a start that opens them in the
         # background) is prepared by the hook before it is served; those open already
@@ -397,10 +405,14 @@ class Broker:
             return
         waiters = self._waiters[key] = _PartitionWaiters(partition_log)
         loop = self._loop  # None before attach() (a test driving handlers directly): no reader waits then
+        loop_thread = self._loop_thread
 
         def readable() -> None:  # any thread
             if loop is not None and waiters.waiting() and not loop.is_closed():
-                loop.call_soon_threadsafe(waiters.wake)
+                if threading.get_ident() == loop_thread:
+                    loop.call_soon(waiters.wake)  # the loop's own fsync: no wake-up write
+                else:
+                    loop.call_soon_threadsafe(waiters.wake)
 
         self._listeners[key] = readable
         partition_log.add_readable_listener(readable)
@@ -731,7 +743,9 @@ class Broker:
                 self._check_dedup_read_back(request.topic)
                 if check.duplicates:
                     return self.answer(request, self._produce_duplicates(request, check))
-            result = partition_log.append_checked_nowait(checked)
+            result = partition_log.append_checked_nowait(checked, fsync_here_max_s=self._fsync_on_loop_max_s)
+            if result.fsync_left_to_caller:
+                self._fsync_on_loop_soon(partition_log)
             if check is not None:
                 self.dedup.record(request.topic, request.partition, result.first_offset, check)
         except Exception as error:  # as handle() answers them
@@ -749,6 +763,30 @@ class Broker:
         assert self._loop is not None  # attached before serving
         answer.expire_after(self._loop, max(request.timeout_ms, 1) / 1000)
         return answer
+
+    def _fsync_on_loop_soon(self, partition_log: Log) -> None:
+        """A lone durable produce's append left its fsync job to the loop: run it at
+        the end of this turn (_run_fsync_on_loop), so the produces read in the same turn
+        share it. A second partition's in the same turn means concurrency: both go to
+        the pool, where their fsyncs overlap."""
+        other = self._fsync_on_loop
+        if other is None:
+            self._fsync_on_loop = partition_log
+            assert self._loop is not None  # attached before serving
+            self._loop.call_soon(self._run_fsync_on_loop)
+        else:
+            partition_log.hand_fsync_job_to_pool()
+
+    def _run_fsync_on_loop(self) -> None:
+        """The log's fsync job here, on the loop, while the pool is still idle (else the
+        pool runs it: Log.run_fsync_job_here), then its waiters settled at once: the
+        acknowledgements go out in this turn."""
+        partition_log, self._fsync_on_loop = self._fsync_on_loop, None
+        assert partition_log is not None
+        partition_log.run_fsync_job_here()
+        waiters = self._waiters.get(id(partition_log))
+        if waiters is not None:
+            waiters.wake()
 
     def _produce_reply(self, request: m.ProduceRequest, partition_log: Log, result: AppendResult) -> Reply:
         return Reply(
