@@ -10,7 +10,10 @@ syncs again at once while more was written meanwhile (queueing behind other logs
 when some wait). Under `interval` the job is due fsync_interval_ms after the log's last
 fsync, and the next one again an interval later: at most one fsync per interval. Hand-offs per group commit: one, appender -> worker (none while the
 log's job is running: it sees the new data itself), then the waiters' futures resolve
-on the worker. An fsync is never retried (I9).
+on the worker. An append that is alone (nothing on the pool, no fsync of its log
+pending) may instead leave the same job to its caller, which runs it in its own thread
+(append_checked_nowait's `fsync_here_max_s`, run_fsync_job_here: the server's event
+loop, no hand-off at all). An fsync is never retried (I9).
 """
 
 from __future__ import annotations
