@@ -27,7 +27,7 @@ from nodi.storage.errors import (
     PartitionNotReadyError,
     UnknownTopicError,
 )
-from nodi.storage.log import AppendResult, Log
+from nodi.storage.log import AppendResult, CheckedAppend, Log
 from nodi.storage.store import Store
 from nodi.storage.topic_settings import TOPIC_SETTINGS, TopicConfig
 
@@ -51,6 +51,11 @@ log = logging.getLogger("nodi.broker")
 FETCH_OVERHEAD_BYTES = 256
 # How often the metadata retry timer looks while the store commits normally.
 METADATA_RETRY_POLL_S = 1.0
+# After a durable produce found company (its partition's fsync already pending, an fsync
+# on the pool, another partition's produce in the same loop turn), the produces of the
+# next this many seconds are fsynced on the pool, not on the loop: producers that take
+# turns (each waiting for its answer) are concurrent without showing it at every append.
+FSYNC_ON_LOOP_QUIET_S = 0.01
 # A partition's durable waiters are swept of finished (timed-out) ones when this many
 # are kept (or twice the live ones after the last sweep, whichever is more): waits that
 # timed out on a disk that stopped answering do not pile up, and a sweep costs O(1) per
@@ -204,6 +209,8 @@ class Broker:
         # A lone durable produce's fsync, run on the loop at the end of the turn
         # (produce_durable_nowait): the log whose job waits for it, or None.
         self._fsync_on_loop: Log | None = None
+        # No fsync on the loop before this loop time (FSYNC_ON_LOOP_QUIET_S).
+        self._fsync_on_loop_after = 0.0
         # None: never on the loop (fsync_on_loop_max_ms 0).
         self._fsync_on_loop_max_s = config.fsync_on_loop_max_ms / 1000 if config.fsync_on_loop_max_ms else None
         self._producer_ids = itertools.count()
@@ -743,9 +750,7 @@ class Broker:
                 self._check_dedup_read_back(request.topic)
                 if check.duplicates:
                     return self.answer(request, self._produce_duplicates(request, check))
-            result = partition_log.append_checked_nowait(checked, fsync_here_max_s=self._fsync_on_loop_max_s)
-            if result.fsync_left_to_caller:
-                self._fsync_on_loop_soon(partition_log)
+            result = self._append_durable_nowait(partition_log, checked)
             if check is not None:
                 self.dedup.record(request.topic, request.partition, result.first_offset, check)
         except Exception as error:  # as handle() answers them
@@ -764,7 +769,24 @@ class Broker:
         answer.expire_after(self._loop, max(request.timeout_ms, 1) / 1000)
         return answer
 
-    def _fsync_on_loop_soon(self, partition_log: Log) -> None:
+    def _append_durable_nowait(self, partition_log: Log, checked: CheckedAppend) -> AppendResult:
+        """A durable produce's append, its fsync offered to the loop (Log.append_checked_nowait's
+        `fsync_here_max_s`) unless a produce found company within FSYNC_ON_LOOP_QUIET_S."""
+        offer = self._fsync_on_loop_max_s
+        if offer is None or partition_log.config.fsync_policy is not FsyncPolicy.ALWAYS:
+            return partition_log.append_checked_nowait(checked)
+        assert self._loop is not None  # attached before serving
+        now = self._loop.time()
+        result = partition_log.append_checked_nowait(
+            checked, fsync_here_max_s=offer if now >= self._fsync_on_loop_after else None
+        )
+        if result.fsync_left_to_caller:
+            self._fsync_on_loop_soon(partition_log, now)
+        elif not result.duplicate:
+            self._fsync_on_loop_after = now + FSYNC_ON_LOOP_QUIET_S
+        return result
+
+    def _fsync_on_loop_soon(self, partition_log: Log, now: float) -> None:
         """A lone durable produce's append left its fsync job to the loop: run it at
         the end of this turn (_run_fsync_on_loop), so the produces read in the same turn
         share it. A second partition's in the same turn means concurrency: both go to
@@ -776,6 +798,7 @@ class Broker:
             self._loop.call_soon(self._run_fsync_on_loop)
         else:
             partition_log.hand_fsync_job_to_pool()
+            self._fsync_on_loop_after = now + FSYNC_ON_LOOP_QUIET_S
 
     def _run_fsync_on_loop(self) -> None:
         """The log's fsync job here, on the loop, while the pool is still idle (else the
