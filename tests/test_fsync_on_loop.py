@@ -238,6 +238,26 @@ def test_produces_to_two_partitions_in_one_turn_are_fsynced_on_the_pool(tmp_path
     _serve(tmp_path, body, partitions=2)
 
 
+def test_after_a_produce_found_company_the_next_ones_go_to_the_pool_for_a_while(tmp_path, monkeypatch) -> None:
+    from nodi.broker.server import service
+
+    monkeypatch.setattr(service, "FSYNC_ON_LOOP_QUIET_S", 3600.0)  # "a while": the whole test
+
+    async def body(broker, store) -> None:
+        delivered: list[Reply] = []
+        for number in (1, 2):  # one turn: the second finds the first's fsync pending
+            broker.produce_durable_nowait(_produce(number), lambda _answer, reply: delivered.append(reply))
+        await asyncio.sleep(0)
+        assert len(delivered) == 2  # both answered by the fsync on the loop
+        jobs_before = store.fsync_pool.statistics().jobs_run
+        broker.produce_durable_nowait(_produce(3), lambda _answer, reply: delivered.append(reply))
+        await _until(lambda: len(delivered) == 3)
+        assert store.fsync_pool.statistics().jobs_run == jobs_before + 1  # alone, but within the while
+        assert [reply.response.error_code for reply in delivered] == [ErrorCode.NONE] * 3
+
+    _serve(tmp_path, body)
+
+
 def test_with_the_setting_at_zero_every_fsync_is_the_pools(tmp_path) -> None:
     async def body(broker, store) -> None:
         delivered: list[Reply] = []
