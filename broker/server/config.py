@@ -77,7 +77,8 @@ class ServerConfig:
     # 1..nodi.storage.fsync_pool.FSYNC_WORKERS_MAX.
     fsync_workers_max: int = FSYNC_WORKERS_DEFAULT
     # A durable produce alone on the broker (fsync `always`, no fsync queued or running
-    # on the pool, no other partition's produce in the same loop turn) is fsynced on
+    # on the pool, no other partition's produce in the same loop turn, none that met
+    # another in the last 10 ms: service.FSYNC_ON_LOOP_QUIET_S) is fsynced on
     # the event loop at the end of the turn, without a hand-off to the pool, while the
     # partition's last fsync took at most this; 0: always on the pool. The loop serves
     # nothing else for that fsync's duration (docs/operations.md).
