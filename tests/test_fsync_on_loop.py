@@ -280,8 +280,8 @@ def test_the_setting_is_checked() -> None:
 
 @pytest.mark.parametrize("on_loop_max_ms", ["2", "0"])
 def test_a_served_producer_one_at_a_time_is_fsynced_on_the_loop_unless_turned_off(tmp_path, on_loop_max_ms) -> None:
-    """One durable produce at a time, each answered and readable; with the default
-    setting their fsyncs are not the pool's jobs (nodi_fsync_pool_jobs), with 0 each is."""
+    """One durable produce at a time, each answered and readable; with the
+    setting at 2 their fsyncs are not the pool's jobs (nodi_fsync_pool_jobs), with 0 (the default) each is."""
     messages = 20
     broker = BrokerProcess(
         str(tmp_path / "data"), metrics=True, environment={"NODI_FSYNC_ON_LOOP_MAX_MS": on_loop_max_ms}

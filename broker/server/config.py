@@ -80,9 +80,11 @@ class ServerConfig:
     # on the pool, no other partition's produce in the same loop turn, none that met
     # another in the last 10 ms: service.FSYNC_ON_LOOP_QUIET_S) is fsynced on
     # the event loop at the end of the turn, without a hand-off to the pool, while the
-    # partition's last fsync took at most this; 0: always on the pool. The loop serves
-    # nothing else for that fsync's duration (docs/operations.md).
-    fsync_on_loop_max_ms: int = 2
+    # partition's last fsync took at most this; 0 (the default): always on the pool, as
+    # the design has it (fsync runs off the event loop). Opt-in: the loop serves nothing
+    # else for that fsync's duration, so a disk that stalls stalls the whole broker
+    # (docs/operations.md).
+    fsync_on_loop_max_ms: int = 0
     # Log records at this level and above go to stderr: debug, info, warning, error.
     log_level: str = "info"
     # One JSON object per log line (time, level, logger, message, fields).
