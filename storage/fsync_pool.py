@@ -60,6 +60,7 @@ class FsyncPoolStatistics:
     workers: int  # threads running now
     idle: int  # of which waiting for a job
     queued: int  # jobs waiting for a worker
+    running: int  # jobs a worker runs now
     timed: int  # jobs waiting for their due time (submit_at)
     jobs_run: int
 
@@ -87,6 +88,7 @@ class FsyncPool:
         self._threads: set[threading.Thread] = set()
         self._thread_numbers = iter(range(1, 2**62))
         self._idle = 0
+        self._running = 0  # jobs a worker has taken and not finished
         self._stopped = False
         self._jobs_run = 0
         _POOLS.add(self)
@@ -129,6 +131,12 @@ class FsyncPool:
     def has_queued_nowait(self) -> bool:
         """Whether jobs wait for a worker now (read without the lock: a hint)."""
         return bool(self._ready)
+
+    def idle_nowait(self) -> bool:
+        """Whether no job waits for a worker and none is running (timed jobs not yet
+        due aside), read without the lock: a hint. A log whose append finds the pool
+        idle has nothing its fsync could be batched or overlapped with."""
+        return not self._ready and not self._running
 
     def run_all(
         self, jobs: Sequence[Callable[[], None]], *, timeout_s: float = STOP_JOIN_SECONDS
@@ -194,6 +202,7 @@ class FsyncPool:
                 workers=len(self._threads),
                 idle=self._idle,
                 queued=len(self._ready),
+                running=self._running,
                 timed=len(self._timed),
                 jobs_run=self._jobs_run,
             )
@@ -237,17 +246,22 @@ class FsyncPool:
             finally:
                 self._idle -= 1
         self._jobs_run += 1
+        self._running += 1
         return self._ready.popleft()
 
     def _work(self) -> None:
         _worker.pool = self
+        ran = False
         try:
             while True:
                 with self._lock:
+                    if ran:  # the last job is finished (counted here: no lock taken for it alone)
+                        self._running -= 1
                     job = self._next_job_locked()
                     if job is None:
                         self._threads.discard(threading.current_thread())
                         return
+                ran = True
                 try:
                     job()
                 except BaseException:  # a job's failure is its log's business, never the worker's
@@ -286,6 +300,7 @@ def _after_fork_in_child() -> None:
         pool._condition = threading.Condition(pool._lock)
         pool._threads = set()
         pool._idle = 0
+        pool._running = 0
         if pool._ready:
             with pool._lock:
                 pool._start_worker_locked()

@@ -10,7 +10,10 @@ syncs again at once while more was written meanwhile (queueing behind other logs
 when some wait). Under `interval` the job is due fsync_interval_ms after the log's last
 fsync, and the next one again an interval later: at most one fsync per interval. Hand-offs per group commit: one, appender -> worker (none while the
 log's job is running: it sees the new data itself), then the waiters' futures resolve
-on the worker. An fsync is never retried (I9).
+on the worker. An append that is alone (nothing on the pool, no fsync of its log
+pending) may instead leave the same job to its caller, which runs it in its own thread
+(append_checked_nowait's `fsync_here_max_s`, run_fsync_job_here: the server's event
+loop, no hand-off at all). An fsync is never retried (I9).
 """
 
 from __future__ import annotations
@@ -83,6 +86,9 @@ class AppendResult:
     # An idempotent producer's retry of batches already in the log: nothing was written
     # and the offsets are the originals.
     duplicate: bool = False
+    # The append's fsync job was left to its caller (append_checked_nowait's
+    # `fsync_here_max_s`), who must call Log.run_fsync_job_here().
+    fsync_left_to_caller: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +283,7 @@ class Log:
         self._undecodable_count = 0
         self._appends_since_fsync = 0
         self._fsync_seconds = Histogram(FSYNC_SECONDS_BUCKETS)
+        self._last_fsync_seconds = 0.0  # how long the last segment fsync took
         self._group_commit_appends = Histogram(GROUP_COMMIT_APPENDS_BUCKETS)
         self._readable_listeners: list[Callable[[], None]] = []
         self._producers = self._load_producer_state()
@@ -418,8 +425,16 @@ class Log:
             _check_producer_batch(header, position)
         return CheckedAppend(view, batches, headers)
 
-    def append_checked_nowait(self, checked: CheckedAppend) -> AppendResult:
-        """append_nowait of batches check_append of this log accepted."""
+    def append_checked_nowait(self, checked: CheckedAppend, *, fsync_here_max_s: float | None = None) -> AppendResult:
+        """append_nowait of batches check_append of this log accepted.
+
+        `fsync_here_max_s`: the caller offers to run the fsync job itself, on its own
+        thread, when the append is alone: fsync `always`, no fsync of this log queued or
+        running (none that the append could join), the pool idle (no other log's fsync
+        to overlap with), and this log's last fsync took at most that many seconds (a
+        slow disk would hold the caller that long). Then the result says
+        `fsync_left_to_caller` and the caller must call run_fsync_job_here() (soon:
+        every append until then waits for it); otherwise the pool has the job as usual."""
         view, batches = checked.view, checked.batches
         with self._lock:
             self._check_writable()
@@ -475,8 +490,18 @@ class Log:
             self._appends_since_fsync += 1
             self._appended_bytes += len(view)
             hand_over = self._claim_fsync_job_locked()
-        if hand_over:  # outside the lock: the woken worker takes it first
-            self._hand_to_pool()
+        if hand_over:
+            if (
+                fsync_here_max_s is not None
+                and self.config.fsync_policy is FsyncPolicy.ALWAYS
+                and self._last_fsync_seconds <= fsync_here_max_s
+                and self._fsync_pool is not None
+                and self._fsync_pool.idle_nowait()
+            ):
+                return AppendResult(
+                    first_offset, base_offset - 1, len(batches), len(view), now_ms, fsync_left_to_caller=True
+                )
+            self._hand_to_pool()  # outside the lock: the woken worker takes it first
         if self.config.fsync_policy is not FsyncPolicy.ALWAYS:
             self._notify_readable()
         return AppendResult(first_offset, base_offset - 1, len(batches), len(view), now_ms)
@@ -630,6 +655,25 @@ class Log:
         self._fsync_job_pending = True
         return True
 
+    def run_fsync_job_here(self) -> None:
+        """Run the fsync job an append left to its caller (`fsync_left_to_caller`), in
+        the calling thread, when the pool is still idle; else hand it to the pool (work
+        came meanwhile: the fsync overlaps with it there). The job is the pool's own
+        (_run_fsync_job): the same fsync, the same waiters resolved, the same failure
+        rules (I9, F7). Never raises for an fsync's failure: the waiters fail with it."""
+        pool = self._fsync_pool
+        assert pool is not None and self._fsync_job_pending  # claimed by the append
+        if pool.idle_nowait():
+            self._run_fsync_job()
+        else:
+            self._hand_to_pool()
+
+    def hand_fsync_job_to_pool(self) -> None:
+        """Give the pool the fsync job an append left to its caller, who will not run
+        it (`fsync_left_to_caller`)."""
+        assert self._fsync_job_pending  # claimed by the append
+        self._hand_to_pool()
+
     def _hand_to_pool(self) -> None:
         """Queue this log's fsync job (claimed): at once, or under `interval` for one
         interval after the last fsync (a roll's or flush()'s counts)."""
@@ -641,9 +685,10 @@ class Log:
             pool.submit_at(self._last_sync_monotonic + self._fsync_interval_s, self._run_fsync_job)
 
     def _run_fsync_job(self) -> None:
-        """A pool worker's fsyncs of this log: sync what is written now, resolve the
-        waiters it covers; while more was written meanwhile, sync again at once, unless
-        other logs' jobs wait: then queue behind them (fairness)."""
+        """A pool worker's fsyncs of this log (or the appender's: run_fsync_job_here):
+        sync what is written now, resolve the waiters it covers; while more was written
+        meanwhile, sync again at once, unless other logs' jobs wait: then queue behind
+        them (fairness)."""
         pool = self._fsync_pool
         assert pool is not None
         with self._lock:
@@ -691,7 +736,9 @@ class Log:
                 self._sync_failure = error
                 raise
             finally:
-                self._fsync_seconds.observe(time.perf_counter() - started)
+                seconds = time.perf_counter() - started
+                self._last_fsync_seconds = seconds
+                self._fsync_seconds.observe(seconds)
 
     def _sync_and_resolve(self, segment: Segment, target: int) -> None:
         try:

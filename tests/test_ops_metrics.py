@@ -184,8 +184,10 @@ def test_fsync_pool_and_open_file_budget(workload):
     workers = value(samples, "nodi_fsync_pool_workers")
     assert workers_max >= 1 and 0 <= value(samples, "nodi_fsync_pool_workers_busy") <= workers <= workers_max
     assert value(samples, "nodi_fsync_pool_queued_jobs") >= 0
-    # Every durable produce waited for a group-commit fsync run on the pool.
-    assert value(samples, "nodi_fsync_pool_jobs_total") >= PARTITIONS * PER_PARTITION
+    # Every durable produce waited for a group-commit fsync; sent one at a time, alone on
+    # the broker, most ran on the event loop (fsync_on_loop_max_ms), not as pool jobs.
+    assert total(samples, "nodi_fsyncs_total") >= PARTITIONS * PER_PARTITION
+    assert value(samples, "nodi_fsync_pool_jobs_total") >= 1  # the metadata commits at least
     assert 0 < value(samples, "nodi_partition_files_open") <= value(samples, "nodi_partition_files_open_max")
     # A handful of partitions under the default limit: nothing evicted or reopened.
     for name in (

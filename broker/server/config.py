@@ -76,6 +76,15 @@ class ServerConfig:
     # Threads that run every partition log's fsyncs (group commit per log kept);
     # 1..nodi.storage.fsync_pool.FSYNC_WORKERS_MAX.
     fsync_workers_max: int = FSYNC_WORKERS_DEFAULT
+    # A durable produce alone on the broker (fsync `always`, no fsync queued or running
+    # on the pool, no other partition's produce in the same loop turn, none that met
+    # another in the last 10 ms: service.FSYNC_ON_LOOP_QUIET_S) is fsynced on
+    # the event loop at the end of the turn, without a hand-off to the pool, while the
+    # partition's last fsync took at most this; 0 (the default): always on the pool, as
+    # the design has it (fsync runs off the event loop). Opt-in: the loop serves nothing
+    # else for that fsync's duration, so a disk that stalls stalls the whole broker
+    # (docs/operations.md).
+    fsync_on_loop_max_ms: int = 0
     # Log records at this level and above go to stderr: debug, info, warning, error.
     log_level: str = "info"
     # One JSON object per log line (time, level, logger, message, fields).
@@ -119,6 +128,8 @@ class ServerConfig:
                 raise InvalidConfigError(f"{name} must be positive")
         if self.metrics_partition_series_max < 0:
             raise InvalidConfigError("metrics_partition_series_max must be 0 (always per topic) or positive")
+        if self.fsync_on_loop_max_ms < 0:
+            raise InvalidConfigError("fsync_on_loop_max_ms must be 0 (never on the loop) or positive")
         if self.partition_idle_close_ms < 0:
             raise InvalidConfigError("partition_idle_close_ms must be 0 (never) or positive")
         check_fsync_workers_max(self.fsync_workers_max)

@@ -13,6 +13,7 @@ import functools
 import heapq
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -26,7 +27,7 @@ from nodi.storage.errors import (
     PartitionNotReadyError,
     UnknownTopicError,
 )
-from nodi.storage.log import AppendResult, Log
+from nodi.storage.log import AppendResult, CheckedAppend, Log
 from nodi.storage.store import Store
 from nodi.storage.topic_settings import TOPIC_SETTINGS, TopicConfig
 
@@ -50,6 +51,11 @@ log = logging.getLogger("nodi.broker")
 FETCH_OVERHEAD_BYTES = 256
 # How often the metadata retry timer looks while the store commits normally.
 METADATA_RETRY_POLL_S = 1.0
+# After a durable produce found company (its partition's fsync already pending, an fsync
+# on the pool, another partition's produce in the same loop turn), the produces of the
+# next this many seconds are fsynced on the pool, not on the loop: producers that take
+# turns (each waiting for its answer) are concurrent without showing it at every append.
+FSYNC_ON_LOOP_QUIET_S = 0.01
 # A partition's durable waiters are swept of finished (timed-out) ones when this many
 # are kept (or twice the live ones after the last sweep, whichever is more): waits that
 # timed out on a disk that stopped answering do not pile up, and a sweep costs O(1) per
@@ -199,6 +205,14 @@ class Broker:
         self._flushing = False
         self._waiters: dict[int, _PartitionWaiters] = {}  # id(log) -> waiters
         self._listeners: dict[int, Callable[[], None]] = {}
+        self._loop_thread: int | None = None  # the loop's thread (threading.get_ident)
+        # A lone durable produce's fsync, run on the loop at the end of the turn
+        # (produce_durable_nowait): the log whose job waits for it, or None.
+        self._fsync_on_loop: Log | None = None
+        # No fsync on the loop before this loop time (FSYNC_ON_LOOP_QUIET_S).
+        self._fsync_on_loop_after = 0.0
+        # None: never on the loop (fsync_on_loop_max_ms 0).
+        self._fsync_on_loop_max_s = config.fsync_on_loop_max_ms / 1000 if config.fsync_on_loop_max_ms else None
         self._producer_ids = itertools.count()
         self._producer_id_base = int(time.time() * 1000) << 20
         self.server_id = f"nodi-{self._producer_id_base:x}"
@@ -210,6 +224,7 @@ class Broker:
     def attach(self, loop: asyncio.AbstractEventLoop, tasks: asyncio.TaskGroup) -> None:
         """Start serving on `loop`; background work goes into `tasks`."""
         self._loop = loop
+        self._loop_thread = threading.get_ident()
         self._tasks = tasks
         # A partition the store opens from now on (after a start that opens them in the
         # background) is prepared by the hook before it is served; those open already
@@ -397,10 +412,14 @@ class Broker:
             return
         waiters = self._waiters[key] = _PartitionWaiters(partition_log)
         loop = self._loop  # None before attach() (a test driving handlers directly): no reader waits then
+        loop_thread = self._loop_thread
 
         def readable() -> None:  # any thread
             if loop is not None and waiters.waiting() and not loop.is_closed():
-                loop.call_soon_threadsafe(waiters.wake)
+                if threading.get_ident() == loop_thread:
+                    loop.call_soon(waiters.wake)  # the loop's own fsync: no wake-up write
+                else:
+                    loop.call_soon_threadsafe(waiters.wake)
 
         self._listeners[key] = readable
         partition_log.add_readable_listener(readable)
@@ -731,7 +750,7 @@ class Broker:
                 self._check_dedup_read_back(request.topic)
                 if check.duplicates:
                     return self.answer(request, self._produce_duplicates(request, check))
-            result = partition_log.append_checked_nowait(checked)
+            result = self._append_durable_nowait(partition_log, checked)
             if check is not None:
                 self.dedup.record(request.topic, request.partition, result.first_offset, check)
         except Exception as error:  # as handle() answers them
@@ -749,6 +768,48 @@ class Broker:
         assert self._loop is not None  # attached before serving
         answer.expire_after(self._loop, max(request.timeout_ms, 1) / 1000)
         return answer
+
+    def _append_durable_nowait(self, partition_log: Log, checked: CheckedAppend) -> AppendResult:
+        """A durable produce's append, its fsync offered to the loop (Log.append_checked_nowait's
+        `fsync_here_max_s`) unless a produce found company within FSYNC_ON_LOOP_QUIET_S."""
+        offer = self._fsync_on_loop_max_s
+        if offer is None or partition_log.config.fsync_policy is not FsyncPolicy.ALWAYS:
+            return partition_log.append_checked_nowait(checked)
+        assert self._loop is not None  # attached before serving
+        now = self._loop.time()
+        result = partition_log.append_checked_nowait(
+            checked, fsync_here_max_s=offer if now >= self._fsync_on_loop_after else None
+        )
+        if result.fsync_left_to_caller:
+            self._fsync_on_loop_soon(partition_log, now)
+        elif not result.duplicate:
+            self._fsync_on_loop_after = now + FSYNC_ON_LOOP_QUIET_S
+        return result
+
+    def _fsync_on_loop_soon(self, partition_log: Log, now: float) -> None:
+        """A lone durable produce's append left its fsync job to the loop: run it at
+        the end of this turn (_run_fsync_on_loop), so the produces read in the same turn
+        share it. A second partition's in the same turn means concurrency: both go to
+        the pool, where their fsyncs overlap."""
+        other = self._fsync_on_loop
+        if other is None:
+            self._fsync_on_loop = partition_log
+            assert self._loop is not None  # attached before serving
+            self._loop.call_soon(self._run_fsync_on_loop)
+        else:
+            partition_log.hand_fsync_job_to_pool()
+            self._fsync_on_loop_after = now + FSYNC_ON_LOOP_QUIET_S
+
+    def _run_fsync_on_loop(self) -> None:
+        """The log's fsync job here, on the loop, while the pool is still idle (else the
+        pool runs it: Log.run_fsync_job_here), then its waiters settled at once: the
+        acknowledgements go out in this turn."""
+        partition_log, self._fsync_on_loop = self._fsync_on_loop, None
+        assert partition_log is not None
+        partition_log.run_fsync_job_here()
+        waiters = self._waiters.get(id(partition_log))
+        if waiters is not None:
+            waiters.wake()
 
     def _produce_reply(self, request: m.ProduceRequest, partition_log: Log, result: AppendResult) -> Reply:
         return Reply(
