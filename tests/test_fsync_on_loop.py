@@ -9,8 +9,10 @@ be running, so what overlaps what is decided by the test, never by timing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -33,135 +35,139 @@ from test_ops_metrics import scrape, total
 HERE_MAX_S = 10.0  # any fsync of the simulated disk is fast enough
 
 
+@contextlib.contextmanager
+def _logs_on_a_pool(workers: int) -> Iterator[tuple[FsyncPool, GatedFileSystem, Callable[..., Log]]]:
+    """A pool of `workers` and the gated simulated disk, with open(directory, policy="always",
+    **config) for logs on both: every log it opened is closed, and the pool stopped, after
+    the block, however it ends."""
+    pool = FsyncPool(workers)
+    fs = GatedFileSystem()
+    opened: list[Log] = []
+
+    def open_log(directory: str, policy: str = "always", **config) -> Log:
+        log = Log.open(directory, _config(policy, **config), fs=fs, fsync_pool=pool)
+        opened.append(log)
+        return log
+
+    try:
+        yield pool, fs, open_log
+    finally:
+        fs.gate.set()  # a held fsync would hold a close
+        for log in opened:
+            log.close()
+        pool.stop()
+
+
 def _append(log: Log, number: int, fsync_here_max_s: float | None = HERE_MAX_S):
     return log.append_checked_nowait(log.check_append(_batch(number)), fsync_here_max_s=fsync_here_max_s)
 
 
 def test_a_lone_append_leaves_its_fsync_to_the_caller_who_resolves_its_waiters() -> None:
-    pool = FsyncPool(2)
-    log = Log.open("/data/p", _config(), fs=GatedFileSystem(), fsync_pool=pool)
-    first = _append(log, 0)
-    assert first.fsync_left_to_caller
-    waiting = log.durable_future(first.last_offset)
-    second = _append(log, 1)  # the job is claimed: the same fsync covers it (I8)
-    assert not second.fsync_left_to_caller
-    later = log.durable_future(second.last_offset)
-    assert not waiting.done() and log.durable_offset == 0
-    log.run_fsync_job_here()
-    # Resolved in this thread, before the call returned: no hand-off.
-    assert waiting.done() and later.done() and waiting.result() is None
-    assert log.durable_offset == log.next_offset == 2
-    statistics = log.statistics()
-    assert statistics.fsyncs == 1 and statistics.fsync_covered_appends == 2
-    assert pool.statistics().jobs_run == 0
-    log.close()
-    pool.stop()
+    with _logs_on_a_pool(2) as (pool, _fs, open_log):
+        log = open_log("/data/p")
+        first = _append(log, 0)
+        assert first.fsync_left_to_caller
+        waiting = log.durable_future(first.last_offset)
+        second = _append(log, 1)  # the job is claimed: the same fsync covers it (I8)
+        assert not second.fsync_left_to_caller
+        later = log.durable_future(second.last_offset)
+        assert not waiting.done() and log.durable_offset == 0
+        log.run_fsync_job_here()
+        # Resolved in this thread, before the call returned: no hand-off.
+        assert waiting.done() and later.done() and waiting.result() is None
+        assert log.durable_offset == log.next_offset == 2
+        statistics = log.statistics()
+        assert statistics.fsyncs == 1 and statistics.fsync_covered_appends == 2
+        assert pool.statistics().jobs_run == 0
 
 
 def test_an_append_without_the_offer_or_under_another_policy_goes_to_the_pool() -> None:
-    pool = FsyncPool(2)
-    fs = GatedFileSystem()
-    plain = Log.open("/data/plain", _config(), fs=fs, fsync_pool=pool)
-    interval = Log.open("/data/interval", _config("interval", fsync_interval_ms=1), fs=fs, fsync_pool=pool)
-    assert not _append(plain, 0, None).fsync_left_to_caller
-    plain.wait_durable(0, timeout_ms=WAIT_SECONDS * 1000)
-    assert not _append(interval, 0).fsync_left_to_caller
-    deadline = time.monotonic() + WAIT_SECONDS
-    while interval.durable_offset < 1 and time.monotonic() < deadline:
-        time.sleep(0.001)
-    assert interval.durable_offset == 1
-    plain.close()
-    interval.close()
-    pool.stop()
+    with _logs_on_a_pool(2) as (_pool, _fs, open_log):
+        plain = open_log("/data/plain")
+        interval = open_log("/data/interval", "interval", fsync_interval_ms=1)
+        assert not _append(plain, 0, None).fsync_left_to_caller
+        plain.wait_durable(0, timeout_ms=WAIT_SECONDS * 1000)
+        assert not _append(interval, 0).fsync_left_to_caller
+        deadline = time.monotonic() + WAIT_SECONDS
+        while interval.durable_offset < 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert interval.durable_offset == 1
 
 
 def test_an_append_while_the_pool_runs_a_job_goes_to_the_pool() -> None:
     """Another log's fsync running: the append's fsync overlaps it on a worker."""
-    pool = FsyncPool(4)
-    fs = GatedFileSystem()
-    busy = Log.open("/data/busy", _config(), fs=fs, fsync_pool=pool)
-    alone = Log.open("/data/alone", _config(), fs=fs, fsync_pool=pool)
-    fs.gate.clear()
-    busy.append_nowait(_batch(0))
-    fs.wait_started(_segment_path(busy), 1)
-    result = _append(alone, 0)
-    assert not result.fsync_left_to_caller
-    fs.wait_started(_segment_path(alone), 1)  # started on a worker, beside busy's
-    fs.gate.set()
-    alone.wait_durable(result.last_offset, timeout_ms=WAIT_SECONDS * 1000)
-    busy.close()
-    alone.close()
-    pool.stop()
+    with _logs_on_a_pool(4) as (_pool, fs, open_log):
+        busy = open_log("/data/busy")
+        alone = open_log("/data/alone")
+        fs.gate.clear()
+        busy.append_nowait(_batch(0))
+        fs.wait_started(_segment_path(busy), 1)
+        result = _append(alone, 0)
+        assert not result.fsync_left_to_caller
+        fs.wait_started(_segment_path(alone), 1)  # started on a worker, beside busy's
+        fs.gate.set()
+        alone.wait_durable(result.last_offset, timeout_ms=WAIT_SECONDS * 1000)
 
 
 def test_a_job_left_to_the_caller_goes_to_the_pool_when_work_came_meanwhile() -> None:
-    pool = FsyncPool(4)
-    fs = GatedFileSystem()
-    alone = Log.open("/data/alone", _config(), fs=fs, fsync_pool=pool)
-    other = Log.open("/data/other", _config(), fs=fs, fsync_pool=pool)
-    result = _append(alone, 0)
-    assert result.fsync_left_to_caller
-    fs.gate.clear()
-    other.append_nowait(_batch(0))  # a plain append: its job runs on a worker
-    fs.wait_started(_segment_path(other), 1)
-    ran_on: list[str] = []
-    alone.durable_future(result.last_offset).add_done_callback(
-        lambda _future: ran_on.append(threading.current_thread().name)
-    )
-    alone.run_fsync_job_here()
-    fs.wait_started(_segment_path(alone), 1)
-    fs.gate.set()
-    alone.wait_durable(result.last_offset, timeout_ms=WAIT_SECONDS * 1000)
-    assert ran_on and ran_on[0] != threading.current_thread().name
-    alone.close()
-    other.close()
-    pool.stop()
+    with _logs_on_a_pool(4) as (_pool, fs, open_log):
+        alone = open_log("/data/alone")
+        other = open_log("/data/other")
+        result = _append(alone, 0)
+        assert result.fsync_left_to_caller
+        fs.gate.clear()
+        other.append_nowait(_batch(0))  # a plain append: its job runs on a worker
+        fs.wait_started(_segment_path(other), 1)
+        ran_on: list[str] = []
+        alone.durable_future(result.last_offset).add_done_callback(
+            lambda _future: ran_on.append(threading.current_thread().name)
+        )
+        alone.run_fsync_job_here()
+        fs.wait_started(_segment_path(alone), 1)
+        fs.gate.set()
+        alone.wait_durable(result.last_offset, timeout_ms=WAIT_SECONDS * 1000)
+        assert ran_on and ran_on[0] != threading.current_thread().name
 
 
 def test_after_a_slow_fsync_the_appends_go_to_the_pool_until_one_is_fast_again() -> None:
-    pool = FsyncPool(2)
-    fs = GatedFileSystem()
-    log = Log.open("/data/p", _config(), fs=fs, fsync_pool=pool)
-    slow_s = 0.2
-    fs.gate.clear()
-    log.append_nowait(_batch(0))
-    fs.wait_started(_segment_path(log), 1)
-    time.sleep(slow_s)  # the fsync is held at the gate at least this long
-    fs.gate.set()
-    log.wait_durable(0, timeout_ms=WAIT_SECONDS * 1000)
-    assert log._last_fsync_seconds >= slow_s
-    result = _append(log, 1, fsync_here_max_s=slow_s / 2)
-    assert not result.fsync_left_to_caller  # the pool's: the last fsync took longer
-    log.wait_durable(result.last_offset, timeout_ms=WAIT_SECONDS * 1000)
-    result = _append(log, 2, fsync_here_max_s=slow_s / 2)
-    assert result.fsync_left_to_caller  # the pool's fsync of offset 1 was fast
-    log.run_fsync_job_here()
-    assert log.durable_offset == 3
-    log.close()
-    pool.stop()
+    with _logs_on_a_pool(2) as (_pool, fs, open_log):
+        log = open_log("/data/p")
+        slow_s = 0.2
+        fs.gate.clear()
+        log.append_nowait(_batch(0))
+        fs.wait_started(_segment_path(log), 1)
+        time.sleep(slow_s)  # the fsync is held at the gate at least this long
+        fs.gate.set()
+        log.wait_durable(0, timeout_ms=WAIT_SECONDS * 1000)
+        assert log._last_fsync_seconds >= slow_s
+        result = _append(log, 1, fsync_here_max_s=slow_s / 2)
+        assert not result.fsync_left_to_caller  # the pool's: the last fsync took longer
+        log.wait_durable(result.last_offset, timeout_ms=WAIT_SECONDS * 1000)
+        result = _append(log, 2, fsync_here_max_s=slow_s / 2)
+        assert result.fsync_left_to_caller  # the pool's fsync of offset 1 was fast
+        log.run_fsync_job_here()
+        assert log.durable_offset == 3
 
 
 def test_a_failed_fsync_run_by_the_caller_fails_its_waiters_sticky_and_is_never_retried_I9_F7() -> None:
-    pool = FsyncPool(2)
-    fs = GatedFileSystem()
-    log = Log.open("/data/p", _config(), fs=fs, fsync_pool=pool)
-    log.append(_batch(0))
-    fs.inner.fail_sync(1, path_endswith=_segment_path(log))
-    result = _append(log, 1)
-    assert result.fsync_left_to_caller
-    waiting = log.durable_future(result.last_offset)
-    log.run_fsync_job_here()  # never raises: the waiters carry the failure
-    with pytest.raises(LogReadOnlyError):
-        waiting.result(timeout=0)
-    attempts = fs.inner.sync_attempts(_segment_path(log))
-    with pytest.raises(LogReadOnlyError):
-        _append(log, 2)
-    with pytest.raises(LogReadOnlyError):
-        log.durable_future(result.last_offset).result(timeout=0)
-    assert log.statistics().read_only
-    log.close()
-    assert fs.inner.sync_attempts(_segment_path(log)) == attempts, "a failed fsync was retried (F7)"
-    pool.stop()
+    with _logs_on_a_pool(2) as (_pool, fs, open_log):
+        log = open_log("/data/p")
+        log.append(_batch(0))
+        fs.inner.fail_sync(1, path_endswith=_segment_path(log))
+        result = _append(log, 1)
+        assert result.fsync_left_to_caller
+        waiting = log.durable_future(result.last_offset)
+        log.run_fsync_job_here()  # never raises: the waiters carry the failure
+        with pytest.raises(LogReadOnlyError):
+            waiting.result(timeout=0)
+        attempts = fs.inner.sync_attempts(_segment_path(log))
+        with pytest.raises(LogReadOnlyError):
+            _append(log, 2)
+        with pytest.raises(LogReadOnlyError):
+            log.durable_future(result.last_offset).result(timeout=0)
+        assert log.statistics().read_only
+        log.close()
+        assert fs.inner.sync_attempts(_segment_path(log)) == attempts, "a failed fsync was retried (F7)"
 
 
 # -- the broker: the fsync on its loop at the end of the turn --------------------------
