@@ -54,6 +54,11 @@ from test_protocol import message_strategy, raw_frame
 QUICK = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 LAYOUTS = sorted({(api_key, version) for api_key, version in MESSAGES_BY_VERSION if api_key != ApiKey.HANDSHAKE})
+# Marks: a test run at every protocol version; a test run for every (API, version) layout.
+every_protocol_version = pytest.mark.parametrize(
+    "protocol_version", range(PROTOCOL_VERSION_MIN, PROTOCOL_VERSION_MAX + 1)
+)
+every_layout = pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: f"{ApiKey(layout[0]).name}-v{layout[1]}")
 MESSAGE_CLASSES = sorted(
     {cls for request, response, _ in MESSAGES_BY_VERSION.values() for cls in (request, response)}
     | {ErrorResponse, ClosingEvent},
@@ -189,8 +194,8 @@ def both_ways(protocol_version: int, frames: list[bytes], answer) -> None:
     assert results[0] == results[1]
 
 
-@pytest.mark.parametrize("protocol_version", range(PROTOCOL_VERSION_MIN, PROTOCOL_VERSION_MAX + 1))
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: f"{ApiKey(layout[0]).name}-v{layout[1]}")
+@every_protocol_version
+@every_layout
 @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_a_ready_server_serves_every_api_the_same_by_its_table_as_by_the_checks(layout, protocol_version, data):
@@ -284,8 +289,8 @@ def client_both_ways(protocol_version: int, requests: list, frames: list[bytes],
     assert results[0] == results[1]
 
 
-@pytest.mark.parametrize("protocol_version", range(PROTOCOL_VERSION_MIN, PROTOCOL_VERSION_MAX + 1))
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: f"{ApiKey(layout[0]).name}-v{layout[1]}")
+@every_protocol_version
+@every_layout
 @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_a_ready_client_sends_and_receives_the_same_by_its_tables_as_by_the_checks(layout, protocol_version, data):
@@ -336,7 +341,7 @@ def test_a_client_request_over_the_limits_takes_the_general_path() -> None:
     client_both_ways(PROTOCOL_VERSION_MAX, [(bad, None), (request, -1), (request, None)], [])
 
 
-@pytest.mark.parametrize("protocol_version", range(PROTOCOL_VERSION_MIN, PROTOCOL_VERSION_MAX + 1))
+@every_protocol_version
 def test_a_ready_client_has_a_table_entry_for_every_api_its_server_serves(protocol_version) -> None:
     client = ready_client(protocol_version, fast=True)
     assert client._requests_sent is not None and client._responses_received is not None
@@ -347,7 +352,7 @@ def test_a_ready_client_has_a_table_entry_for_every_api_its_server_serves(protoc
         assert (client._responses_received.get(layout) is response_class) is served
 
 
-@pytest.mark.parametrize("protocol_version", range(PROTOCOL_VERSION_MIN, PROTOCOL_VERSION_MAX + 1))
+@every_protocol_version
 @settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_a_ready_connection_whose_protocol_version_changes_takes_its_tables_to_the_new_one(protocol_version, data):
